@@ -1,0 +1,5 @@
+"""Host-side export tools: checkpoint → validated, quantized ONNX artifact. Needs `mmedge[export]`."""
+
+from mmedge.export.pipeline import ExportOptions, export_model
+
+__all__ = ["ExportOptions", "export_model"]

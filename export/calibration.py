@@ -1,0 +1,69 @@
+"""Images for INT8 calibration and for measuring quantized fidelity.
+
+The default calibration set is ``data/images/calibration-*`` (public-domain photos); the
+``holdout-*`` photos are never calibrated on and measure top-1 agreement after quantization.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from mmedge.errors import CalibrationError, ImageError
+from mmedge.images import load_image
+
+DATA_DIR = Path(__file__).parent / "data" / "images"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+MAX_CALIBRATION_IMAGES = 256
+
+
+def bundled(split: str) -> list[Path]:
+    return sorted(DATA_DIR.glob(f"{split}-*.jpg"))
+
+
+def calibration_paths(folder: str | Path | None) -> tuple[list[Path], str]:
+    """Image files to calibrate on and a note for the manifest saying where they came from."""
+    if folder is None:
+        paths = bundled("calibration")
+        return paths, f"bundled ({len(paths)} public-domain photos)"
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CalibrationError(f"calibration folder '{folder}' does not exist", "a folder of images",
+                               "pass --calibration DIR with JPEG/PNG images, or leave it out for the bundled set")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:MAX_CALIBRATION_IMAGES]
+    if not paths:
+        raise CalibrationError(f"calibration folder '{folder}' holds no images",
+                               f"files ending in {', '.join(IMAGE_SUFFIXES)}", "add 32-256 representative images")
+    return paths, f"{folder.name}/ ({len(paths)} images)"
+
+
+def load_calibration_image(path: Path) -> Image.Image:
+    try:
+        return load_image(path)
+    except ImageError as exc:
+        raise CalibrationError(f"calibration image '{path.name}' is unusable: {exc.what}",
+                               "readable images only", "remove the file from the calibration folder") from None
+
+
+def holdout_images() -> list[Image.Image]:
+    """The held-out photos, each also flipped and cropped twice: 4 views per photo."""
+    views = []
+    for path in bundled("holdout"):
+        image = load_image(path)
+        w, h = image.size
+        views += [
+            image,
+            ImageOps.mirror(image),
+            image.crop((w // 6, h // 6, w - w // 6, h - h // 6)),
+            image.crop((0, 0, int(w * 0.6), int(h * 0.6))),
+        ]
+    return views
+
+
+def pixel_feeds(preprocessor, paths: list[Path], input_name: str = "pixel_values") -> Iterator[dict[str, np.ndarray]]:
+    """One calibration feed per image: {input_name: [1, 3, height, width]}."""
+    for path in paths:
+        yield {input_name: preprocessor([load_calibration_image(path)])}

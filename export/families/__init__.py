@@ -1,0 +1,10 @@
+"""Model families the exporter knows. Adding a model means adding a family module, not an if/elif."""
+
+from __future__ import annotations
+
+from mmedge.export.families.clip import ClipFamily
+
+FAMILIES = {"clip": ClipFamily()}
+FAMILY_BY_MODEL_TYPE = {model_type: name for name, fam in FAMILIES.items() for model_type in fam.model_types}
+
+__all__ = ["FAMILIES", "FAMILY_BY_MODEL_TYPE"]

@@ -1,0 +1,165 @@
+"""The CLIP family: which specs to export, what the manifest says, how quantized fidelity is measured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmedge.errors import ExportError
+from mmedge.export.specs.clip import ClipText, ClipVision, ClipZeroShot, _TextEmbeds
+from mmedge.metrics import cosine_rows, top1_agreement
+from mmedge.pipelines.common import l2_normalize
+from mmedge.pipelines.zero_shot import build_label_bank, check_labels, check_templates, softmax
+
+# Labels used to measure top-1 agreement of quantized graphs when none were baked in.
+FIDELITY_LABELS = ("person", "cat", "cup of coffee", "rocket", "galaxy", "eye", "grass", "stones", "clock", "camera")
+TASKS = ("zero-shot", "embed")
+
+
+class ClipFamily:
+    name = "clip"
+    model_types = ("clip",)
+
+    @staticmethod
+    def model_class():
+        from transformers import CLIPModel
+
+        return CLIPModel
+
+    @staticmethod
+    def synthetic_tokenizer(config):
+        """A byte-level CLIP tokenizer with no merges, for --random-weights exports (no hub needed).
+
+        Real tokenizers merge bytes into words; this one spells text byte by byte, so sequences are
+        longer than with the real vocabulary. Special tokens sit at the config's ids.
+        """
+        from transformers import CLIPTokenizer
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        chars = list(bytes_to_unicode().values())
+        vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": i + len(chars) for i, c in enumerate(chars)}
+        text = config.text_config
+        vocab["<|startoftext|>"] = text.bos_token_id
+        vocab["<|endoftext|>"] = text.eos_token_id
+        return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=text.max_position_embeddings)
+
+    # --- what gets exported ----------------------------------------------------------------------
+    def check_task(self, task: str) -> None:
+        if task not in TASKS:
+            raise ExportError(f"task '{task}' is not a CLIP task", f"one of {', '.join(TASKS)}",
+                              "pass --task zero-shot or --task embed")
+
+    def specs(self, loaded, task: str, labels, templates) -> list:
+        self.check_task(task)
+        if labels:
+            if task != "zero-shot":
+                raise ExportError("--labels was given with --task embed", "--labels only with --task zero-shot",
+                                  "drop --labels, or use --task zero-shot")
+            bank = self.label_bank(loaded, check_labels(labels), check_templates(templates))
+            return [ClipZeroShot(loaded.model, bank, self.logit_scale(loaded))]
+        return [ClipVision(loaded.model), ClipText(loaded.model)]
+
+    @staticmethod
+    def logit_scale(loaded) -> float:
+        return float(loaded.model.logit_scale.detach().exp())
+
+    def max_length(self, loaded) -> int:
+        return int(loaded.model.config.text_config.max_position_embeddings)
+
+    def torch_text_embeds(self, loaded):
+        module = _TextEmbeds(loaded.model).eval()
+
+        def embed(prompts: list[str]) -> np.ndarray:
+            batch = loaded.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length(loaded),
+                                     return_tensors="pt")
+            with torch.no_grad():
+                return module(batch["input_ids"], batch["attention_mask"]).numpy()  # [prompts, dim]
+
+        return embed
+
+    def label_bank(self, loaded, labels, templates) -> np.ndarray:
+        return build_label_bank(self.torch_text_embeds(loaded), labels, templates)  # [labels, dim]
+
+    def manifest_extras(self, loaded, task: str, labels, templates) -> dict:
+        fused = bool(labels)
+        extras = {
+            "tasks": ["zero-shot"] if fused else ([task] + [t for t in TASKS if t != task]),
+            "clip": {"logit_scale": self.logit_scale(loaded), "projection_dim": int(loaded.model.config.projection_dim)},
+        }
+        if fused:
+            extras["zero_shot"] = {"labels": check_labels(labels), "templates": check_templates(templates)}
+        return extras
+
+    def needs_tokenizer(self, labels) -> bool:
+        return not labels
+
+    # --- fidelity of quantized graphs ------------------------------------------------------------
+    def quantized_fidelity(self, run, fp32: dict[str, Path], quantized: dict[str, Path], preprocessor,
+                           tokenizer, labels, templates) -> dict[str, dict]:
+        """Per component: embedding cosine and zero-shot top-1 agreement, quantized vs FP32 ONNX, on held-out photos.
+
+        ``run(path, feeds)`` runs one graph in ONNX Runtime CPU.
+        """
+        from mmedge.export.calibration import holdout_images
+
+        pixels = preprocessor(holdout_images())  # [views, 3, height, width]
+        feeds = {"pixel_values": pixels}
+        note = {"reference": "onnx-fp32", "held_out_images": int(len(pixels))}
+        if "zero_shot" in fp32:
+            ref, act = run(fp32["zero_shot"], feeds), run(quantized["zero_shot"], feeds)
+            return {"zero_shot": {**note, **_embedding_stats(ref["image_embeds"], act["image_embeds"]),
+                                  "top1_agreement": top1_agreement(ref["probs"], act["probs"]),
+                                  "labels": int(ref["probs"].shape[1])}}
+        labels = list(FIDELITY_LABELS)
+        templates = check_templates(templates)
+
+        def text_embeds(path):
+            return lambda prompts: run(path, dict(zip(("input_ids", "attention_mask"), tokenizer.encode(prompts))))["text_embeds"]
+
+        bank_ref = build_label_bank(text_embeds(fp32["text"]), labels, templates)  # [labels, dim]
+        bank_act = build_label_bank(text_embeds(quantized["text"]), labels, templates)
+        img_ref = l2_normalize(run(fp32["vision"], feeds)["image_embeds"])  # [views, dim]
+        img_act = l2_normalize(run(quantized["vision"], feeds)["image_embeds"])
+        agreement = top1_agreement(softmax(img_ref @ bank_ref.T), softmax(img_act @ bank_act.T))
+        return {
+            "vision": {**note, **_embedding_stats(img_ref, img_act), "top1_agreement": agreement, "labels": len(labels),
+                       "agreement_text_graph": "quantized"},
+            "text": {"reference": "onnx-fp32", "prompts": len(labels) * len(templates),
+                     **_embedding_stats(bank_ref, bank_act), "top1_agreement": agreement, "labels": len(labels)},
+        }
+
+    def calibration_feeds(self, spec, preprocessor, tokenizer, options, progress):
+        """Feeds for static INT8 calibration of one component, and a note saying what they were."""
+        from mmedge.export.calibration import calibration_paths, pixel_feeds
+
+        if "pixel_values" in spec.inputs:
+            paths, note = calibration_paths(options.calibration)
+            return progress.items(pixel_feeds(preprocessor, paths), len(paths), "calibration image"), note
+        prompts = _calibration_prompts(options.labels, options.templates)
+        # One padded batch, fed row by row: the calibrator stacks activations, so lengths must agree.
+        input_ids, attention_mask = tokenizer.encode(prompts)  # [prompts, tokens] each
+        feeds = ({"input_ids": input_ids[i:i + 1], "attention_mask": attention_mask[i:i + 1]} for i in range(len(prompts)))
+        return feeds, f"{len(prompts)} label prompts"
+
+    # --- samples stored with the artifact for on-device `mmedge validate` --------------------------
+    def validation_feeds(self, spec, preprocessor, tokenizer) -> dict[str, np.ndarray]:
+        from mmedge.export.calibration import bundled, load_calibration_image
+
+        if "pixel_values" in spec.inputs:
+            return {"pixel_values": preprocessor([load_calibration_image(p) for p in bundled("holdout")[:2]])}
+        input_ids, attention_mask = tokenizer.encode(["a photo of a cat.", "a diagram of a rocket engine on a table."])
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def _embedding_stats(reference: np.ndarray, actual: np.ndarray) -> dict[str, float]:
+    cos = cosine_rows(reference, actual)
+    return {"embedding_cosine_min": float(cos.min()), "embedding_cosine_mean": float(cos.mean())}
+
+
+def _calibration_prompts(labels, templates) -> list[str]:
+    words = list(labels or FIDELITY_LABELS)
+    from mmedge.pipelines.zero_shot import ENSEMBLE_TEMPLATES
+
+    return [t.replace("{}", w) for w in words for t in (templates or ENSEMBLE_TEMPLATES)]

@@ -1,0 +1,166 @@
+"""Load a checkpoint as people publish it: a hub id or a local folder, safetensors weights only.
+
+``--random-weights`` builds the same architecture from a bundled config (``data/configs``) or from a
+folder's config.json with seeded random weights, so full-size exports and benchmarks run offline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmedge.errors import ModelLoadError
+
+CONFIG_DIR = Path(__file__).parent / "data" / "configs"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for export, with everything the manifest records about where it came from."""
+
+    family: str
+    model: Any  # the transformers model, in eval mode
+    tokenizer: Any  # a tokenizers-backed transformers tokenizer
+    image_processor: Any
+    source: dict = field(default_factory=dict)
+
+
+def known_random_configs() -> list[str]:
+    return sorted(json.loads(p.read_text())["model"] for p in CONFIG_DIR.glob("*.json"))
+
+
+def config_sha256(config) -> str:
+    text = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _family_of(model_type: str) -> str:
+    from mmedge.export.families import FAMILY_BY_MODEL_TYPE
+
+    if model_type not in FAMILY_BY_MODEL_TYPE:
+        raise ModelLoadError(
+            f"model type '{model_type}' is not supported",
+            f"one of {', '.join(sorted(FAMILY_BY_MODEL_TYPE))}",
+            "export a CLIP checkpoint (BLIP-2 and IDEFICS support is on the roadmap)",
+        )
+    return FAMILY_BY_MODEL_TYPE[model_type]
+
+
+def _refuse_pickles(folder: Path, allow_pickle: bool) -> None:
+    safetensors = list(folder.glob("*.safetensors"))
+    pickles = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if not safetensors and pickles and not allow_pickle:
+        raise ModelLoadError(
+            f"'{folder}' holds only pickled weights ({', '.join(p.name for p in pickles[:3])})",
+            "weights in safetensors format (model.safetensors)",
+            "convert the checkpoint to safetensors, or pass --allow-pickle if you trust its author "
+            "(it is then loaded with torch.load(weights_only=True))",
+        )
+    if not safetensors and not pickles:
+        raise ModelLoadError(
+            f"'{folder}' has a config.json but no weights",
+            "model.safetensors (or sharded *.safetensors) beside config.json",
+            "copy the whole checkpoint folder, or pass --random-weights to export the architecture alone",
+        )
+
+
+def load_checkpoint(model: str, *, random_weights: bool = False, allow_pickle: bool = False, seed: int = 0) -> LoadedModel:
+    """Load ``model`` (hub id, local folder, or a bundled config name with ``random_weights``)."""
+    if random_weights:
+        return _load_random(model, seed)
+    folder = Path(model)
+    if folder.exists():
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(
+                f"'{model}' has no config.json", "a Hugging Face checkpoint folder (config.json + *.safetensors)",
+                "point at the folder save_pretrained wrote",
+            )
+        _refuse_pickles(folder, allow_pickle)
+    return _load_pretrained(model, allow_pickle)
+
+
+def _load_pretrained(model: str, allow_pickle: bool) -> LoadedModel:
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(model)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"cannot load a config for '{model}' ({str(exc).splitlines()[0][:200]})",
+            "a local checkpoint folder or a reachable Hugging Face hub id",
+            "check the path or id; offline, use a local folder or --random-weights",
+        ) from None
+    family = _family_of(config.model_type)
+    from mmedge.export.families import FAMILIES
+
+    model_class = FAMILIES[family].model_class()
+    try:
+        loaded = model_class.from_pretrained(model, use_safetensors=not allow_pickle)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"cannot load weights for '{model}' ({str(exc).splitlines()[0][:200]})",
+            "safetensors weights matching config.json",
+            "re-download the checkpoint, or pass --allow-pickle for a trusted .bin checkpoint",
+        ) from None
+    tokenizer, processor = _load_preprocessors(model)
+    source = {"model": model, "config_sha256": config_sha256(config), "random_weights": False,
+              "transformers_version": transformers.__version__}
+    return LoadedModel(family, loaded.eval(), tokenizer, processor, source)
+
+
+def _load_preprocessors(model: str):
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model)
+        processor = transformers.AutoImageProcessor.from_pretrained(model)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"cannot load the tokenizer or image processor of '{model}' ({str(exc).splitlines()[0][:200]})",
+            "tokenizer.json and preprocessor_config.json beside the weights",
+            "save them with tokenizer.save_pretrained / processor.save_pretrained into the checkpoint folder",
+        ) from None
+    return tokenizer, processor
+
+
+def _bundled_config(name: str) -> dict | None:
+    for path in CONFIG_DIR.glob("*.json"):
+        entry = json.loads(path.read_text())
+        if entry["model"] == name:
+            return entry
+    return None
+
+
+def _load_random(model: str, seed: int) -> LoadedModel:
+    import torch
+    import transformers
+
+    entry = _bundled_config(model)
+    folder = Path(model)
+    if entry is not None:
+        config = transformers.AutoConfig.for_model(**entry["config"])
+        tokenizer = processor = None
+    elif (folder / "config.json").is_file():
+        config = transformers.AutoConfig.from_pretrained(model)
+        tokenizer, processor = _load_preprocessors(model)
+    else:
+        raise ModelLoadError(
+            f"'{model}' is neither a bundled config nor a folder with config.json",
+            f"one of {', '.join(known_random_configs())}, or a checkpoint folder",
+            "pick a bundled name (see `mmedge export --help`) or pass a folder",
+        )
+    family = _family_of(config.model_type)
+    from mmedge.export.families import FAMILIES
+
+    spec = FAMILIES[family]
+    torch.manual_seed(seed)
+    loaded = spec.model_class()(config).eval()
+    if tokenizer is None:
+        tokenizer = spec.synthetic_tokenizer(config)
+        processor = entry["preprocess"]  # already in the manifest's preprocessing form
+    source = {"model": model, "config_sha256": config_sha256(config), "random_weights": True, "seed": seed}
+    return LoadedModel(family, loaded, tokenizer, processor, source)

@@ -1,0 +1,103 @@
+"""Trace a spec to ONNX, then check the graph in ONNX Runtime against the PyTorch module."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from mmedge.errors import ExportError, ParityError
+from mmedge.export.specs.base import ComponentSpec
+from mmedge.metrics import compare_outputs
+
+# Graphs whose weights exceed this go to an external .onnx.data file (protobuf's 2 GB limit).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+@contextlib.contextmanager
+def _quiet_tracing():
+    """The TorchScript tracer warns about every Python-side branch; none of it is actionable for users."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def export_spec(spec: ComponentSpec, path: Path) -> Path:
+    """Trace ``spec`` to ``path`` (opset ``spec.opset``, named dynamic axes). Returns the path."""
+    module = spec.module()
+    sample = spec.trace_inputs()
+    param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    try:
+        with torch.no_grad(), _quiet_tracing():
+            torch.onnx.export(
+                module,
+                tuple(sample[name] for name in spec.inputs),
+                str(path),
+                input_names=list(spec.inputs),
+                output_names=list(spec.outputs),
+                dynamic_axes=spec.dynamic_axes(),
+                opset_version=spec.opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+    except Exception as exc:
+        raise ExportError(
+            f"tracing component '{spec.name}' to ONNX failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})",
+            "a module torch.onnx.export can trace at opset " + str(spec.opset),
+            "report this with the model id; try another transformers version meanwhile",
+        ) from exc
+    if param_bytes > EXTERNAL_DATA_THRESHOLD:
+        graph = onnx.load(str(path))
+        onnx.save(graph, str(path), save_as_external_data=True, location=path.name + ".data")
+    return path
+
+
+def torch_reference(spec: ComponentSpec, feeds: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    module = spec.module()
+    with torch.no_grad():
+        out = module(*(feeds[name] for name in spec.inputs))
+    out = out if isinstance(out, (tuple, list)) else (out,)
+    return {name: value.detach().cpu().numpy() for name, value in zip(spec.outputs, out)}
+
+
+def run_onnx(path: Path, feeds: dict[str, np.ndarray], threads: int | None = None) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+def measure_parity(spec: ComponentSpec, path: Path, feeds: dict[str, np.ndarray] | None = None) -> dict:
+    """Run the graph beside the PyTorch module on the same inputs (fresh shapes by default)."""
+    torch_feeds = spec.check_inputs() if feeds is None else {k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()}
+    reference = torch_reference(spec, torch_feeds)
+    actual = run_onnx(path, {k: v.numpy() for k, v in torch_feeds.items()})
+    return {"reference": "torch-fp32", "inputs": {n: list(t.shape) for n, t in torch_feeds.items()},
+            "outputs": compare_outputs(reference, actual)}
+
+
+def gate_parity(component: str, parity: dict, max_abs: float | None, min_cosine: float, fix: str) -> dict:
+    """Raise ParityError for the first output past tolerance; record the tolerance in ``parity``."""
+    for name, metrics in parity["outputs"].items():
+        if max_abs is not None and metrics["max_abs"] > max_abs:
+            raise ParityError(component, name, "max_abs", metrics["max_abs"], max_abs, fix)
+        if metrics["cosine"] < min_cosine:
+            raise ParityError(component, name, "cosine", metrics["cosine"], min_cosine, fix)
+    parity["tolerance"] = {"max_abs": max_abs, "cosine": min_cosine}
+    return parity
+
+
+def check_parity(spec: ComponentSpec, path: Path) -> dict:
+    """FP32 graph vs PyTorch on fresh inputs; past the spec's tolerance it is an exporter bug."""
+    return gate_parity(spec.name, measure_parity(spec, path), spec.max_abs, spec.min_cosine,
+                       "this is an exporter bug for this model; report it with the model id")

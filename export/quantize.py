@@ -1,0 +1,133 @@
+"""Quantization: a separate step on ONNX graphs, never on PyTorch modules.
+
+- ``int8-dynamic``: weights INT8 per channel, activations quantized at run time (ONNX Runtime CPU).
+- ``int8-static-qdq``: weights and activations INT8, symmetric, scales from calibration data, stored
+  as QuantizeLinear/DequantizeLinear pairs: the same graph runs in ONNX Runtime and feeds TensorRT's
+  explicit quantization (which wants symmetric INT8 activations).
+- ``fp16``: weights and math in float16, inputs and outputs kept float32.
+
+Each returns the recipe that goes into the manifest under ``quantization``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from mmedge.errors import CalibrationError, QuantizationError
+
+# Ops whose weights carry almost all of a transformer's bytes and time.
+WEIGHT_OPS = ("MatMul", "Gemm", "Conv", "Gather")
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """onnxruntime.quantization logs per node at INFO and prints tips; keep the user's terminal readable."""
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _prepared(source: Path) -> Iterator[Path]:
+    """ONNX Runtime's recommended pre-pass (shape inference, graph optimization) in a scratch file."""
+    from onnxruntime.quantization import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        with _quiet():
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        yield prepared
+
+
+def quantize_int8_dynamic(source: Path, dest: Path) -> dict:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    try:
+        with _prepared(source) as prepared, _quiet():
+            quantize_dynamic(
+                prepared, dest, op_types_to_quantize=list(WEIGHT_OPS), per_channel=True,
+                weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True},
+            )
+    except Exception as exc:
+        raise QuantizationError(f"dynamic INT8 quantization of '{source.name}' failed ({exc})",
+                                "a float32 ONNX graph", "export at --precision fp32 and report this") from exc
+    return {"method": "int8-dynamic", "weights": "int8 symmetric per-channel", "activations": "uint8 dynamic",
+            "op_types": list(WEIGHT_OPS)}
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over an iterable of feed dicts."""
+
+    def __init__(self, feeds: Iterable[dict[str, np.ndarray]]):
+        self._iter: Iterator[dict[str, np.ndarray]] = iter(feeds)
+        self.count = 0
+
+    def get_next(self):
+        item = next(self._iter, None)
+        if item is not None:
+            self.count += 1
+        return item
+
+    def rewind(self):  # not needed by the one-pass calibrators used here
+        raise QuantizationError("calibration data was asked for twice", "one pass", "report this")
+
+
+def quantize_int8_static(source: Path, dest: Path, calibration: Iterable[dict[str, np.ndarray]], *,
+                         method: str = "percentile", samples_note: str = "") -> dict:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+    if method not in methods:
+        raise QuantizationError(f"unknown calibration method '{method}'", f"one of {', '.join(methods)}",
+                                "pass --calibration-method minmax|percentile|entropy")
+    reader = _Reader(calibration)
+    try:
+        with _prepared(source) as prepared, _quiet():
+            quantize_static(
+                prepared, dest, reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(WEIGHT_OPS[:3]),
+                per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                calibrate_method=methods[method],
+                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                               "CalibPercentile": 99.999, "CalibTensorRangeSymmetric": True},
+            )
+    except CalibrationError:
+        raise
+    except Exception as exc:
+        raise QuantizationError(f"static INT8 quantization of '{source.name}' failed ({exc})",
+                                "a float32 ONNX graph and calibration inputs matching it",
+                                "check the calibration images, or use --quantization dynamic") from exc
+    if reader.count == 0:
+        raise CalibrationError("static INT8 quantization got no calibration samples", "at least one image",
+                               "pass --calibration DIR with images, or leave it out to use the bundled set")
+    return {"method": "int8-static-qdq", "format": "QDQ", "weights": "int8 symmetric per-channel",
+            "activations": "int8 symmetric per-tensor", "calibration": {"method": method, "samples": reader.count,
+                                                                          "source": samples_note},
+            "op_types": list(WEIGHT_OPS[:3])}
+
+
+def convert_fp16(source: Path, dest: Path) -> dict:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    try:
+        with _quiet():
+            graph = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+        onnx.save(graph, str(dest))
+    except Exception as exc:
+        raise QuantizationError(f"FP16 conversion of '{source.name}' failed ({exc})", "a float32 ONNX graph",
+                                "export at --precision fp32 and report this") from exc
+    return {"method": "fp16", "io": "float32", "weights": "float16"}

@@ -1,0 +1,193 @@
+"""An artifact folder on disk: its checked manifest, its verified files, and how one is written.
+
+Reading: ``Artifact.open(path)`` parses manifest.json and resolves every file it names, refusing any
+that would leave the folder (``..``, absolute paths, symlinks pointing outside). Component files are
+hashed and compared with the manifest right before a session is created (``verified_path``).
+
+Writing: ``atomic_folder(dest)`` hands out a temporary folder beside ``dest`` and renames it into
+place only when the block finishes without error, so an interrupted export leaves no half-written
+artifact and never touches an existing one until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Iterator
+
+from mmedge.errors import ArtifactError, ArtifactNotFoundError, IntegrityError, UnsafePathError
+from mmedge.manifest import MANIFEST_FILE, check_plain_file_name, parse_manifest
+
+ENGINES_DIR = "engines"
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Artifact:
+    """A parsed, path-checked artifact folder. Cheap to open; files are hashed lazily, once."""
+
+    def __init__(self, root: Path, manifest: dict):
+        self.root = root
+        self.manifest = manifest
+        self._verified: set[str] = set()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Artifact":
+        root = Path(path)
+        if not root.is_dir():
+            what = "is a file, not an artifact folder" if root.exists() else "does not exist"
+            raise ArtifactNotFoundError(
+                f"artifact folder '{root}' {what}",
+                "a folder written by `mmedge export` that holds manifest.json",
+                "check the path, or export one with `mmedge export MODEL OUT`",
+            )
+        manifest_path = root / MANIFEST_FILE
+        if not manifest_path.is_file():
+            raise ArtifactNotFoundError(
+                f"'{root}' has no {MANIFEST_FILE}",
+                "an artifact folder written by `mmedge export`",
+                "point at the folder `mmedge export` wrote, or re-export",
+            )
+        try:
+            text = manifest_path.read_bytes()
+        except OSError as exc:
+            raise ArtifactError(f"cannot read '{manifest_path}' ({exc.strerror})", "a readable file",
+                                "check the file's permissions") from None
+        artifact = cls(root.resolve(), parse_manifest(text))
+        for field, name in artifact.named_files():
+            artifact.resolve_file(name, field)
+        return artifact
+
+    # --- manifest views ----------------------------------------------------------------------
+    @property
+    def family(self) -> str:
+        return self.manifest["family"]
+
+    @property
+    def components(self) -> dict[str, dict]:
+        return self.manifest["components"]
+
+    @property
+    def random_weights(self) -> bool:
+        return bool(self.manifest["source"]["random_weights"])
+
+    def component(self, name: str) -> dict:
+        if name not in self.components:
+            raise ArtifactError(
+                f"artifact '{self.root.name}' has no component '{name}'",
+                f"one of {', '.join(self.components)}",
+                "export the artifact with the task that needs this component",
+            )
+        return self.components[name]
+
+    def named_files(self) -> list[tuple[str, str]]:
+        """(manifest field, file name) for every file the manifest names."""
+        files = [(f"components.{n}.file", c["file"]) for n, c in self.components.items()]
+        for key in ("tokenizer", "validation"):
+            if self.manifest.get(key):
+                files.append((f"{key}.file", self.manifest[key]["file"]))
+        return files
+
+    # --- files --------------------------------------------------------------------------------
+    def resolve_file(self, name: str, field: str) -> Path:
+        """The path of a file the manifest names, refusing anything that resolves outside the folder."""
+        check_plain_file_name(name, field)
+        path = self.root / name
+        real = path.resolve()
+        if real.parent != self.root:
+            raise UnsafePathError(
+                f"manifest.json field '{field}' names '{name}', which resolves to '{real}', outside the artifact folder",
+                "a regular file inside the artifact folder (symlinks out of the folder are refused)",
+                "re-export the artifact, or copy the real file into the folder",
+            )
+        if not real.is_file():
+            raise ArtifactNotFoundError(
+                f"artifact file '{name}' (manifest field '{field}') is missing from '{self.root}'",
+                "every file the manifest names to be present",
+                "copy the whole artifact folder again, or re-export it",
+            )
+        return real
+
+    def verified_path(self, name: str, sha256: str, field: str) -> Path:
+        """Resolve a file and check its sha256 against the manifest (once per Artifact object)."""
+        path = self.resolve_file(name, field)
+        with self._lock:
+            if name in self._verified:
+                return path
+        actual = sha256_file(path)
+        if actual != sha256:
+            raise IntegrityError(
+                f"artifact file '{name}' has sha256 {actual[:12]}…, but the manifest records {sha256[:12]}…",
+                "the file exactly as `mmedge export` wrote it",
+                "the file is corrupt or was replaced: copy the artifact again or re-export it",
+            )
+        with self._lock:
+            self._verified.add(name)
+        return path
+
+    def component_path(self, name: str) -> Path:
+        comp = self.component(name)
+        return self.verified_path(comp["file"], comp["sha256"], f"components.{name}.file")
+
+    def engines_dir(self) -> Path:
+        """Device-local cache (TensorRT plans, ORT engine caches); never shipped."""
+        path = self.root / ENGINES_DIR
+        path.mkdir(exist_ok=True)
+        return path
+
+    def size_bytes(self) -> int:
+        return sum(self.resolve_file(name, field).stat().st_size for field, name in self.named_files())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_folder(dest: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``dest``; on success it becomes ``dest``.
+
+    On any exception (or a killed process) the temporary folder is removed or left as a hidden
+    ``.dest.partial-*`` folder, and ``dest`` itself is untouched.
+    """
+    dest = Path(dest)
+    if dest.exists() and not overwrite:
+        raise ArtifactError(
+            f"output folder '{dest}' already exists",
+            "a path that does not exist yet",
+            "choose another output path, or pass --overwrite to replace it once the new export is complete",
+        )
+    parent = dest.parent if str(dest.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=parent))
+    try:
+        yield staging
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; an artifact is an ordinary folder
+        if dest.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=parent))
+            os.replace(dest, backup / "old")
+            os.replace(staging, dest)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+__all__ = ["Artifact", "atomic_folder", "sha256_file", "ENGINES_DIR", "UnsafePathError"]

@@ -1,0 +1,207 @@
+"""The `mmedge` command: export, run, validate, doctor.
+
+Every mmedge error becomes one line on stderr and a non-zero exit code; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from mmedge.errors import InputError, MmedgeError
+
+
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    return f"mmedge: warning: {message}\n"
+
+
+def _labels(args) -> list[str] | None:
+    labels = list(args.labels or [])
+    if getattr(args, "labels_file", None):
+        path = Path(args.labels_file)
+        if not path.is_file():
+            raise InputError(f"labels file '{path}' does not exist", "a text file with one label per line",
+                             "check the path")
+        labels += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if args.labels is not None and not labels:
+        raise InputError("--labels was given with no labels", "at least one label after --labels",
+                         "pass e.g. --labels cat dog bird")
+    return labels or None
+
+
+# --- export ------------------------------------------------------------------------------------
+def cmd_export(args) -> int:
+    try:
+        from mmedge.export import ExportOptions, export_model
+    except ImportError as exc:
+        raise MmedgeError(f"`mmedge export` needs the host-side tools ({exc.name} is not installed)",
+                          "torch, transformers and onnx installed", 'pip install "mmedge[export]"') from None
+    options = ExportOptions(task=args.task, precision=args.precision, quantization=args.quantization,
+                            labels=_labels(args), templates=args.templates, calibration=args.calibration,
+                            calibration_method=args.calibration_method, random_weights=args.random_weights,
+                            allow_pickle=args.allow_pickle, overwrite=args.overwrite, progress=not args.quiet)
+    out = export_model(args.model, args.out, options)
+    from mmedge.artifact import Artifact
+
+    artifact = Artifact.open(out)
+    print(f"wrote {out} ({artifact.size_bytes() / 1e6:.1f} MB)")
+    for name, comp in artifact.components.items():
+        print(f"  {name}: {comp['file']} {comp['precision']} {_parity_line(comp['parity'])}")
+    return 0
+
+
+def _parity_line(parity: dict) -> str:
+    worst = min(m["cosine"] for m in parity["outputs"].values())
+    text = f"cosine vs PyTorch {worst:.6f}"
+    fidelity = parity.get("fidelity")
+    if fidelity:
+        text += f", held-out top-1 agreement vs FP32 {fidelity['top1_agreement']:.3f}"
+    return text
+
+
+# --- run ---------------------------------------------------------------------------------------
+def cmd_run(args) -> int:
+    import mmedge
+
+    pipeline = mmedge.load(args.artifact, backend=args.backend, device=args.device, task=args.task, threads=args.threads)
+    with pipeline:
+        for image in args.images:
+            print(_run_one(pipeline, image, args))
+    return 0
+
+
+def _run_one(pipeline, image: str, args) -> str:
+    if pipeline.task == "embed":
+        vector = pipeline.embed_images(image)[0]
+        if args.json:
+            return json.dumps({"image": image, "embedding": [round(float(x), 6) for x in vector]})
+        return f"{image}: embedding of {vector.shape[0]} floats, first {', '.join(f'{x:.4f}' for x in vector[:4])}"
+    predictions = pipeline(image, labels=_labels(args), templates=args.templates, top_k=args.top_k)
+    if args.json:
+        return json.dumps({"image": image, "predictions": predictions})
+    return f"{image}: " + ", ".join(f"{p['label']} ({p['score']:.3f})" for p in predictions)
+
+
+# --- validate ----------------------------------------------------------------------------------
+def cmd_validate(args) -> int:
+    import mmedge
+    from mmedge.validate import raise_on_failure, validate
+
+    pipeline = mmedge.load(args.artifact, backend=args.backend, device=args.device, threads=args.threads)
+    with pipeline:
+        report = validate(pipeline.artifact, pipeline.runners)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for name, entry in report.items():
+            for output, m in entry["outputs"].items():
+                status = "ok" if m["ok"] else "FAIL"
+                print(f"{name}.{output} [{entry['precision']}, {entry['backend']}]: cosine {m['cosine']:.6f} "
+                      f"(export {m['export_cosine']:.6f}, floor {m['min_cosine']:.6f}), max_abs {m['max_abs']:.3g}  {status}")
+    raise_on_failure(report)
+    return 0
+
+
+# --- doctor ------------------------------------------------------------------------------------
+def cmd_doctor(args) -> int:
+    from mmedge.device import probe
+    from mmedge.selection import plan
+
+    found = probe()
+    report = {"device": found.to_dict()}
+    if args.artifact:
+        from mmedge.artifact import Artifact
+
+        artifact = Artifact.open(args.artifact)
+        chosen = plan(found, artifact.manifest, args.backend, args.device)
+        report["plan"] = {name: vars(c) for name, c in chosen.components.items()}
+        report["reasons"] = chosen.reasons
+    if args.json:
+        print(json.dumps(report, indent=2, default=list))
+        return 0
+    print(f"machine: {found.system} {found.machine}, {found.cpu_cores} cores, "
+          f"{(found.memory_total_mb or 0) / 1024:.1f} GiB, ISA: {', '.join(found.cpu_flags) or 'baseline'}")
+    gpus = "; ".join(f"{g.name} (sm {g.compute_capability}, {g.memory_free_mb}/{g.memory_total_mb} MiB free)" for g in found.gpus)
+    print(f"GPUs: {gpus or 'none found'}")
+    print(f"Jetson: {found.jetson or 'no'}")
+    print("engines: " + ", ".join(f"{k} {v or 'absent'}" for k, v in found.engines.items()))
+    print(f"onnxruntime providers: {', '.join(found.ort_providers)}")
+    if args.artifact:
+        for name, c in report["plan"].items():
+            print(f"plan: {name} -> {c['backend']} [{', '.join(c['providers'])}] {c['precision']}")
+        for reason in report["reasons"]:
+            print(f"  because {reason}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mmedge import __version__
+
+    parser = argparse.ArgumentParser(prog="mmedge", description="Export, quantize and run multimodal models on edge devices.")
+    parser.add_argument("--version", action="version", version=f"mmedge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    exp = sub.add_parser("export", help="export a checkpoint to an artifact folder (host side; needs mmedge[export])")
+    exp.add_argument("model", help="hub id, checkpoint folder, or (with --random-weights) a bundled config name")
+    exp.add_argument("out", help="artifact folder to write (must not exist unless --overwrite)")
+    exp.add_argument("--task", default="zero-shot", choices=["zero-shot", "embed"])
+    exp.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
+    exp.add_argument("--quantization", default="static", choices=["static", "dynamic"], help="INT8 recipe (with --precision int8)")
+    exp.add_argument("--labels", nargs="*", help="bake these labels into one zero-shot graph (no text encoder on the device)")
+    exp.add_argument("--labels-file", help="file with one label per line (added to --labels)")
+    exp.add_argument("--templates", nargs="+", help="prompt templates with '{}' for the label (default: 'a photo of a {}.')")
+    exp.add_argument("--calibration", metavar="DIR", help="folder of images for static INT8 calibration (default: bundled photos)")
+    exp.add_argument("--calibration-method", default="percentile", choices=["minmax", "percentile", "entropy"])
+    exp.add_argument("--random-weights", action="store_true", help="build the architecture with random weights (offline benchmarks)")
+    exp.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin weights (loaded with weights_only=True)")
+    exp.add_argument("--overwrite", action="store_true", help="replace OUT once the new artifact is complete")
+    exp.add_argument("--quiet", action="store_true", help="no progress lines")
+    exp.set_defaults(func=cmd_export)
+
+    def runtime_flags(p):
+        p.add_argument("--backend", default="auto", help="auto or onnxruntime")
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        p.add_argument("--threads", type=int, default=None, help="CPU threads per graph")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    run = sub.add_parser("run", help="run an artifact on images")
+    run.add_argument("artifact")
+    run.add_argument("images", nargs="+")
+    run.add_argument("--labels", nargs="*", help="labels for zero-shot (not needed when baked in)")
+    run.add_argument("--labels-file")
+    run.add_argument("--templates", nargs="+")
+    run.add_argument("--top-k", type=int, default=5)
+    run.add_argument("--task", default=None, choices=["zero-shot", "embed"])
+    runtime_flags(run)
+    run.set_defaults(func=cmd_run)
+
+    val = sub.add_parser("validate", help="re-measure an artifact's parity on this device")
+    val.add_argument("artifact")
+    runtime_flags(val)
+    val.set_defaults(func=cmd_validate)
+
+    doc = sub.add_parser("doctor", help="what this device has and what mmedge would pick")
+    doc.add_argument("artifact", nargs="?")
+    runtime_flags(doc)
+    doc.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _warning_line
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MmedgeError as exc:
+        print(f"mmedge: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("mmedge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""What this machine is and which engines it has, probed once per process without importing them.
+
+Nothing here imports torch or tensorrt: engines are found with ``importlib.util.find_spec`` and
+their versions read from package metadata; GPUs come from ONNX Runtime's providers and nvidia-smi.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "fma", "asimd", "asimddp", "i8mm", "sve")
+ENGINES = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "torch": "torch", "bitsandbytes": "bitsandbytes"}
+
+
+@dataclass
+class GpuInfo:
+    name: str
+    compute_capability: str | None = None
+    memory_total_mb: int | None = None
+    memory_free_mb: int | None = None
+
+
+@dataclass
+class DeviceProbe:
+    machine: str
+    system: str
+    cpu_cores: int
+    cpu_flags: list[str]
+    memory_total_mb: int | None
+    gpus: list[GpuInfo] = field(default_factory=list)
+    jetson: dict | None = None
+    engines: dict[str, str | None] = field(default_factory=dict)  # package -> version, None if absent
+    ort_providers: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _cpu_flags(cpuinfo: str) -> list[str]:
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return [f for f in ISA_FLAGS if f in flags]
+
+
+def _memory_total_mb(meminfo: str) -> int | None:
+    for line in meminfo.splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) // 1024
+    return None
+
+
+def parse_jetson(nv_tegra_release: str | None, device_tree_model: str | None) -> dict | None:
+    """Jetson module and L4T release from /etc/nv_tegra_release and /proc/device-tree/model."""
+    if not nv_tegra_release and not (device_tree_model and "jetson" in device_tree_model.lower()):
+        return None
+    info: dict = {"model": (device_tree_model or "").strip("\x00 \n") or None, "l4t": None, "unified_memory": True}
+    if nv_tegra_release:
+        # e.g. "# R36 (release), REVISION: 3.0, GCID: ..., BOARD: generic, EABI: aarch64, DATE: ..."
+        head = nv_tegra_release.split(",")
+        major = head[0].replace("#", "").split("(")[0].strip().lstrip("R")
+        revision = next((h.split(":")[1].strip() for h in head if "REVISION" in h), "")
+        info["l4t"] = f"{major}.{revision}" if revision else major
+    return info
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text(errors="replace")
+    except OSError:
+        return None
+
+
+def _engine_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name, module in ENGINES.items():
+        if importlib.util.find_spec(module) is None:
+            versions[name] = None
+            continue
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "unknown"
+    return versions
+
+
+def _nvidia_smi_gpus() -> list[GpuInfo]:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    query = "--query-gpu=name,compute_cap,memory.total,memory.free"
+    try:
+        out = subprocess.run([exe, query, "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    gpus = []
+    for line in out.stdout.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 4:
+            total = int(parts[2]) if parts[2].isdigit() else None
+            free = int(parts[3]) if parts[3].isdigit() else None
+            gpus.append(GpuInfo(parts[0], parts[1] or None, total, free))
+    return gpus
+
+
+@functools.lru_cache(maxsize=1)
+def probe() -> DeviceProbe:
+    """The device, probed once per process."""
+    engines = _engine_versions()
+    providers: list[str] = []
+    if engines.get("onnxruntime"):
+        from mmedge.runtimes.onnxruntime import available_providers
+
+        providers = available_providers()
+    return DeviceProbe(
+        machine=platform.machine(),
+        system=platform.system(),
+        cpu_cores=os.cpu_count() or 1,
+        cpu_flags=_cpu_flags(_read("/proc/cpuinfo") or ""),
+        memory_total_mb=_memory_total_mb(_read("/proc/meminfo") or ""),
+        gpus=_nvidia_smi_gpus(),
+        jetson=parse_jetson(_read("/etc/nv_tegra_release"), _read("/proc/device-tree/model")),
+        engines=engines,
+        ort_providers=providers,
+    )

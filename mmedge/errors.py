@@ -1,0 +1,114 @@
+"""Every error mmedge raises on purpose, in one place.
+
+Each error says three things, in this order: what failed, what was expected,
+and what to do about it. The CLI prints ``str(error)`` as one line and exits
+with ``error.exit_code``; no traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+
+class MmedgeError(Exception):
+    """Base class. ``what`` failed; ``expected`` is what would have worked; ``fix`` is the next step."""
+
+    exit_code = 2
+
+    def __init__(self, what: str, expected: str | None = None, fix: str | None = None):
+        self.what = what
+        self.expected = expected
+        self.fix = fix
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        parts = [self.what.rstrip(".")]
+        if self.expected:
+            parts.append(f"expected {self.expected.rstrip('.')}")
+        if self.fix:
+            parts.append(f"fix: {self.fix.rstrip('.')}")
+        return "; ".join(parts) + "."
+
+
+# --- artifacts -----------------------------------------------------------------------------------
+class ArtifactError(MmedgeError):
+    """An artifact folder cannot be used."""
+
+
+class ArtifactNotFoundError(ArtifactError):
+    """The folder, its manifest or a file the manifest names is missing."""
+
+    exit_code = 3
+
+
+class ManifestError(ArtifactError):
+    """manifest.json is not JSON, lacks a field, or has a field of the wrong type or value."""
+
+
+class UnsupportedFormatError(ManifestError):
+    """The manifest was written by a newer mmedge (or is not an mmedge manifest at all)."""
+
+
+class UnsafePathError(ManifestError):
+    """The manifest names a file outside the artifact folder."""
+
+
+class IntegrityError(ArtifactError):
+    """A file's sha256 differs from the one in the manifest, or the file is not a loadable graph."""
+
+
+# --- export --------------------------------------------------------------------------------------
+class ModelLoadError(MmedgeError):
+    """A checkpoint could not be loaded (missing, unsupported family, unsafe weights format)."""
+
+
+class ExportError(MmedgeError):
+    """Tracing or writing a component failed."""
+
+
+class ParityError(ExportError):
+    """An exported or quantized graph drifted past tolerance from its reference."""
+
+    def __init__(self, component: str, output: str, metric: str, value: float, bound: float, fix: str):
+        self.component, self.output, self.metric, self.value, self.bound = component, output, metric, value, bound
+        cmp = ">=" if metric == "cosine" or metric.endswith("agreement") else "<="
+        super().__init__(
+            f"component '{component}' output '{output}' failed parity: {metric} = {value:.6g}",
+            f"{metric} {cmp} {bound:g}",
+            fix,
+        )
+
+
+class QuantizationError(ExportError):
+    """Quantizing a graph failed or is not possible with the given settings."""
+
+
+class CalibrationError(QuantizationError):
+    """The calibration images could not be read or are too few."""
+
+
+# --- inputs at run time --------------------------------------------------------------------------
+class InputError(MmedgeError):
+    """A value passed to a pipeline is not acceptable (empty label list, bad argument)."""
+
+
+class ImageError(InputError):
+    """A file or object is not a usable image."""
+
+
+class TokenizerError(InputError):
+    """The tokenizer file is missing or unreadable, or text cannot be tokenized."""
+
+
+class FeedError(InputError):
+    """Feeds given to a runner do not match the component's declared inputs."""
+
+
+# --- backends ------------------------------------------------------------------------------------
+class BackendUnavailableError(MmedgeError):
+    """The user named a backend whose engine is not installed or cannot run here."""
+
+    exit_code = 4
+
+
+class BackendError(MmedgeError):
+    """An engine failed while creating a session or running a graph."""

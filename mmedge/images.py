@@ -1,0 +1,253 @@
+"""Load anything that holds a picture into an 8-bit RGB ``PIL.Image``, or fail with an ``ImageError``.
+
+Accepted sources: a path (``str`` / ``os.PathLike``), ``bytes``, a binary file-like object, a
+``PIL.Image.Image``, or a numpy array (``[H, W]`` gray, ``[H, W, 1|3|4]`` gray / RGB / RGBA;
+``uint8``, or floating point in ``[0, 1]``).
+
+The conversion rules follow the Hugging Face image processors (transformers 5), so that what the
+device feeds a model is what the model was evaluated with:
+
+* Encoded images (paths, bytes, streams) get their EXIF orientation applied, as
+  ``transformers.image_utils.load_image`` does (``ImageOps.exif_transpose``). PIL images and arrays
+  are taken as they are, as the processors take them.
+* Images with transparency (an ``A`` band, or ``info["transparency"]`` as in ``P``/``L``/``RGB``
+  PNGs and GIFs) are composited onto white, exactly as
+  ``transformers.image_transforms.convert_to_rgb`` does (PIL ``alpha_composite`` for PIL images,
+  its float64 blend + round for RGBA arrays). Plain ``convert("RGB")`` would instead expose whatever
+  colour hides under transparent pixels. (HF's ``load_image(path)`` itself drops alpha with
+  ``convert("RGB")`` before the processor sees it; mmedge applies the processor's rule to every
+  source, so a path and ``Image.open`` of that path give the same pixels.)
+* 16-bit and 32-bit gray (``I;16``, ``I;16B``, ``I;16L``, ``I;16N``, ``I``) are read as 16-bit
+  values (``I`` clipped to ``[0, 65535]``) and mapped to 8 bits by ``round(value / 257)``, so
+  65535 becomes 255. PIL's own ``convert`` (and so HF) clips these to 255 instead, which turns
+  almost every 16-bit image white. Their ``tRNS`` transparency, if any, is ignored.
+* Every other mode (``L``, ``P``, ``1``, ``CMYK``, ``YCbCr``, ``F``, ...) uses PIL's ``convert("RGB")``,
+  as HF does (``F`` is read on a 0..255 scale by PIL).
+* Float arrays in ``[0, 1]`` become ``uint8`` by ``round(value * 255)``.
+* Animated files (GIF, APNG, WebP): the first frame.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mmedge.errors import ImageError
+
+MAX_PIXELS = 64_000_000
+"""Images with more pixels than this are refused before they are decoded (decompression bombs)."""
+
+_WHITE = (255, 255, 255, 255)
+_FIX_READABLE = "pass a complete PNG, JPEG, GIF, WebP, BMP or TIFF file, or a PIL image or numpy array"
+
+
+def load_image(source: Any) -> Image.Image:
+    """Return ``source`` as a decoded ``PIL.Image`` in mode ``"RGB"``.
+
+    Raises ``ImageError`` for a missing, empty, unreadable, truncated or oversized file, an
+    unsupported object, or an array of the wrong shape, dtype or value range.
+    """
+    if isinstance(source, Image.Image):
+        return _pil_to_rgb(source, "the PIL image")
+    if isinstance(source, np.ndarray):
+        return _array_to_rgb(source)
+    if isinstance(source, (str, os.PathLike)):
+        path = _checked_path(source)
+        return _decode(path, f"image file '{path}'")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _decode_bytes(bytes(source), "image data")
+    if hasattr(source, "read"):
+        name = f"image stream '{getattr(source, 'name', type(source).__name__)}'"
+        return _decode_bytes(_read_stream(source, name), name)
+    raise ImageError(
+        f"cannot load an image from a {type(source).__name__}",
+        "a path, bytes, a binary file object, a PIL.Image.Image or a numpy array",
+        "pass one of those",
+    )
+
+
+# --- encoded sources -----------------------------------------------------------------------------
+def _checked_path(source: str | os.PathLike) -> str:
+    """Return the path as a string after checking that it names a non-empty file."""
+    path = os.fspath(source)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not os.path.exists(path):
+        is_url = path.startswith(("http://", "https://"))
+        fix = "download the image first; URLs are not fetched" if is_url else "check the path"
+        raise ImageError(f"image file '{path}' does not exist", "a path to an existing image file", fix)
+    if not os.path.isfile(path):
+        raise ImageError(f"'{path}' is not a file", "a path to an image file", "pass the path of a file, not a folder")
+    if os.path.getsize(path) == 0:
+        raise ImageError(f"image file '{path}' is empty (0 bytes)", "an encoded image", "re-save or download it again")
+    return path
+
+
+def _read_stream(stream: Any, name: str) -> bytes:
+    """Read a file-like object to its end; it must yield bytes."""
+    data = stream.read()
+    if not isinstance(data, (bytes, bytearray)):
+        raise ImageError(
+            f"{name} returned {type(data).__name__}, not bytes",
+            "a binary stream",
+            "open the file in binary mode ('rb')",
+        )
+    return bytes(data)
+
+
+def _decode_bytes(data: bytes, name: str) -> Image.Image:
+    """Decode an in-memory encoded image."""
+    if not data:
+        raise ImageError(f"{name} is empty (0 bytes)", "an encoded image", "check where the data came from")
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(fp: str | io.BytesIO, name: str) -> Image.Image:
+    """Open, size-check, fully decode, orient and convert an encoded image."""
+    try:
+        # PIL warns (DecompressionBombWarning) past ~89 MP and raises past ~179 MP inside
+        # Image.open; both become errors here without touching the global Image.MAX_IMAGE_PIXELS.
+        # (catch_warnings is process-wide; a race between threads can at worst leave this one
+        # filter in place, and mmedge refuses those images anyway.)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(fp) as opened:
+                _check_pixels(opened.size, name)  # from the header, before any pixel is decoded
+                opened.load()  # first frame only; raises on truncated or corrupt data
+                image = ImageOps.exif_transpose(opened)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _too_large(name, str(exc).rstrip(".")) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"{name} is not an image PIL can read", "an encoded image", _FIX_READABLE) from exc
+    except Exception as exc:  # PIL's decoders raise OSError, SyntaxError, ValueError, EOFError, ...
+        raise ImageError(
+            f"{name} could not be decoded, it is truncated or corrupt ({type(exc).__name__}: {exc})",
+            "a complete, valid image file",
+            "re-save or re-download the file",
+        ) from exc
+    return _to_rgb(image, name)
+
+
+# --- in-memory sources ---------------------------------------------------------------------------
+def _pil_to_rgb(image: Image.Image, name: str) -> Image.Image:
+    """Decode (if still lazy) and convert a caller's PIL image; the caller's object is not changed."""
+    if image.width == 0 or image.height == 0:
+        size = f"{image.width}x{image.height}"
+        raise ImageError(f"{name} has no pixels (size {size})", "at least 1x1 pixels", "pass a non-empty image")
+    _check_pixels(image.size, name)
+    try:
+        image.load()
+    except Exception as exc:
+        raise ImageError(
+            f"{name} could not be decoded ({type(exc).__name__}: {exc})", "a complete, valid image", "re-open the file"
+        ) from exc
+    return _to_rgb(image, name)
+
+
+def _array_to_rgb(array: np.ndarray) -> Image.Image:
+    """Convert a checked ``[H, W]`` / ``[H, W, 1|3|4]`` uint8 or [0, 1] float array."""
+    _check_array(array)
+    pixels = array if array.ndim == 3 else array[:, :, None]  # [height, width, channels]
+    if np.issubdtype(pixels.dtype, np.floating) and pixels.shape[2] != 4:
+        pixels = _float_to_uint8(pixels)
+    if pixels.shape[2] == 4:
+        pixels = _composite_array_on_white(pixels)  # [height, width, 3] uint8
+    if pixels.shape[2] == 1:
+        return Image.fromarray(np.ascontiguousarray(pixels[:, :, 0])).convert("RGB")  # uint8 [H, W] -> "L"
+    return Image.fromarray(np.ascontiguousarray(pixels))  # uint8 [H, W, 3] -> "RGB"
+
+
+def _check_array(array: np.ndarray) -> None:
+    """Refuse arrays whose shape, dtype or values are not an image's."""
+    shape_ok = array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3, 4))
+    if not shape_ok:
+        channels_first = array.ndim == 3 and array.shape[0] in (1, 3, 4)
+        fix = "transpose a channels-first array with a.transpose(1, 2, 0)" if channels_first else "reshape the array"
+        expected = "[H, W] gray or [H, W, C] with C in 1, 3, 4 (channels last)"
+        raise ImageError(f"image array has shape {array.shape}", expected, fix)
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        what = f"image array has shape {array.shape} with no pixels"
+        raise ImageError(what, "height and width of at least 1", "pass a non-empty array")
+    if array.dtype == np.uint8:
+        return
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ImageError(
+            f"image array has dtype {array.dtype}",
+            "uint8 (0..255) or floating point (0..1)",
+            "convert it, e.g. (a / 257).round().astype(np.uint8) for 16-bit data",
+        )
+    low, high = float(np.min(array)), float(np.max(array))
+    if not (np.isfinite(low) and np.isfinite(high) and low >= 0.0 and high <= 1.0):
+        raise ImageError(
+            f"float image array has values in [{low}, {high}]",
+            "finite values in [0, 1]",
+            "divide 0..255 data by 255, or pass it as uint8",
+        )
+
+
+def _float_to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Map [0, 1] floats to uint8 by rounding to the nearest level."""
+    return np.rint(pixels.astype(np.float64) * 255.0).astype(np.uint8)
+
+
+def _composite_array_on_white(pixels: np.ndarray) -> np.ndarray:
+    """Blend an RGBA array onto white with ``transformers.image_transforms.convert_to_rgb``'s formula."""
+    white = 255.0 if pixels.dtype == np.uint8 else 1.0
+    alpha = pixels[:, :, 3:4] / white  # [height, width, 1] float64
+    composite = alpha * pixels[:, :, :3] + (1.0 - alpha) * white  # [height, width, 3] float64
+    if pixels.dtype == np.uint8:
+        return np.round(composite).astype(np.uint8)
+    return _float_to_uint8(composite)
+
+
+# --- shared --------------------------------------------------------------------------------------
+def _check_pixels(size: tuple[int, int], name: str) -> None:
+    """Refuse images over MAX_PIXELS, from the size alone."""
+    width, height = size
+    if width * height > MAX_PIXELS:
+        raise _too_large(name, f"{width}x{height} = {width * height:,} pixels")
+
+
+def _too_large(name: str, detail: str) -> ImageError:
+    """The error for an image too large to decode safely."""
+    return ImageError(
+        f"{name} is too large to decode safely ({detail}); possible decompression bomb",
+        f"at most {MAX_PIXELS:,} pixels",
+        "downscale the image before passing it",
+    )
+
+
+def _to_rgb(image: Image.Image, name: str) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB (see the module docstring for the rules)."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        return _sixteen_bit_to_gray(image).convert("RGB")
+    try:
+        if _has_alpha(image):
+            rgba = image.convert("RGBA")
+            return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
+        return image.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ImageError(
+            f"{name} has mode '{image.mode}', which PIL cannot convert to RGB ({exc})",
+            "a mode such as RGB, RGBA, L, LA, P, CMYK, YCbCr, 1, I;16, I or F",
+            "convert the image to RGB first",
+        ) from exc
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    """Transparency test of ``transformers.image_transforms.convert_to_rgb``."""
+    return "A" in image.getbands() or image.info.get("transparency") is not None
+
+
+def _sixteen_bit_to_gray(image: Image.Image) -> Image.Image:
+    """Map 16-bit (or 32-bit, clipped to 16-bit) gray to 8-bit ``L`` with ``round(v / 257)``."""
+    values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)  # [height, width]
+    # (v + 128) // 257 == round(v / 257) for every integer v: v / 257 is never exactly k + 0.5.
+    return Image.fromarray(((values + 128) // 257).astype(np.uint8))  # uint8 [H, W] -> "L"

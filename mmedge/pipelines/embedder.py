@@ -1,0 +1,31 @@
+"""Image and text embeddings (retrieval), L2-normalized, from a CLIP artifact."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mmedge.errors import InputError
+from mmedge.pipelines.common import ClipPipeline, l2_normalize
+
+
+class Embedder(ClipPipeline):
+    task = "embed"
+
+    def embed_images(self, images) -> np.ndarray:
+        """[images, dim], unit-norm rows, for one image or a list."""
+        pixels = self._pixels(images)  # [batch, 3, height, width]
+        if self.fused:
+            return self._batched("zero_shot", pixels, "image_embeds")  # normalized inside the graph
+        return l2_normalize(self._batched("vision", pixels, "image_embeds"))
+
+    def embed_texts(self, texts) -> np.ndarray:
+        """[texts, dim], unit-norm rows, for one string or a list."""
+        batch = [texts] if isinstance(texts, str) else list(texts)
+        if not batch:
+            raise InputError("the text list is empty", "at least one string", "pass a string or a list of strings")
+        chunks = [self._text_embeds(batch[i:i + 256]) for i in range(0, len(batch), 256)]
+        return l2_normalize(np.concatenate(chunks, axis=0))
+
+    def similarity(self, images, texts) -> np.ndarray:
+        """Cosine similarity [images, texts]."""
+        return self.embed_images(images) @ self.embed_texts(texts).T

@@ -1,0 +1,161 @@
+"""Zero-shot image classification with CLIP: image → label probabilities.
+
+Two shapes of artifact feed it:
+- two graphs (``vision`` + ``text``): labels are given at call time; their embeddings are computed once
+  per (labels, templates) and cached;
+- one fused graph (``zero_shot``): the label bank was baked in at export, so the device runs a single
+  graph and needs neither tokenizer nor text encoder.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from mmedge.errors import InputError
+from mmedge.pipelines.common import ClipPipeline, l2_normalize
+
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+# A compact ensemble from the CLIP paper's ImageNet prompt study.
+ENSEMBLE_TEMPLATES = (
+    "a photo of a {}.",
+    "a bad photo of the {}.",
+    "a photo of the large {}.",
+    "a photo of the small {}.",
+    "itap of a {}.",
+    "a origami {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+)
+MAX_CACHED_BANKS = 16
+TEXT_CHUNK = 256
+
+
+def check_labels(labels: Any) -> list[str]:
+    """A non-empty list of distinct, non-empty strings."""
+    if isinstance(labels, str):
+        raise InputError("labels is a single string", "a list of label strings", f"pass labels=[{labels!r}, ...]")
+    try:
+        labels = list(labels)
+    except TypeError:
+        raise InputError(f"labels is a {type(labels).__name__}", "a list of label strings", "pass a list such as ['cat', 'dog']") from None
+    if not labels:
+        raise InputError("the label list is empty", "at least one label", "pass labels such as ['cat', 'dog']")
+    bad = [repr(x) for x in labels if not isinstance(x, str) or not x.strip()]
+    if bad:
+        raise InputError(f"labels contain non-text or blank entries ({', '.join(bad[:3])})",
+                         "non-empty strings", "remove or fix those entries")
+    seen: set[str] = set()
+    duplicates = sorted({x for x in labels if x in seen or seen.add(x)})
+    if duplicates:
+        raise InputError(f"labels contain duplicates ({', '.join(map(repr, duplicates[:3]))})",
+                         "each label once, so each probability means one class", "remove the repeated labels")
+    return labels
+
+
+def check_templates(templates: Any) -> list[str]:
+    templates = list(DEFAULT_TEMPLATES if templates is None else ([templates] if isinstance(templates, str) else templates))
+    if not templates:
+        raise InputError("the template list is empty", "at least one prompt template", "leave templates unset for the default")
+    for template in templates:
+        if not isinstance(template, str) or template.count("{}") != 1:
+            raise InputError(f"prompt template {template!r} is not usable",
+                             "a string with exactly one '{}' where the label goes", "use e.g. 'a photo of a {}.'")
+    return templates
+
+
+def build_label_bank(embed_texts: Callable[[list[str]], np.ndarray], labels: Sequence[str],
+                     templates: Sequence[str], chunk: int = TEXT_CHUNK) -> np.ndarray:
+    """Label embeddings averaged over templates (open_clip's ensembling). Returns [labels, dim], rows unit-norm.
+
+    ``embed_texts`` maps a list of prompts to their (unnormalized) text embeddings [prompts, dim]. The
+    exporter calls this with a PyTorch text tower, the device with the ONNX one, so both agree.
+    """
+    prompts = [template.replace("{}", label) for label in labels for template in templates]
+    parts = [np.asarray(embed_texts(prompts[i:i + chunk]), dtype=np.float32) for i in range(0, len(prompts), chunk)]
+    embeds = l2_normalize(np.concatenate(parts, axis=0))  # [labels * templates, dim]
+    embeds = embeds.reshape(len(labels), len(templates), -1).mean(axis=1)  # [labels, dim]
+    return l2_normalize(embeds)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+class ZeroShotClassifier(ClipPipeline):
+    """``classifier(images, labels) -> [[{"label", "score"}, ...] per image]`` sorted by score."""
+
+    task = "zero-shot"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._banks: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._bank_lock = threading.Lock()
+        zero_shot = self.artifact.manifest.get("zero_shot") or {}
+        self.baked_labels: list[str] | None = zero_shot.get("labels") if self.fused else None
+        self.logit_scale = float(self.artifact.manifest["clip"]["logit_scale"])
+
+    def label_bank(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
+        """Normalized label embeddings [labels, dim], computed once per (labels, templates)."""
+        labels, templates = check_labels(labels), check_templates(templates)
+        key = (tuple(labels), tuple(templates))
+        with self._bank_lock:
+            if key in self._banks:
+                self._banks.move_to_end(key)
+                return self._banks[key]
+        bank = build_label_bank(self._text_embeds, labels, templates)
+        with self._bank_lock:
+            self._banks[key] = bank
+            while len(self._banks) > MAX_CACHED_BANKS:
+                self._banks.popitem(last=False)
+        return bank
+
+    def probabilities(self, images, labels: Sequence[str] | None = None, templates: Sequence[str] | None = None) -> np.ndarray:
+        """Label probabilities [images, labels] for one image or a list of images."""
+        labels = self._labels_for_call(labels, templates)
+        pixels = self._pixels(images)  # [batch, 3, height, width]
+        if self.fused:
+            return self._batched("zero_shot", pixels, "probs")
+        image_embeds = l2_normalize(self._batched("vision", pixels, "image_embeds"))  # [batch, dim]
+        logits = self.logit_scale * image_embeds @ self.label_bank(labels, templates).T  # [batch, labels]
+        return softmax(logits)
+
+    def __call__(self, images, labels: Sequence[str] | None = None, templates: Sequence[str] | None = None,
+                 top_k: int | None = None):
+        single = not isinstance(images, (list, tuple))
+        probs = self.probabilities(images, labels, templates)
+        names = self._labels_for_call(labels, templates)
+        k = len(names) if top_k is None else self._check_top_k(top_k, len(names))
+        results = []
+        for row in probs:
+            order = np.argsort(-row, kind="stable")[:k]
+            results.append([{"label": names[i], "score": float(row[i])} for i in order])
+        return results[0] if single else results
+
+    classify = __call__
+
+    def _labels_for_call(self, labels, templates) -> list[str]:
+        if not self.fused:
+            if labels is None:
+                raise InputError("no labels were given", "a list of labels for this artifact (it has no baked labels)",
+                                 "pass labels=['cat', 'dog', ...], or export with --labels to bake them in")
+            return check_labels(labels)
+        if (labels is not None and list(labels) != self.baked_labels) or templates is not None:
+            raise InputError(
+                "this artifact has labels baked into its graph, and other labels or templates were given",
+                f"labels=None (the baked {len(self.baked_labels)} labels: {', '.join(self.baked_labels[:5])}"
+                + (", ..." if len(self.baked_labels) > 5 else "") + ")",
+                "leave labels unset, or export without --labels to choose labels at run time",
+            )
+        return list(self.baked_labels)
+
+    @staticmethod
+    def _check_top_k(top_k: Any, n: int) -> int:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise InputError(f"top_k is {top_k!r}", "a positive integer", "pass e.g. top_k=5")
+        return min(top_k, n)

@@ -1,0 +1,108 @@
+"""The runner interface: one component of an artifact on one backend.
+
+``infer`` checks the feeds against the component's declared inputs (names, dtypes, ranks, fixed
+dimensions) and then calls the backend's ``_infer_impl``. Backends live in ``mmedge.runtimes`` and
+import their engines lazily.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from mmedge.errors import FeedError
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """A declared tensor: dtype name and shape, with None for a dynamic axis."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...]
+    axis_names: tuple[str | None, ...]
+
+    @classmethod
+    def from_manifest(cls, name: str, spec: dict) -> "TensorMeta":
+        shape = tuple(d if isinstance(d, int) else None for d in spec["shape"])
+        axes = tuple(d if isinstance(d, str) else None for d in spec["shape"])
+        return cls(name, spec["dtype"], shape, axes)
+
+
+class Runner(abc.ABC):
+    """Base class: validates feeds, then delegates to ``_infer_impl``."""
+
+    backend: str = "abstract"
+
+    def __init__(self, component_name: str, component: dict):
+        self.component_name = component_name
+        self._inputs = {n: TensorMeta.from_manifest(n, s) for n, s in component["inputs"].items()}
+        self._outputs = {n: TensorMeta.from_manifest(n, s) for n, s in component["outputs"].items()}
+
+    def input_metadata(self) -> dict[str, TensorMeta]:
+        return dict(self._inputs)
+
+    def output_metadata(self) -> dict[str, TensorMeta]:
+        return dict(self._outputs)
+
+    def infer(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        return self._infer_impl(self._check_feeds(feeds))
+
+    @abc.abstractmethod
+    def _infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Run the graph on checked feeds; return every declared output by name."""
+
+    def close(self) -> None:
+        """Release the engine's resources. Safe to call twice."""
+
+    def __enter__(self) -> "Runner":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- feed checking -----------------------------------------------------------------------
+    def _check_feeds(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        missing = [n for n in self._inputs if n not in feeds]
+        extra = [n for n in feeds if n not in self._inputs]
+        if missing or extra:
+            raise FeedError(
+                f"component '{self.component_name}' got inputs {sorted(feeds)}"
+                + (f", missing {missing}" if missing else "")
+                + (f", unknown {extra}" if extra else ""),
+                f"exactly {sorted(self._inputs)}",
+                "pass the inputs named by runner.input_metadata()",
+            )
+        return {name: self._check_one(self._inputs[name], feeds[name]) for name in self._inputs}
+
+    def _check_one(self, meta: TensorMeta, value: Any) -> np.ndarray:
+        array = np.asarray(value)
+        if array.dtype != np.dtype(meta.dtype):
+            if not np.can_cast(array.dtype, np.dtype(meta.dtype), casting="same_kind"):
+                raise FeedError(
+                    f"component '{self.component_name}' input '{meta.name}' has dtype {array.dtype}",
+                    f"{meta.dtype}",
+                    f"convert it with .astype(np.{meta.dtype})",
+                )
+            array = array.astype(meta.dtype)
+        if array.ndim != len(meta.shape):
+            raise FeedError(
+                f"component '{self.component_name}' input '{meta.name}' has shape {list(array.shape)}",
+                f"rank {len(meta.shape)} shaped {self._describe(meta)}",
+                "reshape the input to the declared rank",
+            )
+        for axis, (want, got) in enumerate(zip(meta.shape, array.shape)):
+            if want is not None and want != got:
+                raise FeedError(
+                    f"component '{self.component_name}' input '{meta.name}' has size {got} on axis {axis}",
+                    f"shape {self._describe(meta)}",
+                    "resize the input (images go through the artifact's preprocessing)",
+                )
+        return np.ascontiguousarray(array)
+
+    @staticmethod
+    def _describe(meta: TensorMeta) -> str:
+        return "[" + ", ".join(str(d) if d is not None else str(a) for d, a in zip(meta.shape, meta.axis_names)) + "]"

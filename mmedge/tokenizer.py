@@ -1,0 +1,168 @@
+"""Text tokenization on the device: a ``tokenizers`` tokenizer.json plus the manifest's settings.
+
+Produces the same ``input_ids`` and ``attention_mask`` as the transformers tokenizer it was exported
+from (``tokenizer(texts, padding=..., truncation=True, max_length=...)``), without transformers.
+Truncation and padding are configured once at load time, so one instance is safe to share
+between threads.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from mmedge.errors import InputError, ManifestError, TokenizerError
+
+PADDING_MODES = ("longest", "max_length")
+
+
+class TextTokenizer:
+    """Turns text into padded, truncated token ids for a text encoder, and token ids back into text.
+
+    ``settings`` is the manifest's ``tokenizer`` object: ``file`` (the tokenizer.json name),
+    ``max_length`` (tokens per text, special tokens included), ``pad_id`` and ``padding``
+    (``"longest"``: pad to the longest text in the batch; ``"max_length"``: pad to ``max_length``).
+    """
+
+    def __init__(self, backend: Tokenizer, settings: dict[str, Any]):
+        self.settings = _checked_settings(settings, backend)
+        self.max_length: int = self.settings["max_length"]
+        self.pad_id: int = self.settings["pad_id"]
+        self.padding: str = self.settings["padding"]
+        self._backend = _configured(backend, self.settings)
+        self._end_of_word_suffix = getattr(backend.model, "end_of_word_suffix", None) or ""
+
+    @classmethod
+    def from_file(cls, path: str | Path, settings: dict[str, Any]) -> "TextTokenizer":
+        """Load ``path`` (a tokenizers tokenizer.json) and apply ``settings`` from the manifest."""
+        path = Path(path)
+        if not path.is_file():
+            raise TokenizerError(
+                f"tokenizer file '{path}' does not exist",
+                "the tokenizer.json named by the manifest's tokenizer.file inside the artifact folder",
+                "re-export the artifact, or copy its tokenizer.json back beside manifest.json",
+            )
+        try:
+            backend = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises plain Exception for every parse failure
+            raise TokenizerError(
+                f"tokenizer file '{path}' cannot be read ({_first_line(exc)})",
+                "a tokenizer.json written by the Hugging Face tokenizers library",
+                "re-export the artifact; the file may be truncated or from an incompatible tokenizers version",
+            ) from exc
+        return cls(backend, settings)
+
+    def encode(self, texts: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Tokenize one text or a batch; returns ``(input_ids, attention_mask)``, both int64 ``[batch, tokens]``.
+
+        Texts longer than ``max_length`` tokens are cut to fit, keeping the end-of-text token last,
+        and a warning says how many were cut.
+        """
+        batch = _checked_texts(texts)
+        try:
+            encodings = self._backend.encode_batch(batch)
+        except Exception as exc:  # tokenizers raises plain Exception
+            raise TokenizerError(
+                f"cannot tokenize the given text ({_first_line(exc)})",
+                "valid Unicode strings",
+                "remove unpaired surrogates or other invalid characters from the text",
+            ) from exc
+        self._warn_if_truncated(encodings)
+        input_ids = np.array([e.ids for e in encodings], dtype=np.int64)  # [batch, tokens]
+        attention_mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)  # [batch, tokens]
+        return input_ids, attention_mask
+
+    def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = True) -> str:
+        """Text for one sequence of token ids (``[tokens]``); special and padding tokens are dropped by default."""
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+            raise InputError(
+                f"cannot decode token ids of shape {list(ids.shape)} and dtype {ids.dtype}",
+                "one sequence of integer token ids, shape [tokens]",
+                "decode each row of a batch separately",
+            )
+        text = self._backend.decode(ids.tolist(), skip_special_tokens=skip_special_tokens)
+        if self._end_of_word_suffix:  # CLIP's BPE marks word ends with "</w>"; transformers turns it into a space
+            text = text.replace(self._end_of_word_suffix, " ").strip()
+        return text
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of tokens, added special tokens included."""
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    def _warn_if_truncated(self, encodings: list) -> None:
+        """One warning per call naming how many texts were cut to ``max_length``."""
+        truncated = sum(1 for e in encodings if e.overflowing)
+        if truncated:
+            warnings.warn(
+                f"{truncated} of {len(encodings)} texts were longer than {self.max_length} tokens "
+                f"and were truncated to {self.max_length}",
+                stacklevel=3,
+            )
+
+
+def _configured(backend: Tokenizer, settings: dict[str, Any]) -> Tokenizer:
+    """``backend`` with truncation and padding set once, as transformers sets them per call."""
+    backend.enable_truncation(max_length=settings["max_length"], strategy="longest_first", direction="right")
+    length = settings["max_length"] if settings["padding"] == "max_length" else None
+    pad_token = backend.id_to_token(settings["pad_id"])
+    backend.enable_padding(direction="right", pad_id=settings["pad_id"], pad_token=pad_token, length=length)
+    return backend
+
+
+def _checked_settings(settings: Any, backend: Tokenizer) -> dict[str, Any]:
+    """``settings`` if every field is present and valid for ``backend``; ManifestError otherwise."""
+    if not isinstance(settings, dict):
+        raise _settings_error("the tokenizer settings are not a JSON object", "an object with file, max_length, pad_id, padding")
+    for key, kind in (("file", str), ("max_length", int), ("pad_id", int), ("padding", str)):
+        value = settings.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise _settings_error(f"tokenizer.{key} is {value!r}", f"a {kind.__name__}")
+    if settings["max_length"] < 2:
+        raise _settings_error(f"tokenizer.max_length is {settings['max_length']}", "at least 2 (room for the special tokens)")
+    if settings["padding"] not in PADDING_MODES:
+        raise _settings_error(f"tokenizer.padding is {settings['padding']!r}", f"one of {', '.join(PADDING_MODES)}")
+    if backend.id_to_token(settings["pad_id"]) is None:
+        raise _settings_error(
+            f"tokenizer.pad_id {settings['pad_id']} is not in the tokenizer's vocabulary",
+            f"an id below {backend.get_vocab_size(with_added_tokens=True)}",
+        )
+    return dict(settings)
+
+
+def _settings_error(what: str, expected: str) -> ManifestError:
+    """A ManifestError for a bad ``tokenizer`` settings field."""
+    return ManifestError(what, expected, "re-export the artifact with this version of mmedge")
+
+
+def _checked_texts(texts: Any) -> list[str]:
+    """``texts`` as a non-empty list of strings; InputError otherwise."""
+    if isinstance(texts, str):
+        return [texts]
+    if not isinstance(texts, Sequence):
+        raise InputError(
+            f"texts of type {type(texts).__name__} cannot be tokenized",
+            "a string or a list of strings",
+            "pass the text itself, or a list of texts",
+        )
+    if len(texts) == 0:
+        raise InputError("the list of texts is empty", "at least one text", "pass one or more strings")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InputError(
+                f"text {index} is a {type(text).__name__} ({text!r:.60})",
+                "every item to be a str",
+                "convert each item to a string before tokenizing",
+            )
+    return list(texts)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, shortened, for embedding in our own message."""
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]

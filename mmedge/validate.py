@@ -1,0 +1,67 @@
+"""`mmedge validate`: re-measure an artifact's parity on this device, with this backend.
+
+The artifact carries ``validation.npz``: real inputs per component and the PyTorch FP32 outputs for
+them, recorded at export. Here every component runs on the chosen backend and its outputs are
+compared with that reference, so drift from a device, driver or engine shows up as a number.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mmedge.artifact import Artifact
+from mmedge.errors import ArtifactError, IntegrityError, ParityError
+from mmedge.metrics import compare_outputs
+
+# How far a device may drift from the cosine the export measured on ONNX Runtime CPU.
+COSINE_SLACK = {"fp32": 1e-4, "fp16": 1e-3, "int8": 1e-2, "int4": 2e-2}
+
+
+def load_validation_samples(artifact: Artifact) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+    """{component: {"inputs": {...}, "reference": {...}}} from validation.npz (no pickles allowed)."""
+    info = artifact.manifest.get("validation")
+    if not info:
+        raise ArtifactError(f"artifact '{artifact.root.name}' has no validation samples",
+                            "a 'validation' entry in manifest.json", "re-export with this mmedge version")
+    path = artifact.verified_path(info["file"], info["sha256"], "validation.file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (ValueError, OSError) as exc:
+        raise IntegrityError(f"validation samples '{info['file']}' are unreadable ({exc})", "an .npz written by mmedge",
+                             "re-export the artifact") from None
+    samples: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    for key, value in arrays.items():
+        component, kind, name = key.split("/", 2)
+        samples.setdefault(component, {}).setdefault(kind, {})[name] = value
+    return samples
+
+
+def validate(artifact: Artifact, runners: dict) -> dict[str, dict]:
+    """Per component: measured metrics vs the torch reference, the export-time figures, and pass/fail."""
+    samples = load_validation_samples(artifact)
+    report: dict[str, dict] = {}
+    for name, runner in runners.items():
+        comp = artifact.component(name)
+        sample = samples.get(name)
+        if sample is None:
+            raise ArtifactError(f"validation samples lack component '{name}'", "samples for every component",
+                                "re-export the artifact")
+        measured = compare_outputs(sample["reference"], runner.infer(sample["inputs"]))
+        recorded = comp["parity"].get("validation_samples", {})
+        slack = COSINE_SLACK.get(comp["precision"], 1e-2)
+        outputs = {}
+        for output, metrics in measured.items():
+            floor = recorded.get(output, {}).get("cosine", 1.0) - slack
+            outputs[output] = {**metrics, "export_cosine": recorded.get(output, {}).get("cosine"),
+                               "min_cosine": floor, "ok": metrics["cosine"] >= floor}
+        report[name] = {"precision": comp["precision"], "backend": runner.backend, "outputs": outputs}
+    return report
+
+
+def raise_on_failure(report: dict[str, dict]) -> None:
+    for name, entry in report.items():
+        for output, metrics in entry["outputs"].items():
+            if not metrics["ok"]:
+                raise ParityError(name, output, "cosine", metrics["cosine"], metrics["min_cosine"],
+                                  "this device drifts from the export; try another backend or precision")

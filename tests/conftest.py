@@ -1,0 +1,45 @@
+"""Shared pytest fixtures: tiny checkpoints built offline, and artifacts exported from them once."""
+
+from pathlib import Path
+
+import pytest
+
+HOLDOUT = sorted((Path(__file__).resolve().parent.parent / "export" / "data" / "images").glob("holdout-*.jpg"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A random-weight CLIP checkpoint folder (model, tokenizer, image processor), made once per session."""
+    from tests.support.tiny_checkpoints import make_tiny_clip
+
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture(scope="session")
+def clip_artifacts(tiny_clip_dir, tmp_path_factory):
+    """Export variants of the tiny CLIP, each once per session: ``clip_artifacts("int8-static")``."""
+    from mmedge.export import export_model
+
+    variants = {
+        "fp32": {},
+        "fp16": {"precision": "fp16"},
+        "int8-static": {"precision": "int8", "quantization": "static"},
+        "int8-dynamic": {"precision": "int8", "quantization": "dynamic"},
+        "fused-fp32": {"labels": ["cat", "dog", "car", "rocket"]},
+        "fused-int8": {"labels": ["cat", "dog", "car", "rocket"], "precision": "int8"},
+    }
+    root = tmp_path_factory.mktemp("artifacts")
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            made[name] = export_model(str(tiny_clip_dir), root / name, progress=False, **variants[name])
+        return made[name]
+
+    return get
+
+
+@pytest.fixture
+def photos():
+    """Real photos (public domain / CC0) that ship with the exporter."""
+    return [str(p) for p in HOLDOUT]

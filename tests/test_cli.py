@@ -1,0 +1,162 @@
+"""The CLI: happy paths, and every typed error reaching the user as one line with a non-zero exit."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmedge.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def artifact_copy(clip_artifacts, tmp_path):
+    """A private copy of the fp32 artifact that a test may tamper with."""
+    dest = tmp_path / "art"
+    shutil.copytree(clip_artifacts("fp32"), dest)
+    return dest
+
+
+def edit_manifest(folder: Path, edit):
+    data = json.loads((folder / "manifest.json").read_text())
+    edit(data)
+    (folder / "manifest.json").write_text(json.dumps(data))
+
+
+def test_run_prints_top_k(capsys, clip_artifacts, photos):
+    code, out, err = run_cli(capsys, "run", clip_artifacts("fp32"), photos[0], photos[1], "--labels", "cat", "dog",
+                             "car", "--top-k", "2")
+    assert code == 0 and len(out.strip().splitlines()) == 2 and out.count("(") == 4
+
+
+def test_run_json_one_object_per_image(capsys, clip_artifacts, photos):
+    code, out, _ = run_cli(capsys, "run", clip_artifacts("fused-int8"), *photos[:3], "--json")
+    rows = [json.loads(line) for line in out.strip().splitlines()]
+    assert code == 0 and [r["image"] for r in rows] == photos[:3]
+    assert all(len(r["predictions"]) == 4 for r in rows)
+
+
+def test_run_embed_json(capsys, clip_artifacts, photos):
+    code, out, _ = run_cli(capsys, "run", clip_artifacts("fp32"), photos[0], "--task", "embed", "--json")
+    assert code == 0 and len(json.loads(out)["embedding"]) == 16
+
+
+def test_validate_passes_and_reports(capsys, clip_artifacts):
+    code, out, _ = run_cli(capsys, "validate", clip_artifacts("int8-static"))
+    assert code == 0 and out.count(" ok") == 2 and "vision.image_embeds [int8, onnxruntime]" in out
+
+
+def test_validate_json(capsys, clip_artifacts):
+    code, out, _ = run_cli(capsys, "validate", clip_artifacts("fp32"), "--json")
+    report = json.loads(out)
+    assert code == 0 and report["vision"]["outputs"]["image_embeds"]["cosine"] > 0.99999
+
+
+def test_doctor_without_and_with_artifact(capsys, clip_artifacts):
+    code, out, _ = run_cli(capsys, "doctor")
+    assert code == 0 and "onnxruntime providers: cpu" in out and "engines:" in out
+    code, out, _ = run_cli(capsys, "doctor", clip_artifacts("fp32"), "--json")
+    report = json.loads(out)
+    assert report["plan"]["vision"]["backend"] == "onnxruntime" and report["reasons"]
+
+
+def test_export_cli(capsys, tiny_clip_dir, tmp_path):
+    code, out, err = run_cli(capsys, "export", tiny_clip_dir, tmp_path / "x", "--labels", "cat", "dog")
+    assert code == 0 and "zero_shot: zero_shot.onnx fp32" in out and "[3/4] tracing" in err
+
+
+# --- each typed error, from the CLI -------------------------------------------------------------
+def expect_error(capsys, argv, exit_code, *fragments):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == exit_code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mmedge: error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "expected" in lines[0] and "fix:" in lines[0]
+
+
+def test_missing_artifact(capsys, tmp_path, photos):
+    expect_error(capsys, ["run", tmp_path / "nope", photos[0]], 3, "does not exist")
+
+
+def test_missing_graph_file(capsys, artifact_copy, photos):
+    (artifact_copy / "vision.onnx").unlink()
+    expect_error(capsys, ["run", artifact_copy, photos[0], "--labels", "a"], 3, "vision.onnx", "missing")
+
+
+def test_sha_mismatch(capsys, artifact_copy, photos):
+    with open(artifact_copy / "vision.onnx", "ab") as handle:
+        handle.write(b"\x00")
+    expect_error(capsys, ["run", artifact_copy, photos[0], "--labels", "a"], 2, "sha256", "vision.onnx")
+
+
+def test_manifest_naming_parent_path(capsys, artifact_copy, photos):
+    edit_manifest(artifact_copy, lambda m: m["components"]["vision"].update(file="../x.onnx"))
+    expect_error(capsys, ["run", artifact_copy, photos[0], "--labels", "a"], 2, "'../x.onnx'", "plain file name")
+
+
+def test_symlink_leaving_the_folder(capsys, artifact_copy, photos, tmp_path):
+    outside = tmp_path / "outside.onnx"
+    shutil.move(artifact_copy / "vision.onnx", outside)
+    (artifact_copy / "vision.onnx").symlink_to(outside)
+    expect_error(capsys, ["run", artifact_copy, photos[0], "--labels", "a"], 2, "outside the artifact folder")
+
+
+def test_newer_format_version(capsys, artifact_copy, photos):
+    edit_manifest(artifact_copy, lambda m: m.update(format_version=99, mmedge_version="7.0.0"))
+    expect_error(capsys, ["run", artifact_copy, photos[0]], 2, "format version 99", "mmedge 7.0.0", "pip install -U mmedge")
+
+
+def test_manifest_not_json(capsys, artifact_copy, photos):
+    (artifact_copy / "manifest.json").write_text('{"format": ')
+    expect_error(capsys, ["validate", artifact_copy], 2, "not valid JSON")
+
+
+def test_non_image_file(capsys, clip_artifacts, tmp_path):
+    bogus = tmp_path / "notes.jpg"
+    bogus.write_text("this is text, not a JPEG")
+    expect_error(capsys, ["run", clip_artifacts("fp32"), bogus, "--labels", "a", "b"], 2, "notes.jpg")
+
+
+def test_empty_label_list(capsys, clip_artifacts, photos):
+    expect_error(capsys, ["run", clip_artifacts("fp32"), photos[0], "--labels"], 2, "no labels")
+
+
+def test_no_labels_for_unfused_artifact(capsys, clip_artifacts, photos):
+    expect_error(capsys, ["run", clip_artifacts("fp32"), photos[0]], 2, "no labels were given", "--labels")
+
+
+def test_absent_backend_named(capsys, clip_artifacts, photos):
+    expect_error(capsys, ["run", clip_artifacts("fp32"), photos[0], "--labels", "a", "--backend", "tensorrt"], 4,
+                 "backend 'tensorrt'")
+    expect_error(capsys, ["run", clip_artifacts("fp32"), photos[0], "--labels", "a", "--device", "cuda"], 4,
+                 "device=cuda", "onnxruntime-gpu")
+
+
+def test_corrupt_graph_with_matching_hash(capsys, artifact_copy, photos):
+    """Random bytes whose sha256 was also written into the manifest: the engine refuses, mmedge says so."""
+    from mmedge.artifact import sha256_file
+
+    (artifact_copy / "vision.onnx").write_bytes(b"\x08\x07garbage" * 10)
+    edit_manifest(artifact_copy, lambda m: m["components"]["vision"].update(sha256=sha256_file(artifact_copy / "vision.onnx")))
+    expect_error(capsys, ["run", artifact_copy, photos[0], "--labels", "a"], 2, "could not load component 'vision'")
+
+
+def test_export_of_missing_checkpoint(capsys, tmp_path):
+    expect_error(capsys, ["export", tmp_path / "no-such-model", tmp_path / "out"], 2, "no-such-model")
+
+
+def test_real_entry_point_prints_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "mmedge.cli", "run", str(tmp_path / "missing"), "x.jpg"],
+                            capture_output=True, text=True)
+    assert result.returncode == 3 and result.stderr.startswith("mmedge: error: ") and "Traceback" not in result.stderr

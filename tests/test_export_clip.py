@@ -1,0 +1,154 @@
+"""CLIP export on a tiny random checkpoint: parity, manifest contents, quantization fidelity."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from transformers import CLIPModel
+
+import mmedge
+from mmedge.artifact import Artifact, sha256_file
+from mmedge.errors import ArtifactError, ExportError, ModelLoadError
+from mmedge.export import export_model
+
+
+def manifest(path):
+    return json.loads((path / "manifest.json").read_text())
+
+
+def test_fp32_parity_with_pytorch_on_fresh_shapes(clip_artifacts):
+    m = manifest(clip_artifacts("fp32"))
+    for name, comp in m["components"].items():
+        parity = comp["parity"]
+        assert parity["reference"] == "torch-fp32"
+        # checked at other sizes than traced (batch 2, length 7)
+        assert all(shape[0] == 3 for shape in parity["inputs"].values())
+        for output in parity["outputs"].values():
+            assert output["cosine"] >= 0.99999 and output["max_abs"] <= 1e-4, (name, output)
+
+
+def test_fp32_graphs_equal_transformers_features(clip_artifacts, tiny_clip_dir, photos):
+    """Independently of the exporter's own check: embeddings equal CLIPModel's on real photos and text."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    model = CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    processor = AutoImageProcessor.from_pretrained(tiny_clip_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_clip_dir)
+    embedder = mmedge.load(clip_artifacts("fp32"), task="embed")
+    texts = ["a photo of a cat", "two people riding bicycles down a city street at night", "x"]
+    with torch.no_grad():
+        from PIL import Image
+
+        pixels = processor(images=[Image.open(p).convert("RGB") for p in photos[:3]], return_tensors="pt")["pixel_values"]
+        ref_img = model.get_image_features(pixel_values=pixels).pooler_output
+        batch = tokenizer(texts, padding=True, return_tensors="pt")
+        ref_txt = model.get_text_features(**batch).pooler_output
+    ref_img = torch.nn.functional.normalize(ref_img, dim=-1).numpy()
+    ref_txt = torch.nn.functional.normalize(ref_txt, dim=-1).numpy()
+    np.testing.assert_allclose(embedder.embed_images(photos[:3]), ref_img, atol=2e-5)
+    np.testing.assert_allclose(embedder.embed_texts(texts), ref_txt, atol=2e-5)
+
+
+def test_graphs_have_named_dynamic_axes(clip_artifacts):
+    path = clip_artifacts("fp32")
+    text = onnx.load(str(path / "text.onnx"))
+    dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in text.graph.input]
+    assert dims == [["batch", "sequence"], ["batch", "sequence"]]
+    m = manifest(path)
+    assert m["components"]["vision"]["inputs"]["pixel_values"]["shape"] == ["batch", 3, 32, 32]
+    assert m["components"]["text"]["outputs"]["text_embeds"] == {"dtype": "float32", "shape": ["batch", 16]}
+
+
+def test_manifest_records_source_files_and_hashes(clip_artifacts, tiny_clip_dir):
+    path = clip_artifacts("fp32")
+    m = manifest(path)
+    assert m["family"] == "clip" and m["tasks"] == ["zero-shot", "embed"]
+    assert m["source"]["model"] == str(tiny_clip_dir) and m["source"]["random_weights"] is False
+    assert len(m["source"]["config_sha256"]) == 64
+    assert m["preprocess"]["resize"] == {"shortest_edge": 32}
+    assert m["tokenizer"]["file"] == "tokenizer.json" and m["tokenizer"]["max_length"] == 77
+    for comp in m["components"].values():
+        assert comp["sha256"] == sha256_file(path / comp["file"])
+    assert m["validation"]["sha256"] == sha256_file(path / "validation.npz")
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "text.onnx", "tokenizer.json",
+                                                      "validation.npz", "vision.onnx"]
+
+
+@pytest.mark.parametrize("variant", ["int8-static", "int8-dynamic", "fused-int8"])
+def test_int8_fidelity_is_measured_and_recorded(clip_artifacts, variant):
+    m = manifest(clip_artifacts(variant))
+    for name, comp in m["components"].items():
+        assert comp["precision"] == "int8"
+        fidelity = comp["parity"]["fidelity"]
+        assert fidelity["reference"] == "onnx-fp32"
+        measured_on = fidelity["prompts"] if name == "text" else fidelity["held_out_images"]
+        assert measured_on == (10 if name == "text" else 32)
+        assert fidelity["embedding_cosine_mean"] >= 0.99, (name, fidelity)
+        assert 0.0 <= fidelity["top1_agreement"] <= 1.0
+        assert comp["parity"]["fp32_export"]["outputs"]  # the FP32 graph's own parity is kept too
+
+
+def test_int8_static_is_qdq_with_calibration_recorded(clip_artifacts):
+    path = clip_artifacts("int8-static")
+    comp = manifest(path)["components"]["vision"]
+    assert comp["quantization"]["method"] == "int8-static-qdq"
+    assert comp["quantization"]["calibration"]["samples"] == 8
+    ops = {n.op_type for n in onnx.load(str(path / "vision.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+def test_int8_is_smaller_than_fp32(clip_artifacts):
+    fp32 = Artifact.open(clip_artifacts("fp32"))
+    for variant in ("int8-static", "int8-dynamic"):
+        int8 = Artifact.open(clip_artifacts(variant))
+        assert int8.component_path("vision").stat().st_size < 0.8 * fp32.component_path("vision").stat().st_size
+
+
+def test_fp16_parity(clip_artifacts):
+    m = manifest(clip_artifacts("fp16"))
+    for comp in m["components"].values():
+        assert comp["precision"] == "fp16"
+        assert min(o["cosine"] for o in comp["parity"]["outputs"].values()) >= 0.999
+
+
+def test_export_refuses_existing_folder_and_leaves_it_untouched(tiny_clip_dir, tmp_path):
+    out = tmp_path / "a"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ArtifactError, match="already exists.*--overwrite"):
+        export_model(str(tiny_clip_dir), out, progress=False)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_failed_export_leaves_no_folder(tiny_clip_dir, tmp_path):
+    with pytest.raises(ExportError):
+        export_model(str(tiny_clip_dir), tmp_path / "b", task="caption", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pickled_weights_are_refused(tiny_clip_dir, tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        (folder / name).write_bytes((tiny_clip_dir / name).read_bytes())
+    torch.save({}, folder / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="pickled weights.*--allow-pickle"):
+        export_model(str(folder), tmp_path / "out", progress=False)
+
+
+def test_unsupported_model_type(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="model type 'bert' is not supported"):
+        export_model(str(tmp_path / "m"), tmp_path / "out", progress=False)
+
+
+def test_random_weights_from_a_folder_config(tiny_clip_dir, tmp_path):
+    out = export_model(str(tiny_clip_dir), tmp_path / "r", random_weights=True, progress=False, seed=3)
+    m = manifest(out)
+    assert m["source"]["random_weights"] is True and m["source"]["seed"] == 3
+    with pytest.warns(mmedge.api.RandomWeightsWarning, match="random weights"):
+        mmedge.load(out).close()

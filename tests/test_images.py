@@ -1,0 +1,320 @@
+"""mmedge.images.load_image: every source, every PIL mode, every guard."""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from mmedge.errors import ImageError, InputError
+from mmedge.images import MAX_PIXELS, load_image
+
+skimage_data = pytest.importorskip("skimage.data")
+
+
+@pytest.fixture(scope="module")
+def chelsea() -> np.ndarray:
+    """A real photo, 300x451 RGB uint8."""
+    return skimage_data.chelsea()
+
+
+@pytest.fixture(scope="module")
+def camera() -> np.ndarray:
+    """A real gray photo, 512x512 uint8."""
+    return skimage_data.camera()
+
+
+def _encoded(image: Image.Image, fmt: str, **save_args) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save_args)
+    return buffer.getvalue()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims ``width x height`` RGB, followed by a tiny, broken IDAT."""
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    broken_data = chunk(b"IDAT", zlib.compress(b"\0" * 64))  # 64 bytes where 400 MB would be needed
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + broken_data + chunk(b"IEND", b"")
+
+
+def _pixels(image: Image.Image) -> list[tuple[int, ...]]:
+    """RGB pixels in row-major order."""
+    return [tuple(int(v) for v in pixel) for pixel in np.asarray(image).reshape(-1, 3)]
+
+
+# --- sources -------------------------------------------------------------------------------------
+def test_every_source_kind_gives_the_same_rgb_pixels(tmp_path, chelsea):
+    path = tmp_path / "chelsea.png"
+    Image.fromarray(chelsea).save(path)
+    data = path.read_bytes()
+    in_memory = [data, bytearray(data), memoryview(data), io.BytesIO(data), Image.fromarray(chelsea), chelsea]
+    sources = [str(path), path, *in_memory]
+    for source in sources:
+        image = load_image(source)
+        assert image.mode == "RGB" and image.size == (451, 300)
+        np.testing.assert_array_equal(np.asarray(image), chelsea)
+
+
+def test_open_binary_file_object(tmp_path, chelsea):
+    path = tmp_path / "chelsea.jpg"
+    Image.fromarray(chelsea).save(path, quality=95)
+    with open(path, "rb") as stream:
+        assert load_image(stream).size == (451, 300)
+
+
+def test_caller_pil_image_is_not_modified(chelsea):
+    rgba = Image.fromarray(chelsea).convert("RGBA")
+    load_image(rgba)
+    assert rgba.mode == "RGBA"
+
+
+def test_one_by_one_image_is_legal():
+    png = _encoded(Image.new("L", (1, 1), 7), "PNG")
+    for source in (Image.new("RGB", (1, 1), (1, 2, 3)), np.zeros((1, 1, 3), np.uint8), png):
+        image = load_image(source)
+        assert image.size == (1, 1) and image.mode == "RGB"
+
+
+# --- modes ---------------------------------------------------------------------------------------
+def _mode_image(chelsea: np.ndarray, mode: str) -> Image.Image:
+    return Image.fromarray(chelsea[:32, :48]).convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "1", "YCbCr", "F", "RGBX", "HSV"])
+def test_modes_without_alpha_convert_like_pil(chelsea, mode):
+    source = _mode_image(chelsea, mode)
+    image = load_image(source)
+    assert image.mode == "RGB" and image.size == source.size
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(source.convert("RGB")))
+
+
+def test_known_colours_of_simple_modes():
+    assert load_image(Image.new("CMYK", (2, 2), (0, 255, 255, 0))).getpixel((0, 0)) == (255, 0, 0)
+    assert load_image(Image.new("1", (2, 2), 1)).getpixel((1, 1)) == (255, 255, 255)
+    assert load_image(Image.new("L", (2, 2), 77)).getpixel((0, 1)) == (77, 77, 77)
+
+
+def test_alpha_is_composited_onto_white():
+    la = Image.merge("LA", (Image.new("L", (2, 1), 100), Image.frombytes("L", (2, 1), bytes([0, 255]))))
+    assert _pixels(load_image(la)) == [(255, 255, 255), (100, 100, 100)]
+    rgba = Image.frombytes("RGBA", (3, 1), bytes([10, 20, 30, 0, 10, 20, 30, 255, 0, 0, 0, 128]))
+    half = round(127 / 255 * 255)  # black at alpha 128 over white
+    assert _pixels(load_image(rgba)) == [(255, 255, 255), (10, 20, 30), (half, half, half)]
+
+
+def test_palette_transparency_is_composited_onto_white(tmp_path):
+    palette = Image.new("P", (2, 2))
+    palette.putpalette([0, 0, 0, 200, 10, 10] + [0] * 762)
+    palette.putdata([0, 1, 1, 0])
+    palette.info["transparency"] = 0
+    path = tmp_path / "palette.png"
+    palette.save(path, transparency=0)
+    for source in (palette, path):
+        assert _pixels(load_image(source)) == [(255, 255, 255), (200, 10, 10), (200, 10, 10), (255, 255, 255)]
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "PA", "P-transparency"])
+def test_alpha_modes_match_hugging_face(chelsea, mode):
+    transforms = pytest.importorskip("transformers.image_transforms")
+    rgba = Image.fromarray(chelsea[:32, :48]).convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize((48, 32)))
+    if mode == "P-transparency":
+        source = rgba.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE)
+        source.info["transparency"] = 3
+    else:
+        source = rgba.convert(mode)
+    expected = transforms.convert_to_rgb(source, return_numpy=True)
+    np.testing.assert_array_equal(np.asarray(load_image(source)), expected)
+
+
+def test_rgba_array_matches_hugging_face_blend(chelsea):
+    transforms = pytest.importorskip("transformers.image_transforms")
+    alpha = np.linspace(0, 255, 48 * 32).reshape(32, 48, 1).astype(np.uint8)
+    rgba = np.concatenate([chelsea[:32, :48], alpha], axis=2)  # [32, 48, 4]
+    expected = transforms.convert_to_rgb(rgba, return_numpy=True)
+    np.testing.assert_array_equal(np.asarray(load_image(rgba)), expected)
+
+
+# --- 16-bit --------------------------------------------------------------------------------------
+SIXTEEN = np.array([[0, 128, 129, 257, 32896, 65535]], dtype=np.uint16)
+SIXTEEN_AS_8 = np.array([[0, 0, 1, 1, 128, 255]], dtype=np.uint8)  # round(v / 257)
+
+
+def test_sixteen_bit_scales_by_257_not_clips():
+    image = Image.fromarray(SIXTEEN)
+    assert image.mode == "I;16"
+    np.testing.assert_array_equal(np.asarray(load_image(image))[..., 0], SIXTEEN_AS_8)
+    np.testing.assert_array_equal(np.asarray(load_image(Image.fromarray(SIXTEEN.astype(">u2"))))[..., 0], SIXTEEN_AS_8)
+
+
+def test_sixteen_bit_png_file(tmp_path, camera):
+    path = tmp_path / "camera16.png"
+    Image.fromarray(camera.astype(np.uint16) * 257).save(path)
+    with Image.open(path) as opened:
+        assert opened.mode == "I;16"
+    image = load_image(path)
+    np.testing.assert_array_equal(np.asarray(image)[..., 1], camera)  # not the all-white of PIL's clip
+
+
+def test_thirty_two_bit_gray_is_read_as_sixteen_bit_and_clipped():
+    values = np.array([[-5, 257, 65535, 70000]], dtype=np.int32)
+    image = Image.fromarray(values)
+    assert image.mode == "I"
+    np.testing.assert_array_equal(np.asarray(load_image(image))[..., 2], [[0, 1, 255, 255]])
+
+
+# --- numpy arrays --------------------------------------------------------------------------------
+def test_gray_and_float_arrays(camera):
+    np.testing.assert_array_equal(np.asarray(load_image(camera))[..., 0], camera)
+    np.testing.assert_array_equal(np.asarray(load_image(camera[:, :, None]))[..., 2], camera)
+    floats = np.array([[0.0, 0.5, 1.0, 0.2]], dtype=np.float32)
+    np.testing.assert_array_equal(np.asarray(load_image(floats))[..., 0], [[0, 128, 255, 51]])  # round(v * 255)
+
+
+def test_float_rgba_array_is_blended_then_rounded():
+    rgba = np.array([[[1.0, 0.0, 0.0, 0.5]]], dtype=np.float64)
+    assert load_image(rgba).getpixel((0, 0)) == (255, 128, 128)
+
+
+def test_non_contiguous_array(chelsea):
+    view = chelsea[::2, ::3]
+    np.testing.assert_array_equal(np.asarray(load_image(view)), view)
+
+
+@pytest.mark.parametrize(
+    "array, words",
+    [
+        (np.zeros((3, 20, 30), np.uint8), "transpose"),
+        (np.zeros((20, 30, 2), np.uint8), "shape"),
+        (np.zeros((2, 20, 30, 3), np.uint8), "shape"),
+        (np.zeros((0, 30, 3), np.uint8), "no pixels"),
+        (np.zeros((20, 30, 3), np.uint16), "dtype uint16"),
+        (np.zeros((20, 30), bool), "dtype bool"),
+        (np.full((20, 30, 3), 2.0, np.float32), "[0, 1]"),
+        (np.full((20, 30), np.nan), "[0, 1]"),
+    ],
+)
+def test_bad_arrays_are_refused(array, words):
+    with pytest.raises(ImageError, match="image array") as info:
+        load_image(array)
+    assert words in str(info.value)
+
+
+# --- animation and orientation -------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["GIF", "PNG", "WEBP"])
+def test_animated_image_gives_first_frame(fmt):
+    frames = [Image.new("RGB", (8, 6), colour) for colour in [(255, 0, 0), (0, 255, 0), (0, 0, 255)]]
+    extra = {"lossless": True} if fmt == "WEBP" else {}
+    data = _encoded(frames[0], fmt, save_all=True, append_images=frames[1:], duration=50, loop=0, **extra)
+    with Image.open(io.BytesIO(data)) as opened:
+        assert opened.n_frames == 3
+    assert load_image(data).getpixel((3, 3)) == (255, 0, 0)
+
+
+def test_exif_orientation_applied_to_files_not_to_pil_images(tmp_path):
+    picture = Image.new("RGB", (40, 20), (0, 0, 255))
+    picture.paste((255, 0, 0), (0, 0, 20, 20))  # left half red
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    path = tmp_path / "rotated.jpg"
+    picture.save(path, exif=exif, quality=95)
+    for source in (path, path.read_bytes(), io.BytesIO(path.read_bytes())):
+        upright = load_image(source)
+        assert upright.size == (20, 40)
+        assert upright.getpixel((10, 5))[0] > 200  # the red half is on top after rotation
+    with Image.open(path) as opened:  # the HF processors take PIL images as they are
+        assert load_image(opened).size == (40, 20)
+
+
+# --- guards --------------------------------------------------------------------------------------
+def test_missing_file(tmp_path):
+    with pytest.raises(ImageError, match="does not exist") as info:
+        load_image(tmp_path / "nope.jpg")
+    assert "nope.jpg" in str(info.value)
+
+
+def test_url_is_not_fetched():
+    with pytest.raises(ImageError, match="URLs are not fetched"):
+        load_image("https://example.com/cat.jpg")
+
+
+def test_folder_is_refused(tmp_path):
+    with pytest.raises(ImageError, match="not a file"):
+        load_image(tmp_path)
+
+
+def test_zero_byte_file_and_empty_bytes(tmp_path):
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(ImageError, match="empty.png' is empty"):
+        load_image(empty)
+    with pytest.raises(ImageError, match="image data is empty"):
+        load_image(b"")
+    with pytest.raises(ImageError, match="is empty"):
+        load_image(io.BytesIO())
+
+
+def test_not_an_image(tmp_path):
+    text = tmp_path / "notes.jpg"
+    text.write_text("this is not a picture\n" * 20)
+    noise = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    for source in (text, noise):
+        with pytest.raises(ImageError, match="is not an image PIL can read"):
+            load_image(source)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_truncated_file_is_detected_by_full_decode(tmp_path, chelsea, fmt):
+    data = _encoded(Image.fromarray(chelsea), fmt)
+    path = tmp_path / f"cut.{fmt.lower()}"
+    path.write_bytes(data[: len(data) // 2])
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    with pytest.raises(ImageError, match="truncated or corrupt") as info:
+        load_image(path)
+    assert "cut." in str(info.value)
+
+
+def test_text_mode_stream_is_refused():
+    with pytest.raises(ImageError, match="binary mode"):
+        load_image(io.StringIO("abc"))
+
+
+def test_unsupported_object_type():
+    with pytest.raises(ImageError, match="cannot load an image from a int"):
+        load_image(123)
+
+
+def test_image_error_is_an_input_error():
+    assert issubclass(ImageError, InputError)
+
+
+@pytest.mark.parametrize("width, height", [(8_500, 8_500), (10_000, 10_000), (20_000, 20_000)])
+def test_decompression_bomb_refused_before_decoding(tmp_path, monkeypatch, width, height):
+    # 72 MP: only mmedge's limit; 100 MP: PIL's DecompressionBombWarning; 400 MP: PIL's DecompressionBombError.
+    decoded = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self) or Image.Image.load(self))
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_header_only(width, height))
+    filters_before, limit_before = list(warnings.filters), Image.MAX_IMAGE_PIXELS
+    for source in (path, path.read_bytes()):
+        with pytest.raises(ImageError, match="decompression bomb") as info:
+            load_image(source)
+        assert f"at most {MAX_PIXELS:,} pixels" in str(info.value)
+    assert decoded == []
+    assert warnings.filters == filters_before and Image.MAX_IMAGE_PIXELS == limit_before
+
+
+def test_lazy_pil_bomb_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_header_only(8_500, 8_500))
+    with Image.open(path) as lazy, pytest.raises(ImageError, match="8500x8500 = 72,250,000 pixels"):
+        load_image(lazy)

@@ -1,0 +1,116 @@
+"""manifest.json parsing: every field the device relies on is checked, with the field named."""
+
+import copy
+import json
+
+import pytest
+
+from mmedge.errors import ManifestError, UnsafePathError, UnsupportedFormatError
+from mmedge.manifest import FORMAT_VERSION, dump_manifest, parse_manifest
+
+SHA = "0" * 64
+VALID = {
+    "format": "mmedge.artifact",
+    "format_version": FORMAT_VERSION,
+    "mmedge_version": "0.1.0",
+    "family": "clip",
+    "tasks": ["zero-shot", "embed"],
+    "source": {"model": "tiny", "config_sha256": SHA, "random_weights": True},
+    "preprocess": {},
+    "tokenizer": {"file": "tokenizer.json"},
+    "components": {
+        "vision": {
+            "file": "vision.onnx", "sha256": SHA, "precision": "fp32", "quantization": None,
+            "inputs": {"pixel_values": {"dtype": "float32", "shape": ["batch", 3, 32, 32]}},
+            "outputs": {"image_embeds": {"dtype": "float32", "shape": ["batch", 16]}},
+            "parity": {"reference": "torch-fp32"},
+        }
+    },
+}
+
+
+def edited(**changes):
+    data = copy.deepcopy(VALID)
+    for path, value in changes.items():
+        node = data
+        keys = path.split("__")
+        for key in keys[:-1]:
+            node = node[key]
+        if value is KeyError:
+            del node[keys[-1]]
+        else:
+            node[keys[-1]] = value
+    return json.dumps(data)
+
+
+def test_valid_manifest_round_trips():
+    assert parse_manifest(dump_manifest(VALID)) == VALID
+
+
+@pytest.mark.parametrize("text", ["", "{", "not json", "\x00\x01", '{"a": 1'])
+def test_not_json(text):
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        parse_manifest(text)
+
+
+@pytest.mark.parametrize("text", ["[]", "3", '"x"', "null"])
+def test_not_an_object(text):
+    with pytest.raises(ManifestError):
+        parse_manifest(text)
+
+
+def test_newer_format_version_is_refused_with_upgrade_hint():
+    with pytest.raises(UnsupportedFormatError, match="newer than this mmedge reads.*pip install -U mmedge"):
+        parse_manifest(edited(format_version=FORMAT_VERSION + 1, mmedge_version="9.0.0"))
+
+
+def test_other_format_is_refused():
+    with pytest.raises(UnsupportedFormatError, match="not an mmedge artifact"):
+        parse_manifest(edited(format="onnx.model"))
+
+
+@pytest.mark.parametrize("field", ["family", "tasks", "source", "components", "format_version", "preprocess",
+                                   "components__vision__sha256", "components__vision__inputs",
+                                   "components__vision__parity", "source__random_weights"])
+def test_missing_field_is_named(field):
+    with pytest.raises(ManifestError, match=field.replace("__", ".") + "' is missing"):
+        parse_manifest(edited(**{field: KeyError}))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("format_version", "1"), ("format_version", True), ("tasks", "zero-shot"), ("components", []),
+    ("components__vision__sha256", 5), ("components__vision__precision", "int3"),
+    ("components__vision__inputs__pixel_values__dtype", "complex64"),
+    ("components__vision__inputs__pixel_values__shape", [-1, 3]),
+    ("components__vision__inputs__pixel_values__shape", [1.5]),
+    ("components__vision__sha256", "xyz"), ("family", "gpt"), ("tasks", ["caption"]), ("tasks", []),
+    ("source__random_weights", "no"), ("components__vision__outputs", {}),
+])
+def test_wrong_type_or_value_is_named(field, value):
+    with pytest.raises(ManifestError, match=field.split("__")[-1] if "shape" not in field else "shape"):
+        parse_manifest(edited(**{field: value}))
+
+
+def test_component_the_family_lacks():
+    data = copy.deepcopy(VALID)
+    data["components"]["qformer"] = data["components"]["vision"]
+    with pytest.raises(ManifestError, match="'clip' family does not have"):
+        parse_manifest(json.dumps(data))
+
+
+@pytest.mark.parametrize("name", ["../x.onnx", "/etc/passwd", "sub/vision.onnx", "..", ".", "", "C:\\x.onnx",
+                                  "a\\b.onnx", "x\x00.onnx"])
+def test_file_names_must_be_plain(name):
+    with pytest.raises(UnsafePathError, match="not a plain file name"):
+        parse_manifest(edited(components__vision__file=name))
+
+
+def test_tokenizer_file_must_be_plain():
+    with pytest.raises(UnsafePathError):
+        parse_manifest(edited(tokenizer={"file": "../../tokenizer.json"}))
+
+
+def test_errors_say_what_to_do():
+    with pytest.raises(ManifestError) as info:
+        parse_manifest(edited(family=KeyError))
+    assert "expected" in str(info.value) and "fix:" in str(info.value)

@@ -1,0 +1,65 @@
+"""The device room (mmedge, mmedge.runtimes) must import and run without torch installed."""
+
+import ast
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mmedge
+import mmedge.runtimes
+
+# Runs in a fresh interpreter where importing torch or transformers raises ImportError.
+PROBE = r"""
+import importlib, importlib.abc, importlib.util, pkgutil, sys
+
+class Block(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    # Any import of these packages fails, as if they were not installed.
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers", "tensorrt"):
+            return importlib.util.spec_from_loader(name, self)
+        return None
+    def create_module(self, spec):
+        return None
+    def exec_module(self, module):
+        raise ImportError(f"blocked: {module.__name__}", name=module.__name__)
+
+sys.meta_path.insert(0, Block())
+import mmedge, mmedge.runtimes
+names = []
+for pkg in (mmedge, mmedge.runtimes):
+    for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+        if info.name.startswith("mmedge.export"):
+            continue
+        importlib.import_module(info.name)
+        names.append(info.name)
+import mmedge.device
+mmedge.device.probe()
+assert not any(m.split(".")[0] in ("torch", "transformers") for m in sys.modules), "torch was imported"
+print(len(names))
+"""
+
+
+def test_device_modules_import_without_torch():
+    result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, cwd=Path(mmedge.__file__).parent.parent)
+    assert result.returncode == 0, result.stderr
+    expected = sum(1 for pkg in (mmedge, mmedge.runtimes) for i in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")
+                   if not i.name.startswith("mmedge.export"))
+    assert int(result.stdout.strip()) == expected >= 10
+
+
+def test_device_room_has_no_module_level_host_imports():
+    """mmedge/ and runtimes/ never import torch, transformers or mmedge.export at module level."""
+    root = Path(mmedge.__file__).parent.parent
+    for folder in ("mmedge", "runtimes"):
+        for path in (root / folder).rglob("*.py"):
+            for node in ast.parse(path.read_text()).body:
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    names = [node.module or ""]
+                else:
+                    continue
+                for name in names:
+                    assert name.split(".")[0] not in ("torch", "transformers"), f"{path}: import {name}"
+                    assert not name.startswith("mmedge.export"), f"{path}: import {name}"

@@ -1,0 +1,146 @@
+"""ZeroShotClassifier and Embedder on exported tiny CLIP artifacts (ONNX Runtime CPU)."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import mmedge
+from mmedge.errors import InputError
+from mmedge.pipelines import ENSEMBLE_TEMPLATES, Embedder, ZeroShotClassifier
+
+LABELS = ["cat", "dog", "car", "rocket"]
+
+
+@pytest.fixture(scope="module")
+def classifier(clip_artifacts):
+    with mmedge.load(clip_artifacts("fp32"), threads=1) as pipeline:
+        yield pipeline
+
+
+def test_load_returns_the_pipeline_the_manifest_names(clip_artifacts):
+    assert isinstance(mmedge.load(clip_artifacts("fp32")), ZeroShotClassifier)
+    assert isinstance(mmedge.load(clip_artifacts("fp32"), task="embed"), Embedder)
+    assert isinstance(mmedge.load(clip_artifacts("fused-fp32")), ZeroShotClassifier)
+    with pytest.raises(InputError, match="task 'caption'"):
+        mmedge.load(clip_artifacts("fp32"), task="caption")
+
+
+def test_predictions_are_sorted_probabilities(classifier, photos):
+    result = classifier(photos[0], labels=LABELS)
+    assert [set(r) for r in result] == [{"label", "score"}] * 4
+    scores = [r["score"] for r in result]
+    assert scores == sorted(scores, reverse=True)
+    assert abs(sum(scores) - 1) < 1e-5 and sorted(r["label"] for r in result) == sorted(LABELS)
+
+
+def test_batch_equals_one_by_one_and_top_k(classifier, photos):
+    batch = classifier(photos[:3], labels=LABELS, top_k=2)
+    assert len(batch) == 3 and all(len(r) == 2 for r in batch)
+    for photo, row in zip(photos[:3], batch):
+        single = classifier(photo, labels=LABELS, top_k=2)
+        assert [r["label"] for r in single] == [r["label"] for r in row]
+        np.testing.assert_allclose([r["score"] for r in single], [r["score"] for r in row], atol=1e-6)
+
+
+def test_label_embeddings_are_computed_once(classifier, photos, monkeypatch):
+    classifier(photos[0], labels=LABELS)
+    calls = []
+    original = classifier.runners["text"].infer
+    monkeypatch.setattr(classifier.runners["text"], "infer", lambda feeds: calls.append(1) or original(feeds))
+    classifier(photos[1], labels=LABELS)
+    assert calls == []
+    classifier(photos[1], labels=LABELS + ["bird"])
+    assert calls == [1]
+
+
+def test_template_ensembling_averages_normalized_prompt_embeddings(classifier):
+    bank = classifier.label_bank(LABELS, ENSEMBLE_TEMPLATES)
+    assert bank.shape == (4, 16)
+    np.testing.assert_allclose(np.linalg.norm(bank, axis=1), 1, atol=1e-5)
+    by_hand = []
+    for label in LABELS:
+        embeds = classifier._text_embeds([t.format(label) for t in ENSEMBLE_TEMPLATES])
+        embeds /= np.linalg.norm(embeds, axis=1, keepdims=True)
+        mean = embeds.mean(0)
+        by_hand.append(mean / np.linalg.norm(mean))
+    np.testing.assert_allclose(bank, np.stack(by_hand), atol=1e-5)
+
+
+def test_fused_graph_equals_two_graph_path(clip_artifacts, photos):
+    """One baked graph gives the same probabilities as vision + text + cached labels."""
+    two = mmedge.load(clip_artifacts("fp32"))
+    fused = mmedge.load(clip_artifacts("fused-fp32"))
+    assert fused.tokenizer is None and set(fused.runners) == {"zero_shot"}
+    np.testing.assert_allclose(fused.probabilities(photos), two.probabilities(photos, LABELS), atol=1e-5)
+    assert [r["label"] for r in fused(photos[0])] == [r["label"] for r in two(photos[0], labels=LABELS)]
+
+
+def test_fused_artifact_refuses_other_labels(clip_artifacts, photos):
+    fused = mmedge.load(clip_artifacts("fused-fp32"))
+    with pytest.raises(InputError, match="baked into its graph"):
+        fused(photos[0], labels=["zebra"])
+    assert fused(photos[0], labels=LABELS)  # the baked labels themselves are fine
+
+
+@pytest.mark.parametrize("labels,match", [
+    ([], "label list is empty"), (["cat", "cat"], "duplicates"), ("cat", "single string"),
+    (["cat", ""], "blank"), (["cat", 3], "non-text"), (None, "no labels were given"), (5, "labels is a int"),
+])
+def test_bad_labels(classifier, photos, labels, match):
+    with pytest.raises(InputError, match=match):
+        classifier(photos[0], labels=labels)
+
+
+def test_many_labels(classifier, photos):
+    labels = [f"thing {i}" for i in range(600)]
+    result = classifier(photos[0], labels=labels, top_k=3)
+    assert len(result) == 3 and classifier.label_bank(labels).shape == (600, 16)
+
+
+@pytest.mark.parametrize("templates,match", [([], "template list is empty"), (["no slot"], "exactly one"),
+                                             (["{} and {}"], "exactly one")])
+def test_bad_templates(classifier, photos, templates, match):
+    with pytest.raises(InputError, match=match):
+        classifier(photos[0], labels=LABELS, templates=templates)
+
+
+@pytest.mark.parametrize("top_k", [0, -1, "2", 1.5])
+def test_bad_top_k(classifier, photos, top_k):
+    with pytest.raises(InputError, match="top_k"):
+        classifier(photos[0], labels=LABELS, top_k=top_k)
+
+
+def test_embedder_normalized_and_consistent(clip_artifacts, photos):
+    embedder = mmedge.load(clip_artifacts("fp32"), task="embed")
+    images = embedder.embed_images(photos[:2] + [Image.open(photos[2])])
+    texts = embedder.embed_texts(["a cat", "a dog"])
+    assert images.shape == (3, 16) and texts.shape == (2, 16) and images.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(images, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(embedder.similarity(photos[:2], ["a cat", "a dog"]), images[:2] @ texts.T, atol=1e-5)
+    with pytest.raises(InputError, match="text list is empty"):
+        embedder.embed_texts([])
+    with pytest.raises(InputError, match="image list is empty"):
+        embedder.embed_images([])
+
+
+def test_fused_embedder_has_images_but_no_text(clip_artifacts, photos):
+    fused = mmedge.load(clip_artifacts("fused-fp32"), task="zero-shot")
+    embeds = Embedder(fused.artifact, fused.runners, fused.preprocessor).embed_images(photos[:2])
+    np.testing.assert_allclose(np.linalg.norm(embeds, axis=1), 1, atol=1e-5)
+    with pytest.raises(InputError, match="no text encoder"):
+        Embedder(fused.artifact, fused.runners, fused.preprocessor).embed_texts(["a cat"])
+
+
+@pytest.mark.parametrize("variant", ["int8-static", "int8-dynamic", "fp16", "fused-int8"])
+def test_lower_precision_variants_run_and_agree(clip_artifacts, photos, variant):
+    labels = None if variant.startswith("fused") else LABELS
+    """Embeddings stay within cosine 0.99 of FP32 on real photos; most top-1 labels agree."""
+    from mmedge.metrics import cosine_rows, top1_agreement
+
+    reference, lowered = mmedge.load(clip_artifacts("fp32")), mmedge.load(clip_artifacts(variant))
+    ref_embeds = Embedder(reference.artifact, reference.runners, reference.preprocessor).embed_images(photos)
+    embeds = Embedder(lowered.artifact, lowered.runners, lowered.preprocessor).embed_images(photos)
+    assert cosine_rows(ref_embeds, embeds).min() >= 0.99
+    probs = lowered.probabilities(photos, labels)
+    np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-5)
+    assert top1_agreement(reference.probabilities(photos, LABELS), probs) >= 0.75
