@@ -15,12 +15,13 @@ import numpy as np
 
 import mmedge
 from mmedge.artifact import atomic_folder, sha256_file
-from mmedge.errors import ExportError, ParityError
+from mmedge.errors import ExportError
 from mmedge.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, dump_manifest
 from mmedge.metrics import compare_outputs
 from mmedge.progress import Progress
 
 PRECISIONS = ("fp32", "fp16", "int8")
+LLM_PRECISIONS = ("fp32", "fp16", "int8", "int4")
 QUANTIZATIONS = ("static", "dynamic")
 VALIDATION_FILE = "validation.npz"
 TOKENIZER_FILE = "tokenizer.json"
@@ -29,9 +30,12 @@ FP16_MIN_COSINE = 0.999
 
 @dataclass
 class ExportOptions:
-    task: str = "zero-shot"
-    precision: str = "fp32"  # fp32 | fp16 | int8
+    task: str | None = None  # None: the family's default task
+    precision: str = "fp32"  # encoders: fp32 | fp16 | int8
     quantization: str = "static"  # with int8: static (QDQ, calibrated) | dynamic
+    llm_precision: str | None = None  # decoder LLMs: fp32 | fp16 | int8 | int4 (None: same as precision)
+    int4_block_size: int = 32
+    int4_accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations on CPU
     labels: list[str] | None = None  # bake these into one zero-shot graph
     templates: list[str] | None = None
     calibration: str | None = None  # folder of images; None = bundled photos
@@ -43,12 +47,15 @@ class ExportOptions:
     progress: bool = True
     seed: int = 0
     threads: int | None = None
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # family-specific settings
 
     def check(self) -> None:
         if self.precision not in PRECISIONS:
             raise ExportError(f"precision '{self.precision}' is not supported", f"one of {', '.join(PRECISIONS)}",
                               "pass --precision fp32, fp16 or int8")
+        if self.llm_precision not in (None, *LLM_PRECISIONS):
+            raise ExportError(f"LLM precision '{self.llm_precision}' is not supported",
+                              f"one of {', '.join(LLM_PRECISIONS)}", "pass --llm-precision fp32, fp16, int8 or int4")
         if self.quantization not in QUANTIZATIONS:
             raise ExportError(f"quantization '{self.quantization}' is not supported",
                               f"one of {', '.join(QUANTIZATIONS)}", "pass --quantization static or dynamic")
@@ -61,37 +68,43 @@ def export_model(model: str, out: str | Path, options: ExportOptions | None = No
     from mmedge.export.families import FAMILIES
     from mmedge.export.loading import load_checkpoint
 
-    quantized = options.precision != "fp32"
-    progress = Progress(4 + int(quantized), enabled=options.progress)
+    progress = Progress(5, enabled=options.progress)
     with progress.step(f"loading {model}" + (" (random weights)" if options.random_weights else "")):
         loaded = load_checkpoint(model, random_weights=options.random_weights, allow_pickle=options.allow_pickle,
                                  seed=options.seed)
     family = FAMILIES[loaded.family]
+    options.task = options.task or family.default_task
     with progress.step("building export specs" + (f" with {len(options.labels)} baked labels" if options.labels else "")):
-        specs = family.specs(loaded, options.task, options.labels, options.templates)
+        specs = family.specs(loaded, options)
     with atomic_folder(out, overwrite=options.overwrite) as stage, tempfile.TemporaryDirectory() as scratch:
-        writer = _ArtifactBuilder(stage, Path(scratch), loaded, family, options)
+        builder = ArtifactBuilder(stage, Path(scratch), loaded, family, options)
         with progress.step(f"tracing {', '.join(s.name for s in specs)} and checking parity against PyTorch"):
             for spec in progress.items(specs, len(specs), "component"):
-                writer.trace(spec)
-        if quantized:
-            with progress.step(_describe_precision(options)):
-                writer.lower_precision(specs, progress)
+                builder.trace(spec)
+        lowered = [s for s in specs if builder.precision_of(s) != "fp32"]
+        with progress.step(_describe_precision(builder, lowered)):
+            builder.lower_precision(lowered, progress)
         with progress.step("writing manifest and validation samples"):
-            writer.finish(specs)
+            builder.finish(specs)
     return Path(out)
 
 
-def _describe_precision(options: ExportOptions) -> str:
-    if options.precision == "fp16":
-        return "converting to FP16"
-    if options.quantization == "dynamic":
-        return "quantizing to INT8 (dynamic)"
-    return f"calibrating and quantizing to INT8 (static QDQ, {options.calibration or 'bundled images'})"
+def _describe_precision(builder: "ArtifactBuilder", lowered) -> str:
+    if not lowered:
+        return "keeping FP32 (no quantization asked for)"
+    parts = []
+    for spec in lowered:
+        precision = builder.precision_of(spec)
+        recipe = {"int8": f"INT8 {builder.options.quantization}", "int4": "INT4 weight-only", "fp16": "FP16"}[precision]
+        parts.append(f"{spec.name} → {recipe}")
+    return "lowering precision: " + ", ".join(parts)
 
 
-class _ArtifactBuilder:
-    """Accumulates component files and manifest entries inside the staging folder."""
+class ArtifactBuilder:
+    """Accumulates component files and manifest entries inside the staging folder.
+
+    Families read ``stage``, ``options``, ``loaded``, ``preprocessor`` and ``tokenizer`` from it.
+    """
 
     def __init__(self, stage: Path, scratch: Path, loaded, family, options: ExportOptions):
         from mmedge.export.preprocessing import preprocess_config_from_hf
@@ -105,7 +118,7 @@ class _ArtifactBuilder:
         self.preprocessor = ImagePreprocessor(self.preprocess)
         self.tokenizer_settings = None
         self.tokenizer = None
-        if family.needs_tokenizer(options.labels):
+        if family.needs_tokenizer(options):
             save_tokenizer_json(loaded.tokenizer, stage / TOKENIZER_FILE)
             self.tokenizer_settings = tokenizer_settings_from_hf(loaded.tokenizer, family.max_length(loaded))
             self.tokenizer_settings["file"] = TOKENIZER_FILE
@@ -113,10 +126,13 @@ class _ArtifactBuilder:
         self.fp32_paths: dict[str, Path] = {}
         self.entries: dict[str, dict] = {}
 
+    def precision_of(self, spec) -> str:
+        return self.family.precision_of(spec, self.options)
+
     def trace(self, spec) -> None:
         from mmedge.export.onnx_export import check_parity, export_spec
 
-        folder = self.stage if self.options.precision == "fp32" else self.scratch
+        folder = self.stage if self.precision_of(spec) == "fp32" else self.scratch
         path = export_spec(spec, folder / f"{spec.name}.onnx")
         self.fp32_paths[spec.name] = path
         self.entries[spec.name] = {
@@ -125,41 +141,40 @@ class _ArtifactBuilder:
         }
 
     def lower_precision(self, specs, progress: Progress) -> None:
+        """Quantize or convert each spec's FP32 graph, measure parity, then the family's fidelity checks."""
         from mmedge.export.onnx_export import gate_parity, measure_parity, run_onnx
-        from mmedge.export.quantize import convert_fp16, quantize_int8_dynamic, quantize_int8_static
 
-        options = self.options
         final: dict[str, Path] = {}
         for spec in specs:
+            precision = self.precision_of(spec)
             dest = self.stage / f"{spec.name}.onnx"
-            source = self.fp32_paths[spec.name]
-            if options.precision == "fp16":
-                recipe = convert_fp16(source, dest)
-            elif options.quantization == "dynamic":
-                recipe = quantize_int8_dynamic(source, dest)
-            else:
-                feeds, note = self.family.calibration_feeds(spec, self.preprocessor, self.tokenizer, options, progress)
-                recipe = quantize_int8_static(source, dest, feeds, method=options.calibration_method, samples_note=note)
+            recipe = self._quantize(spec, precision, self.fp32_paths[spec.name], dest, progress)
             final[spec.name] = dest
             entry = self.entries[spec.name]
-            fp32_parity = entry["parity"]
-            parity = measure_parity(spec, dest, self.family.validation_feeds(spec, self.preprocessor, self.tokenizer))
-            parity["fp32_export"] = fp32_parity
-            if options.precision == "fp16":
+            parity = measure_parity(spec, dest, self.family.validation_feeds(spec, self))
+            parity["fp32_export"] = entry["parity"]
+            if precision == "fp16":
                 gate_parity(spec.name, parity, None, FP16_MIN_COSINE,
                             "FP16 overflows in this model; export fp32 and let TensorRT pick FP16 layers")
-            entry.update(precision=options.precision, quantization=recipe, parity=parity)
-        if options.precision == "int8":
-            fidelity = self.family.quantized_fidelity(
-                lambda path, feeds: run_onnx(path, feeds, options.threads), self.fp32_paths, final,
-                self.preprocessor, self.tokenizer, options.labels, options.templates)
-            for name, measured in fidelity.items():
+            entry.update(precision=precision, quantization=recipe, parity=parity)
+        if any(self.precision_of(s) in ("int8", "int4") for s in specs):
+            run = lambda path, feeds: run_onnx(path, feeds, self.options.threads)  # noqa: E731
+            for name, measured in self.family.quantized_fidelity(run, self.fp32_paths, final, self).items():
                 self.entries[name]["parity"]["fidelity"] = measured
-                if measured["embedding_cosine_mean"] < options.min_quantized_cosine:
-                    raise ParityError(name, "embeddings", "cosine", measured["embedding_cosine_mean"],
-                                      options.min_quantized_cosine,
-                                      "use more representative --calibration images, --quantization dynamic, "
-                                      "or --precision fp16")
+
+    def _quantize(self, spec, precision: str, source: Path, dest: Path, progress: Progress) -> dict:
+        from mmedge.export import quantize
+
+        options = self.options
+        if precision == "fp16":
+            return quantize.convert_fp16(source, dest)
+        if precision == "int4":
+            return quantize.quantize_int4_weights(source, dest, block_size=options.int4_block_size,
+                                                  accuracy_level=options.int4_accuracy_level)
+        if options.quantization == "dynamic" or not self.family.calibrates(spec):
+            return quantize.quantize_int8_dynamic(source, dest)
+        feeds, note = self.family.calibration_feeds(spec, self, progress)
+        return quantize.quantize_int8_static(source, dest, feeds, method=options.calibration_method, samples_note=note)
 
     def finish(self, specs) -> None:
         import torch
@@ -168,7 +183,7 @@ class _ArtifactBuilder:
 
         arrays: dict[str, np.ndarray] = {}
         for spec in specs:
-            feeds = self.family.validation_feeds(spec, self.preprocessor, self.tokenizer)
+            feeds = self.family.validation_feeds(spec, self)
             reference = torch_reference(spec, {k: torch.from_numpy(v) for k, v in feeds.items()})
             arrays.update({f"{spec.name}/inputs/{k}": v for k, v in feeds.items()})
             arrays.update({f"{spec.name}/reference/{k}": v for k, v in reference.items()})
@@ -187,7 +202,7 @@ class _ArtifactBuilder:
             "format_version": FORMAT_VERSION,
             "mmedge_version": mmedge.__version__,
             "family": self.family.name,
-            **self.family.manifest_extras(self.loaded, self.options.task, self.options.labels, self.options.templates),
+            **self.family.manifest_extras(self.loaded, self.options),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "source": self.loaded.source,
             "preprocess": self.preprocess,
@@ -196,8 +211,10 @@ class _ArtifactBuilder:
             "validation": {"file": VALIDATION_FILE, "sha256": sha256_file(self.stage / VALIDATION_FILE),
                            "reference": "torch-fp32"},
         }
-        # Order the keys the way people read them: identity first, components last.
-        order = ["format", "format_version", "mmedge_version", "family", "tasks", "created", "source", "preprocess",
-                 "tokenizer", "clip", "zero_shot", "components", "validation"]
-        manifest = {k: manifest[k] for k in order if k in manifest} | {k: v for k, v in manifest.items() if k not in order}
+        # Order the keys the way people read them: identity first, family settings, components last.
+        first = ["format", "format_version", "mmedge_version", "family", "tasks", "created", "source", "preprocess",
+                 "tokenizer"]
+        last = ["components", "validation"]
+        middle = [k for k in manifest if k not in first + last]
+        manifest = {k: manifest[k] for k in first + middle + last if k in manifest}
         (self.stage / MANIFEST_FILE).write_text(dump_manifest(manifest))

@@ -131,3 +131,10 @@ def convert_fp16(source: Path, dest: Path) -> dict:
         raise QuantizationError(f"FP16 conversion of '{source.name}' failed ({exc})", "a float32 ONNX graph",
                                 "export at --precision fp32 and report this") from exc
     return {"method": "fp16", "io": "float32", "weights": "float16"}
+
+
+def quantize_int4_weights(source: Path, dest: Path, *, block_size: int = 32, accuracy_level: int = 4) -> dict:
+    """INT4 weight-only (MatMulNBits) for decoder LLMs; see ``mmedge.export.int4``."""
+    from mmedge.export.int4 import quantize_int4
+
+    return quantize_int4(source, dest, block_size=block_size, accuracy_level=accuracy_level)

@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="export a checkpoint to an artifact folder (host side; needs mmedge[export])")
     exp.add_argument("model", help="hub id, checkpoint folder, or (with --random-weights) a bundled config name")
     exp.add_argument("out", help="artifact folder to write (must not exist unless --overwrite)")
-    exp.add_argument("--task", default="zero-shot", choices=["zero-shot", "embed"])
+    exp.add_argument("--task", default=None, help="zero-shot or embed for CLIP (default: the family's first task)")
     exp.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
     exp.add_argument("--quantization", default="static", choices=["static", "dynamic"], help="INT8 recipe (with --precision int8)")
     exp.add_argument("--labels", nargs="*", help="bake these labels into one zero-shot graph (no text encoder on the device)")

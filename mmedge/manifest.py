@@ -23,6 +23,7 @@ PRECISIONS = ("fp32", "fp16", "int8", "int4")
 # Which components and tasks each family may declare. A new family adds a line here and its specs.
 FAMILIES: dict[str, dict[str, tuple[str, ...]]] = {
     "clip": {"components": ("vision", "text", "zero_shot"), "tasks": ("zero-shot", "embed")},
+    "blip2": {"components": ("vision", "qformer", "prefix", "decoder"), "tasks": ("caption", "vqa")},
 }
 
 

@@ -70,7 +70,7 @@ def test_doctor_without_and_with_artifact(capsys, clip_artifacts):
 
 def test_export_cli(capsys, tiny_clip_dir, tmp_path):
     code, out, err = run_cli(capsys, "export", tiny_clip_dir, tmp_path / "x", "--labels", "cat", "dog")
-    assert code == 0 and "zero_shot: zero_shot.onnx fp32" in out and "[3/4] tracing" in err
+    assert code == 0 and "zero_shot: zero_shot.onnx fp32" in out and "[3/5] tracing" in err
 
 
 # --- each typed error, from the CLI -------------------------------------------------------------

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmedge.errors import ExportError
+from mmedge.errors import ExportError, ParityError
 from mmedge.export.specs.clip import ClipText, ClipVision, ClipZeroShot, _TextEmbeds
 from mmedge.metrics import cosine_rows, top1_agreement
 from mmedge.pipelines.common import l2_normalize
@@ -21,6 +21,7 @@ TASKS = ("zero-shot", "embed")
 class ClipFamily:
     name = "clip"
     model_types = ("clip",)
+    default_task = "zero-shot"
 
     @staticmethod
     def model_class():
@@ -51,7 +52,8 @@ class ClipFamily:
             raise ExportError(f"task '{task}' is not a CLIP task", f"one of {', '.join(TASKS)}",
                               "pass --task zero-shot or --task embed")
 
-    def specs(self, loaded, task: str, labels, templates) -> list:
+    def specs(self, loaded, options) -> list:
+        task, labels, templates = options.task, options.labels, options.templates
         self.check_task(task)
         if labels:
             if task != "zero-shot":
@@ -82,7 +84,8 @@ class ClipFamily:
     def label_bank(self, loaded, labels, templates) -> np.ndarray:
         return build_label_bank(self.torch_text_embeds(loaded), labels, templates)  # [labels, dim]
 
-    def manifest_extras(self, loaded, task: str, labels, templates) -> dict:
+    def manifest_extras(self, loaded, options) -> dict:
+        task, labels, templates = options.task, options.labels, options.templates
         fused = bool(labels)
         extras = {
             "tasks": ["zero-shot"] if fused else ([task] + [t for t in TASKS if t != task]),
@@ -92,16 +95,33 @@ class ClipFamily:
             extras["zero_shot"] = {"labels": check_labels(labels), "templates": check_templates(templates)}
         return extras
 
-    def needs_tokenizer(self, labels) -> bool:
-        return not labels
+    def needs_tokenizer(self, options) -> bool:
+        return not options.labels
+
+    @staticmethod
+    def precision_of(spec, options) -> str:
+        return options.precision
+
+    @staticmethod
+    def calibrates(spec) -> bool:
+        return True
 
     # --- fidelity of quantized graphs ------------------------------------------------------------
-    def quantized_fidelity(self, run, fp32: dict[str, Path], quantized: dict[str, Path], preprocessor,
-                           tokenizer, labels, templates) -> dict[str, dict]:
+    def quantized_fidelity(self, run, fp32: dict[str, Path], quantized: dict[str, Path], builder) -> dict[str, dict]:
         """Per component: embedding cosine and zero-shot top-1 agreement, quantized vs FP32 ONNX, on held-out photos.
 
-        ``run(path, feeds)`` runs one graph in ONNX Runtime CPU.
+        ``run(path, feeds)`` runs one graph in ONNX Runtime CPU. Past ``min_quantized_cosine`` the export fails.
         """
+        measured = self._fidelity(run, fp32, quantized, builder.preprocessor, builder.tokenizer, builder.options.templates)
+        floor = builder.options.min_quantized_cosine
+        for name, figures in measured.items():
+            if figures["embedding_cosine_mean"] < floor:
+                raise ParityError(name, "embeddings", "cosine", figures["embedding_cosine_mean"], floor,
+                                  "use more representative --calibration images, --quantization dynamic, "
+                                  "or --precision fp16")
+        return measured
+
+    def _fidelity(self, run, fp32, quantized, preprocessor, tokenizer, templates) -> dict[str, dict]:
         from mmedge.export.calibration import holdout_images
 
         pixels = preprocessor(holdout_images())  # [views, 3, height, width]
@@ -130,26 +150,27 @@ class ClipFamily:
                      **_embedding_stats(bank_ref, bank_act), "top1_agreement": agreement, "labels": len(labels)},
         }
 
-    def calibration_feeds(self, spec, preprocessor, tokenizer, options, progress):
+    def calibration_feeds(self, spec, builder, progress):
         """Feeds for static INT8 calibration of one component, and a note saying what they were."""
         from mmedge.export.calibration import calibration_paths, pixel_feeds
 
+        options = builder.options
         if "pixel_values" in spec.inputs:
             paths, note = calibration_paths(options.calibration)
-            return progress.items(pixel_feeds(preprocessor, paths), len(paths), "calibration image"), note
+            return progress.items(pixel_feeds(builder.preprocessor, paths), len(paths), "calibration image"), note
         prompts = _calibration_prompts(options.labels, options.templates)
         # One padded batch, fed row by row: the calibrator stacks activations, so lengths must agree.
-        input_ids, attention_mask = tokenizer.encode(prompts)  # [prompts, tokens] each
+        input_ids, attention_mask = builder.tokenizer.encode(prompts)  # [prompts, tokens] each
         feeds = ({"input_ids": input_ids[i:i + 1], "attention_mask": attention_mask[i:i + 1]} for i in range(len(prompts)))
         return feeds, f"{len(prompts)} label prompts"
 
     # --- samples stored with the artifact for on-device `mmedge validate` --------------------------
-    def validation_feeds(self, spec, preprocessor, tokenizer) -> dict[str, np.ndarray]:
+    def validation_feeds(self, spec, builder) -> dict[str, np.ndarray]:
         from mmedge.export.calibration import bundled, load_calibration_image
 
         if "pixel_values" in spec.inputs:
-            return {"pixel_values": preprocessor([load_calibration_image(p) for p in bundled("holdout")[:2]])}
-        input_ids, attention_mask = tokenizer.encode(["a photo of a cat.", "a diagram of a rocket engine on a table."])
+            return {"pixel_values": builder.preprocessor([load_calibration_image(p) for p in bundled("holdout")[:2]])}
+        input_ids, attention_mask = builder.tokenizer.encode(["a photo of a cat.", "a diagram of a rocket engine on a table."])
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
