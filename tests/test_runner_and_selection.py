@@ -1,0 +1,158 @@
+"""Runner feed checks, the ONNX Runtime backend's options, backend selection over described devices."""
+
+import numpy as np
+import pytest
+
+from mmedge.artifact import Artifact, atomic_folder
+from mmedge.device import DeviceProbe, GpuInfo, _cpu_flags, parse_jetson
+from mmedge.errors import ArtifactError, BackendError, BackendUnavailableError, FeedError
+from mmedge.runtimes.onnxruntime import OnnxRuntimeRunner, OrtOptions, _provider_options
+from mmedge.selection import plan
+
+
+@pytest.fixture(scope="module")
+def vision_runner(clip_artifacts):
+    artifact = Artifact.open(clip_artifacts("fp32"))
+    runner = OnnxRuntimeRunner(artifact.component_path("vision"), "vision", artifact.component("vision"),
+                               OrtOptions(threads=1))
+    yield runner
+    runner.close()
+
+
+def test_input_metadata_names_dynamic_axes(vision_runner):
+    meta = vision_runner.input_metadata()["pixel_values"]
+    assert meta.dtype == "float32" and meta.shape == (None, 3, 32, 32) and meta.axis_names[0] == "batch"
+
+
+def test_infer_returns_declared_outputs(vision_runner):
+    out = vision_runner.infer({"pixel_values": np.zeros((5, 3, 32, 32), np.float32)})
+    assert set(out) == {"image_embeds"} and out["image_embeds"].shape == (5, 16)
+
+
+def test_float64_feeds_are_cast(vision_runner):
+    out = vision_runner.infer({"pixel_values": np.zeros((1, 3, 32, 32))})
+    assert out["image_embeds"].dtype == np.float32
+
+
+@pytest.mark.parametrize("feeds,match", [
+    ({}, "missing"),
+    ({"pixel_values": np.zeros((1, 3, 32, 32), np.float32), "extra": 1}, "unknown"),
+    ({"pixel_values": np.zeros((3, 32, 32), np.float32)}, "rank 4"),
+    ({"pixel_values": np.zeros((1, 3, 31, 32), np.float32)}, "axis 2"),
+    ({"pixel_values": np.zeros((1, 3, 32, 32), np.complex64)}, "dtype complex64"),
+])
+def test_bad_feeds(vision_runner, feeds, match):
+    with pytest.raises(FeedError, match=match):
+        vision_runner.infer(feeds)
+
+
+def test_closed_runner_refuses(clip_artifacts):
+    artifact = Artifact.open(clip_artifacts("fp32"))
+    runner = OnnxRuntimeRunner(artifact.component_path("vision"), "vision", artifact.component("vision"))
+    runner.close()
+    runner.close()  # twice is fine
+    with pytest.raises(BackendError, match="closed"):
+        runner.infer({"pixel_values": np.zeros((1, 3, 32, 32), np.float32)})
+
+
+def test_absent_provider_is_refused_with_install_hint(clip_artifacts):
+    artifact = Artifact.open(clip_artifacts("fp32"))
+    with pytest.raises(BackendUnavailableError, match="onnxruntime-gpu"):
+        OnnxRuntimeRunner(artifact.component_path("vision"), "vision", artifact.component("vision"),
+                          OrtOptions(providers=("cuda",)))
+
+
+def test_tensorrt_provider_options(tmp_path):
+    opts = _provider_options("tensorrt", OrtOptions(fp16=True, engine_cache=tmp_path, device_id=1))
+    assert opts["trt_fp16_enable"] is True and opts["trt_engine_cache_path"] == str(tmp_path)
+    assert opts["trt_engine_cache_enable"] and opts["device_id"] == 1
+
+
+# --- selection over described devices ----------------------------------------------------------
+MANIFEST = {"components": {"vision": {"precision": "int8"}, "text": {"precision": "int8"}}}
+
+
+def device(**overrides):
+    base = dict(machine="x86_64", system="Linux", cpu_cores=8, cpu_flags=["avx2"], memory_total_mb=16000, gpus=[],
+                jetson=None, engines={"onnxruntime": "1.20", "tensorrt": None, "torch": None}, ort_providers=["cpu"])
+    return DeviceProbe(**{**base, **overrides})
+
+
+CPU_BOX = device()
+DESKTOP_RTX = device(gpus=[GpuInfo("NVIDIA GeForce RTX 4090", "8.9", 24564, 23000)],
+                     ort_providers=["cpu", "cuda", "tensorrt"], engines={"onnxruntime": "1.20", "tensorrt": "10.3"})
+JETSON_ORIN = device(machine="aarch64", cpu_cores=12, jetson={"model": "NVIDIA Jetson AGX Orin Developer Kit", "l4t": "36.3.0",
+                                                                "unified_memory": True}, ort_providers=["cpu", "cuda"])
+
+
+def test_cpu_box_gets_cpu_provider_with_reason():
+    chosen = plan(CPU_BOX, MANIFEST)
+    assert {c.providers for c in chosen.components.values()} == {("cpu",)}
+    assert any("no GPU found" in r for r in chosen.reasons)
+
+
+def test_desktop_rtx_prefers_tensorrt_then_cuda():
+    chosen = plan(DESKTOP_RTX, MANIFEST)
+    assert chosen.components["vision"].providers == ("tensorrt", "cuda")
+    assert plan(DESKTOP_RTX, MANIFEST, device="cpu").components["vision"].providers == ("cpu",)
+
+
+def test_jetson_with_cuda_provider():
+    assert plan(JETSON_ORIN, MANIFEST).components["text"].providers == ("cuda",)
+
+
+def test_cuda_requested_on_cpu_box_fails_loudly():
+    with pytest.raises(BackendUnavailableError, match="device=cuda.*onnxruntime-gpu"):
+        plan(CPU_BOX, MANIFEST, device="cuda")
+
+
+@pytest.mark.parametrize("backend,match", [("tensorrt", "not part of mmedge"), ("torch", "not part of mmedge"),
+                                           ("openvino", "unknown backend")])
+def test_named_backend_never_silently_replaced(backend, match):
+    with pytest.raises(BackendUnavailableError, match=match):
+        plan(DESKTOP_RTX, MANIFEST, backend=backend)
+
+
+def test_unknown_device():
+    with pytest.raises(BackendUnavailableError, match="unknown device"):
+        plan(CPU_BOX, MANIFEST, device="tpu")
+
+
+def test_probe_parsers():
+    assert _cpu_flags("flags\t: fpu avx2 avx512_vnni sse\n") == ["avx2", "avx512_vnni"]
+    assert _cpu_flags("Features\t: fp asimd asimddp i8mm\n") == ["asimd", "asimddp", "i8mm"]
+    jetson = parse_jetson("# R36 (release), REVISION: 3.0, GCID: 36191598, BOARD: generic, EABI: aarch64",
+                          "NVIDIA Jetson AGX Orin Developer Kit\x00")
+    assert jetson == {"model": "NVIDIA Jetson AGX Orin Developer Kit", "l4t": "36.3.0", "unified_memory": True}
+    assert parse_jetson(None, None) is None
+
+
+# --- atomic writes -----------------------------------------------------------------------------
+def test_atomic_folder_appears_only_when_complete(tmp_path):
+    dest = tmp_path / "art"
+    with pytest.raises(RuntimeError):
+        with atomic_folder(dest) as stage:
+            (stage / "half.onnx").write_bytes(b"x")
+            raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_folder(dest) as stage:
+        (stage / "whole.onnx").write_bytes(b"x")
+    assert [p.name for p in dest.iterdir()] == ["whole.onnx"]
+
+
+def test_atomic_overwrite_replaces_only_on_success(tmp_path):
+    dest = tmp_path / "art"
+    dest.mkdir()
+    (dest / "old").write_text("old")
+    with pytest.raises(ArtifactError, match="already exists"):
+        with atomic_folder(dest):
+            pass
+    with pytest.raises(RuntimeError):
+        with atomic_folder(dest, overwrite=True) as stage:
+            (stage / "new").write_text("new")
+            raise RuntimeError
+    assert [p.name for p in dest.iterdir()] == ["old"]
+    with atomic_folder(dest, overwrite=True) as stage:
+        (stage / "new").write_text("new")
+    assert [p.name for p in dest.iterdir()] == ["new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
