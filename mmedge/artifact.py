@@ -152,6 +152,24 @@ class Artifact:
         return sum(self.resolve_file(name, field).stat().st_size for field, name in self.named_files())
 
 
+def _remove_abandoned_staging(parent: Path, name: str) -> None:
+    """Staging folders of exports that were killed (their process is gone) are removed."""
+    for folder in parent.glob(f".{name}.partial-*"):
+        pid = folder.name[len(f".{name}.partial-"):].split("-", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -174,7 +192,8 @@ def atomic_folder(dest: str | os.PathLike, *, overwrite: bool = False) -> Iterat
         )
     parent = dest.parent if str(dest.parent) else Path(".")
     parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=parent))
+    _remove_abandoned_staging(parent, dest.name)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-{os.getpid()}-", dir=parent))
     try:
         yield staging
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; an artifact is an ordinary folder
