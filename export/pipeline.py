@@ -32,7 +32,7 @@ FP16_MIN_COSINE = 0.999
 class ExportOptions:
     task: str | None = None  # None: the family's default task
     precision: str = "fp32"  # encoders: fp32 | fp16 | int8
-    quantization: str = "static"  # with int8: static (QDQ, calibrated) | dynamic
+    quantization: str = "dynamic"  # with int8: dynamic (fastest on CPU) | static (calibrated QDQ, for TensorRT)
     llm_precision: str | None = None  # decoder LLMs: fp32 | fp16 | int8 | int4 (None: same as precision)
     int4_block_size: int = 32
     int4_accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations on CPU

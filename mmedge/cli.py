@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("out", help="artifact folder to write (must not exist unless --overwrite)")
     exp.add_argument("--task", default=None, help="zero-shot or embed for CLIP (default: the family's first task)")
     exp.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
-    exp.add_argument("--quantization", default="static", choices=["static", "dynamic"], help="INT8 recipe (with --precision int8)")
+    exp.add_argument("--quantization", default="dynamic", choices=["dynamic", "static"],
+                     help="INT8 recipe: dynamic (fastest on CPU, no calibration) or static QDQ (calibrated; for TensorRT)")
     exp.add_argument("--labels", nargs="*", help="bake these labels into one zero-shot graph (no text encoder on the device)")
     exp.add_argument("--labels-file", help="file with one label per line (added to --labels)")
     exp.add_argument("--templates", nargs="+", help="prompt templates with '{}' for the label (default: 'a photo of a {}.')")
