@@ -11,10 +11,11 @@ import datetime
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
+import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,38 +53,60 @@ def time_call(fn: Callable[[], Any], *, warmup: int, runs: int) -> Timing:
 
 
 # --- peak memory of a child process ----------------------------------------------------------------
+# Linux carries a process's peak RSS across exec: a child forked from a large parent reports at
+# least the parent's RSS as its ru_maxrss (vfork and posix_spawn too). So the command is started
+# by this small interpreter, whose fork is a few MiB, and it writes the command's own rusage.
+_LAUNCHER = """\
+import os, sys
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as out:
+    out.write(f"{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss}")
+"""
+
+
 @dataclass(frozen=True)
 class ChildResult:
     """What a finished child process left: exit status, its own peak RSS, and its output."""
 
     returncode: int
-    peak_rss_bytes: int
+    peak_rss_bytes: int | None
     wall_s: float
     stdout: str
     stderr: str
 
 
 def run_child(argv: Sequence[str], *, timeout_s: float, env: dict[str, str] | None = None) -> ChildResult:
-    """Run ``argv`` to completion and read its peak RSS (``ru_maxrss``) from ``os.wait4``.
+    """Run ``argv`` to completion and return its exit status, peak RSS (``ru_maxrss``) and output.
 
-    ``wait4`` returns the rusage of that one child, unlike ``getrusage(RUSAGE_CHILDREN)``, which
-    is the maximum over every child this process has waited for. The child is killed after
-    ``timeout_s`` seconds (its returncode is then negative).
+    The peak is the command's own, read with ``os.wait4`` by a minimal launcher (see ``_LAUNCHER``);
+    it includes the launcher's few MiB as a floor. After ``timeout_s`` seconds the whole process
+    group is killed and ``peak_rss_bytes`` is None.
     """
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryFile("w+") as out, \
+            tempfile.TemporaryFile("w+") as err:
+        result_file = Path(tmp) / "rusage"
         start = time.perf_counter()
-        proc = subprocess.Popen(list(argv), stdout=out, stderr=err, env=env)
-        killer = threading.Timer(timeout_s, proc.kill)
-        killer.start()
+        proc = subprocess.Popen([sys.executable, "-S", "-c", _LAUNCHER, str(result_file), *argv],
+                                stdout=out, stderr=err, env=env, start_new_session=True)
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            killer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)  # tell Popen the child is reaped
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         wall_s = time.perf_counter() - start
+        returncode, peak = proc.returncode, None
+        if result_file.exists():
+            code, maxrss_kib = result_file.read_text().split()
+            returncode, peak = int(code), int(maxrss_kib) * 1024  # Linux reports KiB
         out.seek(0)
         err.seek(0)
-        return ChildResult(proc.returncode, usage.ru_maxrss * 1024, wall_s, out.read(), err.read())  # Linux: KiB
+        return ChildResult(returncode, peak, wall_s, out.read(), err.read())
 
 
 # --- machine facts ---------------------------------------------------------------------------------
@@ -112,8 +135,19 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_ticks() -> list[int]:
+    """The aggregate ``cpu`` line of /proc/stat: user nice system idle iowait irq softirq steal ..."""
+    return [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+
+
+def steal_share(before: list[int], after: list[int]) -> float:
+    """Share of CPU time the hypervisor gave to others between two ``cpu_ticks`` snapshots."""
+    deltas = [b - a for a, b in zip(before, after)]
+    return deltas[7] / max(sum(deltas[:8]), 1)  # steal / (user .. steal); guest time is inside user
+
+
 def machine_info() -> dict[str, Any]:
-    """CPU model, logical cores, memory, OS, Python, copy bandwidth and the time of the run."""
+    """CPU model, logical cores, memory, OS, Python, copy bandwidth, load and the time of the run."""
     pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return {
         "cpu": cpu_model(),
@@ -122,6 +156,7 @@ def machine_info() -> dict[str, Any]:
         "os": platform.platform(),
         "python": platform.python_version(),
         "copy_bandwidth_gbps": round(memory_bandwidth_gbps(), 1),
+        "load_average_1m": round(os.getloadavg()[0], 2),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
 
