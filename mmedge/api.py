@@ -47,20 +47,48 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", t
     runners = {}
     try:
         for name, comp_plan in chosen.components.items():
-            options = {"providers": comp_plan.providers, "threads": threads}
-            if "tensorrt" in comp_plan.providers:
-                options["engine_cache"] = artifact.engines_dir()
+            if name == "decoder":
+                continue  # stateful: built below, around its KV cache
             runners[name] = create_runner(comp_plan.backend, artifact.component_path(name), name,
-                                          artifact.component(name), **options)
+                                          artifact.component(name), **_runner_options(artifact, comp_plan, threads))
         tokenizer = None
         if manifest.get("tokenizer"):
             settings = manifest["tokenizer"]
             tokenizer = TextTokenizer.from_file(artifact.resolve_file(settings["file"], "tokenizer.file"), settings)
         preprocessor = ImagePreprocessor(manifest["preprocess"])
+        if "decoder" in chosen.components:
+            decoder, embeddings = _decoder(artifact, chosen.components["decoder"], threads)
+            pipeline = PIPELINES[task](artifact, runners, preprocessor, tokenizer, decoder, embeddings)
+        else:
+            pipeline = PIPELINES[task](artifact, runners, preprocessor, tokenizer)
     except MmedgeError:
         for runner in runners.values():
             runner.close()
         raise
-    pipeline = PIPELINES[task](artifact, runners, preprocessor, tokenizer)
     pipeline.plan = chosen
     return pipeline
+
+
+def _runner_options(artifact: Artifact, comp_plan, threads: int | None) -> dict:
+    options = {"providers": comp_plan.providers, "threads": threads}
+    if "tensorrt" in comp_plan.providers:
+        options["engine_cache"] = artifact.engines_dir()
+    return options
+
+
+def _decoder(artifact: Artifact, comp_plan, threads: int | None):
+    """The KV-cached decoder and the token-embedding table it embeds generated ids with."""
+    from mmedge.embeddings import EmbeddingTable
+    from mmedge.runtimes.onnxruntime import OrtOptions
+    from mmedge.runtimes.onnxruntime_decoder import OrtDecoder
+
+    settings = artifact.manifest["blip2"]
+    table_entry = settings["embeddings"]
+    table = EmbeddingTable.load(artifact.verified_path(table_entry["file"], table_entry["sha256"], "blip2.embeddings.file"),
+                                table_entry)
+    decoder_settings = settings["decoder"]
+    decoder = OrtDecoder(artifact.component_path("decoder"), table, decoder_settings["kv_cache"],
+                         options=OrtOptions(**_runner_options(artifact, comp_plan, threads)),
+                         position_offset=decoder_settings.get("position_offset", 0),
+                         max_positions=decoder_settings.get("max_positions"))
+    return decoder, table

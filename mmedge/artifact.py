@@ -99,6 +99,9 @@ class Artifact:
         for key in ("tokenizer", "validation"):
             if self.manifest.get(key):
                 files.append((f"{key}.file", self.manifest[key]["file"]))
+        embeddings = (self.manifest.get("blip2") or {}).get("embeddings")
+        if embeddings:
+            files.append(("blip2.embeddings.file", embeddings["file"]))
         return files
 
     # --- files --------------------------------------------------------------------------------

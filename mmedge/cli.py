@@ -39,7 +39,10 @@ def cmd_export(args) -> int:
     except ImportError as exc:
         raise MmedgeError(f"`mmedge export` needs the host-side tools ({exc.name} is not installed)",
                           "torch, transformers and onnx installed", 'pip install "mmedge[export]"') from None
+    extra = {"fused_prefix": False} if args.split_prefix else {}
     options = ExportOptions(task=args.task, precision=args.precision, quantization=args.quantization,
+                            llm_precision=args.llm_precision, int4_block_size=args.int4_block_size,
+                            int4_accuracy_level=args.int4_accuracy_level, extra=extra,
                             labels=_labels(args), templates=args.templates, calibration=args.calibration,
                             calibration_method=args.calibration_method, random_weights=args.random_weights,
                             allow_pickle=args.allow_pickle, overwrite=args.overwrite, progress=not args.quiet)
@@ -69,11 +72,32 @@ def cmd_run(args) -> int:
     pipeline = mmedge.load(args.artifact, backend=args.backend, device=args.device, task=args.task, threads=args.threads)
     with pipeline:
         for image in args.images:
-            print(_run_one(pipeline, image, args))
+            line = _run_one(pipeline, image, args)
+            print(line)
     return 0
 
 
+def _generation_args(args) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams, "do_sample": args.sample or None,
+            "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k_tokens, "seed": args.seed,
+            "stop_strings": args.stop}
+
+
+def _caption_one(pipeline, image: str, args) -> str:
+    generation = _generation_args(args)
+    prompt = pipeline.vqa_template.replace("{}", args.question) if args.question else args.prompt
+    if args.stream and not args.json:
+        print(f"{image}: ", end="", flush=True)
+        for piece in pipeline.stream(image, prompt, **generation):
+            print(piece, end="", flush=True)
+        return ""
+    text = pipeline.caption(image, prompt, **generation)
+    return json.dumps({"image": image, "prompt": prompt, "text": text}) if args.json else f"{image}: {text}"
+
+
 def _run_one(pipeline, image: str, args) -> str:
+    if pipeline.task == "caption":
+        return _caption_one(pipeline, image, args)
     if pipeline.task == "embed":
         vector = pipeline.embed_images(image)[0]
         if args.json:
@@ -87,12 +111,9 @@ def _run_one(pipeline, image: str, args) -> str:
 
 # --- validate ----------------------------------------------------------------------------------
 def cmd_validate(args) -> int:
-    import mmedge
-    from mmedge.validate import raise_on_failure, validate
+    from mmedge.validate import raise_on_failure, validate_artifact
 
-    pipeline = mmedge.load(args.artifact, backend=args.backend, device=args.device, threads=args.threads)
-    with pipeline:
-        report = validate(pipeline.artifact, pipeline.runners)
+    report = validate_artifact(args.artifact, backend=args.backend, device=args.device, threads=args.threads)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -147,8 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="export a checkpoint to an artifact folder (host side; needs mmedge[export])")
     exp.add_argument("model", help="hub id, checkpoint folder, or (with --random-weights) a bundled config name")
     exp.add_argument("out", help="artifact folder to write (must not exist unless --overwrite)")
-    exp.add_argument("--task", default=None, help="zero-shot or embed for CLIP (default: the family's first task)")
-    exp.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
+    exp.add_argument("--task", default=None,
+                     help="CLIP: zero-shot or embed; BLIP-2: caption or vqa (default: the family's first task)")
+    exp.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"], help="encoders (and the LLM unless --llm-precision)")
+    exp.add_argument("--llm-precision", choices=["fp32", "fp16", "int8", "int4"], help="BLIP-2's LLM decoder: int8 dynamic or int4 weight-only")
+    exp.add_argument("--int4-block-size", type=int, default=32, help="INT4: weights per scale (16-256, power of two)")
+    exp.add_argument("--int4-accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
+                     help="INT4 MatMulNBits compute: 4 = int8 activations (fastest on CPU), 0 = unset")
+    exp.add_argument("--split-prefix", action="store_true", help="BLIP-2: vision and Q-Former as two graphs, not one prefix graph")
     exp.add_argument("--quantization", default="dynamic", choices=["dynamic", "static"],
                      help="INT8 recipe: dynamic (fastest on CPU, no calibration) or static QDQ (calibrated; for TensorRT)")
     exp.add_argument("--labels", nargs="*", help="bake these labels into one zero-shot graph (no text encoder on the device)")
@@ -174,8 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--labels", nargs="*", help="labels for zero-shot (not needed when baked in)")
     run.add_argument("--labels-file")
     run.add_argument("--templates", nargs="+")
-    run.add_argument("--top-k", type=int, default=5)
-    run.add_argument("--task", default=None, choices=["zero-shot", "embed"])
+    run.add_argument("--top-k", type=int, default=5, help="zero-shot: labels to show")
+    run.add_argument("--task", default=None, choices=["zero-shot", "embed", "caption", "vqa"])
+    cap = run.add_argument_group("captioning (BLIP-2)")
+    cap.add_argument("--prompt", help="text the caption continues, e.g. 'a photo of'")
+    cap.add_argument("--question", help="ask a question (VQA prompting: 'Question: ... Answer:')")
+    cap.add_argument("--stream", action="store_true", help="print text as tokens arrive")
+    cap.add_argument("--max-new-tokens", type=int)
+    cap.add_argument("--num-beams", type=int)
+    cap.add_argument("--sample", action="store_true", help="sample instead of greedy/beam search")
+    cap.add_argument("--temperature", type=float)
+    cap.add_argument("--top-p", type=float)
+    cap.add_argument("--top-k-tokens", type=int, help="sampling: keep the k most likely tokens")
+    cap.add_argument("--seed", type=int)
+    cap.add_argument("--stop", nargs="+", help="stop strings")
     runtime_flags(run)
     run.set_defaults(func=cmd_run)
 

@@ -119,6 +119,28 @@ def _parse_component(name: str, comp: Any, family: str) -> dict:
     return comp
 
 
+def _parse_blip2(data: dict) -> None:
+    """The fields the captioning runtime reads: decoder KV layout, token ids, embedding table, prompts."""
+    section = _require(data, "blip2", dict, "")
+    _require(data, "generation", dict, "")
+    for key in ("bos_token_id", "num_query_tokens"):
+        _require(section, key, int, "blip2")
+    for key in ("prefix", "decoder", "image_tokens", "prompts", "embeddings"):
+        _require(section, key, dict, "blip2")
+    kv = _require(section["decoder"], "kv_cache", dict, "blip2.decoder")
+    for key in ("layers", "heads", "head_dim"):
+        _require(kv, key, int, "blip2.decoder.kv_cache")
+    for key in ("past", "present"):
+        pattern = _require(kv, key, str, "blip2.decoder.kv_cache")
+        if pattern.count("%d") != 1 or pattern.count("%s") != 1:
+            raise _fail(f"blip2.decoder.kv_cache.{key}", f"is {pattern!r}", "a pattern with one %d (layer) and one %s (key/value)")
+    table = section["embeddings"]
+    check_plain_file_name(_require(table, "file", str, "blip2.embeddings"), "blip2.embeddings.file")
+    _require(table, "sha256", str, "blip2.embeddings")
+    _require(table, "storage", str, "blip2.embeddings")
+    _require(table, "shape", list, "blip2.embeddings")
+
+
 def parse_manifest(text: str | bytes) -> dict:
     """Parse and check manifest.json text. Returns the dict; raises a ManifestError subclass."""
     try:
@@ -172,6 +194,8 @@ def parse_manifest(text: str | bytes) -> dict:
         if not isinstance(tokenizer, dict):
             raise _fail("tokenizer", "has the wrong type", "null or a JSON object")
         check_plain_file_name(_require(tokenizer, "file", str, "tokenizer"), "tokenizer.file")
+    if family == "blip2":
+        _parse_blip2(data)
     validation = data.get("validation")
     if validation is not None:
         if not isinstance(validation, dict):

@@ -59,6 +59,25 @@ def validate(artifact: Artifact, runners: dict) -> dict[str, dict]:
     return report
 
 
+def validate_artifact(path, backend: str = "auto", device: str = "auto", threads: int | None = None) -> dict[str, dict]:
+    """Open an artifact, run every component (decoders as plain graphs) on the chosen backend, report."""
+    from mmedge.device import probe
+    from mmedge.runtimes.registry import create_runner
+    from mmedge.selection import plan
+
+    artifact = Artifact.open(path)
+    chosen = plan(probe(), artifact.manifest, backend, device)
+    runners = {}
+    try:
+        for name, comp_plan in chosen.components.items():
+            runners[name] = create_runner(comp_plan.backend, artifact.component_path(name), name,
+                                          artifact.component(name), providers=comp_plan.providers, threads=threads)
+        return validate(artifact, runners)
+    finally:
+        for runner in runners.values():
+            runner.close()
+
+
 def raise_on_failure(report: dict[str, dict]) -> None:
     for name, entry in report.items():
         for output, metrics in entry["outputs"].items():

@@ -1,0 +1,196 @@
+"""Generation settings: the manifest's ``generation`` section, checked before any decoding starts.
+
+Field names and defaults follow ``transformers.GenerationConfig`` so a setting means the same thing
+here as in ``model.generate(...)`` (``top_k`` defaults to 50 and only applies when sampling, as there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mmedge.errors import InputError
+
+# No caption or answer needs more; a larger value is almost always a unit mistake (characters, not tokens).
+MAX_NEW_TOKENS_CAP = 4096
+EARLY_STOPPING_MODES = (True, False, "never")
+
+
+@dataclass
+class GenerationConfig:
+    """How to pick tokens. Call :meth:`validate` (the loop does) before use.
+
+    ``eos_token_id`` may be one id or a list; generation of a row ends at the first of them.
+    ``pad_token_id`` fills finished rows while other rows go on (``None``: the first EOS id, as
+    transformers does). ``bos_token_id`` is informational for the loop (the prompt, BOS included, is
+    the caller's). ``stop_strings`` end a row once its decoded text contains one; the text returned
+    is cut just before it (token ids are returned as generated, like transformers).
+    """
+
+    max_new_tokens: int = 20
+    min_new_tokens: int = 0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    stop_strings: list[str] = field(default_factory=list)
+
+    # --- derived values the loop uses --------------------------------------------------------------
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """The EOS ids as a tuple (empty when there is none)."""
+        if self.eos_token_id is None:
+            return ()
+        if isinstance(self.eos_token_id, int):
+            return (self.eos_token_id,)
+        return tuple(self.eos_token_id)
+
+    @property
+    def fill_token_id(self) -> int | None:
+        """The token fed for (and padding) finished rows: ``pad_token_id``, else the first EOS id."""
+        if self.pad_token_id is not None:
+            return self.pad_token_id
+        return self.eos_token_ids[0] if self.eos_token_ids else None
+
+    # --- checking ------------------------------------------------------------------------------------
+    def validate(self, max_positions: int | None = None, vocab_size: int | None = None, prompt_length: int = 0) -> "GenerationConfig":
+        """Raise InputError for a setting that cannot work; return ``self`` otherwise.
+
+        ``max_positions`` (the decoder's position limit) and ``prompt_length`` bound
+        ``prompt_length + max_new_tokens``; ``vocab_size`` bounds the special token ids.
+        """
+        self._check_types()
+        cap = MAX_NEW_TOKENS_CAP
+        if self.max_new_tokens <= 0:
+            raise _bad("max_new_tokens", self.max_new_tokens, "an integer of at least 1", "ask for one or more new tokens, e.g. max_new_tokens=30")
+        if self.max_new_tokens > cap:
+            raise _bad("max_new_tokens", self.max_new_tokens, f"at most {cap}", "lower max_new_tokens (captions need 20-60 tokens)")
+        if max_positions is not None and prompt_length + self.max_new_tokens > max_positions:
+            raise _bad(
+                "max_new_tokens", self.max_new_tokens,
+                f"prompt length {prompt_length} + max_new_tokens within the decoder's {max_positions} positions",
+                f"lower max_new_tokens to {max(max_positions - prompt_length, 0)} or shorten the prompt",
+            )
+        if self.min_new_tokens < 0:
+            raise _bad("min_new_tokens", self.min_new_tokens, "0 or more", "use min_new_tokens=0 for no minimum")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise _bad("min_new_tokens", self.min_new_tokens, f"at most max_new_tokens ({self.max_new_tokens})",
+                       "lower min_new_tokens or raise max_new_tokens")
+        if self.num_beams < 1:
+            raise _bad("num_beams", self.num_beams, "1 (greedy or sampling) or more (beam search)", "use num_beams=1 for greedy decoding")
+        if self.num_beams > 1 and self.do_sample:
+            raise _bad("num_beams", self.num_beams, "num_beams=1 when do_sample=True (beam sampling is not supported)",
+                       "set do_sample=False for beam search, or num_beams=1 for sampling")
+        if self.early_stopping not in EARLY_STOPPING_MODES or isinstance(self.early_stopping, int) and not isinstance(self.early_stopping, bool):
+            raise _bad("early_stopping", self.early_stopping, "True, False or \"never\"", "use early_stopping=False (transformers' default)")
+        if not math.isfinite(self.length_penalty):
+            raise _bad("length_penalty", self.length_penalty, "a finite number", "use 1.0 (no preference), > 1 for longer, < 1 for shorter beams")
+        if self.do_sample and not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise _bad("temperature", self.temperature, "a finite number above 0 when sampling",
+                       "use temperature=1.0, or do_sample=False for greedy decoding")
+        if self.top_k < 0:
+            raise _bad("top_k", self.top_k, "0 (off) or more", "use top_k=50 (transformers' default) or 0 to turn it off")
+        if not (0.0 < self.top_p <= 1.0):
+            raise _bad("top_p", self.top_p, "a number in (0, 1]", "use top_p=1.0 to turn nucleus sampling off, or e.g. 0.9")
+        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+            raise _bad("repetition_penalty", self.repetition_penalty, "a finite number above 0 (1.0 = off)",
+                       "use 1.0 for no penalty, or about 1.2 to discourage repeats")
+        if self.seed is not None and self.seed < 0:
+            raise _bad("seed", self.seed, "None or an integer of 0 or more", "pass a non-negative seed")
+        for name, ids in (("eos_token_id", self.eos_token_ids), ("pad_token_id", _opt(self.pad_token_id)),
+                          ("bos_token_id", _opt(self.bos_token_id))):
+            for token in ids:
+                if token < 0 or (vocab_size is not None and token >= vocab_size):
+                    bound = f"below the vocabulary size {vocab_size}" if vocab_size is not None else "0 or more"
+                    raise _bad(name, token, f"token ids {bound}", "use the ids from the model's tokenizer / generation_config.json")
+        if isinstance(self.eos_token_id, list) and not self.eos_token_id:
+            raise _bad("eos_token_id", self.eos_token_id, "an id, a non-empty list of ids, or None", "pass None for no end-of-sequence token")
+        for text in self.stop_strings:
+            if not text:
+                raise _bad("stop_strings", self.stop_strings, "non-empty strings", "remove the empty string")
+        return self
+
+    def _check_types(self) -> None:
+        ints = ("max_new_tokens", "min_new_tokens", "num_beams", "top_k")
+        for name in ints:
+            if not _is_int(getattr(self, name)):
+                raise _bad(name, getattr(self, name), "an integer", f"pass {name} as a whole number")
+        for name in ("seed", "pad_token_id", "bos_token_id"):
+            value = getattr(self, name)
+            if value is not None and not _is_int(value):
+                raise _bad(name, value, "an integer or None", f"pass {name} as a whole number")
+        for name in ("length_penalty", "temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise _bad(name, value, "a number", f"pass {name} as a float")
+        if not isinstance(self.do_sample, bool):
+            raise _bad("do_sample", self.do_sample, "True or False", "pass a bool")
+        eos = self.eos_token_id
+        if eos is not None and not _is_int(eos) and not (isinstance(eos, (list, tuple)) and all(_is_int(t) for t in eos)):
+            raise _bad("eos_token_id", eos, "an integer, a list of integers, or None", "use the id(s) from generation_config.json")
+        if isinstance(eos, tuple):
+            self.eos_token_id = list(eos)
+        if isinstance(self.stop_strings, str) or not isinstance(self.stop_strings, (list, tuple)) \
+                or not all(isinstance(s, str) for s in self.stop_strings):
+            raise _bad("stop_strings", self.stop_strings, "a list of strings", 'wrap a single stop string in a list: ["\\n"]')
+        self.stop_strings = list(self.stop_strings)
+
+    # --- manifest round trip -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GenerationConfig":
+        """Build from the manifest's ``generation`` object (missing keys take defaults); validated."""
+        if not isinstance(data, dict):
+            raise InputError(
+                f"the generation settings are a {type(data).__name__}", "a JSON object of generation settings",
+                "write the generation section as an object, e.g. {\"max_new_tokens\": 30}",
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(
+                f"unknown generation setting(s) {unknown}", f"only {sorted(known)}",
+                "remove or rename them (names follow transformers.GenerationConfig)",
+            )
+        config = cls(**data)
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting, JSON-ready (the inverse of :meth:`from_dict`)."""
+        out = dataclasses.asdict(self)
+        if isinstance(out["eos_token_id"], tuple):
+            out["eos_token_id"] = list(out["eos_token_id"])
+        return out
+
+    def replace(self, **changes: Any) -> "GenerationConfig":
+        """A copy with some settings changed (unknown names refused)."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise InputError(f"unknown generation setting(s) {unknown}", f"only {sorted(known)}",
+                             "check the spelling (names follow transformers.GenerationConfig)")
+        return dataclasses.replace(self, **changes)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _opt(value: int | None) -> tuple[int, ...]:
+    return () if value is None else (value,)
+
+
+def _bad(name: str, value: Any, expected: str, fix: str) -> InputError:
+    return InputError(f"generation setting {name}={value!r} is not usable", expected, fix)

@@ -1,0 +1,138 @@
+"""Captioning and VQA with BLIP-2: image → prefix embeddings → LLM decoder with a KV cache → text.
+
+The prompt enters the decoder the way transformers' ``Blip2ForConditionalGeneration.generate`` does
+it: the prefix rows (Q-Former outputs projected into the LLM), then the embedded ``tokenizer(prompt)``
+ids, which start with BOS (just ``[BOS]`` for a plain caption). The manifest's ``blip2.image_tokens``
+records this. One decoder owns one KV cache, so calls on one Captioner are serialized by a lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Iterator
+
+import numpy as np
+
+from mmedge.artifact import Artifact
+from mmedge.errors import InputError
+from mmedge.generation import GenerationConfig, generate_text, stream
+
+MAX_PROMPT_TOKENS = 512
+
+
+class Captioner:
+    """``caption(images)``, ``ask(image, question)``, ``stream(image)``; generation settings as keywords."""
+
+    task = "caption"
+
+    def __init__(self, artifact: Artifact, runners: dict, preprocessor, tokenizer, decoder, embeddings):
+        self.artifact = artifact
+        self.runners = runners  # prefix components only; the decoder is separate
+        self.preprocessor = preprocessor
+        self.tokenizer = tokenizer
+        self.decoder = decoder
+        self.embeddings = embeddings  # [vocab, width] table, rows dequantized on lookup
+        settings = artifact.manifest["blip2"]
+        self.settings = settings
+        self.defaults = dict(artifact.manifest.get("generation") or {})
+        self.vqa_template = settings["prompts"]["vqa"]
+        self._lock = threading.Lock()
+
+    # --- public API ------------------------------------------------------------------------------
+    def caption(self, images, prompt: str | None = None, **generation: Any):
+        """A caption per image (a string for one image, a list for a list). ``prompt`` continues a text."""
+        single = not isinstance(images, (list, tuple))
+        embeds, mask, ids = self._inputs(images, prompt)
+        with self._lock:
+            texts = generate_text(self.decoder, embeds, mask, self._config(generation), self.tokenizer, prompt_ids=ids)
+        texts = [t.strip() for t in texts]
+        return texts[0] if single else texts
+
+    __call__ = caption
+
+    def ask(self, image, question: str, **generation: Any):
+        """Answer a question about an image with BLIP-2's ``Question: … Answer:`` prompting."""
+        if not isinstance(question, str) or not question.strip():
+            raise InputError("the question is empty", "a non-empty question string", "pass e.g. question='what is it?'")
+        return self.caption(image, self.vqa_template.replace("{}", question.strip()), **generation)
+
+    def stream(self, image, prompt: str | None = None, **generation: Any) -> Iterator[str]:
+        """Yield the caption of one image in pieces as tokens arrive; the pieces join to ``caption(image)``."""
+        if isinstance(image, (list, tuple)):
+            raise InputError("stream() got a list of images", "one image", "call stream() per image, or caption() for a batch")
+        embeds, mask, ids = self._inputs(image, prompt)
+        config = self._config(generation)
+        with self._lock:  # held while the caller iterates: the decoder's cache is in use
+            yield from _strip_stream(stream(self.decoder, embeds, mask, config, self.tokenizer, prompt_ids=ids))
+
+    # --- building the decoder's inputs -----------------------------------------------------------
+    def prefix(self, images) -> np.ndarray:
+        """Prefix embeddings ``[batch, num_query_tokens, width]`` from one graph or vision → Q-Former."""
+        batch = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not batch:
+            raise InputError("the image list is empty", "at least one image", "pass an image path, PIL image or array")
+        pixels = self.preprocessor(batch)  # [batch, 3, height, width]
+        if "prefix" in self.runners:
+            return self.runners["prefix"].infer({"pixel_values": pixels})["prefix_embeds"]
+        image_embeds = self.runners["vision"].infer({"pixel_values": pixels})["image_embeds"]  # [batch, patches, width]
+        return self.runners["qformer"].infer({"image_embeds": image_embeds})["prefix_embeds"]
+
+    def _prompt_ids(self, prompt: str | None) -> np.ndarray:
+        if prompt is None:
+            return np.array([self.settings["bos_token_id"]], dtype=np.int64)
+        if not isinstance(prompt, str):
+            raise InputError(f"prompt is a {type(prompt).__name__}", "a string or None", "pass prompt='a photo of'")
+        ids, _ = self.tokenizer.encode([prompt])  # [1, tokens], starts with BOS
+        ids = ids[0]
+        if ids.shape[0] > MAX_PROMPT_TOKENS:
+            import warnings
+
+            warnings.warn(f"the prompt has {ids.shape[0]} tokens; keeping the last {MAX_PROMPT_TOKENS}", stacklevel=3)
+            ids = np.concatenate([ids[:1], ids[-(MAX_PROMPT_TOKENS - 1):]])
+        return ids
+
+    def _inputs(self, images, prompt):
+        prefix = self.prefix(images)  # [batch, queries, width]
+        batch, queries, _ = prefix.shape
+        prompt_ids = self._prompt_ids(prompt)  # [tokens]
+        text = self.embeddings[prompt_ids]  # [tokens, width]
+        embeds = np.concatenate([prefix, np.broadcast_to(text, (batch, *text.shape)).astype(prefix.dtype)], axis=1)
+        mask = np.ones(embeds.shape[:2], dtype=np.int64)  # [batch, queries + tokens]
+        # What HF passes as input_ids: image-token placeholders, then the prompt (repetition-penalty context).
+        image_token = self.settings["image_tokens"].get("hf_image_token_id")
+        placeholder = np.full((queries,), image_token if image_token is not None else 0, dtype=np.int64)
+        ids = np.broadcast_to(np.concatenate([placeholder, prompt_ids]), (batch, queries + prompt_ids.shape[0]))
+        return embeds, mask, np.ascontiguousarray(ids)
+
+    def _config(self, overrides: dict) -> GenerationConfig:
+        settings = {**self.defaults, **{k: v for k, v in overrides.items() if v is not None}}
+        if settings.get("stop_strings") is None:
+            settings.pop("stop_strings", None)
+        config = GenerationConfig.from_dict(settings)
+        return config.validate(max_positions=self.settings["decoder"].get("max_positions"),
+                               vocab_size=self.embeddings.shape[0])
+
+    def close(self) -> None:
+        for runner in self.runners.values():
+            runner.close()
+        self.decoder.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _strip_stream(pieces: Iterator[str]) -> Iterator[str]:
+    """The pieces of ``text.strip()``: leading whitespace dropped, trailing whitespace held until more text."""
+    started, held = False, ""
+    for piece in pieces:
+        if not started:
+            piece = piece.lstrip()
+            started = bool(piece)
+        body = piece.rstrip()
+        if body:
+            yield held + body
+            held = ""
+        held += piece[len(body):]
