@@ -28,33 +28,63 @@ def _quiet_tracing():
 
 
 def export_spec(spec: ComponentSpec, path: Path) -> Path:
-    """Trace ``spec`` to ``path`` (opset ``spec.opset``, named dynamic axes). Returns the path."""
+    """Trace ``spec`` to ``path`` (opset ``spec.opset``, named dynamic axes). Returns the path.
+
+    Weights over protobuf's 2 GB limit go to one ``<name>.onnx.data`` file beside the graph (the
+    tracer itself would scatter them into one file per tensor, so it writes into a scratch folder).
+    """
+    import tempfile
+
     module = spec.module()
     sample = spec.trace_inputs()
     param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    try:
-        with torch.no_grad(), _quiet_tracing():
-            torch.onnx.export(
-                module,
-                tuple(sample[name] for name in spec.inputs),
-                str(path),
-                input_names=list(spec.inputs),
-                output_names=list(spec.outputs),
-                dynamic_axes=spec.dynamic_axes(),
-                opset_version=spec.opset,
-                do_constant_folding=True,
-                dynamo=False,
-            )
-    except Exception as exc:
-        raise ExportError(
-            f"tracing component '{spec.name}' to ONNX failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})",
-            "a module torch.onnx.export can trace at opset " + str(spec.opset),
-            "report this with the model id; try another transformers version meanwhile",
-        ) from exc
-    if param_bytes > EXTERNAL_DATA_THRESHOLD:
-        graph = onnx.load(str(path))
-        onnx.save(graph, str(path), save_as_external_data=True, location=path.name + ".data")
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        traced = Path(scratch) / path.name
+        try:
+            with torch.no_grad(), _quiet_tracing():
+                torch.onnx.export(
+                    module,
+                    tuple(sample[name] for name in spec.inputs),
+                    str(traced),
+                    input_names=list(spec.inputs),
+                    output_names=list(spec.outputs),
+                    dynamic_axes=spec.dynamic_axes(),
+                    opset_version=spec.opset,
+                    do_constant_folding=True,
+                    dynamo=False,
+                )
+        except Exception as exc:
+            raise ExportError(
+                f"tracing component '{spec.name}' to ONNX failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})",
+                "a module torch.onnx.export can trace at opset " + str(spec.opset),
+                "report this with the model id; try another transformers version meanwhile",
+            ) from exc
+        del module
+        if len(list(Path(scratch).iterdir())) == 1 and param_bytes <= EXTERNAL_DATA_THRESHOLD:
+            traced.replace(path)
+        else:  # scattered external data: gather it into one file
+            save_graph(onnx.load(str(traced)), path)
     return path
+
+
+def save_graph(graph, path: Path) -> Path:
+    """Save an ONNX graph, its weights in ``<name>.data`` beside it when they pass protobuf's 2 GB limit."""
+    from onnx.external_data_helper import uses_external_data
+
+    weight_bytes = sum(len(t.raw_data) if t.raw_data else 0 for t in graph.graph.initializer)
+    external = any(uses_external_data(t) for t in graph.graph.initializer)
+    if weight_bytes > EXTERNAL_DATA_THRESHOLD or external:  # read at call time: tests lower it
+        onnx.save(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save(graph, str(path))
+    return path
+
+
+def external_data_path(path: Path) -> Path | None:
+    """The ``<name>.onnx.data`` weight file of a graph, if it has one."""
+    data = path.parent / (path.name + ".data")
+    return data if data.is_file() else None
 
 
 def torch_reference(spec: ComponentSpec, feeds: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

@@ -179,7 +179,7 @@ class ArtifactBuilder:
     def finish(self, specs) -> None:
         import torch
 
-        from mmedge.export.onnx_export import run_onnx, torch_reference
+        from mmedge.export.onnx_export import external_data_path, run_onnx, torch_reference
 
         arrays: dict[str, np.ndarray] = {}
         for spec in specs:
@@ -192,9 +192,9 @@ class ArtifactBuilder:
             entry["file"] = path.name
             entry["sha256"] = sha256_file(path)
             entry["size_bytes"] = path.stat().st_size
-            if (path.parent / (path.name + ".data")).exists():
-                raise ExportError(f"component '{spec.name}' needs external weight data", "graphs under 2 GB",
-                                  "not supported for CLIP-size models yet; report the model id")
+            data = external_data_path(path)
+            if data is not None:
+                entry["external_data"] = {"file": data.name, "sha256": sha256_file(data), "size_bytes": data.stat().st_size}
             entry["parity"]["validation_samples"] = compare_outputs(reference, run_onnx(path, feeds, self.options.threads))
         np.savez(self.stage / VALIDATION_FILE, **arrays)
         manifest = {

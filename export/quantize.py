@@ -50,11 +50,22 @@ def _prepared(source: Path) -> Iterator[Path]:
     """ONNX Runtime's recommended pre-pass (shape inference, graph optimization) in a scratch file."""
     from onnxruntime.quantization import quant_pre_process
 
-    with tempfile.TemporaryDirectory() as tmp:
+    from mmedge.export.onnx_export import external_data_path
+
+    large = external_data_path(source) is not None
+    with tempfile.TemporaryDirectory(dir=source.parent) as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         with _quiet():
-            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True, skip_optimization=large,
+                              save_as_external_data=large, all_tensors_to_one_file=True,
+                              external_data_location="prepared.onnx.data")
         yield prepared
+
+
+def _large(graph: Path) -> bool:
+    from mmedge.export.onnx_export import EXTERNAL_DATA_THRESHOLD, external_data_path
+
+    return external_data_path(graph) is not None and external_data_path(graph).stat().st_size > EXTERNAL_DATA_THRESHOLD // 4
 
 
 def quantize_int8_dynamic(source: Path, dest: Path) -> dict:
@@ -65,6 +76,7 @@ def quantize_int8_dynamic(source: Path, dest: Path) -> dict:
             quantize_dynamic(
                 prepared, dest, op_types_to_quantize=list(DYNAMIC_OPS), per_channel=True,
                 weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True},
+                use_external_data_format=_large(prepared),
             )
     except Exception as exc:
         raise QuantizationError(f"dynamic INT8 quantization of '{source.name}' failed ({exc})",

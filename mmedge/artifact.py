@@ -96,6 +96,8 @@ class Artifact:
     def named_files(self) -> list[tuple[str, str]]:
         """(manifest field, file name) for every file the manifest names."""
         files = [(f"components.{n}.file", c["file"]) for n, c in self.components.items()]
+        files += [(f"components.{n}.external_data.file", c["external_data"]["file"])
+                  for n, c in self.components.items() if c.get("external_data")]
         for key in ("tokenizer", "validation"):
             if self.manifest.get(key):
                 files.append((f"{key}.file", self.manifest[key]["file"]))
@@ -142,7 +144,11 @@ class Artifact:
         return path
 
     def component_path(self, name: str) -> Path:
+        """The component's graph, its sha256 (and that of its external weight file) checked."""
         comp = self.component(name)
+        external = comp.get("external_data")
+        if external:
+            self.verified_path(external["file"], external["sha256"], f"components.{name}.external_data.file")
         return self.verified_path(comp["file"], comp["sha256"], f"components.{name}.file")
 
     def engines_dir(self) -> Path:
@@ -199,7 +205,11 @@ def atomic_folder(dest: str | os.PathLike, *, overwrite: bool = False) -> Iterat
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-{os.getpid()}-", dir=parent))
     try:
         yield staging
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; an artifact is an ordinary folder
+        mask = _umask()
+        staging.chmod(0o777 & ~mask)  # mkdtemp (and some writers) make things private; an artifact is ordinary
+        for item in staging.iterdir():
+            if item.is_file():
+                item.chmod(0o666 & ~mask)
         if dest.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=parent))
             os.replace(dest, backup / "old")

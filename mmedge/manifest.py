@@ -100,6 +100,12 @@ def _parse_component(name: str, comp: Any, family: str) -> dict:
     if not isinstance(comp, dict):
         raise _fail(where, f"has the wrong type ({type(comp).__name__})", "a JSON object")
     check_plain_file_name(_require(comp, "file", str, where), f"{where}.file")
+    external = comp.get("external_data")
+    if external is not None:
+        if not isinstance(external, dict):
+            raise _fail(f"{where}.external_data", "has the wrong type", "null or a JSON object")
+        check_plain_file_name(_require(external, "file", str, f"{where}.external_data"), f"{where}.external_data.file")
+        _require(external, "sha256", str, f"{where}.external_data")
     sha = _require(comp, "sha256", str, where)
     if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
         raise _fail(f"{where}.sha256", f"is {_short(sha)}", "64 lowercase hex digits")

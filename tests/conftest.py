@@ -43,3 +43,11 @@ def clip_artifacts(tiny_clip_dir, tmp_path_factory):
 def photos():
     """Real photos (public domain / CC0) that ship with the exporter."""
     return [str(p) for p in HOLDOUT]
+
+
+@pytest.fixture(scope="session")
+def tiny_blip2_dir(tmp_path_factory):
+    """A random-weight BLIP-2 checkpoint folder (ViT + Q-Former + OPT, OPT tokenizer, processor), made once per session."""
+    from tests.support.tiny_checkpoints import make_tiny_blip2
+
+    return make_tiny_blip2(tmp_path_factory.mktemp("tiny-blip2"))

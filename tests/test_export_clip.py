@@ -152,3 +152,23 @@ def test_random_weights_from_a_folder_config(tiny_clip_dir, tmp_path):
     assert m["source"]["random_weights"] is True and m["source"]["seed"] == 3
     with pytest.warns(mmedge.api.RandomWeightsWarning, match="random weights"):
         mmedge.load(out).close()
+
+
+def test_graphs_over_the_protobuf_limit_use_one_external_data_file(tiny_clip_dir, tmp_path, monkeypatch, photos):
+    """Large graphs (a 2.7B LLM) keep weights in <name>.onnx.data, hashed and verified like the graph."""
+    import mmedge.export.onnx_export as onnx_export
+    from mmedge.errors import IntegrityError
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 10_000)
+    out = export_model(str(tiny_clip_dir), tmp_path / "big", progress=False)
+    comp = manifest(out)["components"]["vision"]
+    assert comp["external_data"]["file"] == "vision.onnx.data"
+    assert comp["external_data"]["sha256"] == sha256_file(out / "vision.onnx.data")
+    assert (out / "vision.onnx").stat().st_size * 2 < (out / "vision.onnx.data").stat().st_size
+    assert sorted(p.name for p in out.iterdir() if "onnx" in p.name) == ["text.onnx", "text.onnx.data", "vision.onnx",
+                                                                         "vision.onnx.data"]
+    assert mmedge.load(out)(photos[0], labels=["a", "b"])
+    with open(out / "vision.onnx.data", "r+b") as handle:
+        handle.write(b"\x01\x02\x03\x04")
+    with pytest.raises(IntegrityError, match="vision.onnx.data"):
+        mmedge.load(out)

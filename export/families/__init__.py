@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from mmedge.export.families.blip2 import Blip2Family
 from mmedge.export.families.clip import ClipFamily
 
-FAMILIES = {"clip": ClipFamily()}
+FAMILIES = {"clip": ClipFamily(), "blip2": Blip2Family()}
 FAMILY_BY_MODEL_TYPE = {model_type: name for name, fam in FAMILIES.items() for model_type in fam.model_types}
 
 __all__ = ["FAMILIES", "FAMILY_BY_MODEL_TYPE"]

@@ -163,3 +163,139 @@ def _build_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
             tokens.append(left + right)
     tokens += [BOS_TOKEN, EOS_TOKEN]
     return {token: index for index, token in enumerate(tokens)}
+
+
+# --- BLIP-2 --------------------------------------------------------------------------------------
+# Layout of OPT's vocabulary (fairseq order): four special tokens first, then the byte-level BPE.
+OPT_SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
+OPT_BOS = OPT_EOS_TOKEN = "</s>"  # OPT starts every text with </s>
+OPT_PAD, OPT_UNK = "<pad>", "<unk>"
+IMAGE_TOKEN = "<image>"
+NEWLINE_TOKEN = "Ċ"  # GPT-2's byte-level "\n"; BLIP-2 OPT checkpoints stop generating at it (eos 50118)
+VQA_CORPUS = """
+Question: what is it? Answer: a cat
+Question: what is in the picture? Answer: a dog on the grass
+Question: what color is the sky? Answer: blue
+Question: how many people are there? Answer: two
+"""
+
+
+def make_tiny_blip2(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vision_hidden: int = 32,
+    qformer_hidden: int = 32,
+    llm_hidden: int = 64,
+    llm_layers: int = 2,
+    llm_heads: int = 4,
+    num_query_tokens: int = 6,
+    max_position_embeddings: int = 128,
+) -> Path:
+    """Write a random-weight BLIP-2 (ViT, Q-Former, OPT) laid out like Salesforce/blip2-opt-2.7b into ``path``.
+
+    As in the published checkpoint (transformers ≥ 4.47 layout): the tokenizer is OPT's GPT-2 byte-level
+    BPE with ``<s>``=0, ``<pad>``=1, ``</s>``=2 (also bos), ``<unk>``=3 and an added special ``<image>``
+    token whose id is ``config.image_token_index``; the processor inserts ``num_query_tokens`` of them
+    before ``</s>`` + prompt; text generation stops at the newline token (as 50118 does for OPT) and
+    the embedding matrix is padded past the tokenizer to a multiple of 64. Loads offline with
+    ``Blip2ForConditionalGeneration``, ``Blip2Processor``, ``AutoTokenizer`` and ``AutoImageProcessor``.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tiny_opt_tokenizer()
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    newline_id = tokenizer.convert_tokens_to_ids(NEWLINE_TOKEN)
+    config = transformers.Blip2Config(
+        vision_config=dict(
+            hidden_size=vision_hidden, intermediate_size=vision_hidden * 4, num_hidden_layers=2, num_attention_heads=2,
+            image_size=image_size, patch_size=patch_size, initializer_range=0.02,
+        ),
+        qformer_config=dict(
+            hidden_size=qformer_hidden, intermediate_size=qformer_hidden * 4, num_hidden_layers=2, num_attention_heads=2,
+            cross_attention_frequency=2, max_position_embeddings=64, vocab_size=32,
+        ),
+        text_config=transformers.OPTConfig(
+            vocab_size=(len(tokenizer) + 63) // 64 * 64, hidden_size=llm_hidden, word_embed_proj_dim=llm_hidden,
+            ffn_dim=llm_hidden * 4, num_hidden_layers=llm_layers, num_attention_heads=llm_heads,
+            max_position_embeddings=max_position_embeddings, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=newline_id, pad_token_id=tokenizer.pad_token_id,
+        ),
+        num_query_tokens=num_query_tokens,
+        image_token_index=image_token_id,
+    )
+    torch.manual_seed(seed)
+    model = transformers.Blip2ForConditionalGeneration(config).eval()
+    _spread_weights(model, seed)
+    model.generation_config = transformers.GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=newline_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(path)
+    image_processor = transformers.BlipImageProcessor(
+        size={"height": image_size, "width": image_size}, resample=3,  # bicubic, as BLIP-2 checkpoints
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    image_processor.save_pretrained(path)
+    processor = transformers.Blip2Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                            num_query_tokens=num_query_tokens)
+    processor.save_pretrained(path)
+    return path
+
+
+def make_tiny_opt_tokenizer():
+    """A GPT-2 byte-level BPE tokenizer laid out like facebook/opt's, plus BLIP-2's ``<image>`` token.
+
+    Vocab: ``<s> <pad> </s> <unk>``, the 256 byte characters, one token per learned merge, then
+    ``<image>`` as an added special token. ``</s>`` is prepended to every text, as OPT's tokenizer does.
+    """
+    merges = _learn_byte_level_merges(CAPTION_CORPUS + VQA_CORPUS, num_merges=300)
+    tokens = list(OPT_SPECIAL_TOKENS) + _byte_alphabet()
+    for left, right in merges:
+        if left + right not in tokens:
+            tokens.append(left + right)
+    vocab = {token: index for index, token in enumerate(tokens)}
+    tokenizer = transformers.GPT2Tokenizer(
+        vocab=vocab, merges=merges, bos_token=OPT_BOS, eos_token=OPT_EOS_TOKEN, unk_token=OPT_UNK,
+        pad_token=OPT_PAD, add_bos_token=True, add_prefix_space=False, errors="replace",
+    )
+    tokenizer.add_tokens([transformers.AddedToken(IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
+    return tokenizer
+
+
+def _learn_byte_level_merges(corpus: str, num_merges: int) -> list[tuple[str, str]]:
+    """Byte-level BPE merges (GPT-2 style: spaces become "Ġ" and start words, no end-of-word suffix)."""
+    from tokenizers import pre_tokenizers
+
+    words = [w for w, _ in pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(corpus)]
+    counts = Counter(tuple(word) for word in words)
+    merges = []
+    while len(merges) < num_merges:
+        pairs = Counter()
+        for word, count in counts.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        counts = Counter({_merge_pair(word, best): count for word, count in counts.items()})
+    return merges
+
+
+def _spread_weights(model, seed: int, encoder_std: float = 0.2, llm_std: float = 0.3) -> None:
+    """Re-draw every weight matrix wider than HF's init, so the tiny model behaves like a trained one.
+
+    With HF's init (std 0.02, vision 1e-10, zero query tokens) the prefix barely depends on the image
+    and greedy decoding repeats one token; with these the prefix differs per image, captions vary,
+    and the top two logits are far apart (0.2 to 2 at the first step), so float noise does not flip greedy choices.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name == "query_tokens":
+                param.copy_(torch.randn(param.shape, generator=generator))
+            elif param.dim() == 2:
+                std = llm_std if name.startswith("language_model.") else encoder_std
+                param.copy_(torch.randn(param.shape, generator=generator) * std)

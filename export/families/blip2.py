@@ -1,0 +1,479 @@
+"""The BLIP-2 family: image prefix + causal LLM, for captioning and VQA.
+
+Exported components (``ExportOptions.extra``):
+
+- ``prefix`` (default, ``fused_prefix`` True): pixel_values → prefix_embeds, one graph (vision + Q-Former +
+  projection); ``fused_prefix=False`` exports ``vision`` (pixel_values → image_embeds) and ``qformer``
+  (image_embeds → prefix_embeds) instead, e.g. to run them on different devices or precisions.
+- ``decoder``: the LLM over input embeddings with its KV cache (``DecoderWithPast``).
+- ``embed_tokens.npz`` (manifest ``blip2.embeddings``): the LLM's token-embedding table, stored at the
+  LLM's precision (float32, float16, INT8 per row or INT4 per block; see ``mmedge.export.int4``), since
+  the decoder graph takes embeddings, not ids.
+
+How a prompt enters the decoder, exactly as transformers 5 ``Blip2ForConditionalGeneration.generate``
+does it: the processor writes ``num_query_tokens`` image tokens, then ``tokenizer(prompt)`` (which starts
+with BOS ``</s>``); the model embeds the ids and overwrites the image-token rows with the prefix
+(``masked_scatter``); with no prompt it uses the image tokens + ``[bos_token_id]``. The image tokens
+always come first and are all replaced, so the device builds the same sequence as
+``concat(prefix_embeds, embed(tokenizer(prompt)))``, mask all ones, positions ``cumsum(mask) - 1``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmedge.errors import ExportError, ParityError
+from mmedge.export.specs.blip2 import (
+    Blip2Prefix,
+    Blip2Vision,
+    DecoderWithPast,
+    QFormer,
+    _DecoderWithPast,
+    _FusedPrefix,
+    _VisionEmbeds,
+    decoder_feeds,
+    kv_cache_layout,
+)
+from mmedge.metrics import cosine_rows
+
+TASKS = ("caption", "vqa")
+VQA_TEMPLATE = "Question: {} Answer:"
+DEFAULT_MAX_NEW_TOKENS = 30
+EMBEDDINGS_FILE = "embed_tokens.npz"
+ENCODERS = ("prefix", "vision", "qformer")
+# Settings a user may pass in ExportOptions.extra, with their defaults.
+EXTRA_DEFAULTS = {
+    "fused_prefix": True,  # one prefix graph instead of vision + qformer
+    "min_logits_cosine": 0.95,  # quantized decoder vs FP32 decoder, mean over held-out prefixes × prompts
+    "fidelity_images": 8,  # held-out photos for the decoder's fidelity (one prompt batch each)
+    "fidelity_max_new_tokens": 20,  # greedy tokens compared per caption / answer
+}
+# Prompts the quantized decoder is measured on (None: captioning, no prompt).
+FIDELITY_PROMPTS = (None, "Question: what is in the picture? Answer:", "Question: what color is it? Answer:")
+VALIDATION_PROMPT = "Question: what is in the picture? Answer:"
+# transformers.GenerationConfig fields the device loop (mmedge.generation.GenerationConfig) reads.
+GENERATION_FIELDS = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "min_new_tokens": 0, "num_beams": 1,
+                     "length_penalty": 1.0, "early_stopping": False, "do_sample": False, "temperature": 1.0,
+                     "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
+
+
+class Blip2Family:
+    name = "blip2"
+    model_types = ("blip-2",)
+    default_task = "caption"
+
+    @staticmethod
+    def model_class():
+        from transformers import Blip2ForConditionalGeneration
+
+        return Blip2ForConditionalGeneration
+
+    @staticmethod
+    def synthetic_tokenizer(config):
+        """A byte-level OPT tokenizer with no merges, for --random-weights exports (no hub needed).
+
+        Ids follow OPT: ``<s>``=0, ``<pad>``=1, ``</s>``=2 (BOS, prepended to every text), ``<unk>``=3,
+        then the 256 byte characters; ``<image>`` sits at ``config.image_token_index``. Text is spelled
+        byte by byte, so sequences are longer than with the real vocabulary.
+        """
+        from transformers import AddedToken, GPT2Tokenizer
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+        vocab |= {c: i + 4 for i, c in enumerate(bytes_to_unicode().values())}
+        if config.image_token_index is not None:
+            vocab["<image>"] = int(config.image_token_index)
+        tokenizer = GPT2Tokenizer(vocab=vocab, merges=[], bos_token="</s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="<pad>", add_bos_token=True, add_prefix_space=False)
+        if config.image_token_index is not None:
+            tokenizer.add_tokens([AddedToken("<image>", normalized=False, special=True)], special_tokens=True)
+        return tokenizer
+
+    # --- what gets exported ----------------------------------------------------------------------
+    def check_options(self, options) -> None:
+        if options.task not in TASKS:
+            raise ExportError(f"task '{options.task}' is not a BLIP-2 task", f"one of {', '.join(TASKS)}",
+                              "pass --task caption or --task vqa")
+        if options.labels or options.templates:
+            raise ExportError("--labels/--templates were given for a BLIP-2 model", "label options only for CLIP",
+                              "drop --labels and --templates")
+        unknown = sorted(set(options.extra) - set(EXTRA_DEFAULTS))
+        if unknown:
+            raise ExportError(f"unknown BLIP-2 export setting(s) {unknown}", f"only {sorted(EXTRA_DEFAULTS)}",
+                              "check the spelling of the extra settings")
+
+    @staticmethod
+    def setting(options, key: str):
+        return options.extra.get(key, EXTRA_DEFAULTS[key])
+
+    def specs(self, loaded, options) -> list:
+        self.check_options(options)
+        model = loaded.model
+        if not model.config.use_decoder_only_language_model:
+            raise ExportError("this BLIP-2 checkpoint uses an encoder-decoder LLM (Flan-T5)",
+                              "a decoder-only LLM (OPT, Llama-family)", "export a blip2-opt checkpoint")
+        encoders = [Blip2Prefix(model)] if self.setting(options, "fused_prefix") else [Blip2Vision(model), QFormer(model)]
+        return [*encoders, DecoderWithPast(model.language_model)]
+
+    def max_length(self, loaded) -> int:
+        """Prompt tokens (BOS included) that fit beside the prefix in the LLM's positions."""
+        config = loaded.model.config
+        positions = getattr(config.text_config, "max_position_embeddings", None) or 2048
+        return int(positions) - int(config.num_query_tokens)
+
+    def needs_tokenizer(self, options) -> bool:
+        return True
+
+    @staticmethod
+    def precision_of(spec, options) -> str:
+        if spec.name == "decoder":
+            return options.llm_precision or options.precision
+        return options.precision
+
+    @staticmethod
+    def calibrates(spec) -> bool:
+        return spec.name in ENCODERS
+
+    # --- manifest --------------------------------------------------------------------------------
+    def manifest_extras(self, loaded, options) -> dict:
+        model = loaded.model
+        text = model.config.text_config
+        generation = generation_settings(loaded)
+        fused = bool(self.setting(options, "fused_prefix"))
+        embeddings = getattr(loaded, "_blip2_embeddings", None)
+        if embeddings is None:
+            raise ExportError("the BLIP-2 embedding table was not written", f"{EMBEDDINGS_FILE} in the artifact",
+                              "this is an exporter bug; report it")
+        return {
+            "tasks": [options.task] + [t for t in TASKS if t != options.task],
+            "generation": generation,
+            "blip2": {
+                "num_query_tokens": int(model.config.num_query_tokens),
+                "prefix": {"components": ["prefix"] if fused else ["vision", "qformer"], "output": "prefix_embeds",
+                           "shape": ["batch", int(model.config.num_query_tokens),
+                                     int(model.language_model.get_input_embeddings().embedding_dim)]},
+                "decoder": {"component": "decoder", "llm": text.model_type,
+                            "max_positions": int(getattr(text, "max_position_embeddings", 0) or 0) or None,
+                            "position_ids": "cumsum(attention_mask, axis=1) - 1 (padding slots: any value, they are masked)",
+                            "position_offset": 0, "kv_cache": kv_cache_layout(model.language_model)},
+                "bos_token_id": generation["bos_token_id"],
+                "eos_token_id": generation["eos_token_id"],
+                "pad_token_id": generation["pad_token_id"],
+                "image_tokens": {
+                    "hf_image_token_id": None if model.config.image_token_index is None else int(model.config.image_token_index),
+                    "in_prompt_ids": False,
+                    "sequence": "prefix_embeds (num_query_tokens rows), then embed(prompt_ids)",
+                    "prompt_ids": "tokenizer(prompt), which starts with bos_token_id; [bos_token_id] when there is no prompt",
+                    "hf_equivalent": "processor puts num_query_tokens <image> ids before tokenizer(prompt); "
+                                     "generate() replaces exactly those rows with the prefix (masked_scatter)",
+                },
+                "prompts": {"caption": None, "vqa": VQA_TEMPLATE},
+                "embeddings": embeddings,
+            },
+        }
+
+    # --- samples stored with the artifact for on-device `mmedge validate` ------------------------
+    def validation_feeds(self, spec, builder) -> dict[str, np.ndarray]:
+        """Two held-out photos; for the decoder, a VQA prompt after one photo's cached prefix (past > 0, 10+ tokens).
+
+        Also writes the embedding table into the artifact the first time it is asked for the decoder:
+        the table must sit beside the decoder before the manifest is written.
+        """
+        cache = builder.__dict__.setdefault("_blip2_validation", {})
+        if spec.name not in cache:
+            cache[spec.name] = self._validation_feeds(spec, builder)
+        if spec.name == "decoder":
+            self.write_embeddings(builder)
+        return cache[spec.name]
+
+    def _validation_feeds(self, spec, builder) -> dict[str, np.ndarray]:
+        from mmedge.export.calibration import bundled, load_calibration_image
+
+        pixels = builder.preprocessor([load_calibration_image(p) for p in bundled("holdout")[:2]])  # [2, 3, H, W]
+        if "pixel_values" in spec.inputs:
+            return {"pixel_values": pixels}
+        model = builder.loaded.model
+        with torch.no_grad():
+            if spec.name == "qformer":
+                return {"image_embeds": _VisionEmbeds(model).eval()(torch.from_numpy(pixels)).numpy()}
+            # One image: a real LLM's cache is large (OPT-2.7B: 21 MB for a 32-token prefix), and is stored twice.
+            prefix = _FusedPrefix(model).eval()(torch.from_numpy(pixels[:1]))  # [1, queries, width]
+            ids = torch.from_numpy(builder.tokenizer.encode([VALIDATION_PROMPT])[0])  # [1, tokens]
+            embeds = model.language_model.get_input_embeddings()(ids)  # [1, tokens, width]
+            past = _prefill(model.language_model, prefix, spec.kv_cache)
+            mask = torch.ones(1, prefix.shape[1] + ids.shape[1], dtype=torch.long)  # [1, queries + tokens]
+            feeds = decoder_feeds(embeds, mask, past, spec.kv_cache)
+        return {k: v.numpy() for k, v in feeds.items()}
+
+    def write_embeddings(self, builder) -> dict:
+        """Write ``embed_tokens.npz`` at the LLM's precision (once per export); returns its manifest entry."""
+        from mmedge.artifact import sha256_file
+
+        loaded = builder.loaded
+        entry = getattr(loaded, "_blip2_embeddings", None)
+        path = builder.stage / EMBEDDINGS_FILE
+        if entry is not None and path.is_file():
+            return entry
+        llm = loaded.model.language_model
+        precision = builder.options.llm_precision or builder.options.precision
+        storage, arrays = embedding_arrays(embedding_table(llm), precision, builder.options.int4_block_size)
+        with open(path, "wb") as handle:
+            np.savez(handle, **arrays)
+        entry = embedding_entry(llm, storage, arrays, builder.options.int4_block_size)
+        entry |= {"file": EMBEDDINGS_FILE, "sha256": sha256_file(path), "size_bytes": path.stat().st_size}
+        loaded._blip2_embeddings = entry  # read by manifest_extras, which gets no builder
+        return entry
+
+    # --- static INT8 calibration -----------------------------------------------------------------
+    def calibration_feeds(self, spec, builder, progress):
+        """Calibration images as pixel feeds; for the Q-Former, the FP32 vision graph's image_embeds of them."""
+        from mmedge.export.calibration import calibration_paths, pixel_feeds
+
+        paths, note = calibration_paths(builder.options.calibration)
+        feeds = progress.items(pixel_feeds(builder.preprocessor, paths), len(paths), "calibration image")
+        if "pixel_values" in spec.inputs:
+            return feeds, note
+        vision = _session(builder.fp32_paths["vision"], builder.options.threads)
+        return ({"image_embeds": vision.run(["image_embeds"], feed)[0]} for feed in feeds), note + " through FP32 vision"
+
+    # --- fidelity of quantized graphs ------------------------------------------------------------
+    def quantized_fidelity(self, run, fp32: dict[str, Path], quantized: dict[str, Path], builder) -> dict[str, dict]:
+        """Encoders: embedding cosine on held-out photos. Decoder: logits cosine and greedy agreement vs FP32.
+
+        The decoder is fed FP32 prefixes, so its figures are its own; each side embeds prompt and
+        generated tokens with its own table (the quantized one with the stored quantized table).
+        """
+        from mmedge.export.calibration import holdout_images
+
+        options = builder.options
+        measured: dict[str, dict] = {}
+        encoders = [name for name in ENCODERS if name in quantized]
+        if encoders:
+            pixels = builder.preprocessor(holdout_images())  # [views, 3, height, width]
+            for name in encoders:
+                measured[name] = _encoder_fidelity(name, run, fp32, quantized, pixels)
+                if measured[name]["embedding_cosine_mean"] < options.min_quantized_cosine:
+                    raise ParityError(name, "embeddings", "cosine", measured[name]["embedding_cosine_mean"],
+                                      options.min_quantized_cosine,
+                                      "use more representative --calibration images, --quantization dynamic, or --precision fp16")
+        if "decoder" in quantized:
+            measured["decoder"] = self._decoder_fidelity(fp32, quantized, builder)
+            floor = float(self.setting(options, "min_logits_cosine"))
+            if measured["decoder"]["logits_cosine_mean"] < floor:
+                raise ParityError("decoder", "logits", "cosine", measured["decoder"]["logits_cosine_mean"], floor,
+                                  "use --llm-precision int8 or a smaller --int4-block-size (e.g. 32)")
+        return measured
+
+    def _decoder_fidelity(self, fp32, quantized, builder) -> dict:
+        from mmedge.export.calibration import bundled, load_calibration_image
+
+        options, llm = builder.options, builder.loaded.model.language_model
+        count = int(self.setting(options, "fidelity_images"))
+        pixels = builder.preprocessor([load_calibration_image(p) for p in bundled("holdout")[:count]])
+        prefix = _fp32_prefix(fp32, pixels, options.threads)  # [images, queries, width]
+        precision = options.llm_precision or options.precision
+        reference = _Greedy(fp32["decoder"], embedding_table(llm), kv_cache_layout(llm), options.threads)
+        entry = getattr(builder.loaded, "_blip2_embeddings", None) or self.write_embeddings(builder)
+        table = _load_table(builder.stage / EMBEDDINGS_FILE, entry)
+        candidate = _Greedy(quantized["decoder"], table, kv_cache_layout(llm), options.threads)
+        config = generation_settings(builder.loaded) | {"max_new_tokens": int(self.setting(options, "fidelity_max_new_tokens")),
+                                                        "num_beams": 1, "do_sample": False}
+        cosines, identical, common = [], [], []
+        for prompt in FIDELITY_PROMPTS:
+            ids = _prompt_ids(builder.tokenizer, prompt, config["bos_token_id"], len(pixels))  # [images, tokens]
+            ref_logits, act_logits = reference.prefill_logits(prefix, ids), candidate.prefill_logits(prefix, ids)
+            cosines += cosine_rows(ref_logits, act_logits).tolist()  # one per image: all prompt positions
+            for a, b in zip(reference.generate(prefix, ids, config), candidate.generate(prefix, ids, config)):
+                identical.append(a == b)
+                common.append(_common_prefix(a, b) / max(len(a), 1))
+        return {"reference": "onnx-fp32", "precision": precision, "held_out_images": int(len(pixels)),
+                "prompts": [p or "" for p in FIDELITY_PROMPTS], "sequences": len(identical),
+                "logits_cosine_min": float(min(cosines)), "logits_cosine_mean": float(np.mean(cosines)),
+                "greedy_identical_share": float(np.mean(identical)),
+                "greedy_common_prefix_share": float(np.mean(common)),
+                "max_new_tokens": config["max_new_tokens"], "embeddings": entry["storage"],
+                "generation_loop": _Greedy.loop_name()}
+
+
+# --- helpers -------------------------------------------------------------------------------------
+def generation_settings(loaded) -> dict:
+    """The manifest's ``generation`` object: mmedge.generation.GenerationConfig fields, from the checkpoint."""
+    model = loaded.model
+    text = model.config.text_config
+    hf = model.generation_config
+    settings = {}
+    for key, default in GENERATION_FIELDS.items():
+        value = getattr(hf, key, None)
+        settings[key] = default if value is None else value
+    if getattr(hf, "max_new_tokens", None) is None:
+        settings["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS  # HF's max_length=20 default counts the prompt too
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(hf, key, None)
+        settings[key] = getattr(text, key, None) if value is None else value
+    if isinstance(settings["eos_token_id"], (list, tuple)):
+        settings["eos_token_id"] = [int(t) for t in settings["eos_token_id"]]
+    for key in ("bos_token_id", "pad_token_id", "eos_token_id"):
+        if isinstance(settings[key], (int, np.integer)):
+            settings[key] = int(settings[key])
+    return settings
+
+
+def embedding_table(language_model) -> np.ndarray:
+    """The LLM's input embedding matrix as float32 ``[vocab, width]``."""
+    return language_model.get_input_embeddings().weight.detach().float().cpu().numpy()
+
+
+def embedding_arrays(table: np.ndarray, precision: str, block_size: int) -> tuple[str, dict[str, np.ndarray]]:
+    """(storage name, arrays) for the table at the LLM's precision."""
+    from mmedge.export.int4 import quantize_rows_int4, quantize_rows_int8
+
+    if precision == "int4":
+        return "int4-block", quantize_rows_int4(table, block_size)
+    if precision == "int8":
+        return "int8-per-row", quantize_rows_int8(table)
+    if precision == "fp16":
+        return "float16", {"weight": table.astype(np.float16)}
+    return "float32", {"weight": np.ascontiguousarray(table, dtype=np.float32)}
+
+
+def embedding_entry(language_model, storage: str, arrays: dict[str, np.ndarray], block_size: int) -> dict:
+    vocab, width = language_model.get_input_embeddings().weight.shape
+    output = language_model.get_output_embeddings()
+    tied = output is not None and output.weight.data_ptr() == language_model.get_input_embeddings().weight.data_ptr()
+    formulas = {
+        "float32": "weight",
+        "float16": "weight.astype(float32)",
+        "int8-per-row": "weight.astype(float32) * scales",
+        "int4-block": "q = [weight & 15, weight >> 4] interleaved (even column low nibble) - 8; "
+                      "(q.reshape(rows, blocks, block_size) * scales[..., None]).reshape(rows, -1)[:, :width]",
+    }
+    entry = {"shape": [int(vocab), int(width)], "storage": storage,
+             "arrays": {name: {"dtype": str(a.dtype), "shape": list(a.shape)} for name, a in arrays.items()},
+             "dequantize": formulas[storage], "tied_to_lm_head": bool(tied)}
+    if storage == "int4-block":
+        entry["block_size"] = int(block_size)
+    return entry
+
+
+def _load_table(path: Path, entry: dict) -> np.ndarray:
+    from mmedge.export.int4 import dequantize_rows
+
+    with np.load(path) as data:
+        arrays = {name: data[name] for name in data.files}
+    return dequantize_rows(arrays, entry["storage"], entry["shape"][1], entry.get("block_size"))
+
+
+def _session(path: Path, threads: int | None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _prefill(language_model, prefix: torch.Tensor, layout: dict) -> list[torch.Tensor]:
+    """The KV cache (flat key, value per layer) after running ``prefix [batch, queries, width]`` in PyTorch."""
+    mask = torch.ones(prefix.shape[:2], dtype=torch.long)
+    feeds = decoder_feeds(prefix, mask, None, layout)
+    out = _DecoderWithPast(language_model, layout["layers"]).eval()(*feeds.values())
+    return list(out[1:])
+
+
+def _fp32_prefix(fp32: dict[str, Path], pixels: np.ndarray, threads: int | None) -> np.ndarray:
+    if "prefix" in fp32:
+        return _session(fp32["prefix"], threads).run(["prefix_embeds"], {"pixel_values": pixels})[0]
+    image_embeds = _session(fp32["vision"], threads).run(["image_embeds"], {"pixel_values": pixels})[0]
+    return _session(fp32["qformer"], threads).run(["prefix_embeds"], {"image_embeds": image_embeds})[0]
+
+
+def _encoder_fidelity(name: str, run, fp32, quantized, pixels: np.ndarray) -> dict:
+    """Cosine of the quantized encoder's output vs FP32, on the same inputs (the Q-Former: FP32 image_embeds)."""
+    feeds = {"pixel_values": pixels}
+    if name == "qformer":
+        feeds = {"image_embeds": run(fp32["vision"], feeds)["image_embeds"]}
+    output = "image_embeds" if name == "vision" else "prefix_embeds"
+    cos = cosine_rows(run(fp32[name], feeds)[output], run(quantized[name], feeds)[output])
+    return {"reference": "onnx-fp32", "held_out_images": int(len(pixels)), "output": output,
+            "embedding_cosine_min": float(cos.min()), "embedding_cosine_mean": float(cos.mean())}
+
+
+def _prompt_ids(tokenizer, prompt: str | None, bos_token_id: int, batch: int) -> np.ndarray:
+    """``[batch, tokens]`` ids of ``prompt`` (BOS first); just ``[bos]`` for captioning."""
+    if prompt is None:
+        return np.full((batch, 1), bos_token_id, dtype=np.int64)
+    return tokenizer.encode([prompt] * batch)[0]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class _Greedy:
+    """One decoder graph + its embedding table: prefill logits and greedy continuations, in ONNX Runtime.
+
+    Uses ``mmedge.generation.generate`` over ``OrtDecoder`` when those modules are installed (the device
+    loop itself); otherwise a plain greedy loop with the same KV-cache feeds.
+    """
+
+    def __init__(self, path: Path, table: np.ndarray, layout: dict, threads: int | None):
+        self.session = _session(path, threads)
+        self.table, self.layout = table, layout
+
+    @staticmethod
+    def loop_name() -> str:
+        try:
+            import mmedge.generation  # noqa: F401
+            import mmedge.runtimes.onnxruntime_decoder  # noqa: F401
+        except ImportError:
+            return "export-greedy"
+        return "mmedge.generation"
+
+    def embeds(self, prefix: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        return np.concatenate([prefix, self.table[ids]], axis=1).astype(np.float32)  # [batch, queries + tokens, width]
+
+    def prefill_logits(self, prefix: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        embeds = self.embeds(prefix, ids)
+        feeds = decoder_feeds(torch.from_numpy(embeds), torch.ones(embeds.shape[:2], dtype=torch.long), None, self.layout)
+        return self.session.run(["logits"], {k: v.numpy() for k, v in feeds.items()})[0]  # [batch, tokens, vocab]
+
+    def generate(self, prefix: np.ndarray, ids: np.ndarray, settings: dict) -> list[list[int]]:
+        embeds = self.embeds(prefix, ids)
+        if self.loop_name() == "mmedge.generation":
+            from mmedge.generation import GenerationConfig, generate
+            from mmedge.runtimes.onnxruntime_decoder import OrtDecoder
+
+            decoder = OrtDecoder(self.session, self.table, self.layout, io_binding=False)
+            fields = {k: v for k, v in settings.items() if k in GENERATION_FIELDS or k.endswith("_token_id")}
+            return generate(decoder, embeds, None, GenerationConfig(**fields))
+        return self._plain_greedy(embeds, settings)
+
+    def _plain_greedy(self, embeds: np.ndarray, settings: dict) -> list[list[int]]:
+        eos = settings["eos_token_id"]
+        eos = set(eos if isinstance(eos, list) else [eos])
+        batch = embeds.shape[0]
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+        past, tokens, done = None, [[] for _ in range(batch)], np.zeros(batch, dtype=bool)
+        step = torch.from_numpy(embeds)
+        for _ in range(settings["max_new_tokens"]):
+            feeds = decoder_feeds(step, mask, past, self.layout)
+            out = self.session.run(None, {k: v.numpy() for k, v in feeds.items()})
+            past = [torch.from_numpy(v) for v in out[1:]]
+            next_ids = out[0][:, -1].argmax(axis=-1)  # [batch]
+            for row in np.nonzero(~done)[0]:
+                tokens[row].append(int(next_ids[row]))
+                done[row] = int(next_ids[row]) in eos
+            if done.all():
+                break
+            step = torch.from_numpy(self.table[next_ids][:, None, :].astype(np.float32))  # [batch, 1, width]
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long)], dim=1)
+        return tokens

@@ -1,0 +1,233 @@
+"""INT4 weight-only quantization (MatMulNBits) for decoder LLMs, and INT4/INT8 rows for embedding tables.
+
+Recipe, in order:
+
+1. Fold ``Identity`` nodes that merely forward an initializer (the tracer deduplicates equal
+   constants, e.g. zero biases, that way), so every weight is seen as the constant it is.
+2. Rewrite each ``Gemm`` whose weight is constant into ``MatMul`` (+ ``Add`` for the bias):
+   ``Y = alpha * A @ op(B) + beta * C`` with ``op(B) = B.T`` when ``transB``. PyTorch exports some
+   ``nn.Linear`` layers (OPT's fc1/fc2) as Gemm, which MatMulNBits does not replace.
+3. ``onnxruntime``'s ``MatMulNBitsQuantizer`` (RTN, block-wise along K) turns every MatMul with a
+   constant 2-D weight into ``com.microsoft.MatMulNBits``: 4-bit weights, one float32 scale per
+   ``block_size`` weights (symmetric: no zero points). Attention's activation × activation MatMuls
+   stay float. ``accuracy_level`` is the MatMulNBits compute type on CPU (4 = int8 activations,
+   fastest; 0 = unset, float math).
+
+The embedding table lives outside the graph (``inputs_embeds`` go in); ``quantize_rows_int4`` and
+``quantize_rows_int8`` store it at the same precision; the device reads it back with
+``mmedge.embeddings.dequantize_rows`` (re-exported here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from mmedge.embeddings import dequantize_rows  # noqa: F401  (the device's reader of the tables written here)
+from mmedge.errors import QuantizationError
+
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The quantizer logs per node at INFO; keep the user's terminal readable."""
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def check_int4_settings(block_size: int, accuracy_level: int) -> None:
+    """Raise QuantizationError for a block size or accuracy level MatMulNBits cannot take."""
+    if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
+        raise QuantizationError(f"INT4 block size {block_size!r} is not supported",
+                                "a power of two of at least 16 (32, 64 or 128 are usual)",
+                                "pass --int4-block-size 32 (most accurate) or 128 (smallest)")
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise QuantizationError(f"INT4 accuracy level {accuracy_level!r} is not supported",
+                                "0 (unset), 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8 activations)",
+                                "pass --int4-accuracy-level 4 for CPU speed, 0 for float math")
+
+
+def quantize_int4(source: Path, dest: Path, *, block_size: int = 32, accuracy_level: int = 4,
+                  symmetric: bool = True) -> dict:
+    """Quantize the float MatMul/Gemm weights of ``source`` to 4 bits into ``dest``; returns the manifest recipe."""
+    import onnx
+
+    check_int4_settings(block_size, accuracy_level)
+    try:
+        model = onnx.load(str(source))
+        folded = fold_initializer_identities(model.graph)
+        rewritten = gemm_to_matmul(model.graph)
+        model = _matmul_nbits(model, block_size, accuracy_level, symmetric)
+        save_model(model, Path(dest))
+    except QuantizationError:
+        raise
+    except Exception as exc:
+        raise QuantizationError(f"INT4 weight-only quantization of '{Path(source).name}' failed "
+                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''})",
+                                "a float32 ONNX graph with MatMul/Gemm weights as initializers",
+                                "export --llm-precision int8 or fp32 meanwhile, and report this with the model id") from exc
+    ops = [n.op_type for n in model.graph.node]
+    return {
+        "method": "int4-weight-only", "format": "MatMulNBits", "algorithm": "rtn", "bits": 4,
+        "block_size": block_size, "accuracy_level": accuracy_level, "symmetric": symmetric,
+        "scales": "float32 per block", "activations": "float32" if accuracy_level in (0, 1) else
+        {2: "float16", 3: "bfloat16", 4: "int8 (dynamic, per block)"}[accuracy_level],
+        "quantized_matmuls": ops.count("MatMulNBits"), "gemm_rewritten": rewritten, "identities_folded": folded,
+        "float_weight_matmuls": float_weight_matmuls(model.graph),
+    }
+
+
+def _matmul_nbits(model, block_size: int, accuracy_level: int, symmetric: bool):
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
+                                          accuracy_level=accuracy_level or None, op_types_to_quantize=("MatMul",),
+                                          quant_axes=(("MatMul", 0),), bits=4)
+    quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+    with _quiet():
+        quantizer.process()
+    return quantizer.model.model
+
+
+def save_model(model, dest: Path) -> Path:
+    """Save ``model``, weights in ``<name>.data`` beside it when they pass protobuf's 2 GB limit."""
+    from mmedge.export.onnx_export import save_graph
+
+    return save_graph(model, dest)
+
+
+# --- graph rewrites ------------------------------------------------------------------------------
+def _initializers(graph) -> dict:
+    return {t.name: t for t in graph.initializer}
+
+
+def _constant_array(name: str, graph, producers: dict | None = None) -> np.ndarray | None:
+    """The value of ``name`` when it is an initializer or a Constant node's output; None otherwise."""
+    from onnx import numpy_helper
+
+    inits = _initializers(graph)
+    if name in inits:
+        return numpy_helper.to_array(inits[name])
+    producers = producers if producers is not None else {o: n for n in graph.node for o in n.output}
+    node = producers.get(name)
+    if node is not None and node.op_type == "Constant":
+        for attr in node.attribute:
+            if attr.name == "value":
+                return numpy_helper.to_array(attr.t)
+    if node is not None and node.op_type == "Identity":
+        return _constant_array(node.input[0], graph, producers)
+    return None
+
+
+def fold_initializer_identities(graph) -> int:
+    """Point consumers of ``Identity(initializer)`` at the initializer itself. Returns how many were folded."""
+    inits = _initializers(graph)
+    outputs = {o.name for o in graph.output}
+    alias = {n.output[0]: n.input[0] for n in graph.node
+             if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outputs}
+    if not alias:
+        return 0
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+    keep = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    del graph.node[:]
+    graph.node.extend(keep)
+    return len(alias)
+
+
+def gemm_to_matmul(graph) -> int:
+    """Replace every Gemm with a constant weight (and transA = 0) by MatMul [+ Add]. Returns the count."""
+    from onnx import helper, numpy_helper
+
+    producers = {o: n for n in graph.node for o in n.output}
+    new_nodes, rewritten, made = [], 0, {}
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        weight = _constant_array(node.input[1], graph, producers) if node.op_type == "Gemm" else None
+        if weight is None or attrs.get("transA", 0) or weight.ndim != 2:
+            new_nodes.append(node)
+            continue
+        alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+        key = (node.input[1], attrs.get("transB", 0), alpha)
+        if key not in made:
+            matrix = (weight.T if attrs.get("transB", 0) else weight) * np.float32(alpha)  # [K, N]
+            made[key] = f"{node.input[1]}_matmul_{len(made)}"
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(matrix, dtype=weight.dtype), made[key]))
+        base = node.name or f"gemm_{rewritten}"
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        matmul_out = f"{node.output[0]}_matmul" if bias else node.output[0]
+        new_nodes.append(helper.make_node("MatMul", [node.input[0], made[key]], [matmul_out], name=f"{base}_MatMul"))
+        if bias:
+            if beta != 1.0:
+                scaled = _constant_array(bias, graph, producers)
+                bias = f"{bias}_beta_{rewritten}"
+                graph.initializer.append(numpy_helper.from_array((scaled * np.float32(beta)).astype(scaled.dtype), bias))
+            new_nodes.append(helper.make_node("Add", [matmul_out, bias], [node.output[0]], name=f"{base}_Add"))
+        rewritten += 1
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    _drop_unused_initializers(graph)
+    return rewritten
+
+
+def _drop_unused_initializers(graph) -> None:
+    used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def float_weight_matmuls(graph) -> list[str]:
+    """Names of MatMul/Gemm nodes that still multiply by a constant float weight (none after INT4)."""
+    producers = {o: n for n in graph.node for o in n.output}
+    left = []
+    for node in graph.node:
+        if node.op_type in ("MatMul", "Gemm"):
+            weight = _constant_array(node.input[1], graph, producers)
+            if weight is not None and weight.dtype.kind == "f":
+                left.append(node.name)
+    return left
+
+
+# --- embedding tables (outside the graph) --------------------------------------------------------
+def quantize_rows_int8(table: np.ndarray) -> dict[str, np.ndarray]:
+    """Symmetric INT8 per row: ``weight`` int8 [rows, width], ``scales`` float32 [rows, 1]."""
+    table = np.asarray(table, dtype=np.float32)  # [rows, width]
+    scales = np.abs(table).max(axis=1, keepdims=True) / 127.0  # [rows, 1]
+    safe = np.where(scales == 0, 1.0, scales)
+    weight = np.clip(np.rint(table / safe), -127, 127).astype(np.int8)
+    return {"weight": weight, "scales": scales.astype(np.float32)}
+
+
+def quantize_rows_int4(table: np.ndarray, block_size: int) -> dict[str, np.ndarray]:
+    """Symmetric INT4 in blocks of ``block_size`` along each row, the MatMulNBits way.
+
+    Per block, the value of largest magnitude ``m`` sets ``scale = m / -8`` (so it maps to -8 exactly),
+    ``q = clip(round(x / scale), -8, 7)``. Stored: ``weight`` uint8 [rows, padded_width / 2] holding
+    ``q + 8``, two per byte, the even column in the low nibble; ``scales`` float32 [rows, blocks].
+    """
+    table = np.asarray(table, dtype=np.float32)  # [rows, width]
+    rows, width = table.shape
+    blocks = -(-width // block_size)
+    padded = np.zeros((rows, blocks * block_size), dtype=np.float32)
+    padded[:, :width] = table
+    grouped = padded.reshape(rows, blocks, block_size)  # [rows, blocks, block]
+    index = np.abs(grouped).argmax(axis=2)[..., None]
+    scales = np.take_along_axis(grouped, index, axis=2) / -8.0  # [rows, blocks, 1]
+    safe = np.where(scales == 0, 1.0, scales)
+    q = (np.clip(np.rint(grouped / safe), -8, 7).astype(np.int16) + 8).astype(np.uint8).reshape(rows, -1)
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)  # [rows, padded_width / 2]
+    return {"weight": packed, "scales": scales[..., 0].astype(np.float32)}

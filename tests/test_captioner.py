@@ -1,0 +1,112 @@
+"""Captioner on tiny BLIP-2 artifacts: token-identical to transformers' generate, streaming, sampling, CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mmedge
+from mmedge.cli import main
+from mmedge.errors import InputError
+from mmedge.pipelines import Captioner
+
+VQA = "Question: what is in the picture? Answer:"
+
+
+@pytest.fixture(scope="module")
+def blip2_artifact(tiny_blip2_dir, tmp_path_factory):
+    from mmedge.export import export_model
+
+    return export_model(str(tiny_blip2_dir), tmp_path_factory.mktemp("b2") / "fp32", progress=False)
+
+
+@pytest.fixture(scope="module")
+def captioner(blip2_artifact):
+    with mmedge.load(blip2_artifact, threads=1) as pipeline:
+        yield pipeline
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_blip2_dir):
+    from transformers import AutoProcessor, Blip2ForConditionalGeneration
+
+    return Blip2ForConditionalGeneration.from_pretrained(tiny_blip2_dir).eval(), AutoProcessor.from_pretrained(tiny_blip2_dir)
+
+
+def hf_text(hf, photo, prompt=None, **generation):
+    model, processor = hf
+    inputs = processor(images=Image.open(photo).convert("RGB"), text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=False, **generation)
+    new = out[0, inputs["input_ids"].shape[1]:] if "input_ids" in inputs else out[0]  # HF echoes given ids
+    return processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("prompt", [None, VQA])
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_token_identical_to_transformers_generate(captioner, hf, photos, prompt, num_beams):
+    for photo in photos[:3]:
+        expected = hf_text(hf, photo, prompt, max_new_tokens=12, num_beams=num_beams)
+        assert captioner.caption(photo, prompt, max_new_tokens=12, num_beams=num_beams) == expected
+
+
+def test_ask_uses_blip2_question_prompt(captioner, hf, photos):
+    assert captioner.ask(photos[0], "what is in the picture?", max_new_tokens=8) == hf_text(hf, photos[0], VQA, max_new_tokens=8)
+
+
+def test_batch_equals_single(captioner, photos):
+    batch = captioner.caption(photos[:3], max_new_tokens=10)
+    assert batch == [captioner.caption(p, max_new_tokens=10) for p in photos[:3]]
+
+
+def test_stream_joins_to_caption(captioner, photos):
+    for beams in (1, 2):
+        pieces = list(captioner.stream(photos[1], max_new_tokens=14, num_beams=beams))
+        assert "".join(pieces) == captioner.caption(photos[1], max_new_tokens=14, num_beams=beams)
+    assert len(list(captioner.stream(photos[1], max_new_tokens=14))) > 1  # really incremental
+
+
+def test_sampling_reproducible_under_seed(captioner, photos):
+    kwargs = dict(max_new_tokens=12, do_sample=True, top_p=0.9, temperature=1.3)
+    first = captioner.caption(photos[0], seed=7, **kwargs)
+    assert captioner.caption(photos[0], seed=7, **kwargs) == first
+    assert any(captioner.caption(photos[0], seed=s, **kwargs) != first for s in range(8, 14))
+
+
+@pytest.mark.parametrize("settings,match", [
+    ({"max_new_tokens": 0}, "max_new_tokens"), ({"max_new_tokens": 10**6}, "max_new_tokens"),
+    ({"do_sample": True, "top_p": 1.5}, "top_p"), ({"num_beams": 0}, "num_beams"), ({"colour": "red"}, "unknown"),
+])
+def test_absurd_generation_settings(captioner, photos, settings, match):
+    with pytest.raises(InputError, match=match):
+        captioner.caption(photos[0], **settings)
+
+
+def test_bad_prompts(captioner, photos):
+    with pytest.raises(InputError, match="question is empty"):
+        captioner.ask(photos[0], "  ")
+    with pytest.raises(InputError, match="one image"):
+        next(captioner.stream(photos[:2]))
+
+
+def test_cli_caption_and_stream(blip2_artifact, photos, capsys):
+    assert main(["run", str(blip2_artifact), photos[0], "--max-new-tokens", "6", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["image"] == photos[0] and row["prompt"] is None and isinstance(row["text"], str)
+    assert main(["run", str(blip2_artifact), photos[0], "--max-new-tokens", "6", "--stream"]) == 0
+    assert capsys.readouterr().out.strip() == f"{photos[0]}: {row['text']}".strip()
+    assert main(["run", str(blip2_artifact), photos[0], "--question", "what is it?", "--max-new-tokens", "4"]) == 0
+    assert main(["run", str(blip2_artifact), photos[0], "--max-new-tokens", "-1"]) == 2
+
+
+def test_validate_covers_the_decoder(blip2_artifact, capsys):
+    assert main(["validate", str(blip2_artifact)]) == 0
+    out = capsys.readouterr().out
+    assert "decoder.logits [fp32, onnxruntime]" in out and "prefix.prefix_embeds" in out
+
+
+def test_load_returns_captioner(blip2_artifact):
+    pipeline = mmedge.load(blip2_artifact, task="vqa")
+    assert isinstance(pipeline, Captioner) and pipeline.embeddings.shape[1] == pipeline.prefix(np.zeros((8, 8, 3), np.uint8)).shape[2]

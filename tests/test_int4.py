@@ -1,0 +1,164 @@
+"""INT4 weight-only quantization (MatMulNBits) of the tiny BLIP-2's decoder graph, and the Gemm rewrite it relies on."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from transformers import Blip2ForConditionalGeneration
+
+from mmedge.errors import QuantizationError
+from mmedge.export.int4 import (
+    dequantize_rows,
+    float_weight_matmuls,
+    gemm_to_matmul,
+    quantize_int4,
+    quantize_rows_int4,
+    quantize_rows_int8,
+)
+from mmedge.export.onnx_export import export_spec, run_onnx
+from mmedge.export.specs.blip2 import DecoderWithPast, _FusedPrefix, decoder_feeds
+from mmedge.metrics import compare
+
+
+@pytest.fixture(scope="module")
+def model(tiny_blip2_dir):
+    return Blip2ForConditionalGeneration.from_pretrained(tiny_blip2_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def fp32_decoder(model, tmp_path_factory):
+    spec = DecoderWithPast(model.language_model)
+    return export_spec(spec, tmp_path_factory.mktemp("int4") / "decoder.onnx")
+
+
+@pytest.fixture(scope="module")
+def quantized(fp32_decoder, tmp_path_factory):
+    """Quantize once per (block size, accuracy level); returns (path, recipe)."""
+    made = {}
+
+    def get(block_size=32, accuracy_level=4):
+        key = (block_size, accuracy_level)
+        if key not in made:
+            dest = tmp_path_factory.mktemp("int4") / f"decoder-{block_size}-{accuracy_level}.onnx"
+            made[key] = dest, quantize_int4(fp32_decoder, dest, block_size=block_size, accuracy_level=accuracy_level)
+        return made[key]
+
+    return get
+
+
+def prompt_feeds(model) -> dict[str, np.ndarray]:
+    """A realistic prefill: two random-image prefixes then an embedded prompt ([2, queries + 8, width])."""
+    generator = torch.Generator().manual_seed(0)
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(2, 3, size, size, generator=generator)  # [2, 3, H, W]
+    ids = torch.tensor([[2, 312, 29, 342, 303, 541, 34, 321]] * 2)  # </s>Question: what is it? Answer
+    with torch.no_grad():
+        prefix = _FusedPrefix(model)(pixels)  # [2, queries, width]
+        embeds = torch.cat([prefix, model.language_model.get_input_embeddings()(ids)], dim=1)
+    layout = DecoderWithPast(model.language_model).kv_cache
+    feeds = decoder_feeds(embeds, torch.ones(embeds.shape[:2], dtype=torch.long), None, layout)
+    return {k: v.numpy() for k, v in feeds.items()}
+
+
+def test_no_float_weight_matmul_is_left_in_the_llm(quantized, model):
+    path, recipe = quantized()
+    graph = onnx.load(str(path)).graph
+    layers = model.config.text_config.num_hidden_layers
+    assert float_weight_matmuls(graph) == [] and recipe["float_weight_matmuls"] == []
+    assert not [n.name for n in graph.node if n.op_type == "Gemm"]
+    left = [n.name for n in graph.node if n.op_type == "MatMul"]
+    # only attention's activation × activation products remain: scores (Q·Kᵀ) and weighted values, per layer
+    assert len(left) == 2 * layers and all("/self_attn/" in name for name in left), left
+    inits = {t.name for t in graph.initializer}
+    assert all(i not in inits for n in graph.node if n.op_type == "MatMul" for i in n.input)
+    # q, k, v, out_proj, fc1, fc2 per layer, and lm_head
+    assert recipe["quantized_matmuls"] == 6 * layers + 1 == sum(n.op_type == "MatMulNBits" for n in graph.node)
+    assert recipe["gemm_rewritten"] == 2 * layers  # OPT's fc1 / fc2 are traced as Gemm
+
+
+@pytest.mark.parametrize("block_size,accuracy_level", [(32, 4), (16, 0), (64, 4)])
+def test_block_size_and_accuracy_level_are_selectable_and_recorded(quantized, block_size, accuracy_level):
+    path, recipe = quantized(block_size, accuracy_level)
+    assert recipe["block_size"] == block_size and recipe["accuracy_level"] == accuracy_level
+    assert recipe["method"] == "int4-weight-only" and recipe["format"] == "MatMulNBits" and recipe["symmetric"]
+    for node in onnx.load(str(path)).graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            assert attrs["block_size"] == block_size and attrs["bits"] == 4
+            assert attrs.get("accuracy_level", 0) == accuracy_level
+
+
+@pytest.mark.parametrize("block_size,accuracy_level", [(24, 4), (8, 4), (32, 7)])
+def test_bad_settings_are_refused(fp32_decoder, tmp_path, block_size, accuracy_level):
+    with pytest.raises(QuantizationError, match="block size|accuracy level"):
+        quantize_int4(fp32_decoder, tmp_path / "q.onnx", block_size=block_size, accuracy_level=accuracy_level)
+
+
+def test_not_a_graph_is_a_quantization_error(tmp_path):
+    (tmp_path / "bad.onnx").write_bytes(b"not onnx")
+    with pytest.raises(QuantizationError, match="INT4 weight-only quantization of 'bad.onnx' failed"):
+        quantize_int4(tmp_path / "bad.onnx", tmp_path / "q.onnx")
+
+
+def test_int4_logits_stay_close_to_fp32(quantized, fp32_decoder, model):
+    feeds = prompt_feeds(model)
+    reference = run_onnx(fp32_decoder, feeds)
+    for settings in ((32, 4), (32, 0)):
+        actual = run_onnx(quantized(*settings)[0], feeds)
+        logits = compare(reference["logits"], actual["logits"])
+        assert logits["cosine"] >= 0.95, (settings, logits)
+        assert compare(reference["present.0.key"], actual["present.0.key"])["cosine"] >= 0.99
+
+
+def test_int4_file_is_smaller(quantized, fp32_decoder):
+    fp32 = fp32_decoder.stat().st_size
+    sizes = {bs: quantized(bs, 4)[0].stat().st_size for bs in (16, 32, 64)}
+    assert sizes[64] < sizes[32] < sizes[16] < 0.4 * fp32, (fp32, sizes)
+
+
+def test_embedding_rows_match_matmulnbits_blocks_of_the_tied_lm_head(quantized, model):
+    """The INT4 embedding table stored beside the graph is bit for bit the lm_head's MatMulNBits weight."""
+    graph = onnx.load(str(quantized(32, 4)[0])).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    head = next(n for n in graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.name)
+    table = model.language_model.get_input_embeddings().weight.detach().numpy()  # [vocab, width]
+    rows = quantize_rows_int4(table, 32)
+    packed = inits[head.input[1]]  # [vocab, blocks, 16]
+    assert np.array_equal(packed.reshape(len(table), -1), rows["weight"])
+    np.testing.assert_allclose(inits[head.input[2]].reshape(rows["scales"].shape), rows["scales"], rtol=1e-6)
+
+
+def test_embedding_row_codecs_round_trip():
+    table = np.random.default_rng(0).standard_normal((50, 70)).astype(np.float32)
+    for storage, arrays, tolerance in (("int4-block", quantize_rows_int4(table, 32), 0.99),
+                                       ("int8-per-row", quantize_rows_int8(table), 0.9999)):
+        restored = dequantize_rows(arrays, storage, 70, 32)
+        assert restored.shape == table.shape and compare(table, restored)["cosine"] >= tolerance
+        picked = np.array([[3, 1], [0, 49]])
+        np.testing.assert_array_equal(dequantize_rows(arrays, storage, 70, 32, rows=picked), restored[picked])
+
+
+def _gemm_graph(trans_b: int, alpha: float, beta: float) -> onnx.ModelProto:
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((5, 4) if trans_b else (4, 5)).astype(np.float32)
+    bias = rng.standard_normal(5).astype(np.float32)
+    node = helper.make_node("Gemm", ["x", "w", "b_alias"], ["y"], name="fc", transB=trans_b, alpha=alpha, beta=beta)
+    alias = helper.make_node("Identity", ["b"], ["b_alias"], name="dedup")  # how the tracer shares equal constants
+    graph = helper.make_graph([alias, node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 5])],
+                              [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("trans_b,alpha,beta", [(1, 1.0, 1.0), (0, 0.5, 2.0)])
+def test_gemm_rewrite_is_exact(tmp_path, trans_b, alpha, beta):
+    model = _gemm_graph(trans_b, alpha, beta)
+    onnx.save(model, str(tmp_path / "gemm.onnx"))
+    assert gemm_to_matmul(model.graph) == 1
+    assert [n.op_type for n in model.graph.node] == ["Identity", "MatMul", "Add"]
+    onnx.checker.check_model(model)
+    onnx.save(model, str(tmp_path / "matmul.onnx"))
+    x = np.random.default_rng(2).standard_normal((3, 4)).astype(np.float32)
+    np.testing.assert_allclose(run_onnx(tmp_path / "matmul.onnx", {"x": x})["y"],
+                               run_onnx(tmp_path / "gemm.onnx", {"x": x})["y"], rtol=1e-6, atol=1e-6)
