@@ -125,6 +125,7 @@ class ArtifactBuilder:
             self.tokenizer = TextTokenizer.from_file(stage / TOKENIZER_FILE, self.tokenizer_settings)
         self.fp32_paths: dict[str, Path] = {}
         self.entries: dict[str, dict] = {}
+        family.write_files(self)
 
     def precision_of(self, spec) -> str:
         return self.family.precision_of(spec, self.options)

@@ -98,6 +98,9 @@ class ClipFamily:
     def needs_tokenizer(self, options) -> bool:
         return not options.labels
 
+    def write_files(self, builder) -> None:
+        """Nothing beside the graphs but the tokenizer, which the builder writes."""
+
     @staticmethod
     def precision_of(spec, options) -> str:
         return options.precision
