@@ -20,30 +20,15 @@ The embedding table lives outside the graph (``inputs_embeds`` go in); ``quantiz
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 from pathlib import Path
 
 import numpy as np
 
-from mmedge.embeddings import dequantize_rows  # noqa: F401  (the device's reader of the tables written here)
+from mmedge.embeddings import dequantize_rows  # noqa: F401  re-exported: the device-side reader of these tables
 from mmedge.errors import QuantizationError
+from mmedge.export.quantize import quiet as _quiet
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
-
-
-@contextlib.contextmanager
-def _quiet():
-    """The quantizer logs per node at INFO; keep the user's terminal readable."""
-    logger = logging.getLogger()
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        logger.setLevel(level)
 
 
 def check_int4_settings(block_size: int, accuracy_level: int) -> None:

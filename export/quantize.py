@@ -33,7 +33,7 @@ CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """onnxruntime.quantization logs per node at INFO and prints tips; keep the user's terminal readable."""
     logger = logging.getLogger()
     level = logger.level
@@ -55,7 +55,7 @@ def _prepared(source: Path) -> Iterator[Path]:
     large = external_data_path(source) is not None
     with tempfile.TemporaryDirectory(dir=source.parent) as tmp:
         prepared = Path(tmp) / "prepared.onnx"
-        with _quiet():
+        with quiet():
             quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True, skip_optimization=large,
                               save_as_external_data=large, all_tensors_to_one_file=True,
                               external_data_location="prepared.onnx.data")
@@ -72,7 +72,7 @@ def quantize_int8_dynamic(source: Path, dest: Path) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     try:
-        with _prepared(source) as prepared, _quiet():
+        with _prepared(source) as prepared, quiet():
             quantize_dynamic(
                 prepared, dest, op_types_to_quantize=list(DYNAMIC_OPS), per_channel=True,
                 weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True},
@@ -113,7 +113,7 @@ def quantize_int8_static(source: Path, dest: Path, calibration: Iterable[dict[st
                                 "pass --calibration-method minmax|percentile|entropy")
     reader = _Reader(calibration)
     try:
-        with _prepared(source) as prepared, _quiet():
+        with _prepared(source) as prepared, quiet():
             quantize_static(
                 prepared, dest, reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(STATIC_OPS),
                 per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
@@ -141,7 +141,7 @@ def convert_fp16(source: Path, dest: Path) -> dict:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     try:
-        with _quiet():
+        with quiet():
             graph = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
         onnx.save(graph, str(dest))
     except Exception as exc:

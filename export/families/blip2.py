@@ -293,7 +293,7 @@ class Blip2Family:
                 "greedy_identical_share": float(np.mean(identical)),
                 "greedy_common_prefix_share": float(np.mean(common)),
                 "max_new_tokens": config["max_new_tokens"], "embeddings": entry["storage"],
-                "generation_loop": _Greedy.loop_name()}
+                "generation_loop": "mmedge.generation"}
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -417,24 +417,12 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class _Greedy:
-    """One decoder graph + its embedding table: prefill logits and greedy continuations, in ONNX Runtime.
-
-    Uses ``mmedge.generation.generate`` over ``OrtDecoder`` when those modules are installed (the device
-    loop itself); otherwise a plain greedy loop with the same KV-cache feeds.
-    """
+    """One decoder graph + its embedding table: prefill logits, and greedy continuations through the
+    device's own loop (``mmedge.generation.generate`` over ``OrtDecoder``)."""
 
     def __init__(self, path: Path, table: np.ndarray, layout: dict, threads: int | None):
         self.session = _session(path, threads)
         self.table, self.layout = table, layout
-
-    @staticmethod
-    def loop_name() -> str:
-        try:
-            import mmedge.generation  # noqa: F401
-            import mmedge.runtimes.onnxruntime_decoder  # noqa: F401
-        except ImportError:
-            return "export-greedy"
-        return "mmedge.generation"
 
     def embeds(self, prefix: np.ndarray, ids: np.ndarray) -> np.ndarray:
         return np.concatenate([prefix, self.table[ids]], axis=1).astype(np.float32)  # [batch, queries + tokens, width]
@@ -445,33 +433,9 @@ class _Greedy:
         return self.session.run(["logits"], {k: v.numpy() for k, v in feeds.items()})[0]  # [batch, tokens, vocab]
 
     def generate(self, prefix: np.ndarray, ids: np.ndarray, settings: dict) -> list[list[int]]:
-        embeds = self.embeds(prefix, ids)
-        if self.loop_name() == "mmedge.generation":
-            from mmedge.generation import GenerationConfig, generate
-            from mmedge.runtimes.onnxruntime_decoder import OrtDecoder
+        from mmedge.generation import GenerationConfig, generate
+        from mmedge.runtimes.onnxruntime_decoder import OrtDecoder
 
-            decoder = OrtDecoder(self.session, self.table, self.layout, io_binding=False)
-            fields = {k: v for k, v in settings.items() if k in GENERATION_FIELDS or k.endswith("_token_id")}
-            return generate(decoder, embeds, None, GenerationConfig(**fields))
-        return self._plain_greedy(embeds, settings)
-
-    def _plain_greedy(self, embeds: np.ndarray, settings: dict) -> list[list[int]]:
-        eos = settings["eos_token_id"]
-        eos = set(eos if isinstance(eos, list) else [eos])
-        batch = embeds.shape[0]
-        mask = torch.ones(embeds.shape[:2], dtype=torch.long)
-        past, tokens, done = None, [[] for _ in range(batch)], np.zeros(batch, dtype=bool)
-        step = torch.from_numpy(embeds)
-        for _ in range(settings["max_new_tokens"]):
-            feeds = decoder_feeds(step, mask, past, self.layout)
-            out = self.session.run(None, {k: v.numpy() for k, v in feeds.items()})
-            past = [torch.from_numpy(v) for v in out[1:]]
-            next_ids = out[0][:, -1].argmax(axis=-1)  # [batch]
-            for row in np.nonzero(~done)[0]:
-                tokens[row].append(int(next_ids[row]))
-                done[row] = int(next_ids[row]) in eos
-            if done.all():
-                break
-            step = torch.from_numpy(self.table[next_ids][:, None, :].astype(np.float32))  # [batch, 1, width]
-            mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long)], dim=1)
-        return tokens
+        decoder = OrtDecoder(self.session, self.table, self.layout, io_binding=False)
+        fields = {k: v for k, v in settings.items() if k in GENERATION_FIELDS or k.endswith("_token_id")}
+        return generate(decoder, self.embeds(prefix, ids), None, GenerationConfig(**fields))
