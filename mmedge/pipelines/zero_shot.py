@@ -117,25 +117,27 @@ class ZeroShotClassifier(ClipPipeline):
 
     def probabilities(self, images, labels: Sequence[str] | None = None, templates: Sequence[str] | None = None) -> np.ndarray:
         """Label probabilities [images, labels] for one image or a list of images."""
-        labels = self._labels_for_call(labels, templates)
+        return self._probabilities(images, self._labels_for_call(labels, templates), templates)
+
+    def __call__(self, images, labels: Sequence[str] | None = None, templates: Sequence[str] | None = None,
+                 top_k: int | None = None):
+        single = not isinstance(images, (list, tuple))
+        names = self._labels_for_call(labels, templates)
+        k = len(names) if top_k is None else self._check_top_k(top_k, len(names))
+        probs = self._probabilities(images, names, templates)  # [images, labels]
+        results = []
+        for row in probs:
+            order = np.argsort(-row, kind="stable")[:k]
+            results.append([{"label": names[i], "score": float(row[i])} for i in order])
+        return results[0] if single else results
+
+    def _probabilities(self, images, labels: list[str], templates) -> np.ndarray:
         pixels = self._pixels(images)  # [batch, 3, height, width]
         if self.fused:
             return self._batched("zero_shot", pixels, "probs")
         image_embeds = l2_normalize(self._batched("vision", pixels, "image_embeds"))  # [batch, dim]
         logits = self.logit_scale * image_embeds @ self.label_bank(labels, templates).T  # [batch, labels]
         return softmax(logits)
-
-    def __call__(self, images, labels: Sequence[str] | None = None, templates: Sequence[str] | None = None,
-                 top_k: int | None = None):
-        single = not isinstance(images, (list, tuple))
-        probs = self.probabilities(images, labels, templates)
-        names = self._labels_for_call(labels, templates)
-        k = len(names) if top_k is None else self._check_top_k(top_k, len(names))
-        results = []
-        for row in probs:
-            order = np.argsort(-row, kind="stable")[:k]
-            results.append([{"label": names[i], "score": float(row[i])} for i in order])
-        return results[0] if single else results
 
     classify = __call__
 
