@@ -208,3 +208,15 @@ def fmt_mib(nbytes: int | None) -> str | None:
 def ratio(value: float | None, reference: float | None) -> float | None:
     """``value / reference``, or None when either is missing."""
     return None if value is None or not reference else value / reference
+
+
+def error_text(exc: BaseException) -> str:
+    """The full traceback of ``exc``, for the JSON file and the report."""
+    import traceback
+
+    return "".join(traceback.format_exception(exc)).rstrip()
+
+
+def first_line(error: str) -> str:
+    """The exception line of a traceback (its last line)."""
+    return error.splitlines()[-1][:300]

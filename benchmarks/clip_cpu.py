@@ -23,7 +23,6 @@ import argparse
 import json
 import sys
 import time
-import traceback
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from _common import (ChildResult, cpu_ticks, fmt_mib, fmt_ms, fmt_ratio, machine_info, markdown_table,
+from _common import (ChildResult, error_text, first_line, cpu_ticks, fmt_mib, fmt_ms, fmt_ratio, machine_info, markdown_table,
                      package_versions, ratio, run_child, steal_share, time_call, write_json)
 
 MODEL = "openai/clip-vit-base-patch32"
@@ -100,16 +99,6 @@ def make_variants(int8_recipe: str) -> list[Variant]:
         Variant("fused-fp32", "fp32", None, True),
         Variant(f"fused-int8-{int8_recipe}", "int8", int8_recipe, True),
     ]
-
-
-def error_text(exc: BaseException) -> str:
-    """The full traceback of ``exc``, for the JSON file and the report."""
-    return "".join(traceback.format_exception(exc)).rstrip()
-
-
-def first_line(error: str) -> str:
-    """The exception line of a traceback (its last line)."""
-    return error.splitlines()[-1][:300]
 
 
 # --- exports -----------------------------------------------------------------------------------------
