@@ -220,3 +220,38 @@ def error_text(exc: BaseException) -> str:
 def first_line(error: str) -> str:
     """The exception line of a traceback (its last line)."""
     return error.splitlines()[-1][:300]
+
+
+def export_once(name: str, folder: Path, cached: bool, export: Callable[[], Any]) -> dict:
+    """Run ``export()`` unless ``cached``; returns status, seconds and the traceback of any failure."""
+    if cached:
+        return {"path": str(folder), "cached": True, "seconds": 0.0, "error": None}
+    print(f"exporting {name} -> {folder}", file=sys.stderr)
+    start = time.perf_counter()
+    try:
+        export()
+        error = None
+    except Exception as exc:  # a failed export is recorded and reported; the other variants go on
+        error = error_text(exc)
+        print(f"export of {name} FAILED:\n{error}", file=sys.stderr)
+    return {"path": str(folder), "cached": False, "seconds": round(time.perf_counter() - start, 1), "error": error}
+
+
+def child_summary(child: ChildResult, *, rss_on_failure: bool = True) -> dict:
+    """Peak RSS and wall time of a child, its printed result, or its stderr when it failed."""
+    summary = {"peak_rss_bytes": child.peak_rss_bytes, "wall_s": round(child.wall_s, 1), "returncode": child.returncode}
+    if child.returncode == 0 and child.peak_rss_bytes is not None:
+        summary.update(json.loads(child.stdout.strip().splitlines()[-1]))
+    else:
+        summary["error"] = child.stderr.strip()[-4000:]
+        if not rss_on_failure:
+            summary["peak_rss_bytes"] = None
+    return summary
+
+
+def fmt_cos(value: float | None) -> str | None:
+    return None if value is None else f"{value:.5f}"
+
+
+def fmt_share(value: float | None) -> str | None:
+    return None if value is None else f"{value:.0%}"

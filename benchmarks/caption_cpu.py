@@ -37,8 +37,9 @@ from typing import Any, Callable
 
 from PIL import Image
 
-from _common import (ChildResult, error_text, first_line, cpu_ticks, fmt_mib, fmt_ms, fmt_ratio, machine_info, markdown_table,
-                     package_versions, ratio, run_child, steal_share, write_json)
+from _common import (child_summary, cpu_ticks, error_text, export_once, first_line, fmt_cos, fmt_mib, fmt_ms,
+                     fmt_ratio, fmt_share, machine_info, markdown_table, package_versions, ratio, run_child,
+                     steal_share, write_json)
 
 MODEL = "mmedge/blip2-vitb-opt125m"
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,22 +116,12 @@ def cached_export_matches(variant: Variant) -> bool:
 
 def ensure_exported(variant: Variant, threads: int, reexport: bool) -> dict:
     """Export ``variant`` unless a matching artifact is cached. Returns status, seconds and any error."""
-    if not reexport and cached_export_matches(variant):
-        return {"path": str(variant.folder), "cached": True, "seconds": 0.0, "error": None}
     from mmedge.export import export_model
 
-    print(f"exporting {variant.name} -> {variant.folder}", file=sys.stderr)
-    start = time.perf_counter()
-    try:
-        export_model(MODEL, variant.folder, random_weights=True, progress=False, overwrite=True, threads=threads,
-                     precision=variant.precision, quantization="dynamic", llm_precision=variant.llm_precision,
-                     int4_block_size=INT4_BLOCK_SIZE, int4_accuracy_level=INT4_ACCURACY_LEVEL)
-        error = None
-    except Exception as exc:  # mmedge's exporter is under active change: record, report, go on
-        error = error_text(exc)
-        print(f"export of {variant.name} FAILED:\n{error}", file=sys.stderr)
-    return {"path": str(variant.folder), "cached": False, "seconds": round(time.perf_counter() - start, 1),
-            "error": error}
+    return export_once(variant.name, variant.folder, not reexport and cached_export_matches(variant), lambda: export_model(
+        MODEL, variant.folder, random_weights=True, progress=False, overwrite=True, threads=threads,
+        precision=variant.precision, quantization="dynamic", llm_precision=variant.llm_precision,
+        int4_block_size=INT4_BLOCK_SIZE, int4_accuracy_level=INT4_ACCURACY_LEVEL))
 
 
 # --- one timed caption ---------------------------------------------------------------------------------
@@ -414,27 +405,17 @@ def hf_child(threads: int) -> None:
     print(json.dumps({"tokens": tokens, "torch_imported": True}))
 
 
-def child_summary(child: ChildResult) -> dict:
-    summary_ = {"peak_rss_bytes": child.peak_rss_bytes, "wall_s": round(child.wall_s, 1), "returncode": child.returncode}
-    if child.returncode == 0 and child.peak_rss_bytes is not None:
-        summary_.update(json.loads(child.stdout.strip().splitlines()[-1]))
-    else:
-        summary_["error"] = child.stderr.strip()[-4000:]
-        summary_["peak_rss_bytes"] = None
-    return summary_
-
-
 def measure_rss(engines: dict[str, dict], threads: int) -> dict:
     """Peak RSS of a fresh process per engine: HF, then each mmedge artifact that was measured."""
     script = [sys.executable, str(Path(__file__).resolve()), "--threads", str(threads)]
     print("peak RSS: HF process", file=sys.stderr)
-    rss = {"hf": child_summary(run_child(script + ["--child", "hf"], timeout_s=300))}
+    rss = {"hf": child_summary(rss_on_failure=False, child=run_child(script + ["--child", "hf"], timeout_s=300))}
     for variant in VARIANTS:
         if "error" in engines[variant.name]:
             rss[variant.name] = {"peak_rss_bytes": None, "error": "not run: the artifact is unavailable"}
             continue
         print(f"peak RSS: mmedge process, {variant.name}", file=sys.stderr)
-        rss[variant.name] = child_summary(run_child(
+        rss[variant.name] = child_summary(rss_on_failure=False, child=run_child(
             script + ["--child", "mmedge", "--artifact", str(variant.folder)], timeout_s=300))
     return rss
 
@@ -496,14 +477,6 @@ def check_targets(hf: dict, engines: dict[str, dict]) -> dict:
 
 def fmt_rate(value: float | None) -> str | None:
     return None if value is None else f"{value:.1f}"
-
-
-def fmt_share(value: float | None) -> str | None:
-    return None if value is None else f"{value:.0%}"
-
-
-def fmt_cos(value: float | None) -> str | None:
-    return None if value is None else f"{value:.5f}"
 
 
 def speed_table(hf: dict, engines: dict[str, dict]) -> str:

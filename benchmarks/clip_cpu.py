@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from _common import (ChildResult, error_text, first_line, cpu_ticks, fmt_mib, fmt_ms, fmt_ratio, machine_info, markdown_table,
-                     package_versions, ratio, run_child, steal_share, time_call, write_json)
+from _common import (child_summary, cpu_ticks, error_text, export_once, first_line, fmt_cos, fmt_mib, fmt_ms,
+                     fmt_ratio, fmt_share, machine_info, markdown_table, package_versions, ratio, run_child,
+                     steal_share, time_call, write_json)
 
 MODEL = "openai/clip-vit-base-patch32"
 LABELS = ["cat", "dog", "astronaut", "cup of coffee", "rocket", "horse", "car", "tree", "building", "bird"]
@@ -121,22 +122,12 @@ def cached_export_matches(variant: Variant) -> bool:
 
 def ensure_exported(variant: Variant, threads: int, reexport: bool) -> dict:
     """Export ``variant`` unless a matching artifact is cached. Returns status, seconds and any error."""
-    if not reexport and cached_export_matches(variant):
-        return {"path": str(variant.folder), "cached": True, "seconds": 0.0, "error": None}
     from mmedge.export import export_model
 
-    print(f"exporting {variant.name} -> {variant.folder}", file=sys.stderr)
-    start = time.perf_counter()
-    try:
-        export_model(MODEL, variant.folder, random_weights=True, precision=variant.precision,
-                     quantization=variant.quantization or "static", task="zero-shot",
-                     labels=LABELS if variant.fused else None, overwrite=True, threads=threads)
-        error = None
-    except Exception as exc:  # mmedge's exporter is under active change: record, report, go on
-        error = error_text(exc)
-        print(f"export of {variant.name} FAILED:\n{error}", file=sys.stderr)
-    return {"path": str(variant.folder), "cached": False, "seconds": round(time.perf_counter() - start, 1),
-            "error": error}
+    return export_once(variant.name, variant.folder, not reexport and cached_export_matches(variant), lambda: export_model(
+        MODEL, variant.folder, random_weights=True, precision=variant.precision,
+        quantization=variant.quantization or "static", task="zero-shot",
+        labels=LABELS if variant.fused else None, overwrite=True, threads=threads))
 
 
 # --- inputs --------------------------------------------------------------------------------------------
@@ -323,16 +314,6 @@ def hf_child(images: list[str], threads: int) -> None:
     print(json.dumps({"top1": top1, "torch_imported": True}))
 
 
-def child_summary(child: ChildResult) -> dict:
-    """Peak RSS and wall time of a child, its printed result, or its stderr when it failed."""
-    summary = {"peak_rss_bytes": child.peak_rss_bytes, "wall_s": round(child.wall_s, 1), "returncode": child.returncode}
-    if child.returncode == 0 and child.peak_rss_bytes is not None:
-        summary.update(json.loads(child.stdout.strip().splitlines()[-1]))
-    else:
-        summary["error"] = child.stderr.strip()[-4000:]
-    return summary
-
-
 def measure_rss(fused_int8: Variant, image_paths: list[str], threads: int) -> dict:
     """Run the device child and the HF child, one after the other, each in a fresh interpreter."""
     script = [sys.executable, str(Path(__file__).resolve()), "--threads", str(threads)]
@@ -370,14 +351,6 @@ def check_targets(hf: dict, engines: dict[str, dict], rss: dict, int8_recipe: st
     return {name: {"what": what, "ratio": measured[name], "limit": limit,
                    "result": "n/a" if measured[name] is None else ("PASS" if measured[name] <= limit else "MISS")}
             for name, (what, limit) in TARGETS.items()}
-
-
-def fmt_cos(value: float | None) -> str | None:
-    return None if value is None else f"{value:.5f}"
-
-
-def fmt_share(value: float | None) -> str | None:
-    return None if value is None else f"{value:.0%}"
 
 
 def latency_cells(result: dict, hf: dict, key: str) -> list:
