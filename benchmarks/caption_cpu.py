@@ -40,6 +40,7 @@ from PIL import Image
 from _common import (child_summary, cpu_ticks, error_text, export_once, first_line, fmt_cos, fmt_mib, fmt_ms,
                      fmt_ratio, fmt_share, machine_info, markdown_table, package_versions, ratio, run_child,
                      steal_share, write_json)
+from mmedge.metrics import common_prefix
 
 MODEL = "mmedge/blip2-vitb-opt125m"
 ROOT = Path(__file__).resolve().parent.parent
@@ -423,15 +424,6 @@ def measure_rss(engines: dict[str, dict], threads: int) -> dict:
 # --- derived figures, targets and tables --------------------------------------------------------------------------
 def median(result: dict, key: str) -> float | None:
     return result[key]["median"] if key in result else None
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def derive(hf: dict, engines: dict[str, dict], rss: dict, bandwidth_gbps: float) -> None:

@@ -34,3 +34,13 @@ def compare_outputs(reference: dict[str, np.ndarray], actual: dict[str, np.ndarr
 def top1_agreement(reference_scores: np.ndarray, actual_scores: np.ndarray) -> float:
     """Share of rows whose arg-max class is the same in both [batch, classes] score arrays."""
     return float(np.mean(np.argmax(reference_scores, axis=-1) == np.argmax(actual_scores, axis=-1)))
+
+
+def common_prefix(reference: list[int], actual: list[int]) -> int:
+    """How many leading tokens two generated sequences share."""
+    shared = 0
+    for ref, act in zip(reference, actual):
+        if ref != act:
+            break
+        shared += 1
+    return shared

@@ -37,7 +37,7 @@ from mmedge.export.specs.blip2 import (
     decoder_feeds,
     kv_cache_layout,
 )
-from mmedge.metrics import cosine_rows
+from mmedge.metrics import common_prefix, cosine_rows
 
 TASKS = ("caption", "vqa")
 VQA_TEMPLATE = "Question: {} Answer:"
@@ -286,7 +286,7 @@ class Blip2Family:
             cosines += cosine_rows(ref_logits, act_logits).tolist()  # one per image: all prompt positions
             for a, b in zip(reference.generate(prefix, ids, config), candidate.generate(prefix, ids, config)):
                 identical.append(a == b)
-                common.append(_common_prefix(a, b) / max(len(a), 1))
+                common.append(common_prefix(a, b) / max(len(a), 1))
         return {"reference": "onnx-fp32", "precision": precision, "held_out_images": int(len(pixels)),
                 "prompts": [p or "" for p in FIDELITY_PROMPTS], "sequences": len(identical),
                 "logits_cosine_min": float(min(cosines)), "logits_cosine_mean": float(np.mean(cosines)),
@@ -405,15 +405,6 @@ def _prompt_ids(tokenizer, prompt: str | None, bos_token_id: int, batch: int) ->
     if prompt is None:
         return np.full((batch, 1), bos_token_id, dtype=np.int64)
     return tokenizer.encode([prompt] * batch)[0]
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class _Greedy:
