@@ -107,10 +107,14 @@ def run_onnx(path: Path, feeds: dict[str, np.ndarray], threads: int | None = Non
     return dict(zip(names, session.run(names, feeds)))
 
 
-def measure_parity(spec: ComponentSpec, path: Path, feeds: dict[str, np.ndarray] | None = None) -> dict:
-    """Run the graph beside the PyTorch module on the same inputs (fresh shapes by default)."""
+def measure_parity(spec: ComponentSpec, path: Path, feeds: dict[str, np.ndarray] | None = None,
+                   reference: dict[str, np.ndarray] | None = None) -> dict:
+    """Run the graph beside the PyTorch module on the same inputs (fresh shapes by default).
+
+    ``reference``: the module's outputs for ``feeds`` when the caller already has them.
+    """
     torch_feeds = spec.check_inputs() if feeds is None else {k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()}
-    reference = torch_reference(spec, torch_feeds)
+    reference = torch_reference(spec, torch_feeds) if reference is None else reference
     actual = run_onnx(path, {k: v.numpy() for k, v in torch_feeds.items()})
     return {"reference": "torch-fp32", "inputs": {n: list(t.shape) for n, t in torch_feeds.items()},
             "outputs": compare_outputs(reference, actual)}

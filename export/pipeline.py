@@ -125,6 +125,8 @@ class ArtifactBuilder:
             self.tokenizer = TextTokenizer.from_file(stage / TOKENIZER_FILE, self.tokenizer_settings)
         self.fp32_paths: dict[str, Path] = {}
         self.entries: dict[str, dict] = {}
+        self._samples: dict[str, tuple[dict, dict]] = {}  # validation inputs and PyTorch outputs per component
+        self._sample_parity: dict[str, dict] = {}  # lowered graphs' parity on those samples
         family.write_files(self)
 
     def precision_of(self, spec) -> str:
@@ -152,7 +154,9 @@ class ArtifactBuilder:
             recipe = self._quantize(spec, precision, self.fp32_paths[spec.name], dest, progress)
             final[spec.name] = dest
             entry = self.entries[spec.name]
-            parity = measure_parity(spec, dest, self.family.validation_feeds(spec, self))
+            feeds, reference = self.validation_sample(spec)
+            parity = measure_parity(spec, dest, feeds, reference)
+            self._sample_parity[spec.name] = parity["outputs"]  # the final graph on the stored samples
             parity["fp32_export"] = entry["parity"]
             if precision == "fp16":
                 gate_parity(spec.name, parity, None, FP16_MIN_COSINE,
@@ -177,15 +181,23 @@ class ArtifactBuilder:
         feeds, note = self.family.calibration_feeds(spec, self, progress)
         return quantize.quantize_int8_static(source, dest, feeds, method=options.calibration_method, samples_note=note)
 
-    def finish(self, specs) -> None:
-        import torch
+    def validation_sample(self, spec) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The stored validation inputs of ``spec`` and PyTorch's outputs for them, computed once."""
+        if spec.name not in self._samples:
+            import torch
 
-        from mmedge.export.onnx_export import external_data_path, run_onnx, torch_reference
+            from mmedge.export.onnx_export import torch_reference
+
+            feeds = self.family.validation_feeds(spec, self)
+            self._samples[spec.name] = feeds, torch_reference(spec, {k: torch.from_numpy(v) for k, v in feeds.items()})
+        return self._samples[spec.name]
+
+    def finish(self, specs) -> None:
+        from mmedge.export.onnx_export import external_data_path, run_onnx
 
         arrays: dict[str, np.ndarray] = {}
         for spec in specs:
-            feeds = self.family.validation_feeds(spec, self)
-            reference = torch_reference(spec, {k: torch.from_numpy(v) for k, v in feeds.items()})
+            feeds, reference = self.validation_sample(spec)
             arrays.update({f"{spec.name}/inputs/{k}": v for k, v in feeds.items()})
             arrays.update({f"{spec.name}/reference/{k}": v for k, v in reference.items()})
             path = self.stage / f"{spec.name}.onnx"
@@ -196,7 +208,10 @@ class ArtifactBuilder:
             data = external_data_path(path)
             if data is not None:
                 entry["external_data"] = {"file": data.name, "sha256": sha256_file(data), "size_bytes": data.stat().st_size}
-            entry["parity"]["validation_samples"] = compare_outputs(reference, run_onnx(path, feeds, self.options.threads))
+            measured = self._sample_parity.get(spec.name)
+            if measured is None:  # FP32 graphs were checked on fresh random shapes, not on the samples
+                measured = compare_outputs(reference, run_onnx(path, feeds, self.options.threads))
+            entry["parity"]["validation_samples"] = measured
         np.savez(self.stage / VALIDATION_FILE, **arrays)
         manifest = {
             "format": FORMAT_NAME,

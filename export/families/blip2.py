@@ -176,18 +176,15 @@ class Blip2Family:
         }
 
     # --- samples stored with the artifact for on-device `mmedge validate` ------------------------
-    def validation_feeds(self, spec, builder) -> dict[str, np.ndarray]:
-        """Two held-out photos; for the decoder, a VQA prompt after one photo's cached prefix (past > 0, 10+ tokens)."""
-        cache = builder.__dict__.setdefault("_blip2_validation", {})
-        if spec.name not in cache:
-            cache[spec.name] = self._validation_feeds(spec, builder)
-        return cache[spec.name]
-
     def write_files(self, builder) -> None:
         """Files beside the graphs: the LLM's token-embedding table."""
         self.write_embeddings(builder)
 
-    def _validation_feeds(self, spec, builder) -> dict[str, np.ndarray]:
+    def validation_feeds(self, spec, builder) -> dict[str, np.ndarray]:
+        """Two held-out photos; for the decoder, a VQA prompt after one photo's cached prefix (past > 0, 10+ tokens).
+
+        Called once per component: the builder keeps the feeds with their PyTorch outputs.
+        """
         from mmedge.export.calibration import bundled, load_calibration_image
 
         pixels = builder.preprocessor([load_calibration_image(p) for p in bundled("holdout")[:2]])  # [2, 3, H, W]
