@@ -13,6 +13,7 @@ import torch
 
 from mmedge.errors import ExportError, ParityError
 from mmedge.export.specs.base import ComponentSpec
+from mmedge.export.streaming import attach_weights, module_bytes, named_tensors
 from mmedge.metrics import compare_outputs
 
 # Graphs whose weights exceed this go to an external .onnx.data file (protobuf's 2 GB limit).
@@ -30,40 +31,45 @@ def _quiet_tracing():
 def export_spec(spec: ComponentSpec, path: Path) -> Path:
     """Trace ``spec`` to ``path`` (opset ``spec.opset``, named dynamic axes). Returns the path.
 
-    Weights over protobuf's 2 GB limit go to one ``<name>.onnx.data`` file beside the graph (the
-    tracer itself would scatter them into one file per tensor, so it writes into a scratch folder).
+    Modules whose weights pass protobuf's 2 GB limit are traced without weights, which are then
+    streamed from PyTorch into one ``<name>.onnx.data`` file (``mmedge.export.streaming``), so the
+    export never holds a second copy of them.
     """
-    import tempfile
-
     module = spec.module()
     sample = spec.trace_inputs()
-    param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-        traced = Path(scratch) / path.name
-        try:
-            with torch.no_grad(), _quiet_tracing():
-                torch.onnx.export(
-                    module,
-                    tuple(sample[name] for name in spec.inputs),
-                    str(traced),
-                    input_names=list(spec.inputs),
-                    output_names=list(spec.outputs),
-                    dynamic_axes=spec.dynamic_axes(),
-                    opset_version=spec.opset,
-                    do_constant_folding=True,
-                    dynamo=False,
-                )
-        except Exception as exc:
-            raise ExportError(
-                f"tracing component '{spec.name}' to ONNX failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})",
-                "a module torch.onnx.export can trace at opset " + str(spec.opset),
-                "report this with the model id; try another transformers version meanwhile",
-            ) from exc
-        del module
-        if len(list(Path(scratch).iterdir())) == 1 and param_bytes <= EXTERNAL_DATA_THRESHOLD:
-            traced.replace(path)
-        else:  # scattered external data: gather it into one file
-            save_graph(onnx.load(str(traced)), path)
+    streamed = module_bytes(module) > EXTERNAL_DATA_THRESHOLD  # read at call time: tests lower it
+    buffer = io.BytesIO()
+    try:
+        with torch.no_grad(), _quiet_tracing():
+            torch.onnx.export(
+                module,
+                tuple(sample[name] for name in spec.inputs),
+                buffer,
+                input_names=list(spec.inputs),
+                output_names=list(spec.outputs),
+                dynamic_axes=spec.dynamic_axes(),
+                opset_version=spec.opset,
+                do_constant_folding=not streamed,
+                export_params=not streamed,
+                dynamo=False,
+            )
+    except Exception as exc:
+        raise ExportError(
+            f"tracing component '{spec.name}' to ONNX failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})",
+            "a module torch.onnx.export can trace at opset " + str(spec.opset),
+            "report this with the model id; try another transformers version meanwhile",
+        ) from exc
+    if not streamed:
+        path.write_bytes(buffer.getvalue())
+        return path
+    graph = onnx.load_from_string(buffer.getvalue())
+    try:
+        attach_weights(graph, named_tensors(module), spec.inputs, path)
+    except KeyError as exc:
+        raise ExportError(f"streaming the weights of '{spec.name}' failed ({exc})",
+                          "every traced graph input to be a declared input or a module weight",
+                          "this is an exporter bug for this model; report it with the model id") from exc
+    onnx.save(graph, str(path))
     return path
 
 
@@ -95,16 +101,25 @@ def torch_reference(spec: ComponentSpec, feeds: dict[str, torch.Tensor]) -> dict
     return {name: value.detach().cpu().numpy() for name, value in zip(spec.outputs, out)}
 
 
-def run_onnx(path: Path, feeds: dict[str, np.ndarray], threads: int | None = None) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
+class OnnxSession:
+    """A CPU ONNX Runtime session over a graph file; ``run(feeds)`` returns every output by name."""
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds)))
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.names, self.session.run(self.names, feeds)))
+
+
+def run_onnx(path: Path, feeds: dict[str, np.ndarray], threads: int | None = None) -> dict[str, np.ndarray]:
+    return OnnxSession(path, threads).run(feeds)
 
 
 def measure_parity(spec: ComponentSpec, path: Path, feeds: dict[str, np.ndarray] | None = None,
@@ -129,9 +144,3 @@ def gate_parity(component: str, parity: dict, max_abs: float | None, min_cosine:
             raise ParityError(component, name, "cosine", metrics["cosine"], min_cosine, fix)
     parity["tolerance"] = {"max_abs": max_abs, "cosine": min_cosine}
     return parity
-
-
-def check_parity(spec: ComponentSpec, path: Path) -> dict:
-    """FP32 graph vs PyTorch on fresh inputs; past the spec's tolerance it is an exporter bug."""
-    return gate_parity(spec.name, measure_parity(spec, path), spec.max_abs, spec.min_cosine,
-                       "this is an exporter bug for this model; report it with the model id")

@@ -1,6 +1,7 @@
 """Progress for long steps (loading, tracing, calibration, engine builds), on stderr.
 
-On a terminal a counter redraws in place; in logs and CI each step prints one line when it ends.
+On a terminal a counter redraws in place; in logs and CI each step prints a line when it starts and
+one when it ends, and each item of a step one line, so a minutes-long step is never silent.
 """
 
 from __future__ import annotations
@@ -30,16 +31,14 @@ class Progress:
         self.done += 1
         start = time.perf_counter()
         prefix = f"[{self.done}/{self.total}] {text}"
-        if self._tty():
-            self._write(prefix + " ...", end="\r")
+        self._write(prefix + " ...", end="\r" if self._tty() else "\n")
         yield
         self._write(f"{prefix} ... done ({time.perf_counter() - start:.1f} s)")
 
     def items(self, iterable: Iterable[T], total: int, text: str) -> Iterator[T]:
         """Yield from ``iterable``, showing ``text i/total`` (in place on a terminal)."""
         for i, item in enumerate(iterable, 1):
-            if self._tty():
-                self._write(f"    {text} {i}/{total}", end="\r")
+            self._write(f"    {text} {i}/{total}", end="\r" if self._tty() else "\n")
             yield item
         if self._tty():
             self._write(" " * (len(text) + 20), end="\r")

@@ -214,7 +214,10 @@ class Blip2Family:
             return entry
         llm = loaded.model.language_model
         precision = builder.options.llm_precision or builder.options.precision
-        storage, arrays = embedding_arrays(embedding_table(llm), precision, builder.options.int4_block_size)
+        table = embedding_table(llm)  # [vocab, width]
+        if precision != "fp32":  # the FP32 side of the decoder's fidelity, after large LLMs' weights are freed
+            loaded._blip2_fp32_table = table
+        storage, arrays = embedding_arrays(table, precision, builder.options.int4_block_size)
         with open(path, "wb") as handle:
             np.savez(handle, **arrays)
         entry = embedding_entry(llm, storage, arrays, builder.options.int4_block_size)
@@ -270,8 +273,8 @@ class Blip2Family:
         pixels = builder.preprocessor([load_calibration_image(p) for p in bundled("holdout")[:count]])
         prefix = _fp32_prefix(fp32, pixels, options.threads)  # [images, queries, width]
         precision = options.llm_precision or options.precision
-        reference = _Greedy(fp32["decoder"], embedding_table(llm), kv_cache_layout(llm), options.threads)
         entry = getattr(builder.loaded, "_blip2_embeddings", None) or self.write_embeddings(builder)
+        reference = _Greedy(fp32["decoder"], builder.loaded._blip2_fp32_table, kv_cache_layout(llm), options.threads)
         table = _load_table(builder.stage / EMBEDDINGS_FILE, entry)
         candidate = _Greedy(quantized["decoder"], table, kv_cache_layout(llm), options.threads)
         config = generation_settings(builder.loaded) | {"max_new_tokens": int(self.setting(options, "fidelity_max_new_tokens")),
