@@ -8,7 +8,7 @@ import warnings
 
 from mmedge.artifact import Artifact
 from mmedge.errors import InputError, MmedgeError
-from mmedge.pipelines import PIPELINES
+from mmedge.pipelines import pipeline_class
 
 log = logging.getLogger("mmedge")
 
@@ -54,13 +54,15 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", t
         tokenizer = None
         if manifest.get("tokenizer"):
             settings = manifest["tokenizer"]
-            tokenizer = TextTokenizer.from_file(artifact.resolve_file(settings["file"], "tokenizer.file"), settings)
+            path = (artifact.verified_path(settings["file"], settings["sha256"], "tokenizer.file") if settings.get("sha256")
+                    else artifact.resolve_file(settings["file"], "tokenizer.file"))
+            tokenizer = TextTokenizer.from_file(path, settings)
         preprocessor = ImagePreprocessor(manifest["preprocess"])
         if "decoder" in chosen.components:
             decoder, embeddings = _decoder(artifact, chosen.components["decoder"], threads)
-            pipeline = PIPELINES[task](artifact, runners, preprocessor, tokenizer, decoder, embeddings)
+            pipeline = pipeline_class(manifest["family"], task)(artifact, runners, preprocessor, tokenizer, decoder, embeddings)
         else:
-            pipeline = PIPELINES[task](artifact, runners, preprocessor, tokenizer)
+            pipeline = pipeline_class(manifest["family"], task)(artifact, runners, preprocessor, tokenizer)
     except MmedgeError:
         for runner in runners.values():
             runner.close()
@@ -82,13 +84,18 @@ def _decoder(artifact: Artifact, comp_plan, threads: int | None):
     from mmedge.runtimes.onnxruntime import OrtOptions
     from mmedge.runtimes.onnxruntime_decoder import OrtDecoder
 
-    settings = artifact.manifest["blip2"]
+    family = artifact.manifest["family"]
+    settings = artifact.manifest[family]
     table_entry = settings["embeddings"]
-    table = EmbeddingTable.load(artifact.verified_path(table_entry["file"], table_entry["sha256"], "blip2.embeddings.file"),
+    table = EmbeddingTable.load(artifact.verified_path(table_entry["file"], table_entry["sha256"], f"{family}.embeddings.file"),
                                 table_entry)
     decoder_settings = settings["decoder"]
+    kv = decoder_settings["kv_cache"]
+    known = {"inputs_embeds", "attention_mask", "position_ids"}
+    known |= {kv["past"] % (layer, kind) for layer in range(kv["layers"]) for kind in ("key", "value")}
+    context = [name for name in artifact.component("decoder")["inputs"] if name not in known]  # IDEFICS: image mask, cross K/V
     decoder = OrtDecoder(artifact.component_path("decoder"), table, decoder_settings["kv_cache"],
                          options=OrtOptions(**_runner_options(artifact, comp_plan, threads)),
                          position_offset=decoder_settings.get("position_offset", 0),
-                         max_positions=decoder_settings.get("max_positions"))
+                         max_positions=decoder_settings.get("max_positions"), context_inputs=context)
     return decoder, table

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mmedge.errors import ArtifactError, ArtifactNotFoundError, IntegrityError, UnsafePathError
-from mmedge.manifest import MANIFEST_FILE, check_plain_file_name, parse_manifest
+from mmedge.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, check_plain_file_name, parse_manifest
 
 ENGINES_DIR = "engines"
 _CHUNK = 1 << 20
@@ -62,7 +62,8 @@ class Artifact:
                 "point at the folder `mmedge export` wrote, or re-export",
             )
         try:
-            text = manifest_path.read_bytes()
+            with open(manifest_path, "rb") as handle:
+                text = handle.read(MAX_MANIFEST_BYTES + 1)  # parse_manifest refuses anything longer
         except OSError as exc:
             raise ArtifactError(f"cannot read '{manifest_path}' ({exc.strerror})", "a readable file",
                                 "check the file's permissions") from None
@@ -101,9 +102,10 @@ class Artifact:
         for key in ("tokenizer", "validation"):
             if self.manifest.get(key):
                 files.append((f"{key}.file", self.manifest[key]["file"]))
-        embeddings = (self.manifest.get("blip2") or {}).get("embeddings")
+        family = self.manifest.get("family")
+        embeddings = (self.manifest.get(family) or {}).get("embeddings") if isinstance(family, str) else None
         if embeddings:
-            files.append(("blip2.embeddings.file", embeddings["file"]))
+            files.append((f"{family}.embeddings.file", embeddings["file"]))
         return files
 
     # --- files --------------------------------------------------------------------------------
@@ -111,14 +113,22 @@ class Artifact:
         """The path of a file the manifest names, refusing anything that resolves outside the folder."""
         check_plain_file_name(name, field)
         path = self.root / name
-        real = path.resolve()
+        try:
+            real = path.resolve()
+            is_file = real.is_file()
+        except OSError as exc:
+            raise ArtifactError(
+                f"cannot access artifact file '{name}' (manifest field '{field}'): {exc.strerror or exc}",
+                "a readable regular file inside the artifact folder",
+                "check the folder's permissions, or copy the artifact again",
+            ) from None
         if real.parent != self.root:
             raise UnsafePathError(
                 f"manifest.json field '{field}' names '{name}', which resolves to '{real}', outside the artifact folder",
                 "a regular file inside the artifact folder (symlinks out of the folder are refused)",
                 "re-export the artifact, or copy the real file into the folder",
             )
-        if not real.is_file():
+        if not is_file:
             raise ArtifactNotFoundError(
                 f"artifact file '{name}' (manifest field '{field}') is missing from '{self.root}'",
                 "every file the manifest names to be present",
@@ -132,7 +142,17 @@ class Artifact:
         with self._lock:
             if name in self._verified:
                 return path
-        actual = sha256_file(path)
+        try:
+            actual = sha256_file(path)
+        except OSError as exc:
+            raise ArtifactError(f"cannot read artifact file '{name}' ({exc.strerror or exc})", "a readable file",
+                                "check the file's permissions, or copy the artifact again") from None
+        if actual != sha256 and path.stat().st_size == 0:
+            raise IntegrityError(
+                f"artifact file '{name}' is empty (0 bytes), but the manifest records sha256 {sha256[:12]}…",
+                "the file exactly as `mmedge export` wrote it",
+                "the copy was interrupted or the disk filled up: copy the artifact again or re-export it",
+            )
         if actual != sha256:
             raise IntegrityError(
                 f"artifact file '{name}' has sha256 {actual[:12]}…, but the manifest records {sha256[:12]}…",

@@ -16,6 +16,8 @@ from mmedge.errors import ManifestError, UnsafePathError, UnsupportedFormatError
 FORMAT_NAME = "mmedge.artifact"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+MAX_MANIFEST_BYTES = 16 << 20  # a real manifest is a few KB (a fused 1000-label bank: well under 1 MB)
+MAX_FILE_NAME_BYTES = 255  # the longest file name Linux, macOS and Windows file systems accept
 
 DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
@@ -24,6 +26,12 @@ PRECISIONS = ("fp32", "fp16", "int8", "int4")
 FAMILIES: dict[str, dict[str, tuple[str, ...]]] = {
     "clip": {"components": ("vision", "text", "zero_shot"), "tasks": ("zero-shot", "embed")},
     "blip2": {"components": ("vision", "qformer", "prefix", "decoder"), "tasks": ("caption", "vqa")},
+    "idefics": {"components": ("vision", "resampler", "cross_kv", "decoder"), "tasks": ("caption", "vqa")},
+}
+# Family sections the captioning runtime reads, with the integer and object fields each must have.
+GENERATIVE_SECTIONS = {
+    "blip2": (("bos_token_id", "num_query_tokens"), ("prefix", "decoder", "image_tokens", "prompts", "embeddings")),
+    "idefics": (("bos_token_id", "vision_width"), ("cross_kv", "decoder", "prompt_format", "prompts", "embeddings")),
 }
 
 
@@ -54,8 +62,23 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    try:
+        return _short_text(repr(value), 40)
+    except RecursionError:  # a value nested almost as deep as json.loads allows
+        return f"<deeply nested {type(value).__name__}>"
+
+
+def _short_text(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _utf8_length(name: str) -> int:
+    """Bytes of ``name`` in UTF-8; -1 when it holds lone surrogates (JSON "\\ud800" escapes), which no
+    file system path can carry."""
+    try:
+        return len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        return -1
 
 
 def check_plain_file_name(name: str, field: str) -> str:
@@ -69,11 +92,12 @@ def check_plain_file_name(name: str, field: str) -> str:
         or PurePosixPath(name).is_absolute()
         or PureWindowsPath(name).is_absolute()
         or PureWindowsPath(name).drive
+        or not 0 < _utf8_length(name) <= MAX_FILE_NAME_BYTES
     )
     if bad:
         raise UnsafePathError(
-            f"manifest.json field '{field}' names the file {name!r}, which is not a plain file name inside the artifact folder",
-            "a bare file name such as 'vision.onnx' (no '/', '\\', '..' or absolute path)",
+            f"manifest.json field '{field}' names the file {_short(name)}, which is not a plain file name inside the artifact folder",
+            f"a bare file name such as 'vision.onnx' (no '/', '\\', '..' or absolute path; at most {MAX_FILE_NAME_BYTES} bytes)",
             "re-export the artifact; never point a manifest at files outside its folder",
         )
     return name
@@ -125,35 +149,46 @@ def _parse_component(name: str, comp: Any, family: str) -> dict:
     return comp
 
 
-def _parse_blip2(data: dict) -> None:
+def _parse_generative(data: dict, family: str) -> None:
     """The fields the captioning runtime reads: decoder KV layout, token ids, embedding table, prompts."""
-    section = _require(data, "blip2", dict, "")
+    section = _require(data, family, dict, "")
+    ints, objects = GENERATIVE_SECTIONS[family]
     _require(data, "generation", dict, "")
-    for key in ("bos_token_id", "num_query_tokens"):
-        _require(section, key, int, "blip2")
-    for key in ("prefix", "decoder", "image_tokens", "prompts", "embeddings"):
-        _require(section, key, dict, "blip2")
-    kv = _require(section["decoder"], "kv_cache", dict, "blip2.decoder")
+    for key in ints:
+        _require(section, key, int, family)
+    for key in objects:
+        _require(section, key, dict, family)
+    kv = _require(section["decoder"], "kv_cache", dict, f"{family}.decoder")
     for key in ("layers", "heads", "head_dim"):
-        _require(kv, key, int, "blip2.decoder.kv_cache")
+        _require(kv, key, int, f"{family}.decoder.kv_cache")
     for key in ("past", "present"):
-        pattern = _require(kv, key, str, "blip2.decoder.kv_cache")
+        pattern = _require(kv, key, str, f"{family}.decoder.kv_cache")
         if pattern.count("%d") != 1 or pattern.count("%s") != 1:
-            raise _fail(f"blip2.decoder.kv_cache.{key}", f"is {pattern!r}", "a pattern with one %d (layer) and one %s (key/value)")
+            raise _fail(f"{family}.decoder.kv_cache.{key}", f"is {pattern!r}", "a pattern with one %d (layer) and one %s (key/value)")
     table = section["embeddings"]
-    check_plain_file_name(_require(table, "file", str, "blip2.embeddings"), "blip2.embeddings.file")
-    _require(table, "sha256", str, "blip2.embeddings")
-    _require(table, "storage", str, "blip2.embeddings")
-    _require(table, "shape", list, "blip2.embeddings")
+    check_plain_file_name(_require(table, "file", str, f"{family}.embeddings"), f"{family}.embeddings.file")
+    _require(table, "sha256", str, f"{family}.embeddings")
+    _require(table, "storage", str, f"{family}.embeddings")
+    _require(table, "shape", list, f"{family}.embeddings")
 
 
 def parse_manifest(text: str | bytes) -> dict:
     """Parse and check manifest.json text. Returns the dict; raises a ManifestError subclass."""
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise ManifestError(
+            f"manifest.json is {len(text):,} bytes long",
+            f"at most {MAX_MANIFEST_BYTES:,} bytes (a manifest written by `mmedge export` is a few KB)",
+            "re-export the artifact; this file is not an mmedge manifest or was damaged",
+        )
     try:
         data = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # JSONDecodeError and UnicodeDecodeError are ValueErrors, and so is an integer literal of more
+        # than sys.get_int_max_str_digits() digits; nesting deeper than the interpreter's recursion
+        # limit raises RecursionError.
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else _short_text(str(exc))
         raise ManifestError(
-            f"manifest.json is not valid JSON ({exc})",
+            f"manifest.json is not valid JSON ({detail})",
             "a JSON object written by `mmedge export`",
             "re-export the artifact; the file may be truncated or edited",
         ) from None
@@ -200,8 +235,12 @@ def parse_manifest(text: str | bytes) -> dict:
         if not isinstance(tokenizer, dict):
             raise _fail("tokenizer", "has the wrong type", "null or a JSON object")
         check_plain_file_name(_require(tokenizer, "file", str, "tokenizer"), "tokenizer.file")
-    if family == "blip2":
-        _parse_blip2(data)
+        if tokenizer.get("sha256") is not None:  # optional: artifacts written before it was recorded lack it
+            sha = _require(tokenizer, "sha256", str, "tokenizer")
+            if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+                raise _fail("tokenizer.sha256", f"is {_short(sha)}", "64 lowercase hex digits")
+    if family in GENERATIVE_SECTIONS:
+        _parse_generative(data, family)
     validation = data.get("validation")
     if validation is not None:
         if not isinstance(validation, dict):

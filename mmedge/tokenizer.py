@@ -8,6 +8,7 @@ between threads.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +35,8 @@ class TextTokenizer:
         self.max_length: int = self.settings["max_length"]
         self.pad_id: int = self.settings["pad_id"]
         self.padding: str = self.settings["padding"]
+        self._untruncated: Tokenizer | None = None  # encode_all's copy, without cut or padding
+        self._untruncated_lock = threading.Lock()
         self._backend = _configured(backend, self.settings)
         self._end_of_word_suffix = getattr(backend.model, "end_of_word_suffix", None) or ""
 
@@ -77,6 +80,23 @@ class TextTokenizer:
         attention_mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)  # [batch, tokens]
         return input_ids, attention_mask
 
+    def encode_all(self, text: str, add_special_tokens: bool = True) -> np.ndarray:
+        """Every token id of one text (special tokens included unless ``add_special_tokens=False``), int64
+        ``[tokens]``: neither cut to ``max_length`` nor padded, so a caller that must shorten a prompt can
+        choose which end to keep. Special tokens written in the text itself (``<image>``) are always parsed."""
+        batch = _checked_texts(text)
+        if len(batch) != 1:
+            raise InputError(f"encode_all got {len(batch)} texts", "one string", "call encode_all once per text")
+        try:
+            encoding = self._untruncated_backend().encode(batch[0], add_special_tokens=add_special_tokens)
+        except Exception as exc:  # tokenizers raises plain Exception
+            raise TokenizerError(
+                f"cannot tokenize the given text ({_first_line(exc)})",
+                "valid Unicode strings",
+                "remove unpaired surrogates or other invalid characters from the text",
+            ) from exc
+        return np.array(encoding.ids, dtype=np.int64)  # [tokens]
+
     def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = True) -> str:
         """Text for one sequence of token ids (``[tokens]``); special and padding tokens are dropped by default."""
         ids = np.asarray(ids)
@@ -90,6 +110,16 @@ class TextTokenizer:
         if self._end_of_word_suffix:  # CLIP's BPE marks word ends with "</w>"; transformers turns it into a space
             text = text.replace(self._end_of_word_suffix, " ").strip()
         return text
+
+    def _untruncated_backend(self) -> Tokenizer:
+        """A copy of the tokenizer with truncation and padding off, made on first use."""
+        with self._untruncated_lock:
+            if self._untruncated is None:
+                copy = Tokenizer.from_str(self._backend.to_str())
+                copy.no_truncation()
+                copy.no_padding()
+                self._untruncated = copy
+            return self._untruncated
 
     @property
     def vocab_size(self) -> int:

@@ -10,6 +10,10 @@ The graph (as the exporters write it, names from the manifest's ``kv_cache`` pat
     outputs  logits [batch, seq, vocab]
              present.%d.key / .value [batch, heads, past + seq, head_dim]
 
+Flamingo-style graphs take more inputs that do not grow with the cache (``context_inputs``: the
+image attention mask, cross-attention keys/values); ``set_context`` gives their prefill and per-step
+values, which follow the cache rows through ``reorder``.
+
 The prefill feeds a zero-length past. With ``io_binding=True`` (the default) the presents of one call
 stay ORT-owned OrtValues (on the GPU with the CUDA / TensorRT providers) and are bound as the pasts
 of the next call: the cache never passes through numpy. ``io_binding=False`` feeds numpy arrays to
@@ -57,7 +61,7 @@ class OrtDecoder:
 
     def __init__(self, session: ort.InferenceSession | str | os.PathLike, embeddings: np.ndarray | EmbeddingTable, kv_cache: Mapping[str, Any], *,
                  options: OrtOptions | None = None, io_binding: bool = True, position_offset: int = 0,
-                 max_positions: int | None = None):
+                 max_positions: int | None = None, context_inputs: tuple[str, ...] | list[str] = ()):
         self._session = session if isinstance(session, ort.InferenceSession) else _load(session, options or OrtOptions())
         self.kv = _checked_layout(kv_cache)
         self.io_binding = io_binding
@@ -68,7 +72,9 @@ class OrtDecoder:
         layers = self.kv["layers"]
         self._past_names = [self.kv["past"] % (i, kind) for i in range(layers) for kind in ("key", "value")]
         self._present_names = [self.kv["present"] % (i, kind) for i in range(layers) for kind in ("key", "value")]
-        want_in = {"inputs_embeds", "attention_mask", "position_ids", *self._past_names}
+        self._context_names = list(context_inputs)
+        self._context: dict[str, dict[str, Any]] = {"prefill": {}, "step": {}}
+        want_in = {"inputs_embeds", "attention_mask", "position_ids", *self._context_names, *self._past_names}
         want_out = {"logits", *self._present_names}
         if set(inputs) != want_in or not want_out <= set(outputs):
             raise IntegrityError(
@@ -99,6 +105,20 @@ class OrtDecoder:
         self._batch = 0
         self.past_length = 0
 
+    @property
+    def session(self) -> ort.InferenceSession:
+        return self._session
+
+    def set_context(self, prefill: Mapping[str, np.ndarray], step: Mapping[str, np.ndarray]) -> None:
+        """Values of the ``context_inputs`` for the prefill and for every decode step (rows = prompts)."""
+        for name, values in (("prefill", prefill), ("step", step)):
+            if set(values) != set(self._context_names):
+                raise FeedError(f"{name} context has {sorted(values)}", f"exactly {sorted(self._context_names)}",
+                                "pass every context input the decoder graph takes")
+        types = {i.name: _ORT_TYPES.get(i.type, np.float32) for i in self._session.get_inputs()}
+        self._context = {"prefill": {k: np.ascontiguousarray(v, dtype=types[k]) for k, v in prefill.items()},
+                         "step": {k: np.ascontiguousarray(v, dtype=types[k]) for k, v in step.items()}}
+
     # --- the Decoder protocol ----------------------------------------------------------------------
     def start(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Prefill ``inputs_embeds [batch, seq, hidden]`` (any previous cache dropped) -> logits ``[batch, vocab]``."""
@@ -112,7 +132,7 @@ class OrtDecoder:
         self._past = [empty] * len(self._past_names) if not self.io_binding else [
             ort.OrtValue.ortvalue_from_numpy(empty) for _ in self._past_names]
         self._batch, self.past_length = batch, 0
-        return self._run(embeds, mask)
+        return self._run(embeds, mask, self._context["prefill"])
 
     def step(self, token_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """Embed ``token_ids [batch]``, run one position with ``attention_mask [batch, past + 1]`` -> ``[batch, vocab]``."""
@@ -125,7 +145,7 @@ class OrtDecoder:
                 "call start() first, and reorder() when the number of rows changes",
             )
         embeds = np.asarray(self._embeddings[ids], dtype=self._embeds_dtype)[:, None, :]  # [batch, 1, hidden]
-        return self._run(embeds, mask)
+        return self._run(embeds, mask, self._context["step"])
 
     def reorder(self, rows: np.ndarray) -> None:
         """Cache row ``i`` becomes old row ``rows[i]`` (copies the cache once)."""
@@ -134,6 +154,7 @@ class OrtDecoder:
             raise FeedError(f"reorder got rows {rows.tolist()[:8]}", f"row indices below {self._batch}", "index existing cache rows")
         if rows.shape[0] == self._batch and np.array_equal(rows, np.arange(self._batch)):
             return
+        self._context["step"] = {k: np.ascontiguousarray(v[rows]) for k, v in self._context["step"].items()}
         if self.io_binding:
             self._past = [self._to_device(np.ascontiguousarray(value.numpy()[rows])) for value in self._past]
         else:
@@ -146,14 +167,17 @@ class OrtDecoder:
         self._session = None
 
     # --- running the graph -------------------------------------------------------------------------
-    def _run(self, embeds: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def _run(self, embeds: np.ndarray, mask: np.ndarray, context: dict[str, np.ndarray]) -> np.ndarray:
         seq = embeds.shape[1]
         positions = np.ascontiguousarray(_position_ids(mask, seq, self.position_offset), dtype=self._position_dtype)
+        if set(context) != set(self._context_names):
+            raise FeedError(f"the decoder has context {sorted(context)}", f"{sorted(self._context_names)}",
+                            "call set_context() before generating")
         try:
             if self.io_binding:
-                logits = self._run_bound(embeds, mask, positions)
+                logits = self._run_bound(embeds, mask, positions, context)
             else:
-                feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions,
+                feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, **context,
                          **dict(zip(self._past_names, self._past))}
                 values = self._session.run(["logits", *self._present_names], feeds)
                 logits, self._past = values[0], values[1:]
@@ -167,7 +191,8 @@ class OrtDecoder:
         self.past_length = mask.shape[1]
         return np.asarray(logits[:, -1, :], dtype=np.float32)  # [batch, vocab]
 
-    def _run_bound(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def _run_bound(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
+                   context: dict[str, np.ndarray]) -> np.ndarray:
         binding = self._binding
         if binding is None:
             binding = self._binding = self._session.io_binding()
@@ -177,6 +202,8 @@ class OrtDecoder:
         binding.bind_cpu_input("inputs_embeds", embeds)
         binding.bind_cpu_input("attention_mask", mask)
         binding.bind_cpu_input("position_ids", positions)
+        for name, value in context.items():
+            binding.bind_cpu_input(name, value)
         for name, value in zip(self._past_names, self._past):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")  # the loop reads logits on the host

@@ -51,3 +51,20 @@ def tiny_blip2_dir(tmp_path_factory):
     from tests.support.tiny_checkpoints import make_tiny_blip2
 
     return make_tiny_blip2(tmp_path_factory.mktemp("tiny-blip2"))
+
+
+@pytest.fixture(scope="session")
+def blip2_artifact(tiny_blip2_dir, tmp_path_factory):
+    """The tiny BLIP-2 exported once per session (FP32, fused prefix): for captioner and reliability tests."""
+    from mmedge.export import export_model
+
+    return export_model(str(tiny_blip2_dir), tmp_path_factory.mktemp("b2") / "fp32", progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_idefics_dir(tmp_path_factory):
+    """A random-weight IDEFICS checkpoint (ViT, Perceiver Resampler, Llama with gated cross-attention,
+    Llama-style tokenizer with the image tokens, IdeficsProcessor), made once per session."""
+    from tests.support.tiny_checkpoints import make_tiny_idefics
+
+    return make_tiny_idefics(tmp_path_factory.mktemp("tiny-idefics"))

@@ -300,7 +300,7 @@ class Blip2Family:
 def generation_settings(loaded) -> dict:
     """The manifest's ``generation`` object: mmedge.generation.GenerationConfig fields, from the checkpoint."""
     model = loaded.model
-    text = model.config.text_config
+    text = getattr(model.config, "text_config", None) or model.config  # IDEFICS keeps the LLM settings at the top level
     hf = model.generation_config
     settings = {}
     for key, default in GENERATION_FIELDS.items():

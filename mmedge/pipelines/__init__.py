@@ -1,9 +1,28 @@
-"""Pipelines: what a user calls. ``mmedge.load`` picks the one the manifest names."""
+"""Pipelines: what a user calls. ``mmedge.load`` picks the one the manifest names.
+
+Threads (tests/reliability/test_concurrency.py): one loaded pipeline may be shared by any number of
+threads, and gives the results of serial calls.
+
+- ``ZeroShotClassifier`` and ``Embedder``: calls run in parallel (ONNX Runtime sessions, the preprocessor
+  and the tokenizer hold no per-call state; the label-bank cache is locked).
+- ``Captioner``: calls are safe but generation is serialized (one decoder, one KV cache); the image prefix
+  runs outside the lock. Load one Captioner per thread to caption in parallel.
+- ``close()`` while other threads still call: those calls raise ``BackendError``; close last.
+- Not shareable: an ``OrtDecoder`` on its own (it holds the KV cache of the generation in progress) and a
+  ``stream()`` generator (iterate it from the thread that made it).
+"""
 
 from mmedge.pipelines.captioner import Captioner
 from mmedge.pipelines.embedder import Embedder
+from mmedge.pipelines.flamingo import FlamingoCaptioner
 from mmedge.pipelines.zero_shot import ENSEMBLE_TEMPLATES, ZeroShotClassifier
 
 PIPELINES = {"zero-shot": ZeroShotClassifier, "embed": Embedder, "caption": Captioner, "vqa": Captioner}
+FAMILY_PIPELINES = {("idefics", "caption"): FlamingoCaptioner, ("idefics", "vqa"): FlamingoCaptioner}
 
-__all__ = ["Captioner", "Embedder", "ZeroShotClassifier", "ENSEMBLE_TEMPLATES", "PIPELINES"]
+
+def pipeline_class(family: str, task: str):
+    """The pipeline for a task of a family (the family's own when it has one)."""
+    return FAMILY_PIPELINES.get((family, task)) or PIPELINES[task]
+
+__all__ = ["Captioner", "Embedder", "FlamingoCaptioner", "pipeline_class", "ZeroShotClassifier", "ENSEMBLE_TEMPLATES", "PIPELINES"]

@@ -3,21 +3,30 @@
 The prompt enters the decoder the way transformers' ``Blip2ForConditionalGeneration.generate`` does
 it: the prefix rows (Q-Former outputs projected into the LLM), then the embedded ``tokenizer(prompt)``
 ids, which start with BOS (just ``[BOS]`` for a plain caption). The manifest's ``blip2.image_tokens``
-records this. One decoder owns one KV cache, so calls on one Captioner are serialized by a lock.
+records this.
+
+Threads: one Captioner may be shared by any number of threads. Its decoder owns one KV cache, so
+generation is serialized by a lock (the image prefix is computed outside it); results equal those of
+serial calls. For captions in parallel, load one Captioner per thread. A thread that calls the
+Captioner again while it still iterates one of its own ``stream()`` generators gets an InputError
+instead of a deadlock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import warnings
 from typing import Any, Iterator
 
 import numpy as np
 
 from mmedge.artifact import Artifact
-from mmedge.errors import InputError
+from mmedge.errors import InputError, ManifestError
 from mmedge.generation import GenerationConfig, generate_text, stream
 
 MAX_PROMPT_TOKENS = 512
+MAX_PROMPT_CHARS = 8 * MAX_PROMPT_TOKENS  # English text has 4-5 characters per token
 
 
 class Captioner:
@@ -32,19 +41,26 @@ class Captioner:
         self.tokenizer = tokenizer
         self.decoder = decoder
         self.embeddings = embeddings  # [vocab, width] table, rows dequantized on lookup
-        settings = artifact.manifest["blip2"]
+        settings = artifact.manifest[artifact.manifest["family"]]  # the blip2 or idefics section
         self.settings = settings
         self.defaults = dict(artifact.manifest.get("generation") or {})
         self.vqa_template = settings["prompts"]["vqa"]
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the decoder's KV cache
+        self._owner: int | None = None  # the thread generating now
+        try:
+            self._config({})  # the manifest's own settings must work before any call relies on them
+        except InputError as exc:
+            raise ManifestError(f"manifest.json field 'generation' holds an unusable default: {exc.what}", exc.expected,
+                                "re-export the artifact; do not edit manifest.json by hand") from None
 
     # --- public API ------------------------------------------------------------------------------
     def caption(self, images, prompt: str | None = None, **generation: Any):
         """A caption per image (a string for one image, a list for a list). ``prompt`` continues a text."""
         single = not isinstance(images, (list, tuple))
-        embeds, mask, ids = self._inputs(images, prompt)
-        with self._lock:
-            texts = generate_text(self.decoder, embeds, mask, self._config(generation), self.tokenizer, prompt_ids=ids)
+        config = self._config(generation)  # bad settings are refused before any graph runs
+        embeds, mask, ids = self._inputs(images, prompt, config.max_new_tokens)
+        with self._decoder_in_use():
+            texts = generate_text(self.decoder, embeds, mask, config, self.tokenizer, prompt_ids=ids)
         texts = [t.strip() for t in texts]
         return texts[0] if single else texts
 
@@ -60,10 +76,27 @@ class Captioner:
         """Yield the caption of one image in pieces as tokens arrive; the pieces join to ``caption(image)``."""
         if isinstance(image, (list, tuple)):
             raise InputError("stream() got a list of images", "one image", "call stream() per image, or caption() for a batch")
-        embeds, mask, ids = self._inputs(image, prompt)
         config = self._config(generation)
-        with self._lock:  # held while the caller iterates: the decoder's cache is in use
+        embeds, mask, ids = self._inputs(image, prompt, config.max_new_tokens)
+        with self._decoder_in_use():  # held while the caller iterates: the decoder's cache is in use
             yield from _strip_stream(stream(self.decoder, embeds, mask, config, self.tokenizer, prompt_ids=ids))
+
+    @contextlib.contextmanager
+    def _decoder_in_use(self) -> Iterator[None]:
+        """Hold the decoder for one generation; refuse (not deadlock) a second one from the same thread."""
+        me = threading.get_ident()
+        if self._owner == me:  # only this thread can have set it to its own id
+            raise InputError(
+                "this Captioner was called again while one of its stream() generators is still running in this thread",
+                "one generation at a time per thread (a Captioner owns one KV cache)",
+                "iterate the stream to its end or call its close() first, or load a second Captioner for the other call",
+            )
+        with self._lock:
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
 
     # --- building the decoder's inputs -----------------------------------------------------------
     def prefix(self, images) -> np.ndarray:
@@ -77,24 +110,35 @@ class Captioner:
         image_embeds = self.runners["vision"].infer({"pixel_values": pixels})["image_embeds"]  # [batch, patches, width]
         return self.runners["qformer"].infer({"image_embeds": image_embeds})["prefix_embeds"]
 
-    def _prompt_ids(self, prompt: str | None) -> np.ndarray:
+    def _prompt_ids(self, prompt: str | None, budget: int) -> np.ndarray:
+        """``[tokens]``: BOS, then the prompt's tokens; a prompt over ``budget`` tokens keeps BOS and its end."""
         if prompt is None:
             return np.array([self.settings["bos_token_id"]], dtype=np.int64)
         if not isinstance(prompt, str):
             raise InputError(f"prompt is a {type(prompt).__name__}", "a string or None", "pass prompt='a photo of'")
-        ids, _ = self.tokenizer.encode([prompt])  # [1, tokens], starts with BOS
-        ids = ids[0]
-        if ids.shape[0] > MAX_PROMPT_TOKENS:
-            import warnings
-
-            warnings.warn(f"the prompt has {ids.shape[0]} tokens; keeping the last {MAX_PROMPT_TOKENS}", stacklevel=3)
-            ids = np.concatenate([ids[:1], ids[-(MAX_PROMPT_TOKENS - 1):]])
+        text = prompt[-MAX_PROMPT_CHARS:]  # a longer text is cut before tokenizing: tokenizing it costs little
+        ids = self.tokenizer.encode_all(text)  # [tokens], starts with BOS, not cut
+        budget = max(budget, 1)
+        if len(text) < len(prompt) or ids.shape[0] > budget:
+            size = f"{len(prompt):,} characters" if len(text) < len(prompt) else f"{ids.shape[0]} tokens"
+            warnings.warn(f"the prompt is too long ({size}; this call has room for {budget} tokens, BOS included): "
+                          f"keeping BOS and its last {budget - 1} tokens at most; shorten the prompt or lower "
+                          "max_new_tokens to keep more of it", stacklevel=4)
+            ids = np.concatenate([ids[:1], ids[1:][ids.shape[0] - budget:]]) if ids.shape[0] > budget else ids
         return ids
 
-    def _inputs(self, images, prompt):
+    def _prompt_budget(self, queries: int, max_new_tokens: int) -> int:
+        """Prompt tokens (BOS included) that fit: MAX_PROMPT_TOKENS, and the decoder's positions after the
+        image rows and the new tokens."""
+        max_positions = self.settings["decoder"].get("max_positions")
+        if max_positions is None:
+            return MAX_PROMPT_TOKENS
+        return min(MAX_PROMPT_TOKENS, max_positions - queries - max_new_tokens)
+
+    def _inputs(self, images, prompt, max_new_tokens: int = 0):
         prefix = self.prefix(images)  # [batch, queries, width]
         batch, queries, _ = prefix.shape
-        prompt_ids = self._prompt_ids(prompt)  # [tokens]
+        prompt_ids = self._prompt_ids(prompt, self._prompt_budget(queries, max_new_tokens))  # [tokens]
         text = self.embeddings[prompt_ids]  # [tokens, width]
         embeds = np.concatenate([prefix, np.broadcast_to(text, (batch, *text.shape)).astype(prefix.dtype)], axis=1)
         mask = np.ones(embeds.shape[:2], dtype=np.int64)  # [batch, queries + tokens]

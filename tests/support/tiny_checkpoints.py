@@ -299,3 +299,97 @@ def _spread_weights(model, seed: int, encoder_std: float = 0.2, llm_std: float =
             elif param.dim() == 2:
                 std = llm_std if name.startswith("language_model.") else encoder_std
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+IDEFICS_SPECIAL_TOKENS = ("<fake_token_around_image>", "<image>")  # ids vocab_size, vocab_size + 1 (additional vocab)
+IDEFICS_CORPUS = CAPTION_CORPUS + VQA_CORPUS + """
+an image of two cats. an image of a dog. an image of
+"""
+
+
+def make_tiny_llama_tokenizer(corpus: str = IDEFICS_CORPUS, num_merges: int = 200):
+    """A Llama-style tokenizer (``<unk>``=0, ``<s>``=1, ``</s>``=2, metaspace "▁" words, byte fallback off)
+    with a small BPE learned from ``corpus``, and IDEFICS' image tokens added after the base vocabulary."""
+    words = [w.replace(" ", "▁") for w in corpus.replace("\n", " ").split(" ") if w]
+    counts = Counter(tuple("▁" + w) for w in words)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for word in counts:
+        for ch in word:
+            vocab.setdefault(ch, len(vocab))
+    merges = []
+    while len(merges) < num_merges:
+        pairs = Counter()
+        for word, count in counts.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        vocab.setdefault(best[0] + best[1], len(vocab))
+        counts = Counter({_merge_pair(word, best): count for word, count in counts.items()})
+    tokenizer = transformers.LlamaTokenizer(vocab=vocab, merges=merges, pad_token="<unk>")
+    tokenizer.add_tokens([transformers.AddedToken(t, normalized=False, special=True) for t in IDEFICS_SPECIAL_TOKENS],
+                         special_tokens=True)
+    return tokenizer
+
+
+def make_tiny_idefics(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vision_hidden: int = 32,
+    hidden: int = 64,
+    layers: int = 4,
+    heads: int = 4,
+    cross_layer_interval: int = 2,
+    latents: int = 6,
+    qk_layer_norms: bool = True,
+    max_position_embeddings: int = 256,
+) -> Path:
+    """Write a random-weight IDEFICS (Flamingo-style: CLIP-like ViT, Perceiver Resampler, Llama with gated
+    cross-attention every ``cross_layer_interval`` layers) laid out like HuggingFaceM4/idefics-9b.
+
+    The tokenizer's base vocabulary is the model's ``vocab_size``; ``<fake_token_around_image>`` and
+    ``<image>`` are the two additional (decoupled) embeddings, as in the published checkpoint. The
+    cross-attention gates start at random values instead of the published init's zeros, so the images
+    change the text. Loads offline with ``IdeficsForVisionText2Text`` and ``IdeficsProcessor``.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tiny_llama_tokenizer()
+    base_vocab = len(tokenizer) - len(IDEFICS_SPECIAL_TOKENS)
+    config = transformers.IdeficsConfig(
+        vocab_size=base_vocab, additional_vocab_size=len(IDEFICS_SPECIAL_TOKENS), hidden_size=hidden,
+        intermediate_size=hidden * 3, num_hidden_layers=layers, num_attention_heads=heads,
+        cross_layer_interval=cross_layer_interval, qk_layer_norms=qk_layer_norms,
+        alpha_initializer="normal", alpha_type="vector", alphas_initializer_range=1.0,
+        max_position_embeddings=max_position_embeddings, use_resampler=True,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        vision_config=dict(embed_dim=vision_hidden, image_size=image_size, patch_size=patch_size,
+                           num_hidden_layers=2, num_attention_heads=2, intermediate_size=vision_hidden * 4),
+        perceiver_config=dict(use_resampler=True, resampler_n_latents=latents, resampler_depth=2,
+                              resampler_n_heads=2, resampler_head_dim=16),
+    )
+    torch.manual_seed(seed)
+    model = transformers.IdeficsForVisionText2Text(config).eval()
+    _spread_idefics_weights(model, seed)
+    model.generation_config = transformers.GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model.save_pretrained(path)
+    image_processor = transformers.IdeficsImageProcessor(image_size=image_size)
+    processor = transformers.IdeficsProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    processor.save_pretrained(path)
+    return path
+
+
+def _spread_idefics_weights(model, seed: int, std: float = 0.15) -> None:
+    """Wider weights than HF's init (as ``_spread_weights``), so images and text both move the logits."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2 or name.endswith("latents"):
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+            elif "alpha" in name:
+                param.copy_(torch.randn(param.shape, generator=generator))

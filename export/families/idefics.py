@@ -1,0 +1,366 @@
+"""The IDEFICS family (open Flamingo): interleaved image/text prompts → LLM with gated cross-attention.
+
+Exported components (see ``mmedge.export.specs.idefics``): ``vision``, ``resampler`` (when the
+checkpoint uses the Perceiver Resampler), ``cross_kv`` (cross-attention keys/values of the visual
+tokens, computed once per image set) and ``decoder`` (the LLM with its KV cache, fed the cross K/V).
+``ExportOptions.extra["cached_cross_kv"] = False`` exports a decoder that recomputes the cross K/V from
+``visual_tokens`` at every call instead (what transformers does), for comparison.
+
+The token-embedding table (base + IDEFICS' additional embeddings for ``<fake_token_around_image>`` and
+``<image>``) is stored beside the graphs as for BLIP-2; prompts are built on the device exactly as
+``IdeficsProcessor`` builds them (``mmedge.pipelines.interleaved``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmedge.errors import ExportError, ParityError
+from mmedge.export.families.blip2 import (
+    EMBEDDINGS_FILE,
+    GENERATION_FIELDS,
+    VQA_TEMPLATE,
+    _load_table,
+    _session,
+    embedding_arrays,
+    generation_settings,
+)
+from mmedge.export.specs.blip2 import decoder_feeds, kv_cache_layout
+from mmedge.export.specs.idefics import (
+    CROSS_NAME,
+    CrossKV,
+    FlamingoVision,
+    PerceiverResampler,
+    XAttnDecoderWithPast,
+    _CrossKV,
+    _Resampler,
+    _Vision,
+    cross_kv_layout,
+    image_size,
+    tokens_per_image,
+    vision_width,
+)
+from mmedge.metrics import common_prefix, cosine_rows
+
+TASKS = ("caption", "vqa")
+ENCODERS = ("vision", "resampler", "cross_kv")
+FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE_TOKEN = "<fake_token_around_image>", "<image>", "<end_of_utterance>"
+EXTRA_DEFAULTS = {
+    "cached_cross_kv": True,  # decoder takes cross K/V (computed once per image set) instead of visual tokens
+    "min_logits_cosine": 0.95,
+    "fidelity_images": 6,
+    "fidelity_max_new_tokens": 16,
+}
+# The prompts the quantized decoder is measured on; "{image}" marks where a held-out photo goes.
+FIDELITY_PROMPTS = (("{image}",), ("{image}", "An image of"), ("{image}", "Question: what is in the picture? Answer:"))
+VALIDATION_PROMPT = ("{image0}", "An image of two cats.", "{image1}", "An image of")
+
+
+class IdeficsFamily:
+    name = "idefics"
+    model_types = ("idefics",)
+    default_task = "caption"
+
+    @staticmethod
+    def model_class():
+        from transformers import IdeficsForVisionText2Text
+
+        return IdeficsForVisionText2Text
+
+    @staticmethod
+    def synthetic_tokenizer(config):
+        """A Llama-style tokenizer with one token per byte character and no merges, for --random-weights
+        exports: ``<unk>``=0, ``<s>``=1, ``</s>``=2, then characters up to ``vocab_size``; the image tokens
+        are the additional vocabulary, as in HuggingFaceM4/idefics-9b."""
+        from transformers import AddedToken, LlamaTokenizer
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3}
+        for char in bytes_to_unicode().values():
+            if len(vocab) < config.vocab_size:
+                vocab.setdefault(char, len(vocab))
+        tokenizer = LlamaTokenizer(vocab=vocab, merges=[], pad_token="<unk>")
+        extra = [FAKE_IMAGE_TOKEN, IMAGE_TOKEN][: max(int(config.additional_vocab_size), 0)]
+        tokenizer.add_tokens([AddedToken(t, normalized=False, special=True) for t in extra], special_tokens=True)
+        return tokenizer
+
+    # --- what gets exported ----------------------------------------------------------------------
+    def check_options(self, options) -> None:
+        if options.task not in TASKS:
+            raise ExportError(f"task '{options.task}' is not an IDEFICS task", f"one of {', '.join(TASKS)}",
+                              "pass --task caption or --task vqa")
+        if options.labels or options.templates:
+            raise ExportError("--labels/--templates were given for an IDEFICS model", "label options only for CLIP",
+                              "drop --labels and --templates")
+        unknown = sorted(set(options.extra) - set(EXTRA_DEFAULTS))
+        if unknown:
+            raise ExportError(f"unknown IDEFICS export setting(s) {unknown}", f"only {sorted(EXTRA_DEFAULTS)}",
+                              "check the spelling of the extra settings")
+
+    @staticmethod
+    def setting(options, key: str):
+        return options.extra.get(key, EXTRA_DEFAULTS[key])
+
+    def specs(self, loaded, options) -> list:
+        self.check_options(options)
+        model = loaded.model
+        encoders = [FlamingoVision(model)]
+        if model.config.use_resampler:
+            encoders.append(PerceiverResampler(model))
+        cached = bool(self.setting(options, "cached_cross_kv"))
+        if cached:
+            encoders.append(CrossKV(model))
+        return [*encoders, XAttnDecoderWithPast(model, cached_cross_kv=cached)]
+
+    def max_length(self, loaded) -> int:
+        return int(loaded.model.config.max_position_embeddings)
+
+    def needs_tokenizer(self, options) -> bool:
+        return True
+
+    @staticmethod
+    def precision_of(spec, options) -> str:
+        return (options.llm_precision or options.precision) if spec.name == "decoder" else options.precision
+
+    @staticmethod
+    def calibrates(spec) -> bool:
+        return spec.name in ("vision", "resampler")
+
+    # --- manifest --------------------------------------------------------------------------------
+    def manifest_extras(self, loaded, options) -> dict:
+        model, tokenizer = loaded.model, loaded.tokenizer
+        config = model.config
+        generation = generation_settings(loaded)
+        cached = bool(self.setting(options, "cached_cross_kv"))
+        components = ["vision", *(["resampler"] if config.use_resampler else []), *(["cross_kv"] if cached else []),
+                      "decoder"]
+        additional = tokenizer.special_tokens_map.get("additional_special_tokens", []) or []
+        return {
+            "tasks": [options.task] + [t for t in TASKS if t != options.task],
+            "generation": generation,
+            "idefics": {
+                "components": components,
+                "image_size": image_size(model),
+                "vision_width": vision_width(model),
+                "cross_kv": {"component": "cross_kv" if cached else None, **cross_kv_layout(model)},
+                "decoder": {"component": "decoder", "llm": "llama", "max_positions": int(config.max_position_embeddings),
+                            "position_ids": "cumsum(attention_mask, axis=1) - 1 (padding slots: any value, they are masked)",
+                            "position_offset": 0, "kv_cache": kv_cache_layout(model),
+                            "cross_kv": "inputs" if cached else "computed",
+                            "cross_layer_interval": int(config.cross_layer_interval),
+                            "image_attention_mask": "[batch, sequence, images]; decode steps repeat the prompt's last row"},
+                "bos_token_id": generation["bos_token_id"],
+                "eos_token_id": generation["eos_token_id"],
+                "pad_token_id": generation["pad_token_id"],
+                "prompt_format": {
+                    "bos_token": tokenizer.bos_token, "image_token": IMAGE_TOKEN, "fake_image_token": FAKE_IMAGE_TOKEN,
+                    "end_of_utterance_token": END_OF_UTTERANCE_TOKEN if END_OF_UTTERANCE_TOKEN in additional else None,
+                    "image_token_id": int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)),
+                    "eos_token_id": int(tokenizer.eos_token_id),
+                    "hf_equivalent": "IdeficsProcessor(text=[items]) with add_special_tokens=False, add_eos_token=False",
+                },
+                "prompts": {"caption": None, "vqa": VQA_TEMPLATE},
+                "embeddings": loaded._idefics_embeddings,
+            },
+        }
+
+    # --- files and samples -----------------------------------------------------------------------
+    def write_files(self, builder) -> None:
+        """``embed_tokens.npz``: base + additional embeddings, at the LLM's precision."""
+        from mmedge.artifact import sha256_file
+
+        loaded, options = builder.loaded, builder.options
+        table = embedding_table(loaded.model)  # [vocab + additional, hidden]
+        precision = options.llm_precision or options.precision
+        loaded._idefics_fp32_table = table
+        storage, arrays = embedding_arrays(table, precision, options.int4_block_size)
+        path = builder.stage / EMBEDDINGS_FILE
+        with open(path, "wb") as handle:
+            np.savez(handle, **arrays)
+        entry = {"shape": list(table.shape), "storage": storage,
+                 "arrays": {n: {"dtype": str(a.dtype), "shape": list(a.shape)} for n, a in arrays.items()},
+                 "tied_to_lm_head": False, "rows": "embed_tokens.weight, then embed_tokens.additional_embedding.weight"}
+        if storage == "int4-block":
+            entry["block_size"] = int(options.int4_block_size)
+        loaded._idefics_embeddings = entry | {"file": EMBEDDINGS_FILE, "sha256": sha256_file(path),
+                                              "size_bytes": path.stat().st_size}
+
+    def validation_feeds(self, spec, builder) -> dict[str, np.ndarray]:
+        """Two held-out photos in one interleaved prompt (the decoder: its prefill, cross K/V from PyTorch)."""
+        from mmedge.export.calibration import bundled, load_calibration_image
+
+        model = builder.loaded.model
+        photos = [load_calibration_image(p) for p in bundled("holdout")[:2]]
+        pixels = builder.preprocessor(photos)  # [2, 3, H, W]
+        if spec.name == "vision":
+            return {"pixel_values": pixels}
+        with torch.no_grad():
+            features = _Vision(model).eval()(torch.from_numpy(pixels))  # [2, patches + 1, width]
+            if spec.name == "resampler":
+                return {"image_features": features.numpy()}
+            tokens = _Resampler(model).eval()(features) if model.config.use_resampler else features
+            visual = tokens.reshape(1, -1, tokens.shape[-1])  # [1, 2 * tokens_per_image, width]
+            if spec.name == "cross_kv":
+                return {"visual_tokens": visual.numpy()}
+            inputs = host_prompt(builder, [photos[0], VALIDATION_PROMPT[1], photos[1], VALIDATION_PROMPT[3]])
+            feeds = decoder_feeds(torch.from_numpy(inputs["embeds"]), torch.from_numpy(inputs["mask"]), None, spec.kv_cache)
+            feeds = {k: v.numpy() for k, v in feeds.items()}
+            context = {"image_attention_mask": inputs["image_attention_mask"]}
+            if spec.cached:
+                kv = _CrossKV(model).eval()(visual)
+                context |= {CROSS_NAME % (i // 2, "key" if i % 2 == 0 else "value"): t.numpy() for i, t in enumerate(kv)}
+            else:
+                context["visual_tokens"] = visual.numpy()
+        merged = {**feeds, **context}
+        return {name: merged[name] for name in spec.inputs}
+
+    def calibration_feeds(self, spec, builder, progress):
+        from mmedge.export.calibration import calibration_paths, pixel_feeds
+
+        paths, note = calibration_paths(builder.options.calibration)
+        feeds = progress.items(pixel_feeds(builder.preprocessor, paths), len(paths), "calibration image")
+        if spec.name == "vision":
+            return feeds, note
+        vision = _session(builder.fp32_paths["vision"], builder.options.threads)
+        return ({"image_features": vision.run(["image_features"], feed)[0]} for feed in feeds), note + " through FP32 vision"
+
+    # --- fidelity of quantized graphs ------------------------------------------------------------
+    def quantized_fidelity(self, run, fp32: dict[str, Path], quantized: dict[str, Path], builder) -> dict[str, dict]:
+        """Encoders: output cosine on held-out photos. Decoder: prefill logits cosine and greedy identity vs
+        FP32 on held-out photos × prompts, both fed the FP32 encoders' cross K/V."""
+        from mmedge.export.calibration import holdout_images
+
+        options = builder.options
+        measured: dict[str, dict] = {}
+        pixels = builder.preprocessor(holdout_images())  # [views, 3, height, width]
+        feeds = {"vision": {"pixel_values": pixels}}
+        features = run(fp32["vision"], feeds["vision"])["image_features"]
+        feeds["resampler"] = {"image_features": features}
+        tokens = run(fp32["resampler"], feeds["resampler"])["visual_tokens"] if "resampler" in fp32 else features
+        feeds["cross_kv"] = {"visual_tokens": tokens[:4].reshape(1, -1, tokens.shape[-1])}
+        for name in (n for n in ENCODERS if n in quantized):
+            measured[name] = _encoder_fidelity_of(name, run, fp32[name], quantized[name], feeds[name])
+            if measured[name]["embedding_cosine_mean"] < options.min_quantized_cosine:
+                raise ParityError(name, "outputs", "cosine", measured[name]["embedding_cosine_mean"],
+                                  options.min_quantized_cosine,
+                                  "use more representative --calibration images, --quantization dynamic, or --precision fp16")
+        if "decoder" in quantized:
+            measured["decoder"] = self._decoder_fidelity(fp32, quantized, builder)
+            floor = float(self.setting(options, "min_logits_cosine"))
+            if measured["decoder"]["logits_cosine_mean"] < floor:
+                raise ParityError("decoder", "logits", "cosine", measured["decoder"]["logits_cosine_mean"], floor,
+                                  "use --llm-precision int8 or a smaller --int4-block-size (e.g. 32)")
+        return measured
+
+    def _decoder_fidelity(self, fp32, quantized, builder) -> dict:
+        from mmedge.export.calibration import bundled, load_calibration_image
+        from mmedge.generation import GenerationConfig, generate
+
+        options, loaded = builder.options, builder.loaded
+        photos = [load_calibration_image(p) for p in bundled("holdout")[: int(self.setting(options, "fidelity_images"))]]
+        table = _load_table(builder.stage / EMBEDDINGS_FILE, loaded._idefics_embeddings)
+        sessions = {name: _session(path, options.threads) for name, path in fp32.items() if name != "decoder"}
+        config = GenerationConfig(**{k: v for k, v in generation_settings(loaded).items()
+                                     if k in GENERATION_FIELDS or k.endswith("_token_id")}
+                                  | {"max_new_tokens": int(self.setting(options, "fidelity_max_new_tokens")),
+                                     "num_beams": 1, "do_sample": False})
+        cosines, identical, common = [], [], []
+        for prompt in FIDELITY_PROMPTS:
+            prompts = [[photo if item == "{image}" else item for item in prompt] for photo in photos]
+            runs = []
+            for path, rows in ((fp32["decoder"], loaded._idefics_fp32_table), (quantized["decoder"], table)):
+                inputs = device_inputs(builder, sessions, rows, prompts)
+                decoder = host_decoder(builder, path, rows)
+                logits = _prefill_logits(decoder, inputs)  # [batch, tokens, vocab]
+                decoder.set_context(inputs["prefill"], inputs["step"])
+                runs.append((logits, generate(decoder, inputs["embeds"], inputs["mask"], config)))
+            (ref_logits, ref_tokens), (act_logits, act_tokens) = runs
+            cosines += cosine_rows(ref_logits, act_logits).tolist()
+            for a, b in zip(ref_tokens, act_tokens):
+                identical.append(a == b)
+                common.append(common_prefix(a, b) / max(len(a), 1))
+        return {"reference": "onnx-fp32", "precision": options.llm_precision or options.precision,
+                "held_out_images": len(photos), "prompts": [" ".join(p) for p in FIDELITY_PROMPTS],
+                "sequences": len(identical), "logits_cosine_min": float(min(cosines)),
+                "logits_cosine_mean": float(np.mean(cosines)), "greedy_identical_share": float(np.mean(identical)),
+                "greedy_common_prefix_share": float(np.mean(common)), "max_new_tokens": config.max_new_tokens,
+                "embeddings": loaded._idefics_embeddings["storage"], "generation_loop": "mmedge.generation"}
+
+
+# --- helpers -------------------------------------------------------------------------------------
+def _encoder_fidelity_of(name: str, run, fp32: Path, quantized: Path, feeds: dict) -> dict:
+    """Cosine of every output of the quantized encoder vs FP32 on the same inputs (rows: first axis)."""
+    reference, actual = run(fp32, feeds), run(quantized, feeds)
+    cosines = np.concatenate([cosine_rows(reference[k].reshape(len(reference[k]), -1),
+                                          actual[k].reshape(len(actual[k]), -1)) for k in reference])
+    return {"reference": "onnx-fp32", "inputs": {k: list(v.shape) for k, v in feeds.items()},
+            "outputs": sorted(reference), "embedding_cosine_min": float(cosines.min()),
+            "embedding_cosine_mean": float(cosines.mean())}
+
+
+def _prefill_logits(decoder, inputs: dict) -> np.ndarray:
+    """Logits at every prompt position ``[batch, tokens, vocab]`` (the decoder graph run once, empty cache)."""
+    from mmedge.generation.decoder import position_ids
+
+    layout, mask = decoder.kv, inputs["mask"]
+    empty = np.zeros((mask.shape[0], layout["heads"], 0, layout["head_dim"]), dtype=np.float32)
+    feeds = {"inputs_embeds": inputs["embeds"], "attention_mask": mask,
+             "position_ids": position_ids(mask, mask.shape[1]), **inputs["prefill"]}
+    feeds |= {layout["past"] % (i, kind): empty for i in range(layout["layers"]) for kind in ("key", "value")}
+    return decoder.session.run(["logits"], feeds)[0]
+
+
+def embedding_table(model) -> np.ndarray:
+    """Base + additional token embeddings as one float32 ``[vocab + additional, hidden]`` table."""
+    embed = model.model.embed_tokens
+    rows = [embed.weight.detach().float().cpu().numpy()]
+    if getattr(embed, "additional_embedding", None) is not None:
+        rows.append(embed.additional_embedding.weight.detach().float().cpu().numpy())
+    return np.concatenate(rows, axis=0)
+
+
+def _prompt_settings(builder) -> dict:
+    """The manifest's ``idefics`` settings the device prompt builder reads (before the manifest exists)."""
+    return IdeficsFamily().manifest_extras(builder.loaded, builder.options)["idefics"]
+
+
+def host_prompt(builder, items: list) -> dict:
+    """Token ids, mask, embeddings (FP32 table) and image mask of one prompt, as the device builds them."""
+    from mmedge.pipelines.interleaved import FlamingoInputs, image_attention_mask
+
+    settings = _prompt_settings(builder)
+    table = builder.loaded._idefics_fp32_table
+    ids, images = FlamingoInputs(settings, builder.tokenizer, builder.preprocessor, None, table,
+                                 settings["decoder"]["max_positions"]).prompt_ids(items)
+    fmt = settings["prompt_format"]
+    seen = image_attention_mask(ids, fmt["image_token_id"], fmt["eos_token_id"], max(len(images), 1))
+    return {"ids": ids[None], "mask": np.ones((1, ids.shape[0]), dtype=np.int64),
+            "embeds": table[ids][None].astype(np.float32), "image_attention_mask": seen[None]}
+
+
+def device_inputs(builder, sessions: dict, table: np.ndarray, prompts: list[list]) -> dict:
+    """The device's own prompt building (``FlamingoInputs``) over ONNX Runtime sessions of the encoders."""
+    from mmedge.pipelines.interleaved import FlamingoInputs
+
+    settings = _prompt_settings(builder)
+
+    def run(name, feeds):
+        session = sessions[name]
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, feeds)))
+
+    return FlamingoInputs(settings, builder.tokenizer, builder.preprocessor, run, table,
+                          settings["decoder"]["max_positions"]).build(prompts)
+
+
+def host_decoder(builder, path: Path, table: np.ndarray):
+    from mmedge.runtimes.onnxruntime_decoder import OrtDecoder
+
+    settings = _prompt_settings(builder)["decoder"]
+    inputs = [n for n in XAttnDecoderWithPast(builder.loaded.model, settings["cross_kv"] == "inputs").inputs
+              if n == "image_attention_mask" or n == "visual_tokens" or n.startswith("cross_key_values.")]
+    return OrtDecoder(_session(path, builder.options.threads), table, settings["kv_cache"], io_binding=False,
+                      context_inputs=inputs)

@@ -1,0 +1,138 @@
+"""Interleaved image/text prompts for Flamingo-style models (IDEFICS), built exactly as transformers'
+``IdeficsProcessor`` builds them, in numpy.
+
+A prompt is a list mixing images and text, e.g. ``[img1, "An image of two cats.", img2, "An image of"]``.
+Text items are strings; anything else (a path as ``pathlib.Path``, a PIL image, an array, bytes) is an
+image. The processor's text is ``<s>`` then, per item: an image becomes
+``<fake_token_around_image><image><fake_token_around_image>`` (just ``<image><fake_token_around_image>``
+right after another image), a text is appended with surrounding spaces stripped (and
+``<end_of_utterance>`` before it when the tokenizer has that token and the previous item was text).
+The whole string is tokenized without added special tokens.
+
+Each token may see one image: the most recent ``<image>`` before it (none before the first image, and
+none after an end-of-sequence token until the next image). That is ``image_attention_mask``,
+``[tokens, images]`` one-hot rows (all zero for tokens that see no image).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mmedge.errors import InputError
+
+
+def is_text(item: Any) -> bool:
+    return isinstance(item, str)
+
+
+def prompt_text(items: list, prompt_format: dict) -> tuple[str, list]:
+    """The processor's text for ``items`` and the images in order."""
+    if not isinstance(items, (list, tuple)) or not items:
+        raise InputError("the interleaved prompt is empty or not a list",
+                         "a list mixing images and strings, e.g. [image, 'An image of']",
+                         "pass at least one image or text item")
+    fake, image_token = prompt_format["fake_image_token"], prompt_format["image_token"]
+    end_of_utterance = prompt_format.get("end_of_utterance_token")
+    text, images = prompt_format["bos_token"], []
+    last_was_image = False
+    for index, item in enumerate(items):
+        last_was_text = index > 0 and not last_was_image
+        if is_text(item):
+            if end_of_utterance and last_was_text:
+                text += end_of_utterance
+            text += item.strip(" ")
+            last_was_image = False
+        elif item is None or isinstance(item, (int, float, bool)):
+            raise InputError(f"prompt item {index} is {item!r}", "an image (path as pathlib.Path, PIL image, array) or a string",
+                             "remove the item or wrap a file path in pathlib.Path")
+        else:
+            text += image_token + fake if last_was_image else fake + image_token + fake
+            images.append(item)
+            last_was_image = True
+    return text, images
+
+
+def image_attention_mask(ids: np.ndarray, image_token_id: int, eos_token_id: int | None, images: int) -> np.ndarray:
+    """``[tokens, images]`` int64: row t is one-hot on the image token t may see (HF's packed-input rule)."""
+    mask = np.zeros((len(ids), max(images, 1)), dtype=np.int64)
+    count, seen_eos = -1, False
+    for position, token in enumerate(ids.tolist()):
+        if token == image_token_id:
+            count += 1
+            seen_eos = False
+        if not seen_eos and 0 <= count < images:
+            mask[position, count] = 1
+        if eos_token_id is not None and token == eos_token_id:
+            seen_eos = True
+    return mask
+
+
+class FlamingoInputs:
+    """Interleaved prompts → the decoder's prefill inputs and per-call context, for a batch of prompts.
+
+    ``settings``: the manifest's ``idefics`` object. ``run(name, feeds)``: runs an encoder component
+    (``vision``, ``resampler``, ``cross_kv``) and returns its outputs by name. ``embeddings``: the
+    token table (``[vocab, hidden]``, rows looked up by id).
+    """
+
+    def __init__(self, settings: dict, tokenizer, preprocessor, run, embeddings, max_prompt_tokens: int):
+        self.settings = settings
+        self.format = settings["prompt_format"]
+        self.tokenizer, self.preprocessor, self.run, self.embeddings = tokenizer, preprocessor, run, embeddings
+        self.max_prompt_tokens = max_prompt_tokens
+        self.cross = settings["cross_kv"]
+
+    def prompt_ids(self, items: list) -> tuple[np.ndarray, list]:
+        text, images = prompt_text(items, self.format)
+        ids = self.tokenizer.encode_all(text, add_special_tokens=False)  # [tokens]
+        if ids.shape[0] > self.max_prompt_tokens:
+            raise InputError(f"the prompt has {ids.shape[0]} tokens", f"at most {self.max_prompt_tokens} (the model's positions "
+                             "minus room for new tokens)", "shorten the text or pass fewer images")
+        return ids, images
+
+    def build(self, prompts: list[list]) -> dict:
+        """``{"embeds" [batch, tokens, hidden], "mask" [batch, tokens], "ids" [batch, tokens], "prefill": {...},
+        "step": {...}}``; prompts are left-padded to the longest."""
+        encoded = [self.prompt_ids(items) for items in prompts]
+        length = max(ids.shape[0] for ids, _ in encoded)
+        max_images = max(1, max(len(images) for _, images in encoded))
+        pad = self.settings["pad_token_id"] if self.settings.get("pad_token_id") is not None else 0
+        batch = len(encoded)
+        ids = np.full((batch, length), pad, dtype=np.int64)
+        mask = np.zeros((batch, length), dtype=np.int64)
+        seen = np.zeros((batch, length, max_images), dtype=np.int64)
+        for row, (row_ids, images) in enumerate(encoded):
+            start = length - row_ids.shape[0]
+            ids[row, start:], mask[row, start:] = row_ids, 1
+            seen[row, start:] = image_attention_mask(row_ids, self.format["image_token_id"],
+                                                     self.format["eos_token_id"], max_images)
+        visual = self.visual_tokens([images for _, images in encoded], max_images)  # [batch, images * tokens, width]
+        if self.settings["decoder"]["cross_kv"] == "inputs":
+            context = self.run(self.cross["component"], {"visual_tokens": visual})  # each [batch, heads, image_tokens, head_dim]
+        else:
+            context = {"visual_tokens": visual}
+        embeds = np.asarray(self.embeddings[ids.reshape(-1)], dtype=np.float32).reshape(batch, length, -1)
+        return {"embeds": embeds, "mask": mask, "ids": ids,
+                "prefill": {"image_attention_mask": seen, **context},
+                "step": {"image_attention_mask": np.ascontiguousarray(seen[:, -1:, :]), **context}}
+
+    def visual_tokens(self, images_per_prompt: list[list], max_images: int) -> np.ndarray:
+        """Vision (+ resampler) over every image once; ``[batch, max_images * tokens_per_image, width]``,
+        zeros where a prompt has fewer images (masked out of every cross-attention)."""
+        per_image, width = self.cross["tokens_per_image"], self.settings["vision_width"]
+        out = np.zeros((len(images_per_prompt), max_images * per_image, width), dtype=np.float32)
+        flat = [image for images in images_per_prompt for image in images]
+        if not flat:
+            return out
+        pixels = self.preprocessor(flat)  # [images, 3, height, width]
+        tokens = self.run("vision", {"pixel_values": pixels})["image_features"]  # [images, patches + 1, width]
+        if "resampler" in self.settings["components"]:
+            tokens = self.run("resampler", {"image_features": tokens})["visual_tokens"]  # [images, latents, width]
+        start = 0
+        for row, images in enumerate(images_per_prompt):
+            count = len(images)
+            out[row, :count * per_image] = tokens[start:start + count].reshape(count * per_image, width)
+            start += count
+        return out
