@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,18 @@ def load_checkpoint(model: str, *, random_weights: bool = False, allow_pickle: b
                 "point at the folder save_pretrained wrote",
             )
         _refuse_pickles(folder, allow_pickle)
+    elif _looks_like_a_path(model):  # not a hub id: fail now rather than ask the hub (retries take ~25 s offline)
+        raise ModelLoadError(
+            f"checkpoint folder '{model}' does not exist",
+            "a local checkpoint folder (config.json + *.safetensors) or a hub id such as 'openai/clip-vit-base-patch32'",
+            "check the path",
+        )
     return _load_pretrained(model, allow_pickle)
+
+
+def _looks_like_a_path(model: str) -> bool:
+    """Hub ids are 'name' or 'owner/name'; anything else that does not exist is a mistyped folder."""
+    return model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1 or Path(model).is_absolute()
 
 
 def _load_pretrained(model: str, allow_pickle: bool) -> LoadedModel:
@@ -99,10 +111,19 @@ def _load_pretrained(model: str, allow_pickle: bool) -> LoadedModel:
 
     model_class = FAMILIES[family].model_class()
     try:
-        loaded = model_class.from_pretrained(model, use_safetensors=not allow_pickle)
-    except (OSError, ValueError) as exc:
+        # weights_only=True: a pickled checkpoint (only read with --allow-pickle) may hold tensors and
+        # plain containers, never an object whose unpickling runs code.
+        loaded = model_class.from_pretrained(model, use_safetensors=not allow_pickle, weights_only=True)
+    except pickle.UnpicklingError as exc:
         raise ModelLoadError(
-            f"cannot load weights for '{model}' ({str(exc).splitlines()[0][:200]})",
+            f"refused to load the pickled weights of '{model}': they hold more than tensors "
+            f"(torch.load(weights_only=True) says: {_first_line(exc)})",
+            "a checkpoint of tensors only, ideally in safetensors format",
+            "get a model.safetensors version of the checkpoint; never load pickles you do not trust",
+        ) from None
+    except (OSError, ValueError, RuntimeError, EOFError) as exc:
+        raise ModelLoadError(
+            f"cannot load weights for '{model}' ({_first_line(exc)})",
             "safetensors weights matching config.json",
             "re-download the checkpoint, or pass --allow-pickle for a trusted .bin checkpoint",
         ) from None
@@ -110,6 +131,10 @@ def _load_pretrained(model: str, allow_pickle: bool) -> LoadedModel:
     source = {"model": model, "config_sha256": config_sha256(config), "random_weights": False,
               "transformers_version": transformers.__version__}
     return LoadedModel(family, loaded.eval(), tokenizer, processor, source)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _load_preprocessors(model: str):

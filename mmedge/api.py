@@ -31,6 +31,8 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", t
     from mmedge.selection import plan as make_plan
     from mmedge.tokenizer import TextTokenizer
 
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise InputError(f"threads is {threads!r}", "None (all cores) or a positive integer", "pass e.g. threads=2")
     artifact = Artifact.open(path)
     manifest = artifact.manifest
     task = task or manifest["tasks"][0]

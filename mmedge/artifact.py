@@ -46,6 +46,9 @@ class Artifact:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Artifact":
+        if not isinstance(path, (str, os.PathLike)):
+            raise ArtifactNotFoundError(f"the artifact path is a {type(path).__name__}",
+                                        "the path of an artifact folder (str or pathlib.Path)", "pass the folder's path")
         root = Path(path)
         if not root.is_dir():
             what = "is a file, not an artifact folder" if root.exists() else "does not exist"

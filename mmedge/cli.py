@@ -1,12 +1,15 @@
-"""The `mmedge` command: export, run, validate, doctor.
+"""The `mmedge` command: export, run, validate, doctor, demo, bench.
 
-Every mmedge error becomes one line on stderr and a non-zero exit code; no traceback.
+Every mmedge error becomes one line on stderr and a non-zero exit code; no traceback. So do bad
+command lines (exit 2) and, as a last resort, errors mmedge did not anticipate (exit 1, with a hint to
+rerun with MMEDGE_DEBUG=1 for the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -158,10 +161,18 @@ def cmd_doctor(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one ``mmedge: error:`` line (what, then what to do), exit 2."""
+
+    def error(self, message: str):
+        print(f"mmedge: error: {message}; fix: see `{self.prog} --help`.", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mmedge import __version__
 
-    parser = argparse.ArgumentParser(prog="mmedge", description="Export, quantize and run multimodal models on edge devices.")
+    parser = _Parser(prog="mmedge", description="Export, quantize and run multimodal models on edge devices.")
     parser.add_argument("--version", action="version", version=f"mmedge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -227,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("artifact", nargs="?")
     runtime_flags(doc)
     doc.set_defaults(func=cmd_doctor)
+
+    from mmedge import bench, demo
+
+    demo.add_parser(sub)
+    bench.add_parser(sub, runtime_flags)
     return parser
 
 
@@ -241,6 +257,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mmedge: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # disk full, permission denied, broken pipe: the system's answer, as one line
+        print(f"mmedge: error: {_system_error(exc)}; fix: check the path, free space and permissions.", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug: one line, the traceback on request
+        if os.environ.get("MMEDGE_DEBUG"):
+            raise
+        print(f"mmedge: internal error: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}; "
+              "this is a bug in mmedge: rerun with MMEDGE_DEBUG=1 for the traceback and report it.", file=sys.stderr)
+        return 1
+
+
+def _system_error(exc: OSError) -> str:
+    where = f" ('{exc.filename}')" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
 
 
 if __name__ == "__main__":

@@ -112,3 +112,10 @@ class BackendUnavailableError(MmedgeError):
 
 class BackendError(MmedgeError):
     """An engine failed while creating a session or running a graph."""
+
+
+class StaleEngineError(BackendError):
+    """A cached engine was built for another GPU, engine version, graph, precision or shape profile.
+
+    Such an engine is never loaded: it is rebuilt on this device (see ``mmedge.runtimes.engine_cache``).
+    """

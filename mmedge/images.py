@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import warnings
 from typing import Any
 
@@ -43,6 +44,7 @@ MAX_PIXELS = 64_000_000
 """Images with more pixels than this are refused before they are decoded (decompression bombs)."""
 
 _WHITE = (255, 255, 255, 255)
+_WARNINGS_LOCK = threading.Lock()
 _FIX_READABLE = "pass a complete PNG, JPEG, GIF, WebP, BMP or TIFF file, or a PIL image or numpy array"
 
 
@@ -110,16 +112,10 @@ def _decode_bytes(data: bytes, name: str) -> Image.Image:
 def _decode(fp: str | io.BytesIO, name: str) -> Image.Image:
     """Open, size-check, fully decode, orient and convert an encoded image."""
     try:
-        # PIL warns (DecompressionBombWarning) past ~89 MP and raises past ~179 MP inside
-        # Image.open; both become errors here without touching the global Image.MAX_IMAGE_PIXELS.
-        # (catch_warnings is process-wide; a race between threads can at worst leave this one
-        # filter in place, and mmedge refuses those images anyway.)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(fp) as opened:
-                _check_pixels(opened.size, name)  # from the header, before any pixel is decoded
-                opened.load()  # first frame only; raises on truncated or corrupt data
-                image = ImageOps.exif_transpose(opened)
+        with _open(fp) as opened:
+            _check_pixels(opened.size, name)  # from the header, before any pixel is decoded
+            opened.load()  # first frame only; raises on truncated or corrupt data
+            image = ImageOps.exif_transpose(opened)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -133,6 +129,20 @@ def _decode(fp: str | io.BytesIO, name: str) -> Image.Image:
             "re-save or re-download the file",
         ) from exc
     return _to_rgb(image, name)
+
+
+def _open(fp: str | io.BytesIO) -> Image.Image:
+    """``Image.open`` with PIL's DecompressionBombWarning (past ~89 MP) raised as an error.
+
+    PIL warns past ~89 MP and raises past ~179 MP inside ``Image.open``; both become errors here
+    without touching the global ``Image.MAX_IMAGE_PIXELS``. ``warnings.catch_warnings`` swaps the
+    process-wide filter list, so two threads inside it at once could leave the filter installed for
+    good: the lock keeps mmedge's own threads out of each other's way. Only the header is read here,
+    so the lock is held briefly; decoding runs outside it.
+    """
+    with _WARNINGS_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(fp)
 
 
 # --- in-memory sources ---------------------------------------------------------------------------
@@ -226,14 +236,16 @@ def _too_large(name: str, detail: str) -> ImageError:
 
 def _to_rgb(image: Image.Image, name: str) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB (see the module docstring for the rules)."""
-    if image.mode == "I" or image.mode.startswith("I;16"):
-        return _sixteen_bit_to_gray(image).convert("RGB")
     try:
+        if image.mode == "I" or image.mode.startswith("I;16"):
+            return _sixteen_bit_to_gray(image).convert("RGB")
         if _has_alpha(image):
             rgba = image.convert("RGBA")
             return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
         return image.convert("RGB")
-    except (ValueError, OSError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # ValueError for unsupported modes; TypeError for malformed info["transparency"]; ...
         raise ImageError(
             f"{name} has mode '{image.mode}', which PIL cannot convert to RGB ({exc})",
             "a mode such as RGB, RGBA, L, LA, P, CMYK, YCbCr, 1, I;16, I or F",

@@ -32,6 +32,7 @@ The config is a JSON-serializable dict stored in the artifact's ``manifest.json`
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import numpy as np
@@ -92,7 +93,7 @@ class ImagePreprocessor:
         height, width = self.output_size
         pixel_values = np.empty((len(batch), 3, height, width), dtype=np.float32)  # [batch, 3, height, width]
         for index, image in enumerate(batch):
-            pixels = self._resized_and_cropped(load_image(image))  # [height, width, 3] uint8
+            pixels = self._resized_and_cropped(load_image(image), _describe(image, index, len(batch)))  # [h, w, 3] uint8
             pixel_values[index] = self._lut[_CHANNELS, pixels.transpose(2, 0, 1)]  # [3, height, width]
         return pixel_values
 
@@ -106,12 +107,12 @@ class ImagePreprocessor:
         new_long = int(size * long / short)  # truncated, as transformers' get_resize_output_image_size
         return (new_long, size) if width <= height else (size, new_long)
 
-    def _resized_and_cropped(self, image: Image.Image) -> np.ndarray:
+    def _resized_and_cropped(self, image: Image.Image, name: str = "the image") -> np.ndarray:
         """Resize with PIL, then center crop / zero pad; returns uint8 ``[height, width, 3]``."""
         height, width = self.resize_size(image.width, image.height)
         if height * width > MAX_PIXELS:
             raise ImageError(
-                f"an image of {image.width}x{image.height} would be resized to {width}x{height} "
+                f"{name} ({image.width}x{image.height}) would be resized to {width}x{height} "
                 f"({height * width:,} pixels)",
                 f"an aspect ratio that keeps the resized image under {MAX_PIXELS:,} pixels",
                 "crop the image to a less extreme aspect ratio first",
@@ -119,6 +120,13 @@ class ImagePreprocessor:
         pixels = np.asarray(image.resize((width, height), resample=self._resample, reducing_gap=None))
         crop = self._config["center_crop"]
         return pixels if crop is None else center_crop(pixels, crop[0], crop[1])
+
+
+def _describe(source: Any, index: int, count: int) -> str:
+    """How an error names one image of a call: its path, else its place in the batch."""
+    if isinstance(source, (str, os.PathLike)):
+        return f"image file '{os.fspath(source)}'"
+    return f"image {index} of the batch" if count > 1 else "the image"
 
 
 def center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -191,7 +199,7 @@ def _resize(value: Any) -> dict[str, int]:
 
 def _resample(value: Any) -> str:
     """One of the names in ``RESAMPLE``."""
-    if value not in RESAMPLE:
+    if not isinstance(value, str) or value not in RESAMPLE:
         raise ManifestError(f"preprocess 'resample' is {value!r}", f"one of {sorted(RESAMPLE)}", _FIX)
     return value
 
@@ -227,4 +235,10 @@ def _is_positive_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float (an int too large for a float, e.g. a 400-digit JSON literal, is not)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False

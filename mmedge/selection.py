@@ -29,10 +29,10 @@ class Plan:
 
 
 def _check_request(backend: str, device: str) -> None:
-    if backend != "auto" and backend not in BACKENDS:
+    if backend != "auto" and (not isinstance(backend, str) or backend not in BACKENDS):
         raise BackendUnavailableError(f"unknown backend '{backend}'", f"'auto' or one of {', '.join(BACKENDS)}",
                                       "pass --backend auto to let mmedge choose")
-    if device not in DEVICES:
+    if not isinstance(device, str) or device not in DEVICES:
         raise BackendUnavailableError(f"unknown device '{device}'", f"one of {', '.join(DEVICES)}",
                                       "pass --device auto, cpu or cuda")
 

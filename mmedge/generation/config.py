@@ -95,16 +95,16 @@ class GenerationConfig:
                        "set do_sample=False for beam search, or num_beams=1 for sampling")
         if self.early_stopping not in EARLY_STOPPING_MODES or isinstance(self.early_stopping, int) and not isinstance(self.early_stopping, bool):
             raise _bad("early_stopping", self.early_stopping, "True, False or \"never\"", "use early_stopping=False (transformers' default)")
-        if not math.isfinite(self.length_penalty):
+        if not _finite(self.length_penalty):
             raise _bad("length_penalty", self.length_penalty, "a finite number", "use 1.0 (no preference), > 1 for longer, < 1 for shorter beams")
-        if self.do_sample and not (self.temperature > 0 and math.isfinite(self.temperature)):
+        if self.do_sample and not (self.temperature > 0 and _finite(self.temperature)):
             raise _bad("temperature", self.temperature, "a finite number above 0 when sampling",
                        "use temperature=1.0, or do_sample=False for greedy decoding")
         if self.top_k < 0:
             raise _bad("top_k", self.top_k, "0 (off) or more", "use top_k=50 (transformers' default) or 0 to turn it off")
         if not (0.0 < self.top_p <= 1.0):
             raise _bad("top_p", self.top_p, "a number in (0, 1]", "use top_p=1.0 to turn nucleus sampling off, or e.g. 0.9")
-        if not (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty)):
+        if not (self.repetition_penalty > 0 and _finite(self.repetition_penalty)):
             raise _bad("repetition_penalty", self.repetition_penalty, "a finite number above 0 (1.0 = off)",
                        "use 1.0 for no penalty, or about 1.2 to discourage repeats")
         if self.seed is not None and self.seed < 0:
@@ -186,6 +186,14 @@ class GenerationConfig:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _finite(value: int | float) -> bool:
+    """``math.isfinite`` that says False (not OverflowError) for an int too large for a float."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _opt(value: int | None) -> tuple[int, ...]:

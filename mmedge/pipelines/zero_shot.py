@@ -32,18 +32,25 @@ ENSEMBLE_TEMPLATES = (
 )
 MAX_CACHED_BANKS = 16
 TEXT_CHUNK = 256
+# ImageNet's 1,000 classes fit; a bank of 10,000 labels x 8 templates would run the text encoder 80,000
+# times on the first call (minutes on a CPU, longer on a Jetson) and pin its memory in the bank cache.
+MAX_LABELS = 1000
 
 
 def check_labels(labels: Any) -> list[str]:
-    """A non-empty list of distinct, non-empty strings."""
+    """A non-empty list of at most ``MAX_LABELS`` distinct, non-empty strings."""
     if isinstance(labels, str):
-        raise InputError("labels is a single string", "a list of label strings", f"pass labels=[{labels!r}, ...]")
+        raise InputError("labels is a single string", "a list of label strings", f"pass labels=[{labels[:40]!r}, ...]")
     try:
         labels = list(labels)
     except TypeError:
         raise InputError(f"labels is a {type(labels).__name__}", "a list of label strings", "pass a list such as ['cat', 'dog']") from None
     if not labels:
         raise InputError("the label list is empty", "at least one label", "pass labels such as ['cat', 'dog']")
+    if len(labels) > MAX_LABELS:
+        raise InputError(f"the label list has {len(labels):,} labels", f"at most {MAX_LABELS:,} labels per call",
+                         f"classify against at most {MAX_LABELS:,} labels at a time (e.g. a coarse list first, "
+                         "then its best group), or use embed_images / embed_texts and rank embeddings yourself")
     bad = [repr(x) for x in labels if not isinstance(x, str) or not x.strip()]
     if bad:
         raise InputError(f"labels contain non-text or blank entries ({', '.join(bad[:3])})",

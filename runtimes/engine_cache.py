@@ -1,0 +1,286 @@
+"""The device-local engine cache: which built engine (a TensorRT plan) may be reused, and which is stale.
+
+A TensorRT engine is only valid for the graph, precision and shape profile it was built from, and for
+the TensorRT version and GPU it was built with. One from another device or TensorRT version fails to
+deserialize at best and misbehaves at worst, so an engine is never handed to TensorRT on trust: its
+key is compared first, and its bytes are checked against the sha256 recorded when it was stored.
+Nothing here imports tensorrt; the backend that builds engines passes in what it knows.
+
+Layout, under the artifact's ``engines/`` folder (never shipped)::
+
+    <component>-<key digest, 16 hex>.plan    the engine bytes
+    <component>-<key digest, 16 hex>.json    {"format": "mmedge.engine", "format_version": 1,
+                                              "key": {...}, "plan_sha256": "...", "plan_bytes": n}
+
+How a backend uses it::
+
+    key = EngineKey.create(onnx_sha256=component["sha256"], precision="fp16",
+                           profile={"pixel_values": ([1, 3, 224, 224], [4, 3, 224, 224], [8, 3, 224, 224])},
+                           tensorrt_version=tensorrt.__version__, gpu_name=name, compute_capability="8.7")
+    cache = EngineCache(artifact.engines_dir())
+    found = cache.lookup("vision", key)
+    plan = cache.load("vision", key) if found.fresh else cache.store("vision", key, build_engine(...))
+    # found.reasons says why an engine was rebuilt: "built for GPU 'Orin' (sm 8.7); this device has ..."
+
+``store`` writes through temporary files and ``os.replace``: a process killed mid-write leaves either
+the old engine or a plan whose sha256 differs from its record, which ``lookup`` reports as stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from mmedge.errors import InputError, StaleEngineError
+
+FORMAT = "mmedge.engine"
+FORMAT_VERSION = 1
+PLAN_SUFFIX = ".plan"
+RECORD_SUFFIX = ".json"
+
+Shape = tuple[int, ...]
+_CHANGED = "its bytes differ from those recorded when it was built (truncated or replaced)"
+
+
+@dataclass(frozen=True)
+class EngineKey:
+    """Everything a built engine depends on. Two engines are interchangeable only if their keys are equal."""
+
+    onnx_sha256: str  # the component graph the engine was built from (the manifest's sha256)
+    precision: str  # e.g. "fp32", "fp16", "int8"
+    profile: tuple[tuple[str, Shape, Shape, Shape], ...]  # (input, min, opt, max), sorted by input name
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str  # "8.7"
+
+    @classmethod
+    def create(cls, *, onnx_sha256: str, precision: str, profile: Mapping[str, Sequence[Sequence[int]]],
+               tensorrt_version: str, gpu_name: str, compute_capability: str) -> "EngineKey":
+        """A checked key; ``profile`` maps each dynamic input to its (min, opt, max) shapes."""
+        if not (isinstance(onnx_sha256, str) and len(onnx_sha256) == 64
+                and all(c in "0123456789abcdef" for c in onnx_sha256)):
+            raise InputError(f"onnx_sha256 is {onnx_sha256!r:.80}", "64 lowercase hex digits (the manifest's sha256)",
+                             "pass the component's sha256 from manifest.json")
+        for name, value in (("precision", precision), ("tensorrt_version", tensorrt_version),
+                            ("gpu_name", gpu_name), ("compute_capability", compute_capability)):
+            if not isinstance(value, str) or not value.strip():
+                raise InputError(f"engine key field {name} is {value!r:.80}", "a non-empty string",
+                                 f"pass {name} as the engine and device report it")
+        return cls(onnx_sha256, precision, _checked_profile(profile), tensorrt_version, gpu_name, compute_capability)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["profile"] = [[name, list(lo), list(opt), list(hi)] for name, lo, opt, hi in self.profile]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "EngineKey":
+        """The key stored in a record; InputError if it is malformed."""
+        try:
+            profile = {entry[0]: entry[1:] for entry in data["profile"]}
+            return cls.create(onnx_sha256=data["onnx_sha256"], precision=data["precision"], profile=profile,
+                              tensorrt_version=data["tensorrt_version"], gpu_name=data["gpu_name"],
+                              compute_capability=data["compute_capability"])
+        except (KeyError, TypeError, IndexError, ValueError) as exc:
+            raise InputError(f"engine key is malformed ({type(exc).__name__}: {exc})", "a key written by EngineCache.store",
+                             "delete the engines/ folder; engines are rebuilt on this device") from None
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of the key (and of the cache format version)."""
+        text = json.dumps({"format_version": FORMAT_VERSION, **self.to_dict()}, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def differences(self, built: "EngineKey") -> list[str]:
+        """Why an engine built under ``built`` cannot serve this key, one phrase per differing field."""
+        out = []
+        if (built.gpu_name, built.compute_capability) != (self.gpu_name, self.compute_capability):
+            out.append(f"built for GPU '{built.gpu_name}' (sm {built.compute_capability}); this device has "
+                       f"'{self.gpu_name}' (sm {self.compute_capability})")
+        if built.tensorrt_version != self.tensorrt_version:
+            out.append(f"built with TensorRT {built.tensorrt_version}; this device has TensorRT {self.tensorrt_version}")
+        if built.onnx_sha256 != self.onnx_sha256:
+            out.append(f"built from another graph (sha256 {built.onnx_sha256[:12]}…; the artifact's is {self.onnx_sha256[:12]}…)")
+        if built.precision != self.precision:
+            out.append(f"built at precision {built.precision}; {self.precision} is asked for")
+        if built.profile != self.profile:
+            out.append(f"built for shape profile {_profile_text(built.profile)}; {_profile_text(self.profile)} is asked for")
+        return out
+
+
+@dataclass
+class EngineLookup:
+    """What the cache holds for one component and key.
+
+    ``status``: "fresh" (``plan`` may be loaded), "stale" (engines exist but none may be used for this
+    key: ``reasons`` says why, ``stale`` lists their plan files) or "missing" (nothing was built yet).
+    """
+
+    status: str
+    plan: Path | None = None
+    reasons: list[str] = field(default_factory=list)
+    stale: list[Path] = field(default_factory=list)
+
+    @property
+    def fresh(self) -> bool:
+        return self.status == "fresh"
+
+
+class EngineCache:
+    """One ``engines/`` folder. Lookups read only; ``store`` and ``remove_stale`` write."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+
+    def paths(self, component: str, key: EngineKey) -> tuple[Path, Path]:
+        """(plan, record) file paths of ``component`` under ``key``."""
+        stem = f"{_checked_component(component)}-{key.digest()[:16]}"
+        return self.folder / f"{stem}{PLAN_SUFFIX}", self.folder / f"{stem}{RECORD_SUFFIX}"
+
+    def lookup(self, component: str, key: EngineKey, *, check_bytes: bool = True) -> EngineLookup:
+        """Fresh, stale (with the reasons) or missing. A fresh answer has had the plan's size checked and,
+        with ``check_bytes``, its sha256 (``load`` checks the bytes it reads instead)."""
+        plan, record = self.paths(component, key)
+        if plan.exists() or record.exists():
+            reasons = self._problems(plan, record, key, check_bytes)
+            if not reasons:
+                return EngineLookup("fresh", plan)
+            return EngineLookup("stale", None, [f"{plan.name}: {r}" for r in reasons], [plan])
+        found = EngineLookup("missing")
+        for other in sorted(self.folder.glob(f"{_checked_component(component)}-*{RECORD_SUFFIX}")):
+            built = _read_key(other)
+            why = ["its record is unreadable"] if built is None else key.differences(built) or ["its record names another file"]
+            found.status = "stale"
+            found.stale.append(other.with_suffix(PLAN_SUFFIX))
+            found.reasons += [f"{other.with_suffix(PLAN_SUFFIX).name}: {r}" for r in why]
+        return found
+
+    def load(self, component: str, key: EngineKey) -> bytes:
+        """The plan's bytes if a fresh engine is cached; StaleEngineError (never a foreign engine) otherwise."""
+        found = self.lookup(component, key, check_bytes=False)
+        if found.fresh:
+            data = found.plan.read_bytes()
+            record = json.loads(self.paths(component, key)[1].read_text())
+            if hashlib.sha256(data).hexdigest() == record["plan_sha256"]:
+                return data
+            found = EngineLookup("stale", None, [f"{found.plan.name}: {_CHANGED}"], [found.plan])
+        if found.status == "missing":
+            what = f"no engine for component '{component}' has been built on this device yet"
+        else:
+            what = f"the cached engine for component '{component}' cannot be used here ({'; '.join(found.reasons)})"
+        raise StaleEngineError(what, "an engine built from this graph, precision and shape profile with this "
+                               "TensorRT version on this GPU", "build the engine on this device (mmedge rebuilds stale "
+                               "engines); engines/ is a device-local cache, never copy it between devices")
+
+    def store(self, component: str, key: EngineKey, plan_bytes: bytes) -> bytes:
+        """Write the plan, then its record, each through a temporary file and ``os.replace``; return the bytes."""
+        if not isinstance(plan_bytes, (bytes, bytearray, memoryview)) or not len(plan_bytes):
+            raise InputError("the engine to store is empty or not bytes", "the serialized engine (non-empty bytes)",
+                             "pass engine.serialize() as bytes")
+        plan_bytes = bytes(plan_bytes)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        plan, record = self.paths(component, key)
+        entry = {"format": FORMAT, "format_version": FORMAT_VERSION, "component": component, "key": key.to_dict(),
+                 "plan_sha256": hashlib.sha256(plan_bytes).hexdigest(), "plan_bytes": len(plan_bytes)}
+        _atomic_write(plan, plan_bytes)
+        _atomic_write(record, (json.dumps(entry, indent=2) + "\n").encode())
+        return plan_bytes
+
+    def remove_stale(self, component: str, key: EngineKey) -> list[Path]:
+        """Delete the stale engines of ``component`` (those ``lookup`` reports); return what was removed."""
+        removed = []
+        for plan in self.lookup(component, key).stale:
+            for path in (plan, plan.with_suffix(RECORD_SUFFIX)):
+                if path.exists():
+                    path.unlink()
+                    removed.append(path)
+        return removed
+
+    @staticmethod
+    def _problems(plan: Path, record: Path, key: EngineKey, check_bytes: bool) -> list[str]:
+        if not record.is_file():
+            return ["it has no record of what it was built for"]
+        if not plan.is_file():
+            return ["its record names a plan file that is missing"]
+        try:
+            entry = json.loads(record.read_text())
+            built = EngineKey.from_dict(entry["key"])
+            sha, size = entry["plan_sha256"], entry["plan_bytes"]
+            if entry.get("format") != FORMAT or entry.get("format_version") != FORMAT_VERSION:
+                return [f"its record has format {entry.get('format')!r} version {entry.get('format_version')!r}"]
+        except (OSError, ValueError, KeyError, TypeError, InputError):
+            return ["its record is unreadable"]
+        reasons = key.differences(built)
+        if reasons:
+            return reasons
+        if plan.stat().st_size != size or (check_bytes and _sha256(plan) != sha):
+            return [_CHANGED]
+        return []
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+def _checked_profile(profile: Mapping[str, Sequence[Sequence[int]]]) -> tuple[tuple[str, Shape, Shape, Shape], ...]:
+    expected = "a mapping of input name to (min, opt, max) shapes of equal rank, min <= opt <= max per axis"
+    if not isinstance(profile, Mapping):
+        raise InputError(f"the shape profile is a {type(profile).__name__}", expected, "pass e.g. "
+                         "{'pixel_values': ([1, 3, 224, 224], [4, 3, 224, 224], [8, 3, 224, 224])}")
+    out = []
+    for name, shapes in sorted(profile.items(), key=lambda item: str(item[0])):
+        try:
+            lo, opt, hi = (tuple(int(d) for d in shape) for shape in shapes)
+        except (TypeError, ValueError):
+            raise InputError(f"the shape profile of input {name!r} is {shapes!r:.80}", expected,
+                             "give three shapes: min, opt and max") from None
+        ok = isinstance(name, str) and len(lo) == len(opt) == len(hi) and all(
+            0 < a <= b <= c for a, b, c in zip(lo, opt, hi))
+        if not ok:
+            raise InputError(f"the shape profile of input {name!r} is {shapes!r:.80}", expected,
+                             "give three shapes of equal rank with positive sizes, min <= opt <= max")
+        out.append((name, lo, opt, hi))
+    return tuple(out)
+
+
+def _checked_component(name: str) -> str:
+    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "_." for c in name) or name.startswith("."):
+        raise InputError(f"component name {name!r:.80} cannot name an engine file",
+                         "a manifest component name (letters, digits, '_', '.')", "pass the component's name")
+    return name
+
+
+def _profile_text(profile) -> str:
+    return ", ".join(f"{name} {list(lo)}..{list(hi)} (opt {list(opt)})" for name, lo, opt, hi in profile) or "none"
+
+
+def _read_key(record: Path) -> EngineKey | None:
+    try:
+        return EngineKey.from_dict(json.loads(record.read_text())["key"])
+    except (OSError, ValueError, KeyError, TypeError, InputError):
+        return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+__all__ = ["EngineCache", "EngineKey", "EngineLookup"]
