@@ -16,13 +16,6 @@ VQA = "Question: what is in the picture? Answer:"
 
 
 @pytest.fixture(scope="module")
-def blip2_artifact(tiny_blip2_dir, tmp_path_factory):
-    from mmedge.export import export_model
-
-    return export_model(str(tiny_blip2_dir), tmp_path_factory.mktemp("b2") / "fp32", progress=False)
-
-
-@pytest.fixture(scope="module")
 def captioner(blip2_artifact):
     with mmedge.load(blip2_artifact, threads=1) as pipeline:
         yield pipeline
