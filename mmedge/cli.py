@@ -43,6 +43,8 @@ def cmd_export(args) -> int:
         raise MmedgeError(f"`mmedge export` needs the host-side tools ({exc.name} is not installed)",
                           "torch, transformers and onnx installed", 'pip install "mmedge[export]"') from None
     extra = {"fused_prefix": False} if args.split_prefix else {}
+    if args.recompute_cross_kv:
+        extra["cached_cross_kv"] = False
     options = ExportOptions(task=args.task, precision=args.precision, quantization=args.quantization,
                             llm_precision=args.llm_precision, int4_block_size=args.int4_block_size,
                             int4_accuracy_level=args.int4_accuracy_level, extra=extra,
@@ -74,10 +76,32 @@ def cmd_run(args) -> int:
 
     pipeline = mmedge.load(args.artifact, backend=args.backend, device=args.device, task=args.task, threads=args.threads)
     with pipeline:
+        if args.interleaved:
+            print(_run_interleaved(pipeline, args.images, args))
+            return 0
         for image in args.images:
             line = _run_one(pipeline, image, args)
             print(line)
     return 0
+
+
+def _run_interleaved(pipeline, items: list[str], args) -> str:
+    """One interleaved prompt: arguments naming existing files are images, the others text."""
+    from pathlib import Path
+
+    from mmedge.errors import InputError
+
+    if not hasattr(pipeline, "generate"):
+        raise InputError("--interleaved was given for a model without interleaved prompts",
+                         "a Flamingo-style (IDEFICS) captioning artifact", "drop --interleaved, or export an IDEFICS model")
+    prompt = [Path(item) if Path(item).is_file() else item for item in items]
+    generation = _generation_args(args)
+    if args.stream and not args.json:
+        for piece in pipeline.stream(prompt, **generation):
+            print(piece, end="", flush=True)
+        return ""
+    text = pipeline.generate(prompt, **generation)
+    return json.dumps({"prompt": items, "text": text}) if args.json else text
 
 
 def _generation_args(args) -> dict:
@@ -187,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--int4-accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
                      help="INT4 MatMulNBits compute: 4 = int8 activations (fastest on CPU), 0 = unset")
     exp.add_argument("--split-prefix", action="store_true", help="BLIP-2: vision and Q-Former as two graphs, not one prefix graph")
+    exp.add_argument("--recompute-cross-kv", action="store_true",
+                     help="IDEFICS: the decoder recomputes cross-attention K/V from the visual tokens every step "
+                          "(as transformers does) instead of taking them once per image set; for comparison")
     exp.add_argument("--quantization", default="dynamic", choices=["dynamic", "static"],
                      help="INT8 recipe: dynamic (fastest on CPU, no calibration) or static QDQ (calibrated; for TensorRT)")
     exp.add_argument("--labels", nargs="*", help="bake these labels into one zero-shot graph (no text encoder on the device)")
@@ -214,10 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--templates", nargs="+")
     run.add_argument("--top-k", type=int, default=5, help="zero-shot: labels to show")
     run.add_argument("--task", default=None, choices=["zero-shot", "embed", "caption", "vqa"])
-    cap = run.add_argument_group("captioning (BLIP-2)")
+    cap = run.add_argument_group("captioning (BLIP-2, IDEFICS)")
     cap.add_argument("--prompt", help="text the caption continues, e.g. 'a photo of'")
     cap.add_argument("--question", help="ask a question (VQA prompting: 'Question: ... Answer:')")
     cap.add_argument("--stream", action="store_true", help="print text as tokens arrive")
+    cap.add_argument("--interleaved", action="store_true",
+                     help="IDEFICS: the arguments after ARTIFACT form one prompt; existing files are images, the rest text")
     cap.add_argument("--max-new-tokens", type=int)
     cap.add_argument("--num-beams", type=int)
     cap.add_argument("--sample", action="store_true", help="sample instead of greedy/beam search")

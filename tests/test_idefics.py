@@ -196,3 +196,30 @@ def test_int4_llm_quantizes_every_matmul_and_records_fidelity(artifacts, images)
         assert m["components"][name]["parity"]["fidelity"]["embedding_cosine_mean"] > 0.98
     with mmedge.load(path) as captioner:
         assert isinstance(captioner.generate(prompts(images)["two images interleaved"], max_new_tokens=6), str)
+
+
+def test_cli_runs_interleaved_prompts_and_captions(artifacts, photos, capsys):
+    from pathlib import Path
+
+    from mmedge.cli import main
+
+    path = str(artifacts("fp32"))
+    argv = ["run", path, "--interleaved", photos[0], "An image of two cats.", photos[1], "An image of", "--max-new-tokens", "6"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out.strip()
+    with mmedge.load(path) as captioner:
+        expected = captioner.generate([Path(photos[0]), "An image of two cats.", Path(photos[1]), "An image of"], max_new_tokens=6)
+        caption = captioner.caption(photos[0], max_new_tokens=6)
+    assert printed == expected
+    assert main(["run", path, photos[0], "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out.strip() == f"{photos[0]}: {caption}"
+    assert main(["run", path, photos[0], "--max-new-tokens", "6", "--stream"]) == 0
+    assert capsys.readouterr().out.strip() == f"{photos[0]}: {caption}"
+
+
+def test_cli_refuses_interleaved_prompts_for_blip2(blip2_artifact, photos, capsys):
+    from mmedge.cli import main
+
+    assert main(["run", str(blip2_artifact), "--interleaved", photos[0], "An image of"]) != 0
+    err = capsys.readouterr().err
+    assert "--interleaved" in err and "IDEFICS" in err and "Traceback" not in err

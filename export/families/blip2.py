@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from mmedge.errors import ExportError, ParityError
+from mmedge.export.families.common import check_generative_options
 from mmedge.export.specs.blip2 import (
     Blip2Prefix,
     Blip2Vision,
@@ -94,16 +95,7 @@ class Blip2Family:
 
     # --- what gets exported ----------------------------------------------------------------------
     def check_options(self, options) -> None:
-        if options.task not in TASKS:
-            raise ExportError(f"task '{options.task}' is not a BLIP-2 task", f"one of {', '.join(TASKS)}",
-                              "pass --task caption or --task vqa")
-        if options.labels or options.templates:
-            raise ExportError("--labels/--templates were given for a BLIP-2 model", "label options only for CLIP",
-                              "drop --labels and --templates")
-        unknown = sorted(set(options.extra) - set(EXTRA_DEFAULTS))
-        if unknown:
-            raise ExportError(f"unknown BLIP-2 export setting(s) {unknown}", f"only {sorted(EXTRA_DEFAULTS)}",
-                              "check the spelling of the extra settings")
+        check_generative_options(options, "BLIP-2", TASKS, EXTRA_DEFAULTS)
 
     @staticmethod
     def setting(options, key: str):

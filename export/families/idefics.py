@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmedge.errors import ExportError, ParityError
+from mmedge.errors import ParityError
+from mmedge.export.families.common import check_generative_options
 from mmedge.export.families.blip2 import (
     EMBEDDINGS_FILE,
     GENERATION_FIELDS,
@@ -40,7 +41,6 @@ from mmedge.export.specs.idefics import (
     _Vision,
     cross_kv_layout,
     image_size,
-    tokens_per_image,
     vision_width,
 )
 from mmedge.metrics import common_prefix, cosine_rows
@@ -82,6 +82,8 @@ class IdeficsFamily:
         for char in bytes_to_unicode().values():
             if len(vocab) < config.vocab_size:
                 vocab.setdefault(char, len(vocab))
+        while len(vocab) < config.vocab_size:  # unused fillers, so the image tokens land on the additional rows
+            vocab[f"<unused{len(vocab)}>"] = len(vocab)
         tokenizer = LlamaTokenizer(vocab=vocab, merges=[], pad_token="<unk>")
         extra = [FAKE_IMAGE_TOKEN, IMAGE_TOKEN][: max(int(config.additional_vocab_size), 0)]
         tokenizer.add_tokens([AddedToken(t, normalized=False, special=True) for t in extra], special_tokens=True)
@@ -89,16 +91,7 @@ class IdeficsFamily:
 
     # --- what gets exported ----------------------------------------------------------------------
     def check_options(self, options) -> None:
-        if options.task not in TASKS:
-            raise ExportError(f"task '{options.task}' is not an IDEFICS task", f"one of {', '.join(TASKS)}",
-                              "pass --task caption or --task vqa")
-        if options.labels or options.templates:
-            raise ExportError("--labels/--templates were given for an IDEFICS model", "label options only for CLIP",
-                              "drop --labels and --templates")
-        unknown = sorted(set(options.extra) - set(EXTRA_DEFAULTS))
-        if unknown:
-            raise ExportError(f"unknown IDEFICS export setting(s) {unknown}", f"only {sorted(EXTRA_DEFAULTS)}",
-                              "check the spelling of the extra settings")
+        check_generative_options(options, "IDEFICS", TASKS, EXTRA_DEFAULTS)
 
     @staticmethod
     def setting(options, key: str):

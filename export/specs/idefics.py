@@ -31,6 +31,8 @@ from mmedge.export.specs.blip2 import (
     PAST_NAME,
     PRESENT_NAME,
     TRACE_SIZES,
+    _image_size,
+    _image_tokens,
     kv_cache_layout,
 )
 
@@ -40,14 +42,12 @@ CHECK_IMAGES, TRACE_IMAGES = 3, 2
 
 # --- layout --------------------------------------------------------------------------------------
 def image_size(model) -> int:
-    size = model.config.vision_config.image_size
-    return int(size if isinstance(size, int) else size[0])
+    return _image_size(model)
 
 
 def patch_tokens(model) -> int:
-    vision = model.config.vision_config
-    patch = vision.patch_size if isinstance(vision.patch_size, int) else vision.patch_size[0]
-    return (image_size(model) // patch) ** 2 + 1
+    """Patches plus the class token."""
+    return _image_tokens(model)
 
 
 def tokens_per_image(model) -> int:

@@ -9,6 +9,7 @@ as context for the prefill and every step. Thread safety is ``Captioner``'s: cal
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterator
 
 from mmedge.errors import InputError
@@ -35,10 +36,7 @@ class FlamingoCaptioner(Captioner):
             raise InputError("the image list is empty", "at least one image", "pass an image path, PIL image or array")
         if prompt is not None and not isinstance(prompt, str):
             raise InputError(f"prompt is a {type(prompt).__name__}", "a string or None", "pass prompt='An image of'")
-        if any(is_text(image) for image in batch):
-            from pathlib import Path
-
-            batch = [Path(image) if is_text(image) else image for image in batch]  # caption() takes paths as strings
+        batch = [Path(image) if is_text(image) else image for image in batch]  # caption() takes paths as strings
         texts = self._generate([[image, *([prompt] if prompt else [])] for image in batch], generation)
         return texts[0] if single else texts
 
@@ -55,6 +53,8 @@ class FlamingoCaptioner(Captioner):
 
     def stream(self, image, prompt: str | None = None, **generation: Any) -> Iterator[str]:
         """Yield the continuation in pieces: of one image (+ ``prompt``), or of one interleaved prompt list."""
+        if is_text(image):
+            image = Path(image)  # a single image given as a path string, as caption() takes it
         items = list(image) if isinstance(image, (list, tuple)) else [image, *([prompt] if prompt else [])]
         config = self._config(generation)
         built = self.inputs.build([items])

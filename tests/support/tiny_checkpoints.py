@@ -119,7 +119,12 @@ def _learn_merges(corpus: str, num_merges: int) -> list[tuple[str, str]]:
     A plain, deterministic BPE: repeatedly merge the most frequent adjacent pair, ties broken by
     the pair's text (``tokenizers``' BpeTrainer breaks ties differently from run to run).
     """
-    words = Counter(tuple(word[:-1]) + (word[-1] + END_OF_WORD,) for word in _pre_tokenize(corpus))
+    return _bpe(Counter(tuple(word[:-1]) + (word[-1] + END_OF_WORD,) for word in _pre_tokenize(corpus)), num_merges)
+
+
+def _bpe(words: Counter, num_merges: int) -> list[tuple[str, str]]:
+    """Merges of a plain, deterministic BPE over ``words`` (symbol tuples → counts): repeatedly the most
+    frequent adjacent pair, ties broken by the pair's text."""
     merges = []
     while len(merges) < num_merges:
         pairs = Counter()
@@ -269,19 +274,7 @@ def _learn_byte_level_merges(corpus: str, num_merges: int) -> list[tuple[str, st
     from tokenizers import pre_tokenizers
 
     words = [w for w, _ in pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(corpus)]
-    counts = Counter(tuple(word) for word in words)
-    merges = []
-    while len(merges) < num_merges:
-        pairs = Counter()
-        for word, count in counts.items():
-            for pair in zip(word, word[1:]):
-                pairs[pair] += count
-        if not pairs:
-            break
-        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
-        merges.append(best)
-        counts = Counter({_merge_pair(word, best): count for word, count in counts.items()})
-    return merges
+    return _bpe(Counter(tuple(word) for word in words), num_merges)
 
 
 def _spread_weights(model, seed: int, encoder_std: float = 0.2, llm_std: float = 0.3) -> None:
@@ -316,18 +309,9 @@ def make_tiny_llama_tokenizer(corpus: str = IDEFICS_CORPUS, num_merges: int = 20
     for word in counts:
         for ch in word:
             vocab.setdefault(ch, len(vocab))
-    merges = []
-    while len(merges) < num_merges:
-        pairs = Counter()
-        for word, count in counts.items():
-            for pair in zip(word, word[1:]):
-                pairs[pair] += count
-        if not pairs:
-            break
-        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
-        merges.append(best)
-        vocab.setdefault(best[0] + best[1], len(vocab))
-        counts = Counter({_merge_pair(word, best): count for word, count in counts.items()})
+    merges = _bpe(counts, num_merges)
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
     tokenizer = transformers.LlamaTokenizer(vocab=vocab, merges=merges, pad_token="<unk>")
     tokenizer.add_tokens([transformers.AddedToken(t, normalized=False, special=True) for t in IDEFICS_SPECIAL_TOKENS],
                          special_tokens=True)
