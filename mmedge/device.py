@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "fma", "asimd", "asimddp", "i8mm", "sve")
-ENGINES = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "torch": "torch", "bitsandbytes": "bitsandbytes"}
+# distribution name -> import name; cuda-python gives the TensorRT backend its device buffers and streams
+ENGINES = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "torch": "torch", "bitsandbytes": "bitsandbytes",
+           "cuda-python": "cuda"}
 
 
 @dataclass
@@ -39,6 +41,7 @@ class DeviceProbe:
     jetson: dict | None = None
     engines: dict[str, str | None] = field(default_factory=dict)  # package -> version, None if absent
     ort_providers: list[str] = field(default_factory=list)
+    memory_available_mb: int | None = None  # MemAvailable: on a Jetson the GPU shares this memory
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,9 +56,9 @@ def _cpu_flags(cpuinfo: str) -> list[str]:
     return [f for f in ISA_FLAGS if f in flags]
 
 
-def _memory_total_mb(meminfo: str) -> int | None:
+def _memory_total_mb(meminfo: str, field: str = "MemTotal") -> int | None:
     for line in meminfo.splitlines():
-        if line.startswith("MemTotal:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) // 1024
     return None
 
@@ -117,6 +120,7 @@ def _nvidia_smi_gpus() -> list[GpuInfo]:
 def probe() -> DeviceProbe:
     """The device, probed once per process."""
     engines = _engine_versions()
+    meminfo = _read("/proc/meminfo") or ""
     providers: list[str] = []
     if engines.get("onnxruntime"):
         from mmedge.runtimes.onnxruntime import available_providers
@@ -127,7 +131,8 @@ def probe() -> DeviceProbe:
         system=platform.system(),
         cpu_cores=os.cpu_count() or 1,
         cpu_flags=_cpu_flags(_read("/proc/cpuinfo") or ""),
-        memory_total_mb=_memory_total_mb(_read("/proc/meminfo") or ""),
+        memory_total_mb=_memory_total_mb(meminfo),
+        memory_available_mb=_memory_total_mb(meminfo, "MemAvailable"),
         gpus=_nvidia_smi_gpus(),
         jetson=parse_jetson(_read("/etc/nv_tegra_release"), _read("/proc/device-tree/model")),
         engines=engines,

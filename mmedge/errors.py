@@ -110,6 +110,10 @@ class BackendUnavailableError(MmedgeError):
     exit_code = 4
 
 
+class InsufficientMemoryError(BackendUnavailableError):
+    """The engines (and KV cache) a backend would build and hold need more memory than this device has free."""
+
+
 class BackendError(MmedgeError):
     """An engine failed while creating a session or running a graph."""
 

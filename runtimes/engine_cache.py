@@ -16,7 +16,9 @@ How a backend uses it::
 
     key = EngineKey.create(onnx_sha256=component["sha256"], precision="fp16",
                            profile={"pixel_values": ([1, 3, 224, 224], [4, 3, 224, 224], [8, 3, 224, 224])},
-                           tensorrt_version=tensorrt.__version__, gpu_name=name, compute_capability="8.7")
+                           tensorrt_version=tensorrt.__version__, gpu_name=name, compute_capability="8.7",
+                           external_data_sha256=component["external_data"]["sha256"],  # optional
+                           mmedge_version=mmedge.__version__)  # optional
     cache = EngineCache(artifact.engines_dir())
     found = cache.lookup("vision", key)
     plan = cache.load("vision", key) if found.fresh else cache.store("vision", key, build_engine(...))
@@ -57,21 +59,28 @@ class EngineKey:
     tensorrt_version: str
     gpu_name: str
     compute_capability: str  # "8.7"
+    external_data_sha256: str = ""  # the graph's .onnx.data weights (manifest external_data.sha256); "" if none
+    mmedge_version: str = ""  # the mmedge that built it: a new release may build differently
 
     @classmethod
     def create(cls, *, onnx_sha256: str, precision: str, profile: Mapping[str, Sequence[Sequence[int]]],
-               tensorrt_version: str, gpu_name: str, compute_capability: str) -> "EngineKey":
+               tensorrt_version: str, gpu_name: str, compute_capability: str,
+               external_data_sha256: str | None = None, mmedge_version: str | None = None) -> "EngineKey":
         """A checked key; ``profile`` maps each dynamic input to its (min, opt, max) shapes."""
-        if not (isinstance(onnx_sha256, str) and len(onnx_sha256) == 64
-                and all(c in "0123456789abcdef" for c in onnx_sha256)):
-            raise InputError(f"onnx_sha256 is {onnx_sha256!r:.80}", "64 lowercase hex digits (the manifest's sha256)",
-                             "pass the component's sha256 from manifest.json")
+        for name, value in (("onnx_sha256", onnx_sha256), ("external_data_sha256", external_data_sha256 or "0" * 64)):
+            if not (isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)):
+                raise InputError(f"{name} is {value!r:.80}", "64 lowercase hex digits (the manifest's sha256)",
+                                 "pass the component's sha256 from manifest.json")
+        if mmedge_version is not None and not isinstance(mmedge_version, str):
+            raise InputError(f"engine key field mmedge_version is {mmedge_version!r:.80}", "a string or None",
+                             "pass mmedge.__version__")
         for name, value in (("precision", precision), ("tensorrt_version", tensorrt_version),
                             ("gpu_name", gpu_name), ("compute_capability", compute_capability)):
             if not isinstance(value, str) or not value.strip():
                 raise InputError(f"engine key field {name} is {value!r:.80}", "a non-empty string",
                                  f"pass {name} as the engine and device report it")
-        return cls(onnx_sha256, precision, _checked_profile(profile), tensorrt_version, gpu_name, compute_capability)
+        return cls(onnx_sha256, precision, _checked_profile(profile), tensorrt_version, gpu_name, compute_capability,
+                   external_data_sha256 or "", mmedge_version or "")
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -85,7 +94,9 @@ class EngineKey:
             profile = {entry[0]: entry[1:] for entry in data["profile"]}
             return cls.create(onnx_sha256=data["onnx_sha256"], precision=data["precision"], profile=profile,
                               tensorrt_version=data["tensorrt_version"], gpu_name=data["gpu_name"],
-                              compute_capability=data["compute_capability"])
+                              compute_capability=data["compute_capability"],
+                              external_data_sha256=data.get("external_data_sha256") or None,
+                              mmedge_version=data.get("mmedge_version") or None)
         except (KeyError, TypeError, IndexError, ValueError) as exc:
             raise InputError(f"engine key is malformed ({type(exc).__name__}: {exc})", "a key written by EngineCache.store",
                              "delete the engines/ folder; engines are rebuilt on this device") from None
@@ -105,6 +116,11 @@ class EngineKey:
             out.append(f"built with TensorRT {built.tensorrt_version}; this device has TensorRT {self.tensorrt_version}")
         if built.onnx_sha256 != self.onnx_sha256:
             out.append(f"built from another graph (sha256 {built.onnx_sha256[:12]}…; the artifact's is {self.onnx_sha256[:12]}…)")
+        if built.external_data_sha256 != self.external_data_sha256:
+            out.append(f"built from other external weights (sha256 {built.external_data_sha256[:12] or 'none'}…; "
+                       f"the artifact's are {self.external_data_sha256[:12] or 'none'}…)")
+        if built.mmedge_version != self.mmedge_version:
+            out.append(f"built by mmedge {built.mmedge_version or 'unknown'}; this is mmedge {self.mmedge_version or 'unknown'}")
         if built.precision != self.precision:
             out.append(f"built at precision {built.precision}; {self.precision} is asked for")
         if built.profile != self.profile:
@@ -224,7 +240,8 @@ class EngineCache:
 
 # --- helpers ---------------------------------------------------------------------------------------
 def _checked_profile(profile: Mapping[str, Sequence[Sequence[int]]]) -> tuple[tuple[str, Shape, Shape, Shape], ...]:
-    expected = "a mapping of input name to (min, opt, max) shapes of equal rank, min <= opt <= max per axis"
+    expected = ("a mapping of input name to (min, opt, max) shapes of equal rank, 0 <= min <= opt <= max per axis "
+                "and max > 0 (a min of 0 is an empty tensor, e.g. no past tokens yet)")
     if not isinstance(profile, Mapping):
         raise InputError(f"the shape profile is a {type(profile).__name__}", expected, "pass e.g. "
                          "{'pixel_values': ([1, 3, 224, 224], [4, 3, 224, 224], [8, 3, 224, 224])}")
@@ -236,10 +253,10 @@ def _checked_profile(profile: Mapping[str, Sequence[Sequence[int]]]) -> tuple[tu
             raise InputError(f"the shape profile of input {name!r} is {shapes!r:.80}", expected,
                              "give three shapes: min, opt and max") from None
         ok = isinstance(name, str) and len(lo) == len(opt) == len(hi) and all(
-            0 < a <= b <= c for a, b, c in zip(lo, opt, hi))
+            0 <= a <= b <= c and c > 0 for a, b, c in zip(lo, opt, hi))
         if not ok:
             raise InputError(f"the shape profile of input {name!r} is {shapes!r:.80}", expected,
-                             "give three shapes of equal rank with positive sizes, min <= opt <= max")
+                             "give three shapes of equal rank with non-negative sizes, min <= opt <= max, max > 0")
         out.append((name, lo, opt, hi))
     return tuple(out)
 

@@ -1,0 +1,301 @@
+"""What a TensorRT engine for a component will be, decided without TensorRT: which components can be built,
+at which precision, over which shapes (the optimization profile), and whether the device has the memory.
+
+Everything here is pure Python over the manifest, the user's limits and the device probe, so it is tested
+on machines without a GPU; ``mmedge.runtimes.tensorrt`` turns the answers into engines.
+
+**Profiles.** TensorRT needs, for every input with a dynamic axis, the smallest, the typical ("opt",
+what kernels are tuned for) and the largest shape it will see. The manifest names each dynamic axis;
+each name has one rule (``AXIS_RULES``), bounded by the user's limits (``ProfileLimits``):
+
+====================  =====================================  ==============================================
+axis                  (min, opt, max)                         notes
+====================  =====================================  ==============================================
+``batch``             (1, opt_batch, max_batch)               opt 1: a camera frame, a caption at a time
+``images``            (1, 1, max_images)                      images in one call (default: max_batch)
+``sequence``          (1, min(32, S), S)                      S = max_sequence; a text encoder fed by a
+                                                              tokenizer that pads to max_length gets (S, S, S)
+``tokens``            as ``sequence``
+``past_sequence``     (0, S // 2, S - 1)                      0: the first step has no past yet
+``total_sequence``    (1, S // 2, S)                          past + new tokens
+``image_tokens``      (u, u, u * max_images)                  u = visual tokens per image (from the manifest)
+====================  =====================================  ==============================================
+
+An axis name without a rule is refused (``InputError``): a profile is never guessed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Mapping
+
+from mmedge.errors import BackendUnavailableError, InputError, InsufficientMemoryError
+
+PRECISIONS = ("fp32", "fp16", "int8")
+DEFAULT_MAX_BATCH = 8
+DEFAULT_MAX_SEQUENCE = 512  # when the artifact names no limit (no tokenizer max_length, no decoder max_positions)
+OPT_SEQUENCE = 32  # typical prompt / label length a free-length text input is tuned for
+CUDA_RUNTIME_MB = 512  # CUDA context, cuDNN/cuBLAS handles and TensorRT's runtime, roughly
+MIB = 1 << 20
+_WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "int8": 1, "int4": 0.5}  # bytes per weight, by precision
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "int64": 8, "int32": 4, "int8": 1, "uint8": 1, "bool": 1}
+
+Profile = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+
+
+@dataclass(frozen=True)
+class ProfileLimits:
+    """User limits on the shapes an engine accepts. ``None``: the artifact's own limit (tokenizer
+    ``max_length``, the decoder's ``max_positions``) or mmedge's default."""
+
+    max_batch: int = DEFAULT_MAX_BATCH
+    opt_batch: int = 1
+    max_sequence: int | None = None
+    opt_sequence: int | None = None
+    max_images: int | None = None
+
+    def checked(self) -> "ProfileLimits":
+        for name in ("max_batch", "opt_batch", "max_sequence", "opt_sequence", "max_images"):
+            value = getattr(self, name)
+            if value is None and name not in ("max_batch", "opt_batch"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{name} is {value!r}", "a positive integer", f"pass e.g. --{name.replace('_', '-')} 8")
+        if self.opt_batch > self.max_batch:
+            return replace(self, opt_batch=self.max_batch)
+        return self
+
+
+# --- which components, at which precision ------------------------------------------------------------
+def is_qdq(component: Mapping) -> bool:
+    """An INT8 graph with explicit QuantizeLinear/DequantizeLinear pairs (static calibration): the INT8 recipe
+    TensorRT builds from (explicit quantization)."""
+    quant = component.get("quantization") or {}
+    return component.get("precision") == "int8" and (quant.get("format") == "QDQ" or "qdq" in str(quant.get("method", "")))
+
+
+def unbuildable_reason(name: str, component: Mapping) -> str | None:
+    """Why TensorRT cannot build this component in this version, or None when it can."""
+    if component.get("kv_cache") is not None or name == "decoder":
+        return (f"component '{name}' is the KV-cached decoder, which runs on ONNX Runtime in this version "
+                "(TensorRT engines are built for the encoders)")
+    precision = component.get("precision")
+    method = str((component.get("quantization") or {}).get("method", ""))
+    if precision == "int4":
+        return (f"component '{name}' is INT4 weight-only (ONNX Runtime's MatMulNBits), which TensorRT cannot parse")
+    if precision == "int8" and not is_qdq(component):
+        return (f"component '{name}' is dynamic INT8 ({method or 'ONNX Runtime integer ops'}), which TensorRT "
+                "cannot build; TensorRT builds INT8 from static QDQ graphs (mmedge export --precision int8 "
+                "--quantization static)")
+    return None
+
+
+def engine_precision(name: str, component: Mapping, requested: str | None, default: str = "fp16") -> str:
+    """The precision of the engine built for ``component``.
+
+    A static QDQ graph is built as INT8 (explicit quantization: its scales come from calibration at export);
+    a float graph at ``requested`` or the device default (FP16). Asking for INT8 from a float graph, or for
+    a float engine from a QDQ graph, is refused: the precision is fixed by the export's recipe.
+    """
+    if requested is not None and requested not in PRECISIONS:
+        raise InputError(f"precision '{requested}' is not one TensorRT engines are built at", f"one of {', '.join(PRECISIONS)}",
+                         "pass --precision fp16, fp32 or int8")
+    if is_qdq(component):
+        if requested not in (None, "int8"):
+            raise InputError(f"component '{name}' is an INT8 QDQ graph, so its engine is INT8; {requested} was asked for",
+                             "--precision int8 (or no --precision) for an INT8 artifact",
+                             "drop --precision, or re-export at fp32/fp16 for a float engine")
+        return "int8"
+    if requested == "int8":
+        raise InputError(f"component '{name}' is a {component.get('precision')} graph; an INT8 engine is built only "
+                         "from a static QDQ graph (explicit quantization)", "an artifact exported with --precision int8 "
+                         "--quantization static", "re-export with `mmedge export MODEL OUT --precision int8 "
+                         "--quantization static`, or build at --precision fp16")
+    return requested or default
+
+
+# --- optimization profiles --------------------------------------------------------------------------
+AXIS_RULES = ("batch", "images", "sequence", "tokens", "past_sequence", "total_sequence", "image_tokens")
+
+
+def tokens_per_image(manifest: Mapping) -> int | None:
+    """Visual tokens per image: the fixed second axis of a component output shaped ``[images, N, width]``
+    (the last such in the manifest, e.g. a Perceiver Resampler's latents after the vision tower's patches)."""
+    found = None
+    for comp in manifest.get("components", {}).values():
+        for spec in comp.get("outputs", {}).values():
+            shape = spec.get("shape", [])
+            if len(shape) == 3 and shape[0] == "images" and isinstance(shape[1], int):
+                found = shape[1]
+    return found
+
+
+def sequence_limit(manifest: Mapping, component: Mapping, limits: ProfileLimits) -> tuple[int, bool]:
+    """(S, fixed): the longest sequence an input takes, and whether it is always exactly S long.
+
+    A component fed token ids straight from the tokenizer (an ``input_ids`` input) never sees more than the
+    tokenizer's ``max_length``, and exactly that many when the tokenizer pads to ``max_length``. Otherwise S is
+    ``max_sequence``, else the decoder's ``max_positions`` (capped at the default), else the default.
+    """
+    tokenizer = manifest.get("tokenizer") or {}
+    if "input_ids" in component.get("inputs", {}) and isinstance(tokenizer.get("max_length"), int):
+        length = tokenizer["max_length"]
+        if tokenizer.get("padding") == "max_length":
+            return length, True
+        return min(length, limits.max_sequence or length), False
+    if limits.max_sequence:
+        return limits.max_sequence, False
+    family = manifest.get("family")
+    section = manifest.get(family) if isinstance(family, str) else None
+    positions = ((section or {}).get("decoder") or {}).get("max_positions") if isinstance(section, Mapping) else None
+    if isinstance(positions, int) and positions > 0:
+        return min(positions, DEFAULT_MAX_SEQUENCE), False
+    return DEFAULT_MAX_SEQUENCE, False
+
+
+def axis_range(axis: str, manifest: Mapping, component: Mapping, limits: ProfileLimits) -> tuple[int, int, int]:
+    """(min, opt, max) of one named dynamic axis; InputError for a name without a rule."""
+    limits = limits.checked()
+    images = limits.max_images or limits.max_batch
+    if axis == "batch":
+        return 1, limits.opt_batch, limits.max_batch
+    if axis == "images":
+        return 1, 1, images
+    if axis in ("sequence", "tokens"):
+        length, fixed = sequence_limit(manifest, component, limits)
+        if fixed:
+            return length, length, length
+        return 1, min(limits.opt_sequence or OPT_SEQUENCE, length), length
+    if axis == "past_sequence":
+        length, _ = sequence_limit(manifest, component, limits)
+        return 0, min(limits.opt_sequence or length // 2, length - 1), max(length - 1, 1)
+    if axis == "total_sequence":
+        length, _ = sequence_limit(manifest, component, limits)
+        return 1, min(limits.opt_sequence or max(length // 2, 1), length), length
+    if axis == "image_tokens":
+        unit = tokens_per_image(manifest)
+        if unit is None:
+            raise InputError("dynamic axis 'image_tokens' has no per-image token count in this manifest",
+                             "a component output shaped [images, tokens, width] (vision tower or resampler)",
+                             "re-export the artifact with this mmedge version")
+        return unit, unit, unit * images
+    raise InputError(f"dynamic axis '{axis}' has no TensorRT profile rule", f"one of {', '.join(AXIS_RULES)}",
+                     "re-export with this mmedge version, or run this artifact with --backend onnxruntime")
+
+
+def derive_profile(manifest: Mapping, name: str, limits: ProfileLimits | None = None) -> Profile:
+    """The optimization profile of component ``name``: (min, opt, max) shapes of every input with a named
+    dynamic axis. Inputs of fixed shape need none and get none."""
+    component = manifest["components"][name]
+    limits = (limits or ProfileLimits()).checked()
+    profile: Profile = {}
+    for tensor, spec in component["inputs"].items():
+        shape = spec["shape"]
+        if all(isinstance(d, int) for d in shape):
+            continue
+        ranges = [(d, d, d) if isinstance(d, int) else axis_range(d, manifest, component, limits) for d in shape]
+        profile[tensor] = tuple(tuple(r[i] for r in ranges) for i in range(3))  # type: ignore[assignment]
+    return profile
+
+
+def profile_text(profile: Profile) -> str:
+    return ", ".join(f"{name} {list(lo)}..{list(hi)} (opt {list(opt)})" for name, (lo, opt, hi) in profile.items()) or "static shapes"
+
+
+# --- memory ------------------------------------------------------------------------------------------
+@dataclass
+class MemoryNeed:
+    """What building and holding the engines is estimated to take, in bytes, with the parts named."""
+
+    engines: dict[str, int]
+    workspace: int
+    kv_cache: int
+    runtime: int = CUDA_RUNTIME_MB * MIB
+
+    @property
+    def total(self) -> int:
+        return sum(self.engines.values()) + self.workspace + self.kv_cache + self.runtime
+
+    def describe(self) -> str:
+        parts = [f"engines {_mb(sum(self.engines.values()))} ({', '.join(f'{n} {_mb(b)}' for n, b in self.engines.items())})",
+                 f"builder workspace {_mb(self.workspace)}"]
+        if self.kv_cache:
+            parts.append(f"KV cache {_mb(self.kv_cache)}")
+        parts.append(f"CUDA runtime {_mb(self.runtime)}")
+        return f"about {_mb(self.total)}: " + ", ".join(parts)
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / MIB:,.0f} MiB"
+
+
+def engine_bytes(component: Mapping, graph_bytes: int, precision: str) -> int:
+    """An engine holds the graph's weights at the engine's precision: the graph's size (graph + external
+    data) scaled from the component's weight width to the engine's."""
+    source = _WEIGHT_BYTES.get(component.get("precision", "fp32"), 4)
+    target = _WEIGHT_BYTES[precision] if not is_qdq(component) else source
+    return int(graph_bytes * target / source)
+
+
+def kv_cache_bytes(manifest: Mapping, limits: ProfileLimits) -> int:
+    """The decoder's self-attention KV cache at ``max_batch`` sequences of the longest length:
+    layers x (key, value) x batch x heads x sequence x head_dim x dtype bytes. 0 without a decoder."""
+    family = manifest.get("family")
+    section = manifest.get(family) if isinstance(family, str) else None
+    decoder = (section or {}).get("decoder") if isinstance(section, Mapping) else None
+    kv = (decoder or {}).get("kv_cache")
+    component = manifest.get("components", {}).get((decoder or {}).get("component", "decoder"))
+    if not kv or not component:
+        return 0
+    limits = limits.checked()
+    length, _ = sequence_limit(manifest, component, limits)
+    past = kv["past"] % (0, "key")
+    dtype = component.get("inputs", {}).get(past, {}).get("dtype", "float32")
+    return kv["layers"] * 2 * limits.max_batch * kv["heads"] * length * kv["head_dim"] * _DTYPE_BYTES.get(dtype, 4)
+
+
+def available_memory(probe, device_id: int = 0) -> tuple[int | None, str]:
+    """(bytes free for engines, where that number comes from). On a Jetson the GPU shares system memory
+    (MemAvailable); on a discrete GPU its free memory (nvidia-smi). (None, why) when unknown."""
+    if probe.jetson:
+        if probe.memory_available_mb is None:
+            return None, "the Jetson's available memory could not be read"
+        return probe.memory_available_mb * MIB, "available unified memory on this Jetson"
+    if len(probe.gpus) > device_id and probe.gpus[device_id].memory_free_mb is not None:
+        gpu = probe.gpus[device_id]
+        return gpu.memory_free_mb * MIB, f"free memory on GPU {device_id} ({gpu.name})"
+    return None, "the GPU's free memory could not be read"
+
+
+def check_memory(probe, need: MemoryNeed, device_id: int = 0) -> str:
+    """Refuse (InsufficientMemoryError) when ``need`` exceeds what the device has free; else a line saying
+    what was compared. Unknown free memory is not a refusal: the line says the check was skipped."""
+    free, where = available_memory(probe, device_id)
+    if free is None:
+        return f"memory check skipped: {where}"
+    if need.total > free:
+        device = "this Jetson" if probe.jetson else f"GPU {device_id}"
+        raise InsufficientMemoryError(
+            f"the TensorRT engines need {need.describe()}, but {device} has {_mb(free)} ({where})",
+            f"at most {_mb(free)}",
+            "lower --max-batch / --max-sequence, build fewer components (--components), use an INT8 (QDQ) or FP16 "
+            "export, a smaller --workspace-mb, or free memory (close other processes; on a Jetson add swap or "
+            "disable the desktop); or run with --backend onnxruntime")
+    return f"memory: need {need.describe()}; {where}: {_mb(free)}"
+
+
+def require_gpu(probe, device: str = "auto") -> None:
+    """BackendUnavailableError unless the probe shows an NVIDIA GPU (discrete or Jetson) and device allows it."""
+    if device == "cpu":
+        raise BackendUnavailableError("backend 'tensorrt' runs on the GPU, but device=cpu was requested",
+                                      "--device auto or cuda with --backend tensorrt",
+                                      "drop --device cpu, or use --backend onnxruntime for the CPU")
+    if not probe.gpus and not probe.jetson:
+        raise BackendUnavailableError("backend 'tensorrt' needs an NVIDIA GPU, and none was found (no nvidia-smi GPU, not a Jetson)",
+                                      "a CUDA GPU with its driver, or a Jetson with JetPack",
+                                      "run on a GPU machine, or use --backend onnxruntime (CPU)")
+
+
+__all__ = ["AXIS_RULES", "MemoryNeed", "ProfileLimits", "available_memory", "axis_range", "check_memory",
+           "derive_profile", "engine_bytes", "engine_precision", "is_qdq", "kv_cache_bytes", "profile_text",
+           "require_gpu", "sequence_limit", "tokens_per_image", "unbuildable_reason"]
