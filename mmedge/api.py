@@ -21,14 +21,15 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", t
          threads: int | None = None):
     """Open an artifact and return its pipeline (``ZeroShotClassifier`` or ``Embedder`` for CLIP).
 
-    ``backend``: 'auto' or a backend name ('onnxruntime'); a named backend that is absent raises
-    BackendUnavailableError. ``device``: 'auto', 'cpu' or 'cuda'. ``task``: one of the manifest's
+    ``backend``: 'auto' or a backend name ('onnxruntime', 'tensorrt'); a named backend that is absent raises
+    BackendUnavailableError. With 'auto' on an NVIDIA GPU with TensorRT, the encoders run as TensorRT engines
+    (built on first use and cached under the artifact's engines/; ``mmedge build`` prebuilds them). ``device``: 'auto', 'cpu' or 'cuda'. ``task``: one of the manifest's
     tasks (default: its first). ``threads``: CPU threads per graph (default: all cores).
     """
     from mmedge import device as device_probe
     from mmedge.preprocess import ImagePreprocessor
     from mmedge.runtimes.registry import create_runner
-    from mmedge.selection import plan as make_plan
+    from mmedge.selection import log_fallbacks, plan as make_plan
     from mmedge.tokenizer import TextTokenizer
 
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -46,6 +47,7 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", t
     chosen = make_plan(device_probe.probe(), manifest, backend, device)
     if backend == "auto":
         log.info("mmedge: %s", "; ".join(chosen.reasons))
+        log_fallbacks(chosen, log)
     runners = {}
     try:
         for name, comp_plan in chosen.components.items():
@@ -74,6 +76,8 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", t
 
 
 def _runner_options(artifact: Artifact, comp_plan, threads: int | None) -> dict:
+    if comp_plan.backend == "tensorrt":
+        return {"artifact": artifact, "defaults": comp_plan.options}  # engines/build.json, if any, comes first
     options = {"providers": comp_plan.providers, "threads": threads}
     if "tensorrt" in comp_plan.providers:
         options["engine_cache"] = artifact.engines_dir()

@@ -1,16 +1,25 @@
 """Choosing a backend: a pure function of (device probe, manifest, user request) → plan with reasons.
 
 A backend the user names is used or refused with what is missing; never silently swapped. With
-``auto`` the best present backend is taken and every step of that choice is recorded in ``reasons``.
+``auto`` the best present backend is taken and every step of that choice is recorded in ``reasons``;
+where a better backend was absent (TensorRT on a GPU machine without it), ``fallbacks`` says why, and
+``log_fallbacks`` logs each such reason once per process.
+
+On an NVIDIA GPU (desktop or Jetson) with TensorRT and cuda-python installed, ``auto`` builds TensorRT
+engines for the encoders; the KV-cached decoder, dynamic-INT8 and INT4 graphs stay on ONNX Runtime.
+``tensorrt_defaults`` holds the per-device engine settings (FP16; a conservative workspace on a Jetson).
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from dataclasses import dataclass, field
 
 from mmedge.device import DeviceProbe
 from mmedge.errors import BackendUnavailableError
-from mmedge.runtimes.registry import BACKENDS
+from mmedge.runtimes.registry import BACKENDS, require_installed
+from mmedge.runtimes.tensorrt_planning import engine_precision, require_gpu, unbuildable_reason
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -20,12 +29,89 @@ class ComponentPlan:
     backend: str
     providers: tuple[str, ...]
     precision: str
+    options: dict = field(default_factory=dict)  # backend settings: TensorRT's precision, workspace, max batch
 
 
 @dataclass
 class Plan:
     components: dict[str, ComponentPlan]
     reasons: list[str] = field(default_factory=list)
+    fallbacks: list[str] = field(default_factory=list)  # auto only: a better backend was absent here, and why
+
+
+@dataclass(frozen=True)
+class TensorRTDefaults:
+    """Engine settings for a device: the precision of engines built from float graphs, the builder's
+    workspace limit, and the largest batch an engine's profile accepts (larger calls are split)."""
+
+    precision: str
+    workspace_mb: int
+    max_batch: int
+    why: str
+
+
+def tensorrt_defaults(probe: DeviceProbe) -> TensorRTDefaults:
+    """Jetson: FP16 engines, a workspace of 1/16 of the shared memory capped at 1 GiB (at least 256 MiB), batch 4:
+    the GPU shares memory with the CPU, and everything else on the board needs it too. Desktop GPU: FP16 (FP32 on
+    compute capability 6.1, which has no fast FP16), a quarter of the free GPU memory capped at 4 GiB, batch 16."""
+    if probe.jetson:
+        total = probe.memory_total_mb or 8192
+        workspace = max(256, min(1024, total // 16))
+        return TensorRTDefaults("fp16", workspace, 4, f"Jetson ({total} MiB shared memory): FP16, workspace {workspace} MiB")
+    gpu = probe.gpus[0] if probe.gpus else None
+    free = (gpu.memory_free_mb or gpu.memory_total_mb) if gpu else None
+    workspace = min(4096, max(256, free // 4)) if free else 2048
+    precision = "fp32" if gpu and gpu.compute_capability == "6.1" else "fp16"
+    name = f"{gpu.name} (sm {gpu.compute_capability})" if gpu else "GPU"
+    return TensorRTDefaults(precision, workspace, 16, f"{name}: {precision.upper()}, workspace {workspace} MiB")
+
+
+def _tensorrt_unusable(probe: DeviceProbe, device: str) -> str | None:
+    """Why auto selection cannot use TensorRT here, or None when it can."""
+    if device == "cpu":
+        return "device=cpu requested"
+    if not probe.gpus and not probe.jetson:
+        return "no NVIDIA GPU found"
+    try:
+        require_installed("tensorrt", probe.engines)
+    except BackendUnavailableError as exc:
+        return f"{exc.what} (fix: {exc.fix})"
+    return None
+
+
+def _tensorrt_components(probe: DeviceProbe, manifest: dict, explicit: bool, reasons: list[str]) -> dict[str, ComponentPlan]:
+    defaults = tensorrt_defaults(probe)
+    chosen: dict[str, ComponentPlan] = {}
+    for name, comp in manifest["components"].items():
+        why = unbuildable_reason(name, comp)
+        if why:
+            if explicit:
+                raise BackendUnavailableError(why, "components TensorRT can build: float or static-QDQ INT8 encoders",
+                                              "use --backend auto (TensorRT for the encoders, ONNX Runtime for the rest) "
+                                              "or --backend onnxruntime")
+            reasons.append(f"{why}: ONNX Runtime")
+            continue
+        precision = engine_precision(name, comp, None, defaults.precision)
+        chosen[name] = ComponentPlan("tensorrt", (), precision, {"precision": precision, "workspace_mb": defaults.workspace_mb,
+                                                                  "max_batch": defaults.max_batch})
+    if chosen:
+        reasons.append(f"backend tensorrt: {'requested' if explicit else 'installed, with an NVIDIA GPU'}; engines built on "
+                       f"this device for {', '.join(chosen)} ({defaults.why}; cached under the artifact's engines/)")
+    return chosen
+
+
+_LOGGED: set[str] = set()
+_LOG_LOCK = threading.Lock()
+
+
+def log_fallbacks(chosen: Plan, logger: logging.Logger | None = None) -> list[str]:
+    """Log (WARNING) each of the plan's fallback reasons not logged before in this process; return those logged."""
+    with _LOG_LOCK:
+        new = [reason for reason in dict.fromkeys(chosen.fallbacks) if reason not in _LOGGED]
+        _LOGGED.update(new)
+    for reason in new:
+        (logger or logging.getLogger("mmedge")).warning("mmedge: %s", reason)
+    return new
 
 
 def _check_request(backend: str, device: str) -> None:
@@ -60,12 +146,19 @@ def plan(probe: DeviceProbe, manifest: dict, backend: str = "auto", device: str 
     """Backend and providers per component, with the reasons, or a BackendUnavailableError."""
     _check_request(backend, device)
     reasons: list[str] = []
+    fallbacks: list[str] = []
+    components: dict[str, ComponentPlan] = {}
     if backend == "auto":
-        for name in ("tensorrt", "torch"):
-            info = BACKENDS[name]
-            reason = "not in this release" if info.module is None else (
-                "not installed" if not probe.engines.get(info.package) else "not preferred for this artifact")
-            reasons.append(f"backend {name}: {reason}")
+        why = _tensorrt_unusable(probe, device)
+        if why is None:
+            components = _tensorrt_components(probe, manifest, False, reasons)
+        else:
+            reasons.append(f"backend tensorrt: {why}")
+            if device != "cpu" and (probe.gpus or probe.jetson):
+                fallbacks.append(f"TensorRT is not used on this GPU: {why}; ONNX Runtime runs every component instead")
+        info = BACKENDS["torch"]
+        reasons.append("backend torch: " + ("not in this release" if info.module is None else
+                                            "not installed" if not probe.engines.get(info.package) else "not preferred"))
         chosen = "onnxruntime"
     else:
         from mmedge.runtimes.registry import import_backend_module
@@ -73,8 +166,16 @@ def plan(probe: DeviceProbe, manifest: dict, backend: str = "auto", device: str 
         import_backend_module(backend)  # raises with the install command when absent
         chosen = backend
         reasons.append(f"backend {backend}: requested")
-    if not probe.engines.get("onnxruntime"):
-        raise BackendUnavailableError("onnxruntime is not installed", "the onnxruntime package", "pip install onnxruntime")
-    providers = _ort_providers(probe, device, backend != "auto", reasons)
-    components = {name: ComponentPlan(chosen, providers, comp["precision"]) for name, comp in manifest["components"].items()}
-    return Plan(components, reasons)
+        if backend == "tensorrt":
+            require_installed("tensorrt", probe.engines)
+            require_gpu(probe, device)
+            components = _tensorrt_components(probe, manifest, True, reasons)
+    rest = [name for name in manifest["components"] if name not in components]
+    if rest:
+        if not probe.engines.get("onnxruntime"):
+            raise BackendUnavailableError("onnxruntime is not installed", "the onnxruntime package", "pip install onnxruntime")
+        providers = _ort_providers(probe, device, backend != "auto", reasons)
+        for name in rest:
+            components[name] = ComponentPlan(chosen, providers, manifest["components"][name]["precision"])
+    ordered = {name: components[name] for name in manifest["components"]}
+    return Plan(ordered, reasons, fallbacks)

@@ -62,6 +62,7 @@ def validate(artifact: Artifact, runners: dict) -> dict[str, dict]:
 def validate_artifact(path, backend: str = "auto", device: str = "auto", threads: int | None = None) -> dict[str, dict]:
     """Open an artifact, run every component (decoders as plain graphs) on the chosen backend, report."""
     from mmedge.device import probe
+    from mmedge.api import _runner_options
     from mmedge.runtimes.registry import create_runner
     from mmedge.selection import plan
 
@@ -71,7 +72,7 @@ def validate_artifact(path, backend: str = "auto", device: str = "auto", threads
     try:
         for name, comp_plan in chosen.components.items():
             runners[name] = create_runner(comp_plan.backend, artifact.component_path(name), name,
-                                          artifact.component(name), providers=comp_plan.providers, threads=threads)
+                                          artifact.component(name), **_runner_options(artifact, comp_plan, threads))
         return validate(artifact, runners)
     finally:
         for runner in runners.values():

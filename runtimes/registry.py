@@ -15,12 +15,16 @@ class BackendInfo:
     module: str | None  # None: named in the design, not shipped in this release
     package: str  # the import name of the engine it needs
     install: str  # how to get that engine
+    also_needs: tuple[tuple[str, str], ...] = ()  # (distribution, import name) of other packages it needs
 
 
 BACKENDS: dict[str, BackendInfo] = {
     "onnxruntime": BackendInfo("onnxruntime", "mmedge.runtimes.onnxruntime", "onnxruntime",
                                "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA / TensorRT providers)"),
-    "tensorrt": BackendInfo("tensorrt", None, "tensorrt", "pip install 'mmedge[tensorrt]' (TensorRT 10.x; on Jetson it comes with JetPack)"),
+    "tensorrt": BackendInfo("tensorrt", "mmedge.runtimes.tensorrt", "tensorrt",
+                            'pip install "mmedge[tensorrt]" (TensorRT 10.x and cuda-python); on a Jetson TensorRT comes '
+                            "with JetPack: sudo apt install python3-libnvinfer, then pip install cuda-python",
+                            also_needs=(("cuda-python", "cuda"),)),
     "torch": BackendInfo("torch", None, "torch", "pip install 'mmedge[torch]'"),
 }
 
@@ -56,6 +60,21 @@ def import_backend_module(name: str) -> ModuleType:
                 info.install,
             ) from None
         raise
+
+
+def require_installed(name: str, engines: dict) -> None:
+    """BackendUnavailableError naming what is missing and the install command, judged from a device probe's
+    ``engines`` (distribution name -> version or None): nothing is imported."""
+    info = _info(name)
+    needed = [(info.package, info.package), *info.also_needs]
+    missing = [dist for dist, _ in needed if not engines.get(dist)]
+    if missing:
+        raise BackendUnavailableError(
+            f"backend '{name}' needs the Python package{'s' if len(missing) > 1 else ''} "
+            f"{' and '.join(repr(m) for m in missing)}, which {'are' if len(missing) > 1 else 'is'} not installed",
+            " and ".join(f"'{dist}' importable as '{module}'" for dist, module in needed if dist in missing),
+            info.install,
+        )
 
 
 def create_runner(name: str, path, component_name: str, component: dict, **options):

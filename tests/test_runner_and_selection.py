@@ -106,8 +106,8 @@ def test_cuda_requested_on_cpu_box_fails_loudly():
         plan(CPU_BOX, MANIFEST, device="cuda")
 
 
-@pytest.mark.parametrize("backend,match", [("tensorrt", "not part of mmedge"), ("torch", "not part of mmedge"),
-                                           ("openvino", "unknown backend")])
+@pytest.mark.parametrize("backend,match", [("tensorrt", "needs the Python package 'cuda-python'"),
+                                           ("torch", "not part of mmedge"), ("openvino", "unknown backend")])
 def test_named_backend_never_silently_replaced(backend, match):
     with pytest.raises(BackendUnavailableError, match=match):
         plan(DESKTOP_RTX, MANIFEST, backend=backend)
