@@ -1,4 +1,4 @@
-"""The `mmedge` command: export, run, validate, doctor, demo, bench.
+"""The `mmedge` command: export, run, validate, build, doctor, demo, bench.
 
 Every mmedge error becomes one line on stderr and a non-zero exit code; no traceback. So do bad
 command lines (exit 2) and, as a last resort, errors mmedge did not anticipate (exit 1, with a hint to
@@ -153,6 +153,28 @@ def cmd_validate(args) -> int:
     return 0
 
 
+# --- build -------------------------------------------------------------------------------------
+def cmd_build(args) -> int:
+    """Prebuild the artifact's TensorRT engines on this device, with progress lines; a summary on stdout."""
+    from mmedge.device import probe
+    from mmedge.runtimes.tensorrt import EngineSettings, build_artifact
+    from mmedge.runtimes.tensorrt_planning import ProfileLimits
+    from mmedge.selection import tensorrt_defaults
+
+    found = probe()
+    limits = ProfileLimits(max_batch=tensorrt_defaults(found).max_batch if args.max_batch is None else args.max_batch, max_sequence=args.max_sequence,
+                           max_images=args.max_images)
+    settings = EngineSettings(args.precision, limits, args.workspace_mb)
+    results = build_artifact(args.artifact, settings, components=args.components, force=args.force,
+                             progress=not args.quiet, probe=found)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            print(f"{r['component']}: {r['action']} {r['precision']} engine {r['engine']} ({r['bytes'] / 2**20:.1f} MiB)")
+    return 0
+
+
 # --- doctor ------------------------------------------------------------------------------------
 def cmd_doctor(args) -> int:
     from mmedge.device import probe
@@ -177,11 +199,24 @@ def cmd_doctor(args) -> int:
     print(f"Jetson: {found.jetson or 'no'}")
     print("engines: " + ", ".join(f"{k} {v or 'absent'}" for k, v in found.engines.items()))
     print(f"onnxruntime providers: {', '.join(found.ort_providers)}")
+    if found.gpus or found.jetson:
+        from mmedge.selection import tensorrt_defaults
+
+        print(f"tensorrt defaults: {tensorrt_defaults(found).why}, max batch {tensorrt_defaults(found).max_batch}")
     if args.artifact:
         for name, c in report["plan"].items():
-            print(f"plan: {name} -> {c['backend']} [{', '.join(c['providers'])}] {c['precision']}")
+            where = f"[{', '.join(c['providers'])}]" if c["providers"] else json.dumps(c["options"])
+            print(f"plan: {name} -> {c['backend']} {where} {c['precision']}")
         for reason in report["reasons"]:
             print(f"  because {reason}")
+        engines = artifact.root / "engines"
+        if engines.is_dir():
+            from mmedge.runtimes.tensorrt import describe_engines, load_build_settings
+
+            saved = load_build_settings(engines)
+            print(f"engines/: {len(describe_engines(engines))} cached" + (f", built with {json.dumps(saved)}" if saved else ""))
+            for line in describe_engines(engines):
+                print(f"  {line}")
     return 0
 
 
@@ -228,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=cmd_export)
 
     def runtime_flags(p):
-        p.add_argument("--backend", default="auto", help="auto or onnxruntime")
+        p.add_argument("--backend", default="auto", help="auto, onnxruntime or tensorrt")
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         p.add_argument("--threads", type=int, default=None, help="CPU threads per graph")
         p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -262,6 +297,21 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("artifact")
     runtime_flags(val)
     val.set_defaults(func=cmd_validate)
+
+    build = sub.add_parser("build", help="prebuild an artifact's TensorRT engines on this device (needs mmedge[tensorrt])")
+    build.add_argument("artifact")
+    build.add_argument("--precision", choices=["fp16", "int8", "fp32"], default=None,
+                       help="engine precision (default: int8 for static QDQ graphs, else fp16 - fp32 on GPUs without fast FP16)")
+    build.add_argument("--max-batch", type=int, default=None, help="largest batch an engine takes (default: 4 on Jetson, 16 on a desktop GPU)")
+    build.add_argument("--max-sequence", type=int, default=None,
+                       help="longest token sequence (default: the tokenizer's max_length, else 512)")
+    build.add_argument("--max-images", type=int, default=None, help="most images per call (default: --max-batch)")
+    build.add_argument("--workspace-mb", type=int, default=None, help="TensorRT builder workspace (default: 1/16 of a Jetson's memory up to 1 GiB, 1/4 of free GPU memory up to 4 GiB)")
+    build.add_argument("--components", nargs="+", help="only these components (default: all that TensorRT can build)")
+    build.add_argument("--force", action="store_true", help="rebuild even engines that are fresh")
+    build.add_argument("--quiet", action="store_true", help="no progress lines")
+    build.add_argument("--json", action="store_true", help="machine-readable summary")
+    build.set_defaults(func=cmd_build)
 
     doc = sub.add_parser("doctor", help="what this device has and what mmedge would pick")
     doc.add_argument("artifact", nargs="?")
