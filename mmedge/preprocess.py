@@ -62,7 +62,14 @@ class ImagePreprocessor:
         """Validate ``config`` (the manifest's ``preprocess`` dict); raise ``ManifestError`` naming a bad key."""
         self._config = _validated(config)
         self._resample = RESAMPLE[self._config["resample"]]
-        self._lut = _normalization_table(self._config["rescale_factor"], self._config["mean"], self._config["std"])
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # checked just below
+            self._lut = _normalization_table(self._config["rescale_factor"], self._config["mean"], self._config["std"])
+        if not np.isfinite(self._lut).all():  # e.g. rescale_factor 1e300, or std 1e-300 (found by fuzzing)
+            raise ManifestError(
+                f"preprocess rescale_factor {self._config['rescale_factor']!r}, mean {self._config['mean']} and std "
+                f"{self._config['std']} turn some pixel values into inf or NaN in float32",
+                "values whose rescaled, normalized pixels are finite float32 numbers", _FIX,
+            )
 
     @property
     def output_size(self) -> tuple[int, int]:

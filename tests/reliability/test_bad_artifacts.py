@@ -107,6 +107,8 @@ CLIP_CASES = {
                                          ("preprocess 'mean'",)),
     "manifest-resample-a-list": Case("clip", set_field("preprocess.resample", []), ManifestError,  # found by fuzzing
                                      ("preprocess 'resample' is []",)),
+    "manifest-rescale-overflows-float32": Case("clip", set_field("preprocess.rescale_factor", 1e300), ManifestError,
+                                               ("inf or NaN",)),  # found by fuzzing: it was accepted, giving inf pixels
     "manifest-tokenizer-max-length-text": Case("clip", set_field("tokenizer.max_length", "77"), ManifestError,
                                                ("tokenizer.max_length",)),
     "manifest-parent-path": Case("clip", set_field("components.vision.file", "../vision.onnx"), UnsafePathError,

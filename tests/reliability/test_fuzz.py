@@ -84,7 +84,7 @@ HOSTILE = ["../vision.onnx", "/etc/passwd", "C:\\x.onnx", "vision.onnx", "tokeni
            10**400, -(10**400), 2**63, -1, 0, 1, 1.5, 1e308, float("inf"), float("nan"), True, None, [], {},
            [1, 2, 3], [-1, "batch"], {"shortest_edge": 0}, {"height": 10**9, "width": 10**9}, "0" * 64]
 JSON_LEAVES = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
-               | st.sampled_from(HOSTILE))
+               | st.sampled_from(HOSTILE).map(copy.deepcopy))  # a copy: mutations must not reach HOSTILE
 JSON_VALUES = st.recursive(JSON_LEAVES, lambda children: st.lists(children, max_size=4)
                            | st.dictionaries(st.text(max_size=8), children, max_size=4), max_leaves=12)
 
