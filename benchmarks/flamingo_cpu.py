@@ -40,7 +40,9 @@ VARIANTS = {  # name: export options
     "fp32": {},
     "fp32-recompute-kv": {"extra": {"cached_cross_kv": False}},
     "int8": {"precision": "int8", "llm_precision": "int8"},
-    "int4": {"precision": "int8", "llm_precision": "int4"},
+    # Random-weight LLMs lack a trained model's redundancy: INT4 logits cosine is ~0.93 here, under the
+    # export's default 0.95 gate; the benchmark lowers it and reports the measured value.
+    "int4": {"precision": "int8", "llm_precision": "int4", "extra": {"min_logits_cosine": 0.9}},
 }
 
 

@@ -223,3 +223,26 @@ def test_cli_refuses_interleaved_prompts_for_blip2(blip2_artifact, photos, capsy
     assert main(["run", str(blip2_artifact), "--interleaved", photos[0], "An image of"]) != 0
     err = capsys.readouterr().err
     assert "--interleaved" in err and "IDEFICS" in err and "Traceback" not in err
+
+
+def test_streaming_export_frees_the_vision_tower_before_the_llm(tiny_idefics_dir, tmp_path, monkeypatch, images):
+    """With the threshold lowered, every IDEFICS graph streams its weights; the decoder wrapper holds only
+    the LLM's modules, so the vision tower and resampler are freed once their graphs are checked."""
+    import mmedge.export.onnx_export as onnx_export
+    from mmedge.export.loading import load_checkpoint
+    from mmedge.export.specs.idefics import XAttnDecoderWithPast
+    from mmedge.export.streaming import free_weights
+
+    model = load_checkpoint(str(tiny_idefics_dir)).model
+    decoder_params = {id(p) for p in XAttnDecoderWithPast(model).module().parameters()}
+    assert not decoder_params & {id(p) for p in model.model.vision_model.parameters()}
+    assert free_weights(_Vision(model), [XAttnDecoderWithPast(model).module()]) > 0
+    assert all(p.device.type == "meta" for p in model.model.vision_model.parameters())
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 10_000)
+    out = export_model(str(tiny_idefics_dir), tmp_path / "streamed", progress=False)
+    assert all(entry.get("external_data") for entry in manifest(out)["components"].values())
+    item = prompts(images)["two images interleaved"]
+    with mmedge.load(out) as streamed:
+        assert streamed.generate(item, max_new_tokens=8) == hf_continuation(
+            (IdeficsForVisionText2Text.from_pretrained(tiny_idefics_dir).eval(), IdeficsProcessor.from_pretrained(tiny_idefics_dir)),
+            item, max_new_tokens=8)

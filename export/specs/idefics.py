@@ -137,7 +137,12 @@ class _XAttnDecoderWithPast(torch.nn.Module):
 
     def __init__(self, model, cached_cross_kv: bool = True):
         super().__init__()
-        self.model = model
+        # Only the LLM's modules are registered, so a streaming export can free the vision tower first.
+        self.decoder_layers = model.model.layers
+        self.blocks = model.model.gated_cross_attn_layers
+        self.norm, self.lm_head = model.model.norm, model.lm_head
+        self.config = model.config
+        self.interval = int(model.model.cross_layer_interval)
         self.cached = cached_cross_kv
         self.cross_kv = None if cached_cross_kv else _CrossKV(model)
         self.layers = int(model.config.num_hidden_layers)
@@ -150,7 +155,7 @@ class _XAttnDecoderWithPast(torch.nn.Module):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         from transformers.models.idefics.modeling_idefics import eager_attention_forward
 
-        inner, config = self.model.model, self.model.config
+        config = self.config
         if self.cached:
             cross, past = rest[: 2 * self.cross], rest[2 * self.cross:]
         else:
@@ -165,13 +170,12 @@ class _XAttnDecoderWithPast(torch.nn.Module):
         gate = (bias == 0.0).any(dim=-1).to(inputs_embeds.dtype).squeeze(1)  # [batch, sequence]
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
         hidden = inputs_embeds  # [batch, sequence, hidden]
-        for index, layer in enumerate(inner.layers):
-            if index % inner.cross_layer_interval == 0:
-                c = index // inner.cross_layer_interval
-                hidden = _gated_cross_block(inner.gated_cross_attn_layers[c], hidden, cross[2 * c], cross[2 * c + 1],
-                                            bias, gate, attention)
+        for index, layer in enumerate(self.decoder_layers):
+            if index % self.interval == 0:
+                c = index // self.interval
+                hidden = _gated_cross_block(self.blocks[c], hidden, cross[2 * c], cross[2 * c + 1], bias, gate, attention)
             hidden = layer(hidden, attention_mask=causal, position_ids=position_ids, cache=cache)
-        logits = self.model.lm_head(inner.norm(hidden))  # [batch, sequence, vocab + additional]
+        logits = self.lm_head(self.norm(hidden))  # [batch, sequence, vocab + additional]
         present = []
         for layer in cache.layers:
             present += [layer.keys, layer.values]  # each [batch, heads, past + sequence, head_dim]
