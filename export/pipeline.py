@@ -47,6 +47,7 @@ class ExportOptions:
     progress: bool = True
     seed: int = 0
     threads: int | None = None
+    with_pytorch: bool = False  # also write the checkpoint's safetensors weights (pytorch/) for the torch backend
     extra: dict = field(default_factory=dict)  # family-specific settings
 
     def check(self) -> None:
@@ -130,6 +131,10 @@ class ArtifactBuilder:
         self._samples: dict[str, tuple[dict, dict]] = {}  # validation inputs and PyTorch outputs per component
         self._sample_parity: dict[str, dict] = {}  # each final graph's parity on those samples
         family.write_files(self)
+        if options.with_pytorch:  # before tracing: a large export frees each tower's weights once it is checked
+            from mmedge.export.pytorch_weights import PYTORCH_FOLDER, save_pytorch_weights
+
+            save_pytorch_weights(loaded, stage / PYTORCH_FOLDER, progress=options.progress)
 
     def precision_of(self, spec) -> str:
         return self.family.precision_of(spec, self.options)
@@ -241,13 +246,19 @@ class ArtifactBuilder:
             "preprocess": self.preprocess,
             "tokenizer": self.tokenizer_settings,
             "components": {spec.name: self.entries[spec.name] for spec in specs},
+            **({"pytorch": self._pytorch_entry(specs)} if self.options.with_pytorch else {}),
             "validation": {"file": VALIDATION_FILE, "sha256": sha256_file(self.stage / VALIDATION_FILE),
                            "reference": "torch-fp32"},
         }
         # Order the keys the way people read them: identity first, family settings, components last.
         first = ["format", "format_version", "mmedge_version", "family", "tasks", "created", "source", "preprocess",
                  "tokenizer"]
-        last = ["components", "validation"]
+        last = ["components", "pytorch", "validation"]
         middle = [k for k in manifest if k not in first + last]
         manifest = {k: manifest[k] for k in first + middle + last if k in manifest}
         (self.stage / MANIFEST_FILE).write_text(dump_manifest(manifest))
+
+    def _pytorch_entry(self, specs) -> dict:
+        from mmedge.export.pytorch_weights import PYTORCH_FOLDER, pytorch_entry
+
+        return pytorch_entry(self.loaded, self.stage / PYTORCH_FOLDER, specs)

@@ -112,10 +112,19 @@ class Artifact:
         return files
 
     # --- files --------------------------------------------------------------------------------
-    def resolve_file(self, name: str, field: str) -> Path:
-        """The path of a file the manifest names, refusing anything that resolves outside the folder."""
+    def resolve_file(self, name: str, field: str, folder: str | None = None) -> Path:
+        """The path of a file the manifest names, refusing anything that resolves outside the folder
+        (``folder``: a plain subfolder name, e.g. the ``pytorch`` weights' folder)."""
         check_plain_file_name(name, field)
-        path = self.root / name
+        base = self.root
+        if folder is not None:
+            check_plain_file_name(folder, f"{field} (folder)")
+            base = (self.root / folder).resolve()
+            if base.parent != self.root:
+                raise UnsafePathError(
+                    f"manifest.json field '{field}' names the folder '{folder}', which resolves outside the artifact folder",
+                    "a real subfolder of the artifact folder", "re-export the artifact, or copy the real folder into it")
+        path = base / name
         try:
             real = path.resolve()
             is_file = real.is_file()
@@ -125,7 +134,7 @@ class Artifact:
                 "a readable regular file inside the artifact folder",
                 "check the folder's permissions, or copy the artifact again",
             ) from None
-        if real.parent != self.root:
+        if real.parent != base:
             raise UnsafePathError(
                 f"manifest.json field '{field}' names '{name}', which resolves to '{real}', outside the artifact folder",
                 "a regular file inside the artifact folder (symlinks out of the folder are refused)",
@@ -139,11 +148,12 @@ class Artifact:
             )
         return real
 
-    def verified_path(self, name: str, sha256: str, field: str) -> Path:
+    def verified_path(self, name: str, sha256: str, field: str, folder: str | None = None) -> Path:
         """Resolve a file and check its sha256 against the manifest (once per Artifact object)."""
-        path = self.resolve_file(name, field)
+        path = self.resolve_file(name, field, folder)
+        key = name if folder is None else f"{folder}/{name}"
         with self._lock:
-            if name in self._verified:
+            if key in self._verified:
                 return path
         try:
             actual = sha256_file(path)
@@ -163,7 +173,7 @@ class Artifact:
                 "the file is corrupt or was replaced: copy the artifact again or re-export it",
             )
         with self._lock:
-            self._verified.add(name)
+            self._verified.add(key)
         return path
 
     def component_path(self, name: str) -> Path:
@@ -173,6 +183,30 @@ class Artifact:
         if external:
             self.verified_path(external["file"], external["sha256"], f"components.{name}.external_data.file")
         return self.verified_path(comp["file"], comp["sha256"], f"components.{name}.file")
+
+    @property
+    def has_pytorch_weights(self) -> bool:
+        """Whether the manifest names PyTorch weights (``export --with-pytorch``) and their folder is here."""
+        entry = self.manifest.get("pytorch")
+        return bool(entry) and (self.root / entry["folder"]).is_dir()
+
+    def pytorch_folder(self) -> Path:
+        """The folder of the checkpoint's safetensors weights and config.json, every file's sha256 checked
+        (once per Artifact object); for the torch backend."""
+        entry = self.manifest.get("pytorch")
+        if not entry:
+            raise ArtifactNotFoundError(
+                f"artifact '{self.root.name}' holds no PyTorch weights",
+                "an artifact exported with `mmedge export --with-pytorch` (its pytorch/ folder of safetensors weights)",
+                "re-export with --with-pytorch, or pass the torch backend a checkpoint folder (checkpoint=...)")
+        folder = entry["folder"]
+        if not (self.root / folder).is_dir():
+            raise ArtifactNotFoundError(
+                f"the PyTorch weights' folder '{folder}' is missing from '{self.root}'",
+                "the folder the manifest's 'pytorch' entry names", "copy the whole artifact folder again, or re-export it")
+        for name, info in entry["files"].items():
+            self.verified_path(name, info["sha256"], f"pytorch.files.{name}", folder)
+        return self.root / folder
 
     def engines_dir(self) -> Path:
         """Device-local cache (TensorRT plans, ORT engine caches); never shipped."""

@@ -172,6 +172,40 @@ def _parse_generative(data: dict, family: str) -> None:
     _require(table, "shape", list, f"{family}.embeddings")
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+PYTORCH_FORMAT = "transformers-safetensors"
+
+
+def _parse_pytorch(entry: Any) -> dict:
+    """``pytorch``: the checkpoint's weights for the torch backend (``export --with-pytorch``), in a subfolder.
+
+    ``{"folder": "pytorch", "format": "transformers-safetensors", "model_class": ..., "dtype": ...,
+    "files": {"config.json": {"sha256": ...}, "model.safetensors": {"sha256": ...}, ...}}``: the folder and
+    every file are plain names, each file has a sha256, and no file is a pickle (the device never unpickles).
+    """
+    if not isinstance(entry, dict):
+        raise _fail("pytorch", f"has the wrong type ({type(entry).__name__})", "null or a JSON object")
+    check_plain_file_name(_require(entry, "folder", str, "pytorch"), "pytorch.folder")
+    fmt = _require(entry, "format", str, "pytorch")
+    if fmt != PYTORCH_FORMAT:
+        raise _fail("pytorch.format", f"is {fmt!r}", f"'{PYTORCH_FORMAT}'")
+    files = _require(entry, "files", dict, "pytorch")
+    for name, info in files.items():
+        check_plain_file_name(name, f"pytorch.files.{name}")
+        if name.lower().endswith(PICKLE_SUFFIXES):
+            raise UnsafePathError(f"manifest.json field 'pytorch.files' names the pickle {_short(name)}",
+                                  "weights as .safetensors only (the device never loads pickles)",
+                                  "re-export with `mmedge export --with-pytorch`")
+        if not isinstance(info, dict):
+            raise _fail(f"pytorch.files.{name}", f"has the wrong type ({type(info).__name__})", "a JSON object with 'sha256'")
+        sha = _require(info, "sha256", str, f"pytorch.files.{name}")
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise _fail(f"pytorch.files.{name}.sha256", f"is {_short(sha)}", "64 lowercase hex digits")
+    if "config.json" not in files or not any(n.endswith(".safetensors") for n in files):
+        raise _fail("pytorch.files", f"names {sorted(files)[:6]}", "config.json and at least one .safetensors file")
+    return entry
+
+
 def parse_manifest(text: str | bytes) -> dict:
     """Parse and check manifest.json text. Returns the dict; raises a ManifestError subclass."""
     if len(text) > MAX_MANIFEST_BYTES:
@@ -241,6 +275,8 @@ def parse_manifest(text: str | bytes) -> dict:
                 raise _fail("tokenizer.sha256", f"is {_short(sha)}", "64 lowercase hex digits")
     if family in GENERATIVE_SECTIONS:
         _parse_generative(data, family)
+    if data.get("pytorch") is not None:
+        _parse_pytorch(data["pytorch"])
     validation = data.get("validation")
     if validation is not None:
         if not isinstance(validation, dict):

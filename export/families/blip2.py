@@ -34,6 +34,7 @@ from mmedge.export.specs.blip2 import (
     QFormer,
     _DecoderWithPast,
     _FusedPrefix,
+    _QFormerPrefix,
     _VisionEmbeds,
     decoder_feeds,
     kv_cache_layout,
@@ -109,6 +110,19 @@ class Blip2Family:
                               "a decoder-only LLM (OPT, Llama-family)", "export a blip2-opt checkpoint")
         encoders = [Blip2Prefix(model)] if self.setting(options, "fused_prefix") else [Blip2Vision(model), QFormer(model)]
         return [*encoders, DecoderWithPast(model.language_model)]
+
+    @staticmethod
+    def reference_module(name: str, model, manifest: dict, tensors: dict) -> torch.nn.Module:
+        """The wrapper module the exporter traced for component ``name`` (the decoder: flat KV cache in and out),
+        around a model loaded on the device by ``mmedge.runtimes.torch_backend``."""
+        builders = {"vision": _VisionEmbeds, "qformer": _QFormerPrefix, "prefix": _FusedPrefix,
+                    "decoder": lambda m: _DecoderWithPast(m.language_model, kv_cache_layout(m.language_model)["layers"])}
+        return builders[name](model).eval()
+
+    @staticmethod
+    def reference_language_model(model):
+        """The causal LM the torch backend's KV-cached decoder runs (fed input embeddings, as the decoder graph is)."""
+        return model.language_model
 
     def max_length(self, loaded) -> int:
         """Prompt tokens (BOS included) that fit beside the prefix in the LLM's positions."""

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from mmedge.errors import ExportError, ParityError
-from mmedge.export.specs.clip import ClipText, ClipVision, ClipZeroShot, _TextEmbeds
+from mmedge.export.specs.clip import ClipText, ClipVision, ClipZeroShot, _FusedZeroShot, _ImageEmbeds, _TextEmbeds
 from mmedge.metrics import cosine_rows, top1_agreement
 from mmedge.pipelines.common import l2_normalize
 from mmedge.pipelines.zero_shot import build_label_bank, check_labels, check_templates, softmax
@@ -69,6 +69,24 @@ class ClipFamily:
 
     def max_length(self, loaded) -> int:
         return int(loaded.model.config.text_config.max_position_embeddings)
+
+    @staticmethod
+    def reference_module(name: str, model, manifest: dict, tensors: dict) -> torch.nn.Module:
+        """The wrapper module the exporter traced for component ``name``, around a model loaded on the device
+        (``mmedge.runtimes.torch_backend``); ``tensors``: the artifact's reference tensors of that component."""
+        if name == "vision":
+            return _ImageEmbeds(model).eval()
+        if name == "text":
+            return _TextEmbeds(model).eval()
+        if name == "zero_shot":
+            bank = tensors["label_bank"].float().cpu().numpy()  # [labels, dim]
+            return _FusedZeroShot(model, bank, float(manifest["clip"]["logit_scale"])).eval()
+        raise KeyError(name)
+
+    @staticmethod
+    def reference_language_model(model):
+        """CLIP has no language model to decode with."""
+        return None
 
     def torch_text_embeds(self, loaded):
         module = _TextEmbeds(loaded.model).eval()

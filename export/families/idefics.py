@@ -39,6 +39,7 @@ from mmedge.export.specs.idefics import (
     _CrossKV,
     _Resampler,
     _Vision,
+    _XAttnDecoderWithPast,
     cross_kv_layout,
     image_size,
     vision_width,
@@ -110,6 +111,20 @@ class IdeficsFamily:
 
     def max_length(self, loaded) -> int:
         return int(loaded.model.config.max_position_embeddings)
+
+    @staticmethod
+    def reference_module(name: str, model, manifest: dict, tensors: dict) -> torch.nn.Module:
+        """The wrapper module the exporter traced for component ``name``, around a model loaded on the device."""
+        cached = manifest["idefics"]["decoder"].get("cross_kv", "inputs") == "inputs"
+        builders = {"vision": _Vision, "resampler": _Resampler, "cross_kv": _CrossKV,
+                    "decoder": lambda m: _XAttnDecoderWithPast(m, cached_cross_kv=cached)}
+        return builders[name](model).eval()
+
+    @staticmethod
+    def reference_language_model(model):
+        """None: the gated cross-attention decoder takes image context the torch backend's KV-cached decoder does
+        not feed; its decoder runs on ONNX Runtime (the flat decoder module still runs as a plain torch runner)."""
+        return None
 
     def needs_tokenizer(self, options) -> bool:
         return True

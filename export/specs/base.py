@@ -51,6 +51,11 @@ class ComponentSpec(abc.ABC):
         tensors = {**self.inputs, **self.outputs}
         return {name: spec.dynamic_axes() for name, spec in tensors.items() if spec.dynamic_axes()}
 
+    def reference_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors the wrapper module holds beyond the checkpoint's weights (e.g. a baked label bank), saved with
+        ``export --with-pytorch`` so the device's torch backend can rebuild the module (``Family.reference_module``)."""
+        return {}
+
     def manifest_io(self) -> dict:
         return {
             "inputs": {n: s.to_manifest() for n, s in self.inputs.items()},

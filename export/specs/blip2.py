@@ -54,6 +54,8 @@ class _QFormerPrefix(torch.nn.Module):
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)  # [batch, queries, qformer_width]
         query_output = self.qformer(query_embeds=queries, encoder_hidden_states=image_embeds,
                                     encoder_attention_mask=image_mask, return_dict=True).last_hidden_state
+        if query_output.dtype != self.language_projection.weight.dtype:  # FP16 on the device: the Q-Former stays FP32
+            query_output = query_output.to(self.language_projection.weight.dtype)
         return self.language_projection(query_output)  # [batch, queries, llm_width]
 
 

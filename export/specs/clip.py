@@ -118,5 +118,8 @@ class ClipZeroShot(ComponentSpec):
     def module(self):
         return _FusedZeroShot(self.model, self.label_bank, self.logit_scale).eval()
 
+    def reference_tensors(self):
+        return {"label_bank": torch.from_numpy(np.ascontiguousarray(self.label_bank, dtype=np.float32))}  # [labels, dim]
+
     def sample_inputs(self, batch, sequence, generator):
         return {"pixel_values": _random_pixels(self.model, batch, generator)}
