@@ -50,7 +50,8 @@ def cmd_export(args) -> int:
                             int4_accuracy_level=args.int4_accuracy_level, extra=extra,
                             labels=_labels(args), templates=args.templates, calibration=args.calibration,
                             calibration_method=args.calibration_method, random_weights=args.random_weights,
-                            allow_pickle=args.allow_pickle, overwrite=args.overwrite, progress=not args.quiet)
+                            allow_pickle=args.allow_pickle, overwrite=args.overwrite, progress=not args.quiet,
+                            with_pytorch=args.with_pytorch)
     out = export_model(args.model, args.out, options)
     from mmedge.artifact import Artifact
 
@@ -74,7 +75,9 @@ def _parity_line(parity: dict) -> str:
 def cmd_run(args) -> int:
     import mmedge
 
-    pipeline = mmedge.load(args.artifact, backend=args.backend, device=args.device, task=args.task, threads=args.threads)
+    torch_options = {"quantization": args.llm_quantization} if getattr(args, "llm_quantization", None) else {}
+    pipeline = mmedge.load(args.artifact, backend=args.backend, device=args.device, task=args.task, threads=args.threads,
+                           backend_options={"torch": torch_options} if torch_options else None)
     with pipeline:
         if args.interleaved:
             print(_run_interleaved(pipeline, args.images, args))
@@ -258,12 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--calibration-method", default="percentile", choices=["minmax", "percentile", "entropy"])
     exp.add_argument("--random-weights", action="store_true", help="build the architecture with random weights (offline benchmarks)")
     exp.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin weights (loaded with weights_only=True)")
+    exp.add_argument("--with-pytorch", action="store_true",
+                     help="also write the checkpoint's safetensors weights (pytorch/) for the torch backend")
     exp.add_argument("--overwrite", action="store_true", help="replace OUT once the new artifact is complete")
     exp.add_argument("--quiet", action="store_true", help="no progress lines")
     exp.set_defaults(func=cmd_export)
 
     def runtime_flags(p):
-        p.add_argument("--backend", default="auto", help="auto, onnxruntime or tensorrt")
+        p.add_argument("--backend", default="auto", help="auto, onnxruntime, tensorrt or torch")
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         p.add_argument("--threads", type=int, default=None, help="CPU threads per graph")
         p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -290,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--top-k-tokens", type=int, help="sampling: keep the k most likely tokens")
     cap.add_argument("--seed", type=int)
     cap.add_argument("--stop", nargs="+", help="stop strings")
+    cap.add_argument("--llm-quantization", choices=["int8", "nf4"],
+                     help="torch backend: the LLM's weights in bitsandbytes INT8 (LLM.int8) or NF4")
     runtime_flags(run)
     run.set_defaults(func=cmd_run)
 

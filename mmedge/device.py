@@ -18,8 +18,9 @@ from pathlib import Path
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "fma", "asimd", "asimddp", "i8mm", "sve")
 # distribution name -> import name; cuda-python gives the TensorRT backend its device buffers and streams
-ENGINES = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "torch": "torch", "bitsandbytes": "bitsandbytes",
-           "cuda-python": "cuda"}
+# (and the torch backend needs transformers beside torch)
+ENGINES = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "torch": "torch", "transformers": "transformers",
+           "bitsandbytes": "bitsandbytes", "cuda-python": "cuda"}
 
 
 @dataclass

@@ -8,6 +8,20 @@ where a better backend was absent (TensorRT on a GPU machine without it), ``fall
 On an NVIDIA GPU (desktop or Jetson) with TensorRT and cuda-python installed, ``auto`` builds TensorRT
 engines for the encoders; the KV-cached decoder, dynamic-INT8 and INT4 graphs stay on ONNX Runtime.
 ``tensorrt_defaults`` holds the per-device engine settings (FP16; a conservative workspace on a Jetson).
+
+The torch backend (``mmedge[torch]``; the artifact exported ``--with-pytorch``) under ``auto``:
+
+- never on a CPU (``device=cpu``, no NVIDIA GPU, or a CPU-only torch build such as ``2.4.0+cpu``): ONNX Runtime
+  runs the exported, validated graphs there;
+- on an NVIDIA GPU, with torch + transformers installed and the artifact carrying PyTorch weights, it takes the
+  KV-cached **decoder** (FP16, static cache, CUDA-graph decode steps) when the decoder is a plain causal LM
+  (inputs: embeddings, mask, positions, cache; not IDEFICS' image context), whether TensorRT is there or not:
+  TensorRT builds no decoder;
+- it takes the **encoders** TensorRT does not build only when ONNX Runtime has no GPU provider (a CPU-only
+  onnxruntime beside a GPU); with onnxruntime-gpu they run the exported graphs on the CUDA / TensorRT providers.
+
+ONNX Runtime components on GPU providers get their provider options from the plan: FP16 and the workspace for the
+TensorRT provider from ``tensorrt_defaults``, the device id, and IO binding (outputs left on the GPU).
 """
 
 from __future__ import annotations
@@ -114,6 +128,117 @@ def log_fallbacks(chosen: Plan, logger: logging.Logger | None = None) -> list[st
     return new
 
 
+TORCH_OPTIONS_CUDA = {"device": "cuda", "dtype": "float16"}
+TORCH_OPTIONS_CPU = {"device": "cpu", "dtype": "float32"}
+
+
+def _torch_unusable(probe: DeviceProbe, device: str) -> str | None:
+    """Why the torch backend cannot run on a GPU here, or None when it can (nothing is imported)."""
+    if device == "cpu":
+        return "device=cpu requested"
+    if not probe.gpus and not probe.jetson:
+        return "no NVIDIA GPU found"
+    try:
+        require_installed("torch", probe.engines)
+    except BackendUnavailableError as exc:
+        return f"{exc.what} (fix: {exc.fix})"
+    version = str(probe.engines.get("torch"))
+    if "+cpu" in version:
+        return f"torch {version} is a CPU-only build"
+    return None
+
+
+def torch_decoder_unfit(manifest: dict) -> str | None:
+    """Why the torch backend's KV-cached decoder cannot run this artifact's decoder, or None when it can: it feeds
+    embeddings, mask, positions and the cache, nothing else (IDEFICS' decoder also takes image context)."""
+    decoder = manifest["components"].get("decoder")
+    if decoder is None:
+        return "the artifact has no decoder"
+    family = manifest.get("family")
+    kv = ((manifest.get(family) or {}).get("decoder") or {}).get("kv_cache") or {}
+    known = {"inputs_embeds", "attention_mask", "position_ids"}
+    if kv:
+        known |= {kv["past"] % (layer, kind) for layer in range(kv["layers"]) for kind in ("key", "value")}
+    context = [name for name in decoder["inputs"] if name not in known]
+    if context:
+        return f"the decoder also takes {', '.join(context[:3])}{' ...' if len(context) > 3 else ''}, which the torch decoder does not feed"
+    return None
+
+
+def _torch_components(probe: DeviceProbe, manifest: dict, device: str, weights: bool, taken: dict,
+                      reasons: list[str]) -> dict[str, ComponentPlan]:
+    """auto: the decoder (and, without an ONNX Runtime GPU provider, the encoders TensorRT left) on torch CUDA."""
+    info = BACKENDS["torch"]
+    if info.module is None:
+        reasons.append("backend torch: not in this release")
+        return {}
+    why = _torch_unusable(probe, device)
+    if why is None and not weights:
+        why = "the artifact has no PyTorch weights (export --with-pytorch)"
+    if why is not None:
+        reasons.append(f"backend torch: {why}" + ("; ONNX Runtime is preferred on a CPU" if not probe.gpus and not probe.jetson else ""))
+        return {}
+    chosen: dict[str, ComponentPlan] = {}
+    decoder_why = torch_decoder_unfit(manifest)
+    if decoder_why is None:
+        chosen["decoder"] = ComponentPlan("torch", (), "fp16", dict(TORCH_OPTIONS_CUDA))
+    gpu_ort = any(p in probe.ort_providers for p in ("tensorrt", "cuda"))
+    if not gpu_ort:
+        for name in manifest["components"]:
+            if name not in taken and name not in chosen and name != "decoder":
+                chosen[name] = ComponentPlan("torch", (), "fp16", dict(TORCH_OPTIONS_CUDA))
+    parts = []
+    if "decoder" in chosen:
+        parts.append("the KV-cached decoder (FP16, static cache, CUDA-graph decode steps)")
+    elif decoder_why and "decoder" in manifest["components"]:
+        parts.append(f"not the decoder ({decoder_why})")
+    encoders = [n for n in chosen if n != "decoder"]
+    if encoders:
+        parts.append(f"{', '.join(encoders)} (FP16, CUDA graphs; this onnxruntime build has no GPU provider)")
+    reasons.append("backend torch: installed, with an NVIDIA GPU and the artifact's PyTorch weights: "
+                   + ("; ".join(parts) if parts else "nothing to take (ONNX Runtime's GPU providers run the encoders)"))
+    return chosen
+
+
+def _torch_explicit(probe: DeviceProbe, manifest: dict, device: str, weights: bool, reasons: list[str]) -> dict[str, ComponentPlan]:
+    """backend='torch': every component on torch, on the GPU when there is one (FP16), else the CPU (FP32)."""
+    require_installed("torch", probe.engines)
+    if not weights:
+        raise BackendUnavailableError("backend 'torch' needs PyTorch weights, and this artifact was exported without them",
+                                      "an artifact exported with `mmedge export --with-pytorch` (its pytorch/ folder)",
+                                      "re-export with --with-pytorch, or use --backend auto / onnxruntime")
+    why = torch_decoder_unfit(manifest) if "decoder" in manifest["components"] else None
+    if why:
+        raise BackendUnavailableError(f"backend 'torch' cannot run this artifact's decoder: {why}",
+                                      "a decoder that is a plain causal LM (BLIP-2)",
+                                      "use --backend auto (the decoder then runs on ONNX Runtime)")
+    gpu_why = _torch_unusable(probe, device)
+    if gpu_why is None:
+        options, precision, where = dict(TORCH_OPTIONS_CUDA), "fp16", "on the GPU at FP16 with CUDA graphs"
+    elif device == "cuda":
+        raise BackendUnavailableError(f"device=cuda was requested for backend 'torch', but {gpu_why}",
+                                      "an NVIDIA GPU and a CUDA build of torch",
+                                      "install a CUDA build of torch, or pass --device cpu")
+    else:
+        options, precision, where = dict(TORCH_OPTIONS_CPU), "fp32", f"on the CPU at FP32 ({gpu_why})"
+    reasons.append(f"backend torch: every component {where}")
+    return {name: ComponentPlan("torch", (), precision, dict(options)) for name in manifest["components"]}
+
+
+def ort_options(probe: DeviceProbe, providers: tuple[str, ...], component: dict) -> dict:
+    """Provider options for one ONNX Runtime component: device id, IO binding on GPU providers (outputs stay on the
+    GPU between stages), and for the TensorRT provider FP16 (per ``tensorrt_defaults``; not for INT8 graphs) and the
+    builder workspace."""
+    if not any(p in providers for p in ("tensorrt", "cuda")):
+        return {}
+    options = {"device_id": 0, "io_binding": True}
+    if "tensorrt" in providers:
+        defaults = tensorrt_defaults(probe)
+        options.update(fp16=defaults.precision == "fp16" and component.get("precision") in ("fp32", "fp16"),
+                       workspace_mb=defaults.workspace_mb)
+    return options
+
+
 def _check_request(backend: str, device: str) -> None:
     if backend != "auto" and (not isinstance(backend, str) or backend not in BACKENDS):
         raise BackendUnavailableError(f"unknown backend '{backend}'", f"'auto' or one of {', '.join(BACKENDS)}",
@@ -142,9 +267,14 @@ def _ort_providers(probe: DeviceProbe, device: str, explicit: bool, reasons: lis
     return ("cpu",)
 
 
-def plan(probe: DeviceProbe, manifest: dict, backend: str = "auto", device: str = "auto") -> Plan:
-    """Backend and providers per component, with the reasons, or a BackendUnavailableError."""
+def plan(probe: DeviceProbe, manifest: dict, backend: str = "auto", device: str = "auto", *,
+         pytorch_weights: bool | None = None) -> Plan:
+    """Backend and providers per component, with the reasons, or a BackendUnavailableError.
+
+    ``pytorch_weights``: whether the torch backend has weights to load (None: whether the manifest names them).
+    """
     _check_request(backend, device)
+    weights = bool(manifest.get("pytorch")) if pytorch_weights is None else bool(pytorch_weights)
     reasons: list[str] = []
     fallbacks: list[str] = []
     components: dict[str, ComponentPlan] = {}
@@ -156,9 +286,7 @@ def plan(probe: DeviceProbe, manifest: dict, backend: str = "auto", device: str 
             reasons.append(f"backend tensorrt: {why}")
             if device != "cpu" and (probe.gpus or probe.jetson):
                 fallbacks.append(f"TensorRT is not used on this GPU: {why}; ONNX Runtime runs every component instead")
-        info = BACKENDS["torch"]
-        reasons.append("backend torch: " + ("not in this release" if info.module is None else
-                                            "not installed" if not probe.engines.get(info.package) else "not preferred"))
+        components.update(_torch_components(probe, manifest, device, weights, components, reasons))
         chosen = "onnxruntime"
     else:
         from mmedge.runtimes.registry import import_backend_module
@@ -170,12 +298,15 @@ def plan(probe: DeviceProbe, manifest: dict, backend: str = "auto", device: str 
             require_installed("tensorrt", probe.engines)
             require_gpu(probe, device)
             components = _tensorrt_components(probe, manifest, True, reasons)
+        elif backend == "torch":
+            components = _torch_explicit(probe, manifest, device, weights, reasons)
     rest = [name for name in manifest["components"] if name not in components]
     if rest:
         if not probe.engines.get("onnxruntime"):
             raise BackendUnavailableError("onnxruntime is not installed", "the onnxruntime package", "pip install onnxruntime")
         providers = _ort_providers(probe, device, backend != "auto", reasons)
         for name in rest:
-            components[name] = ComponentPlan(chosen, providers, manifest["components"][name]["precision"])
+            component = manifest["components"][name]
+            components[name] = ComponentPlan(chosen, providers, component["precision"], ort_options(probe, providers, component))
     ordered = {name: components[name] for name in manifest["components"]}
     return Plan(ordered, reasons, fallbacks)

@@ -1,4 +1,12 @@
-"""ONNX Runtime backend: CPU, CUDA and TensorRT execution providers behind one runner."""
+"""ONNX Runtime backend: CPU, CUDA and TensorRT execution providers behind one runner.
+
+Provider options come from the plan (``mmedge.selection.ort_options``): the device id, FP16, the engine cache and
+the builder workspace of the TensorRT provider. With IO binding (on by default for the GPU providers) a runner binds
+its outputs on the provider's device and, with ``keep_on_device=True``, returns them as ``OrtDeviceArray``\\ s that
+the next ONNX Runtime runner binds as inputs without a copy (``bind_ortvalue_input``), that torch / TensorRT read
+through ``__cuda_array_interface__``, and that numpy copies to the host (``np.asarray``). A GPU array from another
+backend (anything with ``__cuda_array_interface__``) is bound in place too.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from mmedge.errors import BackendError, BackendUnavailableError, IntegrityError
+from mmedge.errors import BackendError, BackendUnavailableError, FeedError, IntegrityError
 from mmedge.runner import Runner
 
 # Our short names for ONNX Runtime's execution providers.
@@ -38,6 +46,9 @@ class OrtOptions:
     device_id: int = 0
     fp16: bool = False  # TensorRT provider: allow FP16 kernels
     engine_cache: Path | None = None  # TensorRT provider: where built engines are cached
+    workspace_mb: int | None = None  # TensorRT provider: builder workspace (None: ONNX Runtime's default)
+    io_binding: bool | None = None  # None: on for the CUDA / TensorRT providers, off on a CPU
+    keep_on_device: bool = False  # with IO binding: return OrtDeviceArray outputs instead of numpy arrays
     config_entries: dict[str, str] = field(default_factory=dict)  # extra SessionOptions entries
 
 
@@ -78,6 +89,8 @@ def _provider_options(short: str, options: OrtOptions) -> dict:
             cache = str(options.engine_cache)
             opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=cache,
                         trt_timing_cache_enable=True, trt_timing_cache_path=cache)
+        if options.workspace_mb:
+            opts["trt_max_workspace_size"] = int(options.workspace_mb) << 20
         return opts
     return {}
 
@@ -93,6 +106,51 @@ def session_options(options: OrtOptions) -> ort.SessionOptions:
     for key, value in options.config_entries.items():
         so.add_session_config_entry(key, str(value))
     return so
+
+
+_ORT_ELEMENT_TYPES = {np.dtype(np.float32): np.float32, np.dtype(np.float16): np.float16, np.dtype(np.int64): np.int64,
+                      np.dtype(np.int32): np.int32, np.dtype(np.int8): np.int8, np.dtype(np.uint8): np.uint8,
+                      np.dtype(np.bool_): np.bool_}
+
+
+class OrtDeviceArray:
+    """An output left where ONNX Runtime put it (the GPU with the CUDA / TensorRT providers) by an IO-bound runner.
+
+    Another ONNX Runtime runner binds it as an input without a copy; on the GPU, torch / TensorRT / CuPy read it
+    through ``__cuda_array_interface__``; ``np.asarray`` (or ``numpy()``) copies it to the host. ``ortvalue`` is the
+    ``onnxruntime.OrtValue`` itself.
+    """
+
+    def __init__(self, ortvalue: ort.OrtValue):
+        self.ortvalue = ortvalue
+        self.shape = tuple(ortvalue.shape())
+        self.ndim = len(self.shape)
+        self.device = ortvalue.device_name()
+        self.dtype = np.dtype(_ORT_NUMPY.get(ortvalue.data_type(), np.float32))
+
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        if self.device != "cuda":
+            raise AttributeError("__cuda_array_interface__: this array is in host memory")
+        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.ortvalue.data_ptr(), False), "version": 3,
+                "strides": None, "stream": None}  # the run that wrote it has finished
+
+    def numpy(self) -> np.ndarray:
+        return self.ortvalue.numpy()
+
+    def __array__(self, dtype=None, copy=None):
+        array = self.numpy()
+        return array.astype(dtype) if dtype is not None else array
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"OrtDeviceArray(shape={list(self.shape)}, dtype={self.dtype}, device={self.device})"
+
+
+_ORT_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+              "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
 
 
 class OnnxRuntimeRunner(Runner):
@@ -118,6 +176,11 @@ class OnnxRuntimeRunner(Runner):
         self._output_names = list(self._outputs)
         self._lock = threading.Lock()
         self._closed = False
+        first = self._session.get_providers()[0]
+        self._device = "cuda" if first in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+        self._device_id = self.options.device_id
+        self.io_binding = self._device == "cuda" if self.options.io_binding is None else bool(self.options.io_binding)
+        self.keep_on_device = self.io_binding and self.options.keep_on_device
 
     @property
     def providers(self) -> list[str]:
@@ -134,10 +197,25 @@ class OnnxRuntimeRunner(Runner):
                 "re-export the artifact; graph and manifest come from different exports",
             )
 
+    def _check_one(self, meta, value):
+        if isinstance(value, OrtDeviceArray) or (not isinstance(value, np.ndarray) and hasattr(value, "__cuda_array_interface__")):
+            shape = tuple(value.shape)
+            dtype = np.dtype(value.dtype) if isinstance(value, OrtDeviceArray) else np.dtype(value.__cuda_array_interface__["typestr"])
+            if dtype != np.dtype(meta.dtype) or len(shape) != len(meta.shape) or any(
+                    w is not None and w != g for w, g in zip(meta.shape, shape)):
+                raise FeedError(f"component '{self.component_name}' input '{meta.name}' is a device array {list(shape)} {dtype}",
+                                f"{meta.dtype} shaped {self._describe(meta)}", "convert or reshape it before feeding it")
+            if not self.io_binding:
+                return np.asarray(value)  # a session without IO binding takes host arrays
+            return value
+        return super()._check_one(meta, value)
+
     def _infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._closed:
             raise BackendError(f"runner for '{self.component_name}' is closed", "an open runner", "create a new one")
         try:
+            if self.io_binding:
+                return self._run_bound(feeds)
             # InferenceSession.run is thread-safe; no lock needed on the hot path.
             values = self._session.run(self._output_names, feeds)
         except Exception as exc:
@@ -148,6 +226,26 @@ class OnnxRuntimeRunner(Runner):
                 "check input shapes against runner.input_metadata()",
             ) from None
         return dict(zip(self._output_names, values))
+
+    def _run_bound(self, feeds: dict) -> dict:
+        """One call through a fresh IOBinding (thread-safe): inputs bound where they are, outputs on the device."""
+        binding = self._session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, OrtDeviceArray):
+                binding.bind_ortvalue_input(name, value.ortvalue)
+            elif isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:  # another backend's GPU array: bound in place
+                interface = value.__cuda_array_interface__
+                binding.bind_input(name, "cuda", self._device_id, _ORT_ELEMENT_TYPES[np.dtype(interface["typestr"])],
+                                   list(interface["shape"]), int(interface["data"][0]))
+        for name in self._output_names:
+            binding.bind_output(name, self._device, self._device_id)
+        self._session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        if self.keep_on_device:
+            return {name: OrtDeviceArray(value) for name, value in zip(self._output_names, values)}
+        return {name: value.numpy() for name, value in zip(self._output_names, values)}
 
     def close(self) -> None:
         with self._lock:

@@ -25,7 +25,9 @@ BACKENDS: dict[str, BackendInfo] = {
                             'pip install "mmedge[tensorrt]" (TensorRT 10.x and cuda-python); on a Jetson TensorRT comes '
                             "with JetPack: sudo apt install python3-libnvinfer, then pip install cuda-python",
                             also_needs=(("cuda-python", "cuda"),)),
-    "torch": BackendInfo("torch", None, "torch", "pip install 'mmedge[torch]'"),
+    "torch": BackendInfo("torch", "mmedge.runtimes.torch_backend", "torch",
+                         'pip install "mmedge[torch]" (torch and transformers; add bitsandbytes for INT8/NF4 LLM weights)',
+                         also_needs=(("transformers", "transformers"),)),
 }
 
 

@@ -68,3 +68,28 @@ def tiny_idefics_dir(tmp_path_factory):
     from tests.support.tiny_checkpoints import make_tiny_idefics
 
     return make_tiny_idefics(tmp_path_factory.mktemp("tiny-idefics"))
+
+
+@pytest.fixture(scope="session")
+def pytorch_artifacts(tiny_clip_dir, tiny_blip2_dir, tiny_idefics_dir, tmp_path_factory):
+    """Tiny artifacts exported with --with-pytorch (the torch backend's weights beside the graphs), each once per
+    session: ``pytorch_artifacts("blip2")``; kinds: clip, clip-fused, blip2, blip2-split, idefics."""
+    from mmedge.export import export_model
+
+    variants = {
+        "clip": (tiny_clip_dir, {}),
+        "clip-fused": (tiny_clip_dir, {"labels": ["cat", "dog", "car", "rocket"]}),
+        "blip2": (tiny_blip2_dir, {}),
+        "blip2-split": (tiny_blip2_dir, {"extra": {"fused_prefix": False}}),
+        "idefics": (tiny_idefics_dir, {}),
+    }
+    root = tmp_path_factory.mktemp("pytorch-artifacts")
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            source, options = variants[name]
+            made[name] = export_model(str(source), root / name, progress=False, with_pytorch=True, **options)
+        return made[name]
+
+    return get

@@ -107,7 +107,8 @@ def test_cuda_requested_on_cpu_box_fails_loudly():
 
 
 @pytest.mark.parametrize("backend,match", [("tensorrt", "needs the Python package 'cuda-python'"),
-                                           ("torch", "not part of mmedge"), ("openvino", "unknown backend")])
+                                           ("torch", "needs the Python packages 'torch' and 'transformers'"),
+                                           ("openvino", "unknown backend")])
 def test_named_backend_never_silently_replaced(backend, match):
     with pytest.raises(BackendUnavailableError, match=match):
         plan(DESKTOP_RTX, MANIFEST, backend=backend)

@@ -3,7 +3,8 @@
 A decoder owns its KV cache and its token-embedding table; the loop only ever hands it token ids,
 attention masks and row indices, so no cache tensor crosses into the loop (and none is copied by it).
 Backends implement this protocol: ``mmedge.runtimes.onnxruntime_decoder.OrtDecoder`` over an ONNX
-graph, ``tests/support/torch_decoder.TorchDecoder`` over a transformers model (tests only).
+graph, ``mmedge.runtimes.torch_decoder.TorchDecoder`` over the checkpoint's own LLM (static KV cache, CUDA
+graphs), and ``tests/support/torch_decoder.TorchDecoder`` over a transformers model with a DynamicCache (tests only).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ class Decoder(Protocol):
     """A causal language model with a KV cache it keeps between calls.
 
     ``vocab_size`` is the width of the logits. A decoder may also expose ``max_positions``
-    (``int | None``): how many positions (prompt + generated) it can attend to.
+    (``int | None``): how many positions (prompt + generated) it can attend to, and ``reserve(total)``, which
+    the loop calls before ``start`` with prompt length + max_new_tokens (a preallocated cache sizes itself).
     """
 
     vocab_size: int

@@ -168,6 +168,9 @@ def _prepare(decoder, inputs_embeds, attention_mask, config, tokenizer, prompt_i
         raise InputError(f"stop_strings {config.stop_strings} were given without a tokenizer",
                          "a tokenizer to decode the generated tokens", "pass tokenizer=..., or drop stop_strings")
     stops = _Texts(tokenizer, config) if config.stop_strings else None
+    reserve = getattr(decoder, "reserve", None)
+    if callable(reserve):  # a decoder with a preallocated cache sizes it once (mmedge.runtimes.torch_decoder)
+        reserve(seq + config.max_new_tokens)
     return _Run(decoder, embeds, mask, config, prompt_ids, stops)
 
 

@@ -1,0 +1,560 @@
+"""PyTorch backend: the checkpoint's own modules, FP16/BF16 with CUDA graphs on an NVIDIA GPU, FP32 on a CPU.
+
+The artifact carries the checkpoint's weights when it was exported with ``mmedge export --with-pytorch``
+(``pytorch/``: config.json and safetensors, every file's sha256 in the manifest; no pickle is ever read), or the
+backend is pointed at a local checkpoint folder (``checkpoint=``). The family's model class is rebuilt from it
+(``from_pretrained``, safetensors only) and each component runs the same wrapper module the exporter traced
+(``mmedge.export.families.<family>.reference_module``), so inputs and outputs are the manifest's, by name.
+
+- **Device and precision.** ``device="auto"``: CUDA when ``torch.cuda.is_available()``, else the CPU.
+  ``dtype``: float16 on CUDA, float32 on a CPU by default; bfloat16 on request. Modules the model class keeps in
+  FP32 (BLIP-2's Q-Former) stay FP32, as transformers loads them. Outputs are cast to the manifest's dtypes.
+- **One model per artifact.** Runners of one artifact (and the decoder, ``mmedge.runtimes.torch_decoder``) share
+  one loaded model per (weights, device, dtype); it is freed when the last of them is closed.
+- **CUDA graphs (CUDA only).** Each component captures one ``torch.cuda.CUDAGraph`` per distinct input shape
+  (batch size, text length), up to ``max_graphs``, after warm-up runs on a side stream; later calls copy the feeds
+  into the graph's static inputs and replay it. Shapes past the limit run eagerly. A capture that fails (an op that
+  synchronizes with the host) is logged once and that shape runs eagerly.
+- **Outputs on the GPU.** ``keep_on_device=True`` returns ``TorchDeviceArray``\\ s: a torch CUDA tensor that another
+  torch or TensorRT runner takes without a copy (``__cuda_array_interface__``, DLPack), that numpy reads with a copy
+  (``np.asarray``). By default outputs are numpy arrays.
+- **LLM weights in INT8 / NF4** (``quantize_linear_layers``): bitsandbytes ``Linear8bitLt`` (LLM.int8, outlier
+  threshold 6.0) or ``Linear4bit`` (NF4, compute in the model's dtype) replace the LLM's ``nn.Linear`` layers,
+  except its output head, as transformers' ``BitsAndBytesConfig`` does; layers narrower than 64 inputs stay float
+  for NF4. Only the decoder asks for it.
+
+``torch``, ``transformers`` and ``bitsandbytes`` are imported when a runner is created, never at import time;
+without them this module imports, and using it raises BackendUnavailableError with the install command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from mmedge.errors import BackendError, BackendUnavailableError, FeedError
+from mmedge.runner import Runner, TensorMeta
+
+log = logging.getLogger("mmedge")
+
+INSTALL = 'pip install "mmedge[torch]" (torch and transformers; add bitsandbytes for INT8/NF4 LLM weights)'
+BNB_INSTALL = 'pip install "mmedge[torch,bitsandbytes]" (bitsandbytes >= 0.45; CUDA, or its CPU build)'
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+               "bfloat16": "bfloat16", "bf16": "bfloat16"}
+PRECISION_OF_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+QUANTIZATIONS = ("int8", "nf4")
+DEFAULT_MAX_GRAPHS = 8
+GRAPH_WARMUP = 2  # eager runs on a side stream before a capture (cuBLAS workspaces, lazy inits)
+NF4_MIN_INPUTS = 64  # bitsandbytes' 4-bit kernels want at least one 64-value block per row
+
+
+# --- lazy imports ----------------------------------------------------------------------------------
+def import_torch():
+    """The ``torch`` module, with transformers importable beside it, or BackendUnavailableError with the install command."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise BackendUnavailableError(f"backend 'torch' needs the Python package 'torch', which cannot be imported ({exc})",
+                                      "torch >= 2.4 and transformers >= 5 importable", INSTALL) from None
+    try:
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"backend 'torch' needs the Python package 'transformers', which cannot be imported ({exc})",
+            "transformers >= 5 importable beside torch", INSTALL) from None
+    return torch
+
+
+def import_bitsandbytes():
+    """The ``bitsandbytes`` module, or BackendUnavailableError naming it and how to install it."""
+    try:
+        import bitsandbytes
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"INT8/NF4 LLM weights need the Python package 'bitsandbytes', which cannot be imported ({exc})",
+            "bitsandbytes importable beside torch", BNB_INSTALL) from None
+    return bitsandbytes
+
+
+def torch_dtype(name: str | None, device) -> Any:
+    """The torch dtype for a dtype name (None: float16 on CUDA, float32 on a CPU)."""
+    torch = import_torch()
+    if name is None:
+        name = "float16" if device.type == "cuda" else "float32"
+    if name not in DTYPE_NAMES:
+        raise BackendUnavailableError(f"torch dtype '{name}' is not supported", f"one of {', '.join(sorted(set(DTYPE_NAMES.values())))}",
+                                      "pass dtype='float16' (CUDA), 'bfloat16' or 'float32'")
+    return getattr(torch, DTYPE_NAMES[name])
+
+
+def resolve_device(device: str | None) -> Any:
+    """``torch.device`` for "auto" (CUDA when available), "cpu", "cuda" or "cuda:N"; refuses CUDA torch cannot use."""
+    torch = import_torch()
+    name = device or "auto"
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise BackendUnavailableError(f"torch device '{name}' is not a device name", "'auto', 'cpu', 'cuda' or 'cuda:N'",
+                                      "pass device='cuda' or device='cpu'") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        build = getattr(torch.version, "cuda", None)
+        raise BackendUnavailableError(
+            f"the torch backend was asked for {name}, but torch {torch.__version__} sees no CUDA GPU "
+            f"({'a CPU-only build' if build is None else f'built for CUDA {build}'})",
+            "an NVIDIA GPU with a driver, and a CUDA build of torch",
+            "install a CUDA build of torch (pip install torch --index-url https://download.pytorch.org/whl/cu126), "
+            "or pass device='cpu'")
+    if chosen.type not in ("cpu", "cuda"):
+        raise BackendUnavailableError(f"torch device '{name}' is not supported", "cpu or cuda", "pass device='cuda' or 'cpu'")
+    return chosen
+
+
+# --- the shared model --------------------------------------------------------------------------------
+@dataclass
+class _Loaded:
+    model: Any
+    users: int = 0
+    decoders: int = 0
+    llm_quantization: str | None = None
+    quantization_report: dict = field(default_factory=dict)
+
+
+_MODELS: dict[tuple, _Loaded] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+class ModelHandle:
+    """One runner's share of a loaded model; ``release()`` (once) frees the model after its last user."""
+
+    def __init__(self, key: tuple | None, entry: _Loaded, decoder: bool):
+        self._key, self._entry, self._decoder = key, entry, decoder
+        self._released = False
+
+    @property
+    def model(self):
+        return self._entry.model
+
+    @property
+    def quantization(self) -> dict:
+        return dict(self._entry.quantization_report)
+
+    def release(self) -> None:
+        with _MODELS_LOCK:
+            if self._released:
+                return
+            self._released = True
+            entry = self._entry
+            entry.users -= 1
+            entry.decoders -= int(self._decoder)
+            if entry.users <= 0 and self._key is not None and _MODELS.get(self._key) is entry:
+                del _MODELS[self._key]
+
+
+def weights_folder(artifact, checkpoint: str | Path | None = None) -> Path:
+    """The checkpoint folder to load: ``checkpoint`` (a local folder with config.json and safetensors) or the
+    artifact's ``pytorch/`` (every file's sha256 checked)."""
+    if checkpoint is not None:
+        folder = Path(checkpoint)
+        if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
+            raise BackendUnavailableError(
+                f"checkpoint folder '{folder}' has no config.json with safetensors weights",
+                "a Hugging Face checkpoint folder (config.json + *.safetensors; pickles are never loaded)",
+                "point checkpoint= at the folder save_pretrained wrote, or use an artifact exported with --with-pytorch")
+        return folder
+    if not artifact.manifest.get("pytorch"):
+        raise BackendUnavailableError(
+            f"backend 'torch' needs PyTorch weights, and artifact '{artifact.root.name}' was exported without them",
+            "an artifact exported with `mmedge export --with-pytorch` (its pytorch/ folder), or a checkpoint folder",
+            "re-export with --with-pytorch, pass the torch backend checkpoint=FOLDER, or use backend='onnxruntime'")
+    return artifact.pytorch_folder()
+
+
+def acquire_model(folder: Path, family: str, device, dtype, *, quantization: str | None = None,
+                  decoder: bool = False) -> ModelHandle:
+    """The family's model loaded from ``folder`` on ``device`` at ``dtype``, shared by the runners of one artifact.
+
+    A decoder asking for INT8/NF4 LLM weights quantizes the shared model's LLM in place while no other decoder uses
+    it (encoders never touch the LLM); otherwise it gets a model of its own.
+    """
+    if quantization not in (None, *QUANTIZATIONS):
+        raise BackendUnavailableError(f"LLM quantization '{quantization}' is not supported", f"None or one of {', '.join(QUANTIZATIONS)}",
+                                      "pass quantization='int8' (LLM.int8) or 'nf4'")
+    key = (str(Path(folder).resolve()), family, str(device), str(dtype))
+    with _MODELS_LOCK:
+        entry = _MODELS.get(key)
+        private = False
+        if entry is not None and decoder and entry.llm_quantization != quantization:
+            if entry.decoders == 0 and entry.llm_quantization is None:
+                _quantize_llm(entry, family, quantization, device, dtype)
+            else:
+                entry, private = None, True
+        if entry is None:
+            entry = _Loaded(load_reference_model(folder, family, device, dtype))
+            if decoder and quantization:
+                _quantize_llm(entry, family, quantization, device, dtype)
+            if not private:
+                _MODELS[key] = entry
+        entry.users += 1
+        entry.decoders += int(decoder)
+    return ModelHandle(None if private else key, entry, decoder)
+
+
+def load_reference_model(folder: Path, family: str, device, dtype):
+    """``from_pretrained`` of the family's model class (safetensors only), in eval mode, on ``device``."""
+    torch = import_torch()
+    from mmedge.export.families import FAMILIES
+
+    model_class = FAMILIES[family].model_class()
+    try:
+        with quiet_transformers():
+            model = model_class.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise BackendError(f"transformers could not load the {family} weights from '{folder}' "
+                           f"({(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]})",
+                           "config.json and safetensors weights written by `mmedge export --with-pytorch`",
+                           "copy the artifact's pytorch/ folder again, or re-export it") from None
+    if next(model.parameters()).dtype == torch.float32 and dtype != torch.float32:
+        model = model.to(dtype)  # a transformers release without the dtype= keyword
+    model = model.to(device).eval()
+    model.requires_grad_(False)
+    return model
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' progress bars off (a device process logs through mmedge), restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _quantize_llm(entry: _Loaded, family: str, method: str, device, dtype) -> None:
+    from mmedge.export.families import FAMILIES
+
+    llm = FAMILIES[family].reference_language_model(entry.model)
+    if llm is None:
+        raise BackendError(f"the {family} family has no language model the torch backend decodes with",
+                           "a BLIP-2-style causal LLM", "run the decoder on ONNX Runtime (backend='auto')")
+    entry.quantization_report = quantize_linear_layers(llm, method, compute_dtype=dtype, device=device,
+                                                       skip=_output_head_names(llm))
+    entry.llm_quantization = method
+
+
+def _output_head_names(llm) -> tuple[str, ...]:
+    """Names of the LLM's output head (and anything sharing its weight): kept in float, as transformers does."""
+    head = llm.get_output_embeddings()
+    if head is None:
+        return ()
+    return tuple(name for name, module in llm.named_modules() if module is head or getattr(module, "weight", None) is head.weight)
+
+
+def quantize_linear_layers(module, method: str, *, compute_dtype, device, skip: tuple[str, ...] = ()) -> dict:
+    """Replace ``module``'s ``nn.Linear`` layers (but those named in ``skip``) by bitsandbytes layers in place:
+    ``int8`` → ``Linear8bitLt`` (LLM.int8(), threshold 6.0), ``nf4`` → ``Linear4bit`` (NF4, ``compute_dtype``).
+    Weights are quantized as each layer moves to ``device``. Returns what was replaced and what was kept."""
+    torch = import_torch()
+    bnb = import_bitsandbytes()
+    replaced, kept = 0, []
+    for parent_name, parent in list(module.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is not torch.nn.Linear:
+                continue
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if name in skip or (method == "nf4" and child.in_features < NF4_MIN_INPUTS):
+                kept.append(name)
+                continue
+            weight = child.weight.data.detach().to("cpu", torch.float16 if method == "int8" else compute_dtype)
+            bias = None if child.bias is None else torch.nn.Parameter(child.bias.data.detach().cpu(), requires_grad=False)
+            if method == "int8":
+                layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=bias is not None,
+                                            has_fp16_weights=False, threshold=6.0)
+                layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+            else:
+                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=bias is not None,
+                                          compute_dtype=compute_dtype, quant_type="nf4")
+                layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+            if bias is not None:
+                layer.bias = bias
+            setattr(parent, child_name, layer.to(device))  # quantized here
+            replaced += 1
+    if not replaced:
+        raise BackendError(f"no Linear layer of the LLM could be quantized to {method}", "nn.Linear layers with >= 64 inputs",
+                           "load without quantization")
+    return {"method": method, "library": f"bitsandbytes {getattr(bnb, '__version__', '?')}", "replaced_layers": replaced,
+            "kept_float": kept}
+
+
+# --- outputs left on the GPU ---------------------------------------------------------------------
+class TorchDeviceArray:
+    """A torch tensor left on the GPU by a torch runner for the next stage.
+
+    Another torch runner or a TensorRT runner takes it as a feed without a copy; CuPy / Numba read it through
+    ``__cuda_array_interface__``, anything DLPack-aware through ``__dlpack__``; ``np.asarray`` (or ``numpy()``)
+    copies it to the host. ``tensor`` is the torch tensor itself.
+    """
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+        self.shape = tuple(tensor.shape)
+        self.ndim = tensor.dim()
+        self.dtype = np.dtype(str(tensor.dtype).replace("torch.", ""))
+
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        return self.tensor.__cuda_array_interface__
+
+    def __dlpack__(self, *args, **kwargs):
+        return self.tensor.__dlpack__(*args, **kwargs)
+
+    def __dlpack_device__(self):
+        return self.tensor.__dlpack_device__()
+
+    def numpy(self) -> np.ndarray:
+        return self.tensor.detach().cpu().numpy()
+
+    def __array__(self, dtype=None, copy=None):
+        array = self.numpy()
+        return array.astype(dtype) if dtype is not None else array
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"TorchDeviceArray(shape={list(self.shape)}, dtype={self.dtype}, device={self.tensor.device})"
+
+
+# --- CUDA graphs ---------------------------------------------------------------------------------
+class GraphCache:
+    """``fn(*tensors) -> tensor | tuple`` captured as one CUDA graph per input signature (shapes, dtypes), at most
+    ``max_graphs``; other signatures, and those whose capture failed, run eagerly. CUDA only."""
+
+    def __init__(self, fn: Callable, device, max_graphs: int = DEFAULT_MAX_GRAPHS, name: str = ""):
+        self.torch = import_torch()
+        self.fn, self.device, self.max_graphs, self.name = fn, device, max_graphs, name
+        self.pool = self.torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple, tuple[list, Any, tuple]] = {}
+        self.failed: dict[tuple, str] = {}
+
+    def __call__(self, *inputs) -> tuple:
+        key = tuple((tuple(t.shape), t.dtype) for t in inputs)
+        entry = self.graphs.get(key)
+        if entry is None:
+            if key in self.failed or len(self.graphs) >= self.max_graphs:
+                return _as_tuple(self.fn(*inputs))
+            entry = self._capture(key, inputs)
+            if entry is None:
+                return _as_tuple(self.fn(*inputs))
+        static_inputs, graph, static_outputs = entry
+        for static, value in zip(static_inputs, inputs):
+            static.copy_(value)
+        graph.replay()
+        return static_outputs  # overwritten by the next replay: callers copy what they keep
+
+    def _capture(self, key: tuple, inputs) -> tuple | None:  # CUDA-only path, exercised by the GPU tests
+        torch = self.torch
+        static_inputs = [t.clone() for t in inputs]
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(GRAPH_WARMUP):
+                    self.fn(*static_inputs)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                static_outputs = _as_tuple(self.fn(*static_inputs))
+        except Exception as exc:  # an op that synchronizes with the host cannot be captured: run eagerly
+            self.failed[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            log.warning("mmedge: CUDA graph capture of '%s' for shapes %s failed (%s); running it eagerly",
+                        self.name, [list(s) for s, _ in key], self.failed[key])
+            torch.cuda.synchronize(self.device)
+            return None
+        self.graphs[key] = (static_inputs, graph, static_outputs)
+        return self.graphs[key]
+
+
+def _as_tuple(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+# --- the runner ------------------------------------------------------------------------------------
+@dataclass
+class TorchSettings:
+    """How the torch backend runs a component: device ("auto", "cpu", "cuda", "cuda:N"), dtype (None: float16 on
+    CUDA, float32 on a CPU), CUDA graphs (None: on for CUDA), outputs left on the GPU, the graph limit, INT8/NF4
+    LLM weights (decoder only) and an optional checkpoint folder instead of the artifact's pytorch/ weights."""
+
+    device: str | None = "auto"
+    dtype: str | None = None
+    cuda_graphs: bool | None = None
+    keep_on_device: bool = False
+    max_graphs: int = DEFAULT_MAX_GRAPHS
+    quantization: str | None = None
+    checkpoint: str | None = None
+
+
+class TorchRunner(Runner):
+    """One component: the family's wrapper module around the shared model, under ``torch.inference_mode``."""
+
+    backend = "torch"
+
+    def __init__(self, module, component_name: str, component: dict, *, device, dtype, cuda_graphs: bool | None = None,
+                 keep_on_device: bool = False, max_graphs: int = DEFAULT_MAX_GRAPHS, handle: ModelHandle | None = None):
+        super().__init__(component_name, component)
+        self.torch = torch = import_torch()
+        self.device, self.dtype = device, dtype
+        self._module = module
+        self._handle = handle
+        self._input_names = list(component["inputs"])  # the wrapper's forward takes them in this order
+        self._output_names = list(component["outputs"])
+        self._output_dtypes = {n: getattr(torch, m.dtype) for n, m in self._outputs.items()}
+        self.keep_on_device = bool(keep_on_device) and device.type == "cuda"
+        self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs) and device.type == "cuda"
+        self._graphs = GraphCache(self._run_module, device, max_graphs, component_name) if self.cuda_graphs else None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def precision(self) -> str:
+        return PRECISION_OF_DTYPE[str(self.dtype).replace("torch.", "")]
+
+    def graph_report(self) -> dict:
+        """Captured graph shapes and failed captures (empty off CUDA)."""
+        if self._graphs is None:
+            return {"cuda_graphs": False}
+        return {"cuda_graphs": True, "captured": [[list(s) for s, _ in k] for k in self._graphs.graphs],
+                "failed": {str([list(s) for s, _ in k]): why for k, why in self._graphs.failed.items()}}
+
+    # --- feeds ----------------------------------------------------------------------------------
+    def _check_one(self, meta: TensorMeta, value: Any):
+        torch = self.torch
+        tensor = value.tensor if isinstance(value, TorchDeviceArray) else value
+        if not isinstance(tensor, torch.Tensor) and not isinstance(tensor, np.ndarray) and hasattr(tensor, "__cuda_array_interface__"):
+            tensor = torch.as_tensor(tensor, device=self.device)  # a TensorRT DeviceTensor, CuPy array: no copy
+        if not isinstance(tensor, torch.Tensor):
+            return super()._check_one(meta, value)
+        want = getattr(torch, meta.dtype)
+        if tensor.dtype != want and not (tensor.is_floating_point() and want.is_floating_point):
+            raise FeedError(f"component '{self.component_name}' input '{meta.name}' is a tensor of dtype {tensor.dtype}",
+                            f"{meta.dtype}", f"convert it with .to(torch.{meta.dtype})")
+        if tensor.dim() != len(meta.shape) or any(w is not None and w != g for w, g in zip(meta.shape, tensor.shape)):
+            raise FeedError(f"component '{self.component_name}' input '{meta.name}' has shape {list(tensor.shape)}",
+                            f"shape {self._describe(meta)}", "reshape the input to the declared shape")
+        return tensor
+
+    def _to_device(self, value):
+        torch = self.torch
+        tensor = torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+        dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
+        return tensor.to(device=self.device, dtype=dtype, non_blocking=True).contiguous()
+
+    # --- running ---------------------------------------------------------------------------------
+    def _run_module(self, *tensors):
+        return self._module(*tensors)
+
+    def _infer_impl(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        torch = self.torch
+        with self._lock:
+            if self._closed:
+                raise BackendError(f"runner for '{self.component_name}' is closed", "an open runner", "create a new one")
+            try:
+                with torch.inference_mode():
+                    tensors = [self._to_device(feeds[name]) for name in self._input_names]
+                    outputs = self._graphs(*tensors) if self._graphs is not None else _as_tuple(self._module(*tensors))
+                    return {name: self._finish(name, value) for name, value in zip(self._output_names, outputs)}
+            except (torch.cuda.OutOfMemoryError if hasattr(torch.cuda, "OutOfMemoryError") else MemoryError) as exc:
+                raise BackendError(f"the GPU ran out of memory running component '{self.component_name}' ({str(exc)[:160]})",
+                                   "enough free GPU memory for this batch", "use smaller batches or close other GPU processes") from None
+            except RuntimeError as exc:
+                raise BackendError(
+                    f"torch failed running component '{self.component_name}' "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})",
+                    "feeds matching the component's declared inputs", "check input shapes against runner.input_metadata()",
+                ) from None
+
+    def _finish(self, name: str, value):
+        value = value.to(self._output_dtypes[name])
+        if self.keep_on_device:
+            return TorchDeviceArray(value.clone() if self._graphs is not None else value)
+        return value.cpu().numpy()  # a copy off the GPU; on a CPU, the fresh output tensor's memory
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._graphs = None
+                self._module = None
+                if self._handle is not None:
+                    self._handle.release()
+
+
+def create_runner(path, component_name: str, component: dict, *, artifact=None, device: str | None = "auto",
+                  dtype: str | None = None, cuda_graphs: bool | None = None, keep_on_device: bool = False,
+                  max_graphs: int = DEFAULT_MAX_GRAPHS, checkpoint: str | None = None, **_ignored) -> TorchRunner:
+    """A runner for one component of an artifact (``artifact``, or the folder holding ``path``), running the
+    family's reference module from the artifact's PyTorch weights (or ``checkpoint``)."""
+    from mmedge.artifact import Artifact
+
+    import_torch()
+    if artifact is None:
+        if path is None:
+            raise BackendUnavailableError("the torch backend got neither an artifact nor a component path",
+                                          "artifact= (an mmedge.artifact.Artifact) or the path of a component file",
+                                          "use mmedge.load(path, backend='torch')")
+        artifact = Artifact.open(Path(path).parent)
+    chosen = resolve_device(device)
+    precision = torch_dtype(dtype, chosen)
+    family = artifact.manifest["family"]
+    folder = weights_folder(artifact, checkpoint)
+    handle = acquire_model(folder, family, chosen, precision)
+    try:
+        module = reference_module(family, component_name, handle.model, artifact, folder)
+        for owner in (module._buffers, module._parameters):  # the wrapper's own tensors (a baked label bank)
+            for key, value in owner.items():
+                if value is not None and value.is_floating_point():
+                    value.data = value.data.to(chosen, precision)
+    except BaseException:
+        handle.release()
+        raise
+    return TorchRunner(module, component_name, component, device=chosen, dtype=precision, cuda_graphs=cuda_graphs,
+                       keep_on_device=keep_on_device, max_graphs=max_graphs, handle=handle)
+
+
+def reference_module(family: str, component_name: str, model, artifact, folder: Path):
+    """The family's wrapper module for a component, with the artifact's reference tensors for it."""
+    from mmedge.export.families import FAMILIES
+
+    tensors = {}
+    extras = (artifact.manifest.get("pytorch") or {}).get("reference_tensors")
+    if extras and (folder / extras).is_file():
+        from safetensors.torch import load_file
+
+        prefix = f"{component_name}."
+        tensors = {k[len(prefix):]: v for k, v in load_file(str(folder / extras)).items() if k.startswith(prefix)}
+    try:
+        module = FAMILIES[family].reference_module(component_name, model, artifact.manifest, tensors)
+    except KeyError:
+        raise BackendError(f"the torch backend cannot rebuild component '{component_name}' of a {family} artifact "
+                           "(missing reference tensors or an unknown component)",
+                           "an artifact exported by this mmedge version with --with-pytorch",
+                           "re-export with --with-pytorch, or run this component on onnxruntime") from None
+    return module
+
+
+__all__ = ["GraphCache", "ModelHandle", "TorchDeviceArray", "TorchRunner", "TorchSettings", "acquire_model", "create_runner",
+           "import_bitsandbytes", "import_torch", "load_reference_model", "quantize_linear_layers", "resolve_device",
+           "torch_dtype", "weights_folder"]
