@@ -38,6 +38,7 @@ def api_error(call: Callable[[], Any], kind: type[MmedgeError], *fragments: str)
 
 def cli_error(capsys, argv: list[Any], kind: type[MmedgeError], *fragments: str) -> str:
     """Run the CLI in-process; it must exit with ``kind.exit_code`` after one error line. Returns the line."""
+    capsys.readouterr()  # drop what came before (e.g. a fixture's export progress)
     code = main([str(a) for a in argv])
     _, err = capsys.readouterr()
     lines = err.strip().splitlines()
