@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# GPU check of the torch backend, in one run of under six minutes on a lent GPU machine (offline):
+#   1. installs what travels: wheels under shared/wheels/ or benchmarks/wheels/ (bitsandbytes, and transformers /
+#      safetensors / tokenizers / onnx if the machine lacks them), then mmedge itself (editable, no index);
+#   2. runs the GPU-marked tests (tests/test_conformance.py, tests/test_torch_backend.py: -m gpu);
+#   3. measures (benchmarks/gpu_bench.py): BLIP-2 OPT-2.7B shapes FP16 batch 1, 64 new tokens forced, HF generate
+#      eager and static cache vs mmedge torch FP16 / INT8 / NF4; CLIP ViT-B/32 image tower batch 1 and 64;
+#      writes benchmarks/out/gpu_check.json (+ .md) and appends the section, with the card's name, to RESULTS.md.
+# Without a bitsandbytes wheel the INT8/NF4 rows say "skipped" and the rest runs.
+#
+#   bash benchmarks/gpu_check.sh            # on the GPU machine
+#   bash benchmarks/gpu_check.sh --tiny     # anywhere, CPU: tiny test models, about a minute (MMEDGE_GPU_CHECK_TINY=1)
+#
+# Prepare the wheels on a machine with internet (the lent machine has none):
+#   pip download --no-deps bitsandbytes==0.50.2 -d benchmarks/wheels     # 43 MB; git-ignored, carried beside the tree
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+TINY=${MMEDGE_GPU_CHECK_TINY:-0}
+LIMIT_S=${MMEDGE_GPU_CHECK_LIMIT_S:-340}  # the whole script; the measurements get what the tests leave
+OUT=${MMEDGE_GPU_CHECK_OUT:-benchmarks/out/gpu_check.json}
+for arg in "$@"; do
+  case "$arg" in
+    --tiny) TINY=1 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) echo "gpu_check: unknown argument '$arg' (use --tiny)" >&2; exit 2 ;;
+  esac
+done
+PY=${PYTHON:-python3}
+START=$SECONDS
+mkdir -p "$(dirname "$OUT")"
+say() { echo "gpu_check [$((SECONDS - START)) s]: $*" >&2; }
+
+# --- 1. what travels ---------------------------------------------------------------------------------
+WHEEL_DIRS=()
+for dir in shared/wheels benchmarks/wheels; do
+  if [ -d "$dir" ] && compgen -G "$dir/*.whl" > /dev/null; then WHEEL_DIRS+=("$dir"); fi
+done
+if [ "${#WHEEL_DIRS[@]}" -gt 0 ]; then
+  # one wheel per missing import, no index, no dependencies pulled from anywhere
+  "$PY" - "${WHEEL_DIRS[@]}" <<'PY' || say "some wheels did not install (see above); going on"
+import importlib.util, pathlib, subprocess, sys
+IMPORTS = {"bitsandbytes": "bitsandbytes", "transformers": "transformers", "safetensors": "safetensors",
+           "tokenizers": "tokenizers", "onnx": "onnx", "onnxscript": "onnxscript", "onnx_ir": "onnx_ir",
+           "huggingface_hub": "huggingface_hub", "pillow": "PIL", "ml_dtypes": "ml_dtypes", "hf_xet": "hf_xet"}
+for folder in sys.argv[1:]:
+    for wheel in sorted(pathlib.Path(folder).glob("*.whl")):
+        dist = wheel.name.split("-")[0].lower()
+        module = IMPORTS.get(dist, dist)
+        if importlib.util.find_spec(module) is None:
+            print(f"gpu_check: installing {wheel.name}", file=sys.stderr)
+            subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--quiet", str(wheel)], check=False)
+PY
+else
+  say "no wheels under shared/wheels or benchmarks/wheels: using what is installed"
+fi
+if ! "$PY" -c "import mmedge.runtimes.torch_backend, mmedge.export" 2> /dev/null; then
+  say "installing mmedge (editable, no index)"
+  if ! "$PY" -m pip install --no-index --no-deps --no-build-isolation --quiet -e . ; then
+    # no setuptools to build with: map mmedge.export / mmedge.runtimes onto their folders for this run only
+    SHIM=$(mktemp -d)
+    cat > "$SHIM/sitecustomize.py" <<PY
+import importlib.util, sys
+ROOTS = {"mmedge.export": "$ROOT/export", "mmedge.runtimes": "$ROOT/runtimes"}
+class Finder:  # the two subpackages setuptools maps to other folders; their submodules follow __path__
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        folder = ROOTS.get(name)
+        return None if folder is None else importlib.util.spec_from_file_location(
+            name, folder + "/__init__.py", submodule_search_locations=[folder])
+sys.meta_path.insert(0, Finder)
+PY
+    export PYTHONPATH="$SHIM:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+    say "mmedge mapped through $SHIM/sitecustomize.py"
+  fi
+fi
+"$PY" - <<'PY' >&2
+import importlib.util
+import torch
+names = ("transformers", "bitsandbytes", "onnxruntime", "onnx", "tensorrt")
+found = {n: importlib.util.find_spec(n) is not None for n in names}
+gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+print(f"gpu_check: torch {torch.__version__} (CUDA {torch.version.cuda}), GPU: {gpu}; " +
+      ", ".join(f"{n} {'yes' if v else 'no'}" for n, v in found.items()))
+PY
+
+# --- 2. the GPU-marked tests ---------------------------------------------------------------------------
+TESTS_LOG="${OUT%.json}-tests.txt"
+say "GPU tests (-m gpu) -> $TESTS_LOG"
+set +e
+timeout $(( LIMIT_S / 2 )) "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_conformance.py tests/test_torch_backend.py \
+  > "$TESTS_LOG" 2>&1
+TESTS_RC=$?
+set -e
+TESTS_LINE=$(tail -n 1 "$TESTS_LOG")
+say "tests: $TESTS_LINE (exit $TESTS_RC)"
+if [ "$TESTS_RC" -ne 0 ] && [ "$TESTS_RC" -ne 5 ]; then tail -n 40 "$TESTS_LOG" >&2; fi
+
+# --- 3. the measurements -----------------------------------------------------------------------------
+BUDGET=$(( LIMIT_S - (SECONDS - START) - 30 ))
+[ "$BUDGET" -lt 30 ] && BUDGET=30
+ARGS=(--out "$OUT" --budget-s "$BUDGET" --tests "$TESTS_LINE (exit $TESTS_RC)")
+[ "$TINY" = 1 ] && ARGS+=(--tiny)
+say "measuring (budget ${BUDGET} s)"
+set +e
+"$PY" benchmarks/gpu_bench.py "${ARGS[@]}"
+BENCH_RC=$?
+set -e
+say "done: tests exit $TESTS_RC, measurements exit $BENCH_RC; $OUT"
+# exit 5 is pytest's "nothing selected/ran" (every GPU test skipped, e.g. --tiny on a CPU): not a failure
+if [ "$TESTS_RC" -ne 0 ] && [ "$TESTS_RC" -ne 5 ]; then exit 1; fi
+exit "$BENCH_RC"
