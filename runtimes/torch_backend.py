@@ -19,9 +19,9 @@ backend is pointed at a local checkpoint folder (``checkpoint=``). The family's 
   torch or TensorRT runner takes without a copy (``__cuda_array_interface__``, DLPack), that numpy reads with a copy
   (``np.asarray``). By default outputs are numpy arrays.
 - **LLM weights in INT8 / NF4** (``quantize_linear_layers``): bitsandbytes ``Linear8bitLt`` (LLM.int8, outlier
-  threshold 6.0) or ``Linear4bit`` (NF4, compute in the model's dtype) replace the LLM's ``nn.Linear`` layers,
-  except its output head, as transformers' ``BitsAndBytesConfig`` does; layers narrower than 64 inputs stay float
-  for NF4. Only the decoder asks for it.
+  threshold 6.0) or ``Linear4bit`` (NF4, compute in the model's dtype, no double quantization) replace the LLM's
+  ``nn.Linear`` layers, except its output head, as transformers' ``BitsAndBytesConfig`` defaults do; layers
+  narrower than 64 inputs stay float for NF4. Only the decoder asks for it.
 
 ``torch``, ``transformers`` and ``bitsandbytes`` are imported when a runner is created, never at import time;
 without them this module imports, and using it raises BackendUnavailableError with the install command.
@@ -285,8 +285,8 @@ def quantize_linear_layers(module, method: str, *, compute_dtype, device, skip: 
                 layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
             else:
                 layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=bias is not None,
-                                          compute_dtype=compute_dtype, quant_type="nf4")
-                layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+                                          compute_dtype=compute_dtype, compress_statistics=False, quant_type="nf4")
+                layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=False, quant_type="nf4")
             if bias is not None:
                 layer.bias = bias
             setattr(parent, child_name, layer.to(device))  # quantized here
