@@ -243,6 +243,25 @@ def test_beam_search_reorders_the_cache_on_the_device(blip2_decoders, photos):
     assert decoder._state.batch == 6
 
 
+def test_the_step_a_cuda_graph_captures_is_idempotent(blip2_decoders, photos):
+    """What makes warm-up and capture safe on CUDA, checked here: the step reads and writes only the state's static
+    buffers, and running it again on the same buffers writes the same keys/values to the same slot and gives the
+    same logits."""
+    reference, decoder = blip2_decoders
+    embeds, mask = _prompt(reference, photos)
+    decoder.start(embeds, mask)
+    step_mask = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
+    first = decoder.step(np.array([5, 9]), step_mask)
+    state = decoder._state
+    cache = [t.clone() for t in (*state.keys, *state.values)]
+    with torch.inference_mode():
+        decoder._step_core(state)
+        decoder._step_core(state)
+    np.testing.assert_array_equal(state.logits.numpy(), first)
+    assert all(torch.equal(a, b) for a, b in zip(cache, (*state.keys, *state.values)))
+    assert int(state.step_slot) == mask.shape[1] and decoder.past_length == mask.shape[1] + 1
+
+
 def test_decoder_refuses_bad_steps(blip2_decoders, photos):
     reference, decoder = blip2_decoders
     embeds, mask = _prompt(reference, photos)
