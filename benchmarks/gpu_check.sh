@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check of the torch backend, in one run of under six minutes on a lent GPU machine (offline):
-#   1. installs what travels: wheels under shared/wheels/ or benchmarks/wheels/ (bitsandbytes, and transformers /
+#   1. installs what travels: wheels under $MMEDGE_WHEELS, shared/wheels/ or benchmarks/wheels/ (bitsandbytes, and transformers /
 #      safetensors / tokenizers / onnx if the machine lacks them), then mmedge itself (editable, no index);
 #   2. runs the GPU-marked tests (tests/test_conformance.py, tests/test_torch_backend.py: -m gpu);
 #   3. measures (benchmarks/gpu_bench.py): BLIP-2 OPT-2.7B shapes FP16 batch 1, 64 new tokens forced, HF generate
@@ -33,7 +33,7 @@ say() { echo "gpu_check [$((SECONDS - START)) s]: $*" >&2; }
 
 # --- 1. what travels ---------------------------------------------------------------------------------
 WHEEL_DIRS=()
-for dir in shared/wheels benchmarks/wheels; do
+for dir in ${MMEDGE_WHEELS:-} shared/wheels benchmarks/wheels; do
   if [ -d "$dir" ] && compgen -G "$dir/*.whl" > /dev/null; then WHEEL_DIRS+=("$dir"); fi
 done
 if [ "${#WHEEL_DIRS[@]}" -gt 0 ]; then

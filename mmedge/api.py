@@ -89,15 +89,26 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", t
     return pipeline
 
 
-TORCH_SETTINGS = ("device", "dtype", "cuda_graphs", "keep_on_device", "max_graphs", "quantization", "checkpoint")
-ORT_SETTINGS = ("device_id", "fp16", "workspace_mb", "io_binding", "keep_on_device", "graph_optimization", "inter_op_threads")
 DECODER_ONLY = ("quantization",)  # torch: INT8/NF4 applies to the LLM, which only the decoder runs
 
 
 def _checked_backend_options(options: dict | None) -> dict:
+    """``backend_options`` checked against the settings each backend takes (``TorchSettings``, ``OrtOptions``)."""
+    from dataclasses import fields
+
     if options is None:
         return {}
-    known = {"torch": TORCH_SETTINGS, "onnxruntime": ORT_SETTINGS}
+
+    def settings_of(name: str) -> list[str]:  # imported only for the backends named (onnxruntime may be absent)
+        if name == "torch":
+            from mmedge.runtimes.torch_backend import TorchSettings
+
+            return [f.name for f in fields(TorchSettings)]
+        from mmedge.runtimes.onnxruntime import OrtOptions
+
+        return [f.name for f in fields(OrtOptions) if f.name not in ("providers", "threads")]
+
+    known = ("torch", "onnxruntime")
     if not isinstance(options, dict) or any(not isinstance(v, dict) for v in options.values()):
         raise InputError(f"backend_options is {options!r}"[:200], "a dict of backend name -> dict of settings",
                          "pass e.g. backend_options={'torch': {'quantization': 'nf4'}}")
@@ -105,9 +116,10 @@ def _checked_backend_options(options: dict | None) -> dict:
         if name not in known:
             raise InputError(f"backend_options names backend {name!r}", f"one of {', '.join(known)}",
                              "pass settings for 'torch' or 'onnxruntime'")
-        unknown = sorted(set(settings) - set(known[name]))
+        allowed = settings_of(name)
+        unknown = sorted(set(settings) - set(allowed))
         if unknown:
-            raise InputError(f"backend_options['{name}'] has unknown settings {unknown}", f"settings among {', '.join(known[name])}",
+            raise InputError(f"backend_options['{name}'] has unknown settings {unknown}", f"settings among {', '.join(allowed)}",
                              "check the spelling")
     return options
 
