@@ -125,6 +125,7 @@ class ArtifactBuilder:
             save_tokenizer_json(loaded.tokenizer, stage / TOKENIZER_FILE)
             self.tokenizer_settings = tokenizer_settings_from_hf(loaded.tokenizer, family.max_length(loaded))
             self.tokenizer_settings["file"] = TOKENIZER_FILE
+            self.tokenizer_settings["sha256"] = sha256_file(stage / TOKENIZER_FILE)  # verified before it is parsed
             self.tokenizer = TextTokenizer.from_file(stage / TOKENIZER_FILE, self.tokenizer_settings)
         self.fp32_paths: dict[str, Path] = {}
         self.entries: dict[str, dict] = {}

@@ -137,8 +137,11 @@ CLIP_CASES = {
     # the tokenizer
     "tokenizer-missing": Case("clip", lambda f: (f / "tokenizer.json").unlink(), ArtifactNotFoundError,
                               ("tokenizer.json", "missing")),
-    "tokenizer-not-json": Case("clip", write("tokenizer.json", b"{not json"), TokenizerError,
-                               ("tokenizer.json", "cannot be read")),
+    "tokenizer-not-json": Case("clip", write("tokenizer.json", b"{not json"), IntegrityError,
+                               ("tokenizer.json", "sha256")),  # the manifest's hash catches it before parsing
+    "tokenizer-not-json-unhashed": Case("clip", lambda f: [write("tokenizer.json", b"{not json")(f),
+                                                           set_field("tokenizer.sha256", KeyError)(f)] and None,
+                                        TokenizerError, ("tokenizer.json", "cannot be read")),  # older manifests
     # the folder itself
     "folder-missing": Case("clip", lambda f: f.parent / "no-such-artifact", ArtifactNotFoundError, ("does not exist",)),
     "folder-is-a-file": Case("clip", lambda f: f / "vision.onnx", ArtifactNotFoundError, ("is a file",)),
