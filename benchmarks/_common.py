@@ -255,3 +255,35 @@ def fmt_cos(value: float | None) -> str | None:
 
 def fmt_share(value: float | None) -> str | None:
     return None if value is None else f"{value:.0%}"
+
+
+class TokenClock:
+    """A ``mmedge.generation.Decoder`` around another one that notes when each decode step is asked for.
+
+    The loop calls ``step`` right after it has chosen a token, so the calls mark tokens 1 .. n-1; the
+    caller marks token n when ``generate`` returns. ``reserve`` is passed on when the wrapped decoder
+    preallocates its cache (the torch backend).
+    """
+
+    def __init__(self, decoder):
+        self.decoder = decoder
+        self.vocab_size = decoder.vocab_size
+        self.max_positions = getattr(decoder, "max_positions", None)
+        self.times: list[float] = []
+        self.step_seconds: list[float] = []  # inside decoder.step: embedding lookup + the graph
+        if callable(getattr(decoder, "reserve", None)):
+            self.reserve = decoder.reserve
+
+    def start(self, inputs_embeds, attention_mask):
+        self.times, self.step_seconds = [], []
+        return self.decoder.start(inputs_embeds, attention_mask)
+
+    def step(self, token_ids, attention_mask):
+        now = time.perf_counter()
+        self.times.append(now)
+        logits = self.decoder.step(token_ids, attention_mask)
+        self.step_seconds.append(time.perf_counter() - now)
+        return logits
+
+    def reorder(self, rows):
+        self.decoder.reorder(rows)

@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 from PIL import Image
 
-from _common import (child_summary, cpu_ticks, error_text, export_once, first_line, fmt_cos, fmt_mib, fmt_ms,
+from _common import (TokenClock, child_summary, cpu_ticks, error_text, export_once, first_line, fmt_cos, fmt_mib, fmt_ms,
                      fmt_ratio, fmt_share, machine_info, markdown_table, package_versions, ratio, run_child,
                      steal_share, write_json)
 from mmedge.metrics import common_prefix
@@ -242,35 +242,6 @@ def measure_hf(threads: int, photo: Image.Image, its: Iterations) -> dict:
 
 
 # --- mmedge --------------------------------------------------------------------------------------------------
-class TokenClock:
-    """A ``mmedge.generation.Decoder`` around another one that notes when each decode step is asked for.
-
-    The loop calls ``step`` right after it has chosen a token, so the calls mark tokens 1 .. n-1; the
-    caller marks token n when ``generate`` returns.
-    """
-
-    def __init__(self, decoder):
-        self.decoder = decoder
-        self.vocab_size = decoder.vocab_size
-        self.max_positions = getattr(decoder, "max_positions", None)
-        self.times: list[float] = []
-        self.step_seconds: list[float] = []  # inside decoder.step: embedding lookup + the graph
-
-    def start(self, inputs_embeds, attention_mask):
-        self.times, self.step_seconds = [], []
-        return self.decoder.start(inputs_embeds, attention_mask)
-
-    def step(self, token_ids, attention_mask):
-        now = time.perf_counter()
-        self.times.append(now)
-        logits = self.decoder.step(token_ids, attention_mask)
-        self.step_seconds.append(time.perf_counter() - now)
-        return logits
-
-    def reorder(self, rows):
-        self.decoder.reorder(rows)
-
-
 def generation_config(captioner):
     """The artifact's generation settings with exactly NEW_TOKENS new tokens, greedy."""
     from mmedge.generation import GenerationConfig

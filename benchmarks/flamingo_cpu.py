@@ -28,7 +28,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from _common import error_text, export_once, machine_info, markdown_table, package_versions, write_json
+from _common import TokenClock, error_text, export_once, machine_info, markdown_table, package_versions, write_json
 from mmedge.metrics import common_prefix
 
 MODEL = "mmedge/idefics-mid"
@@ -48,26 +48,6 @@ VARIANTS = {  # name: export options
 
 def prompt(photos):
     return [photos[0], "An image of a cat.", photos[1], "An image of"]
-
-
-class Clock:
-    """Wraps a decoder: the loop calls ``step`` right after choosing a token, so calls mark tokens 1..n-1."""
-
-    def __init__(self, decoder):
-        self.decoder, self.vocab_size = decoder, decoder.vocab_size
-        self.max_positions = getattr(decoder, "max_positions", None)
-        self.times: list[float] = []
-
-    def start(self, embeds, mask):
-        self.times = []
-        return self.decoder.start(embeds, mask)
-
-    def step(self, ids, mask):
-        self.times.append(time.perf_counter())
-        return self.decoder.step(ids, mask)
-
-    def reorder(self, rows):
-        self.decoder.reorder(rows)
 
 
 def timing(start: float, times: list[float]) -> dict:
@@ -123,7 +103,7 @@ def measure_mmedge(path: Path, photos, runs: int, threads: int) -> dict:
         captioner = mmedge.load(path, threads=threads)
     config = GenerationConfig.from_dict(captioner.artifact.manifest["generation"]).replace(
         max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, num_beams=1, do_sample=False)
-    clock = Clock(captioner.decoder)
+    clock = TokenClock(captioner.decoder)
     results, tokens = [], None
     for _ in range(runs + 1):
         start = time.perf_counter()

@@ -47,7 +47,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.support (tiny mode)
-from _common import markdown_table, package_versions, write_json  # noqa: E402
+from _common import TokenClock, markdown_table, package_versions, write_json  # noqa: E402
 
 PHOTO = ROOT / "export" / "data" / "images" / "holdout-chelsea.jpg"
 OUT = Path(__file__).resolve().parent / "out" / "gpu_check.json"
@@ -221,30 +221,6 @@ def hf_caption(model, pixels: np.ndarray, settings: Settings, device, **kwargs) 
         out = model.generate(pixel_values=x, max_new_tokens=settings.new_tokens, min_new_tokens=settings.new_tokens,
                              do_sample=False, num_beams=1, streamer=clock, **kwargs)
     return out[0, -settings.new_tokens:].tolist(), start, clock.times[-settings.new_tokens:]
-
-
-class TokenClock:
-    """A Decoder around mmedge's decoder that notes when each decode step is asked for (the loop has then chosen
-    the previous token); the last token is marked when ``generate`` returns."""
-
-    def __init__(self, decoder):
-        self.decoder, self.vocab_size = decoder, decoder.vocab_size
-        self.max_positions = decoder.max_positions
-        self.times: list[float] = []
-
-    def reserve(self, total):
-        self.decoder.reserve(total)
-
-    def start(self, embeds, mask):
-        self.times = []
-        return self.decoder.start(embeds, mask)
-
-    def step(self, ids, mask):
-        self.times.append(time.perf_counter())
-        return self.decoder.step(ids, mask)
-
-    def reorder(self, rows):
-        self.decoder.reorder(rows)
 
 
 class MmedgeBlip2:
