@@ -1,0 +1,301 @@
+"""``mmedge demo``: the models that ship with mmedge, exported, validated and run on bundled scenes, offline.
+
+``models/clip`` and ``models/blip2`` are small transformers checkpoints (a ``CLIPModel`` and a
+``Blip2ForConditionalGeneration``) trained from scratch on procedural shape scenes by
+``examples/train_demo_models.py``; each folder has its model card (README.md) with the test-split
+scores. ``images/`` holds a few test-split scenes and their ground truth (``truth.json``).
+
+The demo exports each model at FP32 and quantized (CLIP: INT8 fused zero-shot; BLIP-2: INT8 encoders with an
+INT4 LLM) into a cache folder, validates every artifact, then classifies and captions the bundled scenes and
+prints what each precision said, its agreement with FP32, latency and size. A later run finds the artifacts in
+the cache (same model files, same options, same mmedge version) and skips the export, so it needs no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mmedge.errors import InputError, MmedgeError
+
+DEMO_DIR = Path(__file__).resolve().parent
+MODELS_DIR = DEMO_DIR / "models"
+IMAGES_DIR = DEMO_DIR / "images"
+TRUTH_FILE = IMAGES_DIR / "truth.json"
+CACHE_KEY_FILE = "demo-cache-key.txt"  # beside each cached artifact: what it was exported from
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One artifact the demo exports: a shipped model at one precision."""
+
+    name: str
+    model: str  # "clip" or "blip2"
+    precision: str  # as shown in the table
+    options: dict = field(default_factory=dict)  # ExportOptions fields
+
+
+def model_path(name: str) -> Path:
+    """The folder of a shipped demo checkpoint: ``model_path("clip")`` or ``model_path("blip2")``."""
+    path = MODELS_DIR / name
+    if not (path / "config.json").is_file():
+        raise InputError(f"there is no shipped demo model '{name}'", f"one of {', '.join(shipped_models())}",
+                         "pass 'clip' or 'blip2'; reinstall mmedge if the folder is missing")
+    return path
+
+
+def shipped_models() -> list[str]:
+    return sorted(p.name for p in MODELS_DIR.iterdir() if (p / "config.json").is_file()) if MODELS_DIR.is_dir() else []
+
+
+def truth() -> dict:
+    """The bundled scenes' ground truth: labels, templates, and per image its caption and questions."""
+    return json.loads(TRUTH_FILE.read_text())
+
+
+def labels() -> list[str]:
+    """The demo CLIP's zero-shot label set ("red circle", ..., 24 colour × shape labels)."""
+    return list(truth()["labels"])
+
+
+def templates() -> list[str]:
+    """The prompt template the demo CLIP was trained with: ``"a {}"``."""
+    return list(truth()["templates"])
+
+
+def images(count: int | None = None) -> list[Path]:
+    """The bundled scene images (PNG, 64×64), first ``count`` of them."""
+    paths = [IMAGES_DIR / name for name in truth()["images"]]
+    if count is not None:
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= len(paths):
+            raise InputError(f"image count is {count!r}", f"an integer from 1 to {len(paths)}",
+                             f"pass --images N with N at most {len(paths)}")
+        paths = paths[:count]
+    return paths
+
+
+def variants() -> list[Variant]:
+    zero_shot = {"labels": labels(), "templates": templates()}
+    return [
+        Variant("clip-fp32", "clip", "fp32", dict(zero_shot)),
+        Variant("clip-int8", "clip", "int8", dict(zero_shot, precision="int8", quantization="dynamic")),
+        Variant("blip2-fp32", "blip2", "fp32", {}),
+        Variant("blip2-int4", "blip2", "int8 + int4 LLM", {"precision": "int8", "llm_precision": "int4"}),
+    ]
+
+
+def default_cache() -> Path:
+    """``$MMEDGE_CACHE/demo`` if set, else ``$XDG_CACHE_HOME/mmedge/demo``, else ``~/.cache/mmedge/demo``."""
+    if os.environ.get("MMEDGE_CACHE"):
+        return Path(os.environ["MMEDGE_CACHE"]).expanduser() / "demo"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+    return base / "mmedge" / "demo"
+
+
+def cache_key(variant: Variant) -> str:
+    """sha256 over the mmedge version, the export options and every file of the shipped model."""
+    import mmedge
+
+    digest = hashlib.sha256(json.dumps({"mmedge": mmedge.__version__, "model": variant.model,
+                                        "options": variant.options}, sort_keys=True).encode())
+    folder = model_path(variant.model)
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            digest.update(path.name.encode())
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def cached(folder: Path, key: str) -> bool:
+    """Whether ``folder`` holds a complete artifact exported from the same model files with the same options."""
+    from mmedge.artifact import Artifact
+
+    stamp = folder.parent / f"{folder.name}.{CACHE_KEY_FILE}"
+    if not stamp.is_file() or stamp.read_text().strip() != key:
+        return False
+    try:
+        Artifact.open(folder)
+    except MmedgeError:
+        return False
+    return True
+
+
+def export_variant(variant: Variant, folder: Path, key: str) -> None:
+    try:
+        from mmedge.export import ExportOptions, export_model
+    except ImportError as exc:
+        raise MmedgeError(f"`mmedge demo` must export the shipped models first, and the host-side tools are missing "
+                          f"({exc.name} is not installed)", "torch, transformers and onnx installed (once; later runs "
+                          "reuse the exported artifacts)", 'pip install "mmedge[export]"') from None
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # the demo prints one line per export instead
+    export_model(str(model_path(variant.model)), folder, ExportOptions(**variant.options, overwrite=True, progress=False))
+    (folder.parent / f"{folder.name}.{CACHE_KEY_FILE}").write_text(key + "\n")
+
+
+def describe(variant: Variant) -> str:
+    if variant.model == "clip":
+        return f"CLIP fused zero-shot, {len(variant.options['labels'])} labels baked in, {variant.precision.upper()}"
+    return "BLIP-2 FP32" if variant.precision == "fp32" else "BLIP-2, INT8 encoders + INT4 LLM"
+
+
+# --- running ------------------------------------------------------------------------------------
+def run_demo(cache: str | os.PathLike | None = None, count: int | None = None, threads: int | None = None,
+             progress: bool = True) -> dict:
+    """Export (or reuse), validate and run every variant on the bundled scenes; returns the report."""
+    from mmedge.progress import Progress
+    from mmedge.validate import raise_on_failure, validate_artifact
+
+    cache = Path(cache).expanduser() if cache else default_cache()
+    chosen = variants()
+    paths = images(count)
+    truths = [truth()["images"][p.name] for p in paths]
+    steps = Progress(len(chosen) + 2, enabled=progress)
+    report = {"cache": str(cache), "images": [p.name for p in paths], "truth": truths, "artifacts": {}}
+    for variant in chosen:
+        folder, key = cache / variant.name, cache_key(variant)
+        reuse = cached(folder, key)
+        verb = "reusing cached" if reuse else "exporting"
+        start = time.perf_counter()
+        with steps.step(f"{verb} {variant.name} ({describe(variant)})"):
+            if not reuse:
+                cache.mkdir(parents=True, exist_ok=True)
+                export_variant(variant, folder, key)
+        report["artifacts"][variant.name] = {"path": str(folder), "model": variant.model, "precision": variant.precision,
+                                             "reused": reuse, "export_seconds": 0.0 if reuse else round(time.perf_counter() - start, 1)}
+    with steps.step(f"validating {len(chosen)} artifacts against their PyTorch references"):
+        for variant in chosen:
+            validation = validate_artifact(cache / variant.name, threads=threads)
+            raise_on_failure(validation)
+            report["artifacts"][variant.name]["validation_min_cosine"] = min(
+                m["cosine"] for entry in validation.values() for m in entry["outputs"].values())
+    with steps.step(f"classifying and captioning {len(paths)} images with {len(chosen)} artifacts"):
+        for variant in chosen:
+            report["artifacts"][variant.name].update(_run_variant(cache / variant.name, variant, paths, truths, threads))
+    _agreement(report, chosen)
+    return report
+
+
+def _run_variant(folder: Path, variant: Variant, paths: list[Path], truths: list[dict], threads: int | None) -> dict:
+    import mmedge
+    from mmedge.artifact import Artifact
+
+    outputs, times = [], []
+    with mmedge.load(folder, threads=threads) as pipeline:
+        if variant.model == "clip":
+            pipeline(str(paths[0]))  # warm-up: first-run allocations are not the model's latency
+            for path in paths:
+                start = time.perf_counter()
+                top = pipeline(str(path), top_k=3)
+                times.append(time.perf_counter() - start)
+                outputs.append({"top": [{"label": p["label"], "score": round(p["score"], 4)} for p in top]})
+        else:
+            pipeline.caption(str(paths[0]), max_new_tokens=4)
+            for path, truth_ in zip(paths, truths):
+                start = time.perf_counter()
+                caption = pipeline.caption(str(path))
+                times.append(time.perf_counter() - start)
+                question = truth_["questions"][0]["question"]
+                outputs.append({"caption": caption, "question": question, "answer": pipeline.ask(str(path), question)})
+    artifact = Artifact.open(folder)
+    correct = [_correct(variant.model, out, t) for out, t in zip(outputs, truths)]
+    return {"outputs": outputs, "correct": sum(correct), "latency_ms": round(statistics.median(times) * 1e3, 2),
+            "size_bytes": artifact.size_bytes(), "export_fidelity": _export_fidelity(artifact)}
+
+
+def _correct(model: str, output: dict, truth_: dict) -> bool:
+    if model == "clip":
+        return output["top"][0]["label"] in truth_["present_labels"]
+    return output["caption"] == truth_["caption"]
+
+
+def _export_fidelity(artifact) -> dict:
+    """What the export measured for quantized components against FP32 (from the manifest)."""
+    measured = {}
+    for name, comp in artifact.components.items():
+        fidelity = comp["parity"].get("fidelity") or {}
+        for key in ("top1_agreement", "greedy_identical_share"):
+            if key in fidelity:
+                measured[f"{name}.{key}"] = fidelity[key]
+    return measured
+
+
+def _agreement(report: dict, chosen: list[Variant]) -> None:
+    """Each quantized variant against the FP32 variant of the same model, on the demo images."""
+    by_model = {v.model: v.name for v in chosen if v.precision == "fp32"}
+    for variant in chosen:
+        entry = report["artifacts"][variant.name]
+        reference = report["artifacts"][by_model[variant.model]]["outputs"]
+        key = (lambda o: o["top"][0]["label"]) if variant.model == "clip" else (lambda o: o["caption"])
+        entry["agrees_with_fp32"] = sum(key(a) == key(b) for a, b in zip(entry["outputs"], reference))
+
+
+# --- printing -----------------------------------------------------------------------------------
+def format_report(report: dict) -> str:
+    artifacts, truths = report["artifacts"], report["truth"]
+    reused = sum(a["reused"] for a in artifacts.values())
+    lines = [f"mmedge demo: the shipped CLIP and BLIP-2 demo models, exported to {report['cache']}",
+             f"({reused} of {len(artifacts)} artifacts reused from the cache; "
+             f"{len(artifacts) - reused} exported now), all validated against PyTorch", ""]
+    clips = [n for n, a in artifacts.items() if a["model"] == "clip"]
+    blips = [n for n, a in artifacts.items() if a["model"] == "blip2"]
+    for i, (image, truth_) in enumerate(zip(report["images"], truths)):
+        lines.append(f"{image}   truth: {truth_['caption']}")
+        for name in clips:
+            top = artifacts[name]["outputs"][i]["top"]
+            text = ", ".join(f"{p['label']} {p['score']:.2f}" for p in top)
+            lines.append(f"  zero-shot {artifacts[name]['precision']:<16} {text}")
+        for name in blips:
+            out = artifacts[name]["outputs"][i]
+            mark = "ok" if out["caption"] == truth_["caption"] else "differs"
+            lines.append(f"  caption   {artifacts[name]['precision']:<16} {out['caption']}  ({mark})")
+        if blips:
+            question = artifacts[blips[0]]["outputs"][i]["question"]
+            answers = "   ".join(f"{artifacts[n]['precision']}: {artifacts[n]['outputs'][i]['answer']}" for n in blips)
+            lines.append(f"  question  {question}   {answers}")
+        lines.append("")
+    count = len(truths)
+    header = ("artifact", "precision", "size", "latency/image", "right on these images", "same as FP32", "export-time vs FP32")
+    rows = []
+    for name, a in artifacts.items():
+        task = "top-1 present" if a["model"] == "clip" else "caption exact"
+        same = "-" if a["precision"] == "fp32" else f"{a['agrees_with_fp32']}/{count}"
+        fidelity = ", ".join(f"{k.split('.')[-1].replace('_', ' ')} {v:.3f}" for k, v in a["export_fidelity"].items()) or "-"
+        rows.append((name, a["precision"], f"{a['size_bytes'] / 1e6:.2f} MB", f"{a['latency_ms']:.1f} ms",
+                     f"{a['correct']}/{count} {task}", same, fidelity))
+    widths = [max(len(str(r[c])) for r in (header, *rows)) for c in range(len(header))]
+    for row in (header, tuple("-" * w for w in widths), *rows):
+        lines.append("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
+    lines.append("")
+    lines.append("latency: median per image on this machine (BLIP-2: a greedy caption); export-time figures: the "
+                 "manifest's fidelity on held-out photos. Run again: the artifacts come from the cache.")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    """The CLI command (see ``mmedge demo --help``)."""
+    report = run_demo(args.cache, args.images, args.threads, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report))
+        sys.stdout.flush()
+    return 0
+
+
+def add_parser(sub) -> None:
+    demo = sub.add_parser("demo", help="export, validate and run the shipped demo models on bundled scenes (offline)")
+    demo.add_argument("--cache", metavar="DIR", help="where the exported artifacts go and are reused from "
+                                                      "(default: $MMEDGE_CACHE/demo or ~/.cache/mmedge/demo)")
+    demo.add_argument("--images", type=int, metavar="N", help="use the first N bundled scenes (default: all)")
+    demo.add_argument("--threads", type=int, default=None, help="CPU threads per graph")
+    demo.add_argument("--json", action="store_true", help="the full report as JSON")
+    demo.add_argument("--quiet", action="store_true", help="no progress lines")
+    demo.set_defaults(func=main)
