@@ -32,6 +32,35 @@ class TensorMeta:
         return cls(name, spec["dtype"], shape, axes)
 
 
+class DeviceArray(abc.ABC):
+    """A stage output a backend left in its own memory (e.g. on the GPU) for the next stage.
+
+    Subclasses set ``shape``, ``ndim``, ``dtype`` and implement ``numpy()`` (a host copy) and
+    ``device_name()``; ``np.asarray`` works on any of them.
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @abc.abstractmethod
+    def numpy(self) -> np.ndarray:
+        """A host copy."""
+
+    @abc.abstractmethod
+    def device_name(self) -> str:
+        """Where the data lives ("cuda", "cpu", ...)."""
+
+    def __array__(self, dtype=None, copy=None):
+        array = self.numpy()
+        return array.astype(dtype) if dtype is not None else array
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shape={list(self.shape)}, dtype={self.dtype}, device={self.device_name()})"
+
+
 class Runner(abc.ABC):
     """Base class: validates feeds, then delegates to ``_infer_impl``."""
 

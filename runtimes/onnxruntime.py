@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from mmedge.errors import BackendError, BackendUnavailableError, FeedError, IntegrityError
-from mmedge.runner import Runner
+from mmedge.runner import DeviceArray, Runner
 
 # Our short names for ONNX Runtime's execution providers.
 PROVIDERS = {
@@ -113,7 +113,7 @@ _ORT_ELEMENT_TYPES = {np.dtype(np.float32): np.float32, np.dtype(np.float16): np
                       np.dtype(np.bool_): np.bool_}
 
 
-class OrtDeviceArray:
+class OrtDeviceArray(DeviceArray):
     """An output left where ONNX Runtime put it (the GPU with the CUDA / TensorRT providers) by an IO-bound runner.
 
     Another ONNX Runtime runner binds it as an input without a copy; on the GPU, torch / TensorRT / CuPy read it
@@ -138,15 +138,8 @@ class OrtDeviceArray:
     def numpy(self) -> np.ndarray:
         return self.ortvalue.numpy()
 
-    def __array__(self, dtype=None, copy=None):
-        array = self.numpy()
-        return array.astype(dtype) if dtype is not None else array
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __repr__(self) -> str:
-        return f"OrtDeviceArray(shape={list(self.shape)}, dtype={self.dtype}, device={self.device})"
+    def device_name(self) -> str:
+        return self.device
 
 
 _ORT_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,

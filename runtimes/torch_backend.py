@@ -39,7 +39,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from mmedge.errors import BackendError, BackendUnavailableError, FeedError
-from mmedge.runner import Runner, TensorMeta
+from mmedge.runner import DeviceArray, Runner, TensorMeta
 
 log = logging.getLogger("mmedge")
 
@@ -299,7 +299,7 @@ def quantize_linear_layers(module, method: str, *, compute_dtype, device, skip: 
 
 
 # --- outputs left on the GPU ---------------------------------------------------------------------
-class TorchDeviceArray:
+class TorchDeviceArray(DeviceArray):
     """A torch tensor left on the GPU by a torch runner for the next stage.
 
     Another torch runner or a TensorRT runner takes it as a feed without a copy; CuPy / Numba read it through
@@ -326,15 +326,8 @@ class TorchDeviceArray:
     def numpy(self) -> np.ndarray:
         return self.tensor.detach().cpu().numpy()
 
-    def __array__(self, dtype=None, copy=None):
-        array = self.numpy()
-        return array.astype(dtype) if dtype is not None else array
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __repr__(self) -> str:
-        return f"TorchDeviceArray(shape={list(self.shape)}, dtype={self.dtype}, device={self.tensor.device})"
+    def device_name(self) -> str:
+        return str(self.tensor.device)
 
 
 # --- CUDA graphs ---------------------------------------------------------------------------------

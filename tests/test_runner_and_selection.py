@@ -157,3 +157,18 @@ def test_atomic_overwrite_replaces_only_on_success(tmp_path):
         (stage / "new").write_text("new")
     assert [p.name for p in dest.iterdir()] == ["new"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_device_arrays_share_host_copy_len_and_repr():
+    """OrtDeviceArray (and TorchDeviceArray) get np.asarray, len and repr from mmedge.runner.DeviceArray."""
+    import onnxruntime as ort
+
+    from mmedge.runner import DeviceArray
+    from mmedge.runtimes.onnxruntime import OrtDeviceArray
+
+    values = np.arange(6, dtype=np.float32).reshape(2, 3)
+    array = OrtDeviceArray(ort.OrtValue.ortvalue_from_numpy(values))
+    assert isinstance(array, DeviceArray) and len(array) == 2
+    np.testing.assert_array_equal(np.asarray(array), values)
+    assert np.asarray(array, dtype=np.float64).dtype == np.float64
+    assert repr(array) == "OrtDeviceArray(shape=[2, 3], dtype=float32, device=cpu)"
