@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from mmedge.errors import ExportError, ParityError
-from mmedge.export.families.common import check_generative_options
+from mmedge.export.families.common import GenerativeFamily
 from mmedge.export.specs.blip2 import (
     Blip2Prefix,
     Blip2Vision,
@@ -62,10 +62,10 @@ GENERATION_FIELDS = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "min_new_tokens":
                      "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
 
 
-class Blip2Family:
+class Blip2Family(GenerativeFamily):
+    label, tasks, extra_defaults = "BLIP-2", TASKS, EXTRA_DEFAULTS
     name = "blip2"
     model_types = ("blip-2",)
-    default_task = "caption"
 
     @staticmethod
     def model_class():
@@ -95,13 +95,6 @@ class Blip2Family:
         return tokenizer
 
     # --- what gets exported ----------------------------------------------------------------------
-    def check_options(self, options) -> None:
-        check_generative_options(options, "BLIP-2", TASKS, EXTRA_DEFAULTS)
-
-    @staticmethod
-    def setting(options, key: str):
-        return options.extra.get(key, EXTRA_DEFAULTS[key])
-
     def specs(self, loaded, options) -> list:
         self.check_options(options)
         model = loaded.model
@@ -129,15 +122,6 @@ class Blip2Family:
         config = loaded.model.config
         positions = getattr(config.text_config, "max_position_embeddings", None) or 2048
         return int(positions) - int(config.num_query_tokens)
-
-    def needs_tokenizer(self, options) -> bool:
-        return True
-
-    @staticmethod
-    def precision_of(spec, options) -> str:
-        if spec.name == "decoder":
-            return options.llm_precision or options.precision
-        return options.precision
 
     @staticmethod
     def calibrates(spec) -> bool:
