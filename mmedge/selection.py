@@ -80,17 +80,22 @@ def tensorrt_defaults(probe: DeviceProbe) -> TensorRTDefaults:
     return TensorRTDefaults(precision, workspace, 16, f"{name}: {precision.upper()}, workspace {workspace} MiB")
 
 
-def _tensorrt_unusable(probe: DeviceProbe, device: str) -> str | None:
-    """Why auto selection cannot use TensorRT here, or None when it can."""
+def _gpu_backend_unusable(probe: DeviceProbe, device: str, backend: str) -> str | None:
+    """Why a GPU backend (its packages checked by ``require_installed``) cannot run here, or None when it can."""
     if device == "cpu":
         return "device=cpu requested"
     if not probe.gpus and not probe.jetson:
         return "no NVIDIA GPU found"
     try:
-        require_installed("tensorrt", probe.engines)
+        require_installed(backend, probe.engines)
     except BackendUnavailableError as exc:
         return f"{exc.what} (fix: {exc.fix})"
     return None
+
+
+def _tensorrt_unusable(probe: DeviceProbe, device: str) -> str | None:
+    """Why auto selection cannot use TensorRT here, or None when it can."""
+    return _gpu_backend_unusable(probe, device, "tensorrt")
 
 
 def _tensorrt_components(probe: DeviceProbe, manifest: dict, explicit: bool, reasons: list[str]) -> dict[str, ComponentPlan]:
@@ -134,14 +139,9 @@ TORCH_OPTIONS_CPU = {"device": "cpu", "dtype": "float32"}
 
 def _torch_unusable(probe: DeviceProbe, device: str) -> str | None:
     """Why the torch backend cannot run on a GPU here, or None when it can (nothing is imported)."""
-    if device == "cpu":
-        return "device=cpu requested"
-    if not probe.gpus and not probe.jetson:
-        return "no NVIDIA GPU found"
-    try:
-        require_installed("torch", probe.engines)
-    except BackendUnavailableError as exc:
-        return f"{exc.what} (fix: {exc.fix})"
+    reason = _gpu_backend_unusable(probe, device, "torch")
+    if reason:
+        return reason
     version = str(probe.engines.get("torch"))
     if "+cpu" in version:
         return f"torch {version} is a CPU-only build"
