@@ -40,8 +40,8 @@ class Timing:
         return asdict(self)
 
 
-def time_call(fn: Callable[[], Any], *, warmup: int, runs: int) -> Timing:
-    """Call ``fn`` ``warmup`` times untimed, then ``runs`` times timed; return the summary."""
+def time_samples(fn: Callable[[], Any], *, warmup: int, runs: int) -> list[float]:
+    """Call ``fn`` ``warmup`` times untimed, then ``runs`` times; each timed call's wall time in ms."""
     for _ in range(warmup):
         fn()
     samples = []
@@ -49,6 +49,17 @@ def time_call(fn: Callable[[], Any], *, warmup: int, runs: int) -> Timing:
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
+def summary(values: list[float]) -> dict:
+    """Median, min and max of repeated measurements (in the caller's unit: ms or tokens/s)."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
+
+
+def time_call(fn: Callable[[], Any], *, warmup: int, runs: int) -> Timing:
+    """Call ``fn`` ``warmup`` times untimed, then ``runs`` times timed; return the summary."""
+    samples = time_samples(fn, warmup=warmup, runs=runs)
     return Timing(statistics.median(samples), min(samples), max(samples), runs)
 
 
@@ -287,3 +298,17 @@ class TokenClock:
 
     def reorder(self, rows):
         self.decoder.reorder(rows)
+
+
+class StreamerClock:
+    """A transformers ``generate`` streamer that only notes when it is handed something: ``times[0]`` is the
+    prompt, then one entry per new token."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass

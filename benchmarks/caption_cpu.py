@@ -37,9 +37,9 @@ from typing import Any, Callable
 
 from PIL import Image
 
-from _common import (TokenClock, child_summary, cpu_ticks, error_text, export_once, first_line, fmt_cos, fmt_mib, fmt_ms,
+from _common import (StreamerClock, TokenClock, child_summary, cpu_ticks, error_text, export_once, first_line, fmt_cos, fmt_mib, fmt_ms,
                      fmt_ratio, fmt_share, machine_info, markdown_table, package_versions, ratio, run_child,
-                     steal_share, write_json)
+                     steal_share, summary, write_json)
 from mmedge.metrics import common_prefix
 
 MODEL = "mmedge/blip2-vitb-opt125m"
@@ -152,11 +152,6 @@ class Caption:
         return (self.times[-1] - self.start) * 1e3
 
 
-def summary(values: list[float]) -> dict:
-    """Median, min and max of repeated measurements (in the caller's unit: ms or tokens/s)."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
-
-
 def measure_captions(caption: Callable[[], Caption], its: Iterations) -> tuple[dict, list[int]]:
     """``warmup`` untimed captions, then ``runs`` timed ones: TTFT, decode tok/s and total, medians."""
     for _ in range(its.warmup):
@@ -194,21 +189,6 @@ class HFBlip2:
             size={"height": pre["resize"]["height"], "width": pre["resize"]["width"]},
             resample=Image.Resampling.BICUBIC, rescale_factor=pre["rescale_factor"], image_mean=pre["mean"],
             image_std=pre["std"], do_convert_rgb=True)
-        streamer_base = transformers.generation.streamers.BaseStreamer
-
-        class Clock(streamer_base):
-            """A streamer that only notes when ``generate`` hands it something (the prompt, then each token)."""
-
-            def __init__(self):
-                self.times: list[float] = []
-
-            def put(self, value):
-                self.times.append(time.perf_counter())
-
-            def end(self):
-                pass
-
-        self.clock_class = Clock
 
     @property
     def attention(self) -> str:
@@ -224,7 +204,7 @@ class HFBlip2:
         return total
 
     def caption(self, image: Image.Image, new_tokens: int = NEW_TOKENS) -> Caption:
-        clock = self.clock_class()
+        clock = StreamerClock()
         start = time.perf_counter()
         pixels = self.processor(images=[image], return_tensors="pt")["pixel_values"]  # [1, 3, 224, 224]
         with self.torch.inference_mode():

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from _common import TokenClock, error_text, export_once, machine_info, markdown_table, package_versions, write_json
+from _common import StreamerClock, TokenClock, error_text, export_once, machine_info, markdown_table, package_versions, write_json
 from mmedge.metrics import common_prefix
 
 MODEL = "mmedge/idefics-mid"
@@ -69,27 +69,14 @@ def measure_hf(photos, runs: int, threads: int) -> dict:
     model = loaded.model.eval()
     processor = IdeficsProcessor(image_processor=IdeficsImageProcessor(image_size=224), tokenizer=loaded.tokenizer)
 
-    class Streamer:
-        def __init__(self):
-            self.times, self.first = [], True
-
-        def put(self, value):
-            if self.first:  # the prompt
-                self.first = False
-            else:
-                self.times.append(time.perf_counter())
-
-        def end(self):
-            pass
-
     results, tokens = [], None
     for _ in range(runs + 1):  # the first run warms up
-        streamer, start = Streamer(), time.perf_counter()
+        streamer, start = StreamerClock(), time.perf_counter()
         inputs = processor(text=[prompt(photos)], return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
                                  streamer=streamer)
-        results.append(timing(start, streamer.times))
+        results.append(timing(start, streamer.times[1:]))  # times[0]: the prompt
         tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
     return {**median_of(results[1:]), "tokens": tokens}
 

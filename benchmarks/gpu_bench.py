@@ -35,7 +35,6 @@ import argparse
 import copy
 import datetime
 import gc
-import statistics
 import sys
 import tempfile
 import time
@@ -47,7 +46,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.support (tiny mode)
-from _common import TokenClock, markdown_table, package_versions, write_json  # noqa: E402
+from _common import (StreamerClock, TokenClock, markdown_table, package_versions, summary,  # noqa: E402
+                     time_samples, write_json)
 
 PHOTO = ROOT / "export" / "data" / "images" / "holdout-chelsea.jpg"
 OUT = Path(__file__).resolve().parent / "out" / "gpu_check.json"
@@ -107,10 +107,6 @@ def attempt(results: dict, name: str, budget: Budget, fn: Callable[[], dict]) ->
 
 class Skip(Exception):
     """A variant that cannot run here (with the reason)."""
-
-
-def summary(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
 
 
 def sync(torch, device) -> None:
@@ -197,23 +193,10 @@ def build_blip2(settings: Settings, device, dtype):
     return model, pixels, int(bos), int(eos if not isinstance(eos, list) else eos[0])
 
 
-class HFClock:
-    """A transformers streamer noting when ``generate`` hands it something (the prompt, then each token)."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def put(self, value):
-        self.times.append(time.perf_counter())
-
-    def end(self):
-        pass
-
-
 def hf_caption(model, pixels: np.ndarray, settings: Settings, device, **kwargs) -> tuple[list[int], float, list[float]]:
     import torch
 
-    clock = HFClock()
+    clock = StreamerClock()
     start = time.perf_counter()
     vision_dtype = next(model.vision_model.parameters()).dtype
     with torch.inference_mode():
@@ -406,14 +389,7 @@ def measure_clip(settings: Settings, device, dtype, budget: Budget) -> dict:
         return out
 
     def timed(fn, warmup, runs) -> dict:
-        for _ in range(warmup):
-            fn()
-        samples = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - start) * 1e3)
-        return summary(samples)
+        return summary(time_samples(fn, warmup=warmup, runs=runs))
 
     results: dict[str, Any] = {"model": "tiny test CLIP (tests/support)" if settings.tiny else f"{CLIP} image tower, random weights",
                                "dtype": str(dtype).replace("torch.", "")}
