@@ -169,7 +169,7 @@ def _decoder(artifact: Artifact, comp_plan, threads: int | None, settings: dict 
     """The KV-cached decoder and the token-embedding table it embeds generated ids with."""
     from mmedge.embeddings import EmbeddingTable
     from mmedge.runtimes.onnxruntime import OrtOptions
-    from mmedge.runtimes.onnxruntime_decoder import OrtDecoder
+    from mmedge.runtimes.onnxruntime_decoder import OrtDecoder, context_inputs
 
     family = artifact.manifest["family"]
     settings_section = artifact.manifest[family]
@@ -181,10 +181,7 @@ def _decoder(artifact: Artifact, comp_plan, threads: int | None, settings: dict 
 
         return create_decoder(artifact, **{**comp_plan.options, **(settings or {})}), table
     decoder_settings = settings_section["decoder"]
-    kv = decoder_settings["kv_cache"]
-    known = {"inputs_embeds", "attention_mask", "position_ids"}
-    known |= {kv["past"] % (layer, kind) for layer in range(kv["layers"]) for kind in ("key", "value")}
-    context = [name for name in artifact.component("decoder")["inputs"] if name not in known]  # IDEFICS: image mask, cross K/V
+    context = context_inputs(artifact.component("decoder")["inputs"], decoder_settings["kv_cache"])  # IDEFICS: image mask, cross K/V
     ort_settings = {k: v for k, v in {**_runner_options(artifact, comp_plan, threads), **(settings or {})}.items()
                     if k not in ("io_binding", "keep_on_device")}  # the decoder binds its cache itself
     decoder = OrtDecoder(artifact.component_path("decoder"), table, decoder_settings["kv_cache"],

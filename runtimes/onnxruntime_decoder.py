@@ -218,6 +218,15 @@ class OrtDecoder:
         return ort.OrtValue.ortvalue_from_numpy(array, self._device, self._device_id)
 
 
+def context_inputs(input_names, kv_cache: Mapping[str, Any]) -> list[str]:
+    """The decoder graph's inputs beyond embeddings, mask, positions and the KV cache (IDEFICS: the image
+    attention mask and the cross-attention K/V), in graph order: what ``set_context`` must feed."""
+    layout = _checked_layout(kv_cache)
+    known = {"inputs_embeds", "attention_mask", "position_ids"}
+    known |= {layout["past"] % (layer, kind) for layer in range(layout["layers"]) for kind in ("key", "value")}
+    return [name for name in input_names if name not in known]
+
+
 def _load(path: str | os.PathLike, options: OrtOptions) -> ort.InferenceSession:
     providers = _provider_list(options)
     try:

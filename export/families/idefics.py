@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from mmedge.errors import ParityError
-from mmedge.export.families.common import check_generative_options
+from mmedge.export.families.common import GenerativeFamily
 from mmedge.export.families.blip2 import (
     EMBEDDINGS_FILE,
     GENERATION_FIELDS,
@@ -60,10 +60,10 @@ FIDELITY_PROMPTS = (("{image}",), ("{image}", "An image of"), ("{image}", "Quest
 VALIDATION_PROMPT = ("{image0}", "An image of two cats.", "{image1}", "An image of")
 
 
-class IdeficsFamily:
+class IdeficsFamily(GenerativeFamily):
+    label, tasks, extra_defaults = "IDEFICS", TASKS, EXTRA_DEFAULTS
     name = "idefics"
     model_types = ("idefics",)
-    default_task = "caption"
 
     @staticmethod
     def model_class():
@@ -91,13 +91,6 @@ class IdeficsFamily:
         return tokenizer
 
     # --- what gets exported ----------------------------------------------------------------------
-    def check_options(self, options) -> None:
-        check_generative_options(options, "IDEFICS", TASKS, EXTRA_DEFAULTS)
-
-    @staticmethod
-    def setting(options, key: str):
-        return options.extra.get(key, EXTRA_DEFAULTS[key])
-
     def specs(self, loaded, options) -> list:
         self.check_options(options)
         model = loaded.model
@@ -125,13 +118,6 @@ class IdeficsFamily:
         """None: the gated cross-attention decoder takes image context the torch backend's KV-cached decoder does
         not feed; its decoder runs on ONNX Runtime (the flat decoder module still runs as a plain torch runner)."""
         return None
-
-    def needs_tokenizer(self, options) -> bool:
-        return True
-
-    @staticmethod
-    def precision_of(spec, options) -> str:
-        return (options.llm_precision or options.precision) if spec.name == "decoder" else options.precision
 
     @staticmethod
     def calibrates(spec) -> bool:
@@ -271,20 +257,22 @@ class IdeficsFamily:
         photos = [load_calibration_image(p) for p in bundled("holdout")[: int(self.setting(options, "fidelity_images"))]]
         table = _load_table(builder.stage / EMBEDDINGS_FILE, loaded._idefics_embeddings)
         sessions = {name: _session(path, options.threads) for name, path in fp32.items() if name != "decoder"}
+        inputs = host_inputs(builder, lambda name, feeds: _outputs(sessions[name], feeds))  # FP32 encoders, both sides
+        decoders = [(host_decoder(builder, fp32["decoder"], loaded._idefics_fp32_table), loaded._idefics_fp32_table),
+                    (host_decoder(builder, quantized["decoder"], table), table)]
         config = GenerationConfig(**{k: v for k, v in generation_settings(loaded).items()
                                      if k in GENERATION_FIELDS or k.endswith("_token_id")}
                                   | {"max_new_tokens": int(self.setting(options, "fidelity_max_new_tokens")),
                                      "num_beams": 1, "do_sample": False})
         cosines, identical, common = [], [], []
         for prompt in FIDELITY_PROMPTS:
-            prompts = [[photo if item == "{image}" else item for item in prompt] for photo in photos]
+            built = inputs.build([[photo if item == "{image}" else item for item in prompt] for photo in photos])
             runs = []
-            for path, rows in ((fp32["decoder"], loaded._idefics_fp32_table), (quantized["decoder"], table)):
-                inputs = device_inputs(builder, sessions, rows, prompts)
-                decoder = host_decoder(builder, path, rows)
-                logits = _prefill_logits(decoder, inputs)  # [batch, tokens, vocab]
-                decoder.set_context(inputs["prefill"], inputs["step"])
-                runs.append((logits, generate(decoder, inputs["embeds"], inputs["mask"], config)))
+            for decoder, rows in decoders:  # each side embeds the prompt with its own table
+                embeds = np.asarray(rows[built["ids"]], dtype=np.float32)  # [batch, tokens, hidden]
+                logits = _prefill_logits(decoder, built | {"embeds": embeds})  # [batch, tokens, vocab]
+                decoder.set_context(built["prefill"], built["step"])
+                runs.append((logits, generate(decoder, embeds, built["mask"], config)))
             (ref_logits, ref_tokens), (act_logits, act_tokens) = runs
             cosines += cosine_rows(ref_logits, act_logits).tolist()
             for a, b in zip(ref_tokens, act_tokens):
@@ -335,40 +323,38 @@ def _prompt_settings(builder) -> dict:
     return IdeficsFamily().manifest_extras(builder.loaded, builder.options)["idefics"]
 
 
-def host_prompt(builder, items: list) -> dict:
-    """Token ids, mask, embeddings (FP32 table) and image mask of one prompt, as the device builds them."""
-    from mmedge.pipelines.interleaved import FlamingoInputs, image_attention_mask
-
-    settings = _prompt_settings(builder)
-    table = builder.loaded._idefics_fp32_table
-    ids, images = FlamingoInputs(settings, builder.tokenizer, builder.preprocessor, None, table,
-                                 settings["decoder"]["max_positions"]).prompt_ids(items)
-    fmt = settings["prompt_format"]
-    seen = image_attention_mask(ids, fmt["image_token_id"], fmt["eos_token_id"], max(len(images), 1))
-    return {"ids": ids[None], "mask": np.ones((1, ids.shape[0]), dtype=np.int64),
-            "embeds": table[ids][None].astype(np.float32), "image_attention_mask": seen[None]}
-
-
-def device_inputs(builder, sessions: dict, table: np.ndarray, prompts: list[list]) -> dict:
-    """The device's own prompt building (``FlamingoInputs``) over ONNX Runtime sessions of the encoders."""
+def host_inputs(builder, run=None):
+    """The device's own prompt builder (``FlamingoInputs``) on the host, with the FP32 table; ``run(name, feeds)``
+    runs an encoder (not needed for ``prompt_ids``)."""
     from mmedge.pipelines.interleaved import FlamingoInputs
 
     settings = _prompt_settings(builder)
+    return FlamingoInputs(settings, builder.tokenizer, builder.preprocessor, run, builder.loaded._idefics_fp32_table,
+                          settings["decoder"]["max_positions"])
 
-    def run(name, feeds):
-        session = sessions[name]
-        names = [o.name for o in session.get_outputs()]
-        return dict(zip(names, session.run(names, feeds)))
 
-    return FlamingoInputs(settings, builder.tokenizer, builder.preprocessor, run, table,
-                          settings["decoder"]["max_positions"]).build(prompts)
+def host_prompt(builder, items: list) -> dict:
+    """Token ids, mask, embeddings (FP32 table) and image mask of one prompt, as the device builds them."""
+    from mmedge.pipelines.interleaved import image_attention_mask
+
+    inputs = host_inputs(builder)
+    ids, images = inputs.prompt_ids(items)
+    fmt = inputs.format
+    seen = image_attention_mask(ids, fmt["image_token_id"], fmt["eos_token_id"], max(len(images), 1))
+    return {"ids": ids[None], "mask": np.ones((1, ids.shape[0]), dtype=np.int64),
+            "embeds": inputs.embeddings[ids][None].astype(np.float32), "image_attention_mask": seen[None]}
+
+
+def _outputs(session, feeds: dict) -> dict:
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
 
 
 def host_decoder(builder, path: Path, table: np.ndarray):
-    from mmedge.runtimes.onnxruntime_decoder import OrtDecoder
+    """An ``OrtDecoder`` over a decoder graph (no IO binding), fed the graph's own context inputs."""
+    from mmedge.runtimes.onnxruntime_decoder import OrtDecoder, context_inputs
 
-    settings = _prompt_settings(builder)["decoder"]
-    inputs = [n for n in XAttnDecoderWithPast(builder.loaded.model, settings["cross_kv"] == "inputs").inputs
-              if n == "image_attention_mask" or n == "visual_tokens" or n.startswith("cross_key_values.")]
-    return OrtDecoder(_session(path, builder.options.threads), table, settings["kv_cache"], io_binding=False,
-                      context_inputs=inputs)
+    layout = _prompt_settings(builder)["decoder"]["kv_cache"]
+    session = _session(path, builder.options.threads)
+    return OrtDecoder(session, table, layout, io_binding=False,
+                      context_inputs=context_inputs([i.name for i in session.get_inputs()], layout))
