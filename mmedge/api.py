@@ -22,9 +22,9 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", t
     """Open an artifact and return its pipeline (``ZeroShotClassifier`` or ``Embedder`` for CLIP).
 
     ``backend``: 'auto' or a backend name ('onnxruntime', 'tensorrt', 'torch'); a named backend that is absent raises
-    BackendUnavailableError. With 'auto' on an NVIDIA GPU with TensorRT, the encoders run as TensorRT engines
-    (built on first use and cached under the artifact's engines/; ``mmedge build`` prebuilds them); with torch and an
-    artifact exported ``--with-pytorch``, the decoder runs on torch (see ``mmedge.selection``). ``device``: 'auto',
+    BackendUnavailableError. With 'auto' on an NVIDIA GPU with TensorRT, the encoders and an FP32/FP16 decoder run as
+    TensorRT engines (built on first use and cached under the artifact's engines/; ``mmedge build`` prebuilds them);
+    with torch and an artifact exported ``--with-pytorch``, the decoder runs on torch (see ``mmedge.selection``). ``device``: 'auto',
     'cpu' or 'cuda'. ``task``: one of the manifest's tasks (default: its first). ``threads``: CPU threads per graph
     (default: all cores). ``backend_options``: settings per backend name, over the plan's, e.g.
     ``{"torch": {"quantization": "nf4", "dtype": "bfloat16", "checkpoint": "blip2-folder"}}`` (see
@@ -166,26 +166,31 @@ def _runner_options(artifact: Artifact, comp_plan, threads: int | None) -> dict:
 
 
 def _decoder(artifact: Artifact, comp_plan, threads: int | None, settings: dict | None = None):
-    """The KV-cached decoder and the token-embedding table it embeds generated ids with."""
+    """The KV-cached decoder and the token-embedding table it embeds generated ids with: ``TorchDecoder`` (torch),
+    ``RunnerDecoder`` over the decoder's TensorRT engine (tensorrt), else ``OrtDecoder``."""
     from mmedge.embeddings import EmbeddingTable
-    from mmedge.runtimes.onnxruntime import OrtOptions
-    from mmedge.runtimes.onnxruntime_decoder import OrtDecoder, context_inputs
 
     family = artifact.manifest["family"]
-    settings_section = artifact.manifest[family]
-    table_entry = settings_section["embeddings"]
+    table_entry = artifact.manifest[family]["embeddings"]
     table = EmbeddingTable.load(artifact.verified_path(table_entry["file"], table_entry["sha256"], f"{family}.embeddings.file"),
                                 table_entry)
     if comp_plan.backend == "torch":
         from mmedge.runtimes.torch_decoder import create_decoder
 
         return create_decoder(artifact, **{**comp_plan.options, **(settings or {})}), table
-    decoder_settings = settings_section["decoder"]
-    context = context_inputs(artifact.component("decoder")["inputs"], decoder_settings["kv_cache"])  # IDEFICS: image mask, cross K/V
+    if comp_plan.backend == "tensorrt":
+        from mmedge.runtimes.registry import import_backend_module
+
+        engine = import_backend_module("tensorrt")  # TensorRT itself is imported when the decoder's engine is obtained
+        options = {k: v for k, v in _runner_options(artifact, comp_plan, threads).items() if k != "artifact"}
+        return engine.create_decoder(artifact, table, **options), table
+    from mmedge.runtimes.kv_decoder import artifact_decoder
+    from mmedge.runtimes.onnxruntime import OrtOptions
+    from mmedge.runtimes.onnxruntime_decoder import OrtDecoder
+
+    layout, decoder_options = artifact_decoder(artifact.manifest)  # IDEFICS: context inputs (image mask, cross K/V)
     ort_settings = {k: v for k, v in {**_runner_options(artifact, comp_plan, threads), **(settings or {})}.items()
                     if k not in ("io_binding", "keep_on_device")}  # the decoder binds its cache itself
-    decoder = OrtDecoder(artifact.component_path("decoder"), table, decoder_settings["kv_cache"],
-                         options=OrtOptions(**ort_settings),
-                         position_offset=decoder_settings.get("position_offset", 0),
-                         max_positions=decoder_settings.get("max_positions"), context_inputs=context)
+    decoder = OrtDecoder(artifact.component_path("decoder"), table, layout, options=OrtOptions(**ort_settings),
+                         **decoder_options)
     return decoder, table

@@ -6,8 +6,12 @@ where a better backend was absent (TensorRT on a GPU machine without it), ``fall
 ``log_fallbacks`` logs each such reason once per process.
 
 On an NVIDIA GPU (desktop or Jetson) with TensorRT and cuda-python installed, ``auto`` builds TensorRT
-engines for the encoders; the KV-cached decoder, dynamic-INT8 and INT4 graphs stay on ONNX Runtime.
-``tensorrt_defaults`` holds the per-device engine settings (FP16; a conservative workspace on a Jetson).
+engines for the encoders and for the KV-cached decoder when its graph is FP32 or FP16, a plain causal LM or one
+with context inputs (IDEFICS' image mask and cross-attention K/V): ``RunnerDecoder`` runs it with the cache kept
+on the GPU. Graphs with ONNX Runtime-only operators stay on ONNX Runtime, with the reason: INT4 weight-only
+(``com.microsoft.MatMulNBits``) and dynamic INT8 (``MatMulInteger``, ``DynamicQuantizeLinear``); a named
+``--backend tensorrt`` refuses them. ``tensorrt_defaults`` holds the per-device engine settings (FP16; a
+conservative workspace on a Jetson).
 
 The torch backend (``mmedge[torch]``; the artifact exported ``--with-pytorch``) under ``auto``:
 
@@ -15,8 +19,7 @@ The torch backend (``mmedge[torch]``; the artifact exported ``--with-pytorch``) 
   runs the exported, validated graphs there;
 - on an NVIDIA GPU, with torch + transformers installed and the artifact carrying PyTorch weights, it takes the
   KV-cached **decoder** (FP16, static cache, CUDA-graph decode steps) when the decoder is a plain causal LM
-  (inputs: embeddings, mask, positions, cache; not IDEFICS' image context), whether TensorRT is there or not:
-  TensorRT builds no decoder;
+  (inputs: embeddings, mask, positions, cache; not IDEFICS' image context), ahead of a TensorRT engine;
 - it takes the **encoders** TensorRT does not build only when ONNX Runtime has no GPU provider (a CPU-only
   onnxruntime beside a GPU); with onnxruntime-gpu they run the exported graphs on the CUDA / TensorRT providers.
 
@@ -32,8 +35,9 @@ from dataclasses import dataclass, field
 
 from mmedge.device import DeviceProbe
 from mmedge.errors import BackendUnavailableError
+from mmedge.runtimes.kv_decoder import context_inputs
 from mmedge.runtimes.registry import BACKENDS, require_installed
-from mmedge.runtimes.tensorrt_planning import engine_precision, require_gpu, unbuildable_reason
+from mmedge.runtimes.tensorrt_planning import engine_precision, is_kv_decoder, require_gpu, unbuildable_reason
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -98,25 +102,43 @@ def _tensorrt_unusable(probe: DeviceProbe, device: str) -> str | None:
     return _gpu_backend_unusable(probe, device, "tensorrt")
 
 
-def _tensorrt_components(probe: DeviceProbe, manifest: dict, explicit: bool, reasons: list[str]) -> dict[str, ComponentPlan]:
+def _tensorrt_components(probe: DeviceProbe, manifest: dict, explicit: bool, reasons: list[str],
+                         leave: tuple[str, ...] = ()) -> dict[str, ComponentPlan]:
+    """Every component TensorRT builds (``leave``: those another backend takes first), with the reasons; named
+    explicitly, a component it cannot build is refused."""
     defaults = tensorrt_defaults(probe)
     chosen: dict[str, ComponentPlan] = {}
     for name, comp in manifest["components"].items():
+        if name in leave:
+            reasons.append(f"component '{name}': not a TensorRT engine, torch runs it (see backend torch)")
+            continue
         why = unbuildable_reason(name, comp)
         if why:
             if explicit:
-                raise BackendUnavailableError(why, "components TensorRT can build: float or static-QDQ INT8 encoders",
-                                              "use --backend auto (TensorRT for the encoders, ONNX Runtime for the rest) "
+                raise BackendUnavailableError(why, "components TensorRT can build: float or static-QDQ INT8 graphs",
+                                              "use --backend auto (TensorRT for what it builds, ONNX Runtime for the rest) "
                                               "or --backend onnxruntime")
             reasons.append(f"{why}: ONNX Runtime")
             continue
         precision = engine_precision(name, comp, None, defaults.precision)
         chosen[name] = ComponentPlan("tensorrt", (), precision, {"precision": precision, "workspace_mb": defaults.workspace_mb,
                                                                   "max_batch": defaults.max_batch})
+        if name == "decoder" or is_kv_decoder(comp):
+            context = decoder_context(manifest) if name == "decoder" else []
+            reasons.append(f"component '{name}': the KV-cached decoder as a TensorRT engine ({comp.get('precision')} graph "
+                           f"without ONNX Runtime-only operators, built at {precision}; its cache stays on the GPU between "
+                           "steps" + (f"; its context {_listed(context)} fed beside the cache" if context else "") + ")")
     if chosen:
         reasons.append(f"backend tensorrt: {'requested' if explicit else 'installed, with an NVIDIA GPU'}; engines built on "
                        f"this device for {', '.join(chosen)} ({defaults.why}; cached under the artifact's engines/)")
     return chosen
+
+
+def _torch_takes_decoder(probe: DeviceProbe, manifest: dict, device: str, weights: bool) -> bool:
+    """auto: whether the torch backend takes the decoder (the conditions of ``_torch_components``): it is present,
+    usable on this GPU, has the artifact's weights and the decoder is a plain causal LM."""
+    return (BACKENDS["torch"].module is not None and weights and "decoder" in manifest["components"]
+            and _torch_unusable(probe, device) is None and torch_decoder_unfit(manifest) is None)
 
 
 _LOGGED: set[str] = set()
@@ -148,20 +170,31 @@ def _torch_unusable(probe: DeviceProbe, device: str) -> str | None:
     return None
 
 
+def decoder_context(manifest: dict) -> list[str]:
+    """The decoder's inputs beyond embeddings, mask, positions and its cache (IDEFICS: the image mask and the
+    cross-attention K/V); [] without a decoder."""
+    decoder = manifest["components"].get("decoder")
+    if decoder is None:
+        return []
+    family = manifest.get("family")
+    kv = ((manifest.get(family) or {}).get("decoder") or {}).get("kv_cache")
+    if kv:
+        return context_inputs(decoder["inputs"], kv)
+    return [name for name in decoder["inputs"] if name not in ("inputs_embeds", "attention_mask", "position_ids")]
+
+
+def _listed(names: list[str]) -> str:
+    return f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+
+
 def torch_decoder_unfit(manifest: dict) -> str | None:
     """Why the torch backend's KV-cached decoder cannot run this artifact's decoder, or None when it can: it feeds
     embeddings, mask, positions and the cache, nothing else (IDEFICS' decoder also takes image context)."""
-    decoder = manifest["components"].get("decoder")
-    if decoder is None:
+    if "decoder" not in manifest["components"]:
         return "the artifact has no decoder"
-    family = manifest.get("family")
-    kv = ((manifest.get(family) or {}).get("decoder") or {}).get("kv_cache") or {}
-    known = {"inputs_embeds", "attention_mask", "position_ids"}
-    if kv:
-        known |= {kv["past"] % (layer, kind) for layer in range(kv["layers"]) for kind in ("key", "value")}
-    context = [name for name in decoder["inputs"] if name not in known]
+    context = decoder_context(manifest)
     if context:
-        return f"the decoder also takes {', '.join(context[:3])}{' ...' if len(context) > 3 else ''}, which the torch decoder does not feed"
+        return f"the decoder also takes {_listed(context)}, which the torch decoder does not feed"
     return None
 
 
@@ -281,7 +314,8 @@ def plan(probe: DeviceProbe, manifest: dict, backend: str = "auto", device: str 
     if backend == "auto":
         why = _tensorrt_unusable(probe, device)
         if why is None:
-            components = _tensorrt_components(probe, manifest, False, reasons)
+            torch_decoder = ("decoder",) if _torch_takes_decoder(probe, manifest, device, weights) else ()
+            components = _tensorrt_components(probe, manifest, False, reasons, leave=torch_decoder)
         else:
             reasons.append(f"backend tensorrt: {why}")
             if device != "cpu" and (probe.gpus or probe.jetson):

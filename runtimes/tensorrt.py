@@ -22,8 +22,14 @@ and GPU (``engines/timing-*.cache``).
 - **Outputs on the GPU.** With ``keep_on_device=True`` outputs are ``DeviceTensor``\\ s: GPU memory that another
   TensorRT runner takes as a feed without a copy, that CuPy/PyTorch/Numba read through
   ``__cuda_array_interface__``, and that ``numpy()`` copies to the host. By default outputs are numpy arrays.
-- **Not here.** The KV-cached decoder runs on ONNX Runtime in this version (``create_runner`` refuses it with
-  a BackendError); so do dynamic-INT8 and INT4 graphs, which TensorRT cannot parse.
+  Such a runner allocates each call's outputs at their real shape instead of buffers at the profile's largest.
+- **The KV-cached decoder.** ``create_runner`` builds the decoder graph like any other (its profile keeps
+  total = past + new tokens at every point, see ``tensorrt_planning``); ``create_decoder`` builds it with
+  ``keep_on_device=True`` and wraps it in ``mmedge.runtimes.runner_decoder.RunnerDecoder``, so the presents of
+  one step are the pasts of the next without leaving the GPU. The prefill feeds a zero-length past.
+- **Not here.** Graphs with ONNX Runtime-only operators: INT4 weight-only (``com.microsoft.MatMulNBits``) and
+  dynamic INT8 (``MatMulInteger``, ``DynamicQuantizeLinear``), which TensorRT cannot parse; ``create_runner``
+  refuses them with a BackendError and selection keeps them on ONNX Runtime.
 
 ``tensorrt`` and ``cuda`` are imported when an engine is built or loaded, never at import time: without them
 this module imports, and using it raises BackendUnavailableError with the install command.
@@ -48,7 +54,7 @@ from mmedge.errors import BackendError, BackendUnavailableError, FeedError, Inpu
 from mmedge.runner import Runner, TensorMeta
 from mmedge.runtimes.engine_cache import EngineCache, EngineKey, _atomic_write
 from mmedge.runtimes.tensorrt_planning import (DEFAULT_MAX_BATCH, MIB, MemoryNeed, ProfileLimits, check_memory,
-                                               derive_profile, engine_bytes, engine_precision, kv_cache_bytes,
+                                               derive_profile, engine_bytes, engine_precision, kv_cache_need,
                                                profile_text, require_gpu, unbuildable_reason)
 
 log = logging.getLogger("mmedge")
@@ -357,7 +363,7 @@ class _Builder:
             if external:
                 size += (path.parent / external["file"]).stat().st_size
             engines[name] = engine_bytes(component, size, self.precision(name))
-        return MemoryNeed(engines, self.workspace, kv_cache_bytes(self.manifest, self.settings.limits))
+        return MemoryNeed(engines, self.workspace, kv_cache_need(self.manifest, self.settings.limits, paths))
 
     def obtain(self, name: str, onnx_path: Path, *, allow_build: bool = True, force: bool = False,
                progress: Callable[[str], None] | None = None) -> EngineOutcome:
@@ -478,6 +484,8 @@ class TensorRTRunner(Runner):
                 self._context.set_input_shape(n, hi)
                 self._buffers[n] = self._cuda.malloc(int(np.prod(hi, dtype=np.int64)) * self._dtypes[n].itemsize)
             for n in self._engine_outputs:
+                if keep_on_device and n in self._outputs:
+                    continue  # each call allocates its DeviceTensor at the real shape (a decoder's cache: no max-size copy)
                 shape = tuple(self._context.get_tensor_shape(n))
                 if any(d < 0 for d in shape):
                     raise BackendError(f"output '{n}' of component '{component_name}' has a data-dependent shape {list(shape)}",
@@ -617,8 +625,8 @@ def create_runner(path, component_name: str, component: dict, *, artifact=None, 
     passed come from engines/build.json (what ``mmedge build`` used), then ``defaults`` (the plan's)."""
     why = unbuildable_reason(component_name, component)
     if why:
-        raise BackendError(why, "a component TensorRT builds (float or static-QDQ INT8 encoders)",
-                           "load with backend='auto' (TensorRT for the encoders, ONNX Runtime for the rest)")
+        raise BackendError(why, "a component TensorRT builds (a float or static-QDQ INT8 graph, the decoder's included)",
+                           "load with backend='auto' (TensorRT for what it builds, ONNX Runtime for the rest)")
     manifest = artifact.manifest if artifact is not None else {"components": {component_name: component}}
     engines_dir = artifact.engines_dir() if artifact is not None else Path(path).parent / "engines"
     explicit = {"precision": precision, "max_batch": max_batch, "opt_batch": opt_batch, "max_sequence": max_sequence,
@@ -627,6 +635,21 @@ def create_runner(path, component_name: str, component: dict, *, artifact=None, 
     builder = _Builder(manifest, engines_dir, settings)
     outcome = builder.obtain(component_name, Path(path), allow_build=build)
     return TensorRTRunner(outcome.plan, component_name, component, device_id=device_id, keep_on_device=keep_on_device)
+
+
+def create_decoder(artifact, embeddings, **options):
+    """The artifact's KV-cached decoder on TensorRT: the decoder component's engine (as ``create_runner`` obtains it,
+    same ``options``) with its outputs kept on the GPU, wrapped in ``RunnerDecoder`` so the cache stays there between
+    steps. ``embeddings``: the artifact's token-embedding table."""
+    from mmedge.runtimes.runner_decoder import RunnerDecoder
+
+    runner = create_runner(artifact.component_path("decoder"), "decoder", artifact.component("decoder"),
+                           **{**options, "artifact": artifact, "keep_on_device": True})
+    try:
+        return RunnerDecoder.for_artifact(runner, artifact.manifest, embeddings)
+    except BaseException:
+        runner.close()
+        raise
 
 
 def build_artifact(path: str | os.PathLike, settings: EngineSettings | None = None, *, components: list[str] | None = None,
@@ -655,7 +678,7 @@ def build_artifact(path: str | os.PathLike, settings: EngineSettings | None = No
     skipped = {n: why for n, why in skipped.items() if why}
     if not targets:
         raise BackendUnavailableError(f"no component of '{artifact.root.name}' can be built by TensorRT: "
-                                      + "; ".join(skipped.values()), "a float or static-QDQ INT8 encoder",
+                                      + "; ".join(skipped.values()), "a float or static-QDQ INT8 graph",
                                       "run this artifact on ONNX Runtime (--backend onnxruntime)")
     for name in targets:  # refuse bad precisions and profiles before touching TensorRT
         engine_precision(name, manifest["components"][name], settings.precision)
@@ -688,5 +711,6 @@ def build_artifact(path: str | os.PathLike, settings: EngineSettings | None = No
 
 
 __all__ = ["CudaRuntime", "DeviceTensor", "EngineOutcome", "EngineSettings", "TensorRTRunner", "build_artifact",
-           "build_serialized_engine", "create_runner", "describe_engines", "engine_key", "import_cudart", "import_tensorrt",
-           "load_build_settings", "obtain_plan", "resolve_settings", "save_build_settings", "timing_cache_path"]
+           "build_serialized_engine", "create_decoder", "create_runner", "describe_engines", "engine_key", "import_cudart",
+           "import_tensorrt", "load_build_settings", "obtain_plan", "resolve_settings", "save_build_settings",
+           "timing_cache_path"]

@@ -22,12 +22,28 @@ axis                  (min, opt, max)                         notes
 ====================  =====================================  ==============================================
 
 An axis name without a rule is refused (``InputError``): a profile is never guessed.
+
+**KV-cached decoders** (a component with a ``past_sequence`` axis) get their three sequence axes together:
+TensorRT checks the graph's shape constraints at each profile point (the mask covers past + new tokens, the
+presents concatenate past and new keys) and refuses an engine whose opt point breaks them ("kOPT values for
+profile 0 violate shape constraints"). So at every point ``total_sequence = past_sequence + sequence``:
+
+=========  ==========  ==============  ===============  =============================================
+point      sequence    past_sequence   total_sequence
+=========  ==========  ==============  ===============  =============================================
+min        1           0               1                the prefill feeds a zero-length past
+opt        1           P               P + 1            a decode step (the hot loop); P = S // 2
+max        S           S - 1           2S - 1           the longest prompt and the longest past
+=========  ==========  ==============  ===============  =============================================
+
+(P = ``opt_sequence`` when given, at most S - 1.) Real calls stay within S positions (the generation loop bounds
+prompt + new tokens by the decoder's ``max_positions``); the max point only has to be a valid shape.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from mmedge.errors import BackendUnavailableError, InputError, InsufficientMemoryError
 
@@ -75,19 +91,25 @@ def is_qdq(component: Mapping) -> bool:
 
 
 def unbuildable_reason(name: str, component: Mapping) -> str | None:
-    """Why TensorRT cannot build this component in this version, or None when it can."""
-    if component.get("kv_cache") is not None or name == "decoder":
-        return (f"component '{name}' is the KV-cached decoder, which runs on ONNX Runtime in this version "
-                "(TensorRT engines are built for the encoders)")
+    """Why TensorRT cannot build this component, or None when it can: graphs with ONNX Runtime-only operators
+    (INT4 ``com.microsoft.MatMulNBits``; dynamic INT8's ``MatMulInteger`` / ``DynamicQuantizeLinear``) stay on
+    ONNX Runtime. Float and static-QDQ graphs are built, the KV-cached decoder's included."""
     precision = component.get("precision")
     method = str((component.get("quantization") or {}).get("method", ""))
     if precision == "int4":
-        return (f"component '{name}' is INT4 weight-only (ONNX Runtime's MatMulNBits), which TensorRT cannot parse")
+        return (f"component '{name}' is INT4 weight-only (ONNX Runtime's com.microsoft MatMulNBits), which TensorRT "
+                "cannot parse")
     if precision == "int8" and not is_qdq(component):
-        return (f"component '{name}' is dynamic INT8 ({method or 'ONNX Runtime integer ops'}), which TensorRT "
-                "cannot build; TensorRT builds INT8 from static QDQ graphs (mmedge export --precision int8 "
-                "--quantization static)")
+        return (f"component '{name}' is dynamic INT8 ({method or 'ONNX Runtime integer ops'}: MatMulInteger, "
+                "DynamicQuantizeLinear), which TensorRT cannot build; TensorRT builds INT8 from static QDQ graphs "
+                "(mmedge export --precision int8 --quantization static)")
     return None
+
+
+def is_kv_decoder(component: Mapping) -> bool:
+    """A KV-cached decoder: some input has a ``past_sequence`` axis (or the entry names a ``kv_cache`` layout)."""
+    return component.get("kv_cache") is not None or any(
+        "past_sequence" in spec.get("shape", ()) for spec in component.get("inputs", {}).values())
 
 
 def engine_precision(name: str, component: Mapping, requested: str | None, default: str = "fp16") -> str:
@@ -183,17 +205,31 @@ def axis_range(axis: str, manifest: Mapping, component: Mapping, limits: Profile
                      "re-export with this mmedge version, or run this artifact with --backend onnxruntime")
 
 
+def decoder_axes(manifest: Mapping, component: Mapping, limits: ProfileLimits) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) of a KV-cached decoder's ``sequence``, ``past_sequence`` and ``total_sequence`` axes, with
+    total = past + sequence at every point (see the module docstring): min is the prefill's first token, opt a
+    decode step halfway through the sequence, max the longest prompt beside the longest past."""
+    limits = limits.checked()
+    length, _ = sequence_limit(manifest, component, limits)
+    longest_past = max(length - 1, 1)
+    past = min(limits.opt_sequence or length // 2, longest_past)
+    return {"sequence": (1, 1, length), "past_sequence": (0, past, longest_past),
+            "total_sequence": (1, past + 1, length + longest_past)}
+
+
 def derive_profile(manifest: Mapping, name: str, limits: ProfileLimits | None = None) -> Profile:
     """The optimization profile of component ``name``: (min, opt, max) shapes of every input with a named
     dynamic axis. Inputs of fixed shape need none and get none."""
     component = manifest["components"][name]
     limits = (limits or ProfileLimits()).checked()
+    joint = decoder_axes(manifest, component, limits) if is_kv_decoder(component) else {}
     profile: Profile = {}
     for tensor, spec in component["inputs"].items():
         shape = spec["shape"]
         if all(isinstance(d, int) for d in shape):
             continue
-        ranges = [(d, d, d) if isinstance(d, int) else axis_range(d, manifest, component, limits) for d in shape]
+        ranges = [(d, d, d) if isinstance(d, int) else joint.get(d) or axis_range(d, manifest, component, limits)
+                  for d in shape]
         profile[tensor] = tuple(tuple(r[i] for r in ranges) for i in range(3))  # type: ignore[assignment]
     return profile
 
@@ -237,14 +273,21 @@ def engine_bytes(component: Mapping, graph_bytes: int, precision: str) -> int:
     return int(graph_bytes * target / source)
 
 
+ENGINE_KV_COPIES = 3  # a decoder run by TensorRT: its staging buffers (profile's longest past), the pasts a step reads, the presents it writes
+
+
+def _decoder_settings(manifest: Mapping) -> Mapping:
+    family = manifest.get("family")
+    section = manifest.get(family) if isinstance(family, str) else None
+    return ((section or {}).get("decoder") if isinstance(section, Mapping) else None) or {}
+
+
 def kv_cache_bytes(manifest: Mapping, limits: ProfileLimits) -> int:
     """The decoder's self-attention KV cache at ``max_batch`` sequences of the longest length:
     layers x (key, value) x batch x heads x sequence x head_dim x dtype bytes. 0 without a decoder."""
-    family = manifest.get("family")
-    section = manifest.get(family) if isinstance(family, str) else None
-    decoder = (section or {}).get("decoder") if isinstance(section, Mapping) else None
-    kv = (decoder or {}).get("kv_cache")
-    component = manifest.get("components", {}).get((decoder or {}).get("component", "decoder"))
+    decoder = _decoder_settings(manifest)
+    kv = decoder.get("kv_cache")
+    component = manifest.get("components", {}).get(decoder.get("component", "decoder"))
     if not kv or not component:
         return 0
     limits = limits.checked()
@@ -252,6 +295,14 @@ def kv_cache_bytes(manifest: Mapping, limits: ProfileLimits) -> int:
     past = kv["past"] % (0, "key")
     dtype = component.get("inputs", {}).get(past, {}).get("dtype", "float32")
     return kv["layers"] * 2 * limits.max_batch * kv["heads"] * length * kv["head_dim"] * _DTYPE_BYTES.get(dtype, 4)
+
+
+def kv_cache_need(manifest: Mapping, limits: ProfileLimits, built: Iterable[str]) -> int:
+    """GPU memory the KV cache takes when the components ``built`` are TensorRT engines: one cache when another
+    backend runs the decoder (its cache lives on the same GPU), ``ENGINE_KV_COPIES`` when TensorRT runs it (the
+    runner's input buffers at the profile's largest past, plus the pasts and presents of a step, both on the GPU)."""
+    copies = ENGINE_KV_COPIES if _decoder_settings(manifest).get("component", "decoder") in set(built) else 1
+    return copies * kv_cache_bytes(manifest, limits)
 
 
 def available_memory(probe, device_id: int = 0) -> tuple[int | None, str]:
@@ -296,6 +347,6 @@ def require_gpu(probe, device: str = "auto") -> None:
                                       "run on a GPU machine, or use --backend onnxruntime (CPU)")
 
 
-__all__ = ["AXIS_RULES", "MemoryNeed", "ProfileLimits", "available_memory", "axis_range", "check_memory",
-           "derive_profile", "engine_bytes", "engine_precision", "is_qdq", "kv_cache_bytes", "profile_text",
-           "require_gpu", "sequence_limit", "tokens_per_image", "unbuildable_reason"]
+__all__ = ["AXIS_RULES", "MemoryNeed", "ProfileLimits", "available_memory", "axis_range", "check_memory", "decoder_axes",
+           "derive_profile", "engine_bytes", "engine_precision", "is_kv_decoder", "is_qdq", "kv_cache_bytes",
+           "kv_cache_need", "profile_text", "require_gpu", "sequence_limit", "tokens_per_image", "unbuildable_reason"]

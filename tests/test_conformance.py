@@ -12,7 +12,7 @@ Backends and tolerances (cosine of each output, flattened per row, against the r
 | torch-cpu-bf16 | here | >= 0.999 | the first 4 tokens of each row |
 | onnxruntime-cuda, torch-cuda-fp32 | GPU (``-m gpu``) | >= 0.9999 | token-identical |
 | torch-cuda-fp16 (CUDA graphs) | GPU | >= 0.999 | token-identical on these models |
-| tensorrt (encoders) | GPU with TensorRT | >= 0.999 (FP16 engines) | – (TensorRT builds no decoder) |
+| tensorrt (FP16 engines, the decoder's included) | GPU with TensorRT | >= 0.999 | token-identical on these models (as torch FP16) |
 
 Why these numbers: FP32 backends differ from ONNX Runtime only in kernel order (measured here, worst component:
 1 - cosine = 5e-13), so 0.9999 leaves ample room for other kernels (cuBLAS, TF32 off) while still catching a wrong
@@ -71,7 +71,6 @@ class Case:
     runner: dict = field(default_factory=dict)  # create_runner options (the artifact is added)
     load: dict = field(default_factory=dict)  # mmedge.load keywords beside backend and device
     min_cosine: float = 0.9999
-    decodes: bool = True  # runs the KV-cached decoder (TensorRT builds none)
     same_tokens: int | None = None  # greedy tokens that must agree per row (None: all of them)
 
 
@@ -94,7 +93,7 @@ CASES = [
                  id="torch-cuda-fp32", marks=[gpu, pytest.mark.skipif(not _cuda(), reason=NO_CUDA)]),
     pytest.param(Case("torch-cuda-fp16", "torch", "cuda", {"device": "cuda", "dtype": "float16"}, min_cosine=0.999),
                  id="torch-cuda-fp16", marks=[gpu, pytest.mark.skipif(not _cuda(), reason=NO_CUDA)]),
-    pytest.param(Case("tensorrt", "tensorrt", "cuda", {}, min_cosine=0.999, decodes=False),
+    pytest.param(Case("tensorrt", "tensorrt", "cuda", {}, min_cosine=0.999),
                  id="tensorrt", marks=[gpu, pytest.mark.skipif(not HAVE_TENSORRT, reason="TensorRT is not installed here")]),
 ]
 ARTIFACTS = ["clip", "clip-fused", "blip2", "blip2-split", "idefics"]
@@ -141,8 +140,7 @@ def test_every_component_matches_the_reference(case: Case, kind: str, pytorch_ar
     stored validation samples and on fresh inputs of another batch size."""
     artifact = Artifact.open(pytorch_artifacts(kind))
     samples = load_validation_samples(artifact)
-    names = [n for n in artifact.components if case.backend != "tensorrt" or n != "decoder"]
-    for name in names:
+    for name in artifact.components:
         runner, reference = _runner(case, artifact, name), _reference(artifact, name)
         try:
             for feeds in (samples[name]["inputs"], _fresh_feeds(artifact, name, samples)):
@@ -179,8 +177,6 @@ def test_captions_are_token_identical(case: Case, generation: dict, pytorch_arti
 
     import mmedge
 
-    if not case.decodes:
-        pytest.skip(f"{case.backend} runs no KV-cached decoder")
     path = pytorch_artifacts("blip2")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -188,7 +184,7 @@ def test_captions_are_token_identical(case: Case, generation: dict, pytorch_arti
         candidate = mmedge.load(path, backend=case.backend, device=case.device, **case.load)
     try:
         decoder = type(candidate.decoder).__name__
-        assert decoder == ("TorchDecoder" if case.backend == "torch" else "OrtDecoder")
+        assert decoder == {"torch": "TorchDecoder", "tensorrt": "RunnerDecoder"}.get(case.backend, "OrtDecoder")
         expected, got = _captions(reference, photos[:2], **generation), _captions(candidate, photos[:2], **generation)
         if case.same_tokens is not None:  # BF16: the first tokens (8 mantissa bits flip near-ties later)
             expected, got = [row[:case.same_tokens] for row in expected], [row[:case.same_tokens] for row in got]

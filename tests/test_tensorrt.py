@@ -70,6 +70,7 @@ def component(inputs, outputs, precision="fp32", quantization=None, **extra):
 
 QDQ = {"method": "int8-static-qdq", "format": "QDQ"}
 DYNAMIC = {"method": "int8-dynamic"}
+INT4 = {"method": "int4-weight-only", "format": "MatMulNBits"}
 
 
 def clip_manifest(padding="max_length", precision="fp32", quantization=None):
@@ -85,7 +86,7 @@ def clip_manifest(padding="max_length", precision="fp32", quantization=None):
 KV = {"layers": 2, "heads": 4, "head_dim": 16, "past": "past_key_values.%d.%s", "present": "present.%d.%s"}
 
 
-def blip2_manifest(max_positions=2048):
+def blip2_manifest(max_positions=2048, llm_precision="fp32", llm_quantization=None):
     past = {f"past_key_values.{i}.{k}": tensor("float32", "batch", 4, "past_sequence", 16) for i in range(2) for k in ("key", "value")}
     present = {f"present.{i}.{k}": tensor("float32", "batch", 4, "total_sequence", 16) for i in range(2) for k in ("key", "value")}
     return {"family": "blip2", "tokenizer": {"file": "tokenizer.json", "max_length": 512, "padding": "longest", "pad_id": 1},
@@ -95,7 +96,7 @@ def blip2_manifest(max_positions=2048):
                                     {"prefix_embeds": tensor("float32", "batch", 32, 64)}),
                 "decoder": component({"inputs_embeds": tensor("float32", "batch", "sequence", 64),
                                       "attention_mask": tensor("int64", "batch", "total_sequence"), **past},
-                                     {"logits": tensor("float32", "batch", "sequence", 100), **present})}}
+                                     {"logits": tensor("float32", "batch", "sequence", 100), **present}, llm_precision, llm_quantization)}}
 
 
 def idefics_manifest():
@@ -129,13 +130,17 @@ def test_text_profile_follows_the_tokenizer():
     assert longer["input_ids"][2] == (4, 77)  # the tokenizer never emits more than max_length
 
 
-def test_decoder_axes_keep_past_plus_new_within_the_limit():
+def test_decoder_axes_keep_past_plus_new_consistent_at_every_point():
+    """TensorRT checks the graph's shape constraints (mask = past + new) at the min, opt and max points."""
     profile = derive_profile(blip2_manifest(), "decoder", ProfileLimits(max_batch=2, max_sequence=128))
-    assert profile["inputs_embeds"] == ((1, 1, 64), (1, 32, 64), (2, 128, 64))
-    assert profile["attention_mask"] == ((1, 1), (1, 64), (2, 128))
+    assert profile["inputs_embeds"] == ((1, 1, 64), (1, 1, 64), (2, 128, 64))  # opt: a decode step
     assert profile["past_key_values.1.value"] == ((1, 4, 0, 16), (1, 4, 64, 16), (2, 4, 127, 16))  # no past at the first step
+    assert profile["attention_mask"] == ((1, 1), (1, 65), (2, 255))
+    for point in range(3):
+        new, past, total = (profile[n][point] for n in ("inputs_embeds", "past_key_values.0.key", "attention_mask"))
+        assert total[1] == past[2] + new[1]
     default = derive_profile(blip2_manifest(max_positions=2048), "decoder", ProfileLimits(max_batch=1))
-    assert default["attention_mask"][2] == (1, 512)  # max_positions capped at the default limit
+    assert default["inputs_embeds"][2] == (1, 512, 64) and default["attention_mask"][2] == (1, 1023)  # capped at 512
     EngineKey.create(onnx_sha256=SHA, precision="fp16", profile=profile, tensorrt_version="10.3", gpu_name="g",
                      compute_capability="8.9")  # a min of 0 is a valid key
 
@@ -186,7 +191,9 @@ def test_precision_follows_the_export_recipe():
 
 def test_components_tensorrt_cannot_build_say_why():
     assert unbuildable_reason("vision", clip_manifest()["components"]["vision"]) is None
-    assert "runs on ONNX Runtime in this version" in unbuildable_reason("decoder", blip2_manifest()["components"]["decoder"])
+    assert unbuildable_reason("decoder", blip2_manifest()["components"]["decoder"]) is None  # FP32/FP16 decoders build
+    int4 = blip2_manifest(llm_precision="int4", llm_quantization=INT4)["components"]["decoder"]
+    assert "com.microsoft MatMulNBits" in unbuildable_reason("decoder", int4)
     assert "dynamic INT8" in unbuildable_reason("text", clip_manifest(precision="int8", quantization=DYNAMIC)["components"]["text"])
     assert "MatMulNBits" in unbuildable_reason("x", component({}, {}, "int4", {"method": "int4-weight-only"}))
 
@@ -361,13 +368,16 @@ def test_jetson_defaults_are_fp16_with_a_conservative_workspace():
     assert tensorrt_defaults(GTX_1080).precision == "fp32"  # sm 6.1: no fast FP16
 
 
-def test_auto_on_jetson_builds_encoders_and_keeps_the_decoder_on_onnxruntime():
+def test_auto_on_jetson_builds_encoders_and_the_float_decoder_keeps_int4_on_onnxruntime():
     chosen = plan(JETSON_ORIN, blip2_manifest())
     assert chosen.components["prefix"].backend == "tensorrt" and chosen.components["prefix"].precision == "fp16"
     assert chosen.components["prefix"].options == {"precision": "fp16", "workspace_mb": 1024, "max_batch": 4}
-    assert chosen.components["decoder"].backend == "onnxruntime" and chosen.components["decoder"].providers == ("cuda",)
-    assert any("runs on ONNX Runtime in this version" in r for r in chosen.reasons) and not chosen.fallbacks
+    assert chosen.components["decoder"].backend == "tensorrt" and chosen.components["decoder"].precision == "fp16"
+    assert any("the KV-cached decoder as a TensorRT engine" in r for r in chosen.reasons) and not chosen.fallbacks
     assert list(chosen.components) == ["prefix", "decoder"]
+    int4 = plan(JETSON_ORIN, blip2_manifest(llm_precision="int4", llm_quantization=INT4))
+    assert int4.components["decoder"].backend == "onnxruntime" and int4.components["decoder"].providers == ("cuda",)
+    assert any("MatMulNBits" in r and r.endswith(": ONNX Runtime") for r in int4.reasons)
 
 
 def test_auto_on_desktop_rtx_uses_tensorrt_for_float_and_qdq_encoders():
@@ -398,7 +408,7 @@ def test_auto_without_tensorrt_falls_back_with_the_reason_logged_once(caplog):
                                        'pip install "mmedge[tensorrt]"', "python3-libnvinfer")),
     (CPU_BOX_WITH_TRT, clip_manifest(), {}, ("needs an NVIDIA GPU",)),
     (RTX_4090, clip_manifest(), {"device": "cpu"}, ("device=cpu",)),
-    (JETSON_ORIN, blip2_manifest(), {}, ("runs on ONNX Runtime in this version", "--backend auto")),
+    (JETSON_ORIN, blip2_manifest(llm_precision="int4", llm_quantization=INT4), {}, ("MatMulNBits", "--backend auto")),
     (RTX_4090, clip_manifest(precision="int8", quantization=DYNAMIC), {}, ("dynamic INT8",)),
 ])
 def test_named_tensorrt_is_refused_with_what_is_missing(probe, manifest, kwargs, words):
@@ -423,11 +433,12 @@ def test_runner_without_tensorrt_names_the_install_command(clip_artifacts):
               "python3-libnvinfer")
 
 
-def test_decoder_runner_is_refused_before_any_engine_work(tmp_path):
+def test_int4_decoder_runner_is_refused_before_any_engine_work(tmp_path):
     from mmedge.runtimes.tensorrt import create_runner
 
-    api_error(lambda: create_runner(tmp_path / "decoder.onnx", "decoder", blip2_manifest()["components"]["decoder"]),
-              BackendError, "runs on ONNX Runtime in this version")
+    int4 = blip2_manifest(llm_precision="int4", llm_quantization=INT4)["components"]["decoder"]
+    api_error(lambda: create_runner(tmp_path / "decoder.onnx", "decoder", int4), BackendError, "MatMulNBits",
+              "backend='auto'")
 
 
 @without_tensorrt
