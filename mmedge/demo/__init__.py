@@ -198,11 +198,12 @@ def _run_variant(folder: Path, variant: Variant, paths: list[Path], truths: list
                 outputs.append({"top": [{"label": p["label"], "score": round(p["score"], 4)} for p in top]})
         else:
             pipeline.caption(str(paths[0]), max_new_tokens=4)
-            for path, truth_ in zip(paths, truths):
+            for i, (path, truth_) in enumerate(zip(paths, truths)):
                 start = time.perf_counter()
                 caption = pipeline.caption(str(path))
                 times.append(time.perf_counter() - start)
-                question = truth_["questions"][0]["question"]
+                asked = truth_["questions"]  # colour of each shape, shape of each colour, the count: one each in turn
+                question = asked[i % len(asked)]["question"]
                 outputs.append({"caption": caption, "question": question, "answer": pipeline.ask(str(path), question)})
     artifact = Artifact.open(folder)
     correct = [_correct(variant.model, out, t) for out, t in zip(outputs, truths)]
