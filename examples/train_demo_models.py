@@ -147,6 +147,20 @@ def schedule(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def update(model, optimizer, sched, loss, step: int, steps: int, loads: list[float]) -> bool:
+    """One optimizer step (gradients clipped at norm 1); True every 100 steps and at the last, when the caller logs
+    (and the machine's load average is sampled for the model card)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    sched.step()
+    if step % 100 == 0 or step == steps - 1:
+        loads.append(os.getloadavg()[0])
+        return True
+    return False
+
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -201,13 +215,7 @@ def train_clip(out: Path, train: tuple, steps: int, batch: int, lr: float = 2e-3
         positives = (inverse[None, :] == torch.arange(len(unique))[:, None]).float()  # [captions, images]
         text_loss = -(positives / positives.sum(1, keepdim=True) * logits.T.log_softmax(-1)).sum(1).mean()
         loss = (image_loss + text_loss) / 2
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        sched.step()
-        if step % 100 == 0 or step == steps - 1:
-            loads.append(os.getloadavg()[0])
+        if update(model, optimizer, sched, loss, step, steps, loads):
             log(f"clip step {step}/{steps} loss {loss.item():.3f} scale {model.logit_scale.exp().item():.1f}")
     seconds, cpu = time.time() - start, time.process_time() - cpu
     model.eval().save_pretrained(out)
@@ -221,7 +229,7 @@ def train_clip(out: Path, train: tuple, steps: int, batch: int, lr: float = 2e-3
 
 
 @torch.no_grad()
-def evaluate_clip(folder: Path) -> dict:
+def evaluate_clip(folder: Path, count: int = TEST_SCENES) -> dict:
     """Zero-shot top-1 over the 24 colour×shape labels, prompt "a {label}", on held-out test scenes."""
     model = transformers.CLIPModel.from_pretrained(folder).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
@@ -230,14 +238,14 @@ def evaluate_clip(folder: Path) -> dict:
     bank = F.normalize(model.get_text_features(**text).pooler_output, dim=-1)  # [labels, dim]
     result = {}
     for key, counts in (("one_shape", (1,)), ("two_or_three_shapes", (2, 3))):
-        chosen, images = render("test", TEST_SCENES, counts)
+        chosen, images = render("test", count, counts)
         embeds = F.normalize(model.get_image_features(pixel_values=to_pixels(images)).pooler_output, dim=-1)
         top1 = (embeds @ bank.T).argmax(-1).tolist()
         if key == "one_shape":
             result["zero_shot_top1"] = float(np.mean([names[t] == s.label for t, s in zip(top1, chosen)]))
         else:
             result["multi_shape_top1_present"] = float(np.mean([names[t] in s.present_labels for t, s in zip(top1, chosen)]))
-    result["test_scenes"] = TEST_SCENES
+    result["test_scenes"] = count
     return result
 
 
@@ -364,13 +372,7 @@ def train_blip2(out: Path, train: tuple, steps: int, batch: int, questions_per_i
                 items.append((scenes.VQA_TEMPLATE.format(pairs[k][0]), pairs[k][1]))
         ids, mask, labels = lm_batch(tokenizer, items, tokenizer.pad_token_id)
         loss = blip2_loss(model, to_pixels(images[idx]), 1 + questions_per_image, ids, mask, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        sched.step()
-        if step % 100 == 0 or step == steps - 1:
-            loads.append(os.getloadavg()[0])
+        if update(model, optimizer, sched, loss, step, steps, loads):
             log(f"blip2 step {step}/{steps} loss {loss.item():.4f}")
     seconds, cpu = time.time() - start, time.process_time() - cpu
     model = model.eval()
@@ -404,11 +406,11 @@ def hf_generate(model, tokenizer, pixel_values: torch.Tensor, prompt: str | None
     return [t.strip() for t in tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
 
 
-def evaluate_blip2(folder: Path) -> dict:
+def evaluate_blip2(folder: Path, count: int = TEST_SCENES) -> dict:
     """Exact-match greedy captions and answers (transformers generate) on held-out test scenes."""
     model = transformers.Blip2ForConditionalGeneration.from_pretrained(folder).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    chosen, images = render("test", TEST_SCENES)
+    chosen, images = render("test", count)
     pixels = to_pixels(images)
     captions = []
     for i in range(0, len(chosen), 96):
@@ -429,7 +431,7 @@ def evaluate_blip2(folder: Path) -> dict:
     return {"caption_exact": float(np.mean(caption_exact)), "caption_exact_by_shape_count": per_count,
             "vqa_color_shape": float(np.mean(by_kind["color"] + by_kind["shape"])),
             "vqa_color": float(np.mean(by_kind["color"])), "vqa_shape": float(np.mean(by_kind["shape"])),
-            "vqa_count": float(np.mean(by_kind["count"])), "test_scenes": TEST_SCENES,
+            "vqa_count": float(np.mean(by_kind["count"])), "test_scenes": count,
             "questions": sum(len(v) for v in by_kind.values()), "examples": [
                 {"truth": s.caption, "caption": c} for s, c in list(zip(chosen, captions))[:5]]}
 
@@ -584,6 +586,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--blip2-questions", type=int, default=3, help="questions per training image beside its caption")
     parser.add_argument("--blip2-vision-lr", type=float, default=1e-3)
+    parser.add_argument("--test-scenes", type=int, default=TEST_SCENES, help="held-out scenes each score is measured on")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--demo-images", type=int, default=6, help="test scenes bundled for `mmedge demo`")
     args = parser.parse_args(argv)
@@ -615,7 +618,7 @@ def main(argv=None) -> int:
                                        vision_lr=args.blip2_vision_lr, clip_folder=clip)
             training |= {"train_scenes": training.pop("clip_scenes", args.train_scenes), "cpu_threads": args.threads, "command": command.strip()}
         log(f"measuring {name} on the test split")
-        scores = (evaluate_clip if name == "clip" else evaluate_blip2)(folder)
+        scores = (evaluate_clip if name == "clip" else evaluate_blip2)(folder, args.test_scenes)
         log(f"{name}: {json.dumps({k: v for k, v in scores.items() if k != 'examples'})}")
         done[name] = (folder, training, scores)
     for name, (folder, training, scores) in done.items():

@@ -281,3 +281,23 @@ def test_example_export_for_device(tmp_path):
     assert "copied" in out and "ok" in out  # `mmedge validate` on the device side
     run_line = out.splitlines()[-2]  # `mmedge run` on the device: one line per image
     assert "scene-00.png" in run_line and demo.truth()["images"]["scene-00.png"]["present_labels"][0] in run_line
+
+
+def test_training_script_runs_end_to_end(tmp_path):
+    """`examples/train_demo_models.py` with a few steps: both checkpoints load through `mmedge export`'s path, the
+    cards state the measured scores, and the bundled-scene folder is written beside the models."""
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "train_demo_models.py"), "--out", str(tmp_path / "models"),
+                             "--train-scenes", "64", "--clip-scenes", "64", "--clip-steps", "2", "--blip2-steps", "2",
+                             "--batch", "8", "--test-scenes", "8", "--demo-images", "2", "--threads", "1"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("clip", "blip2"):
+        facts = json.loads((tmp_path / "models" / name / "training.json").read_text())
+        assert facts["training"]["steps"] == 2 and facts["test_split"]["test_scenes"] == 8
+        assert "both_models_train_seconds" in facts["training"]
+        assert (tmp_path / "models" / name / "README.md").is_file()
+    assert len(list((tmp_path / "images").glob("scene-*.png"))) == 2
+    from mmedge.export import ExportOptions, export_model
+
+    export_model(str(tmp_path / "models" / "clip"), tmp_path / "clip-artifact", ExportOptions(progress=False))
+    assert (tmp_path / "clip-artifact" / "manifest.json").is_file()
