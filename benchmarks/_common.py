@@ -23,6 +23,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from mmedge.bench import time_samples  # noqa: F401  (one timer for `mmedge bench` and the benchmarks)
+
 MIB = 1 << 20
 
 
@@ -40,16 +42,6 @@ class Timing:
         return asdict(self)
 
 
-def time_samples(fn: Callable[[], Any], *, warmup: int, runs: int) -> list[float]:
-    """Call ``fn`` ``warmup`` times untimed, then ``runs`` times; each timed call's wall time in ms."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return samples
 
 
 def summary(values: list[float]) -> dict:

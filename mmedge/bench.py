@@ -43,7 +43,10 @@ def _rss_bytes() -> tuple[int | None, int | None]:
         return None, None
 
 
-def _timed(fn, runs: int) -> list[float]:
+def time_samples(fn, *, warmup: int = 0, runs: int) -> list[float]:
+    """Call ``fn`` ``warmup`` times untimed, then ``runs`` times; each timed call's wall time in ms."""
+    for _ in range(warmup):
+        fn()
     samples = []
     for _ in range(runs):
         start = time.perf_counter()
@@ -79,8 +82,8 @@ def measure(path: str, backend: str = "auto", device: str = "auto", threads: int
             one, many, unit = (lambda: pipeline(images[0], labels=chosen)), (lambda: pipeline(batch_images, labels=chosen)), "images"
         one()  # warm-up: sessions allocate on the first run; label banks are built once
         many()
-        latency = _timed(one, runs)
-        batched = _timed(many, max(1, runs // 2))
+        latency = time_samples(one, runs=runs)
+        batched = time_samples(many, runs=max(1, runs // 2))
         plan = {name: f"{c.backend} [{', '.join(c.providers)}]" for name, c in pipeline.plan.components.items()}
     rss_after, peak = _rss_bytes()
     artifact = Artifact.open(path)

@@ -20,6 +20,7 @@ Nothing here imports an engine.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping
 from typing import Any
 
@@ -79,7 +80,7 @@ def host(value: Any) -> np.ndarray:
     return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
 
 
-class GraphDecoder:
+class GraphDecoder(abc.ABC):
     """Base of the graph decoders: checks and bookkeeping; ``_fresh_past``, ``_reordered_past`` and ``_forward``
     (which runs the graph and keeps the presents as the next pasts) are the subclass's."""
 
@@ -194,14 +195,14 @@ class GraphDecoder:
         return BackendError(f"{engine} failed running the decoder ({type(exc).__name__}: {detail})",
                             "feeds matching the decoder graph", "check that the kv_cache layout matches the graph")
 
+    @abc.abstractmethod
     def _fresh_past(self, empty: np.ndarray) -> list[Any]:
         """The prefill's pasts, one per name in ``_past_names``, from a zero-length ``empty [batch, heads, 0, head_dim]``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _reordered_past(self, rows: np.ndarray) -> list[Any]:
         """The pasts with row ``i`` taken from old row ``rows[i]``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _forward(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, context: dict[str, np.ndarray]) -> Any:
         """Run the graph; keep its presents in ``self._past``; return its logits ``[batch, seq, vocab]``."""
-        raise NotImplementedError
