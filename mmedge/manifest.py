@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import PurePosixPath, PureWindowsPath
+from collections.abc import Mapping
 from typing import Any
 
 from mmedge.errors import ManifestError, UnsafePathError, UnsupportedFormatError
@@ -33,6 +34,15 @@ GENERATIVE_SECTIONS = {
     "blip2": (("bos_token_id", "num_query_tokens"), ("prefix", "decoder", "image_tokens", "prompts", "embeddings")),
     "idefics": (("bos_token_id", "vision_width"), ("cross_kv", "decoder", "prompt_format", "prompts", "embeddings")),
 }
+
+
+def decoder_settings(manifest: Mapping) -> Mapping:
+    """The family section's ``decoder`` entry (``kv_cache``, ``max_positions``, ...) of a manifest, or ``{}`` when it
+    has none (an encoder-only family, or a manifest not parsed yet)."""
+    family = manifest.get("family")
+    section = manifest.get(family) if isinstance(family, str) else None
+    decoder = section.get("decoder") if isinstance(section, Mapping) else None
+    return decoder if isinstance(decoder, Mapping) else {}
 
 
 def _fail(field: str, problem: str, expected: str) -> ManifestError:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 from mmedge.device import DeviceProbe
 from mmedge.errors import BackendUnavailableError
+from mmedge.manifest import decoder_settings
 from mmedge.runtimes.kv_decoder import context_inputs
 from mmedge.runtimes.registry import BACKENDS, require_installed
 from mmedge.runtimes.tensorrt_planning import engine_precision, is_kv_decoder, require_gpu, unbuildable_reason
@@ -135,10 +136,9 @@ def _tensorrt_components(probe: DeviceProbe, manifest: dict, explicit: bool, rea
 
 
 def _torch_takes_decoder(probe: DeviceProbe, manifest: dict, device: str, weights: bool) -> bool:
-    """auto: whether the torch backend takes the decoder (the conditions of ``_torch_components``): it is present,
-    usable on this GPU, has the artifact's weights and the decoder is a plain causal LM."""
-    return (BACKENDS["torch"].module is not None and weights and "decoder" in manifest["components"]
-            and _torch_unusable(probe, device) is None and torch_decoder_unfit(manifest) is None)
+    """auto: whether ``_torch_components`` will take the decoder: torch can run on this GPU with the artifact's
+    weights, and the decoder is a plain causal LM."""
+    return _torch_auto_unusable(probe, device, weights) is None and torch_decoder_unfit(manifest) is None
 
 
 _LOGGED: set[str] = set()
@@ -170,14 +170,26 @@ def _torch_unusable(probe: DeviceProbe, device: str) -> str | None:
     return None
 
 
+NOT_IN_RELEASE = "not in this release"
+
+
+def _torch_auto_unusable(probe: DeviceProbe, device: str, weights: bool) -> str | None:
+    """Why ``auto`` gives the torch backend nothing, or None when it may take components on this GPU."""
+    if BACKENDS["torch"].module is None:
+        return NOT_IN_RELEASE
+    why = _torch_unusable(probe, device)
+    if why is None and not weights:
+        why = "the artifact has no PyTorch weights (export --with-pytorch)"
+    return why
+
+
 def decoder_context(manifest: dict) -> list[str]:
     """The decoder's inputs beyond embeddings, mask, positions and its cache (IDEFICS: the image mask and the
     cross-attention K/V); [] without a decoder."""
     decoder = manifest["components"].get("decoder")
     if decoder is None:
         return []
-    family = manifest.get("family")
-    kv = ((manifest.get(family) or {}).get("decoder") or {}).get("kv_cache")
+    kv = decoder_settings(manifest).get("kv_cache")
     if kv:
         return context_inputs(decoder["inputs"], kv)
     return [name for name in decoder["inputs"] if name not in ("inputs_embeds", "attention_mask", "position_ids")]
@@ -201,13 +213,10 @@ def torch_decoder_unfit(manifest: dict) -> str | None:
 def _torch_components(probe: DeviceProbe, manifest: dict, device: str, weights: bool, taken: dict,
                       reasons: list[str]) -> dict[str, ComponentPlan]:
     """auto: the decoder (and, without an ONNX Runtime GPU provider, the encoders TensorRT left) on torch CUDA."""
-    info = BACKENDS["torch"]
-    if info.module is None:
-        reasons.append("backend torch: not in this release")
+    why = _torch_auto_unusable(probe, device, weights)
+    if why == NOT_IN_RELEASE:
+        reasons.append(f"backend torch: {why}")
         return {}
-    why = _torch_unusable(probe, device)
-    if why is None and not weights:
-        why = "the artifact has no PyTorch weights (export --with-pytorch)"
     if why is not None:
         reasons.append(f"backend torch: {why}" + ("; ONNX Runtime is preferred on a CPU" if not probe.gpus and not probe.jetson else ""))
         return {}

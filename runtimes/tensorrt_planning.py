@@ -46,6 +46,7 @@ from dataclasses import dataclass, replace
 from typing import Iterable, Mapping
 
 from mmedge.errors import BackendUnavailableError, InputError, InsufficientMemoryError
+from mmedge.manifest import decoder_settings
 
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_MAX_BATCH = 8
@@ -167,9 +168,7 @@ def sequence_limit(manifest: Mapping, component: Mapping, limits: ProfileLimits)
         return min(length, limits.max_sequence or length), False
     if limits.max_sequence:
         return limits.max_sequence, False
-    family = manifest.get("family")
-    section = manifest.get(family) if isinstance(family, str) else None
-    positions = ((section or {}).get("decoder") or {}).get("max_positions") if isinstance(section, Mapping) else None
+    positions = decoder_settings(manifest).get("max_positions")
     if isinstance(positions, int) and positions > 0:
         return min(positions, DEFAULT_MAX_SEQUENCE), False
     return DEFAULT_MAX_SEQUENCE, False
@@ -276,16 +275,10 @@ def engine_bytes(component: Mapping, graph_bytes: int, precision: str) -> int:
 ENGINE_KV_COPIES = 3  # a decoder run by TensorRT: its staging buffers (profile's longest past), the pasts a step reads, the presents it writes
 
 
-def _decoder_settings(manifest: Mapping) -> Mapping:
-    family = manifest.get("family")
-    section = manifest.get(family) if isinstance(family, str) else None
-    return ((section or {}).get("decoder") if isinstance(section, Mapping) else None) or {}
-
-
 def kv_cache_bytes(manifest: Mapping, limits: ProfileLimits) -> int:
     """The decoder's self-attention KV cache at ``max_batch`` sequences of the longest length:
     layers x (key, value) x batch x heads x sequence x head_dim x dtype bytes. 0 without a decoder."""
-    decoder = _decoder_settings(manifest)
+    decoder = decoder_settings(manifest)
     kv = decoder.get("kv_cache")
     component = manifest.get("components", {}).get(decoder.get("component", "decoder"))
     if not kv or not component:
@@ -301,7 +294,7 @@ def kv_cache_need(manifest: Mapping, limits: ProfileLimits, built: Iterable[str]
     """GPU memory the KV cache takes when the components ``built`` are TensorRT engines: one cache when another
     backend runs the decoder (its cache lives on the same GPU), ``ENGINE_KV_COPIES`` when TensorRT runs it (the
     runner's input buffers at the profile's largest past, plus the pasts and presents of a step, both on the GPU)."""
-    copies = ENGINE_KV_COPIES if _decoder_settings(manifest).get("component", "decoder") in set(built) else 1
+    copies = ENGINE_KV_COPIES if decoder_settings(manifest).get("component", "decoder") in set(built) else 1
     return copies * kv_cache_bytes(manifest, limits)
 
 

@@ -184,21 +184,17 @@ def test_a_graph_that_does_not_match_the_layout_is_refused(pipeline):
     layout = pipeline.decoder.kv
     path, table = pipeline.artifact.component_path("decoder"), pipeline.embeddings
     context = pipeline.decoder._context_names
-    for bad, kind in (({**layout, "layers": layout["layers"] + 1}, IntegrityError), ({"layers": 2}, ManifestError),
-                      ({**layout, "past": "past_key_values"}, ManifestError)):
+    narrow = np.zeros((10, 3), np.float32)  # [vocab, not the hidden size]
+    for bad, embeddings, kind in (({**layout, "layers": layout["layers"] + 1}, table, IntegrityError),
+                                  ({"layers": 2}, table, ManifestError),
+                                  ({**layout, "past": "past_key_values"}, table, ManifestError),
+                                  (layout, narrow, FeedError)):
         runner = decoder_runner(pipeline)
         try:
-            same_error([lambda: OrtDecoder(path, table, bad, context_inputs=context),
-                        lambda: RunnerDecoder(runner, table, bad, context_inputs=context)], kind)
+            same_error([lambda: OrtDecoder(path, embeddings, bad, context_inputs=context),
+                        lambda: RunnerDecoder(runner, embeddings, bad, context_inputs=context)], kind)
         finally:
             runner.close()
-    narrow = np.zeros((10, 3), np.float32)  # [vocab, not the hidden size]
-    runner = decoder_runner(pipeline)
-    try:
-        same_error([lambda: OrtDecoder(path, narrow, layout, context_inputs=context),
-                    lambda: RunnerDecoder(runner, narrow, layout, context_inputs=context)], FeedError)
-    finally:
-        runner.close()
 
 
 # --- selection and engine planning over described devices --------------------------------------------
