@@ -159,6 +159,21 @@ def split(name: str, count: int, counts: tuple[int, ...] = (1, 2, 3)) -> list[Sc
     return [make_scene((key, i), counts) for i in range(count)]
 
 
+def questions_by_text(chosen: list[Scene]) -> dict[str, list[tuple[int, str]]]:
+    """Every question of every scene, grouped by its text so each can be asked of its images in one batch:
+    question → [(scene index, right answer)]."""
+    asked: dict[str, list[tuple[int, str]]] = {}
+    for index, scene in enumerate(chosen):
+        for question, answer in scene.questions():
+            asked.setdefault(question, []).append((index, answer))
+    return asked
+
+
+def question_kind(question: str) -> str:
+    """"color", "shape" or "count"."""
+    return "count" if question.startswith("how many") else "color" if "color" in question else "shape"
+
+
 def save_images(scenes: list[Scene], folder: str | Path, prefix: str = "scene") -> list[Path]:
     """Write each scene as ``prefix-NN.png`` into ``folder``; returns the paths."""
     folder = Path(folder)

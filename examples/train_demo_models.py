@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from mmedge.export.specs.blip2 import cache_kwarg
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scenes  # noqa: E402
 
@@ -128,10 +130,21 @@ def make_opt_tokenizer():
 
 
 # --- data --------------------------------------------------------------------------------------------
-def render(split: str, count: int, counts=(1, 2, 3)) -> tuple[list, np.ndarray]:
-    """Scenes of a split and their pixels, uint8 ``[count, 64, 64, 3]``."""
+def _pixels(chosen: list) -> np.ndarray:
+    return np.stack([np.asarray(s.render()) for s in chosen])  # [n, 64, 64, 3] uint8
+
+
+def render(split: str, count: int, counts=(1, 2, 3), workers: int = 1, chunk: int = 1000) -> tuple[list, np.ndarray]:
+    """Scenes of a split and their pixels, uint8 ``[count, 64, 64, 3]``; ``workers`` processes draw them, ``chunk``
+    scenes at a time (the same pixels for any number: each scene is seeded by its split and index)."""
     chosen = scenes.split(split, count, counts)
-    return chosen, np.stack([np.asarray(s.render()) for s in chosen])
+    if workers <= 1 or count <= chunk:
+        return chosen, _pixels(chosen)
+    import concurrent.futures
+
+    chunks = [chosen[i:i + chunk] for i in range(0, count, chunk)]
+    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+        return chosen, np.concatenate(list(pool.map(_pixels, chunks)))
 
 
 def to_pixels(images: np.ndarray) -> torch.Tensor:
@@ -206,8 +219,7 @@ def train_clip(out: Path, train: tuple, steps: int, batch: int, lr: float = 2e-3
     start, cpu, model, loads = time.time(), time.process_time(), model.train(), []
     for step in range(steps):
         idx = torch.multinomial(weights, batch, replacement=True, generator=generator)
-        ids = caption_id[idx]
-        unique, inverse = torch.unique(ids, return_inverse=True)  # encode each distinct caption once
+        unique, inverse = torch.unique(caption_id[idx], return_inverse=True)  # encode each distinct caption once
         outputs = model(input_ids=text["input_ids"][unique], attention_mask=text["attention_mask"][unique],
                         pixel_values=to_pixels(images[idx.numpy()]))
         logits = outputs.logits_per_image  # [images, distinct captions]
@@ -257,14 +269,15 @@ BLIP2_SHAPE_COUNT_SHARE = {1: 0.2, 2: 0.4, 3: 0.4}  # of training images: more o
 COUNT_QUESTION_WEIGHT = 0.25  # "how many shapes" is learnt early; colour and shape questions need more
 
 
-def blip2_config(tokenizer) -> transformers.Blip2Config:
+def blip2_config(tokenizer, qformer_dropout: float = 0.0) -> transformers.Blip2Config:
     s = BLIP2_SIZES
     newline = tokenizer.convert_tokens_to_ids(NEWLINE)
     return transformers.Blip2Config(
         vision_config=vision_config(initializer_range=0.02),
         qformer_config=dict(hidden_size=s["qformer_hidden"], intermediate_size=s["qformer_hidden"] * 4,
                             num_hidden_layers=s["qformer_layers"], num_attention_heads=4, cross_attention_frequency=1,
-                            max_position_embeddings=64, vocab_size=64),
+                            max_position_embeddings=64, vocab_size=64,
+                            hidden_dropout_prob=qformer_dropout, attention_probs_dropout_prob=qformer_dropout),
         text_config=transformers.OPTConfig(
             vocab_size=(len(tokenizer) + 63) // 64 * 64, hidden_size=s["llm_hidden"], word_embed_proj_dim=s["llm_hidden"],
             ffn_dim=s["llm_hidden"] * 4, num_hidden_layers=s["llm_layers"], num_attention_heads=4,
@@ -296,12 +309,34 @@ def lm_batch(tokenizer, items: list[tuple[str | None, str]], pad: int) -> tuple[
 
 
 def blip2_loss(model, pixel_values, per_image: int, ids, mask, labels) -> torch.Tensor:
-    """Next-token loss on the targets, with the sequence the device builds: prefix rows, then embed(ids)."""
+    """Next-token loss on the targets, with the sequence the device builds: prefix rows, then embed(ids).
+
+    The ``per_image`` sequences of an image share its prefix, and under the causal mask the prefix never sees what
+    follows it: the LLM runs the prefix once per image and each sequence continues from a copy of its KV cache, as
+    the device does: the same loss and gradients as running every full sequence, with the query rows computed once
+    per image instead of once per sequence.
+    """
+    prefix = model.get_image_features(pixel_values=pixel_values).pooler_output  # [images, queries, width]
+    lm = model.language_model
+    out = lm.model(inputs_embeds=prefix, use_cache=True)
+    cache = getattr(out, "cache", None) or out.past_key_values  # per layer [images, heads, queries, dim]
+    cache.batch_repeat_interleave(per_image)  # per layer [sequences, heads, queries, dim]; gradients flow back
+    full_mask = torch.cat([torch.ones(ids.shape[0], prefix.shape[1], dtype=torch.long), mask], dim=1)
+    logits = lm(inputs_embeds=lm.get_input_embeddings()(ids), attention_mask=full_mask,
+                **{cache_kwarg(lm): cache}).logits  # [sequences, T, vocab]
+    # position t predicts ids[t + 1]; ids[0] (BOS, predicted from the prefix) is never a target
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def full_sequences_loss(model, pixel_values, per_image: int, ids, mask, labels) -> torch.Tensor:
+    """``blip2_loss`` computed the plain way, every sequence run whole ([prefix rows, embed(ids)]): the reference the
+    tests and ``benchmarks/train_step.py`` compare it with."""
     prefix = model.get_image_features(pixel_values=pixel_values).pooler_output  # [images, queries, width]
     prefix = prefix.repeat_interleave(per_image, dim=0)  # [sequences, queries, width]
-    embeds = torch.cat([prefix, model.language_model.get_input_embeddings()(ids)], dim=1)
+    lm = model.language_model
+    embeds = torch.cat([prefix, lm.get_input_embeddings()(ids)], dim=1)
     full_mask = torch.cat([torch.ones(prefix.shape[:2], dtype=torch.long), mask], dim=1)
-    logits = model.language_model(inputs_embeds=embeds, attention_mask=full_mask).logits  # [seq, queries + T, vocab]
+    logits = lm(inputs_embeds=embeds, attention_mask=full_mask).logits  # [sequences, queries + T, vocab]
     predicted = logits[:, prefix.shape[1] - 1:-1]  # position q+t-1 predicts ids[t]
     return F.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), labels.reshape(-1), ignore_index=-100)
 
@@ -338,9 +373,9 @@ def clip_vision_into_blip2(clip, blip2, pixel_values: torch.Tensor) -> float:
 
 
 def train_blip2(out: Path, train: tuple, steps: int, batch: int, questions_per_image: int = 3, lr: float = 2e-3,
-                vision_lr: float = 1e-3, clip_folder: Path | None = None) -> dict:
+                vision_lr: float = 1e-3, clip_folder: Path | None = None, qformer_dropout: float = 0.0) -> dict:
     tokenizer = make_opt_tokenizer()
-    config = blip2_config(tokenizer)
+    config = blip2_config(tokenizer, qformer_dropout)
     torch.manual_seed(0)
     model = transformers.Blip2ForConditionalGeneration(config)
     with torch.no_grad():  # HF zero-inits the queries: identical queries would stay identical
@@ -383,6 +418,7 @@ def train_blip2(out: Path, train: tuple, steps: int, batch: int, questions_per_i
     save_blip2_processors(out, tokenizer, config)
     return {"train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu, 1), "load_average": round(np.mean(loads), 2),
             "steps": steps, "batch": batch, "lr": lr, "vision_lr": vision_lr, "sequences_per_image": 1 + questions_per_image,
+            "qformer_dropout": qformer_dropout,
             "shape_count_share": BLIP2_SHAPE_COUNT_SHARE, **init}
 
 
@@ -417,15 +453,10 @@ def evaluate_blip2(folder: Path, count: int = TEST_SCENES) -> dict:
         captions += hf_generate(model, tokenizer, pixels[i:i + 96], None)
     caption_exact = [c == s.caption for c, s in zip(captions, chosen)]
     by_kind: dict[str, list[bool]] = {"color": [], "shape": [], "count": []}
-    questions: dict[str, list[tuple[int, str]]] = {}
-    for i, scene in enumerate(chosen):
-        for q, a in scene.questions():
-            questions.setdefault(q, []).append((i, a))
-    for question, asked in questions.items():
-        kind = "color" if "color" in question else "shape" if "shape is" in question else "count"
+    for question, asked in scenes.questions_by_text(chosen).items():
         rows = [i for i, _ in asked]
         answers = hf_generate(model, tokenizer, pixels[rows], scenes.VQA_TEMPLATE.format(question), 6)
-        by_kind[kind] += [got == want for got, (_, want) in zip(answers, asked)]
+        by_kind[scenes.question_kind(question)] += [got == want for got, (_, want) in zip(answers, asked)]
     counts = Counter(len(s.shapes) for s in chosen)
     per_count = {str(n): float(np.mean([ok for ok, s in zip(caption_exact, chosen) if len(s.shapes) == n])) for n in sorted(counts)}
     return {"caption_exact": float(np.mean(caption_exact)), "caption_exact_by_shape_count": per_count,
@@ -533,9 +564,12 @@ It ships with mmedge for `mmedge demo` and the examples; it captions and answers
 
 {DATA_TEXT.format(shapes=', '.join(scenes.SHAPES), colours=', '.join(scenes.COLOURS))}
 Each training image is seen with its caption (shapes named left to right: "a red circle, a blue square and a green
-cross") and two of its questions in BLIP-2's VQA prompt (`Question: what color is the circle? Answer:` → `red`;
+cross") and {training['sequences_per_image'] - 1} of its questions in BLIP-2's VQA prompt (`Question: what color is the circle? Answer:` → `red`;
 `what shape is the red one?` → `circle`; `how many shapes are there?` → `two`). Loss: next-token cross-entropy on
-the caption or answer, over the sequence the device builds (prefix rows, then the embedded prompt).
+the caption or answer, over the sequence the device builds (prefix rows, then the embedded prompt). The LLM runs
+each image's query prefix once and continues its caption and questions from copies of that KV cache: the same loss
+and gradients as full sequences, with the query rows computed once per image. The Q-Former trains without dropout
+(rate {training.get('qformer_dropout', 0.1):g}; BLIP-2's is 0.1): these small models then fit the scenes in fewer steps.
 
 ## Training
 
@@ -582,10 +616,12 @@ def main(argv=None) -> int:
     parser.add_argument("--clip-scenes", type=int, default=20000,
                         help="CLIP trains on the first N training scenes (its caption set is small; BLIP-2 uses them all)")
     parser.add_argument("--clip-steps", type=int, default=2500)
-    parser.add_argument("--blip2-steps", type=int, default=3000)
+    parser.add_argument("--blip2-steps", type=int, default=2600)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--blip2-questions", type=int, default=3, help="questions per training image beside its caption")
     parser.add_argument("--blip2-vision-lr", type=float, default=1e-3)
+    parser.add_argument("--blip2-qformer-dropout", type=float, default=0.0,
+                        help="BLIP-2 uses 0.1; off, these small models fit the scenes in fewer steps")
     parser.add_argument("--test-scenes", type=int, default=TEST_SCENES, help="held-out scenes each score is measured on")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--demo-images", type=int, default=6, help="test scenes bundled for `mmedge demo`")
@@ -598,7 +634,7 @@ def main(argv=None) -> int:
     train, started, done = None, time.time(), {}
     if not args.evaluate:
         log(f"rendering {args.train_scenes} training scenes")
-        train = render("train", args.train_scenes)
+        train = render("train", args.train_scenes, workers=args.threads)
     for name in names:
         folder = args.out / name
         if args.evaluate:
@@ -615,7 +651,8 @@ def main(argv=None) -> int:
                 clip = args.out / "clip"
                 clip = clip if (clip / "config.json").is_file() else None  # train CLIP first: BLIP-2's ViT starts from it
                 training = train_blip2(folder, train, args.blip2_steps, args.batch, args.blip2_questions,
-                                       vision_lr=args.blip2_vision_lr, clip_folder=clip)
+                                       vision_lr=args.blip2_vision_lr, clip_folder=clip,
+                                       qformer_dropout=args.blip2_qformer_dropout)
             training |= {"train_scenes": training.pop("clip_scenes", args.train_scenes), "cpu_threads": args.threads, "command": command.strip()}
         log(f"measuring {name} on the test split")
         scores = (evaluate_clip if name == "clip" else evaluate_blip2)(folder, args.test_scenes)

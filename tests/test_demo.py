@@ -104,14 +104,10 @@ def test_clip_zero_shot_fp32_and_int8_agreement(demo_run, test_scenes):
 
 def _answers(captioner, images, chosen):
     """Greedy answers to every question of every scene, batched per question text; (kind, right) pairs."""
-    asked: dict[str, list[tuple[int, str]]] = {}
-    for i, scene in enumerate(chosen):
-        for question, answer in scene.questions():
-            asked.setdefault(question, []).append((i, answer))
     results = []
-    for question, rows in asked.items():
+    for question, rows in scenes.questions_by_text(chosen).items():
         got = captioner.caption([images[i] for i, _ in rows], captioner.vqa_template.replace("{}", question))
-        kind = "count" if question.startswith("how many") else "color_shape"
+        kind = "count" if scenes.question_kind(question) == "count" else "color_shape"
         results += [(kind, g == want) for g, (_, want) in zip(got, rows)]
     return results
 
@@ -301,3 +297,64 @@ def test_training_script_runs_end_to_end(tmp_path):
 
     export_model(str(tmp_path / "models" / "clip"), tmp_path / "clip-artifact", ExportOptions(progress=False))
     assert (tmp_path / "clip-artifact" / "manifest.json").is_file()
+
+
+def test_training_renders_the_same_pixels_in_parallel():
+    import train_demo_models as training
+
+    one_process, parallel = training.render("train", 120), training.render("train", 120, workers=2, chunk=50)
+    assert one_process[0] == parallel[0] and np.array_equal(one_process[1], parallel[1])
+
+
+def test_training_loss_runs_each_image_prefix_once():
+    """The BLIP-2 training loss runs the query prefix once per image and continues every sequence from its KV cache:
+    it must equal, in value and gradients, the loss over the full sequences [prefix rows, embed(ids)]."""
+    import torch
+    import transformers
+    import train_demo_models as training
+
+    tokenizer = training.make_opt_tokenizer()
+    torch.manual_seed(0)
+    model = transformers.Blip2ForConditionalGeneration(training.blip2_config(tokenizer, qformer_dropout=0.0))
+    with torch.no_grad():
+        model.query_tokens.normal_(0.0, 0.5)  # as training starts (HF's zero queries give the Q-Former no gradient)
+    chosen, images = training.render("train", 3)
+    items = []
+    for scene in chosen:  # two sequences per image: its caption and its first question
+        question, answer = scene.questions()[0]
+        items += [(None, scene.caption), (scenes.VQA_TEMPLATE.format(question), answer)]
+    ids, mask, labels = training.lm_batch(tokenizer, items, tokenizer.pad_token_id)  # [6, T]: two sequences per image
+    pixels = training.to_pixels(images)
+
+    results = []
+    for loss_fn in (training.full_sequences_loss, training.blip2_loss):
+        model.zero_grad()
+        loss = loss_fn(model, pixels, 2, ids, mask, labels)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (reference, reference_grads), (shared, shared_grads) = results
+    assert abs(reference - shared) < 1e-5 * reference
+    assert reference_grads.keys() == shared_grads.keys() and len(reference_grads) > 100
+    floor = 1e-5 * max(float(g.abs().max()) for g in reference_grads.values())  # key biases get only float noise
+    for name, want in reference_grads.items():
+        assert torch.allclose(shared_grads[name], want, rtol=1e-3, atol=floor), name
+
+
+def test_demo_fidelity_benchmark(demo_run, tmp_path):
+    """`benchmarks/demo_fidelity.py` measures every demo artifact on test scenes and writes its figures."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "demo_fidelity.py"), "--scenes", "8",
+                             "--cache", str(demo_run[0]), "--json", str(tmp_path / "fidelity.json")],
+                            capture_output=True, text=True, cwd=ROOT / "benchmarks")
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads((tmp_path / "fidelity.json").read_text())
+    assert figures["scenes"] == 8 and set(figures["clip"]) == {"clip-fp32", "clip-int8"}
+    assert 0.0 <= figures["blip2_int4_identical_captions"] <= 1.0 and "caption_exact" in figures["blip2"]["blip2-int4"]
+    assert "| blip2-int4 |" in result.stdout
+
+
+def test_train_step_benchmark_compares_both_losses():
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--quick", "--threads", "1"],
+                            capture_output=True, text=True, cwd=ROOT / "benchmarks")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| full sequences |" in result.stdout and "| prefix once per image |" in result.stdout
+    assert "faster per step" in result.stdout

@@ -76,8 +76,7 @@ class _DecoderWithPast(torch.nn.Module):
         super().__init__()
         self.language_model = language_model
         self.layers = layers
-        params = inspect.signature(language_model.forward).parameters
-        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.cache_kwarg = cache_kwarg(language_model)
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
         from transformers import DynamicCache
@@ -123,6 +122,11 @@ def _prefix_spec(model) -> TensorSpec:
 
 def _image_embeds_spec(model) -> TensorSpec:
     return TensorSpec("float32", ("batch", _image_tokens(model), int(model.config.vision_config.hidden_size)))
+
+
+def cache_kwarg(language_model) -> str:
+    """The keyword a causal LM's forward takes its KV cache by: ``cache`` (transformers ≥ 5.2x) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(language_model.forward).parameters else "past_key_values"
 
 
 def llm_input_width(language_model) -> int:
