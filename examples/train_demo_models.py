@@ -312,9 +312,9 @@ def blip2_loss(model, pixel_values, per_image: int, ids, mask, labels) -> torch.
     """Next-token loss on the targets, with the sequence the device builds: prefix rows, then embed(ids).
 
     The ``per_image`` sequences of an image share its prefix, and under the causal mask the prefix never sees what
-    follows it: the LLM runs the prefix once per image and each sequence continues from a copy of its KV cache, as
-    the device does: the same loss and gradients as running every full sequence, with the query rows computed once
-    per image instead of once per sequence.
+    follows it. So the LLM runs the prefix once per image and each sequence continues from a copy of its KV cache, as
+    the device does. Loss and gradients are those of ``full_sequences_loss``, with the query rows computed once per
+    image instead of once per sequence.
     """
     prefix = model.get_image_features(pixel_values=pixel_values).pooler_output  # [images, queries, width]
     lm = model.language_model
