@@ -75,7 +75,8 @@ def _merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
 
 
 def learn_merges(words: list[tuple[str, ...]], limit: int = 400) -> list[tuple[str, str]]:
-    """Deterministic BPE: merge the most frequent adjacent pair (ties by text) until every word is one token."""
+    """Deterministic BPE: merge the most frequent adjacent pair (ties by text) until every word is one token.
+    ``words``: a list of symbol tuples, or a Counter of them (symbol tuple → count)."""
     counts, merges = Counter(words), []
     while len(merges) < limit:
         pairs = Counter()

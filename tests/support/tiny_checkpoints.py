@@ -7,11 +7,15 @@ through the same loading path a real model takes. Nothing is downloaded.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from pathlib import Path
 
 import torch
 import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+from train_demo_models import byte_alphabet, learn_merges  # noqa: E402  (the demo tokenizers' BPE pieces)
 
 # English caption-like text the tiny BPE learns its merges from: common words become one or a few
 # pieces, rarer words split into several.
@@ -103,40 +107,13 @@ def _text_config(tokenizer, hidden: int, layers: int, heads: int, max_positions:
     )
 
 
-def _byte_alphabet() -> list[str]:
-    """The 256 characters byte-level BPE stands bytes in for, in CLIP's vocab order (GPT-2's bytes_to_unicode).
-
-    Printable bytes map to themselves and come first; the others map to chr(256 + n), in byte order.
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [byte for byte in range(256) if byte not in printable]
-    return [chr(byte) for byte in printable] + [chr(256 + n) for n in range(len(others))]
-
-
 def _learn_merges(corpus: str, num_merges: int) -> list[tuple[str, str]]:
     """Learn byte-level BPE merges (words end in "</w>") on ``corpus`` with CLIP's pre-tokenization.
 
     A plain, deterministic BPE: repeatedly merge the most frequent adjacent pair, ties broken by
     the pair's text (``tokenizers``' BpeTrainer breaks ties differently from run to run).
     """
-    return _bpe(Counter(tuple(word[:-1]) + (word[-1] + END_OF_WORD,) for word in _pre_tokenize(corpus)), num_merges)
-
-
-def _bpe(words: Counter, num_merges: int) -> list[tuple[str, str]]:
-    """Merges of a plain, deterministic BPE over ``words`` (symbol tuples → counts): repeatedly the most
-    frequent adjacent pair, ties broken by the pair's text."""
-    merges = []
-    while len(merges) < num_merges:
-        pairs = Counter()
-        for word, count in words.items():
-            for pair in zip(word, word[1:]):
-                pairs[pair] += count
-        if not pairs:
-            break
-        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
-        merges.append(best)
-        words = Counter({_merge_pair(word, best): count for word, count in words.items()})
-    return merges
+    return learn_merges(Counter(tuple(word[:-1]) + (word[-1] + END_OF_WORD,) for word in _pre_tokenize(corpus)), num_merges)
 
 
 def _pre_tokenize(corpus: str) -> list[str]:
@@ -146,22 +123,9 @@ def _pre_tokenize(corpus: str) -> list[str]:
     return [word for word, _ in backend.pre_tokenizer.pre_tokenize_str(normalized)]
 
 
-def _merge_pair(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
-    """``word`` with every occurrence of the adjacent ``pair`` joined into one symbol."""
-    merged, i = [], 0
-    while i < len(word):
-        if word[i:i + 2] == pair:
-            merged.append(pair[0] + pair[1])
-            i += 2
-        else:
-            merged.append(word[i])
-            i += 1
-    return tuple(merged)
-
-
 def _build_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
     """Byte characters, their end-of-word forms, merge results, then the two special tokens."""
-    tokens = _byte_alphabet()
+    tokens = byte_alphabet()
     tokens += [char + END_OF_WORD for char in tokens]
     for left, right in merges:
         if left + right not in tokens:
@@ -256,7 +220,7 @@ def make_tiny_opt_tokenizer():
     ``<image>`` as an added special token. ``</s>`` is prepended to every text, as OPT's tokenizer does.
     """
     merges = _learn_byte_level_merges(CAPTION_CORPUS + VQA_CORPUS, num_merges=300)
-    tokens = list(OPT_SPECIAL_TOKENS) + _byte_alphabet()
+    tokens = list(OPT_SPECIAL_TOKENS) + byte_alphabet()
     for left, right in merges:
         if left + right not in tokens:
             tokens.append(left + right)
@@ -274,7 +238,7 @@ def _learn_byte_level_merges(corpus: str, num_merges: int) -> list[tuple[str, st
     from tokenizers import pre_tokenizers
 
     words = [w for w, _ in pre_tokenizers.ByteLevel(add_prefix_space=False).pre_tokenize_str(corpus)]
-    return _bpe(Counter(tuple(word) for word in words), num_merges)
+    return learn_merges(Counter(tuple(word) for word in words), num_merges)
 
 
 def _spread_weights(model, seed: int, encoder_std: float = 0.2, llm_std: float = 0.3) -> None:
@@ -309,7 +273,7 @@ def make_tiny_llama_tokenizer(corpus: str = IDEFICS_CORPUS, num_merges: int = 20
     for word in counts:
         for ch in word:
             vocab.setdefault(ch, len(vocab))
-    merges = _bpe(counts, num_merges)
+    merges = learn_merges(counts, num_merges)
     for left, right in merges:
         vocab.setdefault(left + right, len(vocab))
     tokenizer = transformers.LlamaTokenizer(vocab=vocab, merges=merges, pad_token="<unk>")
