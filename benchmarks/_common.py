@@ -42,8 +42,6 @@ class Timing:
         return asdict(self)
 
 
-
-
 def summary(values: list[float]) -> dict:
     """Median, min and max of repeated measurements (in the caller's unit: ms or tokens/s)."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}

@@ -25,24 +25,15 @@ import transformers
 from _common import markdown_table, time_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-import scenes  # noqa: E402
 import train_demo_models as training  # noqa: E402
 
 
-def batches(tokenizer, count: int, images_per_batch: int = 64, questions: int = 3) -> list[tuple]:
-    """(pixels, ids, mask, labels) as the training loop builds them: a caption and ``questions`` per image."""
-    chosen, images = training.render("train", 2000)
+def batches(tokenizer, count: int, images_per_batch: int = 64) -> list[tuple]:
+    """``count`` batches as the training loop builds them (``train_demo_models.blip2_batch``): a caption and three
+    questions per image."""
+    train = training.render("train", 2000)
     rng = np.random.default_rng(0)
-    out = []
-    for _ in range(count):
-        idx = rng.choice(len(chosen), size=images_per_batch)
-        items = []
-        for i in idx:
-            pairs = chosen[i].questions()
-            items.append((None, chosen[i].caption))
-            items += [(scenes.VQA_TEMPLATE.format(pairs[k][0]), pairs[k][1]) for k in rng.choice(len(pairs), questions, replace=False)]
-        out.append((training.to_pixels(images[idx]), *training.lm_batch(tokenizer, items, tokenizer.pad_token_id)))
-    return out
+    return [training.blip2_batch(tokenizer, train, rng.choice(2000, size=images_per_batch), 3, rng) for _ in range(count)]
 
 
 def main(argv=None) -> int:
@@ -63,8 +54,7 @@ def main(argv=None) -> int:
         position = itertools.count()
 
         def step():
-            pixels, ids, mask, labels = data[next(position) % len(data)]
-            loss = loss_fn(model, pixels, 4, ids, mask, labels)
+            loss = loss_fn(model, *data[next(position) % len(data)])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -73,7 +63,7 @@ def main(argv=None) -> int:
         timing = time_call(step, warmup=2, runs=runs)
         medians[name] = timing.median_ms
         rows.append([name, f"{timing.median_ms:.1f} ms", f"{timing.min_ms:.1f} ms"])
-    width = data[0][1].shape[1]
+    width = data[0][2].shape[1]
     print(f"BLIP-2 training step (demo shapes, 64 images × 4 sequences, ids {width} wide; {args.threads} threads, {runs} runs)\n")
     print(markdown_table(["loss", "median step", "fastest step"], rows))
     ratio = medians["full sequences"] / medians["prefix once per image"]

@@ -309,6 +309,21 @@ def lm_batch(tokenizer, items: list[tuple[str | None, str]], pad: int) -> tuple[
     return ids, mask, labels
 
 
+def blip2_batch(tokenizer, train: tuple, idx: np.ndarray, questions_per_image: int, rng: np.random.Generator) -> tuple:
+    """``blip2_loss``'s arguments after the model for the training scenes ``idx``: pixels, sequences per image, ids,
+    mask, labels. Each image brings its caption and ``questions_per_image`` of its questions, drawn with ``rng``."""
+    train_scenes, images = train
+    items = []
+    for i in idx:
+        scene = train_scenes[i]
+        items.append((None, scene.caption))
+        pairs = scene.questions()  # colour and shape of each object, then the count
+        weights = np.array([1.0] * (len(pairs) - 1) + [COUNT_QUESTION_WEIGHT])
+        for k in rng.choice(len(pairs), size=questions_per_image, replace=False, p=weights / weights.sum()):
+            items.append((scenes.VQA_TEMPLATE.format(pairs[k][0]), pairs[k][1]))
+    return to_pixels(images[idx]), 1 + questions_per_image, *lm_batch(tokenizer, items, tokenizer.pad_token_id)
+
+
 def blip2_loss(model, pixel_values, per_image: int, ids, mask, labels) -> torch.Tensor:
     """Next-token loss on the targets, with the sequence the device builds: prefix rows, then embed(ids).
 
@@ -398,16 +413,7 @@ def train_blip2(out: Path, train: tuple, steps: int, batch: int, questions_per_i
     start, cpu, model, loads = time.time(), time.process_time(), model.train(), []
     for step in range(steps):
         idx = rng.choice(len(train_scenes), size=batch, p=share)
-        items = []
-        for i in idx:
-            scene = train_scenes[i]
-            items.append((None, scene.caption))
-            pairs = scene.questions()  # colour and shape of each object, then the count
-            weights = np.array([1.0] * (len(pairs) - 1) + [COUNT_QUESTION_WEIGHT])
-            for k in rng.choice(len(pairs), size=questions_per_image, replace=False, p=weights / weights.sum()):
-                items.append((scenes.VQA_TEMPLATE.format(pairs[k][0]), pairs[k][1]))
-        ids, mask, labels = lm_batch(tokenizer, items, tokenizer.pad_token_id)
-        loss = blip2_loss(model, to_pixels(images[idx]), 1 + questions_per_image, ids, mask, labels)
+        loss = blip2_loss(model, *blip2_batch(tokenizer, train, idx, questions_per_image, rng))
         if update(model, optimizer, sched, loss, step, steps, loads):
             log(f"blip2 step {step}/{steps} loss {loss.item():.4f}")
     seconds, cpu = time.time() - start, time.process_time() - cpu

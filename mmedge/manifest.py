@@ -8,8 +8,8 @@ at load time. Writers build the same dict shape (see ``mmedge.export.artifact_wr
 from __future__ import annotations
 
 import json
-from pathlib import PurePosixPath, PureWindowsPath
 from collections.abc import Mapping
+from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
 from mmedge.errors import ManifestError, UnsafePathError, UnsupportedFormatError

@@ -29,6 +29,7 @@ import numpy as np
 from mmedge.embeddings import EmbeddingTable
 from mmedge.errors import BackendError, FeedError, IntegrityError, ManifestError
 from mmedge.generation.decoder import position_ids as _position_ids
+from mmedge.manifest import decoder_settings
 
 KV_KEYS = ("layers", "heads", "head_dim", "past", "present")
 KV_KINDS = ("key", "value")
@@ -68,7 +69,7 @@ def context_inputs(input_names, kv_cache: Mapping[str, Any]) -> list[str]:
 def artifact_decoder(manifest: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(kv_cache layout, keywords) a graph decoder takes from an artifact's manifest: ``position_offset``,
     ``max_positions`` and the graph's ``context_inputs``."""
-    settings = manifest[manifest["family"]]["decoder"]
+    settings = decoder_settings(manifest)
     layout = settings["kv_cache"]
     context = context_inputs(manifest["components"]["decoder"]["inputs"], layout)  # IDEFICS: image mask, cross K/V
     return layout, {"position_offset": settings.get("position_offset", 0), "max_positions": settings.get("max_positions"),
