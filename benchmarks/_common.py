@@ -261,9 +261,9 @@ def fmt_share(value: float | None) -> str | None:
 class TokenClock:
     """A ``mmedge.generation.Decoder`` around another one that notes when each decode step is asked for.
 
-    The loop calls ``step`` right after it has chosen a token, so the calls mark tokens 1 .. n-1; the
-    caller marks token n when ``generate`` returns. ``reserve`` is passed on when the wrapped decoder
-    preallocates its cache (the torch backend).
+    The loop calls ``step`` (or ``step_greedy``) right after it has chosen a token, so the calls mark tokens
+    1 .. n-1; the caller marks token n when ``generate`` returns. ``reserve`` and ``step_greedy`` are passed on
+    when the wrapped decoder has them (the torch backend's preallocated cache and on-device greedy choice).
     """
 
     def __init__(self, decoder):
@@ -274,17 +274,25 @@ class TokenClock:
         self.step_seconds: list[float] = []  # inside decoder.step: embedding lookup + the graph
         if callable(getattr(decoder, "reserve", None)):
             self.reserve = decoder.reserve
+        if callable(getattr(decoder, "step_greedy", None)):
+            self.step_greedy = self._step_greedy
 
     def start(self, inputs_embeds, attention_mask):
         self.times, self.step_seconds = [], []
         return self.decoder.start(inputs_embeds, attention_mask)
 
-    def step(self, token_ids, attention_mask):
+    def _timed(self, call, *args):
         now = time.perf_counter()
         self.times.append(now)
-        logits = self.decoder.step(token_ids, attention_mask)
+        out = call(*args)
         self.step_seconds.append(time.perf_counter() - now)
-        return logits
+        return out
+
+    def step(self, token_ids, attention_mask):
+        return self._timed(self.decoder.step, token_ids, attention_mask)
+
+    def _step_greedy(self, token_ids, attention_mask, banned=()):
+        return self._timed(self.decoder.step_greedy, token_ids, attention_mask, banned)
 
     def reorder(self, rows):
         self.decoder.reorder(rows)

@@ -1,35 +1,49 @@
 #!/usr/bin/env bash
-# GPU check of the torch backend, in one run of under six minutes on a lent GPU machine (offline):
+# GPU check of the torch backend, in one run of under ten minutes on a lent GPU machine (offline):
 #   1. installs what travels: wheels under $MMEDGE_WHEELS, shared/wheels/ or benchmarks/wheels/ (bitsandbytes, and transformers /
 #      safetensors / tokenizers / onnx if the machine lacks them), then mmedge itself (editable, no index);
-#   2. runs the GPU-marked tests (tests/test_conformance.py, tests/test_torch_backend.py: -m gpu);
-#   3. measures (benchmarks/gpu_bench.py): BLIP-2 OPT-2.7B shapes FP16 batch 1, 64 new tokens forced, HF generate
-#      eager and static cache vs mmedge torch FP16 / INT8 / NF4; CLIP ViT-B/32 image tower batch 1 and 64;
-#      writes benchmarks/out/gpu_check.json (+ .md) and appends the section, with the card's name, to RESULTS.md.
+#   2. runs the GPU-marked tests (tests/test_conformance.py, tests/test_torch_backend.py: -m gpu) on the tiny artifacts
+#      carried in benchmarks/test-artifacts/ (exported here by --prepare; exported there when absent);
+#   3. measures (benchmarks/gpu_bench.py): copy bandwidth; CLIP ViT-B/32 image tower batch 1 and 64; BLIP-2 OPT-2.7B shapes
+#      FP16 batch 1, 64 new tokens forced: HF generate eager and static cache (compiled and not) vs mmedge torch FP16
+#      (compiled and not) / NF4 / INT8; writes the JSON after every variant ($MMEDGE_GPU_CHECK_OUT) with its .md beside it,
+#      and appends the section, with the card's name, to RESULTS.md.
 # Without a bitsandbytes wheel the INT8/NF4 rows say "skipped" and the rest runs.
 #
-#   bash benchmarks/gpu_check.sh            # on the GPU machine
+#   bash benchmarks/gpu_check.sh --prepare  # here, before the GPU run: wheels from ../shared/wheels, tiny test artifacts
+#   bash benchmarks/gpu_check.sh            # on the GPU machine (carry benchmarks/wheels and benchmarks/test-artifacts)
 #   bash benchmarks/gpu_check.sh --tiny     # anywhere, CPU: tiny test models, about a minute (MMEDGE_GPU_CHECK_TINY=1)
-#
-# Prepare the wheels on a machine with internet (the lent machine has none):
-#   pip download --no-deps bitsandbytes==0.50.2 -d benchmarks/wheels     # 43 MB; git-ignored, carried beside the tree
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 TINY=${MMEDGE_GPU_CHECK_TINY:-0}
-LIMIT_S=${MMEDGE_GPU_CHECK_LIMIT_S:-340}  # the whole script; the measurements get what the tests leave
+PREPARE=0
+LIMIT_S=${MMEDGE_GPU_CHECK_LIMIT_S:-500}  # the whole script; the measurements get what the tests leave
+TESTS_S=${MMEDGE_GPU_CHECK_TESTS_S:-210}  # the GPU-marked tests at most
 OUT=${MMEDGE_GPU_CHECK_OUT:-benchmarks/out/gpu_check.json}
 for arg in "$@"; do
   case "$arg" in
     --tiny) TINY=1 ;;
+    --prepare) PREPARE=1 ;;
     -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
-    *) echo "gpu_check: unknown argument '$arg' (use --tiny)" >&2; exit 2 ;;
+    *) echo "gpu_check: unknown argument '$arg' (use --tiny or --prepare)" >&2; exit 2 ;;
   esac
 done
 PY=${PYTHON:-python3}
 START=$SECONDS
-mkdir -p "$(dirname "$OUT")"
 say() { echo "gpu_check [$((SECONDS - START)) s]: $*" >&2; }
+
+# --- 0. --prepare: what the GPU machine cannot fetch or should not spend its minutes on ---------------------
+if [ "$PREPARE" = 1 ]; then
+  mkdir -p benchmarks/wheels
+  for wheel in ../shared/wheels/*.whl; do
+    [ -e "$wheel" ] && cp -u "$wheel" benchmarks/wheels/ && say "wheel $(basename "$wheel") -> benchmarks/wheels/"
+  done
+  "$PY" -m tests.support.artifacts benchmarks/test-artifacts
+  say "prepared: carry benchmarks/wheels and benchmarks/test-artifacts ($(du -sh benchmarks/wheels benchmarks/test-artifacts | awk '{print $1}' | paste -sd+))"
+  exit 0
+fi
+mkdir -p "$(dirname "$OUT")"
 
 # --- 1. what travels ---------------------------------------------------------------------------------
 WHEEL_DIRS=()
@@ -85,19 +99,21 @@ print(f"gpu_check: torch {torch.__version__} (CUDA {torch.version.cuda}), GPU: {
 PY
 
 # --- 2. the GPU-marked tests ---------------------------------------------------------------------------
+if [ -d benchmarks/test-artifacts ]; then export MMEDGE_TEST_ARTIFACTS="$ROOT/benchmarks/test-artifacts"; fi
 TESTS_LOG="${OUT%.json}-tests.txt"
-say "GPU tests (-m gpu) -> $TESTS_LOG"
+say "GPU tests (-m gpu, at most ${TESTS_S} s) -> $TESTS_LOG${MMEDGE_TEST_ARTIFACTS:+ (artifacts from $MMEDGE_TEST_ARTIFACTS)}"
 set +e
-timeout $(( LIMIT_S / 2 )) "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_conformance.py tests/test_torch_backend.py \
+timeout "$TESTS_S" "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider --durations=12 tests/test_conformance.py tests/test_torch_backend.py \
   > "$TESTS_LOG" 2>&1
 TESTS_RC=$?
 set -e
-TESTS_LINE=$(tail -n 1 "$TESTS_LOG")
+TESTS_LINE=$(grep -E "(passed|failed|skipped|error|no tests ran)" "$TESTS_LOG" | tail -n 1)
+[ "$TESTS_RC" -eq 124 ] && TESTS_LINE="timed out after ${TESTS_S} s; last: $TESTS_LINE"
 say "tests: $TESTS_LINE (exit $TESTS_RC)"
-if [ "$TESTS_RC" -ne 0 ] && [ "$TESTS_RC" -ne 5 ]; then tail -n 40 "$TESTS_LOG" >&2; fi
+if [ "$TESTS_RC" -ne 0 ] && [ "$TESTS_RC" -ne 5 ]; then tail -n 60 "$TESTS_LOG" >&2; fi
 
 # --- 3. the measurements -----------------------------------------------------------------------------
-BUDGET=$(( LIMIT_S - (SECONDS - START) - 30 ))
+BUDGET=$(( LIMIT_S - (SECONDS - START) - 60 ))  # a variant started inside the budget may run past it
 [ "$BUDGET" -lt 30 ] && BUDGET=30
 ARGS=(--out "$OUT" --budget-s "$BUDGET" --tests "$TESTS_LINE (exit $TESTS_RC)")
 [ "$TINY" = 1 ] && ARGS+=(--tiny)

@@ -12,13 +12,19 @@ backend is pointed at a local checkpoint folder (``checkpoint=``). The family's 
 - **One model per artifact.** Runners of one artifact (and the decoder, ``mmedge.runtimes.torch_decoder``) share
   one loaded model per (weights, device, dtype); it is freed when the last of them is closed.
 - **CUDA graphs (CUDA only).** Each component captures one ``torch.cuda.CUDAGraph`` per distinct input shape
-  (batch size, text length), up to ``max_graphs``, after warm-up runs on a side stream; later calls copy the feeds
-  into the graph's static inputs and replay it. Shapes past the limit run eagerly. A capture that fails (an op that
-  synchronizes with the host) is logged once and that shape runs eagerly.
+  (batch size, text length), up to ``max_graphs``, after warm-up runs on its own stream; later calls copy the feeds
+  (from pinned host buffers, asynchronously) into the graph's static inputs and replay it; the cast to the model's
+  dtype and to the manifest's output dtypes happens inside the graph, and host outputs come back through pinned
+  buffers with one synchronization per call. Shapes past the limit run without a graph. A capture that fails (an op
+  that synchronizes with the host) is logged once and that shape runs without a graph
+  (``mmedge.runtimes.torch_graphs``).
+- **Compilation.** ``compile`` (None: on wherever CUDA graphs are) runs each component under
+  ``torch.compile(fullgraph=True)`` with inductor, captured inside the CUDA graph: fused kernels, no Python per call.
+  A component that cannot compile is logged and runs uncompiled.
 - **Outputs on the GPU.** ``keep_on_device=True`` returns ``TorchDeviceArray``\\ s: a torch CUDA tensor that another
   torch or TensorRT runner takes without a copy (``__cuda_array_interface__``, DLPack), that numpy reads with a copy
   (``np.asarray``). By default outputs are numpy arrays.
-- **LLM weights in INT8 / NF4** (``quantize_linear_layers``): bitsandbytes ``Linear8bitLt`` (LLM.int8, outlier
+- **LLM weights in INT8 / NF4** (``mmedge.runtimes.torch_bnb``): bitsandbytes ``Linear8bitLt`` (LLM.int8, outlier
   threshold 6.0) or ``Linear4bit`` (NF4, compute in the model's dtype, no double quantization) replace the LLM's
   ``nn.Linear`` layers, except its output head, as transformers' ``BitsAndBytesConfig`` defaults do; layers
   narrower than 64 inputs stay float for NF4. Only the decoder asks for it.
@@ -34,24 +40,21 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 
 from mmedge.errors import BackendError, BackendUnavailableError, FeedError
 from mmedge.runner import DeviceArray, Runner, TensorMeta
+from mmedge.runtimes.torch_bnb import QUANTIZATIONS, output_head_names, quantize_linear_layers
+from mmedge.runtimes.torch_graphs import DEFAULT_MAX_GRAPHS, Compiled, GraphCache, HostBuffers, as_tuple, compile_backend
 
 log = logging.getLogger("mmedge")
 
 INSTALL = 'pip install "mmedge[torch]" (torch and transformers; add bitsandbytes for INT8/NF4 LLM weights)'
-BNB_INSTALL = 'pip install "mmedge[torch,bitsandbytes]" (bitsandbytes >= 0.45; CUDA, or its CPU build)'
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
                "bfloat16": "bfloat16", "bf16": "bfloat16"}
 PRECISION_OF_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-QUANTIZATIONS = ("int8", "nf4")
-DEFAULT_MAX_GRAPHS = 8
-GRAPH_WARMUP = 2  # eager runs on a side stream before a capture (cuBLAS workspaces, lazy inits)
-NF4_MIN_INPUTS = 64  # bitsandbytes' 4-bit kernels want at least one 64-value block per row
 
 
 # --- lazy imports ----------------------------------------------------------------------------------
@@ -69,17 +72,6 @@ def import_torch():
             f"backend 'torch' needs the Python package 'transformers', which cannot be imported ({exc})",
             "transformers >= 5 importable beside torch", INSTALL) from None
     return torch
-
-
-def import_bitsandbytes():
-    """The ``bitsandbytes`` module, or BackendUnavailableError naming it and how to install it."""
-    try:
-        import bitsandbytes
-    except ImportError as exc:
-        raise BackendUnavailableError(
-            f"INT8/NF4 LLM weights need the Python package 'bitsandbytes', which cannot be imported ({exc})",
-            "bitsandbytes importable beside torch", BNB_INSTALL) from None
-    return bitsandbytes
 
 
 def torch_dtype(name: str | None, device) -> Any:
@@ -221,10 +213,38 @@ def load_reference_model(folder: Path, family: str, device, dtype):
                            f"({(str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]})",
                            "config.json and safetensors weights written by `mmedge export --with-pytorch`",
                            "copy the artifact's pytorch/ folder again, or re-export it") from None
-    if next(model.parameters()).dtype == torch.float32 and dtype != torch.float32:
-        model = model.to(dtype)  # a transformers release without the dtype= keyword
+    if dtype != torch.float32 and _cast_dtype(model) == torch.float32:
+        cast_keeping_fp32_modules(model, dtype)  # a transformers release without the dtype= keyword
     model = model.to(device).eval()
     model.requires_grad_(False)
+    return model
+
+
+def _fp32_module_names(model) -> tuple[str, ...]:
+    return tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+
+
+def _cast_dtype(model):
+    """The dtype of the model's weights outside the modules its class keeps in FP32 (BLIP-2's ``query_tokens`` and
+    Q-Former come first in ``parameters()`` and stay FP32 whatever dtype was asked for)."""
+    kept = _fp32_module_names(model)
+    for name, parameter in model.named_parameters():
+        if parameter.is_floating_point() and not any(name == k or name.startswith(f"{k}.") for k in kept):
+            return parameter.dtype
+    return None
+
+
+def cast_keeping_fp32_modules(model, dtype):
+    """``model`` cast to ``dtype`` in place, but for the modules and parameters its class keeps in FP32
+    (``_keep_in_fp32_modules``), as ``from_pretrained(dtype=...)`` loads it."""
+    torch = import_torch()
+    model.to(dtype)
+    for name in _fp32_module_names(model):
+        part = getattr(model, name, None)
+        if isinstance(part, torch.nn.Parameter):
+            part.data = part.data.float()
+        elif isinstance(part, torch.nn.Module):
+            part.float()
     return model
 
 
@@ -250,52 +270,8 @@ def _quantize_llm(entry: _Loaded, family: str, method: str, device, dtype) -> No
         raise BackendError(f"the {family} family has no language model the torch backend decodes with",
                            "a BLIP-2-style causal LLM", "run the decoder on ONNX Runtime (backend='auto')")
     entry.quantization_report = quantize_linear_layers(llm, method, compute_dtype=dtype, device=device,
-                                                       skip=_output_head_names(llm))
+                                                       skip=output_head_names(llm))
     entry.llm_quantization = method
-
-
-def _output_head_names(llm) -> tuple[str, ...]:
-    """Names of the LLM's output head (and anything sharing its weight): kept in float, as transformers does."""
-    head = llm.get_output_embeddings()
-    if head is None:
-        return ()
-    return tuple(name for name, module in llm.named_modules() if module is head or getattr(module, "weight", None) is head.weight)
-
-
-def quantize_linear_layers(module, method: str, *, compute_dtype, device, skip: tuple[str, ...] = ()) -> dict:
-    """Replace ``module``'s ``nn.Linear`` layers (but those named in ``skip``) by bitsandbytes layers in place:
-    ``int8`` → ``Linear8bitLt`` (LLM.int8(), threshold 6.0), ``nf4`` → ``Linear4bit`` (NF4, ``compute_dtype``).
-    Weights are quantized as each layer moves to ``device``. Returns what was replaced and what was kept."""
-    torch = import_torch()
-    bnb = import_bitsandbytes()
-    replaced, kept = 0, []
-    for parent_name, parent in list(module.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            if type(child) is not torch.nn.Linear:
-                continue
-            name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if name in skip or (method == "nf4" and child.in_features < NF4_MIN_INPUTS):
-                kept.append(name)
-                continue
-            weight = child.weight.data.detach().to("cpu", torch.float16 if method == "int8" else compute_dtype)
-            bias = None if child.bias is None else torch.nn.Parameter(child.bias.data.detach().cpu(), requires_grad=False)
-            if method == "int8":
-                layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=bias is not None,
-                                            has_fp16_weights=False, threshold=6.0)
-                layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
-            else:
-                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=bias is not None,
-                                          compute_dtype=compute_dtype, compress_statistics=False, quant_type="nf4")
-                layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=False, quant_type="nf4")
-            if bias is not None:
-                layer.bias = bias
-            setattr(parent, child_name, layer.to(device))  # quantized here
-            replaced += 1
-    if not replaced:
-        raise BackendError(f"no Linear layer of the LLM could be quantized to {method}", "nn.Linear layers with >= 64 inputs",
-                           "load without quantization")
-    return {"method": method, "library": f"bitsandbytes {getattr(bnb, '__version__', '?')}", "replaced_layers": replaced,
-            "kept_float": kept}
 
 
 # --- outputs left on the GPU ---------------------------------------------------------------------
@@ -330,70 +306,18 @@ class TorchDeviceArray(DeviceArray):
         return str(self.tensor.device)
 
 
-# --- CUDA graphs ---------------------------------------------------------------------------------
-class GraphCache:
-    """``fn(*tensors) -> tensor | tuple`` captured as one CUDA graph per input signature (shapes, dtypes), at most
-    ``max_graphs``; other signatures, and those whose capture failed, run eagerly. CUDA only."""
-
-    def __init__(self, fn: Callable, device, max_graphs: int = DEFAULT_MAX_GRAPHS, name: str = ""):
-        self.torch = import_torch()
-        self.fn, self.device, self.max_graphs, self.name = fn, device, max_graphs, name
-        self.pool = self.torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple, tuple[list, Any, tuple]] = {}
-        self.failed: dict[tuple, str] = {}
-
-    def __call__(self, *inputs) -> tuple:
-        key = tuple((tuple(t.shape), t.dtype) for t in inputs)
-        entry = self.graphs.get(key)
-        if entry is None:
-            if key in self.failed or len(self.graphs) >= self.max_graphs:
-                return _as_tuple(self.fn(*inputs))
-            entry = self._capture(key, inputs)
-            if entry is None:
-                return _as_tuple(self.fn(*inputs))
-        static_inputs, graph, static_outputs = entry
-        for static, value in zip(static_inputs, inputs):
-            static.copy_(value)
-        graph.replay()
-        return static_outputs  # overwritten by the next replay: callers copy what they keep
-
-    def _capture(self, key: tuple, inputs) -> tuple | None:  # CUDA-only path, exercised by the GPU tests
-        torch = self.torch
-        static_inputs = [t.clone() for t in inputs]
-        try:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(GRAPH_WARMUP):
-                    self.fn(*static_inputs)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                static_outputs = _as_tuple(self.fn(*static_inputs))
-        except Exception as exc:  # an op that synchronizes with the host cannot be captured: run eagerly
-            self.failed[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-            log.warning("mmedge: CUDA graph capture of '%s' for shapes %s failed (%s); running it eagerly",
-                        self.name, [list(s) for s, _ in key], self.failed[key])
-            torch.cuda.synchronize(self.device)
-            return None
-        self.graphs[key] = (static_inputs, graph, static_outputs)
-        return self.graphs[key]
-
-
-def _as_tuple(value) -> tuple:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
-
-
 # --- the runner ------------------------------------------------------------------------------------
 @dataclass
 class TorchSettings:
     """How the torch backend runs a component: device ("auto", "cpu", "cuda", "cuda:N"), dtype (None: float16 on
-    CUDA, float32 on a CPU), CUDA graphs (None: on for CUDA), outputs left on the GPU, the graph limit, INT8/NF4
-    LLM weights (decoder only) and an optional checkpoint folder instead of the artifact's pytorch/ weights."""
+    CUDA, float32 on a CPU), CUDA graphs (None: on for CUDA), torch.compile (None: on where CUDA graphs are; True,
+    False or a torch.compile backend name), outputs left on the GPU, the graph limit, INT8/NF4 LLM weights (decoder
+    only) and an optional checkpoint folder instead of the artifact's pytorch/ weights."""
 
     device: str | None = "auto"
     dtype: str | None = None
     cuda_graphs: bool | None = None
+    compile: bool | str | None = None
     keep_on_device: bool = False
     max_graphs: int = DEFAULT_MAX_GRAPHS
     quantization: str | None = None
@@ -406,7 +330,8 @@ class TorchRunner(Runner):
     backend = "torch"
 
     def __init__(self, module, component_name: str, component: dict, *, device, dtype, cuda_graphs: bool | None = None,
-                 keep_on_device: bool = False, max_graphs: int = DEFAULT_MAX_GRAPHS, handle: ModelHandle | None = None):
+                 compile: bool | str | None = None, keep_on_device: bool = False, max_graphs: int = DEFAULT_MAX_GRAPHS,
+                 handle: ModelHandle | None = None):
         super().__init__(component_name, component)
         self.torch = torch = import_torch()
         self.device, self.dtype = device, dtype
@@ -414,10 +339,12 @@ class TorchRunner(Runner):
         self._handle = handle
         self._input_names = list(component["inputs"])  # the wrapper's forward takes them in this order
         self._output_names = list(component["outputs"])
-        self._output_dtypes = {n: getattr(torch, m.dtype) for n, m in self._outputs.items()}
+        self._output_dtypes = [getattr(torch, self._outputs[n].dtype) for n in self._output_names]
         self.keep_on_device = bool(keep_on_device) and device.type == "cuda"
         self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs) and device.type == "cuda"
-        self._graphs = GraphCache(self._run_module, device, max_graphs, component_name) if self.cuda_graphs else None
+        self._fn = Compiled(self._run_module, compile_backend(compile, default=self.cuda_graphs), component_name)
+        self._graphs = GraphCache(self._fn, device, max_graphs, component_name, self._static_dtype) if self.cuda_graphs else None
+        self._host = HostBuffers(device)
         self._lock = threading.Lock()
         self._closed = False
 
@@ -425,11 +352,15 @@ class TorchRunner(Runner):
     def precision(self) -> str:
         return PRECISION_OF_DTYPE[str(self.dtype).replace("torch.", "")]
 
+    @property
+    def compile_status(self) -> str:
+        return self._fn.status
+
     def graph_report(self) -> dict:
-        """Captured graph shapes and failed captures (empty off CUDA)."""
+        """Captured graph shapes and failed captures (empty off CUDA), and whether the module runs compiled."""
         if self._graphs is None:
-            return {"cuda_graphs": False}
-        return {"cuda_graphs": True, "captured": [[list(s) for s, _ in k] for k in self._graphs.graphs],
+            return {"cuda_graphs": False, "compile": self._fn.status}
+        return {"cuda_graphs": True, "compile": self._fn.status, "captured": [[list(s) for s, _ in k] for k in self._graphs.graphs],
                 "failed": {str([list(s) for s, _ in k]): why for k, why in self._graphs.failed.items()}}
 
     # --- feeds ----------------------------------------------------------------------------------
@@ -449,15 +380,20 @@ class TorchRunner(Runner):
                             f"shape {self._describe(meta)}", "reshape the input to the declared shape")
         return tensor
 
+    def _static_dtype(self, dtype):
+        """The dtype a feed of ``dtype`` runs at: the runner's compute dtype for floats, integers as they are."""
+        return self.dtype if dtype.is_floating_point else dtype
+
     def _to_device(self, value):
         torch = self.torch
         tensor = torch.from_numpy(value) if isinstance(value, np.ndarray) else value
-        dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
-        return tensor.to(device=self.device, dtype=dtype, non_blocking=True).contiguous()
+        return tensor.to(device=self.device, dtype=self._static_dtype(tensor.dtype), non_blocking=True).contiguous()
 
     # --- running ---------------------------------------------------------------------------------
-    def _run_module(self, *tensors):
-        return self._module(*tensors)
+    def _run_module(self, *tensors) -> tuple:
+        """The wrapper module, its outputs cast to the manifest's dtypes (inside the graph on CUDA)."""
+        outputs = as_tuple(self._module(*tensors))
+        return tuple(value.to(dtype) for value, dtype in zip(outputs, self._output_dtypes))
 
     def _infer_impl(self, feeds: dict[str, Any]) -> dict[str, Any]:
         torch = self.torch
@@ -466,9 +402,7 @@ class TorchRunner(Runner):
                 raise BackendError(f"runner for '{self.component_name}' is closed", "an open runner", "create a new one")
             try:
                 with torch.inference_mode():
-                    tensors = [self._to_device(feeds[name]) for name in self._input_names]
-                    outputs = self._graphs(*tensors) if self._graphs is not None else _as_tuple(self._module(*tensors))
-                    return {name: self._finish(name, value) for name, value in zip(self._output_names, outputs)}
+                    return self._run(feeds)
             except (torch.cuda.OutOfMemoryError if hasattr(torch.cuda, "OutOfMemoryError") else MemoryError) as exc:
                 raise BackendError(f"the GPU ran out of memory running component '{self.component_name}' ({str(exc)[:160]})",
                                    "enough free GPU memory for this batch", "use smaller batches or close other GPU processes") from None
@@ -479,16 +413,29 @@ class TorchRunner(Runner):
                     "feeds matching the component's declared inputs", "check input shapes against runner.input_metadata()",
                 ) from None
 
-    def _finish(self, name: str, value):
-        value = value.to(self._output_dtypes[name])
+    def _run(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        if self._graphs is None:
+            outputs = self._fn(*[self._to_device(feeds[name]) for name in self._input_names])
+            if self.keep_on_device:
+                return {name: TorchDeviceArray(value) for name, value in zip(self._output_names, outputs)}
+            return {name: value.cpu().numpy() for name, value in zip(self._output_names, outputs)}
+        # CUDA graphs: host arrays go through pinned buffers into the graph's static inputs (cast there), asynchronously
+        staged = [name for name in self._input_names if isinstance(feeds[name], np.ndarray)]
+        inputs = [self._host.stage(name, feeds[name]) if name in staged else feeds[name] for name in self._input_names]
+        outputs = self._graphs(*inputs)  # static buffers, overwritten by the next replay
+        self._host.queued(staged)
         if self.keep_on_device:
-            return TorchDeviceArray(value.clone() if self._graphs is not None else value)
-        return value.cpu().numpy()  # a copy off the GPU; on a CPU, the fresh output tensor's memory
+            return {name: TorchDeviceArray(value.clone()) for name, value in zip(self._output_names, outputs)}
+        pinned = [self._host.fetch(f"out:{name}", value) for name, value in zip(self._output_names, outputs)]
+        self.torch.cuda.current_stream(self.device).synchronize()
+        return {name: buffer.numpy().copy() for name, buffer in zip(self._output_names, pinned)}
 
     def close(self) -> None:
         with self._lock:
             if not self._closed:
                 self._closed = True
+                if self._graphs is not None:
+                    self._graphs.close()
                 self._graphs = None
                 self._module = None
                 if self._handle is not None:
@@ -496,8 +443,9 @@ class TorchRunner(Runner):
 
 
 def create_runner(path, component_name: str, component: dict, *, artifact=None, device: str | None = "auto",
-                  dtype: str | None = None, cuda_graphs: bool | None = None, keep_on_device: bool = False,
-                  max_graphs: int = DEFAULT_MAX_GRAPHS, checkpoint: str | None = None, **_ignored) -> TorchRunner:
+                  dtype: str | None = None, cuda_graphs: bool | None = None, compile: bool | str | None = None,
+                  keep_on_device: bool = False, max_graphs: int = DEFAULT_MAX_GRAPHS, checkpoint: str | None = None,
+                  **_ignored) -> TorchRunner:
     """A runner for one component of an artifact (``artifact``, or the folder holding ``path``), running the
     family's reference module from the artifact's PyTorch weights (or ``checkpoint``)."""
     from mmedge.artifact import Artifact
@@ -524,7 +472,7 @@ def create_runner(path, component_name: str, component: dict, *, artifact=None, 
         handle.release()
         raise
     return TorchRunner(module, component_name, component, device=chosen, dtype=precision, cuda_graphs=cuda_graphs,
-                       keep_on_device=keep_on_device, max_graphs=max_graphs, handle=handle)
+                       compile=compile, keep_on_device=keep_on_device, max_graphs=max_graphs, handle=handle)
 
 
 def reference_module(family: str, component_name: str, model, artifact, folder: Path):
@@ -548,6 +496,6 @@ def reference_module(family: str, component_name: str, model, artifact, folder: 
     return module
 
 
-__all__ = ["GraphCache", "ModelHandle", "TorchDeviceArray", "TorchRunner", "TorchSettings", "acquire_model", "create_runner",
-           "import_bitsandbytes", "import_torch", "load_reference_model", "quantize_linear_layers", "resolve_device",
+__all__ = ["ModelHandle", "TorchDeviceArray", "TorchRunner", "TorchSettings", "acquire_model", "cast_keeping_fp32_modules",
+           "create_runner", "import_torch", "load_reference_model", "resolve_device",
            "torch_dtype", "weights_folder"]

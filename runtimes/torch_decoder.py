@@ -1,26 +1,31 @@
 """A KV-cached language-model decoder on PyTorch: the ``mmedge.generation.Decoder`` protocol (start / step /
-reorder) over the checkpoint's own causal LM, with a static, preallocated KV cache and, on CUDA, the one-token
-decode step replayed as a CUDA graph.
+reorder, and ``step_greedy``) over the checkpoint's own causal LM, with a static, preallocated KV cache and, on
+CUDA, the one-token decode step compiled and replayed as a CUDA graph.
 
-- **Static cache.** Keys and values live in preallocated buffers ``[batch, kv_heads, capacity, head_dim]`` per layer
-  (zero-filled, so masked slots are finite), written in place at the step's position (``index_copy_``) by a small
-  cache object the model's attention layers call (``update``), as transformers' ``StaticCache`` does. Capacity is a
-  multiple of ``cache_block`` covering the prompt plus the new tokens the generation loop announces (``reserve``);
-  a longer generation grows it by a block (copying the cache once, recapturing the graph).
-- **Masks and positions.** The model gets a 4-D additive mask ``[batch, 1, query, capacity]`` built on the device
-  from the 2-D padding mask (a query at absolute position ``p`` sees slot ``k`` when ``k <= p`` and the slot is
-  real), which transformers uses as is; positions are ``cumsum(mask) - 1`` as everywhere in mmedge (OPT's +2 is
-  inside its position embedding, as in the decoder graph). Generated ids are embedded on the device with the LLM's
-  own input embeddings.
-- **CUDA graph (CUDA only).** The step (embed, mask, forward over the static cache, logits) reads and writes only
-  static buffers, so it is captured once per (batch, capacity) after two warm-up runs on a side stream (a step is
-  idempotent: it writes the same keys and values to the same slot) and replayed for every later token. A capture
-  that fails (LLM.int8's outlier extraction synchronizes with the host) is logged once and the step runs eagerly;
-  INT8 decoders skip capture by default for that reason. The prefill runs eagerly (its length varies).
-- **Reorder** (beam search) gathers cache rows on the device: in place when the batch keeps its size, into new
-  buffers (and a new graph) when it changes (expansion to beams).
-- Logits come back to the host as float32 ``[batch, vocab]`` for the numpy generation loop: one device-to-host
-  copy per step; the cache never leaves the device.
+- **Static cache, one per (batch, capacity).** Keys and values live in preallocated buffers
+  ``[batch, kv_heads, capacity, head_dim]`` per layer (zero-filled, so masked slots are finite), written in place
+  at the step's slot (``index_copy_``) by a small cache object the model's attention layers call (``update``), as
+  transformers' ``StaticCache`` does. Each (batch, capacity) has its own buffers and its own captured step, kept in
+  a small LRU (``max_states``): beam search prefills B rows and gathers them into the B×beams buffers, and every
+  later beam caption finds both with their graph (nothing recaptured). Capacity is a multiple of ``cache_block``
+  covering the prompt plus the new tokens the generation loop announces (``reserve``); a longer generation grows
+  it by a block (the cache copied once, the smaller buffers dropped).
+- **The step on the device.** The step reads the token ids (one pinned, asynchronous host → device copy of
+  ``[batch]`` int64), marks its cache slot in the 2-D mask and derives the position ids from it
+  (``sum(mask) - 1``: ``cumsum(mask) - 1`` at the new column, as everywhere in mmedge; OPT's +2 is inside the model),
+  builds the 4-D additive mask ``[batch, 1, 1, capacity]``, runs the model over the static cache, writes the float32
+  logits into a static buffer and the greedy choice (argmax after a ``[vocab]`` bias that bans tokens, e.g. EOS
+  before ``min_new_tokens``) into another. ``step`` copies the logits back (pinned, ``[batch, vocab]``) for the
+  numpy loop's processors; ``step_greedy`` copies back only the ``[batch]`` token ids. The host sends a new mask only
+  when the loop's mask is not the previous one plus a column of ones.
+- **Compiled and captured (CUDA).** The step is one function over static buffers, so it is compiled with
+  ``torch.compile(fullgraph=True)`` (inductor; ``compile``), run twice on the decoder's own stream (a step is
+  idempotent: the same keys and values land in the same slot), captured once per (batch, capacity) and replayed
+  for every later token. A capture that fails (LLM.int8's outlier extraction synchronizes with the host) is logged
+  once and the step runs without a graph; INT8 decoders skip capture, and quantized ones compilation, by default.
+  The prefill runs eagerly (its length varies).
+- **Reorder** (beam search) gathers cache rows on the device: in place when the batch keeps its size, into the
+  buffers of the new batch size otherwise.
 
 ``torch`` is imported lazily (``mmedge.runtimes.torch_backend.import_torch``); this module imports without it.
 """
@@ -30,6 +35,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -37,24 +43,29 @@ import numpy as np
 
 from mmedge.errors import BackendError, FeedError
 from mmedge.generation.decoder import position_ids as _position_ids
-from mmedge.runtimes.torch_backend import (DTYPE_NAMES, GRAPH_WARMUP, PRECISION_OF_DTYPE, ModelHandle, acquire_model,
-                                           import_torch, resolve_device, torch_dtype, weights_folder)
+from mmedge.runtimes.torch_backend import (PRECISION_OF_DTYPE, ModelHandle, acquire_model, import_torch, resolve_device,
+                                           torch_dtype, weights_folder)
+from mmedge.runtimes.torch_graphs import Compiled, HostBuffers, capture, compile_backend, failure
 
 log = logging.getLogger("mmedge")
 
 CACHE_BLOCK = 128  # cache capacity grows in blocks of this many positions
+MAX_STATES = 4  # (batch, capacity) buffer sets, with their captured steps, kept at once
 
 
 class _StaticKV:
     """What a transformers attention layer calls on its cache: ``update`` writes the new keys/values at
-    ``write_positions`` into the preallocated buffers and returns the whole buffers (masked by the 4-D mask)."""
+    ``write_positions`` into the preallocated buffers and returns the whole buffers (masked by the 4-D mask).
+
+    Positions and the 4-D mask are always passed to the model, so it never needs the cache's length:
+    ``get_seq_length`` answers 0 whatever was written, which keeps a compiled step free of a per-token constant.
+    """
 
     is_compileable = False
 
     def __init__(self, keys: list, values: list, write_positions):
         self.keys, self.values = keys, values
         self.write_positions = write_positions  # [new tokens] int64 on the device
-        self.length = 0  # positions written before this call (read by models that infer positions; we pass them)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         keys, values = self.keys[layer_idx], self.values[layer_idx]
@@ -63,7 +74,7 @@ class _StaticKV:
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.length
+        return 0
 
     def get_max_cache_shape(self, layer_idx: int = 0) -> int:
         return self.keys[0].shape[2]
@@ -73,7 +84,7 @@ class _StaticKV:
 
 
 class _State:
-    """The device buffers of one (batch, capacity): cache, padding mask, step inputs and logits."""
+    """The device buffers of one (batch, capacity): cache, padding mask, step inputs and outputs, and its graph."""
 
     def __init__(self, torch, batch: int, capacity: int, layers: int, heads: int, head_dim: int, vocab: int, device, dtype):
         shape = (batch, heads, capacity, head_dim)
@@ -83,23 +94,31 @@ class _State:
         self.mask = torch.zeros((batch, capacity), dtype=torch.int64, device=device)  # [batch, capacity], 1 = real
         self.slots = torch.arange(capacity, device=device)  # [capacity]
         self.ids = torch.zeros((batch,), dtype=torch.int64, device=device)  # the step's token ids
-        self.positions = torch.zeros((batch, 1), dtype=torch.int64, device=device)  # the step's position ids
+        self.new_mask = torch.ones((batch, 1), dtype=torch.int64, device=device)  # the step's mask column
+        self.new_mask_ones = True
         self.step_slot = torch.zeros((1,), dtype=torch.int64, device=device)  # where the step writes in the cache
-        self.logits = torch.zeros((batch, vocab), dtype=torch.float32, device=device)  # the step's output
+        self.logits = torch.zeros((batch, vocab), dtype=torch.float32, device=device)  # the step's logits
+        self.bias = torch.zeros((vocab,), dtype=torch.float32, device=device)  # -inf on banned tokens
+        self.banned: tuple[int, ...] = ()
+        self.next_ids = torch.zeros((batch,), dtype=torch.int64, device=device)  # argmax(logits + bias)
         self.cache = _StaticKV(self.keys, self.values, self.step_slot)
+        self.graph: Any = None  # the captured step (CUDA)
+        self.graph_failed = False
 
 
 class TorchDecoder:
     """``mmedge.generation.Decoder`` over a transformers causal LM (fed input embeddings), static KV cache.
 
     ``language_model``: e.g. BLIP-2's ``model.language_model``, on ``device`` at ``dtype`` (possibly with
-    bitsandbytes layers). ``cuda_graphs``: None = on for CUDA. ``position_offset``: added to ``cumsum(mask) - 1``
-    (0 for OPT, whose offset is inside the model). ``max_positions``: the model's limit, for the loop's checks.
+    bitsandbytes layers). ``cuda_graphs``: None = on for CUDA (off for LLM.int8). ``compile``: None = on where CUDA
+    graphs are and the weights are not bitsandbytes-quantized; True, False or a torch.compile backend name.
+    ``position_offset``: added to ``cumsum(mask) - 1`` (0 for OPT, whose offset is inside the model).
+    ``max_positions``: the model's limit, for the loop's checks.
     """
 
-    def __init__(self, language_model, *, device, dtype, cuda_graphs: bool | None = None, position_offset: int = 0,
-                 max_positions: int | None = None, cache_block: int = CACHE_BLOCK, handle: ModelHandle | None = None,
-                 quantization: dict | None = None):
+    def __init__(self, language_model, *, device, dtype, cuda_graphs: bool | None = None, compile: bool | str | None = None,
+                 position_offset: int = 0, max_positions: int | None = None, cache_block: int = CACHE_BLOCK,
+                 max_states: int = MAX_STATES, handle: ModelHandle | None = None, quantization: dict | None = None):
         self.torch = torch = import_torch()
         self.model = language_model
         self.device, self.dtype = device, dtype
@@ -112,18 +131,24 @@ class TorchDecoder:
         self.max_positions = max_positions
         self.position_offset = int(position_offset)
         self.cache_block = int(cache_block)
+        self.max_states = max(2, int(max_states))
         self.quantization = quantization or {}
         self._embed = language_model.get_input_embeddings()
         params = inspect.signature(language_model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._keep_kwarg = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
-        default_graphs = device.type == "cuda" and self.quantization.get("method") != "int8"
-        self.cuda_graphs = default_graphs if cuda_graphs is None else bool(cuda_graphs) and device.type == "cuda"
-        self.graph_status = "off (CPU)" if device.type != "cuda" else ("on" if self.cuda_graphs else "off")
+        cuda = device.type == "cuda"
+        default_graphs = cuda and self.quantization.get("method") != "int8"
+        self.cuda_graphs = default_graphs if cuda_graphs is None else bool(cuda_graphs) and cuda
+        backend = compile_backend(compile, default=self.cuda_graphs and not self.quantization)
+        self._step_fn = Compiled(self._step_core, backend, "decode step")
+        self.graph_status = "off (CPU)" if not cuda else ("on" if self.cuda_graphs else "off")
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
-        self._graph: Any = None  # the captured step of the current state
-        self._graph_failed: set[tuple[int, int]] = set()
+        self._stream = torch.cuda.Stream(device) if self.cuda_graphs else None
+        self._host = HostBuffers(device)
+        self._states: OrderedDict[tuple[int, int], _State] = OrderedDict()  # LRU: most recent last
         self._state: _State | None = None
+        self._host_mask: np.ndarray | None = None  # [batch, past] the mask the device holds
         self._reserved: int | None = None
         self._handle = handle
         self._batch = 0
@@ -132,6 +157,10 @@ class TorchDecoder:
     @property
     def precision(self) -> str:
         return self.quantization.get("method") or PRECISION_OF_DTYPE[str(self.dtype).replace("torch.", "")]
+
+    @property
+    def compile_status(self) -> str:
+        return self._step_fn.status
 
     # --- the Decoder protocol ----------------------------------------------------------------------
     def reserve(self, total_positions: int) -> None:
@@ -152,50 +181,34 @@ class TorchDecoder:
         with torch.inference_mode():
             state = self._state_for(batch, need)
             state.mask.zero_()
-            state.mask[:, :seq].copy_(torch.from_numpy(mask))
-            embeds = inputs_embeds if isinstance(inputs_embeds, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(inputs_embeds))
-            embeds = embeds.to(self.device, self.dtype)
+            state.mask[:, :seq].copy_(self._host.stage("mask", mask), non_blocking=True)
+            embeds = inputs_embeds if isinstance(inputs_embeds, torch.Tensor) else self._host.stage("embeds", inputs_embeds)
+            embeds = embeds.to(self.device, self.dtype, non_blocking=True)
+            positions = self._host.stage("positions", _position_ids(mask, seq, self.position_offset)).to(self.device, non_blocking=True)
+            self._host.queued(("mask", "embeds", "positions"))
             query = torch.arange(seq, device=self.device)
-            positions = torch.from_numpy(_position_ids(mask, seq, self.position_offset)).to(self.device)
-            state.cache.write_positions, state.cache.length = query, 0
+            state.cache.write_positions = query
             try:
                 logits = self._forward(embeds, self._additive_mask(state.mask, query, state.slots), positions, state.cache)
             finally:
                 state.cache.write_positions = state.step_slot
-            out = logits.float().cpu().numpy()
+            out = self._to_host("logits", logits.float())
         self._batch, self.past_length = batch, seq
-        state.cache.length = seq
+        self._host_mask = mask
         return out
 
     def step(self, token_ids, attention_mask) -> np.ndarray:
         """Embed ``token_ids [batch]``, run one position with ``attention_mask [batch, past + 1]`` -> ``[batch, vocab]``."""
-        torch = self.torch
-        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
-        mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
-        if self._state is None or ids.shape[0] != self._batch or mask.shape != (self._batch, self.past_length + 1):
-            raise FeedError(
-                f"decode step got {ids.shape[0]} token ids and a mask of shape {list(mask.shape)}",
-                f"{self._batch} ids and a mask [{self._batch}, {self.past_length + 1}] (cache rows, past length + 1)",
-                "call start() first, and reorder() when the number of rows changes")
-        past = self.past_length
-        with torch.inference_mode():
-            if past + 1 > self._state.capacity:
-                self._grow(past + 1)
-            state = self._state
-            state.ids.copy_(torch.from_numpy(ids))
-            state.mask[:, : past + 1].copy_(torch.from_numpy(mask))
-            state.positions.copy_(torch.from_numpy(_position_ids(mask, 1, self.position_offset)))
-            state.step_slot.fill_(past)
-            state.cache.length = past
-            graph = self._captured(state) if self.cuda_graphs else None
-            if graph is not None:
-                graph.replay()
-            else:
-                self._step_core(state)
-            out = state.logits.cpu().numpy()
-        self.past_length = past + 1
-        state.cache.length = past + 1
-        return out
+        with self.torch.inference_mode():
+            state = self._run_step(token_ids, attention_mask, ())
+            return self._to_host("logits", state.logits)
+
+    def step_greedy(self, token_ids, attention_mask, banned: tuple[int, ...] = ()) -> np.ndarray:
+        """:meth:`step`, then the greedy choice on the device: ``argmax`` of the logits with the ``banned`` token ids
+        excluded (the first maximum, as numpy's) -> int64 ``[batch]``; only the ids come back to the host."""
+        with self.torch.inference_mode():
+            state = self._run_step(token_ids, attention_mask, tuple(int(t) for t in banned))
+            return self._to_host("next_ids", state.next_ids)
 
     def reorder(self, rows) -> None:
         """Cache row ``i`` becomes old row ``rows[i]`` (gathered on the device)."""
@@ -212,15 +225,15 @@ class TorchDecoder:
                 for buffer in (*old.keys, *old.values, old.mask):
                     buffer.copy_(buffer.index_select(0, index))
             else:
-                new = self._new_state(rows.shape[0], old.capacity)
+                new = self._state_for(int(rows.shape[0]), old.capacity, exact=True)
                 for target, source in zip((*new.keys, *new.values, new.mask), (*old.keys, *old.values, old.mask)):
-                    target.copy_(source.index_select(0, index))
-                new.cache.length = old.cache.length
-                self._replace_state(new)
+                    torch.index_select(source, 0, index, out=target)
         self._batch = int(rows.shape[0])
+        if self._host_mask is not None:
+            self._host_mask = self._host_mask[rows]
 
     def close(self) -> None:
-        self._graph = None
+        self._states.clear()
         self._state = None
         self.model = None
         if self._handle is not None:
@@ -234,29 +247,87 @@ class TorchDecoder:
             capacity = max(need, min(capacity, int(self.max_positions)))
         return capacity
 
-    def _new_state(self, batch: int, capacity: int) -> _State:
-        return _State(self.torch, batch, capacity, self.layers, self.heads, self.head_dim, self.vocab_size, self.device, self.dtype)
-
-    def _replace_state(self, state: _State) -> None:
-        self._graph = None  # a graph reads the old state's buffers
-        self._state = state
-
-    def _state_for(self, batch: int, need: int) -> _State:
-        """The current buffers when they fit (the captured step is kept), else new ones."""
-        state = self._state
-        if state is None or state.batch != batch or state.capacity < need:
-            self._replace_state(self._new_state(batch, self._capacity(need)))
+    def _state_for(self, batch: int, need: int, exact: bool = False) -> _State:
+        """The buffers for ``batch`` rows holding ``need`` positions (``exact``: of capacity ``need``): the smallest
+        kept one that fits (with its captured step), else new ones. Kept buffers of that batch that are smaller are
+        dropped (a grown cache replaces them), and the least recently used beyond ``max_states``."""
+        fitting = [key for key in self._states if key[0] == batch and (key[1] == need if exact else key[1] >= need)]
+        if fitting:
+            key = min(fitting, key=lambda k: k[1])
+            self._states.move_to_end(key)
+        else:
+            capacity = need if exact else self._capacity(need)
+            for small in [k for k in self._states if k[0] == batch and k[1] < capacity]:
+                del self._states[small]
+            key = (batch, capacity)
+            self._states[key] = _State(self.torch, batch, capacity, self.layers, self.heads, self.head_dim, self.vocab_size,
+                                       self.device, self.dtype)
+            while len(self._states) > self.max_states:
+                self._states.popitem(last=False)
+        self._state = self._states[key]
         return self._state
 
-    def _grow(self, need: int) -> None:
+    def _grow(self, need: int) -> _State:
+        """Buffers with room for ``need`` positions, the cache copied over; the smaller ones are dropped."""
         old = self._state
-        new = self._new_state(old.batch, self._capacity(max(need, old.capacity + self.cache_block)))
-        length = old.capacity
-        for target, source in zip((*new.keys, *new.values), (*old.keys, *old.values)):
-            target[:, :, :length].copy_(source)
-        new.mask[:, :length].copy_(old.mask)
-        new.cache.length = old.cache.length
-        self._replace_state(new)
+        with self.torch.inference_mode():
+            new = self._state_for(old.batch, self._capacity(max(need, old.capacity + self.cache_block)), exact=True)
+            length = old.capacity
+            for target, source in zip((*new.keys, *new.values), (*old.keys, *old.values)):
+                target[:, :, :length].copy_(source)
+            new.mask.zero_()
+            new.mask[:, :length].copy_(old.mask)
+        return new
+
+    def _to_host(self, name: str, tensor) -> np.ndarray:
+        """``tensor`` on the host (through a pinned buffer on CUDA: one copy, one synchronization), a fresh array."""
+        if self.device.type != "cuda":
+            return tensor.detach().clone().numpy()
+        buffer = self._host.fetch(name, tensor)
+        self.torch.cuda.current_stream(self.device).synchronize()
+        return buffer.numpy().copy()
+
+    # --- one step ------------------------------------------------------------------------------------
+    def _run_step(self, token_ids, attention_mask, banned: tuple[int, ...]) -> _State:
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        mask = np.asarray(attention_mask)
+        past = self.past_length
+        if self._state is None or ids.shape[0] != self._batch or mask.shape != (self._batch, past + 1):
+            raise FeedError(
+                f"decode step got {ids.shape[0]} token ids and a mask of shape {list(mask.shape)}",
+                f"{self._batch} ids and a mask [{self._batch}, {past + 1}] (cache rows, past length + 1)",
+                "call start() first, and reorder() when the number of rows changes")
+        state = self._state if past + 1 <= self._state.capacity else self._grow(past + 1)
+        self._feed(state, ids, mask, past, banned)
+        if self.cuda_graphs and self._captured(state):
+            state.graph.replay()
+        else:
+            self._step_fn(state)
+        self._host_mask = np.ascontiguousarray(mask, dtype=np.int64)
+        self.past_length = past + 1
+        return state
+
+    def _feed(self, state: _State, ids: np.ndarray, mask: np.ndarray, past: int, banned: tuple[int, ...]) -> None:
+        """Host → device: the ids (pinned, asynchronous), the cache slot, the mask only where it is not the previous
+        one plus a column of ones, the banned-token bias only when the banned set changes."""
+        state.ids.copy_(self._host.stage("ids", ids), non_blocking=True)
+        staged = ["ids"]
+        state.step_slot.fill_(past)
+        column = mask[:, past:]
+        if self._host_mask is None or self._host_mask.shape != (state.batch, past) or not np.array_equal(mask[:, :past], self._host_mask):
+            state.mask[:, :past].copy_(self._host.stage("mask", np.ascontiguousarray(mask[:, :past], dtype=np.int64)), non_blocking=True)
+            staged.append("mask")
+        if not column.all() or not state.new_mask_ones:
+            state.new_mask.copy_(self._host.stage("column", np.ascontiguousarray(column, dtype=np.int64)), non_blocking=True)
+            staged.append("column")
+            state.new_mask_ones = bool(column.all())
+        if banned != state.banned:
+            state.bias.zero_()
+            valid = [t for t in banned if 0 <= t < self.vocab_size]
+            if valid:
+                state.bias[valid] = float("-inf")
+            state.banned = banned
+        self._host.queued(staged)
 
     # --- running the model -------------------------------------------------------------------------
     def _additive_mask(self, mask, query, slots):
@@ -274,43 +345,35 @@ class TorchDecoder:
         return out.logits[:, -1, :]  # [batch, vocab]
 
     def _step_core(self, state: _State) -> None:
-        """The decode step over static buffers only (what the CUDA graph captures)."""
+        """The decode step over the state's static buffers only (what is compiled and what the CUDA graph captures)."""
+        state.mask.index_copy_(1, state.step_slot, state.new_mask)  # [batch, capacity]: the step's own column
+        positions = (state.mask.sum(dim=1, keepdim=True) - 1).clamp_min(0) + self.position_offset  # [batch, 1]
         embeds = self._embed(state.ids)[:, None, :].to(self.dtype)  # [batch, 1, hidden]
         additive = self._additive_mask(state.mask, state.step_slot, state.slots)  # [batch, 1, 1, capacity]
-        state.logits.copy_(self._forward(embeds, additive, state.positions, state.cache).float())
+        logits = self._forward(embeds, additive, positions, state.cache).float()  # [batch, vocab]
+        state.logits.copy_(logits)
+        state.next_ids.copy_((logits + state.bias).argmax(dim=-1))  # [batch]: the first maximum, as np.argmax
 
-    def _captured(self, state: _State):  # CUDA-only path, exercised by the GPU tests
-        """The CUDA graph of the step for the current state, captured on first use (None: run eagerly)."""
-        if self._graph is not None:
-            return self._graph
-        key = (state.batch, state.capacity)
-        if key in self._graph_failed:
-            return None
-        torch = self.torch
+    def _captured(self, state: _State) -> bool:  # CUDA-only path, exercised by the GPU tests
+        """Whether the state's step is captured (capturing it on first use); False: run it without a graph."""
+        if state.graph is not None:
+            return True
+        if state.graph_failed:
+            return False
         try:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(GRAPH_WARMUP):  # idempotent: the same keys/values land in the same slot
-                    self._step_core(state)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                self._step_core(state)
+            state.graph, _ = capture(self._step_fn, (state,), device=self.device, stream=self._stream, pool=self._pool)
         except Exception as exc:
-            self._graph_failed.add(key)
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-            self.graph_status = f"eager (capture failed: {reason})"
-            log.warning("mmedge: CUDA graph capture of the decode step failed (%s); decoding eagerly", reason)
-            torch.cuda.synchronize(self.device)
-            return None
-        self._graph = graph
+            state.graph_failed = True
+            self.graph_status = f"eager (capture failed: {failure(exc)})"
+            log.warning("mmedge: CUDA graph capture of the decode step failed (%s); decoding without a graph", failure(exc))
+            self.torch.cuda.synchronize(self.device)
+            return False
         self.graph_status = "on"
-        return graph
+        return True
 
 
 def create_decoder(artifact, *, device: str | None = "auto", dtype: str | None = None, cuda_graphs: bool | None = None,
-                   quantization: str | None = None, checkpoint: str | Path | None = None,
+                   compile: bool | str | None = None, quantization: str | None = None, checkpoint: str | Path | None = None,
                    cache_block: int = CACHE_BLOCK, **_ignored) -> TorchDecoder:
     """The artifact's KV-cached decoder on torch, from its PyTorch weights (or ``checkpoint``), sharing the model
     with the artifact's torch runners; ``quantization``: None, "int8" or "nf4" (bitsandbytes) for the LLM's layers."""
@@ -329,9 +392,9 @@ def create_decoder(artifact, *, device: str | None = "auto", dtype: str | None =
         raise BackendError(f"the torch backend's KV-cached decoder does not run {family} decoders (they take image "
                            "context beside the cache)", "a BLIP-2-style causal LLM",
                            "load with backend='auto' (the decoder then runs on ONNX Runtime)")
-    return TorchDecoder(llm, device=chosen, dtype=precision, cuda_graphs=cuda_graphs,
+    return TorchDecoder(llm, device=chosen, dtype=precision, cuda_graphs=cuda_graphs, compile=compile,
                         position_offset=settings.get("position_offset", 0), max_positions=settings.get("max_positions"),
                         cache_block=cache_block, handle=handle, quantization=handle.quantization)
 
 
-__all__ = ["CACHE_BLOCK", "DTYPE_NAMES", "TorchDecoder", "create_decoder"]
+__all__ = ["CACHE_BLOCK", "TorchDecoder", "create_decoder"]

@@ -1,5 +1,11 @@
-"""Shared pytest fixtures: tiny checkpoints built offline, and artifacts exported from them once."""
+"""Shared pytest fixtures: tiny checkpoints built offline, and artifacts exported from them once.
 
+``MMEDGE_TEST_ARTIFACTS`` (optional) names a folder of tiny ``--with-pytorch`` artifacts exported earlier
+(``bash benchmarks/gpu_check.sh --prepare`` writes it): the GPU check carries it to a machine whose export toolchain
+(torch, onnx) differs, so its GPU minutes go to the backends under test. Without it everything is exported here.
+"""
+
+import os
 from pathlib import Path
 
 import pytest
@@ -74,22 +80,19 @@ def tiny_idefics_dir(tmp_path_factory):
 def pytorch_artifacts(tiny_clip_dir, tiny_blip2_dir, tiny_idefics_dir, tmp_path_factory):
     """Tiny artifacts exported with --with-pytorch (the torch backend's weights beside the graphs), each once per
     session: ``pytorch_artifacts("blip2")``; kinds: clip, clip-fused, blip2, blip2-split, idefics."""
-    from mmedge.export import export_model
+    from tests.support.artifacts import export_pytorch_artifact
 
-    variants = {
-        "clip": (tiny_clip_dir, {}),
-        "clip-fused": (tiny_clip_dir, {"labels": ["cat", "dog", "car", "rocket"]}),
-        "blip2": (tiny_blip2_dir, {}),
-        "blip2-split": (tiny_blip2_dir, {"extra": {"fused_prefix": False}}),
-        "idefics": (tiny_idefics_dir, {}),
-    }
+    sources = {"clip": tiny_clip_dir, "blip2": tiny_blip2_dir, "idefics": tiny_idefics_dir}
+    carried = os.environ.get("MMEDGE_TEST_ARTIFACTS")
     root = tmp_path_factory.mktemp("pytorch-artifacts")
     made: dict[str, Path] = {}
 
     def get(name: str) -> Path:
         if name not in made:
-            source, options = variants[name]
-            made[name] = export_model(str(source), root / name, progress=False, with_pytorch=True, **options)
+            if carried and (Path(carried) / name / "manifest.json").is_file():
+                made[name] = Path(carried) / name
+            else:
+                made[name] = export_pytorch_artifact(name, sources, root / name)
         return made[name]
 
     return get

@@ -161,7 +161,7 @@ def test_runner_takes_torch_tensors_and_checks_them(pytorch_artifacts):
         runner.infer({"pixel_values": torch.zeros(pixels.shape, dtype=torch.int64)})
     with pytest.raises(FeedError, match="shape"):
         runner.infer({"pixel_values": torch.zeros((1, 3, 7, 7))})
-    assert runner.graph_report() == {"cuda_graphs": False} and runner.precision == "fp32"
+    assert runner.graph_report() == {"cuda_graphs": False, "compile": "off"} and runner.precision == "fp32"
     runner.close()
     runner.close()
 
@@ -469,19 +469,25 @@ def _ortvalue(array):
 
 
 # --- CUDA only ----------------------------------------------------------------------------------------
+def _gpu_load(path, **torch_settings):
+    return _load(path, backend="torch", device="cuda", backend_options={"torch": torch_settings} if torch_settings else None)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason=NO_CUDA)
 def test_cuda_graphs_replay_the_encoders_and_the_decode_step(pytorch_artifacts, photos):
+    """FP32 (no reduced-precision near-ties), compilation off: CUDA-graph replays run the very kernels eager runs
+    do, so greedy and beam tokens are identical; the greedy choice is made on the GPU (step_greedy)."""
     from mmedge.generation import GenerationConfig, generate
     from mmedge.runtimes.torch_backend import TorchDeviceArray
 
     path = pytorch_artifacts("blip2-split")
-    graphs = _load(path, backend="torch", device="cuda")
-    eager = _load(path, backend="torch", device="cuda", backend_options={"torch": {"cuda_graphs": False}})
+    graphs = _gpu_load(path, dtype="float32", compile=False)
+    eager = _gpu_load(path, dtype="float32", compile=False, cuda_graphs=False)
     assert graphs.decoder.cuda_graphs and not eager.decoder.cuda_graphs
     for _ in range(3):  # capture on the first call, replay after
         assert graphs.caption(photos[:2], max_new_tokens=12) == eager.caption(photos[:2], max_new_tokens=12)
-    assert graphs.decoder.graph_status == "on" and graphs.decoder._graph is not None
+    assert graphs.decoder.graph_status == "on" and graphs.decoder._state.graph is not None
     report = graphs.runners["vision"].graph_report()
     assert report["cuda_graphs"] and [[2, 3, 32, 32]] in report["captured"] and not report["failed"]
     pixels = graphs.preprocessor(photos[:1])
@@ -497,14 +503,118 @@ def test_cuda_graphs_replay_the_encoders_and_the_decode_step(pytorch_artifacts, 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason=NO_CUDA)
+def test_beam_captions_recapture_nothing(pytorch_artifacts, photos, monkeypatch):
+    """Beam search steps B x beams rows after a B-row prefill: both buffer sets keep their graphs, so the second beam
+    caption (and a greedy one after it) captures nothing new."""
+    from mmedge.runtimes import torch_decoder
+
+    captures = []
+    real = torch_decoder.capture
+    monkeypatch.setattr(torch_decoder, "capture", lambda *a, **k: captures.append(1) or real(*a, **k))
+    captioner = _gpu_load(pytorch_artifacts("blip2"), compile=False)
+    first = captioner.caption(photos[:2], max_new_tokens=8, num_beams=3)
+    graphs = {key: state.graph for key, state in captioner.decoder._states.items()}
+    assert len(captures) == 1 and {batch for batch, _ in graphs} == {2, 6}
+    assert captioner.caption(photos[:2], max_new_tokens=8, num_beams=3) == first and len(captures) == 1
+    captioner.caption(photos[:2], max_new_tokens=8)  # greedy on B rows: its first capture
+    assert len(captures) == 2
+    assert all(captioner.decoder._states[key].graph is graph for key, graph in graphs.items() if graph is not None)
+    captioner.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason=NO_CUDA)
+def test_fp16_compiled_step_and_encoders(pytorch_artifacts, photos):
+    """The default on a GPU: FP16, inductor-compiled components and decode step captured in CUDA graphs; BLIP-2's
+    Q-Former stays FP32. Compiled kernels round differently from eager ones, so the check is the logits of every
+    step (teacher-forced on the eager tokens) and the encoders' outputs, by cosine, not token identity."""
+    from mmedge.runtimes import torch_backend
+
+    path = pytorch_artifacts("blip2")
+    compiled = _gpu_load(path)
+    eager = _gpu_load(path, compile=False, cuda_graphs=False)
+    model = next(e.model for e in torch_backend._MODELS.values() if e.users and e.model.device.type == "cuda")
+    assert {p.dtype for p in model.qformer.parameters()} == {torch.float32} and model.query_tokens.dtype == torch.float32
+    assert {p.dtype for p in model.language_model.parameters()} == {torch.float16}
+    pixels = compiled.preprocessor(photos[:2])
+    got, want = (c.runners["prefix"].infer({"pixel_values": pixels})["prefix_embeds"] for c in (compiled, eager))
+    assert float(cosine_rows(want.reshape(2, -1), got.reshape(2, -1)).min()) >= 0.999
+    embeds, mask = _prompt(eager, photos)
+    tokens = [np.argmax(eager.decoder.start(embeds, mask), axis=-1)]
+    compiled.decoder.start(embeds, mask)
+    for _ in range(10):
+        mask = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
+        want, got = eager.decoder.step(tokens[-1], mask), compiled.decoder.step(tokens[-1], mask)
+        assert float(cosine_rows(want, got).min()) >= 0.999
+        tokens.append(np.argmax(want, axis=-1))
+    assert compiled.decoder.compile_status == "on (inductor)" and compiled.decoder.graph_status == "on"
+    assert compiled.runners["prefix"].graph_report()["compile"] == "on (inductor)"
+    compiled.close()
+    eager.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason=NO_CUDA)
+def test_fp16_compiled_clip_towers(pytorch_artifacts, photos):
+    """CLIP's towers under the default (compiled, captured, pinned host buffers) against eager FP16, two batch sizes
+    (the second shape recompiles with dynamic shapes at most once)."""
+    path = pytorch_artifacts("clip")
+    compiled, eager = _gpu_load(path), _gpu_load(path, compile=False, cuda_graphs=False)
+    for rows in (1, 2, 1):
+        pixels = compiled.preprocessor(photos[:rows])
+        want, got = (c.runners["vision"].infer({"pixel_values": pixels})["image_embeds"] for c in (eager, compiled))
+        assert isinstance(got, np.ndarray) and got.dtype == np.float32 and got.shape == want.shape
+        assert float(cosine_rows(want, got).min()) >= 0.999
+    report = compiled.runners["vision"].graph_report()
+    assert report["compile"] == "on (inductor)" and len(report["captured"]) == 2 and not report["failed"]
+    compiled.close()
+    eager.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason=NO_CUDA)
+def test_a_capture_in_one_thread_while_another_runs_the_gpu(pytorch_artifacts, photos):
+    """Captures are thread-local and serialized process-wide: one thread captures and replays the decode step while
+    another runs an encoder's CUDA graph; both give what they give alone."""
+    import threading
+
+    captioner = _gpu_load(pytorch_artifacts("blip2-split"), dtype="float32", compile=False)
+    pixels = captioner.preprocessor(photos[:1])
+    vision = captioner.runners["vision"]
+    alone = np.asarray(vision.infer({"pixel_values": pixels})["image_embeds"])
+    errors, outputs = [], []
+
+    def encode():
+        try:
+            for _ in range(50):
+                outputs.append(np.asarray(vision.infer({"pixel_values": pixels})["image_embeds"]))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    worker = threading.Thread(target=encode)
+    worker.start()
+    text = captioner.caption(photos[1], max_new_tokens=10)
+    worker.join()
+    assert not errors and len(outputs) == 50 and all(np.array_equal(o, alone) for o in outputs)
+    assert text == captioner.caption(photos[1], max_new_tokens=10)
+    captioner.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason=NO_CUDA)
 @pytest.mark.skipif(not HAVE_BNB, reason=NO_BNB)
 @pytest.mark.parametrize("method", ["int8", "nf4"])
 def test_bitsandbytes_llm_on_the_gpu(pytorch_artifacts, photos, method):
-    """NF4 decodes through the CUDA graph (or logs why it cannot and runs eagerly); LLM.int8 runs eagerly by default."""
+    """NF4 decodes through the CUDA graph (or logs why it cannot and runs without one); LLM.int8 runs eagerly by
+    default; neither is compiled by default. The NF4 weights are quantized on the GPU."""
+    import bitsandbytes as bnb
+
     path = pytorch_artifacts("blip2")
-    fp16 = _load(path, backend="torch", device="cuda")
-    quantized = _load(path, backend="torch", device="cuda", backend_options={"torch": {"quantization": method}})
-    assert quantized.decoder.cuda_graphs == (method == "nf4")
+    fp16 = _gpu_load(path)
+    quantized = _gpu_load(path, quantization=method)
+    assert quantized.decoder.cuda_graphs == (method == "nf4") and quantized.decoder.compile_status == "off"
+    layer = {"int8": bnb.nn.Linear8bitLt, "nf4": bnb.nn.Linear4bit}[method]
+    assert all(p.is_cuda for m in quantized.decoder.model.modules() if isinstance(m, layer) for p in m.parameters())
     embeds, mask = _prompt(fp16, photos, rows=1)
     cosine = float(cosine_rows(fp16.decoder.start(embeds, mask), quantized.decoder.start(embeds, mask)).min())
     assert cosine >= (0.99 if method == "int8" else 0.95)

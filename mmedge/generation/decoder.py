@@ -19,8 +19,11 @@ class Decoder(Protocol):
     """A causal language model with a KV cache it keeps between calls.
 
     ``vocab_size`` is the width of the logits. A decoder may also expose ``max_positions``
-    (``int | None``): how many positions (prompt + generated) it can attend to, and ``reserve(total)``, which
-    the loop calls before ``start`` with prompt length + max_new_tokens (a preallocated cache sizes itself).
+    (``int | None``): how many positions (prompt + generated) it can attend to; ``reserve(total)``, which
+    the loop calls before ``start`` with prompt length + max_new_tokens (a preallocated cache sizes itself); and
+    ``step_greedy(token_ids, attention_mask, banned) -> int64 [batch]``: ``step`` followed by the greedy choice
+    made where the logits are (``argmax`` with the ``banned`` ids excluded, the first maximum), which the loop uses
+    for greedy decoding without a repetition penalty, so that only token ids cross to the host.
     """
 
     vocab_size: int

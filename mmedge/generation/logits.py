@@ -112,9 +112,20 @@ class LogitsProcessor:
         number ``generated + 1``."""
         if self.seen is not None:
             scores = apply_repetition_penalty(scores, self.seen, self.penalty)
-        if self.eos and generated < self.config.min_new_tokens:
-            scores = mask_tokens(scores, self.eos)
+        banned = self.banned(generated)
+        if banned:
+            scores = mask_tokens(scores, banned)
         return scores
+
+    @property
+    def only_bans(self) -> bool:
+        """Whether processing a step's scores only bans tokens (no repetition penalty): then the greedy choice is
+        ``argmax`` with :meth:`banned` excluded, which a decoder can take on its own device (``step_greedy``)."""
+        return self.seen is None
+
+    def banned(self, generated: int) -> tuple[int, ...]:
+        """The token ids :meth:`__call__` sets to ``-inf`` before token number ``generated + 1``."""
+        return tuple(self.eos) if self.eos and generated < self.config.min_new_tokens else ()
 
     def warp(self, scores: np.ndarray) -> np.ndarray:
         """The sampling-only warpers: temperature, top-k, top-p (each skipped at its neutral value)."""

@@ -182,11 +182,15 @@ class _State:
 
 
 def _sample_steps(run: _Run) -> Iterator[_State]:
-    """Greedy or sampled decoding; yields the state after every new token (the same object, updated)."""
+    """Greedy or sampled decoding; yields the state after every new token (the same object, updated).
+
+    Greedy decoding whose processing only bans tokens (no repetition penalty) lets a decoder with ``step_greedy``
+    pick the token on its own device: only the ids cross to the host, not ``[batch, vocab]`` logits."""
     config, decoder = run.config, run.decoder
     batch = run.mask.shape[0]
     processor = LogitsProcessor(config, decoder.vocab_size, batch, run.prompt_ids, run.mask)
     rng = np.random.default_rng(config.seed) if config.do_sample else None
+    step_greedy = getattr(decoder, "step_greedy", None) if rng is None and processor.only_bans else None
     eos = set(config.eos_token_ids)
     fill = config.fill_token_id
     state = _State([[] for _ in range(batch)], np.zeros(batch, dtype=bool))
@@ -195,12 +199,16 @@ def _sample_steps(run: _Run) -> Iterator[_State]:
     for generated in range(config.max_new_tokens):
         if generated:
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)  # [batch, past + 1]
-            logits = decoder.step(tokens, mask)
-        scores = processor(np.asarray(logits, dtype=np.float32), generated)
-        if rng is not None:
-            tokens = sample(processor.warp(scores), rng)
-        else:
-            tokens = np.argmax(scores, axis=-1).astype(np.int64)  # first maximum, as torch.argmax
+            if callable(step_greedy):
+                tokens = np.asarray(step_greedy(tokens, mask, processor.banned(generated)), dtype=np.int64)
+            else:
+                logits = decoder.step(tokens, mask)
+        if not generated or not callable(step_greedy):
+            scores = processor(np.asarray(logits, dtype=np.float32), generated)
+            if rng is not None:
+                tokens = sample(processor.warp(scores), rng)
+            else:
+                tokens = np.argmax(scores, axis=-1).astype(np.int64)  # first maximum, as torch.argmax
         if fill is not None:
             tokens = np.where(state.finished, fill, tokens)  # finished rows are fed padding
         processor.observe(tokens)

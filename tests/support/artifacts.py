@@ -1,0 +1,45 @@
+"""The tiny ``--with-pytorch`` artifacts the torch-backend and conformance tests run on, by kind, exported by the
+``pytorch_artifacts`` fixture and, ahead of a GPU run, by ``benchmarks/gpu_check.sh --prepare``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+LABELS = ["cat", "dog", "car", "rocket"]
+PYTORCH_VARIANTS: dict[str, tuple[str, dict]] = {  # kind: (tiny checkpoint, export options)
+    "clip": ("clip", {}),
+    "clip-fused": ("clip", {"labels": LABELS}),
+    "blip2": ("blip2", {}),
+    "blip2-split": ("blip2", {"extra": {"fused_prefix": False}}),
+    "idefics": ("idefics", {}),
+}
+
+
+def export_pytorch_artifact(kind: str, checkpoints: dict[str, Path], out: Path) -> Path:
+    """Export ``kind`` (a key of ``PYTORCH_VARIANTS``) from ``checkpoints[checkpoint]`` into ``out``."""
+    from mmedge.export import export_model
+
+    checkpoint, options = PYTORCH_VARIANTS[kind]
+    return export_model(str(checkpoints[checkpoint]), out, progress=False, with_pytorch=True, **options)
+
+
+def main(folder: str) -> None:
+    """Export every kind into ``folder`` (the GPU check carries it): ``python -m tests.support.artifacts DIR``."""
+    import tempfile
+
+    from tests.support.tiny_checkpoints import make_tiny_blip2, make_tiny_clip, make_tiny_idefics
+
+    root = Path(folder)
+    with tempfile.TemporaryDirectory(prefix="mmedge-tiny-") as tmp:
+        checkpoints = {"clip": make_tiny_clip(Path(tmp) / "clip"), "blip2": make_tiny_blip2(Path(tmp) / "blip2"),
+                       "idefics": make_tiny_idefics(Path(tmp) / "idefics")}
+        for kind in PYTORCH_VARIANTS:
+            if not (root / kind / "manifest.json").is_file():
+                export_pytorch_artifact(kind, checkpoints, root / kind)
+                print(f"exported {kind} -> {root / kind}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1])
