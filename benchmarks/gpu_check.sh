@@ -10,7 +10,8 @@
 #      and appends the section, with the card's name, to RESULTS.md.
 # Without a bitsandbytes wheel the INT8/NF4 rows say "skipped" and the rest runs.
 #
-#   bash benchmarks/gpu_check.sh --prepare  # here, before the GPU run: wheels from ../shared/wheels, tiny test artifacts
+#   bash benchmarks/gpu_check.sh --prepare  # here, before the GPU run: wheels from ../shared/wheels (only their CUDA 13
+#                                           # libraries: MMEDGE_GPU_CUDA_TAG), tiny test artifacts
 #   bash benchmarks/gpu_check.sh            # on the GPU machine (carry benchmarks/wheels and benchmarks/test-artifacts)
 #   bash benchmarks/gpu_check.sh --tiny     # anywhere, CPU: tiny test models, about a minute (MMEDGE_GPU_CHECK_TINY=1)
 set -euo pipefail
@@ -36,8 +37,8 @@ say() { echo "gpu_check [$((SECONDS - START)) s]: $*" >&2; }
 # --- 0. --prepare: what the GPU machine cannot fetch or should not spend its minutes on ---------------------
 if [ "$PREPARE" = 1 ]; then
   mkdir -p benchmarks/wheels
-  for wheel in ../shared/wheels/*.whl; do
-    [ -e "$wheel" ] && cp -u "$wheel" benchmarks/wheels/ && say "wheel $(basename "$wheel") -> benchmarks/wheels/"
+  for wheel in ../shared/wheels/*.whl; do  # only the native libraries for the GPU's CUDA (the carry is capped at 64 MiB)
+    [ -e "$wheel" ] && "$PY" benchmarks/slim_wheel.py "$wheel" "benchmarks/wheels/$(basename "$wheel")" --keep "${MMEDGE_GPU_CUDA_TAG:-cuda13}"
   done
   "$PY" -m tests.support.artifacts benchmarks/test-artifacts
   say "prepared: carry benchmarks/wheels and benchmarks/test-artifacts ($(du -sh benchmarks/wheels benchmarks/test-artifacts | awk '{print $1}' | paste -sd+))"

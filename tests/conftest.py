@@ -102,8 +102,9 @@ def pytorch_artifacts(tiny_clip_dir, tiny_blip2_dir, tiny_idefics_dir, tmp_path_
 def demo_blip2_with_pytorch(tmp_path_factory):
     """The shipped (trained) BLIP-2 demo model exported --with-pytorch, once per session: a model whose next-token
     margins are mostly wide, as a real checkpoint's are (a random tiny model's logits are near-uniform)."""
-    from mmedge import demo
-    from mmedge.export import export_model
+    from tests.support.artifacts import export_pytorch_artifact
 
-    return export_model(str(demo.model_path("blip2")), tmp_path_factory.mktemp("demo-blip2") / "fp32", progress=False,
-                        with_pytorch=True)
+    carried = os.environ.get("MMEDGE_TEST_ARTIFACTS")
+    if carried and (Path(carried) / "demo-blip2" / "manifest.json").is_file():
+        return Path(carried) / "demo-blip2"
+    return export_pytorch_artifact("demo-blip2", {}, tmp_path_factory.mktemp("demo-blip2") / "fp32")

@@ -12,15 +12,19 @@ PYTORCH_VARIANTS: dict[str, tuple[str, dict]] = {  # kind: (tiny checkpoint, exp
     "blip2": ("blip2", {}),
     "blip2-split": ("blip2", {"extra": {"fused_prefix": False}}),
     "idefics": ("idefics", {}),
+    "demo-blip2": ("demo:blip2", {}),  # the shipped trained BLIP-2: margins like a real checkpoint's
 }
 
 
 def export_pytorch_artifact(kind: str, checkpoints: dict[str, Path], out: Path) -> Path:
-    """Export ``kind`` (a key of ``PYTORCH_VARIANTS``) from ``checkpoints[checkpoint]`` into ``out``."""
+    """Export ``kind`` (a key of ``PYTORCH_VARIANTS``) from ``checkpoints[checkpoint]`` (``demo:NAME``: the shipped
+    demo model) into ``out``."""
+    from mmedge import demo
     from mmedge.export import export_model
 
     checkpoint, options = PYTORCH_VARIANTS[kind]
-    return export_model(str(checkpoints[checkpoint]), out, progress=False, with_pytorch=True, **options)
+    source = demo.model_path(checkpoint.split(":", 1)[1]) if checkpoint.startswith("demo:") else checkpoints[checkpoint]
+    return export_model(str(source), out, progress=False, with_pytorch=True, **options)
 
 
 def main(folder: str) -> None:
