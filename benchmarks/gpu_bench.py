@@ -90,6 +90,7 @@ def measure_clip(settings: Settings, device, dtype, budget: Budget, save) -> dic
             model = transformers.CLIPModel(transformers.AutoConfig.for_model(**_bundled_config(CLIP)["config"]))
     model = model.to(device, dtype).eval().requires_grad_(False)
     size, dim = int(model.config.vision_config.image_size), int(model.config.projection_dim)
+    cuda = device.type == "cuda"
     component = {"inputs": {"pixel_values": {"dtype": "float32", "shape": ["batch", 3, size, size]}},
                  "outputs": {"image_embeds": {"dtype": "float32", "shape": ["batch", dim]}}}
     host = TorchRunner(_ImageEmbeds(model).eval(), "vision", component, device=device, dtype=dtype)
@@ -139,12 +140,25 @@ def measure_clip(settings: Settings, device, dtype, budget: Budget, save) -> dic
         if "ms" in row.get("mmedge", {}):
             cos = cosine_rows(hf_host(pixels), host.infer({"pixel_values": pixels})["image_embeds"])
             row["mmedge"]["cosine_vs_hf_eager"] = float(cos.min())
+            if cuda:  # the compiled tower's kernels (run uncaptured) and the captured graph's replay time
+                attempt(row, "mmedge_profile", budget, lambda: clip_profile(torch, host, on_device), save)
     results["graphs"] = host.graph_report()
     host.close()
     resident.close()
     del model
     reset_peak(torch, device)
     return results
+
+
+def clip_profile(torch, runner, pixels) -> dict:
+    """Kernels of one compiled call of the tower on ``pixels`` (on the GPU) and the replay time of its CUDA graph."""
+    from gpu_parts import graph_replay_us, kernel_profile
+
+    out = kernel_profile(torch, lambda: runner._fn(pixels))
+    key = next((k for k in runner._graphs.graphs if k[0][0] == tuple(pixels.shape)), None)
+    if key is not None:
+        out["graph_replay_us"] = round(graph_replay_us(torch, runner._graphs.graphs[key][1]), 1)
+    return out
 
 
 # --- report ------------------------------------------------------------------------------------------
@@ -160,6 +174,12 @@ def evaluate_targets(data: dict) -> dict:
         met = None if value is None or data["mode"] != "full" else (value >= limit if direction == ">=" else value <= limit)
         out[name] = {"what": what, "target": f"{direction} {limit}", "value": value, "met": met}
     return out
+
+
+def _profile_text(profile: dict) -> str:
+    top = "; ".join(f"{k['name']} ×{k['calls']} {k['us']} µs" for k in profile.get("top", [])[:5])
+    return (f"{profile.get('kernels')} kernels, {profile.get('kernel_us')} µs of kernel time (uncaptured), captured replay "
+            f"{profile.get('graph_replay_us')} µs; top: {top}")
 
 
 def _variant_row(name: str, entry: dict) -> list:
@@ -186,9 +206,9 @@ def markdown(data: dict) -> str:
     for name, entry in blip2.get("variants", {}).items():
         profile = entry.get("step_profile")
         if profile:
-            top = "; ".join(f"{k['name']} ×{k['calls']} {k['us']} µs" for k in profile.get("top", [])[:5])
-            lines.append(f"- `{name}` decode step: {profile.get('kernels')} kernels, {profile.get('kernel_us')} µs of kernel time "
-                         f"(uncaptured), captured replay {profile.get('graph_replay_us')} µs; top: {top}")
+            lines.append(f"- `{name}` decode step: {_profile_text(profile)}")
+        if entry.get("steps_ahead"):
+            lines.append(f"- `{name}` steps launched ahead and taken / run again: {entry['steps_ahead']}")
         if entry.get("compile_counters"):
             lines.append(f"- `{name}` torch.compile counters: {entry['compile_counters']}")
     rows = []
@@ -196,11 +216,17 @@ def markdown(data: dict) -> str:
         if not key.startswith("batch_"):
             continue
         for name, entry in row.items():
+            if name == "mmedge_profile":
+                continue
             value = entry.get("ms", {}).get("median")
             rows.append([key.replace("batch_", ""), name, f"{value:.3f}" if value is not None else entry.get("error") or entry.get("skipped"),
                          entry.get("first_call_s")])
     lines += ["", f"CLIP: {data.get('clip', {}).get('model')} ({data.get('clip', {}).get('dtype')}); ms, median", "",
               markdown_table(["batch", "engine", "ms", "first call s"], rows), ""]
+    for key, row in data.get("clip", {}).items():
+        if key.startswith("batch_") and "kernels" in row.get("mmedge_profile", {}):
+            lines.append(f"- CLIP {key.replace('_', ' ')}, mmedge compiled tower: {_profile_text(row['mmedge_profile'])}")
+    lines.append("")
     rows = [[t["what"], t["target"], None if t["value"] is None else f"{t['value']:.3f}",
              {True: "met", False: "missed", None: "not evaluated"}[t["met"]]] for t in data["targets"].values()]
     lines += [markdown_table(["target", "bound", "measured", "verdict"], rows), ""]

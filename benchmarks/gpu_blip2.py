@@ -224,6 +224,7 @@ def measure_blip2(settings, device, dtype, budget: Budget, save: Callable[[], An
                 entry = {"title": label, "first_call_s": round(first_s, 2), "peak_allocated_mib": peak_mib(torch, device),
                          **result, "llm_weight_mib": round(weight_bytes(llm) / 2**20, 1),
                          "decode_graph": runner.decoder.graph_status, "compile": runner.decoder.compile_status,
+                         "steps_ahead": dict(runner.decoder.steps_ahead),
                          "prefix_graphs": runner.prefix.graph_report(),
                          "first_logits_cosine_vs_hf": float(cosine_rows(hf_logits, logits).min())}
                 if bandwidth:

@@ -115,11 +115,12 @@ def kernel_profile(torch, fn: Callable[[], Any], top: int = 8) -> dict:
     """The CUDA kernels one call of ``fn`` launches: how many, their summed time, and the ``top`` by time."""
     from torch.profiler import ProfilerActivity, profile
 
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with torch.inference_mode():  # the runtime's buffers are inference tensors
         fn()
         torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
     kernels = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
     total_us = sum(e.device_time for e in kernels) if kernels and hasattr(kernels[0], "device_time") else \
         sum(e.cuda_time for e in kernels)

@@ -18,6 +18,13 @@ CUDA, the one-token decode step compiled and replayed as a CUDA graph.
   before ``min_new_tokens``) into another. ``step`` copies the logits back (pinned, ``[batch, vocab]``) for the
   numpy loop's processors; ``step_greedy`` copies back only the ``[batch]`` token ids. The host sends a new mask only
   when the loop's mask is not the previous one plus a column of ones.
+- **One step ahead (greedy, CUDA graphs).** After a greedy step, before waiting for its ids, ``step_greedy`` launches
+  the next step on the GPU with the ids it just chose (device to device) and the same banned tokens, so the GPU
+  decodes while the host runs the loop. When the loop's next call brings exactly those ids, the previous mask plus a
+  column of ones and the same bans, that step is already running and is taken as it is; otherwise it is run again
+  with the loop's inputs (it writes the same cache slot, so nothing needs undoing). It never runs past the positions
+  the loop reserved or the cache's capacity; a generation that ends early (EOS) leaves one step computed for
+  nothing. ``run_ahead``: None = on where the step is a CUDA graph.
 - **Compiled and captured (CUDA).** The step is one function over static buffers, so it is compiled with
   ``torch.compile(fullgraph=True)`` (inductor; ``compile``), run twice on the decoder's own stream (a step is
   idempotent: the same keys and values land in the same slot), captured once per (batch, capacity) and replayed
@@ -106,6 +113,14 @@ class _State:
         self.graph_failed = False
 
 
+class _Ahead:
+    """A step launched before the loop asked for it: the buffers, the slot it writes, the ids and bans it used."""
+
+    def __init__(self, state: _State, slot: int, banned: tuple[int, ...]):
+        self.state, self.slot, self.banned = state, slot, banned
+        self.ids: np.ndarray | None = None  # the ids it runs on: the previous step's choice, once read on the host
+
+
 class TorchDecoder:
     """``mmedge.generation.Decoder`` over a transformers causal LM (fed input embeddings), static KV cache.
 
@@ -118,7 +133,8 @@ class TorchDecoder:
 
     def __init__(self, language_model, *, device, dtype, cuda_graphs: bool | None = None, compile: bool | str | None = None,
                  position_offset: int = 0, max_positions: int | None = None, cache_block: int = CACHE_BLOCK,
-                 max_states: int = MAX_STATES, handle: ModelHandle | None = None, quantization: dict | None = None):
+                 max_states: int = MAX_STATES, handle: ModelHandle | None = None, quantization: dict | None = None,
+                 run_ahead: bool | None = None):
         self.torch = torch = import_torch()
         self.model = language_model
         self.device, self.dtype = device, dtype
@@ -150,6 +166,10 @@ class TorchDecoder:
         self._state: _State | None = None
         self._host_mask: np.ndarray | None = None  # [batch, past] the mask the device holds
         self._reserved: int | None = None
+        self._limit: int | None = None  # prompt + new tokens the loop reserved for this generation
+        self.run_ahead = run_ahead  # None: when the step is a CUDA graph
+        self._ahead: _Ahead | None = None
+        self.steps_ahead = {"taken": 0, "redone": 0}  # run-ahead steps the loop took as they were / ran again
         self._handle = handle
         self._batch = 0
         self.past_length = 0
@@ -177,7 +197,8 @@ class TorchDecoder:
                             "[batch, seq, hidden] and [batch, seq]", "pass a mask with one column per prompt position")
         batch, seq = mask.shape
         need = max(seq + 1, self._reserved or 0, seq + self.cache_block // 2)
-        self._reserved = None
+        self._limit, self._reserved = self._reserved, None
+        self._ahead = None
         with torch.inference_mode():
             state = self._state_for(batch, need)
             state.mask.zero_()
@@ -205,14 +226,25 @@ class TorchDecoder:
 
     def step_greedy(self, token_ids, attention_mask, banned: tuple[int, ...] = ()) -> np.ndarray:
         """:meth:`step`, then the greedy choice on the device: ``argmax`` of the logits with the ``banned`` token ids
-        excluded (the first maximum, as numpy's) -> int64 ``[batch]``; only the ids come back to the host."""
+        excluded (the first maximum, as numpy's) -> int64 ``[batch]``; only the ids come back to the host. With
+        ``run_ahead``, the next step is started before this one's ids are read (see the module docstring)."""
         with self.torch.inference_mode():
-            state = self._run_step(token_ids, attention_mask, tuple(int(t) for t in banned))
-            return self._to_host("next_ids", state.next_ids)
+            state = self._run_step(token_ids, attention_mask, tuple(int(t) for t in banned), greedy=True)
+            if self.device.type != "cuda":
+                ids = state.next_ids.clone().numpy()
+                self._launch_ahead(state)
+                return self._ahead_ids(ids)
+            pinned = self._host.fetch("next_ids", state.next_ids)
+            done = self.torch.cuda.Event()
+            done.record(self.torch.cuda.current_stream(self.device))
+            self._launch_ahead(state)  # queued behind the copy: the GPU goes on while the host waits for the ids
+            done.synchronize()
+            return self._ahead_ids(pinned.numpy().copy())
 
     def reorder(self, rows) -> None:
         """Cache row ``i`` becomes old row ``rows[i]`` (gathered on the device)."""
         torch = self.torch
+        self._ahead = None
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if self._batch and rows.size and (rows.min() < 0 or rows.max() >= self._batch):
             raise FeedError(f"reorder got rows {rows.tolist()[:8]}", f"row indices below {self._batch}", "index existing cache rows")
@@ -233,6 +265,7 @@ class TorchDecoder:
             self._host_mask = self._host_mask[rows]
 
     def close(self) -> None:
+        self._ahead = None
         self._states.clear()
         self._state = None
         self.model = None
@@ -288,7 +321,7 @@ class TorchDecoder:
         return buffer.numpy().copy()
 
     # --- one step ------------------------------------------------------------------------------------
-    def _run_step(self, token_ids, attention_mask, banned: tuple[int, ...]) -> _State:
+    def _run_step(self, token_ids, attention_mask, banned: tuple[int, ...], greedy: bool = False) -> _State:
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         mask = np.asarray(attention_mask)
         past = self.past_length
@@ -297,15 +330,51 @@ class TorchDecoder:
                 f"decode step got {ids.shape[0]} token ids and a mask of shape {list(mask.shape)}",
                 f"{self._batch} ids and a mask [{self._batch}, {past + 1}] (cache rows, past length + 1)",
                 "call start() first, and reorder() when the number of rows changes")
-        state = self._state if past + 1 <= self._state.capacity else self._grow(past + 1)
-        self._feed(state, ids, mask, past, banned)
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and greedy and self._is_ahead(ahead, ids, mask, past, banned):
+            self.steps_ahead["taken"] += 1
+            state = ahead.state  # this very step is already running (or done) on the GPU
+        else:
+            self.steps_ahead["redone"] += ahead is not None
+            state = self._state if past + 1 <= self._state.capacity else self._grow(past + 1)
+            self._feed(state, ids, mask, past, banned)
+            self._launch(state)
+        self._host_mask = np.ascontiguousarray(mask, dtype=np.int64)
+        self.past_length = past + 1
+        return state
+
+    def _launch(self, state: _State) -> None:
+        """Run the step of ``state`` as fed: its CUDA graph when there is one, else the (compiled) function."""
         if self.cuda_graphs and self._captured(state):
             state.graph.replay()
         else:
             self._step_fn(state)
-        self._host_mask = np.ascontiguousarray(mask, dtype=np.int64)
-        self.past_length = past + 1
-        return state
+
+    def _is_ahead(self, ahead: _Ahead, ids: np.ndarray, mask: np.ndarray, past: int, banned: tuple[int, ...]) -> bool:
+        """Whether the step launched ahead is the one the loop asks for: same buffers, slot, ids, bans, and a mask that
+        is the previous one plus a column of ones (what the step wrote on the device)."""
+        return (ahead.state is self._state and ahead.slot == past and ahead.banned == banned and ahead.ids is not None
+                and np.array_equal(ids, ahead.ids) and self._host_mask is not None
+                and self._host_mask.shape == (len(ids), past) and bool(mask[:, past].all())
+                and np.array_equal(mask[:, :past], self._host_mask))
+
+    def _launch_ahead(self, state: _State) -> None:
+        """Start the next step on this step's choice (device to device), where the loop will want it."""
+        slot = self.past_length  # the next step's cache slot
+        enabled = (self.cuda_graphs and state.graph is not None) if self.run_ahead is None else self.run_ahead
+        fits = slot + 1 <= state.capacity and (self._limit is None or slot + 1 < self._limit)
+        if not enabled or not fits or not state.new_mask_ones:
+            return
+        state.ids.copy_(state.next_ids)
+        state.step_slot.fill_(slot)
+        self._launch(state)
+        self._ahead = _Ahead(state, slot, state.banned)
+
+    def _ahead_ids(self, ids: np.ndarray) -> np.ndarray:
+        """The ids a launched-ahead step runs on are those just returned to the loop."""
+        if self._ahead is not None:
+            self._ahead.ids = ids
+        return ids
 
     def _feed(self, state: _State, ids: np.ndarray, mask: np.ndarray, past: int, banned: tuple[int, ...]) -> None:
         """Host → device: the ids (pinned, asynchronous), the cache slot, the mask only where it is not the previous

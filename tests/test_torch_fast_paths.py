@@ -248,3 +248,40 @@ def test_bitsandbytes_layers_are_built_without_initialising_weights_on_the_cpu(p
     torch.testing.assert_close(llm.get_input_embeddings()(torch.arange(5)), before)
     api_error(lambda: quantize_linear_layers(llm, "int3", compute_dtype=torch.float32, device=torch.device("cpu")),
               BackendUnavailableError, "'int3'")
+
+
+# --- one step ahead ------------------------------------------------------------------------------------
+def test_greedy_steps_run_one_ahead_and_are_taken_or_run_again(pytorch_artifacts, photos):
+    """run_ahead (on by default where the step is a CUDA graph; forced here, where each launch runs at once): the
+    step after a greedy choice starts on that choice; the loop takes it when its next call matches, and gets it run
+    again when not (a different mask, different bans). The tokens are the reference's either way."""
+    from mmedge.generation import generate
+    from mmedge.runtimes.torch_decoder import create_decoder
+
+    reference = _load(pytorch_artifacts("blip2"))
+    decoder = create_decoder(Artifact.open(pytorch_artifacts("blip2")), device="cpu")
+    decoder.run_ahead = True
+    embeds, mask = _prompt(reference, photos)
+    config = reference._config({"max_new_tokens": 10, "min_new_tokens": 10})  # the artifact's EOS, banned throughout
+    assert config.eos_token_ids
+    assert generate(decoder, embeds, mask, config) == generate(reference.decoder, embeds, mask, config)
+    assert decoder.steps_ahead == {"taken": 8, "redone": 0}  # steps 2..9 (none past the reserved 10 tokens)
+    assert decoder._ahead is None and decoder.past_length == embeds.shape[1] + 9
+
+    decoder.steps_ahead.update(taken=0, redone=0)  # EOS stops being banned after 3 tokens: the step at the change is redone
+    config = reference._config({"max_new_tokens": 10, "min_new_tokens": 3})
+    assert generate(decoder, embeds, mask, config) == generate(reference.decoder, embeds, mask, config)
+    assert decoder.steps_ahead["redone"] == 1
+
+    ids = np.argmax(decoder.start(embeds, mask), axis=-1)
+    reference.decoder.start(embeds, mask)
+    step_mask = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
+    ids = decoder.step_greedy(ids, step_mask)  # launches the next step ahead
+    reference.decoder.step(np.argmax(reference.decoder.start(embeds, mask), axis=-1), step_mask)
+    changed = np.concatenate([step_mask, np.array([[1], [0]], dtype=np.int64)], axis=1)  # row 1 pads this step
+    redone = decoder.steps_ahead["redone"]
+    got = decoder.step_greedy(ids, changed)
+    assert decoder.steps_ahead["redone"] == redone + 1
+    assert got.tolist() == np.argmax(reference.decoder.step(ids, changed), axis=-1).tolist()
+    decoder.close()
+    reference.close()

@@ -124,9 +124,12 @@ def _image_embeds_spec(model) -> TensorSpec:
     return TensorSpec("float32", ("batch", _image_tokens(model), int(model.config.vision_config.hidden_size)))
 
 
-def cache_kwarg(language_model) -> str:
-    """The keyword a causal LM's forward takes its KV cache by: ``cache`` (transformers ≥ 5.2x) or ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(language_model.forward).parameters else "past_key_values"
+def cache_kwarg(takes_cache) -> str:
+    """The keyword a transformers model, layer or function (``create_causal_mask``) takes its KV cache by: ``cache``
+    (transformers ≥ 5.2x) or ``past_key_values`` (earlier 5.x; a decoder layer given ``cache`` there would take it
+    into ``**kwargs`` and silently leave its cache alone)."""
+    forward = getattr(takes_cache, "forward", takes_cache)
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def llm_input_width(language_model) -> int:

@@ -33,6 +33,7 @@ from mmedge.export.specs.blip2 import (
     TRACE_SIZES,
     _image_size,
     _image_tokens,
+    cache_kwarg,
     kv_cache_layout,
 )
 
@@ -162,7 +163,8 @@ class _XAttnDecoderWithPast(torch.nn.Module):
             cross, past = self.cross_kv(rest[0]), rest[1:]
         cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(self.layers)], config=config)
         causal = create_causal_mask(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                    cache=cache, position_ids=position_ids)
+                                    position_ids=position_ids, **{cache_kwarg(create_causal_mask): cache})
+        layer_cache = {cache_kwarg(self.decoder_layers[0]): cache}
         batch, sequence, images = image_attention_mask.shape
         seen = image_attention_mask[..., None].expand(-1, -1, -1, self.per_image).reshape(batch, sequence, -1)
         bias = torch.where(seen[:, None, :, :].bool(), torch.zeros((), dtype=inputs_embeds.dtype),
@@ -174,7 +176,7 @@ class _XAttnDecoderWithPast(torch.nn.Module):
             if index % self.interval == 0:
                 c = index // self.interval
                 hidden = _gated_cross_block(self.blocks[c], hidden, cross[2 * c], cross[2 * c + 1], bias, gate, attention)
-            hidden = layer(hidden, attention_mask=causal, position_ids=position_ids, cache=cache)
+            hidden = layer(hidden, attention_mask=causal, position_ids=position_ids, **layer_cache)
         logits = self.lm_head(self.norm(hidden))  # [batch, sequence, vocab + additional]
         present = []
         for layer in cache.layers:
