@@ -285,3 +285,33 @@ def test_greedy_steps_run_one_ahead_and_are_taken_or_run_again(pytorch_artifacts
     assert got.tolist() == np.argmax(reference.decoder.step(ids, changed), axis=-1).tolist()
     decoder.close()
     reference.close()
+
+
+# --- attention masks -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["clip", "blip2", "blip2-split", "idefics"])
+def test_attention_masks_have_the_queries_dtype_in_half_precision(pytorch_artifacts, kind, monkeypatch):
+    """Every scaled_dot_product_attention call of every component at FP16 gets a mask that is boolean or of the
+    queries' dtype. PyTorch's cuDNN attention (the default on sm90) reads any other float mask as the queries' dtype
+    (pytorch#191612): IDEFICS' float32 image bias beside FP16 queries gave logits cosine 0.80 on an H200, while the
+    CPU's attention promotes it correctly."""
+    import torch.nn.functional as F
+
+    from mmedge.runtimes.torch_backend import create_runner
+    from mmedge.validate import load_validation_samples
+
+    seen = []
+    original = F.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, *args, **kwargs):
+        seen.append((query.dtype, None if attn_mask is None else attn_mask.dtype))
+        return original(query, key, value, attn_mask, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    artifact = Artifact.open(pytorch_artifacts(kind))
+    samples = load_validation_samples(artifact)
+    for name in artifact.components:
+        runner = create_runner(None, name, artifact.component(name), artifact=artifact, device="cpu", dtype="float16")
+        runner.infer(samples[name]["inputs"])
+        runner.close()
+    masked = [(q, m) for q, m in seen if m is not None]
+    assert seen and all(m in (torch.bool, q) for q, m in masked), sorted(set(masked), key=str)

@@ -167,8 +167,12 @@ class _XAttnDecoderWithPast(torch.nn.Module):
         layer_cache = {cache_kwarg(self.decoder_layers[0]): cache}
         batch, sequence, images = image_attention_mask.shape
         seen = image_attention_mask[..., None].expand(-1, -1, -1, self.per_image).reshape(batch, sequence, -1)
-        bias = torch.where(seen[:, None, :, :].bool(), torch.zeros((), dtype=inputs_embeds.dtype),
-                           torch.full((), torch.finfo(inputs_embeds.dtype).min))  # [batch, 1, sequence, image_tokens]
+        # the bias in the queries' dtype and on their device: a float32 bias beside FP16 queries promoted the mask to
+        # float32, which PyTorch's cuDNN attention (the default on sm90) reads as FP16 (pytorch#191612: IDEFICS' FP16
+        # decoder on an H200 came out at logits cosine 0.80), and host scalars cannot be copied inside a CUDA graph
+        blocked = torch.full((), torch.finfo(inputs_embeds.dtype).min, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
+        allowed = torch.zeros((), dtype=inputs_embeds.dtype, device=inputs_embeds.device)
+        bias = torch.where(seen[:, None, :, :].bool(), allowed, blocked)  # [batch, 1, sequence, image_tokens]
         gate = (bias == 0.0).any(dim=-1).to(inputs_embeds.dtype).squeeze(1)  # [batch, sequence]
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
         hidden = inputs_embeds  # [batch, sequence, hidden]
