@@ -46,7 +46,7 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 
@@ -73,6 +73,11 @@ def import_tensorrt():
         raise BackendUnavailableError(
             f"backend 'tensorrt' needs the Python package 'tensorrt', which cannot be imported ({exc})",
             "TensorRT 10.x importable as 'tensorrt' on a machine with an NVIDIA GPU", INSTALL) from None
+    if getattr(trt, "__file__", None) is None:  # a namespace package: a folder without TensorRT's bindings
+        raise BackendUnavailableError(
+            f"the 'tensorrt' that imports ({list(getattr(trt, '__path__', []))}) is a folder without TensorRT's bindings "
+            "(type stubs such as tensorrt-stubs install one)",
+            "TensorRT 10.x importable as 'tensorrt' on a machine with an NVIDIA GPU", INSTALL)
     major = str(getattr(trt, "__version__", "0")).split(".")[0]
     if not major.isdigit() or int(major) < MIN_TENSORRT_MAJOR:
         raise BackendUnavailableError(f"TensorRT {getattr(trt, '__version__', '?')} is installed",
@@ -233,7 +238,7 @@ def obtain_plan(cache: EngineCache, component: str, key: EngineKey, build: Calla
     found = cache.lookup(component, key)
     if found.fresh and not force:
         try:
-            return EngineOutcome("loaded", cache.load(component, key), found.plan)
+            return EngineOutcome("loaded", cache.load(component, key), cache.paths(component, key)[0])
         except StaleEngineError as exc:  # changed on disk between lookup and read
             found = cache.lookup(component, key)
             found.reasons = found.reasons or [exc.what]
@@ -280,7 +285,7 @@ def build_serialized_engine(onnx_path: str | os.PathLike, profile: Mapping, prec
     if profile:
         shapes = builder.create_optimization_profile()
         for name, (lo, opt, hi) in profile.items():
-            shapes.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
+            shapes.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
         config.add_optimization_profile(shapes)
     cached = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
     try:
@@ -288,7 +293,7 @@ def build_serialized_engine(onnx_path: str | os.PathLike, profile: Mapping, prec
     except Exception:  # an unreadable cache only costs build time: start an empty one
         timings = config.create_timing_cache(b"")
     config.set_timing_cache(timings, ignore_mismatch=False)  # keyed per TensorRT version and GPU: no foreign timings
-    monitor = _progress_monitor(trt, progress) if progress is not None and hasattr(trt, "IProgressMonitor") else None
+    monitor = _progress_monitor(progress) if progress is not None and hasattr(trt, "IProgressMonitor") else None
     if monitor is not None:
         config.progress_monitor = monitor  # kept referenced until the build returns
     serialized = builder.build_serialized_network(network, config)
@@ -301,7 +306,9 @@ def build_serialized_engine(onnx_path: str | os.PathLike, profile: Mapping, prec
     return bytes(memoryview(serialized))
 
 
-def _progress_monitor(trt, write: Callable[[str], None]):
+def _progress_monitor(write: Callable[[str], None]):
+    trt = import_tensorrt()  # here, not a parameter: the static check then knows IProgressMonitor's API
+
     class Monitor(trt.IProgressMonitor):
         def __init__(self):
             trt.IProgressMonitor.__init__(self)
@@ -471,10 +478,10 @@ class TensorRTRunner(Runner):
         self._dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
         self._ranges: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         for n in self._engine_inputs:
-            shape = tuple(engine.get_tensor_shape(n))
+            shape = _dims(engine.get_tensor_shape(n))
             if any(d < 0 for d in shape):
                 lo, _, hi = engine.get_tensor_profile_shape(n, 0)
-                self._ranges[n] = (tuple(lo), tuple(hi))
+                self._ranges[n] = (_dims(lo), _dims(hi))
             else:
                 self._ranges[n] = (shape, shape)
         try:
@@ -486,7 +493,7 @@ class TensorRTRunner(Runner):
             for n in self._engine_outputs:
                 if keep_on_device and n in self._outputs:
                     continue  # each call allocates its DeviceTensor at the real shape (a decoder's cache: no max-size copy)
-                shape = tuple(self._context.get_tensor_shape(n))
+                shape = _dims(self._context.get_tensor_shape(n))
                 if any(d < 0 for d in shape):
                     raise BackendError(f"output '{n}' of component '{component_name}' has a data-dependent shape {list(shape)}",
                                        "outputs whose shape follows from the input shapes", "run this component on ONNX Runtime")
@@ -520,7 +527,8 @@ class TensorRTRunner(Runner):
 
     def _infer_impl(self, feeds: dict[str, Any]) -> dict[str, Any]:
         with self._lock:
-            if self._closed:
+            stream = self._stream
+            if self._closed or stream is None:
                 raise BackendError(f"runner for '{self.component_name}' is closed", "an open runner", "create a new one")
             if self._cuda.device_id:
                 self._cuda.use_device()  # the current device is per thread
@@ -528,11 +536,12 @@ class TensorRTRunner(Runner):
             limit = min(self._ranges[n][1][0] for n in self._engine_inputs) if self._split_axis else None
             if (limit and first.shape[0] > limit and not self._keep_on_device
                     and all(isinstance(v, np.ndarray) for v in feeds.values())):
-                parts = [self._run({n: v[i:i + limit] for n, v in feeds.items()}) for i in range(0, first.shape[0], limit)]
+                parts = [self._run({n: v[i:i + limit] for n, v in feeds.items()}, stream)
+                         for i in range(0, first.shape[0], limit)]
                 return {n: np.concatenate([p[n] for p in parts], axis=0) for n in parts[0]}
-            return self._run(feeds)
+            return self._run(feeds, stream)
 
-    def _run(self, feeds: dict[str, Any]) -> dict[str, Any]:
+    def _run(self, feeds: dict[str, Any], stream) -> dict[str, Any]:
         context, staged = self._context, []
         for name, value in feeds.items():
             shape = tuple(value.shape)
@@ -547,24 +556,24 @@ class TensorRTRunner(Runner):
                 host = np.ascontiguousarray(value, dtype=self._dtypes[name])
                 staged.append(host)  # alive until the stream is synchronized
                 pointer = self._buffers[name]
-                self._cuda.to_device(pointer, host, self._stream)
+                self._cuda.to_device(pointer, host, stream)
             context.set_tensor_address(name, pointer)
         results: dict[str, Any] = {}
         for name in self._engine_outputs:
-            shape = tuple(context.get_tensor_shape(name))
+            shape = _dims(context.get_tensor_shape(name))
             if self._keep_on_device and name in self._outputs:
                 results[name] = DeviceTensor(self._cuda, shape, self._dtypes[name])
                 context.set_tensor_address(name, results[name].ptr)
             else:
                 context.set_tensor_address(name, self._buffers[name])
                 results[name] = np.empty(shape, self._dtypes[name])
-        if not context.execute_async_v3(int(self._stream)):
+        if not context.execute_async_v3(int(stream)):
             raise BackendError(f"TensorRT failed running component '{self.component_name}'",
                                "feeds within the engine's profile", "see TensorRT's log above; check input shapes")
         for name, value in results.items():
             if isinstance(value, np.ndarray):
-                self._cuda.to_host(value, self._buffers[name], self._stream)
-        self._cuda.synchronize(self._stream)
+                self._cuda.to_host(value, self._buffers[name], stream)
+        self._cuda.synchronize(stream)
         del staged
         return {name: results[name] for name in self._outputs}
 
@@ -596,6 +605,20 @@ def _contiguous_strides(shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, .
         strides.append(step)
         step *= dim
     return tuple(reversed(strides))
+
+
+class _Dims(Protocol):
+    """What TensorRT's ``Dims`` declares: a length and indexing, no ``__iter__``."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> int: ...
+
+
+def _dims(shape: _Dims) -> tuple[int, ...]:
+    """A TensorRT ``Dims`` as a tuple of ints, read by index: ``tuple(dims)`` works only through Python's fallback to
+    ``__getitem__``, which TensorRT's declared API does not promise."""
+    return tuple(int(shape[i]) for i in range(len(shape)))
 
 
 # --- entry points ----------------------------------------------------------------------------------
@@ -689,7 +712,11 @@ def build_artifact(path: str | os.PathLike, settings: EngineSettings | None = No
     require_gpu(probe)
     builder = _Builder(manifest, artifact.engines_dir(), settings, probe)
     paths = {name: artifact.component_path(name) for name in targets}
-    write = (lambda line: (stream.write(line + "\n"), stream.flush())) if progress else None
+    def say(line: str) -> None:
+        stream.write(line + "\n")
+        stream.flush()
+
+    write = say if progress else None
     memory_line = check_memory(probe, builder.memory_need(paths), settings.device_id)
     if write:
         write(f"TensorRT {builder.trt.__version__} on {builder.gpu_name} (sm {builder.compute_capability}); {memory_line}")
