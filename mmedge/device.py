@@ -17,10 +17,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "fma", "asimd", "asimddp", "i8mm", "sve")
-# distribution name -> import name; cuda-python gives the TensorRT backend its device buffers and streams
-# (and the torch backend needs transformers beside torch)
-ENGINES = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "torch": "torch", "transformers": "transformers",
-           "bitsandbytes": "bitsandbytes", "cuda-python": "cuda"}
+# distribution name -> import name(s); cuda-python gives the TensorRT backend its device buffers and streams
+# (cuda.bindings since 12.6, cuda.cudart before; "cuda" alone is a namespace other NVIDIA packages share),
+# and the torch backend needs transformers beside torch
+ENGINES = {"onnxruntime": ("onnxruntime",), "tensorrt": ("tensorrt",), "torch": ("torch",), "transformers": ("transformers",),
+           "bitsandbytes": ("bitsandbytes",), "cuda-python": ("cuda.bindings", "cuda.cudart")}
+DISTRIBUTIONS = {"cuda-python": ("cuda-python", "cuda-bindings")}  # where a version may be read, in order
 
 
 @dataclass
@@ -87,15 +89,31 @@ def _read(path: str) -> str | None:
 
 def _engine_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {}
-    for name, module in ENGINES.items():
-        if importlib.util.find_spec(module) is None:
+    for name, modules in ENGINES.items():
+        if not any(importable(module) for module in modules):
             versions[name] = None
             continue
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "unknown"
+        versions[name] = "unknown"
+        for distribution in DISTRIBUTIONS.get(name, (name,)):
+            try:
+                versions[name] = importlib.metadata.version(distribution)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
     return versions
+
+
+def importable(module: str) -> bool:
+    """Whether ``module`` (dotted names too) is installed as a module or a regular package, importing at most its
+    parent packages.
+    A bare namespace package does not count: type stubs such as tensorrt-stubs install a ``tensorrt/`` folder of
+    .pyi files, which imports as an empty namespace, not as TensorRT."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):  # a dotted name whose parent is missing
+        return False
+    namespace = spec is not None and spec.submodule_search_locations is not None and spec.origin in (None, "namespace")
+    return spec is not None and not namespace
 
 
 def _nvidia_smi_gpus() -> list[GpuInfo]:

@@ -178,12 +178,13 @@ class EngineCache:
     def load(self, component: str, key: EngineKey) -> bytes:
         """The plan's bytes if a fresh engine is cached; StaleEngineError (never a foreign engine) otherwise."""
         found = self.lookup(component, key, check_bytes=False)
-        if found.fresh:
-            data = found.plan.read_bytes()
+        plan = found.plan if found.fresh else None
+        if plan is not None:
+            data = plan.read_bytes()
             record = json.loads(self.paths(component, key)[1].read_text())
             if hashlib.sha256(data).hexdigest() == record["plan_sha256"]:
                 return data
-            found = EngineLookup("stale", None, [f"{found.plan.name}: {_CHANGED}"], [found.plan])
+            found = EngineLookup("stale", None, [f"{plan.name}: {_CHANGED}"], [plan])
         if found.status == "missing":
             what = f"no engine for component '{component}' has been built on this device yet"
         else:

@@ -15,14 +15,18 @@ and GPU (``engines/timing-*.cache``).
 - **Shapes.** One optimization profile per engine, from the manifest's named dynamic axes and the user's limits
   (``tensorrt_planning.derive_profile``). A call larger than the profile's batch is split into profile-sized
   calls; any other shape outside the profile is refused with the rebuild command.
-- **Memory.** Device buffers come from **cuda-python** (``cuda.bindings.runtime``; ``cuda.cudart`` on older
-  releases), not torch, so the device needs no PyTorch: ``cudaMalloc`` once per input/output at the profile's
-  largest shape, one ``cudaStream`` and one ``IExecutionContext`` per runner (``set_input_shape``,
-  ``set_tensor_address``, ``execute_async_v3``). Calls on one runner are serialized by a lock.
+- **Memory.** Device buffers come from **cuda-python** (``mmedge.runtimes.cuda_buffers``: ``cuda.bindings.runtime``;
+  ``cuda.cudart`` on older releases), not torch, so the device needs no PyTorch: ``cudaMalloc`` once per
+  input/output at the profile's largest shape, one ``cudaStream`` and one ``IExecutionContext`` per runner
+  (``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``). Calls on one runner are serialized by a lock.
 - **Outputs on the GPU.** With ``keep_on_device=True`` outputs are ``DeviceTensor``\\ s: GPU memory that another
   TensorRT runner takes as a feed without a copy, that CuPy/PyTorch/Numba read through
   ``__cuda_array_interface__``, and that ``numpy()`` copies to the host. By default outputs are numpy arrays.
-  Such a runner allocates each call's outputs at their real shape instead of buffers at the profile's largest.
+  Such a runner gives each call's outputs their real shape, in buffers from its ``DevicePool``: a buffer comes back
+  when its tensor is collected and serves a later call, so a decoder's steady-state steps allocate nothing.
+- **Feeds from other streams.** A GPU feed whose ``__cuda_array_interface__`` names the stream it was written on
+  (v3 ``stream``) is read only after that stream's work: an event recorded there, waited on by the runner's stream
+  (``cudaStreamWaitEvent``; the host does not block), or, if no event can be made, that stream synchronized.
 - **The KV-cached decoder.** ``create_runner`` builds the decoder graph like any other (its profile keeps
   total = past + new tokens at every point, see ``tensorrt_planning``); ``create_decoder`` builds it with
   ``keep_on_device=True`` and wraps it in ``mmedge.runtimes.runner_decoder.RunnerDecoder``, so the presents of
@@ -37,21 +41,22 @@ this module imports, and using it raises BackendUnavailableError with the instal
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import sys
 import threading
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 
 from mmedge.errors import BackendError, BackendUnavailableError, FeedError, InputError, IntegrityError, StaleEngineError
 from mmedge.runner import Runner, TensorMeta
+from mmedge.runtimes.cuda_buffers import INSTALL, CudaRuntime, DevicePool, DeviceTensor, cai_stream, import_cudart
 from mmedge.runtimes.engine_cache import EngineCache, EngineKey, _atomic_write
 from mmedge.runtimes.tensorrt_planning import (DEFAULT_MAX_BATCH, MIB, MemoryNeed, ProfileLimits, check_memory,
                                                derive_profile, engine_bytes, engine_precision, kv_cache_need,
@@ -59,8 +64,6 @@ from mmedge.runtimes.tensorrt_planning import (DEFAULT_MAX_BATCH, MIB, MemoryNee
 
 log = logging.getLogger("mmedge")
 
-INSTALL = ('pip install "mmedge[tensorrt]" (TensorRT 10.x and cuda-python); on a Jetson TensorRT comes with JetPack: '
-           "sudo apt install python3-libnvinfer, then pip install cuda-python")
 MIN_TENSORRT_MAJOR = 10
 
 
@@ -73,132 +76,16 @@ def import_tensorrt():
         raise BackendUnavailableError(
             f"backend 'tensorrt' needs the Python package 'tensorrt', which cannot be imported ({exc})",
             "TensorRT 10.x importable as 'tensorrt' on a machine with an NVIDIA GPU", INSTALL) from None
+    if getattr(trt, "__file__", None) is None:  # a namespace package: a folder without TensorRT's bindings
+        raise BackendUnavailableError(
+            f"the 'tensorrt' that imports ({list(getattr(trt, '__path__', []))}) is a folder without TensorRT's bindings "
+            "(type stubs such as tensorrt-stubs install one)",
+            "TensorRT 10.x importable as 'tensorrt' on a machine with an NVIDIA GPU", INSTALL)
     major = str(getattr(trt, "__version__", "0")).split(".")[0]
     if not major.isdigit() or int(major) < MIN_TENSORRT_MAJOR:
         raise BackendUnavailableError(f"TensorRT {getattr(trt, '__version__', '?')} is installed",
                                       f"TensorRT {MIN_TENSORRT_MAJOR}.x or newer (the name-based tensor API)", INSTALL)
     return trt
-
-
-def import_cudart():
-    """cuda-python's runtime API: ``cuda.bindings.runtime`` (cuda-python >= 12.6), else ``cuda.cudart``."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart  # older cuda-python
-        except ImportError as exc:
-            raise BackendUnavailableError(
-                f"backend 'tensorrt' needs the Python package 'cuda-python' for GPU buffers, which cannot be imported ({exc})",
-                "cuda-python importable as 'cuda.bindings.runtime' or 'cuda.cudart'", INSTALL) from None
-    return cudart
-
-
-# --- CUDA through cuda-python ---------------------------------------------------------------------
-class CudaRuntime:
-    """The few CUDA runtime calls the backend makes, each checked: a failure is a BackendError naming the call."""
-
-    def __init__(self, device_id: int = 0):
-        self.rt = import_cudart()
-        self.device_id = device_id
-        self.use_device()
-
-    def check(self, result: Any, call: str) -> Any:
-        values = result if isinstance(result, tuple) else (result,)
-        error, rest = values[0], values[1:]
-        if error != self.rt.cudaError_t.cudaSuccess:
-            try:
-                name = self.rt.cudaGetErrorName(error)[1].decode()
-            except Exception:  # the error path must not fail on its own description
-                name = str(error)
-            raise BackendError(f"CUDA call {call} failed on GPU {self.device_id} ({name})",
-                               "a working NVIDIA driver and a free, visible GPU",
-                               "check `nvidia-smi` (on a Jetson: `tegrastats`), CUDA_VISIBLE_DEVICES and free GPU memory")
-        return rest[0] if len(rest) == 1 else (rest or None)
-
-    def use_device(self) -> None:
-        self.check(self.rt.cudaSetDevice(self.device_id), "cudaSetDevice")
-
-    def identity(self) -> tuple[str, str]:
-        """(GPU name, compute capability "major.minor") of this device, as the engine key records them."""
-        props = self.check(self.rt.cudaGetDeviceProperties(self.device_id), "cudaGetDeviceProperties")
-        name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
-        return name.strip("\x00 "), f"{props.major}.{props.minor}"
-
-    def memory(self) -> tuple[int, int]:
-        """(free, total) bytes of device memory."""
-        free, total = self.check(self.rt.cudaMemGetInfo(), "cudaMemGetInfo")
-        return int(free), int(total)
-
-    def malloc(self, nbytes: int) -> int:
-        return int(self.check(self.rt.cudaMalloc(max(int(nbytes), 1)), "cudaMalloc"))
-
-    def free(self, pointer: int) -> None:
-        self.check(self.rt.cudaFree(pointer), "cudaFree")
-
-    def stream(self):
-        return self.check(self.rt.cudaStreamCreate(), "cudaStreamCreate")
-
-    def destroy_stream(self, stream) -> None:
-        self.check(self.rt.cudaStreamDestroy(stream), "cudaStreamDestroy")
-
-    def to_device(self, pointer: int, array: np.ndarray, stream) -> None:
-        self.check(self.rt.cudaMemcpyAsync(pointer, array.ctypes.data, array.nbytes,
-                                           self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync (to GPU)")
-
-    def to_host(self, array: np.ndarray, pointer: int, stream) -> None:
-        self.check(self.rt.cudaMemcpyAsync(array.ctypes.data, pointer, array.nbytes,
-                                           self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync (to host)")
-
-    def synchronize(self, stream) -> None:
-        self.check(self.rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
-
-
-class DeviceTensor:
-    """A contiguous tensor in GPU memory, left there by a TensorRT runner for the next stage.
-
-    Feed it to another TensorRT runner (no copy), read it into numpy with ``numpy()`` or ``np.asarray``, or
-    hand it to CuPy / PyTorch / Numba through ``__cuda_array_interface__`` (version 3). Its memory is freed
-    when the object is garbage collected.
-    """
-
-    def __init__(self, cuda: CudaRuntime, shape: tuple[int, ...], dtype: np.dtype):
-        self.shape = tuple(int(d) for d in shape)
-        self.dtype = np.dtype(dtype)
-        self.ndim = len(self.shape)
-        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-        self._cuda = cuda
-        self.ptr = cuda.malloc(self.nbytes)
-        self._finalizer = weakref.finalize(self, _free_quietly, cuda, self.ptr)
-
-    @property
-    def __cuda_array_interface__(self) -> dict:
-        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.ptr, False), "version": 3,
-                "strides": None, "stream": None}  # written and synchronized before it is returned
-
-    def numpy(self) -> np.ndarray:
-        out = np.empty(self.shape, self.dtype)
-        stream = self._cuda.stream()
-        try:
-            self._cuda.to_host(out, self.ptr, stream)
-            self._cuda.synchronize(stream)
-        finally:
-            self._cuda.destroy_stream(stream)
-        return out
-
-    def __array__(self, dtype=None, copy=None):
-        array = self.numpy()
-        return array.astype(dtype) if dtype is not None else array
-
-    def __repr__(self) -> str:
-        return f"DeviceTensor(shape={list(self.shape)}, dtype={self.dtype}, gpu={self._cuda.device_id})"
-
-
-def _free_quietly(cuda: CudaRuntime, pointer: int) -> None:
-    try:
-        cuda.free(pointer)
-    except Exception:  # at interpreter exit the driver may already be gone
-        pass
 
 
 # --- the engine cache ------------------------------------------------------------------------------
@@ -233,7 +120,7 @@ def obtain_plan(cache: EngineCache, component: str, key: EngineKey, build: Calla
     found = cache.lookup(component, key)
     if found.fresh and not force:
         try:
-            return EngineOutcome("loaded", cache.load(component, key), found.plan)
+            return EngineOutcome("loaded", cache.load(component, key), cache.paths(component, key)[0])
         except StaleEngineError as exc:  # changed on disk between lookup and read
             found = cache.lookup(component, key)
             found.reasons = found.reasons or [exc.what]
@@ -280,7 +167,7 @@ def build_serialized_engine(onnx_path: str | os.PathLike, profile: Mapping, prec
     if profile:
         shapes = builder.create_optimization_profile()
         for name, (lo, opt, hi) in profile.items():
-            shapes.set_shape(name, tuple(lo), tuple(opt), tuple(hi))
+            shapes.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
         config.add_optimization_profile(shapes)
     cached = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
     try:
@@ -288,7 +175,7 @@ def build_serialized_engine(onnx_path: str | os.PathLike, profile: Mapping, prec
     except Exception:  # an unreadable cache only costs build time: start an empty one
         timings = config.create_timing_cache(b"")
     config.set_timing_cache(timings, ignore_mismatch=False)  # keyed per TensorRT version and GPU: no foreign timings
-    monitor = _progress_monitor(trt, progress) if progress is not None and hasattr(trt, "IProgressMonitor") else None
+    monitor = _progress_monitor(progress) if progress is not None and hasattr(trt, "IProgressMonitor") else None
     if monitor is not None:
         config.progress_monitor = monitor  # kept referenced until the build returns
     serialized = builder.build_serialized_network(network, config)
@@ -301,7 +188,9 @@ def build_serialized_engine(onnx_path: str | os.PathLike, profile: Mapping, prec
     return bytes(memoryview(serialized))
 
 
-def _progress_monitor(trt, write: Callable[[str], None]):
+def _progress_monitor(write: Callable[[str], None]):
+    trt = import_tensorrt()  # here, not a parameter: the static check then knows IProgressMonitor's API
+
     class Monitor(trt.IProgressMonitor):
         def __init__(self):
             trt.IProgressMonitor.__init__(self)
@@ -447,8 +336,10 @@ class TensorRTRunner(Runner):
         self._keep_on_device = keep_on_device
         self._lock = threading.Lock()
         self._closed = False
-        self._buffers: dict[str, int] = {}
+        self._buffers: dict[str, int] = {}  # inputs at the profile's largest shape; outputs not kept on the GPU
+        self._pool = DevicePool(self._cuda.malloc, self._cuda.free_quietly)  # outputs kept on the GPU, reused across calls
         self._stream = None
+        self._event = None  # made on the first feed that names its producer's stream
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         engine = self._runtime.deserialize_cuda_engine(plan)
         if engine is None:
@@ -471,10 +362,10 @@ class TensorRTRunner(Runner):
         self._dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
         self._ranges: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         for n in self._engine_inputs:
-            shape = tuple(engine.get_tensor_shape(n))
+            shape = _dims(engine.get_tensor_shape(n))
             if any(d < 0 for d in shape):
                 lo, _, hi = engine.get_tensor_profile_shape(n, 0)
-                self._ranges[n] = (tuple(lo), tuple(hi))
+                self._ranges[n] = (_dims(lo), _dims(hi))
             else:
                 self._ranges[n] = (shape, shape)
         try:
@@ -485,8 +376,8 @@ class TensorRTRunner(Runner):
                 self._buffers[n] = self._cuda.malloc(int(np.prod(hi, dtype=np.int64)) * self._dtypes[n].itemsize)
             for n in self._engine_outputs:
                 if keep_on_device and n in self._outputs:
-                    continue  # each call allocates its DeviceTensor at the real shape (a decoder's cache: no max-size copy)
-                shape = tuple(self._context.get_tensor_shape(n))
+                    continue  # each call's DeviceTensor has the real shape, from the pool (a decoder's cache: no max-size copy)
+                shape = _dims(self._context.get_tensor_shape(n))
                 if any(d < 0 for d in shape):
                     raise BackendError(f"output '{n}' of component '{component_name}' has a data-dependent shape {list(shape)}",
                                        "outputs whose shape follows from the input shapes", "run this component on ONNX Runtime")
@@ -511,6 +402,7 @@ class TensorRTRunner(Runner):
         if len(shape) != len(meta.shape) or any(w is not None and w != g for w, g in zip(meta.shape, shape)):
             raise FeedError(f"component '{self.component_name}' input '{meta.name}' has shape {list(shape)}",
                             f"shape {self._describe(meta)}", "reshape the input to the declared shape")
+        cai_stream(interface, f"component '{self.component_name}' input '{meta.name}'")  # refused here, before any GPU work
         return value
 
     def _batch_axis_name(self) -> str | None:
@@ -520,7 +412,8 @@ class TensorRTRunner(Runner):
 
     def _infer_impl(self, feeds: dict[str, Any]) -> dict[str, Any]:
         with self._lock:
-            if self._closed:
+            stream = self._stream
+            if self._closed or stream is None:
                 raise BackendError(f"runner for '{self.component_name}' is closed", "an open runner", "create a new one")
             if self._cuda.device_id:
                 self._cuda.use_device()  # the current device is per thread
@@ -528,11 +421,12 @@ class TensorRTRunner(Runner):
             limit = min(self._ranges[n][1][0] for n in self._engine_inputs) if self._split_axis else None
             if (limit and first.shape[0] > limit and not self._keep_on_device
                     and all(isinstance(v, np.ndarray) for v in feeds.values())):
-                parts = [self._run({n: v[i:i + limit] for n, v in feeds.items()}) for i in range(0, first.shape[0], limit)]
+                parts = [self._run({n: v[i:i + limit] for n, v in feeds.items()}, stream)
+                         for i in range(0, first.shape[0], limit)]
                 return {n: np.concatenate([p[n] for p in parts], axis=0) for n in parts[0]}
-            return self._run(feeds)
+            return self._run(feeds, stream)
 
-    def _run(self, feeds: dict[str, Any]) -> dict[str, Any]:
+    def _run(self, feeds: dict[str, Any], stream) -> dict[str, Any]:
         context, staged = self._context, []
         for name, value in feeds.items():
             shape = tuple(value.shape)
@@ -541,32 +435,49 @@ class TensorRTRunner(Runner):
                 raise FeedError(f"component '{self.component_name}' input '{name}' has shape {list(shape)}, outside its "
                                 f"TensorRT engine's profile", f"a shape from {list(lo)} to {list(hi)}",
                                 "rebuild the engine for larger shapes: mmedge build ARTIFACT --max-batch N --max-sequence N")
-            if hasattr(value, "__cuda_array_interface__"):
-                pointer = int(value.__cuda_array_interface__["data"][0])
+            interface = getattr(value, "__cuda_array_interface__", None)
+            if interface is not None:
+                pointer = int(interface["data"][0])
+                self._wait_for_producer(interface, name, stream)
             else:
                 host = np.ascontiguousarray(value, dtype=self._dtypes[name])
                 staged.append(host)  # alive until the stream is synchronized
                 pointer = self._buffers[name]
-                self._cuda.to_device(pointer, host, self._stream)
+                self._cuda.to_device(pointer, host, stream)
             context.set_tensor_address(name, pointer)
         results: dict[str, Any] = {}
         for name in self._engine_outputs:
-            shape = tuple(context.get_tensor_shape(name))
+            shape = _dims(context.get_tensor_shape(name))
             if self._keep_on_device and name in self._outputs:
-                results[name] = DeviceTensor(self._cuda, shape, self._dtypes[name])
+                results[name] = DeviceTensor(self._cuda, shape, self._dtypes[name], pool=self._pool, name=name)
                 context.set_tensor_address(name, results[name].ptr)
             else:
                 context.set_tensor_address(name, self._buffers[name])
                 results[name] = np.empty(shape, self._dtypes[name])
-        if not context.execute_async_v3(int(self._stream)):
+        if not context.execute_async_v3(int(stream)):
             raise BackendError(f"TensorRT failed running component '{self.component_name}'",
                                "feeds within the engine's profile", "see TensorRT's log above; check input shapes")
         for name, value in results.items():
             if isinstance(value, np.ndarray):
-                self._cuda.to_host(value, self._buffers[name], self._stream)
-        self._cuda.synchronize(self._stream)
+                self._cuda.to_host(value, self._buffers[name], stream)
+        self._cuda.synchronize(stream)
         del staged
         return {name: results[name] for name in self._outputs}
+
+    def _wait_for_producer(self, interface: Mapping[str, Any], name: str, stream) -> None:
+        """Order ``stream`` after the work still writing a GPU feed: the stream its ``__cuda_array_interface__`` names
+        gets an event that ``stream`` waits on; if no event can be made, that stream is synchronized."""
+        producer = cai_stream(interface, f"component '{self.component_name}' input '{name}'")
+        if producer is None or producer == int(stream):
+            return
+        if self._event is None:
+            try:
+                self._event = self._cuda.event()
+            except BackendError as exc:
+                log.warning("mmedge: %s; synchronizing the feeds' streams instead", exc.what)
+                self._cuda.synchronize(producer)
+                return
+        self._cuda.wait_for(stream, producer, self._event)
 
     # --- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -577,14 +488,14 @@ class TensorRTRunner(Runner):
 
     def _release(self) -> None:
         for pointer in self._buffers.values():
-            _free_quietly(self._cuda, pointer)
+            self._cuda.free_quietly(pointer)
         self._buffers = {}
-        if self._stream is not None:
-            try:
-                self._cuda.destroy_stream(self._stream)
-            except BackendError:
-                pass
-            self._stream = None
+        self._pool.close()  # idle buffers now; those still held by DeviceTensors when they are collected
+        for handle, destroy in ((self._event, self._cuda.destroy_event), (self._stream, self._cuda.destroy_stream)):
+            if handle is not None:
+                with contextlib.suppress(BackendError):  # closing goes on past a failed CUDA call
+                    destroy(handle)
+        self._event = self._stream = None
         for attribute in ("_context", "_engine", "_runtime"):  # context before engine before runtime
             if hasattr(self, attribute):
                 delattr(self, attribute)
@@ -596,6 +507,20 @@ def _contiguous_strides(shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, .
         strides.append(step)
         step *= dim
     return tuple(reversed(strides))
+
+
+class _Dims(Protocol):
+    """What TensorRT's ``Dims`` declares: a length and indexing, no ``__iter__``."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> int: ...
+
+
+def _dims(shape: _Dims) -> tuple[int, ...]:
+    """A TensorRT ``Dims`` as a tuple of ints, read by index: ``tuple(dims)`` works only through Python's fallback to
+    ``__getitem__``, which TensorRT's declared API does not promise."""
+    return tuple(int(shape[i]) for i in range(len(shape)))
 
 
 # --- entry points ----------------------------------------------------------------------------------
@@ -689,7 +614,11 @@ def build_artifact(path: str | os.PathLike, settings: EngineSettings | None = No
     require_gpu(probe)
     builder = _Builder(manifest, artifact.engines_dir(), settings, probe)
     paths = {name: artifact.component_path(name) for name in targets}
-    write = (lambda line: (stream.write(line + "\n"), stream.flush())) if progress else None
+    def say(line: str) -> None:
+        stream.write(line + "\n")
+        stream.flush()
+
+    write = say if progress else None
     memory_line = check_memory(probe, builder.memory_need(paths), settings.device_id)
     if write:
         write(f"TensorRT {builder.trt.__version__} on {builder.gpu_name} (sm {builder.compute_capability}); {memory_line}")

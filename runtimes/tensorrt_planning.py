@@ -229,7 +229,8 @@ def derive_profile(manifest: Mapping, name: str, limits: ProfileLimits | None = 
             continue
         ranges = [(d, d, d) if isinstance(d, int) else joint.get(d) or axis_range(d, manifest, component, limits)
                   for d in shape]
-        profile[tensor] = tuple(tuple(r[i] for r in ranges) for i in range(3))  # type: ignore[assignment]
+        lo, opt, hi = (tuple(r[i] for r in ranges) for i in range(3))
+        profile[tensor] = (lo, opt, hi)
     return profile
 
 

@@ -8,14 +8,13 @@ refused and rebuilt without ever being deserialized; every test that needs an en
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 
 import numpy as np
 import pytest
 
-from mmedge.device import DeviceProbe, GpuInfo
+from mmedge.device import DeviceProbe, GpuInfo, importable
 from mmedge.errors import (BackendError, BackendUnavailableError, InputError, InsufficientMemoryError,
                            StaleEngineError)
 from mmedge.runtimes.engine_cache import EngineCache, EngineKey
@@ -28,7 +27,7 @@ from mmedge.runtimes.tensorrt_planning import (MIB, MemoryNeed, ProfileLimits, c
 from mmedge.selection import log_fallbacks, plan, tensorrt_defaults
 from tests.support.battery import api_error, cli_error
 
-HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+HAVE_TENSORRT = importable("tensorrt")  # not a stubs-only namespace folder
 NO_TENSORRT = "TensorRT is not installed on this machine (not installable here; runs on a Jetson / CUDA host)"
 needs_tensorrt = pytest.mark.skipif(not HAVE_TENSORRT, reason=NO_TENSORRT)
 without_tensorrt = pytest.mark.skipif(HAVE_TENSORRT, reason="TensorRT is installed: the absent-TensorRT path cannot be shown")
@@ -495,8 +494,10 @@ def test_doctor_on_a_jetson_shows_the_plan_and_cached_engines(capsys, clip_artif
 # --- with TensorRT: real engines ------------------------------------------------------------------------
 @pytest.fixture
 def trt_artifact(clip_artifacts, tmp_path):
-    pytest.importorskip("tensorrt", reason=NO_TENSORRT)
-    pytest.importorskip("cuda", reason="cuda-python is not installed (pip install cuda-python)")
+    if not HAVE_TENSORRT:
+        pytest.skip(NO_TENSORRT)
+    if not (importable("cuda.bindings") or importable("cuda.cudart")):
+        pytest.skip("cuda-python is not installed (pip install cuda-python)")
     import shutil
 
     def copy(variant):
