@@ -13,7 +13,6 @@ import json
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +21,19 @@ import pytest
 import mmedge
 from mmedge.artifact import Artifact, sha256_file
 from mmedge.device import DeviceProbe, GpuInfo
-from mmedge.errors import (ArtifactNotFoundError, BackendUnavailableError, FeedError, IntegrityError, ManifestError,
-                           UnsafePathError)
+from mmedge.errors import (
+    ArtifactNotFoundError,
+    BackendUnavailableError,
+    FeedError,
+    IntegrityError,
+    ManifestError,
+    UnsafePathError,
+)
 from mmedge.manifest import dump_manifest, parse_manifest
 from mmedge.metrics import cosine_rows
 from mmedge.selection import plan
 from tests.support.battery import api_error, cli_error
+from tests.support.torch_cases import blip2_decoder_pair, load_quietly, prompt
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -36,12 +42,6 @@ HAVE_BNB = importlib.util.find_spec("bitsandbytes") is not None
 NO_BNB = "bitsandbytes is not installed here (pip install bitsandbytes; its CPU build runs INT8/NF4)"
 CUDA = torch.cuda.is_available()
 NO_CUDA = "no CUDA GPU visible to torch here (run with -m gpu on a GPU machine: benchmarks/gpu_check.sh)"
-
-
-def _load(path, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tiny artifacts come from random weights
-        return mmedge.load(path, **kwargs)
 
 
 # --- export --with-pytorch and the manifest ----------------------------------------------------------
@@ -89,21 +89,21 @@ def test_tampered_or_missing_weights_are_refused(pytorch_artifacts, tmp_path):
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    api_error(lambda: _load(copy, backend="torch"), IntegrityError, "model.safetensors", "sha256")
+    api_error(lambda: load_quietly(copy, backend="torch"), IntegrityError, "model.safetensors", "sha256")
     shutil.rmtree(copy / "pytorch")
-    api_error(lambda: _load(copy, backend="torch"), ArtifactNotFoundError, "'pytorch'", "is missing")
-    assert _load(copy).plan.components["vision"].backend == "onnxruntime"  # auto: the graphs are all it needs
+    api_error(lambda: load_quietly(copy, backend="torch"), ArtifactNotFoundError, "'pytorch'", "is missing")
+    assert load_quietly(copy).plan.components["vision"].backend == "onnxruntime"  # auto: the graphs are all it needs
 
 
 def test_named_torch_backend_without_weights(capsys, clip_artifacts, photos):
-    api_error(lambda: _load(clip_artifacts("fp32"), backend="torch"), BackendUnavailableError, "--with-pytorch")
+    api_error(lambda: load_quietly(clip_artifacts("fp32"), backend="torch"), BackendUnavailableError, "--with-pytorch")
     cli_error(capsys, ["run", clip_artifacts("fp32"), photos[0], "--labels", "cat", "--backend", "torch"],
               BackendUnavailableError, "exported without them")
 
 
 def test_checkpoint_folder_instead_of_the_artifacts_weights(clip_artifacts, tiny_clip_dir, photos):
-    classifier = _load(clip_artifacts("fp32"), backend="torch", backend_options={"torch": {"checkpoint": str(tiny_clip_dir)}})
-    reference = _load(clip_artifacts("fp32"))
+    classifier = load_quietly(clip_artifacts("fp32"), backend="torch", backend_options={"torch": {"checkpoint": str(tiny_clip_dir)}})
+    reference = load_quietly(clip_artifacts("fp32"))
     got, want = classifier(photos[0], labels=["cat", "dog"]), reference(photos[0], labels=["cat", "dog"])
     assert [g["label"] for g in got] == [w["label"] for w in want]
     np.testing.assert_allclose([g["score"] for g in got], [w["score"] for w in want], atol=1e-4)
@@ -148,6 +148,7 @@ def test_cuda_asked_of_a_machine_without_one():
 # --- the encoder runner ------------------------------------------------------------------------------
 def test_runner_takes_torch_tensors_and_checks_them(pytorch_artifacts):
     from mmedge.runtimes.torch_backend import create_runner
+
     from mmedge.validate import load_validation_samples
 
     artifact = Artifact.open(pytorch_artifacts("clip"))
@@ -169,7 +170,7 @@ def test_runner_takes_torch_tensors_and_checks_them(pytorch_artifacts):
 def test_runners_and_decoder_of_one_artifact_share_one_model(pytorch_artifacts):
     from mmedge.runtimes import torch_backend
 
-    captioner = _load(pytorch_artifacts("blip2-split"), backend="torch")
+    captioner = load_quietly(pytorch_artifacts("blip2-split"), backend="torch")
     shared = [e for e in torch_backend._MODELS.values() if e.users == 3]  # vision, qformer, decoder
     assert len(shared) == 1 and shared[0].decoders == 1
     captioner.close()
@@ -179,27 +180,17 @@ def test_runners_and_decoder_of_one_artifact_share_one_model(pytorch_artifacts):
 # --- the static-cache decoder --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def blip2_decoders(pytorch_artifacts):
-    """The tiny BLIP-2's decoder on torch (CPU FP32, cache blocks of 8 positions) and on ONNX Runtime, and a prompt."""
-    from mmedge.runtimes.torch_decoder import create_decoder
-
-    reference = _load(pytorch_artifacts("blip2"))
-    artifact = Artifact.open(pytorch_artifacts("blip2"))
-    decoder = create_decoder(artifact, device="cpu", cache_block=8)
+    reference, decoder = blip2_decoder_pair(pytorch_artifacts("blip2"))
     yield reference, decoder
     reference.close()
     decoder.close()
-
-
-def _prompt(captioner, photos, rows=2):
-    embeds, mask, _ = captioner._inputs(photos[:rows], None, 0)
-    return embeds, mask
 
 
 def test_cache_grows_past_its_blocks_and_matches_the_graph(blip2_decoders, photos):
     from mmedge.generation import GenerationConfig, generate
 
     reference, decoder = blip2_decoders
-    embeds, mask = _prompt(reference, photos)
+    embeds, mask = prompt(reference, photos)
     config = GenerationConfig(max_new_tokens=30, min_new_tokens=30)
     want = generate(reference.decoder, embeds, mask, config)
     decoder.cache_block = 8
@@ -225,7 +216,7 @@ def test_buffers_are_reused_across_generations(blip2_decoders, photos):
     from mmedge.generation import GenerationConfig, generate
 
     reference, decoder = blip2_decoders
-    embeds, mask = _prompt(reference, photos)
+    embeds, mask = prompt(reference, photos)
     config = GenerationConfig(max_new_tokens=6)
     generate(decoder, embeds, mask, config)
     state = decoder._state
@@ -237,7 +228,7 @@ def test_beam_search_reorders_the_cache_on_the_device(blip2_decoders, photos):
     from mmedge.generation import GenerationConfig, generate
 
     reference, decoder = blip2_decoders
-    embeds, mask = _prompt(reference, photos)
+    embeds, mask = prompt(reference, photos)
     config = GenerationConfig(max_new_tokens=8, num_beams=3, length_penalty=0.6)
     assert generate(decoder, embeds, mask, config) == generate(reference.decoder, embeds, mask, config)
     assert decoder._state.batch == 6
@@ -248,7 +239,7 @@ def test_the_step_a_cuda_graph_captures_is_idempotent(blip2_decoders, photos):
     buffers, and running it again on the same buffers writes the same keys/values to the same slot and gives the
     same logits."""
     reference, decoder = blip2_decoders
-    embeds, mask = _prompt(reference, photos)
+    embeds, mask = prompt(reference, photos)
     decoder.start(embeds, mask)
     step_mask = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
     first = decoder.step(np.array([5, 9]), step_mask)
@@ -264,7 +255,7 @@ def test_the_step_a_cuda_graph_captures_is_idempotent(blip2_decoders, photos):
 
 def test_decoder_refuses_bad_steps(blip2_decoders, photos):
     reference, decoder = blip2_decoders
-    embeds, mask = _prompt(reference, photos)
+    embeds, mask = prompt(reference, photos)
     decoder.start(embeds, mask)
     with pytest.raises(FeedError, match="decode step got 3 token ids"):
         decoder.step(np.zeros(3, dtype=np.int64), np.ones((3, mask.shape[1] + 1), dtype=np.int64))
@@ -275,12 +266,13 @@ def test_decoder_refuses_bad_steps(blip2_decoders, photos):
 
 
 def test_decoder_of_an_idefics_artifact_is_refused(pytorch_artifacts):
-    from mmedge.errors import BackendError
     from mmedge.runtimes.torch_decoder import create_decoder
+
+    from mmedge.errors import BackendError
 
     with pytest.raises(BackendError, match="does not run idefics decoders"):
         create_decoder(Artifact.open(pytorch_artifacts("idefics")), device="cpu")
-    api_error(lambda: _load(pytorch_artifacts("idefics"), backend="torch"), BackendUnavailableError,
+    api_error(lambda: load_quietly(pytorch_artifacts("idefics"), backend="torch"), BackendUnavailableError,
               "cannot run this artifact's decoder", "image_attention_mask")
 
 
@@ -293,15 +285,15 @@ def test_llm_weights_in_int8_and_nf4_on_the_cpu(pytorch_artifacts, photos, metho
     import bitsandbytes as bnb
 
     path = pytorch_artifacts("blip2")
-    fp32 = _load(path, backend="torch")
-    quantized = _load(path, backend="torch", backend_options={"torch": {"quantization": method}})
+    fp32 = load_quietly(path, backend="torch")
+    quantized = load_quietly(path, backend="torch", backend_options={"torch": {"quantization": method}})
     layer = {"int8": bnb.nn.Linear8bitLt, "nf4": bnb.nn.Linear4bit}[method]
     llm = quantized.decoder.model
     assert quantized.decoder.precision == method and quantized.decoder.quantization["kept_float"] == ["lm_head"]
     assert type(llm.get_output_embeddings()) is torch.nn.Linear
     assert sum(isinstance(m, layer) for m in llm.modules()) == quantized.decoder.quantization["replaced_layers"] > 0
     assert not any(isinstance(m, layer) for m in fp32.decoder.model.modules())  # the FP32 model is not touched
-    embeds, mask = _prompt(fp32, photos, rows=1)
+    embeds, mask = prompt(fp32, photos, rows=1)
     cosine = float(cosine_rows(fp32.decoder.start(embeds, mask), quantized.decoder.start(embeds, mask)).min())
     assert cosine >= floor, f"{method}: logits cosine {cosine}"
     assert isinstance(quantized.caption(photos[0], max_new_tokens=4), str)
@@ -312,9 +304,9 @@ def test_llm_weights_in_int8_and_nf4_on_the_cpu(pytorch_artifacts, photos, metho
 def test_unknown_quantization_and_settings_are_refused(pytorch_artifacts):
     from mmedge.errors import InputError
 
-    api_error(lambda: _load(pytorch_artifacts("blip2"), backend="torch", backend_options={"torch": {"quantization": "int3"}}),
+    api_error(lambda: load_quietly(pytorch_artifacts("blip2"), backend="torch", backend_options={"torch": {"quantization": "int3"}}),
               BackendUnavailableError, "LLM quantization 'int3'")
-    api_error(lambda: _load(pytorch_artifacts("blip2"), backend="torch", backend_options={"torch": {"precision": "fp16"}}),
+    api_error(lambda: load_quietly(pytorch_artifacts("blip2"), backend="torch", backend_options={"torch": {"precision": "fp16"}}),
               InputError, "unknown settings ['precision']")
 
 
@@ -415,8 +407,9 @@ def test_named_torch_backend():
 
 # --- ONNX Runtime: provider options from the plan, IO binding -------------------------------------------
 def test_onnxruntime_provider_options_come_from_the_plan(tmp_path):
-    from mmedge.api import _runner_options
     from mmedge.runtimes.onnxruntime import OrtOptions, _provider_options
+
+    from mmedge.api import _runner_options
 
     class FakeArtifact:
         def engines_dir(self):
@@ -448,7 +441,7 @@ def test_io_binding_hands_outputs_from_stage_to_stage(pytorch_artifacts, photos)
                                                 OrtOptions(**kw))
     vision, qformer = make("vision", io_binding=True, keep_on_device=True), make("qformer", io_binding=True)
     plain_vision, plain_qformer = make("vision"), make("qformer")
-    captioner = _load(artifact.root)
+    captioner = load_quietly(artifact.root)
     pixels = captioner.preprocessor(photos[:2])
     embeds = vision.infer({"pixel_values": pixels})["image_embeds"]
     assert isinstance(embeds, OrtDeviceArray) and embeds.device == "cpu" and embeds.shape[0] == 2
@@ -469,8 +462,8 @@ def _ortvalue(array):
 
 
 # --- CUDA only ----------------------------------------------------------------------------------------
-def _gpu_load(path, **torch_settings):
-    return _load(path, backend="torch", device="cuda", backend_options={"torch": torch_settings} if torch_settings else None)
+def _gpuload_quietly(path, **torch_settings):
+    return load_quietly(path, backend="torch", device="cuda", backend_options={"torch": torch_settings} if torch_settings else None)
 
 
 @pytest.mark.gpu
@@ -478,12 +471,13 @@ def _gpu_load(path, **torch_settings):
 def test_cuda_graphs_replay_the_encoders_and_the_decode_step(pytorch_artifacts, photos):
     """FP32 (no reduced-precision near-ties), compilation off: CUDA-graph replays run the very kernels eager runs
     do, so greedy and beam tokens are identical; the greedy choice is made on the GPU (step_greedy)."""
-    from mmedge.generation import GenerationConfig, generate
     from mmedge.runtimes.torch_backend import TorchDeviceArray
 
+    from mmedge.generation import GenerationConfig, generate
+
     path = pytorch_artifacts("blip2-split")
-    graphs = _gpu_load(path, dtype="float32", compile=False)
-    eager = _gpu_load(path, dtype="float32", compile=False, cuda_graphs=False)
+    graphs = _gpuload_quietly(path, dtype="float32", compile=False)
+    eager = _gpuload_quietly(path, dtype="float32", compile=False, cuda_graphs=False)
     assert graphs.decoder.cuda_graphs and not eager.decoder.cuda_graphs
     for _ in range(3):  # capture on the first call, replay after
         assert graphs.caption(photos[:2], max_new_tokens=12) == eager.caption(photos[:2], max_new_tokens=12)
@@ -494,7 +488,7 @@ def test_cuda_graphs_replay_the_encoders_and_the_decode_step(pytorch_artifacts, 
     embeds = graphs.runners["vision"].infer({"pixel_values": pixels})["image_embeds"]
     assert isinstance(embeds, TorchDeviceArray) and embeds.tensor.is_cuda  # chained: stays on the GPU
     assert isinstance(graphs.runners["qformer"].infer({"image_embeds": embeds})["prefix_embeds"], np.ndarray)
-    embeds_np, mask = _prompt(graphs, photos)
+    embeds_np, mask = prompt(graphs, photos)
     beams = GenerationConfig(max_new_tokens=6, num_beams=2)
     assert generate(graphs.decoder, embeds_np, mask, beams) == generate(eager.decoder, embeds_np, mask, beams)
     graphs.close()
@@ -511,7 +505,7 @@ def test_beam_captions_recapture_nothing(pytorch_artifacts, photos, monkeypatch)
     captures = []
     real = torch_decoder.capture
     monkeypatch.setattr(torch_decoder, "capture", lambda *a, **k: captures.append(1) or real(*a, **k))
-    captioner = _gpu_load(pytorch_artifacts("blip2"), compile=False)
+    captioner = _gpuload_quietly(pytorch_artifacts("blip2"), compile=False)
     first = captioner.caption(photos[:2], max_new_tokens=8, num_beams=3)
     graphs = {key: state.graph for key, state in captioner.decoder._states.items()}
     assert len(captures) == 1 and {batch for batch, _ in graphs} == {2, 6}
@@ -531,15 +525,15 @@ def test_fp16_compiled_step_and_encoders(pytorch_artifacts, photos):
     from mmedge.runtimes import torch_backend
 
     path = pytorch_artifacts("blip2")
-    compiled = _gpu_load(path)
-    eager = _gpu_load(path, compile=False, cuda_graphs=False)
+    compiled = _gpuload_quietly(path)
+    eager = _gpuload_quietly(path, compile=False, cuda_graphs=False)
     model = next(e.model for e in torch_backend._MODELS.values() if e.users and e.model.device.type == "cuda")
     assert {p.dtype for p in model.qformer.parameters()} == {torch.float32} and model.query_tokens.dtype == torch.float32
     assert {p.dtype for p in model.language_model.parameters()} == {torch.float16}
     pixels = compiled.preprocessor(photos[:2])
     got, want = (c.runners["prefix"].infer({"pixel_values": pixels})["prefix_embeds"] for c in (compiled, eager))
     assert float(cosine_rows(want.reshape(2, -1), got.reshape(2, -1)).min()) >= 0.999
-    embeds, mask = _prompt(eager, photos)
+    embeds, mask = prompt(eager, photos)
     tokens = [np.argmax(eager.decoder.start(embeds, mask), axis=-1)]
     compiled.decoder.start(embeds, mask)
     for _ in range(10):
@@ -559,7 +553,7 @@ def test_fp16_compiled_clip_towers(pytorch_artifacts, photos):
     """CLIP's towers under the default (compiled, captured, pinned host buffers) against eager FP16, two batch sizes
     (the second shape recompiles with dynamic shapes at most once)."""
     path = pytorch_artifacts("clip")
-    compiled, eager = _gpu_load(path), _gpu_load(path, compile=False, cuda_graphs=False)
+    compiled, eager = _gpuload_quietly(path), _gpuload_quietly(path, compile=False, cuda_graphs=False)
     for rows in (1, 2, 1):
         pixels = compiled.preprocessor(photos[:rows])
         want, got = (c.runners["vision"].infer({"pixel_values": pixels})["image_embeds"] for c in (eager, compiled))
@@ -578,7 +572,7 @@ def test_a_capture_in_one_thread_while_another_runs_the_gpu(pytorch_artifacts, p
     another runs an encoder's CUDA graph; both give what they give alone."""
     import threading
 
-    captioner = _gpu_load(pytorch_artifacts("blip2-split"), dtype="float32", compile=False)
+    captioner = _gpuload_quietly(pytorch_artifacts("blip2-split"), dtype="float32", compile=False)
     pixels = captioner.preprocessor(photos[:1])
     vision = captioner.runners["vision"]
     alone = np.asarray(vision.infer({"pixel_values": pixels})["image_embeds"])
@@ -610,12 +604,12 @@ def test_bitsandbytes_llm_on_the_gpu(pytorch_artifacts, photos, method):
     import bitsandbytes as bnb
 
     path = pytorch_artifacts("blip2")
-    fp16 = _gpu_load(path)
-    quantized = _gpu_load(path, quantization=method)
+    fp16 = _gpuload_quietly(path)
+    quantized = _gpuload_quietly(path, quantization=method)
     assert quantized.decoder.cuda_graphs == (method == "nf4") and quantized.decoder.compile_status == "off"
     layer = {"int8": bnb.nn.Linear8bitLt, "nf4": bnb.nn.Linear4bit}[method]
     assert all(p.is_cuda for m in quantized.decoder.model.modules() if isinstance(m, layer) for p in m.parameters())
-    embeds, mask = _prompt(fp16, photos, rows=1)
+    embeds, mask = prompt(fp16, photos, rows=1)
     cosine = float(cosine_rows(fp16.decoder.start(embeds, mask), quantized.decoder.start(embeds, mask)).min())
     assert cosine >= (0.99 if method == "int8" else 0.95)
     assert isinstance(quantized.caption(photos[0], max_new_tokens=8), str)

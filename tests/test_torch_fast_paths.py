@@ -7,41 +7,24 @@ replay, pinned copies) are the ``gpu``-marked tests in ``tests/test_torch_backen
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 
-import mmedge
 from mmedge.artifact import Artifact
 from mmedge.errors import BackendUnavailableError
 from tests.support.battery import api_error
+from tests.support.torch_cases import blip2_decoder_pair, load_quietly, prompt
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 
-def _load(path, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tiny artifacts come from random weights
-        return mmedge.load(path, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def decoders(pytorch_artifacts):
-    """The tiny BLIP-2 on ONNX Runtime (the reference) and its decoder on torch (CPU FP32, cache blocks of 8)."""
-    from mmedge.runtimes.torch_decoder import create_decoder
-
-    reference = _load(pytorch_artifacts("blip2"))
-    decoder = create_decoder(Artifact.open(pytorch_artifacts("blip2")), device="cpu", cache_block=8)
+    reference, decoder = blip2_decoder_pair(pytorch_artifacts("blip2"))
     yield reference, decoder
     reference.close()
     decoder.close()
-
-
-def _prompt(captioner, photos, rows=2):
-    embeds, mask, _ = captioner._inputs(photos[:rows], None, 0)
-    return embeds, mask
 
 
 # --- dtypes --------------------------------------------------------------------------------------------
@@ -66,7 +49,7 @@ def test_half_precision_keeps_the_modules_the_model_class_keeps_in_fp32(pytorch_
 # --- greedy on the decoder's device --------------------------------------------------------------------
 def test_step_greedy_is_the_argmax_of_step_with_banned_tokens(decoders, photos):
     reference, decoder = decoders
-    embeds, mask = _prompt(reference, photos)
+    embeds, mask = prompt(reference, photos)
     first = decoder.start(embeds, mask)
     step_mask = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
     ids = np.argmax(first, axis=-1)
@@ -113,7 +96,7 @@ def test_the_loop_takes_greedy_tokens_from_the_device_when_only_tokens_are_banne
     from mmedge.generation import GenerationConfig, generate
 
     reference, decoder = decoders
-    embeds, mask = _prompt(reference, photos)
+    embeds, mask = prompt(reference, photos)
     config = GenerationConfig(**settings)
     spy = _Spy(decoder)
     got = generate(spy, embeds, mask, config)
@@ -128,7 +111,7 @@ def test_a_changed_mask_is_sent_again(decoders, photos):
     """The device keeps the mask between steps; a caller whose mask is not the previous one plus a column of ones
     (here: a real column of row 1 masked out, and a padding step) gets its own mask, as the reference does."""
     reference, decoder = decoders
-    embeds, mask = _prompt(reference, photos)
+    embeds, mask = prompt(reference, photos)
     ids = np.argmax(decoder.start(embeds, mask), axis=-1)
     reference.decoder.start(embeds, mask)
     changed = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
@@ -145,7 +128,7 @@ def test_beam_captions_keep_both_batch_sizes_and_reuse_them(decoders, photos):
     from mmedge.generation import GenerationConfig, generate
 
     reference, decoder = decoders
-    embeds, mask = _prompt(reference, photos)
+    embeds, mask = prompt(reference, photos)
     beams = GenerationConfig(max_new_tokens=6, num_beams=3)
     want = generate(reference.decoder, embeds, mask, beams)
     assert generate(decoder, embeds, mask, beams) == want
@@ -159,7 +142,7 @@ def test_beam_captions_keep_both_batch_sizes_and_reuse_them(decoders, photos):
 
 def test_growing_drops_the_smaller_buffers_and_the_lru_is_bounded(decoders, photos):
     reference, decoder = decoders
-    embeds, mask = _prompt(reference, photos)
+    embeds, mask = prompt(reference, photos)
     decoder.reserve(embeds.shape[1] + 1)
     ids = np.argmax(decoder.start(embeds, mask), axis=-1)
     step_mask = mask
@@ -177,14 +160,15 @@ def test_growing_drops_the_smaller_buffers_and_the_lru_is_bounded(decoders, phot
 def test_compiled_step_gives_the_same_tokens(pytorch_artifacts, photos):
     """The step compiled whole (fullgraph: no graph break in the model, the cache or the mask update); aot_eager
     traces and partitions it exactly as inductor would, without code generation (which takes minutes here)."""
-    from mmedge.generation import GenerationConfig, generate
     from mmedge.runtimes.torch_decoder import create_decoder
+
+    from mmedge.generation import GenerationConfig, generate
 
     artifact = Artifact.open(pytorch_artifacts("blip2"))
     plain = create_decoder(artifact, device="cpu")
     compiled = create_decoder(artifact, device="cpu", compile="aot_eager")
-    reference = _load(pytorch_artifacts("blip2"))
-    embeds, mask = _prompt(reference, photos)
+    reference = load_quietly(pytorch_artifacts("blip2"))
+    embeds, mask = prompt(reference, photos)
     for config in (GenerationConfig(max_new_tokens=10), GenerationConfig(max_new_tokens=6, num_beams=2)):
         assert generate(compiled, embeds, mask, config) == generate(plain, embeds, mask, config)
     assert compiled.compile_status == "on (aot_eager)" and plain.compile_status == "off"
@@ -217,7 +201,7 @@ def test_compile_settings(pytorch_artifacts):
     assert compile_backend(True, default=False) == "inductor" and compile_backend(False, default=True) is None
     assert compile_backend("aot_eager", default=False) == "aot_eager"
     api_error(lambda: compile_backend("fastest", default=True), BackendUnavailableError, "'fastest'", "aot_eager")
-    captioner = _load(pytorch_artifacts("blip2"), backend="torch", backend_options={"torch": {"compile": "aot_eager"}})
+    captioner = load_quietly(pytorch_artifacts("blip2"), backend="torch", backend_options={"torch": {"compile": "aot_eager"}})
     assert captioner.decoder.compile_status == "on (aot_eager)"
     assert captioner.runners["prefix"].graph_report()["compile"] == "on (aot_eager)"
     captioner.close()
@@ -255,13 +239,14 @@ def test_greedy_steps_run_one_ahead_and_are_taken_or_run_again(pytorch_artifacts
     """run_ahead (on by default where the step is a CUDA graph; forced here, where each launch runs at once): the
     step after a greedy choice starts on that choice; the loop takes it when its next call matches, and gets it run
     again when not (a different mask, different bans). The tokens are the reference's either way."""
-    from mmedge.generation import generate
     from mmedge.runtimes.torch_decoder import create_decoder
 
-    reference = _load(pytorch_artifacts("blip2"))
+    from mmedge.generation import generate
+
+    reference = load_quietly(pytorch_artifacts("blip2"))
     decoder = create_decoder(Artifact.open(pytorch_artifacts("blip2")), device="cpu")
     decoder.run_ahead = True
-    embeds, mask = _prompt(reference, photos)
+    embeds, mask = prompt(reference, photos)
     config = reference._config({"max_new_tokens": 10, "min_new_tokens": 10})  # the artifact's EOS, banned throughout
     assert config.eos_token_ids
     assert generate(decoder, embeds, mask, config) == generate(reference.decoder, embeds, mask, config)
@@ -295,8 +280,8 @@ def test_attention_masks_have_the_queries_dtype_in_half_precision(pytorch_artifa
     (pytorch#191612): IDEFICS' float32 image bias beside FP16 queries gave logits cosine 0.80 on an H200, while the
     CPU's attention promotes it correctly."""
     import torch.nn.functional as F
-
     from mmedge.runtimes.torch_backend import create_runner
+
     from mmedge.validate import load_validation_samples
 
     seen = []
