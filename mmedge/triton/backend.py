@@ -55,32 +55,30 @@ def open_model_folder(args: Mapping[str, str]) -> tuple[dict, dict, Artifact]:
 # --- component models (--platform python) ------------------------------------------------------------
 def run_grouped(runner: Runner, feeds: list[dict[str, np.ndarray]], batched: bool) -> list[dict | MmedgeError]:
     """Run each request's feeds, merging the requests whose tensors agree beyond axis 0 into one call (when the
-    model is ``batched``); returns each request's outputs, or the MmedgeError that request met."""
-    results: list[dict | MmedgeError | None] = [None] * len(feeds)
+    model is ``batched``); returns each request's outputs, or the MmedgeError that request met. A merged call that
+    fails is run again request by request, so only the bad request gets the error."""
+    results: list[dict | MmedgeError] = [{}] * len(feeds)
     groups: dict[tuple, list[int]] = {}
     for index, request in enumerate(feeds):
         key = tuple(sorted((n, np.asarray(v).dtype.str, np.shape(v)[1:]) for n, v in request.items())) if batched else (index,)
         groups.setdefault(key, []).append(index)
     for members in groups.values():
         if len(members) > 1:
-            sizes = [len(next(iter(feeds[i].values()))) for i in members]
             try:
                 merged = runner.infer({n: np.concatenate([feeds[i][n] for i in members]) for n in feeds[members[0]]})
             except MmedgeError:
-                members_alone = members  # one of them is bad: run each alone so only it gets the error
+                pass
             else:
-                offsets = np.cumsum([0, *sizes])
+                offsets = np.cumsum([0, *(len(next(iter(feeds[i].values()))) for i in members)])
                 for i, start, stop in zip(members, offsets[:-1], offsets[1:]):
                     results[i] = {n: np.asarray(v)[start:stop] for n, v in merged.items()}
                 continue
-        else:
-            members_alone = members
-        for i in members_alone:
+        for i in members:
             try:
                 results[i] = {n: np.asarray(v) for n, v in runner.infer(feeds[i]).items()}
             except MmedgeError as exc:
                 results[i] = exc
-    return results  # type: ignore[return-value]
+    return results
 
 
 class ComponentModel:

@@ -118,9 +118,10 @@ def component_config(model: str, name: str, component: Mapping[str, Any], option
     if options.platform == "onnxruntime":
         if options.gpu and _tensorrt_precision(component):
             config["optimization"] = {"execution_accelerators": {"gpu_execution_accelerator": [
-                {"name": "tensorrt", "parameters": _parameters({"precision_mode": _tensorrt_precision(component),
-                                                                "max_workspace_size_bytes": str(1 << 30),
-                                                                "trt_engine_cache_enable": "1"})}]}}
+                {"name": "tensorrt", "parameters": [  # map<string, string>, unlike the model's parameters
+                    {"key": key, "value": value} for key, value in (("precision_mode", _tensorrt_precision(component)),
+                                                                    ("max_workspace_size_bytes", str(1 << 30)),
+                                                                    ("trt_engine_cache_enable", "1"))]}]}}
         if options.threads:
             config["parameters"] = _parameters({"intra_op_thread_count": str(options.threads)})
     else:

@@ -35,9 +35,11 @@ VERSION = "1"
 _NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
-def model_prefix(artifact: Artifact) -> str:
-    """The artifact folder's name, as a Triton model name prefix (other characters become '-')."""
-    return _NAME.sub("-", artifact.root.name).strip("-.") or "model"
+def model_prefix(artifact: Artifact, path: str | os.PathLike | None = None) -> str:
+    """The artifact folder's name as given (``path``; a symlink's own name), as a Triton model name prefix
+    (other characters become '-')."""
+    name = Path(path).name if path is not None else ""
+    return _NAME.sub("-", name or artifact.root.name).strip("-.") or "model"
 
 
 def pipeline_models(artifact: Artifact, prefix: str | None = None) -> dict[str, tuple[str, bool]]:
@@ -54,7 +56,7 @@ def pipeline_models(artifact: Artifact, prefix: str | None = None) -> dict[str, 
 
 def write_repository(artifacts: Iterable[str | os.PathLike], out: str | os.PathLike, options: Options = Options(),
                      *, overwrite: bool = False) -> dict[str, list[str]]:
-    """Write the repository; returns artifact folder -> the models written for it."""
+    """Write the repository; returns each artifact path as given -> the models written for it."""
     if options.platform not in PLATFORMS:
         raise InputError(f"platform '{options.platform}' is not one mmedge writes", f"one of {', '.join(PLATFORMS)}",
                          "use --platform onnxruntime (Triton's ONNX Runtime backend) or python")
@@ -62,18 +64,19 @@ def write_repository(artifacts: Iterable[str | os.PathLike], out: str | os.PathL
         value = getattr(options, field)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"{field} is {value!r}", "a positive integer", f"pass e.g. --{field.replace('_', '-')} 8")
-    opened = [Artifact.open(path) for path in artifacts]
+    paths = list(artifacts)
+    opened = [Artifact.open(path) for path in paths]
     if not opened:
         raise InputError("no artifact was given", "at least one artifact folder", "pass artifact folders written by `mmedge export`")
-    prefixes = [model_prefix(a) for a in opened]
+    prefixes = [model_prefix(a, path) for a, path in zip(opened, paths)]
     repeated = sorted({p for p in prefixes if prefixes.count(p) > 1})
     if repeated:
         raise InputError(f"two artifacts would both be served as '{repeated[0]}'", "artifact folders with different names",
                          "rename one of the folders (its name is the models' prefix)")
     written: dict[str, list[str]] = {}
     with atomic_folder(out, overwrite=overwrite) as staging:
-        for artifact, prefix in zip(opened, prefixes):
-            written[str(artifact.root)] = _write_artifact(artifact, prefix, staging, options)
+        for path, artifact, prefix in zip(paths, opened, prefixes):
+            written[str(path)] = _write_artifact(artifact, prefix, staging, options)
     return written
 
 
