@@ -54,9 +54,9 @@ def _server_env():
         pytest.skip(f"no Triton server on this machine: {exc}")
 
 
-def _repository(sources: dict, out: Path) -> Path:
+def _repository(sources: dict, out: Path, **options) -> Path:
     # one ONNX Runtime thread per component: the machine's cores go to concurrent requests, as a server would use them
-    write_repository([sources[name] for name in sources], out, Options(platform="python", threads=1, queue_delay_us=2000))
+    write_repository([sources[name] for name in sources], out, Options(platform="python", threads=1, **options))
     return out
 
 
@@ -70,7 +70,8 @@ def served(pytorch_artifacts, tmp_path_factory):
     for name in ARTIFACTS:  # the folder's name is the models' prefix
         sources[name] = root / name
         sources[name].symlink_to(pytorch_artifacts(name), target_is_directory=True)
-    server = TritonServer(_repository(sources, root / "repo"), env, root / "server.log").start()
+    # the encoders wait up to 2 ms for more requests, so the load test's batches do not hang on timing luck
+    server = TritonServer(_repository(sources, root / "repo", queue_delay_us=2000), env, root / "server.log").start()
     try:
         yield Served(server, sources)
     finally:
@@ -255,7 +256,9 @@ def test_a_server_killed_under_load_fails_its_clients_fast(served, pytorch_artif
     from tests.support.triton_server import TritonServer
 
     (tmp_path / "clip").symlink_to(pytorch_artifacts("clip"), target_is_directory=True)
-    server = TritonServer(_repository({"clip": tmp_path / "clip"}, tmp_path / "repo"), _server_env(), tmp_path / "server.log").start()
+    # pipelines in two processes answering inside execute (workers=1), the other way to serve them
+    repository = _repository({"clip": tmp_path / "clip"}, tmp_path / "repo", workers=1, pipeline_instances=2)
+    server = TritonServer(repository, _server_env(), tmp_path / "server.log").start()
     outcomes: dict[int, tuple[str, float]] = {}
     answered = [0] * 4
     killed_at = []

@@ -316,13 +316,25 @@ class PipelineModel:
             return BlsRunner(components[name]["model"], name, artifact.component(name), components[name]["max_batch_size"])
 
         self.served = ServedPipeline(artifact, settings, make_runner)
-        self.pool = ThreadPoolExecutor(settings["workers"], thread_name_prefix=f"mmedge-{args['model_name']}")
+        inline = settings["workers"] == 1 and not self.decoupled  # one request at a time per instance, no thread hop
+        self.pool = None if inline else ThreadPoolExecutor(settings["workers"], thread_name_prefix=f"mmedge-{args['model_name']}")
 
-    def execute(self, requests: list) -> None:
+    def execute(self, requests: list) -> list | None:
+        if self.pool is None:
+            return [self._answer({t.name(): t.as_numpy() for t in request.inputs()}) for request in requests]
         for request in requests:
             inputs = {t.name(): np.array(t.as_numpy()) for t in request.inputs()}  # freed when execute returns
             self.pool.submit(self._respond, inputs, request.get_response_sender())
         return None
+
+    def _answer(self, inputs: dict):
+        pb = _pb()
+        try:
+            outputs = self.served.run(inputs)
+            return pb.InferenceResponse([pb.Tensor(n, v if v.dtype == np.object_ else np.ascontiguousarray(v))
+                                         for n, v in outputs.items()])
+        except Exception as exc:  # noqa: BLE001 - every failure is answered; the model serves on
+            return pb.InferenceResponse(error=_triton_error(pb, exc))
 
     def _respond(self, inputs: dict, sender) -> None:
         pb = _pb()
@@ -333,13 +345,12 @@ class PipelineModel:
                     sender.send(pb.InferenceResponse([pb.Tensor("text", text_tensor([piece]))]))
                 sender.send(flags=final)
                 return
-            outputs = self.served.run(inputs)
-            response = pb.InferenceResponse([pb.Tensor(n, v if v.dtype == np.object_ else np.ascontiguousarray(v))
-                                             for n, v in outputs.items()])
         except Exception as exc:  # noqa: BLE001 - every failure is answered; the model serves on
-            response = pb.InferenceResponse(error=_triton_error(pb, exc))
-        sender.send(response, flags=final)
+            sender.send(pb.InferenceResponse(error=_triton_error(pb, exc)), flags=final)
+            return
+        sender.send(self._answer(inputs), flags=final)
 
     def finalize(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
         self.served.close()

@@ -15,9 +15,12 @@ def add_parser(sub) -> None:
     triton.add_argument("--gpu", action="store_true",
                         help="instances on the GPU; onnxruntime platform: the TensorRT accelerator (FP16, INT8 for static QDQ)")
     triton.add_argument("--max-batch-size", type=int, default=8, help="rows Triton merges into one encoder call")
-    triton.add_argument("--queue-delay-us", type=int, default=2000, help="how long the dynamic batcher waits for more requests")
+    triton.add_argument("--queue-delay-us", type=int, default=0,
+                        help="how long the dynamic batcher waits for more requests (0: batches form from what queued meanwhile)")
     triton.add_argument("--instances", type=int, default=1, help="instances per component model")
-    triton.add_argument("--workers", type=int, default=8, help="requests a pipeline model works on at once")
+    triton.add_argument("--workers", type=int, default=8,
+                        help="requests one pipeline instance works on at once (threads; 1: each request in execute itself)")
+    triton.add_argument("--pipeline-instances", type=int, default=1, help="instances (processes) per pipeline model")
     triton.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per component")
     triton.add_argument("--overwrite", action="store_true", help="replace REPO once the new one is complete")
     triton.add_argument("--json", action="store_true", help="the models written, as JSON")
@@ -29,7 +32,7 @@ def main(args) -> int:
 
     options = Options(platform=args.platform, gpu=args.gpu, max_batch_size=args.max_batch_size,
                       queue_delay_us=args.queue_delay_us, instances=args.instances, workers=args.workers,
-                      threads=args.threads)
+                      pipeline_instances=args.pipeline_instances, threads=args.threads)
     written = write_repository(args.artifacts, args.out, options, overwrite=args.overwrite)
     if args.json:
         print(json.dumps(written, indent=2))

@@ -37,16 +37,19 @@ class Options:
     (mmedge's own ONNX Runtime runner in a Python-backend model). ``gpu``: instances on the GPU, and for the
     onnxruntime platform the TensorRT execution accelerator (FP16; INT8 for static-QDQ graphs).
     ``max_batch_size``: the most requests' rows Triton merges into one encoder call. ``queue_delay_us``: how long
-    the dynamic batcher waits for more requests. ``instances``: instances per component model. ``workers``: the
-    requests one pipeline model works on at once (threads, each generating with its own KV cache).
-    ``threads``: ONNX Runtime intra-op threads per component (None: its default)."""
+    the dynamic batcher waits for more requests (0: none; batches still form from the requests that queue while the
+    model runs). ``instances``: instances per component model. ``workers``: the requests one pipeline instance works
+    on at once (threads, each generating with its own KV cache; 1: each request inside ``execute``, no thread).
+    ``pipeline_instances``: instances (stub processes) per pipeline model, each with its own copy of the tokenizer,
+    embedding table and label cache. ``threads``: ONNX Runtime intra-op threads per component (None: its default)."""
 
     platform: str = "onnxruntime"
     gpu: bool = False
     max_batch_size: int = 8
-    queue_delay_us: int = 2000
+    queue_delay_us: int = 0
     instances: int = 1
     workers: int = 8
+    pipeline_instances: int = 1
     threads: int | None = None
 
 
@@ -153,6 +156,6 @@ def pipeline_config(model: str, kind: str, settings: Mapping[str, Any], options:
     config["output"] = [tensor(n, dtype, dims, False) for n, (dtype, dims) in spec["outputs"].items()]
     if decoupled:
         config["model_transaction_policy"] = {"decoupled": True}
-    config["instance_group"] = [{"kind": Token("KIND_CPU"), "count": 1}]
+    config["instance_group"] = [{"kind": Token("KIND_CPU"), "count": options.pipeline_instances}]
     config["parameters"] = _parameters({PARAMETER: json.dumps({**settings, "workers": options.workers}, sort_keys=True)})
     return config

@@ -60,7 +60,7 @@ def write_repository(artifacts: Iterable[str | os.PathLike], out: str | os.PathL
     if options.platform not in PLATFORMS:
         raise InputError(f"platform '{options.platform}' is not one mmedge writes", f"one of {', '.join(PLATFORMS)}",
                          "use --platform onnxruntime (Triton's ONNX Runtime backend) or python")
-    for field in ("max_batch_size", "instances", "workers"):
+    for field in ("max_batch_size", "instances", "workers", "pipeline_instances"):
         value = getattr(options, field)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"{field} is {value!r}", "a positive integer", f"pass e.g. --{field.replace('_', '-')} 8")

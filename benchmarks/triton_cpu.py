@@ -1,0 +1,165 @@
+"""CLIP zero-shot served by Triton vs the same pipeline in-process, on this CPU, over loopback.
+
+The artifact is the shipped demo CLIP exported at FP32 (labels chosen at run time: the server keeps their
+embeddings in its label cache, as the local pipeline does). The server is the real ``tritonserver`` of the
+nvidia-pytriton wheel (tests/support/triton_server.py) serving ``mmedge triton --platform python`` (the vision and
+text graphs run through mmedge's ONNX Runtime runner in Python-backend models; the zero-shot pipeline model calls
+them through BLS). Both sides run ONNX Runtime with the same number of intra-op threads (``--threads``, 2), and
+each request is one encoded PNG scene and the 24 demo labels:
+
+- latency at 1 client: per-request p50 / p90 served (HTTP and gRPC, ``mmedge.triton_client``) and in-process
+  (``mmedge.load(...).probabilities``), and the served overhead (target: p50 overhead <= 2 ms);
+- throughput at 1, 4 and 8 clients (threads, each with its own client, for ``--seconds``): requests/s served and of
+  one in-process pipeline shared by as many threads (target: served >= 1.0x in-process at 8 clients).
+
+    python benchmarks/triton_cpu.py                      # about 2 minutes; JSON in benchmarks/out/triton_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import mmedge  # noqa: E402
+from mmedge import demo  # noqa: E402
+from mmedge.triton import Options, write_repository  # noqa: E402
+from mmedge.triton_client import connect  # noqa: E402
+
+from _common import cpu_ticks, machine_info, markdown_table, package_versions, steal_share, write_json  # noqa: E402
+from tests.support.triton_server import TritonServer, server_env  # noqa: E402
+
+CLIENTS = (1, 4, 8)
+
+
+def export_clip(folder: Path) -> Path:
+    """The demo CLIP at FP32 (reused when already exported)."""
+    if (folder / "manifest.json").is_file():
+        return folder
+    from mmedge.export import export_model
+
+    return export_model(str(demo.model_path("clip")), folder, progress=False)
+
+
+def latencies(call, runs: int, warmup: int = 20) -> list[float]:
+    for _ in range(warmup):
+        call()
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
+def throughput(make_call, clients: int, seconds: float) -> float:
+    """Requests per second of ``clients`` threads, each calling its own ``make_call()`` for ``seconds``."""
+    calls = [make_call() for _ in range(clients)]
+    for call in calls:
+        call()  # each client's connection and the server's label cache are warm
+    counts = [0] * clients
+    stop = threading.Event()
+    barrier = threading.Barrier(clients + 1)
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        while not stop.is_set():
+            calls[i]()
+            counts[i] += 1
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    start = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    return sum(counts) / (time.perf_counter() - start)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads, in-process and per served graph")
+    parser.add_argument("--runs", type=int, default=300, help="timed requests per latency measurement")
+    parser.add_argument("--seconds", type=float, default=8.0, help="duration of each throughput measurement")
+    parser.add_argument("--queue-delay-us", type=int, default=0, help="the encoders' dynamic-batching delay")
+    parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "triton-cpu")
+    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "out" / "triton_cpu.json")
+    args = parser.parse_args(argv)
+
+    artifact = export_clip(args.work / "clip")
+    labels = demo.labels()
+    images = [path.read_bytes() for path in demo.images()]  # the encoded PNGs, as a client sends them
+    local = mmedge.load(artifact, threads=args.threads)
+    env = server_env()
+    report = {"machine": machine_info(), "settings": vars(args) | {"work": str(args.work), "json": str(args.json)},
+              "software": package_versions(["onnxruntime", "numpy", "tritonclient"]) | {"tritonserver": "2.51 (nvidia-pytriton 0.7.0)"}}
+    with tempfile.TemporaryDirectory(prefix="mmedge-triton-bench-") as tmp:
+        repo = write_repository([artifact], Path(tmp) / "repo", Options(platform="python", threads=args.threads,
+                                                                        queue_delay_us=args.queue_delay_us, workers=16))
+        del repo
+        with TritonServer(Path(tmp) / "repo", env, Path(tmp) / "server.log") as server:
+            urls = {"http": f"http://{server.http_url}", "grpc": f"grpc://{server.grpc_url}"}
+            remote = {p: connect(url, "clip", task="zero-shot") for p, url in urls.items()}
+            expected = local.probabilities(images, labels)
+            for protocol, classifier in remote.items():  # the figures below are of correct answers
+                assert np.abs(classifier.probabilities(images, labels) - expected).max() <= 1e-6, protocol
+            ticks = cpu_ticks()
+            counter = iter(range(10**9))
+
+            def one_local():
+                local.probabilities(images[next(counter) % len(images)], labels)
+
+            def one_remote(classifier):
+                return lambda: classifier.probabilities(images[next(counter) % len(images)], labels)
+
+            lat = {"in-process": latencies(one_local, args.runs)}
+            for protocol, classifier in remote.items():
+                lat[protocol] = latencies(one_remote(classifier), args.runs)
+            report["latency_ms"] = {k: {"p50": percentile(v, 50), "p90": percentile(v, 90), "mean": statistics.mean(v)}
+                                    for k, v in lat.items()}
+            rates = {"in-process": {n: throughput(lambda: one_local, n, args.seconds) for n in CLIENTS}}
+            for protocol, url in urls.items():
+                rates[protocol] = {n: throughput(lambda url=url: one_remote(connect(url, "clip", task="zero-shot")), n, args.seconds)
+                                   for n in CLIENTS}
+            report["throughput_rps"] = rates
+            stats = remote["grpc"].connection.statistics("clip__vision")
+            report["vision_batches"] = {b["batch_size"]: int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])}
+            report["steal_share"] = round(steal_share(ticks, cpu_ticks()), 4)
+    write_json(args.json, report)
+    print_report(report)
+    return 0
+
+
+def print_report(report: dict) -> None:
+    lat, rates = report["latency_ms"], report["throughput_rps"]
+    base = lat["in-process"]["p50"]
+    print(f"machine: {report['machine']['cpu']}, {report['machine']['logical_cores']} cores, {report['machine']['date']}, "
+          f"load before {report['machine']['load_average_1m']}, steal {report['steal_share']:.1%}")
+    print(markdown_table(["path", "p50 ms", "p90 ms", "p50 overhead ms"],
+                         [[k, f"{v['p50']:.2f}", f"{v['p90']:.2f}", "–" if k == "in-process" else f"{v['p50'] - base:.2f}"]
+                          for k, v in lat.items()]))
+    print()
+    print(markdown_table(["path", *(f"{n} client{'s' * (n > 1)} req/s" for n in CLIENTS), *(f"x in-process at {n}" for n in CLIENTS)],
+                         [[k, *(f"{v[n]:.0f}" for n in CLIENTS), *(f"{v[n] / rates['in-process'][n]:.2f}x" for n in CLIENTS)]
+                          for k, v in rates.items()]))
+    print(f"\nvision model executions by batch size: {report['vision_batches']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
