@@ -35,7 +35,7 @@ from mmedge import demo  # noqa: E402
 from mmedge.triton import Options, write_repository  # noqa: E402
 from mmedge.triton_client import connect  # noqa: E402
 
-from _common import cpu_ticks, machine_info, markdown_table, package_versions, steal_share, write_json  # noqa: E402
+from _common import cpu_ticks, machine_info, markdown_table, package_versions, steal_share, time_samples, write_json  # noqa: E402
 from tests.support.triton_server import TritonServer, server_env  # noqa: E402
 
 CLIENTS = (1, 4, 8)
@@ -48,17 +48,6 @@ def export_clip(folder: Path) -> Path:
     from mmedge.export import export_model
 
     return export_model(str(demo.model_path("clip")), folder, progress=False)
-
-
-def latencies(call, runs: int, warmup: int = 20) -> list[float]:
-    for _ in range(warmup):
-        call()
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return samples
 
 
 def throughput(make_call, clients: int, seconds: float) -> float:
@@ -110,9 +99,8 @@ def main(argv=None) -> int:
     report = {"machine": machine_info(), "settings": vars(args) | {"work": str(args.work), "json": str(args.json)},
               "software": package_versions(["onnxruntime", "numpy", "tritonclient"]) | {"tritonserver": "2.51 (nvidia-pytriton 0.7.0)"}}
     with tempfile.TemporaryDirectory(prefix="mmedge-triton-bench-") as tmp:
-        repo = write_repository([artifact], Path(tmp) / "repo", Options(platform="python", threads=args.threads,
-                                                                        queue_delay_us=args.queue_delay_us, workers=16))
-        del repo
+        write_repository([artifact], Path(tmp) / "repo", Options(platform="python", threads=args.threads,
+                                                                 queue_delay_us=args.queue_delay_us, workers=16))
         with TritonServer(Path(tmp) / "repo", env, Path(tmp) / "server.log") as server:
             urls = {"http": f"http://{server.http_url}", "grpc": f"grpc://{server.grpc_url}"}
             remote = {p: connect(url, "clip", task="zero-shot") for p, url in urls.items()}
@@ -128,9 +116,9 @@ def main(argv=None) -> int:
             def one_remote(classifier):
                 return lambda: classifier.probabilities(images[next(counter) % len(images)], labels)
 
-            lat = {"in-process": latencies(one_local, args.runs)}
+            lat = {"in-process": time_samples(one_local, warmup=20, runs=args.runs)}
             for protocol, classifier in remote.items():
-                lat[protocol] = latencies(one_remote(classifier), args.runs)
+                lat[protocol] = time_samples(one_remote(classifier), warmup=20, runs=args.runs)
             report["latency_ms"] = {k: {"p50": percentile(v, 50), "p90": percentile(v, 90), "mean": statistics.mean(v)}
                                     for k, v in lat.items()}
             rates = {"in-process": {n: throughput(lambda: one_local, n, args.seconds) for n in CLIENTS}}

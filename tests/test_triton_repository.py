@@ -147,3 +147,14 @@ def test_cli_writes_the_repository_and_refuses_bad_options(sources, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "mmedge.cli", "triton", str(sources["clip"]), "--out", str(tmp_path / "b"),
                           "--max-batch-size", "0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "max_batch_size is 0" in bad.stderr
+
+
+def test_the_client_without_tritonclient_names_the_install_command():
+    probe = ("import sys; sys.modules['tritonclient'] = None\n"
+             "from mmedge.errors import ServerError\n"
+             "from mmedge.triton_client import connect\n"
+             "try:\n    connect('grpc://127.0.0.1:1', 'clip')\n"
+             "except ServerError as exc:\n    print(exc)\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert 'pip install "mmedge[triton]"' in result.stdout and "tritonclient" in result.stdout

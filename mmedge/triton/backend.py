@@ -20,7 +20,6 @@ model is built; ``ServedPipeline`` and ``run_grouped`` work without it (tests ru
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -202,11 +201,8 @@ class ServedPipeline:
                 raise InputError("the request has neither 'images' nor 'texts'", "images, texts or both to embed",
                                  "send an 'images' (BYTES) or 'texts' (BYTES) input")
             return out
-        generation = _generation(inputs)
-        captioner = self._captioner()
-        items = _interleaved(inputs)
+        generation, captioner, items = self._caption_request(inputs)
         if items is not None:
-            _need_interleaved(captioner)
             return {"text": text_tensor([captioner.generate(items, **generation)])}
         images = blobs_of("images", _required(inputs, "images"), is_base64(inputs))
         if "question" in inputs:
@@ -216,11 +212,8 @@ class ServedPipeline:
 
     def stream(self, inputs: Mapping[str, Any]) -> Iterator[str]:
         """The caption of one image (or interleaved prompt) in pieces, as ``Captioner.stream`` yields them."""
-        generation = _generation(inputs)
-        captioner = self._captioner()
-        items = _interleaved(inputs)
+        generation, captioner, items = self._caption_request(inputs)
         if items is not None:
-            _need_interleaved(captioner)
             yield from captioner.stream(items, **generation)
             return
         images = blobs_of("images", _required(inputs, "images"), is_base64(inputs))
@@ -234,6 +227,14 @@ class ServedPipeline:
                 raise InputError("the question is empty", "a non-empty question string", "pass e.g. question='what is it?'")
             prompt = captioner.vqa_template.replace("{}", question.strip())  # as Captioner.ask builds it
         yield from captioner.stream(images[0], prompt, **generation)
+
+    def _caption_request(self, inputs: Mapping[str, Any]) -> tuple[dict, Any, list | None]:
+        """(generation settings, this thread's captioner, the interleaved prompt or None) of a caption request."""
+        generation, captioner, items = _generation(inputs), self._captioner(), _interleaved(inputs)
+        if items is not None and not hasattr(captioner, "generate"):
+            raise InputError("an interleaved prompt was sent to a model without interleaved prompts",
+                             "a Flamingo-style (IDEFICS) captioning artifact", "send 'images' and 'prompt' instead of 'items'")
+        return generation, captioner, items
 
     def close(self) -> None:
         with self._lock:
@@ -262,14 +263,12 @@ def _required(inputs: Mapping[str, Any], name: str) -> Any:
 
 
 def _generation(inputs: Mapping[str, Any]) -> dict:
+    """The request's generation settings; unknown names are refused as ``GenerationConfig.replace`` refuses them (the
+    captioner checks the values)."""
     from mmedge.generation import GenerationConfig
 
     settings = generation_of(inputs["generation"]) if "generation" in inputs else {}
-    known = {f.name for f in dataclasses.fields(GenerationConfig)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise InputError(f"unknown generation setting(s) {unknown}", f"only {sorted(known)}",
-                         "check the spelling (names follow transformers.GenerationConfig)")
+    GenerationConfig().replace(**settings)
     return settings
 
 
@@ -286,12 +285,6 @@ def _interleaved(inputs: Mapping[str, Any]) -> list | None:
     base64_text = is_base64(inputs)
     return [blobs_of(f"items[{i}]", [value], base64_text)[0] if image else texts_of(f"items[{i}]", [value])[0]
             for i, (value, image) in enumerate(zip(raw, flags))]
-
-
-def _need_interleaved(captioner) -> None:
-    if not hasattr(captioner, "generate"):
-        raise InputError("an interleaved prompt was sent to a model without interleaved prompts",
-                         "a Flamingo-style (IDEFICS) captioning artifact", "send 'images' and 'prompt' instead of 'items'")
 
 
 def _triton_error(pb, exc: Exception):
