@@ -13,6 +13,10 @@ each request is one encoded PNG scene and the 24 demo labels:
   one in-process pipeline shared by as many threads (target: served >= 1.0x in-process at 8 clients).
 
     python benchmarks/triton_cpu.py                      # about 2 minutes; JSON in benchmarks/out/triton_cpu.json
+    python benchmarks/triton_cpu.py --artifact clip-b32 --runs 60 --json benchmarks/out/triton_cpu_b32.json
+
+CPU time per request (this process's: the clients, or the in-process pipeline; and the server's processes) shows
+where a served request's cost goes on a machine whose cores the clients share with the server.
 """
 
 from __future__ import annotations
@@ -50,8 +54,9 @@ def export_clip(folder: Path) -> Path:
     return export_model(str(demo.model_path("clip")), folder, progress=False)
 
 
-def throughput(make_call, clients: int, seconds: float) -> float:
-    """Requests per second of ``clients`` threads, each calling its own ``make_call()`` for ``seconds``."""
+def throughput(make_call, clients: int, seconds: float, server_pid: int | None = None) -> dict:
+    """Requests per second of ``clients`` threads, each calling its own ``make_call()`` for ``seconds``, and the CPU
+    milliseconds each request cost this process (the clients, or the in-process pipeline) and the server."""
     calls = [make_call() for _ in range(clients)]
     for call in calls:
         call()  # each client's connection and the server's label cache are warm
@@ -69,12 +74,30 @@ def throughput(make_call, clients: int, seconds: float) -> float:
     for thread in threads:
         thread.start()
     barrier.wait()
-    start = time.perf_counter()
+    start, own, served = time.perf_counter(), time.process_time(), cpu_seconds([server_pid] if server_pid else [])
     time.sleep(seconds)
     stop.set()
     for thread in threads:
         thread.join()
-    return sum(counts) / (time.perf_counter() - start)
+    done, wall = sum(counts), time.perf_counter() - start
+    server_ms = (cpu_seconds([server_pid]) - served) * 1e3 / done if server_pid else 0.0
+    return {"rps": done / wall, "cpu_ms_here": (time.process_time() - own) * 1e3 / done, "cpu_ms_server": server_ms}
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of processes and their children (tritonserver and its Python-backend stubs)."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            process = psutil.Process(pid)
+            for member in [process, *process.children(recursive=True)]:
+                times = member.cpu_times()
+                total += times.user + times.system
+        except psutil.NoSuchProcess:
+            continue
+    return total
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -87,23 +110,27 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=300, help="timed requests per latency measurement")
     parser.add_argument("--seconds", type=float, default=8.0, help="duration of each throughput measurement")
     parser.add_argument("--queue-delay-us", type=int, default=0, help="the encoders' dynamic-batching delay")
+    parser.add_argument("--artifact", type=Path, default=None,
+                        help="a CLIP artifact with two graphs (default: the demo CLIP at FP32, exported into --work)")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "triton-cpu")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "out" / "triton_cpu.json")
     args = parser.parse_args(argv)
 
-    artifact = export_clip(args.work / "clip")
+    artifact = args.artifact or export_clip(args.work / "clip")
+    prefix = artifact.name
     labels = demo.labels()
     images = [path.read_bytes() for path in demo.images()]  # the encoded PNGs, as a client sends them
     local = mmedge.load(artifact, threads=args.threads)
     env = server_env()
-    report = {"machine": machine_info(), "settings": vars(args) | {"work": str(args.work), "json": str(args.json)},
+    report = {"machine": machine_info(), "artifact": str(artifact),
+              "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "software": package_versions(["onnxruntime", "numpy", "tritonclient"]) | {"tritonserver": "2.51 (nvidia-pytriton 0.7.0)"}}
     with tempfile.TemporaryDirectory(prefix="mmedge-triton-bench-") as tmp:
         write_repository([artifact], Path(tmp) / "repo", Options(platform="python", threads=args.threads,
                                                                  queue_delay_us=args.queue_delay_us, workers=16))
         with TritonServer(Path(tmp) / "repo", env, Path(tmp) / "server.log") as server:
             urls = {"http": f"http://{server.http_url}", "grpc": f"grpc://{server.grpc_url}"}
-            remote = {p: connect(url, "clip", task="zero-shot") for p, url in urls.items()}
+            remote = {p: connect(url, prefix, task="zero-shot") for p, url in urls.items()}
             expected = local.probabilities(images, labels)
             for protocol, classifier in remote.items():  # the figures below are of correct answers
                 assert np.abs(classifier.probabilities(images, labels) - expected).max() <= 1e-6, protocol
@@ -123,10 +150,10 @@ def main(argv=None) -> int:
                                     for k, v in lat.items()}
             rates = {"in-process": {n: throughput(lambda: one_local, n, args.seconds) for n in CLIENTS}}
             for protocol, url in urls.items():
-                rates[protocol] = {n: throughput(lambda url=url: one_remote(connect(url, "clip", task="zero-shot")), n, args.seconds)
-                                   for n in CLIENTS}
+                rates[protocol] = {n: throughput(lambda url=url: one_remote(connect(url, prefix, task="zero-shot")), n,
+                                                 args.seconds, server.process.pid) for n in CLIENTS}
             report["throughput_rps"] = rates
-            stats = remote["grpc"].connection.statistics("clip__vision")
+            stats = remote["grpc"].connection.statistics(f"{prefix}__vision")
             report["vision_batches"] = {b["batch_size"]: int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])}
             report["steal_share"] = round(steal_share(ticks, cpu_ticks()), 4)
     write_json(args.json, report)
@@ -143,8 +170,11 @@ def print_report(report: dict) -> None:
                          [[k, f"{v['p50']:.2f}", f"{v['p90']:.2f}", "–" if k == "in-process" else f"{v['p50'] - base:.2f}"]
                           for k, v in lat.items()]))
     print()
-    print(markdown_table(["path", *(f"{n} client{'s' * (n > 1)} req/s" for n in CLIENTS), *(f"x in-process at {n}" for n in CLIENTS)],
-                         [[k, *(f"{v[n]:.0f}" for n in CLIENTS), *(f"{v[n] / rates['in-process'][n]:.2f}x" for n in CLIENTS)]
+    print(markdown_table(["path", *(f"{n} client{'s' * (n > 1)} req/s" for n in CLIENTS), *(f"x in-process at {n}" for n in CLIENTS),
+                          "CPU ms/request at 8: clients or in-process", "server"],
+                         [[k, *(f"{v[n]['rps']:.0f}" for n in CLIENTS),
+                           *(f"{v[n]['rps'] / rates['in-process'][n]['rps']:.2f}x" for n in CLIENTS),
+                           f"{v[8]['cpu_ms_here']:.2f}", f"{v[8]['cpu_ms_server']:.2f}" if k != "in-process" else "–"]
                           for k, v in rates.items()]))
     print(f"\nvision model executions by batch size: {report['vision_batches']}")
 

@@ -89,8 +89,11 @@ class ComponentModel:
         config, settings, artifact = open_model_folder(args)
         name = settings["component"]
         self.batched = int(config.get("max_batch_size", 0)) > 0
+        # ONNX Runtime's intra-op threads spin while they wait for work by default: on a server whose models and
+        # pipelines share the cores, that spinning takes CPU from the other processes, so they sleep instead
         self.runner = create_runner("onnxruntime", artifact.component_path(name), name, artifact.component(name),
-                                    providers=tuple(settings["providers"]), threads=settings.get("threads"))
+                                    providers=tuple(settings["providers"]), threads=settings.get("threads"),
+                                    config_entries={"session.intra_op.allow_spinning": "0"})
 
     def execute(self, requests: list) -> list:
         pb = _pb()

@@ -79,9 +79,10 @@ def server_env(log=print) -> Path:
         (staging / "ready.json").write_text(key_text)
         # a venv's interpreter finds its site-packages from pyvenv.cfg beside it, so the folder may be renamed (only
         # the console scripts' first lines name the staging folder; nothing here runs them)
-        if env.exists():
-            shutil.rmtree(env)
-        staging.rename(env)
+        try:
+            staging.rename(env)
+        except OSError:  # another session built it meanwhile (a finished folder is only ever renamed into place)
+            shutil.rmtree(staging, ignore_errors=True)
     except subprocess.CalledProcessError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         tail = (exc.stderr or exc.stdout or "").strip().splitlines()[-3:]
