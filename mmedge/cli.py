@@ -77,9 +77,12 @@ def cmd_run(args) -> int:
 
     torch_options = {"quantization": args.llm_quantization} if getattr(args, "llm_quantization", None) else {}
     if args.triton:  # MODEL on a Triton server (mmedge.triton_client) in place of an artifact folder
-        from mmedge.triton.cli import connect_for_run as load
-    pipeline = load(args) if args.triton else mmedge.load(args.artifact, backend=args.backend, device=args.device, task=args.task, threads=args.threads,
-                           backend_options={"torch": torch_options} if torch_options else None)
+        from mmedge.triton.cli import connect_for_run
+
+        pipeline = connect_for_run(args)
+    else:
+        pipeline = mmedge.load(args.artifact, backend=args.backend, device=args.device, task=args.task, threads=args.threads,
+                               backend_options={"torch": torch_options} if torch_options else None)
     with pipeline:
         if args.interleaved:
             print(_run_interleaved(pipeline, args.images, args))
