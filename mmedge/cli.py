@@ -1,4 +1,4 @@
-"""The `mmedge` command: export, run, validate, build, doctor, demo, bench.
+"""The `mmedge` command: export, run, validate, build, doctor, demo, bench, triton.
 
 Every mmedge error becomes one line on stderr and a non-zero exit code; no traceback. So do bad
 command lines (exit 2) and, as a last resort, errors mmedge did not anticipate (exit 1, with a hint to
@@ -76,8 +76,13 @@ def cmd_run(args) -> int:
     import mmedge
 
     torch_options = {"quantization": args.llm_quantization} if getattr(args, "llm_quantization", None) else {}
-    pipeline = mmedge.load(args.artifact, backend=args.backend, device=args.device, task=args.task, threads=args.threads,
-                           backend_options={"torch": torch_options} if torch_options else None)
+    if args.triton:  # MODEL on a Triton server (mmedge.triton_client) in place of an artifact folder
+        from mmedge.triton.cli import connect_for_run
+
+        pipeline = connect_for_run(args)
+    else:
+        pipeline = mmedge.load(args.artifact, backend=args.backend, device=args.device, task=args.task, threads=args.threads,
+                               backend_options={"torch": torch_options} if torch_options else None)
     with pipeline:
         if args.interleaved:
             print(_run_interleaved(pipeline, args.images, args))
@@ -298,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--llm-quantization", choices=["int8", "nf4"],
                      help="torch backend: the LLM's weights in bitsandbytes INT8 (LLM.int8) or NF4")
     runtime_flags(run)
+    run.add_argument("--triton", metavar="URL", help="run on a Triton server (http://HOST:8000 or grpc://HOST:8001): "
+                                                     "ARTIFACT is then a model `mmedge triton` wrote (needs mmedge[triton])")
     run.set_defaults(func=cmd_run)
 
     val = sub.add_parser("validate", help="re-measure an artifact's parity on this device")
@@ -326,9 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     doc.set_defaults(func=cmd_doctor)
 
     from mmedge import bench, demo
+    from mmedge.triton import cli as triton
 
     demo.add_parser(sub)
     bench.add_parser(sub, runtime_flags)
+    triton.add_parser(sub)
     return parser
 
 

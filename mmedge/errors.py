@@ -123,3 +123,17 @@ class StaleEngineError(BackendError):
 
     Such an engine is never loaded: it is rebuilt on this device (see ``mmedge.runtimes.engine_cache``).
     """
+
+
+# --- serving -------------------------------------------------------------------------------------
+class ServerError(BackendError):
+    """A Triton server answered a request with an error, or could not be reached (``mmedge.triton_client``).
+    ``status``: the server's status code (an HTTP code or a gRPC status name), or None when it was not reached."""
+
+    def __init__(self, what: str, expected: str | None = None, fix: str | None = None, status: str | None = None):
+        self.status = status
+        super().__init__(what, expected, fix)
+
+
+class ServerInputError(ServerError, InputError):
+    """The server refused the request's input; the message is the one the pipeline gave (as it would locally)."""

@@ -1,0 +1,198 @@
+"""CLIP zero-shot served by Triton vs the same pipeline in-process, on this CPU, over loopback.
+
+The artifact is the shipped demo CLIP exported at FP32 (labels chosen at run time: the server keeps their
+embeddings in its label cache, as the local pipeline does). The server is the real ``tritonserver`` of the
+nvidia-pytriton wheel (tests/support/triton_server.py) serving ``mmedge triton --platform python`` (the vision and
+text graphs run through mmedge's ONNX Runtime runner in Python-backend models; the zero-shot pipeline model calls
+them through BLS). The in-process pipeline runs ONNX Runtime with ``--threads`` (2) intra-op threads, each served graph
+with ``--server-threads`` (1), and each request is one encoded PNG scene and the 24 demo labels:
+
+- latency at 1 client: per-request p50 / p90 served (HTTP and gRPC, ``mmedge.triton_client``) and in-process
+  (``mmedge.load(...).probabilities``), and the served overhead (target: p50 overhead <= 2 ms);
+- throughput at 1, 4 and 8 clients (threads, each with its own client, for ``--seconds``): requests/s served and of
+  one in-process pipeline shared by as many threads (target: served >= 1.0x in-process at 8 clients).
+
+The in-process side is measured twice: as ``mmedge.load`` runs by default (ONNX Runtime's intra-op threads spin
+between calls) and with spinning off, as the served components run. Ratios are against the default.
+
+    python benchmarks/triton_cpu.py                      # about 2 minutes; JSON in benchmarks/out/triton_cpu.json
+    python benchmarks/triton_cpu.py --artifact clip-b32 --runs 60 --json benchmarks/out/triton_cpu_b32.json
+
+CPU time per request (this process's: the clients, or the in-process pipeline; and the server's processes) shows
+where a served request's cost goes on a machine whose cores the clients share with the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import mmedge  # noqa: E402
+from mmedge import demo  # noqa: E402
+from mmedge.triton import Options, write_repository  # noqa: E402
+from mmedge.triton_client import connect  # noqa: E402
+
+from _common import cpu_ticks, machine_info, markdown_table, package_versions, steal_share, time_samples, write_json  # noqa: E402
+from tests.support.triton_server import TritonServer, server_env  # noqa: E402
+
+CLIENTS = (1, 4, 8)
+
+
+def export_clip(folder: Path) -> Path:
+    """The demo CLIP at FP32 (reused when already exported)."""
+    if (folder / "manifest.json").is_file():
+        return folder
+    from mmedge.export import export_model
+
+    return export_model(str(demo.model_path("clip")), folder, progress=False)
+
+
+def throughput(make_call, clients: int, seconds: float, server_pid: int | None = None) -> dict:
+    """Requests per second of ``clients`` threads, each calling its own ``make_call()`` for ``seconds``, and the CPU
+    milliseconds each request cost this process (the clients, or the in-process pipeline) and the server."""
+    calls = [make_call() for _ in range(clients)]
+    for call in calls:
+        call()  # each client's connection and the server's label cache are warm
+    counts = [0] * clients
+    stop = threading.Event()
+    barrier = threading.Barrier(clients + 1)
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        while not stop.is_set():
+            calls[i]()
+            counts[i] += 1
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    start, own, served = time.perf_counter(), time.process_time(), cpu_seconds([server_pid] if server_pid else [])
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    done, wall = sum(counts), time.perf_counter() - start
+    server_ms = (cpu_seconds([server_pid]) - served) * 1e3 / done if server_pid else 0.0
+    return {"rps": done / wall, "cpu_ms_here": (time.process_time() - own) * 1e3 / done, "cpu_ms_server": server_ms}
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of processes and their children (tritonserver and its Python-backend stubs)."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            process = psutil.Process(pid)
+            for member in [process, *process.children(recursive=True)]:
+                times = member.cpu_times()
+                total += times.user + times.system
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads of the in-process pipeline")
+    parser.add_argument("--server-threads", type=int, default=1,
+                        help="ONNX Runtime intra-op threads per served graph (the server's parallelism is its processes "
+                             "and batches: on 2 cores, 1 thread each costs less CPU per request than 2)")
+    parser.add_argument("--runs", type=int, default=300, help="timed requests per latency measurement")
+    parser.add_argument("--seconds", type=float, default=8.0, help="duration of each throughput measurement")
+    parser.add_argument("--queue-delay-us", type=int, default=0, help="the encoders' dynamic-batching delay")
+    parser.add_argument("--artifact", type=Path, default=None,
+                        help="a CLIP artifact with two graphs (default: the demo CLIP at FP32, exported into --work)")
+    parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "triton-cpu")
+    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "out" / "triton_cpu.json")
+    args = parser.parse_args(argv)
+
+    artifact = args.artifact or export_clip(args.work / "clip")
+    prefix = artifact.name
+    labels = demo.labels()
+    images = [path.read_bytes() for path in demo.images()]  # the encoded PNGs, as a client sends them
+    local = mmedge.load(artifact, threads=args.threads)
+    # the served components' ONNX Runtime setting (threads sleep, not spin, between calls), in-process too: on a
+    # machine shared with other work, spinning threads cost the default in-process pipeline much more
+    quiet = mmedge.load(artifact, threads=args.threads,
+                        backend_options={"onnxruntime": {"config_entries": {"session.intra_op.allow_spinning": "0"}}})
+    env = server_env()
+    report = {"machine": machine_info(), "artifact": str(artifact),
+              "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "software": package_versions(["onnxruntime", "numpy", "tritonclient"]) | {"tritonserver": "2.51 (nvidia-pytriton 0.7.0)"}}
+    with tempfile.TemporaryDirectory(prefix="mmedge-triton-bench-") as tmp:
+        write_repository([artifact], Path(tmp) / "repo", Options(platform="python", threads=args.server_threads,
+                                                                 queue_delay_us=args.queue_delay_us, workers=16))
+        with TritonServer(Path(tmp) / "repo", env, Path(tmp) / "server.log") as server:
+            urls = {"http": f"http://{server.http_url}", "grpc": f"grpc://{server.grpc_url}"}
+            remote = {p: connect(url, prefix, task="zero-shot") for p, url in urls.items()}
+            expected = local.probabilities(images, labels)
+            for protocol, classifier in remote.items():  # the figures below are of correct answers
+                assert np.abs(classifier.probabilities(images, labels) - expected).max() <= 1e-6, protocol
+            ticks = cpu_ticks()
+            counter = iter(range(10**9))
+
+            def one_local():
+                local.probabilities(images[next(counter) % len(images)], labels)
+
+            def one_quiet():
+                quiet.probabilities(images[next(counter) % len(images)], labels)
+
+            def one_remote(classifier):
+                return lambda: classifier.probabilities(images[next(counter) % len(images)], labels)
+
+            lat = {"in-process": time_samples(one_local, warmup=20, runs=args.runs),
+                   "in-process, no spinning": time_samples(one_quiet, warmup=20, runs=args.runs)}
+            for protocol, classifier in remote.items():
+                lat[protocol] = time_samples(one_remote(classifier), warmup=20, runs=args.runs)
+            report["latency_ms"] = {k: {"p50": percentile(v, 50), "p90": percentile(v, 90), "mean": statistics.mean(v)}
+                                    for k, v in lat.items()}
+            rates = {"in-process": {n: throughput(lambda: one_local, n, args.seconds) for n in CLIENTS},
+                     "in-process, no spinning": {n: throughput(lambda: one_quiet, n, args.seconds) for n in CLIENTS}}
+            for protocol, url in urls.items():
+                rates[protocol] = {n: throughput(lambda url=url: one_remote(connect(url, prefix, task="zero-shot")), n,
+                                                 args.seconds, server.process.pid) for n in CLIENTS}
+            report["throughput_rps"] = rates
+            stats = remote["grpc"].connection.statistics(f"{prefix}__vision")
+            report["vision_batches"] = {b["batch_size"]: int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])}
+            report["steal_share"] = round(steal_share(ticks, cpu_ticks()), 4)
+    write_json(args.json, report)
+    print_report(report)
+    return 0
+
+
+def print_report(report: dict) -> None:
+    lat, rates = report["latency_ms"], report["throughput_rps"]
+    base = lat["in-process"]["p50"]
+    print(f"machine: {report['machine']['cpu']}, {report['machine']['logical_cores']} cores, {report['machine']['date']}, "
+          f"load before {report['machine']['load_average_1m']}, steal {report['steal_share']:.1%}")
+    print(markdown_table(["path", "p50 ms", "p90 ms", "p50 overhead ms"],
+                         [[k, f"{v['p50']:.2f}", f"{v['p90']:.2f}", "–" if k.startswith("in-process") else f"{v['p50'] - base:.2f}"]
+                          for k, v in lat.items()]))
+    print()
+    print(markdown_table(["path", *(f"{n} client{'s' * (n > 1)} req/s" for n in CLIENTS), *(f"x in-process at {n}" for n in CLIENTS),
+                          "CPU ms/request at 8: clients or in-process", "server"],
+                         [[k, *(f"{v[n]['rps']:.0f}" for n in CLIENTS),
+                           *(f"{v[n]['rps'] / rates['in-process'][n]['rps']:.2f}x" for n in CLIENTS),
+                           f"{v[8]['cpu_ms_here']:.2f}", "–" if k.startswith("in-process") else f"{v[8]['cpu_ms_server']:.2f}"]
+                          for k, v in rates.items()]))
+    print(f"\nvision model executions by batch size: {report['vision_batches']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Write a Triton model repository from mmedge artifacts (``mmedge triton ARTIFACT... --out REPO``).
+
+For an artifact folder ``clip-b32`` the repository gets::
+
+    clip-b32__vision/config.pbtxt  1/vision.onnx                  (--platform onnxruntime)
+                                   1/model.py, vision.onnx, manifest.json   (--platform python)
+    clip-b32__text/...
+    clip-b32-zero-shot/config.pbtxt   1/model.py, manifest.json, tokenizer.json   (a Python-backend pipeline)
+    clip-b32-embed/...
+
+and for a BLIP-2 / IDEFICS artifact its components (prefix or vision + Q-Former, or vision, resampler, cross K/V;
+the decoder) and ``-caption`` (one answer per request, HTTP and gRPC) and ``-caption-stream`` (decoupled: the text
+in pieces as tokens arrive, gRPC streaming). Nothing is re-exported: every name, dtype and shape comes from the
+manifest (``mmedge.triton.config``), each file the repository needs is hard-linked (or copied, across file
+systems) with its sha256 checked against the manifest, and the repository appears only when complete (written
+beside ``--out`` and renamed). A tampered artifact is refused here, with the file that does not match.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+from mmedge.artifact import Artifact, atomic_folder, sha256_file
+from mmedge.errors import InputError, IntegrityError
+from mmedge.manifest import MANIFEST_FILE
+from mmedge.triton.config import Options, batch_axis, component_config, pipeline_config, render
+from mmedge.triton.protocol import STREAM_SUFFIX, TASK_PIPELINES
+
+PLATFORMS = ("onnxruntime", "python")
+VERSION = "1"
+_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def model_prefix(artifact: Artifact, path: str | os.PathLike | None = None) -> str:
+    """The artifact folder's name as given (``path``; a symlink's own name), as a Triton model name prefix
+    (other characters become '-')."""
+    name = Path(path).name if path is not None else ""
+    return _NAME.sub("-", name or artifact.root.name).strip("-.") or "model"
+
+
+def pipeline_models(artifact: Artifact, prefix: str | None = None) -> dict[str, tuple[str, bool]]:
+    """Pipeline model name -> (pipeline kind, decoupled) for an artifact's tasks."""
+    prefix = prefix or model_prefix(artifact)
+    models: dict[str, tuple[str, bool]] = {}
+    for task in artifact.manifest["tasks"]:
+        kind = TASK_PIPELINES[task]
+        models[f"{prefix}-{kind}"] = (kind, False)
+        if kind == "caption":
+            models[f"{prefix}-{kind}{STREAM_SUFFIX}"] = (kind, True)
+    return models
+
+
+def write_repository(artifacts: Iterable[str | os.PathLike], out: str | os.PathLike, options: Options = Options(),
+                     *, overwrite: bool = False) -> dict[str, list[str]]:
+    """Write the repository; returns each artifact path as given -> the models written for it."""
+    if options.platform not in PLATFORMS:
+        raise InputError(f"platform '{options.platform}' is not one mmedge writes", f"one of {', '.join(PLATFORMS)}",
+                         "use --platform onnxruntime (Triton's ONNX Runtime backend) or python")
+    for field in ("max_batch_size", "instances", "workers", "pipeline_instances"):
+        value = getattr(options, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{field} is {value!r}", "a positive integer", f"pass e.g. --{field.replace('_', '-')} 8")
+    paths = list(artifacts)
+    opened = [Artifact.open(path) for path in paths]
+    if not opened:
+        raise InputError("no artifact was given", "at least one artifact folder", "pass artifact folders written by `mmedge export`")
+    prefixes = [model_prefix(a, path) for a, path in zip(opened, paths)]
+    repeated = sorted({p for p in prefixes if prefixes.count(p) > 1})
+    if repeated:
+        raise InputError(f"two artifacts would both be served as '{repeated[0]}'", "artifact folders with different names",
+                         "rename one of the folders (its name is the models' prefix)")
+    written: dict[str, list[str]] = {}
+    with atomic_folder(out, overwrite=overwrite) as staging:
+        for path, artifact, prefix in zip(paths, opened, prefixes):
+            written[str(path)] = _write_artifact(artifact, prefix, staging, options)
+    return written
+
+
+def _write_artifact(artifact: Artifact, prefix: str, repo: Path, options: Options) -> list[str]:
+    manifest = artifact.manifest
+    components = {}
+    models = []
+    for name, component in manifest["components"].items():
+        model = f"{prefix}__{name}"  # two underscores: a component (pipelines are "{prefix}-{task}")
+        config = component_config(model, name, component, options)
+        folder = _model_folder(repo, model, config)
+        files = [(component["file"], component["sha256"])]
+        if component.get("external_data"):
+            files.append((component["external_data"]["file"], component["external_data"]["sha256"]))
+        artifact.component_path(name)  # the manifest's own check first: a tampered graph is refused by name
+        for file_name, sha256 in files:
+            _place(artifact, file_name, sha256, f"components.{name}.file", folder)
+        if options.platform == "python":
+            _python_model(folder, "ComponentModel", artifact)
+        components[name] = {"model": model, "max_batch_size": config["max_batch_size"]}
+        models.append(model)
+    shared = [(manifest["tokenizer"]["file"], manifest["tokenizer"].get("sha256"), "tokenizer.file")] if manifest.get("tokenizer") else []
+    family_section = manifest.get(manifest["family"]) or {}
+    if family_section.get("embeddings"):
+        table = family_section["embeddings"]
+        shared.append((table["file"], table["sha256"], f"{manifest['family']}.embeddings.file"))
+    for model, (kind, decoupled) in pipeline_models(artifact, prefix).items():
+        task = next(t for t in manifest["tasks"] if TASK_PIPELINES[t] == kind)
+        settings = {"kind": kind, "task": task, "artifact": prefix, "family": manifest["family"], "components": components}
+        if kind == "caption":
+            settings["vqa_template"] = family_section["prompts"]["vqa"]
+        folder = _model_folder(repo, model, pipeline_config(model, kind, settings, options, decoupled=decoupled))
+        for file_name, sha256, field in shared:
+            _place(artifact, file_name, sha256, field, folder)
+        _python_model(folder, "PipelineModel", artifact)
+        models.append(model)
+    return models
+
+
+def _model_folder(repo: Path, model: str, config: dict) -> Path:
+    (repo / model).mkdir()
+    (repo / model / "config.pbtxt").write_text(render(config))
+    version = repo / model / VERSION
+    version.mkdir()
+    return version
+
+
+def _python_model(folder: Path, cls: str, artifact: Artifact) -> None:
+    (folder / "model.py").write_text(
+        f'"""Written by `mmedge triton` from {artifact.root.name}: the server\'s Python environment needs mmedge\n'
+        f'(`pip install mmedge`; see mmedge.triton.backend.{cls})."""\n\n'
+        f"from mmedge.triton.backend import {cls} as TritonPythonModel  # noqa: F401\n")
+    if not (folder / MANIFEST_FILE).exists():
+        _link_or_copy(artifact.root / MANIFEST_FILE, folder / MANIFEST_FILE)
+
+
+def _place(artifact: Artifact, name: str, sha256: str | None, field: str, folder: Path) -> None:
+    """Hard-link (or copy) one file of the artifact into ``folder`` and check the result's sha256."""
+    source = artifact.verified_path(name, sha256, field) if sha256 else artifact.resolve_file(name, field)
+    target = folder / name
+    _link_or_copy(source, target)
+    if sha256 and sha256_file(target) != sha256:
+        raise IntegrityError(f"the copy of '{name}' in the repository does not match the manifest's sha256",
+                             "an exact copy of the artifact's file", "check the disk, then run `mmedge triton` again")
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or links not allowed: copy
+        shutil.copyfile(source, target)

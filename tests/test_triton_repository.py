@@ -1,0 +1,160 @@
+"""`mmedge triton`: the repository it writes, read back with Triton's own schema.
+
+Every config.pbtxt is parsed with tritonclient's ``model_config_pb2`` (protobuf text format) and compared with the
+artifact's manifest: names, dtypes, dims (-1 for named dynamic axes), max_batch_size, dynamic batching for encoders
+only, instance groups, the TensorRT accelerator's precision with --gpu. The onnxruntime-platform repository cannot be
+served here (the test server has no ONNX Runtime backend), so this is its check; the python-platform repository is
+also served for real in tests/test_triton_serving.py.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from mmedge.artifact import Artifact, sha256_file
+from mmedge.errors import IntegrityError
+from mmedge.triton import Options, pipeline_models, write_repository
+from mmedge.triton.config import ENCODERS, TRITON_DTYPES, batch_axis, component_config, render
+from mmedge.triton.protocol import PIPELINES
+
+model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason='needs tritonclient: pip install "mmedge[triton]"')
+from google.protobuf import text_format  # noqa: E402  (tritonclient's dependency)
+
+
+def parse(folder):
+    return text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+
+@pytest.fixture(scope="module")
+def sources(pytorch_artifacts, tmp_path_factory):
+    """Artifact folders (symlinks) named as their models will be: clip, clip-fused, blip2, idefics."""
+    root = tmp_path_factory.mktemp("triton-sources")
+    folders = {"clip": pytorch_artifacts("clip"), "clip-fused": pytorch_artifacts("clip-fused"),
+               "blip2": pytorch_artifacts("blip2"), "idefics": pytorch_artifacts("idefics")}
+    for name, folder in folders.items():
+        (root / name).symlink_to(folder, target_is_directory=True)
+    return {name: root / name for name in folders}
+
+
+def check_tensors(entries, specs, batched):
+    assert [e.name for e in entries] == list(specs)
+    for entry, spec in zip(entries, specs.values()):
+        shape = spec["shape"][1:] if batched else spec["shape"]
+        assert list(entry.dims) == [d if isinstance(d, int) else -1 for d in shape]
+        assert model_config_pb2.DataType.Name(entry.data_type) == TRITON_DTYPES[spec["dtype"]]
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
+def test_onnxruntime_repository_matches_every_manifest(sources, tmp_path, gpu):
+    repo = tmp_path / "repo"
+    written = write_repository(sources.values(), repo, Options(platform="onnxruntime", gpu=gpu, max_batch_size=4))
+    assert sorted(p.name for p in repo.iterdir()) == sorted(m for models in written.values() for m in models)
+    for prefix, folder in sources.items():
+        artifact = Artifact.open(folder)
+        for name, component in artifact.components.items():
+            model = repo / f"{prefix}__{name}"
+            config = parse(model)
+            assert config.name == model.name and config.backend == "onnxruntime"
+            assert config.default_model_filename == component["file"]
+            graph = model / "1" / component["file"]
+            assert graph.stat().st_ino == (folder / component["file"]).resolve().stat().st_ino  # hard-linked
+            assert sha256_file(graph) == component["sha256"]
+            batched = batch_axis(component) is not None
+            assert config.max_batch_size == (4 if batched else 0)
+            check_tensors(config.input, component["inputs"], batched)
+            check_tensors(config.output, component["outputs"], batched)
+            assert config.HasField("dynamic_batching") == (name in ENCODERS)
+            assert [model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind) for g in config.instance_group] == \
+                ["KIND_GPU" if gpu else "KIND_CPU"]
+            accelerators = config.optimization.execution_accelerators.gpu_execution_accelerator
+            if gpu:  # FP32 exports: TensorRT in FP16 (INT8 and INT4 below)
+                (tensorrt,) = accelerators
+                assert tensorrt.name == "tensorrt" and tensorrt.parameters["precision_mode"] == "FP16"
+            else:
+                assert not accelerators
+        for model, (kind, decoupled) in pipeline_models(artifact, prefix).items():
+            config = parse(repo / model)
+            assert config.backend == "python" and config.max_batch_size == 0
+            assert config.model_transaction_policy.decoupled == decoupled
+            assert [i.name for i in config.input] == list(PIPELINES[kind]["inputs"])
+            assert [o.name for o in config.output] == list(PIPELINES[kind]["outputs"])
+            settings = json.loads(config.parameters["mmedge"].string_value)
+            assert settings["kind"] == kind and set(settings["components"]) == set(artifact.components)
+            assert (repo / model / "1" / "model.py").read_text().count("PipelineModel as TritonPythonModel") == 1
+            assert (repo / model / "1" / "manifest.json").read_bytes() == (folder / "manifest.json").read_bytes()
+
+
+@pytest.mark.parametrize("precision, method, expected", [("int8", "int8-static-qdq", "INT8"), ("int8", "int8-dynamic", None),
+                                                         ("int4", "int4-weight-only", None), ("fp16", None, "FP16")])
+def test_tensorrt_precision_follows_the_quantization_recipe(precision, method, expected):
+    """As mmedge's own TensorRT backend: static QDQ graphs build INT8 engines (explicit quantization), ONNX Runtime's
+    integer and MatMulNBits graphs stay on its CUDA provider (no accelerator)."""
+    component = {"file": "g.onnx", "precision": precision, "quantization": {"method": method} if method else None,
+                 "inputs": {"x": {"dtype": "float32", "shape": ["batch", 4]}}, "outputs": {"y": {"dtype": "float32", "shape": ["batch", 2]}}}
+    text = render(component_config("m", "vision", component, Options(gpu=True)))
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    accelerators = config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert [a.parameters["precision_mode"] for a in accelerators] == ([expected] if expected else [])
+
+
+def test_blip2_and_idefics_get_a_streaming_caption_model(sources, tmp_path):
+    written = write_repository([sources["blip2"], sources["idefics"]], tmp_path / "repo")
+    assert written[str(sources["blip2"])] == ["blip2__prefix", "blip2__decoder", "blip2-caption", "blip2-caption-stream"]
+    assert written[str(sources["idefics"])] == ["idefics__vision", "idefics__resampler", "idefics__cross_kv",
+                                                          "idefics__decoder", "idefics-caption", "idefics-caption-stream"]
+    table = Artifact.open(sources["blip2"]).manifest["blip2"]["embeddings"]
+    assert sha256_file(tmp_path / "repo" / "blip2-caption" / "1" / table["file"]) == table["sha256"]
+
+
+def test_python_platform_components_run_mmedges_runner(sources, tmp_path):
+    write_repository([sources["clip"]], tmp_path / "repo", Options(platform="python", threads=2))
+    config = parse(tmp_path / "repo" / "clip__vision")
+    assert config.backend == "python" and not config.default_model_filename
+    assert json.loads(config.parameters["mmedge"].string_value) == {"component": "vision", "providers": ["cpu"], "threads": 2}
+    version = tmp_path / "repo" / "clip__vision" / "1"
+    assert sorted(p.name for p in version.iterdir()) == ["manifest.json", "model.py", "vision.onnx"]
+    assert "ComponentModel as TritonPythonModel" in (version / "model.py").read_text()
+
+
+def test_a_tampered_artifact_is_refused_and_nothing_is_written(sources, tmp_path):
+    copy = tmp_path / "clip"
+    shutil.copytree(sources["clip"].resolve(), copy)
+    graph = copy / "vision.onnx"
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="vision.onnx"):
+        write_repository([copy], tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
+    result = subprocess.run([sys.executable, "-m", "mmedge.cli", "triton", str(copy), "--out", str(tmp_path / "repo")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "vision.onnx" in result.stderr and "sha256" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "repo").exists()
+
+
+def test_cli_writes_the_repository_and_refuses_bad_options(sources, tmp_path):
+    out = tmp_path / "repo"
+    result = subprocess.run([sys.executable, "-m", "mmedge.cli", "triton", str(sources["clip-fused"]), "--out", str(out), "--json"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {str(sources["clip-fused"]): ["clip-fused__zero_shot", "clip-fused-zero-shot"]}
+    again = subprocess.run([sys.executable, "-m", "mmedge.cli", "triton", str(sources["clip-fused"]), "--out", str(out)],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    bad = subprocess.run([sys.executable, "-m", "mmedge.cli", "triton", str(sources["clip"]), "--out", str(tmp_path / "b"),
+                          "--max-batch-size", "0"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "max_batch_size is 0" in bad.stderr
+
+
+def test_the_client_without_tritonclient_names_the_install_command():
+    probe = ("import sys; sys.modules['tritonclient'] = None\n"
+             "from mmedge.errors import ServerError\n"
+             "from mmedge.triton_client import connect\n"
+             "try:\n    connect('grpc://127.0.0.1:1', 'clip')\n"
+             "except ServerError as exc:\n    print(exc)\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert 'pip install "mmedge[triton]"' in result.stdout and "tritonclient" in result.stdout

@@ -1,0 +1,324 @@
+"""mmedge on a real Triton Inference Server: served results equal local ones, under load, and through faults.
+
+The server is the ``tritonserver`` 2.51 binary of the nvidia-pytriton wheel, started once for this module on free
+loopback ports (tests/support/triton_server.py explains its own numpy<2 environment), serving a ``--platform
+python`` repository of the tiny CLIP (two graphs and fused), BLIP-2 and IDEFICS test artifacts. The clients are
+``mmedge.triton_client`` over tritonclient's HTTP and gRPC clients; the reference is ``mmedge.load`` in this process.
+"""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import mmedge
+from mmedge.errors import InputError, ServerError, ServerInputError
+from mmedge.pipelines import ENSEMBLE_TEMPLATES
+from mmedge.triton import Options, write_repository
+
+pytest.importorskip("tritonclient.grpc", reason='the client needs tritonclient: pip install "mmedge[triton]"')
+from mmedge.triton_client import Connection, connect  # noqa: E402
+
+PROTOCOLS = ["http", "grpc"]
+LABELS = ["cat", "dog", "car", "rocket"]
+ARTIFACTS = ("clip", "clip-fused", "blip2", "idefics")
+
+
+class Served:
+    def __init__(self, server, sources):
+        self.server, self.sources, self._local = server, sources, {}
+
+    def url(self, protocol: str) -> str:
+        return f"http://{self.server.http_url}" if protocol == "http" else f"grpc://{self.server.grpc_url}"
+
+    def local(self, name: str, task: str | None = None):
+        """The same artifact loaded in this process (one pipeline per artifact and task)."""
+        key = (name, task)
+        if key not in self._local:
+            self._local[key] = mmedge.load(self.sources[name], task=task)
+        return self._local[key]
+
+
+def _server_env():
+    from tests.support.triton_server import ServerUnavailable, server_env
+
+    try:
+        return server_env()
+    except ServerUnavailable as exc:
+        pytest.skip(f"no Triton server on this machine: {exc}")
+
+
+def _repository(sources: dict, out: Path, **options) -> Path:
+    # one ONNX Runtime thread per component: the machine's cores go to concurrent requests, as a server would use them
+    write_repository([sources[name] for name in sources], out, Options(platform="python", threads=1, **options))
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(pytorch_artifacts, tmp_path_factory):
+    from tests.support.triton_server import TritonServer
+
+    env = _server_env()
+    root = tmp_path_factory.mktemp("triton")
+    sources = {}
+    for name in ARTIFACTS:  # the folder's name is the models' prefix
+        sources[name] = root / name
+        sources[name].symlink_to(pytorch_artifacts(name), target_is_directory=True)
+    # the encoders wait up to 2 ms for more requests, so the load test's batches do not hang on timing luck
+    server = TritonServer(_repository(sources, root / "repo", queue_delay_us=2000), env, root / "server.log").start()
+    try:
+        yield Served(server, sources)
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def images(photos):
+    """Paths (JPEG on disk), a PIL image and a uint8 array: each kind the local pipelines take."""
+    array = np.asarray(Image.open(photos[1]).convert("RGB").resize((48, 40)))
+    return [photos[0], Image.open(photos[2]), array]
+
+
+# --- served == local ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_zero_shot_probabilities_equal_local(served, images, protocol):
+    remote, local = connect(served.url(protocol), "clip"), served.local("clip")
+    assert remote.task == "zero-shot"
+    for templates in (None, list(ENSEMBLE_TEMPLATES)):
+        served_probs = remote.probabilities(images, LABELS, templates)
+        np.testing.assert_allclose(served_probs, local.probabilities(images, LABELS, templates), rtol=0, atol=1e-6)
+    ranked, expected = remote(images[0], LABELS, top_k=2), local(images[0], LABELS, top_k=2)
+    assert [r["label"] for r in ranked] == [e["label"] for e in expected]
+    assert [r["score"] for r in ranked] == pytest.approx([e["score"] for e in expected], abs=1e-6)
+    fused, local_fused = connect(served.url(protocol), "clip-fused"), served.local("clip-fused")
+    np.testing.assert_allclose(fused.probabilities(images), local_fused.probabilities(images), rtol=0, atol=1e-6)
+    assert [r["label"] for r in fused(images[1])] == [e["label"] for e in local_fused(images[1])]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_embeddings_equal_local(served, images, protocol):
+    remote, local = connect(served.url(protocol), "clip", task="embed"), served.local("clip", "embed")
+    pairs = [(remote.embed_images(images), local.embed_images(images)),
+             (remote.embed_texts(["a photo of a cat", "a red car"]), local.embed_texts(["a photo of a cat", "a red car"]))]
+    for served_rows, local_rows in pairs:
+        assert served_rows.shape == local_rows.shape
+        cosine = (served_rows * local_rows).sum(axis=1) / np.linalg.norm(served_rows, axis=1) / np.linalg.norm(local_rows, axis=1)
+        assert cosine.min() >= 0.999999
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_blip2_captions_answers_and_streams_equal_local(served, images, protocol):
+    remote, local = connect(served.url(protocol), "blip2"), served.local("blip2")
+    assert remote.caption(images) == local.caption(images)  # greedy, the manifest's settings
+    beams = {"num_beams": 3, "length_penalty": 0.6, "max_new_tokens": 12}
+    assert remote.caption(images[:2], **beams) == local.caption(images[:2], **beams)
+    assert remote.caption(images[0], "a photo of") == local.caption(images[0], "a photo of")
+    assert remote.ask(images[1], "what color is it?") == local.ask(images[1], "what color is it?")
+    pieces = list(remote.stream(images[2], "a photo of"))
+    assert pieces == list(local.stream(images[2], "a photo of")) and len(pieces) > 1
+    assert "".join(pieces) == local.caption(images[2], "a photo of")
+    asked = list(remote.stream(images[0], question="what is it?", max_new_tokens=6))
+    assert "".join(asked) == local.ask(images[0], "what is it?", max_new_tokens=6)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_idefics_interleaved_prompts_equal_local(served, images, photos, protocol):
+    remote, local = connect(served.url(protocol), "idefics"), served.local("idefics")
+    prompt = [Path(photos[0]), "An image of two cats.", images[1], "An image of"]
+    assert remote.generate(prompt) == local.generate(prompt)
+    assert remote.generate([prompt, [images[2], "A picture of"]], num_beams=2) == \
+        local.generate([prompt, [images[2], "A picture of"]], num_beams=2)
+    assert remote.caption(images, "An image of") == local.caption(images, "An image of")
+    pieces = list(remote.stream(prompt))
+    assert pieces == list(local.stream(prompt)) and "".join(pieces) == local.generate(prompt)
+
+
+# --- load ------------------------------------------------------------------------------------------
+def _batched_executions(connection: Connection, model: str) -> dict[int, int]:
+    return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in connection.statistics(model).get("batch_stats", [])}
+
+
+def test_eight_clients_fifty_mixed_requests_each(served, photos):
+    """8 clients (4 HTTP, 4 gRPC) x 50 requests mixing classification, captions and questions: none lost, each
+    answer the serial one, and the encoders' statistics show batches of more than one request."""
+    images = [Path(p) for p in photos[:4]]
+    classifier, captioner = served.local("clip"), served.local("blip2")
+    expected = {}
+    for i, image in enumerate(images):
+        expected["classify", i] = classifier.probabilities(image, LABELS)
+        expected["caption", i] = captioner.caption(image, max_new_tokens=8)
+        expected["vqa", i] = captioner.ask(image, "what is it?", max_new_tokens=6)
+    stats = Connection(served.url("http"))
+    before = {m: _batched_executions(stats, m) for m in ("clip__vision", "blip2__prefix")}
+    failures, answered = [], []
+
+    def client(number: int) -> None:
+        url = served.url(PROTOCOLS[number % 2])
+        remote_classifier, remote_captioner = connect(url, "clip"), connect(url, "blip2")
+        for request in range(50):
+            kind, i = ("classify", "caption", "vqa")[(number + request) % 3], (number * 7 + request) % len(images)
+            try:
+                if kind == "classify":
+                    got = remote_classifier.probabilities(images[i], LABELS)
+                    ok = np.abs(got - expected[kind, i]).max() <= 1e-6
+                elif kind == "caption":
+                    got = remote_captioner.caption(images[i], max_new_tokens=8)
+                    ok = got == expected[kind, i]
+                else:
+                    got = remote_captioner.ask(images[i], "what is it?", max_new_tokens=6)
+                    ok = got == expected[kind, i]
+            except Exception as exc:  # noqa: BLE001 - every failure is reported below
+                failures.append(f"client {number} request {request} ({kind}): {type(exc).__name__}: {exc}")
+                continue
+            answered.append(kind)
+            if not ok:
+                failures.append(f"client {number} request {request} ({kind} of image {i}): {got!r} != {expected[kind, i]!r}")
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    assert not any(t.is_alive() for t in threads), "a client hung"
+    assert not failures, failures[:5]
+    assert len(answered) == 400
+    for model, counts in before.items():
+        after = _batched_executions(stats, model)
+        grew = {size: after.get(size, 0) - counts.get(size, 0) for size in after}
+        assert any(size > 1 and n > 0 for size, n in grew.items()), f"{model} never ran a batch > 1: {after}"
+    print(f"400 requests from 8 clients in {time.monotonic() - started:.1f} s; batches: "
+          + "; ".join(f"{m} {_batched_executions(stats, m)}" for m in before))
+
+
+# --- faults ------------------------------------------------------------------------------------------
+def _message(call) -> str:
+    with pytest.raises(InputError) as caught:
+        call()
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_malformed_requests_get_mmedges_message_and_the_server_serves_on(served, photos, protocol):
+    connection = Connection(served.url(protocol))
+    image = np.array([Path(photos[0]).read_bytes()], dtype=np.object_)
+    labels = np.array([b"cat", b"dog"], dtype=np.object_)
+    classifier, captioner = served.local("clip"), served.local("blip2")
+    good = classifier.probabilities(photos[0], ["cat", "dog"])
+
+    def serves_on():
+        np.testing.assert_allclose(connection.infer("clip-zero-shot", {"images": image, "labels": labels})["probs"], good,
+                                   rtol=0, atol=1e-6)
+
+    refused = {  # request -> the message mmedge gives for the same mistake in-process
+        ("clip-zero-shot", "bytes that are not an image"): (
+            {"images": np.array([b"GIF89a but not really"], dtype=np.object_), "labels": labels},
+            _message(lambda: classifier.probabilities(b"GIF89a but not really", ["cat", "dog"]))),
+        ("clip-zero-shot", "empty labels"): (
+            {"images": image, "labels": np.array([], dtype=np.object_)}, _message(lambda: classifier.probabilities(photos[0], []))),
+        ("blip2-caption", "generation settings that cannot work"): (
+            {"images": image, "generation": np.array([b'{"num_beams": 0}'], dtype=np.object_)},
+            _message(lambda: captioner.caption(photos[0], num_beams=0))),
+        ("idefics-caption", "an over-long prompt"): (
+            {"images": image, "prompt": np.array([("word " * 3000).encode()], dtype=np.object_)},
+            _message(lambda: served.local("idefics").caption(photos[0], "word " * 3000))),
+    }
+    for (model, what), (inputs, local_message) in refused.items():
+        with pytest.raises(ServerInputError) as caught:
+            connection.infer(model, inputs)
+        assert str(caught.value) == local_message, what
+        serves_on()
+    protocol_errors = {  # checked before any mmedge code runs (Triton's config) or by mmedge's protocol
+        "wrong dtype": ("clip-zero-shot", {"images": np.zeros((1, 8), dtype=np.float32), "labels": labels}, "images"),
+        "wrong shape": ("clip__vision", {"pixel_values": np.zeros((1, 3, 7, 7), dtype=np.float32)}, "pixel_values"),
+        "two prompts": ("blip2-caption", {"images": image, "prompt": np.array([b"a", b"b"], dtype=np.object_)}, "input 'prompt' holds 2 strings"),
+        "no image": ("blip2-caption", {"prompt": np.array([b"a photo of"], dtype=np.object_)}, "the request has no 'images' input"),
+    }
+    for what, (model, inputs, mentioned) in protocol_errors.items():
+        with pytest.raises(ServerError) as caught:
+            connection.infer(model, inputs)
+        assert mentioned in str(caught.value), what
+        serves_on()
+    with pytest.raises(ServerError, match="has no model 'nope'"):
+        connection.infer("nope", {"images": image})
+    serves_on()
+
+
+def test_a_server_killed_under_load_fails_its_clients_fast(served, pytorch_artifacts, tmp_path, photos):
+    """A second server (CLIP only) is killed while 4 clients send requests: each gets a ServerError within seconds,
+    none hangs, and connecting afterwards fails at once. The module's server is untouched."""
+    from tests.support.triton_server import TritonServer
+
+    (tmp_path / "clip").symlink_to(pytorch_artifacts("clip"), target_is_directory=True)
+    # pipelines in two processes answering inside execute (workers=1), the other way to serve them
+    repository = _repository({"clip": tmp_path / "clip"}, tmp_path / "repo", workers=1, pipeline_instances=2)
+    server = TritonServer(repository, _server_env(), tmp_path / "server.log").start()
+    outcomes: dict[int, tuple[str, float]] = {}
+    answered = [0] * 4
+    killed_at = []
+
+    def client(number: int) -> None:
+        remote = connect(served_url(server, PROTOCOLS[number % 2]), "clip", timeout=20)
+        while True:
+            try:
+                remote.probabilities(photos[number % len(photos)], LABELS)
+                answered[number] += 1
+            except ServerError as exc:
+                outcomes[number] = (str(exc), time.monotonic())
+                return
+            except Exception as exc:  # noqa: BLE001 - anything but ServerError fails the test below
+                outcomes[number] = (f"UNEXPECTED {type(exc).__name__}: {exc}", time.monotonic())
+                return
+
+    threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 60
+        while min(answered) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert min(answered) >= 3, f"the clients did not get going: {answered}"
+        server.kill()
+        killed_at.append(time.monotonic())
+        for thread in threads:
+            thread.join(timeout=30)
+    finally:
+        server.stop()
+    assert not any(t.is_alive() for t in threads), "a client hung after the server was killed"
+    for number, (message, when) in outcomes.items():
+        assert not message.startswith("UNEXPECTED"), message
+        assert when - killed_at[0] < 10, f"client {number} took {when - killed_at[0]:.1f} s to fail"
+        assert "Triton server" in message, message
+    for protocol in PROTOCOLS:
+        started = time.monotonic()
+        with pytest.raises(ServerError, match="Triton server"):
+            connect(served_url(server, protocol), "clip", timeout=20)
+        assert time.monotonic() - started < 5
+
+
+def served_url(server, protocol: str) -> str:
+    return f"http://{server.http_url}" if protocol == "http" else f"grpc://{server.grpc_url}"
+
+
+# --- the command line --------------------------------------------------------------------------------
+def test_mmedge_run_against_the_server_prints_what_it_prints_locally(served, photos):
+    def run(*args):
+        result = subprocess.run([sys.executable, "-m", "mmedge.cli", "run", *args], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    local = json.loads(run(str(served.sources["clip"]), photos[0], "--labels", *LABELS, "--json"))
+    remote = json.loads(run("clip", photos[0], "--labels", *LABELS, "--json", "--triton", served.url("grpc")))
+    assert [p["label"] for p in remote["predictions"]] == [p["label"] for p in local["predictions"]]
+    assert run(str(served.sources["blip2"]), photos[1], "--question", "what is it?") == \
+        run("blip2", photos[1], "--question", "what is it?", "--triton", served.url("http"))
+    assert run(str(served.sources["blip2"]), photos[1], "--stream") == run("blip2", photos[1], "--stream", "--triton", served.url("grpc"))
+    missing = subprocess.run([sys.executable, "-m", "mmedge.cli", "run", "nothing-here", photos[0], "--triton", served.url("http")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and "no mmedge pipeline 'nothing-here'" in missing.stderr and "Traceback" not in missing.stderr
