@@ -93,3 +93,14 @@ def pytorch_artifacts(tiny_clip_dir, tiny_blip2_dir, tiny_idefics_dir, tmp_path_
         return made[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def demo_blip2_with_pytorch(tmp_path_factory):
+    """The shipped (trained) BLIP-2 demo model exported --with-pytorch, once per session: a model whose next-token
+    margins are mostly wide, as a real checkpoint's are (a random tiny model's logits are near-uniform)."""
+    from mmedge import demo
+    from mmedge.export import export_model
+
+    return export_model(str(demo.model_path("blip2")), tmp_path_factory.mktemp("demo-blip2") / "fp32", progress=False,
+                        with_pytorch=True)

@@ -1,29 +1,33 @@
 """One conformance suite for every backend present: the same tiny CLIP, BLIP-2 and IDEFICS artifacts (exported
 ``--with-pytorch``), the same inputs, and parity with the reference, ONNX Runtime on the CPU running the exported
-FP32 graphs.
+FP32 graphs; generation on the shipped (trained) BLIP-2 demo model.
 
-Backends and tolerances (cosine of each output, flattened per row, against the reference on the same inputs):
+Backends and tolerances (cosine of each output, flattened per row, against the reference on the same inputs; the
+same floor for the decoder's logits at every step of teacher-forced generation):
 
-| case | where | encoders and flat decoder | greedy captions |
-|---|---|---|---|
-| onnxruntime-cpu | here | 1 - 1e-6 (the reference itself, through ``mmedge.load``) | token-identical |
-| torch-cpu-fp32 | here | >= 0.9999 | token-identical |
-| torch-cpu-fp16 | here | >= 0.999 | token-identical on these models (see below) |
-| torch-cpu-bf16 | here | >= 0.999 | the first 4 tokens of each row |
-| onnxruntime-cuda, torch-cuda-fp32 | GPU (``-m gpu``) | >= 0.9999 | token-identical |
-| torch-cuda-fp16 (CUDA graphs) | GPU | >= 0.999 | token-identical on these models |
-| tensorrt (FP16 engines, the decoder's included) | GPU with TensorRT | >= 0.999 | token-identical on these models (as torch FP16) |
+| case | where | cosine floor |
+|---|---|---|
+| onnxruntime-cpu | here | 1 - 1e-6 (the reference itself, through ``mmedge.load``) |
+| torch-cpu-fp32 | here | 0.9999 |
+| torch-cpu-fp16, torch-cpu-bf16 | here | 0.999 |
+| onnxruntime-cuda, torch-cuda-fp32 | GPU (``-m gpu``) | 0.9999 |
+| torch-cuda-fp16 (CUDA graphs) | GPU | 0.999 |
+| tensorrt (FP16 engines, the decoder's included) | GPU with TensorRT | 0.999 |
 
 Why these numbers: FP32 backends differ from ONNX Runtime only in kernel order (measured here, worst component:
 1 - cosine = 5e-13), so 0.9999 leaves ample room for other kernels (cuBLAS, TF32 off) while still catching a wrong
 weight, mask or layout (those give cosines below 0.99). Reduced precision measured here on the CPU, worst component
-(IDEFICS' decoder): 1 - cosine = 3.2e-6 at FP16 (11 mantissa bits), 2.0e-4 at BF16 (8 bits); 0.999 is the export's
-own FP16 gate (``mmedge.export.pipeline.FP16_MIN_COSINE``), which deep real towers meet. Greedy tokens: identical at
-FP32 (DESIGN: "Greedy generation from an FP32 export must produce the same tokens as the PyTorch reference"). At
-FP16 identity is not guaranteed in general (two logits closer than FP16's resolution can swap); these tiny models'
-spread weights (``init_std`` 0.3) keep next-token margins above FP16 rounding, and all 16 tokens agree, so FP16
-asserts identity here. BF16 rounding does flip near-ties on them (first divergence at token 6-7 of 16), so BF16
-asserts the first 4 tokens; on real checkpoints the reduced-precision bound is the logits cosine.
+(IDEFICS' decoder): 1 - cosine = 3.2e-6 at FP16 (11 mantissa bits), 2.0e-4 at BF16 (8 bits); the demo BLIP-2's
+logits during generation: 2e-7 at FP16, 1.3e-5 at BF16. 0.999 is the export's own FP16 gate
+(``mmedge.export.pipeline.FP16_MIN_COSINE``), which deep real towers meet.
+
+Generated tokens (greedy, VQA, beam search) are compared by ``tests/support/token_parity.py``, the same way for
+every case: identical wherever the reference's decision is wider than the error measured on this machine at this
+precision, free to differ only after a near-tie. Exact identity at reduced precision depends on the CPU's or GPU's
+kernels (two AMD EPYC machines flipped an FP16 near-tie at token 7 that the machine this suite was first written
+on did not), so it is never asserted; at FP32 the measured error is about 1e-5, so there the comparison is identity unless two logits tie.
+The generation cases run on the trained demo model: its margins are those of a real checkpoint (wide, so the check
+decides nearly every token even at BF16), where a random tiny model's near-uniform logits leave most steps undecided.
 """
 
 from __future__ import annotations
@@ -70,8 +74,7 @@ class Case:
     device: str
     runner: dict = field(default_factory=dict)  # create_runner options (the artifact is added)
     load: dict = field(default_factory=dict)  # mmedge.load keywords beside backend and device
-    min_cosine: float = 0.9999
-    same_tokens: int | None = None  # greedy tokens that must agree per row (None: all of them)
+    min_cosine: float = 0.9999  # every component's outputs, and the decoder's logits at every generated step
 
 
 CASES = [
@@ -83,7 +86,7 @@ CASES = [
                       {"backend_options": {"torch": {"dtype": "float16"}}}, min_cosine=0.999),
                  id="torch-cpu-fp16", marks=pytest.mark.skipif(not HAVE_TORCH, reason="torch/transformers not installed")),
     pytest.param(Case("torch-cpu-bf16", "torch", "cpu", {"device": "cpu", "dtype": "bfloat16"},
-                      {"backend_options": {"torch": {"dtype": "bfloat16"}}}, min_cosine=0.999, same_tokens=4),
+                      {"backend_options": {"torch": {"dtype": "bfloat16"}}}, min_cosine=0.999),
                  id="torch-cpu-bf16", marks=pytest.mark.skipif(not HAVE_TORCH, reason="torch/transformers not installed")),
     pytest.param(Case("onnxruntime-cuda", "onnxruntime", "cuda", {"providers": ("cuda",), "io_binding": True}),
                  id="onnxruntime-cuda", marks=[gpu, pytest.mark.skipif(not _ort_cuda(),
@@ -152,45 +155,38 @@ def test_every_component_matches_the_reference(case: Case, kind: str, pytorch_ar
             reference.close()
 
 
-def _captions(pipeline, photos, **generation) -> list[list[int]]:
-    """Greedy (or beam) token ids per image through the pipeline's own decoder and the generation loop."""
-    from mmedge.generation import generate
-
-    config = pipeline._config({k: v for k, v in generation.items() if k != "prompt"})
-    embeds, mask, ids = pipeline._inputs(photos, generation.get("prompt"), config.max_new_tokens)
-    with pipeline._decoder_in_use():
-        return generate(pipeline.decoder, embeds, mask, config, pipeline.tokenizer, prompt_ids=ids)
-
-
 GENERATIONS = [
     pytest.param({"max_new_tokens": 16}, id="greedy"),
-    pytest.param({"max_new_tokens": 12, "prompt": "Question: what is it? Answer:"}, id="greedy-vqa"),
+    pytest.param({"max_new_tokens": 12, "prompt": "Question: what color is the circle? Answer:"}, id="greedy-vqa"),
     pytest.param({"max_new_tokens": 10, "num_beams": 3}, id="beam3"),
 ]
 
 
 @pytest.mark.parametrize("generation", GENERATIONS)
 @pytest.mark.parametrize("case", CASES)
-def test_captions_are_token_identical(case: Case, generation: dict, pytorch_artifacts, photos):
-    """BLIP-2 captions (2 images: a batch) through ``mmedge.load`` on the backend: the same tokens as ONNX Runtime CPU."""
+def test_captions_agree_up_to_near_ties(case: Case, generation: dict, demo_blip2_with_pytorch):
+    """Captions of four scenes (a batch) from the shipped BLIP-2 through ``mmedge.load`` on the backend against ONNX
+    Runtime CPU: teacher-forced logits within the case's cosine at every step, and the same tokens wherever the
+    reference's decision is wider than the measured error (``tests/support/token_parity.py``)."""
     import warnings
 
     import mmedge
+    from mmedge import demo
+    from tests.support.token_parity import compare_generation
 
-    path = pytorch_artifacts("blip2")
+    scenes = [str(p) for p in demo.images(4)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reference = mmedge.load(path, backend="onnxruntime", device="cpu")
-        candidate = mmedge.load(path, backend=case.backend, device=case.device, **case.load)
+        reference = mmedge.load(demo_blip2_with_pytorch, backend="onnxruntime", device="cpu")
+        candidate = mmedge.load(demo_blip2_with_pytorch, backend=case.backend, device=case.device, **case.load)
     try:
         decoder = type(candidate.decoder).__name__
         assert decoder == {"torch": "TorchDecoder", "tensorrt": "RunnerDecoder"}.get(case.backend, "OrtDecoder")
-        expected, got = _captions(reference, photos[:2], **generation), _captions(candidate, photos[:2], **generation)
-        if case.same_tokens is not None:  # BF16: the first tokens (8 mantissa bits flip near-ties later)
-            expected, got = [row[:case.same_tokens] for row in expected], [row[:case.same_tokens] for row in got]
-        assert got == expected, f"{case.name} ({decoder}): {got} vs {expected}"
-        if case.same_tokens is None:
-            assert candidate.caption(photos[0], **generation) == reference.caption(photos[0], **generation)
+        settings = {k: v for k, v in generation.items() if k != "prompt"}
+        config = reference._config(settings)
+        inputs = [p._inputs(scenes, generation.get("prompt"), config.max_new_tokens) for p in (reference, candidate)]
+        report = compare_generation(reference.decoder, candidate.decoder, *inputs, config)
+        report.check(case.min_cosine, label=f"{case.name} ({decoder})")
     finally:
         reference.close()
         candidate.close()
