@@ -16,6 +16,8 @@ from pathlib import Path
 
 from mmedge.errors import InputError, MmedgeError
 
+DEFAULT_TOP_K = 5  # `mmedge run`: zero-shot labels shown per image
+
 
 def _warning_line(message, category, filename, lineno, line=None) -> str:
     return f"mmedge: warning: {message}\n"
@@ -75,11 +77,18 @@ def _parity_line(parity: dict) -> str:
 # --- run ---------------------------------------------------------------------------------------
 def cmd_run(args) -> int:
     import mmedge
+    from mmedge.artifact import Artifact
+    from mmedge.run_options import check_decoder_backend, check_run_options, target_of
 
-    torch_options = {"quantization": args.llm_quantization} if getattr(args, "llm_quantization", None) else {}
+    manifest = Artifact.open(args.artifact).manifest
+    if args.task is None or args.task in manifest["tasks"]:  # else mmedge.load says which tasks there are
+        check_run_options(args, target_of(manifest, args.task))  # before anything is loaded
+    torch_options = {"quantization": args.llm_quantization} if args.llm_quantization else {}
     pipeline = mmedge.load(args.artifact, backend=args.backend, device=args.device, task=args.task, threads=args.threads,
                            backend_options={"torch": torch_options} if torch_options else None)
     with pipeline:
+        decoder = pipeline.plan.components.get("decoder")
+        check_decoder_backend(args, decoder.backend if decoder else None)
         if args.interleaved:
             print(_run_interleaved(pipeline, args.images, args))
             return 0
@@ -134,7 +143,8 @@ def _run_one(pipeline, image: str, args) -> str:
         if args.json:
             return json.dumps({"image": image, "embedding": [round(float(x), 6) for x in vector]})
         return f"{image}: embedding of {vector.shape[0]} floats, first {', '.join(f'{x:.4f}' for x in vector[:4])}"
-    predictions = pipeline(image, labels=_labels(args), templates=args.templates, top_k=args.top_k)
+    top_k = DEFAULT_TOP_K if args.top_k is None else args.top_k
+    predictions = pipeline(image, labels=_labels(args), templates=args.templates, top_k=top_k)
     if args.json:
         return json.dumps({"image": image, "predictions": predictions})
     return f"{image}: " + ", ".join(f"{p['label']} ({p['score']:.3f})" for p in predictions)
@@ -296,13 +306,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, default=None, help="CPU threads per graph")
         p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    run = sub.add_parser("run", help="run an artifact on images")
-    run.add_argument("artifact")
-    run.add_argument("images", nargs="+")
-    run.add_argument("--labels", nargs="*", help="labels for zero-shot (not needed when baked in)")
-    run.add_argument("--labels-file")
-    run.add_argument("--templates", nargs="+")
-    run.add_argument("--top-k", type=int, default=5, help="zero-shot: labels to show")
+    run = sub.add_parser("run", help="run an artifact on images",
+                         description="Run an artifact on images. An option the artifact's task would not use is refused (exit 2).")
+    run.add_argument("artifact", help="artifact folder (written by mmedge export or mmedge demo)")
+    run.add_argument("images", nargs="+", help="image files (with --interleaved: images and text, in prompt order)")
+    run.add_argument("--labels", nargs="*", help="zero-shot with two graphs: labels to classify against")
+    run.add_argument("--labels-file", help="zero-shot: file with one label per line (added to --labels)")
+    run.add_argument("--templates", nargs="+", help="zero-shot: prompt templates with '{}' for the label "
+                                                     "(default: 'a photo of a {}.')")
+    run.add_argument("--top-k", type=int, default=None, help=f"zero-shot: labels to show (default {DEFAULT_TOP_K})")
     run.add_argument("--task", default=None, choices=["zero-shot", "embed", "caption", "vqa"])
     cap = run.add_argument_group("captioning (BLIP-2, IDEFICS)")
     cap.add_argument("--prompt", help="text the caption continues, e.g. 'a photo of'")

@@ -104,7 +104,7 @@ ABSURD = [
     ({"num_beams": 0}, "num_beams=0", "--num-beams"),
     ({"do_sample": True, "top_k": -5}, "top_k=-5", "--top-k-tokens"),
     ({"do_sample": True, "num_beams": 3}, "num_beams=3", "--num-beams"),
-    ({"seed": -1}, "seed=-1", "--seed"),
+    ({"do_sample": True, "seed": -1}, "seed=-1", "--seed"),  # a seed without --sample is refused as idle
 ]
 
 
