@@ -1,5 +1,7 @@
 """Shared pytest fixtures: tiny checkpoints built offline, and artifacts exported from them once."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,3 +106,14 @@ def demo_blip2_with_pytorch(tmp_path_factory):
 
     return export_model(str(demo.model_path("blip2")), tmp_path_factory.mktemp("demo-blip2") / "fp32", progress=False,
                         with_pytorch=True)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`mmedge demo --images 2` into a fresh cache (``<root>/demo``, so ``MMEDGE_CACHE=<root>`` finds it), run through
+    the CLI once per session; returns (cache, stdout, stderr)."""
+    cache = tmp_path_factory.mktemp("mmedge-cache") / "demo"
+    result = subprocess.run([sys.executable, "-m", "mmedge.cli", "demo", "--cache", str(cache), "--images", "2"],
+                            capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stderr
+    return cache, result.stdout, result.stderr

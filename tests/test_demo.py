@@ -1,6 +1,6 @@
 """The shipped demo models, `mmedge demo`, `mmedge bench` and the examples.
 
-One demo run (2 images) exports the four demo artifacts into a module-wide cache; the score tests measure
+One demo run (2 images, the session's ``demo_run`` fixture) exports the demo artifacts into a cache; the score tests measure
 the shipped models through those artifacts on a seeded slice of the test split the model cards were
 measured on (``examples/scenes.py``), so CI checks the claims without retraining anything.
 """
@@ -17,6 +17,7 @@ import pytest
 
 import mmedge
 from mmedge import demo
+from mmedge.artifact import Artifact
 from mmedge.cli import main
 from mmedge.images import load_image
 
@@ -29,16 +30,6 @@ ZERO_SHOT_FLOOR, CAPTION_FLOOR, VQA_FLOOR = 0.90, 0.70, 0.90
 INT8_AGREEMENT_FLOOR, INT4_IDENTITY_FLOOR = 0.99, 0.90
 SLICE = 240  # test scenes per measurement: the first half of the split the cards report on
 MAX_SHIPPED_BYTES = 15_000_000
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """`mmedge demo --images 2` into a fresh cache, run through the CLI; returns (cache, stdout, stderr)."""
-    cache = tmp_path_factory.mktemp("demo-cache")
-    result = subprocess.run([sys.executable, "-m", "mmedge.cli", "demo", "--cache", str(cache), "--images", "2"],
-                            capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    return cache, result.stdout, result.stderr
 
 
 def artifact(demo_run, name: str) -> Path:
@@ -139,11 +130,12 @@ def test_demo_runs_end_to_end(demo_run):
     truth = demo.truth()
     first = next(iter(truth["images"]))
     assert first in out and truth["images"][first]["caption"] in out
-    for name in ("clip-fp32", "clip-int8", "blip2-fp32", "blip2-int4"):
+    for name in ("clip-fp32", "clip-int8", "clip-two-graph", "blip2-fp32", "blip2-int4"):
         assert (cache / name / "manifest.json").is_file()
         assert name in out
         assert f"exporting {name}" in err
-    assert "0 of 4 artifacts reused" in out
+    assert "0 of 5 artifacts reused" in out
+    assert Artifact.open(cache / "clip-two-graph").manifest["tasks"] == ["zero-shot", "embed"]  # labels at run time
     assert "latency/image" in out and "same as FP32" in out and " MB" in out
 
 
