@@ -7,24 +7,11 @@ something; ``check_export_options`` applies them all, with the task and the fami
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 from mmedge.errors import InputError
+from mmedge.idle_options import Rule, refuse_idle
 
 # ExportOptions.extra settings the CLI sets with a flag of its own
 EXTRA_FLAGS = {"fused_prefix": "--split-prefix", "cached_cross_kv": "--recompute-cross-kv"}
-
-
-@dataclass(frozen=True)
-class Rule:
-    """``flag`` does something only when ``works(options, family)``; ``needs`` and ``fix`` say what would."""
-
-    flag: str
-    given: Callable[..., bool]
-    works: Callable[..., bool]
-    needs: str
-    fix: str
 
 
 def _llm(options) -> str | None:
@@ -88,10 +75,7 @@ def check_export_options(options, family) -> None:
                          f"only {sorted(family.extra_defaults)}" if family.extra_defaults else "no extra settings",
                          "check the spelling of the extra settings")
     settled = _with_task(options, task)
-    for rule in RULES:
-        if rule.given(settled) and not rule.works(settled, family):
-            raise InputError(f"{rule.flag} would change nothing in this {family.label} export ({_settings(settled, family)})",
-                             rule.needs, rule.fix)
+    refuse_idle(RULES, settled, family, f"in this {family.label} export ({_settings(settled, family)})")
 
 
 def _with_task(options, task: str):

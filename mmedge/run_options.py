@@ -9,9 +9,9 @@ the backend the decoder lands on) once the plan is known.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 from mmedge.errors import InputError
+from mmedge.idle_options import Rule, refuse_idle
 
 FAMILY_LABELS = {"clip": "CLIP", "blip2": "BLIP-2", "idefics": "IDEFICS"}
 CAPTIONING = ("caption", "vqa")
@@ -32,17 +32,6 @@ class Target:
     def __str__(self) -> str:
         baked = " with baked labels" if self.fused else ""
         return f"{FAMILY_LABELS.get(self.family, self.family)} {self.task} artifact{baked}"
-
-
-@dataclass(frozen=True)
-class Rule:
-    """``flag`` does something only when ``works(args, target)``; ``needs`` and ``fix`` say what would."""
-
-    flag: str
-    given: Callable[..., bool]
-    works: Callable[..., bool]
-    needs: str
-    fix: str
 
 
 def _zero_shot_choice(args, target: Target) -> bool:
@@ -102,9 +91,7 @@ def target_of(manifest: dict, task: str | None) -> Target:
 
 def check_run_options(args, target: Target) -> None:
     """Raise InputError naming the first option that would change nothing for ``target``."""
-    for rule in RULES:
-        if rule.given(args) and not rule.works(args, target):
-            raise InputError(f"{rule.flag} would change nothing for this {target}", rule.needs, rule.fix)
+    refuse_idle(RULES, args, target, f"for this {target}")
 
 
 def check_decoder_backend(args, decoder_backend: str | None) -> None:
