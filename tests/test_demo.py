@@ -183,10 +183,11 @@ def test_demo_rejects_a_bad_image_count(tmp_path, capsys):
 # --- mmedge bench -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bench_json(demo_run, tmp_path_factory):
-    """`mmedge bench --json --plot` over the four demo artifacts, once: (results, stdout, stderr, plot path)."""
+    """`mmedge bench --json --plot` over three demo artifacts (an FP32 reference, each fidelity metric), once:
+    (results, stdout, stderr, plot path)."""
     pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the 'plot' extra)")
     plot = tmp_path_factory.mktemp("bench") / "precisions.png"
-    paths = [str(artifact(demo_run, n)) for n in ("clip-fp32", "clip-int8", "blip2-fp32", "blip2-int4")]
+    paths = [str(artifact(demo_run, n)) for n in ("clip-fp32", "clip-int8", "blip2-int4")]
     result = subprocess.run([sys.executable, "-m", "mmedge.cli", "bench", *paths, "--runs", "3", "--batch", "2", "--json",
                              "--plot", str(plot)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
@@ -199,7 +200,7 @@ def test_bench_reports_load_latency_throughput_memory(bench_json):
         assert r["load_ms"] > 0 and r["latency_ms"]["median"] > 0 and r["throughput"]["per_second"] > 0
         assert r["latency_ms"]["calls"] >= 3 and isinstance(r["settled"], bool)
         assert r["memory"]["peak_rss_bytes"] > 10 * 2**20
-    clip_fp32, clip_int8, _, blip2_int4 = results
+    clip_fp32, clip_int8, blip2_int4 = results
     assert clip_fp32["fidelity"]["metric"] == "reference"
     assert clip_int8["precision"] == "int8" and clip_int8["fidelity"]["metric"] == "top1_agreement"
     assert 0.0 <= clip_int8["fidelity"]["value"] <= 1.0  # measured at export, on held-out photos
