@@ -121,8 +121,9 @@ def ensure_exported(variant: Variant, threads: int, reexport: bool) -> dict:
 
     return export_once(variant.name, variant.folder, not reexport and cached_export_matches(variant), lambda: export_model(
         MODEL, variant.folder, random_weights=True, progress=False, overwrite=True, threads=threads,
-        precision=variant.precision, quantization="dynamic", llm_precision=variant.llm_precision,
-        int4_block_size=INT4_BLOCK_SIZE, int4_accuracy_level=INT4_ACCURACY_LEVEL))
+        precision=variant.precision, llm_precision=variant.llm_precision,
+        **({"int4_block_size": INT4_BLOCK_SIZE, "int4_accuracy_level": INT4_ACCURACY_LEVEL}
+           if variant.llm_precision == "int4" else {})))  # INT8 is dynamic by default; INT4 settings only for INT4
 
 
 # --- one timed caption ---------------------------------------------------------------------------------

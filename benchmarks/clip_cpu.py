@@ -126,7 +126,7 @@ def ensure_exported(variant: Variant, threads: int, reexport: bool) -> dict:
 
     return export_once(variant.name, variant.folder, not reexport and cached_export_matches(variant), lambda: export_model(
         MODEL, variant.folder, random_weights=True, precision=variant.precision,
-        quantization=variant.quantization or "static", task="zero-shot",
+        quantization=variant.quantization, task="zero-shot",
         labels=LABELS if variant.fused else None, overwrite=True, threads=threads))
 
 

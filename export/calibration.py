@@ -1,7 +1,9 @@
 """Images for INT8 calibration and for measuring quantized fidelity.
 
 The default calibration set is ``data/images/calibration-*`` (public-domain photos); the
-``holdout-*`` photos are never calibrated on and measure top-1 agreement after quantization.
+``holdout-*`` photos are never calibrated on and measure fidelity after quantization, unless the export names
+its own images (``--fidelity-images DIR``, or the ``--calibration`` folder of a static INT8 export): a model of
+another domain is measured on its own kind of images.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageOps
 
-from mmedge.errors import CalibrationError, ImageError
+from mmedge.errors import CalibrationError, ImageError, InputError
 from mmedge.images import load_image
 
 DATA_DIR = Path(__file__).parent / "data" / "images"
@@ -29,14 +31,29 @@ def calibration_paths(folder: str | Path | None) -> tuple[list[Path], str]:
     if folder is None:
         paths = bundled("calibration")
         return paths, f"bundled ({len(paths)} public-domain photos)"
+    return _folder_images(folder, "calibration", "--calibration", CalibrationError)
+
+
+def fidelity_paths(options) -> tuple[list[Path], str]:
+    """Photos to measure a quantized export's fidelity on, and a note for the manifest: ``--fidelity-images``, else
+    the ``--calibration`` folder of a static INT8 export, else the bundled held-out photos."""
+    if options.fidelity is not None:
+        return _folder_images(options.fidelity, "fidelity", "--fidelity-images", InputError)
+    if options.calibration is not None and options.quantization == "static" and options.precision == "int8":
+        return _folder_images(options.calibration, "calibration", "--calibration", CalibrationError)
+    paths = bundled("holdout")
+    return paths, f"bundled held-out photos ({len(paths)})"
+
+
+def _folder_images(folder: str | Path, purpose: str, flag: str, error) -> tuple[list[Path], str]:
     folder = Path(folder)
     if not folder.is_dir():
-        raise CalibrationError(f"calibration folder '{folder}' does not exist", "a folder of images",
-                               "pass --calibration DIR with JPEG/PNG images, or leave it out for the bundled set")
+        raise error(f"{purpose} folder '{folder}' does not exist", "a folder of images",
+                    f"pass {flag} DIR with JPEG/PNG images, or leave it out for the bundled set")
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:MAX_CALIBRATION_IMAGES]
     if not paths:
-        raise CalibrationError(f"calibration folder '{folder}' holds no images",
-                               f"files ending in {', '.join(IMAGE_SUFFIXES)}", "add 32-256 representative images")
+        raise error(f"{purpose} folder '{folder}' holds no images",
+                    f"files ending in {', '.join(IMAGE_SUFFIXES)}", "add 32-256 representative images")
     return paths, f"{folder.name}/ ({len(paths)} images)"
 
 
@@ -48,10 +65,10 @@ def load_calibration_image(path: Path) -> Image.Image:
                                "readable images only", "remove the file from the calibration folder") from None
 
 
-def holdout_images() -> list[Image.Image]:
-    """The held-out photos, each also flipped and cropped twice: 4 views per photo."""
+def holdout_images(paths: list[Path] | None = None) -> list[Image.Image]:
+    """The fidelity photos (default: the bundled held-out ones), each also flipped and cropped twice: 4 views each."""
     views = []
-    for path in bundled("holdout"):
+    for path in bundled("holdout") if paths is None else paths:
         image = load_image(path)
         w, h = image.size
         views += [

@@ -69,10 +69,29 @@ def _refuse_pickles(folder: Path, allow_pickle: bool) -> None:
         )
 
 
-def load_checkpoint(model: str, *, random_weights: bool = False, allow_pickle: bool = False, seed: int = 0) -> LoadedModel:
-    """Load ``model`` (hub id, local folder, or a bundled config name with ``random_weights``)."""
+def checkpoint_family(model: str, *, random_weights: bool = False) -> str:
+    """The family of ``model`` read from its config alone, before any weights: a bundled config's, a folder's
+    config.json, or for a hub id the hub's config (refused at once when the hub cannot be reached)."""
     if random_weights:
-        return _load_random(model, seed)
+        entry = _bundled_config(model)
+        if entry is not None:
+            return _family_of(entry["config"]["model_type"])
+        if not (Path(model) / "config.json").is_file():
+            raise _not_bundled(model)
+    elif not _local_folder(model):
+        import transformers
+
+        return _family_of(_hub_config(transformers, model).model_type)
+    try:
+        model_type = json.loads((Path(model) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelLoadError(f"cannot read '{Path(model) / 'config.json'}' ({_first_line(exc)})",
+                             "a JSON config written by save_pretrained", "re-copy the checkpoint folder") from None
+    return _family_of(str(model_type))
+
+
+def _local_folder(model: str) -> bool:
+    """Whether ``model`` is a checkpoint folder (False: a hub id); a path that is not a usable folder is refused."""
     folder = Path(model)
     if folder.exists():
         if not (folder / "config.json").is_file():
@@ -80,13 +99,22 @@ def load_checkpoint(model: str, *, random_weights: bool = False, allow_pickle: b
                 f"'{model}' has no config.json", "a Hugging Face checkpoint folder (config.json + *.safetensors)",
                 "point at the folder save_pretrained wrote",
             )
-        _refuse_pickles(folder, allow_pickle)
-    elif _looks_like_a_path(model):  # not a hub id: fail now rather than ask the hub (retries take ~25 s offline)
+        return True
+    if _looks_like_a_path(model):  # not a hub id: fail now rather than ask the hub
         raise ModelLoadError(
             f"checkpoint folder '{model}' does not exist",
             "a local checkpoint folder (config.json + *.safetensors) or a hub id such as 'openai/clip-vit-base-patch32'",
             "check the path",
         )
+    return False
+
+
+def load_checkpoint(model: str, *, random_weights: bool = False, allow_pickle: bool = False, seed: int = 0) -> LoadedModel:
+    """Load ``model`` (hub id, local folder, or a bundled config name with ``random_weights``)."""
+    if random_weights:
+        return _load_random(model, seed)
+    if _local_folder(model):
+        _refuse_pickles(Path(model), allow_pickle)
     return _load_pretrained(model, allow_pickle)
 
 
@@ -95,17 +123,30 @@ def _looks_like_a_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1 or Path(model).is_absolute()
 
 
-def _load_pretrained(model: str, allow_pickle: bool) -> LoadedModel:
-    import transformers
+def _hub(model: str) -> dict:
+    """from_pretrained keywords: none for a folder; for a hub id, what ``mmedge.export.hub`` allows."""
+    if Path(model).exists():
+        return {}
+    from mmedge.export.hub import hub_options
 
+    return hub_options(model)
+
+
+def _hub_config(transformers, model: str):
     try:
-        config = transformers.AutoConfig.from_pretrained(model)
+        return transformers.AutoConfig.from_pretrained(model, **_hub(model))
     except OSError as exc:
         raise ModelLoadError(
             f"cannot load a config for '{model}' ({str(exc).splitlines()[0][:200]})",
             "a local checkpoint folder or a reachable Hugging Face hub id",
             "check the path or id; offline, use a local folder or --random-weights",
         ) from None
+
+
+def _load_pretrained(model: str, allow_pickle: bool) -> LoadedModel:
+    import transformers
+
+    config = _hub_config(transformers, model)
     family = _family_of(config.model_type)
     from mmedge.export.families import FAMILIES
 
@@ -113,7 +154,7 @@ def _load_pretrained(model: str, allow_pickle: bool) -> LoadedModel:
     try:
         # weights_only=True: a pickled checkpoint (only read with --allow-pickle) may hold tensors and
         # plain containers, never an object whose unpickling runs code.
-        loaded = model_class.from_pretrained(model, use_safetensors=not allow_pickle, weights_only=True)
+        loaded = model_class.from_pretrained(model, use_safetensors=not allow_pickle, weights_only=True, **_hub(model))
     except pickle.UnpicklingError as exc:
         raise ModelLoadError(
             f"refused to load the pickled weights of '{model}': they hold more than tensors "
@@ -141,8 +182,8 @@ def _load_preprocessors(model: str):
     import transformers
 
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model)
-        processor = transformers.AutoImageProcessor.from_pretrained(model)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model, **_hub(model))
+        processor = transformers.AutoImageProcessor.from_pretrained(model, **_hub(model))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"cannot load the tokenizer or image processor of '{model}' ({str(exc).splitlines()[0][:200]})",
@@ -160,6 +201,14 @@ def _bundled_config(name: str) -> dict | None:
     return None
 
 
+def _not_bundled(model: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"'{model}' is neither a bundled config nor a folder with config.json",
+        f"one of {', '.join(known_random_configs())}, or a checkpoint folder",
+        "pick a bundled name (listed by `mmedge export --help`) or pass a folder",
+    )
+
+
 def _load_random(model: str, seed: int) -> LoadedModel:
     import torch
     import transformers
@@ -173,11 +222,7 @@ def _load_random(model: str, seed: int) -> LoadedModel:
         config = transformers.AutoConfig.from_pretrained(model)
         tokenizer, processor = _load_preprocessors(model)
     else:
-        raise ModelLoadError(
-            f"'{model}' is neither a bundled config nor a folder with config.json",
-            f"one of {', '.join(known_random_configs())}, or a checkpoint folder",
-            "pick a bundled name (see `mmedge export --help`) or pass a folder",
-        )
+        raise _not_bundled(model)
     family = _family_of(config.model_type)
     from mmedge.export.families import FAMILIES
 

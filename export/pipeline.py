@@ -6,16 +6,17 @@ checkpoint ─load─▶ torch modules ─spec─▶ ONNX ─parity vs torch─�
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 import mmedge
 from mmedge.artifact import atomic_folder, sha256_file
-from mmedge.errors import ExportError
+from mmedge.errors import ArtifactError, ExportError
 from mmedge.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, dump_manifest
 from mmedge.metrics import compare_outputs
 from mmedge.progress import Progress
@@ -26,20 +27,23 @@ QUANTIZATIONS = ("static", "dynamic")
 VALIDATION_FILE = "validation.npz"
 TOKENIZER_FILE = "tokenizer.json"
 FP16_MIN_COSINE = 0.999
+# What an option left at None means (None marks "not given", so an option that would do nothing can be refused)
+DEFAULTS = {"quantization": "dynamic", "int4_block_size": 32, "int4_accuracy_level": 4, "calibration_method": "percentile"}
 
 
 @dataclass
 class ExportOptions:
     task: str | None = None  # None: the family's default task
     precision: str = "fp32"  # encoders: fp32 | fp16 | int8
-    quantization: str = "dynamic"  # with int8: dynamic (fastest on CPU) | static (calibrated QDQ, for TensorRT)
+    quantization: str | None = None  # with int8: dynamic (default; fastest on CPU) | static (calibrated QDQ, for TensorRT)
     llm_precision: str | None = None  # decoder LLMs: fp32 | fp16 | int8 | int4 (None: same as precision)
-    int4_block_size: int = 32
-    int4_accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations on CPU
+    int4_block_size: int | None = None  # INT4 LLM: weights per scale (default 32)
+    int4_accuracy_level: int | None = None  # MatMulNBits: 4 (default) = int8 activations on CPU
     labels: list[str] | None = None  # bake these into one zero-shot graph
     templates: list[str] | None = None
-    calibration: str | None = None  # folder of images; None = bundled photos
-    calibration_method: str = "percentile"
+    calibration: str | None = None  # folder of images for static INT8; None = bundled photos
+    calibration_method: str | None = None  # static INT8: percentile (default) | minmax | entropy
+    fidelity: str | None = None  # folder of images to measure quantized fidelity on (default: calibration, else bundled)
     min_quantized_cosine: float = 0.98  # mean embedding cosine vs FP32 on held-out photos
     random_weights: bool = False
     allow_pickle: bool = False
@@ -57,24 +61,65 @@ class ExportOptions:
         if self.llm_precision not in (None, *LLM_PRECISIONS):
             raise ExportError(f"LLM precision '{self.llm_precision}' is not supported",
                               f"one of {', '.join(LLM_PRECISIONS)}", "pass --llm-precision fp32, fp16, int8 or int4")
-        if self.quantization not in QUANTIZATIONS:
+        if self.quantization not in (None, *QUANTIZATIONS):
             raise ExportError(f"quantization '{self.quantization}' is not supported",
                               f"one of {', '.join(QUANTIZATIONS)}", "pass --quantization static or dynamic")
+
+    def settled(self, task: str) -> "ExportOptions":
+        """A copy with the task and every option left at None set to what it means (``DEFAULTS``)."""
+        return replace(self, task=task, **{k: v for k, v in DEFAULTS.items() if getattr(self, k) is None})
 
 
 def export_model(model: str, out: str | Path, options: ExportOptions | None = None, **overrides) -> Path:
     """Export ``model`` (hub id, folder, or bundled config name with random_weights) to the folder ``out``."""
     options = options or ExportOptions(**overrides)
     options.check()
+    if Path(out).exists() and not options.overwrite:  # cheap checks first: nothing is loaded yet
+        raise ArtifactError(f"output folder '{out}' already exists", "a path that does not exist yet",
+                            "choose another output path, or pass --overwrite to replace it once the new export is complete")
+    from mmedge.export.loading import checkpoint_family
+    from mmedge.export.option_checks import check_export_options
+
+    name = checkpoint_family(model, random_weights=options.random_weights)  # from the config alone, no weights
     from mmedge.export.families import FAMILIES
+
+    family = FAMILIES[name]
+    check_export_options(options, family)
+    options = options.settled(options.task or family.default_task)
+    with _quiet_libraries(not options.progress):
+        return _export(model, Path(out), options, family)
+
+
+@contextlib.contextmanager
+def _quiet_libraries(quiet: bool):
+    """With progress off, transformers' and the hub's own progress bars and notices stay off too."""
+    if not quiet:
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    bars, hub_bars, verbosity = hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+        if not hub_bars:
+            enable_progress_bars()
+
+
+def _export(model: str, out: Path, options: ExportOptions, family) -> Path:
     from mmedge.export.loading import load_checkpoint
 
     progress = Progress(5, enabled=options.progress)
     with progress.step(f"loading {model}" + (" (random weights)" if options.random_weights else "")):
         loaded = load_checkpoint(model, random_weights=options.random_weights, allow_pickle=options.allow_pickle,
                                  seed=options.seed)
-    family = FAMILIES[loaded.family]
-    options.task = options.task or family.default_task
     with progress.step("building export specs" + (f" with {len(options.labels)} baked labels" if options.labels else "")):
         specs = family.specs(loaded, options)
     with atomic_folder(out, overwrite=options.overwrite) as stage, tempfile.TemporaryDirectory() as scratch:
@@ -89,7 +134,7 @@ def export_model(model: str, out: str | Path, options: ExportOptions | None = No
             builder.lower_precision(lowered, progress)
         with progress.step("writing manifest and validation samples"):
             builder.finish(specs)
-    return Path(out)
+    return out
 
 
 def _describe_precision(builder: "ArtifactBuilder", lowered) -> str:
@@ -189,9 +234,12 @@ class ArtifactBuilder:
                             "FP16 overflows in this model; export fp32 and let TensorRT pick FP16 layers")
             entry.update(precision=precision, quantization=recipe, parity=parity)
         if any(self.precision_of(s) in ("int8", "int4") for s in specs):
+            from mmedge.export.calibration import fidelity_paths
+
             run = lambda path, feeds: run_onnx(path, feeds, self.options.threads)  # noqa: E731
+            _, images = fidelity_paths(self.options)
             for name, measured in self.family.quantized_fidelity(run, self.fp32_paths, final, self).items():
-                self.entries[name]["parity"]["fidelity"] = measured
+                self.entries[name]["parity"]["fidelity"] = {**measured, "images": images}
 
     def _quantize(self, spec, precision: str, source: Path, dest: Path, progress: Progress) -> dict:
         from mmedge.export import quantize

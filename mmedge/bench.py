@@ -1,15 +1,17 @@
 """``mmedge bench``: latency, throughput and memory of artifacts on the chosen backend, and a picture of them.
 
-Each artifact is measured in its own child process (``python -m mmedge.bench``), so one artifact's memory
-never counts toward the next: the child loads the pipeline, warms it up, times single-image calls (latency)
-and batched calls (throughput), and reports its resident memory. Sizes and fidelity against FP32 come from
-the artifact (the manifest's parity, measured at export). ``--plot`` draws latency, size and fidelity of
-every artifact side by side (needs matplotlib: ``pip install "mmedge[plot]"``).
+Each artifact is measured in its own child process, so one artifact's memory never counts toward the next: the
+child loads the pipeline (timed), warms it up, times single-image calls (latency) and batched calls (throughput),
+each for at least ``MIN_SECONDS`` and ``--runs`` calls so that repeated benchmarks agree, and reports its resident
+memory. The child imports the same installed mmedge whatever the working folder (``CHILD``). Sizes and fidelity
+against FP32 come from the artifact (the manifest's parity, measured at export). ``--plot`` draws them
+(``mmedge.bench_plot``; needs matplotlib: ``pip install "mmedge[plot]"``). Only results go to stdout.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -19,6 +21,15 @@ from pathlib import Path
 from mmedge.errors import InputError, MmedgeError
 
 GENERIC_LABELS = ("cat", "dog", "car", "tree", "person", "cup of coffee", "rocket", "clock")
+WARMUP_SECONDS = 0.5  # untimed calls first: thread pools, allocators and CPU clocks settle
+MIN_SECONDS = 1.0  # each timed series lasts at least this long (and --runs calls) ...
+SETTLED = 0.05  # ... and until the medians of its first and second half agree within 5% ...
+MAX_SECONDS = 5.0  # ... or this long has passed (a busy machine: the result says it did not settle)
+MAX_SAMPLES = 10_000
+# The child's program: `python -m mmedge.bench` would put the working folder first on sys.path, where the folder
+# holding a source checkout (or the checkout itself) has an `mmedge/` folder that shadows the installed package.
+CHILD = "import sys; del sys.path[0]; from mmedge.bench import _child; sys.exit(_child(sys.argv[1:]))"
+MMEDGE_EXIT_CODES = (2, 3, 4)  # a child that exits so printed an mmedge error line
 
 
 def _default_images() -> list[str]:
@@ -43,16 +54,36 @@ def _rss_bytes() -> tuple[int | None, int | None]:
         return None, None
 
 
-def time_samples(fn, *, warmup: int = 0, runs: int) -> list[float]:
-    """Call ``fn`` ``warmup`` times untimed, then ``runs`` times; each timed call's wall time in ms."""
+def time_samples(fn, *, warmup: int = 0, runs: int, min_seconds: float = 0.0) -> list[float]:
+    """Call ``fn`` ``warmup`` times untimed, then at least ``runs`` times and for at least ``min_seconds`` (at most
+    ``MAX_SAMPLES`` calls); each timed call's wall time in ms."""
     for _ in range(warmup):
         fn()
-    samples = []
-    for _ in range(runs):
+    samples: list[float] = []
+    begin = time.perf_counter()
+    while len(samples) < runs or (time.perf_counter() - begin < min_seconds and len(samples) < MAX_SAMPLES):
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
     return samples
+
+
+def settled_samples(fn, runs: int) -> tuple[list[float], bool]:
+    """Timed calls of ``fn`` (ms): at least ``runs`` and ``MIN_SECONDS``, then more until the medians of the first and
+    second half agree within ``SETTLED``, for at most ``MAX_SECONDS``; and whether they settled."""
+    begin = time.perf_counter()
+    samples = time_samples(fn, runs=runs, min_seconds=MIN_SECONDS)
+    while not (settled := _halves_agree(samples)) and time.perf_counter() - begin < MAX_SECONDS and len(samples) < MAX_SAMPLES:
+        samples += time_samples(fn, runs=max(1, len(samples) // 4))
+    return samples, settled
+
+
+def _halves_agree(samples: list[float]) -> bool:
+    half = len(samples) // 2
+    if half < 2:
+        return False
+    first, second = statistics.median(samples[:half]), statistics.median(samples[half:])
+    return abs(first - second) <= SETTLED * statistics.median(samples)
 
 
 def measure(path: str, backend: str = "auto", device: str = "auto", threads: int | None = None, runs: int = 10,
@@ -80,17 +111,20 @@ def measure(path: str, backend: str = "auto", device: str = "auto", threads: int
         else:
             chosen = None if getattr(pipeline, "fused", False) else list(labels or GENERIC_LABELS)
             one, many, unit = (lambda: pipeline(images[0], labels=chosen)), (lambda: pipeline(batch_images, labels=chosen)), "images"
-        one()  # warm-up: sessions allocate on the first run; label banks are built once
-        many()
-        latency = time_samples(one, runs=runs)
-        batched = time_samples(many, runs=max(1, runs // 2))
+        many()  # warm-up: sessions allocate on the first run; label banks are built once
+        time_samples(one, runs=2, min_seconds=WARMUP_SECONDS)
+        latency, latency_settled = settled_samples(one, runs)
+        batched, batched_settled = settled_samples(many, max(1, runs // 2))
         plan = {name: f"{c.backend} [{', '.join(c.providers)}]" for name, c in pipeline.plan.components.items()}
     rss_after, peak = _rss_bytes()
     artifact = Artifact.open(path)
     median = statistics.median(latency)
     result.update({
-        "backend": plan, "latency_ms": {"median": round(median, 2), "min": round(min(latency), 2), "max": round(max(latency), 2)},
-        "throughput": {"per_second": round(batch / (statistics.median(batched) / 1e3), 2), "unit": unit},
+        "backend": plan, "latency_ms": {"median": round(median, 2), "min": round(min(latency), 2), "max": round(max(latency), 2),
+                                        "calls": len(latency)},
+        "throughput": {"per_second": round(batch / (statistics.median(batched) / 1e3), 2), "unit": unit,
+                       "calls": len(batched)},
+        "settled": latency_settled and batched_settled,
         "memory": {"rss_before_load_bytes": rss_before, "rss_after_bytes": rss_after, "peak_rss_bytes": peak},
         "size_bytes": artifact.size_bytes(), "precision": precision_label(artifact), "fidelity": fidelity(artifact),
     })
@@ -124,27 +158,54 @@ def fidelity(artifact) -> dict:
 
 
 # --- the command ---------------------------------------------------------------------------------
-def run_children(paths: list[str], args) -> list[dict]:
-    """Measure each artifact in a fresh interpreter; a failure raises the child's error line."""
-    results = []
+def check_artifacts(paths: list[str], labels: list[str] | None) -> None:
+    """Every path is an artifact, and ``--labels`` is only given where it is used (two-graph zero-shot)."""
+    from mmedge.artifact import Artifact
+
     for path in paths:
         if not (Path(path) / "manifest.json").is_file():
             raise InputError(f"'{path}' is not an artifact folder", "a folder with manifest.json (made by mmedge export)",
                              "pass the folder `mmedge export` or `mmedge demo` wrote")
+        manifest = Artifact.open(path).manifest
+        if labels and (manifest["tasks"][0] != "zero-shot" or "zero_shot" in manifest["components"]):
+            raise InputError(f"--labels would change nothing for '{path}' ({manifest['family']} {manifest['tasks'][0]}"
+                             + (", labels baked in" if "zero_shot" in manifest["components"] else "") + ")",
+                             "only zero-shot artifacts with two graphs among the ARTIFACTs", "drop --labels")
+
+
+def run_children(paths: list[str], args) -> list[dict]:
+    """Measure each artifact in a fresh interpreter; a failure raises what the child said, with its cause."""
+    import mmedge
+
+    results = []
+    for path in paths:
         options = {"backend": args.backend, "device": args.device, "threads": args.threads, "runs": args.runs,
                    "batch": args.batch, "images": args.image or None, "labels": args.labels}
-        child = subprocess.run([sys.executable, "-m", "mmedge.bench", path, json.dumps(options)],
-                               capture_output=True, text=True)
-        if child.returncode != 0:
-            lines = [line for line in child.stderr.strip().splitlines() if line.strip()]
-            raise MmedgeError(f"benchmarking '{path}' failed ({lines[-1] if lines else 'no output'})",
+        child = subprocess.run([sys.executable, "-c", CHILD, path, json.dumps(options)], capture_output=True, text=True)
+        lines = [line for line in child.stderr.strip().splitlines() if line.strip()]
+        last = lines[-1] if lines else f"exit code {child.returncode}, no output"
+        if child.returncode in MMEDGE_EXIT_CODES and last.startswith("mmedge: error: "):
+            raise MmedgeError(f"benchmarking '{path}' failed ({last.removeprefix('mmedge: error: ')})",
                               "an artifact that loads and runs on this backend", "run `mmedge validate` on it first")
-        results.append(json.loads(child.stdout.strip().splitlines()[-1]))
+        if child.returncode != 0:
+            if os.environ.get("MMEDGE_DEBUG"):
+                sys.stderr.write(child.stderr)
+            raise MmedgeError(f"the process benchmarking '{path}' failed before it could measure ({last})",
+                              f"a Python ({sys.executable}) that imports the mmedge running here "
+                              f"({Path(mmedge.__file__).parent})",
+                              "check that `python -c \"import mmedge.bench\"` works here; rerun with MMEDGE_DEBUG=1 "
+                              "for the child's traceback, and report it if mmedge is installed")
+        result = json.loads(child.stdout.strip().splitlines()[-1])
+        if not result["settled"]:
+            print(f"mmedge: warning: the timings of '{path}' kept changing for {MAX_SECONDS:g} s (the machine is busy?): "
+                  "compare them with care", file=sys.stderr)
+        results.append(result)
     return results
 
 
 def format_table(results: list[dict]) -> str:
-    header = ("artifact", "precision", "backend", "size", "latency (median)", "throughput", "peak RSS", "fidelity vs FP32")
+    header = ("artifact", "precision", "backend", "size", "load", "latency (median)", "throughput", "peak RSS",
+              "fidelity vs FP32")
     rows = []
     for r in results:
         backend = ", ".join(sorted(set(v.split(" ")[0] for v in r["backend"].values())))
@@ -153,67 +214,39 @@ def format_table(results: list[dict]) -> str:
             "-" if fid["value"] is None else f"{fid['value']:.3f} {fid['metric'].replace('_', ' ')}")
         peak = r["memory"]["peak_rss_bytes"]
         rows.append((Path(r["artifact"]).name, r["precision"], backend, f"{r['size_bytes'] / 1e6:.2f} MB",
-                     f"{r['latency_ms']['median']:.2f} ms", f"{r['throughput']['per_second']:.1f} {r['throughput']['unit']}/s",
+                     f"{r['load_ms']:.0f} ms", f"{r['latency_ms']['median']:.2f} ms",
+                     f"{r['throughput']['per_second']:.1f} {r['throughput']['unit']}/s",
                      "-" if peak is None else f"{peak / 2**20:.0f} MiB", fid_text))
     widths = [max(len(str(row[c])) for row in (header, *rows)) for c in range(len(header))]
     return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip()
                      for row in (header, tuple("-" * w for w in widths), *rows))
 
 
-def plot(results: list[dict], out: str) -> Path:
-    """Bar charts of latency, size and fidelity vs FP32, one bar per artifact, saved as ``out`` (PNG, SVG, PDF)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MmedgeError("--plot needs matplotlib, which is not installed", "matplotlib importable",
-                          'pip install "mmedge[plot]" (or drop --plot)') from None
-    names = [f"{Path(r['artifact']).name}\n{r['precision']}" for r in results]
-    panels = [
-        ("latency (ms, median, batch 1)", [r["latency_ms"]["median"] for r in results], "{:.1f}"),
-        ("size (MB)", [r["size_bytes"] / 1e6 for r in results], "{:.2f}"),
-        ("fidelity vs FP32 (share)", [r["fidelity"]["value"] or 0.0 for r in results], "{:.3f}"),
-    ]
-    fig, axes = plt.subplots(1, 3, figsize=(4 + 1.6 * len(results) * 1.5, 3.8))
-    for axis, (title, values, fmt) in zip(axes, panels):
-        bars = axis.bar(range(len(values)), values, color=["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3"][:len(values)] * 4)
-        axis.set_title(title, fontsize=10)
-        axis.set_xticks(range(len(values)), names, fontsize=7)
-        for bar, value in zip(bars, values):
-            axis.annotate(fmt.format(value), (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
-                          va="bottom", fontsize=7)
-        if title.startswith("fidelity"):
-            axis.set_ylim(0, 1.1)
-    fig.suptitle("mmedge bench: " + ", ".join(sorted({str(v) for r in results for v in r["backend"].values()})), fontsize=9)
-    fig.tight_layout()
-    out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=120)
-    plt.close(fig)
-    return out_path
-
-
 def main(args) -> int:
-    """``mmedge bench ARTIFACT... [--plot out.png]``."""
+    """``mmedge bench ARTIFACT... [--plot out.png]``: results on stdout (a table, or JSON), messages on stderr."""
     if args.runs < 1 or args.batch < 1:
         raise InputError(f"--runs {args.runs} --batch {args.batch}", "both at least 1", "pass e.g. --runs 10 --batch 8")
-    results = run_children(args.artifacts, args)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print(format_table(results))
+    check_artifacts(args.artifacts, args.labels)
     if args.plot:
-        print(f"wrote {plot(results, args.plot)}")
+        from mmedge.bench_plot import require_matplotlib
+
+        require_matplotlib()  # before minutes of measuring, not after
+    results = run_children(args.artifacts, args)
+    print(json.dumps(results, indent=2) if args.json else format_table(results))
+    if args.plot:
+        from mmedge.bench_plot import plot
+
+        print(f"wrote {plot(results, args.plot)}", file=sys.stderr)
     return 0
 
 
 def add_parser(sub, runtime_flags) -> None:
     bench = sub.add_parser("bench", help="latency, throughput and memory of artifacts; --plot compares them")
     bench.add_argument("artifacts", nargs="+", metavar="ARTIFACT", help="one or more artifact folders (e.g. FP32 and INT8)")
-    bench.add_argument("--plot", metavar="OUT.png", help="draw latency, size and fidelity vs FP32 (needs matplotlib)")
-    bench.add_argument("--runs", type=int, default=10, help="timed single-image calls per artifact")
+    bench.add_argument("--plot", metavar="OUT.png", help="draw latency, throughput, peak memory, size and fidelity vs FP32 "
+                                                         "(PNG, SVG or PDF; needs matplotlib)")
+    bench.add_argument("--runs", type=int, default=10,
+                       help=f"timed single-image calls per artifact, at least (timing lasts at least {MIN_SECONDS:g} s)")
     bench.add_argument("--batch", type=int, default=8, help="images per call for throughput")
     bench.add_argument("--image", action="append", help="image to run on (repeatable; default: the bundled demo scenes)")
     bench.add_argument("--labels", nargs="+", help="CLIP with two graphs: labels to classify against")
@@ -222,7 +255,7 @@ def add_parser(sub, runtime_flags) -> None:
 
 
 def _child(argv: list[str]) -> int:
-    """``python -m mmedge.bench ARTIFACT OPTIONS_JSON``: one artifact, one JSON line on stdout."""
+    """``python -c CHILD ARTIFACT OPTIONS_JSON``: one artifact, one JSON line on stdout."""
     from mmedge.errors import MmedgeError as Error
 
     path, options = argv[0], json.loads(argv[1])
@@ -231,6 +264,14 @@ def _child(argv: list[str]) -> int:
     except Error as exc:
         print(f"mmedge: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:  # a bug, or a broken installation: the parent reports this line as the cause
+        if os.environ.get("MMEDGE_DEBUG"):
+            raise
+        package = sys.modules.get("mmedge")
+        where = getattr(package, "__file__", None) or list(getattr(package, "__path__", []))
+        print(f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''} "
+              f"(this process imported mmedge from {where})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from mmedge.errors import InputError, MmedgeError
 
+DEFAULT_TOP_K = 5  # `mmedge run`: zero-shot labels shown per image
+
 
 def _warning_line(message, category, filename, lineno, line=None) -> str:
     return f"mmedge: warning: {message}\n"
@@ -49,7 +51,8 @@ def cmd_export(args) -> int:
                             llm_precision=args.llm_precision, int4_block_size=args.int4_block_size,
                             int4_accuracy_level=args.int4_accuracy_level, extra=extra,
                             labels=_labels(args), templates=args.templates, calibration=args.calibration,
-                            calibration_method=args.calibration_method, random_weights=args.random_weights,
+                            calibration_method=args.calibration_method, fidelity=args.fidelity_images,
+                            random_weights=args.random_weights,
                             allow_pickle=args.allow_pickle, overwrite=args.overwrite, progress=not args.quiet,
                             with_pytorch=args.with_pytorch)
     out = export_model(args.model, args.out, options)
@@ -74,16 +77,24 @@ def _parity_line(parity: dict) -> str:
 # --- run ---------------------------------------------------------------------------------------
 def cmd_run(args) -> int:
     import mmedge
+    from mmedge.artifact import Artifact
+    from mmedge.run_options import check_decoder_backend, check_run_options, target_of
 
-    torch_options = {"quantization": args.llm_quantization} if getattr(args, "llm_quantization", None) else {}
+    torch_options = {"quantization": args.llm_quantization} if args.llm_quantization else {}
     if args.triton:  # MODEL on a Triton server (mmedge.triton_client) in place of an artifact folder
         from mmedge.triton.cli import connect_for_run
 
         pipeline = connect_for_run(args)
     else:
+        manifest = Artifact.open(args.artifact).manifest
+        if args.task is None or args.task in manifest["tasks"]:  # else mmedge.load says which tasks there are
+            check_run_options(args, target_of(manifest, args.task))  # before anything is loaded
         pipeline = mmedge.load(args.artifact, backend=args.backend, device=args.device, task=args.task, threads=args.threads,
                                backend_options={"torch": torch_options} if torch_options else None)
     with pipeline:
+        plan = getattr(pipeline, "plan", None)  # a Triton server's pipeline has none here
+        decoder = plan.components.get("decoder") if plan else None
+        check_decoder_backend(args, decoder.backend if decoder else ("a Triton server" if args.triton else None))
         if args.interleaved:
             print(_run_interleaved(pipeline, args.images, args))
             return 0
@@ -138,7 +149,8 @@ def _run_one(pipeline, image: str, args) -> str:
         if args.json:
             return json.dumps({"image": image, "embedding": [round(float(x), 6) for x in vector]})
         return f"{image}: embedding of {vector.shape[0]} floats, first {', '.join(f'{x:.4f}' for x in vector[:4])}"
-    predictions = pipeline(image, labels=_labels(args), templates=args.templates, top_k=args.top_k)
+    top_k = DEFAULT_TOP_K if args.top_k is None else args.top_k
+    predictions = pipeline(image, labels=_labels(args), templates=args.templates, top_k=top_k)
     if args.json:
         return json.dumps({"image": image, "predictions": predictions})
     return f"{image}: " + ", ".join(f"{p['label']} ({p['score']:.3f})" for p in predictions)
@@ -228,6 +240,15 @@ def cmd_doctor(args) -> int:
     return 0
 
 
+def _bundled_configs() -> list[str]:
+    """The config names --random-weights knows (export/data/configs), or none without the exporter's package."""
+    try:
+        from mmedge.export.loading import known_random_configs
+    except ImportError:
+        return []
+    return known_random_configs()
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad command line is one ``mmedge: error:`` line (what, then what to do), exit 2."""
 
@@ -243,28 +264,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mmedge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    exp = sub.add_parser("export", help="export a checkpoint to an artifact folder (host side; needs mmedge[export])")
+    bundled = _bundled_configs()
+    exp = sub.add_parser("export", help="export a checkpoint to an artifact folder (host side; needs mmedge[export])",
+                         description="Export a checkpoint to a validated artifact folder. An option that would change "
+                                     "nothing for the model's family is refused (exit 2), before anything is loaded.")
     exp.add_argument("model", help="hub id, checkpoint folder, or (with --random-weights) a bundled config name")
     exp.add_argument("out", help="artifact folder to write (must not exist unless --overwrite)")
-    exp.add_argument("--task", default=None,
-                     help="CLIP: zero-shot or embed; BLIP-2: caption or vqa (default: the family's first task)")
+    exp.add_argument("--task", default=None, help="CLIP: zero-shot or embed; BLIP-2 and IDEFICS: caption or vqa "
+                                                  "(default: the family's first task)")
     exp.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"], help="encoders (and the LLM unless --llm-precision)")
-    exp.add_argument("--llm-precision", choices=["fp32", "fp16", "int8", "int4"], help="BLIP-2's LLM decoder: int8 dynamic or int4 weight-only")
-    exp.add_argument("--int4-block-size", type=int, default=32, help="INT4: weights per scale (16-256, power of two)")
-    exp.add_argument("--int4-accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
-                     help="INT4 MatMulNBits compute: 4 = int8 activations (fastest on CPU), 0 = unset")
+    exp.add_argument("--llm-precision", choices=["fp32", "fp16", "int8", "int4"],
+                     help="BLIP-2 and IDEFICS: the LLM decoder's precision (int8 dynamic, int4 weight-only); default: --precision")
+    exp.add_argument("--int4-block-size", type=int, default=None, help="INT4 LLM: weights per scale (16-256, power of two; default 32)")
+    exp.add_argument("--int4-accuracy-level", type=int, default=None, choices=[0, 1, 2, 3, 4],
+                     help="INT4 LLM, MatMulNBits compute: 4 (default) = int8 activations (fastest on CPU), 0 = unset")
     exp.add_argument("--split-prefix", action="store_true", help="BLIP-2: vision and Q-Former as two graphs, not one prefix graph")
     exp.add_argument("--recompute-cross-kv", action="store_true",
                      help="IDEFICS: the decoder recomputes cross-attention K/V from the visual tokens every step "
                           "(as transformers does) instead of taking them once per image set; for comparison")
-    exp.add_argument("--quantization", default="dynamic", choices=["dynamic", "static"],
-                     help="INT8 recipe: dynamic (fastest on CPU, no calibration) or static QDQ (calibrated; for TensorRT)")
+    exp.add_argument("--quantization", default=None, choices=["dynamic", "static"],
+                     help="INT8 recipe: dynamic (default; fastest on CPU, no calibration) or static QDQ of the "
+                          "encoders (calibrated; for TensorRT; needs --precision int8)")
     exp.add_argument("--labels", nargs="*", help="bake these labels into one zero-shot graph (no text encoder on the device)")
-    exp.add_argument("--labels-file", help="file with one label per line (added to --labels)")
-    exp.add_argument("--templates", nargs="+", help="prompt templates with '{}' for the label (default: 'a photo of a {}.')")
-    exp.add_argument("--calibration", metavar="DIR", help="folder of images for static INT8 calibration (default: bundled photos)")
-    exp.add_argument("--calibration-method", default="percentile", choices=["minmax", "percentile", "entropy"])
-    exp.add_argument("--random-weights", action="store_true", help="build the architecture with random weights (offline benchmarks)")
+    exp.add_argument("--labels-file", help="CLIP: file with one label per line (added to --labels)")
+    exp.add_argument("--templates", nargs="+", help="CLIP with --labels: prompt templates with '{}' for the label, baked "
+                                                     "in (default: 'a photo of a {}.'); at --precision int8 also the "
+                                                     "text graph's calibration and fidelity prompts")
+    exp.add_argument("--calibration", metavar="DIR", help="static INT8: folder of images to calibrate on (default: bundled photos)")
+    exp.add_argument("--calibration-method", default=None, choices=["minmax", "percentile", "entropy"],
+                     help="static INT8: how activation ranges are set from the calibration images (default: percentile)")
+    exp.add_argument("--fidelity-images", metavar="DIR",
+                     help="quantized exports: folder of images to measure fidelity vs FP32 on, recorded in the manifest "
+                          "(default: the --calibration folder, else bundled held-out photos)")
+    exp.add_argument("--random-weights", action="store_true",
+                     help="build the architecture with random weights (offline benchmarks); MODEL is a checkpoint folder "
+                          "or a bundled config: " + (", ".join(bundled) or "(the exporter is not installed)"))
     exp.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin weights (loaded with weights_only=True)")
     exp.add_argument("--with-pytorch", action="store_true",
                      help="also write the checkpoint's safetensors weights (pytorch/) for the torch backend")
@@ -278,13 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, default=None, help="CPU threads per graph")
         p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    run = sub.add_parser("run", help="run an artifact on images")
-    run.add_argument("artifact")
-    run.add_argument("images", nargs="+")
-    run.add_argument("--labels", nargs="*", help="labels for zero-shot (not needed when baked in)")
-    run.add_argument("--labels-file")
-    run.add_argument("--templates", nargs="+")
-    run.add_argument("--top-k", type=int, default=5, help="zero-shot: labels to show")
+    run = sub.add_parser("run", help="run an artifact on images",
+                         description="Run an artifact on images. An option the artifact's task would not use is refused (exit 2).")
+    run.add_argument("artifact", help="artifact folder (written by mmedge export or mmedge demo)")
+    run.add_argument("images", nargs="+", help="image files (with --interleaved: images and text, in prompt order)")
+    run.add_argument("--labels", nargs="*", help="zero-shot with two graphs: labels to classify against")
+    run.add_argument("--labels-file", help="zero-shot: file with one label per line (added to --labels)")
+    run.add_argument("--templates", nargs="+", help="zero-shot: prompt templates with '{}' for the label "
+                                                     "(default: 'a photo of a {}.')")
+    run.add_argument("--top-k", type=int, default=None, help=f"zero-shot: labels to show (default {DEFAULT_TOP_K})")
     run.add_argument("--task", default=None, choices=["zero-shot", "embed", "caption", "vqa"])
     cap = run.add_argument_group("captioning (BLIP-2, IDEFICS)")
     cap.add_argument("--prompt", help="text the caption continues, e.g. 'a photo of'")

@@ -34,7 +34,7 @@ import threading
 from dataclasses import dataclass, field
 
 from mmedge.device import DeviceProbe
-from mmedge.errors import BackendUnavailableError
+from mmedge.errors import BackendUnavailableError, InputError
 from mmedge.manifest import decoder_settings
 from mmedge.runtimes.kv_decoder import context_inputs
 from mmedge.runtimes.registry import BACKENDS, require_installed
@@ -282,12 +282,12 @@ def ort_options(probe: DeviceProbe, providers: tuple[str, ...], component: dict)
 
 
 def _check_request(backend: str, device: str) -> None:
+    """A name that is no backend or device at all is bad input (InputError, exit 2), not an absent backend (exit 4)."""
     if backend != "auto" and (not isinstance(backend, str) or backend not in BACKENDS):
-        raise BackendUnavailableError(f"unknown backend '{backend}'", f"'auto' or one of {', '.join(BACKENDS)}",
-                                      "pass --backend auto to let mmedge choose")
+        raise InputError(f"unknown backend '{backend}'", f"'auto' or one of {', '.join(BACKENDS)}",
+                         "pass --backend auto to let mmedge choose")
     if not isinstance(device, str) or device not in DEVICES:
-        raise BackendUnavailableError(f"unknown device '{device}'", f"one of {', '.join(DEVICES)}",
-                                      "pass --device auto, cpu or cuda")
+        raise InputError(f"unknown device '{device}'", f"one of {', '.join(DEVICES)}", "pass --device auto, cpu or cuda")
 
 
 def _ort_providers(probe: DeviceProbe, device: str, explicit: bool, reasons: list[str]) -> tuple[str, ...]:

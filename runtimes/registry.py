@@ -6,7 +6,7 @@ import importlib
 from dataclasses import dataclass
 from types import ModuleType
 
-from mmedge.errors import BackendUnavailableError
+from mmedge.errors import BackendUnavailableError, InputError
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,8 @@ BACKENDS: dict[str, BackendInfo] = {
 
 
 def _info(name: str) -> BackendInfo:
-    if name not in BACKENDS:
-        raise BackendUnavailableError(
+    if name not in BACKENDS:  # no such backend at all: bad input, not an absent one
+        raise InputError(
             f"unknown backend '{name}'",
             f"one of {', '.join(BACKENDS)} or 'auto'",
             "pass backend='auto' to let mmedge choose",

@@ -6,6 +6,8 @@
 """
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,3 +110,14 @@ def demo_blip2_with_pytorch(tmp_path_factory):
     if carried and (Path(carried) / "demo-blip2" / "manifest.json").is_file():
         return Path(carried) / "demo-blip2"
     return export_pytorch_artifact("demo-blip2", {}, tmp_path_factory.mktemp("demo-blip2") / "fp32")
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`mmedge demo --images 2` into a fresh cache (``<root>/demo``, so ``MMEDGE_CACHE=<root>`` finds it), run through
+    the CLI once per session; returns (cache, stdout, stderr)."""
+    cache = tmp_path_factory.mktemp("mmedge-cache") / "demo"
+    result = subprocess.run([sys.executable, "-m", "mmedge.cli", "demo", "--cache", str(cache), "--images", "2"],
+                            capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stderr
+    return cache, result.stdout, result.stderr

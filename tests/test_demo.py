@@ -1,6 +1,6 @@
 """The shipped demo models, `mmedge demo`, `mmedge bench` and the examples.
 
-One demo run (2 images) exports the four demo artifacts into a module-wide cache; the score tests measure
+One demo run (2 images, the session's ``demo_run`` fixture) exports the demo artifacts into a cache; the score tests measure
 the shipped models through those artifacts on a seeded slice of the test split the model cards were
 measured on (``examples/scenes.py``), so CI checks the claims without retraining anything.
 """
@@ -17,6 +17,7 @@ import pytest
 
 import mmedge
 from mmedge import demo
+from mmedge.artifact import Artifact
 from mmedge.cli import main
 from mmedge.images import load_image
 
@@ -29,16 +30,6 @@ ZERO_SHOT_FLOOR, CAPTION_FLOOR, VQA_FLOOR = 0.90, 0.70, 0.90
 INT8_AGREEMENT_FLOOR, INT4_IDENTITY_FLOOR = 0.99, 0.90
 SLICE = 240  # test scenes per measurement: the first half of the split the cards report on
 MAX_SHIPPED_BYTES = 15_000_000
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """`mmedge demo --images 2` into a fresh cache, run through the CLI; returns (cache, stdout, stderr)."""
-    cache = tmp_path_factory.mktemp("demo-cache")
-    result = subprocess.run([sys.executable, "-m", "mmedge.cli", "demo", "--cache", str(cache), "--images", "2"],
-                            capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    return cache, result.stdout, result.stderr
 
 
 def artifact(demo_run, name: str) -> Path:
@@ -139,11 +130,12 @@ def test_demo_runs_end_to_end(demo_run):
     truth = demo.truth()
     first = next(iter(truth["images"]))
     assert first in out and truth["images"][first]["caption"] in out
-    for name in ("clip-fp32", "clip-int8", "blip2-fp32", "blip2-int4"):
+    for name in ("clip-fp32", "clip-int8", "clip-two-graph", "blip2-fp32", "blip2-int4"):
         assert (cache / name / "manifest.json").is_file()
         assert name in out
         assert f"exporting {name}" in err
-    assert "0 of 4 artifacts reused" in out
+    assert "0 of 5 artifacts reused" in out
+    assert Artifact.open(cache / "clip-two-graph").manifest["tasks"] == ["zero-shot", "embed"]  # labels at run time
     assert "latency/image" in out and "same as FP32" in out and " MB" in out
 
 
@@ -189,37 +181,100 @@ def test_demo_rejects_a_bad_image_count(tmp_path, capsys):
 
 
 # --- mmedge bench -----------------------------------------------------------------------------------
-def test_bench_reports_latency_throughput_memory(demo_run, capsys):
-    paths = [str(artifact(demo_run, n)) for n in ("clip-fp32", "clip-int8")]
-    assert main(["bench", *paths, "--runs", "3", "--batch", "2", "--json"]) == 0
-    results = json.loads(capsys.readouterr().out)
-    for r in results:
-        assert r["latency_ms"]["median"] > 0 and r["throughput"]["per_second"] > 0
-        assert r["memory"]["peak_rss_bytes"] > 10 * 2**20
-    assert results[0]["fidelity"]["metric"] == "reference"
-    assert results[1]["precision"] == "int8" and results[1]["fidelity"]["metric"] == "top1_agreement"
-    assert 0.0 <= results[1]["fidelity"]["value"] <= 1.0  # measured at export, on held-out photos
-    assert results[1]["size_bytes"] < results[0]["size_bytes"]
-
-
-def test_bench_captioner_table(demo_run, capsys):
-    assert main(["bench", str(artifact(demo_run, "blip2-int4")), "--runs", "2", "--batch", "2"]) == 0
-    out = capsys.readouterr().out
-    assert "blip2-int4" in out and "int8 + int4 decoder" in out and "captions/s" in out
-
-
-def test_bench_plot(demo_run, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def bench_json(demo_run, tmp_path_factory):
+    """`mmedge bench --json --plot` over three demo artifacts (an FP32 reference, each fidelity metric), once:
+    (results, stdout, stderr, plot path)."""
     pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the 'plot' extra)")
-    out = tmp_path / "precisions.png"
-    paths = [str(artifact(demo_run, n)) for n in ("blip2-fp32", "blip2-int4")]
-    assert main(["bench", *paths, "--runs", "2", "--batch", "2", "--plot", str(out)]) == 0
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    plot = tmp_path_factory.mktemp("bench") / "precisions.png"
+    paths = [str(artifact(demo_run, n)) for n in ("clip-fp32", "clip-int8", "blip2-int4")]
+    result = subprocess.run([sys.executable, "-m", "mmedge.cli", "bench", *paths, "--runs", "3", "--batch", "2", "--json",
+                             "--plot", str(plot)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout), result.stdout, result.stderr, plot
 
 
-def test_bench_plot_without_matplotlib_names_the_extra(demo_run, monkeypatch, capsys):
+def test_bench_reports_load_latency_throughput_memory(bench_json):
+    results = bench_json[0]
+    for r in results:
+        assert r["load_ms"] > 0 and r["latency_ms"]["median"] > 0 and r["throughput"]["per_second"] > 0
+        assert r["latency_ms"]["calls"] >= 3 and isinstance(r["settled"], bool)
+        assert r["memory"]["peak_rss_bytes"] > 10 * 2**20
+    clip_fp32, clip_int8, blip2_int4 = results
+    assert clip_fp32["fidelity"]["metric"] == "reference"
+    assert clip_int8["precision"] == "int8" and clip_int8["fidelity"]["metric"] == "top1_agreement"
+    assert 0.0 <= clip_int8["fidelity"]["value"] <= 1.0  # measured at export, on held-out photos
+    assert clip_int8["size_bytes"] < clip_fp32["size_bytes"]
+    assert blip2_int4["fidelity"]["metric"] == "greedy_identical_share" and blip2_int4["task"] == "caption"
+
+
+def test_bench_with_json_and_plot_keeps_stdout_json(bench_json):
+    _, out, err, plot = bench_json
+    json.loads(out)  # nothing but the JSON
+    assert f"wrote {plot}" in err and "wrote" not in out
+
+
+def test_bench_table_has_a_load_column(bench_json):
+    from mmedge.bench import format_table
+
+    table = format_table(bench_json[0]).splitlines()
+    assert table[0].split()[:5] == ["artifact", "precision", "backend", "size", "load"]
+    assert "int8 + int4 decoder" in table[-1] and "captions/s" in table[-1] and " ms " in table[-1]
+
+
+def test_bench_plot_names_each_measure_on_its_own_axis(bench_json):
+    """Fidelity axes are named, CLIP's top-1 agreement and BLIP-2's greedy identity apart, FP32 a reference line;
+    throughput and peak memory are drawn too."""
+    from mmedge.bench_plot import figure
+
+    results, _, _, plot = bench_json
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+    axes = {axis.get_title(): axis for axis in figure(results).axes if axis.get_visible()}
+    titles = " | ".join(axes)
+    for words in ("latency", "throughput", "peak resident memory", "size", "zero-shot top-1 agreement with FP32",
+                  "greedy captions identical to FP32"):
+        assert words in titles, (words, titles)
+    top1 = next(a for t, a in axes.items() if "top-1" in t)
+    greedy = next(a for t, a in axes.items() if "greedy" in t)
+    assert [t.get_text() for t in top1.get_xticklabels()] == ["clip-int8\nint8"]  # FP32 is the line, not a bar
+    assert [t.get_text() for t in greedy.get_xticklabels()] == ["blip2-int4\nint8 + int4 decoder"]
+    for axis in (top1, greedy):
+        assert [line.get_label() for line in axis.lines] == ["FP32 (reference)"] and axis.lines[0].get_ydata()[0] == 1.0
+
+
+def test_bench_plot_without_matplotlib_fails_before_measuring(demo_run, monkeypatch, capsys):
+    import mmedge.bench as bench
+
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    assert main(["bench", str(artifact(demo_run, "clip-int8")), "--runs", "1", "--batch", "1", "--plot", "x.png"]) == 2
+    monkeypatch.setattr(bench, "run_children", lambda *a: pytest.fail("measured before checking for matplotlib"))
+    assert main(["bench", str(artifact(demo_run, "clip-int8")), "--plot", "x.png"]) == 2
     assert 'pip install "mmedge[plot]"' in capsys.readouterr().err
+
+
+def test_bench_runs_from_the_folder_holding_a_checkout(demo_run, tmp_path, monkeypatch, capsys):
+    """A folder with an `mmedge/` folder in it (a clone's parent, or a clone) does not shadow the installed mmedge in
+    the measuring process."""
+    (tmp_path / "mmedge").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", str(artifact(demo_run, "clip-int8")), "--runs", "1", "--batch", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["precision"] == "int8"
+
+
+def test_bench_names_the_real_cause_when_its_process_cannot_measure(demo_run, tmp_path, monkeypatch, capsys):
+    """A measuring process that imports another mmedge (here a shadowing package on PYTHONPATH) fails with what went
+    wrong and where its mmedge came from; the artifact is not blamed."""
+    (tmp_path / "shadow" / "mmedge").mkdir(parents=True)
+    (tmp_path / "shadow" / "mmedge" / "__init__.py").write_text("")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "shadow"))
+    assert main(["bench", str(artifact(demo_run, "clip-int8")), "--runs", "1", "--batch", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "failed before it could measure" in err and "has no attribute 'load'" in err
+    assert str(tmp_path / "shadow" / "mmedge") in err and "mmedge validate" not in err
+
+
+def test_bench_refuses_labels_it_would_not_use(demo_run, capsys):
+    assert main(["bench", str(artifact(demo_run, "clip-int8")), "--labels", "cat", "dog"]) == 2
+    assert "--labels would change nothing" in capsys.readouterr().err
 
 
 def test_bench_refuses_a_folder_that_is_not_an_artifact(tmp_path, capsys):

@@ -11,7 +11,7 @@ from PIL import Image
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
 from mmedge.artifact import Artifact, sha256_file
-from mmedge.errors import ExportError
+from mmedge.errors import InputError
 from mmedge.export import export_model
 from mmedge.export.families.blip2 import Blip2Family
 from mmedge.export.int4 import dequantize_rows
@@ -261,7 +261,7 @@ def test_int4_llm_with_its_table_is_much_smaller(artifacts):
                                              ({"extra": {"fused": True}}, "unknown BLIP-2 export setting"),
                                              ({"labels": ["cat"]}, "--labels")])
 def test_bad_options_fail_before_writing(tiny_blip2_dir, tmp_path, overrides, match):
-    with pytest.raises(ExportError, match=match):
+    with pytest.raises(InputError, match=match):
         export_model(str(tiny_blip2_dir), tmp_path / "out", progress=False, **overrides)
     assert list(tmp_path.iterdir()) == []
 

@@ -10,7 +10,7 @@ from transformers import CLIPModel
 
 import mmedge
 from mmedge.artifact import Artifact, sha256_file
-from mmedge.errors import ArtifactError, ExportError, ModelLoadError
+from mmedge.errors import ArtifactError, InputError, ModelLoadError
 from mmedge.export import export_model
 
 
@@ -123,7 +123,7 @@ def test_export_refuses_existing_folder_and_leaves_it_untouched(tiny_clip_dir, t
 
 
 def test_failed_export_leaves_no_folder(tiny_clip_dir, tmp_path):
-    with pytest.raises(ExportError):
+    with pytest.raises(InputError, match="not a CLIP task"):
         export_model(str(tiny_clip_dir), tmp_path / "b", task="caption", progress=False)
     assert list(tmp_path.iterdir()) == []
 
@@ -172,3 +172,24 @@ def test_graphs_over_the_protobuf_limit_use_one_external_data_file(tiny_clip_dir
         handle.write(b"\x01\x02\x03\x04")
     with pytest.raises(IntegrityError, match="vision.onnx.data"):
         mmedge.load(out)
+
+
+def test_fidelity_is_measured_on_the_images_asked_for(clip_artifacts, tiny_clip_dir, tmp_path):
+    """--fidelity-images DIR measures a quantized export on the user's own kind of images (the calibration folder
+    by default for static INT8, else the bundled held-out photos) and the manifest says which."""
+    from mmedge.demo import images
+
+    default = manifest(clip_artifacts("int8-dynamic"))["components"]["vision"]["parity"]["fidelity"]
+    assert default["images"] == "bundled held-out photos (8)" and default["held_out_images"] == 32  # 4 views each
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    for path in images(3):
+        (scenes / path.name).write_bytes(path.read_bytes())
+    own = export_model(str(tiny_clip_dir), tmp_path / "own", precision="int8", fidelity=str(scenes), progress=False)
+    fidelity = manifest(own)["components"]["vision"]["parity"]["fidelity"]
+    assert fidelity["images"] == "scenes/ (3 images)" and fidelity["held_out_images"] == 12
+    from mmedge.export.calibration import fidelity_paths
+    from mmedge.export.pipeline import ExportOptions
+
+    static = ExportOptions(precision="int8", quantization="static", calibration=str(scenes))
+    assert fidelity_paths(static)[1] == "scenes/ (3 images)"  # what the static export measures on (the same path)

@@ -5,7 +5,7 @@ import pytest
 
 from mmedge.artifact import Artifact, atomic_folder
 from mmedge.device import DeviceProbe, GpuInfo, _cpu_flags, parse_jetson
-from mmedge.errors import ArtifactError, BackendError, BackendUnavailableError, FeedError
+from mmedge.errors import ArtifactError, BackendError, BackendUnavailableError, FeedError, InputError
 from mmedge.runtimes.onnxruntime import OnnxRuntimeRunner, OrtOptions, _provider_options
 from mmedge.selection import plan
 
@@ -107,16 +107,18 @@ def test_cuda_requested_on_cpu_box_fails_loudly():
 
 
 @pytest.mark.parametrize("backend,match", [("tensorrt", "needs the Python package 'cuda-python'"),
-                                           ("torch", "needs the Python packages 'torch' and 'transformers'"),
-                                           ("openvino", "unknown backend")])
+                                           ("torch", "needs the Python packages 'torch' and 'transformers'")])
 def test_named_backend_never_silently_replaced(backend, match):
     with pytest.raises(BackendUnavailableError, match=match):
         plan(DESKTOP_RTX, MANIFEST, backend=backend)
 
 
-def test_unknown_device():
-    with pytest.raises(BackendUnavailableError, match="unknown device"):
-        plan(CPU_BOX, MANIFEST, device="tpu")
+def test_unknown_backend_and_device_are_bad_input():
+    """A name that is no backend (or device) at all is a mistyped argument (exit 2), not an absent backend (exit 4)."""
+    for request in ({"backend": "openvino"}, {"device": "tpu"}):
+        with pytest.raises(InputError, match="unknown (backend|device)") as caught:
+            plan(CPU_BOX, MANIFEST, **request)
+        assert not isinstance(caught.value, BackendUnavailableError) and caught.value.exit_code == 2
 
 
 def test_probe_parsers():

@@ -38,9 +38,13 @@ class Faulty:
         self.decoder.reorder(self.rows(rows) if self.rows else rows)
 
 
-@pytest.fixture
-def pair(blip2_artifact, photos):
-    """(reference, candidate pipeline, the batch's inputs) on the tiny random BLIP-2, whose margins vary widely."""
+@pytest.fixture(scope="module")
+def pair(blip2_artifact):
+    """(reference, candidate pipeline, the batch's inputs) on the tiny random BLIP-2, whose margins vary widely.
+    Every comparison starts both decoders afresh, so one pair serves the module."""
+    from tests.conftest import HOLDOUT
+
+    photos = [str(p) for p in HOLDOUT]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference, other = mmedge.load(blip2_artifact, backend="onnxruntime"), mmedge.load(blip2_artifact, backend="onnxruntime")

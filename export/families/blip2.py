@@ -96,7 +96,6 @@ class Blip2Family(GenerativeFamily):
 
     # --- what gets exported ----------------------------------------------------------------------
     def specs(self, loaded, options) -> list:
-        self.check_options(options)
         model = loaded.model
         if not model.config.use_decoder_only_language_model:
             raise ExportError("this BLIP-2 checkpoint uses an encoder-decoder LLM (Flan-T5)",
@@ -234,13 +233,14 @@ class Blip2Family(GenerativeFamily):
         The decoder is fed FP32 prefixes, so its figures are its own; each side embeds prompt and
         generated tokens with its own table (the quantized one with the stored quantized table).
         """
-        from mmedge.export.calibration import holdout_images
+        from mmedge.export.calibration import fidelity_paths, holdout_images
 
         options = builder.options
+        photos, _ = fidelity_paths(options)
         measured: dict[str, dict] = {}
         encoders = [name for name in ENCODERS if name in quantized]
         if encoders:
-            pixels = builder.preprocessor(holdout_images())  # [views, 3, height, width]
+            pixels = builder.preprocessor(holdout_images(photos))  # [views, 3, height, width]
             for name in encoders:
                 measured[name] = _encoder_fidelity(name, run, fp32, quantized, pixels)
                 if measured[name]["embedding_cosine_mean"] < options.min_quantized_cosine:
@@ -248,19 +248,19 @@ class Blip2Family(GenerativeFamily):
                                       options.min_quantized_cosine,
                                       "use more representative --calibration images, --quantization dynamic, or --precision fp16")
         if "decoder" in quantized:
-            measured["decoder"] = self._decoder_fidelity(fp32, quantized, builder)
+            measured["decoder"] = self._decoder_fidelity(fp32, quantized, builder, photos)
             floor = float(self.setting(options, "min_logits_cosine"))
             if measured["decoder"]["logits_cosine_mean"] < floor:
                 raise ParityError("decoder", "logits", "cosine", measured["decoder"]["logits_cosine_mean"], floor,
                                   "use --llm-precision int8 or a smaller --int4-block-size (e.g. 32)")
         return measured
 
-    def _decoder_fidelity(self, fp32, quantized, builder) -> dict:
-        from mmedge.export.calibration import bundled, load_calibration_image
+    def _decoder_fidelity(self, fp32, quantized, builder, photos) -> dict:
+        from mmedge.export.calibration import load_calibration_image
 
         options, llm = builder.options, builder.loaded.model.language_model
         count = int(self.setting(options, "fidelity_images"))
-        pixels = builder.preprocessor([load_calibration_image(p) for p in bundled("holdout")[:count]])
+        pixels = builder.preprocessor([load_calibration_image(p) for p in photos[:count]])
         prefix = _fp32_prefix(fp32, pixels, options.threads)  # [images, queries, width]
         precision = options.llm_precision or options.precision
         entry = getattr(builder.loaded, "_blip2_embeddings", None) or self.write_embeddings(builder)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmedge.errors import ExportError, ParityError
+from mmedge.errors import ParityError
 from mmedge.export.specs.clip import ClipText, ClipVision, ClipZeroShot, _FusedZeroShot, _ImageEmbeds, _TextEmbeds
 from mmedge.metrics import cosine_rows, top1_agreement
 from mmedge.pipelines.common import l2_normalize
@@ -19,9 +19,11 @@ TASKS = ("zero-shot", "embed")
 
 
 class ClipFamily:
-    name = "clip"
+    name, label = "clip", "CLIP"
     model_types = ("clip",)
-    default_task = "zero-shot"
+    default_task, tasks = "zero-shot", TASKS
+    has_llm = False
+    extra_defaults: dict = {}  # no family settings
 
     @staticmethod
     def model_class():
@@ -46,19 +48,10 @@ class ClipFamily:
         vocab["<|endoftext|>"] = text.eos_token_id
         return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=text.max_position_embeddings)
 
-    # --- what gets exported ----------------------------------------------------------------------
-    def check_task(self, task: str) -> None:
-        if task not in TASKS:
-            raise ExportError(f"task '{task}' is not a CLIP task", f"one of {', '.join(TASKS)}",
-                              "pass --task zero-shot or --task embed")
-
+    # --- what gets exported (options checked by mmedge.export.option_checks) ----------------------
     def specs(self, loaded, options) -> list:
-        task, labels, templates = options.task, options.labels, options.templates
-        self.check_task(task)
+        labels, templates = options.labels, options.templates
         if labels:
-            if task != "zero-shot":
-                raise ExportError("--labels was given with --task embed", "--labels only with --task zero-shot",
-                                  "drop --labels, or use --task zero-shot")
             bank = self.label_bank(loaded, check_labels(labels), check_templates(templates))
             return [ClipZeroShot(loaded.model, bank, self.logit_scale(loaded))]
         return [ClipVision(loaded.model), ClipText(loaded.model)]
@@ -133,7 +126,11 @@ class ClipFamily:
 
         ``run(path, feeds)`` runs one graph in ONNX Runtime CPU. Past ``min_quantized_cosine`` the export fails.
         """
-        measured = self._fidelity(run, fp32, quantized, builder.preprocessor, builder.tokenizer, builder.options.templates)
+        from mmedge.export.calibration import fidelity_paths
+
+        photos, _ = fidelity_paths(builder.options)
+        measured = self._fidelity(run, fp32, quantized, builder.preprocessor, builder.tokenizer, builder.options.templates,
+                                  photos)
         floor = builder.options.min_quantized_cosine
         for name, figures in measured.items():
             if figures["embedding_cosine_mean"] < floor:
@@ -142,10 +139,10 @@ class ClipFamily:
                                   "or --precision fp16")
         return measured
 
-    def _fidelity(self, run, fp32, quantized, preprocessor, tokenizer, templates) -> dict[str, dict]:
+    def _fidelity(self, run, fp32, quantized, preprocessor, tokenizer, templates, photos) -> dict[str, dict]:
         from mmedge.export.calibration import holdout_images
 
-        pixels = preprocessor(holdout_images())  # [views, 3, height, width]
+        pixels = preprocessor(holdout_images(photos))  # [views, 3, height, width]
         feeds = {"pixel_values": pixels}
         note = {"reference": "onnx-fp32", "held_out_images": int(len(pixels))}
         if "zero_shot" in fp32:

@@ -1,22 +1,8 @@
-"""What every generative family (BLIP-2, IDEFICS) shares: option checks, settings, per-component precision."""
+"""What every generative family (BLIP-2, IDEFICS) shares: settings, per-component precision.
+
+Their options are checked with every family's by ``mmedge.export.option_checks`` before anything is loaded."""
 
 from __future__ import annotations
-
-from mmedge.errors import ExportError
-
-
-def check_generative_options(options, family_label: str, tasks: tuple[str, ...], extra_defaults: dict) -> None:
-    """A captioning/VQA task, no CLIP label options, and only the family's own ``extra`` settings."""
-    if options.task not in tasks:
-        raise ExportError(f"task '{options.task}' is not a {family_label} task", f"one of {', '.join(tasks)}",
-                          "pass --task " + " or --task ".join(tasks))
-    if options.labels or options.templates:
-        raise ExportError(f"--labels/--templates were given for a {family_label} model", "label options only for CLIP",
-                          "drop --labels and --templates")
-    unknown = sorted(set(options.extra) - set(extra_defaults))
-    if unknown:
-        raise ExportError(f"unknown {family_label} export setting(s) {unknown}", f"only {sorted(extra_defaults)}",
-                          "check the spelling of the extra settings")
 
 
 class GenerativeFamily:
@@ -24,12 +10,10 @@ class GenerativeFamily:
     (the ``ExportOptions.extra`` settings they accept, with defaults)."""
 
     default_task = "caption"
+    has_llm = True
     label: str
     tasks: tuple[str, ...]
     extra_defaults: dict
-
-    def check_options(self, options) -> None:
-        check_generative_options(options, self.label, self.tasks, self.extra_defaults)
 
     def setting(self, options, key: str):
         return options.extra.get(key, self.extra_defaults[key])

@@ -92,7 +92,6 @@ class IdeficsFamily(GenerativeFamily):
 
     # --- what gets exported ----------------------------------------------------------------------
     def specs(self, loaded, options) -> list:
-        self.check_options(options)
         model = loaded.model
         encoders = [FlamingoVision(model)]
         if model.config.use_resampler:
@@ -225,11 +224,12 @@ class IdeficsFamily(GenerativeFamily):
     def quantized_fidelity(self, run, fp32: dict[str, Path], quantized: dict[str, Path], builder) -> dict[str, dict]:
         """Encoders: output cosine on held-out photos. Decoder: prefill logits cosine and greedy identity vs
         FP32 on held-out photos × prompts, both fed the FP32 encoders' cross K/V."""
-        from mmedge.export.calibration import holdout_images
+        from mmedge.export.calibration import fidelity_paths, holdout_images
 
         options = builder.options
+        photos, _ = fidelity_paths(options)
         measured: dict[str, dict] = {}
-        pixels = builder.preprocessor(holdout_images())  # [views, 3, height, width]
+        pixels = builder.preprocessor(holdout_images(photos))  # [views, 3, height, width]
         feeds = {"vision": {"pixel_values": pixels}}
         features = run(fp32["vision"], feeds["vision"])["image_features"]
         feeds["resampler"] = {"image_features": features}
@@ -242,19 +242,19 @@ class IdeficsFamily(GenerativeFamily):
                                   options.min_quantized_cosine,
                                   "use more representative --calibration images, --quantization dynamic, or --precision fp16")
         if "decoder" in quantized:
-            measured["decoder"] = self._decoder_fidelity(fp32, quantized, builder)
+            measured["decoder"] = self._decoder_fidelity(fp32, quantized, builder, photos)
             floor = float(self.setting(options, "min_logits_cosine"))
             if measured["decoder"]["logits_cosine_mean"] < floor:
                 raise ParityError("decoder", "logits", "cosine", measured["decoder"]["logits_cosine_mean"], floor,
                                   "use --llm-precision int8 or a smaller --int4-block-size (e.g. 32)")
         return measured
 
-    def _decoder_fidelity(self, fp32, quantized, builder) -> dict:
-        from mmedge.export.calibration import bundled, load_calibration_image
+    def _decoder_fidelity(self, fp32, quantized, builder, paths) -> dict:
+        from mmedge.export.calibration import load_calibration_image
         from mmedge.generation import GenerationConfig, generate
 
         options, loaded = builder.options, builder.loaded
-        photos = [load_calibration_image(p) for p in bundled("holdout")[: int(self.setting(options, "fidelity_images"))]]
+        photos = [load_calibration_image(p) for p in paths[: int(self.setting(options, "fidelity_images"))]]
         table = _load_table(builder.stage / EMBEDDINGS_FILE, loaded._idefics_embeddings)
         sessions = {name: _session(path, options.threads) for name, path in fp32.items() if name != "decoder"}
         inputs = host_inputs(builder, lambda name, feeds: _outputs(sessions[name], feeds))  # FP32 encoders, both sides

@@ -21,6 +21,11 @@ does not:
 4. **Not vacuous.** At least ``min_decided`` of the greedy steps must be safe; otherwise the bound is too wide for
    the comparison to say anything and it fails, naming the bound.
 
+What catches what: a wrong cache, mask, position or weight fails 1; a candidate whose own generation differs from
+its teacher-forced path (state kept between calls, a captured CUDA graph replaying stale inputs, run-to-run noise
+beyond the bound) fails 3; an error so large that most margins fall within it fails 4. Rounding alone cannot fail
+any of them: the bound is measured, so a correct backend's near-ties are always excused, on any CPU or GPU.
+
 Only the plain search is supported (no repetition penalty, ``min_new_tokens``, stop strings or sampling), since
 the margins are read from raw logits.
 """

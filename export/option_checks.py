@@ -1,0 +1,91 @@
+"""Export options checked against the model's family before anything is loaded.
+
+An option that would change nothing (``--llm-precision`` for CLIP, ``--quantization static`` at FP32, ``--labels``
+for a captioning model, ...) is refused with the reason, never ignored. Each rule says when its option does
+something; ``check_export_options`` applies them all, with the task and the family's own settings.
+"""
+
+from __future__ import annotations
+
+from mmedge.errors import InputError
+from mmedge.idle_options import Rule, refuse_idle
+
+# ExportOptions.extra settings the CLI sets with a flag of its own
+EXTRA_FLAGS = {"fused_prefix": "--split-prefix", "cached_cross_kv": "--recompute-cross-kv"}
+
+
+def _llm(options) -> str | None:
+    return options.llm_precision or options.precision
+
+
+def _quantized(options, family) -> bool:
+    return options.precision == "int8" or (family.has_llm and _llm(options) in ("int8", "int4"))
+
+
+def _static(options, family) -> bool:
+    return options.precision == "int8" and options.quantization == "static"
+
+
+RULES = (
+    Rule("--llm-precision", lambda o: o.llm_precision is not None, lambda o, f: f.has_llm,
+         "a model with a language model (BLIP-2, IDEFICS)", "drop --llm-precision: --precision sets every graph"),
+    Rule("--quantization static", lambda o: o.quantization == "static", lambda o, f: o.precision == "int8",
+         "--precision int8 (static calibration quantizes the encoders; an INT8 LLM is always dynamic)",
+         "add --precision int8, or drop --quantization"),
+    Rule("--quantization dynamic", lambda o: o.quantization == "dynamic", lambda o, f: "int8" in (o.precision, _llm(o)),
+         "an INT8 graph (--precision int8 or --llm-precision int8)", "add --precision int8, or drop --quantization"),
+    Rule("--int4-block-size", lambda o: o.int4_block_size is not None, lambda o, f: f.has_llm and _llm(o) == "int4",
+         "an INT4 LLM (--llm-precision int4)", "add --llm-precision int4, or drop --int4-block-size"),
+    Rule("--int4-accuracy-level", lambda o: o.int4_accuracy_level is not None,
+         lambda o, f: f.has_llm and _llm(o) == "int4", "an INT4 LLM (--llm-precision int4)",
+         "add --llm-precision int4, or drop --int4-accuracy-level"),
+    Rule("--calibration", lambda o: o.calibration is not None, _static,
+         "static INT8 (--precision int8 --quantization static); dynamic INT8 needs no calibration",
+         "add --quantization static, or pass the folder as --fidelity-images to measure fidelity on it"),
+    Rule("--calibration-method", lambda o: o.calibration_method is not None, _static,
+         "static INT8 (--precision int8 --quantization static)", "add --quantization static, or drop --calibration-method"),
+    Rule("--fidelity-images", lambda o: o.fidelity is not None, _quantized,
+         "a quantized graph (--precision int8, or --llm-precision int8/int4): FP32 and FP16 exports measure no "
+         "fidelity", "add --precision int8, or drop --fidelity-images"),
+    Rule("--labels", lambda o: bool(o.labels), lambda o, f: f.name == "clip" and o.task == "zero-shot",
+         "a CLIP model exported for --task zero-shot", "drop --labels, or export a CLIP checkpoint with --task zero-shot"),
+    Rule("--templates", lambda o: bool(o.templates), lambda o, f: f.name == "clip" and (bool(o.labels) or o.precision == "int8"),
+         "CLIP with --labels (the templates are baked in) or at --precision int8 (its calibration and fidelity prompts)",
+         "add --labels, or pass the templates at run time (mmedge run --templates)"),
+    Rule("--allow-pickle", lambda o: o.allow_pickle, lambda o, f: not o.random_weights,
+         "a checkpoint whose weights are loaded (with --random-weights none are)", "drop --allow-pickle"),
+    *(Rule(flag, lambda o, key=key: key in o.extra, lambda o, f, key=key: key in f.extra_defaults,
+           f"{'a BLIP-2' if key == 'fused_prefix' else 'an IDEFICS'} model", f"drop {flag}")
+      for key, flag in EXTRA_FLAGS.items()),
+)
+
+
+def check_export_options(options, family) -> None:
+    """Raise InputError for a task the family lacks, an unknown family setting, or an option that would do nothing.
+
+    ``options.task`` may be None (the family's default task); ``family`` is the exporter's family object
+    (``name``, ``label``, ``tasks``, ``has_llm``, ``extra_defaults``)."""
+    task = options.task or family.default_task
+    if task not in family.tasks:
+        raise InputError(f"task '{task}' is not a {family.label} task", f"one of {', '.join(family.tasks)}",
+                         "pass --task " + " or --task ".join(family.tasks))
+    unknown = sorted(set(options.extra) - set(family.extra_defaults) - set(EXTRA_FLAGS))
+    if unknown:
+        raise InputError(f"unknown {family.label} export setting(s) {unknown}",
+                         f"only {sorted(family.extra_defaults)}" if family.extra_defaults else "no extra settings",
+                         "check the spelling of the extra settings")
+    settled = _with_task(options, task)
+    refuse_idle(RULES, settled, family, f"in this {family.label} export ({_settings(settled, family)})")
+
+
+def _with_task(options, task: str):
+    from dataclasses import replace
+
+    return replace(options, task=task)
+
+
+def _settings(options, family) -> str:
+    parts = [f"--task {options.task}", f"--precision {options.precision}"]
+    if family.has_llm:
+        parts.append(f"LLM {_llm(options)}")
+    return ", ".join(parts)

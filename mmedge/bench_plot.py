@@ -1,0 +1,95 @@
+"""``mmedge bench --plot``: the measured figures of each artifact side by side, one named axis per quantity.
+
+Panels: latency, throughput, peak resident memory, size, and one panel per fidelity metric the artifacts' manifests
+hold (CLIP's zero-shot top-1 agreement and a captioner's share of greedy captions identical to FP32 are different
+measures, so they never share an axis); FP32 is the reference those are measured against, drawn as a line at 1,
+not as a bar of its own.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from mmedge.errors import MmedgeError
+
+FIDELITY_TITLES = {
+    "top1_agreement": "zero-shot top-1 agreement with FP32",
+    "greedy_identical_share": "greedy captions identical to FP32",
+}
+COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860"]
+
+
+def require_matplotlib():
+    """matplotlib.pyplot (on the Agg backend), or an MmedgeError naming the install command."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MmedgeError("--plot needs matplotlib, which is not installed", "matplotlib importable",
+                          'pip install "mmedge[plot]" (or drop --plot)') from None
+    return plt
+
+
+def _name(result: dict) -> str:
+    return f"{Path(result['artifact']).name}\n{result['precision']}"
+
+
+def _panels(results: list[dict]) -> list[tuple[str, list[dict], list[float], str]]:
+    """(title, the results drawn, their values, label format) per panel."""
+    runs = {r["latency_ms"].get("calls", r["runs"]) for r in results}
+    units = sorted({r["throughput"]["unit"] for r in results})
+    panels = [
+        (f"latency, ms (median of {'/'.join(map(str, sorted(runs)))} calls, batch 1)", results,
+         [r["latency_ms"]["median"] for r in results], "{:.1f}"),
+        (f"throughput, {' or '.join(units)} per second (batch {results[0]['batch']})", results,
+         [r["throughput"]["per_second"] for r in results], "{:.1f}"),
+        ("peak resident memory, MiB", results, [(r["memory"]["peak_rss_bytes"] or 0) / 2**20 for r in results], "{:.0f}"),
+        ("size on disk, MB", results, [r["size_bytes"] / 1e6 for r in results], "{:.2f}"),
+    ]
+    for metric, title in FIDELITY_TITLES.items():
+        measured = [r for r in results if r["fidelity"]["metric"] == metric and r["fidelity"]["value"] is not None]
+        if measured:
+            panels.append((f"{title}\n(held-out images, measured at export)", measured,
+                           [r["fidelity"]["value"] for r in measured], "{:.3f}"))
+    return panels
+
+
+def figure(results: list[dict]):
+    """The matplotlib Figure of ``results`` (``mmedge.bench.measure`` dicts)."""
+    plt = require_matplotlib()
+    panels = _panels(results)
+    columns = min(len(panels), 4)
+    rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 + 1.2 * len(results) * columns, 3.4 * rows), squeeze=False)
+    colors = {r["artifact"]: COLORS[i % len(COLORS)] for i, r in enumerate(results)}
+    for axis, (title, drawn, values, fmt) in zip(axes.flat, panels):
+        bars = axis.bar(range(len(values)), values, color=[colors[r["artifact"]] for r in drawn])
+        axis.set_title(title, fontsize=9)
+        axis.set_xticks(range(len(values)), [_name(r) for r in drawn], fontsize=7)
+        for bar, value in zip(bars, values):
+            axis.annotate(fmt.format(value), (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                          va="bottom", fontsize=7)
+        if "FP32" in title:
+            axis.axhline(1.0, color="black", linestyle="--", linewidth=1, label="FP32 (reference)")
+            axis.set_ylim(0, 1.12)
+            axis.legend(fontsize=7, loc="lower right")
+    for axis in list(axes.flat)[len(panels):]:
+        axis.set_visible(False)
+    backends = sorted({str(v) for r in results for v in r["backend"].values()})
+    fig.suptitle("mmedge bench: " + ", ".join(backends), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot(results: list[dict], out: str) -> Path:
+    """Save :func:`figure` as ``out`` (PNG, SVG or PDF by its suffix)."""
+    plt = require_matplotlib()
+    fig = figure(results)
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+    return out_path
