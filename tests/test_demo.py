@@ -1,6 +1,6 @@
 """The shipped demo models, `mmedge demo`, `mmedge bench` and the examples.
 
-One demo run (2 images) exports the four demo artifacts into a module-wide cache; the score tests measure
+One demo run (2 images, the session's ``demo_run`` in conftest.py) exports the four demo artifacts into a cache; the score tests measure
 the shipped models through those artifacts on a seeded slice of the test split the model cards were
 measured on (``examples/scenes.py``), so CI checks the claims without retraining anything.
 """
@@ -29,16 +29,6 @@ ZERO_SHOT_FLOOR, CAPTION_FLOOR, VQA_FLOOR = 0.90, 0.70, 0.90
 INT8_AGREEMENT_FLOOR, INT4_IDENTITY_FLOOR = 0.99, 0.90
 SLICE = 240  # test scenes per measurement: the first half of the split the cards report on
 MAX_SHIPPED_BYTES = 15_000_000
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """`mmedge demo --images 2` into a fresh cache, run through the CLI; returns (cache, stdout, stderr)."""
-    cache = tmp_path_factory.mktemp("demo-cache")
-    result = subprocess.run([sys.executable, "-m", "mmedge.cli", "demo", "--cache", str(cache), "--images", "2"],
-                            capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    return cache, result.stdout, result.stderr
 
 
 def artifact(demo_run, name: str) -> Path:
