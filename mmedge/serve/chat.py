@@ -79,7 +79,9 @@ def parse_chat(data: dict, model: ServedModel, options: ServeOptions) -> ChatJob
         raise invalid(f"model '{model.id}' ({model.family}) does not generate text",
                       "a captioning artifact (BLIP-2, IDEFICS) for /v1/chat/completions",
                       "use /v1/classify or /v1/embeddings for CLIP, or pick a captioning model from GET /v1/models", "model")
-    bounded(data, "n", "integer", 1, 1)
+    if field(data, "n", "integer", default=1) != 1:
+        raise invalid(f"field 'n' is {data['n']}", "1 (one choice per request)", "send n=1 and repeat the request for more",
+                      "n")
     stream = field(data, "stream", "boolean", default=False)
     stream_options = field(data, "stream_options", "object", default={})
     check_fields(stream_options, ("include_usage",), "stream_options.")
@@ -157,7 +159,7 @@ def parse_messages(data: dict, options: ServeOptions) -> list[tuple[str, list]]:
         check_fields(message, ("role", "content", "name"), where)
         role = field(message, "role", "string", required=True, where=where)
         if role not in ROLES:
-            raise invalid(f"field '{where}role' is '{role[:20]}'", f"one of {', '.join(ROLES)}", "fix the role",
+            raise invalid(f"field '{where}role' is '{role[:20]}'", f"one of {', '.join(ROLES)}", "use one of those roles",
                           where + "role", 422, "invalid_value")
         content = message.get("content")
         if content is None or isinstance(content, str):
@@ -233,7 +235,7 @@ def _image_tokens(model: ServedModel) -> int:
 
 def _check_prompt_tokens(tokens: int, room: int, model: ServedModel, max_new_tokens: int) -> None:
     if tokens > room:
-        raise invalid(f"the prompt has {tokens} tokens, with max_tokens={max_new_tokens}",
+        raise invalid(f"the prompt has {tokens} token{'s' if tokens != 1 else ''}, with max_tokens={max_new_tokens}",
                       f"at most {max(room, 0)} prompt tokens for model '{model.id}' (at most {MAX_PROMPT_TOKENS}, and the "
                       "prompt, the image tokens and max_tokens within the decoder's positions)",
                       "shorten the text or lower max_tokens", "messages", code="prompt_too_long")

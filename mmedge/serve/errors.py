@@ -5,8 +5,13 @@
 
 from __future__ import annotations
 
+import re
+
 from mmedge.errors import BackendError, ImageError, InputError, MmedgeError
 
+# mmedge's generation settings by the request fields that set them (chat.generation_settings)
+FIELDS = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "stop_strings": "stop", "do_sample": "temperature"}
+SETTING = re.compile(r"^generation setting (\w+)=")
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
          413: "invalid_request_error", 422: "invalid_request_error", 503: "server_error"}
 
@@ -31,6 +36,9 @@ def from_mmedge(exc: MmedgeError, param: str | None = None) -> ApiError:
         return exc
     if isinstance(exc, InputError):
         code = "invalid_image" if isinstance(exc, ImageError) else "invalid_value"
+        setting = SETTING.match(exc.what)
+        if param is None and setting:
+            param = FIELDS.get(setting.group(1), setting.group(1))
         return ApiError(400, exc.what, exc.expected, exc.fix, param=param, code=code)
     code = "backend_error" if isinstance(exc, BackendError) else "server_error"
     return ApiError(500, exc.what, exc.expected, exc.fix, param=param, code=code)

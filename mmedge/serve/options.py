@@ -16,6 +16,8 @@ DEFAULT_MAX_QUEUE = 16  # generation requests waiting per captioning artifact, b
 MAX_PROMPT_CHARS = 16_000  # refused before tokenizing
 MAX_PROMPT_TOKENS = 512  # prompt tokens a captioner takes (mmedge.pipelines.captioner cuts longer prompts)
 MAX_EMBEDDING_INPUTS = 256  # texts + images per embeddings request
+KEEP_ALIVE_SECONDS = 75  # idle connections stay open longer than clients keep them (httpx: 5 s), so no request
+# races a server-side close (nginx's default)
 DRAIN_SECONDS = 60  # SIGTERM: how long in-flight requests may take to finish before the process exits anyway
 
 

@@ -17,7 +17,7 @@ from sse_starlette.sse import AppStatus
 from mmedge.errors import MmedgeError
 from mmedge.serve.app import create_app
 from mmedge.serve.models import load_models
-from mmedge.serve.options import DRAIN_SECONDS, ServeOptions
+from mmedge.serve.options import DRAIN_SECONDS, KEEP_ALIVE_SECONDS, ServeOptions
 
 
 class _Server(uvicorn.Server):
@@ -37,7 +37,7 @@ def serve(options: ServeOptions) -> int:
         raise
     try:
         config = uvicorn.Config(create_app(options, models), log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=DRAIN_SECONDS)
+                                timeout_keep_alive=KEEP_ALIVE_SECONDS, timeout_graceful_shutdown=DRAIN_SECONDS)
         AppStatus.disable_automatic_graceful_drain()  # sse-starlette would cut streams at SIGTERM; they finish instead
         host, port = sock.getsockname()[:2]
         where = f"[{host}]" if ":" in host else host

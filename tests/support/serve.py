@@ -29,8 +29,9 @@ def data_uri(path: str | Path) -> str:
 class Server:
     """``mmedge serve ARTIFACT... --port 0 FLAGS``, ready once it printed its address and /health answers."""
 
-    def __init__(self, artifacts: list, *flags: str, timeout: float = 120):
-        command = [sys.executable, "-m", "mmedge.cli", "serve", *map(str, artifacts), "--port", "0", *flags]
+    def __init__(self, artifacts: list, *flags: str, launcher: list[str] | None = None, timeout: float = 120):
+        """``launcher``: the command that stands for `mmedge` (default: ``python -m mmedge.cli``)."""
+        command = [*(launcher or [sys.executable, "-m", "mmedge.cli"]), "serve", *map(str, artifacts), "--port", "0", *flags]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("MMEDGE_API_KEY", None)
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -72,6 +73,39 @@ class Server:
 
     def text(self) -> str:
         return "".join(self.stdout) + "".join(self.stderr)
+
+
+def metric(client: httpx.Client, name: str, **labels: str) -> float:
+    """One sample of the server's /metrics, read with prometheus_client's own parser (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def wait_for(condition, timeout: float = 60, what: str = "the condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def raw_post(url: str, path: str, body: dict, headers: dict | None = None):
+    """A request written on a plain socket and not read: the test decides when this client goes away (close())."""
+    import json
+    import socket
+
+    parsed = httpx.URL(url)
+    sock = socket.create_connection((parsed.host, parsed.port), timeout=60)
+    data = json.dumps(body).encode()
+    lines = [f"POST {path} HTTP/1.1", f"Host: {parsed.host}", "Content-Type: application/json", f"Content-Length: {len(data)}",
+             *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + data)
+    return sock
 
 
 def _pump(stream, kept: list, forward: queue.Queue | None) -> None:
