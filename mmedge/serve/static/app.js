@@ -103,7 +103,8 @@ async function generate(question) {
     }
   }
   answer.dataset.state = "done";
-  const tokens = usage ? `, ${usage.completion_tokens} tokens` : "";
+  const count = usage ? usage.completion_tokens : 0;
+  const tokens = usage ? `, ${count} token${count === 1 ? "" : "s"}` : "";
   const first = firstAt ? `first text after ${Math.round(firstAt - started)} ms, ` : "";
   $("answer-info").textContent = `${first}done after ${Math.round(performance.now() - started)} ms${tokens}`;
 }
