@@ -16,10 +16,11 @@ import openai
 import pytest
 
 from mmedge import demo
+from tests.support.blocked_imports import blocking
 from tests.support.serve import API_KEY, Server, data_uri, metric, raw_post, wait_for
 
 CLIENTS, REQUESTS = 8, 100
-QUEUED_CLIENTS, QUEUED_REQUESTS = 8, 25
+QUEUED_CLIENTS, QUEUED_REQUESTS = 8, 12
 HANG = 120  # seconds: a request still unanswered by then has hung
 
 
@@ -159,17 +160,7 @@ def test_full_queue_and_clients_that_leave(queued_server, queued_http, scenes):
     assert metric(queued_http, "mmedge_generations_running", model="blip2-long") == 0
 
 
-BLOCKED_TORCH = textwrap.dedent("""
-    import importlib.abc, importlib.util, sys
-    class Block(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("torch", "transformers"):
-                return importlib.util.spec_from_loader(name, self)
-        def create_module(self, spec):
-            return None
-        def exec_module(self, module):
-            raise ImportError(f"blocked: {module.__name__}", name=module.__name__)
-    sys.meta_path.insert(0, Block())
+BLOCKED_TORCH = blocking("torch", "transformers") + textwrap.dedent("""
     from mmedge.cli import main
     code = main(sys.argv[1:])
     print("host modules:", sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers")), flush=True)
