@@ -90,28 +90,39 @@ def parse_chat(data: dict, model: ServedModel, options: ServeOptions) -> ChatJob
     defaults = GenerationConfig.from_dict(model.manifest.get("generation") or {})
     max_new_tokens = generation.get("max_new_tokens", defaults.max_new_tokens)
     messages = parse_messages(data, options)
-    captioner = model.captioner
-    if hasattr(captioner, "generate"):  # interleaved images and texts
-        items = [part for _, parts in messages for part in parts]
-        texts = [part for part in items if isinstance(part, str)]
-        images = len(items) - len(texts)
-        prompt_tokens = 1 + sum(_tokens(captioner, t, special=False) for t in _checked_chars(texts)) + images * _image_tokens(model)
-        _check_prompt_tokens(prompt_tokens - images * _image_tokens(model), MAX_PROMPT_TOKENS, model, max_new_tokens)
-
-        def call(pipeline):
-            return pipeline.stream(items, **generation)
+    if hasattr(model.captioner, "generate"):
+        call, prompt_tokens = _interleaved(messages, model, generation)
     else:
-        image, prompt = _one_image_prompt(messages, model, field(data, "prompt_mode", "string", default="question"))
-        text_tokens = _tokens(captioner, prompt, special=True) if prompt is not None else 1  # BOS
-        positions = decoder_settings(model.manifest).get("max_positions")
-        room = MAX_PROMPT_TOKENS if positions is None else \
-            min(MAX_PROMPT_TOKENS, positions - _image_tokens(model) - max_new_tokens)
-        _check_prompt_tokens(text_tokens, room, model, max_new_tokens)
-        prompt_tokens = text_tokens + _image_tokens(model)
-
-        def call(pipeline):
-            return pipeline.stream(image, prompt, **generation)
+        mode = field(data, "prompt_mode", "string", default="question")
+        call, prompt_tokens = _one_image(messages, model, generation, max_new_tokens, mode)
     return ChatJob(model, call, stream, include_usage, prompt_tokens, max_new_tokens)
+
+
+def _interleaved(messages: list, model: ServedModel, generation: dict):
+    """Every message's images and texts, in order, as one prompt (IDEFICS); the pipeline checks its positions."""
+    items = [part for _, parts in messages for part in parts]
+    texts = _checked_chars([part for part in items if isinstance(part, str)])
+    text_tokens = 1 + sum(_tokens(model.captioner, text, special=False) for text in texts)  # BOS + texts
+    _check_prompt_tokens(text_tokens, MAX_PROMPT_TOKENS, model, generation.get("max_new_tokens"))
+
+    def call(pipeline):
+        return pipeline.stream(items, **generation)
+
+    return call, text_tokens + (len(items) - len(texts)) * _image_tokens(model)
+
+
+def _one_image(messages: list, model: ServedModel, generation: dict, max_new_tokens: int, mode: str):
+    """One image and a question, a text to continue, or nothing (a caption): BLIP-2."""
+    image, prompt = _one_image_prompt(messages, model, mode)
+    text_tokens = _tokens(model.captioner, prompt, special=True) if prompt is not None else 1  # BOS
+    positions = decoder_settings(model.manifest).get("max_positions")
+    room = MAX_PROMPT_TOKENS if positions is None else min(MAX_PROMPT_TOKENS, positions - _image_tokens(model) - max_new_tokens)
+    _check_prompt_tokens(text_tokens, room, model, max_new_tokens)
+
+    def call(pipeline):
+        return pipeline.stream(image, prompt, **generation)
+
+    return call, text_tokens + _image_tokens(model)
 
 
 def generation_settings(data: dict) -> dict:
@@ -233,9 +244,10 @@ def _image_tokens(model: ServedModel) -> int:
     return int(section.get("num_query_tokens") or (section.get("cross_kv") or {}).get("tokens_per_image") or 0)
 
 
-def _check_prompt_tokens(tokens: int, room: int, model: ServedModel, max_new_tokens: int) -> None:
+def _check_prompt_tokens(tokens: int, room: int, model: ServedModel, max_new_tokens: int | None) -> None:
     if tokens > room:
-        raise invalid(f"the prompt has {tokens} token{'s' if tokens != 1 else ''}, with max_tokens={max_new_tokens}",
+        settings = f", with max_tokens={max_new_tokens}" if max_new_tokens is not None else ""
+        raise invalid(f"the prompt has {tokens} token{'s' if tokens != 1 else ''}{settings}",
                       f"at most {max(room, 0)} prompt tokens for model '{model.id}' (at most {MAX_PROMPT_TOKENS}, and the "
                       "prompt, the image tokens and max_tokens within the decoder's positions)",
                       "shorten the text or lower max_tokens", "messages", code="prompt_too_long")

@@ -97,7 +97,7 @@ def test_8_clients_100_mixed_requests_answer_as_serial_calls(server, scenes):
 @pytest.fixture(scope="module")
 def queued_server(served_artifacts, long_blip2):
     """One captioner per artifact and two places in its queue."""
-    running = Server([served_artifacts["blip2-fp32"], long_blip2], "--workers", "1", "--max-queue", "2")
+    running = Server([served_artifacts["blip2-fp32"], long_blip2], "--workers", "1", "--max-queue", "2", "--threads", "1")
     yield running
     assert running.stop() == 0, running.text()
 
@@ -170,7 +170,7 @@ BLOCKED_TORCH = blocking("torch", "transformers") + textwrap.dedent("""
 
 def test_sigterm_finishes_requests_in_flight_then_exits(long_blip2, scenes):
     """On a device without torch: SIGTERM while one stream runs and one request waits; both finish, then exit 0."""
-    running = Server([long_blip2], "--workers", "1", launcher=[sys.executable, "-c", BLOCKED_TORCH])
+    running = Server([long_blip2], "--workers", "1", "--threads", "1", launcher=[sys.executable, "-c", BLOCKED_TORCH])
     http = httpx.Client(base_url=running.url, timeout=HANG)
     request = {**long_stream(scenes[0], 600), "stream_options": {"include_usage": True}}
     try:
