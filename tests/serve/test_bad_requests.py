@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from mmedge import demo
-from tests.support.serve import API_KEY, data_uri
+from tests.support.serve import data_uri
 
 SCENE = demo.images()[0]
 PNG = SCENE.read_bytes()
