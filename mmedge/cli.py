@@ -1,4 +1,4 @@
-"""The `mmedge` command: export, run, validate, build, doctor, demo, bench, triton.
+"""The `mmedge` command: export, run, validate, build, doctor, demo, bench, triton, serve.
 
 Every mmedge error becomes one line on stderr and a non-zero exit code; no traceback. So do bad
 command lines (exit 2) and, as a last resort, errors mmedge did not anticipate (exit 1, with a hint to
@@ -368,12 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
     runtime_flags(doc)
     doc.set_defaults(func=cmd_doctor)
 
-    from mmedge import bench, demo
+    from mmedge import bench, demo, serve
     from mmedge.triton import cli as triton
 
     demo.add_parser(sub)
     bench.add_parser(sub, runtime_flags)
     triton.add_parser(sub)
+    serve.add_parser(sub)
     return parser
 
 

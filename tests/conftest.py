@@ -12,7 +12,19 @@ from pathlib import Path
 
 import pytest
 
-HOLDOUT = sorted((Path(__file__).resolve().parent.parent / "export" / "data" / "images").glob("holdout-*.jpg"))
+ROOT = Path(__file__).resolve().parent.parent
+HOLDOUT = sorted((ROOT / "export" / "data" / "images").glob("holdout-*.jpg"))
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`mmedge demo --images 2` into a fresh cache, run through the CLI once per session (the demo tests check it, the
+    serve tests serve its artifacts); returns (cache, stdout, stderr)."""
+    cache = tmp_path_factory.mktemp("demo-cache")
+    result = subprocess.run([sys.executable, "-m", "mmedge.cli", "demo", "--cache", str(cache), "--images", "2"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    return cache, result.stdout, result.stderr
 
 
 @pytest.fixture(scope="session")

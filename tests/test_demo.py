@@ -1,6 +1,6 @@
 """The shipped demo models, `mmedge demo`, `mmedge bench` and the examples.
 
-One demo run (2 images, the session's ``demo_run`` fixture) exports the demo artifacts into a cache; the score tests measure
+One demo run (2 images, the session's ``demo_run`` in conftest.py) exports the four demo artifacts into a cache; the score tests measure
 the shipped models through those artifacts on a seeded slice of the test split the model cards were
 measured on (``examples/scenes.py``), so CI checks the claims without retraining anything.
 """

@@ -8,23 +8,11 @@ from pathlib import Path
 
 import mmedge
 import mmedge.runtimes
+from tests.support.blocked_imports import blocking
 
 # Runs in a fresh interpreter where importing torch or transformers raises ImportError.
-PROBE = r"""
-import importlib, importlib.abc, importlib.util, pkgutil, sys
-
-class Block(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    # Any import of these packages fails, as if they were not installed.
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "transformers", "tensorrt"):
-            return importlib.util.spec_from_loader(name, self)
-        return None
-    def create_module(self, spec):
-        return None
-    def exec_module(self, module):
-        raise ImportError(f"blocked: {module.__name__}", name=module.__name__)
-
-sys.meta_path.insert(0, Block())
+PROBE = blocking("torch", "transformers", "tensorrt") + r"""
+import importlib, pkgutil
 import mmedge, mmedge.runtimes
 names = []
 for pkg in (mmedge, mmedge.runtimes):

@@ -33,6 +33,7 @@ from mmedge.manifest import dump_manifest, parse_manifest
 from mmedge.metrics import cosine_rows
 from mmedge.selection import plan
 from tests.support.battery import api_error, cli_error
+from tests.support.blocked_imports import blocking
 from tests.support.torch_cases import blip2_decoder_pair, load_quietly, prompt
 
 torch = pytest.importorskip("torch")
@@ -112,16 +113,7 @@ def test_checkpoint_folder_instead_of_the_artifacts_weights(clip_artifacts, tiny
 
 def test_without_torch_the_backend_names_its_install_command(pytorch_artifacts):
     """A fresh interpreter where torch cannot be imported: the backend module imports, using it says what to install."""
-    script = f"""
-import importlib.abc, importlib.util, sys
-class Block(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, name, path=None, target=None):
-        return importlib.util.spec_from_loader(name, self) if name.split(".")[0] in ("torch", "transformers") else None
-    def create_module(self, spec):
-        return None
-    def exec_module(self, module):
-        raise ImportError(f"blocked: {{module.__name__}}", name=module.__name__)
-sys.meta_path.insert(0, Block())
+    script = blocking("torch", "transformers") + f"""
 import warnings; warnings.simplefilter("ignore")
 import mmedge, mmedge.runtimes.torch_backend, mmedge.runtimes.torch_decoder
 from mmedge.errors import BackendUnavailableError

@@ -1,0 +1,224 @@
+"""The ASGI app (Starlette): routes, the API-key check, metrics, and every error answered in OpenAI's shape.
+
+With ``--api-key`` every endpoint but ``/health`` needs ``Authorization: Bearer KEY``; the web page (``/`` and
+``/static/``) is static and holds no model data, so a browser can open it and the page sends the key it is given with
+each API call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sse_starlette import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from mmedge.errors import MmedgeError
+from mmedge.serve import chat, clip
+from mmedge.serve.errors import ApiError, from_mmedge, internal
+from mmedge.serve.inputs import read_json
+from mmedge.serve.metrics import Metrics, MetricsMiddleware
+from mmedge.serve.models import ServedModel, find_model
+from mmedge.serve.options import ServeOptions
+
+log = logging.getLogger("mmedge.serve")
+STATIC = Path(__file__).resolve().parent / "static"
+OPEN_PATHS = ("/health", "/", "/favicon.ico")
+ENDPOINTS = "GET /, /health, /metrics, /v1/models; POST /v1/chat/completions, /v1/embeddings, /v1/classify"
+PING_SECONDS = 15  # SSE comment lines keep a long stream's connection alive through proxies
+
+
+@dataclass
+class Serving:
+    options: ServeOptions
+    models: dict[str, ServedModel]
+    metrics: Metrics
+
+
+# --- endpoints -----------------------------------------------------------------------------------
+async def page(request):
+    return FileResponse(STATIC / "index.html")
+
+
+async def health(request):
+    return JSONResponse({"status": "ok", "models": list(request.app.state.serving.models)})
+
+
+async def metrics(request):
+    body, content_type = request.app.state.serving.metrics.render()
+    return Response(body, media_type=content_type)
+
+
+async def list_models(request):
+    return JSONResponse({"object": "list", "data": [m.card for m in request.app.state.serving.models.values()]})
+
+
+async def _model_request(request) -> tuple[Serving, dict, ServedModel]:
+    serving = request.app.state.serving
+    data = await read_json(request, serving.options.max_body_bytes)
+    model = find_model(serving.models, data)
+    request.state.model = model.id
+    return serving, data, model
+
+
+async def embeddings(request):
+    serving, data, model = await _model_request(request)
+    return JSONResponse(await run_in_threadpool(clip.embeddings(data, model, serving.options)))
+
+
+async def classify(request):
+    serving, data, model = await _model_request(request)
+    return JSONResponse(await run_in_threadpool(clip.classify(data, model, serving.options)))
+
+
+async def chat_completions(request):
+    started = time.perf_counter()
+    serving, data, model = await _model_request(request)
+    job = chat.parse_chat(data, model, serving.options)
+    pieces = model.queue.stream(job.call)
+    if job.stream:  # a refused input fails while waiting for the first piece, before any header is sent
+        first = await _unless_disconnected(request, _first(pieces))
+        serving.metrics.ttft.labels(model.id).observe(time.perf_counter() - started)
+        return EventSourceResponse(_chunks(job, first, pieces, serving.metrics), ping=PING_SECONDS)
+    text = await _unless_disconnected(request, _joined(pieces))
+    body = job.completion(text)
+    serving.metrics.tokens.labels(model.id).inc(body["usage"]["completion_tokens"])
+    return JSONResponse(body)
+
+
+async def _first(pieces) -> str:
+    return await anext(pieces, "")
+
+
+async def _joined(pieces) -> str:
+    return "".join([piece async for piece in pieces])
+
+
+async def _unless_disconnected(request, awaitable):
+    """``await awaitable``, cancelled if the client goes away first: a request waiting in the queue, or generating
+    without streaming, gives up its place; a stream's own disconnect watch is sse-starlette's."""
+    work = asyncio.ensure_future(awaitable)
+    gone = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            return work.result()
+        raise ClientDisconnect()
+    finally:
+        gone.cancel()
+        work.cancel()  # a no-op once done; otherwise the request gives up its place in the queue, or its generation
+
+
+async def _disconnected(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _chunks(job: chat.ChatJob, first: str, pieces, metrics: Metrics):
+    """OpenAI's chunks: the role, each piece as it comes, the finish reason, usage if asked, then [DONE]. A failure
+    after the first piece is sent as an error event (OpenAI's clients raise it)."""
+    text = first
+    try:
+        yield job.chunk({"role": "assistant", "content": ""})
+        if first:
+            yield job.chunk({"content": first})
+        async for piece in pieces:
+            text += piece
+            yield job.chunk({"content": piece})
+    except MmedgeError as exc:
+        yield json.dumps(from_mmedge(exc).body())
+        return
+    except Exception as exc:  # noqa: BLE001 - answered, and logged with its traceback
+        log.exception("mmedge serve: a stream failed")
+        yield json.dumps(internal(exc).body())
+        return
+    finally:
+        await pieces.aclose()  # a client that went away: its generation stops and frees the captioner
+    usage, finish = job.usage(text)
+    metrics.tokens.labels(job.model.id).inc(usage["completion_tokens"])
+    yield job.chunk({}, finish)
+    if job.include_usage:
+        yield job.chunk({}, usage=usage)
+    yield "[DONE]"
+
+
+# --- errors --------------------------------------------------------------------------------------
+def _answer(request, error: ApiError) -> JSONResponse:
+    request.state.error_code = error.code
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+async def api_error(request, exc: MmedgeError):
+    return _answer(request, from_mmedge(exc))
+
+
+async def http_error(request, exc: HTTPException):
+    path = request.url.path[:100]
+    if exc.status_code == 404:
+        error = ApiError(404, f"there is no endpoint {path}", ENDPOINTS, "check the URL", code="not_found")
+    elif exc.status_code == 405:
+        error = ApiError(405, f"{request.method} is not allowed on {path}", f"{(exc.headers or {}).get('Allow', 'another method')}",
+                         "use the method the endpoint takes", code="method_not_allowed", headers=exc.headers)
+    else:
+        error = ApiError(exc.status_code, f"{request.method} {path} failed: {exc.detail}", None, None, code="http_error")
+    return _answer(request, error)
+
+
+async def client_gone(request, exc: ClientDisconnect):
+    request.state.error_code = "client_disconnected"
+    return Response(status_code=499)  # nginx's "client closed request": nobody reads it, the metrics count it
+
+
+async def unexpected(request, exc: Exception):
+    log.error("mmedge serve: internal error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _answer(request, internal(exc))
+
+
+class ApiKeyMiddleware:
+    """Pure ASGI middleware: with a key, every request but ``OPEN_PATHS`` and ``/static/`` needs ``Bearer KEY``."""
+
+    def __init__(self, app, key: str | None):
+        self.app, self.key = app, key.encode() if key else None
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if self.key is None or scope["type"] != "http" or path in OPEN_PATHS or path.startswith("/static/"):
+            return await self.app(scope, receive, send)
+        scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.key):
+            return await self.app(scope, receive, send)
+        what = "the API key is wrong" if token else "the request has no API key"
+        error = ApiError(401, what, "an 'Authorization: Bearer KEY' header with the key the server was started with",
+                         "send the server's --api-key as a bearer token", code="invalid_api_key",
+                         headers={"WWW-Authenticate": "Bearer"})
+        scope.setdefault("state", {})["error_code"] = error.code
+        await JSONResponse(error.body(), status_code=401, headers=error.headers)(scope, receive, send)
+
+
+def create_app(options: ServeOptions, models: dict[str, ServedModel]) -> Starlette:
+    metrics_ = Metrics()
+    for model in models.values():
+        if model.queue:
+            metrics_.watch_queue(model.queue)
+    routes = [Route("/", page), Route("/health", health), Route("/metrics", metrics), Route("/v1/models", list_models),
+              Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+              Route("/v1/embeddings", embeddings, methods=["POST"]), Route("/v1/classify", classify, methods=["POST"]),
+              Mount("/static", StaticFiles(directory=STATIC), name="static")]
+    app = Starlette(routes=routes, exception_handlers={MmedgeError: api_error, HTTPException: http_error,
+                                                       ClientDisconnect: client_gone, Exception: unexpected})
+    app.state.serving = Serving(options, models, metrics_)
+    app.add_middleware(ApiKeyMiddleware, key=options.api_key)
+    app.add_middleware(MetricsMiddleware, metrics=metrics_)  # added last: outermost, so it also counts the 401s
+    return app

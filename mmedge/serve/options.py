@@ -1,0 +1,86 @@
+"""The server's settings (command line) and the limits every request is held to."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmedge.errors import InputError
+
+API_KEY_ENV = "MMEDGE_API_KEY"
+DEFAULT_MAX_BODY_MB = 32  # a 12 MP phone JPEG is 4-8 MB, a third more as base64
+DEFAULT_MAX_IMAGES = 8  # per request
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000  # mmedge's own cap (mmedge.images); an operator may lower it
+DEFAULT_MAX_QUEUE = 16  # generation requests waiting per captioning artifact, beyond those generating
+MAX_PROMPT_CHARS = 16_000  # refused before tokenizing
+MAX_PROMPT_TOKENS = 512  # prompt tokens a captioner takes (mmedge.pipelines.captioner cuts longer prompts)
+MAX_EMBEDDING_INPUTS = 256  # texts + images per embeddings request
+KEEP_ALIVE_SECONDS = 75  # idle connections stay open longer than clients keep them (httpx: 5 s), so no request
+# races a server-side close (nginx's default)
+DRAIN_SECONDS = 60  # SIGTERM: how long in-flight requests may take to finish before the process exits anyway
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    artifacts: tuple[Path, ...]
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    backend: str = "auto"
+    device: str = "auto"
+    threads: int | None = None
+    workers: int = 1
+    max_queue: int = DEFAULT_MAX_QUEUE
+    allow_images_from: Path | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_MB << 20
+    max_images: int = DEFAULT_MAX_IMAGES
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+
+    @classmethod
+    def from_args(cls, args) -> "ServeOptions":
+        for name, value, low in (("--port", args.port, 0), ("--workers", args.workers, 1), ("--max-queue", args.max_queue, 0),
+                                 ("--max-body-mb", args.max_body_mb, 1), ("--max-images", args.max_images, 1),
+                                 ("--max-image-pixels", args.max_image_pixels, 1)):
+            if value < low or (name == "--port" and value > 65535):
+                bound = "from 0 (any free port) to 65535" if name == "--port" else f"at least {low}"
+                raise InputError(f"{name} is {value}", f"an integer {bound}", f"pass e.g. {name} {max(low, 1)}")
+        allowed = None
+        if args.allow_images_from:
+            allowed = Path(args.allow_images_from).expanduser().resolve()
+            if not allowed.is_dir():
+                raise InputError(f"--allow-images-from '{args.allow_images_from}' is not a folder",
+                                 "a folder whose images requests may name by path", "check the path")
+        api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+        if api_key is not None and not api_key.strip():
+            raise InputError("--api-key is empty", "a non-empty key", f"pass --api-key KEY or set {API_KEY_ENV}")
+        return cls(artifacts=tuple(Path(a) for a in args.artifacts), host=args.host, port=args.port, api_key=api_key,
+                   backend=args.backend, device=args.device, threads=args.threads, workers=args.workers,
+                   max_queue=args.max_queue, allow_images_from=allowed, max_body_bytes=args.max_body_mb << 20,
+                   max_images=args.max_images, max_image_pixels=args.max_image_pixels)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("artifacts", nargs="+", metavar="ARTIFACT",
+                        help="artifact folders; each is served under its folder name as the model id")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
+                                                            "0.0.0.0 for the network, with --api-key)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port; the chosen one is printed)")
+    parser.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on every endpoint but /health "
+                                                        f"(default: ${API_KEY_ENV} if set)")
+    parser.add_argument("--backend", default="auto", help="auto, onnxruntime, tensorrt or torch (as mmedge.load)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads per graph")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="captioners loaded per BLIP-2 / IDEFICS artifact: generations that run at once (default 1)")
+    parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                        help=f"generation requests that may wait per captioning artifact; more get 503 with Retry-After "
+                             f"(default {DEFAULT_MAX_QUEUE})")
+    parser.add_argument("--allow-images-from", metavar="DIR",
+                        help="let requests name image files inside DIR (file:// URLs or paths); default: data URIs only")
+    parser.add_argument("--max-body-mb", type=int, default=DEFAULT_MAX_BODY_MB,
+                        help=f"largest request body in MiB; larger ones get 413 (default {DEFAULT_MAX_BODY_MB})")
+    parser.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES,
+                        help=f"images per request (default {DEFAULT_MAX_IMAGES})")
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                        help="pixels per image, read from its header before decoding (default 64,000,000)")

@@ -1,0 +1,200 @@
+"""A battery of bad requests against the session server: each answer has the right status, OpenAI's error shape and
+mmedge's message (what failed; expected ...; fix: ...), and each is followed by a good request that succeeds, so the
+process has survived it."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+from PIL import Image
+
+from mmedge import demo
+from tests.support.serve import data_uri
+
+SCENE = demo.images()[0]
+PNG = SCENE.read_bytes()
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
+         413: "invalid_request_error", 422: "invalid_request_error"}
+
+
+def png_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def blank_png(width: int, height: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("L", (width, height)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def chat(*parts, model="blip2-fp32", **extra) -> dict:
+    content = [{"type": "image_url", "image_url": {"url": p[4:]}} if p.startswith("url:") else {"type": "text", "text": p}
+               for p in parts]
+    return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
+
+
+IMAGE = "url:" + data_uri(SCENE)
+
+
+@dataclass
+class Bad:
+    """A bad request and what it must be answered with."""
+
+    name: str
+    status: int
+    code: str
+    fragments: tuple[str, ...]
+    body: object = None  # a JSON value, or bytes sent as they are
+    path: str = "/v1/chat/completions"
+    method: str = "POST"
+    headers: dict = field(default_factory=dict)
+    param: str | None = "-"  # "-": not checked
+
+
+CASES = [
+    Bad("malformed JSON", 400, "invalid_json", ("not valid JSON",), b'{"model": "blip2-fp32", '),
+    Bad("body not UTF-8", 400, "invalid_json", ("not valid JSON",), b'{"model": "\xff\xfe"}'),
+    Bad("empty body", 400, "invalid_json", ("body is empty",), b""),
+    Bad("body is a list", 422, "invalid_type", ("is a JSON list", "expected a JSON object"), [1, 2]),
+    Bad("no model", 422, "missing_field", ("field 'model' is missing",), {"messages": []}, param="model"),
+    Bad("model not a string", 422, "invalid_type", ("field 'model' is 3", "expected a string"), {"model": 3}),
+    Bad("unknown model", 404, "model_not_found", ("model 'gpt-4o' is not served here", "clip-fp32"), chat(IMAGE, model="gpt-4o"),
+        param="model"),
+    Bad("no messages", 422, "missing_field", ("field 'messages' is missing",), {"model": "blip2-fp32"}, param="messages"),
+    Bad("empty messages", 400, "invalid_value", ("field 'messages' is empty",), {"model": "blip2-fp32", "messages": []}),
+    Bad("unknown role", 422, "invalid_value", ("messages[0].role", "one of system, developer, user, assistant"),
+        {"model": "blip2-fp32", "messages": [{"role": "robot", "content": "hi"}]}, param="messages[0].role"),
+    Bad("audio part", 400, "unsupported_content", ("'input_audio'", "'text' or 'image_url'"),
+        {"model": "blip2-fp32", "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}),
+    Bad("misspelt field", 422, "unknown_field", ("unknown field 'max_token'",), chat(IMAGE, max_token=5), param="max_token"),
+    Bad("remote image URL", 400, "unsupported_image_url", ("remote URL", "this server fetches nothing"),
+        chat("url:https://example.com/cat.png"), param="messages[0].content[0].image_url.url"),
+    Bad("file outside the allowed folder", 400, "unsupported_image_url", ("outside the allowed folder",),
+        chat("url:file:///etc/hostname")),
+    Bad("data URI without base64", 400, "invalid_image", ("not a base64 image data URI",), chat("url:data:image/png,abc")),
+    Bad("bad base64", 400, "invalid_image", ("invalid base64",), chat("url:data:image/png;base64,@@@@")),
+    Bad("not an image", 400, "invalid_image", ("does not decode as an image",), chat("url:" + png_uri(b"hello, world"))),
+    Bad("truncated image", 400, "invalid_image", ("could not be decoded, it is truncated or corrupt",),
+        chat("url:" + png_uri(PNG[: len(PNG) // 2]))),
+    Bad("truncated image, streamed", 400, "invalid_image", ("truncated or corrupt",),
+        chat("url:" + png_uri(PNG[: len(PNG) // 2]), stream=True)),
+    Bad("image over the pixel cap", 400, "image_too_large", ("1001x1000 = 1,001,000 pixels", "at most 1,000,000 pixels"),
+        chat("url:" + png_uri(blank_png(1001, 1000)))),
+    Bad("body over the size cap", 413, "body_too_large", ("at most 1,048,576 bytes",),
+        chat("x" * (1 << 20), "url:" + data_uri(SCENE))),
+    Bad("two images for BLIP-2", 400, "too_many_images", ("2 images", "one image per request"), chat(IMAGE, IMAGE)),
+    Bad("no image for BLIP-2", 400, "missing_image", ("0 images",), chat("what is it?")),
+    Bad("too many images", 400, "too_many_images", ("at most 4 images",), chat(*[IMAGE] * 5, model="idefics-tiny")),
+    Bad("prompt over the token budget", 400, "prompt_too_long", ("prompt tokens for model 'blip2-fp32'",),
+        chat(IMAGE, "what is " * 60)),
+    Bad("prompt over the character cap", 400, "prompt_too_long", ("characters",), chat(IMAGE, "why " * 5000)),
+    Bad("max_tokens 0", 400, "invalid_value", ("field 'max_tokens' is 0", "from 1 to 4096"), chat(IMAGE, max_tokens=0),
+        param="max_tokens"),
+    Bad("max_tokens past the cap", 400, "invalid_value", ("is 100000",), chat(IMAGE, max_tokens=100000)),
+    Bad("max_tokens past the positions", 400, "prompt_too_long", ("max_tokens=60", "decoder's positions"),
+        chat(IMAGE, max_tokens=60)),
+    Bad("max_tokens not a number", 422, "invalid_type", ("field 'max_tokens' is \"ten\"",), chat(IMAGE, max_tokens="ten")),
+    Bad("temperature out of range", 400, "invalid_value", ("field 'temperature' is 5",), chat(IMAGE, temperature=5)),
+    Bad("top_p 0 (refused by mmedge)", 400, "invalid_value", ("generation setting top_p=0.0", "(0, 1]"),
+        chat(IMAGE, top_p=0), param="top_p"),
+    Bad("n = 2", 400, "invalid_value", ("field 'n' is 2",), chat(IMAGE, n=2)),
+    Bad("five stop strings", 400, "invalid_value", ("'stop' has 5 strings",), chat(IMAGE, stop=list("abcde"))),
+    Bad("too many beams", 400, "invalid_value", ("'num_beams' is 9",), chat(IMAGE, num_beams=9)),
+    Bad("wrong API key", 401, "invalid_api_key", ("the API key is wrong",), chat(IMAGE),
+        headers={"Authorization": "Bearer nope"}),
+    Bad("no API key", 401, "invalid_api_key", ("the request has no API key",), chat(IMAGE), headers={"Authorization": ""}),
+    Bad("metrics without a key", 401, "invalid_api_key", ("no API key",), None, "/metrics", "GET",
+        headers={"Authorization": ""}),
+    Bad("unknown endpoint", 404, "not_found", ("there is no endpoint /v1/completions",), {}, "/v1/completions"),
+    Bad("wrong method", 405, "method_not_allowed", ("GET is not allowed on /v1/chat/completions", "expected POST"),
+        None, method="GET"),
+    Bad("chat with a CLIP model", 400, "invalid_value", ("'clip-fp32' (clip) does not generate text",),
+        chat(IMAGE, model="clip-fp32")),
+    Bad("classify with a captioner", 400, "invalid_value", ("does not do zero-shot classification",),
+        {"model": "blip2-fp32", "images": [data_uri(SCENE)]}, "/v1/classify"),
+    Bad("classify without images", 422, "missing_field", ("field 'images' is missing",), {"model": "clip-fp32"},
+        "/v1/classify"),
+    Bad("classify without labels (none baked in)", 400, "invalid_value", ("no labels were given",),
+        {"model": "clip-tiny", "images": [data_uri(SCENE)]}, "/v1/classify"),
+    Bad("other labels than the baked ones", 400, "invalid_value", ("labels baked into its graph",),
+        {"model": "clip-fp32", "images": [data_uri(SCENE)], "labels": ["cat"]}, "/v1/classify"),
+    Bad("duplicate labels", 400, "invalid_value", ("duplicates ('cat')",),
+        {"model": "clip-tiny", "images": [data_uri(SCENE)], "labels": ["cat", "cat"]}, "/v1/classify"),
+    Bad("top_k 0", 400, "invalid_value", ("top_k is 0",), {"model": "clip-fp32", "images": [data_uri(SCENE)], "top_k": 0},
+        "/v1/classify"),
+    Bad("embeddings of token ids", 422, "invalid_type", ("field 'input[0]' is a JSON list",),
+        {"model": "clip-tiny", "input": [[1, 2, 3]]}, "/v1/embeddings", param="input[0]"),
+    Bad("embeddings of nothing", 400, "invalid_value", ("has no input",), {"model": "clip-tiny", "input": []}, "/v1/embeddings"),
+    Bad("embeddings in int8", 400, "invalid_value", ("'encoding_format' is 'int8'",),
+        {"model": "clip-tiny", "input": "a", "encoding_format": "int8"}, "/v1/embeddings"),
+    Bad("text embeddings from baked labels", 400, "invalid_value", ("does not do embeddings",),
+        {"model": "clip-fp32", "input": "a red circle"}, "/v1/embeddings"),
+]
+
+
+def send(http: httpx.Client, case: Bad) -> httpx.Response:
+    headers = {k: v for k, v in case.headers.items() if v}
+    if case.headers.get("Authorization") == "":
+        client = httpx.Client(base_url=http.base_url, timeout=60)  # no key at all
+    else:
+        client = http
+    content = case.body if isinstance(case.body, bytes) else (None if case.body is None else json.dumps(case.body).encode())
+    try:
+        return client.request(case.method, case.path, content=content, headers=headers)
+    finally:
+        if client is not http:
+            client.close()
+
+
+def check_error(answer: httpx.Response, case: Bad) -> None:
+    assert answer.status_code == case.status, answer.text
+    assert answer.headers["content-type"] == "application/json", answer.headers
+    body = answer.json()
+    assert list(body) == ["error"] and sorted(body["error"]) == ["code", "message", "param", "type"], body
+    error = body["error"]
+    assert error["type"] == TYPES[case.status] and error["code"] == case.code, error
+    message = error["message"]
+    assert "; expected " in message and "; fix: " in message and "\n" not in message, message  # mmedge's three parts
+    for fragment in case.fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    if case.param != "-":
+        assert error["param"] == case.param, error
+
+
+@pytest.fixture(scope="module")
+def good(http):
+    """A good request (zero-shot on a scene) and its answer: what each bad request must leave working."""
+    request = {"model": "clip-fp32", "images": [data_uri(SCENE)], "top_k": 1}
+    answer = http.post("/v1/classify", json=request)
+    assert answer.status_code == 200
+    return request, answer.json()["data"]
+
+
+def test_the_battery_is_large_enough():
+    assert len(CASES) >= 25 and len({c.name for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_bad_request_then_a_good_one(case, http, good, server):
+    check_error(send(http, case), case)
+    request, expected = good
+    answer = http.post("/v1/classify", json=request)
+    assert answer.status_code == 200 and answer.json()["data"] == expected
+    assert server.process.poll() is None
+
+
+def test_unauthorized_answers_ask_for_a_bearer_token(server):
+    answer = httpx.post(f"{server.url}/v1/classify", json={})
+    assert answer.status_code == 401 and answer.headers["www-authenticate"] == "Bearer"
+
+
+def test_chunked_body_over_the_cap_is_cut_off(http):
+    """A body sent in chunks (no Content-Length) is cut off at the cap while it is read."""
+    chunks = (b"x" * 65536 for _ in range(20))  # 1.25 MiB
+    answer = http.post("/v1/embeddings", content=chunks, headers={"Content-Type": "application/json"})
+    check_error(answer, Bad("chunked", 413, "body_too_large", ("at most 1,048,576 bytes",)))

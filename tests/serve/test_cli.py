@@ -1,0 +1,66 @@
+"""`mmedge serve` on the command line: its help and its refusals, each one `mmedge: error:` line with its exit code,
+before any model is loaded or port opened."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mmedge.errors import ArtifactNotFoundError, InputError, MmedgeError
+from tests.support.battery import cli_error
+from tests.support.serve import ROOT
+
+WITHOUT_STARLETTE = textwrap.dedent("""
+    import sys
+    sys.modules["starlette"] = None  # find_spec and import both see it as absent
+    from mmedge.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def run_without_starlette(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", WITHOUT_STARLETTE, *argv], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_without_the_extra_help_works_and_serving_names_the_install():
+    help_ = run_without_starlette("serve", "--help")
+    assert help_.returncode == 0 and "--max-queue" in help_.stdout and "--api-key" in help_.stdout
+    refused = run_without_starlette("serve", "some-artifact")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert 'pip install "mmedge[serve]"' in refused.stderr and "starlette not installed" in refused.stderr
+
+
+def test_missing_artifact(capsys, tmp_path):
+    cli_error(capsys, ["serve", tmp_path / "nothing", "--port", "0"], ArtifactNotFoundError, "does not exist")
+
+
+def test_two_artifacts_with_one_name(capsys, tmp_path, served_artifacts):
+    for parent in ("a", "b"):
+        (tmp_path / parent).mkdir()
+        (tmp_path / parent / "clip").symlink_to(served_artifacts["clip-fp32"], target_is_directory=True)
+    cli_error(capsys, ["serve", tmp_path / "a" / "clip", tmp_path / "b" / "clip", "--port", "0"], InputError,
+              "same model id (clip)", "rename")
+
+
+@pytest.mark.parametrize("flag, value, words", [("--workers", "0", "--workers is 0"), ("--max-queue", "-1", "at least 0"),
+                                                 ("--port", "70000", "65535"), ("--max-image-pixels", "0", "at least 1")])
+def test_bad_settings(capsys, served_artifacts, flag, value, words):
+    cli_error(capsys, ["serve", served_artifacts["clip-fp32"], flag, value], InputError, words)
+
+
+def test_a_port_in_use(capsys, served_artifacts):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cli_error(capsys, ["serve", served_artifacts["clip-fp32"], "--port", port], MmedgeError,
+                  f"cannot listen on 127.0.0.1:{port}", "--port")
+
+
+def test_the_allowed_image_folder_must_exist(capsys, served_artifacts, tmp_path):
+    cli_error(capsys, ["serve", served_artifacts["clip-fp32"], "--allow-images-from", tmp_path / "none"], InputError,
+              "is not a folder")
