@@ -178,8 +178,7 @@ def cmd_build(args) -> int:
     """Prebuild the artifact's TensorRT engines on this device, with progress lines; a summary on stdout."""
     from mmedge.device import probe
     from mmedge.runtimes.tensorrt import EngineSettings, build_artifact
-    from mmedge.runtimes.tensorrt_planning import ProfileLimits
-    from mmedge.selection import tensorrt_defaults
+    from mmedge.runtimes.tensorrt_planning import ProfileLimits, tensorrt_defaults
 
     found = probe()
     limits = ProfileLimits(max_batch=tensorrt_defaults(found).max_batch if args.max_batch is None else args.max_batch, max_sequence=args.max_sequence,
@@ -198,6 +197,7 @@ def cmd_build(args) -> int:
 # --- doctor ------------------------------------------------------------------------------------
 def cmd_doctor(args) -> int:
     from mmedge.device import probe
+    from mmedge.runtimes.registry import backends
     from mmedge.selection import plan
 
     found = probe()
@@ -219,24 +219,18 @@ def cmd_doctor(args) -> int:
     print(f"Jetson: {found.jetson or 'no'}")
     print("engines: " + ", ".join(f"{k} {v or 'absent'}" for k, v in found.engines.items()))
     print(f"onnxruntime providers: {', '.join(found.ort_providers)}")
-    if found.gpus or found.jetson:
-        from mmedge.selection import tensorrt_defaults
-
-        print(f"tensorrt defaults: {tensorrt_defaults(found).why}, max batch {tensorrt_defaults(found).max_batch}")
+    for candidate in backends():
+        for line in candidate.device_lines(found):
+            print(line)
     if args.artifact:
         for name, c in report["plan"].items():
             where = f"[{', '.join(c['providers'])}]" if c["providers"] else json.dumps(c["options"])
             print(f"plan: {name} -> {c['backend']} {where} {c['precision']}")
         for reason in report["reasons"]:
             print(f"  because {reason}")
-        engines = artifact.root / "engines"
-        if engines.is_dir():
-            from mmedge.runtimes.tensorrt import describe_engines, load_build_settings
-
-            saved = load_build_settings(engines)
-            print(f"engines/: {len(describe_engines(engines))} cached" + (f", built with {json.dumps(saved)}" if saved else ""))
-            for line in describe_engines(engines):
-                print(f"  {line}")
+        for candidate in backends():
+            for line in candidate.artifact_lines(artifact):
+                print(line)
     return 0
 
 

@@ -1,6 +1,6 @@
 """ONNX Runtime backend: CPU, CUDA and TensorRT execution providers behind one runner.
 
-Provider options come from the plan (``mmedge.selection.ort_options``): the device id, FP16, the engine cache and
+Provider options come from the plan (``mmedge.runtimes.plugins.onnxruntime.ort_options``): the device id, FP16, the engine cache and
 the builder workspace of the TensorRT provider. With IO binding (on by default for the GPU providers) a runner binds
 its outputs on the provider's device and, with ``keep_on_device=True``, returns them as ``OrtDeviceArray``\\ s that
 the next ONNX Runtime runner binds as inputs without a copy (``bind_ortvalue_input``), that torch / TensorRT read
@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from mmedge.backends import refuse_unknown_options
 from mmedge.errors import BackendError, BackendUnavailableError, FeedError, IntegrityError
 from mmedge.runner import DeviceArray, Runner
 
@@ -248,4 +249,7 @@ class OnnxRuntimeRunner(Runner):
 
 
 def create_runner(path, component_name: str, component: dict, **options) -> OnnxRuntimeRunner:
+    """A runner for one component's graph; ``options``: ``OrtOptions`` fields (anything else is refused)."""
+    allowed = [f.name for f in fields(OrtOptions)]
+    refuse_unknown_options("onnxruntime", {k: v for k, v in options.items() if k not in allowed}, allowed)
     return OnnxRuntimeRunner(path, component_name, component, OrtOptions(**options))

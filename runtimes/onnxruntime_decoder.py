@@ -30,13 +30,13 @@ import onnxruntime as ort
 
 from mmedge.embeddings import EmbeddingTable
 from mmedge.errors import IntegrityError
-from mmedge.runtimes.kv_decoder import KV_KEYS, GraphDecoder, checked_layout, context_inputs
+from mmedge.generation.kv_layout import KV_KEYS, checked_layout, context_inputs
+from mmedge.runtimes.kv_decoder import GraphDecoder
 from mmedge.runtimes.onnxruntime import OrtOptions, _provider_list, session_options
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
               "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 _GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
-_checked_layout = checked_layout  # the name earlier releases exported
 
 
 class OrtDecoder(GraphDecoder):

@@ -54,13 +54,15 @@ from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 
+from mmedge.backends import refuse_unknown_options
 from mmedge.errors import BackendError, BackendUnavailableError, FeedError, InputError, IntegrityError, StaleEngineError
 from mmedge.runner import Runner, TensorMeta
 from mmedge.runtimes.cuda_buffers import INSTALL, CudaRuntime, DevicePool, DeviceTensor, cai_stream, import_cudart
 from mmedge.runtimes.engine_cache import EngineCache, EngineKey, _atomic_write
 from mmedge.runtimes.tensorrt_planning import (DEFAULT_MAX_BATCH, MIB, MemoryNeed, ProfileLimits, check_memory,
                                                derive_profile, engine_bytes, engine_precision, kv_cache_need,
-                                               profile_text, require_gpu, unbuildable_reason)
+                                               profile_text, require_gpu, tensorrt_defaults,
+                                               unbuildable_reason)
 
 log = logging.getLogger("mmedge")
 
@@ -210,7 +212,7 @@ def _progress_monitor(write: Callable[[str], None]):
 
 @dataclass
 class EngineSettings:
-    """How a component's engine is built; ``None`` fields take the device's defaults (``selection.tensorrt_defaults``)."""
+    """How a component's engine is built; ``None`` fields take the device's defaults (``tensorrt_planning.tensorrt_defaults``)."""
 
     precision: str | None = None
     limits: ProfileLimits = field(default_factory=ProfileLimits)
@@ -223,7 +225,6 @@ class _Builder:
 
     def __init__(self, manifest: Mapping, engines_dir: Path, settings: EngineSettings, probe=None):
         from mmedge import device
-        from mmedge.selection import tensorrt_defaults
 
         self.trt = import_tensorrt()
         self.cuda = CudaRuntime(settings.device_id)
@@ -526,7 +527,7 @@ def _dims(shape: _Dims) -> tuple[int, ...]:
 # --- entry points ----------------------------------------------------------------------------------
 def resolve_settings(explicit: Mapping, saved: Mapping, defaults: Mapping, device_id: int = 0) -> EngineSettings:
     """Engine settings by precedence: what the caller passed, then what ``mmedge build`` recorded under engines/,
-    then the device defaults from the plan (``selection.tensorrt_defaults``), then mmedge's."""
+    then the device defaults from the plan (``tensorrt_planning.tensorrt_defaults``), then mmedge's."""
     def pick(name, fallback=None):
         for source in (explicit, saved, defaults):
             if source.get(name) is not None:
@@ -540,14 +541,19 @@ def resolve_settings(explicit: Mapping, saved: Mapping, defaults: Mapping, devic
     return EngineSettings(precision, limits, pick("workspace_mb"), device_id)
 
 
+RUNNER_OPTIONS = ("artifact", "precision", "max_batch", "opt_batch", "max_sequence", "max_images", "workspace_mb",
+                  "device_id", "keep_on_device", "build", "defaults")
+
+
 def create_runner(path, component_name: str, component: dict, *, artifact=None, precision: str | None = None,
                   max_batch: int | None = None, opt_batch: int | None = None, max_sequence: int | None = None,
                   max_images: int | None = None, workspace_mb: int | None = None, device_id: int = 0,
                   keep_on_device: bool = False, build: bool = True, defaults: Mapping | None = None,
-                  **_ignored) -> TensorRTRunner:
+                  **unknown) -> TensorRTRunner:
     """A runner for one component: its cached engine if fresh, else one built now (minutes, once per device;
     ``mmedge build`` prebuilds). ``build=False`` refuses to build (StaleEngineError) instead. Settings not
     passed come from engines/build.json (what ``mmedge build`` used), then ``defaults`` (the plan's)."""
+    refuse_unknown_options("tensorrt", unknown, RUNNER_OPTIONS)
     why = unbuildable_reason(component_name, component)
     if why:
         raise BackendError(why, "a component TensorRT builds (a float or static-QDQ INT8 graph, the decoder's included)",

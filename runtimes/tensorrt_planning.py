@@ -329,6 +329,33 @@ def check_memory(probe, need: MemoryNeed, device_id: int = 0) -> str:
     return f"memory: need {need.describe()}; {where}: {_mb(free)}"
 
 
+@dataclass(frozen=True)
+class TensorRTDefaults:
+    """Engine settings for a device: the precision of engines built from float graphs, the builder's
+    workspace limit, and the largest batch an engine's profile accepts (larger calls are split)."""
+
+    precision: str
+    workspace_mb: int
+    max_batch: int
+    why: str
+
+
+def tensorrt_defaults(probe) -> TensorRTDefaults:
+    """Jetson: FP16 engines, a workspace of 1/16 of the shared memory capped at 1 GiB (at least 256 MiB), batch 4:
+    the GPU shares memory with the CPU, and everything else on the board needs it too. Desktop GPU: FP16 (FP32 on
+    compute capability 6.1, which has no fast FP16), a quarter of the free GPU memory capped at 4 GiB, batch 16."""
+    if probe.jetson:
+        total = probe.memory_total_mb or 8192
+        workspace = max(256, min(1024, total // 16))
+        return TensorRTDefaults("fp16", workspace, 4, f"Jetson ({total} MiB shared memory): FP16, workspace {workspace} MiB")
+    gpu = probe.gpus[0] if probe.gpus else None
+    free = (gpu.memory_free_mb or gpu.memory_total_mb) if gpu else None
+    workspace = min(4096, max(256, free // 4)) if free else 2048
+    precision = "fp32" if gpu and gpu.compute_capability == "6.1" else "fp16"
+    name = f"{gpu.name} (sm {gpu.compute_capability})" if gpu else "GPU"
+    return TensorRTDefaults(precision, workspace, 16, f"{name}: {precision.upper()}, workspace {workspace} MiB")
+
+
 def require_gpu(probe, device: str = "auto") -> None:
     """BackendUnavailableError unless the probe shows an NVIDIA GPU (discrete or Jetson) and device allows it."""
     if device == "cpu":
@@ -343,4 +370,5 @@ def require_gpu(probe, device: str = "auto") -> None:
 
 __all__ = ["AXIS_RULES", "MemoryNeed", "ProfileLimits", "available_memory", "axis_range", "check_memory", "decoder_axes",
            "derive_profile", "engine_bytes", "engine_precision", "is_kv_decoder", "is_qdq", "kv_cache_bytes",
-           "kv_cache_need", "profile_text", "require_gpu", "sequence_limit", "tokens_per_image", "unbuildable_reason"]
+           "kv_cache_need", "profile_text", "require_gpu", "sequence_limit", "tensorrt_defaults", "tokens_per_image",
+           "TensorRTDefaults", "unbuildable_reason"]

@@ -445,11 +445,14 @@ class TorchRunner(Runner):
 def create_runner(path, component_name: str, component: dict, *, artifact=None, device: str | None = "auto",
                   dtype: str | None = None, cuda_graphs: bool | None = None, compile: bool | str | None = None,
                   keep_on_device: bool = False, max_graphs: int = DEFAULT_MAX_GRAPHS, checkpoint: str | None = None,
-                  **_ignored) -> TorchRunner:
+                  **unknown) -> TorchRunner:
     """A runner for one component of an artifact (``artifact``, or the folder holding ``path``), running the
     family's reference module from the artifact's PyTorch weights (or ``checkpoint``)."""
     from mmedge.artifact import Artifact
+    from mmedge.backends import refuse_unknown_options
 
+    refuse_unknown_options("torch", unknown, ("artifact", "device", "dtype", "cuda_graphs", "compile", "keep_on_device",
+                                              "max_graphs", "checkpoint"))
     import_torch()
     if artifact is None:
         if path is None:

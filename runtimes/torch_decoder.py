@@ -443,11 +443,14 @@ class TorchDecoder:
 
 def create_decoder(artifact, *, device: str | None = "auto", dtype: str | None = None, cuda_graphs: bool | None = None,
                    compile: bool | str | None = None, quantization: str | None = None, checkpoint: str | Path | None = None,
-                   cache_block: int = CACHE_BLOCK, **_ignored) -> TorchDecoder:
+                   cache_block: int = CACHE_BLOCK, **unknown) -> TorchDecoder:
     """The artifact's KV-cached decoder on torch, from its PyTorch weights (or ``checkpoint``), sharing the model
     with the artifact's torch runners; ``quantization``: None, "int8" or "nf4" (bitsandbytes) for the LLM's layers."""
+    from mmedge.backends import refuse_unknown_options
     from mmedge.export.families import FAMILIES
 
+    refuse_unknown_options("torch", unknown, ("device", "dtype", "cuda_graphs", "compile", "quantization", "checkpoint",
+                                              "cache_block"))
     import_torch()
     family = artifact.manifest["family"]
     settings = artifact.manifest[family]["decoder"]

@@ -23,8 +23,8 @@ from mmedge.runtimes.tensorrt import (BUILD_SETTINGS, EngineSettings, build_arti
                                       timing_cache_path)
 from mmedge.runtimes.tensorrt_planning import (MIB, MemoryNeed, ProfileLimits, check_memory, derive_profile,
                                                engine_bytes, engine_precision, is_qdq, kv_cache_bytes,
-                                               unbuildable_reason)
-from mmedge.selection import log_fallbacks, plan, tensorrt_defaults
+                                               tensorrt_defaults, unbuildable_reason)
+from mmedge.selection import log_fallbacks, plan
 from tests.support.battery import api_error, cli_error
 
 HAVE_TENSORRT = importable("tensorrt")  # not a stubs-only namespace folder

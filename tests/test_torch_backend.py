@@ -400,8 +400,7 @@ def test_named_torch_backend():
 # --- ONNX Runtime: provider options from the plan, IO binding -------------------------------------------
 def test_onnxruntime_provider_options_come_from_the_plan(tmp_path):
     from mmedge.runtimes.onnxruntime import OrtOptions, _provider_options
-
-    from mmedge.api import _runner_options
+    from mmedge.runtimes.registry import backend
 
     class FakeArtifact:
         def engines_dir(self):
@@ -415,7 +414,7 @@ def test_onnxruntime_provider_options_come_from_the_plan(tmp_path):
     assert vision.options == {"device_id": 0, "io_binding": True, "fp16": True, "workspace_mb": 4096}
     assert chosen.components["text"].options["fp16"] is False  # an INT8 graph: no FP16 flag
     assert plan(gtx, manifest).components["vision"].options["fp16"] is False  # sm 6.1 has no fast FP16
-    options = OrtOptions(**_runner_options(FakeArtifact(), vision, threads=2))
+    options = OrtOptions(**backend("onnxruntime").runner_options(FakeArtifact(), vision, threads=2))
     trt = _provider_options("tensorrt", options)
     assert trt["trt_fp16_enable"] is True and trt["device_id"] == 0 and trt["trt_max_workspace_size"] == 4096 << 20
     assert trt["trt_engine_cache_path"] == str(tmp_path) and options.io_binding is True

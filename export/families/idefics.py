@@ -352,7 +352,8 @@ def _outputs(session, feeds: dict) -> dict:
 
 def host_decoder(builder, path: Path, table: np.ndarray):
     """An ``OrtDecoder`` over a decoder graph (no IO binding), fed the graph's own context inputs."""
-    from mmedge.runtimes.onnxruntime_decoder import OrtDecoder, context_inputs
+    from mmedge.generation.kv_layout import context_inputs
+    from mmedge.runtimes.onnxruntime_decoder import OrtDecoder
 
     layout = _prompt_settings(builder)["decoder"]["kv_cache"]
     session = _session(path, builder.options.threads)

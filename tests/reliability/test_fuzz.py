@@ -43,7 +43,7 @@ from mmedge.images import load_image
 from mmedge.manifest import parse_manifest
 from mmedge.preprocess import ImagePreprocessor
 from mmedge.runner import TensorMeta
-from mmedge.runtimes.onnxruntime_decoder import _checked_layout
+from mmedge.generation.kv_layout import checked_layout
 from mmedge.tokenizer import TextTokenizer
 
 EXAMPLES = int(os.environ.get("MMEDGE_FUZZ_EXAMPLES", "150"))
@@ -121,7 +121,7 @@ def read_manifest_sections(text, tokenizers: dict[str, Tokenizer]) -> None:
         TextTokenizer(tokenizers["blip2" if data["family"] == "blip2" else "clip"], data["tokenizer"])
     if data["family"] == "blip2":
         GenerationConfig.from_dict(data["generation"])
-        _checked_layout(data["blip2"]["decoder"]["kv_cache"])
+        checked_layout(data["blip2"]["decoder"]["kv_cache"])
 
 
 def test_real_manifests_pass(manifests, tokenizers):
