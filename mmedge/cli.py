@@ -177,7 +177,8 @@ def cmd_validate(args) -> int:
 def cmd_build(args) -> int:
     """Prebuild the artifact's TensorRT engines on this device, with progress lines; a summary on stdout."""
     from mmedge.device import probe
-    from mmedge.runtimes.tensorrt import EngineSettings, build_artifact
+    from mmedge.runtimes.engine_cache import EngineSettings
+    from mmedge.runtimes.tensorrt_build import build_artifact
     from mmedge.runtimes.tensorrt_planning import ProfileLimits, tensorrt_defaults
 
     found = probe()

@@ -142,7 +142,7 @@ def probe() -> DeviceProbe:
     meminfo = _read("/proc/meminfo") or ""
     providers: list[str] = []
     if engines.get("onnxruntime"):
-        from mmedge.runtimes.onnxruntime import available_providers
+        from mmedge.runtimes.ort_session import available_providers
 
         providers = available_providers()
     return DeviceProbe(

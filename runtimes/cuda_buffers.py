@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from mmedge.errors import BackendError, BackendUnavailableError, FeedError
+from mmedge.runner import DeviceArray
 
 INSTALL = ('pip install "mmedge[tensorrt]" (TensorRT 10.x and cuda-python); on a Jetson TensorRT comes with JetPack: '
            "sudo apt install python3-libnvinfer, then pip install cuda-python")
@@ -201,7 +202,7 @@ class DevicePool:
         self._free(pointer)
 
 
-class DeviceTensor:
+class DeviceTensor(DeviceArray):
     """A contiguous tensor in GPU memory, left there by a TensorRT runner for the next stage.
 
     Feed it to another TensorRT runner (no copy), read it into numpy with ``numpy()`` or ``np.asarray``, or
@@ -239,9 +240,8 @@ class DeviceTensor:
             self._cuda.destroy_stream(stream)
         return out
 
-    def __array__(self, dtype=None, copy=None):
-        array = self.numpy()
-        return array.astype(dtype) if dtype is not None else array
+    def device_name(self) -> str:
+        return "cuda"
 
     def __repr__(self) -> str:
         return f"DeviceTensor(shape={list(self.shape)}, dtype={self.dtype}, gpu={self._cuda.device_id})"

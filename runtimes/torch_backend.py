@@ -47,7 +47,14 @@ import numpy as np
 from mmedge.errors import BackendError, BackendUnavailableError, FeedError
 from mmedge.runner import DeviceArray, Runner, TensorMeta
 from mmedge.runtimes.torch_bnb import QUANTIZATIONS, output_head_names, quantize_linear_layers
-from mmedge.runtimes.torch_graphs import DEFAULT_MAX_GRAPHS, Compiled, GraphCache, HostBuffers, as_tuple, compile_backend
+from mmedge.runtimes.torch_graphs import (
+    DEFAULT_MAX_GRAPHS,
+    Compiled,
+    GraphCache,
+    HostBuffers,
+    as_tuple,
+    compile_backend,
+)
 
 log = logging.getLogger("mmedge")
 
@@ -328,6 +335,7 @@ class TorchRunner(Runner):
     """One component: the family's wrapper module around the shared model, under ``torch.inference_mode``."""
 
     backend = "torch"
+    device_feeds_contiguous = False  # torch copies a strided GPU array into its static input
 
     def __init__(self, module, component_name: str, component: dict, *, device, dtype, cuda_graphs: bool | None = None,
                  compile: bool | str | None = None, keep_on_device: bool = False, max_graphs: int = DEFAULT_MAX_GRAPHS,
@@ -365,20 +373,31 @@ class TorchRunner(Runner):
 
     # --- feeds ----------------------------------------------------------------------------------
     def _check_one(self, meta: TensorMeta, value: Any):
+        """torch tensors (CPU or GPU) are checked here; numpy and other device arrays by ``Runner``."""
         torch = self.torch
-        tensor = value.tensor if isinstance(value, TorchDeviceArray) else value
-        if not isinstance(tensor, torch.Tensor) and not isinstance(tensor, np.ndarray) and hasattr(tensor, "__cuda_array_interface__"):
-            tensor = torch.as_tensor(tensor, device=self.device)  # a TensorRT DeviceTensor, CuPy array: no copy
-        if not isinstance(tensor, torch.Tensor):
+        if not isinstance(value, torch.Tensor):
             return super()._check_one(meta, value)
         want = getattr(torch, meta.dtype)
-        if tensor.dtype != want and not (tensor.is_floating_point() and want.is_floating_point):
-            raise FeedError(f"component '{self.component_name}' input '{meta.name}' is a tensor of dtype {tensor.dtype}",
+        if value.dtype != want and not (value.is_floating_point() and want.is_floating_point):
+            raise FeedError(f"component '{self.component_name}' input '{meta.name}' is a tensor of dtype {value.dtype}",
                             f"{meta.dtype}", f"convert it with .to(torch.{meta.dtype})")
-        if tensor.dim() != len(meta.shape) or any(w is not None and w != g for w, g in zip(meta.shape, tensor.shape)):
-            raise FeedError(f"component '{self.component_name}' input '{meta.name}' has shape {list(tensor.shape)}",
+        if value.dim() != len(meta.shape) or any(w is not None and w != g for w, g in zip(meta.shape, value.shape)):
+            raise FeedError(f"component '{self.component_name}' input '{meta.name}' has shape {list(value.shape)}",
                             f"shape {self._describe(meta)}", "reshape the input to the declared shape")
-        return tensor
+        return value
+
+    def _accepts_device_dtype(self, meta: TensorMeta, dtype: np.dtype) -> bool:
+        """Floats of any width are cast to the runner's compute dtype; other dtypes must match."""
+        return dtype == np.dtype(meta.dtype) or (dtype.kind == "f" and np.dtype(meta.dtype).kind == "f")
+
+    def _device_feed(self, meta: TensorMeta, value: Any):
+        """A torch backend array as its tensor; another GPU array (a TensorRT DeviceTensor, CuPy) as a tensor over the
+        same memory, no copy; a device array in host memory copied."""
+        if isinstance(value, TorchDeviceArray):
+            return value.tensor
+        if hasattr(value, "__cuda_array_interface__"):
+            return self.torch.as_tensor(value, device=self.device)
+        return np.asarray(value)
 
     def _static_dtype(self, dtype):
         """The dtype a feed of ``dtype`` runs at: the runner's compute dtype for floats, integers as they are."""

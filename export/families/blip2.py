@@ -355,13 +355,10 @@ def _load_table(path: Path, entry: dict) -> np.ndarray:
 
 
 def _session(path: Path, threads: int | None):
-    import onnxruntime as ort
+    """A CPU ONNX Runtime session over an exported graph (``threads`` None or 0: all cores)."""
+    from mmedge.runtimes.ort_session import OrtOptions, session_from_path
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session_from_path(path, OrtOptions(threads=threads or None))
 
 
 def _prefill(language_model, prefix: torch.Tensor, layout: dict) -> list[torch.Tensor]:

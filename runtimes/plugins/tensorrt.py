@@ -94,7 +94,7 @@ class TensorRTBackend(Backend):
         engines = artifact.root / "engines"
         if not engines.is_dir():
             return []
-        from mmedge.runtimes.tensorrt import describe_engines, load_build_settings
+        from mmedge.runtimes.engine_cache import describe_engines, load_build_settings
 
         saved = load_build_settings(engines)
         described = describe_engines(engines)
