@@ -124,7 +124,8 @@ def measure_parity(spec: ComponentSpec, path: Path, feeds: dict[str, np.ndarray]
 
     ``reference``: the module's outputs for ``feeds`` when the caller already has them.
     """
-    torch_feeds = spec.check_inputs() if feeds is None else {k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()}
+    torch_feeds = spec.check_inputs() if feeds is None else {k: torch.from_numpy(np.asarray(v)) for k,
+                                                             v in feeds.items()}
     reference = torch_reference(spec, torch_feeds) if reference is None else reference
     actual = run_onnx(path, {k: v.numpy() for k, v in torch_feeds.items()})
     return {"reference": "torch-fp32", "inputs": {n: list(t.shape) for n, t in torch_feeds.items()},

@@ -24,7 +24,8 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", t
     ``backend``: 'auto' or a backend name ('onnxruntime', 'tensorrt', 'torch'); a named backend that is absent raises
     BackendUnavailableError. With 'auto' on an NVIDIA GPU with TensorRT, the encoders and an FP32/FP16 decoder run as
     TensorRT engines (built on first use and cached under the artifact's engines/; ``mmedge build`` prebuilds them);
-    with torch and an artifact exported ``--with-pytorch``, the decoder runs on torch (see ``mmedge.runtimes.plugins``). ``device``: 'auto',
+    with torch and an artifact exported ``--with-pytorch``, the decoder runs on torch (see
+    ``mmedge.runtimes.plugins``). ``device``: 'auto',
     'cpu' or 'cuda'. ``task``: one of the manifest's tasks (default: its first). ``threads``: CPU threads per graph
     (default: all cores). ``backend_options``: settings per backend name, over the plan's, e.g.
     ``{"torch": {"quantization": "nf4", "dtype": "bfloat16", "checkpoint": "blip2-folder"}}`` (see
@@ -62,14 +63,16 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", t
         tokenizer = None
         if manifest.get("tokenizer"):
             settings = manifest["tokenizer"]
-            path = (artifact.verified_path(settings["file"], settings["sha256"], "tokenizer.file") if settings.get("sha256")
+            path = (artifact.verified_path(settings["file"], settings["sha256"],
+                                           "tokenizer.file") if settings.get("sha256")
                     else artifact.resolve_file(settings["file"], "tokenizer.file"))
             tokenizer = TextTokenizer.from_file(path, settings)
         preprocessor = ImagePreprocessor(manifest["preprocess"])
         if "decoder" in chosen.components:
             decoder, embeddings = _decoder(artifact, chosen.components["decoder"], threads,
                                            extra.get(chosen.components["decoder"].backend, {}))
-            pipeline = pipeline_class(manifest["family"], task)(artifact, runners, preprocessor, tokenizer, decoder, embeddings)
+            pipeline = pipeline_class(manifest["family"], task)(artifact, runners, preprocessor, tokenizer, decoder,
+                                                                embeddings)
         else:
             pipeline = pipeline_class(manifest["family"], task)(artifact, runners, preprocessor, tokenizer)
     except MmedgeError:
@@ -124,7 +127,8 @@ def _checked_backend_options(options: dict | None) -> dict:
         allowed = backend(name).settings_fields()
         unknown = sorted(set(settings) - set(allowed))
         if unknown:
-            raise InputError(f"backend_options['{name}'] has unknown settings {unknown}", f"settings among {', '.join(allowed)}",
+            raise InputError(f"backend_options['{name}'] has unknown settings {unknown}",
+                             f"settings among {', '.join(allowed)}",
                              "check the spelling")
     return options
 
@@ -160,6 +164,8 @@ def _decoder(artifact: Artifact, comp_plan, threads: int | None, settings: dict 
 
     family = artifact.manifest["family"]
     table_entry = artifact.manifest[family]["embeddings"]
-    table = EmbeddingTable.load(artifact.verified_path(table_entry["file"], table_entry["sha256"], f"{family}.embeddings.file"),
+    table = EmbeddingTable.load(artifact.verified_path(table_entry["file"], table_entry["sha256"],
+                                                       f"{family}.embeddings.file"),
                                 table_entry)
-    return backend(comp_plan.backend).open_decoder(artifact, comp_plan, table, threads=threads, settings=settings), table
+    return backend(comp_plan.backend).open_decoder(artifact, comp_plan, table, threads=threads,
+                                                   settings=settings), table

@@ -106,8 +106,10 @@ def check_plain_file_name(name: str, field: str) -> str:
     )
     if bad:
         raise UnsafePathError(
-            f"manifest.json field '{field}' names the file {_short(name)}, which is not a plain file name inside the artifact folder",
-            f"a bare file name such as 'vision.onnx' (no '/', '\\', '..' or absolute path; at most {MAX_FILE_NAME_BYTES} bytes)",
+            f"manifest.json field '{field}' names the file {_short(name)}, which is not a plain file name inside the "
+            "artifact folder",
+            "a bare file name such as 'vision.onnx' (no '/', '\\', '..' or absolute path; at most "
+            f"{MAX_FILE_NAME_BYTES} bytes)",
             "re-export the artifact; never point a manifest at files outside its folder",
         )
     return name
@@ -174,7 +176,8 @@ def _parse_generative(data: dict, family: str) -> None:
     for key in ("past", "present"):
         pattern = _require(kv, key, str, f"{family}.decoder.kv_cache")
         if pattern.count("%d") != 1 or pattern.count("%s") != 1:
-            raise _fail(f"{family}.decoder.kv_cache.{key}", f"is {pattern!r}", "a pattern with one %d (layer) and one %s (key/value)")
+            raise _fail(f"{family}.decoder.kv_cache.{key}", f"is {pattern!r}",
+                        "a pattern with one %d (layer) and one %s (key/value)")
     table = section["embeddings"]
     check_plain_file_name(_require(table, "file", str, f"{family}.embeddings"), f"{family}.embeddings.file")
     _require(table, "sha256", str, f"{family}.embeddings")
@@ -207,12 +210,19 @@ def _parse_pytorch(entry: Any) -> dict:
                                   "weights as .safetensors only (the device never loads pickles)",
                                   "re-export with `mmedge export --with-pytorch`")
         if not isinstance(info, dict):
-            raise _fail(f"pytorch.files.{name}", f"has the wrong type ({type(info).__name__})", "a JSON object with 'sha256'")
+            raise _fail(f"pytorch.files.{name}", f"has the wrong type ({type(info).__name__})",
+                        "a JSON object with 'sha256'")
         sha = _require(info, "sha256", str, f"pytorch.files.{name}")
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
             raise _fail(f"pytorch.files.{name}.sha256", f"is {_short(sha)}", "64 lowercase hex digits")
     if "config.json" not in files or not any(n.endswith(".safetensors") for n in files):
         raise _fail("pytorch.files", f"names {sorted(files)[:6]}", "config.json and at least one .safetensors file")
+    extras = entry.get("reference_tensors")
+    if extras is not None:
+        if not isinstance(extras, str):
+            raise _fail("pytorch.reference_tensors", f"has the wrong type ({type(extras).__name__})",
+                        "the name of a .safetensors file in the pytorch folder")
+        check_plain_file_name(extras, "pytorch.reference_tensors")
     return entry
 
 
@@ -262,7 +272,8 @@ def parse_manifest(text: str | bytes) -> dict:
     tasks = _require(data, "tasks", list, "")
     for task in tasks:
         if task not in FAMILIES[family]["tasks"]:
-            raise _fail("tasks", f"contains {task!r}", f"tasks of the '{family}' family: {', '.join(FAMILIES[family]['tasks'])}")
+            raise _fail("tasks", f"contains {task!r}",
+                        f"tasks of the '{family}' family: {', '.join(FAMILIES[family]['tasks'])}")
     if not tasks:
         raise _fail("tasks", "is empty", "at least one task")
     source = _require(data, "source", dict, "")

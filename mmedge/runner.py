@@ -92,7 +92,8 @@ class Runner(abc.ABC):
     """Base class: validates feeds, then delegates to ``_infer_impl``."""
 
     backend: str = "abstract"
-    device_feeds_contiguous: bool = True  # whether a GPU array fed in place must be C-contiguous (the engine reads raw memory)
+    # whether a GPU array fed in place must be C-contiguous (the engine reads raw memory)
+    device_feeds_contiguous: bool = True
 
     def __init__(self, component_name: str, component: dict):
         self.component_name = component_name

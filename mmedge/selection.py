@@ -42,7 +42,8 @@ def _check_request(backend: str, device: str) -> None:
         raise InputError(f"unknown backend '{backend}'", f"'auto' or one of {', '.join(BACKENDS)}",
                          "pass --backend auto to let mmedge choose")
     if not isinstance(device, str) or device not in DEVICES:
-        raise InputError(f"unknown device '{device}'", f"one of {', '.join(DEVICES)}", "pass --device auto, cpu or cuda")
+        raise InputError(f"unknown device '{device}'", f"one of {', '.join(DEVICES)}",
+                         "pass --device auto, cpu or cuda")
 
 
 def plan(probe: DeviceProbe, manifest: dict, backend: str = "auto", device: str = "auto", *,

@@ -99,7 +99,8 @@ class EngineKey:
                               external_data_sha256=data.get("external_data_sha256") or None,
                               mmedge_version=data.get("mmedge_version") or None)
         except (KeyError, TypeError, IndexError, ValueError) as exc:
-            raise InputError(f"engine key is malformed ({type(exc).__name__}: {exc})", "a key written by EngineCache.store",
+            raise InputError(f"engine key is malformed ({type(exc).__name__}: {exc})",
+                             "a key written by EngineCache.store",
                              "delete the engines/ folder; engines are rebuilt on this device") from None
 
     def digest(self) -> str:
@@ -114,18 +115,22 @@ class EngineKey:
             out.append(f"built for GPU '{built.gpu_name}' (sm {built.compute_capability}); this device has "
                        f"'{self.gpu_name}' (sm {self.compute_capability})")
         if built.tensorrt_version != self.tensorrt_version:
-            out.append(f"built with TensorRT {built.tensorrt_version}; this device has TensorRT {self.tensorrt_version}")
+            out.append(f"built with TensorRT {built.tensorrt_version}; this device has TensorRT "
+                       f"{self.tensorrt_version}")
         if built.onnx_sha256 != self.onnx_sha256:
-            out.append(f"built from another graph (sha256 {built.onnx_sha256[:12]}…; the artifact's is {self.onnx_sha256[:12]}…)")
+            out.append(f"built from another graph (sha256 {built.onnx_sha256[:12]}…; the artifact's is "
+                       f"{self.onnx_sha256[:12]}…)")
         if built.external_data_sha256 != self.external_data_sha256:
             out.append(f"built from other external weights (sha256 {built.external_data_sha256[:12] or 'none'}…; "
                        f"the artifact's are {self.external_data_sha256[:12] or 'none'}…)")
         if built.mmedge_version != self.mmedge_version:
-            out.append(f"built by mmedge {built.mmedge_version or 'unknown'}; this is mmedge {self.mmedge_version or 'unknown'}")
+            out.append(f"built by mmedge {built.mmedge_version or 'unknown'}; this is mmedge "
+                       f"{self.mmedge_version or 'unknown'}")
         if built.precision != self.precision:
             out.append(f"built at precision {built.precision}; {self.precision} is asked for")
         if built.profile != self.profile:
-            out.append(f"built for shape profile {_profile_text(built.profile)}; {_profile_text(self.profile)} is asked for")
+            out.append(f"built for shape profile {_profile_text(built.profile)}; {_profile_text(self.profile)} "
+                       "is asked for")
         return out
 
 
@@ -170,7 +175,8 @@ class EngineCache:
         found = EngineLookup("missing")
         for other in sorted(self.folder.glob(f"{_checked_component(component)}-*{RECORD_SUFFIX}")):
             built = _read_key(other)
-            why = ["its record is unreadable"] if built is None else key.differences(built) or ["its record names another file"]
+            why = (["its record is unreadable"] if built is None
+                   else key.differences(built) or ["its record names another file"])
             found.status = "stale"
             found.stale.append(other.with_suffix(PLAN_SUFFIX))
             found.reasons += [f"{other.with_suffix(PLAN_SUFFIX).name}: {r}" for r in why]
@@ -359,7 +365,8 @@ def timing_cache_path(engines_dir: Path, tensorrt_version: str, gpu_name: str, c
 
 @dataclass
 class EngineSettings:
-    """How a component's engine is built; ``None`` fields take the device's defaults (``tensorrt_planning.tensorrt_defaults``)."""
+    """How a component's engine is built; ``None`` fields take the device's defaults
+    (``tensorrt_planning.tensorrt_defaults``)."""
 
     precision: str | None = None
     limits: ProfileLimits = field(default_factory=ProfileLimits)
@@ -372,7 +379,8 @@ _SETTING_FIELDS = ("precision", "max_batch", "opt_batch", "max_sequence", "max_i
 
 
 def save_build_settings(engines_dir: Path, settings: EngineSettings) -> Path:
-    """Record the limits and precision engines were prebuilt with: ``mmedge.load`` then keys its engines the same way."""
+    """Record the limits and precision engines were prebuilt with: ``mmedge.load`` then keys its engines the same
+    way."""
     limits = settings.limits
     data = {"format": "mmedge.engine-settings", "format_version": 1, "precision": settings.precision,
             "max_batch": limits.max_batch, "opt_batch": limits.opt_batch, "max_sequence": limits.max_sequence,
@@ -403,7 +411,8 @@ def load_build_settings(engines_dir: Path) -> dict:
 
 
 def describe_engines(engines_dir: Path) -> list[str]:
-    """One line per engine cached under ``engines_dir``: what it was built for, read from its record (nothing is loaded)."""
+    """One line per engine cached under ``engines_dir``: what it was built for, read from its record (nothing is
+    loaded)."""
     lines = []
     for record in sorted(Path(engines_dir).glob("*.json")):
         if record.name == BUILD_SETTINGS:
@@ -415,7 +424,8 @@ def describe_engines(engines_dir: Path) -> list[str]:
             lines.append(f"{record.stem}: unreadable record (rebuilt when needed)")
             continue
         lines.append(f"{record.stem}: {key.precision}, GPU '{key.gpu_name}' (sm {key.compute_capability}), TensorRT "
-                     f"{key.tensorrt_version}, mmedge {key.mmedge_version or '?'}, {entry.get('plan_bytes', 0) / MIB:.1f} MiB")
+                     f"{key.tensorrt_version}, mmedge {key.mmedge_version or '?'}, "
+                     f"{entry.get('plan_bytes', 0) / MIB:.1f} MiB")
     return lines
 
 

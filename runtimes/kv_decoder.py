@@ -32,13 +32,15 @@ from mmedge.generation.decoder import position_ids as _position_ids
 from mmedge.generation.kv_layout import cache_names, checked_layout, context_inputs
 from mmedge.manifest import decoder_settings
 
+
 def artifact_decoder(manifest: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(kv_cache layout, keywords) a graph decoder takes from an artifact's manifest: ``position_offset``,
     ``max_positions`` and the graph's ``context_inputs``."""
     settings = decoder_settings(manifest)
     layout = settings["kv_cache"]
     context = context_inputs(manifest["components"]["decoder"]["inputs"], layout)  # IDEFICS: image mask, cross K/V
-    return layout, {"position_offset": settings.get("position_offset", 0), "max_positions": settings.get("max_positions"),
+    return layout, {"position_offset": settings.get("position_offset", 0),
+                    "max_positions": settings.get("max_positions"),
                     "context_inputs": context}
 
 
@@ -83,7 +85,8 @@ class GraphDecoder(abc.ABC):
         hidden = inputs["inputs_embeds"][1][-1]
         if len(embeddings.shape) != 2 or (isinstance(hidden, int) and embeddings.shape[1] != hidden):
             raise FeedError(
-                f"the embedding table has shape {list(embeddings.shape)}", f"[vocab, {hidden}] (the graph's hidden size)",
+                f"the embedding table has shape {list(embeddings.shape)}",
+                f"[vocab, {hidden}] (the graph's hidden size)",
                 "pass the model's input embedding matrix (get_input_embeddings().weight)",
             )
         self._embeddings = embeddings
@@ -114,13 +117,15 @@ class GraphDecoder(abc.ABC):
             raise FeedError(f"prefill got inputs_embeds {list(embeds.shape)} and attention_mask {list(mask.shape)}",
                             "[batch, seq, hidden] and [batch, seq]", "pass a mask with one column per prompt position")
         batch = embeds.shape[0]
-        empty = np.zeros((batch, self.kv["heads"], 0, self.kv["head_dim"]), dtype=self._past_dtype)  # [batch, heads, 0, head_dim]
+        # [batch, heads, 0, head_dim]
+        empty = np.zeros((batch, self.kv["heads"], 0, self.kv["head_dim"]), dtype=self._past_dtype)
         self._past = self._fresh_past(empty)
         self._batch, self.past_length = batch, 0
         return self._run(embeds, mask, self._context["prefill"])
 
     def step(self, token_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """Embed ``token_ids [batch]``, run one position with ``attention_mask [batch, past + 1]`` -> ``[batch, vocab]``."""
+        """Embed ``token_ids [batch]``, run one position with ``attention_mask [batch, past + 1]`` -> ``[batch,
+        vocab]``."""
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         mask = np.ascontiguousarray(attention_mask, dtype=self._mask_dtype)
         if ids.shape[0] != self._batch or mask.shape != (self._batch, self.past_length + 1):
@@ -136,7 +141,8 @@ class GraphDecoder(abc.ABC):
         """Cache row ``i`` becomes old row ``rows[i]`` (copies the cache once, through host memory)."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if self._batch and rows.size and (rows.min() < 0 or rows.max() >= self._batch):
-            raise FeedError(f"reorder got rows {rows.tolist()[:8]}", f"row indices below {self._batch}", "index existing cache rows")
+            raise FeedError(f"reorder got rows {rows.tolist()[:8]}", f"row indices below {self._batch}",
+                            "index existing cache rows")
         if rows.shape[0] == self._batch and np.array_equal(rows, np.arange(self._batch)):
             return
         self._context["step"] = {k: np.ascontiguousarray(v[rows]) for k, v in self._context["step"].items()}
@@ -164,12 +170,14 @@ class GraphDecoder(abc.ABC):
 
     @abc.abstractmethod
     def _fresh_past(self, empty: np.ndarray) -> list[Any]:
-        """The prefill's pasts, one per name in ``_past_names``, from a zero-length ``empty [batch, heads, 0, head_dim]``."""
+        """The prefill's pasts, one per name in ``_past_names``, from a zero-length ``empty [batch, heads, 0,
+        head_dim]``."""
 
     @abc.abstractmethod
     def _reordered_past(self, rows: np.ndarray) -> list[Any]:
         """The pasts with row ``i`` taken from old row ``rows[i]``."""
 
     @abc.abstractmethod
-    def _forward(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, context: dict[str, np.ndarray]) -> Any:
+    def _forward(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
+                 context: dict[str, np.ndarray]) -> Any:
         """Run the graph; keep its presents in ``self._past``; return its logits ``[batch, seq, vocab]``."""

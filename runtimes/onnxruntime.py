@@ -1,6 +1,7 @@
 """ONNX Runtime backend: CPU, CUDA and TensorRT execution providers behind one runner.
 
-Provider options come from the plan (``mmedge.runtimes.plugins.onnxruntime.ort_options``): the device id, FP16, the engine cache and
+Provider options come from the plan (``mmedge.runtimes.plugins.onnxruntime.ort_options``): the device id, FP16, the
+engine cache and
 the builder workspace of the TensorRT provider. With IO binding (on by default for the GPU providers) a runner binds
 its outputs on the provider's device and, with ``keep_on_device=True``, returns them as ``OrtDeviceArray``\\ s that
 the next ONNX Runtime runner binds as inputs without a copy (``bind_ortvalue_input``), that torch / TensorRT read
@@ -64,7 +65,8 @@ class OrtDeviceArray(DeviceArray):
 class OnnxRuntimeRunner(Runner):
     backend = "onnxruntime"
 
-    def __init__(self, path: str | os.PathLike, component_name: str, component: dict, options: OrtOptions | None = None):
+    def __init__(self, path: str | os.PathLike, component_name: str, component: dict,
+                 options: OrtOptions | None = None):
         super().__init__(component_name, component)
         self.options = options or OrtOptions()
         self._session = session_from_path(path, self.options, f"component '{component_name}'")

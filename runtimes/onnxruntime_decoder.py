@@ -47,11 +47,13 @@ class OrtDecoder(GraphDecoder):
     against it).
     """
 
-    def __init__(self, session: ort.InferenceSession | str | os.PathLike, embeddings: np.ndarray | EmbeddingTable, kv_cache: Mapping[str, Any], *,
+    def __init__(self, session: ort.InferenceSession | str | os.PathLike, embeddings: np.ndarray | EmbeddingTable,
+                 kv_cache: Mapping[str, Any], *,
                  options: OrtOptions | None = None, io_binding: bool = True, position_offset: int = 0,
                  max_positions: int | None = None, context_inputs: tuple[str, ...] | list[str] = ()):
-        self._session = session if isinstance(session, ort.InferenceSession) else session_from_path(session, options or OrtOptions(),
-                                                                                                     "the decoder")
+        if not isinstance(session, ort.InferenceSession):
+            session = session_from_path(session, options or OrtOptions(), "the decoder")
+        self._session = session
         self.io_binding = io_binding
         inputs = {i.name: (ORT_DTYPES.get(i.type), i.shape) for i in self._session.get_inputs()}
         outputs = {o.name: o.shape for o in self._session.get_outputs()}

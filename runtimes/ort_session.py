@@ -56,12 +56,14 @@ def provider_list(options: OrtOptions) -> list[tuple[str, dict]]:
     for short in options.providers:
         if short not in PROVIDERS:
             raise BackendUnavailableError(
-                f"unknown ONNX Runtime provider '{short}'", f"one of {', '.join(PROVIDERS)}", "use 'cpu', 'cuda' or 'tensorrt'"
+                f"unknown ONNX Runtime provider '{short}'", f"one of {', '.join(PROVIDERS)}",
+                "use 'cpu', 'cuda' or 'tensorrt'"
             )
         full = PROVIDERS[short]
         if full not in offered:
             raise BackendUnavailableError(
-                f"ONNX Runtime provider '{short}' ({full}) is not in this onnxruntime build (it offers {sorted(offered)})",
+                f"ONNX Runtime provider '{short}' ({full}) is not in this onnxruntime build (it offers "
+                f"{sorted(offered)})",
                 f"an onnxruntime build with {full}",
                 "pip uninstall onnxruntime && pip install onnxruntime-gpu (CUDA 12) on a machine with an NVIDIA GPU; "
                 "on Jetson use the onnxruntime-gpu wheel for your JetPack",

@@ -15,7 +15,8 @@ How a backend plugs in (the contract is ``mmedge.backends.Backend``):
    last, takes whatever is left), and its case to ``tests/test_conformance.py``'s ``CASES``.
 
 Nothing in the core (``mmedge.selection``, ``mmedge.api``, ``mmedge.validate``, the pipelines) names a backend module;
-``mmedge doctor`` prints what each plug-in says (``device_lines``, ``artifact_lines``). ``mmedge build`` is TensorRT's own
+``mmedge doctor`` prints what each plug-in says (``device_lines``, ``artifact_lines``). ``mmedge build`` is TensorRT's
+own
 command and imports it by name.
 """
 
@@ -33,11 +34,13 @@ BACKENDS: dict[str, BackendInfo] = {
                                "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA / TensorRT providers)",
                                priority=100),
     "tensorrt": BackendInfo("tensorrt", "mmedge.runtimes.plugins.tensorrt", "tensorrt",
-                            'pip install "mmedge[tensorrt]" (TensorRT 10.x and cuda-python); on a Jetson TensorRT comes '
+                            'pip install "mmedge[tensorrt]" (TensorRT 10.x and cuda-python); on a Jetson '
+                            'TensorRT comes '
                             "with JetPack: sudo apt install python3-libnvinfer, then pip install cuda-python",
                             also_needs=(("cuda-python", "cuda"),), priority=10),
     "torch": BackendInfo("torch", "mmedge.runtimes.plugins.torch", "torch",
-                         'pip install "mmedge[torch]" (torch and transformers; add bitsandbytes for INT8/NF4 LLM weights)',
+                         'pip install "mmedge[torch]" (torch and transformers; add bitsandbytes for INT8/NF4 '
+                         'LLM weights)',
                          also_needs=(("transformers", "transformers"),), priority=20),
 }
 

@@ -95,7 +95,8 @@ class TensorRTRunner(Runner):
         self._lock = threading.Lock()
         self._closed = False
         self._buffers: dict[str, int] = {}  # inputs at the profile's largest shape; outputs not kept on the GPU
-        self._pool = DevicePool(self._cuda.malloc, self._cuda.free_quietly)  # outputs kept on the GPU, reused across calls
+        # outputs kept on the GPU, reused across calls
+        self._pool = DevicePool(self._cuda.malloc, self._cuda.free_quietly)
         self._stream = None
         self._event = None  # made on the first feed that names its producer's stream
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
@@ -108,12 +109,14 @@ class TensorRTRunner(Runner):
         self._context = engine.create_execution_context()
         if self._context is None:
             raise BackendError(f"TensorRT could not create an execution context for '{component_name}'",
-                               "enough free GPU memory for the engine's activations", "free GPU memory, or build with a smaller --max-batch")
+                               "enough free GPU memory for the engine's activations",
+                               "free GPU memory, or build with a smaller --max-batch")
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self._engine_inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self._engine_outputs = [n for n in names if n not in self._engine_inputs]
         if set(self._engine_inputs) != set(self._inputs) or not set(self._outputs) <= set(self._engine_outputs):
-            raise IntegrityError(f"component '{component_name}' engine has inputs {sorted(self._engine_inputs)} and outputs "
+            raise IntegrityError(f"component '{component_name}' engine has inputs {sorted(self._engine_inputs)} "
+                                 "and outputs "
                                  f"{sorted(self._engine_outputs)}, which do not match its manifest entry",
                                  f"inputs {sorted(self._inputs)} and outputs {sorted(self._outputs)}",
                                  "delete the artifact's engines/ folder; mmedge rebuilds it from the graph")
@@ -134,11 +137,14 @@ class TensorRTRunner(Runner):
                 self._buffers[n] = self._cuda.malloc(int(np.prod(hi, dtype=np.int64)) * self._dtypes[n].itemsize)
             for n in self._engine_outputs:
                 if keep_on_device and n in self._outputs:
-                    continue  # each call's DeviceTensor has the real shape, from the pool (a decoder's cache: no max-size copy)
+                    # each call's DeviceTensor has the real shape, from the pool (a decoder's cache: no max-size copy)
+                    continue
                 shape = _dims(self._context.get_tensor_shape(n))
                 if any(d < 0 for d in shape):
-                    raise BackendError(f"output '{n}' of component '{component_name}' has a data-dependent shape {list(shape)}",
-                                       "outputs whose shape follows from the input shapes", "run this component on ONNX Runtime")
+                    raise BackendError(f"output '{n}' of component '{component_name}' has a data-dependent shape "
+                                       f"{list(shape)}",
+                                       "outputs whose shape follows from the input shapes",
+                                       "run this component on ONNX Runtime")
                 self._buffers[n] = self._cuda.malloc(int(np.prod(shape, dtype=np.int64)) * self._dtypes[n].itemsize)
         except BaseException:
             self._release()
@@ -160,14 +166,16 @@ class TensorRTRunner(Runner):
 
     def _batch_axis_name(self) -> str | None:
         """The shared first axis ("batch" or "images") of every input and output, along which a call may be split."""
-        names = {meta.axis_names[0] if meta.axis_names else None for meta in [*self._inputs.values(), *self._outputs.values()]}
+        names = {meta.axis_names[0] if meta.axis_names else None
+                 for meta in [*self._inputs.values(), *self._outputs.values()]}
         return names.pop() if len(names) == 1 and names <= {"batch", "images"} else None
 
     def _infer_impl(self, feeds: dict[str, Any]) -> dict[str, Any]:
         with self._lock:
             stream = self._stream
             if self._closed or stream is None:
-                raise BackendError(f"runner for '{self.component_name}' is closed", "an open runner", "create a new one")
+                raise BackendError(f"runner for '{self.component_name}' is closed", "an open runner",
+                                   "create a new one")
             if self._cuda.device_id:
                 self._cuda.use_device()  # the current device is per thread
             first = next(iter(feeds.values()))
@@ -185,9 +193,11 @@ class TensorRTRunner(Runner):
             shape = tuple(value.shape)
             lo, hi = self._ranges[name]
             if any(not a <= d <= b for a, d, b in zip(lo, shape, hi)) or not context.set_input_shape(name, shape):
-                raise FeedError(f"component '{self.component_name}' input '{name}' has shape {list(shape)}, outside its "
+                raise FeedError(f"component '{self.component_name}' input '{name}' has shape {list(shape)}, "
+                                "outside its "
                                 f"TensorRT engine's profile", f"a shape from {list(lo)} to {list(hi)}",
-                                "rebuild the engine for larger shapes: mmedge build ARTIFACT --max-batch N --max-sequence N")
+                                "rebuild the engine for larger shapes: mmedge build ARTIFACT --max-batch N "
+                                "--max-sequence N")
             interface = getattr(value, "__cuda_array_interface__", None)
             if interface is not None:
                 pointer = int(interface["data"][0])
@@ -284,7 +294,8 @@ def create_runner(path, component_name: str, component: dict, *, artifact=None, 
     refuse_unknown_options("tensorrt", unknown, RUNNER_OPTIONS)
     why = unbuildable_reason(component_name, component)
     if why:
-        raise BackendError(why, "a component TensorRT builds (a float or static-QDQ INT8 graph, the decoder's included)",
+        raise BackendError(why,
+                           "a component TensorRT builds (a float or static-QDQ INT8 graph, the decoder's included)",
                            "load with backend='auto' (TensorRT for what it builds, ONNX Runtime for the rest)")
     manifest = artifact.manifest if artifact is not None else {"components": {component_name: component}}
     engines_dir = artifact.engines_dir() if artifact is not None else Path(path).parent / "engines"

@@ -59,7 +59,8 @@ def import_tensorrt():
             "TensorRT 10.x importable as 'tensorrt' on a machine with an NVIDIA GPU", INSTALL) from None
     if getattr(trt, "__file__", None) is None:  # a namespace package: a folder without TensorRT's bindings
         raise BackendUnavailableError(
-            f"the 'tensorrt' that imports ({list(getattr(trt, '__path__', []))}) is a folder without TensorRT's bindings "
+            f"the 'tensorrt' that imports ({list(getattr(trt, '__path__', []))}) is a folder without "
+            "TensorRT's bindings "
             "(type stubs such as tensorrt-stubs install one)",
             "TensorRT 10.x importable as 'tensorrt' on a machine with an NVIDIA GPU", INSTALL)
     major = str(getattr(trt, "__version__", "0")).split(".")[0]
@@ -71,7 +72,8 @@ def import_tensorrt():
 
 # --- building --------------------------------------------------------------------------------------
 def build_serialized_engine(onnx_path: str | os.PathLike, profile: Mapping, precision: str, *, workspace_bytes: int,
-                            timing_cache: Path | None = None, component: str = "", progress: Callable[[str], None] | None = None
+                            timing_cache: Path | None = None, component: str = "",
+                            progress: Callable[[str], None] | None = None
                             ) -> bytes:
     """Parse ``onnx_path`` with TensorRT's ONNX parser and build a serialized engine (plan bytes)."""
     trt = import_tensorrt()
@@ -108,7 +110,8 @@ def build_serialized_engine(onnx_path: str | os.PathLike, profile: Mapping, prec
     if serialized is None:
         raise BackendError(f"TensorRT could not build an engine for component '{component}' at {precision}",
                            "a successful build (TensorRT's log above says what failed)",
-                           "free GPU memory or lower --workspace-mb / --max-batch / --max-sequence, or try --precision fp32")
+                           "free GPU memory or lower --workspace-mb / --max-batch / --max-sequence, or try "
+                           "--precision fp32")
     if timing_cache is not None:
         _atomic_write(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
     return bytes(memoryview(serialized))
@@ -152,11 +155,14 @@ class _Builder:
         self.timing = timing_cache_path(engines_dir, self.trt.__version__, self.gpu_name, self.compute_capability)
 
     def precision(self, name: str) -> str:
-        return engine_precision(name, self.manifest["components"][name], self.settings.precision, self.defaults.precision)
+        return engine_precision(name, self.manifest["components"][name], self.settings.precision,
+                                self.defaults.precision)
 
     def key(self, name: str) -> EngineKey:
-        return engine_key(self.manifest["components"][name], self.precision(name), derive_profile(self.manifest, name, self.settings.limits),
-                          tensorrt_version=self.trt.__version__, gpu_name=self.gpu_name, compute_capability=self.compute_capability)
+        return engine_key(self.manifest["components"][name], self.precision(name),
+                          derive_profile(self.manifest, name, self.settings.limits),
+                          tensorrt_version=self.trt.__version__, gpu_name=self.gpu_name,
+                          compute_capability=self.compute_capability)
 
     def memory_need(self, paths: Mapping[str, Path]) -> MemoryNeed:
         engines = {}
@@ -201,7 +207,8 @@ def resolve_settings(explicit: Mapping, saved: Mapping, defaults: Mapping, devic
     return EngineSettings(precision, limits, pick("workspace_mb"), device_id)
 
 
-def build_artifact(path: str | os.PathLike, settings: EngineSettings | None = None, *, components: list[str] | None = None,
+def build_artifact(path: str | os.PathLike, settings: EngineSettings | None = None, *,
+                   components: list[str] | None = None,
                    force: bool = False, progress: bool = True, stream=None, probe=None) -> list[dict]:
     """Prebuild the TensorRT engines of an artifact on this device (``mmedge build``); one dict per component.
 
@@ -245,7 +252,8 @@ def build_artifact(path: str | os.PathLike, settings: EngineSettings | None = No
     write = say if progress else None
     memory_line = check_memory(probe, builder.memory_need(paths), settings.device_id)
     if write:
-        write(f"TensorRT {builder.trt.__version__} on {builder.gpu_name} (sm {builder.compute_capability}); {memory_line}")
+        write(f"TensorRT {builder.trt.__version__} on {builder.gpu_name} (sm {builder.compute_capability}); "
+              f"{memory_line}")
         for name, why in skipped.items():
             write(f"skipped: {why}")
     steps = Progress(len(targets), enabled=progress, stream=stream)

@@ -66,11 +66,13 @@ PRECISION_OF_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 # --- lazy imports ----------------------------------------------------------------------------------
 def import_torch():
-    """The ``torch`` module, with transformers importable beside it, or BackendUnavailableError with the install command."""
+    """The ``torch`` module, with transformers importable beside it, or BackendUnavailableError with the install
+    command."""
     try:
         import torch
     except ImportError as exc:
-        raise BackendUnavailableError(f"backend 'torch' needs the Python package 'torch', which cannot be imported ({exc})",
+        raise BackendUnavailableError("backend 'torch' needs the Python package 'torch', which cannot be "
+                                      f"imported ({exc})",
                                       "torch >= 2.4 and transformers >= 5 importable", INSTALL) from None
     try:
         import transformers  # noqa: F401
@@ -87,7 +89,8 @@ def torch_dtype(name: str | None, device) -> Any:
     if name is None:
         name = "float16" if device.type == "cuda" else "float32"
     if name not in DTYPE_NAMES:
-        raise BackendUnavailableError(f"torch dtype '{name}' is not supported", f"one of {', '.join(sorted(set(DTYPE_NAMES.values())))}",
+        raise BackendUnavailableError(f"torch dtype '{name}' is not supported",
+                                      f"one of {', '.join(sorted(set(DTYPE_NAMES.values())))}",
                                       "pass dtype='float16' (CUDA), 'bfloat16' or 'float32'")
     return getattr(torch, DTYPE_NAMES[name])
 
@@ -101,7 +104,8 @@ def resolve_device(device: str | None) -> Any:
     try:
         chosen = torch.device(name)
     except (RuntimeError, TypeError):
-        raise BackendUnavailableError(f"torch device '{name}' is not a device name", "'auto', 'cpu', 'cuda' or 'cuda:N'",
+        raise BackendUnavailableError(f"torch device '{name}' is not a device name",
+                                      "'auto', 'cpu', 'cuda' or 'cuda:N'",
                                       "pass device='cuda' or device='cpu'") from None
     if chosen.type == "cuda" and not torch.cuda.is_available():
         build = getattr(torch.version, "cuda", None)
@@ -112,7 +116,8 @@ def resolve_device(device: str | None) -> Any:
             "install a CUDA build of torch (pip install torch --index-url https://download.pytorch.org/whl/cu126), "
             "or pass device='cpu'")
     if chosen.type not in ("cpu", "cuda"):
-        raise BackendUnavailableError(f"torch device '{name}' is not supported", "cpu or cuda", "pass device='cuda' or 'cpu'")
+        raise BackendUnavailableError(f"torch device '{name}' is not supported", "cpu or cuda",
+                                      "pass device='cuda' or 'cpu'")
     return chosen
 
 
@@ -166,7 +171,8 @@ def weights_folder(artifact, checkpoint: str | Path | None = None) -> Path:
             raise BackendUnavailableError(
                 f"checkpoint folder '{folder}' has no config.json with safetensors weights",
                 "a Hugging Face checkpoint folder (config.json + *.safetensors; pickles are never loaded)",
-                "point checkpoint= at the folder save_pretrained wrote, or use an artifact exported with --with-pytorch")
+                "point checkpoint= at the folder save_pretrained wrote, or use an artifact exported with "
+                "--with-pytorch")
         return folder
     if not artifact.manifest.get("pytorch"):
         raise BackendUnavailableError(
@@ -184,7 +190,8 @@ def acquire_model(folder: Path, family: str, device, dtype, *, quantization: str
     it (encoders never touch the LLM); otherwise it gets a model of its own.
     """
     if quantization not in (None, *QUANTIZATIONS):
-        raise BackendUnavailableError(f"LLM quantization '{quantization}' is not supported", f"None or one of {', '.join(QUANTIZATIONS)}",
+        raise BackendUnavailableError(f"LLM quantization '{quantization}' is not supported",
+                                      f"None or one of {', '.join(QUANTIZATIONS)}",
                                       "pass quantization='int8' (LLM.int8) or 'nf4'")
     key = (str(Path(folder).resolve()), family, str(device), str(dtype))
     with _MODELS_LOCK:
@@ -351,7 +358,8 @@ class TorchRunner(Runner):
         self.keep_on_device = bool(keep_on_device) and device.type == "cuda"
         self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs) and device.type == "cuda"
         self._fn = Compiled(self._run_module, compile_backend(compile, default=self.cuda_graphs), component_name)
-        self._graphs = GraphCache(self._fn, device, max_graphs, component_name, self._static_dtype) if self.cuda_graphs else None
+        self._graphs = GraphCache(self._fn, device, max_graphs, component_name,
+                                  self._static_dtype) if self.cuda_graphs else None
         self._host = HostBuffers(device)
         self._lock = threading.Lock()
         self._closed = False
@@ -368,7 +376,8 @@ class TorchRunner(Runner):
         """Captured graph shapes and failed captures (empty off CUDA), and whether the module runs compiled."""
         if self._graphs is None:
             return {"cuda_graphs": False, "compile": self._fn.status}
-        return {"cuda_graphs": True, "compile": self._fn.status, "captured": [[list(s) for s, _ in k] for k in self._graphs.graphs],
+        return {"cuda_graphs": True, "compile": self._fn.status,
+                "captured": [[list(s) for s, _ in k] for k in self._graphs.graphs],
                 "failed": {str([list(s) for s, _ in k]): why for k, why in self._graphs.failed.items()}}
 
     # --- feeds ----------------------------------------------------------------------------------
@@ -418,18 +427,22 @@ class TorchRunner(Runner):
         torch = self.torch
         with self._lock:
             if self._closed:
-                raise BackendError(f"runner for '{self.component_name}' is closed", "an open runner", "create a new one")
+                raise BackendError(f"runner for '{self.component_name}' is closed", "an open runner",
+                                   "create a new one")
             try:
                 with torch.inference_mode():
                     return self._run(feeds)
             except (torch.cuda.OutOfMemoryError if hasattr(torch.cuda, "OutOfMemoryError") else MemoryError) as exc:
-                raise BackendError(f"the GPU ran out of memory running component '{self.component_name}' ({str(exc)[:160]})",
-                                   "enough free GPU memory for this batch", "use smaller batches or close other GPU processes") from None
+                raise BackendError(f"the GPU ran out of memory running component '{self.component_name}' "
+                                   f"({str(exc)[:160]})",
+                                   "enough free GPU memory for this batch",
+                                   "use smaller batches or close other GPU processes") from None
             except RuntimeError as exc:
                 raise BackendError(
                     f"torch failed running component '{self.component_name}' "
                     f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})",
-                    "feeds matching the component's declared inputs", "check input shapes against runner.input_metadata()",
+                    "feeds matching the component's declared inputs",
+                    "check input shapes against runner.input_metadata()",
                 ) from None
 
     def _run(self, feeds: dict[str, Any]) -> dict[str, Any]:
@@ -518,6 +531,7 @@ def reference_module(family: str, component_name: str, model, artifact, folder: 
     return module
 
 
-__all__ = ["ModelHandle", "TorchDeviceArray", "TorchRunner", "TorchSettings", "acquire_model", "cast_keeping_fp32_modules",
+__all__ = ["ModelHandle", "TorchDeviceArray", "TorchRunner", "TorchSettings", "acquire_model",
+           "cast_keeping_fp32_modules",
            "create_runner", "import_torch", "load_reference_model", "resolve_device",
            "torch_dtype", "weights_folder"]

@@ -49,7 +49,8 @@ def test_a_plugged_in_backend_is_planned_and_loaded(plugged, clip_artifacts, pho
 
 
 def test_a_plugged_in_backend_named_explicitly_takes_everything(plugged, clip_artifacts):
-    classifier = load(clip_artifacts("fp32"), backend=plugged, backend_options={plugged: {"graph_optimization": "basic"}})
+    classifier = load(clip_artifacts("fp32"), backend=plugged,
+                      backend_options={plugged: {"graph_optimization": "basic"}})
     assert {c.backend for c in classifier.plan.components.values()} == {plugged}
     api_error(lambda: load(clip_artifacts("fp32"), backend=plugged, backend_options={plugged: {"threads": 4}}),
               InputError, "unknown settings ['threads']", "graph_optimization")

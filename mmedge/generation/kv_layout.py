@@ -22,13 +22,15 @@ def checked_layout(kv_cache: Mapping[str, Any]) -> dict[str, Any]:
                             "re-export the artifact with this version of mmedge")
     layout = dict(kv_cache)
     for key in ("layers", "heads", "head_dim"):
-        if not isinstance(layout[key], int) or isinstance(layout[key], bool) or layout[key] < (0 if key == "layers" else 1):
+        if not isinstance(layout[key], int) or isinstance(layout[key],
+                                                          bool) or layout[key] < (0 if key == "layers" else 1):
             raise ManifestError(f"kv_cache.{key} is {layout[key]!r}", "a positive integer", "re-export the artifact")
     for key in ("past", "present"):
         try:
             layout[key] % (0, "key")
         except (TypeError, ValueError):
-            raise ManifestError(f"kv_cache.{key} is {layout[key]!r}", 'a pattern with %d (layer) and %s ("key"/"value")',
+            raise ManifestError(f"kv_cache.{key} is {layout[key]!r}",
+                                'a pattern with %d (layer) and %s ("key"/"value")',
                                 'use e.g. "past_key_values.%d.%s"') from None
     return layout
 

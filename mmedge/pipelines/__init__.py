@@ -25,4 +25,5 @@ def pipeline_class(family: str, task: str):
     """The pipeline for a task of a family (the family's own when it has one)."""
     return FAMILY_PIPELINES.get((family, task)) or PIPELINES[task]
 
-__all__ = ["Captioner", "Embedder", "FlamingoCaptioner", "pipeline_class", "ZeroShotClassifier", "ENSEMBLE_TEMPLATES", "PIPELINES"]
+__all__ = ["Captioner", "Embedder", "FlamingoCaptioner", "pipeline_class", "ZeroShotClassifier", "ENSEMBLE_TEMPLATES",
+           "PIPELINES"]

@@ -17,13 +17,16 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
 from mmedge.artifact import Artifact
 from mmedge.errors import InputError, ManifestError
 from mmedge.generation import GenerationConfig, generate_text, stream
+
+if TYPE_CHECKING:
+    from mmedge.backends import Plan
 
 MAX_PROMPT_TOKENS = 512
 MAX_PROMPT_CHARS = 8 * MAX_PROMPT_TOKENS  # English text has 4-5 characters per token
@@ -33,6 +36,7 @@ class Captioner:
     """``caption(images)``, ``ask(image, question)``, ``stream(image)``; generation settings as keywords."""
 
     task = "caption"
+    plan: Plan | None = None  # the backends ``mmedge.load`` chose per component (set by load)
 
     def __init__(self, artifact: Artifact, runners: dict, preprocessor, tokenizer, decoder, embeddings):
         self.artifact = artifact
@@ -75,7 +79,8 @@ class Captioner:
     def stream(self, image, prompt: str | None = None, **generation: Any) -> Iterator[str]:
         """Yield the caption of one image in pieces as tokens arrive; the pieces join to ``caption(image)``."""
         if isinstance(image, (list, tuple)):
-            raise InputError("stream() got a list of images", "one image", "call stream() per image, or caption() for a batch")
+            raise InputError("stream() got a list of images", "one image",
+                             "call stream() per image, or caption() for a batch")
         config = self._config(generation)
         embeds, mask, ids = self._inputs(image, prompt, config.max_new_tokens)
         with self._decoder_in_use():  # held while the caller iterates: the decoder's cache is in use
@@ -89,7 +94,8 @@ class Captioner:
             raise InputError(
                 "this Captioner was called again while one of its stream() generators is still running in this thread",
                 "one generation at a time per thread (a Captioner owns one KV cache)",
-                "iterate the stream to its end or call its close() first, or load a second Captioner for the other call",
+                "iterate the stream to its end or call its close() first, or load a second Captioner for "
+                "the other call",
             )
         with self._lock:
             self._owner = me

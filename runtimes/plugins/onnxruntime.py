@@ -32,7 +32,8 @@ def _providers(request: PlanRequest) -> tuple[str, ...]:
         reasons.append("device=cpu requested: ONNX Runtime CPU provider")
         return ("cpu",)
     if gpu_providers:
-        reasons.append(f"ONNX Runtime offers {', '.join(gpu_providers)}: using them, CPU as fallback for unsupported ops")
+        reasons.append(f"ONNX Runtime offers {', '.join(gpu_providers)}: using them, CPU as fallback for "
+                       "unsupported ops")
         return tuple(gpu_providers)
     if request.device == "cuda":
         raise BackendUnavailableError(

@@ -30,7 +30,8 @@ class TensorRTBackend(Backend):
     def declined(self, request: PlanRequest, why: str, taken: dict[str, ComponentPlan]) -> None:
         request.reasons.append(f"backend tensorrt: {why}")
         if request.device != "cpu" and request.has_gpu:
-            request.fallbacks.append(f"TensorRT is not used on this GPU: {why}; ONNX Runtime runs every component instead")
+            request.fallbacks.append(f"TensorRT is not used on this GPU: {why}; ONNX Runtime runs every "
+                                     "component instead")
 
     def plan_components(self, request: PlanRequest, taken: dict[str, ComponentPlan]) -> dict[str, ComponentPlan]:
         """Every component TensorRT builds (not those another backend claims), with the reasons; named explicitly, a
@@ -52,7 +53,8 @@ class TensorRTBackend(Backend):
             if why:
                 if explicit:
                     raise BackendUnavailableError(why, "components TensorRT can build: float or static-QDQ INT8 graphs",
-                                                  "use --backend auto (TensorRT for what it builds, ONNX Runtime for the "
+                                                  "use --backend auto (TensorRT for what it builds, ONNX "
+                                                  "Runtime for the "
                                                   "rest) or --backend onnxruntime")
                 reasons.append(f"{why}: ONNX Runtime")
                 continue
@@ -62,8 +64,10 @@ class TensorRTBackend(Backend):
                                                                     "max_batch": defaults.max_batch})
             if name == "decoder" or is_kv_decoder(comp):
                 context = decoder_context(manifest) if name == "decoder" else []
-                reasons.append(f"component '{name}': the KV-cached decoder as a TensorRT engine ({comp.get('precision')} "
-                               f"graph without ONNX Runtime-only operators, built at {precision}; its cache stays on the "
+                reasons.append(f"component '{name}': the KV-cached decoder as a TensorRT engine "
+                               f"({comp.get('precision')} "
+                               f"graph without ONNX Runtime-only operators, built at {precision}; its cache "
+                               "stays on the "
                                "GPU between steps" + (f"; its context {listed(context)} fed beside the cache"
                                                       if context else "") + ")")
         if chosen:

@@ -101,7 +101,8 @@ class TorchBackend(Backend):
         manifest, device = request.manifest, request.device
         self.require_installed(request.probe.engines)
         if not request.weights:
-            raise BackendUnavailableError("backend 'torch' needs PyTorch weights, and this artifact was exported without "
+            raise BackendUnavailableError("backend 'torch' needs PyTorch weights, and this artifact was "
+                                          "exported without "
                                           "them", "an artifact exported with `mmedge export --with-pytorch` (its "
                                           "pytorch/ folder)", "re-export with --with-pytorch, or use --backend auto / "
                                           "onnxruntime")
