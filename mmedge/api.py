@@ -160,12 +160,10 @@ def _decoder(artifact: Artifact, comp_plan, threads: int | None, settings: dict 
     """The KV-cached decoder its backend opens (``TorchDecoder`` on torch, ``RunnerDecoder`` over the decoder's
     TensorRT engine, ``OrtDecoder`` on ONNX Runtime) and the token-embedding table it embeds generated ids with."""
     from mmedge.embeddings import EmbeddingTable
+    from mmedge.manifest import embeddings_entry
     from mmedge.runtimes.registry import backend
 
-    family = artifact.manifest["family"]
-    table_entry = artifact.manifest[family]["embeddings"]
-    table = EmbeddingTable.load(artifact.verified_path(table_entry["file"], table_entry["sha256"],
-                                                       f"{family}.embeddings.file"),
-                                table_entry)
+    table_entry, field = embeddings_entry(artifact.manifest)
+    table = EmbeddingTable.load(artifact.verified_path(table_entry["file"], table_entry["sha256"], field), table_entry)
     return backend(comp_plan.backend).open_decoder(artifact, comp_plan, table, threads=threads,
                                                    settings=settings), table

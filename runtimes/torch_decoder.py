@@ -50,6 +50,7 @@ import numpy as np
 
 from mmedge.errors import BackendError, FeedError
 from mmedge.generation.decoder import position_ids as _position_ids
+from mmedge.manifest import decoder_settings
 from mmedge.runtimes.torch_backend import (
     PRECISION_OF_DTYPE,
     ModelHandle,
@@ -476,7 +477,7 @@ def create_decoder(artifact, *, device: str | None = "auto", dtype: str | None =
                                               "cache_block"))
     import_torch()
     family = artifact.manifest["family"]
-    settings = artifact.manifest[family]["decoder"]
+    settings = decoder_settings(artifact.manifest)
     chosen = resolve_device(device)
     precision = torch_dtype(dtype, chosen)
     handle = acquire_model(weights_folder(artifact, checkpoint), family, chosen, precision, quantization=quantization,

@@ -106,3 +106,19 @@ def test_load_returns_captioner(blip2_artifact):
     pipeline = mmedge.load(blip2_artifact, task="vqa")
     assert isinstance(pipeline, Captioner)
     assert pipeline.embeddings.shape[1] == pipeline.prefix(np.zeros((8, 8, 3), np.uint8)).shape[2]
+
+
+def test_the_prefix_chain_is_the_manifests(blip2_artifact, tmp_path):
+    """The Captioner runs the components ``blip2.prefix`` names; a chain naming no component, or an output its last
+    component does not have, is refused when the manifest is read."""
+    from mmedge.errors import ManifestError
+    from mmedge.manifest import parse_manifest
+
+    manifest = json.loads((blip2_artifact / "manifest.json").read_text())
+    chain = manifest["blip2"]["prefix"]
+    assert chain["components"] and chain["output"] in manifest["components"][chain["components"][-1]]["outputs"]
+    for field, value, words in (("components", ["nothing"], "names 'nothing'"), ("output", "image_embeds", "output")):
+        broken = json.loads(json.dumps(manifest))
+        broken["blip2"]["prefix"][field] = value
+        with pytest.raises(ManifestError, match=f"blip2.prefix.{field}.*{words}"):
+            parse_manifest(json.dumps(broken))

@@ -24,6 +24,7 @@ import numpy as np
 from mmedge.artifact import Artifact
 from mmedge.errors import InputError, ManifestError
 from mmedge.generation import GenerationConfig, generate_text, stream
+from mmedge.manifest import family_section
 
 if TYPE_CHECKING:
     from mmedge.backends import Plan
@@ -45,7 +46,7 @@ class Captioner:
         self.tokenizer = tokenizer
         self.decoder = decoder
         self.embeddings = embeddings  # [vocab, width] table, rows dequantized on lookup
-        settings = artifact.manifest[artifact.manifest["family"]]  # the blip2 or idefics section
+        settings = family_section(artifact.manifest)  # the blip2 or idefics section
         self.settings = settings
         self.defaults = dict(artifact.manifest.get("generation") or {})
         self.vqa_template = settings["prompts"]["vqa"]
@@ -106,15 +107,18 @@ class Captioner:
 
     # --- building the decoder's inputs -----------------------------------------------------------
     def prefix(self, images) -> np.ndarray:
-        """Prefix embeddings ``[batch, num_query_tokens, width]`` from one graph or vision → Q-Former."""
+        """Prefix embeddings ``[batch, num_query_tokens, width]``: the components the manifest's ``prefix.components``
+        names, in order (one graph, or vision → Q-Former), each fed the tensors of the ones before by name; the result
+        is their ``prefix.output``."""
         batch = list(images) if isinstance(images, (list, tuple)) else [images]
         if not batch:
             raise InputError("the image list is empty", "at least one image", "pass an image path, PIL image or array")
-        pixels = self.preprocessor(batch)  # [batch, 3, height, width]
-        if "prefix" in self.runners:
-            return self.runners["prefix"].infer({"pixel_values": pixels})["prefix_embeds"]
-        image_embeds = self.runners["vision"].infer({"pixel_values": pixels})["image_embeds"]  # [batch, patches, width]
-        return self.runners["qformer"].infer({"image_embeds": image_embeds})["prefix_embeds"]
+        chain = self.settings["prefix"]
+        values = {"pixel_values": self.preprocessor(batch)}  # [batch, 3, height, width]
+        for name in chain["components"]:
+            runner = self.runners[name]
+            values.update(runner.infer({input_name: values[input_name] for input_name in runner.input_metadata()}))
+        return values[chain["output"]]
 
     def _prompt_ids(self, prompt: str | None, budget: int) -> np.ndarray:
         """``[tokens]``: BOS, then the prompt's tokens; a prompt over ``budget`` tokens keeps BOS and its end."""

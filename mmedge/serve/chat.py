@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 
 from mmedge.generation import MAX_NEW_TOKENS_CAP, GenerationConfig
-from mmedge.manifest import decoder_settings
+from mmedge.manifest import decoder_settings, family_section
 from mmedge.serve.errors import invalid
 from mmedge.serve.inputs import bounded, check_fields, field, image_bytes, strings, typed
 from mmedge.serve.models import ServedModel
@@ -251,7 +251,7 @@ def _tokens(captioner, text: str, special: bool) -> int:
 
 def _image_tokens(model: ServedModel) -> int:
     """Decoder inputs per image: BLIP-2's query tokens; IDEFICS' latents (read through cross-attention)."""
-    section = model.manifest[model.family]
+    section = family_section(model.manifest)
     return int(section.get("num_query_tokens") or (section.get("cross_kv") or {}).get("tokens_per_image") or 0)
 
 
