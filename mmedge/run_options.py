@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mmedge.errors import InputError
+from mmedge.families import FAMILIES
 from mmedge.idle_options import Rule, refuse_idle
 
-FAMILY_LABELS = {"clip": "CLIP", "blip2": "BLIP-2", "idefics": "IDEFICS"}
 CAPTIONING = ("caption", "vqa")
 
 
@@ -31,7 +31,8 @@ class Target:
 
     def __str__(self) -> str:
         baked = " with baked labels" if self.fused else ""
-        return f"{FAMILY_LABELS.get(self.family, self.family)} {self.task} artifact{baked}"
+        row = FAMILIES.get(self.family)
+        return f"{row.label if row else self.family} {self.task} artifact{baked}"
 
 
 def _zero_shot_choice(args, target: Target) -> bool:
@@ -64,7 +65,7 @@ RULES = (
          "a captioning artifact (BLIP-2, IDEFICS) without --interleaved", "drop --question"),
     Rule("--prompt", lambda a: a.prompt is not None, lambda a, t: _prompted(a, t) and a.question is None,
          "a captioning artifact without --question or --interleaved (they make the prompt)", "pass only one of them"),
-    Rule("--interleaved", lambda a: a.interleaved, lambda a, t: t.family == "idefics",
+    Rule("--interleaved", lambda a: a.interleaved, lambda a, t: t.family in FAMILIES and FAMILIES[t.family].interleaved,
          "a Flamingo-style (IDEFICS) captioning artifact", "drop --interleaved, or export an IDEFICS model"),
     Rule("--stream", lambda a: a.stream, lambda a, t: t.captions and not a.json,
          "a captioning artifact, without --json (which prints whole results)", "drop --stream or --json"),

@@ -81,7 +81,8 @@ def device(**overrides):
 CPU_BOX = device()
 DESKTOP_RTX = device(gpus=[GpuInfo("NVIDIA GeForce RTX 4090", "8.9", 24564, 23000)],
                      ort_providers=["cpu", "cuda", "tensorrt"], engines={"onnxruntime": "1.20", "tensorrt": "10.3"})
-JETSON_ORIN = device(machine="aarch64", cpu_cores=12, jetson={"model": "NVIDIA Jetson AGX Orin Developer Kit", "l4t": "36.3.0",
+JETSON_ORIN = device(machine="aarch64", cpu_cores=12,
+                     jetson={"model": "NVIDIA Jetson AGX Orin Developer Kit", "l4t": "36.3.0",
                                                                 "unified_memory": True}, ort_providers=["cpu", "cuda"])
 
 

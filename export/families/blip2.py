@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmedge.errors import ExportError, ParityError
-from mmedge.export.families.common import GenerativeFamily
+from mmedge.errors import ExportError
+from mmedge.export.families.base import DECODER_FIX, ENCODER_FIX, gate_fidelity
+from mmedge.export.families.common import EMBEDDINGS_FILE, GenerativeFamily, write_embedding_table
 from mmedge.export.specs.blip2 import (
     Blip2Prefix,
     Blip2Vision,
@@ -44,7 +45,6 @@ from mmedge.metrics import common_prefix, cosine_rows
 TASKS = ("caption", "vqa")
 VQA_TEMPLATE = "Question: {} Answer:"
 DEFAULT_MAX_NEW_TOKENS = 30
-EMBEDDINGS_FILE = "embed_tokens.npz"
 ENCODERS = ("prefix", "vision", "qformer")
 # Settings a user may pass in ExportOptions.extra, with their defaults.
 EXTRA_DEFAULTS = {
@@ -100,7 +100,8 @@ class Blip2Family(GenerativeFamily):
         if not model.config.use_decoder_only_language_model:
             raise ExportError("this BLIP-2 checkpoint uses an encoder-decoder LLM (Flan-T5)",
                               "a decoder-only LLM (OPT, Llama-family)", "export a blip2-opt checkpoint")
-        encoders = [Blip2Prefix(model)] if self.setting(options, "fused_prefix") else [Blip2Vision(model), QFormer(model)]
+        encoders = [Blip2Prefix(model)] if self.setting(options,
+                                                        "fused_prefix") else [Blip2Vision(model), QFormer(model)]
         return [*encoders, DecoderWithPast(model.language_model)]
 
     @staticmethod
@@ -108,7 +109,8 @@ class Blip2Family(GenerativeFamily):
         """The wrapper module the exporter traced for component ``name`` (the decoder: flat KV cache in and out),
         around a model loaded on the device by ``mmedge.runtimes.torch_backend``."""
         builders = {"vision": _VisionEmbeds, "qformer": _QFormerPrefix, "prefix": _FusedPrefix,
-                    "decoder": lambda m: _DecoderWithPast(m.language_model, kv_cache_layout(m.language_model)["layers"])}
+                    "decoder": lambda m: _DecoderWithPast(m.language_model,
+                                                          kv_cache_layout(m.language_model)["layers"])}
         return builders[name](model).eval()
 
     @staticmethod
@@ -127,15 +129,12 @@ class Blip2Family(GenerativeFamily):
         return spec.name in ENCODERS
 
     # --- manifest --------------------------------------------------------------------------------
-    def manifest_extras(self, loaded, options) -> dict:
+    def manifest_extras(self, loaded, options, written: dict) -> dict:
         model = loaded.model
         text = model.config.text_config
         generation = generation_settings(loaded)
         fused = bool(self.setting(options, "fused_prefix"))
-        embeddings = getattr(loaded, "_blip2_embeddings", None)
-        if embeddings is None:
-            raise ExportError("the BLIP-2 embedding table was not written", f"{EMBEDDINGS_FILE} in the artifact",
-                              "this is an exporter bug; report it")
+        embeddings = written["embeddings"]  # write_files' entry for embed_tokens.npz
         return {
             "tasks": [options.task] + [t for t in TASKS if t != options.task],
             "generation": generation,
@@ -146,16 +145,19 @@ class Blip2Family(GenerativeFamily):
                                      int(model.language_model.get_input_embeddings().embedding_dim)]},
                 "decoder": {"component": "decoder", "llm": text.model_type,
                             "max_positions": int(getattr(text, "max_position_embeddings", 0) or 0) or None,
-                            "position_ids": "cumsum(attention_mask, axis=1) - 1 (padding slots: any value, they are masked)",
+                            "position_ids": "cumsum(attention_mask, axis=1) - 1 (padding slots: any value, "
+                            "they are masked)",
                             "position_offset": 0, "kv_cache": kv_cache_layout(model.language_model)},
                 "bos_token_id": generation["bos_token_id"],
                 "eos_token_id": generation["eos_token_id"],
                 "pad_token_id": generation["pad_token_id"],
                 "image_tokens": {
-                    "hf_image_token_id": None if model.config.image_token_index is None else int(model.config.image_token_index),
+                    "hf_image_token_id": None if model.config.image_token_index is None
+                    else int(model.config.image_token_index),
                     "in_prompt_ids": False,
                     "sequence": "prefix_embeds (num_query_tokens rows), then embed(prompt_ids)",
-                    "prompt_ids": "tokenizer(prompt), which starts with bos_token_id; [bos_token_id] when there is no prompt",
+                    "prompt_ids": "tokenizer(prompt), which starts with bos_token_id; [bos_token_id] when there "
+                    "is no prompt",
                     "hf_equivalent": "processor puts num_query_tokens <image> ids before tokenizer(prompt); "
                                      "generate() replaces exactly those rows with the prefix (masked_scatter)",
                 },
@@ -165,9 +167,17 @@ class Blip2Family(GenerativeFamily):
         }
 
     # --- samples stored with the artifact for on-device `mmedge validate` ------------------------
-    def write_files(self, builder) -> None:
-        """Files beside the graphs: the LLM's token-embedding table."""
-        self.write_embeddings(builder)
+    def write_files(self, builder) -> dict:
+        """Files beside the graphs: the LLM's token-embedding table. Returns ``{"embeddings": its manifest entry,
+        "fp32_table": the FP32 table}`` (the FP32 side of the decoder's fidelity, kept before a large LLM's weights
+        are freed; None when the LLM stays FP32)."""
+        llm = builder.loaded.model.language_model
+        options = builder.options
+        table = embedding_table(llm)  # [vocab, width]
+        entry = write_embedding_table(builder, table, lambda storage, arrays: embedding_entry(
+            llm, storage, arrays, options.int4_block_size))
+        fp32 = (options.llm_precision or options.precision) == "fp32"
+        return {"embeddings": entry, "fp32_table": None if fp32 else table}
 
     def validation_feeds(self, spec, builder) -> dict[str, np.ndarray]:
         """Two held-out photos; for the decoder, a VQA prompt after one photo's cached prefix (past > 0, 10+ tokens).
@@ -192,28 +202,6 @@ class Blip2Family(GenerativeFamily):
             feeds = decoder_feeds(embeds, mask, past, spec.kv_cache)
         return {k: v.numpy() for k, v in feeds.items()}
 
-    def write_embeddings(self, builder) -> dict:
-        """Write ``embed_tokens.npz`` at the LLM's precision (once per export); returns its manifest entry."""
-        from mmedge.artifact import sha256_file
-
-        loaded = builder.loaded
-        entry = getattr(loaded, "_blip2_embeddings", None)
-        path = builder.stage / EMBEDDINGS_FILE
-        if entry is not None and path.is_file():
-            return entry
-        llm = loaded.model.language_model
-        precision = builder.options.llm_precision or builder.options.precision
-        table = embedding_table(llm)  # [vocab, width]
-        if precision != "fp32":  # the FP32 side of the decoder's fidelity, after large LLMs' weights are freed
-            loaded._blip2_fp32_table = table
-        storage, arrays = embedding_arrays(table, precision, builder.options.int4_block_size)
-        with open(path, "wb") as handle:
-            np.savez(handle, **arrays)
-        entry = embedding_entry(llm, storage, arrays, builder.options.int4_block_size)
-        entry |= {"file": EMBEDDINGS_FILE, "sha256": sha256_file(path), "size_bytes": path.stat().st_size}
-        loaded._blip2_embeddings = entry  # read by manifest_extras, which gets no builder
-        return entry
-
     # --- static INT8 calibration -----------------------------------------------------------------
     def calibration_feeds(self, spec, builder, progress):
         """Calibration images as pixel feeds; for the Q-Former, the FP32 vision graph's image_embeds of them."""
@@ -224,7 +212,8 @@ class Blip2Family(GenerativeFamily):
         if "pixel_values" in spec.inputs:
             return feeds, note
         vision = _session(builder.fp32_paths["vision"], builder.options.threads)
-        return ({"image_embeds": vision.run(["image_embeds"], feed)[0]} for feed in feeds), note + " through FP32 vision"
+        return ({"image_embeds": vision.run(["image_embeds"],
+                                            feed)[0]} for feed in feeds), note + " through FP32 vision"
 
     # --- fidelity of quantized graphs ------------------------------------------------------------
     def quantized_fidelity(self, run, fp32: dict[str, Path], quantized: dict[str, Path], builder) -> dict[str, dict]:
@@ -242,17 +231,13 @@ class Blip2Family(GenerativeFamily):
         if encoders:
             pixels = builder.preprocessor(holdout_images(photos))  # [views, 3, height, width]
             for name in encoders:
-                measured[name] = _encoder_fidelity(name, run, fp32, quantized, pixels)
-                if measured[name]["embedding_cosine_mean"] < options.min_quantized_cosine:
-                    raise ParityError(name, "embeddings", "cosine", measured[name]["embedding_cosine_mean"],
-                                      options.min_quantized_cosine,
-                                      "use more representative --calibration images, --quantization dynamic, or --precision fp16")
+                measured[name] = gate_fidelity(name, _encoder_fidelity(name, run, fp32, quantized, pixels),
+                                               "embedding_cosine_mean", options.min_quantized_cosine, "embeddings",
+                                               ENCODER_FIX)
         if "decoder" in quantized:
-            measured["decoder"] = self._decoder_fidelity(fp32, quantized, builder, photos)
-            floor = float(self.setting(options, "min_logits_cosine"))
-            if measured["decoder"]["logits_cosine_mean"] < floor:
-                raise ParityError("decoder", "logits", "cosine", measured["decoder"]["logits_cosine_mean"], floor,
-                                  "use --llm-precision int8 or a smaller --int4-block-size (e.g. 32)")
+            measured["decoder"] = gate_fidelity("decoder", self._decoder_fidelity(fp32, quantized, builder, photos),
+                                                "logits_cosine_mean", float(self.setting(options, "min_logits_cosine")),
+                                                "logits", DECODER_FIX)
         return measured
 
     def _decoder_fidelity(self, fp32, quantized, builder, photos) -> dict:
@@ -263,12 +248,13 @@ class Blip2Family(GenerativeFamily):
         pixels = builder.preprocessor([load_calibration_image(p) for p in photos[:count]])
         prefix = _fp32_prefix(fp32, pixels, options.threads)  # [images, queries, width]
         precision = options.llm_precision or options.precision
-        entry = getattr(builder.loaded, "_blip2_embeddings", None) or self.write_embeddings(builder)
-        reference = _Greedy(fp32["decoder"], builder.loaded._blip2_fp32_table, kv_cache_layout(llm), options.threads)
+        entry = builder.written["embeddings"]
+        reference = _Greedy(fp32["decoder"], builder.written["fp32_table"], kv_cache_layout(llm), options.threads)
         table = _load_table(builder.stage / EMBEDDINGS_FILE, entry)
         candidate = _Greedy(quantized["decoder"], table, kv_cache_layout(llm), options.threads)
-        config = generation_settings(builder.loaded) | {"max_new_tokens": int(self.setting(options, "fidelity_max_new_tokens")),
-                                                        "num_beams": 1, "do_sample": False}
+        new_tokens = int(self.setting(options, "fidelity_max_new_tokens"))
+        config = generation_settings(builder.loaded) | {"max_new_tokens": new_tokens, "num_beams": 1,
+                                                        "do_sample": False}
         cosines, identical, common = [], [], []
         for prompt in FIDELITY_PROMPTS:
             ids = _prompt_ids(builder.tokenizer, prompt, config["bos_token_id"], len(pixels))  # [images, tokens]
@@ -314,19 +300,6 @@ def embedding_table(language_model) -> np.ndarray:
     return language_model.get_input_embeddings().weight.detach().float().cpu().numpy()
 
 
-def embedding_arrays(table: np.ndarray, precision: str, block_size: int) -> tuple[str, dict[str, np.ndarray]]:
-    """(storage name, arrays) for the table at the LLM's precision."""
-    from mmedge.export.int4 import quantize_rows_int4, quantize_rows_int8
-
-    if precision == "int4":
-        return "int4-block", quantize_rows_int4(table, block_size)
-    if precision == "int8":
-        return "int8-per-row", quantize_rows_int8(table)
-    if precision == "fp16":
-        return "float16", {"weight": table.astype(np.float16)}
-    return "float32", {"weight": np.ascontiguousarray(table, dtype=np.float32)}
-
-
 def embedding_entry(language_model, storage: str, arrays: dict[str, np.ndarray], block_size: int) -> dict:
     vocab, width = language_model.get_input_embeddings().weight.shape
     output = language_model.get_output_embeddings()
@@ -355,13 +328,10 @@ def _load_table(path: Path, entry: dict) -> np.ndarray:
 
 
 def _session(path: Path, threads: int | None):
-    import onnxruntime as ort
+    """A CPU ONNX Runtime session over an exported graph (``threads`` None or 0: all cores)."""
+    from mmedge.runtimes.ort_session import OrtOptions, session_from_path
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session_from_path(path, OrtOptions(threads=threads or None))
 
 
 def _prefill(language_model, prefix: torch.Tensor, layout: dict) -> list[torch.Tensor]:
@@ -410,7 +380,8 @@ class _Greedy:
 
     def prefill_logits(self, prefix: np.ndarray, ids: np.ndarray) -> np.ndarray:
         embeds = self.embeds(prefix, ids)
-        feeds = decoder_feeds(torch.from_numpy(embeds), torch.ones(embeds.shape[:2], dtype=torch.long), None, self.layout)
+        feeds = decoder_feeds(torch.from_numpy(embeds), torch.ones(embeds.shape[:2], dtype=torch.long), None,
+                              self.layout)
         return self.session.run(["logits"], {k: v.numpy() for k, v in feeds.items()})[0]  # [batch, tokens, vocab]
 
     def generate(self, prefix: np.ndarray, ids: np.ndarray, settings: dict) -> list[list[int]]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmedge.errors import ParityError
+from mmedge.export.families.base import ENCODER_FIX, Family, gate_fidelity
 from mmedge.export.specs.clip import ClipText, ClipVision, ClipZeroShot, _FusedZeroShot, _ImageEmbeds, _TextEmbeds
 from mmedge.metrics import cosine_rows, top1_agreement
 from mmedge.pipelines.common import l2_normalize
@@ -18,7 +18,7 @@ FIDELITY_LABELS = ("person", "cat", "cup of coffee", "rocket", "galaxy", "eye", 
 TASKS = ("zero-shot", "embed")
 
 
-class ClipFamily:
+class ClipFamily(Family):
     name, label = "clip", "CLIP"
     model_types = ("clip",)
     default_task, tasks = "zero-shot", TASKS
@@ -95,12 +95,13 @@ class ClipFamily:
     def label_bank(self, loaded, labels, templates) -> np.ndarray:
         return build_label_bank(self.torch_text_embeds(loaded), labels, templates)  # [labels, dim]
 
-    def manifest_extras(self, loaded, options) -> dict:
+    def manifest_extras(self, loaded, options, written: dict) -> dict:
         task, labels, templates = options.task, options.labels, options.templates
         fused = bool(labels)
         extras = {
             "tasks": ["zero-shot"] if fused else ([task] + [t for t in TASKS if t != task]),
-            "clip": {"logit_scale": self.logit_scale(loaded), "projection_dim": int(loaded.model.config.projection_dim)},
+            "clip": {"logit_scale": self.logit_scale(loaded),
+                     "projection_dim": int(loaded.model.config.projection_dim)},
         }
         if fused:
             extras["zero_shot"] = {"labels": check_labels(labels), "templates": check_templates(templates)}
@@ -109,12 +110,9 @@ class ClipFamily:
     def needs_tokenizer(self, options) -> bool:
         return not options.labels
 
-    def write_files(self, builder) -> None:
+    def write_files(self, builder) -> dict:
         """Nothing beside the graphs but the tokenizer, which the builder writes."""
-
-    @staticmethod
-    def precision_of(spec, options) -> str:
-        return options.precision
+        return {}
 
     @staticmethod
     def calibrates(spec) -> bool:
@@ -129,15 +127,12 @@ class ClipFamily:
         from mmedge.export.calibration import fidelity_paths
 
         photos, _ = fidelity_paths(builder.options)
-        measured = self._fidelity(run, fp32, quantized, builder.preprocessor, builder.tokenizer, builder.options.templates,
+        measured = self._fidelity(run, fp32, quantized, builder.preprocessor, builder.tokenizer,
+                                  builder.options.templates,
                                   photos)
         floor = builder.options.min_quantized_cosine
-        for name, figures in measured.items():
-            if figures["embedding_cosine_mean"] < floor:
-                raise ParityError(name, "embeddings", "cosine", figures["embedding_cosine_mean"], floor,
-                                  "use more representative --calibration images, --quantization dynamic, "
-                                  "or --precision fp16")
-        return measured
+        return {name: gate_fidelity(name, figures, "embedding_cosine_mean", floor, "embeddings", ENCODER_FIX)
+                for name, figures in measured.items()}
 
     def _fidelity(self, run, fp32, quantized, preprocessor, tokenizer, templates, photos) -> dict[str, dict]:
         from mmedge.export.calibration import holdout_images
@@ -154,7 +149,9 @@ class ClipFamily:
         templates = check_templates(templates)
 
         def text_embeds(path):
-            return lambda prompts: run(path, dict(zip(("input_ids", "attention_mask"), tokenizer.encode(prompts))))["text_embeds"]
+            return lambda prompts: run(path,
+                                       dict(zip(("input_ids", "attention_mask"),
+                                                tokenizer.encode(prompts))))["text_embeds"]
 
         bank_ref = build_label_bank(text_embeds(fp32["text"]), labels, templates)  # [labels, dim]
         bank_act = build_label_bank(text_embeds(quantized["text"]), labels, templates)
@@ -179,7 +176,8 @@ class ClipFamily:
         prompts = _calibration_prompts(options.labels, options.templates)
         # One padded batch, fed row by row: the calibrator stacks activations, so lengths must agree.
         input_ids, attention_mask = builder.tokenizer.encode(prompts)  # [prompts, tokens] each
-        feeds = ({"input_ids": input_ids[i:i + 1], "attention_mask": attention_mask[i:i + 1]} for i in range(len(prompts)))
+        feeds = ({"input_ids": input_ids[i:i + 1],
+                  "attention_mask": attention_mask[i:i + 1]} for i in range(len(prompts)))
         return feeds, f"{len(prompts)} label prompts"
 
     # --- samples stored with the artifact for on-device `mmedge validate` --------------------------
@@ -188,7 +186,8 @@ class ClipFamily:
 
         if "pixel_values" in spec.inputs:
             return {"pixel_values": builder.preprocessor([load_calibration_image(p) for p in bundled("holdout")[:2]])}
-        input_ids, attention_mask = builder.tokenizer.encode(["a photo of a cat.", "a diagram of a rocket engine on a table."])
+        input_ids, attention_mask = builder.tokenizer.encode(["a photo of a cat.",
+                                                              "a diagram of a rocket engine on a table."])
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
