@@ -33,7 +33,8 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", t
     from mmedge import device as device_probe
     from mmedge.preprocess import ImagePreprocessor
     from mmedge.runtimes.registry import create_runner
-    from mmedge.selection import log_fallbacks, plan as make_plan
+    from mmedge.selection import log_fallbacks
+    from mmedge.selection import plan as make_plan
     from mmedge.tokenizer import TextTokenizer
 
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -89,7 +90,7 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", t
     return pipeline
 
 
-DECODER_ONLY = ("quantization",)  # torch: INT8/NF4 applies to the LLM, which only the decoder runs
+DECODER_ONLY = ("quantization", "weights")  # torch INT8/NF4, OpenVINO NNCF weights: the LLM, which only the decoder runs
 
 
 def _checked_backend_options(options: dict | None) -> dict:
@@ -104,18 +105,22 @@ def _checked_backend_options(options: dict | None) -> dict:
             from mmedge.runtimes.torch_backend import TorchSettings
 
             return [f.name for f in fields(TorchSettings)]
+        if name == "openvino":
+            from mmedge.runtimes.openvino.core import OvOptions
+
+            return [f.name for f in fields(OvOptions) if f.name not in ("threads", "engine_cache")]
         from mmedge.runtimes.onnxruntime import OrtOptions
 
         return [f.name for f in fields(OrtOptions) if f.name not in ("providers", "threads")]
 
-    known = ("torch", "onnxruntime")
+    known = ("torch", "onnxruntime", "openvino")
     if not isinstance(options, dict) or any(not isinstance(v, dict) for v in options.values()):
         raise InputError(f"backend_options is {options!r}"[:200], "a dict of backend name -> dict of settings",
                          "pass e.g. backend_options={'torch': {'quantization': 'nf4'}}")
     for name, settings in options.items():
         if name not in known:
             raise InputError(f"backend_options names backend {name!r}", f"one of {', '.join(known)}",
-                             "pass settings for 'torch' or 'onnxruntime'")
+                             "pass settings for 'torch', 'onnxruntime' or 'openvino'")
         allowed = settings_of(name)
         unknown = sorted(set(settings) - set(allowed))
         if unknown:
@@ -159,6 +164,8 @@ def _runner_options(artifact: Artifact, comp_plan, threads: int | None) -> dict:
         return {"artifact": artifact, "defaults": comp_plan.options}  # engines/build.json, if any, comes first
     if comp_plan.backend == "torch":
         return {"artifact": artifact, **comp_plan.options}
+    if comp_plan.backend == "openvino":
+        return {"artifact": artifact, "threads": threads, **comp_plan.options}
     options = {"providers": comp_plan.providers, "threads": threads, **comp_plan.options}
     if "tensorrt" in comp_plan.providers:
         options["engine_cache"] = artifact.engines_dir()
@@ -178,6 +185,12 @@ def _decoder(artifact: Artifact, comp_plan, threads: int | None, settings: dict 
         from mmedge.runtimes.torch_decoder import create_decoder
 
         return create_decoder(artifact, **{**comp_plan.options, **(settings or {})}), table
+    if comp_plan.backend == "openvino":
+        from mmedge.runtimes.openvino import create_decoder as openvino_decoder
+
+        options = {k: v for k, v in {**_runner_options(artifact, comp_plan, threads), **(settings or {})}.items()
+                   if k != "artifact"}
+        return openvino_decoder(artifact, table, **options), table
     if comp_plan.backend == "tensorrt":
         from mmedge.runtimes.registry import import_backend_module
 

@@ -209,6 +209,10 @@ def cmd_doctor(args) -> int:
         chosen = plan(found, artifact.manifest, args.backend, args.device)
         report["plan"] = {name: vars(c) for name, c in chosen.components.items()}
         report["reasons"] = chosen.reasons
+    if found.engines.get("openvino"):
+        from mmedge.runtimes.openvino.doctor import doctor_report
+
+        report["openvino"] = doctor_report(found)
     if args.json:
         print(json.dumps(report, indent=2, default=list))
         return 0
@@ -219,6 +223,11 @@ def cmd_doctor(args) -> int:
     print(f"Jetson: {found.jetson or 'no'}")
     print("engines: " + ", ".join(f"{k} {v or 'absent'}" for k, v in found.engines.items()))
     print(f"onnxruntime providers: {', '.join(found.ort_providers)}")
+    if found.engines.get("openvino"):
+        from mmedge.runtimes.openvino.doctor import doctor_lines
+
+        for line in doctor_lines(found):
+            print(line)
     if found.gpus or found.jetson:
         from mmedge.selection import tensorrt_defaults
 

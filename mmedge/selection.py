@@ -37,6 +37,8 @@ from mmedge.device import DeviceProbe
 from mmedge.errors import BackendUnavailableError, InputError
 from mmedge.manifest import decoder_settings
 from mmedge.runtimes.kv_decoder import context_inputs
+from mmedge.runtimes.openvino.planning import auto_components as openvino_auto
+from mmedge.runtimes.openvino.planning import explicit_components as openvino_explicit
 from mmedge.runtimes.registry import BACKENDS, require_installed
 from mmedge.runtimes.tensorrt_planning import engine_precision, is_kv_decoder, require_gpu, unbuildable_reason
 
@@ -330,6 +332,8 @@ def plan(probe: DeviceProbe, manifest: dict, backend: str = "auto", device: str 
             if device != "cpu" and (probe.gpus or probe.jetson):
                 fallbacks.append(f"TensorRT is not used on this GPU: {why}; ONNX Runtime runs every component instead")
         components.update(_torch_components(probe, manifest, device, weights, components, reasons))
+        for name, options in openvino_auto(probe, manifest, device, components, reasons).items():
+            components[name] = ComponentPlan("openvino", (), manifest["components"][name]["precision"], options)
         chosen = "onnxruntime"
     else:
         from mmedge.runtimes.registry import import_backend_module
@@ -343,6 +347,9 @@ def plan(probe: DeviceProbe, manifest: dict, backend: str = "auto", device: str 
             components = _tensorrt_components(probe, manifest, True, reasons)
         elif backend == "torch":
             components = _torch_explicit(probe, manifest, device, weights, reasons)
+        elif backend == "openvino":
+            components = {name: ComponentPlan("openvino", (), manifest["components"][name]["precision"], options)
+                          for name, options in openvino_explicit(probe, manifest, device, reasons).items()}
     rest = [name for name in manifest["components"] if name not in components]
     if rest:
         if not probe.engines.get("onnxruntime"):

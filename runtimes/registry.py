@@ -28,6 +28,8 @@ BACKENDS: dict[str, BackendInfo] = {
     "torch": BackendInfo("torch", "mmedge.runtimes.torch_backend", "torch",
                          'pip install "mmedge[torch]" (torch and transformers; add bitsandbytes for INT8/NF4 LLM weights)',
                          also_needs=(("transformers", "transformers"),)),
+    "openvino": BackendInfo("openvino", "mmedge.runtimes.openvino", "openvino",
+                            'pip install "mmedge[openvino]" (OpenVINO and NNCF)'),
 }
 
 
