@@ -90,7 +90,7 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", t
     return pipeline
 
 
-DECODER_ONLY = ("quantization", "weights")  # torch INT8/NF4, OpenVINO NNCF weights: the LLM, which only the decoder runs
+DECODER_ONLY = ("quantization", "weights")  # torch INT8/NF4, OpenVINO NNCF weights: only the decoder runs the LLM
 
 
 def _checked_backend_options(options: dict | None) -> dict:

@@ -21,7 +21,8 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "fma", "a
 # (cuda.bindings since 12.6, cuda.cudart before; "cuda" alone is a namespace other NVIDIA packages share),
 # and the torch backend needs transformers beside torch
 ENGINES = {"onnxruntime": ("onnxruntime",), "tensorrt": ("tensorrt",), "torch": ("torch",), "transformers": ("transformers",),
-           "bitsandbytes": ("bitsandbytes",), "openvino": ("openvino",), "cuda-python": ("cuda.bindings", "cuda.cudart")}
+           "bitsandbytes": ("bitsandbytes",), "openvino": ("openvino",),
+           "cuda-python": ("cuda.bindings", "cuda.cudart")}
 DISTRIBUTIONS = {"cuda-python": ("cuda-python", "cuda-bindings")}  # where a version may be read, in order
 
 

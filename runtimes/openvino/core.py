@@ -26,8 +26,8 @@ def import_openvino():
         import openvino
     except ImportError as exc:
         if exc.name and exc.name.split(".")[0] == "openvino":
-            raise BackendUnavailableError("backend 'openvino' needs the Python package 'openvino', which is not installed",
-                                          "'openvino' importable", INSTALL) from None
+            raise BackendUnavailableError("backend 'openvino' needs the Python package 'openvino', which is not "
+                                          "installed", "'openvino' importable", INSTALL) from None
         raise
     return openvino
 

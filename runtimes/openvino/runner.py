@@ -51,7 +51,8 @@ class OpenVinoRunner(Runner):
     def _request(self):
         with self._lock:
             if self._closed:
-                raise BackendError(f"runner for '{self.component_name}' is closed", "an open runner", "create a new one")
+                raise BackendError(f"runner for '{self.component_name}' is closed", "an open runner",
+                                   "create a new one")
             return self._idle.pop() if self._idle else self._compiled.create_infer_request()
 
     def _infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
