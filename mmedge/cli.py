@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=cmd_export)
 
     def runtime_flags(p):
-        p.add_argument("--backend", default="auto", help="auto, onnxruntime, tensorrt or torch")
+        p.add_argument("--backend", default="auto", help="auto, onnxruntime, openvino, tensorrt or torch")
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         p.add_argument("--threads", type=int, default=None, help="CPU threads per graph")
         p.add_argument("--json", action="store_true", help="machine-readable output")
