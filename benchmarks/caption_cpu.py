@@ -37,9 +37,28 @@ from typing import Any, Callable
 
 from PIL import Image
 
-from _common import (StreamerClock, TokenClock, child_summary, cpu_ticks, error_text, export_once, first_line, fmt_cos, fmt_mib, fmt_ms,
-                     fmt_ratio, fmt_share, machine_info, markdown_table, package_versions, ratio, run_child,
-                     steal_share, summary, write_json)
+from _common import (
+    StreamerClock,
+    TokenClock,
+    child_summary,
+    cpu_ticks,
+    error_text,
+    export_once,
+    first_line,
+    fmt_cos,
+    fmt_mib,
+    fmt_ms,
+    fmt_ratio,
+    fmt_share,
+    machine_info,
+    markdown_table,
+    package_versions,
+    ratio,
+    run_child,
+    steal_share,
+    summary,
+    write_json,
+)
 from mmedge.metrics import common_prefix
 
 MODEL = "mmedge/blip2-vitb-opt125m"
@@ -84,7 +103,8 @@ class Variant:
 
     @property
     def title(self) -> str:
-        llm = {"fp32": "FP32", "int8": "INT8", "int4": f"INT4 (block {INT4_BLOCK_SIZE}, acc. level {INT4_ACCURACY_LEVEL})"}
+        llm = {"fp32": "FP32", "int8": "INT8",
+               "int4": f"INT4 (block {INT4_BLOCK_SIZE}, acc. level {INT4_ACCURACY_LEVEL})"}
         encoders = "" if self.precision == self.llm_precision else f", encoders {self.precision.upper()} dynamic"
         return f"mmedge {llm[self.llm_precision]}{encoders}"
 
@@ -119,7 +139,8 @@ def ensure_exported(variant: Variant, threads: int, reexport: bool) -> dict:
     """Export ``variant`` unless a matching artifact is cached. Returns status, seconds and any error."""
     from mmedge.export import export_model
 
-    return export_once(variant.name, variant.folder, not reexport and cached_export_matches(variant), lambda: export_model(
+    return export_once(variant.name, variant.folder, not reexport and cached_export_matches(variant),
+                       lambda: export_model(
         MODEL, variant.folder, random_weights=True, progress=False, overwrite=True, threads=threads,
         precision=variant.precision, llm_precision=variant.llm_precision,
         **({"int4_block_size": INT4_BLOCK_SIZE, "int4_accuracy_level": INT4_ACCURACY_LEVEL}
@@ -432,16 +453,19 @@ def speed_table(hf: dict, engines: dict[str, dict]) -> str:
                      fmt_ratio(ratio(total, median(hf, "total_ms"))), fmt_ms(median(r, "step_ms")),
                      fmt_ms(median(r, "loop_ms")), fmt_mib(r.get("peak_rss_bytes")),
                      fmt_ratio(ratio(r.get("peak_rss_bytes"), hf.get("peak_rss_bytes")))])
-    return markdown_table(["engine", "TTFT ms", "x HF", "decode tok/s", "x HF", f"caption ms ({NEW_TOKENS} tok)", "x HF",
+    return markdown_table(["engine", "TTFT ms", "x HF", "decode tok/s", "x HF", f"caption ms ({NEW_TOKENS} tok)",
+                           "x HF",
                            "decoder.step ms/token", "rest of loop ms/token", "peak RSS MiB", "x HF"], rows)
 
 
 def size_table(hf: dict, engines: dict[str, dict], bandwidth_gbps: float) -> str:
     fp32 = engines["fp32"]
     rows = [[hf["title"] + " (parameters)", None, None, fmt_mib(hf.get("llm_weight_bytes")), None, None,
-             fmt_mib(hf.get("llm_weight_bytes")), fmt_rate(median(hf, "decode_tok_s")), fmt_share(hf.get("bandwidth_use"))]]
+             fmt_mib(hf.get("llm_weight_bytes")), fmt_rate(median(hf, "decode_tok_s")),
+             fmt_share(hf.get("bandwidth_use"))]]
     for r in engines.values():
-        rows.append([r["title"], fmt_mib(r.get("folder_bytes")), fmt_ratio(ratio(r.get("folder_bytes"), fp32.get("folder_bytes"))),
+        rows.append([r["title"], fmt_mib(r.get("folder_bytes")),
+                     fmt_ratio(ratio(r.get("folder_bytes"), fp32.get("folder_bytes"))),
                      fmt_mib(r.get("llm_bytes")), fmt_ratio(ratio(r.get("llm_bytes"), fp32.get("llm_bytes"))),
                      r.get("embedding_storage"), fmt_mib(r.get("llm_bytes_read_per_token")),
                      fmt_rate(median(r, "decode_tok_s")), fmt_share(r.get("bandwidth_use"))])
@@ -458,7 +482,8 @@ def fidelity_table(hf: dict, engines: dict[str, dict]) -> str:
         f = r.get("export_decoder_fidelity") or {}
         prefix = r.get("export_prefix_cosine_vs_fp32") or {}
         prefix_cos = min(prefix.values()) if prefix else None
-        logits = None if "logits_cosine_mean" not in f else f"{f['logits_cosine_mean']:.5f} / {f['logits_cosine_min']:.5f}"
+        logits = (None if "logits_cosine_mean" not in f
+                  else f"{f['logits_cosine_mean']:.5f} / {f['logits_cosine_min']:.5f}")
         identical = None if "greedy_identical_share" not in f else (
             f"{f['greedy_identical_share']:.0%} of {f.get('sequences')} ({f.get('max_new_tokens')} tok); "
             f"prefix {f['greedy_common_prefix_share']:.0%}")
@@ -483,11 +508,13 @@ def io_binding_table(engines: dict[str, dict]) -> str:
         rows.append([r["title"], fmt_rate(io["io_binding_true_tok_s"]["median"]),
                      fmt_rate(io["io_binding_false_tok_s"]["median"]), fmt_ratio(io["speedup"]),
                      "yes" if io["same_tokens"] else "no"])
-    return markdown_table(["decoder", "io_binding=True tok/s", "io_binding=False tok/s", "True / False", "same tokens"], rows)
+    return markdown_table(["decoder", "io_binding=True tok/s", "io_binding=False tok/s", "True / False", "same tokens"],
+                          rows)
 
 
 def target_table(targets: dict) -> str:
-    rows = [[t["what"], None if t["measured"] is None else f"{t['measured']:.2f}" + ("x" if "bandwidth" not in t["what"] else ""),
+    rows = [[t["what"], None if t["measured"] is None
+             else f"{t['measured']:.2f}" + ("x" if "bandwidth" not in t["what"] else ""),
              f"{t['direction']} {t['limit']:.2f}", t["result"]] for t in targets.values()]
     return markdown_table(["target", "measured", "limit", "result"], rows)
 
@@ -582,7 +609,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "cpu_steal_share": steal,
         "versions": package_versions(["mmedge", "torch", "transformers", "onnxruntime", "numpy"]),
         "settings": {"model": MODEL, "photo": PHOTO.name, "new_tokens": NEW_TOKENS, "threads": args.threads,
-                     "quick": args.quick, "int4_block_size": INT4_BLOCK_SIZE, "int4_accuracy_level": INT4_ACCURACY_LEVEL,
+                     "quick": args.quick, "int4_block_size": INT4_BLOCK_SIZE,
+                     "int4_accuracy_level": INT4_ACCURACY_LEVEL,
                      "iterations": asdict(its), "command": " ".join([Path(sys.executable).name, *sys.argv])},
         "exports": exports, "hf": hf, "engines": engines, "rss": rss,
         "targets": check_targets(hf, engines),

@@ -30,9 +30,26 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from _common import (child_summary, cpu_ticks, error_text, export_once, first_line, fmt_cos, fmt_mib, fmt_ms,
-                     fmt_ratio, fmt_share, machine_info, markdown_table, package_versions, ratio, run_child,
-                     steal_share, time_call, write_json)
+from _common import (
+    child_summary,
+    cpu_ticks,
+    error_text,
+    export_once,
+    first_line,
+    fmt_cos,
+    fmt_mib,
+    fmt_ms,
+    fmt_ratio,
+    fmt_share,
+    machine_info,
+    markdown_table,
+    package_versions,
+    ratio,
+    run_child,
+    steal_share,
+    time_call,
+    write_json,
+)
 
 MODEL = "openai/clip-vit-base-patch32"
 LABELS = ["cat", "dog", "astronaut", "cup of coffee", "rocket", "horse", "car", "tree", "building", "bird"]
@@ -124,7 +141,8 @@ def ensure_exported(variant: Variant, threads: int, reexport: bool) -> dict:
     """Export ``variant`` unless a matching artifact is cached. Returns status, seconds and any error."""
     from mmedge.export import export_model
 
-    return export_once(variant.name, variant.folder, not reexport and cached_export_matches(variant), lambda: export_model(
+    return export_once(variant.name, variant.folder, not reexport and cached_export_matches(variant),
+                       lambda: export_model(
         MODEL, variant.folder, random_weights=True, precision=variant.precision,
         quantization=variant.quantization, task="zero-shot",
         labels=LABELS if variant.fused else None, overwrite=True, threads=threads))
@@ -212,7 +230,8 @@ def measure_hf(hf: HFClip, photos: list[Image.Image], its: Iterations) -> dict:
         "e2e_b1": time_call(lambda: hf.embed_images(photos[:1]), warmup=its.warmup, runs=its.batch1).as_dict(),
         "e2e_b8": time_call(lambda: hf.embed_images(photos[:8]), warmup=its.warmup, runs=its.batch8).as_dict(),
         "prompt_tokens": int(hf.prompts(LABELS)["input_ids"].shape[1]),
-        "zero_shot": time_call(lambda: hf.zero_shot(photos[0], LABELS), warmup=its.warmup, runs=its.zero_shot).as_dict(),
+        "zero_shot": time_call(lambda: hf.zero_shot(photos[0], LABELS), warmup=its.warmup,
+                               runs=its.zero_shot).as_dict(),
         "zero_shot_real_length": time_call(lambda: hf.zero_shot(photos[0], LABELS, REAL_BPE_PROMPT_TOKENS),
                                            warmup=its.warmup, runs=its.zero_shot).as_dict(),
         "top1_margin": top1_margin(probs),
@@ -246,8 +265,10 @@ def measure_encoder(variant: Variant, threads: int, photos, hf_result: dict, its
                                     runs=its.batch1).as_dict(),
             "encoder_b8": time_call(lambda: vision.infer({"pixel_values": pixels8}), warmup=its.warmup,
                                     runs=its.batch8).as_dict(),
-            "e2e_b1": time_call(lambda: embedder.embed_images(photos[:1]), warmup=its.warmup, runs=its.batch1).as_dict(),
-            "e2e_b8": time_call(lambda: embedder.embed_images(photos[:8]), warmup=its.warmup, runs=its.batch8).as_dict(),
+            "e2e_b1": time_call(lambda: embedder.embed_images(photos[:1]), warmup=its.warmup,
+                                runs=its.batch1).as_dict(),
+            "e2e_b8": time_call(lambda: embedder.embed_images(photos[:8]), warmup=its.warmup,
+                                runs=its.batch8).as_dict(),
             "cosine_vs_hf": cosine(embedder.embed_images(photos[:1])[0], reference["embedding"]),
         }
 
@@ -325,7 +346,8 @@ def measure_rss(fused_int8: Variant, image_paths: list[str], threads: int) -> di
     if "top1" in device and "top1" in hf:
         device["top1_agreement_with_hf"] = float(np.mean([a == b for a, b in zip(device["top1"], hf["top1"])]))
     return {"artifact": fused_int8.name, "images": len(image_paths), "device": device, "hf": hf,
-            "ratio": None if "error" in device or "error" in hf else ratio(device["peak_rss_bytes"], hf["peak_rss_bytes"])}
+            "ratio": None if "error" in device or "error" in hf
+            else ratio(device["peak_rss_bytes"], hf["peak_rss_bytes"])}
 
 
 def skipped_rss(fused_int8: Variant, reason: str) -> dict:
@@ -371,7 +393,8 @@ def encoder_table(hf: dict, engines: dict[str, dict]) -> str:
              None, None, None]]
     rows += [[r["title"], *latency_cells(r, hf, "encoder_b1"), *latency_cells(r, hf, "encoder_b8"),
               fmt_cos(r.get("cosine_vs_hf")), *fidelity_cells(r)] for r in engines.values() if not r["fused"]]
-    return markdown_table(["engine", "batch 1 ms", "x HF", "batch 8 ms", "x HF", "cos vs HF (photo)", *FIDELITY_HEADERS],
+    return markdown_table(["engine", "batch 1 ms", "x HF", "batch 8 ms", "x HF", "cos vs HF (photo)",
+                           *FIDELITY_HEADERS],
                           rows)
 
 
@@ -404,7 +427,8 @@ def size_table(engines: dict[str, dict]) -> str:
     for r in engines.values():
         base = engines["fused-fp32" if r["fused"] else "fp32"]
         rows.append([r["title"], fmt_mib(r.get("folder_bytes")),
-                     fmt_ratio(ratio(r.get("folder_bytes"), base.get("folder_bytes"))), fmt_mib(r.get("image_graph_bytes")),
+                     fmt_ratio(ratio(r.get("folder_bytes"), base.get("folder_bytes"))),
+                     fmt_mib(r.get("image_graph_bytes")),
                      fmt_ratio(ratio(r.get("image_graph_bytes"), base.get("image_graph_bytes")))])
     return markdown_table(["artifact", "folder MiB", "x FP32", "image graph MiB", "x FP32"], rows)
 

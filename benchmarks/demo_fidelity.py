@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 
 import mmedge
-from mmedge import demo
-
 from _common import markdown_table, write_json
+from mmedge import demo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import scenes  # noqa: E402
@@ -77,7 +76,8 @@ def main(argv=None) -> int:
         ["clip-fp32", pct(results["clip"]["clip-fp32"]), "reference"],
         ["clip-int8", pct(results["clip"]["clip-int8"]), pct(results["clip_int8_agreement"])]]))
     print()
-    print(markdown_table(["artifact", "exact captions", "colour/shape answers", "count answers", "captions identical to FP32"], [
+    print(markdown_table(["artifact", "exact captions", "colour/shape answers", "count answers",
+                          "captions identical to FP32"], [
         [name, pct(r["caption_exact"]), pct(r["color_shape_answers"]), pct(r["count_answers"]),
          "reference" if name == "blip2-fp32" else pct(results["blip2_int4_identical_captions"])]
         for name, r in results["blip2"].items()]))

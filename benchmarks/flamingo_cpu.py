@@ -28,7 +28,16 @@ from pathlib import Path
 
 from PIL import Image
 
-from _common import StreamerClock, TokenClock, error_text, export_once, machine_info, markdown_table, package_versions, write_json
+from _common import (
+    StreamerClock,
+    TokenClock,
+    error_text,
+    export_once,
+    machine_info,
+    markdown_table,
+    package_versions,
+    write_json,
+)
 from mmedge.metrics import common_prefix
 
 MODEL = "mmedge/idefics-mid"
@@ -106,13 +115,15 @@ def measure_mmedge(path: Path, photos, runs: int, threads: int) -> dict:
 
 def report(results: dict) -> str:
     hf = results["hf"]
-    rows = [["HF generate (PyTorch FP32)", f"{hf['ttft_ms']:.0f}", f"{hf['decode_tok_s']:.1f}", "1.00x", "1.00x", "reference", ""]]
+    rows = [["HF generate (PyTorch FP32)", f"{hf['ttft_ms']:.0f}", f"{hf['decode_tok_s']:.1f}", "1.00x", "1.00x",
+             "reference", ""]]
     fp32_tokens = results["mmedge"].get("fp32", {}).get("tokens")
     for name, r in results["mmedge"].items():
         if "error" in r:
             rows.append([f"mmedge {name}", "failed", r["error"].splitlines()[-1][:80], "", "", "", ""])
             continue
-        same_hf = "identical" if r["tokens"] == hf["tokens"] else f"{common_prefix(r['tokens'], hf['tokens'])}/{NEW_TOKENS} leading"
+        same_hf = ("identical" if r["tokens"] == hf["tokens"]
+                   else f"{common_prefix(r['tokens'], hf['tokens'])}/{NEW_TOKENS} leading")
         same_fp32 = "" if fp32_tokens is None else f"{common_prefix(r['tokens'], fp32_tokens)}/{NEW_TOKENS} leading"
         cosine = r.get("logits_cosine_vs_fp32")
         rows.append([f"mmedge {name}", f"{r['ttft_ms']:.0f}", f"{r['decode_tok_s']:.1f}",
@@ -146,7 +157,8 @@ def main(argv=None) -> int:
         exports[name] = export_once(name, folder, cached, lambda o=options, f=folder: export_model(
             MODEL, f, random_weights=True, seed=0, overwrite=True, progress=False, threads=args.threads, **o))
     results = {"model": MODEL, "new_tokens": NEW_TOKENS, "threads": args.threads, "machine": machine_info(),
-               "load_average_before": load_before, "versions": package_versions(["torch", "transformers", "onnxruntime"]),
+               "load_average_before": load_before,
+               "versions": package_versions(["torch", "transformers", "onnxruntime"]),
                "exports": exports, "hf": measure_hf(photos, runs, args.threads), "mmedge": {}}
     for name in VARIANTS:
         if exports[name]["error"]:

@@ -41,16 +41,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.support (tiny mode)
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, gpu_parts, gpu_blip2 as plain modules
-from _common import markdown_table, package_versions, summary, time_samples, write_json  # noqa: E402
 from gpu_blip2 import measure_blip2  # noqa: E402
 from gpu_parts import Budget, attempt, copy_bandwidth, reset_peak, sync  # noqa: E402
+
+from _common import markdown_table, package_versions, summary, time_samples, write_json  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out" / "gpu_check.json"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 CLIP = "openai/clip-vit-base-patch32"
 TARGETS = {  # name: (what, direction, limit)
     "decode_vs_hf_static": ("decode tok/s, mmedge torch FP16 vs HF static cache (compiled)", ">=", 2.2),
-    "bandwidth_use": ("bandwidth use of mmedge torch FP16 decode (tok/s x LLM weight bytes / copy bandwidth)", ">=", 0.6),
+    "bandwidth_use": ("bandwidth use of mmedge torch FP16 decode (tok/s x LLM weight bytes / copy bandwidth)", ">=",
+                      0.6),
     "clip_batch1_ms": ("CLIP ViT-B/32 image tower batch 1, mmedge torch FP16 (host in/out), ms", "<=", 0.5),
 }
 
@@ -94,7 +96,8 @@ def measure_clip(settings: Settings, device, dtype, budget: Budget, save) -> dic
     component = {"inputs": {"pixel_values": {"dtype": "float32", "shape": ["batch", 3, size, size]}},
                  "outputs": {"image_embeds": {"dtype": "float32", "shape": ["batch", dim]}}}
     host = TorchRunner(_ImageEmbeds(model).eval(), "vision", component, device=device, dtype=dtype)
-    resident = TorchRunner(_ImageEmbeds(model).eval(), "vision", component, device=device, dtype=dtype, keep_on_device=True)
+    resident = TorchRunner(_ImageEmbeds(model).eval(), "vision", component, device=device, dtype=dtype,
+                           keep_on_device=True)
 
     def hf_host(pixels):
         with torch.inference_mode():
@@ -113,7 +116,8 @@ def measure_clip(settings: Settings, device, dtype, budget: Budget, save) -> dic
         sync(torch, device)
         return out
 
-    results: dict[str, Any] = {"model": "tiny test CLIP (tests/support)" if settings.tiny else f"{CLIP} image tower, random weights",
+    results: dict[str, Any] = {"model": "tiny test CLIP (tests/support)" if settings.tiny
+                               else f"{CLIP} image tower, random weights",
                                "dtype": str(dtype).replace("torch.", "")}
     rng = np.random.default_rng(0)
     for batch in settings.clip_batches:
@@ -134,7 +138,8 @@ def measure_clip(settings: Settings, device, dtype, budget: Budget, save) -> dic
             attempt(row, name, budget, timed, save)
 
         measure("hf_eager", lambda: hf_host(pixels))
-        measure("mmedge", lambda: host.infer({"pixel_values": pixels}), first=lambda: host.infer({"pixel_values": pixels}))
+        measure("mmedge", lambda: host.infer({"pixel_values": pixels}),
+                first=lambda: host.infer({"pixel_values": pixels}))
         measure("hf_eager_device", lambda: hf_device(on_device))
         measure("mmedge_device", lambda: device_call(on_device), first=lambda: device_call(on_device))
         if "ms" in row.get("mmedge", {}):
@@ -145,7 +150,7 @@ def measure_clip(settings: Settings, device, dtype, budget: Budget, save) -> dic
     results["graphs"] = host.graph_report()
     host.close()
     resident.close()
-    del model
+    model = None  # the closures above are done with it: free the weights
     reset_peak(torch, device)
     return results
 
@@ -166,19 +171,22 @@ def evaluate_targets(data: dict) -> dict:
     variants = data.get("blip2", {}).get("variants", {})
     tok = lambda name: variants.get(name, {}).get("decode_tok_s", {}).get("median")  # noqa: E731
     clip_ms = data.get("clip", {}).get("batch_1", {}).get("mmedge", {}).get("ms", {}).get("median")
-    values = {"decode_vs_hf_static": (tok("mmedge_fp16") / tok("hf_static")) if tok("mmedge_fp16") and tok("hf_static") else None,
+    ratio = (tok("mmedge_fp16") / tok("hf_static")) if tok("mmedge_fp16") and tok("hf_static") else None
+    values = {"decode_vs_hf_static": ratio,
               "bandwidth_use": variants.get("mmedge_fp16", {}).get("bandwidth_use"), "clip_batch1_ms": clip_ms}
     out = {}
     for name, (what, direction, limit) in TARGETS.items():
         value = values[name]
-        met = None if value is None or data["mode"] != "full" else (value >= limit if direction == ">=" else value <= limit)
+        met = None if value is None or data["mode"] != "full" else (value >= limit if direction == ">="
+                                                                    else value <= limit)
         out[name] = {"what": what, "target": f"{direction} {limit}", "value": value, "met": met}
     return out
 
 
 def _profile_text(profile: dict) -> str:
     top = "; ".join(f"{k['name']} ×{k['calls']} {k['us']} µs" for k in profile.get("top", [])[:5])
-    return (f"{profile.get('kernels')} kernels, {profile.get('kernel_us')} µs of kernel time (uncaptured), captured replay "
+    return (f"{profile.get('kernels')} kernels, {profile.get('kernel_us')} µs of kernel time (uncaptured), "
+            "captured replay "
             f"{profile.get('graph_replay_us')} µs; top: {top}")
 
 
@@ -187,18 +195,23 @@ def _variant_row(name: str, entry: dict) -> list:
         return [name, entry.get("error") or f"skipped: {entry['skipped']}", None, None, None, None, None, None]
     cosine = entry.get("first_logits_cosine_vs_hf")
     return [entry["title"], f"{entry['ttft_ms']['median']:.1f}", f"{entry['decode_tok_s']['median']:.1f}",
-            entry.get("bandwidth_use"), entry.get("first_call_s"), entry.get("peak_allocated_mib"), entry.get("llm_weight_mib"),
+            entry.get("bandwidth_use"), entry.get("first_call_s"), entry.get("peak_allocated_mib"),
+            entry.get("llm_weight_mib"),
             None if cosine is None else f"{cosine:.5f}"]
 
 
 def markdown(data: dict) -> str:
     device, blip2 = data["device"], data.get("blip2", {})
     bandwidth = data.get("bandwidth", {}).get("bytes_per_s")
-    lines = [f"## torch backend on {device['name']} (`benchmarks/gpu_check.sh`{' --tiny' if data['mode'] == 'tiny' else ''})", "",
-             f"- **Date:** {data['date']}; mode {data['mode']}; torch {device['torch']}, CUDA {device['cuda']}, transformers "
+    lines = [f"## torch backend on {device['name']} "
+             f"(`benchmarks/gpu_check.sh`{' --tiny' if data['mode'] == 'tiny' else ''})", "",
+             f"- **Date:** {data['date']}; mode {data['mode']}; torch {device['torch']}, CUDA {device['cuda']}, "
+             "transformers "
              f"{device['transformers']}, bitsandbytes {device['bitsandbytes']}; GPU tests: {data.get('gpu_tests')}.",
-             f"- **Copy bandwidth:** {bandwidth / 1e12:.2f} TB/s (read + written)." if bandwidth else "- **Copy bandwidth:** not measured.",
-             f"- **BLIP-2:** {blip2.get('model')}, {blip2.get('dtype')} (Q-Former {blip2.get('qformer_dtype')}), batch 1, "
+             f"- **Copy bandwidth:** {bandwidth / 1e12:.2f} TB/s (read + written)." if bandwidth
+             else "- **Copy bandwidth:** not measured.",
+             f"- **BLIP-2:** {blip2.get('model')}, {blip2.get('dtype')} (Q-Former "
+             f"{blip2.get('qformer_dtype')}), batch 1, "
              f"{blip2.get('new_tokens')} new tokens forced, greedy; LLM weights {blip2.get('llm_weight_mib')} MiB.", ""]
     rows = [_variant_row(name, entry) for name, entry in blip2.get("variants", {}).items()]
     lines += [markdown_table(["engine", "TTFT ms", "decode tok/s", "bandwidth use", "first call s", "peak GPU MiB",
@@ -219,13 +232,15 @@ def markdown(data: dict) -> str:
             if name == "mmedge_profile":
                 continue
             value = entry.get("ms", {}).get("median")
-            rows.append([key.replace("batch_", ""), name, f"{value:.3f}" if value is not None else entry.get("error") or entry.get("skipped"),
+            rows.append([key.replace("batch_", ""), name, f"{value:.3f}" if value is not None
+                         else entry.get("error") or entry.get("skipped"),
                          entry.get("first_call_s")])
     lines += ["", f"CLIP: {data.get('clip', {}).get('model')} ({data.get('clip', {}).get('dtype')}); ms, median", "",
               markdown_table(["batch", "engine", "ms", "first call s"], rows), ""]
     for key, row in data.get("clip", {}).items():
         if key.startswith("batch_") and "kernels" in row.get("mmedge_profile", {}):
-            lines.append(f"- CLIP {key.replace('_', ' ')}, mmedge compiled tower: {_profile_text(row['mmedge_profile'])}")
+            lines.append(f"- CLIP {key.replace('_', ' ')}, mmedge compiled tower: "
+                         f"{_profile_text(row['mmedge_profile'])}")
     lines.append("")
     rows = [[t["what"], t["target"], None if t["value"] is None else f"{t['value']:.3f}",
              {True: "met", False: "missed", None: "not evaluated"}[t["met"]]] for t in data["targets"].values()]
@@ -259,10 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     data: dict[str, Any] = {
         "mode": "tiny" if args.tiny else "full",
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "device": {"name": name, "torch": versions["torch"], "cuda": torch.version.cuda, "transformers": versions["transformers"],
+        "device": {"name": name, "torch": versions["torch"], "cuda": torch.version.cuda,
+                   "transformers": versions["transformers"],
                    "bitsandbytes": versions["bitsandbytes"],
                    "capability": ".".join(map(str, torch.cuda.get_device_capability(device))) if cuda else None,
-                   "memory_mib": round(torch.cuda.get_device_properties(device).total_memory / 2**20) if cuda else None},
+                   "memory_mib": round(torch.cuda.get_device_properties(device).total_memory / 2**20) if cuda
+                   else None},
         "gpu_tests": args.tests,
     }
     start = time.perf_counter()
@@ -285,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.results, "a") as handle:
             handle.write("\n" + text)
     failed = [section for section in ("clip", "blip2") if "error" in data.get(section, {})]
-    print(f"gpu_bench: wrote {args.out} in {data['elapsed_s']} s" + (f"; FAILED: {failed}" if failed else ""), file=sys.stderr)
+    print(f"gpu_bench: wrote {args.out} in {data['elapsed_s']} s" + (f"; FAILED: {failed}" if failed else ""),
+          file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -18,9 +18,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from gpu_parts import (
+    Budget,
+    Skip,
+    attempt,
+    compile_counters,
+    counters_since,
+    graph_replay_us,
+    kernel_profile,
+    peak_mib,
+    reset_peak,
+    weight_bytes,
+)
+
 from _common import StreamerClock, TokenClock, summary
-from gpu_parts import (Budget, Skip, attempt, compile_counters, counters_since, graph_replay_us, kernel_profile, peak_mib,
-                       reset_peak, weight_bytes)
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTO = ROOT / "export" / "data" / "images" / "holdout-chelsea.jpg"
@@ -37,9 +48,8 @@ def build_blip2(settings, device, dtype):
     from mmedge.runtimes.torch_backend import cast_keeping_fp32_modules
 
     if settings.tiny:
-        from tests.support.tiny_checkpoints import make_tiny_blip2
-
         from mmedge.export.preprocessing import preprocess_config_from_hf
+        from tests.support.tiny_checkpoints import make_tiny_blip2
 
         with tempfile.TemporaryDirectory(prefix="gpu-bench-blip2-") as tmp:
             folder = make_tiny_blip2(Path(tmp))
@@ -121,7 +131,8 @@ class MmedgeBlip2:
                      "outputs": {"prefix_embeds": {"dtype": "float32", "shape": ["batch", queries, width]}}}
         # the prefix (ViT-g + Q-Former) runs as a CUDA graph without compilation: its compile would cost a minute of
         # the lent GPU's time for TTFT only, which no target judges
-        self.prefix = TorchRunner(_FusedPrefix(model).eval(), "prefix", component, device=device, dtype=dtype, compile=False)
+        self.prefix = TorchRunner(_FusedPrefix(model).eval(), "prefix", component, device=device, dtype=dtype,
+                                  compile=False)
         self.decoder = TorchDecoder(llm, device=device, dtype=dtype, position_offset=0, quantization=quantization,
                                     compile=compile_step,
                                     max_positions=int(getattr(llm.config, "max_position_embeddings", 0) or 0) or None)
@@ -188,9 +199,11 @@ def measure_blip2(settings, device, dtype, budget: Budget, save: Callable[[], An
     reset_peak(torch, device)
     model, pixels, bos, eos = build_blip2(settings, device, dtype)
     llm_bytes = weight_bytes(model.language_model)
-    out: dict[str, Any] = {"model": "tiny test BLIP-2 (tests/support)" if settings.tiny else f"{BLIP2} architecture, random weights",
+    out: dict[str, Any] = {"model": "tiny test BLIP-2 (tests/support)" if settings.tiny
+                           else f"{BLIP2} architecture, random weights",
                            "dtype": str(dtype).replace("torch.", ""), "new_tokens": settings.new_tokens, "batch": 1,
-                           "llm_weight_mib": round(llm_bytes / 2**20, 1), "model_weight_mib": round(weight_bytes(model) / 2**20, 1),
+                           "llm_weight_mib": round(llm_bytes / 2**20, 1),
+                           "model_weight_mib": round(weight_bytes(model) / 2**20, 1),
                            "resident_after_build_mib": peak_mib(torch, device),
                            "qformer_dtype": str(next(model.qformer.parameters()).dtype).replace("torch.", "")}
     variants: dict[str, dict] = {}
@@ -213,15 +226,18 @@ def measure_blip2(settings, device, dtype, budget: Budget, save: Callable[[], An
     def mmedge_variant(label, method, warm_runs, compile_step=None, profile=False):
         def run():
             reset_peak(torch, device)
-            llm, report = (model.language_model, None) if method is None else quantized_llm(model.language_model, method, device, dtype)
+            llm, report = (model.language_model,
+                           None) if method is None else quantized_llm(model.language_model, method, device, dtype)
             runner = MmedgeBlip2(model, llm, settings, device, dtype, bos, eos, report, compile_step)
             try:
                 first = time.perf_counter()
                 runner.caption(pixels)  # the first call: captures (and compiles) the step
                 first_s = time.perf_counter() - first
-                result = captions(lambda: runner.caption(pixels), max(warm_runs[0] - 1, 0), warm_runs[1], settings.new_tokens)
+                result = captions(lambda: runner.caption(pixels), max(warm_runs[0] - 1, 0), warm_runs[1],
+                                  settings.new_tokens)
                 logits = runner.first_logits(pixels)
-                entry = {"title": label, "first_call_s": round(first_s, 2), "peak_allocated_mib": peak_mib(torch, device),
+                entry = {"title": label, "first_call_s": round(first_s, 2),
+                         "peak_allocated_mib": peak_mib(torch, device),
                          **result, "llm_weight_mib": round(weight_bytes(llm) / 2**20, 1),
                          "decode_graph": runner.decoder.graph_status, "compile": runner.decoder.compile_status,
                          "steps_ahead": dict(runner.decoder.steps_ahead),
@@ -245,13 +261,16 @@ def measure_blip2(settings, device, dtype, budget: Budget, save: Callable[[], An
     run = lambda name, fn: attempt(variants, name, budget, fn, save)  # noqa: E731
     run("hf_eager", hf("HF generate eager (DynamicCache)", settings.hf_eager))
     run("mmedge_fp16", mmedge_variant(f"mmedge torch {precision} (compiled step, static cache, CUDA graphs)" if cuda
-                                      else f"mmedge torch {precision} (CPU, eager)", None, settings.mmedge, profile=True))
+                                      else f"mmedge torch {precision} (CPU, eager)", None, settings.mmedge,
+                                      profile=True))
     static = {"cache_implementation": "static"}
     run("hf_static", hf("HF generate, cache_implementation='static'" + (" (torch.compile)" if cuda else ""),
                         settings.hf_static, **static, **({} if cuda else {"disable_compile": True})))
-    run("hf_static_no_compile", hf("HF generate, cache_implementation='static', disable_compile=True", settings.hf_eager,
+    run("hf_static_no_compile",
+        hf("HF generate, cache_implementation='static', disable_compile=True", settings.hf_eager,
                                    **static, disable_compile=True))
-    run("mmedge_nf4", mmedge_variant("mmedge torch, LLM NF4 (bitsandbytes; CUDA graph, uncompiled)", "nf4", settings.nf4))
+    run("mmedge_nf4",
+        mmedge_variant("mmedge torch, LLM NF4 (bitsandbytes; CUDA graph, uncompiled)", "nf4", settings.nf4))
     run("mmedge_int8", mmedge_variant("mmedge torch, LLM INT8 (bitsandbytes LLM.int8, eager)", "int8", settings.int8))
     if cuda:
         run("mmedge_fp16_uncompiled", mmedge_variant(f"mmedge torch {precision} (CUDA graphs, step not compiled)", None,
@@ -260,6 +279,6 @@ def measure_blip2(settings, device, dtype, budget: Budget, save: Callable[[], An
     for entry in variants.values():
         if hf_tokens and entry.get("tokens"):
             entry["common_prefix_with_hf_eager"] = round(common_prefix(hf_tokens, entry["tokens"]) / len(hf_tokens), 3)
-    del model
+    model = None  # the closures above are done with it: free the weights
     reset_peak(torch, device)
     return out

@@ -25,7 +25,8 @@ class Budget:
         return self.deadline - time.perf_counter()
 
 
-def attempt(results: dict, name: str, budget: Budget, fn: Callable[[], dict], save: Callable[[], Any] = lambda: None) -> None:
+def attempt(results: dict, name: str, budget: Budget, fn: Callable[[], dict],
+            save: Callable[[], Any] = lambda: None) -> None:
     """Run one measurement into ``results[name]``; an exception or a spent budget is recorded, the others go on.
     ``save()`` runs after it (the JSON is rewritten after every variant: an outer time-out loses nothing measured)."""
     if budget.left() <= 0:

@@ -106,10 +106,12 @@ def throughput(make_call, clients: int, per_client: int) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", type=Path, default=demo.default_cache(), help="the demo cache (default: mmedge demo's)")
+    parser.add_argument("--cache", type=Path, default=demo.default_cache(),
+                        help="the demo cache (default: mmedge demo's)")
     parser.add_argument("--runs", type=int, default=400, help="sequential calls per latency figure")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients for throughput")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads per graph, served and in-process (default: all)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per graph, served and in-process (default: all)")
     parser.add_argument("--quick", action="store_true", help="few calls: a smoke test, not figures")
     args = parser.parse_args()
     runs, warmup = (20, 3) if args.quick else (args.runs, 30)
@@ -119,10 +121,13 @@ def main() -> int:
     png = scene.read_bytes()
     uri = "data:image/png;base64," + base64.b64encode(png).decode()
     classify = {"model": "clip-fp32", "images": [uri], "top_k": 5}
-    caption = {"model": "blip2-fp32", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}]}]}
-    info = {"machine": machine_info(), "software": package_versions(["onnxruntime", "starlette", "uvicorn", "sse-starlette",
+    caption = {"model": "blip2-fp32",
+               "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}]}]}
+    info = {"machine": machine_info(),
+            "software": package_versions(["onnxruntime", "starlette", "uvicorn", "sse-starlette",
                                                                      "httpx", "numpy"]),
-            "command": " ".join(["python", "benchmarks/serve_cpu.py", *sys.argv[1:]]), "scene": scene.name, "runs": runs}
+            "command": " ".join(["python", "benchmarks/serve_cpu.py", *sys.argv[1:]]), "scene": scene.name,
+            "runs": runs}
     threads = ["--threads", str(args.threads)] if args.threads else []
     server = Server(list(artifacts.values()), *threads)
     try:
@@ -130,12 +135,13 @@ def main() -> int:
                 mmedge.load(artifacts["clip-fp32"], threads=args.threads) as classifier, \
                 mmedge.load(artifacts["blip2-fp32"], threads=args.threads) as captioner:
             raw = Raw(server.url)
-            zero_shot, chat = (lambda: raw.post("/v1/classify", classify)), (lambda: raw.post("/v1/chat/completions", caption))
+            zero_shot, chat = (lambda: raw.post("/v1/classify",
+                                                classify)), (lambda: raw.post("/v1/chat/completions", caption))
             local_zero_shot, local_caption = (lambda: classifier(png, top_k=5)), (lambda: captioner.caption(png))
             served, local = {}, {}
             served["zero-shot"], local["zero-shot"] = paired_latency(zero_shot, local_zero_shot, warmup, runs)
-            served["zero-shot, httpx"], _ = paired_latency(lambda: client.post("/v1/classify", json=classify).raise_for_status(),
-                                                           local_zero_shot, warmup, runs)
+            served["zero-shot, httpx"], _ = paired_latency(
+                lambda: client.post("/v1/classify", json=classify).raise_for_status(), local_zero_shot, warmup, runs)
             served["caption"], local["caption"] = paired_latency(chat, local_caption, warmup, runs // 4)
             served["first piece"], local["first piece"] = paired_latency(
                 lambda: first_piece(client, caption), lambda: first_local_piece(captioner, png), warmup, runs // 4)
@@ -155,7 +161,8 @@ def main() -> int:
                          "caption": throughput(lambda: local_caption, args.clients, per_client // 4)}
     finally:
         server.stop()
-    report = {**info, "served": served, "in_process": local, "cpu_ms_per_call": cpu, "served_rps": served_rps, "in_process_rps": local_rps,
+    report = {**info, "served": served, "in_process": local, "cpu_ms_per_call": cpu, "served_rps": served_rps,
+              "in_process_rps": local_rps,
               "same_answers": {"zero-shot": same[0], "caption": same[1]},
               "zero_shot_overhead_p50_ms": served["zero-shot"]["p50_ms"] - local["zero-shot"]["p50_ms"]}
     write_json(OUT, report)
@@ -203,7 +210,8 @@ def format_report(r: dict) -> str:
     rows = []
     for name in ("zero-shot", "zero-shot, httpx", "caption", "first piece"):
         s, p = r["served"][name], r["in_process"][name.split(",")[0]]
-        rps = (f"{r['served_rps'][name]:.0f}", f"{r['in_process_rps'][name]:.0f}") if name in r["served_rps"] else ("-", "-")
+        rps = (f"{r['served_rps'][name]:.0f}",
+               f"{r['in_process_rps'][name]:.0f}") if name in r["served_rps"] else ("-", "-")
         rows.append((name, f"{s['p50_ms']:.2f}", f"{s['p95_ms']:.2f}", f"{p['p50_ms']:.2f}", f"{p['p95_ms']:.2f}",
                      f"{s['p50_ms'] - p['p50_ms']:+.2f}", *rps))
     h = r["served"]["health"]
@@ -212,12 +220,14 @@ def format_report(r: dict) -> str:
                             "overhead p50 ms", "served req/s", "in-process calls/s"), rows)
     m = r["machine"]
     cpu = r["cpu_ms_per_call"]
-    cpu_line = (f"CPU time per call (client + server, all threads): zero-shot served {cpu['served zero-shot']:.2f} ms vs "
+    cpu_line = ("CPU time per call (client + server, all threads): zero-shot served "
+                f"{cpu['served zero-shot']:.2f} ms vs "
                 f"in-process {cpu['in-process zero-shot']:.2f} ms; caption served {cpu['served caption']:.2f} ms vs "
                 f"in-process {cpu['in-process caption']:.2f} ms")
     verdict = "met" if r["zero_shot_overhead_p50_ms"] <= TARGET_OVERHEAD_MS else "NOT met"
     return (f"{m['cpu']}, {m['logical_cores']} cores, load {m['load_average_1m']} at start, {m['date']}\n{table}\n"
-            f"zero-shot overhead p50 {r['zero_shot_overhead_p50_ms']:.2f} ms (target <= {TARGET_OVERHEAD_MS} ms: {verdict}); "
+            f"zero-shot overhead p50 {r['zero_shot_overhead_p50_ms']:.2f} ms (target <= {TARGET_OVERHEAD_MS} ms: "
+            f"{verdict}); "
             f"served answers equal in-process: {json.dumps(r['same_answers'])}\n{cpu_line}")
 
 

@@ -41,7 +41,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source")
     parser.add_argument("target")
-    parser.add_argument("--keep", default="cuda13", help="the accelerator tag to keep (cuda13: CUDA 13.x builds of torch)")
+    parser.add_argument("--keep", default="cuda13",
+                        help="the accelerator tag to keep (cuda13: CUDA 13.x builds of torch)")
     args = parser.parse_args()
     dropped = slim(args.source, args.target, args.keep)
     print(f"slim_wheel: {args.target}: dropped {len(dropped)} libraries not for {args.keep}")

@@ -162,7 +162,8 @@ def soak(clip: str, blip2: str, classify: int, captions: int, threads: int) -> d
         "rss_start_bytes": rss_start, "rss_loaded_bytes": rss_loaded, "rss_after_warmup_bytes": rss_warm,
         "rss_end_bytes": rss_end, "rss_max_after_warmup_bytes": max(after_warm or [rss_end]),
         "growth_after_warmup": (rss_end - rss_warm) / rss_warm,
-        "classify_ms_median": statistics.median(classify_ms), "caption_ms_median": statistics.median(caption_ms or [0.0]),
+        "classify_ms_median": statistics.median(classify_ms),
+        "caption_ms_median": statistics.median(caption_ms or [0.0]),
         "soak_wall_s": round(wall, 1), "samples": samples,
         "torch_imported": any(m.split(".")[0] == "torch" for m in sys.modules),
     }
@@ -198,7 +199,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--classify", type=int, default=10_000, help="zero-shot classifications")
     parser.add_argument("--captions", type=int, default=1_000, help="captions, interleaved with the classifications")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per ONNX Runtime graph")
-    parser.add_argument("--json", type=Path, help="where to write the results (default benchmarks/out/soak[-tiny].json)")
+    parser.add_argument("--json", type=Path,
+                        help="where to write the results (default benchmarks/out/soak[-tiny].json)")
     parser.add_argument("--reexport", action="store_true", help="export again even when a matching artifact is cached")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--clip", help=argparse.SUPPRESS)
@@ -226,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "machine": machine,
         "versions": package_versions(["mmedge", "onnxruntime", "numpy", "pillow", "tokenizers"]),
-        "settings": {"models": args.models, "artifacts": {k: str(v.relative_to(ROOT)) if v.is_relative_to(ROOT) else str(v)
+        "settings": {"models": args.models,
+                     "artifacts": {k: str(v.relative_to(ROOT)) if v.is_relative_to(ROOT) else str(v)
                                                          for k, v in folders.items()},
                      "classify": args.classify, "captions": args.captions, "threads": args.threads,
                      "target_growth": TARGET_GROWTH, "command": " ".join([Path(sys.executable).name, *sys.argv])},

@@ -33,7 +33,8 @@ def batches(tokenizer, count: int, images_per_batch: int = 64) -> list[tuple]:
     questions per image."""
     train = training.render("train", 2000)
     rng = np.random.default_rng(0)
-    return [training.blip2_batch(tokenizer, train, rng.choice(2000, size=images_per_batch), 3, rng) for _ in range(count)]
+    return [training.blip2_batch(tokenizer, train, rng.choice(2000, size=images_per_batch), 3,
+                                 rng) for _ in range(count)]
 
 
 def main(argv=None) -> int:
@@ -50,7 +51,8 @@ def main(argv=None) -> int:
     data = batches(tokenizer, 4)
     runs = 3 if args.quick else 20
     rows, medians = [], {}
-    for name, loss_fn in (("full sequences", training.full_sequences_loss), ("prefix once per image", training.blip2_loss)):
+    for name, loss_fn in (("full sequences", training.full_sequences_loss),
+                          ("prefix once per image", training.blip2_loss)):
         position = itertools.count()
 
         def step():
@@ -64,7 +66,8 @@ def main(argv=None) -> int:
         medians[name] = timing.median_ms
         rows.append([name, f"{timing.median_ms:.1f} ms", f"{timing.min_ms:.1f} ms"])
     width = data[0][2].shape[1]
-    print(f"BLIP-2 training step (demo shapes, 64 images × 4 sequences, ids {width} wide; {args.threads} threads, {runs} runs)\n")
+    print(f"BLIP-2 training step (demo shapes, 64 images × 4 sequences, ids {width} wide; {args.threads} threads, "
+          f"{runs} runs)\n")
     print(markdown_table(["loss", "median step", "fastest step"], rows))
     ratio = medians["full sequences"] / medians["prefix once per image"]
     print(f"\nprefix once per image: {ratio:.2f}× faster per step "

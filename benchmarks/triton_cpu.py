@@ -38,11 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import mmedge  # noqa: E402
+from _common import cpu_ticks, machine_info, markdown_table, package_versions, steal_share, time_samples, write_json  # noqa: E402
 from mmedge import demo  # noqa: E402
 from mmedge.triton import Options, write_repository  # noqa: E402
 from mmedge.triton_client import connect  # noqa: E402
-
-from _common import cpu_ticks, machine_info, markdown_table, package_versions, steal_share, time_samples, write_json  # noqa: E402
 from tests.support.triton_server import TritonServer, server_env  # noqa: E402
 
 CLIENTS = (1, 4, 8)
@@ -109,9 +108,11 @@ def percentile(values: list[float], q: float) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads of the in-process pipeline")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="ONNX Runtime intra-op threads of the in-process pipeline")
     parser.add_argument("--server-threads", type=int, default=1,
-                        help="ONNX Runtime intra-op threads per served graph (the server's parallelism is its processes "
+                        help="ONNX Runtime intra-op threads per served graph (the server's parallelism is "
+                        "its processes "
                              "and batches: on 2 cores, 1 thread each costs less CPU per request than 2)")
     parser.add_argument("--runs", type=int, default=300, help="timed requests per latency measurement")
     parser.add_argument("--seconds", type=float, default=8.0, help="duration of each throughput measurement")
@@ -134,7 +135,8 @@ def main(argv=None) -> int:
     env = server_env()
     report = {"machine": machine_info(), "artifact": str(artifact),
               "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "software": package_versions(["onnxruntime", "numpy", "tritonclient"]) | {"tritonserver": "2.51 (nvidia-pytriton 0.7.0)"}}
+              "software": package_versions(["onnxruntime", "numpy",
+                                            "tritonclient"]) | {"tritonserver": "2.51 (nvidia-pytriton 0.7.0)"}}
     with tempfile.TemporaryDirectory(prefix="mmedge-triton-bench-") as tmp:
         write_repository([artifact], Path(tmp) / "repo", Options(platform="python", threads=args.server_threads,
                                                                  queue_delay_us=args.queue_delay_us, workers=16))
@@ -169,7 +171,8 @@ def main(argv=None) -> int:
                                                  args.seconds, server.process.pid) for n in CLIENTS}
             report["throughput_rps"] = rates
             stats = remote["grpc"].connection.statistics(f"{prefix}__vision")
-            report["vision_batches"] = {b["batch_size"]: int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])}
+            report["vision_batches"] = {b["batch_size"]: int(b["compute_infer"]["count"])
+                                        for b in stats.get("batch_stats", [])}
             report["steal_share"] = round(steal_share(ticks, cpu_ticks()), 4)
     write_json(args.json, report)
     print_report(report)
@@ -179,17 +182,21 @@ def main(argv=None) -> int:
 def print_report(report: dict) -> None:
     lat, rates = report["latency_ms"], report["throughput_rps"]
     base = lat["in-process"]["p50"]
-    print(f"machine: {report['machine']['cpu']}, {report['machine']['logical_cores']} cores, {report['machine']['date']}, "
+    print(f"machine: {report['machine']['cpu']}, {report['machine']['logical_cores']} cores, "
+          f"{report['machine']['date']}, "
           f"load before {report['machine']['load_average_1m']}, steal {report['steal_share']:.1%}")
     print(markdown_table(["path", "p50 ms", "p90 ms", "p50 overhead ms"],
-                         [[k, f"{v['p50']:.2f}", f"{v['p90']:.2f}", "–" if k.startswith("in-process") else f"{v['p50'] - base:.2f}"]
+                         [[k, f"{v['p50']:.2f}", f"{v['p90']:.2f}", "–"
+                           if k.startswith("in-process") else f"{v['p50'] - base:.2f}"]
                           for k, v in lat.items()]))
     print()
-    print(markdown_table(["path", *(f"{n} client{'s' * (n > 1)} req/s" for n in CLIENTS), *(f"x in-process at {n}" for n in CLIENTS),
+    print(markdown_table(["path", *(f"{n} client{'s' * (n > 1)} req/s" for n in CLIENTS),
+                          *(f"x in-process at {n}" for n in CLIENTS),
                           "CPU ms/request at 8: clients or in-process", "server"],
                          [[k, *(f"{v[n]['rps']:.0f}" for n in CLIENTS),
                            *(f"{v[n]['rps'] / rates['in-process'][n]['rps']:.2f}x" for n in CLIENTS),
-                           f"{v[8]['cpu_ms_here']:.2f}", "–" if k.startswith("in-process") else f"{v[8]['cpu_ms_server']:.2f}"]
+                           f"{v[8]['cpu_ms_here']:.2f}", "–"
+                           if k.startswith("in-process") else f"{v[8]['cpu_ms_server']:.2f}"]
                           for k, v in rates.items()]))
     print(f"\nvision model executions by batch size: {report['vision_batches']}")
 

@@ -121,7 +121,8 @@ def _outline(s: Shape, scale: float) -> list[tuple[float, float]]:
         points = [(x, y + r * 0.15) for x, y in points]  # centre the triangle's bounding box
     elif s.shape == "cross":
         a, w = r, r * 0.36
-        points = [(-w, -a), (w, -a), (w, -w), (a, -w), (a, w), (w, w), (w, a), (-w, a), (-w, w), (-a, w), (-a, -w), (-w, -w)]
+        points = [(-w, -a), (w, -a), (w, -w), (a, -w), (a, w), (w, w), (w, a), (-w, a), (-w, w), (-a, w), (-a, -w),
+                  (-w, -w)]
     else:
         raise ValueError(f"unknown shape {s.shape!r}")
     turn = math.radians(s.angle)
@@ -142,7 +143,8 @@ def make_scene(seed: tuple[int, ...], counts: tuple[int, ...] = (1, 2, 3)) -> Sc
             radius = float(rng.uniform(*SIZES[size]))
             x, y = rng.uniform(radius + 1, IMAGE_SIZE - radius - 1, size=2)
             if all(math.hypot(x - o.x, y - o.y) > radius + o.radius + 2 and abs(x - o.x) > 6 for o in placed):
-                placed.append(Shape(str(colour), str(kind), size, float(x), float(y), radius, float(rng.uniform(-ROTATION, ROTATION))))
+                placed.append(Shape(str(colour), str(kind), size, float(x), float(y), radius,
+                                    float(rng.uniform(-ROTATION, ROTATION))))
                 break
         else:  # the canvas is too full: start over with a new draw from the same seed stream
             return make_scene((*seed, 0), counts)

@@ -189,7 +189,8 @@ SINGLE_SHAPE_SHARE = 0.5  # of each CLIP batch: one-shape scenes, whose captions
 def clip_config(tokenizer) -> transformers.CLIPConfig:
     s = CLIP_SIZES
     return transformers.CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=s["text_hidden"], intermediate_size=s["text_hidden"] * 4,
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=s["text_hidden"],
+                         intermediate_size=s["text_hidden"] * 4,
                          num_hidden_layers=s["text_layers"], num_attention_heads=2, max_position_embeddings=32,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id),
@@ -198,7 +199,8 @@ def clip_config(tokenizer) -> transformers.CLIPConfig:
 
 
 def vision_config(**extra) -> dict:
-    return dict(hidden_size=VISION["hidden"], intermediate_size=VISION["hidden"] * 4, num_hidden_layers=VISION["layers"],
+    return dict(hidden_size=VISION["hidden"], intermediate_size=VISION["hidden"] * 4,
+                num_hidden_layers=VISION["layers"],
                 num_attention_heads=VISION["heads"], image_size=scenes.IMAGE_SIZE, patch_size=VISION["patch"],
                 hidden_act="quick_gelu", layer_norm_eps=1e-5, **extra)
 
@@ -236,7 +238,8 @@ def train_clip(out: Path, train: tuple, steps: int, batch: int, lr: float = 2e-3
     transformers.CLIPImageProcessor(size={"shortest_edge": scenes.IMAGE_SIZE},
                                     crop_size={"height": scenes.IMAGE_SIZE, "width": scenes.IMAGE_SIZE},
                                     image_mean=MEAN, image_std=STD).save_pretrained(out)
-    return {"train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu, 1), "load_average": round(np.mean(loads), 2),
+    return {"train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu, 1),
+            "load_average": round(np.mean(loads), 2),
             "steps": steps, "batch": batch,
             "lr": lr, "single_shape_share": SINGLE_SHAPE_SHARE}
 
@@ -257,7 +260,8 @@ def evaluate_clip(folder: Path, count: int = TEST_SCENES) -> dict:
         if key == "one_shape":
             result["zero_shot_top1"] = float(np.mean([names[t] == s.label for t, s in zip(top1, chosen)]))
         else:
-            result["multi_shape_top1_present"] = float(np.mean([names[t] in s.present_labels for t, s in zip(top1, chosen)]))
+            result["multi_shape_top1_present"] = float(np.mean([names[t] in s.present_labels for t,
+                                                                s in zip(top1, chosen)]))
     result["test_scenes"] = count
     return result
 
@@ -280,7 +284,8 @@ def blip2_config(tokenizer, qformer_dropout: float = 0.0) -> transformers.Blip2C
                             max_position_embeddings=64, vocab_size=64,
                             hidden_dropout_prob=qformer_dropout, attention_probs_dropout_prob=qformer_dropout),
         text_config=transformers.OPTConfig(
-            vocab_size=(len(tokenizer) + 63) // 64 * 64, hidden_size=s["llm_hidden"], word_embed_proj_dim=s["llm_hidden"],
+            vocab_size=(len(tokenizer) + 63) // 64 * 64, hidden_size=s["llm_hidden"],
+            word_embed_proj_dim=s["llm_hidden"],
             ffn_dim=s["llm_hidden"] * 4, num_hidden_layers=s["llm_layers"], num_attention_heads=4,
             max_position_embeddings=LLM_POSITIONS, bos_token_id=tokenizer.bos_token_id, eos_token_id=newline,
             pad_token_id=tokenizer.pad_token_id, dropout=0.0, attention_dropout=0.0),
@@ -295,7 +300,8 @@ def sequence(tokenizer, prompt: str | None, target: str) -> tuple[list[int], int
     return head + tail + [tokenizer.convert_tokens_to_ids(NEWLINE)], len(head)
 
 
-def lm_batch(tokenizer, items: list[tuple[str | None, str]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lm_batch(tokenizer, items: list[tuple[str | None, str]],
+             pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ids, attention mask and labels (-100 outside the targets) for (prompt, target) pairs."""
     encoded = [sequence(tokenizer, p, t) for p, t in items]
     width = max(len(ids) for ids, _ in encoded)
@@ -405,7 +411,8 @@ def train_blip2(out: Path, train: tuple, steps: int, batch: int, questions_per_i
         log(f"blip2 vision tower from {clip_folder}: feature cosine {init['vision_init_cosine']}")
     vision = list(model.vision_model.parameters())
     others = [p for n, p in model.named_parameters() if not n.startswith("vision_model.")]
-    optimizer = torch.optim.AdamW([{"params": vision, "lr": vision_lr}, {"params": others, "lr": lr}], weight_decay=0.05)
+    optimizer = torch.optim.AdamW([{"params": vision, "lr": vision_lr}, {"params": others, "lr": lr}],
+                                  weight_decay=0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: schedule(i, steps, steps // 20))
     rng = np.random.default_rng(0)
     share = np.array([BLIP2_SHAPE_COUNT_SHARE[len(s.shapes)] for s in train_scenes])
@@ -423,8 +430,10 @@ def train_blip2(out: Path, train: tuple, steps: int, batch: int, questions_per_i
         pad_token_id=tokenizer.pad_token_id, max_new_tokens=24)
     model.save_pretrained(out)
     save_blip2_processors(out, tokenizer, config)
-    return {"train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu, 1), "load_average": round(np.mean(loads), 2),
-            "steps": steps, "batch": batch, "lr": lr, "vision_lr": vision_lr, "sequences_per_image": 1 + questions_per_image,
+    return {"train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu, 1),
+            "load_average": round(np.mean(loads), 2),
+            "steps": steps, "batch": batch, "lr": lr, "vision_lr": vision_lr,
+            "sequences_per_image": 1 + questions_per_image,
             "qformer_dropout": qformer_dropout,
             "shape_count_share": BLIP2_SHAPE_COUNT_SHARE, **init}
 
@@ -439,7 +448,8 @@ def save_blip2_processors(out: Path, tokenizer, config) -> None:
 
 
 @torch.no_grad()
-def hf_generate(model, tokenizer, pixel_values: torch.Tensor, prompt: str | None, max_new_tokens: int = 24) -> list[str]:
+def hf_generate(model, tokenizer, pixel_values: torch.Tensor, prompt: str | None,
+                max_new_tokens: int = 24) -> list[str]:
     """Greedy text from transformers' own ``generate`` (image tokens, then the prompt, as Blip2Processor builds it)."""
     config = model.config
     head = tokenizer(prompt)["input_ids"] if prompt else [config.text_config.bos_token_id]
@@ -465,7 +475,9 @@ def evaluate_blip2(folder: Path, count: int = TEST_SCENES) -> dict:
         answers = hf_generate(model, tokenizer, pixels[rows], scenes.VQA_TEMPLATE.format(question), 6)
         by_kind[scenes.question_kind(question)] += [got == want for got, (_, want) in zip(answers, asked)]
     counts = Counter(len(s.shapes) for s in chosen)
-    per_count = {str(n): float(np.mean([ok for ok, s in zip(caption_exact, chosen) if len(s.shapes) == n])) for n in sorted(counts)}
+    per_count = {str(n): float(np.mean([ok for ok,
+                                        s in zip(caption_exact,
+                                                 chosen) if len(s.shapes) == n])) for n in sorted(counts)}
     return {"caption_exact": float(np.mean(caption_exact)), "caption_exact_by_shape_count": per_count,
             "vqa_color_shape": float(np.mean(by_kind["color"] + by_kind["shape"])),
             "vqa_color": float(np.mean(by_kind["color"])), "vqa_shape": float(np.mean(by_kind["shape"])),
@@ -483,7 +495,8 @@ def write_card(folder: Path, name: str, training: dict, scores: dict) -> None:
     """README.md (the model card) and training.json (the same facts, machine-readable)."""
     params = sum(p.numel() for p in _load(folder, name).parameters())
     facts = {"model": name, "parameters": params, "training": training, "test_split": scores,
-             "machine": {"cpu_threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine(),
+             "machine": {"cpu_threads": torch.get_num_threads(),
+                         "processor": platform.processor() or platform.machine(),
                          "torch": torch.__version__, "transformers": transformers.__version__}}
     (folder / "training.json").write_text(json.dumps(facts, indent=2) + "\n")
     (folder / "README.md").write_text(CARDS[name](params, training, scores, facts) + "\n")
@@ -502,10 +515,13 @@ DATA_TEXT = (
 
 
 def _common(training: dict) -> str:
-    return (f"Trained from scratch on CPU ({training['cpu_threads']} threads) in {training['train_seconds'] / 60:.1f} min of wall "
-            f"time ({training['train_cpu_seconds'] / 60:.1f} CPU-minutes; {training['steps']} steps × {training['batch']} "
+    return (f"Trained from scratch on CPU ({training['cpu_threads']} threads) in {training['train_seconds'] / 60:.1f} "
+            "min of wall "
+            f"time ({training['train_cpu_seconds'] / 60:.1f} CPU-minutes; {training['steps']} steps × "
+            f"{training['batch']} "
             f"images, {training['train_scenes']} training scenes, AdamW lr {training['lr']:g}"
-            + (f", vision tower {training['vision_lr']:g}" if "vision_lr" in training else "") + ", cosine schedule):\n\n"
+            + (f", vision tower {training['vision_lr']:g}" if "vision_lr" in training
+               else "") + ", cosine schedule):\n\n"
             f"```bash\n{training['command']}\n```\n\n"
             + (f"Training both demo models took {training['both_models_train_seconds'] / 60:.1f} min; the whole script "
                f"(rendering the scenes, training and measuring both) ran in {training['script_seconds'] / 60:.1f} min. "
@@ -517,8 +533,10 @@ def _common(training: dict) -> str:
 def _vision_init(training: dict) -> str:
     if "vision_init" not in training:
         return "All of it from random initialisation. "
-    return (f"As BLIP-2 starts from a pretrained CLIP-style ViT, the vision tower starts from {training['vision_init']}: its "
-            f"layers copied one to one, CLIP's pre-layernorm folded into the patch embedding (patch features at the start: "
+    return ("As BLIP-2 starts from a pretrained CLIP-style ViT, the vision tower starts from "
+            f"{training['vision_init']}: its "
+            "layers copied one to one, CLIP's pre-layernorm folded into the patch embedding (patch features "
+            "at the start: "
             f"cosine {training['vision_init_cosine']} to CLIP's); then every part is trained together. ")
 
 
@@ -618,18 +636,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder that gets clip/ and blip2/")
     parser.add_argument("--only", choices=["clip", "blip2"])
-    parser.add_argument("--evaluate", action="store_true", help="no training: re-measure the saved models, rewrite their cards")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="no training: re-measure the saved models, rewrite their cards")
     parser.add_argument("--train-scenes", type=int, default=60000)
     parser.add_argument("--clip-scenes", type=int, default=20000,
-                        help="CLIP trains on the first N training scenes (its caption set is small; BLIP-2 uses them all)")
+                        help="CLIP trains on the first N training scenes (its caption set is small; BLIP-2 "
+                        "uses them all)")
     parser.add_argument("--clip-steps", type=int, default=2500)
     parser.add_argument("--blip2-steps", type=int, default=2600)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--blip2-questions", type=int, default=3, help="questions per training image beside its caption")
+    parser.add_argument("--blip2-questions", type=int, default=3,
+                        help="questions per training image beside its caption")
     parser.add_argument("--blip2-vision-lr", type=float, default=1e-3)
     parser.add_argument("--blip2-qformer-dropout", type=float, default=0.0,
                         help="BLIP-2 uses 0.1; off, these small models fit the scenes in fewer steps")
-    parser.add_argument("--test-scenes", type=int, default=TEST_SCENES, help="held-out scenes each score is measured on")
+    parser.add_argument("--test-scenes", type=int, default=TEST_SCENES,
+                        help="held-out scenes each score is measured on")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--demo-images", type=int, default=6, help="test scenes bundled for `mmedge demo`")
     args = parser.parse_args(argv)
@@ -652,15 +674,18 @@ def main(argv=None) -> int:
                 old.unlink()
             log(f"training {name}")
             if name == "clip":
-                subset = (train[0][:args.clip_scenes], train[1][:args.clip_scenes])  # the first scenes of the same split
+                # the first scenes of the same split
+                subset = (train[0][:args.clip_scenes], train[1][:args.clip_scenes])
                 training = train_clip(folder, subset, args.clip_steps, args.batch * 2) | {"clip_scenes": len(subset[0])}
             else:
                 clip = args.out / "clip"
-                clip = clip if (clip / "config.json").is_file() else None  # train CLIP first: BLIP-2's ViT starts from it
+                # train CLIP first: BLIP-2's ViT starts from it
+                clip = clip if (clip / "config.json").is_file() else None
                 training = train_blip2(folder, train, args.blip2_steps, args.batch, args.blip2_questions,
                                        vision_lr=args.blip2_vision_lr, clip_folder=clip,
                                        qformer_dropout=args.blip2_qformer_dropout)
-            training |= {"train_scenes": training.pop("clip_scenes", args.train_scenes), "cpu_threads": args.threads, "command": command.strip()}
+            training |= {"train_scenes": training.pop("clip_scenes", args.train_scenes), "cpu_threads": args.threads,
+                         "command": command.strip()}
         log(f"measuring {name} on the test split")
         scores = (evaluate_clip if name == "clip" else evaluate_blip2)(folder, args.test_scenes)
         log(f"{name}: {json.dumps({k: v for k, v in scores.items() if k != 'examples'})}")

@@ -61,7 +61,8 @@ def quantize_int4(source: Path, dest: Path, *, block_size: int = 32, accuracy_le
         raise QuantizationError(f"INT4 weight-only quantization of '{Path(source).name}' failed "
                                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''})",
                                 "a float32 ONNX graph with MatMul/Gemm weights as initializers",
-                                "export --llm-precision int8 or fp32 meanwhile, and report this with the model id") from exc
+                                "export --llm-precision int8 or fp32 meanwhile, and report this with "
+                                "the model id") from exc
     ops = [n.op_type for n in model.graph.node]
     return {
         "method": "int4-weight-only", "format": "MatMulNBits", "algorithm": "rtn", "bits": 4,
@@ -150,7 +151,8 @@ def gemm_to_matmul(graph) -> int:
         if key not in made:
             matrix = (weight.T if attrs.get("transB", 0) else weight) * np.float32(alpha)  # [K, N]
             made[key] = f"{node.input[1]}_matmul_{len(made)}"
-            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(matrix, dtype=weight.dtype), made[key]))
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(matrix, dtype=weight.dtype),
+                                                             made[key]))
         base = node.name or f"gemm_{rewritten}"
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
         matmul_out = f"{node.output[0]}_matmul" if bias else node.output[0]
@@ -159,7 +161,8 @@ def gemm_to_matmul(graph) -> int:
             if beta != 1.0:
                 scaled = _constant_array(bias, graph, producers)
                 bias = f"{bias}_beta_{rewritten}"
-                graph.initializer.append(numpy_helper.from_array((scaled * np.float32(beta)).astype(scaled.dtype), bias))
+                graph.initializer.append(numpy_helper.from_array((scaled * np.float32(beta)).astype(scaled.dtype),
+                                                                 bias))
             new_nodes.append(helper.make_node("Add", [matmul_out, bias], [node.output[0]], name=f"{base}_Add"))
         rewritten += 1
     del graph.node[:]

@@ -103,13 +103,15 @@ def _local_folder(model: str) -> bool:
     if _looks_like_a_path(model):  # not a hub id: fail now rather than ask the hub
         raise ModelLoadError(
             f"checkpoint folder '{model}' does not exist",
-            "a local checkpoint folder (config.json + *.safetensors) or a hub id such as 'openai/clip-vit-base-patch32'",
+            "a local checkpoint folder (config.json + *.safetensors) or a hub id such as "
+            "'openai/clip-vit-base-patch32'",
             "check the path",
         )
     return False
 
 
-def load_checkpoint(model: str, *, random_weights: bool = False, allow_pickle: bool = False, seed: int = 0) -> LoadedModel:
+def load_checkpoint(model: str, *, random_weights: bool = False, allow_pickle: bool = False,
+                    seed: int = 0) -> LoadedModel:
     """Load ``model`` (hub id, local folder, or a bundled config name with ``random_weights``)."""
     if random_weights:
         return _load_random(model, seed)

@@ -105,13 +105,9 @@ class OnnxSession:
     """A CPU ONNX Runtime session over a graph file; ``run(feeds)`` returns every output by name."""
 
     def __init__(self, path: Path, threads: int | None = None):
-        import onnxruntime as ort
+        from mmedge.runtimes.ort_session import OrtOptions, session_from_path
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = session_from_path(path, OrtOptions(threads=threads or None))
         self.names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -128,7 +124,8 @@ def measure_parity(spec: ComponentSpec, path: Path, feeds: dict[str, np.ndarray]
 
     ``reference``: the module's outputs for ``feeds`` when the caller already has them.
     """
-    torch_feeds = spec.check_inputs() if feeds is None else {k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()}
+    torch_feeds = spec.check_inputs() if feeds is None else {k: torch.from_numpy(np.asarray(v)) for k,
+                                                             v in feeds.items()}
     reference = torch_reference(spec, torch_feeds) if reference is None else reference
     actual = run_onnx(path, {k: v.numpy() for k, v in torch_feeds.items()})
     return {"reference": "torch-fp32", "inputs": {n: list(t.shape) for n, t in torch_feeds.items()},

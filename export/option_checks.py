@@ -43,14 +43,18 @@ RULES = (
          "static INT8 (--precision int8 --quantization static); dynamic INT8 needs no calibration",
          "add --quantization static, or pass the folder as --fidelity-images to measure fidelity on it"),
     Rule("--calibration-method", lambda o: o.calibration_method is not None, _static,
-         "static INT8 (--precision int8 --quantization static)", "add --quantization static, or drop --calibration-method"),
+         "static INT8 (--precision int8 --quantization static)",
+         "add --quantization static, or drop --calibration-method"),
     Rule("--fidelity-images", lambda o: o.fidelity is not None, _quantized,
          "a quantized graph (--precision int8, or --llm-precision int8/int4): FP32 and FP16 exports measure no "
          "fidelity", "add --precision int8, or drop --fidelity-images"),
     Rule("--labels", lambda o: bool(o.labels), lambda o, f: f.name == "clip" and o.task == "zero-shot",
-         "a CLIP model exported for --task zero-shot", "drop --labels, or export a CLIP checkpoint with --task zero-shot"),
-    Rule("--templates", lambda o: bool(o.templates), lambda o, f: f.name == "clip" and (bool(o.labels) or o.precision == "int8"),
-         "CLIP with --labels (the templates are baked in) or at --precision int8 (its calibration and fidelity prompts)",
+         "a CLIP model exported for --task zero-shot",
+         "drop --labels, or export a CLIP checkpoint with --task zero-shot"),
+    Rule("--templates", lambda o: bool(o.templates), lambda o, f: f.name == "clip"
+         and (bool(o.labels) or o.precision == "int8"),
+         "CLIP with --labels (the templates are baked in) or at --precision int8 (its calibration and "
+         "fidelity prompts)",
          "add --labels, or pass the templates at run time (mmedge run --templates)"),
     Rule("--allow-pickle", lambda o: o.allow_pickle, lambda o, f: not o.random_weights,
          "a checkpoint whose weights are loaded (with --random-weights none are)", "drop --allow-pickle"),

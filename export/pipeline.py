@@ -28,14 +28,16 @@ VALIDATION_FILE = "validation.npz"
 TOKENIZER_FILE = "tokenizer.json"
 FP16_MIN_COSINE = 0.999
 # What an option left at None means (None marks "not given", so an option that would do nothing can be refused)
-DEFAULTS = {"quantization": "dynamic", "int4_block_size": 32, "int4_accuracy_level": 4, "calibration_method": "percentile"}
+DEFAULTS = {"quantization": "dynamic", "int4_block_size": 32, "int4_accuracy_level": 4,
+            "calibration_method": "percentile"}
 
 
 @dataclass
 class ExportOptions:
     task: str | None = None  # None: the family's default task
     precision: str = "fp32"  # encoders: fp32 | fp16 | int8
-    quantization: str | None = None  # with int8: dynamic (default; fastest on CPU) | static (calibrated QDQ, for TensorRT)
+    # with int8: dynamic (default; fastest on CPU) | static (calibrated QDQ, for TensorRT)
+    quantization: str | None = None
     llm_precision: str | None = None  # decoder LLMs: fp32 | fp16 | int8 | int4 (None: same as precision)
     int4_block_size: int | None = None  # INT4 LLM: weights per scale (default 32)
     int4_accuracy_level: int | None = None  # MatMulNBits: 4 (default) = int8 activations on CPU
@@ -43,7 +45,8 @@ class ExportOptions:
     templates: list[str] | None = None
     calibration: str | None = None  # folder of images for static INT8; None = bundled photos
     calibration_method: str | None = None  # static INT8: percentile (default) | minmax | entropy
-    fidelity: str | None = None  # folder of images to measure quantized fidelity on (default: calibration, else bundled)
+    # folder of images to measure quantized fidelity on (default: calibration, else bundled)
+    fidelity: str | None = None
     min_quantized_cosine: float = 0.98  # mean embedding cosine vs FP32 on held-out photos
     random_weights: bool = False
     allow_pickle: bool = False
@@ -76,7 +79,8 @@ def export_model(model: str, out: str | Path, options: ExportOptions | None = No
     options.check()
     if Path(out).exists() and not options.overwrite:  # cheap checks first: nothing is loaded yet
         raise ArtifactError(f"output folder '{out}' already exists", "a path that does not exist yet",
-                            "choose another output path, or pass --overwrite to replace it once the new export is complete")
+                            "choose another output path, or pass --overwrite to replace it once the new "
+                            "export is complete")
     from mmedge.export.loading import checkpoint_family
     from mmedge.export.option_checks import check_export_options
 
@@ -99,7 +103,8 @@ def _quiet_libraries(quiet: bool):
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
     from transformers.utils import logging as hf_logging
 
-    bars, hub_bars, verbosity = hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled(), hf_logging.get_verbosity()
+    bars, hub_bars = hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
+    verbosity = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
     disable_progress_bars()
     hf_logging.set_verbosity_error()
@@ -120,7 +125,8 @@ def _export(model: str, out: Path, options: ExportOptions, family) -> Path:
     with progress.step(f"loading {model}" + (" (random weights)" if options.random_weights else "")):
         loaded = load_checkpoint(model, random_weights=options.random_weights, allow_pickle=options.allow_pickle,
                                  seed=options.seed)
-    with progress.step("building export specs" + (f" with {len(options.labels)} baked labels" if options.labels else "")):
+    with progress.step("building export specs" + (f" with {len(options.labels)} baked labels" if options.labels
+                                                  else "")):
         specs = family.specs(loaded, options)
     with atomic_folder(out, overwrite=options.overwrite) as stage, tempfile.TemporaryDirectory() as scratch:
         builder = ArtifactBuilder(stage, Path(scratch), loaded, family, options)
@@ -191,7 +197,13 @@ class ArtifactBuilder:
         For models past the streaming threshold, the weights no spec in ``later`` needs are freed once
         the PyTorch outputs are taken, before ONNX Runtime loads the graph.
         """
-        from mmedge.export.onnx_export import EXTERNAL_DATA_THRESHOLD, OnnxSession, export_spec, gate_parity, torch_reference
+        from mmedge.export.onnx_export import (
+            EXTERNAL_DATA_THRESHOLD,
+            OnnxSession,
+            export_spec,
+            gate_parity,
+            torch_reference,
+        )
         from mmedge.export.streaming import free_weights, module_bytes
 
         folder = self.stage if self.precision_of(spec) == "fp32" else self.scratch
@@ -281,7 +293,8 @@ class ArtifactBuilder:
             entry["size_bytes"] = path.stat().st_size
             data = external_data_path(path)
             if data is not None:
-                entry["external_data"] = {"file": data.name, "sha256": sha256_file(data), "size_bytes": data.stat().st_size}
+                entry["external_data"] = {"file": data.name, "sha256": sha256_file(data),
+                                          "size_bytes": data.stat().st_size}
             entry["parity"]["validation_samples"] = self._sample_parity[spec.name]
         np.savez(self.stage / VALIDATION_FILE, **arrays)
         manifest = {

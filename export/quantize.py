@@ -35,7 +35,6 @@ from mmedge.errors import CalibrationError, QuantizationError
 # Ops whose weights carry almost all of a transformer's bytes and time.
 DYNAMIC_OPS = ("MatMul", "Gemm", "Gather")
 STATIC_OPS = ("MatMul", "Gemm", "Conv")
-CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 WEIGHTS = "int8 symmetric per-channel, 7-bit range (exact on CPUs without VNNI)"
 
 
@@ -72,7 +71,8 @@ def _prepared(source: Path) -> Iterator[Path]:
 def _large(graph: Path) -> bool:
     from mmedge.export.onnx_export import EXTERNAL_DATA_THRESHOLD, external_data_path
 
-    return external_data_path(graph) is not None and external_data_path(graph).stat().st_size > EXTERNAL_DATA_THRESHOLD // 4
+    data = external_data_path(graph)
+    return data is not None and data.stat().st_size > EXTERNAL_DATA_THRESHOLD // 4
 
 
 def quantize_int8_dynamic(source: Path, dest: Path) -> dict:

@@ -40,7 +40,8 @@ def named_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def attach_weights(graph: onnx.ModelProto, tensors: dict[str, torch.Tensor], user_inputs, path: Path) -> onnx.ModelProto:
+def attach_weights(graph: onnx.ModelProto, tensors: dict[str, torch.Tensor], user_inputs,
+                   path: Path) -> onnx.ModelProto:
     """Turn the weight inputs of a graph traced with ``export_params=False`` into initializers whose
     data lives in ``<path.name>.data``. Returns ``graph``, changed in place."""
     body = graph.graph
@@ -71,7 +72,8 @@ def attach_weights(graph: onnx.ModelProto, tensors: dict[str, torch.Tensor], use
             data.write(b"\0" * offset)
             start = data.tell()
             data.write(memoryview(array).cast("B"))
-            tensor = TensorProto(name=name, dims=array.shape, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
+            tensor = TensorProto(name=name, dims=array.shape,
+                                 data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
             for key, value in (("location", data_name), ("offset", start), ("length", array.nbytes)):
                 tensor.external_data.add(key=key, value=str(value))
             tensor.data_location = TensorProto.EXTERNAL

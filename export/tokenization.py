@@ -25,14 +25,16 @@ def tokenizer_settings_from_hf(hf_tokenizer: Any, max_length: int, padding: str 
         raise InputError(f"max_length is {max_length!r}", "an int of at least 2 (special tokens included)",
                          "pass the text model's context length, e.g. config.text_config.max_position_embeddings")
     if padding not in PADDING_MODES:
-        raise InputError(f"padding is {padding!r}", f"one of {', '.join(PADDING_MODES)}", "pass padding='longest' or 'max_length'")
+        raise InputError(f"padding is {padding!r}", f"one of {', '.join(PADDING_MODES)}",
+                         "pass padding='longest' or 'max_length'")
     if hf_tokenizer.pad_token_id is None:
         raise ModelLoadError(
             f"the tokenizer ({type(hf_tokenizer).__name__}) has no padding token",
             "a tokenizer with pad_token set, so batches of texts can be padded",
             "set tokenizer.pad_token (for example to tokenizer.eos_token) and save it into the checkpoint",
         )
-    return {"file": TOKENIZER_FILE, "max_length": max_length, "pad_id": int(hf_tokenizer.pad_token_id), "padding": padding}
+    return {"file": TOKENIZER_FILE, "max_length": max_length, "pad_id": int(hf_tokenizer.pad_token_id),
+            "padding": padding}
 
 
 def save_tokenizer_json(hf_tokenizer: Any, dest_path: str | Path) -> Path:

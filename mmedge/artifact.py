@@ -48,7 +48,8 @@ class Artifact:
     def open(cls, path: str | os.PathLike) -> "Artifact":
         if not isinstance(path, (str, os.PathLike)):
             raise ArtifactNotFoundError(f"the artifact path is a {type(path).__name__}",
-                                        "the path of an artifact folder (str or pathlib.Path)", "pass the folder's path")
+                                        "the path of an artifact folder (str or pathlib.Path)",
+                                        "pass the folder's path")
         root = Path(path)
         if not root.is_dir():
             what = "is a file, not an artifact folder" if root.exists() else "does not exist"
@@ -122,8 +123,10 @@ class Artifact:
             base = (self.root / folder).resolve()
             if base.parent != self.root:
                 raise UnsafePathError(
-                    f"manifest.json field '{field}' names the folder '{folder}', which resolves outside the artifact folder",
-                    "a real subfolder of the artifact folder", "re-export the artifact, or copy the real folder into it")
+                    f"manifest.json field '{field}' names the folder '{folder}', which resolves outside the "
+                    "artifact folder",
+                    "a real subfolder of the artifact folder",
+                    "re-export the artifact, or copy the real folder into it")
         path = base / name
         try:
             real = path.resolve()
@@ -136,7 +139,8 @@ class Artifact:
             ) from None
         if real.parent != base:
             raise UnsafePathError(
-                f"manifest.json field '{field}' names '{name}', which resolves to '{real}', outside the artifact folder",
+                f"manifest.json field '{field}' names '{name}', which resolves to '{real}', outside the "
+                "artifact folder",
                 "a regular file inside the artifact folder (symlinks out of the folder are refused)",
                 "re-export the artifact, or copy the real file into the folder",
             )
@@ -203,7 +207,8 @@ class Artifact:
         if not (self.root / folder).is_dir():
             raise ArtifactNotFoundError(
                 f"the PyTorch weights' folder '{folder}' is missing from '{self.root}'",
-                "the folder the manifest's 'pytorch' entry names", "copy the whole artifact folder again, or re-export it")
+                "the folder the manifest's 'pytorch' entry names",
+                "copy the whole artifact folder again, or re-export it")
         for name, info in entry["files"].items():
             self.verified_path(name, info["sha256"], f"pytorch.files.{name}", folder)
         return self.root / folder

@@ -73,7 +73,8 @@ def settled_samples(fn, runs: int) -> tuple[list[float], bool]:
     second half agree within ``SETTLED``, for at most ``MAX_SECONDS``; and whether they settled."""
     begin = time.perf_counter()
     samples = time_samples(fn, runs=runs, min_seconds=MIN_SECONDS)
-    while not (settled := _halves_agree(samples)) and time.perf_counter() - begin < MAX_SECONDS and len(samples) < MAX_SAMPLES:
+    while (not (settled := _halves_agree(samples)) and time.perf_counter() - begin < MAX_SECONDS
+           and len(samples) < MAX_SAMPLES):
         samples += time_samples(fn, runs=max(1, len(samples) // 4))
     return samples, settled
 
@@ -98,19 +99,23 @@ def measure(path: str, backend: str = "auto", device: str = "auto", threads: int
     pipeline = mmedge.load(path, backend=backend, device=device, threads=threads)
     load_ms = (time.perf_counter() - start) * 1e3
     batch_images = [images[i % len(images)] for i in range(batch)]
-    result: dict = {"artifact": str(path), "task": pipeline.task, "load_ms": round(load_ms, 1), "runs": runs, "batch": batch}
+    result: dict = {"artifact": str(path), "task": pipeline.task, "load_ms": round(load_ms, 1), "runs": runs,
+                    "batch": batch}
     with pipeline:
         if pipeline.task == "caption":
-            one, many, unit = (lambda: pipeline.caption(images[0])), (lambda: pipeline.caption(batch_images)), "captions"
+            one, many, unit = ((lambda: pipeline.caption(images[0])), (lambda: pipeline.caption(batch_images)),
+                               "captions")
             text = pipeline.caption(images[0])
             ids, _ = pipeline.tokenizer.encode([text])
             result["caption"] = text
             result["caption_tokens"] = int(ids.shape[1])  # generated: the caption's tokens (BOS dropped) + EOS
         elif pipeline.task == "embed":
-            one, many, unit = (lambda: pipeline.embed_images(images[0])), (lambda: pipeline.embed_images(batch_images)), "images"
+            one, many, unit = ((lambda: pipeline.embed_images(images[0])),
+                               (lambda: pipeline.embed_images(batch_images)), "images")
         else:
             chosen = None if getattr(pipeline, "fused", False) else list(labels or GENERIC_LABELS)
-            one, many, unit = (lambda: pipeline(images[0], labels=chosen)), (lambda: pipeline(batch_images, labels=chosen)), "images"
+            one, many, unit = ((lambda: pipeline(images[0], labels=chosen)),
+                               (lambda: pipeline(batch_images, labels=chosen)), "images")
         many()  # warm-up: sessions allocate on the first run; label banks are built once
         time_samples(one, runs=2, min_seconds=WARMUP_SECONDS)
         latency, latency_settled = settled_samples(one, runs)
@@ -120,7 +125,8 @@ def measure(path: str, backend: str = "auto", device: str = "auto", threads: int
     artifact = Artifact.open(path)
     median = statistics.median(latency)
     result.update({
-        "backend": plan, "latency_ms": {"median": round(median, 2), "min": round(min(latency), 2), "max": round(max(latency), 2),
+        "backend": plan,
+        "latency_ms": {"median": round(median, 2), "min": round(min(latency), 2), "max": round(max(latency), 2),
                                         "calls": len(latency)},
         "throughput": {"per_second": round(batch / (statistics.median(batched) / 1e3), 2), "unit": unit,
                        "calls": len(batched)},
@@ -164,7 +170,8 @@ def check_artifacts(paths: list[str], labels: list[str] | None) -> None:
 
     for path in paths:
         if not (Path(path) / "manifest.json").is_file():
-            raise InputError(f"'{path}' is not an artifact folder", "a folder with manifest.json (made by mmedge export)",
+            raise InputError(f"'{path}' is not an artifact folder",
+                             "a folder with manifest.json (made by mmedge export)",
                              "pass the folder `mmedge export` or `mmedge demo` wrote")
         manifest = Artifact.open(path).manifest
         if labels and (manifest["tasks"][0] != "zero-shot" or "zero_shot" in manifest["components"]):
@@ -197,7 +204,8 @@ def run_children(paths: list[str], args) -> list[dict]:
                               "for the child's traceback, and report it if mmedge is installed")
         result = json.loads(child.stdout.strip().splitlines()[-1])
         if not result["settled"]:
-            print(f"mmedge: warning: the timings of '{path}' kept changing for {MAX_SECONDS:g} s (the machine is busy?): "
+            print(f"mmedge: warning: the timings of '{path}' kept changing for {MAX_SECONDS:g} s (the "
+                  "machine is busy?): "
                   "compare them with care", file=sys.stderr)
         results.append(result)
     return results
@@ -242,13 +250,17 @@ def main(args) -> int:
 
 def add_parser(sub, runtime_flags) -> None:
     bench = sub.add_parser("bench", help="latency, throughput and memory of artifacts; --plot compares them")
-    bench.add_argument("artifacts", nargs="+", metavar="ARTIFACT", help="one or more artifact folders (e.g. FP32 and INT8)")
-    bench.add_argument("--plot", metavar="OUT.png", help="draw latency, throughput, peak memory, size and fidelity vs FP32 "
+    bench.add_argument("artifacts", nargs="+", metavar="ARTIFACT",
+                       help="one or more artifact folders (e.g. FP32 and INT8)")
+    bench.add_argument("--plot", metavar="OUT.png",
+                       help="draw latency, throughput, peak memory, size and fidelity vs FP32 "
                                                          "(PNG, SVG or PDF; needs matplotlib)")
     bench.add_argument("--runs", type=int, default=10,
-                       help=f"timed single-image calls per artifact, at least (timing lasts at least {MIN_SECONDS:g} s)")
+                       help="timed single-image calls per artifact, at least (timing lasts at least "
+                       f"{MIN_SECONDS:g} s)")
     bench.add_argument("--batch", type=int, default=8, help="images per call for throughput")
-    bench.add_argument("--image", action="append", help="image to run on (repeatable; default: the bundled demo scenes)")
+    bench.add_argument("--image", action="append",
+                       help="image to run on (repeatable; default: the bundled demo scenes)")
     bench.add_argument("--labels", nargs="+", help="CLIP with two graphs: labels to classify against")
     runtime_flags(bench)
     bench.set_defaults(func=main)

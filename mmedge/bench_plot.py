@@ -46,7 +46,8 @@ def _panels(results: list[dict]) -> list[tuple[str, list[dict], list[float], str
          [r["latency_ms"]["median"] for r in results], "{:.1f}"),
         (f"throughput, {' or '.join(units)} per second (batch {results[0]['batch']})", results,
          [r["throughput"]["per_second"] for r in results], "{:.1f}"),
-        ("peak resident memory, MiB", results, [(r["memory"]["peak_rss_bytes"] or 0) / 2**20 for r in results], "{:.0f}"),
+        ("peak resident memory, MiB", results, [(r["memory"]["peak_rss_bytes"] or 0) / 2**20 for r in results],
+         "{:.0f}"),
         ("size on disk, MB", results, [r["size_bytes"] / 1e6 for r in results], "{:.2f}"),
     ]
     for metric, title in FIDELITY_TITLES.items():

@@ -89,7 +89,8 @@ def cmd_run(args) -> int:
         manifest = Artifact.open(args.artifact).manifest
         if args.task is None or args.task in manifest["tasks"]:  # else mmedge.load says which tasks there are
             check_run_options(args, target_of(manifest, args.task))  # before anything is loaded
-        pipeline = mmedge.load(args.artifact, backend=args.backend, device=args.device, task=args.task, threads=args.threads,
+        pipeline = mmedge.load(args.artifact, backend=args.backend, device=args.device, task=args.task,
+                               threads=args.threads,
                                backend_options={"torch": torch_options} if torch_options else None)
     with pipeline:
         plan = getattr(pipeline, "plan", None)  # a Triton server's pipeline has none here
@@ -112,7 +113,8 @@ def _run_interleaved(pipeline, items: list[str], args) -> str:
 
     if not hasattr(pipeline, "generate"):
         raise InputError("--interleaved was given for a model without interleaved prompts",
-                         "a Flamingo-style (IDEFICS) captioning artifact", "drop --interleaved, or export an IDEFICS model")
+                         "a Flamingo-style (IDEFICS) captioning artifact",
+                         "drop --interleaved, or export an IDEFICS model")
     prompt = [Path(item) if Path(item).is_file() else item for item in items]
     generation = _generation_args(args)
     if args.stream and not args.json:
@@ -168,7 +170,8 @@ def cmd_validate(args) -> int:
             for output, m in entry["outputs"].items():
                 status = "ok" if m["ok"] else "FAIL"
                 print(f"{name}.{output} [{entry['precision']}, {entry['backend']}]: cosine {m['cosine']:.6f} "
-                      f"(export {m['export_cosine']:.6f}, floor {m['min_cosine']:.6f}), max_abs {m['max_abs']:.3g}  {status}")
+                      f"(export {m['export_cosine']:.6f}, floor {m['min_cosine']:.6f}), max_abs "
+                      f"{m['max_abs']:.3g}  {status}")
     raise_on_failure(report)
     return 0
 
@@ -177,12 +180,13 @@ def cmd_validate(args) -> int:
 def cmd_build(args) -> int:
     """Prebuild the artifact's TensorRT engines on this device, with progress lines; a summary on stdout."""
     from mmedge.device import probe
-    from mmedge.runtimes.tensorrt import EngineSettings, build_artifact
-    from mmedge.runtimes.tensorrt_planning import ProfileLimits
-    from mmedge.selection import tensorrt_defaults
+    from mmedge.runtimes.engine_cache import EngineSettings
+    from mmedge.runtimes.tensorrt_build import build_artifact
+    from mmedge.runtimes.tensorrt_planning import ProfileLimits, tensorrt_defaults
 
     found = probe()
-    limits = ProfileLimits(max_batch=tensorrt_defaults(found).max_batch if args.max_batch is None else args.max_batch, max_sequence=args.max_sequence,
+    limits = ProfileLimits(max_batch=tensorrt_defaults(found).max_batch if args.max_batch is None else args.max_batch,
+                           max_sequence=args.max_sequence,
                            max_images=args.max_images)
     settings = EngineSettings(args.precision, limits, args.workspace_mb)
     results = build_artifact(args.artifact, settings, components=args.components, force=args.force,
@@ -191,13 +195,15 @@ def cmd_build(args) -> int:
         print(json.dumps(results, indent=2))
     else:
         for r in results:
-            print(f"{r['component']}: {r['action']} {r['precision']} engine {r['engine']} ({r['bytes'] / 2**20:.1f} MiB)")
+            print(f"{r['component']}: {r['action']} {r['precision']} engine {r['engine']} "
+                  f"({r['bytes'] / 2**20:.1f} MiB)")
     return 0
 
 
 # --- doctor ------------------------------------------------------------------------------------
 def cmd_doctor(args) -> int:
     from mmedge.device import probe
+    from mmedge.runtimes.registry import backends
     from mmedge.selection import plan
 
     found = probe()
@@ -209,43 +215,29 @@ def cmd_doctor(args) -> int:
         chosen = plan(found, artifact.manifest, args.backend, args.device)
         report["plan"] = {name: vars(c) for name, c in chosen.components.items()}
         report["reasons"] = chosen.reasons
-    if found.engines.get("openvino"):
-        from mmedge.runtimes.openvino.doctor import doctor_report
-
-        report["openvino"] = doctor_report(found)
     if args.json:
         print(json.dumps(report, indent=2, default=list))
         return 0
     print(f"machine: {found.system} {found.machine}, {found.cpu_cores} cores, "
           f"{(found.memory_total_mb or 0) / 1024:.1f} GiB, ISA: {', '.join(found.cpu_flags) or 'baseline'}")
-    gpus = "; ".join(f"{g.name} (sm {g.compute_capability}, {g.memory_free_mb}/{g.memory_total_mb} MiB free)" for g in found.gpus)
+    gpus = "; ".join(f"{g.name} (sm {g.compute_capability}, {g.memory_free_mb}/{g.memory_total_mb} MiB free)"
+                     for g in found.gpus)
     print(f"GPUs: {gpus or 'none found'}")
     print(f"Jetson: {found.jetson or 'no'}")
     print("engines: " + ", ".join(f"{k} {v or 'absent'}" for k, v in found.engines.items()))
     print(f"onnxruntime providers: {', '.join(found.ort_providers)}")
-    if found.engines.get("openvino"):
-        from mmedge.runtimes.openvino.doctor import doctor_lines
-
-        for line in doctor_lines(found):
+    for candidate in backends():
+        for line in candidate.device_lines(found):
             print(line)
-    if found.gpus or found.jetson:
-        from mmedge.selection import tensorrt_defaults
-
-        print(f"tensorrt defaults: {tensorrt_defaults(found).why}, max batch {tensorrt_defaults(found).max_batch}")
     if args.artifact:
         for name, c in report["plan"].items():
             where = f"[{', '.join(c['providers'])}]" if c["providers"] else json.dumps(c["options"])
             print(f"plan: {name} -> {c['backend']} {where} {c['precision']}")
         for reason in report["reasons"]:
             print(f"  because {reason}")
-        engines = artifact.root / "engines"
-        if engines.is_dir():
-            from mmedge.runtimes.tensorrt import describe_engines, load_build_settings
-
-            saved = load_build_settings(engines)
-            print(f"engines/: {len(describe_engines(engines))} cached" + (f", built with {json.dumps(saved)}" if saved else ""))
-            for line in describe_engines(engines):
-                print(f"  {line}")
+        for candidate in backends():
+            for line in candidate.artifact_lines(artifact):
+                print(line)
     return 0
 
 
@@ -281,34 +273,45 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("out", help="artifact folder to write (must not exist unless --overwrite)")
     exp.add_argument("--task", default=None, help="CLIP: zero-shot or embed; BLIP-2 and IDEFICS: caption or vqa "
                                                   "(default: the family's first task)")
-    exp.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"], help="encoders (and the LLM unless --llm-precision)")
+    exp.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
+                     help="encoders (and the LLM unless --llm-precision)")
     exp.add_argument("--llm-precision", choices=["fp32", "fp16", "int8", "int4"],
-                     help="BLIP-2 and IDEFICS: the LLM decoder's precision (int8 dynamic, int4 weight-only); default: --precision")
-    exp.add_argument("--int4-block-size", type=int, default=None, help="INT4 LLM: weights per scale (16-256, power of two; default 32)")
+                     help="BLIP-2 and IDEFICS: the LLM decoder's precision (int8 dynamic, int4 weight-only); "
+                     "default: --precision")
+    exp.add_argument("--int4-block-size", type=int, default=None,
+                     help="INT4 LLM: weights per scale (16-256, power of two; default 32)")
     exp.add_argument("--int4-accuracy-level", type=int, default=None, choices=[0, 1, 2, 3, 4],
                      help="INT4 LLM, MatMulNBits compute: 4 (default) = int8 activations (fastest on CPU), 0 = unset")
-    exp.add_argument("--split-prefix", action="store_true", help="BLIP-2: vision and Q-Former as two graphs, not one prefix graph")
+    exp.add_argument("--split-prefix", action="store_true",
+                     help="BLIP-2: vision and Q-Former as two graphs, not one prefix graph")
     exp.add_argument("--recompute-cross-kv", action="store_true",
                      help="IDEFICS: the decoder recomputes cross-attention K/V from the visual tokens every step "
                           "(as transformers does) instead of taking them once per image set; for comparison")
     exp.add_argument("--quantization", default=None, choices=["dynamic", "static"],
                      help="INT8 recipe: dynamic (default; fastest on CPU, no calibration) or static QDQ of the "
                           "encoders (calibrated; for TensorRT; needs --precision int8)")
-    exp.add_argument("--labels", nargs="*", help="bake these labels into one zero-shot graph (no text encoder on the device)")
+    exp.add_argument("--labels", nargs="*",
+                     help="bake these labels into one zero-shot graph (no text encoder on the device)")
     exp.add_argument("--labels-file", help="CLIP: file with one label per line (added to --labels)")
-    exp.add_argument("--templates", nargs="+", help="CLIP with --labels: prompt templates with '{}' for the label, baked "
+    exp.add_argument("--templates", nargs="+",
+                     help="CLIP with --labels: prompt templates with '{}' for the label, baked "
                                                      "in (default: 'a photo of a {}.'); at --precision int8 also the "
                                                      "text graph's calibration and fidelity prompts")
-    exp.add_argument("--calibration", metavar="DIR", help="static INT8: folder of images to calibrate on (default: bundled photos)")
+    exp.add_argument("--calibration", metavar="DIR",
+                     help="static INT8: folder of images to calibrate on (default: bundled photos)")
     exp.add_argument("--calibration-method", default=None, choices=["minmax", "percentile", "entropy"],
-                     help="static INT8: how activation ranges are set from the calibration images (default: percentile)")
+                     help="static INT8: how activation ranges are set from the calibration images "
+                     "(default: percentile)")
     exp.add_argument("--fidelity-images", metavar="DIR",
-                     help="quantized exports: folder of images to measure fidelity vs FP32 on, recorded in the manifest "
+                     help="quantized exports: folder of images to measure fidelity vs FP32 on, recorded in "
+                     "the manifest "
                           "(default: the --calibration folder, else bundled held-out photos)")
     exp.add_argument("--random-weights", action="store_true",
-                     help="build the architecture with random weights (offline benchmarks); MODEL is a checkpoint folder "
+                     help="build the architecture with random weights (offline benchmarks); MODEL is a "
+                     "checkpoint folder "
                           "or a bundled config: " + (", ".join(bundled) or "(the exporter is not installed)"))
-    exp.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin weights (loaded with weights_only=True)")
+    exp.add_argument("--allow-pickle", action="store_true",
+                     help="accept pickled .bin weights (loaded with weights_only=True)")
     exp.add_argument("--with-pytorch", action="store_true",
                      help="also write the checkpoint's safetensors weights (pytorch/) for the torch backend")
     exp.add_argument("--overwrite", action="store_true", help="replace OUT once the new artifact is complete")
@@ -316,13 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=cmd_export)
 
     def runtime_flags(p):
-        p.add_argument("--backend", default="auto", help="auto, onnxruntime, openvino, tensorrt or torch")
+        p.add_argument("--backend", default="auto", help="auto, onnxruntime, tensorrt or torch")
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         p.add_argument("--threads", type=int, default=None, help="CPU threads per graph")
         p.add_argument("--json", action="store_true", help="machine-readable output")
 
     run = sub.add_parser("run", help="run an artifact on images",
-                         description="Run an artifact on images. An option the artifact's task would not use is refused (exit 2).")
+                         description="Run an artifact on images. An option the artifact's task would not use is "
+                         "refused (exit 2).")
     run.add_argument("artifact", help="artifact folder (written by mmedge export or mmedge demo)")
     run.add_argument("images", nargs="+", help="image files (with --interleaved: images and text, in prompt order)")
     run.add_argument("--labels", nargs="*", help="zero-shot with two graphs: labels to classify against")
@@ -336,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--question", help="ask a question (VQA prompting: 'Question: ... Answer:')")
     cap.add_argument("--stream", action="store_true", help="print text as tokens arrive")
     cap.add_argument("--interleaved", action="store_true",
-                     help="IDEFICS: the arguments after ARTIFACT form one prompt; existing files are images, the rest text")
+                     help="IDEFICS: the arguments after ARTIFACT form one prompt; existing files are images, "
+                     "the rest text")
     cap.add_argument("--max-new-tokens", type=int)
     cap.add_argument("--num-beams", type=int)
     cap.add_argument("--sample", action="store_true", help="sample instead of greedy/beam search")
@@ -349,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch backend: the LLM's weights in bitsandbytes INT8 (LLM.int8) or NF4")
     runtime_flags(run)
     run.add_argument("--triton", metavar="URL", help="run on a Triton server (http://HOST:8000 or grpc://HOST:8001): "
-                                                     "ARTIFACT is then a model `mmedge triton` wrote (needs mmedge[triton])")
+                                                     "ARTIFACT is then a model `mmedge triton` wrote (needs "
+                     "mmedge[triton])")
     run.set_defaults(func=cmd_run)
 
     val = sub.add_parser("validate", help="re-measure an artifact's parity on this device")
@@ -357,15 +363,20 @@ def build_parser() -> argparse.ArgumentParser:
     runtime_flags(val)
     val.set_defaults(func=cmd_validate)
 
-    build = sub.add_parser("build", help="prebuild an artifact's TensorRT engines on this device (needs mmedge[tensorrt])")
+    build = sub.add_parser("build",
+                           help="prebuild an artifact's TensorRT engines on this device (needs mmedge[tensorrt])")
     build.add_argument("artifact")
     build.add_argument("--precision", choices=["fp16", "int8", "fp32"], default=None,
-                       help="engine precision (default: int8 for static QDQ graphs, else fp16 - fp32 on GPUs without fast FP16)")
-    build.add_argument("--max-batch", type=int, default=None, help="largest batch an engine takes (default: 4 on Jetson, 16 on a desktop GPU)")
+                       help="engine precision (default: int8 for static QDQ graphs, else fp16 - fp32 on GPUs "
+                       "without fast FP16)")
+    build.add_argument("--max-batch", type=int, default=None,
+                       help="largest batch an engine takes (default: 4 on Jetson, 16 on a desktop GPU)")
     build.add_argument("--max-sequence", type=int, default=None,
                        help="longest token sequence (default: the tokenizer's max_length, else 512)")
     build.add_argument("--max-images", type=int, default=None, help="most images per call (default: --max-batch)")
-    build.add_argument("--workspace-mb", type=int, default=None, help="TensorRT builder workspace (default: 1/16 of a Jetson's memory up to 1 GiB, 1/4 of free GPU memory up to 4 GiB)")
+    build.add_argument("--workspace-mb", type=int, default=None,
+                       help="TensorRT builder workspace (default: 1/16 of a Jetson's memory up to 1 GiB, 1/4 of free "
+                       "GPU memory up to 4 GiB)")
     build.add_argument("--components", nargs="+", help="only these components (default: all that TensorRT can build)")
     build.add_argument("--force", action="store_true", help="rebuild even engines that are fresh")
     build.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -13,6 +13,7 @@ from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
 from mmedge.errors import ManifestError, UnsafePathError, UnsupportedFormatError
+from mmedge.families import FAMILIES
 
 FORMAT_NAME = "mmedge.artifact"
 FORMAT_VERSION = 1
@@ -23,25 +24,22 @@ MAX_FILE_NAME_BYTES = 255  # the longest file name Linux, macOS and Windows file
 DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 
-# Which components and tasks each family may declare. A new family adds a line here and its specs.
-FAMILIES: dict[str, dict[str, tuple[str, ...]]] = {
-    "clip": {"components": ("vision", "text", "zero_shot"), "tasks": ("zero-shot", "embed")},
-    "blip2": {"components": ("vision", "qformer", "prefix", "decoder"), "tasks": ("caption", "vqa")},
-    "idefics": {"components": ("vision", "resampler", "cross_kv", "decoder"), "tasks": ("caption", "vqa")},
-}
-# Family sections the captioning runtime reads, with the integer and object fields each must have.
-GENERATIVE_SECTIONS = {
-    "blip2": (("bos_token_id", "num_query_tokens"), ("prefix", "decoder", "image_tokens", "prompts", "embeddings")),
-    "idefics": (("bos_token_id", "vision_width"), ("cross_kv", "decoder", "prompt_format", "prompts", "embeddings")),
-}
+def family_section(manifest: Mapping) -> Mapping:
+    """The family's own section of a (checked) manifest (``manifest["blip2"]``, ...), or ``{}`` when it has none."""
+    family = manifest.get("family")
+    section = manifest.get(family) if isinstance(family, str) else None
+    return section if isinstance(section, Mapping) else {}
+
+
+def embeddings_entry(manifest: Mapping) -> tuple[Mapping, str]:
+    """(the token-embedding table's entry, its field name for messages) of a checked captioning manifest."""
+    return family_section(manifest)["embeddings"], f"{manifest['family']}.embeddings.file"
 
 
 def decoder_settings(manifest: Mapping) -> Mapping:
     """The family section's ``decoder`` entry (``kv_cache``, ``max_positions``, ...) of a manifest, or ``{}`` when it
     has none (an encoder-only family, or a manifest not parsed yet)."""
-    family = manifest.get("family")
-    section = manifest.get(family) if isinstance(family, str) else None
-    decoder = section.get("decoder") if isinstance(section, Mapping) else None
+    decoder = family_section(manifest).get("decoder")
     return decoder if isinstance(decoder, Mapping) else {}
 
 
@@ -106,8 +104,10 @@ def check_plain_file_name(name: str, field: str) -> str:
     )
     if bad:
         raise UnsafePathError(
-            f"manifest.json field '{field}' names the file {_short(name)}, which is not a plain file name inside the artifact folder",
-            f"a bare file name such as 'vision.onnx' (no '/', '\\', '..' or absolute path; at most {MAX_FILE_NAME_BYTES} bytes)",
+            f"manifest.json field '{field}' names the file {_short(name)}, which is not a plain file name inside the "
+            "artifact folder",
+            "a bare file name such as 'vision.onnx' (no '/', '\\', '..' or absolute path; at most "
+            f"{MAX_FILE_NAME_BYTES} bytes)",
             "re-export the artifact; never point a manifest at files outside its folder",
         )
     return name
@@ -128,9 +128,9 @@ def _parse_tensor(spec: Any, field: str) -> dict:
 
 def _parse_component(name: str, comp: Any, family: str) -> dict:
     where = f"components.{name}"
-    if name not in FAMILIES[family]["components"]:
+    if name not in FAMILIES[family].components:
         raise _fail(where, f"names a component the '{family}' family does not have",
-                    f"one of {', '.join(FAMILIES[family]['components'])}")
+                    f"one of {', '.join(FAMILIES[family].components)}")
     if not isinstance(comp, dict):
         raise _fail(where, f"has the wrong type ({type(comp).__name__})", "a JSON object")
     check_plain_file_name(_require(comp, "file", str, where), f"{where}.file")
@@ -162,19 +162,29 @@ def _parse_component(name: str, comp: Any, family: str) -> dict:
 def _parse_generative(data: dict, family: str) -> None:
     """The fields the captioning runtime reads: decoder KV layout, token ids, embedding table, prompts."""
     section = _require(data, family, dict, "")
-    ints, objects = GENERATIVE_SECTIONS[family]
+    ints, objects = FAMILIES[family].generative.ints, FAMILIES[family].generative.objects
     _require(data, "generation", dict, "")
     for key in ints:
         _require(section, key, int, family)
     for key in objects:
         _require(section, key, dict, family)
+    if "prefix" in section:  # the encoders that make the decoder's prefix, in order, and the tensor it is
+        chain = _require(section["prefix"], "components", list, f"{family}.prefix")
+        for name in chain:
+            if name not in data["components"]:
+                raise _fail(f"{family}.prefix.components", f"names {name!r}, which is not a component",
+                            f"components among {', '.join(data['components'])}")
+        output = _require(section["prefix"], "output", str, f"{family}.prefix")
+        if not chain or output not in data["components"][chain[-1]]["outputs"]:
+            raise _fail(f"{family}.prefix.output", f"is {output!r}", "an output of the last prefix component")
     kv = _require(section["decoder"], "kv_cache", dict, f"{family}.decoder")
     for key in ("layers", "heads", "head_dim"):
         _require(kv, key, int, f"{family}.decoder.kv_cache")
     for key in ("past", "present"):
         pattern = _require(kv, key, str, f"{family}.decoder.kv_cache")
         if pattern.count("%d") != 1 or pattern.count("%s") != 1:
-            raise _fail(f"{family}.decoder.kv_cache.{key}", f"is {pattern!r}", "a pattern with one %d (layer) and one %s (key/value)")
+            raise _fail(f"{family}.decoder.kv_cache.{key}", f"is {pattern!r}",
+                        "a pattern with one %d (layer) and one %s (key/value)")
     table = section["embeddings"]
     check_plain_file_name(_require(table, "file", str, f"{family}.embeddings"), f"{family}.embeddings.file")
     _require(table, "sha256", str, f"{family}.embeddings")
@@ -207,12 +217,19 @@ def _parse_pytorch(entry: Any) -> dict:
                                   "weights as .safetensors only (the device never loads pickles)",
                                   "re-export with `mmedge export --with-pytorch`")
         if not isinstance(info, dict):
-            raise _fail(f"pytorch.files.{name}", f"has the wrong type ({type(info).__name__})", "a JSON object with 'sha256'")
+            raise _fail(f"pytorch.files.{name}", f"has the wrong type ({type(info).__name__})",
+                        "a JSON object with 'sha256'")
         sha = _require(info, "sha256", str, f"pytorch.files.{name}")
         if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
             raise _fail(f"pytorch.files.{name}.sha256", f"is {_short(sha)}", "64 lowercase hex digits")
     if "config.json" not in files or not any(n.endswith(".safetensors") for n in files):
         raise _fail("pytorch.files", f"names {sorted(files)[:6]}", "config.json and at least one .safetensors file")
+    extras = entry.get("reference_tensors")
+    if extras is not None:
+        if not isinstance(extras, str):
+            raise _fail("pytorch.reference_tensors", f"has the wrong type ({type(extras).__name__})",
+                        "the name of a .safetensors file in the pytorch folder")
+        check_plain_file_name(extras, "pytorch.reference_tensors")
     return entry
 
 
@@ -261,8 +278,9 @@ def parse_manifest(text: str | bytes) -> dict:
         raise _fail("family", f"is {family!r}", f"one of {', '.join(FAMILIES)}")
     tasks = _require(data, "tasks", list, "")
     for task in tasks:
-        if task not in FAMILIES[family]["tasks"]:
-            raise _fail("tasks", f"contains {task!r}", f"tasks of the '{family}' family: {', '.join(FAMILIES[family]['tasks'])}")
+        if task not in FAMILIES[family].tasks:
+            raise _fail("tasks", f"contains {task!r}",
+                        f"tasks of the '{family}' family: {', '.join(FAMILIES[family].tasks)}")
     if not tasks:
         raise _fail("tasks", "is empty", "at least one task")
     source = _require(data, "source", dict, "")
@@ -283,7 +301,7 @@ def parse_manifest(text: str | bytes) -> dict:
             sha = _require(tokenizer, "sha256", str, "tokenizer")
             if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
                 raise _fail("tokenizer.sha256", f"is {_short(sha)}", "64 lowercase hex digits")
-    if family in GENERATIVE_SECTIONS:
+    if FAMILIES[family].generative is not None:
         _parse_generative(data, family)
     if data.get("pytorch") is not None:
         _parse_pytorch(data["pytorch"])

@@ -12,7 +12,8 @@ def cosine_rows(reference: np.ndarray, actual: np.ndarray) -> np.ndarray:
     denom = np.linalg.norm(ref, axis=1) * np.linalg.norm(act, axis=1)
     dots = (ref * act).sum(axis=1)
     # Two all-zero rows are identical; one zero row against a non-zero one is maximally wrong.
-    return np.where(denom > 0, dots / np.where(denom > 0, denom, 1.0), np.where(np.abs(ref).sum(1) + np.abs(act).sum(1) == 0, 1.0, 0.0))
+    return np.where(denom > 0, dots / np.where(denom > 0, denom, 1.0),
+                    np.where(np.abs(ref).sum(1) + np.abs(act).sum(1) == 0, 1.0, 0.0))
 
 
 def compare(reference: np.ndarray, actual: np.ndarray) -> dict[str, float]:

@@ -100,7 +100,8 @@ class ImagePreprocessor:
         height, width = self.output_size
         pixel_values = np.empty((len(batch), 3, height, width), dtype=np.float32)  # [batch, 3, height, width]
         for index, image in enumerate(batch):
-            pixels = self._resized_and_cropped(load_image(image), _describe(image, index, len(batch)))  # [h, w, 3] uint8
+            # [h, w, 3] uint8
+            pixels = self._resized_and_cropped(load_image(image), _describe(image, index, len(batch)))
             pixel_values[index] = self._lut[_CHANNELS, pixels.transpose(2, 0, 1)]  # [3, height, width]
         return pixel_values
 

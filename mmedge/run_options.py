@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mmedge.errors import InputError
+from mmedge.families import FAMILIES
 from mmedge.idle_options import Rule, refuse_idle
 
-FAMILY_LABELS = {"clip": "CLIP", "blip2": "BLIP-2", "idefics": "IDEFICS"}
 CAPTIONING = ("caption", "vqa")
 
 
@@ -31,7 +31,8 @@ class Target:
 
     def __str__(self) -> str:
         baked = " with baked labels" if self.fused else ""
-        return f"{FAMILY_LABELS.get(self.family, self.family)} {self.task} artifact{baked}"
+        row = FAMILIES.get(self.family)
+        return f"{row.label if row else self.family} {self.task} artifact{baked}"
 
 
 def _zero_shot_choice(args, target: Target) -> bool:

@@ -1,8 +1,10 @@
 """The runner interface: one component of an artifact on one backend.
 
 ``infer`` checks the feeds against the component's declared inputs (names, dtypes, ranks, fixed
-dimensions) and then calls the backend's ``_infer_impl``. Backends live in ``mmedge.runtimes`` and
-import their engines lazily.
+dimensions) and then calls the backend's ``_infer_impl``. Host arrays are cast (same kind) and made contiguous; a
+device array (a ``DeviceArray`` or anything with ``__cuda_array_interface__``) is checked without a copy and handed
+to the backend's ``_device_feed``, which binds it where it is or copies it to the host. Backends live in
+``mmedge.runtimes`` and import their engines lazily.
 """
 
 from __future__ import annotations
@@ -61,10 +63,37 @@ class DeviceArray(abc.ABC):
         return f"{type(self).__name__}(shape={list(self.shape)}, dtype={self.dtype}, device={self.device_name()})"
 
 
+def is_device_array(value: Any) -> bool:
+    """A ``DeviceArray`` or another library's GPU array (``__cuda_array_interface__``), not a numpy array."""
+    return not isinstance(value, np.ndarray) and (isinstance(value, DeviceArray)
+                                                  or hasattr(value, "__cuda_array_interface__"))
+
+
+def device_layout(value: Any) -> tuple[tuple[int, ...], np.dtype, bool]:
+    """(shape, dtype, C-contiguous) of a device array, read without touching its data."""
+    interface = getattr(value, "__cuda_array_interface__", None)
+    if interface is None:  # a DeviceArray in host memory
+        return tuple(value.shape), np.dtype(value.dtype), True
+    shape, dtype = tuple(interface["shape"]), np.dtype(interface["typestr"])
+    strides = interface.get("strides")
+    return shape, dtype, strides is None or tuple(strides) == contiguous_strides(shape, dtype)
+
+
+def contiguous_strides(shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, ...]:
+    """The strides (bytes) of a C-contiguous array of ``shape`` and ``dtype``."""
+    strides, step = [], dtype.itemsize
+    for dim in reversed(shape):
+        strides.append(step)
+        step *= int(dim)
+    return tuple(reversed(strides))
+
+
 class Runner(abc.ABC):
     """Base class: validates feeds, then delegates to ``_infer_impl``."""
 
     backend: str = "abstract"
+    # whether a GPU array fed in place must be C-contiguous (the engine reads raw memory)
+    device_feeds_contiguous: bool = True
 
     def __init__(self, component_name: str, component: dict):
         self.component_name = component_name
@@ -107,7 +136,40 @@ class Runner(abc.ABC):
             )
         return {name: self._check_one(self._inputs[name], feeds[name]) for name in self._inputs}
 
-    def _check_one(self, meta: TensorMeta, value: Any) -> np.ndarray:
+    def _check_one(self, meta: TensorMeta, value: Any) -> Any:
+        if is_device_array(value):
+            self._check_device_array(meta, value)
+            return self._device_feed(meta, value)
+        return self._check_host(meta, value)
+
+    # --- device arrays: the backend's hooks ----------------------------------------------------------
+    def _feed_dtype(self, meta: TensorMeta) -> np.dtype:
+        """The dtype a device array fed as ``meta`` must have (the backend may know better than the manifest)."""
+        return np.dtype(meta.dtype)
+
+    def _accepts_device_dtype(self, meta: TensorMeta, dtype: np.dtype) -> bool:
+        return dtype == self._feed_dtype(meta)
+
+    def _device_feed(self, meta: TensorMeta, value: Any) -> Any:
+        """What the backend runs a checked device array as: by default a host copy."""
+        return np.asarray(value)
+
+    def _check_device_array(self, meta: TensorMeta, value: Any) -> tuple[tuple[int, ...], np.dtype]:
+        shape, dtype, contiguous = device_layout(value)
+        where = f"component '{self.component_name}' input '{meta.name}'"
+        if not contiguous and self.device_feeds_contiguous:
+            raise FeedError(f"{where} is a non-contiguous GPU array", "a C-contiguous GPU array",
+                            "make it contiguous (e.g. .contiguous() / cupy.ascontiguousarray)")
+        if not self._accepts_device_dtype(meta, dtype):
+            raise FeedError(f"{where} is a device array of dtype {dtype}", f"{self._feed_dtype(meta)}",
+                            "convert it on its device before feeding it")
+        if len(shape) != len(meta.shape) or any(w is not None and w != g for w, g in zip(meta.shape, shape)):
+            raise FeedError(f"{where} is a device array shaped {list(shape)}", f"shape {self._describe(meta)}",
+                            "reshape the input to the declared shape")
+        return shape, dtype
+
+    # --- host arrays -----------------------------------------------------------------------------------
+    def _check_host(self, meta: TensorMeta, value: Any) -> np.ndarray:
         array = np.asarray(value)
         if array.dtype != np.dtype(meta.dtype):
             if not np.can_cast(array.dtype, np.dtype(meta.dtype), casting="same_kind"):

@@ -149,13 +149,15 @@ def _configured(backend: Tokenizer, settings: dict[str, Any]) -> Tokenizer:
 def _checked_settings(settings: Any, backend: Tokenizer) -> dict[str, Any]:
     """``settings`` if every field is present and valid for ``backend``; ManifestError otherwise."""
     if not isinstance(settings, dict):
-        raise _settings_error("the tokenizer settings are not a JSON object", "an object with file, max_length, pad_id, padding")
+        raise _settings_error("the tokenizer settings are not a JSON object",
+                              "an object with file, max_length, pad_id, padding")
     for key, kind in (("file", str), ("max_length", int), ("pad_id", int), ("padding", str)):
         value = settings.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise _settings_error(f"tokenizer.{key} is {value!r}", f"a {kind.__name__}")
     if settings["max_length"] < 2:
-        raise _settings_error(f"tokenizer.max_length is {settings['max_length']}", "at least 2 (room for the special tokens)")
+        raise _settings_error(f"tokenizer.max_length is {settings['max_length']}",
+                              "at least 2 (room for the special tokens)")
     if settings["padding"] not in PADDING_MODES:
         raise _settings_error(f"tokenizer.padding is {settings['padding']!r}", f"one of {', '.join(PADDING_MODES)}")
     if backend.id_to_token(settings["pad_id"]) is None:

@@ -164,7 +164,8 @@ class Connection:
     def statistics(self, model: str) -> dict:
         """Triton's statistics of one model (``model_stats[0]``: ``inference_stats``, ``batch_stats``)."""
         with self._errors(model):
-            stats = self._client().get_inference_statistics(model, **({"as_json": True} if self.protocol == "grpc" else {}))
+            stats = self._client().get_inference_statistics(model,
+                                                            **({"as_json": True} if self.protocol == "grpc" else {}))
         return stats["model_stats"][0]
 
     def models(self) -> list[str]:
@@ -184,7 +185,8 @@ class Connection:
         from tritonclient.utils import np_to_triton_dtype
 
         array = np.asarray(value)
-        tensor = self._module.InferInput(name, list(array.shape), "BYTES" if array.dtype == np.object_ else np_to_triton_dtype(array.dtype))
+        tensor = self._module.InferInput(name, list(array.shape), "BYTES" if array.dtype == np.object_
+                                         else np_to_triton_dtype(array.dtype))
         tensor.set_data_from_numpy(array)
         return tensor
 
@@ -202,7 +204,8 @@ class Connection:
 
                 if isinstance(exc, InferenceServerException):
                     raise connection._server_error(model, exc) from None
-                if isinstance(exc, (OSError, TimeoutError)) or type(exc).__module__.startswith(("gevent", "geventhttpclient", "grpc")):
+                if isinstance(exc, (OSError, TimeoutError)) \
+                        or type(exc).__module__.startswith(("gevent", "geventhttpclient", "grpc")):
                     raise connection._unreachable(exc) from None
                 return False
 
@@ -304,7 +307,8 @@ class RemoteClassifier(RemotePipeline):
 
     task = "zero-shot"
 
-    def probabilities(self, images, labels: Sequence[str] | None = None, templates: Sequence[str] | None = None) -> np.ndarray:
+    def probabilities(self, images, labels: Sequence[str] | None = None,
+                      templates: Sequence[str] | None = None) -> np.ndarray:
         return self._request(images, labels, templates)[0]
 
     def __call__(self, images, labels: Sequence[str] | None = None, templates: Sequence[str] | None = None,
@@ -314,7 +318,8 @@ class RemoteClassifier(RemotePipeline):
         batch, single = _as_list(images)
         probs, names = self._request(batch, labels, templates)
         k = len(names) if top_k is None else ZeroShotClassifier._check_top_k(top_k, len(names))
-        results = [[{"label": names[i], "score": float(row[i])} for i in np.argsort(-row, kind="stable")[:k]] for row in probs]
+        results = [[{"label": names[i],
+                     "score": float(row[i])} for i in np.argsort(-row, kind="stable")[:k]] for row in probs]
         return results[0] if single else results
 
     classify = __call__
@@ -367,7 +372,8 @@ class RemoteCaptioner(RemotePipeline):
 
     def ask(self, image, question: str, **generation: Any):
         batch, single = _as_list(image)
-        inputs = {"images": _image_tensor(batch), "question": self._text("question", question), **self._generation(generation)}
+        inputs = {"images": _image_tensor(batch), "question": self._text("question", question),
+                  **self._generation(generation)}
         texts = texts_of("text", self._infer(inputs)["text"])
         return texts[0] if single else texts
 
@@ -422,7 +428,8 @@ def _base64_images(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if "images" in out:
         out["images"] = np.array([base64.b64encode(b) for b in out["images"]], dtype=np.object_)
     if "items" in out:
-        out["items"] = np.array([base64.b64encode(v) if image else v for v, image in zip(out["items"], out["item_is_image"])],
+        out["items"] = np.array([base64.b64encode(v) if image else v for v,
+                                 image in zip(out["items"], out["item_is_image"])],
                                 dtype=np.object_)
     return out
 
@@ -434,7 +441,8 @@ def connect(url: str, model: str, *, task: str | None = None, timeout: float = D
     """The pipeline ``model`` on the Triton server at ``url`` (see the module docstring)."""
     connection = Connection(url, timeout)
     if task is not None and task not in TASK_PIPELINES:
-        raise InputError(f"task '{task}' is unknown", f"one of {', '.join(TASK_PIPELINES)}", "pass one of those, or no task")
+        raise InputError(f"task '{task}' is unknown", f"one of {', '.join(TASK_PIPELINES)}",
+                         "pass one of those, or no task")
     names = connection.models()
     candidates = [model] if task is None else []
     kinds = [TASK_PIPELINES[task]] if task else list(PIPELINES)
@@ -446,7 +454,8 @@ def connect(url: str, model: str, *, task: str | None = None, timeout: float = D
                 return REMOTE[settings["kind"]](connection, name, settings)
     pipelines = sorted(n for n in names if "__" not in n and not n.endswith(STREAM_SUFFIX))
     raise ServerError(f"the server at {url} has no mmedge pipeline '{model}'" + (f" for task '{task}'" if task else ""),
-                      f"one of {', '.join(pipelines[:12]) or '(none)'}", "pass a pipeline's name or its artifact's prefix")
+                      f"one of {', '.join(pipelines[:12]) or '(none)'}",
+                      "pass a pipeline's name or its artifact's prefix")
 
 
 def _pipeline_settings(connection: Connection, name: str) -> dict | None:
@@ -458,4 +467,5 @@ def _pipeline_settings(connection: Connection, name: str) -> dict | None:
     return settings if settings.get("kind") in REMOTE else None
 
 
-__all__ = ["Connection", "RemoteCaptioner", "RemoteClassifier", "RemoteEmbedder", "RemotePipeline", "connect", "encode_image"]
+__all__ = ["Connection", "RemoteCaptioner", "RemoteClassifier", "RemoteEmbedder", "RemotePipeline", "connect",
+           "encode_image"]

@@ -61,18 +61,14 @@ def validate(artifact: Artifact, runners: dict) -> dict[str, dict]:
 
 def validate_artifact(path, backend: str = "auto", device: str = "auto", threads: int | None = None) -> dict[str, dict]:
     """Open an artifact, run every component (decoders as plain graphs) on the chosen backend, report."""
+    from mmedge.api import open_runners
     from mmedge.device import probe
-    from mmedge.api import _runner_options, component_path
-    from mmedge.runtimes.registry import create_runner
     from mmedge.selection import plan
 
     artifact = Artifact.open(path)
     chosen = plan(probe(), artifact.manifest, backend, device, pytorch_weights=artifact.has_pytorch_weights)
-    runners = {}
+    runners = open_runners(artifact, chosen, threads=threads)
     try:
-        for name, comp_plan in chosen.components.items():
-            runners[name] = create_runner(comp_plan.backend, component_path(artifact, name, comp_plan), name,
-                                          artifact.component(name), **_runner_options(artifact, comp_plan, threads))
         return validate(artifact, runners)
     finally:
         for runner in runners.values():

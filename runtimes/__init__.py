@@ -1,5 +1,6 @@
 """Backends: each wraps one engine behind ``mmedge.runner.Runner`` and imports that engine lazily."""
 
-from mmedge.runtimes.registry import BACKENDS, BackendInfo, create_runner, import_backend_module
+from mmedge.backends import BackendInfo
+from mmedge.runtimes.registry import BACKENDS, backend, backends, create_runner, import_backend_module
 
-__all__ = ["BACKENDS", "BackendInfo", "create_runner", "import_backend_module"]
+__all__ = ["BACKENDS", "BackendInfo", "backend", "backends", "create_runner", "import_backend_module"]

@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from mmedge.errors import BackendError, BackendUnavailableError, FeedError
+from mmedge.runner import DeviceArray
 
 INSTALL = ('pip install "mmedge[tensorrt]" (TensorRT 10.x and cuda-python); on a Jetson TensorRT comes with JetPack: '
            "sudo apt install python3-libnvinfer, then pip install cuda-python")
@@ -41,7 +42,8 @@ def import_cudart():
             from cuda import cudart  # older cuda-python
         except ImportError as exc:
             raise BackendUnavailableError(
-                f"backend 'tensorrt' needs the Python package 'cuda-python' for GPU buffers, which cannot be imported ({exc})",
+                "backend 'tensorrt' needs the Python package 'cuda-python' for GPU buffers, which cannot be "
+                f"imported ({exc})",
                 "cuda-python importable as 'cuda.bindings.runtime' or 'cuda.cudart'", INSTALL) from None
     return cudart
 
@@ -67,7 +69,8 @@ class CudaRuntime:
                     if "InsufficientDriver" in name else "")
             raise BackendError(f"CUDA call {call} failed on GPU {self.device_id} ({name})",
                                "a working NVIDIA driver and a free, visible GPU",
-                               "check `nvidia-smi` (on a Jetson: `tegrastats`), CUDA_VISIBLE_DEVICES and free GPU memory" + hint)
+                               "check `nvidia-smi` (on a Jetson: `tegrastats`), CUDA_VISIBLE_DEVICES and "
+                               "free GPU memory" + hint)
         return rest[0] if len(rest) == 1 else (rest or None)
 
     def use_device(self) -> None:
@@ -111,17 +114,20 @@ class CudaRuntime:
         self.check(self.rt.cudaEventDestroy(event), "cudaEventDestroy")
 
     def wait_for(self, stream, producer: int, event) -> None:
-        """Make ``stream`` wait for the work queued so far on ``producer`` (a stream handle), without blocking the host."""
+        """Make ``stream`` wait for the work queued so far on ``producer`` (a stream handle), without blocking the
+        host."""
         self.check(self.rt.cudaEventRecord(event, producer), "cudaEventRecord (on the feed's stream)")
         self.check(self.rt.cudaStreamWaitEvent(stream, event, 0), "cudaStreamWaitEvent")
 
     def to_device(self, pointer: int, array: np.ndarray, stream) -> None:
         self.check(self.rt.cudaMemcpyAsync(pointer, array.ctypes.data, array.nbytes,
-                                           self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync (to GPU)")
+                                           self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream),
+                   "cudaMemcpyAsync (to GPU)")
 
     def to_host(self, array: np.ndarray, pointer: int, stream) -> None:
         self.check(self.rt.cudaMemcpyAsync(array.ctypes.data, pointer, array.nbytes,
-                                           self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync (to host)")
+                                           self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream),
+                   "cudaMemcpyAsync (to host)")
 
     def synchronize(self, stream) -> None:
         self.check(self.rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
@@ -201,7 +207,7 @@ class DevicePool:
         self._free(pointer)
 
 
-class DeviceTensor:
+class DeviceTensor(DeviceArray):
     """A contiguous tensor in GPU memory, left there by a TensorRT runner for the next stage.
 
     Feed it to another TensorRT runner (no copy), read it into numpy with ``numpy()`` or ``np.asarray``, or
@@ -239,9 +245,8 @@ class DeviceTensor:
             self._cuda.destroy_stream(stream)
         return out
 
-    def __array__(self, dtype=None, copy=None):
-        array = self.numpy()
-        return array.astype(dtype) if dtype is not None else array
+    def device_name(self) -> str:
+        return "cuda"
 
     def __repr__(self) -> str:
         return f"DeviceTensor(shape={list(self.shape)}, dtype={self.dtype}, gpu={self._cuda.device_id})"
@@ -261,8 +266,10 @@ def cai_stream(interface: Mapping[str, Any], what: str) -> int | None:
     if stream == 0:
         raise FeedError(f"{what} is a GPU array whose __cuda_array_interface__ stream is 0, which the interface "
                         "disallows (it cannot tell the legacy from the per-thread default stream)",
-                        f"None, {LEGACY_STREAM} (legacy default stream), {PER_THREAD_STREAM} (per-thread default stream) "
-                        "or a stream handle", "produce the array on a named stream, or export it with the library's own "
+                        f"None, {LEGACY_STREAM} (legacy default stream), {PER_THREAD_STREAM} (per-thread "
+                        "default stream) "
+                        "or a stream handle",
+                        "produce the array on a named stream, or export it with the library's own "
                         "__cuda_array_interface__")
     return stream
 

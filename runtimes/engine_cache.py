@@ -36,9 +36,10 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from mmedge.errors import InputError, StaleEngineError
+from mmedge.runtimes.tensorrt_planning import MIB, ProfileLimits
 
 FORMAT = "mmedge.engine"
 FORMAT_VERSION = 1
@@ -98,7 +99,8 @@ class EngineKey:
                               external_data_sha256=data.get("external_data_sha256") or None,
                               mmedge_version=data.get("mmedge_version") or None)
         except (KeyError, TypeError, IndexError, ValueError) as exc:
-            raise InputError(f"engine key is malformed ({type(exc).__name__}: {exc})", "a key written by EngineCache.store",
+            raise InputError(f"engine key is malformed ({type(exc).__name__}: {exc})",
+                             "a key written by EngineCache.store",
                              "delete the engines/ folder; engines are rebuilt on this device") from None
 
     def digest(self) -> str:
@@ -113,18 +115,22 @@ class EngineKey:
             out.append(f"built for GPU '{built.gpu_name}' (sm {built.compute_capability}); this device has "
                        f"'{self.gpu_name}' (sm {self.compute_capability})")
         if built.tensorrt_version != self.tensorrt_version:
-            out.append(f"built with TensorRT {built.tensorrt_version}; this device has TensorRT {self.tensorrt_version}")
+            out.append(f"built with TensorRT {built.tensorrt_version}; this device has TensorRT "
+                       f"{self.tensorrt_version}")
         if built.onnx_sha256 != self.onnx_sha256:
-            out.append(f"built from another graph (sha256 {built.onnx_sha256[:12]}…; the artifact's is {self.onnx_sha256[:12]}…)")
+            out.append(f"built from another graph (sha256 {built.onnx_sha256[:12]}…; the artifact's is "
+                       f"{self.onnx_sha256[:12]}…)")
         if built.external_data_sha256 != self.external_data_sha256:
             out.append(f"built from other external weights (sha256 {built.external_data_sha256[:12] or 'none'}…; "
                        f"the artifact's are {self.external_data_sha256[:12] or 'none'}…)")
         if built.mmedge_version != self.mmedge_version:
-            out.append(f"built by mmedge {built.mmedge_version or 'unknown'}; this is mmedge {self.mmedge_version or 'unknown'}")
+            out.append(f"built by mmedge {built.mmedge_version or 'unknown'}; this is mmedge "
+                       f"{self.mmedge_version or 'unknown'}")
         if built.precision != self.precision:
             out.append(f"built at precision {built.precision}; {self.precision} is asked for")
         if built.profile != self.profile:
-            out.append(f"built for shape profile {_profile_text(built.profile)}; {_profile_text(self.profile)} is asked for")
+            out.append(f"built for shape profile {_profile_text(built.profile)}; {_profile_text(self.profile)} "
+                       "is asked for")
         return out
 
 
@@ -169,7 +175,8 @@ class EngineCache:
         found = EngineLookup("missing")
         for other in sorted(self.folder.glob(f"{_checked_component(component)}-*{RECORD_SUFFIX}")):
             built = _read_key(other)
-            why = ["its record is unreadable"] if built is None else key.differences(built) or ["its record names another file"]
+            why = (["its record is unreadable"] if built is None
+                   else key.differences(built) or ["its record names another file"])
             found.status = "stale"
             found.stale.append(other.with_suffix(PLAN_SUFFIX))
             found.reasons += [f"{other.with_suffix(PLAN_SUFFIX).name}: {r}" for r in why]
@@ -299,6 +306,127 @@ def _atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+# --- the engine cache ------------------------------------------------------------------------------
+def engine_key(component: Mapping, precision: str, profile: Mapping, *, tensorrt_version: str, gpu_name: str,
+               compute_capability: str) -> EngineKey:
+    """The cache key of a component's engine: graph and weight hashes from the manifest, precision, profile,
+    TensorRT version, GPU, and the mmedge version."""
+    from mmedge import __version__
+
+    external = component.get("external_data") or {}
+    return EngineKey.create(onnx_sha256=component["sha256"], precision=precision, profile=profile,
+                            tensorrt_version=tensorrt_version, gpu_name=gpu_name, compute_capability=compute_capability,
+                            external_data_sha256=external.get("sha256"), mmedge_version=__version__)
+
+
+@dataclass
+class EngineOutcome:
+    """What ``obtain_plan`` did: "loaded" a fresh engine, "built" a first one, or "rebuilt" over stale ones
+    (``reasons`` says why each was refused)."""
+
+    action: str
+    plan: bytes = field(repr=False)
+    path: Path
+    reasons: list[str] = field(default_factory=list)
+
+
+def obtain_plan(cache: EngineCache, component: str, key: EngineKey, build: Callable[[], bytes], *,
+                allow_build: bool = True, force: bool = False) -> EngineOutcome:
+    """The engine bytes for ``key``: the cached plan when it is fresh (its key and sha256 match), else ``build()``,
+    stored in the cache. Stale and foreign engines are deleted and rebuilt; their bytes are never returned, so
+    never reach TensorRT. With ``allow_build=False`` a missing or stale engine raises StaleEngineError."""
+    found = cache.lookup(component, key)
+    if found.fresh and not force:
+        try:
+            return EngineOutcome("loaded", cache.load(component, key), cache.paths(component, key)[0])
+        except StaleEngineError as exc:  # changed on disk between lookup and read
+            found = cache.lookup(component, key)
+            found.reasons = found.reasons or [exc.what]
+    if not allow_build:
+        cache.load(component, key)  # raises StaleEngineError with the reasons
+    reasons = list(found.reasons)
+    if force:
+        for path in cache.paths(component, key):
+            path.unlink(missing_ok=True)
+        reasons.append("a rebuild was requested")
+    cache.remove_stale(component, key)
+    plan = cache.store(component, key, build())
+    action = "rebuilt" if found.status == "stale" or force else "built"
+    return EngineOutcome(action, plan, cache.paths(component, key)[0], reasons)
+
+
+def timing_cache_path(engines_dir: Path, tensorrt_version: str, gpu_name: str, compute_capability: str) -> Path:
+    """One timing cache per TensorRT version and GPU: kernel timings from one never steer a build on another."""
+    digest = hashlib.sha256(f"{tensorrt_version}|{gpu_name}|{compute_capability}".encode()).hexdigest()[:16]
+    return Path(engines_dir) / f"timing-{digest}.cache"
+
+
+@dataclass
+class EngineSettings:
+    """How a component's engine is built; ``None`` fields take the device's defaults
+    (``tensorrt_planning.tensorrt_defaults``)."""
+
+    precision: str | None = None
+    limits: ProfileLimits = field(default_factory=ProfileLimits)
+    workspace_mb: int | None = None
+    device_id: int = 0
+
+
+BUILD_SETTINGS = "build.json"  # under engines/: the limits `mmedge build` used, so later loads look up the same engines
+_SETTING_FIELDS = ("precision", "max_batch", "opt_batch", "max_sequence", "max_images", "workspace_mb")
+
+
+def save_build_settings(engines_dir: Path, settings: EngineSettings) -> Path:
+    """Record the limits and precision engines were prebuilt with: ``mmedge.load`` then keys its engines the same
+    way."""
+    limits = settings.limits
+    data = {"format": "mmedge.engine-settings", "format_version": 1, "precision": settings.precision,
+            "max_batch": limits.max_batch, "opt_batch": limits.opt_batch, "max_sequence": limits.max_sequence,
+            "max_images": limits.max_images, "workspace_mb": settings.workspace_mb}
+    path = Path(engines_dir) / BUILD_SETTINGS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, (json.dumps(data, indent=2) + "\n").encode())
+    return path
+
+
+def load_build_settings(engines_dir: Path) -> dict:
+    """The settings ``save_build_settings`` recorded ({} when there are none or they are unreadable: defaults apply)."""
+    try:
+        data = json.loads((Path(engines_dir) / BUILD_SETTINGS).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("format") != "mmedge.engine-settings" or data.get("format_version") != 1:
+        return {}
+    out = {}
+    for name in _SETTING_FIELDS:
+        value = data.get(name)
+        if name == "precision":
+            if value in (None, "fp32", "fp16", "int8"):
+                out[name] = value
+        elif value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            out[name] = value
+    return out
+
+
+def describe_engines(engines_dir: Path) -> list[str]:
+    """One line per engine cached under ``engines_dir``: what it was built for, read from its record (nothing is
+    loaded)."""
+    lines = []
+    for record in sorted(Path(engines_dir).glob("*.json")):
+        if record.name == BUILD_SETTINGS:
+            continue
+        try:
+            entry = json.loads(record.read_text())
+            key = EngineKey.from_dict(entry["key"])
+        except (OSError, ValueError, KeyError, TypeError, InputError):
+            lines.append(f"{record.stem}: unreadable record (rebuilt when needed)")
+            continue
+        lines.append(f"{record.stem}: {key.precision}, GPU '{key.gpu_name}' (sm {key.compute_capability}), TensorRT "
+                     f"{key.tensorrt_version}, mmedge {key.mmedge_version or '?'}, "
+                     f"{entry.get('plan_bytes', 0) / MIB:.1f} MiB")
+    return lines
 
 
 __all__ = ["EngineCache", "EngineKey", "EngineLookup"]

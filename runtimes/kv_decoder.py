@@ -27,43 +27,10 @@ from typing import Any
 import numpy as np
 
 from mmedge.embeddings import EmbeddingTable
-from mmedge.errors import BackendError, FeedError, IntegrityError, ManifestError
+from mmedge.errors import BackendError, FeedError, IntegrityError
 from mmedge.generation.decoder import position_ids as _position_ids
+from mmedge.generation.kv_layout import cache_names, checked_layout, context_inputs
 from mmedge.manifest import decoder_settings
-
-KV_KEYS = ("layers", "heads", "head_dim", "past", "present")
-KV_KINDS = ("key", "value")
-
-
-def checked_layout(kv_cache: Mapping[str, Any]) -> dict[str, Any]:
-    """The manifest's ``kv_cache`` entry, checked: ManifestError naming what is missing or malformed."""
-    if not isinstance(kv_cache, Mapping) or set(KV_KEYS) - set(kv_cache):
-        missing = sorted(set(KV_KEYS) - set(kv_cache)) if isinstance(kv_cache, Mapping) else list(KV_KEYS)
-        raise ManifestError(f"the decoder's kv_cache layout lacks {missing}", f"an object with {', '.join(KV_KEYS)}",
-                            "re-export the artifact with this version of mmedge")
-    layout = dict(kv_cache)
-    for key in ("layers", "heads", "head_dim"):
-        if not isinstance(layout[key], int) or isinstance(layout[key], bool) or layout[key] < (0 if key == "layers" else 1):
-            raise ManifestError(f"kv_cache.{key} is {layout[key]!r}", "a positive integer", "re-export the artifact")
-    for key in ("past", "present"):
-        try:
-            layout[key] % (0, "key")
-        except (TypeError, ValueError):
-            raise ManifestError(f"kv_cache.{key} is {layout[key]!r}", 'a pattern with %d (layer) and %s ("key"/"value")',
-                                'use e.g. "past_key_values.%d.%s"') from None
-    return layout
-
-
-def cache_names(layout: Mapping[str, Any], pattern: str) -> list[str]:
-    """``past_key_values.0.key``, ``past_key_values.0.value``, ... for ``pattern`` "past" or "present"."""
-    return [layout[pattern] % (layer, kind) for layer in range(layout["layers"]) for kind in KV_KINDS]
-
-
-def context_inputs(input_names, kv_cache: Mapping[str, Any]) -> list[str]:
-    """The decoder graph's inputs beyond embeddings, mask, positions and the KV cache (IDEFICS: the image
-    attention mask and the cross-attention K/V), in graph order: what ``set_context`` must feed."""
-    known = {"inputs_embeds", "attention_mask", "position_ids", *cache_names(checked_layout(kv_cache), "past")}
-    return [name for name in input_names if name not in known]
 
 
 def artifact_decoder(manifest: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -72,7 +39,8 @@ def artifact_decoder(manifest: Mapping[str, Any]) -> tuple[dict[str, Any], dict[
     settings = decoder_settings(manifest)
     layout = settings["kv_cache"]
     context = context_inputs(manifest["components"]["decoder"]["inputs"], layout)  # IDEFICS: image mask, cross K/V
-    return layout, {"position_offset": settings.get("position_offset", 0), "max_positions": settings.get("max_positions"),
+    return layout, {"position_offset": settings.get("position_offset", 0),
+                    "max_positions": settings.get("max_positions"),
                     "context_inputs": context}
 
 
@@ -117,7 +85,8 @@ class GraphDecoder(abc.ABC):
         hidden = inputs["inputs_embeds"][1][-1]
         if len(embeddings.shape) != 2 or (isinstance(hidden, int) and embeddings.shape[1] != hidden):
             raise FeedError(
-                f"the embedding table has shape {list(embeddings.shape)}", f"[vocab, {hidden}] (the graph's hidden size)",
+                f"the embedding table has shape {list(embeddings.shape)}",
+                f"[vocab, {hidden}] (the graph's hidden size)",
                 "pass the model's input embedding matrix (get_input_embeddings().weight)",
             )
         self._embeddings = embeddings
@@ -148,13 +117,15 @@ class GraphDecoder(abc.ABC):
             raise FeedError(f"prefill got inputs_embeds {list(embeds.shape)} and attention_mask {list(mask.shape)}",
                             "[batch, seq, hidden] and [batch, seq]", "pass a mask with one column per prompt position")
         batch = embeds.shape[0]
-        empty = np.zeros((batch, self.kv["heads"], 0, self.kv["head_dim"]), dtype=self._past_dtype)  # [batch, heads, 0, head_dim]
+        # [batch, heads, 0, head_dim]
+        empty = np.zeros((batch, self.kv["heads"], 0, self.kv["head_dim"]), dtype=self._past_dtype)
         self._past = self._fresh_past(empty)
         self._batch, self.past_length = batch, 0
         return self._run(embeds, mask, self._context["prefill"])
 
     def step(self, token_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """Embed ``token_ids [batch]``, run one position with ``attention_mask [batch, past + 1]`` -> ``[batch, vocab]``."""
+        """Embed ``token_ids [batch]``, run one position with ``attention_mask [batch, past + 1]`` -> ``[batch,
+        vocab]``."""
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         mask = np.ascontiguousarray(attention_mask, dtype=self._mask_dtype)
         if ids.shape[0] != self._batch or mask.shape != (self._batch, self.past_length + 1):
@@ -170,7 +141,8 @@ class GraphDecoder(abc.ABC):
         """Cache row ``i`` becomes old row ``rows[i]`` (copies the cache once, through host memory)."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if self._batch and rows.size and (rows.min() < 0 or rows.max() >= self._batch):
-            raise FeedError(f"reorder got rows {rows.tolist()[:8]}", f"row indices below {self._batch}", "index existing cache rows")
+            raise FeedError(f"reorder got rows {rows.tolist()[:8]}", f"row indices below {self._batch}",
+                            "index existing cache rows")
         if rows.shape[0] == self._batch and np.array_equal(rows, np.arange(self._batch)):
             return
         self._context["step"] = {k: np.ascontiguousarray(v[rows]) for k, v in self._context["step"].items()}
@@ -198,12 +170,14 @@ class GraphDecoder(abc.ABC):
 
     @abc.abstractmethod
     def _fresh_past(self, empty: np.ndarray) -> list[Any]:
-        """The prefill's pasts, one per name in ``_past_names``, from a zero-length ``empty [batch, heads, 0, head_dim]``."""
+        """The prefill's pasts, one per name in ``_past_names``, from a zero-length ``empty [batch, heads, 0,
+        head_dim]``."""
 
     @abc.abstractmethod
     def _reordered_past(self, rows: np.ndarray) -> list[Any]:
         """The pasts with row ``i`` taken from old row ``rows[i]``."""
 
     @abc.abstractmethod
-    def _forward(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, context: dict[str, np.ndarray]) -> Any:
+    def _forward(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
+                 context: dict[str, np.ndarray]) -> Any:
         """Run the graph; keep its presents in ``self._past``; return its logits ``[batch, seq, vocab]``."""

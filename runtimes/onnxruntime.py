@@ -1,6 +1,7 @@
 """ONNX Runtime backend: CPU, CUDA and TensorRT execution providers behind one runner.
 
-Provider options come from the plan (``mmedge.selection.ort_options``): the device id, FP16, the engine cache and
+Provider options come from the plan (``mmedge.runtimes.plugins.onnxruntime.ort_options``): the device id, FP16, the
+engine cache and
 the builder workspace of the TensorRT provider. With IO binding (on by default for the GPU providers) a runner binds
 its outputs on the provider's device and, with ``keep_on_device=True``, returns them as ``OrtDeviceArray``\\ s that
 the next ONNX Runtime runner binds as inputs without a copy (``bind_ortvalue_input``), that torch / TensorRT read
@@ -12,105 +13,24 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import fields
 
 import numpy as np
 import onnxruntime as ort
 
-from mmedge.errors import BackendError, BackendUnavailableError, FeedError, IntegrityError
+from mmedge.backends import refuse_unknown_options
+from mmedge.errors import BackendError, IntegrityError
 from mmedge.runner import DeviceArray, Runner
+from mmedge.runtimes.ort_session import (
+    ORT_DTYPES,
+    PROVIDERS,
+    OrtOptions,
+    available_providers,
+    provider_options,
+    session_from_path,
+)
 
-# Our short names for ONNX Runtime's execution providers.
-PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-}
-_OPT_LEVELS = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
-
-
-@dataclass
-class OrtOptions:
-    """How to build the session. ``providers`` in priority order, CPU always last as the fallback."""
-
-    providers: tuple[str, ...] = ("cpu",)
-    threads: int | None = None  # intra-op threads; None = ONNX Runtime's default (all cores)
-    inter_op_threads: int | None = None
-    graph_optimization: str = "all"
-    device_id: int = 0
-    fp16: bool = False  # TensorRT provider: allow FP16 kernels
-    engine_cache: Path | None = None  # TensorRT provider: where built engines are cached
-    workspace_mb: int | None = None  # TensorRT provider: builder workspace (None: ONNX Runtime's default)
-    io_binding: bool | None = None  # None: on for the CUDA / TensorRT providers, off on a CPU
-    keep_on_device: bool = False  # with IO binding: return OrtDeviceArray outputs instead of numpy arrays
-    config_entries: dict[str, str] = field(default_factory=dict)  # extra SessionOptions entries
-
-
-def available_providers() -> list[str]:
-    """Our names for the execution providers this onnxruntime build offers."""
-    offered = set(ort.get_available_providers())
-    return [short for short, full in PROVIDERS.items() if full in offered]
-
-
-def _provider_list(options: OrtOptions) -> list[tuple[str, dict]]:
-    offered = set(ort.get_available_providers())
-    chosen: list[tuple[str, dict]] = []
-    for short in options.providers:
-        if short not in PROVIDERS:
-            raise BackendUnavailableError(
-                f"unknown ONNX Runtime provider '{short}'", f"one of {', '.join(PROVIDERS)}", "use 'cpu', 'cuda' or 'tensorrt'"
-            )
-        full = PROVIDERS[short]
-        if full not in offered:
-            raise BackendUnavailableError(
-                f"ONNX Runtime provider '{short}' ({full}) is not in this onnxruntime build (it offers {sorted(offered)})",
-                f"an onnxruntime build with {full}",
-                "pip uninstall onnxruntime && pip install onnxruntime-gpu (CUDA 12) on a machine with an NVIDIA GPU; "
-                "on Jetson use the onnxruntime-gpu wheel for your JetPack",
-            )
-        chosen.append((full, _provider_options(short, options)))
-    if PROVIDERS["cpu"] not in [p for p, _ in chosen]:
-        chosen.append((PROVIDERS["cpu"], {}))
-    return chosen
-
-
-def _provider_options(short: str, options: OrtOptions) -> dict:
-    if short == "cuda":
-        return {"device_id": options.device_id}
-    if short == "tensorrt":
-        opts = {"device_id": options.device_id, "trt_fp16_enable": options.fp16, "trt_int8_enable": False}
-        if options.engine_cache is not None:
-            cache = str(options.engine_cache)
-            opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=cache,
-                        trt_timing_cache_enable=True, trt_timing_cache_path=cache)
-        if options.workspace_mb:
-            opts["trt_max_workspace_size"] = int(options.workspace_mb) << 20
-        return opts
-    return {}
-
-
-def session_options(options: OrtOptions) -> ort.SessionOptions:
-    so = ort.SessionOptions()
-    if options.threads is not None:
-        so.intra_op_num_threads = options.threads
-    if options.inter_op_threads is not None:
-        so.inter_op_num_threads = options.inter_op_threads
-    so.graph_optimization_level = _OPT_LEVELS[options.graph_optimization]
-    so.log_severity_level = 3  # errors only; warnings about unused initializers are noise to users
-    for key, value in options.config_entries.items():
-        so.add_session_config_entry(key, str(value))
-    return so
-
-
-_ORT_ELEMENT_TYPES = {np.dtype(np.float32): np.float32, np.dtype(np.float16): np.float16, np.dtype(np.int64): np.int64,
-                      np.dtype(np.int32): np.int32, np.dtype(np.int8): np.int8, np.dtype(np.uint8): np.uint8,
-                      np.dtype(np.bool_): np.bool_}
+_provider_options = provider_options  # the name tests and earlier callers use
 
 
 class OrtDeviceArray(DeviceArray):
@@ -126,7 +46,7 @@ class OrtDeviceArray(DeviceArray):
         self.shape = tuple(ortvalue.shape())
         self.ndim = len(self.shape)
         self.device = ortvalue.device_name()
-        self.dtype = np.dtype(_ORT_NUMPY.get(ortvalue.data_type(), np.float32))
+        self.dtype = np.dtype(ORT_DTYPES.get(ortvalue.data_type(), np.float32))
 
     @property
     def __cuda_array_interface__(self) -> dict:
@@ -142,29 +62,14 @@ class OrtDeviceArray(DeviceArray):
         return self.device
 
 
-_ORT_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-              "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
-
-
 class OnnxRuntimeRunner(Runner):
     backend = "onnxruntime"
 
-    def __init__(self, path: str | os.PathLike, component_name: str, component: dict, options: OrtOptions | None = None):
+    def __init__(self, path: str | os.PathLike, component_name: str, component: dict,
+                 options: OrtOptions | None = None):
         super().__init__(component_name, component)
         self.options = options or OrtOptions()
-        providers = _provider_list(self.options)
-        try:
-            self._session = ort.InferenceSession(
-                str(path), sess_options=session_options(self.options),
-                providers=[p for p, _ in providers], provider_options=[o for _, o in providers],
-            )
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/… types
-            raise IntegrityError(
-                f"ONNX Runtime could not load component '{component_name}' from '{Path(path).name}' "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})",
-                "a valid ONNX graph as written by `mmedge export`",
-                "re-export the artifact or copy the file again",
-            ) from None
+        self._session = session_from_path(path, self.options, f"component '{component_name}'")
         self._check_declared_io()
         self._output_names = list(self._outputs)
         self._lock = threading.Lock()
@@ -190,18 +95,9 @@ class OnnxRuntimeRunner(Runner):
                 "re-export the artifact; graph and manifest come from different exports",
             )
 
-    def _check_one(self, meta, value):
-        if isinstance(value, OrtDeviceArray) or (not isinstance(value, np.ndarray) and hasattr(value, "__cuda_array_interface__")):
-            shape = tuple(value.shape)
-            dtype = np.dtype(value.dtype) if isinstance(value, OrtDeviceArray) else np.dtype(value.__cuda_array_interface__["typestr"])
-            if dtype != np.dtype(meta.dtype) or len(shape) != len(meta.shape) or any(
-                    w is not None and w != g for w, g in zip(meta.shape, shape)):
-                raise FeedError(f"component '{self.component_name}' input '{meta.name}' is a device array {list(shape)} {dtype}",
-                                f"{meta.dtype} shaped {self._describe(meta)}", "convert or reshape it before feeding it")
-            if not self.io_binding:
-                return np.asarray(value)  # a session without IO binding takes host arrays
-            return value
-        return super()._check_one(meta, value)
+    def _device_feed(self, meta, value):
+        """With IO binding a device array is bound where it is; a session without it takes host arrays."""
+        return value if self.io_binding else np.asarray(value)
 
     def _infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._closed:
@@ -230,7 +126,7 @@ class OnnxRuntimeRunner(Runner):
                 binding.bind_cpu_input(name, value)
             else:  # another backend's GPU array: bound in place
                 interface = value.__cuda_array_interface__
-                binding.bind_input(name, "cuda", self._device_id, _ORT_ELEMENT_TYPES[np.dtype(interface["typestr"])],
+                binding.bind_input(name, "cuda", self._device_id, np.dtype(interface["typestr"]).type,
                                    list(interface["shape"]), int(interface["data"][0]))
         for name in self._output_names:
             binding.bind_output(name, self._device, self._device_id)
@@ -248,4 +144,11 @@ class OnnxRuntimeRunner(Runner):
 
 
 def create_runner(path, component_name: str, component: dict, **options) -> OnnxRuntimeRunner:
+    """A runner for one component's graph; ``options``: ``OrtOptions`` fields (anything else is refused)."""
+    allowed = [f.name for f in fields(OrtOptions)]
+    refuse_unknown_options("onnxruntime", {k: v for k, v in options.items() if k not in allowed}, allowed)
     return OnnxRuntimeRunner(path, component_name, component, OrtOptions(**options))
+
+
+__all__ = ["ORT_DTYPES", "PROVIDERS", "OnnxRuntimeRunner", "OrtDeviceArray", "OrtOptions", "available_providers",
+           "create_runner", "provider_options", "session_from_path"]

@@ -22,21 +22,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from mmedge.embeddings import EmbeddingTable
-from mmedge.errors import IntegrityError
-from mmedge.runtimes.kv_decoder import KV_KEYS, GraphDecoder, checked_layout, context_inputs
-from mmedge.runtimes.onnxruntime import OrtOptions, _provider_list, session_options
+from mmedge.generation.kv_layout import KV_KEYS, context_inputs
+from mmedge.runtimes.kv_decoder import GraphDecoder
+from mmedge.runtimes.ort_session import ORT_DTYPES, OrtOptions, session_from_path
 
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-              "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 _GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
-_checked_layout = checked_layout  # the name earlier releases exported
 
 
 class OrtDecoder(GraphDecoder):
@@ -51,12 +47,15 @@ class OrtDecoder(GraphDecoder):
     against it).
     """
 
-    def __init__(self, session: ort.InferenceSession | str | os.PathLike, embeddings: np.ndarray | EmbeddingTable, kv_cache: Mapping[str, Any], *,
+    def __init__(self, session: ort.InferenceSession | str | os.PathLike, embeddings: np.ndarray | EmbeddingTable,
+                 kv_cache: Mapping[str, Any], *,
                  options: OrtOptions | None = None, io_binding: bool = True, position_offset: int = 0,
                  max_positions: int | None = None, context_inputs: tuple[str, ...] | list[str] = ()):
-        self._session = session if isinstance(session, ort.InferenceSession) else _load(session, options or OrtOptions())
+        if not isinstance(session, ort.InferenceSession):
+            session = session_from_path(session, options or OrtOptions(), "the decoder")
+        self._session = session
         self.io_binding = io_binding
-        inputs = {i.name: (_ORT_TYPES.get(i.type), i.shape) for i in self._session.get_inputs()}
+        inputs = {i.name: (ORT_DTYPES.get(i.type), i.shape) for i in self._session.get_inputs()}
         outputs = {o.name: o.shape for o in self._session.get_outputs()}
         self._bind_graph(kv_cache, embeddings, inputs, outputs, context_inputs=context_inputs,
                          position_offset=position_offset, max_positions=max_positions)
@@ -125,19 +124,6 @@ class OrtDecoder(GraphDecoder):
 
     def _to_device(self, array: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(array, self._device, self._device_id)
-
-
-def _load(path: str | os.PathLike, options: OrtOptions) -> ort.InferenceSession:
-    providers = _provider_list(options)
-    try:
-        return ort.InferenceSession(str(path), sess_options=session_options(options),
-                                    providers=[p for p, _ in providers], provider_options=[o for _, o in providers])
-    except Exception as exc:
-        raise IntegrityError(
-            f"ONNX Runtime could not load the decoder from '{Path(path).name}' "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})",
-            "a valid ONNX decoder graph as written by `mmedge export`", "re-export the artifact or copy the file again",
-        ) from None
 
 
 __all__ = ["KV_KEYS", "OrtDecoder", "context_inputs"]

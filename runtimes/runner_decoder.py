@@ -43,8 +43,10 @@ class RunnerDecoder(GraphDecoder):
                          position_offset=position_offset, max_positions=max_positions)
 
     @classmethod
-    def for_artifact(cls, runner: Runner, manifest: Mapping[str, Any], embeddings: np.ndarray | EmbeddingTable) -> "RunnerDecoder":
-        """The decoder of an artifact (its ``manifest``) over ``runner``, with the layout and settings the manifest names."""
+    def for_artifact(cls, runner: Runner, manifest: Mapping[str, Any],
+                     embeddings: np.ndarray | EmbeddingTable) -> "RunnerDecoder":
+        """The decoder of an artifact (its ``manifest``) over ``runner``, with the layout and settings the manifest
+        names."""
         layout, options = artifact_decoder(manifest)
         return cls(runner, embeddings, layout, **options)
 

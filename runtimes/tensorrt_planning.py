@@ -77,7 +77,8 @@ class ProfileLimits:
             if value is None and name not in ("max_batch", "opt_batch"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"{name} is {value!r}", "a positive integer", f"pass e.g. --{name.replace('_', '-')} 8")
+                raise InputError(f"{name} is {value!r}", "a positive integer",
+                                 f"pass e.g. --{name.replace('_', '-')} 8")
         if self.opt_batch > self.max_batch:
             return replace(self, opt_batch=self.max_batch)
         return self
@@ -88,7 +89,8 @@ def is_qdq(component: Mapping) -> bool:
     """An INT8 graph with explicit QuantizeLinear/DequantizeLinear pairs (static calibration): the INT8 recipe
     TensorRT builds from (explicit quantization)."""
     quant = component.get("quantization") or {}
-    return component.get("precision") == "int8" and (quant.get("format") == "QDQ" or "qdq" in str(quant.get("method", "")))
+    return component.get("precision") == "int8" and (quant.get("format") == "QDQ"
+                                                     or "qdq" in str(quant.get("method", "")))
 
 
 def unbuildable_reason(name: str, component: Mapping) -> str | None:
@@ -121,17 +123,20 @@ def engine_precision(name: str, component: Mapping, requested: str | None, defau
     a float engine from a QDQ graph, is refused: the precision is fixed by the export's recipe.
     """
     if requested is not None and requested not in PRECISIONS:
-        raise InputError(f"precision '{requested}' is not one TensorRT engines are built at", f"one of {', '.join(PRECISIONS)}",
+        raise InputError(f"precision '{requested}' is not one TensorRT engines are built at",
+                         f"one of {', '.join(PRECISIONS)}",
                          "pass --precision fp16, fp32 or int8")
     if is_qdq(component):
         if requested not in (None, "int8"):
-            raise InputError(f"component '{name}' is an INT8 QDQ graph, so its engine is INT8; {requested} was asked for",
+            raise InputError(f"component '{name}' is an INT8 QDQ graph, so its engine is INT8; {requested} "
+                             "was asked for",
                              "--precision int8 (or no --precision) for an INT8 artifact",
                              "drop --precision, or re-export at fp32/fp16 for a float engine")
         return "int8"
     if requested == "int8":
         raise InputError(f"component '{name}' is a {component.get('precision')} graph; an INT8 engine is built only "
-                         "from a static QDQ graph (explicit quantization)", "an artifact exported with --precision int8 "
+                         "from a static QDQ graph (explicit quantization)",
+                         "an artifact exported with --precision int8 "
                          "--quantization static", "re-export with `mmedge export MODEL OUT --precision int8 "
                          "--quantization static`, or build at --precision fp16")
     return requested or default
@@ -235,7 +240,8 @@ def derive_profile(manifest: Mapping, name: str, limits: ProfileLimits | None = 
 
 
 def profile_text(profile: Profile) -> str:
-    return ", ".join(f"{name} {list(lo)}..{list(hi)} (opt {list(opt)})" for name, (lo, opt, hi) in profile.items()) or "static shapes"
+    return ", ".join(f"{name} {list(lo)}..{list(hi)} (opt {list(opt)})" for name,
+                     (lo, opt, hi) in profile.items()) or "static shapes"
 
 
 # --- memory ------------------------------------------------------------------------------------------
@@ -253,7 +259,8 @@ class MemoryNeed:
         return sum(self.engines.values()) + self.workspace + self.kv_cache + self.runtime
 
     def describe(self) -> str:
-        parts = [f"engines {_mb(sum(self.engines.values()))} ({', '.join(f'{n} {_mb(b)}' for n, b in self.engines.items())})",
+        parts = [f"engines {_mb(sum(self.engines.values()))} "
+                 f"({', '.join(f'{n} {_mb(b)}' for n, b in self.engines.items())})",
                  f"builder workspace {_mb(self.workspace)}"]
         if self.kv_cache:
             parts.append(f"KV cache {_mb(self.kv_cache)}")
@@ -273,7 +280,9 @@ def engine_bytes(component: Mapping, graph_bytes: int, precision: str) -> int:
     return int(graph_bytes * target / source)
 
 
-ENGINE_KV_COPIES = 3  # a decoder run by TensorRT: its staging buffers (profile's longest past), the pasts a step reads, the presents it writes
+# a decoder run by TensorRT: its staging buffers (profile's longest past), the pasts a step reads, the presents it
+# writes
+ENGINE_KV_COPIES = 3
 
 
 def kv_cache_bytes(manifest: Mapping, limits: ProfileLimits) -> int:
@@ -329,6 +338,34 @@ def check_memory(probe, need: MemoryNeed, device_id: int = 0) -> str:
     return f"memory: need {need.describe()}; {where}: {_mb(free)}"
 
 
+@dataclass(frozen=True)
+class TensorRTDefaults:
+    """Engine settings for a device: the precision of engines built from float graphs, the builder's
+    workspace limit, and the largest batch an engine's profile accepts (larger calls are split)."""
+
+    precision: str
+    workspace_mb: int
+    max_batch: int
+    why: str
+
+
+def tensorrt_defaults(probe) -> TensorRTDefaults:
+    """Jetson: FP16 engines, a workspace of 1/16 of the shared memory capped at 1 GiB (at least 256 MiB), batch 4:
+    the GPU shares memory with the CPU, and everything else on the board needs it too. Desktop GPU: FP16 (FP32 on
+    compute capability 6.1, which has no fast FP16), a quarter of the free GPU memory capped at 4 GiB, batch 16."""
+    if probe.jetson:
+        total = probe.memory_total_mb or 8192
+        workspace = max(256, min(1024, total // 16))
+        return TensorRTDefaults("fp16", workspace, 4,
+                                f"Jetson ({total} MiB shared memory): FP16, workspace {workspace} MiB")
+    gpu = probe.gpus[0] if probe.gpus else None
+    free = (gpu.memory_free_mb or gpu.memory_total_mb) if gpu else None
+    workspace = min(4096, max(256, free // 4)) if free else 2048
+    precision = "fp32" if gpu and gpu.compute_capability == "6.1" else "fp16"
+    name = f"{gpu.name} (sm {gpu.compute_capability})" if gpu else "GPU"
+    return TensorRTDefaults(precision, workspace, 16, f"{name}: {precision.upper()}, workspace {workspace} MiB")
+
+
 def require_gpu(probe, device: str = "auto") -> None:
     """BackendUnavailableError unless the probe shows an NVIDIA GPU (discrete or Jetson) and device allows it."""
     if device == "cpu":
@@ -336,11 +373,14 @@ def require_gpu(probe, device: str = "auto") -> None:
                                       "--device auto or cuda with --backend tensorrt",
                                       "drop --device cpu, or use --backend onnxruntime for the CPU")
     if not probe.gpus and not probe.jetson:
-        raise BackendUnavailableError("backend 'tensorrt' needs an NVIDIA GPU, and none was found (no nvidia-smi GPU, not a Jetson)",
+        raise BackendUnavailableError("backend 'tensorrt' needs an NVIDIA GPU, and none was found (no nvidia-smi GPU, "
+                                      "not a Jetson)",
                                       "a CUDA GPU with its driver, or a Jetson with JetPack",
                                       "run on a GPU machine, or use --backend onnxruntime (CPU)")
 
 
-__all__ = ["AXIS_RULES", "MemoryNeed", "ProfileLimits", "available_memory", "axis_range", "check_memory", "decoder_axes",
+__all__ = ["AXIS_RULES", "MemoryNeed", "ProfileLimits", "available_memory", "axis_range", "check_memory",
+           "decoder_axes",
            "derive_profile", "engine_bytes", "engine_precision", "is_kv_decoder", "is_qdq", "kv_cache_bytes",
-           "kv_cache_need", "profile_text", "require_gpu", "sequence_limit", "tokens_per_image", "unbuildable_reason"]
+           "kv_cache_need", "profile_text", "require_gpu", "sequence_limit", "tensorrt_defaults", "tokens_per_image",
+           "TensorRTDefaults", "unbuildable_reason"]

@@ -47,7 +47,14 @@ import numpy as np
 from mmedge.errors import BackendError, BackendUnavailableError, FeedError
 from mmedge.runner import DeviceArray, Runner, TensorMeta
 from mmedge.runtimes.torch_bnb import QUANTIZATIONS, output_head_names, quantize_linear_layers
-from mmedge.runtimes.torch_graphs import DEFAULT_MAX_GRAPHS, Compiled, GraphCache, HostBuffers, as_tuple, compile_backend
+from mmedge.runtimes.torch_graphs import (
+    DEFAULT_MAX_GRAPHS,
+    Compiled,
+    GraphCache,
+    HostBuffers,
+    as_tuple,
+    compile_backend,
+)
 
 log = logging.getLogger("mmedge")
 
@@ -59,11 +66,13 @@ PRECISION_OF_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 # --- lazy imports ----------------------------------------------------------------------------------
 def import_torch():
-    """The ``torch`` module, with transformers importable beside it, or BackendUnavailableError with the install command."""
+    """The ``torch`` module, with transformers importable beside it, or BackendUnavailableError with the install
+    command."""
     try:
         import torch
     except ImportError as exc:
-        raise BackendUnavailableError(f"backend 'torch' needs the Python package 'torch', which cannot be imported ({exc})",
+        raise BackendUnavailableError("backend 'torch' needs the Python package 'torch', which cannot be "
+                                      f"imported ({exc})",
                                       "torch >= 2.4 and transformers >= 5 importable", INSTALL) from None
     try:
         import transformers  # noqa: F401
@@ -80,7 +89,8 @@ def torch_dtype(name: str | None, device) -> Any:
     if name is None:
         name = "float16" if device.type == "cuda" else "float32"
     if name not in DTYPE_NAMES:
-        raise BackendUnavailableError(f"torch dtype '{name}' is not supported", f"one of {', '.join(sorted(set(DTYPE_NAMES.values())))}",
+        raise BackendUnavailableError(f"torch dtype '{name}' is not supported",
+                                      f"one of {', '.join(sorted(set(DTYPE_NAMES.values())))}",
                                       "pass dtype='float16' (CUDA), 'bfloat16' or 'float32'")
     return getattr(torch, DTYPE_NAMES[name])
 
@@ -94,7 +104,8 @@ def resolve_device(device: str | None) -> Any:
     try:
         chosen = torch.device(name)
     except (RuntimeError, TypeError):
-        raise BackendUnavailableError(f"torch device '{name}' is not a device name", "'auto', 'cpu', 'cuda' or 'cuda:N'",
+        raise BackendUnavailableError(f"torch device '{name}' is not a device name",
+                                      "'auto', 'cpu', 'cuda' or 'cuda:N'",
                                       "pass device='cuda' or device='cpu'") from None
     if chosen.type == "cuda" and not torch.cuda.is_available():
         build = getattr(torch.version, "cuda", None)
@@ -105,7 +116,8 @@ def resolve_device(device: str | None) -> Any:
             "install a CUDA build of torch (pip install torch --index-url https://download.pytorch.org/whl/cu126), "
             "or pass device='cpu'")
     if chosen.type not in ("cpu", "cuda"):
-        raise BackendUnavailableError(f"torch device '{name}' is not supported", "cpu or cuda", "pass device='cuda' or 'cpu'")
+        raise BackendUnavailableError(f"torch device '{name}' is not supported", "cpu or cuda",
+                                      "pass device='cuda' or 'cpu'")
     return chosen
 
 
@@ -159,7 +171,8 @@ def weights_folder(artifact, checkpoint: str | Path | None = None) -> Path:
             raise BackendUnavailableError(
                 f"checkpoint folder '{folder}' has no config.json with safetensors weights",
                 "a Hugging Face checkpoint folder (config.json + *.safetensors; pickles are never loaded)",
-                "point checkpoint= at the folder save_pretrained wrote, or use an artifact exported with --with-pytorch")
+                "point checkpoint= at the folder save_pretrained wrote, or use an artifact exported with "
+                "--with-pytorch")
         return folder
     if not artifact.manifest.get("pytorch"):
         raise BackendUnavailableError(
@@ -177,7 +190,8 @@ def acquire_model(folder: Path, family: str, device, dtype, *, quantization: str
     it (encoders never touch the LLM); otherwise it gets a model of its own.
     """
     if quantization not in (None, *QUANTIZATIONS):
-        raise BackendUnavailableError(f"LLM quantization '{quantization}' is not supported", f"None or one of {', '.join(QUANTIZATIONS)}",
+        raise BackendUnavailableError(f"LLM quantization '{quantization}' is not supported",
+                                      f"None or one of {', '.join(QUANTIZATIONS)}",
                                       "pass quantization='int8' (LLM.int8) or 'nf4'")
     key = (str(Path(folder).resolve()), family, str(device), str(dtype))
     with _MODELS_LOCK:
@@ -328,6 +342,7 @@ class TorchRunner(Runner):
     """One component: the family's wrapper module around the shared model, under ``torch.inference_mode``."""
 
     backend = "torch"
+    device_feeds_contiguous = False  # torch copies a strided GPU array into its static input
 
     def __init__(self, module, component_name: str, component: dict, *, device, dtype, cuda_graphs: bool | None = None,
                  compile: bool | str | None = None, keep_on_device: bool = False, max_graphs: int = DEFAULT_MAX_GRAPHS,
@@ -343,7 +358,8 @@ class TorchRunner(Runner):
         self.keep_on_device = bool(keep_on_device) and device.type == "cuda"
         self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs) and device.type == "cuda"
         self._fn = Compiled(self._run_module, compile_backend(compile, default=self.cuda_graphs), component_name)
-        self._graphs = GraphCache(self._fn, device, max_graphs, component_name, self._static_dtype) if self.cuda_graphs else None
+        self._graphs = GraphCache(self._fn, device, max_graphs, component_name,
+                                  self._static_dtype) if self.cuda_graphs else None
         self._host = HostBuffers(device)
         self._lock = threading.Lock()
         self._closed = False
@@ -360,25 +376,37 @@ class TorchRunner(Runner):
         """Captured graph shapes and failed captures (empty off CUDA), and whether the module runs compiled."""
         if self._graphs is None:
             return {"cuda_graphs": False, "compile": self._fn.status}
-        return {"cuda_graphs": True, "compile": self._fn.status, "captured": [[list(s) for s, _ in k] for k in self._graphs.graphs],
+        return {"cuda_graphs": True, "compile": self._fn.status,
+                "captured": [[list(s) for s, _ in k] for k in self._graphs.graphs],
                 "failed": {str([list(s) for s, _ in k]): why for k, why in self._graphs.failed.items()}}
 
     # --- feeds ----------------------------------------------------------------------------------
     def _check_one(self, meta: TensorMeta, value: Any):
+        """torch tensors (CPU or GPU) are checked here; numpy and other device arrays by ``Runner``."""
         torch = self.torch
-        tensor = value.tensor if isinstance(value, TorchDeviceArray) else value
-        if not isinstance(tensor, torch.Tensor) and not isinstance(tensor, np.ndarray) and hasattr(tensor, "__cuda_array_interface__"):
-            tensor = torch.as_tensor(tensor, device=self.device)  # a TensorRT DeviceTensor, CuPy array: no copy
-        if not isinstance(tensor, torch.Tensor):
+        if not isinstance(value, torch.Tensor):
             return super()._check_one(meta, value)
         want = getattr(torch, meta.dtype)
-        if tensor.dtype != want and not (tensor.is_floating_point() and want.is_floating_point):
-            raise FeedError(f"component '{self.component_name}' input '{meta.name}' is a tensor of dtype {tensor.dtype}",
+        if value.dtype != want and not (value.is_floating_point() and want.is_floating_point):
+            raise FeedError(f"component '{self.component_name}' input '{meta.name}' is a tensor of dtype {value.dtype}",
                             f"{meta.dtype}", f"convert it with .to(torch.{meta.dtype})")
-        if tensor.dim() != len(meta.shape) or any(w is not None and w != g for w, g in zip(meta.shape, tensor.shape)):
-            raise FeedError(f"component '{self.component_name}' input '{meta.name}' has shape {list(tensor.shape)}",
+        if value.dim() != len(meta.shape) or any(w is not None and w != g for w, g in zip(meta.shape, value.shape)):
+            raise FeedError(f"component '{self.component_name}' input '{meta.name}' has shape {list(value.shape)}",
                             f"shape {self._describe(meta)}", "reshape the input to the declared shape")
-        return tensor
+        return value
+
+    def _accepts_device_dtype(self, meta: TensorMeta, dtype: np.dtype) -> bool:
+        """Floats of any width are cast to the runner's compute dtype; other dtypes must match."""
+        return dtype == np.dtype(meta.dtype) or (dtype.kind == "f" and np.dtype(meta.dtype).kind == "f")
+
+    def _device_feed(self, meta: TensorMeta, value: Any):
+        """A torch backend array as its tensor; another GPU array (a TensorRT DeviceTensor, CuPy) as a tensor over the
+        same memory, no copy; a device array in host memory copied."""
+        if isinstance(value, TorchDeviceArray):
+            return value.tensor
+        if hasattr(value, "__cuda_array_interface__"):
+            return self.torch.as_tensor(value, device=self.device)
+        return np.asarray(value)
 
     def _static_dtype(self, dtype):
         """The dtype a feed of ``dtype`` runs at: the runner's compute dtype for floats, integers as they are."""
@@ -399,18 +427,22 @@ class TorchRunner(Runner):
         torch = self.torch
         with self._lock:
             if self._closed:
-                raise BackendError(f"runner for '{self.component_name}' is closed", "an open runner", "create a new one")
+                raise BackendError(f"runner for '{self.component_name}' is closed", "an open runner",
+                                   "create a new one")
             try:
                 with torch.inference_mode():
                     return self._run(feeds)
             except (torch.cuda.OutOfMemoryError if hasattr(torch.cuda, "OutOfMemoryError") else MemoryError) as exc:
-                raise BackendError(f"the GPU ran out of memory running component '{self.component_name}' ({str(exc)[:160]})",
-                                   "enough free GPU memory for this batch", "use smaller batches or close other GPU processes") from None
+                raise BackendError(f"the GPU ran out of memory running component '{self.component_name}' "
+                                   f"({str(exc)[:160]})",
+                                   "enough free GPU memory for this batch",
+                                   "use smaller batches or close other GPU processes") from None
             except RuntimeError as exc:
                 raise BackendError(
                     f"torch failed running component '{self.component_name}' "
                     f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})",
-                    "feeds matching the component's declared inputs", "check input shapes against runner.input_metadata()",
+                    "feeds matching the component's declared inputs",
+                    "check input shapes against runner.input_metadata()",
                 ) from None
 
     def _run(self, feeds: dict[str, Any]) -> dict[str, Any]:
@@ -445,11 +477,14 @@ class TorchRunner(Runner):
 def create_runner(path, component_name: str, component: dict, *, artifact=None, device: str | None = "auto",
                   dtype: str | None = None, cuda_graphs: bool | None = None, compile: bool | str | None = None,
                   keep_on_device: bool = False, max_graphs: int = DEFAULT_MAX_GRAPHS, checkpoint: str | None = None,
-                  **_ignored) -> TorchRunner:
+                  **unknown) -> TorchRunner:
     """A runner for one component of an artifact (``artifact``, or the folder holding ``path``), running the
     family's reference module from the artifact's PyTorch weights (or ``checkpoint``)."""
     from mmedge.artifact import Artifact
+    from mmedge.backends import refuse_unknown_options
 
+    refuse_unknown_options("torch", unknown, ("artifact", "device", "dtype", "cuda_graphs", "compile", "keep_on_device",
+                                              "max_graphs", "checkpoint"))
     import_torch()
     if artifact is None:
         if path is None:
@@ -496,6 +531,7 @@ def reference_module(family: str, component_name: str, model, artifact, folder: 
     return module
 
 
-__all__ = ["ModelHandle", "TorchDeviceArray", "TorchRunner", "TorchSettings", "acquire_model", "cast_keeping_fp32_modules",
+__all__ = ["ModelHandle", "TorchDeviceArray", "TorchRunner", "TorchSettings", "acquire_model",
+           "cast_keeping_fp32_modules",
            "create_runner", "import_torch", "load_reference_model", "resolve_device",
            "torch_dtype", "weights_folder"]

@@ -39,7 +39,8 @@ def output_head_names(llm) -> tuple[str, ...]:
     head = llm.get_output_embeddings()
     if head is None:
         return ()
-    return tuple(name for name, module in llm.named_modules() if module is head or getattr(module, "weight", None) is head.weight)
+    return tuple(name for name, module in llm.named_modules() if module is head
+                 or getattr(module, "weight", None) is head.weight)
 
 
 def quantize_linear_layers(module, method: str, *, compute_dtype, device, skip: tuple[str, ...] = ()) -> dict:
@@ -50,7 +51,8 @@ def quantize_linear_layers(module, method: str, *, compute_dtype, device, skip: 
     torch = import_torch()
     bnb = import_bitsandbytes()
     if method not in QUANTIZATIONS:
-        raise BackendUnavailableError(f"LLM quantization '{method}' is not supported", f"one of {', '.join(QUANTIZATIONS)}",
+        raise BackendUnavailableError(f"LLM quantization '{method}' is not supported",
+                                      f"one of {', '.join(QUANTIZATIONS)}",
                                       "pass quantization='int8' (LLM.int8) or 'nf4'")
     replaced, kept = 0, []
     for parent_name, parent in list(module.named_modules()):
@@ -64,9 +66,11 @@ def quantize_linear_layers(module, method: str, *, compute_dtype, device, skip: 
             setattr(parent, child_name, _quantized_layer(torch, bnb, child, method, compute_dtype, device))
             replaced += 1
     if not replaced:
-        raise BackendError(f"no Linear layer of the LLM could be quantized to {method}", "nn.Linear layers with >= 64 inputs",
+        raise BackendError(f"no Linear layer of the LLM could be quantized to {method}",
+                           "nn.Linear layers with >= 64 inputs",
                            "load without quantization")
-    return {"method": method, "library": f"bitsandbytes {getattr(bnb, '__version__', '?')}", "replaced_layers": replaced,
+    return {"method": method, "library": f"bitsandbytes {getattr(bnb, '__version__', '?')}",
+            "replaced_layers": replaced,
             "kept_float": kept}
 
 

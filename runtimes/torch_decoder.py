@@ -50,8 +50,16 @@ import numpy as np
 
 from mmedge.errors import BackendError, FeedError
 from mmedge.generation.decoder import position_ids as _position_ids
-from mmedge.runtimes.torch_backend import (PRECISION_OF_DTYPE, ModelHandle, acquire_model, import_torch, resolve_device,
-                                           torch_dtype, weights_folder)
+from mmedge.manifest import decoder_settings
+from mmedge.runtimes.torch_backend import (
+    PRECISION_OF_DTYPE,
+    ModelHandle,
+    acquire_model,
+    import_torch,
+    resolve_device,
+    torch_dtype,
+    weights_folder,
+)
 from mmedge.runtimes.torch_graphs import Compiled, HostBuffers, capture, compile_backend, failure
 
 log = logging.getLogger("mmedge")
@@ -93,7 +101,8 @@ class _StaticKV:
 class _State:
     """The device buffers of one (batch, capacity): cache, padding mask, step inputs and outputs, and its graph."""
 
-    def __init__(self, torch, batch: int, capacity: int, layers: int, heads: int, head_dim: int, vocab: int, device, dtype):
+    def __init__(self, torch, batch: int, capacity: int, layers: int, heads: int, head_dim: int, vocab: int, device,
+                 dtype):
         shape = (batch, heads, capacity, head_dim)
         self.batch, self.capacity = batch, capacity
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
@@ -131,14 +140,16 @@ class TorchDecoder:
     ``max_positions``: the model's limit, for the loop's checks.
     """
 
-    def __init__(self, language_model, *, device, dtype, cuda_graphs: bool | None = None, compile: bool | str | None = None,
+    def __init__(self, language_model, *, device, dtype, cuda_graphs: bool | None = None,
+                 compile: bool | str | None = None,
                  position_offset: int = 0, max_positions: int | None = None, cache_block: int = CACHE_BLOCK,
                  max_states: int = MAX_STATES, handle: ModelHandle | None = None, quantization: dict | None = None,
                  run_ahead: bool | None = None):
         self.torch = torch = import_torch()
         self.model = language_model
         self.device, self.dtype = device, dtype
-        config = language_model.config.get_text_config() if hasattr(language_model.config, "get_text_config") else language_model.config
+        config = language_model.config.get_text_config() if hasattr(language_model.config,
+                                                                    "get_text_config") else language_model.config
         self.layers = int(config.num_hidden_layers)
         self.heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
@@ -203,14 +214,18 @@ class TorchDecoder:
             state = self._state_for(batch, need)
             state.mask.zero_()
             state.mask[:, :seq].copy_(self._host.stage("mask", mask), non_blocking=True)
-            embeds = inputs_embeds if isinstance(inputs_embeds, torch.Tensor) else self._host.stage("embeds", inputs_embeds)
+            embeds = inputs_embeds if isinstance(inputs_embeds,
+                                                 torch.Tensor) else self._host.stage("embeds", inputs_embeds)
             embeds = embeds.to(self.device, self.dtype, non_blocking=True)
-            positions = self._host.stage("positions", _position_ids(mask, seq, self.position_offset)).to(self.device, non_blocking=True)
+            positions = self._host.stage("positions",
+                                         _position_ids(mask, seq,
+                                                       self.position_offset)).to(self.device, non_blocking=True)
             self._host.queued(("mask", "embeds", "positions"))
             query = torch.arange(seq, device=self.device)
             state.cache.write_positions = query
             try:
-                logits = self._forward(embeds, self._additive_mask(state.mask, query, state.slots), positions, state.cache)
+                logits = self._forward(embeds, self._additive_mask(state.mask, query, state.slots), positions,
+                                       state.cache)
             finally:
                 state.cache.write_positions = state.step_slot
             out = self._to_host("logits", logits.float())
@@ -219,7 +234,8 @@ class TorchDecoder:
         return out
 
     def step(self, token_ids, attention_mask) -> np.ndarray:
-        """Embed ``token_ids [batch]``, run one position with ``attention_mask [batch, past + 1]`` -> ``[batch, vocab]``."""
+        """Embed ``token_ids [batch]``, run one position with ``attention_mask [batch, past + 1]`` -> ``[batch,
+        vocab]``."""
         with self.torch.inference_mode():
             state = self._run_step(token_ids, attention_mask, ())
             return self._to_host("logits", state.logits)
@@ -247,7 +263,8 @@ class TorchDecoder:
         self._ahead = None
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if self._batch and rows.size and (rows.min() < 0 or rows.max() >= self._batch):
-            raise FeedError(f"reorder got rows {rows.tolist()[:8]}", f"row indices below {self._batch}", "index existing cache rows")
+            raise FeedError(f"reorder got rows {rows.tolist()[:8]}", f"row indices below {self._batch}",
+                            "index existing cache rows")
         if self._state is None or (rows.shape[0] == self._batch and np.array_equal(rows, np.arange(self._batch))):
             return
         with torch.inference_mode():
@@ -293,7 +310,8 @@ class TorchDecoder:
             for small in [k for k in self._states if k[0] == batch and k[1] < capacity]:
                 del self._states[small]
             key = (batch, capacity)
-            self._states[key] = _State(self.torch, batch, capacity, self.layers, self.heads, self.head_dim, self.vocab_size,
+            self._states[key] = _State(self.torch, batch, capacity, self.layers, self.heads, self.head_dim,
+                                       self.vocab_size,
                                        self.device, self.dtype)
             while len(self._states) > self.max_states:
                 self._states.popitem(last=False)
@@ -383,11 +401,14 @@ class TorchDecoder:
         staged = ["ids"]
         state.step_slot.fill_(past)
         column = mask[:, past:]
-        if self._host_mask is None or self._host_mask.shape != (state.batch, past) or not np.array_equal(mask[:, :past], self._host_mask):
-            state.mask[:, :past].copy_(self._host.stage("mask", np.ascontiguousarray(mask[:, :past], dtype=np.int64)), non_blocking=True)
+        stale_mask = self._host_mask is None or self._host_mask.shape != (state.batch, past)
+        if stale_mask or not np.array_equal(mask[:, :past], self._host_mask):
+            state.mask[:, :past].copy_(self._host.stage("mask", np.ascontiguousarray(mask[:, :past], dtype=np.int64)),
+                                       non_blocking=True)
             staged.append("mask")
         if not column.all() or not state.new_mask_ones:
-            state.new_mask.copy_(self._host.stage("column", np.ascontiguousarray(column, dtype=np.int64)), non_blocking=True)
+            state.new_mask.copy_(self._host.stage("column", np.ascontiguousarray(column, dtype=np.int64)),
+                                 non_blocking=True)
             staged.append("column")
             state.new_mask_ones = bool(column.all())
         if banned != state.banned:
@@ -400,7 +421,8 @@ class TorchDecoder:
 
     # --- running the model -------------------------------------------------------------------------
     def _additive_mask(self, mask, query, slots):
-        """``[batch, 1, query, capacity]``: 0 where query position ``query[q]`` may see slot ``k``, else the dtype's minimum."""
+        """``[batch, 1, query, capacity]``: 0 where query position ``query[q]`` may see slot ``k``, else the dtype's
+        minimum."""
         torch = self.torch
         allowed = (slots[None, :] <= query[:, None])[None, :, :] & mask.bool()[:, None, :]  # [batch, query, capacity]
         blocked = torch.full((), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
@@ -434,7 +456,8 @@ class TorchDecoder:
         except Exception as exc:
             state.graph_failed = True
             self.graph_status = f"eager (capture failed: {failure(exc)})"
-            log.warning("mmedge: CUDA graph capture of the decode step failed (%s); decoding without a graph", failure(exc))
+            log.warning("mmedge: CUDA graph capture of the decode step failed (%s); decoding without a graph",
+                        failure(exc))
             self.torch.cuda.synchronize(self.device)
             return False
         self.graph_status = "on"
@@ -442,15 +465,19 @@ class TorchDecoder:
 
 
 def create_decoder(artifact, *, device: str | None = "auto", dtype: str | None = None, cuda_graphs: bool | None = None,
-                   compile: bool | str | None = None, quantization: str | None = None, checkpoint: str | Path | None = None,
-                   cache_block: int = CACHE_BLOCK, **_ignored) -> TorchDecoder:
+                   compile: bool | str | None = None, quantization: str | None = None,
+                   checkpoint: str | Path | None = None,
+                   cache_block: int = CACHE_BLOCK, **unknown) -> TorchDecoder:
     """The artifact's KV-cached decoder on torch, from its PyTorch weights (or ``checkpoint``), sharing the model
     with the artifact's torch runners; ``quantization``: None, "int8" or "nf4" (bitsandbytes) for the LLM's layers."""
+    from mmedge.backends import refuse_unknown_options
     from mmedge.export.families import FAMILIES
 
+    refuse_unknown_options("torch", unknown, ("device", "dtype", "cuda_graphs", "compile", "quantization", "checkpoint",
+                                              "cache_block"))
     import_torch()
     family = artifact.manifest["family"]
-    settings = artifact.manifest[family]["decoder"]
+    settings = decoder_settings(artifact.manifest)
     chosen = resolve_device(device)
     precision = torch_dtype(dtype, chosen)
     handle = acquire_model(weights_folder(artifact, checkpoint), family, chosen, precision, quantization=quantization,

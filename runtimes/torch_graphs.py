@@ -66,7 +66,8 @@ def compile_backend(setting: bool | str | None, *, default: bool) -> str | None:
 def is_compile_error(exc: BaseException) -> bool:
     """Whether ``exc`` came from torch.compile's tracing or code generation (not from running the model)."""
     module = type(exc).__module__ or ""
-    return module.startswith(("torch._dynamo", "torch._inductor")) or type(exc).__name__ in ("BackendCompilerFailed", "Unsupported")
+    return module.startswith(("torch._dynamo",
+                              "torch._inductor")) or type(exc).__name__ in ("BackendCompilerFailed", "Unsupported")
 
 
 class Compiled:
@@ -163,7 +164,8 @@ class GraphCache:
         for static, value in zip(static_inputs, inputs):
             static.copy_(value)
         try:
-            graph, outputs = capture(self.fn, tuple(static_inputs), device=self.device, stream=self.stream, pool=self.pool)
+            graph, outputs = capture(self.fn, tuple(static_inputs), device=self.device, stream=self.stream,
+                                     pool=self.pool)
         except Exception as exc:  # an op that synchronizes with the host cannot be captured: run it directly
             self.failed[key] = failure(exc)
             log.warning("mmedge: CUDA graph capture of '%s' for shapes %s failed (%s); running it without a graph",

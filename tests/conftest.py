@@ -17,17 +17,6 @@ HOLDOUT = sorted((ROOT / "export" / "data" / "images").glob("holdout-*.jpg"))
 
 
 @pytest.fixture(scope="session")
-def demo_run(tmp_path_factory):
-    """`mmedge demo --images 2` into a fresh cache, run through the CLI once per session (the demo tests check it, the
-    serve tests serve its artifacts); returns (cache, stdout, stderr)."""
-    cache = tmp_path_factory.mktemp("demo-cache")
-    result = subprocess.run([sys.executable, "-m", "mmedge.cli", "demo", "--cache", str(cache), "--images", "2"],
-                            capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    return cache, result.stdout, result.stderr
-
-
-@pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):
     """A random-weight CLIP checkpoint folder (model, tokenizer, image processor), made once per session."""
     from tests.support.tiny_checkpoints import make_tiny_clip
@@ -67,7 +56,8 @@ def photos():
 
 @pytest.fixture(scope="session")
 def tiny_blip2_dir(tmp_path_factory):
-    """A random-weight BLIP-2 checkpoint folder (ViT + Q-Former + OPT, OPT tokenizer, processor), made once per session."""
+    """A random-weight BLIP-2 checkpoint folder (ViT + Q-Former + OPT, OPT tokenizer, processor), made once per
+    session."""
     from tests.support.tiny_checkpoints import make_tiny_blip2
 
     return make_tiny_blip2(tmp_path_factory.mktemp("tiny-blip2"))

@@ -25,7 +25,8 @@ def captioner(blip2_artifact):
 def hf(tiny_blip2_dir):
     from transformers import AutoProcessor, Blip2ForConditionalGeneration
 
-    return Blip2ForConditionalGeneration.from_pretrained(tiny_blip2_dir).eval(), AutoProcessor.from_pretrained(tiny_blip2_dir)
+    return (Blip2ForConditionalGeneration.from_pretrained(tiny_blip2_dir).eval(),
+            AutoProcessor.from_pretrained(tiny_blip2_dir))
 
 
 def hf_text(hf, photo, prompt=None, **generation):
@@ -46,7 +47,8 @@ def test_token_identical_to_transformers_generate(captioner, hf, photos, prompt,
 
 
 def test_ask_uses_blip2_question_prompt(captioner, hf, photos):
-    assert captioner.ask(photos[0], "what is in the picture?", max_new_tokens=8) == hf_text(hf, photos[0], VQA, max_new_tokens=8)
+    assert captioner.ask(photos[0], "what is in the picture?",
+                         max_new_tokens=8) == hf_text(hf, photos[0], VQA, max_new_tokens=8)
 
 
 def test_batch_equals_single(captioner, photos):
@@ -102,4 +104,21 @@ def test_validate_covers_the_decoder(blip2_artifact, capsys):
 
 def test_load_returns_captioner(blip2_artifact):
     pipeline = mmedge.load(blip2_artifact, task="vqa")
-    assert isinstance(pipeline, Captioner) and pipeline.embeddings.shape[1] == pipeline.prefix(np.zeros((8, 8, 3), np.uint8)).shape[2]
+    assert isinstance(pipeline, Captioner)
+    assert pipeline.embeddings.shape[1] == pipeline.prefix(np.zeros((8, 8, 3), np.uint8)).shape[2]
+
+
+def test_the_prefix_chain_is_the_manifests(blip2_artifact, tmp_path):
+    """The Captioner runs the components ``blip2.prefix`` names; a chain naming no component, or an output its last
+    component does not have, is refused when the manifest is read."""
+    from mmedge.errors import ManifestError
+    from mmedge.manifest import parse_manifest
+
+    manifest = json.loads((blip2_artifact / "manifest.json").read_text())
+    chain = manifest["blip2"]["prefix"]
+    assert chain["components"] and chain["output"] in manifest["components"][chain["components"][-1]]["outputs"]
+    for field, value, words in (("components", ["nothing"], "names 'nothing'"), ("output", "image_embeds", "output")):
+        broken = json.loads(json.dumps(manifest))
+        broken["blip2"]["prefix"][field] = value
+        with pytest.raises(ManifestError, match=f"blip2.prefix.{field}.*{words}"):
+            parse_manifest(json.dumps(broken))

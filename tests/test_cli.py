@@ -116,7 +116,8 @@ def test_symlink_leaving_the_folder(capsys, artifact_copy, photos, tmp_path):
 
 def test_newer_format_version(capsys, artifact_copy, photos):
     edit_manifest(artifact_copy, lambda m: m.update(format_version=99, mmedge_version="7.0.0"))
-    expect_error(capsys, ["run", artifact_copy, photos[0]], 2, "format version 99", "mmedge 7.0.0", "pip install -U mmedge")
+    expect_error(capsys, ["run", artifact_copy, photos[0]], 2, "format version 99", "mmedge 7.0.0",
+                 "pip install -U mmedge")
 
 
 def test_manifest_not_json(capsys, artifact_copy, photos):
@@ -150,7 +151,8 @@ def test_corrupt_graph_with_matching_hash(capsys, artifact_copy, photos):
     from mmedge.artifact import sha256_file
 
     (artifact_copy / "vision.onnx").write_bytes(b"\x08\x07garbage" * 10)
-    edit_manifest(artifact_copy, lambda m: m["components"]["vision"].update(sha256=sha256_file(artifact_copy / "vision.onnx")))
+    edit_manifest(artifact_copy,
+                  lambda m: m["components"]["vision"].update(sha256=sha256_file(artifact_copy / "vision.onnx")))
     expect_error(capsys, ["run", artifact_copy, photos[0], "--labels", "a"], 2, "could not load component 'vision'")
 
 

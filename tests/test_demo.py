@@ -1,6 +1,7 @@
 """The shipped demo models, `mmedge demo`, `mmedge bench` and the examples.
 
-One demo run (2 images, the session's ``demo_run`` in conftest.py) exports the four demo artifacts into a cache; the score tests measure
+One demo run (2 images, the session's ``demo_run`` in conftest.py) exports the four demo artifacts into a cache; the
+score tests measure
 the shipped models through those artifacts on a seeded slice of the test split the model cards were
 measured on (``examples/scenes.py``), so CI checks the claims without retraining anything.
 """
@@ -56,7 +57,8 @@ def test_shipped_models_are_real_checkpoints_and_small():
         training_seconds += facts["training"]["train_seconds"]
         total += sum(p.stat().st_size for p in folder.iterdir())
     card = (demo.model_path("blip2") / "README.md").read_text()
-    assert f"Training both demo models took {training_seconds / 60:.1f} min" in card  # the card states what was measured
+    # the card states what was measured
+    assert f"Training both demo models took {training_seconds / 60:.1f} min" in card
     assert total + sum(p.stat().st_size for p in demo.IMAGES_DIR.iterdir()) <= MAX_SHIPPED_BYTES
 
 
@@ -142,7 +144,8 @@ def test_demo_runs_end_to_end(demo_run):
 def test_second_demo_run_reuses_the_cache(demo_run):
     cache = demo_run[0]
     before = {p: p.stat().st_mtime_ns for p in cache.rglob("*.onnx")}
-    result = subprocess.run([sys.executable, "-m", "mmedge.cli", "demo", "--cache", str(cache), "--images", "1", "--json"],
+    result = subprocess.run([sys.executable, "-m", "mmedge.cli", "demo", "--cache", str(cache), "--images", "1",
+                             "--json"],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -188,7 +191,8 @@ def bench_json(demo_run, tmp_path_factory):
     pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the 'plot' extra)")
     plot = tmp_path_factory.mktemp("bench") / "precisions.png"
     paths = [str(artifact(demo_run, n)) for n in ("clip-fp32", "clip-int8", "blip2-int4")]
-    result = subprocess.run([sys.executable, "-m", "mmedge.cli", "bench", *paths, "--runs", "3", "--batch", "2", "--json",
+    result = subprocess.run([sys.executable, "-m", "mmedge.cli", "bench", *paths, "--runs", "3", "--batch", "2",
+                             "--json",
                              "--plot", str(plot)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout), result.stdout, result.stderr, plot
@@ -284,7 +288,8 @@ def test_bench_refuses_a_folder_that_is_not_an_artifact(tmp_path, capsys):
 
 # --- examples ---------------------------------------------------------------------------------------
 def run_example(name: str, *args: str) -> str:
-    result = subprocess.run([sys.executable, str(ROOT / "examples" / name), *args], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / name), *args], capture_output=True, text=True,
+                            cwd=ROOT)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -305,7 +310,8 @@ def test_example_zero_shot_on_the_shipped_model(tmp_path):
 
 def test_example_zero_shot_on_a_checkpoint_path(tiny_clip_dir, tmp_path):
     out = run_example("zero_shot.py", "--model", str(tiny_clip_dir), "--labels", "cat", "dog", "--template",
-                      "a photo of a {}.", "--precision", "fp32", "--out", str(tmp_path / "zs"), *map(str, demo.images(1)))
+                      "a photo of a {}.", "--precision", "fp32", "--out", str(tmp_path / "zs"),
+                      *map(str, demo.images(1)))
     assert out.splitlines()[-1].startswith("scene-00.png: ") and "cat" in out and "dog" in out
 
 
@@ -337,7 +343,8 @@ def test_example_export_for_device(tmp_path):
 def test_training_script_runs_end_to_end(tmp_path):
     """`examples/train_demo_models.py` with a few steps: both checkpoints load through `mmedge export`'s path, the
     cards state the measured scores, and the bundled-scene folder is written beside the models."""
-    result = subprocess.run([sys.executable, str(ROOT / "examples" / "train_demo_models.py"), "--out", str(tmp_path / "models"),
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "train_demo_models.py"), "--out",
+                             str(tmp_path / "models"),
                              "--train-scenes", "64", "--clip-scenes", "64", "--clip-steps", "2", "--blip2-steps", "2",
                              "--batch", "8", "--test-scenes", "8", "--demo-images", "2", "--threads", "1"],
                             capture_output=True, text=True, cwd=ROOT)
@@ -365,8 +372,8 @@ def test_training_loss_runs_each_image_prefix_once():
     """The BLIP-2 training loss runs the query prefix once per image and continues every sequence from its KV cache:
     it must equal, in value and gradients, the loss over the full sequences [prefix rows, embed(ids)]."""
     import torch
-    import transformers
     import train_demo_models as training
+    import transformers
 
     tokenizer = training.make_opt_tokenizer()
     torch.manual_seed(0)

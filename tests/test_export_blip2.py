@@ -175,7 +175,8 @@ def test_decoder_graph_io_matches_the_manifest(artifacts):
     assert {k: kv[k] for k in ("layers", "heads", "head_dim", "past", "present")} == {
         "layers": 2, "heads": 4, "head_dim": 16, "past": "past_key_values.%d.%s", "present": "present.%d.%s"}
     graph = onnx.load(str(path / "decoder.onnx")).graph
-    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*graph.input, *graph.output]}
+    dims = {v.name: [d.dim_param or d.dim_value
+                     for d in v.type.tensor_type.shape.dim] for v in [*graph.input, *graph.output]}
     assert dims["inputs_embeds"] == ["batch", "sequence", 64]
     assert dims["attention_mask"] == ["batch", "total_sequence"] and dims["position_ids"] == ["batch", "sequence"]
     assert dims["past_key_values.1.value"] == ["batch", 4, "past_sequence", 16]
@@ -202,7 +203,8 @@ def test_manifest_blip2_section(artifacts, hf, tiny_blip2_dir):
     assert b["prefix"]["shape"] == ["batch", 6, 64] and b["prefix"]["output"] == "prefix_embeds"
     assert (b["bos_token_id"], b["pad_token_id"]) == (tokenizer.bos_token_id, tokenizer.pad_token_id) == (2, 1)
     assert b["eos_token_id"] == model.generation_config.eos_token_id
-    assert b["image_tokens"]["hf_image_token_id"] == model.config.image_token_index == tokenizer.convert_tokens_to_ids("<image>")
+    assert b["image_tokens"]["hf_image_token_id"] == model.config.image_token_index \
+        == tokenizer.convert_tokens_to_ids("<image>")
     assert b["image_tokens"]["in_prompt_ids"] is False
     assert b["prompts"] == {"caption": None, "vqa": "Question: {} Answer:"}
     assert b["decoder"]["position_offset"] == 0 and b["decoder"]["max_positions"] == 128
@@ -210,7 +212,8 @@ def test_manifest_blip2_section(artifacts, hf, tiny_blip2_dir):
     assert emb["file"] == "embed_tokens.npz" and emb["sha256"] == sha256_file(path / "embed_tokens.npz")
     assert emb["storage"] == "float32" and emb["shape"] == [576, 64] and emb["tied_to_lm_head"] is True
     np.testing.assert_array_equal(table_of(path), model.language_model.get_input_embeddings().weight.detach().numpy())
-    assert sorted(p.name for p in path.iterdir()) == ["decoder.onnx", "embed_tokens.npz", "manifest.json", "prefix.onnx",
+    assert sorted(p.name for p in path.iterdir()) == ["decoder.onnx", "embed_tokens.npz", "manifest.json",
+                                                      "prefix.onnx",
                                                       "tokenizer.json", "validation.npz"]
     Artifact.open(path)  # the device's reader accepts it
 
@@ -275,10 +278,12 @@ def test_bundled_configs_are_the_published_architecture():
     assert (config.vision_config.hidden_size, config.vision_config.num_hidden_layers) == (1408, 39)
     assert (config.qformer_config.hidden_size, config.num_query_tokens, config.image_token_index) == (768, 32, 50265)
     text = config.text_config
-    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.vocab_size) == (2560, 32, 32, 50304)
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads,
+            text.vocab_size) == (2560, 32, 32, 50304)
     assert (text.bos_token_id, text.eos_token_id, text.pad_token_id) == (2, 50118, 1)
     bench = transformers.AutoConfig.for_model(**_bundled_config("mmedge/blip2-vitb-opt125m")["config"])
-    assert (bench.text_config.hidden_size, bench.text_config.num_hidden_layers, bench.text_config.vocab_size) == (768, 12, 50272)
+    assert (bench.text_config.hidden_size, bench.text_config.num_hidden_layers,
+            bench.text_config.vocab_size) == (768, 12, 50272)
     assert bench.qformer_config.encoder_hidden_size == bench.vision_config.hidden_size == 768
     tokenizer = Blip2Family.synthetic_tokenizer(config)
     assert tokenizer("a cat")["input_ids"][0] == 2 and tokenizer.convert_tokens_to_ids("<image>") == 50265

@@ -41,7 +41,8 @@ def test_fp32_graphs_equal_transformers_features(clip_artifacts, tiny_clip_dir, 
     with torch.no_grad():
         from PIL import Image
 
-        pixels = processor(images=[Image.open(p).convert("RGB") for p in photos[:3]], return_tensors="pt")["pixel_values"]
+        pixels = processor(images=[Image.open(p).convert("RGB") for p in photos[:3]],
+                           return_tensors="pt")["pixel_values"]
         ref_img = model.get_image_features(pixel_values=pixels).pooler_output
         batch = tokenizer(texts, padding=True, return_tensors="pt")
         ref_txt = model.get_text_features(**batch).pooler_output

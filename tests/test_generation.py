@@ -279,7 +279,8 @@ def test_beam_search_settings_change_the_answer(torch_decoder, prompt3):
     eos = [free[1][2], free[2][5]]
     answers = {
         (lp_, es): tuple(map(tuple, generate(torch_decoder, embeds, mask, GenerationConfig(
-            max_new_tokens=10, num_beams=3, length_penalty=lp_, early_stopping=es, eos_token_id=eos, pad_token_id=PAD))))
+            max_new_tokens=10, num_beams=3, length_penalty=lp_, early_stopping=es, eos_token_id=eos,
+            pad_token_id=PAD))))
         for lp_ in (2.0, 1.0, 0.6) for es in (True, False, "never")
     }
     assert len(set(answers.values())) >= 3
@@ -341,11 +342,13 @@ def test_processors_match_hf_formulas():
     np.put_along_axis(seen, history, True, axis=1)
     t = torch.from_numpy(scores)
     np.testing.assert_allclose(lp.apply_repetition_penalty(scores, seen, 1.7),
-                               RepetitionPenaltyLogitsProcessor(1.7)(torch.from_numpy(history), t.clone()).numpy(), rtol=1e-6)
+                               RepetitionPenaltyLogitsProcessor(1.7)(torch.from_numpy(history), t.clone()).numpy(),
+                               rtol=1e-6)
     for k in (1, 5, 50):
         np.testing.assert_array_equal(lp.apply_top_k(scores, k), TopKLogitsWarper(k)(None, t.clone()).numpy())
     for p in (0.05, 0.5, 0.9, 0.999):
-        np.testing.assert_array_equal(np.isinf(lp.apply_top_p(scores, p)), np.isinf(TopPLogitsWarper(p)(None, t.clone()).numpy()))
+        np.testing.assert_array_equal(np.isinf(lp.apply_top_p(scores, p)),
+                                      np.isinf(TopPLogitsWarper(p)(None, t.clone()).numpy()))
     np.testing.assert_allclose(lp.log_softmax(scores), torch.log_softmax(t, -1).numpy(), atol=1e-6)
 
 
@@ -424,7 +427,8 @@ def test_stream_holds_back_partial_characters_and_stop_strings(byte_tokenizer, p
     pieces = list(stream(ScriptedDecoder([script]), embeds, mask, config, byte_tokenizer))
     assert "".join(pieces) == "héllo wörld € ok"
     assert len(pieces) > 5 and not any("\ufffd" in p for p in pieces)
-    assert "".join(stream(ScriptedDecoder([script]), embeds, mask, config.replace(stop_strings=[]), byte_tokenizer)) == text
+    assert "".join(stream(ScriptedDecoder([script]), embeds, mask, config.replace(stop_strings=[]),
+                          byte_tokenizer)) == text
 
 
 def test_stream_refuses_a_batch(torch_decoder, prompt3, word_tokenizer):
@@ -461,7 +465,8 @@ def test_cached_steps_equal_full_recompute(model, onnx_decoder_file, ort_decoder
     full_embeds = np.concatenate([embeds, embed(model, np.array(ids)[:, :-1])], axis=1)
     full_mask = np.concatenate([mask, np.ones((3, 7), dtype=np.int64)], axis=1)
     empty = np.zeros((3, layout["heads"], 0, layout["head_dim"]), dtype=np.float32)
-    feeds = {"inputs_embeds": full_embeds, "attention_mask": full_mask, "position_ids": position_ids(full_mask, full_mask.shape[1]),
+    feeds = {"inputs_embeds": full_embeds, "attention_mask": full_mask,
+             "position_ids": position_ids(full_mask, full_mask.shape[1]),
              **{i.name: empty for i in session.get_inputs() if i.name.startswith("past_key_values")}}
     logits = session.run(["logits"], feeds)[0]  # [batch, total, vocab], no cache at all
     seq = embeds.shape[1]
@@ -623,7 +628,8 @@ def test_config_dict_round_trip():
                               stop_strings=["\n"], seed=4)
     data = config.to_dict()
     assert GenerationConfig.from_dict(data) == config
-    assert GenerationConfig.from_dict({"bos_token_id": 2, "eos_token_id": 50118, "max_new_tokens": 30}).eos_token_ids == (50118,)
+    assert GenerationConfig.from_dict({"bos_token_id": 2, "eos_token_id": 50118,
+                                       "max_new_tokens": 30}).eos_token_ids == (50118,)
     with pytest.raises(InputError, match="unknown generation setting"):
         GenerationConfig.from_dict({"max_new_tokens": 30, "max_length": 40})
     with pytest.raises(InputError, match="JSON object"):

@@ -102,7 +102,8 @@ def test_cached_cross_kv_equals_recomputing_it_every_step(artifacts, hf, images)
     """The cross_kv graph's K/V equal the cross-attention layers' own projections, and a decoder fed them
     gives the same logits and tokens as the decoder that recomputes them from the visual tokens."""
     model, _ = hf
-    pixels = torch.from_numpy(mmedge.preprocess.ImagePreprocessor(manifest(artifacts("fp32"))["preprocess"])(images[:2]))
+    preprocess = mmedge.preprocess.ImagePreprocessor(manifest(artifacts("fp32"))["preprocess"])
+    pixels = torch.from_numpy(preprocess(images[:2]))
     with torch.no_grad():
         tokens = _Resampler(model)(_Vision(model)(pixels)).reshape(1, -1, 32)  # [1, 2 * latents, width]
         block = model.model.gated_cross_attn_layers[1].cross_attn
@@ -114,10 +115,12 @@ def test_cached_cross_kv_equals_recomputing_it_every_step(artifacts, hf, images)
     with mmedge.load(artifacts("fp32")) as cached, mmedge.load(artifacts("recompute")) as recompute:
         assert "cross_kv" not in recompute.runners
         for settings in ({}, {"num_beams": 3}):
-            assert cached.generate(item, max_new_tokens=12, **settings) == recompute.generate(item, max_new_tokens=12, **settings)
+            assert cached.generate(item, max_new_tokens=12,
+                                   **settings) == recompute.generate(item, max_new_tokens=12, **settings)
         a, b = cached.inputs.build([item]), recompute.inputs.build([item])
         np.testing.assert_array_equal(a["ids"], b["ids"])
-        assert set(a["step"]) - set(b["step"]) == {f"cross_key_values.{i}.{k}" for i in range(2) for k in ("key", "value")}
+        assert set(a["step"]) - set(b["step"]) == {f"cross_key_values.{i}.{k}"
+                                                   for i in range(2) for k in ("key", "value")}
 
 
 # --- prompts --------------------------------------------------------------------------------------
@@ -130,7 +133,8 @@ def test_prompts_are_built_exactly_as_idefics_processor_builds_them(artifacts, h
             built = captioner.inputs.build([items])
             np.testing.assert_array_equal(built["ids"], expected["input_ids"].numpy(), err_msg=name)
             count = sum(not isinstance(i, str) for i in items)
-            np.testing.assert_array_equal(built["prefill"]["image_attention_mask"], expected["image_attention_mask"].numpy(),
+            np.testing.assert_array_equal(built["prefill"]["image_attention_mask"],
+                                          expected["image_attention_mask"].numpy(),
                                           err_msg=name)
             text, found = prompt_text(items, fmt)
             assert len(found) == count and text.startswith("<s>")
@@ -151,7 +155,8 @@ def test_image_attention_mask_rule():
 def test_tokens_identical_to_generate(artifacts, hf, images, name, settings):
     items = prompts(images)[name]
     with mmedge.load(artifacts("fp32")) as captioner:
-        assert captioner.generate(items, max_new_tokens=12, **settings) == hf_continuation(hf, items, max_new_tokens=12, **settings)
+        assert captioner.generate(items, max_new_tokens=12,
+                                  **settings) == hf_continuation(hf, items, max_new_tokens=12, **settings)
 
 
 def test_caption_ask_stream_and_batches(artifacts, hf, images):
@@ -204,11 +209,13 @@ def test_cli_runs_interleaved_prompts_and_captions(artifacts, photos, capsys):
     from mmedge.cli import main
 
     path = str(artifacts("fp32"))
-    argv = ["run", path, "--interleaved", photos[0], "An image of two cats.", photos[1], "An image of", "--max-new-tokens", "6"]
+    argv = ["run", path, "--interleaved", photos[0], "An image of two cats.", photos[1], "An image of",
+            "--max-new-tokens", "6"]
     assert main(argv) == 0
     printed = capsys.readouterr().out.strip()
     with mmedge.load(path) as captioner:
-        expected = captioner.generate([Path(photos[0]), "An image of two cats.", Path(photos[1]), "An image of"], max_new_tokens=6)
+        expected = captioner.generate([Path(photos[0]), "An image of two cats.", Path(photos[1]), "An image of"],
+                                      max_new_tokens=6)
         caption = captioner.caption(photos[0], max_new_tokens=6)
     assert printed == expected
     assert main(["run", path, photos[0], "--max-new-tokens", "6"]) == 0
@@ -244,5 +251,6 @@ def test_streaming_export_frees_the_vision_tower_before_the_llm(tiny_idefics_dir
     item = prompts(images)["two images interleaved"]
     with mmedge.load(out) as streamed:
         assert streamed.generate(item, max_new_tokens=8) == hf_continuation(
-            (IdeficsForVisionText2Text.from_pretrained(tiny_idefics_dir).eval(), IdeficsProcessor.from_pretrained(tiny_idefics_dir)),
+            (IdeficsForVisionText2Text.from_pretrained(tiny_idefics_dir).eval(),
+             IdeficsProcessor.from_pretrained(tiny_idefics_dir)),
             item, max_new_tokens=8)

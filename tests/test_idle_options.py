@@ -135,7 +135,8 @@ RUN = [  # flags, the artifacts where they do something
 @pytest.fixture
 def artifacts(clip_artifacts, blip2_artifact, pytorch_artifacts):
     clip = clip_artifacts("fp32")
-    return {"clip": (clip, []), "clip-fused": (clip_artifacts("fused-fp32"), []), "clip-embed": (clip, ["--task", "embed"]),
+    return {"clip": (clip, []), "clip-fused": (clip_artifacts("fused-fp32"), []),
+            "clip-embed": (clip, ["--task", "embed"]),
             "blip2": (blip2_artifact, []), "idefics": (pytorch_artifacts("idefics"), [])}
 
 
@@ -156,6 +157,7 @@ def test_llm_quantization_is_refused_where_the_decoder_is_not_on_torch(pytorch_a
     code = main(["run", str(path), photos[0], "--llm-quantization", "int8", "--backend", "onnxruntime"])
     assert code == 2 and "decoder runs on onnxruntime" in _one_refusal_line(capsys.readouterr().err)
     pytest.importorskip("bitsandbytes", reason="the torch backend's INT8 LLM weights need bitsandbytes")
-    code = main(["run", str(path), photos[0], "--llm-quantization", "int8", "--backend", "torch", "--max-new-tokens", "2"])
+    code = main(["run", str(path), photos[0], "--llm-quantization", "int8", "--backend", "torch", "--max-new-tokens",
+                 "2"])
     out, err = capsys.readouterr()
     assert code == 0 and out.startswith(photos[0]), err

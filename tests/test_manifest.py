@@ -114,3 +114,18 @@ def test_errors_say_what_to_do():
     with pytest.raises(ManifestError) as info:
         parse_manifest(edited(family=KeyError))
     assert "expected" in str(info.value) and "fix:" in str(info.value)
+
+
+PYTORCH = {"folder": "pytorch", "format": "transformers-safetensors",
+           "files": {"config.json": {"sha256": SHA}, "model.safetensors": {"sha256": SHA}}}
+
+
+def test_pytorch_reference_tensors_is_a_plain_file_name():
+    """Like every file name in a manifest: the torch backend joins it onto the pytorch folder and loads it."""
+    ok = parse_manifest(edited(pytorch={**PYTORCH, "reference_tensors": "reference_tensors.safetensors"}))
+    assert ok["pytorch"]["reference_tensors"] == "reference_tensors.safetensors"
+    for name in ("../../outside.safetensors", "/etc/passwd", "sub/ref.safetensors"):
+        with pytest.raises(UnsafePathError, match="pytorch.reference_tensors"):
+            parse_manifest(edited(pytorch={**PYTORCH, "reference_tensors": name}))
+    with pytest.raises(ManifestError, match="pytorch.reference_tensors"):
+        parse_manifest(edited(pytorch={**PYTORCH, "reference_tensors": 3}))

@@ -29,9 +29,11 @@ print(len(names))
 
 
 def test_device_modules_import_without_torch():
-    result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, cwd=Path(mmedge.__file__).parent.parent)
+    result = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
+                            cwd=Path(mmedge.__file__).parent.parent)
     assert result.returncode == 0, result.stderr
-    expected = sum(1 for pkg in (mmedge, mmedge.runtimes) for i in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")
+    expected = sum(1
+                   for pkg in (mmedge, mmedge.runtimes) for i in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")
                    if not i.name.startswith("mmedge.export"))
     assert int(result.stdout.strip()) == expected >= 10
 

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mmedge.runtimes.registry import create_runner
 
 from mmedge.artifact import Artifact
 from mmedge.device import DeviceProbe
 from mmedge.errors import BackendUnavailableError, InputError
 from mmedge.metrics import cosine_rows
+from mmedge.runtimes.registry import create_runner
 from mmedge.selection import plan
 from mmedge.validate import load_validation_samples
 
@@ -194,7 +194,7 @@ def test_the_backend_imports_without_openvino_or_torch_and_names_the_install():
     """With openvino and torch made unimportable, the package imports; making a runner names the install command."""
     code = ("import sys; sys.modules['openvino'] = None; sys.modules['torch'] = None\n"
             "import mmedge.runtimes.openvino as ov\n"
-            "import mmedge.runtimes.openvino.doctor, mmedge.runtimes.openvino.planning  # noqa: F401\n"
+            "import mmedge.runtimes.openvino.doctor, mmedge.runtimes.plugins.openvino  # noqa: F401\n"
             "from mmedge.errors import BackendUnavailableError\n"
             "try:\n    ov.create_runner('x.onnx', 'vision', {'inputs': {}, 'outputs': {}})\n"
             "except BackendUnavailableError as exc:\n    print(exc)\n")
@@ -215,7 +215,8 @@ def test_doctor_lists_openvino_devices_and_the_plan(clip_artifacts):
 
 @needs_openvino
 def test_bench_runs_on_openvino(clip_artifacts):
-    command = ["bench", str(clip_artifacts("fused-int8")), "--backend", "openvino", "--runs", "2", "--batch", "2", "--json"]
+    command = ["bench", str(clip_artifacts("fused-int8")), "--backend", "openvino", "--runs", "2", "--batch", "2",
+               "--json"]
     out = subprocess.run([sys.executable, "-m", "mmedge.cli", *command], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)

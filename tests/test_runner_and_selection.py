@@ -81,7 +81,8 @@ def device(**overrides):
 CPU_BOX = device()
 DESKTOP_RTX = device(gpus=[GpuInfo("NVIDIA GeForce RTX 4090", "8.9", 24564, 23000)],
                      ort_providers=["cpu", "cuda", "tensorrt"], engines={"onnxruntime": "1.20", "tensorrt": "10.3"})
-JETSON_ORIN = device(machine="aarch64", cpu_cores=12, jetson={"model": "NVIDIA Jetson AGX Orin Developer Kit", "l4t": "36.3.0",
+JETSON_ORIN = device(machine="aarch64", cpu_cores=12,
+                     jetson={"model": "NVIDIA Jetson AGX Orin Developer Kit", "l4t": "36.3.0",
                                                                 "unified_memory": True}, ort_providers=["cpu", "cuda"])
 
 
@@ -115,7 +116,7 @@ def test_named_backend_never_silently_replaced(backend, match):
 
 def test_unknown_backend_and_device_are_bad_input():
     """A name that is no backend (or device) at all is a mistyped argument (exit 2), not an absent backend (exit 4)."""
-    for request in ({"backend": "openvino"}, {"device": "tpu"}):
+    for request in ({"backend": "tvm"}, {"device": "tpu"}):
         with pytest.raises(InputError, match="unknown (backend|device)") as caught:
             plan(CPU_BOX, MANIFEST, **request)
         assert not isinstance(caught.value, BackendUnavailableError) and caught.value.exit_code == 2

@@ -65,7 +65,8 @@ def decoder_runner(pipeline, options: OrtOptions = OrtOptions()) -> OnnxRuntimeR
 
 
 def runner_decoder(pipeline, options: OrtOptions = OrtOptions()) -> RunnerDecoder:
-    return RunnerDecoder.for_artifact(decoder_runner(pipeline, options), pipeline.artifact.manifest, pipeline.embeddings)
+    return RunnerDecoder.for_artifact(decoder_runner(pipeline, options), pipeline.artifact.manifest,
+                                      pipeline.embeddings)
 
 
 def run(decoder, inputs: dict, config: GenerationConfig) -> tuple[list[list[int]], list[np.ndarray]]:
@@ -100,7 +101,8 @@ def test_the_cache_comes_back_as_the_runner_left_it(pipeline, photos):
         if inputs["context"] is not None:
             decoder.set_context(*inputs["context"])
         decoder.start(inputs["embeds"], inputs["mask"])
-        assert all(isinstance(v, OrtDeviceArray) for v in decoder._past) and decoder.past_length == inputs["mask"].shape[1]
+        assert all(isinstance(v,
+                              OrtDeviceArray) for v in decoder._past) and decoder.past_length == inputs["mask"].shape[1]
         decoder.reorder(np.array([1, 1, 0]))
         assert all(isinstance(v, np.ndarray) for v in decoder._past)
         logits = decoder.step(np.array([5, 6, 7]), np.ones((3, decoder.past_length + 1), dtype=np.int64))
@@ -232,7 +234,8 @@ def test_onnxruntime_only_decoders_stay_on_onnxruntime_with_the_reason(blip2_art
     manifest = with_decoder(manifest_of(blip2_artifact), *recipe)
     for probe in (RTX_4090, JETSON_ORIN):
         chosen = plan(probe, manifest)
-        assert chosen.components["decoder"].backend == "onnxruntime" and chosen.components["prefix"].backend == "tensorrt"
+        assert chosen.components["decoder"].backend == "onnxruntime"
+        assert chosen.components["prefix"].backend == "tensorrt"
         assert any(words in r and "component 'decoder'" in r and r.endswith(": ONNX Runtime") for r in chosen.reasons)
     api_error(lambda: plan(RTX_4090, manifest, backend="tensorrt"), BackendUnavailableError, words, "--backend auto")
 
@@ -255,12 +258,14 @@ def test_real_decoder_profiles_cover_every_axis_consistently(blip2_artifact, ide
         component = manifest["components"]["decoder"]
         profile = derive_profile(manifest, "decoder", ProfileLimits(max_batch=4, max_sequence=64, max_images=3))
         dynamic = {n for n, spec in component["inputs"].items() if any(isinstance(d, str) for d in spec["shape"])}
-        assert set(profile) == dynamic and all(len(lo) == len(component["inputs"][n]["shape"]) for n, (lo, _, _) in profile.items())
+        assert set(profile) == dynamic and all(len(lo) == len(component["inputs"][n]["shape"]) for n,
+                                               (lo, _, _) in profile.items())
         past = next(n for n in profile if n.startswith("past_key_values"))
         for point in range(3):
             assert profile["attention_mask"][point][1] == profile[past][point][2] + profile["inputs_embeds"][point][1]
             assert profile["attention_mask"][point][0] == profile[past][point][0] == profile["inputs_embeds"][point][0]
-        assert profile["inputs_embeds"][2][1] == 64 and profile[past][0][2] == 0  # the longest prompt; the prefill's past
+        # the longest prompt; the prefill's past
+        assert profile["inputs_embeds"][2][1] == 64 and profile[past][0][2] == 0
         if manifest["family"] == "idefics":
             unit = manifest["idefics"]["cross_kv"]["tokens_per_image"]
             cross = next(n for n in profile if n.startswith("cross_key_values"))
@@ -296,13 +301,13 @@ def test_tensorrt_decoder_matches_onnxruntime(pipeline, photos, tmp_path, config
     import shutil
 
     from mmedge.runtimes.tensorrt import DeviceTensor, create_decoder
-
     from tests.support.token_parity import compare_generation
 
     copy_path = tmp_path / "artifact"
     shutil.copytree(pipeline.artifact.root, copy_path)
     inputs = prompts(pipeline, photos)
-    candidate = create_decoder(Artifact.open(copy_path), pipeline.embeddings, precision="fp32", max_batch=8, max_sequence=96)
+    candidate = create_decoder(Artifact.open(copy_path), pipeline.embeddings, precision="fp32", max_batch=8,
+                               max_sequence=96)
     try:
         for decoder in (pipeline.decoder, candidate):
             if inputs["context"] is not None:

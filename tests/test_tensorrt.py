@@ -15,22 +15,41 @@ import numpy as np
 import pytest
 
 from mmedge.device import DeviceProbe, GpuInfo, importable
-from mmedge.errors import (BackendError, BackendUnavailableError, InputError, InsufficientMemoryError,
-                           StaleEngineError)
+from mmedge.errors import BackendError, BackendUnavailableError, InputError, InsufficientMemoryError, StaleEngineError
 from mmedge.runtimes.engine_cache import EngineCache, EngineKey
-from mmedge.runtimes.tensorrt import (BUILD_SETTINGS, EngineSettings, build_artifact, describe_engines, engine_key,
-                                      load_build_settings, obtain_plan, resolve_settings, save_build_settings,
-                                      timing_cache_path)
-from mmedge.runtimes.tensorrt_planning import (MIB, MemoryNeed, ProfileLimits, check_memory, derive_profile,
-                                               engine_bytes, engine_precision, is_qdq, kv_cache_bytes,
-                                               unbuildable_reason)
-from mmedge.selection import log_fallbacks, plan, tensorrt_defaults
+from mmedge.runtimes.tensorrt import (
+    BUILD_SETTINGS,
+    EngineSettings,
+    build_artifact,
+    describe_engines,
+    engine_key,
+    load_build_settings,
+    obtain_plan,
+    resolve_settings,
+    save_build_settings,
+    timing_cache_path,
+)
+from mmedge.runtimes.tensorrt_planning import (
+    MIB,
+    MemoryNeed,
+    ProfileLimits,
+    check_memory,
+    derive_profile,
+    engine_bytes,
+    engine_precision,
+    is_qdq,
+    kv_cache_bytes,
+    tensorrt_defaults,
+    unbuildable_reason,
+)
+from mmedge.selection import log_fallbacks, plan
 from tests.support.battery import api_error, cli_error
 
 HAVE_TENSORRT = importable("tensorrt")  # not a stubs-only namespace folder
 NO_TENSORRT = "TensorRT is not installed on this machine (not installable here; runs on a Jetson / CUDA host)"
 needs_tensorrt = pytest.mark.skipif(not HAVE_TENSORRT, reason=NO_TENSORRT)
-without_tensorrt = pytest.mark.skipif(HAVE_TENSORRT, reason="TensorRT is installed: the absent-TensorRT path cannot be shown")
+without_tensorrt = pytest.mark.skipif(HAVE_TENSORRT,
+                                      reason="TensorRT is installed: the absent-TensorRT path cannot be shown")
 
 SHA = "ab" * 32
 
@@ -48,13 +67,16 @@ CPU_BOX = device()
 CPU_BOX_WITH_TRT = device(engines=WITH_TRT)
 RTX_4090 = device(gpus=[GpuInfo("NVIDIA GeForce RTX 4090", "8.9", 24564, 23000)], engines=WITH_TRT,
                   ort_providers=["cpu", "cuda", "tensorrt"])
-RTX_NO_TRT = device(gpus=[GpuInfo("NVIDIA GeForce RTX 4090", "8.9", 24564, 23000)], ort_providers=["cpu", "cuda", "tensorrt"])
-GTX_1080 = device(gpus=[GpuInfo("NVIDIA GeForce GTX 1080", "6.1", 8192, 7000)], engines=WITH_TRT, ort_providers=["cpu", "cuda"])
+RTX_NO_TRT = device(gpus=[GpuInfo("NVIDIA GeForce RTX 4090", "8.9", 24564, 23000)],
+                    ort_providers=["cpu", "cuda", "tensorrt"])
+GTX_1080 = device(gpus=[GpuInfo("NVIDIA GeForce GTX 1080", "6.1", 8192, 7000)], engines=WITH_TRT,
+                  ort_providers=["cpu", "cuda"])
 ORIN = {"model": "NVIDIA Jetson AGX Orin Developer Kit", "l4t": "36.3.0", "unified_memory": True}
 JETSON_ORIN = device(machine="aarch64", cpu_cores=12, memory_total_mb=30000, memory_available_mb=24000, jetson=ORIN,
                      engines=WITH_TRT, ort_providers=["cpu", "cuda"])
 ORIN_NANO = device(machine="aarch64", cpu_cores=6, memory_total_mb=7600, memory_available_mb=1500,
-                   jetson={**ORIN, "model": "NVIDIA Jetson Orin Nano Developer Kit"}, engines=WITH_TRT, ort_providers=["cpu", "cuda"])
+                   jetson={**ORIN, "model": "NVIDIA Jetson Orin Nano Developer Kit"}, engines=WITH_TRT,
+                   ort_providers=["cpu", "cuda"])
 
 
 # --- manifests shaped like the exporters write them ----------------------------------------------
@@ -73,7 +95,8 @@ INT4 = {"method": "int4-weight-only", "format": "MatMulNBits"}
 
 
 def clip_manifest(padding="max_length", precision="fp32", quantization=None):
-    return {"family": "clip", "tokenizer": {"file": "tokenizer.json", "max_length": 77, "padding": padding, "pad_id": 0},
+    return {"family": "clip",
+            "tokenizer": {"file": "tokenizer.json", "max_length": 77, "padding": padding, "pad_id": 0},
             "components": {
                 "vision": component({"pixel_values": tensor("float32", "batch", 3, 224, 224)},
                                     {"image_embeds": tensor("float32", "batch", 512)}, precision, quantization),
@@ -86,16 +109,20 @@ KV = {"layers": 2, "heads": 4, "head_dim": 16, "past": "past_key_values.%d.%s", 
 
 
 def blip2_manifest(max_positions=2048, llm_precision="fp32", llm_quantization=None):
-    past = {f"past_key_values.{i}.{k}": tensor("float32", "batch", 4, "past_sequence", 16) for i in range(2) for k in ("key", "value")}
-    present = {f"present.{i}.{k}": tensor("float32", "batch", 4, "total_sequence", 16) for i in range(2) for k in ("key", "value")}
-    return {"family": "blip2", "tokenizer": {"file": "tokenizer.json", "max_length": 512, "padding": "longest", "pad_id": 1},
+    past = {f"past_key_values.{i}.{k}": tensor("float32", "batch", 4, "past_sequence",
+                                               16) for i in range(2) for k in ("key", "value")}
+    present = {f"present.{i}.{k}": tensor("float32", "batch", 4, "total_sequence",
+                                          16) for i in range(2) for k in ("key", "value")}
+    return {"family": "blip2",
+            "tokenizer": {"file": "tokenizer.json", "max_length": 512, "padding": "longest", "pad_id": 1},
             "blip2": {"decoder": {"component": "decoder", "max_positions": max_positions, "kv_cache": KV}},
             "components": {
                 "prefix": component({"pixel_values": tensor("float32", "batch", 3, 224, 224)},
                                     {"prefix_embeds": tensor("float32", "batch", 32, 64)}),
                 "decoder": component({"inputs_embeds": tensor("float32", "batch", "sequence", 64),
                                       "attention_mask": tensor("int64", "batch", "total_sequence"), **past},
-                                     {"logits": tensor("float32", "batch", "sequence", 100), **present}, llm_precision, llm_quantization)}}
+                                     {"logits": tensor("float32", "batch", "sequence", 100), **present}, llm_precision,
+                                     llm_quantization)}}
 
 
 def idefics_manifest():
@@ -133,7 +160,8 @@ def test_decoder_axes_keep_past_plus_new_consistent_at_every_point():
     """TensorRT checks the graph's shape constraints (mask = past + new) at the min, opt and max points."""
     profile = derive_profile(blip2_manifest(), "decoder", ProfileLimits(max_batch=2, max_sequence=128))
     assert profile["inputs_embeds"] == ((1, 1, 64), (1, 1, 64), (2, 128, 64))  # opt: a decode step
-    assert profile["past_key_values.1.value"] == ((1, 4, 0, 16), (1, 4, 64, 16), (2, 4, 127, 16))  # no past at the first step
+    # no past at the first step
+    assert profile["past_key_values.1.value"] == ((1, 4, 0, 16), (1, 4, 64, 16), (2, 4, 127, 16))
     assert profile["attention_mask"] == ((1, 1), (1, 65), (2, 255))
     for point in range(3):
         new, past, total = (profile[n][point] for n in ("inputs_embeds", "past_key_values.0.key", "attention_mask"))
@@ -157,7 +185,8 @@ def test_fixed_inputs_need_no_profile_and_unknown_axes_are_refused():
     manifest["components"]["vision"]["inputs"]["pixel_values"]["shape"] = [1, 3, 224, 224]
     assert derive_profile(manifest, "vision") == {}
     manifest["components"]["vision"]["inputs"]["pixel_values"]["shape"] = ["frames", 3, 224, 224]
-    api_error(lambda: derive_profile(manifest, "vision"), InputError, "dynamic axis 'frames'", "batch, images, sequence")
+    api_error(lambda: derive_profile(manifest, "vision"), InputError, "dynamic axis 'frames'",
+              "batch, images, sequence")
     no_unit = idefics_manifest()
     del no_unit["components"]["resampler"], no_unit["components"]["vision"]
     api_error(lambda: derive_profile(no_unit, "cross_kv"), InputError, "'image_tokens'")
@@ -183,7 +212,8 @@ def test_precision_follows_the_export_recipe():
     assert engine_precision("vision", float_graph, None) == "fp16"
     assert engine_precision("vision", float_graph, "fp32") == "fp32"
     assert engine_precision("vision", qdq, None) == "int8" == engine_precision("vision", qdq, "int8")
-    api_error(lambda: engine_precision("vision", float_graph, "int8"), InputError, "static QDQ", "--quantization static")
+    api_error(lambda: engine_precision("vision", float_graph, "int8"), InputError, "static QDQ",
+              "--quantization static")
     api_error(lambda: engine_precision("vision", qdq, "fp16"), InputError, "INT8 QDQ graph")
     api_error(lambda: engine_precision("vision", float_graph, "bf16"), InputError, "one of fp32, fp16, int8")
 
@@ -193,7 +223,9 @@ def test_components_tensorrt_cannot_build_say_why():
     assert unbuildable_reason("decoder", blip2_manifest()["components"]["decoder"]) is None  # FP32/FP16 decoders build
     int4 = blip2_manifest(llm_precision="int4", llm_quantization=INT4)["components"]["decoder"]
     assert "com.microsoft MatMulNBits" in unbuildable_reason("decoder", int4)
-    assert "dynamic INT8" in unbuildable_reason("text", clip_manifest(precision="int8", quantization=DYNAMIC)["components"]["text"])
+    assert "dynamic INT8" in unbuildable_reason("text",
+                                                clip_manifest(precision="int8",
+                                                              quantization=DYNAMIC)["components"]["text"])
     assert "MatMulNBits" in unbuildable_reason("x", component({}, {}, "int4", {"method": "int4-weight-only"}))
 
 
@@ -216,7 +248,8 @@ def test_real_exports_are_classified(clip_artifacts):
 
 # --- engine keys and the cache ----------------------------------------------------------------------
 def key_for(comp=None, **device_fields):
-    fields = {"tensorrt_version": "10.3.0", "gpu_name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9", **device_fields}
+    fields = {"tensorrt_version": "10.3.0", "gpu_name": "NVIDIA GeForce RTX 4090", "compute_capability": "8.9",
+              **device_fields}
     comp = comp or clip_manifest()["components"]["vision"]
     return engine_key(comp, "fp16", derive_profile(clip_manifest(), "vision", ProfileLimits(max_batch=8)), **fields)
 
@@ -225,7 +258,8 @@ def test_key_covers_external_weights_and_mmedge_version():
     import mmedge
 
     plain = key_for()
-    with_data = key_for({**clip_manifest()["components"]["vision"], "external_data": {"file": "x.onnx.data", "sha256": "cd" * 32}})
+    with_data = key_for({**clip_manifest()["components"]["vision"],
+                         "external_data": {"file": "x.onnx.data", "sha256": "cd" * 32}})
     assert plain.mmedge_version == mmedge.__version__ and with_data.external_data_sha256 == "cd" * 32
     assert plain.digest() != with_data.digest()
     assert any("external weights" in d for d in plain.differences(with_data))
@@ -324,7 +358,8 @@ def test_build_settings_round_trip_and_precedence(tmp_path):
     assert resolved.limits.max_batch == 16 and resolved.workspace_mb == 2048 and resolved.precision is None
     explicit = resolve_settings({"max_batch": 2, "precision": "fp32"}, saved, defaults)
     assert explicit.limits.max_batch == 2 and explicit.precision == "fp32" and explicit.limits.max_sequence == 64
-    assert resolve_settings({}, {}, defaults).limits.max_batch == 4 and resolve_settings({}, {}, defaults).precision == "fp16"
+    assert resolve_settings({}, {},
+                            defaults).limits.max_batch == 4 and resolve_settings({}, {}, defaults).precision == "fp16"
     (tmp_path / BUILD_SETTINGS).write_text('{"format": "mmedge.engine-settings", "format_version": 1, "max_batch": -1}')
     assert "max_batch" not in load_build_settings(tmp_path)
     (tmp_path / BUILD_SETTINGS).write_text("{broken")
@@ -341,7 +376,8 @@ def test_engine_size_estimate_scales_weights_to_the_engine_precision():
 
 def test_kv_cache_estimate():
     # layers 2 x (key, value) x batch 2 x heads 4 x 128 tokens x head_dim 16 x float32
-    assert kv_cache_bytes(blip2_manifest(), ProfileLimits(max_batch=2, max_sequence=128)) == 2 * 2 * 2 * 4 * 128 * 16 * 4
+    assert kv_cache_bytes(blip2_manifest(),
+                          ProfileLimits(max_batch=2, max_sequence=128)) == 2 * 2 * 2 * 4 * 128 * 16 * 4
     assert kv_cache_bytes(clip_manifest(), ProfileLimits()) == 0
 
 
@@ -390,14 +426,16 @@ def test_auto_on_desktop_rtx_uses_tensorrt_for_float_and_qdq_encoders():
 
 def test_auto_without_tensorrt_falls_back_with_the_reason_logged_once(caplog):
     chosen = plan(RTX_NO_TRT, clip_manifest())
-    assert chosen.components["vision"].backend == "onnxruntime" and chosen.components["vision"].providers == ("tensorrt", "cuda")
+    assert chosen.components["vision"].backend == "onnxruntime"
+    assert chosen.components["vision"].providers == ("tensorrt", "cuda")
     assert len(chosen.fallbacks) == 1 and 'pip install "mmedge[tensorrt]"' in chosen.fallbacks[0]
     logger = logging.getLogger("mmedge.test-fallback")
     with caplog.at_level(logging.WARNING, logger="mmedge.test-fallback"):
         first = log_fallbacks(chosen, logger)
         second = log_fallbacks(plan(RTX_NO_TRT, clip_manifest()), logger)
     assert first == chosen.fallbacks and second == []
-    assert [r.getMessage() for r in caplog.records if r.name == "mmedge.test-fallback"] == [f"mmedge: {chosen.fallbacks[0]}"]
+    assert [r.getMessage() for r in caplog.records
+            if r.name == "mmedge.test-fallback"] == [f"mmedge: {chosen.fallbacks[0]}"]
     assert plan(CPU_BOX, clip_manifest()).fallbacks == []  # no GPU: nothing was given up
     assert plan(CPU_BOX_WITH_TRT, clip_manifest()).components["vision"].backend == "onnxruntime"
 
@@ -427,8 +465,10 @@ def test_runner_without_tensorrt_names_the_install_command(clip_artifacts):
     from mmedge.runtimes.registry import create_runner
 
     artifact = Artifact.open(clip_artifacts("fp32"))
-    api_error(lambda: create_runner("tensorrt", artifact.component_path("vision"), "vision", artifact.component("vision"),
-                                    artifact=artifact), BackendUnavailableError, "'tensorrt'", 'pip install "mmedge[tensorrt]"',
+    api_error(lambda: create_runner("tensorrt", artifact.component_path("vision"), "vision",
+                                    artifact.component("vision"),
+                                    artifact=artifact), BackendUnavailableError, "'tensorrt'",
+              'pip install "mmedge[tensorrt]"',
               "python3-libnvinfer")
 
 
@@ -510,7 +550,8 @@ def trt_artifact(clip_artifacts, tmp_path):
 
 @needs_tensorrt
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant,precision,floor", [("fp32", "fp32", 0.9999), ("fp32", "fp16", 0.999), ("int8-static", "int8", 0.99)])
+@pytest.mark.parametrize("variant,precision,floor",
+                         [("fp32", "fp32", 0.9999), ("fp32", "fp16", 0.999), ("int8-static", "int8", 0.99)])
 def test_engine_matches_onnxruntime(trt_artifact, variant, precision, floor):
     from mmedge.artifact import Artifact
     from mmedge.metrics import cosine_rows
@@ -536,12 +577,14 @@ def test_build_then_load_reuses_and_foreign_engine_is_rebuilt(trt_artifact):
     art = trt_artifact("fp32")
     first = build_artifact(art, EngineSettings("fp16", ProfileLimits(max_batch=2)), progress=False)
     assert {r["action"] for r in first} == {"built"}
-    assert {r["action"] for r in build_artifact(art, EngineSettings("fp16", ProfileLimits(max_batch=2)), progress=False)} == {"loaded"}
+    assert {r["action"] for r in build_artifact(art, EngineSettings("fp16", ProfileLimits(max_batch=2)),
+                                                progress=False)} == {"loaded"}
     record = next((art / "engines").glob("vision-*.json"))
     entry = json.loads(record.read_text())
     entry["key"]["gpu_name"] = "Some other GPU"
     record.write_text(json.dumps(entry))
-    again = build_artifact(art, EngineSettings("fp16", ProfileLimits(max_batch=2)), components=["vision"], progress=False)
+    again = build_artifact(art, EngineSettings("fp16", ProfileLimits(max_batch=2)), components=["vision"],
+                           progress=False)
     assert again[0]["action"] == "rebuilt" and "Some other GPU" in " ".join(again[0]["reasons"])
 
 

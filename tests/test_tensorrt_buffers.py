@@ -15,8 +15,15 @@ import pytest
 
 from mmedge.device import _engine_versions, importable
 from mmedge.errors import BackendError, BackendUnavailableError, FeedError
-from mmedge.runtimes.cuda_buffers import (LEGACY_STREAM, PER_THREAD_STREAM, CudaRuntime, DevicePool, DeviceTensor,
-                                          cai_stream, size_class)
+from mmedge.runtimes.cuda_buffers import (
+    LEGACY_STREAM,
+    PER_THREAD_STREAM,
+    CudaRuntime,
+    DevicePool,
+    DeviceTensor,
+    cai_stream,
+    size_class,
+)
 from tests.support.battery import api_error, check_error
 
 HAVE_CUDA_PYTHON = importable("cuda.bindings") or importable("cuda.cudart")

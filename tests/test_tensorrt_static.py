@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 STUBS_WHEEL = ROOT / "tests" / "support" / "stubs" / "tensorrt_stubs-10.13.0.35.1-py3-none-any.whl"
 STUBS_SHA256 = "749a36a1f825db0800a82d0dabbf7ef49f3a9edc1e794c9545fb94a551613fea"  # PyPI's, for this file
 PACKAGE_DIRS = {"mmedge/export": "export", "mmedge/runtimes": "runtimes"}  # pyproject.toml's package-dir
-NAMED = ["runtimes/tensorrt.py", "runtimes/engine_cache.py", "runtimes/tensorrt_planning.py", "runtimes/cuda_buffers.py"]
+NAMED = ["runtimes/tensorrt.py", "runtimes/tensorrt_build.py", "runtimes/engine_cache.py",
+         "runtimes/tensorrt_planning.py", "runtimes/cuda_buffers.py"]
 SCANNED = ["mmedge", "runtimes", "export", "benchmarks", "examples"]
 GPU_APIS = ("tensorrt", "cuda")
 CONFIG = {
@@ -93,7 +94,8 @@ def basedpyright() -> str:
     except (OSError, subprocess.TimeoutExpired) as exc:
         pytest.skip(f"basedpyright cannot run here ({exc})")
     if probe.returncode != 0:
-        pytest.skip(f"basedpyright cannot run here (its bundled Node.js failed): {(probe.stderr or probe.stdout).strip()[:300]}")
+        pytest.skip("basedpyright cannot run here (its bundled Node.js failed): "
+                    f"{(probe.stderr or probe.stdout).strip()[:300]}")
     return exe
 
 
@@ -168,14 +170,16 @@ def test_the_check_catches_planted_mistakes(diagnostics):
     planted line is reported with its rule, and nothing else is."""
     expected = {(number, rule) for number, line in enumerate(PLANTED.splitlines(), 1) if "# expect: " in line
                 for rule in line.split("# expect: ")[1].split(", ")}
-    got = {(d["range"]["start"]["line"] + 1, d.get("rule")) for d in diagnostics["planted.py"] if d["severity"] == "error"}
+    got = {(d["range"]["start"]["line"] + 1,
+            d.get("rule")) for d in diagnostics["planted.py"] if d["severity"] == "error"}
     assert got == expected, "\n".join(describe("planted.py", d) for d in diagnostics["planted.py"])
 
 
 def test_every_module_touching_tensorrt_or_cuda_is_checked():
     modules = checked_modules()
     assert all((ROOT / m).is_file() for m in NAMED), [m for m in NAMED if not (ROOT / m).is_file()]
-    assert imports_gpu_apis(ROOT / "runtimes" / "tensorrt.py") and imports_gpu_apis(ROOT / "runtimes" / "cuda_buffers.py")
+    assert imports_gpu_apis(ROOT / "runtimes" / "tensorrt_build.py")
+    assert imports_gpu_apis(ROOT / "runtimes" / "cuda_buffers.py")
     assert set(NAMED) <= set(modules)
 
 

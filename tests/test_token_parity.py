@@ -47,7 +47,8 @@ def pair(blip2_artifact):
     photos = [str(p) for p in HOLDOUT]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reference, other = mmedge.load(blip2_artifact, backend="onnxruntime"), mmedge.load(blip2_artifact, backend="onnxruntime")
+        reference, other = mmedge.load(blip2_artifact,
+                                       backend="onnxruntime"), mmedge.load(blip2_artifact, backend="onnxruntime")
     yield reference, other, reference._inputs(photos[:3], None, 12)
     reference.close()
     other.close()

@@ -64,7 +64,8 @@ def assert_same(ours, theirs):
 # --- host helpers --------------------------------------------------------------------------------
 def test_settings_from_hf(hf_tokenizer):
     settings = tokenization.tokenizer_settings_from_hf(hf_tokenizer, MAX_LENGTH)
-    assert settings == {"file": "tokenizer.json", "max_length": 77, "pad_id": hf_tokenizer.pad_token_id, "padding": "longest"}
+    assert settings == {"file": "tokenizer.json", "max_length": 77, "pad_id": hf_tokenizer.pad_token_id,
+                        "padding": "longest"}
     assert settings["pad_id"] == hf_tokenizer.eos_token_id  # CLIP pads with <|endoftext|>
     assert json.loads(json.dumps(settings)) == settings
 

@@ -58,7 +58,8 @@ def test_export_writes_hashed_safetensors_weights(pytorch_artifacts):
     assert artifact.has_pytorch_weights and artifact.pytorch_folder() == artifact.root / "pytorch"
     assert list(artifact.manifest)[-2:] == ["pytorch", "validation"]
     fused = Artifact.open(pytorch_artifacts("clip-fused")).manifest["pytorch"]
-    assert fused["reference_tensors"] == "reference_tensors.safetensors" and "reference_tensors.safetensors" in fused["files"]
+    assert fused["reference_tensors"] == "reference_tensors.safetensors"
+    assert "reference_tensors.safetensors" in fused["files"]
 
 
 def test_export_without_the_flag_writes_no_weights(clip_artifacts):
@@ -103,7 +104,8 @@ def test_named_torch_backend_without_weights(capsys, clip_artifacts, photos):
 
 
 def test_checkpoint_folder_instead_of_the_artifacts_weights(clip_artifacts, tiny_clip_dir, photos):
-    classifier = load_quietly(clip_artifacts("fp32"), backend="torch", backend_options={"torch": {"checkpoint": str(tiny_clip_dir)}})
+    classifier = load_quietly(clip_artifacts("fp32"), backend="torch",
+                              backend_options={"torch": {"checkpoint": str(tiny_clip_dir)}})
     reference = load_quietly(clip_artifacts("fp32"))
     got, want = classifier(photos[0], labels=["cat", "dog"]), reference(photos[0], labels=["cat", "dog"])
     assert [g["label"] for g in got] == [w["label"] for w in want]
@@ -122,7 +124,8 @@ try:
 except BackendUnavailableError as exc:
     print(exc)
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(mmedge.__file__).parents[1])
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=Path(mmedge.__file__).parents[1])
     assert result.returncode == 0, result.stderr
     assert "needs the Python package 'torch'" in result.stdout and 'pip install "mmedge[torch]"' in result.stdout
 
@@ -140,7 +143,6 @@ def test_cuda_asked_of_a_machine_without_one():
 # --- the encoder runner ------------------------------------------------------------------------------
 def test_runner_takes_torch_tensors_and_checks_them(pytorch_artifacts):
     from mmedge.runtimes.torch_backend import create_runner
-
     from mmedge.validate import load_validation_samples
 
     artifact = Artifact.open(pytorch_artifacts("clip"))
@@ -258,9 +260,8 @@ def test_decoder_refuses_bad_steps(blip2_decoders, photos):
 
 
 def test_decoder_of_an_idefics_artifact_is_refused(pytorch_artifacts):
-    from mmedge.runtimes.torch_decoder import create_decoder
-
     from mmedge.errors import BackendError
+    from mmedge.runtimes.torch_decoder import create_decoder
 
     with pytest.raises(BackendError, match="does not run idefics decoders"):
         create_decoder(Artifact.open(pytorch_artifacts("idefics")), device="cpu")
@@ -296,9 +297,11 @@ def test_llm_weights_in_int8_and_nf4_on_the_cpu(pytorch_artifacts, photos, metho
 def test_unknown_quantization_and_settings_are_refused(pytorch_artifacts):
     from mmedge.errors import InputError
 
-    api_error(lambda: load_quietly(pytorch_artifacts("blip2"), backend="torch", backend_options={"torch": {"quantization": "int3"}}),
+    api_error(lambda: load_quietly(pytorch_artifacts("blip2"), backend="torch",
+                                   backend_options={"torch": {"quantization": "int3"}}),
               BackendUnavailableError, "LLM quantization 'int3'")
-    api_error(lambda: load_quietly(pytorch_artifacts("blip2"), backend="torch", backend_options={"torch": {"precision": "fp16"}}),
+    api_error(lambda: load_quietly(pytorch_artifacts("blip2"), backend="torch",
+                                   backend_options={"torch": {"precision": "fp16"}}),
               InputError, "unknown settings ['precision']")
 
 
@@ -320,13 +323,15 @@ def test_cli_export_with_pytorch_and_run_with_nf4(tiny_blip2_dir, tmp_path, phot
 # --- selection over described devices ------------------------------------------------------------------
 def device(**overrides) -> DeviceProbe:
     base = dict(machine="x86_64", system="Linux", cpu_cores=8, cpu_flags=["avx2"], memory_total_mb=16000, gpus=[],
-                jetson=None, engines={"onnxruntime": "1.20", "tensorrt": None, "torch": "2.11.0", "transformers": "5.2.0",
+                jetson=None,
+                engines={"onnxruntime": "1.20", "tensorrt": None, "torch": "2.11.0", "transformers": "5.2.0",
                                       "cuda-python": None}, ort_providers=["cpu"], memory_available_mb=12000)
     return DeviceProbe(**{**base, **overrides})
 
 
 H100 = [GpuInfo("NVIDIA H100 80GB HBM3", "9.0", 81559, 80000)]
-WITH_TRT = {"onnxruntime": "1.20", "tensorrt": "10.3.0", "cuda-python": "12.6.0", "torch": "2.11.0", "transformers": "5.2.0"}
+WITH_TRT = {"onnxruntime": "1.20", "tensorrt": "10.3.0", "cuda-python": "12.6.0", "torch": "2.11.0",
+            "transformers": "5.2.0"}
 CPU_BOX = device()
 CPU_TORCH_BUILD = device(gpus=H100, engines={"onnxruntime": "1.20", "torch": "2.13.0+cpu", "transformers": "5.2.0"})
 GPU_ORT_CPU_ONLY = device(gpus=H100)  # the lent GPU machine: torch CUDA, onnxruntime CPU-only, no TensorRT
@@ -389,7 +394,8 @@ def test_named_torch_backend():
     assert cpu.components["decoder"].options == {"device": "cpu", "dtype": "float32"}
     assert plan(GPU_ORT_GPU, BLIP2, backend="torch").components["prefix"].options["device"] == "cuda"
     assert plan(GPU_ORT_GPU, BLIP2, backend="torch", device="cpu").components["prefix"].precision == "fp32"
-    with pytest.raises(BackendUnavailableError, match="device=cuda was requested for backend 'torch', but no NVIDIA GPU"):
+    with pytest.raises(BackendUnavailableError,
+                       match="device=cuda was requested for backend 'torch', but no NVIDIA GPU"):
         plan(CPU_BOX, BLIP2, backend="torch", device="cuda")
     with pytest.raises(BackendUnavailableError, match="exported without them"):
         plan(GPU_ORT_GPU, BLIP2_NO_WEIGHTS, backend="torch")
@@ -400,22 +406,22 @@ def test_named_torch_backend():
 # --- ONNX Runtime: provider options from the plan, IO binding -------------------------------------------
 def test_onnxruntime_provider_options_come_from_the_plan(tmp_path):
     from mmedge.runtimes.onnxruntime import OrtOptions, _provider_options
-
-    from mmedge.api import _runner_options
+    from mmedge.runtimes.registry import backend
 
     class FakeArtifact:
         def engines_dir(self):
             return tmp_path
 
     manifest = {"components": {"vision": {"precision": "fp32"}, "text": {"precision": "int8"}}}
-    gtx = device(gpus=[GpuInfo("NVIDIA GeForce GTX 1080", "6.1", 8192, 7000)], ort_providers=["cpu", "cuda", "tensorrt"])
+    gtx = device(gpus=[GpuInfo("NVIDIA GeForce GTX 1080", "6.1", 8192, 7000)],
+                 ort_providers=["cpu", "cuda", "tensorrt"])
     chosen = plan(GPU_ORT_GPU, manifest)
     vision = chosen.components["vision"]
     assert vision.providers == ("tensorrt", "cuda")
     assert vision.options == {"device_id": 0, "io_binding": True, "fp16": True, "workspace_mb": 4096}
     assert chosen.components["text"].options["fp16"] is False  # an INT8 graph: no FP16 flag
     assert plan(gtx, manifest).components["vision"].options["fp16"] is False  # sm 6.1 has no fast FP16
-    options = OrtOptions(**_runner_options(FakeArtifact(), vision, threads=2))
+    options = OrtOptions(**backend("onnxruntime").runner_options(FakeArtifact(), vision, threads=2))
     trt = _provider_options("tensorrt", options)
     assert trt["trt_fp16_enable"] is True and trt["device_id"] == 0 and trt["trt_max_workspace_size"] == 4096 << 20
     assert trt["trt_engine_cache_path"] == str(tmp_path) and options.io_binding is True
@@ -438,9 +444,11 @@ def test_io_binding_hands_outputs_from_stage_to_stage(pytorch_artifacts, photos)
     embeds = vision.infer({"pixel_values": pixels})["image_embeds"]
     assert isinstance(embeds, OrtDeviceArray) and embeds.device == "cpu" and embeds.shape[0] == 2
     bound = qformer.infer({"image_embeds": embeds})["prefix_embeds"]
-    plain = plain_qformer.infer({"image_embeds": plain_vision.infer({"pixel_values": pixels})["image_embeds"]})["prefix_embeds"]
+    image_embeds = plain_vision.infer({"pixel_values": pixels})["image_embeds"]
+    plain = plain_qformer.infer({"image_embeds": image_embeds})["prefix_embeds"]
     np.testing.assert_allclose(bound, plain, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(embeds), plain_vision.infer({"pixel_values": pixels})["image_embeds"], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(embeds), plain_vision.infer({"pixel_values": pixels})["image_embeds"],
+                               atol=1e-6)
     assert not plain_vision.io_binding and vision.io_binding
     with pytest.raises(FeedError, match="device array"):
         qformer.infer({"image_embeds": OrtDeviceArray(_ortvalue(np.zeros((1, 2, 3), np.float32)))})
@@ -455,7 +463,8 @@ def _ortvalue(array):
 
 # --- CUDA only ----------------------------------------------------------------------------------------
 def _gpuload_quietly(path, **torch_settings):
-    return load_quietly(path, backend="torch", device="cuda", backend_options={"torch": torch_settings} if torch_settings else None)
+    return load_quietly(path, backend="torch", device="cuda",
+                        backend_options={"torch": torch_settings} if torch_settings else None)
 
 
 @pytest.mark.gpu
@@ -463,9 +472,8 @@ def _gpuload_quietly(path, **torch_settings):
 def test_cuda_graphs_replay_the_encoders_and_the_decode_step(pytorch_artifacts, photos):
     """FP32 (no reduced-precision near-ties), compilation off: CUDA-graph replays run the very kernels eager runs
     do, so greedy and beam tokens are identical; the greedy choice is made on the GPU (step_greedy)."""
-    from mmedge.runtimes.torch_backend import TorchDeviceArray
-
     from mmedge.generation import GenerationConfig, generate
+    from mmedge.runtimes.torch_backend import TorchDeviceArray
 
     path = pytorch_artifacts("blip2-split")
     graphs = _gpuload_quietly(path, dtype="float32", compile=False)
@@ -520,7 +528,8 @@ def test_fp16_compiled_step_and_encoders(pytorch_artifacts, photos):
     compiled = _gpuload_quietly(path)
     eager = _gpuload_quietly(path, compile=False, cuda_graphs=False)
     model = next(e.model for e in torch_backend._MODELS.values() if e.users and e.model.device.type == "cuda")
-    assert {p.dtype for p in model.qformer.parameters()} == {torch.float32} and model.query_tokens.dtype == torch.float32
+    assert {p.dtype
+            for p in model.qformer.parameters()} == {torch.float32} and model.query_tokens.dtype == torch.float32
     assert {p.dtype for p in model.language_model.parameters()} == {torch.float16}
     pixels = compiled.preprocessor(photos[:2])
     got, want = (c.runners["prefix"].infer({"pixel_values": pixels})["prefix_embeds"] for c in (compiled, eager))

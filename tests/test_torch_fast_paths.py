@@ -92,7 +92,8 @@ class _Spy:
     ({"max_new_tokens": 12, "repetition_penalty": 1.3}, False),  # the penalty needs the logits on the host
     ({"max_new_tokens": 12, "do_sample": True, "seed": 3}, False),
 ])
-def test_the_loop_takes_greedy_tokens_from_the_device_when_only_tokens_are_banned(decoders, photos, settings, on_device):
+def test_the_loop_takes_greedy_tokens_from_the_device_when_only_tokens_are_banned(decoders, photos, settings,
+                                                                                   on_device):
     from mmedge.generation import GenerationConfig, generate
 
     reference, decoder = decoders
@@ -160,9 +161,8 @@ def test_growing_drops_the_smaller_buffers_and_the_lru_is_bounded(decoders, phot
 def test_compiled_step_gives_the_same_tokens(pytorch_artifacts, photos):
     """The step compiled whole (fullgraph: no graph break in the model, the cache or the mask update); aot_eager
     traces and partitions it exactly as inductor would, without code generation (which takes minutes here)."""
-    from mmedge.runtimes.torch_decoder import create_decoder
-
     from mmedge.generation import GenerationConfig, generate
+    from mmedge.runtimes.torch_decoder import create_decoder
 
     artifact = Artifact.open(pytorch_artifacts("blip2"))
     plain = create_decoder(artifact, device="cpu")
@@ -201,7 +201,8 @@ def test_compile_settings(pytorch_artifacts):
     assert compile_backend(True, default=False) == "inductor" and compile_backend(False, default=True) is None
     assert compile_backend("aot_eager", default=False) == "aot_eager"
     api_error(lambda: compile_backend("fastest", default=True), BackendUnavailableError, "'fastest'", "aot_eager")
-    captioner = load_quietly(pytorch_artifacts("blip2"), backend="torch", backend_options={"torch": {"compile": "aot_eager"}})
+    captioner = load_quietly(pytorch_artifacts("blip2"), backend="torch",
+                             backend_options={"torch": {"compile": "aot_eager"}})
     assert captioner.decoder.compile_status == "on (aot_eager)"
     assert captioner.runners["prefix"].graph_report()["compile"] == "on (aot_eager)"
     captioner.close()
@@ -213,7 +214,8 @@ def test_bitsandbytes_layers_are_built_without_initialising_weights_on_the_cpu(p
     from mmedge.runtimes.torch_backend import load_reference_model, weights_folder
     from mmedge.runtimes.torch_bnb import output_head_names, quantize_linear_layers
 
-    model = load_reference_model(weights_folder(Artifact.open(pytorch_artifacts("blip2"))), "blip2", torch.device("cpu"),
+    model = load_reference_model(weights_folder(Artifact.open(pytorch_artifacts("blip2"))), "blip2",
+                                 torch.device("cpu"),
                                  torch.float32)
     llm = model.language_model
     before = llm.get_input_embeddings()(torch.arange(5))
@@ -239,9 +241,8 @@ def test_greedy_steps_run_one_ahead_and_are_taken_or_run_again(pytorch_artifacts
     """run_ahead (on by default where the step is a CUDA graph; forced here, where each launch runs at once): the
     step after a greedy choice starts on that choice; the loop takes it when its next call matches, and gets it run
     again when not (a different mask, different bans). The tokens are the reference's either way."""
-    from mmedge.runtimes.torch_decoder import create_decoder
-
     from mmedge.generation import generate
+    from mmedge.runtimes.torch_decoder import create_decoder
 
     reference = load_quietly(pytorch_artifacts("blip2"))
     decoder = create_decoder(Artifact.open(pytorch_artifacts("blip2")), device="cpu")
@@ -253,7 +254,8 @@ def test_greedy_steps_run_one_ahead_and_are_taken_or_run_again(pytorch_artifacts
     assert decoder.steps_ahead == {"taken": 8, "redone": 0}  # steps 2..9 (none past the reserved 10 tokens)
     assert decoder._ahead is None and decoder.past_length == embeds.shape[1] + 9
 
-    decoder.steps_ahead.update(taken=0, redone=0)  # EOS stops being banned after 3 tokens: the step at the change is redone
+    # EOS stops being banned after 3 tokens: the step at the change is redone
+    decoder.steps_ahead.update(taken=0, redone=0)
     config = reference._config({"max_new_tokens": 10, "min_new_tokens": 3})
     assert generate(decoder, embeds, mask, config) == generate(reference.decoder, embeds, mask, config)
     assert decoder.steps_ahead["redone"] == 1
@@ -280,8 +282,8 @@ def test_attention_masks_have_the_queries_dtype_in_half_precision(pytorch_artifa
     (pytorch#191612): IDEFICS' float32 image bias beside FP16 queries gave logits cosine 0.80 on an H200, while the
     CPU's attention promotes it correctly."""
     import torch.nn.functional as F
-    from mmedge.runtimes.torch_backend import create_runner
 
+    from mmedge.runtimes.torch_backend import create_runner
     from mmedge.validate import load_validation_samples
 
     seen = []

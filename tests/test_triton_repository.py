@@ -20,7 +20,8 @@ from mmedge.triton import Options, pipeline_models, write_repository
 from mmedge.triton.config import ENCODERS, TRITON_DTYPES, batch_axis, component_config, render
 from mmedge.triton.protocol import PIPELINES
 
-model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason='needs tritonclient: pip install "mmedge[triton]"')
+model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",
+                                       reason='needs tritonclient: pip install "mmedge[triton]"')
 from google.protobuf import text_format  # noqa: E402  (tritonclient's dependency)
 
 
@@ -87,13 +88,15 @@ def test_onnxruntime_repository_matches_every_manifest(sources, tmp_path, gpu):
             assert (repo / model / "1" / "manifest.json").read_bytes() == (folder / "manifest.json").read_bytes()
 
 
-@pytest.mark.parametrize("precision, method, expected", [("int8", "int8-static-qdq", "INT8"), ("int8", "int8-dynamic", None),
+@pytest.mark.parametrize("precision, method, expected",
+                         [("int8", "int8-static-qdq", "INT8"), ("int8", "int8-dynamic", None),
                                                          ("int4", "int4-weight-only", None), ("fp16", None, "FP16")])
 def test_tensorrt_precision_follows_the_quantization_recipe(precision, method, expected):
     """As mmedge's own TensorRT backend: static QDQ graphs build INT8 engines (explicit quantization), ONNX Runtime's
     integer and MatMulNBits graphs stay on its CUDA provider (no accelerator)."""
     component = {"file": "g.onnx", "precision": precision, "quantization": {"method": method} if method else None,
-                 "inputs": {"x": {"dtype": "float32", "shape": ["batch", 4]}}, "outputs": {"y": {"dtype": "float32", "shape": ["batch", 2]}}}
+                 "inputs": {"x": {"dtype": "float32", "shape": ["batch", 4]}},
+                 "outputs": {"y": {"dtype": "float32", "shape": ["batch", 2]}}}
     text = render(component_config("m", "vision", component, Options(gpu=True)))
     config = text_format.Parse(text, model_config_pb2.ModelConfig())
     accelerators = config.optimization.execution_accelerators.gpu_execution_accelerator
@@ -102,9 +105,11 @@ def test_tensorrt_precision_follows_the_quantization_recipe(precision, method, e
 
 def test_blip2_and_idefics_get_a_streaming_caption_model(sources, tmp_path):
     written = write_repository([sources["blip2"], sources["idefics"]], tmp_path / "repo")
-    assert written[str(sources["blip2"])] == ["blip2__prefix", "blip2__decoder", "blip2-caption", "blip2-caption-stream"]
+    assert written[str(sources["blip2"])] == ["blip2__prefix", "blip2__decoder", "blip2-caption",
+                                              "blip2-caption-stream"]
     assert written[str(sources["idefics"])] == ["idefics__vision", "idefics__resampler", "idefics__cross_kv",
-                                                          "idefics__decoder", "idefics-caption", "idefics-caption-stream"]
+                                                          "idefics__decoder", "idefics-caption",
+                                                "idefics-caption-stream"]
     table = Artifact.open(sources["blip2"]).manifest["blip2"]["embeddings"]
     assert sha256_file(tmp_path / "repo" / "blip2-caption" / "1" / table["file"]) == table["sha256"]
 
@@ -113,7 +118,8 @@ def test_python_platform_components_run_mmedges_runner(sources, tmp_path):
     write_repository([sources["clip"]], tmp_path / "repo", Options(platform="python", threads=2))
     config = parse(tmp_path / "repo" / "clip__vision")
     assert config.backend == "python" and not config.default_model_filename
-    assert json.loads(config.parameters["mmedge"].string_value) == {"component": "vision", "providers": ["cpu"], "threads": 2}
+    assert json.loads(config.parameters["mmedge"].string_value) == {"component": "vision", "providers": ["cpu"],
+                                                                    "threads": 2}
     version = tmp_path / "repo" / "clip__vision" / "1"
     assert sorted(p.name for p in version.iterdir()) == ["manifest.json", "model.py", "vision.onnx"]
     assert "ComponentModel as TritonPythonModel" in (version / "model.py").read_text()
@@ -137,14 +143,17 @@ def test_a_tampered_artifact_is_refused_and_nothing_is_written(sources, tmp_path
 
 def test_cli_writes_the_repository_and_refuses_bad_options(sources, tmp_path):
     out = tmp_path / "repo"
-    result = subprocess.run([sys.executable, "-m", "mmedge.cli", "triton", str(sources["clip-fused"]), "--out", str(out), "--json"],
+    result = subprocess.run([sys.executable, "-m", "mmedge.cli", "triton", str(sources["clip-fused"]), "--out",
+                             str(out), "--json"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {str(sources["clip-fused"]): ["clip-fused__zero_shot", "clip-fused-zero-shot"]}
-    again = subprocess.run([sys.executable, "-m", "mmedge.cli", "triton", str(sources["clip-fused"]), "--out", str(out)],
+    again = subprocess.run([sys.executable, "-m", "mmedge.cli", "triton", str(sources["clip-fused"]), "--out",
+                            str(out)],
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "already exists" in again.stderr
-    bad = subprocess.run([sys.executable, "-m", "mmedge.cli", "triton", str(sources["clip"]), "--out", str(tmp_path / "b"),
+    bad = subprocess.run([sys.executable, "-m", "mmedge.cli", "triton", str(sources["clip"]), "--out",
+                          str(tmp_path / "b"),
                           "--max-batch-size", "0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "max_batch_size is 0" in bad.stderr
 

@@ -100,7 +100,8 @@ class Blip2Family(GenerativeFamily):
         if not model.config.use_decoder_only_language_model:
             raise ExportError("this BLIP-2 checkpoint uses an encoder-decoder LLM (Flan-T5)",
                               "a decoder-only LLM (OPT, Llama-family)", "export a blip2-opt checkpoint")
-        encoders = [Blip2Prefix(model)] if self.setting(options, "fused_prefix") else [Blip2Vision(model), QFormer(model)]
+        encoders = [Blip2Prefix(model)] if self.setting(options,
+                                                        "fused_prefix") else [Blip2Vision(model), QFormer(model)]
         return [*encoders, DecoderWithPast(model.language_model)]
 
     @staticmethod
@@ -108,7 +109,8 @@ class Blip2Family(GenerativeFamily):
         """The wrapper module the exporter traced for component ``name`` (the decoder: flat KV cache in and out),
         around a model loaded on the device by ``mmedge.runtimes.torch_backend``."""
         builders = {"vision": _VisionEmbeds, "qformer": _QFormerPrefix, "prefix": _FusedPrefix,
-                    "decoder": lambda m: _DecoderWithPast(m.language_model, kv_cache_layout(m.language_model)["layers"])}
+                    "decoder": lambda m: _DecoderWithPast(m.language_model,
+                                                          kv_cache_layout(m.language_model)["layers"])}
         return builders[name](model).eval()
 
     @staticmethod
@@ -146,16 +148,19 @@ class Blip2Family(GenerativeFamily):
                                      int(model.language_model.get_input_embeddings().embedding_dim)]},
                 "decoder": {"component": "decoder", "llm": text.model_type,
                             "max_positions": int(getattr(text, "max_position_embeddings", 0) or 0) or None,
-                            "position_ids": "cumsum(attention_mask, axis=1) - 1 (padding slots: any value, they are masked)",
+                            "position_ids": "cumsum(attention_mask, axis=1) - 1 (padding slots: any value, "
+                            "they are masked)",
                             "position_offset": 0, "kv_cache": kv_cache_layout(model.language_model)},
                 "bos_token_id": generation["bos_token_id"],
                 "eos_token_id": generation["eos_token_id"],
                 "pad_token_id": generation["pad_token_id"],
                 "image_tokens": {
-                    "hf_image_token_id": None if model.config.image_token_index is None else int(model.config.image_token_index),
+                    "hf_image_token_id": None if model.config.image_token_index is None
+                    else int(model.config.image_token_index),
                     "in_prompt_ids": False,
                     "sequence": "prefix_embeds (num_query_tokens rows), then embed(prompt_ids)",
-                    "prompt_ids": "tokenizer(prompt), which starts with bos_token_id; [bos_token_id] when there is no prompt",
+                    "prompt_ids": "tokenizer(prompt), which starts with bos_token_id; [bos_token_id] when there "
+                    "is no prompt",
                     "hf_equivalent": "processor puts num_query_tokens <image> ids before tokenizer(prompt); "
                                      "generate() replaces exactly those rows with the prefix (masked_scatter)",
                 },
@@ -224,7 +229,8 @@ class Blip2Family(GenerativeFamily):
         if "pixel_values" in spec.inputs:
             return feeds, note
         vision = _session(builder.fp32_paths["vision"], builder.options.threads)
-        return ({"image_embeds": vision.run(["image_embeds"], feed)[0]} for feed in feeds), note + " through FP32 vision"
+        return ({"image_embeds": vision.run(["image_embeds"],
+                                            feed)[0]} for feed in feeds), note + " through FP32 vision"
 
     # --- fidelity of quantized graphs ------------------------------------------------------------
     def quantized_fidelity(self, run, fp32: dict[str, Path], quantized: dict[str, Path], builder) -> dict[str, dict]:
@@ -246,7 +252,8 @@ class Blip2Family(GenerativeFamily):
                 if measured[name]["embedding_cosine_mean"] < options.min_quantized_cosine:
                     raise ParityError(name, "embeddings", "cosine", measured[name]["embedding_cosine_mean"],
                                       options.min_quantized_cosine,
-                                      "use more representative --calibration images, --quantization dynamic, or --precision fp16")
+                                      "use more representative --calibration images, --quantization dynamic, or "
+                                      "--precision fp16")
         if "decoder" in quantized:
             measured["decoder"] = self._decoder_fidelity(fp32, quantized, builder, photos)
             floor = float(self.setting(options, "min_logits_cosine"))
@@ -267,8 +274,9 @@ class Blip2Family(GenerativeFamily):
         reference = _Greedy(fp32["decoder"], builder.loaded._blip2_fp32_table, kv_cache_layout(llm), options.threads)
         table = _load_table(builder.stage / EMBEDDINGS_FILE, entry)
         candidate = _Greedy(quantized["decoder"], table, kv_cache_layout(llm), options.threads)
-        config = generation_settings(builder.loaded) | {"max_new_tokens": int(self.setting(options, "fidelity_max_new_tokens")),
-                                                        "num_beams": 1, "do_sample": False}
+        new_tokens = int(self.setting(options, "fidelity_max_new_tokens"))
+        config = generation_settings(builder.loaded) | {"max_new_tokens": new_tokens, "num_beams": 1,
+                                                        "do_sample": False}
         cosines, identical, common = [], [], []
         for prompt in FIDELITY_PROMPTS:
             ids = _prompt_ids(builder.tokenizer, prompt, config["bos_token_id"], len(pixels))  # [images, tokens]
@@ -355,13 +363,10 @@ def _load_table(path: Path, entry: dict) -> np.ndarray:
 
 
 def _session(path: Path, threads: int | None):
-    import onnxruntime as ort
+    """A CPU ONNX Runtime session over an exported graph (``threads`` None or 0: all cores)."""
+    from mmedge.runtimes.ort_session import OrtOptions, session_from_path
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session_from_path(path, OrtOptions(threads=threads or None))
 
 
 def _prefill(language_model, prefix: torch.Tensor, layout: dict) -> list[torch.Tensor]:
@@ -410,7 +415,8 @@ class _Greedy:
 
     def prefill_logits(self, prefix: np.ndarray, ids: np.ndarray) -> np.ndarray:
         embeds = self.embeds(prefix, ids)
-        feeds = decoder_feeds(torch.from_numpy(embeds), torch.ones(embeds.shape[:2], dtype=torch.long), None, self.layout)
+        feeds = decoder_feeds(torch.from_numpy(embeds), torch.ones(embeds.shape[:2], dtype=torch.long), None,
+                              self.layout)
         return self.session.run(["logits"], {k: v.numpy() for k, v in feeds.items()})[0]  # [batch, tokens, vocab]
 
     def generate(self, prefix: np.ndarray, ids: np.ndarray, settings: dict) -> list[list[int]]:

@@ -100,7 +100,8 @@ class ClipFamily:
         fused = bool(labels)
         extras = {
             "tasks": ["zero-shot"] if fused else ([task] + [t for t in TASKS if t != task]),
-            "clip": {"logit_scale": self.logit_scale(loaded), "projection_dim": int(loaded.model.config.projection_dim)},
+            "clip": {"logit_scale": self.logit_scale(loaded),
+                     "projection_dim": int(loaded.model.config.projection_dim)},
         }
         if fused:
             extras["zero_shot"] = {"labels": check_labels(labels), "templates": check_templates(templates)}
@@ -129,7 +130,8 @@ class ClipFamily:
         from mmedge.export.calibration import fidelity_paths
 
         photos, _ = fidelity_paths(builder.options)
-        measured = self._fidelity(run, fp32, quantized, builder.preprocessor, builder.tokenizer, builder.options.templates,
+        measured = self._fidelity(run, fp32, quantized, builder.preprocessor, builder.tokenizer,
+                                  builder.options.templates,
                                   photos)
         floor = builder.options.min_quantized_cosine
         for name, figures in measured.items():
@@ -154,7 +156,9 @@ class ClipFamily:
         templates = check_templates(templates)
 
         def text_embeds(path):
-            return lambda prompts: run(path, dict(zip(("input_ids", "attention_mask"), tokenizer.encode(prompts))))["text_embeds"]
+            return lambda prompts: run(path,
+                                       dict(zip(("input_ids", "attention_mask"),
+                                                tokenizer.encode(prompts))))["text_embeds"]
 
         bank_ref = build_label_bank(text_embeds(fp32["text"]), labels, templates)  # [labels, dim]
         bank_act = build_label_bank(text_embeds(quantized["text"]), labels, templates)
@@ -179,7 +183,8 @@ class ClipFamily:
         prompts = _calibration_prompts(options.labels, options.templates)
         # One padded batch, fed row by row: the calibrator stacks activations, so lengths must agree.
         input_ids, attention_mask = builder.tokenizer.encode(prompts)  # [prompts, tokens] each
-        feeds = ({"input_ids": input_ids[i:i + 1], "attention_mask": attention_mask[i:i + 1]} for i in range(len(prompts)))
+        feeds = ({"input_ids": input_ids[i:i + 1],
+                  "attention_mask": attention_mask[i:i + 1]} for i in range(len(prompts)))
         return feeds, f"{len(prompts)} label prompts"
 
     # --- samples stored with the artifact for on-device `mmedge validate` --------------------------
@@ -188,7 +193,8 @@ class ClipFamily:
 
         if "pixel_values" in spec.inputs:
             return {"pixel_values": builder.preprocessor([load_calibration_image(p) for p in bundled("holdout")[:2]])}
-        input_ids, attention_mask = builder.tokenizer.encode(["a photo of a cat.", "a diagram of a rocket engine on a table."])
+        input_ids, attention_mask = builder.tokenizer.encode(["a photo of a cat.",
+                                                              "a diagram of a rocket engine on a table."])
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from mmedge.errors import ParityError
-from mmedge.export.families.common import GenerativeFamily
 from mmedge.export.families.blip2 import (
     EMBEDDINGS_FILE,
     GENERATION_FIELDS,
@@ -29,6 +28,7 @@ from mmedge.export.families.blip2 import (
     embedding_arrays,
     generation_settings,
 )
+from mmedge.export.families.common import GenerativeFamily
 from mmedge.export.specs.blip2 import decoder_feeds, kv_cache_layout
 from mmedge.export.specs.idefics import (
     CROSS_NAME,
@@ -139,12 +139,15 @@ class IdeficsFamily(GenerativeFamily):
                 "image_size": image_size(model),
                 "vision_width": vision_width(model),
                 "cross_kv": {"component": "cross_kv" if cached else None, **cross_kv_layout(model)},
-                "decoder": {"component": "decoder", "llm": "llama", "max_positions": int(config.max_position_embeddings),
-                            "position_ids": "cumsum(attention_mask, axis=1) - 1 (padding slots: any value, they are masked)",
+                "decoder": {"component": "decoder", "llm": "llama",
+                            "max_positions": int(config.max_position_embeddings),
+                            "position_ids": "cumsum(attention_mask, axis=1) - 1 (padding slots: any value, "
+                            "they are masked)",
                             "position_offset": 0, "kv_cache": kv_cache_layout(model),
                             "cross_kv": "inputs" if cached else "computed",
                             "cross_layer_interval": int(config.cross_layer_interval),
-                            "image_attention_mask": "[batch, sequence, images]; decode steps repeat the prompt's last row"},
+                            "image_attention_mask": "[batch, sequence, images]; decode steps repeat the "
+                            "prompt's last row"},
                 "bos_token_id": generation["bos_token_id"],
                 "eos_token_id": generation["eos_token_id"],
                 "pad_token_id": generation["pad_token_id"],
@@ -153,7 +156,8 @@ class IdeficsFamily(GenerativeFamily):
                     "end_of_utterance_token": END_OF_UTTERANCE_TOKEN if END_OF_UTTERANCE_TOKEN in additional else None,
                     "image_token_id": int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)),
                     "eos_token_id": int(tokenizer.eos_token_id),
-                    "hf_equivalent": "IdeficsProcessor(text=[items]) with add_special_tokens=False, add_eos_token=False",
+                    "hf_equivalent": "IdeficsProcessor(text=[items]) with add_special_tokens=False, "
+                    "add_eos_token=False",
                 },
                 "prompts": {"caption": None, "vqa": VQA_TEMPLATE},
                 "embeddings": loaded._idefics_embeddings,
@@ -199,12 +203,14 @@ class IdeficsFamily(GenerativeFamily):
             if spec.name == "cross_kv":
                 return {"visual_tokens": visual.numpy()}
             inputs = host_prompt(builder, [photos[0], VALIDATION_PROMPT[1], photos[1], VALIDATION_PROMPT[3]])
-            feeds = decoder_feeds(torch.from_numpy(inputs["embeds"]), torch.from_numpy(inputs["mask"]), None, spec.kv_cache)
+            feeds = decoder_feeds(torch.from_numpy(inputs["embeds"]), torch.from_numpy(inputs["mask"]), None,
+                                  spec.kv_cache)
             feeds = {k: v.numpy() for k, v in feeds.items()}
             context = {"image_attention_mask": inputs["image_attention_mask"]}
             if spec.cached:
                 kv = _CrossKV(model).eval()(visual)
-                context |= {CROSS_NAME % (i // 2, "key" if i % 2 == 0 else "value"): t.numpy() for i, t in enumerate(kv)}
+                context |= {CROSS_NAME % (i // 2, "key" if i % 2 == 0 else "value"): t.numpy() for i,
+                            t in enumerate(kv)}
             else:
                 context["visual_tokens"] = visual.numpy()
         merged = {**feeds, **context}
@@ -218,7 +224,8 @@ class IdeficsFamily(GenerativeFamily):
         if spec.name == "vision":
             return feeds, note
         vision = _session(builder.fp32_paths["vision"], builder.options.threads)
-        return ({"image_features": vision.run(["image_features"], feed)[0]} for feed in feeds), note + " through FP32 vision"
+        return ({"image_features": vision.run(["image_features"],
+                                              feed)[0]} for feed in feeds), note + " through FP32 vision"
 
     # --- fidelity of quantized graphs ------------------------------------------------------------
     def quantized_fidelity(self, run, fp32: dict[str, Path], quantized: dict[str, Path], builder) -> dict[str, dict]:
@@ -240,7 +247,8 @@ class IdeficsFamily(GenerativeFamily):
             if measured[name]["embedding_cosine_mean"] < options.min_quantized_cosine:
                 raise ParityError(name, "outputs", "cosine", measured[name]["embedding_cosine_mean"],
                                   options.min_quantized_cosine,
-                                  "use more representative --calibration images, --quantization dynamic, or --precision fp16")
+                                  "use more representative --calibration images, --quantization dynamic, or "
+                                  "--precision fp16")
         if "decoder" in quantized:
             measured["decoder"] = self._decoder_fidelity(fp32, quantized, builder, photos)
             floor = float(self.setting(options, "min_logits_cosine"))
@@ -352,7 +360,8 @@ def _outputs(session, feeds: dict) -> dict:
 
 def host_decoder(builder, path: Path, table: np.ndarray):
     """An ``OrtDecoder`` over a decoder graph (no IO binding), fed the graph's own context inputs."""
-    from mmedge.runtimes.onnxruntime_decoder import OrtDecoder, context_inputs
+    from mmedge.generation.kv_layout import context_inputs
+    from mmedge.runtimes.onnxruntime_decoder import OrtDecoder
 
     layout = _prompt_settings(builder)["decoder"]["kv_cache"]
     session = _session(path, builder.options.threads)

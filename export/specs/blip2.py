@@ -50,7 +50,8 @@ class _QFormerPrefix(torch.nn.Module):
         self.language_projection = model.language_projection
 
     def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)  # [batch, tokens]
+        # [batch, tokens]
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)  # [batch, queries, qformer_width]
         query_output = self.qformer(query_embeds=queries, encoder_hidden_states=image_embeds,
                                     encoder_attention_mask=image_mask, return_dict=True).last_hidden_state
@@ -271,7 +272,8 @@ class DecoderWithPast(ComponentSpec):
 
 def decoder_feeds(embeds: torch.Tensor, attention_mask: torch.Tensor, past: list[torch.Tensor] | None,
                   layout: dict) -> dict[str, torch.Tensor]:
-    """Decoder inputs for ``embeds [batch, sequence, width]`` after ``past`` (flat key, value per layer; None = prefill).
+    """Decoder inputs for ``embeds [batch, sequence, width]`` after ``past`` (flat key, value per layer; None =
+    prefill).
 
     Positions follow HF: ``cumsum(attention_mask) - 1`` over past + new tokens, padded slots at 0.
     """

@@ -36,7 +36,8 @@ class _FusedZeroShot(torch.nn.Module):
     def __init__(self, model, label_bank: np.ndarray, logit_scale: float):
         super().__init__()
         self.image = _ImageEmbeds(model)
-        self.register_buffer("label_bank", torch.from_numpy(np.ascontiguousarray(label_bank.T)).float())  # [dim, labels]
+        # [dim, labels]
+        self.register_buffer("label_bank", torch.from_numpy(np.ascontiguousarray(label_bank.T)).float())
         self.logit_scale = float(logit_scale)
 
     def forward(self, pixel_values: torch.Tensor):
@@ -119,7 +120,8 @@ class ClipZeroShot(ComponentSpec):
         return _FusedZeroShot(self.model, self.label_bank, self.logit_scale).eval()
 
     def reference_tensors(self):
-        return {"label_bank": torch.from_numpy(np.ascontiguousarray(self.label_bank, dtype=np.float32))}  # [labels, dim]
+        # [labels, dim]
+        return {"label_bank": torch.from_numpy(np.ascontiguousarray(self.label_bank, dtype=np.float32))}
 
     def sample_inputs(self, batch, sequence, generator):
         return {"pixel_values": _random_pixels(self.model, batch, generator)}

@@ -170,7 +170,8 @@ class _XAttnDecoderWithPast(torch.nn.Module):
         # the bias in the queries' dtype and on their device: a float32 bias beside FP16 queries promoted the mask to
         # float32, which PyTorch's cuDNN attention (the default on sm90) reads as FP16 (pytorch#191612: IDEFICS' FP16
         # decoder on an H200 came out at logits cosine 0.80), and host scalars cannot be copied inside a CUDA graph
-        blocked = torch.full((), torch.finfo(inputs_embeds.dtype).min, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
+        blocked = torch.full((), torch.finfo(inputs_embeds.dtype).min, dtype=inputs_embeds.dtype,
+                             device=inputs_embeds.device)
         allowed = torch.zeros((), dtype=inputs_embeds.dtype, device=inputs_embeds.device)
         bias = torch.where(seen[:, None, :, :].bool(), allowed, blocked)  # [batch, 1, sequence, image_tokens]
         gate = (bias == 0.0).any(dim=-1).to(inputs_embeds.dtype).squeeze(1)  # [batch, sequence]
@@ -179,7 +180,8 @@ class _XAttnDecoderWithPast(torch.nn.Module):
         for index, layer in enumerate(self.decoder_layers):
             if index % self.interval == 0:
                 c = index // self.interval
-                hidden = _gated_cross_block(self.blocks[c], hidden, cross[2 * c], cross[2 * c + 1], bias, gate, attention)
+                hidden = _gated_cross_block(self.blocks[c], hidden, cross[2 * c], cross[2 * c + 1], bias, gate,
+                                            attention)
             hidden = layer(hidden, attention_mask=causal, position_ids=position_ids, **layer_cache)
         logits = self.lm_head(self.norm(hidden))  # [batch, sequence, vocab + additional]
         present = []
@@ -225,7 +227,8 @@ class PerceiverResampler(ComponentSpec):
         return _Resampler(self.model).eval()
 
     def sample_inputs(self, batch, sequence, generator):
-        return {"image_features": torch.randn(batch, patch_tokens(self.model), vision_width(self.model), generator=generator)}
+        return {"image_features": torch.randn(batch, patch_tokens(self.model), vision_width(self.model),
+                                              generator=generator)}
 
 
 class CrossKV(ComponentSpec):
@@ -301,7 +304,8 @@ class XAttnDecoderWithPast(ComponentSpec):
         return _XAttnDecoderWithPast(self.model, self.cached).eval()
 
     def manifest_io(self) -> dict:
-        return {**super().manifest_io(), "kv_cache": dict(self.kv_cache), "cross_kv": "inputs" if self.cached else "computed"}
+        return {**super().manifest_io(), "kv_cache": dict(self.kv_cache), "cross_kv": "inputs" if self.cached
+                else "computed"}
 
     def trace_inputs(self):
         return self.sample_inputs(TRACE_SIZES["batch"], TRACE_SIZES["sequence"], torch.Generator().manual_seed(0),

@@ -6,7 +6,8 @@
 scores. ``images/`` holds a few test-split scenes and their ground truth (``truth.json``).
 
 The demo exports each model at FP32 and quantized (CLIP: INT8 fused zero-shot; BLIP-2: INT8 encoders with an
-INT4 LLM), and the CLIP once more as two graphs (labels chosen at run time, embeddings), into a cache folder, validates every artifact, then classifies and captions the bundled scenes and
+INT4 LLM), and the CLIP once more as two graphs (labels chosen at run time, embeddings), into a cache folder, validates
+every artifact, then classifies and captions the bundled scenes and
 prints what each precision said, its agreement with FP32, latency and size. A later run finds the artifacts in
 the cache (same model files, same options, same mmedge version) and skips the export, so it needs no torch.
 """
@@ -138,7 +139,8 @@ def export_variant(variant: Variant, folder: Path, key: str) -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # the demo prints one line per export instead
-    export_model(str(model_path(variant.model)), folder, ExportOptions(**variant.options, overwrite=True, progress=False))
+    export_model(str(model_path(variant.model)), folder,
+                 ExportOptions(**variant.options, overwrite=True, progress=False))
     (folder.parent / f"{folder.name}.{CACHE_KEY_FILE}").write_text(key + "\n")
 
 
@@ -153,7 +155,7 @@ def describe(variant: Variant) -> str:
 # --- running ------------------------------------------------------------------------------------
 def run_demo(cache: str | os.PathLike | None = None, count: int | None = None, threads: int | None = None,
              progress: bool = True, backend: str = "auto") -> dict:
-    """Export (or reuse), validate and run every variant on the bundled scenes (on ``backend``); returns the report."""
+    """Export (or reuse), validate and run every variant on the bundled scenes on ``backend``; returns the report."""
     from mmedge.progress import Progress
     from mmedge.validate import raise_on_failure, validate_artifact
 
@@ -172,8 +174,10 @@ def run_demo(cache: str | os.PathLike | None = None, count: int | None = None, t
             if not reuse:
                 cache.mkdir(parents=True, exist_ok=True)
                 export_variant(variant, folder, key)
-        report["artifacts"][variant.name] = {"path": str(folder), "model": variant.model, "precision": variant.precision,
-                                             "reused": reuse, "export_seconds": 0.0 if reuse else round(time.perf_counter() - start, 1)}
+        report["artifacts"][variant.name] = {"path": str(folder), "model": variant.model,
+                                             "precision": variant.precision,
+                                             "reused": reuse, "export_seconds": 0.0 if reuse
+                                             else round(time.perf_counter() - start, 1)}
     with steps.step(f"validating {len(chosen)} artifacts against their PyTorch references"):
         for variant in chosen:
             validation = validate_artifact(cache / variant.name, backend=backend, threads=threads)
@@ -182,8 +186,8 @@ def run_demo(cache: str | os.PathLike | None = None, count: int | None = None, t
                 m["cosine"] for entry in validation.values() for m in entry["outputs"].values())
     with steps.step(f"classifying and captioning {len(paths)} images with {len(chosen)} artifacts"):
         for variant in chosen:
-            report["artifacts"][variant.name].update(_run_variant(cache / variant.name, variant, paths, truths, threads,
-                                                                  backend))
+            report["artifacts"][variant.name].update(_run_variant(cache / variant.name, variant, paths, truths,
+                                                                  threads, backend))
     _agreement(report, chosen)
     return report
 
@@ -270,12 +274,14 @@ def format_report(report: dict) -> str:
             lines.append(f"  question  {question}   {answers}")
         lines.append("")
     count = len(truths)
-    header = ("artifact", "precision", "size", "latency/image", "right on these images", "same as FP32", "export-time vs FP32")
+    header = ("artifact", "precision", "size", "latency/image", "right on these images", "same as FP32",
+              "export-time vs FP32")
     rows = []
     for name, a in artifacts.items():
         task = "top-1 present" if a["model"] == "clip" else "caption exact"
         same = "-" if a["precision"] == "fp32" else f"{a['agrees_with_fp32']}/{count}"
-        fidelity = ", ".join(f"{k.split('.')[-1].replace('_', ' ')} {v:.3f}" for k, v in a["export_fidelity"].items()) or "-"
+        fidelity = ", ".join(f"{k.split('.')[-1].replace('_', ' ')} {v:.3f}" for k,
+                             v in a["export_fidelity"].items()) or "-"
         rows.append((name, a["precision"], f"{a['size_bytes'] / 1e6:.2f} MB", f"{a['latency_ms']:.1f} ms",
                      f"{a['correct']}/{count} {task}", same, fidelity))
     widths = [max(len(str(r[c])) for r in (header, *rows)) for c in range(len(header))]

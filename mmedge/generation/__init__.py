@@ -7,7 +7,8 @@ that owns its KV cache.
     for piece in stream(decoder, inputs_embeds, None, config, tokenizer):   # text as it arrives
         print(piece, end="")
 
-``decoder`` is any :class:`Decoder` (``mmedge.runtimes.onnxruntime_decoder.OrtDecoder`` on the device).
+``decoder`` is any :class:`Decoder`: the one its backend opened (``OrtDecoder`` on ONNX Runtime, ``RunnerDecoder`` over
+a TensorRT engine, ``TorchDecoder`` on torch; see ``mmedge.backends.Backend.open_decoder``).
 """
 
 from mmedge.generation.config import MAX_NEW_TOKENS_CAP, GenerationConfig

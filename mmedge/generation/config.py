@@ -65,7 +65,8 @@ class GenerationConfig:
         return self.eos_token_ids[0] if self.eos_token_ids else None
 
     # --- checking ------------------------------------------------------------------------------------
-    def validate(self, max_positions: int | None = None, vocab_size: int | None = None, prompt_length: int = 0) -> "GenerationConfig":
+    def validate(self, max_positions: int | None = None, vocab_size: int | None = None,
+                 prompt_length: int = 0) -> "GenerationConfig":
         """Raise InputError for a setting that cannot work; return ``self`` otherwise.
 
         ``max_positions`` (the decoder's position limit) and ``prompt_length`` bound
@@ -74,9 +75,11 @@ class GenerationConfig:
         self._check_types()
         cap = MAX_NEW_TOKENS_CAP
         if self.max_new_tokens <= 0:
-            raise _bad("max_new_tokens", self.max_new_tokens, "an integer of at least 1", "ask for one or more new tokens, e.g. max_new_tokens=30")
+            raise _bad("max_new_tokens", self.max_new_tokens, "an integer of at least 1",
+                       "ask for one or more new tokens, e.g. max_new_tokens=30")
         if self.max_new_tokens > cap:
-            raise _bad("max_new_tokens", self.max_new_tokens, f"at most {cap}", "lower max_new_tokens (captions need 20-60 tokens)")
+            raise _bad("max_new_tokens", self.max_new_tokens, f"at most {cap}",
+                       "lower max_new_tokens (captions need 20-60 tokens)")
         if max_positions is not None and prompt_length + self.max_new_tokens > max_positions:
             raise _bad(
                 "max_new_tokens", self.max_new_tokens,
@@ -89,21 +92,27 @@ class GenerationConfig:
             raise _bad("min_new_tokens", self.min_new_tokens, f"at most max_new_tokens ({self.max_new_tokens})",
                        "lower min_new_tokens or raise max_new_tokens")
         if self.num_beams < 1:
-            raise _bad("num_beams", self.num_beams, "1 (greedy or sampling) or more (beam search)", "use num_beams=1 for greedy decoding")
+            raise _bad("num_beams", self.num_beams, "1 (greedy or sampling) or more (beam search)",
+                       "use num_beams=1 for greedy decoding")
         if self.num_beams > 1 and self.do_sample:
             raise _bad("num_beams", self.num_beams, "num_beams=1 when do_sample=True (beam sampling is not supported)",
                        "set do_sample=False for beam search, or num_beams=1 for sampling")
-        if self.early_stopping not in EARLY_STOPPING_MODES or isinstance(self.early_stopping, int) and not isinstance(self.early_stopping, bool):
-            raise _bad("early_stopping", self.early_stopping, "True, False or \"never\"", "use early_stopping=False (transformers' default)")
+        odd = isinstance(self.early_stopping, int) and not isinstance(self.early_stopping, bool)
+        if self.early_stopping not in EARLY_STOPPING_MODES or odd:
+            raise _bad("early_stopping", self.early_stopping, "True, False or \"never\"",
+                       "use early_stopping=False (transformers' default)")
         if not _finite(self.length_penalty):
-            raise _bad("length_penalty", self.length_penalty, "a finite number", "use 1.0 (no preference), > 1 for longer, < 1 for shorter beams")
+            raise _bad("length_penalty", self.length_penalty, "a finite number",
+                       "use 1.0 (no preference), > 1 for longer, < 1 for shorter beams")
         if self.do_sample and not (self.temperature > 0 and _finite(self.temperature)):
             raise _bad("temperature", self.temperature, "a finite number above 0 when sampling",
                        "use temperature=1.0, or do_sample=False for greedy decoding")
         if self.top_k < 0:
-            raise _bad("top_k", self.top_k, "0 (off) or more", "use top_k=50 (transformers' default) or 0 to turn it off")
+            raise _bad("top_k", self.top_k, "0 (off) or more",
+                       "use top_k=50 (transformers' default) or 0 to turn it off")
         if not (0.0 < self.top_p <= 1.0):
-            raise _bad("top_p", self.top_p, "a number in (0, 1]", "use top_p=1.0 to turn nucleus sampling off, or e.g. 0.9")
+            raise _bad("top_p", self.top_p, "a number in (0, 1]",
+                       "use top_p=1.0 to turn nucleus sampling off, or e.g. 0.9")
         if not (self.repetition_penalty > 0 and _finite(self.repetition_penalty)):
             raise _bad("repetition_penalty", self.repetition_penalty, "a finite number above 0 (1.0 = off)",
                        "use 1.0 for no penalty, or about 1.2 to discourage repeats")
@@ -114,9 +123,11 @@ class GenerationConfig:
             for token in ids:
                 if token < 0 or (vocab_size is not None and token >= vocab_size):
                     bound = f"below the vocabulary size {vocab_size}" if vocab_size is not None else "0 or more"
-                    raise _bad(name, token, f"token ids {bound}", "use the ids from the model's tokenizer / generation_config.json")
+                    raise _bad(name, token, f"token ids {bound}",
+                               "use the ids from the model's tokenizer / generation_config.json")
         if isinstance(self.eos_token_id, list) and not self.eos_token_id:
-            raise _bad("eos_token_id", self.eos_token_id, "an id, a non-empty list of ids, or None", "pass None for no end-of-sequence token")
+            raise _bad("eos_token_id", self.eos_token_id, "an id, a non-empty list of ids, or None",
+                       "pass None for no end-of-sequence token")
         for text in self.stop_strings:
             if not text:
                 raise _bad("stop_strings", self.stop_strings, "non-empty strings", "remove the empty string")
@@ -138,13 +149,16 @@ class GenerationConfig:
         if not isinstance(self.do_sample, bool):
             raise _bad("do_sample", self.do_sample, "True or False", "pass a bool")
         eos = self.eos_token_id
-        if eos is not None and not _is_int(eos) and not (isinstance(eos, (list, tuple)) and all(_is_int(t) for t in eos)):
-            raise _bad("eos_token_id", eos, "an integer, a list of integers, or None", "use the id(s) from generation_config.json")
+        if eos is not None and not _is_int(eos) and not (isinstance(eos,
+                                                                    (list, tuple)) and all(_is_int(t) for t in eos)):
+            raise _bad("eos_token_id", eos, "an integer, a list of integers, or None",
+                       "use the id(s) from generation_config.json")
         if isinstance(eos, tuple):
             self.eos_token_id = list(eos)
         if isinstance(self.stop_strings, str) or not isinstance(self.stop_strings, (list, tuple)) \
                 or not all(isinstance(s, str) for s in self.stop_strings):
-            raise _bad("stop_strings", self.stop_strings, "a list of strings", 'wrap a single stop string in a list: ["\\n"]')
+            raise _bad("stop_strings", self.stop_strings, "a list of strings",
+                       'wrap a single stop string in a list: ["\\n"]')
         self.stop_strings = list(self.stop_strings)
 
     # --- manifest round trip -------------------------------------------------------------------------

@@ -2,9 +2,11 @@
 
 A decoder owns its KV cache and its token-embedding table; the loop only ever hands it token ids,
 attention masks and row indices, so no cache tensor crosses into the loop (and none is copied by it).
-Backends implement this protocol: ``mmedge.runtimes.onnxruntime_decoder.OrtDecoder`` over an ONNX
-graph, ``mmedge.runtimes.torch_decoder.TorchDecoder`` over the checkpoint's own LLM (static KV cache, CUDA
-graphs), and ``tests/support/torch_decoder.TorchDecoder`` over a transformers model with a DynamicCache (tests only).
+Backends implement this protocol (``mmedge.backends.Backend.open_decoder`` opens theirs):
+``mmedge.runtimes.onnxruntime_decoder.OrtDecoder`` over an ONNX graph on ONNX Runtime,
+``mmedge.runtimes.runner_decoder.RunnerDecoder`` over any runner's graph (the TensorRT backend's engine, the cache
+kept on the GPU) and ``mmedge.runtimes.torch_decoder.TorchDecoder`` over the checkpoint's own LLM (static KV cache,
+CUDA graphs).
 """
 
 from __future__ import annotations

@@ -102,7 +102,8 @@ class LogitsProcessor:
         if self.penalty != 1.0:
             self.seen = np.zeros((rows, vocab_size), dtype=bool)
             if prompt_ids is not None:
-                starts = np.argmax(attention_mask != 0, axis=1) if attention_mask is not None else np.zeros(rows, np.int64)
+                starts = np.argmax(attention_mask != 0,
+                                   axis=1) if attention_mask is not None else np.zeros(rows, np.int64)
                 for row in range(rows):
                     ids = prompt_ids[row, starts[row]:]
                     self.seen[row, ids[(ids >= 0) & (ids < vocab_size)]] = True

@@ -128,7 +128,8 @@ class _Run:
 
 def _prepare(decoder, inputs_embeds, attention_mask, config, tokenizer, prompt_ids) -> _Run:
     if not isinstance(decoder, Decoder):
-        raise InputError(f"the decoder is a {type(decoder).__name__}", "an object with vocab_size, start(), step() and reorder()",
+        raise InputError(f"the decoder is a {type(decoder).__name__}",
+                         "an object with vocab_size, start(), step() and reorder()",
                          "pass an OrtDecoder (mmedge.runtimes.onnxruntime_decoder) or another Decoder")
     embeds = np.asarray(inputs_embeds)
     if embeds.ndim != 3 or not np.issubdtype(embeds.dtype, np.floating) or embeds.shape[0] == 0 or embeds.shape[1] == 0:
@@ -150,7 +151,8 @@ def _prepare(decoder, inputs_embeds, attention_mask, config, tokenizer, prompt_i
                              "build the mask from the prompt lengths")
         if not mask[:, -1].all():
             rows = np.nonzero(mask[:, -1] == 0)[0].tolist()
-            raise InputError(f"attention_mask rows {rows} end in padding", "left padding: every row's last position real",
+            raise InputError(f"attention_mask rows {rows} end in padding",
+                             "left padding: every row's last position real",
                              "pad shorter prompts on the left (decoder-only models continue from the last position)")
     if prompt_ids is not None:
         prompt_ids = np.asarray(prompt_ids)
@@ -163,7 +165,8 @@ def _prepare(decoder, inputs_embeds, attention_mask, config, tokenizer, prompt_i
     if not isinstance(config, GenerationConfig):
         raise InputError(f"config is a {type(config).__name__}", "a mmedge.generation.GenerationConfig",
                          "build one with GenerationConfig(...) or GenerationConfig.from_dict(manifest['generation'])")
-    config.validate(max_positions=getattr(decoder, "max_positions", None), vocab_size=decoder.vocab_size, prompt_length=seq)
+    config.validate(max_positions=getattr(decoder, "max_positions", None), vocab_size=decoder.vocab_size,
+                    prompt_length=seq)
     if config.stop_strings and tokenizer is None:
         raise InputError(f"stop_strings {config.stop_strings} were given without a tokenizer",
                          "a tokenizer to decode the generated tokens", "pass tokenizer=..., or drop stop_strings")
@@ -195,6 +198,7 @@ def _sample_steps(run: _Run) -> Iterator[_State]:
     fill = config.fill_token_id
     state = _State([[] for _ in range(batch)], np.zeros(batch, dtype=bool))
     mask = run.mask
+    tokens = np.zeros(batch, dtype=np.int64)  # chosen from the prefill's logits before any step reads them
     logits = decoder.start(run.embeds, mask)  # [batch, vocab]
     for generated in range(config.max_new_tokens):
         if generated:

@@ -10,19 +10,14 @@ threads, and gives the results of serial calls.
 - ``close()`` while other threads still call: those calls raise ``BackendError``; close last.
 - Not shareable: an ``OrtDecoder`` on its own (it holds the KV cache of the generation in progress) and a
   ``stream()`` generator (iterate it from the thread that made it).
+
+Which pipeline serves a family's task is the family's row in ``mmedge.families``.
 """
 
+from mmedge.families import pipeline_class
 from mmedge.pipelines.captioner import Captioner
 from mmedge.pipelines.embedder import Embedder
 from mmedge.pipelines.flamingo import FlamingoCaptioner
 from mmedge.pipelines.zero_shot import ENSEMBLE_TEMPLATES, ZeroShotClassifier
 
-PIPELINES = {"zero-shot": ZeroShotClassifier, "embed": Embedder, "caption": Captioner, "vqa": Captioner}
-FAMILY_PIPELINES = {("idefics", "caption"): FlamingoCaptioner, ("idefics", "vqa"): FlamingoCaptioner}
-
-
-def pipeline_class(family: str, task: str):
-    """The pipeline for a task of a family (the family's own when it has one)."""
-    return FAMILY_PIPELINES.get((family, task)) or PIPELINES[task]
-
-__all__ = ["Captioner", "Embedder", "FlamingoCaptioner", "pipeline_class", "ZeroShotClassifier", "ENSEMBLE_TEMPLATES", "PIPELINES"]
+__all__ = ["Captioner", "Embedder", "FlamingoCaptioner", "pipeline_class", "ZeroShotClassifier", "ENSEMBLE_TEMPLATES"]

@@ -17,13 +17,17 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
 from mmedge.artifact import Artifact
 from mmedge.errors import InputError, ManifestError
 from mmedge.generation import GenerationConfig, generate_text, stream
+from mmedge.manifest import family_section
+
+if TYPE_CHECKING:
+    from mmedge.backends import Plan
 
 MAX_PROMPT_TOKENS = 512
 MAX_PROMPT_CHARS = 8 * MAX_PROMPT_TOKENS  # English text has 4-5 characters per token
@@ -33,6 +37,7 @@ class Captioner:
     """``caption(images)``, ``ask(image, question)``, ``stream(image)``; generation settings as keywords."""
 
     task = "caption"
+    plan: Plan | None = None  # the backends ``mmedge.load`` chose per component (set by load)
 
     def __init__(self, artifact: Artifact, runners: dict, preprocessor, tokenizer, decoder, embeddings):
         self.artifact = artifact
@@ -41,7 +46,7 @@ class Captioner:
         self.tokenizer = tokenizer
         self.decoder = decoder
         self.embeddings = embeddings  # [vocab, width] table, rows dequantized on lookup
-        settings = artifact.manifest[artifact.manifest["family"]]  # the blip2 or idefics section
+        settings = family_section(artifact.manifest)  # the blip2 or idefics section
         self.settings = settings
         self.defaults = dict(artifact.manifest.get("generation") or {})
         self.vqa_template = settings["prompts"]["vqa"]
@@ -75,7 +80,8 @@ class Captioner:
     def stream(self, image, prompt: str | None = None, **generation: Any) -> Iterator[str]:
         """Yield the caption of one image in pieces as tokens arrive; the pieces join to ``caption(image)``."""
         if isinstance(image, (list, tuple)):
-            raise InputError("stream() got a list of images", "one image", "call stream() per image, or caption() for a batch")
+            raise InputError("stream() got a list of images", "one image",
+                             "call stream() per image, or caption() for a batch")
         config = self._config(generation)
         embeds, mask, ids = self._inputs(image, prompt, config.max_new_tokens)
         with self._decoder_in_use():  # held while the caller iterates: the decoder's cache is in use
@@ -89,7 +95,8 @@ class Captioner:
             raise InputError(
                 "this Captioner was called again while one of its stream() generators is still running in this thread",
                 "one generation at a time per thread (a Captioner owns one KV cache)",
-                "iterate the stream to its end or call its close() first, or load a second Captioner for the other call",
+                "iterate the stream to its end or call its close() first, or load a second Captioner for "
+                "the other call",
             )
         with self._lock:
             self._owner = me
@@ -100,15 +107,18 @@ class Captioner:
 
     # --- building the decoder's inputs -----------------------------------------------------------
     def prefix(self, images) -> np.ndarray:
-        """Prefix embeddings ``[batch, num_query_tokens, width]`` from one graph or vision → Q-Former."""
+        """Prefix embeddings ``[batch, num_query_tokens, width]``: the components the manifest's ``prefix.components``
+        names, in order (one graph, or vision → Q-Former), each fed the tensors of the ones before by name; the result
+        is their ``prefix.output``."""
         batch = list(images) if isinstance(images, (list, tuple)) else [images]
         if not batch:
             raise InputError("the image list is empty", "at least one image", "pass an image path, PIL image or array")
-        pixels = self.preprocessor(batch)  # [batch, 3, height, width]
-        if "prefix" in self.runners:
-            return self.runners["prefix"].infer({"pixel_values": pixels})["prefix_embeds"]
-        image_embeds = self.runners["vision"].infer({"pixel_values": pixels})["image_embeds"]  # [batch, patches, width]
-        return self.runners["qformer"].infer({"image_embeds": image_embeds})["prefix_embeds"]
+        chain = self.settings["prefix"]
+        values = {"pixel_values": self.preprocessor(batch)}  # [batch, 3, height, width]
+        for name in chain["components"]:
+            runner = self.runners[name]
+            values.update(runner.infer({input_name: values[input_name] for input_name in runner.input_metadata()}))
+        return values[chain["output"]]
 
     def _prompt_ids(self, prompt: str | None, budget: int) -> np.ndarray:
         """``[tokens]``: BOS, then the prompt's tokens; a prompt over ``budget`` tokens keeps BOS and its end."""

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from mmedge.artifact import Artifact
 from mmedge.errors import InputError
 from mmedge.runner import Runner
+
+if TYPE_CHECKING:
+    from mmedge.backends import Plan
 
 MAX_BATCH = 32  # images per graph call: bounds peak memory on small devices
 
@@ -20,6 +25,7 @@ class ClipPipeline:
     """Base for CLIP pipelines. Thread-safe: runners, preprocessing and tokenization hold no per-call state."""
 
     task = ""
+    plan: Plan | None = None  # the backends ``mmedge.load`` chose per component (set by load)
 
     def __init__(self, artifact: Artifact, runners: dict[str, Runner], preprocessor, tokenizer=None,
                  max_batch: int = MAX_BATCH):

@@ -45,7 +45,8 @@ def prompt_text(items: list, prompt_format: dict) -> tuple[str, list]:
             text += item.strip(" ")
             last_was_image = False
         elif item is None or isinstance(item, (int, float, bool)):
-            raise InputError(f"prompt item {index} is {item!r}", "an image (path as pathlib.Path, PIL image, array) or a string",
+            raise InputError(f"prompt item {index} is {item!r}",
+                             "an image (path as pathlib.Path, PIL image, array) or a string",
                              "remove the item or wrap a file path in pathlib.Path")
         else:
             text += image_token + fake if last_was_image else fake + image_token + fake
@@ -88,7 +89,8 @@ class FlamingoInputs:
         text, images = prompt_text(items, self.format)
         ids = self.tokenizer.encode_all(text, add_special_tokens=False)  # [tokens]
         if ids.shape[0] > self.max_prompt_tokens:
-            raise InputError(f"the prompt has {ids.shape[0]} tokens", f"at most {self.max_prompt_tokens} (the model's positions "
+            raise InputError(f"the prompt has {ids.shape[0]} tokens",
+                             f"at most {self.max_prompt_tokens} (the model's positions "
                              "minus room for new tokens)", "shorten the text or pass fewer images")
         return ids, images
 
@@ -110,7 +112,8 @@ class FlamingoInputs:
                                                      self.format["eos_token_id"], max_images)
         visual = self.visual_tokens([images for _, images in encoded], max_images)  # [batch, images * tokens, width]
         if self.settings["decoder"]["cross_kv"] == "inputs":
-            context = self.run(self.cross["component"], {"visual_tokens": visual})  # each [batch, heads, image_tokens, head_dim]
+            # each [batch, heads, image_tokens, head_dim]
+            context = self.run(self.cross["component"], {"visual_tokens": visual})
         else:
             context = {"visual_tokens": visual}
         embeds = np.asarray(self.embeddings[ids.reshape(-1)], dtype=np.float32).reshape(batch, length, -1)

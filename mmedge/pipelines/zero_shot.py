@@ -44,7 +44,8 @@ def check_labels(labels: Any) -> list[str]:
     try:
         labels = list(labels)
     except TypeError:
-        raise InputError(f"labels is a {type(labels).__name__}", "a list of label strings", "pass a list such as ['cat', 'dog']") from None
+        raise InputError(f"labels is a {type(labels).__name__}", "a list of label strings",
+                         "pass a list such as ['cat', 'dog']") from None
     if not labels:
         raise InputError("the label list is empty", "at least one label", "pass labels such as ['cat', 'dog']")
     if len(labels) > MAX_LABELS:
@@ -64,9 +65,11 @@ def check_labels(labels: Any) -> list[str]:
 
 
 def check_templates(templates: Any) -> list[str]:
-    templates = list(DEFAULT_TEMPLATES if templates is None else ([templates] if isinstance(templates, str) else templates))
+    templates = list(DEFAULT_TEMPLATES if templates is None
+                     else ([templates] if isinstance(templates, str) else templates))
     if not templates:
-        raise InputError("the template list is empty", "at least one prompt template", "leave templates unset for the default")
+        raise InputError("the template list is empty", "at least one prompt template",
+                         "leave templates unset for the default")
     for template in templates:
         if not isinstance(template, str) or template.count("{}") != 1:
             raise InputError(f"prompt template {template!r} is not usable",
@@ -122,7 +125,8 @@ class ZeroShotClassifier(ClipPipeline):
                 self._banks.popitem(last=False)
         return bank
 
-    def probabilities(self, images, labels: Sequence[str] | None = None, templates: Sequence[str] | None = None) -> np.ndarray:
+    def probabilities(self, images, labels: Sequence[str] | None = None,
+                      templates: Sequence[str] | None = None) -> np.ndarray:
         """Label probabilities [images, labels] for one image or a list of images."""
         return self._probabilities(images, self._labels_for_call(labels, templates), templates)
 

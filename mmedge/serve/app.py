@@ -169,10 +169,12 @@ async def http_error(request, exc: HTTPException):
     if exc.status_code == 404:
         error = ApiError(404, f"there is no endpoint {path}", ENDPOINTS, "check the URL", code="not_found")
     elif exc.status_code == 405:
-        error = ApiError(405, f"{request.method} is not allowed on {path}", f"{(exc.headers or {}).get('Allow', 'another method')}",
+        error = ApiError(405, f"{request.method} is not allowed on {path}",
+                         f"{(exc.headers or {}).get('Allow', 'another method')}",
                          "use the method the endpoint takes", code="method_not_allowed", headers=exc.headers)
     else:
-        error = ApiError(exc.status_code, f"{request.method} {path} failed: {exc.detail}", None, None, code="http_error")
+        error = ApiError(exc.status_code, f"{request.method} {path} failed: {exc.detail}", None, None,
+                         code="http_error")
     return _answer(request, error)
 
 

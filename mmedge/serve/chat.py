@@ -21,10 +21,11 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field as dataclass_field
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 
 from mmedge.generation import MAX_NEW_TOKENS_CAP, GenerationConfig
-from mmedge.manifest import decoder_settings
+from mmedge.manifest import decoder_settings, family_section
 from mmedge.serve.errors import invalid
 from mmedge.serve.inputs import bounded, check_fields, field, image_bytes, strings, typed
 from mmedge.serve.models import ServedModel
@@ -78,9 +79,11 @@ def parse_chat(data: dict, model: ServedModel, options: ServeOptions) -> ChatJob
     if model.queue is None:
         raise invalid(f"model '{model.id}' ({model.family}) does not generate text",
                       "a captioning artifact (BLIP-2, IDEFICS) for /v1/chat/completions",
-                      "use /v1/classify or /v1/embeddings for CLIP, or pick a captioning model from GET /v1/models", "model")
+                      "use /v1/classify or /v1/embeddings for CLIP, or pick a captioning model from GET /v1/models",
+                      "model")
     if field(data, "n", "integer", default=1) != 1:
-        raise invalid(f"field 'n' is {data['n']}", "1 (one choice per request)", "send n=1 and repeat the request for more",
+        raise invalid(f"field 'n' is {data['n']}", "1 (one choice per request)",
+                      "send n=1 and repeat the request for more",
                       "n")
     stream = field(data, "stream", "boolean", default=False)
     stream_options = field(data, "stream_options", "object", default={})
@@ -116,7 +119,8 @@ def _one_image(messages: list, model: ServedModel, generation: dict, max_new_tok
     image, prompt = _one_image_prompt(messages, model, mode)
     text_tokens = _tokens(model.captioner, prompt, special=True) if prompt is not None else 1  # BOS
     positions = decoder_settings(model.manifest).get("max_positions")
-    room = MAX_PROMPT_TOKENS if positions is None else min(MAX_PROMPT_TOKENS, positions - _image_tokens(model) - max_new_tokens)
+    room = MAX_PROMPT_TOKENS if positions is None else min(MAX_PROMPT_TOKENS,
+                                                           positions - _image_tokens(model) - max_new_tokens)
     _check_prompt_tokens(text_tokens, room, model, max_new_tokens)
 
     def call(pipeline):
@@ -152,7 +156,8 @@ def generation_settings(data: dict) -> dict:
     stop = strings(data, "stop")
     if stop:
         if len(stop) > MAX_STOP:
-            raise invalid(f"field 'stop' has {len(stop)} strings", f"at most {MAX_STOP}", "keep the most useful ones", "stop")
+            raise invalid(f"field 'stop' has {len(stop)} strings", f"at most {MAX_STOP}", "keep the most useful ones",
+                          "stop")
         settings["stop_strings"] = stop
     return settings
 
@@ -161,8 +166,10 @@ def parse_messages(data: dict, options: ServeOptions) -> list[tuple[str, list]]:
     """``[(role, [text or image bytes, ...]), ...]``; images decoded from their data URIs, at most --max-images."""
     messages = field(data, "messages", "list", required=True)
     if not messages:
-        raise invalid("field 'messages' is empty", "at least one message", "send e.g. [{\"role\": \"user\", \"content\": "
-                      "[{\"type\": \"image_url\", \"image_url\": {\"url\": \"data:image/png;base64,...\"}}]}]", "messages")
+        raise invalid("field 'messages' is empty", "at least one message",
+                      "send e.g. [{\"role\": \"user\", \"content\": "
+                      "[{\"type\": \"image_url\", \"image_url\": {\"url\": \"data:image/png;base64,...\"}}]}]",
+                      "messages")
     out, images = [], 0
     for i, message in enumerate(messages):
         where = f"messages[{i}]."
@@ -170,7 +177,8 @@ def parse_messages(data: dict, options: ServeOptions) -> list[tuple[str, list]]:
         check_fields(message, ("role", "content", "name"), where)
         role = field(message, "role", "string", required=True, where=where)
         if role not in ROLES:
-            raise invalid(f"field '{where}role' is '{role[:20]}'", f"one of {', '.join(ROLES)}", "use one of those roles",
+            raise invalid(f"field '{where}role' is '{role[:20]}'", f"one of {', '.join(ROLES)}",
+                          "use one of those roles",
                           where + "role", 422, "invalid_value")
         content = message.get("content")
         if content is None or isinstance(content, str):
@@ -187,8 +195,10 @@ def parse_messages(data: dict, options: ServeOptions) -> list[tuple[str, list]]:
             elif kind == "image_url":
                 images += 1
                 if images > options.max_images:
-                    raise invalid(f"the messages hold more than {options.max_images} images", f"at most {options.max_images} "
-                                  "images per request (this server's --max-images)", "send fewer images", part_where + "image_url",
+                    raise invalid(f"the messages hold more than {options.max_images} images",
+                                  f"at most {options.max_images} "
+                                  "images per request (this server's --max-images)", "send fewer images",
+                                  part_where + "image_url",
                                   code="too_many_images")
                 parts.append(_image_part(part, part_where, options))
             else:
@@ -216,7 +226,8 @@ def _one_image_prompt(messages: list, model: ServedModel, mode: str) -> tuple[by
     images = [part for parts in users for part in parts if isinstance(part, bytes)]
     if len(images) != 1:
         raise invalid(f"the user messages hold {len(images)} images",
-                      f"exactly one image_url part: model '{model.id}' ({model.family}) answers about one image per request",
+                      f"exactly one image_url part: model '{model.id}' ({model.family}) answers about one "
+                      "image per request",
                       "send one image as a data URI in a user message", "messages",
                       code="too_many_images" if images else "missing_image")
     text = " ".join(part.strip() for part in users[-1] if isinstance(part, str) and part.strip())
@@ -240,7 +251,7 @@ def _tokens(captioner, text: str, special: bool) -> int:
 
 def _image_tokens(model: ServedModel) -> int:
     """Decoder inputs per image: BLIP-2's query tokens; IDEFICS' latents (read through cross-attention)."""
-    section = model.manifest[model.family]
+    section = family_section(model.manifest)
     return int(section.get("num_query_tokens") or (section.get("cross_kv") or {}).get("tokens_per_image") or 0)
 
 
@@ -248,6 +259,7 @@ def _check_prompt_tokens(tokens: int, room: int, model: ServedModel, max_new_tok
     if tokens > room:
         settings = f", with max_tokens={max_new_tokens}" if max_new_tokens is not None else ""
         raise invalid(f"the prompt has {tokens} token{'s' if tokens != 1 else ''}{settings}",
-                      f"at most {max(room, 0)} prompt tokens for model '{model.id}' (at most {MAX_PROMPT_TOKENS}, and the "
+                      f"at most {max(room, 0)} prompt tokens for model '{model.id}' (at most "
+                      f"{MAX_PROMPT_TOKENS}, and the "
                       "prompt, the image tokens and max_tokens within the decoder's positions)",
                       "shorten the text or lower max_tokens", "messages", code="prompt_too_long")

@@ -37,7 +37,8 @@ def embeddings(data: dict, model: ServedModel, options: ServeOptions):
         raise invalid("the request has no input", "texts in 'input' or data URIs in 'images'",
                       "send e.g. {\"input\": [\"a red circle\"]}", "input")
     if len(texts) + len(images) > MAX_EMBEDDING_INPUTS:
-        raise invalid(f"the request has {len(texts) + len(images)} inputs", f"at most {MAX_EMBEDDING_INPUTS} texts and images",
+        raise invalid(f"the request has {len(texts) + len(images)} inputs",
+                      f"at most {MAX_EMBEDDING_INPUTS} texts and images",
                       "split it into several requests", "input")
 
     def run() -> dict:
@@ -49,7 +50,8 @@ def embeddings(data: dict, model: ServedModel, options: ServeOptions):
         vectors = np.concatenate(parts, axis=0)  # [texts + images, dim], unit-norm rows
         tokens = int(embedder.tokenizer.encode(texts)[1].sum()) if texts else 0  # attention mask: real tokens
         return {"object": "list", "model": model.id, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-                "data": [{"object": "embedding", "index": i, "embedding": _encoded(v, encoding)} for i, v in enumerate(vectors)]}
+                "data": [{"object": "embedding", "index": i, "embedding": _encoded(v, encoding)} for i,
+                         v in enumerate(vectors)]}
 
     return run
 
@@ -77,15 +79,18 @@ def _pipeline(model: ServedModel, task: str, endpoint: str):
     what = "zero-shot classification" if task == "zero-shot" else "embeddings"
     raise invalid(f"model '{model.id}' ({model.family}, tasks {', '.join(model.manifest['tasks'])}) does not do {what}",
                   f"a CLIP artifact exported for the task '{task}'",
-                  "pick another model from GET /v1/models" + (", or use /v1/chat/completions" if model.queue else ""), "model")
+                  "pick another model from GET /v1/models" + (", or use /v1/chat/completions" if model.queue else ""),
+                  "model")
 
 
 def _images(data: dict, name: str, options: ServeOptions, required: bool) -> list[bytes]:
     urls = strings(data, name, required=required) or []
     if required and not urls:
-        raise invalid(f"field '{name}' is empty", "at least one image as a data URI", "send the images to classify", name)
+        raise invalid(f"field '{name}' is empty", "at least one image as a data URI", "send the images to classify",
+                      name)
     if len(urls) > options.max_images:
-        raise invalid(f"field '{name}' has {len(urls)} images", f"at most {options.max_images} per request (this server's "
+        raise invalid(f"field '{name}' has {len(urls)} images",
+                      f"at most {options.max_images} per request (this server's "
                       "--max-images)", "split them into several requests", name, code="too_many_images")
     return [image_bytes(url, f"{name}[{i}]", options) for i, url in enumerate(urls)]
 

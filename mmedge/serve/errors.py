@@ -10,9 +10,11 @@ import re
 from mmedge.errors import BackendError, ImageError, InputError, MmedgeError
 
 # mmedge's generation settings by the request fields that set them (chat.generation_settings)
-FIELDS = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "stop_strings": "stop", "do_sample": "temperature"}
+FIELDS = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "stop_strings": "stop",
+          "do_sample": "temperature"}
 SETTING = re.compile(r"^generation setting (\w+)=")
-TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+         405: "invalid_request_error",
          413: "invalid_request_error", 422: "invalid_request_error", 503: "server_error"}
 
 
@@ -51,6 +53,7 @@ def internal(exc: BaseException) -> ApiError:
                     "this is a bug in mmedge: report it with the server log's traceback", code="internal_error")
 
 
-def invalid(what: str, expected: str, fix: str, param: str | None, status: int = 400, code: str = "invalid_value") -> ApiError:
+def invalid(what: str, expected: str, fix: str, param: str | None, status: int = 400,
+            code: str = "invalid_value") -> ApiError:
     """A request field with the wrong value (400) or, with ``status=422``, the wrong JSON type or shape."""
     return ApiError(status, what, expected, fix, param=param, code=code)

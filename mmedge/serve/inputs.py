@@ -53,7 +53,8 @@ async def read_json(request, max_bytes: int) -> dict:
 
 
 def _too_large(size: int, cap: int) -> ApiError:
-    return ApiError(413, f"the request body has {size:,} bytes or more", f"at most {cap:,} bytes (this server's --max-body-mb)",
+    return ApiError(413, f"the request body has {size:,} bytes or more",
+                    f"at most {cap:,} bytes (this server's --max-body-mb)",
                     "send smaller or fewer images", code="body_too_large")
 
 
@@ -62,7 +63,8 @@ def check_fields(data: dict, allowed: tuple[str, ...], where: str = "") -> None:
     unknown = sorted(set(data) - set(allowed))
     if unknown:
         raise invalid(f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(repr(where + u) for u in unknown)}",
-                      f"fields among {', '.join(allowed)}", "remove or rename them", where + unknown[0], 422, "unknown_field")
+                      f"fields among {', '.join(allowed)}", "remove or rename them", where + unknown[0], 422,
+                      "unknown_field")
 
 
 def field(data: dict, name: str, kind: str, *, required: bool = False, default: Any = None, where: str = "") -> Any:
@@ -122,7 +124,8 @@ def image_bytes(url: Any, param: str, options: ServeOptions) -> bytes:
         data = _data_uri(url, param)
     elif url.startswith(("http://", "https://")):
         raise invalid(f"field '{param}' is a remote URL ({url[:60]})", "a data URI (this server fetches nothing)",
-                      "download the image and send it as data:image/...;base64,...", param, code="unsupported_image_url")
+                      "download the image and send it as data:image/...;base64,...", param,
+                      code="unsupported_image_url")
     else:
         data = _allowed_file(url, param, options)
     _check_header(data, param, options.max_image_pixels)
@@ -175,7 +178,8 @@ def _check_header(data: bytes, param: str, max_pixels: int) -> None:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # past PIL's own limit (~89 MP)
-        raise _too_many_pixels(param, "more pixels than PIL opens without a decompression-bomb alarm", max_pixels) from None
+        raise _too_many_pixels(param, "more pixels than PIL opens without a decompression-bomb alarm",
+                               max_pixels) from None
     except UnidentifiedImageError:
         raise invalid(f"field '{param}' does not decode as an image", "a PNG, JPEG, WebP, GIF, BMP or TIFF file",
                       "check that the data URI holds the image file's bytes", param, code="invalid_image") from None

@@ -14,14 +14,16 @@ class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("mmedge_requests", "HTTP requests answered", ["endpoint", "model", "status"], registry=r)
+        self.requests = Counter("mmedge_requests", "HTTP requests answered", ["endpoint", "model", "status"],
+                                registry=r)
         self.errors = Counter("mmedge_errors", "error answers", ["endpoint", "status", "code"], registry=r)
         self.latency = Histogram("mmedge_request_seconds", "time from request to the end of the answer",
                                  ["endpoint", "model"], buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("mmedge_time_to_first_token_seconds", "time from a chat request to its first text",
                               ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("mmedge_generated_tokens", "tokens of generated answers", ["model"], registry=r)
-        self.queue_depth = Gauge("mmedge_queue_depth", "generation requests waiting for a captioner", ["model"], registry=r)
+        self.queue_depth = Gauge("mmedge_queue_depth", "generation requests waiting for a captioner", ["model"],
+                                 registry=r)
         self.running = Gauge("mmedge_generations_running", "generations in progress", ["model"], registry=r)
         self.generations = Counter("mmedge_generations", "generations by how they ended: finished, cancelled (the "
                                    "client went away) or failed", ["model", "outcome"], registry=r)

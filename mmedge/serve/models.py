@@ -16,8 +16,8 @@ from typing import Any
 import mmedge
 from mmedge.errors import InputError, MmedgeError
 from mmedge.manifest import MANIFEST_FILE, parse_manifest
-from mmedge.serve.errors import ApiError
 from mmedge.serve import inputs
+from mmedge.serve.errors import ApiError
 from mmedge.serve.options import ServeOptions
 from mmedge.serve.queue import GenerationQueue
 
@@ -95,7 +95,8 @@ def load_model(model_id: str, path: Path, options: ServeOptions) -> ServedModel:
 def _card(model_id: str, path: Path, manifest: dict, pipeline, model: ServedModel, options: ServeOptions) -> dict:
     endpoints = ["/v1/chat/completions"] if model.queue else \
         [e for task, e in (("zero-shot", "/v1/classify"), ("embed", "/v1/embeddings")) if task in model.clip]
-    card = {"id": model_id, "object": "model", "created": int(os.path.getmtime(path / MANIFEST_FILE)), "owned_by": "mmedge",
+    card = {"id": model_id, "object": "model", "created": int(os.path.getmtime(path / MANIFEST_FILE)),
+            "owned_by": "mmedge",
             "family": manifest["family"], "tasks": list(manifest["tasks"]), "endpoints": endpoints,
             "source": manifest["source"]["model"],
             "precision": {name: comp["precision"] for name, comp in manifest["components"].items()},

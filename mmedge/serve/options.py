@@ -39,7 +39,8 @@ class ServeOptions:
 
     @classmethod
     def from_args(cls, args) -> "ServeOptions":
-        for name, value, low in (("--port", args.port, 0), ("--workers", args.workers, 1), ("--max-queue", args.max_queue, 0),
+        for name, value, low in (("--port", args.port, 0), ("--workers", args.workers, 1),
+                                 ("--max-queue", args.max_queue, 0),
                                  ("--max-body-mb", args.max_body_mb, 1), ("--max-images", args.max_images, 1),
                                  ("--max-image-pixels", args.max_image_pixels, 1)):
             if value < low or (name == "--port" and value > 65535):
@@ -66,18 +67,22 @@ def add_arguments(parser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
                                                             "0.0.0.0 for the network, with --api-key)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port; the chosen one is printed)")
-    parser.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on every endpoint but /health "
+    parser.add_argument("--api-key", default=None,
+                        help=f"require 'Authorization: Bearer KEY' on every endpoint but /health "
                                                         f"(default: ${API_KEY_ENV} if set)")
     parser.add_argument("--backend", default="auto", help="auto, onnxruntime, tensorrt or torch (as mmedge.load)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per graph")
     parser.add_argument("--workers", type=int, default=1,
-                        help="captioners loaded per BLIP-2 / IDEFICS artifact: generations that run at once (default 1)")
+                        help="captioners loaded per BLIP-2 / IDEFICS artifact: generations that run at "
+                        "once (default 1)")
     parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
-                        help=f"generation requests that may wait per captioning artifact; more get 503 with Retry-After "
+                        help="generation requests that may wait per captioning artifact; more get 503 with "
+                        "Retry-After "
                              f"(default {DEFAULT_MAX_QUEUE})")
     parser.add_argument("--allow-images-from", metavar="DIR",
-                        help="let requests name image files inside DIR (file:// URLs or paths); default: data URIs only")
+                        help="let requests name image files inside DIR (file:// URLs or paths); default: "
+                        "data URIs only")
     parser.add_argument("--max-body-mb", type=int, default=DEFAULT_MAX_BODY_MB,
                         help=f"largest request body in MiB; larger ones get 413 (default {DEFAULT_MAX_BODY_MB})")
     parser.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES,

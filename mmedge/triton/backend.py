@@ -59,7 +59,8 @@ def run_grouped(runner: Runner, feeds: list[dict[str, np.ndarray]], batched: boo
     results: list[dict | MmedgeError] = [{}] * len(feeds)
     groups: dict[tuple, list[int]] = {}
     for index, request in enumerate(feeds):
-        key = tuple(sorted((n, np.asarray(v).dtype.str, np.shape(v)[1:]) for n, v in request.items())) if batched else (index,)
+        key = tuple(sorted((n, np.asarray(v).dtype.str, np.shape(v)[1:]) for n,
+                           v in request.items())) if batched else (index,)
         groups.setdefault(key, []).append(index)
     for members in groups.values():
         if len(members) > 1:
@@ -103,7 +104,8 @@ class ComponentModel:
             if isinstance(result, MmedgeError):
                 responses.append(pb.InferenceResponse(error=_triton_error(pb, result)))
             else:
-                responses.append(pb.InferenceResponse([pb.Tensor(n, np.ascontiguousarray(v)) for n, v in result.items()]))
+                responses.append(pb.InferenceResponse([pb.Tensor(n, np.ascontiguousarray(v)) for n,
+                                                       v in result.items()]))
         return responses
 
     def finalize(self) -> None:
@@ -227,7 +229,8 @@ class ServedPipeline:
         if "question" in inputs:
             question = one_text("question", inputs["question"])
             if not question.strip():
-                raise InputError("the question is empty", "a non-empty question string", "pass e.g. question='what is it?'")
+                raise InputError("the question is empty", "a non-empty question string",
+                                 "pass e.g. question='what is it?'")
             prompt = captioner.vqa_template.replace("{}", question.strip())  # as Captioner.ask builds it
         yield from captioner.stream(images[0], prompt, **generation)
 
@@ -236,7 +239,8 @@ class ServedPipeline:
         generation, captioner, items = _generation(inputs), self._captioner(), _interleaved(inputs)
         if items is not None and not hasattr(captioner, "generate"):
             raise InputError("an interleaved prompt was sent to a model without interleaved prompts",
-                             "a Flamingo-style (IDEFICS) captioning artifact", "send 'images' and 'prompt' instead of 'items'")
+                             "a Flamingo-style (IDEFICS) captioning artifact",
+                             "send 'images' and 'prompt' instead of 'items'")
         return generation, captioner, items
 
     def close(self) -> None:
@@ -309,11 +313,13 @@ class PipelineModel:
         components = settings["components"]
 
         def make_runner(name: str) -> Runner:
-            return BlsRunner(components[name]["model"], name, artifact.component(name), components[name]["max_batch_size"])
+            return BlsRunner(components[name]["model"], name, artifact.component(name),
+                             components[name]["max_batch_size"])
 
         self.served = ServedPipeline(artifact, settings, make_runner)
         inline = settings["workers"] == 1 and not self.decoupled  # one request at a time per instance, no thread hop
-        self.pool = None if inline else ThreadPoolExecutor(settings["workers"], thread_name_prefix=f"mmedge-{args['model_name']}")
+        self.pool = None if inline else ThreadPoolExecutor(settings["workers"],
+                                                           thread_name_prefix=f"mmedge-{args['model_name']}")
 
     def execute(self, requests: list) -> list | None:
         if self.pool is None:

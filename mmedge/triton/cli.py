@@ -7,19 +7,25 @@ import json
 
 def add_parser(sub) -> None:
     triton = sub.add_parser("triton", help="write a Triton Inference Server model repository from artifacts")
-    triton.add_argument("artifacts", nargs="+", metavar="ARTIFACT", help="artifact folders (each folder's name prefixes its models)")
-    triton.add_argument("--out", required=True, metavar="REPO", help="the repository folder to write (must not exist unless --overwrite)")
+    triton.add_argument("artifacts", nargs="+", metavar="ARTIFACT",
+                        help="artifact folders (each folder's name prefixes its models)")
+    triton.add_argument("--out", required=True, metavar="REPO",
+                        help="the repository folder to write (must not exist unless --overwrite)")
     triton.add_argument("--platform", default="onnxruntime", choices=["onnxruntime", "python"],
-                        help="components on Triton's ONNX Runtime backend, or as Python-backend models running mmedge's "
+                        help="components on Triton's ONNX Runtime backend, or as Python-backend models "
+                        "running mmedge's "
                              "own ONNX Runtime runner (for Triton builds without the ONNX Runtime backend)")
     triton.add_argument("--gpu", action="store_true",
-                        help="instances on the GPU; onnxruntime platform: the TensorRT accelerator (FP16, INT8 for static QDQ)")
+                        help="instances on the GPU; onnxruntime platform: the TensorRT accelerator (FP16, INT8 "
+                        "for static QDQ)")
     triton.add_argument("--max-batch-size", type=int, default=8, help="rows Triton merges into one encoder call")
     triton.add_argument("--queue-delay-us", type=int, default=0,
-                        help="how long the dynamic batcher waits for more requests (0: batches form from what queued meanwhile)")
+                        help="how long the dynamic batcher waits for more requests (0: batches form from what "
+                        "queued meanwhile)")
     triton.add_argument("--instances", type=int, default=1, help="instances per component model")
     triton.add_argument("--workers", type=int, default=8,
-                        help="requests one pipeline instance works on at once (threads; 1: each request in execute itself)")
+                        help="requests one pipeline instance works on at once (threads; 1: each request in "
+                        "execute itself)")
     triton.add_argument("--pipeline-instances", type=int, default=1, help="instances (processes) per pipeline model")
     triton.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per component")
     triton.add_argument("--overwrite", action="store_true", help="replace REPO once the new one is complete")

@@ -20,7 +20,8 @@ from typing import Any, Mapping
 # manifest dtype -> Triton data type (model_config.proto)
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
                  "int8": "TYPE_INT8", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL", "bytes": "TYPE_STRING"}
-ENCODERS = ("vision", "text", "zero_shot", "prefix", "qformer", "resampler", "cross_kv")  # every component but the decoder
+# every component but the decoder
+ENCODERS = ("vision", "text", "zero_shot", "prefix", "qformer", "resampler", "cross_kv")
 PARAMETER = "mmedge"  # the config parameter holding what the Python-backend models need (JSON)
 
 
@@ -109,7 +110,8 @@ def _parameters(values: Mapping[str, str]) -> list[dict]:
 def component_config(model: str, name: str, component: Mapping[str, Any], options: Options) -> dict:
     """The config of one component's model (see the module docstring)."""
     batched = batch_axis(component) is not None
-    config: dict[str, Any] = {"name": model, "backend": "onnxruntime" if options.platform == "onnxruntime" else "python"}
+    config: dict[str, Any] = {"name": model, "backend": "onnxruntime" if options.platform == "onnxruntime"
+                              else "python"}
     if options.platform == "onnxruntime":
         config["default_model_filename"] = component["file"]
     config["max_batch_size"] = options.max_batch_size if batched else 0
@@ -145,7 +147,8 @@ def _tensorrt_precision(component: Mapping[str, Any]) -> str | None:
     return None
 
 
-def pipeline_config(model: str, kind: str, settings: Mapping[str, Any], options: Options, *, decoupled: bool = False) -> dict:
+def pipeline_config(model: str, kind: str, settings: Mapping[str, Any], options: Options, *,
+                    decoupled: bool = False) -> dict:
     """The config of a Python-backend pipeline model (``kind``: a key of ``mmedge.triton.protocol.PIPELINES``)."""
     from mmedge.triton.protocol import PIPELINES
 
@@ -157,5 +160,6 @@ def pipeline_config(model: str, kind: str, settings: Mapping[str, Any], options:
     if decoupled:
         config["model_transaction_policy"] = {"decoupled": True}
     config["instance_group"] = [{"kind": Token("KIND_CPU"), "count": options.pipeline_instances}]
-    config["parameters"] = _parameters({PARAMETER: json.dumps({**settings, "workers": options.workers}, sort_keys=True)})
+    config["parameters"] = _parameters({PARAMETER: json.dumps({**settings, "workers": options.workers},
+                                                              sort_keys=True)})
     return config

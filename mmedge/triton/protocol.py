@@ -33,7 +33,8 @@ from mmedge.errors import InputError
 # name -> (dtype, dims, optional) for inputs; name -> (dtype, dims) for outputs
 PIPELINES: dict[str, dict[str, dict[str, tuple]]] = {
     "zero-shot": {
-        "inputs": {"images": ("bytes", [-1], False), "labels": ("bytes", [-1], True), "templates": ("bytes", [-1], True)},
+        "inputs": {"images": ("bytes", [-1], False), "labels": ("bytes", [-1], True),
+                   "templates": ("bytes", [-1], True)},
         "outputs": {"probs": ("float32", [-1, -1]), "label_names": ("bytes", [-1])},
     },
     "embed": {
@@ -72,7 +73,8 @@ def texts_of(name: str, array: Any) -> list[str]:
             raise InputError(f"input '{name}'[{index}] is a {type(value).__name__}", "UTF-8 text (a BYTES tensor)",
                              f"send '{name}' as TYPE_STRING / BYTES")
         if len(value) > MAX_TEXT_BYTES:
-            raise InputError(f"input '{name}'[{index}] is {len(value):,} bytes long", f"at most {MAX_TEXT_BYTES:,} bytes",
+            raise InputError(f"input '{name}'[{index}] is {len(value):,} bytes long",
+                             f"at most {MAX_TEXT_BYTES:,} bytes",
                              "send shorter text")
         try:
             out.append(bytes(value).decode("utf-8"))
@@ -104,7 +106,8 @@ def is_base64(inputs: Mapping[str, Any]) -> bool:
         return False
     encoding = one_text("encoding", inputs["encoding"])
     if encoding not in ("base64", "raw"):
-        raise InputError(f"input 'encoding' is {encoding!r}", "'base64' or 'raw'", "send encoding 'base64' with base64 images")
+        raise InputError(f"input 'encoding' is {encoding!r}", "'base64' or 'raw'",
+                         "send encoding 'base64' with base64 images")
     return encoding == "base64"
 
 
@@ -125,6 +128,7 @@ def generation_of(array: Any) -> dict:
         raise InputError(f"input 'generation' is not JSON ({exc})", 'one JSON object, e.g. {"num_beams": 3}',
                          "send the generation settings with json.dumps") from None
     if not isinstance(settings, dict):
-        raise InputError(f"input 'generation' is a JSON {type(settings).__name__}", 'one JSON object, e.g. {"num_beams": 3}',
+        raise InputError(f"input 'generation' is a JSON {type(settings).__name__}",
+                         'one JSON object, e.g. {"num_beams": 3}',
                          "send the generation settings as an object")
     return settings

@@ -27,7 +27,7 @@ from typing import Iterable
 from mmedge.artifact import Artifact, atomic_folder, sha256_file
 from mmedge.errors import InputError, IntegrityError
 from mmedge.manifest import MANIFEST_FILE
-from mmedge.triton.config import Options, batch_axis, component_config, pipeline_config, render
+from mmedge.triton.config import Options, component_config, pipeline_config, render
 from mmedge.triton.protocol import STREAM_SUFFIX, TASK_PIPELINES
 
 PLATFORMS = ("onnxruntime", "python")
@@ -67,11 +67,13 @@ def write_repository(artifacts: Iterable[str | os.PathLike], out: str | os.PathL
     paths = list(artifacts)
     opened = [Artifact.open(path) for path in paths]
     if not opened:
-        raise InputError("no artifact was given", "at least one artifact folder", "pass artifact folders written by `mmedge export`")
+        raise InputError("no artifact was given", "at least one artifact folder",
+                         "pass artifact folders written by `mmedge export`")
     prefixes = [model_prefix(a, path) for a, path in zip(opened, paths)]
     repeated = sorted({p for p in prefixes if prefixes.count(p) > 1})
     if repeated:
-        raise InputError(f"two artifacts would both be served as '{repeated[0]}'", "artifact folders with different names",
+        raise InputError(f"two artifacts would both be served as '{repeated[0]}'",
+                         "artifact folders with different names",
                          "rename one of the folders (its name is the models' prefix)")
     written: dict[str, list[str]] = {}
     with atomic_folder(out, overwrite=overwrite) as staging:
@@ -98,14 +100,16 @@ def _write_artifact(artifact: Artifact, prefix: str, repo: Path, options: Option
             _python_model(folder, "ComponentModel", artifact)
         components[name] = {"model": model, "max_batch_size": config["max_batch_size"]}
         models.append(model)
-    shared = [(manifest["tokenizer"]["file"], manifest["tokenizer"].get("sha256"), "tokenizer.file")] if manifest.get("tokenizer") else []
+    shared = [(manifest["tokenizer"]["file"], manifest["tokenizer"].get("sha256"),
+               "tokenizer.file")] if manifest.get("tokenizer") else []
     family_section = manifest.get(manifest["family"]) or {}
     if family_section.get("embeddings"):
         table = family_section["embeddings"]
         shared.append((table["file"], table["sha256"], f"{manifest['family']}.embeddings.file"))
     for model, (kind, decoupled) in pipeline_models(artifact, prefix).items():
         task = next(t for t in manifest["tasks"] if TASK_PIPELINES[t] == kind)
-        settings = {"kind": kind, "task": task, "artifact": prefix, "family": manifest["family"], "components": components}
+        settings = {"kind": kind, "task": task, "artifact": prefix, "family": manifest["family"],
+                    "components": components}
         if kind == "caption":
             settings["vqa_template"] = family_section["prompts"]["vqa"]
         folder = _model_folder(repo, model, pipeline_config(model, kind, settings, options, decoupled=decoupled))

@@ -19,22 +19,24 @@ from mmedge.runtimes.openvino.devices import OvDevice, list_devices
 
 
 def create_runner(path, component_name: str, component: dict, **options):
-    """A runner of one component (``options``: ``OvOptions`` fields; ``artifact`` gives the engines/ cache)."""
-    import_openvino()
-    from mmedge.runtimes.openvino.runner import OpenVinoRunner
+    """A runner of one component (``options``: ``OvOptions`` fields; anything else is refused)."""
+    from mmedge.runtimes.openvino.runner import create_runner as runner
 
-    artifact = options.pop("artifact", None)
-    if artifact is not None and options.get("engine_cache") is None:
-        options["engine_cache"] = artifact.engines_dir()
-    return OpenVinoRunner(path, component_name, component, OvOptions(**options))
+    return runner(path, component_name, component, **options)
 
 
 def create_decoder(artifact, embeddings, **options):
-    """The artifact's KV-cached decoder on OpenVINO."""
+    """The artifact's KV-cached decoder on OpenVINO (``options``: ``OvOptions`` fields; the compiled model is cached
+    in the artifact's engines/ unless ``engine_cache`` says otherwise)."""
+    from dataclasses import fields
+
+    from mmedge.backends import refuse_unknown_options
+
+    allowed = [f.name for f in fields(OvOptions)]
+    refuse_unknown_options("openvino", {k: v for k, v in options.items() if k not in allowed}, allowed)
     import_openvino()
     from mmedge.runtimes.openvino.decoder import OpenVinoDecoder
 
-    options.pop("artifact", None)
     options.setdefault("engine_cache", artifact.engines_dir())
     return OpenVinoDecoder.for_artifact(artifact, embeddings, OvOptions(**options))
 

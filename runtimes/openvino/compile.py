@@ -13,10 +13,9 @@ import os
 import time
 from pathlib import Path
 
+from mmedge.errors import BackendUnavailableError, InputError, IntegrityError
 from mmedge.runtimes.openvino.cache import BlobCache, OvKey
 from mmedge.runtimes.openvino.core import INSTALL, WEIGHT_MODES, OvOptions, core, device_name, import_openvino
-
-from mmedge.errors import BackendUnavailableError, InputError, IntegrityError
 
 log = logging.getLogger("mmedge")
 

@@ -15,13 +15,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from mmedge.embeddings import EmbeddingTable
+from mmedge.errors import IntegrityError
 from mmedge.runtimes.kv_decoder import GraphDecoder, artifact_decoder, cache_names, checked_layout
 from mmedge.runtimes.openvino.compile import compiled_model
 from mmedge.runtimes.openvino.core import OvOptions, import_openvino
 from mmedge.runtimes.openvino.runner import port_names
-
-from mmedge.embeddings import EmbeddingTable
-from mmedge.errors import IntegrityError
 
 _OV_NUMPY = {"f32": np.float32, "f16": np.float16, "i64": np.int64, "i32": np.int32}
 
@@ -94,8 +94,3 @@ def _shape(port) -> tuple:
     """Fixed axes as ints, dynamic ones as None."""
     shape = port.get_partial_shape()
     return tuple(dim.get_length() if dim.is_static else None for dim in shape)
-
-
-def create_decoder(artifact, embeddings, **options) -> OpenVinoDecoder:
-    """The artifact's KV-cached decoder on OpenVINO (options: ``OvOptions``' fields)."""
-    return OpenVinoDecoder.for_artifact(artifact, embeddings, OvOptions(**options))

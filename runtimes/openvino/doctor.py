@@ -18,3 +18,23 @@ def doctor_lines(probe) -> list[str]:
     devices = "; ".join(f"{d['name']} ({d['full_name']}: {', '.join(d['capabilities'])})" for d in report["devices"])
     return [f"openvino devices: {devices or 'none reported'}",
             f"INT8 recipe for this CPU: {report['int8_recipe']} ({report['int8_recipe_why']})"]
+
+
+def cached_lines(artifact) -> list[str]:
+    """The compiled OpenVINO models cached in the artifact's engines/, one line each (key and size)."""
+    import json
+
+    folder = artifact.root / "engines"
+    records = sorted(folder.glob("*-openvino-*.json")) if folder.is_dir() else []
+    lines = [f"engines/: {len(records)} OpenVINO compiled model(s) cached"] if records else []
+    for record in records:
+        try:
+            entry = json.loads(record.read_text())
+            key = entry["key"]
+            version = key["openvino_version"].split("-")[0]
+            lines.append(f"  {record.with_suffix('.blob').name}: {entry['component']} {key['precision']} on "
+                         f"{key['device']} ({key['device_full_name']}), OpenVINO {version}, "
+                         f"{entry['blob_bytes'] / 2**20:.1f} MiB")
+        except (OSError, ValueError, KeyError, TypeError):
+            lines.append(f"  {record.name}: unreadable record (it is recompiled on the next load)")
+    return lines

@@ -86,50 +86,14 @@ def int8_recipe(cpu_flags) -> tuple[str, str]:
 X86 = ("x86_64", "amd64", "i686", "x86")
 
 
-def openvino_unusable(probe, device: str) -> str | None:
+def openvino_unusable(probe, device: str, installed: bool) -> str | None:
     """Why ``auto`` gives OpenVINO nothing here, or None when it may take components (an x86 CPU run)."""
-    if not probe.engines.get("openvino"):
+    if not installed:
         return 'not installed (pip install "mmedge[openvino]")'
     if device == "cuda":
         return "device=cuda requested (OpenVINO runs Intel devices, not NVIDIA GPUs)"
     if str(probe.machine).lower() not in X86:
         return f"not an x86 CPU ({probe.machine})"
+    if device != "cpu" and (probe.gpus or probe.jetson):
+        return "an NVIDIA GPU runs the graphs (TensorRT / ONNX Runtime)"
     return None
-
-
-def auto_components(probe, manifest: dict, device: str, taken, reasons: list[str]) -> dict[str, dict]:
-    """auto: the components not ``taken`` that OpenVINO runs faster on this CPU -> their runner options."""
-    why = openvino_unusable(probe, device)
-    if why is None and device != "cpu" and (probe.gpus or probe.jetson):
-        why = "an NVIDIA GPU runs the graphs (ONNX Runtime / TensorRT)"
-    if why is not None:
-        reasons.append(f"backend openvino: {why}")
-        return {}
-    chosen: dict[str, dict] = {}
-    for name, component in manifest["components"].items():
-        if name in taken:
-            continue
-        backend, reason = faster_backend(name, component, probe.cpu_flags)
-        reasons.append(f"{reason}: {backend}")
-        if backend == "openvino":
-            chosen[name] = {"device": "CPU"}
-    isa = "with VNNI" if has_vnni(probe.cpu_flags) else "without VNNI"
-    reasons.append(f"backend openvino: installed, x86 CPU {isa}; it takes {', '.join(chosen) or 'nothing'} "
-                   "(compiled models cached under the artifact's engines/)")
-    return chosen
-
-
-def explicit_components(probe, manifest: dict, device: str, reasons: list[str]) -> dict[str, dict]:
-    """backend='openvino': every component on OpenVINO's CPU (another OpenVINO device through backend_options)."""
-    from mmedge.runtimes.registry import require_installed
-
-    from mmedge.errors import BackendUnavailableError
-
-    require_installed("openvino", probe.engines)
-    if device == "cuda":
-        raise BackendUnavailableError("device=cuda was requested for backend 'openvino', which runs Intel CPUs, GPUs "
-                                      "and NPUs, not NVIDIA GPUs", "device auto or cpu",
-                                      "pass --device cpu (an Intel GPU / NPU: backend_options={'openvino': "
-                                      "{'device': 'GPU'}})")
-    reasons.append("backend openvino: every component on OpenVINO's CPU device")
-    return {name: {"device": "CPU"} for name in manifest["components"]}

@@ -7,11 +7,11 @@ import os
 import threading
 
 import numpy as np
-from mmedge.runtimes.openvino.compile import compiled_model
-from mmedge.runtimes.openvino.core import OvOptions
 
 from mmedge.errors import BackendError, IntegrityError
 from mmedge.runner import Runner
+from mmedge.runtimes.openvino.compile import compiled_model
+from mmedge.runtimes.openvino.core import OvOptions
 
 
 def port_names(ports, wanted=()) -> list[str]:
@@ -76,3 +76,16 @@ class OpenVinoRunner(Runner):
             self._closed = True
             self._idle.clear()
             self._compiled = None
+
+
+def create_runner(path, component_name: str, component: dict, **options) -> OpenVinoRunner:
+    """A runner of one component (``options``: ``OvOptions`` fields; anything else is refused)."""
+    from dataclasses import fields
+
+    from mmedge.backends import refuse_unknown_options
+    from mmedge.runtimes.openvino.core import import_openvino
+
+    allowed = [f.name for f in fields(OvOptions)]
+    refuse_unknown_options("openvino", {k: v for k, v in options.items() if k not in allowed}, allowed)
+    import_openvino()
+    return OpenVinoRunner(path, component_name, component, OvOptions(**options))

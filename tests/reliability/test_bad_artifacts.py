@@ -16,8 +16,15 @@ import numpy as np
 import pytest
 
 import mmedge
-from mmedge.errors import (ArtifactError, ArtifactNotFoundError, IntegrityError, ManifestError, TokenizerError, UnsafePathError,
-                           UnsupportedFormatError)
+from mmedge.errors import (
+    ArtifactError,
+    ArtifactNotFoundError,
+    IntegrityError,
+    ManifestError,
+    TokenizerError,
+    UnsafePathError,
+    UnsupportedFormatError,
+)
 from tests.support.battery import api_error, cli_error, edit_manifest, replace_component_file
 
 
@@ -64,13 +71,15 @@ def write(name: str, data: bytes) -> Callable[[Path], None]:
 RANDOM = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
 CLIP_CASES = {
     # ONNX graphs
-    "onnx-missing": Case("clip", lambda f: (f / "vision.onnx").unlink(), ArtifactNotFoundError, ("vision.onnx", "missing")),
+    "onnx-missing": Case("clip", lambda f: (f / "vision.onnx").unlink(), ArtifactNotFoundError,
+                         ("vision.onnx", "missing")),
     "onnx-empty": Case("clip", write("vision.onnx", b""), IntegrityError, ("vision.onnx", "empty (0 bytes)")),
     "onnx-empty-rehashed": Case("clip", lambda f: replace_component_file(f, "vision", b"", rehash=True),
                                 IntegrityError, ("could not load component 'vision'",)),
     "onnx-truncated": Case("clip", lambda f: write("vision.onnx", graph_bytes(f, "vision")[:2000])(f),
                            IntegrityError, ("vision.onnx", "sha256")),
-    "onnx-truncated-rehashed": Case("clip", lambda f: replace_component_file(f, "vision", graph_bytes(f, "vision")[:2000],
+    "onnx-truncated-rehashed": Case("clip",
+                                    lambda f: replace_component_file(f, "vision", graph_bytes(f, "vision")[:2000],
                                                                              rehash=True),
                                     IntegrityError, ("could not load component 'vision'",)),
     "onnx-random-bytes": Case("clip", write("vision.onnx", RANDOM), IntegrityError, ("vision.onnx", "sha256")),
@@ -79,11 +88,13 @@ CLIP_CASES = {
     "onnx-one-byte-flipped": Case("clip", lambda f: write("vision.onnx", bytes([graph_bytes(f, "vision")[0] ^ 1])
                                                           + graph_bytes(f, "vision")[1:])(f),
                                   IntegrityError, ("vision.onnx", "corrupt or was replaced")),
-    "onnx-graph-of-another-component": Case("clip", lambda f: replace_component_file(f, "vision", graph_bytes(f, "text"),
+    "onnx-graph-of-another-component": Case("clip",
+                                            lambda f: replace_component_file(f, "vision", graph_bytes(f, "text"),
                                                                                      rehash=True),
                                             IntegrityError, ("do not match", "re-export")),
     # manifest.json
-    "manifest-missing": Case("clip", lambda f: (f / "manifest.json").unlink(), ArtifactNotFoundError, ("no manifest.json",)),
+    "manifest-missing": Case("clip", lambda f: (f / "manifest.json").unlink(), ArtifactNotFoundError,
+                             ("no manifest.json",)),
     "manifest-empty": Case("clip", write("manifest.json", b""), ManifestError, ("not valid JSON",)),
     "manifest-not-json": Case("clip", write("manifest.json", b"format: mmedge\n"), ManifestError, ("not valid JSON",)),
     "manifest-truncated": Case("clip", lambda f: write("manifest.json", (f / "manifest.json").read_bytes()[:300])(f),
@@ -95,12 +106,14 @@ CLIP_CASES = {
                                   ManifestError, ("not valid JSON",)),
     "manifest-oversized": Case("clip", write("manifest.json", b" " * (17 << 20)), ManifestError, ("bytes long",)),
     "manifest-a-list": Case("clip", write("manifest.json", b"[]"), ManifestError, ("'(top level)'", "JSON object")),
-    "manifest-lacks-components": Case("clip", set_field("components", KeyError), ManifestError, ("'components' is missing",)),
+    "manifest-lacks-components": Case("clip", set_field("components", KeyError), ManifestError,
+                                      ("'components' is missing",)),
     "manifest-lacks-sha256": Case("clip", set_field("components.vision.sha256", KeyError), ManifestError,
                                   ("'components.vision.sha256' is missing",)),
     "manifest-version-a-string": Case("clip", set_field("format_version", "1"), ManifestError,
                                       ("'format_version' has the wrong type",)),
-    "manifest-tasks-a-string": Case("clip", set_field("tasks", "zero-shot"), ManifestError, ("'tasks' has the wrong type",)),
+    "manifest-tasks-a-string": Case("clip", set_field("tasks", "zero-shot"), ManifestError,
+                                    ("'tasks' has the wrong type",)),
     "manifest-dtype-unknown": Case("clip", set_field("components.vision.inputs.pixel_values.dtype", "complex64"),
                                    ManifestError, ("pixel_values.dtype", "complex64")),
     "manifest-preprocess-bad-mean": Case("clip", set_field("preprocess.mean", [0.5, 0.5]), ManifestError,
@@ -127,7 +140,8 @@ CLIP_CASES = {
                                             ("tokenizer.file", "outside the artifact folder")),
     "manifest-newer-format": Case("clip", lambda f: edit_manifest(f, lambda m: m.update(format_version=99,
                                                                                      mmedge_version="9.0.0")),
-                                  UnsupportedFormatError, ("format version 99", "mmedge 9.0.0", "pip install -U mmedge")),
+                                  UnsupportedFormatError,
+                                  ("format version 99", "mmedge 9.0.0", "pip install -U mmedge")),
     "manifest-other-format": Case("clip", set_field("format", "onnx.model"), UnsupportedFormatError,
                                   ("not an mmedge artifact",)),
     "manifest-component-the-family-lacks": Case("clip", lambda f: edit_manifest(

@@ -28,7 +28,8 @@ def png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT",
+                                                                 zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def encoded(image: Image.Image, fmt: str, **options) -> bytes:
@@ -95,7 +96,8 @@ def refused_dir(picture, tmp_path_factory) -> Path:
 def test_api_refuses_bad_image_file(classifier, refused_dir, name):
     path = refused_dir / name
     api_error(lambda: classifier(path, labels=LABELS), ImageError, name, REFUSED[name])
-    api_error(lambda: classifier(path.read_bytes(), labels=LABELS), ImageError, REFUSED[name])  # the same bytes in memory
+    # the same bytes in memory
+    api_error(lambda: classifier(path.read_bytes(), labels=LABELS), ImageError, REFUSED[name])
 
 
 @pytest.mark.parametrize("name", list(REFUSED))
@@ -144,10 +146,12 @@ def handled_files(picture: Image.Image) -> dict[str, tuple[bytes, Image.Image]]:
     rgba = Image.fromarray(rgba_pixels, "RGBA")
     on_white = Image.alpha_composite(Image.new("RGBA", picture.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return {
-        "one-pixel.png": (encoded(Image.new("RGB", (1, 1), (200, 30, 30)), "PNG"), Image.new("RGB", (1, 1), (200, 30, 30))),
+        "one-pixel.png": (encoded(Image.new("RGB", (1, 1), (200, 30, 30)), "PNG"),
+                          Image.new("RGB", (1, 1), (200, 30, 30))),
         "animated.gif": (encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=40),
                          Image.open(io.BytesIO(encoded(frames[0], "GIF"))).convert("RGB")),
-        "sixteen-bit.png": (encoded(Image.fromarray(np.asarray(gray).astype(np.uint16) * 257), "PNG"), gray.convert("RGB")),
+        "sixteen-bit.png": (encoded(Image.fromarray(np.asarray(gray).astype(np.uint16) * 257), "PNG"),
+                            gray.convert("RGB")),
         "cmyk.jpg": (cmyk, Image.open(io.BytesIO(cmyk)).convert("RGB")),
         "palette-transparency.png": (encoded(palette, "PNG", transparency=transparent), on_white),
     }
@@ -163,7 +167,8 @@ def handled(picture, tmp_path_factory) -> dict[str, tuple[Path, Image.Image]]:
     return out
 
 
-@pytest.mark.parametrize("name", ["one-pixel.png", "animated.gif", "sixteen-bit.png", "cmyk.jpg", "palette-transparency.png"])
+@pytest.mark.parametrize("name",
+                         ["one-pixel.png", "animated.gif", "sixteen-bit.png", "cmyk.jpg", "palette-transparency.png"])
 def test_odd_but_valid_images_are_classified_as_their_rgb_equivalent(capsys, classifier, clip_artifacts, handled, name):
     path, expected = handled[name]
     got = classifier.probabilities(path, labels=LABELS)

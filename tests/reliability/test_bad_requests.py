@@ -129,7 +129,8 @@ def test_cli_refuses_absurd_generation_settings(capsys, blip2_artifact, photos, 
 
 def test_api_refuses_unknown_and_mistyped_settings(captioner, photos):
     api_error(lambda: captioner.caption(photos[0], beams=3), InputError, "unknown generation setting(s) ['beams']")
-    api_error(lambda: captioner.caption(photos[0], max_new_tokens="20"), InputError, "max_new_tokens='20'", "an integer")
+    api_error(lambda: captioner.caption(photos[0], max_new_tokens="20"), InputError, "max_new_tokens='20'",
+              "an integer")
     api_error(lambda: captioner.caption(photos[0], stop_strings="\n"), InputError, "stop_strings", "a list of strings")
     api_error(lambda: captioner.caption(photos[0], length_penalty=10**400), InputError, "length_penalty", "finite")
 
@@ -194,11 +195,13 @@ def test_api_misuse_of_load(clip_artifacts, call, kind, words):
 NO_ORT = "import sys; sys.modules['onnxruntime'] = None; from mmedge.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
-@pytest.mark.parametrize("backend,words", [("onnxruntime", "needs the Python package 'onnxruntime', which is not installed"),
+@pytest.mark.parametrize("backend,words",
+                         [("onnxruntime", "needs the Python package 'onnxruntime', which is not installed"),
                                            ("auto", "onnxruntime is not installed")])
 def test_backend_whose_engine_is_not_installed(clip_artifacts, photos, backend, words):
     """A fresh interpreter in which onnxruntime cannot be imported, as on a device where it is not installed."""
-    result = subprocess.run([sys.executable, "-c", NO_ORT, "run", str(clip_artifacts("fp32")), photos[0], "--labels", "cat",
+    result = subprocess.run([sys.executable, "-c", NO_ORT, "run", str(clip_artifacts("fp32")), photos[0], "--labels",
+                             "cat",
                              "--backend", backend], capture_output=True, text=True, timeout=120)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == BackendUnavailableError.exit_code, result.stderr
@@ -212,7 +215,8 @@ def test_unanticipated_failure_is_one_line_too(capsys, clip_artifacts, photos, m
     monkeypatch.setattr(mmedge.preprocess.ImagePreprocessor, "__call__", lambda self, images: 1 / 0)
     assert main(["run", str(clip_artifacts("fp32")), photos[0], "--labels", "cat"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("mmedge: internal error: ZeroDivisionError") and "MMEDGE_DEBUG=1" in err[0]
+    assert len(err) == 1 and err[0].startswith("mmedge: internal error: ZeroDivisionError")
+    assert "MMEDGE_DEBUG=1" in err[0]
     monkeypatch.setenv("MMEDGE_DEBUG", "1")
     with pytest.raises(ZeroDivisionError):
         main(["run", str(clip_artifacts("fp32")), photos[0], "--labels", "cat"])

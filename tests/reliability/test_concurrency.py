@@ -84,7 +84,8 @@ def test_embedder_shared_by_8_threads_equals_serial(clip_artifacts, photos):
     images = inputs(photos)
     with mmedge.load(clip_artifacts("fp32"), task="embed", threads=1) as embedder:
         expected = [embedder.embed_images(image) for image in images]
-        results = run_threads(lambda t, c: ((t + c) % len(images), embedder.embed_images(images[(t + c) % len(images)])), 25)
+        results = run_threads(lambda t,
+                              c: ((t + c) % len(images), embedder.embed_images(images[(t + c) % len(images)])), 25)
     for per_thread in results:
         for index, got in per_thread:
             np.testing.assert_array_equal(got, expected[index])

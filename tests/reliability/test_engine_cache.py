@@ -38,7 +38,8 @@ def test_fresh_engine_round_trips(cache):
 
 FOREIGN = {
     "another-gpu": ({"gpu_name": "NVIDIA Jetson AGX Orin", "compute_capability": "8.7"},
-                    "built for GPU 'NVIDIA Jetson AGX Orin' (sm 8.7); this device has 'NVIDIA GeForce RTX 4090' (sm 8.9)"),
+                    "built for GPU 'NVIDIA Jetson AGX Orin' (sm 8.7); this device has 'NVIDIA GeForce RTX "
+                    "4090' (sm 8.9)"),
     "same-gpu-name-other-arch": ({"compute_capability": "8.6"}, "(sm 8.6)"),
     "another-tensorrt": ({"tensorrt_version": "8.6.1"}, "built with TensorRT 8.6.1; this device has TensorRT 10.3.0"),
     "another-graph": ({"onnx_sha256": "cd" * 32}, "built from another graph"),

@@ -39,11 +39,11 @@ from tokenizers import Tokenizer
 
 from mmedge.errors import MmedgeError
 from mmedge.generation import GenerationConfig
+from mmedge.generation.kv_layout import checked_layout
 from mmedge.images import load_image
 from mmedge.manifest import parse_manifest
 from mmedge.preprocess import ImagePreprocessor
 from mmedge.runner import TensorMeta
-from mmedge.runtimes.onnxruntime_decoder import _checked_layout
 from mmedge.tokenizer import TextTokenizer
 
 EXAMPLES = int(os.environ.get("MMEDGE_FUZZ_EXAMPLES", "150"))
@@ -61,7 +61,8 @@ def report():
     yield
     if BENCHMARK:
         OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps({"examples_setting": EXAMPLES, "inputs": dict(CALLS), "total_inputs": sum(CALLS.values()),
+        OUT.write_text(json.dumps({"examples_setting": EXAMPLES, "inputs": dict(CALLS),
+                                   "total_inputs": sum(CALLS.values()),
                                    "outcomes": {f"{t}: {o}": n for (t, o), n in sorted(OUTCOMES.items())},
                                    "seconds": round(time.perf_counter() - start, 1)}, indent=2) + "\n")
 
@@ -80,7 +81,8 @@ def only_typed_errors(target: str, call) -> None:
 
 # --- the manifest ----------------------------------------------------------------------------------
 HOSTILE = ["../vision.onnx", "/etc/passwd", "C:\\x.onnx", "vision.onnx", "tokenizer.json", "", ".", "..", "a" * 300,
-           "\ud800", "x\x00y", "%d.%s", "past_key_values.%d.%s", "fp16", "int4", "clip", "blip2", "caption", "zero-shot",
+           "\ud800", "x\x00y", "%d.%s", "past_key_values.%d.%s", "fp16", "int4", "clip", "blip2", "caption",
+           "zero-shot",
            10**400, -(10**400), 2**63, -1, 0, 1, 1.5, 1e308, float("inf"), float("nan"), True, None, [], {},
            [1, 2, 3], [-1, "batch"], {"shortest_edge": 0}, {"height": 10**9, "width": 10**9}, "0" * 64]
 JSON_LEAVES = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
@@ -121,7 +123,7 @@ def read_manifest_sections(text, tokenizers: dict[str, Tokenizer]) -> None:
         TextTokenizer(tokenizers["blip2" if data["family"] == "blip2" else "clip"], data["tokenizer"])
     if data["family"] == "blip2":
         GenerationConfig.from_dict(data["generation"])
-        _checked_layout(data["blip2"]["decoder"]["kv_cache"])
+        checked_layout(data["blip2"]["decoder"]["kv_cache"])
 
 
 def test_real_manifests_pass(manifests, tokenizers):
@@ -160,7 +162,8 @@ def test_fuzz_manifest_field_mutations(manifests, tokenizers, data):
             parent[data.draw(st.text(max_size=8))] = data.draw(JSON_VALUES)
         else:
             parent.append(data.draw(JSON_VALUES))
-    only_typed_errors("manifest: mutated real manifests", lambda: read_manifest_sections(json.dumps(document), tokenizers))
+    only_typed_errors("manifest: mutated real manifests",
+                      lambda: read_manifest_sections(json.dumps(document), tokenizers))
 
 
 # --- images -----------------------------------------------------------------------------------------
@@ -241,7 +244,8 @@ def test_fuzz_arrays(preprocessor, array):
 
 MODES = ["1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "I", "F", "LA", "PA", "RGBX", "RGBa", "La",
          "I;16", "I;16B", "I;16L", "I;16N"]
-TRANSPARENCY = st.none() | st.integers(-1, 300) | st.tuples(st.integers(0, 255), st.integers(0, 255), st.integers(0, 255)) \
+TRANSPARENCY = st.none() | st.integers(-1, 300) | st.tuples(st.integers(0, 255), st.integers(0, 255),
+                                                            st.integers(0, 255)) \
     | st.binary(max_size=8)
 
 

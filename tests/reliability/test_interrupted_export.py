@@ -27,7 +27,8 @@ export_model(sys.argv[1], sys.argv[2], progress=False, overwrite=True)
 
 
 def kill_midway(checkpoint: Path, out: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(checkpoint), str(out)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(checkpoint), str(out)], stdout=subprocess.PIPE,
+                            text=True)
     deadline = time.time() + 120
     for line in proc.stdout:
         if "STAGED" in line or time.time() > deadline:

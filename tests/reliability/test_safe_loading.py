@@ -61,9 +61,11 @@ def test_allowed_pickle_that_runs_code_is_refused_before_it_runs(capsys, tiny_cl
     torch.load(folder / "pytorch_model.bin", weights_only=False)  # the control: a plain pickle load runs it
     assert marker.is_dir()
     marker.rmdir()
-    api_error(lambda: load_checkpoint(str(folder), allow_pickle=True), ModelLoadError, "refused to load the pickled weights",
+    api_error(lambda: load_checkpoint(str(folder), allow_pickle=True), ModelLoadError,
+              "refused to load the pickled weights",
               "weights_only=True")
-    cli_error(capsys, ["export", folder, tmp_path / "out", "--allow-pickle", "--quiet"], ModelLoadError, "hold more than tensors")
+    cli_error(capsys, ["export", folder, tmp_path / "out", "--allow-pickle", "--quiet"], ModelLoadError,
+              "hold more than tensors")
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 

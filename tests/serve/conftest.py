@@ -21,7 +21,8 @@ from tests.support.serve import API_KEY, Server
 # One CPU thread per graph, here and in-process (``local``): for these small models a second ONNX Runtime thread mostly
 # spins (a third more CPU per caption on 2 cores), and both sides compute with the same threads.
 THREADS = 1
-MAIN_FLAGS = ("--threads", str(THREADS), "--api-key", API_KEY, "--workers", "2", "--max-images", "4", "--max-body-mb", "1",
+MAIN_FLAGS = ("--threads", str(THREADS), "--api-key", API_KEY, "--workers", "2", "--max-images", "4", "--max-body-mb",
+              "1",
               "--max-image-pixels", "1000000", "--allow-images-from", str(demo.IMAGES_DIR))
 
 

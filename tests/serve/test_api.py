@@ -19,7 +19,8 @@ QUESTION_SCENES = 3
 
 def image_message(*parts) -> list[dict]:
     """One user message: paths become image_url parts (data URIs), strings text parts."""
-    content = [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image_url", "image_url": {"url": data_uri(p)}}
+    content = [{"type": "text", "text": p} if isinstance(p, str) else {"type": "image_url",
+                                                                       "image_url": {"url": data_uri(p)}}
                for p in parts]
     return [{"role": "user", "content": content}]
 
@@ -39,7 +40,8 @@ def test_models_list_family_tasks_precision_and_plan(openai_client):
     assert {c["backend"] for c in blip2["plan"].values()} == {"onnxruntime"}
     assert blip2["endpoints"] == ["/v1/chat/completions"] and clip["endpoints"] == ["/v1/classify"]
     assert clip["labels"] == demo.labels()  # baked into the graph
-    assert models["clip-tiny"]["endpoints"] == ["/v1/classify", "/v1/embeddings"] and "labels" not in models["clip-tiny"]
+    assert models["clip-tiny"]["endpoints"] == ["/v1/classify",
+                                                "/v1/embeddings"] and "labels" not in models["clip-tiny"]
     assert models["idefics-tiny"]["family"] == "idefics"
 
 
@@ -57,7 +59,8 @@ def test_captions_equal_in_process(openai_client, local, scenes):
 def test_streamed_captions_arrive_piece_by_piece_as_in_process(openai_client, local, scenes):
     captioner = local("blip2-fp32")
     for scene in scenes:
-        chunks = list(openai_client.chat.completions.create(model="blip2-fp32", messages=image_message(scene), stream=True,
+        chunks = list(openai_client.chat.completions.create(model="blip2-fp32", messages=image_message(scene),
+                                                            stream=True,
                                                             stream_options={"include_usage": True}))
         pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
         assert pieces == list(captioner.stream(str(scene)))  # the same pieces, token by token
@@ -95,7 +98,8 @@ def test_generation_settings_reach_the_captioner(openai_client, local, scenes):
 
 def test_image_earlier_in_the_conversation(openai_client, local, scenes):
     """Multi-turn: the image of the first user message, the question of the last."""
-    messages = [{"role": "system", "content": "You describe shapes."}, *image_message(scenes[3], "what shape is the red one?"),
+    messages = [{"role": "system", "content": "You describe shapes."},
+                *image_message(scenes[3], "what shape is the red one?"),
                 {"role": "assistant", "content": "triangle"}, {"role": "user", "content": "what color is the circle?"}]
     answer = openai_client.chat.completions.create(model="blip2-fp32", messages=messages)
     assert answer.choices[0].message.content == local("blip2-fp32").ask(str(scenes[3]), "what color is the circle?")
@@ -126,15 +130,19 @@ def test_labels_and_templates_at_run_time(http, local, photos):
 def test_embeddings_through_the_openai_client(openai_client, http, local, photos):
     embedder = local("clip-tiny", "embed")
     texts = ["a photo of a cat", "a rocket"]
-    answer = openai_client.embeddings.create(model="clip-tiny", input=texts, extra_body={"images": [data_uri(photos[0])]})
+    answer = openai_client.embeddings.create(model="clip-tiny", input=texts,
+                                             extra_body={"images": [data_uri(photos[0])]})
     vectors = np.array([d.embedding for d in answer.data])  # [texts + images, dim]; the client asked for base64
     expected = np.concatenate([embedder.embed_texts(texts), embedder.embed_images(photos[0])])
     assert np.allclose(vectors, expected, atol=1e-6, rtol=0)
     assert answer.usage.prompt_tokens == int(embedder.tokenizer.encode(texts)[1].sum())
-    floats = http.post("/v1/embeddings", json={"model": "clip-tiny", "input": "a rocket", "encoding_format": "float"}).json()
+    floats = http.post("/v1/embeddings",
+                       json={"model": "clip-tiny", "input": "a rocket", "encoding_format": "float"}).json()
     assert np.allclose(floats["data"][0]["embedding"], expected[1], atol=1e-6, rtol=0)
-    raw = http.post("/v1/embeddings", json={"model": "clip-tiny", "input": ["a rocket"], "encoding_format": "base64"}).json()
-    assert np.array_equal(np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), "<f4"), np.float32(floats["data"][0]["embedding"]))
+    raw = http.post("/v1/embeddings",
+                    json={"model": "clip-tiny", "input": ["a rocket"], "encoding_format": "base64"}).json()
+    assert np.array_equal(np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), "<f4"),
+                          np.float32(floats["data"][0]["embedding"]))
 
 
 def test_interleaved_prompt_on_idefics(openai_client, local, scenes):
@@ -153,7 +161,8 @@ def test_image_file_inside_the_allowed_folder(http, local, scenes):
     """--allow-images-from DIR lets a request name an image file in DIR (a file:// URL or a path)."""
     captioner = local("blip2-fp32")
     for url in (f"file://{scenes[2]}", str(scenes[2])):
-        request = {"model": "blip2-fp32", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
+        request = {"model": "blip2-fp32",
+                   "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
         answer = http.post("/v1/chat/completions", json=request)
         assert answer.json()["choices"][0]["message"]["content"] == captioner.caption(str(scenes[2]))
 

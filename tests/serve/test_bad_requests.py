@@ -18,7 +18,8 @@ from tests.support.serve import data_uri
 
 SCENE = demo.images()[0]
 PNG = SCENE.read_bytes()
-TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+         405: "invalid_request_error",
          413: "invalid_request_error", 422: "invalid_request_error"}
 
 
@@ -33,7 +34,8 @@ def blank_png(width: int, height: int) -> bytes:
 
 
 def chat(*parts, model="blip2-fp32", **extra) -> dict:
-    content = [{"type": "image_url", "image_url": {"url": p[4:]}} if p.startswith("url:") else {"type": "text", "text": p}
+    content = [{"type": "image_url",
+                "image_url": {"url": p[4:]}} if p.startswith("url:") else {"type": "text", "text": p}
                for p in parts]
     return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
 
@@ -63,27 +65,35 @@ CASES = [
     Bad("body is a list", 422, "invalid_type", ("is a JSON list", "expected a JSON object"), [1, 2]),
     Bad("no model", 422, "missing_field", ("field 'model' is missing",), {"messages": []}, param="model"),
     Bad("model not a string", 422, "invalid_type", ("field 'model' is 3", "expected a string"), {"model": 3}),
-    Bad("unknown model", 404, "model_not_found", ("model 'gpt-4o' is not served here", "clip-fp32"), chat(IMAGE, model="gpt-4o"),
+    Bad("unknown model", 404, "model_not_found", ("model 'gpt-4o' is not served here", "clip-fp32"),
+        chat(IMAGE, model="gpt-4o"),
         param="model"),
-    Bad("no messages", 422, "missing_field", ("field 'messages' is missing",), {"model": "blip2-fp32"}, param="messages"),
-    Bad("empty messages", 400, "invalid_value", ("field 'messages' is empty",), {"model": "blip2-fp32", "messages": []}),
+    Bad("no messages", 422, "missing_field", ("field 'messages' is missing",), {"model": "blip2-fp32"},
+        param="messages"),
+    Bad("empty messages", 400, "invalid_value", ("field 'messages' is empty",),
+        {"model": "blip2-fp32", "messages": []}),
     Bad("unknown role", 422, "invalid_value", ("messages[0].role", "one of system, developer, user, assistant"),
         {"model": "blip2-fp32", "messages": [{"role": "robot", "content": "hi"}]}, param="messages[0].role"),
     Bad("audio part", 400, "unsupported_content", ("'input_audio'", "'text' or 'image_url'"),
-        {"model": "blip2-fp32", "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}),
-    Bad("misspelt field", 422, "unknown_field", ("unknown field 'max_token'",), chat(IMAGE, max_token=5), param="max_token"),
+        {"model": "blip2-fp32",
+         "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}),
+    Bad("misspelt field", 422, "unknown_field", ("unknown field 'max_token'",), chat(IMAGE, max_token=5),
+        param="max_token"),
     Bad("remote image URL", 400, "unsupported_image_url", ("remote URL", "this server fetches nothing"),
         chat("url:https://example.com/cat.png"), param="messages[0].content[0].image_url.url"),
     Bad("file outside the allowed folder", 400, "unsupported_image_url", ("outside the allowed folder",),
         chat("url:file:///etc/hostname")),
-    Bad("data URI without base64", 400, "invalid_image", ("not a base64 image data URI",), chat("url:data:image/png,abc")),
+    Bad("data URI without base64", 400, "invalid_image", ("not a base64 image data URI",),
+        chat("url:data:image/png,abc")),
     Bad("bad base64", 400, "invalid_image", ("invalid base64",), chat("url:data:image/png;base64,@@@@")),
-    Bad("not an image", 400, "invalid_image", ("does not decode as an image",), chat("url:" + png_uri(b"hello, world"))),
+    Bad("not an image", 400, "invalid_image", ("does not decode as an image",),
+        chat("url:" + png_uri(b"hello, world"))),
     Bad("truncated image", 400, "invalid_image", ("could not be decoded, it is truncated or corrupt",),
         chat("url:" + png_uri(PNG[: len(PNG) // 2]))),
     Bad("truncated image, streamed", 400, "invalid_image", ("truncated or corrupt",),
         chat("url:" + png_uri(PNG[: len(PNG) // 2]), stream=True)),
-    Bad("image over the pixel cap", 400, "image_too_large", ("1001x1000 = 1,001,000 pixels", "at most 1,000,000 pixels"),
+    Bad("image over the pixel cap", 400, "image_too_large",
+        ("1001x1000 = 1,001,000 pixels", "at most 1,000,000 pixels"),
         chat("url:" + png_uri(blank_png(1001, 1000)))),
     Bad("body over the size cap", 413, "body_too_large", ("at most 1,048,576 bytes",),
         chat("x" * (1 << 20), "url:" + data_uri(SCENE))),
@@ -98,7 +108,8 @@ CASES = [
     Bad("max_tokens past the cap", 400, "invalid_value", ("is 100000",), chat(IMAGE, max_tokens=100000)),
     Bad("max_tokens past the positions", 400, "prompt_too_long", ("max_tokens=60", "decoder's positions"),
         chat(IMAGE, max_tokens=60)),
-    Bad("max_tokens not a number", 422, "invalid_type", ("field 'max_tokens' is \"ten\"",), chat(IMAGE, max_tokens="ten")),
+    Bad("max_tokens not a number", 422, "invalid_type", ("field 'max_tokens' is \"ten\"",),
+        chat(IMAGE, max_tokens="ten")),
     Bad("temperature out of range", 400, "invalid_value", ("field 'temperature' is 5",), chat(IMAGE, temperature=5)),
     Bad("top_p 0 (refused by mmedge)", 400, "invalid_value", ("generation setting top_p=0.0", "(0, 1]"),
         chat(IMAGE, top_p=0), param="top_p"),
@@ -107,7 +118,8 @@ CASES = [
     Bad("too many beams", 400, "invalid_value", ("'num_beams' is 9",), chat(IMAGE, num_beams=9)),
     Bad("wrong API key", 401, "invalid_api_key", ("the API key is wrong",), chat(IMAGE),
         headers={"Authorization": "Bearer nope"}),
-    Bad("no API key", 401, "invalid_api_key", ("the request has no API key",), chat(IMAGE), headers={"Authorization": ""}),
+    Bad("no API key", 401, "invalid_api_key", ("the request has no API key",), chat(IMAGE),
+        headers={"Authorization": ""}),
     Bad("metrics without a key", 401, "invalid_api_key", ("no API key",), None, "/metrics", "GET",
         headers={"Authorization": ""}),
     Bad("unknown endpoint", 404, "not_found", ("there is no endpoint /v1/completions",), {}, "/v1/completions"),
@@ -125,11 +137,13 @@ CASES = [
         {"model": "clip-fp32", "images": [data_uri(SCENE)], "labels": ["cat"]}, "/v1/classify"),
     Bad("duplicate labels", 400, "invalid_value", ("duplicates ('cat')",),
         {"model": "clip-tiny", "images": [data_uri(SCENE)], "labels": ["cat", "cat"]}, "/v1/classify"),
-    Bad("top_k 0", 400, "invalid_value", ("top_k is 0",), {"model": "clip-fp32", "images": [data_uri(SCENE)], "top_k": 0},
+    Bad("top_k 0", 400, "invalid_value", ("top_k is 0",),
+        {"model": "clip-fp32", "images": [data_uri(SCENE)], "top_k": 0},
         "/v1/classify"),
     Bad("embeddings of token ids", 422, "invalid_type", ("field 'input[0]' is a JSON list",),
         {"model": "clip-tiny", "input": [[1, 2, 3]]}, "/v1/embeddings", param="input[0]"),
-    Bad("embeddings of nothing", 400, "invalid_value", ("has no input",), {"model": "clip-tiny", "input": []}, "/v1/embeddings"),
+    Bad("embeddings of nothing", 400, "invalid_value", ("has no input",), {"model": "clip-tiny", "input": []},
+        "/v1/embeddings"),
     Bad("embeddings in int8", 400, "invalid_value", ("'encoding_format' is 'int8'",),
         {"model": "clip-tiny", "input": "a", "encoding_format": "int8"}, "/v1/embeddings"),
     Bad("text embeddings from baked labels", 400, "invalid_value", ("does not do embeddings",),
@@ -143,7 +157,8 @@ def send(http: httpx.Client, case: Bad) -> httpx.Response:
         client = httpx.Client(base_url=http.base_url, timeout=60)  # no key at all
     else:
         client = http
-    content = case.body if isinstance(case.body, bytes) else (None if case.body is None else json.dumps(case.body).encode())
+    content = case.body if isinstance(case.body, bytes) else (None if case.body is None
+                                                              else json.dumps(case.body).encode())
     try:
         return client.request(case.method, case.path, content=content, headers=headers)
     finally:

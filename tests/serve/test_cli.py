@@ -46,8 +46,10 @@ def test_two_artifacts_with_one_name(capsys, tmp_path, served_artifacts):
               "same model id (clip)", "rename")
 
 
-@pytest.mark.parametrize("flag, value, words", [("--workers", "0", "--workers is 0"), ("--max-queue", "-1", "at least 0"),
-                                                 ("--port", "70000", "65535"), ("--max-image-pixels", "0", "at least 1")])
+@pytest.mark.parametrize("flag, value, words",
+                         [("--workers", "0", "--workers is 0"), ("--max-queue", "-1", "at least 0"),
+                                                 ("--port", "70000", "65535"),
+                                                ("--max-image-pixels", "0", "at least 1")])
 def test_bad_settings(capsys, served_artifacts, flag, value, words):
     cli_error(capsys, ["serve", served_artifacts["clip-fp32"], flag, value], InputError, words)
 

@@ -38,7 +38,8 @@ def mixed_requests(scenes) -> list[tuple[str, dict]]:
         out.append(("chat", {"model": "blip2-fp32", "messages": user(scene)}))
         question = truth[scene.name]["questions"][0]["question"]
         out.append(("stream", {"model": "blip2-fp32", "messages": user(scene, question)}))
-        out.append(("embed", {"model": "clip-tiny", "input": [truth[scene.name]["caption"]], "images": [data_uri(scene)]}))
+        out.append(("embed",
+                    {"model": "clip-tiny", "input": [truth[scene.name]["caption"]], "images": [data_uri(scene)]}))
     return out
 
 
@@ -97,7 +98,8 @@ def test_8_clients_100_mixed_requests_answer_as_serial_calls(server, scenes):
 @pytest.fixture(scope="module")
 def queued_server(served_artifacts, long_blip2):
     """One captioner per artifact and two places in its queue."""
-    running = Server([served_artifacts["blip2-fp32"], long_blip2], "--workers", "1", "--max-queue", "2", "--threads", "1")
+    running = Server([served_artifacts["blip2-fp32"], long_blip2], "--workers", "1", "--max-queue", "2", "--threads",
+                     "1")
     yield running
     assert running.stop() == 0, running.text()
 
@@ -141,7 +143,8 @@ def test_full_queue_and_clients_that_leave(queued_server, queued_http, scenes):
     """A generating, B and C queued: D gets 503; C leaves and its place frees; A leaves mid-stream and its generation
     stops, so B runs at once; C never generates."""
     finished = metric(queued_http, "mmedge_generations_total", model="blip2-long", outcome="finished")
-    with ThreadPoolExecutor(1) as pool, queued_http.stream("POST", "/v1/chat/completions", json=long_stream(scenes[0], 3000)) as a:
+    with ThreadPoolExecutor(1) as pool, queued_http.stream("POST", "/v1/chat/completions",
+                                                           json=long_stream(scenes[0], 3000)) as a:
         lines = a.iter_lines()  # kept: dropping the iterator would close A's connection here
         assert next(lines).startswith("data: ")  # A's first piece: A is generating
         b = pool.submit(queued_http.post, "/v1/chat/completions",
@@ -156,7 +159,8 @@ def test_full_queue_and_clients_that_leave(queued_server, queued_http, scenes):
         assert b.result(timeout=HANG).status_code == 200
     wait_for(lambda: metric(queued_http, "mmedge_generations_total", model="blip2-long", outcome="cancelled") == 1,
              what="A's generation cancelled")
-    assert metric(queued_http, "mmedge_generations_total", model="blip2-long", outcome="finished") == finished + 1  # B only
+    # B only
+    assert metric(queued_http, "mmedge_generations_total", model="blip2-long", outcome="finished") == finished + 1
     assert metric(queued_http, "mmedge_generations_running", model="blip2-long") == 0
 
 

@@ -21,7 +21,8 @@ COUNT_PIECES = """() => {
         .observe(document.getElementById("answer"), {childList: true, characterData: true, subtree: true});
 }"""
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.is_file(), reason="Debian's chromium is not installed at /usr/bin/chromium "
+pytestmark = pytest.mark.skipif(not CHROMIUM.is_file(),
+                                reason="Debian's chromium is not installed at /usr/bin/chromium "
                                                                "(.ci/run installs it: apt-get install chromium)")
 
 
@@ -78,7 +79,8 @@ def bars(page, model: str, labels: str | None = None) -> list:
         page.fill("#labels", labels)
     page.click("#classify-button")
     page.wait_for_selector("#bars[data-state=done]")
-    return page.eval_on_selector_all("#bars .bar-row", "rows => rows.map(r => [r.dataset.label, Number(r.dataset.score)])")
+    return page.eval_on_selector_all("#bars .bar-row",
+                                     "rows => rows.map(r => [r.dataset.label, Number(r.dataset.score)])")
 
 
 def test_zero_shot_bars_equal_in_process(page, local, scenes):

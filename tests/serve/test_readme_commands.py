@@ -36,12 +36,14 @@ def test_curl_command(server, local):
     classified, end = json.JSONDecoder().raw_decode(out.stdout)
     answered = json.loads(out.stdout[end:])
     scene = str(demo.IMAGES_DIR / "scene-03.png")
-    assert [p["label"] for p in classified["data"][0]["predictions"]] == [p["label"] for p in local("clip-fp32")(scene, top_k=2)]
+    expected = [p["label"] for p in local("clip-fp32")(scene, top_k=2)]
+    assert [p["label"] for p in classified["data"][0]["predictions"]] == expected
     assert answered["choices"][0]["message"]["content"] == local("blip2-fp32").ask(scene, "what shape is the red one?")
 
 
 def test_openai_snippet(server, local):
-    code = PYTHON[0].replace("http://127.0.0.1:8000/v1", f"{server.url}/v1").replace('api_key="unused"', f'api_key="{API_KEY}"')
+    code = PYTHON[0].replace("http://127.0.0.1:8000/v1",
+                             f"{server.url}/v1").replace('api_key="unused"', f'api_key="{API_KEY}"')
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     caption = local("blip2-fp32").caption(str(demo.IMAGES_DIR / "scene-03.png"))

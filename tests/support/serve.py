@@ -31,7 +31,8 @@ class Server:
 
     def __init__(self, artifacts: list, *flags: str, launcher: list[str] | None = None, timeout: float = 120):
         """``launcher``: the command that stands for `mmedge` (default: ``python -m mmedge.cli``)."""
-        command = [*(launcher or [sys.executable, "-m", "mmedge.cli"]), "serve", *map(str, artifacts), "--port", "0", *flags]
+        command = [*(launcher or [sys.executable, "-m", "mmedge.cli"]), "serve", *map(str, artifacts), "--port", "0",
+                   *flags]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("MMEDGE_API_KEY", None)
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -39,7 +40,8 @@ class Server:
         self.stdout: list[str] = []
         self.stderr: list[str] = []
         lines: queue.Queue = queue.Queue()
-        for stream, kept, forward in ((self.process.stdout, self.stdout, lines), (self.process.stderr, self.stderr, None)):
+        for stream, kept, forward in ((self.process.stdout, self.stdout, lines),
+                                      (self.process.stderr, self.stderr, None)):
             threading.Thread(target=_pump, args=(stream, kept, forward), daemon=True).start()
         self.url = self._wait_ready(lines, timeout)
 
@@ -102,7 +104,8 @@ def raw_post(url: str, path: str, body: dict, headers: dict | None = None):
     parsed = httpx.URL(url)
     sock = socket.create_connection((parsed.host, parsed.port), timeout=60)
     data = json.dumps(body).encode()
-    lines = [f"POST {path} HTTP/1.1", f"Host: {parsed.host}", "Content-Type: application/json", f"Content-Length: {len(data)}",
+    lines = [f"POST {path} HTTP/1.1", f"Host: {parsed.host}", "Content-Type: application/json",
+             f"Content-Length: {len(data)}",
              *(f"{k}: {v}" for k, v in (headers or {}).items())]
     sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + data)
     return sock

@@ -113,7 +113,8 @@ def _learn_merges(corpus: str, num_merges: int) -> list[tuple[str, str]]:
     A plain, deterministic BPE: repeatedly merge the most frequent adjacent pair, ties broken by
     the pair's text (``tokenizers``' BpeTrainer breaks ties differently from run to run).
     """
-    return learn_merges(Counter(tuple(word[:-1]) + (word[-1] + END_OF_WORD,) for word in _pre_tokenize(corpus)), num_merges)
+    return learn_merges(Counter(tuple(word[:-1]) + (word[-1] + END_OF_WORD,) for word in _pre_tokenize(corpus)),
+                        num_merges)
 
 
 def _pre_tokenize(corpus: str) -> list[str]:
@@ -183,7 +184,8 @@ def make_tiny_blip2(
             image_size=image_size, patch_size=patch_size, initializer_range=0.02,
         ),
         qformer_config=dict(
-            hidden_size=qformer_hidden, intermediate_size=qformer_hidden * 4, num_hidden_layers=2, num_attention_heads=2,
+            hidden_size=qformer_hidden, intermediate_size=qformer_hidden * 4, num_hidden_layers=2,
+            num_attention_heads=2,
             cross_attention_frequency=2, max_position_embeddings=64, vocab_size=32,
         ),
         text_config=transformers.OPTConfig(

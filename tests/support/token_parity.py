@@ -69,7 +69,8 @@ class _Paired:
                 decoder.reserve(total)
 
     def _record(self, ids, reference, candidate) -> np.ndarray:
-        # copies: a decoder may hand back a view of a buffer its next step overwrites (the torch decoder's static logits)
+        # copies: a decoder may hand back a view of a buffer its next step overwrites (the torch decoder's static
+        # logits)
         call = _Call(ids, np.array(reference, np.float32), np.array(candidate, np.float32))
         self.events.append(call)
         return call.reference
@@ -120,7 +121,8 @@ class Report:
         where = f"{label}: " if label else ""
         live = self.live
         bad = live & ~(self.cosines >= min_cosine)  # NaN logits fail too
-        assert not bad.any(), (f"{where}teacher-forced logits cosine {np.nanmin(np.where(live, self.cosines, 1.0)):.6f} "
+        assert not bad.any(), (f"{where}teacher-forced logits cosine "
+                               f"{np.nanmin(np.where(live, self.cosines, 1.0)):.6f} "
                                f"below {min_cosine} at (step, row) {np.argwhere(bad).tolist()[:5]}")
         if self.beam:
             if self.beam_safe:
@@ -134,7 +136,8 @@ class Report:
             if cut == len(want):  # no near-tie: the whole row, its length included
                 assert got == want, f"{where}row {row}: {got} vs {want} (no near-tie within {self.bound:.3g})"
             else:
-                assert got[:cut] == want[:cut], f"{where}row {row} differs before its first near-tie (step {cut}): {got} vs {want}"
+                assert got[:cut] == want[:cut], \
+                    f"{where}row {row} differs before its first near-tie (step {cut}): {got} vs {want}"
             for step, token in enumerate(want):
                 if self.safe[step, row]:
                     assert self.forced[step, row] == token, (
@@ -163,7 +166,8 @@ def compare_generation(reference, candidate, reference_inputs: tuple, candidate_
     for t, call in enumerate(calls):
         ref, cand = call.reference, call.candidate
         if t == 0 and beam:  # start: one row per prompt, before the expansion to beams
-            ref, cand = ref[np.arange(live.shape[1]) // config.num_beams], cand[np.arange(live.shape[1]) // config.num_beams]
+            rows = np.arange(live.shape[1]) // config.num_beams
+            ref, cand = ref[rows], cand[rows]
         cosines[t] = cosine_rows(ref, cand)
         errors[t] = np.where(live[t], np.abs(cand.astype(np.float64) - ref).max(axis=1), 0.0)
     max_abs = float(errors.max())  # NaN logits make it NaN; the cosine check reports them first
@@ -181,7 +185,8 @@ def compare_generation(reference, candidate, reference_inputs: tuple, candidate_
 
 def _plain(config: GenerationConfig) -> None:
     assert not config.do_sample and config.repetition_penalty == 1.0 and config.min_new_tokens == 0 \
-        and not config.stop_strings, "compare_generation reads margins from raw logits: plain greedy or beam search only"
+        and not config.stop_strings, \
+        "compare_generation reads margins from raw logits: plain greedy or beam search only"
 
 
 def _live_rows(calls: list[_Call], expected: list[list[int]], beams: int) -> np.ndarray:
@@ -237,7 +242,8 @@ def _beam_decisions_safe(events: list, config: GenerationConfig) -> bool:
                 if _any_close(merged):
                     return False
                 kept[b] = merged[:beams]
-            if kept[b] and (not len(alive) or _settled(kept[b][0], best[b, alive[0]], error[b, alive[0]], generated, config)):
+            if kept[b] and (not len(alive) or _settled(kept[b][0], best[b, alive[0]], error[b, alive[0]], generated,
+                                                       config)):
                 improving[b] = False  # no running beam can beat the answer any more: later decisions cannot change it
             elif len(kept[b]) == beams:  # every slot holds a hypothesis: can the best running beam still beat them?
                 if config.early_stopping is True:

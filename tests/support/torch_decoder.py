@@ -68,7 +68,8 @@ class DecoderWithPast(torch.nn.Module):
         key = torch.arange(total, device=inputs_embeds.device).unsqueeze(0)  # [1, total]
         allowed = (key <= query).unsqueeze(0) & attention_mask.bool().unsqueeze(1)  # [batch, seq, total]
         additive = torch.zeros(allowed.shape, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
-        additive = additive.masked_fill(~allowed, torch.finfo(inputs_embeds.dtype).min).unsqueeze(1)  # [batch, 1, seq, total]
+        # [batch, 1, seq, total]
+        additive = additive.masked_fill(~allowed, torch.finfo(inputs_embeds.dtype).min).unsqueeze(1)
         out = self.model(inputs_embeds=inputs_embeds, attention_mask=additive, position_ids=position_ids,
                          cache=cache, use_cache=True)
         present = []

@@ -62,7 +62,8 @@ def server_env(log=print) -> Path:
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         raise ServerUnavailable(f"the nvidia-pytriton wheel ships tritonserver for Linux x86-64 only (this is "
                                 f"{platform.system()} {platform.machine()})")
-    key_text = json.dumps({"python": sys.version, "requirements": requirements(), "server": PYTRITON, "root": str(ROOT)})
+    key_text = json.dumps({"python": sys.version, "requirements": requirements(), "server": PYTRITON,
+                           "root": str(ROOT)})
     key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
     env = cache_root() / f"py{sys.version_info[0]}{sys.version_info[1]}-{key}"
     if (env / "ready.json").is_file():
@@ -135,11 +136,14 @@ class TritonServer:
         libdir = sysconfig.get_config_var("LIBDIR") or str(base / "lib")
         environ = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
         libraries = [str(site / "nvidia_pytriton.libs"), libdir, environ.get("LD_LIBRARY_PATH", "")]
-        environ.update(LD_LIBRARY_PATH=":".join(p for p in libraries if p), PATH=f"{self.env / 'bin'}:{environ.get('PATH', '')}",
+        environ.update(LD_LIBRARY_PATH=":".join(p for p in libraries if p),
+                       PATH=f"{self.env / 'bin'}:{environ.get('PATH', '')}",
                        PYTHONNOUSERSITE="1", OMP_NUM_THREADS=environ.get("OMP_NUM_THREADS", "1"))
-        if not any(Path(p, f"libpython{version}.so.1.0").exists() for p in (libdir, "/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu")):
+        folders = (libdir, "/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu")
+        if not any(Path(p, f"libpython{version}.so.1.0").exists() for p in folders):
             raise ServerUnavailable(f"the Python-backend stub needs libpython{version}.so.1.0, which this Python "
-                                    f"(built without --enable-shared) does not have: apt-get install libpython{version}")
+                                    "(built without --enable-shared) does not have: apt-get install "
+                                    f"libpython{version}")
         return dist / "bin" / "tritonserver", backends, environ
 
     def start(self, timeout: float = 180.0) -> "TritonServer":
@@ -156,7 +160,8 @@ class TritonServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with code {self.process.returncode} while starting:\n{self.log_tail()}")
+                raise RuntimeError(f"tritonserver exited with code {self.process.returncode} while "
+                                   f"starting:\n{self.log_tail()}")
             if self.ready():
                 return self
             time.sleep(0.3)

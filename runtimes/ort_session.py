@@ -1,0 +1,130 @@
+"""Opening ONNX Runtime sessions (the loader, apart from the runners, as in Polygraphy): ``session_from_path`` is how
+the runner, the KV-cached decoder and the exporter's checks open a graph, from one ``OrtOptions``; ``ORT_DTYPES`` is
+the one table from ONNX Runtime's type names to numpy dtypes."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from mmedge.errors import BackendUnavailableError, IntegrityError
+
+# Our short names for ONNX Runtime's execution providers.
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+@dataclass
+class OrtOptions:
+    """How to build the session. ``providers`` in priority order, CPU always last as the fallback."""
+
+    providers: tuple[str, ...] = ("cpu",)
+    threads: int | None = None  # intra-op threads; None = ONNX Runtime's default (all cores)
+    inter_op_threads: int | None = None
+    graph_optimization: str = "all"
+    device_id: int = 0
+    fp16: bool = False  # TensorRT provider: allow FP16 kernels
+    engine_cache: Path | None = None  # TensorRT provider: where built engines are cached
+    workspace_mb: int | None = None  # TensorRT provider: builder workspace (None: ONNX Runtime's default)
+    io_binding: bool | None = None  # None: on for the CUDA / TensorRT providers, off on a CPU
+    keep_on_device: bool = False  # with IO binding: return OrtDeviceArray outputs instead of numpy arrays
+    config_entries: dict[str, str] = field(default_factory=dict)  # extra SessionOptions entries
+
+
+def available_providers() -> list[str]:
+    """Our names for the execution providers this onnxruntime build offers."""
+    offered = set(ort.get_available_providers())
+    return [short for short, full in PROVIDERS.items() if full in offered]
+
+
+def provider_list(options: OrtOptions) -> list[tuple[str, dict]]:
+    offered = set(ort.get_available_providers())
+    chosen: list[tuple[str, dict]] = []
+    for short in options.providers:
+        if short not in PROVIDERS:
+            raise BackendUnavailableError(
+                f"unknown ONNX Runtime provider '{short}'", f"one of {', '.join(PROVIDERS)}",
+                "use 'cpu', 'cuda' or 'tensorrt'"
+            )
+        full = PROVIDERS[short]
+        if full not in offered:
+            raise BackendUnavailableError(
+                f"ONNX Runtime provider '{short}' ({full}) is not in this onnxruntime build (it offers "
+                f"{sorted(offered)})",
+                f"an onnxruntime build with {full}",
+                "pip uninstall onnxruntime && pip install onnxruntime-gpu (CUDA 12) on a machine with an NVIDIA GPU; "
+                "on Jetson use the onnxruntime-gpu wheel for your JetPack",
+            )
+        chosen.append((full, provider_options(short, options)))
+    if PROVIDERS["cpu"] not in [p for p, _ in chosen]:
+        chosen.append((PROVIDERS["cpu"], {}))
+    return chosen
+
+
+def provider_options(short: str, options: OrtOptions) -> dict:
+    if short == "cuda":
+        return {"device_id": options.device_id}
+    if short == "tensorrt":
+        opts = {"device_id": options.device_id, "trt_fp16_enable": options.fp16, "trt_int8_enable": False}
+        if options.engine_cache is not None:
+            cache = str(options.engine_cache)
+            opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=cache,
+                        trt_timing_cache_enable=True, trt_timing_cache_path=cache)
+        if options.workspace_mb:
+            opts["trt_max_workspace_size"] = int(options.workspace_mb) << 20
+        return opts
+    return {}
+
+
+def session_options(options: OrtOptions) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    if options.threads is not None:
+        so.intra_op_num_threads = options.threads
+    if options.inter_op_threads is not None:
+        so.inter_op_num_threads = options.inter_op_threads
+    so.graph_optimization_level = _OPT_LEVELS[options.graph_optimization]
+    so.log_severity_level = 3  # errors only; warnings about unused initializers are noise to users
+    for key, value in options.config_entries.items():
+        so.add_session_config_entry(key, str(value))
+    return so
+
+
+# ONNX Runtime's type names (NodeArg.type, OrtValue.data_type()) -> numpy dtypes
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+              "tensor(bool)": np.bool_}
+
+
+def session_from_path(path: str | os.PathLike, options: OrtOptions | None = None,
+                      what: str = "a graph") -> ort.InferenceSession:
+    """An ``InferenceSession`` over the graph at ``path`` with ``options`` (default: CPU, all cores); a graph ONNX
+    Runtime cannot load is an IntegrityError naming ``what`` and the file."""
+    options = options or OrtOptions()
+    providers = provider_list(options)
+    try:
+        return ort.InferenceSession(str(path), sess_options=session_options(options),
+                                    providers=[p for p, _ in providers], provider_options=[o for _, o in providers])
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/… types
+        raise IntegrityError(
+            f"ONNX Runtime could not load {what} from '{Path(path).name}' "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})",
+            "a valid ONNX graph as written by `mmedge export`",
+            "re-export the artifact or copy the file again",
+        ) from None
+
+
+__all__ = ["ORT_DTYPES", "PROVIDERS", "OrtOptions", "available_providers", "provider_list", "provider_options",
+           "session_from_path", "session_options"]

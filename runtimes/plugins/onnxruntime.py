@@ -1,0 +1,111 @@
+"""The ONNX Runtime backend's plug-in: the last in priority, it takes every component the others left, on the
+CPU or on its CUDA / TensorRT execution providers (provider options from ``ort_options``)."""
+
+from __future__ import annotations
+
+from mmedge.backends import Backend, ComponentPlan, PlanRequest
+from mmedge.errors import BackendUnavailableError
+from mmedge.runtimes.registry import BACKENDS
+from mmedge.runtimes.tensorrt_planning import tensorrt_defaults
+
+GPU_PROVIDERS = ("tensorrt", "cuda")
+
+
+def ort_options(probe, providers: tuple[str, ...], component: dict) -> dict:
+    """Provider options for one ONNX Runtime component: device id, IO binding on GPU providers (outputs stay on the
+    GPU between stages), and for the TensorRT provider FP16 (per ``tensorrt_defaults``; not for INT8 graphs) and the
+    builder workspace."""
+    if not any(p in providers for p in GPU_PROVIDERS):
+        return {}
+    options = {"device_id": 0, "io_binding": True}
+    if "tensorrt" in providers:
+        defaults = tensorrt_defaults(probe)
+        options.update(fp16=defaults.precision == "fp16" and component.get("precision") in ("fp32", "fp16"),
+                       workspace_mb=defaults.workspace_mb)
+    return options
+
+
+def _providers(request: PlanRequest) -> tuple[str, ...]:
+    probe, reasons = request.probe, request.reasons
+    gpu_providers = [p for p in GPU_PROVIDERS if p in probe.ort_providers]
+    if request.device == "cpu":
+        reasons.append("device=cpu requested: ONNX Runtime CPU provider")
+        return ("cpu",)
+    if gpu_providers:
+        reasons.append(f"ONNX Runtime offers {', '.join(gpu_providers)}: using them, CPU as fallback for "
+                       "unsupported ops")
+        return tuple(gpu_providers)
+    if request.device == "cuda":
+        raise BackendUnavailableError(
+            f"device=cuda was requested but this onnxruntime build offers only {probe.ort_providers}",
+            "onnxruntime-gpu with the CUDA (or TensorRT) execution provider and an NVIDIA GPU",
+            "pip uninstall onnxruntime && pip install onnxruntime-gpu, or pass --device cpu",
+        )
+    why = "no GPU found" if not request.has_gpu else "this onnxruntime build has no GPU provider"
+    reasons.append(f"{why}: ONNX Runtime CPU provider" + ("" if request.explicit else " (fallback)"))
+    return ("cpu",)
+
+
+class OnnxRuntimeBackend(Backend):
+    runner_module = "mmedge.runtimes.onnxruntime"
+    plan_owned = ("providers", "threads")
+    decoder_only = ()
+
+    @property
+    def settings(self):  # OrtOptions lives beside the runner, which imports onnxruntime
+        from mmedge.runtimes.onnxruntime import OrtOptions
+
+        return OrtOptions
+
+    def unusable(self, request: PlanRequest) -> str | None:
+        return None if request.probe.engines.get("onnxruntime") else "onnxruntime is not installed"
+
+    def declined(self, request: PlanRequest, why: str, taken: dict[str, ComponentPlan]) -> None:
+        if any(name not in taken for name in request.manifest["components"]):
+            raise BackendUnavailableError(why, "the onnxruntime package", "pip install onnxruntime")
+
+    def plan_components(self, request: PlanRequest, taken: dict[str, ComponentPlan]) -> dict[str, ComponentPlan]:
+        rest = [name for name in request.manifest["components"] if name not in taken]
+        if not rest:
+            return {}
+        why = self.unusable(request)
+        if why:
+            self.declined(request, why, taken)
+        providers = _providers(request)
+        components = request.manifest["components"]
+        return {name: ComponentPlan(self.name, providers, components[name]["precision"],
+                                    ort_options(request.probe, providers, components[name])) for name in rest}
+
+    def runner_options(self, artifact, plan: ComponentPlan, threads: int | None) -> dict:
+        """``OrtOptions`` fields from the plan: providers, threads, provider options, the TensorRT provider's cache."""
+        options = {"providers": plan.providers, "threads": threads, **plan.options}
+        if "tensorrt" in plan.providers:
+            options["engine_cache"] = artifact.engines_dir()
+        return options
+
+    def open_runner(self, artifact, name: str, plan: ComponentPlan, *, threads: int | None = None,
+                    settings: dict | None = None, keep_on_device: bool = False):
+        options = {**self.runner_options(artifact, plan, threads), **self.runner_settings(settings)}
+        if keep_on_device:
+            options["keep_on_device"] = True  # its outputs feed another stage on the same GPU backend
+        return self.import_runner_module().create_runner(artifact.component_path(name), name,
+                                                         artifact.component(name), **options)
+
+    def open_decoder(self, artifact, plan: ComponentPlan, table, *, threads: int | None = None,
+                     settings: dict | None = None):
+        """``OrtDecoder`` over the decoder graph; it binds its cache itself (no ``io_binding`` / ``keep_on_device``)."""
+        from mmedge.runtimes.kv_decoder import artifact_decoder
+        from mmedge.runtimes.onnxruntime import OrtOptions
+        from mmedge.runtimes.onnxruntime_decoder import OrtDecoder
+
+        layout, decoder_options = artifact_decoder(artifact.manifest)  # IDEFICS: context inputs (image mask, cross K/V)
+        ort_settings = {k: v for k, v in {**self.runner_options(artifact, plan, threads), **(settings or {})}.items()
+                        if k not in ("io_binding", "keep_on_device")}
+        return OrtDecoder(artifact.component_path("decoder"), table, layout, options=OrtOptions(**ort_settings),
+                          **decoder_options)
+
+    def hands_over_on_gpu(self, plan: ComponentPlan) -> bool:
+        return bool(plan.options.get("io_binding"))
+
+
+BACKEND = OnnxRuntimeBackend(BACKENDS["onnxruntime"])

@@ -1,0 +1,107 @@
+"""The backend contract (``mmedge.backends``): a new backend plugs in through the registry alone, selection asks the
+backends in priority order, unknown options are typed errors, and the core names no backend module."""
+
+import ast
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mmedge
+from mmedge.artifact import Artifact
+from mmedge.device import probe
+from mmedge.errors import InputError
+from mmedge.runtimes import registry
+from mmedge.selection import plan
+from tests.support.battery import api_error
+from tests.support.single_thread_plugin import INFO
+
+ROOT = Path(mmedge.__file__).parent.parent
+CORE = ("mmedge/selection.py", "mmedge/api.py", "mmedge/validate.py", "mmedge/backends.py", "mmedge/pipelines")
+# what the core may import from mmedge.runtimes: the registry, and backend-neutral helpers
+CORE_MAY_IMPORT = ("mmedge.runtimes", "mmedge.runtimes.registry")
+
+
+@pytest.fixture
+def plugged(monkeypatch):
+    """The registry with the test plug-in added, exactly as a new backend adds its row."""
+    monkeypatch.setitem(registry.BACKENDS, INFO.name, INFO)
+    return INFO.name
+
+
+def load(path, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tiny artifacts come from random weights
+        return mmedge.load(path, **kwargs)
+
+
+def test_a_plugged_in_backend_is_planned_and_loaded(plugged, clip_artifacts, photos):
+    path = clip_artifacts("fp32")
+    chosen = plan(probe(), Artifact.open(path).manifest)
+    assert chosen.components["text"].backend == plugged and chosen.components["vision"].backend == "onnxruntime"
+    assert any(reason.startswith("backend ort-single: text") for reason in chosen.reasons)
+    default, plugged_in = load(path, backend="onnxruntime"), load(path)
+    assert plugged_in.runners["text"].backend == "onnxruntime"  # the plug-in's runner is a real ORT session
+    labels = ["cat", "dog", "car"]
+    np.testing.assert_allclose(plugged_in.probabilities(photos[:2], labels), default.probabilities(photos[:2], labels),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_a_plugged_in_backend_named_explicitly_takes_everything(plugged, clip_artifacts):
+    classifier = load(clip_artifacts("fp32"), backend=plugged,
+                      backend_options={plugged: {"graph_optimization": "basic"}})
+    assert {c.backend for c in classifier.plan.components.values()} == {plugged}
+    api_error(lambda: load(clip_artifacts("fp32"), backend=plugged, backend_options={plugged: {"threads": 4}}),
+              InputError, "unknown settings ['threads']", "graph_optimization")
+
+
+def test_priority_order_and_settings_come_from_the_plug_ins():
+    assert [b.name for b in registry.backends()] == ["tensorrt", "torch", "openvino", "onnxruntime"]
+    assert registry.backend("tensorrt").settings is None
+    assert "quantization" in registry.backend("torch").settings_fields()
+    assert "threads" not in registry.backend("onnxruntime").settings_fields()  # the plan sets it
+
+
+def test_backend_options_for_a_backend_without_settings_are_refused(clip_artifacts):
+    api_error(lambda: load(clip_artifacts("fp32"), backend_options={"tensorrt": {"precision": "fp16"}}),
+              InputError, "backend_options names backend 'tensorrt'", "torch, openvino, onnxruntime")
+
+
+@pytest.mark.parametrize("backend_name,call", [
+    ("onnxruntime", lambda a: registry.create_runner("onnxruntime", a.component_path("vision"), "vision",
+                                                     a.component("vision"), thread=2)),
+    ("tensorrt", lambda a: registry.create_runner("tensorrt", a.component_path("vision"), "vision",
+                                                  a.component("vision"), artifact=a, thread=2)),
+    ("torch", lambda a: registry.create_runner("torch", None, "vision", a.component("vision"), artifact=a, thread=2)),
+])
+def test_unknown_runner_options_are_typed_errors(clip_artifacts, backend_name, call):
+    """No backend swallows an option it does not know (they used to vanish in **_ignored)."""
+    api_error(lambda: call(Artifact.open(clip_artifacts("fp32"))), InputError,
+              f"backend '{backend_name}' got unknown options ['thread']")
+
+
+def test_unknown_torch_decoder_options_are_typed_errors(blip2_artifact):
+    from mmedge.runtimes.torch_decoder import create_decoder
+
+    api_error(lambda: create_decoder(Artifact.open(blip2_artifact), max_graphs=2), InputError,
+              "backend 'torch' got unknown options ['max_graphs']")
+
+
+def _imports(path: Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.append(node.module)
+    return names
+
+
+def test_the_core_names_no_backend_module():
+    """selection, loading, validation and the pipelines reach backends only through the registry."""
+    for entry in CORE:
+        for path in sorted((ROOT / entry).rglob("*.py")) if (ROOT / entry).is_dir() else [ROOT / entry]:
+            for name in _imports(path):
+                if name.startswith("mmedge.runtimes"):
+                    assert name in CORE_MAY_IMPORT, f"{path.relative_to(ROOT)} imports {name}"
