@@ -325,7 +325,7 @@ def openvino_weight_bytes(artifact, weights: str, facts: dict) -> dict:
     """An NNCF-compressed decoder's sizes, estimated from its compiled model in engines/ (the blob holds the
     compressed weights): bytes read per token = blob less the lookup tables, plus one row of each and of the
     embedding table (the lookup tables counted at FP32: an upper bound of what the blob holds for them)."""
-    records = [json.loads(p.read_text()) for p in (artifact.root / "engines").glob("decoder-openvino-*.json")]
+    records = [json.loads(p.read_text()) for p in (artifact.root / "engines").glob("decoder-openvino-*.record")]
     blob = next((r["blob_bytes"] for r in records if r["key"]["precision"] == f"fp32+nncf-{weights}"), None)
     if blob is None:
         return {}

@@ -78,12 +78,15 @@ def test_compiled_models_are_cached_keyed_and_never_trusted_blindly(clip_artifac
             expected = first.probabilities(str(ROOT / "export/data/images/holdout-chelsea.jpg"))
         blobs = _engines(folder)
         assert len(blobs) == 1
-        record = json.loads(blobs[0].with_suffix(".json").read_text())
+        record = json.loads(blobs[0].with_suffix(".record").read_text())
         import openvino
 
         assert record["key"]["onnx_sha256"] == Artifact.open(folder).component("zero_shot")["sha256"]
         assert record["key"]["device"] == "CPU" and record["key"]["openvino_version"] == openvino.get_version()
         assert record["key"]["precision"] == "fp32"
+        from mmedge.runtimes.engine_cache import describe_engines
+
+        assert describe_engines(folder / "engines") == []  # TensorRT's cache does not mistake them for its engines
         with mmedge.load(folder, backend="openvino") as second:
             assert second.runners["zero_shot"].source == "cache"
             np.testing.assert_allclose(second.probabilities(str(ROOT / "export/data/images/holdout-chelsea.jpg")),
@@ -97,7 +100,8 @@ def test_compiled_models_are_cached_keyed_and_never_trusted_blindly(clip_artifac
 
     replaced = blobs[0].read_bytes()
     assert replaced != bytes(data)  # the tampered blob was recompiled and replaced
-    assert hashlib.sha256(replaced).hexdigest() == json.loads(blobs[0].with_suffix(".json").read_text())["blob_sha256"]
+    recorded = json.loads(blobs[0].with_suffix(".record").read_text())["blob_sha256"]
+    assert hashlib.sha256(replaced).hexdigest() == recorded
 
 
 @needs_openvino
@@ -119,7 +123,7 @@ def test_nncf_int4_decoder_generates_close_to_fp32_and_is_recorded(blip2_artifac
         with mmedge.load(folder, backend="openvino", backend_options={"openvino": {"weights": "int4"}}) as int4:
             assert type(int4.decoder).__name__ == "OpenVinoDecoder" and "compiled" in int4.decoder.source
             assert len(int4.caption(photo, max_new_tokens=4)) >= 0
-        records = [json.loads(p.read_text()) for p in (folder / "engines").glob("decoder-openvino-*.json")]
+        records = [json.loads(p.read_text()) for p in (folder / "engines").glob("decoder-openvino-*.record")]
         compressed = [r for r in records if r["key"]["precision"] == "fp32+nncf-int4"]
         assert compressed and compressed[0]["weights"]["mode"] == "int4_asym"
         with mmedge.load(folder, backend="openvino", backend_options={"openvino": {"weights": "int4"}}) as again:

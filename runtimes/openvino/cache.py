@@ -5,8 +5,11 @@ compression), device and OpenVINO version it was compiled with, so each blob has
 bytes' sha256; a blob whose key or bytes differ is never imported, it is recompiled and replaced. Layout::
 
     engines/<component>-openvino-<key digest, 16 hex>.blob   the compiled model
-    engines/<component>-openvino-<key digest, 16 hex>.json   {"format": "mmedge.openvino-blob", "key": {...},
-                                                              "blob_sha256": "...", "blob_bytes": n}
+    engines/<component>-openvino-<key digest, 16 hex>.record {"format": "mmedge.openvino-blob", "key": {...},
+                                                              "blob_sha256": "...", "blob_bytes": n}  (JSON)
+
+The record is not named ``*.json``: TensorRT's engine cache reads every ``<component>-*.json`` in the same folder as
+one of its own engines (and would report these as stale TensorRT engines).
 
 Writes go through a temporary file and ``os.replace`` (``engine_cache._atomic_write``): a process killed
 mid-write leaves no blob that a later load would trust.
@@ -56,13 +59,13 @@ class BlobCache:
 
     def paths(self, component: str, key: OvKey) -> tuple[Path, Path]:
         stem = f"{_checked_component(component)}-openvino-{key.digest()[:16]}"
-        return self.folder / f"{stem}.blob", self.folder / f"{stem}.json"
+        return self.folder / f"{stem}.blob", self.folder / f"{stem}.record"
 
     def load(self, component: str, key: OvKey) -> tuple[bytes | None, list[str]]:
         """(the blob's bytes, []) when a fresh one is cached; (None, reasons) otherwise (reasons empty: none yet)."""
         blob, record = self.paths(component, key)
         if not blob.is_file() or not record.is_file():
-            others = sorted(self.folder.glob(f"{component}-openvino-*.json"))
+            others = sorted(self.folder.glob(f"{component}-openvino-*.record"))
             reasons = []
             for other in others:
                 try:

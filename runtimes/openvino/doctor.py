@@ -25,7 +25,7 @@ def cached_lines(artifact) -> list[str]:
     import json
 
     folder = artifact.root / "engines"
-    records = sorted(folder.glob("*-openvino-*.json")) if folder.is_dir() else []
+    records = sorted(folder.glob("*-openvino-*.record")) if folder.is_dir() else []
     lines = [f"engines/: {len(records)} OpenVINO compiled model(s) cached"] if records else []
     for record in records:
         try:
