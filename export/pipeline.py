@@ -157,7 +157,8 @@ def _describe_precision(builder: "ArtifactBuilder", lowered) -> str:
 class ArtifactBuilder:
     """Accumulates component files and manifest entries inside the staging folder.
 
-    Families read ``stage``, ``options``, ``loaded``, ``preprocessor`` and ``tokenizer`` from it.
+    Families read ``stage``, ``options``, ``loaded``, ``preprocessor``, ``tokenizer`` and ``written`` (what their
+    ``write_files`` returned) from it.
     """
 
     def __init__(self, stage: Path, scratch: Path, loaded, family, options: ExportOptions):
@@ -182,7 +183,7 @@ class ArtifactBuilder:
         self.entries: dict[str, dict] = {}
         self._samples: dict[str, tuple[dict, dict]] = {}  # validation inputs and PyTorch outputs per component
         self._sample_parity: dict[str, dict] = {}  # each final graph's parity on those samples
-        family.write_files(self)
+        self.written = family.write_files(self)  # the family's build state: manifest_extras and fidelity read it
         if options.with_pytorch:  # before tracing: a large export frees each tower's weights once it is checked
             from mmedge.export.pytorch_weights import PYTORCH_FOLDER, save_pytorch_weights
 
@@ -302,7 +303,7 @@ class ArtifactBuilder:
             "format_version": FORMAT_VERSION,
             "mmedge_version": mmedge.__version__,
             "family": self.family.name,
-            **self.family.manifest_extras(self.loaded, self.options),
+            **self.family.manifest_extras(self.loaded, self.options, self.written),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "source": self.loaded.source,
             "preprocess": self.preprocess,

@@ -29,6 +29,7 @@ class FamilyRow:
     tasks: tuple[str, ...]
     pipelines: dict[str, str] = field(default_factory=dict)  # task -> "module:Class"
     generative: GenerativeSection | None = None  # None: no captioning section (an encoder-only family)
+    interleaved: bool = False  # its captioner takes interleaved image/text prompts (`mmedge run --interleaved`)
 
 
 FAMILIES: dict[str, FamilyRow] = {row.name: row for row in (
@@ -43,7 +44,7 @@ FAMILIES: dict[str, FamilyRow] = {row.name: row for row in (
               {"caption": "mmedge.pipelines.flamingo:FlamingoCaptioner",
                "vqa": "mmedge.pipelines.flamingo:FlamingoCaptioner"},
               GenerativeSection(("bos_token_id", "vision_width"),
-                                ("cross_kv", "decoder", "prompt_format", "prompts", "embeddings"))),
+                                ("cross_kv", "decoder", "prompt_format", "prompts", "embeddings")), interleaved=True),
 )}
 
 

@@ -65,7 +65,7 @@ RULES = (
          "a captioning artifact (BLIP-2, IDEFICS) without --interleaved", "drop --question"),
     Rule("--prompt", lambda a: a.prompt is not None, lambda a, t: _prompted(a, t) and a.question is None,
          "a captioning artifact without --question or --interleaved (they make the prompt)", "pass only one of them"),
-    Rule("--interleaved", lambda a: a.interleaved, lambda a, t: t.family == "idefics",
+    Rule("--interleaved", lambda a: a.interleaved, lambda a, t: t.family in FAMILIES and FAMILIES[t.family].interleaved,
          "a Flamingo-style (IDEFICS) captioning artifact", "drop --interleaved, or export an IDEFICS model"),
     Rule("--stream", lambda a: a.stream, lambda a, t: t.captions and not a.json,
          "a captioning artifact, without --json (which prints whole results)", "drop --stream or --json"),

@@ -1,4 +1,5 @@
-"""Model families the exporter knows. Adding a model means adding a family module, not an if/elif."""
+"""Model families the exporter knows, each a ``mmedge.export.families.base.Family``. Adding a model means adding a
+family module and its row here (and in ``mmedge.families`` on the device), not an if/elif."""
 
 from __future__ import annotations
 

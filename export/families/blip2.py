@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmedge.errors import ExportError, ParityError
-from mmedge.export.families.common import GenerativeFamily
+from mmedge.errors import ExportError
+from mmedge.export.families.base import DECODER_FIX, ENCODER_FIX, gate_fidelity
+from mmedge.export.families.common import EMBEDDINGS_FILE, GenerativeFamily, write_embedding_table
 from mmedge.export.specs.blip2 import (
     Blip2Prefix,
     Blip2Vision,
@@ -44,7 +45,6 @@ from mmedge.metrics import common_prefix, cosine_rows
 TASKS = ("caption", "vqa")
 VQA_TEMPLATE = "Question: {} Answer:"
 DEFAULT_MAX_NEW_TOKENS = 30
-EMBEDDINGS_FILE = "embed_tokens.npz"
 ENCODERS = ("prefix", "vision", "qformer")
 # Settings a user may pass in ExportOptions.extra, with their defaults.
 EXTRA_DEFAULTS = {
@@ -129,15 +129,12 @@ class Blip2Family(GenerativeFamily):
         return spec.name in ENCODERS
 
     # --- manifest --------------------------------------------------------------------------------
-    def manifest_extras(self, loaded, options) -> dict:
+    def manifest_extras(self, loaded, options, written: dict) -> dict:
         model = loaded.model
         text = model.config.text_config
         generation = generation_settings(loaded)
         fused = bool(self.setting(options, "fused_prefix"))
-        embeddings = getattr(loaded, "_blip2_embeddings", None)
-        if embeddings is None:
-            raise ExportError("the BLIP-2 embedding table was not written", f"{EMBEDDINGS_FILE} in the artifact",
-                              "this is an exporter bug; report it")
+        embeddings = written["embeddings"]  # write_files' entry for embed_tokens.npz
         return {
             "tasks": [options.task] + [t for t in TASKS if t != options.task],
             "generation": generation,
@@ -170,9 +167,17 @@ class Blip2Family(GenerativeFamily):
         }
 
     # --- samples stored with the artifact for on-device `mmedge validate` ------------------------
-    def write_files(self, builder) -> None:
-        """Files beside the graphs: the LLM's token-embedding table."""
-        self.write_embeddings(builder)
+    def write_files(self, builder) -> dict:
+        """Files beside the graphs: the LLM's token-embedding table. Returns ``{"embeddings": its manifest entry,
+        "fp32_table": the FP32 table}`` (the FP32 side of the decoder's fidelity, kept before a large LLM's weights
+        are freed; None when the LLM stays FP32)."""
+        llm = builder.loaded.model.language_model
+        options = builder.options
+        table = embedding_table(llm)  # [vocab, width]
+        entry = write_embedding_table(builder, table, lambda storage, arrays: embedding_entry(
+            llm, storage, arrays, options.int4_block_size))
+        fp32 = (options.llm_precision or options.precision) == "fp32"
+        return {"embeddings": entry, "fp32_table": None if fp32 else table}
 
     def validation_feeds(self, spec, builder) -> dict[str, np.ndarray]:
         """Two held-out photos; for the decoder, a VQA prompt after one photo's cached prefix (past > 0, 10+ tokens).
@@ -196,28 +201,6 @@ class Blip2Family(GenerativeFamily):
             mask = torch.ones(1, prefix.shape[1] + ids.shape[1], dtype=torch.long)  # [1, queries + tokens]
             feeds = decoder_feeds(embeds, mask, past, spec.kv_cache)
         return {k: v.numpy() for k, v in feeds.items()}
-
-    def write_embeddings(self, builder) -> dict:
-        """Write ``embed_tokens.npz`` at the LLM's precision (once per export); returns its manifest entry."""
-        from mmedge.artifact import sha256_file
-
-        loaded = builder.loaded
-        entry = getattr(loaded, "_blip2_embeddings", None)
-        path = builder.stage / EMBEDDINGS_FILE
-        if entry is not None and path.is_file():
-            return entry
-        llm = loaded.model.language_model
-        precision = builder.options.llm_precision or builder.options.precision
-        table = embedding_table(llm)  # [vocab, width]
-        if precision != "fp32":  # the FP32 side of the decoder's fidelity, after large LLMs' weights are freed
-            loaded._blip2_fp32_table = table
-        storage, arrays = embedding_arrays(table, precision, builder.options.int4_block_size)
-        with open(path, "wb") as handle:
-            np.savez(handle, **arrays)
-        entry = embedding_entry(llm, storage, arrays, builder.options.int4_block_size)
-        entry |= {"file": EMBEDDINGS_FILE, "sha256": sha256_file(path), "size_bytes": path.stat().st_size}
-        loaded._blip2_embeddings = entry  # read by manifest_extras, which gets no builder
-        return entry
 
     # --- static INT8 calibration -----------------------------------------------------------------
     def calibration_feeds(self, spec, builder, progress):
@@ -248,18 +231,13 @@ class Blip2Family(GenerativeFamily):
         if encoders:
             pixels = builder.preprocessor(holdout_images(photos))  # [views, 3, height, width]
             for name in encoders:
-                measured[name] = _encoder_fidelity(name, run, fp32, quantized, pixels)
-                if measured[name]["embedding_cosine_mean"] < options.min_quantized_cosine:
-                    raise ParityError(name, "embeddings", "cosine", measured[name]["embedding_cosine_mean"],
-                                      options.min_quantized_cosine,
-                                      "use more representative --calibration images, --quantization dynamic, or "
-                                      "--precision fp16")
+                measured[name] = gate_fidelity(name, _encoder_fidelity(name, run, fp32, quantized, pixels),
+                                               "embedding_cosine_mean", options.min_quantized_cosine, "embeddings",
+                                               ENCODER_FIX)
         if "decoder" in quantized:
-            measured["decoder"] = self._decoder_fidelity(fp32, quantized, builder, photos)
-            floor = float(self.setting(options, "min_logits_cosine"))
-            if measured["decoder"]["logits_cosine_mean"] < floor:
-                raise ParityError("decoder", "logits", "cosine", measured["decoder"]["logits_cosine_mean"], floor,
-                                  "use --llm-precision int8 or a smaller --int4-block-size (e.g. 32)")
+            measured["decoder"] = gate_fidelity("decoder", self._decoder_fidelity(fp32, quantized, builder, photos),
+                                                "logits_cosine_mean", float(self.setting(options, "min_logits_cosine")),
+                                                "logits", DECODER_FIX)
         return measured
 
     def _decoder_fidelity(self, fp32, quantized, builder, photos) -> dict:
@@ -270,8 +248,8 @@ class Blip2Family(GenerativeFamily):
         pixels = builder.preprocessor([load_calibration_image(p) for p in photos[:count]])
         prefix = _fp32_prefix(fp32, pixels, options.threads)  # [images, queries, width]
         precision = options.llm_precision or options.precision
-        entry = getattr(builder.loaded, "_blip2_embeddings", None) or self.write_embeddings(builder)
-        reference = _Greedy(fp32["decoder"], builder.loaded._blip2_fp32_table, kv_cache_layout(llm), options.threads)
+        entry = builder.written["embeddings"]
+        reference = _Greedy(fp32["decoder"], builder.written["fp32_table"], kv_cache_layout(llm), options.threads)
         table = _load_table(builder.stage / EMBEDDINGS_FILE, entry)
         candidate = _Greedy(quantized["decoder"], table, kv_cache_layout(llm), options.threads)
         new_tokens = int(self.setting(options, "fidelity_max_new_tokens"))
@@ -320,19 +298,6 @@ def generation_settings(loaded) -> dict:
 def embedding_table(language_model) -> np.ndarray:
     """The LLM's input embedding matrix as float32 ``[vocab, width]``."""
     return language_model.get_input_embeddings().weight.detach().float().cpu().numpy()
-
-
-def embedding_arrays(table: np.ndarray, precision: str, block_size: int) -> tuple[str, dict[str, np.ndarray]]:
-    """(storage name, arrays) for the table at the LLM's precision."""
-    from mmedge.export.int4 import quantize_rows_int4, quantize_rows_int8
-
-    if precision == "int4":
-        return "int4-block", quantize_rows_int4(table, block_size)
-    if precision == "int8":
-        return "int8-per-row", quantize_rows_int8(table)
-    if precision == "fp16":
-        return "float16", {"weight": table.astype(np.float16)}
-    return "float32", {"weight": np.ascontiguousarray(table, dtype=np.float32)}
 
 
 def embedding_entry(language_model, storage: str, arrays: dict[str, np.ndarray], block_size: int) -> dict:

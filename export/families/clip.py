@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmedge.errors import ParityError
+from mmedge.export.families.base import ENCODER_FIX, Family, gate_fidelity
 from mmedge.export.specs.clip import ClipText, ClipVision, ClipZeroShot, _FusedZeroShot, _ImageEmbeds, _TextEmbeds
 from mmedge.metrics import cosine_rows, top1_agreement
 from mmedge.pipelines.common import l2_normalize
@@ -18,7 +18,7 @@ FIDELITY_LABELS = ("person", "cat", "cup of coffee", "rocket", "galaxy", "eye", 
 TASKS = ("zero-shot", "embed")
 
 
-class ClipFamily:
+class ClipFamily(Family):
     name, label = "clip", "CLIP"
     model_types = ("clip",)
     default_task, tasks = "zero-shot", TASKS
@@ -95,7 +95,7 @@ class ClipFamily:
     def label_bank(self, loaded, labels, templates) -> np.ndarray:
         return build_label_bank(self.torch_text_embeds(loaded), labels, templates)  # [labels, dim]
 
-    def manifest_extras(self, loaded, options) -> dict:
+    def manifest_extras(self, loaded, options, written: dict) -> dict:
         task, labels, templates = options.task, options.labels, options.templates
         fused = bool(labels)
         extras = {
@@ -110,12 +110,9 @@ class ClipFamily:
     def needs_tokenizer(self, options) -> bool:
         return not options.labels
 
-    def write_files(self, builder) -> None:
+    def write_files(self, builder) -> dict:
         """Nothing beside the graphs but the tokenizer, which the builder writes."""
-
-    @staticmethod
-    def precision_of(spec, options) -> str:
-        return options.precision
+        return {}
 
     @staticmethod
     def calibrates(spec) -> bool:
@@ -134,12 +131,8 @@ class ClipFamily:
                                   builder.options.templates,
                                   photos)
         floor = builder.options.min_quantized_cosine
-        for name, figures in measured.items():
-            if figures["embedding_cosine_mean"] < floor:
-                raise ParityError(name, "embeddings", "cosine", figures["embedding_cosine_mean"], floor,
-                                  "use more representative --calibration images, --quantization dynamic, "
-                                  "or --precision fp16")
-        return measured
+        return {name: gate_fidelity(name, figures, "embedding_cosine_mean", floor, "embeddings", ENCODER_FIX)
+                for name, figures in measured.items()}
 
     def _fidelity(self, run, fp32, quantized, preprocessor, tokenizer, templates, photos) -> dict[str, dict]:
         from mmedge.export.calibration import holdout_images

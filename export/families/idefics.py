@@ -18,17 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmedge.errors import ParityError
+from mmedge.export.families.base import DECODER_FIX, ENCODER_FIX, gate_fidelity
 from mmedge.export.families.blip2 import (
-    EMBEDDINGS_FILE,
     GENERATION_FIELDS,
     VQA_TEMPLATE,
     _load_table,
     _session,
-    embedding_arrays,
     generation_settings,
 )
-from mmedge.export.families.common import GenerativeFamily
+from mmedge.export.families.common import EMBEDDINGS_FILE, GenerativeFamily, write_embedding_table
 from mmedge.export.specs.blip2 import decoder_feeds, kv_cache_layout
 from mmedge.export.specs.idefics import (
     CROSS_NAME,
@@ -123,7 +121,7 @@ class IdeficsFamily(GenerativeFamily):
         return spec.name in ("vision", "resampler")
 
     # --- manifest --------------------------------------------------------------------------------
-    def manifest_extras(self, loaded, options) -> dict:
+    def manifest_extras(self, loaded, options, written: dict) -> dict:
         model, tokenizer = loaded.model, loaded.tokenizer
         config = model.config
         generation = generation_settings(loaded)
@@ -160,30 +158,27 @@ class IdeficsFamily(GenerativeFamily):
                     "add_eos_token=False",
                 },
                 "prompts": {"caption": None, "vqa": VQA_TEMPLATE},
-                "embeddings": loaded._idefics_embeddings,
+                "embeddings": written["embeddings"],  # write_files' entry for embed_tokens.npz
             },
         }
 
     # --- files and samples -----------------------------------------------------------------------
-    def write_files(self, builder) -> None:
-        """``embed_tokens.npz``: base + additional embeddings, at the LLM's precision."""
-        from mmedge.artifact import sha256_file
+    def write_files(self, builder) -> dict:
+        """``embed_tokens.npz``: base + additional embeddings, at the LLM's precision. Returns ``{"embeddings": its
+        manifest entry, "fp32_table": the FP32 table}`` (the FP32 side of the decoder's fidelity)."""
+        options = builder.options
+        table = embedding_table(builder.loaded.model)  # [vocab + additional, hidden]
 
-        loaded, options = builder.loaded, builder.options
-        table = embedding_table(loaded.model)  # [vocab + additional, hidden]
-        precision = options.llm_precision or options.precision
-        loaded._idefics_fp32_table = table
-        storage, arrays = embedding_arrays(table, precision, options.int4_block_size)
-        path = builder.stage / EMBEDDINGS_FILE
-        with open(path, "wb") as handle:
-            np.savez(handle, **arrays)
-        entry = {"shape": list(table.shape), "storage": storage,
-                 "arrays": {n: {"dtype": str(a.dtype), "shape": list(a.shape)} for n, a in arrays.items()},
-                 "tied_to_lm_head": False, "rows": "embed_tokens.weight, then embed_tokens.additional_embedding.weight"}
-        if storage == "int4-block":
-            entry["block_size"] = int(options.int4_block_size)
-        loaded._idefics_embeddings = entry | {"file": EMBEDDINGS_FILE, "sha256": sha256_file(path),
-                                              "size_bytes": path.stat().st_size}
+        def describe(storage: str, arrays: dict) -> dict:
+            entry = {"shape": list(table.shape), "storage": storage,
+                     "arrays": {n: {"dtype": str(a.dtype), "shape": list(a.shape)} for n, a in arrays.items()},
+                     "tied_to_lm_head": False,
+                     "rows": "embed_tokens.weight, then embed_tokens.additional_embedding.weight"}
+            if storage == "int4-block":
+                entry["block_size"] = int(options.int4_block_size)
+            return entry
+
+        return {"embeddings": write_embedding_table(builder, table, describe), "fp32_table": table}
 
     def validation_feeds(self, spec, builder) -> dict[str, np.ndarray]:
         """Two held-out photos in one interleaved prompt (the decoder: its prefill, cross K/V from PyTorch)."""
@@ -243,18 +238,14 @@ class IdeficsFamily(GenerativeFamily):
         tokens = run(fp32["resampler"], feeds["resampler"])["visual_tokens"] if "resampler" in fp32 else features
         feeds["cross_kv"] = {"visual_tokens": tokens[:4].reshape(1, -1, tokens.shape[-1])}
         for name in (n for n in ENCODERS if n in quantized):
-            measured[name] = _encoder_fidelity_of(name, run, fp32[name], quantized[name], feeds[name])
-            if measured[name]["embedding_cosine_mean"] < options.min_quantized_cosine:
-                raise ParityError(name, "outputs", "cosine", measured[name]["embedding_cosine_mean"],
-                                  options.min_quantized_cosine,
-                                  "use more representative --calibration images, --quantization dynamic, or "
-                                  "--precision fp16")
+            measured[name] = gate_fidelity(name, _encoder_fidelity_of(name, run, fp32[name], quantized[name],
+                                                                      feeds[name]),
+                                           "embedding_cosine_mean", options.min_quantized_cosine, "outputs",
+                                           ENCODER_FIX)
         if "decoder" in quantized:
-            measured["decoder"] = self._decoder_fidelity(fp32, quantized, builder, photos)
-            floor = float(self.setting(options, "min_logits_cosine"))
-            if measured["decoder"]["logits_cosine_mean"] < floor:
-                raise ParityError("decoder", "logits", "cosine", measured["decoder"]["logits_cosine_mean"], floor,
-                                  "use --llm-precision int8 or a smaller --int4-block-size (e.g. 32)")
+            measured["decoder"] = gate_fidelity("decoder", self._decoder_fidelity(fp32, quantized, builder, photos),
+                                                "logits_cosine_mean", float(self.setting(options, "min_logits_cosine")),
+                                                "logits", DECODER_FIX)
         return measured
 
     def _decoder_fidelity(self, fp32, quantized, builder, paths) -> dict:
@@ -263,10 +254,11 @@ class IdeficsFamily(GenerativeFamily):
 
         options, loaded = builder.options, builder.loaded
         photos = [load_calibration_image(p) for p in paths[: int(self.setting(options, "fidelity_images"))]]
-        table = _load_table(builder.stage / EMBEDDINGS_FILE, loaded._idefics_embeddings)
+        entry, fp32_table = builder.written["embeddings"], builder.written["fp32_table"]
+        table = _load_table(builder.stage / EMBEDDINGS_FILE, entry)
         sessions = {name: _session(path, options.threads) for name, path in fp32.items() if name != "decoder"}
         inputs = host_inputs(builder, lambda name, feeds: _outputs(sessions[name], feeds))  # FP32 encoders, both sides
-        decoders = [(host_decoder(builder, fp32["decoder"], loaded._idefics_fp32_table), loaded._idefics_fp32_table),
+        decoders = [(host_decoder(builder, fp32["decoder"], fp32_table), fp32_table),
                     (host_decoder(builder, quantized["decoder"], table), table)]
         config = GenerationConfig(**{k: v for k, v in generation_settings(loaded).items()
                                      if k in GENERATION_FIELDS or k.endswith("_token_id")}
@@ -291,7 +283,7 @@ class IdeficsFamily(GenerativeFamily):
                 "sequences": len(identical), "logits_cosine_min": float(min(cosines)),
                 "logits_cosine_mean": float(np.mean(cosines)), "greedy_identical_share": float(np.mean(identical)),
                 "greedy_common_prefix_share": float(np.mean(common)), "max_new_tokens": config.max_new_tokens,
-                "embeddings": loaded._idefics_embeddings["storage"], "generation_loop": "mmedge.generation"}
+                "embeddings": entry["storage"], "generation_loop": "mmedge.generation"}
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -328,7 +320,7 @@ def embedding_table(model) -> np.ndarray:
 
 def _prompt_settings(builder) -> dict:
     """The manifest's ``idefics`` settings the device prompt builder reads (before the manifest exists)."""
-    return IdeficsFamily().manifest_extras(builder.loaded, builder.options)["idefics"]
+    return IdeficsFamily().manifest_extras(builder.loaded, builder.options, builder.written)["idefics"]
 
 
 def host_inputs(builder, run=None):
@@ -337,7 +329,7 @@ def host_inputs(builder, run=None):
     from mmedge.pipelines.interleaved import FlamingoInputs
 
     settings = _prompt_settings(builder)
-    return FlamingoInputs(settings, builder.tokenizer, builder.preprocessor, run, builder.loaded._idefics_fp32_table,
+    return FlamingoInputs(settings, builder.tokenizer, builder.preprocessor, run, builder.written["fp32_table"],
                           settings["decoder"]["max_positions"])
 
 
