@@ -42,6 +42,8 @@ BACKENDS: dict[str, BackendInfo] = {
                          'pip install "mmedge[torch]" (torch and transformers; add bitsandbytes for INT8/NF4 '
                          'LLM weights)',
                          also_needs=(("transformers", "transformers"),), priority=20),
+    "openvino": BackendInfo("openvino", "mmedge.runtimes.plugins.openvino", "openvino",
+                            'pip install "mmedge[openvino]" (OpenVINO and NNCF)', priority=50),
 }
 
 def _info(name: str) -> BackendInfo:

@@ -57,7 +57,7 @@ def test_a_plugged_in_backend_named_explicitly_takes_everything(plugged, clip_ar
 
 
 def test_priority_order_and_settings_come_from_the_plug_ins():
-    assert [b.name for b in registry.backends()] == ["tensorrt", "torch", "onnxruntime"]
+    assert [b.name for b in registry.backends()] == ["tensorrt", "torch", "openvino", "onnxruntime"]
     assert registry.backend("tensorrt").settings is None
     assert "quantization" in registry.backend("torch").settings_fields()
     assert "threads" not in registry.backend("onnxruntime").settings_fields()  # the plan sets it
@@ -65,7 +65,7 @@ def test_priority_order_and_settings_come_from_the_plug_ins():
 
 def test_backend_options_for_a_backend_without_settings_are_refused(clip_artifacts):
     api_error(lambda: load(clip_artifacts("fp32"), backend_options={"tensorrt": {"precision": "fp16"}}),
-              InputError, "backend_options names backend 'tensorrt'", "torch, onnxruntime")
+              InputError, "backend_options names backend 'tensorrt'", "torch, openvino, onnxruntime")
 
 
 @pytest.mark.parametrize("backend_name,call", [

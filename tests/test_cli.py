@@ -51,7 +51,7 @@ def test_run_embed_json(capsys, clip_artifacts, photos):
 
 
 def test_validate_passes_and_reports(capsys, clip_artifacts):
-    code, out, _ = run_cli(capsys, "validate", clip_artifacts("int8-static"))
+    code, out, _ = run_cli(capsys, "validate", clip_artifacts("int8-static"), "--backend", "onnxruntime")
     assert code == 0 and out.count(" ok") == 2 and "vision.image_embeds [int8, onnxruntime]" in out
 
 

@@ -13,6 +13,7 @@ same floor for the decoder's logits at every step of teacher-forced generation):
 | onnxruntime-cuda, torch-cuda-fp32 | GPU (``-m gpu``) | 0.9999 |
 | torch-cuda-fp16 (CUDA graphs) | GPU | 0.999 |
 | tensorrt (FP16 engines, the decoder's included) | GPU with TensorRT | 0.999 |
+| openvino-cpu (FP32, precision hint f32; the KV-cached decoder included) | here, with openvino | 0.9999 |
 
 Why these numbers: FP32 backends differ from ONNX Runtime only in kernel order (measured here, worst component:
 1 - cosine = 5e-13), so 0.9999 leaves ample room for other kernels (cuBLAS, TF32 off) while still catching a wrong
@@ -46,6 +47,7 @@ from mmedge.validate import load_validation_samples
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
 HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+HAVE_OPENVINO = importlib.util.find_spec("openvino") is not None
 
 
 def _cuda() -> bool:
@@ -92,6 +94,9 @@ CASES = [
                       {"backend_options": {"torch": {"dtype": "bfloat16"}}}, min_cosine=0.999),
                  id="torch-cpu-bf16",
                  marks=pytest.mark.skipif(not HAVE_TORCH, reason="torch/transformers not installed")),
+    pytest.param(Case("openvino-cpu", "openvino", "cpu", {"device": "CPU"}),
+                 id="openvino-cpu", marks=pytest.mark.skipif(
+                     not HAVE_OPENVINO, reason='openvino is not installed (pip install "mmedge[openvino]")')),
     pytest.param(Case("onnxruntime-cuda", "onnxruntime", "cuda", {"providers": ("cuda",), "io_binding": True}),
                  id="onnxruntime-cuda", marks=[gpu, pytest.mark.skipif(not _ort_cuda(),
                                                                        reason="onnxruntime has no CUDA "
@@ -191,7 +196,8 @@ def test_captions_agree_up_to_near_ties(case: Case, generation: dict, demo_blip2
         candidate = mmedge.load(demo_blip2_with_pytorch, backend=case.backend, device=case.device, **case.load)
     try:
         decoder = type(candidate.decoder).__name__
-        assert decoder == {"torch": "TorchDecoder", "tensorrt": "RunnerDecoder"}.get(case.backend, "OrtDecoder")
+        assert decoder == {"torch": "TorchDecoder", "tensorrt": "RunnerDecoder",
+                           "openvino": "OpenVinoDecoder"}.get(case.backend, "OrtDecoder")
         settings = {k: v for k, v in generation.items() if k != "prompt"}
         config = reference._config(settings)
         inputs = [p._inputs(scenes, generation.get("prompt"), config.max_new_tokens) for p in (reference, candidate)]

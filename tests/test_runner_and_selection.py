@@ -116,7 +116,7 @@ def test_named_backend_never_silently_replaced(backend, match):
 
 def test_unknown_backend_and_device_are_bad_input():
     """A name that is no backend (or device) at all is a mistyped argument (exit 2), not an absent backend (exit 4)."""
-    for request in ({"backend": "openvino"}, {"device": "tpu"}):
+    for request in ({"backend": "tvm"}, {"device": "tpu"}):
         with pytest.raises(InputError, match="unknown (backend|device)") as caught:
             plan(CPU_BOX, MANIFEST, **request)
         assert not isinstance(caught.value, BackendUnavailableError) and caught.value.exit_code == 2

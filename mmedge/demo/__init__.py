@@ -154,8 +154,8 @@ def describe(variant: Variant) -> str:
 
 # --- running ------------------------------------------------------------------------------------
 def run_demo(cache: str | os.PathLike | None = None, count: int | None = None, threads: int | None = None,
-             progress: bool = True) -> dict:
-    """Export (or reuse), validate and run every variant on the bundled scenes; returns the report."""
+             progress: bool = True, backend: str = "auto") -> dict:
+    """Export (or reuse), validate and run every variant on the bundled scenes on ``backend``; returns the report."""
     from mmedge.progress import Progress
     from mmedge.validate import raise_on_failure, validate_artifact
 
@@ -180,24 +180,25 @@ def run_demo(cache: str | os.PathLike | None = None, count: int | None = None, t
                                              else round(time.perf_counter() - start, 1)}
     with steps.step(f"validating {len(chosen)} artifacts against their PyTorch references"):
         for variant in chosen:
-            validation = validate_artifact(cache / variant.name, threads=threads)
+            validation = validate_artifact(cache / variant.name, backend=backend, threads=threads)
             raise_on_failure(validation)
             report["artifacts"][variant.name]["validation_min_cosine"] = min(
                 m["cosine"] for entry in validation.values() for m in entry["outputs"].values())
     with steps.step(f"classifying and captioning {len(paths)} images with {len(chosen)} artifacts"):
         for variant in chosen:
             report["artifacts"][variant.name].update(_run_variant(cache / variant.name, variant, paths, truths,
-                                                                  threads))
+                                                                  threads, backend))
     _agreement(report, chosen)
     return report
 
 
-def _run_variant(folder: Path, variant: Variant, paths: list[Path], truths: list[dict], threads: int | None) -> dict:
+def _run_variant(folder: Path, variant: Variant, paths: list[Path], truths: list[dict], threads: int | None,
+                 backend: str = "auto") -> dict:
     import mmedge
     from mmedge.artifact import Artifact
 
     outputs, times = [], []
-    with mmedge.load(folder, threads=threads) as pipeline:
+    with mmedge.load(folder, backend=backend, threads=threads) as pipeline:
         if variant.model == "clip":
             choice = {} if pipeline.fused else {"labels": labels(), "templates": templates()}  # two graphs: at run time
             pipeline(str(paths[0]), **choice)  # warm-up: first-run allocations (and the label bank) are not latency
@@ -294,7 +295,7 @@ def format_report(report: dict) -> str:
 
 def main(args) -> int:
     """The CLI command (see ``mmedge demo --help``)."""
-    report = run_demo(args.cache, args.images, args.threads, progress=not args.quiet)
+    report = run_demo(args.cache, args.images, args.threads, progress=not args.quiet, backend=args.backend)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -309,6 +310,7 @@ def add_parser(sub) -> None:
                                                       "(default: $MMEDGE_CACHE/demo or ~/.cache/mmedge/demo)")
     demo.add_argument("--images", type=int, metavar="N", help="use the first N bundled scenes (default: all)")
     demo.add_argument("--threads", type=int, default=None, help="CPU threads per graph")
+    demo.add_argument("--backend", default="auto", help="auto, onnxruntime, openvino, tensorrt or torch")
     demo.add_argument("--json", action="store_true", help="the full report as JSON")
     demo.add_argument("--quiet", action="store_true", help="no progress lines")
     demo.set_defaults(func=main)

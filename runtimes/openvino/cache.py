@@ -1,0 +1,102 @@
+"""Compiled OpenVINO models cached in the artifact's ``engines/`` folder, keyed like the TensorRT engines.
+
+A compiled model (``CompiledModel.export_model()``) is only valid for the graph, precision (and any weight
+compression), device and OpenVINO version it was compiled with, so each blob has a record of that key and of its
+bytes' sha256; a blob whose key or bytes differ is never imported, it is recompiled and replaced. Layout::
+
+    engines/<component>-openvino-<key digest, 16 hex>.blob   the compiled model
+    engines/<component>-openvino-<key digest, 16 hex>.record {"format": "mmedge.openvino-blob", "key": {...},
+                                                              "blob_sha256": "...", "blob_bytes": n}  (JSON)
+
+The record is not named ``*.json``: TensorRT's engine cache reads every ``<component>-*.json`` in the same folder as
+one of its own engines (and would report these as stale TensorRT engines).
+
+Writes go through a temporary file and ``os.replace`` (``engine_cache._atomic_write``): a process killed
+mid-write leaves no blob that a later load would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mmedge.runtimes.engine_cache import _atomic_write, _checked_component
+
+FORMAT = "mmedge.openvino-blob"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class OvKey:
+    """Everything a compiled model depends on."""
+
+    onnx_sha256: str  # the component graph (the manifest's sha256)
+    external_data_sha256: str  # its .onnx.data weights, "" if none
+    precision: str  # the graph's precision, plus any weights OpenVINO compressed: "fp32", "int8", "fp32+nncf-int4"
+    device: str  # OpenVINO's device name: CPU, GPU.0, NPU
+    device_full_name: str
+    openvino_version: str
+    mmedge_version: str
+    inference_precision: str  # the precision hint it was compiled under
+
+    def digest(self) -> str:
+        text = json.dumps({"format_version": FORMAT_VERSION, **asdict(self)}, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def differences(self, built: dict) -> list[str]:
+        """Why a blob compiled under ``built`` (a stored key) cannot serve this key."""
+        return [f"compiled with {name} {built.get(name)!r}; this load has {value!r}"
+                for name, value in asdict(self).items() if built.get(name) != value]
+
+
+class BlobCache:
+    """One ``engines/`` folder's compiled OpenVINO models."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def paths(self, component: str, key: OvKey) -> tuple[Path, Path]:
+        stem = f"{_checked_component(component)}-openvino-{key.digest()[:16]}"
+        return self.folder / f"{stem}.blob", self.folder / f"{stem}.record"
+
+    def load(self, component: str, key: OvKey) -> tuple[bytes | None, list[str]]:
+        """(the blob's bytes, []) when a fresh one is cached; (None, reasons) otherwise (reasons empty: none yet)."""
+        blob, record = self.paths(component, key)
+        if not blob.is_file() or not record.is_file():
+            others = sorted(self.folder.glob(f"{component}-openvino-*.record"))
+            reasons = []
+            for other in others:
+                try:
+                    reasons += self_differences(key, json.loads(other.read_text())["key"], other.name)
+                except (OSError, ValueError, KeyError, TypeError):
+                    reasons.append(f"{other.name}: its record is unreadable")
+            return None, reasons
+        try:
+            entry = json.loads(record.read_text())
+            data = blob.read_bytes()
+        except (OSError, ValueError):
+            return None, [f"{record.name}: its record is unreadable"]
+        if entry.get("format") != FORMAT or entry.get("format_version") != FORMAT_VERSION:
+            return None, [f"{record.name}: format {entry.get('format')!r} version {entry.get('format_version')!r}"]
+        differences = key.differences(entry.get("key") or {})
+        if differences:
+            return None, [f"{blob.name}: {d}" for d in differences]
+        if hashlib.sha256(data).hexdigest() != entry.get("blob_sha256"):
+            return None, [f"{blob.name}: its bytes differ from those recorded when it was compiled"]
+        return data, []
+
+    def store(self, component: str, key: OvKey, data: bytes, extra: dict | None = None) -> Path:
+        """Write the blob, then its record (``extra``: what else to record, e.g. the weight compression)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        blob, record = self.paths(component, key)
+        entry = {"format": FORMAT, "format_version": FORMAT_VERSION, "component": component, "key": asdict(key),
+                 "blob_sha256": hashlib.sha256(data).hexdigest(), "blob_bytes": len(data), **(extra or {})}
+        _atomic_write(blob, bytes(data))
+        _atomic_write(record, (json.dumps(entry, indent=2) + "\n").encode())
+        return blob
+
+
+def self_differences(key: OvKey, built: dict, name: str) -> list[str]:
+    return [f"{name}: {d}" for d in key.differences(built)] or [f"{name}: another key"]

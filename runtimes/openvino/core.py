@@ -1,0 +1,97 @@
+"""The OpenVINO engine itself: the lazy import, one ``openvino.Core`` per process, and compile settings.
+
+OpenVINO is optional (``pip install "mmedge[openvino]"``); nothing imports it before a runner, a decoder or
+``mmedge doctor`` asks for it. ``OvOptions`` says how a graph is compiled: the device (``CPU``, ``GPU``, ``NPU``
+as OpenVINO names them), threads, the precision hint and where compiled models are cached.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mmedge.errors import BackendUnavailableError, InputError
+
+INSTALL = 'pip install "mmedge[openvino]" (OpenVINO and NNCF from PyPI)'
+DEVICES = ("CPU", "GPU", "NPU")
+# compressed LLM weights OpenVINO makes itself at first load (NNCF compress_weights): name -> (NNCF mode, group size)
+WEIGHT_MODES = {"int8": ("int8_asym", None), "int4": ("int4_asym", 32)}
+
+
+def import_openvino():
+    """The ``openvino`` module, or BackendUnavailableError naming the install command."""
+    try:
+        import openvino
+    except ImportError as exc:
+        if exc.name and exc.name.split(".")[0] == "openvino":
+            raise BackendUnavailableError("backend 'openvino' needs the Python package 'openvino', which is not "
+                                          "installed", "'openvino' importable", INSTALL) from None
+        raise
+    return openvino
+
+
+@functools.lru_cache(maxsize=1)
+def core():
+    """One ``openvino.Core`` per process (it holds the device plug-ins)."""
+    return import_openvino().Core()
+
+
+def version() -> str:
+    """OpenVINO's version, e.g. ``2026.4.1-22982-e213a147257-releases/2026/4``."""
+    return import_openvino().get_version()
+
+
+@dataclass
+class OvOptions:
+    """How a component is compiled.
+
+    ``device``: an OpenVINO device name (``CPU``, ``GPU``, ``GPU.1``, ``NPU``). ``threads``: CPU inference threads
+    (None: OpenVINO's default, all cores). ``precision_hint``: the inference precision OpenVINO may use (None: ``f32``
+    on a CPU, so an FP32 graph stays FP32 on CPUs with BF16/AMX; the device's default elsewhere). ``engine_cache``:
+    the folder compiled models are cached in (the artifact's ``engines/``; None: compile every time).
+    ``weights``: for the decoder only, LLM weights OpenVINO compresses at first load (``int8``, ``int4``) from an FP32
+    decoder graph, or None to run the graph's weights as they are.
+    """
+
+    device: str = "CPU"
+    threads: int | None = None
+    precision_hint: str | None = None
+    engine_cache: Path | None = None
+    weights: str | None = None
+
+    def __post_init__(self):
+        base = self.device.split(".")[0] if isinstance(self.device, str) else None
+        if base not in DEVICES:
+            raise InputError(f"OpenVINO device {self.device!r}", f"one of {', '.join(DEVICES)} (optionally '.N')",
+                             "pass device='CPU' or one `mmedge doctor` lists under OpenVINO")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise InputError(f"threads is {self.threads!r}", "None or a positive integer", "pass e.g. threads=2")
+        if self.precision_hint not in (None, "f32", "f16", "bf16"):
+            raise InputError(f"precision_hint is {self.precision_hint!r}", "None, 'f32', 'f16' or 'bf16'",
+                             "leave it unset for the device's FP32-faithful default")
+        if self.weights not in (None, *WEIGHT_MODES):
+            raise InputError(f"OpenVINO weights {self.weights!r}", f"None or one of {', '.join(WEIGHT_MODES)}",
+                             "pass weights='int4' or 'int8' for the decoder, or leave it unset")
+
+    def compile_config(self) -> dict[str, Any]:
+        """Properties for ``compile_model`` / ``import_model``: latency hint, one stream, threads, precision."""
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        if self.device.startswith("CPU"):
+            config["NUM_STREAMS"] = 1
+            config["INFERENCE_PRECISION_HINT"] = self.precision_hint or "f32"
+            if self.threads is not None:
+                config["INFERENCE_NUM_THREADS"] = self.threads
+        elif self.precision_hint:
+            config["INFERENCE_PRECISION_HINT"] = self.precision_hint
+        return config
+
+
+def device_name(device: str) -> str:
+    """OpenVINO's full name of ``device`` (e.g. ``Intel(R) Core(TM) Ultra 7 155H``), or the name itself."""
+    try:
+        return str(core().get_property(device, "FULL_DEVICE_NAME"))
+    except Exception:  # a device OpenVINO does not report
+        return device

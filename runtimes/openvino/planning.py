@@ -1,0 +1,100 @@
+"""Which components OpenVINO takes under ``auto`` on an x86 CPU, and why: a rule per graph recipe backed by the
+per-component figures measured in ``benchmarks/RESULTS.md`` (section "OpenVINO backend"). Nothing is imported.
+
+The figures depend on the CPU's INT8 instructions: with VNNI (``avx512_vnni``, ``avx_vnni``, ``amx_int8``)
+OpenVINO runs a static-QDQ INT8 graph much faster than ONNX Runtime runs either INT8 recipe; on AVX2 without VNNI
+(this repository's AMD EPYC CI machine) OpenVINO's INT8 kernels lose that edge and ONNX Runtime's dynamic INT8 is
+the fastest CPU recipe. Each rule names the two figures it rests on, so ``mmedge doctor`` can say why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One measured pair: ONNX Runtime CPU vs OpenVINO CPU, same graph, same inputs, 2 threads (ms, median)."""
+
+    onnxruntime_ms: float
+    openvino_ms: float
+    where: str  # the machine and source
+
+    @property
+    def faster(self) -> str:
+        return "openvino" if self.openvino_ms < self.onnxruntime_ms else "onnxruntime"
+
+    def text(self) -> str:
+        return f"ONNX Runtime {self.onnxruntime_ms:g} ms vs OpenVINO {self.openvino_ms:g} ms ({self.where})"
+
+
+_ISSUE = "AMD EPYC with avx512_vnni, issue 21"
+_HERE = "AMD EPYC AVX2 without VNNI, RESULTS.md 'OpenVINO backend'"
+_HERE_DECODE = "AMD EPYC AVX2 without VNNI, decode step in the generation loop, RESULTS.md 'OpenVINO backend'"
+# recipe -> (figure on a CPU with VNNI, figure on a CPU without): CLIP ViT-B/32 image tower, batch 1; the decoder
+# rows are one BLIP-2 OPT-125m-shape decode step
+FIGURES: dict[str, tuple[Figure, Figure]] = {
+    "fp32": (Figure(49.2, 25.5, _ISSUE), Figure(241.0, 262.6, _HERE)),
+    "int8-static-qdq": (Figure(71.0, 14.6, _ISSUE), Figure(407.8, 294.5, _HERE)),
+    "int8-dynamic": (Figure(17.7, 63.1, _ISSUE), Figure(193.0, 397.1, _HERE)),
+    "decoder-fp32": (Figure(17.4, 13.6, _ISSUE), Figure(80.4, 131.0, _HERE_DECODE)),
+    "decoder-int4": (Figure(4.7, 9.3, _ISSUE), Figure(4.7, 9.3, _ISSUE + "; not measured without VNNI")),
+}
+
+
+def has_vnni(cpu_flags) -> bool:
+    return any(flag in cpu_flags for flag in VNNI_FLAGS)
+
+
+def recipe(name: str, component: dict) -> str:
+    """The rule's name for a component's graph: its precision and quantization method."""
+    precision = component.get("precision")
+    method = (component.get("quantization") or {}).get("method")
+    prefix = "decoder-" if name == "decoder" else ""
+    if precision == "int8":
+        return prefix + ("int8-static-qdq" if method == "int8-static-qdq" else "int8-dynamic")
+    return prefix + str(precision)
+
+
+def figure(name: str, component: dict, cpu_flags) -> Figure | None:
+    pair = FIGURES.get(recipe(name, component))
+    return None if pair is None else pair[0 if has_vnni(cpu_flags) else 1]
+
+
+def faster_backend(name: str, component: dict, cpu_flags) -> tuple[str, str]:
+    """("openvino" or "onnxruntime", the reason) for one component on this CPU."""
+    found = figure(name, component, cpu_flags)
+    what = recipe(name, component)
+    if found is None:
+        return "onnxruntime", f"component '{name}' ({what}): no OpenVINO figure for this recipe, ONNX Runtime"
+    return found.faster, f"component '{name}' ({what}): {found.faster} is faster here ({found.text()})"
+
+
+def int8_recipe(cpu_flags) -> tuple[str, str]:
+    """The INT8 recipe for CPUs like this one: static QDQ (one graph for TensorRT and CPUs) only where its fastest
+    backend is at least as fast as dynamic INT8 on its own fastest backend."""
+    pair = 0 if has_vnni(cpu_flags) else 1
+    static, dynamic = FIGURES["int8-static-qdq"][pair], FIGURES["int8-dynamic"][pair]
+    best_static = min(static.onnxruntime_ms, static.openvino_ms)
+    best_dynamic = min(dynamic.onnxruntime_ms, dynamic.openvino_ms)
+    chosen = "static" if best_static <= best_dynamic else "dynamic"
+    return chosen, (f"static QDQ {best_static:g} ms on {static.faster} vs dynamic {best_dynamic:g} ms on "
+                    f"{dynamic.faster} ({static.where})")
+
+
+X86 = ("x86_64", "amd64", "i686", "x86")
+
+
+def openvino_unusable(probe, device: str, installed: bool) -> str | None:
+    """Why ``auto`` gives OpenVINO nothing here, or None when it may take components (an x86 CPU run)."""
+    if not installed:
+        return 'not installed (pip install "mmedge[openvino]")'
+    if device == "cuda":
+        return "device=cuda requested (OpenVINO runs Intel devices, not NVIDIA GPUs)"
+    if str(probe.machine).lower() not in X86:
+        return f"not an x86 CPU ({probe.machine})"
+    if device != "cpu" and (probe.gpus or probe.jetson):
+        return "an NVIDIA GPU runs the graphs (TensorRT / ONNX Runtime)"
+    return None

@@ -1,0 +1,91 @@
+"""A runner of one component on OpenVINO (``mmedge.runner.Runner``): the graph compiled for one device, one
+infer request per concurrent caller (a request is not thread-safe; idle ones are reused)."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+
+from mmedge.errors import BackendError, IntegrityError
+from mmedge.runner import Runner
+from mmedge.runtimes.openvino.compile import compiled_model
+from mmedge.runtimes.openvino.core import OvOptions
+
+
+def port_names(ports, wanted=()) -> list[str]:
+    """Each input / output port's name: one of ``wanted`` (the manifest's) when the port carries it, else any of its
+    names (OpenVINO keeps the ONNX tensor names; a port may carry several, e.g. an input and the Cast after it)."""
+    names = []
+    for port in ports:
+        carried = port.get_names()
+        names.append(next((name for name in wanted if name in carried), port.get_any_name()))
+    return names
+
+
+class OpenVinoRunner(Runner):
+    backend = "openvino"
+
+    def __init__(self, path: str | os.PathLike, component_name: str, component: dict, options: OvOptions | None = None):
+        super().__init__(component_name, component)
+        self.options = options or OvOptions()
+        self._compiled, self.source = compiled_model(path, component_name, component, self.options)
+        inputs = port_names(self._compiled.inputs, self._inputs)
+        outputs = port_names(self._compiled.outputs, self._outputs)
+        self._port_of = dict(zip(outputs, self._compiled.outputs))
+        if set(inputs) != set(self._inputs) or not set(self._outputs) <= set(outputs):
+            raise IntegrityError(f"component '{component_name}' graph has inputs {sorted(inputs)} and outputs "
+                                 f"{sorted(outputs)}, which do not match its manifest entry",
+                                 f"inputs {sorted(self._inputs)} and outputs {sorted(self._outputs)}",
+                                 "re-export the artifact; graph and manifest come from different exports")
+        self._output_names = list(self._outputs)
+        self._idle: list = []  # infer requests not in use
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def device(self) -> str:
+        return self.options.device
+
+    def _request(self):
+        with self._lock:
+            if self._closed:
+                raise BackendError(f"runner for '{self.component_name}' is closed", "an open runner",
+                                   "create a new one")
+            return self._idle.pop() if self._idle else self._compiled.create_infer_request()
+
+    def _infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        request = self._request()
+        try:
+            results = request.infer({name: np.ascontiguousarray(value) for name, value in feeds.items()})
+            # the request reuses its output buffers on its next call: copy out what the caller keeps
+            return {name: np.array(results[self._port_of[name]], copy=True) for name in self._output_names}
+        except Exception as exc:
+            raise BackendError(f"OpenVINO failed running component '{self.component_name}' "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})",
+                               "feeds matching the component's declared inputs",
+                               "check input shapes against runner.input_metadata()") from None
+        finally:
+            with self._lock:
+                if not self._closed:
+                    self._idle.append(request)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._idle.clear()
+            self._compiled = None
+
+
+def create_runner(path, component_name: str, component: dict, **options) -> OpenVinoRunner:
+    """A runner of one component (``options``: ``OvOptions`` fields; anything else is refused)."""
+    from dataclasses import fields
+
+    from mmedge.backends import refuse_unknown_options
+    from mmedge.runtimes.openvino.core import import_openvino
+
+    allowed = [f.name for f in fields(OvOptions)]
+    refuse_unknown_options("openvino", {k: v for k, v in options.items() if k not in allowed}, allowed)
+    import_openvino()
+    return OpenVinoRunner(path, component_name, component, OvOptions(**options))

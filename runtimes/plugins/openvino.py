@@ -1,0 +1,101 @@
+"""The OpenVINO backend's plug-in (``mmedge[openvino]``): x86 CPUs first, Intel GPUs / NPUs where OpenVINO reports
+them (``backend_options={"openvino": {"device": "GPU"}}``).
+
+Under ``auto`` on an x86 CPU (no NVIDIA GPU in use) it takes each component its measured rule says it runs faster
+than ONNX Runtime (``mmedge.runtimes.openvino.planning``: per graph recipe, per CPU class with or without VNNI), and
+says why; ONNX Runtime, later in priority, takes the rest. Named explicitly it runs every component on OpenVINO's CPU.
+``mmedge doctor`` lists OpenVINO's devices, the INT8 recipe the rule picks for this CPU, and the cached compiled
+models of an artifact. Nothing here imports openvino.
+"""
+
+from __future__ import annotations
+
+from mmedge.backends import Backend, ComponentPlan, PlanRequest
+from mmedge.errors import BackendUnavailableError
+from mmedge.runtimes.openvino.planning import faster_backend, has_vnni, openvino_unusable
+from mmedge.runtimes.registry import BACKENDS
+
+
+class OpenVinoBackend(Backend):
+    runner_module = "mmedge.runtimes.openvino.runner"
+    plan_owned = ("threads", "engine_cache")
+    decoder_only = ("weights",)  # NNCF weight compression applies to the LLM, which only the decoder runs
+
+    @property
+    def settings(self):
+        from mmedge.runtimes.openvino.core import OvOptions
+
+        return OvOptions
+
+    def require_installed(self, engines: dict) -> None:
+        """As ``Backend``'s; a probe that did not look for openvino (no key) is completed by a module lookup."""
+        if "openvino" not in engines:
+            from mmedge.device import importable
+
+            engines = {**engines, "openvino": "installed" if importable("openvino") else None}
+        super().require_installed(engines)
+
+    def _installed(self, engines: dict) -> bool:
+        try:
+            self.require_installed(engines)
+        except BackendUnavailableError:
+            return False
+        return True
+
+    def unusable(self, request: PlanRequest) -> str | None:
+        return openvino_unusable(request.probe, request.device, self._installed(request.probe.engines))
+
+    def plan_components(self, request: PlanRequest, taken: dict[str, ComponentPlan]) -> dict[str, ComponentPlan]:
+        components = request.manifest["components"]
+        if request.explicit:
+            self.require_installed(request.probe.engines)
+            if request.device == "cuda":
+                raise BackendUnavailableError(
+                    "device=cuda was requested for backend 'openvino', which runs Intel CPUs, GPUs and NPUs, not "
+                    "NVIDIA GPUs", "device auto or cpu",
+                    "pass --device cpu (an Intel GPU / NPU: backend_options={'openvino': {'device': 'GPU'}})")
+            request.reasons.append("backend openvino: every component on OpenVINO's CPU device")
+            return {name: ComponentPlan(self.name, (), comp["precision"], {"device": "CPU"})
+                    for name, comp in components.items()}
+        chosen: dict[str, ComponentPlan] = {}
+        for name, component in components.items():
+            if name in taken or request.claims.get(name, self.name) != self.name:
+                continue
+            faster, reason = faster_backend(name, component, request.probe.cpu_flags)
+            request.reasons.append(f"{reason}: {faster}")
+            if faster == self.name:
+                chosen[name] = ComponentPlan(self.name, (), component["precision"], {"device": "CPU"})
+        isa = "with VNNI" if has_vnni(request.probe.cpu_flags) else "without VNNI"
+        request.reasons.append(f"backend openvino: installed, x86 CPU {isa}; it takes {', '.join(chosen) or 'nothing'}"
+                               " (compiled models cached under the artifact's engines/)")
+        return chosen
+
+    def _options(self, artifact, plan: ComponentPlan, threads: int | None, settings: dict | None) -> dict:
+        return {**plan.options, "threads": threads, "engine_cache": artifact.engines_dir(), **(settings or {})}
+
+    def open_runner(self, artifact, name: str, plan: ComponentPlan, *, threads: int | None = None,
+                    settings: dict | None = None, keep_on_device: bool = False):
+        options = self._options(artifact, plan, threads, self.runner_settings(settings))
+        return self.import_runner_module().create_runner(artifact.component_path(name), name,
+                                                         artifact.component(name), **options)
+
+    def open_decoder(self, artifact, plan: ComponentPlan, table, *, threads: int | None = None,
+                     settings: dict | None = None):
+        from mmedge.runtimes.openvino import create_decoder
+
+        return create_decoder(artifact, table, **self._options(artifact, plan, threads, settings))
+
+    def device_lines(self, probe) -> list[str]:
+        if not self._installed(probe.engines):
+            return []
+        from mmedge.runtimes.openvino.doctor import doctor_lines
+
+        return doctor_lines(probe)
+
+    def artifact_lines(self, artifact) -> list[str]:
+        from mmedge.runtimes.openvino.doctor import cached_lines
+
+        return cached_lines(artifact)
+
+
+BACKEND = OpenVinoBackend(BACKENDS["openvino"])

@@ -1,0 +1,239 @@
+"""The OpenVINO backend beyond the conformance suite (``tests/test_conformance.py`` runs its FP32 cases): INT8 graphs
+under the reduced-precision rule, the compiled-model cache in ``engines/``, NNCF weight compression of the decoder,
+selection (``auto`` per component from the measured rule, ``doctor``), the lazy import, and ``mmedge demo`` /
+``mmedge bench --backend openvino``.
+
+INT8 outputs are compared with ONNX Runtime running the same graph by cosine (0.999, the suite's reduced-precision
+floor), never for equality: OpenVINO's and ONNX Runtime's INT8 kernels round differently on each CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmedge.artifact import Artifact
+from mmedge.device import DeviceProbe
+from mmedge.errors import BackendUnavailableError, InputError
+from mmedge.metrics import cosine_rows
+from mmedge.runtimes.registry import create_runner
+from mmedge.selection import plan
+from mmedge.validate import load_validation_samples
+
+ROOT = Path(__file__).resolve().parent.parent
+HAVE_OPENVINO = importlib.util.find_spec("openvino") is not None
+needs_openvino = pytest.mark.skipif(not HAVE_OPENVINO,
+                                    reason='openvino is not installed (pip install "mmedge[openvino]")')
+REDUCED_PRECISION_COSINE = 0.999
+
+
+def _min_cosine(reference: dict, actual: dict) -> float:
+    return min(float(cosine_rows(ref.reshape(ref.shape[0], -1), np.asarray(actual[k]).reshape(ref.shape[0], -1)).min())
+               for k, ref in reference.items())
+
+
+@needs_openvino
+@pytest.mark.parametrize("variant", ["int8-static", "int8-dynamic", "fused-int8"])
+def test_int8_graphs_match_onnx_runtime_within_reduced_precision(variant, clip_artifacts):
+    """Static QDQ, dynamic INT8 and the fused INT8 graph: OpenVINO vs ONNX Runtime on the same graph and samples."""
+    artifact = Artifact.open(clip_artifacts(variant))
+    samples = load_validation_samples(artifact)
+    for name in artifact.components:
+        path, component = artifact.component_path(name), artifact.component(name)
+        runner = create_runner("openvino", path, name, component, device="CPU")
+        reference = create_runner("onnxruntime", path, name, component, providers=("cpu",))
+        try:
+            feeds = samples[name]["inputs"]
+            assert _min_cosine(reference.infer(feeds), runner.infer(feeds)) >= REDUCED_PRECISION_COSINE
+        finally:
+            runner.close()
+            reference.close()
+
+
+def _engines(folder: Path) -> list[Path]:
+    return sorted((folder / "engines").glob("*-openvino-*.blob")) if (folder / "engines").is_dir() else []
+
+
+@needs_openvino
+def test_compiled_models_are_cached_keyed_and_never_trusted_blindly(clip_artifacts, tmp_path):
+    """First load compiles and stores a blob with its key; the second imports it; a blob whose bytes changed is
+    recompiled and replaced, never imported."""
+    import shutil
+
+    import mmedge
+
+    folder = tmp_path / "clip"
+    shutil.copytree(clip_artifacts("fused-fp32"), folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with mmedge.load(folder, backend="openvino") as first:
+            assert first.runners["zero_shot"].source.startswith("compiled")
+            expected = first.probabilities(str(ROOT / "export/data/images/holdout-chelsea.jpg"))
+        blobs = _engines(folder)
+        assert len(blobs) == 1
+        record = json.loads(blobs[0].with_suffix(".record").read_text())
+        import openvino
+
+        assert record["key"]["onnx_sha256"] == Artifact.open(folder).component("zero_shot")["sha256"]
+        assert record["key"]["device"] == "CPU" and record["key"]["openvino_version"] == openvino.get_version()
+        assert record["key"]["precision"] == "fp32"
+        from mmedge.runtimes.engine_cache import describe_engines
+
+        assert describe_engines(folder / "engines") == []  # TensorRT's cache does not mistake them for its engines
+        with mmedge.load(folder, backend="openvino") as second:
+            assert second.runners["zero_shot"].source == "cache"
+            np.testing.assert_allclose(second.probabilities(str(ROOT / "export/data/images/holdout-chelsea.jpg")),
+                                       expected, atol=1e-6)
+        data = bytearray(blobs[0].read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        blobs[0].write_bytes(bytes(data))
+        with mmedge.load(folder, backend="openvino") as third:
+            assert third.runners["zero_shot"].source.startswith("compiled")
+    import hashlib
+
+    replaced = blobs[0].read_bytes()
+    assert replaced != bytes(data)  # the tampered blob was recompiled and replaced
+    recorded = json.loads(blobs[0].with_suffix(".record").read_text())["blob_sha256"]
+    assert hashlib.sha256(replaced).hexdigest() == recorded
+
+
+@needs_openvino
+def test_nncf_int4_decoder_generates_close_to_fp32_and_is_recorded(blip2_artifact, tmp_path):
+    """weights='int4': NNCF compresses the FP32 decoder at first load; the compression is recorded beside the cached
+    blob, the second load imports it, and its prefill logits stay close to FP32's (cosine >= 0.95, the floor
+    tests/test_int4.py sets for ONNX Runtime's INT4 MatMulNBits on the tiny random model; measured here 0.976)."""
+    import shutil
+
+    import mmedge
+
+    folder = tmp_path / "blip2"
+    shutil.copytree(blip2_artifact, folder)
+    photo = str(ROOT / "export/data/images/holdout-chelsea.jpg")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with mmedge.load(folder, backend="openvino") as fp32:
+            prefix = fp32._inputs([photo], None, 4)
+        with mmedge.load(folder, backend="openvino", backend_options={"openvino": {"weights": "int4"}}) as int4:
+            assert type(int4.decoder).__name__ == "OpenVinoDecoder" and "compiled" in int4.decoder.source
+            assert len(int4.caption(photo, max_new_tokens=4)) >= 0
+        records = [json.loads(p.read_text()) for p in (folder / "engines").glob("decoder-openvino-*.record")]
+        compressed = [r for r in records if r["key"]["precision"] == "fp32+nncf-int4"]
+        assert compressed and compressed[0]["weights"]["mode"] == "int4_asym"
+        with mmedge.load(folder, backend="openvino", backend_options={"openvino": {"weights": "int4"}}) as again:
+            assert again.decoder.source == "cache"
+            with mmedge.load(folder, backend="onnxruntime") as reference:
+                embeds, mask = prefix[0], prefix[1]
+                cos = cosine_rows(reference.decoder.start(embeds, mask), again.decoder.start(embeds, mask))
+    assert float(cos.min()) >= 0.95
+
+
+@needs_openvino
+def test_weight_compression_is_refused_for_a_graph_that_is_not_fp32(clip_artifacts):
+    from mmedge.runtimes.openvino.compile import compress_weights
+
+    component = Artifact.open(clip_artifacts("int8-dynamic")).component("vision")
+    with pytest.raises(InputError, match="already int8"):
+        compress_weights(None, "vision", component, "int4")
+
+
+def test_bad_openvino_options_are_refused():
+    from mmedge.runtimes.openvino.core import OvOptions
+
+    for bad in ({"device": "CUDA"}, {"threads": 0}, {"weights": "int3"}, {"precision_hint": "fp8"}):
+        with pytest.raises(InputError):
+            OvOptions(**bad)
+
+
+# --- selection ---------------------------------------------------------------------------------------------------
+def _probe(flags: list[str], openvino: str | None = "2026.4.1", machine: str = "x86_64") -> DeviceProbe:
+    return DeviceProbe(machine=machine, system="Linux", cpu_cores=2, cpu_flags=flags, memory_total_mb=24000,
+                       engines={"onnxruntime": "1.23", "openvino": openvino}, ort_providers=["cpu"])
+
+
+def _manifest(**components) -> dict:
+    return {"components": {name: {"precision": precision, "quantization": {"method": method} if method else None,
+                                  "inputs": {}, "outputs": {}}
+                           for name, (precision, method) in components.items()}}
+
+
+def test_auto_picks_per_component_by_the_measured_rule_and_says_why():
+    manifest = _manifest(vision=("int8", "int8-static-qdq"), text=("int8", "int8-dynamic"))
+    vnni = plan(_probe(["avx2", "avx512f", "avx512_vnni"]), manifest)
+    assert vnni.components["vision"].backend == "openvino" and vnni.components["text"].backend == "onnxruntime"
+    assert any("OpenVINO 14.6 ms" in reason for reason in vnni.reasons)
+    avx2 = plan(_probe(["avx2", "fma"]), _manifest(vision=("int8", "int8-dynamic")))
+    assert avx2.components["vision"].backend == "onnxruntime"
+    absent = plan(_probe(["avx2", "avx512_vnni"], openvino=None), manifest)
+    assert {c.backend for c in absent.components.values()} == {"onnxruntime"}
+    assert any('mmedge[openvino]' in reason for reason in absent.reasons)
+    arm = plan(_probe(["asimd"], machine="aarch64"), manifest)
+    assert {c.backend for c in arm.components.values()} == {"onnxruntime"}
+
+
+def test_int8_recipe_is_static_only_where_it_is_as_fast_as_dynamic():
+    from mmedge.runtimes.openvino.planning import int8_recipe
+
+    assert int8_recipe(["avx512_vnni"])[0] == "static"
+    assert int8_recipe(["avx2"])[0] == "dynamic"
+
+
+def test_named_openvino_runs_everything_or_refuses_with_the_install_command():
+    manifest = _manifest(vision=("fp32", None), decoder=("fp32", None))
+    named = plan(_probe(["avx2"]), manifest, backend="openvino")
+    assert {c.backend for c in named.components.values()} == {"openvino"}
+    with pytest.raises(BackendUnavailableError, match=r'mmedge\[openvino\]'):
+        plan(_probe(["avx2"], openvino=None), manifest, backend="openvino")
+    with pytest.raises(BackendUnavailableError, match="NVIDIA"):
+        plan(_probe(["avx2"]), manifest, backend="openvino", device="cuda")
+
+
+def test_the_backend_imports_without_openvino_or_torch_and_names_the_install():
+    """With openvino and torch made unimportable, the package imports; making a runner names the install command."""
+    code = ("import sys; sys.modules['openvino'] = None; sys.modules['torch'] = None\n"
+            "import mmedge.runtimes.openvino as ov\n"
+            "import mmedge.runtimes.openvino.doctor, mmedge.runtimes.plugins.openvino  # noqa: F401\n"
+            "from mmedge.errors import BackendUnavailableError\n"
+            "try:\n    ov.create_runner('x.onnx', 'vision', {'inputs': {}, 'outputs': {}})\n"
+            "except BackendUnavailableError as exc:\n    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert 'pip install "mmedge[openvino]"' in out.stdout
+
+
+# --- the CLI -----------------------------------------------------------------------------------------------------
+@needs_openvino
+def test_doctor_lists_openvino_devices_and_the_plan(clip_artifacts):
+    out = subprocess.run([sys.executable, "-m", "mmedge.cli", "doctor", str(clip_artifacts("int8-static"))],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "openvino devices: CPU" in out.stdout and "INT8 recipe for this CPU" in out.stdout
+    assert "backend openvino: installed" in out.stdout
+
+
+@needs_openvino
+def test_bench_runs_on_openvino(clip_artifacts):
+    command = ["bench", str(clip_artifacts("fused-int8")), "--backend", "openvino", "--runs", "2", "--batch", "2",
+               "--json"]
+    out = subprocess.run([sys.executable, "-m", "mmedge.cli", *command], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    results = report if isinstance(report, list) else report.get("results", report)
+    assert "openvino" in json.dumps(results)
+
+
+@needs_openvino
+@pytest.mark.slow
+def test_demo_runs_on_openvino(tmp_path):
+    """`mmedge demo --backend openvino`: the shipped models exported, validated and run on OpenVINO."""
+    out = subprocess.run([sys.executable, "-m", "mmedge.cli", "demo", "--cache", str(tmp_path), "--images", "2",
+                          "--backend", "openvino", "--json"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["artifacts"] and all(a["correct"] >= 1 for a in report["artifacts"].values())
