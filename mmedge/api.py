@@ -31,10 +31,8 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", t
     ``{"torch": {"quantization": "nf4", "dtype": "bfloat16", "checkpoint": "blip2-folder"}}`` (see
     ``mmedge.runtimes.torch_backend.TorchSettings``) or ``{"onnxruntime": {"device_id": 1}}``.
     """
-    from mmedge import device as device_probe
     from mmedge.preprocess import ImagePreprocessor
     from mmedge.selection import log_fallbacks
-    from mmedge.selection import plan as make_plan
     from mmedge.tokenizer import TextTokenizer
 
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -50,14 +48,11 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", t
                       f"(source {manifest['source']['model']}): its outputs are meaningless", RandomWeightsWarning,
                       stacklevel=2)
     extra = _checked_backend_options(backend_options)
-    # auto takes torch only when the weights are really here (a device copy may leave pytorch/ out); a named torch
-    # backend goes by the manifest, so a missing folder is reported as missing
-    present = artifact.has_pytorch_weights if backend == "auto" else bool(manifest.get("pytorch"))
-    weights = present or bool(extra.get("torch", {}).get("checkpoint"))
-    chosen = make_plan(device_probe.probe(), manifest, backend, device, pytorch_weights=weights)
+    chosen = _plan(artifact, backend, device, extra)
     if backend == "auto":
         log.info("mmedge: %s", "; ".join(chosen.reasons))
         log_fallbacks(chosen, log)
+    _refuse_idle_backend_options(extra, chosen)
     runners = open_runners(artifact, chosen, threads=threads, backend_options=extra, decoder=False)
     try:
         tokenizer = None
@@ -107,6 +102,35 @@ def open_runners(artifact: Artifact, chosen, *, threads: int | None = None, back
             runner.close()
         raise
     return runners
+
+
+def plan_for(path: str | os.PathLike, backend: str = "auto", device: str = "auto",
+             backend_options: dict | None = None):
+    """The plan ``load`` would follow for these arguments (which backend runs each component), without opening
+    anything: what the CLI checks its options against before loading."""
+    return _plan(Artifact.open(path), backend, device, _checked_backend_options(backend_options))
+
+
+def _plan(artifact: Artifact, backend: str, device: str, extra: dict):
+    from mmedge import device as device_probe
+    from mmedge.selection import plan as make_plan
+
+    # auto takes torch only when the weights are really here (a device copy may leave pytorch/ out); a named torch
+    # backend goes by the manifest, so a missing folder is reported as missing
+    present = artifact.has_pytorch_weights if backend == "auto" else bool(artifact.manifest.get("pytorch"))
+    weights = present or bool(extra.get("torch", {}).get("checkpoint"))
+    return make_plan(device_probe.probe(), artifact.manifest, backend, device, pytorch_weights=weights)
+
+
+def _refuse_idle_backend_options(options: dict, chosen) -> None:
+    """Settings for a backend that runs no component of the plan would do nothing: refused, not ignored."""
+    used = sorted({comp_plan.backend for comp_plan in chosen.components.values()})
+    idle = sorted(name for name, settings in options.items() if settings and name not in used)
+    if idle:
+        raise InputError(f"backend_options holds settings for {', '.join(idle)}, which runs no component here "
+                         f"(the plan: {', '.join(f'{n} on {c.backend}' for n, c in chosen.components.items())})",
+                         f"settings only for the backends the plan uses ({', '.join(used)})",
+                         f"pass backend='{idle[0]}' to run it, or drop its settings")
 
 
 def _checked_backend_options(options: dict | None) -> dict:

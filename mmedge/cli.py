@@ -89,6 +89,13 @@ def cmd_run(args) -> int:
         manifest = Artifact.open(args.artifact).manifest
         if args.task is None or args.task in manifest["tasks"]:  # else mmedge.load says which tasks there are
             check_run_options(args, target_of(manifest, args.task))  # before anything is loaded
+        if torch_options:  # --llm-quantization: refused before loading where the plan keeps the decoder off torch
+            from mmedge.api import plan_for
+
+            chosen = plan_for(args.artifact, backend=args.backend, device=args.device,
+                              backend_options={"torch": torch_options})
+            decoder = chosen.components.get("decoder")
+            check_decoder_backend(args, decoder.backend if decoder else None)
         pipeline = mmedge.load(args.artifact, backend=args.backend, device=args.device, task=args.task,
                                threads=args.threads,
                                backend_options={"torch": torch_options} if torch_options else None)

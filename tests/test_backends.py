@@ -68,6 +68,15 @@ def test_backend_options_for_a_backend_without_settings_are_refused(clip_artifac
               InputError, "backend_options names backend 'tensorrt'", "torch, openvino, onnxruntime")
 
 
+def test_backend_options_for_a_backend_the_plan_does_not_use_are_refused(clip_artifacts):
+    """Under auto, the FP32 CLIP runs on ONNX Runtime here: OpenVINO settings would do nothing and are refused."""
+    path = clip_artifacts("fp32")
+    assert {c.backend for c in load(path, backend="onnxruntime").plan.components.values()} == {"onnxruntime"}
+    api_error(lambda: load(path, backend="onnxruntime", backend_options={"openvino": {"device": "CPU"}}),
+              InputError, "settings for openvino, which runs no component here", "pass backend='openvino'")
+    load(path, backend="onnxruntime", backend_options={"onnxruntime": {"graph_optimization": "basic"}})
+
+
 @pytest.mark.parametrize("backend_name,call", [
     ("onnxruntime", lambda a: registry.create_runner("onnxruntime", a.component_path("vision"), "vision",
                                                      a.component("vision"), thread=2)),
