@@ -2,10 +2,12 @@
 
 The artifact is the shipped demo CLIP exported at FP32 (labels chosen at run time: the server keeps their
 embeddings in its label cache, as the local pipeline does). The server is the real ``tritonserver`` of the
-nvidia-pytriton wheel (tests/support/triton_server.py) serving ``mmedge triton --platform python`` (the vision and
-text graphs run through mmedge's ONNX Runtime runner in Python-backend models; the zero-shot pipeline model calls
-them through BLS). The in-process pipeline runs ONNX Runtime with ``--threads`` (2) intra-op threads, each served graph
-with ``--server-threads`` (1), and each request is one encoded PNG scene and the 24 demo labels:
+nvidia-pytriton wheel (tests/support/triton_server.py) serving ``mmedge triton --platform python``: the zero-shot
+pipeline model is batched by Triton's dynamic batcher and runs the vision graph for each batch through mmedge's
+ONNX Runtime runner in its own process (``--zero-shot-graphs inline``, the python platform's default; ``bls``
+calls the vision model instead, one more Python-backend hop). The in-process pipeline runs ONNX Runtime with
+``--threads`` (2) intra-op threads, each served graph with ``--server-threads`` (1), and each request is one encoded
+PNG scene and the 24 demo labels:
 
 - latency at 1 client: per-request p50 / p90 served (HTTP and gRPC, ``mmedge.triton_client``) and in-process
   (``mmedge.load(...).probabilities``), and the served overhead (target: p50 overhead <= 2 ms);
@@ -25,6 +27,7 @@ where a served request's cost goes on a machine whose cores the clients share wi
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -115,7 +118,10 @@ def main(argv=None) -> int:
                              "and batches: on 2 cores, 1 thread each costs less CPU per request than 2)")
     parser.add_argument("--runs", type=int, default=300, help="timed requests per latency measurement")
     parser.add_argument("--seconds", type=float, default=8.0, help="duration of each throughput measurement")
-    parser.add_argument("--queue-delay-us", type=int, default=0, help="the encoders' dynamic-batching delay")
+    parser.add_argument("--queue-delay-us", type=int, default=0, help="the dynamic batchers' delay")
+    parser.add_argument("--zero-shot-graphs", default="auto", choices=["auto", "inline", "bls"],
+                        help="where the zero-shot pipeline runs its graphs (mmedge triton --zero-shot-graphs)")
+    parser.add_argument("--pipeline-instances", type=int, default=1, help="processes per pipeline model")
     parser.add_argument("--artifact", type=Path, default=None,
                         help="a CLIP artifact with two graphs (default: the demo CLIP at FP32, exported into --work)")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "triton-cpu")
@@ -137,7 +143,9 @@ def main(argv=None) -> int:
               "software": package_versions(["onnxruntime", "numpy", "tritonclient"]) | {"tritonserver": "2.51 (nvidia-pytriton 0.7.0)"}}
     with tempfile.TemporaryDirectory(prefix="mmedge-triton-bench-") as tmp:
         write_repository([artifact], Path(tmp) / "repo", Options(platform="python", threads=args.server_threads,
-                                                                 queue_delay_us=args.queue_delay_us, workers=16))
+                                                                 queue_delay_us=args.queue_delay_us, workers=16,
+                                                                 zero_shot_graphs=args.zero_shot_graphs,
+                                                                 pipeline_instances=args.pipeline_instances))
         with TritonServer(Path(tmp) / "repo", env, Path(tmp) / "server.log") as server:
             urls = {"http": f"http://{server.http_url}", "grpc": f"grpc://{server.grpc_url}"}
             remote = {p: connect(url, prefix, task="zero-shot") for p, url in urls.items()}
@@ -168,9 +176,12 @@ def main(argv=None) -> int:
                 rates[protocol] = {n: throughput(lambda url=url: one_remote(connect(url, prefix, task="zero-shot")), n,
                                                  args.seconds, server.process.pid) for n in CLIENTS}
             report["throughput_rps"] = rates
-            stats = remote["grpc"].connection.statistics(f"{prefix}__vision")
-            report["vision_batches"] = {b["batch_size"]: int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])}
+            for model in (f"{prefix}-zero-shot", f"{prefix}__vision"):  # requests per execution
+                stats = remote["grpc"].connection.statistics(model)
+                report.setdefault("batches", {})[model] = {b["batch_size"]: int(b["compute_infer"]["count"])
+                                                          for b in stats.get("batch_stats", [])}
             report["steal_share"] = round(steal_share(ticks, cpu_ticks()), 4)
+            report["load_average_1m_after"] = round(os.getloadavg()[0], 2)
     write_json(args.json, report)
     print_report(report)
     return 0
@@ -180,7 +191,7 @@ def print_report(report: dict) -> None:
     lat, rates = report["latency_ms"], report["throughput_rps"]
     base = lat["in-process"]["p50"]
     print(f"machine: {report['machine']['cpu']}, {report['machine']['logical_cores']} cores, {report['machine']['date']}, "
-          f"load before {report['machine']['load_average_1m']}, steal {report['steal_share']:.1%}")
+          f"load before {report['machine']['load_average_1m']}, after {report['load_average_1m_after']}, steal {report['steal_share']:.1%}")
     print(markdown_table(["path", "p50 ms", "p90 ms", "p50 overhead ms"],
                          [[k, f"{v['p50']:.2f}", f"{v['p90']:.2f}", "–" if k.startswith("in-process") else f"{v['p50'] - base:.2f}"]
                           for k, v in lat.items()]))
@@ -191,7 +202,8 @@ def print_report(report: dict) -> None:
                            *(f"{v[n]['rps'] / rates['in-process'][n]['rps']:.2f}x" for n in CLIENTS),
                            f"{v[8]['cpu_ms_here']:.2f}", "–" if k.startswith("in-process") else f"{v[8]['cpu_ms_server']:.2f}"]
                           for k, v in rates.items()]))
-    print(f"\nvision model executions by batch size: {report['vision_batches']}")
+    for model, batches in report["batches"].items():
+        print(f"\n{model} executions by requests per batch: {batches or 'none'}")
 
 
 if __name__ == "__main__":

@@ -328,7 +328,10 @@ class RemoteClassifier(RemotePipeline):
             inputs["labels"] = text_tensor(check_labels(labels))
         if templates is not None:
             inputs["templates"] = text_tensor(check_templates(templates))
-        out = self._infer(inputs)
+        if self.settings.get("rows"):  # a request is one row: each tensor with a leading axis of 1
+            out = {n: v[0] for n, v in self._infer({n: v[np.newaxis] for n, v in inputs.items()}).items()}
+        else:
+            out = self._infer(inputs)
         return out["probs"], texts_of("label_names", out["label_names"])
 
 

@@ -15,10 +15,10 @@ import sys
 import pytest
 
 from mmedge.artifact import Artifact, sha256_file
-from mmedge.errors import IntegrityError
+from mmedge.errors import InputError, IntegrityError
 from mmedge.triton import Options, pipeline_models, write_repository
 from mmedge.triton.config import ENCODERS, TRITON_DTYPES, batch_axis, component_config, render
-from mmedge.triton.protocol import PIPELINES
+from mmedge.triton.protocol import PIPELINES, ROW_PIPELINES
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason='needs tritonclient: pip install "mmedge[triton]"')
 from google.protobuf import text_format  # noqa: E402  (tritonclient's dependency)
@@ -77,12 +77,16 @@ def test_onnxruntime_repository_matches_every_manifest(sources, tmp_path, gpu):
                 assert not accelerators
         for model, (kind, decoupled) in pipeline_models(artifact, prefix).items():
             config = parse(repo / model)
-            assert config.backend == "python" and config.max_batch_size == 0
+            rows = kind in ROW_PIPELINES  # zero-shot: Triton batches the pipeline's requests (one row each)
+            assert config.backend == "python" and config.max_batch_size == (4 if rows else 0)
+            assert config.HasField("dynamic_batching") == rows
+            assert [i.allow_ragged_batch for i in config.input] == [rows] * len(config.input)
             assert config.model_transaction_policy.decoupled == decoupled
             assert [i.name for i in config.input] == list(PIPELINES[kind]["inputs"])
             assert [o.name for o in config.output] == list(PIPELINES[kind]["outputs"])
             settings = json.loads(config.parameters["mmedge"].string_value)
             assert settings["kind"] == kind and set(settings["components"]) == set(artifact.components)
+            assert settings["rows"] == rows and "graphs" not in settings  # onnxruntime: the graphs through BLS
             assert (repo / model / "1" / "model.py").read_text().count("PipelineModel as TritonPythonModel") == 1
             assert (repo / model / "1" / "manifest.json").read_bytes() == (folder / "manifest.json").read_bytes()
 
@@ -117,6 +121,29 @@ def test_python_platform_components_run_mmedges_runner(sources, tmp_path):
     version = tmp_path / "repo" / "clip__vision" / "1"
     assert sorted(p.name for p in version.iterdir()) == ["manifest.json", "model.py", "vision.onnx"]
     assert "ComponentModel as TritonPythonModel" in (version / "model.py").read_text()
+
+
+@pytest.mark.parametrize("graphs, inline", [("auto", True), ("bls", False)])
+def test_python_platform_zero_shot_runs_its_graphs_inline(sources, tmp_path, graphs, inline):
+    """The python platform's zero-shot pipeline runs its graphs in its own process (one Python-backend hop per
+    request, not two): its folder holds them, hard-linked, and its settings say how to run them; 'bls' keeps the
+    calls to the component models."""
+    write_repository([sources["clip"], sources["clip-fused"]], tmp_path / "repo",
+                     Options(platform="python", threads=1, zero_shot_graphs=graphs))
+    for prefix in ("clip", "clip-fused"):
+        folder = tmp_path / "repo" / f"{prefix}-zero-shot"
+        settings = json.loads(parse(folder).parameters["mmedge"].string_value)
+        artifact = Artifact.open(sources[prefix])
+        graphs_here = sorted(c["file"] for c in artifact.components.values() if (folder / "1" / c["file"]).exists())
+        if inline:
+            assert settings["graphs"] == "inline" and settings["providers"] == ["cpu"] and settings["threads"] == 1
+            assert graphs_here == sorted(c["file"] for c in artifact.components.values())
+            assert all((folder / "1" / f).stat().st_ino == (sources[prefix] / f).resolve().stat().st_ino for f in graphs_here)
+        else:
+            assert "graphs" not in settings and not graphs_here
+        assert not (tmp_path / "repo" / f"{prefix}-embed" / "1" / "vision.onnx").exists()  # embed: BLS either way
+    with pytest.raises(InputError, match="zero_shot_graphs is 'nearby'"):
+        write_repository([sources["clip"]], tmp_path / "other", Options(platform="python", zero_shot_graphs="nearby"))
 
 
 def test_a_tampered_artifact_is_refused_and_nothing_is_written(sources, tmp_path):
