@@ -85,16 +85,17 @@ class Connection:
         return client
 
     # --- requests ------------------------------------------------------------------------------------
-    def infer(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One request; every output the model returned, by name."""
+    def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """One request; every output the model returned (or only ``outputs``), by name."""
         client = self._client()
         tensors = [self._input(name, value) for name, value in inputs.items()]
+        wanted = [self._module.InferRequestedOutput(name) for name in outputs] if outputs else None
         with self._errors(model):
             if self.protocol == "grpc":
-                result = client.infer(model, tensors, client_timeout=self.timeout)
+                result = client.infer(model, tensors, outputs=wanted, client_timeout=self.timeout)
                 names = [o.name for o in result.get_response().outputs]
             else:
-                result = client.infer(model, tensors, timeout=int(self.timeout * 1e6))
+                result = client.infer(model, tensors, outputs=wanted, timeout=int(self.timeout * 1e6))
                 names = [o["name"] for o in result.get_response()["outputs"]]
         return {name: result.as_numpy(name) for name in names}
 
@@ -286,8 +287,8 @@ class RemotePipeline:
     def __init__(self, connection: Connection, model: str, settings: dict):
         self.connection, self.model, self.settings = connection, model, settings
 
-    def _infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.connection.infer(self.model, inputs)
+    def _infer(self, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        return self.connection.infer(self.model, inputs, outputs)
 
     def close(self) -> None:
         self.connection.close()
@@ -325,14 +326,17 @@ class RemoteClassifier(RemotePipeline):
         batch, _ = _as_list(images)
         inputs = {"images": _image_tensor(batch)}
         if labels is not None:
-            inputs["labels"] = text_tensor(check_labels(labels))
+            labels = check_labels(labels)
+            inputs["labels"] = text_tensor(labels)
         if templates is not None:
             inputs["templates"] = text_tensor(check_templates(templates))
-        if self.settings.get("rows"):  # a request is one row: each tensor with a leading axis of 1
-            out = {n: v[0] for n, v in self._infer({n: v[np.newaxis] for n, v in inputs.items()}).items()}
-        else:
+        if not self.settings.get("rows"):  # a repository of an earlier mmedge: one request, tensors as they are
             out = self._infer(inputs)
-        return out["probs"], texts_of("label_names", out["label_names"])
+            return out["probs"], texts_of("label_names", out["label_names"])
+        # a request is one row: each tensor with a leading axis of 1; labels sent are the labels answered, so only
+        # the probabilities come back
+        out = self._infer({n: v[np.newaxis] for n, v in inputs.items()}, ["probs"] if labels is not None else None)
+        return out["probs"][0], (labels if labels is not None else texts_of("label_names", out["label_names"][0]))
 
 
 class RemoteEmbedder(RemotePipeline):

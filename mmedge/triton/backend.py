@@ -351,7 +351,7 @@ class PipelineModel:
     def execute(self, requests: list) -> list | None:
         if self.rows:
             results = self.served.run_rows([{t.name(): t.as_numpy() for t in r.inputs()} for r in requests])
-            return [self._response(result) for result in results]
+            return [self._response(result, r.requested_output_names()) for result, r in zip(results, requests)]
         if self.pool is None:
             return [self._answer({t.name(): t.as_numpy() for t in request.inputs()}) for request in requests]
         for request in requests:
@@ -366,12 +366,13 @@ class PipelineModel:
             return self._response(exc)
 
     @staticmethod
-    def _response(outputs: dict | Exception):
+    def _response(outputs: dict | Exception, requested: list[str] | None = None):
+        """The response of one request: its outputs (only the ``requested`` ones, when given) or its error."""
         pb = _pb()
         if isinstance(outputs, Exception):
             return pb.InferenceResponse(error=_triton_error(pb, outputs))
         return pb.InferenceResponse([pb.Tensor(n, v if v.dtype == np.object_ else np.ascontiguousarray(v))
-                                     for n, v in outputs.items()])
+                                     for n, v in outputs.items() if not requested or n in requested])
 
     def _respond(self, inputs: dict, sender) -> None:
         pb = _pb()
