@@ -189,25 +189,8 @@ class Connection:
         tensor.set_data_from_numpy(array)
         return tensor
 
-    def _errors(self, model: str):
-        connection = self
-
-        class _Mapper:
-            def __enter__(self):
-                return self
-
-            def __exit__(self, kind, exc, tb):
-                if exc is None or isinstance(exc, (ServerError, InputError)):
-                    return False
-                from tritonclient.utils import InferenceServerException
-
-                if isinstance(exc, InferenceServerException):
-                    raise connection._server_error(model, exc) from None
-                if isinstance(exc, (OSError, TimeoutError)) or type(exc).__module__.startswith(("gevent", "geventhttpclient", "grpc")):
-                    raise connection._unreachable(exc) from None
-                return False
-
-        return _Mapper()
+    def _errors(self, model: str) -> "_ErrorMapper":
+        return _ErrorMapper(self, model)
 
     def _server_error(self, model: str, exc) -> ServerError:
         status = str(exc.status() or "")
@@ -235,6 +218,30 @@ class Connection:
     def _timeout(self, model: str) -> ServerError:
         return ServerError(f"model '{model}' on {self.url} sent nothing for {self.timeout:g} s",
                            f"an answer within {self.timeout:g} s", "check the server, or pass a larger timeout=")
+
+
+class _ErrorMapper:
+    """Maps what tritonclient raises inside its block to mmedge's ServerError (a class of its own, not one built per
+    request)."""
+
+    __slots__ = ("connection", "model")
+
+    def __init__(self, connection: Connection, model: str):
+        self.connection, self.model = connection, model
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is None or isinstance(exc, (ServerError, InputError)):
+            return False
+        from tritonclient.utils import InferenceServerException
+
+        if isinstance(exc, InferenceServerException):
+            raise self.connection._server_error(self.model, exc) from None
+        if isinstance(exc, (OSError, TimeoutError)) or type(exc).__module__.startswith(("gevent", "geventhttpclient", "grpc")):
+            raise self.connection._unreachable(exc) from None
+        return False
 
 
 def _json_value(value: np.ndarray) -> Any:
