@@ -174,6 +174,10 @@ def test_cli_writes_the_repository_and_refuses_bad_options(sources, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "mmedge.cli", "triton", str(sources["clip"]), "--out", str(tmp_path / "b"),
                           "--max-batch-size", "0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "max_batch_size is 0" in bad.stderr
+    inline = subprocess.run([sys.executable, "-m", "mmedge.cli", "triton", str(sources["clip-fused"]), "--out", str(tmp_path / "i"),
+                             "--zero-shot-graphs", "inline"], capture_output=True, text=True, timeout=120)
+    assert inline.returncode == 0, inline.stderr  # the onnxruntime platform, its zero-shot graph in the pipeline's process
+    assert json.loads(parse(tmp_path / "i" / "clip-fused-zero-shot").parameters["mmedge"].string_value)["graphs"] == "inline"
 
 
 def test_the_client_without_tritonclient_names_the_install_command():
