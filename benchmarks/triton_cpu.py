@@ -80,30 +80,35 @@ def throughput(make_call, clients: int, seconds: float, server_pid: int | None =
     for thread in threads:
         thread.start()
     barrier.wait()
-    start, own, served = time.perf_counter(), time.process_time(), cpu_seconds([server_pid] if server_pid else [])
+    start, own, served = time.perf_counter(), time.process_time(), cpu_by_process(server_pid)
     time.sleep(seconds)
     stop.set()
     for thread in threads:
         thread.join()
     done, wall = sum(counts), time.perf_counter() - start
-    server_ms = (cpu_seconds([server_pid]) - served) * 1e3 / done if server_pid else 0.0
-    return {"rps": done / wall, "cpu_ms_here": (time.process_time() - own) * 1e3 / done, "cpu_ms_server": server_ms}
+    parts = {name: (seconds - served.get(name, 0.0)) * 1e3 / done for name, seconds in cpu_by_process(server_pid).items()}
+    return {"rps": done / wall, "cpu_ms_here": (time.process_time() - own) * 1e3 / done,
+            "cpu_ms_server": sum(parts.values()), "cpu_ms_server_by_process": {k: v for k, v in parts.items() if v >= 0.005}}
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of processes and their children (tritonserver and its Python-backend stubs)."""
+def cpu_by_process(pid: int | None) -> dict[str, float]:
+    """User + system CPU seconds of tritonserver and of each of its Python-backend stubs (named by their model
+    instance, e.g. ``clip-zero-shot_0_0``)."""
     import psutil
 
-    total = 0.0
-    for pid in pids:
-        try:
-            process = psutil.Process(pid)
-            for member in [process, *process.children(recursive=True)]:
-                times = member.cpu_times()
-                total += times.user + times.system
-        except psutil.NoSuchProcess:
-            continue
-    return total
+    if not pid:
+        return {}
+    out: dict[str, float] = {}
+    try:
+        server = psutil.Process(pid)
+        for member in [server, *server.children(recursive=True)]:
+            times = member.cpu_times()
+            command = member.cmdline()  # a stub's: ... MODEL_INSTANCE_NAME DEFAULT
+            name = "tritonserver" if member.pid == pid else (command[-2] if len(command) >= 2 else f"pid {member.pid}")
+            out[name] = out.get(name, 0.0) + times.user + times.system
+    except psutil.NoSuchProcess:
+        pass
+    return out
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -202,6 +207,10 @@ def print_report(report: dict) -> None:
                            *(f"{v[n]['rps'] / rates['in-process'][n]['rps']:.2f}x" for n in CLIENTS),
                            f"{v[8]['cpu_ms_here']:.2f}", "–" if k.startswith("in-process") else f"{v[8]['cpu_ms_server']:.2f}"]
                           for k, v in rates.items()]))
+    for path, by_process in ((k, v[8].get("cpu_ms_server_by_process")) for k, v in rates.items()):
+        if by_process:
+            print(f"\n{path}: server CPU ms/request at 8 clients by process: "
+                  + ", ".join(f"{name} {ms:.2f}" for name, ms in sorted(by_process.items(), key=lambda kv: -kv[1])))
     for model, batches in report["batches"].items():
         print(f"\n{model} executions by requests per batch: {batches or 'none'}")
 
