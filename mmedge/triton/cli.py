@@ -19,7 +19,8 @@ def add_parser(sub) -> None:
                         help="how long the dynamic batcher waits for more requests (0: batches form from what queued meanwhile)")
     triton.add_argument("--instances", type=int, default=1, help="instances per component model")
     triton.add_argument("--workers", type=int, default=8,
-                        help="requests one pipeline instance works on at once (threads; 1: each request in execute itself)")
+                        help="requests one embed or caption pipeline instance works on at once (threads; 1: each request in "
+                             "execute itself); the zero-shot pipeline answers each batch in execute")
     triton.add_argument("--pipeline-instances", type=int, default=1, help="instances (processes) per pipeline model")
     triton.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per component")
     triton.add_argument("--zero-shot-graphs", default="auto", choices=["auto", "inline", "bls"],

@@ -36,10 +36,12 @@ class Options:
     """How the repository is served. ``platform``: 'onnxruntime' (Triton's ONNX Runtime backend) or 'python'
     (mmedge's own ONNX Runtime runner in a Python-backend model). ``gpu``: instances on the GPU, and for the
     onnxruntime platform the TensorRT execution accelerator (FP16; INT8 for static-QDQ graphs).
-    ``max_batch_size``: the most requests' rows Triton merges into one encoder call. ``queue_delay_us``: how long
-    the dynamic batcher waits for more requests (0: none; batches still form from the requests that queue while the
-    model runs). ``instances``: instances per component model. ``workers``: the requests one pipeline instance works
-    on at once (threads, each generating with its own KV cache; 1: each request inside ``execute``, no thread).
+    ``max_batch_size``: the most requests' rows Triton merges into one encoder (or zero-shot pipeline) call.
+    ``queue_delay_us``: how long the dynamic batchers wait for more requests (0: none; batches still form from the
+    requests that queue while the model runs). ``instances``: instances per component model. ``workers``: the
+    requests one embed or caption pipeline instance works on at once (threads, each generating with its own KV
+    cache; 1: each request inside ``execute``, no thread); the zero-shot pipeline answers each batch inside
+    ``execute`` (so the next batch queues meanwhile).
     ``pipeline_instances``: instances (stub processes) per pipeline model, each with its own copy of the tokenizer,
     embedding table and label cache. ``threads``: ONNX Runtime intra-op threads per component (None: its default).
     ``zero_shot_graphs``: where the zero-shot pipeline runs its graphs: 'inline' (in its own process, through
