@@ -2,10 +2,12 @@
 
 The artifact is the shipped demo CLIP exported at FP32 (labels chosen at run time: the server keeps their
 embeddings in its label cache, as the local pipeline does). The server is the real ``tritonserver`` of the
-nvidia-pytriton wheel (tests/support/triton_server.py) serving ``mmedge triton --platform python`` (the vision and
-text graphs run through mmedge's ONNX Runtime runner in Python-backend models; the zero-shot pipeline model calls
-them through BLS). The in-process pipeline runs ONNX Runtime with ``--threads`` (2) intra-op threads, each served graph
-with ``--server-threads`` (1), and each request is one encoded PNG scene and the 24 demo labels:
+nvidia-pytriton wheel (tests/support/triton_server.py) serving ``mmedge triton --platform python``: the zero-shot
+pipeline model is batched by Triton's dynamic batcher and runs the vision graph for each batch through mmedge's
+ONNX Runtime runner in its own process (``--zero-shot-graphs inline``, the python platform's default; ``bls``
+calls the vision model instead, one more Python-backend hop). The in-process pipeline runs ONNX Runtime with
+``--threads`` (2) intra-op threads, each served graph with ``--server-threads`` (1), and each request is one encoded
+PNG scene and the 24 demo labels:
 
 - latency at 1 client: per-request p50 / p90 served (HTTP and gRPC, ``mmedge.triton_client``) and in-process
   (``mmedge.load(...).probabilities``), and the served overhead (target: p50 overhead <= 2 ms);
@@ -25,6 +27,7 @@ where a served request's cost goes on a machine whose cores the clients share wi
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -76,30 +79,37 @@ def throughput(make_call, clients: int, seconds: float, server_pid: int | None =
     for thread in threads:
         thread.start()
     barrier.wait()
-    start, own, served = time.perf_counter(), time.process_time(), cpu_seconds([server_pid] if server_pid else [])
+    start, own, served = time.perf_counter(), time.process_time(), cpu_by_process(server_pid)
     time.sleep(seconds)
     stop.set()
     for thread in threads:
         thread.join()
     done, wall = sum(counts), time.perf_counter() - start
-    server_ms = (cpu_seconds([server_pid]) - served) * 1e3 / done if server_pid else 0.0
-    return {"rps": done / wall, "cpu_ms_here": (time.process_time() - own) * 1e3 / done, "cpu_ms_server": server_ms}
+    parts = {name: (seconds - served.get(name, 0.0)) * 1e3 / done for name,
+             seconds in cpu_by_process(server_pid).items()}
+    return {"rps": done / wall, "cpu_ms_here": (time.process_time() - own) * 1e3 / done,
+            "cpu_ms_server": sum(parts.values()),
+            "cpu_ms_server_by_process": {k: v for k, v in parts.items() if v >= 0.005}}
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of processes and their children (tritonserver and its Python-backend stubs)."""
+def cpu_by_process(pid: int | None) -> dict[str, float]:
+    """User + system CPU seconds of tritonserver and of each of its Python-backend stubs (named by their model
+    instance, e.g. ``clip-zero-shot_0_0``)."""
     import psutil
 
-    total = 0.0
-    for pid in pids:
-        try:
-            process = psutil.Process(pid)
-            for member in [process, *process.children(recursive=True)]:
-                times = member.cpu_times()
-                total += times.user + times.system
-        except psutil.NoSuchProcess:
-            continue
-    return total
+    if not pid:
+        return {}
+    out: dict[str, float] = {}
+    try:
+        server = psutil.Process(pid)
+        for member in [server, *server.children(recursive=True)]:
+            times = member.cpu_times()
+            command = member.cmdline()  # a stub's: ... MODEL_INSTANCE_NAME DEFAULT
+            name = "tritonserver" if member.pid == pid else (command[-2] if len(command) >= 2 else f"pid {member.pid}")
+            out[name] = out.get(name, 0.0) + times.user + times.system
+    except psutil.NoSuchProcess:
+        pass
+    return out
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -116,7 +126,10 @@ def main(argv=None) -> int:
                              "and batches: on 2 cores, 1 thread each costs less CPU per request than 2)")
     parser.add_argument("--runs", type=int, default=300, help="timed requests per latency measurement")
     parser.add_argument("--seconds", type=float, default=8.0, help="duration of each throughput measurement")
-    parser.add_argument("--queue-delay-us", type=int, default=0, help="the encoders' dynamic-batching delay")
+    parser.add_argument("--queue-delay-us", type=int, default=0, help="the dynamic batchers' delay")
+    parser.add_argument("--zero-shot-graphs", default="auto", choices=["auto", "inline", "bls"],
+                        help="where the zero-shot pipeline runs its graphs (mmedge triton --zero-shot-graphs)")
+    parser.add_argument("--pipeline-instances", type=int, default=1, help="processes per pipeline model")
     parser.add_argument("--artifact", type=Path, default=None,
                         help="a CLIP artifact with two graphs (default: the demo CLIP at FP32, exported into --work)")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "out" / "triton-cpu")
@@ -139,7 +152,9 @@ def main(argv=None) -> int:
                                             "tritonclient"]) | {"tritonserver": "2.51 (nvidia-pytriton 0.7.0)"}}
     with tempfile.TemporaryDirectory(prefix="mmedge-triton-bench-") as tmp:
         write_repository([artifact], Path(tmp) / "repo", Options(platform="python", threads=args.server_threads,
-                                                                 queue_delay_us=args.queue_delay_us, workers=16))
+                                                                 queue_delay_us=args.queue_delay_us, workers=16,
+                                                                 zero_shot_graphs=args.zero_shot_graphs,
+                                                                 pipeline_instances=args.pipeline_instances))
         with TritonServer(Path(tmp) / "repo", env, Path(tmp) / "server.log") as server:
             urls = {"http": f"http://{server.http_url}", "grpc": f"grpc://{server.grpc_url}"}
             remote = {p: connect(url, prefix, task="zero-shot") for p, url in urls.items()}
@@ -170,10 +185,12 @@ def main(argv=None) -> int:
                 rates[protocol] = {n: throughput(lambda url=url: one_remote(connect(url, prefix, task="zero-shot")), n,
                                                  args.seconds, server.process.pid) for n in CLIENTS}
             report["throughput_rps"] = rates
-            stats = remote["grpc"].connection.statistics(f"{prefix}__vision")
-            report["vision_batches"] = {b["batch_size"]: int(b["compute_infer"]["count"])
-                                        for b in stats.get("batch_stats", [])}
+            for model in (f"{prefix}-zero-shot", f"{prefix}__vision"):  # requests per execution
+                stats = remote["grpc"].connection.statistics(model)
+                report.setdefault("batches", {})[model] = {b["batch_size"]: int(b["compute_infer"]["count"])
+                                                          for b in stats.get("batch_stats", [])}
             report["steal_share"] = round(steal_share(ticks, cpu_ticks()), 4)
+            report["load_average_1m_after"] = round(os.getloadavg()[0], 2)
     write_json(args.json, report)
     print_report(report)
     return 0
@@ -184,7 +201,8 @@ def print_report(report: dict) -> None:
     base = lat["in-process"]["p50"]
     print(f"machine: {report['machine']['cpu']}, {report['machine']['logical_cores']} cores, "
           f"{report['machine']['date']}, "
-          f"load before {report['machine']['load_average_1m']}, steal {report['steal_share']:.1%}")
+          f"load before {report['machine']['load_average_1m']}, after {report['load_average_1m_after']}, steal "
+          f"{report['steal_share']:.1%}")
     print(markdown_table(["path", "p50 ms", "p90 ms", "p50 overhead ms"],
                          [[k, f"{v['p50']:.2f}", f"{v['p90']:.2f}", "–"
                            if k.startswith("in-process") else f"{v['p50'] - base:.2f}"]
@@ -198,7 +216,12 @@ def print_report(report: dict) -> None:
                            f"{v[8]['cpu_ms_here']:.2f}", "–"
                            if k.startswith("in-process") else f"{v[8]['cpu_ms_server']:.2f}"]
                           for k, v in rates.items()]))
-    print(f"\nvision model executions by batch size: {report['vision_batches']}")
+    for path, by_process in ((k, v[8].get("cpu_ms_server_by_process")) for k, v in rates.items()):
+        if by_process:
+            print(f"\n{path}: server CPU ms/request at 8 clients by process: "
+                  + ", ".join(f"{name} {ms:.2f}" for name, ms in sorted(by_process.items(), key=lambda kv: -kv[1])))
+    for model, batches in report["batches"].items():
+        print(f"\n{model} executions by requests per batch: {batches or 'none'}")
 
 
 if __name__ == "__main__":

@@ -85,16 +85,18 @@ class Connection:
         return client
 
     # --- requests ------------------------------------------------------------------------------------
-    def infer(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One request; every output the model returned, by name."""
+    def infer(self, model: str, inputs: dict[str, np.ndarray],
+              outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """One request; every output the model returned (or only ``outputs``), by name."""
         client = self._client()
         tensors = [self._input(name, value) for name, value in inputs.items()]
+        wanted = [self._module.InferRequestedOutput(name) for name in outputs] if outputs else None
         with self._errors(model):
             if self.protocol == "grpc":
-                result = client.infer(model, tensors, client_timeout=self.timeout)
+                result = client.infer(model, tensors, outputs=wanted, client_timeout=self.timeout)
                 names = [o.name for o in result.get_response().outputs]
             else:
-                result = client.infer(model, tensors, timeout=int(self.timeout * 1e6))
+                result = client.infer(model, tensors, outputs=wanted, timeout=int(self.timeout * 1e6))
                 names = [o["name"] for o in result.get_response()["outputs"]]
         return {name: result.as_numpy(name) for name in names}
 
@@ -190,26 +192,8 @@ class Connection:
         tensor.set_data_from_numpy(array)
         return tensor
 
-    def _errors(self, model: str):
-        connection = self
-
-        class _Mapper:
-            def __enter__(self):
-                return self
-
-            def __exit__(self, kind, exc, tb):
-                if exc is None or isinstance(exc, (ServerError, InputError)):
-                    return False
-                from tritonclient.utils import InferenceServerException
-
-                if isinstance(exc, InferenceServerException):
-                    raise connection._server_error(model, exc) from None
-                if isinstance(exc, (OSError, TimeoutError)) \
-                        or type(exc).__module__.startswith(("gevent", "geventhttpclient", "grpc")):
-                    raise connection._unreachable(exc) from None
-                return False
-
-        return _Mapper()
+    def _errors(self, model: str) -> "_ErrorMapper":
+        return _ErrorMapper(self, model)
 
     def _server_error(self, model: str, exc) -> ServerError:
         status = str(exc.status() or "")
@@ -237,6 +221,32 @@ class Connection:
     def _timeout(self, model: str) -> ServerError:
         return ServerError(f"model '{model}' on {self.url} sent nothing for {self.timeout:g} s",
                            f"an answer within {self.timeout:g} s", "check the server, or pass a larger timeout=")
+
+
+class _ErrorMapper:
+    """Maps what tritonclient raises inside its block to mmedge's ServerError (a class of its own, not one built per
+    request)."""
+
+    __slots__ = ("connection", "model")
+
+    def __init__(self, connection: Connection, model: str):
+        self.connection, self.model = connection, model
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is None or isinstance(exc, (ServerError, InputError)):
+            return False
+        from tritonclient.utils import InferenceServerException
+
+        if isinstance(exc, InferenceServerException):
+            raise self.connection._server_error(self.model, exc) from None
+        if isinstance(exc,
+                      (OSError,
+                       TimeoutError)) or type(exc).__module__.startswith(("gevent", "geventhttpclient", "grpc")):
+            raise self.connection._unreachable(exc) from None
+        return False
 
 
 def _json_value(value: np.ndarray) -> Any:
@@ -289,8 +299,8 @@ class RemotePipeline:
     def __init__(self, connection: Connection, model: str, settings: dict):
         self.connection, self.model, self.settings = connection, model, settings
 
-    def _infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.connection.infer(self.model, inputs)
+    def _infer(self, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        return self.connection.infer(self.model, inputs, outputs)
 
     def close(self) -> None:
         self.connection.close()
@@ -330,11 +340,17 @@ class RemoteClassifier(RemotePipeline):
         batch, _ = _as_list(images)
         inputs = {"images": _image_tensor(batch)}
         if labels is not None:
-            inputs["labels"] = text_tensor(check_labels(labels))
+            labels = check_labels(labels)
+            inputs["labels"] = text_tensor(labels)
         if templates is not None:
             inputs["templates"] = text_tensor(check_templates(templates))
-        out = self._infer(inputs)
-        return out["probs"], texts_of("label_names", out["label_names"])
+        if not self.settings.get("rows"):  # a repository of an earlier mmedge: one request, tensors as they are
+            out = self._infer(inputs)
+            return out["probs"], texts_of("label_names", out["label_names"])
+        # a request is one row: each tensor with a leading axis of 1; labels sent are the labels answered, so only
+        # the probabilities come back
+        out = self._infer({n: v[np.newaxis] for n, v in inputs.items()}, ["probs"] if labels is not None else None)
+        return out["probs"][0], (labels if labels is not None else texts_of("label_names", out["label_names"][0]))
 
 
 class RemoteEmbedder(RemotePipeline):

@@ -15,10 +15,10 @@ import sys
 import pytest
 
 from mmedge.artifact import Artifact, sha256_file
-from mmedge.errors import IntegrityError
+from mmedge.errors import InputError, IntegrityError
 from mmedge.triton import Options, pipeline_models, write_repository
 from mmedge.triton.config import ENCODERS, TRITON_DTYPES, batch_axis, component_config, render
-from mmedge.triton.protocol import PIPELINES
+from mmedge.triton.protocol import PIPELINES, ROW_PIPELINES
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",
                                        reason='needs tritonclient: pip install "mmedge[triton]"')
@@ -78,12 +78,16 @@ def test_onnxruntime_repository_matches_every_manifest(sources, tmp_path, gpu):
                 assert not accelerators
         for model, (kind, decoupled) in pipeline_models(artifact, prefix).items():
             config = parse(repo / model)
-            assert config.backend == "python" and config.max_batch_size == 0
+            rows = kind in ROW_PIPELINES  # zero-shot: Triton batches the pipeline's requests (one row each)
+            assert config.backend == "python" and config.max_batch_size == (4 if rows else 0)
+            assert config.HasField("dynamic_batching") == rows
+            assert [i.allow_ragged_batch for i in config.input] == [rows] * len(config.input)
             assert config.model_transaction_policy.decoupled == decoupled
             assert [i.name for i in config.input] == list(PIPELINES[kind]["inputs"])
             assert [o.name for o in config.output] == list(PIPELINES[kind]["outputs"])
             settings = json.loads(config.parameters["mmedge"].string_value)
             assert settings["kind"] == kind and set(settings["components"]) == set(artifact.components)
+            assert settings["rows"] == rows and "graphs" not in settings  # onnxruntime: the graphs through BLS
             assert (repo / model / "1" / "model.py").read_text().count("PipelineModel as TritonPythonModel") == 1
             assert (repo / model / "1" / "manifest.json").read_bytes() == (folder / "manifest.json").read_bytes()
 
@@ -125,6 +129,30 @@ def test_python_platform_components_run_mmedges_runner(sources, tmp_path):
     assert "ComponentModel as TritonPythonModel" in (version / "model.py").read_text()
 
 
+@pytest.mark.parametrize("graphs, inline", [("auto", True), ("bls", False)])
+def test_python_platform_zero_shot_runs_its_graphs_inline(sources, tmp_path, graphs, inline):
+    """The python platform's zero-shot pipeline runs its graphs in its own process (one Python-backend hop per
+    request, not two): its folder holds them, hard-linked, and its settings say how to run them; 'bls' keeps the
+    calls to the component models."""
+    write_repository([sources["clip"], sources["clip-fused"]], tmp_path / "repo",
+                     Options(platform="python", threads=1, zero_shot_graphs=graphs))
+    for prefix in ("clip", "clip-fused"):
+        folder = tmp_path / "repo" / f"{prefix}-zero-shot"
+        settings = json.loads(parse(folder).parameters["mmedge"].string_value)
+        artifact = Artifact.open(sources[prefix])
+        graphs_here = sorted(c["file"] for c in artifact.components.values() if (folder / "1" / c["file"]).exists())
+        if inline:
+            assert settings["graphs"] == "inline" and settings["providers"] == ["cpu"] and settings["threads"] == 1
+            assert graphs_here == sorted(c["file"] for c in artifact.components.values())
+            assert all((folder / "1" / f).stat().st_ino == (sources[prefix] / f).resolve().stat().st_ino
+                       for f in graphs_here)
+        else:
+            assert "graphs" not in settings and not graphs_here
+        assert not (tmp_path / "repo" / f"{prefix}-embed" / "1" / "vision.onnx").exists()  # embed: BLS either way
+    with pytest.raises(InputError, match="zero_shot_graphs is 'nearby'"):
+        write_repository([sources["clip"]], tmp_path / "other", Options(platform="python", zero_shot_graphs="nearby"))
+
+
 def test_a_tampered_artifact_is_refused_and_nothing_is_written(sources, tmp_path):
     copy = tmp_path / "clip"
     shutil.copytree(sources["clip"].resolve(), copy)
@@ -156,6 +184,13 @@ def test_cli_writes_the_repository_and_refuses_bad_options(sources, tmp_path):
                           str(tmp_path / "b"),
                           "--max-batch-size", "0"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "max_batch_size is 0" in bad.stderr
+    inline = subprocess.run([sys.executable, "-m", "mmedge.cli", "triton", str(sources["clip-fused"]), "--out",
+                             str(tmp_path / "i"),
+                             "--zero-shot-graphs", "inline"], capture_output=True, text=True, timeout=120)
+    # the onnxruntime platform, its zero-shot graph in the pipeline's process
+    assert inline.returncode == 0, inline.stderr
+    settings = parse(tmp_path / "i" / "clip-fused-zero-shot").parameters["mmedge"].string_value
+    assert json.loads(settings)["graphs"] == "inline"
 
 
 def test_the_client_without_tritonclient_names_the_install_command():

@@ -158,7 +158,9 @@ def test_eight_clients_fifty_mixed_requests_each(served, photos):
         expected["caption", i] = captioner.caption(image, max_new_tokens=8)
         expected["vqa", i] = captioner.ask(image, "what is it?", max_new_tokens=6)
     stats = Connection(served.url("http"))
-    before = {m: _batched_executions(stats, m) for m in ("clip__vision", "blip2__prefix")}
+    # the zero-shot pipeline is batched by Triton itself (its graphs run inline, a batch's images in one call);
+    # BLIP-2's encoder is batched behind the caption pipeline, through BLS
+    before = {m: _batched_executions(stats, m) for m in ("clip-zero-shot", "blip2__prefix")}
     failures, answered = [], []
 
     def client(number: int) -> None:
@@ -213,20 +215,20 @@ def test_malformed_requests_get_mmedges_message_and_the_server_serves_on(served,
     connection = Connection(served.url(protocol))
     image = np.array([Path(photos[0]).read_bytes()], dtype=np.object_)
     labels = np.array([b"cat", b"dog"], dtype=np.object_)
+    row_image, row_labels = image[np.newaxis], labels[np.newaxis]  # the zero-shot model takes one row per request
     classifier, captioner = served.local("clip"), served.local("blip2")
     good = classifier.probabilities(photos[0], ["cat", "dog"])
 
     def serves_on():
-        np.testing.assert_allclose(connection.infer("clip-zero-shot", {"images": image, "labels": labels})["probs"],
-                                   good,
-                                   rtol=0, atol=1e-6)
+        answer = connection.infer("clip-zero-shot", {"images": row_image, "labels": row_labels})
+        np.testing.assert_allclose(answer["probs"][0], good, rtol=0, atol=1e-6)
 
     refused = {  # request -> the message mmedge gives for the same mistake in-process
         ("clip-zero-shot", "bytes that are not an image"): (
-            {"images": np.array([b"GIF89a but not really"], dtype=np.object_), "labels": labels},
+            {"images": np.array([[b"GIF89a but not really"]], dtype=np.object_), "labels": row_labels},
             _message(lambda: classifier.probabilities(b"GIF89a but not really", ["cat", "dog"]))),
         ("clip-zero-shot", "empty labels"): (
-            {"images": image, "labels": np.array([], dtype=np.object_)},
+            {"images": row_image, "labels": np.zeros((1, 0), dtype=np.object_)},
             _message(lambda: classifier.probabilities(photos[0], []))),
         ("blip2-caption", "generation settings that cannot work"): (
             {"images": image, "generation": np.array([b'{"num_beams": 0}'], dtype=np.object_)},
@@ -241,7 +243,12 @@ def test_malformed_requests_get_mmedges_message_and_the_server_serves_on(served,
         assert str(caught.value) == local_message, what
         serves_on()
     protocol_errors = {  # checked before any mmedge code runs (Triton's config) or by mmedge's protocol
-        "wrong dtype": ("clip-zero-shot", {"images": np.zeros((1, 8), dtype=np.float32), "labels": labels}, "images"),
+        "wrong dtype": ("clip-zero-shot", {"images": np.zeros((1, 8), dtype=np.float32), "labels": row_labels},
+                        "images"),
+        "not a row": ("clip-zero-shot", {"images": image, "labels": labels}, "images"),
+        "two rows": ("clip-zero-shot",
+                     {"images": np.concatenate([row_image] * 2), "labels": np.concatenate([row_labels] * 2)},
+                     "input 'images' holds 2 rows"),
         "wrong shape": ("clip__vision", {"pixel_values": np.zeros((1, 3, 7, 7), dtype=np.float32)}, "pixel_values"),
         "two prompts": ("blip2-caption", {"images": image, "prompt": np.array([b"a", b"b"], dtype=np.object_)},
                         "input 'prompt' holds 2 strings"),
@@ -260,12 +267,15 @@ def test_malformed_requests_get_mmedges_message_and_the_server_serves_on(served,
 
 def test_a_server_killed_under_load_fails_its_clients_fast(served, pytorch_artifacts, tmp_path, photos):
     """A second server (CLIP only) is killed while 4 clients send requests: each gets a ServerError within seconds,
-    none hangs, and connecting afterwards fails at once. The module's server is untouched."""
+    none hangs, and connecting afterwards fails at once. The module's server is untouched. This server's zero-shot
+    pipeline calls the component models through BLS (the onnxruntime platform's way): its answers equal local ones."""
     from tests.support.triton_server import TritonServer
 
     (tmp_path / "clip").symlink_to(pytorch_artifacts("clip"), target_is_directory=True)
     # pipelines in two processes answering inside execute (workers=1), the other way to serve them
-    repository = _repository({"clip": tmp_path / "clip"}, tmp_path / "repo", workers=1, pipeline_instances=2)
+    repository = _repository({"clip": tmp_path / "clip"}, tmp_path / "repo", workers=1, pipeline_instances=2,
+                             zero_shot_graphs="bls")
+    expected = {i: served.local("clip").probabilities(photos[i % len(photos)], LABELS) for i in range(4)}
     server = TritonServer(repository, _server_env(), tmp_path / "server.log").start()
     outcomes: dict[int, tuple[str, float]] = {}
     answered = [0] * 4
@@ -275,7 +285,10 @@ def test_a_server_killed_under_load_fails_its_clients_fast(served, pytorch_artif
         remote = connect(served_url(server, PROTOCOLS[number % 2]), "clip", timeout=20)
         while True:
             try:
-                remote.probabilities(photos[number % len(photos)], LABELS)
+                got = remote.probabilities(photos[number % len(photos)], LABELS)
+                if np.abs(got - expected[number]).max() > 1e-6:
+                    outcomes[number] = (f"UNEXPECTED answer {got} != {expected[number]}", time.monotonic())
+                    return
                 answered[number] += 1
             except ServerError as exc:
                 outcomes[number] = (str(exc), time.monotonic())

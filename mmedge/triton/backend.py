@@ -12,6 +12,11 @@
   ``-stream`` model is decoupled and sends the caption in pieces as tokens arrive). Each worker generates with its
   own KV cache (``RunnerDecoder`` over a BLS runner of the decoder model: the cache travels with each call, so the
   decoder model holds no state and any instance can serve any step).
+- The zero-shot pipeline is a row model (``mmedge.triton.protocol``): Triton's dynamic batcher queues its requests
+  and ``execute`` answers all of them at once, the images of the whole batch in one graph call
+  (``mmedge.triton.rows``): the encoder is batched across requests at the pipeline, not behind it. With
+  ``"graphs": "inline"`` (the python platform's default) it runs its graphs in its own process through the same
+  runner a component model would use (``local_runner``), saving a second Python-backend hop per request.
 
 Errors: an ``MmedgeError`` becomes an error response with mmedge's message (INVALID_ARG for bad input), and the
 model keeps serving. ``triton_python_backend_utils`` exists only inside Triton's stub, so it is imported when a
@@ -33,7 +38,7 @@ from mmedge.errors import BackendError, InputError, MmedgeError
 from mmedge.manifest import MANIFEST_FILE, parse_manifest
 from mmedge.runner import Runner
 from mmedge.triton.config import PARAMETER
-from mmedge.triton.protocol import blobs_of, generation_of, is_base64, one_text, text_tensor, texts_of
+from mmedge.triton.protocol import blobs_of, generation_of, is_base64, one_row, one_text, text_tensor, texts_of
 
 
 def _pb():
@@ -81,20 +86,24 @@ def run_grouped(runner: Runner, feeds: list[dict[str, np.ndarray]], batched: boo
     return results
 
 
+def local_runner(artifact: Artifact, name: str, settings: Mapping[str, Any]) -> Runner:
+    """mmedge's ONNX Runtime runner of one component, in this process (its graph's sha256 checked first)."""
+    from mmedge.runtimes.registry import create_runner
+
+    # ONNX Runtime's intra-op threads spin while they wait for work by default: on a server whose models and
+    # pipelines share the cores, that spinning takes CPU from the other processes, so they sleep instead
+    return create_runner("onnxruntime", artifact.component_path(name), name, artifact.component(name),
+                         providers=tuple(settings["providers"]), threads=settings.get("threads"),
+                         config_entries={"session.intra_op.allow_spinning": "0"})
+
+
 class ComponentModel:
     """Triton Python-backend model of one component (``--platform python``)."""
 
     def initialize(self, args: dict) -> None:
-        from mmedge.runtimes.registry import create_runner
-
         config, settings, artifact = open_model_folder(args)
-        name = settings["component"]
         self.batched = int(config.get("max_batch_size", 0)) > 0
-        # ONNX Runtime's intra-op threads spin while they wait for work by default: on a server whose models and
-        # pipelines share the cores, that spinning takes CPU from the other processes, so they sleep instead
-        self.runner = create_runner("onnxruntime", artifact.component_path(name), name, artifact.component(name),
-                                    providers=tuple(settings["providers"]), threads=settings.get("threads"),
-                                    config_entries={"session.intra_op.allow_spinning": "0"})
+        self.runner = local_runner(artifact, settings["component"], settings)
 
     def execute(self, requests: list) -> list:
         pb = _pb()
@@ -188,6 +197,27 @@ class ServedPipeline:
         return captioner
 
     # --- requests ------------------------------------------------------------------------------------
+    def run_rows(self, requests: list[Mapping[str, Any]]) -> list[dict | Exception]:
+        """A row model's batch (``mmedge.triton.rows``): each request's outputs, leading axis of 1 included, or the
+        exception it met; the images of all the batch's good requests go through the graph in one call."""
+        from mmedge.triton.rows import classify_rows
+
+        if self.kind != "zero-shot":
+            raise BackendError(f"the {self.kind} pipeline is not a row model", "the zero-shot pipeline",
+                               "write the repository again with this version of `mmedge triton`")
+        rows: list[dict | Exception] = []
+        for inputs in requests:
+            try:
+                rows.append(one_row(inputs))
+            except InputError as exc:
+                rows.append(exc)
+        answers = iter(classify_rows(self.pipeline, [r for r in rows if not isinstance(r, Exception)]))
+        out: list[dict | Exception] = []
+        for row in rows:
+            answer = row if isinstance(row, Exception) else next(answers)
+            out.append(answer if isinstance(answer, Exception) else {n: v[np.newaxis] for n, v in answer.items()})
+        return out
+
     def run(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """One request's inputs (name -> numpy array) -> its outputs."""
         if self.kind == "zero-shot":
@@ -313,15 +343,22 @@ class PipelineModel:
         components = settings["components"]
 
         def make_runner(name: str) -> Runner:
+            if settings.get("graphs") == "inline":  # the graph in this process: no second Python-backend hop
+                return local_runner(artifact, name, settings)
             return BlsRunner(components[name]["model"], name, artifact.component(name),
                              components[name]["max_batch_size"])
 
         self.served = ServedPipeline(artifact, settings, make_runner)
-        inline = settings["workers"] == 1 and not self.decoupled  # one request at a time per instance, no thread hop
+        self.rows = bool(settings.get("rows"))  # Triton batches the requests: execute answers them all at once
+        # answered inside execute, no thread hop
+        inline = (settings["workers"] == 1 or self.rows) and not self.decoupled
         self.pool = None if inline else ThreadPoolExecutor(settings["workers"],
                                                            thread_name_prefix=f"mmedge-{args['model_name']}")
 
     def execute(self, requests: list) -> list | None:
+        if self.rows:
+            results = self.served.run_rows([{t.name(): t.as_numpy() for t in r.inputs()} for r in requests])
+            return [self._response(result, r.requested_output_names()) for result, r in zip(results, requests)]
         if self.pool is None:
             return [self._answer({t.name(): t.as_numpy() for t in request.inputs()}) for request in requests]
         for request in requests:
@@ -330,13 +367,19 @@ class PipelineModel:
         return None
 
     def _answer(self, inputs: dict):
-        pb = _pb()
         try:
-            outputs = self.served.run(inputs)
-            return pb.InferenceResponse([pb.Tensor(n, v if v.dtype == np.object_ else np.ascontiguousarray(v))
-                                         for n, v in outputs.items()])
+            return self._response(self.served.run(inputs))
         except Exception as exc:  # noqa: BLE001 - every failure is answered; the model serves on
-            return pb.InferenceResponse(error=_triton_error(pb, exc))
+            return self._response(exc)
+
+    @staticmethod
+    def _response(outputs: dict | Exception, requested: list[str] | None = None):
+        """The response of one request: its outputs (only the ``requested`` ones, when given) or its error."""
+        pb = _pb()
+        if isinstance(outputs, Exception):
+            return pb.InferenceResponse(error=_triton_error(pb, outputs))
+        return pb.InferenceResponse([pb.Tensor(n, v if v.dtype == np.object_ else np.ascontiguousarray(v))
+                                     for n, v in outputs.items() if not requested or n in requested])
 
     def _respond(self, inputs: dict, sender) -> None:
         pb = _pb()

@@ -24,10 +24,15 @@ def add_parser(sub) -> None:
                         "queued meanwhile)")
     triton.add_argument("--instances", type=int, default=1, help="instances per component model")
     triton.add_argument("--workers", type=int, default=8,
-                        help="requests one pipeline instance works on at once (threads; 1: each request in "
-                        "execute itself)")
+                        help="requests one embed or caption pipeline instance works on at once (threads; 1: "
+                        "each request in "
+                             "execute itself); the zero-shot pipeline answers each batch in execute")
     triton.add_argument("--pipeline-instances", type=int, default=1, help="instances (processes) per pipeline model")
     triton.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per component")
+    triton.add_argument("--zero-shot-graphs", default="auto", choices=["auto", "inline", "bls"],
+                        help="where the zero-shot pipeline runs its graphs: inline (in its own process, one "
+                        "Python-backend "
+                             "hop per request), bls (the component models); auto: inline for --platform python")
     triton.add_argument("--overwrite", action="store_true", help="replace REPO once the new one is complete")
     triton.add_argument("--json", action="store_true", help="the models written, as JSON")
     triton.set_defaults(func=main)
@@ -38,7 +43,8 @@ def main(args) -> int:
 
     options = Options(platform=args.platform, gpu=args.gpu, max_batch_size=args.max_batch_size,
                       queue_delay_us=args.queue_delay_us, instances=args.instances, workers=args.workers,
-                      pipeline_instances=args.pipeline_instances, threads=args.threads)
+                      pipeline_instances=args.pipeline_instances, threads=args.threads,
+                      zero_shot_graphs=args.zero_shot_graphs)
     written = write_repository(args.artifacts, args.out, options, overwrite=args.overwrite)
     if args.json:
         print(json.dumps(written, indent=2))

@@ -37,12 +37,18 @@ class Options:
     """How the repository is served. ``platform``: 'onnxruntime' (Triton's ONNX Runtime backend) or 'python'
     (mmedge's own ONNX Runtime runner in a Python-backend model). ``gpu``: instances on the GPU, and for the
     onnxruntime platform the TensorRT execution accelerator (FP16; INT8 for static-QDQ graphs).
-    ``max_batch_size``: the most requests' rows Triton merges into one encoder call. ``queue_delay_us``: how long
-    the dynamic batcher waits for more requests (0: none; batches still form from the requests that queue while the
-    model runs). ``instances``: instances per component model. ``workers``: the requests one pipeline instance works
-    on at once (threads, each generating with its own KV cache; 1: each request inside ``execute``, no thread).
+    ``max_batch_size``: the most requests' rows Triton merges into one encoder (or zero-shot pipeline) call.
+    ``queue_delay_us``: how long the dynamic batchers wait for more requests (0: none; batches still form from the
+    requests that queue while the model runs). ``instances``: instances per component model. ``workers``: the
+    requests one embed or caption pipeline instance works on at once (threads, each generating with its own KV
+    cache; 1: each request inside ``execute``, no thread); the zero-shot pipeline answers each batch inside
+    ``execute`` (so the next batch queues meanwhile).
     ``pipeline_instances``: instances (stub processes) per pipeline model, each with its own copy of the tokenizer,
-    embedding table and label cache. ``threads``: ONNX Runtime intra-op threads per component (None: its default)."""
+    embedding table and label cache. ``threads``: ONNX Runtime intra-op threads per component (None: its default).
+    ``zero_shot_graphs``: where the zero-shot pipeline runs its graphs: 'inline' (in its own process, through
+    mmedge's ONNX Runtime runner: one Python-backend hop per request instead of two), 'bls' (calls the component
+    models), 'auto' (inline for the python platform, whose component models are that same runner one process away;
+    bls for onnxruntime, whose component models are Triton's own backend and its TensorRT accelerator)."""
 
     platform: str = "onnxruntime"
     gpu: bool = False
@@ -52,6 +58,11 @@ class Options:
     workers: int = 8
     pipeline_instances: int = 1
     threads: int | None = None
+    zero_shot_graphs: str = "auto"
+
+    def inline_zero_shot(self) -> bool:
+        """Whether the zero-shot pipeline runs its graphs in its own process (``zero_shot_graphs`` resolved)."""
+        return self.zero_shot_graphs == "inline" or (self.zero_shot_graphs == "auto" and self.platform == "python")
 
 
 def render(message: Mapping[str, Any], indent: int = 0) -> str:
@@ -107,6 +118,12 @@ def _parameters(values: Mapping[str, str]) -> list[dict]:
     return [{"key": key, "value": {"string_value": value}} for key, value in values.items()]
 
 
+def runner_settings(name: str | None, options: Options) -> dict:
+    """What a Python-backend model needs to make mmedge's ONNX Runtime runner of a graph."""
+    return {**({"component": name} if name else {}), "providers": ["cuda"] if options.gpu else ["cpu"],
+            "threads": options.threads}
+
+
 def component_config(model: str, name: str, component: Mapping[str, Any], options: Options) -> dict:
     """The config of one component's model (see the module docstring)."""
     batched = batch_axis(component) is not None
@@ -130,7 +147,7 @@ def component_config(model: str, name: str, component: Mapping[str, Any], option
         if options.threads:
             config["parameters"] = _parameters({"intra_op_thread_count": str(options.threads)})
     else:
-        settings = {"component": name, "providers": ["cuda"] if options.gpu else ["cpu"], "threads": options.threads}
+        settings = runner_settings(name, options)
         config["parameters"] = _parameters({PARAMETER: json.dumps(settings, sort_keys=True)})
     return config
 
@@ -149,17 +166,24 @@ def _tensorrt_precision(component: Mapping[str, Any]) -> str | None:
 
 def pipeline_config(model: str, kind: str, settings: Mapping[str, Any], options: Options, *,
                     decoupled: bool = False) -> dict:
-    """The config of a Python-backend pipeline model (``kind``: a key of ``mmedge.triton.protocol.PIPELINES``)."""
-    from mmedge.triton.protocol import PIPELINES
+    """The config of a Python-backend pipeline model (``kind``: a key of ``mmedge.triton.protocol.PIPELINES``). A row
+    pipeline (``ROW_PIPELINES``: zero-shot) gets ``max_batch_size`` and ``dynamic_batching``, its inputs ragged, so
+    Triton hands one ``execute`` every request that queued meanwhile and the model runs their images as one batch."""
+    from mmedge.triton.protocol import PIPELINES, ROW_PIPELINES
 
     spec = PIPELINES[kind]
-    config: dict[str, Any] = {"name": model, "backend": "python", "max_batch_size": 0}
-    config["input"] = [{**tensor(n, dtype, dims, False), **({"optional": True} if optional else {})}
+    rows = kind in ROW_PIPELINES and not decoupled
+    config: dict[str, Any] = {"name": model, "backend": "python", "max_batch_size": options.max_batch_size if rows
+                              else 0}
+    config["input"] = [{**tensor(n, dtype, dims, False), **({"optional": True} if optional else {}),
+                        **({"allow_ragged_batch": True} if rows else {})}
                        for n, (dtype, dims, optional) in spec["inputs"].items()]
     config["output"] = [tensor(n, dtype, dims, False) for n, (dtype, dims) in spec["outputs"].items()]
+    if rows:
+        config["dynamic_batching"] = {"max_queue_delay_microseconds": options.queue_delay_us}
     if decoupled:
         config["model_transaction_policy"] = {"decoupled": True}
     config["instance_group"] = [{"kind": Token("KIND_CPU"), "count": options.pipeline_instances}]
-    config["parameters"] = _parameters({PARAMETER: json.dumps({**settings, "workers": options.workers},
+    config["parameters"] = _parameters({PARAMETER: json.dumps({**settings, "workers": options.workers, "rows": rows},
                                                               sort_keys=True)})
     return config

@@ -15,6 +15,12 @@ caption        [images], [prompt], [question], [items, item_is_image],    text (
                [generation], [encoding]                                   stream model sends pieces of one text)
 =============  =========================================================  ======================================
 
+**Rows.** The zero-shot model is batched by Triton's dynamic batcher (``ROW_PIPELINES``): a request is one row,
+each of its tensors carries a leading axis of 1 (images ``[1, n]``, labels ``[1, k]``; probs come back ``[1, n, k]``,
+label_names ``[1, k]``), rows may differ in length (ragged), and the model answers every row of a batch with one
+graph call over all their images. The model's ``mmedge`` parameter says ``"rows": true``; the client adds and
+drops the axis.
+
 ``encoding`` "base64" says the images (and the image items) are base64 text: that is how a JSON-only request sends
 them, e.g. HTTP streaming through Triton's ``generate_stream`` endpoint (tritonclient's HTTP client has no streaming).
 """
@@ -53,6 +59,7 @@ PIPELINES: dict[str, dict[str, dict[str, tuple]]] = {
 # the model a task is served by, after the artifact's prefix: "clip-zero-shot", "blip2-caption", "blip2-caption-stream"
 TASK_PIPELINES = {"zero-shot": "zero-shot", "embed": "embed", "caption": "caption", "vqa": "caption"}
 STREAM_SUFFIX = "-stream"
+ROW_PIPELINES = ("zero-shot",)  # batched by Triton: one request is one row (see the module docstring)
 MAX_TEXT_BYTES = 1 << 20  # one text field (prompt, question, label) past 1 MiB is refused before decoding
 
 
@@ -98,6 +105,18 @@ def blobs_of(name: str, array: Any, base64_text: bool = False) -> list[bytes]:
     except binascii.Error as exc:
         raise InputError(f"input '{name}' is not base64 text ({exc})", "base64-encoded image files (encoding 'base64')",
                          "encode each image file with base64.b64encode, or drop the 'encoding' input") from None
+
+
+def one_row(inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A row model's inputs without their leading axis of 1; InputError naming the input that holds more rows."""
+    out = {}
+    for name, value in inputs.items():
+        array = np.asarray(value)
+        if array.ndim < 1 or array.shape[0] != 1:
+            raise InputError(f"input '{name}' holds {array.shape[0] if array.ndim else 0} rows", "one row per request "
+                             "(each input shaped [1, n])", "send one request per row; a row holds any number of images")
+        out[name] = array[0]
+    return out
 
 
 def is_base64(inputs: Mapping[str, Any]) -> bool:

@@ -27,10 +27,11 @@ from typing import Iterable
 from mmedge.artifact import Artifact, atomic_folder, sha256_file
 from mmedge.errors import InputError, IntegrityError
 from mmedge.manifest import MANIFEST_FILE
-from mmedge.triton.config import Options, component_config, pipeline_config, render
+from mmedge.triton.config import Options, component_config, pipeline_config, render, runner_settings
 from mmedge.triton.protocol import STREAM_SUFFIX, TASK_PIPELINES
 
 PLATFORMS = ("onnxruntime", "python")
+ZERO_SHOT_GRAPHS = ("auto", "inline", "bls")
 VERSION = "1"
 _NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -60,6 +61,9 @@ def write_repository(artifacts: Iterable[str | os.PathLike], out: str | os.PathL
     if options.platform not in PLATFORMS:
         raise InputError(f"platform '{options.platform}' is not one mmedge writes", f"one of {', '.join(PLATFORMS)}",
                          "use --platform onnxruntime (Triton's ONNX Runtime backend) or python")
+    if options.zero_shot_graphs not in ZERO_SHOT_GRAPHS:
+        raise InputError(f"zero_shot_graphs is {options.zero_shot_graphs!r}", f"one of {', '.join(ZERO_SHOT_GRAPHS)}",
+                         "pass --zero-shot-graphs inline (in the pipeline's process) or bls (the component models)")
     for field in ("max_batch_size", "instances", "workers", "pipeline_instances"):
         value = getattr(options, field)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -112,9 +116,17 @@ def _write_artifact(artifact: Artifact, prefix: str, repo: Path, options: Option
                     "components": components}
         if kind == "caption":
             settings["vqa_template"] = family_section["prompts"]["vqa"]
+        inline = kind == "zero-shot" and options.inline_zero_shot()
+        if inline:  # its graphs run in its own process (mmedge's runner), the component models serve the rest
+            settings.update(graphs="inline", **runner_settings(None, options))
         folder = _model_folder(repo, model, pipeline_config(model, kind, settings, options, decoupled=decoupled))
         for file_name, sha256, field in shared:
             _place(artifact, file_name, sha256, field, folder)
+        for name, component in (manifest["components"].items() if inline else ()):
+            for entry, field in ((component, f"components.{name}.file"),
+                                 (component.get("external_data"), f"components.{name}.external_data.file")):
+                if entry:
+                    _place(artifact, entry["file"], entry["sha256"], field, folder)
         _python_model(folder, "PipelineModel", artifact)
         models.append(model)
     return models
