@@ -86,8 +86,11 @@ def export_model(model: str, out: str | Path, options: ExportOptions | None = No
     family = FAMILIES[name]
     check_export_options(options, family)
     options = options.settled(options.task or family.default_task)
+    from mmedge.export.memory import check_memory
+
+    estimate = check_memory(model, options, family)  # from the config on the meta device: still nothing loaded
     with _quiet_libraries(not options.progress):
-        return _export(model, Path(out), options, family)
+        return _export(model, Path(out), options, family, estimate)
 
 
 @contextlib.contextmanager
@@ -113,10 +116,11 @@ def _quiet_libraries(quiet: bool):
             enable_progress_bars()
 
 
-def _export(model: str, out: Path, options: ExportOptions, family) -> Path:
+def _export(model: str, out: Path, options: ExportOptions, family, estimate=None) -> Path:
     from mmedge.export.loading import load_checkpoint
+    from mmedge.export.memory import MeteredProgress
 
-    progress = Progress(5, enabled=options.progress)
+    progress = MeteredProgress(5, enabled=options.progress)
     with progress.step(f"loading {model}" + (" (random weights)" if options.random_weights else "")):
         loaded = load_checkpoint(model, random_weights=options.random_weights, allow_pickle=options.allow_pickle,
                                  seed=options.seed)
@@ -124,6 +128,7 @@ def _export(model: str, out: Path, options: ExportOptions, family) -> Path:
         specs = family.specs(loaded, options)
     with atomic_folder(out, overwrite=options.overwrite) as stage, tempfile.TemporaryDirectory() as scratch:
         builder = ArtifactBuilder(stage, Path(scratch), loaded, family, options)
+        builder.memory = {"estimate": estimate.as_manifest() if estimate else None, "steps": progress.steps}
         with progress.step(f"tracing {', '.join(s.name for s in specs)} and checking parity against PyTorch"):
             for spec in specs:  # PyTorch outputs of every component first: a large model frees towers as it goes
                 builder.validation_sample(spec)
@@ -131,6 +136,7 @@ def _export(model: str, out: Path, options: ExportOptions, family) -> Path:
                 builder.trace(spec, later=specs[i + 1:])
         lowered = [s for s in specs if builder.precision_of(s) != "fp32"]
         with progress.step(_describe_precision(builder, lowered)):
+            builder.free_torch_weights()  # every PyTorch output is taken: quantizers and sessions get the memory
             builder.lower_precision(lowered, progress)
         with progress.step("writing manifest and validation samples"):
             builder.finish(specs)
@@ -214,6 +220,16 @@ class ArtifactBuilder:
         self._sample_parity[spec.name] = compare_outputs(sample_reference, session.run(sample_feeds))
         del session  # a large decoder's session holds gigabytes
 
+    def free_torch_weights(self) -> int:
+        """Free the PyTorch weights of a model past the streaming threshold (references and validation samples
+        are taken, the embedding tables written); returns the bytes freed. Small models keep theirs."""
+        from mmedge.export.onnx_export import EXTERNAL_DATA_THRESHOLD
+        from mmedge.export.streaming import free_weights, module_bytes
+
+        if module_bytes(self.loaded.model) <= EXTERNAL_DATA_THRESHOLD:
+            return 0
+        return free_weights(self.loaded.model, [])
+
     def lower_precision(self, specs, progress: Progress) -> None:
         """Quantize or convert each spec's FP32 graph, measure parity, then the family's fidelity checks."""
         from mmedge.export.onnx_export import gate_parity, measure_parity, run_onnx
@@ -296,16 +312,25 @@ class ArtifactBuilder:
             "tokenizer": self.tokenizer_settings,
             "components": {spec.name: self.entries[spec.name] for spec in specs},
             **({"pytorch": self._pytorch_entry(specs)} if self.options.with_pytorch else {}),
+            "export": {"memory": self._memory_entry()},
             "validation": {"file": VALIDATION_FILE, "sha256": sha256_file(self.stage / VALIDATION_FILE),
                            "reference": "torch-fp32"},
         }
         # Order the keys the way people read them: identity first, family settings, components last.
         first = ["format", "format_version", "mmedge_version", "family", "tasks", "created", "source", "preprocess",
                  "tokenizer"]
-        last = ["components", "pytorch", "validation"]
+        last = ["components", "pytorch", "validation", "export"]
         middle = [k for k in manifest if k not in first + last]
         manifest = {k: manifest[k] for k in first + middle + last if k in manifest}
         (self.stage / MANIFEST_FILE).write_text(dump_manifest(manifest))
+
+    def _memory_entry(self) -> dict:
+        """Peak RSS of each step before this one (this step's own figure is on its progress line), and the
+        estimate the export was checked against."""
+        memory = getattr(self, "memory", None) or {"estimate": None, "steps": []}
+        steps = [dict(s) for s in memory["steps"]]
+        return {"peak_rss_bytes": max((s["peak_rss_bytes"] for s in steps), default=None), "steps": steps,
+                "estimate": memory["estimate"], "measured": "VmHWM per step (Linux), else the process peak so far"}
 
     def _pytorch_entry(self, specs) -> dict:
         from mmedge.export.pytorch_weights import PYTORCH_FOLDER, pytorch_entry

@@ -1,0 +1,149 @@
+"""Streaming quantization (``mmedge.export.quantize_streaming``) on the tiny BLIP-2 with the streaming threshold
+lowered, so its graphs keep their weights in ``.onnx.data`` as the full-size ones do.
+
+Each recipe runs twice on the same FP32 graph: through ONNX Runtime's in-memory entry points (``quantize_dynamic``,
+``quantize_static``, ``MatMulNBitsQuantizer`` on a loaded model, ``convert_float_to_float16``) and streamed. Both
+use the same quantizer arithmetic on the same machine, so their outputs must be identical, bit for bit; the
+streamed run must also never load a whole graph with its weights.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from mmedge.errors import QuantizationError
+from mmedge.export import export_model, onnx_export, quantize
+from mmedge.export.onnx_export import OnnxSession
+
+
+@pytest.fixture(scope="module")
+def streamed_fp32(tiny_blip2_dir, tmp_path_factory):
+    """The tiny BLIP-2 at FP32 with every graph streamed to ``.onnx.data``, and its validation inputs."""
+    root = tmp_path_factory.mktemp("streamed-quant")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 10_000)
+        out = export_model(str(tiny_blip2_dir), root / "fp32", progress=False)
+    with np.load(out / "validation.npz") as data:
+        samples = {key: data[key] for key in data.files}
+    feeds = {name: {k.split("/")[-1]: v for k, v in samples.items() if k.startswith(f"{name}/inputs/")}
+             for name in ("prefix", "decoder")}
+    return out, feeds
+
+
+@pytest.fixture
+def no_whole_graph_loads(monkeypatch):
+    """Fail any ``onnx.load`` that would read a graph's external weights (what streaming must avoid)."""
+    real = onnx.load_model
+
+    def guarded(f, *args, load_external_data=True, **kwargs):
+        if load_external_data and str(f).endswith(".onnx") and (onnx_export.Path(str(f) + ".data")).is_file():
+            raise AssertionError(f"streaming quantization loaded all of {f}")
+        return real(f, *args, load_external_data=load_external_data, **kwargs)
+
+    monkeypatch.setattr(onnx, "load", guarded)
+    monkeypatch.setattr(onnx, "load_model", guarded)
+
+
+def _both(source, folder, recipe, monkeypatch):
+    """``recipe(source, dest)`` in memory and streamed; returns (in-memory graph, streamed graph, recipes)."""
+    folder.mkdir()
+    memory, streamed = folder / "memory" / source.name, folder / "streamed" / source.name
+    memory.parent.mkdir(), streamed.parent.mkdir()
+    with monkeypatch.context() as patch:
+        patch.setattr(quantize, "streams", lambda path: False)
+        first = recipe(source, memory)
+    second = recipe(source, streamed)
+    return memory, streamed, first, second
+
+
+def _assert_identical_outputs(memory, streamed, feeds):
+    expected, actual = OnnxSession(memory).run(feeds), OnnxSession(streamed).run(feeds)
+    assert sorted(expected) == sorted(actual)
+    for name in expected:
+        assert actual[name].dtype == expected[name].dtype and actual[name].shape == expected[name].shape
+        np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
+
+
+def _ops(path):
+    return [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+
+
+def test_streamed_int8_dynamic_matches_the_in_memory_quantizer(streamed_fp32, tmp_path, monkeypatch):
+    out, feeds = streamed_fp32
+    for name in ("prefix", "decoder"):
+        memory, streamed, first, second = _both(out / f"{name}.onnx", tmp_path / name, quantize.quantize_int8_dynamic,
+                                                monkeypatch)
+        assert first == second
+        assert _ops(memory) == _ops(streamed) and "MatMulInteger" in _ops(streamed)
+        assert (streamed.parent / f"{name}.onnx.data").is_file()  # quantized weights written beside the graph
+        _assert_identical_outputs(memory, streamed, feeds[name])
+
+
+def test_streamed_int4_matches_the_in_memory_quantizer(streamed_fp32, tmp_path, monkeypatch):
+    out, feeds = streamed_fp32
+
+    def recipe(source, dest):
+        return quantize.quantize_int4_weights(source, dest, block_size=32, accuracy_level=4)
+
+    memory, streamed, first, second = _both(out / "decoder.onnx", tmp_path / "decoder", recipe, monkeypatch)
+    assert first == second and first["quantized_matmuls"] >= 2 * 6 + 1 and first["gemm_rewritten"] > 0
+    assert not second["float_weight_matmuls"]
+    assert _ops(memory) == _ops(streamed)
+    _assert_identical_outputs(memory, streamed, feeds["decoder"])
+
+
+def test_streamed_int8_static_qdq_matches_the_in_memory_quantizer(streamed_fp32, tmp_path, monkeypatch):
+    out, feeds = streamed_fp32
+    pixels = feeds["prefix"]["pixel_values"]  # [2, 3, H, W]
+
+    def recipe(source, dest):
+        calibration = [{"pixel_values": pixels[i:i + 1]} for i in range(len(pixels))]
+        return quantize.quantize_int8_static(source, dest, calibration, method="minmax")
+
+    memory, streamed, first, second = _both(out / "prefix.onnx", tmp_path / "prefix", recipe, monkeypatch)
+    assert first == second and first["calibration"]["samples"] == 2
+    assert _ops(memory) == _ops(streamed) and "DequantizeLinear" in _ops(streamed)
+    _assert_identical_outputs(memory, streamed, feeds["prefix"])
+
+
+def test_streamed_fp16_matches_the_in_memory_conversion(streamed_fp32, tmp_path, monkeypatch):
+    out, feeds = streamed_fp32
+    memory, streamed, _, _ = _both(out / "decoder.onnx", tmp_path / "decoder", quantize.convert_fp16, monkeypatch)
+    graph = onnx.load(str(streamed), load_external_data=False)
+    assert {t.data_type for t in graph.graph.initializer if len(t.dims) == 2} == {onnx.TensorProto.FLOAT16}
+    _assert_identical_outputs(memory, streamed, feeds["decoder"])
+
+
+def test_streaming_never_loads_a_whole_graph(streamed_fp32, tmp_path, no_whole_graph_loads):
+    out, feeds = streamed_fp32
+    dest = tmp_path / "decoder.onnx"
+    quantize.quantize_int4_weights(out / "decoder.onnx", dest, block_size=32, accuracy_level=4)
+    quantize.quantize_int8_dynamic(out / "decoder.onnx", tmp_path / "int8.onnx")
+    with pytest.raises(AssertionError, match="loaded all"):  # the guard itself works
+        onnx.load(str(out / "decoder.onnx"))
+    assert OnnxSession(dest).run(feeds["decoder"])["logits"].shape[-1] > 0
+
+
+def test_a_failed_streamed_quantization_leaves_no_files(streamed_fp32, tmp_path):
+    out, _ = streamed_fp32
+    source = tmp_path / "src"
+    shutil.copytree(out, source)
+    data = source / "decoder.onnx.data"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 3])  # truncated weights
+    dest = tmp_path / "q" / "decoder.onnx"
+    dest.parent.mkdir()
+    with pytest.raises(QuantizationError):
+        quantize.quantize_int8_dynamic(source / "decoder.onnx", dest)
+    assert list(dest.parent.iterdir()) == []
+
+
+def test_an_export_streams_its_quantized_graphs(tiny_blip2_dir, tmp_path, no_whole_graph_loads, monkeypatch):
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 10_000)
+    out = export_model(str(tiny_blip2_dir), tmp_path / "int4", progress=False, precision="int8", llm_precision="int4")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["components"]["decoder"]["quantization"]["method"] == "int4-weight-only"
+    assert manifest["components"]["decoder"]["external_data"]["file"] == "decoder.onnx.data"
+    assert manifest["components"]["decoder"]["parity"]["fidelity"]["logits_cosine_mean"] > 0.95
