@@ -33,10 +33,10 @@ PHOTO = ROOT / "export" / "data" / "images" / "holdout-camera.jpg"
 GB = 1e9
 CASES = {
     "blip2": ("Salesforce/blip2-opt-2.7b", [
-        ("FP32", []),
-        ("FP16", ["--precision", "fp16"]),
+        ("INT8 + INT4 LLM", ["--precision", "int8", "--llm-precision", "int4"]),  # the README's quickstart command
         ("INT8 + INT8 LLM", ["--precision", "int8", "--llm-precision", "int8"]),
-        ("INT8 + INT4 LLM", ["--precision", "int8", "--llm-precision", "int4"]),
+        ("FP16", ["--precision", "fp16"]),
+        ("FP32", []),
     ]),
     "idefics": ("HuggingFaceM4/idefics-9b", [("INT8 + INT4 LLM", ["--precision", "int8", "--llm-precision", "int4"])]),
 }
