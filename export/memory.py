@@ -124,7 +124,7 @@ class MemoryEstimate:
 
     steps: dict[str, int] = field(default_factory=dict)
     weights_bytes: int = 0  # the FP32 PyTorch model
-    largest_component: tuple[str, int] = ("", 0)
+    components: dict[str, int] = field(default_factory=dict)  # FP32 bytes per exported part
 
     @property
     def peak(self) -> int:
@@ -171,7 +171,7 @@ def estimate_export(sizes: dict[str, int], precisions: dict[str, str], *, static
             sessions = small + (fp32 if precision in ("int8", "int4") else 0)
             worst = max(worst, quantizer, sessions)
         steps["lower precision"] = BASE_BYTES + torch_left + worst
-    return MemoryEstimate(steps, weights, largest)
+    return MemoryEstimate(steps, weights, dict(sizes))
 
 
 def meta_model(model: str, random_weights: bool, family):
@@ -207,7 +207,7 @@ def check_memory(model: str, options, family) -> MemoryEstimate | None:
             f"exporting {model} ({_describe(precisions)}) needs about {estimate.peak / GB:.1f} GB at its peak "
             f"({estimate.peak_step}; {_breakdown(estimate)}), but {available / GB:.1f} GB is available ({source})",
             "an estimated peak under the available memory",
-            _lower_it(estimate, precisions, options, family),
+            _lower_it(estimate, precisions, options, family, available),
         )
     return estimate
 
@@ -226,13 +226,22 @@ def _breakdown(estimate: MemoryEstimate) -> str:
     return "steps: " + ", ".join(parts) + f"; FP32 weights {estimate.weights_bytes / GB:.1f} GB"
 
 
-def _lower_it(estimate: MemoryEstimate, precisions: dict[str, str], options, family) -> str:
-    """The flag that lowers the dominating step, or what else would."""
-    if estimate.peak_step == "lower precision":
+def _lower_it(estimate: MemoryEstimate, precisions: dict[str, str], options, family, available: int) -> str:
+    """The flag that lowers each step over the limit, or, where no flag does, what holds the memory."""
+    over = [step for step, value in estimate.steps.items() if value > available]
+    advice = []
+    if "lower precision" in over:
+        name, size = max(((n, estimate_size) for n, estimate_size in estimate.components.items()
+                          if precisions.get(n, "fp32") != "fp32"), key=lambda item: item[1], default=("", 0))
         if options.quantization == "static":
-            return "pass --quantization dynamic (static calibration loads each FP32 encoder graph whole), or free memory"
-        if family.has_llm and precisions.get("decoder") in ("fp32", "fp16", "int8"):
-            return "pass --llm-precision int4 (the smallest LLM graph beside its FP32 reference), or free memory"
-    return (f"free memory or export on a larger host: loading and tracing hold the FP32 weights "
-            f"({estimate.weights_bytes / GB:.1f} GB) and no export flag lowers that; set {LIMIT_ENV} to the memory "
-            "you know the export may use to override the check")
+            advice.append("pass --quantization dynamic (static calibration loads each FP32 encoder graph whole)")
+        elif family.has_llm and precisions.get("decoder") in ("fp16", "int8"):
+            advice.append("pass --llm-precision int4 (the smallest LLM graph beside its FP32 reference)")
+        else:
+            advice.append(f"no flag lowers precision-lowering here: parity and fidelity run the FP32 {name} graph "
+                          f"({size / GB:.1f} GB) in ONNX Runtime beside the lowered one")
+    if {"load", "trace"} & set(over):
+        advice.append(f"loading and tracing hold the FP32 weights ({estimate.weights_bytes / GB:.1f} GB) and no export "
+                      "flag lowers that")
+    return ("; ".join(advice) + "; free memory or export on a larger host, or set "
+            f"{LIMIT_ENV} to the memory you know the export may use to override the check")

@@ -136,7 +136,7 @@ def _export(model: str, out: Path, options: ExportOptions, family, estimate=None
                 builder.trace(spec, later=specs[i + 1:])
         lowered = [s for s in specs if builder.precision_of(s) != "fp32"]
         with progress.step(_describe_precision(builder, lowered)):
-            builder.free_torch_weights()  # every PyTorch output is taken: quantizers and sessions get the memory
+            builder.free_torch_weights(specs)  # every PyTorch output is taken: quantizers and sessions get the memory
             builder.lower_precision(lowered, progress)
         with progress.step("writing manifest and validation samples"):
             builder.finish(specs)
@@ -220,15 +220,17 @@ class ArtifactBuilder:
         self._sample_parity[spec.name] = compare_outputs(sample_reference, session.run(sample_feeds))
         del session  # a large decoder's session holds gigabytes
 
-    def free_torch_weights(self) -> int:
-        """Free the PyTorch weights of a model past the streaming threshold (references and validation samples
-        are taken, the embedding tables written); returns the bytes freed. Small models keep theirs."""
+    def free_torch_weights(self, specs) -> int:
+        """Free what is left of the exported modules' PyTorch weights in a model past the streaming threshold
+        (``trace`` freed each tower it was done with; references and validation samples are taken, the embedding
+        tables written); returns the bytes freed. Small models keep theirs, and so do weights outside the specs
+        (a family's manifest may read them, e.g. CLIP's logit scale)."""
         from mmedge.export.onnx_export import EXTERNAL_DATA_THRESHOLD
         from mmedge.export.streaming import free_weights, module_bytes
 
         if module_bytes(self.loaded.model) <= EXTERNAL_DATA_THRESHOLD:
             return 0
-        return free_weights(self.loaded.model, [])
+        return sum(free_weights(spec.module(), []) for spec in specs)
 
     def lower_precision(self, specs, progress: Progress) -> None:
         """Quantize or convert each spec's FP32 graph, measure parity, then the family's fidelity checks."""

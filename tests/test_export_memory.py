@@ -82,3 +82,15 @@ def test_the_estimate_of_full_size_blip2_from_its_config_alone():
     assert "lower precision" not in fp32.steps and fp32.peak_step == "trace"
     assert int4.steps["lower precision"] < int8.steps["lower precision"] < fp32.steps["trace"]
     assert 16e9 < int4.peak < 18e9  # measured 16.2 GB for the FP32 export's tracing
+
+
+def test_the_refusal_names_the_flag_that_lowers_the_quantization_step(tmp_path, capsys, monkeypatch):
+    """Full-size BLIP-2 config (meta device: nothing is allocated), a limit under both tracing and INT8 lowering."""
+    monkeypatch.setenv(LIMIT_ENV, "13.5GB")
+    out = tmp_path / "b27"
+    code = main(["export", "Salesforce/blip2-opt-2.7b", str(out), "--random-weights", "--precision", "int8",
+                 "--llm-precision", "int8"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and not out.exists()
+    assert "lower precision 14.1 GB" in err and "FP32 weights 15.0 GB" in err
+    assert "pass --llm-precision int4" in err and "loading and tracing hold the FP32 weights" in err
