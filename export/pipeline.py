@@ -117,7 +117,7 @@ def _quiet_libraries(quiet: bool):
 
 
 def _export(model: str, out: Path, options: ExportOptions, family, estimate=None) -> Path:
-    from mmedge.export.loading import load_checkpoint
+    from mmedge.export.loading import load_checkpoint, upcast_to_fp32
     from mmedge.export.memory import MeteredProgress
 
     progress = MeteredProgress(5, enabled=options.progress)
@@ -131,6 +131,7 @@ def _export(model: str, out: Path, options: ExportOptions, family, estimate=None
         builder.memory = {"estimate": estimate.as_manifest() if estimate else None, "steps": progress.steps}
         with progress.step(f"tracing {', '.join(s.name for s in specs)} and checking parity against PyTorch"):
             for spec in specs:  # PyTorch outputs of every component first: a large model frees towers as it goes
+                upcast_to_fp32(spec.module())  # a BF16/FP16 checkpoint is loaded as stored, each part made FP32 here
                 builder.validation_sample(spec)
             for i, spec in enumerate(progress.items(specs, len(specs), "component")):
                 builder.trace(spec, later=specs[i + 1:])

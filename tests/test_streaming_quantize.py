@@ -147,3 +147,22 @@ def test_an_export_streams_its_quantized_graphs(tiny_blip2_dir, tmp_path, no_who
     assert manifest["components"]["decoder"]["quantization"]["method"] == "int4-weight-only"
     assert manifest["components"]["decoder"]["external_data"]["file"] == "decoder.onnx.data"
     assert manifest["components"]["decoder"]["parity"]["fidelity"]["logits_cosine_mean"] > 0.95
+
+
+def test_a_bf16_checkpoint_loads_as_stored_and_exports_fp32_graphs(tiny_blip2_dir, tmp_path):
+    """transformers 5 loads a checkpoint in its stored dtype: half the memory for BF16; each exported part is upcast
+    to FP32 before its references are taken, so graphs and parity are FP32's."""
+    import torch
+    from transformers import Blip2ForConditionalGeneration
+
+    checkpoint = tmp_path / "bf16"
+    shutil.copytree(tiny_blip2_dir, checkpoint)
+    Blip2ForConditionalGeneration.from_pretrained(tiny_blip2_dir).to(torch.bfloat16).save_pretrained(checkpoint)
+    out = export_model(str(checkpoint), tmp_path / "art", progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["dtype"] == "bfloat16"
+    for name in ("prefix", "decoder"):
+        graph = onnx.load(str(out / f"{name}.onnx"))
+        assert {t.data_type for t in graph.graph.initializer if len(t.dims) == 2} == {onnx.TensorProto.FLOAT}
+        for metrics in manifest["components"][name]["parity"]["outputs"].values():
+            assert metrics["cosine"] > 0.99999 and metrics["max_abs"] < 1e-3
