@@ -322,7 +322,7 @@ class ArtifactBuilder:
         # Order the keys the way people read them: identity first, family settings, components last.
         first = ["format", "format_version", "mmedge_version", "family", "tasks", "created", "source", "preprocess",
                  "tokenizer"]
-        last = ["components", "pytorch", "validation", "export"]
+        last = ["components", "pytorch", "validation"]
         middle = [k for k in manifest if k not in first + last]
         manifest = {k: manifest[k] for k in first + middle + last if k in manifest}
         (self.stage / MANIFEST_FILE).write_text(dump_manifest(manifest))
