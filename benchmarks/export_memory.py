@@ -77,8 +77,7 @@ def run_case(model: str, label: str, flags: list[str], work: Path, keep: bool) -
     result = {"model": model, "case": label, "load_before": load_average()}
     log = work / f"{slug}-export.log"
     result["export"] = timed([*MMEDGE, "export", model, str(out), "--random-weights", *flags], log)
-    # mmedge export resets the kernel's peak (VmHWM) at each step, which also resets what /usr/bin/time reports
-    # (its %M then covers the last step only): the export's peak is the largest step peak on its progress lines.
+    # /usr/bin/time's %M is the whole process's peak; each step's own peak is on its progress line
     steps = [float(m) for m in re.findall(r"peak RSS ([0-9.]+) GB\)", log.read_text())]
     result["export"]["peak_rss_bytes"] = max([result["export"]["peak_rss_bytes"], *(int(x * GB) for x in steps)])
     result["step_lines"] = [line for line in log.read_text().splitlines() if "... done (" in line]

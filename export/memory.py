@@ -1,8 +1,8 @@
 """Host memory of an export: each step's measured peak RSS, and an estimate checked before anything is loaded.
 
 - ``MeteredProgress``: the export's progress lines, each step's line ending with its wall time and its own peak
-  RSS (Linux: the kernel's high-water mark ``VmHWM``, reset at the start of each step through
-  ``/proc/self/clear_refs``; elsewhere the process peak so far). The figures go into the manifest.
+  RSS (``StepPeak``: exact when the step sets the process's new peak, ``VmHWM``; else sampled every 50 ms). The
+  figures go into the manifest.
 - ``estimate_export``: the peak per step for the requested precisions, from the model's parameter counts (the
   model built on the ``meta`` device from its config: no weights). ``check_memory`` refuses an export whose
   estimate passes the available memory (``MemAvailable``, or ``MMEDGE_EXPORT_MEMORY_LIMIT``), before any
@@ -22,6 +22,7 @@ import contextlib
 import os
 import resource
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -47,23 +48,45 @@ def _status_bytes(key: str) -> int | None:
     return None
 
 
-def reset_peak() -> bool:
-    """Start a new peak-RSS window (Linux ``clear_refs`` 5); False where the kernel offers none."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss() -> int:
-    """Peak resident memory in bytes since the last ``reset_peak`` (else since the process started)."""
+def lifetime_peak() -> int:
+    """The process's peak resident memory so far, in bytes (``VmHWM``; elsewhere ``ru_maxrss``)."""
     hwm = _status_bytes("VmHWM")
     if hwm is not None:
         return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
+
+def current_rss() -> int:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+class StepPeak:
+    """Peak RSS over a window of time, without resetting the kernel's counters (``/usr/bin/time``, ``getrusage`` of
+    a parent keep seeing the whole export): when the window sets a new lifetime peak, that peak is exact; otherwise
+    it is the highest RSS a sampling thread saw (every ``interval`` s)."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval, self.sampled = interval, current_rss()
+        self._stop = threading.Event()
+        self._before = lifetime_peak()
+        self._thread = threading.Thread(target=self._sample, name="mmedge-rss", daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sampled = max(self.sampled, current_rss())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        self.sampled = max(self.sampled, current_rss())
+        after = lifetime_peak()
+        return after if after > self._before else self.sampled
 
 
 def parse_bytes(text: str) -> int:
@@ -107,12 +130,15 @@ class MeteredProgress(Progress):
     @contextlib.contextmanager
     def step(self, text: str) -> Iterator[None]:
         self.done += 1
-        reset_peak()
+        meter = StepPeak()
         start = time.perf_counter()
         prefix = f"[{self.done}/{self.total}] {text}"
         self._write(prefix + " ...", end="\r" if self._tty() else "\n")
-        yield
-        wall, peak = time.perf_counter() - start, peak_rss()
+        try:
+            yield
+        finally:
+            peak = meter.stop()
+        wall = time.perf_counter() - start
         self.steps.append({"step": text, "wall_s": round(wall, 1), "peak_rss_bytes": peak})
         self._write(f"{prefix} ... done ({wall:.1f} s, peak RSS {peak / GB:.2f} GB)")
 

@@ -3,6 +3,7 @@ whose estimate passes the available memory (injected here with ``MMEDGE_EXPORT_M
 
 import io
 import json
+import time
 
 import pytest
 
@@ -15,10 +16,9 @@ from mmedge.export.memory import (
     MeteredProgress,
     component_bytes,
     estimate_export,
+    lifetime_peak,
     meta_model,
     parse_bytes,
-    peak_rss,
-    reset_peak,
 )
 
 
@@ -55,19 +55,27 @@ def test_a_bad_limit_is_refused_with_what_it_expects(tiny_blip2_dir, tmp_path, m
     assert parse_bytes("16GB") == 16 * 10**9 and parse_bytes("1.5 GiB") == 3 * 2**29 and parse_bytes("123") == 123
 
 
-def test_peak_rss_follows_a_step_and_resets():
-    reset_peak()
-    before = peak_rss()
-    block = bytearray(300 * 2**20)  # 300 MiB, touched
-    block[:: 4096] = b"x" * len(block[:: 4096])
-    during = peak_rss()
-    del block
-    progress = MeteredProgress(1, enabled=False)
-    with progress.step("nothing"):
-        pass
-    assert during - before > 250 * 2**20
-    if reset_peak():  # Linux: a new window no longer sees the freed 300 MiB
-        assert progress.steps[0]["peak_rss_bytes"] < during - 200 * 2**20
+def _touch(megabytes: int) -> bytearray:
+    block = bytearray(megabytes * 2**20)
+    block[::4096] = b"x" * len(block[::4096])  # every page resident
+    return block
+
+
+def test_each_step_reports_its_own_peak_and_the_process_peak_stays_whole():
+    progress = MeteredProgress(3, enabled=False)
+    with progress.step("allocate"):
+        block = _touch(400)
+        del block
+    with progress.step("quiet"):
+        time.sleep(0.2)
+    with progress.step("allocate less"):  # under the earlier peak: seen by the sampling thread
+        block = _touch(150)
+        time.sleep(0.2)
+        del block
+    first, quiet, less = (s["peak_rss_bytes"] for s in progress.steps)
+    assert first - quiet > 350 * 2**20  # the quiet step does not inherit the first one's peak
+    assert less - quiet > 120 * 2**20
+    assert lifetime_peak() >= first  # the kernel's own high-water mark (what /usr/bin/time reads) is untouched
 
 
 def test_the_estimate_of_full_size_blip2_from_its_config_alone():
