@@ -166,3 +166,29 @@ def test_a_bf16_checkpoint_loads_as_stored_and_exports_fp32_graphs(tiny_blip2_di
         assert {t.data_type for t in graph.graph.initializer if len(t.dims) == 2} == {onnx.TensorProto.FLOAT}
         for metrics in manifest["components"][name]["parity"]["outputs"].values():
             assert metrics["cosine"] > 0.99999 and metrics["max_abs"] < 1e-3
+
+
+def test_at_most_a_couple_of_weights_are_in_memory_at_once(streamed_fp32, tmp_path, monkeypatch):
+    """Every weight the quantizers read comes from ``StreamedWeights.read``; count how many of those arrays (or
+    arrays viewing them) are alive at each read."""
+    import weakref
+
+    from mmedge.export import quantize_streaming
+
+    out, _ = streamed_fp32
+    refs, most = [], [0]
+    real = quantize_streaming.StreamedWeights.read
+
+    def counted(self, tensor):
+        array = real(self, tensor)
+        refs.append(weakref.ref(array))
+        most[0] = max(most[0], sum(ref() is not None for ref in refs))
+        return array
+
+    monkeypatch.setattr(quantize_streaming.StreamedWeights, "read", counted)
+    source = out / "decoder.onnx"
+    quantize.quantize_int8_dynamic(source, tmp_path / "int8.onnx")
+    quantize.quantize_int4_weights(source, tmp_path / "int4.onnx", block_size=32, accuracy_level=4)
+    quantize.convert_fp16(source, tmp_path / "fp16.onnx")
+    weights = [t for t in onnx.load(str(source), load_external_data=False).graph.initializer if len(t.dims) == 2]
+    assert len(weights) >= 10 and len(refs) >= 3 * len(weights) and 1 <= most[0] <= 2, (most, len(refs))
