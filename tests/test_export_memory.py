@@ -100,5 +100,5 @@ def test_the_refusal_names_the_flag_that_lowers_the_quantization_step(tmp_path, 
                  "--llm-precision", "int8"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and not out.exists()
-    assert "lower precision 14.1 GB" in err and "FP32 weights 15.0 GB" in err
+    assert "lower precision 14.3 GB" in err and "FP32 weights 15.0 GB" in err
     assert "pass --llm-precision int4" in err and "loading and tracing hold the FP32 weights" in err
