@@ -27,6 +27,7 @@ QUANTIZATIONS = ("static", "dynamic")
 VALIDATION_FILE = "validation.npz"
 TOKENIZER_FILE = "tokenizer.json"
 FP16_MIN_COSINE = 0.999
+FIDELITY_ROWS = 4  # rows per ONNX Runtime call when a large graph's fidelity is measured
 # What an option left at None means (None marks "not given", so an option that would do nothing can be refused)
 DEFAULTS = {"quantization": "dynamic", "int4_block_size": 32, "int4_accuracy_level": 4, "calibration_method": "percentile"}
 
@@ -144,6 +145,27 @@ def _export(model: str, out: Path, options: ExportOptions, family, estimate=None
     return out
 
 
+def run_in_batches(path: Path, feeds: dict[str, np.ndarray], threads: int | None, rows: int = FIDELITY_ROWS):
+    """``run_onnx``, a large graph's (weights in ``.onnx.data``) at most ``rows`` rows at a time: full-size encoders'
+    activations for the 32 fidelity views take gigabytes. Outputs are concatenated along the batch axis; a graph
+    whose outputs do not follow the inputs' batch runs whole."""
+    from mmedge.export.onnx_export import OnnxSession, external_data_path, run_onnx
+
+    sizes = {v.shape[0] for v in feeds.values() if np.ndim(v)}
+    total = sizes.pop() if len(sizes) == 1 else 0
+    if external_data_path(Path(path)) is None or total <= rows:
+        return run_onnx(path, feeds, threads)
+    session = OnnxSession(path, threads)
+    parts = []
+    for start in range(0, total, rows):
+        chunk = {k: v[start:start + rows] for k, v in feeds.items()}  # [rows, ...]
+        out = session.run(chunk)
+        if any(np.ndim(v) == 0 or v.shape[0] != len(next(iter(chunk.values()))) for v in out.values()):
+            return session.run(feeds)
+        parts.append(out)
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
 def _describe_precision(builder: "ArtifactBuilder", lowered) -> str:
     if not lowered:
         return "keeping FP32 (no quantization asked for)"
@@ -235,7 +257,7 @@ class ArtifactBuilder:
 
     def lower_precision(self, specs, progress: Progress) -> None:
         """Quantize or convert each spec's FP32 graph, measure parity, then the family's fidelity checks."""
-        from mmedge.export.onnx_export import gate_parity, measure_parity, run_onnx
+        from mmedge.export.onnx_export import gate_parity, measure_parity
 
         final: dict[str, Path] = {}
         for spec in specs:
@@ -255,7 +277,7 @@ class ArtifactBuilder:
         if any(self.precision_of(s) in ("int8", "int4") for s in specs):
             from mmedge.export.calibration import fidelity_paths
 
-            run = lambda path, feeds: run_onnx(path, feeds, self.options.threads)  # noqa: E731
+            run = lambda path, feeds: run_in_batches(path, feeds, self.options.threads)  # noqa: E731
             _, images = fidelity_paths(self.options)
             for name, measured in self.family.quantized_fidelity(run, self.fp32_paths, final, self).items():
                 self.entries[name]["parity"]["fidelity"] = {**measured, "images": images}

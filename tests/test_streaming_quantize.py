@@ -192,3 +192,17 @@ def test_at_most_a_couple_of_weights_are_in_memory_at_once(streamed_fp32, tmp_pa
     quantize.convert_fp16(source, tmp_path / "fp16.onnx")
     weights = [t for t in onnx.load(str(source), load_external_data=False).graph.initializer if len(t.dims) == 2]
     assert len(weights) >= 10 and len(refs) >= 3 * len(weights) and 1 <= most[0] <= 2, (most, len(refs))
+
+
+def test_fidelity_runs_a_large_graph_a_few_rows_at_a_time(streamed_fp32, monkeypatch):
+    from mmedge.export import pipeline
+
+    out, feeds = streamed_fp32
+    pixels = np.concatenate([feeds["prefix"]["pixel_values"]] * 5)  # [10, 3, H, W]
+    calls = []
+    real = OnnxSession.run
+    monkeypatch.setattr(OnnxSession, "run", lambda self, f: calls.append(len(f["pixel_values"])) or real(self, f))
+    chunked = pipeline.run_in_batches(out / "prefix.onnx", {"pixel_values": pixels}, None, rows=4)
+    assert calls == [4, 4, 2]
+    whole = OnnxSession(out / "prefix.onnx").run({"pixel_values": pixels})
+    np.testing.assert_allclose(chunked["prefix_embeds"], whole["prefix_embeds"], rtol=1e-5, atol=1e-5)
