@@ -123,6 +123,8 @@ def main() -> int:
     parser.add_argument("--work", default=None, help="folder for artifacts and logs (default: a temporary one)")
     parser.add_argument("--no-reference", action="store_true", help="skip building the HF model for the ratio")
     parser.add_argument("--smoke", action="store_true", help="the small bundled BLIP-2 instead (checks this script)")
+    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "export_memory.json"),
+                        help="where to write the results")
     args = parser.parse_args()
     if args.smoke:
         CASES["blip2"] = ("mmedge/blip2-vitb-opt125m", CASES["blip2"][1])
@@ -146,8 +148,8 @@ def main() -> int:
             results.append(result)
             print(json.dumps(result), flush=True)
             print(markdown([result], references.get(model)), flush=True)
-    out = ROOT / "benchmarks" / "results" / "export_memory.json"
-    out.parent.mkdir(exist_ok=True)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"header": header, "references": references, "results": results}, indent=1))
     print(markdown(results, next(iter(references.values()), None)))
     return 0

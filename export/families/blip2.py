@@ -358,13 +358,9 @@ def _load_table(path: Path, entry: dict) -> np.ndarray:
 
 
 def _session(path: Path, threads: int | None):
-    import onnxruntime as ort
+    from mmedge.export.onnx_export import ort_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort_session(path, threads)  # a large graph's without ONNX Runtime's arena (see there)
 
 
 def _prefill(language_model, prefix: torch.Tensor, layout: dict) -> list[torch.Tensor]:
