@@ -13,7 +13,8 @@ loading and tracing hold the FP32 PyTorch model (+5% while tracing: activations,
 the streaming threshold are written tensor by tensor, smaller ones cost about two more copies of the component
 (protobuf + constant folding); lowering precision runs after the PyTorch weights are freed and streams weights, so
 it holds the quantized graph being written, then the FP32 and lowered ONNX Runtime sessions of the largest lowered
-component side by side for parity and fidelity (static INT8 also calibrates the FP32 encoder graph loaded whole).
+component one after the other for parity and fidelity (static INT8 also calibrates the FP32 encoder graph loaded
+whole).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from mmedge.progress import Progress
 LIMIT_ENV = "MMEDGE_EXPORT_MEMORY_LIMIT"  # bytes, or a number with a GB / GiB / MB suffix
 BASE_BYTES = 950_000_000  # Python, torch, transformers and ONNX Runtime loaded (measured: load peak - weights)
 TRACE_OVERHEAD = 0.06  # tracing: activations and the graph beside the FP32 weights (measured 5.6%)
+SESSION_OVERHEAD = 0.15  # an ONNX Runtime session's activations, logits and tables beside its weights
 LOWERED_FRACTION = {"fp32": 1.0, "fp16": 0.5, "int8": 0.26, "int4": 0.16}  # graph bytes vs FP32 (scales included)
 GB = 1e9
 
@@ -193,8 +195,9 @@ def estimate_export(sizes: dict[str, int], precisions: dict[str, str], *, static
             quantizer = small if fp32 > threshold else fp32 + small  # streamed, or ORT's in-memory quantizer
             if static and precision == "int8" and name != "decoder":
                 quantizer += 2 * fp32  # calibration: the FP32 graph loaded whole, and its ORT session
-            # parity: the lowered session; fidelity (INT8/INT4 only): FP32 and lowered sessions side by side
-            sessions = small + (fp32 if precision in ("int8", "int4") else 0)
+            # parity: the lowered session; fidelity (INT8/INT4 only): the FP32 session, then the lowered one, each with
+            # its activations, logits and embedding tables (SESSION_OVERHEAD)
+            sessions = int((fp32 if precision in ("int8", "int4") else small) * (1 + SESSION_OVERHEAD))
             worst = max(worst, quantizer, sessions)
         steps["lower precision"] = BASE_BYTES + torch_left + worst
     return MemoryEstimate(steps, weights, dict(sizes))
@@ -253,19 +256,25 @@ def _breakdown(estimate: MemoryEstimate) -> str:
 
 
 def _lower_it(estimate: MemoryEstimate, precisions: dict[str, str], options, family, available: int) -> str:
-    """The flag that lowers each step over the limit, or, where no flag does, what holds the memory."""
+    """The flags that bring a step under the limit (each tried on the estimate), or what holds the memory."""
+    from mmedge.export.onnx_export import EXTERNAL_DATA_THRESHOLD
+
     over = [step for step, value in estimate.steps.items() if value > available]
+    candidates = []
+    if options.quantization == "static":
+        candidates.append(("--quantization dynamic", precisions, False))
+    if family.has_llm and precisions.get("decoder") not in (None, "int4"):
+        candidates.append(("--llm-precision int4", {**precisions, "decoder": "int4"}, options.quantization == "static"))
     advice = []
-    if "lower precision" in over:
-        name, size = max(((n, estimate_size) for n, estimate_size in estimate.components.items()
-                          if precisions.get(n, "fp32") != "fp32"), key=lambda item: item[1], default=("", 0))
-        if options.quantization == "static":
-            advice.append("pass --quantization dynamic (static calibration loads each FP32 encoder graph whole)")
-        elif family.has_llm and precisions.get("decoder") in ("fp16", "int8"):
-            advice.append("pass --llm-precision int4 (the smallest LLM graph beside its FP32 reference)")
-        else:
-            advice.append(f"no flag lowers precision-lowering here: parity and fidelity run the FP32 {name} graph "
-                          f"({size / GB:.1f} GB) in ONNX Runtime beside the lowered one")
+    for flag, changed, static in candidates:
+        other = estimate_export(estimate.components, changed, static=static, threshold=EXTERNAL_DATA_THRESHOLD)
+        if any(other.steps.get(step, 0) < estimate.steps[step] and other.steps.get(step, 0) <= available for step in over):
+            advice.append(f"pass {flag} (lowers the peak to {other.peak / GB:.1f} GB)")
+    if "lower precision" in over and not advice:
+        name = max((n for n in estimate.components if precisions.get(n, "fp32") != "fp32"),
+                   key=lambda n: estimate.components[n], default="")
+        advice.append(f"no flag lowers precision-lowering: parity and fidelity run the FP32 {name} graph "
+                      f"({estimate.components.get(name, 0) / GB:.1f} GB) in ONNX Runtime")
     if {"load", "trace"} & set(over):
         advice.append(f"loading and tracing hold the FP32 weights ({estimate.weights_bytes / GB:.1f} GB) and no export "
                       "flag lowers that")
