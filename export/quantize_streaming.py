@@ -98,26 +98,6 @@ class StreamedWeights:
         placeholder.external_data.add(key="location", value="<derived>")
         return placeholder
 
-    @contextlib.contextmanager
-    def materialized(self, tensor: TensorProto | None) -> Iterator[None]:
-        """Put ``tensor``'s bytes into the proto for one quantizer call, then take them out again."""
-        if tensor is None or not self.deferred(tensor):
-            yield
-            return
-        saved = [(e.key, e.value) for e in tensor.external_data]
-        value = self.read(tensor)
-        tensor.ClearField("external_data")
-        tensor.data_location = TensorProto.DEFAULT
-        tensor.raw_data = np.ascontiguousarray(value).tobytes()
-        del value
-        try:
-            yield
-        finally:
-            tensor.ClearField("raw_data")
-            tensor.data_location = TensorProto.EXTERNAL
-            for key, val in saved:
-                tensor.external_data.add(key=key, value=val)
-
     # --- writing -------------------------------------------------------------------------------------
     def _append(self, name: str, chunks) -> tuple[int, int]:
         self._out.write(b"\0" * (-self._out.tell() % ALIGNMENT))
@@ -250,16 +230,22 @@ def _routed(weights: StreamedWeights) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _spilling(weights: StreamedWeights, onnx_model) -> Iterator[None]:
-    """Make ``onnx_model.add_initializer`` move each large new tensor to the new data file as it is added."""
-    add = onnx_model.add_initializer
+    """Make ``onnx_model.add_initializer`` / ``initializer_extend`` (how ORT's quantizers add quantized weights) move
+    each large new tensor to the new data file *before* the graph copies it: bytes copied into the model's protobuf
+    arena stay there until the whole model is freed, even once the field is cleared."""
+    add, extend = onnx_model.add_initializer, onnx_model.initializer_extend
 
     def add_and_spill(tensor):
-        before = len(onnx_model.model.graph.initializer)
+        weights.spill(tensor)
         add(tensor)
-        for added in onnx_model.model.graph.initializer[before:]:
-            weights.spill(added)
 
-    with mock.patch.object(onnx_model, "add_initializer", add_and_spill):
+    def extend_and_spill(tensors):
+        for tensor in tensors:
+            weights.spill(tensor)
+        extend(tensors)
+
+    with mock.patch.object(onnx_model, "add_initializer", add_and_spill), \
+            mock.patch.object(onnx_model, "initializer_extend", extend_and_spill):
         yield
 
 
@@ -384,8 +370,9 @@ def int8_static(source: Path, dest: Path, tensors_range, *, op_types, extra_opti
 
 
 class _OneWeightAtATime:
-    """Wraps MatMulNBits' node quantizer: the node's weight is read in just before, taken out just after, and
-    the packed INT4 blocks it adds go to the new data file at once."""
+    """Wraps MatMulNBits' node quantizer: the node's weight is read into a scratch graph of its own, quantized there,
+    and the packed INT4 blocks it adds are written to the new data file before their headers join the model. Weight
+    bytes never enter the model's protobuf arena (which keeps every byte ever set until the model is freed)."""
 
     def __init__(self, inner, weights: StreamedWeights):
         self.inner, self.weights = inner, weights
@@ -393,11 +380,16 @@ class _OneWeightAtATime:
     def quantize(self, node, graph_stack):
         graph = graph_stack[-1]
         weight = next((t for t in graph.initializer if len(node.input) > 1 and t.name == node.input[1]), None)
-        before = len(graph.initializer)
-        with self.weights.materialized(weight):
-            out = self.inner.quantize(node, graph_stack)
-        for added in graph.initializer[before:]:
+        if weight is None or not self.weights.deferred(weight):
+            return self.inner.quantize(node, graph_stack)
+        scratch = onnx.GraphProto()
+        value = np.ascontiguousarray(self.weights.read(weight))
+        scratch.initializer.append(onnx.numpy_helper.from_array(value, weight.name))
+        del value
+        out = self.inner.quantize(node, [*graph_stack[:-1], scratch])
+        for added in scratch.initializer[1:]:
             self.weights.spill(added)
+            graph.initializer.append(added)  # a header: its bytes are in the data file
         return out
 
 
@@ -421,13 +413,12 @@ def fp16(source: Path, dest: Path) -> None:
     with streamed(source, dest) as weights:
         def convert(tensor, *args, **kwargs):
             if weights.deferred(tensor) and tensor.data_type == TensorProto.FLOAT:
-                with weights.materialized(tensor):
-                    convert_tensor(tensor, *args, **kwargs)
-                    converted = tensor.raw_data
-                tensor.raw_data = converted  # the FP16 bytes stay; the FP32 ones were never kept
-                tensor.ClearField("external_data")
-                tensor.data_location = TensorProto.DEFAULT
-                weights.spill(tensor, INLINE_BYTES)
+                # converted in a standalone copy, written, and only its header copied back: the model's protobuf
+                # arena would keep the bytes of every weight ever set in it
+                single = onnx.numpy_helper.from_array(np.ascontiguousarray(weights.read(tensor)), tensor.name)
+                convert_tensor(single, *args, **kwargs)
+                weights.spill(single, INLINE_BYTES)
+                tensor.CopyFrom(single)
                 return tensor
             return convert_tensor(tensor, *args, **kwargs)
 

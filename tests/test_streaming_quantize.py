@@ -206,3 +206,42 @@ def test_fidelity_runs_a_large_graph_a_few_rows_at_a_time(streamed_fp32, monkeyp
     assert calls == [4, 4, 2]
     whole = OnnxSession(out / "prefix.onnx").run({"pixel_values": pixels})
     np.testing.assert_allclose(chunked["prefix_embeds"], whole["prefix_embeds"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def wide_graph(tmp_path_factory):
+    """60 MatMuls chained over 4 MB FP32 weights (240 MB) in ``.onnx.data``: big enough to see in RSS."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    width, count = 1024, 60
+    nodes, inits, last = [], [], "x"
+    for i in range(count):
+        inits.append(numpy_helper.from_array(rng.standard_normal((width, width), dtype=np.float32) / 32, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [last, f"w{i}"], [f"h{i}"], name=f"mm{i}"))
+        last = f"h{i}"
+    graph = helper.make_graph(nodes, "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", width])],
+                              [helper.make_tensor_value_info(last, TensorProto.FLOAT, ["b", width])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path_factory.mktemp("wide") / "wide.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="wide.onnx.data")
+    return path, width * width * 4 * count
+
+
+@pytest.mark.parametrize("recipe", ["int4", "int8", "fp16"])
+def test_streamed_quantization_memory_stays_near_one_weight(wide_graph, tmp_path, recipe):
+    """Peak RSS while quantizing 240 MB of weights grows by far less than the weights (the whole graph would be
+    240 MB more, the in-memory quantizers twice that)."""
+    from mmedge.export.memory import StepPeak, current_rss
+
+    source, total = wide_graph
+    run = {"int4": lambda s, d: quantize.quantize_int4_weights(s, d, block_size=32, accuracy_level=4),
+           "int8": quantize.quantize_int8_dynamic, "fp16": quantize.convert_fp16}[recipe]
+    run(source, tmp_path / "warm.onnx")  # imports and one-off allocations first
+    before = current_rss()
+    meter = StepPeak(interval=0.005)
+    run(source, tmp_path / "out.onnx")
+    growth = meter.stop() - before
+    assert growth < total / 4, f"{recipe}: RSS grew {growth / 1e6:.0f} MB for {total / 1e6:.0f} MB of weights"
+    feeds = {"x": np.ones((2, 1024), np.float32)}
+    assert OnnxSession(tmp_path / "out.onnx").run(feeds)[f"h{59}"].shape == (2, 1024)
