@@ -20,6 +20,7 @@ The embedding table lives outside the graph (``inputs_embeds`` go in); ``quantiz
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -48,13 +49,25 @@ def quantize_int4(source: Path, dest: Path, *, block_size: int = 32, accuracy_le
     """Quantize the float MatMul/Gemm weights of ``source`` to 4 bits into ``dest``; returns the manifest recipe."""
     import onnx
 
+    from mmedge.export import quantize
+
     check_int4_settings(block_size, accuracy_level)
     try:
-        model = onnx.load(str(source))
-        folded = fold_initializer_identities(model.graph)
-        rewritten = gemm_to_matmul(model.graph)
-        model = _matmul_nbits(model, block_size, accuracy_level, symmetric)
-        save_model(model, Path(dest))
+        if quantize.streams(Path(source)):  # weights in .onnx.data: one in memory at a time
+            from mmedge.export import quantize_streaming
+
+            with quantize_streaming.streamed(Path(source), Path(dest)) as weights:
+                model = quantize_streaming.load_skeleton(Path(source))
+                folded = fold_initializer_identities(model.graph)
+                rewritten = gemm_to_matmul(model.graph, weights)
+                model = quantize_streaming.matmul_nbits(model, weights, _config(block_size, accuracy_level, symmetric))
+                weights.save(model)
+        else:
+            model = onnx.load(str(source))
+            folded = fold_initializer_identities(model.graph)
+            rewritten = gemm_to_matmul(model.graph)
+            model = _matmul_nbits(model, block_size, accuracy_level, symmetric)
+            save_model(model, Path(dest))
     except QuantizationError:
         raise
     except Exception as exc:
@@ -74,13 +87,18 @@ def quantize_int4(source: Path, dest: Path, *, block_size: int = 32, accuracy_le
     }
 
 
-def _matmul_nbits(model, block_size: int, accuracy_level: int, symmetric: bool):
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+def _config(block_size: int, accuracy_level: int, symmetric: bool):
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig
 
-    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
-                                          accuracy_level=accuracy_level or None, op_types_to_quantize=("MatMul",),
-                                          quant_axes=(("MatMul", 0),), bits=4)
-    quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+    return DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
+                                        accuracy_level=accuracy_level or None, op_types_to_quantize=("MatMul",),
+                                        quant_axes=(("MatMul", 0),), bits=4)
+
+
+def _matmul_nbits(model, block_size: int, accuracy_level: int, symmetric: bool):
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(model, algo_config=_config(block_size, accuracy_level, symmetric))
     with _quiet():
         quantizer.process()
     return quantizer.model.model
@@ -134,32 +152,43 @@ def fold_initializer_identities(graph) -> int:
     return len(alias)
 
 
-def gemm_to_matmul(graph) -> int:
-    """Replace every Gemm with a constant weight (and transA = 0) by MatMul [+ Add]. Returns the count."""
+def gemm_to_matmul(graph, weights=None) -> int:
+    """Replace every Gemm with a constant weight (and transA = 0) by MatMul [+ Add]. Returns the count.
+
+    ``weights`` (a ``quantize_streaming.StreamedWeights``): the graph is a skeleton whose weights stay in their
+    data file; each new ``[K, N]`` weight is then made when the quantizer reads it, not here."""
     from onnx import helper, numpy_helper
 
     producers = {o: n for n in graph.node for o in n.output}
+    inits = _initializers(graph)
     new_nodes, rewritten, made = [], 0, {}
     for node in graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        weight = _constant_array(node.input[1], graph, producers) if node.op_type == "Gemm" else None
+        weight = None
+        if node.op_type == "Gemm":
+            streamed = weights is not None and node.input[1] in inits and weights.deferred(inits[node.input[1]])
+            weight = _Shape(inits[node.input[1]]) if streamed else _constant_array(node.input[1], graph, producers)
         if weight is None or attrs.get("transA", 0) or weight.ndim != 2:
             new_nodes.append(node)
             continue
         alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
         key = (node.input[1], attrs.get("transB", 0), alpha)
         if key not in made:
-            matrix = (weight.T if attrs.get("transB", 0) else weight) * np.float32(alpha)  # [K, N]
             made[key] = f"{node.input[1]}_matmul_{len(made)}"
-            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(matrix, dtype=weight.dtype),
-                                                             made[key]))
+            make = functools.partial(_as_matmul_weight, transposed=bool(attrs.get("transB", 0)), alpha=alpha)
+            if isinstance(weight, _Shape):
+                dims = weight.shape[::-1] if attrs.get("transB", 0) else weight.shape
+                graph.initializer.append(weights.derive(made[key], weight.tensor, list(dims), make))
+            else:
+                graph.initializer.append(numpy_helper.from_array(make(weight), made[key]))
         base = node.name or f"gemm_{rewritten}"
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
         matmul_out = f"{node.output[0]}_matmul" if bias else node.output[0]
         new_nodes.append(helper.make_node("MatMul", [node.input[0], made[key]], [matmul_out], name=f"{base}_MatMul"))
         if bias:
             if beta != 1.0:
-                scaled = _constant_array(bias, graph, producers)
+                scaled = (weights.read(inits[bias]) if weights is not None and bias in inits
+                          else _constant_array(bias, graph, producers))
                 bias = f"{bias}_beta_{rewritten}"
                 graph.initializer.append(numpy_helper.from_array((scaled * np.float32(beta)).astype(scaled.dtype),
                                                                  bias))
@@ -171,6 +200,19 @@ def gemm_to_matmul(graph) -> int:
     return rewritten
 
 
+class _Shape:
+    """A streamed weight's shape and type, without its bytes."""
+
+    def __init__(self, tensor):
+        self.tensor, self.shape, self.ndim = tensor, tuple(tensor.dims), len(tensor.dims)
+
+
+def _as_matmul_weight(weight: np.ndarray, *, transposed: bool, alpha: float) -> np.ndarray:
+    """Gemm's ``alpha * op(B)`` as MatMul's ``[K, N]`` weight, in B's dtype."""
+    matrix = (weight.T if transposed else weight) * np.float32(alpha)  # [K, N]
+    return np.ascontiguousarray(matrix, dtype=weight.dtype)
+
+
 def _drop_unused_initializers(graph) -> None:
     used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
     keep = [t for t in graph.initializer if t.name in used]
@@ -180,12 +222,19 @@ def _drop_unused_initializers(graph) -> None:
 
 def float_weight_matmuls(graph) -> list[str]:
     """Names of MatMul/Gemm nodes that still multiply by a constant float weight (none after INT4)."""
+    from onnx import helper
+
     producers = {o: n for n in graph.node for o in n.output}
+    inits = _initializers(graph)
     left = []
     for node in graph.node:
         if node.op_type in ("MatMul", "Gemm"):
-            weight = _constant_array(node.input[1], graph, producers)
-            if weight is not None and weight.dtype.kind == "f":
+            if node.input[1] in inits:  # read the type, not the bytes (they may sit in a 10 GB data file)
+                kind = np.dtype(helper.tensor_dtype_to_np_dtype(inits[node.input[1]].data_type)).kind
+            else:
+                weight = _constant_array(node.input[1], graph, producers)
+                kind = None if weight is None else weight.dtype.kind
+            if kind == "f":
                 left.append(node.name)
     return left
 

@@ -172,8 +172,27 @@ def _load_pretrained(model: str, allow_pickle: bool) -> LoadedModel:
         ) from None
     tokenizer, processor = _load_preprocessors(model)
     source = {"model": model, "config_sha256": config_sha256(config), "random_weights": False,
-              "transformers_version": transformers.__version__}
+              "transformers_version": transformers.__version__, "dtype": stored_dtype(loaded)}
     return LoadedModel(family, loaded.eval(), tokenizer, processor, source)
+
+
+def stored_dtype(model) -> str:
+    """The dtype the checkpoint was loaded in: its stored one (transformers 5 loads ``dtype="auto"``), so a BF16
+    checkpoint takes half the memory of FP32 until each exported part is upcast (``upcast_to_fp32``)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return "+".join(sorted(str(d).replace("torch.", "") for d in dtypes)) or "float32"
+
+
+def upcast_to_fp32(module) -> int:
+    """Cast the floating-point weights of ``module`` (part of a checkpoint loaded as BF16/FP16) to FP32 in place,
+    just before its PyTorch references are taken and it is traced: graphs and references are FP32 whatever the
+    checkpoint's storage. Returns the parameters converted (0 for an FP32 model)."""
+    import torch
+
+    low = [p for p in module.parameters() if p.is_floating_point() and p.dtype != torch.float32]
+    if low:
+        module.float()
+    return sum(p.numel() for p in low)
 
 
 def _first_line(exc: BaseException) -> str:

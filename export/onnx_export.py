@@ -101,13 +101,22 @@ def torch_reference(spec: ComponentSpec, feeds: dict[str, torch.Tensor]) -> dict
     return {name: value.detach().cpu().numpy() for name, value in zip(spec.outputs, out)}
 
 
+def ort_session(path: Path, threads: int | None = None):
+    """A CPU ``onnxruntime.InferenceSession`` for the exporter's checks (``session_from_path``, the runner's loader). A
+    large graph's (weights in ``.onnx.data``) runs without ONNX Runtime's memory arena: fidelity decodes change shapes
+    at every step, and the arena, which never shrinks, grew the full-size BLIP-2 INT4 export by about 10 GB (killed at
+    24.9 GB); with it off, each tensor's memory goes back when it is freed."""
+    from mmedge.runtimes.ort_session import OrtOptions, session_from_path
+
+    small = external_data_path(Path(path)) is None
+    return session_from_path(path, OrtOptions(threads=threads or None, memory_arena=small))
+
+
 class OnnxSession:
     """A CPU ONNX Runtime session over a graph file; ``run(feeds)`` returns every output by name."""
 
     def __init__(self, path: Path, threads: int | None = None):
-        from mmedge.runtimes.ort_session import OrtOptions, session_from_path
-
-        self.session = session_from_path(path, OrtOptions(threads=threads or None))
+        self.session = ort_session(path, threads)
         self.names = [o.name for o in self.session.get_outputs()]
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

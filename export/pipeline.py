@@ -27,6 +27,7 @@ QUANTIZATIONS = ("static", "dynamic")
 VALIDATION_FILE = "validation.npz"
 TOKENIZER_FILE = "tokenizer.json"
 FP16_MIN_COSINE = 0.999
+FIDELITY_ROWS = 4  # rows per ONNX Runtime call when a large graph's fidelity is measured
 # What an option left at None means (None marks "not given", so an option that would do nothing can be refused)
 DEFAULTS = {"quantization": "dynamic", "int4_block_size": 32, "int4_accuracy_level": 4,
             "calibration_method": "percentile"}
@@ -90,8 +91,11 @@ def export_model(model: str, out: str | Path, options: ExportOptions | None = No
     family = FAMILIES[name]
     check_export_options(options, family)
     options = options.settled(options.task or family.default_task)
+    from mmedge.export.memory import check_memory
+
+    estimate = check_memory(model, options, family)  # from the config on the meta device: still nothing loaded
     with _quiet_libraries(not options.progress):
-        return _export(model, Path(out), options, family)
+        return _export(model, Path(out), options, family, estimate)
 
 
 @contextlib.contextmanager
@@ -118,10 +122,11 @@ def _quiet_libraries(quiet: bool):
             enable_progress_bars()
 
 
-def _export(model: str, out: Path, options: ExportOptions, family) -> Path:
-    from mmedge.export.loading import load_checkpoint
+def _export(model: str, out: Path, options: ExportOptions, family, estimate=None) -> Path:
+    from mmedge.export.loading import load_checkpoint, upcast_to_fp32
+    from mmedge.export.memory import MeteredProgress
 
-    progress = Progress(5, enabled=options.progress)
+    progress = MeteredProgress(5, enabled=options.progress)
     with progress.step(f"loading {model}" + (" (random weights)" if options.random_weights else "")):
         loaded = load_checkpoint(model, random_weights=options.random_weights, allow_pickle=options.allow_pickle,
                                  seed=options.seed)
@@ -130,17 +135,41 @@ def _export(model: str, out: Path, options: ExportOptions, family) -> Path:
         specs = family.specs(loaded, options)
     with atomic_folder(out, overwrite=options.overwrite) as stage, tempfile.TemporaryDirectory() as scratch:
         builder = ArtifactBuilder(stage, Path(scratch), loaded, family, options)
+        builder.memory = {"estimate": estimate.as_manifest() if estimate else None, "steps": progress.steps}
         with progress.step(f"tracing {', '.join(s.name for s in specs)} and checking parity against PyTorch"):
             for spec in specs:  # PyTorch outputs of every component first: a large model frees towers as it goes
+                upcast_to_fp32(spec.module())  # a BF16/FP16 checkpoint is loaded as stored, each part made FP32 here
                 builder.validation_sample(spec)
             for i, spec in enumerate(progress.items(specs, len(specs), "component")):
                 builder.trace(spec, later=specs[i + 1:])
         lowered = [s for s in specs if builder.precision_of(s) != "fp32"]
         with progress.step(_describe_precision(builder, lowered)):
+            builder.free_torch_weights(specs)  # every PyTorch output is taken: quantizers and sessions get the memory
             builder.lower_precision(lowered, progress)
         with progress.step("writing manifest and validation samples"):
             builder.finish(specs)
     return out
+
+
+def run_in_batches(path: Path, feeds: dict[str, np.ndarray], threads: int | None, rows: int = FIDELITY_ROWS):
+    """``run_onnx``, a large graph's (weights in ``.onnx.data``) at most ``rows`` rows at a time: full-size encoders'
+    activations for the 32 fidelity views take gigabytes. Outputs are concatenated along the batch axis; a graph
+    whose outputs do not follow the inputs' batch runs whole."""
+    from mmedge.export.onnx_export import OnnxSession, external_data_path, run_onnx
+
+    sizes = {v.shape[0] for v in feeds.values() if np.ndim(v)}
+    total = sizes.pop() if len(sizes) == 1 else 0
+    if external_data_path(Path(path)) is None or total <= rows:
+        return run_onnx(path, feeds, threads)
+    session = OnnxSession(path, threads)
+    parts = []
+    for start in range(0, total, rows):
+        chunk = {k: v[start:start + rows] for k, v in feeds.items()}  # [rows, ...]
+        out = session.run(chunk)
+        if any(np.ndim(v) == 0 or v.shape[0] != len(next(iter(chunk.values()))) for v in out.values()):
+            return session.run(feeds)
+        parts.append(out)
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
 def _describe_precision(builder: "ArtifactBuilder", lowered) -> str:
@@ -227,9 +256,21 @@ class ArtifactBuilder:
         self._sample_parity[spec.name] = compare_outputs(sample_reference, session.run(sample_feeds))
         del session  # a large decoder's session holds gigabytes
 
+    def free_torch_weights(self, specs) -> int:
+        """Free what is left of the exported modules' PyTorch weights in a model past the streaming threshold
+        (``trace`` freed each tower it was done with; references and validation samples are taken, the embedding
+        tables written); returns the bytes freed. Small models keep theirs, and so do weights outside the specs
+        (a family's manifest may read them, e.g. CLIP's logit scale)."""
+        from mmedge.export.onnx_export import EXTERNAL_DATA_THRESHOLD
+        from mmedge.export.streaming import free_weights, module_bytes
+
+        if module_bytes(self.loaded.model) <= EXTERNAL_DATA_THRESHOLD:
+            return 0
+        return sum(free_weights(spec.module(), []) for spec in specs)
+
     def lower_precision(self, specs, progress: Progress) -> None:
         """Quantize or convert each spec's FP32 graph, measure parity, then the family's fidelity checks."""
-        from mmedge.export.onnx_export import gate_parity, measure_parity, run_onnx
+        from mmedge.export.onnx_export import gate_parity, measure_parity
 
         final: dict[str, Path] = {}
         for spec in specs:
@@ -249,7 +290,7 @@ class ArtifactBuilder:
         if any(self.precision_of(s) in ("int8", "int4") for s in specs):
             from mmedge.export.calibration import fidelity_paths
 
-            run = lambda path, feeds: run_onnx(path, feeds, self.options.threads)  # noqa: E731
+            run = lambda path, feeds: run_in_batches(path, feeds, self.options.threads)  # noqa: E731
             _, images = fidelity_paths(self.options)
             for name, measured in self.family.quantized_fidelity(run, self.fp32_paths, final, self).items():
                 self.entries[name]["parity"]["fidelity"] = {**measured, "images": images}
@@ -310,6 +351,7 @@ class ArtifactBuilder:
             "tokenizer": self.tokenizer_settings,
             "components": {spec.name: self.entries[spec.name] for spec in specs},
             **({"pytorch": self._pytorch_entry(specs)} if self.options.with_pytorch else {}),
+            "export": {"memory": self._memory_entry()},
             "validation": {"file": VALIDATION_FILE, "sha256": sha256_file(self.stage / VALIDATION_FILE),
                            "reference": "torch-fp32"},
         }
@@ -320,6 +362,14 @@ class ArtifactBuilder:
         middle = [k for k in manifest if k not in first + last]
         manifest = {k: manifest[k] for k in first + middle + last if k in manifest}
         (self.stage / MANIFEST_FILE).write_text(dump_manifest(manifest))
+
+    def _memory_entry(self) -> dict:
+        """Peak RSS of each step before this one (this step's own figure is on its progress line), and the
+        estimate the export was checked against."""
+        memory = getattr(self, "memory", None) or {"estimate": None, "steps": []}
+        steps = [dict(s) for s in memory["steps"]]
+        return {"peak_rss_bytes": max((s["peak_rss_bytes"] for s in steps), default=None), "steps": steps,
+                "estimate": memory["estimate"], "measured": "VmHWM per step (Linux), else the process peak so far"}
 
     def _pytorch_entry(self, specs) -> dict:
         from mmedge.export.pytorch_weights import PYTORCH_FOLDER, pytorch_entry

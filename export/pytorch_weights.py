@@ -63,7 +63,8 @@ def pytorch_entry(loaded, folder: Path, specs) -> dict:
         if path.is_file():
             files[path.name] = {"sha256": sha256_file(path), "size_bytes": path.stat().st_size}
     model = loaded.model
-    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    # as saved (before tracing upcast the exported parts of a BF16/FP16 checkpoint)
+    dtype = loaded.source.get("dtype") or str(next(model.parameters()).dtype).replace("torch.", "")
     import transformers
 
     return {"folder": folder.name, "format": PYTORCH_FORMAT, "model_class": type(model).__name__, "dtype": dtype,

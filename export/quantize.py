@@ -25,8 +25,8 @@ import contextlib
 import io
 import logging
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -75,16 +75,31 @@ def _large(graph: Path) -> bool:
     return data is not None and data.stat().st_size > EXTERNAL_DATA_THRESHOLD // 4
 
 
+def streams(source: Path) -> bool:
+    """Whether ``source`` keeps its weights in ``.onnx.data``: then they are quantized one at a time
+    (``mmedge.export.quantize_streaming``) instead of loading the whole graph."""
+    from mmedge.export.onnx_export import external_data_path
+
+    return external_data_path(Path(source)) is not None
+
+
 def quantize_int8_dynamic(source: Path, dest: Path) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from mmedge.export import quantize_streaming
+
     try:
-        with _prepared(source) as prepared, quiet():
-            quantize_dynamic(
-                prepared, dest, op_types_to_quantize=list(DYNAMIC_OPS), per_channel=True,
-                weight_type=QuantType.QInt8, reduce_range=True, extra_options={"MatMulConstBOnly": True},
-                use_external_data_format=_large(prepared),
-            )
+        if streams(source):
+            with quiet():
+                quantize_streaming.int8_dynamic(Path(source), Path(dest), op_types=DYNAMIC_OPS,
+                                                extra_options={"MatMulConstBOnly": True})
+        else:
+            with _prepared(source) as prepared, quiet():
+                quantize_dynamic(
+                    prepared, dest, op_types_to_quantize=list(DYNAMIC_OPS), per_channel=True,
+                    weight_type=QuantType.QInt8, reduce_range=True, extra_options={"MatMulConstBOnly": True},
+                    use_external_data_format=_large(prepared),
+                )
     except Exception as exc:
         raise QuantizationError(f"dynamic INT8 quantization of '{source.name}' failed ({exc})",
                                 "a float32 ONNX graph", "export at --precision fp32 and report this") from exc
@@ -118,16 +133,25 @@ def quantize_int8_static(source: Path, dest: Path, calibration: Iterable[dict[st
     if method not in methods:
         raise QuantizationError(f"unknown calibration method '{method}'", f"one of {', '.join(methods)}",
                                 "pass --calibration-method minmax|percentile|entropy")
+    from mmedge.export import quantize_streaming
+
     reader = _Reader(calibration)
+    extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "CalibPercentile": 99.999,
+             "CalibTensorRangeSymmetric": True}
     try:
-        with _prepared(source) as prepared, quiet():
-            quantize_static(
-                prepared, dest, reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(STATIC_OPS),
-                per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, reduce_range=True,
-                calibrate_method=methods[method],
-                extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                               "CalibPercentile": 99.999, "CalibTensorRangeSymmetric": True},
-            )
+        if streams(source):
+            with quiet():
+                ranges = quantize_streaming.calibrate(Path(source), reader, op_types=STATIC_OPS,
+                                                      method=methods[method], extra_options=extra)
+                quantize_streaming.int8_static(Path(source), Path(dest), ranges, op_types=STATIC_OPS,
+                                               extra_options=extra)
+        else:
+            with _prepared(source) as prepared, quiet():
+                quantize_static(
+                    prepared, dest, reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(STATIC_OPS),
+                    per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    reduce_range=True, calibrate_method=methods[method], extra_options=extra,
+                )
     except CalibrationError:
         raise
     except Exception as exc:
@@ -147,10 +171,16 @@ def convert_fp16(source: Path, dest: Path) -> dict:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    from mmedge.export import quantize_streaming
+
     try:
-        with quiet():
-            graph = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
-        onnx.save(graph, str(dest))
+        if streams(source):
+            with quiet():
+                quantize_streaming.fp16(Path(source), Path(dest))
+        else:
+            with quiet():
+                graph = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+            onnx.save(graph, str(dest))
     except Exception as exc:
         raise QuantizationError(f"FP16 conversion of '{source.name}' failed ({exc})", "a float32 ONNX graph",
                                 "export at --precision fp32 and report this") from exc

@@ -68,9 +68,13 @@ def cmd_export(args) -> int:
 def _parity_line(parity: dict) -> str:
     worst = min(m["cosine"] for m in parity["outputs"].values())
     text = f"cosine vs PyTorch {worst:.6f}"
-    fidelity = parity.get("fidelity")
-    if fidelity:
+    fidelity = parity.get("fidelity") or {}
+    if "top1_agreement" in fidelity:  # CLIP
         text += f", held-out top-1 agreement vs FP32 {fidelity['top1_agreement']:.3f}"
+    elif "logits_cosine_mean" in fidelity:  # a captioner's decoder
+        text += f", held-out logits cosine vs FP32 {fidelity['logits_cosine_mean']:.4f}"
+    elif "embedding_cosine_mean" in fidelity:  # a captioner's encoders
+        text += f", held-out output cosine vs FP32 {fidelity['embedding_cosine_mean']:.4f}"
     return text
 
 

@@ -42,6 +42,9 @@ class OrtOptions:
     io_binding: bool | None = None  # None: on for the CUDA / TensorRT providers, off on a CPU
     keep_on_device: bool = False  # with IO binding: return OrtDeviceArray outputs instead of numpy arrays
     config_entries: dict[str, str] = field(default_factory=dict)  # extra SessionOptions entries
+    # off: no CPU arena nor memory patterns, each tensor's memory goes back when freed (the exporter's checks on
+    # large graphs, whose shapes change at every decode step: the arena never shrinks)
+    memory_arena: bool = True
 
 
 def available_providers() -> list[str]:
@@ -97,6 +100,9 @@ def session_options(options: OrtOptions) -> ort.SessionOptions:
         so.inter_op_num_threads = options.inter_op_threads
     so.graph_optimization_level = _OPT_LEVELS[options.graph_optimization]
     so.log_severity_level = 3  # errors only; warnings about unused initializers are noise to users
+    if not options.memory_arena:
+        so.enable_cpu_mem_arena = False
+        so.enable_mem_pattern = False
     for key, value in options.config_entries.items():
         so.add_session_config_entry(key, str(value))
     return so

@@ -249,18 +249,21 @@ class Blip2Family(GenerativeFamily):
         prefix = _fp32_prefix(fp32, pixels, options.threads)  # [images, queries, width]
         precision = options.llm_precision or options.precision
         entry = builder.written["embeddings"]
-        reference = _Greedy(fp32["decoder"], builder.written["fp32_table"], kv_cache_layout(llm), options.threads)
-        table = _load_table(builder.stage / EMBEDDINGS_FILE, entry)
-        candidate = _Greedy(quantized["decoder"], table, kv_cache_layout(llm), options.threads)
         new_tokens = int(self.setting(options, "fidelity_max_new_tokens"))
         config = generation_settings(builder.loaded) | {"max_new_tokens": new_tokens, "num_beams": 1,
                                                         "do_sample": False}
+        prompts = [_prompt_ids(builder.tokenizer, p, config["bos_token_id"], len(pixels)) for p in FIDELITY_PROMPTS]
+
+        def side(path: Path, table: np.ndarray) -> list:  # one decoder session at a time (full size FP32: 10.6 GB)
+            greedy = _Greedy(path, table, kv_cache_layout(llm), options.threads)
+            return [(greedy.prefill_logits(prefix, ids), greedy.generate(prefix, ids, config)) for ids in prompts]
+
+        reference = side(fp32["decoder"], builder.written["fp32_table"])
+        candidate = side(quantized["decoder"], _load_table(builder.stage / EMBEDDINGS_FILE, entry))
         cosines, identical, common = [], [], []
-        for prompt in FIDELITY_PROMPTS:
-            ids = _prompt_ids(builder.tokenizer, prompt, config["bos_token_id"], len(pixels))  # [images, tokens]
-            ref_logits, act_logits = reference.prefill_logits(prefix, ids), candidate.prefill_logits(prefix, ids)
+        for (ref_logits, ref_tokens), (act_logits, act_tokens) in zip(reference, candidate):
             cosines += cosine_rows(ref_logits, act_logits).tolist()  # one per image: all prompt positions
-            for a, b in zip(reference.generate(prefix, ids, config), candidate.generate(prefix, ids, config)):
+            for a, b in zip(ref_tokens, act_tokens):
                 identical.append(a == b)
                 common.append(common_prefix(a, b) / max(len(a), 1))
         return {"reference": "onnx-fp32", "precision": precision, "held_out_images": int(len(pixels)),
@@ -328,10 +331,11 @@ def _load_table(path: Path, entry: dict) -> np.ndarray:
 
 
 def _session(path: Path, threads: int | None):
-    """A CPU ONNX Runtime session over an exported graph (``threads`` None or 0: all cores)."""
-    from mmedge.runtimes.ort_session import OrtOptions, session_from_path
+    """A CPU ONNX Runtime session over an exported graph (``threads`` None or 0: all cores); a large graph's runs
+    without ONNX Runtime's memory arena (see ``ort_session``)."""
+    from mmedge.export.onnx_export import ort_session
 
-    return session_from_path(path, OrtOptions(threads=threads or None))
+    return ort_session(path, threads)
 
 
 def _prefill(language_model, prefix: torch.Tensor, layout: dict) -> list[torch.Tensor]:
