@@ -63,8 +63,9 @@ def _touch(megabytes: int) -> bytearray:
 
 def test_each_step_reports_its_own_peak_and_the_process_peak_stays_whole():
     progress = MeteredProgress(3, enabled=False)
-    with progress.step("allocate"):
+    with progress.step("allocate"):  # held past a sampling interval: earlier tests may have set a higher lifetime peak
         block = _touch(400)
+        time.sleep(0.2)
         del block
     with progress.step("quiet"):
         time.sleep(0.2)
