@@ -13,9 +13,16 @@ import os
 import time
 from pathlib import Path
 
-from mmedge.errors import BackendUnavailableError, InputError, IntegrityError
+from mmedge.errors import InputError, IntegrityError
 from mmedge.runtimes.openvino.cache import BlobCache, OvKey
-from mmedge.runtimes.openvino.core import INSTALL, WEIGHT_MODES, OvOptions, core, device_name, import_openvino
+from mmedge.runtimes.openvino.core import (
+    WEIGHT_MODES,
+    OvOptions,
+    core,
+    device_name,
+    import_openvino,
+    import_optional,
+)
 
 log = logging.getLogger("mmedge")
 
@@ -88,13 +95,7 @@ def compress_weights(model, component_name: str, component: dict, weights: str):
                          f"graph is already {component.get('precision')}", "an FP32 decoder graph (NNCF compresses its "
                          "weights itself)", "load the FP32 export with weights='int4', or leave weights unset to run "
                          "this graph as it is")
-    try:
-        import nncf
-    except ImportError as exc:
-        if exc.name and exc.name.split(".")[0] == "nncf":
-            raise BackendUnavailableError("OpenVINO weight compression needs the Python package 'nncf', which is not "
-                                          "installed", "'nncf' importable", INSTALL) from None
-        raise
+    nncf = import_optional("nncf")  # OpenVINO's weight compression
     mode, group = WEIGHT_MODES[weights]
     start = time.perf_counter()
     log.info("mmedge: NNCF compresses %s's weights to %s (once per device; the compiled model is cached)",

@@ -22,14 +22,21 @@ WEIGHT_MODES = {"int8": ("int8_asym", None), "int4": ("int4_asym", 32)}
 
 def import_openvino():
     """The ``openvino`` module, or BackendUnavailableError naming the install command."""
+    return import_optional("openvino")
+
+
+def import_optional(package: str):
+    """``package`` (openvino, nncf) imported, or BackendUnavailableError naming the install command; an import error
+    from inside an installed package is raised as it is."""
+    import importlib
+
     try:
-        import openvino
+        return importlib.import_module(package)
     except ImportError as exc:
-        if exc.name and exc.name.split(".")[0] == "openvino":
-            raise BackendUnavailableError("backend 'openvino' needs the Python package 'openvino', which is not "
-                                          "installed", "'openvino' importable", INSTALL) from None
+        if exc.name and exc.name.split(".")[0] == package:
+            raise BackendUnavailableError(f"backend 'openvino' needs the Python package '{package}', which is not "
+                                          "installed", f"'{package}' importable", INSTALL) from None
         raise
-    return openvino
 
 
 @functools.lru_cache(maxsize=1)
