@@ -168,7 +168,7 @@ def test_same_thread_reentry_is_refused_not_deadlocked(captioner, photos):
     ({"backend": "tensorrt"}, BackendUnavailableError, "backend 'tensorrt' needs the Python package"),  # absent here
     ({"backend": "torch"}, BackendUnavailableError, "backend 'torch'"),  # no PyTorch weights in this artifact
     ({"device": "cuda"}, BackendUnavailableError, "device=cuda was requested"),
-    ({"backend": "openvino"}, InputError, "unknown backend 'openvino'"),  # no such backend: bad input, exit 2
+    ({"backend": "tvm"}, InputError, "unknown backend 'tvm'"),  # no such backend: bad input, exit 2
     ({"backend": "foo"}, InputError, "unknown backend 'foo'"),
     ({"device": "tpu"}, InputError, "unknown device 'tpu'"),
 ])
