@@ -199,4 +199,15 @@ def refuse_unknown_options(backend: str, unknown: dict, allowed) -> None:
                          f"options among {', '.join(sorted(allowed))}", "check the spelling, or drop them")
 
 
-__all__ = ["Backend", "BackendInfo", "ComponentPlan", "Plan", "PlanRequest", "listed", "refuse_unknown_options"]
+def settings_from_options(backend: str, settings_class, options: dict):
+    """``settings_class(**options)`` for a backend whose runner / decoder options are the fields of one settings
+    dataclass (``OrtOptions``, ``OvOptions``); an option it has no field for is an InputError, never ignored."""
+    from dataclasses import fields
+
+    allowed = [f.name for f in fields(settings_class)]
+    refuse_unknown_options(backend, {k: v for k, v in options.items() if k not in allowed}, allowed)
+    return settings_class(**options)
+
+
+__all__ = ["Backend", "BackendInfo", "ComponentPlan", "Plan", "PlanRequest", "listed", "refuse_unknown_options",
+           "settings_from_options"]

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import fields
 
 import numpy as np
 import onnxruntime as ort
 
-from mmedge.backends import refuse_unknown_options
+from mmedge.backends import settings_from_options
 from mmedge.errors import BackendError, IntegrityError
 from mmedge.runner import DeviceArray, Runner
 from mmedge.runtimes.ort_session import (
@@ -145,9 +144,7 @@ class OnnxRuntimeRunner(Runner):
 
 def create_runner(path, component_name: str, component: dict, **options) -> OnnxRuntimeRunner:
     """A runner for one component's graph; ``options``: ``OrtOptions`` fields (anything else is refused)."""
-    allowed = [f.name for f in fields(OrtOptions)]
-    refuse_unknown_options("onnxruntime", {k: v for k, v in options.items() if k not in allowed}, allowed)
-    return OnnxRuntimeRunner(path, component_name, component, OrtOptions(**options))
+    return OnnxRuntimeRunner(path, component_name, component, settings_from_options("onnxruntime", OrtOptions, options))
 
 
 __all__ = ["ORT_DTYPES", "PROVIDERS", "OnnxRuntimeRunner", "OrtDeviceArray", "OrtOptions", "available_providers",

@@ -28,17 +28,13 @@ def create_runner(path, component_name: str, component: dict, **options):
 def create_decoder(artifact, embeddings, **options):
     """The artifact's KV-cached decoder on OpenVINO (``options``: ``OvOptions`` fields; the compiled model is cached
     in the artifact's engines/ unless ``engine_cache`` says otherwise)."""
-    from dataclasses import fields
+    from mmedge.backends import settings_from_options
 
-    from mmedge.backends import refuse_unknown_options
-
-    allowed = [f.name for f in fields(OvOptions)]
-    refuse_unknown_options("openvino", {k: v for k, v in options.items() if k not in allowed}, allowed)
+    settings = settings_from_options("openvino", OvOptions, {"engine_cache": artifact.engines_dir(), **options})
     import_openvino()
     from mmedge.runtimes.openvino.decoder import OpenVinoDecoder
 
-    options.setdefault("engine_cache", artifact.engines_dir())
-    return OpenVinoDecoder.for_artifact(artifact, embeddings, OvOptions(**options))
+    return OpenVinoDecoder.for_artifact(artifact, embeddings, settings)
 
 
 __all__ = ["INSTALL", "OvDevice", "OvOptions", "create_decoder", "create_runner", "import_openvino", "list_devices"]

@@ -80,12 +80,9 @@ class OpenVinoRunner(Runner):
 
 def create_runner(path, component_name: str, component: dict, **options) -> OpenVinoRunner:
     """A runner of one component (``options``: ``OvOptions`` fields; anything else is refused)."""
-    from dataclasses import fields
-
-    from mmedge.backends import refuse_unknown_options
+    from mmedge.backends import settings_from_options
     from mmedge.runtimes.openvino.core import import_openvino
 
-    allowed = [f.name for f in fields(OvOptions)]
-    refuse_unknown_options("openvino", {k: v for k, v in options.items() if k not in allowed}, allowed)
+    settings = settings_from_options("openvino", OvOptions, options)
     import_openvino()
-    return OpenVinoRunner(path, component_name, component, OvOptions(**options))
+    return OpenVinoRunner(path, component_name, component, settings)
