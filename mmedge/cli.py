@@ -122,7 +122,7 @@ def _run_interleaved(pipeline, items: list[str], args) -> str:
 
     from mmedge.errors import InputError
 
-    if not hasattr(pipeline, "generate"):
+    if not getattr(pipeline, "interleaved", False):
         raise InputError("--interleaved was given for a model without interleaved prompts",
                          "a Flamingo-style (IDEFICS) captioning artifact",
                          "drop --interleaved, or export an IDEFICS model")
