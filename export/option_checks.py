@@ -56,6 +56,10 @@ RULES = (
          "CLIP with --labels (the templates are baked in) or at --precision int8 (its calibration and "
          "fidelity prompts)",
          "add --labels, or pass the templates at run time (mmedge run --templates)"),
+    Rule("--openvino-weights", lambda o: o.openvino_weights is not None,
+         lambda o, f: f.has_llm and _llm(o) == "fp32",
+         "a model with a language model exported at FP32 (NNCF compresses the FP32 decoder's weights itself)",
+         "drop --llm-precision (or --precision) to keep the decoder FP32, or drop --openvino-weights"),
     Rule("--allow-pickle", lambda o: o.allow_pickle, lambda o, f: not o.random_weights,
          "a checkpoint whose weights are loaded (with --random-weights none are)", "drop --allow-pickle"),
     *(Rule(flag, lambda o, key=key: key in o.extra, lambda o, f, key=key: key in f.extra_defaults,

@@ -24,6 +24,7 @@ from mmedge.progress import Progress
 PRECISIONS = ("fp32", "fp16", "int8")
 LLM_PRECISIONS = ("fp32", "fp16", "int8", "int4")
 QUANTIZATIONS = ("static", "dynamic")
+OPENVINO_WEIGHTS = ("int8", "int4")  # NNCF weight compression of the decoder (mmedge.export.openvino_weights)
 VALIDATION_FILE = "validation.npz"
 TOKENIZER_FILE = "tokenizer.json"
 FP16_MIN_COSINE = 0.999
@@ -56,6 +57,7 @@ class ExportOptions:
     seed: int = 0
     threads: int | None = None
     with_pytorch: bool = False  # also write the checkpoint's safetensors weights (pytorch/) for the torch backend
+    openvino_weights: str | None = None  # int8 | int4: also write the FP32 decoder NNCF-compressed for OpenVINO
     extra: dict = field(default_factory=dict)  # family-specific settings
 
     def check(self) -> None:
@@ -65,6 +67,9 @@ class ExportOptions:
         if self.llm_precision not in (None, *LLM_PRECISIONS):
             raise ExportError(f"LLM precision '{self.llm_precision}' is not supported",
                               f"one of {', '.join(LLM_PRECISIONS)}", "pass --llm-precision fp32, fp16, int8 or int4")
+        if self.openvino_weights not in (None, *OPENVINO_WEIGHTS):
+            raise ExportError(f"OpenVINO weights '{self.openvino_weights}' are not supported",
+                              f"one of {', '.join(OPENVINO_WEIGHTS)}", "pass --openvino-weights int4 or int8")
         if self.quantization not in (None, *QUANTIZATIONS):
             raise ExportError(f"quantization '{self.quantization}' is not supported",
                               f"one of {', '.join(QUANTIZATIONS)}", "pass --quantization static or dynamic")
@@ -126,7 +131,7 @@ def _export(model: str, out: Path, options: ExportOptions, family, estimate=None
     from mmedge.export.loading import load_checkpoint, upcast_to_fp32
     from mmedge.export.memory import MeteredProgress
 
-    progress = MeteredProgress(5, enabled=options.progress)
+    progress = MeteredProgress(6 if options.openvino_weights else 5, enabled=options.progress)
     with progress.step(f"loading {model}" + (" (random weights)" if options.random_weights else "")):
         loaded = load_checkpoint(model, random_weights=options.random_weights, allow_pickle=options.allow_pickle,
                                  seed=options.seed)
@@ -146,6 +151,10 @@ def _export(model: str, out: Path, options: ExportOptions, family, estimate=None
         with progress.step(_describe_precision(builder, lowered)):
             builder.free_torch_weights(specs)  # every PyTorch output is taken: quantizers and sessions get the memory
             builder.lower_precision(lowered, progress)
+        if options.openvino_weights:
+            with progress.step(f"compressing the decoder's weights to {options.openvino_weights} with NNCF "
+                               "for OpenVINO, and checking them against PyTorch"):
+                builder.compress_for_openvino(specs)
         with progress.step("writing manifest and validation samples"):
             builder.finish(specs)
     return out
@@ -294,6 +303,17 @@ class ArtifactBuilder:
             _, images = fidelity_paths(self.options)
             for name, measured in self.family.quantized_fidelity(run, self.fp32_paths, final, self).items():
                 self.entries[name]["parity"]["fidelity"] = {**measured, "images": images}
+
+    def compress_for_openvino(self, specs) -> None:
+        """``--openvino-weights``: the decoder's IR with NNCF-compressed weights beside its FP32 ONNX graph."""
+        from mmedge.export.openvino_weights import compress_decoder
+
+        weights = self.options.openvino_weights
+        for spec in specs:
+            if spec.name == "decoder":  # the LLM over input embeddings, with its KV cache
+                min_cosine = float(self.family.setting(self.options, "min_logits_cosine"))
+                entry = compress_decoder(self, spec, weights, min_cosine)
+                self.entries[spec.name]["openvino"] = {weights: entry}
 
     def _quantize(self, spec, precision: str, source: Path, dest: Path, progress: Progress) -> dict:
         from mmedge.export import quantize

@@ -54,7 +54,7 @@ def cmd_export(args) -> int:
                             calibration_method=args.calibration_method, fidelity=args.fidelity_images,
                             random_weights=args.random_weights,
                             allow_pickle=args.allow_pickle, overwrite=args.overwrite, progress=not args.quiet,
-                            with_pytorch=args.with_pytorch)
+                            with_pytorch=args.with_pytorch, openvino_weights=args.openvino_weights)
     out = export_model(args.model, args.out, options)
     from mmedge.artifact import Artifact
 
@@ -325,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="accept pickled .bin weights (loaded with weights_only=True)")
     exp.add_argument("--with-pytorch", action="store_true",
                      help="also write the checkpoint's safetensors weights (pytorch/) for the torch backend")
+    exp.add_argument("--openvino-weights", choices=["int8", "int4"], default=None,
+                     help="BLIP-2 and IDEFICS at an FP32 LLM: also write the decoder with NNCF-compressed weights for "
+                          "the OpenVINO backend (needs mmedge[openvino]; its parity is measured and recorded)")
     exp.add_argument("--overwrite", action="store_true", help="replace OUT once the new artifact is complete")
     exp.add_argument("--quiet", action="store_true", help="no progress lines")
     exp.set_defaults(func=cmd_export)

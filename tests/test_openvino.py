@@ -135,6 +135,76 @@ def test_nncf_int4_decoder_generates_close_to_fp32_and_is_recorded(blip2_artifac
 
 
 @needs_openvino
+def test_export_writes_nncf_weights_with_parity_and_the_device_runs_them(tiny_blip2_dir, tmp_path, monkeypatch):
+    """--openvino-weights int8: the export writes the decoder's NNCF-compressed IR beside the FP32 ONNX graph, with
+    sha256, NNCF settings and its logits parity vs PyTorch in the manifest; the device reads that IR (NNCF does not
+    run there) and its prefill logits equal those of the same compression done at load; a changed .bin is refused."""
+    import shutil
+
+    import mmedge
+    from mmedge.errors import IntegrityError
+    from mmedge.export import export_model
+    from mmedge.runtimes.openvino import compile as ov_compile
+
+    out = export_model(str(tiny_blip2_dir), tmp_path / "ovw", openvino_weights="int8", progress=False)
+    entry = json.loads((out / "manifest.json").read_text())["components"]["decoder"]["openvino"]["int8"]
+    assert entry["compression"]["mode"] == "int8_asym" and entry["weights_file"]["file"] == "decoder.openvino-int8.bin"
+    assert entry["parity"]["reference"] == "torch-fp32" and entry["parity"]["logits_cosine_mean"] >= 0.99
+    assert (out / entry["file"]).is_file() and (out / "decoder.onnx").is_file()
+    photo = str(ROOT / "export/data/images/holdout-chelsea.jpg")
+    options = {"openvino": {"weights": "int8"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with mmedge.load(out, backend="openvino", backend_options=options) as at_load:
+            monkeypatch.setitem(at_load.artifact.component("decoder"), "openvino", {})  # as if the export had none
+            at_load.decoder.close()
+            at_load.decoder = _openvino_decoder(at_load)
+            assert "from the export" not in at_load.decoder.source
+            built = at_load.inputs.for_images([photo], None, 4)
+            at_load_logits = at_load.decoder.start(built["embeds"], built["mask"])
+
+        def no_nncf(*args, **kwargs):
+            raise AssertionError("NNCF ran on the device although the export wrote the compressed weights")
+
+        monkeypatch.setattr(ov_compile, "compress_weights", no_nncf)
+        with mmedge.load(out, backend="openvino", backend_options=options) as exported:
+            assert "from the export" in exported.decoder.source
+            logits = exported.decoder.start(built["embeds"], built["mask"])
+            assert isinstance(exported.caption(photo, max_new_tokens=4), str)
+    assert float(cosine_rows(at_load_logits, logits).min()) >= 0.9999  # the same NNCF weights, read two ways
+    data = out / entry["weights_file"]["file"]
+    data.write_bytes(data.read_bytes()[:-8] + bytes(8))
+    shutil.rmtree(out / "engines", ignore_errors=True)
+    with pytest.raises(IntegrityError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mmedge.load(out, backend="openvino", backend_options=options)
+
+
+@needs_openvino
+def test_export_refuses_nncf_weights_that_do_nothing_or_drift(tiny_blip2_dir, tiny_clip_dir, tmp_path):
+    """--openvino-weights needs an FP32 LLM (refused before loading otherwise, and for CLIP); weights below the
+    logits gate fail the export with ParityError and leave no folder."""
+    from mmedge.errors import ParityError
+    from mmedge.export import export_model
+
+    for model, options in ((tiny_blip2_dir, {"llm_precision": "int4"}), (tiny_clip_dir, {})):
+        with pytest.raises(InputError, match="--openvino-weights"):
+            export_model(str(model), tmp_path / "refused", openvino_weights="int8", progress=False, **options)
+    with pytest.raises(ParityError, match="OpenVINO"):
+        export_model(str(tiny_blip2_dir), tmp_path / "drift", openvino_weights="int4", progress=False,
+                     extra={"min_logits_cosine": 0.99999})
+    assert not (tmp_path / "refused").exists() and not (tmp_path / "drift").exists()
+
+
+def _openvino_decoder(captioner):
+    """The captioner's decoder opened again on OpenVINO with NNCF INT8 weights (the artifact as the test left it)."""
+    from mmedge.runtimes.openvino.core import OvOptions
+    from mmedge.runtimes.openvino.decoder import OpenVinoDecoder
+
+    return OpenVinoDecoder.for_artifact(captioner.artifact, captioner.embeddings, OvOptions(weights="int8"))
+
+
+@needs_openvino
 def test_weight_compression_is_refused_for_a_graph_that_is_not_fp32(clip_artifacts):
     from mmedge.runtimes.openvino.compile import compress_weights
 

@@ -2,7 +2,9 @@
 
 OpenVINO reads the artifact's ONNX graph directly (its ONNX front end; the com.microsoft ops mmedge writes,
 MatMulNBits, QDQ and dynamic INT8, included). With ``OvOptions.weights`` the decoder's FP32 weights are compressed by
-NNCF (``compress_weights``) before compiling; the compiled model is cached, so NNCF runs once per device.
+NNCF (``compress_weights``) before compiling; the compiled model is cached, so NNCF runs once per device. An artifact
+exported with ``--openvino-weights`` carries the compressed model already (``components.decoder.openvino``, an
+OpenVINO IR with its measured parity): that one is read instead, and NNCF does not run on the device.
 """
 
 from __future__ import annotations
@@ -27,28 +29,41 @@ from mmedge.runtimes.openvino.core import (
 log = logging.getLogger("mmedge")
 
 
-def precision_label(component: dict, weights: str | None) -> str:
-    """The precision a compiled model runs at: the graph's, and any weights OpenVINO compressed."""
+def precision_label(component: dict, weights: str | None, exported: bool = False) -> str:
+    """The precision a compiled model runs at: the graph's, and any weights NNCF compressed (at export or here)."""
     graph = str(component.get("precision") or "fp32")
-    return f"{graph}+nncf-{weights}" if weights else graph
+    return f"{graph}+nncf-{weights}{'-exported' if exported else ''}" if weights else graph
 
 
-def cache_key(component: dict, options: OvOptions) -> OvKey:
+def exported_weights(artifact, component_name: str, weights: str | None) -> Path | None:
+    """The OpenVINO IR (``.xml``; its ``.bin`` beside it) with ``weights`` that the export wrote for the component,
+    both files checked against their sha256, or None when the artifact has none."""
+    entry = (artifact.component(component_name).get("openvino") or {}).get(weights) if weights else None
+    if entry is None:
+        return None
+    where = f"components.{component_name}.openvino.{weights}"
+    artifact.verified_path(entry["weights_file"]["file"], entry["weights_file"]["sha256"], where + ".weights_file")
+    return artifact.verified_path(entry["file"], entry["sha256"], where + ".file")
+
+
+def cache_key(component: dict, options: OvOptions, exported: bool = False) -> OvKey:
     from mmedge import __version__
 
     return OvKey(onnx_sha256=str(component.get("sha256") or ""),
                  external_data_sha256=str((component.get("external_data") or {}).get("sha256") or ""),
-                 precision=precision_label(component, options.weights), device=options.device,
+                 precision=precision_label(component, options.weights, exported), device=options.device,
                  device_full_name=device_name(options.device), openvino_version=import_openvino().get_version(),
                  mmedge_version=__version__, inference_precision=str(options.compile_config().get(
                      "INFERENCE_PRECISION_HINT", "default")))
 
 
-def compiled_model(path: str | os.PathLike, component_name: str, component: dict, options: OvOptions):
-    """(``openvino.CompiledModel``, where it came from: "cache", "compiled" or "compiled, cached as NAME")."""
+def compiled_model(path: str | os.PathLike, component_name: str, component: dict, options: OvOptions,
+                   exported: bool = False):
+    """(``openvino.CompiledModel``, where it came from: "cache", "compiled" or "compiled, cached as NAME").
+    ``exported``: ``path`` is the IR the export compressed with ``options.weights`` (no NNCF here)."""
     config = options.compile_config()
     cache = BlobCache(options.engine_cache) if options.engine_cache is not None else None
-    key = cache_key(component, options) if cache is not None else None
+    key = cache_key(component, options, exported) if cache is not None else None
     if cache is not None:
         blob, reasons = cache.load(component_name, key)
         if blob is not None:
@@ -59,7 +74,7 @@ def compiled_model(path: str | os.PathLike, component_name: str, component: dict
         elif reasons:
             log.info("mmedge: OpenVINO recompiles %s: %s", component_name, "; ".join(reasons))
     model = read_model(path, component_name)
-    if options.weights:
+    if options.weights and not exported:
         model = compress_weights(model, component_name, component, options.weights)
     start = time.perf_counter()
     try:
@@ -74,7 +89,7 @@ def compiled_model(path: str | os.PathLike, component_name: str, component: dict
         stream = io.BytesIO()
         compiled.export_model(stream)
         stored = cache.store(component_name, key, stream.getvalue(),
-                             {"weights": _weights_record(options.weights)} if options.weights else None)
+                             {"weights": weights_record(options.weights)} if options.weights else None)
         source += f", cached as {Path(stored).name}"
     return compiled, source
 
@@ -96,6 +111,7 @@ def compress_weights(model, component_name: str, component: dict, weights: str):
                          "weights itself)", "load the FP32 export with weights='int4', or leave weights unset to run "
                          "this graph as it is")
     nncf = import_optional("nncf")  # OpenVINO's weight compression
+    nncf.set_log_level(logging.WARNING)  # its tables and progress bars: mmedge logs its own line below
     mode, group = WEIGHT_MODES[weights]
     start = time.perf_counter()
     log.info("mmedge: NNCF compresses %s's weights to %s (once per device; the compiled model is cached)",
@@ -108,7 +124,8 @@ def compress_weights(model, component_name: str, component: dict, weights: str):
     return compressed
 
 
-def _weights_record(weights: str) -> dict:
+def weights_record(weights: str) -> dict:
+    """How NNCF compressed the weights (method, mode, group size, NNCF version): for records and manifests."""
     mode, group = WEIGHT_MODES[weights]
     from importlib.metadata import version
 

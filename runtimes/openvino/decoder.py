@@ -6,7 +6,8 @@ The cache is the graph's explicit past / present tensors. Two infer requests tak
 writes are fed, without a copy, as the pasts of the other, whose own output buffers are distinct, so a call never
 reads and writes the same memory; the previous call's buffers are only overwritten two calls later, after they were
 read. ``reorder`` (beam search) gathers cache rows through host memory. ``OvOptions.weights`` ('int4', 'int8')
-compresses an FP32 decoder's weights with NNCF at first load (cached compiled; see ``compile``).
+compresses an FP32 decoder's weights with NNCF at first load (cached compiled; see ``compile``), or reads the IR an
+``--openvino-weights`` export compressed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 from mmedge.embeddings import EmbeddingTable
 from mmedge.errors import IntegrityError
 from mmedge.runtimes.kv_decoder import GraphDecoder, artifact_decoder, cache_names, checked_layout
-from mmedge.runtimes.openvino.compile import compiled_model
+from mmedge.runtimes.openvino.compile import compiled_model, exported_weights
 from mmedge.runtimes.openvino.core import OvOptions, import_openvino
 from mmedge.runtimes.openvino.runner import port_names
 
@@ -50,8 +51,11 @@ class OpenVinoDecoder(GraphDecoder):
     @classmethod
     def for_artifact(cls, artifact, embeddings: np.ndarray | EmbeddingTable, options: OvOptions) -> "OpenVinoDecoder":
         layout, keywords = artifact_decoder(artifact.manifest)
-        compiled, source = compiled_model(artifact.component_path("decoder"), "decoder", artifact.component("decoder"),
-                                          options)
+        exported = exported_weights(artifact, "decoder", options.weights)  # the IR --openvino-weights wrote
+        compiled, source = compiled_model(exported or artifact.component_path("decoder"), "decoder",
+                                          artifact.component("decoder"), options, exported=exported is not None)
+        if exported is not None:
+            source = f"{source} (NNCF {options.weights} weights from the export: {exported.name})"
         return cls(compiled, embeddings, layout, source=source, **keywords)
 
     def close(self) -> None:
