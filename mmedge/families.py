@@ -40,7 +40,7 @@ FAMILIES: dict[str, FamilyRow] = {row.name: row for row in (
               {"caption": "mmedge.pipelines.captioner:Captioner", "vqa": "mmedge.pipelines.captioner:Captioner"},
               GenerativeSection(("bos_token_id", "num_query_tokens"),
                                 ("prefix", "decoder", "image_tokens", "prompts", "embeddings"))),
-    FamilyRow("idefics", "IDEFICS", ("vision", "resampler", "cross_kv", "decoder"), ("caption", "vqa"),
+    FamilyRow("idefics", "IDEFICS", ("image_context", "vision", "resampler", "cross_kv", "decoder"), ("caption", "vqa"),
               {"caption": "mmedge.pipelines.flamingo:FlamingoCaptioner",
                "vqa": "mmedge.pipelines.flamingo:FlamingoCaptioner"},
               GenerativeSection(("bos_token_id", "vision_width"),
