@@ -303,3 +303,19 @@ def test_streaming_export_frees_the_vision_tower_before_the_llm(tiny_idefics_dir
             (IdeficsForVisionText2Text.from_pretrained(tiny_idefics_dir).eval(),
              IdeficsProcessor.from_pretrained(tiny_idefics_dir)),
             item, max_new_tokens=8)
+
+
+def test_bad_fidelity_prompts_are_refused_before_export(tiny_idefics_dir, tmp_path):
+    for bad in ("An image of", [["no image here"]], [[]], [["{image}", 3]]):
+        with pytest.raises(mmedge.errors.InputError, match="fidelity_prompts"):
+            export_model(str(tiny_idefics_dir), tmp_path / "out", progress=False, precision="int8",
+                         llm_precision="int4", extra={"fidelity_prompts": bad})
+    assert not (tmp_path / "out").exists()
+
+
+def test_split_image_graphs_flag_is_refused_for_blip2(tiny_blip2_dir, tmp_path, capsys):
+    from mmedge.cli import main
+
+    assert main(["export", str(tiny_blip2_dir), str(tmp_path / "b"), "--split-image-graphs"]) != 0
+    err = capsys.readouterr().err
+    assert "--split-image-graphs" in err and "IDEFICS" in err

@@ -59,8 +59,10 @@ EXTRA_DEFAULTS = {
     "min_logits_cosine": 0.95,
     "fidelity_images": 6,
     "fidelity_max_new_tokens": 16,
+    "fidelity_prompts": None,  # None: FIDELITY_PROMPTS; else a list of prompts in their form, for in-domain figures
 }
-# The prompts the quantized decoder is measured on; "{image}" marks where a held-out photo goes.
+# The prompts the quantized decoder is measured on; "{image}" marks where a held-out photo goes (successive "{image}"
+# items of one prompt take successive photos).
 FIDELITY_PROMPTS = (("{image}",), ("{image}", "An image of"), ("{image}", "Question: what is in the picture? Answer:"))
 VALIDATION_PROMPT = ("{image0}", "An image of two cats.", "{image1}", "An image of")
 
@@ -98,6 +100,7 @@ class IdeficsFamily(GenerativeFamily):
     # --- what gets exported ----------------------------------------------------------------------
     def specs(self, loaded, options) -> list:
         model = loaded.model
+        fidelity_prompts(self.setting(options, "fidelity_prompts"))  # a malformed list is refused before any export
         cached = bool(self.setting(options, "cached_cross_kv"))
         if self.setting(options, "fused_image_context"):
             return [ImageContext(model, cached_cross_kv=cached), XAttnDecoderWithPast(model, cached_cross_kv=cached)]
@@ -291,8 +294,9 @@ class IdeficsFamily(GenerativeFamily):
                                   | {"max_new_tokens": int(self.setting(options, "fidelity_max_new_tokens")),
                                      "num_beams": 1, "do_sample": False})
         cosines, identical, common = [], [], []
-        for prompt in FIDELITY_PROMPTS:
-            built = inputs.build([[photo if item == "{image}" else item for item in prompt] for photo in photos])
+        prompts = fidelity_prompts(self.setting(options, "fidelity_prompts"))
+        for prompt in prompts:
+            built = inputs.build([_with_photos(prompt, photos, start) for start in range(len(photos))])
             runs = []
             for decoder, rows in decoders:  # each side embeds the prompt with its own table
                 embeds = np.asarray(rows[built["ids"]], dtype=np.float32)  # [batch, tokens, hidden]
@@ -305,7 +309,7 @@ class IdeficsFamily(GenerativeFamily):
                 identical.append(a == b)
                 common.append(common_prefix(a, b) / max(len(a), 1))
         return {"reference": "onnx-fp32", "precision": options.llm_precision or options.precision,
-                "held_out_images": len(photos), "prompts": [" ".join(p) for p in FIDELITY_PROMPTS],
+                "held_out_images": len(photos), "prompts": [" ".join(p) for p in prompts],
                 "sequences": len(identical), "logits_cosine_min": float(min(cosines)),
                 "logits_cosine_mean": float(np.mean(cosines)), "greedy_identical_share": float(np.mean(identical)),
                 "greedy_common_prefix_share": float(np.mean(common)), "max_new_tokens": config.max_new_tokens,
@@ -313,6 +317,33 @@ class IdeficsFamily(GenerativeFamily):
 
 
 # --- helpers -------------------------------------------------------------------------------------
+def fidelity_prompts(value) -> tuple:
+    """The decoder's fidelity prompts (``fidelity_prompts`` setting, None: ``FIDELITY_PROMPTS``), checked."""
+    from mmedge.errors import InputError
+
+    if value is None:
+        return FIDELITY_PROMPTS
+    if (not isinstance(value, (list, tuple)) or not value
+            or not all(isinstance(p, (list, tuple)) and p and all(isinstance(i, str) for i in p) for p in value)
+            or not all("{image}" in p for p in value)):
+        raise InputError(f"fidelity_prompts is {value!r}",
+                         'a non-empty list of prompts, each a list of strings with at least one "{image}" item',
+                         'pass e.g. [["{image}", "An image of"]], or leave the setting out')
+    return tuple(tuple(p) for p in value)
+
+
+def _with_photos(prompt: tuple, photos: list, start: int) -> list:
+    """``prompt`` with its k-th "{image}" replaced by photo ``start + k`` (cyclically)."""
+    items, k = [], 0
+    for item in prompt:
+        if item == "{image}":
+            items.append(photos[(start + k) % len(photos)])
+            k += 1
+        else:
+            items.append(item)
+    return items
+
+
 def _encoder_fidelity_of(name: str, run, fp32: Path, quantized: Path, feeds: dict) -> dict:
     """Cosine of every output of the quantized encoder vs FP32 on the same inputs (rows: first axis)."""
     reference, actual = run(fp32, feeds), run(quantized, feeds)
