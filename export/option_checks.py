@@ -11,7 +11,8 @@ from mmedge.errors import InputError
 from mmedge.idle_options import Rule, refuse_idle
 
 # ExportOptions.extra settings the CLI sets with a flag of its own
-EXTRA_FLAGS = {"fused_prefix": "--split-prefix", "cached_cross_kv": "--recompute-cross-kv"}
+EXTRA_FLAGS = {"fused_prefix": "--split-prefix", "cached_cross_kv": "--recompute-cross-kv",
+               "fused_image_context": "--split-image-graphs"}
 
 
 def _llm(options) -> str | None:

@@ -47,6 +47,8 @@ def cmd_export(args) -> int:
     extra = {"fused_prefix": False} if args.split_prefix else {}
     if args.recompute_cross_kv:
         extra["cached_cross_kv"] = False
+    if args.split_image_graphs:
+        extra["fused_image_context"] = False
     options = ExportOptions(task=args.task, precision=args.precision, quantization=args.quantization,
                             llm_precision=args.llm_precision, int4_block_size=args.int4_block_size,
                             int4_accuracy_level=args.int4_accuracy_level, extra=extra,
@@ -298,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--recompute-cross-kv", action="store_true",
                      help="IDEFICS: the decoder recomputes cross-attention K/V from the visual tokens every step "
                           "(as transformers does) instead of taking them once per image set; for comparison")
+    exp.add_argument("--split-image-graphs", action="store_true",
+                     help="IDEFICS: vision, resampler and cross K/V as separate graphs, not one image_context graph")
     exp.add_argument("--quantization", default=None, choices=["dynamic", "static"],
                      help="INT8 recipe: dynamic (default; fastest on CPU, no calibration) or static QDQ of the "
                           "encoders (calibrated; for TensorRT; needs --precision int8)")

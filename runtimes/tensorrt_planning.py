@@ -147,10 +147,14 @@ AXIS_RULES = ("batch", "images", "sequence", "tokens", "past_sequence", "total_s
 
 
 def tokens_per_image(manifest: Mapping) -> int | None:
-    """Visual tokens per image: the fixed second axis of a component output shaped ``[images, N, width]``
-    (the last such in the manifest, e.g. a Perceiver Resampler's latents after the vision tower's patches)."""
+    """Visual tokens per image: a component's declared ``axis_units.image_tokens`` (a fused image graph), else the
+    fixed second axis of a component output shaped ``[images, N, width]`` (the last such in the manifest, e.g. a
+    Perceiver Resampler's latents after the vision tower's patches)."""
     found = None
     for comp in manifest.get("components", {}).values():
+        unit = (comp.get("axis_units") or {}).get("image_tokens")
+        if isinstance(unit, int) and not isinstance(unit, bool):
+            return unit
         for spec in comp.get("outputs", {}).values():
             shape = spec.get("shape", [])
             if len(shape) == 3 and shape[0] == "images" and isinstance(shape[1], int):

@@ -1,6 +1,7 @@
 """IDEFICS (Flamingo-style) end to end on a tiny random checkpoint: component parity, prompts built as
-IdeficsProcessor builds them, greedy and beam tokens identical to ``model.generate`` for one- and
-two-image interleaved prompts, cached cross-attention K/V equal to recomputation, INT4 LLM."""
+IdeficsProcessor builds them, greedy and beam tokens identical to ``model.generate`` for one-, two- and
+three-image interleaved prompts through the fused image graph (and the split graphs behind their flag), cached
+cross-attention K/V equal to recomputation, INT4 LLM."""
 
 import json
 
@@ -19,6 +20,7 @@ from mmedge.pipelines.interleaved import image_attention_mask, prompt_text
 
 VARIANTS = {
     "fp32": {},
+    "split": {"extra": {"fused_image_context": False}},
     "recompute": {"extra": {"cached_cross_kv": False}},
     # Random tiny LLMs have no redundancy: 4-bit weights move their logits more than a trained model's
     # (cosine ~0.89 here vs >= 0.95 expected of real checkpoints), so the gate is lowered for the test.
@@ -75,9 +77,54 @@ def manifest(path):
 
 
 # --- export ---------------------------------------------------------------------------------------
-def test_components_and_their_parity(artifacts):
+def test_fused_image_graph_is_the_default_and_its_parity_is_recorded(artifacts):
+    """One image graph (pixels of each prompt's images → cross K/V of every gated cross-attention layer), checked
+    against PyTorch at other batch / image counts than traced; the manifest says how the device feeds it."""
     m = manifest(artifacts("fp32"))
-    assert m["family"] == "idefics" and list(m["components"]) == ["vision", "resampler", "cross_kv", "decoder"]
+    assert m["family"] == "idefics" and list(m["components"]) == ["image_context", "decoder"]
+    fused = m["components"]["image_context"]
+    assert list(fused["inputs"]) == ["pixel_values"] and fused["inputs"]["pixel_values"]["shape"][:2] == ["batch",
+                                                                                                           "images"]
+    assert list(fused["outputs"]) == [f"cross_key_values.{i}.{k}" for i in range(2) for k in ("key", "value")]
+    assert fused["parity"]["inputs"]["pixel_values"][:2] == [3, 3] and fused["axis_units"] == {"image_tokens": 6}
+    for output, metrics in fused["parity"]["outputs"].items():
+        assert metrics["cosine"] > 0.99999 and metrics["max_abs"] < 1e-3, (output, metrics)
+    assert fused["parity"]["validation_samples"]
+    section = m["idefics"]
+    assert section["image_context"]["component"] == "image_context" and section["cross_kv"]["component"] == (
+        "image_context")
+    assert section["image_context"]["replaces"] == ["vision", "resampler", "cross_kv"]
+    assert manifest(artifacts("recompute"))["idefics"]["image_context"]["outputs"] == "visual_tokens"
+
+
+def test_fused_graph_equals_the_split_chain(artifacts, hf, images):
+    """The fused graph's K/V for a batch of two prompts (the second with one real image, one padded) equal the
+    split graphs' vision → resampler → cross_kv outputs, and both artifacts generate the same tokens."""
+    preprocess = mmedge.preprocess.ImagePreprocessor(manifest(artifacts("fp32"))["preprocess"])
+    pixels = preprocess(images[:3])  # [3, 3, H, W]
+    batch = np.zeros((2, 2, *pixels.shape[1:]), dtype=np.float32)
+    batch[0], batch[1, 0] = pixels[:2], pixels[2]
+    fused = run_onnx(artifacts("fp32") / "image_context.onnx", {"pixel_values": batch})
+    split = artifacts("split")
+    features = run_onnx(split / "vision.onnx", {"pixel_values": pixels})["image_features"]
+    tokens = run_onnx(split / "resampler.onnx", {"image_features": features})["visual_tokens"]  # [3, 6, 32]
+    kv = run_onnx(split / "cross_kv.onnx", {"visual_tokens": tokens[:2].reshape(1, 12, 32)})
+    for name, value in kv.items():
+        np.testing.assert_allclose(fused[name][:1], value, atol=1e-4)
+    single = run_onnx(split / "cross_kv.onnx", {"visual_tokens": tokens[2:].reshape(1, 6, 32)})
+    np.testing.assert_allclose(fused["cross_key_values.1.value"][1:, :, :6], single["cross_key_values.1.value"],
+                               atol=1e-4)
+    item = prompts(images)["three images few-shot"]
+    with mmedge.load(artifacts("fp32")) as one, mmedge.load(split) as three:
+        assert set(one.runners) == {"image_context"}  # the decoder is the captioner's own
+        assert set(three.runners) == {"vision", "resampler", "cross_kv"}
+        assert one.generate(item, max_new_tokens=10) == three.generate(item, max_new_tokens=10)
+
+
+def test_split_graphs_and_their_parity(artifacts, hf, images):
+    m = manifest(artifacts("split"))
+    assert list(m["components"]) == ["vision", "resampler", "cross_kv", "decoder"]
+    assert m["idefics"]["image_context"] is None and m["idefics"]["cross_kv"]["component"] == "cross_kv"
     for name, entry in m["components"].items():
         assert entry["parity"]["reference"] == "torch-fp32"
         for output, metrics in entry["parity"]["outputs"].items():
@@ -86,6 +133,9 @@ def test_components_and_their_parity(artifacts):
     decoder = m["components"]["decoder"]
     assert decoder["parity"]["inputs"]["image_attention_mask"][2] == 3  # checked with other image counts than traced
     assert m["idefics"]["cross_kv"]["tokens_per_image"] == 6 and m["idefics"]["decoder"]["cross_kv"] == "inputs"
+    item = prompts(images)["two images interleaved"]
+    with mmedge.load(artifacts("split")) as captioner:
+        assert captioner.generate(item, max_new_tokens=12) == hf_continuation(hf, item, max_new_tokens=12)
 
 
 def test_resampler_graph_matches_pytorch_on_fresh_inputs(artifacts, hf):
@@ -93,7 +143,7 @@ def test_resampler_graph_matches_pytorch_on_fresh_inputs(artifacts, hf):
     features = torch.randn(5, 17, 32, generator=torch.Generator().manual_seed(7))  # [images, patches + 1, width]
     with torch.no_grad():
         expected = _Resampler(model)(features).numpy()  # [images, latents, width]
-    actual = run_onnx(artifacts("fp32") / "resampler.onnx", {"image_features": features.numpy()})["visual_tokens"]
+    actual = run_onnx(artifacts("split") / "resampler.onnx", {"image_features": features.numpy()})["visual_tokens"]
     assert actual.shape == (5, 6, 32)
     np.testing.assert_allclose(actual, expected, atol=1e-4)
 
@@ -102,13 +152,13 @@ def test_cached_cross_kv_equals_recomputing_it_every_step(artifacts, hf, images)
     """The cross_kv graph's K/V equal the cross-attention layers' own projections, and a decoder fed them
     gives the same logits and tokens as the decoder that recomputes them from the visual tokens."""
     model, _ = hf
-    preprocess = mmedge.preprocess.ImagePreprocessor(manifest(artifacts("fp32"))["preprocess"])
+    preprocess = mmedge.preprocess.ImagePreprocessor(manifest(artifacts("split"))["preprocess"])
     pixels = torch.from_numpy(preprocess(images[:2]))
     with torch.no_grad():
         tokens = _Resampler(model)(_Vision(model)(pixels)).reshape(1, -1, 32)  # [1, 2 * latents, width]
         block = model.model.gated_cross_attn_layers[1].cross_attn
         key = block.k_layer_norm(block.k_proj(tokens).view(1, 12, block.num_heads, block.head_dim).transpose(1, 2))
-    graph = run_onnx(artifacts("fp32") / "cross_kv.onnx", {"visual_tokens": tokens.numpy()})
+    graph = run_onnx(artifacts("split") / "cross_kv.onnx", {"visual_tokens": tokens.numpy()})
     np.testing.assert_allclose(graph["cross_key_values.1.key"], key.numpy(), atol=1e-5)
     assert len(_CrossKV(model)(tokens)) == 2 * len(model.model.gated_cross_attn_layers)
     item = prompts(images)["two images interleaved"]
@@ -212,9 +262,8 @@ def test_int4_llm_quantizes_every_matmul_and_records_fidelity(artifacts, images)
     assert not [n for n in graph.graph.node if n.op_type == "MatMul" and set(n.input) & weights]
     fidelity = m["components"]["decoder"]["parity"]["fidelity"]
     assert fidelity["precision"] == "int4" and fidelity["sequences"] == 18 and fidelity["logits_cosine_mean"] > 0.8
-    for name in ("vision", "resampler", "cross_kv"):
-        assert m["components"][name]["precision"] == "int8"
-        assert m["components"][name]["parity"]["fidelity"]["embedding_cosine_mean"] > 0.98
+    assert m["components"]["image_context"]["precision"] == "int8"
+    assert m["components"]["image_context"]["parity"]["fidelity"]["embedding_cosine_mean"] > 0.98
     with mmedge.load(path) as captioner:
         assert isinstance(captioner.generate(prompts(images)["two images interleaved"], max_new_tokens=6), str)
 
@@ -270,3 +319,19 @@ def test_streaming_export_frees_the_vision_tower_before_the_llm(tiny_idefics_dir
             (IdeficsForVisionText2Text.from_pretrained(tiny_idefics_dir).eval(),
              IdeficsProcessor.from_pretrained(tiny_idefics_dir)),
             item, max_new_tokens=8)
+
+
+def test_bad_fidelity_prompts_are_refused_before_export(tiny_idefics_dir, tmp_path):
+    for bad in ("An image of", [["no image here"]], [[]], [["{image}", 3]]):
+        with pytest.raises(mmedge.errors.InputError, match="fidelity_prompts"):
+            export_model(str(tiny_idefics_dir), tmp_path / "out", progress=False, precision="int8",
+                         llm_precision="int4", extra={"fidelity_prompts": bad})
+    assert not (tmp_path / "out").exists()
+
+
+def test_split_image_graphs_flag_is_refused_for_blip2(tiny_blip2_dir, tmp_path, capsys):
+    from mmedge.cli import main
+
+    assert main(["export", str(tiny_blip2_dir), str(tmp_path / "b"), "--split-image-graphs"]) != 0
+    err = capsys.readouterr().err
+    assert "--split-image-graphs" in err and "IDEFICS" in err

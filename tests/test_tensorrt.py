@@ -180,6 +180,19 @@ def test_image_tokens_are_whole_images_of_the_resampler_output():
     assert profile["visual_tokens"] == ((1, 64, 32), (1, 64, 32), (2, 192, 32))
 
 
+def test_fused_image_graph_declares_its_image_token_unit():
+    """IDEFICS' fused image graph has no [images, tokens, width] output; it declares the unit itself."""
+    kv = {"cross_key_values.0.key": tensor("float32", "batch", 4, "image_tokens", 8)}
+    fused = component({"pixel_values": tensor("float32", "batch", "images", 3, 224, 224)}, kv)
+    manifest = {"family": "idefics", "components": {
+        "image_context": {**fused, "axis_units": {"image_tokens": 64}},
+        "decoder": component({"inputs_embeds": tensor("float32", "batch", "sequence", 32), **kv}, {})}}
+    profile = derive_profile(manifest, "image_context", ProfileLimits(max_batch=2, max_images=3))
+    assert profile["pixel_values"] == ((1, 1, 3, 224, 224), (1, 1, 3, 224, 224), (2, 3, 3, 224, 224))
+    assert derive_profile(manifest, "decoder", ProfileLimits(max_batch=2, max_images=3, max_sequence=16))[
+        "cross_key_values.0.key"] == ((1, 4, 64, 8), (1, 4, 64, 8), (2, 4, 192, 8))
+
+
 def test_fixed_inputs_need_no_profile_and_unknown_axes_are_refused():
     manifest = clip_manifest()
     manifest["components"]["vision"]["inputs"]["pixel_values"]["shape"] = [1, 3, 224, 224]

@@ -1,10 +1,14 @@
 """The IDEFICS family (open Flamingo): interleaved image/text prompts → LLM with gated cross-attention.
 
-Exported components (see ``mmedge.export.specs.idefics``): ``vision``, ``resampler`` (when the
-checkpoint uses the Perceiver Resampler), ``cross_kv`` (cross-attention keys/values of the visual
-tokens, computed once per image set) and ``decoder`` (the LLM with its KV cache, fed the cross K/V).
-``ExportOptions.extra["cached_cross_kv"] = False`` exports a decoder that recomputes the cross K/V from
-``visual_tokens`` at every call instead (what transformers does), for comparison.
+Exported components (see ``mmedge.export.specs.idefics``), ``ExportOptions.extra``:
+
+- ``image_context`` (default, ``fused_image_context`` True): one graph from each prompt's images ``[batch, images,
+  3, H, W]`` through the vision tower and Perceiver Resampler to the cross-attention keys/values of every gated
+  cross-attention layer, computed once per image set. ``fused_image_context=False`` exports the same chain as
+  ``vision``, ``resampler`` (when the checkpoint has one) and ``cross_kv`` graphs instead (``--split-image-graphs``).
+- ``decoder``: the LLM with its KV cache, fed the cross K/V. ``cached_cross_kv=False`` exports a decoder that
+  recomputes the cross K/V from ``visual_tokens`` at every call instead (what transformers does), for comparison;
+  the image graph then ends at the visual tokens.
 
 The token-embedding table (base + IDEFICS' additional embeddings for ``<fake_token_around_image>`` and
 ``<image>``) is stored beside the graphs as for BLIP-2; prompts are built on the device exactly as
@@ -32,9 +36,11 @@ from mmedge.export.specs.idefics import (
     CROSS_NAME,
     CrossKV,
     FlamingoVision,
+    ImageContext,
     PerceiverResampler,
     XAttnDecoderWithPast,
     _CrossKV,
+    _ImageContext,
     _Resampler,
     _Vision,
     _XAttnDecoderWithPast,
@@ -45,15 +51,18 @@ from mmedge.export.specs.idefics import (
 from mmedge.metrics import common_prefix, cosine_rows
 
 TASKS = ("caption", "vqa")
-ENCODERS = ("vision", "resampler", "cross_kv")
+ENCODERS = ("image_context", "vision", "resampler", "cross_kv")
 FAKE_IMAGE_TOKEN, IMAGE_TOKEN, END_OF_UTTERANCE_TOKEN = "<fake_token_around_image>", "<image>", "<end_of_utterance>"
 EXTRA_DEFAULTS = {
+    "fused_image_context": True,  # one image graph (vision → resampler → cross K/V) instead of three
     "cached_cross_kv": True,  # decoder takes cross K/V (computed once per image set) instead of visual tokens
     "min_logits_cosine": 0.95,
     "fidelity_images": 6,
     "fidelity_max_new_tokens": 16,
+    "fidelity_prompts": None,  # None: FIDELITY_PROMPTS; else a list of prompts in their form, for in-domain figures
 }
-# The prompts the quantized decoder is measured on; "{image}" marks where a held-out photo goes.
+# The prompts the quantized decoder is measured on; "{image}" marks where a held-out photo goes (successive "{image}"
+# items of one prompt take successive photos).
 FIDELITY_PROMPTS = (("{image}",), ("{image}", "An image of"), ("{image}", "Question: what is in the picture? Answer:"))
 VALIDATION_PROMPT = ("{image0}", "An image of two cats.", "{image1}", "An image of")
 
@@ -91,10 +100,13 @@ class IdeficsFamily(GenerativeFamily):
     # --- what gets exported ----------------------------------------------------------------------
     def specs(self, loaded, options) -> list:
         model = loaded.model
+        fidelity_prompts(self.setting(options, "fidelity_prompts"))  # a malformed list is refused before any export
+        cached = bool(self.setting(options, "cached_cross_kv"))
+        if self.setting(options, "fused_image_context"):
+            return [ImageContext(model, cached_cross_kv=cached), XAttnDecoderWithPast(model, cached_cross_kv=cached)]
         encoders = [FlamingoVision(model)]
         if model.config.use_resampler:
             encoders.append(PerceiverResampler(model))
-        cached = bool(self.setting(options, "cached_cross_kv"))
         if cached:
             encoders.append(CrossKV(model))
         return [*encoders, XAttnDecoderWithPast(model, cached_cross_kv=cached)]
@@ -107,6 +119,7 @@ class IdeficsFamily(GenerativeFamily):
         """The wrapper module the exporter traced for component ``name``, around a model loaded on the device."""
         cached = manifest["idefics"]["decoder"].get("cross_kv", "inputs") == "inputs"
         builders = {"vision": _Vision, "resampler": _Resampler, "cross_kv": _CrossKV,
+                    "image_context": lambda m: _ImageContext(m, cached_cross_kv=cached),
                     "decoder": lambda m: _XAttnDecoderWithPast(m, cached_cross_kv=cached)}
         return builders[name](model).eval()
 
@@ -118,7 +131,7 @@ class IdeficsFamily(GenerativeFamily):
 
     @staticmethod
     def calibrates(spec) -> bool:
-        return spec.name in ("vision", "resampler")
+        return spec.name in ("vision", "resampler", "image_context")
 
     # --- manifest --------------------------------------------------------------------------------
     def manifest_extras(self, loaded, options, written: dict) -> dict:
@@ -126,8 +139,10 @@ class IdeficsFamily(GenerativeFamily):
         config = model.config
         generation = generation_settings(loaded)
         cached = bool(self.setting(options, "cached_cross_kv"))
-        components = ["vision", *(["resampler"] if config.use_resampler else []), *(["cross_kv"] if cached else []),
-                      "decoder"]
+        fused = bool(self.setting(options, "fused_image_context"))
+        chain = ["vision", *(["resampler"] if config.use_resampler else []), *(["cross_kv"] if cached else [])]
+        components = ["image_context", "decoder"] if fused else [*chain, "decoder"]
+        size = image_size(model)
         additional = tokenizer.special_tokens_map.get("additional_special_tokens", []) or []
         return {
             "tasks": [options.task] + [t for t in TASKS if t != options.task],
@@ -136,7 +151,14 @@ class IdeficsFamily(GenerativeFamily):
                 "components": components,
                 "image_size": image_size(model),
                 "vision_width": vision_width(model),
-                "cross_kv": {"component": "cross_kv" if cached else None, **cross_kv_layout(model)},
+                "cross_kv": {"component": ("image_context" if fused else "cross_kv") if cached else None,
+                             **cross_kv_layout(model)},
+                # the fused image graph: its outputs are the decoder's image inputs, by name; absent: the split chain
+                "image_context": {"component": "image_context", "input": "pixel_values",
+                                  "shape": ["batch", "images", 3, size, size],
+                                  "outputs": "cross_key_values" if cached else "visual_tokens",
+                                  "padding": "prompts with fewer images than the batch's most: zero pixels (the "
+                                  "image_attention_mask hides them)", "replaces": chain} if fused else None,
                 "decoder": {"component": "decoder", "llm": "llama",
                             "max_positions": int(config.max_position_embeddings),
                             "position_ids": "cumsum(attention_mask, axis=1) - 1 (padding slots: any value, "
@@ -189,6 +211,8 @@ class IdeficsFamily(GenerativeFamily):
         pixels = builder.preprocessor(photos)  # [2, 3, H, W]
         if spec.name == "vision":
             return {"pixel_values": pixels}
+        if spec.name == "image_context":
+            return {"pixel_values": pixels[None]}  # [1 prompt, 2 images, 3, H, W]
         with torch.no_grad():
             features = _Vision(model).eval()(torch.from_numpy(pixels))  # [2, patches + 1, width]
             if spec.name == "resampler":
@@ -218,6 +242,8 @@ class IdeficsFamily(GenerativeFamily):
         feeds = progress.items(pixel_feeds(builder.preprocessor, paths), len(paths), "calibration image")
         if spec.name == "vision":
             return feeds, note
+        if spec.name == "image_context":  # one prompt of one image per calibration image
+            return ({"pixel_values": feed["pixel_values"][None]} for feed in feeds), note
         vision = _session(builder.fp32_paths["vision"], builder.options.threads)
         return ({"image_features": vision.run(["image_features"],
                                               feed)[0]} for feed in feeds), note + " through FP32 vision"
@@ -232,11 +258,14 @@ class IdeficsFamily(GenerativeFamily):
         photos, _ = fidelity_paths(options)
         measured: dict[str, dict] = {}
         pixels = builder.preprocessor(holdout_images(photos))  # [views, 3, height, width]
-        feeds = {"vision": {"pixel_values": pixels}}
-        features = run(fp32["vision"], feeds["vision"])["image_features"]
-        feeds["resampler"] = {"image_features": features}
-        tokens = run(fp32["resampler"], feeds["resampler"])["visual_tokens"] if "resampler" in fp32 else features
-        feeds["cross_kv"] = {"visual_tokens": tokens[:4].reshape(1, -1, tokens.shape[-1])}
+        if "image_context" in fp32:
+            feeds = {"image_context": {"pixel_values": pixels[:4][None]}}  # [1 prompt, 4 images, 3, H, W]
+        else:
+            feeds = {"vision": {"pixel_values": pixels}}
+            features = run(fp32["vision"], feeds["vision"])["image_features"]
+            feeds["resampler"] = {"image_features": features}
+            tokens = run(fp32["resampler"], feeds["resampler"])["visual_tokens"] if "resampler" in fp32 else features
+            feeds["cross_kv"] = {"visual_tokens": tokens[:4].reshape(1, -1, tokens.shape[-1])}
         for name in (n for n in ENCODERS if n in quantized):
             measured[name] = gate_fidelity(name, _encoder_fidelity_of(name, run, fp32[name], quantized[name],
                                                                       feeds[name]),
@@ -265,8 +294,9 @@ class IdeficsFamily(GenerativeFamily):
                                   | {"max_new_tokens": int(self.setting(options, "fidelity_max_new_tokens")),
                                      "num_beams": 1, "do_sample": False})
         cosines, identical, common = [], [], []
-        for prompt in FIDELITY_PROMPTS:
-            built = inputs.build([[photo if item == "{image}" else item for item in prompt] for photo in photos])
+        prompts = fidelity_prompts(self.setting(options, "fidelity_prompts"))
+        for prompt in prompts:
+            built = inputs.build([_with_photos(prompt, photos, start) for start in range(len(photos))])
             runs = []
             for decoder, rows in decoders:  # each side embeds the prompt with its own table
                 embeds = np.asarray(rows[built["ids"]], dtype=np.float32)  # [batch, tokens, hidden]
@@ -279,7 +309,7 @@ class IdeficsFamily(GenerativeFamily):
                 identical.append(a == b)
                 common.append(common_prefix(a, b) / max(len(a), 1))
         return {"reference": "onnx-fp32", "precision": options.llm_precision or options.precision,
-                "held_out_images": len(photos), "prompts": [" ".join(p) for p in FIDELITY_PROMPTS],
+                "held_out_images": len(photos), "prompts": [" ".join(p) for p in prompts],
                 "sequences": len(identical), "logits_cosine_min": float(min(cosines)),
                 "logits_cosine_mean": float(np.mean(cosines)), "greedy_identical_share": float(np.mean(identical)),
                 "greedy_common_prefix_share": float(np.mean(common)), "max_new_tokens": config.max_new_tokens,
@@ -287,6 +317,33 @@ class IdeficsFamily(GenerativeFamily):
 
 
 # --- helpers -------------------------------------------------------------------------------------
+def fidelity_prompts(value) -> tuple:
+    """The decoder's fidelity prompts (``fidelity_prompts`` setting, None: ``FIDELITY_PROMPTS``), checked."""
+    from mmedge.errors import InputError
+
+    if value is None:
+        return FIDELITY_PROMPTS
+    if (not isinstance(value, (list, tuple)) or not value
+            or not all(isinstance(p, (list, tuple)) and p and all(isinstance(i, str) for i in p) for p in value)
+            or not all("{image}" in p for p in value)):
+        raise InputError(f"fidelity_prompts is {value!r}",
+                         'a non-empty list of prompts, each a list of strings with at least one "{image}" item',
+                         'pass e.g. [["{image}", "An image of"]], or leave the setting out')
+    return tuple(tuple(p) for p in value)
+
+
+def _with_photos(prompt: tuple, photos: list, start: int) -> list:
+    """``prompt`` with its k-th "{image}" replaced by photo ``start + k`` (cyclically)."""
+    items, k = [], 0
+    for item in prompt:
+        if item == "{image}":
+            items.append(photos[(start + k) % len(photos)])
+            k += 1
+        else:
+            items.append(item)
+    return items
+
+
 def _encoder_fidelity_of(name: str, run, fp32: Path, quantized: Path, feeds: dict) -> dict:
     """Cosine of every output of the quantized encoder vs FP32 on the same inputs (rows: first axis)."""
     reference, actual = run(fp32, feeds), run(quantized, feeds)

@@ -133,6 +133,26 @@ def _gated_cross_block(block, hidden, key, value, bias, gate, attention):
     return residual + block.act_dense(block.alpha_dense) * hidden
 
 
+class _ImageContext(torch.nn.Module):
+    """The fused image graph: pixel_values ``[batch, images, 3, H, W]`` → vision → resampler → the decoder's image
+    context for each prompt: the cross K/V of every gated cross-attention layer (``cached``), else the visual tokens
+    ``[batch, images * tokens_per_image, vision_width]``. One call per prompt batch instead of three."""
+
+    def __init__(self, model, cached_cross_kv: bool = True):
+        super().__init__()
+        self.vision = _Vision(model)
+        self.resampler = _Resampler(model) if model.config.use_resampler else None
+        self.cross_kv = _CrossKV(model) if cached_cross_kv else None
+
+    def forward(self, pixel_values):
+        batch, images = pixel_values.shape[0], pixel_values.shape[1]
+        tokens = self.vision(pixel_values.flatten(0, 1))  # [batch * images, patches + 1, vision_width]
+        if self.resampler is not None:
+            tokens = self.resampler(tokens)  # [batch * images, latents, vision_width]
+        visual = tokens.reshape(batch, images * tokens.shape[1], tokens.shape[2])  # [batch, image_tokens, width]
+        return visual if self.cross_kv is None else self.cross_kv(visual)
+
+
 class _XAttnDecoderWithPast(torch.nn.Module):
     """(embeds, mask, positions, image_attention_mask, *cross K/V | visual_tokens, *past) → (logits, *present)."""
 
@@ -257,6 +277,45 @@ class CrossKV(ComponentSpec):
         """``sequence`` here is the number of images per prompt."""
         tokens = self.layout["tokens_per_image"] * sequence
         return {"visual_tokens": torch.randn(batch, tokens, vision_width(self.model), generator=generator)}
+
+
+class ImageContext(ComponentSpec):
+    """The fused image graph (the default): pixel_values of each prompt's images ``[batch, images, 3, H, W]`` →
+    ``cross_key_values.%d.key|value [batch, heads, images * tokens_per_image, head_dim]`` (or, for a decoder that
+    projects them itself, ``visual_tokens [batch, images * tokens_per_image, vision_width]``). Prompts with fewer
+    images than the batch's most are padded with any pixels (zeros): the decoder's image mask hides them."""
+
+    name = "image_context"
+    max_abs = 1e-3
+
+    def __init__(self, model, cached_cross_kv: bool = True):
+        self.model, self.cached = model, cached_cross_kv
+        self.layout = cross_kv_layout(model)
+        size = image_size(model)
+        self.inputs = {"pixel_values": TensorSpec("float32", ("batch", "images", 3, size, size))}
+        if cached_cross_kv:
+            kv = TensorSpec("float32", ("batch", self.layout["heads"], "image_tokens", self.layout["head_dim"]))
+            self.outputs = {CROSS_NAME % (i, kind): kv for i in range(self.layout["layers"]) for kind in KV_KINDS}
+        else:
+            self.outputs = {"visual_tokens": TensorSpec("float32", ("batch", "image_tokens", vision_width(model)))}
+
+    def module(self):
+        return _ImageContext(self.model, self.cached).eval()
+
+    def manifest_io(self) -> dict:
+        """``axis_units``: ``image_tokens`` is a whole number of images of this many tokens (engine profiles)."""
+        return {**super().manifest_io(), "axis_units": {"image_tokens": self.layout["tokens_per_image"]}}
+
+    def trace_inputs(self):
+        return self.sample_inputs(2, TRACE_IMAGES, torch.Generator().manual_seed(0))
+
+    def check_inputs(self):
+        return self.sample_inputs(3, CHECK_IMAGES, torch.Generator().manual_seed(1))
+
+    def sample_inputs(self, batch, sequence, generator):
+        """``sequence`` here is the number of images per prompt."""
+        size = image_size(self.model)
+        return {"pixel_values": torch.randn(batch, sequence, 3, size, size, generator=generator)}
 
 
 class XAttnDecoderWithPast(ComponentSpec):

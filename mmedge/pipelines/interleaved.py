@@ -75,9 +75,10 @@ class FlamingoInputs:
     """Interleaved prompts → the decoder's prefill inputs and per-call context, for a batch of prompts.
 
     ``settings``: the manifest's ``idefics`` object. ``run(name, feeds)``: runs an encoder component
-    (``vision``, ``resampler``, ``cross_kv``) and returns its outputs by name. ``embeddings``: the
-    token table (``[vocab, hidden]``, rows looked up by id). ``max_prompt_tokens``: the decoder's positions (by
-    default the manifest's ``decoder.max_positions``), shared by the prompt and the new tokens.
+    (the fused ``image_context`` graph, or the split ``vision``, ``resampler``, ``cross_kv``) and returns its
+    outputs by name. ``embeddings``: the token table (``[vocab, hidden]``, rows looked up by id).
+    ``max_prompt_tokens``: the decoder's positions (by default the manifest's ``decoder.max_positions``), shared by
+    the prompt and the new tokens.
     """
 
     def __init__(self, settings: dict, tokenizer, preprocessor, run, embeddings, max_prompt_tokens: int | None = None):
@@ -125,16 +126,34 @@ class FlamingoInputs:
             ids[row, start:], mask[row, start:] = row_ids, 1
             seen[row, start:] = image_attention_mask(row_ids, self.format["image_token_id"],
                                                      self.format["eos_token_id"], max_images)
-        visual = self.visual_tokens([images for _, images in encoded], max_images)  # [batch, images * tokens, width]
-        if self.settings["decoder"]["cross_kv"] == "inputs":
+        fused = self.settings.get("image_context")
+        if fused:  # one graph: its outputs are the decoder's image inputs (cross K/V or visual tokens), by name
+            pixels = self.prompt_pixels([images for _, images in encoded], max_images)
+            context = self.run(fused["component"], {fused["input"]: pixels})
+        elif self.settings["decoder"]["cross_kv"] == "inputs":
+            visual = self.visual_tokens([images for _, images in encoded], max_images)  # [batch, images * tokens, w]
             # each [batch, heads, image_tokens, head_dim]
             context = self.run(self.cross["component"], {"visual_tokens": visual})
         else:
-            context = {"visual_tokens": visual}
+            context = {"visual_tokens": self.visual_tokens([images for _, images in encoded], max_images)}
         embeds = np.asarray(self.embeddings[ids.reshape(-1)], dtype=np.float32).reshape(batch, length, -1)
         return {"embeds": embeds, "mask": mask, "ids": ids,
                 "prefill": {"image_attention_mask": seen, **context},
                 "step": {"image_attention_mask": np.ascontiguousarray(seen[:, -1:, :]), **context}}
+
+    def prompt_pixels(self, images_per_prompt: list[list], max_images: int) -> np.ndarray:
+        """Every prompt's images, preprocessed: ``[batch, max_images, 3, height, width]``, zeros where a prompt has
+        fewer images (masked out of every cross-attention)."""
+        shape = self.settings["image_context"]["shape"][2:]  # [3, height, width]
+        out = np.zeros((len(images_per_prompt), max_images, *shape), dtype=np.float32)
+        flat = [image for images in images_per_prompt for image in images]
+        if flat:
+            pixels = self.preprocessor(flat)  # [images, 3, height, width]
+            start = 0
+            for row, images in enumerate(images_per_prompt):
+                out[row, :len(images)] = pixels[start:start + len(images)]
+                start += len(images)
+        return out
 
     def visual_tokens(self, images_per_prompt: list[list], max_images: int) -> np.ndarray:
         """Vision (+ resampler) over every image once; ``[batch, max_images * tokens_per_image, width]``,

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
                  "int8": "TYPE_INT8", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL", "bytes": "TYPE_STRING"}
 # every component but the decoder
-ENCODERS = ("vision", "text", "zero_shot", "prefix", "qformer", "resampler", "cross_kv")
+ENCODERS = ("vision", "text", "zero_shot", "prefix", "qformer", "resampler", "cross_kv", "image_context")
 PARAMETER = "mmedge"  # the config parameter holding what the Python-backend models need (JSON)
 
 
