@@ -46,6 +46,7 @@ TASKS = ("caption", "vqa")
 VQA_TEMPLATE = "Question: {} Answer:"
 DEFAULT_MAX_NEW_TOKENS = 30
 ENCODERS = ("prefix", "vision", "qformer")
+ENCODER_DECODER_LLMS = ("t5",)  # text_config.model_type values exported by the blip2_t5 family instead
 # Settings a user may pass in ExportOptions.extra, with their defaults.
 EXTRA_DEFAULTS = {
     "fused_prefix": True,  # one prefix graph instead of vision + qformer
@@ -66,6 +67,11 @@ class Blip2Family(GenerativeFamily):
     label, tasks, extra_defaults = "BLIP-2", TASKS, EXTRA_DEFAULTS
     name = "blip2"
     model_types = ("blip-2",)
+
+    @staticmethod
+    def claims(config: dict) -> bool:
+        """A decoder-only LLM (OPT when the config names none, as transformers defaults)."""
+        return (config.get("text_config") or {}).get("model_type", "opt") not in ENCODER_DECODER_LLMS
 
     @staticmethod
     def model_class():

@@ -1,0 +1,206 @@
+"""BLIP-2 with Flan-T5 end to end on a tiny random checkpoint saved with ``save_pretrained``: component parity, the
+encoder's cross K/V computed once per prompt, greedy / beam / VQA tokens identical to ``model.generate`` (batches of
+prompts of different lengths included), the captioner, the CLI, the bundled full-size config."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+import mmedge
+from mmedge.cli import main
+from mmedge.generation import generate
+from mmedge.pipelines.seq2seq import Seq2SeqCaptioner
+
+VQA = "Question: what is in the picture? Answer:"
+PROMPT_BATCHES = {
+    "caption": [None, None, None],
+    "vqa": [VQA] * 3,
+    "different lengths": ["Question: what is it? Answer:", "a photo of",
+                          "Question: how many people are there in the picture? Answer:"],
+}
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_blip2_t5_dir):
+    return (Blip2ForConditionalGeneration.from_pretrained(tiny_blip2_t5_dir).eval(),
+            Blip2Processor.from_pretrained(tiny_blip2_t5_dir))
+
+
+@pytest.fixture(scope="module")
+def images():
+    from mmedge.export.calibration import bundled
+
+    return [Image.open(p).convert("RGB") for p in bundled("holdout")[:3]]
+
+
+@pytest.fixture(scope="module")
+def captioner(blip2_t5_artifact):
+    with mmedge.load(blip2_t5_artifact, threads=1) as pipeline:
+        yield pipeline
+
+
+def manifest(path):
+    return json.loads((path / "manifest.json").read_text())
+
+
+def hf_tokens(hf, images, prompts, **settings) -> list[list[int]]:
+    """transformers' new tokens per row (the decoder start token and the padding after EOS dropped)."""
+    model, processor = hf
+    texts = None if prompts[0] is None else list(prompts)
+    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=False, **settings).numpy()
+    rows = []
+    for row in out[:, 1:].tolist():  # encoder-decoder: the start token first, then the new tokens
+        rows.append(row[: row.index(1) + 1] if 1 in row else row)  # up to EOS (</s> = 1), as mmedge returns them
+    return rows
+
+
+def our_tokens(captioner, images, prompts, **settings) -> list[list[int]]:
+    config = captioner._config(settings)
+    embeds, mask = captioner._encoder_inputs(images, list(prompts))
+    start, ids = captioner._start(embeds, mask)
+    return generate(captioner.decoder, start, None, config, prompt_ids=ids)
+
+
+# --- export ---------------------------------------------------------------------------------------
+def test_components_and_their_parity(blip2_t5_artifact):
+    m = manifest(blip2_t5_artifact)
+    assert m["family"] == "blip2_t5" and list(m["components"]) == ["prefix", "encoder", "decoder"]
+    for name, entry in m["components"].items():
+        assert entry["parity"]["reference"] == "torch-fp32"
+        for output, figures in [*entry["parity"]["outputs"].items(), *entry["parity"]["validation_samples"].items()]:
+            assert figures["cosine"] >= 0.99999 and figures["max_abs"] <= 1e-3, (name, output, figures)
+    decoder = m["components"]["decoder"]
+    assert "position_ids" not in decoder["inputs"]  # relative positions, from the cache length
+    assert decoder["parity"]["inputs"]["past_key_values.0.key"][2] == 6  # traced with past 5, checked with 6
+    assert decoder["parity"]["inputs"]["cross_key_values.1.value"][2] == 13  # and another encoder length
+    encoder = m["components"]["encoder"]
+    assert set(encoder["outputs"]) == {f"cross_key_values.{i}.{k}" for i in range(2) for k in ("key", "value")}
+    section = m["blip2_t5"]
+    assert section["decoder"]["decoder_start_token_id"] == 0 and section["encoder"]["padding_side"] == "right"
+    assert section["embeddings"]["shape"] == [171, 64] and m["generation"]["eos_token_id"] == 1
+
+
+def test_cross_kv_equals_the_decoders_own_projection_of_the_encoder_output(blip2_t5_artifact, hf):
+    """The encoder graph's K/V are what T5's cross-attention computes from the encoder output (HF's first step)."""
+    from mmedge.export.onnx_export import run_onnx
+
+    model, _ = hf
+    llm = model.language_model
+    generator = torch.Generator().manual_seed(3)
+    embeds = torch.randn(2, 9, 64, generator=generator)  # [batch, tokens, d_model]
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0  # right padding
+    with torch.no_grad():
+        hidden = llm.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        value = llm.decoder.block[1].layer[1].EncDecAttention.v(hidden).view(2, 9, 4, 16).transpose(1, 2)
+    graph = run_onnx(blip2_t5_artifact / "encoder.onnx",
+                     {"inputs_embeds": embeds.numpy(), "attention_mask": mask.numpy()})
+    np.testing.assert_allclose(graph["cross_key_values.1.value"], value.numpy(), atol=1e-5)
+
+
+# --- generation: the FP32 artifact says what transformers says -------------------------------------
+@pytest.mark.parametrize("batch", list(PROMPT_BATCHES))
+@pytest.mark.parametrize("num_beams", [1, 3], ids=["greedy", "beam3"])
+def test_tokens_identical_to_generate(captioner, hf, images, batch, num_beams):
+    prompts = PROMPT_BATCHES[batch]
+    expected = hf_tokens(hf, images, prompts, max_new_tokens=10, num_beams=num_beams)
+    assert our_tokens(captioner, images, prompts, max_new_tokens=10, num_beams=num_beams) == expected
+
+
+def test_caption_ask_and_stream_equal_transformers_text(captioner, hf, images, photos):
+    _, processor = hf
+    decode = processor.tokenizer.decode
+    answer = hf_tokens(hf, images[:1], [VQA], max_new_tokens=8)[0]
+    assert captioner.ask(images[0], "what is in the picture?", max_new_tokens=8) == decode(
+        answer, skip_special_tokens=True).strip()
+    answers = captioner.ask(images, ["what is it?", "how many people are there in the picture?", "a?"],
+                            max_new_tokens=8)
+    expected = hf_tokens(hf, images, [f"Question: {q} Answer:" for q in
+                                      ("what is it?", "how many people are there in the picture?", "a?")],
+                         max_new_tokens=8)
+    assert answers == [decode(t, skip_special_tokens=True).strip() for t in expected]
+    for beams in (1, 2):
+        assert "".join(captioner.stream(images[1], max_new_tokens=10, num_beams=beams)) == captioner.caption(
+            images[1], max_new_tokens=10, num_beams=beams)
+    assert captioner.caption(images, max_new_tokens=6) == [captioner.caption(i, max_new_tokens=6) for i in images]
+
+
+def test_the_encoder_runs_once_per_call_and_beams_never_copy_the_cross_kv(captioner, images):
+    encoder = captioner.encoder
+    calls = []
+    infer = encoder.infer
+    encoder.infer = lambda feeds: calls.append(feeds) or infer(feeds)
+    decoder = captioner.decoder
+    gathers = []
+    try:
+        embeds, mask = captioner._encoder_inputs(images[:2], [VQA, None])
+        start, ids = captioner._start(embeds, mask)
+        original = decoder.reorder
+
+        def reorder(rows):
+            before = decoder._context["step"]["cross_key_values.0.key"]
+            original(rows)
+            gathers.append(decoder._context["step"]["cross_key_values.0.key"] is not before)
+
+        decoder.reorder = reorder
+        generate(decoder, start, None, captioner._config({"num_beams": 3, "max_new_tokens": 8}), prompt_ids=ids)
+    finally:
+        encoder.infer = infer
+        del decoder.reorder
+    assert len(calls) == 1 and calls[0]["inputs_embeds"].shape[0] == 2  # once, one row per prompt
+    assert gathers[0] and len(gathers) > 3 and not any(gathers[1:])  # expanded to beams once, then never copied
+    assert decoder._context["step"]["cross_key_values.0.key"].shape[0] == 6  # 2 prompts x 3 beams
+
+
+def test_load_and_cli_answer_a_question(blip2_t5_artifact, captioner, photos, capsys):
+    assert isinstance(captioner, Seq2SeqCaptioner)
+    assert main(["run", str(blip2_t5_artifact), photos[0], "--question", "what is it?", "--max-new-tokens", "6",
+                 "--json"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["prompt"] == "Question: what is it? Answer:"
+    assert line["text"] == captioner.ask(photos[0], "what is it?", max_new_tokens=6)
+
+
+def test_bad_prompt_lists_are_refused(captioner, images):
+    from mmedge.errors import InputError
+
+    with pytest.raises(InputError, match="2 prompts were given for 3 images"):
+        captioner.caption(images, ["a", "b"])
+    with pytest.raises(InputError, match="question is empty"):
+        captioner.ask(images[:2], ["what?", " "])
+
+
+# --- the family and the full-size config --------------------------------------------------------------
+def test_checkpoints_go_to_the_family_of_their_language_model(tiny_blip2_t5_dir, tiny_blip2_dir):
+    from mmedge.export.loading import checkpoint_family
+
+    assert checkpoint_family(str(tiny_blip2_t5_dir)) == "blip2_t5"
+    assert checkpoint_family(str(tiny_blip2_dir)) == "blip2"
+    assert checkpoint_family("Salesforce/blip2-flan-t5-xl", random_weights=True) == "blip2_t5"
+    assert checkpoint_family("Salesforce/blip2-opt-2.7b", random_weights=True) == "blip2"
+
+
+def test_bundled_flan_t5_xl_config_is_the_published_architecture():
+    import transformers
+
+    from mmedge.export.loading import _bundled_config
+
+    entry = _bundled_config("Salesforce/blip2-flan-t5-xl")
+    config = transformers.AutoConfig.for_model(**entry["config"])
+    text = config.text_config
+    assert (text.model_type, text.d_model, text.d_ff, text.d_kv, text.num_heads) == ("t5", 2048, 5120, 64, 32)
+    assert (text.num_layers, text.num_decoder_layers, text.vocab_size, text.feed_forward_proj) == (
+        24, 24, 32128, "gated-gelu")
+    assert (config.vision_config.num_hidden_layers, config.vision_config.hidden_size, config.num_query_tokens) == (
+        39, 1408, 32)
+    assert config.image_token_index == 32100
+    with torch.device("meta"):  # builds at full size without allocating weights
+        model = Blip2ForConditionalGeneration(config)
+    params = sum(p.numel() for p in model.parameters())
+    assert 3.8e9 < params < 4.0e9  # 3.88 B: transformers 5 ties T5's LM head to the shared table
