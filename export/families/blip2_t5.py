@@ -186,12 +186,12 @@ class Blip2T5Family(Blip2Family):
         teacher-forced logits cosine along the FP32 greedy tokens, and greedy agreement, vs the FP32 graphs."""
         image_parts = {k: v for k, v in quantized.items() if k in ENCODERS}
         measured = super().quantized_fidelity(run, fp32, image_parts, builder) if image_parts else {}
-        if set(LLM_COMPONENTS) & set(quantized):
-            figures = self._llm_fidelity(fp32, quantized, builder)
+        lowered = [name for name in LLM_COMPONENTS if name in quantized]
+        if lowered:  # measured and gated together: the decoder's logits are the encoder's output too
+            figures = self._llm_fidelity(fp32, quantized, builder) | {"components": lowered}
             floor = float(self.setting(builder.options, "min_logits_cosine"))
-            for name in LLM_COMPONENTS:
-                if name in quantized:
-                    measured[name] = gate_fidelity(name, figures, "logits_cosine_mean", floor, "logits", DECODER_FIX)
+            gate_fidelity("+".join(lowered), figures, "logits_cosine_mean", floor, "logits", DECODER_FIX)
+            measured.update({name: figures for name in lowered})
         return measured
 
     def _llm_fidelity(self, fp32, quantized, builder) -> dict:
