@@ -79,8 +79,8 @@ class Blip2T5Family(Blip2Family):
         pieces += [(c, -5.0) for c in bytes_to_unicode().values() if c != "▁"]
         tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0)
         if config.image_token_index is not None:
-            while len(tokenizer) < int(config.image_token_index):  # unused fillers up to the image token's id
-                tokenizer.add_tokens([f"<unused{len(tokenizer)}>"])
+            # unused fillers up to the image token's id (Flan-T5: its 100 extra ids)
+            tokenizer.add_tokens([f"<unused{i}>" for i in range(len(tokenizer), int(config.image_token_index))])
             tokenizer.add_tokens([AddedToken("<image>", normalized=False, special=True)], special_tokens=True)
         return tokenizer
 
