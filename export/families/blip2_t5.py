@@ -33,7 +33,6 @@ from mmedge.export.families.blip2 import (
     GENERATION_FIELDS,
     VQA_TEMPLATE,
     Blip2Family,
-    _fp32_prefix,
     _FusedPrefix,
     _load_table,
     _QFormerPrefix,
@@ -163,8 +162,10 @@ class Blip2T5Family(Blip2Family):
 
         model = builder.loaded.model
         pixels = builder.preprocessor([load_calibration_image(p) for p in bundled("holdout")[:2]])  # [2, 3, H, W]
+        extra = self.prefix_inputs(builder, list(VALIDATION_PROMPTS))
         with torch.no_grad():
-            prefix = _FusedPrefix(model).eval()(torch.from_numpy(pixels)).numpy()  # [2, queries, width]
+            prefix = self.prefix_module(model)(torch.from_numpy(pixels), *(torch.from_numpy(v) for v in
+                                                                           extra.values())).numpy()  # [2, queries, w]
         table = model.language_model.get_input_embeddings().weight.detach().float().numpy()
         ids = [builder.tokenizer.encode_all(p) for p in VALIDATION_PROMPTS]
         embeds, mask = encoder_inputs(prefix, ids, table, getattr(builder.loaded.tokenizer, "padding_side", "right"))
@@ -179,6 +180,25 @@ class Blip2T5Family(Blip2Family):
             step = llm.get_input_embeddings()(torch.tensor([[11], [12]]))  # [2, 1, width]
             feeds = t5_decoder_feeds(step, torch.from_numpy(mask), cross, past, layout)
         return {k: v.numpy() for k, v in feeds.items()}
+
+    # --- the image prefix, as the LLM's fidelity and samples run it -------------------------------------
+    def prefix_inputs(self, builder, prompts: list) -> dict[str, np.ndarray]:
+        """The prefix's inputs beyond ``pixel_values`` for these prompts (one per image): none for BLIP-2."""
+        return {}
+
+    @staticmethod
+    def prefix_module(model) -> torch.nn.Module:
+        """The fused prefix wrapper: (pixel_values, *prefix_inputs) → prefix_embeds."""
+        return _FusedPrefix(model).eval()
+
+    @staticmethod
+    def onnx_prefix(fp32: dict[str, Path], pixels: np.ndarray, extra: dict[str, np.ndarray],
+                    threads: int | None) -> np.ndarray:
+        """prefix_embeds from the FP32 prefix graph (or vision then Q-Former), fed ``extra`` beside the pixels."""
+        if "prefix" in fp32:
+            return _session(fp32["prefix"], threads).run(["prefix_embeds"], {"pixel_values": pixels, **extra})[0]
+        image_embeds = _session(fp32["vision"], threads).run(["image_embeds"], {"pixel_values": pixels})[0]
+        return _session(fp32["qformer"], threads).run(["prefix_embeds"], {"image_embeds": image_embeds, **extra})[0]
 
     # --- fidelity of quantized graphs ------------------------------------------------------------
     def quantized_fidelity(self, run, fp32: dict[str, Path], quantized: dict[str, Path], builder) -> dict[str, dict]:
@@ -201,7 +221,6 @@ class Blip2T5Family(Blip2Family):
         photos, _ = fidelity_paths(options)
         count = int(self.setting(options, "fidelity_images"))
         pixels = builder.preprocessor([load_calibration_image(p) for p in photos[:count]])
-        prefix = _fp32_prefix(fp32, pixels, options.threads)  # [images, queries, width]
         new_tokens = int(self.setting(options, "fidelity_max_new_tokens"))
         config = generation_settings(builder.loaded) | {"max_new_tokens": new_tokens, "num_beams": 1,
                                                         "do_sample": False}
@@ -212,9 +231,13 @@ class Blip2T5Family(Blip2Family):
                    for p in FIDELITY_PROMPTS]
         layout = t5_layout(model.language_model)
 
+        prefixes = [self.onnx_prefix(fp32, pixels, self.prefix_inputs(builder, [p] * len(pixels)), options.threads)
+                    for p in FIDELITY_PROMPTS]  # each [images, queries, width], from the FP32 prefix graphs
+
         def side(encoder: Path, decoder: Path, table: np.ndarray) -> list:
             llm = _Seq2Seq(encoder, decoder, table, layout, start, options.threads)
-            return [llm.run(*encoder_inputs(prefix, ids, table, padding), fields) for ids in prompts]
+            return [llm.run(*encoder_inputs(prefix, ids, table, padding), fields)
+                    for prefix, ids in zip(prefixes, prompts)]
 
         entry = builder.written["embeddings"]
         fp32_table = builder.written["fp32_table"]

@@ -106,15 +106,16 @@ class Captioner:
                 self._owner = None
 
     # --- building the decoder's inputs -----------------------------------------------------------
-    def prefix(self, images) -> np.ndarray:
+    def prefix(self, images, inputs: dict[str, np.ndarray] | None = None) -> np.ndarray:
         """Prefix embeddings ``[batch, num_query_tokens, width]``: the components the manifest's ``prefix.components``
-        names, in order (one graph, or vision → Q-Former), each fed the tensors of the ones before by name; the result
-        is their ``prefix.output``."""
+        names, in order (one graph, or vision → Q-Former), each fed the tensors of the ones before by name, and
+        ``inputs`` (a prefix that also reads text: InstructBLIP's instruction tokens); the result is their
+        ``prefix.output``."""
         batch = list(images) if isinstance(images, (list, tuple)) else [images]
         if not batch:
             raise InputError("the image list is empty", "at least one image", "pass an image path, PIL image or array")
         chain = self.settings["prefix"]
-        values = {"pixel_values": self.preprocessor(batch)}  # [batch, 3, height, width]
+        values = {"pixel_values": self.preprocessor(batch), **(inputs or {})}  # pixels [batch, 3, height, width]
         for name in chain["components"]:
             runner = self.runners[name]
             values.update(runner.infer({input_name: values[input_name] for input_name in runner.input_metadata()}))

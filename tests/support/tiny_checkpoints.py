@@ -421,3 +421,65 @@ def make_tiny_blip2_t5(
                                             num_query_tokens=num_query_tokens)
     processor.save_pretrained(path)
     return path
+
+
+# --- InstructBLIP with Flan-T5 ---------------------------------------------------------------------------
+BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def make_tiny_bert_tokenizer(corpus: str = CAPTION_CORPUS + VQA_CORPUS):
+    """A ``transformers.BertTokenizer`` (WordPiece, lower case) laid out like bert-base-uncased's, the Q-Former's
+    tokenizer: ``[PAD]``=0 then the special tokens, the corpus' words, and single characters as "##" pieces."""
+    words = sorted({w.strip("?:,.").lower() for w in corpus.split()} - {""})
+    chars = sorted({c for w in corpus.lower().split() for c in w})
+    tokens = list(BERT_SPECIAL_TOKENS) + words + chars + ["##" + c for c in chars if "##" + c not in words]
+    return transformers.BertTokenizer(vocab={t: i for i, t in enumerate(dict.fromkeys(tokens))})
+
+
+def make_tiny_instructblip_t5(path: str | Path, *, seed: int = 0, image_size: int = 32, patch_size: int = 8,
+                              vision_hidden: int = 32, qformer_hidden: int = 32, d_model: int = 64, layers: int = 2,
+                              heads: int = 4, num_query_tokens: int = 6) -> Path:
+    """Write a random-weight InstructBLIP with Flan-T5 (ViT, a Q-Former that also reads the instruction's BERT
+    tokens, T5) laid out like Salesforce/instructblip-flan-t5-xl into ``path``: the LLM's T5 tokenizer with
+    ``<image>`` at the root, the Q-Former's BERT tokenizer in ``qformer_tokenizer/``, as ``InstructBlipProcessor``
+    saves them. Loads offline with ``InstructBlipForConditionalGeneration`` and ``InstructBlipProcessor``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tiny_t5_tokenizer()
+    tokenizer.add_tokens([transformers.AddedToken(IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
+    qformer_tokenizer = make_tiny_bert_tokenizer()
+    config = transformers.InstructBlipConfig(
+        vision_config=dict(
+            hidden_size=vision_hidden, intermediate_size=vision_hidden * 4, num_hidden_layers=2, num_attention_heads=2,
+            image_size=image_size, patch_size=patch_size, initializer_range=0.02,
+        ),
+        qformer_config=dict(
+            hidden_size=qformer_hidden, intermediate_size=qformer_hidden * 4, num_hidden_layers=2,
+            num_attention_heads=2, cross_attention_frequency=2, max_position_embeddings=64,
+            vocab_size=len(qformer_tokenizer), pad_token_id=0,
+        ),
+        text_config=transformers.T5Config(
+            vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // heads, d_ff=d_model * 2,
+            num_layers=layers, num_decoder_layers=layers, num_heads=heads, feed_forward_proj="gated-gelu",
+            relative_attention_num_buckets=8, relative_attention_max_distance=16, tie_word_embeddings=False,
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+        ),
+        num_query_tokens=num_query_tokens,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+    )
+    torch.manual_seed(seed)
+    model = transformers.InstructBlipForConditionalGeneration(config).eval()
+    _spread_weights(model, seed, llm_std=0.12)  # as make_tiny_blip2_t5
+    model.generation_config = transformers.GenerationConfig(
+        decoder_start_token_id=0, bos_token_id=1, eos_token_id=1, pad_token_id=0,
+    )
+    model.save_pretrained(path)
+    image_processor = transformers.BlipImageProcessor(
+        size={"height": image_size, "width": image_size}, resample=3,
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    processor = transformers.InstructBlipProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                                   qformer_tokenizer=qformer_tokenizer,
+                                                   num_query_tokens=num_query_tokens)
+    processor.save_pretrained(path)
+    return path
