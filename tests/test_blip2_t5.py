@@ -270,3 +270,14 @@ def test_int4_below_the_logits_gate_is_refused_and_nothing_is_written(tiny_blip2
     with pytest.raises(ParityError, match="encoder\\+decoder.*logits"):
         export_model(str(tiny_blip2_t5_dir), tmp_path / "int4", progress=False, llm_precision="int4")
     assert not (tmp_path / "int4").exists()
+
+
+def test_tensorrt_profiles_are_derived_for_every_component(blip2_t5_artifact):
+    """Every dynamic axis has a profile rule (no TensorRT needed to plan): the encoder's length is ``tokens``."""
+    from mmedge.runtimes.tensorrt_planning import derive_profile
+
+    m = manifest(blip2_t5_artifact)
+    for name in m["components"]:
+        assert derive_profile(m, name), name  # {input: (min, opt, max) shapes}
+    decoder = derive_profile(m, "decoder")
+    assert decoder["cross_key_values.0.key"][0][2] == 1 and decoder["past_key_values.0.key"][0][2] == 0

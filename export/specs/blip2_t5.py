@@ -114,9 +114,9 @@ class T5Encoder(ComponentSpec):
         self.language_model = language_model
         self.layout = t5_layout(language_model)
         self.width = int(language_model.config.d_model)
-        self.inputs = {"inputs_embeds": TensorSpec("float32", ("batch", "encoder_sequence", self.width)),
-                       "attention_mask": TensorSpec("int64", ("batch", "encoder_sequence"))}
-        cross = TensorSpec("float32", ("batch", self.layout["heads"], "encoder_sequence", self.layout["head_dim"]))
+        self.inputs = {"inputs_embeds": TensorSpec("float32", ("batch", "tokens", self.width)),
+                       "attention_mask": TensorSpec("int64", ("batch", "tokens"))}
+        cross = TensorSpec("float32", ("batch", self.layout["heads"], "tokens", self.layout["head_dim"]))
         self.outputs = {CROSS_NAME % (layer, kind): cross
                         for layer in range(self.layout["layers"]) for kind in KV_KINDS}
 
@@ -132,9 +132,10 @@ class T5DecoderWithPast(ComponentSpec):
     """The T5 decoder over input embeddings with its self-attention KV cache in and out, and the encoder's cross K/V.
 
     Inputs: ``inputs_embeds [batch, sequence, d_model]``, ``attention_mask [batch, total_sequence]`` (past + sequence,
-    all ones: generated tokens are never padding), ``encoder_attention_mask [batch, encoder_sequence]``,
+    all ones: generated tokens are never padding), ``encoder_attention_mask [batch, tokens]``,
     ``past_key_values.%d.key|value [batch, heads, past_sequence, head_dim]``, ``cross_key_values.%d.key|value
-    [batch, heads, encoder_sequence, head_dim]`` (the encoder component's outputs).
+    [batch, heads, tokens, head_dim]`` (the encoder component's outputs; ``tokens``: the encoder's input
+    length, an axis TensorRT profiles know).
     Outputs: ``logits [batch, sequence, vocab]``, ``present.%d.key|value [batch, heads, total_sequence, head_dim]``.
     """
 
@@ -150,12 +151,12 @@ class T5DecoderWithPast(ComponentSpec):
         self.inputs = {
             "inputs_embeds": TensorSpec("float32", ("batch", "sequence", self.width)),
             "attention_mask": TensorSpec("int64", ("batch", "total_sequence")),
-            "encoder_attention_mask": TensorSpec("int64", ("batch", "encoder_sequence")),
+            "encoder_attention_mask": TensorSpec("int64", ("batch", "tokens")),
         }
         self.outputs = {"logits": TensorSpec("float32", ("batch", "sequence", self.vocab_size))}
         past = TensorSpec("float32", ("batch", heads, "past_sequence", head_dim))
         present = TensorSpec("float32", ("batch", heads, "total_sequence", head_dim))
-        cross = TensorSpec("float32", ("batch", heads, "encoder_sequence", head_dim))
+        cross = TensorSpec("float32", ("batch", heads, "tokens", head_dim))
         for layer in range(self.kv_cache["layers"]):
             for kind in KV_KINDS:
                 self.inputs[PAST_NAME % (layer, kind)] = past

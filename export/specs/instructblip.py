@@ -52,7 +52,7 @@ class _InstructFusedPrefix(torch.nn.Module):
 
 
 def _instruction_specs() -> dict[str, TensorSpec]:
-    return {name: TensorSpec("int64", ("batch", "instruction")) for name in INSTRUCTION_INPUTS}
+    return {name: TensorSpec("int64", ("batch", "tokens")) for name in INSTRUCTION_INPUTS}
 
 
 def _instruction(model, batch: int, sequence: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
