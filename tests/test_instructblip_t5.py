@@ -12,7 +12,7 @@ from transformers import InstructBlipForConditionalGeneration, InstructBlipProce
 
 import mmedge
 from mmedge.generation import generate
-from mmedge.pipelines.seq2seq import InstructSeq2SeqCaptioner
+from mmedge.pipelines.instruct import InstructSeq2SeqCaptioner
 from mmedge.tokenizer import TextTokenizer
 
 INSTRUCTIONS = ["What is in the picture?", "a photo of", "Question: how many people are there in the picture? Answer:"]

@@ -7,11 +7,12 @@ from mmedge.export.families.blip2 import Blip2Family
 from mmedge.export.families.blip2_t5 import Blip2T5Family
 from mmedge.export.families.clip import ClipFamily
 from mmedge.export.families.idefics import IdeficsFamily
+from mmedge.export.families.instructblip import InstructBlipFamily
 from mmedge.export.families.instructblip_t5 import InstructBlipT5Family
 
 # Families sharing a model type are asked in this order (``Family.claims``): the more specific first.
 FAMILIES = {"clip": ClipFamily(), "blip2_t5": Blip2T5Family(), "blip2": Blip2Family(), "idefics": IdeficsFamily(),
-            "instructblip_t5": InstructBlipT5Family()}
+            "instructblip_t5": InstructBlipT5Family(), "instructblip": InstructBlipFamily()}
 MODEL_TYPES = sorted({model_type for fam in FAMILIES.values() for model_type in fam.model_types})
 
 

@@ -181,25 +181,6 @@ class Blip2T5Family(Blip2Family):
             feeds = t5_decoder_feeds(step, torch.from_numpy(mask), cross, past, layout)
         return {k: v.numpy() for k, v in feeds.items()}
 
-    # --- the image prefix, as the LLM's fidelity and samples run it -------------------------------------
-    def prefix_inputs(self, builder, prompts: list) -> dict[str, np.ndarray]:
-        """The prefix's inputs beyond ``pixel_values`` for these prompts (one per image): none for BLIP-2."""
-        return {}
-
-    @staticmethod
-    def prefix_module(model) -> torch.nn.Module:
-        """The fused prefix wrapper: (pixel_values, *prefix_inputs) → prefix_embeds."""
-        return _FusedPrefix(model).eval()
-
-    @staticmethod
-    def onnx_prefix(fp32: dict[str, Path], pixels: np.ndarray, extra: dict[str, np.ndarray],
-                    threads: int | None) -> np.ndarray:
-        """prefix_embeds from the FP32 prefix graph (or vision then Q-Former), fed ``extra`` beside the pixels."""
-        if "prefix" in fp32:
-            return _session(fp32["prefix"], threads).run(["prefix_embeds"], {"pixel_values": pixels, **extra})[0]
-        image_embeds = _session(fp32["vision"], threads).run(["image_embeds"], {"pixel_values": pixels})[0]
-        return _session(fp32["qformer"], threads).run(["prefix_embeds"], {"image_embeds": image_embeds, **extra})[0]
-
     # --- fidelity of quantized graphs ------------------------------------------------------------
     def quantized_fidelity(self, run, fp32: dict[str, Path], quantized: dict[str, Path], builder) -> dict[str, dict]:
         """Image components as for BLIP-2. The LLM (encoder and decoder together, each side with its own table):

@@ -146,8 +146,18 @@ class Captioner:
             return MAX_PROMPT_TOKENS
         return min(MAX_PROMPT_TOKENS, max_positions - queries - max_new_tokens)
 
+    def _default_prompt(self, prompt: str | None) -> str | None:
+        """The prompt a caption without one uses (the manifest's ``prompts.caption``; None: no prompt)."""
+        return self.settings["prompts"].get("caption") if prompt is None else prompt
+
+    def _prefix_inputs(self, prompts: list) -> dict[str, np.ndarray]:
+        """The prefix's inputs beyond the pixels, for these prompts (one per image): none for BLIP-2."""
+        return {}
+
     def _inputs(self, images, prompt, max_new_tokens: int = 0):
-        prefix = self.prefix(images)  # [batch, queries, width]
+        prompt = self._default_prompt(prompt)
+        count = len(images) if isinstance(images, (list, tuple)) else 1
+        prefix = self.prefix(images, self._prefix_inputs([prompt] * count) if count else {})  # [batch, queries, width]
         batch, queries, _ = prefix.shape
         prompt_ids = self._prompt_ids(prompt, self._prompt_budget(queries, max_new_tokens))  # [tokens]
         text = self.embeddings[prompt_ids]  # [tokens, width]

@@ -92,14 +92,6 @@ class Seq2SeqCaptioner(Captioner):
         ids = [self._prompt_ids(p, budget) for p in prompts]  # each [tokens]
         return encoder_inputs(prefix, ids, self.embeddings, self.settings["encoder"].get("padding_side", "right"))
 
-    def _default_prompt(self, prompt: str | None) -> str | None:
-        """The prompt a caption without one uses (the manifest's ``prompts.caption``; None: none)."""
-        return self.settings["prompts"].get("caption") if prompt is None else prompt
-
-    def _prefix_inputs(self, prompts: list) -> dict[str, np.ndarray]:
-        """The prefix's inputs beyond the pixels, for these prompts: none (BLIP-2)."""
-        return {}
-
     def _prompt_ids(self, prompt: str | None, budget: int) -> np.ndarray:
         """``[tokens]``: ``tokenizer(prompt)`` (T5: ending with ``</s>``); ``[bos_token_id]`` without a prompt."""
         if prompt is None:
@@ -120,22 +112,3 @@ class Seq2SeqCaptioner(Captioner):
         ids = np.full((embeds.shape[0], 1), self.start_id, dtype=np.int64)
         return np.asarray(self.embeddings[ids], dtype=np.float32), ids
 
-
-class InstructSeq2SeqCaptioner(Seq2SeqCaptioner):
-    """InstructBLIP with Flan-T5: the prompt (the instruction) also goes to the Q-Former, tokenized by its own
-    tokenizer (the manifest's ``qformer_tokenizer``, right-padded as ``InstructBlipProcessor`` pads); a caption without
-    a prompt uses the manifest's ``prompts.caption`` instruction."""
-
-    def __init__(self, artifact, runners: dict, preprocessor, tokenizer, decoder, embeddings):
-        from mmedge.manifest import family_section
-        from mmedge.tokenizer import TextTokenizer
-
-        entry = family_section(artifact.manifest)["qformer_tokenizer"]
-        field = f"{artifact.manifest['family']}.qformer_tokenizer.file"
-        self.qformer_tokenizer = TextTokenizer.from_file(artifact.verified_path(entry["file"], entry["sha256"], field),
-                                                         entry)
-        super().__init__(artifact, runners, preprocessor, tokenizer, decoder, embeddings)
-
-    def _prefix_inputs(self, prompts: list) -> dict[str, np.ndarray]:
-        ids, mask = self.qformer_tokenizer.encode(prompts)  # [batch, tokens] each, right-padded
-        return {"qformer_input_ids": ids, "qformer_attention_mask": mask}

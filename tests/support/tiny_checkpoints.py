@@ -483,3 +483,47 @@ def make_tiny_instructblip_t5(path: str | Path, *, seed: int = 0, image_size: in
                                                    num_query_tokens=num_query_tokens)
     processor.save_pretrained(path)
     return path
+
+
+def make_tiny_instructblip(path: str | Path, *, seed: int = 0, image_size: int = 32, patch_size: int = 8,
+                           vision_hidden: int = 32, qformer_hidden: int = 32, hidden: int = 64, layers: int = 2,
+                           heads: int = 4, num_query_tokens: int = 6) -> Path:
+    """Write a random-weight InstructBLIP with a Llama-family LLM (as Salesforce/instructblip-vicuna-7b: Llama
+    tokenizer with BOS, ``<image>`` added; the Q-Former's BERT tokenizer in ``qformer_tokenizer/``) into ``path``.
+    Loads offline with ``InstructBlipForConditionalGeneration`` and ``InstructBlipProcessor``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tiny_llama_tokenizer()
+    tokenizer.add_tokens([transformers.AddedToken(IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
+    qformer_tokenizer = make_tiny_bert_tokenizer()
+    config = transformers.InstructBlipConfig(
+        vision_config=dict(
+            hidden_size=vision_hidden, intermediate_size=vision_hidden * 4, num_hidden_layers=2, num_attention_heads=2,
+            image_size=image_size, patch_size=patch_size, initializer_range=0.02,
+        ),
+        qformer_config=dict(
+            hidden_size=qformer_hidden, intermediate_size=qformer_hidden * 4, num_hidden_layers=2,
+            num_attention_heads=2, cross_attention_frequency=2, max_position_embeddings=64,
+            vocab_size=len(qformer_tokenizer), pad_token_id=0,
+        ),
+        text_config=transformers.LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+            num_attention_heads=heads, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+            tie_word_embeddings=False,
+        ),
+        num_query_tokens=num_query_tokens,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+    )
+    torch.manual_seed(seed)
+    model = transformers.InstructBlipForConditionalGeneration(config).eval()
+    _spread_weights(model, seed, llm_std=0.12)
+    model.generation_config = transformers.GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model.save_pretrained(path)
+    image_processor = transformers.BlipImageProcessor(
+        size={"height": image_size, "width": image_size}, resample=3,
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    transformers.InstructBlipProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                       qformer_tokenizer=qformer_tokenizer,
+                                       num_query_tokens=num_query_tokens).save_pretrained(path)
+    return path
