@@ -75,8 +75,8 @@ def measure_hf(photo, runs: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     loaded = load_checkpoint(MODEL, random_weights=True, seed=0)  # same config and seed as the exports
     model = loaded.model.eval()
-    pre = loaded.image_processor  # the bundled config's preprocessing (random-weights models carry no processor)
-    image_processor = transformers.BlipImageProcessorPil(
+    pre = loaded.image_processor  # a bundled config's preprocessing (random-weights models carry no processor)
+    image_processor = pre if not isinstance(pre, dict) else transformers.BlipImageProcessorPil(
         size={"height": pre["resize"]["height"], "width": pre["resize"]["width"]}, resample=Image.Resampling.BICUBIC,
         rescale_factor=pre["rescale_factor"], image_mean=pre["mean"], image_std=pre["std"], do_convert_rgb=True)
     processor = transformers.Blip2Processor(image_processor=image_processor, tokenizer=loaded.tokenizer,
