@@ -309,3 +309,39 @@ def test_fp16_goes_through_the_shared_fp16_conversion_and_agrees_up_to_near_ties
             # there); a wrong cache or reorder gives far less (test_token_parity).
             compare_generation(captioner.decoder, fp16.decoder, *sides, config).check(
                 0.999 if num_beams == 1 else 0.99, min_decided=0.25)
+
+
+@pytest.mark.parametrize("mode", ["numpy", "kept"])
+def test_runner_decoder_gives_the_ort_decoders_tokens(captioner, images, mode):
+    """``RunnerDecoder`` (how the decoder runs on TensorRT) over an ONNX Runtime runner of the T5 decoder: no
+    position ids fed, the cross K/V as context; the same tokens as ``OrtDecoder``, greedy and beams."""
+    from mmedge.runtimes.onnxruntime import OnnxRuntimeRunner
+    from mmedge.runtimes.ort_session import OrtOptions
+    from mmedge.runtimes.runner_decoder import RunnerDecoder
+
+    artifact = captioner.artifact
+    options = OrtOptions() if mode == "numpy" else OrtOptions(io_binding=True, keep_on_device=True)
+    runner = OnnxRuntimeRunner(artifact.component_path("decoder"), "decoder", artifact.component("decoder"), options)
+    other = RunnerDecoder.for_artifact(runner, artifact.manifest, captioner.embeddings)
+    try:
+        embeds, mask = captioner._encoder_inputs(images, PROMPT_BATCHES["different lengths"])
+        start, ids = captioner._start(embeds, mask)
+        other.set_context(captioner.decoder._context_given | {"encoder_attention_mask": mask},
+                          captioner.decoder._context_given | {"encoder_attention_mask": mask})
+        for num_beams in (1, 3):
+            config = captioner._config({"max_new_tokens": 8, "num_beams": num_beams})
+            assert generate(other, start, None, config, prompt_ids=ids) == generate(captioner.decoder, start, None,
+                                                                                     config, prompt_ids=ids)
+    finally:
+        other.close()
+
+
+def test_the_decoder_is_planned_on_tensorrt_on_a_gpu(blip2_t5_artifact):
+    """Planning only (no GPU needed): on an RTX 4090 the T5 encoder and decoder go to TensorRT like any float graph."""
+    from mmedge.selection import plan
+    from tests.test_tensorrt import RTX_4090
+
+    chosen = plan(RTX_4090, manifest(blip2_t5_artifact), backend="auto")
+    assert chosen.components["decoder"].backend == "tensorrt" and chosen.components["encoder"].backend == "tensorrt"
+    why = next(r for r in chosen.reasons if "the KV-cached decoder as a TensorRT engine" in r)
+    assert "cross_key_values" in why  # context inputs are fed beside the cache
