@@ -113,9 +113,9 @@ def measure_mmedge(path: Path, photo, runs: int, threads: int) -> dict:
     results, tokens = [], None
     for _ in range(runs + 1):
         start = time.perf_counter()
-        embeds, mask = captioner._encoder_inputs(photo, PROMPT)  # prefix + embedded prompt
-        start_embeds, ids = captioner._start(embeds, mask)  # encoder: cross K/V to the decoder
-        tokens = generate(clock, start_embeds, None, config, prompt_ids=ids)[0]
+        built = captioner.inputs.for_images(photo, PROMPT)  # prefix, embedded prompt, encoder: cross K/V
+        captioner.decoder.set_context(built["prefill"], built["step"])
+        tokens = generate(clock, built["embeds"], built["mask"], config, prompt_ids=built["ids"])[0]
         clock.times.append(time.perf_counter())
         results.append(timing(start, clock.times))
     fidelity = captioner.artifact.manifest["components"]["decoder"]["parity"].get("fidelity") or {}

@@ -113,12 +113,13 @@ def plan_for(path: str | os.PathLike, backend: str = "auto", device: str = "auto
 
 def _plan(artifact: Artifact, backend: str, device: str, extra: dict):
     from mmedge import device as device_probe
+    from mmedge.runtimes.registry import backend as registered
     from mmedge.selection import plan as make_plan
 
     # auto takes torch only when the weights are really here (a device copy may leave pytorch/ out); a named torch
     # backend goes by the manifest, so a missing folder is reported as missing
     present = artifact.has_pytorch_weights if backend == "auto" else bool(artifact.manifest.get("pytorch"))
-    weights = present or bool(extra.get("torch", {}).get("checkpoint"))
+    weights = present or any(registered(name).supplies_weights(settings) for name, settings in extra.items())
     return make_plan(device_probe.probe(), artifact.manifest, backend, device, pytorch_weights=weights)
 
 

@@ -164,6 +164,11 @@ class Backend(abc.ABC):
         raise BackendError(f"backend '{self.name}' has no KV-cached decoder", "a backend that runs decoders",
                            "load with backend='auto'")
 
+    def supplies_weights(self, settings: dict | None) -> bool:
+        """Whether the user's ``settings`` for this backend bring PyTorch weights of their own (a checkpoint folder),
+        so a plan may use backends that need them even where the artifact carries none."""
+        return False
+
     def settings_fields(self) -> list[str]:
         """The settings ``backend_options[name]`` may hold."""
         if self.settings is None:

@@ -122,7 +122,7 @@ def _run_interleaved(pipeline, items: list[str], args) -> str:
 
     from mmedge.errors import InputError
 
-    if not hasattr(pipeline, "generate"):
+    if not getattr(pipeline, "interleaved", False):
         raise InputError("--interleaved was given for a model without interleaved prompts",
                          "a Flamingo-style (IDEFICS) captioning artifact",
                          "drop --interleaved, or export an IDEFICS model")
@@ -329,8 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--quiet", action="store_true", help="no progress lines")
     exp.set_defaults(func=cmd_export)
 
+    from mmedge.runtimes.registry import backend_choices
+
     def runtime_flags(p):
-        p.add_argument("--backend", default="auto", help="auto, onnxruntime, tensorrt or torch")
+        p.add_argument("--backend", default="auto", help=backend_choices())
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         p.add_argument("--threads", type=int, default=None, help="CPU threads per graph")
         p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -11,8 +11,8 @@
 
 ``connect(url, model)`` takes a pipeline model's name (``clip-b32-zero-shot``) or an artifact's prefix
 (``clip-b32``: its first pipeline, or the one for ``task=``) and returns ``RemoteClassifier``, ``RemoteEmbedder`` or
-``RemoteCaptioner``, whose methods mirror ``ZeroShotClassifier``, ``Embedder`` and ``Captioner`` /
-``FlamingoCaptioner`` and give the same results: images are sent as their encoded files (paths as the bytes on
+``RemoteCaptioner``, whose methods mirror ``ZeroShotClassifier``, ``Embedder`` and ``Captioner`` (IDEFICS'
+interleaved prompts too) and give the same results: images are sent as their encoded files (paths as the bytes on
 disk; PIL images and arrays losslessly as PNG) and preprocessed on the server by the artifact's own settings.
 
 ``http://`` uses tritonclient's HTTP client (streaming through Triton's ``generate_stream`` endpoint, images as
@@ -367,10 +367,18 @@ class RemoteEmbedder(RemotePipeline):
 
 
 class RemoteCaptioner(RemotePipeline):
-    """``Captioner`` / ``FlamingoCaptioner`` on a server: ``caption``, ``ask``, ``stream``, ``generate``
-    (interleaved prompts, IDEFICS). ``stream`` uses the decoupled ``-stream`` model."""
+    """``Captioner`` on a server: ``caption``, ``ask``, ``stream``, ``generate`` (interleaved prompts, IDEFICS).
+    ``stream`` uses the decoupled ``-stream`` model."""
 
     task = "caption"
+
+    @property
+    def interleaved(self) -> bool:
+        """Whether the served family takes interleaved prompts (``generate``), as ``Captioner.interleaved``."""
+        from mmedge.families import FAMILIES
+
+        row = FAMILIES.get(self.settings.get("family", ""))
+        return bool(row and row.interleaved)
 
     @property
     def vqa_template(self) -> str:

@@ -46,6 +46,12 @@ BACKENDS: dict[str, BackendInfo] = {
                             'pip install "mmedge[openvino]" (OpenVINO and NNCF)', priority=50),
 }
 
+def backend_choices() -> str:
+    """"auto, onnxruntime, openvino, tensorrt or torch": what ``--backend`` takes, for the CLI's help."""
+    names = ["auto", *sorted(BACKENDS)]
+    return f"{', '.join(names[:-1])} or {names[-1]}"
+
+
 def _info(name: str) -> BackendInfo:
     if name not in BACKENDS:  # no such backend at all: bad input, not an absent one
         raise InputError(

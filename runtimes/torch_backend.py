@@ -5,6 +5,9 @@ The artifact carries the checkpoint's weights when it was exported with ``mmedge
 backend is pointed at a local checkpoint folder (``checkpoint=``). The family's model class is rebuilt from it
 (``from_pretrained``, safetensors only) and each component runs the same wrapper module the exporter traced
 (``mmedge.export.families.<family>.reference_module``), so inputs and outputs are the manifest's, by name.
+This is the one backend that reads the host room, on purpose and only inside functions: running the very module
+whose trace became the ONNX graph is what makes the torch path comparable to the graphs; a copy of those wrappers
+on the device side would drift. It needs the ``mmedge[torch]`` extra (torch, transformers) on the device anyway.
 
 - **Device and precision.** ``device="auto"``: CUDA when ``torch.cuda.is_available()``, else the CPU.
   ``dtype``: float16 on CUDA, float32 on a CPU by default; bfloat16 on request. Modules the model class keeps in

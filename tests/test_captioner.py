@@ -105,7 +105,7 @@ def test_validate_covers_the_decoder(blip2_artifact, capsys):
 def test_load_returns_captioner(blip2_artifact):
     pipeline = mmedge.load(blip2_artifact, task="vqa")
     assert isinstance(pipeline, Captioner)
-    assert pipeline.embeddings.shape[1] == pipeline.prefix(np.zeros((8, 8, 3), np.uint8)).shape[2]
+    assert pipeline.embeddings.shape[1] == pipeline.inputs.prefix(np.zeros((8, 8, 3), np.uint8)).shape[2]
 
 
 def test_the_prefix_chain_is_the_manifests(blip2_artifact, tmp_path):

@@ -201,7 +201,9 @@ def test_captions_agree_up_to_near_ties(case: Case, generation: dict, demo_blip2
                            "openvino": "OpenVinoDecoder"}.get(case.backend, "OrtDecoder")
         settings = {k: v for k, v in generation.items() if k != "prompt"}
         config = reference._config(settings)
-        inputs = [p._inputs(scenes, generation.get("prompt"), config.max_new_tokens) for p in (reference, candidate)]
+        built = [p.inputs.for_images(scenes, generation.get("prompt"), config.max_new_tokens)
+                 for p in (reference, candidate)]
+        inputs = [(b["embeds"], b["mask"], b["ids"]) for b in built]
         report = compare_generation(reference.decoder, candidate.decoder, *inputs, config)
         report.check(case.min_cosine, label=f"{case.name} ({decoder})")
     finally:

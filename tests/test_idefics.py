@@ -177,11 +177,27 @@ def test_caption_ask_stream_and_batches(artifacts, hf, images):
         assert captioner.generate(items, **seeded) == captioner.generate(items, **seeded)
 
 
-def test_bad_interleaved_prompts_are_refused(artifacts):
+def test_bad_interleaved_prompts_are_refused(artifacts, images):
     with mmedge.load(artifacts("fp32")) as captioner:
         for bad in ([], "just text", [None], [3.5]):
             with pytest.raises(mmedge.errors.InputError):
                 captioner.generate(bad)
+        # the prompt and the new tokens share the decoder's positions: a prompt that leaves no room is refused
+        positions = captioner.settings["decoder"]["max_positions"]
+        prompt = [images[0], "An image of"]
+        tokens = captioner.inputs.build([prompt])["ids"].shape[1]
+        assert isinstance(captioner.generate(prompt, max_new_tokens=positions - tokens), str)
+        with pytest.raises(mmedge.errors.InputError, match="for new tokens"):
+            captioner.generate(prompt, max_new_tokens=positions - tokens + 1)
+
+
+def test_blip2_captioner_refuses_interleaved_prompts(blip2_artifact, images):
+    with mmedge.load(blip2_artifact) as captioner:
+        assert not captioner.interleaved
+        with pytest.raises(mmedge.errors.InputError, match="interleaved prompts, which BLIP-2 models do not"):
+            captioner.generate([images[0], "An image of"])
+        with pytest.raises(mmedge.errors.InputError, match="list of images"):
+            next(iter(captioner.stream([images[0], "An image of"])))
 
 
 # --- quantization ---------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from transformers import InstructBlipForConditionalGeneration, InstructBlipProce
 
 import mmedge
 from mmedge.generation import generate
-from mmedge.pipelines.instruct import InstructSeq2SeqCaptioner
+from mmedge.pipelines.instruct import InstructCaptioner, InstructSeq2SeqInputs
 from mmedge.tokenizer import TextTokenizer
 
 INSTRUCTIONS = ["What is in the picture?", "a photo of", "Question: how many people are there in the picture? Answer:"]
@@ -61,9 +61,10 @@ def hf_tokens(hf, images, prompts, **settings) -> list[list[int]]:
 
 
 def our_tokens(captioner, images, prompts, **settings) -> list[list[int]]:
-    embeds, mask = captioner._encoder_inputs(images, list(prompts))
-    start, ids = captioner._start(embeds, mask)
-    return generate(captioner.decoder, start, None, captioner._config(settings), prompt_ids=ids)
+    built = captioner.inputs.for_images(images, list(prompts))
+    captioner.decoder.set_context(built["prefill"], built["step"])
+    return generate(captioner.decoder, built["embeds"], built["mask"], captioner._config(settings),
+                    prompt_ids=built["ids"])
 
 
 @pytest.mark.parametrize("variant", ["fp32", "split"])
@@ -96,7 +97,7 @@ def test_tokens_identical_to_generate(artifacts, hf, images, variant, num_beams)
 def test_captioner_uses_the_instruction_and_a_default_one(artifacts, hf, images):
     decode = hf[1].tokenizer.decode
     with mmedge.load(artifacts("fp32"), threads=1) as captioner:
-        assert isinstance(captioner, InstructSeq2SeqCaptioner)
+        assert isinstance(captioner, InstructCaptioner) and isinstance(captioner.inputs, InstructSeq2SeqInputs)
         caption = captioner.caption(images[0], max_new_tokens=8)
         assert caption == decode(hf_tokens(hf, images[:1], ["A short image description:"], max_new_tokens=8)[0],
                                  skip_special_tokens=True).strip()
@@ -113,7 +114,7 @@ def test_int4_llm_and_int8_prefix_with_the_instruction(artifacts, images):
     assert prefix["instruction"] and prefix["embedding_cosine_mean"] >= 0.98
     assert m["components"]["decoder"]["parity"]["fidelity"]["logits_cosine_mean"] >= 0.75
     with mmedge.load(artifacts("int4")) as captioner:
-        assert all(isinstance(t, str) for t in captioner.ask(images, INSTRUCTIONS, max_new_tokens=6))
+        assert all(isinstance(t, str) for t in captioner.caption(images, INSTRUCTIONS, max_new_tokens=6))
 
 
 def test_checkpoint_goes_to_its_family(tiny_instructblip_t5_dir):

@@ -119,7 +119,7 @@ def test_nncf_int4_decoder_generates_close_to_fp32_and_is_recorded(blip2_artifac
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with mmedge.load(folder, backend="openvino") as fp32:
-            prefix = fp32._inputs([photo], None, 4)
+            prefix = fp32.inputs.for_images([photo], None, 4)
         with mmedge.load(folder, backend="openvino", backend_options={"openvino": {"weights": "int4"}}) as int4:
             assert type(int4.decoder).__name__ == "OpenVinoDecoder" and "compiled" in int4.decoder.source
             assert len(int4.caption(photo, max_new_tokens=4)) >= 0
@@ -129,7 +129,7 @@ def test_nncf_int4_decoder_generates_close_to_fp32_and_is_recorded(blip2_artifac
         with mmedge.load(folder, backend="openvino", backend_options={"openvino": {"weights": "int4"}}) as again:
             assert again.decoder.source == "cache"
             with mmedge.load(folder, backend="onnxruntime") as reference:
-                embeds, mask = prefix[0], prefix[1]
+                embeds, mask = prefix["embeds"], prefix["mask"]
                 cos = cosine_rows(reference.decoder.start(embeds, mask), again.decoder.start(embeds, mask))
     assert float(cos.min()) >= 0.95
 

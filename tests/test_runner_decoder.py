@@ -51,12 +51,12 @@ def pipeline(request, blip2_artifact, idefics_artifact):
 
 def prompts(pipeline, photos) -> dict:
     """``{"embeds", "mask", "ids", "context"}`` for two images, as the pipeline builds them (context: IDEFICS only)."""
-    if hasattr(pipeline, "inputs"):  # FlamingoCaptioner: interleaved prompts, image context beside the cache
+    if pipeline.interleaved:  # IDEFICS: interleaved prompts, image context beside the cache
         built = pipeline.inputs.build([[Path(photos[0]), "An image of"], [Path(photos[1]), "a", Path(photos[0]), "An"]])
         return {"embeds": built["embeds"], "mask": built["mask"], "ids": built["ids"],
                 "context": (built["prefill"], built["step"])}
-    embeds, mask, ids = pipeline._inputs(photos[:2], "a photo of", 8)
-    return {"embeds": embeds, "mask": mask, "ids": ids, "context": None}
+    built = pipeline.inputs.for_images(photos[:2], "a photo of", 8)
+    return {"embeds": built["embeds"], "mask": built["mask"], "ids": built["ids"], "context": None}
 
 
 def decoder_runner(pipeline, options: OrtOptions = OrtOptions()) -> OnnxRuntimeRunner:

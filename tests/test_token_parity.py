@@ -49,7 +49,8 @@ def pair(blip2_artifact):
         warnings.simplefilter("ignore")
         reference, other = mmedge.load(blip2_artifact,
                                        backend="onnxruntime"), mmedge.load(blip2_artifact, backend="onnxruntime")
-    yield reference, other, reference._inputs(photos[:3], None, 12)
+    built = reference.inputs.for_images(photos[:3], None, 12)
+    yield reference, other, (built["embeds"], built["mask"], built["ids"])
     reference.close()
     other.close()
 

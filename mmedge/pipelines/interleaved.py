@@ -16,6 +16,7 @@ none after an end-of-sequence token until the next image). That is ``image_atten
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -75,29 +76,43 @@ class FlamingoInputs:
 
     ``settings``: the manifest's ``idefics`` object. ``run(name, feeds)``: runs an encoder component
     (``vision``, ``resampler``, ``cross_kv``) and returns its outputs by name. ``embeddings``: the
-    token table (``[vocab, hidden]``, rows looked up by id).
+    token table (``[vocab, hidden]``, rows looked up by id). ``max_prompt_tokens``: the decoder's positions (by
+    default the manifest's ``decoder.max_positions``), shared by the prompt and the new tokens.
     """
 
-    def __init__(self, settings: dict, tokenizer, preprocessor, run, embeddings, max_prompt_tokens: int):
+    def __init__(self, settings: dict, tokenizer, preprocessor, run, embeddings, max_prompt_tokens: int | None = None):
         self.settings = settings
         self.format = settings["prompt_format"]
         self.tokenizer, self.preprocessor, self.run, self.embeddings = tokenizer, preprocessor, run, embeddings
-        self.max_prompt_tokens = max_prompt_tokens
+        self.max_prompt_tokens = max_prompt_tokens or settings["decoder"].get("max_positions") or 2048
         self.cross = settings["cross_kv"]
 
-    def prompt_ids(self, items: list) -> tuple[np.ndarray, list]:
+    def for_images(self, images, prompt: str | None, max_new_tokens: int = 0) -> dict:
+        """``build`` of one prompt per image: the image, then ``prompt`` (the text after it) when given. Images may be
+        paths as strings here (``caption(images)`` takes them so). ``max_new_tokens``: room the decoder keeps."""
+        batch = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not batch:
+            raise InputError("the image list is empty", "at least one image", "pass an image path, PIL image or array")
+        if prompt is not None and not isinstance(prompt, str):
+            raise InputError(f"prompt is a {type(prompt).__name__}", "a string or None", "pass prompt='An image of'")
+        batch = [Path(image) if is_text(image) else image for image in batch]
+        return self.build([[image, *([prompt] if prompt else [])] for image in batch], max_new_tokens)
+
+    def prompt_ids(self, items: list, max_new_tokens: int = 0) -> tuple[np.ndarray, list]:
         text, images = prompt_text(items, self.format)
         ids = self.tokenizer.encode_all(text, add_special_tokens=False)  # [tokens]
-        if ids.shape[0] > self.max_prompt_tokens:
+        room = self.max_prompt_tokens - max_new_tokens
+        if ids.shape[0] > room:
             raise InputError(f"the prompt has {ids.shape[0]} tokens",
-                             f"at most {self.max_prompt_tokens} (the model's positions "
-                             "minus room for new tokens)", "shorten the text or pass fewer images")
+                             f"at most {room} (the model's {self.max_prompt_tokens} positions "
+                             f"minus {max_new_tokens} for new tokens)",
+                             "shorten the text, pass fewer images or lower max_new_tokens")
         return ids, images
 
-    def build(self, prompts: list[list]) -> dict:
+    def build(self, prompts: list[list], max_new_tokens: int = 0) -> dict:
         """``{"embeds" [batch, tokens, hidden], "mask" [batch, tokens], "ids" [batch, tokens], "prefill": {...},
-        "step": {...}}``; prompts are left-padded to the longest."""
-        encoded = [self.prompt_ids(items) for items in prompts]
+        "step": {...}}``; prompts are left-padded to the longest; each leaves ``max_new_tokens`` positions free."""
+        encoded = [self.prompt_ids(items, max_new_tokens) for items in prompts]
         length = max(ids.shape[0] for ids, _ in encoded)
         max_images = max(1, max(len(images) for _, images in encoded))
         pad = self.settings["pad_token_id"] if self.settings.get("pad_token_id") is not None else 0

@@ -5,8 +5,8 @@ What a request means to each kind of captioner:
 - one image per request (BLIP-2): the image may sit in any user message; the text of the last user message is a
   question, asked with the artifact's VQA prompt (``Question: ... Answer:``), or with ``"prompt_mode": "continue"`` a
   text the answer continues; no text at all asks for a caption.
-- interleaved prompts (IDEFICS, pipelines with ``generate``): the parts of every message, in order, form one prompt of
-  images and texts (``FlamingoCaptioner.stream``); roles add no text of their own.
+- interleaved prompts (IDEFICS: captioners whose ``interleaved`` is true): the parts of every message, in order,
+  form one prompt of images and texts (``Captioner.stream``); roles add no text of their own.
 
 Settings: ``max_tokens`` (or ``max_completion_tokens``), ``temperature`` (0: greedy; above 0: sampling; absent: the
 artifact's own settings, greedy for the demo models), ``top_p``, ``seed``, ``stop``; extensions ``num_beams`` (beam
@@ -93,7 +93,7 @@ def parse_chat(data: dict, model: ServedModel, options: ServeOptions) -> ChatJob
     defaults = GenerationConfig.from_dict(model.manifest.get("generation") or {})
     max_new_tokens = generation.get("max_new_tokens", defaults.max_new_tokens)
     messages = parse_messages(data, options)
-    if hasattr(model.captioner, "generate"):
+    if model.captioner.interleaved:
         call, prompt_tokens = _interleaved(messages, model, generation)
     else:
         mode = field(data, "prompt_mode", "string", default="question")

@@ -123,6 +123,9 @@ class TorchBackend(Backend):
         request.reasons.append(f"backend torch: every component {where}")
         return {name: ComponentPlan(self.name, (), precision, dict(options)) for name in manifest["components"]}
 
+    def supplies_weights(self, settings: dict | None) -> bool:
+        return bool((settings or {}).get("checkpoint"))  # from_pretrained of that folder
+
     def open_runner(self, artifact, name: str, plan: ComponentPlan, *, threads: int | None = None,
                     settings: dict | None = None, keep_on_device: bool = False):
         """The family's reference module from the artifact's PyTorch weights (no graph file)."""

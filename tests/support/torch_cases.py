@@ -18,8 +18,8 @@ def load_quietly(path, **kwargs):
 
 def prompt(captioner, photos, rows: int = 2):
     """(inputs_embeds [rows, seq, hidden], attention_mask [rows, seq]) of the captioner's caption prompt."""
-    embeds, mask, _ = captioner._inputs(photos[:rows], None, 0)
-    return embeds, mask
+    built = captioner.inputs.for_images(photos[:rows], None, 0)
+    return built["embeds"], built["mask"]
 
 
 def blip2_decoder_pair(folder):

@@ -1,0 +1,101 @@
+"""BLIP-2's prompts as decoder inputs: one image per prompt → prefix embeddings, then the prompt's tokens.
+
+The prompt enters the decoder the way transformers' ``Blip2ForConditionalGeneration.generate`` does it: the prefix
+rows (Q-Former outputs projected into the LLM), then the embedded ``tokenizer(prompt)`` ids, which start with BOS
+(just ``[BOS]`` for a plain caption). The manifest's ``blip2.image_tokens`` records this.
+
+``Captioner`` takes its inputs from a builder of this shape (``mmedge.families``: the row's ``inputs``); the
+Flamingo builder beside it is ``mmedge.pipelines.interleaved.FlamingoInputs``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import numpy as np
+
+from mmedge.errors import InputError
+
+MAX_PROMPT_TOKENS = 512
+MAX_PROMPT_CHARS = 8 * MAX_PROMPT_TOKENS  # English text has 4-5 characters per token
+
+
+class PrefixInputs:
+    """Images (+ one prompt text for all of them) → ``{"embeds", "mask", "ids"}`` for the decoder's prefill.
+
+    ``settings``: the manifest's ``blip2`` object. ``run(name, feeds)``: runs an encoder component and returns its
+    outputs by name. ``embeddings``: the token table (``[vocab, width]``, rows looked up by id).
+    ``max_prompt_tokens``: the cap on prompt tokens (BOS included) before the decoder's positions are counted.
+    """
+
+    def __init__(self, settings: dict, tokenizer, preprocessor, run: Callable[[str, dict], dict], embeddings,
+                 max_prompt_tokens: int | None = None):
+        self.settings = settings
+        self.tokenizer, self.preprocessor, self.run, self.embeddings = tokenizer, preprocessor, run, embeddings
+        self.max_prompt_tokens = max_prompt_tokens or MAX_PROMPT_TOKENS
+
+    def prefix(self, images, prompts: list | None = None) -> np.ndarray:
+        """Prefix embeddings ``[batch, num_query_tokens, width]``: the components the manifest's ``prefix.components``
+        names, in order (one graph, or vision → Q-Former), each fed the tensors of the ones before by name and
+        ``prefix_inputs(prompts)`` (one prompt per image; a prefix that reads text: InstructBLIP); the result is their
+        ``prefix.output``."""
+        batch = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not batch:
+            raise InputError("the image list is empty", "at least one image", "pass an image path, PIL image or array")
+        chain = self.settings["prefix"]
+        values = {"pixel_values": self.preprocessor(batch),  # [batch, 3, height, width]
+                  **self.prefix_inputs(prompts if prompts is not None else [None] * len(batch))}
+        for name in chain["components"]:
+            values.update(self.run(name, values))
+        return values[chain["output"]]
+
+    def prefix_inputs(self, prompts: list) -> dict[str, np.ndarray]:
+        """The prefix's inputs beyond the pixels, for these prompts (one per image): none for BLIP-2."""
+        return {}
+
+    def default_prompt(self, prompt: str | None) -> str | None:
+        """The prompt a caption without one uses (the manifest's ``prompts.caption``; None: no prompt)."""
+        return self.settings["prompts"].get("caption") if prompt is None else prompt
+
+    def for_images(self, images, prompt: str | None, max_new_tokens: int = 0) -> dict:
+        """``{"embeds" [batch, queries + tokens, width], "mask" [batch, queries + tokens], "ids" [batch, queries +
+        tokens]}``: each image's prefix rows, then the same prompt tokens (``ids`` holds what HF passes as
+        ``input_ids``: image-token placeholders, then the prompt; the repetition-penalty context)."""
+        prompt = self.default_prompt(prompt)
+        count = len(images) if isinstance(images, (list, tuple)) else 1
+        prefix = self.prefix(images, [prompt] * count)  # [batch, queries, width]
+        batch, queries, _ = prefix.shape
+        prompt_ids = self.prompt_ids(prompt, self.prompt_budget(queries, max_new_tokens))  # [tokens]
+        text = self.embeddings[prompt_ids]  # [tokens, width]
+        embeds = np.concatenate([prefix, np.broadcast_to(text, (batch, *text.shape)).astype(prefix.dtype)], axis=1)
+        mask = np.ones(embeds.shape[:2], dtype=np.int64)  # [batch, queries + tokens]
+        image_token = self.settings["image_tokens"].get("hf_image_token_id")
+        placeholder = np.full((queries,), image_token if image_token is not None else 0, dtype=np.int64)
+        ids = np.broadcast_to(np.concatenate([placeholder, prompt_ids]), (batch, queries + prompt_ids.shape[0]))
+        return {"embeds": embeds, "mask": mask, "ids": np.ascontiguousarray(ids)}
+
+    def prompt_ids(self, prompt: str | None, budget: int) -> np.ndarray:
+        """``[tokens]``: BOS, then the prompt's tokens; a prompt over ``budget`` tokens keeps BOS and its end."""
+        if prompt is None:
+            return np.array([self.settings["bos_token_id"]], dtype=np.int64)
+        if not isinstance(prompt, str):
+            raise InputError(f"prompt is a {type(prompt).__name__}", "a string or None", "pass prompt='a photo of'")
+        text = prompt[-MAX_PROMPT_CHARS:]  # a longer text is cut before tokenizing: tokenizing it costs little
+        ids = self.tokenizer.encode_all(text)  # [tokens], starts with BOS, not cut
+        budget = max(budget, 1)
+        if len(text) < len(prompt) or ids.shape[0] > budget:
+            size = f"{len(prompt):,} characters" if len(text) < len(prompt) else f"{ids.shape[0]} tokens"
+            warnings.warn(f"the prompt is too long ({size}; this call has room for {budget} tokens, BOS included): "
+                          f"keeping BOS and its last {budget - 1} tokens at most; shorten the prompt or lower "
+                          "max_new_tokens to keep more of it", stacklevel=4)
+            ids = np.concatenate([ids[:1], ids[1:][ids.shape[0] - budget:]]) if ids.shape[0] > budget else ids
+        return ids
+
+    def prompt_budget(self, queries: int, max_new_tokens: int) -> int:
+        """Prompt tokens (BOS included) that fit: the cap, and the decoder's positions after the image rows and the
+        new tokens."""
+        max_positions = self.settings["decoder"].get("max_positions")
+        if max_positions is None:
+            return self.max_prompt_tokens
+        return min(self.max_prompt_tokens, max_positions - queries - max_new_tokens)
