@@ -39,16 +39,24 @@ def config_sha256(config) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _family_of(model_type: str) -> str:
-    from mmedge.export.families import FAMILY_BY_MODEL_TYPE
+def _family_of(config) -> str:
+    """The family exporting a checkpoint, from its config (a dict as in config.json, or a transformers config)."""
+    from mmedge.export.families import MODEL_TYPES, family_for
 
-    if model_type not in FAMILY_BY_MODEL_TYPE:
+    config = config if isinstance(config, dict) else config.to_dict()
+    name = family_for(config)
+    if name is None:
+        model_type = config.get("model_type")
+        if model_type in MODEL_TYPES:
+            llm = (config.get("text_config") or {}).get("model_type")
+            raise ModelLoadError(f"this '{model_type}' checkpoint's language model ('{llm}') is not supported",
+                                 "a language model one of the families exports", "export a supported checkpoint")
         raise ModelLoadError(
             f"model type '{model_type}' is not supported",
-            f"one of {', '.join(sorted(FAMILY_BY_MODEL_TYPE))}",
-            "export a CLIP checkpoint (BLIP-2 and IDEFICS support is on the roadmap)",
+            f"one of {', '.join(MODEL_TYPES)}",
+            "export a CLIP, BLIP-2 or IDEFICS checkpoint",
         )
-    return FAMILY_BY_MODEL_TYPE[model_type]
+    return name
 
 
 def _refuse_pickles(folder: Path, allow_pickle: bool) -> None:
@@ -75,19 +83,21 @@ def checkpoint_family(model: str, *, random_weights: bool = False) -> str:
     if random_weights:
         entry = _bundled_config(model)
         if entry is not None:
-            return _family_of(entry["config"]["model_type"])
+            return _family_of(entry["config"])
         if not (Path(model) / "config.json").is_file():
             raise _not_bundled(model)
     elif not _local_folder(model):
         import transformers
 
-        return _family_of(_hub_config(transformers, model).model_type)
+        return _family_of(_hub_config(transformers, model))
     try:
-        model_type = json.loads((Path(model) / "config.json").read_text()).get("model_type")
+        config = json.loads((Path(model) / "config.json").read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
     except (OSError, ValueError, AttributeError) as exc:
         raise ModelLoadError(f"cannot read '{Path(model) / 'config.json'}' ({_first_line(exc)})",
                              "a JSON config written by save_pretrained", "re-copy the checkpoint folder") from None
-    return _family_of(str(model_type))
+    return _family_of(config)
 
 
 def _local_folder(model: str) -> bool:
@@ -149,7 +159,7 @@ def _load_pretrained(model: str, allow_pickle: bool) -> LoadedModel:
     import transformers
 
     config = _hub_config(transformers, model)
-    family = _family_of(config.model_type)
+    family = _family_of(config)
     from mmedge.export.families import FAMILIES
 
     model_class = FAMILIES[family].model_class()
@@ -244,7 +254,7 @@ def _load_random(model: str, seed: int) -> LoadedModel:
         tokenizer, processor = _load_preprocessors(model)
     else:
         raise _not_bundled(model)
-    family = _family_of(config.model_type)
+    family = _family_of(config)
     from mmedge.export.families import FAMILIES
 
     spec = FAMILIES[family]

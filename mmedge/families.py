@@ -35,6 +35,7 @@ class FamilyRow:
 
 
 CAPTIONER = "mmedge.pipelines.captioner:Captioner"
+INSTRUCT_CAPTIONER = "mmedge.pipelines.instruct:InstructCaptioner"  # + the Q-Former's tokenizer for its builder
 
 FAMILIES: dict[str, FamilyRow] = {row.name: row for row in (
     FamilyRow("clip", "CLIP", ("vision", "text", "zero_shot"), ("zero-shot", "embed"),
@@ -45,6 +46,22 @@ FAMILIES: dict[str, FamilyRow] = {row.name: row for row in (
               GenerativeSection(("bos_token_id", "num_query_tokens"),
                                 ("prefix", "decoder", "image_tokens", "prompts", "embeddings")),
               inputs="mmedge.pipelines.prefix_inputs:PrefixInputs"),
+    FamilyRow("blip2_t5", "BLIP-2 (Flan-T5)", ("vision", "qformer", "prefix", "encoder", "decoder"),
+              ("caption", "vqa"), {"caption": CAPTIONER, "vqa": CAPTIONER},
+              GenerativeSection(("bos_token_id", "num_query_tokens"),
+                                ("prefix", "encoder", "decoder", "image_tokens", "prompts", "embeddings")),
+              inputs="mmedge.pipelines.seq2seq:Seq2SeqInputs"),
+    FamilyRow("instructblip_t5", "InstructBLIP (Flan-T5)", ("vision", "qformer", "prefix", "encoder", "decoder"),
+              ("caption", "vqa"), {"caption": INSTRUCT_CAPTIONER, "vqa": INSTRUCT_CAPTIONER},
+              GenerativeSection(("bos_token_id", "num_query_tokens"),
+                                ("prefix", "encoder", "decoder", "image_tokens", "prompts", "embeddings",
+                                 "qformer_tokenizer")),
+              inputs="mmedge.pipelines.instruct:InstructSeq2SeqInputs"),
+    FamilyRow("instructblip", "InstructBLIP", ("vision", "qformer", "prefix", "decoder"), ("caption", "vqa"),
+              {"caption": INSTRUCT_CAPTIONER, "vqa": INSTRUCT_CAPTIONER},
+              GenerativeSection(("bos_token_id", "num_query_tokens"),
+                                ("prefix", "decoder", "image_tokens", "prompts", "embeddings", "qformer_tokenizer")),
+              inputs="mmedge.pipelines.instruct:InstructPrefixInputs"),
     FamilyRow("idefics", "IDEFICS", ("image_context", "vision", "resampler", "cross_kv", "decoder"),
               ("caption", "vqa"), {"caption": CAPTIONER, "vqa": CAPTIONER},
               GenerativeSection(("bos_token_id", "vision_width"),

@@ -44,6 +44,10 @@ def artifact_decoder(manifest: Mapping[str, Any]) -> tuple[dict[str, Any], dict[
                     "context_inputs": context}
 
 
+def _rows(context: Mapping[str, np.ndarray]) -> int:
+    return next(iter(context.values())).shape[0] if context else 0
+
+
 def host(value: Any) -> np.ndarray:
     """A host copy of a backend's output (``numpy()`` of a device array or an OrtValue), or the array itself."""
     return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
@@ -67,7 +71,12 @@ class GraphDecoder(abc.ABC):
         self._present_names = cache_names(self.kv, "present")
         self._context_names = list(context_inputs)
         self._context: dict[str, dict[str, Any]] = {"prefill": {}, "step": {}}
-        want_in = {"inputs_embeds", "attention_mask", "position_ids", *self._context_names, *self._past_names}
+        self._context_given: dict[str, Any] = {}  # the step context set_context got, one row per prompt
+        self._context_rows = np.zeros(0, dtype=np.int64)  # the row of _context_given each cache row's step context is
+        # a graph with relative positions (T5) computes them from the cache length and takes no position_ids
+        self._takes_positions = "position_ids" in inputs
+        want_in = {"inputs_embeds", "attention_mask", *(("position_ids",) if self._takes_positions else ()),
+                   *self._context_names, *self._past_names}
         want_out = {"logits", *self._present_names}
         if set(inputs) != want_in or not want_out <= set(outputs):
             raise IntegrityError(
@@ -107,6 +116,8 @@ class GraphDecoder(abc.ABC):
                                 "pass every context input the decoder graph takes")
         self._context = {kind: {k: np.ascontiguousarray(v, dtype=self._dtype(k, np.float32)) for k, v in values.items()}
                          for kind, values in (("prefill", prefill), ("step", step))}
+        self._context_given = dict(self._context["step"])  # one row per prompt; reorder gathers from these
+        self._context_rows = np.arange(_rows(self._context_given))
 
     # --- the Decoder protocol ----------------------------------------------------------------------
     def start(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -121,6 +132,9 @@ class GraphDecoder(abc.ABC):
         empty = np.zeros((batch, self.kv["heads"], 0, self.kv["head_dim"]), dtype=self._past_dtype)
         self._past = self._fresh_past(empty)
         self._batch, self.past_length = batch, 0
+        if self._context_names:  # a new generation: the step context is the one set, one row per prompt again
+            self._context["step"] = dict(self._context_given)
+            self._context_rows = np.arange(_rows(self._context_given))
         return self._run(embeds, mask, self._context["prefill"])
 
     def step(self, token_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -145,18 +159,27 @@ class GraphDecoder(abc.ABC):
                             "index existing cache rows")
         if rows.shape[0] == self._batch and np.array_equal(rows, np.arange(self._batch)):
             return
-        self._context["step"] = {k: np.ascontiguousarray(v[rows]) for k, v in self._context["step"].items()}
+        if self._context_names:
+            # Context rows depend only on the prompt: gather them only when some cache row changes prompt (expanding
+            # prompts to beams), not when beams swap within one prompt (every beam-search step).
+            source = self._context_rows[rows]
+            if not np.array_equal(source, self._context_rows):
+                self._context["step"] = {k: np.ascontiguousarray(v[source]) for k, v in self._context_given.items()}
+            self._context_rows = source
         self._past = self._reordered_past(rows)
         self._batch = rows.shape[0]
 
     # --- running the graph -------------------------------------------------------------------------
     def _run(self, embeds: np.ndarray, mask: np.ndarray, context: dict[str, np.ndarray]) -> np.ndarray:
         seq = embeds.shape[1]
-        positions = np.ascontiguousarray(_position_ids(mask, seq, self.position_offset), dtype=self._position_dtype)
         if set(context) != set(self._context_names):
             raise FeedError(f"the decoder has context {sorted(context)}", f"{sorted(self._context_names)}",
                             "call set_context() before generating")
-        logits = self._forward(embeds, mask, positions, context)  # [batch, seq, vocab]
+        feeds = {"inputs_embeds": embeds, "attention_mask": mask}
+        if self._takes_positions:
+            feeds["position_ids"] = np.ascontiguousarray(_position_ids(mask, seq, self.position_offset),
+                                                         dtype=self._position_dtype)
+        logits = self._forward({**feeds, **context})  # [batch, seq, vocab]
         self.past_length = mask.shape[1]
         return np.asarray(logits[:, -1, :], dtype=np.float32)  # [batch, vocab]
 
@@ -178,6 +201,6 @@ class GraphDecoder(abc.ABC):
         """The pasts with row ``i`` taken from old row ``rows[i]``."""
 
     @abc.abstractmethod
-    def _forward(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
-                 context: dict[str, np.ndarray]) -> Any:
-        """Run the graph; keep its presents in ``self._past``; return its logits ``[batch, seq, vocab]``."""
+    def _forward(self, feeds: dict[str, np.ndarray]) -> Any:
+        """Run the graph on ``feeds`` (embeddings, mask, position ids when the graph takes them, context) and the
+        pasts; keep its presents in ``self._past``; return its logits ``[batch, seq, vocab]``."""

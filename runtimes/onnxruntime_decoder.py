@@ -84,14 +84,12 @@ class OrtDecoder(GraphDecoder):
             return [self._to_device(np.ascontiguousarray(value.numpy()[rows])) for value in self._past]
         return [np.ascontiguousarray(value[rows]) for value in self._past]
 
-    def _forward(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
-                 context: dict[str, np.ndarray]) -> np.ndarray:
+    def _forward(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         try:
             if self.io_binding:
-                return self._run_bound(embeds, mask, positions, context)
-            feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, **context,
-                     **dict(zip(self._past_names, self._past))}
-            values = self._session.run(["logits", *self._present_names], feeds)
+                return self._run_bound(feeds)
+            values = self._session.run(["logits", *self._present_names],
+                                       {**feeds, **dict(zip(self._past_names, self._past))})
             self._past = values[1:]
             return values[0]
         except Exception as exc:
@@ -99,18 +97,14 @@ class OrtDecoder(GraphDecoder):
                 raise self._closed_error() from None
             raise self._run_error("ONNX Runtime", exc) from None
 
-    def _run_bound(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
-                   context: dict[str, np.ndarray]) -> np.ndarray:
+    def _run_bound(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         binding = self._binding
         if binding is None:
             binding = self._binding = self._session.io_binding()
         else:
             binding.clear_binding_inputs()
             binding.clear_binding_outputs()
-        binding.bind_cpu_input("inputs_embeds", embeds)
-        binding.bind_cpu_input("attention_mask", mask)
-        binding.bind_cpu_input("position_ids", positions)
-        for name, value in context.items():
+        for name, value in feeds.items():  # embeddings, mask, positions, context
             binding.bind_cpu_input(name, value)
         for name, value in zip(self._past_names, self._past):
             binding.bind_ortvalue_input(name, value)

@@ -67,12 +67,10 @@ class RunnerDecoder(GraphDecoder):
     def _reordered_past(self, rows: np.ndarray) -> list[Any]:
         return [np.ascontiguousarray(host(value)[rows]) for value in self._past]  # each [rows, heads, past, head_dim]
 
-    def _forward(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
-                 context: dict[str, np.ndarray]) -> np.ndarray:
+    def _forward(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         if self._runner is None:
             raise self._closed_error()
-        feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, **context,
-                 **dict(zip(self._past_names, self._past))}
+        feeds = {**feeds, **dict(zip(self._past_names, self._past))}
         try:
             outputs = self._runner.infer(feeds)
         except MmedgeError:

@@ -72,6 +72,40 @@ def blip2_artifact(tiny_blip2_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_blip2_t5_dir(tmp_path_factory):
+    """A random-weight BLIP-2 with Flan-T5 checkpoint folder (ViT + Q-Former + T5, T5 tokenizer, processor), made once
+    per session."""
+    from tests.support.tiny_checkpoints import make_tiny_blip2_t5
+
+    return make_tiny_blip2_t5(tmp_path_factory.mktemp("tiny-blip2-t5"))
+
+
+@pytest.fixture(scope="session")
+def blip2_t5_artifact(tiny_blip2_t5_dir, tmp_path_factory):
+    """The tiny BLIP-2 with Flan-T5 exported once per session (FP32, fused prefix)."""
+    from mmedge.export import export_model
+
+    return export_model(str(tiny_blip2_t5_dir), tmp_path_factory.mktemp("b2t5") / "fp32", progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_instructblip_t5_dir(tmp_path_factory):
+    """A random-weight InstructBLIP with Flan-T5 checkpoint folder (T5 tokenizer, the Q-Former's BERT tokenizer in
+    qformer_tokenizer/, processor), made once per session."""
+    from tests.support.tiny_checkpoints import make_tiny_instructblip_t5
+
+    return make_tiny_instructblip_t5(tmp_path_factory.mktemp("tiny-instructblip-t5"))
+
+
+@pytest.fixture(scope="session")
+def tiny_instructblip_dir(tmp_path_factory):
+    """A random-weight InstructBLIP with a Llama-family LLM (Vicuna's layout), made once per session."""
+    from tests.support.tiny_checkpoints import make_tiny_instructblip
+
+    return make_tiny_instructblip(tmp_path_factory.mktemp("tiny-instructblip"))
+
+
+@pytest.fixture(scope="session")
 def tiny_idefics_dir(tmp_path_factory):
     """A random-weight IDEFICS checkpoint (ViT, Perceiver Resampler, Llama with gated cross-attention,
     Llama-style tokenizer with the image tokens, IdeficsProcessor), made once per session."""
@@ -81,12 +115,15 @@ def tiny_idefics_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def pytorch_artifacts(tiny_clip_dir, tiny_blip2_dir, tiny_idefics_dir, tmp_path_factory):
+def pytorch_artifacts(tiny_clip_dir, tiny_blip2_dir, tiny_blip2_t5_dir, tiny_instructblip_t5_dir,
+                      tiny_instructblip_dir, tiny_idefics_dir, tmp_path_factory):
     """Tiny artifacts exported with --with-pytorch (the torch backend's weights beside the graphs), each once per
-    session: ``pytorch_artifacts("blip2")``; kinds: clip, clip-fused, blip2, blip2-split, idefics."""
+    session: ``pytorch_artifacts("blip2")``; kinds: ``tests.support.artifacts.PYTORCH_VARIANTS``."""
     from tests.support.artifacts import export_pytorch_artifact
 
-    sources = {"clip": tiny_clip_dir, "blip2": tiny_blip2_dir, "idefics": tiny_idefics_dir}
+    sources = {"clip": tiny_clip_dir, "blip2": tiny_blip2_dir, "blip2_t5": tiny_blip2_t5_dir,
+               "instructblip_t5": tiny_instructblip_t5_dir, "instructblip": tiny_instructblip_dir,
+               "idefics": tiny_idefics_dir}
     carried = os.environ.get("MMEDGE_TEST_ARTIFACTS")
     root = tmp_path_factory.mktemp("pytorch-artifacts")
     made: dict[str, Path] = {}

@@ -1,6 +1,7 @@
-"""One conformance suite for every backend present: the same tiny CLIP, BLIP-2 and IDEFICS artifacts (exported
-``--with-pytorch``), the same inputs, and parity with the reference, ONNX Runtime on the CPU running the exported
-FP32 graphs; generation on the shipped (trained) BLIP-2 demo model.
+"""One conformance suite for every backend present: the same tiny CLIP, BLIP-2 (OPT and Flan-T5), InstructBLIP
+(Flan-T5, Llama) and IDEFICS artifacts (exported ``--with-pytorch``), the same inputs, and parity with the
+reference, ONNX Runtime on the CPU running the exported FP32 graphs; generation on the shipped (trained) BLIP-2 demo
+model.
 
 Backends and tolerances (cosine of each output, flattened per row, against the reference on the same inputs; the
 same floor for the decoder's logits at every step of teacher-forced generation):
@@ -113,7 +114,7 @@ CASES = [
                  id="tensorrt",
                  marks=[gpu, pytest.mark.skipif(not HAVE_TENSORRT, reason="TensorRT is not installed here")]),
 ]
-ARTIFACTS = ["clip", "clip-fused", "blip2", "blip2-split", "idefics"]
+ARTIFACTS = ["clip", "clip-fused", "blip2", "blip2-split", "blip2_t5", "instructblip_t5", "instructblip", "idefics"]
 
 
 def _runner(case: Case, artifact: Artifact, name: str):

@@ -32,6 +32,12 @@ class Family(abc.ABC):
 
     # --- the checkpoint ---------------------------------------------------------------------------
     @staticmethod
+    def claims(config: dict) -> bool:
+        """Whether it exports this checkpoint, given its config (``config.json`` as a dict) whose ``model_type`` is one
+        of ``model_types``: families sharing a model type (BLIP-2 with OPT, with Flan-T5) tell theirs apart here."""
+        return True
+
+    @staticmethod
     @abc.abstractmethod
     def model_class() -> type:
         """The transformers class that loads its checkpoints."""

@@ -46,6 +46,7 @@ TASKS = ("caption", "vqa")
 VQA_TEMPLATE = "Question: {} Answer:"
 DEFAULT_MAX_NEW_TOKENS = 30
 ENCODERS = ("prefix", "vision", "qformer")
+ENCODER_DECODER_LLMS = ("t5",)  # text_config.model_type values exported by the blip2_t5 family instead
 # Settings a user may pass in ExportOptions.extra, with their defaults.
 EXTRA_DEFAULTS = {
     "fused_prefix": True,  # one prefix graph instead of vision + qformer
@@ -66,6 +67,11 @@ class Blip2Family(GenerativeFamily):
     label, tasks, extra_defaults = "BLIP-2", TASKS, EXTRA_DEFAULTS
     name = "blip2"
     model_types = ("blip-2",)
+
+    @staticmethod
+    def claims(config: dict) -> bool:
+        """A decoder-only LLM (OPT when the config names none, as transformers defaults)."""
+        return (config.get("text_config") or {}).get("model_type", "opt") not in ENCODER_DECODER_LLMS
 
     @staticmethod
     def model_class():
@@ -138,7 +144,7 @@ class Blip2Family(GenerativeFamily):
         return {
             "tasks": [options.task] + [t for t in TASKS if t != options.task],
             "generation": generation,
-            "blip2": {
+            self.name: {
                 "num_query_tokens": int(model.config.num_query_tokens),
                 "prefix": {"components": ["prefix"] if fused else ["vision", "qformer"], "output": "prefix_embeds",
                            "shape": ["batch", int(model.config.num_query_tokens),
@@ -165,6 +171,25 @@ class Blip2Family(GenerativeFamily):
                 "embeddings": embeddings,
             },
         }
+
+    # --- the image prefix, as the decoder's fidelity and samples run it ---------------------------------
+    def prefix_inputs(self, builder, prompts: list) -> dict[str, np.ndarray]:
+        """The prefix's inputs beyond ``pixel_values`` for these prompts (one per image): none for BLIP-2."""
+        return {}
+
+    @staticmethod
+    def prefix_module(model) -> torch.nn.Module:
+        """The fused prefix wrapper: (pixel_values, *prefix_inputs) → prefix_embeds."""
+        return _FusedPrefix(model).eval()
+
+    @staticmethod
+    def onnx_prefix(fp32: dict[str, Path], pixels: np.ndarray, extra: dict[str, np.ndarray],
+                    threads: int | None) -> np.ndarray:
+        """prefix_embeds from the FP32 prefix graph (or vision then Q-Former), fed ``extra`` beside the pixels."""
+        if "prefix" in fp32:
+            return _session(fp32["prefix"], threads).run(["prefix_embeds"], {"pixel_values": pixels, **extra})[0]
+        image_embeds = _session(fp32["vision"], threads).run(["image_embeds"], {"pixel_values": pixels})[0]
+        return _session(fp32["qformer"], threads).run(["prefix_embeds"], {"image_embeds": image_embeds, **extra})[0]
 
     # --- samples stored with the artifact for on-device `mmedge validate` ------------------------
     def write_files(self, builder) -> dict:
@@ -194,7 +219,9 @@ class Blip2Family(GenerativeFamily):
             if spec.name == "qformer":
                 return {"image_embeds": _VisionEmbeds(model).eval()(torch.from_numpy(pixels)).numpy()}
             # One image: a real LLM's cache is large (OPT-2.7B: 21 MB for a 32-token prefix), and is stored twice.
-            prefix = _FusedPrefix(model).eval()(torch.from_numpy(pixels[:1]))  # [1, queries, width]
+            extra = self.prefix_inputs(builder, [VALIDATION_PROMPT])
+            prefix = self.prefix_module(model)(torch.from_numpy(pixels[:1]), *(torch.from_numpy(v) for v in
+                                                                              extra.values()))  # [1, queries, width]
             ids = torch.from_numpy(builder.tokenizer.encode([VALIDATION_PROMPT])[0])  # [1, tokens]
             embeds = model.language_model.get_input_embeddings()(ids)  # [1, tokens, width]
             past = _prefill(model.language_model, prefix, spec.kv_cache)
@@ -246,7 +273,11 @@ class Blip2Family(GenerativeFamily):
         options, llm = builder.options, builder.loaded.model.language_model
         count = int(self.setting(options, "fidelity_images"))
         pixels = builder.preprocessor([load_calibration_image(p) for p in photos[:count]])
-        prefix = _fp32_prefix(fp32, pixels, options.threads)  # [images, queries, width]
+        # [images, queries, width] per prompt (one for all when the prefix reads no text)
+        prefixes = [self.onnx_prefix(fp32, pixels, extra, options.threads) if extra else None
+                    for extra in (self.prefix_inputs(builder, [p] * len(pixels)) for p in FIDELITY_PROMPTS)]
+        if any(prefix is None for prefix in prefixes):
+            prefixes = [self.onnx_prefix(fp32, pixels, {}, options.threads)] * len(FIDELITY_PROMPTS)
         precision = options.llm_precision or options.precision
         entry = builder.written["embeddings"]
         new_tokens = int(self.setting(options, "fidelity_max_new_tokens"))
@@ -256,7 +287,8 @@ class Blip2Family(GenerativeFamily):
 
         def side(path: Path, table: np.ndarray) -> list:  # one decoder session at a time (full size FP32: 10.6 GB)
             greedy = _Greedy(path, table, kv_cache_layout(llm), options.threads)
-            return [(greedy.prefill_logits(prefix, ids), greedy.generate(prefix, ids, config)) for ids in prompts]
+            return [(greedy.prefill_logits(prefix, ids), greedy.generate(prefix, ids, config))
+                    for prefix, ids in zip(prefixes, prompts)]
 
         reference = side(fp32["decoder"], builder.written["fp32_table"])
         candidate = side(quantized["decoder"], _load_table(builder.stage / EMBEDDINGS_FILE, entry))
@@ -344,13 +376,6 @@ def _prefill(language_model, prefix: torch.Tensor, layout: dict) -> list[torch.T
     feeds = decoder_feeds(prefix, mask, None, layout)
     out = _DecoderWithPast(language_model, layout["layers"]).eval()(*feeds.values())
     return list(out[1:])
-
-
-def _fp32_prefix(fp32: dict[str, Path], pixels: np.ndarray, threads: int | None) -> np.ndarray:
-    if "prefix" in fp32:
-        return _session(fp32["prefix"], threads).run(["prefix_embeds"], {"pixel_values": pixels})[0]
-    image_embeds = _session(fp32["vision"], threads).run(["image_embeds"], {"pixel_values": pixels})[0]
-    return _session(fp32["qformer"], threads).run(["prefix_embeds"], {"image_embeds": image_embeds})[0]
 
 
 def _encoder_fidelity(name: str, run, fp32, quantized, pixels: np.ndarray) -> dict:

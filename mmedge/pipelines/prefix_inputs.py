@@ -35,24 +35,36 @@ class PrefixInputs:
         self.tokenizer, self.preprocessor, self.run, self.embeddings = tokenizer, preprocessor, run, embeddings
         self.max_prompt_tokens = max_prompt_tokens or MAX_PROMPT_TOKENS
 
-    def prefix(self, images) -> np.ndarray:
+    def prefix(self, images, prompts: list | None = None) -> np.ndarray:
         """Prefix embeddings ``[batch, num_query_tokens, width]``: the components the manifest's ``prefix.components``
-        names, in order (one graph, or vision → Q-Former), each fed the tensors of the ones before by name; the result
-        is their ``prefix.output``."""
+        names, in order (one graph, or vision → Q-Former), each fed the tensors of the ones before by name and
+        ``prefix_inputs(prompts)`` (one prompt per image; a prefix that reads text: InstructBLIP); the result is their
+        ``prefix.output``."""
         batch = list(images) if isinstance(images, (list, tuple)) else [images]
         if not batch:
             raise InputError("the image list is empty", "at least one image", "pass an image path, PIL image or array")
         chain = self.settings["prefix"]
-        values = {"pixel_values": self.preprocessor(batch)}  # [batch, 3, height, width]
+        values = {"pixel_values": self.preprocessor(batch),  # [batch, 3, height, width]
+                  **self.prefix_inputs(prompts if prompts is not None else [None] * len(batch))}
         for name in chain["components"]:
             values.update(self.run(name, values))
         return values[chain["output"]]
+
+    def prefix_inputs(self, prompts: list) -> dict[str, np.ndarray]:
+        """The prefix's inputs beyond the pixels, for these prompts (one per image): none for BLIP-2."""
+        return {}
+
+    def default_prompt(self, prompt: str | None) -> str | None:
+        """The prompt a caption without one uses (the manifest's ``prompts.caption``; None: no prompt)."""
+        return self.settings["prompts"].get("caption") if prompt is None else prompt
 
     def for_images(self, images, prompt: str | None, max_new_tokens: int = 0) -> dict:
         """``{"embeds" [batch, queries + tokens, width], "mask" [batch, queries + tokens], "ids" [batch, queries +
         tokens]}``: each image's prefix rows, then the same prompt tokens (``ids`` holds what HF passes as
         ``input_ids``: image-token placeholders, then the prompt; the repetition-penalty context)."""
-        prefix = self.prefix(images)  # [batch, queries, width]
+        prompt = self.default_prompt(prompt)
+        count = len(images) if isinstance(images, (list, tuple)) else 1
+        prefix = self.prefix(images, [prompt] * count)  # [batch, queries, width]
         batch, queries, _ = prefix.shape
         prompt_ids = self.prompt_ids(prompt, self.prompt_budget(queries, max_new_tokens))  # [tokens]
         text = self.embeddings[prompt_ids]  # [tokens, width]

@@ -71,14 +71,12 @@ class OpenVinoDecoder(GraphDecoder):
         return [np.ascontiguousarray(np.asarray(value.data if hasattr(value, "data") else value)[rows])
                 for value in self._past]  # each [rows, heads, past, head_dim]
 
-    def _forward(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray,
-                 context: dict[str, np.ndarray]) -> np.ndarray:
+    def _forward(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         if not self._requests:
             raise self._closed_error()
         request = self._requests[self._turn]
         self._turn ^= 1
         try:
-            feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, **context}
             for name, value in feeds.items():
                 request.set_tensor(name, self._tensor(np.ascontiguousarray(value), shared_memory=True))
             for name, value in zip(self._past_names, self._past):

@@ -11,6 +11,9 @@ PYTORCH_VARIANTS: dict[str, tuple[str, dict]] = {  # kind: (tiny checkpoint, exp
     "clip-fused": ("clip", {"labels": LABELS}),
     "blip2": ("blip2", {}),
     "blip2-split": ("blip2", {"extra": {"fused_prefix": False}}),
+    "blip2_t5": ("blip2_t5", {}),
+    "instructblip_t5": ("instructblip_t5", {}),
+    "instructblip": ("instructblip", {}),
     "idefics": ("idefics", {}),
     "demo-blip2": ("demo:blip2", {}),  # the shipped trained BLIP-2: margins like a real checkpoint's
 }
@@ -31,11 +34,21 @@ def main(folder: str) -> None:
     """Export every kind into ``folder`` (the GPU check carries it): ``python -m tests.support.artifacts DIR``."""
     import tempfile
 
-    from tests.support.tiny_checkpoints import make_tiny_blip2, make_tiny_clip, make_tiny_idefics
+    from tests.support.tiny_checkpoints import (
+        make_tiny_blip2,
+        make_tiny_blip2_t5,
+        make_tiny_clip,
+        make_tiny_idefics,
+        make_tiny_instructblip,
+        make_tiny_instructblip_t5,
+    )
 
     root = Path(folder)
     with tempfile.TemporaryDirectory(prefix="mmedge-tiny-") as tmp:
         checkpoints = {"clip": make_tiny_clip(Path(tmp) / "clip"), "blip2": make_tiny_blip2(Path(tmp) / "blip2"),
+                       "blip2_t5": make_tiny_blip2_t5(Path(tmp) / "blip2_t5"),
+                       "instructblip_t5": make_tiny_instructblip_t5(Path(tmp) / "instructblip_t5"),
+                       "instructblip": make_tiny_instructblip(Path(tmp) / "instructblip"),
                        "idefics": make_tiny_idefics(Path(tmp) / "idefics")}
         for kind in PYTORCH_VARIANTS:
             if not (root / kind / "manifest.json").is_file():

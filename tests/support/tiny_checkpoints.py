@@ -343,3 +343,187 @@ def _spread_idefics_weights(model, seed: int, std: float = 0.15) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
             elif "alpha" in name:
                 param.copy_(torch.randn(param.shape, generator=generator))
+
+
+# --- BLIP-2 with Flan-T5 ---------------------------------------------------------------------------
+T5_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in google/flan-t5-*
+
+
+def make_tiny_t5_tokenizer(corpus: str = CAPTION_CORPUS + VQA_CORPUS):
+    """A ``transformers.T5Tokenizer`` (SentencePiece Unigram in tokenizers' format) laid out like google/flan-t5's:
+    ``<pad>``=0, ``</s>``=1 (appended to every text), ``<unk>``=2, then "▁"-prefixed words and single characters of
+    ``corpus``, scored by frequency so whole words win over their pieces."""
+    words = Counter("▁" + w for w in corpus.split())
+    chars = Counter(ch for word, n in words.items() for ch in word for _ in range(n))
+    pieces: list[tuple[str, float]] = [(t, 0.0) for t in T5_SPECIAL_TOKENS]
+    pieces += [(word, -1.0 - 1.0 / n) for word, n in sorted(words.items())]
+    pieces += [(ch, -8.0 - 1.0 / n) for ch, n in sorted(chars.items()) if ch not in words]
+    return transformers.T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def make_tiny_blip2_t5(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vision_hidden: int = 32,
+    qformer_hidden: int = 32,
+    d_model: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    num_query_tokens: int = 6,
+) -> Path:
+    """Write a random-weight BLIP-2 with a Flan-T5 language model (ViT, Q-Former, T5 encoder-decoder with gated-GELU
+    feed-forward, untied LM head) laid out like Salesforce/blip2-flan-t5-xl into ``path``.
+
+    As in the published checkpoint: a T5 tokenizer (``</s>`` appended, no BOS, right padding) with BLIP-2's
+    ``<image>`` added, ``config.image_token_index`` its id; the decoder starts from ``<pad>`` (0) and stops at
+    ``</s>`` (1). Loads offline with ``Blip2ForConditionalGeneration`` and ``Blip2Processor``.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tiny_t5_tokenizer()
+    tokenizer.add_tokens([transformers.AddedToken(IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    config = transformers.Blip2Config(
+        vision_config=dict(
+            hidden_size=vision_hidden, intermediate_size=vision_hidden * 4, num_hidden_layers=2, num_attention_heads=2,
+            image_size=image_size, patch_size=patch_size, initializer_range=0.02,
+        ),
+        qformer_config=dict(
+            hidden_size=qformer_hidden, intermediate_size=qformer_hidden * 4, num_hidden_layers=2,
+            num_attention_heads=2, cross_attention_frequency=2, max_position_embeddings=64, vocab_size=32,
+        ),
+        text_config=transformers.T5Config(
+            vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // heads, d_ff=d_model * 2,
+            num_layers=layers, num_decoder_layers=layers, num_heads=heads, feed_forward_proj="gated-gelu",
+            relative_attention_num_buckets=8, relative_attention_max_distance=16, tie_word_embeddings=False,
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+        ),
+        num_query_tokens=num_query_tokens,
+        image_token_index=image_token_id,
+    )
+    torch.manual_seed(seed)
+    model = transformers.Blip2ForConditionalGeneration(config).eval()
+    # T5 attention has no 1/sqrt(d) scaling (its init shrinks the queries instead): narrower LLM weights than OPT's
+    # keep the attention from being near one-hot, which no trained model is and which BF16 rounding cannot follow
+    _spread_weights(model, seed, llm_std=0.12)
+    model.generation_config = transformers.GenerationConfig(
+        decoder_start_token_id=0, bos_token_id=1, eos_token_id=1, pad_token_id=0,
+    )
+    model.save_pretrained(path)
+    image_processor = transformers.BlipImageProcessor(
+        size={"height": image_size, "width": image_size}, resample=3,
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    processor = transformers.Blip2Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                            num_query_tokens=num_query_tokens)
+    processor.save_pretrained(path)
+    return path
+
+
+# --- InstructBLIP with Flan-T5 ---------------------------------------------------------------------------
+BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def make_tiny_bert_tokenizer(corpus: str = CAPTION_CORPUS + VQA_CORPUS):
+    """A ``transformers.BertTokenizer`` (WordPiece, lower case) laid out like bert-base-uncased's, the Q-Former's
+    tokenizer: ``[PAD]``=0 then the special tokens, the corpus' words, and single characters as "##" pieces."""
+    words = sorted({w.strip("?:,.").lower() for w in corpus.split()} - {""})
+    chars = sorted({c for w in corpus.lower().split() for c in w})
+    tokens = list(BERT_SPECIAL_TOKENS) + words + chars + ["##" + c for c in chars if "##" + c not in words]
+    return transformers.BertTokenizer(vocab={t: i for i, t in enumerate(dict.fromkeys(tokens))})
+
+
+def make_tiny_instructblip_t5(path: str | Path, *, seed: int = 0, image_size: int = 32, patch_size: int = 8,
+                              vision_hidden: int = 32, qformer_hidden: int = 32, d_model: int = 64, layers: int = 2,
+                              heads: int = 4, num_query_tokens: int = 6) -> Path:
+    """Write a random-weight InstructBLIP with Flan-T5 (ViT, a Q-Former that also reads the instruction's BERT
+    tokens, T5) laid out like Salesforce/instructblip-flan-t5-xl into ``path``: the LLM's T5 tokenizer with
+    ``<image>`` at the root, the Q-Former's BERT tokenizer in ``qformer_tokenizer/``, as ``InstructBlipProcessor``
+    saves them. Loads offline with ``InstructBlipForConditionalGeneration`` and ``InstructBlipProcessor``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tiny_t5_tokenizer()
+    tokenizer.add_tokens([transformers.AddedToken(IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
+    qformer_tokenizer = make_tiny_bert_tokenizer()
+    config = transformers.InstructBlipConfig(
+        vision_config=dict(
+            hidden_size=vision_hidden, intermediate_size=vision_hidden * 4, num_hidden_layers=2, num_attention_heads=2,
+            image_size=image_size, patch_size=patch_size, initializer_range=0.02,
+        ),
+        qformer_config=dict(
+            hidden_size=qformer_hidden, intermediate_size=qformer_hidden * 4, num_hidden_layers=2,
+            num_attention_heads=2, cross_attention_frequency=2, max_position_embeddings=64,
+            vocab_size=len(qformer_tokenizer), pad_token_id=0,
+        ),
+        text_config=transformers.T5Config(
+            vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // heads, d_ff=d_model * 2,
+            num_layers=layers, num_decoder_layers=layers, num_heads=heads, feed_forward_proj="gated-gelu",
+            relative_attention_num_buckets=8, relative_attention_max_distance=16, tie_word_embeddings=False,
+            decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+        ),
+        num_query_tokens=num_query_tokens,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+    )
+    torch.manual_seed(seed)
+    model = transformers.InstructBlipForConditionalGeneration(config).eval()
+    _spread_weights(model, seed, llm_std=0.12)  # as make_tiny_blip2_t5
+    model.generation_config = transformers.GenerationConfig(
+        decoder_start_token_id=0, bos_token_id=1, eos_token_id=1, pad_token_id=0,
+    )
+    model.save_pretrained(path)
+    image_processor = transformers.BlipImageProcessor(
+        size={"height": image_size, "width": image_size}, resample=3,
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    processor = transformers.InstructBlipProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                                   qformer_tokenizer=qformer_tokenizer,
+                                                   num_query_tokens=num_query_tokens)
+    processor.save_pretrained(path)
+    return path
+
+
+def make_tiny_instructblip(path: str | Path, *, seed: int = 0, image_size: int = 32, patch_size: int = 8,
+                           vision_hidden: int = 32, qformer_hidden: int = 32, hidden: int = 64, layers: int = 2,
+                           heads: int = 4, num_query_tokens: int = 6) -> Path:
+    """Write a random-weight InstructBLIP with a Llama-family LLM (as Salesforce/instructblip-vicuna-7b: Llama
+    tokenizer with BOS, ``<image>`` added; the Q-Former's BERT tokenizer in ``qformer_tokenizer/``) into ``path``.
+    Loads offline with ``InstructBlipForConditionalGeneration`` and ``InstructBlipProcessor``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tiny_llama_tokenizer()
+    tokenizer.add_tokens([transformers.AddedToken(IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
+    qformer_tokenizer = make_tiny_bert_tokenizer()
+    config = transformers.InstructBlipConfig(
+        vision_config=dict(
+            hidden_size=vision_hidden, intermediate_size=vision_hidden * 4, num_hidden_layers=2, num_attention_heads=2,
+            image_size=image_size, patch_size=patch_size, initializer_range=0.02,
+        ),
+        qformer_config=dict(
+            hidden_size=qformer_hidden, intermediate_size=qformer_hidden * 4, num_hidden_layers=2,
+            num_attention_heads=2, cross_attention_frequency=2, max_position_embeddings=64,
+            vocab_size=len(qformer_tokenizer), pad_token_id=0,
+        ),
+        text_config=transformers.LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+            num_attention_heads=heads, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+            tie_word_embeddings=False,
+        ),
+        num_query_tokens=num_query_tokens,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+    )
+    torch.manual_seed(seed)
+    model = transformers.InstructBlipForConditionalGeneration(config).eval()
+    _spread_weights(model, seed, llm_std=0.12)
+    model.generation_config = transformers.GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model.save_pretrained(path)
+    image_processor = transformers.BlipImageProcessor(
+        size={"height": image_size, "width": image_size}, resample=3,
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    transformers.InstructBlipProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                       qformer_tokenizer=qformer_tokenizer,
+                                       num_query_tokens=num_query_tokens).save_pretrained(path)
+    return path

@@ -1,0 +1,161 @@
+"""What every InstructBLIP family shares, whatever its LLM: the Q-Former also reads the instruction, tokenized by its
+own (BERT) tokenizer.
+
+``InstructionFamily`` goes before a BLIP-2 family in the bases (``class F(InstructionFamily, Blip2T5Family)``): it
+exports the prefix that takes the instruction's tokens (``prefix``: pixel_values + ``qformer_input_ids`` +
+``qformer_attention_mask`` → prefix_embeds; ``fused_prefix=False``: ``vision`` and ``qformer``, the Q-Former taking
+the instruction), saves the Q-Former's tokenizer beside the LLM's as ``qformer_tokenizer.json`` (manifest
+``<family>.qformer_tokenizer``), and feeds the instruction wherever the prefix runs at export (validation samples,
+calibration, fidelity). The device tokenizes each prompt twice, as ``InstructBlipProcessor`` does: the LLM's tokens
+after the prefix rows, the Q-Former's (right-padded batch) into the prefix. InstructBLIP always has an instruction:
+a caption without a prompt uses ``CAPTION_PROMPT``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmedge.errors import ModelLoadError
+from mmedge.export.families.base import ENCODER_FIX, gate_fidelity
+from mmedge.export.families.blip2 import ENCODERS, _VisionEmbeds
+from mmedge.export.specs.blip2 import Blip2Vision
+from mmedge.export.specs.instructblip import (
+    InstructPrefix,
+    InstructQFormer,
+    _InstructFusedPrefix,
+    _InstructQFormerPrefix,
+)
+from mmedge.metrics import cosine_rows
+
+QFORMER_TOKENIZER_FILE = "qformer_tokenizer.json"
+QFORMER_TOKENIZER_FOLDER = "qformer_tokenizer"  # where InstructBlipProcessor.save_pretrained puts it
+CAPTION_PROMPT = "A short image description:"  # InstructBLIP's captioning instruction
+INSTRUCTION = "What is in the picture?"  # what calibration and the prefix's fidelity feed the Q-Former
+
+
+class InstructionFamily:
+    """The instruction-reading prefix of InstructBLIP, over a BLIP-2 family (see the module docstring)."""
+
+    model_types = ("instructblip",)
+
+    @staticmethod
+    def model_class():
+        from transformers import InstructBlipForConditionalGeneration
+
+        return InstructBlipForConditionalGeneration
+
+    def prefix_specs(self, model, options) -> list:
+        return [InstructPrefix(model)] if self.setting(options, "fused_prefix") else [Blip2Vision(model),
+                                                                                      InstructQFormer(model)]
+
+    def specs(self, loaded, options) -> list:
+        llm = [s for s in super().specs(loaded, options) if s.name not in ENCODERS]  # the parent's LLM components
+        return [*self.prefix_specs(loaded.model, options), *llm]
+
+    @classmethod
+    def reference_module(cls, name: str, model, manifest: dict, tensors: dict) -> torch.nn.Module:
+        builders = {"vision": _VisionEmbeds, "qformer": _InstructQFormerPrefix, "prefix": _InstructFusedPrefix}
+        if name in builders:
+            return builders[name](model).eval()
+        return super().reference_module(name, model, manifest, tensors)
+
+    @staticmethod
+    def prefix_module(model) -> torch.nn.Module:
+        return _InstructFusedPrefix(model).eval()
+
+    # --- the Q-Former's tokenizer ----------------------------------------------------------------------
+    def write_files(self, builder) -> dict:
+        """The LLM's embedding table (BLIP-2's), and the Q-Former's tokenizer as ``qformer_tokenizer.json``."""
+        from mmedge.artifact import sha256_file
+        from mmedge.export.tokenization import save_tokenizer_json, tokenizer_settings_from_hf
+        from mmedge.tokenizer import TextTokenizer
+
+        written = super().write_files(builder)
+        hf = qformer_tokenizer(builder.loaded)
+        path = save_tokenizer_json(hf, builder.stage / QFORMER_TOKENIZER_FILE)
+        limit = int(builder.loaded.model.config.qformer_config.max_position_embeddings)
+        settings = tokenizer_settings_from_hf(hf, min(limit, int(getattr(hf, "model_max_length", limit) or limit)))
+        settings |= {"file": QFORMER_TOKENIZER_FILE, "sha256": sha256_file(path)}
+        builder.qformer_tokenizer = TextTokenizer.from_file(path, settings)
+        return written | {"qformer_tokenizer": settings}
+
+    def prefix_inputs(self, builder, prompts: list) -> dict[str, np.ndarray]:
+        """The instructions' Q-Former tokens, right-padded: ``qformer_input_ids``, ``qformer_attention_mask``."""
+        ids, mask = builder.qformer_tokenizer.encode([CAPTION_PROMPT if p is None else p for p in prompts])
+        return {"qformer_input_ids": ids, "qformer_attention_mask": mask}
+
+    # --- manifest --------------------------------------------------------------------------------
+    def manifest_extras(self, loaded, options, written: dict) -> dict:
+        extras = super().manifest_extras(loaded, options, written)
+        section = extras[self.name]
+        section["prompts"] = {"caption": CAPTION_PROMPT, "vqa": "{}"}
+        section["qformer_tokenizer"] = written["qformer_tokenizer"]
+        section["prefix"]["instruction_inputs"] = ["qformer_input_ids", "qformer_attention_mask"]
+        section["image_tokens"]["instruction"] = "the prompt is also the Q-Former's instruction (qformer_tokenizer, " \
+                                                 "right-padded); no prompt: prompts.caption"
+        return extras
+
+    # --- samples, calibration and fidelity of the prefix --------------------------------------------------
+    def validation_feeds(self, spec, builder) -> dict[str, np.ndarray]:
+        feeds = super().validation_feeds(spec, builder)
+        if spec.name in ("prefix", "qformer"):  # BLIP-2's image feeds, two rows: plus two instructions
+            feeds |= self.prefix_inputs(builder, ["What is in the picture?", "Describe the image in detail."])
+        return feeds
+
+    def calibration_feeds(self, spec, builder, progress):
+        feeds, note = super().calibration_feeds(spec, builder, progress)
+        if spec.name == "vision":
+            return feeds, note
+
+        def with_instruction(feed):
+            return feed | self.prefix_inputs(builder, [INSTRUCTION] * len(next(iter(feed.values()))))
+
+        return (with_instruction(feed) for feed in feeds), note + f", instruction {INSTRUCTION!r}"
+
+    def quantized_fidelity(self, run, fp32: dict[str, Path], quantized: dict[str, Path], builder) -> dict[str, dict]:
+        """The image components with the instruction fed (embedding cosine vs FP32 on held-out photos); the LLM as
+        for BLIP-2 with Flan-T5."""
+        from mmedge.export.calibration import fidelity_paths, holdout_images
+
+        image_parts = [name for name in ENCODERS if name in quantized]
+        measured = super().quantized_fidelity(run, fp32, {k: v for k, v in quantized.items() if k not in ENCODERS},
+                                              builder)
+        if image_parts:
+            photos, _ = fidelity_paths(builder.options)
+            pixels = builder.preprocessor(holdout_images(photos))  # [views, 3, height, width]
+            instruction = self.prefix_inputs(builder, [INSTRUCTION] * len(pixels))
+            for name in image_parts:
+                feeds = {"pixel_values": pixels} if name != "qformer" else {
+                    "image_embeds": run(fp32["vision"], {"pixel_values": pixels})["image_embeds"]}
+                if name != "vision":
+                    feeds |= instruction
+                output = "image_embeds" if name == "vision" else "prefix_embeds"
+                cos = cosine_rows(run(fp32[name], feeds)[output], run(quantized[name], feeds)[output])
+                figures = {"reference": "onnx-fp32", "held_out_images": int(len(pixels)), "output": output,
+                           "instruction": INSTRUCTION, "embedding_cosine_min": float(cos.min()),
+                           "embedding_cosine_mean": float(cos.mean())}
+                measured[name] = gate_fidelity(name, figures, "embedding_cosine_mean",
+                                               builder.options.min_quantized_cosine, "embeddings", ENCODER_FIX)
+        return measured
+
+
+def qformer_tokenizer(loaded):
+    """The Q-Former's tokenizer saved with the checkpoint (``qformer_tokenizer/``, where InstructBlipProcessor saves
+    it)."""
+    import transformers
+
+    model = loaded.source.get("model", "")
+    try:
+        if Path(model).is_dir():
+            return transformers.AutoTokenizer.from_pretrained(model, subfolder=QFORMER_TOKENIZER_FOLDER)
+        from mmedge.export.hub import hub_options
+
+        return transformers.AutoTokenizer.from_pretrained(model, subfolder=QFORMER_TOKENIZER_FOLDER,
+                                                          **hub_options(model))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load the Q-Former's tokenizer of '{model}' ({str(exc).splitlines()[0][:200]})",
+                             f"a tokenizer in {QFORMER_TOKENIZER_FOLDER}/ beside the weights",
+                             "save the checkpoint's InstructBlipProcessor into the folder (save_pretrained)") from None
