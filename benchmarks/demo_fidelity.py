@@ -6,7 +6,9 @@ measures each artifact on the first N test-split scenes (`examples/scenes.py`, n
 
 - CLIP: zero-shot top-1 over the 24 colour × shape labels on one-shape scenes, FP32 and INT8, and their agreement;
 - BLIP-2: exact greedy captions and colour/shape/count answers, FP32 and INT8 encoders + INT4 LLM, and how often
-  the INT4 caption is identical to the FP32 one.
+  the INT4 caption is identical to the FP32 one;
+- IDEFICS: exact greedy answers per interleaved task (few-shot captions in three styles, comparisons of two
+  images; ``examples/flamingo_demo.py``), FP32 and INT8 encoders + INT4 LLM, and how often INT4 answers as FP32.
 
     python benchmarks/demo_fidelity.py                 # 240 scenes per measurement, the demo's cache
     python benchmarks/demo_fidelity.py --scenes 480    # the whole test split the model cards report on
@@ -25,6 +27,7 @@ from _common import markdown_table, write_json
 from mmedge import demo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+import flamingo_demo  # noqa: E402
 import scenes  # noqa: E402
 
 
@@ -81,6 +84,19 @@ def main(argv=None) -> int:
         [name, pct(r["caption_exact"]), pct(r["color_shape_answers"]), pct(r["count_answers"]),
          "reference" if name == "blip2-fp32" else pct(results["blip2_int4_identical_captions"])]
         for name, r in results["blip2"].items()]))
+    prompts = flamingo_demo.held_out_prompts(max(args.scenes // 6, 1))  # per task, over test-split scenes
+    answers = {}
+    for name in ("idefics-fp32", "idefics-int4"):
+        with mmedge.load(cache / name) as model:
+            answers[name] = [model.generate(p["prompt"]) for p in prompts]
+    results["idefics"] = {name: flamingo_demo.scores(got, prompts) for name, got in answers.items()}
+    results["idefics_prompts_per_task"] = max(args.scenes // 6, 1)
+    results["idefics_int4_identical_answers"] = float(np.mean([a == b for a, b in zip(*answers.values())]))
+    print()
+    print(markdown_table(["artifact", *flamingo_demo.TASKS, "answers identical to FP32"], [
+        [name, *(pct(r[t]) for t in flamingo_demo.TASKS),
+         "reference" if name == "idefics-fp32" else pct(results["idefics_int4_identical_answers"])]
+        for name, r in results["idefics"].items()]))
     print(f"\nwritten: {write_json(args.json, results)}")
     return 0
 

@@ -3,6 +3,8 @@
     python examples/train_demo_models.py                 # both models, then measure them and write their cards
     python examples/train_demo_models.py --only clip     # one of them
     python examples/train_demo_models.py --evaluate      # re-measure the saved models, rewrite the cards
+    python examples/train_demo_models.py --idefics       # the Flamingo (IDEFICS) demo model alone, a step of its own
+                                                         # (after CLIP: its frozen vision tower is the demo CLIP's)
 
 Data: procedural scenes (``examples/scenes.py``), seeded train / validation / test splits. Both models are
 real transformers models (``CLIPModel``, ``Blip2ForConditionalGeneration`` with an OPT decoder) written with
@@ -654,9 +656,22 @@ def main(argv=None) -> int:
                         help="held-out scenes each score is measured on")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--demo-images", type=int, default=6, help="test scenes bundled for `mmedge demo`")
+    parser.add_argument("--idefics", action="store_true",
+                        help="train (with --evaluate: re-measure) only the IDEFICS demo model (examples/flamingo_demo.py)")
+    parser.add_argument("--idefics-steps", type=int, default=3000,
+                        help="the IDEFICS cosine schedule's length in steps (it follows wall time when that is further)")
+    parser.add_argument("--idefics-budget-seconds", type=float, default=570.0,
+                        help="IDEFICS training stops after this much wall time (with a fully decayed learning rate)")
+    parser.add_argument("--idefics-scenes", type=int, default=8000, help="training scenes the IDEFICS prompts draw on")
+    parser.add_argument("--idefics-test-prompts", type=int, default=200, help="held-out prompts per IDEFICS task")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
+    if args.idefics:
+        if args.only:
+            raise SystemExit("--idefics trains the IDEFICS model alone: drop --only")
+        return train_idefics_step(args, "python examples/train_demo_models.py " + shlex.join(
+            sys.argv[1:] if argv is None else argv))
     names = [args.only] if args.only else ["clip", "blip2"]
     write_demo_images(args.out.parent / "images", args.demo_images)
     command = "python examples/train_demo_models.py " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -696,6 +711,33 @@ def main(argv=None) -> int:
             training["both_models_train_seconds"] = round(sum(t["train_seconds"] for _, t, _ in done.values()), 1)
         write_card(folder, name, training, scores)
         log(f"{name}: {folder} holds {folder_size(folder) / 1e6:.2f} MB")
+    return 0
+
+
+def train_idefics_step(args, command: str) -> int:
+    """The IDEFICS demo model: train (unless --evaluate), measure on held-out prompts, write its card."""
+    import flamingo_demo
+
+    folder, clip = args.out / "idefics", args.out / "clip"
+    if args.evaluate:
+        training = json.loads((folder / "training.json").read_text())["training"]
+    else:
+        if not (clip / "config.json").is_file():
+            raise SystemExit(f"{clip} is missing: train the CLIP demo model first (its vision tower starts IDEFICS')")
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.iterdir():
+            old.unlink()
+        log(f"rendering {args.idefics_scenes} training scenes")
+        train = render("train", args.idefics_scenes, workers=args.threads)
+        log("training idefics")
+        training = flamingo_demo.train_idefics(folder, train, args.idefics_steps, args.batch, clip,
+                                               budget_seconds=args.idefics_budget_seconds)
+        training |= {"cpu_threads": args.threads, "command": command.strip()}
+    log("measuring idefics on held-out test prompts")
+    measured = flamingo_demo.evaluate_idefics(folder, args.idefics_test_prompts)
+    log(f"idefics: {json.dumps(measured['exact_by_task'])}")
+    flamingo_demo.write(folder, training, measured)
+    log(f"idefics: {folder} holds {folder_size(folder) / 1e6:.2f} MB")
     return 0
 
 

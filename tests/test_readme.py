@@ -75,7 +75,7 @@ def test_examples_write_their_artifacts_where_git_ignores_them():
 
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
-    for name in ("zero_shot.py", "caption.py"):
+    for name in ("zero_shot.py", "caption.py", "few_shot.py"):
         assert 'default="artifacts/' in (ROOT / "examples" / name).read_text(), name
     for path in ("artifacts/zero-shot/manifest.json", "examples/artifacts/caption/decoder.onnx.data"):
         assert subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0, path

@@ -1,12 +1,13 @@
 """``mmedge demo``: the models that ship with mmedge, exported, validated and run on bundled scenes, offline.
 
-``models/clip`` and ``models/blip2`` are small transformers checkpoints (a ``CLIPModel`` and a
-``Blip2ForConditionalGeneration``) trained from scratch on procedural shape scenes by
-``examples/train_demo_models.py``; each folder has its model card (README.md) with the test-split
-scores. ``images/`` holds a few test-split scenes and their ground truth (``truth.json``).
+``models/clip``, ``models/blip2`` and ``models/idefics`` are small transformers checkpoints (a ``CLIPModel``, a
+``Blip2ForConditionalGeneration`` and a Flamingo-style ``IdeficsForVisionText2Text``) trained from scratch on
+procedural shape scenes by ``examples/train_demo_models.py``; each folder has its model card (README.md) with the
+test-split scores. ``images/`` holds a few test-split scenes and their ground truth (``truth.json``).
 
-The demo exports each model at FP32 and quantized (CLIP: INT8 fused zero-shot; BLIP-2: INT8 encoders with an
-INT4 LLM), and the CLIP once more as two graphs (labels chosen at run time, embeddings), into a cache folder, validates
+The demo exports each model at FP32 and quantized (CLIP: INT8 fused zero-shot; BLIP-2 and IDEFICS: INT8 encoders
+with an INT4 LLM; IDEFICS' fidelity measured on the bundled scenes with its own prompt forms), and the CLIP once
+more as two graphs (labels chosen at run time, embeddings), into a cache folder, validates
 every artifact, then classifies and captions the bundled scenes and
 prints what each precision said, its agreement with FP32, latency and size. A later run finds the artifacts in
 the cache (same model files, same options, same mmedge version) and skips the export, so it needs no torch.
@@ -23,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmedge.demo import few_shot
 from mmedge.errors import InputError, MmedgeError
 
 DEMO_DIR = Path(__file__).resolve().parent
@@ -38,9 +40,15 @@ class Variant:
     """One artifact the demo exports: a shipped model at one precision."""
 
     name: str
-    model: str  # "clip" or "blip2"
+    model: str  # "clip", "blip2" or "idefics"
     precision: str  # as shown in the table
     options: dict = field(default_factory=dict)  # ExportOptions fields
+    bundled_fidelity: bool = False  # measure quantized fidelity on the bundled scenes (their folder: where installed)
+
+    def export_options(self) -> dict:
+        """``options``, with the bundled scenes' folder as ``fidelity`` where asked (not in ``options``: the cache key
+        must not depend on where mmedge is installed)."""
+        return {**self.options, **({"fidelity": str(IMAGES_DIR)} if self.bundled_fidelity else {})}
 
 
 def model_path(name: str) -> Path:
@@ -82,14 +90,26 @@ def images(count: int | None = None) -> list[Path]:
     return paths
 
 
+def idefics_fidelity_prompts() -> list[list[str]]:
+    """The demo IDEFICS' prompt forms, with "{image}" where each scene goes: what its quantized LLM is measured on."""
+    return [["{image}", "red and blue", "{image}", "green", "{image}"],
+            ["{image}", "a red circle", "{image}", "a blue square and a green cross", "{image}"],
+            [few_shot.MORE_SHAPES, "{image}", "{image}", few_shot.ANSWER],
+            [few_shot.SAME_COLOR.format("circle", "square"), "{image}", "{image}", few_shot.ANSWER]]
+
+
 def variants() -> list[Variant]:
     zero_shot = {"labels": labels(), "templates": templates()}
+    in_domain = {"extra": {"fidelity_prompts": idefics_fidelity_prompts()}}
     return [
         Variant("clip-fp32", "clip", "fp32", dict(zero_shot)),
         Variant("clip-int8", "clip", "int8", dict(zero_shot, precision="int8", quantization="dynamic")),
         Variant(TWO_GRAPH_CLIP, "clip", "fp32, 2 graphs", {}),  # vision + text: labels at run time, task="embed"
         Variant("blip2-fp32", "blip2", "fp32", {}),
         Variant("blip2-int4", "blip2", "int8 + int4 LLM", {"precision": "int8", "llm_precision": "int4"}),
+        Variant("idefics-fp32", "idefics", "fp32", {}),
+        Variant("idefics-int4", "idefics", "int8 + int4 LLM", {"precision": "int8", "llm_precision": "int4",
+                                                                **in_domain}, bundled_fidelity=True),
     ]
 
 
@@ -106,7 +126,8 @@ def cache_key(variant: Variant) -> str:
     import mmedge
 
     digest = hashlib.sha256(json.dumps({"mmedge": mmedge.__version__, "model": variant.model,
-                                        "options": variant.options}, sort_keys=True).encode())
+                                        "options": variant.options, "bundled_fidelity": variant.bundled_fidelity},
+                                       sort_keys=True).encode())
     folder = model_path(variant.model)
     for path in sorted(folder.iterdir()):
         if path.is_file():
@@ -140,7 +161,7 @@ def export_variant(variant: Variant, folder: Path, key: str) -> None:
 
     transformers.utils.logging.disable_progress_bar()  # the demo prints one line per export instead
     export_model(str(model_path(variant.model)), folder,
-                 ExportOptions(**variant.options, overwrite=True, progress=False))
+                 ExportOptions(**variant.export_options(), overwrite=True, progress=False))
     (folder.parent / f"{folder.name}.{CACHE_KEY_FILE}").write_text(key + "\n")
 
 
@@ -149,7 +170,8 @@ def describe(variant: Variant) -> str:
         return "CLIP vision and text graphs: labels at run time, embeddings, FP32"
     if variant.model == "clip":
         return f"CLIP fused zero-shot, {len(variant.options['labels'])} labels baked in, {variant.precision.upper()}"
-    return "BLIP-2 FP32" if variant.precision == "fp32" else "BLIP-2, INT8 encoders + INT4 LLM"
+    label = "BLIP-2" if variant.model == "blip2" else "IDEFICS (fused image graph)"
+    return f"{label} FP32" if variant.precision == "fp32" else f"{label}, INT8 encoders + INT4 LLM"
 
 
 # --- running ------------------------------------------------------------------------------------
@@ -207,6 +229,8 @@ def _run_variant(folder: Path, variant: Variant, paths: list[Path], truths: list
                 top = pipeline(str(path), top_k=3, **choice)
                 times.append(time.perf_counter() - start)
                 outputs.append({"top": [{"label": p["label"], "score": round(p["score"], 4)} for p in top]})
+        elif variant.model == "idefics":
+            return _run_idefics(pipeline, folder, paths, truths)
         else:
             pipeline.caption(str(paths[0]), max_new_tokens=4)
             for i, (path, truth_) in enumerate(zip(paths, truths)):
@@ -219,6 +243,34 @@ def _run_variant(folder: Path, variant: Variant, paths: list[Path], truths: list
     artifact = Artifact.open(folder)
     correct = [_correct(variant.model, out, t) for out, t in zip(outputs, truths)]
     return {"outputs": outputs, "correct": sum(correct), "latency_ms": round(statistics.median(times) * 1e3, 2),
+            "size_bytes": artifact.size_bytes(), "export_fidelity": _export_fidelity(artifact)}
+
+
+def idefics_prompts(paths: list[Path]) -> list[dict]:
+    """The demo's interleaved prompts for the first ``len(paths)`` bundled scenes (``few_shot.demo_prompts``; the
+    few-shot examples come from all bundled scenes); each with ``"image"``: the scene it is about."""
+    pool = [(IMAGES_DIR / name, entry["present_labels"]) for name, entry in truth()["images"].items()]
+    prompts = few_shot.demo_prompts(pool, len(paths))
+    for i, prompt in enumerate(prompts):
+        prompt["image"] = i // 2
+    return prompts
+
+
+def _run_idefics(pipeline, folder: Path, paths: list[Path], truths: list[dict]) -> dict:
+    from mmedge.artifact import Artifact
+
+    prompts = idefics_prompts(paths)
+    pipeline.generate(prompts[0]["prompt"], max_new_tokens=2)  # warm-up
+    outputs, times = [[] for _ in paths], []
+    for p in prompts:
+        start = time.perf_counter()
+        answer = pipeline.generate(p["prompt"])
+        times.append(time.perf_counter() - start)
+        question = p["prompt"][0] if isinstance(p["prompt"][0], str) else "few-shot"
+        outputs[p["image"]].append({"task": p["task"], "question": question, "answer": answer, "truth": p["answer"]})
+    artifact = Artifact.open(folder)
+    return {"outputs": outputs, "correct": sum(o["answer"] == o["truth"] for row in outputs for o in row),
+            "total": len(prompts), "latency_ms": round(statistics.median(times) * 1e3, 2),
             "size_bytes": artifact.size_bytes(), "export_fidelity": _export_fidelity(artifact)}
 
 
@@ -245,6 +297,10 @@ def _agreement(report: dict, chosen: list[Variant]) -> None:
     for variant in chosen:
         entry = report["artifacts"][variant.name]
         reference = report["artifacts"][by_model[variant.model]]["outputs"]
+        if variant.model == "idefics":  # every answer, not per image
+            entry["agrees_with_fp32"] = sum(a["answer"] == b["answer"] for row, ref in zip(entry["outputs"], reference)
+                                            for a, b in zip(row, ref))
+            continue
         key = (lambda o: o["top"][0]["label"]) if variant.model == "clip" else (lambda o: o["caption"])
         entry["agrees_with_fp32"] = sum(key(a) == key(b) for a, b in zip(entry["outputs"], reference))
 
@@ -253,11 +309,12 @@ def _agreement(report: dict, chosen: list[Variant]) -> None:
 def format_report(report: dict) -> str:
     artifacts, truths = report["artifacts"], report["truth"]
     reused = sum(a["reused"] for a in artifacts.values())
-    lines = [f"mmedge demo: the shipped CLIP and BLIP-2 demo models, exported to {report['cache']}",
+    lines = [f"mmedge demo: the shipped CLIP, BLIP-2 and IDEFICS demo models, exported to {report['cache']}",
              f"({reused} of {len(artifacts)} artifacts reused from the cache; "
              f"{len(artifacts) - reused} exported now), all validated against PyTorch", ""]
     clips = [n for n, a in artifacts.items() if a["model"] == "clip"]
     blips = [n for n, a in artifacts.items() if a["model"] == "blip2"]
+    flamingos = [n for n, a in artifacts.items() if a["model"] == "idefics"]
     for i, (image, truth_) in enumerate(zip(report["images"], truths)):
         lines.append(f"{image}   truth: {truth_['caption']}")
         for name in clips:
@@ -272,23 +329,30 @@ def format_report(report: dict) -> str:
             question = artifacts[blips[0]]["outputs"][i]["question"]
             answers = "   ".join(f"{artifacts[n]['precision']}: {artifacts[n]['outputs'][i]['answer']}" for n in blips)
             lines.append(f"  question  {question}   {answers}")
+        for k, asked in enumerate(artifacts[flamingos[0]]["outputs"][i] if flamingos else []):
+            answers = "   ".join(f"{artifacts[n]['precision']}: {artifacts[n]['outputs'][i][k]['answer']}"
+                                 for n in flamingos)
+            what = asked["task"] if asked["question"] == "few-shot" else asked["question"]
+            lines.append(f"  IDEFICS   {what} (truth: {asked['truth']})   {answers}")
         lines.append("")
     count = len(truths)
     header = ("artifact", "precision", "size", "latency/image", "right on these images", "same as FP32",
               "export-time vs FP32")
     rows = []
     for name, a in artifacts.items():
-        task = "top-1 present" if a["model"] == "clip" else "caption exact"
-        same = "-" if a["precision"] == "fp32" else f"{a['agrees_with_fp32']}/{count}"
+        task = {"clip": "top-1 present", "blip2": "caption exact", "idefics": "answers exact"}[a["model"]]
+        total = a.get("total", count)  # IDEFICS: two prompts per image
+        same = "-" if a["precision"] == "fp32" else f"{a['agrees_with_fp32']}/{total}"
         fidelity = ", ".join(f"{k.split('.')[-1].replace('_', ' ')} {v:.3f}" for k,
                              v in a["export_fidelity"].items()) or "-"
         rows.append((name, a["precision"], f"{a['size_bytes'] / 1e6:.2f} MB", f"{a['latency_ms']:.1f} ms",
-                     f"{a['correct']}/{count} {task}", same, fidelity))
+                     f"{a['correct']}/{total} {task}", same, fidelity))
     widths = [max(len(str(r[c])) for r in (header, *rows)) for c in range(len(header))]
     for row in (header, tuple("-" * w for w in widths), *rows):
         lines.append("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
     lines.append("")
-    lines.append("latency: median per image on this machine (BLIP-2: a greedy caption); export-time figures: the "
+    lines.append("latency: median per image on this machine (BLIP-2: a greedy caption; IDEFICS: a greedy answer to "
+                 "an interleaved prompt); export-time figures: the "
                  "manifest's fidelity on held-out photos. Run again: the artifacts come from the cache.")
     return "\n".join(lines)
 
