@@ -121,11 +121,12 @@ def nodes_to_keep_fp32(model: onnx.ModelProto, ranges: dict[str, float], limit: 
 
 
 def over_limit(source: Path, feeds: dict[str, np.ndarray], threads: int | None = None,
-               limit: float = FP16_SAFE_MAX) -> tuple[dict[str, float], int]:
+               limit: float = FP16_SAFE_MAX) -> tuple[dict[str, float], int, float]:
     """The activations of ``source`` on ``feeds`` whose largest magnitude passes ``limit`` (name → magnitude, inf
-    for NaN), and how many float activations were checked."""
+    for NaN), how many float activations were checked, and the largest magnitude of all."""
     ranges = activation_ranges(source, feeds, threads)
-    return {name: value for name, value in ranges.items() if not value <= limit}, len(ranges)
+    over = {name: value for name, value in ranges.items() if not value <= limit}
+    return over, len(ranges), max(ranges.values(), default=0.0)
 
 
 def skip_cast_round_trips(model: onnx.ModelProto) -> int:

@@ -177,7 +177,7 @@ def convert_fp16(source: Path, dest: Path, feeds: dict[str, np.ndarray] | None =
 
     from mmedge.export import fp16_ranges, quantize_streaming
 
-    over, checked = ({}, 0) if feeds is None else fp16_ranges.over_limit(Path(source), feeds, threads)
+    over, checked, largest = ({}, 0, 0.0) if feeds is None else fp16_ranges.over_limit(Path(source), feeds, threads)
     try:
         if streams(source):
             with quiet():
@@ -197,7 +197,7 @@ def convert_fp16(source: Path, dest: Path, feeds: dict[str, np.ndarray] | None =
     if feeds is not None:
         recipe["range_check"] = {
             "inputs": "validation samples", "limit": fp16_ranges.FP16_SAFE_MAX, "activations_checked": checked,
-            "activations_over": len(over), "largest": max(over.values(), default=None),
+            "activations_over": len(over), "largest_magnitude": largest,
             "rule": "nodes reading or writing an activation past the limit stay FP32"}
     return recipe
 
