@@ -197,9 +197,9 @@ def estimate_export(sizes: dict[str, int], precisions: dict[str, str], *, static
             quantizer = small if fp32 > threshold else fp32 + small  # streamed, or ORT's in-memory quantizer
             if static and precision == "int8" and name != "decoder":
                 quantizer += 2 * fp32  # calibration: the FP32 graph loaded whole, and its ORT session
-            # parity: the lowered session; fidelity (INT8/INT4 only): the FP32 session, then the lowered one, each with
-            # its activations, logits and embedding tables (SESSION_OVERHEAD)
-            sessions = int((fp32 if precision in ("int8", "int4") else small) * (1 + SESSION_OVERHEAD))
+            # fidelity (INT8/INT4) and FP16's range check: the FP32 session; then parity: the lowered one; one after
+            # the other, each with its activations, logits and embedding tables (SESSION_OVERHEAD)
+            sessions = int(fp32 * (1 + SESSION_OVERHEAD))
             worst = max(worst, quantizer, sessions)
         steps["lower precision"] = BASE_BYTES + torch_left + worst
     return MemoryEstimate(steps, weights, dict(sizes))

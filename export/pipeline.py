@@ -319,8 +319,8 @@ class ArtifactBuilder:
         from mmedge.export import quantize
 
         options = self.options
-        if precision == "fp16":
-            return quantize.convert_fp16(source, dest)
+        if precision == "fp16":  # nodes whose activations pass FP16's range on the validation inputs stay FP32
+            return quantize.convert_fp16(source, dest, self.validation_sample(spec)[0], options.threads)
         if precision == "int4":
             return quantize.quantize_int4_weights(source, dest, block_size=options.int4_block_size,
                                                   accuracy_level=options.int4_accuracy_level)

@@ -167,24 +167,39 @@ def quantize_int8_static(source: Path, dest: Path, calibration: Iterable[dict[st
             "op_types": list(STATIC_OPS), "target": "TensorRT explicit quantization"}
 
 
-def convert_fp16(source: Path, dest: Path) -> dict:
+def convert_fp16(source: Path, dest: Path, feeds: dict[str, np.ndarray] | None = None,
+                 threads: int | None = None) -> dict:
+    """FP16 weights and math, inputs and outputs float32. With ``feeds`` (the component's validation inputs), the
+    nodes whose activations leave FP16's range on them stay FP32 (``mmedge.export.fp16_ranges``); the recipe lists
+    them under ``fp32_nodes``."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    from mmedge.export import quantize_streaming
+    from mmedge.export import fp16_ranges, quantize_streaming
 
+    over, checked, largest = ({}, 0, 0.0) if feeds is None else fp16_ranges.over_limit(Path(source), feeds, threads)
     try:
         if streams(source):
             with quiet():
-                quantize_streaming.fp16(Path(source), Path(dest))
+                kept = quantize_streaming.fp16(Path(source), Path(dest), over)
         else:
+            model = onnx.load(str(source))
+            kept = fp16_ranges.nodes_to_keep_fp32(model, over)
             with quiet():
-                graph = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+                graph = convert_float_to_float16(model, keep_io_types=True, node_block_list=kept)
+            if kept:
+                fp16_ranges.skip_cast_round_trips(graph)
             onnx.save(graph, str(dest))
     except Exception as exc:
         raise QuantizationError(f"FP16 conversion of '{source.name}' failed ({exc})", "a float32 ONNX graph",
                                 "export at --precision fp32 and report this") from exc
-    return {"method": "fp16", "io": "float32", "weights": "float16"}
+    recipe = {"method": "fp16", "io": "float32", "weights": "float16", "fp32_nodes": kept}
+    if feeds is not None:
+        recipe["range_check"] = {
+            "inputs": "validation samples", "limit": fp16_ranges.FP16_SAFE_MAX, "activations_checked": checked,
+            "activations_over": len(over), "largest_magnitude": largest,
+            "rule": "nodes reading or writing an activation past the limit stay FP32"}
+    return recipe
 
 
 def quantize_int4_weights(source: Path, dest: Path, *, block_size: int = 32, accuracy_level: int = 4) -> dict:

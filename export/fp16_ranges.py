@@ -1,0 +1,167 @@
+"""Which nodes of an FP32 graph must stay FP32 when the rest becomes FP16: those whose activations leave FP16's range.
+
+FP16 holds magnitudes up to 65504. Random-weight ViT-g (BLIP-2's vision tower) and T5's feed-forward blocks produce
+activations far past that; converted whole, such a graph computes inf, then NaN. The FP32 graph is run once on the
+component's validation inputs with, for every float tensor, the largest magnitude it took appended as an extra scalar
+output (``Abs → ReduceMax`` beside the tensor; the tensors themselves are not kept, so a 10 GB decoder needs no more
+activation memory than a plain run). Every node that reads or writes a tensor past ``FP16_SAFE_MAX`` is kept FP32 in
+the conversion (``node_block_list``): the producer so that the value is computed, the consumers so that it is never
+cast down to FP16 on the way in. The same for any family's components: nothing here knows what the graph is.
+
+Values at float32's own extremes (``|x| >= SENTINEL``: the ``-finfo(float32).max`` that attention masks add) are not
+activations: the converter clamps them to FP16's largest value, which masks just as well, so they are not counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+FP16_MAX = float(np.finfo(np.float16).max)  # 65504
+FP16_SAFE_MAX = FP16_MAX / 4  # headroom: inputs other than the validation samples may reach a little further
+SENTINEL = 1e30  # masks' "minus infinity" in float32; the converter clamps it, and it still masks
+ROWS = 4  # rows per ONNX Runtime call over a large graph (as the fidelity checks)
+RANGE_SUFFIX = "/mmedge_fp16_range"
+
+
+def float_tensors(model: onnx.ModelProto) -> list[str]:
+    """Names of the main graph's float32 activations (node outputs whose inferred type is float32), in node order."""
+    types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.output)}
+    initializers = {t.name for t in model.graph.initializer}
+    seen, names = set(), []
+    for node in model.graph.node:
+        for name in node.output:
+            if name and name not in seen and name not in initializers and types.get(name) == TensorProto.FLOAT:
+                seen.add(name)
+                names.append(name)
+    for value in model.graph.input:  # the graph's own float inputs too (pixel values in, embeddings in)
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT and value.name not in seen:
+            names.append(value.name)
+    return names
+
+
+def with_range_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """``model`` plus one scalar output per name: the largest ``|x|`` below ``SENTINEL`` the tensor took."""
+    graph = model.graph
+    zero = helper.make_tensor("mmedge_fp16_range/zero", TensorProto.FLOAT, [1], [0.0])
+    sentinel = helper.make_tensor("mmedge_fp16_range/sentinel", TensorProto.FLOAT, [], [SENTINEL])
+    flat = helper.make_tensor("mmedge_fp16_range/flat", TensorProto.INT64, [1], [-1])
+    graph.initializer.extend([zero, sentinel, flat])
+    for i, name in enumerate(names):
+        base = f"mmedge_fp16_range/{i}"
+        graph.node.extend([  # an empty tensor (a first step's past keys) reduces to 0 through the appended zero
+            helper.make_node("Reshape", [name, flat.name], [f"{base}/flat"], name=f"{base}/Reshape"),
+            helper.make_node("Concat", [f"{base}/flat", zero.name], [f"{base}/padded"], name=f"{base}/Concat", axis=0),
+            helper.make_node("Abs", [f"{base}/padded"], [f"{base}/abs"], name=f"{base}/Abs"),
+            helper.make_node("Less", [f"{base}/abs", sentinel.name], [f"{base}/finite"], name=f"{base}/Less"),
+            helper.make_node("Where", [f"{base}/finite", f"{base}/abs", zero.name], [f"{base}/kept"],
+                             name=f"{base}/Where"),
+            helper.make_node("ReduceMax", [f"{base}/kept"], [name + RANGE_SUFFIX], name=f"{base}/ReduceMax",
+                             keepdims=0),
+        ])
+        graph.output.append(helper.make_tensor_value_info(name + RANGE_SUFFIX, TensorProto.FLOAT, []))
+    return model
+
+
+def _chunks(feeds: dict[str, np.ndarray], rows: int) -> list[dict[str, np.ndarray]]:
+    sizes = {v.shape[0] for v in feeds.values() if np.ndim(v)}
+    total = sizes.pop() if len(sizes) == 1 else 0
+    if total <= rows:
+        return [feeds]
+    return [{k: v[start:start + rows] for k, v in feeds.items()} for start in range(0, total, rows)]
+
+
+def activation_ranges(source: Path, feeds: dict[str, np.ndarray], threads: int | None = None) -> dict[str, float]:
+    """Largest magnitude (below ``SENTINEL``) of every float32 activation of the graph ``source`` on ``feeds``.
+
+    The augmented graph is written beside ``source`` as a skeleton that points at the same ``.onnx.data``: no weight
+    is copied or loaded here beyond what ONNX Runtime's session maps."""
+    from mmedge.export.onnx_export import OnnxSession, external_data_path
+
+    source = Path(source)
+    large = external_data_path(source) is not None
+    model = onnx.load(str(source), load_external_data=False)
+    model = onnx.shape_inference.infer_shapes(model)
+    names = float_tensors(model)
+    model = with_range_outputs(model, names)
+    ranges = dict.fromkeys(names, 0.0)
+    # beside the source, so that its relative external-data location resolves: a skeleton of a few MB for a large
+    # graph (weights stay in the source's .onnx.data), the whole graph for a small one
+    augmented = source.parent / f".{source.stem}.fp16-ranges.onnx"
+    try:
+        onnx.save(model, str(augmented))
+        del model
+        session = OnnxSession(augmented, threads)
+        for chunk in _chunks(feeds, ROWS if large else 1 << 30):
+            out = session.run(chunk)
+            for name in names:
+                value = float(out[name + RANGE_SUFFIX])
+                ranges[name] = max(ranges[name], value) if not np.isnan(value) else float("inf")
+        del session
+    finally:
+        augmented.unlink(missing_ok=True)
+    return ranges
+
+
+def nodes_to_keep_fp32(model: onnx.ModelProto, ranges: dict[str, float], limit: float = FP16_SAFE_MAX) -> list[str]:
+    """Names of the nodes that read or write a tensor whose range passes ``limit`` (unnamed ones are named here,
+    ``mmedge_fp32/<index>``, so the converter's ``node_block_list`` can hold them)."""
+    over = {name for name, value in ranges.items() if not value <= limit}  # NaN and inf count as over
+    kept = []
+    for i, node in enumerate(model.graph.node):
+        if over.intersection(node.input) or over.intersection(node.output):
+            if not node.name:
+                node.name = f"mmedge_fp32/{i}"
+            kept.append(node.name)
+    return kept
+
+
+def over_limit(source: Path, feeds: dict[str, np.ndarray], threads: int | None = None,
+               limit: float = FP16_SAFE_MAX) -> tuple[dict[str, float], int, float]:
+    """The activations of ``source`` on ``feeds`` whose largest magnitude passes ``limit`` (name → magnitude, inf
+    for NaN), how many float activations were checked, and the largest magnitude of all."""
+    ranges = activation_ranges(source, feeds, threads)
+    over = {name: value for name, value in ranges.items() if not value <= limit}
+    return over, len(ranges), max(ranges.values(), default=0.0)
+
+
+def skip_cast_round_trips(model: onnx.ModelProto) -> int:
+    """Let FP32 nodes read each other's FP32 outputs directly; returns how many round trips were removed.
+
+    ONNX Runtime's converter (``float16.convert_float_to_float16`` with ``node_block_list``) casts every kept-FP32
+    node's output down to FP16 and back up before the next kept-FP32 node: an activation past 65504 would become inf
+    on the way, which is what keeping the nodes FP32 is for. Each ``Cast(to=float32)`` of a ``Cast(to=float16)`` of
+    a float32 tensor is replaced by that tensor (exact, and more precise), and Casts left unread are removed."""
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.input, *graph.output)}
+    producers = {out: node for node in graph.node for out in node.output}
+    outputs = {o.name for o in graph.output}
+
+    def cast_to(node) -> int | None:
+        if node is None or node.op_type != "Cast" or node.domain not in ("", "ai.onnx"):
+            return None
+        return next((a.i for a in node.attribute if a.name == "to"), None)
+
+    alias = {}
+    for node in graph.node:
+        if cast_to(node) != TensorProto.FLOAT or node.output[0] in outputs:
+            continue
+        down = producers.get(node.input[0])
+        if cast_to(down) == TensorProto.FLOAT16 and types.get(down.input[0]) == TensorProto.FLOAT:
+            alias[node.output[0]] = down.input[0]
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+    while True:  # drop Casts nobody reads any more (the round trips' halves)
+        read = {name for node in graph.node for name in node.input} | outputs
+        dead = [n for n in graph.node if cast_to(n) is not None and not read.intersection(n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    return len(alias)

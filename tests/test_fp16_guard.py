@@ -1,0 +1,127 @@
+"""FP16 exports keep in FP32 exactly the nodes whose activations leave FP16's range (``mmedge.export.fp16_ranges``).
+
+The checkpoint is the tiny CLIP with one vision MLP's output weights scaled by 1e5: from that layer on, the vision
+tower's residual stream is far past 65504 (the final LayerNorm brings it back), as random ViT-g activations are in
+the full-size BLIP-2 and T5's feed-forward activations are. Converted whole, that graph computes inf/NaN on the
+validation inputs; guarded, it passes the FP16 gate (cosine >= 0.999 vs FP32). Nothing here is CLIP-specific: the
+check runs on any component's graph and its validation inputs.
+"""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import transformers
+
+from mmedge.export import export_model, fp16_ranges, onnx_export, quantize
+from mmedge.export.onnx_export import OnnxSession
+from mmedge.metrics import compare_outputs
+
+SCALE = 1e5
+SCALED = "vision_model.encoder.layers.0.mlp.fc2"
+
+
+@pytest.fixture(scope="module")
+def overflowing_clip(tiny_clip_dir, tmp_path_factory):
+    """The tiny CLIP with ``SCALED``'s weight and bias times ``SCALE`` (the weights themselves still fit FP16)."""
+    path = tmp_path_factory.mktemp("overflowing-clip")
+    model = transformers.CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    layer = model.get_submodule(SCALED)
+    with torch.no_grad():
+        layer.weight.mul_(SCALE)
+        layer.bias.mul_(SCALE)
+    assert layer.weight.abs().max().item() < fp16_ranges.FP16_MAX
+    model.save_pretrained(path)
+    for name in ("tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                 "preprocessor_config.json"):
+        if (tiny_clip_dir / name).is_file():
+            (path / name).write_bytes((tiny_clip_dir / name).read_bytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def fp32_export(overflowing_clip, tmp_path_factory):
+    out = export_model(str(overflowing_clip), tmp_path_factory.mktemp("fp32") / "a", progress=False)
+    with np.load(out / "validation.npz") as data:
+        samples = {key: data[key] for key in data.files}
+    return out, samples
+
+
+def _feeds(samples, component):
+    return {k.split("/")[-1]: v for k, v in samples.items() if k.startswith(f"{component}/inputs/")}
+
+
+def _vs_fp32(fp32_graph, graph, feeds):
+    return compare_outputs(OnnxSession(fp32_graph).run(feeds), OnnxSession(graph).run(feeds))
+
+
+def test_ranges_find_the_overflow_and_only_in_the_scaled_tower(fp32_export):
+    out, samples = fp32_export
+    vision_over, checked, largest = fp16_ranges.over_limit(out / "vision.onnx", _feeds(samples, "vision"))
+    assert checked > 20 and vision_over
+    assert largest == max(vision_over.values()) > fp16_ranges.FP16_MAX  # a real overflow, not just the headroom
+    text_over, _, text_largest = fp16_ranges.over_limit(out / "text.onnx", _feeds(samples, "text"))
+    # its causal mask's -finfo(float32).max is a sentinel, not an activation
+    assert text_over == {} and 0 < text_largest < fp16_ranges.FP16_SAFE_MAX
+
+
+def test_naive_fp16_fails_and_the_guarded_conversion_passes(fp32_export, tmp_path):
+    out, samples = fp32_export
+    feeds = _feeds(samples, "vision")
+    naive = quantize.convert_fp16(out / "vision.onnx", tmp_path / "naive.onnx")
+    assert naive["fp32_nodes"] == [] and "range_check" not in naive
+    naive_cosines = [m["cosine"] for m in _vs_fp32(out / "vision.onnx", tmp_path / "naive.onnx", feeds).values()]
+    naive_out = OnnxSession(tmp_path / "naive.onnx").run(feeds)
+    assert not all(np.isfinite(v).all() for v in naive_out.values()) or min(naive_cosines) < 0.999
+
+    guarded = quantize.convert_fp16(out / "vision.onnx", tmp_path / "guarded.onnx", feeds)
+    assert guarded["fp32_nodes"] and guarded["range_check"]["activations_over"] > 0
+    metrics = _vs_fp32(out / "vision.onnx", tmp_path / "guarded.onnx", feeds)
+    assert min(m["cosine"] for m in metrics.values()) >= 0.999
+    graph = onnx.load(str(tmp_path / "guarded.onnx"))
+    kept = {n.name for n in graph.graph.node if n.name in set(guarded["fp32_nodes"])}
+    assert kept == set(guarded["fp32_nodes"])  # every listed node is in the graph, by name
+    types = {t.name: t.data_type for t in graph.graph.initializer}
+    assert onnx.TensorProto.FLOAT16 in types.values()  # the rest is FP16
+    assert len(guarded["fp32_nodes"]) < len(graph.graph.node) / 2
+    # no FP16 round trip between two kept nodes (ONNX Runtime's converter puts one there; inf on the way)
+    producers = {out: n for n in graph.graph.node for out in n.output}
+    to = {n.name: next((a.i for a in n.attribute if a.name == "to"), None) for n in graph.graph.node}
+    round_trips = [n.name for n in graph.graph.node if n.op_type == "Cast" and to[n.name] == onnx.TensorProto.FLOAT
+                   and producers.get(n.input[0]) is not None and producers[n.input[0]].op_type == "Cast"
+                   and to[producers[n.input[0]].name] == onnx.TensorProto.FLOAT16]
+    assert round_trips == []
+
+
+def test_fp16_export_records_the_fp32_nodes_and_passes_the_gate(overflowing_clip, tmp_path):
+    out = export_model(str(overflowing_clip), tmp_path / "fp16", precision="fp16", progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    vision, text = manifest["components"]["vision"], manifest["components"]["text"]
+    assert vision["precision"] == "fp16" and vision["quantization"]["fp32_nodes"]
+    assert vision["quantization"]["range_check"]["inputs"] == "validation samples"
+    assert min(o["cosine"] for o in vision["parity"]["outputs"].values()) >= 0.999
+    assert text["quantization"]["fp32_nodes"] == []  # nothing overflows there: all of it is FP16
+
+
+def test_streamed_guarded_fp16_matches_the_in_memory_one(fp32_export, overflowing_clip, tmp_path, monkeypatch):
+    """The streaming FP16 path (weights in ``.onnx.data``) keeps the same nodes FP32 and computes the same outputs."""
+    _, samples = fp32_export
+    with monkeypatch.context() as patch:
+        patch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 10_000)
+        out = export_model(str(overflowing_clip), tmp_path / "streamed-fp32", progress=False)
+    source = out / "vision.onnx"
+    assert onnx_export.external_data_path(source) is not None
+    feeds = _feeds(samples, "vision")
+    (tmp_path / "memory").mkdir(), (tmp_path / "streamed").mkdir()
+    with monkeypatch.context() as patch:
+        patch.setattr(quantize, "streams", lambda path: False)
+        memory = quantize.convert_fp16(source, tmp_path / "memory" / "vision.onnx", feeds)
+    streamed = quantize.convert_fp16(source, tmp_path / "streamed" / "vision.onnx", feeds)
+    assert memory == streamed and streamed["fp32_nodes"]
+    expected = OnnxSession(tmp_path / "memory" / "vision.onnx").run(feeds)
+    actual = OnnxSession(tmp_path / "streamed" / "vision.onnx").run(feeds)
+    for name in expected:
+        np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
+    assert not list(out.glob(".*fp16-ranges*"))  # the augmented range graph is removed
