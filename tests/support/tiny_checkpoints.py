@@ -449,15 +449,7 @@ def make_tiny_instructblip_t5(path: str | Path, *, seed: int = 0, image_size: in
     tokenizer.add_tokens([transformers.AddedToken(IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
     qformer_tokenizer = make_tiny_bert_tokenizer()
     config = transformers.InstructBlipConfig(
-        vision_config=dict(
-            hidden_size=vision_hidden, intermediate_size=vision_hidden * 4, num_hidden_layers=2, num_attention_heads=2,
-            image_size=image_size, patch_size=patch_size, initializer_range=0.02,
-        ),
-        qformer_config=dict(
-            hidden_size=qformer_hidden, intermediate_size=qformer_hidden * 4, num_hidden_layers=2,
-            num_attention_heads=2, cross_attention_frequency=2, max_position_embeddings=64,
-            vocab_size=len(qformer_tokenizer), pad_token_id=0,
-        ),
+        **_instructblip_encoders(image_size, patch_size, vision_hidden, qformer_hidden, len(qformer_tokenizer)),
         text_config=transformers.T5Config(
             vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // heads, d_ff=d_model * 2,
             num_layers=layers, num_decoder_layers=layers, num_heads=heads, feed_forward_proj="gated-gelu",
@@ -474,14 +466,7 @@ def make_tiny_instructblip_t5(path: str | Path, *, seed: int = 0, image_size: in
         decoder_start_token_id=0, bos_token_id=1, eos_token_id=1, pad_token_id=0,
     )
     model.save_pretrained(path)
-    image_processor = transformers.BlipImageProcessor(
-        size={"height": image_size, "width": image_size}, resample=3,
-        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
-    )
-    processor = transformers.InstructBlipProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                                   qformer_tokenizer=qformer_tokenizer,
-                                                   num_query_tokens=num_query_tokens)
-    processor.save_pretrained(path)
+    _save_instructblip_processor(path, image_size, tokenizer, qformer_tokenizer, num_query_tokens)
     return path
 
 
@@ -497,15 +482,7 @@ def make_tiny_instructblip(path: str | Path, *, seed: int = 0, image_size: int =
     tokenizer.add_tokens([transformers.AddedToken(IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
     qformer_tokenizer = make_tiny_bert_tokenizer()
     config = transformers.InstructBlipConfig(
-        vision_config=dict(
-            hidden_size=vision_hidden, intermediate_size=vision_hidden * 4, num_hidden_layers=2, num_attention_heads=2,
-            image_size=image_size, patch_size=patch_size, initializer_range=0.02,
-        ),
-        qformer_config=dict(
-            hidden_size=qformer_hidden, intermediate_size=qformer_hidden * 4, num_hidden_layers=2,
-            num_attention_heads=2, cross_attention_frequency=2, max_position_embeddings=64,
-            vocab_size=len(qformer_tokenizer), pad_token_id=0,
-        ),
+        **_instructblip_encoders(image_size, patch_size, vision_hidden, qformer_hidden, len(qformer_tokenizer)),
         text_config=transformers.LlamaConfig(
             vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
             num_attention_heads=heads, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
@@ -519,6 +496,30 @@ def make_tiny_instructblip(path: str | Path, *, seed: int = 0, image_size: int =
     _spread_weights(model, seed, llm_std=0.12)
     model.generation_config = transformers.GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model.save_pretrained(path)
+    _save_instructblip_processor(path, image_size, tokenizer, qformer_tokenizer, num_query_tokens)
+    return path
+
+
+def _instructblip_encoders(image_size: int, patch_size: int, vision_hidden: int, qformer_hidden: int,
+                           qformer_vocab: int) -> dict:
+    """The tiny InstructBLIP vision tower and instruction-reading Q-Former configs (both LLM kinds share them)."""
+    return {
+        "vision_config": dict(
+            hidden_size=vision_hidden, intermediate_size=vision_hidden * 4, num_hidden_layers=2, num_attention_heads=2,
+            image_size=image_size, patch_size=patch_size, initializer_range=0.02,
+        ),
+        "qformer_config": dict(
+            hidden_size=qformer_hidden, intermediate_size=qformer_hidden * 4, num_hidden_layers=2,
+            num_attention_heads=2, cross_attention_frequency=2, max_position_embeddings=64,
+            vocab_size=qformer_vocab, pad_token_id=0,
+        ),
+    }
+
+
+def _save_instructblip_processor(path: Path, image_size: int, tokenizer, qformer_tokenizer,
+                                 num_query_tokens: int) -> None:
+    """``InstructBlipProcessor.save_pretrained``: the LLM tokenizer at the root, the Q-Former's BERT tokenizer in
+    ``qformer_tokenizer/``, BLIP's image processor with CLIP's normalisation."""
     image_processor = transformers.BlipImageProcessor(
         size={"height": image_size, "width": image_size}, resample=3,
         image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
@@ -526,4 +527,3 @@ def make_tiny_instructblip(path: str | Path, *, seed: int = 0, image_size: int =
     transformers.InstructBlipProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                        qformer_tokenizer=qformer_tokenizer,
                                        num_query_tokens=num_query_tokens).save_pretrained(path)
-    return path
