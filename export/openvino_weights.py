@@ -29,7 +29,7 @@ def compress_decoder(builder, spec, weights: str, min_cosine: float) -> dict:
     source = builder.stage / f"{spec.name}.onnx"
     entry = builder.entries[spec.name]
     with contextlib.redirect_stdout(sys.stdout if builder.options.progress else io.StringIO()):  # NNCF's progress bar
-        model = compress_weights(read_model(source, spec.name), spec.name, {"precision": entry["precision"]}, weights)
+        model = compress_weights(read_model(source, spec.name), spec.name, entry, weights)
     xml = builder.stage / f"{spec.name}.openvino-{weights}.xml"
     import_openvino().save_model(model, str(xml), compress_to_fp16=False)
     data = xml.with_suffix(".bin")

@@ -157,16 +157,10 @@ class Blip2Family(GenerativeFamily):
                 "bos_token_id": generation["bos_token_id"],
                 "eos_token_id": generation["eos_token_id"],
                 "pad_token_id": generation["pad_token_id"],
-                "image_tokens": {
-                    "hf_image_token_id": None if model.config.image_token_index is None
-                    else int(model.config.image_token_index),
-                    "in_prompt_ids": False,
-                    "sequence": "prefix_embeds (num_query_tokens rows), then embed(prompt_ids)",
-                    "prompt_ids": "tokenizer(prompt), which starts with bos_token_id; [bos_token_id] when there "
-                    "is no prompt",
-                    "hf_equivalent": "processor puts num_query_tokens <image> ids before tokenizer(prompt); "
-                                     "generate() replaces exactly those rows with the prefix (masked_scatter)",
-                },
+                "image_tokens": image_tokens_entry(model, "prefix_embeds (num_query_tokens rows), then "
+                                                          "embed(prompt_ids)",
+                                                   "tokenizer(prompt), which starts with bos_token_id; [bos_token_id] "
+                                                   "when there is no prompt"),
                 "prompts": {"caption": None, "vqa": VQA_TEMPLATE},
                 "embeddings": embeddings,
             },
@@ -308,6 +302,16 @@ class Blip2Family(GenerativeFamily):
 
 
 # --- helpers -------------------------------------------------------------------------------------
+def image_tokens_entry(model, sequence: str, prompt_ids: str) -> dict:
+    """The manifest's ``image_tokens``: how the prefix rows and the prompt's ids enter the LLM (``sequence``,
+    ``prompt_ids`` describe the family's order), and what HF does instead (placeholder ids it overwrites)."""
+    return {"hf_image_token_id": None if model.config.image_token_index is None
+            else int(model.config.image_token_index),
+            "in_prompt_ids": False, "sequence": sequence, "prompt_ids": prompt_ids,
+            "hf_equivalent": "processor puts num_query_tokens <image> ids before tokenizer(prompt); "
+                             "generate() replaces exactly those rows with the prefix (masked_scatter)"}
+
+
 def generation_settings(loaded) -> dict:
     """The manifest's ``generation`` object: mmedge.generation.GenerationConfig fields, from the checkpoint."""
     model = loaded.model

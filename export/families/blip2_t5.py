@@ -39,6 +39,7 @@ from mmedge.export.families.blip2 import (
     _session,
     _VisionEmbeds,
     generation_settings,
+    image_tokens_entry,
 )
 from mmedge.export.families.common import EMBEDDINGS_FILE
 from mmedge.export.specs.blip2 import Blip2Prefix, Blip2Vision, QFormer
@@ -138,15 +139,10 @@ class Blip2T5Family(Blip2Family):
                 "bos_token_id": _prompt_start(model, generation),
                 "eos_token_id": generation["eos_token_id"],
                 "pad_token_id": generation["pad_token_id"],
-                "image_tokens": {
-                    "hf_image_token_id": None if model.config.image_token_index is None
-                    else int(model.config.image_token_index),
-                    "in_prompt_ids": False,
-                    "sequence": "prefix_embeds (num_query_tokens rows), then embed(prompt_ids), into the encoder",
-                    "prompt_ids": "tokenizer(prompt), which ends with </s>; [bos_token_id] when there is no prompt",
-                    "hf_equivalent": "processor puts num_query_tokens <image> ids before tokenizer(prompt); "
-                                     "generate() replaces exactly those rows with the prefix (masked_scatter)",
-                },
+                "image_tokens": image_tokens_entry(model, "prefix_embeds (num_query_tokens rows), then "
+                                                          "embed(prompt_ids), into the encoder",
+                                                   "tokenizer(prompt), which ends with </s>; [bos_token_id] when "
+                                                   "there is no prompt"),
                 "prompts": {"caption": None, "vqa": VQA_TEMPLATE},
                 "embeddings": written["embeddings"],
             },
