@@ -310,3 +310,10 @@ class StreamerClock:
 
     def end(self):
         pass
+
+
+def prompt_inputs(captioner, image) -> tuple:
+    """(embeds, mask, ids): the decoder's prefill inputs for one image and no prompt, as ``Captioner.caption`` builds
+    them (the family's input builder; BLIP-2: prefix rows, then the prompt's tokens)."""
+    built = captioner.inputs.for_images(image, None)
+    return built["embeds"], built["mask"], built["ids"]

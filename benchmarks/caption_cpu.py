@@ -55,6 +55,7 @@ from _common import (
     markdown_table,
     memory_bandwidth_gbps,
     package_versions,
+    prompt_inputs,
     ratio,
     run_child,
     steal_share,
@@ -272,12 +273,12 @@ def generation_config(captioner):
 def mmedge_caption(captioner, clock: TokenClock, image, config, *, inputs=None) -> Caption:
     """What ``Captioner.caption`` does (preprocess, prefix, prompt embedding, generate), keeping token ids and times.
 
-    With ``inputs`` (``_inputs``' result) the prefix is not recomputed: a decode-only run.
+    With ``inputs`` (``prompt_inputs``' result) the prefix is not recomputed: a decode-only run.
     """
     from mmedge.generation import generate
 
     start = time.perf_counter()
-    embeds, mask, ids = inputs if inputs is not None else captioner._inputs(image, None)
+    embeds, mask, ids = inputs if inputs is not None else prompt_inputs(captioner, image)
     tokens = generate(clock, embeds, mask, config, prompt_ids=ids)[0]
     clock.times.append(time.perf_counter())
     return Caption(tokens, start, clock.times, clock.step_seconds)
@@ -384,7 +385,7 @@ def open_decoder(captioner, threads: int, io_binding: bool):
 def measure_io_binding(captioner, threads: int, photo, its: Iterations) -> dict:
     """Decode tok/s of two fresh decoders (io_binding True / False) on the same prompt, runs interleaved."""
     config = generation_config(captioner)
-    inputs = captioner._inputs(photo, None)
+    inputs = prompt_inputs(captioner, photo)
     clocks = {flag: TokenClock(open_decoder(captioner, threads, flag)) for flag in (True, False)}
     samples: dict[bool, list[float]] = {True: [], False: []}
     tokens: dict[bool, list[int]] = {}

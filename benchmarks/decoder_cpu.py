@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from _common import TokenClock
+from _common import TokenClock, prompt_inputs
 
 OUT = Path(__file__).resolve().parent / "out"
 NEW_TOKENS = 32
@@ -76,7 +76,7 @@ def main() -> int:
             captioner = mmedge.load(path, backend="onnxruntime", threads=args.threads)
         config = GenerationConfig.from_dict(captioner.artifact.manifest["generation"]).replace(
             max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, num_beams=1, do_sample=False)
-        inputs = captioner._inputs(Image.open(photo).convert("RGB"), None)
+        inputs = prompt_inputs(captioner, Image.open(photo).convert("RGB"))
         clocks = {name: TokenClock(d) for name, d in decoders(captioner, args.threads).items()}
         rates: dict[str, list[float]] = {name: [] for name in clocks}
         tokens: dict[str, list[int]] = {}

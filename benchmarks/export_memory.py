@@ -38,15 +38,19 @@ CASES = {
         ("FP16", ["--precision", "fp16"]),
         ("FP32", []),
     ]),
+    "blip2_t5": ("Salesforce/blip2-flan-t5-xl", [
+        ("FP32", []),
+        ("INT8 + INT4 LLM", ["--precision", "int8", "--llm-precision", "int4"]),
+    ]),
     "idefics": ("HuggingFaceM4/idefics-9b", [("INT8 + INT4 LLM", ["--precision", "int8", "--llm-precision", "int4"])]),
 }
 HF_BUILD = """
 import json, sys, transformers, torch
 from mmedge.export.loading import _bundled_config
-from mmedge.export.families import FAMILIES
+from mmedge.export.families import FAMILIES, family_for
 entry = _bundled_config(sys.argv[1])
 config = transformers.AutoConfig.for_model(**entry["config"])
-family = FAMILIES[{"blip-2": "blip2", "idefics": "idefics"}[config.model_type]]
+family = FAMILIES[family_for(entry["config"])]
 torch.manual_seed(0)
 model = family.model_class()(config).eval()
 print(sum(p.numel() for p in model.parameters()))

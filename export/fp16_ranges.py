@@ -4,12 +4,19 @@ FP16 holds magnitudes up to 65504. Random-weight ViT-g (BLIP-2's vision tower) a
 activations far past that; converted whole, such a graph computes inf, then NaN. The FP32 graph is run once on the
 component's validation inputs with, for every float tensor, the largest magnitude it took appended as an extra scalar
 output (``Abs → ReduceMax`` beside the tensor; the tensors themselves are not kept, so a 10 GB decoder needs no more
-activation memory than a plain run). Every node that reads or writes a tensor past ``FP16_SAFE_MAX`` is kept FP32 in
-the conversion (``node_block_list``): the producer so that the value is computed, the consumers so that it is never
-cast down to FP16 on the way in. The same for any family's components: nothing here knows what the graph is.
+activation memory than a plain run). Every node that reads or writes a tensor past ``FP16_SAFE_MAX`` (or one whose
+values are all below FP16's smallest normal, ``FP16_TINY``, but not all 0) is kept FP32 in the conversion
+(``node_block_list``): the producer so that the value is computed, the consumers so that it is never cast down to
+FP16 on the way in. The same for any family's components: nothing here knows what the graph is.
 
 Values at float32's own extremes (``|x| >= SENTINEL``: the ``-finfo(float32).max`` that attention masks add) are not
 activations: the converter clamps them to FP16's largest value, which masks just as well, so they are not counted.
+
+Weights too small for FP16 are the other half (``weights_fp16_cannot_hold``): the converter maps every magnitude below
+FP16's smallest subnormal (6e-8) to that subnormal, so a layer initialised at ``initializer_range`` 1e-10 (BLIP-2
+OPT-2.7B's published vision config, which random-weight exports use) would be multiplied by ~600. A weight whose FP16
+version differs from it by more than ``WEIGHT_MAX_ERROR`` (relative L2 norm) stays FP32 with every node that reads it,
+directly or through a shape-only op (Transpose, Reshape, ...). A trained checkpoint's weights (~1e-2) pass.
 """
 
 from __future__ import annotations
@@ -23,9 +30,14 @@ from onnx import TensorProto, helper
 
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 FP16_SAFE_MAX = FP16_MAX / 4  # headroom: inputs other than the validation samples may reach a little further
+FP16_TINY = float(np.finfo(np.float16).tiny)  # 6.1e-5, the smallest normal: a tensor whose largest value is below
+# it (and not 0) keeps at most 10 bits of its values in FP16, and below 6e-8 none: it stays FP32 as well
 SENTINEL = 1e30  # masks' "minus infinity" in float32; the converter clamps it, and it still masks
 ROWS = 4  # rows per ONNX Runtime call over a large graph (as the fidelity checks)
 RANGE_SUFFIX = "/mmedge_fp16_range"
+WEIGHT_MAX_ERROR = 1e-3  # relative L2 change of a weight by the FP16 conversion past which it stays FP32
+WEIGHT_CHUNK = 1 << 22  # elements checked at a time (16 MB of float32), so a 500 MB LM head is never copied whole
+SHAPE_ONLY_OPS = {"Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Cast", "Expand"}
 
 
 def float_tensors(model: onnx.ModelProto) -> list[str]:
@@ -107,10 +119,58 @@ def activation_ranges(source: Path, feeds: dict[str, np.ndarray], threads: int |
     return ranges
 
 
-def nodes_to_keep_fp32(model: onnx.ModelProto, ranges: dict[str, float], limit: float = FP16_SAFE_MAX) -> list[str]:
-    """Names of the nodes that read or write a tensor whose range passes ``limit`` (unnamed ones are named here,
-    ``mmedge_fp32/<index>``, so the converter's ``node_block_list`` can hold them)."""
-    over = {name for name, value in ranges.items() if not value <= limit}  # NaN and inf count as over
+def fp16_error(values: np.ndarray) -> float:
+    """Relative L2 change of ``values`` (float32) by ONNX Runtime's FP16 conversion (its clamping included)."""
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    flat = values.reshape(-1)
+    change = norm = 0.0
+    for start in range(0, flat.size, WEIGHT_CHUNK):
+        part = np.asarray(flat[start:start + WEIGHT_CHUNK], dtype=np.float32)
+        part = part[np.isfinite(part)]
+        change += float(np.sum(np.square(convert_np_to_float16(part).astype(np.float32) - part, dtype=np.float64)))
+        norm += float(np.sum(np.square(part, dtype=np.float64)))
+    return (change / norm) ** 0.5 if norm > 0 else 0.0
+
+
+def _initializer_values(tensor: onnx.TensorProto, folder: Path) -> np.ndarray:
+    """``tensor``'s float32 values, memory-mapped from its external data file when it has one (nothing loaded)."""
+    info = {e.key: e.value for e in tensor.external_data}
+    if tensor.data_location != TensorProto.EXTERNAL or tensor.raw_data:
+        return onnx.numpy_helper.to_array(tensor)
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    return np.memmap(folder / info["location"], dtype=np.float32, mode="r", offset=int(info.get("offset", 0)),
+                     shape=(count,))
+
+
+def weights_fp16_cannot_hold(source: Path, limit: float = WEIGHT_MAX_ERROR) -> dict[str, float]:
+    """The float32 initializers of ``source`` that FP16 changes by more than ``limit`` (name → relative change), and
+    the tensors derived from them by shape-only ops (same change), so that every node reading one stays FP32."""
+    source = Path(source)
+    model = onnx.load(str(source), load_external_data=False)
+    changed = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_type == TensorProto.FLOAT and int(np.prod(tensor.dims, dtype=np.int64)) > 1:
+            error = fp16_error(_initializer_values(tensor, source.parent))
+            if error > limit:
+                changed[tensor.name] = error
+    grown = True
+    while grown:  # follow each such weight through Transpose / Reshape / ... to the node that really reads it
+        grown = False
+        for node in model.graph.node:
+            if node.op_type in SHAPE_ONLY_OPS and node.input and node.input[0] in changed:
+                for out in node.output:
+                    if out not in changed:
+                        changed[out] = changed[node.input[0]]
+                        grown = True
+    return changed
+
+
+def nodes_to_keep_fp32(model: onnx.ModelProto, tensors: Iterable[str]) -> list[str]:
+    """Names of the nodes that read or write one of ``tensors`` (activations past FP16's range, weights FP16 cannot
+    hold); unnamed ones are named here, ``mmedge_fp32/<index>``, so the converter's ``node_block_list`` can hold
+    them."""
+    over = set(tensors)
     kept = []
     for i, node in enumerate(model.graph.node):
         if over.intersection(node.input) or over.intersection(node.output):
@@ -121,12 +181,13 @@ def nodes_to_keep_fp32(model: onnx.ModelProto, ranges: dict[str, float], limit: 
 
 
 def over_limit(source: Path, feeds: dict[str, np.ndarray], threads: int | None = None,
-               limit: float = FP16_SAFE_MAX) -> tuple[dict[str, float], int, float]:
-    """The activations of ``source`` on ``feeds`` whose largest magnitude passes ``limit`` (name → magnitude, inf
-    for NaN), how many float activations were checked, and the largest magnitude of all."""
+               limit: float = FP16_SAFE_MAX, tiny: float = FP16_TINY) -> tuple[dict[str, float], int, float]:
+    """The activations of ``source`` on ``feeds`` that FP16 cannot hold: whose largest magnitude passes ``limit``
+    (inf for NaN) or is below ``tiny`` but not 0 (name → largest magnitude); how many float activations were
+    checked, and the largest magnitude of all."""
     ranges = activation_ranges(source, feeds, threads)
-    over = {name: value for name, value in ranges.items() if not value <= limit}
-    return over, len(ranges), max(ranges.values(), default=0.0)
+    outside = {name: value for name, value in ranges.items() if not value <= limit or 0 < value < tiny}
+    return outside, len(ranges), max(ranges.values(), default=0.0)
 
 
 def skip_cast_round_trips(model: onnx.ModelProto) -> int:

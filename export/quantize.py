@@ -170,21 +170,23 @@ def quantize_int8_static(source: Path, dest: Path, calibration: Iterable[dict[st
 def convert_fp16(source: Path, dest: Path, feeds: dict[str, np.ndarray] | None = None,
                  threads: int | None = None) -> dict:
     """FP16 weights and math, inputs and outputs float32. With ``feeds`` (the component's validation inputs), the
-    nodes whose activations leave FP16's range on them stay FP32 (``mmedge.export.fp16_ranges``); the recipe lists
-    them under ``fp32_nodes``."""
+    nodes whose activations leave FP16's range on them, and those reading a weight FP16 cannot hold, stay FP32
+    (``mmedge.export.fp16_ranges``); the recipe lists them under ``fp32_nodes``."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     from mmedge.export import fp16_ranges, quantize_streaming
 
     over, checked, largest = ({}, 0, 0.0) if feeds is None else fp16_ranges.over_limit(Path(source), feeds, threads)
+    small = {} if feeds is None else fp16_ranges.weights_fp16_cannot_hold(Path(source))
+    protect = set(over) | set(small)
     try:
         if streams(source):
             with quiet():
-                kept = quantize_streaming.fp16(Path(source), Path(dest), over)
+                kept = quantize_streaming.fp16(Path(source), Path(dest), protect)
         else:
             model = onnx.load(str(source))
-            kept = fp16_ranges.nodes_to_keep_fp32(model, over)
+            kept = fp16_ranges.nodes_to_keep_fp32(model, protect)
             with quiet():
                 graph = convert_float_to_float16(model, keep_io_types=True, node_block_list=kept)
             if kept:
@@ -197,8 +199,16 @@ def convert_fp16(source: Path, dest: Path, feeds: dict[str, np.ndarray] | None =
     if feeds is not None:
         recipe["range_check"] = {
             "inputs": "validation samples", "limit": fp16_ranges.FP16_SAFE_MAX, "activations_checked": checked,
-            "activations_over": len(over), "largest_magnitude": largest,
-            "rule": "nodes reading or writing an activation past the limit stay FP32"}
+            "activations_over": sum(v > fp16_ranges.FP16_SAFE_MAX or v != v for v in over.values()),
+            "tiny": fp16_ranges.FP16_TINY, "activations_under": sum(v < fp16_ranges.FP16_TINY for v in over.values()),
+            "largest_magnitude": largest,
+            "rule": "nodes reading or writing an activation past the limit, or whose values are all below FP16's "
+                    "smallest normal (tiny) but not all 0, stay FP32"}
+        recipe["weight_check"] = {
+            "limit": fp16_ranges.WEIGHT_MAX_ERROR, "tensors_kept_fp32": len(small),
+            "largest_change": max(small.values(), default=0.0),
+            "rule": "nodes reading a weight whose FP16 conversion changes it by more than the limit (relative L2; "
+                    "values below FP16's smallest subnormal are clamped up to it) stay FP32"}
     return recipe
 
 

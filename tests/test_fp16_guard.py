@@ -23,22 +23,38 @@ SCALE = 1e5
 SCALED = "vision_model.encoder.layers.0.mlp.fc2"
 
 
-@pytest.fixture(scope="module")
-def overflowing_clip(tiny_clip_dir, tmp_path_factory):
-    """The tiny CLIP with ``SCALED``'s weight and bias times ``SCALE`` (the weights themselves still fit FP16)."""
-    path = tmp_path_factory.mktemp("overflowing-clip")
-    model = transformers.CLIPModel.from_pretrained(tiny_clip_dir).eval()
-    layer = model.get_submodule(SCALED)
-    with torch.no_grad():
-        layer.weight.mul_(SCALE)
-        layer.bias.mul_(SCALE)
-    assert layer.weight.abs().max().item() < fp16_ranges.FP16_MAX
+def _save_beside(model, tiny_clip_dir, path):
     model.save_pretrained(path)
     for name in ("tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                  "preprocessor_config.json"):
         if (tiny_clip_dir / name).is_file():
             (path / name).write_bytes((tiny_clip_dir / name).read_bytes())
     return path
+
+
+@pytest.fixture(scope="module")
+def overflowing_clip(tiny_clip_dir, tmp_path_factory):
+    """The tiny CLIP with ``SCALED``'s weight and bias times ``SCALE`` (the weights themselves still fit FP16)."""
+    model = transformers.CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    layer = model.get_submodule(SCALED)
+    with torch.no_grad():
+        layer.weight.mul_(SCALE)
+        layer.bias.mul_(SCALE)
+    assert layer.weight.abs().max().item() < fp16_ranges.FP16_MAX
+    return _save_beside(model, tiny_clip_dir, tmp_path_factory.mktemp("overflowing-clip"))
+
+
+@pytest.fixture(scope="module")
+def underflowing_clip(tiny_clip_dir, tmp_path_factory):
+    """The tiny CLIP with every vision matrix drawn at std 1e-10: what a random-weight export of BLIP-2 OPT-2.7B's
+    published config (vision ``initializer_range`` 1e-10) holds. FP16's smallest subnormal is 6e-8."""
+    model = transformers.CLIPModel.from_pretrained(tiny_clip_dir).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.vision_model.parameters():
+            if parameter.dim() >= 2:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 1e-10)
+    return _save_beside(model, tiny_clip_dir, tmp_path_factory.mktemp("underflowing-clip"))
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +141,32 @@ def test_streamed_guarded_fp16_matches_the_in_memory_one(fp32_export, overflowin
     for name in expected:
         np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
     assert not list(out.glob(".*fp16-ranges*"))  # the augmented range graph is removed
+
+
+def test_weights_and_activations_below_fp16s_range_stay_fp32(underflowing_clip, tmp_path):
+    """Naive FP16 clamps the 1e-10 weights up to 6e-8 (and the 1e-10 activations they make down to 0): the vision
+    tower's output changes; guarded, the nodes reading those weights or those activations stay FP32."""
+    out = export_model(str(underflowing_clip), tmp_path / "fp32", progress=False)
+    with np.load(out / "validation.npz") as data:
+        feeds = _feeds({key: data[key] for key in data.files}, "vision")
+    source = out / "vision.onnx"
+    small = fp16_ranges.weights_fp16_cannot_hold(source)
+    assert small and min(small.values()) > fp16_ranges.WEIGHT_MAX_ERROR
+    assert fp16_ranges.weights_fp16_cannot_hold(out / "text.onnx") == {}  # the text tower's weights fit FP16
+
+    quantize.convert_fp16(source, tmp_path / "naive.onnx")
+    naive = min(m["cosine"] for m in _vs_fp32(source, tmp_path / "naive.onnx", feeds).values())
+    assert naive < 0.999
+    guarded = quantize.convert_fp16(source, tmp_path / "guarded.onnx", feeds)
+    assert guarded["weight_check"]["tensors_kept_fp32"] == len(small) and guarded["fp32_nodes"]
+    assert guarded["range_check"]["activations_under"] > 0
+    metrics = _vs_fp32(source, tmp_path / "guarded.onnx", feeds)
+    assert min(m["cosine"] for m in metrics.values()) >= 0.999, (naive, metrics)
+
+
+def test_trained_scale_weights_pass_the_weight_check(fp32_export):
+    """Weights at a checkpoint's usual scale (std ~0.02) are not kept FP32 for their size."""
+    out, _ = fp32_export
+    assert fp16_ranges.weights_fp16_cannot_hold(out / "text.onnx") == {}
+    assert fp16_ranges.fp16_error(np.float32([1e-10, 2e-10, -3e-10])) > 100  # clamped up to 6e-8: ~300x
+    assert fp16_ranges.fp16_error(np.float32([0.02, -0.013, 0.5])) < fp16_ranges.WEIGHT_MAX_ERROR
