@@ -170,8 +170,8 @@ def quantize_int8_static(source: Path, dest: Path, calibration: Iterable[dict[st
 def convert_fp16(source: Path, dest: Path, feeds: dict[str, np.ndarray] | None = None,
                  threads: int | None = None) -> dict:
     """FP16 weights and math, inputs and outputs float32. With ``feeds`` (the component's validation inputs), the
-    nodes whose activations leave FP16's range on them stay FP32 (``mmedge.export.fp16_ranges``); the recipe lists
-    them under ``fp32_nodes``."""
+    nodes whose activations leave FP16's range on them stay FP32, and so does index arithmetic
+    (``mmedge.export.fp16_ranges``); the recipe lists them under ``fp32_nodes``. Without: the naive conversion."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -181,10 +181,10 @@ def convert_fp16(source: Path, dest: Path, feeds: dict[str, np.ndarray] | None =
     try:
         if streams(source):
             with quiet():
-                kept = quantize_streaming.fp16(Path(source), Path(dest), over)
+                kept = quantize_streaming.fp16(Path(source), Path(dest), over, indices=feeds is not None)
         else:
             model = onnx.load(str(source))
-            kept = fp16_ranges.nodes_to_keep_fp32(model, over)
+            kept = fp16_ranges.nodes_to_keep_fp32(model, over, indices=feeds is not None)
             with quiet():
                 graph = convert_float_to_float16(model, keep_io_types=True, node_block_list=kept)
             if kept:
@@ -198,7 +198,8 @@ def convert_fp16(source: Path, dest: Path, feeds: dict[str, np.ndarray] | None =
         recipe["range_check"] = {
             "inputs": "validation samples", "limit": fp16_ranges.FP16_SAFE_MAX, "activations_checked": checked,
             "activations_over": len(over), "largest_magnitude": largest,
-            "rule": "nodes reading or writing an activation past the limit stay FP32"}
+            "rule": "nodes reading or writing an activation past the limit stay FP32, and so do the float nodes "
+                    "computing integer indices (upstream of a Cast to an integer type: e.g. T5's position buckets)"}
     return recipe
 
 
