@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mmedge.errors import ExportError
 from mmedge.progress import Progress
@@ -171,8 +171,14 @@ def component_bytes(model, family) -> dict[str, int]:
     def size(module) -> int:
         return sum(p.numel() * 4 for p in module.parameters()) if module is not None else 0
 
-    if family.name == "blip2":
-        return {"decoder": size(model.language_model), "prefix": size(model) - size(model.language_model)}
+    llm = getattr(model, "language_model", None)
+    if llm is not None and getattr(model, "qformer", None) is not None:  # BLIP-2, InstructBLIP: prefix + LLM
+        prefix = size(model) - size(llm)
+        encoder = getattr(llm, "encoder", None)
+        if encoder is not None:  # an encoder-decoder LLM (T5): the encoder graph takes embeddings, not the table
+            encoder_bytes = size(encoder) - size(getattr(encoder, "embed_tokens", None))
+            return {"prefix": prefix, "encoder": encoder_bytes, "decoder": size(llm) - encoder_bytes}
+        return {"decoder": size(llm), "prefix": prefix}
     if family.name == "idefics":
         vision = size(getattr(model.model, "vision_model",
                               None)) + size(getattr(model.model, "perceiver_resampler", None))
@@ -266,7 +272,8 @@ def _lower_it(estimate: MemoryEstimate, precisions: dict[str, str], options, fam
     if options.quantization == "static":
         candidates.append(("--quantization dynamic", precisions, False))
     if family.has_llm and precisions.get("decoder") not in (None, "int4"):
-        candidates.append(("--llm-precision int4", {**precisions, "decoder": "int4"}, options.quantization == "static"))
+        int4 = {name: family.precision_of(_Named(name), replace(options, llm_precision="int4")) for name in precisions}
+        candidates.append(("--llm-precision int4", int4, options.quantization == "static"))  # T5: encoder too
     advice = []
     for flag, changed, static in candidates:
         other = estimate_export(estimate.components, changed, static=static, threshold=EXTERNAL_DATA_THRESHOLD)

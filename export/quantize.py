@@ -170,8 +170,9 @@ def quantize_int8_static(source: Path, dest: Path, calibration: Iterable[dict[st
 def convert_fp16(source: Path, dest: Path, feeds: dict[str, np.ndarray] | None = None,
                  threads: int | None = None) -> dict:
     """FP16 weights and math, inputs and outputs float32. With ``feeds`` (the component's validation inputs), the
-    nodes whose activations leave FP16's range on them, and those reading a weight FP16 cannot hold, stay FP32
-    (``mmedge.export.fp16_ranges``); the recipe lists them under ``fp32_nodes``."""
+    nodes whose activations leave FP16's range on them, and those reading a weight FP16 cannot hold, stay FP32, and
+    so does index arithmetic (``mmedge.export.fp16_ranges``); the recipe lists them under ``fp32_nodes``. Without:
+    the naive conversion."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -183,10 +184,10 @@ def convert_fp16(source: Path, dest: Path, feeds: dict[str, np.ndarray] | None =
     try:
         if streams(source):
             with quiet():
-                kept = quantize_streaming.fp16(Path(source), Path(dest), protect)
+                kept = quantize_streaming.fp16(Path(source), Path(dest), protect, indices=feeds is not None)
         else:
             model = onnx.load(str(source))
-            kept = fp16_ranges.nodes_to_keep_fp32(model, protect)
+            kept = fp16_ranges.nodes_to_keep_fp32(model, protect, indices=feeds is not None)
             with quiet():
                 graph = convert_float_to_float16(model, keep_io_types=True, node_block_list=kept)
             if kept:
@@ -203,7 +204,8 @@ def convert_fp16(source: Path, dest: Path, feeds: dict[str, np.ndarray] | None =
             "tiny": fp16_ranges.FP16_TINY, "activations_under": sum(v < fp16_ranges.FP16_TINY for v in over.values()),
             "largest_magnitude": largest,
             "rule": "nodes reading or writing an activation past the limit, or whose values are all below FP16's "
-                    "smallest normal (tiny) but not all 0, stay FP32"}
+                    "smallest normal (tiny) but not all 0, stay FP32, and so do the float nodes computing integer "
+                    "indices (upstream of a Cast to an integer type: e.g. T5's position buckets)"}
         recipe["weight_check"] = {
             "limit": fp16_ranges.WEIGHT_MAX_ERROR, "tensors_kept_fp32": len(small),
             "largest_change": max(small.values(), default=0.0),

@@ -406,10 +406,11 @@ def matmul_nbits(model: onnx.ModelProto, weights: StreamedWeights, config) -> on
 
 
 # --- FP16 ----------------------------------------------------------------------------------------------
-def fp16(source: Path, dest: Path, protect: set[str] | None = None) -> list[str]:
+def fp16(source: Path, dest: Path, protect: set[str] | None = None, indices: bool = False) -> list[str]:
     """``convert_float_to_float16(keep_io_types=True)`` with each FP32 weight read, halved and written in turn; the
-    nodes touching a tensor in ``protect`` (``fp16_ranges``: activations past FP16's range, weights it cannot hold)
-    stay FP32 (their names are returned), and so do the weights only they read (copied as they are)."""
+    nodes touching a tensor in ``protect`` (``fp16_ranges``: activations outside FP16's range, weights it cannot hold)
+    and, with ``indices``, the index arithmetic (``fp16_ranges.index_math``) stay FP32 (their names are returned), and
+    so do the weights only they read (copied as they are)."""
     from onnxruntime.transformers import float16
 
     from mmedge.export.fp16_ranges import nodes_to_keep_fp32, skip_cast_round_trips
@@ -432,7 +433,7 @@ def fp16(source: Path, dest: Path, protect: set[str] | None = None) -> list[str]
             return helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
 
         model = load_skeleton(source)
-        kept = nodes_to_keep_fp32(model, protect or set())
+        kept = nodes_to_keep_fp32(model, protect or set(), indices=indices)
         with mock.patch.object(float16, "convert_tensor_float_to_float16", convert), \
                 mock.patch.object(float16, "make_value_info_from_tensor", value_info):
             model = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=kept)

@@ -303,6 +303,9 @@ def test_fp16_goes_through_the_shared_fp16_conversion_and_agrees_up_to_near_ties
             sides = []
             for pipeline in (captioner, fp16):
                 sides.append(prepared(pipeline, images, PROMPT_BATCHES["different lengths"]))
+            # 10 new tokens: from 9 attended positions on, T5's relative-position buckets come from a log of the
+            # distance, which computed in FP16 lands in the neighbouring bucket (logits cosine 0.996 vs FP32 here until
+            # the FP16 conversion kept that index arithmetic FP32: fp16_ranges.index_math)
             config = captioner._config({"max_new_tokens": 10, "num_beams": num_beams})
             # A random tiny model's top-2 margins are narrow (a trained one's are wide, see test_conformance): FP16's
             # measured error leaves about a third of its greedy steps decided, still enough to catch a wrong token.

@@ -96,6 +96,35 @@ def test_the_estimate_of_full_size_blip2_from_its_config_alone():
     assert 16.5e9 < int4.peak < 17.5e9 and int4.peak_step == "trace"  # measured: tracing 16.75 GB
 
 
+@pytest.mark.parametrize("model,parts,total", [
+    ("Salesforce/blip2-flan-t5-xl", ("prefix", "encoder", "decoder"), (15.3e9, 15.7e9)),  # 3.88 B parameters
+    ("Salesforce/instructblip-flan-t5-xl", ("prefix", "encoder", "decoder"), (15.6e9, 16.0e9)),  # 3.96 B
+    ("Salesforce/instructblip-vicuna-7b", ("decoder", "prefix"), (31.4e9, 31.9e9)),  # 7.91 B
+])
+def test_the_estimates_of_the_other_full_size_q_former_models_count_every_exported_part(model, parts, total):
+    """Every part each family exports, from the bundled config alone; for T5 the encoder and the decoder (both
+    lowered by --llm-precision) rather than one decoder."""
+    from mmedge.export.loading import checkpoint_family
+
+    family = FAMILIES[checkpoint_family(model, random_weights=True)]
+    sizes = component_bytes(meta_model(model, True, family), family)
+    assert tuple(sizes) == parts and total[0] < sum(sizes.values()) < total[1]
+    assert min(sizes.values()) > 4e9  # no part left out: ViT-g + Q-Former alone is 4.4 GB
+    llm = [n for n in parts if n != "prefix"]
+    int4 = estimate_export(sizes, {n: "int4" if n in llm else "int8" for n in parts}, static=False,
+                           threshold=1_800_000_000)
+    assert int4.steps["lower precision"] < int4.steps["trace"]
+
+
+def test_full_size_vicuna_fp32_is_refused_on_a_24_gb_host(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(LIMIT_ENV, "24GB")
+    out = tmp_path / "vicuna"
+    assert main(["export", "Salesforce/instructblip-vicuna-7b", str(out), "--random-weights"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and not out.exists()
+    assert "loading and tracing hold the FP32 weights (31.7 GB)" in err
+
+
 def test_the_refusal_says_what_holds_each_step_over_the_limit(tmp_path, capsys, monkeypatch):
     """Full-size BLIP-2 config (meta device: nothing is allocated), a limit under tracing and precision lowering."""
     monkeypatch.setenv(LIMIT_ENV, "12GB")

@@ -17,7 +17,7 @@ import transformers
 
 from mmedge.export import export_model, fp16_ranges, onnx_export, quantize
 from mmedge.export.onnx_export import OnnxSession
-from mmedge.metrics import compare_outputs
+from tests.support.fp16 import component_feeds, validation_samples, vs_fp32
 
 SCALE = 1e5
 SCALED = "vision_model.encoder.layers.0.mlp.fc2"
@@ -60,41 +60,31 @@ def underflowing_clip(tiny_clip_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def fp32_export(overflowing_clip, tmp_path_factory):
     out = export_model(str(overflowing_clip), tmp_path_factory.mktemp("fp32") / "a", progress=False)
-    with np.load(out / "validation.npz") as data:
-        samples = {key: data[key] for key in data.files}
-    return out, samples
-
-
-def _feeds(samples, component):
-    return {k.split("/")[-1]: v for k, v in samples.items() if k.startswith(f"{component}/inputs/")}
-
-
-def _vs_fp32(fp32_graph, graph, feeds):
-    return compare_outputs(OnnxSession(fp32_graph).run(feeds), OnnxSession(graph).run(feeds))
+    return out, validation_samples(out)
 
 
 def test_ranges_find_the_overflow_and_only_in_the_scaled_tower(fp32_export):
     out, samples = fp32_export
-    vision_over, checked, largest = fp16_ranges.over_limit(out / "vision.onnx", _feeds(samples, "vision"))
+    vision_over, checked, largest = fp16_ranges.over_limit(out / "vision.onnx", component_feeds(samples, "vision"))
     assert checked > 20 and vision_over
     assert largest == max(vision_over.values()) > fp16_ranges.FP16_MAX  # a real overflow, not just the headroom
-    text_over, _, text_largest = fp16_ranges.over_limit(out / "text.onnx", _feeds(samples, "text"))
+    text_over, _, text_largest = fp16_ranges.over_limit(out / "text.onnx", component_feeds(samples, "text"))
     # its causal mask's -finfo(float32).max is a sentinel, not an activation
     assert text_over == {} and 0 < text_largest < fp16_ranges.FP16_SAFE_MAX
 
 
 def test_naive_fp16_fails_and_the_guarded_conversion_passes(fp32_export, tmp_path):
     out, samples = fp32_export
-    feeds = _feeds(samples, "vision")
+    feeds = component_feeds(samples, "vision")
     naive = quantize.convert_fp16(out / "vision.onnx", tmp_path / "naive.onnx")
     assert naive["fp32_nodes"] == [] and "range_check" not in naive
-    naive_cosines = [m["cosine"] for m in _vs_fp32(out / "vision.onnx", tmp_path / "naive.onnx", feeds).values()]
+    naive_cosines = [m["cosine"] for m in vs_fp32(out / "vision.onnx", tmp_path / "naive.onnx", feeds).values()]
     naive_out = OnnxSession(tmp_path / "naive.onnx").run(feeds)
     assert not all(np.isfinite(v).all() for v in naive_out.values()) or min(naive_cosines) < 0.999
 
     guarded = quantize.convert_fp16(out / "vision.onnx", tmp_path / "guarded.onnx", feeds)
     assert guarded["fp32_nodes"] and guarded["range_check"]["activations_over"] > 0
-    metrics = _vs_fp32(out / "vision.onnx", tmp_path / "guarded.onnx", feeds)
+    metrics = vs_fp32(out / "vision.onnx", tmp_path / "guarded.onnx", feeds)
     assert min(m["cosine"] for m in metrics.values()) >= 0.999
     graph = onnx.load(str(tmp_path / "guarded.onnx"))
     kept = {n.name for n in graph.graph.node if n.name in set(guarded["fp32_nodes"])}
@@ -129,7 +119,7 @@ def test_streamed_guarded_fp16_matches_the_in_memory_one(fp32_export, overflowin
         out = export_model(str(overflowing_clip), tmp_path / "streamed-fp32", progress=False)
     source = out / "vision.onnx"
     assert onnx_export.external_data_path(source) is not None
-    feeds = _feeds(samples, "vision")
+    feeds = component_feeds(samples, "vision")
     (tmp_path / "memory").mkdir(), (tmp_path / "streamed").mkdir()
     with monkeypatch.context() as patch:
         patch.setattr(quantize, "streams", lambda path: False)
@@ -147,20 +137,19 @@ def test_weights_and_activations_below_fp16s_range_stay_fp32(underflowing_clip, 
     """Naive FP16 clamps the 1e-10 weights up to 6e-8 (and the 1e-10 activations they make down to 0): the vision
     tower's output changes; guarded, the nodes reading those weights or those activations stay FP32."""
     out = export_model(str(underflowing_clip), tmp_path / "fp32", progress=False)
-    with np.load(out / "validation.npz") as data:
-        feeds = _feeds({key: data[key] for key in data.files}, "vision")
+    feeds = component_feeds(validation_samples(out), "vision")
     source = out / "vision.onnx"
     small = fp16_ranges.weights_fp16_cannot_hold(source)
     assert small and min(small.values()) > fp16_ranges.WEIGHT_MAX_ERROR
     assert fp16_ranges.weights_fp16_cannot_hold(out / "text.onnx") == {}  # the text tower's weights fit FP16
 
     quantize.convert_fp16(source, tmp_path / "naive.onnx")
-    naive = min(m["cosine"] for m in _vs_fp32(source, tmp_path / "naive.onnx", feeds).values())
+    naive = min(m["cosine"] for m in vs_fp32(source, tmp_path / "naive.onnx", feeds).values())
     assert naive < 0.999
     guarded = quantize.convert_fp16(source, tmp_path / "guarded.onnx", feeds)
     assert guarded["weight_check"]["tensors_kept_fp32"] == len(small) and guarded["fp32_nodes"]
     assert guarded["range_check"]["activations_under"] > 0
-    metrics = _vs_fp32(source, tmp_path / "guarded.onnx", feeds)
+    metrics = vs_fp32(source, tmp_path / "guarded.onnx", feeds)
     assert min(m["cosine"] for m in metrics.values()) >= 0.999, (naive, metrics)
 
 

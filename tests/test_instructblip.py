@@ -87,3 +87,27 @@ def test_ask_stream_and_int4(artifacts, hf, images):
     assert m["components"]["decoder"]["parity"]["fidelity"]["logits_cosine_mean"] >= 0.75
     with mmedge.load(artifacts("int4")) as captioner:
         assert isinstance(captioner.ask(images[0], "what is it?", max_new_tokens=6), str)
+
+
+def test_bundled_full_size_config_is_the_published_architecture():
+    """``Salesforce/instructblip-vicuna-7b`` for --random-weights: its family, and built at full size on the meta
+    device (Vicuna-7B keeps its own LM head: Llama honours tie_word_embeddings false)."""
+    import transformers
+
+    from mmedge.export.loading import _bundled_config, checkpoint_family
+
+    name = "Salesforce/instructblip-vicuna-7b"
+    assert checkpoint_family(name, random_weights=True) == "instructblip"
+    config = transformers.AutoConfig.for_model(**_bundled_config(name)["config"])
+    text = config.text_config
+    assert (text.model_type, text.hidden_size, text.num_hidden_layers, text.num_attention_heads,
+            text.intermediate_size, text.vocab_size, text.rms_norm_eps, text.max_position_embeddings) == (
+        "llama", 4096, 32, 32, 11008, 32001, 1e-6, 2048)
+    assert (config.qformer_config.vocab_size, config.vision_config.num_hidden_layers, config.num_query_tokens) == (
+        30523, 39, 32)
+    with torch.device("meta"):
+        model = InstructBlipForConditionalGeneration(config)
+    llm = model.language_model
+    assert llm.get_output_embeddings().weight is not llm.get_input_embeddings().weight
+    params = sum(p.numel() for p in model.parameters())
+    assert 7.85e9 < params < 7.95e9  # 7.91 B: ViT-g 1.0 B, Q-Former 0.19 B, Vicuna-7B 6.74 B

@@ -121,3 +121,72 @@ def test_checkpoint_goes_to_its_family(tiny_instructblip_t5_dir):
     from mmedge.export.loading import checkpoint_family
 
     assert checkpoint_family(str(tiny_instructblip_t5_dir)) == "instructblip_t5"
+
+
+def test_bundled_full_size_config_is_the_published_architecture():
+    """``Salesforce/instructblip-flan-t5-xl`` for --random-weights: its family, built at full size on the meta device,
+    and the Q-Former tokenizer a random-weights export writes (no hub: ids inside the Q-Former's vocabulary)."""
+    from types import SimpleNamespace
+
+    import transformers
+
+    from mmedge.export.families.instruction import qformer_tokenizer
+    from mmedge.export.loading import _bundled_config, checkpoint_family
+
+    name = "Salesforce/instructblip-flan-t5-xl"
+    assert checkpoint_family(name, random_weights=True) == "instructblip_t5"
+    config = transformers.AutoConfig.for_model(**_bundled_config(name)["config"])
+    text, vision, qformer = config.text_config, config.vision_config, config.qformer_config
+    assert (text.model_type, text.d_model, text.d_ff, text.d_kv, text.num_heads, text.num_layers,
+            text.num_decoder_layers, text.vocab_size, text.feed_forward_proj) == (
+        "t5", 2048, 5120, 64, 32, 24, 24, 32128, "gated-gelu")
+    assert text.scale_decoder_outputs is False  # Flan-T5: tie_word_embeddings false, no decoder-output rescaling
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads, vision.intermediate_size,
+            vision.image_size, vision.patch_size) == (1408, 39, 16, 6144, 224, 14)
+    assert (qformer.hidden_size, qformer.num_hidden_layers, qformer.cross_attention_frequency,
+            qformer.encoder_hidden_size, qformer.vocab_size, config.num_query_tokens) == (768, 12, 2, 1408, 30523, 32)
+    with torch.device("meta"):  # builds at full size without allocating weights
+        model = InstructBlipForConditionalGeneration(config)
+    params = sum(p.numel() for p in model.parameters())
+    assert 3.9e9 < params < 4.0e9  # 3.96 B: the published 4.02 B less the LM head transformers 5 ties (README)
+    loaded = SimpleNamespace(source={"model": name, "random_weights": True}, model=model)
+    tokenizer = qformer_tokenizer(loaded)
+    ids = tokenizer("What is unusual about this image?")["input_ids"]
+    assert ids[0] == 101 and ids[-1] == 102 and max(ids) < qformer.vocab_size  # [CLS] ... [SEP], as BERT's
+    assert tokenizer.unk_token_id not in ids
+
+
+SHRUNK_LLMS = {  # the bundled configs' LLMs cut to a few MB; everything else (token ids, kinds, vocabularies) kept
+    "Salesforce/instructblip-flan-t5-xl": {"vocab_size": 400, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 1,
+                                           "num_decoder_layers": 1, "num_heads": 4},
+    "Salesforce/instructblip-vicuna-7b": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                          "num_attention_heads": 4, "num_key_value_heads": 4},
+}
+
+
+@pytest.mark.parametrize("name", list(SHRUNK_LLMS))
+def test_random_weight_exports_of_the_bundled_configs_run_offline(name, tmp_path, monkeypatch, photos):
+    """``--random-weights`` of each bundled InstructBLIP config, shrunk: both tokenizers synthetic (no hub), the
+    artifact loads and answers."""
+    from mmedge.export import export_model, loading
+
+    entry = loading._bundled_config(name)
+    config = entry["config"]
+    config["vision_config"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   image_size=28)
+    config["qformer_config"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                    encoder_hidden_size=32)
+    config["text_config"].update(SHRUNK_LLMS[name])
+    config["num_query_tokens"] = 4
+    if config.get("image_token_index") is not None:
+        config["image_token_index"] = 300  # after the synthetic T5 tokenizer's pieces, inside the shrunk vocabulary
+    entry["preprocess"]["resize"] = {"height": 28, "width": 28}
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "shrunk.json").write_text(json.dumps(entry))
+    monkeypatch.setattr(loading, "CONFIG_DIR", tmp_path / "configs")
+    out = export_model(name, tmp_path / "art", random_weights=True, progress=False)
+    m = manifest(out)
+    assert m["source"]["random_weights"] and m["source"]["model"] == name
+    assert (out / "qformer_tokenizer.json").is_file()
+    with pytest.warns(UserWarning), mmedge.load(out) as captioner:
+        assert isinstance(captioner.ask(photos[0], "what is it?", max_new_tokens=4), str)

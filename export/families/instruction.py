@@ -148,6 +148,8 @@ def qformer_tokenizer(loaded):
     import transformers
 
     model = loaded.source.get("model", "")
+    if loaded.source.get("random_weights") and not Path(model).is_dir():  # a bundled config: no tokenizer files
+        return synthetic_qformer_tokenizer(loaded.model.config.qformer_config)
     try:
         if Path(model).is_dir():
             return transformers.AutoTokenizer.from_pretrained(model, subfolder=QFORMER_TOKENIZER_FOLDER)
@@ -159,3 +161,20 @@ def qformer_tokenizer(loaded):
         raise ModelLoadError(f"cannot load the Q-Former's tokenizer of '{model}' ({str(exc).splitlines()[0][:200]})",
                              f"a tokenizer in {QFORMER_TOKENIZER_FOLDER}/ beside the weights",
                              "save the checkpoint's InstructBlipProcessor into the folder (save_pretrained)") from None
+
+
+def synthetic_qformer_tokenizer(qformer_config):
+    """A WordPiece tokenizer laid out like bert-base-uncased (the Q-Former's), for --random-weights exports of a
+    bundled config: ``[PAD]``=0, ``[UNK]``=100, ``[CLS]``=101, ``[SEP]``=102, ``[MASK]``=103 as in bert-base-uncased,
+    then one piece per lower-case printable character (and its ``##`` continuation); no words, so text is spelled
+    character by character. Every id is below the config's vocabulary size."""
+    from transformers import BertTokenizer
+
+    tokens = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = sorted({chr(c).lower() for c in range(33, 127)})
+    tokens += chars + ["##" + c for c in chars]
+    if len(tokens) > int(qformer_config.vocab_size):
+        raise ModelLoadError(f"the Q-Former's vocabulary ({qformer_config.vocab_size}) is too small for a "
+                             "synthetic tokenizer", f"at least {len(tokens)} ids",
+                             "export a checkpoint folder with its tokenizer")
+    return BertTokenizer(vocab={token: i for i, token in enumerate(tokens)})

@@ -260,6 +260,21 @@ def _spread_weights(model, seed: int, encoder_std: float = 0.2, llm_std: float =
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
+def _write_separate_lm_head(path: Path, seed: int, std: float) -> None:
+    """Give the saved T5 checkpoint in ``path`` an LM head of its own (``language_model.lm_head.weight``), as every
+    Flan-T5 has: transformers 5 builds T5 with the head tied to the shared embeddings whatever
+    ``tie_word_embeddings`` says, so ``save_pretrained`` writes none; loading a checkpoint that holds both, with
+    different values, keeps them apart (transformers warns and does not tie), as it does for the published models."""
+    from safetensors.torch import load_file, save_file
+
+    file = path / "model.safetensors"
+    weights = load_file(str(file))
+    shared = weights["language_model.shared.weight"]  # [vocab, d_model]
+    generator = torch.Generator().manual_seed(seed + 1)
+    weights["language_model.lm_head.weight"] = torch.randn(shared.shape, generator=generator) * std
+    save_file(weights, str(file), metadata={"format": "pt"})
+
+
 IDEFICS_SPECIAL_TOKENS = ("<fake_token_around_image>", "<image>")  # ids vocab_size, vocab_size + 1 (additional vocab)
 IDEFICS_CORPUS = CAPTION_CORPUS + VQA_CORPUS + """
 an image of two cats. an image of a dog. an image of
@@ -413,6 +428,7 @@ def make_tiny_blip2_t5(
         decoder_start_token_id=0, bos_token_id=1, eos_token_id=1, pad_token_id=0,
     )
     model.save_pretrained(path)
+    _write_separate_lm_head(path, seed, std=0.12)
     image_processor = transformers.BlipImageProcessor(
         size={"height": image_size, "width": image_size}, resample=3,
         image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
@@ -466,6 +482,7 @@ def make_tiny_instructblip_t5(path: str | Path, *, seed: int = 0, image_size: in
         decoder_start_token_id=0, bos_token_id=1, eos_token_id=1, pad_token_id=0,
     )
     model.save_pretrained(path)
+    _write_separate_lm_head(path, seed, std=0.12)
     _save_instructblip_processor(path, image_size, tokenizer, qformer_tokenizer, num_query_tokens)
     return path
 
