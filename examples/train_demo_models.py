@@ -5,6 +5,8 @@
     python examples/train_demo_models.py --evaluate      # re-measure the saved models, rewrite the cards
     python examples/train_demo_models.py --idefics       # the Flamingo (IDEFICS) demo model alone, a step of its own
                                                          # (after CLIP: its frozen vision tower is the demo CLIP's)
+    python examples/train_demo_models.py --blip2-t5      # the BLIP-2 Flan-T5 demo model alone (examples/t5_demo.py;
+                                                         # after BLIP-2: its frozen ViT and Q-Former are BLIP-2's)
 
 Data: procedural scenes (``examples/scenes.py``), seeded train / validation / test splits. Both models are
 real transformers models (``CLIPModel``, ``Blip2ForConditionalGeneration`` with an OPT decoder) written with
@@ -458,7 +460,9 @@ def hf_generate(model, tokenizer, pixel_values: torch.Tensor, prompt: str | None
     ids = torch.tensor([[config.image_token_index] * config.num_query_tokens + head]).repeat(len(pixel_values), 1)
     out = model.generate(pixel_values=pixel_values, input_ids=ids, attention_mask=torch.ones_like(ids),
                          do_sample=False, num_beams=1, max_new_tokens=max_new_tokens)
-    return [t.strip() for t in tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
+    if config.use_decoder_only_language_model:  # OPT: the prompt, then the new tokens; T5: the decoder's tokens only
+        out = out[:, ids.shape[1]:]
+    return [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
 def evaluate_blip2(folder: Path, count: int = TEST_SCENES) -> dict:
@@ -493,15 +497,15 @@ def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
-def write_card(folder: Path, name: str, training: dict, scores: dict) -> None:
-    """README.md (the model card) and training.json (the same facts, machine-readable)."""
+def write_card(folder: Path, name: str, training: dict, scores: dict, card=None) -> None:
+    """README.md (the model card: ``card``, else ``name``'s) and training.json (the same facts, machine-readable)."""
     params = sum(p.numel() for p in _load(folder, name).parameters())
     facts = {"model": name, "parameters": params, "training": training, "test_split": scores,
              "machine": {"cpu_threads": torch.get_num_threads(),
                          "processor": platform.processor() or platform.machine(),
                          "torch": torch.__version__, "transformers": transformers.__version__}}
     (folder / "training.json").write_text(json.dumps(facts, indent=2) + "\n")
-    (folder / "README.md").write_text(CARDS[name](params, training, scores, facts) + "\n")
+    (folder / "README.md").write_text((card or CARDS[name])(params, training, scores, facts) + "\n")
 
 
 def _load(folder: Path, name: str):
@@ -664,9 +668,25 @@ def main(argv=None) -> int:
                         help="IDEFICS training stops after this much wall time (with a fully decayed learning rate)")
     parser.add_argument("--idefics-scenes", type=int, default=8000, help="training scenes the IDEFICS prompts draw on")
     parser.add_argument("--idefics-test-prompts", type=int, default=200, help="held-out prompts per IDEFICS task")
+    parser.add_argument("--blip2-t5", action="store_true",
+                        help="train (with --evaluate: re-measure) only the BLIP-2 Flan-T5 demo model (examples/t5_demo.py)")
+    parser.add_argument("--t5-steps", type=int, default=4000,
+                        help="the BLIP-2 Flan-T5 cosine schedule's length in steps (it follows wall time when further)")
+    parser.add_argument("--t5-budget-seconds", type=float, default=570.0,
+                        help="BLIP-2 Flan-T5 training stops after this much wall time (with a fully decayed rate)")
+    parser.add_argument("--t5-scenes", type=int, default=16000,
+                        help="training scenes for BLIP-2 Flan-T5 (their frozen query outputs are computed once)")
+    parser.add_argument("--t5-batch", type=int, default=32, help="BLIP-2 Flan-T5 training images per step")
+    parser.add_argument("--t5-export-scenes", type=int, default=240,
+                        help="test scenes the BLIP-2 Flan-T5 exports (FP32, INT4 LLM) are measured on; 0: none")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
+    if args.blip2_t5:
+        if args.only or args.idefics:
+            raise SystemExit("--blip2-t5 trains the BLIP-2 Flan-T5 model alone: drop --only and --idefics")
+        return train_t5_step(args, "python examples/train_demo_models.py " + shlex.join(
+            sys.argv[1:] if argv is None else argv))
     if args.idefics:
         if args.only:
             raise SystemExit("--idefics trains the IDEFICS model alone: drop --only")
@@ -738,6 +758,39 @@ def train_idefics_step(args, command: str) -> int:
     log(f"idefics: {json.dumps(measured['exact_by_task'])}")
     flamingo_demo.write(folder, training, measured)
     log(f"idefics: {folder} holds {folder_size(folder) / 1e6:.2f} MB")
+    return 0
+
+
+def train_t5_step(args, command: str) -> int:
+    """The BLIP-2 Flan-T5 demo model: train (unless --evaluate), measure on the test split (transformers, then its
+    FP32 and INT4-LLM exports), write its card."""
+    import t5_demo
+
+    folder, blip2 = args.out / "blip2_t5", args.out / "blip2"
+    if args.evaluate:
+        training = json.loads((folder / "training.json").read_text())["training"]
+    else:
+        if not (blip2 / "config.json").is_file():
+            raise SystemExit(f"{blip2} is missing: train the BLIP-2 demo model first (its ViT and Q-Former start "
+                             "this one)")
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.iterdir():
+            old.unlink()
+        log(f"rendering {args.t5_scenes} training scenes")
+        train = render("train", args.t5_scenes, workers=args.threads)
+        log("training blip2_t5")
+        training = t5_demo.train_t5(folder, train, args.t5_steps, args.t5_batch, blip2, questions=args.blip2_questions,
+                                    budget_seconds=args.t5_budget_seconds)
+        training |= {"cpu_threads": args.threads, "command": command.strip()}
+    log("measuring blip2_t5 on the test split")
+    scores = evaluate_blip2(folder, args.test_scenes)
+    log(f"blip2_t5: {json.dumps({k: v for k, v in scores.items() if k != 'examples'})}")
+    if args.t5_export_scenes:
+        log(f"exporting blip2_t5 (FP32, INT4 LLM) and measuring the graphs on {args.t5_export_scenes} test scenes")
+        scores["exports"] = t5_demo.measure_exports(folder, args.t5_export_scenes)
+        log(f"blip2_t5 exports: {json.dumps(scores['exports'])}")
+    write_card(folder, "blip2_t5", training, scores, t5_demo.card)
+    log(f"blip2_t5: {folder} holds {folder_size(folder) / 1e6:.2f} MB")
     return 0
 
 

@@ -3,7 +3,9 @@
 ``models/clip``, ``models/blip2`` and ``models/idefics`` are small transformers checkpoints (a ``CLIPModel``, a
 ``Blip2ForConditionalGeneration`` and a Flamingo-style ``IdeficsForVisionText2Text``) trained from scratch on
 procedural shape scenes by ``examples/train_demo_models.py``; each folder has its model card (README.md) with the
-test-split scores. ``images/`` holds a few test-split scenes and their ground truth (``truth.json``).
+test-split scores. ``models/blip2_t5`` (BLIP-2 with a Flan-T5-style LLM on the BLIP-2 demo's frozen ViT and
+Q-Former) ships beside them for the encoder-decoder path; the demo run below does not export it.
+``images/`` holds a few test-split scenes and their ground truth (``truth.json``).
 
 The demo exports each model at FP32 and quantized (CLIP: INT8 fused zero-shot; BLIP-2 and IDEFICS: INT8 encoders
 with an INT4 LLM; IDEFICS' fidelity measured on the bundled scenes with its own prompt forms), and the CLIP once
@@ -56,7 +58,7 @@ def model_path(name: str) -> Path:
     path = MODELS_DIR / name
     if not (path / "config.json").is_file():
         raise InputError(f"there is no shipped demo model '{name}'", f"one of {', '.join(shipped_models())}",
-                         "pass 'clip' or 'blip2'; reinstall mmedge if the folder is missing")
+                         "pass one of those names; reinstall mmedge if the folder is missing")
     return path
 
 
