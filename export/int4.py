@@ -8,10 +8,21 @@ Recipe, in order:
    ``Y = alpha * A @ op(B) + beta * C`` with ``op(B) = B.T`` when ``transB``. PyTorch exports some
    ``nn.Linear`` layers (OPT's fc1/fc2) as Gemm, which MatMulNBits does not replace.
 3. ``onnxruntime``'s ``MatMulNBitsQuantizer`` (RTN, block-wise along K) turns every MatMul with a
-   constant 2-D weight into ``com.microsoft.MatMulNBits``: 4-bit weights, one float32 scale per
-   ``block_size`` weights (symmetric: no zero points). Attention's activation × activation MatMuls
-   stay float. ``accuracy_level`` is the MatMulNBits compute type on CPU (4 = int8 activations,
-   fastest; 0 = unset, float math).
+   constant 2-D weight into ``com.microsoft.MatMulNBits``: 4-bit weights, one float32 scale and one
+   4-bit zero point per ``block_size`` weights (``symmetric=True``: no zero points). Attention's
+   activation × activation MatMuls stay float. ``accuracy_level`` is the MatMulNBits compute type on
+   CPU (4 = int8 activations, fastest; 0 = unset, float math).
+4. **The LM head is not 4-bit** (``head``, default ``"int8"``): the MatMuls that make the ``logits``
+   output (``output_projections``) are left out of step 3 and get a second pass at 8 bits (MatMulNBits
+   ``bits=8``, same blocks), or stay FP32. Every token choice goes through the head, and its error
+   lands on the logits unmixed by any later layer; INT4 LLM recipes keep it above 4 bits for that
+   reason (llama.cpp's Q4_K_M stores ``output.weight`` at Q6_K; AWQ and GPTQ leave ``lm_head``
+   unquantized). Measured (``benchmarks/int4_sensitivity.py``, RESULTS.md): on the demo IDEFICS, a
+   4-bit head alone costs more answers than every other layer group at 4 bits together (82% of the
+   held-out answers identical to FP32 with only the head at 4 bits; 87-92% with every layer but the
+   head at 4 bits); zero points halve the demo BLIP-2's logit error at block 32. The recipe records
+   which nodes stayed at which precision, and why (``head``, ``kept``, ``matmuls_by_bits``). Cost at
+   full size (BLIP-2 OPT-2.7B, head 50272 x 2560): the head at 8 bits is 149 MB instead of 80 MB.
 
 The embedding table lives outside the graph (``inputs_embeds`` go in); ``quantize_rows_int4`` and
 ``quantize_rows_int8`` store it at the same precision; the device reads it back with
@@ -20,6 +31,7 @@ The embedding table lives outside the graph (``inputs_embeds`` go in); ``quantiz
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -30,6 +42,13 @@ from mmedge.errors import QuantizationError
 from mmedge.export.quantize import quiet as _quiet
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+HEAD_PRECISIONS = ("int8", "fp32", "int4")
+HEAD_WHY = {
+    "int8": "the output projection (LM head) at 8 bits: every token choice goes through it and its error reaches the "
+            "logits unmixed; a 4-bit head was the largest single source of changed answers (mmedge.export.int4)",
+    "fp32": "the output projection (LM head) kept FP32 (--int4-head fp32): the logits' last layer unquantized",
+    "int4": "the output projection (LM head) at 4 bits like every other layer (--int4-head int4): smallest, least "
+            "faithful"}
 
 
 def check_int4_settings(block_size: int, accuracy_level: int) -> None:
@@ -45,29 +64,27 @@ def check_int4_settings(block_size: int, accuracy_level: int) -> None:
 
 
 def quantize_int4(source: Path, dest: Path, *, block_size: int = 32, accuracy_level: int = 4,
-                  symmetric: bool = True) -> dict:
-    """Quantize the float MatMul/Gemm weights of ``source`` to 4 bits into ``dest``; returns the manifest recipe."""
-    import onnx
+                  symmetric: bool = False, head: str = "int8", keep: dict[str, str] | None = None) -> dict:
+    """Quantize the float MatMul/Gemm weights of ``source`` to 4 bits into ``dest``; returns the manifest recipe.
 
-    from mmedge.export import quantize
-
+    ``head``: the precision of the output projection (``output_projections``: the MatMuls that make ``logits``),
+    one of ``HEAD_PRECISIONS``. ``keep``: more nodes (by name, as traced) at ``"int8"`` or ``"fp32"``."""
     check_int4_settings(block_size, accuracy_level)
+    check_head_precision(head)
     try:
-        if quantize.streams(Path(source)):  # weights in .onnx.data: one in memory at a time
-            from mmedge.export import quantize_streaming
-
-            with quantize_streaming.streamed(Path(source), Path(dest)) as weights:
-                model = quantize_streaming.load_skeleton(Path(source))
-                folded = fold_initializer_identities(model.graph)
-                rewritten = gemm_to_matmul(model.graph, weights)
-                model = quantize_streaming.matmul_nbits(model, weights, _config(block_size, accuracy_level, symmetric))
-                weights.save(model)
-        else:
-            model = onnx.load(str(source))
+        with _opened(Path(source), Path(dest)) as (model, weights):
             folded = fold_initializer_identities(model.graph)
-            rewritten = gemm_to_matmul(model.graph)
-            model = _matmul_nbits(model, block_size, accuracy_level, symmetric)
-            save_model(model, Path(dest))
+            rewritten = gemm_to_matmul(model.graph, weights)
+            kept, heads = kept_nodes(model.graph, head, keep or {}), output_projections(model.graph)
+            eight = [name for name, precision in kept.items() if precision == "int8"]
+            model = _matmul_nbits(model, _config(block_size, accuracy_level, symmetric, 4), weights, exclude=kept)
+            if eight:  # a second pass over the nodes the first left out, at 8 bits
+                model = _matmul_nbits(model, _config(block_size, accuracy_level, symmetric, 8), weights,
+                                      include=eight)
+            if weights is not None:
+                weights.save(model)
+            else:
+                save_model(model, Path(dest))
     except QuantizationError:
         raise
     except Exception as exc:
@@ -77,29 +94,70 @@ def quantize_int4(source: Path, dest: Path, *, block_size: int = 32, accuracy_le
                                 "export --llm-precision int8 or fp32 meanwhile, and report this with "
                                 "the model id") from exc
     ops = [n.op_type for n in model.graph.node]
+    bits = [_attr(n, "bits") for n in model.graph.node if n.op_type == "MatMulNBits"]
     return {
         "method": "int4-weight-only", "format": "MatMulNBits", "algorithm": "rtn", "bits": 4,
         "block_size": block_size, "accuracy_level": accuracy_level, "symmetric": symmetric,
         "scales": "float32 per block", "activations": "float32" if accuracy_level in (0, 1) else
         {2: "float16", 3: "bfloat16", 4: "int8 (dynamic, per block)"}[accuracy_level],
         "quantized_matmuls": ops.count("MatMulNBits"), "gemm_rewritten": rewritten, "identities_folded": folded,
+        "matmuls_by_bits": {"4": bits.count(4), "8": bits.count(8)},
+        "head": {"precision": head, "nodes": heads, "why": HEAD_WHY[head]},
+        "kept": dict(sorted(kept.items())),
         "float_weight_matmuls": float_weight_matmuls(model.graph),
     }
 
 
-def _config(block_size: int, accuracy_level: int, symmetric: bool):
+def _attr(node, name: str):
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
+
+
+def check_head_precision(head: str) -> None:
+    if head not in HEAD_PRECISIONS:
+        raise QuantizationError(f"INT4 head precision {head!r} is not supported",
+                                f"one of {', '.join(HEAD_PRECISIONS)}",
+                                "pass --int4-head int8 (the default), fp32 or int4")
+
+
+@contextlib.contextmanager
+def _opened(source: Path, dest: Path):
+    """(model, weights): the graph loaded whole and None, or, for weights in ``.onnx.data``, its skeleton and the
+    ``quantize_streaming.StreamedWeights`` that read and write them one at a time."""
+    import onnx
+
+    from mmedge.export import quantize
+
+    if not quantize.streams(source):
+        yield onnx.load(str(source)), None
+        return
+    from mmedge.export import quantize_streaming
+
+    with quantize_streaming.streamed(source, dest) as weights:
+        yield quantize_streaming.load_skeleton(source), weights
+
+
+def _config(block_size: int, accuracy_level: int, symmetric: bool, bits: int = 4):
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig
 
     return DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
                                         accuracy_level=accuracy_level or None, op_types_to_quantize=("MatMul",),
-                                        quant_axes=(("MatMul", 0),), bits=4)
+                                        quant_axes=(("MatMul", 0),), bits=bits)
 
 
-def _matmul_nbits(model, block_size: int, accuracy_level: int, symmetric: bool):
+def _matmul_nbits(model, config, weights=None, *, exclude=(), include=None):
+    """MatMulNBits over every MatMul with a constant weight but those in ``exclude`` (or only those in ``include``)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(model, algo_config=_config(block_size, accuracy_level, symmetric))
+    if include is not None:
+        exclude = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in set(include)]
     with _quiet():
+        if weights is not None:
+            from mmedge.export import quantize_streaming
+
+            return quantize_streaming.matmul_nbits(model, weights, config, exclude=list(exclude))
+        quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_exclude=list(exclude))
         quantizer.process()
     return quantizer.model.model
 
@@ -237,6 +295,53 @@ def float_weight_matmuls(graph) -> list[str]:
             if kind == "f":
                 left.append(node.name)
     return left
+
+
+# --- what stays above 4 bits ---------------------------------------------------------------------
+PASS_THROUGH = ("Concat", "Add", "Mul", "Div", "Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Transpose",
+                "Slice", "Tanh")  # between an LM head's MatMul and the logits output (IDEFICS: Concat of two heads)
+
+
+def output_projections(graph, output: str = "logits") -> list[str]:
+    """Names of the MatMuls with a constant weight that make the graph output ``output``: the LM head (IDEFICS': two,
+    the base vocabulary's and the additional tokens', concatenated). Found walking back from the output through
+    ``PASS_THROUGH`` nodes; empty when the graph has no such output."""
+    producers = {o: n for n in graph.node for o in n.output}
+    inits = {t.name for t in graph.initializer}
+
+    def constant(name: str) -> bool:  # read no bytes: a streamed weight stays in its data file
+        node = producers.get(name)
+        return name in inits or (node is not None and (node.op_type == "Constant" or (
+            node.op_type == "Identity" and constant(node.input[0]))))
+
+    found, stack, seen = [], [output], set()
+    while stack:
+        node = producers.get(stack.pop())
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type == "MatMul":
+            if constant(node.input[1]):
+                found.append(node.name)
+        elif node.op_type in PASS_THROUGH:
+            stack.extend(name for name in node.input if name)
+    return sorted(found)
+
+
+def kept_nodes(graph, head: str, keep: dict[str, str]) -> dict[str, str]:
+    """{MatMul name: "int8" | "fp32"} of the nodes that do not go to 4 bits: the output projection at ``head`` (unless
+    "int4"), then ``keep``. Unnamed MatMuls get a name first (the quantizer excludes by name)."""
+    for i, node in enumerate(graph.node):
+        if node.op_type == "MatMul" and not node.name:
+            node.name = f"MatMul_{i}"
+    names = {n.name for n in graph.node if n.op_type == "MatMul"}
+    wrong = {k: v for k, v in keep.items() if k not in names or v not in ("int8", "fp32")}
+    if wrong:
+        raise QuantizationError(f"INT4 nodes to keep {wrong} are not MatMuls of this graph at int8 or fp32",
+                                "MatMul node names of the FP32 graph, each with 'int8' or 'fp32'",
+                                "list the graph's MatMul names with onnx, or leave the setting out")
+    kept = {} if head == "int4" else {name: head for name in output_projections(graph)}
+    return kept | dict(keep)
 
 
 # --- embedding tables (outside the graph) --------------------------------------------------------

@@ -25,12 +25,14 @@ PRECISIONS = ("fp32", "fp16", "int8")
 LLM_PRECISIONS = ("fp32", "fp16", "int8", "int4")
 QUANTIZATIONS = ("static", "dynamic")
 OPENVINO_WEIGHTS = ("int8", "int4")  # NNCF weight compression of the decoder (mmedge.export.openvino_weights)
+INT4_HEADS = ("int8", "fp32", "int4")  # the INT4 LLM's output projection (mmedge.export.int4.HEAD_PRECISIONS)
 VALIDATION_FILE = "validation.npz"
 TOKENIZER_FILE = "tokenizer.json"
 FP16_MIN_COSINE = 0.999
 FIDELITY_ROWS = 4  # rows per ONNX Runtime call when a large graph's fidelity is measured
 # What an option left at None means (None marks "not given", so an option that would do nothing can be refused)
-DEFAULTS = {"quantization": "dynamic", "int4_block_size": 32, "int4_accuracy_level": 4,
+DEFAULTS = {"quantization": "dynamic", "int4_block_size": 32, "int4_accuracy_level": 4, "int4_head": "int8",
+            "int4_symmetric": False,
             "calibration_method": "percentile"}
 
 
@@ -43,6 +45,8 @@ class ExportOptions:
     llm_precision: str | None = None  # decoder LLMs: fp32 | fp16 | int8 | int4 (None: same as precision)
     int4_block_size: int | None = None  # INT4 LLM: weights per scale (default 32)
     int4_accuracy_level: int | None = None  # MatMulNBits: 4 (default) = int8 activations on CPU
+    int4_head: str | None = None  # INT4 LLM: its output projection (LM head) at int8 (default), fp32 or int4
+    int4_symmetric: bool | None = None  # INT4 LLM: True = no zero points (default False: a zero point per block)
     labels: list[str] | None = None  # bake these into one zero-shot graph
     templates: list[str] | None = None
     calibration: str | None = None  # folder of images for static INT8; None = bundled photos
@@ -67,6 +71,9 @@ class ExportOptions:
         if self.llm_precision not in (None, *LLM_PRECISIONS):
             raise ExportError(f"LLM precision '{self.llm_precision}' is not supported",
                               f"one of {', '.join(LLM_PRECISIONS)}", "pass --llm-precision fp32, fp16, int8 or int4")
+        if self.int4_head not in (None, *INT4_HEADS):
+            raise ExportError(f"INT4 head precision '{self.int4_head}' is not supported",
+                              f"one of {', '.join(INT4_HEADS)}", "pass --int4-head int8, fp32 or int4")
         if self.openvino_weights not in (None, *OPENVINO_WEIGHTS):
             raise ExportError(f"OpenVINO weights '{self.openvino_weights}' are not supported",
                               f"one of {', '.join(OPENVINO_WEIGHTS)}", "pass --openvino-weights int4 or int8")
@@ -323,7 +330,8 @@ class ArtifactBuilder:
             return quantize.convert_fp16(source, dest, self.validation_sample(spec)[0], options.threads)
         if precision == "int4":
             return quantize.quantize_int4_weights(source, dest, block_size=options.int4_block_size,
-                                                  accuracy_level=options.int4_accuracy_level)
+                                                  accuracy_level=options.int4_accuracy_level, head=options.int4_head,
+                                                  symmetric=options.int4_symmetric)
         if options.quantization == "dynamic" or not self.family.calibrates(spec):
             return quantize.quantize_int8_dynamic(source, dest)
         feeds, note = self.family.calibration_feeds(spec, self, progress)

@@ -214,8 +214,10 @@ def convert_fp16(source: Path, dest: Path, feeds: dict[str, np.ndarray] | None =
     return recipe
 
 
-def quantize_int4_weights(source: Path, dest: Path, *, block_size: int = 32, accuracy_level: int = 4) -> dict:
-    """INT4 weight-only (MatMulNBits) for decoder LLMs; see ``mmedge.export.int4``."""
+def quantize_int4_weights(source: Path, dest: Path, *, block_size: int = 32, accuracy_level: int = 4,
+                          head: str = "int8", symmetric: bool = False) -> dict:
+    """INT4 weight-only (MatMulNBits) for decoder LLMs, the LM head at ``head``; see ``mmedge.export.int4``."""
     from mmedge.export.int4 import quantize_int4
 
-    return quantize_int4(source, dest, block_size=block_size, accuracy_level=accuracy_level)
+    return quantize_int4(source, dest, block_size=block_size, accuracy_level=accuracy_level, head=head,
+                         symmetric=symmetric)

@@ -395,11 +395,12 @@ class _OneWeightAtATime:
         return out
 
 
-def matmul_nbits(model: onnx.ModelProto, weights: StreamedWeights, config) -> onnx.ModelProto:
-    """``MatMulNBitsQuantizer(model, config).process()`` on a skeleton, one weight in memory at a time."""
+def matmul_nbits(model: onnx.ModelProto, weights: StreamedWeights, config, exclude=()) -> onnx.ModelProto:
+    """``MatMulNBitsQuantizer(model, config, nodes_to_exclude=exclude).process()`` on a skeleton, one weight in memory
+    at a time."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+    quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_exclude=list(exclude))
     quantizer.node_quantizer = _OneWeightAtATime(quantizer.node_quantizer, weights)
     quantizer.process()
     return quantizer.model.model

@@ -37,10 +37,10 @@ MAX_SHIPPED_BYTES = 15_000_000
 # slice (the card says which tasks stay below, and what was tried).
 IDEFICS_TASK_AIM, IDEFICS_SLICE_MARGIN, IDEFICS_PROMPTS = 0.85, 0.15, 60  # per task, through the FP32 export
 IDEFICS_MAX_WEIGHT_BYTES, IDEFICS_MAX_TRAIN_SECONDS, DEFAULT_LOGITS_GATE = 5_000_000, 600, 0.95
-# The INT4 LLM of the shipped IDEFICS gives the FP32 answer on 75% of the held-out prompts (block size 16 or 32, FP32
-# or INT8 compute alike): short of the issue's 90%, which its INT8 LLM meets (tested at INT4_IDENTITY_FLOOR). The
-# floor below keeps that measured level from getting worse; it is not the goal.
-IDEFICS_INT4_IDENTITY_MEASURED_FLOOR = 0.70
+# The INT4 LLM of the shipped IDEFICS, with the INT4 export's default recipe (LM head at 8 bits, a zero point per
+# block), gives the FP32 answer on 91.3% of these held-out prompts (91.5% over 200 per task;
+# benchmarks/int4_sensitivity.py): the issue's 90% (INT4_IDENTITY_FLOOR), just below the measured figure. With the
+# head at 4 bits it was 75%.
 
 
 def artifact(demo_run, name: str) -> Path:
@@ -161,7 +161,8 @@ def _generate_all(folder: Path, prompts: list[dict]) -> list[str]:
 def test_idefics_scores_through_the_exported_graphs_and_int4_identity(demo_run, idefics_prompts, idefics_fp32_answers):
     """Held-out test-split prompts of every task (the first of those the card was measured on) through the FP32 export
     (fused image graph + decoder): the very answers of transformers' generate, exact answers per task; the export
-    with an INT4 LLM gives the FP32 answer on >= 70% of them (measured 75%: the issue's 90% is not met)."""
+    with an INT4 LLM (the default recipe: 8-bit LM head, asymmetric blocks) gives the FP32 answer on >= 90% of them
+    (measured 91.3%)."""
     import transformers
 
     folder = demo.model_path("idefics")
@@ -177,7 +178,9 @@ def test_idefics_scores_through_the_exported_graphs_and_int4_identity(demo_run, 
     for task, score in measured.items():
         assert score >= min(IDEFICS_TASK_AIM, card[task] - IDEFICS_SLICE_MARGIN), (task, measured, card)
     same = np.mean([a == b for a, b in zip(answers["idefics-fp32"], answers["idefics-int4"])])
-    assert same >= IDEFICS_INT4_IDENTITY_MEASURED_FLOOR
+    assert same >= INT4_IDENTITY_FLOOR, same
+    recipe = Artifact.open(artifact(demo_run, "idefics-int4")).manifest["components"]["decoder"]["quantization"]
+    assert recipe["head"]["precision"] == "int8" and not recipe["symmetric"]  # the recipe that was measured
 
 
 def _assert_in_domain_fidelity_at_the_default_gate(folder: Path, precision: str) -> None:
@@ -204,7 +207,8 @@ def test_idefics_int8_fidelity_in_domain_at_the_default_gate(tmp_path, idefics_p
     from mmedge.export import ExportOptions, export_model
 
     variant = next(v for v in demo.variants() if v.name == "idefics-int4")
-    options = {**variant.export_options(), "llm_precision": "int8"}
+    kept = {k: v for k, v in variant.export_options().items() if not k.startswith("int4_")}  # INT4-only settings
+    options = {**kept, "llm_precision": "int8"}
     out = export_model(str(demo.model_path("idefics")), tmp_path / "int8", ExportOptions(**options, progress=False))
     _assert_in_domain_fidelity_at_the_default_gate(out, "int8")
     int8 = _generate_all(out, idefics_prompts)

@@ -256,8 +256,12 @@ def test_int4_llm_quantizes_every_matmul_and_records_fidelity(artifacts, images)
     m = manifest(path)
     graph = onnx.load(str(path / "decoder.onnx"))
     ops = [n.op_type for n in graph.graph.node]
-    # q, k, v, o, gate, up, down per decoder layer; q, o, gate, up, down per cross block (k/v live in cross_kv); lm_head
+    # q, k, v, o, gate, up, down per decoder layer; q, o, gate, up, down per cross block (k/v live in cross_kv) at 4
+    # bits; the LM head (IDEFICS': the base vocabulary's and the additional tokens', concatenated) at 8
     assert ops.count("MatMulNBits") == 4 * 7 + 2 * 5 + 2 and "Gemm" not in ops
+    recipe = m["components"]["decoder"]["quantization"]
+    assert recipe["matmuls_by_bits"] == {"4": 4 * 7 + 2 * 5, "8": 2} and recipe["head"]["precision"] == "int8"
+    assert sorted(recipe["kept"]) == recipe["head"]["nodes"] and all("lm_head" in n for n in recipe["head"]["nodes"])
     weights = {i.name for i in graph.graph.initializer}
     assert not [n for n in graph.graph.node if n.op_type == "MatMul" and set(n.input) & weights]
     fidelity = m["components"]["decoder"]["parity"]["fidelity"]

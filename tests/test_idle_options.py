@@ -34,6 +34,11 @@ EXPORT = [  # flags, the families where they do something
     (["--llm-precision", "int4", "--int4-block-size", "64"], GENERATIVE),
     (["--int4-accuracy-level", "0"], set()),
     (["--llm-precision", "int4", "--int4-accuracy-level", "0"], GENERATIVE),
+    (["--int4-head", "fp32"], set()),
+    (["--llm-precision", "int8", "--int4-head", "fp32"], set()),
+    (["--llm-precision", "int4", "--int4-head", "fp32"], GENERATIVE),
+    (["--int4-symmetric"], set()),
+    (["--llm-precision", "int4", "--int4-symmetric"], GENERATIVE),
     (["--calibration", "{images}"], set()),
     (["--precision", "int8", "--calibration", "{images}"], set()),  # dynamic INT8 calibrates nothing
     (["--precision", "int8", "--quantization", "static", "--calibration", "{images}"], EVERY),

@@ -103,14 +103,15 @@ def idefics_fidelity_prompts() -> list[list[str]]:
 def variants() -> list[Variant]:
     zero_shot = {"labels": labels(), "templates": templates()}
     in_domain = {"extra": {"fidelity_prompts": idefics_fidelity_prompts()}}
+    int4 = {"int4_head": "int8"}  # the INT4 export's default, named: a cache of the 4-bit-head recipe is not reused
     return [
         Variant("clip-fp32", "clip", "fp32", dict(zero_shot)),
         Variant("clip-int8", "clip", "int8", dict(zero_shot, precision="int8", quantization="dynamic")),
         Variant(TWO_GRAPH_CLIP, "clip", "fp32, 2 graphs", {}),  # vision + text: labels at run time, task="embed"
         Variant("blip2-fp32", "blip2", "fp32", {}),
-        Variant("blip2-int4", "blip2", "int8 + int4 LLM", {"precision": "int8", "llm_precision": "int4"}),
+        Variant("blip2-int4", "blip2", "int8 + int4 LLM", {"precision": "int8", "llm_precision": "int4", **int4}),
         Variant("idefics-fp32", "idefics", "fp32", {}),
-        Variant("idefics-int4", "idefics", "int8 + int4 LLM", {"precision": "int8", "llm_precision": "int4",
+        Variant("idefics-int4", "idefics", "int8 + int4 LLM", {"precision": "int8", "llm_precision": "int4", **int4,
                                                                 **in_domain}, bundled_fidelity=True),
     ]
 
