@@ -46,13 +46,13 @@ def overflowing_clip(tiny_clip_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def underflowing_clip(tiny_clip_dir, tmp_path_factory):
-    """The tiny CLIP with every vision matrix drawn at std 1e-10: what a random-weight export of BLIP-2 OPT-2.7B's
-    published config (vision ``initializer_range`` 1e-10) holds. FP16's smallest subnormal is 6e-8."""
+    """The tiny CLIP with every vision weight but the layer norms' drawn at std 1e-10: what a random-weight export of
+    BLIP-2 OPT-2.7B's published config (vision ``initializer_range`` 1e-10) holds. FP16's smallest subnormal is 6e-8."""
     model = transformers.CLIPModel.from_pretrained(tiny_clip_dir).eval()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for parameter in model.vision_model.parameters():
-            if parameter.dim() >= 2:
+        for name, parameter in model.vision_model.named_parameters():
+            if "norm" not in name:  # the layer norms keep their 1 / 0, as the published init does
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 1e-10)
     return _save_beside(model, tiny_clip_dir, tmp_path_factory.mktemp("underflowing-clip"))
 
