@@ -58,7 +58,9 @@ class OpenVinoRunner(Runner):
     def _infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         request = self._request()
         try:
-            results = request.infer({name: np.ascontiguousarray(value) for name, value in feeds.items()})
+            # share_inputs: the request reads the caller's arrays in place (no copy); safe, as infer() is synchronous
+            results = request.infer({name: np.ascontiguousarray(value) for name, value in feeds.items()},
+                                    share_inputs=True)
             # the request reuses its output buffers on its next call: copy out what the caller keeps
             return {name: np.array(results[self._port_of[name]], copy=True) for name in self._output_names}
         except Exception as exc:
