@@ -129,6 +129,7 @@ def main(argv=None) -> int:
     parser.add_argument("--queue-delay-us", type=int, default=0, help="the dynamic batchers' delay")
     parser.add_argument("--zero-shot-graphs", default="auto", choices=["auto", "inline", "bls"],
                         help="where the zero-shot pipeline runs its graphs (mmedge triton --zero-shot-graphs)")
+    parser.add_argument("--spin", action="store_true", help="served graphs' threads spin (mmedge triton --spin)")
     parser.add_argument("--pipeline-instances", type=int, default=1, help="processes per pipeline model")
     parser.add_argument("--artifact", type=Path, default=None,
                         help="a CLIP artifact with two graphs (default: the demo CLIP at FP32, exported into --work)")
@@ -154,7 +155,8 @@ def main(argv=None) -> int:
         write_repository([artifact], Path(tmp) / "repo", Options(platform="python", threads=args.server_threads,
                                                                  queue_delay_us=args.queue_delay_us, workers=16,
                                                                  zero_shot_graphs=args.zero_shot_graphs,
-                                                                 pipeline_instances=args.pipeline_instances))
+                                                                 pipeline_instances=args.pipeline_instances,
+                                                                 spin=args.spin))
         with TritonServer(Path(tmp) / "repo", env, Path(tmp) / "server.log") as server:
             urls = {"http": f"http://{server.http_url}", "grpc": f"grpc://{server.grpc_url}"}
             remote = {p: connect(url, prefix, task="zero-shot") for p, url in urls.items()}

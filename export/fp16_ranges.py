@@ -30,6 +30,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from mmedge.export.quantize_streaming import stored_array
+
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 FP16_SAFE_MAX = FP16_MAX / 4  # headroom: inputs other than the validation samples may reach a little further
 FP16_TINY = float(np.finfo(np.float16).tiny)  # 6.1e-5, the smallest normal: a tensor whose largest value is below
@@ -135,16 +137,6 @@ def fp16_error(values: np.ndarray) -> float:
     return (change / norm) ** 0.5 if norm > 0 else 0.0
 
 
-def _initializer_values(tensor: onnx.TensorProto, folder: Path) -> np.ndarray:
-    """``tensor``'s float32 values, memory-mapped from its external data file when it has one (nothing loaded)."""
-    info = {e.key: e.value for e in tensor.external_data}
-    if tensor.data_location != TensorProto.EXTERNAL or tensor.raw_data:
-        return onnx.numpy_helper.to_array(tensor)
-    count = int(np.prod(tensor.dims, dtype=np.int64))
-    return np.memmap(folder / info["location"], dtype=np.float32, mode="r", offset=int(info.get("offset", 0)),
-                     shape=(count,))
-
-
 def weights_fp16_cannot_hold(source: Path, limit: float = WEIGHT_MAX_ERROR) -> dict[str, float]:
     """The float32 initializers of ``source`` that FP16 changes by more than ``limit`` (name → relative change), and
     the tensors derived from them by shape-only ops (same change), so that every node reading one stays FP32."""
@@ -153,7 +145,7 @@ def weights_fp16_cannot_hold(source: Path, limit: float = WEIGHT_MAX_ERROR) -> d
     changed = {}
     for tensor in model.graph.initializer:
         if tensor.data_type == TensorProto.FLOAT and int(np.prod(tensor.dims, dtype=np.int64)) > 1:
-            error = fp16_error(_initializer_values(tensor, source.parent))
+            error = fp16_error(stored_array(tensor, source.parent, mapped=True))
             if error > limit:
                 changed[tensor.name] = error
     grown = True

@@ -53,6 +53,20 @@ def _external(tensor: TensorProto) -> dict[str, str] | None:
     return {e.key: e.value for e in tensor.external_data}
 
 
+def stored_array(tensor: TensorProto, folder: Path, *, mapped: bool = False) -> np.ndarray:
+    """The value of ``tensor``: from the proto, or from its external data file in ``folder`` (read into a new array,
+    or memory-mapped read-only when ``mapped``: nothing is loaded until it is used)."""
+    info = _external(tensor)
+    if info is None or tensor.raw_data:
+        return onnx.numpy_helper.to_array(tensor)
+    dtype, shape = _np_dtype(tensor), tuple(tensor.dims)
+    offset, path = int(info.get("offset", 0)), Path(folder) / info["location"]
+    if mapped:
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    count = int(np.prod(shape, dtype=np.int64))
+    return np.fromfile(path, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
 class StreamedWeights:
     """Weight bytes of one graph rewrite: read from ``source``'s data file on demand, written to ``dest``'s.
 
@@ -77,18 +91,14 @@ class StreamedWeights:
         """The value of ``tensor`` as a new array; the proto is left as it is."""
         if tensor.name in self._derived:
             return self._derived[tensor.name]()
-        info = _external(tensor)
-        if info is None or tensor.raw_data:
-            return onnx.numpy_helper.to_array(tensor)
-        dtype, shape = _np_dtype(tensor), tuple(tensor.dims)
-        if tensor.name in self._written:
-            self._out.flush()
-            offset, _ = self._written[tensor.name]
-            path = self.dest.parent / self.data_name
-        else:
-            offset, path = int(info.get("offset", 0)), self.source_dir / info["location"]
+        if tensor.name not in self._written or _external(tensor) is None or tensor.raw_data:
+            return stored_array(tensor, self.source_dir)
+        self._out.flush()  # a tensor this rewrite already wrote: read it back from the new data file
+        offset, _ = self._written[tensor.name]
+        shape = tuple(tensor.dims)
         count = int(np.prod(shape, dtype=np.int64))
-        return np.fromfile(path, dtype=dtype, count=count, offset=offset).reshape(shape)
+        return np.fromfile(self.dest.parent / self.data_name, dtype=_np_dtype(tensor), count=count,
+                           offset=offset).reshape(shape)
 
     def derive(self, name: str, like: TensorProto, dims: list[int],
                make: Callable[[np.ndarray], np.ndarray]) -> TensorProto:

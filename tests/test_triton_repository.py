@@ -152,6 +152,33 @@ def test_python_platform_zero_shot_runs_its_graphs_inline(sources, tmp_path, gra
         write_repository([sources["clip"]], tmp_path / "other", Options(platform="python", zero_shot_graphs="nearby"))
 
 
+def test_spin_reaches_the_served_runners_and_is_refused_where_it_would_do_nothing(sources, tmp_path):
+    """--spin: the python platform's runners (component models and the inline zero-shot pipeline) let ONNX
+    Runtime's threads spin, as mmedge.load's do; by default they sleep. The onnxruntime platform and GPU instances
+    have no such setting, so --spin is refused there rather than ignored."""
+    from mmedge.triton.backend import local_runner
+
+    artifact = Artifact.open(sources["clip-fused"])
+    for spin in (False, True):
+        repo = tmp_path / f"repo-{spin}"
+        write_repository([sources["clip-fused"]], repo, Options(platform="python", threads=1, spin=spin))
+        for model in ("clip-fused__zero_shot", "clip-fused-zero-shot"):
+            settings = json.loads(parse(repo / model).parameters["mmedge"].string_value)
+            assert settings.get("spin", False) is spin
+            runner = local_runner(artifact, "zero_shot", settings)
+            try:
+                entry = runner._session.get_session_options().get_session_config_entry(
+                    "session.intra_op.allow_spinning")
+            finally:
+                runner.close()
+            assert entry == ("1" if spin else "0")
+    for options, named in ((Options(spin=True), "'onnxruntime' platform"),
+                           (Options(platform="python", gpu=True, spin=True), "GPU")):
+        with pytest.raises(InputError, match=f"--spin was given for the {named}"):
+            write_repository([sources["clip-fused"]], tmp_path / "refused", options)
+        assert not (tmp_path / "refused").exists()
+
+
 def test_a_tampered_artifact_is_refused_and_nothing_is_written(sources, tmp_path):
     copy = tmp_path / "clip"
     shutil.copytree(sources["clip"].resolve(), copy)

@@ -91,10 +91,12 @@ def local_runner(artifact: Artifact, name: str, settings: Mapping[str, Any]) -> 
     from mmedge.runtimes.registry import create_runner
 
     # ONNX Runtime's intra-op threads spin while they wait for work by default: on a server whose models and
-    # pipelines share the cores, that spinning takes CPU from the other processes, so they sleep instead
+    # pipelines share the cores, that spinning takes CPU from the other processes, so they sleep instead, unless
+    # the repository was written with --spin (a server with its cores to itself: lower latency per request)
+    spin = "1" if settings.get("spin") else "0"
     return create_runner("onnxruntime", artifact.component_path(name), name, artifact.component(name),
                          providers=tuple(settings["providers"]), threads=settings.get("threads"),
-                         config_entries={"session.intra_op.allow_spinning": "0"})
+                         config_entries={"session.intra_op.allow_spinning": spin})
 
 
 class ComponentModel:

@@ -29,6 +29,9 @@ def add_parser(sub) -> None:
                              "execute itself); the zero-shot pipeline answers each batch in execute")
     triton.add_argument("--pipeline-instances", type=int, default=1, help="instances (processes) per pipeline model")
     triton.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per component")
+    triton.add_argument("--spin", action="store_true",
+                        help="--platform python: ONNX Runtime's threads spin between calls, as mmedge.load's do (lower "
+                        "latency on a server with its cores to itself; default: they sleep)")
     triton.add_argument("--zero-shot-graphs", default="auto", choices=["auto", "inline", "bls"],
                         help="where the zero-shot pipeline runs its graphs: inline (in its own process, one "
                         "Python-backend "
@@ -44,7 +47,7 @@ def main(args) -> int:
     options = Options(platform=args.platform, gpu=args.gpu, max_batch_size=args.max_batch_size,
                       queue_delay_us=args.queue_delay_us, instances=args.instances, workers=args.workers,
                       pipeline_instances=args.pipeline_instances, threads=args.threads,
-                      zero_shot_graphs=args.zero_shot_graphs)
+                      zero_shot_graphs=args.zero_shot_graphs, spin=args.spin)
     written = write_repository(args.artifacts, args.out, options, overwrite=args.overwrite)
     if args.json:
         print(json.dumps(written, indent=2))

@@ -45,6 +45,9 @@ class Options:
     ``execute`` (so the next batch queues meanwhile).
     ``pipeline_instances``: instances (stub processes) per pipeline model, each with its own copy of the tokenizer,
     embedding table and label cache. ``threads``: ONNX Runtime intra-op threads per component (None: its default).
+    ``spin``: the python platform's ONNX Runtime intra-op threads spin while they wait for work, as ``mmedge.load``'s do
+    (lower latency per request when the server has its cores to itself; by default they sleep, leaving the CPU to
+    the server's other processes).
     ``zero_shot_graphs``: where the zero-shot pipeline runs its graphs: 'inline' (in its own process, through
     mmedge's ONNX Runtime runner: one Python-backend hop per request instead of two), 'bls' (calls the component
     models), 'auto' (inline for the python platform, whose component models are that same runner one process away;
@@ -59,6 +62,7 @@ class Options:
     pipeline_instances: int = 1
     threads: int | None = None
     zero_shot_graphs: str = "auto"
+    spin: bool = False
 
     def inline_zero_shot(self) -> bool:
         """Whether the zero-shot pipeline runs its graphs in its own process (``zero_shot_graphs`` resolved)."""
@@ -121,7 +125,7 @@ def _parameters(values: Mapping[str, str]) -> list[dict]:
 def runner_settings(name: str | None, options: Options) -> dict:
     """What a Python-backend model needs to make mmedge's ONNX Runtime runner of a graph."""
     return {**({"component": name} if name else {}), "providers": ["cuda"] if options.gpu else ["cpu"],
-            "threads": options.threads}
+            "threads": options.threads, **({"spin": True} if options.spin else {})}
 
 
 def component_config(model: str, name: str, component: Mapping[str, Any], options: Options) -> dict:

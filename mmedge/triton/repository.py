@@ -68,6 +68,11 @@ def write_repository(artifacts: Iterable[str | os.PathLike], out: str | os.PathL
         value = getattr(options, field)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"{field} is {value!r}", "a positive integer", f"pass e.g. --{field.replace('_', '-')} 8")
+    if options.spin and (options.platform != "python" or options.gpu):
+        raise InputError("--spin was given for the " + ("GPU" if options.gpu else f"'{options.platform}' platform"),
+                         "--spin only with --platform python on the CPU (it sets mmedge's own ONNX Runtime runner's "
+                         "CPU threads; Triton's ONNX Runtime backend and GPU instances have no such setting here)",
+                         "drop --spin, or write the repository with --platform python")
     paths = list(artifacts)
     opened = [Artifact.open(path) for path in paths]
     if not opened:
