@@ -45,9 +45,9 @@ class Options:
     ``execute`` (so the next batch queues meanwhile).
     ``pipeline_instances``: instances (stub processes) per pipeline model, each with its own copy of the tokenizer,
     embedding table and label cache. ``threads``: ONNX Runtime intra-op threads per component (None: its default).
-    ``spin``: the python platform's ONNX Runtime intra-op threads spin while they wait for work, as ``mmedge.load``'s do
-    (lower latency per request when the server has its cores to itself; by default they sleep, leaving the CPU to
-    the server's other processes).
+    ``spin``: the python platform's ONNX Runtime intra-op threads go on spinning after a call, as ``mmedge.load``'s do
+    (for a server with its cores to itself; by default they spin within a call and stop when it returns, leaving the
+    CPU to the server's other processes: ``backend.spinning_entries``).
     ``zero_shot_graphs``: where the zero-shot pipeline runs its graphs: 'inline' (in its own process, through
     mmedge's ONNX Runtime runner: one Python-backend hop per request instead of two), 'bls' (calls the component
     models), 'auto' (inline for the python platform, whose component models are that same runner one process away;
