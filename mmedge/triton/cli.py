@@ -30,9 +30,9 @@ def add_parser(sub) -> None:
     triton.add_argument("--pipeline-instances", type=int, default=1, help="instances (processes) per pipeline model")
     triton.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads per component")
     triton.add_argument("--spin", action="store_true",
-                        help="--platform python: ONNX Runtime's threads go on spinning after each call, as mmedge.load's do "
-                        "(for a server with its cores to itself; default: they spin within a call and stop when "
-                        "it returns)")
+                        help="--platform python: ONNX Runtime's threads go on spinning after each call, as "
+                        "mmedge.load's do (for a server with its cores to itself; default: they spin within a call "
+                        "and stop when it returns)")
     triton.add_argument("--zero-shot-graphs", default="auto", choices=["auto", "inline", "bls"],
                         help="where the zero-shot pipeline runs its graphs: inline (in its own process, one "
                         "Python-backend "
