@@ -59,8 +59,12 @@ def stored_array(tensor: TensorProto, folder: Path, *, mapped: bool = False) -> 
     info = _external(tensor)
     if info is None or tensor.raw_data:
         return onnx.numpy_helper.to_array(tensor)
+    return _file_array(tensor, Path(folder) / info["location"], int(info.get("offset", 0)), mapped)
+
+
+def _file_array(tensor: TensorProto, path: Path, offset: int, mapped: bool = False) -> np.ndarray:
+    """``tensor``'s bytes at ``offset`` in ``path``, as an array of its dtype and shape (read, or memory-mapped)."""
     dtype, shape = _np_dtype(tensor), tuple(tensor.dims)
-    offset, path = int(info.get("offset", 0)), Path(folder) / info["location"]
     if mapped:
         return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
     count = int(np.prod(shape, dtype=np.int64))
@@ -91,14 +95,10 @@ class StreamedWeights:
         """The value of ``tensor`` as a new array; the proto is left as it is."""
         if tensor.name in self._derived:
             return self._derived[tensor.name]()
-        if tensor.name not in self._written or _external(tensor) is None or tensor.raw_data:
-            return stored_array(tensor, self.source_dir)
-        self._out.flush()  # a tensor this rewrite already wrote: read it back from the new data file
-        offset, _ = self._written[tensor.name]
-        shape = tuple(tensor.dims)
-        count = int(np.prod(shape, dtype=np.int64))
-        return np.fromfile(self.dest.parent / self.data_name, dtype=_np_dtype(tensor), count=count,
-                           offset=offset).reshape(shape)
+        if tensor.name in self._written and _external(tensor) is not None and not tensor.raw_data:
+            self._out.flush()  # a tensor this rewrite already wrote: read it back from the new data file
+            return _file_array(tensor, self.dest.parent / self.data_name, self._written[tensor.name][0])
+        return stored_array(tensor, self.source_dir)
 
     def derive(self, name: str, like: TensorProto, dims: list[int],
                make: Callable[[np.ndarray], np.ndarray]) -> TensorProto:
