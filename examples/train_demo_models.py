@@ -662,11 +662,11 @@ def main(argv=None) -> int:
     parser.add_argument("--demo-images", type=int, default=6, help="test scenes bundled for `mmedge demo`")
     parser.add_argument("--idefics", action="store_true",
                         help="train (with --evaluate: re-measure) only the IDEFICS demo model (examples/flamingo_demo.py)")
-    parser.add_argument("--idefics-steps", type=int, default=3000,
+    parser.add_argument("--idefics-steps", type=int, default=6000,
                         help="the IDEFICS cosine schedule's length in steps (it follows wall time when that is further)")
     parser.add_argument("--idefics-budget-seconds", type=float, default=570.0,
                         help="IDEFICS training stops after this much wall time (with a fully decayed learning rate)")
-    parser.add_argument("--idefics-scenes", type=int, default=8000, help="training scenes the IDEFICS prompts draw on")
+    parser.add_argument("--idefics-scenes", type=int, default=16000, help="training scenes the IDEFICS prompts draw on")
     parser.add_argument("--idefics-test-prompts", type=int, default=200, help="held-out prompts per IDEFICS task")
     parser.add_argument("--blip2-t5", action="store_true",
                         help="train (with --evaluate: re-measure) only the BLIP-2 Flan-T5 demo model (examples/t5_demo.py)")

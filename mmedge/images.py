@@ -242,7 +242,8 @@ def _to_rgb(image: Image.Image, name: str) -> Image.Image:
         if _has_alpha(image):
             rgba = image.convert("RGBA")
             return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
-        return image.convert("RGB")
+        # already RGB: the image itself (nothing downstream writes to it; a copy costs 0.2 ms per 512x512 photo)
+        return image if image.mode == "RGB" else image.convert("RGB")
     except MemoryError:
         raise
     except Exception as exc:  # ValueError for unsupported modes; TypeError for malformed info["transparency"]; ...
