@@ -52,8 +52,9 @@ TRIED = (  # what the probe runs around the shipped runs showed
     "probes. What would close the gap: a resampler that keeps where each feature came from (IDEFICS' has no position "
     "input; the ViT's position embeddings are all it gets), or a longer budget; training the vision tower too, as the "
     "demo BLIP-2 does, costs 2.3x per step and had learnt far less after the same 200 s (caption 5%). "
-    "\"same color\" stays near chance: naming the colour of one named shape in each of two images, with each text token seeing only the latest image, leaves one token (the "
-    "<fake_token_around_image> between the two images) to carry what image 1 showed to the answer.")
+    "\"same color\" stays near chance: naming the colour of one named shape in each of two images, with each text "
+    "token seeing only the latest image, leaves one token (the <fake_token_around_image> between the two images) to "
+    "carry what image 1 showed to the answer.")
 MAX_IMAGES = 3
 
 
