@@ -143,8 +143,24 @@ def test_shipped_idefics_is_small_trained_on_two_cores_and_its_card_states_its_s
     assert facts["training"]["cpu_threads"] <= 2 and facts["training"]["train_seconds"] <= IDEFICS_MAX_TRAIN_SECONDS
     card = (folder / "README.md").read_text()
     assert set(facts["test_split"]["exact_by_task"]) == set(flamingo_demo.TASKS)
+    any_order = facts["test_split"]["items_any_order_by_task"]
     for task, score in facts["test_split"]["exact_by_task"].items():
-        assert f"| {task} | {score:.1%} |" in card
+        assert f"| {task} | {score:.1%} | {any_order[task]:.1%} |" in card
+        assert any_order[task] >= score  # an exact answer also names the right items
+
+
+def test_idefics_answers_count_exactly_and_as_items_in_any_order():
+    prompts = [{"task": "few-shot caption", "answer": "a red circle and a blue square"},
+               {"task": "few-shot caption", "answer": "a red circle and a blue square"},
+               {"task": "few-shot caption", "answer": "a red circle and a blue square"},
+               {"task": "few-shot shapes", "answer": "circle, cross and square"},
+               {"task": "same color", "answer": "yes"}]
+    answers = ["a red circle and a blue square", "a blue square and a red circle", "a blue circle and a red square",
+               "square, circle and cross", "no"]
+    assert flamingo_demo.scores(answers, prompts) == {"few-shot caption": 1 / 3, "few-shot shapes": 0.0,
+                                                      "same color": 0.0}
+    assert flamingo_demo.scores(answers, prompts, flamingo_demo.same_items) == {
+        "few-shot caption": 2 / 3, "few-shot shapes": 1.0, "same color": 0.0}
 
 
 @pytest.fixture(scope="module")

@@ -77,6 +77,16 @@ def test_caller_pil_image_is_not_modified(chelsea):
     assert rgba.mode == "RGBA"
 
 
+def test_rgb_pil_image_is_used_as_it_is_and_other_modes_are_converted_copies(chelsea):
+    """As transformers' ``convert_rgb``: an RGB image needs no conversion, so no copy of its pixels is made (nothing
+    downstream writes to it); any other mode gives a new RGB image and leaves the caller's as it was."""
+    rgb = Image.fromarray(chelsea)
+    assert load_image(rgb) is rgb
+    gray = rgb.convert("L")
+    converted = load_image(gray)
+    assert converted is not gray and converted.mode == "RGB" and gray.mode == "L"
+
+
 def test_one_by_one_image_is_legal():
     png = _encoded(Image.new("L", (1, 1), 7), "PNG")
     for source in (Image.new("RGB", (1, 1), (1, 2, 3)), np.zeros((1, 1, 3), np.uint8), png):
