@@ -94,13 +94,13 @@ def measure_hf(photos, runs: int, threads: int) -> dict:
     return {**median_of(results[1:]), "tokens": tokens}
 
 
-def measure_mmedge(path: Path, photos, runs: int, threads: int) -> dict:
+def measure_mmedge(path: Path, photos, runs: int, threads: int, load_options: dict | None = None) -> dict:
     import mmedge
     from mmedge.generation import GenerationConfig, generate
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        captioner = mmedge.load(path, threads=threads)
+        captioner = mmedge.load(path, threads=threads, **(load_options or {}))
     config = GenerationConfig.from_dict(captioner.artifact.manifest["generation"]).replace(
         max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, num_beams=1, do_sample=False)
     clock = TokenClock(captioner.decoder)

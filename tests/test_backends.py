@@ -114,3 +114,37 @@ def test_the_core_names_no_backend_module():
             for name in _imports(path):
                 if name.startswith("mmedge.runtimes"):
                     assert name in CORE_MAY_IMPORT, f"{path.relative_to(ROOT)} imports {name}"
+
+
+STOP_SPINNING = "session.force_spinning_stop"
+
+
+def _sessions(pipeline) -> list:
+    """Every ONNX Runtime session a loaded pipeline holds: its runners' and its decoder's."""
+    sessions = [runner._session for runner in pipeline.runners.values()]
+    decoder = getattr(pipeline, "decoder", None)
+    return sessions + ([decoder.session] if decoder is not None else [])
+
+
+def _entry(session, key: str) -> str | None:
+    try:
+        return session.get_session_options().get_session_config_entry(key)
+    except RuntimeError:  # ONNX Runtime's answer for a key the session was not given
+        return None
+
+
+def test_graphs_that_take_turns_on_the_cpu_stop_spinning_after_each_call(blip2_artifact, clip_artifacts):
+    """A generation pipeline runs its image graph, then its decoder step after step: every session's CPU threads stop
+    spinning when a call returns (the next graph gets the cores), and the plan says why. A user's entries go on top,
+    key by key; a one-graph CLIP keeps ONNX Runtime's default (its threads spin on between calls)."""
+    with load(blip2_artifact, backend="onnxruntime", device="cpu") as captioner:
+        sessions = _sessions(captioner)
+        assert len(sessions) == 2 and [_entry(s, STOP_SPINNING) for s in sessions] == ["1", "1"]
+        assert any(STOP_SPINNING in reason for reason in captioner.plan.reasons)
+    mine = {STOP_SPINNING: "0", "session.intra_op.allow_spinning": "1"}
+    with load(blip2_artifact, backend="onnxruntime", device="cpu",
+              backend_options={"onnxruntime": {"config_entries": mine}}) as captioner:
+        assert [{key: _entry(s, key) for key in mine} for s in _sessions(captioner)] == [mine, mine]
+    with load(clip_artifacts("fused-fp32"), backend="onnxruntime", device="cpu") as classifier:
+        assert [_entry(s, STOP_SPINNING) for s in _sessions(classifier)] == [None]
+        assert not any(STOP_SPINNING in reason for reason in classifier.plan.reasons)

@@ -100,8 +100,8 @@ def spinning_entries(spin: bool) -> dict[str, str]:
     a call (between one op's parallel sections and the next: sleeping there cost a full-size CLIP image tower 5 ms
     per request, 22.3 vs 17.1 ms) and, by default, after it. On a server whose models, pipelines and transport share
     the cores, spinning after a call takes CPU from the other processes, so by default it stops when the call returns
-    (``session.force_spinning_stop``); ``--spin`` keeps it, as ``mmedge.load`` does, for a server with its cores to
-    itself."""
+    (``session.force_spinning_stop``); ``--spin`` keeps it, as a one-graph ``mmedge.load`` pipeline does, for a server
+    with its cores to itself."""
     return {"session.intra_op.allow_spinning": "1", **({} if spin else {"session.force_spinning_stop": "1"})}
 
 

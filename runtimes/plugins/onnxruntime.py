@@ -25,6 +25,32 @@ def ort_options(probe, providers: tuple[str, ...], component: dict) -> dict:
     return options
 
 
+# ONNX Runtime's CPU threads spin after a call (``allow_spinning``) so that the next call of the same graph starts at
+# once. A generation pipeline runs its graphs in turn (image graph, then the decoder, step after step): the threads
+# of the graph that just ran would spin on the cores the next graph needs. Stopping them when a call returns took
+# 17-30% off BLIP-2's (OPT-125m shapes) time to first token and 24-37% off IDEFICS-mid's, decoding as fast
+# (benchmarks/spinning_cpu.py, RESULTS.md).
+STOP_SPINNING_AFTER_CALLS = {"session.force_spinning_stop": "1"}
+
+
+def turn_taking(request: PlanRequest, providers: tuple[str, ...]) -> dict:
+    """Session entries for a pipeline whose graphs take turns on the CPU (a decoder and its encoders): spinning stops
+    when a call returns. One-graph pipelines (CLIP) keep spinning between calls."""
+    components = request.manifest["components"]
+    if providers != ("cpu",) or "decoder" not in components or len(components) < 2:
+        return {}
+    request.reasons.append("its graphs run in turn: ONNX Runtime's CPU threads stop spinning when a call returns "
+                           "(session.force_spinning_stop), so the next graph has the cores")
+    return {"config_entries": dict(STOP_SPINNING_AFTER_CALLS)}
+
+
+def with_settings(options: dict, settings: dict | None) -> dict:
+    """``options`` with the user's ``settings`` on top; their ``config_entries`` add to the plan's, key by key."""
+    settings = dict(settings or {})
+    entries = {**options.get("config_entries", {}), **settings.pop("config_entries", {})}
+    return {**options, **settings, **({"config_entries": entries} if entries else {})}
+
+
 def _providers(request: PlanRequest) -> tuple[str, ...]:
     probe, reasons = request.probe, request.reasons
     gpu_providers = [p for p in GPU_PROVIDERS if p in probe.ort_providers]
@@ -73,8 +99,10 @@ class OnnxRuntimeBackend(Backend):
             self.declined(request, why, taken)
         providers = _providers(request)
         components = request.manifest["components"]
+        shared = turn_taking(request, providers)
         return {name: ComponentPlan(self.name, providers, components[name]["precision"],
-                                    ort_options(request.probe, providers, components[name])) for name in rest}
+                                    {**ort_options(request.probe, providers, components[name]), **shared})
+                for name in rest}
 
     def runner_options(self, artifact, plan: ComponentPlan, threads: int | None) -> dict:
         """``OrtOptions`` fields from the plan: providers, threads, provider options, the TensorRT provider's cache."""
@@ -85,7 +113,7 @@ class OnnxRuntimeBackend(Backend):
 
     def open_runner(self, artifact, name: str, plan: ComponentPlan, *, threads: int | None = None,
                     settings: dict | None = None, keep_on_device: bool = False):
-        options = {**self.runner_options(artifact, plan, threads), **self.runner_settings(settings)}
+        options = with_settings(self.runner_options(artifact, plan, threads), self.runner_settings(settings))
         if keep_on_device:
             options["keep_on_device"] = True  # its outputs feed another stage on the same GPU backend
         return self.import_runner_module().create_runner(artifact.component_path(name), name,
@@ -99,7 +127,7 @@ class OnnxRuntimeBackend(Backend):
         from mmedge.runtimes.onnxruntime_decoder import OrtDecoder
 
         layout, decoder_options = artifact_decoder(artifact.manifest)  # IDEFICS: context inputs (image mask, cross K/V)
-        ort_settings = {k: v for k, v in {**self.runner_options(artifact, plan, threads), **(settings or {})}.items()
+        ort_settings = {k: v for k, v in with_settings(self.runner_options(artifact, plan, threads), settings).items()
                         if k not in ("io_binding", "keep_on_device")}
         return OrtDecoder(artifact.component_path("decoder"), table, layout, options=OrtOptions(**ort_settings),
                           **decoder_options)
