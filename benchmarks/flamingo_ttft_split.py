@@ -12,26 +12,18 @@ prefill (its logits cover every prompt position). Median of 7 calls after one wa
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
 from flamingo_cpu import MODEL, OUT, PHOTOS, prompt
 from PIL import Image
 
-from _common import export_once, machine_info, markdown_table, package_versions, write_json
+from _common import export_once, machine_info, markdown_table, package_versions, time_call, write_json
 
 
-def median_ms(call, runs: int = 7) -> float:
-    call()  # warm-up
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def median_ms(call) -> float:
+    return time_call(call, warmup=1, runs=7).median_ms
 
 
 def measure_hf(photos, threads: int) -> dict[str, float]:

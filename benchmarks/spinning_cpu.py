@@ -26,6 +26,7 @@ from PIL import Image
 
 from _common import TokenClock, machine_info, markdown_table, package_versions, write_json
 
+CAPTIONS = caption_cpu.Iterations(warmup=1, runs=3, io_binding_runs=0)  # per load, as flamingo_cpu's 1 + 3
 SETTINGS = {"spin after calls (ONNX Runtime's default)": {"session.force_spinning_stop": "0"},
             "stop after calls (mmedge's default)": None}
 
@@ -41,9 +42,9 @@ def blip2_timings(folder: Path, entries: dict | None, photo, threads: int) -> di
 
     with mmedge.load(folder, threads=threads, **load_options(entries)) as captioner:
         config, clock = caption_cpu.generation_config(captioner), TokenClock(captioner.decoder)
-        captions = [caption_cpu.mmedge_caption(captioner, clock, photo, config) for _ in range(4)][1:]
-    return {"ttft_ms": statistics.median(c.ttft_ms for c in captions),
-            "decode_tok_s": statistics.median(c.decode_tok_s for c in captions)}
+        timings, _ = caption_cpu.measure_captions(lambda: caption_cpu.mmedge_caption(captioner, clock, photo, config),
+                                                  CAPTIONS)
+    return {"ttft_ms": timings["ttft_ms"]["median"], "decode_tok_s": timings["decode_tok_s"]["median"]}
 
 
 def idefics_timings(folder: Path, entries: dict | None, photos, threads: int) -> dict:

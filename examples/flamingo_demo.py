@@ -12,6 +12,7 @@ end-of-sequence token, over the sequence ``IdeficsProcessor`` builds (the device
 from __future__ import annotations
 
 import json
+import operator
 import re
 import time
 from collections import Counter
@@ -43,15 +44,14 @@ TRIED = (  # what the probe runs around the shipped runs showed
     "shipped model almost every wrong few-shot answer names the right items in another order (second column above). "
     "More training helps a little: the first shipped run (1,574 steps, one thread on a loaded machine) scored "
     "49.5% / 61% / 60% on the three few-shot tasks, this one (3,415 steps, two threads on a quiet one) the figures "
-    "above. "
-    "Probes of 200 s each (40 prompts per task): 64 resampler latents instead of 16 learn slower (caption 20% vs 50%, "
-    "1.5x the cost per step); no resampler at all (the cross-attention reading the ViT's 65 patch features, which "
-    "carry their positions) learns slower too (caption 32.5%); more of each batch for the few-shot tasks (70% instead "
-    "of 50%) moved them within the "
-    "probes' noise; supervising the second example's text too, and a learning rate of 4e-3, were no better in earlier "
-    "probes. What would close the gap: a resampler that keeps where each feature came from (IDEFICS' has no position "
-    "input; the ViT's position embeddings are all it gets), or a longer budget; training the vision tower too, as the "
-    "demo BLIP-2 does, costs 2.3x per step and had learnt far less after the same 200 s (caption 5%). "
+    "above. Probes of 200 s each (40 prompts per task): 64 resampler latents instead of 16 learn slower (caption 20% "
+    "vs 50%, 1.5x the cost per step); no resampler at all (the cross-attention reading the ViT's 65 patch features, "
+    "which carry their positions) learns slower too (caption 32.5%); more of each batch for the few-shot tasks (70% "
+    "instead of 50%) moved them within the probes' noise; supervising the second example's text too, and a learning "
+    "rate of 4e-3, were no better in earlier probes. What would close the gap: a resampler that keeps where each "
+    "feature came from (IDEFICS' has no position input; the ViT's position embeddings are all it gets), or a longer "
+    "budget; training the vision tower too, as the demo BLIP-2 does, costs 2.3x per step and had learnt far less "
+    "after the same 200 s (caption 5%). "
     "\"same color\" stays near chance: naming the colour of one named shape in each of two images, with each text "
     "token seeing only the latest image, leaves one token (the <fake_token_around_image> between the two images) to "
     "carry what image 1 showed to the answer.")
@@ -320,7 +320,7 @@ def hf_answers(model, processor, prompts: list[list], chunk: int = 40) -> list[s
     return out
 
 
-def scores(answers: list[str], prompts: list[dict], same=lambda got, truth: got == truth) -> dict:
+def scores(answers: list[str], prompts: list[dict], same=operator.eq) -> dict:
     by_task: dict[str, list[bool]] = {}
     for got, p in zip(answers, prompts):
         by_task.setdefault(p["task"], []).append(same(got, p["answer"]))

@@ -154,9 +154,9 @@ def test_python_platform_zero_shot_runs_its_graphs_inline(sources, tmp_path, gra
 
 def test_spin_reaches_the_served_runners_and_is_refused_where_it_would_do_nothing(sources, tmp_path):
     """The python platform's runners (component models and the inline zero-shot pipeline) let ONNX Runtime's threads
-    spin within a call; by default the spinning stops when the call returns, with --spin it goes on, as
-    mmedge.load's does. The onnxruntime platform and GPU instances have no such setting, so --spin is refused there
-    rather than ignored."""
+    spin within a call; by default the spinning stops when the call returns, with --spin it goes on, as a
+    one-graph mmedge.load pipeline's does. The onnxruntime platform and GPU instances have no such setting, so --spin
+    is refused there rather than ignored."""
     from mmedge.triton.backend import local_runner
 
     artifact = Artifact.open(sources["clip-fused"])
