@@ -14,6 +14,8 @@ Measured, in one run:
 - artifact sizes (whole folder, and the LLM: decoder graph + token-embedding table) and the share of the
   machine's copy bandwidth the decode loop uses: tok/s x LLM weight bytes read per token / bandwidth;
 - IO binding: decode tok/s of the same decoder graph with ``OrtDecoder(io_binding=True)`` and ``False``;
+- fused attention: the INT4 export as it is by default (transformers' attention ops) against the same export with
+  ``--fused-attention`` (one ``com.microsoft.MultiHeadAttention`` node per decoder layer);
 - fidelity beside speed: the export-time decoder fidelity each manifest records, whether mmedge FP32
   gives HF's 32 tokens, and INT8 / INT4 token agreement with FP32 on the photo.
 
@@ -102,6 +104,12 @@ class Variant:
     backend: str = "onnxruntime"
     openvino_weights: str | None = None  # OpenVINO: NNCF compresses the FP32 decoder's weights at first load
     export: str | None = None  # the export it runs (default: ``name``)
+    fused_attention: bool = False  # export --fused-attention
+
+    @property
+    def attention_op(self) -> str:
+        """The decoder attention this variant's export has (``components.decoder.attention.op``)."""
+        return "com.microsoft.MultiHeadAttention" if self.fused_attention else "standard"
 
     @property
     def folder(self) -> Path:
@@ -116,13 +124,17 @@ class Variant:
         llm = {"fp32": "FP32", "int8": "INT8",
                "int4": f"INT4 (block {INT4_BLOCK_SIZE}, acc. level {INT4_ACCURACY_LEVEL})"}
         encoders = "" if self.precision == self.llm_precision else f", encoders {self.precision.upper()} dynamic"
+        if self.fused_attention:
+            encoders += ", fused attention"
         if self.backend == "openvino":
             weights = f", NNCF {self.openvino_weights.upper()} weights" if self.openvino_weights else ""
             return f"mmedge {llm[self.llm_precision]} on OpenVINO{weights}"
         return f"mmedge {llm[self.llm_precision]}{encoders}"
 
 
-VARIANTS = [Variant("fp32", "fp32", "fp32"), Variant("int8", "int8", "int8"), Variant("int4", "int8", "int4")]
+VARIANTS = [Variant("fp32", "fp32", "fp32"), Variant("int8", "int8", "int8"), Variant("int4", "int8", "int4"),
+            # A/B: the INT4 decoder with one fused attention node per layer (export --fused-attention)
+            Variant("int4-fused-attention", "int8", "int4", fused_attention=True)]
 # --openvino: the FP32 export on OpenVINO as it is, and with NNCF INT8 / INT4 (group 32) weights made at first load
 OPENVINO_VARIANTS = [Variant("fp32-openvino", "fp32", "fp32", "openvino", None, "fp32"),
                      Variant("int8-openvino", "fp32", "fp32", "openvino", "int8", "fp32"),
@@ -150,7 +162,8 @@ def cached_export_matches(variant: Variant) -> bool:
                      for name, c in components.items() if name != "decoder")
     embeddings = manifest["blip2"]["embeddings"]
     block_ok = variant.llm_precision != "int4" or embeddings.get("block_size") == INT4_BLOCK_SIZE
-    return precisions_match and methods_ok and block_ok
+    attention_ok = (components["decoder"].get("attention") or {}).get("op", "standard") == variant.attention_op
+    return precisions_match and methods_ok and block_ok and attention_ok
 
 
 def ensure_exported(variant: Variant, threads: int, reexport: bool) -> dict:
@@ -162,7 +175,8 @@ def ensure_exported(variant: Variant, threads: int, reexport: bool) -> dict:
         MODEL, variant.folder, random_weights=True, progress=False, overwrite=True, threads=threads,
         precision=variant.precision, llm_precision=variant.llm_precision,
         **({"int4_block_size": INT4_BLOCK_SIZE, "int4_accuracy_level": INT4_ACCURACY_LEVEL}
-           if variant.llm_precision == "int4" else {})))  # INT8 is dynamic by default; INT4 settings only for INT4
+           if variant.llm_precision == "int4" else {}),  # INT8 is dynamic by default; INT4 settings only for INT4
+        **({"extra": {"fused_attention": True}} if variant.fused_attention else {})))
 
 
 # --- one timed caption ---------------------------------------------------------------------------------

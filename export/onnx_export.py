@@ -35,7 +35,7 @@ def export_spec(spec: ComponentSpec, path: Path) -> Path:
     streamed from PyTorch into one ``<name>.onnx.data`` file (``mmedge.export.streaming``), so the
     export never holds a second copy of them.
     """
-    module = spec.module()
+    module = spec.traced_module()
     sample = spec.trace_inputs()
     streamed = module_bytes(module) > EXTERNAL_DATA_THRESHOLD  # read at call time: tests lower it
     buffer = io.BytesIO()

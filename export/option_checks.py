@@ -12,7 +12,11 @@ from mmedge.idle_options import Rule, refuse_idle
 
 # ExportOptions.extra settings the CLI sets with a flag of its own
 EXTRA_FLAGS = {"fused_prefix": "--split-prefix", "cached_cross_kv": "--recompute-cross-kv",
-               "fused_image_context": "--split-image-graphs"}
+               "fused_image_context": "--split-image-graphs", "fused_attention": "--fused-attention"}
+# what takes each of them, for the refusal
+EXTRA_FLAG_MODELS = {"fused_prefix": "a BLIP-2 model", "cached_cross_kv": "an IDEFICS model",
+                     "fused_image_context": "an IDEFICS model",
+                     "fused_attention": "a BLIP-2 or InstructBLIP model with a decoder-only LLM"}
 
 
 def _llm(options) -> str | None:
@@ -68,7 +72,7 @@ RULES = (
     Rule("--allow-pickle", lambda o: o.allow_pickle, lambda o, f: not o.random_weights,
          "a checkpoint whose weights are loaded (with --random-weights none are)", "drop --allow-pickle"),
     *(Rule(flag, lambda o, key=key: key in o.extra, lambda o, f, key=key: key in f.extra_defaults,
-           f"{'a BLIP-2' if key == 'fused_prefix' else 'an IDEFICS'} model", f"drop {flag}")
+           EXTRA_FLAG_MODELS[key], f"drop {flag}")
       for key, flag in EXTRA_FLAGS.items()),
 )
 

@@ -95,10 +95,15 @@ def is_qdq(component: Mapping) -> bool:
 
 def unbuildable_reason(name: str, component: Mapping) -> str | None:
     """Why TensorRT cannot build this component, or None when it can: graphs with ONNX Runtime-only operators
-    (INT4 ``com.microsoft.MatMulNBits``; dynamic INT8's ``MatMulInteger`` / ``DynamicQuantizeLinear``) stay on
-    ONNX Runtime. Float and static-QDQ graphs are built, the KV-cached decoder's included."""
+    (INT4 ``com.microsoft.MatMulNBits``; dynamic INT8's ``MatMulInteger`` / ``DynamicQuantizeLinear``; a fused
+    ``com.microsoft.MultiHeadAttention``) stay on ONNX Runtime. Float and static-QDQ graphs are built, the KV-cached
+    decoder's included."""
     precision = component.get("precision")
     method = str((component.get("quantization") or {}).get("method", ""))
+    attention = (component.get("attention") or {}).get("op", "standard")
+    if attention != "standard":
+        return (f"component '{name}' writes its attention as {attention} (export --fused-attention), an ONNX Runtime "
+                "operator TensorRT cannot parse; export without --fused-attention for TensorRT")
     if precision == "int4":
         return (f"component '{name}' is INT4 weight-only (ONNX Runtime's com.microsoft MatMulNBits), which TensorRT "
                 "cannot parse")

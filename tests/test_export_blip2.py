@@ -24,6 +24,7 @@ VQA_PROMPT = "Question: what is it? Answer:"
 VARIANTS = {
     "fp32": {},
     "split": {"extra": {"fused_prefix": False}},
+    "fused": {"extra": {"fused_attention": True}},  # FP32, one MultiHeadAttention node per decoder layer
     "int4": {"precision": "int8", "llm_precision": "int4"},  # INT8 dynamic prefix, INT4 decoder
     "split-int8-static": {"precision": "int8", "quantization": "static", "extra": {"fused_prefix": False}},
 }
@@ -81,10 +82,10 @@ def device_prompt(path, images, prompt):
 
 
 # --- FP32 parity -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("variant", ["fp32", "split"])
+@pytest.mark.parametrize("variant", ["fp32", "split", "fused"])
 def test_fp32_parity_per_component_on_fresh_shapes(artifacts, variant):
     m = manifest(artifacts(variant))
-    assert set(m["components"]) == ({"prefix", "decoder"} if variant == "fp32" else {"vision", "qformer", "decoder"})
+    assert set(m["components"]) == ({"vision", "qformer", "decoder"} if variant == "split" else {"prefix", "decoder"})
     for name, comp in m["components"].items():
         parity = comp["parity"]
         assert all(shape[0] == 3 for shape in parity["inputs"].values())  # traced at batch 2
@@ -149,9 +150,10 @@ def test_prefill_then_single_token_steps_equal_a_recompute_without_cache(artifac
         np.testing.assert_allclose(logits[:, -1], full[:, -1], atol=1e-4)
 
 
-def test_left_padded_prompts_match_transformers(artifacts, hf, images):
+@pytest.mark.parametrize("variant", ["fp32", "fused"])
+def test_left_padded_prompts_match_transformers(artifacts, hf, images, variant):
     """Rows of different lengths, left-padded: positions cumsum(mask) - 1 reproduce HF's own."""
-    path = artifacts("fp32")
+    path = artifacts(variant)
     model, _ = hf
     long, _ = device_prompt(path, images[:1], VQA_PROMPT)  # [1, queries + 9, width]
     short, _ = device_prompt(path, images[1:2], None)  # [1, queries + 1, width]
@@ -167,8 +169,9 @@ def test_left_padded_prompts_match_transformers(artifacts, hf, images):
     np.testing.assert_allclose(logits[1, pad:], reference[1, pad:], atol=1e-4)  # padded slots are undefined
 
 
-def test_decoder_graph_io_matches_the_manifest(artifacts):
-    path = artifacts("fp32")
+@pytest.mark.parametrize("variant", ["fp32", "fused"])
+def test_decoder_graph_io_matches_the_manifest(artifacts, variant):
+    path = artifacts(variant)
     m = manifest(path)
     kv = m["blip2"]["decoder"]["kv_cache"]
     assert m["components"]["decoder"]["kv_cache"] == kv
@@ -253,6 +256,44 @@ def test_quantized_exports_record_fidelity(artifacts, variant, storage):
         assert decoder["quantization"]["method"] == "int8-dynamic"  # the decoder is never statically calibrated
 
 
+def decoder_ops(path) -> list[str]:
+    return [node.op_type for node in onnx.load(str(path / "decoder.onnx"), load_external_data=False).graph.node]
+
+
+def test_fused_attention_is_one_node_per_layer_and_recorded(artifacts):
+    """--fused-attention writes one com.microsoft.MultiHeadAttention node per decoder layer and no attention ops of its
+    own; by default (INT4 included) the decoder keeps transformers' ops, which TensorRT builds; the manifest says which,
+    and TensorRT planning refuses the fused graph with the reason."""
+    from mmedge.runtimes.tensorrt_planning import unbuildable_reason
+
+    layers = manifest(artifacts("fp32"))["blip2"]["decoder"]["kv_cache"]["layers"]
+    for variant, fused in (("fp32", False), ("int4", False), ("fused", True)):
+        entry = manifest(artifacts(variant))["components"]["decoder"]
+        ops = decoder_ops(artifacts(variant))
+        assert entry["attention"]["op"] == ("com.microsoft.MultiHeadAttention" if fused else "standard"), variant
+        assert ops.count("MultiHeadAttention") == (layers if fused else 0), variant
+        assert ("Softmax" in ops) != fused, variant  # no attention left outside the fused nodes
+    assert len(decoder_ops(artifacts("fused"))) < 0.75 * len(decoder_ops(artifacts("fp32")))
+    fused = manifest(artifacts("fused"))["components"]["decoder"]
+    assert "--fused-attention" in fused["attention"]["why"]
+    assert "MultiHeadAttention" in unbuildable_reason("decoder", fused)
+    assert unbuildable_reason("decoder", manifest(artifacts("fp32"))["components"]["decoder"]) is None
+    assert fused["parity"]["reference"] == "torch-fp32"  # checked against transformers' own attention
+
+
+def test_fused_attention_refuses_a_decoder_it_cannot_rewrite():
+    """A Llama-family LLM (rotary embeddings) keeps its attention; asking to fuse it is refused with the reason."""
+    import transformers
+
+    from mmedge.export.families.blip2 import decoder_attention
+
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2))
+    assert decoder_attention(False, llama)["op"] == "standard"
+    with pytest.raises(InputError, match="--fused-attention cannot rewrite .*LlamaAttention"):
+        decoder_attention(True, llama)
+
+
 def test_int4_llm_with_its_table_is_much_smaller(artifacts):
     fp32, int4 = artifacts("fp32"), artifacts("int4")
     size = lambda p: (p / "decoder.onnx").stat().st_size + (p / "embed_tokens.npz").stat().st_size  # noqa: E731
@@ -302,11 +343,12 @@ def hf_new_tokens(hf, images, prompt, **settings):
 
 @pytest.mark.parametrize("prompt", [None, VQA_PROMPT])
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_generation_is_token_identical_to_transformers(artifacts, hf, images, prompt, num_beams):
+@pytest.mark.parametrize("variant", ["fp32", "fused"])
+def test_generation_is_token_identical_to_transformers(artifacts, hf, images, prompt, num_beams, variant):
     from mmedge.generation import GenerationConfig, generate, pad_rows
     from mmedge.runtimes.onnxruntime_decoder import OrtDecoder
 
-    path = artifacts("fp32")
+    path = artifacts(variant)
     m = manifest(path)
     embeds, _ = device_prompt(path, images, prompt)
     decoder = OrtDecoder(str(path / "decoder.onnx"), table_of(path), m["blip2"]["decoder"]["kv_cache"])

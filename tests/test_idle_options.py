@@ -53,6 +53,8 @@ EXPORT = [  # flags, the families where they do something
     (["--labels", "cat", "--templates", "a {}."], {"clip"}),
     (["--precision", "int8", "--templates", "a {}."], {"clip"}),  # the text graph's calibration and fidelity prompts
     (["--split-prefix"], {"blip2"}),
+    (["--fused-attention"], {"blip2"}),
+    (["--llm-precision", "int4", "--fused-attention"], {"blip2"}),
     (["--recompute-cross-kv"], {"idefics"}),
     (["--task", "zero-shot"], {"clip"}),
     (["--task", "embed"], {"clip"}),

@@ -11,6 +11,7 @@ from transformers import Blip2ForConditionalGeneration
 from mmedge.errors import QuantizationError
 from mmedge.export.int4 import (
     dequantize_rows,
+    eight_bit_block,
     float_weight_matmuls,
     gemm_to_matmul,
     output_projections,
@@ -132,8 +133,18 @@ def test_block_size_and_accuracy_level_are_selectable_and_recorded(quantized, bl
         if node.op_type == "MatMulNBits":
             assert len(node.input) == 4  # a zero point per block (asymmetric, the default)
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            assert attrs["block_size"] == block_size and attrs["bits"] == (8 if node.output[0] == "logits" else 4)
-            assert attrs.get("accuracy_level", 0) == accuracy_level
+            head = node.output[0] == "logits"
+            assert attrs["bits"] == (8 if head else 4) and attrs.get("accuracy_level", 0) == accuracy_level
+            expected = eight_bit_block(attrs["K"], block_size) if head else block_size
+            assert attrs["block_size"] == expected, (node.name, attrs["block_size"], expected)
+    assert set(recipe["eight_bit_blocks"].values()) == {eight_bit_block(64, block_size)}  # the tiny LLM: K = 64
+
+
+def test_8_bit_nodes_take_the_longest_block_that_fits_up_to_256():
+    """A power of two no longer than the row (MatMulNBits pads rows to whole blocks), at most 256, never shorter than
+    the 4-bit layers' block."""
+    assert [eight_bit_block(k, 32) for k in (768, 2560, 4096, 64, 48, 200)] == [256, 256, 256, 64, 32, 128]
+    assert eight_bit_block(768, 32, largest=32) == 32 and eight_bit_block(768, 64) == 256
 
 
 @pytest.mark.parametrize("block_size,accuracy_level", [(24, 4), (8, 4), (32, 7)])

@@ -105,6 +105,31 @@ def test_compiled_models_are_cached_keyed_and_never_trusted_blindly(clip_artifac
 
 
 @needs_openvino
+def test_fused_attention_decoder_captions_as_on_onnx_runtime(tiny_blip2_dir, tmp_path):
+    """A decoder exported with one com.microsoft.MultiHeadAttention node per layer (``--fused-attention``) runs on
+    OpenVINO's ONNX front end: FP32 greedy captions and answers token-identical to ONNX Runtime's."""
+    import onnx
+
+    import mmedge
+    from mmedge.export import export_model
+
+    folder = export_model(str(tiny_blip2_dir), tmp_path / "fused", progress=False,
+                          extra={"fused_attention": True})
+    graph = onnx.load(str(folder / "decoder.onnx")).graph
+    assert any(node.op_type == "MultiHeadAttention" for node in graph.node)
+    photos = [str(ROOT / "export/data/images/holdout-chelsea.jpg"), str(ROOT / "export/data/images/holdout-camera.jpg")]
+    answers = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for backend in ("onnxruntime", "openvino"):
+            with mmedge.load(folder, backend=backend) as captioner:
+                assert (type(captioner.decoder).__name__ == "OpenVinoDecoder") == (backend == "openvino")
+                answers[backend] = [captioner.caption(photo, max_new_tokens=8) for photo in photos] + [
+                    captioner.ask(photos[0], "what is it?", max_new_tokens=6)]
+    assert answers["openvino"] == answers["onnxruntime"]
+
+
+@needs_openvino
 def test_nncf_int4_decoder_generates_close_to_fp32_and_is_recorded(blip2_artifact, tmp_path):
     """weights='int4': NNCF compresses the FP32 decoder at first load; the compression is recorded beside the cached
     blob, the second load imports it, and its prefill logits stay close to FP32's (cosine >= 0.95, the floor

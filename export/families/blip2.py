@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmedge.errors import ExportError
+from mmedge.errors import ExportError, InputError
 from mmedge.export.families.base import DECODER_FIX, ENCODER_FIX, gate_fidelity
 from mmedge.export.families.common import EMBEDDINGS_FILE, GenerativeFamily, write_embedding_table
 from mmedge.export.specs.blip2 import (
@@ -50,6 +50,8 @@ ENCODER_DECODER_LLMS = ("t5",)  # text_config.model_type values exported by the 
 # Settings a user may pass in ExportOptions.extra, with their defaults.
 EXTRA_DEFAULTS = {
     "fused_prefix": True,  # one prefix graph instead of vision + qformer
+    # the decoder's attention as one com.microsoft.MultiHeadAttention node per layer (OPT; see decoder_attention)
+    "fused_attention": False,
     "min_logits_cosine": 0.95,  # quantized decoder vs FP32 decoder, mean over held-out prefixes × prompts
     "fidelity_images": 8,  # held-out photos for the decoder's fidelity (one prompt batch each)
     "fidelity_max_new_tokens": 20,  # greedy tokens compared per caption / answer
@@ -61,6 +63,22 @@ VALIDATION_PROMPT = "Question: what is in the picture? Answer:"
 GENERATION_FIELDS = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "min_new_tokens": 0, "num_beams": 1,
                      "length_penalty": 1.0, "early_stopping": False, "do_sample": False, "temperature": 1.0,
                      "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
+
+
+def decoder_attention(fused: bool, language_model) -> dict:
+    """The decoder's ``attention`` manifest entry: one ``com.microsoft.MultiHeadAttention`` node per layer with
+    ``fused_attention`` (an OPT LLM; ``mmedge.export.specs.fused_attention``), else transformers' ops."""
+    from mmedge.export.specs.fused_attention import manifest_entry, unsupported_reason
+
+    if not fused:
+        return manifest_entry(False, "transformers' attention ops (the default: every backend, TensorRT included, "
+                                     "builds them; --fused-attention writes one node per layer)")
+    reason = unsupported_reason(language_model)
+    if reason:
+        raise InputError(f"--fused-attention cannot rewrite this checkpoint's LLM: {reason}", "an OPT language model",
+                         "drop --fused-attention (the decoder keeps transformers' attention)")
+    return manifest_entry(True, "asked for (--fused-attention): ONNX Runtime and OpenVINO run it, TensorRT cannot "
+                                "parse it")
 
 
 class Blip2Family(GenerativeFamily):
@@ -108,7 +126,9 @@ class Blip2Family(GenerativeFamily):
                               "a decoder-only LLM (OPT, Llama-family)", "export a blip2-opt checkpoint")
         encoders = [Blip2Prefix(model)] if self.setting(options,
                                                         "fused_prefix") else [Blip2Vision(model), QFormer(model)]
-        return [*encoders, DecoderWithPast(model.language_model)]
+        llm = model.language_model
+        attention = decoder_attention(bool(self.setting(options, "fused_attention")), llm)
+        return [*encoders, DecoderWithPast(llm, attention)]
 
     @staticmethod
     def reference_module(name: str, model, manifest: dict, tensors: dict) -> torch.nn.Module:

@@ -29,6 +29,7 @@ from mmedge.export.families.base import DECODER_FIX, gate_fidelity
 from mmedge.export.families.blip2 import (
     ENCODER_DECODER_LLMS,
     ENCODERS,
+    EXTRA_DEFAULTS,
     FIDELITY_PROMPTS,
     GENERATION_FIELDS,
     VQA_TEMPLATE,
@@ -61,6 +62,8 @@ VALIDATION_PROMPTS = ("Question: what is in the picture? Answer:", "a photo of")
 class Blip2T5Family(Blip2Family):
     label = "BLIP-2 (Flan-T5)"
     name = "blip2_t5"
+    # the T5 decoder's attention is not rewritten (its relative position bias): no fused_attention setting
+    extra_defaults = {k: v for k, v in EXTRA_DEFAULTS.items() if k != "fused_attention"}
     model_types = ("blip-2",)
 
     @staticmethod

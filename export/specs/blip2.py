@@ -13,6 +13,7 @@ whose forward takes ``inputs_embeds``, ``attention_mask``, ``position_ids`` and 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -73,20 +74,24 @@ class _FusedPrefix(torch.nn.Module):
 class _DecoderWithPast(torch.nn.Module):
     """The LLM with its KV cache as flat tensors: (embeds, mask, positions, *past) → (logits, *present)."""
 
-    def __init__(self, language_model, layers: int):
+    def __init__(self, language_model, layers: int, fused_attention: bool = False):
         super().__init__()
         self.language_model = language_model
         self.layers = layers
         self.cache_kwarg = cache_kwarg(language_model)
+        self.fused_attention = fused_attention  # one MultiHeadAttention node per layer (specs.fused_attention)
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
         from transformers import DynamicCache
 
+        from mmedge.export.specs.fused_attention import fused_attention
+
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)]  # each [batch, heads, past, head_dim]
         cache = DynamicCache(pairs, config=self.language_model.config)
-        out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  position_ids=position_ids, use_cache=True, return_dict=True,
-                                  **{self.cache_kwarg: cache})
+        with fused_attention(self.language_model) if self.fused_attention else contextlib.nullcontext():
+            out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                      position_ids=position_ids, use_cache=True, return_dict=True,
+                                      **{self.cache_kwarg: cache})
         cache = getattr(out, "cache", None) or out.past_key_values
         present = []
         for layer in cache.layers:
@@ -212,13 +217,20 @@ class DecoderWithPast(ComponentSpec):
     its offset of 2 inside the graph), ``past_key_values.%d.key|value [batch, heads, past_sequence, head_dim]``.
     Outputs: ``logits [batch, sequence, vocab]``, ``present.%d.key|value [batch, heads, total_sequence, head_dim]``.
     A past of length 0 is the prefill.
+
+    ``attention``: the manifest's ``attention`` entry (``fused_attention.manifest_entry``); with the fused op the
+    graph's attention is one ``com.microsoft.MultiHeadAttention`` node per layer, checked against transformers' own.
     """
 
     name = "decoder"
     max_abs = 1e-3  # logits reach tens in real LLMs; the cosine bound is the real gate
 
-    def __init__(self, language_model):
+    def __init__(self, language_model, attention: dict | None = None):
+        from mmedge.export.specs.fused_attention import OP, manifest_entry
+
         self.language_model = language_model
+        self.attention = attention or manifest_entry(False, "transformers' attention, as traced")
+        self.fused_attention = self.attention["op"] == OP
         self.kv_cache = kv_cache_layout(language_model)
         config = language_model.config
         self.vocab_size = int(language_model.get_output_embeddings().weight.shape[0])
@@ -239,8 +251,11 @@ class DecoderWithPast(ComponentSpec):
     def module(self):
         return _DecoderWithPast(self.language_model, self.kv_cache["layers"]).eval()
 
+    def traced_module(self):
+        return _DecoderWithPast(self.language_model, self.kv_cache["layers"], self.fused_attention).eval()
+
     def manifest_io(self) -> dict:
-        return {**super().manifest_io(), "kv_cache": dict(self.kv_cache)}
+        return {**super().manifest_io(), "kv_cache": dict(self.kv_cache), "attention": dict(self.attention)}
 
     def trace_inputs(self):
         return self.sample_inputs(TRACE_SIZES["batch"], TRACE_SIZES["sequence"], torch.Generator().manual_seed(0),
