@@ -27,8 +27,8 @@ Recipe, in order:
 5. **8-bit nodes take large blocks.** At 8 bits the step between levels is 16x finer than at 4, so a block of 256
    weights costs the logits nothing measurable, while ONNX Runtime's 8-bit MatMulNBits kernel runs much faster over
    long blocks than over 32-weight ones: on the benchmark BLIP-2 (OPT-125m shapes, 2-core Xeon) blocks of 256 made
-   the whole INT4 decode step 1.10x and a 33-token prefill 1.09x faster than blocks of 32, logits cosine vs FP32
-   0.987759 vs 0.987767 (``benchmarks/int4_head_blocks.py``, RESULTS.md).
+   the whole INT4 decode step 1.11x and a 33-token prefill 1.09x faster than blocks of 32, logits cosine vs FP32
+   0.985509 vs 0.985516 (``benchmarks/int4_decoder_cpu.py``, RESULTS.md).
 
 The embedding table lives outside the graph (``inputs_embeds`` go in); ``quantize_rows_int4`` and
 ``quantize_rows_int8`` store it at the same precision; the device reads it back with

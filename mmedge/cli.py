@@ -314,8 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--fused-attention", action="store_true",
                      help="BLIP-2 / InstructBLIP with an OPT LLM: the decoder's attention as one ONNX Runtime "
                           "MultiHeadAttention node per layer instead of transformers' ops (half the nodes; ONNX "
-                          "Runtime and OpenVINO run it, TensorRT cannot; on a 2-core Xeon decode 1.01x, a 300-token "
-                          "prefill 1.08x: benchmarks/RESULTS.md)")
+                          "Runtime and OpenVINO run it, TensorRT cannot; off by default: on a 2-core Xeon decode "
+                          "1.01x, a 300-token prefill 1.08x, benchmarks/RESULTS.md)")
     exp.add_argument("--quantization", default=None, choices=["dynamic", "static"],
                      help="INT8 recipe: dynamic (default; fastest on CPU, no calibration) or static QDQ of the "
                           "encoders (calibrated; for TensorRT; needs --precision int8)")

@@ -279,6 +279,13 @@ def test_demo_reexports_a_changed_cache_entry(demo_run, tmp_path):
     assert not demo.cached(tmp_path / "missing", key)
 
 
+def test_a_new_export_recipe_changes_every_cache_key(monkeypatch):
+    """A cache exported with an older default recipe (e.g. the INT4 head's 32-weight blocks) is exported again."""
+    before = [demo.cache_key(v) for v in demo.variants()]
+    monkeypatch.setattr(demo, "RECIPE_REVISION", demo.RECIPE_REVISION + " (next)")
+    assert all(a != b for a, b in zip(before, [demo.cache_key(v) for v in demo.variants()]))
+
+
 def test_demo_without_the_exporter_names_the_install_command(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "mmedge.export", None)  # `import mmedge.export` raises ImportError
     assert main(["demo", "--cache", str(tmp_path), "--images", "1", "--quiet"]) == 2
