@@ -86,8 +86,9 @@ def quantize_int4(source: Path, dest: Path, *, block_size: int = 32, accuracy_le
             folded = fold_initializer_identities(model.graph)
             rewritten = gemm_to_matmul(model.graph, weights)
             kept, heads = kept_nodes(model.graph, head, keep or {}), output_projections(model.graph)
-            eight = {name: eight_bit_block(rows, block_size, eight_bit_max_block)
-                     for name, rows in weight_rows(model.graph).items() if kept.get(name) == "int8"}
+            rows = weight_rows(model.graph)  # a weight whose K is not read from the graph keeps the 4-bit block
+            eight = {name: eight_bit_block(rows[name], block_size, eight_bit_max_block) if name in rows else block_size
+                     for name, precision in kept.items() if precision == "int8"}
             model = _matmul_nbits(model, _config(block_size, accuracy_level, symmetric, 4), weights, exclude=kept)
             for block in sorted(set(eight.values())):  # a pass per block size over the nodes left out, at 8 bits
                 model = _matmul_nbits(model, _config(block, accuracy_level, symmetric, 8), weights,

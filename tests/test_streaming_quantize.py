@@ -91,6 +91,7 @@ def test_streamed_int4_matches_the_in_memory_quantizer(streamed_fp32, tmp_path, 
     memory, streamed, first, second = _both(out / "decoder.onnx", tmp_path / "decoder", recipe, monkeypatch)
     assert first == second and first["quantized_matmuls"] >= 2 * 6 + 1 and first["gemm_rewritten"] > 0
     assert not second["float_weight_matmuls"]
+    assert second["eight_bit_blocks"] and min(second["eight_bit_blocks"].values()) > 32  # K read from a streamed graph
     assert _ops(memory) == _ops(streamed)
     _assert_identical_outputs(memory, streamed, feeds["decoder"])
 
