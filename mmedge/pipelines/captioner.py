@@ -47,7 +47,7 @@ class Captioner:
         settings = family_section(artifact.manifest)  # the family's generative section (blip2, idefics)
         self.settings = settings
         self.interleaved = FAMILIES[family].interleaved  # takes prompts mixing several images and texts
-        self.inputs = input_builder_class(family)(settings, tokenizer, preprocessor, self._run_component, embeddings)
+        self.inputs = self._input_builder(settings, tokenizer, preprocessor, embeddings)
         self.defaults = dict(artifact.manifest.get("generation") or {})
         self.vqa_template = settings["prompts"]["vqa"]
         self._lock = threading.Lock()  # guards the decoder's KV cache
@@ -59,6 +59,11 @@ class Captioner:
                                 "re-export the artifact; do not edit manifest.json by hand") from None
 
     # --- public API ------------------------------------------------------------------------------
+    def _input_builder(self, settings: dict, tokenizer, preprocessor, embeddings, **extra):
+        """The family's input builder (``mmedge.families``), given ``extra`` keywords a subclass adds."""
+        return input_builder_class(self.artifact.manifest["family"])(settings, tokenizer, preprocessor,
+                                                                     self._run_component, embeddings, **extra)
+
     def caption(self, images, prompt: str | None = None, **generation: Any):
         """A caption per image (a string for one image, a list for a list). ``prompt`` continues a text."""
         single = not isinstance(images, (list, tuple))

@@ -15,9 +15,12 @@ from mmedge.tokenizer import TextTokenizer
 
 
 class _Instruction:
-    """The Q-Former's tokens of the prompts, as the prefix's ``qformer_input_ids`` / ``qformer_attention_mask``."""
+    """The Q-Former's tokens of the prompts, as the prefix's ``qformer_input_ids`` / ``qformer_attention_mask``;
+    ``qformer_tokenizer`` beside the parent builder's arguments."""
 
-    qformer_tokenizer: TextTokenizer  # set by InstructCaptioner
+    def __init__(self, *args, qformer_tokenizer: TextTokenizer, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.qformer_tokenizer = qformer_tokenizer
 
     def prefix_inputs(self, prompts: list) -> dict[str, np.ndarray]:
         texts = [self.default_prompt(p) for p in prompts]
@@ -34,9 +37,11 @@ class InstructSeq2SeqInputs(_Instruction, Seq2SeqInputs):
 
 
 class InstructCaptioner(Captioner):
-    def __init__(self, artifact, runners: dict, preprocessor, tokenizer, decoder, embeddings):
-        super().__init__(artifact, runners, preprocessor, tokenizer, decoder, embeddings)
-        entry = self.settings["qformer_tokenizer"]
-        field = f"{artifact.manifest['family']}.qformer_tokenizer.file"
-        self.inputs.qformer_tokenizer = TextTokenizer.from_file(
-            artifact.verified_path(entry["file"], entry["sha256"], field), entry)
+    """A ``Captioner`` whose input builder also gets the Q-Former's tokenizer (the manifest's ``qformer_tokenizer``,
+    its file checked against its sha256)."""
+
+    def _input_builder(self, settings: dict, tokenizer, preprocessor, embeddings, **extra):
+        entry = settings["qformer_tokenizer"]
+        field = f"{self.artifact.manifest['family']}.qformer_tokenizer.file"
+        qformer = TextTokenizer.from_file(self.artifact.verified_path(entry["file"], entry["sha256"], field), entry)
+        return super()._input_builder(settings, tokenizer, preprocessor, embeddings, qformer_tokenizer=qformer, **extra)
