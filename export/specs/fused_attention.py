@@ -1,6 +1,6 @@
 """The decoder's self-attention as one ONNX Runtime ``com.microsoft.MultiHeadAttention`` node per layer.
 
-Traced as transformers writes it, one attention layer of a KV-cached decoder is about 40 ONNX nodes: the head
+Traced as transformers writes it, one attention layer of a KV-cached decoder is some 30 ONNX nodes: the head
 split (Reshape and Transpose, each with its own Shape / Gather / Unsqueeze / Concat arithmetic on the dynamic
 sizes), the cache Concat, two MatMuls, the mask's Where and the safe softmax's IsNaN around the Softmax, and the
 merge back. On a CPU a decode step is a few milliseconds and every one of those small kernels costs its launch, so
@@ -13,7 +13,8 @@ merge back. On a CPU a decode step is a few milliseconds and every one of those 
 ``MultiHeadAttention`` splits the heads, appends the new keys and values to the past ones (its ``present``
 outputs, laid out ``[batch, heads, past + sequence, head_dim]`` as the manifest's KV cache already is) and applies
 the additive mask transformers builds once per call (``eager`` mask: 0 or the dtype's minimum, ``[batch, 1,
-sequence, total]``). ONNX Runtime (CPU and CUDA) and OpenVINO's ONNX front end run the op; TensorRT cannot parse it.
+sequence, total]``). ONNX Runtime's CPU provider and OpenVINO's ONNX front end run the op (tested; ONNX Runtime's CUDA
+provider has it too, not run here); TensorRT cannot parse it.
 
 Opt-in (``export --fused-attention``): on a 2-core Xeon the INT4 decoder's graph has half the nodes but decodes only
 1.01x faster in the generation loop, a step after 1000 cached tokens is 0.95x (the op copies the cache into its
