@@ -223,10 +223,25 @@ def first_line(error: str) -> str:
     return error.splitlines()[-1][:300]
 
 
+def recipe_revision(folder: Path) -> str | None:
+    """The exporter recipe revision an artifact's manifest records (``export.recipe_revision``), None if none."""
+    try:
+        manifest = json.loads((Path(folder) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return (manifest.get("export") or {}).get("recipe_revision")
+
+
 def export_once(name: str, folder: Path, cached: bool, export: Callable[[], Any]) -> dict:
-    """Run ``export()`` unless ``cached``; returns status, seconds and the traceback of any failure."""
-    if cached:
+    """Run ``export()`` unless ``cached`` and made with the exporter's current default recipes
+    (``mmedge.manifest.RECIPE_REVISION``); returns status, seconds and the traceback of any failure."""
+    from mmedge.manifest import RECIPE_REVISION
+
+    if cached and recipe_revision(folder) == RECIPE_REVISION:
         return {"path": str(folder), "cached": True, "seconds": 0.0, "error": None}
+    if cached:
+        print(f"{name}: the cached export predates the exporter's recipe revision {RECIPE_REVISION}",
+              file=sys.stderr)
     print(f"exporting {name} -> {folder}", file=sys.stderr)
     start = time.perf_counter()
     try:

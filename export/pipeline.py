@@ -17,7 +17,7 @@ import numpy as np
 import mmedge
 from mmedge.artifact import atomic_folder, sha256_file
 from mmedge.errors import ArtifactError, ExportError
-from mmedge.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, dump_manifest
+from mmedge.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, RECIPE_REVISION, dump_manifest
 from mmedge.metrics import compare_outputs
 from mmedge.progress import Progress
 
@@ -379,7 +379,7 @@ class ArtifactBuilder:
             "tokenizer": self.tokenizer_settings,
             "components": {spec.name: self.entries[spec.name] for spec in specs},
             **({"pytorch": self._pytorch_entry(specs)} if self.options.with_pytorch else {}),
-            "export": {"memory": self._memory_entry()},
+            "export": {"memory": self._memory_entry(), "recipe_revision": RECIPE_REVISION},
             "validation": {"file": VALIDATION_FILE, "sha256": sha256_file(self.stage / VALIDATION_FILE),
                            "reference": "torch-fp32"},
         }

@@ -17,6 +17,7 @@ from mmedge.export.families.blip2 import Blip2Family
 from mmedge.export.int4 import dequantize_rows
 from mmedge.export.onnx_export import run_onnx
 from mmedge.export.specs.blip2 import CHECK_SIZES, decoder_feeds
+from mmedge.manifest import RECIPE_REVISION
 from mmedge.preprocess import ImagePreprocessor
 from mmedge.tokenizer import TextTokenizer
 
@@ -195,6 +196,7 @@ def test_manifest_blip2_section(artifacts, hf, tiny_blip2_dir):
     model, processor = hf
     tokenizer = processor.tokenizer
     assert m["family"] == "blip2" and m["tasks"] == ["caption", "vqa"]
+    assert m["export"]["recipe_revision"] == RECIPE_REVISION  # which default recipes wrote it (caches compare it)
     assert m["preprocess"]["resize"] == {"height": 32, "width": 32} and m["preprocess"]["resample"] == "bicubic"
     assert m["preprocess"]["center_crop"] is None
     assert m["generation"] == {"max_new_tokens": 30, "min_new_tokens": 0, "num_beams": 1, "length_penalty": 1.0,

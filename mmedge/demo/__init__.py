@@ -34,8 +34,6 @@ MODELS_DIR = DEMO_DIR / "models"
 IMAGES_DIR = DEMO_DIR / "images"
 TRUTH_FILE = IMAGES_DIR / "truth.json"
 CACHE_KEY_FILE = "demo-cache-key.txt"  # beside each cached artifact: what it was exported from
-# Changed with the exporter's default recipes, so a cache exported with an older one is exported again (part of the key)
-RECIPE_REVISION = "2026-12-06: INT4 LLMs' 8-bit nodes in blocks of up to 256 weights"
 TWO_GRAPH_CLIP = "clip-two-graph"  # the demo CLIP with its text graph: what the README's Python snippet loads
 
 
@@ -127,11 +125,12 @@ def default_cache() -> Path:
 
 
 def cache_key(variant: Variant) -> str:
-    """sha256 over the mmedge version, the exporter's recipe revision, the export options and every file of the
-    shipped model."""
+    """sha256 over the mmedge version, the exporter's recipe revision (a new default recipe exports again), the
+    export options and every file of the shipped model."""
     import mmedge
+    from mmedge import manifest
 
-    digest = hashlib.sha256(json.dumps({"mmedge": mmedge.__version__, "recipes": RECIPE_REVISION,
+    digest = hashlib.sha256(json.dumps({"mmedge": mmedge.__version__, "recipes": manifest.RECIPE_REVISION,
                                         "model": variant.model, "options": variant.options,
                                         "bundled_fidelity": variant.bundled_fidelity}, sort_keys=True).encode())
     folder = model_path(variant.model)
