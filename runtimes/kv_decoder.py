@@ -29,7 +29,7 @@ import numpy as np
 from mmedge.embeddings import EmbeddingTable
 from mmedge.errors import BackendError, FeedError, IntegrityError
 from mmedge.generation.decoder import position_ids as _position_ids
-from mmedge.generation.kv_layout import cache_names, checked_layout, context_inputs
+from mmedge.generation.kv_layout import LOGITS_POSITIONS, cache_names, checked_layout, context_inputs
 from mmedge.manifest import decoder_settings
 
 
@@ -75,8 +75,12 @@ class GraphDecoder(abc.ABC):
         self._context_rows = np.zeros(0, dtype=np.int64)  # the row of _context_given each cache row's step context is
         # a graph with relative positions (T5) computes them from the cache length and takes no position_ids
         self._takes_positions = "position_ids" in inputs
+        # a graph that takes logits_positions computes the LM head for the last position only (exports since
+        # 2026-12-06); an older graph computes every position's logits and the loop reads the last
+        self._takes_logit_positions = LOGITS_POSITIONS in inputs
         want_in = {"inputs_embeds", "attention_mask", *(("position_ids",) if self._takes_positions else ()),
-                   *self._context_names, *self._past_names}
+                   *((LOGITS_POSITIONS,) if self._takes_logit_positions else ()), *self._context_names,
+                   *self._past_names}
         want_out = {"logits", *self._present_names}
         if set(inputs) != want_in or not want_out <= set(outputs):
             raise IntegrityError(
@@ -179,7 +183,10 @@ class GraphDecoder(abc.ABC):
         if self._takes_positions:
             feeds["position_ids"] = np.ascontiguousarray(_position_ids(mask, seq, self.position_offset),
                                                          dtype=self._position_dtype)
-        logits = self._forward({**feeds, **context})  # [batch, seq, vocab]
+        if self._takes_logit_positions:  # [batch, 1]: the last position (prompts are left-padded)
+            feeds[LOGITS_POSITIONS] = np.full((embeds.shape[0], 1), seq - 1,
+                                              dtype=self._dtype(LOGITS_POSITIONS, np.int64))
+        logits = self._forward({**feeds, **context})  # [batch, seq or 1, vocab]
         self.past_length = mask.shape[1]
         return np.asarray(logits[:, -1, :], dtype=np.float32)  # [batch, vocab]
 

@@ -18,6 +18,8 @@ axis                  (min, opt, max)                         notes
 ``tokens``            as ``sequence``
 ``past_sequence``     (0, S // 2, S - 1)                      0: the first step has no past yet
 ``total_sequence``    (1, S // 2, S)                          past + new tokens
+``logits_sequence``   (1, 1, S)                               the positions a decoder computes logits for (the
+                                                              loop asks for 1; the exporter's checks for all)
 ``image_tokens``      (u, u, u * max_images)                  u = visual tokens per image (from the manifest)
 ====================  =====================================  ==============================================
 
@@ -148,7 +150,8 @@ def engine_precision(name: str, component: Mapping, requested: str | None, defau
 
 
 # --- optimization profiles --------------------------------------------------------------------------
-AXIS_RULES = ("batch", "images", "sequence", "tokens", "past_sequence", "total_sequence", "image_tokens")
+AXIS_RULES = ("batch", "images", "sequence", "tokens", "past_sequence", "total_sequence", "logits_sequence",
+              "image_tokens")
 
 
 def tokens_per_image(manifest: Mapping) -> int | None:
@@ -207,6 +210,9 @@ def axis_range(axis: str, manifest: Mapping, component: Mapping, limits: Profile
     if axis == "total_sequence":
         length, _ = sequence_limit(manifest, component, limits)
         return 1, min(limits.opt_sequence or max(length // 2, 1), length), length
+    if axis == "logits_sequence":
+        length, _ = sequence_limit(manifest, component, limits)
+        return 1, 1, length
     if axis == "image_tokens":
         unit = tokens_per_image(manifest)
         if unit is None:
@@ -227,7 +233,7 @@ def decoder_axes(manifest: Mapping, component: Mapping, limits: ProfileLimits) -
     longest_past = max(length - 1, 1)
     past = min(limits.opt_sequence or length // 2, longest_past)
     return {"sequence": (1, 1, length), "past_sequence": (0, past, longest_past),
-            "total_sequence": (1, past + 1, length + longest_past)}
+            "total_sequence": (1, past + 1, length + longest_past), "logits_sequence": (1, 1, length)}
 
 
 def derive_profile(manifest: Mapping, name: str, limits: ProfileLimits | None = None) -> Profile:

@@ -131,6 +131,34 @@ def decode(path, embeds, mask, past):
     return out["logits"], present
 
 
+@pytest.mark.parametrize("variant", ["fp32", "int4"])
+def test_the_lm_head_runs_on_the_positions_asked_for(artifacts, images, variant):
+    """logits_positions picks the rows the LM head runs on: the generation loop's prefill asks for the last one and
+    gets exactly that row of the every-position logits; any rows, in any order, per batch row."""
+    from mmedge.generation.kv_layout import LOGITS_POSITIONS
+
+    path = artifacts(variant)
+    layout = manifest(path)["blip2"]["decoder"]["kv_cache"]
+    embeds, _ = device_prompt(path, images[:2], VQA_PROMPT)  # [2, queries + 9, width]
+    feeds = {k: v.numpy() for k, v in decoder_feeds(torch.from_numpy(embeds), torch.ones(embeds.shape[:2],
+                                                                                          dtype=torch.long),
+                                                    None, layout).items()}
+    every = run_onnx(path / "decoder.onnx", feeds)["logits"]  # [2, tokens, vocab]
+    assert every.shape[1] == embeds.shape[1]
+    tokens = embeds.shape[1]
+    picked = np.array([[tokens - 1], [tokens - 1]])
+    last = run_onnx(path / "decoder.onnx", feeds | {LOGITS_POSITIONS: picked})["logits"]  # [2, 1, vocab]
+    np.testing.assert_allclose(last[:, 0], every[:, -1], atol=1e-5)
+    rows = np.array([[3, 0], [tokens - 1, 5]])
+    some = run_onnx(path / "decoder.onnx", feeds | {LOGITS_POSITIONS: rows})["logits"]  # [2, 2, vocab]
+    np.testing.assert_allclose(some, np.stack([every[0, [3, 0]], every[1, [tokens - 1, 5]]]), atol=1e-5)
+    from mmedge.runtimes.onnxruntime_decoder import OrtDecoder
+
+    decoder = OrtDecoder(str(path / "decoder.onnx"), table_of(path), layout)  # the loop's prefill: the last row
+    np.testing.assert_allclose(decoder.start(embeds, np.ones(embeds.shape[:2], dtype=np.int64)), every[:, -1],
+                               atol=1e-5)
+
+
 def test_prefill_then_single_token_steps_equal_a_recompute_without_cache(artifacts, hf, images):
     """Past 0 (prefill) then 1-token steps through the cache give HF's logits for the whole sequence."""
     path = artifacts("fp32")
@@ -185,7 +213,8 @@ def test_decoder_graph_io_matches_the_manifest(artifacts, variant):
     assert dims["attention_mask"] == ["batch", "total_sequence"] and dims["position_ids"] == ["batch", "sequence"]
     assert dims["past_key_values.1.value"] == ["batch", 4, "past_sequence", 16]
     assert dims["present.1.value"] == ["batch", 4, "total_sequence", 16]
-    assert dims["logits"] == ["batch", "sequence", 576]
+    assert dims["logits"] == ["batch", "logits_sequence", 576]
+    assert dims["logits_positions"] == ["batch", "logits_sequence"]  # the rows the LM head runs on
     assert [i.name for i in graph.input][:3] == ["inputs_embeds", "attention_mask", "position_ids"]
 
 

@@ -357,11 +357,13 @@ def _encoder_fidelity_of(name: str, run, fp32: Path, quantized: Path, feeds: dic
 def _prefill_logits(decoder, inputs: dict) -> np.ndarray:
     """Logits at every prompt position ``[batch, tokens, vocab]`` (the decoder graph run once, empty cache)."""
     from mmedge.generation.decoder import position_ids
+    from mmedge.generation.kv_layout import LOGITS_POSITIONS
 
     layout, mask = decoder.kv, inputs["mask"]
     empty = np.zeros((mask.shape[0], layout["heads"], 0, layout["head_dim"]), dtype=np.float32)
+    every = np.broadcast_to(np.arange(mask.shape[1]), mask.shape).copy()  # [batch, tokens]: logits at every one
     feeds = {"inputs_embeds": inputs["embeds"], "attention_mask": mask,
-             "position_ids": position_ids(mask, mask.shape[1]), **inputs["prefill"]}
+             "position_ids": position_ids(mask, mask.shape[1]), LOGITS_POSITIONS: every, **inputs["prefill"]}
     feeds |= {layout["past"] % (i, kind): empty for i in range(layout["layers"]) for kind in ("key", "value")}
     return decoder.session.run(["logits"], feeds)[0]
 

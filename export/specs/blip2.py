@@ -19,6 +19,7 @@ import inspect
 import torch
 
 from mmedge.export.specs.base import ComponentSpec, TensorSpec
+from mmedge.generation.kv_layout import LOGITS_POSITIONS
 
 PAST_NAME = "past_key_values.%d.%s"
 PRESENT_NAME = "present.%d.%s"
@@ -72,16 +73,19 @@ class _FusedPrefix(torch.nn.Module):
 
 
 class _DecoderWithPast(torch.nn.Module):
-    """The LLM with its KV cache as flat tensors: (embeds, mask, positions, *past) → (logits, *present)."""
+    """The LLM with its KV cache as flat tensors: (embeds, mask, positions, logits_positions, *past) → (logits of those
+    positions, *present)."""
 
     def __init__(self, language_model, layers: int, fused_attention: bool = False):
         super().__init__()
         self.language_model = language_model
+        # the LM without its head (OPT, Llama: ``.model``): the head runs on the rows logits_positions names
+        self.base_model = getattr(language_model, language_model.base_model_prefix)
         self.layers = layers
-        self.cache_kwarg = cache_kwarg(language_model)
+        self.cache_kwarg = cache_kwarg(self.base_model)
         self.fused_attention = fused_attention  # one MultiHeadAttention node per layer (specs.fused_attention)
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+    def forward(self, inputs_embeds, attention_mask, position_ids, logits_positions, *past):
         from transformers import DynamicCache
 
         from mmedge.export.specs.fused_attention import fused_attention
@@ -89,14 +93,17 @@ class _DecoderWithPast(torch.nn.Module):
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)]  # each [batch, heads, past, head_dim]
         cache = DynamicCache(pairs, config=self.language_model.config)
         with fused_attention(self.language_model) if self.fused_attention else contextlib.nullcontext():
-            out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                      position_ids=position_ids, use_cache=True, return_dict=True,
-                                      **{self.cache_kwarg: cache})
+            out = self.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  position_ids=position_ids, use_cache=True, return_dict=True,
+                                  **{self.cache_kwarg: cache})
+        hidden = out.last_hidden_state  # [batch, sequence, width]
+        rows = hidden.gather(1, logits_positions[..., None].expand(-1, -1, hidden.shape[-1]))  # [batch, n, width]
+        logits = self.language_model.get_output_embeddings()(rows)  # [batch, n, vocab]: the LM head on n rows only
         cache = getattr(out, "cache", None) or out.past_key_values
         present = []
         for layer in cache.layers:
             present += [layer.keys, layer.values]  # each [batch, heads, past + sequence, head_dim]
-        return (out.logits, *present)  # logits [batch, sequence, vocab]
+        return (logits, *present)
 
 
 # --- shapes ------------------------------------------------------------------------------------
@@ -214,8 +221,11 @@ class DecoderWithPast(ComponentSpec):
 
     Inputs: ``inputs_embeds [batch, sequence, width]``, ``attention_mask [batch, total_sequence]``
     (past + sequence, 1 = attend), ``position_ids [batch, sequence]`` (``cumsum(mask) - 1``; OPT adds
-    its offset of 2 inside the graph), ``past_key_values.%d.key|value [batch, heads, past_sequence, head_dim]``.
-    Outputs: ``logits [batch, sequence, vocab]``, ``present.%d.key|value [batch, heads, total_sequence, head_dim]``.
+    its offset of 2 inside the graph), ``logits_positions [batch, logits_sequence]`` (which of the new positions get
+    logits: the generation loop asks for the last, so a prefill runs the LM head once, not once per prompt token),
+    ``past_key_values.%d.key|value [batch, heads, past_sequence, head_dim]``.
+    Outputs: ``logits [batch, logits_sequence, vocab]``, ``present.%d.key|value [batch, heads, total_sequence,
+    head_dim]``.
     A past of length 0 is the prefill.
 
     ``attention``: the manifest's ``attention`` entry (``fused_attention.manifest_entry``); with the fused op the
@@ -241,8 +251,9 @@ class DecoderWithPast(ComponentSpec):
             "inputs_embeds": TensorSpec("float32", ("batch", "sequence", self.width)),
             "attention_mask": TensorSpec("int64", ("batch", "total_sequence")),
             "position_ids": TensorSpec("int64", ("batch", "sequence")),
+            LOGITS_POSITIONS: TensorSpec("int64", ("batch", "logits_sequence")),
         }
-        self.outputs = {"logits": TensorSpec("float32", ("batch", "sequence", self.vocab_size))}
+        self.outputs = {"logits": TensorSpec("float32", ("batch", "logits_sequence", self.vocab_size))}
         for layer in range(int(config.num_hidden_layers)):
             for kind in KV_KINDS:
                 self.inputs[PAST_NAME % (layer, kind)] = kv
@@ -278,6 +289,7 @@ class DecoderWithPast(ComponentSpec):
             "inputs_embeds": torch.randn(batch, sequence, self.width, generator=generator),  # [batch, sequence, width]
             "attention_mask": mask,
             "position_ids": positions,
+            LOGITS_POSITIONS: every_position(batch, sequence),
         }
         for layer in range(self.kv_cache["layers"]):
             for kind in KV_KINDS:
@@ -285,16 +297,23 @@ class DecoderWithPast(ComponentSpec):
         return feeds
 
 
+def every_position(batch: int, sequence: int) -> torch.Tensor:
+    """``logits_positions`` asking for every new position's logits: ``[batch, sequence]`` rows of 0..sequence-1."""
+    return torch.arange(sequence).expand(batch, -1).contiguous()
+
+
 def decoder_feeds(embeds: torch.Tensor, attention_mask: torch.Tensor, past: list[torch.Tensor] | None,
                   layout: dict) -> dict[str, torch.Tensor]:
     """Decoder inputs for ``embeds [batch, sequence, width]`` after ``past`` (flat key, value per layer; None =
     prefill).
 
-    Positions follow HF: ``cumsum(attention_mask) - 1`` over past + new tokens, padded slots at 0.
+    Positions follow HF: ``cumsum(attention_mask) - 1`` over past + new tokens, padded slots at 0; logits for every
+    new position.
     """
     batch, sequence = embeds.shape[:2]
     positions = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)[:, -sequence:]  # [batch, sequence]
-    feeds = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": positions}
+    feeds = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": positions,
+             LOGITS_POSITIONS: every_position(batch, sequence)}
     empty = torch.zeros(batch, layout["heads"], 0, layout["head_dim"])  # [batch, heads, 0, head_dim]
     for layer in range(layout["layers"]):
         for k, kind in enumerate(KV_KINDS):

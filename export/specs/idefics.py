@@ -34,8 +34,10 @@ from mmedge.export.specs.blip2 import (
     _image_size,
     _image_tokens,
     cache_kwarg,
+    every_position,
     kv_cache_layout,
 )
+from mmedge.generation.kv_layout import LOGITS_POSITIONS
 
 CROSS_NAME = "cross_key_values.%d.%s"
 CHECK_IMAGES, TRACE_IMAGES = 3, 2
@@ -154,7 +156,8 @@ class _ImageContext(torch.nn.Module):
 
 
 class _XAttnDecoderWithPast(torch.nn.Module):
-    """(embeds, mask, positions, image_attention_mask, *cross K/V | visual_tokens, *past) → (logits, *present)."""
+    """(embeds, mask, positions, logits_positions, image_attention_mask, *cross K/V | visual_tokens, *past) →
+    (logits of those positions, *present)."""
 
     def __init__(self, model, cached_cross_kv: bool = True):
         super().__init__()
@@ -170,7 +173,7 @@ class _XAttnDecoderWithPast(torch.nn.Module):
         self.cross = cross_layers(model)
         self.per_image = tokens_per_image(model)
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, image_attention_mask, *rest):
+    def forward(self, inputs_embeds, attention_mask, position_ids, logits_positions, image_attention_mask, *rest):
         from transformers import DynamicCache
         from transformers.masking_utils import create_causal_mask
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -203,7 +206,8 @@ class _XAttnDecoderWithPast(torch.nn.Module):
                 hidden = _gated_cross_block(self.blocks[c], hidden, cross[2 * c], cross[2 * c + 1], bias, gate,
                                             attention)
             hidden = layer(hidden, attention_mask=causal, position_ids=position_ids, **layer_cache)
-        logits = self.lm_head(self.norm(hidden))  # [batch, sequence, vocab + additional]
+        rows = hidden.gather(1, logits_positions[..., None].expand(-1, -1, hidden.shape[-1]))  # [batch, n, hidden]
+        logits = self.lm_head(self.norm(rows))  # [batch, n, vocab + additional]: the head on the asked rows only
         present = []
         for layer in cache.layers:
             present += [layer.keys, layer.values]  # each [batch, heads, past + sequence, head_dim]
@@ -322,7 +326,8 @@ class XAttnDecoderWithPast(ComponentSpec):
     """The LLM with gated cross-attention and a KV cache.
 
     Inputs: ``inputs_embeds [batch, sequence, hidden]``, ``attention_mask [batch, total_sequence]``,
-    ``position_ids [batch, sequence]`` (``cumsum(mask) - 1``, rotary), ``image_attention_mask
+    ``position_ids [batch, sequence]`` (``cumsum(mask) - 1``, rotary), ``logits_positions [batch, logits_sequence]``
+    (the positions that get logits: the loop asks for the last), ``image_attention_mask
     [batch, sequence, images]`` (1: the token may see that image; the processor's mask), then the cross
     K/V (``cross_key_values.%d.key|value [batch, heads, images * tokens_per_image, head_dim]``) or, with
     ``cached_cross_kv=False``, ``visual_tokens [batch, images * tokens_per_image, vision_width]``, then
@@ -347,13 +352,14 @@ class XAttnDecoderWithPast(ComponentSpec):
             "inputs_embeds": TensorSpec("float32", ("batch", "sequence", self.hidden)),
             "attention_mask": TensorSpec("int64", ("batch", "total_sequence")),
             "position_ids": TensorSpec("int64", ("batch", "sequence")),
+            LOGITS_POSITIONS: TensorSpec("int64", ("batch", "logits_sequence")),
             "image_attention_mask": TensorSpec("int64", ("batch", "sequence", "images")),
         }
         if cached_cross_kv:
             self.inputs |= {CROSS_NAME % (i, kind): cross for i in range(self.cross["layers"]) for kind in KV_KINDS}
         else:
             self.inputs["visual_tokens"] = TensorSpec("float32", ("batch", "image_tokens", vision_width(model)))
-        self.outputs = {"logits": TensorSpec("float32", ("batch", "sequence", self.vocab_size))}
+        self.outputs = {"logits": TensorSpec("float32", ("batch", "logits_sequence", self.vocab_size))}
         for layer in range(self.kv_cache["layers"]):
             for kind in KV_KINDS:
                 self.inputs[PAST_NAME % (layer, kind)] = kv
@@ -386,6 +392,7 @@ class XAttnDecoderWithPast(ComponentSpec):
             "inputs_embeds": torch.randn(batch, sequence, self.hidden, generator=generator),
             "attention_mask": mask,
             "position_ids": (mask.cumsum(dim=1) - 1).clamp(min=0)[:, past:],  # [batch, sequence]
+            LOGITS_POSITIONS: every_position(batch, sequence),
             "image_attention_mask": torch.randint(0, 2, (batch, sequence, images), generator=generator),
         }
         tokens = images * self.cross["tokens_per_image"]

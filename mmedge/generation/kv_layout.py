@@ -12,6 +12,10 @@ from mmedge.manifest import decoder_settings
 
 KV_KEYS = ("layers", "heads", "head_dim", "past", "present")
 KV_KINDS = ("key", "value")
+# An optional decoder input: int64 [batch, logits_sequence], the positions whose logits the graph computes (the LM head
+# runs on those rows only). The generation loop asks for the last one; the exporter's checks for every position.
+LOGITS_POSITIONS = "logits_positions"
+STEP_INPUTS = ("inputs_embeds", "attention_mask", "position_ids", LOGITS_POSITIONS)  # fed by the loop, not context
 
 
 def checked_layout(kv_cache: Mapping[str, Any]) -> dict[str, Any]:
@@ -41,9 +45,9 @@ def cache_names(layout: Mapping[str, Any], pattern: str) -> list[str]:
 
 
 def context_inputs(input_names, kv_cache: Mapping[str, Any]) -> list[str]:
-    """The decoder graph's inputs beyond embeddings, mask, positions and the KV cache (IDEFICS: the image
-    attention mask and the cross-attention K/V), in graph order: what ``set_context`` must feed."""
-    known = {"inputs_embeds", "attention_mask", "position_ids", *cache_names(checked_layout(kv_cache), "past")}
+    """The decoder graph's inputs beyond ``STEP_INPUTS`` and the KV cache (IDEFICS: the image attention mask and the
+    cross-attention K/V), in graph order: what ``set_context`` must feed."""
+    known = {*STEP_INPUTS, *cache_names(checked_layout(kv_cache), "past")}
     return [name for name in input_names if name not in known]
 
 
@@ -56,4 +60,4 @@ def decoder_context(manifest: Mapping[str, Any]) -> list[str]:
     kv = decoder_settings(manifest).get("kv_cache")
     if kv:
         return context_inputs(decoder["inputs"], kv)
-    return [name for name in decoder["inputs"] if name not in ("inputs_embeds", "attention_mask", "position_ids")]
+    return [name for name in decoder["inputs"] if name not in STEP_INPUTS]

@@ -19,6 +19,7 @@ import numpy as np
 
 from mmedge.embeddings import EmbeddingTable
 from mmedge.errors import IntegrityError
+from mmedge.generation.kv_layout import STEP_INPUTS
 from mmedge.runtimes.kv_decoder import GraphDecoder, artifact_decoder, cache_names, checked_layout
 from mmedge.runtimes.openvino.compile import compiled_model, exported_weights
 from mmedge.runtimes.openvino.core import OvOptions, import_openvino
@@ -37,7 +38,7 @@ class OpenVinoDecoder(GraphDecoder):
                  context_inputs: tuple[str, ...] | list[str] = (), source: str = ""):
         self._compiled = compiled
         self.source = source
-        known = {"inputs_embeds", "attention_mask", "position_ids", "logits", *context_inputs,
+        known = {*STEP_INPUTS, "logits", *context_inputs,
                  *cache_names(checked_layout(kv_cache), "past"), *cache_names(checked_layout(kv_cache), "present")}
         inputs = {name: (_OV_NUMPY.get(port.get_element_type().to_string()), _shape(port))
                   for name, port in zip(port_names(compiled.inputs, known), compiled.inputs)}
