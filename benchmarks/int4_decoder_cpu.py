@@ -1,5 +1,6 @@
-"""Two choices in the INT4 decoder graph, each A/B in one run on bare ONNX Runtime CPU sessions: the 8-bit LM head's
-block size, and the attention as transformers' ops or one fused node per layer.
+"""Three choices in the decoder graph, each A/B in one run on bare ONNX Runtime CPU sessions: the INT4 LLM's 8-bit LM
+head block size, the attention as transformers' ops or one fused node per layer, and the prefill's logits at every
+prompt position or at the last.
 
 1. **Head blocks:** the 8-bit LM head in blocks of 256 weights (the default) against blocks of 32 (the 4-bit
    layers' block, the recipe before). Both graphs are quantized here from the same FP32 decoder (``caption_cpu.py``'s
@@ -10,12 +11,15 @@ block size, and the attention as transformers' ops or one fused node per layer.
 2. **Attention:** ``caption_cpu.py``'s cached INT4 exports with transformers' attention ops (the default) and with
    ``--fused-attention`` (one ``com.microsoft.MultiHeadAttention`` node per layer), skipped if missing (run
    ``caption_cpu.py`` first).
+3. **Prefill logits:** one decoder graph fed ``logits_positions`` for every prompt position (what a prefill computed
+   before the input existed) and for the last (what the generation loop asks for): BLIP-2 FP32 and INT4 and
+   IDEFICS-mid FP32 (``flamingo_cpu.py``'s export), skipped if missing.
 
 Each pair is timed alternating round by round, sessions set as the pipeline sets them (``threads``, spinning stopped
 after each call): decode steps (1 new token after ``--pasts`` cached ones) and prefills (``--prompts`` tokens, no
 past), medians.
 
-    python benchmarks/int4_decoder_cpu.py            # ~4 min on 2 cores
+    python benchmarks/int4_decoder_cpu.py            # ~5 min on 2 cores
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from _common import machine_info, markdown_table, package_versions, write_json
+from mmedge.generation.kv_layout import LOGITS_POSITIONS
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -44,7 +49,8 @@ def session(path: Path, threads: int):
 def random_feeds(sess, batch: int, sequence: int, past: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Decoder inputs: random embeddings and cache, every slot attended, positions after the past."""
     rng = np.random.default_rng(seed)
-    sizes = {"batch": batch, "sequence": sequence, "past_sequence": past, "total_sequence": past + sequence}
+    sizes = {"batch": batch, "sequence": sequence, "past_sequence": past, "total_sequence": past + sequence,
+             "logits_sequence": 1}
     feeds = {}
     for tensor in sess.get_inputs():
         shape = [d if isinstance(d, int) else sizes[d] for d in tensor.shape]
@@ -52,16 +58,21 @@ def random_feeds(sess, batch: int, sequence: int, past: int, seed: int = 0) -> d
             feeds[tensor.name] = np.ones(shape, np.int64)  # [batch, total]
         elif tensor.name == "position_ids":
             feeds[tensor.name] = np.tile(np.arange(past, past + sequence), (batch, 1)).astype(np.int64)
+        elif tensor.name == LOGITS_POSITIONS:  # the generation loop's: the last position
+            feeds[tensor.name] = np.full((batch, 1), sequence - 1, dtype=np.int64)
         else:
             feeds[tensor.name] = (rng.standard_normal(shape) * 0.5).astype(np.float32)
     return feeds
 
 
-def alternate(sessions: dict, feeds: dict, rounds: int, calls: int) -> dict[str, float]:
-    """Median ms per call of each session, ``rounds`` rounds of ``calls`` calls, sessions alternating (ABBA)."""
-    for sess in sessions.values():
+def alternate(sessions: dict, feeds: dict, rounds: int, calls: int, variant_feeds: dict | None = None
+              ) -> dict[str, float]:
+    """Median ms per call of each session, ``rounds`` rounds of ``calls`` calls, sessions alternating (ABBA);
+    ``variant_feeds``: per session name, feeds to use instead of ``feeds``."""
+    chosen = {name: (variant_feeds or {}).get(name, feeds) for name in sessions}
+    for name, sess in sessions.items():
         for _ in range(3):
-            sess.run(["logits"], feeds)
+            sess.run(["logits"], chosen[name])
     medians: dict[str, list[float]] = {name: [] for name in sessions}
     order = list(sessions.items())
     for round_ in range(rounds):
@@ -69,7 +80,7 @@ def alternate(sessions: dict, feeds: dict, rounds: int, calls: int) -> dict[str,
             times = []
             for _ in range(calls):
                 start = time.perf_counter()
-                sess.run(["logits"], feeds)
+                sess.run(["logits"], chosen[name])
                 times.append(time.perf_counter() - start)
             medians[name].append(statistics.median(times) * 1e3)
     return {name: statistics.median(values) for name, values in medians.items()}
@@ -139,6 +150,48 @@ def attention(args) -> tuple[dict, str]:
     return {"ms": timed}, table("Decoder attention (INT4 decoder, caption_cpu.py's exports)", timed)
 
 
+def prefill_logits(args) -> tuple[dict, str]:
+    """The prefill with logits at every prompt position (what decoders computed before ``logits_positions``) vs at the
+    last one (what the generation loop asks for), same graph and session: BLIP-2 FP32 and INT4 (``caption_cpu.py``'s
+    exports, ``--prompts`` tokens, random inputs) and IDEFICS-mid FP32 (``flamingo_cpu.py``'s export, its stored
+    validation prompt: two photos, 39 tokens)."""
+    from caption_cpu import VARIANTS
+
+    from mmedge.artifact import Artifact
+    from mmedge.errors import MmedgeError
+    from mmedge.validate import load_validation_samples
+
+    folders = {f"BLIP-2 {v.name}": v.folder for v in VARIANTS if v.name in ("fp32", "int4")}
+    folders["IDEFICS-mid fp32"] = OUT / "idefics-mid-fp32"
+    timed, rows = {}, []
+    for label, folder in folders.items():
+        try:
+            artifact = Artifact.open(folder)
+        except MmedgeError as exc:
+            rows.append([label, f"skipped: {exc.what}", "", "", ""])
+            continue
+        sess = session(artifact.component_path("decoder"), args.threads)
+        if LOGITS_POSITIONS not in {i.name for i in sess.get_inputs()}:
+            rows.append([label, "skipped: exported before logits_positions", "", "", ""])
+            continue
+        if label.startswith("IDEFICS"):
+            feeds = dict(load_validation_samples(artifact)["decoder"]["inputs"])
+        else:
+            feeds = random_feeds(sess, 1, max(args.prompts[0], 2), 0)
+        tokens = feeds["inputs_embeds"].shape[1]
+        every = feeds | {LOGITS_POSITIONS: np.arange(tokens)[None].repeat(len(feeds["inputs_embeds"]), 0)}
+        last = feeds | {LOGITS_POSITIONS: np.full((len(feeds["inputs_embeds"]), 1), tokens - 1, dtype=np.int64)}
+        print(f"timing prefill logits, {label}", file=sys.stderr)
+        ms = alternate({"every position": sess, "last position": sess}, every, args.rounds, 5,
+                       variant_feeds={"last position": last})
+        timed[label] = {"tokens": tokens, **ms}
+        rows.append([label, str(tokens), f"{ms['every position']:.2f}", f"{ms['last position']:.2f}",
+                     f"{ms['every position'] / ms['last position']:.3f}x"])
+    text = "### Prefill: logits at every prompt position vs the last (logits_positions)\n\n" + markdown_table(
+        ["decoder", "prompt tokens", "every position ms", "last position ms", "speed-up"], rows)
+    return timed, text
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -164,9 +217,10 @@ def main() -> int:
         results["head_blocks"], head_table = head_blocks(args, artifact.component_path("decoder"), sample,
                                                          Path(scratch))
     results["attention"], attention_table = attention(args)
+    results["prefill_logits"], prefill_table = prefill_logits(args)
     print(f"INT4 decoder graphs on CPU — {results['machine']['cpu']}, threads {args.threads}, "
           f"load {results['machine']['load_average_1m']}, {results['machine']['date']}\n")
-    print(head_table + "\n\n" + attention_table)
+    print(head_table + "\n\n" + attention_table + "\n\n" + prefill_table)
     print(f"\nresults written to {write_json(args.json, results)}")
     return 0
 
