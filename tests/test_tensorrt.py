@@ -120,9 +120,10 @@ def blip2_manifest(max_positions=2048, llm_precision="fp32", llm_quantization=No
                 "prefix": component({"pixel_values": tensor("float32", "batch", 3, 224, 224)},
                                     {"prefix_embeds": tensor("float32", "batch", 32, 64)}),
                 "decoder": component({"inputs_embeds": tensor("float32", "batch", "sequence", 64),
-                                      "attention_mask": tensor("int64", "batch", "total_sequence"), **past},
-                                     {"logits": tensor("float32", "batch", "sequence", 100), **present}, llm_precision,
-                                     llm_quantization)}}
+                                      "attention_mask": tensor("int64", "batch", "total_sequence"),
+                                      "logits_positions": tensor("int64", "batch", "logits_sequence"), **past},
+                                     {"logits": tensor("float32", "batch", "logits_sequence", 100), **present},
+                                     llm_precision, llm_quantization)}}
 
 
 def idefics_manifest():
@@ -163,6 +164,7 @@ def test_decoder_axes_keep_past_plus_new_consistent_at_every_point():
     # no past at the first step
     assert profile["past_key_values.1.value"] == ((1, 4, 0, 16), (1, 4, 64, 16), (2, 4, 127, 16))
     assert profile["attention_mask"] == ((1, 1), (1, 65), (2, 255))
+    assert profile["logits_positions"] == ((1, 1), (1, 1), (2, 128))  # the loop asks for 1 row; checks for all
     for point in range(3):
         new, past, total = (profile[n][point] for n in ("inputs_embeds", "past_key_values.0.key", "attention_mask"))
         assert total[1] == past[2] + new[1]
