@@ -93,6 +93,7 @@ class GraphDecoder(abc.ABC):
         self._past_dtype = self._dtype(self._past_names[0], np.float32) if self._past_names else np.float32
         self._mask_dtype = self._dtype("attention_mask", np.int64)
         self._position_dtype = self._dtype("position_ids", np.int64)
+        self._logit_positions_dtype = self._dtype(LOGITS_POSITIONS, np.int64)
         if not isinstance(embeddings, EmbeddingTable):  # a compressed table stays compressed
             embeddings = np.ascontiguousarray(embeddings, dtype=self._embeds_dtype)
         hidden = inputs["inputs_embeds"][1][-1]
@@ -184,8 +185,7 @@ class GraphDecoder(abc.ABC):
             feeds["position_ids"] = np.ascontiguousarray(_position_ids(mask, seq, self.position_offset),
                                                          dtype=self._position_dtype)
         if self._takes_logit_positions:  # [batch, 1]: the last position (prompts are left-padded)
-            feeds[LOGITS_POSITIONS] = np.full((embeds.shape[0], 1), seq - 1,
-                                              dtype=self._dtype(LOGITS_POSITIONS, np.int64))
+            feeds[LOGITS_POSITIONS] = np.full((embeds.shape[0], 1), seq - 1, dtype=self._logit_positions_dtype)
         logits = self._forward({**feeds, **context})  # [batch, seq or 1, vocab]
         self.past_length = mask.shape[1]
         return np.asarray(logits[:, -1, :], dtype=np.float32)  # [batch, vocab]

@@ -68,11 +68,10 @@ GENERATION_FIELDS = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "min_new_tokens":
 def decoder_attention(fused: bool, language_model) -> dict:
     """The decoder's ``attention`` manifest entry: one ``com.microsoft.MultiHeadAttention`` node per layer with
     ``fused_attention`` (an OPT LLM; ``mmedge.export.specs.fused_attention``), else transformers' ops."""
-    from mmedge.export.specs.fused_attention import manifest_entry, unsupported_reason
+    from mmedge.export.specs.fused_attention import manifest_entry, standard_entry, unsupported_reason
 
     if not fused:
-        return manifest_entry(False, "transformers' attention ops (the default: every backend, TensorRT included, "
-                                     "builds them; --fused-attention writes one node per layer)")
+        return standard_entry()
     reason = unsupported_reason(language_model)
     if reason:
         raise InputError(f"--fused-attention cannot rewrite this checkpoint's LLM: {reason}", "an OPT language model",

@@ -31,7 +31,7 @@ from mmedge.export.families.blip2 import (
     generation_settings,
 )
 from mmedge.export.families.common import EMBEDDINGS_FILE, GenerativeFamily, write_embedding_table
-from mmedge.export.specs.blip2 import decoder_feeds, kv_cache_layout
+from mmedge.export.specs.blip2 import decoder_feeds, every_position, kv_cache_layout
 from mmedge.export.specs.idefics import (
     CROSS_NAME,
     CrossKV,
@@ -361,9 +361,9 @@ def _prefill_logits(decoder, inputs: dict) -> np.ndarray:
 
     layout, mask = decoder.kv, inputs["mask"]
     empty = np.zeros((mask.shape[0], layout["heads"], 0, layout["head_dim"]), dtype=np.float32)
-    every = np.broadcast_to(np.arange(mask.shape[1]), mask.shape).copy()  # [batch, tokens]: logits at every one
     feeds = {"inputs_embeds": inputs["embeds"], "attention_mask": mask,
-             "position_ids": position_ids(mask, mask.shape[1]), LOGITS_POSITIONS: every, **inputs["prefill"]}
+             "position_ids": position_ids(mask, mask.shape[1]), LOGITS_POSITIONS: every_position(*mask.shape).numpy(),
+             **inputs["prefill"]}
     feeds |= {layout["past"] % (i, kind): empty for i in range(layout["layers"]) for kind in ("key", "value")}
     return decoder.session.run(["logits"], feeds)[0]
 

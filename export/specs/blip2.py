@@ -97,8 +97,7 @@ class _DecoderWithPast(torch.nn.Module):
                                   position_ids=position_ids, use_cache=True, return_dict=True,
                                   **{self.cache_kwarg: cache})
         hidden = out.last_hidden_state  # [batch, sequence, width]
-        rows = hidden.gather(1, logits_positions[..., None].expand(-1, -1, hidden.shape[-1]))  # [batch, n, width]
-        logits = self.language_model.get_output_embeddings()(rows)  # [batch, n, vocab]: the LM head on n rows only
+        logits = self.language_model.get_output_embeddings()(rows_at(hidden, logits_positions))  # [batch, n, vocab]
         cache = getattr(out, "cache", None) or out.past_key_values
         present = []
         for layer in cache.layers:
@@ -236,10 +235,10 @@ class DecoderWithPast(ComponentSpec):
     max_abs = 1e-3  # logits reach tens in real LLMs; the cosine bound is the real gate
 
     def __init__(self, language_model, attention: dict | None = None):
-        from mmedge.export.specs.fused_attention import OP, manifest_entry
+        from mmedge.export.specs.fused_attention import OP, standard_entry
 
         self.language_model = language_model
-        self.attention = attention or manifest_entry(False, "transformers' attention, as traced")
+        self.attention = attention or standard_entry()
         self.fused_attention = self.attention["op"] == OP
         self.kv_cache = kv_cache_layout(language_model)
         config = language_model.config
@@ -295,6 +294,12 @@ class DecoderWithPast(ComponentSpec):
             for kind in KV_KINDS:
                 feeds[PAST_NAME % (layer, kind)] = torch.randn(batch, heads, past, head_dim, generator=generator)
         return feeds
+
+
+def rows_at(hidden: torch.Tensor, logits_positions: torch.Tensor) -> torch.Tensor:
+    """The rows of ``hidden [batch, sequence, width]`` that ``logits_positions [batch, n]`` names: ``[batch, n,
+    width]``, what a decoder's LM head runs on (one Gather in the graph)."""
+    return hidden.gather(1, logits_positions[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
 def every_position(batch: int, sequence: int) -> torch.Tensor:

@@ -117,3 +117,9 @@ def fused_attention(language_model):
 def manifest_entry(fused: bool, why: str) -> dict:
     """The decoder's ``attention`` entry in the manifest."""
     return {"op": OP if fused else "standard", "why": why}
+
+
+def standard_entry() -> dict:
+    """The entry of a decoder traced with transformers' attention ops (the default)."""
+    return manifest_entry(False, "transformers' attention ops (the default: every backend, TensorRT included, builds "
+                                 "them; --fused-attention writes one node per layer)")

@@ -36,6 +36,7 @@ from mmedge.export.specs.blip2 import (
     cache_kwarg,
     every_position,
     kv_cache_layout,
+    rows_at,
 )
 from mmedge.generation.kv_layout import LOGITS_POSITIONS
 
@@ -206,8 +207,7 @@ class _XAttnDecoderWithPast(torch.nn.Module):
                 hidden = _gated_cross_block(self.blocks[c], hidden, cross[2 * c], cross[2 * c + 1], bias, gate,
                                             attention)
             hidden = layer(hidden, attention_mask=causal, position_ids=position_ids, **layer_cache)
-        rows = hidden.gather(1, logits_positions[..., None].expand(-1, -1, hidden.shape[-1]))  # [batch, n, hidden]
-        logits = self.lm_head(self.norm(rows))  # [batch, n, vocab + additional]: the head on the asked rows only
+        logits = self.lm_head(self.norm(rows_at(hidden, logits_positions)))  # [batch, n, vocab + additional]
         present = []
         for layer in cache.layers:
             present += [layer.keys, layer.values]  # each [batch, heads, past + sequence, head_dim]
