@@ -211,6 +211,11 @@ def ratio(value: float | None, reference: float | None) -> float | None:
     return None if value is None or not reference else value / reference
 
 
+def backends_used(pipeline) -> str:
+    """Which backend ran each component (``auto`` follows ``mmedge tune``'s timings where the artifact has them)."""
+    return ", ".join(f"{name} {chosen.backend}" for name, chosen in pipeline.plan.components.items())
+
+
 def error_text(exc: BaseException) -> str:
     """The full traceback of ``exc``, for the JSON file and the report."""
     import traceback

@@ -43,6 +43,7 @@ from PIL import Image
 from _common import (
     StreamerClock,
     TokenClock,
+    backends_used,
     child_summary,
     cpu_ticks,
     error_text,
@@ -126,6 +127,8 @@ class Variant:
         encoders = "" if self.precision == self.llm_precision else f", encoders {self.precision.upper()} dynamic"
         if self.fused_attention:
             encoders += ", fused attention"
+        if self.backend == "auto":
+            return f"mmedge {llm[self.llm_precision]}, backend auto"
         if self.backend == "openvino":
             weights = f", NNCF {self.openvino_weights.upper()} weights" if self.openvino_weights else ""
             return f"mmedge {llm[self.llm_precision]} on OpenVINO{weights}"
@@ -138,7 +141,9 @@ VARIANTS = [Variant("fp32", "fp32", "fp32"), Variant("int8", "int8", "int8"), Va
 # --openvino: the FP32 export on OpenVINO as it is, and with NNCF INT8 / INT4 (group 32) weights made at first load
 OPENVINO_VARIANTS = [Variant("fp32-openvino", "fp32", "fp32", "openvino", None, "fp32"),
                      Variant("int8-openvino", "fp32", "fp32", "openvino", "int8", "fp32"),
-                     Variant("int4-openvino", "fp32", "fp32", "openvino", "int4", "fp32")]
+                     Variant("int4-openvino", "fp32", "fp32", "openvino", "int4", "fp32"),
+                     # what auto picks per component: the rule, or mmedge tune's timings where the export has them
+                     Variant("fp32-auto", "fp32", "fp32", "auto", None, "fp32")]
 BANDWIDTH_READINGS = 7
 IO_BINDING_VARIANTS = ("fp32", "int4")
 
@@ -427,6 +432,7 @@ def measure_variant(variant: Variant, threads: int, photo, its: Iterations) -> d
     try:
         with mmedge.load(variant.folder, threads=threads, **variant.load_options()) as captioner:
             result.update(artifact_facts(captioner.artifact))
+            result["backends"] = backends_used(captioner)
             if variant.openvino_weights:
                 result.update(openvino_weight_bytes(captioner.artifact, variant.openvino_weights, result))
             result["io_binding_default"] = getattr(captioner.decoder, "io_binding", None)
@@ -615,7 +621,8 @@ def ratio_lines(hf: dict, engines: dict[str, dict]) -> list[str]:
         lines.append(f"{r['title']}: TTFT {fmt_ratio(ratio(median(r, 'ttft_ms'), median(hf, 'ttft_ms')))} HF, "
                      f"decode tok/s {fmt_ratio(ratio(median(r, 'decode_tok_s'), median(hf, 'decode_tok_s')))} HF, "
                      f"caption {fmt_ratio(ratio(median(r, 'total_ms'), median(hf, 'total_ms')))} HF, "
-                     f"peak RSS {fmt_ratio(ratio(r.get('peak_rss_bytes'), hf.get('peak_rss_bytes')))} HF")
+                     f"peak RSS {fmt_ratio(ratio(r.get('peak_rss_bytes'), hf.get('peak_rss_bytes')))} HF "
+                     f"(backends: {r.get('backends')})")
     return lines
 
 

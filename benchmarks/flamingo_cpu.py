@@ -34,6 +34,7 @@ from PIL import Image
 from _common import (
     StreamerClock,
     TokenClock,
+    backends_used,
     error_text,
     export_once,
     machine_info,
@@ -101,6 +102,7 @@ def measure_mmedge(path: Path, photos, runs: int, threads: int, load_options: di
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         captioner = mmedge.load(path, threads=threads, **(load_options or {}))
+    backends = backends_used(captioner)
     config = GenerationConfig.from_dict(captioner.artifact.manifest["generation"]).replace(
         max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, num_beams=1, do_sample=False)
     clock = TokenClock(captioner.decoder)
@@ -116,7 +118,8 @@ def measure_mmedge(path: Path, photos, runs: int, threads: int, load_options: di
     fidelity = captioner.artifact.manifest["components"]["decoder"]["parity"].get("fidelity") or {}
     captioner.close()
     return {**median_of(results[1:]), "tokens": tokens, "logits_cosine_vs_fp32": fidelity.get("logits_cosine_mean"),
-            "prompt_tokens": int(built["ids"].shape[1]), "graphs": list(captioner.artifact.manifest["components"])}
+            "prompt_tokens": int(built["ids"].shape[1]), "graphs": list(captioner.artifact.manifest["components"]),
+            "backends": backends}
 
 
 def report(results: dict) -> str:
@@ -139,7 +142,8 @@ def report(results: dict) -> str:
                      same_hf, same_fp32 + (f", logits cos {cosine:.4f}" if cosine else "")])
     table = markdown_table(["engine", "TTFT ms", "of which image context + prefill", "decode tok/s", "TTFT speed-up",
                             "decode speed-up", "tokens vs HF", "vs mmedge FP32"], rows)
-    lines = [table]
+    lines = [table, "", "backends: " + "; ".join(f"{name}: {r['backends']}" for name, r in results["mmedge"].items()
+                                             if "backends" in r)]
     cached, recompute = results["mmedge"].get("fp32"), results["mmedge"].get("fp32-recompute-kv")
     if cached and recompute and "error" not in cached and "error" not in recompute:
         lines.append(f"\ncached cross-attention K/V: decode {cached['decode_tok_s'] / recompute['decode_tok_s']:.2f}x "

@@ -48,7 +48,7 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", t
                       f"(source {manifest['source']['model']}): its outputs are meaningless", RandomWeightsWarning,
                       stacklevel=2)
     extra = _checked_backend_options(backend_options)
-    chosen = _plan(artifact, backend, device, extra)
+    chosen = _plan(artifact, backend, device, extra, threads)
     if backend == "auto":
         log.info("mmedge: %s", "; ".join(chosen.reasons))
         log_fallbacks(chosen, log)
@@ -105,22 +105,25 @@ def open_runners(artifact: Artifact, chosen, *, threads: int | None = None, back
 
 
 def plan_for(path: str | os.PathLike, backend: str = "auto", device: str = "auto",
-             backend_options: dict | None = None):
+             backend_options: dict | None = None, threads: int | None = None):
     """The plan ``load`` would follow for these arguments (which backend runs each component), without opening
     anything: what the CLI checks its options against before loading."""
-    return _plan(Artifact.open(path), backend, device, _checked_backend_options(backend_options))
+    return _plan(Artifact.open(path), backend, device, _checked_backend_options(backend_options), threads)
 
 
-def _plan(artifact: Artifact, backend: str, device: str, extra: dict):
+def _plan(artifact: Artifact, backend: str, device: str, extra: dict, threads: int | None = None):
     from mmedge import device as device_probe
     from mmedge.runtimes.registry import backend as registered
     from mmedge.selection import plan as make_plan
+    from mmedge.tuning import measured_for
 
     # auto takes torch only when the weights are really here (a device copy may leave pytorch/ out); a named torch
     # backend goes by the manifest, so a missing folder is reported as missing
     present = artifact.has_pytorch_weights if backend == "auto" else bool(artifact.manifest.get("pytorch"))
     weights = present or any(registered(name).supplies_weights(settings) for name, settings in extra.items())
-    return make_plan(device_probe.probe(), artifact.manifest, backend, device, pytorch_weights=weights)
+    found = device_probe.probe()
+    return make_plan(found, artifact.manifest, backend, device, pytorch_weights=weights,
+                     measured=measured_for(artifact, found, threads))
 
 
 def _refuse_idle_backend_options(options: dict, chosen) -> None:

@@ -42,7 +42,8 @@ class PlanRequest:
     """One selection: the device probe, the manifest, what the user asked for, and the plan's running notes.
 
     ``explicit``: the user named this backend (it takes every component or refuses); ``weights``: the torch backend
-    has PyTorch weights to load; ``claims``: component -> the backend that must run it ahead of any higher-priority
+    has PyTorch weights to load; ``measured``: ``mmedge tune``'s timings of the components on this device;
+    ``claims``: component -> the backend that must run it ahead of any higher-priority
     backend (``Backend.claims``); ``reasons`` / ``fallbacks`` collect what ``Plan`` reports."""
 
     probe: DeviceProbe
@@ -51,6 +52,7 @@ class PlanRequest:
     explicit: bool = False
     weights: bool = False
     claims: dict[str, str] = field(default_factory=dict)
+    measured: dict[str, dict] = field(default_factory=dict)  # component -> this device's timings (mmedge.tuning)
     reasons: list[str] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)
 

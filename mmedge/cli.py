@@ -102,7 +102,7 @@ def cmd_run(args) -> int:
             from mmedge.api import plan_for
 
             chosen = plan_for(args.artifact, backend=args.backend, device=args.device,
-                              backend_options={"torch": torch_options})
+                              backend_options={"torch": torch_options}, threads=args.threads)
             decoder = chosen.components.get("decoder")
             check_decoder_backend(args, decoder.backend if decoder else None)
         pipeline = mmedge.load(args.artifact, backend=args.backend, device=args.device, task=args.task,
@@ -226,9 +226,11 @@ def cmd_doctor(args) -> int:
     report = {"device": found.to_dict()}
     if args.artifact:
         from mmedge.artifact import Artifact
+        from mmedge.tuning import measured_for
 
         artifact = Artifact.open(args.artifact)
-        chosen = plan(found, artifact.manifest, args.backend, args.device)
+        chosen = plan(found, artifact.manifest, args.backend, args.device,
+                      measured=measured_for(artifact, found, args.threads))
         report["plan"] = {name: vars(c) for name, c in chosen.components.items()}
         report["reasons"] = chosen.reasons
     if args.json:
@@ -254,6 +256,28 @@ def cmd_doctor(args) -> int:
         for candidate in backends():
             for line in candidate.artifact_lines(artifact):
                 print(line)
+    return 0
+
+
+# --- tune --------------------------------------------------------------------------------------
+def cmd_tune(args) -> int:
+    """Time each component on ONNX Runtime and OpenVINO here; ``auto`` decides those components from the figures."""
+    from mmedge.api import plan_for
+    from mmedge.tuning import timings_path, tune
+
+    record = tune(args.artifact, threads=args.threads, runs=args.runs, progress=not args.quiet)
+    chosen = plan_for(args.artifact, threads=args.threads)
+    picks = {name: chosen.components[name].backend for name in record["components"]}
+    if args.json:
+        print(json.dumps({**record, "auto": picks}, indent=2))
+        return 0
+    for name, timing in record["components"].items():
+        print(f"{name}: ONNX Runtime {timing['onnxruntime_ms']:.2f} ms, OpenVINO {timing['openvino_ms']:.2f} ms "
+              f"({timing['inputs']}) -> auto runs it on {picks[name]}")
+    from mmedge.artifact import Artifact
+
+    print(f"stored in {timings_path(Artifact.open(args.artifact))} for this device at "
+          f"{record['device']['threads']} threads per graph")
     return 0
 
 
@@ -421,6 +445,16 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("artifact", nargs="?")
     runtime_flags(doc)
     doc.set_defaults(func=cmd_doctor)
+
+    tune = sub.add_parser("tune", help="measure which CPU backend (ONNX Runtime or OpenVINO) runs each graph faster "
+                          "here; auto then follows the measurement (needs mmedge[openvino])")
+    tune.add_argument("artifact")
+    tune.add_argument("--threads", type=int, default=None,
+                      help="CPU threads per graph, as the artifact will be loaded with (default: all cores)")
+    tune.add_argument("--runs", type=int, default=10, help="timed rounds per graph and backend (median; >= 3)")
+    tune.add_argument("--quiet", action="store_true", help="no progress lines")
+    tune.add_argument("--json", action="store_true", help="machine-readable record")
+    tune.set_defaults(func=cmd_tune)
 
     from mmedge import bench, demo, serve
     from mmedge.triton import cli as triton

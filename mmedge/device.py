@@ -46,6 +46,7 @@ class DeviceProbe:
     engines: dict[str, str | None] = field(default_factory=dict)  # package -> version, None if absent
     ort_providers: list[str] = field(default_factory=list)
     memory_available_mb: int | None = None  # MemAvailable: on a Jetson the GPU shares this memory
+    cpu_model: str | None = None  # /proc/cpuinfo's "model name" (x86) or "Model" (Arm boards)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,6 +59,14 @@ def _cpu_flags(cpuinfo: str) -> list[str]:
         if key.strip() in ("flags", "Features"):
             flags.update(value.split())
     return [f for f in ISA_FLAGS if f in flags]
+
+
+def _cpu_model(cpuinfo: str) -> str | None:
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("model name", "Model") and value.strip():
+            return value.strip()
+    return None
 
 
 def _memory_total_mb(meminfo: str, field: str = "MemTotal") -> int | None:
@@ -141,6 +150,7 @@ def probe() -> DeviceProbe:
     """The device, probed once per process."""
     engines = _engine_versions()
     meminfo = _read("/proc/meminfo") or ""
+    cpuinfo = _read("/proc/cpuinfo") or ""
     providers: list[str] = []
     if engines.get("onnxruntime"):
         from mmedge.runtimes.ort_session import available_providers
@@ -150,7 +160,8 @@ def probe() -> DeviceProbe:
         machine=platform.machine(),
         system=platform.system(),
         cpu_cores=os.cpu_count() or 1,
-        cpu_flags=_cpu_flags(_read("/proc/cpuinfo") or ""),
+        cpu_flags=_cpu_flags(cpuinfo),
+        cpu_model=_cpu_model(cpuinfo),
         memory_total_mb=_memory_total_mb(meminfo),
         memory_available_mb=_memory_total_mb(meminfo, "MemAvailable"),
         gpus=_nvidia_smi_gpus(),

@@ -47,16 +47,19 @@ def _check_request(backend: str, device: str) -> None:
 
 
 def plan(probe: DeviceProbe, manifest: dict, backend: str = "auto", device: str = "auto", *,
-         pytorch_weights: bool | None = None) -> Plan:
+         pytorch_weights: bool | None = None, measured: dict[str, dict] | None = None) -> Plan:
     """Backend and providers per component, with the reasons, or a BackendUnavailableError.
 
     ``pytorch_weights``: whether the torch backend has weights to load (None: whether the manifest names them).
+    ``measured``: component -> its timings on this device (``mmedge.tuning.measured_for``), which ``auto`` prefers
+    to the backends' rules.
     """
     from mmedge.runtimes import registry
 
     _check_request(backend, device)
     weights = bool(manifest.get("pytorch")) if pytorch_weights is None else bool(pytorch_weights)
-    request = PlanRequest(probe, manifest, device, explicit=backend != "auto", weights=weights)
+    request = PlanRequest(probe, manifest, device, explicit=backend != "auto", weights=weights,
+                          measured=dict(measured or {}))
     components: dict[str, ComponentPlan] = {}
     if backend == "auto":
         ordered = registry.backends()

@@ -64,9 +64,12 @@ def validate_artifact(path, backend: str = "auto", device: str = "auto", threads
     from mmedge.api import open_runners
     from mmedge.device import probe
     from mmedge.selection import plan
+    from mmedge.tuning import measured_for
 
     artifact = Artifact.open(path)
-    chosen = plan(probe(), artifact.manifest, backend, device, pytorch_weights=artifact.has_pytorch_weights)
+    found = probe()
+    chosen = plan(found, artifact.manifest, backend, device, pytorch_weights=artifact.has_pytorch_weights,
+                  measured=measured_for(artifact, found, threads))
     runners = open_runners(artifact, chosen, threads=threads)
     try:
         return validate(artifact, runners)

@@ -70,10 +70,17 @@ def figure(name: str, component: dict, cpu_flags) -> Figure | None:
     return None if pair is None else pair[0 if has_vnni(cpu_flags) else 1]
 
 
-def faster_backend(name: str, component: dict, cpu_flags) -> tuple[str, str]:
-    """("openvino" or "onnxruntime", the reason) for one component on this CPU."""
-    found = figure(name, component, cpu_flags)
+def measured_figure(timing: dict) -> Figure:
+    """A ``mmedge tune`` record of one component on this device as a ``Figure``."""
+    return Figure(timing["onnxruntime_ms"], timing["openvino_ms"],
+                  f"measured here by mmedge tune at {timing.get('measured_at', '?')}: {timing.get('inputs', '?')}")
+
+
+def faster_backend(name: str, component: dict, cpu_flags, measured: dict | None = None) -> tuple[str, str]:
+    """("openvino" or "onnxruntime", the reason) for one component on this CPU: from ``measured`` (this device's
+    ``mmedge tune`` timing of this graph) where there is one, else from the rule's figure for the CPU class."""
     what = recipe(name, component)
+    found = measured_figure(measured) if measured else figure(name, component, cpu_flags)
     if found is None:
         return "onnxruntime", f"component '{name}' ({what}): no OpenVINO figure for this recipe, ONNX Runtime"
     return found.faster, f"component '{name}' ({what}): {found.faster} is faster here ({found.text()})"

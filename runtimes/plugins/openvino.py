@@ -1,9 +1,10 @@
 """The OpenVINO backend's plug-in (``mmedge[openvino]``): x86 CPUs first, Intel GPUs / NPUs where OpenVINO reports
 them (``backend_options={"openvino": {"device": "GPU"}}``).
 
-Under ``auto`` on an x86 CPU (no NVIDIA GPU in use) it takes each component its measured rule says it runs faster
-than ONNX Runtime (``mmedge.runtimes.openvino.planning``: per graph recipe, per CPU class with or without VNNI), and
-says why; ONNX Runtime, later in priority, takes the rest. Named explicitly it runs every component on OpenVINO's CPU.
+Under ``auto`` on an x86 CPU (no NVIDIA GPU in use) it takes each component it runs faster than ONNX Runtime: where
+``mmedge tune`` measured that graph on this device, by the measurement (``mmedge.tuning``); elsewhere by the rule
+(``mmedge.runtimes.openvino.planning``: per graph recipe, per CPU class with or without VNNI). It says why; ONNX
+Runtime, later in priority, takes the rest. Named explicitly it runs every component on OpenVINO's CPU.
 ``mmedge doctor`` lists OpenVINO's devices, the INT8 recipe the rule picks for this CPU, and the cached compiled
 models of an artifact. Nothing here imports openvino.
 """
@@ -61,7 +62,7 @@ class OpenVinoBackend(Backend):
         for name, component in components.items():
             if name in taken or request.claims.get(name, self.name) != self.name:
                 continue
-            faster, reason = faster_backend(name, component, request.probe.cpu_flags)
+            faster, reason = faster_backend(name, component, request.probe.cpu_flags, request.measured.get(name))
             request.reasons.append(f"{reason}: {faster}")
             if faster == self.name:
                 chosen[name] = ComponentPlan(self.name, (), component["precision"], {"device": "CPU"})

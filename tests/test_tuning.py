@@ -1,0 +1,146 @@
+"""``mmedge tune``: every component timed on ONNX Runtime and OpenVINO on this machine, stored per device and graph,
+and ``auto`` deciding those components from the measurement instead of the rule (``mmedge.tuning``).
+
+Timings are never asserted against each other (they depend on the CPU); what is asserted is that both backends ran
+each graph with the same feeds, that the record is keyed so it is used only where it was measured, and that the plan
+follows whichever figure is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmedge.api import plan_for
+from mmedge.artifact import Artifact
+from mmedge.device import probe
+from mmedge.errors import BackendUnavailableError, InputError
+from mmedge.metrics import cosine_rows
+from mmedge.runtimes.registry import create_runner
+from mmedge.tuning import decode_step_feeds, measured_for, timings_path, tune
+from mmedge.validate import load_validation_samples
+from tests.test_openvino import needs_openvino
+
+ROOT = Path(__file__).resolve().parent.parent
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+needs_x86 = pytest.mark.skipif(not X86, reason="auto gives OpenVINO components only on x86 CPUs, so tune refuses here")
+
+
+@pytest.fixture
+def clip_copy(clip_artifacts, tmp_path):
+    folder = tmp_path / "clip"
+    shutil.copytree(clip_artifacts("int8-static"), folder)
+    return folder
+
+
+def _rewrite(folder: Path, onnxruntime_ms: float, openvino_ms: float, **device) -> None:
+    """Set every stored timing (the plan's inputs), and optionally the record's device key."""
+    path = timings_path(Artifact.open(folder))
+    stored = json.loads(path.read_text())
+    for record in stored["records"]:
+        record["device"].update(device)
+        for timing in record["components"].values():
+            timing.update(onnxruntime_ms=onnxruntime_ms, openvino_ms=openvino_ms)
+    path.write_text(json.dumps(stored))
+
+
+@needs_openvino
+@needs_x86
+def test_tune_times_every_graph_and_auto_follows_the_measurement(clip_copy):
+    record = tune(clip_copy, threads=1, runs=3, progress=False)
+    artifact = Artifact.open(clip_copy)
+    assert set(record["components"]) == set(artifact.components)
+    for name, timing in record["components"].items():
+        assert timing["onnxruntime_ms"] > 0 and timing["openvino_ms"] > 0
+        assert timing["sha256"] == artifact.component(name)["sha256"]
+        assert "validation sample" in timing["inputs"]
+    assert record["device"]["threads"] == 1 and record["device"]["cpu_model"] == probe().cpu_model
+    assert set(measured_for(artifact, probe(), 1)) == set(artifact.components)
+
+    _rewrite(clip_copy, onnxruntime_ms=100.0, openvino_ms=10.0)
+    chosen = plan_for(clip_copy, threads=1)
+    assert {c.backend for c in chosen.components.values()} == {"openvino"}
+    assert any("measured here by mmedge tune" in reason and "OpenVINO 10 ms" in reason for reason in chosen.reasons)
+    _rewrite(clip_copy, onnxruntime_ms=10.0, openvino_ms=100.0)
+    assert {c.backend for c in plan_for(clip_copy, threads=1).components.values()} == {"onnxruntime"}
+
+    # measured at 1 thread per graph: a load at 2 threads follows the rule, not these figures
+    assert not any("mmedge tune" in reason for reason in plan_for(clip_copy, threads=2).reasons)
+    # another CPU's record is kept and ignored
+    _rewrite(clip_copy, onnxruntime_ms=100.0, openvino_ms=10.0, cpu_model="some other CPU")
+    assert measured_for(artifact, probe(), 1) == {}
+
+
+@needs_openvino
+@needs_x86
+def test_a_record_for_another_graph_is_ignored_and_a_broken_file_is_a_cache_miss(clip_copy, caplog):
+    tune(clip_copy, threads=1, runs=3, progress=False)
+    artifact = Artifact.open(clip_copy)
+    path = timings_path(artifact)
+    stored = json.loads(path.read_text())
+    name = next(iter(artifact.components))
+    stored["records"][0]["components"][name]["sha256"] = "0" * 64  # measured on a graph that is not this one
+    path.write_text(json.dumps(stored))
+    assert name not in measured_for(artifact, probe(), 1)
+    path.write_text("{not json")
+    assert measured_for(artifact, probe(), 1) == {}
+    assert "run `mmedge tune`" in caplog.text
+    tune(clip_copy, threads=1, runs=3, progress=False)  # writes a readable file again
+    assert set(measured_for(artifact, probe(), 1)) == set(artifact.components)
+
+
+@needs_openvino
+@pytest.mark.parametrize("fixture", ["blip2_artifact", "blip2_t5_artifact"])
+def test_decode_step_feeds_run_on_both_backends_with_the_same_logits(fixture, request):
+    """The decoder is timed on one decode step after the validation prompt: feeds both engines take, giving the same
+    FP32 logits, one position wide (an OPT decoder, and a T5 decoder with its encoder's cross K/V as context)."""
+    artifact = Artifact.open(request.getfixturevalue(fixture))
+    component = artifact.component("decoder")
+    prompt = load_validation_samples(artifact)["decoder"]["inputs"]
+    path = artifact.component_path("decoder")
+    ort = create_runner("onnxruntime", path, "decoder", component, providers=("cpu",))
+    ov = create_runner("openvino", path, "decoder", component, device="CPU")
+    try:
+        step = decode_step_feeds(component, prompt, ort.infer(prompt))
+        assert step["inputs_embeds"].shape[1] == 1
+        cached = step["past_key_values.0.key"].shape[2]
+        assert step["attention_mask"].shape == (prompt["attention_mask"].shape[0], cached + 1)
+        expected, actual = ort.infer(step)["logits"], ov.infer(step)["logits"]
+        assert expected.shape[1] == 1
+        flat = expected.reshape(expected.shape[0], -1)
+        assert float(cosine_rows(flat, np.asarray(actual).reshape(flat.shape)).min()) >= 0.9999
+    finally:
+        ort.close()
+        ov.close()
+
+
+def test_tune_refuses_where_it_would_do_nothing_or_bad_counts(clip_artifacts, monkeypatch):
+    with pytest.raises(InputError, match="runs is 1"):
+        tune(clip_artifacts("fp32"), runs=1)
+    with pytest.raises(InputError, match="threads is 0"):
+        tune(clip_artifacts("fp32"), threads=0)
+    import mmedge.device
+
+    monkeypatch.setattr(mmedge.device, "importable", lambda module: module != "openvino")
+    with pytest.raises(BackendUnavailableError, match=r'nothing to tune.*|mmedge\[openvino\]'):
+        tune(clip_artifacts("fp32"), runs=3)
+
+
+@needs_openvino
+@needs_x86
+def test_cli_tune_prints_the_figures_and_doctor_gives_the_reason(clip_copy):
+    out = subprocess.run([sys.executable, "-m", "mmedge.cli", "tune", str(clip_copy), "--threads", "1", "--runs", "3",
+                          "--quiet"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "ONNX Runtime" in out.stdout and "OpenVINO" in out.stdout and "-> auto runs it on" in out.stdout
+    doctor = subprocess.run([sys.executable, "-m", "mmedge.cli", "doctor", str(clip_copy), "--threads", "1"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert doctor.returncode == 0, doctor.stderr
+    assert "measured here by mmedge tune" in doctor.stdout
