@@ -263,7 +263,8 @@ def cmd_doctor(args) -> int:
 def cmd_tune(args) -> int:
     """Time each component on ONNX Runtime and OpenVINO here; ``auto`` decides those components from the figures."""
     from mmedge.api import plan_for
-    from mmedge.tuning import timings_path, tune
+    from mmedge.runtimes.openvino.tune import tune
+    from mmedge.tuning import timings_path
 
     record = tune(args.artifact, threads=args.threads, runs=args.runs, progress=not args.quiet)
     chosen = plan_for(args.artifact, threads=args.threads)

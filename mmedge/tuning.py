@@ -1,55 +1,43 @@
-"""`mmedge tune`: measure, on this machine, which CPU backend runs each of an artifact's graphs faster.
+"""Measured backend timings per device: what ``auto`` prefers to a backend's rule where they exist.
 
-``auto`` on an x86 CPU gives OpenVINO the components a rule says it runs faster than ONNX Runtime
-(``mmedge.runtimes.openvino.planning``: figures from two CPUs, keyed by whether the CPU has VNNI). The rule is only
-as good as the CPUs behind it: on a third CPU the winner can differ (an AMD EPYC with VNNI runs the FP32 ViT-B/32
-tower 1.28x faster on OpenVINO, where the Xeon behind the rule measured a tie). ``tune`` times every component on
-both backends with the artifact's own validation inputs (a decoder: one decode step after the validation prompt,
-what a caption's tokens cost), alternating the two round by round, and stores the medians in the artifact's
-``engines/backend-timings.json``, keyed by this device (CPU model and flags, cores, threads, engine versions) and
-each graph's sha256. ``auto`` then decides those components from the measurement instead of the rule (same margin),
-and ``mmedge doctor`` says which figures it used. Records for other devices, threads or graphs are kept and ignored.
-
-Nothing here imports torch; the engines are imported by their runners.
+A backend plug-in's rule for which components it takes can only be as good as the CPUs its figures came from (the
+OpenVINO rule: two CPUs, keyed by whether the CPU has VNNI). ``mmedge tune`` (``mmedge.runtimes.openvino.tune``)
+measures instead, on this device, and stores the medians here: the artifact's ``engines/backend-timings.json`` (a
+device-local cache beside the compiled engines, never shipped; the manifest stays the only host/device contract),
+one record per device — CPU model and flags, cores, threads per graph, the compared engines' versions — with each
+component's timings and graph sha256. ``measured_for`` returns this device's figures for the graphs the manifest
+names now; ``selection.plan`` hands them to the plug-ins (``PlanRequest.measured``). Records for other devices,
+threads, engine versions or graphs are kept and ignored. The code here names no backend.
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import os
-import statistics
-import time
 from pathlib import Path
-from typing import Any, Callable
-
-import numpy as np
+from typing import Any
 
 from mmedge.artifact import Artifact
-from mmedge.errors import ArtifactError, BackendUnavailableError
-from mmedge.generation.kv_layout import LOGITS_POSITIONS, cache_names, checked_layout
 
 log = logging.getLogger("mmedge")
 
 TIMINGS_FILE = "backend-timings.json"
 FORMAT = 1
-CANDIDATES = ("onnxruntime", "openvino")
-CACHE_LAYOUT = ("batch", "heads", "tokens", "head_dim")  # a cache tensor's axes where the manifest names none
 
 
-def device_key(probe, threads: int | None) -> dict[str, Any]:
-    """What a timing depends on besides the graph: the CPU, the threads per graph, the engines' versions."""
+def device_key(probe, threads: int | None, engines) -> dict[str, Any]:
+    """What a timing depends on besides the graph: the CPU, the threads per graph, the compared engines' versions."""
     from importlib.metadata import PackageNotFoundError, version
 
-    engines = {}
-    for package in CANDIDATES:
+    versions = {}
+    for package in sorted(engines):
         try:
-            engines[package] = version(package)
+            versions[package] = version(package)
         except PackageNotFoundError:
-            engines[package] = None
+            versions[package] = None
     return {"cpu_model": probe.cpu_model, "machine": probe.machine, "cpu_flags": sorted(probe.cpu_flags),
-            "cpu_cores": probe.cpu_cores, "threads": threads or probe.cpu_cores, "engines": engines}
+            "cpu_cores": probe.cpu_cores, "threads": threads or probe.cpu_cores, "engines": versions}
 
 
 def timings_path(artifact: Artifact) -> Path:
@@ -73,135 +61,16 @@ def _records(path: Path) -> list[dict]:
 def measured_for(artifact: Artifact, probe, threads: int | None = None) -> dict[str, dict]:
     """{component: its stored timing} for this device, these threads and the graphs the manifest names now; empty
     where nothing was measured here (then ``auto`` follows the rule)."""
-    records = _records(timings_path(artifact))
-    key = device_key(probe, threads) if records else None
-    for record in records:
-        if record.get("device") == key:
+    for record in _records(timings_path(artifact)):
+        stored = record.get("device") or {}
+        if stored == device_key(probe, threads, stored.get("engines") or {}):
             return {name: timing for name, timing in record.get("components", {}).items()
                     if name in artifact.components
                     and timing.get("sha256") == artifact.component(name).get("sha256")}
     return {}
 
 
-def decode_step_feeds(component: dict, prompt: dict[str, np.ndarray], prefill: dict[str, Any]) -> dict[str, np.ndarray]:
-    """One decode step after the prompt: the prompt's last position fed again as the next token, its cache from the
-    prefill's present outputs. Inputs with a ``sequence`` axis keep their last row; context inputs stay."""
-    layout = checked_layout(component["kv_cache"])
-    past_names, present_names = cache_names(layout, "past"), cache_names(layout, "present")
-    tokens_axis = _tokens_axis(layout)
-    feeds: dict[str, np.ndarray] = {}
-    for name, spec in component["inputs"].items():
-        axes = spec["shape"]
-        if name in past_names:
-            feeds[name] = np.asarray(prefill[present_names[past_names.index(name)]])
-        elif name == "attention_mask":
-            total = np.asarray(prefill[present_names[0]]).shape[tokens_axis]
-            feeds[name] = np.ones((prompt[name].shape[0], total + 1), prompt[name].dtype)
-        elif name == "position_ids":
-            feeds[name] = prompt[name][:, -1:] + 1
-        elif name == LOGITS_POSITIONS:
-            feeds[name] = np.zeros((prompt[name].shape[0], 1), prompt[name].dtype)
-        elif len(axes) > 1 and axes[1] == "sequence":
-            feeds[name] = prompt[name][:, -1:]
-        else:
-            feeds[name] = prompt[name]
-    return feeds
-
-
-def _tokens_axis(layout: dict) -> int:
-    return list(layout.get("layout") or CACHE_LAYOUT).index("tokens")
-
-
-def _timed(call: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    call()
-    return (time.perf_counter() - start) * 1e3
-
-
-def _alternating(calls: dict[str, Callable[[], Any]], runs: int, warmup: int = 2) -> dict[str, float]:
-    """Median ms per backend, the backends taking turns round by round (a drifting machine favours neither)."""
-    for _ in range(warmup):
-        for call in calls.values():
-            call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for round_ in range(runs):
-        order = list(calls) if round_ % 2 == 0 else list(reversed(calls))
-        for name in order:
-            times[name].append(_timed(calls[name]))
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-def _feeds_for(name: str, component: dict, sample: dict, runner) -> tuple[dict, str]:
-    """The inputs to time a component with, and what they are."""
-    inputs = sample["inputs"]
-    if name == "decoder" and component.get("kv_cache"):
-        layout = checked_layout(component["kv_cache"])
-        step = decode_step_feeds(component, inputs, runner.infer(inputs))
-        cached = step[cache_names(layout, "past")[0]].shape[_tokens_axis(layout)]
-        return step, f"a decode step after {cached} cached tokens"
-    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in inputs.items())
-    return inputs, f"the validation sample ({shapes})"
-
-
-def tune(path: str | os.PathLike, threads: int | None = None, runs: int = 10, progress: bool = True) -> dict:
-    """Time every component of the artifact on ONNX Runtime's CPU and OpenVINO's CPU, store the medians for this
-    device in ``engines/backend-timings.json`` and return the record. ``threads``: per graph, as ``mmedge.load``
-    will be given (None: all cores)."""
-    from mmedge.api import open_runners
-    from mmedge.device import importable, probe
-    from mmedge.errors import InputError
-    from mmedge.progress import Progress
-    from mmedge.runtimes.openvino.planning import openvino_unusable
-    from mmedge.selection import plan
-    from mmedge.validate import load_validation_samples
-
-    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 3:
-        raise InputError(f"runs is {runs!r}", "an integer >= 3 (the median of fewer is noise)", "pass e.g. --runs 10")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise InputError(f"threads is {threads!r}", "None (all cores) or a positive integer", "pass e.g. --threads 2")
-    artifact = Artifact.open(path)
-    found = probe()
-    why = openvino_unusable(found, "cpu", importable("openvino"))
-    if why:
-        raise BackendUnavailableError(
-            f"`mmedge tune` compares ONNX Runtime with OpenVINO on this CPU, and OpenVINO cannot take components "
-            f"here: {why}", "an x86 CPU with mmedge[openvino] installed",
-            "without OpenVINO, auto runs every CPU component on ONNX Runtime: there is nothing to tune")
-    samples = load_validation_samples(artifact)
-    names = list(artifact.components)
-    steps = Progress(len(names) + 1, enabled=progress)
-    runners: dict[str, dict] = {}
-    try:
-        with steps.step("opening every graph on ONNX Runtime and OpenVINO (OpenVINO compiles once, cached)"):
-            for backend in CANDIDATES:
-                chosen = plan(found, artifact.manifest, backend, "cpu")
-                runners[backend] = open_runners(artifact, chosen, threads=threads)
-        components = {}
-        for name in names:
-            with steps.step(f"timing {name} on both, {runs} alternating rounds"):
-                if name not in samples:
-                    raise ArtifactError(f"validation samples lack component '{name}'", "samples for every component",
-                                        "re-export the artifact")
-                feeds = {}
-                for backend in CANDIDATES:
-                    feeds[backend], what = _feeds_for(name, artifact.component(name), samples[name],
-                                                      runners[backend][name])
-                medians = _alternating({backend: (lambda b=backend: runners[b][name].infer(feeds[b]))
-                                        for backend in CANDIDATES}, runs)
-                components[name] = {"sha256": artifact.component(name).get("sha256"), "inputs": what,
-                                    **{f"{backend}_ms": round(ms, 3) for backend, ms in medians.items()}}
-    finally:
-        for opened in runners.values():
-            for runner in opened.values():
-                runner.close()
-    record = {"device": device_key(found, threads), "runs": runs,
-              "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "components": components}
-    _store(timings_path(artifact), record)
-    return record
-
-
-def _store(path: Path, record: dict) -> None:
+def store(path: Path, record: dict) -> None:
     """Replace this device's record, keep the others; written whole (a temporary file, then renamed)."""
     kept = [r for r in _records(path) if r.get("device") != record["device"]]
     path.parent.mkdir(exist_ok=True)
@@ -210,4 +79,4 @@ def _store(path: Path, record: dict) -> None:
     os.replace(temporary, path)
 
 
-__all__ = ["TIMINGS_FILE", "decode_step_feeds", "device_key", "measured_for", "timings_path", "tune"]
+__all__ = ["TIMINGS_FILE", "device_key", "measured_for", "store", "timings_path"]

@@ -1,5 +1,6 @@
 """``mmedge tune``: every component timed on ONNX Runtime and OpenVINO on this machine, stored per device and graph,
-and ``auto`` deciding those components from the measurement instead of the rule (``mmedge.tuning``).
+and ``auto`` deciding those components from the measurement instead of the rule (``mmedge.runtimes.openvino.tune``
+measures, ``mmedge.tuning`` stores and matches).
 
 Timings are never asserted against each other (they depend on the CPU); what is asserted is that both backends ran
 each graph with the same feeds, that the record is keyed so it is used only where it was measured, and that the plan
@@ -23,8 +24,9 @@ from mmedge.artifact import Artifact
 from mmedge.device import probe
 from mmedge.errors import BackendUnavailableError, InputError
 from mmedge.metrics import cosine_rows
+from mmedge.runtimes.openvino.tune import decode_step_feeds, tune
 from mmedge.runtimes.registry import create_runner
-from mmedge.tuning import decode_step_feeds, measured_for, timings_path, tune
+from mmedge.tuning import measured_for, timings_path
 from mmedge.validate import load_validation_samples
 from tests.test_openvino import needs_openvino
 

@@ -2,9 +2,9 @@
 them (``backend_options={"openvino": {"device": "GPU"}}``).
 
 Under ``auto`` on an x86 CPU (no NVIDIA GPU in use) it takes each component it runs faster than ONNX Runtime: where
-``mmedge tune`` measured that graph on this device, by the measurement (``mmedge.tuning``); elsewhere by the rule
-(``mmedge.runtimes.openvino.planning``: per graph recipe, per CPU class with or without VNNI). It says why; ONNX
-Runtime, later in priority, takes the rest. Named explicitly it runs every component on OpenVINO's CPU.
+``mmedge tune`` measured that graph on this device (``mmedge.runtimes.openvino.tune``), by the measurement; elsewhere
+by the rule (``mmedge.runtimes.openvino.planning``: per graph recipe, per CPU class with or without VNNI). It says
+why; ONNX Runtime, later in priority, takes the rest. Named explicitly it runs every component on OpenVINO's CPU.
 ``mmedge doctor`` lists OpenVINO's devices, the INT8 recipe the rule picks for this CPU, and the cached compiled
 models of an artifact. Nothing here imports openvino.
 """

@@ -1,0 +1,149 @@
+"""``mmedge tune``: time each of an artifact's graphs on ONNX Runtime's CPU and on OpenVINO's CPU here, so ``auto``
+decides OpenVINO vs ONNX Runtime from this device's measurement instead of the rule
+(``mmedge.runtimes.openvino.planning``, figures from two CPUs: an AMD EPYC with VNNI runs the FP32 ViT-B/32 tower
+1.28x faster on OpenVINO at batch 1, where the Xeon behind the rule measured a tie).
+
+Every component runs on both backends with the artifact's own validation inputs (a decoder: one decode step after
+the validation prompt, what a caption's tokens cost), the two alternating round by round, median of ``runs``; the
+record goes to ``mmedge.tuning`` (``engines/backend-timings.json``), which ``auto`` and ``mmedge doctor`` read.
+Nothing here imports torch; the engines are imported by their runners.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import statistics
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from mmedge.artifact import Artifact
+from mmedge.errors import ArtifactError, BackendUnavailableError
+from mmedge.generation.kv_layout import LOGITS_POSITIONS, cache_names, checked_layout
+from mmedge.tuning import device_key, store, timings_path
+
+CANDIDATES = ("onnxruntime", "openvino")
+CACHE_LAYOUT = ("batch", "heads", "tokens", "head_dim")  # a cache tensor's axes where the manifest names none
+
+
+def decode_step_feeds(component: dict, prompt: dict[str, np.ndarray], prefill: dict[str, Any]) -> dict[str, np.ndarray]:
+    """One decode step after the prompt: the prompt's last position fed again as the next token, its cache from the
+    prefill's present outputs. Inputs with a ``sequence`` axis keep their last row; context inputs stay."""
+    layout = checked_layout(component["kv_cache"])
+    past_names, present_names = cache_names(layout, "past"), cache_names(layout, "present")
+    tokens_axis = _tokens_axis(layout)
+    feeds: dict[str, np.ndarray] = {}
+    for name, spec in component["inputs"].items():
+        axes = spec["shape"]
+        if name in past_names:
+            feeds[name] = np.asarray(prefill[present_names[past_names.index(name)]])
+        elif name == "attention_mask":
+            total = np.asarray(prefill[present_names[0]]).shape[tokens_axis]
+            feeds[name] = np.ones((prompt[name].shape[0], total + 1), prompt[name].dtype)
+        elif name == "position_ids":
+            feeds[name] = prompt[name][:, -1:] + 1
+        elif name == LOGITS_POSITIONS:
+            feeds[name] = np.zeros((prompt[name].shape[0], 1), prompt[name].dtype)
+        elif len(axes) > 1 and axes[1] == "sequence":
+            feeds[name] = prompt[name][:, -1:]
+        else:
+            feeds[name] = prompt[name]
+    return feeds
+
+
+def _tokens_axis(layout: dict) -> int:
+    return list(layout.get("layout") or CACHE_LAYOUT).index("tokens")
+
+
+def _timed(call: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    call()
+    return (time.perf_counter() - start) * 1e3
+
+
+def _alternating(calls: dict[str, Callable[[], Any]], runs: int, warmup: int = 2) -> dict[str, float]:
+    """Median ms per backend, the backends taking turns round by round (a drifting machine favours neither)."""
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(runs):
+        order = list(calls) if round_ % 2 == 0 else list(reversed(calls))
+        for name in order:
+            times[name].append(_timed(calls[name]))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _feeds_for(name: str, component: dict, sample: dict, runner) -> tuple[dict, str]:
+    """The inputs to time a component with, and what they are."""
+    inputs = sample["inputs"]
+    if name == "decoder" and component.get("kv_cache"):
+        layout = checked_layout(component["kv_cache"])
+        step = decode_step_feeds(component, inputs, runner.infer(inputs))
+        cached = step[cache_names(layout, "past")[0]].shape[_tokens_axis(layout)]
+        return step, f"a decode step after {cached} cached tokens"
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in inputs.items())
+    return inputs, f"the validation sample ({shapes})"
+
+
+def tune(path: str | os.PathLike, threads: int | None = None, runs: int = 10, progress: bool = True) -> dict:
+    """Time every component of the artifact on ONNX Runtime's CPU and OpenVINO's CPU, store the medians for this
+    device in ``engines/backend-timings.json`` and return the record. ``threads``: per graph, as ``mmedge.load``
+    will be given (None: all cores)."""
+    from mmedge.api import open_runners
+    from mmedge.device import importable, probe
+    from mmedge.errors import InputError
+    from mmedge.progress import Progress
+    from mmedge.runtimes.openvino.planning import openvino_unusable
+    from mmedge.selection import plan
+    from mmedge.validate import load_validation_samples
+
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 3:
+        raise InputError(f"runs is {runs!r}", "an integer >= 3 (the median of fewer is noise)", "pass e.g. --runs 10")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise InputError(f"threads is {threads!r}", "None (all cores) or a positive integer", "pass e.g. --threads 2")
+    artifact = Artifact.open(path)
+    found = probe()
+    why = openvino_unusable(found, "cpu", importable("openvino"))
+    if why:
+        raise BackendUnavailableError(
+            f"`mmedge tune` compares ONNX Runtime with OpenVINO on this CPU, and OpenVINO cannot take components "
+            f"here: {why}", "an x86 CPU with mmedge[openvino] installed",
+            "without OpenVINO, auto runs every CPU component on ONNX Runtime: there is nothing to tune")
+    samples = load_validation_samples(artifact)
+    names = list(artifact.components)
+    steps = Progress(len(names) + 1, enabled=progress)
+    runners: dict[str, dict] = {}
+    try:
+        with steps.step("opening every graph on ONNX Runtime and OpenVINO (OpenVINO compiles once, cached)"):
+            for backend in CANDIDATES:
+                chosen = plan(found, artifact.manifest, backend, "cpu")
+                runners[backend] = open_runners(artifact, chosen, threads=threads)
+        components = {}
+        for name in names:
+            with steps.step(f"timing {name} on both, {runs} alternating rounds"):
+                if name not in samples:
+                    raise ArtifactError(f"validation samples lack component '{name}'", "samples for every component",
+                                        "re-export the artifact")
+                feeds = {}
+                for backend in CANDIDATES:
+                    feeds[backend], what = _feeds_for(name, artifact.component(name), samples[name],
+                                                      runners[backend][name])
+                medians = _alternating({backend: (lambda b=backend: runners[b][name].infer(feeds[b]))
+                                        for backend in CANDIDATES}, runs)
+                components[name] = {"sha256": artifact.component(name).get("sha256"), "inputs": what,
+                                    **{f"{backend}_ms": round(ms, 3) for backend, ms in medians.items()}}
+    finally:
+        for opened in runners.values():
+            for runner in opened.values():
+                runner.close()
+    record = {"device": device_key(found, threads, CANDIDATES), "runs": runs,
+              "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "components": components}
+    store(timings_path(artifact), record)
+    return record
+
+
+__all__ = ["decode_step_feeds", "tune"]
