@@ -59,12 +59,13 @@ def _records(path: Path) -> list[dict]:
 
 
 def measured_for(artifact: Artifact, probe, threads: int | None = None) -> dict[str, dict]:
-    """{component: its stored timing} for this device, these threads and the graphs the manifest names now; empty
-    where nothing was measured here (then ``auto`` follows the rule)."""
+    """{component: its stored timing, with the record's ``measured_at``} for this device, these threads and the graphs
+    the manifest names now; empty where nothing was measured here (then ``auto`` follows the rule)."""
     for record in _records(timings_path(artifact)):
         stored = record.get("device") or {}
         if stored == device_key(probe, threads, stored.get("engines") or {}):
-            return {name: timing for name, timing in record.get("components", {}).items()
+            return {name: {**timing, "measured_at": record.get("measured_at")}
+                    for name, timing in record.get("components", {}).items()
                     if name in artifact.components
                     and timing.get("sha256") == artifact.component(name).get("sha256")}
     return {}
