@@ -25,23 +25,22 @@ from mmedge.generation.kv_layout import LOGITS_POSITIONS, cache_names, checked_l
 from mmedge.tuning import device_key, store, timings_path
 
 CANDIDATES = ("onnxruntime", "openvino")
-CACHE_LAYOUT = ("batch", "heads", "tokens", "head_dim")  # a cache tensor's axes where the manifest names none
 
 
 def decode_step_feeds(component: dict, prompt: dict[str, np.ndarray], prefill: dict[str, Any]) -> dict[str, np.ndarray]:
     """One decode step after the prompt: the prompt's last position fed again as the next token, its cache from the
-    prefill's present outputs. Inputs with a ``sequence`` axis keep their last row; context inputs stay."""
+    prefill's present outputs, its mask one column longer (the prompt's padding stays masked). Inputs with a
+    ``sequence`` axis keep their last row; context inputs stay."""
     layout = checked_layout(component["kv_cache"])
     past_names, present_names = cache_names(layout, "past"), cache_names(layout, "present")
-    tokens_axis = _tokens_axis(layout)
     feeds: dict[str, np.ndarray] = {}
     for name, spec in component["inputs"].items():
         axes = spec["shape"]
         if name in past_names:
             feeds[name] = np.asarray(prefill[present_names[past_names.index(name)]])
-        elif name == "attention_mask":
-            total = np.asarray(prefill[present_names[0]]).shape[tokens_axis]
-            feeds[name] = np.ones((prompt[name].shape[0], total + 1), prompt[name].dtype)
+        elif name == "attention_mask":  # [batch, total]: past + prompt, then the new token
+            mask = prompt[name]
+            feeds[name] = np.concatenate([mask, np.ones((mask.shape[0], 1), mask.dtype)], axis=1)
         elif name == "position_ids":
             feeds[name] = prompt[name][:, -1:] + 1
         elif name == LOGITS_POSITIONS:
@@ -51,10 +50,6 @@ def decode_step_feeds(component: dict, prompt: dict[str, np.ndarray], prefill: d
         else:
             feeds[name] = prompt[name]
     return feeds
-
-
-def _tokens_axis(layout: dict) -> int:
-    return list(layout.get("layout") or CACHE_LAYOUT).index("tokens")
 
 
 def _timed(call: Callable[[], Any]) -> float:
@@ -77,13 +72,11 @@ def _alternating(calls: dict[str, Callable[[], Any]], runs: int, warmup: int = 2
 
 
 def _feeds_for(name: str, component: dict, sample: dict, runner) -> tuple[dict, str]:
-    """The inputs to time a component with, and what they are."""
+    """The inputs to time a component with (``runner`` runs a decoder's prefill), and what they are."""
     inputs = sample["inputs"]
     if name == "decoder" and component.get("kv_cache"):
-        layout = checked_layout(component["kv_cache"])
         step = decode_step_feeds(component, inputs, runner.infer(inputs))
-        cached = step[cache_names(layout, "past")[0]].shape[_tokens_axis(layout)]
-        return step, f"a decode step after {cached} cached tokens"
+        return step, f"a decode step after {step['attention_mask'].shape[1] - 1} cached tokens"
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in inputs.items())
     return inputs, f"the validation sample ({shapes})"
 
@@ -127,11 +120,9 @@ def tune(path: str | os.PathLike, threads: int | None = None, runs: int = 10, pr
                 if name not in samples:
                     raise ArtifactError(f"validation samples lack component '{name}'", "samples for every component",
                                         "re-export the artifact")
-                feeds = {}
-                for backend in CANDIDATES:
-                    feeds[backend], what = _feeds_for(name, artifact.component(name), samples[name],
-                                                      runners[backend][name])
-                medians = _alternating({backend: (lambda b=backend: runners[b][name].infer(feeds[b]))
+                # the same feeds for both (a decoder's cache from the first backend's prefill)
+                feeds, what = _feeds_for(name, artifact.component(name), samples[name], runners[CANDIDATES[0]][name])
+                medians = _alternating({backend: (lambda b=backend: runners[b][name].infer(feeds))
                                         for backend in CANDIDATES}, runs)
                 components[name] = {"sha256": artifact.component(name).get("sha256"), "inputs": what,
                                     **{f"{backend}_ms": round(ms, 3) for backend, ms in medians.items()}}
