@@ -13,10 +13,15 @@ both sides (greedy). Measured in one run, each variant in the same process, 2 th
   split graphs (``--split-image-graphs``: three calls), FP32 with the decoder recomputing the cross K/V
   from the visual tokens at every step (what transformers does), INT8 (dynamic, LLM INT8) and INT4
   (encoders INT8, LLM INT4 weight-only);
-- fidelity beside speed: whether FP32 gives HF's tokens, and each quantized variant's agreement with FP32.
+- fidelity beside speed: whether FP32 gives HF's tokens, and each quantized variant's agreement with FP32;
+- backends: every variant runs under ``auto``. With OpenVINO installed the FP32 export is first timed by ``mmedge
+  tune`` (ONNX Runtime vs OpenVINO per graph, here), so its ``auto`` row follows this CPU's measurement, and the
+  ``fp32-onnxruntime`` row runs the same export with every graph on ONNX Runtime (what ``auto`` picks on these
+  CPUs without a measurement). ``--no-tune`` skips the tuning (a record from an earlier run is removed).
 
     python benchmarks/flamingo_cpu.py            # ~6 min with cold exports on 2 cores, ~1.5 min cached
     python benchmarks/flamingo_cpu.py --quick    # one timed run per variant
+    python benchmarks/flamingo_cpu.py --no-tune  # auto without mmedge tune's measurement
 """
 
 from __future__ import annotations
@@ -60,6 +65,25 @@ VARIANTS = {  # name: export options
 }
 
 
+# rows that run another variant's export with other load options: name -> (export, mmedge.load options)
+SAME_EXPORT = {"fp32-onnxruntime": ("fp32", {"backend": "onnxruntime"})}
+TUNED = "fp32"  # the export mmedge tune times
+
+
+def tune_fp32(folder: Path, threads: int, enabled: bool) -> dict | None:
+    """``mmedge tune`` on the FP32 export (its record steers ``auto``), or, when disabled or OpenVINO is absent,
+    the removal of a record an earlier run left, so ``auto`` follows the rule. Returns the record."""
+    from mmedge.artifact import Artifact
+    from mmedge.device import importable
+    from mmedge.runtimes.openvino.tune import tune
+    from mmedge.tuning import timings_path
+
+    if not (enabled and importable("openvino")):
+        timings_path(Artifact.open(folder)).unlink(missing_ok=True)
+        return None
+    return tune(folder, threads=threads, progress=False)
+
+
 def prompt(photos):
     return [photos[0], "An image of a cat.", photos[1], "An image of"]
 
@@ -72,64 +96,107 @@ def median_of(runs: list[dict]) -> dict:
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
-def measure_hf(photos, runs: int, threads: int) -> dict:
-    import torch
-    from transformers import IdeficsImageProcessor, IdeficsProcessor
+class HFSubject:
+    """transformers' ``generate`` on the same random-weight model, its processor doing the preprocessing."""
 
-    from mmedge.export.loading import load_checkpoint
+    def __init__(self, photos, threads: int):
+        import torch
+        from transformers import IdeficsImageProcessor, IdeficsProcessor
 
-    torch.set_num_threads(threads)
-    loaded = load_checkpoint(MODEL, random_weights=True, seed=0)
-    model = loaded.model.eval()
-    processor = IdeficsProcessor(image_processor=IdeficsImageProcessor(image_size=224), tokenizer=loaded.tokenizer)
+        from mmedge.export.loading import load_checkpoint
 
-    results, tokens = [], None
-    for _ in range(runs + 1):  # the first run warms up
+        torch.set_num_threads(threads)
+        loaded = load_checkpoint(MODEL, random_weights=True, seed=0)
+        self.model = loaded.model.eval()
+        self.processor = IdeficsProcessor(image_processor=IdeficsImageProcessor(image_size=224),
+                                          tokenizer=loaded.tokenizer)
+        self.photos = photos
+
+    def run(self) -> tuple[dict, list[int]]:
+        import torch
+
         streamer, start = StreamerClock(), time.perf_counter()
-        inputs = processor(text=[prompt(photos)], return_tensors="pt")
+        inputs = self.processor(text=[prompt(self.photos)], return_tensors="pt")
         with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                                 streamer=streamer)
-        results.append(timing(start, streamer.times[1:]))  # times[0]: the prompt
-        tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
-    return {**median_of(results[1:]), "tokens": tokens}
+            out = self.model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                                      do_sample=False, streamer=streamer)
+        return timing(start, streamer.times[1:]), out[0, inputs["input_ids"].shape[1]:].tolist()  # times[0]: prompt
+
+    def info(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        self.model = None
 
 
-def measure_mmedge(path: Path, photos, runs: int, threads: int, load_options: dict | None = None) -> dict:
-    import mmedge
-    from mmedge.generation import GenerationConfig, generate
+class MmedgeSubject:
+    """An mmedge captioner of one export (``load_options`` as ``mmedge.load`` takes them), timed token by token."""
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        captioner = mmedge.load(path, threads=threads, **(load_options or {}))
-    backends = backends_used(captioner)
-    config = GenerationConfig.from_dict(captioner.artifact.manifest["generation"]).replace(
-        max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, num_beams=1, do_sample=False)
-    clock = TokenClock(captioner.decoder)
-    results, tokens = [], None
-    for _ in range(runs + 1):
+    def __init__(self, path: Path, photos, threads: int, load_options: dict | None = None):
+        import mmedge
+        from mmedge.generation import GenerationConfig
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.captioner = mmedge.load(path, threads=threads, **(load_options or {}))
+        self.config = GenerationConfig.from_dict(self.captioner.artifact.manifest["generation"]).replace(
+            max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, num_beams=1, do_sample=False)
+        self.clock = TokenClock(self.captioner.decoder)
+        self.photos = photos
+        self.prompt_tokens = 0
+
+    def run(self) -> tuple[dict, list[int]]:
+        from mmedge.generation import generate
+
         start = time.perf_counter()
-        built = captioner.inputs.build([prompt(photos)])
+        built = self.captioner.inputs.build([prompt(self.photos)])
         image_ms = (time.perf_counter() - start) * 1e3  # preprocessing + image graph(s) + embedding lookup
-        captioner.decoder.set_context(built["prefill"], built["step"])
-        tokens = generate(clock, built["embeds"], built["mask"], config, prompt_ids=built["ids"])[0]
-        clock.times.append(time.perf_counter())
-        results.append(timing(start, clock.times) | {"image_context_ms": image_ms})
-    fidelity = captioner.artifact.manifest["components"]["decoder"]["parity"].get("fidelity") or {}
-    captioner.close()
-    return {**median_of(results[1:]), "tokens": tokens, "logits_cosine_vs_fp32": fidelity.get("logits_cosine_mean"),
-            "prompt_tokens": int(built["ids"].shape[1]), "graphs": list(captioner.artifact.manifest["components"]),
-            "backends": backends}
+        self.captioner.decoder.set_context(built["prefill"], built["step"])
+        tokens = generate(self.clock, built["embeds"], built["mask"], self.config, prompt_ids=built["ids"])[0]
+        self.clock.times.append(time.perf_counter())
+        self.prompt_tokens = int(built["ids"].shape[1])
+        return timing(start, self.clock.times) | {"image_context_ms": image_ms}, tokens
+
+    def info(self) -> dict:
+        manifest = self.captioner.artifact.manifest
+        fidelity = manifest["components"]["decoder"]["parity"].get("fidelity") or {}
+        return {"logits_cosine_vs_fp32": fidelity.get("logits_cosine_mean"), "prompt_tokens": self.prompt_tokens,
+                "graphs": list(manifest["components"]), "backends": backends_used(self.captioner)}
+
+    def close(self) -> None:
+        self.captioner.close()
+
+
+def measure_in_turns(subjects: dict, runs: int) -> dict:
+    """Every subject runs once per round, the order reversed every other round (a drifting machine favours none),
+    after a warm-up round; each subject's medians, its last tokens, and ``failed`` where a run raised."""
+    times: dict[str, list[dict]] = {name: [] for name in subjects}
+    tokens: dict[str, list[int]] = {}
+    failed: dict[str, str] = {}
+    for round_ in range(runs + 1):
+        order = list(subjects) if round_ % 2 == 0 else list(reversed(subjects))
+        for name in order:
+            if name in failed:
+                continue
+            try:
+                timed, tokens[name] = subjects[name].run()
+            except Exception as exc:  # recorded and reported; the other subjects go on
+                failed[name] = error_text(exc)
+                continue
+            if round_:  # round 0 warms up
+                times[name].append(timed)
+    return {name: {"error": failed[name]} if name in failed else
+            {**median_of(times[name]), "tokens": tokens[name], **subjects[name].info()} for name in subjects}
 
 
 def report(results: dict) -> str:
     hf = results["hf"]
     rows = [["HF generate (PyTorch FP32)", f"{hf['ttft_ms']:.0f}", "", f"{hf['decode_tok_s']:.1f}", "1.00x",
-             "1.00x", "reference", ""]]
+             "1.00", "1.00x", "reference", ""]]
     fp32_tokens = results["mmedge"].get("fp32", {}).get("tokens")
     for name, r in results["mmedge"].items():
         if "error" in r:
-            rows.append([f"mmedge {name}", "failed", r["error"].splitlines()[-1][:80], "", "", "", "", ""])
+            rows.append([f"mmedge {name}", "failed", r["error"].splitlines()[-1][:80], "", "", "", "", "", ""])
             continue
         same_hf = ("identical" if r["tokens"] == hf["tokens"]
                    else f"{common_prefix(r['tokens'], hf['tokens'])}/{NEW_TOKENS} leading")
@@ -138,13 +205,19 @@ def report(results: dict) -> str:
         rows.append([f"mmedge {name}", f"{r['ttft_ms']:.0f}",
                      f"{r['image_context_ms']:.0f} + {r['ttft_ms'] - r['image_context_ms']:.0f}",
                      f"{r['decode_tok_s']:.1f}",
-                     f"{hf['ttft_ms'] / r['ttft_ms']:.2f}x", f"{r['decode_tok_s'] / hf['decode_tok_s']:.2f}x",
+                     f"{hf['ttft_ms'] / r['ttft_ms']:.2f}x", f"{r['ttft_ms'] / hf['ttft_ms']:.2f}",
+                     f"{r['decode_tok_s'] / hf['decode_tok_s']:.2f}x",
                      same_hf, same_fp32 + (f", logits cos {cosine:.4f}" if cosine else "")])
     table = markdown_table(["engine", "TTFT ms", "of which image context + prefill", "decode tok/s", "TTFT speed-up",
-                            "decode speed-up", "tokens vs HF", "vs mmedge FP32"], rows)
+                            "TTFT / HF's", "decode speed-up", "tokens vs HF", "vs mmedge FP32"], rows)
     lines = [table, "", "backends: " + "; ".join(f"{name}: {r['backends']}" for name, r in results["mmedge"].items()
                                              if "backends" in r)]
-    cached, recompute = results["mmedge"].get("fp32"), results["mmedge"].get("fp32-recompute-kv")
+    tuned = results.get("tune")
+    if tuned:
+        lines.append("mmedge tune on the FP32 export: " + "; ".join(
+            f"{name} ONNX Runtime {c['onnxruntime_ms']:.1f} ms, OpenVINO {c['openvino_ms']:.1f} ms"
+            for name, c in tuned["components"].items()))
+    cached, recompute = results["mmedge"].get("fp32-onnxruntime"), results["mmedge"].get("fp32-recompute-kv")
     if cached and recompute and "error" not in cached and "error" not in recompute:
         lines.append(f"\ncached cross-attention K/V: decode {cached['decode_tok_s'] / recompute['decode_tok_s']:.2f}x "
                      f"the recomputing decoder, TTFT {recompute['ttft_ms'] / cached['ttft_ms']:.2f}x")
@@ -156,8 +229,10 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="one timed run per variant")
     parser.add_argument("--reexport", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per variant (median), after a warm-up")
+    parser.add_argument("--no-tune", action="store_true", help="auto without mmedge tune's measurement")
     args = parser.parse_args(argv)
-    runs = 1 if args.quick else 3
+    runs = 1 if args.quick else args.runs
     photos = [Image.open(p).convert("RGB") for p in PHOTOS]
     load_before = os.getloadavg()[0]
     from mmedge.export import export_model
@@ -171,15 +246,27 @@ def main(argv=None) -> int:
     results = {"model": MODEL, "new_tokens": NEW_TOKENS, "threads": args.threads, "machine": machine_info(),
                "load_average_before": load_before,
                "versions": package_versions(["torch", "transformers", "onnxruntime"]),
-               "exports": exports, "hf": measure_hf(photos, runs, args.threads), "mmedge": {}}
-    for name in VARIANTS:
-        if exports[name]["error"]:
-            results["mmedge"][name] = {"error": exports[name]["error"]}
+               "exports": exports, "mmedge": {}}
+    if not exports[TUNED]["error"]:
+        results["tune"] = tune_fp32(OUT / f"idefics-mid-{TUNED}", args.threads, not args.no_tune)
+    rows = {name: (name, {}) for name in VARIANTS}
+    rows = {TUNED: rows.pop(TUNED), **SAME_EXPORT, **rows}  # the tuned row and its all-ONNX-Runtime twin together
+    subjects: dict = {"hf": HFSubject(photos, args.threads)}
+    for name, (export, load_options) in rows.items():
+        if exports[export]["error"]:
+            results["mmedge"][name] = {"error": exports[export]["error"]}
             continue
         try:
-            results["mmedge"][name] = measure_mmedge(OUT / f"idefics-mid-{name}", photos, runs, args.threads)
+            subjects[name] = MmedgeSubject(OUT / f"idefics-mid-{export}", photos, args.threads, load_options)
         except Exception as exc:  # recorded and reported; the other variants go on
             results["mmedge"][name] = {"error": error_text(exc)}
+    try:
+        measured = measure_in_turns(subjects, runs)
+    finally:
+        for subject in subjects.values():
+            subject.close()
+    results["hf"] = measured.pop("hf")
+    results["mmedge"] = {name: measured.get(name) or results["mmedge"][name] for name in rows}
     text = report(results)
     print(text)
     write_json(OUT / "flamingo_cpu.json", results | {"report": text})

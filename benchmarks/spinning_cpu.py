@@ -48,7 +48,13 @@ def blip2_timings(folder: Path, entries: dict | None, photo, threads: int) -> di
 
 
 def idefics_timings(folder: Path, entries: dict | None, photos, threads: int) -> dict:
-    measured = flamingo_cpu.measure_mmedge(folder, photos, 3, threads, load_options(entries))
+    subject = flamingo_cpu.MmedgeSubject(folder, photos, threads, load_options(entries))
+    try:
+        measured = flamingo_cpu.measure_in_turns({"mmedge": subject}, 3)["mmedge"]
+    finally:
+        subject.close()
+    if "error" in measured:
+        raise RuntimeError(measured["error"])
     return {"ttft_ms": measured["ttft_ms"], "decode_tok_s": measured["decode_tok_s"]}
 
 

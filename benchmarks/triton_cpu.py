@@ -10,7 +10,8 @@ calls the vision model instead, one more Python-backend hop). The in-process pip
 PNG scene and the 24 demo labels:
 
 - latency at 1 client: per-request p50 / p90 served (HTTP and gRPC, ``mmedge.triton_client``) and in-process
-  (``mmedge.load(...).probabilities``), and the served overhead (target: p50 overhead <= 2 ms);
+  (``mmedge.load(...).probabilities``), and the served overhead (target: p50 overhead <= 2 ms); the four paths take
+  turns in blocks of 10 requests, so drift of the machine does not land on one of them;
 - throughput at 1, 4 and 8 clients (threads, each with its own client, for ``--seconds``): requests/s served and of
   one in-process pipeline shared by as many threads (target: served >= 1.0x in-process at 8 clients).
 
@@ -34,6 +35,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -112,6 +114,24 @@ def cpu_by_process(pid: int | None) -> dict[str, float]:
     return out
 
 
+def samples_in_turns(calls: dict[str, Callable[[], Any]], runs: int, block: int = 10,
+                     warmup: int = 20) -> dict[str, list[float]]:
+    """``runs`` timed calls of each path (ms), the paths taking turns in blocks of ``block`` (the order reversed
+    every other round), so a drifting machine (this VM's in-process p50 moved between 19.5 and 27.5 ms in runs
+    minutes apart) weighs on every path alike. Each block starts with two untimed calls: the path's threads wake and
+    its caches refill after the other paths ran, as in a run of its own."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(-(-runs // block)):
+        for name in (list(calls) if round_ % 2 == 0 else list(reversed(calls))):
+            calls[name]()
+            calls[name]()
+            times[name] += time_samples(calls[name], runs=min(block, runs - len(times[name])))
+    return times
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
@@ -175,10 +195,8 @@ def main(argv=None) -> int:
             def one_remote(classifier):
                 return lambda: classifier.probabilities(images[next(counter) % len(images)], labels)
 
-            lat = {"in-process": time_samples(one_local, warmup=20, runs=args.runs),
-                   "in-process, no spinning": time_samples(one_quiet, warmup=20, runs=args.runs)}
-            for protocol, classifier in remote.items():
-                lat[protocol] = time_samples(one_remote(classifier), warmup=20, runs=args.runs)
+            lat = samples_in_turns({"in-process": one_local, "in-process, no spinning": one_quiet,
+                                    **{protocol: one_remote(c) for protocol, c in remote.items()}}, args.runs)
             report["latency_ms"] = {k: {"p50": percentile(v, 50), "p90": percentile(v, 90), "mean": statistics.mean(v)}
                                     for k, v in lat.items()}
             rates = {"in-process": {n: throughput(lambda: one_local, n, args.seconds) for n in CLIENTS},
