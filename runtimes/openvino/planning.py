@@ -3,8 +3,9 @@ per-component figures measured in ``benchmarks/RESULTS.md`` (section "OpenVINO b
 
 The figures depend on the CPU's INT8 instructions: with VNNI (``avx512_vnni``, ``avx_vnni``, ``amx_int8``)
 OpenVINO runs a static-QDQ INT8 graph much faster than ONNX Runtime runs either INT8 recipe; on AVX2 without VNNI
-(this repository's AMD EPYC CI machine) OpenVINO's INT8 kernels lose that edge and ONNX Runtime's dynamic INT8 is
-the fastest CPU recipe. Each rule names the two figures it rests on, so ``mmedge doctor`` can say why.
+(an AMD EPYC CI machine of an earlier day; the CI's EPYCs vary, some have VNNI and BF16) OpenVINO's INT8 kernels
+lose that edge and ONNX Runtime's dynamic INT8 is the fastest CPU recipe. Each rule names the two figures it rests
+on, so ``mmedge doctor`` can say why.
 """
 
 from __future__ import annotations
