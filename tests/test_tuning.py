@@ -147,3 +147,26 @@ def test_cli_tune_prints_the_figures_and_doctor_gives_the_reason(clip_copy):
                             capture_output=True, text=True, cwd=ROOT)
     assert doctor.returncode == 0, doctor.stderr
     assert "measured here by mmedge tune" in doctor.stdout
+
+
+def test_turns_time_each_backend_after_its_own_hand_over_call():
+    """Each backend is timed as it runs with the graph to itself: the first call after the other backend ran (its
+    threads still busy) is untimed. A call made right after the other backend costs 50 ms on this model clock, one
+    after its own 10 ms; every timed call must be a 10 ms one, and the turns must reach ``runs`` per backend."""
+    from mmedge.runtimes.openvino.tune import _in_turns
+
+    now, last, calls = [0.0], [None], []
+
+    def call(name):
+        def run():
+            now[0] += 0.050 if last[0] not in (None, name) else 0.010
+            last[0] = name
+            calls.append(name)
+        return run
+
+    medians = _in_turns({"onnxruntime": call("onnxruntime"), "openvino": call("openvino")}, runs=7, block=3,
+                        warmup=0, clock=lambda: now[0])
+    assert medians == {"onnxruntime": pytest.approx(10.0), "openvino": pytest.approx(10.0)}
+    assert calls.count("onnxruntime") == calls.count("openvino") == 7 + 3  # 7 timed, one hand-over per block
+    assert calls[:8] == ["onnxruntime"] * 4 + ["openvino"] * 4  # the order turns every round
+    assert calls[8:12] == ["openvino"] * 4

@@ -4,8 +4,9 @@ decides OpenVINO vs ONNX Runtime from this device's measurement instead of the r
 1.28x faster on OpenVINO at batch 1, where the Xeon behind the rule measured a tie).
 
 Every component runs on both backends with the artifact's own validation inputs (a decoder: one decode step after
-the validation prompt, what a caption's tokens cost), the two alternating round by round, median of ``runs``; the
-record goes to ``mmedge.tuning`` (``engines/backend-timings.json``), which ``auto`` and ``mmedge doctor`` read.
+the validation prompt, what a caption's tokens cost), the two taking turns in blocks (``_in_turns``), median of
+``runs``; the record goes to ``mmedge.tuning`` (``engines/backend-timings.json``), which ``auto`` and ``mmedge doctor``
+read.
 Nothing here imports torch; the engines are imported by their runners.
 """
 
@@ -52,22 +53,30 @@ def decode_step_feeds(component: dict, prompt: dict[str, np.ndarray], prefill: d
     return feeds
 
 
-def _timed(call: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    call()
-    return (time.perf_counter() - start) * 1e3
+BLOCK = 3  # timed calls per backend per turn
 
 
-def _alternating(calls: dict[str, Callable[[], Any]], runs: int, warmup: int = 2) -> dict[str, float]:
-    """Median ms per backend, the backends taking turns round by round (a drifting machine favours neither)."""
+def _in_turns(calls: dict[str, Callable[[], Any]], runs: int, block: int = BLOCK, warmup: int = 2,
+              clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Median ms of ``runs`` timed calls per backend. The backends take turns in blocks of ``block`` timed calls, the
+    order reversed every round, so a drifting machine favours neither. Each block opens with an untimed call: the
+    threads the other backend left busy after its last call (ONNX Runtime's keep spinning after a call in a one-graph
+    pipeline) fall on it, so each backend is timed as it runs with the graph to itself, as ``auto`` would deploy it.
+    Strict alternation, call by call, timed OpenVINO while ONNX Runtime's threads spun: on a CLIP ViT-B/32 tower
+    OpenVINO read 1.00-1.04x ONNX Runtime's time that way and 0.88-0.93x in blocks (RESULTS.md)."""
     for _ in range(warmup):
         for call in calls.values():
             call()
     times: dict[str, list[float]] = {name: [] for name in calls}
-    for round_ in range(runs):
-        order = list(calls) if round_ % 2 == 0 else list(reversed(calls))
-        for name in order:
-            times[name].append(_timed(calls[name]))
+    round_ = 0
+    while any(len(values) < runs for values in times.values()):
+        for name in list(calls) if round_ % 2 == 0 else list(reversed(calls)):
+            calls[name]()  # untimed: the hand-over from the other backend
+            for _ in range(min(block, runs - len(times[name]))):
+                start = clock()
+                calls[name]()
+                times[name].append((clock() - start) * 1e3)
+        round_ += 1
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -116,13 +125,13 @@ def tune(path: str | os.PathLike, threads: int | None = None, runs: int = 10, pr
                 runners[backend] = open_runners(artifact, chosen, threads=threads)
         components = {}
         for name in names:
-            with steps.step(f"timing {name} on both, {runs} alternating rounds"):
+            with steps.step(f"timing {name} on both, {runs} calls each, taking turns"):
                 if name not in samples:
                     raise ArtifactError(f"validation samples lack component '{name}'", "samples for every component",
                                         "re-export the artifact")
                 # the same feeds for both (a decoder's cache from the first backend's prefill)
                 feeds, what = _feeds_for(name, artifact.component(name), samples[name], runners[CANDIDATES[0]][name])
-                medians = _alternating({backend: (lambda b=backend: runners[b][name].infer(feeds))
+                medians = _in_turns({backend: (lambda b=backend: runners[b][name].infer(feeds))
                                         for backend in CANDIDATES}, runs)
                 components[name] = {"sha256": artifact.component(name).get("sha256"), "inputs": what,
                                     **{f"{backend}_ms": round(ms, 3) for backend, ms in medians.items()}}
