@@ -35,7 +35,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 
@@ -43,8 +42,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import mmedge  # noqa: E402
-from _common import cpu_ticks, machine_info, markdown_table, package_versions, steal_share, time_samples, write_json  # noqa: E402
+from _common import cpu_ticks, machine_info, markdown_table, package_versions, steal_share, write_json  # noqa: E402
 from mmedge import demo  # noqa: E402
+from mmedge.bench import samples_in_turns  # noqa: E402
 from mmedge.triton import Options, write_repository  # noqa: E402
 from mmedge.triton_client import connect  # noqa: E402
 from tests.support.triton_server import TritonServer, server_env  # noqa: E402
@@ -114,24 +114,6 @@ def cpu_by_process(pid: int | None) -> dict[str, float]:
     return out
 
 
-def samples_in_turns(calls: dict[str, Callable[[], Any]], runs: int, block: int = 10,
-                     warmup: int = 20) -> dict[str, list[float]]:
-    """``runs`` timed calls of each path (ms), the paths taking turns in blocks of ``block`` (the order reversed
-    every other round), so a drifting machine (this VM's in-process p50 moved between 19.5 and 27.5 ms in runs
-    minutes apart) weighs on every path alike. Each block starts with two untimed calls: the path's threads wake and
-    its caches refill after the other paths ran, as in a run of its own."""
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for round_ in range(-(-runs // block)):
-        for name in (list(calls) if round_ % 2 == 0 else list(reversed(calls))):
-            calls[name]()
-            calls[name]()
-            times[name] += time_samples(calls[name], runs=min(block, runs - len(times[name])))
-    return times
-
-
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
@@ -195,8 +177,11 @@ def main(argv=None) -> int:
             def one_remote(classifier):
                 return lambda: classifier.probabilities(images[next(counter) % len(images)], labels)
 
+            # in turns, blocks of 10 opened by two untimed calls: this VM's in-process p50 moved between 19.5 and
+            # 27.5 ms in runs minutes apart, and each path's threads wake after the others ran
             lat = samples_in_turns({"in-process": one_local, "in-process, no spinning": one_quiet,
-                                    **{protocol: one_remote(c) for protocol, c in remote.items()}}, args.runs)
+                                    **{protocol: one_remote(c) for protocol, c in remote.items()}}, args.runs,
+                                   block=10, hand_over=2, warmup=20)
             report["latency_ms"] = {k: {"p50": percentile(v, 50), "p90": percentile(v, 90), "mean": statistics.mean(v)}
                                     for k, v in lat.items()}
             rates = {"in-process": {n: throughput(lambda: one_local, n, args.seconds) for n in CLIENTS},

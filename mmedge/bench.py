@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 from mmedge.errors import InputError, MmedgeError
 
@@ -54,18 +55,38 @@ def _rss_bytes() -> tuple[int | None, int | None]:
         return None, None
 
 
-def time_samples(fn, *, warmup: int = 0, runs: int, min_seconds: float = 0.0) -> list[float]:
+def time_samples(fn, *, warmup: int = 0, runs: int, min_seconds: float = 0.0,
+                 clock: Callable[[], float] = time.perf_counter) -> list[float]:
     """Call ``fn`` ``warmup`` times untimed, then at least ``runs`` times and for at least ``min_seconds`` (at most
-    ``MAX_SAMPLES`` calls); each timed call's wall time in ms."""
+    ``MAX_SAMPLES`` calls); each timed call's wall time in ms (``clock``: seconds)."""
     for _ in range(warmup):
         fn()
     samples: list[float] = []
-    begin = time.perf_counter()
-    while len(samples) < runs or (time.perf_counter() - begin < min_seconds and len(samples) < MAX_SAMPLES):
-        start = time.perf_counter()
+    begin = clock()
+    while len(samples) < runs or (clock() - begin < min_seconds and len(samples) < MAX_SAMPLES):
+        start = clock()
         fn()
-        samples.append((time.perf_counter() - start) * 1e3)
+        samples.append((clock() - start) * 1e3)
     return samples
+
+
+def samples_in_turns(calls: dict[str, Callable[[], Any]], runs: int, *, block: int, hand_over: int, warmup: int = 0,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """``runs`` timed calls (ms) of each of ``calls``, which take turns in blocks of ``block``, the order reversed
+    every round, so a drifting machine weighs on all of them alike. Each block opens with ``hand_over`` untimed calls:
+    what the one before left behind (threads still spinning, caches holding its data) falls on them, so each is timed
+    as it runs on its own. ``warmup``: untimed calls of each first."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    round_ = 0
+    while any(len(values) < runs for values in times.values()):
+        for name in list(calls) if round_ % 2 == 0 else list(reversed(calls)):
+            times[name] += time_samples(calls[name], warmup=hand_over, runs=min(block, runs - len(times[name])),
+                                        clock=clock)
+        round_ += 1
+    return times
 
 
 def settled_samples(fn, runs: int) -> tuple[list[float], bool]:

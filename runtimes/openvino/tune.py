@@ -6,8 +6,7 @@ decides OpenVINO vs ONNX Runtime from this device's measurement instead of the r
 Every component runs on both backends with the artifact's own validation inputs (a decoder: one decode step after
 the validation prompt, what a caption's tokens cost), the two taking turns in blocks (``_in_turns``), median of
 ``runs``; the record goes to ``mmedge.tuning`` (``engines/backend-timings.json``), which ``auto`` and ``mmedge doctor``
-read.
-Nothing here imports torch; the engines are imported by their runners.
+read. Nothing here imports torch; the engines are imported by their runners.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mmedge.artifact import Artifact
+from mmedge.bench import samples_in_turns
 from mmedge.errors import ArtifactError, BackendUnavailableError
 from mmedge.generation.kv_layout import LOGITS_POSITIONS, cache_names, checked_layout
 from mmedge.tuning import device_key, store, timings_path
@@ -64,20 +64,8 @@ def _in_turns(calls: dict[str, Callable[[], Any]], runs: int, block: int = BLOCK
     pipeline) fall on it, so each backend is timed as it runs with the graph to itself, as ``auto`` would deploy it.
     Strict alternation, call by call, timed OpenVINO while ONNX Runtime's threads spun: on a CLIP ViT-B/32 tower
     OpenVINO read 1.00-1.04x ONNX Runtime's time that way and 0.88-0.93x in blocks (RESULTS.md)."""
-    for _ in range(warmup):
-        for call in calls.values():
-            call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    round_ = 0
-    while any(len(values) < runs for values in times.values()):
-        for name in list(calls) if round_ % 2 == 0 else list(reversed(calls)):
-            calls[name]()  # untimed: the hand-over from the other backend
-            for _ in range(min(block, runs - len(times[name]))):
-                start = clock()
-                calls[name]()
-                times[name].append((clock() - start) * 1e3)
-        round_ += 1
-    return {name: statistics.median(values) for name, values in times.items()}
+    timed = samples_in_turns(calls, runs, block=block, hand_over=1, warmup=warmup, clock=clock)
+    return {name: statistics.median(values) for name, values in timed.items()}
 
 
 def _feeds_for(name: str, component: dict, sample: dict, runner) -> tuple[dict, str]:
