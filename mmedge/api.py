@@ -104,14 +104,17 @@ def open_runners(artifact: Artifact, chosen, *, threads: int | None = None, back
     return runners
 
 
-def plan_for(path: str | os.PathLike, backend: str = "auto", device: str = "auto",
-             backend_options: dict | None = None, threads: int | None = None):
+def plan_for(source: str | os.PathLike | Artifact, backend: str = "auto", device: str = "auto",
+             backend_options: dict | None = None, threads: int | None = None, probe=None):
     """The plan ``load`` would follow for these arguments (which backend runs each component), without opening
-    anything: what the CLI checks its options against before loading."""
-    return _plan(Artifact.open(path), backend, device, _checked_backend_options(backend_options), threads)
+    anything: what the CLI checks its options against before loading, and what ``mmedge doctor`` and
+    ``validate_artifact`` show and run. ``source``: an artifact folder or an open ``Artifact``; ``probe``: this
+    device's ``DeviceProbe`` when the caller has one (else probed here)."""
+    artifact = source if isinstance(source, Artifact) else Artifact.open(source)
+    return _plan(artifact, backend, device, _checked_backend_options(backend_options), threads, probe)
 
 
-def _plan(artifact: Artifact, backend: str, device: str, extra: dict, threads: int | None = None):
+def _plan(artifact: Artifact, backend: str, device: str, extra: dict, threads: int | None = None, found=None):
     from mmedge import device as device_probe
     from mmedge.runtimes.registry import backend as registered
     from mmedge.selection import plan as make_plan
@@ -121,7 +124,7 @@ def _plan(artifact: Artifact, backend: str, device: str, extra: dict, threads: i
     # backend goes by the manifest, so a missing folder is reported as missing
     present = artifact.has_pytorch_weights if backend == "auto" else bool(artifact.manifest.get("pytorch"))
     weights = present or any(registered(name).supplies_weights(settings) for name, settings in extra.items())
-    found = device_probe.probe()
+    found = found or device_probe.probe()
     return make_plan(found, artifact.manifest, backend, device, pytorch_weights=weights,
                      measured=measured_for(artifact, found, threads))
 

@@ -220,17 +220,15 @@ def cmd_build(args) -> int:
 def cmd_doctor(args) -> int:
     from mmedge.device import probe
     from mmedge.runtimes.registry import backends
-    from mmedge.selection import plan
 
     found = probe()
     report = {"device": found.to_dict()}
     if args.artifact:
+        from mmedge.api import plan_for
         from mmedge.artifact import Artifact
-        from mmedge.tuning import measured_for
 
         artifact = Artifact.open(args.artifact)
-        chosen = plan(found, artifact.manifest, args.backend, args.device,
-                      measured=measured_for(artifact, found, args.threads))
+        chosen = plan_for(artifact, args.backend, args.device, threads=args.threads, probe=found)  # load's plan
         report["plan"] = {name: vars(c) for name, c in chosen.components.items()}
         report["reasons"] = chosen.reasons
     if args.json:
@@ -263,11 +261,13 @@ def cmd_doctor(args) -> int:
 def cmd_tune(args) -> int:
     """Time each component on ONNX Runtime and OpenVINO here; ``auto`` decides those components from the figures."""
     from mmedge.api import plan_for
+    from mmedge.artifact import Artifact
     from mmedge.runtimes.openvino.tune import tune
     from mmedge.tuning import timings_path
 
-    record = tune(args.artifact, threads=args.threads, runs=args.runs, progress=not args.quiet)
-    chosen = plan_for(args.artifact, threads=args.threads)
+    artifact = Artifact.open(args.artifact)
+    record = tune(artifact.root, threads=args.threads, runs=args.runs, progress=not args.quiet)
+    chosen = plan_for(artifact, threads=args.threads)  # reads the timings tune has just stored
     picks = {name: chosen.components[name].backend for name in record["components"]}
     if args.json:
         print(json.dumps({**record, "auto": picks}, indent=2))
@@ -275,9 +275,7 @@ def cmd_tune(args) -> int:
     for name, timing in record["components"].items():
         print(f"{name}: ONNX Runtime {timing['onnxruntime_ms']:.2f} ms, OpenVINO {timing['openvino_ms']:.2f} ms "
               f"({timing['inputs']}) -> auto runs it on {picks[name]}")
-    from mmedge.artifact import Artifact
-
-    print(f"stored in {timings_path(Artifact.open(args.artifact))} for this device at "
+    print(f"stored in {timings_path(artifact)} for this device at "
           f"{record['device']['threads']} threads per graph")
     return 0
 

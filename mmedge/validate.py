@@ -61,15 +61,10 @@ def validate(artifact: Artifact, runners: dict) -> dict[str, dict]:
 
 def validate_artifact(path, backend: str = "auto", device: str = "auto", threads: int | None = None) -> dict[str, dict]:
     """Open an artifact, run every component (decoders as plain graphs) on the chosen backend, report."""
-    from mmedge.api import open_runners
-    from mmedge.device import probe
-    from mmedge.selection import plan
-    from mmedge.tuning import measured_for
+    from mmedge.api import open_runners, plan_for
 
     artifact = Artifact.open(path)
-    found = probe()
-    chosen = plan(found, artifact.manifest, backend, device, pytorch_weights=artifact.has_pytorch_weights,
-                  measured=measured_for(artifact, found, threads))
+    chosen = plan_for(artifact, backend, device, threads=threads)  # the plan mmedge.load follows
     runners = open_runners(artifact, chosen, threads=threads)
     try:
         return validate(artifact, runners)

@@ -388,6 +388,28 @@ def test_auto_keeps_onnxruntime_without_weights_torch_or_a_plain_decoder():
     assert any("not the decoder (the decoder also takes image_attention_mask" in r for r in chosen.reasons)
 
 
+def test_doctor_shows_the_plan_load_follows_on_a_device_copy_without_weights(pytorch_artifacts, tmp_path, capsys,
+                                                                            monkeypatch):
+    """A device copy may leave pytorch/ out. On a GPU box, ``auto`` then keeps the decoder off torch, and ``mmedge
+    doctor`` shows that plan, not the one the manifest alone would give (it once planned from the manifest)."""
+    from mmedge import device as device_module
+    from mmedge.api import plan_for
+    from mmedge.cli import main
+
+    copy = tmp_path / "blip2"
+    shutil.copytree(pytorch_artifacts("blip2"), copy)
+    monkeypatch.setattr(device_module, "probe", lambda: GPU_ORT_GPU)
+    assert plan_for(pytorch_artifacts("blip2")).components["decoder"].backend == "torch"  # the weights are there
+    shutil.rmtree(copy / "pytorch")
+    load_plan = plan_for(copy)
+    assert backends(load_plan) == {"prefix": "onnxruntime", "decoder": "onnxruntime"}
+    capsys.readouterr()
+    assert main(["doctor", str(copy), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert {name: c["backend"] for name, c in shown["plan"].items()} == backends(load_plan)
+    assert any("has no PyTorch weights" in reason for reason in shown["reasons"])
+
+
 def test_named_torch_backend():
     cpu = plan(CPU_BOX, BLIP2, backend="torch")
     assert backends(cpu) == {"prefix": "torch", "decoder": "torch"}
