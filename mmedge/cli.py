@@ -59,7 +59,8 @@ def cmd_export(args) -> int:
                             calibration_method=args.calibration_method, fidelity=args.fidelity_images,
                             random_weights=args.random_weights,
                             allow_pickle=args.allow_pickle, overwrite=args.overwrite, progress=not args.quiet,
-                            with_pytorch=args.with_pytorch, openvino_weights=args.openvino_weights)
+                            with_pytorch=args.with_pytorch, openvino_weights=args.openvino_weights,
+                            split_matmuls=not args.no_split_matmuls)
     out = export_model(args.model, args.out, options)
     from mmedge.artifact import Artifact
 
@@ -334,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "(as transformers does) instead of taking them once per image set; for comparison")
     exp.add_argument("--split-image-graphs", action="store_true",
                      help="IDEFICS: vision, resampler and cross K/V as separate graphs, not one image_context graph")
+    exp.add_argument("--no-split-matmuls", action="store_true",
+                     help="FP32 image graphs: keep every MatMul whole. By default a MatMul with a long inner "
+                          "dimension (an MLP's down-projection) is split in two, the same sum in another order, "
+                          "which CPUs run faster (IDEFICS-mid's image graph 0.88-0.94 of its time on ONNX Runtime; "
+                          "benchmarks/RESULTS.md); GPU engines from it are unmeasured")
     exp.add_argument("--fused-attention", action="store_true",
                      help="BLIP-2 / InstructBLIP with an OPT LLM: the decoder's attention as one ONNX Runtime "
                           "MultiHeadAttention node per layer instead of transformers' ops (half the nodes; ONNX "

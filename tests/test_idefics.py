@@ -13,7 +13,7 @@ from PIL import Image
 from transformers import IdeficsForVisionText2Text, IdeficsProcessor
 
 import mmedge
-from mmedge.export import export_model
+from mmedge.export import export_model, graph_rewrites
 from mmedge.export.onnx_export import run_onnx
 from mmedge.export.specs.idefics import _CrossKV, _Resampler, _Vision
 from mmedge.pipelines.interleaved import image_attention_mask, prompt_text
@@ -25,7 +25,10 @@ VARIANTS = {
     # Random tiny LLMs have no redundancy: 4-bit weights move their logits more than a trained model's
     # (cosine ~0.89 here vs >= 0.95 expected of real checkpoints), so the gate is lowered for the test.
     "int4": {"precision": "int8", "llm_precision": "int4", "extra": {"min_logits_cosine": 0.8}},
+    # the tiny image graph's MLPs are far under MIN_INNER: exported with the threshold lowered, so its MatMuls split
+    "fp32-split-matmuls": {},
 }
+LOWERED_MIN_INNER = {"fp32-split-matmuls": 16}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +37,10 @@ def artifacts(tiny_idefics_dir, tmp_path_factory):
 
     def get(name):
         if name not in made:
-            made[name] = export_model(str(tiny_idefics_dir), root / name, progress=False, **VARIANTS[name])
+            with pytest.MonkeyPatch.context() as patch:
+                if name in LOWERED_MIN_INNER:
+                    patch.setattr(graph_rewrites, "MIN_INNER", LOWERED_MIN_INNER[name])
+                made[name] = export_model(str(tiny_idefics_dir), root / name, progress=False, **VARIANTS[name])
         return made[name]
 
     return get
@@ -95,6 +101,20 @@ def test_fused_image_graph_is_the_default_and_its_parity_is_recorded(artifacts):
         "image_context")
     assert section["image_context"]["replaces"] == ["vision", "resampler", "cross_kv"]
     assert manifest(artifacts("recompute"))["idefics"]["image_context"]["outputs"] == "visual_tokens"
+
+
+def test_long_inner_matmuls_are_split_in_the_image_graph_only_and_recorded(artifacts):
+    """The split image graph: its MLP down-projections as two MatMuls and an Add, recorded in the manifest beside
+    the parity measured after the rewrite; the decoder keeps its MatMuls whole; the default tiny export, whose MLPs
+    are under MIN_INNER, records nothing."""
+    split = manifest(artifacts("fp32-split-matmuls"))["components"]
+    count = split["image_context"]["rewrites"]["split_long_inner_matmuls"]
+    graph = onnx.load(str(artifacts("fp32-split-matmuls") / "image_context.onnx"))
+    splits = [n for n in graph.graph.node if n.op_type == "Split" and n.name.endswith("/split/Split")]
+    assert count > 0 and len(splits) == count
+    assert min(m["cosine"] for m in split["image_context"]["parity"]["outputs"].values()) > 0.99999
+    assert "rewrites" not in split["decoder"]
+    assert not any("rewrites" in c for c in manifest(artifacts("fp32"))["components"].values())
 
 
 def test_fused_graph_equals_the_split_chain(artifacts, hf, images):
@@ -202,9 +222,10 @@ def test_image_attention_mask_rule():
 # --- generation -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["one image + text", "two images interleaved", "three images few-shot"])
 @pytest.mark.parametrize("settings", [{}, {"num_beams": 3}], ids=["greedy", "beam"])
-def test_tokens_identical_to_generate(artifacts, hf, images, name, settings):
+@pytest.mark.parametrize("variant", ["fp32", "fp32-split-matmuls"])
+def test_tokens_identical_to_generate(artifacts, hf, images, name, settings, variant):
     items = prompts(images)[name]
-    with mmedge.load(artifacts("fp32")) as captioner:
+    with mmedge.load(artifacts(variant)) as captioner:
         assert captioner.generate(items, max_new_tokens=12,
                                   **settings) == hf_continuation(hf, items, max_new_tokens=12, **settings)
 

@@ -52,6 +52,10 @@ EXPORT = [  # flags, the families where they do something
     (["--templates", "a {}."], set()),
     (["--labels", "cat", "--templates", "a {}."], {"clip"}),
     (["--precision", "int8", "--templates", "a {}."], {"clip"}),  # the text graph's calibration and fidelity prompts
+    (["--no-split-matmuls"], EVERY),  # every family's FP32 image graph
+    (["--precision", "int8", "--no-split-matmuls"], set()),  # quantized image graphs keep their MatMuls whole
+    (["--precision", "fp16", "--no-split-matmuls"], set()),
+    (["--llm-precision", "int4", "--no-split-matmuls"], GENERATIVE),  # the image graph stays FP32
     (["--split-prefix"], {"blip2"}),
     (["--fused-attention"], {"blip2"}),
     (["--llm-precision", "int4", "--fused-attention"], {"blip2"}),
