@@ -10,7 +10,9 @@ both sides (greedy). Measured in one run, each variant in the same process, 2 th
   for mmedge where the first token's time goes: the prompt's image context (preprocessing + the image
   graph(s)) and the rest (embedding lookup + decoder prefill + choosing the token);
 - mmedge FP32 with the fused image graph (vision → resampler → cross K/V, one call; the default) vs the
-  split graphs (``--split-image-graphs``: three calls), FP32 with the decoder recomputing the cross K/V
+  split graphs (``--split-image-graphs``: three calls), FP32 with the image graph's long-inner MatMuls kept
+  whole (``--no-split-matmuls``; auto runs it on ONNX Runtime, as the ``fp32-onnxruntime`` row), FP32 with the
+  decoder recomputing the cross K/V
   from the visual tokens at every step (what transformers does), INT8 (dynamic, LLM INT8) and INT4
   (encoders INT8, LLM INT4 weight-only);
 - fidelity beside speed: whether FP32 gives HF's tokens, and each quantized variant's agreement with FP32;
@@ -57,6 +59,7 @@ NEW_TOKENS = 32
 VARIANTS = {  # name: export options
     "fp32": {},
     "fp32-split-graphs": {"extra": {"fused_image_context": False}},
+    "fp32-whole-matmuls": {"split_matmuls": False},  # the image graph's long-inner MatMuls kept whole
     "fp32-recompute-kv": {"extra": {"cached_cross_kv": False}},
     "int8": {"precision": "int8", "llm_precision": "int8"},
     # Random-weight LLMs lack a trained model's redundancy: INT4 logits cosine is ~0.93 here, under the
