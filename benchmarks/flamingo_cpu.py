@@ -87,6 +87,20 @@ def tune_fp32(folder: Path, threads: int, enabled: bool) -> dict | None:
     return tune(folder, threads=threads, progress=False)
 
 
+def photos_and_fp32_export(threads: int) -> tuple[list, Path] | None:
+    """The benchmark's photos and the default FP32 export of ``MODEL`` in ``OUT`` (made once, remade when the
+    exporter's recipes changed); None, with the error printed, when exporting failed."""
+    from mmedge.export import export_model
+
+    folder = OUT / "idefics-mid-fp32"
+    export = export_once("fp32", folder, (folder / "manifest.json").is_file(), lambda: export_model(
+        MODEL, folder, random_weights=True, seed=0, overwrite=True, progress=False, threads=threads))
+    if export["error"]:
+        print(f"export failed: {export['error']}")
+        return None
+    return [Image.open(p).convert("RGB") for p in PHOTOS], folder
+
+
 def prompt(photos):
     return [photos[0], "An image of a cat.", photos[1], "An image of"]
 

@@ -33,10 +33,9 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from flamingo_cpu import MODEL, OUT, PHOTOS, HFSubject, MmedgeSubject, measure_in_turns, prompt
-from PIL import Image
+from flamingo_cpu import MODEL, OUT, HFSubject, MmedgeSubject, measure_in_turns, photos_and_fp32_export, prompt
 
-from _common import export_once, machine_info, markdown_table, package_versions, time_call, write_json
+from _common import machine_info, markdown_table, package_versions, time_call, write_json
 
 MATMUL_OPS = ("MatMul", "Gemm", "FusedMatMul")
 TARGET = 0.6  # issue 19: FP32 time to first token <= 0.6x HF's
@@ -216,15 +215,10 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=7, help="timed rounds (after a warm-up round)")
     args = parser.parse_args(argv)
-    photos = [Image.open(p).convert("RGB") for p in PHOTOS]
-    folder = OUT / "idefics-mid-fp32"
-    from mmedge.export import export_model
-
-    export = export_once("fp32", folder, (folder / "manifest.json").is_file(), lambda: export_model(
-        MODEL, folder, random_weights=True, seed=0, overwrite=True, progress=False, threads=args.threads))
-    if export["error"]:
-        print(f"export failed: {export['error']}")
+    ready = photos_and_fp32_export(args.threads)
+    if ready is None:
         return 1
+    photos, folder = ready
     image_feeds, prefill_feeds, preprocessing = profiled_feeds(folder, photos, args.threads)
     graphs = {"image graph": (folder / "image_context.onnx", image_feeds, session_settings(folder, "image_context",
                                                                                             args.threads)),

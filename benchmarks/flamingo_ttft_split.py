@@ -16,10 +16,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from flamingo_cpu import MODEL, OUT, PHOTOS, prompt
-from PIL import Image
+from flamingo_cpu import MODEL, OUT, photos_and_fp32_export, prompt
 
-from _common import export_once, machine_info, markdown_table, package_versions, time_call, write_json
+from _common import machine_info, markdown_table, package_versions, time_call, write_json
 
 
 def median_ms(call) -> float:
@@ -78,15 +77,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    photos = [Image.open(p).convert("RGB") for p in PHOTOS]
-    folder = OUT / "idefics-mid-fp32"
-    from mmedge.export import export_model
-
-    export = export_once("fp32", folder, (folder / "manifest.json").is_file(), lambda: export_model(
-        MODEL, folder, random_weights=True, seed=0, overwrite=True, progress=False, threads=args.threads))
-    if export["error"]:
-        print(f"export failed: {export['error']}")
+    ready = photos_and_fp32_export(args.threads)
+    if ready is None:
         return 1
+    photos, folder = ready
     hf, mm = measure_hf(photos, args.threads), measure_mmedge(folder, photos, args.threads)
     hf_total = hf["processor"] + hf["first forward"]
     mm_total = mm["inputs (preprocessing + image graph + embeddings)"] + mm["prefill"]
