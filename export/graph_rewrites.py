@@ -5,9 +5,9 @@ graph's parity after them, as for any graph.
 least ``MIN_INNER`` and twice the columns: a transformer MLP's down-projection, 3072 -> 768 in a ViT-B) becomes
 Split -> two MatMuls over half the inner dimension each -> Add: the same sum in another order (outputs move by float
 rounding, ~1e-6). ONNX Runtime's and OpenVINO's CPU SGEMMs run that shape at a lower rate than the up-projection of
-the same size, and the two halves faster than the whole (``benchmarks/flamingo_cpu.py`` and ``flamingo_floor.py``:
-the IDEFICS-mid image graph in 0.88-0.94 of its time on ONNX Runtime, 0.89-1.00 on OpenVINO; a CLIP ViT-B/32 vision
-tower at batch 8 in 0.92). Decoders gain nothing (a 36-token prefill 1.00-1.03), so only image graphs are rewritten;
+the same size, and the two halves faster than the whole (``benchmarks/split_matmuls_cpu.py``: CLIP ViT-B/32's vision
+tower, BLIP-2's prefix graph and IDEFICS-mid's image graph in a median 0.94 of their time, 0.84-1.05 over 30 rounds,
+on both). Decoders gain nothing (a 36-token prefill 1.00-1.08), so only image graphs are rewritten;
 GPU engines built from a rewritten graph are unmeasured (``--no-split-matmuls`` keeps every MatMul whole).
 """
 

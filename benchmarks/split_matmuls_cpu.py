@@ -1,0 +1,139 @@
+"""FP32 image graphs with their long-inner MatMuls split in two (the exporter's default) against the same graphs with
+every MatMul whole (``--no-split-matmuls``), on ONNX Runtime's and OpenVINO's CPU backends: the comparison behind
+``mmedge.export.graph_rewrites``, in one run.
+
+Three full-size graphs with random weights (seed 0): CLIP ViT-B/32's vision tower (batch 1 and 8), BLIP-2's prefix
+graph on the ``mmedge/blip2-vitb-opt125m`` config (ViT-B/16 and Q-Former; batch 1 and 4) and IDEFICS-mid's image
+graph (one prompt, 2 images; the exports ``flamingo_cpu.py`` uses). Each export is made twice, split and whole, and
+each graph is opened by mmedge's runner for the backend, as ``mmedge.load`` opens it (``--threads``). The two take
+turns (``mmedge.bench.samples_in_turns``: blocks of 3 calls, each opened by an untimed hand-over call, the order
+reversed every round) for ``--rounds`` rounds of 9 calls each; the table gives each round's split / whole ratio of
+medians, and the largest output difference between the two.
+
+    python benchmarks/split_matmuls_cpu.py      # ~8 min with cold exports on 2 cores, ~3 min cached
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from _common import export_once, machine_info, markdown_table, package_versions, write_json
+
+OUT = Path(__file__).resolve().parent / "out"
+
+
+@dataclass(frozen=True)
+class Case:
+    title: str
+    model: str
+    component: str
+    folder: str  # OUT / f"{folder}" split, OUT / f"{folder}-whole-matmuls" whole
+    pixels: tuple[tuple[int, ...], ...]  # the pixel_values shapes to time
+    options: tuple = ()
+
+
+CASES = (
+    Case("CLIP ViT-B/32 vision tower", "openai/clip-vit-base-patch32", "vision", "split-clip-b32-fp32",
+         ((1, 3, 224, 224), (8, 3, 224, 224)), (("task", "embed"),)),
+    Case("BLIP-2 prefix (ViT-B/16 + Q-Former)", "mmedge/blip2-vitb-opt125m", "prefix", "split-blip2-vitb-fp32",
+         ((1, 3, 224, 224), (4, 3, 224, 224))),
+    Case("IDEFICS-mid image graph", "mmedge/idefics-mid", "image_context", "idefics-mid-fp32",
+         ((1, 2, 3, 224, 224),)),  # flamingo_cpu.py's fp32 and fp32-whole-matmuls exports
+)
+BACKENDS = ("onnxruntime", "openvino")
+
+
+def exports(case: Case, threads: int) -> dict[str, Path]:
+    """The split and the whole export of ``case`` (each made once, remade when the exporter's recipes changed)."""
+    from mmedge.export import export_model
+
+    folders = {"split": OUT / case.folder, "whole": OUT / f"{case.folder}-whole-matmuls"}
+    for how, folder in folders.items():
+        made = export_once(f"{case.title} ({how})", folder, (folder / "manifest.json").is_file(),
+                           lambda f=folder, split=how == "split": export_model(
+                               case.model, f, random_weights=True, seed=0, overwrite=True, progress=False,
+                               threads=threads, split_matmuls=split, **dict(case.options)))
+        if made["error"]:
+            raise RuntimeError(f"export of {case.title} ({how}) failed:\n{made['error']}")
+    return folders
+
+
+def open_runner(folder: Path, component: str, backend: str, threads: int):
+    """The component's runner on ``backend``, opened as ``mmedge.load`` opens it."""
+    from mmedge.api import open_runners, plan_for
+    from mmedge.artifact import Artifact
+
+    artifact = Artifact.open(folder)
+    chosen = plan_for(artifact, backend=backend, device="cpu", threads=threads)
+    runners = open_runners(artifact, chosen, threads=threads)
+    for name, runner in runners.items():
+        if name != component:
+            runner.close()
+    return runners[component]
+
+
+def compare(case: Case, folders: dict[str, Path], backend: str, threads: int, rounds: int) -> list[dict]:
+    from mmedge.bench import samples_in_turns
+
+    runners = {how: open_runner(folder, case.component, backend, threads) for how, folder in folders.items()}
+    rows = []
+    try:
+        for shape in case.pixels:
+            feeds = {"pixel_values": np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
+            split, whole = (runners[how].infer(feeds) for how in ("split", "whole"))
+            difference = max(float(np.abs(split[k] - whole[k]).max()) for k in split)
+            ratios, medians = [], {"split": [], "whole": []}
+            for _ in range(rounds):
+                times = samples_in_turns({how: (lambda r=r: r.infer(feeds)) for how, r in runners.items()},
+                                         runs=9, block=3, hand_over=1, warmup=1)
+                for how in medians:
+                    medians[how].append(statistics.median(times[how]))
+                ratios.append(medians["split"][-1] / medians["whole"][-1])
+            rows.append({"case": case.title, "pixel_values": list(shape), "backend": backend, "ratios": ratios,
+                         **{f"{how}_ms": statistics.median(values) for how, values in medians.items()},
+                         "max_abs_diff": difference})
+            print(f"{case.title} {list(shape)} on {backend}: split / whole " + ", ".join(f"{r:.2f}" for r in ratios),
+                  file=sys.stderr, flush=True)
+    finally:
+        for runner in runners.values():
+            runner.close()
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of 9 calls each, split and whole in turns")
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    args = parser.parse_args(argv)
+    warnings.simplefilter("ignore")  # random weights
+    results = []
+    for case in CASES:
+        folders = exports(case, args.threads)
+        split = json.loads((folders["split"] / "manifest.json").read_text())
+        count = split["components"][case.component].get("rewrites", {}).get("split_long_inner_matmuls", 0)
+        for backend in args.backends:
+            results += [{**row, "split_matmuls": count} for row in compare(case, folders, backend, args.threads,
+                                                                             args.rounds)]
+    rows = [[r["case"], "x".join(map(str, r["pixel_values"])), r["backend"], r["split_matmuls"],
+             f"{r['split_ms']:.1f}", f"{r['whole_ms']:.1f}", ", ".join(f"{x:.2f}" for x in r["ratios"]),
+             f"{r['max_abs_diff']:.1e}"] for r in results]
+    print(f"threads={args.threads}; median of 9 calls a round, {args.rounds} rounds in turns\n")
+    print(markdown_table(["graph", "pixel_values", "backend", "MatMuls split", "split ms", "whole ms",
+                          "split / whole, each round", "max |diff|"], rows))
+    write_json(OUT / "split_matmuls_cpu.json", {"threads": args.threads, "machine": machine_info(),
+                                                "versions": package_versions(["onnxruntime", "openvino"]),
+                                                "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
