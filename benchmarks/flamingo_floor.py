@@ -28,49 +28,41 @@ import argparse
 import json
 import sys
 import tempfile
-import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 from flamingo_cpu import MODEL, OUT, HFSubject, MmedgeSubject, measure_in_turns, photos_and_fp32_export, prompt
 
-from _common import machine_info, markdown_table, package_versions, time_call, write_json
+from _common import machine_info, markdown_table, package_versions, time_call, time_samples, write_json
 
 MATMUL_OPS = ("MatMul", "Gemm", "FusedMatMul")
 TARGET = 0.6  # issue 19: FP32 time to first token <= 0.6x HF's
 WHOLE = "image graph, MatMuls whole"
 
 
-def profiled_feeds(folder: Path, photos, threads: int) -> tuple[dict, dict, float]:
-    """The feeds mmedge's pipeline gives the image graph and the decoder's prefill for the benchmark prompt, and the
-    median preprocessing time (ms)."""
-    import mmedge
+def profiled_feeds(captioner, photos) -> tuple[dict, dict, float]:
+    """The feeds ``captioner`` (mmedge's pipeline on ONNX Runtime) gives the image graph and the decoder's prefill for
+    the benchmark prompt, and the median preprocessing time (ms)."""
+    inputs = captioner.inputs
+    fused = inputs.settings["image_context"]
+    image_feeds = {fused["input"]: inputs.prompt_pixels([photos], len(photos))}  # [1, images, 3, 224, 224]
+    built = inputs.build([prompt(photos)])
+    decoder = captioner.decoder
+    captured: list[dict] = []
+    forward = decoder._forward  # the prefill's feeds and (empty) cache, as the runner hands them to the graph
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # random weights
-        captioner = mmedge.load(folder, backend="onnxruntime", threads=threads)
-    with captioner:
-        inputs = captioner.inputs
-        fused = inputs.settings["image_context"]
-        image_feeds = {fused["input"]: inputs.prompt_pixels([photos], len(photos))}  # [1, images, 3, 224, 224]
-        built = inputs.build([prompt(photos)])
-        decoder = captioner.decoder
-        captured: list[dict] = []
-        forward = decoder._forward  # the prefill's feeds and (empty) cache, as the runner hands them to the graph
+    def recording(feeds):
+        past = [p.numpy() if hasattr(p, "numpy") else p for p in decoder._past]
+        captured.append({**feeds, **dict(zip(decoder._past_names, past))})
+        return forward(feeds)
 
-        def recording(feeds):
-            past = [p.numpy() if hasattr(p, "numpy") else p for p in decoder._past]
-            captured.append({**feeds, **dict(zip(decoder._past_names, past))})
-            return forward(feeds)
-
-        decoder._forward = recording
-        try:
-            decoder.set_context(built["prefill"], built["step"])
-            decoder.start(built["embeds"], built["mask"])
-        finally:
-            del decoder._forward
-        preprocessing = time_call(lambda: captioner.preprocessor(photos), warmup=1, runs=7).median_ms
+    decoder._forward = recording
+    try:
+        decoder.set_context(built["prefill"], built["step"])
+        decoder.start(built["embeds"], built["mask"])
+    finally:
+        del decoder._forward
+    preprocessing = time_call(lambda: captioner.preprocessor(photos), warmup=1, runs=7).median_ms
     return image_feeds, captured[0], preprocessing
 
 
@@ -155,9 +147,9 @@ class RateSubject:
     def run(self) -> tuple[dict, list]:
         rates = {}
         for (rows, inner, columns), (session, x) in self.sessions.items():
-            session.run(None, x)  # the other subjects' threads and caches fall on this call
-            best = min(_seconds(lambda: session.run(None, x)) for _ in range(self.calls))
-            rates["x".join(map(str, (rows, inner, columns)))] = 2 * rows * inner * columns / best / 1e9
+            # the first call is untimed: the other subjects' threads and caches fall on it
+            best_ms = min(time_samples(lambda: session.run(None, x), warmup=1, runs=self.calls))
+            rates["x".join(map(str, (rows, inner, columns)))] = 2 * rows * inner * columns / best_ms / 1e6
         return rates, []
 
     def info(self) -> dict:
@@ -187,27 +179,21 @@ class GraphsSubject:
     def run(self) -> tuple[dict, list]:
         times = {}
         for name, (session, feeds) in self.sessions.items():
-            session.run(None, feeds)  # the hand-over call: the other subjects' threads and caches fall on it
-            times[name] = _seconds(lambda: session.run(None, feeds)) * 1e3
+            # one untimed hand-over call: the other subjects' threads and caches fall on it
+            times[name] = time_samples(lambda: session.run(None, feeds), warmup=1, runs=1)[0]
         return times, []
 
     def info(self) -> dict:
         return {"whole_vs_split_max_abs_diff": self.difference}
 
 
-def _seconds(call) -> float:
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
-
-
-def session_settings(folder: Path, component: str, threads: int):
-    """The ``OrtOptions`` mmedge's plan gives the component on ONNX Runtime (its session config entries included)."""
+def session_settings(folder: Path, threads: int) -> dict:
+    """Component -> the ``OrtOptions`` mmedge's plan gives it on ONNX Runtime (its session config entries included)."""
     from mmedge.api import plan_for
     from mmedge.runtimes.ort_session import OrtOptions
 
-    chosen = plan_for(folder, backend="onnxruntime", threads=threads).components[component]
-    return OrtOptions(threads=threads, config_entries=dict(chosen.options.get("config_entries", {})))
+    return {name: OrtOptions(threads=threads, config_entries=dict(chosen.options.get("config_entries", {})))
+            for name, chosen in plan_for(folder, backend="onnxruntime", threads=threads).components.items()}
 
 
 def main(argv=None) -> int:
@@ -219,17 +205,17 @@ def main(argv=None) -> int:
     if ready is None:
         return 1
     photos, folder = ready
-    image_feeds, prefill_feeds, preprocessing = profiled_feeds(folder, photos, args.threads)
-    graphs = {"image graph": (folder / "image_context.onnx", image_feeds, session_settings(folder, "image_context",
-                                                                                            args.threads)),
-              "decoder prefill": (folder / "decoder.onnx", prefill_feeds, session_settings(folder, "decoder",
-                                                                                           args.threads))}
+    mmedge_subject = MmedgeSubject(folder, photos, args.threads, {"backend": "onnxruntime"})
+    image_feeds, prefill_feeds, preprocessing = profiled_feeds(mmedge_subject.captioner, photos)
+    settings = session_settings(folder, args.threads)
+    graphs = {"image graph": (folder / "image_context.onnx", image_feeds, settings["image_context"]),
+              "decoder prefill": (folder / "decoder.onnx", prefill_feeds, settings["decoder"])}
     calls = {name: profile(graph, feeds, options) for name, (graph, feeds, options) in graphs.items()}
     shapes = sorted({s for c in calls.values() for s in c["shapes"]})
     whole = OUT / "idefics-mid-fp32-whole-matmuls" / "image_context.onnx"  # flamingo_cpu.py's --no-split-matmuls
     compared = {WHOLE: (whole, image_feeds, graphs["image graph"][2])} if whole.is_file() else {}
     subjects = {"hf": HFSubject(photos, args.threads),
-                "mmedge": MmedgeSubject(folder, photos, args.threads, {"backend": "onnxruntime"}),
+                "mmedge": mmedge_subject,
                 "graphs": GraphsSubject({**graphs, **compared}), "rates": RateSubject(shapes, args.threads)}
     measured = measure_in_turns(subjects, runs=args.runs)  # each runs once a round, the order reversed by turns
     failed = {name: r["error"] for name, r in measured.items() if "error" in r}

@@ -67,17 +67,16 @@ def exports(case: Case, threads: int) -> dict[str, Path]:
 
 
 def open_runner(folder: Path, component: str, backend: str, threads: int):
-    """The component's runner on ``backend``, opened as ``mmedge.load`` opens it."""
-    from mmedge.api import open_runners, plan_for
+    """The component's runner on ``backend``, opened by the backend's plug-in as ``mmedge.load`` opens it (the
+    artifact's other graphs stay closed)."""
+    from mmedge.api import plan_for
     from mmedge.artifact import Artifact
+    from mmedge.runtimes.registry import backend as registered
 
     artifact = Artifact.open(folder)
-    chosen = plan_for(artifact, backend=backend, device="cpu", threads=threads)
-    runners = open_runners(artifact, chosen, threads=threads)
-    for name, runner in runners.items():
-        if name != component:
-            runner.close()
-    return runners[component]
+    planned = plan_for(artifact, backend=backend, device="cpu", threads=threads).components[component]
+    return registered(backend).open_runner(artifact, component, planned, threads=threads, settings=None,
+                                           keep_on_device=False)
 
 
 def compare(case: Case, folders: dict[str, Path], backend: str, threads: int, rounds: int) -> list[dict]:
