@@ -32,14 +32,12 @@ def split_long_inner_matmuls(path: Path, min_inner: int | None = None) -> int:
 
     if external_data_path(path) is not None:
         return 0
-    least = MIN_INNER if min_inner is None else min_inner
     model = onnx.load(str(path))
-    weights = {w.name: w for w in model.graph.initializer}
+    weights = _long_inner_weights(model, min_inner)
     nodes, split = [], 0
-    for node in model.graph.node:
-        weight = weights.get(node.input[1]) if node.op_type == "MatMul" and not node.domain else None
-        if weight is None or len(weight.dims) != 2 or weight.dims[0] % 2 \
-                or weight.dims[0] < max(least, 2 * weight.dims[1]):
+    for index, node in enumerate(model.graph.node):
+        weight = weights.get(index)
+        if weight is None:
             nodes.append(node)
             continue
         full = numpy_helper.to_array(weight)  # [inner, columns]
@@ -67,4 +65,29 @@ def split_long_inner_matmuls(path: Path, min_inner: int | None = None) -> int:
     return split
 
 
-__all__ = ["MIN_INNER", "split_long_inner_matmuls"]
+def count_long_inner_matmuls(path: Path, min_inner: int | None = None) -> int:
+    """How many MatMuls ``split_long_inner_matmuls`` would split in the graph at ``path`` (0 for a graph whose weights
+    live in an external file, which it leaves as it is); the graph is not changed."""
+    import onnx
+
+    from mmedge.export.onnx_export import external_data_path
+
+    if external_data_path(path) is not None:
+        return 0
+    return len(_long_inner_weights(onnx.load(str(path)), min_inner))
+
+
+def _long_inner_weights(model, min_inner: int | None) -> dict:
+    """The graph's node index -> the constant ``[inner, columns]`` weight, of each MatMul to split."""
+    least = MIN_INNER if min_inner is None else min_inner
+    weights = {w.name: w for w in model.graph.initializer}
+    found = {}
+    for index, node in enumerate(model.graph.node):
+        weight = weights.get(node.input[1]) if node.op_type == "MatMul" and not node.domain else None
+        if weight is not None and len(weight.dims) == 2 and not weight.dims[0] % 2 \
+                and weight.dims[0] >= max(least, 2 * weight.dims[1]):
+            found[index] = weight
+    return found
+
+
+__all__ = ["MIN_INNER", "count_long_inner_matmuls", "split_long_inner_matmuls"]

@@ -16,7 +16,7 @@ import numpy as np
 
 import mmedge
 from mmedge.artifact import atomic_folder, sha256_file
-from mmedge.errors import ArtifactError, ExportError
+from mmedge.errors import ArtifactError, ExportError, InputError
 from mmedge.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, RECIPE_REVISION, dump_manifest
 from mmedge.metrics import compare_outputs
 from mmedge.progress import Progress
@@ -156,6 +156,7 @@ def _export(model: str, out: Path, options: ExportOptions, family, estimate=None
                 builder.validation_sample(spec)
             for i, spec in enumerate(progress.items(specs, len(specs), "component")):
                 builder.trace(spec, later=specs[i + 1:])
+            builder.check_kept_matmuls()
         lowered = [s for s in specs if builder.precision_of(s) != "fp32"]
         with progress.step(_describe_precision(builder, lowered)):
             builder.free_torch_weights(specs)  # every PyTorch output is taken: quantizers and sessions get the memory
@@ -215,6 +216,7 @@ class ArtifactBuilder:
         from mmedge.tokenizer import TextTokenizer
 
         self.stage, self.scratch, self.loaded, self.family, self.options = stage, scratch, loaded, family, options
+        self.kept_whole: dict[str, int] = {}  # FP32 image graph -> the MatMuls --no-split-matmuls kept whole
         processor = loaded.image_processor
         self.preprocess = processor if isinstance(processor, dict) else preprocess_config_from_hf(processor)
         self.preprocessor = ImagePreprocessor(self.preprocess)
@@ -259,10 +261,13 @@ class ArtifactBuilder:
         path = export_spec(spec, folder / f"{spec.name}.onnx")
         self.fp32_paths[spec.name] = path
         rewrites = {}
-        if final_fp32 and self.options.split_matmuls and "pixel_values" in spec.inputs:  # image graphs only
-            from mmedge.export.graph_rewrites import split_long_inner_matmuls
+        if final_fp32 and "pixel_values" in spec.inputs:  # image graphs only
+            from mmedge.export.graph_rewrites import count_long_inner_matmuls, split_long_inner_matmuls
 
-            rewrites = {"split_long_inner_matmuls": split_long_inner_matmuls(path)}
+            if self.options.split_matmuls:
+                rewrites = {"split_long_inner_matmuls": split_long_inner_matmuls(path)}
+            else:  # what --no-split-matmuls keeps whole (check_kept_matmuls)
+                self.kept_whole[spec.name] = count_long_inner_matmuls(path)
         fresh = spec.check_inputs()  # dynamic sizes unlike the traced ones: a baked-in shape shows up
         fresh_reference = torch_reference(spec, fresh)
         sample_feeds, sample_reference = self.validation_sample(spec)
@@ -280,6 +285,22 @@ class ArtifactBuilder:
         }
         self._sample_parity[spec.name] = compare_outputs(sample_reference, session.run(sample_feeds))
         del session  # a large decoder's session holds gigabytes
+
+    def check_kept_matmuls(self) -> None:
+        """Refuse ``--no-split-matmuls`` where the FP32 image graphs have nothing it would keep whole (MLPs shorter
+        than ``graph_rewrites.MIN_INNER``): the option would change nothing. Known only once the graphs are traced;
+        nothing is written yet."""
+        if self.options.split_matmuls or not self.kept_whole or any(self.kept_whole.values()):
+            return
+        from mmedge.export.graph_rewrites import MIN_INNER
+
+        graphs = ", ".join(f"'{name}'" for name in self.kept_whole)
+        several = len(self.kept_whole) > 1
+        raise InputError(f"--no-split-matmuls changes nothing in this export: its FP32 image graph{'s' * several} "
+                         f"({graphs}) {'have' if several else 'has'} no MatMul whose inner dimension is at least "
+                         f"{MIN_INNER} and twice its columns, so none would be split",
+                         "a model with long MLPs in its image graph (a ViT-B's 3072 -> 768) for --no-split-matmuls",
+                         "drop --no-split-matmuls")
 
     def free_torch_weights(self, specs) -> int:
         """Free what is left of the exported modules' PyTorch weights in a model past the streaming threshold

@@ -339,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="FP32 image graphs: keep every MatMul whole. By default a MatMul with a long inner "
                           "dimension (an MLP's down-projection) is split in two, the same sum in another order, "
                           "which CPUs run faster (ViT image graphs in a median 0.94 of their time on ONNX Runtime "
-                          "and OpenVINO; benchmarks/split_matmuls_cpu.py); GPU engines from it are unmeasured")
+                          "and OpenVINO; benchmarks/split_matmuls_cpu.py); GPU engines from it are unmeasured. "
+                          "Refused where the image graph has no MatMul that long")
     exp.add_argument("--fused-attention", action="store_true",
                      help="BLIP-2 / InstructBLIP with an OPT LLM: the decoder's attention as one ONNX Runtime "
                           "MultiHeadAttention node per layer instead of transformers' ops (half the nodes; ONNX "

@@ -1,15 +1,21 @@
 """``mmedge.export.graph_rewrites``: long-inner MatMuls split in two on a hand-built graph (which ones, the outputs
-ONNX Runtime gives before and after), and a graph with external weights left alone. The exports that apply it are
-tested in tests/test_idefics.py (token identity with transformers through a rewritten image graph)."""
+ONNX Runtime gives before and after), and a graph with external weights left alone; ``--no-split-matmuls`` refused
+by the exporter where the image graph has nothing it would keep whole. The exports that apply the rewrite are tested
+in tests/test_idefics.py (token identity with transformers through a rewritten image graph)."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from mmedge.export.graph_rewrites import split_long_inner_matmuls
+from mmedge.errors import InputError
+from mmedge.export import graph_rewrites
+from mmedge.export.graph_rewrites import count_long_inner_matmuls, split_long_inner_matmuls
 
 
 def _graph(path, rng):
@@ -48,6 +54,9 @@ def test_only_long_inner_constant_matmuls_are_split_and_the_outputs_stay(tmp_pat
              "odd_in": rng.standard_normal((3, 5, 33), dtype=np.float32),
              "other": rng.standard_normal((64, 4), dtype=np.float32)}
     before = _run(path, feeds)
+    written = path.read_bytes()
+    assert count_long_inner_matmuls(path, min_inner=32) == 1 and path.read_bytes() == written  # counts, changes nothing
+    assert count_long_inner_matmuls(path, min_inner=128) == 0
     assert split_long_inner_matmuls(path, min_inner=32) == 1
     after = _run(path, feeds)
     for a, b in zip(before, after):
@@ -68,4 +77,26 @@ def test_a_graph_with_external_weights_is_left_as_it_is(tmp_path):
               location="g.onnx.data", size_threshold=0)
     written = path.read_bytes()
     assert split_long_inner_matmuls(path, min_inner=32) == 0
+    assert count_long_inner_matmuls(path, min_inner=32) == 0  # what the rewrite would do: nothing
     assert path.read_bytes() == written
+
+
+def test_no_split_matmuls_is_refused_where_the_image_graph_has_nothing_to_keep_whole(tiny_clip_dir, tmp_path,
+                                                                                     monkeypatch):
+    """The tiny CLIP's MLPs (128 -> 32) are far under MIN_INNER: --no-split-matmuls would change nothing, so the
+    export is refused once the image graph is traced, and nothing is written. With the threshold lowered under them
+    the same option keeps them whole, and the manifest records no rewrite."""
+    from mmedge.cli import main
+    from mmedge.export import export_model
+
+    out = tmp_path / "clip-whole"
+    with pytest.raises(InputError, match="--no-split-matmuls changes nothing.*'vision'.*drop --no-split-matmuls"):
+        export_model(str(tiny_clip_dir), out, split_matmuls=False, task="embed", progress=False)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+    assert main(["export", str(tiny_clip_dir), str(out), "--task", "embed", "--no-split-matmuls"]) == 2
+
+    monkeypatch.setattr(graph_rewrites, "MIN_INNER", 16)
+    export_model(str(tiny_clip_dir), out, split_matmuls=False, task="embed", progress=False)
+    vision = json.loads((out / "manifest.json").read_text())["components"]["vision"]
+    assert "rewrites" not in vision
+    assert count_long_inner_matmuls(out / "vision.onnx") > 0  # kept whole: the default export would split them

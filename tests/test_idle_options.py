@@ -52,7 +52,8 @@ EXPORT = [  # flags, the families where they do something
     (["--templates", "a {}."], set()),
     (["--labels", "cat", "--templates", "a {}."], {"clip"}),
     (["--precision", "int8", "--templates", "a {}."], {"clip"}),  # the text graph's calibration and fidelity prompts
-    (["--no-split-matmuls"], EVERY),  # every family's FP32 image graph
+    (["--no-split-matmuls"], EVERY),  # every family's FP32 image graph (refused after tracing where its MLPs are
+    # too short to split: tests/test_graph_rewrites.py)
     (["--precision", "int8", "--no-split-matmuls"], set()),  # quantized image graphs keep their MatMuls whole
     (["--precision", "fp16", "--no-split-matmuls"], set()),
     (["--llm-precision", "int4", "--no-split-matmuls"], GENERATIVE),  # the image graph stays FP32
