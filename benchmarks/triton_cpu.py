@@ -131,16 +131,16 @@ def throughput_in_turns(paths: dict[str, tuple[Callable[[], Callable[[], Any]], 
     for name, by_clients in rounds_of.items():
         out[name] = {}
         for clients, blocks in by_clients.items():
-            base = rounds_of[first][clients]
+            ratios = [b["rps"] / a["rps"] for b, a in zip(blocks, rounds_of[first][clients])]
             middle = sorted(blocks, key=lambda b: b["cpu_ms_server"])[len(blocks) // 2]  # its split by process
             out[name][clients] = {
                 "rps": statistics.median(b["rps"] for b in blocks),
-                "x_first": statistics.median(b["rps"] / a["rps"] for b, a in zip(blocks, base)),
+                "x_first": statistics.median(ratios),
                 "cpu_ms_here": statistics.median(b["cpu_ms_here"] for b in blocks),
                 "cpu_ms_server": middle["cpu_ms_server"],
                 "cpu_ms_server_by_process": middle["cpu_ms_server_by_process"],
                 "rounds_rps": [round(b["rps"], 2) for b in blocks],
-                "rounds_x_first": [round(b["rps"] / a["rps"], 3) for b, a in zip(blocks, base)]}
+                "rounds_x_first": [round(ratio, 3) for ratio in ratios]}
     return out
 
 

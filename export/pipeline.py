@@ -290,7 +290,7 @@ class ArtifactBuilder:
         """Refuse ``--no-split-matmuls`` where the FP32 image graphs have nothing it would keep whole (MLPs shorter
         than ``graph_rewrites.MIN_INNER``): the option would change nothing. Known only once the graphs are traced;
         nothing is written yet."""
-        if self.options.split_matmuls or not self.kept_whole or any(self.kept_whole.values()):
+        if not self.kept_whole or any(self.kept_whole.values()):  # filled only under --no-split-matmuls
             return
         from mmedge.export.graph_rewrites import MIN_INNER
 
