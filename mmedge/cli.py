@@ -114,15 +114,19 @@ def cmd_run(args) -> int:
         decoder = plan.components.get("decoder") if plan else None
         check_decoder_backend(args, decoder.backend if decoder else ("a Triton server" if args.triton else None))
         if args.interleaved:
-            print(_run_interleaved(pipeline, args.images, args))
+            _print_line(_run_interleaved(pipeline, args.images, args))
             return 0
         for image in args.images:
-            line = _run_one(pipeline, image, args)
-            print(line)
+            _print_line(_run_one(pipeline, image, args))
     return 0
 
 
-def _run_interleaved(pipeline, items: list[str], args) -> str:
+def _print_line(line: str | None) -> None:
+    if line is not None:  # None: streamed, the line is out already
+        print(line)
+
+
+def _run_interleaved(pipeline, items: list[str], args) -> str | None:
     """One interleaved prompt: arguments naming existing files are images, the others text."""
     from pathlib import Path
 
@@ -135,11 +139,34 @@ def _run_interleaved(pipeline, items: list[str], args) -> str:
     prompt = [Path(item) if Path(item).is_file() else item for item in items]
     generation = _generation_args(args)
     if args.stream and not args.json:
-        for piece in pipeline.stream(prompt, **generation):
-            print(piece, end="", flush=True)
-        return ""
+        _note_if_empty(_print_stream(pipeline.stream(prompt, **generation)), "the answer", args)
+        return None
     text = pipeline.generate(prompt, **generation)
-    return json.dumps({"prompt": items, "text": text}) if args.json else text
+    if args.json:
+        return json.dumps({"prompt": items, "text": text})
+    _note_if_empty(text, "the answer", args)
+    return text
+
+
+def _print_stream(pieces) -> str:
+    """Print streamed text as it arrives, then end its line; returns all of it."""
+    text = ""
+    for piece in pieces:
+        print(piece, end="", flush=True)
+        text += piece
+    print(flush=True)
+    return text
+
+
+def _note_if_empty(text: str, what: str, args) -> None:
+    """A blank line alone would look like a fault: say on stderr that the model's answer itself is empty (as the
+    PyTorch model's is on prompts unlike the ones it learnt: it ends the answer with its first token)."""
+    if text.strip():
+        return
+    cut = ", or a stop string matched at its start" if args.stop else ""
+    print(f"mmedge: note: {what} is empty: the model ended it before any text{cut}; a prompt in the form the model "
+          "was trained on gives one (the demo models: see examples/few_shot.py and examples/caption.py)",
+          file=sys.stderr)
 
 
 def _generation_args(args) -> dict:
@@ -148,19 +175,21 @@ def _generation_args(args) -> dict:
             "stop_strings": args.stop}
 
 
-def _caption_one(pipeline, image: str, args) -> str:
+def _caption_one(pipeline, image: str, args) -> str | None:
     generation = _generation_args(args)
     prompt = pipeline.vqa_template.replace("{}", args.question) if args.question else args.prompt
     if args.stream and not args.json:
         print(f"{image}: ", end="", flush=True)
-        for piece in pipeline.stream(image, prompt, **generation):
-            print(piece, end="", flush=True)
-        return ""
+        _note_if_empty(_print_stream(pipeline.stream(image, prompt, **generation)), f"the caption of {image}", args)
+        return None
     text = pipeline.caption(image, prompt, **generation)
-    return json.dumps({"image": image, "prompt": prompt, "text": text}) if args.json else f"{image}: {text}"
+    if args.json:
+        return json.dumps({"image": image, "prompt": prompt, "text": text})
+    _note_if_empty(text, f"the caption of {image}", args)
+    return f"{image}: {text}"
 
 
-def _run_one(pipeline, image: str, args) -> str:
+def _run_one(pipeline, image: str, args) -> str | None:
     if pipeline.task == "caption":
         return _caption_one(pipeline, image, args)
     if pipeline.task == "embed":

@@ -70,11 +70,7 @@ class TextTokenizer:
         try:
             encodings = self._backend.encode_batch(batch)
         except Exception as exc:  # tokenizers raises plain Exception
-            raise TokenizerError(
-                f"cannot tokenize the given text ({_first_line(exc)})",
-                "valid Unicode strings",
-                "remove unpaired surrogates or other invalid characters from the text",
-            ) from exc
+            raise _untokenizable(exc) from exc
         self._warn_if_truncated(encodings)
         input_ids = np.array([e.ids for e in encodings], dtype=np.int64)  # [batch, tokens]
         attention_mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)  # [batch, tokens]
@@ -90,11 +86,7 @@ class TextTokenizer:
         try:
             encoding = self._untruncated_backend().encode(batch[0], add_special_tokens=add_special_tokens)
         except Exception as exc:  # tokenizers raises plain Exception
-            raise TokenizerError(
-                f"cannot tokenize the given text ({_first_line(exc)})",
-                "valid Unicode strings",
-                "remove unpaired surrogates or other invalid characters from the text",
-            ) from exc
+            raise _untokenizable(exc) from exc
         return np.array(encoding.ids, dtype=np.int64)  # [tokens]
 
     def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = True) -> str:
@@ -193,6 +185,11 @@ def _checked_texts(texts: Any) -> list[str]:
                 "convert each item to a string before tokenizing",
             )
     return list(texts)
+
+
+def _untokenizable(exc: Exception) -> TokenizerError:
+    return TokenizerError(f"cannot tokenize the given text ({_first_line(exc)})", "valid Unicode strings",
+                          "remove unpaired surrogates or other invalid characters from the text")
 
 
 def _first_line(exc: BaseException) -> str:

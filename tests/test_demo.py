@@ -466,6 +466,23 @@ def test_example_few_shot_streams_interleaved_prompts(demo_run):
     assert len(answers) == len(truth) and set(answers) <= {"image 1", "image 2", "yes", "no"}
 
 
+def test_run_says_when_the_answer_is_empty(demo_run, capsys):
+    """The demo IDEFICS ends its answer at once on a prompt unlike the ones it learnt (as transformers' generate does,
+    by a margin of 3-6 logits): `mmedge run` prints the empty answer and says on stderr why the line is blank."""
+    scene = str(demo.images(1)[0])
+    for streamed in ([], ["--stream"]):
+        assert main(["run", str(artifact(demo_run, "idefics-fp32")), "--interleaved", scene, "Describe it:",
+                     *streamed]) == 0
+        out, err = capsys.readouterr()
+        assert out == "\n" and "note: the answer is empty: the model ended it before any text" in err, streamed
+    assert main(["run", str(artifact(demo_run, "idefics-fp32")), "--interleaved", scene, "Describe it:", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["text"] == "" and not err  # machine-readable output says it itself
+    assert main(["run", str(artifact(demo_run, "blip2-fp32")), scene, "--stream"]) == 0
+    out, err = capsys.readouterr()  # a caption streamed: one line, no note
+    assert out.startswith(f"{scene}: ") and out.count("\n") == 1 and out[len(scene) + 2:].strip() and not err
+
+
 def test_example_caption_exports_a_checkpoint_path(tiny_blip2_dir, tmp_path):
     out = run_example("caption.py", "--model", str(tiny_blip2_dir), "--out", str(tmp_path / "cap"),
                       "--llm-precision", "fp32", "--max-new-tokens", "4", str(demo.images(1)[0]))
