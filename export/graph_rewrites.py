@@ -7,8 +7,11 @@ Split -> two MatMuls over half the inner dimension each -> Add: the same sum in 
 rounding, ~1e-6). ONNX Runtime's and OpenVINO's CPU SGEMMs run that shape at a lower rate than the up-projection of
 the same size, and the two halves faster than the whole (``benchmarks/split_matmuls_cpu.py``: CLIP ViT-B/32's vision
 tower, BLIP-2's prefix graph and IDEFICS-mid's image graph in a median 0.94 of their time, 0.84-1.05 over 30 rounds,
-on both). Decoders gain nothing (a 36-token prefill 1.00-1.08), so only image graphs are rewritten;
-GPU engines built from a rewritten graph are unmeasured (``--no-split-matmuls`` keeps every MatMul whole).
+on both; a later run 0.97, 0.83-1.04 over 50). Decoders gain nothing (a 36-token prefill 1.00-1.08), and neither
+does CLIP's text tower (2048 -> 512: 24 labels of 10 tokens took 1.02-1.06 of their time split in all 10 rounds of a
+run on both backends, one query of 10 tokens and 8 texts of 77 tokens about 1.0; the script's text case), so only
+image graphs are rewritten; GPU engines built from a rewritten graph are unmeasured (``--no-split-matmuls`` keeps
+every MatMul whole).
 """
 
 from __future__ import annotations
