@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -198,6 +199,48 @@ def test_a_tampered_artifact_is_refused_and_nothing_is_written(sources, tmp_path
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "vision.onnx" in result.stderr and "sha256" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "repo").exists()
+
+
+def test_each_file_is_hashed_once_when_linked_and_a_bad_copy_is_refused(sources, tmp_path, monkeypatch):
+    """A hard link is the artifact's own verified bytes: each file is hashed once however many models hold it (the
+    inline zero-shot pipeline holds the CLIP graphs too). Across file systems the copy is hashed again, and a copy that
+    differs is refused with nothing written."""
+    import mmedge.artifact
+    import mmedge.triton.repository as repository
+
+    hashed = []
+    real_sha256 = mmedge.artifact.sha256_file
+
+    def counting(path, *args, **kwargs):
+        hashed.append(Path(path).name)
+        return real_sha256(path, *args, **kwargs)
+
+    monkeypatch.setattr(mmedge.artifact, "sha256_file", counting)
+    monkeypatch.setattr(repository, "sha256_file", counting)
+    write_repository([sources["clip"]], tmp_path / "linked", Options(platform="python"))
+    manifest = Artifact.open(sources["clip"]).manifest
+    assert sorted(hashed) == sorted([c["file"] for c in manifest["components"].values()] +
+                                    [manifest["tokenizer"]["file"]])
+    assert (tmp_path / "linked" / "clip-zero-shot" / "1" / "vision.onnx").stat().st_nlink > 1  # inline: linked too
+
+    def no_links(source, target):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(repository.os, "link", no_links)
+    hashed.clear()
+    write_repository([sources["clip"]], tmp_path / "copied", Options(platform="python"))
+    assert len(hashed) > len(manifest["components"]) + 1  # the artifact's files, then each copy
+    assert (tmp_path / "copied" / "clip__vision" / "1" / "vision.onnx").stat().st_nlink == 1
+
+    def bad_copy(source, target):
+        data = bytearray(Path(source).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        Path(target).write_bytes(bytes(data))
+
+    monkeypatch.setattr(repository.shutil, "copyfile", bad_copy)
+    with pytest.raises(IntegrityError, match="the copy of '.*' in the repository does not match"):
+        write_repository([sources["clip"]], tmp_path / "bad", Options(platform="python"))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_cli_writes_the_repository_and_refuses_bad_options(sources, tmp_path):

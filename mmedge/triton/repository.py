@@ -155,17 +155,21 @@ def _python_model(folder: Path, cls: str, artifact: Artifact) -> None:
 
 
 def _place(artifact: Artifact, name: str, sha256: str | None, field: str, folder: Path) -> None:
-    """Hard-link (or copy) one file of the artifact into ``folder`` and check the result's sha256."""
+    """Hard-link (or copy) one file of the artifact into ``folder``. Its sha256 is checked on the artifact's file,
+    once per file however many models hold it (``Artifact.verified_path``), and again on a copy; a hard link is the
+    same bytes, so hashing it again would read gigabytes for nothing."""
     source = artifact.verified_path(name, sha256, field) if sha256 else artifact.resolve_file(name, field)
     target = folder / name
-    _link_or_copy(source, target)
-    if sha256 and sha256_file(target) != sha256:
+    if not _link_or_copy(source, target) and sha256 and sha256_file(target) != sha256:
         raise IntegrityError(f"the copy of '{name}' in the repository does not match the manifest's sha256",
                              "an exact copy of the artifact's file", "check the disk, then run `mmedge triton` again")
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
+def _link_or_copy(source: Path, target: Path) -> bool:
+    """True where ``target`` is a hard link to ``source``, False where it is a copy."""
     try:
         os.link(source, target)
+        return True
     except OSError:  # another file system, or links not allowed: copy
         shutil.copyfile(source, target)
+        return False
