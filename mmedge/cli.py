@@ -122,7 +122,7 @@ def cmd_run(args) -> int:
 
 
 def _print_line(line: str | None) -> None:
-    if line is not None:  # None: streamed, the line is out already
+    if line is not None:  # None: a caption or answer, printed already (before any note on it)
         print(line)
 
 
@@ -144,8 +144,9 @@ def _run_interleaved(pipeline, items: list[str], args) -> str | None:
     text = pipeline.generate(prompt, **generation)
     if args.json:
         return json.dumps({"prompt": items, "text": text})
-    _note_if_empty(text, "the answer", args)
-    return text
+    print(text)
+    _note_if_empty(text, "the answer", args)  # after the line it explains
+    return None
 
 
 def _print_stream(pieces) -> str:
@@ -165,7 +166,7 @@ def _note_if_empty(text: str, what: str, args) -> None:
         return
     cut = ", or a stop string matched at its start" if args.stop else ""
     print(f"mmedge: note: {what} is empty: the model ended it before any text{cut}; a prompt in the form the model "
-          "was trained on gives one (the demo models: see examples/few_shot.py and examples/caption.py)",
+          "was trained on gives one (the demo models' prompts: README, 'Demo models and examples')",
           file=sys.stderr)
 
 
@@ -185,8 +186,9 @@ def _caption_one(pipeline, image: str, args) -> str | None:
     text = pipeline.caption(image, prompt, **generation)
     if args.json:
         return json.dumps({"image": image, "prompt": prompt, "text": text})
-    _note_if_empty(text, f"the caption of {image}", args)
-    return f"{image}: {text}"
+    print(f"{image}: {text}")
+    _note_if_empty(text, f"the caption of {image}", args)  # after the line it explains
+    return None
 
 
 def _run_one(pipeline, image: str, args) -> str | None:

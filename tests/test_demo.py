@@ -475,6 +475,10 @@ def test_run_says_when_the_answer_is_empty(demo_run, capsys):
                      *streamed]) == 0
         out, err = capsys.readouterr()
         assert out == "\n" and "note: the answer is empty: the model ended it before any text" in err, streamed
+    merged = subprocess.run([sys.executable, "-m", "mmedge.cli", "run", str(artifact(demo_run, "idefics-fp32")),
+                             "--interleaved", scene, "Describe it:"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, timeout=120)
+    assert merged.returncode == 0 and merged.stdout.startswith("\nmmedge: note: the answer is empty")  # line, then note
     assert main(["run", str(artifact(demo_run, "idefics-fp32")), "--interleaved", scene, "Describe it:", "--json"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["text"] == "" and not err  # machine-readable output says it itself
