@@ -119,6 +119,11 @@ def _matmul_shape(args: dict) -> tuple[tuple[int, int, int], int]:
     return (int(rows), int(inner), int(columns)), batch
 
 
+def shape_name(shape: tuple[int, int, int]) -> str:
+    """"ROWSxINNERxCOLUMNS": how the rates and the JSON name a MatMul shape."""
+    return "x".join(map(str, shape))
+
+
 def timed_alone(shape: tuple[int, int, int]) -> bool:
     """The MatMul shapes ``RateSubject`` times alone: those of at least 50 MFLOP, and one-row products by a weight of
     at least 16 MB (the LM head's, ``[1, 768] @ [768, 32000]``: 49 MFLOP, bound by reading its 98 MB of weights)."""
@@ -131,7 +136,7 @@ def matmul_floor_ms(shapes: dict, rates: dict, peak: float) -> float:
     time they take alone: reading the weight bounds them, not arithmetic, so ``peak`` would be no floor for them."""
     total = 0.0
     for (rows, inner, columns), count in shapes.items():
-        own = rates.get(f"{rows}x{inner}x{columns}") if rows == 1 else None
+        own = rates.get(shape_name((rows, inner, columns))) if rows == 1 else None
         total += count * 2 * rows * inner * columns / (own or peak) / 1e6
     return total
 
@@ -167,7 +172,7 @@ class RateSubject:
         for (rows, inner, columns), (session, x) in self.sessions.items():
             # the first call is untimed: the other subjects' threads and caches fall on it
             best_ms = min(time_samples(lambda: session.run(None, x), warmup=1, runs=self.calls))
-            rates["x".join(map(str, (rows, inner, columns)))] = 2 * rows * inner * columns / best_ms / 1e6
+            rates[shape_name((rows, inner, columns))] = 2 * rows * inner * columns / best_ms / 1e6
         return rates, []
 
     def info(self) -> dict:
@@ -266,8 +271,8 @@ def main(argv=None) -> int:
                       ("floor: every MatMul at this CPU's rate, the rest as now", floor),
                       ("MatMul-only floor: preprocessing + every MatMul at this CPU's rate", strict)):
         print(f"  {label}: {ms:.1f} ms = {ms / hf_ttft:.2f} of HF's")
-    named = {n: {**{k: v for k, v in c.items() if k != "shapes"}, "shapes": {"x".join(map(str, shape)): count
-                                                                              for shape, count in c["shapes"].items()}}
+    named = {n: {**{k: v for k, v in c.items() if k != "shapes"},
+                 "shapes": {shape_name(shape): count for shape, count in c["shapes"].items()}}
              for n, c in calls.items()}
     write_json(OUT / "flamingo_floor.json", {
         "model": MODEL, "threads": args.threads, "machine": machine_info(),

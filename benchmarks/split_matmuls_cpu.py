@@ -61,12 +61,12 @@ def exports(case: Case, threads: int) -> dict[str, Path]:
     graph the exporter keeps whole, the split export's folder and a folder with the graph's split copy."""
     from mmedge.export import export_model
 
-    folders = {"split": OUT / case.folder, "whole": OUT / f"{case.folder}-whole-matmuls"}
     if case.split_here:
         folders = {"whole": OUT / case.folder, "split": OUT / f"{case.folder}-{case.component}-split"}
         if not (folders["whole"] / "manifest.json").is_file():
             raise RuntimeError(f"{case.title}: run the case that exports {folders['whole']} first")
         return folders  # the split copy: split_copy
+    folders = {"split": OUT / case.folder, "whole": OUT / f"{case.folder}-whole-matmuls"}
     for how, folder in folders.items():
         made = export_once(f"{case.title} ({how})", folder, (folder / "manifest.json").is_file(),
                            lambda f=folder, split=how == "split": export_model(
