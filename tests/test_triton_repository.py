@@ -8,6 +8,7 @@ also served for real in tests/test_triton_serving.py.
 """
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -250,10 +251,17 @@ def test_cli_writes_the_repository_and_refuses_bad_options(sources, tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {str(sources["clip-fused"]): ["clip-fused__zero_shot", "clip-fused-zero-shot"]}
+    lines = result.stderr.splitlines()  # progress: the artifact's step, its start and end, and each component
+    assert re.fullmatch(r"\[1/1\] clip-fused: checking the sha256 of its \d+\.\d MB and placing its files \.\.\.",
+                        lines[0])
+    assert lines[1] == "    component 1/1" and lines[2].startswith(lines[0] + " done (") and len(lines) == 3
     again = subprocess.run([sys.executable, "-m", "mmedge.cli", "triton", str(sources["clip-fused"]), "--out",
                             str(out)],
                            capture_output=True, text=True, timeout=120)
-    assert again.returncode == 2 and "already exists" in again.stderr
+    assert again.returncode == 2 and "already exists" in again.stderr and "[1/1]" not in again.stderr  # before work
+    quiet = subprocess.run([sys.executable, "-m", "mmedge.cli", "triton", str(sources["clip-fused"]), "--out",
+                            str(tmp_path / "q"), "--quiet"], capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout.startswith(f"wrote {tmp_path / 'q'}")
     bad = subprocess.run([sys.executable, "-m", "mmedge.cli", "triton", str(sources["clip"]), "--out",
                           str(tmp_path / "b"),
                           "--max-batch-size", "0"], capture_output=True, text=True, timeout=120)

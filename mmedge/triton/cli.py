@@ -39,6 +39,7 @@ def add_parser(sub) -> None:
                              "hop per request), bls (the component models); auto: inline for --platform python")
     triton.add_argument("--overwrite", action="store_true", help="replace REPO once the new one is complete")
     triton.add_argument("--json", action="store_true", help="the models written, as JSON")
+    triton.add_argument("--quiet", action="store_true", help="no progress lines")
     triton.set_defaults(func=main)
 
 
@@ -49,7 +50,8 @@ def main(args) -> int:
                       queue_delay_us=args.queue_delay_us, instances=args.instances, workers=args.workers,
                       pipeline_instances=args.pipeline_instances, threads=args.threads,
                       zero_shot_graphs=args.zero_shot_graphs, spin=args.spin)
-    written = write_repository(args.artifacts, args.out, options, overwrite=args.overwrite)
+    written = write_repository(args.artifacts, args.out, options, overwrite=args.overwrite,
+                               progress=not args.quiet)
     if args.json:
         print(json.dumps(written, indent=2))
         return 0

@@ -27,6 +27,7 @@ from typing import Iterable
 from mmedge.artifact import Artifact, atomic_folder, sha256_file
 from mmedge.errors import InputError, IntegrityError
 from mmedge.manifest import MANIFEST_FILE
+from mmedge.progress import Progress
 from mmedge.triton.config import Options, component_config, pipeline_config, render, runner_settings
 from mmedge.triton.protocol import STREAM_SUFFIX, TASK_PIPELINES
 
@@ -56,8 +57,10 @@ def pipeline_models(artifact: Artifact, prefix: str | None = None) -> dict[str, 
 
 
 def write_repository(artifacts: Iterable[str | os.PathLike], out: str | os.PathLike, options: Options = Options(),
-                     *, overwrite: bool = False) -> dict[str, list[str]]:
-    """Write the repository; returns each artifact path as given -> the models written for it."""
+                     *, overwrite: bool = False, progress: bool = False) -> dict[str, list[str]]:
+    """Write the repository; returns each artifact path as given -> the models written for it. ``progress``: a line
+    on stderr as each artifact starts and ends and one per component (checking a graph's sha256 reads it whole,
+    about a second per GB)."""
     if options.platform not in PLATFORMS:
         raise InputError(f"platform '{options.platform}' is not one mmedge writes", f"one of {', '.join(PLATFORMS)}",
                          "use --platform onnxruntime (Triton's ONNX Runtime backend) or python")
@@ -85,17 +88,25 @@ def write_repository(artifacts: Iterable[str | os.PathLike], out: str | os.PathL
                          "artifact folders with different names",
                          "rename one of the folders (its name is the models' prefix)")
     written: dict[str, list[str]] = {}
+    steps = Progress(len(opened), enabled=progress)
     with atomic_folder(out, overwrite=overwrite) as staging:
         for path, artifact, prefix in zip(paths, opened, prefixes):
-            written[str(path)] = _write_artifact(artifact, prefix, staging, options)
+            with steps.step(f"{prefix}: checking the sha256 of its {_size(artifact)} and placing its files"):
+                written[str(path)] = _write_artifact(artifact, prefix, staging, options, steps)
     return written
 
 
-def _write_artifact(artifact: Artifact, prefix: str, repo: Path, options: Options) -> list[str]:
+def _size(artifact: Artifact) -> str:
+    size = artifact.size_bytes()  # its files as the manifest names them; a missing one is refused by name here
+    return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+
+
+def _write_artifact(artifact: Artifact, prefix: str, repo: Path, options: Options, steps: Progress) -> list[str]:
     manifest = artifact.manifest
     components = {}
     models = []
-    for name, component in manifest["components"].items():
+    listed = manifest["components"].items()
+    for name, component in steps.items(listed, len(listed), "component"):
         model = f"{prefix}__{name}"  # two underscores: a component (pipelines are "{prefix}-{task}")
         config = component_config(model, name, component, options)
         folder = _model_folder(repo, model, config)
