@@ -52,9 +52,15 @@ TRIED = (  # what the probe runs around the shipped runs showed
     "feature came from (IDEFICS' has no position input; the ViT's position embeddings are all it gets), or a longer "
     "budget; training the vision tower too, as the demo BLIP-2 does, costs 2.3x per step and had learnt far less "
     "after the same 200 s (caption 5%). "
-    "\"same color\" stays near chance: naming the colour of one named shape in each of two images, with each text "
-    "token seeing only the latest image, leaves one token (the <fake_token_around_image> between the two images) to "
-    "carry what image 1 showed to the answer.")
+    "\"same color\" stays near chance. In its prompt each text token sees only the latest image, so one token (the "
+    "<fake_token_around_image> between the two images) carries what image 1 showed to the answer; but giving that "
+    "more room did not help (probes of 2026-12-07): labelling the "
+    "images ([\"... image 1:\", image, \"image 2:\", image, \"Answer:\"]) gave 50% after 200 s; each part of the "
+    "question after the image it is about ([image, \"Question: is the circle in this image\", image, \"the same color "
+    "as the square in this one? Answer:\"], so each shape word reads its own image in one step) gave 57.5% after "
+    "200 s, and 52% after the full 10 minutes (2,672 steps) with a fourth task added for the colour read alone "
+    "(\"what color is the circle in this image?\": 73%; the few-shot tasks as above). The model learns to read a "
+    "named shape's colour; comparing two colours for a yes / no is what this budget does not teach it.")
 MAX_IMAGES = 3
 
 
