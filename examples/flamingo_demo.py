@@ -60,7 +60,9 @@ TRIED = (  # what the probe runs around the shipped runs showed
     "as the square in this one? Answer:\"], so each shape word reads its own image in one step) gave 57.5% after "
     "200 s, and 52% after the full 10 minutes (2,672 steps) with a fourth task added for the colour read alone "
     "(\"what color is the circle in this image?\": 73%; the few-shot tasks as above). The model learns to read a "
-    "named shape's colour; comparing two colours for a yes / no is what this budget does not teach it.")
+    "named shape's colour; comparing two colours for a yes / no is what this budget does not teach it. Weighting "
+    "each prompt alike in the loss (its yes / no is 2 of some 15 answer tokens per prompt in a batch otherwise) left "
+    "it at chance too (35% of 40 after 200 s).")
 MAX_IMAGES = 3
 
 
