@@ -128,7 +128,6 @@ def _print_line(line: str | None) -> None:
 
 def _run_interleaved(pipeline, items: list[str], args) -> str | None:
     """One interleaved prompt: arguments naming existing files are images, the others text."""
-    from pathlib import Path
 
     from mmedge.errors import InputError
 
@@ -136,7 +135,7 @@ def _run_interleaved(pipeline, items: list[str], args) -> str | None:
         raise InputError("--interleaved was given for a model without interleaved prompts",
                          "a Flamingo-style (IDEFICS) captioning artifact",
                          "drop --interleaved, or export an IDEFICS model")
-    prompt = [Path(item) if Path(item).is_file() else item for item in items]
+    prompt = [_interleaved_item(index, item) for index, item in enumerate(items, 1)]
     generation = _generation_args(args)
     if args.stream and not args.json:
         _note_if_empty(_print_stream(pipeline.stream(prompt, **generation)), "the answer", args)
@@ -147,6 +146,25 @@ def _run_interleaved(pipeline, items: list[str], args) -> str | None:
     print(text)
     _note_if_empty(text, "the answer", args)  # after the line it explains
     return None
+
+
+def _interleaved_item(index: int, item: str):
+    """An existing file is an image; a lone word with an image file's suffix that names no file is a mistyped path,
+    refused (as text it would quietly become part of the prompt); the rest is text."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from mmedge.errors import InputError
+
+    path = Path(item)
+    if path.is_file():
+        return path
+    if item.strip() and not any(c.isspace() for c in item) and path.suffix.lower() in Image.registered_extensions():
+        raise InputError(f"prompt item {index} '{item}' names an image file that does not exist",
+                         "an existing image file, or text", "check the path (text that is only a file name: put it "
+                         "in a sentence, e.g. 'the file photo.png')")
+    return item
 
 
 def _print_stream(pieces) -> str:
@@ -177,8 +195,10 @@ def _generation_args(args) -> dict:
 
 
 def _caption_one(pipeline, image: str, args) -> str | None:
+    from mmedge.pipelines.captioner import vqa_prompt
+
     generation = _generation_args(args)
-    prompt = pipeline.vqa_template.replace("{}", args.question) if args.question else args.prompt
+    prompt = vqa_prompt(pipeline.vqa_template, args.question) if args.question is not None else args.prompt
     if args.stream and not args.json:
         print(f"{image}: ", end="", flush=True)
         _note_if_empty(_print_stream(pipeline.stream(image, prompt, **generation)), f"the caption of {image}", args)

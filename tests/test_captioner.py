@@ -94,6 +94,11 @@ def test_cli_caption_and_stream(blip2_artifact, photos, capsys):
     assert capsys.readouterr().out.strip() == f"{photos[0]}: {row['text']}".strip()
     assert main(["run", str(blip2_artifact), photos[0], "--question", "what is it?", "--max-new-tokens", "4"]) == 0
     assert main(["run", str(blip2_artifact), photos[0], "--max-new-tokens", "-1"]) == 2
+    capsys.readouterr()
+    for empty in ("", "  "):  # refused, as ask() refuses it: not a caption printed as if it answered
+        assert main(["run", str(blip2_artifact), photos[0], "--question", empty, "--max-new-tokens", "4"]) == 2
+        printed = capsys.readouterr()
+        assert printed.out == "" and "the question is empty" in printed.err
 
 
 def test_validate_covers_the_decoder(blip2_artifact, capsys):

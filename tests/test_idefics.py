@@ -314,6 +314,18 @@ def test_cli_runs_interleaved_prompts_and_captions(artifacts, photos, capsys):
     assert capsys.readouterr().out.strip() == f"{photos[0]}: {caption}"
 
 
+def test_cli_refuses_a_mistyped_image_path_in_an_interleaved_prompt(artifacts, photos, capsys, tmp_path):
+    """A lone word with an image suffix that names no file would quietly become text in the prompt: refused, naming
+    the item; text that mentions a file name in a sentence stays text."""
+    from mmedge.cli import main
+
+    path, missing = str(artifacts("fp32")), str(tmp_path / "photo-2.jpg")
+    assert main(["run", path, "--interleaved", photos[0], "An image of two cats.", missing, "An image of"]) == 2
+    printed = capsys.readouterr()
+    assert printed.out == "" and f"prompt item 3 '{missing}' names an image file that does not exist" in printed.err
+    assert main(["run", path, "--interleaved", photos[0], "the file photo-2.jpg shows", "--max-new-tokens", "2"]) == 0
+
+
 def test_cli_refuses_interleaved_prompts_for_blip2(blip2_artifact, photos, capsys):
     from mmedge.cli import main
 

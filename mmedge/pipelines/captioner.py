@@ -29,6 +29,15 @@ if TYPE_CHECKING:
     from mmedge.backends import Plan
 
 
+def vqa_prompt(template: str, question: Any) -> str:
+    """The family's VQA prompt (``template``: the manifest's ``prompts.vqa``, "{}" where the question goes) around
+    ``question``, stripped; an empty one is refused (it would silently make a caption instead)."""
+    if not isinstance(question, str) or not question.strip():
+        raise InputError("the question is empty", "a non-empty question string",
+                         "pass a question, e.g. 'what is it?'")
+    return template.replace("{}", question.strip())
+
+
 class Captioner:
     """``caption(images)``, ``ask(image, question)``, ``stream(image)``, ``generate(interleaved prompt)`` where the
     family takes them; generation settings as keywords."""
@@ -75,9 +84,7 @@ class Captioner:
 
     def ask(self, image, question: str, **generation: Any):
         """Answer a question about an image with the family's VQA prompt (BLIP-2: ``Question: … Answer:``)."""
-        if not isinstance(question, str) or not question.strip():
-            raise InputError("the question is empty", "a non-empty question string", "pass e.g. question='what is it?'")
-        return self.caption(image, self.vqa_template.replace("{}", question.strip()), **generation)
+        return self.caption(image, vqa_prompt(self.vqa_template, question), **generation)
 
     def generate(self, prompt: list, **generation: Any):
         """Continue an interleaved prompt (a list of images and strings), or a list of such prompts."""

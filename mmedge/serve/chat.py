@@ -26,6 +26,7 @@ from dataclasses import field as dataclass_field
 
 from mmedge.generation import MAX_NEW_TOKENS_CAP, GenerationConfig
 from mmedge.manifest import decoder_settings, family_section
+from mmedge.pipelines.captioner import vqa_prompt
 from mmedge.serve.errors import invalid
 from mmedge.serve.inputs import bounded, check_fields, field, image_bytes, strings, typed
 from mmedge.serve.models import ServedModel
@@ -234,7 +235,7 @@ def _one_image_prompt(messages: list, model: ServedModel, mode: str) -> tuple[by
     _checked_chars([text])
     if not text:
         return images[0], None  # a caption
-    return images[0], model.captioner.vqa_template.replace("{}", text) if mode == "question" else text
+    return images[0], vqa_prompt(model.captioner.vqa_template, text) if mode == "question" else text
 
 
 def _checked_chars(texts: list[str]) -> list[str]:

@@ -36,6 +36,7 @@ import numpy as np
 from mmedge.artifact import Artifact
 from mmedge.errors import BackendError, InputError, MmedgeError
 from mmedge.manifest import MANIFEST_FILE, parse_manifest
+from mmedge.pipelines.captioner import vqa_prompt
 from mmedge.runner import Runner
 from mmedge.triton.config import PARAMETER
 from mmedge.triton.protocol import blobs_of, generation_of, is_base64, one_row, one_text, text_tensor, texts_of
@@ -265,11 +266,7 @@ class ServedPipeline:
                              "send one request per image, or use the unstreamed model for a batch")
         prompt = one_text("prompt", inputs["prompt"]) if "prompt" in inputs else None
         if "question" in inputs:
-            question = one_text("question", inputs["question"])
-            if not question.strip():
-                raise InputError("the question is empty", "a non-empty question string",
-                                 "pass e.g. question='what is it?'")
-            prompt = captioner.vqa_template.replace("{}", question.strip())  # as Captioner.ask builds it
+            prompt = vqa_prompt(captioner.vqa_template, one_text("question", inputs["question"]))  # as ask does
         yield from captioner.stream(images[0], prompt, **generation)
 
     def _caption_request(self, inputs: Mapping[str, Any]) -> tuple[dict, Any, list | None]:
