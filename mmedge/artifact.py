@@ -2,7 +2,8 @@
 
 Reading: ``Artifact.open(path)`` parses manifest.json and resolves every file it names, refusing any
 that would leave the folder (``..``, absolute paths, symlinks pointing outside). Component files are
-hashed and compared with the manifest right before a session is created (``verified_path``).
+hashed and compared with the manifest right before a session is created (``verified_path``), once per version of
+the file on this device (``mmedge.file_checks``; ``recheck=True`` hashes every time).
 
 Writing: ``atomic_folder(dest)`` hands out a temporary folder beside ``dest`` and renames it into
 place only when the block finishes without error, so an interrupted export leaves no half-written
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mmedge.errors import ArtifactError, ArtifactNotFoundError, IntegrityError, UnsafePathError
+from mmedge.file_checks import CheckRecord, identity
 from mmedge.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, check_plain_file_name, parse_manifest
 
 ENGINES_DIR = "engines"
@@ -38,14 +40,16 @@ def sha256_file(path: str | os.PathLike) -> str:
 class Artifact:
     """A parsed, path-checked artifact folder. Cheap to open; files are hashed lazily, once."""
 
-    def __init__(self, root: Path, manifest: dict):
+    def __init__(self, root: Path, manifest: dict, *, recheck: bool = False):
         self.root = root
         self.manifest = manifest
+        self.recheck = recheck  # hash every file, whatever this device's record of earlier checks says
         self._verified: set[str] = set()
         self._lock = threading.Lock()
+        self._checks = CheckRecord(root / ENGINES_DIR)
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "Artifact":
+    def open(cls, path: str | os.PathLike, *, recheck: bool = False) -> "Artifact":
         if not isinstance(path, (str, os.PathLike)):
             raise ArtifactNotFoundError(f"the artifact path is a {type(path).__name__}",
                                         "the path of an artifact folder (str or pathlib.Path)",
@@ -71,7 +75,7 @@ class Artifact:
         except OSError as exc:
             raise ArtifactError(f"cannot read '{manifest_path}' ({exc.strerror})", "a readable file",
                                 "check the file's permissions") from None
-        artifact = cls(root.resolve(), parse_manifest(text))
+        artifact = cls(root.resolve(), parse_manifest(text), recheck=recheck)
         for field, name in artifact.named_files():
             artifact.resolve_file(name, field)
         return artifact
@@ -153,13 +157,19 @@ class Artifact:
         return real
 
     def verified_path(self, name: str, sha256: str, field: str, folder: str | None = None) -> Path:
-        """Resolve a file and check its sha256 against the manifest (once per Artifact object)."""
+        """Resolve a file and check its sha256 against the manifest: once per Artifact object, and once per version
+        of the file on this device unless ``recheck`` (``mmedge.file_checks``)."""
         path = self.resolve_file(name, field, folder)
         key = name if folder is None else f"{folder}/{name}"
         with self._lock:
             if key in self._verified:
                 return path
         try:
+            before = identity(path)
+            if not self.recheck and self._checks.matches(key, sha256, before):
+                with self._lock:
+                    self._verified.add(key)
+                return path
             actual = sha256_file(path)
         except OSError as exc:
             raise ArtifactError(f"cannot read artifact file '{name}' ({exc.strerror or exc})", "a readable file",
@@ -176,6 +186,9 @@ class Artifact:
                 "the file exactly as `mmedge export` wrote it",
                 "the file is corrupt or was replaced: copy the artifact again or re-export it",
             )
+        with contextlib.suppress(OSError):
+            if identity(path) == before:  # unchanged while it was read: this version matched
+                self._checks.remember(key, sha256, before)
         with self._lock:
             self._verified.add(key)
         return path

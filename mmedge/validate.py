@@ -60,10 +60,11 @@ def validate(artifact: Artifact, runners: dict) -> dict[str, dict]:
 
 
 def validate_artifact(path, backend: str = "auto", device: str = "auto", threads: int | None = None) -> dict[str, dict]:
-    """Open an artifact, run every component (decoders as plain graphs) on the chosen backend, report."""
+    """Open an artifact, run every component (decoders as plain graphs) on the chosen backend, report. Every file's
+    sha256 is checked again, whatever this device's record of earlier checks says (``mmedge.file_checks``)."""
     from mmedge.api import open_runners, plan_for
 
-    artifact = Artifact.open(path)
+    artifact = Artifact.open(path, recheck=True)
     chosen = plan_for(artifact, backend, device, threads=threads)  # the plan mmedge.load follows
     runners = open_runners(artifact, chosen, threads=threads)
     try:

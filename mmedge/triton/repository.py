@@ -77,7 +77,7 @@ def write_repository(artifacts: Iterable[str | os.PathLike], out: str | os.PathL
                          "CPU threads; Triton's ONNX Runtime backend and GPU instances have no such setting here)",
                          "drop --spin, or write the repository with --platform python")
     paths = list(artifacts)
-    opened = [Artifact.open(path) for path in paths]
+    opened = [Artifact.open(path, recheck=True) for path in paths]  # each file read and checked on its way in
     if not opened:
         raise InputError("no artifact was given", "at least one artifact folder",
                          "pass artifact folders written by `mmedge export`")
