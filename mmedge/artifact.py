@@ -40,13 +40,13 @@ def sha256_file(path: str | os.PathLike) -> str:
 class Artifact:
     """A parsed, path-checked artifact folder. Cheap to open; files are hashed lazily, once."""
 
-    def __init__(self, root: Path, manifest: dict, *, recheck: bool = False):
+    def __init__(self, root: Path, manifest: dict, *, recheck: bool = False, record: bool = True):
         self.root = root
         self.manifest = manifest
         self.recheck = recheck  # hash every file, whatever this device's record of earlier checks says
         self._verified: set[str] = set()
         self._lock = threading.Lock()
-        self._checks = CheckRecord(root / ENGINES_DIR)
+        self._checks = CheckRecord(root / ENGINES_DIR) if record else None  # None: no record read or written
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, recheck: bool = False) -> "Artifact":
@@ -166,7 +166,7 @@ class Artifact:
                 return path
         try:
             before = identity(path)
-            if not self.recheck and self._checks.matches(key, sha256, before):
+            if self._checks and not self.recheck and self._checks.matches(key, sha256, before):
                 with self._lock:
                     self._verified.add(key)
                 return path
@@ -187,7 +187,7 @@ class Artifact:
                 "the file is corrupt or was replaced: copy the artifact again or re-export it",
             )
         with contextlib.suppress(OSError):
-            if identity(path) == before:  # unchanged while it was read: this version matched
+            if self._checks and identity(path) == before:  # unchanged while it was read: this version matched
                 self._checks.remember(key, sha256, before)
         with self._lock:
             self._verified.add(key)

@@ -15,7 +15,8 @@ accidents, as the manifest's sha256 does: whoever can write the folder can rewri
 
 A file changed within ``RACY_SECONDS`` of its check is not recorded (git's "racily clean" rule): on a file system
 with a coarse clock, a second write in the same tick would leave its times as recorded. A record that cannot be
-written (read-only media) is skipped; the file is then hashed on each load, as before.
+written (read-only media) is skipped; the file is then hashed on each load, as before. Triton's Python-backend models
+open their version folders with ``Artifact(..., record=False)``: nothing is written into a model repository.
 """
 
 from __future__ import annotations

@@ -284,3 +284,23 @@ def test_the_client_without_tritonclient_names_the_install_command():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert 'pip install "mmedge[triton]"' in result.stdout and "tritonclient" in result.stdout
+
+
+def test_a_served_model_writes_no_record_of_its_checks_into_the_repository(sources, tmp_path, monkeypatch):
+    """A model repository may be polled by Triton for changes or mounted read-only: the models hash their files at
+    each server start and write nothing (unlike mmedge.load, which records its checks in the artifact's engines/)."""
+    from mmedge import file_checks
+    from mmedge.triton.backend import open_model_folder
+    from mmedge.triton.config import PARAMETER
+
+    monkeypatch.setattr(file_checks, "RACY_SECONDS", 0.0)  # the linked files are new: would be recorded at once
+    write_repository([sources["clip"]], tmp_path / "repo", Options(platform="python"))
+    folder = tmp_path / "repo" / "clip__vision"
+    args = {"model_config": json.dumps({"parameters": {PARAMETER: {"string_value": "{}"}}}),
+            "model_repository": str(folder), "model_version": "1"}
+    artifact = open_model_folder(args)[2]
+    assert artifact.component_path("vision") == (folder / "1" / "vision.onnx").resolve()
+    assert list((tmp_path / "repo").rglob("*.record")) == [] and not (folder / "1" / "engines").exists()
+    checked = Artifact.open(sources["clip"])  # the artifact itself: its checks are recorded
+    checked.component_path("vision")
+    assert (sources["clip"] / "engines" / file_checks.RECORD_FILE).is_file()

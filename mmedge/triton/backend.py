@@ -54,7 +54,9 @@ def open_model_folder(args: Mapping[str, str]) -> tuple[dict, dict, Artifact]:
     config = json.loads(args["model_config"])
     settings = json.loads(config["parameters"][PARAMETER]["string_value"])
     root = Path(args["model_repository"]) / args["model_version"]
-    return config, settings, Artifact(root.resolve(), parse_manifest((root / MANIFEST_FILE).read_bytes()))
+    # record=False: nothing is written into a model repository (Triton may poll it for changes, or it may be mounted
+    # read-only); each model hashes its files once per server start, as `mmedge triton` checked them when it wrote it
+    return config, settings, Artifact(root.resolve(), parse_manifest((root / MANIFEST_FILE).read_bytes()), record=False)
 
 
 # --- component models (--platform python) ------------------------------------------------------------
