@@ -100,3 +100,23 @@ def test_typed_labels_and_the_screenshot(page, local, scenes):
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
     assert SCREENSHOT.stat().st_size > 10_000
+
+
+def test_an_empty_answer_says_why(page, local, scenes):
+    """The demo BLIP-2 ends its answer to "who are you" with its first token (end-of-text ahead by 1.6 logits, as in
+    transformers): the page says so instead of showing a blank answer alone; an answer with text gets no such note."""
+    scene, question = scenes[0], "who are you"
+    assert local("blip2-fp32").ask(str(scene), question) == ""
+    page.set_input_files("#file", str(scene))
+    page.wait_for_selector("#preview:not([hidden])")
+    page.select_option("#captioner", "blip2-fp32")
+    page.fill("#question", question)
+    page.click("#ask-button")
+    page.wait_for_selector("#answer[data-state=done]")
+    assert page.inner_text("#answer") == ""
+    assert "The answer is empty: the model ended it before any text" in page.inner_text("#answer-info")
+    page.fill("#question", "what color is the circle?")
+    page.click("#ask-button")
+    page.wait_for_function("document.getElementById('answer').dataset.state === 'done'"
+                           " && document.getElementById('answer').textContent !== ''")
+    assert "empty" not in page.inner_text("#answer-info")

@@ -102,11 +102,14 @@ async function generate(question) {
       answer.textContent += piece;
     }
   }
-  answer.dataset.state = "done";
   const count = usage ? usage.completion_tokens : 0;
   const tokens = usage ? `, ${count} token${count === 1 ? "" : "s"}` : "";
   const first = firstAt ? `first text after ${Math.round(firstAt - started)} ms, ` : "";
-  $("answer-info").textContent = `${first}done after ${Math.round(performance.now() - started)} ms${tokens}`;
+  // a blank answer alone would look like a fault: say that the model itself ended it (as `mmedge run` does)
+  const empty = answer.textContent.trim() ? "" : ". The answer is empty: the model ended it before any text; "
+    + "a prompt in the form the model was trained on gives one";
+  $("answer-info").textContent = `${first}done after ${Math.round(performance.now() - started)} ms${tokens}${empty}`;
+  answer.dataset.state = "done";
 }
 
 // Server-sent events from a fetch() body: yields the data of each event.
