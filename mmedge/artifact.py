@@ -166,11 +166,8 @@ class Artifact:
                 return path
         try:
             before = identity(path)
-            if self._checks and not self.recheck and self._checks.matches(key, sha256, before):
-                with self._lock:
-                    self._verified.add(key)
-                return path
-            actual = sha256_file(path)
+            recorded = self._checks is not None and not self.recheck and self._checks.matches(key, sha256, before)
+            actual = sha256 if recorded else sha256_file(path)  # recorded: this version of the file matched before
         except OSError as exc:
             raise ArtifactError(f"cannot read artifact file '{name}' ({exc.strerror or exc})", "a readable file",
                                 "check the file's permissions, or copy the artifact again") from None
@@ -187,7 +184,7 @@ class Artifact:
                 "the file is corrupt or was replaced: copy the artifact again or re-export it",
             )
         with contextlib.suppress(OSError):
-            if self._checks and identity(path) == before:  # unchanged while it was read: this version matched
+            if self._checks and not recorded and identity(path) == before:  # unchanged while it was read
                 self._checks.remember(key, sha256, before)
         with self._lock:
             self._verified.add(key)

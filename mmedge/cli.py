@@ -128,9 +128,6 @@ def _print_line(line: str | None) -> None:
 
 def _run_interleaved(pipeline, items: list[str], args) -> str | None:
     """One interleaved prompt: arguments naming existing files are images, the others text."""
-
-    from mmedge.errors import InputError
-
     if not getattr(pipeline, "interleaved", False):
         raise InputError("--interleaved was given for a model without interleaved prompts",
                          "a Flamingo-style (IDEFICS) captioning artifact",
@@ -151,11 +148,7 @@ def _run_interleaved(pipeline, items: list[str], args) -> str | None:
 def _interleaved_item(index: int, item: str):
     """An existing file is an image; a lone word with an image file's suffix that names no file is a mistyped path,
     refused (as text it would quietly become part of the prompt); the rest is text."""
-    from pathlib import Path
-
     from PIL import Image
-
-    from mmedge.errors import InputError
 
     path = Path(item)
     if path.is_file():
