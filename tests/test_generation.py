@@ -431,6 +431,32 @@ def test_stream_holds_back_partial_characters_and_stop_strings(byte_tokenizer, p
                           byte_tokenizer)) == text
 
 
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_a_stream_counts_its_tokens_and_says_how_it_ended(byte_tokenizer, prompt1, num_beams):
+    """``tokens`` is what the model generated (the ending token included), not a re-tokenized text; ``finish_reason``
+    is "stop" for an end-of-sequence token or a stop string and "length" for max_new_tokens."""
+    embeds, mask, _ = prompt1
+    script = [4 + b for b in "ab. cd".encode("utf-8")] + [2]  # 6 bytes, then EOS
+    config = GenerationConfig(max_new_tokens=40, eos_token_id=2, num_beams=num_beams)
+
+    def ended(config, script=script):
+        answer = stream(ScriptedDecoder([script]), embeds, mask, config, byte_tokenizer)
+        assert answer.tokens is None and answer.finish_reason is None  # nothing runs before the first piece
+        text = "".join(answer)
+        return text, answer.tokens, answer.finish_reason
+
+    assert ended(config) == ("ab. cd", 7, "stop")
+    assert ended(config.replace(max_new_tokens=3)) == ("ab.", 3, "length")
+    assert ended(config.replace(stop_strings=[". c"])) == ("ab", 5, "stop")
+    assert ended(config.replace(max_new_tokens=7)) == ("ab. cd", 7, "stop")  # EOS as the last allowed token
+    two_bytes = [4 + b for b in "é".encode("utf-8")] * 3  # 3 characters from 6 tokens: no text count gives 6
+    assert ended(config.replace(max_new_tokens=6), two_bytes) == ("ééé", 6, "length")
+    cut = stream(ScriptedDecoder([script]), embeds, mask, config, byte_tokenizer)
+    next(cut)  # beam search's one piece comes after the search ended; sampling's first piece is its first token
+    cut.close()
+    assert (cut.tokens, cut.finish_reason) == ((7, "stop") if num_beams > 1 else (None, None))
+
+
 def test_stream_refuses_a_batch(torch_decoder, prompt3, word_tokenizer):
     embeds, mask, _ = prompt3
     with pytest.raises(InputError, match="batch"):

@@ -13,7 +13,7 @@ prompt ids).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -71,13 +71,46 @@ def generate_text(decoder: Decoder, inputs_embeds: np.ndarray, attention_mask: n
 
 def stream(decoder: Decoder, inputs_embeds: np.ndarray, attention_mask: np.ndarray | None = None,
            config: GenerationConfig | None = None, tokenizer: TextDecoder | None = None, *,
-           prompt_ids: np.ndarray | None = None) -> Iterator[str]:
-    """Yield the text of one prompt (batch 1) piece by piece as tokens arrive.
+           prompt_ids: np.ndarray | None = None) -> TextStream:
+    """The text of one prompt (batch 1) piece by piece as tokens arrive, as a :class:`TextStream`.
 
     The pieces join to exactly ``generate_text(...)[0]``. A piece is held back while it ends in an
     incomplete UTF-8 character or in what may be the start of a stop string. Beam search cannot know
     its answer before it ends, so with ``num_beams > 1`` the whole text comes as one piece at the end.
+    Nothing runs before the first piece is asked for.
     """
+    return TextStream(lambda result: _pieces(decoder, inputs_embeds, attention_mask, config, tokenizer, prompt_ids,
+                                            result))
+
+
+class TextStream:
+    """An iterator over the pieces of one answer that says, once it is exhausted, how the answer ended.
+
+    ``tokens``: the new tokens generated, the one that ended the answer included (OpenAI's ``completion_tokens``);
+    ``finish_reason``: ``"stop"`` (an end-of-sequence token or a stop string) or ``"length"`` (``max_new_tokens``
+    reached). Both stay None while pieces remain, and after ``close()`` before the end.
+    """
+
+    def __init__(self, pieces_of: Callable[[TextStream], Iterator[str]]):
+        self.tokens: int | None = None
+        self.finish_reason: str | None = None
+        self._pieces = pieces_of(self)
+
+    def finished(self, tokens: int, reason: str) -> None:
+        self.tokens, self.finish_reason = tokens, reason
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        """Stop generating (a generation that holds a decoder lets it go)."""
+        self._pieces.close()
+
+
+def _pieces(decoder, inputs_embeds, attention_mask, config, tokenizer, prompt_ids, result: TextStream) -> Iterator[str]:
     if tokenizer is None:
         raise InputError("stream was called without a tokenizer", "a tokenizer with a decode(ids) method",
                          "pass the artifact's TextTokenizer, or call generate() for token ids")
@@ -87,7 +120,9 @@ def stream(decoder: Decoder, inputs_embeds: np.ndarray, attention_mask: np.ndarr
                          "stream each prompt on its own, or call generate_text() for a batch")
     texts = _Texts(tokenizer, run.config)
     if run.config.num_beams > 1:
-        final = texts.final(_beam_search(run)[0])
+        tokens = _beam_search(run)[0]
+        final = texts.final(tokens)
+        result.finished(len(tokens), texts.finish_reason(tokens))
         if final:
             yield final
         return
@@ -100,7 +135,9 @@ def stream(decoder: Decoder, inputs_embeds: np.ndarray, attention_mask: np.ndarr
         if len(safe) > len(emitted) and safe.startswith(emitted):
             yield safe[len(emitted):]
             emitted = safe
-    final = texts.final(state.tokens[0])
+    tokens = state.tokens[0]
+    final = texts.final(tokens)
+    result.finished(len(tokens), texts.finish_reason(tokens))
     if len(final) > len(emitted) and final.startswith(emitted):
         yield final[len(emitted):]
 
@@ -352,6 +389,11 @@ class _Texts:
 
     def hit(self, ids: Sequence[int]) -> bool:
         return self._stop_at(self.text(ids)) is not None
+
+    def finish_reason(self, ids: Sequence[int]) -> str:
+        """How the answer ended: "stop" (an end-of-sequence token or a stop string) or "length" (max_new_tokens)."""
+        stopped = bool(ids) and (ids[-1] in self.eos or (bool(self.stop_strings) and self.hit(ids)))
+        return "stop" if stopped else "length"
 
     def final(self, ids: Sequence[int]) -> str:
         text = self.text(ids)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from mmedge.artifact import Artifact
 from mmedge.errors import InputError, ManifestError
 from mmedge.families import FAMILIES, input_builder_class
-from mmedge.generation import GenerationConfig, generate_text, stream
+from mmedge.generation import GenerationConfig, TextStream, generate_text, stream
 from mmedge.manifest import family_section
 
 if TYPE_CHECKING:
@@ -98,9 +98,13 @@ class Captioner:
         texts = self._generate(self.inputs.build(prompts, config.max_new_tokens), config)
         return texts if batched else texts[0]
 
-    def stream(self, image, prompt: str | None = None, **generation: Any) -> Iterator[str]:
-        """Yield the text of one image (+ ``prompt``), or of one interleaved prompt list, in pieces as tokens arrive;
-        the pieces join to ``caption(image)``."""
+    def stream(self, image, prompt: str | None = None, **generation: Any) -> TextStream:
+        """The text of one image (+ ``prompt``), or of one interleaved prompt list, in pieces as tokens arrive; the
+        pieces join to ``caption(image)``. Once exhausted, the stream's ``tokens`` and ``finish_reason`` say how the
+        answer ended (:class:`mmedge.generation.TextStream`)."""
+        return TextStream(lambda result: self._pieces(image, prompt, generation, result))
+
+    def _pieces(self, image, prompt: str | None, generation: dict, result: TextStream) -> Iterator[str]:
         if isinstance(image, (list, tuple)) and not self.interleaved:
             raise InputError("stream() got a list of images", "one image",
                              "call stream() per image, or caption() for a batch")
@@ -111,8 +115,10 @@ class Captioner:
             built = self.inputs.for_images(image, prompt, config.max_new_tokens)
         with self._decoder_in_use():  # held while the caller iterates: the decoder's cache is in use
             self._set_context(built)
-            yield from _strip_stream(stream(self.decoder, built["embeds"], built["mask"], config, self.tokenizer,
-                                            prompt_ids=built["ids"]))
+            answer = stream(self.decoder, built["embeds"], built["mask"], config, self.tokenizer,
+                            prompt_ids=built["ids"])
+            yield from _strip_stream(answer)
+            result.finished(answer.tokens, answer.finish_reason)
 
     # --- generation ------------------------------------------------------------------------------
     def _generate(self, built: dict, config: GenerationConfig) -> list[str]:

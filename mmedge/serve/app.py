@@ -87,7 +87,7 @@ async def chat_completions(request):
     started = time.perf_counter()
     serving, data, model = await _model_request(request)
     job = chat.parse_chat(data, model, serving.options)
-    pieces = model.queue.stream(job.call)
+    pieces = model.queue.stream(job.start)
     if job.stream:  # a refused input fails while waiting for the first piece, before any header is sent
         first = await _unless_disconnected(request, _first(pieces))
         serving.metrics.ttft.labels(model.id).observe(time.perf_counter() - started)
@@ -129,13 +129,11 @@ async def _disconnected(receive) -> None:
 async def _chunks(job: chat.ChatJob, first: str, pieces, metrics: Metrics):
     """OpenAI's chunks: the role, each piece as it comes, the finish reason, usage if asked, then [DONE]. A failure
     after the first piece is sent as an error event (OpenAI's clients raise it)."""
-    text = first
     try:
         yield job.chunk({"role": "assistant", "content": ""})
         if first:
             yield job.chunk({"content": first})
         async for piece in pieces:
-            text += piece
             yield job.chunk({"content": piece})
     except MmedgeError as exc:
         yield json.dumps(from_mmedge(exc).body())
@@ -146,7 +144,7 @@ async def _chunks(job: chat.ChatJob, first: str, pieces, metrics: Metrics):
         return
     finally:
         await pieces.aclose()  # a client that went away: its generation stops and frees the captioner
-    usage, finish = job.usage(text)
+    usage, finish = job.usage()
     metrics.tokens.labels(job.model.id).inc(usage["completion_tokens"])
     yield job.chunk({}, finish)
     if job.include_usage:

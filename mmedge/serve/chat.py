@@ -12,7 +12,8 @@ Settings: ``max_tokens`` (or ``max_completion_tokens``), ``temperature`` (0: gre
 artifact's own settings, greedy for the demo models), ``top_p``, ``seed``, ``stop``; extensions ``num_beams`` (beam
 search), ``top_k``, ``min_tokens``, ``repetition_penalty``, ``length_penalty``, ``prompt_mode``.
 ``usage`` counts the prompt's text tokens plus the image tokens the decoder reads (BLIP-2's query tokens, IDEFICS'
-latents per image), and the answer's tokens as the artifact's tokenizer reads its text.
+latents per image), and the tokens the model generated, the one that ended the answer included; ``finish_reason`` is
+how the generation ended ("stop": end of sequence or a stop string; "length": max_tokens reached).
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 
-from mmedge.generation import MAX_NEW_TOKENS_CAP, GenerationConfig
+from mmedge.generation import MAX_NEW_TOKENS_CAP, GenerationConfig, TextStream
 from mmedge.manifest import decoder_settings, family_section
 from mmedge.pipelines.captioner import vqa_prompt
 from mmedge.serve.errors import invalid
@@ -44,24 +45,28 @@ MAX_STOP = 4
 @dataclass
 class ChatJob:
     model: ServedModel
-    call: Callable[[object], Iterator[str]]  # captioner -> pieces of the answer
+    call: Callable[[object], TextStream]  # captioner -> the pieces of the answer
     stream: bool
     include_usage: bool
     prompt_tokens: int
-    max_new_tokens: int
     id: str = dataclass_field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = dataclass_field(default_factory=lambda: int(time.time()))
+    answer: TextStream | None = None
 
-    def usage(self, text: str) -> tuple[dict, str]:
+    def start(self, pipeline) -> TextStream:
+        """The generation, run by the queue's worker thread; it says how it ended once its pieces are taken."""
+        self.answer = self.call(pipeline)
+        return self.answer
+
+    def usage(self) -> tuple[dict, str]:
         """OpenAI's ``usage`` and the ``finish_reason`` of a finished answer."""
-        tokenizer = self.model.captioner.tokenizer
-        completion = int(tokenizer.encode_all(text, add_special_tokens=False).shape[0]) if text else 0
+        completion = self.answer.tokens or 0
         usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
                  "total_tokens": self.prompt_tokens + completion}
-        return usage, "length" if completion >= self.max_new_tokens else "stop"
+        return usage, self.answer.finish_reason
 
     def completion(self, text: str) -> dict:
-        usage, finish = self.usage(text)
+        usage, finish = self.usage()
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model.id,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                              "finish_reason": finish}], "usage": usage}
@@ -99,7 +104,7 @@ def parse_chat(data: dict, model: ServedModel, options: ServeOptions) -> ChatJob
     else:
         mode = field(data, "prompt_mode", "string", default="question")
         call, prompt_tokens = _one_image(messages, model, generation, max_new_tokens, mode)
-    return ChatJob(model, call, stream, include_usage, prompt_tokens, max_new_tokens)
+    return ChatJob(model, call, stream, include_usage, prompt_tokens)
 
 
 def _interleaved(messages: list, model: ServedModel, generation: dict):

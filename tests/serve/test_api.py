@@ -73,6 +73,23 @@ def test_streamed_captions_arrive_piece_by_piece_as_in_process(openai_client, lo
         assert len({c.id for c in chunks}) == 1 and chunks[0].object == "chat.completion.chunk"
 
 
+def test_usage_counts_the_tokens_generated_and_the_finish_reason_is_how_generation_ended(openai_client, local, scenes):
+    """At temperature 2 the demo BLIP-2 writes byte-level tokens that its tokenizer reads back as other, more tokens:
+    usage must count what the model generated (never more than max_tokens), as the in-process stream does."""
+    captioner, scene = local("blip2-fp32"), str(scenes[3])
+    seen = set()
+    for seed, max_tokens in ((2, 5), (3, 5), (2, 24), (3, 24)):
+        answer = openai_client.chat.completions.create(model="blip2-fp32", messages=image_message(scenes[3]),
+                                                       temperature=2, max_tokens=max_tokens, seed=seed)
+        local_answer = captioner.stream(scene, max_new_tokens=max_tokens, do_sample=True, temperature=2.0, top_p=1.0,
+                                        top_k=0, seed=seed)
+        assert answer.choices[0].message.content == "".join(local_answer)
+        assert answer.usage.completion_tokens == local_answer.tokens <= max_tokens
+        assert answer.choices[0].finish_reason == local_answer.finish_reason
+        seen.add(local_answer.finish_reason)
+    assert seen == {"stop", "length"}
+
+
 def test_questions_equal_in_process(openai_client, local, scenes):
     captioner = local("blip2-fp32")
     for scene in scenes[:QUESTION_SCENES]:
