@@ -25,18 +25,19 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from mmedge.errors import MmedgeError
+from mmedge.errors import ImageError, MmedgeError
 from mmedge.serve import chat, clip
 from mmedge.serve.errors import ApiError, from_mmedge, internal
-from mmedge.serve.inputs import read_json
+from mmedge.serve.inputs import read_json, undecodable
 from mmedge.serve.metrics import Metrics, MetricsMiddleware
-from mmedge.serve.models import ServedModel, find_model
+from mmedge.serve.models import ServedModel, find_model, model_named
 from mmedge.serve.options import ServeOptions
 
 log = logging.getLogger("mmedge.serve")
 STATIC = Path(__file__).resolve().parent / "static"
 OPEN_PATHS = ("/health", "/", "/favicon.ico")
-ENDPOINTS = "GET /, /health, /metrics, /v1/models; POST /v1/chat/completions, /v1/embeddings, /v1/classify"
+ENDPOINTS = ("GET /, /health, /metrics, /v1/models, /v1/models/{id}; "
+             "POST /v1/chat/completions, /v1/embeddings, /v1/classify")
 PING_SECONDS = 15  # SSE comment lines keep a long stream's connection alive through proxies
 
 
@@ -65,6 +66,13 @@ async def list_models(request):
     return JSONResponse({"object": "list", "data": [m.card for m in request.app.state.serving.models.values()]})
 
 
+async def retrieve_model(request):
+    """OpenAI's ``GET /v1/models/{model}``: the entry /v1/models lists for it."""
+    model = model_named(request.app.state.serving.models, request.path_params["model_id"])
+    request.state.model = model.id
+    return JSONResponse(model.card)
+
+
 async def _model_request(request) -> tuple[Serving, dict, ServedModel]:
     serving = request.app.state.serving
     data = await read_json(request, serving.options.max_body_bytes)
@@ -88,11 +96,14 @@ async def chat_completions(request):
     serving, data, model = await _model_request(request)
     job = chat.parse_chat(data, model, serving.options)
     pieces = model.queue.stream(job.start)
-    if job.stream:  # a refused input fails while waiting for the first piece, before any header is sent
-        first = await _unless_disconnected(request, _first(pieces))
-        serving.metrics.ttft.labels(model.id).observe(time.perf_counter() - started)
-        return EventSourceResponse(_chunks(job, first, pieces, serving.metrics), ping=PING_SECONDS)
-    text = await _unless_disconnected(request, _joined(pieces))
+    try:
+        if job.stream:  # a refused input fails while waiting for the first piece, before any header is sent
+            first = await _unless_disconnected(request, _first(pieces))
+            serving.metrics.ttft.labels(model.id).observe(time.perf_counter() - started)
+            return EventSourceResponse(_chunks(job, first, pieces, serving.metrics), ping=PING_SECONDS)
+        text = await _unless_disconnected(request, _joined(pieces))
+    except ImageError as exc:  # the captioner does not say which image: the answer names its field
+        raise from_mmedge(exc, await run_in_threadpool(undecodable, job.images)) from exc
     body = job.completion(text)
     serving.metrics.tokens.labels(model.id).inc(body["usage"]["completion_tokens"])
     return JSONResponse(body)
@@ -199,7 +210,10 @@ class ApiKeyMiddleware:
         scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.key):
             return await self.app(scope, receive, send)
-        what = "the API key is wrong" if token else "the request has no API key"
+        if scheme and scheme.lower() != "bearer":
+            what = f"the Authorization header uses the '{scheme[:20]}' scheme"
+        else:
+            what = "the API key is wrong" if token else "the request has no API key"
         error = ApiError(401, what, "an 'Authorization: Bearer KEY' header with the key the server was started with",
                          "send the server's --api-key as a bearer token", code="invalid_api_key",
                          headers={"WWW-Authenticate": "Bearer"})
@@ -213,6 +227,7 @@ def create_app(options: ServeOptions, models: dict[str, ServedModel]) -> Starlet
         if model.queue:
             metrics_.watch_queue(model.queue)
     routes = [Route("/", page), Route("/health", health), Route("/metrics", metrics), Route("/v1/models", list_models),
+              Route("/v1/models/{model_id}", retrieve_model),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/embeddings", embeddings, methods=["POST"]), Route("/v1/classify", classify, methods=["POST"]),
               Mount("/static", StaticFiles(directory=STATIC), name="static")]

@@ -9,7 +9,8 @@ What a request means to each kind of captioner:
   form one prompt of images and texts (``Captioner.stream``); roles add no text of their own.
 
 Settings: ``max_tokens`` (or ``max_completion_tokens``), ``temperature`` (0: greedy; above 0: sampling; absent: the
-artifact's own settings, greedy for the demo models), ``top_p``, ``seed``, ``stop``; extensions ``num_beams`` (beam
+artifact's own settings, greedy for the demo models), ``top_p``, ``seed`` (read when the answer samples, as
+OpenAI takes it at any temperature), ``stop``; extensions ``num_beams`` (beam
 search), ``top_k``, ``min_tokens``, ``repetition_penalty``, ``length_penalty``, ``prompt_mode``.
 ``usage`` counts the prompt's text tokens plus the image tokens the decoder reads (BLIP-2's query tokens, IDEFICS'
 latents per image), and the tokens the model generated, the one that ended the answer included; ``finish_reason`` is
@@ -52,6 +53,7 @@ class ChatJob:
     id: str = dataclass_field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = dataclass_field(default_factory=lambda: int(time.time()))
     answer: TextStream | None = None
+    images: list = dataclass_field(default_factory=list)  # the prompt's images (FieldImage: they know their field)
 
     def start(self, pipeline) -> TextStream:
         """The generation, run by the queue's worker thread; it says how it ended once its pieces are taken."""
@@ -93,18 +95,29 @@ def parse_chat(data: dict, model: ServedModel, options: ServeOptions) -> ChatJob
                       "n")
     stream = field(data, "stream", "boolean", default=False)
     stream_options = field(data, "stream_options", "object", default={})
+    if data.get("stream_options") is not None and not stream:
+        raise invalid("field 'stream_options' was given without streaming", "stream_options only with \"stream\": true",
+                      "set \"stream\": true, or leave out stream_options", "stream_options")
     check_fields(stream_options, ("include_usage",), "stream_options.")
     include_usage = field(stream_options, "include_usage", "boolean", default=False, where="stream_options.")
     generation = generation_settings(data)
     defaults = GenerationConfig.from_dict(model.manifest.get("generation") or {})
+    if "seed" in generation and not generation.get("do_sample", defaults.do_sample):
+        del generation["seed"]  # OpenAI takes a seed at any temperature: an answer that draws nothing needs none
     max_new_tokens = generation.get("max_new_tokens", defaults.max_new_tokens)
     messages = parse_messages(data, options)
     if model.captioner.interleaved:
+        if data.get("prompt_mode") is not None:
+            raise invalid(f"field 'prompt_mode' was given for model '{model.id}' ({model.family})",
+                          "no prompt_mode for an interleaved model: its messages' images and texts, in order, are the "
+                          "prompt itself", "leave out prompt_mode, or pick a one-image model (BLIP-2)", "prompt_mode")
         call, prompt_tokens = _interleaved(messages, model, generation)
     else:
         mode = field(data, "prompt_mode", "string", default="question")
         call, prompt_tokens = _one_image(messages, model, generation, max_new_tokens, mode)
-    return ChatJob(model, call, stream, include_usage, prompt_tokens)
+    images = [part for role, parts in messages for part in parts if isinstance(part, bytes)
+              and (role == "user" or model.captioner.interleaved)]
+    return ChatJob(model, call, stream, include_usage, prompt_tokens, images=images)
 
 
 def _interleaved(messages: list, model: ServedModel, generation: dict):
@@ -138,14 +151,22 @@ def _one_image(messages: list, model: ServedModel, generation: dict, max_new_tok
 def generation_settings(data: dict) -> dict:
     """mmedge's generation settings (``Captioner.stream`` keywords) from OpenAI's fields and the extensions."""
     settings = {}
-    name = "max_completion_tokens" if data.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = bounded(data, name, "integer", 1, MAX_NEW_TOKENS_CAP)
+    max_tokens = bounded(data, "max_tokens", "integer", 1, MAX_NEW_TOKENS_CAP)
+    max_completion_tokens = bounded(data, "max_completion_tokens", "integer", 1, MAX_NEW_TOKENS_CAP)
+    if None not in (max_tokens, max_completion_tokens) and max_tokens != max_completion_tokens:
+        raise invalid(f"fields 'max_tokens' ({max_tokens}) and 'max_completion_tokens' ({max_completion_tokens}) "
+                      "differ", "one of them (max_completion_tokens is OpenAI's newer name for max_tokens), or both "
+                      "equal", "send only max_completion_tokens", "max_completion_tokens")
+    max_tokens = max_tokens if max_completion_tokens is None else max_completion_tokens
     if max_tokens is not None:
         settings["max_new_tokens"] = max_tokens
     temperature = bounded(data, "temperature", "number", 0, 2)
     top_p = bounded(data, "top_p", "number", 0, 1)
     top_k = field(data, "top_k", "integer")
     if temperature == 0:
+        if top_k is not None:  # an extension, refused; OpenAI's top_p is moot at temperature 0, as OpenAI takes it
+            raise invalid("field 'top_k' was given with temperature 0 (greedy decoding)", "top_k only when sampling "
+                          "(temperature above 0)", "drop top_k, or set a temperature", "top_k")
         settings["do_sample"] = False
     elif temperature is not None or top_p is not None or top_k is not None:  # OpenAI samples; top_k is off unless asked
         settings.update(do_sample=True, temperature=1.0 if temperature is None else float(temperature),
@@ -184,8 +205,7 @@ def parse_messages(data: dict, options: ServeOptions) -> list[tuple[str, list]]:
         role = field(message, "role", "string", required=True, where=where)
         if role not in ROLES:
             raise invalid(f"field '{where}role' is '{role[:20]}'", f"one of {', '.join(ROLES)}",
-                          "use one of those roles",
-                          where + "role", 422, "invalid_value")
+                          "use one of those roles", where + "role")
         content = message.get("content")
         if content is None or isinstance(content, str):
             out.append((role, [content] if content else []))

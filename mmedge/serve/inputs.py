@@ -12,16 +12,21 @@ import base64
 import binascii
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from mmedge.errors import ImageError
+from mmedge.images import load_image
 from mmedge.serve.errors import ApiError, invalid
 from mmedge.serve.options import ServeOptions
 
 KINDS = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,), "list": (list,),
          "object": (dict,)}
+ANY_BYTES = ("application/octet-stream",)  # FileReader.readAsDataURL's type for a file it cannot name
+ASCII_WHITESPACE = re.compile(r"[\t\n\f\r ]+")  # line breaks of wrapped base64 (WHATWG's forgiving base64)
 ARTICLE = {"integer": "an integer", "object": "a JSON object", "list": "a JSON list", "boolean": "true or false"}
 
 
@@ -47,9 +52,19 @@ async def read_json(request, max_bytes: int) -> dict:
         raise invalid(f"the request body is not valid JSON ({detail})", "a JSON object in UTF-8",
                       "check the quoting and commas of the body", None, code="invalid_json") from None
     if not isinstance(data, dict):
-        raise invalid(f"the request body is a JSON {type(data).__name__}", "a JSON object",
+        raise invalid(f"the request body is {json_kind(data)}", "a JSON object",
                       "send an object such as {\"model\": ..., ...}", None, 422, "invalid_type")
     return data
+
+
+def json_kind(value: Any) -> str:
+    """What a JSON value is, in JSON's words: "null", "a JSON list", "a JSON string", ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "JSON " + json.dumps(value)
+    kinds = {dict: "object", list: "list", str: "string", int: "number", float: "number"}
+    return "a JSON " + kinds.get(type(value), type(value).__name__)
 
 
 def _too_large(size: int, cap: int) -> ApiError:
@@ -107,6 +122,11 @@ def strings(data: dict, name: str, *, required: bool = False, where: str = "") -
     value = data.get(name)
     if isinstance(value, str):
         return [value]
+    if value is not None and not isinstance(value, list):
+        param = where + name
+        shown = "a JSON object" if isinstance(value, dict) else json.dumps(value)[:40]
+        raise invalid(f"field '{param}' is {shown}", "a string or a list of strings",
+                      f"send {param} as a string or a list of strings", param, 422, "invalid_type")
     items = field(data, name, "list", required=required, where=where)
     for index, item in enumerate(items or []):
         typed(item, "string", f"{where}{name}[{index}]")
@@ -114,13 +134,30 @@ def strings(data: dict, name: str, *, required: bool = False, where: str = "") -
 
 
 # --- images --------------------------------------------------------------------------------------
-def image_bytes(url: Any, param: str, options: ServeOptions) -> bytes:
+class FieldImage(bytes):
+    """An image's encoded bytes that remember the request field they came from (``param``)."""
+
+    param: str = ""
+
+
+def undecodable(images: list) -> str | None:
+    """The field of the first image that does not decode (a pipeline's ImageError does not say which one of a
+    batch failed); run on the error path only."""
+    for image in images:
+        try:
+            load_image(bytes(image))
+        except ImageError:
+            return getattr(image, "param", None)
+    return None
+
+
+def image_bytes(url: Any, param: str, options: ServeOptions) -> FieldImage:
     """An image reference (a data URI; a path or file:// URL inside --allow-images-from) as its encoded bytes,
     checked to be an image PIL can read of at most --max-image-pixels (from its header, before decoding)."""
     if not isinstance(url, str):
         raise invalid(f"field '{param}' is not a string", "a data URI such as data:image/png;base64,...",
                       "send the image as a data URI string", param, 422, "invalid_type")
-    if url.startswith("data:"):
+    if url[:5].lower() == "data:":
         data = _data_uri(url, param)
     elif url.startswith(("http://", "https://")):
         raise invalid(f"field '{param}' is a remote URL ({url[:60]})", "a data URI (this server fetches nothing)",
@@ -129,18 +166,23 @@ def image_bytes(url: Any, param: str, options: ServeOptions) -> bytes:
     else:
         data = _allowed_file(url, param, options)
     _check_header(data, param, options.max_image_pixels)
-    return data
+    image = FieldImage(data)
+    image.param = param
+    return image
 
 
 def _data_uri(url: str, param: str) -> bytes:
+    """The bytes of a base64 data URI (RFC 2397): its media type and ``base64`` in any case; ``image/*``, or
+    ``application/octet-stream`` as a browser's FileReader writes for a file of unknown type (the bytes are sniffed
+    either way); the base64 possibly line-wrapped (``base64`` without ``-w0``, ``base64.encodebytes``)."""
     header, comma, payload = url.partition(",")
-    media = header[len("data:"):].split(";")
-    if not comma or "base64" not in media[1:] or not media[0].startswith("image/"):
+    media = [part.strip().lower() for part in header[len("data:"):].split(";")]
+    if not comma or "base64" not in media[1:] or not (media[0].startswith("image/") or media[0] in ANY_BYTES):
         raise invalid(f"field '{param}' is not a base64 image data URI ({header[:40]})",
                       "data:image/<format>;base64,<data>", "encode the file with base64 and prefix it with that header",
                       param, code="invalid_image")
     try:
-        data = base64.b64decode(payload, validate=True)
+        data = base64.b64decode(ASCII_WHITESPACE.sub("", payload), validate=True)
     except (binascii.Error, ValueError):
         raise invalid(f"field '{param}' holds invalid base64 data", "standard base64 (A-Z, a-z, 0-9, +, /, = padding)",
                       "encode the image bytes with base64 (not URL-safe base64)", param, code="invalid_image") from None

@@ -6,6 +6,7 @@ import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+PREFIXES = (("/static/", "/static"), ("/v1/models/", "/v1/models/{id}"))  # one label for every id
 ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/embeddings", "/v1/classify")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -59,7 +60,8 @@ class MetricsMiddleware:
             await self.app(scope, receive, sending)
         finally:
             path = scope["path"]
-            endpoint = path if path in ENDPOINTS else ("/static" if path.startswith("/static/") else "other")
+            endpoint = path if path in ENDPOINTS else next(
+                (label for prefix, label in PREFIXES if path.startswith(prefix)), "other")
             model = state.get("model", "")
             self.metrics.requests.labels(endpoint, model, str(status[0])).inc()
             self.metrics.latency.labels(endpoint, model).observe(time.perf_counter() - started)

@@ -15,6 +15,7 @@ from typing import Any
 
 import mmedge
 from mmedge.errors import InputError, MmedgeError
+from mmedge.families import FAMILIES
 from mmedge.manifest import MANIFEST_FILE, parse_manifest
 from mmedge.serve import inputs
 from mmedge.serve.errors import ApiError
@@ -54,6 +55,7 @@ def load_models(options: ServeOptions) -> dict[str, ServedModel]:
         raise InputError(f"two artifacts would be served under the same model id ({', '.join(repeated)})",
                          "artifact folders with different names (the folder name is the model id)",
                          "rename or copy one of the folders")
+    _check_generation_flags(options, ids)
     models: dict[str, ServedModel] = {}
     try:
         for model_id, path in zip(ids, options.artifacts):
@@ -63,6 +65,27 @@ def load_models(options: ServeOptions) -> dict[str, ServedModel]:
             model.close()
         raise
     return models
+
+
+def _check_generation_flags(options: ServeOptions, ids: list[str]) -> None:
+    """--workers and --max-queue only apply to captioning artifacts: given for none, they would do nothing. Read from
+    the manifests, before minutes of loading (an unreadable one is left for ``mmedge.load`` to report)."""
+    if not options.generation_flags:
+        return
+    families = []
+    for model_id, path in zip(ids, options.artifacts):
+        try:
+            family = parse_manifest((Path(path) / MANIFEST_FILE).read_bytes())["family"]
+        except (OSError, MmedgeError):
+            return
+        if FAMILIES[family].generative is not None:
+            return
+        families.append(f"{model_id}: {family}")
+    flags = " and ".join(options.generation_flags)
+    raise InputError(f"{flags} {'were' if len(options.generation_flags) > 1 else 'was'} given, but no served artifact "
+                     f"generates text ({', '.join(families)})",
+                     "--workers and --max-queue only with a captioning artifact (BLIP-2, IDEFICS): they size its "
+                     "generation queue", f"leave out {flags}, or serve a captioning artifact too")
 
 
 def load_model(model_id: str, path: Path, options: ServeOptions) -> ServedModel:
@@ -119,7 +142,11 @@ def _plan(pipeline) -> dict:
 
 def find_model(models: dict[str, ServedModel], data: dict) -> ServedModel:
     """The model a request's ``model`` field names; 404 for one this server does not hold."""
-    name = inputs.field(data, "model", "string", required=True)
+    return model_named(models, inputs.field(data, "model", "string", required=True))
+
+
+def model_named(models: dict[str, ServedModel], name: str) -> ServedModel:
+    """The model served as ``name``; 404 (OpenAI's ``model_not_found``) for one this server does not hold."""
     if name not in models:
         raise ApiError(404, f"model '{name[:80]}' is not served here", f"one of {', '.join(models)}",
                        "pick a model id from GET /v1/models", param="model", code="model_not_found")

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmedge.cli_args import count
 from mmedge.errors import InputError
 
 API_KEY_ENV = "MMEDGE_API_KEY"
@@ -36,16 +37,24 @@ class ServeOptions:
     max_body_bytes: int = DEFAULT_MAX_BODY_MB << 20
     max_images: int = DEFAULT_MAX_IMAGES
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    generation_flags: tuple[str, ...] = ()  # --workers / --max-queue as given on the command line (refused if no
+    # served artifact generates text: they would do nothing)
 
     @classmethod
     def from_args(cls, args) -> "ServeOptions":
-        for name, value, low in (("--port", args.port, 0), ("--workers", args.workers, 1),
-                                 ("--max-queue", args.max_queue, 0),
+        given = tuple(name for name, value in (("--workers", args.workers), ("--max-queue", args.max_queue))
+                      if value is not None)
+        workers = 1 if args.workers is None else args.workers
+        max_queue = DEFAULT_MAX_QUEUE if args.max_queue is None else args.max_queue
+        for name, value, low in (("--port", args.port, 0), ("--workers", workers, 1),
+                                 ("--max-queue", max_queue, 0),
                                  ("--max-body-mb", args.max_body_mb, 1), ("--max-images", args.max_images, 1),
                                  ("--max-image-pixels", args.max_image_pixels, 1)):
             if value < low or (name == "--port" and value > 65535):
                 bound = "from 0 (any free port) to 65535" if name == "--port" else f"at least {low}"
-                raise InputError(f"{name} is {value}", f"an integer {bound}", f"pass e.g. {name} {max(low, 1)}")
+                fix = "pass e.g. --port 8000, or --port 0 for any free port" if name == "--port" else \
+                    f"pass e.g. {name} {max(low, 1)}"
+                raise InputError(f"{name} is {value}", f"an integer {bound}", fix)
         allowed = None
         if args.allow_images_from:
             allowed = Path(args.allow_images_from).expanduser().resolve()
@@ -56,12 +65,14 @@ class ServeOptions:
         if api_key is not None and not api_key.strip():
             raise InputError("--api-key is empty", "a non-empty key", f"pass --api-key KEY or set {API_KEY_ENV}")
         return cls(artifacts=tuple(Path(a) for a in args.artifacts), host=args.host, port=args.port, api_key=api_key,
-                   backend=args.backend, device=args.device, threads=args.threads, workers=args.workers,
-                   max_queue=args.max_queue, allow_images_from=allowed, max_body_bytes=args.max_body_mb << 20,
-                   max_images=args.max_images, max_image_pixels=args.max_image_pixels)
+                   backend=args.backend, device=args.device, threads=args.threads, workers=workers,
+                   max_queue=max_queue, allow_images_from=allowed, max_body_bytes=args.max_body_mb << 20,
+                   max_images=args.max_images, max_image_pixels=args.max_image_pixels, generation_flags=given)
 
 
 def add_arguments(parser) -> None:
+    from mmedge.runtimes.registry import backend_names
+
     parser.add_argument("artifacts", nargs="+", metavar="ARTIFACT",
                         help="artifact folders; each is served under its folder name as the model id")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
@@ -70,13 +81,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--api-key", default=None,
                         help=f"require 'Authorization: Bearer KEY' on every endpoint but /health "
                                                         f"(default: ${API_KEY_ENV} if set)")
-    parser.add_argument("--backend", default="auto", help="auto, onnxruntime, tensorrt or torch (as mmedge.load)")
+    parser.add_argument("--backend", default="auto", choices=backend_names(), help="as mmedge.load takes it")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads per graph")
-    parser.add_argument("--workers", type=int, default=1,
+    parser.add_argument("--threads", type=count, default=None, help="CPU threads per graph")
+    parser.add_argument("--workers", type=int, default=None,  # None: not given (1), refused without a captioner
                         help="captioners loaded per BLIP-2 / IDEFICS artifact: generations that run at "
                         "once (default 1)")
-    parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+    parser.add_argument("--max-queue", type=int, default=None,  # None: not given (DEFAULT_MAX_QUEUE)
                         help="generation requests that may wait per captioning artifact; more get 503 with "
                         "Retry-After "
                              f"(default {DEFAULT_MAX_QUEUE})")

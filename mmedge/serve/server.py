@@ -7,6 +7,7 @@ SSE responses are not cut), then closes the pipelines and exits 0; uvicorn gives
 
 from __future__ import annotations
 
+import ipaddress
 import signal
 import socket
 import sys
@@ -17,7 +18,7 @@ from sse_starlette.sse import AppStatus
 from mmedge.errors import MmedgeError
 from mmedge.serve.app import create_app
 from mmedge.serve.models import load_models
-from mmedge.serve.options import DRAIN_SECONDS, KEEP_ALIVE_SECONDS, ServeOptions
+from mmedge.serve.options import API_KEY_ENV, DRAIN_SECONDS, KEEP_ALIVE_SECONDS, ServeOptions
 
 
 class _Server(uvicorn.Server):
@@ -30,6 +31,10 @@ class _Server(uvicorn.Server):
 
 def serve(options: ServeOptions) -> int:
     sock = _bind(options.host, options.port)  # first: a taken port is reported before minutes of loading
+    if options.api_key is None and not _loopback(sock.getsockname()[0]):
+        print(f"mmedge serve: warning: --host {options.host} can be reached from other machines, and there is no "
+              f"--api-key: anyone who can reach this port can use the models; pass --api-key KEY (or set "
+              f"{API_KEY_ENV}), or bind 127.0.0.1", file=sys.stderr, flush=True)
     try:
         models = load_models(options)
     except BaseException:
@@ -55,6 +60,13 @@ def serve(options: ServeOptions) -> int:
             model.close()
     print("mmedge serve: stopped", flush=True)
     return 0
+
+
+def _loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback  # an IPv6 address may carry a %scope
+    except ValueError:
+        return False
 
 
 def _bind(host: str, port: int) -> socket.socket:

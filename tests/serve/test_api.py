@@ -9,6 +9,7 @@ import json
 
 import httpx
 import numpy as np
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mmedge import demo
@@ -46,6 +47,40 @@ def test_models_list_family_tasks_precision_and_plan(openai_client, local):
     assert models["clip-tiny"]["endpoints"] == ["/v1/classify",
                                                 "/v1/embeddings"] and "labels" not in models["clip-tiny"]
     assert models["idefics-tiny"]["family"] == "idefics"
+
+
+def test_retrieve_a_model_through_the_openai_client(openai_client, http):
+    """GET /v1/models/{id}: the entry /v1/models lists; OpenAI's 404 model_not_found for an id not served."""
+    import openai
+
+    listed = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
+    for model_id in ("blip2-fp32", "clip-tiny"):
+        assert openai_client.models.retrieve(model_id).model_dump(exclude_none=True) == listed[model_id]
+    with pytest.raises(openai.NotFoundError) as info:
+        openai_client.models.retrieve("gpt-4o")
+    error = info.value.body
+    assert error["code"] == "model_not_found" and error["param"] == "model", error
+    assert "model 'gpt-4o' is not served here" in error["message"] and "clip-tiny" in error["message"]
+    assert http.get("/v1/models/clip-fp32").json() == listed["clip-fp32"]
+
+
+def test_data_uris_as_browsers_and_base64_tools_write_them(http, scenes):
+    """Line-wrapped base64 (GNU base64 without -w0, base64.encodebytes), FileReader's application/octet-stream for a
+    file of unknown type, and the media type and 'base64' in any case (RFC 2397) give the same embedding."""
+    data = scenes[0].read_bytes()
+
+    def embedding(uri: str) -> list[float]:
+        answer = http.post("/v1/embeddings", json={"model": "clip-tiny", "images": [uri]})
+        assert answer.status_code == 200, answer.text
+        return answer.json()["data"][0]["embedding"]
+
+    plain = embedding("data:image/png;base64," + base64.b64encode(data).decode())
+    for uri in ("data:image/png;base64," + base64.encodebytes(data).decode(),  # 76 characters a line
+                "data:image/png;base64,\r\n" + "\r\n".join(base64.b64encode(data).decode()[i:i + 64]
+                                                           for i in range(0, len(data) * 4 // 3, 64)),
+                "data:application/octet-stream;base64," + base64.b64encode(data).decode(),
+                "DATA:IMAGE/PNG;BASE64," + base64.b64encode(data).decode()):
+        assert embedding(uri) == plain
 
 
 def test_captions_equal_in_process(openai_client, local, scenes):
@@ -107,9 +142,13 @@ def test_generation_settings_reach_the_captioner(openai_client, local, scenes):
         return answer.choices[0].message.content, answer.choices[0].finish_reason
 
     assert served(max_tokens=2) == (captioner.caption(scene, max_new_tokens=2), "length")
+    assert served(max_tokens=2, max_completion_tokens=2) == served(max_tokens=2)  # the same value twice
     sampled = captioner.caption(scene, do_sample=True, temperature=1.5, top_p=0.9, top_k=0, seed=7)
     assert served(temperature=1.5, top_p=0.9, seed=7) == (sampled, "stop")
     assert served(temperature=0, stop=[" and"])[0] == captioner.caption(scene, stop_strings=[" and"]) == "a blue cross"
+    # OpenAI takes a seed at any temperature; a greedy answer draws nothing, so the seed is not passed on (the
+    # captioner itself refuses a seed without sampling)
+    assert served(temperature=0, seed=3) == served(seed=3) == (captioner.caption(scene), "stop")
     beams = captioner.caption(scene, num_beams=3, min_new_tokens=3)
     assert served(extra_body={"num_beams": 3, "min_tokens": 3})[0] == beams
     continued = captioner.caption(scene, "a blue")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 from dataclasses import dataclass, field
 
 import httpx
@@ -18,6 +19,7 @@ from tests.support.serve import data_uri
 
 SCENE = demo.images()[0]
 PNG = SCENE.read_bytes()
+PYTHON_TERMS = re.compile(r"\w=None|embed_(images|texts)|--labels|labels=\[|NoneType")
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
          405: "invalid_request_error",
          413: "invalid_request_error", 422: "invalid_request_error"}
@@ -56,6 +58,7 @@ class Bad:
     method: str = "POST"
     headers: dict = field(default_factory=dict)
     param: str | None = "-"  # "-": not checked
+    raw: bytes | None = None  # sent as it is, for bodies that json.dumps(body) cannot stand for (JSON null)
 
 
 CASES = [
@@ -63,6 +66,8 @@ CASES = [
     Bad("body not UTF-8", 400, "invalid_json", ("not valid JSON",), b'{"model": "\xff\xfe"}'),
     Bad("empty body", 400, "invalid_json", ("body is empty",), b""),
     Bad("body is a list", 422, "invalid_type", ("is a JSON list", "expected a JSON object"), [1, 2]),
+    Bad("body is null", 422, "invalid_type", ("the request body is null", "expected a JSON object"), None,
+        headers={"Content-Type": "application/json"}, raw=b"null"),
     Bad("no model", 422, "missing_field", ("field 'model' is missing",), {"messages": []}, param="model"),
     Bad("model not a string", 422, "invalid_type", ("field 'model' is 3", "expected a string"), {"model": 3}),
     Bad("unknown model", 404, "model_not_found", ("model 'gpt-4o' is not served here", "clip-fp32"),
@@ -72,7 +77,7 @@ CASES = [
         param="messages"),
     Bad("empty messages", 400, "invalid_value", ("field 'messages' is empty",),
         {"model": "blip2-fp32", "messages": []}),
-    Bad("unknown role", 422, "invalid_value", ("messages[0].role", "one of system, developer, user, assistant"),
+    Bad("unknown role", 400, "invalid_value", ("messages[0].role", "one of system, developer, user, assistant"),
         {"model": "blip2-fp32", "messages": [{"role": "robot", "content": "hi"}]}, param="messages[0].role"),
     Bad("audio part", 400, "unsupported_content", ("'input_audio'", "'text' or 'image_url'"),
         {"model": "blip2-fp32",
@@ -113,9 +118,30 @@ CASES = [
     Bad("temperature out of range", 400, "invalid_value", ("field 'temperature' is 5",), chat(IMAGE, temperature=5)),
     Bad("top_p 0 (refused by mmedge)", 400, "invalid_value", ("generation setting top_p=0.0", "(0, 1]"),
         chat(IMAGE, top_p=0), param="top_p"),
+    Bad("top_k at temperature 0", 400, "invalid_value", ("'top_k' was given with temperature 0",),
+        chat(IMAGE, temperature=0, top_k=5), param="top_k"),
+    Bad("length_penalty with one beam (refused by mmedge)", 400, "invalid_value",
+        ("generation setting length_penalty=0.6 would change nothing", "num_beams above 1"),
+        chat(IMAGE, length_penalty=0.6), param="length_penalty"),
+    Bad("a temperature below the float32 range of the scores", 400, "invalid_value",
+        ("generation setting temperature=1e-39", "at least 1e-05"), chat(IMAGE, temperature=1e-39),
+        param="temperature"),
+    Bad("stream_options without streaming", 400, "invalid_value", ("'stream_options' was given without streaming",),
+        chat(IMAGE, stream_options={"include_usage": True}), param="stream_options"),
+    Bad("max_tokens and max_completion_tokens differ", 400, "invalid_value",
+        ("'max_tokens' (3) and 'max_completion_tokens' (5) differ",),
+        chat(IMAGE, max_tokens=3, max_completion_tokens=5), param="max_completion_tokens"),
+    Bad("prompt_mode for an interleaved model", 400, "invalid_value",
+        ("'prompt_mode' was given for model 'idefics-tiny'",),
+        chat(IMAGE, "An image of", model="idefics-tiny", prompt_mode="continue"), param="prompt_mode"),
+    Bad("octet-stream data URI of text", 400, "invalid_image", ("does not decode as an image",),
+        chat("url:data:application/octet-stream;base64," + base64.b64encode(b"hello, world").decode()),
+        param="messages[0].content[0].image_url.url"),
     Bad("n = 2", 400, "invalid_value", ("field 'n' is 2",), chat(IMAGE, n=2)),
     Bad("five stop strings", 400, "invalid_value", ("'stop' has 5 strings",), chat(IMAGE, stop=list("abcde"))),
     Bad("too many beams", 400, "invalid_value", ("'num_beams' is 9",), chat(IMAGE, num_beams=9)),
+    Bad("Basic instead of Bearer", 401, "invalid_api_key", ("uses the 'Basic' scheme", "Authorization: Bearer KEY"),
+        chat(IMAGE), headers={"Authorization": "Basic dGVzdC1rZXktM2Y5YQ=="}),
     Bad("wrong API key", 401, "invalid_api_key", ("the API key is wrong",), chat(IMAGE),
         headers={"Authorization": "Bearer nope"}),
     Bad("no API key", 401, "invalid_api_key", ("the request has no API key",), chat(IMAGE),
@@ -132,14 +158,47 @@ CASES = [
     Bad("classify without images", 422, "missing_field", ("field 'images' is missing",), {"model": "clip-fp32"},
         "/v1/classify"),
     Bad("classify without labels (none baked in)", 400, "invalid_value", ("no labels were given",),
-        {"model": "clip-tiny", "images": [data_uri(SCENE)]}, "/v1/classify"),
+        {"model": "clip-tiny", "images": [data_uri(SCENE)]}, "/v1/classify", param="labels"),
     Bad("other labels than the baked ones", 400, "invalid_value", ("labels baked into its graph",),
-        {"model": "clip-fp32", "images": [data_uri(SCENE)], "labels": ["cat"]}, "/v1/classify"),
+        {"model": "clip-fp32", "images": [data_uri(SCENE)], "labels": ["cat"]}, "/v1/classify", param="labels"),
+    Bad("templates for baked labels", 400, "invalid_value", ("field 'templates' was given", "baked into its graph"),
+        {"model": "clip-fp32", "images": [data_uri(SCENE)], "templates": ["a {}"]}, "/v1/classify",
+        param="templates"),
+    Bad("empty labels", 400, "invalid_value", ("field 'labels' is empty",),
+        {"model": "clip-tiny", "images": [data_uri(SCENE)], "labels": []}, "/v1/classify", param="labels"),
     Bad("duplicate labels", 400, "invalid_value", ("duplicates ('cat')",),
-        {"model": "clip-tiny", "images": [data_uri(SCENE)], "labels": ["cat", "cat"]}, "/v1/classify"),
-    Bad("top_k 0", 400, "invalid_value", ("top_k is 0",),
+        {"model": "clip-tiny", "images": [data_uri(SCENE)], "labels": ["cat", "cat"]}, "/v1/classify",
+        param="labels[1]"),
+    Bad("too many labels", 400, "invalid_value", ("1,001 labels", "at most 1,000", "/v1/embeddings"),
+        {"model": "clip-tiny", "images": [data_uri(SCENE)], "labels": [f"l{i}" for i in range(1001)]},
+        "/v1/classify", param="labels"),
+    Bad("template without {}", 400, "invalid_value", ("'templates[1]'", "exactly one '{}'"),
+        {"model": "clip-tiny", "images": [data_uri(SCENE)], "labels": ["cat"], "templates": ["a {}", "a photo"]},
+        "/v1/classify", param="templates[1]"),
+    Bad("top_k 0", 400, "invalid_value", ("field 'top_k' is 0", "a positive integer"),
         {"model": "clip-fp32", "images": [data_uri(SCENE)], "top_k": 0},
-        "/v1/classify"),
+        "/v1/classify", param="top_k"),
+    Bad("classify an image that does not decode", 400, "invalid_image", ("truncated or corrupt",),
+        {"model": "clip-tiny", "images": [data_uri(SCENE), png_uri(PNG[: len(PNG) // 2])], "labels": ["cat"]},
+        "/v1/classify", param="images[1]"),
+    Bad("embed an image that does not decode", 400, "invalid_image", ("truncated or corrupt",),
+        {"model": "clip-tiny", "images": [data_uri(SCENE), png_uri(PNG[: len(PNG) // 2])]}, "/v1/embeddings",
+        param="images[1]"),
+    Bad("caption an image that does not decode", 400, "invalid_image", ("truncated or corrupt",),
+        chat("what is it?", "url:" + png_uri(PNG[: len(PNG) // 2])), param="messages[0].content[1].image_url.url"),
+    Bad("label past the text encoder's length", 400, "context_length_exceeded",
+        ("field 'labels[1]' is ", "start and end tokens included", "model 'clip-tiny'", "shorten the label"),
+        {"model": "clip-tiny", "images": [data_uri(SCENE)], "labels": ["cat", "word " * 3000]}, "/v1/classify",
+        param="labels[1]"),
+    Bad("embedding input past the text encoder's length", 400, "context_length_exceeded",
+        ("field 'input[1]' is ", "tokens long", "at most 77 tokens, start and end tokens included",
+         "model 'clip-tiny'"),
+        {"model": "clip-tiny", "input": ["a cat", "word " * 3000]}, "/v1/embeddings", param="input[1]"),
+    Bad("one embedding input past the text encoder's length", 400, "context_length_exceeded",
+        ("field 'input' is ", "tokens long", "at most 77 tokens"), {"model": "clip-tiny", "input": "word " * 3000},
+        "/v1/embeddings", param="input"),
+    Bad("embeddings of a number", 422, "invalid_type", ("field 'input' is 5", "a string or a list of strings"),
+        {"model": "clip-tiny", "input": 5}, "/v1/embeddings", param="input"),
     Bad("embeddings of token ids", 422, "invalid_type", ("field 'input[0]' is a JSON list",),
         {"model": "clip-tiny", "input": [[1, 2, 3]]}, "/v1/embeddings", param="input[0]"),
     Bad("embeddings of nothing", 400, "invalid_value", ("has no input",), {"model": "clip-tiny", "input": []},
@@ -157,8 +216,8 @@ def send(http: httpx.Client, case: Bad) -> httpx.Response:
         client = httpx.Client(base_url=http.base_url, timeout=60)  # no key at all
     else:
         client = http
-    content = case.body if isinstance(case.body, bytes) else (None if case.body is None
-                                                              else json.dumps(case.body).encode())
+    content = case.raw if case.raw is not None else case.body if isinstance(case.body, bytes) else (
+        None if case.body is None else json.dumps(case.body).encode())
     try:
         return client.request(case.method, case.path, content=content, headers=headers)
     finally:
@@ -177,6 +236,7 @@ def check_error(answer: httpx.Response, case: Bad) -> None:
     assert "; expected " in message and "; fix: " in message and "\n" not in message, message  # mmedge's three parts
     for fragment in case.fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
+    assert not PYTHON_TERMS.search(message), message  # HTTP's words, not the Python API's
     if case.param != "-":
         assert error["param"] == case.param, error
 

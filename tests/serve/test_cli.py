@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 
+from mmedge.cli import main
 from mmedge.errors import ArtifactNotFoundError, InputError, MmedgeError
 from tests.support.battery import cli_error
 from tests.support.serve import ROOT
@@ -49,6 +50,7 @@ def test_two_artifacts_with_one_name(capsys, tmp_path, served_artifacts):
 @pytest.mark.parametrize("flag, value, words",
                          [("--workers", "0", "--workers is 0"), ("--max-queue", "-1", "at least 0"),
                                                  ("--port", "70000", "65535"),
+                          ("--port", "99999", "pass e.g. --port 8000, or --port 0 for any free port"),
                                                 ("--max-image-pixels", "0", "at least 1")])
 def test_bad_settings(capsys, served_artifacts, flag, value, words):
     cli_error(capsys, ["serve", served_artifacts["clip-fp32"], flag, value], InputError, words)
@@ -66,3 +68,29 @@ def test_a_port_in_use(capsys, served_artifacts):
 def test_the_allowed_image_folder_must_exist(capsys, served_artifacts, tmp_path):
     cli_error(capsys, ["serve", served_artifacts["clip-fp32"], "--allow-images-from", tmp_path / "none"], InputError,
               "is not a folder")
+
+
+@pytest.mark.parametrize("flags, words", [(["--workers", "4"], "--workers was given"),
+                                          (["--workers", "1", "--max-queue", "3"], "--workers and --max-queue were"),
+                                          (["--max-queue", "16"], "--max-queue was given")])
+def test_generation_flags_without_a_captioner(capsys, served_artifacts, flags, words):
+    """--workers and --max-queue size a captioner's queue: given (even at their defaults) with CLIP artifacts only,
+    they would do nothing."""
+    line = cli_error(capsys, ["serve", served_artifacts["clip-fp32"], served_artifacts["clip-tiny"], *flags],
+                     InputError, words, "no served artifact generates text", "clip-fp32: clip")
+    assert "captioning artifact" in line
+
+
+@pytest.mark.parametrize("host, key, warned", [("0.0.0.0", [], True), ("0.0.0.0", ["--api-key", "k"], False),
+                                               ("127.0.0.1", [], False)])
+def test_a_network_address_without_a_key_is_warned_about(capsys, tmp_path, host, key, warned):
+    """Binding a non-loopback address without --api-key is allowed but warned about on stderr as the server starts,
+    before the artifacts load (here: an artifact that does not exist, so that the command ends there)."""
+    capsys.readouterr()
+    code = main(["serve", str(tmp_path / "nothing"), "--host", host, "--port", "0", *key])
+    err = capsys.readouterr().err
+    assert code == ArtifactNotFoundError.exit_code, err
+    warning = [line for line in err.splitlines() if "warning" in line]
+    assert bool(warning) == warned, err
+    if warned:
+        assert warning[0].startswith("mmedge serve: warning: --host 0.0.0.0") and "--api-key KEY" in warning[0]
