@@ -48,9 +48,14 @@ def fidelity_paths(options) -> tuple[list[Path], str]:
 def _folder_images(folder: str | Path, purpose: str, flag: str, error) -> tuple[list[Path], str]:
     folder = Path(folder)
     if not folder.is_dir():
-        raise error(f"{purpose} folder '{folder}' does not exist", "a folder of images",
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise error(f"{purpose} folder '{folder}' {what}", "a folder of images",
                     f"pass {flag} DIR with JPEG/PNG images, or leave it out for the bundled set")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:MAX_CALIBRATION_IMAGES]
+    try:
+        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:MAX_CALIBRATION_IMAGES]
+    except OSError as exc:
+        raise error(f"cannot list {purpose} folder '{folder}' ({exc.strerror or exc})", "a readable folder of images",
+                    "check the folder's permissions") from None
     if not paths:
         raise error(f"{purpose} folder '{folder}' holds no images",
                     f"files ending in {', '.join(IMAGE_SUFFIXES)}", "add 32-256 representative images")

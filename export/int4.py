@@ -48,6 +48,8 @@ from mmedge.errors import QuantizationError
 from mmedge.export.quantize import quiet as _quiet
 
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+# MatMulNBits' block sizes: powers of two, at least 16; ONNX Runtime's quantizer (MLAS) takes at most 256
+BLOCK_SIZES = (16, 32, 64, 128, 256)
 EIGHT_BIT_MAX_BLOCK = 256  # weights per scale of the 8-bit nodes (the LM head), at most
 HEAD_PRECISIONS = ("int8", "fp32", "int4")
 HEAD_WHY = {
@@ -60,9 +62,10 @@ HEAD_WHY = {
 
 def check_int4_settings(block_size: int, accuracy_level: int) -> None:
     """Raise QuantizationError for a block size or accuracy level MatMulNBits cannot take."""
-    if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
+    if isinstance(block_size, bool) or block_size not in BLOCK_SIZES:
         raise QuantizationError(f"INT4 block size {block_size!r} is not supported",
-                                "a power of two of at least 16 (32, 64 or 128 are usual)",
+                                f"a power of two from {BLOCK_SIZES[0]} to {BLOCK_SIZES[-1]} "
+                                f"({', '.join(map(str, BLOCK_SIZES))}; 32, 64 or 128 are usual)",
                                 "pass --int4-block-size 32 (most accurate) or 128 (smallest)")
     if accuracy_level not in ACCURACY_LEVELS:
         raise QuantizationError(f"INT4 accuracy level {accuracy_level!r} is not supported",

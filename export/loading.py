@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmedge.errors import ModelLoadError
+from mmedge.errors import InputError, ModelLoadError
 
 CONFIG_DIR = Path(__file__).parent / "data" / "configs"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")  # what from_pretrained loads before any pickle
 
 
 @dataclass
@@ -59,9 +60,24 @@ def _family_of(config) -> str:
     return name
 
 
+def check_weight_files(model: str, *, random_weights: bool = False, allow_pickle: bool = False) -> None:
+    """Refuse a local checkpoint folder's weights from their file names alone, before anything is loaded: pickles
+    without ``allow_pickle``, no weights at all, or ``allow_pickle`` where safetensors weights are loaded anyway."""
+    if not random_weights and _local_folder(model):
+        _refuse_pickles(Path(model), allow_pickle)
+
+
 def _refuse_pickles(folder: Path, allow_pickle: bool) -> None:
     safetensors = list(folder.glob("*.safetensors"))
     pickles = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    preferred = [name for name in SAFE_WEIGHTS if (folder / name).is_file()]
+    if allow_pickle and preferred:  # from_pretrained loads these whatever pickles lie beside them: the flag is idle
+        raise InputError(
+            f"--allow-pickle would change nothing for '{folder}': it holds safetensors weights ({preferred[0]}), "
+            "which are loaded in preference to any pickle",
+            "--allow-pickle only for a checkpoint whose weights are pickled (pytorch_model.bin, no model.safetensors)",
+            "drop --allow-pickle",
+        )
     if not safetensors and pickles and not allow_pickle:
         raise ModelLoadError(
             f"'{folder}' holds only pickled weights ({', '.join(p.name for p in pickles[:3])})",
@@ -125,8 +141,7 @@ def load_checkpoint(model: str, *, random_weights: bool = False, allow_pickle: b
     """Load ``model`` (hub id, local folder, or a bundled config name with ``random_weights``)."""
     if random_weights:
         return _load_random(model, seed)
-    if _local_folder(model):
-        _refuse_pickles(Path(model), allow_pickle)
+    check_weight_files(model, allow_pickle=allow_pickle)
     return _load_pretrained(model, allow_pickle)
 
 
@@ -164,9 +179,11 @@ def _load_pretrained(model: str, allow_pickle: bool) -> LoadedModel:
 
     model_class = FAMILIES[family].model_class()
     try:
-        # weights_only=True: a pickled checkpoint (only read with --allow-pickle) may hold tensors and
-        # plain containers, never an object whose unpickling runs code.
-        loaded = model_class.from_pretrained(model, use_safetensors=not allow_pickle, weights_only=True, **_hub(model))
+        # use_safetensors: True never reads a pickle; None (--allow-pickle) still loads safetensors where there are
+        # any and falls back to a pickle, read with weights_only=True: tensors and plain containers, never an object
+        # whose unpickling runs code.
+        loaded = model_class.from_pretrained(model, use_safetensors=None if allow_pickle else True, weights_only=True,
+                                             **_hub(model))
     except pickle.UnpicklingError as exc:
         raise ModelLoadError(
             f"refused to load the pickled weights of '{model}': they hold more than tensors "

@@ -81,7 +81,8 @@ RULES = (
 
 
 def check_export_options(options, family) -> None:
-    """Raise InputError for a task the family lacks, an unknown family setting, or an option that would do nothing.
+    """Raise InputError for a task the family lacks, an unknown family setting, or an option that would do nothing;
+    then the values of those left (labels, templates, image folders; CalibrationError for --calibration).
 
     ``options.task`` may be None (the family's default task); ``family`` is the exporter's family object
     (``name``, ``label``, ``tasks``, ``has_llm``, ``extra_defaults``)."""
@@ -96,6 +97,23 @@ def check_export_options(options, family) -> None:
                          "check the spelling of the extra settings")
     settled = _with_task(options, task)
     refuse_idle(RULES, settled, family, f"in this {family.label} export ({_settings(settled, family)})")
+    _check_values(settled)
+
+
+def _check_values(options) -> None:
+    """The values of the options that do something here, with the checks the export itself runs later (after
+    loading and tracing): labels and templates, the image folders."""
+    from mmedge.export.calibration import calibration_paths, fidelity_paths
+    from mmedge.pipelines.zero_shot import check_labels, check_templates
+
+    if options.labels:
+        check_labels(options.labels)
+    if options.templates is not None:
+        check_templates(options.templates)
+    if options.calibration is not None:
+        calibration_paths(options.calibration)
+    if options.fidelity is not None:
+        fidelity_paths(options)
 
 
 def _with_task(options, task: str):

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 import mmedge
-from mmedge.artifact import atomic_folder, sha256_file
-from mmedge.errors import ArtifactError, ExportError, InputError
+from mmedge.artifact import atomic_folder, check_output_folder, sha256_file
+from mmedge.errors import ExportError, InputError
 from mmedge.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, RECIPE_REVISION, dump_manifest
 from mmedge.metrics import compare_outputs
 from mmedge.progress import Progress
@@ -82,6 +82,12 @@ class ExportOptions:
         if self.quantization not in (None, *QUANTIZATIONS):
             raise ExportError(f"quantization '{self.quantization}' is not supported",
                               f"one of {', '.join(QUANTIZATIONS)}", "pass --quantization static or dynamic")
+        from mmedge.export.int4 import check_int4_settings
+
+        # here, before anything is loaded: the INT4 embedding table and MatMulNBits would meet a bad block size only
+        # after tracing, some as a bare numpy or ONNX Runtime error (whether INT4 is asked for: check_export_options)
+        settled = self.settled(self.task)
+        check_int4_settings(settled.int4_block_size, settled.int4_accuracy_level)
 
     def settled(self, task: str) -> "ExportOptions":
         """A copy with the task and every option left at None set to what it means (``DEFAULTS``)."""
@@ -92,14 +98,13 @@ def export_model(model: str, out: str | Path, options: ExportOptions | None = No
     """Export ``model`` (hub id, folder, or bundled config name with random_weights) to the folder ``out``."""
     options = options or ExportOptions(**overrides)
     options.check()
-    if Path(out).exists() and not options.overwrite:  # cheap checks first: nothing is loaded yet
-        raise ArtifactError(f"output folder '{out}' already exists", "a path that does not exist yet",
-                            "choose another output path, or pass --overwrite to replace it once the new "
-                            "export is complete")
-    from mmedge.export.loading import checkpoint_family
+    # cheap checks first, nothing is loaded yet: --overwrite replaces only an artifact, never the checkpoint it reads
+    check_output_folder(out, overwrite=options.overwrite, sources=_local_sources(model))
+    from mmedge.export.loading import check_weight_files, checkpoint_family
     from mmedge.export.option_checks import check_export_options
 
     name = checkpoint_family(model, random_weights=options.random_weights)  # from the config alone, no weights
+    check_weight_files(model, random_weights=options.random_weights, allow_pickle=options.allow_pickle)  # names only
     from mmedge.export.families import FAMILIES
 
     family = FAMILIES[name]
@@ -110,6 +115,11 @@ def export_model(model: str, out: str | Path, options: ExportOptions | None = No
     estimate = check_memory(model, options, family)  # from the config on the meta device: still nothing loaded
     with _quiet_libraries(not options.progress):
         return _export(model, Path(out), options, family, estimate)
+
+
+def _local_sources(model: str) -> list[Path]:
+    """The checkpoint folder ``model`` names, if it is one here (a hub id or a bundled config name is not)."""
+    return [Path(model)] if Path(model).exists() else []
 
 
 @contextlib.contextmanager
@@ -147,7 +157,8 @@ def _export(model: str, out: Path, options: ExportOptions, family, estimate=None
     with progress.step("building export specs" + (f" with {len(options.labels)} baked labels" if options.labels
                                                   else "")):
         specs = family.specs(loaded, options)
-    with atomic_folder(out, overwrite=options.overwrite) as stage, tempfile.TemporaryDirectory() as scratch:
+    with (atomic_folder(out, overwrite=options.overwrite, sources=_local_sources(model)) as stage,
+          tempfile.TemporaryDirectory() as scratch):
         builder = ArtifactBuilder(stage, Path(scratch), loaded, family, options)
         builder.memory = {"estimate": estimate.as_manifest() if estimate else None, "steps": progress.steps}
         with progress.step(f"tracing {', '.join(s.name for s in specs)} and checking parity against PyTorch"):

@@ -7,25 +7,28 @@ the file on this device (``mmedge.file_checks``; ``recheck=True`` hashes every t
 
 Writing: ``atomic_folder(dest)`` hands out a temporary folder beside ``dest`` and renames it into
 place only when the block finishes without error, so an interrupted export leaves no half-written
-artifact and never touches an existing one until the new one is complete.
+artifact and never touches an existing one until the new one is complete. ``--overwrite`` replaces only
+what mmedge wrote (``check_output_folder``): never a file, a foreign folder, the current directory or the input.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 from mmedge.errors import ArtifactError, ArtifactNotFoundError, IntegrityError, UnsafePathError
 from mmedge.file_checks import CheckRecord, identity
-from mmedge.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, check_plain_file_name, parse_manifest
+from mmedge.manifest import FORMAT_NAME, MANIFEST_FILE, MAX_MANIFEST_BYTES, check_plain_file_name, parse_manifest
 
 ENGINES_DIR = "engines"
+ARTIFACT_KIND = "an mmedge artifact (a folder with mmedge's manifest.json)"  # what an export's --overwrite replaces
 _CHUNK = 1 << 20
 
 
@@ -257,24 +260,84 @@ def _umask() -> int:
     return mask
 
 
+def is_artifact_folder(path: Path) -> bool:
+    """Whether ``path`` holds an mmedge artifact's manifest (``format``: ``mmedge.artifact``), however damaged the rest
+    of the folder is: what ``--overwrite`` of an export may replace. A web app's manifest.json is not one."""
+    try:
+        with open(path / MANIFEST_FILE, "rb") as handle:
+            manifest = json.loads(handle.read(MAX_MANIFEST_BYTES + 1))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME
+
+
+def check_output_folder(dest: str | os.PathLike, *, overwrite: bool,
+                        recognize: Callable[[Path], bool] = is_artifact_folder, kind: str = ARTIFACT_KIND,
+                        command: str = "mmedge export", sources: Iterable[str | os.PathLike] = ()) -> None:
+    """Refuse, before any work, an output path this write must not take: one that exists without ``overwrite``, and
+    with it anything ``--overwrite`` would destroy that the tool did not write (a file, a folder ``recognize`` does
+    not know and that is not empty, the current directory or one above it, a folder holding one of ``sources``:
+    the checkpoint or artifacts being read)."""
+    dest = Path(dest)
+    if not os.path.lexists(dest):
+        return
+    if not overwrite:
+        raise ArtifactError(f"output folder '{dest}' already exists", "a path that does not exist yet",
+                            "choose another output path, or pass --overwrite to replace it once the new "
+                            f"{'export' if command == 'mmedge export' else 'one'} is complete")
+    replaceable = f"with --overwrite, a folder `{command}` wrote, an empty folder, or a path that does not exist yet"
+    if not dest.is_dir():
+        what = "a file" if dest.exists() else "a broken symbolic link"
+        raise ArtifactError(f"output path '{dest}' is {what}, not a folder, so --overwrite will not replace it",
+                            replaceable, "choose another output path, or remove it yourself if it is not needed")
+    real, cwd = dest.resolve(), Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:  # renaming it away would fail after all the work, or strand the shell
+        raise ArtifactError(f"output folder '{dest}' is the current directory or one above it",
+                            "an output folder outside the current directory's path",
+                            "pass a new subfolder as the output, e.g. ./out")
+    for source in sources:
+        source = Path(source)
+        if source.exists() and (source.resolve() == real or real in source.resolve().parents):
+            raise ArtifactError(f"output folder '{dest}' is or holds '{source}', which `{command}` reads: "
+                                "--overwrite would delete it", "an output folder apart from what it reads",
+                                "choose another output path")
+    if not recognize(dest) and any(dest.iterdir()):
+        raise ArtifactError(f"output folder '{dest}' is not empty and is not {kind}, so --overwrite will not "
+                            "replace it", replaceable,
+                            "choose another output path, or remove the folder yourself if nothing in it is needed")
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those above it that do not exist yet, deepest first: what ``mkdir(parents=True)`` creates."""
+    missing = []
+    while not os.path.lexists(folder) and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
 @contextlib.contextmanager
-def atomic_folder(dest: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_folder(dest: str | os.PathLike, *, overwrite: bool = False,
+                  recognize: Callable[[Path], bool] = is_artifact_folder,
+                  kind: str = ARTIFACT_KIND, command: str = "mmedge export",
+                  sources: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``dest``; on success it becomes ``dest``.
 
-    On any exception (or a killed process) the temporary folder is removed or left as a hidden
-    ``.dest.partial-*`` folder, and ``dest`` itself is untouched.
+    ``dest`` is checked first (``check_output_folder``: with ``overwrite`` only what ``recognize`` knows, or an empty
+    folder, is replaced). On any exception (or a killed process) the temporary folder is removed or left as a hidden
+    ``.dest.partial-*`` folder, ``dest`` itself is untouched, and the parent folders this created are removed again.
     """
     dest = Path(dest)
-    if dest.exists() and not overwrite:
-        raise ArtifactError(
-            f"output folder '{dest}' already exists",
-            "a path that does not exist yet",
-            "choose another output path, or pass --overwrite to replace it once the new export is complete",
-        )
+    check_output_folder(dest, overwrite=overwrite, recognize=recognize, kind=kind, command=command, sources=sources)
     parent = dest.parent if str(dest.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_staging(parent, dest.name)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-{os.getpid()}-", dir=parent))
+    created = _missing_folders(parent)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_staging(parent, dest.name)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-{os.getpid()}-", dir=parent))
+    except BaseException:
+        _remove_empty(created)
+        raise
     try:
         yield staging
         mask = _umask()
@@ -291,7 +354,18 @@ def atomic_folder(dest: str | os.PathLike, *, overwrite: bool = False) -> Iterat
             os.replace(staging, dest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        _remove_empty(created)  # a refused export leaves nothing new on disk
         raise
 
 
-__all__ = ["Artifact", "atomic_folder", "sha256_file", "ENGINES_DIR", "UnsafePathError"]
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty: another process may have put something there."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+__all__ = ["Artifact", "atomic_folder", "check_output_folder", "is_artifact_folder", "sha256_file", "ENGINES_DIR",
+           "UnsafePathError"]

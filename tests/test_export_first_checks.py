@@ -3,7 +3,9 @@ reached, lists the bundled --random-weights names, and keeps quiet under --quiet
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from mmedge.artifact import atomic_folder
 from mmedge.cli import main
-from mmedge.errors import ArtifactError, ModelLoadError
+from mmedge.errors import ArtifactError, CalibrationError, InputError, MmedgeError, ModelLoadError, QuantizationError
 from mmedge.export import export_model
+from tests.support.battery import api_error, cli_error
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,3 +100,127 @@ def test_quiet_export_prints_no_library_progress(tiny_blip2_dir, tmp_path, capfd
     assert main(["export", str(tiny_blip2_dir), str(tmp_path / "out"), "--quiet", "--with-pytorch"]) == 0
     out, err = capfd.readouterr()
     assert err == "" and out.startswith("wrote "), err
+
+
+# --- --overwrite replaces only an artifact, and never the checkpoint being read --------------------------------
+def test_overwrite_refuses_a_folder_holding_the_checkpoint_before_loading(tiny_clip_dir, tmp_path, nothing_loads,
+                                                                          capsys):
+    parent = tmp_path / "parent"
+    checkpoint = parent / "models" / "clip"
+    shutil.copytree(tiny_clip_dir, checkpoint)
+    (parent / "notes.txt").write_text("precious")
+    api_error(lambda: export_model(str(checkpoint), parent, overwrite=True, progress=False), ArtifactError,
+              "is or holds", "--overwrite would delete it")
+    api_error(lambda: export_model(str(checkpoint), checkpoint, overwrite=True, progress=False), ArtifactError,
+              "is or holds")
+    # an artifact's pytorch/ weights (--with-pytorch) exported into the artifact itself
+    artifact = tmp_path / "art"
+    artifact.mkdir()
+    (artifact / "manifest.json").write_text(json.dumps({"format": "mmedge.artifact"}))
+    shutil.copytree(tiny_clip_dir, artifact / "pytorch")
+    api_error(lambda: export_model(str(artifact / "pytorch"), artifact, overwrite=True, progress=False),
+              ArtifactError, "is or holds")
+    cli_error(capsys, ["export", checkpoint, parent, "--overwrite", "--quiet"], ArtifactError, "is or holds")
+    assert (parent / "notes.txt").read_text() == "precious" and (checkpoint / "model.safetensors").is_file()
+
+
+def test_overwrite_refuses_a_file_a_foreign_folder_and_the_current_directory(tiny_clip_dir, tmp_path, nothing_loads,
+                                                                              monkeypatch, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("data")
+    api_error(lambda: export_model(str(tiny_clip_dir), afile, overwrite=True, progress=False), ArtifactError,
+              "is a file, not a folder")
+    assert afile.read_text() == "data"
+    site = tmp_path / "site"  # a web app's manifest.json is not an artifact's
+    site.mkdir()
+    (site / "manifest.json").write_text(json.dumps({"name": "my app"}))
+    cli_error(capsys, ["export", tiny_clip_dir, site, "--overwrite", "--quiet"], ArtifactError,
+              "is not empty and is not an mmedge artifact")
+    assert [p.name for p in site.iterdir()] == ["manifest.json"]
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for out in (".", "..", str(work)):
+        api_error(lambda: export_model(str(tiny_clip_dir), out, overwrite=True, progress=False), ArtifactError,
+                  "is the current directory or one above it")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "site", "work"] and not any(work.iterdir())
+
+
+def test_overwrite_replaces_an_empty_folder(tiny_clip_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    export_model(str(tiny_clip_dir), out, overwrite=True, progress=False)
+    assert (out / "manifest.json").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# --- --allow-pickle ----------------------------------------------------------------------------------------------
+def test_allow_pickle_is_refused_where_safetensors_are_loaded_anyway(tiny_clip_dir, tmp_path, nothing_loads, capsys):
+    """from_pretrained loads model.safetensors before any pickle: the flag would change nothing."""
+    api_error(lambda: export_model(str(tiny_clip_dir), tmp_path / "out", allow_pickle=True, progress=False),
+              InputError, "--allow-pickle would change nothing", "model.safetensors", "drop --allow-pickle")
+    cli_error(capsys, ["export", tiny_clip_dir, tmp_path / "out", "--allow-pickle", "--quiet"], InputError,
+              "--allow-pickle would change nothing")
+    assert not (tmp_path / "out").exists()
+
+
+def test_allow_pickle_still_loads_safetensors_where_it_cannot_tell_first(tiny_clip_dir):
+    """A hub id is not listed before loading: with --allow-pickle its safetensors are still what is loaded (the
+    flag allows a pickle, it does not ask for one)."""
+    import torch
+
+    from mmedge.export.loading import _load_pretrained, load_checkpoint
+
+    loaded = _load_pretrained(str(tiny_clip_dir), allow_pickle=True).model.state_dict()
+    reference = load_checkpoint(str(tiny_clip_dir)).model.state_dict()
+    assert loaded.keys() == reference.keys() and all(torch.equal(loaded[k], reference[k]) for k in reference)
+
+
+# --- option values checked before loading ------------------------------------------------------------------------
+@pytest.mark.parametrize("block", [7, 0, -32, 8, 48, 512])
+def test_an_unsupported_int4_block_size_is_refused_before_loading(block, tiny_blip2_dir, tmp_path, nothing_loads):
+    api_error(lambda: export_model(str(tiny_blip2_dir), tmp_path / "out", llm_precision="int4", int4_block_size=block,
+                                   progress=False), QuantizationError, f"block size {block} ", "from 16 to 256")
+
+
+def test_int4_options_without_an_int4_llm_are_refused_before_loading(tiny_blip2_dir, tmp_path, nothing_loads, capsys):
+    cli_error(capsys, ["export", tiny_blip2_dir, tmp_path / "out", "--int4-block-size", "7"], QuantizationError,
+              "block size 7")
+    for flags in (["--int4-block-size", "64"], ["--llm-precision", "int8", "--int4-head", "fp32"],
+                  ["--precision", "int8", "--int4-accuracy-level", "0"]):
+        cli_error(capsys, ["export", tiny_blip2_dir, tmp_path / "out", *flags], InputError, "would change nothing")
+
+
+def test_image_folders_labels_and_templates_are_checked_before_loading(tiny_clip_dir, tmp_path, nothing_loads):
+    (tmp_path / "notimg.png").write_bytes(b"x")
+    (tmp_path / "empty").mkdir()
+    static = {"precision": "int8", "quantization": "static", "progress": False}
+    out = tmp_path / "out"
+    for folder, said in (("notimg.png", "is a file, not a folder"), ("missing", "does not exist"),
+                         ("empty", "holds no images")):
+        api_error(lambda: export_model(str(tiny_clip_dir), out, calibration=str(tmp_path / folder), **static),
+                  CalibrationError, f"calibration folder '{tmp_path / folder}' {said}")
+        api_error(lambda: export_model(str(tiny_clip_dir), out, precision="int8", fidelity=str(tmp_path / folder),
+                                       progress=False), InputError, f"fidelity folder '{tmp_path / folder}' {said}")
+    api_error(lambda: export_model(str(tiny_clip_dir), out, labels=["cat", "cat"], progress=False), InputError,
+              "duplicates ('cat')")
+    api_error(lambda: export_model(str(tiny_clip_dir), out, labels=["cat", "dog"], templates=["no braces"],
+                                   progress=False), InputError, "'no braces' is not usable")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "notimg.png"]
+
+
+# --- a refused export leaves nothing new on disk ------------------------------------------------------------------
+def test_an_export_refused_midway_leaves_no_new_parent_folders(tiny_clip_dir, tmp_path):
+    """Refused at the fidelity gate, after the staging folder was made: the folders made for it go too."""
+    with pytest.raises(MmedgeError, match="fidelity|cosine"):
+        export_model(str(tiny_clip_dir), tmp_path / "new" / "deeper" / "out", precision="int8",
+                     min_quantized_cosine=1.5, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_folder_removes_only_the_parents_it_made_and_only_when_empty(tmp_path):
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(RuntimeError):
+        with atomic_folder(tmp_path / "kept" / "a" / "b" / "art") as stage:
+            (stage / "half.onnx").write_bytes(b"x")
+            raise RuntimeError("interrupted")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not any((tmp_path / "kept").iterdir())

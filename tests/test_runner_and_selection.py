@@ -147,7 +147,7 @@ def test_atomic_folder_appears_only_when_complete(tmp_path):
 def test_atomic_overwrite_replaces_only_on_success(tmp_path):
     dest = tmp_path / "art"
     dest.mkdir()
-    (dest / "old").write_text("old")
+    (dest / "manifest.json").write_text('{"format": "mmedge.artifact"}')  # an artifact: what --overwrite replaces
     with pytest.raises(ArtifactError, match="already exists"):
         with atomic_folder(dest):
             pass
@@ -155,7 +155,7 @@ def test_atomic_overwrite_replaces_only_on_success(tmp_path):
         with atomic_folder(dest, overwrite=True) as stage:
             (stage / "new").write_text("new")
             raise RuntimeError
-    assert [p.name for p in dest.iterdir()] == ["old"]
+    assert [p.name for p in dest.iterdir()] == ["manifest.json"]
     with atomic_folder(dest, overwrite=True) as stage:
         (stage / "new").write_text("new")
     assert [p.name for p in dest.iterdir()] == ["new"]

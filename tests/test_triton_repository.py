@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 
 from mmedge.artifact import Artifact, sha256_file
-from mmedge.errors import InputError, IntegrityError
+from mmedge.errors import ArtifactError, InputError, IntegrityError
 from mmedge.triton import Options, pipeline_models, write_repository
 from mmedge.triton.config import ENCODERS, TRITON_DTYPES, batch_axis, component_config, render
 from mmedge.triton.protocol import PIPELINES, ROW_PIPELINES
+from mmedge.triton.repository import MARKER_FILE
+from tests.support.battery import api_error, cli_error
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",
                                        reason='needs tritonclient: pip install "mmedge[triton]"')
@@ -54,7 +56,8 @@ def check_tensors(entries, specs, batched):
 def test_onnxruntime_repository_matches_every_manifest(sources, tmp_path, gpu):
     repo = tmp_path / "repo"
     written = write_repository(sources.values(), repo, Options(platform="onnxruntime", gpu=gpu, max_batch_size=4))
-    assert sorted(p.name for p in repo.iterdir()) == sorted(m for models in written.values() for m in models)
+    assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == sorted(m for ms in written.values() for m in ms)
+    assert json.loads((repo / MARKER_FILE).read_text())["models"] == written  # what marks it as mmedge's
     for prefix, folder in sources.items():
         artifact = Artifact.open(folder)
         for name, component in artifact.components.items():
@@ -265,7 +268,7 @@ def test_cli_writes_the_repository_and_refuses_bad_options(sources, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "mmedge.cli", "triton", str(sources["clip"]), "--out",
                           str(tmp_path / "b"),
                           "--max-batch-size", "0"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "max_batch_size is 0" in bad.stderr
+    assert bad.returncode == 2 and "argument --max-batch-size: 0 is below 1" in bad.stderr
     inline = subprocess.run([sys.executable, "-m", "mmedge.cli", "triton", str(sources["clip-fused"]), "--out",
                              str(tmp_path / "i"),
                              "--zero-shot-graphs", "inline"], capture_output=True, text=True, timeout=120)
@@ -304,3 +307,55 @@ def test_a_served_model_writes_no_record_of_its_checks_into_the_repository(sourc
     checked = Artifact.open(sources["clip"])  # the artifact itself: its checks are recorded
     checked.component_path("vision")
     assert (sources["clip"] / "engines" / file_checks.RECORD_FILE).is_file()
+
+
+def test_overwrite_replaces_only_a_repository_mmedge_wrote(clip_artifacts, tmp_path, monkeypatch, capsys):
+    """--overwrite never turns a file into a folder, empties a folder mmedge did not write, the current directory or
+    an artifact being read; it is refused before any artifact is read (a missing one is not even noticed)."""
+    artifact = tmp_path / "clip"
+    artifact.symlink_to(clip_artifacts("fp32"), target_is_directory=True)
+    image = tmp_path / "img.png"
+    image.write_bytes(b"png")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("precious")
+    missing = tmp_path / "missing-artifact"
+    api_error(lambda: write_repository([missing], image, overwrite=True), ArtifactError, "is a file, not a folder")
+    api_error(lambda: write_repository([missing], foreign, overwrite=True), ArtifactError,
+              "is not empty and is not a Triton repository mmedge wrote")
+    api_error(lambda: write_repository([artifact], artifact, overwrite=True), ArtifactError, "is or holds")
+    cli_error(capsys, ["triton", artifact, "--out", image, "--overwrite", "--quiet"], ArtifactError, "is a file")
+    assert image.read_bytes() == b"png" and (foreign / "notes.txt").read_text() == "precious"
+    assert Artifact.open(artifact)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for out in (".", ".."):
+        api_error(lambda: write_repository([artifact], out, overwrite=True), ArtifactError, "the current directory")
+    repo = tmp_path / "repo"
+    (repo / "empty").mkdir(parents=True)  # a folder holding only an empty folder is not empty: refused
+    api_error(lambda: write_repository([artifact], repo, overwrite=True), ArtifactError, "is not empty")
+    (repo / "empty").rmdir()  # an empty folder is replaced, and so is a repository mmedge wrote
+    assert write_repository([artifact], repo, overwrite=True) == write_repository([artifact], repo, overwrite=True)
+    assert json.loads((repo / MARKER_FILE).read_text())["written_by"] == "mmedge triton"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip", "foreign", "img.png", "repo", "work"]
+
+
+@pytest.mark.parametrize("artifacts,option,fragment", [
+    (["clip-fused"], ["--workers", "4"], "--workers would change nothing for these artifacts"),
+    (["blip2"], ["--zero-shot-graphs", "inline"], "--zero-shot-graphs would change nothing for these artifacts"),
+])
+def test_cli_refuses_pipeline_options_no_artifact_uses(sources, tmp_path, capsys, artifacts, option, fragment):
+    """--workers shapes embedding and captioning pipelines, --zero-shot-graphs the zero-shot one: given for
+    artifacts that make neither, they are refused before anything is written."""
+    cli_error(capsys, ["triton", *(sources[a] for a in artifacts), "--out", tmp_path / "repo", *option], InputError,
+              fragment)
+    assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize("field,value", [("threads", 0), ("queue_delay_us", -5), ("workers", 0)])
+def test_write_repository_refuses_counts_triton_would_reject(sources, tmp_path, field, value):
+    """The library call checks what the CLI's argparse types check (`intra_op_thread_count "-3"` and
+    `max_queue_delay_microseconds: -5` were written as given)."""
+    with pytest.raises(InputError, match=f"{field} is {value}"):
+        write_repository([sources["clip"]], tmp_path / "repo", Options(**{field: value}))

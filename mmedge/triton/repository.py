@@ -13,18 +13,22 @@ the decoder) and ``-caption`` (one answer per request, HTTP and gRPC) and ``-cap
 in pieces as tokens arrive, gRPC streaming). Nothing is re-exported: every name, dtype and shape comes from the
 manifest (``mmedge.triton.config``), each file the repository needs is hard-linked (or copied, across file
 systems) with its sha256 checked against the manifest, and the repository appears only when complete (written
-beside ``--out`` and renamed). A tampered artifact is refused here, with the file that does not match.
+beside ``--out`` and renamed). A tampered artifact is refused here, with the file that does not match. The root's
+``.mmedge-repository.json`` (the models written) marks it as mmedge's: ``--overwrite`` replaces only such a folder
+(or an empty one).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 from pathlib import Path
 from typing import Iterable
 
-from mmedge.artifact import Artifact, atomic_folder, sha256_file
+from mmedge import __version__
+from mmedge.artifact import Artifact, atomic_folder, check_output_folder, sha256_file
 from mmedge.errors import InputError, IntegrityError
 from mmedge.manifest import MANIFEST_FILE
 from mmedge.progress import Progress
@@ -34,6 +38,7 @@ from mmedge.triton.protocol import STREAM_SUFFIX, TASK_PIPELINES
 PLATFORMS = ("onnxruntime", "python")
 ZERO_SHOT_GRAPHS = ("auto", "inline", "bls")
 VERSION = "1"
+MARKER_FILE = ".mmedge-repository.json"  # at the root: written by mmedge, so --overwrite may replace it
 _NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -67,16 +72,23 @@ def write_repository(artifacts: Iterable[str | os.PathLike], out: str | os.PathL
     if options.zero_shot_graphs not in ZERO_SHOT_GRAPHS:
         raise InputError(f"zero_shot_graphs is {options.zero_shot_graphs!r}", f"one of {', '.join(ZERO_SHOT_GRAPHS)}",
                          "pass --zero-shot-graphs inline (in the pipeline's process) or bls (the component models)")
-    for field in ("max_batch_size", "instances", "workers", "pipeline_instances"):
+    for field, least in (("max_batch_size", 1), ("instances", 1), ("workers", 1), ("pipeline_instances", 1),
+                         ("threads", 1), ("queue_delay_us", 0)):
         value = getattr(options, field)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InputError(f"{field} is {value!r}", "a positive integer", f"pass e.g. --{field.replace('_', '-')} 8")
+        if field == "threads" and value is None:  # ONNX Runtime's default
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise InputError(f"{field} is {value!r}", f"an integer of at least {least}",
+                             f"pass e.g. --{field.replace('_', '-')} {max(least, 2)}")
     if options.spin and (options.platform != "python" or options.gpu):
         raise InputError("--spin was given for the " + ("GPU" if options.gpu else f"'{options.platform}' platform"),
                          "--spin only with --platform python on the CPU (it sets mmedge's own ONNX Runtime runner's "
                          "CPU threads; Triton's ONNX Runtime backend and GPU instances have no such setting here)",
                          "drop --spin, or write the repository with --platform python")
     paths = list(artifacts)
+    replacing = {"recognize": is_repository, "kind": "a Triton repository mmedge wrote (with its " + MARKER_FILE + ")",
+                 "command": "mmedge triton", "sources": paths}
+    check_output_folder(out, overwrite=overwrite, **replacing)  # before any artifact is read
     opened = [Artifact.open(path, recheck=True) for path in paths]  # each file read and checked on its way in
     if not opened:
         raise InputError("no artifact was given", "at least one artifact folder",
@@ -89,11 +101,19 @@ def write_repository(artifacts: Iterable[str | os.PathLike], out: str | os.PathL
                          "rename one of the folders (its name is the models' prefix)")
     written: dict[str, list[str]] = {}
     steps = Progress(len(opened), enabled=progress)
-    with atomic_folder(out, overwrite=overwrite) as staging:
+    with atomic_folder(out, overwrite=overwrite, **replacing) as staging:
         for path, artifact, prefix in zip(paths, opened, prefixes):
             with steps.step(f"{prefix}: checking the sha256 of its {_size(artifact)} and placing its files"):
                 written[str(path)] = _write_artifact(artifact, prefix, staging, options, steps)
+        # what makes this folder one `mmedge triton --overwrite` may replace; Triton reads only the root's subfolders
+        (staging / MARKER_FILE).write_text(json.dumps({"written_by": "mmedge triton", "mmedge_version": __version__,
+                                                       "models": written}, indent=1) + "\n")
     return written
+
+
+def is_repository(folder: Path) -> bool:
+    """Whether ``folder`` is a model repository `mmedge triton` wrote (it holds ``MARKER_FILE``)."""
+    return (folder / MARKER_FILE).is_file()
 
 
 def _size(artifact: Artifact) -> str:
