@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from mmedge.errors import InputError, MmedgeError
+from mmedge.errors import ArtifactNotFoundError, InputError, MmedgeError
 
 GENERIC_LABELS = ("cat", "dog", "car", "tree", "person", "cup of coffee", "rocket", "clock")
 WARMUP_SECONDS = 0.5  # untimed calls first: thread pools, allocators and CPU clocks settle
@@ -191,7 +191,7 @@ def check_artifacts(paths: list[str], labels: list[str] | None) -> None:
 
     for path in paths:
         if not (Path(path) / "manifest.json").is_file():
-            raise InputError(f"'{path}' is not an artifact folder",
+            raise ArtifactNotFoundError(f"'{path}' is not an artifact folder",
                              "a folder with manifest.json (made by mmedge export)",
                              "pass the folder `mmedge export` or `mmedge demo` wrote")
         manifest = Artifact.open(path).manifest
@@ -212,6 +212,8 @@ def run_children(paths: list[str], args) -> list[dict]:
         child = subprocess.run([sys.executable, "-c", CHILD, path, json.dumps(options)], capture_output=True, text=True)
         lines = [line for line in child.stderr.strip().splitlines() if line.strip()]
         last = lines[-1] if lines else f"exit code {child.returncode}, no output"
+        if child.returncode == InputError.exit_code and last.startswith("mmedge: error: "):  # the input, not it
+            raise InputError(f"benchmarking '{path}' refused its input: {last.removeprefix('mmedge: error: ')}")
         if child.returncode in MMEDGE_EXIT_CODES and last.startswith("mmedge: error: "):
             raise MmedgeError(f"benchmarking '{path}' failed ({last.removeprefix('mmedge: error: ')})",
                               "an artifact that loads and runs on this backend", "run `mmedge validate` on it first")
@@ -256,8 +258,16 @@ def main(args) -> int:
     if args.runs < 1 or args.batch < 1:
         raise InputError(f"--runs {args.runs} --batch {args.batch}", "both at least 1", "pass e.g. --runs 10 --batch 8")
     check_artifacts(args.artifacts, args.labels)
+    for image in args.image or []:
+        if not Path(image).is_file():
+            raise InputError(f"--image '{image}' is not a file", "image files", "check the path")
     if args.plot:
-        from mmedge.bench_plot import require_matplotlib
+        from mmedge.bench_plot import PLOT_FORMATS, require_matplotlib
+
+        if Path(args.plot).suffix.lower().lstrip(".") not in PLOT_FORMATS:
+            raise InputError(f"--plot '{args.plot}' names no format mmedge bench writes",
+                             f"a file name ending in {', '.join('.' + f for f in PLOT_FORMATS)}",
+                             f"pass e.g. --plot {Path(args.plot).with_suffix('.png').name}")
 
         require_matplotlib()  # before minutes of measuring, not after
     results = run_children(args.artifacts, args)

@@ -17,6 +17,7 @@ FIDELITY_TITLES = {
     "top1_agreement": "zero-shot top-1 agreement with FP32",
     "greedy_identical_share": "greedy captions identical to FP32",
 }
+PLOT_FORMATS = ("png", "svg", "pdf")  # what --plot writes, by the file's suffix
 COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860"]
 
 

@@ -14,6 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from mmedge.cli_args import count
 from mmedge.errors import InputError, MmedgeError
 
 DEFAULT_TOP_K = 5  # `mmedge run`: zero-shot labels shown per image
@@ -28,9 +29,15 @@ def _labels(args) -> list[str] | None:
     if getattr(args, "labels_file", None):
         path = Path(args.labels_file)
         if not path.is_file():
-            raise InputError(f"labels file '{path}' does not exist", "a text file with one label per line",
-                             "check the path")
-        labels += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            what = "is a folder" if path.is_dir() else "does not exist"
+            raise InputError(f"labels file '{path}' {what}", "a text file with one label per line", "check the path")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"labels file '{path}' is not UTF-8 text (its byte {exc.start} cannot start a "
+                             "character)", "a UTF-8 text file with one label per line",
+                             "check that the path names the labels file, or save it as UTF-8") from None
+        labels += [line.strip() for line in text.splitlines() if line.strip()]
     if args.labels is not None and not labels:
         raise InputError("--labels was given with no labels", "at least one label after --labels",
                          "pass e.g. --labels cat dog bird")
@@ -99,6 +106,8 @@ def cmd_run(args) -> int:
         manifest = Artifact.open(args.artifact).manifest
         if args.task is None or args.task in manifest["tasks"]:  # else mmedge.load says which tasks there are
             check_run_options(args, target_of(manifest, args.task))  # before anything is loaded
+        if not args.interleaved:
+            _check_image_paths(args.images)
         if torch_options:  # --llm-quantization: refused before loading where the plan keeps the decoder off torch
             from mmedge.api import plan_for
 
@@ -116,9 +125,19 @@ def cmd_run(args) -> int:
         if args.interleaved:
             _print_line(_run_interleaved(pipeline, args.images, args))
             return 0
+        labels = _labels(args) if pipeline.task == "zero-shot" else None  # read once, before the first line
         for image in args.images:
-            _print_line(_run_one(pipeline, image, args))
+            _print_line(_run_one(pipeline, image, args, labels))
     return 0
+
+
+def _check_image_paths(images: list[str]) -> None:
+    """Every image path names a file, before the model loads: a mistyped one would otherwise stop the run after the
+    lines of the images before it."""
+    from mmedge.images import checked_image_path
+
+    for image in images:
+        checked_image_path(image)
 
 
 def _print_line(line: str | None) -> None:
@@ -204,7 +223,7 @@ def _caption_one(pipeline, image: str, args) -> str | None:
     return None
 
 
-def _run_one(pipeline, image: str, args) -> str | None:
+def _run_one(pipeline, image: str, args, labels: list[str] | None) -> str | None:
     if pipeline.task == "caption":
         return _caption_one(pipeline, image, args)
     if pipeline.task == "embed":
@@ -213,7 +232,7 @@ def _run_one(pipeline, image: str, args) -> str | None:
             return json.dumps({"image": image, "embedding": [round(float(x), 6) for x in vector]})
         return f"{image}: embedding of {vector.shape[0]} floats, first {', '.join(f'{x:.4f}' for x in vector[:4])}"
     top_k = DEFAULT_TOP_K if args.top_k is None else args.top_k
-    predictions = pipeline(image, labels=_labels(args), templates=args.templates, top_k=top_k)
+    predictions = pipeline(image, labels=labels, templates=args.templates, top_k=top_k)
     if args.json:
         return json.dumps({"image": image, "predictions": predictions})
     return f"{image}: " + ", ".join(f"{p['label']} ({p['score']:.3f})" for p in predictions)
@@ -266,6 +285,14 @@ def cmd_doctor(args) -> int:
     from mmedge.device import probe
     from mmedge.runtimes.registry import backends
 
+    if not args.artifact:  # they only change the plan for an artifact
+        defaults = (("--backend", args.backend, "auto"), ("--device", args.device, "auto"),
+                    ("--threads", args.threads, None))
+        given = [flag for flag, value, default in defaults if value != default]
+        if given:
+            raise InputError(f"{given[0]} would change nothing without an artifact",
+                             "an artifact folder (mmedge doctor ARTIFACT shows the plan these options change)",
+                             f"add the artifact, or drop {given[0]}")
     found = probe()
     report = {"device": found.to_dict()}
     if args.artifact:
@@ -414,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "checkpoint folder "
                           "or a bundled config: " + (", ".join(bundled) or "(the exporter is not installed)"))
     exp.add_argument("--allow-pickle", action="store_true",
-                     help="accept pickled .bin weights (loaded with weights_only=True)")
+                     help="accept pickled .bin weights (loaded with weights_only=True); refused for a local folder "
+                          "with safetensors weights, which are loaded anyway")
     exp.add_argument("--with-pytorch", action="store_true",
                      help="also write the checkpoint's safetensors weights (pytorch/) for the torch backend")
     exp.add_argument("--openvino-weights", choices=["int8", "int4"], default=None,
@@ -424,12 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--quiet", action="store_true", help="no progress lines")
     exp.set_defaults(func=cmd_export)
 
-    from mmedge.runtimes.registry import backend_choices
+    from mmedge.runtimes.registry import backend_names
 
     def runtime_flags(p):
-        p.add_argument("--backend", default="auto", help=backend_choices())
+        p.add_argument("--backend", default="auto", choices=backend_names())
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-        p.add_argument("--threads", type=int, default=None, help="CPU threads per graph")
+        p.add_argument("--threads", type=count, default=None, help="CPU threads per graph")
         p.add_argument("--json", action="store_true", help="machine-readable output")
 
     run = sub.add_parser("run", help="run an artifact on images",
@@ -499,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="measure which CPU backend (ONNX Runtime or OpenVINO) runs each graph faster "
                           "here; auto then follows the measurement (needs mmedge[openvino])")
     tune.add_argument("artifact")
-    tune.add_argument("--threads", type=int, default=None,
+    tune.add_argument("--threads", type=count, default=None,
                       help="CPU threads per graph, as the artifact will be loaded with (default: all cores)")
     tune.add_argument("--runs", type=int, default=10, help="timed rounds per graph and backend (median; >= 3)")
     tune.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -527,7 +555,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mmedge: interrupted", file=sys.stderr)
         return 130
-    except OSError as exc:  # disk full, permission denied, broken pipe: the system's answer, as one line
+    except BrokenPipeError:  # the reader left (`mmedge doctor | head -3`): not an error of this command
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when stdout is flushed at exit
+        return 141  # 128 + SIGPIPE, as a shell reports a command whose reader left
+    except OSError as exc:  # disk full, permission denied: the system's answer, as one line
         print(f"mmedge: error: {_system_error(exc)}; fix: check the path, free space and permissions.", file=sys.stderr)
         return 1
     except Exception as exc:  # a bug: one line, the traceback on request

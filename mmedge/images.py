@@ -59,7 +59,7 @@ def load_image(source: Any) -> Image.Image:
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source)
     if isinstance(source, (str, os.PathLike)):
-        path = _checked_path(source)
+        path = checked_image_path(source)
         return _decode(path, f"image file '{path}'")
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _decode_bytes(bytes(source), "image data")
@@ -74,7 +74,7 @@ def load_image(source: Any) -> Image.Image:
 
 
 # --- encoded sources -----------------------------------------------------------------------------
-def _checked_path(source: str | os.PathLike) -> str:
+def checked_image_path(source: str | os.PathLike) -> str:
     """Return the path as a string after checking that it names a non-empty file."""
     path = os.fspath(source)
     if isinstance(path, bytes):

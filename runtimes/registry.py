@@ -46,10 +46,10 @@ BACKENDS: dict[str, BackendInfo] = {
                             'pip install "mmedge[openvino]" (OpenVINO and NNCF)', priority=50),
 }
 
-def backend_choices() -> str:
-    """"auto, onnxruntime, openvino, tensorrt or torch": what ``--backend`` takes, for the CLI's help."""
-    names = ["auto", *sorted(BACKENDS)]
-    return f"{', '.join(names[:-1])} or {names[-1]}"
+def backend_names() -> list[str]:
+    """What ``--backend`` takes: "auto" and every backend mmedge knows, installed or not."""
+    return ["auto", *sorted(BACKENDS)]
+
 
 
 def _info(name: str) -> BackendInfo:

@@ -73,15 +73,33 @@ def test_sampling_reproducible_under_seed(captioner, photos):
 @pytest.mark.parametrize("settings,match", [
     ({"max_new_tokens": 0}, "max_new_tokens"), ({"max_new_tokens": 10**6}, "max_new_tokens"),
     ({"do_sample": True, "top_p": 1.5}, "top_p"), ({"num_beams": 0}, "num_beams"), ({"colour": "red"}, "unknown"),
+    # under 1e-5 the scores overflow float32: 1e-39 drew NaN-weighted tokens (a string of BOS) instead of refusing
+    ({"do_sample": True, "temperature": 1e-39}, r"temperature=1e-39 is not usable.*at least 1e-05"),
+    # settings greedy decoding or one beam never read: refused as the CLI refuses --temperature without --sample
+    ({"temperature": 0.5}, r"temperature=0.5 would change nothing.*do_sample=True"),
+    ({"top_p": 0.5}, "top_p=0.5 would change nothing"), ({"top_k": 5}, "top_k=5 would change nothing"),
+    ({"seed": 1}, "seed=1 would change nothing"), ({"num_beams": 3, "seed": 1}, "seed=1 would change nothing"),
+    ({"length_penalty": 0.6}, r"length_penalty=0.6 would change nothing.*num_beams above 1"),
+    ({"early_stopping": True, "do_sample": True}, "early_stopping=True would change nothing"),
 ])
 def test_absurd_generation_settings(captioner, photos, settings, match):
     with pytest.raises(InputError, match=match):
         captioner.caption(photos[0], **settings)
 
 
+def test_settings_that_are_read_are_taken(captioner, photos):
+    """The refusals above are of idle settings only: the same settings where they are read, and the manifest's own
+    settings (which a user did not pass), go through."""
+    assert "<s>" not in captioner.caption(photos[0], do_sample=True, temperature=1e-5, seed=1, max_new_tokens=6)
+    assert captioner.caption(photos[0], num_beams=2, length_penalty=0.6, early_stopping=True, max_new_tokens=6)
+    assert captioner.caption(photos[0], temperature=None, seed=None, max_new_tokens=6)  # None: not given
+
+
 def test_bad_prompts(captioner, photos):
     with pytest.raises(InputError, match="question is empty"):
         captioner.ask(photos[0], "  ")
+    with pytest.raises(InputError, match="the question is a int"):
+        captioner.ask(photos[0], 5)
     with pytest.raises(InputError, match="one image"):
         next(captioner.stream(photos[:2]))
 

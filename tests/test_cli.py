@@ -164,3 +164,54 @@ def test_real_entry_point_prints_no_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "mmedge.cli", "run", str(tmp_path / "missing"), "x.jpg"],
                             capture_output=True, text=True)
     assert result.returncode == 3 and result.stderr.startswith("mmedge: error: ") and "Traceback" not in result.stderr
+
+
+def test_a_labels_file_that_is_not_text_or_is_a_folder(capsys, clip_artifacts, photos):
+    for path, fragment in ((photos[0], "is not UTF-8 text"), (Path(photos[0]).parent, "is a folder")):
+        expect_error(capsys, ["run", clip_artifacts("fp32"), photos[0], "--labels-file", path], 2, fragment)
+
+
+def test_a_missing_image_stops_the_run_before_any_line(capsys, clip_artifacts, photos, tmp_path):
+    """The second path is mistyped: nothing is printed for the first (a --json reader would get half a run)."""
+    missing = tmp_path / "photo-2.jpg"
+    code, out, err = run_cli(capsys, "run", clip_artifacts("fp32"), photos[0], missing, "--labels", "a", "b", "--json")
+    assert code == 2 and out == "" and "photo-2.jpg' does not exist" in err
+    code, out, err = run_cli(capsys, "run", clip_artifacts("fp32"), photos[0], tmp_path, "--labels", "a", "b")
+    assert code == 2 and out == "" and "is not a file" in err
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["doctor", "--backend", "onnxruntime"], "--backend would change nothing without an artifact"),
+    (["doctor", "--device", "cpu"], "--device would change nothing without an artifact"),
+    (["doctor", "--threads", "2"], "--threads would change nothing without an artifact"),
+])
+def test_doctor_refuses_plan_options_without_an_artifact(capsys, argv, fragment):
+    expect_error(capsys, argv, 2, fragment)
+
+
+@pytest.mark.parametrize("argv", [
+    ["validate", "ART", "--threads", "0"], ["doctor", "ART", "--threads", "-5"], ["run", "ART", "x.png", "--threads",
+                                                                                 "0"],
+    ["tune", "ART", "--threads", "0"], ["demo", "--threads", "0"], ["demo", "--images", "0"],
+    ["demo", "--backend", "foo"], ["doctor", "--backend", "foo"], ["run", "ART", "x.png", "--backend", "tvm"],
+    ["run", "ART", "x.png", "--device", "tpu"], ["triton", "ART", "--out", "R", "--threads", "-3"],
+    ["triton", "ART", "--out", "R", "--queue-delay-us", "-5"], ["triton", "ART", "--out", "R", "--workers", "0"],
+    ["triton", "ART", "--out", "R", "--max-batch-size", "0"], ["triton", "ART", "--out", "R", "--instances", "x"],
+])
+def test_counts_and_backends_are_checked_before_any_work(capsys, clip_artifacts, argv):
+    """A usage error (exit 2, argparse's line naming the option), where `validate --threads 0` used to pass and
+    `demo --backend foo` to export every demo model first."""
+    with pytest.raises(SystemExit) as exited:
+        main([str(clip_artifacts("fp32")) if a == "ART" else a for a in argv])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and ("invalid choice" in err or "whole number" in err), err
+
+
+def test_a_reader_that_leaves_is_not_an_error():
+    """`mmedge doctor | head -1`: the pipe closes under the printing command, which stops quietly (it printed
+    "mmedge: error: Broken pipe; fix: check the path, free space and permissions")."""
+    process = subprocess.Popen([sys.executable, "-m", "mmedge.cli", "doctor"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader is gone before the first line
+    err = process.stderr.read().decode()
+    assert process.wait() == 141 and err == ""

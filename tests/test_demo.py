@@ -407,8 +407,28 @@ def test_bench_refuses_labels_it_would_not_use(demo_run, capsys):
 
 
 def test_bench_refuses_a_folder_that_is_not_an_artifact(tmp_path, capsys):
-    assert main(["bench", str(tmp_path)]) == 2
+    assert main(["bench", str(tmp_path)]) == 3  # exit 3, as run, validate, tune and triton say a missing artifact
     assert "not an artifact folder" in capsys.readouterr().err
+
+
+def test_bench_checks_its_inputs_before_measuring(demo_run, tmp_path, monkeypatch, capsys):
+    """A plot format it cannot write and an image path that names no file fail at once (the plot's used to fail with
+    an internal error after every measurement); an image that does not decode is named as the input at fault, not
+    the artifact ("run `mmedge validate` on it")."""
+    import mmedge.bench as bench
+
+    clip = str(artifact(demo_run, "clip-int8"))
+    measure = bench.run_children
+    monkeypatch.setattr(bench, "run_children", lambda *a: pytest.fail("measured before checking its inputs"))
+    assert main(["bench", clip, "--plot", str(tmp_path / "plot.txt")]) == 2
+    assert "--plot" in capsys.readouterr().err and not (tmp_path / "plot.txt").exists()
+    assert main(["bench", clip, "--image", str(tmp_path / "missing.png")]) == 2
+    assert "is not a file" in capsys.readouterr().err
+    monkeypatch.setattr(bench, "run_children", measure)
+    (tmp_path / "notes.png").write_text("not an image")
+    assert main(["bench", clip, "--image", str(tmp_path / "notes.png"), "--runs", "1", "--batch", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "refused its input" in err and "notes.png" in err and "mmedge validate" not in err
 
 
 # --- examples ---------------------------------------------------------------------------------------

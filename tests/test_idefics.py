@@ -253,6 +253,8 @@ def test_bad_interleaved_prompts_are_refused(artifacts, images):
         for bad in ([], "just text", [None], [3.5]):
             with pytest.raises(mmedge.errors.InputError):
                 captioner.generate(bad)
+        with pytest.raises(mmedge.errors.InputError, match="stream\\(\\) got a batch of 2 prompts"):
+            next(captioner.stream([[images[0], "a"], [images[1], "b"]]))
         # the prompt and the new tokens share the decoder's positions: a prompt that leaves no room is refused
         positions = captioner.settings["decoder"]["max_positions"]
         prompt = [images[0], "An image of"]

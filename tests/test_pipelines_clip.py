@@ -84,6 +84,8 @@ def test_fused_artifact_refuses_other_labels(clip_artifacts, photos):
 
 @pytest.mark.parametrize("labels,match", [
     ([], "label list is empty"), (["cat", "cat"], "duplicates"), ("cat", "single string"),
+    # one class to CLIP's tokenizer (it lowercases and squeezes spaces): its probability would be split in two
+    (["Cat", "dog", "cat"], "labels 'Cat' and 'cat' are the same tokens"), (["cat", " cat  "], "the same tokens"),
     (["cat", ""], "blank"), (["cat", 3], "non-text"), (None, "no labels were given"), (5, "labels is a int"),
 ])
 def test_bad_labels(classifier, photos, labels, match):
@@ -119,6 +121,8 @@ def test_embedder_normalized_and_consistent(clip_artifacts, photos):
     np.testing.assert_allclose(embedder.similarity(photos[:2], ["a cat", "a dog"]), images[:2] @ texts.T, atol=1e-5)
     with pytest.raises(InputError, match="text list is empty"):
         embedder.embed_texts([])
+    with pytest.raises(InputError, match="texts is a NoneType"):
+        embedder.embed_texts(None)
     with pytest.raises(InputError, match="image list is empty"):
         embedder.embed_images([])
 

@@ -374,14 +374,15 @@ def main(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from mmedge.runtimes.registry import backend_choices
+    from mmedge.cli_args import count
+    from mmedge.runtimes.registry import backend_names
 
     demo = sub.add_parser("demo", help="export, validate and run the shipped demo models on bundled scenes (offline)")
     demo.add_argument("--cache", metavar="DIR", help="where the exported artifacts go and are reused from "
                                                       "(default: $MMEDGE_CACHE/demo or ~/.cache/mmedge/demo)")
-    demo.add_argument("--images", type=int, metavar="N", help="use the first N bundled scenes (default: all)")
-    demo.add_argument("--threads", type=int, default=None, help="CPU threads per graph")
-    demo.add_argument("--backend", default="auto", help=backend_choices())
+    demo.add_argument("--images", type=count, metavar="N", help="use the first N bundled scenes (default: all)")
+    demo.add_argument("--threads", type=count, default=None, help="CPU threads per graph")
+    demo.add_argument("--backend", default="auto", choices=backend_names())
     demo.add_argument("--json", action="store_true", help="the full report as JSON")
     demo.add_argument("--quiet", action="store_true", help="no progress lines")
     demo.set_defaults(func=main)

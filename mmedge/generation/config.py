@@ -18,6 +18,9 @@ from mmedge.errors import InputError
 # No caption or answer needs more; a larger value is almost always a unit mistake (characters, not tokens).
 MAX_NEW_TOKENS_CAP = 4096
 EARLY_STOPPING_MODES = (True, False, "never")
+MIN_TEMPERATURE = 1e-5  # below it the scores overflow float32 (inf - inf: NaN draws); it is greedy decoding anyway
+SAMPLING_ONLY = ("temperature", "top_p", "top_k", "seed")  # settings greedy decoding and beam search never read
+BEAM_ONLY = ("length_penalty", "early_stopping")  # settings only beam search reads
 
 
 @dataclass
@@ -104,9 +107,10 @@ class GenerationConfig:
         if not _finite(self.length_penalty):
             raise _bad("length_penalty", self.length_penalty, "a finite number",
                        "use 1.0 (no preference), > 1 for longer, < 1 for shorter beams")
-        if self.do_sample and not (self.temperature > 0 and _finite(self.temperature)):
-            raise _bad("temperature", self.temperature, "a finite number above 0 when sampling",
-                       "use temperature=1.0, or do_sample=False for greedy decoding")
+        if self.do_sample and not (self.temperature >= MIN_TEMPERATURE and _finite(self.temperature)):
+            raise _bad("temperature", self.temperature,
+                       f"a finite number of at least {MIN_TEMPERATURE:g} when sampling",
+                       "use temperature=1.0, or do_sample=False for greedy decoding (what a temperature near 0 is)")
         if self.top_k < 0:
             raise _bad("top_k", self.top_k, "0 (off) or more",
                        "use top_k=50 (transformers' default) or 0 to turn it off")
@@ -131,6 +135,19 @@ class GenerationConfig:
         for text in self.stop_strings:
             if not text:
                 raise _bad("stop_strings", self.stop_strings, "non-empty strings", "remove the empty string")
+        return self
+
+    def refuse_idle(self, given: dict[str, Any]) -> "GenerationConfig":
+        """Raise InputError for a setting in ``given`` (what the caller passed) that these settings never read:
+        sampling's settings without ``do_sample``, beam search's with one beam. Return ``self`` otherwise."""
+        idle = [(name, "do_sample=True (greedy decoding and beam search draw nothing)", "pass do_sample=True")
+                for name in SAMPLING_ONLY if not self.do_sample and given.get(name) is not None]
+        idle += [(name, "num_beams above 1 (only beam search reads it)", "pass e.g. num_beams=3")
+                 for name in BEAM_ONLY if self.num_beams == 1 and given.get(name) is not None]
+        if idle:
+            name, needs, fix = idle[0]
+            raise InputError(f"generation setting {name}={given[name]!r} would change nothing", needs,
+                             f"{fix}, or drop {name}")
         return self
 
     def _check_types(self) -> None:

@@ -32,7 +32,10 @@ if TYPE_CHECKING:
 def vqa_prompt(template: str, question: Any) -> str:
     """The family's VQA prompt (``template``: the manifest's ``prompts.vqa``, "{}" where the question goes) around
     ``question``, stripped; an empty one is refused (it would silently make a caption instead)."""
-    if not isinstance(question, str) or not question.strip():
+    if not isinstance(question, str):
+        raise InputError(f"the question is a {type(question).__name__}", "a question string",
+                         "pass a question, e.g. 'what is it?'")
+    if not question.strip():
         raise InputError("the question is empty", "a non-empty question string",
                          "pass a question, e.g. 'what is it?'")
     return template.replace("{}", question.strip())
@@ -108,6 +111,9 @@ class Captioner:
         if isinstance(image, (list, tuple)) and not self.interleaved:
             raise InputError("stream() got a list of images", "one image",
                              "call stream() per image, or caption() for a batch")
+        if isinstance(image, (list, tuple)) and any(isinstance(item, (list, tuple)) for item in image):
+            raise InputError(f"stream() got a batch of {len(image)} prompts", "one interleaved prompt (a list of "
+                             "images and texts)", "call stream() per prompt, or generate() for a batch")
         config = self._config(generation)
         if isinstance(image, (list, tuple)):
             built = self.inputs.build([list(image)], config.max_new_tokens)
@@ -167,9 +173,10 @@ class Captioner:
         settings = {**self.defaults, **{k: v for k, v in overrides.items() if v is not None}}
         if settings.get("stop_strings") is None:
             settings.pop("stop_strings", None)
-        config = GenerationConfig.from_dict(settings)
+        config = GenerationConfig.from_dict(settings).refuse_idle(overrides)
         return config.validate(max_positions=self.settings["decoder"].get("max_positions"),
-                               vocab_size=self.embeddings.shape[0])
+                               vocab_size=self.embeddings.shape[0],
+                               prompt_length=getattr(self.inputs, "least_prompt_positions", 0))
 
     def close(self) -> None:
         for runner in self.runners.values():

@@ -20,7 +20,14 @@ class Embedder(ClipPipeline):
 
     def embed_texts(self, texts) -> np.ndarray:
         """[texts, dim], unit-norm rows, for one string or a list."""
-        batch = [texts] if isinstance(texts, str) else list(texts)
+        if isinstance(texts, str):
+            batch = [texts]
+        else:
+            try:
+                batch = list(texts)
+            except TypeError:
+                raise InputError(f"texts is a {type(texts).__name__}", "a string or a list of strings",
+                                 "pass e.g. ['a photo of a cat', 'a dog']") from None
         if not batch:
             raise InputError("the text list is empty", "at least one string", "pass a string or a list of strings")
         chunks = [self._text_embeds(batch[i:i + 256]) for i in range(0, len(batch), 256)]

@@ -10,7 +10,6 @@ Flamingo builder beside it is ``mmedge.pipelines.interleaved.FlamingoInputs``.
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable
 
 import numpy as np
@@ -66,7 +65,8 @@ class PrefixInputs:
         count = len(images) if isinstance(images, (list, tuple)) else 1
         prefix = self.prefix(images, [prompt] * count)  # [batch, queries, width]
         batch, queries, _ = prefix.shape
-        prompt_ids = self.prompt_ids(prompt, self.prompt_budget(queries, max_new_tokens))  # [tokens]
+        prompt_ids = self.prompt_ids(prompt, self.prompt_budget(queries, max_new_tokens), queries,
+                                     max_new_tokens)  # [tokens]
         text = self.embeddings[prompt_ids]  # [tokens, width]
         embeds = np.concatenate([prefix, np.broadcast_to(text, (batch, *text.shape)).astype(prefix.dtype)], axis=1)
         mask = np.ones(embeds.shape[:2], dtype=np.int64)  # [batch, queries + tokens]
@@ -75,22 +75,38 @@ class PrefixInputs:
         ids = np.broadcast_to(np.concatenate([placeholder, prompt_ids]), (batch, queries + prompt_ids.shape[0]))
         return {"embeds": embeds, "mask": mask, "ids": np.ascontiguousarray(ids)}
 
-    def prompt_ids(self, prompt: str | None, budget: int) -> np.ndarray:
-        """``[tokens]``: BOS, then the prompt's tokens; a prompt over ``budget`` tokens keeps BOS and its end."""
+    def prompt_ids(self, prompt: str | None, budget: int, queries: int = 0, max_new_tokens: int = 0) -> np.ndarray:
+        """``[tokens]``: BOS, then the prompt's tokens. A prompt over ``budget`` tokens is refused, as the other
+        families refuse theirs: cutting it would change the question (its start, "Question:", goes first)."""
         if prompt is None:
             return np.array([self.settings["bos_token_id"]], dtype=np.int64)
         if not isinstance(prompt, str):
             raise InputError(f"prompt is a {type(prompt).__name__}", "a string or None", "pass prompt='a photo of'")
-        text = prompt[-MAX_PROMPT_CHARS:]  # a longer text is cut before tokenizing: tokenizing it costs little
-        ids = self.tokenizer.encode_all(text)  # [tokens], starts with BOS, not cut
-        budget = max(budget, 1)
-        if len(text) < len(prompt) or ids.shape[0] > budget:
-            size = f"{len(prompt):,} characters" if len(text) < len(prompt) else f"{ids.shape[0]} tokens"
-            warnings.warn(f"the prompt is too long ({size}; this call has room for {budget} tokens, BOS included): "
-                          f"keeping BOS and its last {budget - 1} tokens at most; shorten the prompt or lower "
-                          "max_new_tokens to keep more of it", stacklevel=4)
-            ids = np.concatenate([ids[:1], ids[1:][ids.shape[0] - budget:]]) if ids.shape[0] > budget else ids
+        if len(prompt) > MAX_PROMPT_CHARS:  # refused before tokenizing: tokenizing a huge text is the costly part
+            raise InputError(f"the prompt has {len(prompt):,} characters",
+                             f"at most {MAX_PROMPT_CHARS:,} ({self.max_prompt_tokens} tokens at most)",
+                             "shorten the prompt")
+        ids = self.tokenizer.encode_all(prompt)  # [tokens], starts with BOS
+        if ids.shape[0] > budget:
+            self._refuse_long_prompt(int(ids.shape[0]), budget, queries, max_new_tokens)
         return ids
+
+    @property
+    def least_prompt_positions(self) -> int:
+        """Decoder positions every prompt takes before its text: the image's query rows and BOS."""
+        return int(self.settings["num_query_tokens"]) + 1
+
+    def _refuse_long_prompt(self, tokens: int, budget: int, queries: int, max_new_tokens: int) -> None:
+        if budget >= self.max_prompt_tokens:  # the cap binds, not the positions
+            raise InputError(f"the prompt has {tokens} tokens (BOS included)",
+                             f"at most {self.max_prompt_tokens}", "shorten the prompt")
+        positions = self.settings["decoder"]["max_positions"]
+        fits = positions - queries - tokens
+        raise InputError(
+            f"the prompt has {tokens} tokens (BOS included); with the image's {queries} rows and "
+            f"max_new_tokens={max_new_tokens} that is {tokens + queries + max_new_tokens} positions",
+            f"at most the decoder's {positions} positions",
+            f"lower max_new_tokens to {fits} or less, or shorten the prompt" if fits > 0 else "shorten the prompt")
 
     def prompt_budget(self, queries: int, max_new_tokens: int) -> int:
         """Prompt tokens (BOS included) that fit: the cap, and the decoder's positions after the image rows and the

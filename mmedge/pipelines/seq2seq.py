@@ -41,6 +41,8 @@ class Seq2SeqInputs(PrefixInputs):
     """Images (+ one prompt for all, or one per image) → the decoder's start token as its prompt, and the encoder's
     cross K/V and mask as its context: ``{"embeds", "mask", "ids", "prefill", "step"}``."""
 
+    least_prompt_positions = 1  # the decoder's own positions start at its start token; the prompt is the encoder's
+
     def for_images(self, images, prompt: str | list[str] | None, max_new_tokens: int = 0) -> dict:
         embeds, mask = self.encoder_inputs(images, prompt)
         encoder = self.settings["encoder"]["component"]

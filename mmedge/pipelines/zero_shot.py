@@ -118,12 +118,25 @@ class ZeroShotClassifier(ClipPipeline):
             if key in self._banks:
                 self._banks.move_to_end(key)
                 return self._banks[key]
+        self._refuse_same_tokens(labels)
         bank = build_label_bank(self._text_embeds, labels, templates)
         with self._bank_lock:
             self._banks[key] = bank
             while len(self._banks) > MAX_CACHED_BANKS:
                 self._banks.popitem(last=False)
         return bank
+
+    def _refuse_same_tokens(self, labels: Sequence[str]) -> None:
+        """Labels that differ only in what the tokenizer drops (CLIP's lowercases and squeezes spaces: "Cat", " cat")
+        are one class that would split its probability in two."""
+        if self.tokenizer is None:
+            return
+        first: dict[tuple, str] = {}
+        for label in labels:
+            same = first.setdefault(tuple(self.tokenizer.encode_all(label).tolist()), label)
+            if same != label:
+                raise InputError(f"labels {same!r} and {label!r} are the same tokens to this model's tokenizer",
+                                 "each class once, so each probability means one class", f"remove {label!r}")
 
     def probabilities(self, images, labels: Sequence[str] | None = None,
                       templates: Sequence[str] | None = None) -> np.ndarray:
