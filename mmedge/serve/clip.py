@@ -10,8 +10,6 @@ Classify (mmedge's own): ``images`` and ``labels`` (none for an artifact with la
 from __future__ import annotations
 
 import base64
-import threading
-from collections import OrderedDict
 from contextlib import contextmanager
 
 import numpy as np
@@ -144,17 +142,13 @@ def _check_templates(templates: list[str] | None) -> None:
                           f"templates[{index}]")
 
 
-_checked: OrderedDict[tuple, None] = OrderedDict()
-_checked_lock = threading.Lock()
-
-
 def _check_prompts(tokenizer, model: ServedModel, labels: list[str], templates: list[str] | None) -> None:
     """400 for a template, or a label in a template, longer than the text encoder takes (it would be cut)."""
     templates = list(templates or DEFAULT_TEMPLATES)
-    key = (model.id, tuple(labels), tuple(templates))
-    with _checked_lock:
-        if key in _checked:
-            _checked.move_to_end(key)
+    key, checked = (tuple(labels), tuple(templates)), model.fitting_prompts
+    with model.fitting_lock:
+        if key in checked:
+            checked.move_to_end(key)
             return
     fix = "shorten the template"
     _text_tokens(tokenizer, model, [t.replace("{}", "") for t in templates],
@@ -163,10 +157,10 @@ def _check_prompts(tokenizer, model: ServedModel, labels: list[str], templates: 
         _text_tokens(tokenizer, model, [template.replace("{}", label) for label in labels],
                      [f"labels[{i}]" for i in range(len(labels))], "shorten the label",
                      f" in template {template[:40]!r}")
-    with _checked_lock:
-        _checked[key] = None
-        while len(_checked) > CHECKED_BANKS:
-            _checked.popitem(last=False)
+    with model.fitting_lock:
+        checked[key] = None
+        while len(checked) > CHECKED_BANKS:
+            checked.popitem(last=False)
 
 
 def _text_tokens(tokenizer, model: ServedModel, texts: list[str], params: list[str], fix: str,

@@ -9,6 +9,8 @@ calls run in parallel.
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,8 @@ class ServedModel:
     card: dict  # its /v1/models entry
     clip: dict[str, Any] = field(default_factory=dict)  # task -> ZeroShotClassifier / Embedder
     queue: GenerationQueue | None = None  # captioners
+    fitting_prompts: OrderedDict = field(default_factory=OrderedDict)  # (labels, templates) found to fit: not rechecked
+    fitting_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def family(self) -> str:
