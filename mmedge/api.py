@@ -138,6 +138,12 @@ def _refuse_idle_backend_options(options: dict, chosen) -> None:
                          f"(the plan: {', '.join(f'{n} on {c.backend}' for n, c in chosen.components.items())})",
                          f"settings only for the backends the plan uses ({', '.join(used)})",
                          f"pass backend='{idle[0]}' to run it, or drop its settings")
+    decoder = chosen.components.get("decoder")
+    if (options.get("torch") or {}).get("quantization") and (decoder is None or decoder.backend != "torch"):
+        where = f"the decoder runs on {decoder.backend}" if decoder else "this artifact has no LLM decoder"
+        raise InputError(f"backend_options['torch']['quantization'] would change nothing: {where}",
+                         "a captioning artifact whose decoder runs on the torch backend (it quantizes the LLM)",
+                         "drop quantization")
 
 
 def _checked_backend_options(options: dict | None) -> dict:

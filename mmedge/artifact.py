@@ -226,6 +226,17 @@ class Artifact:
             self.verified_path(name, info["sha256"], f"pytorch.files.{name}", folder)
         return self.root / folder
 
+    def check_every_file(self) -> None:
+        """Check the sha256 of every file the manifest names with one (graphs, their weights, tokenizers, embedding
+        tables, validation samples, backend-specific weights such as OpenVINO's, the pytorch/ folder when it is here),
+        not only those a plan opens. ``mmedge validate`` runs it."""
+        entries = _hashed_entries(self.manifest)
+        for field, entry in entries:
+            self.verified_path(entry["file"], entry["sha256"], f"{field}.file")
+        pytorch = self.manifest.get("pytorch") or {}
+        if pytorch and (self.root / pytorch["folder"]).is_dir():  # without it the torch backend is only unavailable
+            self.pytorch_folder()
+
     def engines_dir(self) -> Path:
         """Device-local cache (TensorRT plans, ORT engine caches); never shipped."""
         path = self.root / ENGINES_DIR
@@ -234,6 +245,21 @@ class Artifact:
 
     def size_bytes(self) -> int:
         return sum(self.resolve_file(name, field).stat().st_size for field, name in self.named_files())
+
+
+def _hashed_entries(node, field: str = "") -> list[tuple[str, dict]]:
+    """(manifest field, entry) for every object in the manifest with a ``file`` and its ``sha256``, at any depth
+    (``components.decoder.openvino.int4.weights_file``): what a check of every file reads."""
+    found = []
+    if isinstance(node, dict):
+        if isinstance(node.get("file"), str) and isinstance(node.get("sha256"), str):
+            found.append((field, node))
+        for key, value in node.items():
+            found += _hashed_entries(value, f"{field}.{key}" if field else key)
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            found += _hashed_entries(value, f"{field}[{index}]")
+    return found
 
 
 def _remove_abandoned_staging(parent: Path, name: str) -> None:

@@ -95,17 +95,31 @@ def _parity_line(parity: dict) -> str:
 def cmd_run(args) -> int:
     import mmedge
     from mmedge.artifact import Artifact
-    from mmedge.run_options import check_decoder_backend, check_run_options, target_of
+    from mmedge.run_options import (
+        check_decoder_backend,
+        check_labels_given,
+        check_run_options,
+        check_served_run_options,
+        remote_target_of,
+        target_of,
+    )
 
     torch_options = {"quantization": args.llm_quantization} if args.llm_quantization else {}
     if args.triton:  # MODEL on a Triton server (mmedge.triton_client) in place of an artifact folder
         from mmedge.triton.cli import connect_for_run
 
+        check_served_run_options(args)
+        if not args.interleaved:
+            _check_image_paths(args.images)
         pipeline = connect_for_run(args)
+        target = remote_target_of(pipeline)
+        if args.task is None or args.task == pipeline.task:
+            check_run_options(args, target)  # before any request
     else:
         manifest = Artifact.open(args.artifact).manifest
+        target = target_of(manifest, args.task)
         if args.task is None or args.task in manifest["tasks"]:  # else mmedge.load says which tasks there are
-            check_run_options(args, target_of(manifest, args.task))  # before anything is loaded
+            check_run_options(args, target)  # before anything is loaded
         if not args.interleaved:
             _check_image_paths(args.images)
         if torch_options:  # --llm-quantization: refused before loading where the plan keeps the decoder off torch
@@ -119,6 +133,7 @@ def cmd_run(args) -> int:
                                threads=args.threads,
                                backend_options={"torch": torch_options} if torch_options else None)
     with pipeline:
+        check_labels_given(args, target)
         plan = getattr(pipeline, "plan", None)  # a Triton server's pipeline has none here
         decoder = plan.components.get("decoder") if plan else None
         check_decoder_backend(args, decoder.backend if decoder else ("a Triton server" if args.triton else None))
@@ -348,7 +363,7 @@ def cmd_tune(args) -> int:
         print(f"{name}: ONNX Runtime {timing['onnxruntime_ms']:.2f} ms, OpenVINO {timing['openvino_ms']:.2f} ms "
               f"({timing['inputs']}) -> auto runs it on {picks[name]}")
     print(f"stored in {timings_path(artifact)} for this device at "
-          f"{record['device']['threads']} threads per graph")
+          f"{record['device']['threads']} thread{'s' if record['device']['threads'] != 1 else ''} per graph")
     return 0
 
 

@@ -90,9 +90,33 @@ def target_of(manifest: dict, task: str | None) -> Target:
     return Target(manifest["family"], task or manifest["tasks"][0], "zero_shot" in manifest.get("components", {}))
 
 
+def remote_target_of(pipeline) -> Target:
+    """The run's target from a served pipeline (``mmedge.triton_client``): the settings `mmedge triton` recorded."""
+    settings = pipeline.settings
+    return Target(settings.get("family", ""), pipeline.task, "zero_shot" in (settings.get("components") or {}))
+
+
+def check_served_run_options(args) -> None:
+    """Options that choose how this device runs the model would change nothing for a model a server runs."""
+    local = [flag for flag, given in (("--backend", args.backend != "auto"), ("--device", args.device != "auto"),
+                                      ("--threads", args.threads is not None)) if given]
+    if local:
+        raise InputError(f"{local[0]} would change nothing with --triton", "options for the model the server runs "
+                         "(its backend, device and threads are the server's: mmedge triton --gpu, --threads)",
+                         f"drop {local[0]}")
+
+
 def check_run_options(args, target: Target) -> None:
     """Raise InputError naming the first option that would change nothing for ``target``."""
     refuse_idle(RULES, args, target, f"for this {target}")
+
+
+def check_labels_given(args, target: Target) -> None:
+    """A two-graph zero-shot artifact classifies against the labels of the command: refused without any, in the
+    command's words (the pipeline's own refusal speaks of labels=[...])."""
+    if _zero_shot_choice(args, target) and args.labels is None and args.labels_file is None:
+        raise InputError(f"no labels were given for this {target}", "the labels to classify against",
+                         "pass e.g. --labels cat dog bird, or --labels-file labels.txt (one label per line)")
 
 
 def check_decoder_backend(args, decoder_backend: str | None) -> None:

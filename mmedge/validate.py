@@ -65,6 +65,7 @@ def validate_artifact(path, backend: str = "auto", device: str = "auto", threads
     from mmedge.api import open_runners, plan_for
 
     artifact = Artifact.open(path, recheck=True)
+    artifact.check_every_file()  # the files this plan would not open too (another backend's, the tokenizer, ...)
     chosen = plan_for(artifact, backend, device, threads=threads)  # the plan mmedge.load follows
     runners = open_runners(artifact, chosen, threads=threads)
     try:

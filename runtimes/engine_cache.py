@@ -414,8 +414,10 @@ def describe_engines(engines_dir: Path) -> list[str]:
     """One line per engine cached under ``engines_dir``: what it was built for, read from its record (nothing is
     loaded)."""
     lines = []
+    from mmedge.tuning import TIMINGS_FILE
+
     for record in sorted(Path(engines_dir).glob("*.json")):
-        if record.name == BUILD_SETTINGS:
+        if record.name in (BUILD_SETTINGS, TIMINGS_FILE):  # not engines: build defaults, `mmedge tune`'s timings
             continue
         try:
             entry = json.loads(record.read_text())

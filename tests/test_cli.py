@@ -136,7 +136,7 @@ def test_empty_label_list(capsys, clip_artifacts, photos):
 
 
 def test_no_labels_for_unfused_artifact(capsys, clip_artifacts, photos):
-    expect_error(capsys, ["run", clip_artifacts("fp32"), photos[0]], 2, "no labels were given", "--labels")
+    expect_error(capsys, ["run", clip_artifacts("fp32"), photos[0]], 2, "no labels were given", "--labels cat dog")
 
 
 def test_absent_backend_named(capsys, clip_artifacts, photos):

@@ -117,3 +117,19 @@ def test_validate_hashes_every_file_again(artifact_copy, hashed, monkeypatch):
     hashed.clear()
     validate_artifact(artifact_copy)
     assert {c["file"] for c in Artifact.open(artifact_copy).components.values()} <= set(hashed)
+
+
+def test_validate_checks_the_files_no_graph_opens(artifact_copy, hashed):
+    """`mmedge validate` vouches for the whole folder: a flipped byte in the tokenizer (or an embedding table, or
+    another backend's weights) fails it, where it used to pass and `mmedge run` then refused the artifact."""
+    from mmedge.errors import IntegrityError
+    from mmedge.validate import validate_artifact
+
+    validate_artifact(artifact_copy)
+    named = {name for _, name in Artifact.open(artifact_copy).named_files()}
+    assert "tokenizer.json" in named and named <= set(hashed)
+    data = bytearray((artifact_copy / "tokenizer.json").read_bytes())
+    data[len(data) // 2] ^= 1
+    (artifact_copy / "tokenizer.json").write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="tokenizer.json"):
+        validate_artifact(artifact_copy)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import mmedge
 from mmedge.artifact import Artifact
 from mmedge.device import DeviceProbe
 from mmedge.errors import BackendUnavailableError, InputError
@@ -303,6 +304,17 @@ def test_the_backend_imports_without_openvino_or_torch_and_names_the_install():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert 'pip install "mmedge[openvino]"' in out.stdout
+
+
+@needs_openvino
+def test_a_device_openvino_does_not_find_is_unavailable_not_a_damaged_graph(clip_artifacts):
+    """NPU on a machine without one: refused before compiling, naming the devices there (it was an IntegrityError,
+    "could not compile component ... (RuntimeError: Exception from src/inference/src/cpp/core.cpp:117:)")."""
+    from mmedge.runtimes.openvino.devices import list_devices
+
+    missing = next(name for name in ("NPU", "GPU") if name not in {d.name.split(".")[0] for d in list_devices()})
+    with pytest.raises(BackendUnavailableError, match=f"OpenVINO finds no '{missing}' device here.*one of CPU"):
+        mmedge.load(clip_artifacts("fp32"), backend="openvino", backend_options={"openvino": {"device": missing}})
 
 
 # --- the CLI -----------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from mmedge.errors import (
     ArtifactNotFoundError,
     BackendUnavailableError,
     FeedError,
+    InputError,
     IntegrityError,
     ManifestError,
     UnsafePathError,
@@ -639,3 +640,23 @@ def test_bitsandbytes_llm_on_the_gpu(pytorch_artifacts, photos, method):
     assert quantized.decoder.graph_status in ("on", "off") or quantized.decoder.graph_status.startswith("eager")
     fp16.close()
     quantized.close()
+
+
+def test_threads_reach_torch(pytorch_artifacts):
+    """`--backend torch --threads 1` ran on every core: the count was dropped. torch's setting is the process's."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        classifier = load_quietly(pytorch_artifacts("clip"), backend="torch", threads=1)
+        assert torch.get_num_threads() == 1
+        classifier.close()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_llm_quantization_for_an_artifact_without_a_decoder_is_refused(pytorch_artifacts):
+    """NF4 for CLIP loaded and ran with no word: there is no LLM to quantize."""
+    api_error(lambda: load_quietly(pytorch_artifacts("clip"), backend="torch",
+                                   backend_options={"torch": {"quantization": "nf4"}}),
+              InputError, "would change nothing: this artifact has no LLM decoder")

@@ -25,7 +25,7 @@ from mmedge.device import probe
 from mmedge.errors import BackendUnavailableError, InputError
 from mmedge.metrics import cosine_rows
 from mmedge.runtimes.openvino.tune import decode_step_feeds, tune
-from mmedge.runtimes.registry import create_runner
+from mmedge.runtimes.registry import backends, create_runner
 from mmedge.tuning import measured_for, timings_path
 from mmedge.validate import load_validation_samples
 from tests.test_openvino import needs_openvino
@@ -71,8 +71,18 @@ def test_tune_times_every_graph_and_auto_follows_the_measurement(clip_copy):
     assert {c.backend for c in chosen.components.values()} == {"openvino"}
     assert any(f"measured here by mmedge tune at {record['measured_at']}" in reason and "OpenVINO 10 ms" in reason
                for reason in chosen.reasons)
+    assert all("here: openvino is faster by more than the margin" in r for r in chosen.reasons if "component" in r)
     _rewrite(clip_copy, onnxruntime_ms=10.0, openvino_ms=100.0)
     assert {c.backend for c in plan_for(clip_copy, threads=1).components.values()} == {"onnxruntime"}
+    # a near tie stays on ONNX Runtime, and the reason says so instead of calling the slower one faster
+    _rewrite(clip_copy, onnxruntime_ms=44.9, openvino_ms=43.4)
+    near = plan_for(clip_copy, threads=1)
+    assert {c.backend for c in near.components.values()} == {"onnxruntime"}
+    assert all("onnxruntime kept: OpenVINO is faster by less than the 10% margin" in r
+               for r in near.reasons if "component" in r)
+    assert not any("onnxruntime is faster" in r for r in near.reasons)
+    engines = [line for b in backends() for line in b.artifact_lines(Artifact.open(clip_copy))]
+    assert not any("unreadable record" in line for line in engines)  # the timings are not a TensorRT engine
 
     # measured at 1 thread per graph: a load at 2 threads follows the rule, not these figures
     assert not any("mmedge tune" in reason for reason in plan_for(clip_copy, threads=2).reasons)

@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from mmedge.errors import InputError, IntegrityError
+from mmedge.errors import BackendUnavailableError, InputError, IntegrityError
 from mmedge.runtimes.openvino.cache import BlobCache, OvKey
 from mmedge.runtimes.openvino.core import (
     WEIGHT_MODES,
@@ -57,10 +57,22 @@ def cache_key(component: dict, options: OvOptions, exported: bool = False) -> Ov
                      "INFERENCE_PRECISION_HINT", "default")))
 
 
+def _require_available(device: str) -> None:
+    """A device OpenVINO does not find here is refused as unavailable (compiling for it failed with a bare
+    "Exception from src/inference/src/cpp/core.cpp" and read as a damaged graph)."""
+    available = list(core().available_devices)  # CPU, GPU.0, NPU, ...
+    if device in available or device in {name.split(".")[0] for name in available}:
+        return
+    raise BackendUnavailableError(f"OpenVINO finds no '{device}' device here", f"one of {', '.join(available)}",
+                                  "pass device='CPU', or install that device's driver (`mmedge doctor` lists the "
+                                  "devices OpenVINO finds)")
+
+
 def compiled_model(path: str | os.PathLike, component_name: str, component: dict, options: OvOptions,
                    exported: bool = False):
     """(``openvino.CompiledModel``, where it came from: "cache", "compiled" or "compiled, cached as NAME").
     ``exported``: ``path`` is the IR the export compressed with ``options.weights`` (no NNCF here)."""
+    _require_available(options.device)
     config = options.compile_config()
     cache = BlobCache(options.engine_cache) if options.engine_cache is not None else None
     key = cache_key(component, options, exported) if cache is not None else None

@@ -32,6 +32,14 @@ class Figure:
     def text(self) -> str:
         return f"ONNX Runtime {self.onnxruntime_ms:g} ms vs OpenVINO {self.openvino_ms:g} ms ({self.where})"
 
+    def reason(self) -> str:
+        """Why ``faster`` chose what it chose, in words that match the figures (a near tie is not "faster")."""
+        if self.faster == "openvino":
+            return "openvino is faster by more than the margin"
+        if self.onnxruntime_ms <= self.openvino_ms:
+            return "onnxruntime is faster"
+        return f"onnxruntime kept: OpenVINO is faster by less than the {1 - MARGIN:.0%} margin"
+
 
 MARGIN = 0.9  # OpenVINO takes a component only when it needs less than this share of ONNX Runtime's time
 _ISSUE = "AMD EPYC with avx512_vnni, issue 21"
@@ -84,7 +92,8 @@ def faster_backend(name: str, component: dict, cpu_flags, measured: dict | None 
     found = measured_figure(measured) if measured else figure(name, component, cpu_flags)
     if found is None:
         return "onnxruntime", f"component '{name}' ({what}): no OpenVINO figure for this recipe, ONNX Runtime"
-    return found.faster, f"component '{name}' ({what}): {found.faster} is faster here ({found.text()})"
+    where = "here" if measured else "on a CPU of this class"  # the rule's figures come from another machine
+    return found.faster, f"component '{name}' ({what}) {where}: {found.reason()} ({found.text()})"
 
 
 def int8_recipe(cpu_flags) -> tuple[str, str]:

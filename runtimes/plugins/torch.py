@@ -129,6 +129,7 @@ class TorchBackend(Backend):
     def open_runner(self, artifact, name: str, plan: ComponentPlan, *, threads: int | None = None,
                     settings: dict | None = None, keep_on_device: bool = False):
         """The family's reference module from the artifact's PyTorch weights (no graph file)."""
+        _use_threads(threads)
         options = {"artifact": artifact, **plan.options, **self.runner_settings(settings)}
         if keep_on_device:
             options["keep_on_device"] = True
@@ -138,11 +139,21 @@ class TorchBackend(Backend):
                      settings: dict | None = None):
         from mmedge.runtimes.torch_decoder import create_decoder
 
+        _use_threads(threads)
         decoder_settings = {k: v for k, v in (settings or {}).items() if k not in RUNNER_ONLY}
         return create_decoder(artifact, **{**plan.options, **decoder_settings})
 
     def hands_over_on_gpu(self, plan: ComponentPlan) -> bool:
         return plan.options.get("device") == "cuda"
+
+
+def _use_threads(threads: int | None) -> None:
+    """``threads``: torch's intra-op threads, for the whole process (torch has no per-module setting; it was
+    dropped, so `--backend torch --threads 1` ran on every core)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 BACKEND = TorchBackend(BACKENDS["torch"])
