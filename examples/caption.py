@@ -6,10 +6,13 @@
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 import mmedge
 from mmedge import demo
+from mmedge.artifact import export_needed
+from mmedge.images import checked_image_path
 
 
 def main(argv=None) -> None:
@@ -19,23 +22,21 @@ def main(argv=None) -> None:
     parser.add_argument("--question", help="ask this instead of captioning (BLIP-2's 'Question: ... Answer:' prompt)")
     parser.add_argument("--llm-precision", default="int4", choices=["fp32", "int8", "int4"])
     parser.add_argument("--max-new-tokens", type=int, default=30)
-    parser.add_argument("--out", default="artifacts/caption", help="artifact folder; exported when missing")
+    parser.add_argument("--out", default="artifacts/caption", help="artifact folder; exported when missing or stale")
     args = parser.parse_args(argv)
-
-    out = Path(args.out)
-    if (out / "manifest.json").is_file():
-        print(f"using the artifact in {out} (delete it to export again)")
-    else:  # host side: needs pip install "mmedge[export]"
-        from mmedge.export import ExportOptions, export_model
-
-        model = args.model or str(demo.model_path("blip2"))
-        export_model(model, out, ExportOptions(precision="int8", llm_precision=args.llm_precision, progress=False))
-        print(f"exported {model} to {out} (INT8 encoders, {args.llm_precision.upper()} LLM)")
-
-    # device side: the generation loop owns the decoder's KV cache; text arrives piece by piece.
-    with mmedge.load(out) as captioner:
-        prompt = captioner.vqa_template.replace("{}", args.question) if args.question else None
-        for image in args.images or demo.images():
+    if args.question is not None and not args.question.strip():
+        parser.error("--question is empty: pass a question, e.g. 'what color is the circle?', or leave it out")
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens is {args.max_new_tokens}: pass 1 or more")
+    model, out = args.model or str(demo.model_path("blip2")), Path(args.out)
+    images = [checked_image_path(image) for image in args.images] or demo.images()  # cheap checks before an export
+    if reason := export_needed(out, model, "int8", args.llm_precision):  # host side: needs pip install "mmedge[export]"
+        from mmedge.export import export_model
+        export_model(model, out, precision="int8", llm_precision=args.llm_precision, overwrite=True, progress=False)
+        print(f"exported {model} to {out} (INT8 encoders, {args.llm_precision.upper()} LLM) because {reason}")
+    with mmedge.load(out) as captioner:  # device side: the generation loop owns the decoder's KV cache
+        prompt = captioner.vqa_template.replace("{}", args.question.strip()) if args.question else None
+        for image in images:
             print(f"{Path(image).name}: ", end="", flush=True)
             for piece in captioner.stream(str(image), prompt, max_new_tokens=args.max_new_tokens):
                 print(piece, end="", flush=True)
@@ -43,4 +44,8 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except mmedge.MmedgeError as error:  # mmedge's errors say what failed and what to do: one line, not a traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)

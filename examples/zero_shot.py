@@ -6,10 +6,13 @@
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 import mmedge
 from mmedge import demo
+from mmedge.artifact import export_needed
+from mmedge.images import checked_image_path
 
 
 def main(argv=None) -> None:
@@ -19,28 +22,30 @@ def main(argv=None) -> None:
     parser.add_argument("--labels", nargs="+", help="default: the demo's 24 colour × shape labels")
     parser.add_argument("--template", help="prompt template with {} (default: 'a {}' for the demo model)")
     parser.add_argument("--precision", default="int8", choices=["fp32", "int8"])
-    parser.add_argument("--out", default="artifacts/zero-shot", help="artifact folder; exported when missing")
+    parser.add_argument("--out", default="artifacts/zero-shot", help="artifact folder; exported when missing or stale")
     args = parser.parse_args(argv)
-    shipped = args.model is None
-    labels = args.labels or demo.labels()
-    templates = [args.template] if args.template else (demo.templates() if shipped else None)
-
-    out = Path(args.out)
-    if (out / "manifest.json").is_file():
-        print(f"using the artifact in {out} (delete it to export again)")
-    else:  # host side: needs pip install "mmedge[export]"
+    model, out = args.model or str(demo.model_path("clip")), Path(args.out)
+    templates = [args.template] if args.template else (demo.templates() if args.model is None else None)
+    images = [checked_image_path(image) for image in args.images] or demo.images()  # cheap checks before an export
+    reason = export_needed(out, model, args.precision)
+    if reason is None:
+        print(f"using the artifact in {out} ({model}, {args.precision})")
+    else:  # host side: needs pip install "mmedge[export]"; overwrite replaces only an mmedge artifact
         from mmedge.export import ExportOptions, export_model
 
-        model = str(demo.model_path("clip")) if shipped else args.model
-        export_model(model, out, ExportOptions(precision=args.precision, progress=False))
-        print(f"exported {model} to {out} ({args.precision})")
+        print(f"exporting {model} to {out} ({args.precision}): {reason}")
+        export_model(model, out, ExportOptions(precision=args.precision, overwrite=True, progress=False))
 
     # device side: numpy + onnxruntime, no torch. Label embeddings are computed once, then cached.
     with mmedge.load(out) as classifier:
-        for image in args.images or demo.images():
-            top = classifier(str(image), labels=labels, templates=templates, top_k=3)
+        for image in images:
+            top = classifier(str(image), labels=args.labels or demo.labels(), templates=templates, top_k=3)
             print(f"{Path(image).name}: " + ", ".join(f"{p['label']} {p['score']:.2f}" for p in top))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except mmedge.MmedgeError as error:  # mmedge's errors say what failed and what to do: one line, not a traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)

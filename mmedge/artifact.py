@@ -286,6 +286,22 @@ def _umask() -> int:
     return mask
 
 
+def export_needed(folder: str | os.PathLike, model: str, precision: str,
+                  llm_precision: str | None = None) -> str | None:
+    """Why ``folder`` must be exported (again) from ``model`` at ``precision`` (the decoder at ``llm_precision``,
+    as ``mmedge export`` takes them); None when its manifest says it already was. For scripts that keep an artifact
+    between runs and take options that change it (an option the kept artifact ignores would change nothing)."""
+    folder = Path(folder)
+    if not (folder / MANIFEST_FILE).is_file():
+        return f"there is no artifact in {folder} yet"
+    manifest = Artifact.open(folder).manifest
+    source, made = manifest["source"]["model"], {n: c["precision"] for n, c in manifest["components"].items()}
+    wanted = {name: (llm_precision or precision) if name == "decoder" else precision for name in made}
+    if source == model and made == wanted:
+        return None
+    return f"{folder} held {source} at " + ", ".join(f"{name} {precision}" for name, precision in made.items())
+
+
 def is_artifact_folder(path: Path) -> bool:
     """Whether ``path`` holds an mmedge artifact's manifest (``format``: ``mmedge.artifact``), however damaged the rest
     of the folder is: what ``--overwrite`` of an export may replace. A web app's manifest.json is not one."""

@@ -484,6 +484,8 @@ def test_example_few_shot_streams_interleaved_prompts(demo_run):
     out = run_example("few_shot.py", "--out", str(artifact(demo_run, "idefics-int4")), "--compare")
     answers = [line.split(": ", 2)[-1] for line in out.splitlines() if line.startswith("scene-")]
     assert len(answers) == len(truth) and set(answers) <= {"image 1", "image 2", "yes", "no"}
+    assert "which image has more shapes?" in out and "the same color as the" in out  # both kinds the model learnt
+    assert "exported" not in out  # the demo's artifact was reused: same model, same precisions
 
 
 def test_run_says_when_the_answer_is_empty(demo_run, capsys):
@@ -519,6 +521,38 @@ def test_example_export_for_device(tmp_path):
     assert "copied" in out and "ok" in out  # `mmedge validate` on the device side
     run_line = out.splitlines()[-2]  # `mmedge run` on the device: one line per image
     assert "scene-00.png" in run_line and demo.truth()["images"]["scene-00.png"]["present_labels"][0] in run_line
+
+
+def test_example_typed_errors_are_one_line(tmp_path):
+    """An mmedge error in an example (a missing image, a checkpoint that is not there, an unusable template) is one
+    `error: ...` line on stderr and the error's exit code, as in the CLI: no traceback, and no export before it."""
+    cases = [("zero_shot.py", "--out", str(tmp_path / "zs"), str(tmp_path / "missing.jpg")),
+             ("export_for_device.py", "--model", str(tmp_path / "no-checkpoint")),
+             ("export_for_device.py", "--device-dir", str(tmp_path / "orin"), str(tmp_path / "missing.jpg")),
+             ("caption.py", "--out", str(tmp_path / "cap"), str(tmp_path / "missing.jpg")),
+             ("zero_shot.py", "--out", str(tmp_path / "zs"), "--template", "no placeholder", str(demo.images(1)[0]))]
+    for name, *args in cases:
+        result = subprocess.run([sys.executable, str(ROOT / "examples" / name), *args], capture_output=True, text=True,
+                                cwd=ROOT)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (name, args, result.stderr)
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, (name, args, result.stderr)
+    assert not (tmp_path / "cap").exists() and not (tmp_path / "orin").exists()  # refused before any export
+    assert (tmp_path / "zs" / "manifest.json").is_file()  # the template is refused once the artifact is loaded
+
+
+def test_example_reuses_an_artifact_only_when_exported_the_same_way(tmp_path):
+    """zero_shot.py reuses its artifact only when its manifest.json says it came from the same model at the same
+    precision; a changed --precision exports again (and says why) instead of silently running the old one."""
+    zs, image = tmp_path / "zs", str(demo.images(1)[0])
+    assert "no artifact" in run_example("zero_shot.py", "--out", str(zs), image)
+    assert "using the artifact" in run_example("zero_shot.py", "--out", str(zs), image)
+    out = run_example("zero_shot.py", "--out", str(zs), "--precision", "fp32", image)
+    assert "exporting" in out and "vision int8" in out and "using the artifact" not in out
+    components = json.loads((zs / "manifest.json").read_text())["components"].values()
+    assert {component["precision"] for component in components} == {"fp32"}
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "few_shot.py"), "--compare", "--style", "shapes"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and "not allowed" in result.stderr
 
 
 def test_training_script_runs_end_to_end(tmp_path):
