@@ -25,6 +25,7 @@ never hangs.
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import os
@@ -39,7 +40,15 @@ import numpy as np
 
 from mmedge.errors import ImageError, InputError, ServerError, ServerInputError
 from mmedge.triton.config import PARAMETER
-from mmedge.triton.protocol import PIPELINES, STREAM_SUFFIX, TASK_PIPELINES, text_tensor, texts_of
+from mmedge.triton.protocol import (
+    PIPELINES,
+    STREAM_SUFFIX,
+    TASK_PIPELINES,
+    check_prompt_or_question,
+    is_server_failure,
+    text_tensor,
+    texts_of,
+)
 
 INSTALL = 'pip install "mmedge[triton]"'
 DEFAULT_TIMEOUT = 120.0  # seconds one request may take (a long caption on a slow server)
@@ -113,16 +122,25 @@ class Connection:
         with self._errors(model):
             client.start_stream(callback=lambda result, error: answers.put((result, error)))
         try:
-            with self._errors(model):
-                client.async_stream_infer(model, [self._input(n, v) for n, v in inputs.items()],
-                                          enable_empty_final_response=True)
+            try:
+                with self._errors(model):
+                    client.async_stream_infer(model, [self._input(n, v) for n, v in inputs.items()],
+                                              enable_empty_final_response=True)
+            except ServerError as exc:
+                # a stream that broke (the server went away) refuses the request with "the stream is no longer in
+                # valid state"; why it broke went to the callback
+                try:
+                    _, error = answers.get(timeout=1.0)
+                except queue.Empty:
+                    raise exc from None
+                raise self._stream_error(model, error) from None
             while True:
                 try:
                     result, error = answers.get(timeout=self.timeout)
                 except queue.Empty:
                     raise self._timeout(model) from None
                 if error is not None:
-                    raise self._server_error(model, error)
+                    raise self._stream_error(model, error)
                 response = result.get_response()
                 outputs = {o.name: result.as_numpy(o.name) for o in response.outputs}
                 if outputs:
@@ -140,10 +158,15 @@ class Connection:
         try:
             response = urllib.request.urlopen(request, timeout=self.timeout)
         except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace")
-            raise self._refused(model, str(exc.code), _json_error(detail)) from None
-        except (OSError, TimeoutError) as exc:
-            raise self._unreachable(exc) from None
+            detail = _json_error(exc.read().decode(errors="replace"))
+            raise self._refused(model, "500" if is_server_failure(detail) else str(exc.code), detail) from None
+        except urllib.error.URLError as exc:
+            reason = exc.reason if isinstance(exc.reason, BaseException) else exc
+            raise (self._no_answer() if isinstance(reason, TimeoutError) else self._unreachable(reason)) from None
+        except (OSError, TimeoutError) as exc:  # RemoteDisconnected (an HTTPException too) included
+            raise (self._no_answer() if isinstance(exc, TimeoutError) else self._unreachable(exc)) from None
+        except http.client.HTTPException as exc:  # no HTTP/1 status line: not Triton's HTTP port
+            raise self._not_http(exc) from None
         with response:
             try:
                 for line in response:
@@ -151,29 +174,33 @@ class Connection:
                         continue
                     event = json.loads(line[5:])
                     if "error" in event:
-                        raise self._refused(model, "400", event["error"])
+                        raise self._refused(model, "500" if is_server_failure(event["error"]) else "400",
+                                            event["error"])
                     yield {k: np.array([v.encode() if isinstance(v, str) else v], dtype=np.object_)
                            for k, v in event.items() if k in ("text",)}
-            except (OSError, TimeoutError) as exc:
-                raise self._unreachable(exc) from None
+            except (OSError, TimeoutError, http.client.HTTPException) as exc:  # IncompleteRead: it went away
+                raise (self._no_answer() if isinstance(exc, TimeoutError) else self._unreachable(exc)) from None
 
     # --- server ------------------------------------------------------------------------------------
+    def _grpc_options(self) -> dict:
+        """A gRPC call's keywords: JSON answers, and the connection's timeout (a gRPC call has none of its own)."""
+        return {"as_json": True, "client_timeout": self.timeout} if self.protocol == "grpc" else {}
+
     def model_config(self, model: str) -> dict:
         with self._errors(model):
-            config = self._client().get_model_config(model, **({"as_json": True} if self.protocol == "grpc" else {}))
+            config = self._client().get_model_config(model, **self._grpc_options())
         return config.get("config", config)
 
     def statistics(self, model: str) -> dict:
         """Triton's statistics of one model (``model_stats[0]``: ``inference_stats``, ``batch_stats``)."""
         with self._errors(model):
-            stats = self._client().get_inference_statistics(model,
-                                                            **({"as_json": True} if self.protocol == "grpc" else {}))
+            stats = self._client().get_inference_statistics(model, **self._grpc_options())
         return stats["model_stats"][0]
 
     def models(self) -> list[str]:
         """The names of the models the server has."""
         with self._errors("(repository index)"):
-            index = self._client().get_model_repository_index(**({"as_json": True} if self.protocol == "grpc" else {}))
+            index = self._client().get_model_repository_index(**self._grpc_options())
         return [m["name"] for m in (index.get("models", []) if isinstance(index, dict) else index)]
 
     def close(self) -> None:
@@ -198,10 +225,22 @@ class Connection:
     def _server_error(self, model: str, exc) -> ServerError:
         status = str(exc.status() or "")
         message = exc.message() or str(exc)
-        if any(code in status for code in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED")) or status.startswith("5"):
+        if "DEADLINE_EXCEEDED" in status:
+            return self._no_answer(status)
+        if any(code in status for code in ("UNAVAILABLE", "CANCELLED")) or status.startswith("5"):
             return ServerError(f"the Triton server at {self.url} did not answer ({status}: {message})",
                                "a running server", "check that the server is up, then retry", status=status)
         return self._refused(model, status, message)
+
+    def _stream_error(self, model: str, exc) -> ServerError:
+        """The error a gRPC stream's callback got: a broken stream has a status code, a model's answer has none
+        (its message says whether the server failed: ``protocol.FAILURE_PREFIXES``, else the request was refused)."""
+        if exc.status():
+            return self._server_error(model, exc)
+        message = exc.message() or str(exc)
+        if is_server_failure(message) or "unknown model" in message or "is not found" in message:
+            return self._refused(model, "", message)
+        return self._refused(model, "INVALID_ARG", message)
 
     def _refused(self, model: str, status: str, message: str) -> ServerError:
         message = message.rstrip(".")
@@ -211,12 +250,23 @@ class Connection:
             return ServerError(f"the server at {self.url} has no model '{model}' ({message})",
                                "a model `mmedge triton` wrote into the server's repository",
                                "check the name (GET /v2/models/NAME/ready) or the server's repository", status=status)
-        return ServerError(f"the server at {self.url} failed model '{model}' ({status}: {message})", None,
+        detail = f"{status}: {message}" if status else message
+        return ServerError(f"the server at {self.url} failed model '{model}' ({detail})", None,
                            "see the server's log", status=status)
 
     def _unreachable(self, exc: BaseException) -> ServerError:
         return ServerError(f"cannot reach the Triton server at {self.url} ({type(exc).__name__}: {str(exc)[:200]})",
                            "a server listening at that address", "start the server or fix the URL, then retry")
+
+    def _no_answer(self, status: str = "") -> ServerError:
+        return ServerError(f"the Triton server at {self.url} did not answer within {self.timeout:g} s",
+                           "a running server that answers", "check that the server is up (or pass a larger "
+                           "timeout=), then retry", status=status or None)
+
+    def _not_http(self, exc: BaseException) -> ServerError:
+        return ServerError(f"the address {self.address} did not answer as an HTTP Triton endpoint "
+                           f"({type(exc).__name__}: {str(exc)[:200]})", "Triton's HTTP port (8000 by default)",
+                           f"check the port; if it is the gRPC one, use grpc://{self.address}")
 
     def _timeout(self, model: str) -> ServerError:
         return ServerError(f"model '{model}' on {self.url} sent nothing for {self.timeout:g} s",
@@ -242,10 +292,16 @@ class _ErrorMapper:
 
         if isinstance(exc, InferenceServerException):
             raise self.connection._server_error(self.model, exc) from None
+        if isinstance(exc, TimeoutError) or (type(exc).__name__ == "Timeout"
+                                             and type(exc).__module__.startswith("gevent")):
+            raise self.connection._no_answer() from None
         if isinstance(exc,
                       (OSError,
                        TimeoutError)) or type(exc).__module__.startswith(("gevent", "geventhttpclient", "grpc")):
-            raise self.connection._unreachable(exc) from None
+            raise self.connection._unreachable(exc) from None  # HTTPConnectionClosed (geventhttpclient.response) too
+        if isinstance(exc, http.client.HTTPException):
+            # geventhttpclient's HTTPParseError (module _parser): an answer that is not HTTP/1 (the gRPC port, say)
+            raise self.connection._not_http(exc) from None
         return False
 
 
@@ -256,10 +312,16 @@ def _json_value(value: np.ndarray) -> Any:
 
 
 def _json_error(text: str) -> str:
-    try:
-        return json.loads(text).get("error", text)
-    except ValueError:
-        return text
+    """The message of an error body: JSON ``{"error": ...}``, or a server-sent event carrying it (``data: {...}``, as
+    ``generate_stream`` answers); else the text as it is."""
+    for candidate in (text, *(line[5:] for line in text.splitlines() if line.startswith("data:"))):
+        try:
+            body = json.loads(candidate)
+        except ValueError:
+            continue
+        if isinstance(body, dict) and isinstance(body.get("error"), str):
+            return body["error"]
+    return text.strip()
 
 
 # --- images ----------------------------------------------------------------------------------------
@@ -412,7 +474,9 @@ class RemoteCaptioner(RemotePipeline):
         return texts if batched else texts[0]
 
     def stream(self, image, prompt: str | None = None, question: str | None = None, **generation: Any) -> Iterator[str]:
-        """The text of one image (+ ``prompt`` or ``question``), or of one interleaved prompt list, in pieces."""
+        """The text of one image (+ ``prompt`` or ``question``, not both), or of one interleaved prompt list, in
+        pieces."""
+        check_prompt_or_question(prompt, question)
         if isinstance(image, (list, tuple)):
             inputs = _items(image)
         else:
@@ -441,7 +505,13 @@ class RemoteCaptioner(RemotePipeline):
 
 
 def _items(prompt: Sequence[Any]) -> dict[str, np.ndarray]:
-    """An interleaved prompt as ``items`` and ``item_is_image``: strings are text, anything else an image."""
+    """An interleaved prompt as ``items`` and ``item_is_image``: strings are text, anything else an image (None and
+    numbers are refused, as the local pipeline refuses them)."""
+    for index, item in enumerate(prompt):
+        if item is None or isinstance(item, (int, float, bool)):
+            raise InputError(f"prompt item {index} is {item!r}",
+                             "an image (path as pathlib.Path, PIL image, array) or a string",
+                             "remove the item or wrap a file path in pathlib.Path")
     flags = [not isinstance(item, str) for item in prompt]
     values = [encode_image(item) if image else item.encode("utf-8") for item, image in zip(prompt, flags)]
     return {"items": np.array(values, dtype=np.object_), "item_is_image": np.array(flags, dtype=np.bool_)}

@@ -347,3 +347,106 @@ def test_mmedge_run_against_the_server_prints_what_it_prints_locally(served, pho
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "no mmedge pipeline 'nothing-here'" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+# --- client errors (mmedge.triton_client) --------------------------------------------------------------
+def _in_thread(call, limit: float):
+    """``call()``'s exception (or None) and the seconds it took; fails, not hangs, when it runs past ``limit``."""
+    outcome: list = []
+
+    def run():
+        started = time.monotonic()
+        try:
+            call()
+            outcome.append((None, time.monotonic() - started))
+        except Exception as exc:  # noqa: BLE001 - returned to the test
+            outcome.append((exc, time.monotonic() - started))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(limit)
+    assert outcome, f"the call still blocked after {limit:.0f} s"
+    return outcome[0]
+
+
+def test_a_server_that_stopped_answering_fails_connect_within_the_timeout(served):
+    import os
+    import signal
+
+    pid = served.server.process.pid
+    os.killpg(pid, signal.SIGSTOP)  # alive, listening, never answering
+    try:
+        for protocol in PROTOCOLS:
+            error, took = _in_thread(lambda: connect(served.url(protocol), "blip2", timeout=3), limit=30)
+            assert isinstance(error, ServerError), (protocol, error)
+            assert "did not answer within 3 s" in str(error) and "check that the server is up" in str(error), error
+            assert took < 10, f"{protocol}: {took:.1f} s"
+    finally:
+        os.killpg(pid, signal.SIGCONT)
+    assert connect(served.url("grpc"), "blip2").task == "caption"  # serves on
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_bad_input_to_a_stream_gets_the_pipelines_own_message(served, photos, protocol):
+    remote, local = connect(served.url(protocol), "blip2"), served.local("blip2")
+    for image, settings in ((photos[0], {"max_new_tokens": 500}), (b"notimage", {})):
+        expected = _message(lambda: list(local.stream(image, **settings)))
+        with pytest.raises(ServerInputError) as caught:
+            list(remote.stream(image, **settings))
+        assert str(caught.value) == expected
+    assert "".join(remote.stream(photos[0], max_new_tokens=4)) == local.caption(photos[0], max_new_tokens=4)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_prompt_and_a_question_together_are_refused(served, photos, protocol):
+    remote = connect(served.url(protocol), "blip2")
+    with pytest.raises(InputError, match="both a prompt and a question"):
+        list(remote.stream(photos[0], "a photo of", "what is it?"))
+    # a client that sends both anyway is refused by the server too, not answered with one of them
+    both = {"images": np.array([Path(photos[0]).read_bytes()], dtype=np.object_),
+            "prompt": np.array([b"a photo of"], dtype=np.object_), "question": np.array([b"what?"], dtype=np.object_)}
+    connection = Connection(served.url(protocol))
+    with pytest.raises(ServerInputError, match="both a prompt and a question"):
+        connection.infer("blip2-caption", both)
+    if protocol == "grpc":  # the raw stream (HTTP streams need base64 images: RemoteCaptioner.stream sends them)
+        with pytest.raises(ServerInputError, match="both a prompt and a question"):
+            list(connection.stream("blip2-caption-stream", both))
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_an_interleaved_item_that_is_neither_text_nor_image_is_refused_as_locally(served, photos, protocol):
+    remote, local = connect(served.url(protocol), "idefics"), served.local("idefics")
+    for prompt in ([Path(photos[0]), 5], [None, "An image of"]):
+        expected = _message(lambda: local.generate(prompt))
+        with pytest.raises(InputError) as caught:
+            remote.generate(prompt)
+        assert str(caught.value) == expected and "ImageError" not in type(caught.value).__name__
+        with pytest.raises(InputError) as caught:
+            list(remote.stream(prompt))
+        assert str(caught.value) == expected
+
+
+def test_an_http_url_at_the_grpc_port_says_so(served):
+    error, took = _in_thread(lambda: connect(f"http://{served.server.grpc_url}", "blip2", timeout=5), limit=30)
+    assert isinstance(error, ServerError) and "internal error" not in str(error), error
+    assert "did not answer as an HTTP Triton endpoint" in str(error) and "grpc://" in str(error), error
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["clip", "{photo}", "--question", "what is it?"], "--question would change nothing"),
+    (["blip2", "{photo}", "--labels", "cat"], "--labels would change nothing"),
+    (["blip2", "{photo}", "--prompt", "a", "--question", "b"], "--prompt would change nothing"),
+    (["blip2", "{photo}", "--threads", "1"], "--threads would change nothing with --triton"),
+    (["blip2", "{photo}", "{missing}"], "does not exist"),
+    (["clip", "{photo}"], "no labels were given"),
+])
+def test_mmedge_run_against_the_server_refuses_what_it_refuses_locally(served, photos, tmp_path, capsys, argv,
+                                                                        fragment):
+    """With --triton the option checks were skipped: --question on CLIP, --labels on BLIP-2 or --threads (the
+    server's) were ignored, and a mistyped second image failed after the first image's line."""
+    from mmedge.cli import main
+
+    filled = [photos[0] if a == "{photo}" else str(tmp_path / "missing.png") if a == "{missing}" else a for a in argv]
+    code = main(["run", *filled, "--triton", served.url("http")])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and fragment in err, err

@@ -18,9 +18,10 @@
   ``"graphs": "inline"`` (the python platform's default) it runs its graphs in its own process through the same
   runner a component model would use (``local_runner``), saving a second Python-backend hop per request.
 
-Errors: an ``MmedgeError`` becomes an error response with mmedge's message (INVALID_ARG for bad input), and the
-model keeps serving. ``triton_python_backend_utils`` exists only inside Triton's stub, so it is imported when a
-model is built; ``ServedPipeline`` and ``run_grouped`` work without it (tests run them in-process).
+Errors: an ``MmedgeError`` becomes an error response with mmedge's message (INVALID_ARG for bad input; any other
+error's message starts with ``protocol.FAILURE_PREFIXES``), and the model keeps serving.
+``triton_python_backend_utils`` exists only inside Triton's stub, so it is imported when a model is built;
+``ServedPipeline`` and ``run_grouped`` work without it (tests run them in-process).
 """
 
 from __future__ import annotations
@@ -39,7 +40,17 @@ from mmedge.manifest import MANIFEST_FILE, parse_manifest
 from mmedge.pipelines.captioner import vqa_prompt
 from mmedge.runner import Runner
 from mmedge.triton.config import PARAMETER
-from mmedge.triton.protocol import blobs_of, generation_of, is_base64, one_row, one_text, text_tensor, texts_of
+from mmedge.triton.protocol import (
+    SERVER_FAILURE,
+    blobs_of,
+    check_prompt_or_question,
+    generation_of,
+    is_base64,
+    one_row,
+    one_text,
+    text_tensor,
+    texts_of,
+)
 
 
 def _pb():
@@ -251,6 +262,7 @@ class ServedPipeline:
         if items is not None:
             return {"text": text_tensor([captioner.generate(items, **generation)])}
         images = blobs_of("images", _required(inputs, "images"), is_base64(inputs))
+        check_prompt_or_question(inputs.get("prompt"), inputs.get("question"))
         if "question" in inputs:
             return {"text": text_tensor(captioner.ask(images, one_text("question", inputs["question"]), **generation))}
         prompt = one_text("prompt", inputs["prompt"]) if "prompt" in inputs else None
@@ -266,6 +278,7 @@ class ServedPipeline:
         if len(images) != 1:
             raise InputError(f"a streamed caption got {len(images)} images", "one image per streamed request",
                              "send one request per image, or use the unstreamed model for a batch")
+        check_prompt_or_question(inputs.get("prompt"), inputs.get("question"))
         prompt = one_text("prompt", inputs["prompt"]) if "prompt" in inputs else None
         if "question" in inputs:
             prompt = vqa_prompt(captioner.vqa_template, one_text("question", inputs["question"]))  # as ask does
@@ -334,8 +347,8 @@ def _interleaved(inputs: Mapping[str, Any]) -> list | None:
 def _triton_error(pb, exc: Exception):
     if isinstance(exc, InputError):
         return pb.TritonError(str(exc), pb.TritonError.INVALID_ARG)
-    if isinstance(exc, MmedgeError):
-        return pb.TritonError(str(exc), pb.TritonError.INTERNAL)
+    if isinstance(exc, MmedgeError):  # the prefix tells a gRPC stream's client (no status code there) it failed
+        return pb.TritonError(SERVER_FAILURE + str(exc), pb.TritonError.INTERNAL)
     return pb.TritonError(f"mmedge internal error: {type(exc).__name__}: {str(exc)[:500]}; this is a bug in mmedge: "
                           "report it with the server log", pb.TritonError.INTERNAL)
 

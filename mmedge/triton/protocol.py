@@ -21,6 +21,11 @@ label_names ``[1, k]``), rows may differ in length (ragged), and the model answe
 graph call over all their images. The model's ``mmedge`` parameter says ``"rows": true``; the client adds and
 drops the axis.
 
+**Errors.** A request the pipeline refuses (mmedge's ``InputError``) is answered with the pipeline's own message
+(INVALID_ARG); a failure of the server's own (any other error) has a message starting with one of
+``FAILURE_PREFIXES``. A gRPC stream's error carries no status code, so that prefix is how a client tells the two
+apart there. ``prompt`` and ``question`` are refused together (``check_prompt_or_question``).
+
 ``encoding`` "base64" says the images (and the image items) are base64 text: that is how a JSON-only request sends
 them, e.g. HTTP streaming through Triton's ``generate_stream`` endpoint (tritonclient's HTTP client has no streaming).
 """
@@ -60,6 +65,9 @@ PIPELINES: dict[str, dict[str, dict[str, tuple]]] = {
 TASK_PIPELINES = {"zero-shot": "zero-shot", "embed": "embed", "caption": "caption", "vqa": "caption"}
 STREAM_SUFFIX = "-stream"
 ROW_PIPELINES = ("zero-shot",)  # batched by Triton: one request is one row (see the module docstring)
+# the start of a pipeline model's error message when the server failed (not the request): see the module docstring
+SERVER_FAILURE = "mmedge server error: "
+FAILURE_PREFIXES = (SERVER_FAILURE, "mmedge internal error: ")
 MAX_TEXT_BYTES = 1 << 20  # one text field (prompt, question, label) past 1 MiB is refused before decoding
 
 
@@ -151,3 +159,16 @@ def generation_of(array: Any) -> dict:
                          'one JSON object, e.g. {"num_beams": 3}',
                          "send the generation settings as an object")
     return settings
+
+
+def is_server_failure(message: str) -> bool:
+    """Whether a pipeline model's error ``message`` is a failure of the server (not a refused request)."""
+    return message.startswith(FAILURE_PREFIXES)
+
+
+def check_prompt_or_question(prompt: Any, question: Any) -> None:
+    """Refuse a prompt and a question together (a question makes the prompt), as ``mmedge run`` refuses
+    ``--prompt`` with ``--question``."""
+    if prompt is not None and question is not None:
+        raise InputError("both a prompt and a question were given", "a prompt or a question (the question makes "
+                         "the prompt, e.g. 'Question: ... Answer:')", "pass only one of them")
