@@ -216,12 +216,29 @@ def acquire_model(folder: Path, family: str, device, dtype, *, quantization: str
     return ModelHandle(None if private else key, entry, decoder)
 
 
+def _refuse_another_model_type(folder: Path, family: str, expected: str) -> None:
+    """A checkpoint of another model type (an IDEFICS folder for a BLIP-2 artifact) would load with every weight
+    random, then fail on a shape deep in the pipeline: refused from its config.json first."""
+    import json
+
+    try:
+        found = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # from_pretrained says what is wrong with it
+    if found != expected:
+        raise BackendUnavailableError(
+            f"the checkpoint in '{folder}' is a '{found}' model, and this artifact is {family} ('{expected}')",
+            f"a '{expected}' checkpoint: the one the artifact was exported from",
+            "point checkpoint= at that checkpoint's folder, or use the artifact's own weights (--with-pytorch)")
+
+
 def load_reference_model(folder: Path, family: str, device, dtype):
     """``from_pretrained`` of the family's model class (safetensors only), in eval mode, on ``device``."""
     torch = import_torch()
     from mmedge.export.families import FAMILIES
 
     model_class = FAMILIES[family].model_class()
+    _refuse_another_model_type(folder, family, model_class.config_class.model_type)
     try:
         with quiet_transformers():
             model = model_class.from_pretrained(str(folder), dtype=dtype, use_safetensors=True)

@@ -660,3 +660,10 @@ def test_llm_quantization_for_an_artifact_without_a_decoder_is_refused(pytorch_a
     api_error(lambda: load_quietly(pytorch_artifacts("clip"), backend="torch",
                                    backend_options={"torch": {"quantization": "nf4"}}),
               InputError, "would change nothing: this artifact has no LLM decoder")
+
+
+def test_a_checkpoint_of_another_model_type_is_refused(pytorch_artifacts, tiny_clip_dir):
+    """A CLIP checkpoint for a BLIP-2 artifact loaded with every weight random, then failed on a numpy shape."""
+    api_error(lambda: load_quietly(pytorch_artifacts("blip2"), backend="torch",
+                                   backend_options={"torch": {"checkpoint": str(tiny_clip_dir)}}),
+              BackendUnavailableError, "is a 'clip' model, and this artifact is blip2 ('blip-2')")
