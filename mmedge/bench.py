@@ -258,9 +258,10 @@ def main(args) -> int:
     if args.runs < 1 or args.batch < 1:
         raise InputError(f"--runs {args.runs} --batch {args.batch}", "both at least 1", "pass e.g. --runs 10 --batch 8")
     check_artifacts(args.artifacts, args.labels)
+    from mmedge.images import checked_image_path
+
     for image in args.image or []:
-        if not Path(image).is_file():
-            raise InputError(f"--image '{image}' is not a file", "image files", "check the path")
+        checked_image_path(image)  # before minutes of measuring, as `mmedge run` checks its images
     if args.plot:
         from mmedge.bench_plot import PLOT_FORMATS, require_matplotlib
 

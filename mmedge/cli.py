@@ -301,9 +301,9 @@ def cmd_doctor(args) -> int:
     from mmedge.runtimes.registry import backends
 
     if not args.artifact:  # they only change the plan for an artifact
-        defaults = (("--backend", args.backend, "auto"), ("--device", args.device, "auto"),
-                    ("--threads", args.threads, None))
-        given = [flag for flag, value, default in defaults if value != default]
+        from mmedge.run_options import plan_flags_given
+
+        given = plan_flags_given(args)
         if given:
             raise InputError(f"{given[0]} would change nothing without an artifact",
                              "an artifact folder (mmedge doctor ARTIFACT shows the plan these options change)",

@@ -96,10 +96,15 @@ def remote_target_of(pipeline) -> Target:
     return Target(settings.get("family", ""), pipeline.task, "zero_shot" in (settings.get("components") or {}))
 
 
+def plan_flags_given(args) -> list[str]:
+    """The options given that choose how this device runs an artifact (its plan): --backend, --device, --threads."""
+    return [flag for flag, given in (("--backend", args.backend != "auto"), ("--device", args.device != "auto"),
+                                     ("--threads", args.threads is not None)) if given]
+
+
 def check_served_run_options(args) -> None:
     """Options that choose how this device runs the model would change nothing for a model a server runs."""
-    local = [flag for flag, given in (("--backend", args.backend != "auto"), ("--device", args.device != "auto"),
-                                      ("--threads", args.threads is not None)) if given]
+    local = plan_flags_given(args)
     if local:
         raise InputError(f"{local[0]} would change nothing with --triton", "options for the model the server runs "
                          "(its backend, device and threads are the server's: mmedge triton --gpu, --threads)",

@@ -161,10 +161,9 @@ class Connection:
             detail = _json_error(exc.read().decode(errors="replace"))
             raise self._refused(model, "500" if is_server_failure(detail) else str(exc.code), detail) from None
         except urllib.error.URLError as exc:
-            reason = exc.reason if isinstance(exc.reason, BaseException) else exc
-            raise (self._no_answer() if isinstance(reason, TimeoutError) else self._unreachable(reason)) from None
+            raise self._lost(exc.reason if isinstance(exc.reason, BaseException) else exc) from None
         except (OSError, TimeoutError) as exc:  # RemoteDisconnected (an HTTPException too) included
-            raise (self._no_answer() if isinstance(exc, TimeoutError) else self._unreachable(exc)) from None
+            raise self._lost(exc) from None
         except http.client.HTTPException as exc:  # no HTTP/1 status line: not Triton's HTTP port
             raise self._not_http(exc) from None
         with response:
@@ -179,7 +178,7 @@ class Connection:
                     yield {k: np.array([v.encode() if isinstance(v, str) else v], dtype=np.object_)
                            for k, v in event.items() if k in ("text",)}
             except (OSError, TimeoutError, http.client.HTTPException) as exc:  # IncompleteRead: it went away
-                raise (self._no_answer() if isinstance(exc, TimeoutError) else self._unreachable(exc)) from None
+                raise self._lost(exc) from None
 
     # --- server ------------------------------------------------------------------------------------
     def _grpc_options(self) -> dict:
@@ -258,6 +257,10 @@ class Connection:
         return ServerError(f"cannot reach the Triton server at {self.url} ({type(exc).__name__}: {str(exc)[:200]})",
                            "a server listening at that address", "start the server or fix the URL, then retry")
 
+    def _lost(self, exc: BaseException) -> ServerError:
+        """A transport that failed: no answer in time (a timeout), or no server to answer."""
+        return self._no_answer() if isinstance(exc, TimeoutError) else self._unreachable(exc)
+
     def _no_answer(self, status: str = "") -> ServerError:
         return ServerError(f"the Triton server at {self.url} did not answer within {self.timeout:g} s",
                            "a running server that answers", "check that the server is up (or pass a larger "
@@ -295,9 +298,7 @@ class _ErrorMapper:
         if isinstance(exc, TimeoutError) or (type(exc).__name__ == "Timeout"
                                              and type(exc).__module__.startswith("gevent")):
             raise self.connection._no_answer() from None
-        if isinstance(exc,
-                      (OSError,
-                       TimeoutError)) or type(exc).__module__.startswith(("gevent", "geventhttpclient", "grpc")):
+        if isinstance(exc, OSError) or type(exc).__module__.startswith(("gevent", "geventhttpclient", "grpc")):
             raise self.connection._unreachable(exc) from None  # HTTPConnectionClosed (geventhttpclient.response) too
         if isinstance(exc, http.client.HTTPException):
             # geventhttpclient's HTTPParseError (module _parser): an answer that is not HTTP/1 (the gRPC port, say)

@@ -413,9 +413,9 @@ def load_build_settings(engines_dir: Path) -> dict:
 def describe_engines(engines_dir: Path) -> list[str]:
     """One line per engine cached under ``engines_dir``: what it was built for, read from its record (nothing is
     loaded)."""
-    lines = []
     from mmedge.tuning import TIMINGS_FILE
 
+    lines = []
     for record in sorted(Path(engines_dir).glob("*.json")):
         if record.name in (BUILD_SETTINGS, TIMINGS_FILE):  # not engines: build defaults, `mmedge tune`'s timings
             continue

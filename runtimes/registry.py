@@ -51,7 +51,6 @@ def backend_names() -> list[str]:
     return ["auto", *sorted(BACKENDS)]
 
 
-
 def _info(name: str) -> BackendInfo:
     if name not in BACKENDS:  # no such backend at all: bad input, not an absent one
         raise InputError(

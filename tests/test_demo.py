@@ -423,7 +423,7 @@ def test_bench_checks_its_inputs_before_measuring(demo_run, tmp_path, monkeypatc
     assert main(["bench", clip, "--plot", str(tmp_path / "plot.txt")]) == 2
     assert "--plot" in capsys.readouterr().err and not (tmp_path / "plot.txt").exists()
     assert main(["bench", clip, "--image", str(tmp_path / "missing.png")]) == 2
-    assert "is not a file" in capsys.readouterr().err
+    assert "missing.png' does not exist" in capsys.readouterr().err
     monkeypatch.setattr(bench, "run_children", measure)
     (tmp_path / "notes.png").write_text("not an image")
     assert main(["bench", clip, "--image", str(tmp_path / "notes.png"), "--runs", "1", "--batch", "1"]) == 2

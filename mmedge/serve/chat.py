@@ -111,12 +111,10 @@ def parse_chat(data: dict, model: ServedModel, options: ServeOptions) -> ChatJob
             raise invalid(f"field 'prompt_mode' was given for model '{model.id}' ({model.family})",
                           "no prompt_mode for an interleaved model: its messages' images and texts, in order, are the "
                           "prompt itself", "leave out prompt_mode, or pick a one-image model (BLIP-2)", "prompt_mode")
-        call, prompt_tokens = _interleaved(messages, model, generation)
+        call, prompt_tokens, images = _interleaved(messages, model, generation)
     else:
         mode = field(data, "prompt_mode", "string", default="question")
-        call, prompt_tokens = _one_image(messages, model, generation, max_new_tokens, mode)
-    images = [part for role, parts in messages for part in parts if isinstance(part, bytes)
-              and (role == "user" or model.captioner.interleaved)]
+        call, prompt_tokens, images = _one_image(messages, model, generation, max_new_tokens, mode)
     return ChatJob(model, call, stream, include_usage, prompt_tokens, images=images)
 
 
@@ -130,7 +128,8 @@ def _interleaved(messages: list, model: ServedModel, generation: dict):
     def call(pipeline):
         return pipeline.stream(items, **generation)
 
-    return call, text_tokens + (len(items) - len(texts)) * _image_tokens(model)
+    images = [part for part in items if isinstance(part, bytes)]
+    return call, text_tokens + len(images) * _image_tokens(model), images
 
 
 def _one_image(messages: list, model: ServedModel, generation: dict, max_new_tokens: int, mode: str):
@@ -145,7 +144,7 @@ def _one_image(messages: list, model: ServedModel, generation: dict, max_new_tok
     def call(pipeline):
         return pipeline.stream(image, prompt, **generation)
 
-    return call, text_tokens + _image_tokens(model)
+    return call, text_tokens + _image_tokens(model), [image]
 
 
 def generation_settings(data: dict) -> dict:
