@@ -13,6 +13,7 @@ import mmedge
 from mmedge import demo
 from mmedge.artifact import export_needed
 from mmedge.images import checked_image_path
+from mmedge.pipelines.zero_shot import check_labels, check_templates
 
 
 def main(argv=None) -> None:
@@ -27,6 +28,8 @@ def main(argv=None) -> None:
     model, out = args.model or str(demo.model_path("clip")), Path(args.out)
     templates = [args.template] if args.template else (demo.templates() if args.model is None else None)
     images = [checked_image_path(image) for image in args.images] or demo.images()  # cheap checks before an export
+    labels = check_labels(args.labels) if args.labels else demo.labels()
+    check_templates(templates)
     reason = export_needed(out, model, args.precision)
     if reason is None:
         print(f"using the artifact in {out} ({model}, {args.precision})")
@@ -39,7 +42,7 @@ def main(argv=None) -> None:
     # device side: numpy + onnxruntime, no torch. Label embeddings are computed once, then cached.
     with mmedge.load(out) as classifier:
         for image in images:
-            top = classifier(str(image), labels=args.labels or demo.labels(), templates=templates, top_k=3)
+            top = classifier(str(image), labels=labels, templates=templates, top_k=3)
             print(f"{Path(image).name}: " + ", ".join(f"{p['label']} {p['score']:.2f}" for p in top))
 
 

@@ -100,7 +100,8 @@ def test_many_labels(classifier, photos):
 
 
 @pytest.mark.parametrize("templates,match", [([], "template list is empty"), (["no slot"], "exactly one"),
-                                             (["{} and {}"], "exactly one")])
+                                             (["{} and {}"], "exactly one"),
+                                             (["a {}.", "a {}!", "a {}."], r"templates repeat \('a \{\}.'\)")])
 def test_bad_templates(classifier, photos, templates, match):
     with pytest.raises(InputError, match=match):
         classifier(photos[0], labels=LABELS, templates=templates)

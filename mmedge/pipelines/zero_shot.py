@@ -74,6 +74,11 @@ def check_templates(templates: Any) -> list[str]:
         if not isinstance(template, str) or template.count("{}") != 1:
             raise InputError(f"prompt template {template!r} is not usable",
                              "a string with exactly one '{}' where the label goes", "use e.g. 'a photo of a {}.'")
+    if len(set(templates)) != len(templates):
+        repeated = sorted({t for t in templates if templates.count(t) > 1})
+        raise InputError(f"prompt templates repeat ({', '.join(map(repr, repeated[:3]))})",
+                         "each template once (a repeat weighs its prompts twice in the label average)",
+                         "remove the repeated templates")
     return templates
 
 

@@ -140,6 +140,10 @@ def _check_templates(templates: list[str] | None) -> None:
             raise invalid(f"field 'templates[{index}]' ({template[:40]!r}) has {template.count('{}')} '{{}}'",
                           "exactly one '{}' where the label goes", "send e.g. 'a photo of a {}.'",
                           f"templates[{index}]")
+        if template in templates[:index]:
+            raise invalid(f"field 'templates' holds duplicates ({template[:40]!r})",
+                          "each template once (a repeat weighs its prompts twice in the label average)",
+                          "remove the repeated templates", f"templates[{index}]")
 
 
 def _check_prompts(tokenizer, model: ServedModel, labels: list[str], templates: list[str] | None) -> None:

@@ -12,7 +12,7 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import mmedge
@@ -125,7 +125,7 @@ def _card(model_id: str, path: Path, manifest: dict, pipeline, model: ServedMode
     card = {"id": model_id, "object": "model", "created": int(os.path.getmtime(path / MANIFEST_FILE)),
             "owned_by": "mmedge",
             "family": manifest["family"], "tasks": list(manifest["tasks"]), "endpoints": endpoints,
-            "source": manifest["source"]["model"],
+            "source": _public_source(manifest["source"]["model"]),
             "precision": {name: comp["precision"] for name, comp in manifest["components"].items()},
             "plan": _plan(pipeline)}
     if model.queue:
@@ -134,6 +134,15 @@ def _card(model_id: str, path: Path, manifest: dict, pipeline, model: ServedMode
     if classifier is not None and getattr(classifier, "baked_labels", None):
         card["labels"] = list(classifier.baked_labels)  # labels baked into the graph: /v1/classify needs none
     return card
+
+
+def _public_source(model: str) -> str:
+    """The checkpoint an artifact came from, as clients may see it: a hub id as recorded, a local folder by its name
+    only (the export host's absolute path says nothing to a client and tells it about that host's disk)."""
+    for flavour in (PurePosixPath, PureWindowsPath):
+        if flavour(model).is_absolute():
+            return flavour(model).name
+    return model
 
 
 def _plan(pipeline) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -47,6 +48,8 @@ def test_models_list_family_tasks_precision_and_plan(openai_client, local):
     assert models["clip-tiny"]["endpoints"] == ["/v1/classify",
                                                 "/v1/embeddings"] and "labels" not in models["clip-tiny"]
     assert models["idefics-tiny"]["family"] == "idefics"
+    # a local checkpoint by its folder's name: the export host's absolute path is not the clients' business
+    assert blip2["source"] == "blip2" and not any(Path(m["source"]).is_absolute() for m in models.values())
 
 
 def test_retrieve_a_model_through_the_openai_client(openai_client, http):
