@@ -125,8 +125,13 @@ def _plan(artifact: Artifact, backend: str, device: str, extra: dict, threads: i
     present = artifact.has_pytorch_weights if backend == "auto" else bool(artifact.manifest.get("pytorch"))
     weights = present or any(registered(name).supplies_weights(settings) for name, settings in extra.items())
     found = found or device_probe.probe()
-    return make_plan(found, artifact.manifest, backend, device, pytorch_weights=weights,
-                     measured=measured_for(artifact, found, threads))
+    chosen = make_plan(found, artifact.manifest, backend, device, pytorch_weights=weights,
+                       measured=measured_for(artifact, found, threads))
+    for name, comp_plan in chosen.components.items():  # the user's settings, as they reach each component
+        if extra.get(comp_plan.backend):
+            chosen.components[name] = registered(comp_plan.backend).settled(artifact, name, comp_plan,
+                                                                            extra[comp_plan.backend])
+    return chosen
 
 
 def _refuse_idle_backend_options(options: dict, chosen) -> None:

@@ -181,6 +181,13 @@ class Backend(abc.ABC):
         """The user's settings that apply to the encoders' runners."""
         return {k: v for k, v in (settings or {}).items() if k not in self.decoder_only}
 
+    def settled(self, artifact: Artifact, name: str, plan: ComponentPlan, settings: dict) -> ComponentPlan:
+        """The component's plan once the user's ``settings`` for this backend apply, as ``doctor``, ``/v1/models`` and
+        ``pipeline.plan`` show it: a backend whose settings change what runs (OpenVINO's NNCF weights, torch's dtype
+        and LLM quantization) says so in the precision. The options stay the plan's (the runner gets the settings
+        beside them)."""
+        return plan
+
     # what `mmedge doctor` prints for this backend (nothing by default)
     def device_lines(self, probe: DeviceProbe) -> list[str]:
         return []

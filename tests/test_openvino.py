@@ -148,6 +148,8 @@ def test_nncf_int4_decoder_generates_close_to_fp32_and_is_recorded(blip2_artifac
             prefix = fp32.inputs.for_images([photo], None, 4)
         with mmedge.load(folder, backend="openvino", backend_options={"openvino": {"weights": "int4"}}) as int4:
             assert type(int4.decoder).__name__ == "OpenVinoDecoder" and "compiled" in int4.decoder.source
+            assert int4.plan.components["decoder"].precision == "fp32+nncf-int4"  # the plan says what runs
+            assert int4.plan.components["prefix"].precision == "fp32"  # the weights are the LLM's only
             assert len(int4.caption(photo, max_new_tokens=4)) >= 0
         records = [json.loads(p.read_text()) for p in (folder / "engines").glob("decoder-openvino-*.record")]
         compressed = [r for r in records if r["key"]["precision"] == "fp32+nncf-int4"]
@@ -195,6 +197,7 @@ def test_export_writes_nncf_weights_with_parity_and_the_device_runs_them(tiny_bl
         monkeypatch.setattr(ov_compile, "compress_weights", no_nncf)
         with mmedge.load(out, backend="openvino", backend_options=options) as exported:
             assert "from the export" in exported.decoder.source
+            assert exported.plan.components["decoder"].precision == "fp32+nncf-int8-exported"
             logits = exported.decoder.start(built["embeds"], built["mask"])
             assert isinstance(exported.caption(photo, max_new_tokens=4), str)
     assert float(cosine_rows(at_load_logits, logits).min()) >= 0.9999  # the same NNCF weights, read two ways

@@ -662,6 +662,19 @@ def test_llm_quantization_for_an_artifact_without_a_decoder_is_refused(pytorch_a
               InputError, "would change nothing: this artifact has no LLM decoder")
 
 
+def test_the_plan_states_the_dtype_and_llm_quantization_asked_for(pytorch_artifacts):
+    """The plan (doctor, /v1/models, pipeline.plan) said fp32 / fp16 whatever dtype and LLM quantization were asked;
+    the precision of what runs is the settings'. Planned only: nothing is loaded."""
+    from mmedge.api import plan_for
+
+    options = {"torch": {"dtype": "bf16", "quantization": "nf4"}}
+    chosen = plan_for(pytorch_artifacts("blip2"), backend="torch", device="cpu", backend_options=options).components
+    assert {name: c.precision for name, c in chosen.items()} == {"prefix": "bf16", "decoder": "bf16+nf4"}
+    assert chosen["decoder"].options["dtype"] == "bfloat16"
+    plain = plan_for(pytorch_artifacts("blip2"), backend="torch", device="cpu").components
+    assert {c.precision for c in plain.values()} == {"fp32"}
+
+
 def test_a_checkpoint_of_another_model_type_is_refused(pytorch_artifacts, tiny_clip_dir):
     """A CLIP checkpoint for a BLIP-2 artifact loaded with every weight random, then failed on a numpy shape."""
     api_error(lambda: load_quietly(pytorch_artifacts("blip2"), backend="torch",

@@ -11,6 +11,8 @@ models of an artifact. Nothing here imports openvino.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from mmedge.backends import Backend, ComponentPlan, PlanRequest
 from mmedge.errors import BackendUnavailableError
 from mmedge.runtimes.openvino.planning import faster_backend, has_vnni, openvino_unusable
@@ -70,6 +72,18 @@ class OpenVinoBackend(Backend):
         request.reasons.append(f"backend openvino: installed, x86 CPU {isa}; it takes {', '.join(chosen) or 'nothing'}"
                                " (compiled models cached under the artifact's engines/)")
         return chosen
+
+    def settled(self, artifact, name: str, plan: ComponentPlan, settings: dict) -> ComponentPlan:
+        """As ``Backend``'s; a decoder with ``weights`` runs NNCF-compressed weights: the export's IR where it wrote
+        one ("fp32+nncf-int4-exported"), else compressed at first load ("fp32+nncf-int4")."""
+        from mmedge.runtimes.openvino.compile import precision_label
+
+        weights = settings.get("weights") if name == "decoder" else None
+        if not weights:
+            return plan
+        component = artifact.component(name)
+        exported = (component.get("openvino") or {}).get(weights) is not None
+        return replace(plan, precision=precision_label(component, weights, exported))
 
     def _options(self, artifact, plan: ComponentPlan, threads: int | None, settings: dict | None) -> dict:
         return {**plan.options, "threads": threads, "engine_cache": artifact.engines_dir(), **(settings or {})}

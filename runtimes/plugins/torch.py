@@ -13,6 +13,8 @@ Named explicitly it runs every component, on the GPU at FP16 when there is one, 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from mmedge.backends import Backend, ComponentPlan, PlanRequest, listed
 from mmedge.errors import BackendUnavailableError
 from mmedge.generation.kv_layout import decoder_context
@@ -122,6 +124,17 @@ class TorchBackend(Backend):
             options, precision, where = dict(OPTIONS_CPU), "fp32", f"on the CPU at FP32 ({gpu_why})"
         request.reasons.append(f"backend torch: every component {where}")
         return {name: ComponentPlan(self.name, (), precision, dict(options)) for name in manifest["components"]}
+
+    def settled(self, artifact, name: str, plan: ComponentPlan, settings: dict) -> ComponentPlan:
+        """As ``Backend``'s; ``dtype`` sets the precision ("bf16"), and the decoder's LLM ``quantization`` is added
+        to it ("fp16+nf4"). A dtype name torch does not take is left for the runner to refuse."""
+        from mmedge.runtimes.torch_backend import DTYPE_NAMES, PRECISION_OF_DTYPE
+
+        dtype = DTYPE_NAMES.get(str(settings.get("dtype")))
+        precision = PRECISION_OF_DTYPE[dtype] if dtype else plan.precision
+        options = {**plan.options, "dtype": dtype} if dtype else plan.options
+        quantization = settings.get("quantization") if name == "decoder" else None
+        return replace(plan, precision=f"{precision}+{quantization}" if quantization else precision, options=options)
 
     def supplies_weights(self, settings: dict | None) -> bool:
         return bool((settings or {}).get("checkpoint"))  # from_pretrained of that folder
