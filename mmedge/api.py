@@ -35,8 +35,7 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", t
     from mmedge.selection import log_fallbacks
     from mmedge.tokenizer import TextTokenizer
 
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise InputError(f"threads is {threads!r}", "None (all cores) or a positive integer", "pass e.g. threads=2")
+    check_threads(threads)
     artifact = Artifact.open(path)
     manifest = artifact.manifest
     task = task or manifest["tasks"][0]
@@ -78,6 +77,12 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", t
     return pipeline
 
 
+def check_threads(threads, fix: str = "pass e.g. threads=2") -> None:
+    """CPU threads per graph: None (all cores) or a positive integer; anything else is refused before any work."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise InputError(f"threads is {threads!r}", "None (all cores) or a positive integer", fix)
+
+
 def open_runners(artifact: Artifact, chosen, *, threads: int | None = None, backend_options: dict | None = None,
                  decoder: bool = True) -> dict:
     """A runner per planned component, each opened by its backend's plug-in (``mmedge.backends.Backend.open_runner``):
@@ -110,6 +115,7 @@ def plan_for(source: str | os.PathLike | Artifact, backend: str = "auto", device
     anything: what the CLI checks its options against before loading, and what ``mmedge doctor`` and
     ``validate_artifact`` show and run. ``source``: an artifact folder or an open ``Artifact``; ``probe``: this
     device's ``DeviceProbe`` when the caller has one (else probed here)."""
+    check_threads(threads)
     artifact = source if isinstance(source, Artifact) else Artifact.open(source)
     return _plan(artifact, backend, device, _checked_backend_options(backend_options), threads, probe)
 
@@ -202,10 +208,8 @@ def _decoder(artifact: Artifact, comp_plan, threads: int | None, settings: dict 
     """The KV-cached decoder its backend opens (``TorchDecoder`` on torch, ``RunnerDecoder`` over the decoder's
     TensorRT engine, ``OrtDecoder`` on ONNX Runtime) and the token-embedding table it embeds generated ids with."""
     from mmedge.embeddings import EmbeddingTable
-    from mmedge.manifest import embeddings_entry
     from mmedge.runtimes.registry import backend
 
-    table_entry, field = embeddings_entry(artifact.manifest)
-    table = EmbeddingTable.load(artifact.verified_path(table_entry["file"], table_entry["sha256"], field), table_entry)
+    table = EmbeddingTable.of_artifact(artifact)
     return backend(comp_plan.backend).open_decoder(artifact, comp_plan, table, threads=threads,
                                                    settings=settings), table

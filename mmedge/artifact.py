@@ -40,6 +40,21 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def read_arrays(path: str | os.PathLike, what: str) -> dict:
+    """Every array of an artifact's ``.npz`` (``what`` names it in the error: "validation samples"), no pickles; a
+    file that does not read as one, whatever its sha256, is IntegrityError."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise IntegrityError(f"{what} file '{Path(path).name}' is unreadable ({type(exc).__name__}: {exc})",
+                             "an .npz written by `mmedge export`", "re-export the artifact") from None
+
+
 class Artifact:
     """A parsed, path-checked artifact folder. Cheap to open; files are hashed lazily, once."""
 
@@ -68,7 +83,7 @@ class Artifact:
         manifest_path = root / MANIFEST_FILE
         if not manifest_path.is_file():
             raise ArtifactNotFoundError(
-                f"'{root}' has no {MANIFEST_FILE}",
+                f"'{root}' has no {MANIFEST_FILE}" + (" file (it is a folder)" if manifest_path.is_dir() else ""),
                 "an artifact folder written by `mmedge export`",
                 "point at the folder `mmedge export` wrote, or re-export",
             )
@@ -176,13 +191,15 @@ class Artifact:
                                 "check the file's permissions, or copy the artifact again") from None
         if actual != sha256 and path.stat().st_size == 0:
             raise IntegrityError(
-                f"artifact file '{name}' is empty (0 bytes), but the manifest records sha256 {sha256[:12]}…",
+                f"artifact file '{name}' in '{self.root}' is empty (0 bytes), but the manifest records sha256 "
+                f"{sha256[:12]}…",
                 "the file exactly as `mmedge export` wrote it",
                 "the copy was interrupted or the disk filled up: copy the artifact again or re-export it",
             )
         if actual != sha256:
             raise IntegrityError(
-                f"artifact file '{name}' has sha256 {actual[:12]}…, but the manifest records {sha256[:12]}…",
+                f"artifact file '{name}' in '{self.root}' has sha256 {actual[:12]}…, but the manifest records "
+                f"{sha256[:12]}…",
                 "the file exactly as `mmedge export` wrote it",
                 "the file is corrupt or was replaced: copy the artifact again or re-export it",
             )
@@ -240,7 +257,16 @@ class Artifact:
     def engines_dir(self) -> Path:
         """Device-local cache (TensorRT plans, ORT engine caches); never shipped."""
         path = self.root / ENGINES_DIR
-        path.mkdir(exist_ok=True)
+        try:
+            path.mkdir(exist_ok=True)
+        except FileExistsError:
+            raise ArtifactError(f"'{path}' is a file, not the artifact's engines/ folder",
+                                "engines/ as a folder (this device's cache of compiled models and timings)",
+                                f"move or delete '{path}'; mmedge makes the folder again") from None
+        except OSError as exc:
+            raise ArtifactError(f"cannot make '{path}' ({exc.strerror or exc})",
+                                "a writable artifact folder (engines/ caches what this device compiles)",
+                                "check the folder's permissions, or copy the artifact to a writable place") from None
         return path
 
     def size_bytes(self) -> int:

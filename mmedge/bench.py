@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from mmedge import errors
 from mmedge.errors import ArtifactNotFoundError, InputError, MmedgeError
 
 GENERIC_LABELS = ("cat", "dog", "car", "tree", "person", "cup of coffee", "rocket", "clock")
@@ -30,7 +31,11 @@ MAX_SAMPLES = 10_000
 # The child's program: `python -m mmedge.bench` would put the working folder first on sys.path, where the folder
 # holding a source checkout (or the checkout itself) has an `mmedge/` folder that shadows the installed package.
 CHILD = "import sys; del sys.path[0]; from mmedge.bench import _child; sys.exit(_child(sys.argv[1:]))"
-MMEDGE_EXIT_CODES = (2, 3, 4)  # a child that exits so printed an mmedge error line
+
+
+def artifact_name(path: str) -> str:
+    """How the table and the plot name an artifact: its folder's name, also when given as `.` or `..`."""
+    return Path(path).resolve().name
 
 
 def _default_images() -> list[str]:
@@ -210,16 +215,13 @@ def run_children(paths: list[str], args) -> list[dict]:
         options = {"backend": args.backend, "device": args.device, "threads": args.threads, "runs": args.runs,
                    "batch": args.batch, "images": args.image or None, "labels": args.labels}
         child = subprocess.run([sys.executable, "-c", CHILD, path, json.dumps(options)], capture_output=True, text=True)
-        lines = [line for line in child.stderr.strip().splitlines() if line.strip()]
-        last = lines[-1] if lines else f"exit code {child.returncode}, no output"
-        if child.returncode == InputError.exit_code and last.startswith("mmedge: error: "):  # the input, not it
-            raise InputError(f"benchmarking '{path}' refused its input: {last.removeprefix('mmedge: error: ')}")
-        if child.returncode in MMEDGE_EXIT_CODES and last.startswith("mmedge: error: "):
-            raise MmedgeError(f"benchmarking '{path}' failed ({last.removeprefix('mmedge: error: ')})",
-                              "an artifact that loads and runs on this backend", "run `mmedge validate` on it first")
         if child.returncode != 0:
+            if error := _child_error(path, child.stdout):
+                raise error
             if os.environ.get("MMEDGE_DEBUG"):
                 sys.stderr.write(child.stderr)
+            lines = [line for line in child.stderr.strip().splitlines() if line.strip()]
+            last = lines[-1] if lines else f"exit code {child.returncode}, no output"
             raise MmedgeError(f"the process benchmarking '{path}' failed before it could measure ({last})",
                               f"a Python ({sys.executable}) that imports the mmedge running here "
                               f"({Path(mmedge.__file__).parent})",
@@ -234,6 +236,21 @@ def run_children(paths: list[str], args) -> list[dict]:
     return results
 
 
+def _child_error(path: str, stdout: str) -> MmedgeError | None:
+    """The mmedge error the child measuring ``path`` reported (``_child``), raised here as its own class (so with its
+    exit code) and its own what, expected and fix, naming the artifact; None when it reported none."""
+    try:
+        said = json.loads(stdout.strip().splitlines()[-1])["error"]
+    except (IndexError, KeyError, TypeError, ValueError):
+        return None
+    kind = next((found for name in said["classes"] if isinstance(found := getattr(errors, name, None), type)
+                 and issubclass(found, MmedgeError)), MmedgeError)
+    failed = "refused its input" if issubclass(kind, InputError) else "failed"  # an image that does not decode
+    error = kind.__new__(kind)  # not kind(...): a few classes (ParityError) take other arguments
+    MmedgeError.__init__(error, f"benchmarking '{path}' {failed}: {said['what']}", said["expected"], said["fix"])
+    return error
+
+
 def format_table(results: list[dict]) -> str:
     header = ("artifact", "precision", "backend", "size", "load", "latency (median)", "throughput", "peak RSS",
               "fidelity vs FP32")
@@ -244,7 +261,7 @@ def format_table(results: list[dict]) -> str:
         fid_text = "reference" if fid["metric"] == "reference" else (
             "-" if fid["value"] is None else f"{fid['value']:.3f} {fid['metric'].replace('_', ' ')}")
         peak = r["memory"]["peak_rss_bytes"]
-        rows.append((Path(r["artifact"]).name, r["precision"], backend, f"{r['size_bytes'] / 1e6:.2f} MB",
+        rows.append((artifact_name(r["artifact"]), r["precision"], backend, f"{r['size_bytes'] / 1e6:.2f} MB",
                      f"{r['load_ms']:.0f} ms", f"{r['latency_ms']['median']:.2f} ms",
                      f"{r['throughput']['per_second']:.1f} {r['throughput']['unit']}/s",
                      "-" if peak is None else f"{peak / 2**20:.0f} MiB", fid_text))
@@ -262,15 +279,11 @@ def main(args) -> int:
 
     for image in args.image or []:
         checked_image_path(image)  # before minutes of measuring, as `mmedge run` checks its images
-    if args.plot:
-        from mmedge.bench_plot import PLOT_FORMATS, require_matplotlib
+    if args.plot:  # before minutes of measuring, not after
+        from mmedge.bench_plot import check_plot_path, require_matplotlib
 
-        if Path(args.plot).suffix.lower().lstrip(".") not in PLOT_FORMATS:
-            raise InputError(f"--plot '{args.plot}' names no format mmedge bench writes",
-                             f"a file name ending in {', '.join('.' + f for f in PLOT_FORMATS)}",
-                             f"pass e.g. --plot {Path(args.plot).with_suffix('.png').name}")
-
-        require_matplotlib()  # before minutes of measuring, not after
+        check_plot_path(args.plot)
+        require_matplotlib()
     results = run_children(args.artifacts, args)
     print(json.dumps(results, indent=2) if args.json else format_table(results))
     if args.plot:
@@ -299,7 +312,8 @@ def add_parser(sub, runtime_flags) -> None:
 
 
 def _child(argv: list[str]) -> int:
-    """``python -c CHILD ARTIFACT OPTIONS_JSON``: one artifact, one JSON line on stdout."""
+    """``python -c CHILD ARTIFACT OPTIONS_JSON``: one artifact, one JSON line on stdout: its results, or the mmedge
+    error it met (its class and those above it, what, expected, fix) for the parent to raise (``_child_error``)."""
     from mmedge.errors import MmedgeError as Error
 
     path, options = argv[0], json.loads(argv[1])
@@ -307,6 +321,8 @@ def _child(argv: list[str]) -> int:
         print(json.dumps(measure(path, **options)))
     except Error as exc:
         print(f"mmedge: error: {exc}", file=sys.stderr)
+        print(json.dumps({"error": {"classes": [kind.__name__ for kind in type(exc).__mro__], "what": exc.what,
+                                    "expected": exc.expected, "fix": exc.fix}}))
         return exc.exit_code
     except Exception as exc:  # a bug, or a broken installation: the parent reports this line as the cause
         if os.environ.get("MMEDGE_DEBUG"):

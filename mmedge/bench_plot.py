@@ -9,9 +9,11 @@ not as a bar of its own.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
-from mmedge.errors import MmedgeError
+from mmedge.bench import artifact_name
+from mmedge.errors import InputError, MmedgeError
 
 FIDELITY_TITLES = {
     "top1_agreement": "zero-shot top-1 agreement with FP32",
@@ -34,8 +36,29 @@ def require_matplotlib():
     return plt
 
 
+def check_plot_path(out: str) -> None:
+    """Refuse, before any measuring, a --plot path the plot cannot be written to: one with a suffix naming no format
+    it writes, a folder, or a file in a folder that does not exist or that this user cannot write."""
+    path = Path(out)
+    folder = path.parent
+    if path.suffix.lower().lstrip(".") not in PLOT_FORMATS:
+        raise InputError(f"--plot '{out}' names no format mmedge bench writes",
+                         f"a file name ending in {', '.join('.' + f for f in PLOT_FORMATS)}",
+                         f"pass e.g. --plot {path.with_suffix('.png').name}")
+    if path.is_dir():
+        raise InputError(f"--plot '{out}' is a folder", "the path of a file to write the plot to",
+                         f"pass e.g. --plot {path / 'bench.png'}")
+    if not folder.is_dir():
+        raise InputError(f"--plot '{out}' is in '{folder}', which "
+                         + ("is not a folder" if folder.exists() else "does not exist"), "a file in an existing folder",
+                         "pass a path in an existing folder, or create the folder first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"--plot '{out}' is in '{folder}', which this user cannot write",
+                         "a file in a writable folder", "pass a path in a folder you can write to")
+
+
 def _name(result: dict) -> str:
-    return f"{Path(result['artifact']).name}\n{result['precision']}"
+    return f"{artifact_name(result['artifact'])}\n{result['precision']}"
 
 
 def _panels(results: list[dict]) -> list[tuple[str, list[dict], list[float], str]]:
@@ -87,11 +110,20 @@ def figure(results: list[dict]):
 
 
 def plot(results: list[dict], out: str) -> Path:
-    """Save :func:`figure` as ``out`` (PNG, SVG or PDF by its suffix)."""
+    """Save :func:`figure` as ``out`` (PNG, SVG or PDF by its suffix), whole or not at all: it is drawn into a
+    temporary file in the same folder, then renamed into place (``out`` as it was, or absent, if that fails)."""
     plt = require_matplotlib()
     fig = figure(results)
     out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=120)
-    plt.close(fig)
+    temporary = out_path.with_name(f".{out_path.name}.{os.getpid()}.partial")
+    try:
+        fig.savefig(temporary, dpi=120, format=out_path.suffix.lower().lstrip("."))
+        os.replace(temporary, out_path)
+    except OSError as exc:
+        raise MmedgeError(f"writing the plot '{out}' failed ({exc.strerror or exc})",
+                          "a folder with room for it that this user can write",
+                          "free some space, or pass --plot a path in another folder") from None
+    finally:
+        plt.close(fig)
+        temporary.unlink(missing_ok=True)
     return out_path

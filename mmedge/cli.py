@@ -264,8 +264,9 @@ def cmd_validate(args) -> int:
         for name, entry in report.items():
             for output, m in entry["outputs"].items():
                 status = "ok" if m["ok"] else "FAIL"
+                export = "unrecorded" if m["export_cosine"] is None else f"{m['export_cosine']:.6f}"
                 print(f"{name}.{output} [{entry['precision']}, {entry['backend']}]: cosine {m['cosine']:.6f} "
-                      f"(export {m['export_cosine']:.6f}, floor {m['min_cosine']:.6f}), max_abs "
+                      f"(export {export}, floor {m['min_cosine']:.6f}), max_abs "
                       f"{m['max_abs']:.3g}  {status}")
     raise_on_failure(report)
     return 0
@@ -309,18 +310,26 @@ def cmd_doctor(args) -> int:
                              "an artifact folder (mmedge doctor ARTIFACT shows the plan these options change)",
                              f"add the artifact, or drop {given[0]}")
     found = probe()
-    report = {"device": found.to_dict()}
+    report = {"device": found.to_dict(),
+              "backends": [line for candidate in backends() for line in candidate.device_lines(found)]}
+    status = 0
     if args.artifact:
         from mmedge.api import plan_for
         from mmedge.artifact import Artifact
 
         artifact = Artifact.open(args.artifact)
+        try:  # the command users turn to when a load fails: a damaged file is reported, not planned around
+            artifact.check_every_file()
+            report["files"] = "ok: every file the manifest names matches its sha256"
+        except MmedgeError as error:
+            report["files"], status = f"DAMAGED: {error}", error.exit_code
         chosen = plan_for(artifact, args.backend, args.device, threads=args.threads, probe=found)  # load's plan
         report["plan"] = {name: vars(c) for name, c in chosen.components.items()}
         report["reasons"] = chosen.reasons
+        report["artifact"] = [line for candidate in backends() for line in candidate.artifact_lines(artifact)]
     if args.json:
         print(json.dumps(report, indent=2, default=list))
-        return 0
+        return status
     print(f"machine: {found.system} {found.machine}, {found.cpu_cores} cores, "
           f"{(found.memory_total_mb or 0) / 1024:.1f} GiB, ISA: {', '.join(found.cpu_flags) or 'baseline'}")
     gpus = "; ".join(f"{g.name} (sm {g.compute_capability}, {g.memory_free_mb}/{g.memory_total_mb} MiB free)"
@@ -329,19 +338,18 @@ def cmd_doctor(args) -> int:
     print(f"Jetson: {found.jetson or 'no'}")
     print("engines: " + ", ".join(f"{k} {v or 'absent'}" for k, v in found.engines.items()))
     print(f"onnxruntime providers: {', '.join(found.ort_providers)}")
-    for candidate in backends():
-        for line in candidate.device_lines(found):
-            print(line)
+    for line in report["backends"]:
+        print(line)
     if args.artifact:
+        print(f"files: {report['files']}")
         for name, c in report["plan"].items():
             where = f"[{', '.join(c['providers'])}]" if c["providers"] else json.dumps(c["options"])
             print(f"plan: {name} -> {c['backend']} {where} {c['precision']}")
         for reason in report["reasons"]:
             print(f"  because {reason}")
-        for candidate in backends():
-            for line in candidate.artifact_lines(artifact):
-                print(line)
-    return 0
+        for line in report["artifact"]:
+            print(line)
+    return status
 
 
 # --- tune --------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "fma", "a
 # distribution name -> import name(s); cuda-python gives the TensorRT backend its device buffers and streams
 # (cuda.bindings since 12.6, cuda.cudart before; "cuda" alone is a namespace other NVIDIA packages share),
 # and the torch backend needs transformers beside torch
-ENGINES = {"onnxruntime": ("onnxruntime",), "tensorrt": ("tensorrt",), "torch": ("torch",),
+ENGINES = {"onnxruntime": ("onnxruntime",), "openvino": ("openvino",), "tensorrt": ("tensorrt",), "torch": ("torch",),
            "transformers": ("transformers",),
            "bitsandbytes": ("bitsandbytes",), "cuda-python": ("cuda.bindings", "cuda.cudart")}
 DISTRIBUTIONS = {"cuda-python": ("cuda-python", "cuda-bindings")}  # where a version may be read, in order

@@ -51,14 +51,18 @@ class EmbeddingTable:
         self._arrays = arrays
 
     @classmethod
+    def of_artifact(cls, artifact) -> "EmbeddingTable":
+        """The token-embedding table of a captioning artifact (an ``mmedge.artifact.Artifact``), its sha256 checked."""
+        from mmedge.manifest import embeddings_entry
+
+        entry, field = embeddings_entry(artifact.manifest)
+        return cls.load(artifact.verified_path(entry["file"], entry["sha256"], field), entry)
+
+    @classmethod
     def load(cls, path: str | os.PathLike, entry: dict) -> "EmbeddingTable":
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {name: data[name] for name in data.files}
-        except (ValueError, OSError) as exc:
-            raise IntegrityError(f"embedding table '{os.path.basename(path)}' is unreadable ({exc})",
-                                 "an .npz written by `mmedge export`", "re-export the artifact") from None
-        return cls(arrays, entry)
+        from mmedge.artifact import read_arrays
+
+        return cls(read_arrays(path, "embedding table"), entry)
 
     def __getitem__(self, ids) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)

@@ -161,15 +161,45 @@ def _parse_component(name: str, comp: Any, family: str) -> dict:
             raise _fail(f"{where}.{io}", "is empty", "at least one named tensor")
         for tname, spec in tensors.items():
             _parse_tensor(spec, f"{where}.{io}.{tname}")
-    _require(comp, "parity", dict, where)
+    _parse_parity(_require(comp, "parity", dict, where), f"{where}.parity")
     return comp
+
+
+def _parse_parity(parity: dict, where: str) -> None:
+    """The export's figures per output that ``mmedge validate`` measures the device against."""
+    samples = parity.get("validation_samples")
+    if samples is None:
+        return
+    if not isinstance(samples, dict):
+        raise _fail(f"{where}.validation_samples", f"has the wrong type ({type(samples).__name__})",
+                    "a JSON object of metrics per output")
+    for output, metrics in samples.items():
+        field = f"{where}.validation_samples.{output}"
+        if not isinstance(metrics, dict):
+            raise _fail(field, f"has the wrong type ({type(metrics).__name__})", "a JSON object of metrics")
+        if "cosine" in metrics:
+            _require(metrics, "cosine", (int, float), field)
+
+
+def _parse_clip(data: dict) -> None:
+    """The fields CLIP's pipelines read: the logit scale, and a fused graph's baked labels."""
+    _require(_require(data, "clip", dict, ""), "logit_scale", (int, float), "clip")
+    if "zero_shot" in data["components"]:
+        labels = _require(_require(data, "zero_shot", dict, ""), "labels", list, "zero_shot")
+        if not labels or not all(isinstance(label, str) and label for label in labels):
+            raise _fail("zero_shot.labels", f"is {_short(labels)}", "a non-empty list of label strings")
 
 
 def _parse_generative(data: dict, family: str) -> None:
     """The fields the captioning runtime reads: decoder KV layout, token ids, embedding table, prompts."""
     section = _require(data, family, dict, "")
     ints, objects = FAMILIES[family].generative.ints, FAMILIES[family].generative.objects
-    _require(data, "generation", dict, "")
+    generation = _require(data, "generation", dict, "")
+    if _require(generation, "max_new_tokens", int, "generation") < 1:
+        raise _fail("generation.max_new_tokens", f"is {generation['max_new_tokens']}", "a positive integer")
+    eos = _require(generation, "eos_token_id", (int, list), "generation")  # without it an answer never ends
+    if isinstance(eos, list) and (not eos or not all(isinstance(i, int) and not isinstance(i, bool) for i in eos)):
+        raise _fail("generation.eos_token_id", f"is {_short(eos)}", "a token id or a non-empty list of them")
     for key in ints:
         _require(section, key, int, family)
     for key in objects:
@@ -309,6 +339,8 @@ def parse_manifest(text: str | bytes) -> dict:
                 raise _fail("tokenizer.sha256", f"is {_short(sha)}", "64 lowercase hex digits")
     if FAMILIES[family].generative is not None:
         _parse_generative(data, family)
+    if family == "clip":
+        _parse_clip(data)
     if data.get("pytorch") is not None:
         _parse_pytorch(data["pytorch"])
     validation = data.get("validation")

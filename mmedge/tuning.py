@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mmedge.artifact import Artifact
+from mmedge.errors import ArtifactError
 
 log = logging.getLogger("mmedge")
 
@@ -52,10 +53,20 @@ def _records(path: Path) -> list[dict]:
         stored = json.loads(path.read_text())
         if stored.get("format") != FORMAT or not isinstance(stored.get("records"), list):
             raise ValueError(f"format {stored.get('format')!r}")
-        return stored["records"]
+        records = [r for r in stored["records"] if _well_formed(r)]
+        if len(records) < len(stored["records"]):
+            raise ValueError(f"{len(stored['records']) - len(records)} malformed record(s)")
+        return records
     except (OSError, ValueError, AttributeError) as exc:
         log.warning("mmedge: ignoring %s (%s); run `mmedge tune` to measure again", path, exc)
         return []
+
+
+def _well_formed(record) -> bool:
+    """A record as ``tune`` writes it: a device key and timings per component, all objects."""
+    return (isinstance(record, dict) and isinstance(record.get("device"), dict)
+            and isinstance(record.get("components"), dict)
+            and all(isinstance(timing, dict) for timing in record["components"].values()))
 
 
 def measured_for(artifact: Artifact, probe, threads: int | None = None) -> dict[str, dict]:
@@ -74,10 +85,26 @@ def measured_for(artifact: Artifact, probe, threads: int | None = None) -> dict[
 def store(path: Path, record: dict) -> None:
     """Replace this device's record, keep the others; written whole (a temporary file, then renamed)."""
     kept = [r for r in _records(path) if r.get("device") != record["device"]]
-    path.parent.mkdir(exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps({"format": FORMAT, "records": [*kept, record]}, indent=2) + "\n")
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(json.dumps({"format": FORMAT, "records": [*kept, record]}, indent=2) + "\n")
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise ArtifactError(f"cannot write '{path}' ({exc.strerror or exc})", f"{TIMINGS_FILE} as a writable file "
+                            "in the artifact's engines/ folder", f"move or delete '{path}' if it is a folder, or "
+                            "check the folder's permissions") from None
 
 
-__all__ = ["TIMINGS_FILE", "device_key", "measured_for", "store", "timings_path"]
+def check_storable(artifact: Artifact) -> Path:
+    """The timings file ``store`` will write, checked before minutes of measuring: engines/ a folder (made if
+    missing) and the file not a folder."""
+    path = timings_path(artifact)
+    artifact.engines_dir()
+    if path.is_dir():
+        raise ArtifactError(f"'{path}' is a folder, not the file of this artifact's measured timings",
+                            f"{TIMINGS_FILE} as a file (or absent)", f"move or delete the folder '{path}'")
+    return path
+
+
+__all__ = ["TIMINGS_FILE", "check_storable", "device_key", "measured_for", "store", "timings_path"]

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmedge.artifact import Artifact
+from mmedge.artifact import Artifact, read_arrays
+from mmedge.embeddings import EmbeddingTable
 from mmedge.errors import ArtifactError, IntegrityError, ParityError
 from mmedge.metrics import compare_outputs
 
@@ -24,15 +25,14 @@ def load_validation_samples(artifact: Artifact) -> dict[str, dict[str, dict[str,
         raise ArtifactError(f"artifact '{artifact.root.name}' has no validation samples",
                             "a 'validation' entry in manifest.json", "re-export with this mmedge version")
     path = artifact.verified_path(info["file"], info["sha256"], "validation.file")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (ValueError, OSError) as exc:
-        raise IntegrityError(f"validation samples '{info['file']}' are unreadable ({exc})", "an .npz written by mmedge",
-                             "re-export the artifact") from None
     samples: dict[str, dict[str, dict[str, np.ndarray]]] = {}
-    for key, value in arrays.items():
-        component, kind, name = key.split("/", 2)
+    for key, value in read_arrays(path, "validation samples").items():
+        parts = key.split("/", 2)
+        if len(parts) != 3 or parts[1] not in ("inputs", "reference"):
+            raise IntegrityError(f"validation samples '{info['file']}' hold an array named {key[:60]!r}",
+                                 "arrays named component/inputs/NAME or component/reference/NAME",
+                                 "re-export the artifact")
+        component, kind, name = parts
         samples.setdefault(component, {}).setdefault(kind, {})[name] = value
     return samples
 
@@ -62,10 +62,13 @@ def validate(artifact: Artifact, runners: dict) -> dict[str, dict]:
 def validate_artifact(path, backend: str = "auto", device: str = "auto", threads: int | None = None) -> dict[str, dict]:
     """Open an artifact, run every component (decoders as plain graphs) on the chosen backend, report. Every file's
     sha256 is checked again, whatever this device's record of earlier checks says (``mmedge.file_checks``)."""
-    from mmedge.api import open_runners, plan_for
+    from mmedge.api import check_threads, open_runners, plan_for
 
+    check_threads(threads)
     artifact = Artifact.open(path, recheck=True)
     artifact.check_every_file()  # the files this plan would not open too (another backend's, the tokenizer, ...)
+    if "decoder" in artifact.components:
+        EmbeddingTable.of_artifact(artifact)  # the generation loop reads it: it must load, not only hash right
     chosen = plan_for(artifact, backend, device, threads=threads)  # the plan mmedge.load follows
     runners = open_runners(artifact, chosen, threads=threads)
     try:

@@ -69,6 +69,85 @@ def test_doctor_without_and_with_artifact(capsys, clip_artifacts):
     assert report["plan"]["vision"]["backend"] == "onnxruntime" and report["reasons"]
 
 
+def test_doctor_reports_damaged_files_and_every_backend_line(capsys, clip_artifacts, tmp_path):
+    """doctor planned as usual for an artifact whose graph `run` refuses; its --json left out the backends' lines."""
+    code, out, _ = run_cli(capsys, "doctor", clip_artifacts("fp32"), "--json")
+    report = json.loads(out)
+    assert code == 0 and report["files"].startswith("ok") and isinstance(report["backends"], list)
+    assert "openvino" in report["device"]["engines"]  # installed or not, it is listed
+    damaged = tmp_path / "damaged"
+    shutil.copytree(clip_artifacts("fp32"), damaged)
+    graph = damaged / "vision.onnx"
+    graph.write_bytes(graph.read_bytes()[:-16])
+    code, out, _ = run_cli(capsys, "doctor", damaged)
+    assert code == 2 and "files: DAMAGED: artifact file 'vision.onnx' in '" in out and "plan: vision" in out
+
+
+def test_validate_and_tune_survive_damaged_device_caches(capsys, clip_artifacts, tmp_path):
+    """engines/ is this device's cache: a damaged timings file counts as none (tune writes it again), a timings path
+    that is a folder and an engines/ that is a file are typed errors before any measuring; a parity record without
+    the export's figures prints 'unrecorded' (it was an internal error)."""
+    artifact = tmp_path / "a"
+    shutil.copytree(clip_artifacts("fp32"), artifact)
+    (artifact / "engines").mkdir(exist_ok=True)
+    timings = artifact / "engines" / "backend-timings.json"
+    timings.write_text(json.dumps({"format": 1, "records": [1, {"device": {}, "components": []}]}))
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    manifest["components"]["vision"]["parity"].pop("validation_samples")
+    (artifact / "manifest.json").write_text(json.dumps(manifest))
+    code, out, _ = run_cli(capsys, "validate", artifact, "--backend", "onnxruntime")
+    assert code == 0 and "(export unrecorded," in out
+    timings.unlink()
+    timings.mkdir()
+    code, out, err = run_cli(capsys, "tune", artifact, "--runs", "3")
+    assert code != 0 and "backend-timings.json' is a folder" in err and "opening every graph" not in err + out
+    assert not list((artifact / "engines").glob(".backend-timings.json.*"))
+    shutil.rmtree(artifact / "engines")
+    (artifact / "engines").write_text("")
+    code, _, err = run_cli(capsys, "tune", artifact, "--runs", "3")
+    assert code != 0 and "is a file, not the artifact's engines/ folder" in err
+
+
+def test_unreadable_arrays_with_a_matching_sha256_are_integrity_errors(capsys, blip2_artifact, tmp_path):
+    """An .npz whose bytes match the manifest but do not read (the sha256 edited along): BadZipFile was an internal
+    error; validate loads the embedding table the generation loop reads, so it fails where run would."""
+    import hashlib
+
+    for name in ("embed_tokens.npz", "validation.npz"):
+        artifact = tmp_path / name
+        shutil.copytree(blip2_artifact, artifact)
+        (artifact / name).write_bytes((artifact / name).read_bytes()[:100])
+        text = (artifact / "manifest.json").read_text()
+        old = hashlib.sha256((blip2_artifact / name).read_bytes()).hexdigest()
+        new = hashlib.sha256((artifact / name).read_bytes()).hexdigest()
+        (artifact / "manifest.json").write_text(text.replace(old, new))
+        code, _, err = run_cli(capsys, "validate", artifact)
+        assert code == 2 and f"file '{name}' is unreadable (BadZipFile" in err and "internal error" not in err
+
+
+def test_artifact_errors_name_the_folder(capsys, clip_artifacts, tmp_path):
+    """A sha256 mismatch named only the file (ambiguous where a command takes several artifacts); a manifest.json
+    that is a folder was reported as missing; a threads value validate_artifact and plan_for took as given."""
+    from mmedge.api import plan_for
+    from mmedge.errors import InputError
+    from mmedge.validate import validate_artifact
+
+    artifact = tmp_path / "a"
+    shutil.copytree(clip_artifacts("fp32"), artifact)
+    (artifact / "vision.onnx").write_bytes((artifact / "vision.onnx").read_bytes()[:-16])
+    code, _, err = run_cli(capsys, "validate", artifact)
+    assert code == 2 and f"artifact file 'vision.onnx' in '{artifact.resolve()}' has sha256" in err
+    (artifact / "manifest.json").unlink()
+    (artifact / "manifest.json").mkdir()
+    code, _, err = run_cli(capsys, "run", artifact, "x.png")
+    assert code == 3 and "has no manifest.json file (it is a folder)" in err
+    for threads in ("2", 0):
+        for call in (lambda: validate_artifact(clip_artifacts("fp32"), threads=threads),
+                     lambda: plan_for(clip_artifacts("fp32"), threads=threads)):
+            with pytest.raises(InputError, match="a positive integer"):
+                call()
+
+
 def test_export_cli(capsys, tiny_clip_dir, tmp_path):
     code, out, err = run_cli(capsys, "export", tiny_clip_dir, tmp_path / "x", "--labels", "cat", "dog")
     assert code == 0 and "zero_shot: zero_shot.onnx fp32" in out and "[3/5] tracing" in err

@@ -9,6 +9,7 @@ measured on (``examples/scenes.py``), so CI checks the claims without retraining
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -279,6 +280,23 @@ def test_demo_reexports_a_changed_cache_entry(demo_run, tmp_path):
     assert not demo.cached(tmp_path / "missing", key)
 
 
+def test_demo_replaces_its_own_damaged_cache_entry(demo_run, tmp_path):
+    """A cached artifact with a damaged file failed every later demo run on its sha256; one whose manifest was lost
+    was refused as "not an mmedge artifact" by the demo's own export. Both are the demo's (its key file beside them)
+    and are exported again."""
+    variant = next(v for v in demo.variants() if v.name == "clip-fp32")
+    key, folder = demo.cache_key(variant), tmp_path / "clip-fp32"
+    shutil.copytree(artifact(demo_run, variant.name), folder)
+    (tmp_path / f"clip-fp32.{demo.CACHE_KEY_FILE}").write_text(key + "\n")
+    assert demo.cached(folder, key)
+    graph = next(folder.glob("*.onnx"))
+    graph.write_bytes(graph.read_bytes()[:-16])
+    assert not demo.cached(folder, key)
+    (folder / "manifest.json").unlink()
+    demo.export_variant(variant, folder, key)
+    assert demo.cached(folder, key) and Artifact.open(folder).manifest["family"] == "clip"
+
+
 def test_a_new_export_recipe_changes_every_cache_key(monkeypatch):
     """A cache exported with an older default recipe (e.g. the INT4 head's 32-weight blocks) is exported again."""
     before = [demo.cache_key(v) for v in demo.variants()]
@@ -429,6 +447,103 @@ def test_bench_checks_its_inputs_before_measuring(demo_run, tmp_path, monkeypatc
     assert main(["bench", clip, "--image", str(tmp_path / "notes.png"), "--runs", "1", "--batch", "1"]) == 2
     err = capsys.readouterr().err
     assert "refused its input" in err and "notes.png" in err and "mmedge validate" not in err
+
+
+def test_bench_exits_with_the_error_its_process_met(demo_run, monkeypatch, capsys):
+    """A backend that is not installed exits 4 as `mmedge run` does, with the measuring process's own message naming
+    the artifact (it used to exit 2 with "fix: run `mmedge validate` on it first", which fails the same way)."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    import mmedge.bench as bench
+    from mmedge.errors import BackendUnavailableError
+
+    def not_installed(*args, **kwargs):
+        raise BackendUnavailableError("backend 'tensorrt' needs the Python package 'tensorrt', which is not installed",
+                                      "'tensorrt' importable", 'pip install "mmedge[tensorrt]"')
+
+    def child_here(argv, **kwargs):  # the measuring process, run in this one
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = bench._child(argv[3:])
+        return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+    monkeypatch.setattr(bench, "measure", not_installed)
+    monkeypatch.setattr(bench, "subprocess", SimpleNamespace(run=child_here))
+    clip = str(artifact(demo_run, "clip-int8"))
+    assert main(["bench", clip, "--backend", "tensorrt", "--runs", "1", "--batch", "1"]) == 4
+    err = capsys.readouterr().err
+    assert f"benchmarking '{clip}' failed: backend 'tensorrt' needs the Python package 'tensorrt'" in err
+    assert 'fix: pip install "mmedge[tensorrt]"' in err and "mmedge validate" not in err
+
+
+def test_bench_of_a_corrupt_artifact_says_the_artifact_is_corrupt(demo_run, tmp_path, capsys):
+    """A graph whose sha256 differs from the manifest's fails as `mmedge run` says it (IntegrityError), not as an
+    input the user gave ("refused its input")."""
+    from mmedge.errors import IntegrityError
+
+    corrupt = tmp_path / "clip-fp32"
+    shutil.copytree(artifact(demo_run, "clip-fp32"), corrupt)
+    graph = corrupt / next(iter(Artifact.open(corrupt).components.values()))["file"]
+    graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
+    assert main(["bench", str(corrupt), "--runs", "1", "--batch", "1"]) == IntegrityError.exit_code
+    err = capsys.readouterr().err
+    assert f"benchmarking '{corrupt}' failed: artifact file" in err and "sha256" in err
+    assert "refused its input" not in err and "mmedge validate" not in err
+
+
+def test_bench_refuses_a_plot_path_it_cannot_write_before_measuring(demo_run, tmp_path, monkeypatch, capsys):
+    """A --plot path that is a folder, or in a folder that is missing, is not a folder or is not writable, fails at
+    once, exit 2 (a folder used to fail with "Is a directory", exit 1, after every measurement)."""
+    import os
+
+    import mmedge.bench as bench
+
+    clip = str(artifact(demo_run, "clip-int8"))
+    monkeypatch.setattr(bench, "run_children", lambda *a: pytest.fail("measured before checking --plot"))
+    (tmp_path / "d.png").mkdir()
+    (tmp_path / "notes.txt").write_text("")
+    for plot, what in ((tmp_path / "d.png", "is a folder"), (tmp_path / "missing" / "p.png", "does not exist"),
+                       (tmp_path / "notes.txt" / "p.png", "is not a folder")):
+        assert main(["bench", clip, "--plot", str(plot)]) == 2
+        assert f"--plot '{plot}' " in (err := capsys.readouterr().err) and what in err
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # a folder this user cannot write (tests run as root)
+    assert main(["bench", clip, "--plot", str(tmp_path / "p.png")]) == 2
+    assert "cannot write" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.png", "notes.txt"]
+
+
+def test_bench_plot_is_written_whole_or_not_at_all(bench_json, tmp_path, monkeypatch):
+    """A plot whose writing fails (a full disk) leaves the earlier plot as it was, and nothing half-written."""
+    import matplotlib.figure
+
+    from mmedge.bench_plot import plot
+    from mmedge.errors import MmedgeError
+
+    def disk_full(self, fname, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG\r\n\x1a\n half a plot")
+        raise OSError(28, "No space left on device")
+
+    out = tmp_path / "bench.png"
+    out.write_bytes(b"the earlier plot")
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", disk_full)
+    with pytest.raises(MmedgeError, match="No space left on device"):
+        plot(bench_json[0], str(out))
+    assert out.read_bytes() == b"the earlier plot" and [p.name for p in tmp_path.iterdir()] == ["bench.png"]
+
+
+def test_bench_names_an_artifact_given_as_dot_by_its_folder(bench_json, demo_run, monkeypatch):
+    """`mmedge bench .` in an artifact's folder names it by the folder's name in the table and the plot (the table's
+    artifact column used to be empty)."""
+    from mmedge.bench import format_table
+    from mmedge.bench_plot import figure
+
+    monkeypatch.chdir(artifact(demo_run, "clip-int8"))
+    here = [{**bench_json[0][1], "artifact": "."}]
+    assert format_table(here).splitlines()[-1].startswith("clip-int8 ")
+    assert {t.get_text() for axis in figure(here).axes if axis.get_visible()
+            for t in axis.get_xticklabels()} == {"clip-int8\nint8"}
 
 
 # --- examples ---------------------------------------------------------------------------------------

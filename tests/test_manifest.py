@@ -18,6 +18,7 @@ VALID = {
     "source": {"model": "tiny", "config_sha256": SHA, "random_weights": True},
     "preprocess": {},
     "tokenizer": {"file": "tokenizer.json"},
+    "clip": {"logit_scale": 100.0, "projection_dim": 16},
     "components": {
         "vision": {
             "file": "vision.onnx", "sha256": SHA, "precision": "fp32", "quantization": None,
@@ -89,6 +90,40 @@ def test_missing_field_is_named(field):
 def test_wrong_type_or_value_is_named(field, value):
     with pytest.raises(ManifestError, match=field.split("__")[-1] if "shape" not in field else "shape"):
         parse_manifest(edited(**{field: value}))
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"clip": KeyError}, "'clip' is missing"), ({"clip__logit_scale": "33"}, "'clip.logit_scale' has the wrong type"),
+    ({"components__vision__parity__validation_samples": []}, "validation_samples' has the wrong type"),
+    ({"components__vision__parity__validation_samples": {"image_embeds": {"cosine": "x"}}},
+     "validation_samples.image_embeds.cosine' has the wrong type"),
+])
+def test_sections_the_pipelines_read_are_checked(changes, match):
+    """CLIP's logit scale and the export's parity figures: a damaged one failed later with an internal error."""
+    with pytest.raises(ManifestError, match=match):
+        parse_manifest(edited(**changes))
+
+
+def test_a_fused_graph_needs_its_baked_labels():
+    data = copy.deepcopy(VALID)
+    data["components"]["zero_shot"] = data["components"].pop("vision")
+    for section, match in (({}, "'zero_shot' is missing"), ({"zero_shot": {"labels": "abc"}}, "'zero_shot.labels' has"),
+                           ({"zero_shot": {"labels": []}}, "non-empty list of label strings")):
+        with pytest.raises(ManifestError, match=match):
+            parse_manifest(json.dumps({**data, **section}))
+    assert parse_manifest(json.dumps({**data, "zero_shot": {"labels": ["cat"]}}))["zero_shot"]["labels"] == ["cat"]
+
+
+def test_a_captioning_manifest_needs_its_generation_ends(blip2_artifact):
+    """``generation: {}`` ran with no end-of-sequence token: a caption that never ended before the position limit."""
+    data = json.loads((blip2_artifact / "manifest.json").read_text())
+    for generation, match in (({}, "'generation.max_new_tokens' is missing"),
+                              ({"max_new_tokens": 8}, "'generation.eos_token_id' is missing"),
+                              ({"max_new_tokens": 0, "eos_token_id": 2}, "a positive integer"),
+                              ({"max_new_tokens": 8, "eos_token_id": []}, "a token id or a non-empty list")):
+        with pytest.raises(ManifestError, match=match):
+            parse_manifest(json.dumps({**data, "generation": generation}))
+    assert parse_manifest(json.dumps({**data, "generation": {"max_new_tokens": 8, "eos_token_id": [2, 3]}}))
 
 
 def test_component_the_family_lacks():

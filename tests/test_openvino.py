@@ -97,6 +97,13 @@ def test_compiled_models_are_cached_keyed_and_never_trusted_blindly(clip_artifac
         blobs[0].write_bytes(bytes(data))
         with mmedge.load(folder, backend="openvino") as third:
             assert third.runners["zero_shot"].source.startswith("compiled")
+        record = blobs[0].with_suffix(".record")
+        kept = record.read_text()
+        for damaged in ("[]", '{"format": "mmedge.openvino-blob", "format_version": 1, "key": [1]}'):
+            record.write_text(damaged)  # valid JSON, not a record: an internal error, though doctor said "recompiled"
+            with mmedge.load(folder, backend="openvino") as fourth:
+                assert fourth.runners["zero_shot"].source.startswith("compiled")
+        assert record.read_text() != damaged and json.loads(record.read_text())["key"] == json.loads(kept)["key"]
     import hashlib
 
     replaced = blobs[0].read_bytes()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -142,17 +143,23 @@ def cache_key(variant: Variant) -> str:
 
 
 def cached(folder: Path, key: str) -> bool:
-    """Whether ``folder`` holds a complete artifact exported from the same model files with the same options."""
+    """Whether ``folder`` holds a complete, intact artifact exported from the same model files with the same options
+    (a damaged file is exported again, not reported on every later run)."""
     from mmedge.artifact import Artifact
 
-    stamp = folder.parent / f"{folder.name}.{CACHE_KEY_FILE}"
+    stamp = _stamp(folder)
     if not stamp.is_file() or stamp.read_text().strip() != key:
         return False
     try:
-        Artifact.open(folder)
+        Artifact.open(folder).check_every_file()
     except MmedgeError:
         return False
     return True
+
+
+def _stamp(folder: Path) -> Path:
+    """The cache key the demo writes beside each artifact it exported: also what marks the folder as the demo's."""
+    return folder.parent / f"{folder.name}.{CACHE_KEY_FILE}"
 
 
 def export_variant(variant: Variant, folder: Path, key: str) -> None:
@@ -165,9 +172,13 @@ def export_variant(variant: Variant, folder: Path, key: str) -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # the demo prints one line per export instead
+    stamp = _stamp(folder)
+    if stamp.is_file():  # the demo's own export, stale or damaged (its manifest lost, say): replaced whatever is left
+        shutil.rmtree(folder, ignore_errors=True)
+        stamp.unlink()
     export_model(str(model_path(variant.model)), folder,
                  ExportOptions(**variant.export_options(), overwrite=True, progress=False))
-    (folder.parent / f"{folder.name}.{CACHE_KEY_FILE}").write_text(key + "\n")
+    stamp.write_text(key + "\n")
 
 
 def describe(variant: Variant) -> str:

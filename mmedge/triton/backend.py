@@ -199,9 +199,7 @@ class ServedPipeline:
             from mmedge.embeddings import EmbeddingTable
             from mmedge.runtimes.runner_decoder import RunnerDecoder
 
-            entry = manifest[manifest["family"]]["embeddings"]
-            table = EmbeddingTable.load(artifact.verified_path(entry["file"], entry["sha256"],
-                                                               f"{manifest['family']}.embeddings.file"), entry)
+            table = EmbeddingTable.of_artifact(artifact)
             self._table = table
             self._new_decoder = lambda: RunnerDecoder.for_artifact(make_runner("decoder"), manifest, table)
             self._captioner()  # the manifest's generation settings are checked now, not at the first request

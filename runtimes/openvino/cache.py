@@ -70,7 +70,7 @@ class BlobCache:
             for other in others:
                 try:
                     reasons += self_differences(key, json.loads(other.read_text())["key"], other.name)
-                except (OSError, ValueError, KeyError, TypeError):
+                except (OSError, ValueError, KeyError, TypeError, AttributeError):
                     reasons.append(f"{other.name}: its record is unreadable")
             return None, reasons
         try:
@@ -78,6 +78,8 @@ class BlobCache:
             data = blob.read_bytes()
         except (OSError, ValueError):
             return None, [f"{record.name}: its record is unreadable"]
+        if not isinstance(entry, dict) or not isinstance(entry.get("key") or {}, dict):
+            return None, [f"{record.name}: its record is not one mmedge wrote"]
         if entry.get("format") != FORMAT or entry.get("format_version") != FORMAT_VERSION:
             return None, [f"{record.name}: format {entry.get('format')!r} version {entry.get('format_version')!r}"]
         differences = key.differences(entry.get("key") or {})

@@ -23,7 +23,7 @@ from mmedge.artifact import Artifact
 from mmedge.bench import samples_in_turns
 from mmedge.errors import ArtifactError, BackendUnavailableError
 from mmedge.generation.kv_layout import LOGITS_POSITIONS, cache_names, checked_layout
-from mmedge.tuning import device_key, store, timings_path
+from mmedge.tuning import check_storable, device_key, store
 
 CANDIDATES = ("onnxruntime", "openvino")
 
@@ -82,7 +82,7 @@ def tune(path: str | os.PathLike, threads: int | None = None, runs: int = 10, pr
     """Time every component of the artifact on ONNX Runtime's CPU and OpenVINO's CPU, store the medians for this
     device in ``engines/backend-timings.json`` and return the record. ``threads``: per graph, as ``mmedge.load``
     will be given (None: all cores)."""
-    from mmedge.api import open_runners
+    from mmedge.api import check_threads, open_runners
     from mmedge.device import importable, probe
     from mmedge.errors import InputError
     from mmedge.progress import Progress
@@ -92,9 +92,9 @@ def tune(path: str | os.PathLike, threads: int | None = None, runs: int = 10, pr
 
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 3:
         raise InputError(f"runs is {runs!r}", "an integer >= 3 (the median of fewer is noise)", "pass e.g. --runs 10")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise InputError(f"threads is {threads!r}", "None (all cores) or a positive integer", "pass e.g. --threads 2")
+    check_threads(threads, "pass e.g. --threads 2")
     artifact = Artifact.open(path)
+    target = check_storable(artifact)
     found = probe()
     why = openvino_unusable(found, "cpu", importable("openvino"))
     if why:
@@ -130,7 +130,7 @@ def tune(path: str | os.PathLike, threads: int | None = None, runs: int = 10, pr
     record = {"device": device_key(found, threads, CANDIDATES), "runs": runs,
               "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "components": components}
-    store(timings_path(artifact), record)
+    store(target, record)
     return record
 
 

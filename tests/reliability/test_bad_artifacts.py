@@ -148,6 +148,9 @@ CLIP_CASES = {
         f, lambda m: m["components"].update(decoder=m["components"]["vision"])),
         ManifestError, ("components.decoder", "'clip' family does not have")),
     "manifest-unknown-family": Case("clip", set_field("family", "flamingo"), ManifestError, ("'family'", "flamingo")),
+    "manifest-lacks-clip-section": Case("clip", set_field("clip", KeyError), ManifestError, ("'clip' is missing",)),
+    "manifest-logit-scale-text": Case("clip", set_field("clip.logit_scale", "33"), ManifestError,
+                                      ("'clip.logit_scale' has the wrong type",)),
     # the tokenizer
     "tokenizer-missing": Case("clip", lambda f: (f / "tokenizer.json").unlink(), ArtifactNotFoundError,
                               ("tokenizer.json", "missing")),
@@ -172,7 +175,11 @@ BLIP2_CASES = {
                                    ("blip2.decoder.kv_cache.past",)),
     "blip2-lacks-blip2-section": Case("blip2", set_field("blip2", KeyError), ManifestError, ("'blip2' is missing",)),
     "blip2-absurd-default-max-new-tokens": Case("blip2", set_field("generation.max_new_tokens", -5), ManifestError,
-                                                ("'generation'", "max_new_tokens=-5")),
+                                                ("'generation.max_new_tokens' is -5", "a positive integer")),
+    "blip2-generation-without-eos": Case("blip2", set_field("generation", {"max_new_tokens": 8}), ManifestError,
+                                         ("'generation.eos_token_id' is missing",)),  # a caption that never ended
+    "blip2-parity-samples-a-list": Case("blip2", set_field("components.decoder.parity.validation_samples", []),
+                                        ManifestError, ("parity.validation_samples' has the wrong type",)),
     "blip2-unknown-generation-setting": Case("blip2", set_field("generation.beams", 3), ManifestError,
                                              ("'generation'", "unknown generation setting")),
 }
