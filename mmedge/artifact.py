@@ -410,9 +410,10 @@ def atomic_folder(dest: str | os.PathLike, *, overwrite: bool = False,
         yield staging
         mask = _umask()
         staging.chmod(0o777 & ~mask)  # mkdtemp (and some writers) make things private; an artifact is ordinary
-        for item in staging.iterdir():
-            if item.is_file():
-                item.chmod(0o666 & ~mask)
+        for item in staging.rglob("*"):  # pytorch/ too: transformers' save_pretrained writes its weights 0600
+            if item.is_symlink():
+                continue
+            item.chmod((0o666 if item.is_file() else 0o777) & ~mask)
         if dest.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=parent))
             os.replace(dest, backup / "old")

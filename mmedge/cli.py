@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -37,7 +39,11 @@ def _labels(args) -> list[str] | None:
             raise InputError(f"labels file '{path}' is not UTF-8 text (its byte {exc.start} cannot start a "
                              "character)", "a UTF-8 text file with one label per line",
                              "check that the path names the labels file, or save it as UTF-8") from None
-        labels += [line.strip() for line in text.splitlines() if line.strip()]
+        read = [line.strip() for line in text.splitlines() if line.strip()]
+        if not read:
+            raise InputError(f"labels file '{path}' holds no labels (it is empty or blank)",
+                             "a text file with one label per line", "write the labels into it, or drop --labels-file")
+        labels += read
     if args.labels is not None and not labels:
         raise InputError("--labels was given with no labels", "at least one label after --labels",
                          "pass e.g. --labels cat dog bird")
@@ -72,7 +78,7 @@ def cmd_export(args) -> int:
     from mmedge.artifact import Artifact
 
     artifact = Artifact.open(out)
-    print(f"wrote {out} ({artifact.size_bytes() / 1e6:.1f} MB)")
+    print(f"wrote {out} ({sum(f.stat().st_size for f in Path(out).rglob('*') if f.is_file()) / 1e6:.1f} MB)")
     for name, comp in artifact.components.items():
         print(f"  {name}: {comp['file']} {comp['precision']} {_parity_line(comp['parity'])}")
     return 0
@@ -567,11 +573,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM (a job scheduler, `kill`, an out-of-memory supervisor), raised in the main thread so the work under way
+    unwinds as on Ctrl-C: an export's staging and scratch folders are removed, nothing half-written stays."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _warning_line
     args = build_parser().parse_args(argv)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None  # `serve` installs its own
+    try:
+        return _run(args)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _run(args) -> int:
     try:
         return args.func(args)
+    except Terminated:
+        print("mmedge: terminated", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as a shell reports it
     except MmedgeError as exc:
         print(f"mmedge: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -1,6 +1,7 @@
 """The CLI: happy paths, and every typed error reaching the user as one line with a non-zero exit."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -146,6 +147,44 @@ def test_artifact_errors_name_the_folder(capsys, clip_artifacts, tmp_path):
                      lambda: plan_for(clip_artifacts("fp32"), threads=threads)):
             with pytest.raises(InputError, match="a positive integer"):
                 call()
+
+
+def test_export_with_pytorch_is_readable_by_others_and_counted(capsys, tiny_blip2_dir, tmp_path):
+    """transformers writes pytorch/'s weights 0600: another account (a service, Triton's user) could not read them;
+    and the size printed left pytorch/ out."""
+    before = os.umask(0o022)
+    try:
+        code, out, _ = run_cli(capsys, "export", tiny_blip2_dir, tmp_path / "a", "--with-pytorch", "--quiet")
+    finally:
+        os.umask(before)
+    files = [f for f in (tmp_path / "a").rglob("*") if f.is_file()]
+    assert code == 0 and any(f.parent.name == "pytorch" for f in files)
+    assert {f.relative_to(tmp_path).as_posix(): oct(f.stat().st_mode & 0o777) for f in files
+            if f.stat().st_mode & 0o777 != 0o644} == {}
+    assert f"({sum(f.stat().st_size for f in files) / 1e6:.1f} MB)" in out.splitlines()[0]
+
+
+def test_an_empty_labels_file_is_refused(capsys, tmp_path):
+    (tmp_path / "labels.txt").write_text("\n   \n")
+    code, _, err = run_cli(capsys, "export", "some/model", tmp_path / "o", "--labels-file", tmp_path / "labels.txt")
+    assert code == 2 and "holds no labels (it is empty or blank)" in err and not (tmp_path / "o").exists()
+
+
+def test_sigterm_unwinds_an_export_like_ctrl_c(tiny_clip_dir, tmp_path):
+    """A terminated export (a scheduler's kill, `timeout`) left its staging folder; now it unwinds and exits 143."""
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "mmedge.cli", "export", str(tiny_clip_dir), str(tmp_path / "o"),
+                                "--precision", "int8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".o.partial-*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "the export ended before it could be terminated"
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143 and "mmedge: terminated" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # no staging folder, no output
 
 
 def test_export_cli(capsys, tiny_clip_dir, tmp_path):
