@@ -38,11 +38,41 @@ def fidelity_paths(options) -> tuple[list[Path], str]:
     """Photos to measure a quantized export's fidelity on, and a note for the manifest: ``--fidelity-images``, else
     the ``--calibration`` folder of a static INT8 export, else the bundled held-out photos."""
     if options.fidelity is not None:
-        return _folder_images(options.fidelity, "fidelity", "--fidelity-images", InputError)
-    if options.calibration is not None and options.quantization == "static" and options.precision == "int8":
-        return _folder_images(options.calibration, "calibration", "--calibration", CalibrationError)
-    paths = bundled("holdout")
-    return paths, f"bundled held-out photos ({len(paths)})"
+        paths, note = _folder_images(options.fidelity, "fidelity", "--fidelity-images", InputError)
+    elif _calibrates_on_folder(options):
+        paths, note = _folder_images(options.calibration, "calibration", "--calibration", CalibrationError)
+    else:
+        paths = bundled("holdout")
+        return paths, f"bundled held-out photos ({len(paths)})"
+    return paths, note + (": the --calibration images, not held out" if fidelity_on_calibration(options) else "")
+
+
+def fidelity_on_calibration(options) -> bool:
+    """Whether the fidelity photos are the ``--calibration`` images the export calibrates on, so not held out (no
+    ``--fidelity-images``, or one naming the same folder)."""
+    return _calibrates_on_folder(options) and (options.fidelity is None
+                                               or _same_folder(options.fidelity, options.calibration))
+
+
+def check_image_folders(options) -> None:
+    """Every image the export would read from ``--calibration`` and ``--fidelity-images`` decodes: checked before
+    anything is loaded, as a bad one would otherwise stop the export after loading and tracing."""
+    folders = []
+    if options.calibration is not None:
+        folders.append(("--calibration", CalibrationError, calibration_paths(options.calibration)[0]))
+    if options.fidelity is not None and not fidelity_on_calibration(options):
+        folders.append(("--fidelity-images", InputError, fidelity_paths(options)[0]))
+    for flag, error, paths in folders:
+        for path in paths:
+            _load_from_folder(path, flag, error)
+
+
+def _calibrates_on_folder(options) -> bool:
+    return options.calibration is not None and options.quantization == "static" and options.precision == "int8"
+
+
+def _same_folder(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def _folder_images(folder: str | Path, purpose: str, flag: str, error) -> tuple[list[Path], str]:
@@ -63,11 +93,16 @@ def _folder_images(folder: str | Path, purpose: str, flag: str, error) -> tuple[
 
 
 def load_calibration_image(path: Path) -> Image.Image:
+    return _load_from_folder(path, "--calibration", CalibrationError)
+
+
+def _load_from_folder(path: Path, flag: str, error) -> Image.Image:
+    """The image at ``path``, one of the ``flag`` folder's; ``error`` when it does not decode."""
     try:
         return load_image(path)
     except ImageError as exc:
-        raise CalibrationError(f"calibration image '{path.name}' is unusable: {exc.what}",
-                               "readable images only", "remove the file from the calibration folder") from None
+        raise error(f"{flag} image '{path.name}' is unusable: {exc.what}", "readable images only",
+                    f"remove or replace '{path}' in the {flag} folder") from None
 
 
 def holdout_images(paths: list[Path] | None = None) -> list[Image.Image]:

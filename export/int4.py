@@ -62,15 +62,20 @@ HEAD_WHY = {
 
 def check_int4_settings(block_size: int, accuracy_level: int) -> None:
     """Raise QuantizationError for a block size or accuracy level MatMulNBits cannot take."""
-    if isinstance(block_size, bool) or block_size not in BLOCK_SIZES:
+    if not _is_int(block_size) or block_size not in BLOCK_SIZES:
         raise QuantizationError(f"INT4 block size {block_size!r} is not supported",
-                                f"a power of two from {BLOCK_SIZES[0]} to {BLOCK_SIZES[-1]} "
+                                f"an int, a power of two from {BLOCK_SIZES[0]} to {BLOCK_SIZES[-1]} "
                                 f"({', '.join(map(str, BLOCK_SIZES))}; 32, 64 or 128 are usual)",
-                                "pass --int4-block-size 32 (most accurate) or 128 (smallest)")
-    if accuracy_level not in ACCURACY_LEVELS:
+                                "pass --int4-block-size 32 (the default; 16 is more accurate) or 128 (smaller)")
+    if not _is_int(accuracy_level) or accuracy_level not in ACCURACY_LEVELS:
         raise QuantizationError(f"INT4 accuracy level {accuracy_level!r} is not supported",
                                 "0 (unset), 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8 activations)",
                                 "pass --int4-accuracy-level 4 for CPU speed, 0 for float math")
+
+
+def _is_int(value) -> bool:
+    """A Python int: not a float that equals one (32.0 would fail after tracing), nor a bool (True == 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def quantize_int4(source: Path, dest: Path, *, block_size: int = 32, accuracy_level: int = 4,

@@ -20,6 +20,7 @@ whole).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import resource
 import sys
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from mmedge.errors import ExportError
 from mmedge.progress import Progress
 
-LIMIT_ENV = "MMEDGE_EXPORT_MEMORY_LIMIT"  # bytes, or a number with a GB / GiB / MB suffix
+LIMIT_ENV = "MMEDGE_EXPORT_MEMORY_LIMIT"  # bytes, or a number with a MB / MiB / GB / GiB / TB / TiB suffix
 BASE_BYTES = 950_000_000  # Python, torch, transformers and ONNX Runtime loaded (measured: load peak - weights)
 TRACE_OVERHEAD = 0.06  # tracing: activations and the graph beside the FP32 weights (measured 5.6%)
 SESSION_OVERHEAD = 0.15  # an ONNX Runtime session's activations, logits and tables beside its weights
@@ -92,17 +93,22 @@ class StepPeak:
 
 
 def parse_bytes(text: str) -> int:
-    """``"16GB"``, ``"16 GiB"``, ``"900MB"`` or a plain number of bytes."""
-    units = {"gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6, "": 1}
+    """``"16GB"``, ``"16 GiB"``, ``"900MB"``, ``"1.5TB"`` or a plain number of bytes: at least one byte (0 or less
+    would refuse every export, or turn the check off unsaid)."""
+    units = {"tib": 2**40, "tb": 10**12, "gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6, "": 1}
     raw = text.strip().lower().replace(" ", "")
-    for unit in sorted(units, key=len, reverse=True):
-        if raw.endswith(unit):
-            try:
-                return int(float(raw[: len(raw) - len(unit)] if unit else raw) * units[unit])
-            except ValueError:
-                break
-    raise ExportError(f"{LIMIT_ENV}={text!r} is not an amount of memory", "a number of bytes or e.g. 16GB",
-                      f"set {LIMIT_ENV} to e.g. 16GB, or unset it to use the machine's available memory")
+    unit = next(u for u in sorted(units, key=len, reverse=True) if raw.endswith(u))
+    try:
+        amount = float(raw[: len(raw) - len(unit)] if unit else raw) * units[unit]
+    except ValueError:
+        amount = math.nan
+    if not 1 <= amount < math.inf:
+        what = ("is not an amount of memory" if not math.isfinite(amount)
+                else "is zero or negative" if amount <= 0 else "is less than one byte")
+        raise ExportError(f"{LIMIT_ENV}={text!r} {what}",
+                          "a positive number of bytes, or one with a MB, MiB, GB, GiB, TB or TiB suffix (e.g. 16GB)",
+                          f"set {LIMIT_ENV} to e.g. 16GB, or unset it to use the machine's available memory")
+    return int(amount)
 
 
 def available_memory() -> tuple[int, str]:

@@ -74,6 +74,9 @@ RULES = (
          "drop --llm-precision (or --precision) to keep the decoder FP32, or drop --openvino-weights"),
     Rule("--allow-pickle", lambda o: o.allow_pickle, lambda o, f: not o.random_weights,
          "a checkpoint whose weights are loaded (with --random-weights none are)", "drop --allow-pickle"),
+    Rule("seed", lambda o: o.seed is not None, lambda o, f: o.random_weights,
+         "random_weights=True (the seed draws the random weights; a checkpoint's own are loaded as stored)",
+         "drop seed, or pass random_weights=True"),
     *(Rule(flag, lambda o, key=key: key in o.extra, lambda o, f, key=key: key in f.extra_defaults,
            EXTRA_FLAG_MODELS[key], f"drop {flag}")
       for key, flag in EXTRA_FLAGS.items()),
@@ -81,15 +84,21 @@ RULES = (
 
 
 def check_export_options(options, family) -> None:
-    """Raise InputError for a task the family lacks, an unknown family setting, or an option that would do nothing;
+    """Raise InputError for a task the family lacks (or any --task where one artifact serves every task), an unknown
+    family setting, or an option that would do nothing;
     then the values of those left (labels, templates, image folders; CalibrationError for --calibration).
 
     ``options.task`` may be None (the family's default task); ``family`` is the exporter's family object
-    (``name``, ``label``, ``tasks``, ``has_llm``, ``extra_defaults``)."""
+    (``name``, ``label``, ``tasks``, ``tasks_alike``, ``has_llm``, ``extra_defaults``)."""
     task = options.task or family.default_task
     if task not in family.tasks:
         raise InputError(f"task '{task}' is not a {family.label} task", f"one of {', '.join(family.tasks)}",
-                         "pass --task " + " or --task ".join(family.tasks))
+                         f"drop --task: {family.tasks_alike}" if family.tasks_alike
+                         else "pass --task " + " or --task ".join(family.tasks))
+    if options.task is not None and family.tasks_alike:
+        raise InputError(f"--task {task} would change nothing for {family.label}: {family.tasks_alike}",
+                         f"no --task for {family.label} (its artifact serves {' and '.join(family.tasks)})",
+                         "drop --task")
     unknown = sorted(set(options.extra) - set(family.extra_defaults) - set(EXTRA_FLAGS))
     if unknown:
         raise InputError(f"unknown {family.label} export setting(s) {unknown}",
@@ -103,17 +112,14 @@ def check_export_options(options, family) -> None:
 def _check_values(options) -> None:
     """The values of the options that do something here, with the checks the export itself runs later (after
     loading and tracing): labels and templates, the image folders."""
-    from mmedge.export.calibration import calibration_paths, fidelity_paths
+    from mmedge.export.calibration import check_image_folders
     from mmedge.pipelines.zero_shot import check_labels, check_templates
 
     if options.labels:
         check_labels(options.labels)
     if options.templates is not None:
         check_templates(options.templates)
-    if options.calibration is not None:
-        calibration_paths(options.calibration)
-    if options.fidelity is not None:
-        fidelity_paths(options)
+    check_image_folders(options)
 
 
 def _with_task(options, task: str):
@@ -123,7 +129,8 @@ def _with_task(options, task: str):
 
 
 def _settings(options, family) -> str:
-    parts = [f"--task {options.task}", f"--precision {options.precision}"]
+    parts = [] if family.tasks_alike else [f"--task {options.task}"]  # else no --task is taken
+    parts.append(f"--precision {options.precision}")
     if family.has_llm:
         parts.append(f"LLM {_llm(options)}")
     return ", ".join(parts)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,7 +34,7 @@ FIDELITY_ROWS = 4  # rows per ONNX Runtime call when a large graph's fidelity is
 # What an option left at None means (None marks "not given", so an option that would do nothing can be refused)
 DEFAULTS = {"quantization": "dynamic", "int4_block_size": 32, "int4_accuracy_level": 4, "int4_head": "int8",
             "int4_symmetric": False,
-            "calibration_method": "percentile"}
+            "calibration_method": "percentile", "seed": 0}
 
 
 @dataclass
@@ -58,7 +59,7 @@ class ExportOptions:
     allow_pickle: bool = False
     overwrite: bool = False
     progress: bool = True
-    seed: int = 0
+    seed: int | None = None  # random_weights only: the seed of the random weights (default 0)
     threads: int | None = None
     with_pytorch: bool = False  # also write the checkpoint's safetensors weights (pytorch/) for the torch backend
     openvino_weights: str | None = None  # int8 | int4: also write the FP32 decoder NNCF-compressed for OpenVINO
@@ -82,6 +83,11 @@ class ExportOptions:
         if self.quantization not in (None, *QUANTIZATIONS):
             raise ExportError(f"quantization '{self.quantization}' is not supported",
                               f"one of {', '.join(QUANTIZATIONS)}", "pass --quantization static or dynamic")
+        cosine = self.min_quantized_cosine
+        if isinstance(cosine, bool) or not isinstance(cosine, (int, float)) or not 0 < cosine <= 1:
+            raise ExportError(f"min_quantized_cosine {cosine!r} is not a usable fidelity floor",
+                              "a number in (0, 1]: the mean cosine a quantized encoder keeps vs FP32 (default 0.98)",
+                              "pass a value such as 0.98, or leave min_quantized_cosine out")
         from mmedge.export.int4 import check_int4_settings
 
         # here, before anything is loaded: the INT4 embedding table and MatMulNBits would meet a bad block size only
@@ -158,8 +164,8 @@ def _export(model: str, out: Path, options: ExportOptions, family, estimate=None
                                                   else "")):
         specs = family.specs(loaded, options)
     with (atomic_folder(out, overwrite=options.overwrite, sources=_local_sources(model)) as stage,
-          tempfile.TemporaryDirectory() as scratch):
-        builder = ArtifactBuilder(stage, Path(scratch), loaded, family, options)
+          _scratch(out, stage) as scratch):
+        builder = ArtifactBuilder(stage, scratch, loaded, family, options)
         builder.memory = {"estimate": estimate.as_manifest() if estimate else None, "steps": progress.steps}
         with progress.step(f"tracing {', '.join(s.name for s in specs)} and checking parity against PyTorch"):
             for spec in specs:  # PyTorch outputs of every component first: a large model frees towers as it goes
@@ -179,6 +185,21 @@ def _export(model: str, out: Path, options: ExportOptions, family, estimate=None
         with progress.step("writing manifest and validation samples"):
             builder.finish(specs)
     return out
+
+
+@contextlib.contextmanager
+def _scratch(out: Path, stage: Path):
+    """A folder for the FP32 graphs that get lowered (gigabytes for a large model): beside the staging folder and
+    named as ``atomic_folder`` names it (``.OUT.partial-PID-scratch-*``), so that after a killed export the next
+    export to OUT removes it with the abandoned staging folder. The libraries' own temporary files (ONNX Runtime's
+    quantizers copy the graph they work on) go there too, for the export's duration: nothing is left in the system's
+    temporary folder by a killed export."""
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.partial-{os.getpid()}-scratch-", dir=stage.parent) as scratch:
+        before, tempfile.tempdir = tempfile.tempdir, scratch
+        try:
+            yield Path(scratch)
+        finally:
+            tempfile.tempdir = before
 
 
 def run_in_batches(path: Path, feeds: dict[str, np.ndarray], threads: int | None, rows: int = FIDELITY_ROWS):
@@ -208,7 +229,7 @@ def _describe_precision(builder: "ArtifactBuilder", lowered) -> str:
     parts = []
     for spec in lowered:
         precision = builder.precision_of(spec)
-        recipe = {"int8": f"INT8 {builder.options.quantization}", "int4": "INT4 weight-only", "fp16": "FP16"}[precision]
+        recipe = {"int8": f"INT8 {builder.int8_recipe(spec)}", "int4": "INT4 weight-only", "fp16": "FP16"}[precision]
         parts.append(f"{spec.name} → {recipe}")
     return "lowering precision: " + ", ".join(parts)
 
@@ -240,6 +261,7 @@ class ArtifactBuilder:
             self.tokenizer_settings["sha256"] = sha256_file(stage / TOKENIZER_FILE)  # verified before it is parsed
             self.tokenizer = TextTokenizer.from_file(stage / TOKENIZER_FILE, self.tokenizer_settings)
         self.fp32_paths: dict[str, Path] = {}
+        self.traced: dict[str, object] = {}  # the specs traced, by name (the fidelity advice reads them)
         self.entries: dict[str, dict] = {}
         self._samples: dict[str, tuple[dict, dict]] = {}  # validation inputs and PyTorch outputs per component
         self._sample_parity: dict[str, dict] = {}  # each final graph's parity on those samples
@@ -251,6 +273,11 @@ class ArtifactBuilder:
 
     def precision_of(self, spec) -> str:
         return self.family.precision_of(spec, self.options)
+
+    def int8_recipe(self, spec) -> str:
+        """How INT8 lowers ``spec``: "static" (calibrated QDQ) under --quantization static where the family
+        calibrates it, else "dynamic" (an LLM always)."""
+        return "static" if self.options.quantization == "static" and self.family.calibrates(spec) else "dynamic"
 
     def trace(self, spec, later=()) -> None:
         """Export ``spec`` at FP32 and check it against PyTorch on fresh shapes and on the validation samples.
@@ -271,6 +298,7 @@ class ArtifactBuilder:
         folder = self.stage if final_fp32 else self.scratch
         path = export_spec(spec, folder / f"{spec.name}.onnx")
         self.fp32_paths[spec.name] = path
+        self.traced[spec.name] = spec
         rewrites = {}
         if final_fp32 and "pixel_values" in spec.inputs:  # image graphs only
             from mmedge.export.graph_rewrites import count_long_inner_matmuls, split_long_inner_matmuls
@@ -345,12 +373,13 @@ class ArtifactBuilder:
                             "FP16 overflows in this model; export fp32 and let TensorRT pick FP16 layers")
             entry.update(precision=precision, quantization=recipe, parity=parity)
         if any(self.precision_of(s) in ("int8", "int4") for s in specs):
-            from mmedge.export.calibration import fidelity_paths
+            from mmedge.export.calibration import fidelity_on_calibration, fidelity_paths
 
             run = lambda path, feeds: run_in_batches(path, feeds, self.options.threads)  # noqa: E731
             _, images = fidelity_paths(self.options)
+            held_out = not fidelity_on_calibration(self.options)  # else the photos static INT8 calibrated on
             for name, measured in self.family.quantized_fidelity(run, self.fp32_paths, final, self).items():
-                self.entries[name]["parity"]["fidelity"] = {**measured, "images": images}
+                self.entries[name]["parity"]["fidelity"] = {**measured, "images": images, "held_out": held_out}
 
     def compress_for_openvino(self, specs) -> None:
         """``--openvino-weights``: the decoder's IR with NNCF-compressed weights beside its FP32 ONNX graph."""
@@ -373,7 +402,7 @@ class ArtifactBuilder:
             return quantize.quantize_int4_weights(source, dest, block_size=options.int4_block_size,
                                                   accuracy_level=options.int4_accuracy_level, head=options.int4_head,
                                                   symmetric=options.int4_symmetric)
-        if options.quantization == "dynamic" or not self.family.calibrates(spec):
+        if self.int8_recipe(spec) == "dynamic":
             return quantize.quantize_int8_dynamic(source, dest)
         feeds, note = self.family.calibration_feeds(spec, self, progress)
         return quantize.quantize_int8_static(source, dest, feeds, method=options.calibration_method, samples_note=note)

@@ -41,7 +41,8 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", t
     task = task or manifest["tasks"][0]
     if task not in manifest["tasks"]:
         raise InputError(f"task '{task}' is not one this artifact was exported for",
-                         f"one of {', '.join(manifest['tasks'])}", "pass one of those, or re-export with --task")
+                         f"one of {', '.join(manifest['tasks'])}",
+                         "pass one of those" + (", or re-export with --task" if manifest["family"] == "clip" else ""))
     if artifact.random_weights:
         warnings.warn(f"artifact '{artifact.root.name}' was exported with random weights "
                       f"(source {manifest['source']['model']}): its outputs are meaningless", RandomWeightsWarning,

@@ -88,12 +88,13 @@ def _parity_line(parity: dict) -> str:
     worst = min(m["cosine"] for m in parity["outputs"].values())
     text = f"cosine vs PyTorch {worst:.6f}"
     fidelity = parity.get("fidelity") or {}
+    on = "held-out" if fidelity.get("held_out", True) else "calibration-image"  # static INT8 with only --calibration
     if "top1_agreement" in fidelity:  # CLIP
-        text += f", held-out top-1 agreement vs FP32 {fidelity['top1_agreement']:.3f}"
+        text += f", {on} top-1 agreement vs FP32 {fidelity['top1_agreement']:.3f}"
     elif "logits_cosine_mean" in fidelity:  # a captioner's decoder
-        text += f", held-out logits cosine vs FP32 {fidelity['logits_cosine_mean']:.4f}"
+        text += f", {on} logits cosine vs FP32 {fidelity['logits_cosine_mean']:.4f}"
     elif "embedding_cosine_mean" in fidelity:  # a captioner's encoders
-        text += f", held-out output cosine vs FP32 {fidelity['embedding_cosine_mean']:.4f}"
+        text += f", {on} output cosine vs FP32 {fidelity['embedding_cosine_mean']:.4f}"
     return text
 
 
@@ -411,8 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "nothing for the model's family is refused (exit 2), before anything is loaded.")
     exp.add_argument("model", help="hub id, checkpoint folder, or (with --random-weights) a bundled config name")
     exp.add_argument("out", help="artifact folder to write (must not exist unless --overwrite)")
-    exp.add_argument("--task", default=None, help="CLIP: zero-shot or embed; BLIP-2 and IDEFICS: caption or vqa "
-                                                  "(default: the family's first task)")
+    exp.add_argument("--task", default=None, help="CLIP only: zero-shot or embed (default zero-shot); a captioning "
+                                                  "artifact (BLIP-2, InstructBLIP, IDEFICS) answers captions and "
+                                                  "questions alike and takes no --task")
     exp.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
                      help="encoders (and the LLM unless --llm-precision)")
     exp.add_argument("--llm-precision", choices=["fp32", "fp16", "int8", "int4"],

@@ -187,6 +187,16 @@ def test_sigterm_unwinds_an_export_like_ctrl_c(tiny_clip_dir, tmp_path):
     assert list(tmp_path.iterdir()) == []  # no staging folder, no output
 
 
+def test_the_parity_line_says_whether_fidelity_images_were_held_out():
+    """Static INT8 given only --calibration measures fidelity on the images it calibrated on: not "held-out"."""
+    from mmedge.cli import _parity_line
+
+    parity = {"outputs": {"probs": {"cosine": 0.9991}}, "fidelity": {"top1_agreement": 1.0}}
+    assert "held-out top-1 agreement vs FP32 1.000" in _parity_line(parity)
+    parity["fidelity"]["held_out"] = False
+    assert "calibration-image top-1 agreement" in _parity_line(parity) and "held-out" not in _parity_line(parity)
+
+
 def test_export_cli(capsys, tiny_clip_dir, tmp_path):
     code, out, err = run_cli(capsys, "export", tiny_clip_dir, tmp_path / "x", "--labels", "cat", "dog")
     assert code == 0 and "zero_shot: zero_shot.onnx fp32" in out and "[3/5] tracing" in err

@@ -1,6 +1,7 @@
 """CLIP export on a tiny random checkpoint: parity, manifest contents, quantization fidelity."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -190,8 +191,12 @@ def test_fidelity_is_measured_on_the_images_asked_for(clip_artifacts, tiny_clip_
     own = export_model(str(tiny_clip_dir), tmp_path / "own", precision="int8", fidelity=str(scenes), progress=False)
     fidelity = manifest(own)["components"]["vision"]["parity"]["fidelity"]
     assert fidelity["images"] == "scenes/ (3 images)" and fidelity["held_out_images"] == 12
-    from mmedge.export.calibration import fidelity_paths
+    assert default["held_out"] is True and fidelity["held_out"] is True
+    from mmedge.export.calibration import fidelity_on_calibration, fidelity_paths
     from mmedge.export.pipeline import ExportOptions
 
+    # what the static export measures on (the same path): the images it calibrated on, which the manifest says
     static = ExportOptions(precision="int8", quantization="static", calibration=str(scenes))
-    assert fidelity_paths(static)[1] == "scenes/ (3 images)"  # what the static export measures on (the same path)
+    assert fidelity_paths(static)[1] == "scenes/ (3 images): the --calibration images, not held out"
+    assert fidelity_on_calibration(static) and fidelity_on_calibration(replace(static, fidelity=str(scenes)))
+    assert not fidelity_on_calibration(replace(static, fidelity=str(tmp_path)))

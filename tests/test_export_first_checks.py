@@ -16,7 +16,15 @@ import pytest
 
 from mmedge.artifact import atomic_folder
 from mmedge.cli import main
-from mmedge.errors import ArtifactError, CalibrationError, InputError, MmedgeError, ModelLoadError, QuantizationError
+from mmedge.errors import (
+    ArtifactError,
+    CalibrationError,
+    ExportError,
+    InputError,
+    ModelLoadError,
+    ParityError,
+    QuantizationError,
+)
 from mmedge.export import export_model
 from tests.support.battery import api_error, cli_error
 
@@ -211,9 +219,9 @@ def test_image_folders_labels_and_templates_are_checked_before_loading(tiny_clip
 # --- a refused export leaves nothing new on disk ------------------------------------------------------------------
 def test_an_export_refused_midway_leaves_no_new_parent_folders(tiny_clip_dir, tmp_path):
     """Refused at the fidelity gate, after the staging folder was made: the folders made for it go too."""
-    with pytest.raises(MmedgeError, match="fidelity|cosine"):
+    with pytest.raises(ParityError, match="failed parity: cosine"):
         export_model(str(tiny_clip_dir), tmp_path / "new" / "deeper" / "out", precision="int8",
-                     min_quantized_cosine=1.5, progress=False)
+                     min_quantized_cosine=1.0, progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -224,3 +232,177 @@ def test_atomic_folder_removes_only_the_parents_it_made_and_only_when_empty(tmp_
             (stage / "half.onnx").write_bytes(b"x")
             raise RuntimeError("interrupted")
     assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not any((tmp_path / "kept").iterdir())
+
+
+# --- a killed export leaves nothing the next one does not remove ---------------------------------------------------
+def _dead_pid() -> int:
+    for pid in range(2**22 + 12345, 2**22 + 12445):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            continue
+    raise AssertionError("no unused process id found")
+
+
+def test_the_scratch_lies_beside_the_output_where_the_next_export_removes_it(tiny_clip_dir, tmp_path, monkeypatch):
+    """The FP32 graphs to lower (and ONNX Runtime's copies of them) go to a ``.OUT.partial-PID-scratch-*`` folder
+    beside OUT, never to the system's temporary folder: what a killed export (kill -9) left there, the next export to
+    OUT removes with its abandoned staging folder."""
+    import tempfile
+
+    abandoned = tmp_path / f".out.partial-{_dead_pid()}-scratch-x1y2z3"
+    abandoned.mkdir()
+    (abandoned / "vision.onnx").write_bytes(b"x" * 1000)
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    made, mkdtemp = [], tempfile.mkdtemp
+
+    def recorded(*args, **kwargs):
+        made.append(Path(mkdtemp(*args, **kwargs)))
+        return str(made[-1])
+
+    monkeypatch.setattr(tempfile, "mkdtemp", recorded)
+    export_model(str(tiny_clip_dir), tmp_path / "out", precision="int8", quantization="static", progress=False)
+    scratch = [p for p in made if "-scratch-" in p.name]
+    assert [p.parent for p in scratch] == [tmp_path], made
+    assert scratch[0].name.startswith(f".out.partial-{os.getpid()}-scratch-")
+    assert len(made) > 2 and not [p for p in made if system_tmp in p.parents], made  # ONNX Runtime's folders too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "system-tmp"] and not any(system_tmp.iterdir())
+    assert tempfile.tempdir == str(system_tmp)  # given back after the export
+
+
+# --- --task where it changes nothing -------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["blip2", "idefics"])
+def test_task_is_refused_where_one_artifact_serves_every_task(family, tiny_blip2_dir, tiny_idefics_dir, tmp_path,
+                                                               nothing_loads, capsys):
+    source, label = {"blip2": (tiny_blip2_dir, "BLIP-2"), "idefics": (tiny_idefics_dir, "IDEFICS")}[family]
+    for task in ("vqa", "caption"):
+        api_error(lambda: export_model(str(source), tmp_path / "out", task=task, progress=False), InputError,
+                  f"--task {task} would change nothing for {label}", "answers captions and questions alike",
+                  "fix: drop --task")
+    cli_error(capsys, ["export", source, tmp_path / "out", "--task", "vqa"], InputError,
+              f"--task vqa would change nothing for {label}")
+    # a task the family lacks: the advice is not to pass another --task
+    error = api_error(lambda: export_model(str(source), tmp_path / "out", task="embed", progress=False), InputError,
+                      f"task 'embed' is not a {label} task", "fix: drop --task")
+    assert "pass --task" not in str(error)
+    assert not (tmp_path / "out").exists()
+
+
+# --- images in --calibration / --fidelity-images that do not open ------------------------------------------------
+def test_an_unreadable_image_in_an_image_folder_is_refused_before_loading(tiny_clip_dir, photos, tmp_path,
+                                                                          nothing_loads, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(Path(photos[0]).read_bytes())
+    (folder / "b.jpg").write_bytes(Path(photos[1]).read_bytes()[:2000])  # truncated
+    static = {"precision": "int8", "quantization": "static", "progress": False}
+    for kind, kwargs, flag in ((CalibrationError, {"calibration": str(folder), **static}, "--calibration"),
+                               (InputError, {"precision": "int8", "fidelity": str(folder), "progress": False},
+                                "--fidelity-images")):
+        api_error(lambda: export_model(str(tiny_clip_dir), tmp_path / "out", **kwargs), kind,
+                  f"{flag} image 'b.jpg' is unusable", f"fix: remove or replace '{folder / 'b.jpg'}' in the {flag}")
+    cli_error(capsys, ["export", tiny_clip_dir, tmp_path / "out", "--precision", "int8", "--fidelity-images", folder],
+              InputError, "--fidelity-images image 'b.jpg' is unusable")
+    (folder / "b.jpg").write_text("not an image")
+    api_error(lambda: export_model(str(tiny_clip_dir), tmp_path / "out", calibration=str(folder), **static),
+              CalibrationError, "--calibration image 'b.jpg' is unusable", "not an image PIL can read")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
+# --- Python API values the CLI's parser would have refused -------------------------------------------------------
+@pytest.mark.parametrize("kwargs,kind,fragments", [
+    ({"llm_precision": "int4", "int4_block_size": 32.0}, QuantizationError, ["block size 32.0 ", "an int"]),
+    ({"llm_precision": "int4", "int4_block_size": True}, QuantizationError, ["block size True "]),
+    ({"llm_precision": "int4", "int4_accuracy_level": 4.0}, QuantizationError, ["accuracy level 4.0 "]),
+    ({"llm_precision": "int4", "int4_accuracy_level": True}, QuantizationError, ["accuracy level True "]),
+    ({"precision": "int8", "min_quantized_cosine": 1.5}, ExportError, ["min_quantized_cosine 1.5 ", "(0, 1]"]),
+    ({"precision": "int8", "min_quantized_cosine": 0}, ExportError, ["min_quantized_cosine 0 "]),
+    ({"precision": "int8", "min_quantized_cosine": float("nan")}, ExportError, ["min_quantized_cosine nan "]),
+    ({"precision": "int8", "min_quantized_cosine": "0.9"}, ExportError, ["min_quantized_cosine '0.9' "]),
+    ({"seed": 3}, InputError, ["seed would change nothing", "random_weights=True", "drop seed"]),
+])
+def test_api_values_are_refused_before_loading(kwargs, kind, fragments, tiny_blip2_dir, tmp_path, nothing_loads):
+    api_error(lambda: export_model(str(tiny_blip2_dir), tmp_path / "out", progress=False, **kwargs), kind,
+              *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+# --- what a failed fidelity gate advises -------------------------------------------------------------------------
+@pytest.mark.parametrize("options,advice", [
+    ({"llm_precision": "int4"}, "pass --llm-precision int8 or a smaller --int4-block-size (16)"),
+    ({"llm_precision": "int4", "int4_block_size": 16}, "pass --llm-precision int8"),
+    ({"llm_precision": "int4", "int4_block_size": 64, "int4_head": "int4"},
+     "pass --llm-precision int8, a smaller --int4-block-size (16 or 32) or --int4-head int8"),
+    ({"precision": "int8"}, "pass --llm-precision fp16 or fp32"),
+    ({"precision": "int8", "llm_precision": "fp16"}, "pass --llm-precision fp32"),
+])
+def test_the_llm_fidelity_advice_suggests_only_what_differs(options, advice):
+    from mmedge.export.families.base import llm_fix
+    from mmedge.export.pipeline import ExportOptions
+
+    assert llm_fix(ExportOptions(**options).settled("caption")) == advice
+
+
+def _gated(family: str, name: str, inputs: tuple, lowered_to: str, options: dict):
+    """An ArtifactBuilder as the fidelity gate sees it: component ``name`` traced and lowered to ``lowered_to``."""
+    from types import SimpleNamespace
+
+    from mmedge.export.families import FAMILIES
+    from mmedge.export.pipeline import ArtifactBuilder, ExportOptions
+
+    builder = ArtifactBuilder.__new__(ArtifactBuilder)  # no checkpoint: only what the advice reads
+    builder.family = FAMILIES[family]
+    builder.options = ExportOptions(**options).settled(builder.family.default_task)
+    builder.traced = {name: SimpleNamespace(name=name, inputs=dict.fromkeys(inputs))}
+    builder.entries = {name: {"precision": lowered_to}}
+    return builder
+
+
+@pytest.mark.parametrize("builder,advice", [
+    (("clip", "vision", ("pixel_values",), "int8", {"precision": "int8"}),
+     "pass --quantization static with --calibration images of the model's domain, or --precision fp16"),
+    (("clip", "vision", ("pixel_values",), "int8", {"precision": "int8", "quantization": "static"}),
+     "pass more representative --calibration images, --quantization dynamic, or --precision fp16"),
+    (("clip", "text", ("input_ids", "attention_mask"), "int8", {"precision": "int8", "quantization": "static"}),
+     "pass --quantization dynamic, or --precision fp16"),  # calibrated on label prompts, not images
+    (("idefics", "cross_kv", ("visual_tokens",), "int8", {"precision": "int8", "quantization": "static"}),
+     "pass --precision fp16 with --llm-precision int8"),  # static INT8 never calibrates it
+    (("blip2", "prefix", ("pixel_values",), "fp16", {"precision": "fp16", "llm_precision": "int4"}),
+     "pass --precision fp32 with --llm-precision int4"),
+    (("blip2", "prefix", ("pixel_values",), "int8", {"precision": "int8", "llm_precision": "int4"}),
+     "pass --quantization static with --calibration images of the model's domain, or --precision fp16 with "
+     "--llm-precision int4"),
+])
+def test_the_encoder_fidelity_advice_suggests_only_what_differs(builder, advice):
+    from mmedge.export.families.base import encoder_fix
+
+    assert encoder_fix(_gated(*builder), builder[1]) == advice
+
+
+def test_a_failed_int4_llm_at_the_smallest_block_size_is_not_told_to_shrink_it(tiny_idefics_dir, tmp_path, capsys):
+    line = cli_error(capsys, ["export", tiny_idefics_dir, tmp_path / "out", "--llm-precision", "int4",
+                              "--int4-block-size", "16", "--quiet"], ParityError,
+                     "component 'decoder' output 'logits' failed parity")
+    assert line.endswith("fix: pass --llm-precision int8.") and not (tmp_path / "out").exists()
+
+
+# --- the progress line and the manifest say what static INT8 did -------------------------------------------------
+def test_static_int8_says_the_llm_is_dynamic_and_the_calibration_images_are_not_held_out(tiny_blip2_dir, photos,
+                                                                                       tmp_path, capfd):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for path in photos[:2]:
+        (folder / Path(path).name).write_bytes(Path(path).read_bytes())
+    out = export_model(str(tiny_blip2_dir), tmp_path / "out", precision="int8", quantization="static",
+                       calibration=str(folder))
+    assert "lowering precision: prefix → INT8 static, decoder → INT8 dynamic" in capfd.readouterr().err
+    components = json.loads((out / "manifest.json").read_text())["components"]
+    assert components["decoder"]["quantization"]["method"] == "int8-dynamic"
+    for entry in components.values():
+        fidelity = entry["parity"]["fidelity"]
+        assert fidelity["held_out"] is False and fidelity["images"] == "mine/ (2 images): the --calibration images, " \
+                                                                       "not held out"

@@ -53,6 +53,21 @@ def test_a_bad_limit_is_refused_with_what_it_expects(tiny_blip2_dir, tmp_path, m
     with pytest.raises(ExportError, match="not an amount of memory"):
         export_model(str(tiny_blip2_dir), tmp_path / "art", progress=False)
     assert parse_bytes("16GB") == 16 * 10**9 and parse_bytes("1.5 GiB") == 3 * 2**29 and parse_bytes("123") == 123
+    assert parse_bytes("1.5TB") == 15 * 10**11 and parse_bytes("2 TiB") == 2**41
+
+
+@pytest.mark.parametrize("limit,said", [("-5GB", "is zero or negative"), ("0", "is zero or negative"),
+                                        ("0.5", "is less than one byte"), ("inf", "is not an amount of memory")])
+def test_a_limit_under_one_byte_is_refused_not_taken_as_no_limit(limit, said, tiny_blip2_dir, tmp_path, monkeypatch,
+                                                                 capsys):
+    """0 used to turn the check off unsaid, -5GB to be reported as "-5.0 GB is available"."""
+    from tests.support.battery import api_error, cli_error
+
+    monkeypatch.setenv(LIMIT_ENV, limit)
+    api_error(lambda: export_model(str(tiny_blip2_dir), tmp_path / "art", progress=False), ExportError,
+              f"{LIMIT_ENV}={limit!r} {said}", "a positive number of bytes", "unset it")
+    cli_error(capsys, ["export", tiny_blip2_dir, tmp_path / "art"], ExportError, f"{LIMIT_ENV}={limit!r} {said}")
+    assert not (tmp_path / "art").exists()
 
 
 def _touch(megabytes: int) -> bytearray:

@@ -63,8 +63,8 @@ EXPORT = [  # flags, the families where they do something
     (["--recompute-cross-kv"], {"idefics"}),
     (["--task", "zero-shot"], {"clip"}),
     (["--task", "embed"], {"clip"}),
-    (["--task", "caption"], GENERATIVE),
-    (["--task", "vqa"], GENERATIVE),
+    (["--task", "caption"], set()),  # a captioning artifact answers captions and questions alike
+    (["--task", "vqa"], set()),
     (["--openvino-weights", "int4"], GENERATIVE),  # NNCF compresses the FP32 decoder
     (["--openvino-weights", "int4", "--llm-precision", "int4"], set()),  # the decoder is no longer FP32
     (["--random-weights", "--allow-pickle"], set()),  # random weights load no weights, pickled or not

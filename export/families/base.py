@@ -28,6 +28,8 @@ class Family(abc.ABC):
     tasks: tuple[str, ...]
     default_task: str
     has_llm: bool = False  # whether --llm-precision applies
+    # why --task would change nothing (one artifact serves every task), or None where it shapes the export
+    tasks_alike: str | None = None
     extra_defaults: dict = {}  # the ExportOptions.extra settings it accepts, with defaults
 
     # --- the checkpoint ---------------------------------------------------------------------------
@@ -113,7 +115,42 @@ def gate_fidelity(name: str, figures: dict, key: str, floor: float, output: str,
     return figures
 
 
-ENCODER_FIX = "use more representative --calibration images, --quantization dynamic, or --precision fp16"
-DECODER_FIX = "use --llm-precision int8 or a smaller --int4-block-size (e.g. 32)"
+def encoder_fix(builder, name: str) -> str:
+    """What to try when the lowered encoder (image or text graph) ``name`` misses its fidelity floor: only what
+    differs from how it was lowered, and only what would change that component."""
+    spec, options = builder.traced[name], builder.options
+    # --precision alone would set a generative family's LLM too: keep the LLM's precision as it was
+    precision = "--precision {}" + (f" with --llm-precision {options.llm_precision or options.precision}"
+                                    if builder.family.has_llm else "")
+    if builder.entries[name]["precision"] == "fp16":
+        return "pass " + precision.format("fp32")
+    fp16 = precision.format("fp16")
+    on_images = "input_ids" not in spec.inputs  # calibrated on images (CLIP's text graph: on label prompts)
+    if builder.int8_recipe(spec) == "static":
+        images = "more representative --calibration images, " if on_images else ""
+        return f"pass {images}--quantization dynamic, or {fp16}"
+    if builder.family.calibrates(spec):
+        images = " with --calibration images of the model's domain" if on_images else ""
+        return f"pass --quantization static{images}, or {fp16}"
+    return f"pass {fp16}"
 
-__all__ = ["DECODER_FIX", "ENCODER_FIX", "Family", "gate_fidelity"]
+
+def llm_fix(options) -> str:
+    """What to try when the lowered LLM misses its fidelity floor, given the (settled) options it was lowered with:
+    a more precise LLM, and for INT4 only the settings that exist and differ from those used."""
+    from mmedge.export.int4 import BLOCK_SIZES
+
+    precision = options.llm_precision or options.precision
+    if precision == "int4":
+        tries = ["--llm-precision int8"]
+        smaller = [str(size) for size in BLOCK_SIZES if size < options.int4_block_size]
+        if smaller:
+            tries.append(f"a smaller --int4-block-size ({' or '.join(smaller)})")
+        if options.int4_head == "int4":
+            tries.append("--int4-head int8")
+        *first, last = tries
+        return "pass " + (", ".join(first) + " or " if first else "") + last
+    return "pass --llm-precision fp16 or fp32" if precision == "int8" else "pass --llm-precision fp32"
+
+
+__all__ = ["Family", "encoder_fix", "gate_fidelity", "llm_fix"]

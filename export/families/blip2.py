@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from mmedge.errors import ExportError, InputError
-from mmedge.export.families.base import DECODER_FIX, ENCODER_FIX, gate_fidelity
+from mmedge.export.families.base import encoder_fix, gate_fidelity, llm_fix
 from mmedge.export.families.common import EMBEDDINGS_FILE, GenerativeFamily, write_embedding_table
 from mmedge.export.specs.blip2 import (
     Blip2Prefix,
@@ -273,11 +273,11 @@ class Blip2Family(GenerativeFamily):
             for name in encoders:
                 measured[name] = gate_fidelity(name, _encoder_fidelity(name, run, fp32, quantized, pixels),
                                                "embedding_cosine_mean", options.min_quantized_cosine, "embeddings",
-                                               ENCODER_FIX)
+                                               encoder_fix(builder, name))
         if "decoder" in quantized:
             measured["decoder"] = gate_fidelity("decoder", self._decoder_fidelity(fp32, quantized, builder, photos),
                                                 "logits_cosine_mean", float(self.setting(options, "min_logits_cosine")),
-                                                "logits", DECODER_FIX)
+                                                "logits", llm_fix(options))
         return measured
 
     def _decoder_fidelity(self, fp32, quantized, builder, photos) -> dict:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmedge.export.families.base import DECODER_FIX, gate_fidelity
+from mmedge.export.families.base import gate_fidelity, llm_fix
 from mmedge.export.families.blip2 import (
     ENCODER_DECODER_LLMS,
     ENCODERS,
@@ -190,7 +190,7 @@ class Blip2T5Family(Blip2Family):
         if lowered:  # measured and gated together: the decoder's logits are the encoder's output too
             figures = self._llm_fidelity(fp32, quantized, builder) | {"components": lowered}
             floor = float(self.setting(builder.options, "min_logits_cosine"))
-            gate_fidelity("+".join(lowered), figures, "logits_cosine_mean", floor, "logits", DECODER_FIX)
+            gate_fidelity("+".join(lowered), figures, "logits_cosine_mean", floor, "logits", llm_fix(builder.options))
             measured.update({name: figures for name in lowered})
         return measured
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmedge.export.families.base import ENCODER_FIX, Family, gate_fidelity
+from mmedge.export.families.base import Family, encoder_fix, gate_fidelity
 from mmedge.export.specs.clip import ClipText, ClipVision, ClipZeroShot, _FusedZeroShot, _ImageEmbeds, _TextEmbeds
 from mmedge.metrics import cosine_rows, top1_agreement
 from mmedge.pipelines.common import l2_normalize
@@ -131,8 +131,8 @@ class ClipFamily(Family):
                                   builder.options.templates,
                                   photos)
         floor = builder.options.min_quantized_cosine
-        return {name: gate_fidelity(name, figures, "embedding_cosine_mean", floor, "embeddings", ENCODER_FIX)
-                for name, figures in measured.items()}
+        return {name: gate_fidelity(name, figures, "embedding_cosine_mean", floor, "embeddings",
+                                    encoder_fix(builder, name)) for name, figures in measured.items()}
 
     def _fidelity(self, run, fp32, quantized, preprocessor, tokenizer, templates, photos) -> dict[str, dict]:
         from mmedge.export.calibration import holdout_images

@@ -20,6 +20,7 @@ class GenerativeFamily(Family):
 
     default_task = "caption"
     has_llm = True
+    tasks_alike = "a captioning artifact answers captions and questions alike"
 
     def precision_of(self, spec, options) -> str:
         """The decoder takes ``--llm-precision`` (default: ``--precision``); the encoders ``--precision``."""

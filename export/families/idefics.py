@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmedge.export.families.base import DECODER_FIX, ENCODER_FIX, gate_fidelity
+from mmedge.export.families.base import encoder_fix, gate_fidelity, llm_fix
 from mmedge.export.families.blip2 import (
     GENERATION_FIELDS,
     VQA_TEMPLATE,
@@ -270,11 +270,11 @@ class IdeficsFamily(GenerativeFamily):
             measured[name] = gate_fidelity(name, _encoder_fidelity_of(name, run, fp32[name], quantized[name],
                                                                       feeds[name]),
                                            "embedding_cosine_mean", options.min_quantized_cosine, "outputs",
-                                           ENCODER_FIX)
+                                           encoder_fix(builder, name))
         if "decoder" in quantized:
             measured["decoder"] = gate_fidelity("decoder", self._decoder_fidelity(fp32, quantized, builder, photos),
                                                 "logits_cosine_mean", float(self.setting(options, "min_logits_cosine")),
-                                                "logits", DECODER_FIX)
+                                                "logits", llm_fix(options))
         return measured
 
     def _decoder_fidelity(self, fp32, quantized, builder, paths) -> dict:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from mmedge.errors import ModelLoadError
-from mmedge.export.families.base import ENCODER_FIX, gate_fidelity
+from mmedge.export.families.base import encoder_fix, gate_fidelity
 from mmedge.export.families.blip2 import ENCODERS, _VisionEmbeds
 from mmedge.export.specs.blip2 import Blip2Vision
 from mmedge.export.specs.instructblip import (
@@ -138,7 +138,8 @@ class InstructionFamily:
                            "instruction": INSTRUCTION, "embedding_cosine_min": float(cos.min()),
                            "embedding_cosine_mean": float(cos.mean())}
                 measured[name] = gate_fidelity(name, figures, "embedding_cosine_mean",
-                                               builder.options.min_quantized_cosine, "embeddings", ENCODER_FIX)
+                                               builder.options.min_quantized_cosine, "embeddings",
+                                               encoder_fix(builder, name))
         return measured
 
 

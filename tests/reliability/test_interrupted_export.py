@@ -22,13 +22,13 @@ def slow_export_spec(spec, path):
     time.sleep(60)
     return result
 onnx_export.export_spec = slow_export_spec
-export_model(sys.argv[1], sys.argv[2], progress=False, overwrite=True)
+export_model(sys.argv[1], sys.argv[2], progress=False, overwrite=True, precision=sys.argv[3])
 """
 
 
-def kill_midway(checkpoint: Path, out: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(checkpoint), str(out)], stdout=subprocess.PIPE,
-                            text=True)
+def kill_midway(checkpoint: Path, out: Path, precision: str = "fp32", env: dict | None = None) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(checkpoint), str(out), precision],
+                            stdout=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 120
     for line in proc.stdout:
         if "STAGED" in line or time.time() > deadline:
@@ -38,11 +38,17 @@ def kill_midway(checkpoint: Path, out: Path) -> None:
 
 
 def test_killed_export_leaves_nothing(tiny_clip_dir, tmp_path):
-    out = tmp_path / "art"
-    kill_midway(tiny_clip_dir, out)
-    assert not out.exists()
+    """Neither the staging folder nor the scratch of the FP32 graphs being lowered stays: both lie beside the
+    output, hidden, and the next export to that path removes them; nothing is left in the system's temporary folder."""
+    out, system_tmp = tmp_path / "art", tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(system_tmp), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "torch-cache")}
+    kill_midway(tiny_clip_dir, out, "int8", env)
+    assert not out.exists() and not any(system_tmp.iterdir())
     leftovers = list(tmp_path.glob(".art.partial-*"))
-    assert len(leftovers) == 1  # hidden, and removed by the next export to this path:
+    scratch = [p for p in leftovers if "-scratch-" in p.name]
+    assert len(leftovers) == 2 and len(scratch) == 1  # hidden, and removed by the next export to this path:
+    assert (scratch[0] / "vision.onnx").is_file()  # the FP32 graph to lower
     from mmedge.export import export_model
 
     export_model(str(tiny_clip_dir), out, progress=False)
