@@ -10,6 +10,7 @@ import contextlib
 import datetime
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -437,6 +438,14 @@ class ArtifactBuilder:
                                           "size_bytes": data.stat().st_size}
             entry["parity"]["validation_samples"] = self._sample_parity[spec.name]
         np.savez(self.stage / VALIDATION_FILE, **arrays)
+        export_entry = {"memory": self._memory_entry(), "recipe_revision": RECIPE_REVISION}
+        not_carried = self.family.generation_not_carried(self.loaded)
+        if not_carried:
+            export_entry["generation_not_carried"] = not_carried
+            listed = ", ".join(f"{k}={v!r}" for k, v in not_carried.items())
+            warnings.warn(f"the checkpoint's generation settings {listed} are not run by mmedge's generation loop "
+                          "(transformers' generate applies them by default, so answers may differ from its); recorded "
+                          "in the manifest's export.generation_not_carried", stacklevel=2)
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -449,7 +458,7 @@ class ArtifactBuilder:
             "tokenizer": self.tokenizer_settings,
             "components": {spec.name: self.entries[spec.name] for spec in specs},
             **({"pytorch": self._pytorch_entry(specs)} if self.options.with_pytorch else {}),
-            "export": {"memory": self._memory_entry(), "recipe_revision": RECIPE_REVISION},
+            "export": export_entry,
             "validation": {"file": VALIDATION_FILE, "sha256": sha256_file(self.stage / VALIDATION_FILE),
                            "reference": "torch-fp32"},
         }

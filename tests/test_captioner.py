@@ -73,6 +73,7 @@ def test_sampling_reproducible_under_seed(captioner, photos):
 @pytest.mark.parametrize("settings,match", [
     ({"max_new_tokens": 0}, "max_new_tokens"), ({"max_new_tokens": 10**6}, "max_new_tokens"),
     ({"do_sample": True, "top_p": 1.5}, "top_p"), ({"num_beams": 0}, "num_beams"), ({"colour": "red"}, "unknown"),
+    ({"constraints": None}, r"unknown generation setting\(s\) \['constraints'\]"),  # a misspelt name, even as None
     # under 1e-5 the scores overflow float32: 1e-39 drew NaN-weighted tokens (a string of BOS) instead of refusing
     ({"do_sample": True, "temperature": 1e-39}, r"temperature=1e-39 is not usable.*at least 1e-05"),
     # settings greedy decoding or one beam never read: refused as the CLI refuses --temperature without --sample

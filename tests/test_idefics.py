@@ -374,3 +374,22 @@ def test_split_image_graphs_flag_is_refused_for_blip2(tiny_blip2_dir, tmp_path, 
     assert main(["export", str(tiny_blip2_dir), str(tmp_path / "b"), "--split-image-graphs"]) != 0
     err = capsys.readouterr().err
     assert "--split-image-graphs" in err and "IDEFICS" in err
+
+
+def test_generation_settings_the_loop_does_not_run_are_warned_about_and_recorded(tiny_idefics_dir, tmp_path):
+    """A checkpoint's no_repeat_ngram_size was dropped unsaid: transformers' generate applied it by default, the
+    artifact did not, and the answers differed. Its stop_strings, which the loop runs, were dropped too."""
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_idefics_dir, source)
+    config = json.loads((source / "generation_config.json").read_text())
+    (source / "generation_config.json").write_text(json.dumps({**config, "no_repeat_ngram_size": 2,
+                                                               "stop_strings": ["."]}))
+    with pytest.warns(UserWarning, match="no_repeat_ngram_size=2 are not run by mmedge's generation loop"):
+        out = export_model(str(source), tmp_path / "out", progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["export"]["generation_not_carried"] == {"no_repeat_ngram_size": 2}
+    assert manifest["generation"]["stop_strings"] == ["."]
+    with mmedge.load(out) as captioner:
+        assert captioner.defaults["stop_strings"] == ["."]

@@ -10,6 +10,7 @@ from PIL import Image
 from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
 
 import mmedge
+from mmedge.errors import InputError
 from mmedge.pipelines.instruct import InstructCaptioner
 
 
@@ -81,6 +82,8 @@ def test_ask_stream_and_int4(artifacts, hf, images):
                                                                                       max_new_tokens=8)[0]
         assert "".join(captioner.stream(images[1], max_new_tokens=8)) == captioner.caption(images[1],
                                                                                            max_new_tokens=8)
+        with pytest.raises(InputError, match="prompt is a list; expected a string or None"):  # not the Q-Former's
+            captioner.caption(images[:2], ["a", "b"])  # tokenizer speaking of its "text 0"
     m = json.loads((artifacts("int4") / "manifest.json").read_text())
     assert m["components"]["decoder"]["precision"] == "int4"
     assert m["components"]["prefix"]["parity"]["fidelity"]["instruction"]

@@ -32,6 +32,10 @@ class Family(abc.ABC):
     tasks_alike: str | None = None
     extra_defaults: dict = {}  # the ExportOptions.extra settings it accepts, with defaults
 
+    def generation_not_carried(self, loaded) -> dict:
+        """The checkpoint's generation settings that the artifact cannot carry (none for an encoder-only family)."""
+        return {}
+
     # --- the checkpoint ---------------------------------------------------------------------------
     @staticmethod
     def claims(config: dict) -> bool:

@@ -345,12 +345,37 @@ def generation_settings(loaded) -> dict:
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(hf, key, None)
         settings[key] = getattr(text, key, None) if value is None else value
+    stops = getattr(hf, "stop_strings", None)
+    if stops:  # mmedge's loop runs them (on the generated text)
+        settings["stop_strings"] = [stops] if isinstance(stops, str) else [str(stop) for stop in stops]
     if isinstance(settings["eos_token_id"], (list, tuple)):
         settings["eos_token_id"] = [int(t) for t in settings["eos_token_id"]]
     for key in ("bos_token_id", "pad_token_id", "eos_token_id"):
         if isinstance(settings[key], (int, np.integer)):
             settings[key] = int(settings[key])
     return settings
+
+
+GENERATION_METADATA = ("transformers_version", "_from_model_config", "stop_strings")  # stop_strings: carried
+
+
+def generation_not_carried(loaded) -> dict:
+    """The checkpoint's generation settings away from transformers' defaults that mmedge's generation loop does not
+    run (``no_repeat_ngram_size``, ``bad_words_ids``, ``max_length`` counting the prompt, ...). transformers'
+    ``generate`` applies them by default, so the artifact's answers can differ from it: the export warns and records
+    them (``export.generation_not_carried``) rather than dropping them unsaid."""
+    import json
+
+    found = {}
+    for key, value in loaded.model.generation_config.to_diff_dict().items():
+        if key in GENERATION_FIELDS or key.endswith("_token_id") or key in GENERATION_METADATA:
+            continue
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            value = repr(value)
+        found[key] = value
+    return found
 
 
 def embedding_table(language_model) -> np.ndarray:

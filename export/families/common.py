@@ -22,6 +22,11 @@ class GenerativeFamily(Family):
     has_llm = True
     tasks_alike = "a captioning artifact answers captions and questions alike"
 
+    def generation_not_carried(self, loaded) -> dict:
+        from mmedge.export.families.blip2 import generation_not_carried
+
+        return generation_not_carried(loaded)
+
     def precision_of(self, spec, options) -> str:
         """The decoder takes ``--llm-precision`` (default: ``--precision``); the encoders ``--precision``."""
         return (options.llm_precision or options.precision) if spec.name == "decoder" else options.precision

@@ -16,6 +16,7 @@ instead of a deadlock.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -170,7 +171,8 @@ class Captioner:
                 self._owner = None
 
     def _config(self, overrides: dict) -> GenerationConfig:
-        settings = {**self.defaults, **{k: v for k, v in overrides.items() if v is not None}}
+        known = {f.name for f in dataclasses.fields(GenerationConfig)}  # a misspelt name is refused, even as None
+        settings = {**self.defaults, **{k: v for k, v in overrides.items() if v is not None or k not in known}}
         if settings.get("stop_strings") is None:
             settings.pop("stop_strings", None)
         config = GenerationConfig.from_dict(settings).refuse_idle(overrides)

@@ -61,7 +61,7 @@ class PrefixInputs:
         """``{"embeds" [batch, queries + tokens, width], "mask" [batch, queries + tokens], "ids" [batch, queries +
         tokens]}``: each image's prefix rows, then the same prompt tokens (``ids`` holds what HF passes as
         ``input_ids``: image-token placeholders, then the prompt; the repetition-penalty context)."""
-        prompt = self.default_prompt(prompt)
+        prompt = _checked_type(self.default_prompt(prompt))  # before the prefix: InstructBLIP's Q-Former reads it
         count = len(images) if isinstance(images, (list, tuple)) else 1
         prefix = self.prefix(images, [prompt] * count)  # [batch, queries, width]
         batch, queries, _ = prefix.shape
@@ -78,10 +78,8 @@ class PrefixInputs:
     def prompt_ids(self, prompt: str | None, budget: int, queries: int = 0, max_new_tokens: int = 0) -> np.ndarray:
         """``[tokens]``: BOS, then the prompt's tokens. A prompt over ``budget`` tokens is refused, as the other
         families refuse theirs: cutting it would change the question (its start, "Question:", goes first)."""
-        if prompt is None:
+        if _checked_type(prompt) is None:
             return np.array([self.settings["bos_token_id"]], dtype=np.int64)
-        if not isinstance(prompt, str):
-            raise InputError(f"prompt is a {type(prompt).__name__}", "a string or None", "pass prompt='a photo of'")
         if len(prompt) > MAX_PROMPT_CHARS:  # refused before tokenizing: tokenizing a huge text is the costly part
             raise InputError(f"the prompt has {len(prompt):,} characters",
                              f"at most {MAX_PROMPT_CHARS:,} ({self.max_prompt_tokens} tokens at most)",
@@ -115,3 +113,11 @@ class PrefixInputs:
         if max_positions is None:
             return self.max_prompt_tokens
         return min(self.max_prompt_tokens, max_positions - queries - max_new_tokens)
+
+
+def _checked_type(prompt):
+    """``prompt`` when it is a string or None (one prompt for every image of the call); else InputError."""
+    if prompt is not None and not isinstance(prompt, str):
+        raise InputError(f"prompt is a {type(prompt).__name__}", "a string or None (one prompt for every image)",
+                         "pass prompt='a photo of'")
+    return prompt
