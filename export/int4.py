@@ -74,8 +74,10 @@ def check_int4_settings(block_size: int, accuracy_level: int) -> None:
 
 
 def _is_int(value) -> bool:
-    """A Python int: not a float that equals one (32.0 would fail after tracing), nor a bool (True == 1)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer (Python's or numpy's): not a float that equals one (32.0 would fail after tracing), nor a bool."""
+    import numbers
+
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def quantize_int4(source: Path, dest: Path, *, block_size: int = 32, accuracy_level: int = 4,

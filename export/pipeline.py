@@ -10,6 +10,7 @@ import contextlib
 import datetime
 import os
 import tempfile
+import threading
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -97,8 +98,11 @@ class ExportOptions:
         check_int4_settings(settled.int4_block_size, settled.int4_accuracy_level)
 
     def settled(self, task: str) -> "ExportOptions":
-        """A copy with the task and every option left at None set to what it means (``DEFAULTS``)."""
-        return replace(self, task=task, **{k: v for k, v in DEFAULTS.items() if getattr(self, k) is None})
+        """A copy with the task and every option left at None set to what it means (``DEFAULTS``); a numpy integer
+        given for an INT4 setting becomes Python's (the manifest records it)."""
+        ints = {k: int(getattr(self, k)) for k in ("int4_block_size", "int4_accuracy_level")
+                if isinstance(getattr(self, k), np.integer)}
+        return replace(self, task=task, **{k: v for k, v in DEFAULTS.items() if getattr(self, k) is None}, **ints)
 
 
 def export_model(model: str, out: str | Path, options: ExportOptions | None = None, **overrides) -> Path:
@@ -192,13 +196,23 @@ def _export(model: str, out: Path, options: ExportOptions, family, estimate=None
 def _scratch(out: Path, stage: Path):
     """A folder for the FP32 graphs that get lowered (gigabytes for a large model): beside the staging folder and
     named as ``atomic_folder`` names it (``.OUT.partial-PID-scratch-*``), so that after a killed export the next
-    export to OUT removes it with the abandoned staging folder. The libraries' own temporary files (ONNX Runtime's
-    quantizers copy the graph they work on) go there too, for the export's duration: nothing is left in the system's
-    temporary folder by a killed export."""
+    export to OUT removes it with the abandoned staging folder."""
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.partial-{os.getpid()}-scratch-", dir=stage.parent) as scratch:
-        before, tempfile.tempdir = tempfile.tempdir, scratch
+        yield Path(scratch)
+
+
+_TEMPDIR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _library_temporaries(folder: Path):
+    """ONNX Runtime's quantizers copy the graph they work on into ``tempfile``'s folder, which no argument moves: for
+    the call it is the export's scratch, so a killed export leaves nothing in the system's temporary folder.
+    ``tempfile.tempdir`` is the process's: one quantization at a time swaps it, and what was there is put back."""
+    with _TEMPDIR_LOCK:
+        before, tempfile.tempdir = tempfile.tempdir, str(folder)
         try:
-            yield Path(scratch)
+            yield
         finally:
             tempfile.tempdir = before
 
@@ -362,7 +376,8 @@ class ArtifactBuilder:
         for spec in specs:
             precision = self.precision_of(spec)
             dest = self.stage / f"{spec.name}.onnx"
-            recipe = self._quantize(spec, precision, self.fp32_paths[spec.name], dest, progress)
+            with _library_temporaries(self.scratch):
+                recipe = self._quantize(spec, precision, self.fp32_paths[spec.name], dest, progress)
             final[spec.name] = dest
             entry = self.entries[spec.name]
             feeds, reference = self.validation_sample(spec)

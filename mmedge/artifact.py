@@ -270,7 +270,17 @@ class Artifact:
         return path
 
     def size_bytes(self) -> int:
-        return sum(self.resolve_file(name, field).stat().st_size for field, name in self.named_files())
+        """Bytes of what the artifact carries: every file the manifest names (graphs and their weights, tokenizer,
+        embedding table, validation samples, OpenVINO IRs) and pytorch/ when it is here; not engines/ (this device's
+        cache)."""
+        files = dict((name, field) for field, name in self.named_files())
+        files.update((entry["file"], f"{field}.file") for field, entry in _hashed_entries(self.manifest))
+        total = sum(self.resolve_file(name, field).stat().st_size for name, field in files.items())
+        pytorch = self.manifest.get("pytorch") or {}
+        folder = self.root / pytorch["folder"] if pytorch else None
+        if folder is not None and folder.is_dir():
+            total += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        return total
 
 
 def _hashed_entries(node, field: str = "") -> list[tuple[str, dict]]:

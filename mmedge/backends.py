@@ -184,8 +184,8 @@ class Backend(abc.ABC):
     def settled(self, artifact: Artifact, name: str, plan: ComponentPlan, settings: dict) -> ComponentPlan:
         """The component's plan once the user's ``settings`` for this backend apply, as ``doctor``, ``/v1/models`` and
         ``pipeline.plan`` show it: a backend whose settings change what runs (OpenVINO's NNCF weights, torch's dtype
-        and LLM quantization) says so in the precision. The options stay the plan's (the runner gets the settings
-        beside them)."""
+        and LLM quantization) says so in the precision. The runner gets the settings beside the plan's options as
+        before; a backend may mirror one in them where it names the same thing (torch's ``dtype``)."""
         return plan
 
     # what `mmedge doctor` prints for this backend (nothing by default)

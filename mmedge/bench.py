@@ -241,14 +241,15 @@ def _child_error(path: str, stdout: str) -> MmedgeError | None:
     exit code) and its own what, expected and fix, naming the artifact; None when it reported none."""
     try:
         said = json.loads(stdout.strip().splitlines()[-1])["error"]
+        names, what, expected, fix = list(said["classes"]), str(said["what"]), said["expected"], said["fix"]
     except (IndexError, KeyError, TypeError, ValueError):
         return None
-    kind = next((found for name in said["classes"] if isinstance(found := getattr(errors, name, None), type)
+    kind = next((found for name in names if isinstance(found := getattr(errors, str(name), None), type)
                  and issubclass(found, MmedgeError)), MmedgeError)
     failed = "refused its input" if issubclass(kind, InputError) else "failed"  # an image that does not decode
     error = kind.__new__(kind)  # not kind(...): a few classes (ParityError) take other arguments
-    MmedgeError.__init__(error, f"benchmarking '{path}' {failed}: {said['what']}", said["expected"], said["fix"])
-    return error
+    MmedgeError.__init__(error, f"benchmarking '{path}' {failed}: {what}", expected, fix)
+    return error  # its class (so its exit code) and its message: what the CLI reads of it
 
 
 def format_table(results: list[dict]) -> str:

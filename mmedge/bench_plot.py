@@ -48,12 +48,12 @@ def check_plot_path(out: str) -> None:
     if path.is_dir():
         raise InputError(f"--plot '{out}' is a folder", "the path of a file to write the plot to",
                          f"pass e.g. --plot {path / 'bench.png'}")
-    if not folder.is_dir():
-        raise InputError(f"--plot '{out}' is in '{folder}', which "
-                         + ("is not a folder" if folder.exists() else "does not exist"), "a file in an existing folder",
-                         "pass a path in an existing folder, or create the folder first")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"--plot '{out}' is in '{folder}', which this user cannot write",
+    existing = next(f for f in (folder, *folder.parents) if f.exists() or f == Path(f.anchor or "."))
+    if not existing.is_dir():
+        raise InputError(f"--plot '{out}' is under '{existing}', which is not a folder", "a file in a folder",
+                         "pass a path in a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):  # the plot's folder, or the nearest one to make it in
+        raise InputError(f"--plot '{out}' is under '{existing}', which this user cannot write",
                          "a file in a writable folder", "pass a path in a folder you can write to")
 
 
@@ -117,6 +117,7 @@ def plot(results: list[dict], out: str) -> Path:
     out_path = Path(out)
     temporary = out_path.with_name(f".{out_path.name}.{os.getpid()}.partial")
     try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)  # checked before measuring: made in a writable folder
         fig.savefig(temporary, dpi=120, format=out_path.suffix.lower().lstrip("."))
         os.replace(temporary, out_path)
     except OSError as exc:

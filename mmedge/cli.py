@@ -78,7 +78,7 @@ def cmd_export(args) -> int:
     from mmedge.artifact import Artifact
 
     artifact = Artifact.open(out)
-    print(f"wrote {out} ({sum(f.stat().st_size for f in Path(out).rglob('*') if f.is_file()) / 1e6:.1f} MB)")
+    print(f"wrote {out} ({artifact.size_bytes() / 1e6:.1f} MB)")
     for name, comp in artifact.components.items():
         print(f"  {name}: {comp['file']} {comp['precision']} {_parity_line(comp['parity'])}")
     return 0
@@ -324,7 +324,7 @@ def cmd_doctor(args) -> int:
         from mmedge.api import plan_for
         from mmedge.artifact import Artifact
 
-        artifact = Artifact.open(args.artifact)
+        artifact = Artifact.open(args.artifact, recheck=True)  # every file hashed now: a failing disk writes nothing
         try:  # the command users turn to when a load fails: a damaged file is reported, not planned around
             artifact.check_every_file()
             report["files"] = "ok: every file the manifest names matches its sha256"

@@ -197,9 +197,10 @@ def _parse_generative(data: dict, family: str) -> None:
     generation = _require(data, "generation", dict, "")
     if _require(generation, "max_new_tokens", int, "generation") < 1:
         raise _fail("generation.max_new_tokens", f"is {generation['max_new_tokens']}", "a positive integer")
-    eos = _require(generation, "eos_token_id", (int, list), "generation")  # without it an answer never ends
-    if isinstance(eos, list) and (not eos or not all(isinstance(i, int) and not isinstance(i, bool) for i in eos)):
-        raise _fail("generation.eos_token_id", f"is {_short(eos)}", "a token id or a non-empty list of them")
+    eos = generation.get("eos_token_id")  # None: an answer ends at max_new_tokens (a checkpoint without an EOS id)
+    if eos is not None and (isinstance(eos, bool) or not isinstance(eos, (int, list)) or isinstance(eos, list) and (
+            not eos or not all(isinstance(i, int) and not isinstance(i, bool) for i in eos))):
+        raise _fail("generation.eos_token_id", f"is {_short(eos)}", "a token id, a non-empty list of them, or null")
     for key in ints:
         _require(section, key, int, family)
     for key in objects:

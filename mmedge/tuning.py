@@ -66,7 +66,13 @@ def _well_formed(record) -> bool:
     """A record as ``tune`` writes it: a device key and timings per component, all objects."""
     return (isinstance(record, dict) and isinstance(record.get("device"), dict)
             and isinstance(record.get("components"), dict)
-            and all(isinstance(timing, dict) for timing in record["components"].values()))
+            and all(isinstance(timing, dict) and all(_figure(timing.get(f"{backend}_ms"))
+                                                     for backend in ("onnxruntime", "openvino"))
+                    for timing in record["components"].values()))
+
+
+def _figure(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
 
 
 def measured_for(artifact: Artifact, probe, threads: int | None = None) -> dict[str, dict]:

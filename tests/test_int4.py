@@ -252,3 +252,15 @@ def test_gemm_rewrite_is_exact(tmp_path, trans_b, alpha, beta):
     x = np.random.default_rng(2).standard_normal((3, 4)).astype(np.float32)
     np.testing.assert_allclose(run_onnx(tmp_path / "matmul.onnx", {"x": x})["y"],
                                run_onnx(tmp_path / "gemm.onnx", {"x": x})["y"], rtol=1e-6, atol=1e-6)
+
+
+def test_a_numpy_integer_block_size_is_taken_as_an_int():
+    """np.int64(64) (a value read from an array) is an integer: taken, and recorded as Python's int."""
+    import numpy as np
+
+    from mmedge.export.int4 import check_int4_settings
+    from mmedge.export.pipeline import ExportOptions
+
+    check_int4_settings(np.int64(64), np.int32(4))
+    settled = ExportOptions(llm_precision="int4", int4_block_size=np.int64(64)).settled("caption")
+    assert type(settled.int4_block_size) is int and settled.int4_block_size == 64

@@ -356,7 +356,9 @@ def generation_settings(loaded) -> dict:
     return settings
 
 
-GENERATION_METADATA = ("transformers_version", "_from_model_config", "stop_strings")  # stop_strings: carried
+# carried by generation_settings, or metadata: not settings the loop leaves out
+GENERATION_CARRIED = ("transformers_version", "_from_model_config", "stop_strings", "bos_token_id", "eos_token_id",
+                      "pad_token_id", "decoder_start_token_id")
 
 
 def generation_not_carried(loaded) -> dict:
@@ -368,7 +370,7 @@ def generation_not_carried(loaded) -> dict:
 
     found = {}
     for key, value in loaded.model.generation_config.to_diff_dict().items():
-        if key in GENERATION_FIELDS or key.endswith("_token_id") or key in GENERATION_METADATA:
+        if key in GENERATION_FIELDS or key in GENERATION_CARRIED:  # forced_eos_token_id is a processor: not carried
             continue
         try:
             json.dumps(value)

@@ -9,6 +9,7 @@ calls run in parallel.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -136,13 +137,15 @@ def _card(model_id: str, path: Path, manifest: dict, pipeline, model: ServedMode
     return card
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # also a relative folder that looks like one: kept as typed
+
+
 def _public_source(model: str) -> str:
-    """The checkpoint an artifact came from, as clients may see it: a hub id as recorded, a local folder by its name
-    only (the export host's absolute path says nothing to a client and tells it about that host's disk)."""
-    for flavour in (PurePosixPath, PureWindowsPath):
-        if flavour(model).is_absolute():
-            return flavour(model).name
-    return model
+    """The checkpoint an artifact came from, as clients may see it: a hub id (``org/name``) as recorded, a local folder
+    by its name only (the export host's path says nothing to a client and tells it about that host's disk)."""
+    if _HUB_ID.fullmatch(model) and ".." not in model.split("/"):
+        return model
+    return (PureWindowsPath if "\\" in model else PurePosixPath)(model).name or model
 
 
 def _plan(pipeline) -> dict:

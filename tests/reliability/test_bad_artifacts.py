@@ -176,8 +176,8 @@ BLIP2_CASES = {
     "blip2-lacks-blip2-section": Case("blip2", set_field("blip2", KeyError), ManifestError, ("'blip2' is missing",)),
     "blip2-absurd-default-max-new-tokens": Case("blip2", set_field("generation.max_new_tokens", -5), ManifestError,
                                                 ("'generation.max_new_tokens' is -5", "a positive integer")),
-    "blip2-generation-without-eos": Case("blip2", set_field("generation", {"max_new_tokens": 8}), ManifestError,
-                                         ("'generation.eos_token_id' is missing",)),  # a caption that never ended
+    "blip2-generation-eos-text": Case("blip2", set_field("generation.eos_token_id", "2"), ManifestError,
+                                      ("'generation.eos_token_id' is '2'",)),
     "blip2-parity-samples-a-list": Case("blip2", set_field("components.decoder.parity.validation_samples", []),
                                         ManifestError, ("parity.validation_samples' has the wrong type",)),
     "blip2-unknown-generation-setting": Case("blip2", set_field("generation.beams", 3), ManifestError,

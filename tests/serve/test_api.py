@@ -264,3 +264,12 @@ def test_page_and_its_static_files(server):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     for asset in ("/static/app.js", "/static/style.css"):
         assert asset in page.text and httpx.get(f"{server.url}{asset}").status_code == 200
+
+
+@pytest.mark.parametrize("recorded,shown", [
+    ("Salesforce/blip2-opt-2.7b", "Salesforce/blip2-opt-2.7b"), ("/home/alice/ck/blip2", "blip2"),
+    ("~/models/ck", "ck"), ("../../home/alice/private/ck", "ck"), ("C:\\Users\\alice\\ck", "ck")])
+def test_a_local_source_is_named_by_its_folder_only(recorded, shown):
+    from mmedge.serve.models import _public_source
+
+    assert _public_source(recorded) == shown
