@@ -385,7 +385,8 @@ def test_generation_settings_the_loop_does_not_run_are_warned_about_and_recorded
     shutil.copytree(tiny_idefics_dir, source)
     config = json.loads((source / "generation_config.json").read_text())
     (source / "generation_config.json").write_text(json.dumps({**config, "no_repeat_ngram_size": 2,
-                                                               "stop_strings": ["."]}))
+                                                               "stop_strings": ["."], "use_cache": False,
+                                                               "output_attentions": True}))  # these change no token
     with pytest.warns(UserWarning, match="no_repeat_ngram_size=2 are not run by mmedge's generation loop"):
         out = export_model(str(source), tmp_path / "out", progress=False)
     manifest = json.loads((out / "manifest.json").read_text())

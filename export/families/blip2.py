@@ -356,21 +356,29 @@ def generation_settings(loaded) -> dict:
     return settings
 
 
-# carried by generation_settings, or metadata: not settings the loop leaves out
-GENERATION_CARRIED = ("transformers_version", "_from_model_config", "stop_strings", "bos_token_id", "eos_token_id",
-                      "pad_token_id", "decoder_start_token_id")
+# transformers.GenerationConfig settings that change which tokens come out and that mmedge's loop does not run (the
+# rest are carried, as GENERATION_FIELDS, the token ids and stop_strings are, or do not change the answer: use_cache,
+# output_*, cache and compile settings, assisted decoding's speed knobs)
+GENERATION_NOT_RUN = (
+    "max_length", "min_length", "max_time", "num_return_sequences", "num_beam_groups", "diversity_penalty",
+    "penalty_alpha", "dola_layers", "min_p", "typical_p", "top_h", "epsilon_cutoff", "eta_cutoff",
+    "encoder_repetition_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+    "force_words_ids", "constraints", "renormalize_logits", "forced_bos_token_id", "forced_eos_token_id",
+    "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+    "sequence_bias", "token_healing", "guidance_scale", "watermarking_config")
 
 
 def generation_not_carried(loaded) -> dict:
-    """The checkpoint's generation settings away from transformers' defaults that mmedge's generation loop does not
-    run (``no_repeat_ngram_size``, ``bad_words_ids``, ``max_length`` counting the prompt, ...). transformers'
-    ``generate`` applies them by default, so the artifact's answers can differ from it: the export warns and records
-    them (``export.generation_not_carried``) rather than dropping them unsaid."""
+    """The checkpoint's generation settings away from transformers' defaults that change the answer and that mmedge's
+    generation loop does not run (``GENERATION_NOT_RUN``: ``no_repeat_ngram_size``, ``bad_words_ids``, ``max_length``
+    counting the prompt, ...). transformers' ``generate`` applies them by default, so the artifact's answers can
+    differ from it: the export warns and records them (``export.generation_not_carried``) rather than dropping them
+    unsaid."""
     import json
 
     found = {}
     for key, value in loaded.model.generation_config.to_diff_dict().items():
-        if key in GENERATION_FIELDS or key in GENERATION_CARRIED:  # forced_eos_token_id is a processor: not carried
+        if key not in GENERATION_NOT_RUN:
             continue
         try:
             json.dumps(value)
