@@ -146,14 +146,19 @@ def _open(fp: str | io.BytesIO) -> Image.Image:
 
 
 # --- in-memory sources ---------------------------------------------------------------------------
+_LOAD_LOCKS = [threading.Lock() for _ in range(64)]  # by id(image): PIL decodes a lazy image unsafely in parallel
+
+
 def _pil_to_rgb(image: Image.Image, name: str) -> Image.Image:
-    """Decode (if still lazy) and convert a caller's PIL image; the caller's object is not changed."""
+    """Decode a caller's PIL image if it is still lazy (``Image.open``: decoded in place, as PIL does, one thread at
+    a time per image, so threads may share one) and convert it; its pixels and mode are not changed."""
     if image.width == 0 or image.height == 0:
         size = f"{image.width}x{image.height}"
         raise ImageError(f"{name} has no pixels (size {size})", "at least 1x1 pixels", "pass a non-empty image")
     _check_pixels(image.size, name)
     try:
-        image.load()
+        with _LOAD_LOCKS[id(image) % len(_LOAD_LOCKS)]:
+            image.load()
     except Exception as exc:
         raise ImageError(
             f"{name} could not be decoded ({type(exc).__name__}: {exc})", "a complete, valid image", "re-open the file"

@@ -56,6 +56,23 @@ def test_batch_equals_single(captioner, photos):
     assert batch == [captioner.caption(p, max_new_tokens=10) for p in photos[:3]]
 
 
+def test_a_stream_dropped_half_way_lets_the_decoder_go(captioner, photos):
+    """A stream left after its first piece (`for piece in stream: return piece`) held the Captioner's decoder until the
+    next garbage collection: this thread's next call was refused, other threads' calls waited. Dropping it now ends
+    it at once; the collector is off here so that only that can end it."""
+    import gc
+
+    expected = captioner.caption(photos[1], max_new_tokens=6)
+    gc.disable()
+    try:
+        stream = captioner.stream(photos[0], max_new_tokens=6)
+        next(stream)
+        del stream
+        assert captioner.caption(photos[1], max_new_tokens=6) == expected
+    finally:
+        gc.enable()
+
+
 def test_stream_joins_to_caption(captioner, photos):
     for beams in (1, 2):
         pieces = list(captioner.stream(photos[1], max_new_tokens=14, num_beams=beams))

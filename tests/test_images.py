@@ -328,3 +328,18 @@ def test_lazy_pil_bomb_is_refused_before_decoding(tmp_path):
     path.write_bytes(_png_header_only(8_500, 8_500))
     with Image.open(path) as lazy, pytest.raises(ImageError, match="8500x8500 = 72,250,000 pixels"):
         load_image(lazy)
+
+
+def test_threads_may_share_one_lazily_opened_image(tmp_path):
+    """PIL decodes an `Image.open` image on first use, unsafely in parallel: threads sharing one failed about one call
+    in nine with "could not be decoded" (a valid image). Every call now gets the same pixels."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(path, quality=90)
+    expected = np.asarray(load_image(str(path)))
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(30):
+            shared = Image.open(path)  # lazy: decoded by whichever call comes first
+            results = list(pool.map(lambda _: np.asarray(load_image(shared)), range(8)))
+            assert all(np.array_equal(result, expected) for result in results)

@@ -152,3 +152,26 @@ def test_lower_precision_variants_run_and_agree(clip_artifacts, photos, variant)
     probs = lowered.probabilities(photos, labels)
     np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-5)
     assert top1_agreement(reference.probabilities(photos, LABELS), probs) >= 0.75
+
+
+def test_threads_asking_for_one_new_label_bank_build_it_once(classifier):
+    """Eight threads asking for the same new bank each ran the text tower over every prompt (8x the work); now one
+    builds it and the others wait for it, and all get the same bank."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    labels, prompts, lock = [f"object {i}" for i in range(40)], [], threading.Lock()
+    embed = classifier._text_embeds
+
+    def counted(texts):
+        with lock:
+            prompts.extend(texts)
+        return embed(texts)
+
+    classifier._text_embeds = counted
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            banks = list(pool.map(lambda _: classifier.label_bank(labels, ["a {}."]), range(8)))
+    finally:
+        del classifier._text_embeds
+    assert len(prompts) == len(labels) and all(np.array_equal(bank, banks[0]) for bank in banks)

@@ -13,12 +13,13 @@ a TensorRT engine, ``TorchDecoder`` on torch; see ``mmedge.backends.Backend.open
 
 from mmedge.generation.config import MAX_NEW_TOKENS_CAP, GenerationConfig
 from mmedge.generation.decoder import Decoder, position_ids
-from mmedge.generation.search import TextDecoder, TextStream, generate, generate_text, pad_rows, stream
+from mmedge.generation.search import StreamEnd, TextDecoder, TextStream, generate, generate_text, pad_rows, stream
 
 __all__ = [
     "MAX_NEW_TOKENS_CAP",
     "Decoder",
     "GenerationConfig",
+    "StreamEnd",
     "TextDecoder",
     "TextStream",
     "generate",

@@ -83,6 +83,19 @@ def stream(decoder: Decoder, inputs_embeds: np.ndarray, attention_mask: np.ndarr
                                             result))
 
 
+class StreamEnd:
+    """How a stream's answer ended, written by its generator once it is exhausted (``TextStream`` reads it)."""
+
+    __slots__ = ("tokens", "finish_reason")
+
+    def __init__(self) -> None:
+        self.tokens: int | None = None
+        self.finish_reason: str | None = None
+
+    def finished(self, tokens: int, reason: str) -> None:
+        self.tokens, self.finish_reason = tokens, reason
+
+
 class TextStream:
     """An iterator over the pieces of one answer that says, once it is exhausted, how the answer ended.
 
@@ -91,13 +104,19 @@ class TextStream:
     reached). Both stay None while pieces remain, and after ``close()`` before the end.
     """
 
-    def __init__(self, pieces_of: Callable[[TextStream], Iterator[str]]):
-        self.tokens: int | None = None
-        self.finish_reason: str | None = None
-        self._pieces = pieces_of(self)
+    def __init__(self, pieces_of: Callable[[StreamEnd], Iterator[str]]):
+        self._end = StreamEnd()
+        # the generator is handed the StreamEnd, never this stream: no reference cycle, so a stream dropped half-way
+        # is closed at once (its generator finalized: a decoder lock it holds is let go), not at the next gc pass
+        self._pieces = pieces_of(self._end)
 
-    def finished(self, tokens: int, reason: str) -> None:
-        self.tokens, self.finish_reason = tokens, reason
+    @property
+    def tokens(self) -> int | None:
+        return self._end.tokens
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._end.finish_reason
 
     def __iter__(self) -> TextStream:
         return self
@@ -110,7 +129,7 @@ class TextStream:
         self._pieces.close()
 
 
-def _pieces(decoder, inputs_embeds, attention_mask, config, tokenizer, prompt_ids, result: TextStream) -> Iterator[str]:
+def _pieces(decoder, inputs_embeds, attention_mask, config, tokenizer, prompt_ids, result: StreamEnd) -> Iterator[str]:
     if tokenizer is None:
         raise InputError("stream was called without a tokenizer", "a tokenizer with a decode(ids) method",
                          "pass the artifact's TextTokenizer, or call generate() for token ids")

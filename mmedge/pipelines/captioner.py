@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from mmedge.artifact import Artifact
 from mmedge.errors import InputError, ManifestError
 from mmedge.families import FAMILIES, input_builder_class
-from mmedge.generation import GenerationConfig, TextStream, generate_text, stream
+from mmedge.generation import GenerationConfig, StreamEnd, TextStream, generate_text, stream
 from mmedge.manifest import family_section
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ class Captioner:
         answer ended (:class:`mmedge.generation.TextStream`)."""
         return TextStream(lambda result: self._pieces(image, prompt, generation, result))
 
-    def _pieces(self, image, prompt: str | None, generation: dict, result: TextStream) -> Iterator[str]:
+    def _pieces(self, image, prompt: str | None, generation: dict, result: StreamEnd) -> Iterator[str]:
         if isinstance(image, (list, tuple)) and not self.interleaved:
             raise InputError("stream() got a list of images", "one image",
                              "call stream() per image, or caption() for a batch")

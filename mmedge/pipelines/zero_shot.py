@@ -111,6 +111,7 @@ class ZeroShotClassifier(ClipPipeline):
         super().__init__(*args, **kwargs)
         self._banks: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._bank_lock = threading.Lock()
+        self._building: dict[tuple, threading.Lock] = {}  # one thread builds a bank; the others asking wait for it
         zero_shot = self.artifact.manifest.get("zero_shot") or {}
         self.baked_labels: list[str] | None = zero_shot.get("labels") if self.fused else None
         self.logit_scale = float(self.artifact.manifest["clip"]["logit_scale"])
@@ -120,16 +121,33 @@ class ZeroShotClassifier(ClipPipeline):
         labels, templates = check_labels(labels), check_templates(templates)
         key = (tuple(labels), tuple(templates))
         with self._bank_lock:
-            if key in self._banks:
-                self._banks.move_to_end(key)
-                return self._banks[key]
-        self._refuse_same_tokens(labels)
-        bank = build_label_bank(self._text_embeds, labels, templates)
-        with self._bank_lock:
-            self._banks[key] = bank
-            while len(self._banks) > MAX_CACHED_BANKS:
-                self._banks.popitem(last=False)
+            cached = self._cached_bank(key)
+            if cached is not None:
+                return cached
+            building = self._building.setdefault(key, threading.Lock())
+        with building:  # 8 threads asking for one new bank ran the text tower 8 times
+            with self._bank_lock:
+                cached = self._cached_bank(key)
+            if cached is not None:
+                return cached
+            try:
+                self._refuse_same_tokens(labels)
+                bank = build_label_bank(self._text_embeds, labels, templates)
+                with self._bank_lock:
+                    self._banks[key] = bank
+                    while len(self._banks) > MAX_CACHED_BANKS:
+                        self._banks.popitem(last=False)
+            finally:
+                with self._bank_lock:
+                    self._building.pop(key, None)
         return bank
+
+    def _cached_bank(self, key: tuple) -> np.ndarray | None:
+        """The bank for ``key`` if it is cached (marked as just used); the caller holds ``_bank_lock``."""
+        if key in self._banks:
+            self._banks.move_to_end(key)
+            return self._banks[key]
+        return None
 
     def _refuse_same_tokens(self, labels: Sequence[str]) -> None:
         """Labels that differ only in what the tokenizer drops (CLIP's lowercases and squeezes spaces: "Cat", " cat")
