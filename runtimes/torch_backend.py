@@ -50,6 +50,7 @@ import numpy as np
 from mmedge.errors import BackendError, BackendUnavailableError, FeedError
 from mmedge.runner import DeviceArray, Runner, TensorMeta
 from mmedge.runtimes.torch_bnb import QUANTIZATIONS, output_head_names, quantize_linear_layers
+from mmedge.runtimes.torch_checkpoint import refuse_another_size
 from mmedge.runtimes.torch_graphs import (
     DEFAULT_MAX_GRAPHS,
     Compiled,
@@ -518,6 +519,8 @@ def create_runner(path, component_name: str, component: dict, *, artifact=None, 
     folder = weights_folder(artifact, checkpoint)
     handle = acquire_model(folder, family, chosen, precision)
     try:
+        if checkpoint is not None:
+            refuse_another_size(artifact.manifest, handle.model, folder)
         module = reference_module(family, component_name, handle.model, artifact, folder)
         for owner in (module._buffers, module._parameters):  # the wrapper's own tensors (a baked label bank)
             for key, value in owner.items():

@@ -60,6 +60,7 @@ from mmedge.runtimes.torch_backend import (
     torch_dtype,
     weights_folder,
 )
+from mmedge.runtimes.torch_checkpoint import refuse_another_size
 from mmedge.runtimes.torch_graphs import Compiled, HostBuffers, capture, compile_backend, failure
 
 log = logging.getLogger("mmedge")
@@ -480,8 +481,14 @@ def create_decoder(artifact, *, device: str | None = "auto", dtype: str | None =
     settings = decoder_settings(artifact.manifest)
     chosen = resolve_device(device)
     precision = torch_dtype(dtype, chosen)
-    handle = acquire_model(weights_folder(artifact, checkpoint), family, chosen, precision, quantization=quantization,
-                           decoder=True)
+    folder = weights_folder(artifact, checkpoint)
+    handle = acquire_model(folder, family, chosen, precision, quantization=quantization, decoder=True)
+    if checkpoint is not None:
+        try:
+            refuse_another_size(artifact.manifest, handle.model, folder)
+        except BaseException:
+            handle.release()
+            raise
     llm = FAMILIES[family].reference_language_model(handle.model)
     if llm is None:
         handle.release()

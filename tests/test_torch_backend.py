@@ -680,3 +680,36 @@ def test_a_checkpoint_of_another_model_type_is_refused(pytorch_artifacts, tiny_c
     api_error(lambda: load_quietly(pytorch_artifacts("blip2"), backend="torch",
                                    backend_options={"torch": {"checkpoint": str(tiny_clip_dir)}}),
               BackendUnavailableError, "is a 'clip' model, and this artifact is blip2 ('blip-2')")
+
+
+def test_a_checkpoint_of_another_size_is_refused_before_the_first_call(pytorch_artifacts):
+    """The shipped demo BLIP-2 (64-pixel ViT, 8 queries, a 384 x 128 table) for the tiny BLIP-2's artifact (32 pixels,
+    6 queries, 576 x 64) loaded, then the first caption failed on a numpy concatenate ValueError. The encoder runner
+    and the decoder (asked for alone) both refuse it, naming each size that differs."""
+    from mmedge import demo
+    from mmedge.runtimes.torch_decoder import create_decoder
+
+    folder = str(demo.model_path("blip2"))
+    artifact = Artifact.open(pytorch_artifacts("blip2"))
+    options = {"torch": {"checkpoint": folder}}
+    for load in (lambda: load_quietly(artifact.root, backend="torch", backend_options=options),
+                 lambda: create_decoder(artifact, device="cpu", checkpoint=folder)):
+        error = api_error(load, BackendUnavailableError, "is another size of blip2 than the artifact")
+        assert "image size 64 (the artifact's: 32)" in str(error) and "query tokens 8 (the artifact's: 6)" in str(error)
+        assert "token-embedding table [rows, width] [384, 128] (the artifact's: [576, 64])" in str(error)
+
+
+@pytest.mark.parametrize("kind", ["clip", "blip2", "blip2_t5", "instructblip", "idefics"])
+def test_each_familys_own_checkpoint_passes_the_size_check(pytorch_artifacts, kind):
+    """The check reads real sizes for every family (none silently compared nothing) and its own checkpoint agrees."""
+    from mmedge.runtimes.torch_backend import load_reference_model
+    from mmedge.runtimes.torch_checkpoint import sizes_compared
+
+    artifact = Artifact.open(pytorch_artifacts(kind))
+    model = load_reference_model(artifact.pytorch_folder(), artifact.manifest["family"], torch.device("cpu"),
+                                 torch.float32)
+    compared = sizes_compared(artifact.manifest, model)
+    assert {what for what, _, _ in compared} >= {"image size", *{
+        "clip": ["projection size"], "idefics": ["token-embedding table [rows, width]", "visual tokens per image"],
+    }.get(kind, ["query tokens", "token-embedding table [rows, width]"])}
+    assert all(ours == theirs for _, ours, theirs in compared), compared
