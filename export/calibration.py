@@ -8,6 +8,7 @@ another domain is measured on its own kind of images.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -20,6 +21,7 @@ from mmedge.images import load_image
 DATA_DIR = Path(__file__).parent / "data" / "images"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 MAX_CALIBRATION_IMAGES = 256
+FEW_CALIBRATION_IMAGES = 16  # below this a static calibration's activation ranges are warned about
 
 
 def bundled(split: str) -> list[Path]:
@@ -65,6 +67,14 @@ def check_image_folders(options) -> None:
     for flag, error, paths in folders:
         for path in paths:
             _load_from_folder(path, flag, error)
+    if _calibrates_on_folder(options):
+        count = len(calibration_paths(options.calibration)[0])
+        if count < FEW_CALIBRATION_IMAGES:
+            images = f"{count} image{'' if count == 1 else 's'}"
+            warnings.warn(f"--calibration folder '{options.calibration}' holds {images}: activation ranges measured "
+                          f"on fewer than {FEW_CALIBRATION_IMAGES} images clip what other images hold; the export "
+                          "still measures and gates fidelity, but 32-256 representative images are advised",
+                          stacklevel=2)
 
 
 def _calibrates_on_folder(options) -> bool:
@@ -82,14 +92,17 @@ def _folder_images(folder: str | Path, purpose: str, flag: str, error) -> tuple[
         raise error(f"{purpose} folder '{folder}' {what}", "a folder of images",
                     f"pass {flag} DIR with JPEG/PNG images, or leave it out for the bundled set")
     try:
-        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:MAX_CALIBRATION_IMAGES]
+        found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     except OSError as exc:
         raise error(f"cannot list {purpose} folder '{folder}' ({exc.strerror or exc})", "a readable folder of images",
                     "check the folder's permissions") from None
-    if not paths:
+    if not found:
         raise error(f"{purpose} folder '{folder}' holds no images",
                     f"files ending in {', '.join(IMAGE_SUFFIXES)}", "add 32-256 representative images")
-    return paths, f"{folder.name}/ ({len(paths)} images)"
+    paths = found[:MAX_CALIBRATION_IMAGES]
+    if len(found) > len(paths):
+        return paths, f"{folder.name}/ (the first {len(paths)} of {len(found)} images by name)"
+    return paths, f"{folder.name}/ ({len(paths)} image{'' if len(paths) == 1 else 's'})"
 
 
 def load_calibration_image(path: Path) -> Image.Image:

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -406,3 +407,31 @@ def test_static_int8_says_the_llm_is_dynamic_and_the_calibration_images_are_not_
         fidelity = entry["parity"]["fidelity"]
         assert fidelity["held_out"] is False and fidelity["images"] == "mine/ (2 images): the --calibration images, " \
                                                                        "not held out"
+
+
+def test_a_small_calibration_set_is_warned_about_and_a_large_one_says_what_was_kept(photos, tmp_path):
+    """A static calibration on one image ran without a word; a folder of more than 256 images was cut to the first
+    256 by name while the manifest's note said only '(256 images)'."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from mmedge.export.calibration import MAX_CALIBRATION_IMAGES, calibration_paths, check_image_folders
+
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "a.jpg").write_bytes(Path(photos[0]).read_bytes())
+    static = SimpleNamespace(calibration=str(one), fidelity=None, quantization="static", precision="int8")
+    with pytest.warns(UserWarning, match=r"holds 1 image: activation ranges measured on fewer than 16"):
+        check_image_folders(static)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the bundled set (no --calibration) is not warned about
+        check_image_folders(SimpleNamespace(calibration=None, fidelity=None, quantization="static", precision="int8"))
+    many = tmp_path / "many"
+    many.mkdir()
+    for index in range(MAX_CALIBRATION_IMAGES + 2):
+        Image.new("RGB", (4, 4)).save(many / f"{index:04d}.png")
+    paths, note = calibration_paths(many)
+    assert len(paths) == MAX_CALIBRATION_IMAGES and paths[-1].name == "0255.png"
+    assert note == f"many/ (the first {MAX_CALIBRATION_IMAGES} of {MAX_CALIBRATION_IMAGES + 2} images by name)"
+    assert calibration_paths(one)[1] == "one/ (1 image)"
