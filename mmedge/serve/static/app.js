@@ -135,24 +135,32 @@ function readImage(file) {
   reader.readAsDataURL(file);
 }
 
-async function generate(question) {
-  if (page.busy.caption) return;
+// One request of a panel: none while another of its own runs; its output element's state ends "done" or "error" (with
+// the words shown), and the panel's buttons come back either way.
+async function request(panel, output, work) {
+  if (page.busy[panel]) return;
   if (!page.image) return showError("pick an image first");
   showError("");
-  setBusy("caption", true);
-  const answer = $("answer");
-  answer.textContent = "";
-  answer.dataset.state = "streaming";
-  $("answer-info").textContent = "";
+  setBusy(panel, true);
   try {
-    await streamAnswer(question, answer);
-    answer.dataset.state = "done";
+    await work();
+    output.dataset.state = "done";
   } catch (e) {
-    answer.dataset.state = "error";
+    output.dataset.state = "error";
     showError(plain(e));
   } finally {
-    setBusy("caption", false);
+    setBusy(panel, false);
   }
+}
+
+function generate(question) {
+  const answer = $("answer");
+  return request("caption", answer, () => {
+    answer.textContent = "";
+    answer.dataset.state = "streaming";
+    $("answer-info").textContent = "";
+    return streamAnswer(question, answer);
+  });
 }
 
 async function streamAnswer(question, answer) {
@@ -215,15 +223,11 @@ async function* events(response) {
   }
 }
 
-async function classify() {
-  if (page.busy.classify) return;
-  if (!page.image) return showError("pick an image first");
-  showError("");
-  setBusy("classify", true);
+function classify() {
   const bars = $("bars");
-  bars.replaceChildren(); // a failed request must not leave the last answer's bars, looking like its own
-  bars.dataset.state = "running";
-  try {
+  return request("classify", bars, async () => {
+    bars.replaceChildren(); // a failed request must not leave the last answer's bars, looking like its own
+    bars.dataset.state = "running";
     const model = chosenClassifier();
     const labels = $("labels").value.split(",").map((l) => l.trim()).filter((l) => l);
     const baked = Boolean(model && model.labels);
@@ -236,13 +240,7 @@ async function classify() {
     if (!response.ok) throw new Error(await refused(response));
     const predictions = (await response.json()).data[0].predictions;
     bars.replaceChildren(...predictions.map(bar));
-    bars.dataset.state = "done";
-  } catch (e) {
-    bars.dataset.state = "error";
-    showError(plain(e));
-  } finally {
-    setBusy("classify", false);
-  }
+  });
 }
 
 function bar(prediction) {
