@@ -2,7 +2,7 @@
 
 Accepted sources: a path (``str`` / ``os.PathLike``), ``bytes``, a binary file-like object, a
 ``PIL.Image.Image``, or a numpy array (``[H, W]`` gray, ``[H, W, 1|3|4]`` gray / RGB / RGBA;
-``uint8``, or floating point in ``[0, 1]``).
+``uint8``, any integer dtype with every value in ``0..255``, or floating point in ``[0, 1]``).
 
 The conversion rules follow the Hugging Face image processors (transformers 5), so that what the
 device feeds a model is what the model was evaluated with:
@@ -16,14 +16,23 @@ device feeds a model is what the model was evaluated with:
   its float64 blend + round for RGBA arrays). Plain ``convert("RGB")`` would instead expose whatever
   colour hides under transparent pixels. (HF's ``load_image(path)`` itself drops alpha with
   ``convert("RGB")`` before the processor sees it; mmedge applies the processor's rule to every
-  source, so a path and ``Image.open`` of that path give the same pixels.)
+  source, so a path and ``Image.open`` of that path get the same transparency handling; their pixels
+  still differ where the file has an EXIF orientation other than 1, as in HF, since only the path
+  is rotated.)
 * 16-bit and 32-bit gray (``I;16``, ``I;16B``, ``I;16L``, ``I;16N``, ``I``) are read as 16-bit
   values (``I`` clipped to ``[0, 65535]``) and mapped to 8 bits by ``round(value / 257)``, so
   65535 becomes 255. PIL's own ``convert`` (and so HF) clips these to 255 instead, which turns
   almost every 16-bit image white. Their ``tRNS`` transparency, if any, is ignored.
+  Exception: an ``I`` image whose maximum is at most 255 holds 8-bit values in a 32-bit mode
+  (``L.convert("I")``, ``Image.fromarray`` of an int32 array); its values are taken as they are
+  (negatives as 0). A true 16-bit image that dark would be black either way (at most 1 after
+  ``/ 257``). 16-bit PGM files open as ``I`` scaled to ``0..65535`` by PIL, so they are mapped
+  by ``/ 257`` unless the picture itself is that dark.
 * Every other mode (``L``, ``P``, ``1``, ``CMYK``, ``YCbCr``, ``F``, ...) uses PIL's ``convert("RGB")``,
   as HF does (``F`` is read on a 0..255 scale by PIL).
-* Float arrays in ``[0, 1]`` become ``uint8`` by ``round(value * 255)``.
+* Float arrays in ``[0, 1]`` become ``uint8`` by ``round(value * 255)``; integer arrays holding
+  ``0..255`` (e.g. ``int64`` from arithmetic) become ``uint8`` unchanged, as HF's processors
+  take them. Other integer ranges (16-bit data) and ``bool`` arrays are refused.
 * Animated files (GIF, APNG, WebP): the first frame.
 """
 
@@ -167,8 +176,10 @@ def _pil_to_rgb(image: Image.Image, name: str) -> Image.Image:
 
 
 def _array_to_rgb(array: np.ndarray) -> Image.Image:
-    """Convert a checked ``[H, W]`` / ``[H, W, 1|3|4]`` uint8 or [0, 1] float array."""
+    """Convert a checked ``[H, W]`` / ``[H, W, 1|3|4]`` array: integers in 0..255, or floats in [0, 1]."""
     _check_array(array)
+    if np.issubdtype(array.dtype, np.integer) and array.dtype != np.uint8:
+        array = array.astype(np.uint8)  # every value checked to be in 0..255: lossless
     pixels = array if array.ndim == 3 else array[:, :, None]  # [height, width, channels]
     if np.issubdtype(pixels.dtype, np.floating) and pixels.shape[2] != 4:
         pixels = _float_to_uint8(pixels)
@@ -192,11 +203,27 @@ def _check_array(array: np.ndarray) -> None:
         raise ImageError(what, "height and width of at least 1", "pass a non-empty array")
     if array.dtype == np.uint8:
         return
+    if array.dtype == np.bool_:
+        raise ImageError(
+            "image array has dtype bool",
+            "uint8 or integers in 0..255, or floating point in [0, 1]",
+            "convert a mask to black and white with a.astype(np.uint8) * 255",
+        )
+    if np.issubdtype(array.dtype, np.integer):
+        low, high = int(np.min(array)), int(np.max(array))
+        if low < 0 or high > 255:
+            raise ImageError(
+                f"image array has dtype {array.dtype} with values in [{low}, {high}]",
+                "integers in 0..255 (taken as they are, as uint8), or floating point in [0, 1]",
+                "map 16-bit data (0..65535) to 8 bits with (a / 257).round().astype(np.uint8); "
+                "scale other ranges to 0..255 first",
+            )
+        return
     if not np.issubdtype(array.dtype, np.floating):
         raise ImageError(
             f"image array has dtype {array.dtype}",
-            "uint8 (0..255) or floating point (0..1)",
-            "convert it, e.g. (a / 257).round().astype(np.uint8) for 16-bit data",
+            "uint8 or integers in 0..255, or floating point in [0, 1]",
+            "convert it to uint8 (0..255) or float (0..1)",
         )
     low, high = float(np.min(array)), float(np.max(array))
     if not (np.isfinite(low) and np.isfinite(high) and low >= 0.0 and high <= 1.0):
@@ -265,7 +292,15 @@ def _has_alpha(image: Image.Image) -> bool:
 
 
 def _sixteen_bit_to_gray(image: Image.Image) -> Image.Image:
-    """Map 16-bit (or 32-bit, clipped to 16-bit) gray to 8-bit ``L`` with ``round(v / 257)``."""
-    values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)  # [height, width]
-    # (v + 128) // 257 == round(v / 257) for every integer v: v / 257 is never exactly k + 0.5.
-    return Image.fromarray(((values + 128) // 257).astype(np.uint8))  # uint8 [H, W] -> "L"
+    """Map 16-bit (or 32-bit, clipped to 16-bit) gray to 8-bit ``L`` with ``round(v / 257)``; an ``I`` image with
+    a maximum of at most 255 holds 8-bit values, taken as they are.
+
+    One uint32 buffer (4 bytes a pixel), worked in place: ``np.clip`` casts into it chunk by chunk.
+    """
+    values = np.asarray(image)  # [height, width] uint16 (I;16*, either byte order) or int32 (I)
+    if image.mode == "I" and values.max() <= 255:  # e.g. L.convert("I"), Image.fromarray(int32 array)
+        return Image.fromarray(np.clip(values, 0, 255, out=np.empty(values.shape, np.uint8), casting="unsafe"))
+    wide = np.clip(values, 0, 65535, out=np.empty(values.shape, np.uint32), casting="unsafe")  # [height, width]
+    wide += 128
+    wide //= 257  # (v + 128) // 257 == round(v / 257) for every integer v: v / 257 is never exactly k + 0.5
+    return Image.fromarray(wide.astype(np.uint8))  # uint8 [H, W] -> "L"

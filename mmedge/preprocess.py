@@ -101,8 +101,8 @@ class ImagePreprocessor:
         height, width = self.output_size
         pixel_values = np.empty((len(batch), 3, height, width), dtype=np.float32)  # [batch, 3, height, width]
         for index, image in enumerate(batch):
-            # [h, w, 3] uint8
-            pixels = self._resized_and_cropped(load_image(image), _describe(image, index, len(batch)))
+            name = _describe(image, index, len(batch))
+            pixels = self._resized_and_cropped(_load(image, index, len(batch)), name)  # [h, w, 3] uint8
             for channel in range(3):  # pixel_values[index, channel] = table[channel][pixels[..., channel]]
                 np.take(self._lut[channel], pixels[:, :, channel], out=pixel_values[index, channel], mode="clip")
         return pixel_values
@@ -132,11 +132,27 @@ class ImagePreprocessor:
         return pixels if crop is None else center_crop(pixels, crop[0], crop[1])
 
 
+def _load(source: Any, index: int, count: int) -> Image.Image:
+    """``load_image``; in a batch, its error starts with the image's place, as ``_describe`` gives it."""
+    try:
+        return load_image(source)
+    except ImageError as exc:
+        if count == 1:
+            raise  # already names the file, data, PIL image or array
+        raise ImageError(f"{_place(index)}: {exc.what}", exc.expected, exc.fix) from exc
+
+
 def _describe(source: Any, index: int, count: int) -> str:
-    """How an error names one image of a call: its path, else its place in the batch."""
-    if isinstance(source, (str, os.PathLike)):
-        return f"image file '{os.fspath(source)}'"
-    return f"image {index} of the batch" if count > 1 else "the image"
+    """How an error names one image of a call: its place in a batch, and its path if it has one."""
+    path = f"image file '{os.fspath(source)}'" if isinstance(source, (str, os.PathLike)) else None
+    if count == 1:
+        return path or "the image"
+    return f"{_place(index)} ({path})" if path else _place(index)
+
+
+def _place(index: int) -> str:
+    """An image's place in a batch, counted from 0 as Python indexes the list."""
+    return f"image at index {index} of the batch"
 
 
 def center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:

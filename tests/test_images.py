@@ -182,6 +182,54 @@ def test_thirty_two_bit_gray_is_read_as_sixteen_bit_and_clipped():
     np.testing.assert_array_equal(np.asarray(load_image(image))[..., 2], [[0, 1, 255, 255]])
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (5, 3), (64, 48), (257, 513)])
+def test_sixteen_bit_mapping_equals_the_int64_formula(shape):
+    """The uint32 arithmetic (a third of the int64 version's memory) gives round(v / 257) for every value."""
+    rng = np.random.default_rng(shape[0] * 1000 + shape[1])
+    sixteen = rng.integers(0, 65536, shape, dtype=np.uint16)
+    sixteen.flat[-1] = 65535
+    thirty_two = rng.integers(-(2**31), 2**31 - 1, shape, dtype=np.int32)
+    thirty_two.flat[-1] = 70000  # max > 255: read as 16-bit
+    for values in (sixteen, sixteen.astype(">u2"), thirty_two):
+        expected = (np.clip(values.astype(np.int64), 0, 65535) + 128) // 257  # the int64 formula it replaced
+        np.testing.assert_array_equal(np.asarray(load_image(Image.fromarray(values)))[..., 0], expected)
+
+
+def test_every_sixteen_bit_value_is_rounded():
+    every = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    expected = np.round(every / 257).astype(np.uint8)  # v / 257 never ends in exactly .5
+    np.testing.assert_array_equal(np.asarray(load_image(Image.fromarray(every)))[..., 1], expected)
+
+
+def test_thirty_two_bit_gray_holding_eight_bit_values_is_taken_as_it_is(camera):
+    """An "I" image with a maximum of at most 255 is 8-bit data in a 32-bit mode: not mapped by / 257 (black)."""
+    expected = np.stack([camera] * 3, axis=2)
+    for image in (Image.fromarray(camera).convert("I"), Image.fromarray(camera.astype(np.int32))):
+        assert image.mode == "I"
+        np.testing.assert_array_equal(np.asarray(load_image(image)), expected)
+    negative = Image.fromarray(np.array([[-7, 0, 100, 255]], dtype=np.int32))
+    np.testing.assert_array_equal(np.asarray(load_image(negative))[..., 0], [[0, 0, 100, 255]])
+
+
+def test_thirty_two_bit_tiff_holding_eight_bit_values(tmp_path, camera):
+    path = tmp_path / "camera32.tif"
+    Image.fromarray(camera).convert("I").save(path)
+    with Image.open(path) as opened:
+        assert opened.mode == "I"
+    np.testing.assert_array_equal(np.asarray(load_image(path))[..., 0], camera)
+
+
+@pytest.mark.parametrize("maxval", [65535, 4095])
+def test_sixteen_bit_pgm_file(tmp_path, camera, maxval):
+    """PIL opens 16-bit PGM as "I", scaled to 0..65535: still mapped by / 257, not taken as 8-bit."""
+    levels = np.round(camera.astype(np.float64) * maxval / 255).astype(">u2")  # [512, 512] big-endian, as PGM
+    path = tmp_path / "camera16.pgm"
+    path.write_bytes(b"P5\n512 512\n%d\n" % maxval + levels.tobytes())
+    with Image.open(path) as opened:
+        assert opened.mode == "I" and np.asarray(opened).max() == 65535
+    np.testing.assert_array_equal(np.asarray(load_image(path))[..., 0], camera)
+
+
 # --- numpy arrays --------------------------------------------------------------------------------
 def test_gray_and_float_arrays(camera):
     np.testing.assert_array_equal(np.asarray(load_image(camera))[..., 0], camera)
@@ -193,6 +241,44 @@ def test_gray_and_float_arrays(camera):
 def test_float_rgba_array_is_blended_then_rounded():
     rgba = np.array([[[1.0, 0.0, 0.0, 0.5]]], dtype=np.float64)
     assert load_image(rgba).getpixel((0, 0)) == (255, 128, 128)
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.int16, np.int32, np.int64, np.uint16, np.uint32, np.uint64])
+def test_integer_arrays_in_eight_bit_range_are_taken_as_uint8(chelsea, dtype):
+    """As HF's processors take them: int64 from arithmetic on a photo gives the photo's pixels, not black."""
+    top = 127 if dtype == np.int8 else 255
+    rgb = np.minimum(chelsea, top)
+    np.testing.assert_array_equal(np.asarray(load_image(rgb.astype(dtype))), rgb)
+    gray = rgb[:, :, 0]
+    np.testing.assert_array_equal(np.asarray(load_image(gray.astype(dtype)))[..., 1], gray)
+    rgba = np.concatenate([rgb[:4, :5], np.full((4, 5, 1), top // 2, np.uint8)], axis=2)  # [4, 5, 4]
+    np.testing.assert_array_equal(np.asarray(load_image(rgba.astype(dtype))), np.asarray(load_image(rgba)))
+
+
+def test_int64_array_matches_hugging_face(chelsea):
+    transforms = pytest.importorskip("transformers.image_transforms")
+    rgba = np.concatenate([chelsea[:32, :48], np.full((32, 48, 1), 100, np.uint8)], axis=2).astype(np.int64)
+    np.testing.assert_array_equal(np.asarray(load_image(rgba)), transforms.convert_to_rgb(rgba, return_numpy=True))
+
+
+@pytest.mark.parametrize(
+    "values, found",
+    [(np.array([[0, 65535]], np.uint16), "uint16 with values in [0, 65535]"),
+     (np.array([[-1, 200]], np.int64), "int64 with values in [-1, 200]"),
+     (np.array([[0, 256]], np.int32), "int32 with values in [0, 256]")],
+)
+def test_integer_arrays_outside_eight_bit_range_are_refused(values, found):
+    with pytest.raises(ImageError, match="image array has dtype") as info:
+        load_image(values)
+    message = str(info.value)
+    assert found in message and "0..255 (taken as they are" in message
+    assert "(a / 257).round().astype(np.uint8)" in message
+
+
+def test_bool_array_is_refused_with_a_fix_for_masks():
+    with pytest.raises(ImageError, match="dtype bool") as info:
+        load_image(np.ones((4, 4), bool))
+    assert "a.astype(np.uint8) * 255" in str(info.value) and "/ 257" not in str(info.value)
 
 
 def test_non_contiguous_array(chelsea):
@@ -207,8 +293,9 @@ def test_non_contiguous_array(chelsea):
         (np.zeros((20, 30, 2), np.uint8), "shape"),
         (np.zeros((2, 20, 30, 3), np.uint8), "shape"),
         (np.zeros((0, 30, 3), np.uint8), "no pixels"),
-        (np.zeros((20, 30, 3), np.uint16), "dtype uint16"),
+        (np.full((20, 30, 3), 256, np.uint16), "dtype uint16"),
         (np.zeros((20, 30), bool), "dtype bool"),
+        (np.zeros((20, 30), np.complex64), "dtype complex64"),
         (np.full((20, 30, 3), 2.0, np.float32), "[0, 1]"),
         (np.full((20, 30), np.nan), "[0, 1]"),
     ],

@@ -83,6 +83,11 @@ def test_numpy_rgb_input_matches_hugging_face(hf_clip, from_hf):
     assert _max_abs_vs_hf(hf_clip(), from_hf, skimage_data.rocket()) <= TOLERANCE
 
 
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint16])
+def test_integer_array_in_eight_bit_range_matches_hugging_face(hf_clip, from_hf, dtype):
+    assert _max_abs_vs_hf(hf_clip(), from_hf, skimage_data.rocket().astype(dtype)) <= TOLERANCE
+
+
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "P-transparency", "RGBA-array", "CMYK", "1"])
 def test_other_modes_match_hugging_face(photos, hf_clip, from_hf, mode):
     rgba = photos["chelsea"].convert("RGBA")
@@ -154,6 +159,47 @@ def test_empty_batch_is_refused():
 def test_bad_image_in_batch_raises_image_error(photos):
     with pytest.raises(ImageError, match="not an image"):
         ImagePreprocessor(CLIP)([photos["coffee"], b"not an image"])
+
+
+def _bad_items(tmp_path) -> dict:
+    """One unloadable image of each source kind, with the words of its own error."""
+    return {
+        "array": (np.zeros((3, 20, 30), np.uint8), "image array has shape (3, 20, 30)"),
+        "pil": (Image.new("RGB", (0, 3)), "the PIL image has no pixels"),
+        "bytes": (b"not an image", "image data is not an image PIL can read"),
+        "path": (tmp_path / "missing.png", f"image file '{tmp_path / 'missing.png'}' does not exist"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["array", "pil", "bytes", "path"])
+def test_load_error_in_a_batch_names_the_image_place(tmp_path, photos, kind):
+    bad, words = _bad_items(tmp_path)[kind]
+    good = photos["coffee"]
+    with pytest.raises(ImageError) as info:
+        ImagePreprocessor(CLIP)([good, good, bad, good])
+    assert type(info.value) is ImageError
+    assert str(info.value).startswith(f"image at index 2 of the batch: {words}")
+    assert info.value.fix and info.value.expected  # the original advice is kept
+
+
+@pytest.mark.parametrize("kind", ["array", "pil", "bytes", "path"])
+def test_load_error_of_a_single_image_has_no_batch_place(tmp_path, kind):
+    bad, words = _bad_items(tmp_path)[kind]
+    for images in (bad, [bad]):
+        with pytest.raises(ImageError) as info:
+            ImagePreprocessor(CLIP)(images)
+        assert str(info.value).startswith(words)
+
+
+def test_resize_refusal_in_a_batch_names_place_and_path(tmp_path, photos):
+    path = tmp_path / "strip.png"
+    Image.new("RGB", (60_000, 1)).save(path)
+    with pytest.raises(ImageError, match="aspect ratio") as info:
+        ImagePreprocessor(CLIP)([photos["coffee"], path])
+    assert str(info.value).startswith(f"image at index 1 of the batch (image file '{path}') (60000x1)")
+    with pytest.raises(ImageError) as info:
+        ImagePreprocessor(CLIP)(path)
+    assert str(info.value).startswith(f"image file '{path}' (60000x1)")
 
 
 def test_extreme_aspect_ratio_is_refused_before_resizing():

@@ -141,8 +141,8 @@ class FieldImage(bytes):
 
 
 def undecodable(images: list) -> str | None:
-    """The field of the first image that does not decode (a pipeline's ImageError does not say which one of a
-    batch failed); run on the error path only."""
+    """The request field of the first image that does not decode (a pipeline's ImageError names its index in the
+    batch, not the field it came in); run on the error path only."""
     for image in images:
         try:
             load_image(bytes(image))

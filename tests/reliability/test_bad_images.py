@@ -118,7 +118,7 @@ def test_paths_that_are_not_image_files(capsys, classifier, clip_artifacts, refu
 
 @pytest.mark.parametrize("source,words", [
     (np.zeros((3, 32, 48), np.uint8), "transpose"),
-    (np.zeros((32, 48, 3), np.uint16), "dtype uint16"),
+    (np.full((32, 48, 3), 256, np.uint16), "dtype uint16"),
     (np.full((32, 48, 3), 255.0, np.float32), "[0, 1]"),
     (np.zeros((0, 48, 3), np.uint8), "no pixels"),
     (b"", "is empty"),
