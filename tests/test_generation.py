@@ -352,6 +352,50 @@ def test_processors_match_hf_formulas():
     np.testing.assert_allclose(lp.log_softmax(scores), torch.log_softmax(t, -1).numpy(), atol=1e-6)
 
 
+def test_top_p_keeps_the_tokens_hf_keeps_on_a_large_near_flat_vocabulary():
+    """A float32 running sum moved the nucleus boundary of a 50,272-token vocabulary (OPT's) against torch's CPU
+    cumsum, which sums in float64: 25 of 25 near-flat rows kept another token set at top_p 0.3. The boundary token's
+    probability depends on each CPU's exp to the last bit, so a row or two may still part: not more."""
+    rng = np.random.default_rng(1)
+    for top_p in (0.3, 0.9):
+        rows = (rng.standard_normal((20, 50272)) * 1e-3).astype(np.float32)  # [rows, vocab]
+        theirs = np.isinf(TopPLogitsWarper(top_p)(None, torch.from_numpy(rows.copy())).numpy())
+        mine = np.isinf(lp.apply_top_p(rows, top_p))
+        assert (theirs != mine).any(axis=-1).sum() <= 2, top_p
+
+
+class PoisonedDecoder(ScriptedDecoder):
+    """A scripted decoder whose row 1 scores ``poison`` at step 2 (as a graph that overflowed would)."""
+
+    def __init__(self, poison: float):
+        super().__init__([[5, 6, 7, 8], [9, 10, 11, 12]])
+        self.poison = poison
+
+    def _logits(self) -> np.ndarray:
+        out = super()._logits()  # [rows, vocab]
+        if self.step_count == 2:
+            out[1, 40] = self.poison
+        return out
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+@pytest.mark.parametrize("settings", [{}, {"do_sample": True, "seed": 0}, {"num_beams": 2},
+                                      {"repetition_penalty": 1.3}])
+def test_scores_that_are_not_finite_stop_generation_with_words(poison, settings):
+    """Greedy decoding picked the NaN's token and sampling drew token 0, silently: a garbage answer where
+    transformers' sampling raises."""
+    embeds = np.zeros((2, 3, 8), np.float32)
+    with pytest.raises(BackendError, match="row 1 of the batch hold NaN or \\+inf"):
+        generate(PoisonedDecoder(poison), embeds, None, GenerationConfig(max_new_tokens=6, **settings))
+
+
+def test_a_row_scoring_every_token_minus_inf_cannot_be_sampled():
+    rows = np.zeros((2, 9), np.float32)
+    rows[1] = -np.inf
+    with pytest.raises(BackendError, match="every token of row 1 of the batch scores -inf"):
+        lp.sample(rows, np.random.default_rng(0))
+
+
 # --- sampling ------------------------------------------------------------------------------------
 def test_sampling_is_reproducible_under_a_seed(decoder, prompt3):
     embeds, mask, _ = prompt3

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mmedge.errors import BackendError
 from mmedge.generation.config import GenerationConfig
 
 NEG_INF = np.float32(-np.inf)
@@ -56,12 +57,17 @@ def apply_top_k(scores: np.ndarray, top_k: int, min_tokens_to_keep: int = 1) -> 
 
 
 def apply_top_p(scores: np.ndarray, top_p: float, min_tokens_to_keep: int = 1) -> np.ndarray:
-    """Nucleus filtering exactly as transformers' ``TopPLogitsWarper``: sort ascending, drop the tokens whose
-    cumulative probability stays within ``1 - top_p``, always keeping the ``min_tokens_to_keep`` best."""
+    """Nucleus filtering as transformers' ``TopPLogitsWarper``: sort ascending, drop the tokens whose cumulative
+    probability stays within ``1 - top_p``, always keeping the ``min_tokens_to_keep`` best.
+
+    float32 probabilities summed in float64 and rounded to float32, as torch's CPU ``cumsum`` does (a float32 sum
+    moved the boundary token of a 50k vocabulary). Tied scores that straddle the boundary may keep another subset of
+    the ties: torch's sort leaves their order unspecified (and it differs between CPU and GPU)."""
     order = np.argsort(scores, axis=-1, kind="stable")  # ascending
     sorted_scores = np.take_along_axis(scores, order, axis=-1)
     shifted = np.exp(sorted_scores - sorted_scores.max(axis=-1, keepdims=True)).astype(np.float32)
-    cumulative = np.cumsum(shifted / shifted.sum(axis=-1, keepdims=True), axis=-1, dtype=np.float32)
+    probs = shifted / shifted.sum(axis=-1, keepdims=True)  # [rows, vocab] float32
+    cumulative = np.cumsum(probs, axis=-1, dtype=np.float64).astype(np.float32)
     remove_sorted = cumulative <= np.float32(1 - top_p)
     remove_sorted[:, -min_tokens_to_keep:] = False
     remove = np.zeros_like(remove_sorted)
@@ -69,8 +75,25 @@ def apply_top_p(scores: np.ndarray, top_p: float, min_tokens_to_keep: int = 1) -
     return np.where(remove, NEG_INF, scores)
 
 
+def check_finite(logits: np.ndarray) -> None:
+    """BackendError when a row of the decoder's ``logits [rows, vocab]`` holds NaN or +inf: no token can be chosen
+    from it (transformers' sampling raises on it too; its greedy choice would pick the NaN's token)."""
+    bad = np.isnan(logits).any(axis=-1) | np.isposinf(logits).any(axis=-1)  # [rows]
+    if bad.any():
+        raise BackendError(
+            f"the decoder's scores for row {int(np.argmax(bad))} of the batch hold NaN or +inf, so no next token can "
+            "be chosen", "finite scores from the decoder graph",
+            "the graph overflowed or is damaged: run `mmedge validate ARTIFACT` on this device; an FP16 graph: "
+            "export at FP32, or at FP16 with its range guard (the default)")
+
+
 def sample(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """One token per row drawn from ``softmax(scores)`` (inverse CDF; a ``-inf`` token is never drawn)."""
+    if np.isneginf(scores).all(axis=-1).any():
+        raise BackendError(
+            f"every token of row {int(np.argmax(np.isneginf(scores).all(axis=-1)))} of the batch scores -inf, so none "
+            "can be drawn", "at least one token with a finite score from the decoder graph",
+            "run `mmedge validate ARTIFACT` on this device: a graph that scores every token -inf is damaged")
     probs = softmax(scores)  # [rows, vocab] float64
     cdf = np.cumsum(probs, axis=-1)
     u = rng.random(scores.shape[0]) * cdf[:, -1]

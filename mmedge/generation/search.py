@@ -22,7 +22,7 @@ import numpy as np
 from mmedge.errors import InputError
 from mmedge.generation.config import GenerationConfig
 from mmedge.generation.decoder import Decoder
-from mmedge.generation.logits import LogitsProcessor, log_softmax, sample
+from mmedge.generation.logits import LogitsProcessor, check_finite, log_softmax, sample
 
 _NEG = np.float32(-1.0e9)  # transformers' "never pick this" score in beam search
 
@@ -264,7 +264,9 @@ def _sample_steps(run: _Run) -> Iterator[_State]:
             else:
                 logits = decoder.step(tokens, mask)
         if not generated or not callable(step_greedy):
-            scores = processor(np.asarray(logits, dtype=np.float32), generated)
+            logits = np.asarray(logits, dtype=np.float32)  # [batch, vocab]
+            check_finite(logits)
+            scores = processor(logits, generated)
             if rng is not None:
                 tokens = sample(processor.warp(scores), rng)
             else:
@@ -328,7 +330,9 @@ def _beam_search(run: _Run) -> list[list[int]]:
         if generated:
             mask = np.concatenate([mask, np.ones((batch * beams, 1), dtype=np.int64)], axis=1)
             logits = decoder.step(running[:, :, generated - 1].reshape(-1), mask)
-        log_probs = processor(log_softmax(np.asarray(logits, dtype=np.float32)), generated)  # [batch * beams, vocab]
+        logits = np.asarray(logits, dtype=np.float32)  # [batch * beams, vocab]
+        check_finite(logits)
+        log_probs = processor(log_softmax(logits), generated)  # [batch * beams, vocab]
         totals = (log_probs.reshape(batch, beams, vocab) + running_scores[:, :, None]).reshape(batch, beams * vocab)
         picked = _topk(totals, keep)  # [batch, keep]
         cand_scores = np.take_along_axis(totals, picked, axis=1)

@@ -8,9 +8,9 @@ What a request means to each kind of captioner:
 - interleaved prompts (IDEFICS: captioners whose ``interleaved`` is true): the parts of every message, in order,
   form one prompt of images and texts (``Captioner.stream``); roles add no text of their own.
 
-Settings: ``max_tokens`` (or ``max_completion_tokens``), ``temperature`` (0: greedy; above 0: sampling; absent: the
-artifact's own settings, greedy for the demo models), ``top_p``, ``seed`` (read when the answer samples, as
-OpenAI takes it at any temperature), ``stop``; extensions ``num_beams`` (beam
+Settings: ``max_tokens`` (or ``max_completion_tokens``), ``temperature`` (0, or below 1e-5: greedy; above: sampling;
+absent: the artifact's own settings, greedy for the demo models), ``top_p`` (0: greedy), ``seed`` (any int64, read
+when the answer samples, as OpenAI takes it at any temperature), ``stop``; extensions ``num_beams`` (beam
 search), ``top_k``, ``min_tokens``, ``repetition_penalty``, ``length_penalty``, ``prompt_mode``.
 ``usage`` counts the prompt's text tokens plus the image tokens the decoder reads (BLIP-2's query tokens, IDEFICS'
 latents per image), and the tokens the model generated, the one that ended the answer included; ``finish_reason`` is
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 
 from mmedge.generation import MAX_NEW_TOKENS_CAP, GenerationConfig, TextStream
+from mmedge.generation.config import MIN_TEMPERATURE
 from mmedge.manifest import decoder_settings, family_section
 from mmedge.pipelines.captioner import vqa_prompt
 from mmedge.serve.errors import invalid
@@ -162,10 +163,14 @@ def generation_settings(data: dict) -> dict:
     temperature = bounded(data, "temperature", "number", 0, 2)
     top_p = bounded(data, "top_p", "number", 0, 1)
     top_k = field(data, "top_k", "integer")
-    if temperature == 0:
+    # OpenAI answers greedily at temperature 0, and at top_p 0 (a nucleus of the one best token); a temperature too
+    # small to sample at (its scores overflow) is greedy too
+    greedy = (temperature is not None and temperature < MIN_TEMPERATURE) or top_p == 0
+    if greedy:
         if top_k is not None:  # an extension, refused; OpenAI's top_p is moot at temperature 0, as OpenAI takes it
-            raise invalid("field 'top_k' was given with temperature 0 (greedy decoding)", "top_k only when sampling "
-                          "(temperature above 0)", "drop top_k, or set a temperature", "top_k")
+            given = "temperature 0" if temperature is not None and temperature < MIN_TEMPERATURE else "top_p 0"
+            raise invalid(f"field 'top_k' was given with {given} (greedy decoding)", "top_k only when sampling "
+                          "(temperature and top_p above 0)", "drop top_k, or set a temperature", "top_k")
         settings["do_sample"] = False
     elif temperature is not None or top_p is not None or top_k is not None:  # OpenAI samples; top_k is off unless asked
         settings.update(do_sample=True, temperature=1.0 if temperature is None else float(temperature),
@@ -175,7 +180,8 @@ def generation_settings(data: dict) -> dict:
                                     ("length_penalty", "length_penalty", "number")):
         value = field(data, openai_name, kind)
         if value is not None:
-            settings[name] = value
+            # OpenAI's seed is any int64; mmedge's generator takes one of 0 or more: the same 64 bits, unsigned
+            settings[name] = value % (1 << 64) if name == "seed" else value
     num_beams = bounded(data, "num_beams", "integer", 1, MAX_BEAMS)
     if num_beams is not None:
         settings["num_beams"] = num_beams

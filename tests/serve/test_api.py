@@ -152,6 +152,10 @@ def test_generation_settings_reach_the_captioner(openai_client, local, scenes):
     # OpenAI takes a seed at any temperature; a greedy answer draws nothing, so the seed is not passed on (the
     # captioner itself refuses a seed without sampling)
     assert served(temperature=0, seed=3) == served(seed=3) == (captioner.caption(scene), "stop")
+    # OpenAI answers greedily at top_p 0 and (near) temperature 0, and takes any int64 seed: all were 400s here
+    assert served(top_p=0) == served(temperature=1e-39) == (captioner.caption(scene), "stop")
+    negative = captioner.caption(scene, do_sample=True, temperature=1.5, top_p=0.9, top_k=0, seed=(-7) % (1 << 64))
+    assert served(temperature=1.5, top_p=0.9, seed=-7) == (negative, "stop")
     beams = captioner.caption(scene, num_beams=3, min_new_tokens=3)
     assert served(extra_body={"num_beams": 3, "min_tokens": 3})[0] == beams
     continued = captioner.caption(scene, "a blue")
