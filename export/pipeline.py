@@ -386,7 +386,8 @@ class ArtifactBuilder:
             parity["fp32_export"] = entry["parity"]
             if precision == "fp16":
                 gate_parity(spec.name, parity, None, FP16_MIN_COSINE,
-                            "FP16 overflows in this model; export fp32 and let TensorRT pick FP16 layers")
+                            "FP16 overflows in this model: export at fp32 (TensorRT then builds FP16 engines of the "
+                            "graphs that stay in FP16's range, and T5's encoder and decoder at FP32)")
             entry.update(precision=precision, quantization=recipe, parity=parity)
         if any(self.precision_of(s) in ("int8", "int4") for s in specs):
             from mmedge.export.calibration import fidelity_on_calibration, fidelity_paths

@@ -534,8 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="prebuild an artifact's TensorRT engines on this device (needs mmedge[tensorrt])")
     build.add_argument("artifact")
     build.add_argument("--precision", choices=["fp16", "int8", "fp32"], default=None,
-                       help="engine precision (default: int8 for static QDQ graphs, else fp16 - fp32 on GPUs "
-                       "without fast FP16)")
+                       help="engine precision (default: int8 for static QDQ graphs, fp16 for FP16 graphs, else "
+                       "fp16 - fp32 for FP32 T5 graphs, which overflow at FP16)")
     build.add_argument("--max-batch", type=int, default=None,
                        help="largest batch an engine takes (default: 4 on Jetson, 16 on a desktop GPU)")
     build.add_argument("--max-sequence", type=int, default=None,

@@ -12,7 +12,8 @@
 - ``DeviceTensor``: a contiguous tensor in GPU memory, read by other runners and by CuPy / PyTorch / Numba through
   ``__cuda_array_interface__`` (v3).
 - ``cai_stream``: the stream a ``__cuda_array_interface__`` feed was produced on (its v3 ``stream`` key), which the
-  runner's stream must wait for before reading it.
+  runner's stream must wait for before reading it; ``check_alignment``: its address, refused unless 256-byte aligned
+  (TensorRT binds no other).
 
 Nothing here imports cuda-python at import time; ``CudaRuntime()`` does.
 """
@@ -274,4 +275,24 @@ def cai_stream(interface: Mapping[str, Any], what: str) -> int | None:
     return stream
 
 
-__all__ = ["CudaRuntime", "DevicePool", "DeviceTensor", "INSTALL", "cai_stream", "import_cudart", "size_class"]
+
+TENSOR_ALIGNMENT = 256  # bytes: TensorRT binds an input or output only at an address aligned to this
+
+
+def check_alignment(interface: Mapping[str, Any], what: str) -> int:
+    """The device address of a ``__cuda_array_interface__`` feed, or FeedError when it is not aligned to
+    ``TENSOR_ALIGNMENT`` bytes, which TensorRT requires (``set_tensor_address`` refuses it): a contiguous slice at an
+    offset into a larger allocation (``x[1:]``) passes the contiguity check but starts mid-allocation. ``what``
+    names the feed in errors."""
+    pointer = int(interface["data"][0])
+    if pointer % TENSOR_ALIGNMENT:
+        raise FeedError(f"{what} is a GPU array at address {pointer:#x}, which is not {TENSOR_ALIGNMENT}-byte aligned "
+                        f"(it starts {pointer % TENSOR_ALIGNMENT} bytes past an aligned address, e.g. a slice at an "
+                        "offset into a larger array)",
+                        f"a GPU array whose data starts at a multiple of {TENSOR_ALIGNMENT} bytes (TensorRT binds "
+                        "no other)",
+                        "copy it into its own allocation first (x.copy() in CuPy, x.clone() in PyTorch)")
+    return pointer
+
+__all__ = ["CudaRuntime", "DevicePool", "DeviceTensor", "INSTALL", "TENSOR_ALIGNMENT", "cai_stream", "check_alignment",
+           "import_cudart", "size_class"]

@@ -36,7 +36,9 @@ class OrtOptions:
     inter_op_threads: int | None = None
     graph_optimization: str = "all"
     device_id: int = 0
-    fp16: bool = False  # TensorRT provider: allow FP16 kernels
+    # TensorRT provider: allow FP16 kernels in its weakly typed networks, any layer included: never for a graph whose
+    # FP32 nodes must stay FP32 (the plan decides: mmedge.runtimes.tensorrt_planning.provider_fp16)
+    fp16: bool = False
     engine_cache: Path | None = None  # TensorRT provider: where built engines are cached
     workspace_mb: int | None = None  # TensorRT provider: builder workspace (None: ONNX Runtime's default)
     io_binding: bool | None = None  # None: on for the CUDA / TensorRT providers, off on a CPU

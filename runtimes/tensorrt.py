@@ -7,18 +7,22 @@ external data's), precision, shape profile, TensorRT version, GPU name and compu
 A stale or foreign engine is rebuilt, never handed to TensorRT. Builds share a timing cache per TensorRT version
 and GPU (``engines/timing-*.cache``).
 
-- **Precision.** Float graphs build at FP16 by default (``BuilderFlag.FP16``), FP32 on request. A static QDQ
-  INT8 graph builds as INT8 by explicit quantization: the network is created ``STRONGLY_TYPED`` and no precision
-  flag is set, as TensorRT's documentation asks for Q/DQ networks ("Use explicit quantization with Strong
-  Typing. Precision-control build flags are not required and should not be specified."). Which components can
-  be built and at what precision is decided in ``mmedge.runtimes.tensorrt_planning`` (no TensorRT needed).
+- **Precision.** A graph whose types the export chose is built ``STRONGLY_TYPED`` with no precision flag, as
+  TensorRT's documentation asks ("Precision-control build flags are not required and should not be specified"):
+  a static QDQ INT8 graph (explicit quantization), and an FP16 graph, whose FP32 islands (``quantization.fp32_nodes``,
+  the nodes the export's range guard found overflowing FP16) TensorRT then obeys. An FP32 graph builds at FP16 by
+  default (weakly typed, ``BuilderFlag.FP16``), FP32 on request, and at FP32 when it overflows at FP16 (T5's LLM
+  components; ``tensorrt_planning.fp16_overflow``). Which components can be built and at what precision is decided in
+  ``mmedge.runtimes.tensorrt_planning`` (no TensorRT needed); TensorRT 10 runs on sm 7.0 and newer GPUs only.
 - **Shapes.** One optimization profile per engine, from the manifest's named dynamic axes and the user's limits
   (``tensorrt_planning.derive_profile``). A call larger than the profile's batch is split into profile-sized
   calls; any other shape outside the profile is refused with the rebuild command.
 - **Memory.** Device buffers come from **cuda-python** (``mmedge.runtimes.cuda_buffers``: ``cuda.bindings.runtime``;
   ``cuda.cudart`` on older releases), not torch, so the device needs no PyTorch: ``cudaMalloc`` once per
   input/output at the profile's largest shape, one ``cudaStream`` and one ``IExecutionContext`` per runner
-  (``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``). Calls on one runner are serialized by a lock.
+  (``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``; each one's bool checked). Calls on one runner
+  are serialized by a lock. A GPU feed is bound in place only at a 256-byte aligned address (TensorRT binds no
+  other); an output whose shape depends on the data (a -1 dim) is refused.
 - **Outputs on the GPU.** With ``keep_on_device=True`` outputs are ``DeviceTensor``\\ s: GPU memory that another
   TensorRT runner takes as a feed without a copy, that CuPy/PyTorch/Numba read through
   ``__cuda_array_interface__``, and that ``numpy()`` copies to the host. By default outputs are numpy arrays.
@@ -30,7 +34,9 @@ and GPU (``engines/timing-*.cache``).
 - **The KV-cached decoder.** ``create_runner`` builds the decoder graph like any other (its profile keeps
   total = past + new tokens at every point, see ``tensorrt_planning``); ``create_decoder`` builds it with
   ``keep_on_device=True`` and wraps it in ``mmedge.runtimes.runner_decoder.RunnerDecoder``, so the presents of
-  one step are the pasts of the next without leaving the GPU. The prefill feeds a zero-length past.
+  one step are the pasts of the next without leaving the GPU. The prefill feeds a zero-length past. Its
+  ``max_positions`` is the engine profile's when smaller than the model's, so a request longer than the engine takes
+  is refused before the first step (rebuild with a larger ``--max-sequence``).
 - **Where.** This module is the runner (``TensorRTRunner``, ``create_runner``, ``create_decoder``); building is
   ``mmedge.runtimes.tensorrt_build``, the engine cache and ``mmedge build``'s settings ``mmedge.runtimes.engine_cache``.
 - **Not here.** Graphs with ONNX Runtime-only operators: INT4 weight-only (``com.microsoft.MatMulNBits``) and
@@ -47,14 +53,22 @@ import contextlib
 import logging
 import threading
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
 
 from mmedge.backends import refuse_unknown_options
 from mmedge.errors import BackendError, FeedError, IntegrityError
 from mmedge.runner import Runner, TensorMeta
-from mmedge.runtimes.cuda_buffers import CudaRuntime, DevicePool, DeviceTensor, cai_stream, import_cudart
+from mmedge.runtimes.cuda_buffers import (
+    TENSOR_ALIGNMENT,
+    CudaRuntime,
+    DevicePool,
+    DeviceTensor,
+    cai_stream,
+    check_alignment,
+    import_cudart,
+)
 from mmedge.runtimes.engine_cache import (
     BUILD_SETTINGS,
     EngineOutcome,
@@ -74,7 +88,9 @@ from mmedge.runtimes.tensorrt_build import (
     resolve_settings,
 )
 from mmedge.runtimes.tensorrt_planning import (
+    engine_positions,
     unbuildable_reason,
+    usable_positions,
 )
 
 log = logging.getLogger("mmedge")
@@ -133,18 +149,17 @@ class TensorRTRunner(Runner):
             self._stream = self._cuda.stream()
             for n in self._engine_inputs:  # buffers for the largest shapes the profile allows, allocated once
                 hi = self._ranges[n][1]
-                self._context.set_input_shape(n, hi)
+                if not self._context.set_input_shape(n, hi):
+                    raise IntegrityError(f"TensorRT refused the largest shape {list(hi)} of its own profile for input "
+                                         f"'{n}' of component '{component_name}'",
+                                         "an engine that takes the shapes its profile declares",
+                                         "delete the artifact's engines/ folder; mmedge rebuilds it")
                 self._buffers[n] = self._cuda.malloc(int(np.prod(hi, dtype=np.int64)) * self._dtypes[n].itemsize)
-            for n in self._engine_outputs:
+            for n in self._engine_outputs:  # refused on either path: a -1 dim has no size to allocate
+                shape = output_shape(n, component_name, _dims(self._context.get_tensor_shape(n)))
                 if keep_on_device and n in self._outputs:
                     # each call's DeviceTensor has the real shape, from the pool (a decoder's cache: no max-size copy)
                     continue
-                shape = _dims(self._context.get_tensor_shape(n))
-                if any(d < 0 for d in shape):
-                    raise BackendError(f"output '{n}' of component '{component_name}' has a data-dependent shape "
-                                       f"{list(shape)}",
-                                       "outputs whose shape follows from the input shapes",
-                                       "run this component on ONNX Runtime")
                 self._buffers[n] = self._cuda.malloc(int(np.prod(shape, dtype=np.int64)) * self._dtypes[n].itemsize)
         except BaseException:
             self._release()
@@ -156,12 +171,14 @@ class TensorRTRunner(Runner):
         return self._dtypes[meta.name]  # the engine's input type
 
     def _device_feed(self, meta: TensorMeta, value: Any):
-        """A GPU array is read in place (a stream it names is refused here if malformed, before any GPU work); a
-        device array in host memory is copied."""
+        """A GPU array is read in place (a stream it names, or an address TensorRT cannot bind, is refused here,
+        before any GPU work); a device array in host memory is copied."""
         interface = getattr(value, "__cuda_array_interface__", None)
         if interface is None:
             return np.asarray(value)
-        cai_stream(interface, f"component '{self.component_name}' input '{meta.name}'")
+        what = f"component '{self.component_name}' input '{meta.name}'"
+        cai_stream(interface, what)
+        check_alignment(interface, what)
         return value
 
     def _batch_axis_name(self) -> str | None:
@@ -207,15 +224,15 @@ class TensorRTRunner(Runner):
                 staged.append(host)  # alive until the stream is synchronized
                 pointer = self._buffers[name]
                 self._cuda.to_device(pointer, host, stream)
-            context.set_tensor_address(name, pointer)
+            bind_address(context.set_tensor_address, name, pointer, self.component_name)
         results: dict[str, Any] = {}
         for name in self._engine_outputs:
-            shape = _dims(context.get_tensor_shape(name))
+            shape = output_shape(name, self.component_name, _dims(context.get_tensor_shape(name)))
             if self._keep_on_device and name in self._outputs:
                 results[name] = DeviceTensor(self._cuda, shape, self._dtypes[name], pool=self._pool, name=name)
-                context.set_tensor_address(name, results[name].ptr)
+                bind_address(context.set_tensor_address, name, results[name].ptr, self.component_name, feed=False)
             else:
-                context.set_tensor_address(name, self._buffers[name])
+                bind_address(context.set_tensor_address, name, self._buffers[name], self.component_name, feed=False)
                 results[name] = np.empty(shape, self._dtypes[name])
         if not context.execute_async_v3(int(stream)):
             raise BackendError(f"TensorRT failed running component '{self.component_name}'",
@@ -241,6 +258,10 @@ class TensorRTRunner(Runner):
                 self._cuda.synchronize(producer)
                 return
         self._cuda.wait_for(stream, producer, self._event)
+
+    def longest_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each input's largest shape in the engine's profile."""
+        return {name: hi for name, (_, hi) in self._ranges.items()}
 
     # --- lifetime -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -270,6 +291,32 @@ class _Dims(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int, /) -> int: ...
+
+
+def output_shape(name: str, component_name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` of output ``name`` as the context reports it for the bound inputs; BackendError for a data-dependent
+    (-1) dimension, whose size is known only after the run (no buffer can be sized for it), on either output path."""
+    if any(d < 0 for d in shape):
+        raise BackendError(f"output '{name}' of component '{component_name}' has a data-dependent shape {list(shape)}",
+                           "outputs whose shape follows from the input shapes",
+                           "run this component on ONNX Runtime (--backend onnxruntime)")
+    return shape
+
+
+def bind_address(set_address: Callable[[str, int], bool], name: str, pointer: int, component_name: str, *,
+                 feed: bool = True) -> None:
+    """Bind tensor ``name`` to ``pointer`` with ``set_address`` (``IExecutionContext.set_tensor_address``), which
+    returns False, leaving the tensor unbound, for an address TensorRT will not take (not 256-byte aligned): a
+    FeedError for an input (the caller's array), a BackendError for an output (mmedge's own buffer)."""
+    if set_address(name, pointer):
+        return
+    what = (f"TensorRT refused address {pointer:#x} for {'input' if feed else 'output'} '{name}' of component "
+            f"'{component_name}'")
+    expected = f"a GPU address aligned to {TENSOR_ALIGNMENT} bytes, of a tensor the engine has"
+    if feed:
+        raise FeedError(what, expected, "feed an array in its own allocation (x.copy() in CuPy, x.clone() in PyTorch, "
+                                        "or a numpy array)")
+    raise BackendError(what, expected, "close the runner and open a new one; report this if it persists")
 
 
 def _dims(shape: _Dims) -> tuple[int, ...]:
@@ -309,19 +356,33 @@ def create_runner(path, component_name: str, component: dict, *, artifact=None, 
 
 def create_decoder(artifact, embeddings, **options):
     """The artifact's KV-cached decoder on TensorRT: the decoder component's engine (as ``create_runner`` obtains it,
-    same ``options``) with its outputs kept on the GPU, wrapped in ``RunnerDecoder`` so the cache stays there between
-    steps. ``embeddings``: the artifact's token-embedding table."""
-    from mmedge.runtimes.runner_decoder import RunnerDecoder
-
+    same ``options``) with its outputs kept on the GPU, wrapped in ``RunnerDecoder`` (``engine_decoder``) so the cache
+    stays there between steps. ``embeddings``: the artifact's token-embedding table."""
     runner = create_runner(artifact.component_path("decoder"), "decoder", artifact.component("decoder"),
                            **{**options, "artifact": artifact, "keep_on_device": True})
     try:
-        return RunnerDecoder.for_artifact(runner, artifact.manifest, embeddings)
+        return engine_decoder(runner, artifact.manifest, embeddings, runner.longest_shapes())
     except BaseException:
         runner.close()
         raise
 
+
+def engine_decoder(runner: Runner, manifest: Mapping, embeddings, longest: Mapping[str, tuple[int, ...]]):
+    """``RunnerDecoder`` over ``runner``, a runner of the decoder whose engine takes at most the ``longest`` input
+    shapes: its ``max_positions`` is the engine profile's when smaller than the manifest's (``usable_positions``), so
+    the generation loop refuses a prompt + max_new_tokens past the profile before the first step, not mid-generation.
+    """
+    from mmedge.runtimes.kv_decoder import artifact_decoder
+    from mmedge.runtimes.runner_decoder import RunnerDecoder
+
+    layout, options = artifact_decoder(manifest)
+    positions = engine_positions(manifest["components"]["decoder"], longest)
+    return RunnerDecoder(runner, embeddings, layout,
+                         **{**options, "max_positions": usable_positions(options["max_positions"], positions)})
+
+
 __all__ = ["BUILD_SETTINGS", "CudaRuntime", "DeviceTensor", "EngineOutcome", "EngineSettings", "TensorRTRunner",
-           "build_artifact", "build_serialized_engine", "create_decoder", "create_runner", "describe_engines",
-           "engine_key", "import_cudart", "import_tensorrt", "load_build_settings", "obtain_plan", "resolve_settings",
-           "save_build_settings", "timing_cache_path"]
+           "bind_address", "build_artifact", "build_serialized_engine", "create_decoder", "create_runner",
+           "describe_engines", "engine_decoder", "engine_key", "import_cudart", "import_tensorrt",
+           "load_build_settings", "obtain_plan", "output_shape", "resolve_settings", "save_build_settings",
+           "timing_cache_path"]

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, TypeVar
 
 from mmedge.errors import BackendError, BackendUnavailableError, InputError
 from mmedge.runtimes.cuda_buffers import INSTALL, CudaRuntime, import_cudart
@@ -36,7 +36,9 @@ from mmedge.runtimes.tensorrt_planning import (
     derive_profile,
     engine_bytes,
     engine_precision,
+    key_precision,
     kv_cache_need,
+    network_typing,
     profile_text,
     require_gpu,
     tensorrt_defaults,
@@ -44,6 +46,7 @@ from mmedge.runtimes.tensorrt_planning import (
 )
 
 log = logging.getLogger("mmedge")
+T = TypeVar("T")
 
 MIN_TENSORRT_MAJOR = 10
 
@@ -73,15 +76,19 @@ def import_tensorrt():
 # --- building --------------------------------------------------------------------------------------
 def build_serialized_engine(onnx_path: str | os.PathLike, profile: Mapping, precision: str, *, workspace_bytes: int,
                             timing_cache: Path | None = None, component: str = "",
-                            progress: Callable[[str], None] | None = None
+                            progress: Callable[[str], None] | None = None, graph_precision: str | None = None
                             ) -> bytes:
-    """Parse ``onnx_path`` with TensorRT's ONNX parser and build a serialized engine (plan bytes)."""
+    """Parse ``onnx_path`` with TensorRT's ONNX parser and build a serialized engine (plan bytes); ``graph_precision``:
+    the precision the graph was exported at (the manifest's), which decides the network's typing
+    (``tensorrt_planning.network_typing``)."""
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    # TensorRT 10 networks are always explicit-batch (flag 0 = weakly typed); Q/DQ graphs are built strongly typed.
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if precision == "int8" else 0
-    network = builder.create_network(flags)
+    # TensorRT 10 networks are always explicit-batch (flag 0 = weakly typed); Q/DQ graphs and FP16 graphs (types chosen
+    # at export, FP32 islands included) are built strongly typed, without a precision flag
+    strongly_typed, fp16_flag = network_typing(graph_precision, precision)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed
+                                     else 0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # from the file, so weights in <name>.onnx.data are found
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -90,19 +97,21 @@ def build_serialized_engine(onnx_path: str | os.PathLike, profile: Mapping, prec
                            "run this component on ONNX Runtime (--backend auto or onnxruntime)")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
-    if precision == "fp16":
+    if fp16_flag:
         config.set_flag(trt.BuilderFlag.FP16)
     if profile:
         shapes = builder.create_optimization_profile()
         for name, (lo, opt, hi) in profile.items():
             shapes.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
-        config.add_optimization_profile(shapes)
+        if config.add_optimization_profile(shapes) < 0:  # -1: TensorRT found the profile invalid
+            raise BackendError(f"TensorRT refused the shape profile of component '{component}' "
+                               f"({profile_text(profile)})",
+                               "min <= opt <= max on every axis, for every dynamic input of the graph",
+                               "check --max-batch / --max-sequence / --max-images, or re-export the artifact")
     cached = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
-    try:
-        timings = config.create_timing_cache(cached)
-    except Exception:  # an unreadable cache only costs build time: start an empty one
-        timings = config.create_timing_cache(b"")
-    config.set_timing_cache(timings, ignore_mismatch=False)  # keyed per TensorRT version and GPU: no foreign timings
+    # keyed per TensorRT version and GPU: no foreign timings (ignore_mismatch=False)
+    open_timing_cache(config.create_timing_cache, lambda made: config.set_timing_cache(made, ignore_mismatch=False),
+                      cached, timing_cache)
     monitor = _progress_monitor(progress) if progress is not None and hasattr(trt, "IProgressMonitor") else None
     if monitor is not None:
         config.progress_monitor = monitor  # kept referenced until the build returns
@@ -115,6 +124,31 @@ def build_serialized_engine(onnx_path: str | os.PathLike, profile: Mapping, prec
     if timing_cache is not None:
         _atomic_write(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
     return bytes(memoryview(serialized))
+
+
+def open_timing_cache(create: Callable[[bytes], T | None], attach: Callable[[T], bool], cached: bytes,
+                      where: Path | None = None) -> T:
+    """The builder's timing cache: ``create`` (``IBuilderConfig.create_timing_cache``) over the ``cached`` bytes,
+    attached with ``attach`` (``set_timing_cache``, which says whether it took it). A cache TensorRT cannot read or
+    will not take (``create`` raising or returning None, ``attach`` returning False) only costs build time: a fresh
+    one is started, with a log line. BackendError when even a fresh one is refused."""
+    if cached:
+        try:
+            made = create(cached)
+        except Exception as exc:  # TensorRT's own error types
+            made, why = None, f"{type(exc).__name__}: {exc}"
+        else:
+            why = "TensorRT could not read it" if made is None else "TensorRT refused to use it"
+        if made is not None and attach(made):
+            return made
+        log.warning("mmedge: the timing cache %s was not used (%s); starting a fresh one, so this build takes longer",
+                 where or "given", why)
+    made = create(b"")
+    if made is None or not attach(made):
+        raise BackendError("TensorRT could not start an empty timing cache",
+                           "IBuilderConfig.create_timing_cache(b'') and set_timing_cache to succeed",
+                           "check TensorRT's log above; free GPU memory and retry")
+    return made
 
 
 def _progress_monitor(write: Callable[[str], None]):
@@ -156,10 +190,11 @@ class _Builder:
 
     def precision(self, name: str) -> str:
         return engine_precision(name, self.manifest["components"][name], self.settings.precision,
-                                self.defaults.precision)
+                                self.defaults.precision, self.manifest)
 
     def key(self, name: str) -> EngineKey:
-        return engine_key(self.manifest["components"][name], self.precision(name),
+        component = self.manifest["components"][name]
+        return engine_key(component, key_precision(component, self.precision(name)),
                           derive_profile(self.manifest, name, self.settings.limits),
                           tensorrt_version=self.trt.__version__, gpu_name=self.gpu_name,
                           compute_capability=self.compute_capability)
@@ -183,7 +218,8 @@ class _Builder:
             log.info("mmedge: building the TensorRT engine for '%s' (%s, %s); this takes a while once per device",
                      name, self.precision(name), profile_text(profile))
             return build_serialized_engine(onnx_path, profile, self.precision(name), workspace_bytes=self.workspace,
-                                           timing_cache=self.timing, component=name, progress=progress)
+                                           timing_cache=self.timing, component=name, progress=progress,
+                                           graph_precision=self.manifest["components"][name].get("precision"))
 
         outcome = obtain_plan(self.cache, name, self.key(name), build, allow_build=allow_build, force=force)
         for reason in outcome.reasons:
@@ -237,7 +273,7 @@ def build_artifact(path: str | os.PathLike, settings: EngineSettings | None = No
                                       + "; ".join(skipped.values()), "a float or static-QDQ INT8 graph",
                                       "run this artifact on ONNX Runtime (--backend onnxruntime)")
     for name in targets:  # refuse bad precisions and profiles before touching TensorRT
-        engine_precision(name, manifest["components"][name], settings.precision)
+        engine_precision(name, manifest["components"][name], settings.precision, manifest=manifest)
         derive_profile(manifest, name, settings.limits)
     import_tensorrt()
     import_cudart()

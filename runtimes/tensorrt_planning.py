@@ -38,17 +38,18 @@ opt        1           P               P + 1            a decode step (the hot l
 max        S           S - 1           2S - 1           the longest prompt and the longest past
 =========  ==========  ==============  ===============  =============================================
 
-(P = ``opt_sequence`` when given, at most S - 1.) Real calls stay within S positions (the generation loop bounds
-prompt + new tokens by the decoder's ``max_positions``); the max point only has to be a valid shape.
+(P = ``opt_sequence`` when given, at most S - 1.) Real calls stay within S positions: the decoder on TensorRT reports
+``max_positions`` = min(the manifest's, S) (``engine_positions``, ``usable_positions``), so the generation loop refuses
+prompt + new tokens past S before the first step; the max point only has to be a valid shape.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 from mmedge.errors import BackendUnavailableError, InputError, InsufficientMemoryError
-from mmedge.manifest import decoder_settings
+from mmedge.manifest import decoder_settings, family_section
 
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_MAX_BATCH = 8
@@ -122,12 +123,38 @@ def is_kv_decoder(component: Mapping) -> bool:
         "past_sequence" in spec.get("shape", ()) for spec in component.get("inputs", {}).values())
 
 
-def engine_precision(name: str, component: Mapping, requested: str | None, default: str = "fp16") -> str:
+# LLMs whose FP32 graphs overflow at FP16 (their feed-forward outputs and residual stream pass 65504: inf, then NaN),
+# by the model type the family section records (``manifest[family][section]["llm"]``). An FP16 export of them keeps
+# the overflowing nodes FP32 (``quantization.fp32_nodes``, found by the export's range guard on validation inputs);
+# an FP32 graph carries no such record, so TensorRT builds it at FP32 rather than let FP16 layers overflow.
+FP16_OVERFLOWING_LLMS = ("t5", "mt5", "umt5")
+
+
+def fp16_overflow(manifest: Mapping | None, name: str, component: Mapping) -> str | None:
+    """Why an FP16 engine of this FP32 graph would overflow (an LLM of ``FP16_OVERFLOWING_LLMS``), or None."""
+    if manifest is None or component.get("precision") != "fp32":
+        return None
+    for entry in family_section(manifest).values():
+        if isinstance(entry, Mapping) and entry.get("component") == name and entry.get("llm") in FP16_OVERFLOWING_LLMS:
+            return (f"component '{name}' is an FP32 {entry['llm']} graph, whose activations pass FP16's range (inf, "
+                    "then NaN, in an FP16 engine)")
+    return None
+
+
+FP16_EXPORT = ("re-export with `mmedge export MODEL OUT --llm-precision fp16` (its range guard keeps the overflowing "
+               "nodes FP32, and the engine obeys them)")
+
+
+def engine_precision(name: str, component: Mapping, requested: str | None, default: str = "fp16",
+                     manifest: Mapping | None = None) -> str:
     """The precision of the engine built for ``component``.
 
     A static QDQ graph is built as INT8 (explicit quantization: its scales come from calibration at export);
-    a float graph at ``requested`` or the device default (FP16). Asking for INT8 from a float graph, or for
-    a float engine from a QDQ graph, is refused: the precision is fixed by the export's recipe.
+    an FP16 graph at FP16 (its own types, FP32 islands included: a strongly typed network, ``network_typing``);
+    an FP32 graph at ``requested`` or the device default (FP16), except one that overflows at FP16
+    (``fp16_overflow``, judged from ``manifest``): FP32 by default, and FP16 asked for is refused. Asking for INT8
+    from a float graph, or for a float engine from a QDQ graph, is refused: the precision is fixed by the export's
+    recipe.
     """
     if requested is not None and requested not in PRECISIONS:
         raise InputError(f"precision '{requested}' is not one TensorRT engines are built at",
@@ -146,7 +173,44 @@ def engine_precision(name: str, component: Mapping, requested: str | None, defau
                          "an artifact exported with --precision int8 "
                          "--quantization static", "re-export with `mmedge export MODEL OUT --precision int8 "
                          "--quantization static`, or build at --precision fp16")
-    return requested or default
+    if component.get("precision") == "fp16":
+        return requested or "fp16"
+    overflow = fp16_overflow(manifest, name, component)
+    if overflow and requested == "fp16":
+        raise InputError(f"{overflow}; an FP16 engine was asked for",
+                         "an FP32 engine of this graph, or an FP16 export whose overflowing nodes stay FP32",
+                         f"drop --precision (such components are built at FP32, the others at FP16), or {FP16_EXPORT}")
+    return requested or ("fp32" if overflow else default)
+
+
+def provider_fp16(manifest: Mapping | None, name: str, component: Mapping, default: str = "fp16") -> bool:
+    """Whether ONNX Runtime's TensorRT provider may get ``trt_fp16_enable`` for this component (``default``: the
+    device's, ``tensorrt_defaults``). The provider builds weakly typed networks, where the flag lets TensorRT run any
+    layer at FP16: so only for an FP32 graph that does not overflow at FP16 (``fp16_overflow``) and an FP16 graph
+    without FP32 islands (``quantization.fp32_nodes``); never for INT8 graphs."""
+    if default != "fp16":
+        return False
+    if component.get("precision") == "fp16":
+        return not (component.get("quantization") or {}).get("fp32_nodes")
+    return component.get("precision") == "fp32" and fp16_overflow(manifest, name, component) is None
+
+
+def network_typing(graph_precision: str | None, precision: str) -> tuple[bool, bool]:
+    """(strongly typed, FP16 flag) of the TensorRT network an engine at ``precision`` is built as, from a graph
+    exported at ``graph_precision`` (the manifest's). A graph whose types the export chose (static QDQ INT8; FP16 with
+    its FP32 islands, ``quantization.fp32_nodes``) is built ``STRONGLY_TYPED``, with no precision flag: TensorRT obeys
+    its types. An FP32 graph built at FP16 is weakly typed with ``BuilderFlag.FP16`` (TensorRT picks each layer's
+    precision); at FP32, and an FP16 graph built at FP32, weakly typed without it."""
+    if precision == "int8" or (precision == "fp16" and graph_precision == "fp16"):
+        return True, False
+    return False, precision == "fp16"
+
+
+def key_precision(component: Mapping, precision: str) -> str:
+    """The precision an engine's key records: a strongly typed FP16 network is keyed apart from a weakly typed one
+    (engines of an FP16 graph cached before it was built strongly typed are stale)."""
+    strong, _ = network_typing(component.get("precision"), precision)
+    return f"{precision}-strongly-typed" if strong and precision == "fp16" else precision
 
 
 # --- optimization profiles --------------------------------------------------------------------------
@@ -254,7 +318,25 @@ def derive_profile(manifest: Mapping, name: str, limits: ProfileLimits | None = 
     return profile
 
 
-def profile_text(profile: Profile) -> str:
+def engine_positions(component: Mapping, longest: Mapping[str, Sequence[int]]) -> int | None:
+    """The most positions (prompt + generated tokens) a KV-cached decoder's engine takes, from ``longest`` (input ->
+    its largest shape in the engine's profile): the longest new sequence, and one more than the longest past (the last
+    step reads that past and adds a token), whichever is fewer. None when no input has such an axis."""
+    limits = []
+    for tensor, spec in component.get("inputs", {}).items():
+        for axis, dim in enumerate(spec.get("shape", ())):
+            if tensor in longest and dim in ("sequence", "past_sequence"):
+                limits.append(int(longest[tensor][axis]) + (dim == "past_sequence"))
+    return min(limits, default=None)
+
+
+def usable_positions(declared: int | None, engine: int | None) -> int | None:
+    """A decoder's position limit on an engine: the model's (``declared``, the manifest's ``max_positions``) or the
+    engine profile's (``engine_positions``), whichever is smaller; None when neither is known."""
+    return min((p for p in (declared, engine) if p is not None), default=None)
+
+
+def profile_text(profile: Mapping) -> str:
     return ", ".join(f"{name} {list(lo)}..{list(hi)} (opt {list(opt)})" for name,
                      (lo, opt, hi) in profile.items()) or "static shapes"
 
@@ -366,8 +448,9 @@ class TensorRTDefaults:
 
 def tensorrt_defaults(probe) -> TensorRTDefaults:
     """Jetson: FP16 engines, a workspace of 1/16 of the shared memory capped at 1 GiB (at least 256 MiB), batch 4:
-    the GPU shares memory with the CPU, and everything else on the board needs it too. Desktop GPU: FP16 (FP32 on
-    compute capability 6.1, which has no fast FP16), a quarter of the free GPU memory capped at 4 GiB, batch 16."""
+    the GPU shares memory with the CPU, and everything else on the board needs it too. Desktop GPU: FP16, a quarter of
+    the free GPU memory capped at 4 GiB, batch 16; FP32 on a GPU below sm 7.0 (no TensorRT 10 engines there, see
+    ``unsupported_gpu``; what ONNX Runtime's TensorRT provider gets: a GTX 1080, sm 6.1, has no fast FP16)."""
     if probe.jetson:
         total = probe.memory_total_mb or 8192
         workspace = max(256, min(1024, total // 16))
@@ -376,13 +459,34 @@ def tensorrt_defaults(probe) -> TensorRTDefaults:
     gpu = probe.gpus[0] if probe.gpus else None
     free = (gpu.memory_free_mb or gpu.memory_total_mb) if gpu else None
     workspace = min(4096, max(256, free // 4)) if free else 2048
-    precision = "fp32" if gpu and gpu.compute_capability == "6.1" else "fp16"
+    precision = "fp32" if unsupported_gpu(probe) else "fp16"
     name = f"{gpu.name} (sm {gpu.compute_capability})" if gpu else "GPU"
     return TensorRTDefaults(precision, workspace, 16, f"{name}: {precision.upper()}, workspace {workspace} MiB")
 
 
+MIN_COMPUTE_CAPABILITY = (7, 0)  # TensorRT 10 supports Volta (sm 7.0) and newer GPUs only
+
+
+def unsupported_gpu(probe, device_id: int = 0) -> str | None:
+    """Why TensorRT 10 cannot run on the probed GPU (compute capability below ``MIN_COMPUTE_CAPABILITY``, e.g. a GTX
+    1080 at sm 6.1), or None (supported, or its compute capability unknown)."""
+    if len(probe.gpus) <= device_id:
+        return None
+    gpu = probe.gpus[device_id]
+    try:
+        capability = tuple(int(part) for part in str(gpu.compute_capability).split(".")[:2])
+    except ValueError:
+        return None
+    if len(capability) == 2 and capability < MIN_COMPUTE_CAPABILITY:
+        least = ".".join(map(str, MIN_COMPUTE_CAPABILITY))
+        return (f"GPU {device_id} ({gpu.name}) has compute capability {gpu.compute_capability}, below the sm {least} "
+                "TensorRT 10 supports")
+    return None
+
+
 def require_gpu(probe, device: str = "auto") -> None:
-    """BackendUnavailableError unless the probe shows an NVIDIA GPU (discrete or Jetson) and device allows it."""
+    """BackendUnavailableError unless the probe shows an NVIDIA GPU (discrete or Jetson) that TensorRT 10 supports and
+    device allows it."""
     if device == "cpu":
         raise BackendUnavailableError("backend 'tensorrt' runs on the GPU, but device=cpu was requested",
                                       "--device auto or cuda with --backend tensorrt",
@@ -392,10 +496,18 @@ def require_gpu(probe, device: str = "auto") -> None:
                                       "not a Jetson)",
                                       "a CUDA GPU with its driver, or a Jetson with JetPack",
                                       "run on a GPU machine, or use --backend onnxruntime (CPU)")
+    old = unsupported_gpu(probe)
+    if old:
+        least = ".".join(map(str, MIN_COMPUTE_CAPABILITY))
+        raise BackendUnavailableError(f"backend 'tensorrt' cannot run here: {old}",
+                                      f"an NVIDIA GPU of compute capability {least} or newer",
+                                      "use --backend onnxruntime (its CUDA provider runs on this GPU), or --backend "
+                                      "auto")
 
 
-__all__ = ["AXIS_RULES", "MemoryNeed", "ProfileLimits", "available_memory", "axis_range", "check_memory",
-           "decoder_axes",
-           "derive_profile", "engine_bytes", "engine_precision", "is_kv_decoder", "is_qdq", "kv_cache_bytes",
-           "kv_cache_need", "profile_text", "require_gpu", "sequence_limit", "tensorrt_defaults", "tokens_per_image",
-           "TensorRTDefaults", "unbuildable_reason"]
+__all__ = ["AXIS_RULES", "FP16_OVERFLOWING_LLMS", "MIN_COMPUTE_CAPABILITY", "MemoryNeed", "ProfileLimits",
+           "available_memory", "axis_range", "check_memory", "decoder_axes", "derive_profile", "engine_bytes",
+           "engine_positions", "engine_precision", "fp16_overflow", "is_kv_decoder", "is_qdq", "key_precision",
+           "kv_cache_bytes", "kv_cache_need", "network_typing", "profile_text", "provider_fp16", "require_gpu",
+           "sequence_limit", "tensorrt_defaults", "tokens_per_image", "TensorRTDefaults", "unbuildable_reason",
+           "unsupported_gpu", "usable_positions"]

@@ -42,12 +42,20 @@ import numpy as np
 import pytest
 
 from mmedge.artifact import Artifact
+from mmedge.device import importable
 from mmedge.metrics import cosine_rows
 from mmedge.runtimes.registry import create_runner
 from mmedge.validate import load_validation_samples
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
-HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+
+
+def tensorrt_present() -> bool:
+    """TensorRT itself, not a stubs-only namespace folder (tensorrt-stubs installs one, which find_spec finds)."""
+    return importable("tensorrt")
+
+
+HAVE_TENSORRT = tensorrt_present()
 HAVE_OPENVINO = importlib.util.find_spec("openvino") is not None
 
 
@@ -218,3 +226,13 @@ def test_the_suite_covers_every_backend_this_release_ships():
 
     covered = {param.values[0].backend for param in CASES}
     assert set(BACKENDS) <= covered
+
+
+def test_a_stubs_only_tensorrt_folder_does_not_run_the_tensorrt_case(tmp_path, monkeypatch):
+    """tensorrt-stubs' bare tensorrt/ folder imports as an empty namespace: the TensorRT case must skip, not fail."""
+    if HAVE_TENSORRT:
+        pytest.skip("TensorRT is installed: a stubs folder would not shadow it")
+    (tmp_path / "tensorrt").mkdir()
+    (tmp_path / "tensorrt" / "__init__.pyi").write_text("class Builder: ...\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert importlib.util.find_spec("tensorrt") is not None and not tensorrt_present()

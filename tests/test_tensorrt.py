@@ -14,6 +14,7 @@ import logging
 import numpy as np
 import pytest
 
+from mmedge.artifact import Artifact
 from mmedge.device import DeviceProbe, GpuInfo, importable
 from mmedge.errors import BackendError, BackendUnavailableError, InputError, InsufficientMemoryError, StaleEngineError
 from mmedge.runtimes.engine_cache import EngineCache, EngineKey
@@ -38,7 +39,10 @@ from mmedge.runtimes.tensorrt_planning import (
     engine_bytes,
     engine_precision,
     is_qdq,
+    key_precision,
     kv_cache_bytes,
+    network_typing,
+    provider_fp16,
     tensorrt_defaults,
     unbuildable_reason,
 )
@@ -174,6 +178,39 @@ def test_decoder_axes_keep_past_plus_new_consistent_at_every_point():
                      compute_capability="8.9")  # a min of 0 is a valid key
 
 
+def test_the_decoder_on_an_engine_takes_the_profile_s_positions(blip2_artifact, photos):
+    """The engine's profile caps positions below the model's (S = --max-sequence): the decoder reports S as its
+    max_positions, so a request past it is refused before the first step with the limit named, not by a FeedError
+    mid-generation. Shown with ``engine_decoder`` over the real decoder graph (ONNX Runtime) and the profile's
+    largest shapes, as ``create_decoder`` passes the engine's."""
+    import mmedge
+    from mmedge.runtimes.onnxruntime import OnnxRuntimeRunner
+    from mmedge.runtimes.tensorrt import engine_decoder
+    from mmedge.runtimes.tensorrt_planning import engine_positions, usable_positions
+
+    profile = derive_profile(blip2_manifest(max_positions=2048), "decoder", ProfileLimits(max_sequence=512))
+    longest = {name: hi for name, (_, _, hi) in profile.items()}
+    assert engine_positions(blip2_manifest()["components"]["decoder"], longest) == 512
+    assert usable_positions(2048, 512) == 512 and usable_positions(None, 512) == 512  # T5: relative positions
+    assert usable_positions(64, 512) == 64 and usable_positions(None, None) is None
+    with mmedge.load(blip2_artifact, backend="onnxruntime", device="cpu") as pipeline:
+        manifest, artifact = pipeline.artifact.manifest, pipeline.artifact
+        assert manifest["blip2"]["decoder"]["max_positions"] > 24
+        profile = derive_profile(manifest, "decoder", ProfileLimits(max_sequence=24))
+        shapes = {n: hi for n, (_, _, hi) in profile.items()}
+        runner = OnnxRuntimeRunner(artifact.component_path("decoder"), "decoder", artifact.component("decoder"))
+        expected = pipeline.caption(photos[0], max_new_tokens=8)
+        original, pipeline.decoder = pipeline.decoder, engine_decoder(runner, manifest, pipeline.embeddings, shapes)
+        try:
+            assert pipeline.decoder.max_positions == 24
+            assert pipeline.caption(photos[0], max_new_tokens=8) == expected  # within the profile: unchanged
+            api_error(lambda: pipeline.caption(photos[0], max_new_tokens=30), InputError,
+                      "within the decoder's 24 positions")
+        finally:
+            pipeline.decoder.close()
+            pipeline.decoder = original
+
+
 def test_image_tokens_are_whole_images_of_the_resampler_output():
     manifest = idefics_manifest()
     assert derive_profile(manifest, "vision", ProfileLimits(max_batch=4))["pixel_values"] == (
@@ -233,6 +270,61 @@ def test_precision_follows_the_export_recipe():
     api_error(lambda: engine_precision("vision", float_graph, "bf16"), InputError, "one of fp32, fp16, int8")
 
 
+FP16_ISLANDS = {"method": "fp16", "io": "float32", "weights": "float16", "fp32_nodes": ["/ffn/wo/MatMul"]}
+
+
+def t5_manifest(llm_precision="fp32", llm_quantization=None):
+    """BLIP-2 Flan-T5 as its exporter writes it: the family section names each LLM component's model type."""
+    manifest = blip2_manifest(llm_precision=llm_precision, llm_quantization=llm_quantization)
+    section = manifest.pop("blip2")
+    section["decoder"] = {**section["decoder"], "llm": "t5", "max_positions": None}
+    manifest.update(family="blip2_t5", blip2_t5={**section, "encoder": {"component": "encoder", "llm": "t5"}})
+    manifest["components"]["encoder"] = component({"inputs_embeds": tensor("float32", "batch", "sequence", 64)},
+                                                  {"cross_key_values.0.key": tensor("float32", "batch", 4, "sequence",
+                                                                                    16)},
+                                                  llm_precision, llm_quantization)
+    return manifest
+
+
+def test_fp16_graphs_are_built_strongly_typed_keeping_their_fp32_islands(clip_artifacts):
+    """An FP16 export chose its types (FP32 islands where FP16 overflows): TensorRT must obey them, so the network is
+    STRONGLY_TYPED with no FP16 flag (which lets a weakly typed network run any layer at FP16, islands included).
+    FP32 graphs at FP16 stay weakly typed with the flag; QDQ graphs strongly typed, no flag."""
+    fp16 = blip2_manifest(llm_precision="fp16", llm_quantization=FP16_ISLANDS)["components"]["decoder"]
+    assert engine_precision("decoder", fp16, None) == "fp16" == engine_precision("decoder", fp16, None, "fp32")
+    assert network_typing("fp16", "fp16") == (True, False)  # strongly typed, no BuilderFlag.FP16
+    assert network_typing("fp32", "fp16") == (False, True) and network_typing("fp32", "fp32") == (False, False)
+    assert network_typing("fp16", "fp32") == (False, False) and network_typing("int8", "int8") == (True, False)
+    # an engine of the FP16 graph cached when it was built weakly typed is stale, never reused
+    assert key_precision(fp16, "fp16") == "fp16-strongly-typed" and key_precision(fp16, "fp32") == "fp32"
+    assert key_precision(clip_manifest()["components"]["vision"], "fp16") == "fp16"
+    real = Artifact.open(clip_artifacts("fp16")).manifest["components"]["vision"]
+    assert engine_precision("vision", real, None) == "fp16" and network_typing(real["precision"], "fp16")[0]
+
+
+def test_fp32_t5_components_build_at_fp32_and_fp16_is_refused(capsys, blip2_t5_artifact):
+    """T5's FP32 graphs overflow FP16 (inf, then NaN): the plan builds them at FP32 and says why (the image prefix stays
+    FP16); asking for FP16 is refused with the export that makes a safe FP16 graph; the same holds for ONNX
+    Runtime's TensorRT provider, whose FP16 flag is withheld from them and from FP16 graphs with FP32 islands."""
+    manifest = t5_manifest()
+    chosen = plan(RTX_4090, manifest)
+    assert {n: c.precision for n, c in chosen.components.items()} == {"prefix": "fp16", "decoder": "fp32",
+                                                                      "encoder": "fp32"}
+    assert chosen.components["encoder"].options["precision"] == "fp32"
+    assert any(r.startswith("component 'encoder' is an FP32 t5 graph") and "built at FP32, not FP16" in r
+               and "--llm-precision fp16" in r for r in chosen.reasons)
+    api_error(lambda: engine_precision("decoder", manifest["components"]["decoder"], "fp16", manifest=manifest),
+              InputError, "FP32 t5 graph", "drop --precision", "--llm-precision fp16")
+    assert engine_precision("decoder", manifest["components"]["decoder"], "fp32", manifest=manifest) == "fp32"
+    guarded = t5_manifest("fp16", FP16_ISLANDS)
+    assert plan(RTX_4090, guarded).components["decoder"].precision == "fp16"  # strongly typed: islands obeyed
+    assert provider_fp16(manifest, "prefix", manifest["components"]["prefix"])
+    assert not provider_fp16(manifest, "encoder", manifest["components"]["encoder"])
+    assert not provider_fp16(guarded, "decoder", guarded["components"]["decoder"])
+    cli_error(capsys, ["build", blip2_t5_artifact, "--precision", "fp16"], InputError,
+              "component 'encoder' is an FP32 t5 graph", "--llm-precision fp16")  # the real export's manifest
+
+
 def test_components_tensorrt_cannot_build_say_why():
     assert unbuildable_reason("vision", clip_manifest()["components"]["vision"]) is None
     assert unbuildable_reason("decoder", blip2_manifest()["components"]["decoder"]) is None  # FP32/FP16 decoders build
@@ -249,7 +341,7 @@ def test_real_exports_are_classified(clip_artifacts):
     left to ONNX Runtime, and every input gets a profile of its declared rank."""
     from mmedge.artifact import Artifact
 
-    for variant, expected in (("fp32", "fp16"), ("int8-static", "int8")):
+    for variant, expected in (("fp32", "fp16"), ("fp16", "fp16"), ("int8-static", "int8")):
         manifest = Artifact.open(clip_artifacts(variant)).manifest
         for name, comp in manifest["components"].items():
             assert unbuildable_reason(name, comp) is None and engine_precision(name, comp, None) == expected
@@ -362,6 +454,45 @@ def test_timing_cache_is_per_tensorrt_version_and_gpu(tmp_path):
                 timing_cache_path(tmp_path, "10.3.0", "Orin", "8.7")}) == 3
 
 
+class TimingCaches:
+    """``create_timing_cache`` / ``set_timing_cache`` as callables over what TensorRT returns for a cache: an object,
+    None for bytes it cannot read, False from ``set_timing_cache`` for a cache it will not take. Records the calls."""
+
+    def __init__(self, unreadable=(), refused=()):
+        self.unreadable, self.refused, self.created, self.attached = set(unreadable), set(refused), [], []
+
+    def create(self, data: bytes):
+        self.created.append(data)
+        if data in self.unreadable:
+            return None
+        return ("cache", data)
+
+    def attach(self, cache) -> bool:
+        self.attached.append(cache)
+        return cache[1] not in self.refused
+
+
+@pytest.mark.parametrize("problem", ["unreadable", "refused"])
+def test_a_timing_cache_tensorrt_rejects_is_replaced_by_a_fresh_one(tmp_path, caplog, problem):
+    """create_timing_cache returns None for bytes it cannot read (it does not raise), set_timing_cache returns False for
+    a cache it will not take: either way the build starts an empty cache and says so."""
+    from mmedge.runtimes.tensorrt_build import open_timing_cache
+
+    stale = b"timings from a build that crashed mid-write"
+    caches = TimingCaches(**{problem: [stale]})
+    with caplog.at_level(logging.WARNING, logger="mmedge"):
+        made = open_timing_cache(caches.create, caches.attach, stale, tmp_path / "timing.cache")
+    assert made == ("cache", b"") and caches.attached[-1] == made
+    assert any("timing.cache was not used" in r.getMessage() and "starting a fresh one" in r.getMessage()
+               for r in caplog.records)
+    good = TimingCaches()
+    assert open_timing_cache(good.create, good.attach, b"good", None) == ("cache", b"good")
+    assert good.created == [b"good"]
+    empty = TimingCaches(unreadable=[b"", stale])
+    api_error(lambda: open_timing_cache(empty.create, empty.attach, stale), BackendError,
+              "could not start an empty timing cache")
+
+
 def test_build_settings_round_trip_and_precedence(tmp_path):
     settings = EngineSettings(None, ProfileLimits(max_batch=16, max_sequence=64), workspace_mb=2048)
     save_build_settings(tmp_path, settings)
@@ -415,7 +546,25 @@ def test_jetson_defaults_are_fp16_with_a_conservative_workspace():
     assert (nano.precision, nano.workspace_mb) == ("fp16", 475)  # 1/16 of 7,600 MiB
     desktop = tensorrt_defaults(RTX_4090)
     assert (desktop.precision, desktop.workspace_mb, desktop.max_batch) == ("fp16", 4096, 16)
-    assert tensorrt_defaults(GTX_1080).precision == "fp32"  # sm 6.1: no fast FP16
+
+
+def test_gpus_below_sm_70_leave_every_component_to_onnxruntime(capsys, clip_artifacts, monkeypatch):
+    """TensorRT 10 supports sm 7.0 and newer: on a GTX 1080 (sm 6.1) auto plans ONNX Runtime's CUDA provider and says
+    why once; a V100 (sm 7.0) is the oldest GPU TensorRT engines are planned for."""
+    from mmedge import device as device_module
+    from mmedge.cli import main
+
+    chosen = plan(GTX_1080, clip_manifest())
+    assert {(c.backend, c.providers) for c in chosen.components.values()} == {("onnxruntime", ("cuda",))}
+    assert any("compute capability 6.1, below the sm 7.0 TensorRT 10 supports" in r for r in chosen.reasons)
+    assert len(chosen.fallbacks) == 1 and "compute capability 6.1" in chosen.fallbacks[0]
+    assert tensorrt_defaults(GTX_1080).precision == "fp32"  # for ONNX Runtime's TensorRT provider: no fast FP16
+    volta = device(gpus=[GpuInfo("Tesla V100-SXM2-16GB", "7.0", 16384, 16000)], engines=WITH_TRT)
+    assert {(c.backend, c.precision) for c in plan(volta, clip_manifest()).components.values()} == {
+        ("tensorrt", "fp16")}
+    monkeypatch.setattr(device_module, "probe", lambda: GTX_1080)
+    assert main(["doctor", str(clip_artifacts("fp32"))]) == 0
+    assert "tensorrt: not usable, GPU 0 (NVIDIA GeForce GTX 1080) has compute capability 6.1" in capsys.readouterr().out
 
 
 def test_auto_on_jetson_builds_encoders_and_the_float_decoder_keeps_int4_on_onnxruntime():
@@ -462,14 +611,16 @@ def test_auto_without_tensorrt_falls_back_with_the_reason_logged_once(caplog):
     (RTX_4090, clip_manifest(), {"device": "cpu"}, ("device=cpu",)),
     (JETSON_ORIN, blip2_manifest(llm_precision="int4", llm_quantization=INT4), {}, ("MatMulNBits", "--backend auto")),
     (RTX_4090, clip_manifest(precision="int8", quantization=DYNAMIC), {}, ("dynamic INT8",)),
+    (GTX_1080, clip_manifest(), {}, ("compute capability 6.1", "sm 7.0", "--backend onnxruntime")),
 ])
 def test_named_tensorrt_is_refused_with_what_is_missing(probe, manifest, kwargs, words):
     api_error(lambda: plan(probe, manifest, backend="tensorrt", **kwargs), BackendUnavailableError, *words)
 
 
 def test_named_tensorrt_where_it_can_run():
-    chosen = plan(GTX_1080, clip_manifest(), backend="tensorrt")
-    assert {(c.backend, c.precision) for c in chosen.components.values()} == {("tensorrt", "fp32")}
+    t4 = device(gpus=[GpuInfo("Tesla T4", "7.5", 15360, 15000)], engines=WITH_TRT, ort_providers=["cpu", "cuda"])
+    chosen = plan(t4, clip_manifest(), backend="tensorrt")
+    assert {(c.backend, c.precision) for c in chosen.components.values()} == {("tensorrt", "fp16")}
     assert "backend tensorrt: requested" in chosen.reasons
 
 

@@ -22,6 +22,7 @@ from mmedge.runtimes.cuda_buffers import (
     DevicePool,
     DeviceTensor,
     cai_stream,
+    check_alignment,
     size_class,
 )
 from tests.support.battery import api_error, check_error
@@ -155,6 +156,41 @@ def test_cai_stream_names_the_stream_to_wait_for(interface, stream):
 def test_cai_stream_refuses_what_the_interface_does_not_allow(value, words):
     api_error(lambda: cai_stream({"stream": value}, "component 'vision' input 'x'"), FeedError,
               "component 'vision' input 'x'", words)
+
+
+# --- addresses TensorRT binds --------------------------------------------------------------------------
+def test_gpu_feeds_must_be_256_byte_aligned():
+    """TensorRT binds only 256-byte aligned addresses; an offset slice is contiguous but starts mid-allocation: refused
+    when fed, before any GPU work, with the fix."""
+    assert check_alignment({"data": (0x7F3A_0000_0100, False)}, "input 'x'") == 0x7F3A_0000_0100
+    assert check_alignment({"data": (0, False)}, "input 'x'") == 0  # an empty array
+    api_error(lambda: check_alignment({"data": (0x7F3A_0000_0100 + 4 * 7, False)}, "component 'vision' input 'x'"),
+              FeedError, "component 'vision' input 'x'", "not 256-byte aligned", "28 bytes past", "x.copy()")
+
+
+def test_an_address_tensorrt_refuses_is_an_error_not_an_unbound_tensor():
+    """set_tensor_address returns False (the tensor stays unbound) for an address it will not take: the run must not
+    go on. A feed's is a FeedError naming the tensor; an output buffer's, mmedge's own, a BackendError."""
+    from mmedge.runtimes.tensorrt import bind_address
+
+    bound: list[tuple[str, int]] = []
+    bind_address(lambda name, pointer: bound.append((name, pointer)) or True, "pixel_values", 0x1000, "vision")
+    assert bound == [("pixel_values", 0x1000)]
+    api_error(lambda: bind_address(lambda name, pointer: False, "pixel_values", 0x1010, "vision"), FeedError,
+              "refused address 0x1010 for input 'pixel_values' of component 'vision'", "aligned to 256 bytes",
+              "x.copy()")
+    api_error(lambda: bind_address(lambda name, pointer: False, "image_embeds", 0x2000, "vision", feed=False),
+              BackendError, "output 'image_embeds'")
+
+
+@pytest.mark.parametrize("shape", [(2, -1), (-1, 512)])
+def test_outputs_with_data_dependent_dims_are_refused_on_every_path(shape):
+    """A -1 dim has no size: refused for host and GPU outputs alike (a GPU buffer sized from it would be negative)."""
+    from mmedge.runtimes.tensorrt import output_shape
+
+    assert output_shape("image_embeds", "vision", (2, 512)) == (2, 512)
+    api_error(lambda: output_shape("boxes", "detector", shape), BackendError,
+              f"output 'boxes' of component 'detector' has a data-dependent shape {list(shape)}", "ONNX Runtime")
 
 
 # --- cuda-python without a GPU, and TensorRT's stubs mistaken for TensorRT ------------------------------

@@ -12,6 +12,11 @@ value fails the test; a planted file of such mistakes proves that it can.
   ``tests/support/cuda_stubs.py`` writes stubs from its functions' real signatures, enums and classes.
 - **Suppressions** are rule-scoped (``# pyright: ignore[rule]``) and say why after a second ``#``; bare ones and
   ones that suppress nothing are errors.
+- **Ignored bools.** TensorRT reports many failures only as a returned ``False`` (``set_tensor_address`` for an
+  unaligned address, ``set_timing_cache``, ``set_input_shape``): a call whose ``bool`` result is dropped fails the
+  check (``reportUnusedCallResult``, kept to results of type ``bool``). The stubs declare ``bool: DataType`` at module
+  level (``trt.bool``), which shadows the builtin in their own annotations, so every ``-> bool`` was Unknown; the
+  unpacked copy's annotations are rewritten to ``builtins.bool`` (``trt.bool`` stays DataType).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ CONFIG = {
     "enableTypeIgnoreComments": False,  # only "# pyright: ignore[rule]" suppresses
     "reportIgnoreCommentWithoutRule": "error",
     "reportUnnecessaryTypeIgnoreComment": "error",
+    "reportUnusedCallResult": "warning",  # only results of type bool fail (test_no_returned_bool_is_ignored)
 }
 # Each line is a mistake basedpyright must report, with its rules after "expect:".
 PLANTED = """\
@@ -58,6 +64,12 @@ cudart.cudaMalloc(1, 2)  # expect: reportCallIssue
 cudart.cudaMemcpyKind.cudaMemcpyHostToNowhere  # expect: reportAttributeAccessIssue
 plain = 1  # pyright: ignore  # expect: reportIgnoreCommentWithoutRule, reportUnnecessaryTypeIgnoreComment
 needless = 1  # pyright: ignore[reportCallIssue]  # expect: reportUnnecessaryTypeIgnoreComment
+
+
+def bind(context: trt.IExecutionContext, config: trt.IBuilderConfig) -> None:
+    context.set_tensor_address("x", 256)  # expect: ignored bool
+    config.set_timing_cache(config.create_timing_cache(b""), False)  # expect: ignored bool
+    assert context.set_input_shape("x", (1, 3))
 """
 
 
@@ -107,11 +119,24 @@ def stub_path(folder: Path) -> Path:
     assert hashlib.sha256(data).hexdigest() == STUBS_SHA256, f"{STUBS_WHEEL.name} is not the wheel PyPI publishes"
     with zipfile.ZipFile(STUBS_WHEEL) as wheel:
         wheel.extractall(folder, [n for n in wheel.namelist() if n.endswith(".pyi")])
+    for stub in folder.glob("tensorrt*/*.pyi"):
+        stub.write_text(unshadowed_bool(stub.read_text()))
     if not write_stubs(folder):
         if sys.platform not in ("linux", "win32"):
             pytest.skip(f"cuda-python has no wheels for {sys.platform}: the TensorRT backend cannot run here either")
         pytest.fail("cuda-python is not installed: pip install -c constraints-cpu.txt -e '.[test]'")
     return folder
+
+
+SHADOWED_BOOL = re.compile(r"(?<![\w.'`])bool\b(?!['`])")
+
+
+def unshadowed_bool(text: str) -> str:
+    """A stub whose annotations say ``builtins.bool`` where they say ``bool``: its module-level ``bool: DataType``
+    (TensorRT's ``trt.bool``) shadows the builtin, which made every ``-> bool`` Unknown to the check."""
+    lines = [line if line.startswith("bool:") else SHADOWED_BOOL.sub("builtins.bool", line)
+             for line in text.splitlines()]
+    return "import builtins\n" + "\n".join(lines) + "\n"
 
 
 def overlay(folder: Path) -> Path:
@@ -169,9 +194,23 @@ def test_the_check_catches_planted_mistakes(diagnostics):
     """Unknown attributes, wrong argument counts and types, iterated Dims, bare or needless suppressions: each
     planted line is reported with its rule, and nothing else is."""
     expected = {(number, rule) for number, line in enumerate(PLANTED.splitlines(), 1) if "# expect: " in line
-                for rule in line.split("# expect: ")[1].split(", ")}
+                for rule in line.split("# expect: ")[1].split(", ") if rule != "ignored bool"}
     got = {(d["range"]["start"]["line"] + 1,
             d.get("rule")) for d in diagnostics["planted.py"] if d["severity"] == "error"}
+    assert got == expected, "\n".join(describe("planted.py", d) for d in diagnostics["planted.py"])
+
+
+IGNORED_BOOL = 'Result of call expression is of type "bool" and is not used'
+
+
+def test_no_returned_bool_is_ignored(diagnostics):
+    """A TensorRT or cuda-python call that reports failure by returning False must have its result used; the planted
+    ignored bools are caught (so the stubs' ``bool`` is the builtin again)."""
+    ignored = [describe(m, d) for m, found in diagnostics.items() if m != "planted.py" for d in found
+               if d.get("rule") == "reportUnusedCallResult" and IGNORED_BOOL in d["message"]]
+    assert not ignored, "check the bool these calls return (False: TensorRT did not do it):\n" + "\n".join(ignored)
+    expected = {n for n, line in enumerate(PLANTED.splitlines(), 1) if line.endswith("# expect: ignored bool")}
+    got = {d["range"]["start"]["line"] + 1 for d in diagnostics["planted.py"] if IGNORED_BOOL in d["message"]}
     assert got == expected, "\n".join(describe("planted.py", d) for d in diagnostics["planted.py"])
 
 

@@ -443,7 +443,14 @@ def test_onnxruntime_provider_options_come_from_the_plan(tmp_path):
     assert vision.providers == ("tensorrt", "cuda")
     assert vision.options == {"device_id": 0, "io_binding": True, "fp16": True, "workspace_mb": 4096}
     assert chosen.components["text"].options["fp16"] is False  # an INT8 graph: no FP16 flag
-    assert plan(gtx, manifest).components["vision"].options["fp16"] is False  # sm 6.1 has no fast FP16
+    old_gpu = plan(gtx, manifest)  # sm 6.1: TensorRT 10 (the provider's too) does not run there
+    assert old_gpu.components["vision"].providers == ("cuda",) and "fp16" not in old_gpu.components["vision"].options
+    assert any("TensorRT provider left out: GPU 0 (NVIDIA GeForce GTX 1080)" in r for r in old_gpu.reasons)
+    t5 = {"family": "blip2_t5", "blip2_t5": {"encoder": {"component": "encoder", "llm": "t5"}},
+          "components": {"prefix": {"precision": "fp32"}, "encoder": {"precision": "fp32"},
+                         "fp16_islands": {"precision": "fp16", "quantization": {"fp32_nodes": ["/wo/MatMul"]}}}}
+    flags = {name: c.options["fp16"] for name, c in plan(GPU_ORT_GPU, t5).components.items()}
+    assert flags == {"prefix": True, "encoder": False, "fp16_islands": False}  # T5 overflows; islands obeyed only
     options = OrtOptions(**backend("onnxruntime").runner_options(FakeArtifact(), vision, threads=2))
     trt = _provider_options("tensorrt", options)
     assert trt["trt_fp16_enable"] is True and trt["device_id"] == 0 and trt["trt_max_workspace_size"] == 4096 << 20

@@ -6,21 +6,23 @@ from __future__ import annotations
 from mmedge.backends import Backend, ComponentPlan, PlanRequest
 from mmedge.errors import BackendUnavailableError
 from mmedge.runtimes.registry import BACKENDS
-from mmedge.runtimes.tensorrt_planning import tensorrt_defaults
+from mmedge.runtimes.tensorrt_planning import provider_fp16, tensorrt_defaults, unsupported_gpu
 
 GPU_PROVIDERS = ("tensorrt", "cuda")
 
 
-def ort_options(probe, providers: tuple[str, ...], component: dict) -> dict:
+def ort_options(probe, providers: tuple[str, ...], component: dict, manifest: dict | None = None,
+                name: str = "") -> dict:
     """Provider options for one ONNX Runtime component: device id, IO binding on GPU providers (outputs stay on the
-    GPU between stages), and for the TensorRT provider FP16 (per ``tensorrt_defaults``; not for INT8 graphs) and the
-    builder workspace."""
+    GPU between stages), and for the TensorRT provider FP16 (``provider_fp16``: per ``tensorrt_defaults``, never for
+    INT8 graphs, FP16 graphs with FP32 islands or FP32 graphs that overflow at FP16, e.g. T5's) and the builder
+    workspace."""
     if not any(p in providers for p in GPU_PROVIDERS):
         return {}
     options = {"device_id": 0, "io_binding": True}
     if "tensorrt" in providers:
         defaults = tensorrt_defaults(probe)
-        options.update(fp16=defaults.precision == "fp16" and component.get("precision") in ("fp32", "fp16"),
+        options.update(fp16=provider_fp16(manifest, name, component, defaults.precision),
                        workspace_mb=defaults.workspace_mb)
     return options
 
@@ -54,6 +56,10 @@ def with_settings(options: dict, settings: dict | None) -> dict:
 def _providers(request: PlanRequest) -> tuple[str, ...]:
     probe, reasons = request.probe, request.reasons
     gpu_providers = [p for p in GPU_PROVIDERS if p in probe.ort_providers]
+    old_gpu = unsupported_gpu(probe) if "tensorrt" in gpu_providers else None
+    if old_gpu:  # ONNX Runtime's TensorRT provider is TensorRT 10 too
+        gpu_providers.remove("tensorrt")
+        reasons.append(f"ONNX Runtime's TensorRT provider left out: {old_gpu}")
     if request.device == "cpu":
         reasons.append("device=cpu requested: ONNX Runtime CPU provider")
         return ("cpu",)
@@ -101,7 +107,8 @@ class OnnxRuntimeBackend(Backend):
         components = request.manifest["components"]
         shared = turn_taking(request, providers)
         return {name: ComponentPlan(self.name, providers, components[name]["precision"],
-                                    {**ort_options(request.probe, providers, components[name]), **shared})
+                                    {**ort_options(request.probe, providers, components[name], request.manifest,
+                                                   name), **shared})
                 for name in rest}
 
     def runner_options(self, artifact, plan: ComponentPlan, threads: int | None) -> dict:

@@ -1,7 +1,8 @@
 """The TensorRT backend's plug-in: on an NVIDIA GPU with TensorRT and cuda-python, engines for every component it
 can build (float and static-QDQ INT8 graphs, the KV-cached decoder's included; see ``tensorrt_planning``), at the
-device's defaults (``tensorrt_defaults``). Graphs with ONNX Runtime-only operators stay on ONNX Runtime under
-``auto``; named explicitly, TensorRT refuses them."""
+device's defaults (``tensorrt_defaults``), except FP32 graphs that overflow at FP16 (T5's; ``fp16_overflow``), built at
+FP32. Graphs with ONNX Runtime-only operators stay on ONNX Runtime under ``auto``; named explicitly, TensorRT refuses
+them. GPUs below sm 7.0 (which TensorRT 10 does not support) leave every component to ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ from mmedge.errors import BackendUnavailableError
 from mmedge.generation.kv_layout import decoder_context
 from mmedge.runtimes.registry import BACKENDS
 from mmedge.runtimes.tensorrt_planning import (
+    FP16_EXPORT,
     engine_precision,
+    fp16_overflow,
     is_kv_decoder,
     require_gpu,
     tensorrt_defaults,
     unbuildable_reason,
+    unsupported_gpu,
 )
 
 
@@ -25,7 +29,7 @@ class TensorRTBackend(Backend):
     settings = None  # engine settings come from the plan and `mmedge build`, not from backend_options
 
     def unusable(self, request: PlanRequest) -> str | None:
-        return self.gpu_unusable(request)
+        return self.gpu_unusable(request) or unsupported_gpu(request.probe)
 
     def declined(self, request: PlanRequest, why: str, taken: dict[str, ComponentPlan]) -> None:
         request.reasons.append(f"backend tensorrt: {why}")
@@ -58,7 +62,10 @@ class TensorRTBackend(Backend):
                                                   "rest) or --backend onnxruntime")
                 reasons.append(f"{why}: ONNX Runtime")
                 continue
-            precision = engine_precision(name, comp, None, defaults.precision)
+            precision = engine_precision(name, comp, None, defaults.precision, manifest)
+            overflow = fp16_overflow(manifest, name, comp) if defaults.precision == "fp16" else None
+            if overflow:
+                reasons.append(f"{overflow}: its TensorRT engine is built at FP32, not FP16; for FP16, {FP16_EXPORT}")
             chosen[name] = ComponentPlan(self.name, (), precision, {"precision": precision,
                                                                     "workspace_mb": defaults.workspace_mb,
                                                                     "max_batch": defaults.max_batch})
@@ -91,6 +98,9 @@ class TensorRTBackend(Backend):
     def device_lines(self, probe) -> list[str]:
         if not (probe.gpus or probe.jetson):
             return []
+        unsupported = unsupported_gpu(probe)
+        if unsupported:
+            return [f"tensorrt: not usable, {unsupported}"]
         defaults = tensorrt_defaults(probe)
         return [f"tensorrt defaults: {defaults.why}, max batch {defaults.max_batch}"]
 
