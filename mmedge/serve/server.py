@@ -44,6 +44,7 @@ def serve(options: ServeOptions) -> int:
         config = uvicorn.Config(create_app(options, models), log_level="warning", access_log=False, lifespan="off",
                                 timeout_keep_alive=KEEP_ALIVE_SECONDS, timeout_graceful_shutdown=DRAIN_SECONDS)
         AppStatus.disable_automatic_graceful_drain()  # sse-starlette would cut streams at SIGTERM; they finish instead
+        sock.listen(config.backlog)  # before the address is printed: a client that reads it may connect at once
         host, port = sock.getsockname()[:2]
         where = f"[{host}]" if ":" in host else host
         print(f"mmedge serve: {len(models)} model{'s' if len(models) != 1 else ''} ({', '.join(models)}); "
@@ -51,7 +52,7 @@ def serve(options: ServeOptions) -> int:
         # uvicorn re-raises the signal it drained on once it is done: a no-op handler lets the process exit 0 instead
         previous = signal.signal(signal.SIGTERM, lambda *_: None)
         try:
-            _Server(config).run(sockets=[sock])  # listening starts here: no connection hangs while models load
+            _Server(config).run(sockets=[sock])  # serving starts here (listening only once the models are loaded)
         finally:
             signal.signal(signal.SIGTERM, previous)
     finally:
