@@ -142,7 +142,12 @@ def _plan(artifact: Artifact, backend: str, device: str, extra: dict, threads: i
 
 
 def _refuse_idle_backend_options(options: dict, chosen) -> None:
-    """Settings for a backend that runs no component of the plan would do nothing: refused, not ignored."""
+    """Settings for a backend that runs no component of the plan would do nothing: refused, not ignored; so would a
+    decoder-only setting (torch's ``quantization``, OpenVINO's ``weights``) where that backend runs no decoder. The
+    decoder-only values are checked first, whatever the plan."""
+    from mmedge.runtimes.registry import backend
+
+    decoder_settings = {name: backend(name).decoder_settings(settings) for name, settings in options.items()}
     used = sorted({comp_plan.backend for comp_plan in chosen.components.values()})
     idle = sorted(name for name, settings in options.items() if settings and name not in used)
     if idle:
@@ -151,11 +156,14 @@ def _refuse_idle_backend_options(options: dict, chosen) -> None:
                          f"settings only for the backends the plan uses ({', '.join(used)})",
                          f"pass backend='{idle[0]}' to run it, or drop its settings")
     decoder = chosen.components.get("decoder")
-    if (options.get("torch") or {}).get("quantization") and (decoder is None or decoder.backend != "torch"):
-        where = f"the decoder runs on {decoder.backend}" if decoder else "this artifact has no LLM decoder"
-        raise InputError(f"backend_options['torch']['quantization'] would change nothing: {where}",
-                         "a captioning artifact whose decoder runs on the torch backend (it quantizes the LLM)",
-                         "drop quantization")
+    for name, settings in decoder_settings.items():
+        field = next((field for field, value in settings.items() if value), None)
+        if field and (decoder is None or decoder.backend != name):
+            where = f"the decoder runs on {decoder.backend}" if decoder else "this artifact has no LLM decoder"
+            fix = f"drop {field}" + (f", or pass backend='{name}' to run the decoder on it" if decoder else "")
+            raise InputError(f"backend_options['{name}']['{field}'] would change nothing: {where}",
+                             f"a captioning artifact whose decoder runs on the {name} backend ({field} applies to "
+                             "the LLM)", fix)
 
 
 def _checked_backend_options(options: dict | None) -> dict:
@@ -173,6 +181,7 @@ def _checked_backend_options(options: dict | None) -> dict:
         if name not in known:
             raise InputError(f"backend_options names backend {name!r}", f"one of {', '.join(known)}",
                              f"pass settings for {' or '.join(repr(k) for k in known)}")
+        backend(name).refuse_plan_owned(settings)
         allowed = backend(name).settings_fields()
         unknown = sorted(set(settings) - set(allowed))
         if unknown:

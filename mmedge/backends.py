@@ -177,8 +177,25 @@ class Backend(abc.ABC):
             return []
         return [f.name for f in fields(self.settings) if f.name not in self.plan_owned]
 
+    def refuse_plan_owned(self, settings: dict) -> None:
+        """InputError for a setting the plan owns (``plan_owned``), saying where to set it instead."""
+        owned = [name for name in settings if name in self.plan_owned]
+        if owned:
+            raise InputError(f"backend_options['{self.name}'] sets '{owned[0]}', which the plan sets, not "
+                             "backend_options", f"settings among {', '.join(self.settings_fields())}",
+                             PLAN_OWNED_FIX.get(owned[0], f"drop '{owned[0]}'"))
+
+    def decoder_settings(self, settings: dict | None) -> dict:
+        """The user's decoder-only settings, their values checked by ``settings`` even where no decoder of this
+        backend runs (a bad one is refused, not dropped unseen)."""
+        chosen = {k: v for k, v in (settings or {}).items() if k in self.decoder_only}
+        if chosen and self.settings is not None:
+            self.settings(**chosen)  # its checks raise InputError
+        return chosen
+
     def runner_settings(self, settings: dict | None) -> dict:
-        """The user's settings that apply to the encoders' runners."""
+        """The user's settings that apply to the encoders' runners (the decoder-only ones checked, then left out)."""
+        self.decoder_settings(settings)
         return {k: v for k, v in (settings or {}).items() if k not in self.decoder_only}
 
     def settled(self, artifact: Artifact, name: str, plan: ComponentPlan, settings: dict) -> ComponentPlan:
@@ -199,6 +216,13 @@ class Backend(abc.ABC):
         """Whether a runner opened for ``plan`` can hand its outputs to another runner of this backend without leaving
         the GPU (then ``open_runners`` asks it to keep them there)."""
         return False
+
+
+# where a setting the plan owns is set instead (Backend.refuse_plan_owned)
+PLAN_OWNED_FIX = {"threads": "pass threads= to mmedge.load (--threads on the command line)",
+                  "providers": "pass backend= and device= to mmedge.load (--backend / --device): the plan picks them",
+                  "engine_cache": "drop it: compiled models are cached in the artifact's engines/ folder (uncached "
+                                  "where it cannot be written)"}
 
 
 def listed(names: list[str]) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -357,3 +358,146 @@ def test_demo_runs_on_openvino(tmp_path):
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["artifacts"] and all(a["correct"] >= 1 for a in report["artifacts"].values())
+
+
+# --- the cache is optional; settings that would do nothing are refused --------------------------------------------
+def _copy(folder: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    target = tmp_path / folder.name
+    shutil.copytree(folder, target, ignore=shutil.ignore_patterns("*-openvino-*"))
+    return target
+
+
+@needs_openvino
+@pytest.mark.parametrize("failure", ["read-only", "full", "engines/ cannot be made"])
+def test_storage_that_cannot_hold_the_cache_runs_uncached_with_one_warning(failure, clip_artifacts, tmp_path,
+                                                                          monkeypatch, caplog):
+    """Read-only or full storage (a raw PermissionError / OSError 28 from the blob's temporary file), or an engines/
+    that cannot be made: the model is compiled and runs, one warning says why and what it costs, nothing is left
+    behind. A full disk that takes the blob but not its record leaves no blob either."""
+    import errno
+
+    from mmedge.runtimes.openvino import cache
+
+    folder = _copy(clip_artifacts("fp32"), tmp_path)
+    failing = {"read-only": errno.EACCES, "full": errno.ENOSPC}.get(failure)
+    if failing:
+        write = cache._atomic_write
+
+        def refused(path, data):
+            if failure == "read-only" or path.suffix == ".record":  # full: the blob fits, its record does not
+                raise OSError(failing, os.strerror(failing))
+            write(path, data)
+
+        monkeypatch.setattr(cache, "_atomic_write", refused)
+    else:
+        import shutil
+
+        shutil.rmtree(folder / "engines", ignore_errors=True)
+        (folder / "engines").write_text("not a folder")  # mkdir fails, as on a read-only artifact without engines/
+    caplog.set_level("WARNING", logger="mmedge")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(2):
+            with mmedge.load(folder, backend="openvino") as loaded:
+                assert all(r.source.endswith("not cached") for r in loaded.runners.values())
+                loaded.probabilities(str(ROOT / "export/data/images/holdout-chelsea.jpg"), labels=["cat", "dog"])
+    uncached = [r.getMessage() for r in caplog.records if "cannot cache" in r.getMessage()]
+    assert len(uncached) == 1 and "compiles it again" in uncached[0], caplog.text
+    assert _engines(folder) == [] and not list(folder.glob("engines/.*"))
+
+
+@needs_openvino
+def test_tune_refuses_an_engines_folder_it_cannot_write_before_measuring(clip_artifacts, tmp_path, monkeypatch):
+    from mmedge.errors import ArtifactError
+    from mmedge.runtimes.openvino import tune
+
+    def refused(**kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    def measured(*args, **kwargs):
+        raise AssertionError("tune measured although it cannot store the timings")
+
+    monkeypatch.setattr(tune.tempfile, "mkstemp", refused)
+    monkeypatch.setattr("mmedge.validate.load_validation_samples", measured)
+    with pytest.raises(ArtifactError, match="cannot write .*backend-timings.json.*Permission denied"):
+        tune.tune(_copy(clip_artifacts("fp32"), tmp_path), runs=3, progress=False)
+
+
+def test_decoder_only_settings_are_checked_and_refused_where_no_openvino_decoder_runs():
+    """weights on an artifact without a decoder, or with its decoder on another backend, would do nothing: refused
+    like torch's quantization; a bad value is refused whatever the plan (it was dropped unseen for the encoders)."""
+    from mmedge.api import _refuse_idle_backend_options
+    from mmedge.backends import ComponentPlan, Plan
+    from mmedge.runtimes.registry import backend
+
+    on = {"prefix": ComponentPlan("openvino", (), "fp32"), "decoder": ComponentPlan("onnxruntime", (), "fp32")}
+    clip = {"zero_shot": ComponentPlan("openvino", (), "fp32")}
+    with pytest.raises(InputError, match=r"\['weights'\] would change nothing: the decoder runs on onnxruntime"):
+        _refuse_idle_backend_options({"openvino": {"weights": "int4"}}, Plan(on))
+    with pytest.raises(InputError, match="would change nothing: this artifact has no LLM decoder"):
+        _refuse_idle_backend_options({"openvino": {"weights": "int4"}}, Plan(clip))
+    for plan_ in (on, clip):
+        with pytest.raises(InputError, match="OpenVINO weights 'int2'"):
+            _refuse_idle_backend_options({"openvino": {"weights": "int2"}}, Plan(plan_))
+    with pytest.raises(InputError, match="OpenVINO weights 'int2'"):
+        backend("openvino").runner_settings({"weights": "int2"})
+    _refuse_idle_backend_options({"openvino": {"weights": "int4"}},
+                                 Plan({**on, "decoder": ComponentPlan("openvino", (), "fp32")}))  # used: accepted
+
+
+def test_a_setting_the_plan_owns_says_where_to_set_it(clip_artifacts):
+    with pytest.raises(InputError, match=r"'threads', which the plan sets.*pass threads= to mmedge.load"):
+        mmedge.load(clip_artifacts("fp32"), backend="openvino", backend_options={"openvino": {"threads": 2}})
+
+
+@needs_openvino
+def test_the_compiled_model_key_holds_the_exported_ir_and_nncf_settings():
+    """A decoder compiled from the export's IR is keyed by the IR's .xml and .bin sha256 (a replaced IR was served
+    from the stale cache); one NNCF compressed here by NNCF's version and arguments."""
+    from mmedge.runtimes.openvino.compile import cache_key
+    from mmedge.runtimes.openvino.core import OvOptions
+
+    ir = {"sha256": "x" * 64, "weights_file": {"sha256": "b" * 64}}
+    component = {"sha256": "a" * 64, "precision": "fp32", "openvino": {"int4": ir}}
+    exported = cache_key(component, OvOptions(weights="int4"), exported=True)
+    assert exported.ir_sha256 == f"{'x' * 64}+{'b' * 64}" and exported.compression == {}
+    replaced = {**component, "openvino": {"int4": {**ir, "weights_file": {"sha256": "c" * 64}}}}
+    assert cache_key(replaced, OvOptions(weights="int4"), exported=True).digest() != exported.digest()
+    at_load = cache_key(component, OvOptions(weights="int4")).compression
+    assert at_load["mode"] == "int4_asym" and at_load["group_size"] == 32 and at_load["ratio"] == 1.0
+    assert at_load["nncf_version"] and cache_key(component, OvOptions(weights="int4")).ir_sha256 == ""
+
+
+@needs_openvino
+def test_the_plan_and_doctor_show_the_inference_precision_and_device(clip_artifacts, tmp_path):
+    """precision_hint='f16' runs as bf16 on a CPU with BF16 and no FP16: the plan says what the compiled model
+    reports ("fp32 (bf16 inference)"), as do doctor's cache lines; the device named replaces the plan's CPU."""
+    from mmedge.runtimes.openvino.doctor import cached_lines
+    from mmedge.runtimes.registry import backend
+
+    folder = _copy(clip_artifacts("fp32"), tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with mmedge.load(folder, backend="openvino", backend_options={"openvino": {"precision_hint": "f16"}}) as hint:
+            name, runner = next(iter(hint.runners.items()))
+            runs = runner._compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+            expected = "fp32" if runs == "f32" else f"fp32 ({runs} inference)"
+            assert hint.plan.components[name].precision == expected
+    assert any(f"({runs} inference)" in line for line in cached_lines(Artifact.open(folder)))
+    artifact = Artifact.open(folder)
+    planned = plan(_probe(["avx2"]), artifact.manifest, backend="openvino").components[name]
+    assert backend("openvino").settled(artifact, name, planned, {"device": "GPU"}).options["device"] == "GPU"
+
+
+@needs_openvino
+def test_nncf_progress_at_load_goes_to_stderr_not_stdout(blip2_artifact, tmp_path, capsys):
+    """stdout is the caller's (``mmedge run --json``, pipes): NNCF's progress bar at load goes to stderr."""
+    folder = _copy(blip2_artifact, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with mmedge.load(folder, backend="openvino", backend_options={"openvino": {"weights": "int8"}}) as loaded:
+            assert "compiled" in loaded.decoder.source
+    out, err = capsys.readouterr()
+    assert out == "" and "Weight Compression" in err

@@ -6,7 +6,8 @@ reports them), read straight from the artifact's ONNX graphs.
   ``Decoder`` protocol the generation loop drives on ONNX Runtime; ``weights='int4'`` / ``'int8'`` compresses an FP32
   decoder's weights with NNCF at first load.
 - Compiled models are cached in the artifact's ``engines/`` (``cache``), keyed by graph sha256, precision, device
-  and OpenVINO version. ``list_devices()`` answers ``mmedge doctor``.
+  and OpenVINO version; on read-only or full storage they run uncached (one warning: each load compiles again).
+  ``list_devices()`` answers ``mmedge doctor``.
 
 OpenVINO is imported when a runner or decoder is made, never on import of this package; without it those raise
 BackendUnavailableError naming ``pip install "mmedge[openvino]"``. Nothing here imports torch.
@@ -27,10 +28,11 @@ def create_runner(path, component_name: str, component: dict, **options):
 
 def create_decoder(artifact, embeddings, **options):
     """The artifact's KV-cached decoder on OpenVINO (``options``: ``OvOptions`` fields; the compiled model is cached
-    in the artifact's engines/ unless ``engine_cache`` says otherwise)."""
+    in the artifact's engines/ unless ``engine_cache`` says otherwise; uncached where engines/ cannot be written)."""
+    from mmedge.artifact import ENGINES_DIR
     from mmedge.backends import settings_from_options
 
-    settings = settings_from_options("openvino", OvOptions, {"engine_cache": artifact.engines_dir(), **options})
+    settings = settings_from_options("openvino", OvOptions, {"engine_cache": artifact.root / ENGINES_DIR, **options})
     import_openvino()
     from mmedge.runtimes.openvino.decoder import OpenVinoDecoder
 

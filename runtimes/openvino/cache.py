@@ -1,7 +1,8 @@
 """Compiled OpenVINO models cached in the artifact's ``engines/`` folder, keyed like the TensorRT engines.
 
-A compiled model (``CompiledModel.export_model()``) is only valid for the graph, precision (and any weight
-compression), device and OpenVINO version it was compiled with, so each blob has a record of that key and of its
+A compiled model (``CompiledModel.export_model()``) is only valid for the graph (the export's OpenVINO IR, where it
+compiled that one), precision (and any weight compression: NNCF's version and settings), device and OpenVINO version
+it was compiled with, so each blob has a record of that key and of its
 bytes' sha256; a blob whose key or bytes differ is never imported, it is recompiled and replaced. Layout::
 
     engines/<component>-openvino-<key digest, 16 hex>.blob   the compiled model
@@ -12,11 +13,13 @@ The record is not named ``*.json``: TensorRT's engine cache reads every ``<compo
 one of its own engines (and would report these as stale TensorRT engines).
 
 Writes go through a temporary file and ``os.replace`` (``engine_cache._atomic_write``): a process killed
-mid-write leaves no blob that a later load would trust.
+mid-write leaves no blob that a later load would trust. The cache is optional: ``store`` raises OSError on read-only
+or full storage, and the caller (``compile.compiled_model``) runs the compiled model uncached.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -40,6 +43,8 @@ class OvKey:
     openvino_version: str
     mmedge_version: str
     inference_precision: str  # the precision hint it was compiled under
+    ir_sha256: str  # the export's OpenVINO IR it compiled (--openvino-weights): "<.xml sha256>+<.bin sha256>", or ""
+    compression: dict  # NNCF's weight compression run at load (its version and arguments), or {}
 
     def digest(self) -> str:
         text = json.dumps({"format_version": FORMAT_VERSION, **asdict(self)}, sort_keys=True, separators=(",", ":"))
@@ -90,13 +95,19 @@ class BlobCache:
         return data, []
 
     def store(self, component: str, key: OvKey, data: bytes, extra: dict | None = None) -> Path:
-        """Write the blob, then its record (``extra``: what else to record, e.g. the weight compression)."""
+        """Write the blob, then its record (``extra``: what else to record, e.g. the weight compression); OSError
+        where storage is read-only or full, leaving no blob without its record."""
         self.folder.mkdir(parents=True, exist_ok=True)
         blob, record = self.paths(component, key)
         entry = {"format": FORMAT, "format_version": FORMAT_VERSION, "component": component, "key": asdict(key),
                  "blob_sha256": hashlib.sha256(data).hexdigest(), "blob_bytes": len(data), **(extra or {})}
         _atomic_write(blob, bytes(data))
-        _atomic_write(record, (json.dumps(entry, indent=2) + "\n").encode())
+        try:
+            _atomic_write(record, (json.dumps(entry, indent=2) + "\n").encode())
+        except OSError:
+            with contextlib.suppress(OSError):
+                blob.unlink()
+            raise
         return blob
 
 

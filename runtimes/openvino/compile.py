@@ -9,9 +9,12 @@ OpenVINO IR with its measured parity): that one is read instead, and NNCF does n
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -47,14 +50,20 @@ def exported_weights(artifact, component_name: str, weights: str | None) -> Path
 
 
 def cache_key(component: dict, options: OvOptions, exported: bool = False) -> OvKey:
+    """The key of the component's compiled model. ``exported``: the graph compiled is the export's OpenVINO IR for
+    ``options.weights`` (its .xml and .bin sha256 from the manifest are in the key); NNCF run here: its version and
+    settings are."""
     from mmedge import __version__
 
+    ir = (component.get("openvino") or {}).get(options.weights) or {} if exported else {}
     return OvKey(onnx_sha256=str(component.get("sha256") or ""),
                  external_data_sha256=str((component.get("external_data") or {}).get("sha256") or ""),
                  precision=precision_label(component, options.weights, exported), device=options.device,
                  device_full_name=device_name(options.device), openvino_version=import_openvino().get_version(),
                  mmedge_version=__version__, inference_precision=str(options.compile_config().get(
-                     "INFERENCE_PRECISION_HINT", "default")))
+                     "INFERENCE_PRECISION_HINT", "default")),
+                 ir_sha256=f"{ir['sha256']}+{ir['weights_file']['sha256']}" if ir else "",
+                 compression=weights_record(options.weights) if options.weights and not exported else {})
 
 
 def _require_available(device: str) -> None:
@@ -85,10 +94,11 @@ def compiled_model(path: str | os.PathLike, component_name: str, component: dict
                 log.info("mmedge: OpenVINO could not import the cached %s (%s): compiling again", component_name, exc)
         elif reasons:
             log.info("mmedge: OpenVINO recompiles %s: %s", component_name, "; ".join(reasons))
+    start = time.perf_counter()  # what an uncached load costs: reading, any NNCF compression, compiling
     model = read_model(path, component_name)
     if options.weights and not exported:
-        model = compress_weights(model, component_name, component, options.weights)
-    start = time.perf_counter()
+        with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bar: stdout is the caller's (--json, pipes)
+            model = compress_weights(model, component_name, component, options.weights)
     try:
         compiled = core().compile_model(model, options.device, config)
     except Exception as exc:
@@ -96,14 +106,55 @@ def compiled_model(path: str | os.PathLike, component_name: str, component: dict
                              f"({type(exc).__name__}: {_first_line(exc)})",
                              "a graph OpenVINO supports on this device", "use --backend onnxruntime for this artifact, "
                              "or another OpenVINO device") from None
-    source = f"compiled in {time.perf_counter() - start:.1f} s"
+    seconds = time.perf_counter() - start
+    source = f"compiled in {seconds:.1f} s"
     if cache is not None and _can_export(options.device):
         stream = io.BytesIO()
         compiled.export_model(stream)
-        stored = cache.store(component_name, key, stream.getvalue(),
-                             {"weights": weights_record(options.weights)} if options.weights else None)
-        source += f", cached as {Path(stored).name}"
+        extra = {"inference_precision": inference_precision(compiled),
+                 **({"weights": weights_record(options.weights)} if options.weights else {})}
+        try:
+            stored = cache.store(component_name, key, stream.getvalue(), extra)
+            source += f", cached as {Path(stored).name}"
+        except OSError as exc:  # read-only or full storage: the cache is optional, the model runs all the same
+            _warn_uncached(cache.folder, component_name, exc, seconds)
+            source += ", not cached"
     return compiled, source
+
+
+_warned: set[str] = set()  # engines/ folders whose failed cache write was reported, once per process
+
+
+def _warn_uncached(folder: Path, component_name: str, exc: OSError, seconds: float) -> None:
+    if str(folder) in _warned:
+        return
+    _warned.add(str(folder))
+    log.warning("mmedge: cannot cache OpenVINO's compiled %s in '%s' (%s): each load compiles it again (%.1f s "
+                "here); make the folder writable, or free space, to cache it", component_name, folder,
+                exc.strerror or exc, seconds)
+
+
+@functools.lru_cache(maxsize=8)
+def planned_inference_precision(device: str, precision_hint: str | None) -> str | None:
+    """The inference precision OpenVINO compiles at on ``device`` under ``precision_hint``, asked by compiling a
+    one-node model (milliseconds), or None where it cannot tell (the device or OpenVINO absent: loading says why)."""
+    options = OvOptions(device=device, precision_hint=precision_hint)  # a bad value is refused here
+    try:
+        ov = import_openvino()
+        parameter = ov.opset13.parameter([1], ov.Type.f32)
+        probe = ov.Model([ov.opset13.relu(parameter)], [parameter])
+        return inference_precision(core().compile_model(probe, device, options.compile_config()))
+    except Exception:
+        return None
+
+
+def inference_precision(compiled) -> str | None:
+    """The precision the compiled model runs at, as OpenVINO reports it (``f32``, ``bf16``, ``f16``; a CPU without
+    FP16 runs an ``f16`` hint as ``bf16``), or None where the device does not report it."""
+    try:
+        return compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+    except Exception:
+        return None
 
 
 def read_model(path: str | os.PathLike, component_name: str):
@@ -123,25 +174,32 @@ def compress_weights(model, component_name: str, component: dict, weights: str):
                          "weights itself)", "load the FP32 export with weights='int4', or leave weights unset to run "
                          "this graph as it is")
     nncf = import_optional("nncf")  # OpenVINO's weight compression
-    nncf.set_log_level(logging.WARNING)  # its tables and progress bars: mmedge logs its own line below
-    mode, group = WEIGHT_MODES[weights]
+    nncf.set_log_level(logging.WARNING)  # its tables: mmedge logs its own line below (its progress bar stays)
     start = time.perf_counter()
     log.info("mmedge: NNCF compresses %s's weights to %s (once per device; the compiled model is cached)",
              component_name, weights)
-    arguments = {"mode": nncf.CompressWeightsMode(mode)}
-    if group:
-        arguments.update(group_size=group, ratio=1.0, all_layers=True)
-    compressed = nncf.compress_weights(model, **arguments)
+    arguments = nncf_arguments(weights)
+    compressed = nncf.compress_weights(model, **{**arguments, "mode": nncf.CompressWeightsMode(arguments["mode"])})
     log.info("mmedge: weights compressed in %.1f s", time.perf_counter() - start)
     return compressed
 
 
-def weights_record(weights: str) -> dict:
-    """How NNCF compressed the weights (method, mode, group size, NNCF version): for records and manifests."""
+def nncf_arguments(weights: str) -> dict:
+    """``nncf.compress_weights``' arguments for ``weights`` (the mode by name)."""
     mode, group = WEIGHT_MODES[weights]
-    from importlib.metadata import version
+    return {"mode": mode, **({"group_size": group, "ratio": 1.0, "all_layers": True} if group else {})}
 
-    return {"method": "nncf.compress_weights", "mode": mode, "group_size": group, "nncf_version": version("nncf")}
+
+def weights_record(weights: str) -> dict:
+    """How NNCF compresses the weights (method, its arguments, NNCF version): for cache keys, records, manifests."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        nncf_version = version("nncf")
+    except PackageNotFoundError:  # compressing then names the install command
+        nncf_version = "not installed"
+    return {"method": "nncf.compress_weights", "group_size": None, **nncf_arguments(weights),
+            "nncf_version": nncf_version}
 
 
 def _can_export(device: str) -> bool:

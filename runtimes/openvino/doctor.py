@@ -21,7 +21,8 @@ def doctor_lines(probe) -> list[str]:
 
 
 def cached_lines(artifact) -> list[str]:
-    """The compiled OpenVINO models cached in the artifact's engines/, one line each (key and size)."""
+    """The compiled OpenVINO models cached in the artifact's engines/, one line each (key, the inference precision
+    the compiled model reported, size)."""
     import json
 
     folder = artifact.root / "engines"
@@ -32,7 +33,10 @@ def cached_lines(artifact) -> list[str]:
             entry = json.loads(record.read_text())
             key = entry["key"]
             version = key["openvino_version"].split("-")[0]
-            lines.append(f"  {record.with_suffix('.blob').name}: {entry['component']} {key['precision']} on "
+            runs = entry.get("inference_precision")  # what the compiled model reported (a CPU may run f16 as bf16)
+            inference = f"{runs} inference" if runs else f"{key['inference_precision']} hint"
+            lines.append(f"  {record.with_suffix('.blob').name}: {entry['component']} {key['precision']} "
+                         f"({inference}) on "
                          f"{key['device']} ({key['device_full_name']}), OpenVINO {version}, "
                          f"{entry['blob_bytes'] / 2**20:.1f} MiB")
         except (OSError, ValueError, KeyError, TypeError):

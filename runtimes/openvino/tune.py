@@ -14,7 +14,9 @@ from __future__ import annotations
 import datetime
 import os
 import statistics
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -78,6 +80,19 @@ def _feeds_for(name: str, component: dict, sample: dict, runner) -> tuple[dict, 
     return inputs, f"the validation sample ({shapes})"
 
 
+def _check_writable(target: Path) -> None:
+    """The timings are what ``tune`` is asked for (not an optional cache): engines/ that cannot be written is an
+    ArtifactError before minutes of measuring, not after."""
+    try:
+        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    except OSError as exc:
+        raise ArtifactError(f"cannot write '{target}' ({exc.strerror or exc})", f"a writable engines/ folder for "
+                            f"{target.name}, this device's timings", "check the folder's permissions, or tune a "
+                            "writable copy of the artifact and copy its engines/backend-timings.json back") from None
+    os.close(handle)
+    os.unlink(temporary)
+
+
 def tune(path: str | os.PathLike, threads: int | None = None, runs: int = 10, progress: bool = True) -> dict:
     """Time every component of the artifact on ONNX Runtime's CPU and OpenVINO's CPU, store the medians for this
     device in ``engines/backend-timings.json`` and return the record. ``threads``: per graph, as ``mmedge.load``
@@ -95,6 +110,7 @@ def tune(path: str | os.PathLike, threads: int | None = None, runs: int = 10, pr
     check_threads(threads, "pass e.g. --threads 2")
     artifact = Artifact.open(path)
     target = check_storable(artifact)
+    _check_writable(target)
     found = probe()
     why = openvino_unusable(found, "cpu", importable("openvino"))
     if why:

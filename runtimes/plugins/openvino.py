@@ -4,7 +4,9 @@ them (``backend_options={"openvino": {"device": "GPU"}}``).
 Under ``auto`` on an x86 CPU (no NVIDIA GPU in use) it takes each component it runs faster than ONNX Runtime: where
 ``mmedge tune`` measured that graph on this device (``mmedge.runtimes.openvino.tune``), by the measurement; elsewhere
 by the rule (``mmedge.runtimes.openvino.planning``: per graph recipe, per CPU class with or without VNNI). It says
-why; ONNX Runtime, later in priority, takes the rest. Named explicitly it runs every component on OpenVINO's CPU.
+why; ONNX Runtime, later in priority, takes the rest. Named explicitly it runs every component on OpenVINO (its
+CPU, or the device ``backend_options`` names; the plan's components show it, with the inference precision where a
+precision hint or another device changes it, e.g. "fp32 (bf16 inference)").
 ``mmedge doctor`` lists OpenVINO's devices, the INT8 recipe the rule picks for this CPU, and the cached compiled
 models of an artifact. Nothing here imports openvino.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from mmedge.artifact import ENGINES_DIR
 from mmedge.backends import Backend, ComponentPlan, PlanRequest
 from mmedge.errors import BackendUnavailableError
 from mmedge.runtimes.openvino.planning import faster_backend, has_vnni, openvino_unusable
@@ -57,7 +60,8 @@ class OpenVinoBackend(Backend):
                     "device=cuda was requested for backend 'openvino', which runs Intel CPUs, GPUs and NPUs, not "
                     "NVIDIA GPUs", "device auto or cpu",
                     "pass --device cpu (an Intel GPU / NPU: backend_options={'openvino': {'device': 'GPU'}})")
-            request.reasons.append("backend openvino: every component on OpenVINO's CPU device")
+            request.reasons.append("backend openvino: every component on OpenVINO (its CPU unless "
+                                   "backend_options['openvino']['device'] names another; the plan shows which)")
             return {name: ComponentPlan(self.name, (), comp["precision"], {"device": "CPU"})
                     for name, comp in components.items()}
         chosen: dict[str, ComponentPlan] = {}
@@ -74,19 +78,28 @@ class OpenVinoBackend(Backend):
         return chosen
 
     def settled(self, artifact, name: str, plan: ComponentPlan, settings: dict) -> ComponentPlan:
-        """As ``Backend``'s; a decoder with ``weights`` runs NNCF-compressed weights: the export's IR where it wrote
-        one ("fp32+nncf-int4-exported"), else compressed at first load ("fp32+nncf-int4")."""
-        from mmedge.runtimes.openvino.compile import precision_label
+        """As ``Backend``'s; the ``device`` named replaces the plan's CPU; a decoder with ``weights`` runs
+        NNCF-compressed weights: the export's IR where it wrote one ("fp32+nncf-int4-exported"), else compressed at
+        first load ("fp32+nncf-int4"); a ``precision_hint`` or a device other than the CPU adds the inference
+        precision OpenVINO compiles at where it is not FP32 ("fp32 (bf16 inference)": an f16 hint on a CPU with
+        BF16 and no FP16)."""
+        from mmedge.runtimes.openvino.compile import planned_inference_precision, precision_label
 
+        precision = plan.precision
         weights = settings.get("weights") if name == "decoder" else None
-        if not weights:
-            return plan
-        component = artifact.component(name)
-        exported = (component.get("openvino") or {}).get(weights) is not None
-        return replace(plan, precision=precision_label(component, weights, exported))
+        if weights:
+            component = artifact.component(name)
+            exported = (component.get("openvino") or {}).get(weights) is not None
+            precision = precision_label(component, weights, exported)
+        device = settings.get("device") or plan.options.get("device", "CPU")
+        if settings.get("precision_hint") or device != "CPU":
+            runs = planned_inference_precision(device, settings.get("precision_hint"))
+            precision += f" ({runs} inference)" if runs not in (None, "f32") else ""
+        return replace(plan, precision=precision, options={**plan.options, "device": device})
 
     def _options(self, artifact, plan: ComponentPlan, threads: int | None, settings: dict | None) -> dict:
-        return {**plan.options, "threads": threads, "engine_cache": artifact.engines_dir(), **(settings or {})}
+        # engines/ is not made here: where it cannot be (read-only storage) the compiled models run uncached
+        return {**plan.options, "threads": threads, "engine_cache": artifact.root / ENGINES_DIR, **(settings or {})}
 
     def open_runner(self, artifact, name: str, plan: ComponentPlan, *, threads: int | None = None,
                     settings: dict | None = None, keep_on_device: bool = False):
