@@ -253,7 +253,8 @@ def test_weight_compression_is_refused_for_a_graph_that_is_not_fp32(clip_artifac
 def test_bad_openvino_options_are_refused():
     from mmedge.runtimes.openvino.core import OvOptions
 
-    for bad in ({"device": "CUDA"}, {"threads": 0}, {"weights": "int3"}, {"precision_hint": "fp8"}):
+    for bad in ({"device": "CUDA"}, {"threads": 0}, {"weights": "int3"}, {"precision_hint": "fp8"},
+                {"shape_cache": -1}, {"shape_cache": 2.5}, {"device": "GPU", "shape_cache": 8}):
         with pytest.raises(InputError):
             OvOptions(**bad)
 
@@ -501,3 +502,39 @@ def test_nncf_progress_at_load_goes_to_stderr_not_stdout(blip2_artifact, tmp_pat
             assert "compiled" in loaded.decoder.source
     out, err = capsys.readouterr()
     assert out == "" and "Weight Compression" in err
+
+
+@needs_openvino
+def test_a_compiled_model_keeps_a_bounded_number_of_input_shapes(clip_artifacts, tmp_path, monkeypatch):
+    """OpenVINO's CPU keeps prepared kernels for up to 5000 input shapes by default: a long-lived CLIP text encoder grew
+    by about 1.5 MB per new (batch, length) shape (1.1 GB after 724). The cap (256, or ``shape_cache``) is handed to
+    OpenVINO whether the model is compiled here or imported from the cache (a compiled model does not report it back,
+    so the calls are watched on their way to the real Core)."""
+    import shutil
+
+    from mmedge.runtimes.openvino import compile as ov_compile
+
+    real, handed = ov_compile.core(), []
+
+    class Watched:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def compile_model(self, model, device, config):
+            handed.append(("compiled", config.get("CPU_RUNTIME_CACHE_CAPACITY")))
+            return real.compile_model(model, device, config)
+
+        def import_model(self, blob, device, config):
+            handed.append(("cache", config.get("CPU_RUNTIME_CACHE_CAPACITY")))
+            return real.import_model(blob, device, config)
+
+    monkeypatch.setattr(ov_compile, "core", Watched)
+    folder = tmp_path / "clip"
+    shutil.copytree(clip_artifacts("fp32"), folder)
+    for options in ({}, {"shape_cache": 32}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with mmedge.load(folder, backend="openvino", task="embed",
+                             backend_options={"openvino": options} if options else None) as embedder:
+                assert embedder.embed_texts(["a red circle", "a blue square"]).shape[0] == 2
+    assert handed == [("compiled", 256)] * 2 + [("cache", 32)] * 2  # vision and text towers, then from the cache

@@ -50,6 +50,9 @@ def version() -> str:
     return import_openvino().get_version()
 
 
+DEFAULT_SHAPE_CACHE = 256  # input shapes whose prepared CPU kernels a compiled model keeps (OpenVINO's own: 5000)
+
+
 @dataclass
 class OvOptions:
     """How a component is compiled.
@@ -59,7 +62,12 @@ class OvOptions:
     on a CPU, so an FP32 graph stays FP32 on CPUs with BF16/AMX; the device's default elsewhere). ``engine_cache``:
     the folder compiled models are cached in (the artifact's ``engines/``; None: compile every time).
     ``weights``: for the decoder only, LLM weights OpenVINO compresses at first load (``int8``, ``int4``) from an FP32
-    decoder graph, or None to run the graph's weights as they are.
+    decoder graph, or None to run the graph's weights as they are. ``shape_cache``: on a CPU, how many input shapes a
+    compiled model keeps its prepared kernels for (``CPU_RUNTIME_CACHE_CAPACITY``). OpenVINO's own default, 5000,
+    let a long-lived CLIP text encoder grow by about 1.5 MB per new (batch, length) shape: 1.1 GB after 724 shapes.
+    256 held it at 0.35 GB, and IDEFICS-mid decoded within the run-to-run spread of 5000 (0.97-1.10x its time);
+    0 caches nothing (a decode step then prepares its kernels every time: 1.27x the time)
+    (``benchmarks/openvino_shape_cache.py``, RESULTS.md).
     """
 
     device: str = "CPU"
@@ -67,6 +75,7 @@ class OvOptions:
     precision_hint: str | None = None
     engine_cache: Path | None = None
     weights: str | None = None
+    shape_cache: int = DEFAULT_SHAPE_CACHE
 
     def __post_init__(self):
         base = self.device.split(".")[0] if isinstance(self.device, str) else None
@@ -79,6 +88,12 @@ class OvOptions:
         if self.precision_hint not in (None, "f32", "f16", "bf16"):
             raise InputError(f"precision_hint is {self.precision_hint!r}", "None, 'f32', 'f16' or 'bf16'",
                              "leave it unset for the device's FP32-faithful default")
+        if isinstance(self.shape_cache, bool) or not isinstance(self.shape_cache, int) or self.shape_cache < 0:
+            raise InputError(f"shape_cache is {self.shape_cache!r}", "an integer of 0 or more (input shapes kept)",
+                             f"pass e.g. shape_cache={DEFAULT_SHAPE_CACHE} (the default), or 0 to keep none")
+        if self.shape_cache != DEFAULT_SHAPE_CACHE and not self.device.startswith("CPU"):
+            raise InputError(f"shape_cache={self.shape_cache} would change nothing on OpenVINO device {self.device!r}",
+                             "shape_cache only with the CPU device", "drop shape_cache")
         if self.weights not in (None, *WEIGHT_MODES):
             raise InputError(f"OpenVINO weights {self.weights!r}", f"None or one of {', '.join(WEIGHT_MODES)}",
                              "pass weights='int4' or 'int8' for the decoder, or leave it unset")
@@ -89,6 +104,7 @@ class OvOptions:
         if self.device.startswith("CPU"):
             config["NUM_STREAMS"] = 1
             config["INFERENCE_PRECISION_HINT"] = self.precision_hint or "f32"
+            config["CPU_RUNTIME_CACHE_CAPACITY"] = self.shape_cache
             if self.threads is not None:
                 config["INFERENCE_NUM_THREADS"] = self.threads
         elif self.precision_hint:
