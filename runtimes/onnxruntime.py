@@ -81,7 +81,12 @@ class OnnxRuntimeRunner(Runner):
 
     @property
     def providers(self) -> list[str]:
+        self._refuse_closed()
         return self._session.get_providers()
+
+    def _refuse_closed(self) -> None:
+        if self._closed:
+            raise BackendError(f"runner for '{self.component_name}' is closed", "an open runner", "create a new one")
 
     def _check_declared_io(self) -> None:
         graph_inputs = {i.name for i in self._session.get_inputs()}
@@ -99,8 +104,7 @@ class OnnxRuntimeRunner(Runner):
         return value if self.io_binding else np.asarray(value)
 
     def _infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._closed:
-            raise BackendError(f"runner for '{self.component_name}' is closed", "an open runner", "create a new one")
+        self._refuse_closed()
         try:
             if self.io_binding:
                 return self._run_bound(feeds)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mmedge.errors import InputError
+from mmedge.errors import BackendError, InputError
 from mmedge.pipelines.common import ClipPipeline, l2_normalize
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -110,6 +110,7 @@ class ZeroShotClassifier(ClipPipeline):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._banks: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._closed = False
         self._bank_lock = threading.Lock()
         self._building: dict[tuple, threading.Lock] = {}  # one thread builds a bank; the others asking wait for it
         zero_shot = self.artifact.manifest.get("zero_shot") or {}
@@ -121,6 +122,9 @@ class ZeroShotClassifier(ClipPipeline):
         labels, templates = check_labels(labels), check_templates(templates)
         key = (tuple(labels), tuple(templates))
         with self._bank_lock:
+            if self._closed:
+                raise BackendError("this zero-shot classifier is closed", "an open classifier",
+                                   "load the artifact again with mmedge.load")
             cached = self._cached_bank(key)
             if cached is not None:
                 return cached
@@ -141,6 +145,13 @@ class ZeroShotClassifier(ClipPipeline):
                 with self._bank_lock:
                     self._building.pop(key, None)
         return bank
+
+    def close(self) -> None:
+        """The runners closed and the cached label banks dropped (a closed classifier answers nothing)."""
+        with self._bank_lock:
+            self._banks.clear()
+            self._closed = True
+        super().close()
 
     def _cached_bank(self, key: tuple) -> np.ndarray | None:
         """The bank for ``key`` if it is cached (marked as just used); the caller holds ``_bank_lock``."""
