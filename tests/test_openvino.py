@@ -538,3 +538,23 @@ def test_a_compiled_model_keeps_a_bounded_number_of_input_shapes(clip_artifacts,
                              backend_options={"openvino": options} if options else None) as embedder:
                 assert embedder.embed_texts(["a red circle", "a blue square"]).shape[0] == 2
     assert handed == [("compiled", 256)] * 2 + [("cache", 32)] * 2  # vision and text towers, then from the cache
+
+
+@needs_openvino
+def test_doctor_marks_compiled_models_no_load_will_use_again(clip_artifacts, tmp_path):
+    """After an OpenVINO upgrade the old blobs stayed in engines/, listed as if usable."""
+    from mmedge.runtimes.openvino.doctor import cached_lines
+
+    folder = _copy(clip_artifacts("fp32"), tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mmedge.load(folder, backend="openvino").close()
+    lines = cached_lines(Artifact.open(folder))
+    assert len(lines) > 1 and not any("STALE" in line for line in lines)
+    record = next((folder / "engines").glob("*-openvino-*.record"))
+    entry = json.loads(record.read_text())
+    entry["key"]["openvino_version"] = "2024.0.0-14509-34caeefd078-releases/2024/0"
+    record.write_text(json.dumps(entry))
+    stale = [line for line in cached_lines(Artifact.open(folder)) if "STALE" in line]
+    assert len(stale) == 1 and "compiled by OpenVINO 2024.0.0, this is " in stale[0]
+    assert "delete it and its .record to free" in stale[0]

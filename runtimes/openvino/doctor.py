@@ -35,10 +35,35 @@ def cached_lines(artifact) -> list[str]:
             version = key["openvino_version"].split("-")[0]
             runs = entry.get("inference_precision")  # what the compiled model reported (a CPU may run f16 as bf16)
             inference = f"{runs} inference" if runs else f"{key['inference_precision']} hint"
+            stale = _stale(artifact, entry["component"], key)
+            size = f"{entry['blob_bytes'] / 2**20:.1f} MiB"
             lines.append(f"  {record.with_suffix('.blob').name}: {entry['component']} {key['precision']} "
                          f"({inference}) on "
-                         f"{key['device']} ({key['device_full_name']}), OpenVINO {version}, "
-                         f"{entry['blob_bytes'] / 2**20:.1f} MiB")
+                         f"{key['device']} ({key['device_full_name']}), OpenVINO {version}, {size}"
+                         + (f"; STALE ({stale}): never loaded again, delete it and its .record to free {size}"
+                            if stale else ""))
         except (OSError, ValueError, KeyError, TypeError):
             lines.append(f"  {record.name}: unreadable record (it is recompiled on the next load)")
     return lines
+
+
+def _stale(artifact, component: str, key: dict) -> str | None:
+    """Why a cached compiled model can serve no load of this artifact here any more (its graph replaced, another
+    OpenVINO or mmedge version), or None."""
+    from mmedge import __version__
+    from mmedge.runtimes.openvino.core import version
+
+    graph = (artifact.manifest.get("components") or {}).get(component)
+    if graph is None:
+        return f"the artifact has no component '{component}' now"
+    if key.get("onnx_sha256") != graph.get("sha256"):
+        return "its graph was replaced since"
+    try:
+        installed = version()
+    except Exception:  # OpenVINO not importable: no version to compare with
+        installed = key["openvino_version"]
+    if key["openvino_version"] != installed:
+        return f"compiled by OpenVINO {key['openvino_version'].split('-')[0]}, this is {installed.split('-')[0]}"
+    if key.get("mmedge_version") != __version__:
+        return f"compiled under mmedge {key.get('mmedge_version')}, this is {__version__}"
+    return None
