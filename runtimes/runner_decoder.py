@@ -33,6 +33,8 @@ class RunnerDecoder(GraphDecoder):
     Closing the decoder closes the runner.
     """
 
+    positions_note: str | None = None  # where a max_positions below the model's comes from (a TensorRT engine)
+
     def __init__(self, runner: Runner, embeddings: np.ndarray | EmbeddingTable, kv_cache: Mapping[str, Any], *,
                  position_offset: int = 0, max_positions: int | None = None,
                  context_inputs: tuple[str, ...] | list[str] = ()):

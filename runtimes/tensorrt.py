@@ -377,8 +377,13 @@ def engine_decoder(runner: Runner, manifest: Mapping, embeddings, longest: Mappi
 
     layout, options = artifact_decoder(manifest)
     positions = engine_positions(manifest["components"]["decoder"], longest)
-    return RunnerDecoder(runner, embeddings, layout,
-                         **{**options, "max_positions": usable_positions(options["max_positions"], positions)})
+    usable = usable_positions(options["max_positions"], positions)
+    decoder = RunnerDecoder(runner, embeddings, layout, **{**options, "max_positions": usable})
+    if usable is not None and usable != options["max_positions"]:  # the engine's profile, not the model, limits it
+        decoder.positions_note = (f"its TensorRT engine takes {usable} positions, the model "
+                                  f"{options['max_positions']}: `mmedge build ARTIFACT --max-sequence N` builds one "
+                                  "for longer prompts and answers")
+    return decoder
 
 
 __all__ = ["BUILD_SETTINGS", "CudaRuntime", "DeviceTensor", "EngineOutcome", "EngineSettings", "TensorRTRunner",

@@ -205,7 +205,8 @@ def test_the_decoder_on_an_engine_takes_the_profile_s_positions(blip2_artifact, 
             assert pipeline.decoder.max_positions == 24
             assert pipeline.caption(photos[0], max_new_tokens=8) == expected  # within the profile: unchanged
             api_error(lambda: pipeline.caption(photos[0], max_new_tokens=30), InputError,
-                      "within the decoder's 24 positions")
+                      "within the decoder's 24 positions", "its TensorRT engine takes 24 positions",
+                      "mmedge build ARTIFACT --max-sequence N")
         finally:
             pipeline.decoder.close()
             pipeline.decoder = original

@@ -69,11 +69,12 @@ class GenerationConfig:
 
     # --- checking ------------------------------------------------------------------------------------
     def validate(self, max_positions: int | None = None, vocab_size: int | None = None,
-                 prompt_length: int = 0) -> "GenerationConfig":
+                 prompt_length: int = 0, positions_note: str | None = None) -> "GenerationConfig":
         """Raise InputError for a setting that cannot work; return ``self`` otherwise.
 
         ``max_positions`` (the decoder's position limit) and ``prompt_length`` bound
-        ``prompt_length + max_new_tokens``; ``vocab_size`` bounds the special token ids.
+        ``prompt_length + max_new_tokens``; ``positions_note`` says where a limit below the model's comes from (a
+        TensorRT engine's profile) and how to raise it; ``vocab_size`` bounds the special token ids.
         """
         self._check_types()
         cap = MAX_NEW_TOKENS_CAP
@@ -87,7 +88,8 @@ class GenerationConfig:
             raise _bad(
                 "max_new_tokens", self.max_new_tokens,
                 f"prompt length {prompt_length} + max_new_tokens within the decoder's {max_positions} positions",
-                f"lower max_new_tokens to {max(max_positions - prompt_length, 0)} or shorten the prompt",
+                f"lower max_new_tokens to {max(max_positions - prompt_length, 0)} or shorten the prompt"
+                + (f" ({positions_note})" if positions_note else ""),
             )
         if self.min_new_tokens < 0:
             raise _bad("min_new_tokens", self.min_new_tokens, "0 or more", "use min_new_tokens=0 for no minimum")

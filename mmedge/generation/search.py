@@ -222,7 +222,7 @@ def _prepare(decoder, inputs_embeds, attention_mask, config, tokenizer, prompt_i
         raise InputError(f"config is a {type(config).__name__}", "a mmedge.generation.GenerationConfig",
                          "build one with GenerationConfig(...) or GenerationConfig.from_dict(manifest['generation'])")
     config.validate(max_positions=getattr(decoder, "max_positions", None), vocab_size=decoder.vocab_size,
-                    prompt_length=seq)
+                    prompt_length=seq, positions_note=getattr(decoder, "positions_note", None))
     if config.stop_strings and tokenizer is None:
         raise InputError(f"stop_strings {config.stop_strings} were given without a tokenizer",
                          "a tokenizer to decode the generated tokens", "pass tokenizer=..., or drop stop_strings")
