@@ -107,11 +107,12 @@ def cmd_run(args) -> int:
         check_labels_given,
         check_run_options,
         check_served_run_options,
+        decoder_backend_options,
         remote_target_of,
         target_of,
     )
 
-    torch_options = {"quantization": args.llm_quantization} if args.llm_quantization else {}
+    backend_options = decoder_backend_options(args)  # --llm-quantization (torch), --openvino-weights (OpenVINO)
     if args.triton:  # MODEL on a Triton server (mmedge.triton_client) in place of an artifact folder
         from mmedge.triton.cli import connect_for_run
 
@@ -129,16 +130,15 @@ def cmd_run(args) -> int:
             check_run_options(args, target)  # before anything is loaded
         if not args.interleaved:
             _check_image_paths(args.images)
-        if torch_options:  # --llm-quantization: refused before loading where the plan keeps the decoder off torch
+        if backend_options:  # refused before loading where the plan keeps the decoder off their backend
             from mmedge.api import plan_for
 
             chosen = plan_for(args.artifact, backend=args.backend, device=args.device,
-                              backend_options={"torch": torch_options}, threads=args.threads)
+                              backend_options=backend_options, threads=args.threads)
             decoder = chosen.components.get("decoder")
             check_decoder_backend(args, decoder.backend if decoder else None)
         pipeline = mmedge.load(args.artifact, backend=args.backend, device=args.device, task=args.task,
-                               threads=args.threads,
-                               backend_options={"torch": torch_options} if torch_options else None)
+                               threads=args.threads, backend_options=backend_options or None)
     with pipeline:
         check_labels_given(args, target)
         plan = getattr(pipeline, "plan", None)  # a Triton server's pipeline has none here
@@ -519,6 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--stop", nargs="+", help="stop strings")
     cap.add_argument("--llm-quantization", choices=["int8", "nf4"],
                      help="torch backend: the LLM's weights in bitsandbytes INT8 (LLM.int8) or NF4")
+    cap.add_argument("--openvino-weights", choices=["int8", "int4"],
+                     help="OpenVINO backend: the LLM's weights compressed by NNCF (the IR `mmedge export "
+                          "--openvino-weights` wrote, else compressed at the first load and cached)")
     runtime_flags(run)
     run.add_argument("--triton", metavar="URL", help="run on a Triton server (http://HOST:8000 or grpc://HOST:8001): "
                                                      "ARTIFACT is then a model `mmedge triton` wrote (needs "

@@ -82,7 +82,25 @@ RULES = (
                           ("--seed", lambda a: a.seed is not None))),
     Rule("--llm-quantization", lambda a: a.llm_quantization is not None, _captions,
          "a captioning artifact whose decoder runs on the torch backend", "drop --llm-quantization"),
+    Rule("--openvino-weights", lambda a: a.openvino_weights is not None, _captions,
+         "a captioning artifact whose decoder runs on the OpenVINO backend", "drop --openvino-weights"),
 )
+
+# flag -> (its backend, the backend setting it sets): options of the decoder's own backend
+DECODER_FLAGS = {"--llm-quantization": ("torch", "quantization"), "--openvino-weights": ("openvino", "weights")}
+
+
+def _flag_value(args, flag: str):
+    return getattr(args, flag.lstrip("-").replace("-", "_"), None)
+
+
+def decoder_backend_options(args) -> dict:
+    """``backend_options`` from the decoder flags given (``DECODER_FLAGS``)."""
+    options: dict = {}
+    for flag, (backend, setting) in DECODER_FLAGS.items():
+        if _flag_value(args, flag) is not None:
+            options.setdefault(backend, {})[setting] = _flag_value(args, flag)
+    return options
 
 
 def target_of(manifest: dict, task: str | None) -> Target:
@@ -97,9 +115,12 @@ def remote_target_of(pipeline) -> Target:
 
 
 def plan_flags_given(args) -> list[str]:
-    """The options given that choose how this device runs an artifact (its plan): --backend, --device, --threads."""
+    """The options given that choose how this device runs an artifact (its plan): --backend, --device, --threads and
+    the decoder flags (``DECODER_FLAGS``)."""
     return [flag for flag, given in (("--backend", args.backend != "auto"), ("--device", args.device != "auto"),
-                                     ("--threads", args.threads is not None)) if given]
+                                     ("--threads", args.threads is not None),
+                                     *((flag, _flag_value(args, flag) is not None) for flag in DECODER_FLAGS))
+            if given]
 
 
 def check_served_run_options(args) -> None:
@@ -125,8 +146,12 @@ def check_labels_given(args, target: Target) -> None:
 
 
 def check_decoder_backend(args, decoder_backend: str | None) -> None:
-    """``--llm-quantization`` replaces the torch backend's LLM layers: refused when the decoder runs elsewhere."""
-    if args.llm_quantization is not None and decoder_backend != "torch":
-        raise InputError(f"--llm-quantization would change nothing: the decoder runs on {decoder_backend}",
-                         "the decoder on the torch backend (an artifact exported --with-pytorch, on torch)",
-                         "add --backend torch, or drop --llm-quantization")
+    """``--llm-quantization`` (torch's LLM layers) and ``--openvino-weights`` (OpenVINO's) change the decoder of their
+    backend: refused when the decoder runs elsewhere."""
+    for flag, (backend, _) in DECODER_FLAGS.items():
+        if _flag_value(args, flag) is not None and decoder_backend != backend:
+            needs = ("an artifact exported --with-pytorch, on torch" if backend == "torch"
+                     else "an FP32 decoder, on OpenVINO (pip install \"mmedge[openvino]\")")
+            raise InputError(f"{flag} would change nothing: the decoder runs on {decoder_backend}",
+                             f"the decoder on the {backend} backend ({needs})",
+                             f"add --backend {backend}, or drop {flag}")

@@ -8,6 +8,8 @@ The tables are written out here, independently of the rules in ``mmedge.export.o
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import mmedge
@@ -145,6 +147,7 @@ RUN = [  # flags, the artifacts where they do something
     # these artifacts hold no PyTorch weights: the plan keeps the decoder on ONNX Runtime, so it is refused before
     # loading; the test below runs it where the decoder is on torch
     (["--llm-quantization", "nf4"], set()),
+    (["--openvino-weights", "int4"], set()),  # auto keeps these decoders on ONNX Runtime: refused before loading
 ]
 
 
@@ -177,3 +180,17 @@ def test_llm_quantization_is_refused_where_the_decoder_is_not_on_torch(pytorch_a
                  "2"])
     out, err = capsys.readouterr()
     assert code == 0 and out.startswith(photos[0]), err
+
+
+def test_openvino_weights_reach_the_decoder_from_the_command_line(blip2_artifact, photos, capsys):
+    """NNCF weights on OpenVINO were reachable from Python only (backend_options), so an IR `mmedge export
+    --openvino-weights` wrote could not be run by `mmedge run`."""
+    pytest.importorskip("openvino", reason='the OpenVINO backend needs mmedge[openvino]')
+    pytest.importorskip("nncf", reason="compressing the decoder's weights at load needs NNCF (mmedge[openvino])")
+    code = main(["run", str(blip2_artifact), photos[0], "--openvino-weights", "int4", "--backend", "onnxruntime"])
+    assert code == 2 and "--openvino-weights would change nothing: the decoder runs on onnxruntime" in (
+        _one_refusal_line(capsys.readouterr().err))
+    code = main(["run", str(blip2_artifact), photos[0], "--openvino-weights", "int4", "--backend", "openvino",
+                 "--max-new-tokens", "2", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0 and json.loads(out)["image"] == photos[0], err

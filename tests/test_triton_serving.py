@@ -437,6 +437,8 @@ def test_an_http_url_at_the_grpc_port_says_so(served):
     (["blip2", "{photo}", "--labels", "cat"], "--labels would change nothing"),
     (["blip2", "{photo}", "--prompt", "a", "--question", "b"], "--prompt would change nothing"),
     (["blip2", "{photo}", "--threads", "1"], "--threads would change nothing with --triton"),
+    (["blip2", "{photo}", "--openvino-weights", "int4"], "--openvino-weights would change nothing with --triton"),
+    (["blip2", "{photo}", "--llm-quantization", "nf4"], "--llm-quantization would change nothing with --triton"),
     (["blip2", "{photo}", "{missing}"], "does not exist"),
     (["clip", "{photo}"], "no labels were given"),
 ])
