@@ -182,11 +182,15 @@ def test_llm_quantization_is_refused_where_the_decoder_is_not_on_torch(pytorch_a
     assert code == 0 and out.startswith(photos[0]), err
 
 
-def test_openvino_weights_reach_the_decoder_from_the_command_line(blip2_artifact, photos, capsys):
+def test_openvino_weights_reach_the_decoder_from_the_command_line(blip2_artifact, photos, capsys, tmp_path):
     """NNCF weights on OpenVINO were reachable from Python only (backend_options), so an IR `mmedge export
-    --openvino-weights` wrote could not be run by `mmedge run`."""
+    --openvino-weights` wrote could not be run by `mmedge run`. On a copy: the compiled model is cached in the
+    artifact's engines/, which other tests' copies of the session's artifact must not inherit."""
+    import shutil
+
     pytest.importorskip("openvino", reason='the OpenVINO backend needs mmedge[openvino]')
     pytest.importorskip("nncf", reason="compressing the decoder's weights at load needs NNCF (mmedge[openvino])")
+    blip2_artifact = shutil.copytree(blip2_artifact, tmp_path / "blip2")
     code = main(["run", str(blip2_artifact), photos[0], "--openvino-weights", "int4", "--backend", "onnxruntime"])
     assert code == 2 and "--openvino-weights would change nothing: the decoder runs on onnxruntime" in (
         _one_refusal_line(capsys.readouterr().err))
