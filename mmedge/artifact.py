@@ -254,9 +254,15 @@ class Artifact:
         if pytorch and (self.root / pytorch["folder"]).is_dir():  # without it the torch backend is only unavailable
             self.pytorch_folder()
 
+    @property
+    def engines_path(self) -> Path:
+        """Where the device-local cache (``engines/``) lies, made or not: for a cache that is optional and makes the
+        folder itself when it stores (OpenVINO's compiled models), so a read-only artifact still loads."""
+        return self.root / ENGINES_DIR
+
     def engines_dir(self) -> Path:
-        """Device-local cache (TensorRT plans, ORT engine caches); never shipped."""
-        path = self.root / ENGINES_DIR
+        """Device-local cache (TensorRT plans, ORT engine caches), made if missing; never shipped."""
+        path = self.engines_path
         try:
             path.mkdir(exist_ok=True)
         except FileExistsError:

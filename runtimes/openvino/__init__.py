@@ -29,10 +29,9 @@ def create_runner(path, component_name: str, component: dict, **options):
 def create_decoder(artifact, embeddings, **options):
     """The artifact's KV-cached decoder on OpenVINO (``options``: ``OvOptions`` fields; the compiled model is cached
     in the artifact's engines/ unless ``engine_cache`` says otherwise; uncached where engines/ cannot be written)."""
-    from mmedge.artifact import ENGINES_DIR
     from mmedge.backends import settings_from_options
 
-    settings = settings_from_options("openvino", OvOptions, {"engine_cache": artifact.root / ENGINES_DIR, **options})
+    settings = settings_from_options("openvino", OvOptions, {"engine_cache": artifact.engines_path, **options})
     import_openvino()
     from mmedge.runtimes.openvino.decoder import OpenVinoDecoder
 

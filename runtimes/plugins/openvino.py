@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from mmedge.artifact import ENGINES_DIR
 from mmedge.backends import Backend, ComponentPlan, PlanRequest
 from mmedge.errors import BackendUnavailableError
 from mmedge.runtimes.openvino.planning import faster_backend, has_vnni, openvino_unusable
@@ -99,7 +98,7 @@ class OpenVinoBackend(Backend):
 
     def _options(self, artifact, plan: ComponentPlan, threads: int | None, settings: dict | None) -> dict:
         # engines/ is not made here: where it cannot be (read-only storage) the compiled models run uncached
-        return {**plan.options, "threads": threads, "engine_cache": artifact.root / ENGINES_DIR, **(settings or {})}
+        return {**plan.options, "threads": threads, "engine_cache": artifact.engines_path, **(settings or {})}
 
     def open_runner(self, artifact, name: str, plan: ComponentPlan, *, threads: int | None = None,
                     settings: dict | None = None, keep_on_device: bool = False):
