@@ -188,6 +188,7 @@ def _checked_backend_options(options: dict | None) -> dict:
             raise InputError(f"backend_options['{name}'] has unknown settings {unknown}",
                              f"settings among {', '.join(allowed)}",
                              "check the spelling")
+        backend(name).settings(**settings)  # the values judged by the settings' own checks, before any work
     return options
 
 

@@ -114,19 +114,21 @@ def _halves_agree(samples: list[float]) -> bool:
 
 
 def measure(path: str, backend: str = "auto", device: str = "auto", threads: int | None = None, runs: int = 10,
-            batch: int = 8, images: list[str] | None = None, labels: list[str] | None = None) -> dict:
-    """Benchmark one artifact in this process: latency (batch 1), throughput (batch ``batch``), memory."""
+            batch: int = 8, images: list[str] | None = None, labels: list[str] | None = None,
+            backend_options: dict | None = None) -> dict:
+    """Benchmark one artifact in this process: latency (batch 1), throughput (batch ``batch``), memory;
+    ``backend_options`` as ``mmedge.load`` takes them (recorded in the result)."""
     import mmedge
     from mmedge.artifact import Artifact
 
     images = images or _default_images()
     rss_before, _ = _rss_bytes()
     start = time.perf_counter()
-    pipeline = mmedge.load(path, backend=backend, device=device, threads=threads)
+    pipeline = mmedge.load(path, backend=backend, device=device, threads=threads, backend_options=backend_options)
     load_ms = (time.perf_counter() - start) * 1e3
     batch_images = [images[i % len(images)] for i in range(batch)]
     result: dict = {"artifact": str(path), "task": pipeline.task, "load_ms": round(load_ms, 1), "runs": runs,
-                    "batch": batch}
+                    "batch": batch, "backend_options": backend_options or {}}
     with pipeline:
         if pipeline.task == "caption":
             one, many, unit = ((lambda: pipeline.caption(images[0])), (lambda: pipeline.caption(batch_images)),
@@ -211,9 +213,11 @@ def run_children(paths: list[str], args) -> list[dict]:
     import mmedge
 
     results = []
+    settings = backend_settings(paths, args)
     for path in paths:
         options = {"backend": args.backend, "device": args.device, "threads": args.threads, "runs": args.runs,
-                   "batch": args.batch, "images": args.image or None, "labels": args.labels}
+                   "batch": args.batch, "images": args.image or None, "labels": args.labels,
+                   "backend_options": settings.get(path)}
         child = subprocess.run([sys.executable, "-c", CHILD, path, json.dumps(options)], capture_output=True, text=True)
         if child.returncode != 0:
             if error := _child_error(path, child.stdout):
@@ -234,6 +238,21 @@ def run_children(paths: list[str], args) -> list[dict]:
                   "compare them with care", file=sys.stderr)
         results.append(result)
     return results
+
+
+def backend_settings(paths: list[str], args) -> dict[str, dict]:
+    """--backend-option settings per artifact: each gets those that change something under its plan; one that would
+    change nothing for every artifact is refused before anything is measured."""
+    from mmedge.api import plan_for
+    from mmedge.backend_option_args import CliBackendOptions
+
+    given = CliBackendOptions.from_args(args)
+    if not given:
+        return {}
+    plans = {path: plan_for(path, backend=args.backend, device=args.device, backend_options=given.as_dict(),
+                            threads=args.threads) for path in paths}
+    given.check_used_by_some(plans)
+    return {path: given.for_plan(chosen) for path, chosen in plans.items()}
 
 
 def _child_error(path: str, stdout: str) -> MmedgeError | None:
@@ -258,6 +277,9 @@ def format_table(results: list[dict]) -> str:
     rows = []
     for r in results:
         backend = ", ".join(sorted(set(v.split(" ")[0] for v in r["backend"].values())))
+        settings = [f"{name}.{key}={value}" for name, chosen in (r.get("backend_options") or {}).items()
+                    for key, value in chosen.items()]
+        backend += f" ({', '.join(settings)})" if settings else ""
         fid = r["fidelity"]
         fid_text = "reference" if fid["metric"] == "reference" else (
             "-" if fid["value"] is None else f"{fid['value']:.3f} {fid['metric'].replace('_', ' ')}")

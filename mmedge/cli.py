@@ -102,17 +102,15 @@ def _parity_line(parity: dict) -> str:
 def cmd_run(args) -> int:
     import mmedge
     from mmedge.artifact import Artifact
+    from mmedge.backend_option_args import CliBackendOptions
     from mmedge.run_options import (
-        check_decoder_backend,
         check_labels_given,
         check_run_options,
         check_served_run_options,
-        decoder_backend_options,
         remote_target_of,
         target_of,
     )
 
-    backend_options = decoder_backend_options(args)  # --llm-quantization (torch), --openvino-weights (OpenVINO)
     if args.triton:  # MODEL on a Triton server (mmedge.triton_client) in place of an artifact folder
         from mmedge.triton.cli import connect_for_run
 
@@ -128,22 +126,20 @@ def cmd_run(args) -> int:
         target = target_of(manifest, args.task)
         if args.task is None or args.task in manifest["tasks"]:  # else mmedge.load says which tasks there are
             check_run_options(args, target)  # before anything is loaded
+        # --backend-option, --llm-quantization (torch), --openvino-weights (OpenVINO): checked, then refused before
+        # loading where the plan would leave them nothing to change
+        backend_options = CliBackendOptions.from_args(args)
         if not args.interleaved:
             _check_image_paths(args.images)
-        if backend_options:  # refused before loading where the plan keeps the decoder off their backend
+        if backend_options:
             from mmedge.api import plan_for
 
-            chosen = plan_for(args.artifact, backend=args.backend, device=args.device,
-                              backend_options=backend_options, threads=args.threads)
-            decoder = chosen.components.get("decoder")
-            check_decoder_backend(args, decoder.backend if decoder else None)
+            backend_options.check_used(plan_for(args.artifact, backend=args.backend, device=args.device,
+                                                backend_options=backend_options.as_dict(), threads=args.threads))
         pipeline = mmedge.load(args.artifact, backend=args.backend, device=args.device, task=args.task,
-                               threads=args.threads, backend_options=backend_options or None)
+                               threads=args.threads, backend_options=backend_options.as_dict() or None)
     with pipeline:
         check_labels_given(args, target)
-        plan = getattr(pipeline, "plan", None)  # a Triton server's pipeline has none here
-        decoder = plan.components.get("decoder") if plan else None
-        check_decoder_backend(args, decoder.backend if decoder else ("a Triton server" if args.triton else None))
         if args.interleaved:
             _print_line(_run_interleaved(pipeline, args.images, args))
             return 0
@@ -305,6 +301,7 @@ def cmd_build(args) -> int:
 
 # --- doctor ------------------------------------------------------------------------------------
 def cmd_doctor(args) -> int:
+    from mmedge.backend_option_args import CliBackendOptions
     from mmedge.device import probe
     from mmedge.runtimes.registry import backends
 
@@ -316,6 +313,7 @@ def cmd_doctor(args) -> int:
             raise InputError(f"{given[0]} would change nothing without an artifact",
                              "an artifact folder (mmedge doctor ARTIFACT shows the plan these options change)",
                              f"add the artifact, or drop {given[0]}")
+    backend_options = CliBackendOptions.from_args(args)  # checked before every file is hashed
     found = probe()
     report = {"device": found.to_dict(),
               "backends": [line for candidate in backends() for line in candidate.device_lines(found)]}
@@ -330,7 +328,9 @@ def cmd_doctor(args) -> int:
             report["files"] = "ok: every file the manifest names matches its sha256"
         except MmedgeError as error:
             report["files"], status = f"DAMAGED: {error}", error.exit_code
-        chosen = plan_for(artifact, args.backend, args.device, threads=args.threads, probe=found)  # load's plan
+        chosen = plan_for(artifact, args.backend, args.device, backend_options=backend_options.as_dict(),
+                          threads=args.threads, probe=found)  # load's plan, its settings applied
+        backend_options.check_used(chosen)
         report["plan"] = {name: vars(c) for name, c in chosen.components.items()}
         report["reasons"] = chosen.reasons
         report["artifact"] = [line for candidate in backends() for line in candidate.artifact_lines(artifact)]
@@ -483,12 +483,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--quiet", action="store_true", help="no progress lines")
     exp.set_defaults(func=cmd_export)
 
+    from mmedge import backend_option_args
     from mmedge.runtimes.registry import backend_names
 
     def runtime_flags(p):
         p.add_argument("--backend", default="auto", choices=backend_names())
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         p.add_argument("--threads", type=count, default=None, help="CPU threads per graph")
+        p.add_argument(backend_option_args.FLAG, action="append", metavar=backend_option_args.METAVAR,
+                       help=backend_option_args.HELP)
         p.add_argument("--json", action="store_true", help="machine-readable output")
 
     run = sub.add_parser("run", help="run an artifact on images",

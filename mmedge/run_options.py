@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mmedge.backend_option_args import DECODER_FLAGS, FLAG
 from mmedge.errors import InputError
 from mmedge.families import FAMILIES
 from mmedge.idle_options import Rule, refuse_idle
@@ -86,23 +87,6 @@ RULES = (
          "a captioning artifact whose decoder runs on the OpenVINO backend", "drop --openvino-weights"),
 )
 
-# flag -> (its backend, the backend setting it sets): options of the decoder's own backend
-DECODER_FLAGS = {"--llm-quantization": ("torch", "quantization"), "--openvino-weights": ("openvino", "weights")}
-
-
-def _flag_value(args, flag: str):
-    return getattr(args, flag.lstrip("-").replace("-", "_"), None)
-
-
-def decoder_backend_options(args) -> dict:
-    """``backend_options`` from the decoder flags given (``DECODER_FLAGS``)."""
-    options: dict = {}
-    for flag, (backend, setting) in DECODER_FLAGS.items():
-        if _flag_value(args, flag) is not None:
-            options.setdefault(backend, {})[setting] = _flag_value(args, flag)
-    return options
-
-
 def target_of(manifest: dict, task: str | None) -> Target:
     """The run's target from a (checked) manifest; ``task`` None: the manifest's first task."""
     return Target(manifest["family"], task or manifest["tasks"][0], "zero_shot" in manifest.get("components", {}))
@@ -115,11 +99,12 @@ def remote_target_of(pipeline) -> Target:
 
 
 def plan_flags_given(args) -> list[str]:
-    """The options given that choose how this device runs an artifact (its plan): --backend, --device, --threads and
-    the decoder flags (``DECODER_FLAGS``)."""
+    """The options given that choose how this device runs an artifact (its plan): --backend, --device, --threads,
+    --backend-option and the decoder flags (``mmedge.backend_option_args``)."""
     return [flag for flag, given in (("--backend", args.backend != "auto"), ("--device", args.device != "auto"),
                                      ("--threads", args.threads is not None),
-                                     *((flag, _flag_value(args, flag) is not None) for flag in DECODER_FLAGS))
+                                     *((flag, getattr(args, flag.lstrip("-").replace("-", "_"), None) is not None)
+                                       for flag in (*DECODER_FLAGS, FLAG)))
             if given]
 
 
@@ -143,15 +128,3 @@ def check_labels_given(args, target: Target) -> None:
     if _zero_shot_choice(args, target) and args.labels is None and args.labels_file is None:
         raise InputError(f"no labels were given for this {target}", "the labels to classify against",
                          "pass e.g. --labels cat dog bird, or --labels-file labels.txt (one label per line)")
-
-
-def check_decoder_backend(args, decoder_backend: str | None) -> None:
-    """``--llm-quantization`` (torch's LLM layers) and ``--openvino-weights`` (OpenVINO's) change the decoder of their
-    backend: refused when the decoder runs elsewhere."""
-    for flag, (backend, _) in DECODER_FLAGS.items():
-        if _flag_value(args, flag) is not None and decoder_backend != backend:
-            needs = ("an artifact exported --with-pytorch, on torch" if backend == "torch"
-                     else "an FP32 decoder, on OpenVINO (pip install \"mmedge[openvino]\")")
-            raise InputError(f"{flag} would change nothing: the decoder runs on {decoder_backend}",
-                             f"the decoder on the {backend} backend ({needs})",
-                             f"add --backend {backend}, or drop {flag}")

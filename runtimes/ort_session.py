@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from mmedge.errors import BackendUnavailableError, IntegrityError
+from mmedge.errors import BackendUnavailableError, InputError, IntegrityError
 
 # Our short names for ONNX Runtime's execution providers.
 PROVIDERS = {
@@ -47,6 +47,30 @@ class OrtOptions:
     # off: no CPU arena nor memory patterns, each tensor's memory goes back when freed (the exporter's checks on
     # large graphs, whose shapes change at every decode step: the arena never shrinks)
     memory_arena: bool = True
+
+    def __post_init__(self):
+        """The values a user sets (``backend_options['onnxruntime']``, ``--backend-option onnxruntime.X=...``),
+        judged before a session is built (a bad one reached ONNX Runtime as a KeyError on a "damaged graph")."""
+        if self.graph_optimization not in _OPT_LEVELS:
+            raise InputError(f"graph_optimization {self.graph_optimization!r}", f"one of {', '.join(_OPT_LEVELS)}",
+                             "pass graph_optimization='all' (the default) or 'disable' to compare")
+        for name, least in (("device_id", 0), ("workspace_mb", 1), ("inter_op_threads", 1)):
+            value = getattr(self, name)
+            if (value is not None or name == "device_id") and (isinstance(value, bool) or not isinstance(value, int)
+                                                               or value < least):
+                raise InputError(f"{name} is {value!r}", f"{'' if name == 'device_id' else 'None or '}an integer of "
+                                 f"at least {least}", f"pass e.g. {name}={max(least, 1) if least else 0}")
+        for name in ("fp16", "keep_on_device", "memory_arena", "io_binding"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (value is None and name == "io_binding"):
+                raise InputError(f"{name} is {value!r}", "True or False" + (" (or None: on for a GPU)"
+                                                                            if name == "io_binding" else ""),
+                                 f"pass {name}=True or {name}=False")
+        if not isinstance(self.config_entries, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.config_entries.items()):
+            raise InputError(f"config_entries is {self.config_entries!r}"[:200],
+                             "a dict of ONNX Runtime session config keys to string values",
+                             "pass e.g. config_entries={'session.intra_op.allow_spinning': '0'}")
 
 
 def available_providers() -> list[str]:

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from mmedge.errors import BackendError, BackendUnavailableError, FeedError
+from mmedge.errors import BackendError, BackendUnavailableError, FeedError, InputError
 from mmedge.runner import DeviceArray, Runner, TensorMeta
 from mmedge.runtimes.torch_bnb import QUANTIZATIONS, output_head_names, quantize_linear_layers
 from mmedge.runtimes.torch_checkpoint import refuse_another_size
@@ -357,6 +357,31 @@ class TorchSettings:
     max_graphs: int = DEFAULT_MAX_GRAPHS
     quantization: str | None = None
     checkpoint: str | None = None
+
+    def __post_init__(self):
+        """The values a user sets (``backend_options['torch']``, ``--backend-option torch.X=...``), judged before
+        anything is loaded; the device itself is judged once torch can see it."""
+        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
+            raise InputError(f"torch dtype {self.dtype!r}", f"None or one of {', '.join(DTYPE_NAMES)}",
+                             "pass dtype='float16' (CUDA), 'bfloat16' or 'float32'")
+        if self.quantization not in (None, *QUANTIZATIONS):
+            raise InputError(f"LLM quantization {self.quantization!r}", f"None or one of {', '.join(QUANTIZATIONS)}",
+                             "pass quantization='int8' (LLM.int8) or 'nf4'")
+        if isinstance(self.max_graphs, bool) or not isinstance(self.max_graphs, int) or self.max_graphs < 1:
+            raise InputError(f"max_graphs is {self.max_graphs!r}", "a positive integer (CUDA graphs kept per "
+                             "component)", f"pass e.g. max_graphs={DEFAULT_MAX_GRAPHS}")
+        for name in ("cuda_graphs", "keep_on_device"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (value is None and name == "cuda_graphs"):
+                raise InputError(f"{name} is {value!r}", "True or False" + (" (or None: on for CUDA)"
+                                                                            if name == "cuda_graphs" else ""),
+                                 f"pass {name}=True or {name}=False")
+        for name in ("device", "checkpoint"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, Path)):
+                raise InputError(f"{name} is {value!r}", "a string" + (" ('auto', 'cpu', 'cuda', 'cuda:N')"
+                                                                     if name == "device" else " (a checkpoint folder)"),
+                                 f"pass e.g. {name}='cuda'" if name == "device" else "pass the folder's path")
 
 
 class TorchRunner(Runner):

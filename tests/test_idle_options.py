@@ -192,7 +192,7 @@ def test_openvino_weights_reach_the_decoder_from_the_command_line(blip2_artifact
     pytest.importorskip("nncf", reason="compressing the decoder's weights at load needs NNCF (mmedge[openvino])")
     blip2_artifact = shutil.copytree(blip2_artifact, tmp_path / "blip2")
     code = main(["run", str(blip2_artifact), photos[0], "--openvino-weights", "int4", "--backend", "onnxruntime"])
-    assert code == 2 and "--openvino-weights would change nothing: the decoder runs on onnxruntime" in (
+    assert code == 2 and "--openvino-weights int4 would change nothing: the decoder runs on onnxruntime" in (
         _one_refusal_line(capsys.readouterr().err))
     code = main(["run", str(blip2_artifact), photos[0], "--openvino-weights", "int4", "--backend", "openvino",
                  "--max-new-tokens", "2", "--json"])

@@ -300,7 +300,7 @@ def test_unknown_quantization_and_settings_are_refused(pytorch_artifacts):
 
     api_error(lambda: load_quietly(pytorch_artifacts("blip2"), backend="torch",
                                    backend_options={"torch": {"quantization": "int3"}}),
-              BackendUnavailableError, "LLM quantization 'int3'")
+              InputError, "LLM quantization 'int3'")  # judged by TorchSettings before anything loads
     api_error(lambda: load_quietly(pytorch_artifacts("blip2"), backend="torch",
                                    backend_options={"torch": {"precision": "fp16"}}),
               InputError, "unknown settings ['precision']")

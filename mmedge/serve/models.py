@@ -61,10 +61,11 @@ def load_models(options: ServeOptions) -> dict[str, ServedModel]:
                          "artifact folders with different names (the folder name is the model id)",
                          "rename or copy one of the folders")
     _check_generation_flags(options, ids)
+    settings = _backend_settings(options, ids)
     models: dict[str, ServedModel] = {}
     try:
         for model_id, path in zip(ids, options.artifacts):
-            models[model_id] = load_model(model_id, Path(path), options)
+            models[model_id] = load_model(model_id, Path(path), options, settings.get(model_id))
     except MmedgeError:
         for model in models.values():
             model.close()
@@ -93,9 +94,25 @@ def _check_generation_flags(options: ServeOptions, ids: list[str]) -> None:
                      "generation queue", f"leave out {flags}, or serve a captioning artifact too")
 
 
-def load_model(model_id: str, path: Path, options: ServeOptions) -> ServedModel:
+def _backend_settings(options: ServeOptions, ids: list[str]) -> dict[str, dict]:
+    """--backend-option settings per model id: each artifact gets those that change something under its plan
+    (OpenVINO's device for the artifacts on OpenVINO, torch's LLM quantization for a captioner whose decoder runs on
+    torch); one that would change nothing for every artifact is refused before anything is loaded."""
+    if not options.backend_options:
+        return {}
+    from mmedge.api import plan_for
+
+    plans = {model_id: plan_for(path, backend=options.backend, device=options.device,
+                                backend_options=options.backend_options.as_dict(), threads=options.threads)
+             for model_id, path in zip(ids, options.artifacts)}
+    options.backend_options.check_used_by_some(plans)
+    return {model_id: options.backend_options.for_plan(chosen) for model_id, chosen in plans.items()}
+
+
+def load_model(model_id: str, path: Path, options: ServeOptions, backend_options: dict | None = None) -> ServedModel:
     def load(task: str | None = None):
-        return mmedge.load(path, backend=options.backend, device=options.device, task=task, threads=options.threads)
+        return mmedge.load(path, backend=options.backend, device=options.device, task=task, threads=options.threads,
+                           backend_options=backend_options or None)
 
     loaded = [load()]
     first = loaded[0]

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmedge import backend_option_args
+from mmedge.backend_option_args import CliBackendOptions
 from mmedge.cli_args import count
 from mmedge.errors import InputError
 
@@ -39,6 +41,8 @@ class ServeOptions:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     generation_flags: tuple[str, ...] = ()  # --workers / --max-queue as given on the command line (refused if no
     # served artifact generates text: they would do nothing)
+    backend_options: CliBackendOptions | None = None  # --backend-option settings (each artifact gets those its plan
+    # uses: mmedge.serve.models)
 
     @classmethod
     def from_args(cls, args) -> "ServeOptions":
@@ -67,7 +71,8 @@ class ServeOptions:
         return cls(artifacts=tuple(Path(a) for a in args.artifacts), host=args.host, port=args.port, api_key=api_key,
                    backend=args.backend, device=args.device, threads=args.threads, workers=workers,
                    max_queue=max_queue, allow_images_from=allowed, max_body_bytes=args.max_body_mb << 20,
-                   max_images=args.max_images, max_image_pixels=args.max_image_pixels, generation_flags=given)
+                   max_images=args.max_images, max_image_pixels=args.max_image_pixels, generation_flags=given,
+                   backend_options=CliBackendOptions.from_args(args) or None)
 
 
 def add_arguments(parser) -> None:
@@ -84,6 +89,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--backend", default="auto", choices=backend_names(), help="as mmedge.load takes it")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=count, default=None, help="CPU threads per graph")
+    parser.add_argument(backend_option_args.FLAG, action="append", metavar=backend_option_args.METAVAR,
+                        help=backend_option_args.HELP + "; each artifact gets the settings its plan uses")
     parser.add_argument("--workers", type=int, default=None,  # None: not given (1), refused without a captioner
                         help="captioners loaded per BLIP-2 / IDEFICS artifact: generations that run at "
                         "once (default 1)")

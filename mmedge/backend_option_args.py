@@ -1,0 +1,235 @@
+"""Backend settings from the command line: ``--backend-option BACKEND.SETTING=VALUE`` (repeatable) and the decoder
+flags that are short for one (``--llm-quantization nf4`` is ``torch.quantization=nf4``, ``--openvino-weights int4``
+is ``openvino.weights=int4``).
+
+They reach ``mmedge.load``'s ``backend_options``, so every setting the Python API takes (OpenVINO's ``device``,
+``precision_hint`` and ``shape_cache``; ONNX Runtime's ``device_id`` and ``graph_optimization``; torch's ``dtype``,
+``compile``, ``checkpoint``, ...) can be set by ``mmedge run``, ``serve``, ``bench`` and ``doctor``. A value is read
+as its setting's type (``true`` / ``false``, ``none``, an integer, JSON for a dict); the setting's own checks then
+judge it, before anything is loaded. A setting that would change nothing under the plan (its backend runs no
+component; a decoder-only setting where no decoder runs on it) is refused in the words of the flag the user gave.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from typing import Any
+
+from mmedge.errors import InputError, MmedgeError
+
+FLAG = "--backend-option"
+METAVAR = "BACKEND.SETTING=VALUE"
+HELP = ("a backend setting, as mmedge.load's backend_options takes it (repeatable), e.g. openvino.device=GPU, "
+        "openvino.precision_hint=f16, onnxruntime.device_id=1, torch.dtype=bfloat16")
+# flag -> (its backend, the setting it sets): flags short for one --backend-option (mmedge run)
+DECODER_FLAGS = {"--llm-quantization": ("torch", "quantization"), "--openvino-weights": ("openvino", "weights")}
+# what a decoder-only setting's backend needs to take the decoder
+DECODER_NEEDS = {"torch": "an artifact exported --with-pytorch", "openvino": "an FP32 decoder; pip install "
+                 "\"mmedge[openvino]\""}
+NO_DECODER = "this artifact has no LLM decoder"
+_TRUE, _FALSE, _NONE = ("true", "yes", "on"), ("false", "no", "off"), ("none", "null")
+
+
+@dataclass(frozen=True)
+class GivenSetting:
+    backend: str
+    setting: str
+    value: Any
+    flag: str  # as given: "--openvino-weights int4", "--backend-option openvino.device=GPU"
+
+    @property
+    def option(self) -> str:
+        """The option's name: "--openvino-weights", "--backend-option openvino.device"."""
+        return f"{FLAG} {self.backend}.{self.setting}" if self.flag.startswith(FLAG) else self.flag.split(" ")[0]
+
+    @property
+    def runs_on(self) -> str:
+        """What a plan must run on this setting's backend for it to do something."""
+        if self.setting not in _decoder_only(self.backend):
+            return f"a component on {self.backend}"
+        return f"the decoder on {self.backend} ({DECODER_NEEDS.get(self.backend, 'a captioning artifact')})"
+
+
+class CliBackendOptions:
+    """The backend settings a command was given, each with the flag that gave it (for messages)."""
+
+    def __init__(self, given: list[GivenSetting]):
+        self.given = given
+
+    @classmethod
+    def from_args(cls, args) -> "CliBackendOptions":
+        given = [_given_flag(flag, backend, setting, getattr(args, flag.lstrip("-").replace("-", "_"), None))
+                 for flag, (backend, setting) in DECODER_FLAGS.items()]
+        given = [g for g in given if g is not None]
+        for item in getattr(args, "backend_option", None) or ():
+            setting = parse_item(item)
+            twice = next((g for g in given if (g.backend, g.setting) == (setting.backend, setting.setting)), None)
+            if twice:
+                raise InputError(f"{setting.backend}.{setting.setting} is set twice ({twice.flag}; {setting.flag})",
+                                 "each backend setting once", "drop one of them")
+            given.append(setting)
+        return cls(given)
+
+    def __bool__(self) -> bool:
+        return bool(self.given)
+
+    def flags(self) -> list[str]:
+        return [g.flag for g in self.given]
+
+    def as_dict(self) -> dict:
+        """``backend_options`` for ``mmedge.load`` / ``plan_for``."""
+        options: dict = {}
+        for g in self.given:
+            options.setdefault(g.backend, {})[g.setting] = g.value
+        return options
+
+    def idle_in(self, chosen) -> list[tuple[GivenSetting, str]]:
+        """The settings that would change nothing under the plan ``chosen``, each with the reason."""
+        from mmedge.runtimes.registry import backend
+
+        used = {c.backend for c in chosen.components.values()}
+        decoder = chosen.components.get("decoder")
+        idle = []
+        for g in self.given:
+            if g.setting in backend(g.backend).decoder_only and (decoder is None or decoder.backend != g.backend):
+                idle.append((g, f"the decoder runs on {decoder.backend}" if decoder else NO_DECODER))
+            elif g.backend not in used:
+                plan = ", ".join(f"{name} on {c.backend}" for name, c in chosen.components.items())
+                idle.append((g, f"no component runs on {g.backend} here (the plan: {plan})"))
+        return idle
+
+    def check_used(self, chosen) -> None:
+        """InputError for the first setting that would change nothing under ``chosen``, in the flag's words."""
+        idle = self.idle_in(chosen)
+        if idle:
+            g, why = idle[0]
+            raise InputError(f"{g.flag} would change nothing: {why}", f"a plan that runs {g.runs_on}", _fix(g, [why]))
+
+    def for_plan(self, chosen) -> dict:
+        """``backend_options`` holding only the settings that change something under ``chosen``: each artifact's share
+        where one command takes several (``mmedge serve``, ``mmedge bench``)."""
+        idle = {id(g) for g, _ in self.idle_in(chosen)}
+        return CliBackendOptions([g for g in self.given if id(g) not in idle]).as_dict()
+
+    def check_used_by_some(self, plans: dict) -> None:
+        """For a command over several artifacts (``plans``: artifact name -> plan): InputError for a setting that
+        would change nothing under every one of them."""
+        for g in self.given:
+            reasons = [why for chosen in plans.values() for s, why in self.idle_in(chosen) if s is g]
+            if len(reasons) == len(plans):
+                raise InputError(f"{g.flag} would change nothing for any artifact given ({', '.join(plans)}): "
+                                 f"{reasons[0]}", f"an artifact whose plan runs {g.runs_on}", _fix(g, reasons))
+
+
+def _fix(g: GivenSetting, reasons: list[str]) -> str:
+    """Another backend helps unless no artifact has the decoder a decoder-only setting is for."""
+    if all(NO_DECODER in why for why in reasons):
+        return f"drop {g.option}"
+    return f"add --backend {g.backend}, or drop {g.option}"
+
+
+def _decoder_only(name: str) -> tuple[str, ...]:
+    from mmedge.runtimes.registry import backend
+
+    return backend(name).decoder_only
+
+
+def _given_flag(flag: str, backend: str, setting: str, value) -> GivenSetting | None:
+    return None if value is None else GivenSetting(backend, setting, value, f"{flag} {value}")
+
+
+def parse_item(item: str) -> GivenSetting:
+    """One ``BACKEND.SETTING=VALUE``: the backend and setting checked, the value read as the setting's type and
+    judged by the setting's own checks."""
+    flag = f"{FLAG} {item}"
+    key, equals, text = item.partition("=")
+    name, dot, setting = key.strip().partition(".")
+    if not equals or not dot or not name or not setting:
+        raise InputError(f"{flag} is not BACKEND.SETTING=VALUE", "e.g. --backend-option openvino.device=GPU",
+                         "write the backend, a dot, the setting, '=' and its value")
+    settings_class = _settings_class(name, flag)
+    owner = _backend(name)
+    by_name = {f.name: f for f in fields(settings_class)}
+    if setting in owner.plan_owned:
+        from mmedge.backends import PLAN_OWNED_FIX
+
+        raise InputError(f"{flag}: '{setting}' is set by the plan, not by a backend option",
+                         f"settings of {name} among {', '.join(owner.settings_fields())}",
+                         PLAN_OWNED_FIX.get(setting, f"drop {FLAG} {key}"))
+    if setting not in by_name:
+        raise InputError(f"{flag}: {name} has no setting '{setting}'",
+                         f"one of {', '.join(owner.settings_fields())}", "check the spelling")
+    value = typed_value(text.strip(), str(by_name[setting].type), flag)
+    try:
+        settings_class(**{setting: value})  # the setting's own checks, before anything is loaded
+    except MmedgeError as error:
+        raise InputError(f"{flag}: {error.what}", error.expected, error.fix) from None
+    except (TypeError, ValueError) as error:
+        raise InputError(f"{flag}: {error}", f"a value {setting} takes ({by_name[setting].type})",
+                         "check the value") from None
+    return GivenSetting(name, setting, value, flag)
+
+
+def typed_value(text: str, annotation: str, flag: str):
+    """``text`` read as a value of the dataclass field type ``annotation`` (its source text: ``"int | None"``)."""
+    kinds = {kind.strip() for kind in annotation.replace("Optional[", "").rstrip("]").split("|")}
+    lowered = text.lower()
+    if "None" in kinds and lowered in _NONE:
+        return None
+    if "bool" in kinds and lowered in _TRUE + _FALSE:
+        return lowered in _TRUE
+    if "int" in kinds:
+        try:
+            return int(text)
+        except ValueError:
+            if not kinds & {"str", "Path"}:
+                raise InputError(f"{flag}: '{text}' is not a whole number", f"a value of type {annotation}",
+                                 "pass e.g. 0, 1, 256" + (" or none" if "None" in kinds else "")) from None
+    if any(kind.startswith("dict") for kind in kinds):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = None
+        if not isinstance(value, dict):
+            raise InputError(f"{flag}: '{text}' is not a JSON object", f"a value of type {annotation}",
+                             "pass e.g. '{\"key\": \"value\"}' (quoted for the shell)") from None
+        return value
+    if kinds & {"str", "Path"}:
+        return text
+    words = {"bool": "true or false", "int": "a whole number", "None": "none"}
+    raise InputError(f"{flag}: '{text}' is not a value of type {annotation}",
+                     " or ".join(words.get(kind, kind) for kind in sorted(kinds)), "check the value")
+
+
+def _backend(name: str):
+    from mmedge.runtimes.registry import backend
+
+    return backend(name)
+
+
+def _settings_class(name: str, flag: str) -> type:
+    """The settings dataclass of backend ``name``; a backend that takes none, or an unknown name, is refused."""
+    from mmedge.runtimes.registry import BACKENDS
+
+    if name not in BACKENDS:
+        raise InputError(f"{flag} names backend '{name}'", f"one of {', '.join(_settable())}", "check the spelling")
+    owner = _backend(name)
+    try:
+        settings_class = owner.settings
+    except ImportError:
+        owner.import_runner_module()  # BackendUnavailableError with the install command
+        raise
+    if settings_class is None:
+        raise InputError(f"{flag}: backend '{name}' takes no settings", f"a setting of {', '.join(_settable())}",
+                         f"drop {FLAG} {name}...")
+    return settings_class
+
+
+def _settable() -> list[str]:
+    """The backends that take settings (read without importing their engines: ``settings`` is a property there)."""
+    import inspect
+
+    from mmedge.runtimes.registry import backends
+
+    return [b.name for b in backends() if inspect.getattr_static(b, "settings") is not None]
