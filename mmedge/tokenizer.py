@@ -8,6 +8,8 @@ between threads.
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 import warnings
 from collections.abc import Sequence
@@ -20,6 +22,7 @@ from tokenizers import Tokenizer
 from mmedge.errors import InputError, ManifestError, TokenizerError
 
 PADDING_MODES = ("longest", "max_length")
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 class TextTokenizer:
@@ -37,6 +40,7 @@ class TextTokenizer:
         self.padding: str = self.settings["padding"]
         self._untruncated: Tokenizer | None = None  # encode_all's copy, without cut or padding
         self._untruncated_lock = threading.Lock()
+        self._byte_token_ids: frozenset[int] | None = None  # made on first use (byte_token_ids)
         self._backend = _configured(backend, self.settings)
         self._end_of_word_suffix = getattr(backend.model, "end_of_word_suffix", None) or ""
 
@@ -112,6 +116,20 @@ class TextTokenizer:
                 copy.no_padding()
                 self._untruncated = copy
             return self._untruncated
+
+    @property
+    def byte_token_ids(self) -> frozenset[int]:
+        """The ids of ``<0xNN>`` byte tokens where the decoder falls back to bytes (Llama / Vicuna / IDEFICS
+        SentencePiece): a run of them decodes as a whole, so a byte that comes later can turn characters already
+        decoded into U+FFFD (a stream holds such a run back until it ends). Empty for byte-level BPE (CLIP, OPT)."""
+        if self._byte_token_ids is None:
+            spec = json.loads(self._backend.to_str())
+            if '"ByteFallback"' in json.dumps(spec.get("decoder")):
+                self._byte_token_ids = frozenset(i for token, i in self._backend.get_vocab(with_added_tokens=False)
+                                                 .items() if _BYTE_TOKEN.fullmatch(token))
+            else:
+                self._byte_token_ids = frozenset()
+        return self._byte_token_ids
 
     @property
     def vocab_size(self) -> int:

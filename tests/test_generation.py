@@ -475,6 +475,46 @@ def test_stream_holds_back_partial_characters_and_stop_strings(byte_tokenizer, p
                           byte_tokenizer)) == text
 
 
+def _byte_fallback_tokenizer() -> TextTokenizer:
+    """A Llama-style SentencePiece BPE with byte fallback (IDEFICS, Vicuna): a few pieces (ids 3..6), and characters
+    outside them as ``<0xNN>`` tokens (ids 7..262) that its decoder joins run by run."""
+    pieces = {"\u2581a": 3, "\u2581cat": 4, "s": 5, "\u2581\u732b": 6}
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **pieces, **{f"<0x{b:02X}>": 7 + b for b in range(256)}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    backend.add_special_tokens([AddedToken(t, special=True) for t in ("<unk>", "<s>", "</s>")])
+    return TextTokenizer(backend, {"file": "tokenizer.json", "max_length": 64, "pad_id": 0, "padding": "longest"})
+
+
+def test_a_stream_holds_a_run_of_byte_tokens_until_it_ends(prompt1):
+    """A run of byte-fallback tokens decodes as a whole: a last byte that leaves a character incomplete turns the
+    characters before it into U+FFFD too, so a stream that had already sent them lost its last piece and disagreed
+    with the unstreamed text (on IDEFICS / Vicuna tokenizers; byte-level BPE never does this)."""
+    embeds, mask, _ = prompt1
+    tokenizer = _byte_fallback_tokenizer()
+    assert len(tokenizer.byte_token_ids) == 256
+    byte = {b: 7 + b for b in range(256)}
+    cut = [4, *(byte[b] for b in "猫猫".encode())][:6]  # "cat", then one and two thirds of 猫
+    config = GenerationConfig(max_new_tokens=6, eos_token_id=2)
+    streamed = list(stream(ScriptedDecoder([cut], vocab=263), embeds, mask, config, tokenizer))
+    whole = generate_text(ScriptedDecoder([cut], vocab=263), embeds, mask, config, tokenizer)[0]
+    assert "".join(streamed) == whole == "cat\ufffd\ufffd\ufffd\ufffd\ufffd"
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # random mixes of pieces, byte runs (whole or cut) and an end of sequence
+        script = [int(t) for t in rng.choice([3, 4, 5, 6, *byte.values()], size=12,
+                                             p=[0.1] * 4 + [0.6 / 256] * 256)]
+        script += [2] if rng.random() < 0.5 else []
+        config = GenerationConfig(max_new_tokens=int(rng.integers(1, 13)), eos_token_id=2)
+        streamed = list(stream(ScriptedDecoder([script], vocab=263), embeds, mask, config, tokenizer))
+        assert "".join(streamed) == generate_text(ScriptedDecoder([script], vocab=263), embeds, mask, config,
+                                                  tokenizer)[0], script
+
+
+def test_byte_level_tokenizers_hold_nothing_back(byte_tokenizer, word_tokenizer):
+    assert byte_tokenizer.byte_token_ids == frozenset() and word_tokenizer.byte_token_ids == frozenset()
+
+
 @pytest.mark.parametrize("num_beams", [1, 2])
 def test_a_stream_counts_its_tokens_and_says_how_it_ended(byte_tokenizer, prompt1, num_beams):
     """``tokens`` is what the model generated (the ending token included), not a re-tokenized text; ``finish_reason``

@@ -399,6 +399,7 @@ class _Texts:
         self.tokenizer = tokenizer
         self.stop_strings = list(config.stop_strings)
         self.eos = set(config.eos_token_ids)
+        self.byte_tokens = getattr(tokenizer, "byte_token_ids", frozenset())  # TextTokenizer's; none for others
 
     def text(self, ids: Sequence[int]) -> str:
         ids = list(ids)
@@ -425,7 +426,12 @@ class _Texts:
 
     def safe_prefix(self, ids: Sequence[int]) -> str:
         """The part of the text so far that no later token can change: without a trailing incomplete
-        UTF-8 character (decoded as U+FFFD) and without a tail that may grow into a stop string."""
+        UTF-8 character (decoded as U+FFFD), without a trailing run of byte-fallback tokens (``<0xNN>``: the run
+        decodes as a whole, and a byte that ends it incomplete turns all of it into U+FFFD) and without a tail that
+        may grow into a stop string."""
+        ids = list(ids)
+        while ids and ids[-1] in self.byte_tokens:
+            ids.pop()
         text = self.final(ids)
         text = text.rstrip("\ufffd")
         hold = 0
