@@ -178,6 +178,13 @@ def test_bad_prompt_lists_are_refused(captioner, images):
         captioner.caption(images, ["a", "b"])
     with pytest.raises(InputError, match="prompt is a int"):
         captioner.caption(images[:2], ["what?", 3])
+    image_token = captioner.settings["image_tokens"]["hf_image_token_id"]
+    if image_token is not None:  # transformers 5's BLIP-2 processors add one
+        placeholder = captioner.tokenizer.decode([image_token], skip_special_tokens=False)
+        with pytest.raises(InputError, match="the image placeholder"):
+            captioner.caption(images[0], f"a {placeholder} b")
+    with pytest.raises(InputError, match="characters"):  # before seconds of tokenizing
+        captioner.caption(images[0], "word " * 1_000_000)
 
 
 # --- the family and the full-size config --------------------------------------------------------------

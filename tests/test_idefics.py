@@ -253,6 +253,11 @@ def test_bad_interleaved_prompts_are_refused(artifacts, images):
         for bad in ([], "just text", [None], [3.5]):
             with pytest.raises(mmedge.errors.InputError):
                 captioner.generate(bad)
+        for token in ("<image>", "<fake_token_around_image>"):  # the format's own tokens, typed in the text
+            with pytest.raises(mmedge.errors.InputError, match=f"prompt item 1 holds '{token}'"):
+                captioner.generate([images[0], f"what is {token}?"])
+        with pytest.raises(mmedge.errors.InputError, match="characters"):  # before seconds of tokenizing
+            captioner.generate([images[0], "word " * 1_000_000])
         with pytest.raises(mmedge.errors.InputError, match="stream\\(\\) got a batch of 2 prompts"):
             next(captioner.stream([[images[0], "a"], [images[1], "b"]]))
         # the prompt and the new tokens share the decoder's positions: a prompt that leaves no room is refused

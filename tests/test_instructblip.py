@@ -114,3 +114,20 @@ def test_bundled_full_size_config_is_the_published_architecture():
     assert llm.get_output_embeddings().weight is not llm.get_input_embeddings().weight
     params = sum(p.numel() for p in model.parameters())
     assert 7.85e9 < params < 7.95e9  # 7.91 B: ViT-g 1.0 B, Q-Former 0.19 B, Vicuna-7B 6.74 B
+
+
+def test_a_prompt_is_judged_before_the_prefix_reads_it(artifacts, images):
+    """The Q-Former reads the instruction, so the prefix ran (and warned of the cut) before an over-long prompt was
+    refused; and the image placeholder in the text, on which transformers' generate fails, was taken as text."""
+    with mmedge.load(artifacts("fp32")) as captioner:
+        ran = []
+        run = captioner.inputs.run
+        captioner.inputs.run = lambda name, feeds: ran.append(name) or run(name, feeds)
+        with pytest.raises(InputError, match="the prompt has 5,000 characters"):
+            captioner.caption(images[0], prompt="word " * 1000)
+        image_token = captioner.settings["image_tokens"]["hf_image_token_id"]
+        placeholder = captioner.tokenizer.decode([image_token], skip_special_tokens=False)
+        with pytest.raises(InputError, match=f"the prompt holds '{placeholder}', the image placeholder"):
+            captioner.caption(images[0], prompt=f"what is {placeholder} here?")
+        assert ran == []
+        assert captioner.caption(images[0], prompt="what is here?", max_new_tokens=2) is not None and ran

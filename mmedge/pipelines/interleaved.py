@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from mmedge.errors import InputError
+from mmedge.pipelines.prefix_inputs import check_prompt_chars
 
 
 def is_text(item: Any) -> bool:
@@ -41,6 +42,11 @@ def prompt_text(items: list, prompt_format: dict) -> tuple[str, list]:
     for index, item in enumerate(items):
         last_was_text = index > 0 and not last_was_image
         if is_text(item):
+            placeholder = next((token for token in (image_token, fake) if token in item), None)
+            if placeholder:
+                raise InputError(f"prompt item {index} holds {placeholder!r}, a token the prompt format places "
+                                 "around images", "plain text: images are passed as items of the prompt, and the "
+                                 "format puts its tokens around them", f"remove {placeholder!r} from the text")
             if end_of_utterance and last_was_text:
                 text += end_of_utterance
             text += item.strip(" ")
@@ -101,6 +107,7 @@ class FlamingoInputs:
 
     def prompt_ids(self, items: list, max_new_tokens: int = 0) -> tuple[np.ndarray, list]:
         text, images = prompt_text(items, self.format)
+        check_prompt_chars(text, self.max_prompt_tokens)
         ids = self.tokenizer.encode_all(text, add_special_tokens=False)  # [tokens]
         room = self.max_prompt_tokens - max_new_tokens
         if ids.shape[0] > room:

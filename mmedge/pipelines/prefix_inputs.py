@@ -17,7 +17,7 @@ import numpy as np
 from mmedge.errors import InputError
 
 MAX_PROMPT_TOKENS = 512
-MAX_PROMPT_CHARS = 8 * MAX_PROMPT_TOKENS  # English text has 4-5 characters per token
+CHARS_PER_TOKEN = 8  # English text has 4-5 characters per token: a longer text cannot fit the token cap
 
 
 class PrefixInputs:
@@ -63,10 +63,11 @@ class PrefixInputs:
         ``input_ids``: image-token placeholders, then the prompt; the repetition-penalty context)."""
         prompt = _checked_type(self.default_prompt(prompt))  # before the prefix: InstructBLIP's Q-Former reads it
         count = len(images) if isinstance(images, (list, tuple)) else 1
-        prefix = self.prefix(images, [prompt] * count)  # [batch, queries, width]
-        batch, queries, _ = prefix.shape
+        queries = int(self.settings["num_query_tokens"])  # the prefix's rows; the prompt is judged before it runs
         prompt_ids = self.prompt_ids(prompt, self.prompt_budget(queries, max_new_tokens), queries,
                                      max_new_tokens)  # [tokens]
+        prefix = self.prefix(images, [prompt] * count)  # [batch, queries, width]
+        batch = prefix.shape[0]
         text = self.embeddings[prompt_ids]  # [tokens, width]
         embeds = np.concatenate([prefix, np.broadcast_to(text, (batch, *text.shape)).astype(prefix.dtype)], axis=1)
         mask = np.ones(embeds.shape[:2], dtype=np.int64)  # [batch, queries + tokens]
@@ -80,11 +81,9 @@ class PrefixInputs:
         families refuse theirs: cutting it would change the question (its start, "Question:", goes first)."""
         if _checked_type(prompt) is None:
             return np.array([self.settings["bos_token_id"]], dtype=np.int64)
-        if len(prompt) > MAX_PROMPT_CHARS:  # refused before tokenizing: tokenizing a huge text is the costly part
-            raise InputError(f"the prompt has {len(prompt):,} characters",
-                             f"at most {MAX_PROMPT_CHARS:,} ({self.max_prompt_tokens} tokens at most)",
-                             "shorten the prompt")
+        check_prompt_chars(prompt, self.max_prompt_tokens)
         ids = self.tokenizer.encode_all(prompt)  # [tokens], starts with BOS
+        refuse_image_placeholder(ids, self.settings["image_tokens"].get("hf_image_token_id"), self.tokenizer)
         if ids.shape[0] > budget:
             self._refuse_long_prompt(int(ids.shape[0]), budget, queries, max_new_tokens)
         return ids
@@ -113,6 +112,25 @@ class PrefixInputs:
         if max_positions is None:
             return self.max_prompt_tokens
         return min(self.max_prompt_tokens, max_positions - queries - max_new_tokens)
+
+
+def check_prompt_chars(text: str, max_tokens: int, what: str = "the prompt") -> None:
+    """A text far longer than ``max_tokens`` tokens could hold is refused before tokenizing, the costly part (a
+    5-million-character prompt took seconds to be refused by its token count)."""
+    limit = CHARS_PER_TOKEN * max_tokens
+    if len(text) > limit:
+        raise InputError(f"{what} has {len(text):,} characters", f"at most {limit:,} ({max_tokens} tokens at most)",
+                         "shorten the text")
+
+
+def refuse_image_placeholder(ids: np.ndarray, token_id: int | None, tokenizer) -> None:
+    """A prompt whose text holds the checkpoint's image placeholder (BLIP-2's ``<image>``) is refused: the image's
+    rows go before the text, and transformers' ``generate`` fails on such a prompt (more placeholders than rows)."""
+    if token_id is not None and bool(np.any(ids == token_id)):
+        token = tokenizer.decode([int(token_id)], skip_special_tokens=False)
+        raise InputError(f"the prompt holds {token!r}, the image placeholder (token {token_id})",
+                         "plain text: the image is passed as an image, and its rows come before the prompt",
+                         f"remove {token!r} from the prompt")
 
 
 def _checked_type(prompt):

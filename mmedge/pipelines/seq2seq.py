@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from mmedge.errors import InputError
-from mmedge.pipelines.prefix_inputs import PrefixInputs
+from mmedge.pipelines.prefix_inputs import PrefixInputs, check_prompt_chars, refuse_image_placeholder
 
 
 def encoder_inputs(prefix: np.ndarray, prompt_ids: Sequence[np.ndarray], table, padding_side: str = "right"):
@@ -61,9 +61,9 @@ class Seq2SeqInputs(PrefixInputs):
             raise InputError(f"{len(prompts)} prompts were given for {batch} images", "one prompt per image, or one "
                              "prompt for all", "pass a list as long as the image list, or a single string")
         prompts = [self.default_prompt(p) for p in prompts]
-        prefix = self.prefix(images, prompts)  # [batch, queries, width]
-        budget = self.prompt_budget(prefix.shape[1], 0)
+        budget = self.prompt_budget(int(self.settings["num_query_tokens"]), 0)  # judged before the prefix runs
         ids = [self.prompt_ids(p, budget) for p in prompts]  # each [tokens]
+        prefix = self.prefix(images, prompts)  # [batch, queries, width]
         return encoder_inputs(prefix, ids, self.embeddings, self.settings["encoder"].get("padding_side", "right"))
 
     def prompt_ids(self, prompt: str | None, budget: int) -> np.ndarray:
@@ -72,7 +72,9 @@ class Seq2SeqInputs(PrefixInputs):
             return np.array([self.settings["bos_token_id"]], dtype=np.int64)
         if not isinstance(prompt, str):
             raise InputError(f"prompt is a {type(prompt).__name__}", "a string or None", "pass prompt='a photo of'")
+        check_prompt_chars(prompt, self.max_prompt_tokens)
         ids = self.tokenizer.encode_all(prompt)
+        refuse_image_placeholder(ids, self.settings["image_tokens"].get("hf_image_token_id"), self.tokenizer)
         if ids.shape[0] > budget:
             raise InputError(f"the prompt has {ids.shape[0]} tokens", f"at most {budget}", "shorten the prompt")
         return ids
