@@ -34,7 +34,9 @@ def _labels(args) -> list[str] | None:
             what = "is a folder" if path.is_dir() else "does not exist"
             raise InputError(f"labels file '{path}' {what}", "a text file with one label per line", "check the path")
         try:
-            text = path.read_text(encoding="utf-8")
+            # a byte order mark (Windows Notepad writes one) is not part of the first label; decoded whole, the error
+            # names the byte's offset in the file
+            text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")
         except UnicodeDecodeError as exc:
             raise InputError(f"labels file '{path}' is not UTF-8 text (its byte {exc.start} cannot start a "
                              "character)", "a UTF-8 text file with one label per line",

@@ -11,7 +11,7 @@ from mmedge.export.families.base import Family, encoder_fix, gate_fidelity
 from mmedge.export.specs.clip import ClipText, ClipVision, ClipZeroShot, _FusedZeroShot, _ImageEmbeds, _TextEmbeds
 from mmedge.metrics import cosine_rows, top1_agreement
 from mmedge.pipelines.common import l2_normalize
-from mmedge.pipelines.zero_shot import build_label_bank, check_labels, check_templates, softmax
+from mmedge.pipelines.zero_shot import build_label_bank, check_label_tokens, check_labels, check_templates, softmax
 
 # Labels used to measure top-1 agreement of quantized graphs when none were baked in.
 FIDELITY_LABELS = ("person", "cat", "cup of coffee", "rocket", "galaxy", "eye", "grass", "stones", "clock", "camera")
@@ -52,7 +52,9 @@ class ClipFamily(Family):
     def specs(self, loaded, options) -> list:
         labels, templates = options.labels, options.templates
         if labels:
-            bank = self.label_bank(loaded, check_labels(labels), check_templates(templates))
+            labels, templates = check_labels(labels), check_templates(templates)
+            check_label_tokens(self.device_tokenizer(loaded), labels, templates)  # the rule run-time labels follow
+            bank = self.label_bank(loaded, labels, templates)
             return [ClipZeroShot(loaded.model, bank, self.logit_scale(loaded))]
         return [ClipVision(loaded.model), ClipText(loaded.model)]
 
@@ -91,6 +93,17 @@ class ClipFamily(Family):
                 return module(batch["input_ids"], batch["attention_mask"]).numpy()  # [prompts, dim]
 
         return embed
+
+    def device_tokenizer(self, loaded):
+        """The checkpoint's tokenizer as a two-graph artifact's device would load it (``mmedge.tokenizer``), with the
+        text encoder's length: the tokens the label bank's prompts are cut to."""
+        from tokenizers import Tokenizer
+
+        from mmedge.export.tokenization import tokenizer_settings_from_hf
+        from mmedge.tokenizer import TextTokenizer
+
+        settings = tokenizer_settings_from_hf(loaded.tokenizer, self.max_length(loaded))  # refuses a slow tokenizer
+        return TextTokenizer(Tokenizer.from_str(loaded.tokenizer.backend_tokenizer.to_str()), settings)  # a copy
 
     def label_bank(self, loaded, labels, templates) -> np.ndarray:
         return build_label_bank(self.torch_text_embeds(loaded), labels, templates)  # [labels, dim]

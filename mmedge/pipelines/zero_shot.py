@@ -64,6 +64,72 @@ def check_labels(labels: Any) -> list[str]:
     return labels
 
 
+def check_label_tokens(tokenizer, labels: Sequence[str], templates: Sequence[str]) -> None:
+    """Refuse labels the text encoder cannot tell apart, as it would see them. ``tokenizer``: a
+    ``mmedge.tokenizer.TextTokenizer``; ``labels`` and ``templates`` already checked (``check_labels``,
+    ``check_templates``). The device runs this before it builds a label bank, the exporter before it bakes one.
+
+    - a label whose text holds a special token of the tokenizer (CLIP's ``<|endoftext|>``): CLIP pools its text at
+      the end-of-text token, so the label would be read up to that token only;
+    - two labels whose prompts are the same token ids under every template, once cut to ``tokenizer.max_length``
+      as the tokenizer cuts them: labels that differ only in what the tokenizer drops (CLIP's lowercases and
+      squeezes spaces: "Cat", " cat") or only past the cut. They are one class that would split its probability.
+    """
+    for label in labels:
+        special = _special_tokens_in(tokenizer, label)
+        if special:
+            raise InputError(f"label {_shown(label)} holds the tokenizer's special token {special!r}",
+                             "labels of plain text (the text encoder reads a special token as a control mark, "
+                             f"and {special!r} would end or restart the label's text)",
+                             f"remove {special!r} from the label")
+    seen: dict[tuple, tuple[str, tuple]] = {}
+    for label in labels:
+        uncut = tuple(tuple(tokenizer.encode_all(template.replace("{}", label)).tolist()) for template in templates)
+        read = tuple(_cut(tokenizer, template.replace("{}", label), ids) for template, ids in zip(templates, uncut))
+        same, same_uncut = seen.setdefault(read, (label, uncut))
+        if same == label:
+            continue
+        if same_uncut == uncut:  # the same tokens before any cut: the tokenizer drops what tells them apart
+            raise InputError(f"labels {_shown(same)} and {_shown(label)} are the same tokens to this model's "
+                             "tokenizer", "each class once, so each probability means one class",
+                             f"remove {_shown(label)}")
+        raise InputError(f"labels {_shown(same)} and {_shown(label)} are the same tokens to this model's text "
+                         f"encoder once each prompt is cut at {tokenizer.max_length} tokens (its length, start "
+                         "and end tokens included)", "labels that differ within the tokens the text encoder reads",
+                         "shorten the labels so that they differ early, or remove one of them")
+
+
+def _cut(tokenizer, prompt: str, ids: tuple[int, ...]) -> tuple[int, ...]:
+    """``ids`` (all of ``prompt``'s tokens, special tokens included) as ``tokenizer.encode`` cuts them to
+    ``max_length``: the text's own tokens are cut to make room for the special tokens around them, which stay.
+    Worked out here because ``encode`` warns of each cut (the text tower's own call warns once); a tokenizer that adds
+    its special tokens elsewhere than around the text is asked with ``encode``."""
+    if len(ids) <= tokenizer.max_length:
+        return ids
+    text = tokenizer.encode_all(prompt, add_special_tokens=False).tolist()
+    added = len(ids) - len(text)
+    start = next((i for i in range(added + 1) if list(ids[i:i + len(text)]) == text), None)
+    if start is None or added >= tokenizer.max_length:
+        input_ids, attention_mask = tokenizer.encode(prompt)  # [1, tokens] each
+        return tuple(input_ids[0][attention_mask[0] == 1].tolist())
+    return ids[:start] + tuple(text[:tokenizer.max_length - added]) + ids[start + len(text):]
+
+
+def _special_tokens_in(tokenizer, text: str) -> str | None:
+    """The first special token (``<|endoftext|>``) the tokenizer finds written in ``text``, or None."""
+    for token_id in tokenizer.encode_all(text, add_special_tokens=False).tolist():
+        if not tokenizer.decode([token_id]):  # special tokens decode to nothing by default
+            written = tokenizer.decode([token_id], skip_special_tokens=False)
+            if written:
+                return written
+    return None
+
+
+def _shown(label: str) -> str:
+    """``label`` quoted, its middle left out past 60 characters (two long labels often differ only at the end)."""
+    return repr(label if len(label) <= 60 else f"{label[:28]}...{label[-28:]}")
+
+
 def check_templates(templates: Any) -> list[str]:
     templates = list(DEFAULT_TEMPLATES if templates is None
                      else ([templates] if isinstance(templates, str) else templates))
@@ -135,7 +201,8 @@ class ZeroShotClassifier(ClipPipeline):
             if cached is not None:
                 return cached
             try:
-                self._refuse_same_tokens(labels)
+                if self.tokenizer is not None:
+                    check_label_tokens(self.tokenizer, labels, templates)
                 bank = build_label_bank(self._text_embeds, labels, templates)
                 with self._bank_lock:
                     self._banks[key] = bank
@@ -159,18 +226,6 @@ class ZeroShotClassifier(ClipPipeline):
             self._banks.move_to_end(key)
             return self._banks[key]
         return None
-
-    def _refuse_same_tokens(self, labels: Sequence[str]) -> None:
-        """Labels that differ only in what the tokenizer drops (CLIP's lowercases and squeezes spaces: "Cat", " cat")
-        are one class that would split its probability in two."""
-        if self.tokenizer is None:
-            return
-        first: dict[tuple, str] = {}
-        for label in labels:
-            same = first.setdefault(tuple(self.tokenizer.encode_all(label).tolist()), label)
-            if same != label:
-                raise InputError(f"labels {same!r} and {label!r} are the same tokens to this model's tokenizer",
-                                 "each class once, so each probability means one class", f"remove {label!r}")
 
     def probabilities(self, images, labels: Sequence[str] | None = None,
                       templates: Sequence[str] | None = None) -> np.ndarray:
