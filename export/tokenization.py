@@ -34,7 +34,18 @@ def tokenizer_settings_from_hf(hf_tokenizer: Any, max_length: int, padding: str 
             "set tokenizer.pad_token (for example to tokenizer.eos_token) and save it into the checkpoint",
         )
     return {"file": TOKENIZER_FILE, "max_length": max_length, "pad_id": int(hf_tokenizer.pad_token_id),
-            "padding": padding}
+            "padding": padding, **({"clean_up_spaces": True} if _cleans_up_spaces(hf_tokenizer) else {})}
+
+
+def _cleans_up_spaces(hf_tokenizer: Any) -> bool:
+    """Whether transformers' ``decode`` drops spaces before punctuation for this tokenizer: its
+    ``clean_up_tokenization_spaces`` (False by default in transformers 5), which transformers 5 skips for BPE models
+    unless ``clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output`` forces it."""
+    if not getattr(hf_tokenizer, "clean_up_tokenization_spaces", False):
+        return False
+    bpe = type(_backend_of(hf_tokenizer).model).__name__ == "BPE"
+    return not bpe or bool(getattr(hf_tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_"
+                                                  "output", False))
 
 
 def save_tokenizer_json(hf_tokenizer: Any, dest_path: str | Path) -> Path:

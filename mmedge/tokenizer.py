@@ -23,6 +23,9 @@ from mmedge.errors import InputError, ManifestError, TokenizerError
 
 PADDING_MODES = ("longest", "max_length")
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+# transformers' clean_up_tokenization, in its order: spaces before punctuation and English contractions dropped
+SPACE_CLEAN_UPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+                   (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
 
 class TextTokenizer:
@@ -105,7 +108,16 @@ class TextTokenizer:
         text = self._backend.decode(ids.tolist(), skip_special_tokens=skip_special_tokens)
         if self._end_of_word_suffix:  # CLIP's BPE marks word ends with "</w>"; transformers turns it into a space
             text = text.replace(self._end_of_word_suffix, " ").strip()
+        if self.cleans_up_spaces:
+            text = clean_up_spaces(text)
         return text
+
+    @property
+    def cleans_up_spaces(self) -> bool:
+        """Whether decoding drops spaces before punctuation as transformers' decode does for this tokenizer (the
+        manifest's ``clean_up_spaces``: its ``clean_up_tokenization_spaces``, which transformers 5 applies to
+        WordPiece and Unigram models such as T5's, not to BPE)."""
+        return bool(self.settings.get("clean_up_spaces", False))
 
     def _untruncated_backend(self) -> Tokenizer:
         """A copy of the tokenizer with truncation and padding off, made on first use."""
@@ -156,6 +168,13 @@ def _configured(backend: Tokenizer, settings: dict[str, Any]) -> Tokenizer:
     return backend
 
 
+def clean_up_spaces(text: str) -> str:
+    """transformers' ``clean_up_tokenization``: "yes , it is n't" -> "yes, it isn't"."""
+    for before, after in SPACE_CLEAN_UPS:
+        text = text.replace(before, after)
+    return text
+
+
 def _checked_settings(settings: Any, backend: Tokenizer) -> dict[str, Any]:
     """``settings`` if every field is present and valid for ``backend``; ManifestError otherwise."""
     if not isinstance(settings, dict):
@@ -165,6 +184,8 @@ def _checked_settings(settings: Any, backend: Tokenizer) -> dict[str, Any]:
         value = settings.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise _settings_error(f"tokenizer.{key} is {value!r}", f"a {kind.__name__}")
+    if not isinstance(settings.get("clean_up_spaces", False), bool):
+        raise _settings_error(f"tokenizer.clean_up_spaces is {settings['clean_up_spaces']!r}", "true or false")
     if settings["max_length"] < 2:
         raise _settings_error(f"tokenizer.max_length is {settings['max_length']}",
                               "at least 2 (room for the special tokens)")

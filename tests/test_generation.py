@@ -511,6 +511,31 @@ def test_a_stream_holds_a_run_of_byte_tokens_until_it_ends(prompt1):
                                                   tokenizer)[0], script
 
 
+def test_a_stream_equals_the_text_when_decoding_cleans_up_spaces(prompt1, words):
+    """A tokenizer whose decode drops spaces before punctuation (transformers' clean_up_tokenization_spaces, kept for
+    Unigram / WordPiece models such as T5's): "do n" becomes "don't" once "'t" arrives, so the stream holds back a
+    tail that may still be cleaned up, as it holds back one that may grow into a stop string."""
+    pieces = ["do", "n't", "'", "s", "'s", "'t", ".", ",", "?", "it", "is", "'re", "n"]
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(pieces)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces, cleans nothing
+    backend.add_special_tokens([AddedToken(t, special=True) for t in ("<s>", "<pad>", "</s>")])
+    settings = {"file": "tokenizer.json", "max_length": 32, "pad_id": 1, "padding": "longest"}
+    plain, cleaning = TextTokenizer(backend, settings), TextTokenizer(backend, {**settings, "clean_up_spaces": True})
+    ids = [vocab[w] for w in ("it", "is", "n't", ",", "do", "'", "s", "?")]
+    assert plain.decode(ids) == "it is n't , do ' s ?" and cleaning.decode(ids) == "it isn't, do's?"
+    embeds, mask, _ = prompt1
+    rng = np.random.default_rng(1)
+    vocab_size = len(vocab)
+    for _ in range(200):
+        script = [int(t) for t in rng.integers(3, vocab_size, size=10)] + [2]
+        config = GenerationConfig(max_new_tokens=int(rng.integers(1, 12)), eos_token_id=2)
+        streamed = list(stream(ScriptedDecoder([script], vocab=vocab_size), embeds, mask, config, cleaning))
+        assert "".join(streamed) == generate_text(ScriptedDecoder([script], vocab=vocab_size), embeds, mask,
+                                                  config, cleaning)[0], script
+
+
 def test_byte_level_tokenizers_hold_nothing_back(byte_tokenizer, word_tokenizer):
     assert byte_tokenizer.byte_token_ids == frozenset() and word_tokenizer.byte_token_ids == frozenset()
 

@@ -236,3 +236,39 @@ def test_shared_between_threads(hf_tokenizer, tokenizer_json):
     for thread in threads:
         thread.join()
     assert not errors
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_blip2_t5_dir", "tiny_blip2_dir"])
+def test_decode_cleans_up_spaces_as_transformers_does(request, checkpoint, tmp_path):
+    """transformers' decode drops spaces before punctuation where the checkpoint's tokenizer sets
+    clean_up_tokenization_spaces, for Unigram models such as T5's (transformers 5 skips it for BPE, like OPT's): the
+    export records which, and the device decodes alike (it printed "yes , it is n't ." where transformers printed
+    "yes, it isn't.")."""
+    from transformers import AutoTokenizer
+
+    from mmedge.export.tokenization import save_tokenizer_json, tokenizer_settings_from_hf
+
+    folder = request.getfixturevalue(checkpoint)
+    for cleans in (False, True):
+        hf = AutoTokenizer.from_pretrained(folder, clean_up_tokenization_spaces=cleans)
+        settings = tokenizer_settings_from_hf(hf, max_length=64)
+        device = TextTokenizer.from_file(save_tokenizer_json(hf, tmp_path / "tokenizer.json"), settings)
+        t5 = checkpoint == "tiny_blip2_t5_dir"
+        assert device.cleans_up_spaces == settings.get("clean_up_spaces", False) == (cleans and t5)
+        changed = 0
+        for text in ("yes , it is n't .", "do ' s ? a ,b !", "they 're here , we 've gone"):
+            ids = hf(text, add_special_tokens=False)["input_ids"]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                expected = hf.decode(ids, skip_special_tokens=True)
+            assert device.decode(ids) == expected, (cleans, text)
+            changed += expected != hf.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        assert bool(changed) == (cleans and t5)  # the texts do hold spaces a clean-up drops
+
+
+def test_a_bad_clean_up_setting_is_a_manifest_error(hf_tokenizer, tokenizer_json):
+    from mmedge.export.tokenization import tokenizer_settings_from_hf
+
+    settings = {**tokenizer_settings_from_hf(hf_tokenizer, max_length=16), "clean_up_spaces": "yes"}
+    with pytest.raises(ManifestError, match="clean_up_spaces"):
+        TextTokenizer.from_file(tokenizer_json, settings)

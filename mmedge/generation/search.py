@@ -23,6 +23,7 @@ from mmedge.errors import InputError
 from mmedge.generation.config import GenerationConfig
 from mmedge.generation.decoder import Decoder
 from mmedge.generation.logits import LogitsProcessor, check_finite, log_softmax, sample
+from mmedge.tokenizer import SPACE_CLEAN_UPS
 
 _NEG = np.float32(-1.0e9)  # transformers' "never pick this" score in beam search
 
@@ -400,6 +401,9 @@ class _Texts:
         self.stop_strings = list(config.stop_strings)
         self.eos = set(config.eos_token_ids)
         self.byte_tokens = getattr(tokenizer, "byte_token_ids", frozenset())  # TextTokenizer's; none for others
+        # the spaces a decode that cleans them up drops once the next characters arrive ("do n" + "'t" -> "don't")
+        self.clean_ups = [before for before, _ in SPACE_CLEAN_UPS] if getattr(tokenizer, "cleans_up_spaces",
+                                                                             False) else []
 
     def text(self, ids: Sequence[int]) -> str:
         ids = list(ids)
@@ -435,7 +439,7 @@ class _Texts:
         text = self.final(ids)
         text = text.rstrip("\ufffd")
         hold = 0
-        for stop in self.stop_strings:
+        for stop in (*self.stop_strings, *self.clean_ups):  # a tail that may still grow into one
             for size in range(min(len(stop) - 1, len(text)), hold, -1):
                 if text.endswith(stop[:size]):
                     hold = size
