@@ -17,9 +17,11 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import mmedge
+from mmedge.artifact import Artifact
 from mmedge.errors import InputError, MmedgeError
 from mmedge.families import FAMILIES
 from mmedge.manifest import MANIFEST_FILE, parse_manifest
+from mmedge.progress import Progress
 from mmedge.serve import inputs
 from mmedge.serve.errors import ApiError
 from mmedge.serve.options import ServeOptions
@@ -60,12 +62,16 @@ def load_models(options: ServeOptions) -> dict[str, ServedModel]:
         raise InputError(f"two artifacts would be served under the same model id ({', '.join(repeated)})",
                          "artifact folders with different names (the folder name is the model id)",
                          "rename or copy one of the folders")
+    for path in options.artifacts:  # every manifest read first: a mistyped third folder is said before minutes of
+        Artifact.open(path)  # loading the first two
     _check_generation_flags(options, ids)
     settings = _backend_settings(options, ids)
     models: dict[str, ServedModel] = {}
+    progress = Progress(len(ids), enabled=not options.quiet)  # on stderr: a large LLM loads for minutes
     try:
         for model_id, path in zip(ids, options.artifacts):
-            models[model_id] = load_model(model_id, Path(path), options, settings.get(model_id))
+            with progress.step(f"loading {model_id}"):
+                models[model_id] = load_model(model_id, Path(path), options, settings.get(model_id))
     except MmedgeError:
         for model in models.values():
             model.close()

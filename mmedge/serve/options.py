@@ -41,6 +41,7 @@ class ServeOptions:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     generation_flags: tuple[str, ...] = ()  # --workers / --max-queue as given on the command line (refused if no
     # served artifact generates text: they would do nothing)
+    quiet: bool = False  # no loading lines on stderr
     backend_options: CliBackendOptions | None = None  # --backend-option settings (each artifact gets those its plan
     # uses: mmedge.serve.models)
 
@@ -72,7 +73,7 @@ class ServeOptions:
                    backend=args.backend, device=args.device, threads=args.threads, workers=workers,
                    max_queue=max_queue, allow_images_from=allowed, max_body_bytes=args.max_body_mb << 20,
                    max_images=args.max_images, max_image_pixels=args.max_image_pixels, generation_flags=given,
-                   backend_options=CliBackendOptions.from_args(args) or None)
+                   backend_options=CliBackendOptions.from_args(args) or None, quiet=args.quiet)
 
 
 def add_arguments(parser) -> None:
@@ -105,5 +106,6 @@ def add_arguments(parser) -> None:
                         help=f"largest request body in MiB; larger ones get 413 (default {DEFAULT_MAX_BODY_MB})")
     parser.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES,
                         help=f"images per request (default {DEFAULT_MAX_IMAGES})")
+    parser.add_argument("--quiet", action="store_true", help="no lines on stderr while the artifacts load")
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                         help="pixels per image, read from its header before decoding (default 64,000,000)")

@@ -35,8 +35,11 @@ def test_without_the_extra_help_works_and_serving_names_the_install():
     assert 'pip install "mmedge[serve]"' in refused.stderr and "starlette not installed" in refused.stderr
 
 
-def test_missing_artifact(capsys, tmp_path):
+def test_missing_artifact(capsys, tmp_path, served_artifacts):
     cli_error(capsys, ["serve", tmp_path / "nothing", "--port", "0"], ArtifactNotFoundError, "does not exist")
+    # said before the artifact ahead of it loads (cli_error: the error is the only line on stderr)
+    cli_error(capsys, ["serve", served_artifacts["clip-fp32"], tmp_path / "nothing", "--port", "0"],
+              ArtifactNotFoundError, "does not exist")
 
 
 def test_two_artifacts_with_one_name(capsys, tmp_path, served_artifacts):
@@ -115,3 +118,11 @@ def test_the_socket_listens_before_the_address_is_printed(monkeypatch, capsys, t
     monkeypatch.setattr(server._Server, "run", run)
     assert server.serve(ServeOptions(artifacts=(tmp_path,), port=0)) == 0
     assert seen == {"printed": True, "listening": 1}
+
+
+def test_loading_shows_progress_on_stderr(server, served_artifacts):
+    """A large LLM loads for minutes before the ready line: each artifact's load is said as it starts and ends."""
+    said = "".join(server.stderr)
+    for index, name in enumerate(served_artifacts, 1):
+        assert f"[{index}/{len(served_artifacts)}] loading {name} ... done (" in said, said[-2000:]
+    assert not any("loading" in line for line in server.stdout)  # stdout holds the ready line a client reads
