@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
+from mmedge.cli_args import count, non_negative
 from mmedge.export.specs.blip2 import cache_kwarg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -638,46 +639,57 @@ def write_demo_images(folder: Path, count: int) -> None:
     (folder / "truth.json").write_text(json.dumps(truth, indent=2) + "\n")
 
 
+def positive_seconds(text: str) -> float:
+    """A time budget: a number of seconds above 0 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} seconds: expected a finite number above 0")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder that gets clip/ and blip2/")
     parser.add_argument("--only", choices=["clip", "blip2"])
     parser.add_argument("--evaluate", action="store_true",
                         help="no training: re-measure the saved models, rewrite their cards")
-    parser.add_argument("--train-scenes", type=int, default=60000)
-    parser.add_argument("--clip-scenes", type=int, default=20000,
+    parser.add_argument("--train-scenes", type=count, default=60000)
+    parser.add_argument("--clip-scenes", type=count, default=20000,
                         help="CLIP trains on the first N training scenes (its caption set is small; BLIP-2 "
                         "uses them all)")
-    parser.add_argument("--clip-steps", type=int, default=2500)
-    parser.add_argument("--blip2-steps", type=int, default=2600)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--blip2-questions", type=int, default=3,
+    parser.add_argument("--clip-steps", type=count, default=2500)
+    parser.add_argument("--blip2-steps", type=count, default=2600)
+    parser.add_argument("--batch", type=count, default=64)
+    parser.add_argument("--blip2-questions", type=non_negative, default=3,
                         help="questions per training image beside its caption")
     parser.add_argument("--blip2-vision-lr", type=float, default=1e-3)
     parser.add_argument("--blip2-qformer-dropout", type=float, default=0.0,
                         help="BLIP-2 uses 0.1; off, these small models fit the scenes in fewer steps")
-    parser.add_argument("--test-scenes", type=int, default=TEST_SCENES,
+    parser.add_argument("--test-scenes", type=count, default=TEST_SCENES,
                         help="held-out scenes each score is measured on")
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--demo-images", type=int, default=6, help="test scenes bundled for `mmedge demo`")
+    parser.add_argument("--threads", type=count, default=os.cpu_count())
+    parser.add_argument("--demo-images", type=non_negative, default=6, help="test scenes bundled for `mmedge demo`")
     parser.add_argument("--idefics", action="store_true",
                         help="train (with --evaluate: re-measure) only the IDEFICS demo model (examples/flamingo_demo.py)")
-    parser.add_argument("--idefics-steps", type=int, default=6000,
+    parser.add_argument("--idefics-steps", type=count, default=6000,
                         help="the IDEFICS cosine schedule's length in steps (it follows wall time when that is further)")
-    parser.add_argument("--idefics-budget-seconds", type=float, default=570.0,
+    parser.add_argument("--idefics-budget-seconds", type=positive_seconds, default=570.0,
                         help="IDEFICS training stops after this much wall time (with a fully decayed learning rate)")
-    parser.add_argument("--idefics-scenes", type=int, default=16000, help="training scenes the IDEFICS prompts draw on")
-    parser.add_argument("--idefics-test-prompts", type=int, default=200, help="held-out prompts per IDEFICS task")
+    parser.add_argument("--idefics-scenes", type=count, default=16000, help="training scenes the IDEFICS prompts draw on")
+    parser.add_argument("--idefics-test-prompts", type=count, default=200, help="held-out prompts per IDEFICS task")
     parser.add_argument("--blip2-t5", action="store_true",
                         help="train (with --evaluate: re-measure) only the BLIP-2 Flan-T5 demo model (examples/t5_demo.py)")
-    parser.add_argument("--t5-steps", type=int, default=4000,
+    parser.add_argument("--t5-steps", type=count, default=4000,
                         help="the BLIP-2 Flan-T5 cosine schedule's length in steps (it follows wall time when further)")
-    parser.add_argument("--t5-budget-seconds", type=float, default=570.0,
+    parser.add_argument("--t5-budget-seconds", type=positive_seconds, default=570.0,
                         help="BLIP-2 Flan-T5 training stops after this much wall time (with a fully decayed rate)")
-    parser.add_argument("--t5-scenes", type=int, default=16000,
+    parser.add_argument("--t5-scenes", type=count, default=16000,
                         help="training scenes for BLIP-2 Flan-T5 (their frozen query outputs are computed once)")
-    parser.add_argument("--t5-batch", type=int, default=32, help="BLIP-2 Flan-T5 training images per step")
-    parser.add_argument("--t5-export-scenes", type=int, default=240,
+    parser.add_argument("--t5-batch", type=count, default=32, help="BLIP-2 Flan-T5 training images per step")
+    parser.add_argument("--t5-export-scenes", type=non_negative, default=240,
                         help="test scenes the BLIP-2 Flan-T5 exports (FP32, INT4 LLM) are measured on; 0: none")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
