@@ -11,14 +11,16 @@ from pathlib import Path
 
 import mmedge
 from mmedge import demo
-from mmedge.artifact import export_needed
+from mmedge.artifact import Artifact, export_needed
+from mmedge.errors import InputError
+from mmedge.families import FAMILIES
 from mmedge.images import checked_image_path
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="*", help="images to caption (default: the bundled demo scenes)")
-    parser.add_argument("--model", help="BLIP-2 checkpoint folder or hub id (default: the shipped demo BLIP-2)")
+    parser.add_argument("--model", help="BLIP-2 or InstructBLIP checkpoint folder or hub id (default: the demo BLIP-2)")
     parser.add_argument("--question", help="ask this instead of captioning (BLIP-2's 'Question: ... Answer:' prompt)")
     parser.add_argument("--llm-precision", default="int4", choices=["fp32", "int8", "int4"])
     parser.add_argument("--max-new-tokens", type=int, default=30)
@@ -32,6 +34,13 @@ def main(argv=None) -> None:
     images = [checked_image_path(image) for image in args.images] or demo.images()  # cheap checks before an export
     if reason := export_needed(out, model, "int8", args.llm_precision):  # host side: needs pip install "mmedge[export]"
         from mmedge.export import export_model
+        from mmedge.export.loading import checkpoint_family
+    family = FAMILIES[checkpoint_family(model) if reason else Artifact.open(out).manifest["family"]]  # config only
+    if family.generative is None or family.interleaved:  # refused before anything is written
+        raise InputError(f"'{model}' is a checkpoint of the {family.label} family, which caption.py does not "
+                         "caption", "a BLIP-2 or InstructBLIP checkpoint (OPT, Llama or Flan-T5 LLM)",
+                         f"use examples/{'few_shot' if family.interleaved else 'zero_shot'}.py")
+    if reason:
         export_model(model, out, precision="int8", llm_precision=args.llm_precision, overwrite=True, progress=False)
         print(f"exported {model} to {out} (INT8 encoders, {args.llm_precision.upper()} LLM) because {reason}")
     with mmedge.load(out) as captioner:  # device side: the generation loop owns the decoder's KV cache

@@ -1,6 +1,7 @@
 """What a Jetson user does: export on the host, copy the artifact folder to the device, run it there.
 
     python examples/export_for_device.py                  # the shipped demo CLIP; the "device" is a torch-free process
+    python examples/export_for_device.py --model ~/models/clip-vit-base-patch32 --labels cat dog "traffic light"
     python examples/export_for_device.py --model ~/models/blip2-opt-2.7b --device-dir /mnt/orin/models/blip2
 On a real device: `rsync -a ARTIFACT orin:models/`, then `mmedge validate` and `mmedge run` there; it needs
 only `pip install mmedge` (numpy, Pillow, tokenizers, onnxruntime)."""
@@ -14,10 +15,11 @@ from pathlib import Path
 
 import mmedge
 from mmedge import demo
+from mmedge.artifact import atomic_folder, is_artifact_folder
+from mmedge.errors import InputError
 from mmedge.images import checked_image_path
 
-# The device side, run in a process where torch and transformers are absent, as on a bare device: importing them
-# raises ImportError and importlib.util.find_spec finds nothing, exactly as when they are not installed.
+# The device side: a process where torch and transformers cannot be imported (nor found), as on a bare device.
 DEVICE = """import sys
 sys.modules.update(torch=None, transformers=None)
 from mmedge.cli import main
@@ -26,10 +28,12 @@ sys.exit(main(["validate", sys.argv[1]]) or main(["run", *sys.argv[1:]]))
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     fromfile_prefix_chars="@")  # --labels @labels.txt: one label a line
     parser.add_argument("images", nargs="*", help="images to run on the device (default: the bundled demo scenes)")
     parser.add_argument("--model", help="CLIP or BLIP-2 checkpoint folder (default: the shipped demo CLIP)")
-    parser.add_argument("--device-dir", help="where the artifact is copied to (default: a temporary folder)")
+    parser.add_argument("--labels", nargs="+", help="a CLIP's labels to bake in, or @FILE with one a line")
+    parser.add_argument("--device-dir", help="copied to DIR/artifact, replacing an earlier copy (default: temporary)")
     args = parser.parse_args(argv)
     images = [checked_image_path(image) for image in args.images] or list(map(str, demo.images()))  # cheap checks
     from mmedge.export import export_model  # host side: needs pip install "mmedge[export]"
@@ -38,17 +42,26 @@ def main(argv=None) -> int:
     model = args.model or str(demo.model_path("clip"))
     family = checkpoint_family(model)  # from its config.json alone: a wrong --model is refused before any export
     if family == "idefics":
-        parser.error("an IDEFICS model answers interleaved prompts, not images alone: run examples/few_shot.py")
-    clip, shipped = family == "clip", args.model is None
+        raise InputError(f"'{model}' is an IDEFICS model: it answers interleaved prompts, not images alone",
+                         fix="run examples/few_shot.py for IDEFICS")
+    clip, shipped = family == "clip", Path(model).resolve() == demo.model_path("clip").resolve()
+    if clip and not args.labels and not shipped:  # the demo's 24 colour × shape labels are the demo CLIP's alone
+        raise InputError(f"no labels to bake into the export of '{model}'", fix="pass its classes: --labels cat "
+                         "dog 'traffic light', or --labels @labels.txt (one label a line)")
     with tempfile.TemporaryDirectory() as scratch:  # the host's export, removed at the end (and the default device dir)
-        # 1. host: export and quantize (CLIP: INT8 with the labels baked in; BLIP-2: INT8 encoders + INT4 LLM)
-        host = Path(scratch) / "artifact"
-        export_model(model, host, precision="int8", llm_precision=None if clip else "int4", progress=False,
-                     labels=demo.labels() if clip else None, templates=demo.templates() if clip and shipped else None)
-
-        # 2. copy the folder: it is the whole contract (manifest.json, graphs, tokenizer, validation samples)
-        device_dir = Path(args.device_dir or Path(scratch) / "device") / host.name
-        shutil.copytree(host, device_dir, dirs_exist_ok=True)
+        device_dir = Path(args.device_dir or Path(scratch) / "device") / "artifact"
+        if not next(folder for folder in device_dir.parents if folder.exists()).is_dir():  # before the export
+            raise InputError(f"--device-dir '{args.device_dir}' is not a folder", fix="pass a folder's path")
+        if device_dir.exists() and not is_artifact_folder(device_dir):  # an earlier copy is replaced, nothing else
+            raise InputError(f"'{device_dir}' is not an mmedge artifact, so it is not replaced",
+                             fix="choose another --device-dir, or remove it yourself")
+        # 1. host: export (CLIP: INT8, labels baked in; BLIP-2: INT8 encoders + INT4 LLM); 2. copy the folder, the
+        # whole contract, beside an earlier copy, swapped in whole once complete: nothing of the earlier one stays
+        with atomic_folder(device_dir, overwrite=True, command="examples/export_for_device.py") as copy:
+            host = export_model(model, Path(scratch) / "artifact", precision="int8", llm_precision=None if clip
+                                else "int4", progress=False, labels=args.labels or (demo.labels() if clip else None),
+                                templates=demo.templates() if clip and shipped else None)
+            shutil.copytree(host, copy, dirs_exist_ok=True)
         print(f"copied the host's export to {device_dir}")
 
         # 3. device: validate against the export's PyTorch outputs, then run, with no torch importable
