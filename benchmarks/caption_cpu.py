@@ -65,6 +65,7 @@ from _common import (
     summary,
     write_json,
 )
+from mmedge.cli_args import count
 from mmedge.metrics import common_prefix
 
 MODEL = "mmedge/blip2-vitb-opt125m"
@@ -667,7 +668,8 @@ def report(results: dict) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one timed caption per variant, for a smoke test")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch and for each ONNX Runtime graph")
+    parser.add_argument("--threads", type=count, default=2,
+                        help="CPU threads for torch and for each ONNX Runtime graph")
     parser.add_argument("--json", type=Path, default=OUT / "caption_cpu.json", help="where to write all results")
     parser.add_argument("--reexport", action="store_true", help="export again even when a matching artifact is cached")
     parser.add_argument("--child", choices=["mmedge", "hf"], help=argparse.SUPPRESS)

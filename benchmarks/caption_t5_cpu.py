@@ -40,6 +40,7 @@ from _common import (
     package_versions,
     write_json,
 )
+from mmedge.cli_args import count
 from mmedge.metrics import common_prefix
 
 MODEL = "mmedge/blip2-vitb-flan-t5-base"
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one timed run per variant")
     parser.add_argument("--reexport", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=count, default=2)
     args = parser.parse_args(argv)
     runs = 1 if args.quick else 5
     photo = Image.open(PHOTO).convert("RGB")

@@ -50,6 +50,7 @@ from _common import (
     time_call,
     write_json,
 )
+from mmedge.cli_args import count
 
 MODEL = "openai/clip-vit-base-patch32"
 LABELS = ["cat", "dog", "astronaut", "cup of coffee", "rocket", "horse", "car", "tree", "building", "bird"]
@@ -517,7 +518,8 @@ def report(results: dict) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny iteration counts, for a smoke test")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads for torch and for each ONNX Runtime graph")
+    parser.add_argument("--threads", type=count, default=2,
+                        help="CPU threads for torch and for each ONNX Runtime graph")
     parser.add_argument("--json", type=Path, default=OUT / "clip_cpu.json", help="where to write all results")
     parser.add_argument("--int8", choices=sorted(QUANTIZATION_METHODS), default="dynamic",
                         help="INT8 recipe of the fused graph, the device process and the targets (default: dynamic, "

@@ -23,6 +23,7 @@ from pathlib import Path
 from PIL import Image
 
 from _common import TokenClock, prompt_inputs
+from mmedge.cli_args import count
 
 OUT = Path(__file__).resolve().parent / "out"
 NEW_TOKENS = 32
@@ -57,9 +58,9 @@ def main() -> int:
     from mmedge.generation import GenerationConfig
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--variants", nargs="*", default=["fp32", "int4"])
+    parser.add_argument("--reps", type=count, default=5)
+    parser.add_argument("--threads", type=count, default=2)
+    parser.add_argument("--variants", nargs="+", default=["fp32", "int4"])
     args = parser.parse_args()
     photo = Path(__file__).resolve().parent.parent / "export" / "data" / "images" / "holdout-chelsea.jpg"
     print(f"load average {os.getloadavg()[0]:.2f}; threads={args.threads}; {args.reps} interleaved reps; "

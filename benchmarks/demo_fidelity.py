@@ -25,6 +25,7 @@ import numpy as np
 import mmedge
 from _common import markdown_table, write_json
 from mmedge import demo
+from mmedge.cli_args import count
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import flamingo_demo  # noqa: E402
@@ -51,8 +52,8 @@ def captions_and_answers(folder: Path, images: list, chosen: list) -> tuple[list
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenes", type=int, default=240, help="test-split scenes per measurement")
-    parser.add_argument("--idefics-prompts", type=int, default=None,
+    parser.add_argument("--scenes", type=count, default=240, help="test-split scenes per measurement")
+    parser.add_argument("--idefics-prompts", type=count, default=None,
                         help="held-out IDEFICS prompts per task (default: scenes / 6; the model card uses 200)")
     parser.add_argument("--cache", type=Path, default=None, help="the demo's cache (default: mmedge demo's)")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "out" / "demo_fidelity.json")

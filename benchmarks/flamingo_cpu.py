@@ -49,6 +49,7 @@ from _common import (
     package_versions,
     write_json,
 )
+from mmedge.cli_args import count
 from mmedge.metrics import common_prefix
 
 MODEL = "mmedge/idefics-mid"
@@ -245,11 +246,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one timed run per variant")
     parser.add_argument("--reexport", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=3, help="timed runs per variant (median), after a warm-up")
+    parser.add_argument("--threads", type=count, default=2)
+    parser.add_argument("--runs", type=count, default=None,
+                        help="timed runs per variant (median), after a warm-up (default 3)")
     parser.add_argument("--no-tune", action="store_true", help="auto without mmedge tune's measurement")
     args = parser.parse_args(argv)
-    runs = 1 if args.quick else args.runs
+    if args.quick and args.runs is not None:
+        parser.error("--runs does nothing with --quick (one timed run per variant): give one or the other")
+    runs = 1 if args.quick else args.runs or 3
     photos = [Image.open(p).convert("RGB") for p in PHOTOS]
     load_before = os.getloadavg()[0]
     from mmedge.export import export_model

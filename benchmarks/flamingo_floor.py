@@ -35,6 +35,7 @@ import numpy as np
 from flamingo_cpu import MODEL, OUT, HFSubject, MmedgeSubject, measure_in_turns, photos_and_fp32_export, prompt
 
 from _common import machine_info, markdown_table, package_versions, time_call, time_samples, write_json
+from mmedge import cli_args
 
 MATMUL_OPS = ("MatMul", "Gemm", "FusedMatMul")
 TARGET = 0.6  # issue 19: FP32 time to first token <= 0.6x HF's
@@ -221,8 +222,8 @@ def session_settings(folder: Path, threads: int) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=7, help="timed rounds (after a warm-up round)")
+    parser.add_argument("--threads", type=cli_args.count, default=2)
+    parser.add_argument("--runs", type=cli_args.count, default=7, help="timed rounds (after a warm-up round)")
     args = parser.parse_args(argv)
     ready = photos_and_fp32_export(args.threads)
     if ready is None:

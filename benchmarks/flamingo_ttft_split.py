@@ -19,6 +19,7 @@ from pathlib import Path
 from flamingo_cpu import MODEL, OUT, photos_and_fp32_export, prompt
 
 from _common import machine_info, markdown_table, package_versions, time_call, write_json
+from mmedge.cli_args import count
 
 
 def median_ms(call) -> float:
@@ -75,7 +76,7 @@ def measure_mmedge(folder: Path, photos, threads: int) -> dict[str, float]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=count, default=2)
     args = parser.parse_args(argv)
     ready = photos_and_fp32_export(args.threads)
     if ready is None:

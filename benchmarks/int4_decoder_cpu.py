@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from _common import machine_info, markdown_table, package_versions, write_json
+from mmedge.cli_args import count, non_negative
 from mmedge.generation.kv_layout import LOGITS_POSITIONS
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -194,11 +195,12 @@ def prefill_logits(args) -> tuple[dict, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--pasts", type=int, nargs="+", default=[48, 1000], help="cached tokens before a decode step")
-    parser.add_argument("--prompts", type=int, nargs="+", default=[33, 300],
+    parser.add_argument("--threads", type=count, default=2)
+    parser.add_argument("--pasts", type=non_negative, nargs="+", default=[48, 1000],
+                        help="cached tokens before a decode step")
+    parser.add_argument("--prompts", type=count, nargs="+", default=[33, 300],
                         help="prefill lengths (33: 32 queries + BOS)")
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=count, default=10)
     parser.add_argument("--json", default=str(OUT / "int4_decoder_cpu.json"))
     args = parser.parse_args()
 

@@ -9,13 +9,17 @@ table at its precision, on a copy of one of those artifacts, and runs the held-o
 through ``mmedge.load``: the share of answers identical to the FP32 export's, per task and overall.
 
     flock /work/heavy.lock python benchmarks/int4_sensitivity.py              # 60 prompts per task, every recipe
-    flock /work/heavy.lock python benchmarks/int4_sensitivity.py --only head-int8 --prompts 200
+    flock /work/heavy.lock python benchmarks/int4_sensitivity.py --only head-int8-symmetric --prompts 200
+
+``--only`` takes recipe keys (a recipe's name in lower case, words joined by hyphens: "head int8 (symmetric)" is
+``head-int8-symmetric``) or full names; an unknown one is refused with the list of keys.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import time
@@ -27,6 +31,7 @@ import onnx
 import mmedge
 from _common import markdown_table, write_json
 from mmedge.artifact import sha256_file
+from mmedge.cli_args import count
 from mmedge.export.families.common import embedding_arrays
 from mmedge.export.int4 import output_projections, quantize_int4
 
@@ -87,6 +92,24 @@ def recipes(matmuls: list[str], heads: list[str]) -> dict[str, dict]:
     return out
 
 
+def recipe_key(name: str) -> str:
+    """A recipe's key for ``--only``: its name in lower case, words joined by hyphens."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower().replace("'", "")).strip("-")
+
+
+def chosen_recipes(parser: argparse.ArgumentParser, only: list[str] | None) -> set[str] | None:
+    """The recipe names ``--only`` picks (None: all of them); an unknown key or name is a usage error listing the
+    keys. The names do not depend on the graph, so they are known before any export."""
+    if only is None:
+        return None
+    keys = {recipe_key(name): name for name in recipes([], [])}
+    names = keys | {name: name for name in keys.values()}
+    unknown = [given for given in only if given not in names]
+    if unknown:
+        parser.error(f"--only: no recipe {', '.join(map(repr, unknown))}; the recipes: {', '.join(keys)}")
+    return {names[given] for given in only}
+
+
 def build(work: Path, name: str, base: Path, fp32_decoder: Path, table: np.ndarray, recipe: dict) -> Path:
     """A copy of ``base`` with the recipe's decoder graph and embedding table, its manifest entries updated."""
     out = work / "recipes" / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "").replace("'", "")
@@ -141,12 +164,14 @@ def export_bases(work: Path) -> dict[str, Path]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=60, help="held-out prompts per task (the test's 60)")
+    parser.add_argument("--prompts", type=count, default=60, help="held-out prompts per task (the test's 60)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/int4-sensitivity"))
-    parser.add_argument("--only", nargs="*", default=None, help="recipe names to run (default: all)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="recipe keys (e.g. head-int8-symmetric) or names to run (default: all)")
+    parser.add_argument("--threads", type=count, default=1)
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "out" / "int4_sensitivity.json")
     args = parser.parse_args(argv)
+    selected = chosen_recipes(parser, args.only)
     bases = export_bases(args.work)
     fp32_decoder = bases["fp32"] / "decoder.onnx"
     graph = onnx.load(str(fp32_decoder)).graph
@@ -163,7 +188,7 @@ def main(argv=None) -> int:
                "recipes": {}}
     rows = []
     for name, recipe in recipes(matmuls, heads).items():
-        if args.only and name not in args.only:
+        if selected is not None and name not in selected:
             continue
         start = time.perf_counter()
         folder = build(args.work, name, bases[recipe["base"]], fp32_decoder, table, recipe)

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from _common import machine_info, write_json
+from mmedge.cli_args import count
 
 HERE = Path(__file__).resolve().parent
 DEFAULT = [HERE / "out" / "idefics-mid-fp32", HERE / "out" / "clip-b32-fp32"]
@@ -54,8 +55,8 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifacts", nargs="+", type=Path, default=DEFAULT)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=count, default=5)
+    parser.add_argument("--threads", type=count, default=2)
     parser.add_argument("--json", type=Path, default=HERE / "out" / "load_cpu.json")
     args = parser.parse_args(argv)
     for artifact in args.artifacts:

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from mmedge.cli_args import count, non_negative
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out"
 PHOTOS = sorted((ROOT / "export" / "data" / "images").glob("holdout-*.jpg"))[:2]
@@ -85,9 +87,10 @@ def measure(cap: int, calls: int) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--caps", type=int, nargs="+", default=[5000, 256, 64, 0])
-    parser.add_argument("--calls", type=int, default=1500, help="CLIP text calls of random shape")
-    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # the child: one setting
+    parser.add_argument("--caps", type=non_negative, nargs="+", default=[5000, 256, 64, 0],
+                        help="shape_cache settings, one process each (0: no cache)")
+    parser.add_argument("--calls", type=count, default=1500, help="CLIP text calls of random shape")
+    parser.add_argument("--one", type=non_negative, help=argparse.SUPPRESS)  # the child: one setting
     args = parser.parse_args(argv)
     if args.one is not None:
         print(json.dumps(measure(args.one, args.calls)))
@@ -95,7 +98,11 @@ def main(argv=None) -> int:
     rows = []
     for cap in args.caps:
         done = subprocess.run([sys.executable, __file__, "--one", str(cap), "--calls", str(args.calls)],
-                              capture_output=True, text=True, check=True)
+                              capture_output=True, text=True)
+        if done.returncode != 0:  # its own message (e.g. "run `mmedge demo` first") or traceback, not a bare exit code
+            tail = "\n".join(done.stderr.strip().splitlines()[-15:]) or "(nothing on stderr)"
+            print(f"shape_cache {cap}: the measuring process exited {done.returncode}:\n{tail}", file=sys.stderr)
+            return done.returncode
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
     reference = next((r for r in rows if r["cap"] == 5000), rows[0])

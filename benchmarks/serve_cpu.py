@@ -16,7 +16,7 @@ moves little when other work shares the machine. Throughput: ``--clients`` threa
 against as many threads calling the pipeline in-process.
 
     python benchmarks/serve_cpu.py                 # ~1 min on 2 cores once the demo artifacts are cached
-    python benchmarks/serve_cpu.py --quick         # smoke test
+    python benchmarks/serve_cpu.py --quick         # smoke test (written to benchmarks/out/serve_cpu-quick.json)
 """
 
 from __future__ import annotations
@@ -37,12 +37,14 @@ import psutil
 
 import mmedge
 from mmedge import demo
+from mmedge.cli_args import count
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import machine_info, markdown_table, package_versions, write_json  # noqa: E402
 from tests.support.serve import Server  # noqa: E402  (starts `mmedge serve --port 0` and waits for it)
 
-OUT = Path(__file__).resolve().parent / "out" / "serve_cpu.json"
+OUT = Path(__file__).resolve().parent / "out" / "serve_cpu.json"  # a full run's figures (RESULTS.md)
+QUICK_OUT = OUT.with_name("serve_cpu-quick.json")  # --quick's: a smoke test, not figures
 TARGET_OVERHEAD_MS = 2.0
 
 
@@ -104,17 +106,31 @@ def throughput(make_call, clients: int, per_client: int) -> float:
     return clients * per_client / (time.perf_counter() - start)
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, with ``json`` resolved: a quick run never writes over the full run's figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", type=Path, default=demo.default_cache(),
                         help="the demo cache (default: mmedge demo's)")
-    parser.add_argument("--runs", type=int, default=400, help="sequential calls per latency figure")
-    parser.add_argument("--clients", type=int, default=4, help="concurrent clients for throughput")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--runs", type=count, default=None,
+                        help="sequential calls per latency figure (default 400; a quarter of them for captions)")
+    parser.add_argument("--clients", type=count, default=4, help="concurrent clients for throughput")
+    parser.add_argument("--threads", type=count, default=None,
                         help="CPU threads per graph, served and in-process (default: all)")
     parser.add_argument("--quick", action="store_true", help="few calls: a smoke test, not figures")
-    args = parser.parse_args()
-    runs, warmup = (20, 3) if args.quick else (args.runs, 30)
+    parser.add_argument("--json", type=Path, default=None,
+                        help="where to write the results (default benchmarks/out/serve_cpu.json; with --quick "
+                             "benchmarks/out/serve_cpu-quick.json)")
+    args = parser.parse_args(argv)
+    if args.quick and args.runs is not None:
+        parser.error("--runs does nothing with --quick (20 calls per latency figure): give one or the other")
+    args.json = args.json or (QUICK_OUT if args.quick else OUT)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    runs, warmup = (20, 3) if args.quick else (args.runs or 400, 30)
+    caption_runs = max(runs // 4, 1)  # captions take longer: a quarter as many, at least one
     per_client = 10 if args.quick else 100
     artifacts = demo_artifacts(args.cache)
     scene = demo.images()[1]
@@ -142,15 +158,15 @@ def main() -> int:
             served["zero-shot"], local["zero-shot"] = paired_latency(zero_shot, local_zero_shot, warmup, runs)
             served["zero-shot, httpx"], _ = paired_latency(
                 lambda: client.post("/v1/classify", json=classify).raise_for_status(), local_zero_shot, warmup, runs)
-            served["caption"], local["caption"] = paired_latency(chat, local_caption, warmup, runs // 4)
+            served["caption"], local["caption"] = paired_latency(chat, local_caption, warmup, caption_runs)
             served["first piece"], local["first piece"] = paired_latency(
-                lambda: first_piece(client, caption), lambda: first_local_piece(captioner, png), warmup, runs // 4)
+                lambda: first_piece(client, caption), lambda: first_local_piece(captioner, png), warmup, caption_runs)
             served["health"], _ = paired_latency(lambda: raw.get("/health"), lambda: None, warmup, runs)
             pid = server.process.pid
             cpu = {"served zero-shot": cpu_ms_per_call(zero_shot, runs, pid),
                    "in-process zero-shot": cpu_ms_per_call(local_zero_shot, runs),
-                   "served caption": cpu_ms_per_call(chat, runs // 4, pid),
-                   "in-process caption": cpu_ms_per_call(local_caption, runs // 4)}
+                   "served caption": cpu_ms_per_call(chat, caption_runs, pid),
+                   "in-process caption": cpu_ms_per_call(local_caption, caption_runs)}
             same = (zero_shot()["data"][0]["predictions"] == local_zero_shot(),
                     chat()["choices"][0]["message"]["content"] == local_caption())
             served_rps = {"zero-shot": throughput(lambda: partial(Raw(server.url).post, "/v1/classify", classify),
@@ -165,7 +181,7 @@ def main() -> int:
               "in_process_rps": local_rps,
               "same_answers": {"zero-shot": same[0], "caption": same[1]},
               "zero_shot_overhead_p50_ms": served["zero-shot"]["p50_ms"] - local["zero-shot"]["p50_ms"]}
-    write_json(OUT, report)
+    write_json(args.json, report)
     print(format_report(report))
     return 0
 

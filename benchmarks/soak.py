@@ -32,6 +32,7 @@ import warnings
 from pathlib import Path
 
 from _common import child_summary, export_once, fmt_mib, machine_info, package_versions, run_child, write_json
+from mmedge.cli_args import count, non_negative
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = Path(__file__).resolve().parent / "out"
@@ -115,6 +116,12 @@ def caption_once(captioner, photo: Path, index: int) -> str:
     return "".join(captioner.stream(photo, max_new_tokens=20))
 
 
+def caption_every(classify: int, captions: int) -> int:
+    """A caption after every this many classifications: ``captions`` spread over ``classify``; with no captions,
+    never (an interval past the last classification)."""
+    return max(classify // captions, 1) if captions else classify + 1
+
+
 def soak(clip: str, blip2: str, classify: int, captions: int, threads: int) -> dict:
     import mmedge
     from mmedge.api import RandomWeightsWarning
@@ -125,7 +132,7 @@ def soak(clip: str, blip2: str, classify: int, captions: int, threads: int) -> d
     classifier = mmedge.load(clip, threads=threads)
     captioner = mmedge.load(blip2, threads=threads)
     truncated = PHOTOS[0].read_bytes()[:2000]
-    every = max(classify // captions, 1)
+    every = caption_every(classify, captions)
     warm_classify, sample_every = max(classify // 20, 1), max(classify // 20, 1)
     classify_ms, caption_ms, samples, refused = [], [], [], 0
     rss_loaded = rss_bytes()
@@ -196,16 +203,21 @@ def report(results: dict) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", choices=["small", "tiny"], default="small")
-    parser.add_argument("--classify", type=int, default=10_000, help="zero-shot classifications")
-    parser.add_argument("--captions", type=int, default=1_000, help="captions, interleaved with the classifications")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads per ONNX Runtime graph")
+    parser.add_argument("--classify", type=count, default=10_000, help="zero-shot classifications")
+    parser.add_argument("--captions", type=non_negative, default=1_000,
+                        help="captions, interleaved with the classifications (0: none)")
+    parser.add_argument("--threads", type=count, default=2, help="CPU threads per ONNX Runtime graph")
     parser.add_argument("--json", type=Path,
                         help="where to write the results (default benchmarks/out/soak[-tiny].json)")
     parser.add_argument("--reexport", action="store_true", help="export again even when a matching artifact is cached")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--clip", help=argparse.SUPPRESS)
     parser.add_argument("--blip2", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.captions > args.classify:
+        parser.error(f"--captions {args.captions} exceeds --classify {args.classify}: one caption per classification "
+                     "at most")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,8 +225,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(soak(args.clip, args.blip2, args.classify, args.captions, args.threads)))
         return 0
-    if args.captions > args.classify:
-        raise SystemExit("--captions must not exceed --classify (one caption per classification at most)")
     machine = machine_info()
     folders, exports = (tiny_artifacts(args.reexport) if args.models == "tiny"
                         else small_artifacts(args.threads, args.reexport))

@@ -25,6 +25,7 @@ import skimage.data
 from PIL import Image
 
 from _common import TokenClock, machine_info, markdown_table, package_versions, write_json
+from mmedge.cli_args import count
 
 CAPTIONS = caption_cpu.Iterations(warmup=1, runs=3, io_binding_runs=0)  # per load, as flamingo_cpu's 1 + 3
 SETTINGS = {"spin after calls (ONNX Runtime's default)": {"session.force_spinning_stop": "0"},
@@ -60,8 +61,8 @@ def idefics_timings(folder: Path, entries: dict | None, photos, threads: int) ->
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2, help="times each setting is measured, alternating")
+    parser.add_argument("--threads", type=count, default=2)
+    parser.add_argument("--rounds", type=count, default=2, help="times each setting is measured, alternating")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")  # random-weight artifacts
     from mmedge.export import export_model

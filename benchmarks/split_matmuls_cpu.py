@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from _common import export_once, machine_info, markdown_table, package_versions, write_json
+from mmedge import cli_args
 
 OUT = Path(__file__).resolve().parent / "out"
 
@@ -54,6 +55,23 @@ CASES = (
          ((1, 10), (24, 10), (8, 77)), (("task", "embed"),), split_here=True),  # one query, 24 labels, full context
 )
 BACKENDS = ("onnxruntime", "openvino")
+
+
+def chosen_backends(parser: argparse.ArgumentParser, named: list[str] | None) -> list[str]:
+    """The backends to measure, checked before any export: by default every one installed here (OpenVINO, when
+    absent, dropped with a note); one named with ``--backends`` but not installed is a usage error."""
+    from mmedge.device import importable
+    from mmedge.runtimes.registry import BACKENDS as REGISTRY
+
+    wanted = list(dict.fromkeys(named or BACKENDS))
+    missing = [name for name in wanted if not importable(REGISTRY[name].package)]
+    if named and missing:
+        parser.error("; ".join(f"--backends {name}: {name} is not installed here ({REGISTRY[name].install})"
+                               for name in missing) + "; leave it out of --backends")
+    for name in missing:
+        print(f"note: {name} is not installed here ({REGISTRY[name].install}): measuring without it",
+              file=sys.stderr)
+    return [name for name in wanted if name not in missing]
 
 
 def exports(case: Case, threads: int) -> dict[str, Path]:
@@ -153,10 +171,15 @@ def inputs(case: Case, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of 9 calls each, split and whole in turns")
-    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    parser.add_argument("--threads", type=cli_args.count, default=2)
+    parser.add_argument("--rounds", type=cli_args.count, default=3,
+                        help="rounds of 9 calls each, split and whole in turns")
+    parser.add_argument("--backends", nargs="+", default=None, choices=BACKENDS,
+                        help="default: both, OpenVINO left out (with a note) where it is not installed")
     args = parser.parse_args(argv)
+    args.backends = chosen_backends(parser, args.backends)
+    if not args.backends:
+        parser.error("none of the backends is installed here: pip install onnxruntime")
     warnings.simplefilter("ignore")  # random weights
     results = []
     for case in CASES:

@@ -23,6 +23,7 @@ import torch
 import transformers
 
 from _common import markdown_table, time_call
+from mmedge.cli_args import count
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 import train_demo_models as training  # noqa: E402
@@ -40,7 +41,7 @@ def batches(tokenizer, count: int, images_per_batch: int = 64) -> list[tuple]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=count, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()

@@ -53,6 +53,7 @@ import mmedge  # noqa: E402
 from _common import cpu_ticks, machine_info, markdown_table, package_versions, steal_share, write_json  # noqa: E402
 from mmedge import demo  # noqa: E402
 from mmedge.bench import samples_in_turns  # noqa: E402
+from mmedge.cli_args import count, non_negative  # noqa: E402
 from mmedge.triton import Options, write_repository  # noqa: E402
 from mmedge.triton_client import connect  # noqa: E402
 from tests.support.triton_server import TritonServer, server_env  # noqa: E402
@@ -168,21 +169,32 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
+def positive_seconds(text: str) -> float:
+    """A duration above zero, in seconds (argparse type: anything else is a usage error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value:g} is not a duration: expected seconds above 0")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2,
+    parser.add_argument("--threads", type=count, default=2,
                         help="ONNX Runtime intra-op threads of the in-process pipeline")
-    parser.add_argument("--server-threads", type=int, default=None,
+    parser.add_argument("--server-threads", type=count, default=None,
                         help="ONNX Runtime intra-op threads per served graph (default 2; 1 with --demo: the "
                              "server's parallelism is then its processes and batches)")
-    parser.add_argument("--runs", type=int, default=300, help="timed requests per latency measurement")
-    parser.add_argument("--seconds", type=float, default=4.0, help="duration of each throughput block")
-    parser.add_argument("--rounds", type=int, default=5, help="throughput blocks per path and client count, in turns")
-    parser.add_argument("--queue-delay-us", type=int, default=0, help="the dynamic batchers' delay")
+    parser.add_argument("--runs", type=count, default=300, help="timed requests per latency measurement")
+    parser.add_argument("--seconds", type=positive_seconds, default=4.0, help="duration of each throughput block")
+    parser.add_argument("--rounds", type=count, default=5, help="throughput blocks per path and client count, in turns")
+    parser.add_argument("--queue-delay-us", type=non_negative, default=0, help="the dynamic batchers' delay")
     parser.add_argument("--zero-shot-graphs", default="auto", choices=["auto", "inline", "bls"],
                         help="where the zero-shot pipeline runs its graphs (mmedge triton --zero-shot-graphs)")
     parser.add_argument("--spin", action="store_true", help="served graphs' threads spin (mmedge triton --spin)")
-    parser.add_argument("--pipeline-instances", type=int, default=1, help="processes per pipeline model")
+    parser.add_argument("--pipeline-instances", type=count, default=1, help="processes per pipeline model")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--artifact", type=Path, default=None,
                        help="a CLIP artifact with two graphs (default: CLIP ViT-B/32 INT8 dynamic, random weights)")
