@@ -32,7 +32,7 @@ def main(argv=None) -> int:
                                      fromfile_prefix_chars="@")  # --labels @labels.txt: one label a line
     parser.add_argument("images", nargs="*", help="images to run on the device (default: the bundled demo scenes)")
     parser.add_argument("--model", help="CLIP or BLIP-2 checkpoint folder (default: the shipped demo CLIP)")
-    parser.add_argument("--labels", nargs="+", help="a CLIP's labels to bake in, or @FILE with one a line")
+    parser.add_argument("--labels", nargs="+", type=lambda s: s.removeprefix("\ufeff"), help="to bake in, or @FILE")
     parser.add_argument("--device-dir", help="copied to DIR/artifact, replacing an earlier copy (default: temporary)")
     args = parser.parse_args(argv)
     images = [checked_image_path(image) for image in args.images] or list(map(str, demo.images()))  # cheap checks
@@ -55,8 +55,7 @@ def main(argv=None) -> int:
         if device_dir.exists() and not is_artifact_folder(device_dir):  # an earlier copy is replaced, nothing else
             raise InputError(f"'{device_dir}' is not an mmedge artifact, so it is not replaced",
                              fix="choose another --device-dir, or remove it yourself")
-        # 1. host: export (CLIP: INT8, labels baked in; BLIP-2: INT8 encoders + INT4 LLM); 2. copy the folder, the
-        # whole contract, beside an earlier copy, swapped in whole once complete: nothing of the earlier one stays
+        # 1. host: export (CLIP INT8, labels baked; BLIP-2 INT8 + INT4 LLM); 2. copy it, swapped in whole when complete
         with atomic_folder(device_dir, overwrite=True, command="examples/export_for_device.py") as copy:
             host = export_model(model, Path(scratch) / "artifact", precision="int8", llm_precision=None if clip
                                 else "int4", progress=False, labels=args.labels or (demo.labels() if clip else None),
@@ -66,6 +65,7 @@ def main(argv=None) -> int:
 
         # 3. device: validate against the export's PyTorch outputs, then run, with no torch importable
         return subprocess.run([sys.executable, "-c", DEVICE, str(device_dir), *images]).returncode
+
 
 if __name__ == "__main__":
     try:

@@ -29,7 +29,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="artifacts/zero-shot", help="artifact folder; exported when missing or stale")
     args = parser.parse_args(argv)
     model, out = args.model or str(demo.model_path("clip")), Path(args.out)
-    templates = [args.template] if args.template else (demo.templates() if args.model is None else None)
+    shipped = Path(model).resolve() == demo.model_path("clip").resolve()  # the demo CLIP: its labels and template
+    templates = [args.template] if args.template else (demo.templates() if shipped else None)
     images = [checked_image_path(image) for image in args.images] or demo.images()  # cheap checks before an export
     check_templates(templates)
     if reason := export_needed(out, model, args.precision):  # host side: needs pip install "mmedge[export]"
@@ -39,7 +40,6 @@ def main(argv=None) -> None:
     if family.name != "clip":  # refused before anything is written: a captioning model scores no labels
         raise InputError(f"'{model}' is a checkpoint of the {family.label} family: zero_shot.py classifies with CLIP",
                          "a CLIP checkpoint", f"use examples/{'few_shot' if family.interleaved else 'caption'}.py")
-    shipped = Path(model).resolve() == demo.model_path("clip").resolve()
     if not args.labels and not shipped:  # the demo's 24 colour × shape labels are the demo CLIP's alone
         raise InputError(f"no --labels for '{model}'", "the labels to classify against (the demo's shape labels "
                          "only suit the demo CLIP)", "pass e.g. --labels cat dog bird")

@@ -155,6 +155,15 @@ def _refuse_idle_backend_options(options: dict, chosen) -> None:
                          f"(the plan: {', '.join(f'{n} on {c.backend}' for n, c in chosen.components.items())})",
                          f"settings only for the backends the plan uses ({', '.join(used)})",
                          f"pass backend='{idle[0]}' to run it, or drop its settings")
+    for name, settings in options.items():
+        idle_fields = backend(name).idle_settings(settings, [c for c in chosen.components.values()
+                                                             if c.backend == name])
+        if idle_fields:
+            field, why = next(iter(idle_fields.items()))
+            raise InputError(f"backend_options['{name}']['{field}'] would change nothing: {why}",
+                             f"settings that apply to the plan ({name}: "
+                             f"{', '.join(sorted({p for c in chosen.components.values() for p in c.providers}))})",
+                             f"drop {field}, or pass device='cuda' where a GPU provider can run it")
     decoder = chosen.components.get("decoder")
     for name, settings in decoder_settings.items():
         field = next((field for field, value in settings.items() if value), None)

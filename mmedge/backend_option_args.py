@@ -13,8 +13,9 @@ component; a decoder-only setting where no decoder runs on it) is refused in the
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 from mmedge.errors import InputError, MmedgeError
 
@@ -51,6 +52,15 @@ class GivenSetting:
         return f"the decoder on {self.backend} ({DECODER_NEEDS.get(self.backend, 'a captioning artifact')})"
 
 
+class Idle(NamedTuple):
+    """A setting that would change nothing under a plan: why, what would use it, what to do."""
+
+    given: GivenSetting
+    why: str
+    expected: str
+    fix: str
+
+
 class CliBackendOptions:
     """The backend settings a command was given, each with the flag that gave it (for messages)."""
 
@@ -69,6 +79,14 @@ class CliBackendOptions:
                 raise InputError(f"{setting.backend}.{setting.setting} is set twice ({twice.flag}; {setting.flag})",
                                  "each backend setting once", "drop one of them")
             given.append(setting)
+        for name, combined in cls(given).as_dict().items():  # settings judged together (a CPU-only one on a GPU)
+            if len(combined) > 1:
+                try:
+                    _settings_class(name, FLAG)(**combined)
+                except MmedgeError as error:
+                    flags = "; ".join(g.flag for g in given if g.backend == name)
+                    raise InputError(f"{flags}: {error.what}", _flag_words(error.expected, name),
+                                     _flag_words(error.fix, name)) from None
         return cls(given)
 
     def __bool__(self) -> bool:
@@ -84,49 +102,57 @@ class CliBackendOptions:
             options.setdefault(g.backend, {})[g.setting] = g.value
         return options
 
-    def idle_in(self, chosen) -> list[tuple[GivenSetting, str]]:
-        """The settings that would change nothing under the plan ``chosen``, each with the reason."""
+    def idle_in(self, chosen) -> list[Idle]:
+        """The settings that would change nothing under the plan ``chosen``, each with the reason, what would use it
+        and the fix."""
         from mmedge.runtimes.registry import backend
 
         used = {c.backend for c in chosen.components.values()}
         decoder = chosen.components.get("decoder")
         idle = []
         for g in self.given:
+            other = f"add --backend {g.backend}, or drop {g.option}"
             if g.setting in backend(g.backend).decoder_only and (decoder is None or decoder.backend != g.backend):
-                idle.append((g, f"the decoder runs on {decoder.backend}" if decoder else NO_DECODER))
+                idle.append(Idle(g, f"the decoder runs on {decoder.backend}" if decoder else NO_DECODER,
+                                 f"a plan that runs {g.runs_on}", other if decoder else f"drop {g.option}"))
             elif g.backend not in used:
                 plan = ", ".join(f"{name} on {c.backend}" for name, c in chosen.components.items())
-                idle.append((g, f"no component runs on {g.backend} here (the plan: {plan})"))
+                idle.append(Idle(g, f"no component runs on {g.backend} here (the plan: {plan})",
+                                 f"a plan that runs {g.runs_on}", other))
+            elif why := backend(g.backend).idle_settings(
+                    {g.setting: g.value}, [c for c in chosen.components.values() if c.backend == g.backend]).get(
+                    g.setting):
+                idle.append(Idle(g, why, f"a plan whose {g.backend} components use what {g.setting} is for "
+                                 "(--device cuda, with a GPU build of the backend)", f"drop {g.option}"))
         return idle
 
     def check_used(self, chosen) -> None:
         """InputError for the first setting that would change nothing under ``chosen``, in the flag's words."""
         idle = self.idle_in(chosen)
         if idle:
-            g, why = idle[0]
-            raise InputError(f"{g.flag} would change nothing: {why}", f"a plan that runs {g.runs_on}", _fix(g, [why]))
+            first = idle[0]
+            raise InputError(f"{first.given.flag} would change nothing: {first.why}", first.expected, first.fix)
 
     def for_plan(self, chosen) -> dict:
         """``backend_options`` holding only the settings that change something under ``chosen``: each artifact's share
         where one command takes several (``mmedge serve``, ``mmedge bench``)."""
-        idle = {id(g) for g, _ in self.idle_in(chosen)}
+        idle = {id(i.given) for i in self.idle_in(chosen)}
         return CliBackendOptions([g for g in self.given if id(g) not in idle]).as_dict()
 
     def check_used_by_some(self, plans: dict) -> None:
         """For a command over several artifacts (``plans``: artifact name -> plan): InputError for a setting that
         would change nothing under every one of them."""
         for g in self.given:
-            reasons = [why for chosen in plans.values() for s, why in self.idle_in(chosen) if s is g]
-            if len(reasons) == len(plans):
+            idle = [i for chosen in plans.values() for i in self.idle_in(chosen) if i.given is g]
+            if len(idle) == len(plans):
+                fix = next((i.fix for i in idle if i.fix != f"drop {g.option}"), idle[0].fix)
                 raise InputError(f"{g.flag} would change nothing for any artifact given ({', '.join(plans)}): "
-                                 f"{reasons[0]}", f"an artifact whose plan runs {g.runs_on}", _fix(g, reasons))
+                                 f"{idle[0].why}", idle[0].expected.replace("a plan", "an artifact whose plan", 1),
+                                 fix)
 
 
-def _fix(g: GivenSetting, reasons: list[str]) -> str:
-    """Another backend helps unless no artifact has the decoder a decoder-only setting is for."""
-    if all(NO_DECODER in why for why in reasons):
-        return f"drop {g.option}"
-    return f"add --backend {g.backend}, or drop {g.option}"
+def _fields(backend: str) -> list[str]:
+    return _backend(backend).settings_fields()
 
 
 def _decoder_only(name: str) -> tuple[str, ...]:
@@ -164,15 +190,31 @@ def parse_item(item: str) -> GivenSetting:
     try:
         settings_class(**{setting: value})  # the setting's own checks, before anything is loaded
     except MmedgeError as error:
-        raise InputError(f"{flag}: {error.what}", error.expected, error.fix) from None
+        raise InputError(f"{flag}: {error.what}", _flag_words(error.expected, name),
+                         _flag_words(error.fix, name)) from None
     except (TypeError, ValueError) as error:
         raise InputError(f"{flag}: {error}", f"a value {setting} takes ({by_name[setting].type})",
                          "check the value") from None
     return GivenSetting(name, setting, value, flag)
 
 
+def _flag_words(text: str | None, backend: str) -> str | None:
+    """A settings check's words for the Python API ("pass dtype='float16'", "None") as the flag takes them
+    ("pass torch.dtype=float16", "none")."""
+    if text is None:
+        return None
+    text = re.sub(r"\bdrop (\w+)", lambda m: f"drop {FLAG} {backend}.{m[1]}" if m[1] in _fields(backend) else m[0],
+                  text)
+    text = re.sub(r"\b(\w+)=None\b", rf"{backend}.\1=none", text)
+    text = re.sub(r"\b(\w+)='([^']*)'", rf"{backend}.\1=\2", text)
+    return re.sub(r"\bNone\b", "none", text)
+
+
 def typed_value(text: str, annotation: str, flag: str):
     """``text`` read as a value of the dataclass field type ``annotation`` (its source text: ``"int | None"``)."""
+    if not text:  # "torch.device=" read as no setting at all would be an option that does nothing
+        raise InputError(f"{flag} has no value after '='", "a value, or none where the setting takes none",
+                         f"write e.g. {FLAG} openvino.device=GPU")
     kinds = {kind.strip() for kind in annotation.replace("Optional[", "").rstrip("]").split("|")}
     lowered = text.lower()
     if "None" in kinds and lowered in _NONE:

@@ -193,6 +193,11 @@ class Backend(abc.ABC):
             self.settings(**chosen)  # its checks raise InputError
         return chosen
 
+    def idle_settings(self, settings: dict, plans: list[ComponentPlan]) -> dict[str, str]:
+        """The user's ``settings`` that would change nothing for the components this backend runs (``plans``), each
+        with the reason: a provider's setting where that provider runs none of them (default: none)."""
+        return {}
+
     def runner_settings(self, settings: dict | None) -> dict:
         """The user's settings that apply to the encoders' runners (the decoder-only ones checked, then left out)."""
         self.decoder_settings(settings)

@@ -8,6 +8,7 @@ between threads.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -96,8 +97,21 @@ class TextTokenizer:
             raise _untokenizable(exc) from exc
         return np.array(encoding.ids, dtype=np.int64)  # [tokens]
 
-    def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = True) -> str:
-        """Text for one sequence of token ids (``[tokens]``); special and padding tokens are dropped by default."""
+    def encode_each(self, texts: Sequence[str], add_special_tokens: bool = True, cut: bool = False) -> list[list[int]]:
+        """Each text's token ids, in one call of the tokenizer (its threads), unpadded: every id (``encode_all``'s),
+        or with ``cut`` those a text encoder reads (``encode``'s, cut to ``max_length``, without its warning)."""
+        batch = _checked_texts(list(texts))
+        try:
+            encodings = (self._backend.encode_batch(batch) if cut else
+                         self._untruncated_backend().encode_batch(batch, add_special_tokens=add_special_tokens))
+        except Exception as exc:  # tokenizers raises plain Exception
+            raise _untokenizable(exc) from exc
+        return [[i for i, kept in zip(e.ids, e.attention_mask) if kept] for e in encodings]
+
+    def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = True,
+               clean_up_spaces: bool | None = None) -> str:
+        """Text for one sequence of token ids (``[tokens]``); special and padding tokens are dropped by default.
+        ``clean_up_spaces``: None cleans up as the tokenizer does (``cleans_up_spaces``), False never."""
         ids = np.asarray(ids)
         if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
             raise InputError(
@@ -108,8 +122,8 @@ class TextTokenizer:
         text = self._backend.decode(ids.tolist(), skip_special_tokens=skip_special_tokens)
         if self._end_of_word_suffix:  # CLIP's BPE marks word ends with "</w>"; transformers turns it into a space
             text = text.replace(self._end_of_word_suffix, " ").strip()
-        if self.cleans_up_spaces:
-            text = clean_up_spaces(text)
+        if self.cleans_up_spaces if clean_up_spaces is None else clean_up_spaces:
+            text = clean_up_spaces_in(text)
         return text
 
     @property
@@ -128,6 +142,11 @@ class TextTokenizer:
                 copy.no_padding()
                 self._untruncated = copy
             return self._untruncated
+
+    @functools.cached_property
+    def added_token_ids(self) -> frozenset[int]:
+        """The ids of the tokenizer's added tokens (its special ones among them: ``<|endoftext|>``, ``<image>``)."""
+        return frozenset(self._backend.get_added_tokens_decoder())
 
     @property
     def byte_token_ids(self) -> frozenset[int]:
@@ -168,11 +187,33 @@ def _configured(backend: Tokenizer, settings: dict[str, Any]) -> Tokenizer:
     return backend
 
 
-def clean_up_spaces(text: str) -> str:
+def clean_up_spaces_in(text: str) -> str:
     """transformers' ``clean_up_tokenization``: "yes , it is n't" -> "yes, it isn't"."""
     for before, after in SPACE_CLEAN_UPS:
         text = text.replace(before, after)
     return text
+
+
+CLEAN_UP_REACH = 8  # a space's fate under SPACE_CLEAN_UPS rests on at most the 5 characters after it (" n ' t": "n't")
+
+
+def settled_clean_up(raw: str) -> str:
+    """The part of ``clean_up_spaces_in(raw)`` that no text appended to ``raw`` can change: the characters that come
+    from ``raw`` before its last ``CLEAN_UP_REACH``. A clean-up only drops spaces, each decided by the few characters
+    after it (" ' " then "," cleans to " '," and not "',": the rules apply in turn), so a stream that sent the clean-up
+    of the text so far could be contradicted by the next token."""
+    kept = list(range(len(raw)))  # the indices into raw of the characters the clean-ups so far kept
+    for before, after in SPACE_CLEAN_UPS:
+        text, out, i = "".join(raw[k] for k in kept), [], 0
+        while i < len(text):
+            if text.startswith(before, i):  # `after` is `before` without its spaces
+                out.extend(kept[j] for j in range(i, i + len(before)) if text[j] != " ")
+                i += len(before)
+            else:
+                out.append(kept[i])
+                i += 1
+        kept = out
+    return "".join(raw[k] for k in kept if k < len(raw) - CLEAN_UP_REACH)
 
 
 def _checked_settings(settings: Any, backend: Tokenizer) -> dict[str, Any]:

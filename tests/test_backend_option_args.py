@@ -68,6 +68,7 @@ def test_a_value_is_read_as_its_settings_type(item, value):
     ("openvino.weights=int3", "int3"),
     ("torch.quantization=int3", "LLM quantization 'int3'"),
     ("torch.dtype=float8", "torch dtype 'float8'"),
+    ("torch.device=", "has no value after '='"),
 ])
 def test_a_bad_option_is_refused_in_the_flags_words_before_anything_loads(item, says):
     with pytest.raises(InputError) as caught:
@@ -85,6 +86,30 @@ def test_a_setting_given_twice_is_refused():
     args = argparse.Namespace(backend_option=["openvino.device=CPU", "openvino.device=GPU"])
     with pytest.raises(InputError, match="set twice"):
         CliBackendOptions.from_args(args)
+
+
+def test_messages_speak_the_flags_words_and_settings_are_judged_together():
+    with pytest.raises(InputError) as caught:
+        parse_item("torch.dtype=fp8")
+    assert "torch.dtype=float16" in caught.value.fix and "dtype='" not in caught.value.message
+    assert caught.value.expected.startswith("none or one of")
+    args = argparse.Namespace(backend_option=["openvino.device=GPU", "openvino.shape_cache=64"])
+    with pytest.raises(InputError) as caught:  # each is fine alone; a CPU-only setting on a GPU is not
+        CliBackendOptions.from_args(args)
+    assert caught.value.message.startswith("--backend-option openvino.device=GPU; --backend-option "
+                                           "openvino.shape_cache=64: shape_cache=64 would change nothing")
+    assert caught.value.fix == "drop --backend-option openvino.shape_cache"
+
+
+def test_a_gpu_providers_setting_on_the_cpu_provider_is_refused(clip_artifacts, photos, capsys):
+    """device_id, workspace_mb, fp16 and engine_cache only reach ONNX Runtime's CUDA / TensorRT providers."""
+    code = main(["run", str(clip_artifacts("fused-fp32")), photos[0], "--device", "cpu",
+                 "--backend-option", "onnxruntime.device_id=7"])
+    err = capsys.readouterr().err
+    assert code == 2 and "onnxruntime.device_id=7 would change nothing: it is for ONNX Runtime's cuda or tensorrt " \
+        "provider, and the plan runs cpu" in err, err
+    with pytest.raises(InputError, match=r"backend_options\['onnxruntime'\]\['fp16'\] would change nothing"):
+        mmedge.load(clip_artifacts("fused-fp32"), device="cpu", backend_options={"onnxruntime": {"fp16": True}})
 
 
 def test_the_python_api_judges_values_before_loading(clip_artifacts):

@@ -706,7 +706,7 @@ def test_example_export_for_device_bakes_the_given_labels_and_replaces_an_earlie
     error = run_refused("export_for_device.py", "--model", str(clip), "--device-dir", str(orin), image)
     assert "--labels" in error and files_of(orin / "artifact") == first
     labels = ["red circle", "blue square", "green cross"]
-    (tmp_path / "labels.txt").write_text("\n".join(labels) + "\n")
+    (tmp_path / "labels.txt").write_text("\ufeff" + "\n".join(labels) + "\n")  # a BOM, as Notepad writes
     out = run_example("export_for_device.py", "--model", str(clip), "--labels", f"@{tmp_path / 'labels.txt'}",
                       "--device-dir", str(orin), image)
     assert Artifact.open(orin / "artifact").manifest["zero_shot"]["labels"] == labels

@@ -511,28 +511,32 @@ def test_a_stream_holds_a_run_of_byte_tokens_until_it_ends(prompt1):
                                                   tokenizer)[0], script
 
 
-def test_a_stream_equals_the_text_when_decoding_cleans_up_spaces(prompt1, words):
+def test_a_stream_equals_the_text_when_decoding_cleans_up_spaces(prompt1):
     """A tokenizer whose decode drops spaces before punctuation (transformers' clean_up_tokenization_spaces, kept for
-    Unigram / WordPiece models such as T5's): "do n" becomes "don't" once "'t" arrives, so the stream holds back a
-    tail that may still be cleaned up, as it holds back one that may grow into a stop string."""
-    pieces = ["do", "n't", "'", "s", "'s", "'t", ".", ",", "?", "it", "is", "'re", "n"]
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(pieces)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces, cleans nothing
-    backend.add_special_tokens([AddedToken(t, special=True) for t in ("<s>", "<pad>", "</s>")])
-    settings = {"file": "tokenizer.json", "max_length": 32, "pad_id": 1, "padding": "longest"}
+    Unigram / WordPiece models such as T5's) decides each space by the characters after it, through rules applied in
+    turn: "do n" becomes "don't" once "'t" arrives, and "say ' " cleans to "say'" until a "," makes it "say ',". The
+    stream sends only what no later character can clean up differently (it had sent "say'" and dropped its end)."""
+    pieces = ["\u2581say", "\u2581", "'", "\u2581hi", "hi", ",", ".", "\u2581n", "n", "'t", "t", "\u2581do", "s",
+              "\u2581'", "ve", "?"]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *((piece, -1.0) for piece in pieces)]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    settings = {"file": "tokenizer.json", "max_length": 32, "pad_id": 0, "padding": "longest"}
     plain, cleaning = TextTokenizer(backend, settings), TextTokenizer(backend, {**settings, "clean_up_spaces": True})
-    ids = [vocab[w] for w in ("it", "is", "n't", ",", "do", "'", "s", "?")]
-    assert plain.decode(ids) == "it is n't , do ' s ?" and cleaning.decode(ids) == "it isn't, do's?"
+    ids = {piece: i + 3 for i, piece in enumerate(pieces)}
+    said = [ids[p] for p in ("\u2581say", "\u2581", "'", "\u2581hi", "\u2581", "'", "\u2581", ",")]
+    assert plain.decode(said) == "say ' hi ' ," and cleaning.decode(said) == "say'hi ',"
     embeds, mask, _ = prompt1
+    config = GenerationConfig(max_new_tokens=12, eos_token_id=1)
+    assert "".join(stream(ScriptedDecoder([said + [1]], vocab=len(vocab)), embeds, mask, config, cleaning)) == \
+        "say'hi ',"
     rng = np.random.default_rng(1)
-    vocab_size = len(vocab)
-    for _ in range(200):
-        script = [int(t) for t in rng.integers(3, vocab_size, size=10)] + [2]
-        config = GenerationConfig(max_new_tokens=int(rng.integers(1, 12)), eos_token_id=2)
-        streamed = list(stream(ScriptedDecoder([script], vocab=vocab_size), embeds, mask, config, cleaning))
-        assert "".join(streamed) == generate_text(ScriptedDecoder([script], vocab=vocab_size), embeds, mask,
+    for _ in range(300):
+        script = [int(t) for t in rng.integers(3, len(vocab), size=12)] + [1]
+        config = GenerationConfig(max_new_tokens=int(rng.integers(1, 14)), eos_token_id=1)
+        streamed = list(stream(ScriptedDecoder([script], vocab=len(vocab)), embeds, mask, config, cleaning))
+        assert "".join(streamed) == generate_text(ScriptedDecoder([script], vocab=len(vocab)), embeds, mask,
                                                   config, cleaning)[0], script
 
 

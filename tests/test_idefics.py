@@ -253,6 +253,15 @@ def test_bad_interleaved_prompts_are_refused(artifacts, images):
         for bad in ([], "just text", [None], [3.5]):
             with pytest.raises(mmedge.errors.InputError):
                 captioner.generate(bad)
+        # the cap counts the user's text, not the format's image tokens (many characters, few tokens)
+        from mmedge.pipelines.interleaved import prompt_text
+
+        def formatted(n):
+            return len(prompt_text([images[0]] * n + ["Compare them."], captioner.inputs.format)[0])
+
+        many = next(n for n in range(1, 500) if formatted(n) > 8 * captioner.inputs.max_prompt_tokens)
+        ids, _ = captioner.inputs.prompt_ids([images[0]] * many + ["Compare them."])
+        assert ids.shape[0] < captioner.inputs.max_prompt_tokens
         for token in ("<image>", "<fake_token_around_image>"):  # the format's own tokens, typed in the text
             with pytest.raises(mmedge.errors.InputError, match=f"prompt item 1 holds '{token}'"):
                 captioner.generate([images[0], f"what is {token}?"])

@@ -23,7 +23,7 @@ from mmedge.errors import InputError
 from mmedge.generation.config import GenerationConfig
 from mmedge.generation.decoder import Decoder
 from mmedge.generation.logits import LogitsProcessor, check_finite, log_softmax, sample
-from mmedge.tokenizer import SPACE_CLEAN_UPS
+from mmedge.tokenizer import settled_clean_up
 
 _NEG = np.float32(-1.0e9)  # transformers' "never pick this" score in beam search
 
@@ -401,15 +401,15 @@ class _Texts:
         self.stop_strings = list(config.stop_strings)
         self.eos = set(config.eos_token_ids)
         self.byte_tokens = getattr(tokenizer, "byte_token_ids", frozenset())  # TextTokenizer's; none for others
-        # the spaces a decode that cleans them up drops once the next characters arrive ("do n" + "'t" -> "don't")
-        self.clean_ups = [before for before, _ in SPACE_CLEAN_UPS] if getattr(tokenizer, "cleans_up_spaces",
-                                                                             False) else []
+        # a decode that cleans up spaces decides each by the characters after it ("do n" + "'t" -> "don't")
+        self.cleans_up = bool(getattr(tokenizer, "cleans_up_spaces", False))
 
     def text(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(self._without_eos(ids))
+
+    def _without_eos(self, ids: Sequence[int]) -> list[int]:
         ids = list(ids)
-        if ids and ids[-1] in self.eos:
-            ids = ids[:-1]
-        return self.tokenizer.decode(ids)
+        return ids[:-1] if ids and ids[-1] in self.eos else ids
 
     def _stop_at(self, text: str) -> int | None:
         hits = [i for i in (text.find(s) for s in self.stop_strings) if i >= 0]
@@ -437,9 +437,11 @@ class _Texts:
         while ids and ids[-1] in self.byte_tokens:
             ids.pop()
         text = self.final(ids)
+        if self.cleans_up:  # only what later characters cannot clean up differently
+            text = text[:len(settled_clean_up(self.tokenizer.decode(self._without_eos(ids), clean_up_spaces=False)))]
         text = text.rstrip("\ufffd")
         hold = 0
-        for stop in (*self.stop_strings, *self.clean_ups):  # a tail that may still grow into one
+        for stop in self.stop_strings:  # a tail that may still grow into one
             for size in range(min(len(stop) - 1, len(text)), hold, -1):
                 if text.endswith(stop[:size]):
                     hold = size

@@ -107,7 +107,8 @@ class FlamingoInputs:
 
     def prompt_ids(self, items: list, max_new_tokens: int = 0) -> tuple[np.ndarray, list]:
         text, images = prompt_text(items, self.format)
-        check_prompt_chars(text, self.max_prompt_tokens)
+        # the user's text, before tokenizing (the format's image tokens are many characters but few tokens)
+        check_prompt_chars("".join(item for item in items if is_text(item)), self.max_prompt_tokens)
         ids = self.tokenizer.encode_all(text, add_special_tokens=False)  # [tokens]
         room = self.max_prompt_tokens - max_new_tokens
         if ids.shape[0] > room:

@@ -78,6 +78,11 @@ def _providers(request: PlanRequest) -> tuple[str, ...]:
     return ("cpu",)
 
 
+# OrtOptions fields that only a GPU execution provider reads -> those providers
+GPU_PROVIDER_SETTINGS = {"device_id": ("cuda", "tensorrt"), "workspace_mb": ("tensorrt",), "fp16": ("tensorrt",),
+                         "engine_cache": ("tensorrt",)}
+
+
 class OnnxRuntimeBackend(Backend):
     runner_module = "mmedge.runtimes.onnxruntime"
     plan_owned = ("providers", "threads")
@@ -91,6 +96,17 @@ class OnnxRuntimeBackend(Backend):
 
     def unusable(self, request: PlanRequest) -> str | None:
         return None if request.probe.engines.get("onnxruntime") else "onnxruntime is not installed"
+
+    def idle_settings(self, settings: dict, plans: list[ComponentPlan]) -> dict[str, str]:
+        """``device_id`` is for the GPU providers, ``workspace_mb``, ``fp16`` and ``engine_cache`` for the TensorRT
+        provider: on the CPU provider they change nothing."""
+        used = {provider for plan in plans for provider in plan.providers}
+        idle = {}
+        for setting, needs in GPU_PROVIDER_SETTINGS.items():
+            if setting in settings and not used & set(needs):
+                idle[setting] = (f"it is for ONNX Runtime's {' or '.join(needs)} provider, and the plan runs "
+                                 f"{', '.join(sorted(used))}")
+        return idle
 
     def declined(self, request: PlanRequest, why: str, taken: dict[str, ComponentPlan]) -> None:
         if any(name not in taken for name in request.manifest["components"]):
