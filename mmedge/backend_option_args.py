@@ -4,10 +4,12 @@ is ``openvino.weights=int4``).
 
 They reach ``mmedge.load``'s ``backend_options``, so every setting the Python API takes (OpenVINO's ``device``,
 ``precision_hint`` and ``shape_cache``; ONNX Runtime's ``device_id`` and ``graph_optimization``; torch's ``dtype``,
-``compile``, ``checkpoint``, ...) can be set by ``mmedge run``, ``serve``, ``bench`` and ``doctor``. A value is read
-as its setting's type (``true`` / ``false``, ``none``, an integer, JSON for a dict); the setting's own checks then
-judge it, before anything is loaded. A setting that would change nothing under the plan (its backend runs no
-component; a decoder-only setting where no decoder runs on it) is refused in the words of the flag the user gave.
+``compile``, ``checkpoint``, ...) can be set by ``mmedge run``, ``validate``, ``serve``, ``bench`` and ``doctor``
+(``validate`` refuses the decoder-only ones: it measures each graph as exported). A value is read as its setting's
+type (``true`` / ``false``, ``none``, an integer, JSON for a dict); the setting's own checks then judge it, before
+anything is loaded. A setting that would change nothing under the plan (its backend runs no component; a
+decoder-only setting where no decoder runs on it; a GPU provider's setting on ONNX Runtime's CPU provider) is
+refused in the words of the flag the user gave.
 """
 
 from __future__ import annotations

@@ -260,9 +260,23 @@ def _run_one(pipeline, image: str, args, labels: list[str] | None) -> str | None
 
 # --- validate ----------------------------------------------------------------------------------
 def cmd_validate(args) -> int:
+    from mmedge.backend_option_args import CliBackendOptions
+    from mmedge.runtimes.registry import backend
     from mmedge.validate import raise_on_failure, validate_artifact
 
-    report = validate_artifact(args.artifact, backend=args.backend, device=args.device, threads=args.threads)
+    backend_options = CliBackendOptions.from_args(args)
+    for given in backend_options.given:  # the generation loop's decoder: validation measures the graphs as exported
+        if given.setting in backend(given.backend).decoder_only:
+            raise InputError(f"{given.flag} would change nothing in validation",
+                             "settings of the graphs it runs (each as exported: this one shapes the decoder "
+                             "mmedge.load opens for generation)", f"drop {given.option}")
+    if backend_options:
+        from mmedge.api import plan_for
+
+        backend_options.check_used(plan_for(args.artifact, backend=args.backend, device=args.device,
+                                            backend_options=backend_options.as_dict(), threads=args.threads))
+    report = validate_artifact(args.artifact, backend=args.backend, device=args.device, threads=args.threads,
+                               backend_options=backend_options.as_dict() or None)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -11,7 +11,7 @@ import numpy as np
 
 from mmedge.artifact import Artifact, read_arrays
 from mmedge.embeddings import EmbeddingTable
-from mmedge.errors import ArtifactError, IntegrityError, ParityError
+from mmedge.errors import ArtifactError, InputError, IntegrityError, ParityError
 from mmedge.metrics import compare_outputs
 
 # How far a device may drift from the cosine the export measured on ONNX Runtime CPU.
@@ -59,18 +59,32 @@ def validate(artifact: Artifact, runners: dict) -> dict[str, dict]:
     return report
 
 
-def validate_artifact(path, backend: str = "auto", device: str = "auto", threads: int | None = None) -> dict[str, dict]:
-    """Open an artifact, run every component (decoders as plain graphs) on the chosen backend, report. Every file's
-    sha256 is checked again, whatever this device's record of earlier checks says (``mmedge.file_checks``)."""
-    from mmedge.api import check_threads, open_runners, plan_for
+def validate_artifact(path, backend: str = "auto", device: str = "auto", threads: int | None = None,
+                      backend_options: dict | None = None) -> dict[str, dict]:
+    """Open an artifact, run every component (decoders as plain graphs) on the chosen backend with the user's
+    ``backend_options`` (as ``mmedge.load`` takes them), report. Every file's sha256 is checked again, whatever this
+    device's record of earlier checks says (``mmedge.file_checks``). Decoder-only settings (OpenVINO's ``weights``,
+    torch's ``quantization``) are refused: they shape the generation loop's decoder, not the graph measured here."""
+    from mmedge.api import _refuse_idle_backend_options, check_threads, open_runners, plan_for
+    from mmedge.runtimes.registry import backend as backend_named
 
     check_threads(threads)
+    for name, settings in (backend_options or {}).items():
+        decoder_only = [field for field in settings if field in backend_named(name).decoder_only]
+        if decoder_only:
+            raise InputError(f"backend_options['{name}']['{decoder_only[0]}'] would change nothing in validation",
+                             "settings of the graphs validation runs (it measures each graph as exported; "
+                             f"{decoder_only[0]} shapes the decoder mmedge.load opens for generation)",
+                             f"drop {decoder_only[0]}; its fidelity is recorded at export (mmedge export "
+                             "--openvino-weights) or measured by running the model")
     artifact = Artifact.open(path, recheck=True)
     artifact.check_every_file()  # the files this plan would not open too (another backend's, the tokenizer, ...)
     if "decoder" in artifact.components:
         EmbeddingTable.of_artifact(artifact)  # the generation loop reads it: it must load, not only hash right
-    chosen = plan_for(artifact, backend, device, threads=threads)  # the plan mmedge.load follows
-    runners = open_runners(artifact, chosen, threads=threads)
+    chosen = plan_for(artifact, backend, device, backend_options=backend_options,
+                      threads=threads)  # the plan mmedge.load follows
+    _refuse_idle_backend_options(backend_options or {}, chosen)
+    runners = open_runners(artifact, chosen, threads=threads, backend_options=backend_options)
     try:
         return validate(artifact, runners)
     finally:

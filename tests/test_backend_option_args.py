@@ -207,8 +207,28 @@ def test_bench_records_the_settings_beside_its_figures(clip_artifacts):
     assert "onnxruntime (onnxruntime.graph_optimization=extended)" in format_table([result])
 
 
+def test_validate_measures_the_graphs_with_the_settings(clip_artifacts, blip2_artifact, capsys, monkeypatch):
+    """validate took --backend-option (a runtime flag) and ignored it."""
+    from mmedge import validate
+
+    seen = []
+    real = validate.validate_artifact
+    monkeypatch.setattr(validate, "validate_artifact", lambda *a, **k: seen.append(k["backend_options"]) or
+                        real(*a, **k))
+    path = str(clip_artifacts("fused-fp32"))
+    assert main(["validate", path, "--backend-option", "onnxruntime.graph_optimization=basic"]) == 0, \
+        capsys.readouterr().err
+    assert seen == [{"onnxruntime": {"graph_optimization": "basic"}}] and "ok" in capsys.readouterr().out
+    assert main(["validate", path, "--backend-option", "openvino.device=CPU", "--backend", "onnxruntime"]) == 2
+    assert "no component runs on openvino" in capsys.readouterr().err
+    assert main(["validate", str(blip2_artifact), "--backend-option", "openvino.weights=int8"]) == 2
+    assert "--backend-option openvino.weights=int8 would change nothing in validation" in capsys.readouterr().err
+    with pytest.raises(InputError, match="would change nothing in validation"):
+        real(blip2_artifact, backend_options={"openvino": {"weights": "int8"}})
+
+
 def test_every_command_with_a_plan_takes_the_flag():
     parser = build_parser()
-    for command in (["run", "A", "I"], ["doctor", "A"], ["bench", "A"], ["serve", "A"]):
+    for command in (["run", "A", "I"], ["doctor", "A"], ["bench", "A"], ["serve", "A"], ["validate", "A"]):
         args = parser.parse_args([*command, "--backend-option", "openvino.device=CPU"])
         assert args.backend_option == ["openvino.device=CPU"], command
