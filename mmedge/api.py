@@ -161,9 +161,7 @@ def _refuse_idle_backend_options(options: dict, chosen) -> None:
         if idle_fields:
             field, why = next(iter(idle_fields.items()))
             raise InputError(f"backend_options['{name}']['{field}'] would change nothing: {why}",
-                             f"settings that apply to the plan ({name}: "
-                             f"{', '.join(sorted({p for c in chosen.components.values() for p in c.providers}))})",
-                             f"drop {field}, or pass device='cuda' where a GPU provider can run it")
+                             "settings for the providers the plan runs", f"drop {field}")
     decoder = chosen.components.get("decoder")
     for name, settings in decoder_settings.items():
         field = next((field for field, value in settings.items() if value), None)

@@ -124,8 +124,8 @@ class CliBackendOptions:
             elif why := backend(g.backend).idle_settings(
                     {g.setting: g.value}, [c for c in chosen.components.values() if c.backend == g.backend]).get(
                     g.setting):
-                idle.append(Idle(g, why, f"a plan whose {g.backend} components use what {g.setting} is for "
-                                 "(--device cuda, with a GPU build of the backend)", f"drop {g.option}"))
+                idle.append(Idle(g, why, f"a plan whose {g.backend} components run what {g.setting} is for",
+                                 f"drop {g.option}"))
         return idle
 
     def check_used(self, chosen) -> None:

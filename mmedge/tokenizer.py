@@ -198,22 +198,13 @@ CLEAN_UP_REACH = 8  # a space's fate under SPACE_CLEAN_UPS rests on at most the 
 
 
 def settled_clean_up(raw: str) -> str:
-    """The part of ``clean_up_spaces_in(raw)`` that no text appended to ``raw`` can change: the characters that come
-    from ``raw`` before its last ``CLEAN_UP_REACH``. A clean-up only drops spaces, each decided by the few characters
-    after it (" ' " then "," cleans to " '," and not "',": the rules apply in turn), so a stream that sent the clean-up
-    of the text so far could be contradicted by the next token."""
-    kept = list(range(len(raw)))  # the indices into raw of the characters the clean-ups so far kept
-    for before, after in SPACE_CLEAN_UPS:
-        text, out, i = "".join(raw[k] for k in kept), [], 0
-        while i < len(text):
-            if text.startswith(before, i):  # `after` is `before` without its spaces
-                out.extend(kept[j] for j in range(i, i + len(before)) if text[j] != " ")
-                i += len(before)
-            else:
-                out.append(kept[i])
-                i += 1
-        kept = out
-    return "".join(raw[k] for k in kept if k < len(raw) - CLEAN_UP_REACH)
+    """A prefix of ``clean_up_spaces_in(raw)`` that no text appended to ``raw`` can change. A clean-up only drops
+    spaces, each decided by the few characters after it (" ' " then "," cleans to " '," and not "',": the rules apply
+    in turn), so a stream that sent the clean-up of the text so far could be contradicted by the next token. At most
+    ``CLEAN_UP_REACH`` characters of the clean-up come from the last ``CLEAN_UP_REACH`` of ``raw``, so leaving that
+    many out leaves only characters whose fate is settled; one clean-up of the whole text per token, at C speed (a
+    character-by-character version took 42 s over a 4000-token stream)."""
+    return clean_up_spaces_in(raw)[:-CLEAN_UP_REACH] if len(raw) > CLEAN_UP_REACH else ""
 
 
 def _checked_settings(settings: Any, backend: Tokenizer) -> dict[str, Any]:

@@ -65,18 +65,23 @@ def validate_artifact(path, backend: str = "auto", device: str = "auto", threads
     ``backend_options`` (as ``mmedge.load`` takes them), report. Every file's sha256 is checked again, whatever this
     device's record of earlier checks says (``mmedge.file_checks``). Decoder-only settings (OpenVINO's ``weights``,
     torch's ``quantization``) are refused: they shape the generation loop's decoder, not the graph measured here."""
-    from mmedge.api import _refuse_idle_backend_options, check_threads, open_runners, plan_for
+    from mmedge.api import (
+        _checked_backend_options,
+        _refuse_idle_backend_options,
+        check_threads,
+        open_runners,
+        plan_for,
+    )
     from mmedge.runtimes.registry import backend as backend_named
 
     check_threads(threads)
-    for name, settings in (backend_options or {}).items():
+    for name, settings in _checked_backend_options(backend_options).items():  # their shape first, as load's
         decoder_only = [field for field in settings if field in backend_named(name).decoder_only]
         if decoder_only:
             raise InputError(f"backend_options['{name}']['{decoder_only[0]}'] would change nothing in validation",
                              "settings of the graphs validation runs (it measures each graph as exported; "
                              f"{decoder_only[0]} shapes the decoder mmedge.load opens for generation)",
-                             f"drop {decoder_only[0]}; its fidelity is recorded at export (mmedge export "
-                             "--openvino-weights) or measured by running the model")
+                             f"drop {decoder_only[0]}, and run the model with it to see its answers")
     artifact = Artifact.open(path, recheck=True)
     artifact.check_every_file()  # the files this plan would not open too (another backend's, the tokenizer, ...)
     if "decoder" in artifact.components:

@@ -225,6 +225,9 @@ def test_validate_measures_the_graphs_with_the_settings(clip_artifacts, blip2_ar
     assert "--backend-option openvino.weights=int8 would change nothing in validation" in capsys.readouterr().err
     with pytest.raises(InputError, match="would change nothing in validation"):
         real(blip2_artifact, backend_options={"openvino": {"weights": "int8"}})
+    for bad in ({"onnxruntime": None}, ["onnxruntime"], {"bogus": {}}):  # judged as mmedge.load judges them
+        with pytest.raises(InputError, match="backend_options"):
+            real(blip2_artifact, backend_options=bad)
 
 
 def test_every_command_with_a_plan_takes_the_flag():

@@ -79,8 +79,8 @@ def _providers(request: PlanRequest) -> tuple[str, ...]:
 
 
 # OrtOptions fields that only a GPU execution provider reads -> those providers
-GPU_PROVIDER_SETTINGS = {"device_id": ("cuda", "tensorrt"), "workspace_mb": ("tensorrt",), "fp16": ("tensorrt",),
-                         "engine_cache": ("tensorrt",)}
+GPU_PROVIDER_SETTINGS = {"device_id": ("cuda", "tensorrt"), "keep_on_device": ("cuda", "tensorrt"),
+                         "workspace_mb": ("tensorrt",), "fp16": ("tensorrt",), "engine_cache": ("tensorrt",)}
 
 
 class OnnxRuntimeBackend(Backend):
@@ -98,8 +98,8 @@ class OnnxRuntimeBackend(Backend):
         return None if request.probe.engines.get("onnxruntime") else "onnxruntime is not installed"
 
     def idle_settings(self, settings: dict, plans: list[ComponentPlan]) -> dict[str, str]:
-        """``device_id`` is for the GPU providers, ``workspace_mb``, ``fp16`` and ``engine_cache`` for the TensorRT
-        provider: on the CPU provider they change nothing."""
+        """``device_id`` and ``keep_on_device`` (outputs left on the GPU) are for the GPU providers, ``workspace_mb``,
+        ``fp16`` and ``engine_cache`` for the TensorRT provider: elsewhere they change nothing."""
         used = {provider for plan in plans for provider in plan.providers}
         idle = {}
         for setting, needs in GPU_PROVIDER_SETTINGS.items():
