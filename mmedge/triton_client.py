@@ -39,6 +39,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from mmedge.errors import ImageError, InputError, ServerError, ServerInputError
+from mmedge.pipelines.captioner import refuse_prompt_batch
 from mmedge.triton.config import PARAMETER
 from mmedge.triton.protocol import (
     PIPELINES,
@@ -78,7 +79,15 @@ class Connection:
         if scheme not in ("http", "grpc") or not address:
             raise InputError(f"the server URL '{url}' is not one mmedge can use", "http://HOST:PORT or grpc://HOST:PORT",
                              "use http:// (port 8000 by default) or grpc:// (port 8001)")
-        self.url, self.protocol, self.address, self.timeout = url, scheme, address.rstrip("/"), timeout
+        address = address.rstrip("/")
+        host, colon, port = address.rpartition(":")
+        if "/" in address or not colon or not port.isdigit() or not host or not 0 < int(port) < 65536:
+            default = 8001 if scheme == "grpc" else 8000
+            raise InputError(f"the server URL '{url}' has " + ("a path" if "/" in address else "no port" if not colon
+                                                                 else f"no usable port ({port!r})"),
+                             f"{scheme}://HOST:PORT, with nothing after the port (Triton listens for {scheme} on "
+                             f"port {default} by default)", f"pass e.g. {scheme}://{host or address}:{default}")
+        self.url, self.protocol, self.address, self.timeout = url, scheme, address, timeout
         self._module = _tritonclient(scheme)
         self._local = threading.local()
 
@@ -425,8 +434,13 @@ class RemoteEmbedder(RemotePipeline):
         return self._infer({"images": _image_tensor(_as_list(images)[0])})["image_embeds"]
 
     def embed_texts(self, texts) -> np.ndarray:
-        batch = [texts] if isinstance(texts, str) else list(texts)
-        return self._infer({"texts": text_tensor(batch)})["text_embeds"]
+        from mmedge.pipelines.embedder import text_batch
+
+        return self._infer({"texts": text_tensor(text_batch(texts))})["text_embeds"]
+
+    def similarity(self, images, texts) -> np.ndarray:
+        """Cosine similarity [images, texts], as ``Embedder.similarity``."""
+        return self.embed_images(images) @ self.embed_texts(texts).T
 
 
 class RemoteCaptioner(RemotePipeline):
@@ -478,6 +492,7 @@ class RemoteCaptioner(RemotePipeline):
         """The text of one image (+ ``prompt`` or ``question``, not both), or of one interleaved prompt list, in
         pieces."""
         check_prompt_or_question(prompt, question)
+        refuse_prompt_batch(image)
         if isinstance(image, (list, tuple)):
             inputs = _items(image)
         else:
@@ -501,8 +516,9 @@ class RemoteCaptioner(RemotePipeline):
 
     @staticmethod
     def _generation(settings: dict) -> dict[str, np.ndarray]:
-        chosen = {k: v for k, v in settings.items() if v is not None}
-        return {"generation": text_tensor([json.dumps(chosen)])} if chosen else {}
+        """The settings as given, None values too: the server's captioner reads None as not given, and refuses a
+        misspelt name whatever its value, as the local one does."""
+        return {"generation": text_tensor([json.dumps(settings)])} if settings else {}
 
 
 def _items(prompt: Sequence[Any]) -> dict[str, np.ndarray]:

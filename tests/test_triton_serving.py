@@ -452,3 +452,29 @@ def test_mmedge_run_against_the_server_refuses_what_it_refuses_locally(served, p
     code = main(["run", *filled, "--triton", served.url("http")])
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and fragment in err, err
+
+
+def test_client_side_checks_are_the_local_pipelines(served, images, photos):
+    """A misspelt generation setting given as None (answered with a caption), texts that are no list (a TypeError),
+    a batch of prompts to stream (an ImageError), similarity (absent): as the local pipelines have them."""
+    remote, local = connect(served.url("grpc"), "blip2"), served.local("blip2")
+    expected = _message(lambda: local.caption(photos[0], num_beam=None))
+    with pytest.raises(InputError) as caught:
+        remote.caption(photos[0], num_beam=None)
+    assert str(caught.value) == expected and "num_beam" in expected
+    assert remote.caption(photos[0], temperature=None, max_new_tokens=4) == local.caption(photos[0], max_new_tokens=4)
+    remote, local = connect(served.url("grpc"), "clip", task="embed"), served.local("clip", "embed")
+    assert str(pytest.raises(InputError, remote.embed_texts, 5).value) == _message(lambda: local.embed_texts(5))
+    np.testing.assert_allclose(remote.similarity(images[:2], ["a cat", "a car"]),
+                               local.similarity(images[:2], ["a cat", "a car"]), atol=1e-5)
+    remote = connect(served.url("grpc"), "idefics")
+    prompts = [[Path(photos[0]), "An image of"]]
+    expected = _message(lambda: list(served.local("idefics").stream(prompts)))
+    assert str(pytest.raises(InputError, lambda: list(remote.stream(prompts))).value) == expected
+
+
+@pytest.mark.parametrize("url,says", [("http://127.0.0.1:notaport", r"no usable port \('notaport'\)"),
+                                      ("http://127.0.0.1", "has no port"), ("grpc://127.0.0.1:8001/v2", "a path")])
+def test_a_url_without_a_usable_port_is_refused_before_connecting(url, says):
+    with pytest.raises(InputError, match=says):
+        Connection(url)

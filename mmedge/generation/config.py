@@ -189,13 +189,7 @@ class GenerationConfig:
                 f"the generation settings are a {type(data).__name__}", "a JSON object of generation settings",
                 "write the generation section as an object, e.g. {\"max_new_tokens\": 30}",
             )
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(
-                f"unknown generation setting(s) {unknown}", f"only {sorted(known)}",
-                "remove or rename them (names follow transformers.GenerationConfig)",
-            )
+        _refuse_unknown(data, cls)
         config = cls(**data)
         config.validate()
         return config
@@ -209,12 +203,18 @@ class GenerationConfig:
 
     def replace(self, **changes: Any) -> "GenerationConfig":
         """A copy with some settings changed (unknown names refused)."""
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise InputError(f"unknown generation setting(s) {unknown}", f"only {sorted(known)}",
-                             "check the spelling (names follow transformers.GenerationConfig)")
+        _refuse_unknown(changes, type(self))
         return dataclasses.replace(self, **changes)
+
+
+def _refuse_unknown(settings: dict[str, Any], config_class: type) -> None:
+    """InputError naming the settings ``config_class`` has no field for: one wording wherever they are given (a
+    call's keywords, the manifest, a request to a server)."""
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise InputError(f"unknown generation setting(s) {unknown}", f"only {sorted(known)}",
+                         "check the spelling, or remove them (names follow transformers.GenerationConfig)")
 
 
 def _is_int(value: Any) -> bool:

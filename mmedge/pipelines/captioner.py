@@ -113,9 +113,7 @@ class Captioner:
         if isinstance(image, (list, tuple)) and not self.interleaved:
             raise InputError("stream() got a list of images", "one image",
                              "call stream() per image, or caption() for a batch")
-        if isinstance(image, (list, tuple)) and any(isinstance(item, (list, tuple)) for item in image):
-            raise InputError(f"stream() got a batch of {len(image)} prompts", "one interleaved prompt (a list of "
-                             "images and texts)", "call stream() per prompt, or generate() for a batch")
+        refuse_prompt_batch(image)
         config = self._config(generation)
         if isinstance(image, (list, tuple)):
             built = self.inputs.build([list(image)], config.max_new_tokens)
@@ -186,6 +184,13 @@ class Captioner:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def refuse_prompt_batch(image) -> None:
+    """``stream()`` takes one interleaved prompt, not a batch of them (here and on a server: mmedge.triton_client)."""
+    if isinstance(image, (list, tuple)) and any(isinstance(item, (list, tuple)) for item in image):
+        raise InputError(f"stream() got a batch of {len(image)} prompts", "one interleaved prompt (a list of "
+                         "images and texts)", "call stream() per prompt, or generate() for a batch")
 
 
 def _strip_stream(pieces: Iterator[str]) -> Iterator[str]:

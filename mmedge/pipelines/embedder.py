@@ -20,19 +20,25 @@ class Embedder(ClipPipeline):
 
     def embed_texts(self, texts) -> np.ndarray:
         """[texts, dim], unit-norm rows, for one string or a list."""
-        if isinstance(texts, str):
-            batch = [texts]
-        else:
-            try:
-                batch = list(texts)
-            except TypeError:
-                raise InputError(f"texts is a {type(texts).__name__}", "a string or a list of strings",
-                                 "pass e.g. ['a photo of a cat', 'a dog']") from None
-        if not batch:
-            raise InputError("the text list is empty", "at least one string", "pass a string or a list of strings")
+        batch = text_batch(texts)
         chunks = [self._text_embeds(batch[i:i + 256]) for i in range(0, len(batch), 256)]
         return l2_normalize(np.concatenate(chunks, axis=0))
 
     def similarity(self, images, texts) -> np.ndarray:
         """Cosine similarity [images, texts]."""
         return self.embed_images(images) @ self.embed_texts(texts).T
+
+
+def text_batch(texts) -> list:
+    """``texts`` (one string, or any iterable of them) as a non-empty list: ``embed_texts``' input, here and on a
+    server (``mmedge.triton_client``)."""
+    if isinstance(texts, str):
+        return [texts]
+    try:
+        batch = list(texts)
+    except TypeError:
+        raise InputError(f"texts is a {type(texts).__name__}", "a string or a list of strings",
+                         "pass e.g. ['a photo of a cat', 'a dog']") from None
+    if not batch:
+        raise InputError("the text list is empty", "at least one string", "pass a string or a list of strings")
+    return batch
