@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from dataclasses import dataclass
 
 from mmedge.artifact import Artifact
 from mmedge.errors import InputError, MmedgeError
 from mmedge.pipelines import pipeline_class
+from mmedge.setting_checks import is_whole
 
 log = logging.getLogger("mmedge")
 
@@ -80,7 +82,7 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", t
 
 def check_threads(threads, fix: str = "pass e.g. threads=2") -> None:
     """CPU threads per graph: None (all cores) or a positive integer; anything else is refused before any work."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+    if threads is not None and not is_whole(threads, 1):
         raise InputError(f"threads is {threads!r}", "None (all cores) or a positive integer", fix)
 
 
@@ -141,36 +143,77 @@ def _plan(artifact: Artifact, backend: str, device: str, extra: dict, threads: i
     return chosen
 
 
+NO_DECODER = "this artifact has no LLM decoder"
+
+
+@dataclass(frozen=True)
+class IdleSetting:
+    """A backend setting that would change nothing under a plan (``idle_backend_options``), with each reason that
+    applies: its backend runs no component; it is decoder-only (torch's ``quantization``, OpenVINO's ``weights``) and
+    no decoder runs on its backend (``decoder``: why); the backend's own reason (``provider``: a GPU provider's setting
+    on ONNX Runtime's CPU provider)."""
+
+    backend: str
+    field: str
+    unused_backend: bool
+    decoder: str | None
+    provider: str | None
+
+
+def plan_text(chosen) -> str:
+    """"vision on onnxruntime, decoder on openvino": where each component of a plan runs, for messages."""
+    return ", ".join(f"{name} on {c.backend}" for name, c in chosen.components.items())
+
+
+def idle_backend_options(options: dict, chosen) -> list[IdleSetting]:
+    """Every setting of ``options`` (backend name -> settings) that would change nothing under the plan ``chosen``:
+    the one rule ``mmedge.load`` refuses by and the command line refuses by in its flags' words
+    (``mmedge.backend_option_args``)."""
+    from mmedge.runtimes.registry import backend
+
+    decoder = chosen.components.get("decoder")
+    idle = []
+    for name, settings in options.items():
+        owner = backend(name)
+        runs = [c for c in chosen.components.values() if c.backend == name]
+        provider = owner.idle_settings(settings, runs) if runs else {}
+        for field in settings:
+            why = None
+            if field in owner.decoder_only and (decoder is None or decoder.backend != name):
+                why = f"the decoder runs on {decoder.backend}" if decoder else NO_DECODER
+            if not runs or why or field in provider:
+                idle.append(IdleSetting(name, field, not runs, why, provider.get(field)))
+    return idle
+
+
 def _refuse_idle_backend_options(options: dict, chosen) -> None:
     """Settings for a backend that runs no component of the plan would do nothing: refused, not ignored; so would a
-    decoder-only setting (torch's ``quantization``, OpenVINO's ``weights``) where that backend runs no decoder. The
+    provider's setting where that provider runs nothing, and a decoder-only setting (torch's ``quantization``,
+    OpenVINO's ``weights``) given a value where that backend runs no decoder (``idle_backend_options``). The
     decoder-only values are checked first, whatever the plan."""
     from mmedge.runtimes.registry import backend
 
-    decoder_settings = {name: backend(name).decoder_settings(settings) for name, settings in options.items()}
-    used = sorted({comp_plan.backend for comp_plan in chosen.components.values()})
-    idle = sorted(name for name, settings in options.items() if settings and name not in used)
-    if idle:
-        raise InputError(f"backend_options holds settings for {', '.join(idle)}, which runs no component here "
-                         f"(the plan: {', '.join(f'{n} on {c.backend}' for n, c in chosen.components.items())})",
-                         f"settings only for the backends the plan uses ({', '.join(used)})",
-                         f"pass backend='{idle[0]}' to run it, or drop its settings")
     for name, settings in options.items():
-        idle_fields = backend(name).idle_settings(settings, [c for c in chosen.components.values()
-                                                             if c.backend == name])
-        if idle_fields:
-            field, why = next(iter(idle_fields.items()))
-            raise InputError(f"backend_options['{name}']['{field}'] would change nothing: {why}",
-                             "settings for the providers the plan runs", f"drop {field}")
-    decoder = chosen.components.get("decoder")
-    for name, settings in decoder_settings.items():
-        field = next((field for field, value in settings.items() if value), None)
-        if field and (decoder is None or decoder.backend != name):
-            where = f"the decoder runs on {decoder.backend}" if decoder else "this artifact has no LLM decoder"
-            fix = f"drop {field}" + (f", or pass backend='{name}' to run the decoder on it" if decoder else "")
-            raise InputError(f"backend_options['{name}']['{field}'] would change nothing: {where}",
-                             f"a captioning artifact whose decoder runs on the {name} backend ({field} applies to "
-                             "the LLM)", fix)
+        backend(name).decoder_settings(settings)  # a bad value is refused as such, before any "would change nothing"
+    idle = idle_backend_options(options, chosen)
+    used = sorted({comp_plan.backend for comp_plan in chosen.components.values()})
+    unused = sorted({i.backend for i in idle if i.unused_backend})
+    if unused:
+        raise InputError(f"backend_options holds settings for {', '.join(unused)}, which runs no component here "
+                         f"(the plan: {plan_text(chosen)})",
+                         f"settings only for the backends the plan uses ({', '.join(used)})",
+                         f"pass backend='{unused[0]}' to run it, or drop its settings")
+    provider = next((i for i in idle if i.provider), None)
+    if provider:
+        raise InputError(f"backend_options['{provider.backend}']['{provider.field}'] would change nothing: "
+                         f"{provider.provider}", "settings for the providers the plan runs", f"drop {provider.field}")
+    decoder = next((i for i in idle if i.decoder and options[i.backend][i.field]), None)
+    if decoder:
+        fix = f"drop {decoder.field}" + ("" if decoder.decoder == NO_DECODER else
+                                         f", or pass backend='{decoder.backend}' to run the decoder on it")
+        raise InputError(f"backend_options['{decoder.backend}']['{decoder.field}'] would change nothing: "
+                         f"{decoder.decoder}", f"a captioning artifact whose decoder runs on the {decoder.backend} "
+                         f"backend ({decoder.field} applies to the LLM)", fix)
 
 
 def _checked_backend_options(options: dict | None) -> dict:

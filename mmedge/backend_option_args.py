@@ -30,7 +30,6 @@ DECODER_FLAGS = {"--llm-quantization": ("torch", "quantization"), "--openvino-we
 # what a decoder-only setting's backend needs to take the decoder
 DECODER_NEEDS = {"torch": "an artifact exported --with-pytorch", "openvino": "an FP32 decoder; pip install "
                  "\"mmedge[openvino]\""}
-NO_DECODER = "this artifact has no LLM decoder"
 _TRUE, _FALSE, _NONE = ("true", "yes", "on"), ("false", "no", "off"), ("none", "null")
 
 
@@ -49,7 +48,7 @@ class GivenSetting:
     @property
     def runs_on(self) -> str:
         """What a plan must run on this setting's backend for it to do something."""
-        if self.setting not in _decoder_only(self.backend):
+        if self.setting not in _backend(self.backend).decoder_only:
             return f"a component on {self.backend}"
         return f"the decoder on {self.backend} ({DECODER_NEEDS.get(self.backend, 'a captioning artifact')})"
 
@@ -71,10 +70,10 @@ class CliBackendOptions:
 
     @classmethod
     def from_args(cls, args) -> "CliBackendOptions":
-        given = [_given_flag(flag, backend, setting, getattr(args, flag.lstrip("-").replace("-", "_"), None))
+        given = [_given_flag(flag, backend, setting, flag_value(args, flag))
                  for flag, (backend, setting) in DECODER_FLAGS.items()]
         given = [g for g in given if g is not None]
-        for item in getattr(args, "backend_option", None) or ():
+        for item in flag_value(args, FLAG) or ():
             setting = parse_item(item)
             twice = next((g for g in given if (g.backend, g.setting) == (setting.backend, setting.setting)), None)
             if twice:
@@ -94,9 +93,6 @@ class CliBackendOptions:
     def __bool__(self) -> bool:
         return bool(self.given)
 
-    def flags(self) -> list[str]:
-        return [g.flag for g in self.given]
-
     def as_dict(self) -> dict:
         """``backend_options`` for ``mmedge.load`` / ``plan_for``."""
         options: dict = {}
@@ -105,28 +101,49 @@ class CliBackendOptions:
         return options
 
     def idle_in(self, chosen) -> list[Idle]:
-        """The settings that would change nothing under the plan ``chosen``, each with the reason, what would use it
-        and the fix."""
-        from mmedge.runtimes.registry import backend
+        """The settings that would change nothing under the plan ``chosen`` (``mmedge.api.idle_backend_options``,
+        the rule ``mmedge.load`` refuses by), each with the reason, what would use it and the fix."""
+        from mmedge.api import NO_DECODER, idle_backend_options, plan_text
 
-        used = {c.backend for c in chosen.components.values()}
-        decoder = chosen.components.get("decoder")
+        found = {(i.backend, i.field): i for i in idle_backend_options(self.as_dict(), chosen)}
         idle = []
         for g in self.given:
+            i = found.get((g.backend, g.setting))
+            if i is None:
+                continue
             other = f"add --backend {g.backend}, or drop {g.option}"
-            if g.setting in backend(g.backend).decoder_only and (decoder is None or decoder.backend != g.backend):
-                idle.append(Idle(g, f"the decoder runs on {decoder.backend}" if decoder else NO_DECODER,
-                                 f"a plan that runs {g.runs_on}", other if decoder else f"drop {g.option}"))
-            elif g.backend not in used:
-                plan = ", ".join(f"{name} on {c.backend}" for name, c in chosen.components.items())
-                idle.append(Idle(g, f"no component runs on {g.backend} here (the plan: {plan})",
+            if i.decoder:
+                idle.append(Idle(g, i.decoder, f"a plan that runs {g.runs_on}",
+                                 f"drop {g.option}" if i.decoder == NO_DECODER else other))
+            elif i.unused_backend:
+                idle.append(Idle(g, f"no component runs on {g.backend} here (the plan: {plan_text(chosen)})",
                                  f"a plan that runs {g.runs_on}", other))
-            elif why := backend(g.backend).idle_settings(
-                    {g.setting: g.value}, [c for c in chosen.components.values() if c.backend == g.backend]).get(
-                    g.setting):
-                idle.append(Idle(g, why, f"a plan whose {g.backend} components run what {g.setting} is for",
+            else:
+                idle.append(Idle(g, i.provider, f"a plan whose {g.backend} components run what {g.setting} is for",
                                  f"drop {g.option}"))
         return idle
+
+    def check_for(self, path, backend: str, device: str, threads: int | None) -> None:
+        """``check_used`` against the plan ``mmedge.load`` would follow for the artifact at ``path`` (nothing to check
+        without settings)."""
+        if self.given:
+            from mmedge.api import plan_for
+
+            self.check_used(plan_for(path, backend=backend, device=device, backend_options=self.as_dict(),
+                                     threads=threads))
+
+    def per_artifact(self, paths: dict, backend: str, device: str, threads: int | None) -> dict[str, dict]:
+        """``backend_options`` per artifact of a command that takes several (``paths``: name -> folder; ``mmedge
+        serve``, ``mmedge bench``): each gets the settings that change something under its plan, and one that would
+        change nothing for every artifact is refused before anything is loaded."""
+        if not self.given:
+            return {}
+        from mmedge.api import plan_for
+
+        plans = {name: plan_for(path, backend=backend, device=device, backend_options=self.as_dict(), threads=threads)
+                 for name, path in paths.items()}
+        self.check_used_by_some(plans)
+        return {name: self.for_plan(chosen) for name, chosen in plans.items()}
 
     def check_used(self, chosen) -> None:
         """InputError for the first setting that would change nothing under ``chosen``, in the flag's words."""
@@ -157,10 +174,10 @@ def _fields(backend: str) -> list[str]:
     return _backend(backend).settings_fields()
 
 
-def _decoder_only(name: str) -> tuple[str, ...]:
-    from mmedge.runtimes.registry import backend
-
-    return backend(name).decoder_only
+def flag_value(args, flag: str):
+    """The value argparse stored for ``flag`` ("--openvino-weights" -> ``args.openvino_weights``); None where the
+    command has no such flag."""
+    return getattr(args, flag.lstrip("-").replace("-", "_"), None)
 
 
 def _given_flag(flag: str, backend: str, setting: str, value) -> GivenSetting | None:

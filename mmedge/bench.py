@@ -211,9 +211,12 @@ def check_artifacts(paths: list[str], labels: list[str] | None) -> None:
 def run_children(paths: list[str], args) -> list[dict]:
     """Measure each artifact in a fresh interpreter; a failure raises what the child said, with its cause."""
     import mmedge
+    from mmedge.backend_option_args import CliBackendOptions
 
     results = []
-    settings = backend_settings(paths, args)
+    # each artifact gets the --backend-option settings its plan uses; one no artifact uses is refused before any run
+    settings = CliBackendOptions.from_args(args).per_artifact({path: path for path in paths}, args.backend,
+                                                              args.device, args.threads)
     for path in paths:
         options = {"backend": args.backend, "device": args.device, "threads": args.threads, "runs": args.runs,
                    "batch": args.batch, "images": args.image or None, "labels": args.labels,
@@ -238,21 +241,6 @@ def run_children(paths: list[str], args) -> list[dict]:
                   "compare them with care", file=sys.stderr)
         results.append(result)
     return results
-
-
-def backend_settings(paths: list[str], args) -> dict[str, dict]:
-    """--backend-option settings per artifact: each gets those that change something under its plan; one that would
-    change nothing for every artifact is refused before anything is measured."""
-    from mmedge.api import plan_for
-    from mmedge.backend_option_args import CliBackendOptions
-
-    given = CliBackendOptions.from_args(args)
-    if not given:
-        return {}
-    plans = {path: plan_for(path, backend=args.backend, device=args.device, backend_options=given.as_dict(),
-                            threads=args.threads) for path in paths}
-    given.check_used_by_some(plans)
-    return {path: given.for_plan(chosen) for path, chosen in plans.items()}
 
 
 def _child_error(path: str, stdout: str) -> MmedgeError | None:

@@ -133,11 +133,7 @@ def cmd_run(args) -> int:
         backend_options = CliBackendOptions.from_args(args)
         if not args.interleaved:
             _check_image_paths(args.images)
-        if backend_options:
-            from mmedge.api import plan_for
-
-            backend_options.check_used(plan_for(args.artifact, backend=args.backend, device=args.device,
-                                                backend_options=backend_options.as_dict(), threads=args.threads))
+        backend_options.check_for(args.artifact, args.backend, args.device, args.threads)
         pipeline = mmedge.load(args.artifact, backend=args.backend, device=args.device, task=args.task,
                                threads=args.threads, backend_options=backend_options.as_dict() or None)
     with pipeline:
@@ -270,11 +266,7 @@ def cmd_validate(args) -> int:
             raise InputError(f"{given.flag} would change nothing in validation",
                              "settings of the graphs it runs (each as exported: this one shapes the decoder "
                              "mmedge.load opens for generation)", f"drop {given.option}")
-    if backend_options:
-        from mmedge.api import plan_for
-
-        backend_options.check_used(plan_for(args.artifact, backend=args.backend, device=args.device,
-                                            backend_options=backend_options.as_dict(), threads=args.threads))
+    backend_options.check_for(args.artifact, args.backend, args.device, args.threads)
     report = validate_artifact(args.artifact, backend=args.backend, device=args.device, threads=args.threads,
                                backend_options=backend_options.as_dict() or None)
     if args.json:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmedge.backend_option_args import DECODER_FLAGS, FLAG
+from mmedge.backend_option_args import DECODER_FLAGS, FLAG, flag_value
 from mmedge.errors import InputError
 from mmedge.families import FAMILIES
 from mmedge.idle_options import Rule, refuse_idle
@@ -103,8 +103,7 @@ def plan_flags_given(args) -> list[str]:
     --backend-option and the decoder flags (``mmedge.backend_option_args``)."""
     return [flag for flag, given in (("--backend", args.backend != "auto"), ("--device", args.device != "auto"),
                                      ("--threads", args.threads is not None),
-                                     *((flag, getattr(args, flag.lstrip("-").replace("-", "_"), None) is not None)
-                                       for flag in (*DECODER_FLAGS, FLAG)))
+                                     *((flag, flag_value(args, flag) is not None) for flag in (*DECODER_FLAGS, FLAG)))
             if given]
 
 

@@ -65,7 +65,9 @@ def load_models(options: ServeOptions) -> dict[str, ServedModel]:
     for path in options.artifacts:  # every manifest read first: a mistyped third folder is said before minutes of
         Artifact.open(path)  # loading the first two
     _check_generation_flags(options, ids)
-    settings = _backend_settings(options, ids)
+    # each artifact gets the --backend-option settings its plan uses (OpenVINO's device for those on OpenVINO)
+    settings = options.backend_options.per_artifact(dict(zip(ids, options.artifacts)), options.backend,
+                                                    options.device, options.threads) if options.backend_options else {}
     models: dict[str, ServedModel] = {}
     progress = Progress(len(ids), enabled=not options.quiet)  # on stderr: a large LLM loads for minutes
     try:
@@ -98,21 +100,6 @@ def _check_generation_flags(options: ServeOptions, ids: list[str]) -> None:
                      f"generates text ({', '.join(families)})",
                      "--workers and --max-queue only with a captioning artifact (BLIP-2, IDEFICS): they size its "
                      "generation queue", f"leave out {flags}, or serve a captioning artifact too")
-
-
-def _backend_settings(options: ServeOptions, ids: list[str]) -> dict[str, dict]:
-    """--backend-option settings per model id: each artifact gets those that change something under its plan
-    (OpenVINO's device for the artifacts on OpenVINO, torch's LLM quantization for a captioner whose decoder runs on
-    torch); one that would change nothing for every artifact is refused before anything is loaded."""
-    if not options.backend_options:
-        return {}
-    from mmedge.api import plan_for
-
-    plans = {model_id: plan_for(path, backend=options.backend, device=options.device,
-                                backend_options=options.backend_options.as_dict(), threads=options.threads)
-             for model_id, path in zip(ids, options.artifacts)}
-    options.backend_options.check_used_by_some(plans)
-    return {model_id: options.backend_options.for_plan(chosen) for model_id, chosen in plans.items()}
 
 
 def load_model(model_id: str, path: Path, options: ServeOptions, backend_options: dict | None = None) -> ServedModel:
