@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from mmedge.errors import BackendUnavailableError, InputError, IntegrityError
+from mmedge.setting_checks import check_switch, is_whole
 
 # Our short names for ONNX Runtime's execution providers.
 PROVIDERS = {
@@ -56,16 +57,12 @@ class OrtOptions:
                              "pass graph_optimization='all' (the default) or 'disable' to compare")
         for name, least in (("device_id", 0), ("workspace_mb", 1), ("inter_op_threads", 1)):
             value = getattr(self, name)
-            if (value is not None or name == "device_id") and (isinstance(value, bool) or not isinstance(value, int)
-                                                               or value < least):
+            if (value is not None or name == "device_id") and not is_whole(value, least):
                 raise InputError(f"{name} is {value!r}", f"{'' if name == 'device_id' else 'None or '}an integer of "
                                  f"at least {least}", f"pass e.g. {name}={max(least, 1) if least else 0}")
-        for name in ("fp16", "keep_on_device", "memory_arena", "io_binding"):
-            value = getattr(self, name)
-            if not isinstance(value, bool) and not (value is None and name == "io_binding"):
-                raise InputError(f"{name} is {value!r}", "True or False" + (" (or None: on for a GPU)"
-                                                                            if name == "io_binding" else ""),
-                                 f"pass {name}=True or {name}=False")
+        for name in ("fp16", "keep_on_device", "memory_arena"):
+            check_switch(name, getattr(self, name))
+        check_switch("io_binding", self.io_binding, none_means="on for a GPU")
         if not isinstance(self.config_entries, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in self.config_entries.items()):
             raise InputError(f"config_entries is {self.config_entries!r}"[:200],

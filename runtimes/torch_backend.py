@@ -59,6 +59,7 @@ from mmedge.runtimes.torch_graphs import (
     as_tuple,
     compile_backend,
 )
+from mmedge.setting_checks import check_switch, is_whole
 
 log = logging.getLogger("mmedge")
 
@@ -367,15 +368,11 @@ class TorchSettings:
         if self.quantization not in (None, *QUANTIZATIONS):
             raise InputError(f"LLM quantization {self.quantization!r}", f"None or one of {', '.join(QUANTIZATIONS)}",
                              "pass quantization='int8' (LLM.int8) or 'nf4'")
-        if isinstance(self.max_graphs, bool) or not isinstance(self.max_graphs, int) or self.max_graphs < 1:
+        if not is_whole(self.max_graphs, 1):
             raise InputError(f"max_graphs is {self.max_graphs!r}", "a positive integer (CUDA graphs kept per "
                              "component)", f"pass e.g. max_graphs={DEFAULT_MAX_GRAPHS}")
-        for name in ("cuda_graphs", "keep_on_device"):
-            value = getattr(self, name)
-            if not isinstance(value, bool) and not (value is None and name == "cuda_graphs"):
-                raise InputError(f"{name} is {value!r}", "True or False" + (" (or None: on for CUDA)"
-                                                                            if name == "cuda_graphs" else ""),
-                                 f"pass {name}=True or {name}=False")
+        check_switch("cuda_graphs", self.cuda_graphs, none_means="on for CUDA")
+        check_switch("keep_on_device", self.keep_on_device)
         for name in ("device", "checkpoint"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, Path)):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mmedge.errors import BackendUnavailableError, InputError
+from mmedge.setting_checks import is_whole
 
 INSTALL = 'pip install "mmedge[openvino]" (OpenVINO and NNCF from PyPI)'
 DEVICES = ("CPU", "GPU", "NPU")
@@ -82,13 +83,12 @@ class OvOptions:
         if base not in DEVICES:
             raise InputError(f"OpenVINO device {self.device!r}", f"one of {', '.join(DEVICES)} (optionally '.N')",
                              "pass device='CPU' or one `mmedge doctor` lists under OpenVINO")
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
-                                         or self.threads < 1):
+        if self.threads is not None and not is_whole(self.threads, 1):
             raise InputError(f"threads is {self.threads!r}", "None or a positive integer", "pass e.g. threads=2")
         if self.precision_hint not in (None, "f32", "f16", "bf16"):
             raise InputError(f"precision_hint is {self.precision_hint!r}", "None, 'f32', 'f16' or 'bf16'",
                              "leave it unset for the device's FP32-faithful default")
-        if isinstance(self.shape_cache, bool) or not isinstance(self.shape_cache, int) or self.shape_cache < 0:
+        if not is_whole(self.shape_cache, 0):
             raise InputError(f"shape_cache is {self.shape_cache!r}", "an integer of 0 or more (input shapes kept)",
                              f"pass e.g. shape_cache={DEFAULT_SHAPE_CACHE} (the default), or 0 to keep none")
         if self.shape_cache != DEFAULT_SHAPE_CACHE and not self.device.startswith("CPU"):
