@@ -81,11 +81,17 @@ class PrefixInputs:
         families refuse theirs: cutting it would change the question (its start, "Question:", goes first)."""
         if _checked_type(prompt) is None:
             return np.array([self.settings["bos_token_id"]], dtype=np.int64)
-        check_prompt_chars(prompt, self.max_prompt_tokens)
-        ids = self.tokenizer.encode_all(prompt)  # [tokens], starts with BOS
-        refuse_image_placeholder(ids, self.settings["image_tokens"].get("hf_image_token_id"), self.tokenizer)
+        ids = self.encoded(prompt)  # [tokens], starts with BOS
         if ids.shape[0] > budget:
             self._refuse_long_prompt(int(ids.shape[0]), budget, queries, max_new_tokens)
+        return ids
+
+    def encoded(self, prompt: str) -> np.ndarray:
+        """``tokenizer(prompt)`` ids, ``[tokens]``: a prompt far over the token cap refused before tokenizing, and
+        one holding the image placeholder after."""
+        check_prompt_chars(prompt, self.max_prompt_tokens)
+        ids = self.tokenizer.encode_all(prompt)
+        refuse_image_placeholder(ids, self.settings["image_tokens"].get("hf_image_token_id"), self.tokenizer)
         return ids
 
     @property

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from mmedge.errors import InputError
-from mmedge.pipelines.prefix_inputs import PrefixInputs, check_prompt_chars, refuse_image_placeholder
+from mmedge.pipelines.prefix_inputs import PrefixInputs
 
 
 def encoder_inputs(prefix: np.ndarray, prompt_ids: Sequence[np.ndarray], table, padding_side: str = "right"):
@@ -72,9 +72,7 @@ class Seq2SeqInputs(PrefixInputs):
             return np.array([self.settings["bos_token_id"]], dtype=np.int64)
         if not isinstance(prompt, str):
             raise InputError(f"prompt is a {type(prompt).__name__}", "a string or None", "pass prompt='a photo of'")
-        check_prompt_chars(prompt, self.max_prompt_tokens)
-        ids = self.tokenizer.encode_all(prompt)
-        refuse_image_placeholder(ids, self.settings["image_tokens"].get("hf_image_token_id"), self.tokenizer)
+        ids = self.encoded(prompt)
         if ids.shape[0] > budget:
             raise InputError(f"the prompt has {ids.shape[0]} tokens", f"at most {budget}", "shorten the prompt")
         return ids
