@@ -95,6 +95,14 @@ class ImageError(InputError):
     """A file or object is not a usable image."""
 
 
+class LabelError(InputError):
+    """A zero-shot label cannot be scored; ``index`` is its place in the label list (a server names the field)."""
+
+    def __init__(self, what: str, expected: str | None = None, fix: str | None = None, *, index: int | None = None):
+        super().__init__(what, expected, fix)
+        self.index = index
+
+
 class TokenizerError(InputError):
     """The tokenizer file is missing or unreadable, or text cannot be tokenized."""
 

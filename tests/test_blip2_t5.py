@@ -185,6 +185,11 @@ def test_bad_prompt_lists_are_refused(captioner, images):
             captioner.caption(images[0], f"a {placeholder} b")
     with pytest.raises(InputError, match="characters"):  # before seconds of tokenizing
         captioner.caption(images[0], "word " * 1_000_000)
+    # the prompt is the encoder's: the decoder's positions start at its start token, and are not bounded
+    assert captioner.prompt_positions(images[0], "Question: what is it? Answer:") == 1
+    assert captioner.max_positions is None
+    with pytest.raises(InputError, match="prompt is a int"):  # judged as the call judges it
+        captioner.prompt_positions(images[0], 3)
 
 
 # --- the family and the full-size config --------------------------------------------------------------

@@ -113,6 +113,18 @@ def test_settings_that_are_read_are_taken(captioner, photos):
     assert captioner.caption(photos[0], temperature=None, seed=None, max_new_tokens=6)  # None: not given
 
 
+def test_prompt_positions_are_counted_without_running_a_graph(captioner, photos):
+    """What a server checks before a request waits for the decoder: the positions the prompt will take, and the
+    settings a call would use, refused as the call refuses them."""
+    for prompt in (None, "Question: what is it? Answer:"):
+        built = captioner.inputs.for_images(photos[0], prompt)
+        assert captioner.prompt_positions(photos[0], prompt) == built["embeds"].shape[1]
+    assert captioner.max_positions == captioner.settings["decoder"]["max_positions"]
+    assert captioner.generation_settings(max_new_tokens=7).max_new_tokens == 7
+    with pytest.raises(InputError, match="length_penalty=0.6 would change nothing"):
+        captioner.generation_settings(length_penalty=0.6)
+
+
 def test_bad_prompts(captioner, photos):
     with pytest.raises(InputError, match="question is empty"):
         captioner.ask(photos[0], "  ")

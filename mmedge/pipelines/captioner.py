@@ -126,6 +126,23 @@ class Captioner:
             yield from _strip_stream(answer)
             result.finished(answer.tokens, answer.finish_reason)
 
+    def generation_settings(self, **generation: Any) -> GenerationConfig:
+        """The generation settings a call with these keywords would use (the manifest's defaults, overridden), checked
+        as the call checks them: InputError for one that cannot work or would change nothing."""
+        return self._config(generation)
+
+    @property
+    def max_positions(self) -> int | None:
+        """The decoder's positions, shared by the prompt and the new tokens (a TensorRT engine's profile may hold
+        fewer than the model); None where they are not bounded (Flan-T5's relative positions)."""
+        return getattr(self.decoder, "max_positions", None) or self.settings["decoder"].get("max_positions")
+
+    def prompt_positions(self, image, prompt: str | None = None) -> int:
+        """Decoder positions the prompt of ``stream(image, prompt)`` (``image``: one image, or an interleaved prompt
+        list) takes before the first new token, image rows included; counted without running a graph or reading the
+        image. InputError for a prompt the call would refuse for its text."""
+        return self.inputs.prompt_positions(image, prompt)
+
     # --- generation ------------------------------------------------------------------------------
     def _generate(self, built: dict, config: GenerationConfig) -> list[str]:
         with self._decoder_in_use():

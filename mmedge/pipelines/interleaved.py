@@ -87,6 +87,8 @@ class FlamingoInputs:
     the prompt and the new tokens.
     """
 
+    least_prompt_positions = 1  # BOS: a prompt of one empty text; any image adds its tokens around it
+
     def __init__(self, settings: dict, tokenizer, preprocessor, run, embeddings, max_prompt_tokens: int | None = None):
         self.settings = settings
         self.format = settings["prompt_format"]
@@ -105,18 +107,33 @@ class FlamingoInputs:
         batch = [Path(image) if is_text(image) else image for image in batch]
         return self.build([[image, *([prompt] if prompt else [])] for image in batch], max_new_tokens)
 
+    def prompt_positions(self, image, prompt: str | None) -> int:
+        """Tokens of one interleaved prompt (``image``: its list), or of ``[image, prompt]`` as ``for_images`` builds
+        it (a string ``image`` is a path), image tokens included."""
+        if isinstance(image, (list, tuple)):
+            items = list(image)
+        else:
+            items = [Path(image) if is_text(image) else image, *([prompt] if prompt else [])]
+        return int(self._encoded(items)[0].shape[0])
+
     def prompt_ids(self, items: list, max_new_tokens: int = 0) -> tuple[np.ndarray, list]:
+        ids, images = self._encoded(items)
+        tokens, positions = int(ids.shape[0]), self.max_prompt_tokens
+        if tokens + max_new_tokens > positions:
+            fits = positions - tokens
+            raise InputError(f"the prompt has {tokens} tokens (image tokens included); with "
+                             f"max_new_tokens={max_new_tokens} that is {tokens + max_new_tokens} positions",
+                             f"at most the model's {positions} positions",
+                             f"lower max_new_tokens to {fits} or less, or shorten the text or pass fewer images"
+                             if fits > 0 else "shorten the text or pass fewer images")
+        return ids, images
+
+    def _encoded(self, items: list) -> tuple[np.ndarray, list]:
+        """The prompt's ids ``[tokens]`` and its images in order."""
         text, images = prompt_text(items, self.format)
         # the user's text, before tokenizing (the format's image tokens are many characters but few tokens)
         check_prompt_chars("".join(item for item in items if is_text(item)), self.max_prompt_tokens)
-        ids = self.tokenizer.encode_all(text, add_special_tokens=False)  # [tokens]
-        room = self.max_prompt_tokens - max_new_tokens
-        if ids.shape[0] > room:
-            raise InputError(f"the prompt has {ids.shape[0]} tokens",
-                             f"at most {room} (the model's {self.max_prompt_tokens} positions "
-                             f"minus {max_new_tokens} for new tokens)",
-                             "shorten the text, pass fewer images or lower max_new_tokens")
-        return ids, images
+        return self.tokenizer.encode_all(text, add_special_tokens=False), images
 
     def build(self, prompts: list[list], max_new_tokens: int = 0) -> dict:
         """``{"embeds" [batch, tokens, hidden], "mask" [batch, tokens], "ids" [batch, tokens], "prefill": {...},

@@ -94,6 +94,12 @@ class PrefixInputs:
         refuse_image_placeholder(ids, self.settings["image_tokens"].get("hf_image_token_id"), self.tokenizer)
         return ids
 
+    def prompt_positions(self, image, prompt: str | None) -> int:
+        """Decoder positions of one image's prompt: the image's query rows, then BOS and the prompt's tokens."""
+        prompt = _checked_type(self.default_prompt(prompt))
+        tokens = 1 if prompt is None else int(self.encoded(prompt).shape[0])
+        return int(self.settings["num_query_tokens"]) + tokens
+
     @property
     def least_prompt_positions(self) -> int:
         """Decoder positions every prompt takes before its text: the image's query rows and BOS."""

@@ -43,6 +43,14 @@ class Seq2SeqInputs(PrefixInputs):
 
     least_prompt_positions = 1  # the decoder's own positions start at its start token; the prompt is the encoder's
 
+    def prompt_positions(self, image, prompt: str | None) -> int:
+        """The decoder's start token: the prompt (checked here as the call checks it) is the encoder's."""
+        prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
+        budget = self.prompt_budget(int(self.settings["num_query_tokens"]), 0)
+        for text in prompts:
+            self.prompt_ids(self.default_prompt(text), budget)
+        return self.least_prompt_positions
+
     def for_images(self, images, prompt: str | list[str] | None, max_new_tokens: int = 0) -> dict:
         embeds, mask = self.encoder_inputs(images, prompt)
         encoder = self.settings["encoder"]["component"]

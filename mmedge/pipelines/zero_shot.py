@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mmedge.errors import BackendError, InputError
+from mmedge.errors import BackendError, InputError, LabelError
 from mmedge.pipelines.common import ClipPipeline, l2_normalize
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -75,13 +75,13 @@ def check_label_tokens(tokenizer, labels: Sequence[str], templates: Sequence[str
       as the tokenizer cuts them: labels that differ only in what the tokenizer drops (CLIP's lowercases and
       squeezes spaces: "Cat", " cat") or only past the cut. They are one class that would split its probability.
     """
-    for label, ids in zip(labels, tokenizer.encode_each(labels, add_special_tokens=False)):
+    for index, (label, ids) in enumerate(zip(labels, tokenizer.encode_each(labels, add_special_tokens=False))):
         special = _special_tokens_in(tokenizer, ids)
         if special:
-            raise InputError(f"label {_shown(label)} holds the tokenizer's special token {special!r}",
+            raise LabelError(f"label {_shown(label)} holds the tokenizer's special token {special!r}",
                              "labels of plain text (the text encoder reads a special token as a control mark, "
                              f"and {special!r} would end or restart the label's text)",
-                             f"remove {special!r} from the label")
+                             f"remove {special!r} from the label", index=index)
     prompts = [template.replace("{}", label) for label in labels for template in templates]
     every = tokenizer.encode_each(prompts)  # one call for all: a label at a time took 0.8 s for 1000 x 10
     long = [i for i, ids in enumerate(every) if len(ids) > tokenizer.max_length]  # and those cut, as the encoder is
@@ -95,13 +95,13 @@ def check_label_tokens(tokenizer, labels: Sequence[str], templates: Sequence[str
         if same == label:
             continue
         if same_uncut == uncut:  # the same tokens before any cut: the tokenizer drops what tells them apart
-            raise InputError(f"labels {_shown(same)} and {_shown(label)} are the same tokens to this model's "
+            raise LabelError(f"labels {_shown(same)} and {_shown(label)} are the same tokens to this model's "
                              "tokenizer", "each class once, so each probability means one class",
-                             f"remove {_shown(label)}")
-        raise InputError(f"labels {_shown(same)} and {_shown(label)} are the same tokens to this model's text "
+                             f"remove {_shown(label)}", index=index)
+        raise LabelError(f"labels {_shown(same)} and {_shown(label)} are the same tokens to this model's text "
                          f"encoder once each prompt is cut at {tokenizer.max_length} tokens (its length, start "
                          "and end tokens included)", "labels that differ within the tokens the text encoder reads",
-                         "shorten the labels so that they differ early, or remove one of them")
+                         "shorten the labels so that they differ early, or remove one of them", index=index)
 
 
 def _special_tokens_in(tokenizer, ids: Sequence[int]) -> str | None:

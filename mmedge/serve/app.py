@@ -192,9 +192,33 @@ async def client_gone(request, exc: ClientDisconnect):
     return Response(status_code=499)  # nginx's "client closed request": nobody reads it, the metrics count it
 
 
-async def unexpected(request, exc: Exception):
-    log.error("mmedge serve: internal error on %s %s", request.method, request.url.path, exc_info=exc)
-    return _answer(request, internal(exc))
+class InternalErrorMiddleware:
+    """Pure ASGI middleware: a bug in mmedge is answered 500 in OpenAI's shape and logged once, inside the metrics
+    middleware so that it counts the answer with its code. (Starlette runs an ``Exception`` handler in its outermost
+    ServerErrorMiddleware, outside every added middleware, and re-raises: the metrics saw no code, and the traceback
+    was logged twice.) A failure after the answer started is the stream's own to report (``_chunks``)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = [False]
+
+        async def sending(message):
+            started[0] = started[0] or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as exc:  # noqa: BLE001 - answered, and logged with its traceback
+            if started[0]:
+                raise
+            log.error("mmedge serve: internal error on %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
+            error = internal(exc)
+            scope.setdefault("state", {})["error_code"] = error.code
+            await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
 
 
 class ApiKeyMiddleware:
@@ -232,8 +256,9 @@ def create_app(options: ServeOptions, models: dict[str, ServedModel]) -> Starlet
               Route("/v1/embeddings", embeddings, methods=["POST"]), Route("/v1/classify", classify, methods=["POST"]),
               Mount("/static", StaticFiles(directory=STATIC), name="static")]
     app = Starlette(routes=routes, exception_handlers={MmedgeError: api_error, HTTPException: http_error,
-                                                       ClientDisconnect: client_gone, Exception: unexpected})
+                                                       ClientDisconnect: client_gone})
     app.state.serving = Serving(options, models, metrics_)
+    app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(ApiKeyMiddleware, key=options.api_key)
     app.add_middleware(MetricsMiddleware, metrics=metrics_)  # added last: outermost, so it also counts the 401s
     return app

@@ -8,7 +8,8 @@ What a request means to each kind of captioner:
 - interleaved prompts (IDEFICS: captioners whose ``interleaved`` is true): the parts of every message, in order,
   form one prompt of images and texts (``Captioner.stream``); roles add no text of their own.
 
-Settings: ``max_tokens`` (or ``max_completion_tokens``), ``temperature`` (0, or below 1e-5: greedy; above: sampling;
+Settings (all judged before the request waits for a captioner): ``max_tokens`` (or ``max_completion_tokens``),
+``temperature`` (0, or below 1e-5: greedy; above: sampling;
 absent: the artifact's own settings, greedy for the demo models), ``top_p`` (0: greedy), ``seed`` (any int64, read
 when the answer samples, as OpenAI takes it at any temperature), ``stop``; extensions ``num_beams`` (beam
 search), ``top_k``, ``min_tokens``, ``repetition_penalty``, ``length_penalty``, ``prompt_mode``.
@@ -26,11 +27,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 
+from mmedge.errors import MmedgeError
 from mmedge.generation import MAX_NEW_TOKENS_CAP, GenerationConfig, TextStream
 from mmedge.generation.config import MIN_TEMPERATURE
-from mmedge.manifest import decoder_settings, family_section
+from mmedge.manifest import family_section
 from mmedge.pipelines.captioner import vqa_prompt
-from mmedge.serve.errors import invalid
+from mmedge.serve.errors import from_mmedge, invalid
 from mmedge.serve.inputs import bounded, check_fields, field, image_bytes, strings, typed
 from mmedge.serve.models import ServedModel
 from mmedge.serve.options import MAX_PROMPT_CHARS, MAX_PROMPT_TOKENS, ServeOptions
@@ -94,6 +96,7 @@ def parse_chat(data: dict, model: ServedModel, options: ServeOptions) -> ChatJob
         raise invalid(f"field 'n' is {data['n']}", "1 (one choice per request)",
                       "send n=1 and repeat the request for more",
                       "n")
+    field(data, "user", "string")  # OpenAI's end-user id, for abuse monitoring: checked, not used
     stream = field(data, "stream", "boolean", default=False)
     stream_options = field(data, "stream_options", "object", default={})
     if data.get("stream_options") is not None and not stream:
@@ -105,6 +108,8 @@ def parse_chat(data: dict, model: ServedModel, options: ServeOptions) -> ChatJob
     defaults = GenerationConfig.from_dict(model.manifest.get("generation") or {})
     if "seed" in generation and not generation.get("do_sample", defaults.do_sample):
         del generation["seed"]  # OpenAI takes a seed at any temperature: an answer that draws nothing needs none
+    max_field = next((name for name in ("max_completion_tokens", "max_tokens") if data.get(name) is not None), None)
+    _check_combination(generation, defaults, max_field)
     max_new_tokens = generation.get("max_new_tokens", defaults.max_new_tokens)
     messages = parse_messages(data, options)
     if model.captioner.interleaved:
@@ -112,40 +117,71 @@ def parse_chat(data: dict, model: ServedModel, options: ServeOptions) -> ChatJob
             raise invalid(f"field 'prompt_mode' was given for model '{model.id}' ({model.family})",
                           "no prompt_mode for an interleaved model: its messages' images and texts, in order, are the "
                           "prompt itself", "leave out prompt_mode, or pick a one-image model (BLIP-2)", "prompt_mode")
-        call, prompt_tokens, images = _interleaved(messages, model, generation)
+        prompt, prompt_tokens, images = _interleaved(messages, model)
+        inputs: tuple = (prompt,)
     else:
-        mode = field(data, "prompt_mode", "string", default="question")
-        call, prompt_tokens, images = _one_image(messages, model, generation, max_new_tokens, mode)
+        image, text, prompt_tokens = _one_image(messages, model, field(data, "prompt_mode", "string",
+                                                                       default="question"))
+        inputs, images = (image, text), [image]
+    _check_positions(model, inputs, max_new_tokens, max_field)
+    try:  # every other refusal before the request waits for a captioner: a busy server would answer it 503
+        model.captioner.generation_settings(**generation)
+    except MmedgeError as exc:
+        error = from_mmedge(exc)
+        error.param = max_field if error.param == "max_tokens" and max_field else error.param
+        raise error from None
+
+    def call(pipeline):
+        return pipeline.stream(*inputs, **generation)
+
     return ChatJob(model, call, stream, include_usage, prompt_tokens, images=images)
 
 
-def _interleaved(messages: list, model: ServedModel, generation: dict):
-    """Every message's images and texts, in order, as one prompt (IDEFICS); the pipeline checks its positions."""
+def _interleaved(messages: list, model: ServedModel) -> tuple[list, int, list]:
+    """Every message's images and texts, in order, as one prompt (IDEFICS), its usage tokens and its images."""
     items = [part for _, parts in messages for part in parts]
+    if not any(isinstance(part, bytes) or part.strip() for part in items):
+        raise invalid("the messages hold no image and no text", f"at least one image or text part for model "
+                      f"'{model.id}' ({model.family})", "send an image_url part, and the text the answer continues",
+                      "messages", code="missing_image")
     texts = _checked_chars([part for part in items if isinstance(part, str)])
     text_tokens = 1 + sum(_tokens(model.captioner, text, special=False) for text in texts)  # BOS + texts
-    _check_prompt_tokens(text_tokens, MAX_PROMPT_TOKENS, model, generation.get("max_new_tokens"))
-
-    def call(pipeline):
-        return pipeline.stream(items, **generation)
-
+    _check_prompt_tokens(text_tokens, model)
     images = [part for part in items if isinstance(part, bytes)]
-    return call, text_tokens + len(images) * _image_tokens(model), images
+    return items, text_tokens + len(images) * _image_tokens(model), images
 
 
-def _one_image(messages: list, model: ServedModel, generation: dict, max_new_tokens: int, mode: str):
-    """One image and a question, a text to continue, or nothing (a caption): BLIP-2."""
+def _one_image(messages: list, model: ServedModel, mode: str) -> tuple[bytes, str | None, int]:
+    """One image and a question, a text to continue, or nothing (a caption): BLIP-2; with the usage tokens."""
     image, prompt = _one_image_prompt(messages, model, mode)
     text_tokens = _tokens(model.captioner, prompt, special=True) if prompt is not None else 1  # BOS
-    positions = decoder_settings(model.manifest).get("max_positions")
-    room = MAX_PROMPT_TOKENS if positions is None else min(MAX_PROMPT_TOKENS,
-                                                           positions - _image_tokens(model) - max_new_tokens)
-    _check_prompt_tokens(text_tokens, room, model, max_new_tokens)
+    _check_prompt_tokens(text_tokens, model)
+    return image, prompt, text_tokens + _image_tokens(model)
 
-    def call(pipeline):
-        return pipeline.stream(image, prompt, **generation)
 
-    return call, text_tokens + _image_tokens(model), [image]
+def _check_combination(generation: dict, defaults: GenerationConfig, max_field: str | None) -> None:
+    """The request's settings together with the model's defaults, refused in the request's words (the pipeline's own
+    refusals name mmedge's settings: do_sample, max_new_tokens)."""
+    samples = generation.get("do_sample", defaults.do_sample)
+    beams = generation.get("num_beams", defaults.num_beams)
+    if samples and beams > 1:
+        expected = "num_beams 1 when the answer samples (beam search decodes greedily; beam sampling is not supported)"
+        if "num_beams" in generation:
+            why = "temperature, top_p or top_k given" if "do_sample" in generation else "the model's default"
+            raise invalid(f"field 'num_beams' is {beams} while the answer samples ({why})", expected,
+                          "send temperature 0 with num_beams for beam search, or leave out num_beams", "num_beams")
+        raise invalid(f"the request samples (temperature, top_p or top_k given), and the model's default is beam "
+                      f"search (num_beams={beams})", expected, "send \"num_beams\": 1 to sample, or leave out the "
+                      "sampling fields for beam search", "temperature")
+    max_new = generation.get("max_new_tokens", defaults.max_new_tokens)
+    min_new = generation.get("min_new_tokens", defaults.min_new_tokens)
+    if min_new > max_new:
+        if "min_new_tokens" in generation or max_field is None:
+            raise invalid(f"field 'min_tokens' is {min_new}", f"at most max_tokens ({max_new}"
+                          f"{'' if max_field else ', the model default'})", "lower min_tokens or raise max_tokens",
+                          "min_tokens")
+        raise invalid(f"field '{max_field}' is {max_new}", f"at least the model's default min_tokens ({min_new})",
+                      f"raise {max_field} to {min_new} or more, or send a lower min_tokens", max_field)
 
 
 def generation_settings(data: dict) -> dict:
@@ -175,17 +211,30 @@ def generation_settings(data: dict) -> dict:
     elif temperature is not None or top_p is not None or top_k is not None:  # OpenAI samples; top_k is off unless asked
         settings.update(do_sample=True, temperature=1.0 if temperature is None else float(temperature),
                         top_p=1.0 if top_p is None else float(top_p), top_k=0 if top_k is None else top_k)
-    for openai_name, name, kind in (("seed", "seed", "integer"), ("min_tokens", "min_new_tokens", "integer"),
-                                    ("repetition_penalty", "repetition_penalty", "number"),
-                                    ("length_penalty", "length_penalty", "number")):
-        value = field(data, openai_name, kind)
-        if value is not None:
-            # OpenAI's seed is any int64; mmedge's generator takes one of 0 or more: the same 64 bits, unsigned
-            settings[name] = value % (1 << 64) if name == "seed" else value
+    seed = bounded(data, "seed", "integer", -(1 << 63), (1 << 63) - 1)  # OpenAI's seed: an int64
+    if seed is not None:
+        settings["seed"] = seed % (1 << 64)  # mmedge's generator takes one of 0 or more: the same 64 bits, unsigned
+    min_tokens = bounded(data, "min_tokens", "integer", 0, MAX_NEW_TOKENS_CAP)
+    if min_tokens is not None:
+        settings["min_new_tokens"] = min_tokens
+    repetition_penalty = field(data, "repetition_penalty", "number")
+    if repetition_penalty is not None:
+        if repetition_penalty <= 0:
+            raise invalid(f"field 'repetition_penalty' is {repetition_penalty}", "a number above 0 (1 = off)",
+                          "send 1 for no penalty, or about 1.2 to discourage repeats", "repetition_penalty")
+        settings["repetition_penalty"] = repetition_penalty
+    length_penalty = field(data, "length_penalty", "number")
+    if length_penalty is not None:
+        settings["length_penalty"] = length_penalty
     num_beams = bounded(data, "num_beams", "integer", 1, MAX_BEAMS)
     if num_beams is not None:
         settings["num_beams"] = num_beams
     stop = strings(data, "stop")
+    empty = next((index for index, text in enumerate(stop or []) if not text), None)
+    if empty is not None:
+        raise invalid("field 'stop' holds an empty string", "non-empty stop strings (an empty one would end every "
+                      "answer before it starts)", "remove the empty string", f"stop[{empty}]" if len(stop) > 1
+                      else "stop")
     if stop:
         if len(stop) > MAX_STOP:
             raise invalid(f"field 'stop' has {len(stop)} strings", f"at most {MAX_STOP}", "keep the most useful ones",
@@ -244,6 +293,11 @@ def _image_part(part: dict, where: str, options: ServeOptions) -> bytes:
     image_url = part.get("image_url")
     if isinstance(image_url, dict):
         check_fields(image_url, ("url", "detail"), where + "image_url.")
+        detail = field(image_url, "detail", "string", where=where + "image_url.")
+        if detail not in (None, "auto"):
+            raise invalid(f"field '{where}image_url.detail' is '{detail[:20]}'", "\"auto\" or no detail: the model "
+                          "reads every image at its own fixed size, so low or high detail would change nothing",
+                          "leave out detail", where + "image_url.detail")
         return image_bytes(field(image_url, "url", "string", required=True, where=where + "image_url."),
                            where + "image_url.url", options)
     return image_bytes(field(part, "image_url", "string", required=True, where=where), where + "image_url", options)
@@ -286,11 +340,30 @@ def _image_tokens(model: ServedModel) -> int:
     return int(section.get("num_query_tokens") or (section.get("cross_kv") or {}).get("tokens_per_image") or 0)
 
 
-def _check_prompt_tokens(tokens: int, room: int, model: ServedModel, max_new_tokens: int | None) -> None:
-    if tokens > room:
-        settings = f", with max_tokens={max_new_tokens}" if max_new_tokens is not None else ""
-        raise invalid(f"the prompt has {tokens} token{'s' if tokens != 1 else ''}{settings}",
-                      f"at most {max(room, 0)} prompt tokens for model '{model.id}' (at most "
-                      f"{MAX_PROMPT_TOKENS}, and the "
-                      "prompt, the image tokens and max_tokens within the decoder's positions)",
-                      "shorten the text or lower max_tokens", "messages", code="prompt_too_long")
+def _check_prompt_tokens(tokens: int, model: ServedModel) -> None:
+    if tokens > MAX_PROMPT_TOKENS:
+        raise invalid(f"the prompt has {tokens} text tokens", f"at most {MAX_PROMPT_TOKENS} prompt tokens for model "
+                      f"'{model.id}'", "shorten the text", "messages", code="prompt_too_long")
+
+
+def _check_positions(model: ServedModel, inputs: tuple, max_new_tokens: int, max_field: str | None) -> None:
+    """The prompt (image tokens included) and max_tokens within the decoder's positions, judged before the request
+    waits for a captioner; the field to change is named: max_tokens where the prompt alone fits, else messages."""
+    positions = model.captioner.max_positions
+    try:
+        used = model.captioner.prompt_positions(*inputs)
+    except MmedgeError as exc:
+        raise from_mmedge(exc, "messages") from None
+    if positions is None or used + max_new_tokens <= positions:
+        return
+    fits = positions - used
+    if fits > 0 and max_field is not None:
+        raise invalid(f"field '{max_field}' is {max_new_tokens}; with the prompt's {used} positions (image tokens "
+                      f"included) that is {used + max_new_tokens}", f"at most {fits} for this prompt: model "
+                      f"'{model.id}' has {positions} positions for the prompt and the answer",
+                      f"lower {max_field} to {fits} or less, or shorten the prompt", max_field)
+    given = f"{max_field}={max_new_tokens}" if max_field else f"the model's default max_tokens ({max_new_tokens})"
+    raise invalid(f"the prompt takes {used} positions (image tokens included); with {given} that is "
+                  f"{used + max_new_tokens}", f"at most the {positions} positions of model '{model.id}'",
+                  f"shorten the text, pass fewer images or send a lower max_tokens (at most {fits})" if fits > 0
+                  else "shorten the text or pass fewer images", "messages", code="prompt_too_long")

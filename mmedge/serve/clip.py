@@ -33,6 +33,7 @@ def embeddings(data: dict, model: ServedModel, options: ServeOptions):
     embedder = _pipeline(model, "embed", "/v1/embeddings")
     texts = strings(data, "input") or []
     images = _images(data, "images", options, required=False)
+    field(data, "user", "string")  # OpenAI's end-user id: checked, not used
     encoding = field(data, "encoding_format", "string", default="float")
     if encoding not in ENCODINGS:
         raise invalid(f"field 'encoding_format' is '{encoding[:20]}'", f"one of {', '.join(ENCODINGS)}",
@@ -76,6 +77,7 @@ def classify(data: dict, model: ServedModel, options: ServeOptions):
     labels = strings(data, "labels")
     templates = strings(data, "templates")
     top_k = field(data, "top_k", "integer")
+    field(data, "user", "string")
     if top_k is not None and top_k < 1:
         raise invalid(f"field 'top_k' is {top_k}", "a positive integer (how many labels to return per image)",
                       "send e.g. \"top_k\": 5, or leave it out for every label", "top_k")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from mmedge.errors import BackendError, ImageError, InputError, MmedgeError
+from mmedge.errors import BackendError, ImageError, InputError, LabelError, MmedgeError
 
 # mmedge's generation settings by the request fields that set them (chat.generation_settings)
 FIELDS = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "stop_strings": "stop",
@@ -41,6 +41,8 @@ def from_mmedge(exc: MmedgeError, param: str | None = None) -> ApiError:
         setting = SETTING.match(exc.what)
         if param is None and setting:
             param = FIELDS.get(setting.group(1), setting.group(1))
+        if param is None and isinstance(exc, LabelError) and exc.index is not None:
+            param = f"labels[{exc.index}]"
         return ApiError(400, exc.what, exc.expected, exc.fix, param=param, code=code)
     code = "backend_error" if isinstance(exc, BackendError) else "server_error"
     return ApiError(500, exc.what, exc.expected, exc.fix, param=param, code=code)

@@ -12,9 +12,11 @@ import base64
 import binascii
 import io
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from PIL import Image, UnidentifiedImageError
 
@@ -27,6 +29,7 @@ KINDS = {"string": (str,), "integer": (int,), "number": (int, float), "boolean":
          "object": (dict,)}
 ANY_BYTES = ("application/octet-stream",)  # FileReader.readAsDataURL's type for a file it cannot name
 ASCII_WHITESPACE = re.compile(r"[\t\n\f\r ]+")  # line breaks of wrapped base64 (WHATWG's forgiving base64)
+URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")  # https://, file://, ftp://, in any case
 ARTICLE = {"integer": "an integer", "object": "a JSON object", "list": "a JSON list", "boolean": "true or false"}
 
 
@@ -96,11 +99,14 @@ def field(data: dict, name: str, kind: str, *, required: bool = False, default: 
 
 
 def typed(value: Any, kind: str, param: str) -> Any:
-    """``value`` if it is of JSON ``kind``, else 422 naming ``param``."""
+    """``value`` if it is of JSON ``kind``, else 422 naming ``param``; a number must be finite (Python's JSON reader
+    takes NaN and Infinity, which JSON has not)."""
     if not isinstance(value, KINDS[kind]) or (isinstance(value, bool) and kind != "boolean"):
         shown = f"a JSON {type(value).__name__}" if isinstance(value, (dict, list)) else json.dumps(value)[:40]
         raise invalid(f"field '{param}' is {shown}", _article(kind), f"send {param} as {_article(kind)}", param, 422,
                       "invalid_type")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise invalid(f"field '{param}' is {value}", "a finite number", f"send {param} as a finite number", param)
     return value
 
 
@@ -112,7 +118,8 @@ def bounded(data: dict, name: str, kind: str, low: float, high: float, default: 
     """A number field within ``[low, high]`` (400 outside)."""
     value = field(data, name, kind, default=default, where=where)
     if value is not None and not low <= value <= high:
-        raise invalid(f"field '{where + name}' is {value}", f"a value from {low:g} to {high:g}",
+        shown = (lambda bound: f"{bound:g}") if kind == "number" else str
+        raise invalid(f"field '{where + name}' is {value}", f"a value from {shown(low)} to {shown(high)}",
                       f"pass {name} within that range", where + name)
     return value
 
@@ -157,9 +164,10 @@ def image_bytes(url: Any, param: str, options: ServeOptions) -> FieldImage:
     if not isinstance(url, str):
         raise invalid(f"field '{param}' is not a string", "a data URI such as data:image/png;base64,...",
                       "send the image as a data URI string", param, 422, "invalid_type")
+    scheme = URL_SCHEME.match(url)
     if url[:5].lower() == "data:":
         data = _data_uri(url, param)
-    elif url.startswith(("http://", "https://")):
+    elif scheme and scheme.group(1).lower() != "file":
         raise invalid(f"field '{param}' is a remote URL ({url[:60]})", "a data URI (this server fetches nothing)",
                       "download the image and send it as data:image/...;base64,...", param,
                       code="unsupported_image_url")
@@ -198,7 +206,7 @@ def _allowed_file(url: str, param: str, options: ServeOptions) -> bytes:
         raise invalid(f"field '{param}' names a file ({url[:60]})", "a data URI (files are refused unless the server "
                       "was started with --allow-images-from DIR)", "send the image as data:image/...;base64,...", param,
                       code="unsupported_image_url")
-    path = Path(url[len("file://"):] if url.startswith("file://") else url).expanduser()
+    path = _file_url_path(url, param) if url[:5].lower() == "file:" else Path(url).expanduser()
     resolved = (root / path).resolve() if not path.is_absolute() else path.resolve()  # symlinks followed, then checked
     if not resolved.is_relative_to(root):
         raise invalid(f"field '{param}' names a file outside the allowed folder ({url[:60]})",
@@ -212,6 +220,16 @@ def _allowed_file(url: str, param: str, options: ServeOptions) -> bytes:
                        f"at most {options.max_body_bytes:,} bytes (--max-body-mb)", "downscale it", param=param,
                        code="body_too_large")
     return resolved.read_bytes()
+
+
+def _file_url_path(url: str, param: str) -> Path:
+    """The path of a ``file:`` URL (RFC 8089): percent-escapes decoded, on this host (no host, or ``localhost``)."""
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise invalid(f"field '{param}' is a file URL on host '{parts.netloc[:40]}'", "a file URL on this server "
+                      "(file:///path or file://localhost/path)", "send the image as a data URI", param,
+                      code="unsupported_image_url")
+    return Path(unquote(parts.path))
 
 
 def _check_header(data: bytes, param: str, max_pixels: int) -> None:
