@@ -23,9 +23,10 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", t
          threads: int | None = None, backend_options: dict | None = None):
     """Open an artifact and return its pipeline (``ZeroShotClassifier`` or ``Embedder`` for CLIP).
 
-    ``backend``: 'auto' or a backend name ('onnxruntime', 'tensorrt', 'torch'); a named backend that is absent raises
-    BackendUnavailableError. With 'auto' on an NVIDIA GPU with TensorRT, the encoders and an FP32/FP16 decoder run as
-    TensorRT engines (built on first use and cached under the artifact's engines/; ``mmedge build`` prebuilds them);
+    ``backend``: 'auto' or a backend name ('onnxruntime', 'openvino', 'tensorrt', 'torch'); a named backend that is
+    absent raises BackendUnavailableError. With 'auto' on an NVIDIA GPU with TensorRT, the encoders and an FP32/FP16
+    decoder run as TensorRT engines (built on first use and cached under the artifact's engines/; ``mmedge build``
+    prebuilds them);
     with torch and an artifact exported ``--with-pytorch``, the decoder runs on torch (see
     ``mmedge.runtimes.plugins``). ``device``: 'auto',
     'cpu' or 'cuda'. ``task``: one of the manifest's tasks (default: its first). ``threads``: CPU threads per graph
@@ -40,7 +41,7 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", t
     check_threads(threads)
     artifact = Artifact.open(path)
     manifest = artifact.manifest
-    task = task or manifest["tasks"][0]
+    task = manifest["tasks"][0] if task is None else task
     if task not in manifest["tasks"]:
         raise InputError(f"task '{task}' is not one this artifact was exported for",
                          f"one of {', '.join(manifest['tasks'])}",
@@ -77,13 +78,23 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", t
             runner.close()
         raise
     pipeline.plan = chosen
+    pipeline.task = task  # the task asked for (a Captioner answers 'caption' and 'vqa' alike)
     return pipeline
 
 
+THREADS_PER_CORE_CAP = 4  # past this many threads per core a graph only waits on its own threads
+
+
 def check_threads(threads, fix: str = "pass e.g. threads=2") -> None:
-    """CPU threads per graph: None (all cores) or a positive integer; anything else is refused before any work."""
+    """CPU threads per graph: None (all cores) or a positive integer up to ``THREADS_PER_CORE_CAP`` per core;
+    anything else is refused before any work (threads=10000 made 18,000 OS threads and hung the load)."""
     if threads is not None and not is_whole(threads, 1):
         raise InputError(f"threads is {threads!r}", "None (all cores) or a positive integer", fix)
+    cores = os.cpu_count() or 1
+    if threads is not None and threads > THREADS_PER_CORE_CAP * cores:
+        raise InputError(f"threads is {threads}", f"at most {THREADS_PER_CORE_CAP * cores} on this machine "
+                         f"({THREADS_PER_CORE_CAP} per core, {cores} cores): more threads than cores wait on each "
+                         "other", f"ask for {cores} threads or fewer, or leave threads unset for all cores")
 
 
 def open_runners(artifact: Artifact, chosen, *, threads: int | None = None, backend_options: dict | None = None,

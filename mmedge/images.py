@@ -101,7 +101,10 @@ def checked_image_path(source: str | os.PathLike) -> str:
 
 def _read_stream(stream: Any, name: str) -> bytes:
     """Read a file-like object to its end; it must yield bytes."""
-    data = stream.read()
+    if isinstance(stream, io.TextIOBase):  # reading an image through a text stream fails on its first non-UTF-8 byte
+        data = ""
+    else:
+        data = stream.read()
     if not isinstance(data, (bytes, bytearray)):
         raise ImageError(
             f"{name} returned {type(data).__name__}, not bytes",

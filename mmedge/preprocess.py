@@ -89,11 +89,12 @@ class ImagePreprocessor:
             config[key] = None if config[key] is None else list(config[key])
         return config
 
-    def __call__(self, images: Any) -> np.ndarray:
+    def __call__(self, images: Any, places: list[str] | None = None) -> np.ndarray:
         """Preprocess one image or a list/tuple of images (anything ``load_image`` accepts).
 
         Returns float32 ``[batch, 3, height, width]``; raises ``ImageError`` for an unusable image
-        and ``InputError`` for an empty list.
+        and ``InputError`` for an empty list. ``places``: how an error names each image (an interleaved prompt's
+        "prompt item 2"); by default its index in the batch.
         """
         batch = list(images) if isinstance(images, (list, tuple)) else [images]
         if not batch:
@@ -101,8 +102,9 @@ class ImagePreprocessor:
         height, width = self.output_size
         pixel_values = np.empty((len(batch), 3, height, width), dtype=np.float32)  # [batch, 3, height, width]
         for index, image in enumerate(batch):
-            name = _describe(image, index, len(batch))
-            pixels = self._resized_and_cropped(_load(image, index, len(batch)), name)  # [h, w, 3] uint8
+            place = places[index] if places else (None if len(batch) == 1 else _place(index))
+            name = _describe(image, place)
+            pixels = self._resized_and_cropped(_load(image, place), name)  # [h, w, 3] uint8
             for channel in range(3):  # pixel_values[index, channel] = table[channel][pixels[..., channel]]
                 np.take(self._lut[channel], pixels[:, :, channel], out=pixel_values[index, channel], mode="clip")
         return pixel_values
@@ -132,22 +134,23 @@ class ImagePreprocessor:
         return pixels if crop is None else center_crop(pixels, crop[0], crop[1])
 
 
-def _load(source: Any, index: int, count: int) -> Image.Image:
-    """``load_image``; in a batch, its error starts with the image's place, as ``_describe`` gives it."""
+def _load(source: Any, place: str | None) -> Image.Image:
+    """``load_image``; its error starts with the image's ``place`` (in a batch, or a prompt), as ``_describe``
+    gives it."""
     try:
         return load_image(source)
     except ImageError as exc:
-        if count == 1:
+        if place is None:
             raise  # already names the file, data, PIL image or array
-        raise ImageError(f"{_place(index)}: {exc.what}", exc.expected, exc.fix) from exc
+        raise ImageError(f"{place}: {exc.what}", exc.expected, exc.fix) from exc
 
 
-def _describe(source: Any, index: int, count: int) -> str:
-    """How an error names one image of a call: its place in a batch, and its path if it has one."""
+def _describe(source: Any, place: str | None) -> str:
+    """How an error names one image of a call: its place in a batch or prompt, and its path if it has one."""
     path = f"image file '{os.fspath(source)}'" if isinstance(source, (str, os.PathLike)) else None
-    if count == 1:
+    if place is None:
         return path or "the image"
-    return f"{_place(index)} ({path})" if path else _place(index)
+    return f"{place} ({path})" if path else place
 
 
 def _place(index: int) -> str:

@@ -159,7 +159,7 @@ def test_validate_covers_the_decoder(blip2_artifact, capsys):
 
 def test_load_returns_captioner(blip2_artifact):
     pipeline = mmedge.load(blip2_artifact, task="vqa")
-    assert isinstance(pipeline, Captioner)
+    assert isinstance(pipeline, Captioner) and pipeline.task == "vqa"  # the task asked for, not the class default
     assert pipeline.embeddings.shape[1] == pipeline.inputs.prefix(np.zeros((8, 8, 3), np.uint8)).shape[2]
 
 

@@ -297,6 +297,23 @@ def test_demo_replaces_its_own_damaged_cache_entry(demo_run, tmp_path):
     assert demo.cached(folder, key) and Artifact.open(folder).manifest["family"] == "clip"
 
 
+def test_demo_never_replaces_a_folder_it_did_not_export(demo_run, tmp_path, capsys):
+    """A user's own artifact named like a demo variant (the README's quickstart writes blip2-int4) in the --cache
+    folder is refused, before any export, and left as it was; so is a cache path that is a file."""
+    mine = tmp_path / "clip-fp32"
+    shutil.copytree(artifact(demo_run, "clip-two-graph"), mine)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in mine.iterdir())
+    assert main(["demo", "--cache", str(tmp_path), "--images", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "holds 'clip-fp32', which the demo did not export" in err and "move" in err, err
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in mine.iterdir()) == before
+    assert not list(tmp_path.glob("*.demo-cache-key.txt"))  # nothing exported before the refusal
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["demo", "--cache", str(afile), "--images", "1", "--quiet"]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
 def test_a_new_export_recipe_changes_every_cache_key(monkeypatch):
     """A cache exported with an older default recipe (e.g. the INT4 head's 32-weight blocks) is exported again."""
     before = [demo.cache_key(v) for v in demo.variants()]

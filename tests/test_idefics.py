@@ -267,6 +267,19 @@ def test_bad_interleaved_prompts_are_refused(artifacts, images):
                 captioner.generate([images[0], f"what is {token}?"])
         with pytest.raises(mmedge.errors.InputError, match="characters"):  # before seconds of tokenizing
             captioner.generate([images[0], "word " * 1_000_000])
+        # an image that fails is named by its place in the prompt (or batch), as the user wrote it
+        with pytest.raises(mmedge.errors.ImageError, match="^prompt item 2: cannot load an image from a dict"):
+            captioner.generate([images[0], "two cats.", {}])
+        with pytest.raises(mmedge.errors.ImageError, match="^prompt 1 item 1: cannot load"):
+            captioner.generate([[images[0], "a"], [images[1], {}]])
+        with pytest.raises(mmedge.errors.ImageError, match="^image at index 1 of the batch"):
+            captioner.caption([images[0], {}])
+        with pytest.raises(mmedge.errors.ImageError, match="'https://example.com/cat.png'.*URLs are not fetched"):
+            captioner.caption("https://example.com/cat.png")
+        with pytest.raises(mmedge.errors.InputError, match="prompt item 0 as a list among images and strings"):
+            captioner.generate([[images[0], "a"], images[1]])
+        with pytest.raises(mmedge.errors.InputError, match="^prompt 1: the interleaved prompt is empty"):
+            captioner.generate([[images[0], "a"], []])
         with pytest.raises(mmedge.errors.InputError, match="stream\\(\\) got a batch of 2 prompts"):
             next(captioner.stream([[images[0], "a"], [images[1], "b"]]))
         # the prompt and the new tokens share the decoder's positions: a prompt that leaves no room is refused

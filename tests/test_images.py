@@ -380,9 +380,13 @@ def test_truncated_file_is_detected_by_full_decode(tmp_path, chelsea, fmt):
     assert "cut." in str(info.value)
 
 
-def test_text_mode_stream_is_refused():
+def test_text_mode_stream_is_refused(tmp_path):
     with pytest.raises(ImageError, match="binary mode"):
         load_image(io.StringIO("abc"))
+    path = tmp_path / "scene.png"
+    Image.new("RGB", (4, 4), (200, 10, 10)).save(path)
+    with open(path) as text_mode, pytest.raises(ImageError, match="binary mode"):  # not a UnicodeDecodeError
+        load_image(text_mode)
 
 
 def test_unsupported_object_type():

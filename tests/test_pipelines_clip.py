@@ -23,6 +23,9 @@ def test_load_returns_the_pipeline_the_manifest_names(clip_artifacts):
     assert isinstance(mmedge.load(clip_artifacts("fused-fp32")), ZeroShotClassifier)
     with pytest.raises(InputError, match="task 'caption'"):
         mmedge.load(clip_artifacts("fp32"), task="caption")
+    with pytest.raises(InputError, match="task '' is not one"):  # not the default task in disguise
+        mmedge.load(clip_artifacts("fp32"), task="")
+    assert mmedge.load(clip_artifacts("fp32"), task="embed").task == "embed"
 
 
 def test_predictions_are_sorted_probabilities(classifier, photos):
@@ -80,6 +83,15 @@ def test_fused_artifact_refuses_other_labels(clip_artifacts, photos):
     with pytest.raises(InputError, match="baked into its graph"):
         fused(photos[0], labels=["zebra"])
     assert fused(photos[0], labels=LABELS)  # the baked labels themselves are fine
+    with pytest.raises(InputError, match="labels is a int"):  # as the two-graph classifier says it, not a TypeError
+        fused(photos[0], labels=5)
+    assert [r["label"] for r in fused(photos[0], labels=np.array(LABELS))] == [
+        r["label"] for r in fused(photos[0])]
+
+
+def test_labels_from_numpy_are_plain_strings(classifier, photos):
+    result = classifier(photos[0], labels=np.array(LABELS))
+    assert result == classifier(photos[0], labels=LABELS) and all(type(r["label"]) is str for r in result)
 
 
 @pytest.mark.parametrize("labels,match", [
@@ -87,6 +99,9 @@ def test_fused_artifact_refuses_other_labels(clip_artifacts, photos):
     # one class to CLIP's tokenizer (it lowercases and squeezes spaces): its probability would be split in two
     (["Cat", "dog", "cat"], "labels 'Cat' and 'cat' are the same tokens"), (["cat", " cat  "], "the same tokens"),
     (["cat", ""], "blank"), (["cat", 3], "non-text"), (None, "no labels were given"), (5, "labels is a int"),
+    ({"cat", "dog"}, "labels is a set"), ({"cat": 0}, "labels is a dict"), (b"cat", "labels is a bytes"),
+    # far past the 77 tokens the text encoder reads: refused before tokenizing (10 M characters took 75 s)
+    (["cat", "word " * 1_000_000], "label 1 has 5,000,000 characters"),
 ])
 def test_bad_labels(classifier, photos, labels, match):
     with pytest.raises(InputError, match=match):
@@ -124,6 +139,10 @@ def test_embedder_normalized_and_consistent(clip_artifacts, photos):
         embedder.embed_texts([])
     with pytest.raises(InputError, match="texts is a NoneType"):
         embedder.embed_texts(None)
+    with pytest.raises(InputError, match="texts is bytes.*decode it first"):  # not "text 0 is a int (97)"
+        embedder.embed_texts(b"abc")
+    with pytest.raises(InputError, match="text 1 has 10,000,000 characters"):  # before seconds of tokenizing
+        embedder.embed_texts(["a cat", "x " * 5_000_000])
     with pytest.raises(InputError, match="image list is empty"):
         embedder.embed_images([])
 

@@ -114,6 +114,21 @@ def test_named_backend_never_silently_replaced(backend, match):
         plan(DESKTOP_RTX, MANIFEST, backend=backend)
 
 
+def test_thread_counts_past_the_cap_are_refused_before_loading(clip_artifacts, monkeypatch):
+    """threads=10000 made 18,000 OS threads and hung the load: a count past 4 per core is refused, up to it loads."""
+    import os
+
+    import mmedge
+    from mmedge.api import THREADS_PER_CORE_CAP
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    with pytest.raises(InputError, match=f"threads is {THREADS_PER_CORE_CAP * 2 + 1}; expected at most "
+                                         f"{THREADS_PER_CORE_CAP * 2} on this machine"):
+        mmedge.load(clip_artifacts("fp32"), threads=THREADS_PER_CORE_CAP * 2 + 1)
+    with mmedge.load(clip_artifacts("fp32"), threads=THREADS_PER_CORE_CAP * 2) as pipeline:
+        assert pipeline is not None
+
+
 def test_unknown_backend_and_device_are_bad_input():
     """A name that is no backend (or device) at all is a mistyped argument (exit 2), not an absent backend (exit 4)."""
     for request in ({"backend": "tvm"}, {"device": "tpu"}):

@@ -162,6 +162,21 @@ def _stamp(folder: Path) -> Path:
     return folder.parent / f"{folder.name}.{CACHE_KEY_FILE}"
 
 
+def check_cache(cache: Path, chosen: list[Variant]) -> None:
+    """The cache is a folder (or not yet made), and each variant's place in it is free or the demo's own: a folder of
+    the same name without the demo's stamp (a user's export named ``blip2-int4``, say) is never replaced."""
+    if cache.exists() and not cache.is_dir():
+        raise MmedgeError(f"the demo cache '{cache}' is a file", "a folder for the demo's artifacts (made if missing)",
+                          "pass another --cache folder, or set MMEDGE_CACHE")
+    for variant in chosen:
+        folder = cache / variant.name
+        if (folder.exists() or folder.is_symlink()) and not _stamp(folder).is_file():
+            raise MmedgeError(f"the demo cache '{cache}' holds '{variant.name}', which the demo did not export (no "
+                              f"{_stamp(folder).name} beside it)", "a cache folder where the demo's artifact names are "
+                              "free or the demo's own", f"move '{folder}' out of the cache folder, or pass another "
+                              "--cache folder")
+
+
 def export_variant(variant: Variant, folder: Path, key: str) -> None:
     try:
         from mmedge.export import ExportOptions, export_model
@@ -199,6 +214,7 @@ def run_demo(cache: str | os.PathLike | None = None, count: int | None = None, t
 
     cache = Path(cache).expanduser() if cache else default_cache()
     chosen = variants()
+    check_cache(cache, chosen)  # before any export: a refusal leaves every folder as it was
     paths = images(count)
     truths = [truth()["images"][p.name] for p in paths]
     steps = Progress(len(chosen) + 2, enabled=progress)
@@ -368,8 +384,9 @@ def format_report(report: dict) -> str:
         lines.append("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
     lines.append("")
     lines.append("latency: median per image on this machine (BLIP-2: a greedy caption; IDEFICS: a greedy answer to "
-                 "an interleaved prompt); export-time figures: the "
-                 "manifest's fidelity on held-out photos. Run again: the artifacts come from the cache.")
+                 "an interleaved prompt); export-time figures: the quantized graphs' agreement with FP32 that the "
+                 "export measured (the manifest's fidelity, which names its images). Run again: the artifacts come "
+                 "from the cache.")
     return "\n".join(lines)
 
 
@@ -389,8 +406,9 @@ def add_parser(sub) -> None:
     from mmedge.runtimes.registry import backend_names
 
     demo = sub.add_parser("demo", help="export, validate and run the shipped demo models on bundled scenes (offline)")
-    demo.add_argument("--cache", metavar="DIR", help="where the exported artifacts go and are reused from "
-                                                      "(default: $MMEDGE_CACHE/demo or ~/.cache/mmedge/demo)")
+    demo.add_argument("--cache", metavar="DIR", help="where the exported artifacts go and are reused from (default: "
+                                                      "$MMEDGE_CACHE/demo, else $XDG_CACHE_HOME/mmedge/demo, else "
+                                                      "~/.cache/mmedge/demo)")
     demo.add_argument("--images", type=count, metavar="N", help="use the first N bundled scenes (default: all)")
     demo.add_argument("--threads", type=count, default=None, help="CPU threads per graph")
     demo.add_argument("--backend", default="auto", choices=backend_names())

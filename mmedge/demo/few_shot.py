@@ -1,7 +1,7 @@
 """The interleaved tasks the demo Flamingo (IDEFICS) model was trained on, built from a scene's labels.
 
 A scene is described by its objects' ``"colour shape"`` labels, left to right (``truth.json``'s
-``present_labels``). Two kinds of prompt, as lists of images and strings (``FlamingoCaptioner.generate``):
+``present_labels``). Two kinds of prompt, as lists of images and strings (``Captioner.generate``):
 
 - few-shot captions: ``[image1, text1, image2, text2, image3]``, where the examples' texts set the style the
   model answers in for the last image: ``caption`` ("a red circle and a blue square"), ``colors`` ("red and

@@ -25,6 +25,7 @@ from mmedge.errors import InputError, ManifestError
 from mmedge.families import FAMILIES, input_builder_class
 from mmedge.generation import GenerationConfig, StreamEnd, TextStream, generate_text, stream
 from mmedge.manifest import family_section
+from mmedge.pipelines.common import closed_error
 
 if TYPE_CHECKING:
     from mmedge.backends import Plan
@@ -64,6 +65,7 @@ class Captioner:
         self.defaults = dict(artifact.manifest.get("generation") or {})
         self.vqa_template = settings["prompts"]["vqa"]
         self._lock = threading.Lock()  # guards the decoder's KV cache
+        self._closed = False
         self._owner: int | None = None  # the thread generating now
         try:
             self._config({})  # the manifest's own settings must work before any call relies on them
@@ -97,7 +99,12 @@ class Captioner:
         if not isinstance(prompt, (list, tuple)) or not prompt:
             raise InputError("generate() needs an interleaved prompt", "a non-empty list of images and strings",
                              "pass e.g. [image, 'An image of two cats.', image2, 'An image of']")
-        batched = all(isinstance(p, (list, tuple)) for p in prompt)
+        lists = [isinstance(p, (list, tuple)) for p in prompt]
+        batched = all(lists)
+        if any(lists) and not batched:
+            raise InputError(f"generate() got prompt item {lists.index(True)} as a list among images and strings",
+                             "one prompt (a list of images and strings) or a batch of prompts (a list of such lists)",
+                             "pass [image, 'text', ...] for one prompt, or wrap every prompt in its own list")
         config = self._config(generation)  # bad settings are refused before any graph runs
         prompts = [list(p) for p in prompt] if batched else [list(prompt)]
         texts = self._generate(self.inputs.build(prompts, config.max_new_tokens), config)
@@ -182,6 +189,8 @@ class Captioner:
                 self._owner = None
 
     def _config(self, overrides: dict) -> GenerationConfig:
+        if self._closed:  # every call judges its settings first
+            raise closed_error(self)
         known = {f.name for f in dataclasses.fields(GenerationConfig)}  # a misspelt name is refused, even as None
         settings = {**self.defaults, **{k: v for k, v in overrides.items() if v is not None or k not in known}}
         if settings.get("stop_strings") is None:
@@ -192,6 +201,7 @@ class Captioner:
                                prompt_length=getattr(self.inputs, "least_prompt_positions", 0))
 
     def close(self) -> None:
+        self._closed = True
         for runner in self.runners.values():
             runner.close()
         self.decoder.close()

@@ -7,18 +7,42 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mmedge.artifact import Artifact
-from mmedge.errors import InputError
+from mmedge.errors import BackendError, InputError
 from mmedge.runner import Runner
 
 if TYPE_CHECKING:
     from mmedge.backends import Plan
 
 MAX_BATCH = 32  # images per graph call: bounds peak memory on small devices
+# A text the CLIP text encoder reads only the first tokens of: past this many characters per token it reads, it is far
+# past them (no token of its vocabulary is this long), and tokenizing all of it took seconds (10 M characters: 75 s).
+CUT_CHARS_PER_TOKEN = 64
+
+
+def overlong_text(texts: list, max_tokens: int) -> int | None:
+    """The index of the first text of more than ``CUT_CHARS_PER_TOKEN * max_tokens`` characters, or None."""
+    limit = CUT_CHARS_PER_TOKEN * max_tokens
+    return next((i for i, text in enumerate(texts) if isinstance(text, str) and len(text) > limit), None)
+
+
+def check_text_chars(texts: list, max_tokens: int, what: str = "text") -> None:
+    """InputError for a text far longer than the ``max_tokens`` the text encoder reads, before it is tokenized."""
+    index = overlong_text(texts, max_tokens)
+    if index is not None:
+        raise InputError(f"{what} {index} has {len(texts[index]):,} characters",
+                         f"at most {CUT_CHARS_PER_TOKEN * max_tokens:,}: the text encoder reads its first "
+                         f"{max_tokens} tokens, and cuts the rest", f"shorten {what} {index} to its first sentences")
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=-1, keepdims=True)
     return (x / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def closed_error(pipeline) -> BackendError:
+    """What a pipeline used after ``close()`` (or past its ``with`` block) answers, instead of its runner's words."""
+    return BackendError(f"this {type(pipeline).__name__} is closed", "an open pipeline",
+                        "load the artifact again with mmedge.load (a pipeline in a with block is closed at its end)")
 
 
 class ClipPipeline:
@@ -34,12 +58,15 @@ class ClipPipeline:
         self.preprocessor = preprocessor
         self.tokenizer = tokenizer
         self.max_batch = max_batch
+        self._closed = False
 
     @property
     def fused(self) -> bool:
         return "zero_shot" in self.runners
 
     def _pixels(self, images) -> np.ndarray:
+        if self._closed:
+            raise closed_error(self)
         batch = list(images) if isinstance(images, (list, tuple)) else [images]
         if not batch:
             raise InputError("the image list is empty", "at least one image", "pass an image path, PIL image or array")
@@ -52,6 +79,8 @@ class ClipPipeline:
         return np.concatenate(parts, axis=0)
 
     def _text_embeds(self, texts: list[str]) -> np.ndarray:
+        if self._closed:
+            raise closed_error(self)
         if "text" not in self.runners or self.tokenizer is None:
             raise InputError(
                 "this artifact has no text encoder (it was exported with labels baked in)",
@@ -62,6 +91,7 @@ class ClipPipeline:
         return self.runners["text"].infer({"input_ids": input_ids, "attention_mask": attention_mask})["text_embeds"]
 
     def close(self) -> None:
+        self._closed = True
         for runner in self.runners.values():
             runner.close()
 

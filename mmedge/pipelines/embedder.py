@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from mmedge.errors import InputError
-from mmedge.pipelines.common import ClipPipeline, l2_normalize
+from mmedge.pipelines.common import ClipPipeline, check_text_chars, l2_normalize
 
 
 class Embedder(ClipPipeline):
@@ -21,6 +21,8 @@ class Embedder(ClipPipeline):
     def embed_texts(self, texts) -> np.ndarray:
         """[texts, dim], unit-norm rows, for one string or a list."""
         batch = text_batch(texts)
+        if self.tokenizer is not None:
+            check_text_chars(batch, self.tokenizer.max_length)
         chunks = [self._text_embeds(batch[i:i + 256]) for i in range(0, len(batch), 256)]
         return l2_normalize(np.concatenate(chunks, axis=0))
 
@@ -34,6 +36,9 @@ def text_batch(texts) -> list:
     server (``mmedge.triton_client``)."""
     if isinstance(texts, str):
         return [texts]
+    if isinstance(texts, (bytes, bytearray)):
+        raise InputError(f"texts is {type(texts).__name__}", "a string or a list of strings",
+                         "decode it first: texts.decode('utf-8')")
     try:
         batch = list(texts)
     except TypeError:

@@ -16,7 +16,7 @@ none after an end-of-sequence token until the next image). That is ``image_atten
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,20 @@ from mmedge.pipelines.prefix_inputs import check_prompt_chars
 
 def is_text(item: Any) -> bool:
     return isinstance(item, str)
+
+
+class ImagePath(os.PathLike):
+    """An image path given as a string where a prompt's strings are text (``caption("cat.png")``): an image item that
+    gives the string back unchanged (``pathlib.Path`` squeezed "https://" to "https:/", losing the URL's hint)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __fspath__(self) -> str:
+        return self.path
+
+    def __repr__(self) -> str:
+        return f"ImagePath({self.path!r})"
 
 
 def prompt_text(items: list, prompt_format: dict) -> tuple[str, list]:
@@ -104,8 +118,9 @@ class FlamingoInputs:
             raise InputError("the image list is empty", "at least one image", "pass an image path, PIL image or array")
         if prompt is not None and not isinstance(prompt, str):
             raise InputError(f"prompt is a {type(prompt).__name__}", "a string or None", "pass prompt='An image of'")
-        batch = [Path(image) if is_text(image) else image for image in batch]
-        return self.build([[image, *([prompt] if prompt else [])] for image in batch], max_new_tokens)
+        batch = [ImagePath(image) if is_text(image) else image for image in batch]
+        places = [f"image at index {index} of the batch" for index in range(len(batch))] if len(batch) > 1 else None
+        return self.build([[image, *([prompt] if prompt else [])] for image in batch], max_new_tokens, places)
 
     def prompt_positions(self, image, prompt: str | None) -> int:
         """Tokens of one interleaved prompt (``image``: its list), or of ``[image, prompt]`` as ``for_images`` builds
@@ -113,7 +128,7 @@ class FlamingoInputs:
         if isinstance(image, (list, tuple)):
             items = list(image)
         else:
-            items = [Path(image) if is_text(image) else image, *([prompt] if prompt else [])]
+            items = [ImagePath(image) if is_text(image) else image, *([prompt] if prompt else [])]
         return int(self._encoded(items)[0].shape[0])
 
     def prompt_ids(self, items: list, max_new_tokens: int = 0) -> tuple[np.ndarray, list]:
@@ -135,10 +150,21 @@ class FlamingoInputs:
         check_prompt_chars("".join(item for item in items if is_text(item)), self.max_prompt_tokens)
         return self.tokenizer.encode_all(text, add_special_tokens=False), images
 
-    def build(self, prompts: list[list], max_new_tokens: int = 0) -> dict:
+    def build(self, prompts: list[list], max_new_tokens: int = 0, places: list[str] | None = None) -> dict:
         """``{"embeds" [batch, tokens, hidden], "mask" [batch, tokens], "ids" [batch, tokens], "prefill": {...},
-        "step": {...}}``; prompts are left-padded to the longest; each leaves ``max_new_tokens`` positions free."""
-        encoded = [self.prompt_ids(items, max_new_tokens) for items in prompts]
+        "step": {...}}``; prompts are left-padded to the longest; each leaves ``max_new_tokens`` positions free.
+        ``places``: how an error names each image, in order (by default its prompt item: "prompt 1 item 2")."""
+        encoded = []
+        for row, items in enumerate(prompts):
+            try:
+                encoded.append(self.prompt_ids(items, max_new_tokens))
+            except InputError as exc:
+                if len(prompts) == 1:
+                    raise
+                raise InputError(f"prompt {row}: {exc.what}", exc.expected, exc.fix) from exc
+        if places is None:
+            places = [f"prompt {row} item {index}" if len(prompts) > 1 else f"prompt item {index}"
+                      for row, items in enumerate(prompts) for index, item in enumerate(items) if not is_text(item)]
         length = max(ids.shape[0] for ids, _ in encoded)
         max_images = max(1, max(len(images) for _, images in encoded))
         pad = self.settings["pad_token_id"] if self.settings.get("pad_token_id") is not None else 0
@@ -153,34 +179,37 @@ class FlamingoInputs:
                                                      self.format["eos_token_id"], max_images)
         fused = self.settings.get("image_context")
         if fused:  # one graph: its outputs are the decoder's image inputs (cross K/V or visual tokens), by name
-            pixels = self.prompt_pixels([images for _, images in encoded], max_images)
+            pixels = self.prompt_pixels([images for _, images in encoded], max_images, places)
             context = self.run(fused["component"], {fused["input"]: pixels})
         elif self.settings["decoder"]["cross_kv"] == "inputs":
-            visual = self.visual_tokens([images for _, images in encoded], max_images)  # [batch, images * tokens, w]
+            # [batch, images * tokens, width]
+            visual = self.visual_tokens([images for _, images in encoded], max_images, places)
             # each [batch, heads, image_tokens, head_dim]
             context = self.run(self.cross["component"], {"visual_tokens": visual})
         else:
-            context = {"visual_tokens": self.visual_tokens([images for _, images in encoded], max_images)}
+            context = {"visual_tokens": self.visual_tokens([images for _, images in encoded], max_images, places)}
         embeds = np.asarray(self.embeddings[ids.reshape(-1)], dtype=np.float32).reshape(batch, length, -1)
         return {"embeds": embeds, "mask": mask, "ids": ids,
                 "prefill": {"image_attention_mask": seen, **context},
                 "step": {"image_attention_mask": np.ascontiguousarray(seen[:, -1:, :]), **context}}
 
-    def prompt_pixels(self, images_per_prompt: list[list], max_images: int) -> np.ndarray:
+    def prompt_pixels(self, images_per_prompt: list[list], max_images: int, places: list[str] | None = None
+                      ) -> np.ndarray:
         """Every prompt's images, preprocessed: ``[batch, max_images, 3, height, width]``, zeros where a prompt has
         fewer images (masked out of every cross-attention)."""
         shape = self.settings["image_context"]["shape"][2:]  # [3, height, width]
         out = np.zeros((len(images_per_prompt), max_images, *shape), dtype=np.float32)
         flat = [image for images in images_per_prompt for image in images]
         if flat:
-            pixels = self.preprocessor(flat)  # [images, 3, height, width]
+            pixels = self.preprocessor(flat, places)  # [images, 3, height, width]
             start = 0
             for row, images in enumerate(images_per_prompt):
                 out[row, :len(images)] = pixels[start:start + len(images)]
                 start += len(images)
         return out
 
-    def visual_tokens(self, images_per_prompt: list[list], max_images: int) -> np.ndarray:
+    def visual_tokens(self, images_per_prompt: list[list], max_images: int, places: list[str] | None = None
+                      ) -> np.ndarray:
         """Vision (+ resampler) over every image once; ``[batch, max_images * tokens_per_image, width]``,
         zeros where a prompt has fewer images (masked out of every cross-attention)."""
         per_image, width = self.cross["tokens_per_image"], self.settings["vision_width"]
@@ -188,7 +217,7 @@ class FlamingoInputs:
         flat = [image for images in images_per_prompt for image in images]
         if not flat:
             return out
-        pixels = self.preprocessor(flat)  # [images, 3, height, width]
+        pixels = self.preprocessor(flat, places)  # [images, 3, height, width]
         tokens = self.run("vision", {"pixel_values": pixels})["image_features"]  # [images, patches + 1, width]
         if "resampler" in self.settings["components"]:
             tokens = self.run("resampler", {"image_features": tokens})["visual_tokens"]  # [images, latents, width]

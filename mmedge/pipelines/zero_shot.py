@@ -15,8 +15,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mmedge.errors import BackendError, InputError, LabelError
-from mmedge.pipelines.common import ClipPipeline, l2_normalize
+from mmedge.errors import InputError, LabelError
+from mmedge.pipelines.common import ClipPipeline, check_text_chars, closed_error, l2_normalize
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 # A compact ensemble from the CLIP paper's ImageNet prompt study.
@@ -41,6 +41,10 @@ def check_labels(labels: Any) -> list[str]:
     """A non-empty list of at most ``MAX_LABELS`` distinct, non-empty strings."""
     if isinstance(labels, str):
         raise InputError("labels is a single string", "a list of label strings", f"pass labels=[{labels[:40]!r}, ...]")
+    if isinstance(labels, (set, frozenset, dict, bytes, bytearray)):
+        raise InputError(f"labels is a {type(labels).__name__}", "a list of label strings (in the order of the "
+                         "probabilities' columns: a set's order changes from run to run)",
+                         "pass a list such as ['cat', 'dog'], e.g. sorted(labels)")
     try:
         labels = list(labels)
     except TypeError:
@@ -61,7 +65,7 @@ def check_labels(labels: Any) -> list[str]:
     if duplicates:
         raise InputError(f"labels contain duplicates ({', '.join(map(repr, duplicates[:3]))})",
                          "each label once, so each probability means one class", "remove the repeated labels")
-    return labels
+    return [str(label) for label in labels]  # numpy's str_ as str
 
 
 def check_label_tokens(tokenizer, labels: Sequence[str], templates: Sequence[str]) -> None:
@@ -75,6 +79,7 @@ def check_label_tokens(tokenizer, labels: Sequence[str], templates: Sequence[str
       as the tokenizer cuts them: labels that differ only in what the tokenizer drops (CLIP's lowercases and
       squeezes spaces: "Cat", " cat") or only past the cut. They are one class that would split its probability.
     """
+    check_text_chars(labels, tokenizer.max_length, "label")
     for index, (label, ids) in enumerate(zip(labels, tokenizer.encode_each(labels, add_special_tokens=False))):
         special = _special_tokens_in(tokenizer, ids)
         if special:
@@ -158,14 +163,14 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class ZeroShotClassifier(ClipPipeline):
-    """``classifier(images, labels) -> [[{"label", "score"}, ...] per image]`` sorted by score."""
+    """``classifier(images, labels)``: ``[{"label", "score"}, ...]`` sorted by score for one image, a list of such
+    lists for a list of images."""
 
     task = "zero-shot"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._banks: OrderedDict[tuple, np.ndarray] = OrderedDict()
-        self._closed = False
         self._bank_lock = threading.Lock()
         self._building: dict[tuple, threading.Lock] = {}  # one thread builds a bank; the others asking wait for it
         zero_shot = self.artifact.manifest.get("zero_shot") or {}
@@ -177,9 +182,8 @@ class ZeroShotClassifier(ClipPipeline):
         labels, templates = check_labels(labels), check_templates(templates)
         key = (tuple(labels), tuple(templates))
         with self._bank_lock:
-            if self._closed:
-                raise BackendError("this zero-shot classifier is closed", "an open classifier",
-                                   "load the artifact again with mmedge.load")
+            if self._closed:  # the bank cache is dropped at close(): not answered from it
+                raise closed_error(self)
             cached = self._cached_bank(key)
             if cached is not None:
                 return cached
@@ -249,7 +253,7 @@ class ZeroShotClassifier(ClipPipeline):
                 raise InputError("no labels were given", "a list of labels for this artifact (it has no baked labels)",
                                  "pass labels=['cat', 'dog', ...], or export with --labels to bake them in")
             return check_labels(labels)
-        if (labels is not None and list(labels) != self.baked_labels) or templates is not None:
+        if (labels is not None and check_labels(labels) != self.baked_labels) or templates is not None:
             raise InputError(
                 "this artifact has labels baked into its graph, and other labels or templates were given",
                 f"labels=None (the baked {len(self.baked_labels)} labels: {', '.join(self.baked_labels[:5])}"

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from mmedge.errors import ImageError, TokenizerError
+from mmedge.pipelines.common import CUT_CHARS_PER_TOKEN, overlong_text
 from mmedge.pipelines.zero_shot import DEFAULT_TEMPLATES, MAX_LABELS
 from mmedge.serve.errors import from_mmedge, invalid
 from mmedge.serve.inputs import check_fields, field, image_bytes, strings, undecodable
@@ -173,6 +174,12 @@ def _text_tokens(tokenizer, model: ServedModel, texts: list[str], params: list[s
                  context: str = "") -> list[int]:
     """Each text's tokens, start and end tokens included; 400 naming the first text past the text encoder's length
     (``tokenizer.max_length``), which would otherwise be cut silently."""
+    overlong = overlong_text(texts, tokenizer.max_length)  # refused before the costly tokenizing
+    if overlong is not None:
+        raise invalid(f"field '{params[overlong]}' has {len(texts[overlong]):,} characters{context}",
+                      f"at most {tokenizer.max_length} tokens, start and end tokens included (the text encoder's "
+                      f"maximum for model '{model.id}'; no text of over {CUT_CHARS_PER_TOKEN * tokenizer.max_length:,} "
+                      "characters fits)", fix, params[overlong], code="context_length_exceeded")
     counts = []
     for text, param in zip(texts, params):
         try:
