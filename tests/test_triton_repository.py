@@ -99,17 +99,59 @@ def test_onnxruntime_repository_matches_every_manifest(sources, tmp_path, gpu):
 
 @pytest.mark.parametrize("precision, method, expected",
                          [("int8", "int8-static-qdq", "INT8"), ("int8", "int8-dynamic", None),
-                                                         ("int4", "int4-weight-only", None), ("fp16", None, "FP16")])
+                          ("int4", "int4-weight-only", None), ("fp16", None, "FP16"), ("fp16", "fp32-islands", "FP32")])
 def test_tensorrt_precision_follows_the_quantization_recipe(precision, method, expected):
     """As mmedge's own TensorRT backend: static QDQ graphs build INT8 engines (explicit quantization), ONNX Runtime's
-    integer and MatMulNBits graphs stay on its CUDA provider (no accelerator)."""
-    component = {"file": "g.onnx", "precision": precision, "quantization": {"method": method} if method else None,
+    integer and MatMulNBits graphs stay on its CUDA provider (no accelerator), and an FP16 graph whose export kept
+    some nodes FP32 (its range guard) gets no FP16 flag: Triton's accelerator is ONNX Runtime's TensorRT provider,
+    whose weakly typed networks would run those nodes at FP16 too (``tensorrt_planning.provider_fp16``)."""
+    quantization = ({"method": "fp16", "fp32_nodes": ["/ffn/Add"]} if method == "fp32-islands"
+                    else {"method": method} if method else None)
+    component = {"file": "g.onnx", "precision": precision, "quantization": quantization,
                  "inputs": {"x": {"dtype": "float32", "shape": ["batch", 4]}},
                  "outputs": {"y": {"dtype": "float32", "shape": ["batch", 2]}}}
     text = render(component_config("m", "vision", component, Options(gpu=True)))
     config = text_format.Parse(text, model_config_pb2.ModelConfig())
     accelerators = config.optimization.execution_accelerators.gpu_execution_accelerator
     assert [a.parameters["precision_mode"] for a in accelerators] == ([expected] if expected else [])
+
+
+def test_gpu_keeps_an_fp16_overflowing_llm_at_fp32(sources, tmp_path):
+    """A BLIP-2 whose LLM is a T5 (Flan-T5: FP32 activations past FP16's range) gets TensorRT at FP32 for its
+    decoder, as mmedge's own TensorRT path builds it (``tensorrt_planning.fp16_overflow``); its vision prefix stays
+    FP16."""
+    copy = shutil.copytree(sources["blip2"].resolve(), tmp_path / "blip2-t5", ignore=shutil.ignore_patterns("engines"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["blip2"]["decoder"]["component"] == "decoder"
+    manifest["blip2"]["decoder"]["llm"] = "t5"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    write_repository([copy], tmp_path / "repo", Options(gpu=True))
+    precision = {name: parse(tmp_path / "repo" / f"blip2-t5__{name}").optimization.execution_accelerators
+                 .gpu_execution_accelerator[0].parameters["precision_mode"] for name in ("prefix", "decoder")}
+    assert precision == {"prefix": "FP16", "decoder": "FP32"}
+
+
+def test_gpu_component_instances_run_on_the_device_triton_gives_them(sources, tmp_path, monkeypatch):
+    """Triton places each GPU instance of a model on a device (``model_instance_device_id``); mmedge's runner in a
+    python-platform component model is made on that device, not on device 0 for every instance."""
+    from mmedge.runtimes import registry
+    from mmedge.runtimes.ort_session import OrtOptions
+    from mmedge.triton.backend import ComponentModel
+    from mmedge.triton.config import PARAMETER
+
+    write_repository([sources["clip"]], tmp_path / "repo", Options(platform="python", gpu=True))
+    folder = tmp_path / "repo" / "clip__vision"
+    config = parse(folder)
+    made = []
+    monkeypatch.setattr(registry, "create_runner", lambda *args, **options: made.append(options))
+    for kind, device in (("GPU", "3"), ("GPU", "0"), ("CPU", "0")):
+        args = {"model_config": json.dumps({"max_batch_size": config.max_batch_size, "parameters": {
+                    PARAMETER: {"string_value": config.parameters[PARAMETER].string_value}}}),
+                "model_repository": str(folder), "model_version": "1", "model_name": "clip__vision",
+                "model_instance_kind": kind, "model_instance_device_id": device}
+        ComponentModel().initialize(args)
+    assert [(m["providers"], m.get("device_id")) for m in made] == [(("cuda",), 3), (("cuda",), 0), (("cuda",), None)]
+    assert OrtOptions(**made[0]).device_id == 3  # options the runner takes as they are
 
 
 def test_blip2_and_idefics_get_a_streaming_caption_model(sources, tmp_path):
@@ -210,7 +252,7 @@ def test_each_file_is_hashed_once_when_linked_and_a_bad_copy_is_refused(sources,
     inline zero-shot pipeline holds the CLIP graphs too). Across file systems the copy is hashed again, and a copy that
     differs is refused with nothing written."""
     import mmedge.artifact
-    import mmedge.triton.repository as repository
+    import mmedge.triton.placing as placing
 
     hashed = []
     real_sha256 = mmedge.artifact.sha256_file
@@ -220,7 +262,7 @@ def test_each_file_is_hashed_once_when_linked_and_a_bad_copy_is_refused(sources,
         return real_sha256(path, *args, **kwargs)
 
     monkeypatch.setattr(mmedge.artifact, "sha256_file", counting)
-    monkeypatch.setattr(repository, "sha256_file", counting)
+    monkeypatch.setattr(placing, "sha256_file", counting)
     write_repository([sources["clip"]], tmp_path / "linked", Options(platform="python"))
     manifest = Artifact.open(sources["clip"]).manifest
     assert sorted(hashed) == sorted([c["file"] for c in manifest["components"].values()] +
@@ -230,7 +272,7 @@ def test_each_file_is_hashed_once_when_linked_and_a_bad_copy_is_refused(sources,
     def no_links(source, target):
         raise OSError(18, "Invalid cross-device link")
 
-    monkeypatch.setattr(repository.os, "link", no_links)
+    monkeypatch.setattr(placing.os, "link", no_links)
     hashed.clear()
     write_repository([sources["clip"]], tmp_path / "copied", Options(platform="python"))
     assert len(hashed) > len(manifest["components"]) + 1  # the artifact's files, then each copy
@@ -241,7 +283,7 @@ def test_each_file_is_hashed_once_when_linked_and_a_bad_copy_is_refused(sources,
         data[len(data) // 2] ^= 0xFF
         Path(target).write_bytes(bytes(data))
 
-    monkeypatch.setattr(repository.shutil, "copyfile", bad_copy)
+    monkeypatch.setattr(placing.shutil, "copyfile", bad_copy)
     with pytest.raises(IntegrityError, match="the copy of '.*' in the repository does not match"):
         write_repository([sources["clip"]], tmp_path / "bad", Options(platform="python"))
     assert not (tmp_path / "bad").exists()

@@ -3,6 +3,9 @@ repository (``write_repository``), and ``mmedge.triton_client`` talks to the ser
 
 - ``mmedge.triton.config``: each model's ``config.pbtxt``, from the manifest alone.
 - ``mmedge.triton.repository``: the repository: one model per component, pipeline models per task.
+- ``mmedge.triton.names``, ``mmedge.triton.out_checks``: the model names and ``--out``, refused before any write
+  where they cannot work.
+- ``mmedge.triton.placing``: the artifact's files linked in, checked, and this device's record of the checks kept.
 - ``mmedge.triton.protocol``: the pipeline models' tensors, shared by server and client.
 - ``mmedge.triton.backend``: the Python-backend models the repository's ``model.py`` files import (inside Triton).
 

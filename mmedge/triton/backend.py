@@ -100,13 +100,25 @@ def run_grouped(runner: Runner, feeds: list[dict[str, np.ndarray]], batched: boo
     return results
 
 
-def local_runner(artifact: Artifact, name: str, settings: Mapping[str, Any]) -> Runner:
-    """mmedge's ONNX Runtime runner of one component, in this process (its graph's sha256 checked first)."""
+def local_runner(artifact: Artifact, name: str, settings: Mapping[str, Any],
+                 args: Mapping[str, str] | None = None) -> Runner:
+    """mmedge's ONNX Runtime runner of one component, in this process (its graph's sha256 checked first); ``args``:
+    what Triton passed ``initialize`` (``runner_options``)."""
     from mmedge.runtimes.registry import create_runner
 
     return create_runner("onnxruntime", artifact.component_path(name), name, artifact.component(name),
-                         providers=tuple(settings["providers"]), threads=settings.get("threads"),
-                         config_entries=spinning_entries(bool(settings.get("spin"))))
+                         **runner_options(settings, args))
+
+
+def runner_options(settings: Mapping[str, Any], args: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The ``OrtOptions`` of a served graph's runner: the providers, threads and spinning the repository's settings
+    name, and on a GPU instance the CUDA device Triton placed it on (``args["model_instance_device_id"]``: each GPU
+    instance of a multi-GPU server on its own device, not all of them on device 0)."""
+    options: dict[str, Any] = {"providers": tuple(settings["providers"]), "threads": settings.get("threads"),
+                               "config_entries": spinning_entries(bool(settings.get("spin")))}
+    if "cuda" in options["providers"] and args and args.get("model_instance_kind") == "GPU":
+        options["device_id"] = int(args.get("model_instance_device_id", 0))
+    return options
 
 
 def spinning_entries(spin: bool) -> dict[str, str]:
@@ -125,7 +137,7 @@ class ComponentModel:
     def initialize(self, args: dict) -> None:
         config, settings, artifact = open_model_folder(args)
         self.batched = int(config.get("max_batch_size", 0)) > 0
-        self.runner = local_runner(artifact, settings["component"], settings)
+        self.runner = local_runner(artifact, settings["component"], settings, args)
 
     def execute(self, requests: list) -> list:
         pb = _pb()
@@ -362,7 +374,7 @@ class PipelineModel:
 
         def make_runner(name: str) -> Runner:
             if settings.get("graphs") == "inline":  # the graph in this process: no second Python-backend hop
-                return local_runner(artifact, name, settings)
+                return local_runner(artifact, name, settings, args)
             return BlsRunner(components[name]["model"], name, artifact.component(name),
                              components[name]["max_batch_size"])
 

@@ -20,11 +20,14 @@ def add_parser(sub) -> None:
                              "own ONNX Runtime runner (for Triton builds without the ONNX Runtime backend)")
     triton.add_argument("--gpu", action="store_true",
                         help="instances on the GPU; onnxruntime platform: the TensorRT accelerator (FP16, INT8 "
-                        "for static QDQ)")
-    triton.add_argument("--max-batch-size", type=count, default=8, help="rows Triton merges into one encoder call")
+                        "for static QDQ, FP32 for graphs mmedge's TensorRT path keeps at FP32)")
+    triton.add_argument("--max-batch-size", type=count, default=8,
+                        help="the most rows one call of a model takes: Triton merges requests into one encoder (and "
+                        "zero-shot pipeline) call up to it, and it caps the decoder's calls too (larger batches are "
+                        "split)")
     triton.add_argument("--queue-delay-us", type=non_negative, default=0,
                         help="how long the dynamic batcher waits for more requests (0: batches form from what "
-                        "queued meanwhile)")
+                        "queued meanwhile; needs --max-batch-size 2 or more)")
     triton.add_argument("--instances", type=count, default=1, help="instances per component model")
     triton.add_argument("--workers", type=count, default=None,
                         help="requests one embed or caption pipeline instance works on at once (threads; 1: "

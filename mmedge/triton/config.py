@@ -17,6 +17,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from mmedge.runtimes.tensorrt_planning import is_qdq, provider_fp16
+
 # manifest dtype -> Triton data type (model_config.proto)
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32",
                  "int8": "TYPE_INT8", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL", "bytes": "TYPE_STRING"}
@@ -36,13 +38,15 @@ class Token:
 class Options:
     """How the repository is served. ``platform``: 'onnxruntime' (Triton's ONNX Runtime backend) or 'python'
     (mmedge's own ONNX Runtime runner in a Python-backend model). ``gpu``: instances on the GPU, and for the
-    onnxruntime platform the TensorRT execution accelerator (FP16; INT8 for static-QDQ graphs).
-    ``max_batch_size``: the most requests' rows Triton merges into one encoder (or zero-shot pipeline) call.
+    onnxruntime platform the TensorRT execution accelerator (FP16; INT8 for static-QDQ graphs; FP32 for the float graphs
+    FP16 would break, ``_tensorrt_precision``).
+    ``max_batch_size``: the most requests' rows Triton merges into one encoder (or zero-shot pipeline) call, and the
+    most rows of one decoder call (the pipelines split larger batches).
     ``queue_delay_us``: how long the dynamic batchers wait for more requests (0: none; batches still form from the
-    requests that queue while the model runs). ``instances``: instances per component model. ``workers``: the
-    requests one embed or caption pipeline instance works on at once (threads, each generating with its own KV
-    cache; 1: each request inside ``execute``, no thread); the zero-shot pipeline answers each batch inside
-    ``execute`` (so the next batch queues meanwhile).
+    requests that queue while the model runs; refused with ``max_batch_size`` 1, a batch full at once).
+    ``instances``: instances per component model. ``workers``: the requests one embed or caption pipeline instance
+    works on at once (threads, each generating with its own KV cache; 1: each request inside ``execute``, no
+    thread); the zero-shot pipeline answers each batch inside ``execute`` (so the next batch queues meanwhile).
     ``pipeline_instances``: instances (stub processes) per pipeline model, each with its own copy of the tokenizer,
     embedding table and label cache. ``threads``: ONNX Runtime intra-op threads per component (None: its default).
     ``spin``: the python platform's ONNX Runtime intra-op threads go on spinning after a call, as ``mmedge.load``'s do
@@ -128,8 +132,10 @@ def runner_settings(name: str | None, options: Options) -> dict:
             "threads": options.threads, **({"spin": True} if options.spin else {})}
 
 
-def component_config(model: str, name: str, component: Mapping[str, Any], options: Options) -> dict:
-    """The config of one component's model (see the module docstring)."""
+def component_config(model: str, name: str, component: Mapping[str, Any], options: Options,
+                     manifest: Mapping[str, Any] | None = None) -> dict:
+    """The config of one component's model (see the module docstring); ``manifest``: the artifact's, which says
+    whether the component's LLM overflows at FP16 (``_tensorrt_precision``)."""
     batched = batch_axis(component) is not None
     config: dict[str, Any] = {"name": model, "backend": "onnxruntime" if options.platform == "onnxruntime"
                               else "python"}
@@ -142,10 +148,11 @@ def component_config(model: str, name: str, component: Mapping[str, Any], option
         config["dynamic_batching"] = {"max_queue_delay_microseconds": options.queue_delay_us}
     config["instance_group"] = [{"kind": Token("KIND_GPU" if options.gpu else "KIND_CPU"), "count": options.instances}]
     if options.platform == "onnxruntime":
-        if options.gpu and _tensorrt_precision(component):
+        precision = _tensorrt_precision(manifest, name, component) if options.gpu else None
+        if precision:
             config["optimization"] = {"execution_accelerators": {"gpu_execution_accelerator": [
                 {"name": "tensorrt", "parameters": [  # map<string, string>, unlike the model's parameters
-                    {"key": key, "value": value} for key, value in (("precision_mode", _tensorrt_precision(component)),
+                    {"key": key, "value": value} for key, value in (("precision_mode", precision),
                                                                     ("max_workspace_size_bytes", str(1 << 30)),
                                                                     ("trt_engine_cache_enable", "1"))]}]}}
         if options.threads:
@@ -156,15 +163,17 @@ def component_config(model: str, name: str, component: Mapping[str, Any], option
     return config
 
 
-def _tensorrt_precision(component: Mapping[str, Any]) -> str | None:
-    """TensorRT's precision for a component, as mmedge's own TensorRT backend picks it: INT8 for a static-QDQ graph
-    (explicit quantization), FP16 for FP32 / FP16 graphs, none for dynamic-INT8 and INT4 graphs (ONNX Runtime's
-    integer and MatMulNBits ops: they run on ONNX Runtime's CUDA provider)."""
-    method = (component.get("quantization") or {}).get("method", "")
-    if component["precision"] == "int8" and "static" in method:
+def _tensorrt_precision(manifest: Mapping[str, Any] | None, name: str, component: Mapping[str, Any]) -> str | None:
+    """TensorRT's precision for a component, by mmedge's own rule for ONNX Runtime's TensorRT provider (Triton's
+    accelerator is that provider: weakly typed networks, where FP16 lets TensorRT run any layer at FP16): INT8 for a
+    static-QDQ graph (explicit quantization); FP16 where ``tensorrt_planning.provider_fp16`` allows it, FP32 for the
+    float graphs it keeps at FP32 (an LLM that overflows at FP16, such as Flan-T5's; an FP16 graph with FP32
+    islands, ``quantization.fp32_nodes``); none for dynamic-INT8 and INT4 graphs (ONNX Runtime's integer and
+    MatMulNBits ops: they run on ONNX Runtime's CUDA provider)."""
+    if is_qdq(component):
         return "INT8"
     if component["precision"] in ("fp32", "fp16"):
-        return "FP16"
+        return "FP16" if provider_fp16(manifest, name, component) else "FP32"
     return None
 
 

@@ -15,38 +15,45 @@ manifest (``mmedge.triton.config``), each file the repository needs is hard-link
 systems) with its sha256 checked against the manifest, and the repository appears only when complete (written
 beside ``--out`` and renamed). A tampered artifact is refused here, with the file that does not match. The root's
 ``.mmedge-repository.json`` (the models written) marks it as mmedge's: ``--overwrite`` replaces only such a folder
-(or an empty one).
+holding nothing mmedge did not write (or an empty one; ``mmedge.triton.out_checks``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 from pathlib import Path
 from typing import Iterable
 
 from mmedge import __version__
-from mmedge.artifact import Artifact, atomic_folder, check_output_folder, sha256_file
-from mmedge.errors import InputError, IntegrityError
+from mmedge.artifact import Artifact, atomic_folder, check_output_folder
+from mmedge.errors import ArtifactError, InputError
+from mmedge.idle_options import Rule, refuse_idle
 from mmedge.manifest import MANIFEST_FILE
 from mmedge.progress import Progress
 from mmedge.triton.config import Options, component_config, pipeline_config, render, runner_settings
+from mmedge.triton.names import model_prefix, refuse_long_names, refuse_shared_prefixes
+from mmedge.triton.out_checks import (
+    MARKER_FILE,
+    is_repository,
+    refuse_out_inside,
+    refuse_unwritten_entries,
+)
+from mmedge.triton.placing import Placer, link_or_copy, record_again
 from mmedge.triton.protocol import STREAM_SUFFIX, TASK_PIPELINES
 
 PLATFORMS = ("onnxruntime", "python")
 ZERO_SHOT_GRAPHS = ("auto", "inline", "bls")
 VERSION = "1"
-MARKER_FILE = ".mmedge-repository.json"  # at the root: written by mmedge, so --overwrite may replace it
-_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
-
-
-def model_prefix(artifact: Artifact, path: str | os.PathLike | None = None) -> str:
-    """The artifact folder's name as given (``path``; a symlink's own name), as a Triton model name prefix
-    (other characters become '-')."""
-    name = Path(path).name if path is not None else ""
-    return _NAME.sub("-", name or artifact.root.name).strip("-.") or "model"
+INT32_MAX = 2 ** 31 - 1  # model_config.proto: max_batch_size and an instance group's count are int32
+UINT64_MAX = 2 ** 64 - 1  # max_queue_delay_microseconds is uint64
+# option -> (least, most); the counts written as strings (threads) or into mmedge's own settings (workers) are
+# bounded as Triton's own counts are
+BOUNDS = {"max_batch_size": (1, INT32_MAX), "instances": (1, INT32_MAX), "workers": (1, INT32_MAX),
+          "pipeline_instances": (1, INT32_MAX), "threads": (1, INT32_MAX), "queue_delay_us": (0, UINT64_MAX)}
+IDLE = (Rule("--queue-delay-us", lambda o: o.queue_delay_us > 0, lambda o, _: o.max_batch_size > 1,
+             "--max-batch-size of at least 2 (a batch of one is full as soon as its request arrives, so the batcher "
+             "never waits)", "drop --queue-delay-us, or raise --max-batch-size"),)
 
 
 def pipeline_models(artifact: Artifact, prefix: str | None = None) -> dict[str, tuple[str, bool]]:
@@ -72,14 +79,14 @@ def write_repository(artifacts: Iterable[str | os.PathLike], out: str | os.PathL
     if options.zero_shot_graphs not in ZERO_SHOT_GRAPHS:
         raise InputError(f"zero_shot_graphs is {options.zero_shot_graphs!r}", f"one of {', '.join(ZERO_SHOT_GRAPHS)}",
                          "pass --zero-shot-graphs inline (in the pipeline's process) or bls (the component models)")
-    for field, least in (("max_batch_size", 1), ("instances", 1), ("workers", 1), ("pipeline_instances", 1),
-                         ("threads", 1), ("queue_delay_us", 0)):
+    for field, (least, most) in BOUNDS.items():
         value = getattr(options, field)
         if field == "threads" and value is None:  # ONNX Runtime's default
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise InputError(f"{field} is {value!r}", f"an integer of at least {least}",
+        if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= most:
+            raise InputError(f"{field} is {value!r}", f"an integer from {least} to {most}",
                              f"pass e.g. --{field.replace('_', '-')} {max(least, 2)}")
+    refuse_idle(IDLE, options, None, "with --max-batch-size 1")
     if options.spin and (options.platform != "python" or options.gpu):
         raise InputError("--spin was given for the " + ("GPU" if options.gpu else f"'{options.platform}' platform"),
                          "--spin only with --platform python on the CPU (it sets mmedge's own ONNX Runtime runner's "
@@ -88,32 +95,40 @@ def write_repository(artifacts: Iterable[str | os.PathLike], out: str | os.PathL
     paths = list(artifacts)
     replacing = {"recognize": is_repository, "kind": "a Triton repository mmedge wrote (with its " + MARKER_FILE + ")",
                  "command": "mmedge triton", "sources": paths}
+    if overwrite:
+        refuse_unwritten_entries(out)
     check_output_folder(out, overwrite=overwrite, **replacing)  # before any artifact is read
+    refuse_out_inside(out, paths)
     opened = [Artifact.open(path, recheck=True) for path in paths]  # each file read and checked on its way in
     if not opened:
         raise InputError("no artifact was given", "at least one artifact folder",
                          "pass artifact folders written by `mmedge export`")
     prefixes = [model_prefix(a, path) for a, path in zip(opened, paths)]
-    repeated = sorted({p for p in prefixes if prefixes.count(p) > 1})
-    if repeated:
-        raise InputError(f"two artifacts would both be served as '{repeated[0]}'",
-                         "artifact folders with different names",
-                         "rename one of the folders (its name is the models' prefix)")
+    refuse_shared_prefixes(paths, opened, prefixes)
+    for path, artifact, prefix in zip(paths, opened, prefixes):
+        names = [f"{prefix}__{name}" for name in artifact.components] + list(pipeline_models(artifact, prefix))
+        refuse_long_names(path, prefix, names, out)
     written: dict[str, list[str]] = {}
+    placers = [Placer(artifact) for artifact in opened]
     steps = Progress(len(opened), enabled=progress)
-    with atomic_folder(out, overwrite=overwrite, **replacing) as staging:
-        for path, artifact, prefix in zip(paths, opened, prefixes):
-            with steps.step(f"{prefix}: checking the sha256 of its {_size(artifact)} and placing its files"):
-                written[str(path)] = _write_artifact(artifact, prefix, staging, options, steps)
-        # what makes this folder one `mmedge triton --overwrite` may replace; Triton reads only the root's subfolders
-        (staging / MARKER_FILE).write_text(json.dumps({"written_by": "mmedge triton", "mmedge_version": __version__,
-                                                       "models": written}, indent=1) + "\n")
+    try:
+        with atomic_folder(out, overwrite=overwrite, **replacing) as staging:
+            for path, placer, prefix in zip(paths, placers, prefixes):
+                with steps.step(f"{prefix}: checking the sha256 of its {_size(placer.artifact)} and placing its "
+                                "files"):
+                    written[str(path)] = _write_artifact(placer, prefix, staging, options, steps)
+            # what makes this folder one `mmedge triton --overwrite` may replace; Triton reads only the root's
+            # subfolders
+            (staging / MARKER_FILE).write_text(json.dumps({"written_by": "mmedge triton", "mmedge_version":
+                                                           __version__, "models": written}, indent=1) + "\n")
+    except OSError as exc:
+        raise ArtifactError(f"cannot write the repository --out '{out}': {exc.strerror or exc}"
+                            + (f" ('{exc.filename}')" if exc.filename else ""),
+                            "a writable folder with room for the repository (its files are hard links where the "
+                            "artifacts share its file system, copies elsewhere)",
+                            "check the path, free space and permissions, or choose another --out") from None
+    record_again(placers)  # the links changed the artifacts' files' change times, not their bytes
     return written
-
-
-def is_repository(folder: Path) -> bool:
-    """Whether ``folder`` is a model repository `mmedge triton` wrote (it holds ``MARKER_FILE``)."""
-    return (folder / MARKER_FILE).is_file()
 
 
 def _size(artifact: Artifact) -> str:
@@ -121,21 +136,22 @@ def _size(artifact: Artifact) -> str:
     return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
 
 
-def _write_artifact(artifact: Artifact, prefix: str, repo: Path, options: Options, steps: Progress) -> list[str]:
+def _write_artifact(placer: Placer, prefix: str, repo: Path, options: Options, steps: Progress) -> list[str]:
+    artifact = placer.artifact
     manifest = artifact.manifest
     components = {}
     models = []
     listed = manifest["components"].items()
     for name, component in steps.items(listed, len(listed), "component"):
         model = f"{prefix}__{name}"  # two underscores: a component (pipelines are "{prefix}-{task}")
-        config = component_config(model, name, component, options)
+        config = component_config(model, name, component, options, manifest)
         folder = _model_folder(repo, model, config)
         files = [(component["file"], component["sha256"])]
         if component.get("external_data"):
             files.append((component["external_data"]["file"], component["external_data"]["sha256"]))
         artifact.component_path(name)  # the manifest's own check first: a tampered graph is refused by name
         for file_name, sha256 in files:
-            _place(artifact, file_name, sha256, f"components.{name}.file", folder)
+            placer.place(file_name, sha256, f"components.{name}.file", folder)
         if options.platform == "python":
             _python_model(folder, "ComponentModel", artifact)
         components[name] = {"model": model, "max_batch_size": config["max_batch_size"]}
@@ -157,12 +173,12 @@ def _write_artifact(artifact: Artifact, prefix: str, repo: Path, options: Option
             settings.update(graphs="inline", **runner_settings(None, options))
         folder = _model_folder(repo, model, pipeline_config(model, kind, settings, options, decoupled=decoupled))
         for file_name, sha256, field in shared:
-            _place(artifact, file_name, sha256, field, folder)
+            placer.place(file_name, sha256, field, folder)
         for name, component in (manifest["components"].items() if inline else ()):
             for entry, field in ((component, f"components.{name}.file"),
                                  (component.get("external_data"), f"components.{name}.external_data.file")):
                 if entry:
-                    _place(artifact, entry["file"], entry["sha256"], field, folder)
+                    placer.place(entry["file"], entry["sha256"], field, folder)
         _python_model(folder, "PipelineModel", artifact)
         models.append(model)
     return models
@@ -182,25 +198,4 @@ def _python_model(folder: Path, cls: str, artifact: Artifact) -> None:
         f'(`pip install mmedge`; see mmedge.triton.backend.{cls})."""\n\n'
         f"from mmedge.triton.backend import {cls} as TritonPythonModel  # noqa: F401\n")
     if not (folder / MANIFEST_FILE).exists():
-        _link_or_copy(artifact.root / MANIFEST_FILE, folder / MANIFEST_FILE)
-
-
-def _place(artifact: Artifact, name: str, sha256: str | None, field: str, folder: Path) -> None:
-    """Hard-link (or copy) one file of the artifact into ``folder``. Its sha256 is checked on the artifact's file,
-    once per file however many models hold it (``Artifact.verified_path``), and again on a copy; a hard link is the
-    same bytes, so hashing it again would read gigabytes for nothing."""
-    source = artifact.verified_path(name, sha256, field) if sha256 else artifact.resolve_file(name, field)
-    target = folder / name
-    if not _link_or_copy(source, target) and sha256 and sha256_file(target) != sha256:
-        raise IntegrityError(f"the copy of '{name}' in the repository does not match the manifest's sha256",
-                             "an exact copy of the artifact's file", "check the disk, then run `mmedge triton` again")
-
-
-def _link_or_copy(source: Path, target: Path) -> bool:
-    """True where ``target`` is a hard link to ``source``, False where it is a copy."""
-    try:
-        os.link(source, target)
-        return True
-    except OSError:  # another file system, or links not allowed: copy
-        shutil.copyfile(source, target)
-        return False
+        link_or_copy(artifact.root / MANIFEST_FILE, folder / MANIFEST_FILE)
