@@ -3,11 +3,13 @@
 The default calibration set is ``data/images/calibration-*`` (public-domain photos); the
 ``holdout-*`` photos are never calibrated on and measure fidelity after quantization, unless the export names
 its own images (``--fidelity-images DIR``, or the ``--calibration`` folder of a static INT8 export): a model of
-another domain is measured on its own kind of images.
+another domain is measured on its own kind of images. Fidelity images a static export also calibrates on are left out
+(``fidelity_paths``), or, where all of them are, recorded as not held out.
 """
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -38,22 +40,73 @@ def calibration_paths(folder: str | Path | None) -> tuple[list[Path], str]:
 
 def fidelity_paths(options) -> tuple[list[Path], str]:
     """Photos to measure a quantized export's fidelity on, and a note for the manifest: ``--fidelity-images``, else
-    the ``--calibration`` folder of a static INT8 export, else the bundled held-out photos."""
+    the ``--calibration`` folder of a static INT8 export, else the bundled held-out photos.
+
+    ``--fidelity-images`` that a static INT8 export also calibrates on (the same file, or one with the same bytes)
+    are left out, so what is measured is held out; where all of them are calibration images they are measured
+    anyway and the note (and ``fidelity_on_calibration``) says they are not held out."""
     if options.fidelity is not None:
-        paths, note = _folder_images(options.fidelity, "fidelity", "--fidelity-images", InputError)
+        found = _listed_images(options.fidelity, "fidelity", "--fidelity-images", InputError)
+        calibrated = _calibrated_on(found, options)
+        kept = [p for p in found if p not in calibrated] or found
+        paths, note = _first_images(kept, options.fidelity)
+        if len(kept) < len(found):
+            return paths, note[:-1] + f"; {len(calibrated)} calibrated on, left out)"
     elif _calibrates_on_folder(options):
         paths, note = _folder_images(options.calibration, "calibration", "--calibration", CalibrationError)
     else:
         paths = bundled("holdout")
         return paths, f"bundled held-out photos ({len(paths)})"
-    return paths, note + (": the --calibration images, not held out" if fidelity_on_calibration(options) else "")
+    return paths, note + (f": the {_calibration_name(options)} images, not held out"
+                          if fidelity_on_calibration(options) else "")
 
 
 def fidelity_on_calibration(options) -> bool:
-    """Whether the fidelity photos are the ``--calibration`` images the export calibrates on, so not held out (no
-    ``--fidelity-images``, or one naming the same folder)."""
-    return _calibrates_on_folder(options) and (options.fidelity is None
-                                               or _same_folder(options.fidelity, options.calibration))
+    """Whether the fidelity photos are images the export calibrates on, so not held out: the ``--calibration``
+    folder of a static INT8 export with no ``--fidelity-images``, or ``--fidelity-images`` that are all calibration
+    images (the same folder, or copies of its files)."""
+    if options.fidelity is None:
+        return _calibrates_on_folder(options)
+    try:
+        found = _listed_images(options.fidelity, "fidelity", "--fidelity-images", InputError)
+    except InputError:
+        return False  # no fidelity images at all: fidelity_paths says why
+    return len(_calibrated_on(found, options)) == len(found)
+
+
+def _calibration_name(options) -> str:
+    return "--calibration" if options.calibration is not None else "bundled calibration"
+
+
+def _calibrated_on(paths: list[Path], options) -> set[Path]:
+    """Those of ``paths`` a static INT8 export calibrates on: the same file as a calibration image (after links),
+    or one with the same bytes."""
+    if not (options.precision == "int8" and options.quantization == "static"):
+        return set()
+    calibration = calibration_paths(options.calibration)[0]
+    resolved = {p.resolve() for p in calibration}
+    by_size: dict[int, list[Path]] = {}
+    for path in calibration:
+        by_size.setdefault(_size(path), []).append(path)
+    same = set()
+    for path in paths:
+        if path.resolve() in resolved or any(_digest(path) == _digest(c) for c in by_size.get(_size(path), ())):
+            same.add(path)
+    return same
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1  # unreadable: its own error comes when it is decoded
+
+
+def _digest(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return f"unreadable:{path.resolve()}"
 
 
 def check_image_folders(options) -> None:
@@ -81,11 +134,12 @@ def _calibrates_on_folder(options) -> bool:
     return options.calibration is not None and options.quantization == "static" and options.precision == "int8"
 
 
-def _same_folder(a: str | Path, b: str | Path) -> bool:
-    return Path(a).resolve() == Path(b).resolve()
-
-
 def _folder_images(folder: str | Path, purpose: str, flag: str, error) -> tuple[list[Path], str]:
+    return _first_images(_listed_images(folder, purpose, flag, error), folder)
+
+
+def _listed_images(folder: str | Path, purpose: str, flag: str, error) -> list[Path]:
+    """Every image file in ``folder``, by name; ``error`` when it is not a folder or holds none."""
     folder = Path(folder)
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "does not exist"
@@ -99,10 +153,16 @@ def _folder_images(folder: str | Path, purpose: str, flag: str, error) -> tuple[
     if not found:
         raise error(f"{purpose} folder '{folder}' holds no images",
                     f"files ending in {', '.join(IMAGE_SUFFIXES)}", "add 32-256 representative images")
+    return found
+
+
+def _first_images(found: list[Path], folder: str | Path) -> tuple[list[Path], str]:
+    """The first ``MAX_CALIBRATION_IMAGES`` of ``found`` (images of ``folder``) and the manifest's note on them."""
+    name = Path(folder).name
     paths = found[:MAX_CALIBRATION_IMAGES]
     if len(found) > len(paths):
-        return paths, f"{folder.name}/ (the first {len(paths)} of {len(found)} images by name)"
-    return paths, f"{folder.name}/ ({len(paths)} image{'' if len(paths) == 1 else 's'})"
+        return paths, f"{name}/ (the first {len(paths)} of {len(found)} images by name)"
+    return paths, f"{name}/ ({len(paths)} image{'' if len(paths) == 1 else 's'})"
 
 
 def load_calibration_image(path: Path) -> Image.Image:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mmedge.errors import InputError, ModelLoadError
+from mmedge.export.checkpoint_checks import check_image_size, check_loaded_weights, check_tokenizer
 
 CONFIG_DIR = Path(__file__).parent / "data" / "configs"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -96,16 +97,26 @@ def _refuse_pickles(folder: Path, allow_pickle: bool) -> None:
 def checkpoint_family(model: str, *, random_weights: bool = False) -> str:
     """The family of ``model`` read from its config alone, before any weights: a bundled config's, a folder's
     config.json, or for a hub id the hub's config (refused at once when the hub cannot be reached)."""
+    return family_of_config(checkpoint_config(model, random_weights=random_weights))
+
+
+def family_of_config(config: dict) -> str:
+    """The family exporting the checkpoint whose config (as in config.json) is ``config``."""
+    return _family_of(config)
+
+
+def checkpoint_config(model: str, *, random_weights: bool = False) -> dict:
+    """The config of ``model`` as a dict (as in config.json), read before any weights (see ``checkpoint_family``)."""
     if random_weights:
         entry = _bundled_config(model)
         if entry is not None:
-            return _family_of(entry["config"])
+            return entry["config"]
         if not (Path(model) / "config.json").is_file():
             raise _not_bundled(model)
     elif not _local_folder(model):
         import transformers
 
-        return _family_of(_hub_config(transformers, model))
+        return _hub_config(transformers, model).to_dict()
     try:
         config = json.loads((Path(model) / "config.json").read_text())
         if not isinstance(config, dict):
@@ -113,19 +124,32 @@ def checkpoint_family(model: str, *, random_weights: bool = False) -> str:
     except (OSError, ValueError, AttributeError) as exc:
         raise ModelLoadError(f"cannot read '{Path(model) / 'config.json'}' ({_first_line(exc)})",
                              "a JSON config written by save_pretrained", "re-copy the checkpoint folder") from None
-    return _family_of(config)
+    return config
 
 
 def _local_folder(model: str) -> bool:
     """Whether ``model`` is a checkpoint folder (False: a hub id); a path that is not a usable folder is refused."""
     folder = Path(model)
     if folder.exists():
+        if not folder.is_dir():
+            raise ModelLoadError(
+                f"'{model}' is a file, not a checkpoint folder",
+                "a Hugging Face checkpoint folder (config.json + *.safetensors) or a hub id",
+                "pass the folder that holds the file (the one save_pretrained wrote)",
+            )
         if not (folder / "config.json").is_file():
             raise ModelLoadError(
                 f"'{model}' has no config.json", "a Hugging Face checkpoint folder (config.json + *.safetensors)",
                 "point at the folder save_pretrained wrote",
             )
         return True
+    first = Path(model).parts[0] if Path(model).parts else model
+    if not _looks_like_a_path(model) and Path(first).is_dir():  # 'bad/missing' beside a local 'bad': a mistyped path
+        raise ModelLoadError(
+            f"checkpoint folder '{model}' does not exist (read as a path, not a hub id: '{first}' is a local folder)",
+            f"a checkpoint folder inside '{first}' (config.json + *.safetensors)",
+            f"check the path; to fetch the hub id '{model}' instead, run from a directory without a '{first}' folder",
+        )
     if _looks_like_a_path(model):  # not a hub id: fail now rather than ask the hub
         raise ModelLoadError(
             f"checkpoint folder '{model}' does not exist",
@@ -178,12 +202,15 @@ def _load_pretrained(model: str, allow_pickle: bool) -> LoadedModel:
     from mmedge.export.families import FAMILIES
 
     model_class = FAMILIES[family].model_class()
+    tokenizer, processor = _load_preprocessors(model, config)  # small files first: their refusals cost no weights
+    from safetensors import SafetensorError
+
     try:
         # use_safetensors: True never reads a pickle; None (--allow-pickle) still loads safetensors where there are
         # any and falls back to a pickle, read with weights_only=True: tensors and plain containers, never an object
         # whose unpickling runs code.
-        loaded = model_class.from_pretrained(model, use_safetensors=None if allow_pickle else True, weights_only=True,
-                                             **_hub(model))
+        loaded, info = model_class.from_pretrained(model, use_safetensors=None if allow_pickle else True,
+                                                   weights_only=True, output_loading_info=True, **_hub(model))
     except pickle.UnpicklingError as exc:
         raise ModelLoadError(
             f"refused to load the pickled weights of '{model}': they hold more than tensors "
@@ -191,13 +218,15 @@ def _load_pretrained(model: str, allow_pickle: bool) -> LoadedModel:
             "a checkpoint of tensors only, ideally in safetensors format",
             "get a model.safetensors version of the checkpoint; never load pickles you do not trust",
         ) from None
-    except (OSError, ValueError, RuntimeError, EOFError) as exc:
+    except (OSError, ValueError, RuntimeError, EOFError, SafetensorError) as exc:  # SafetensorError: truncated, corrupt
+        pickled = "" if allow_pickle or list(Path(model).glob("*.safetensors")) else \
+            ", or pass --allow-pickle for a trusted .bin checkpoint"
         raise ModelLoadError(
-            f"cannot load weights for '{model}' ({_first_line(exc)})",
-            "safetensors weights matching config.json",
-            "re-download the checkpoint, or pass --allow-pickle for a trusted .bin checkpoint",
+            f"cannot load weights for '{model}' ({type(exc).__name__}: {_first_line(exc)})",
+            "complete safetensors weights matching config.json",
+            f"re-download or re-save the checkpoint (save_pretrained){pickled}",
         ) from None
-    tokenizer, processor = _load_preprocessors(model)
+    check_loaded_weights(model, loaded, info)
     source = {"model": model, "config_sha256": config_sha256(config), "random_weights": False,
               "transformers_version": transformers.__version__, "dtype": stored_dtype(loaded)}
     return LoadedModel(family, loaded.eval(), tokenizer, processor, source)
@@ -226,8 +255,12 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
-def _load_preprocessors(model: str):
+def _load_preprocessors(model: str, config):
+    """The checkpoint's tokenizer and image processor, refused when the tokenizer lacks its vocabulary or the
+    processor's images are not the size ``config``'s vision tower takes (``checkpoint_checks``)."""
     import transformers
+
+    from mmedge.export.preprocessing import preprocess_config_from_hf
 
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(model, **_hub(model))
@@ -235,9 +268,12 @@ def _load_preprocessors(model: str):
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"cannot load the tokenizer or image processor of '{model}' ({str(exc).splitlines()[0][:200]})",
-            "tokenizer.json and preprocessor_config.json beside the weights",
-            "save them with tokenizer.save_pretrained / processor.save_pretrained into the checkpoint folder",
+            "tokenizer.json and preprocessor_config.json beside config.json (--random-weights too reads them there)",
+            "save them with tokenizer.save_pretrained / processor.save_pretrained into the checkpoint folder; for "
+            "random weights without them, pass a bundled config name (mmedge export --help)",
         ) from None
+    check_tokenizer(model, tokenizer, getattr(config.get_text_config(), "vocab_size", None))
+    check_image_size(model, preprocess_config_from_hf(processor), config)
     return tokenizer, processor
 
 
@@ -268,7 +304,7 @@ def _load_random(model: str, seed: int) -> LoadedModel:
         tokenizer = processor = None
     elif (folder / "config.json").is_file():
         config = transformers.AutoConfig.from_pretrained(model)
-        tokenizer, processor = _load_preprocessors(model)
+        tokenizer, processor = _load_preprocessors(model, config)
     else:
         raise _not_bundled(model)
     family = _family_of(config)

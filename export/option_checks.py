@@ -16,7 +16,10 @@ EXTRA_FLAGS = {"fused_prefix": "--split-prefix", "cached_cross_kv": "--recompute
 # what takes each of them, for the refusal
 EXTRA_FLAG_MODELS = {"fused_prefix": "a BLIP-2 model", "cached_cross_kv": "an IDEFICS model",
                      "fused_image_context": "an IDEFICS model",
-                     "fused_attention": "a BLIP-2 or InstructBLIP model with a decoder-only LLM"}
+                     "fused_attention": "a BLIP-2 or InstructBLIP model with an OPT LLM"}
+# text_config.model_type of the LLMs whose attention --fused-attention rewrites (specs.fused_attention.SUPPORTED:
+# OPTAttention); a config without one is OPT, as transformers defaults
+FUSABLE_LLMS = ("opt",)
 
 
 def _llm(options) -> str | None:
@@ -83,10 +86,10 @@ RULES = (
 )
 
 
-def check_export_options(options, family) -> None:
+def check_export_options(options, family, config: dict | None = None) -> None:
     """Raise InputError for a task the family lacks (or any --task where one artifact serves every task), an unknown
-    family setting, or an option that would do nothing;
-    then the values of those left (labels, templates, image folders; CalibrationError for --calibration).
+    family setting, an option that would do nothing, or one this checkpoint's ``config`` (as in config.json) cannot
+    take; then the values of those left (labels, templates, image folders; CalibrationError for --calibration).
 
     ``options.task`` may be None (the family's default task); ``family`` is the exporter's family object
     (``name``, ``label``, ``tasks``, ``tasks_alike``, ``has_llm``, ``extra_defaults``)."""
@@ -106,7 +109,20 @@ def check_export_options(options, family) -> None:
                          "check the spelling of the extra settings")
     settled = _with_task(options, task)
     refuse_idle(RULES, settled, family, f"in this {family.label} export ({_settings(settled, family)})")
+    if config is not None:
+        _check_for_checkpoint(settled, family, config)
     _check_values(settled)
+
+
+def _check_for_checkpoint(options, family, config: dict) -> None:
+    """Options the family takes that only some of its checkpoints can: --fused-attention needs an OPT LLM."""
+    llm = (config.get("text_config") or {}).get("model_type", "opt")
+    if options.extra.get("fused_attention") and llm not in FUSABLE_LLMS:
+        raise InputError(f"--fused-attention cannot rewrite this {family.label} checkpoint's LLM ('{llm}', "
+                         "text_config.model_type in config.json): mmedge fuses OPT's attention only (other LLMs "
+                         "apply rotary position embeddings between the projections and the product)",
+                         f"{EXTRA_FLAG_MODELS['fused_attention']}",
+                         "drop --fused-attention (the decoder keeps transformers' attention)")
 
 
 def _check_values(options) -> None:

@@ -111,15 +111,16 @@ def export_model(model: str, out: str | Path, options: ExportOptions | None = No
     options.check()
     # cheap checks first, nothing is loaded yet: --overwrite replaces only an artifact, never the checkpoint it reads
     check_output_folder(out, overwrite=options.overwrite, sources=_local_sources(model))
-    from mmedge.export.loading import check_weight_files, checkpoint_family
+    from mmedge.export.loading import check_weight_files, checkpoint_config, family_of_config
     from mmedge.export.option_checks import check_export_options
 
-    name = checkpoint_family(model, random_weights=options.random_weights)  # from the config alone, no weights
+    config = checkpoint_config(model, random_weights=options.random_weights)  # the config alone, no weights
+    name = family_of_config(config)
     check_weight_files(model, random_weights=options.random_weights, allow_pickle=options.allow_pickle)  # names only
     from mmedge.export.families import FAMILIES
 
     family = FAMILIES[name]
-    check_export_options(options, family)
+    check_export_options(options, family, config)
     options = options.settled(options.task or family.default_task)
     from mmedge.export.memory import check_memory
 

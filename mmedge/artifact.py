@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -355,15 +356,23 @@ def is_artifact_folder(path: Path) -> bool:
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME
 
 
+NAME_MAX_BYTES = 255  # a file name's limit on Linux file systems (ext4, xfs, btrfs), and macOS's
+# atomic_folder's staging folder beside the output is ".NAME.partial-PID-XXXXXXXX" (a PID of up to 7 digits)
+STAGING_EXTRA_BYTES = len(".") + len(".partial-") + len(str(2 ** 22)) + len("-") + 8
+
+
 def check_output_folder(dest: str | os.PathLike, *, overwrite: bool,
                         recognize: Callable[[Path], bool] = is_artifact_folder, kind: str = ARTIFACT_KIND,
                         command: str = "mmedge export", sources: Iterable[str | os.PathLike] = ()) -> None:
     """Refuse, before any work, an output path this write must not take: one that exists without ``overwrite``, and
     with it anything ``--overwrite`` would destroy that the tool did not write (a file, a folder ``recognize`` does
     not know and that is not empty, the current directory or one above it, a folder holding one of ``sources``:
-    the checkpoint or artifacts being read)."""
+    the checkpoint or artifacts being read); and one that cannot be written (``_check_writable``: its folder is not a
+    writable folder and cannot be made one, or its name leaves the staging folder no room), as the write would
+    otherwise fail only after all the work."""
     dest = Path(dest)
     if not os.path.lexists(dest):
+        _check_writable(dest)
         return
     if not overwrite:
         raise ArtifactError(f"output folder '{dest}' already exists", "a path that does not exist yet",
@@ -389,6 +398,32 @@ def check_output_folder(dest: str | os.PathLike, *, overwrite: bool,
         raise ArtifactError(f"output folder '{dest}' is not empty and is not {kind}, so --overwrite will not "
                             "replace it", replaceable,
                             "choose another output path, or remove the folder yourself if nothing in it is needed")
+    _check_writable(dest)
+
+
+def _check_writable(dest: Path) -> None:
+    """Refuse ``dest`` when the folder it goes into is not a folder, or neither it nor (where it is still to be
+    created) its nearest existing ancestor can be written, or its name is too long for the staging folder's: the
+    staging folder is made there and renamed to ``dest``."""
+    size = len(dest.name.encode())
+    if size + STAGING_EXTRA_BYTES > NAME_MAX_BYTES:
+        raise ArtifactError(f"output path '{dest}' has a name of {size} bytes",
+                            f"a name of at most {NAME_MAX_BYTES - STAGING_EXTRA_BYTES} bytes (the output is written "
+                            f"as '.NAME.partial-…' beside it first, and file names stop at {NAME_MAX_BYTES} bytes)",
+                            "choose a shorter output name")
+    parent = dest.parent if str(dest.parent) else Path(".")
+    existing = parent
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    where = "its folder" if existing == parent else "the nearest existing folder above it"
+    expected = "an output path in a folder you can write (or one that can be created)"
+    if not existing.is_dir():
+        what = "a file" if existing.exists() else "a broken symbolic link"
+        raise ArtifactError(f"output path '{dest}' cannot be written: '{existing}' is {what}, not a folder",
+                            expected, "choose another output path")
+    if not os.access(existing, os.W_OK | os.X_OK):  # also False for root on a read-only file system
+        raise ArtifactError(f"output path '{dest}' cannot be written: {where}, '{existing}', is not writable",
+                            expected, "choose an output path in a writable folder, or fix the folder's permissions")
 
 
 def _missing_folders(folder: Path) -> list[Path]:
@@ -429,7 +464,12 @@ def atomic_folder(dest: str | os.PathLike, *, overwrite: bool = False,
         for item in staging.rglob("*"):  # pytorch/ too: transformers' save_pretrained writes its weights 0600
             if item.is_symlink():
                 continue
-            item.chmod((0o666 if item.is_file() else 0o777) & ~mask)
+            status = item.lstat()
+            if item.is_file() and status.st_nlink > 1:
+                continue  # hard-linked in (`mmedge triton`): the mode is its artifact's file's, not this write's
+            mode = (0o666 if item.is_file() else 0o777) & ~mask
+            if stat.S_IMODE(status.st_mode) != mode:  # a chmod that changes nothing still moves the change time
+                item.chmod(mode)
         if dest.exists():
             backup = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=parent))
             os.replace(dest, backup / "old")

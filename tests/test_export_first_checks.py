@@ -435,3 +435,67 @@ def test_a_small_calibration_set_is_warned_about_and_a_large_one_says_what_was_k
     assert len(paths) == MAX_CALIBRATION_IMAGES and paths[-1].name == "0255.png"
     assert note == f"many/ (the first {MAX_CALIBRATION_IMAGES} of {MAX_CALIBRATION_IMAGES + 2} images by name)"
     assert calibration_paths(one)[1] == "one/ (1 image)"
+
+
+# --- the fidelity images a static export calibrates on are not called held out -----------------------------------
+def test_fidelity_images_that_are_also_calibration_images_are_left_out_or_said_not_held_out(tmp_path):
+    """`--fidelity-images export/data/images` held the bundled calibration-*.jpg a static export calibrated on, and
+    the manifest called the measurement held-out: folders were compared, not files."""
+    from types import SimpleNamespace
+
+    from mmedge.export.calibration import DATA_DIR, bundled, fidelity_on_calibration, fidelity_paths
+
+    def options(fidelity, quantization="static", calibration=None):
+        return SimpleNamespace(precision="int8", quantization=quantization, calibration=calibration,
+                               fidelity=str(fidelity))
+
+    paths, note = fidelity_paths(options(DATA_DIR))  # the same files, by path
+    assert [p.name for p in paths] == [p.name for p in bundled("holdout")]
+    assert note == "images/ (8 images; 8 calibrated on, left out)" and not fidelity_on_calibration(options(DATA_DIR))
+    copies = tmp_path / "copies"  # the same bytes under other names
+    copies.mkdir()
+    for path in bundled("calibration")[:2]:
+        (copies / f"copy-{path.name}").write_bytes(path.read_bytes())
+    paths, note = fidelity_paths(options(copies))
+    assert len(paths) == 2 and fidelity_on_calibration(options(copies))  # nothing else to measure on: said so
+    assert note == "copies/ (2 images): the bundled calibration images, not held out"
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "mine.jpg").write_bytes(bundled("holdout")[0].read_bytes())
+    (own / "also-calibrated.jpg").write_bytes(bundled("calibration")[0].read_bytes())
+    mine = options(own, calibration=str(copies))  # a --calibration folder: its files are the calibration images
+    assert fidelity_paths(mine) == ([own / "mine.jpg"], "own/ (1 image; 1 calibrated on, left out)")
+    assert fidelity_paths(options(own, quantization="dynamic")) == (sorted(own.iterdir()), "own/ (2 images)")
+
+
+# --- an output path that cannot be written is refused before loading ----------------------------------------------
+def test_an_output_path_that_cannot_be_written_is_refused_before_loading(tiny_clip_dir, tmp_path, nothing_loads,
+                                                                        monkeypatch, capsys):
+    (tmp_path / "afile").write_text("x")
+    cli_error(capsys, ["export", tiny_clip_dir, tmp_path / "afile" / "new" / "out"], ArtifactError,
+              f"output path '{tmp_path / 'afile' / 'new' / 'out'}' cannot be written", "afile' is a file, not a folder")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    if os.geteuid() == 0:  # root writes anywhere but on a read-only file system: that is what access() reports there
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and real_access(path, mode,
+                                                                                                          **kw))
+    for out, where in ((locked / "out", "its folder"), (locked / "a" / "b" / "out", "the nearest existing folder")):
+        cli_error(capsys, ["export", tiny_clip_dir, out], ArtifactError,
+                  f"output path '{out}' cannot be written: {where}", f"'{locked}', is not writable")
+    locked.chmod(0o755)
+    assert list(locked.iterdir()) == []
+
+
+# --- an option the checkpoint cannot take, from its config -----------------------------------------------------
+def test_fused_attention_on_a_non_opt_llm_is_refused_before_loading(tiny_instructblip_dir, tiny_blip2_dir, tmp_path,
+                                                                     nothing_loads, capsys):
+    """--help promises it for an OPT LLM; an InstructBLIP with a Llama LLM was refused only after loading."""
+    cli_error(capsys, ["export", tiny_instructblip_dir, tmp_path / "out", "--fused-attention"], InputError,
+              "--fused-attention cannot rewrite this InstructBLIP checkpoint's LLM ('llama'", "drop --fused-attention")
+    from mmedge.export.families import FAMILIES
+    from mmedge.export.option_checks import check_export_options
+    from mmedge.export.pipeline import ExportOptions
+
+    opt = json.loads((tiny_blip2_dir / "config.json").read_text())
+    check_export_options(ExportOptions(extra={"fused_attention": True}), FAMILIES["blip2"], opt)  # OPT: taken

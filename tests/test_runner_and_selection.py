@@ -1,5 +1,8 @@
 """Runner feed checks, the ONNX Runtime backend's options, backend selection over described devices."""
 
+import os
+import stat
+
 import numpy as np
 import pytest
 
@@ -157,6 +160,22 @@ def test_atomic_folder_appears_only_when_complete(tmp_path):
     with atomic_folder(dest) as stage:
         (stage / "whole.onnx").write_bytes(b"x")
     assert [p.name for p in dest.iterdir()] == ["whole.onnx"]
+
+
+def test_atomic_folder_leaves_hard_linked_files_as_they_were(tmp_path):
+    """`mmedge triton` hard-links an artifact's graphs into its repository: the write's permission pass made the
+    artifact's own read-only graph 0644 (and moved its change time, staling the device's record of its sha256)."""
+    graph = tmp_path / "vision.onnx"
+    graph.write_bytes(b"graph")
+    graph.chmod(0o444)
+    before = graph.stat()
+    with atomic_folder(tmp_path / "repo") as stage:
+        os.link(graph, stage / "vision.onnx")
+        (stage / "config.pbtxt").write_text("x")
+        (stage / "config.pbtxt").chmod(0o600)
+    after = graph.stat()
+    assert stat.S_IMODE(after.st_mode) == 0o444 and after.st_ctime_ns >= before.st_ctime_ns
+    assert stat.S_IMODE((tmp_path / "repo" / "config.pbtxt").stat().st_mode) & 0o044 == 0o044  # made ordinary
 
 
 def test_atomic_overwrite_replaces_only_on_success(tmp_path):

@@ -153,15 +153,21 @@ def qformer_tokenizer(loaded):
         return synthetic_qformer_tokenizer(loaded.model.config.qformer_config)
     try:
         if Path(model).is_dir():
-            return transformers.AutoTokenizer.from_pretrained(model, subfolder=QFORMER_TOKENIZER_FOLDER)
-        from mmedge.export.hub import hub_options
+            tokenizer = transformers.AutoTokenizer.from_pretrained(model, subfolder=QFORMER_TOKENIZER_FOLDER)
+        else:
+            from mmedge.export.hub import hub_options
 
-        return transformers.AutoTokenizer.from_pretrained(model, subfolder=QFORMER_TOKENIZER_FOLDER,
-                                                          **hub_options(model))
+            tokenizer = transformers.AutoTokenizer.from_pretrained(model, subfolder=QFORMER_TOKENIZER_FOLDER,
+                                                                   **hub_options(model))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load the Q-Former's tokenizer of '{model}' ({str(exc).splitlines()[0][:200]})",
                              f"a tokenizer in {QFORMER_TOKENIZER_FOLDER}/ beside the weights",
                              "save the checkpoint's InstructBlipProcessor into the folder (save_pretrained)") from None
+    from mmedge.export.checkpoint_checks import check_tokenizer
+
+    where = Path(model) / QFORMER_TOKENIZER_FOLDER if Path(model).is_dir() else f"{model}/{QFORMER_TOKENIZER_FOLDER}"
+    check_tokenizer(where, tokenizer, loaded.model.config.qformer_config.vocab_size)
+    return tokenizer
 
 
 def synthetic_qformer_tokenizer(qformer_config):
