@@ -9,6 +9,7 @@ another domain is measured on its own kind of images. Fidelity images a static e
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import warnings
 from pathlib import Path
@@ -90,7 +91,8 @@ def _calibrated_on(paths: list[Path], options) -> set[Path]:
         by_size.setdefault(_size(path), []).append(path)
     same = set()
     for path in paths:
-        if path.resolve() in resolved or any(_digest(path) == _digest(c) for c in by_size.get(_size(path), ())):
+        twins = by_size.get(_size(path), ())
+        if path.resolve() in resolved or (twins and _digest(path) in {_digest(c) for c in twins}):
             same.add(path)
     return same
 
@@ -103,10 +105,21 @@ def _size(path: Path) -> int:
 
 
 def _digest(path: Path) -> str:
+    """The file's sha256, read once per file version however often an export asks (camera frames of one size all
+    share a byte size: comparing each with each hashed every calibration image once per fidelity image)."""
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        status = path.stat()
     except OSError:
         return f"unreadable:{path.resolve()}"
+    return _digest_of(str(path.resolve()), status.st_size, status.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _digest_of(path: str, size: int, mtime_ns: int) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return f"unreadable:{path}"
 
 
 def check_image_folders(options) -> None:

@@ -57,6 +57,13 @@ def _cached(model: str) -> bool:
     return isinstance(try_to_load_from_cache(model, "config.json"), str)
 
 
+def mistyped_path_hint(model: str) -> str:
+    """A note for a hub id that fails while its first part names a local folder ('bad/missing' beside 'bad/'): it
+    may be a mistyped path (read as a hub id, as transformers reads it)."""
+    first = os.path.normpath(model).split(os.sep)[0]
+    return f" ('{model}' is no local folder, though '{first}' is: a mistyped path?)" if os.path.isdir(first) else ""
+
+
 def hub_options(model: str) -> dict:
     """Keyword arguments for transformers' ``from_pretrained`` of the hub id ``model``: none when the hub answers,
     ``local_files_only`` when it cannot be reached (or HF_HUB_OFFLINE is set) and the model is cached; otherwise a
@@ -68,7 +75,7 @@ def hub_options(model: str) -> dict:
         return {"local_files_only": True}
     raise ModelLoadError(
         f"cannot fetch '{model}': the Hugging Face hub at {endpoint()} cannot be reached ({why}) and the model is not "
-        "in the local Hugging Face cache",
+        f"in the local Hugging Face cache{mistyped_path_hint(model)}",
         "network access to the hub, or a local checkpoint folder (config.json + *.safetensors)",
         "download it where there is network (save_pretrained) and pass the folder, check HF_ENDPOINT and proxy "
         "settings, or export a bundled config offline with --random-weights (names: mmedge export --help)",

@@ -143,13 +143,6 @@ def _local_folder(model: str) -> bool:
                 "point at the folder save_pretrained wrote",
             )
         return True
-    first = Path(model).parts[0] if Path(model).parts else model
-    if not _looks_like_a_path(model) and Path(first).is_dir():  # 'bad/missing' beside a local 'bad': a mistyped path
-        raise ModelLoadError(
-            f"checkpoint folder '{model}' does not exist (read as a path, not a hub id: '{first}' is a local folder)",
-            f"a checkpoint folder inside '{first}' (config.json + *.safetensors)",
-            f"check the path; to fetch the hub id '{model}' instead, run from a directory without a '{first}' folder",
-        )
     if _looks_like_a_path(model):  # not a hub id: fail now rather than ask the hub
         raise ModelLoadError(
             f"checkpoint folder '{model}' does not exist",
@@ -187,8 +180,10 @@ def _hub_config(transformers, model: str):
     try:
         return transformers.AutoConfig.from_pretrained(model, **_hub(model))
     except OSError as exc:
+        from mmedge.export.hub import mistyped_path_hint
+
         raise ModelLoadError(
-            f"cannot load a config for '{model}' ({str(exc).splitlines()[0][:200]})",
+            f"cannot load a config for '{model}' ({str(exc).splitlines()[0][:200]}){mistyped_path_hint(model)}",
             "a local checkpoint folder or a reachable Hugging Face hub id",
             "check the path or id; offline, use a local folder or --random-weights",
         ) from None

@@ -78,7 +78,6 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", t
             runner.close()
         raise
     pipeline.plan = chosen
-    pipeline.task = task  # the task asked for (a Captioner answers 'caption' and 'vqa' alike)
     return pipeline
 
 

@@ -89,12 +89,12 @@ class ImagePreprocessor:
             config[key] = None if config[key] is None else list(config[key])
         return config
 
-    def __call__(self, images: Any, places: list[str] | None = None) -> np.ndarray:
+    def __call__(self, images: Any, places: list[str | None] | None = None) -> np.ndarray:
         """Preprocess one image or a list/tuple of images (anything ``load_image`` accepts).
 
         Returns float32 ``[batch, 3, height, width]``; raises ``ImageError`` for an unusable image
         and ``InputError`` for an empty list. ``places``: how an error names each image (an interleaved prompt's
-        "prompt item 2"); by default its index in the batch.
+        "prompt item 2"; None: by itself); by default its index in the batch.
         """
         batch = list(images) if isinstance(images, (list, tuple)) else [images]
         if not batch:

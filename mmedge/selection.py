@@ -40,10 +40,10 @@ def _check_request(backend: str, device: str) -> None:
 
     if backend != "auto" and (not isinstance(backend, str) or backend not in BACKENDS):
         raise InputError(f"unknown backend '{backend}'", f"'auto' or one of {', '.join(BACKENDS)}",
-                         "pass --backend auto to let mmedge choose")
+                         "pass backend 'auto' (--backend auto) to let mmedge choose")
     if not isinstance(device, str) or device not in DEVICES:
         raise InputError(f"unknown device '{device}'", f"one of {', '.join(DEVICES)}",
-                         "pass --device auto, cpu or cuda")
+                         "pass device 'auto', 'cpu' or 'cuda' (--device)")
 
 
 def plan(probe: DeviceProbe, manifest: dict, backend: str = "auto", device: str = "auto", *,

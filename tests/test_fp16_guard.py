@@ -25,7 +25,7 @@ SCALED = "vision_model.encoder.layers.0.mlp.fc2"
 
 def _save_beside(model, tiny_clip_dir, path):
     model.save_pretrained(path)
-    for name in ("tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                  "preprocessor_config.json"):
         if (tiny_clip_dir / name).is_file():
             (path / name).write_bytes((tiny_clip_dir / name).read_bytes())

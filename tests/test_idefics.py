@@ -274,6 +274,8 @@ def test_bad_interleaved_prompts_are_refused(artifacts, images):
             captioner.generate([[images[0], "a"], [images[1], {}]])
         with pytest.raises(mmedge.errors.ImageError, match="^image at index 1 of the batch"):
             captioner.caption([images[0], {}])
+        with pytest.raises(mmedge.errors.ImageError, match="^cannot load an image from a dict"):  # no prompt given
+            captioner.caption({})
         with pytest.raises(mmedge.errors.ImageError, match="'https://example.com/cat.png'.*URLs are not fetched"):
             captioner.caption("https://example.com/cat.png")
         with pytest.raises(mmedge.errors.InputError, match="prompt item 0 as a list among images and strings"):

@@ -51,6 +51,8 @@ def test_pipelines_used_after_close_say_so(clip_artifacts, blip2_artifact, photo
     with pytest.raises(BackendError, match="this Captioner is closed"):
         captioner.caption(photos[0], max_new_tokens=2)
     with pytest.raises(BackendError, match="this Captioner is closed"):
+        captioner.prompt_positions(photos[0])
+    with pytest.raises(BackendError, match="this Captioner is closed"):
         next(iter(pending))  # a stream made before close(), read after it
 
 

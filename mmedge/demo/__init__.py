@@ -88,7 +88,7 @@ def images(count: int | None = None) -> list[Path]:
     if count is not None:
         if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= len(paths):
             raise InputError(f"image count is {count!r}", f"an integer from 1 to {len(paths)}",
-                             f"pass --images N with N at most {len(paths)}")
+                             f"ask for at most {len(paths)} images (--images N)")
         paths = paths[:count]
     return paths
 

@@ -148,6 +148,8 @@ class Captioner:
         """Decoder positions the prompt of ``stream(image, prompt)`` (``image``: one image, or an interleaved prompt
         list) takes before the first new token, image rows included; counted without running a graph or reading the
         image. InputError for a prompt the call would refuse for its text."""
+        if self._closed:
+            raise closed_error(self)
         return self.inputs.prompt_positions(image, prompt)
 
     # --- generation ------------------------------------------------------------------------------

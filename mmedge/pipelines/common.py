@@ -30,8 +30,9 @@ def check_text_chars(texts: list, max_tokens: int, what: str = "text") -> None:
     index = overlong_text(texts, max_tokens)
     if index is not None:
         raise InputError(f"{what} {index} has {len(texts[index]):,} characters",
-                         f"at most {CUT_CHARS_PER_TOKEN * max_tokens:,}: the text encoder reads its first "
-                         f"{max_tokens} tokens, and cuts the rest", f"shorten {what} {index} to its first sentences")
+                         f"at most {CUT_CHARS_PER_TOKEN * max_tokens:,}: the text encoder reads only its first "
+                         f"{max_tokens} tokens (a longer text is cut there), and one this long is far past them",
+                         f"shorten {what} {index} to its first sentences")
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

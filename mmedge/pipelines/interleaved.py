@@ -119,7 +119,8 @@ class FlamingoInputs:
         if prompt is not None and not isinstance(prompt, str):
             raise InputError(f"prompt is a {type(prompt).__name__}", "a string or None", "pass prompt='An image of'")
         batch = [ImagePath(image) if is_text(image) else image for image in batch]
-        places = [f"image at index {index} of the batch" for index in range(len(batch))] if len(batch) > 1 else None
+        # the user gave images, not prompts: an error names the image as a batch of them is named (one: by itself)
+        places = [f"image at index {index} of the batch" for index in range(len(batch))] if len(batch) > 1 else [None]
         return self.build([[image, *([prompt] if prompt else [])] for image in batch], max_new_tokens, places)
 
     def prompt_positions(self, image, prompt: str | None) -> int:
@@ -150,7 +151,7 @@ class FlamingoInputs:
         check_prompt_chars("".join(item for item in items if is_text(item)), self.max_prompt_tokens)
         return self.tokenizer.encode_all(text, add_special_tokens=False), images
 
-    def build(self, prompts: list[list], max_new_tokens: int = 0, places: list[str] | None = None) -> dict:
+    def build(self, prompts: list[list], max_new_tokens: int = 0, places: list[str | None] | None = None) -> dict:
         """``{"embeds" [batch, tokens, hidden], "mask" [batch, tokens], "ids" [batch, tokens], "prefill": {...},
         "step": {...}}``; prompts are left-padded to the longest; each leaves ``max_new_tokens`` positions free.
         ``places``: how an error names each image, in order (by default its prompt item: "prompt 1 item 2")."""
@@ -193,7 +194,7 @@ class FlamingoInputs:
                 "prefill": {"image_attention_mask": seen, **context},
                 "step": {"image_attention_mask": np.ascontiguousarray(seen[:, -1:, :]), **context}}
 
-    def prompt_pixels(self, images_per_prompt: list[list], max_images: int, places: list[str] | None = None
+    def prompt_pixels(self, images_per_prompt: list[list], max_images: int, places: list[str | None] | None = None
                       ) -> np.ndarray:
         """Every prompt's images, preprocessed: ``[batch, max_images, 3, height, width]``, zeros where a prompt has
         fewer images (masked out of every cross-attention)."""
@@ -208,7 +209,7 @@ class FlamingoInputs:
                 start += len(images)
         return out
 
-    def visual_tokens(self, images_per_prompt: list[list], max_images: int, places: list[str] | None = None
+    def visual_tokens(self, images_per_prompt: list[list], max_images: int, places: list[str | None] | None = None
                       ) -> np.ndarray:
         """Vision (+ resampler) over every image once; ``[batch, max_images * tokens_per_image, width]``,
         zeros where a prompt has fewer images (masked out of every cross-attention)."""

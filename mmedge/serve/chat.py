@@ -32,6 +32,7 @@ from mmedge.generation import MAX_NEW_TOKENS_CAP, GenerationConfig, TextStream
 from mmedge.generation.config import MIN_TEMPERATURE
 from mmedge.manifest import family_section
 from mmedge.pipelines.captioner import vqa_prompt
+from mmedge.pipelines.prefix_inputs import CHARS_PER_TOKEN
 from mmedge.serve.errors import from_mmedge, invalid
 from mmedge.serve.inputs import bounded, check_fields, field, image_bytes, strings, typed
 from mmedge.serve.models import ServedModel
@@ -42,6 +43,7 @@ FIELDS = ("model", "messages", "max_tokens", "max_completion_tokens", "temperatu
           "prompt_mode")
 ROLES = ("system", "developer", "user", "assistant")
 PROMPT_MODES = ("question", "continue")
+DETAILS = ("auto", "low")  # OpenAI's image_url.detail values the model's fixed input size keeps
 MAX_BEAMS = 8
 MAX_STOP = 4
 
@@ -144,7 +146,7 @@ def _interleaved(messages: list, model: ServedModel) -> tuple[list, int, list]:
         raise invalid("the messages hold no image and no text", f"at least one image or text part for model "
                       f"'{model.id}' ({model.family})", "send an image_url part, and the text the answer continues",
                       "messages", code="missing_image")
-    texts = _checked_chars([part for part in items if isinstance(part, str)])
+    texts = _checked_chars([part for part in items if isinstance(part, str)], model)
     text_tokens = 1 + sum(_tokens(model.captioner, text, special=False) for text in texts)  # BOS + texts
     _check_prompt_tokens(text_tokens, model)
     images = [part for part in items if isinstance(part, bytes)]
@@ -294,10 +296,10 @@ def _image_part(part: dict, where: str, options: ServeOptions) -> bytes:
     if isinstance(image_url, dict):
         check_fields(image_url, ("url", "detail"), where + "image_url.")
         detail = field(image_url, "detail", "string", where=where + "image_url.")
-        if detail not in (None, "auto"):
-            raise invalid(f"field '{where}image_url.detail' is '{detail[:20]}'", "\"auto\" or no detail: the model "
-                          "reads every image at its own fixed size, so low or high detail would change nothing",
-                          "leave out detail", where + "image_url.detail")
+        if detail not in (None, *DETAILS):  # the model reads every image at its own small size: "low" is what it gets
+            raise invalid(f"field '{where}image_url.detail' is '{detail[:20]}'", f"one of {', '.join(DETAILS)}: the "
+                          "model reads every image at its own fixed, small size (high detail is not available)",
+                          "send \"auto\" or \"low\", or leave out detail", where + "image_url.detail")
         return image_bytes(field(image_url, "url", "string", required=True, where=where + "image_url."),
                            where + "image_url.url", options)
     return image_bytes(field(part, "image_url", "string", required=True, where=where), where + "image_url", options)
@@ -316,17 +318,20 @@ def _one_image_prompt(messages: list, model: ServedModel, mode: str) -> tuple[by
                       "send one image as a data URI in a user message", "messages",
                       code="too_many_images" if images else "missing_image")
     text = " ".join(part.strip() for part in users[-1] if isinstance(part, str) and part.strip())
-    _checked_chars([text])
+    _checked_chars([text], model)
     if not text:
         return images[0], None  # a caption
     return images[0], vqa_prompt(model.captioner.vqa_template, text) if mode == "question" else text
 
 
-def _checked_chars(texts: list[str]) -> list[str]:
+def _checked_chars(texts: list[str], model: ServedModel) -> list[str]:
+    """The server's character cap, and the pipeline's (``check_prompt_chars``: more characters than its prompt
+    tokens could hold), refused alike before tokenizing."""
     chars = sum(len(t) for t in texts)
-    if chars > MAX_PROMPT_CHARS:
-        raise invalid(f"the prompt has {chars:,} characters", f"at most {MAX_PROMPT_CHARS:,}", "shorten the text",
-                      "messages", code="prompt_too_long")
+    cap = min(MAX_PROMPT_CHARS, CHARS_PER_TOKEN * model.captioner.inputs.max_prompt_tokens)
+    if chars > cap:
+        raise invalid(f"the prompt has {chars:,} characters", f"at most {cap:,} for model '{model.id}'",
+                      "shorten the text", "messages", code="prompt_too_long")
     return texts
 
 

@@ -16,7 +16,7 @@ import math
 import re
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from PIL import Image, UnidentifiedImageError
 
@@ -223,13 +223,18 @@ def _allowed_file(url: str, param: str, options: ServeOptions) -> bytes:
 
 
 def _file_url_path(url: str, param: str) -> Path:
-    """The path of a ``file:`` URL (RFC 8089): percent-escapes decoded, on this host (no host, or ``localhost``)."""
-    parts = urlsplit(url)
-    if parts.netloc not in ("", "localhost"):
-        raise invalid(f"field '{param}' is a file URL on host '{parts.netloc[:40]}'", "a file URL on this server "
-                      "(file:///path or file://localhost/path)", "send the image as a data URI", param,
-                      code="unsupported_image_url")
-    return Path(unquote(parts.path))
+    """The path of a ``file:`` URL (RFC 8089): on this host (none, or ``localhost``), percent-escapes decoded; a
+    '#' or '?' is part of the file's name (a file URL has no fragment or query to the server)."""
+    path = url[len("file:"):]
+    if path.startswith("//"):
+        host, _, rest = path[2:].partition("/")
+        if host not in ("", "localhost"):
+            raise invalid(f"field '{param}' is a file URL on host '{host[:40]}'", "a file URL on this server: "
+                          "file:///absolute/path (three slashes) or file://localhost/absolute/path",
+                          "write the URL with three slashes, send a plain path, or send the image as a data URI",
+                          param, code="unsupported_image_url")
+        path = "/" + rest
+    return Path(unquote(path))
 
 
 def _check_header(data: bytes, param: str, max_pixels: int) -> None:

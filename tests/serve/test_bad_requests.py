@@ -89,7 +89,7 @@ CASES = [
     Bad("remote image URL in capitals", 400, "unsupported_image_url", ("remote URL",),
         chat("url:HTTPS://example.com/cat.png")),
     Bad("ftp image URL", 400, "unsupported_image_url", ("remote URL",), chat("url:ftp://example.com/cat.png")),
-    Bad("file URL on another host", 400, "unsupported_image_url", ("on host 'example.com'",),
+    Bad("file URL on another host", 400, "unsupported_image_url", ("on host 'example.com'", "three slashes"),
         chat("url:file://example.com/cat.png")),
     Bad("file outside the allowed folder", 400, "unsupported_image_url", ("outside the allowed folder",),
         chat("url:file:///etc/hostname")),
@@ -145,9 +145,9 @@ CASES = [
         raw=json.dumps(chat(IMAGE, num_beams=2, length_penalty=float("nan"))).encode(), param="length_penalty",
         headers={"Content-Type": "application/json"}),
     Bad("user not a string", 422, "invalid_type", ("field 'user' is 5",), chat(IMAGE, user=5), param="user"),
-    Bad("image detail that would change nothing", 400, "invalid_value", ("'low'", "fixed size"),
+    Bad("image detail the model cannot give", 400, "invalid_value", ("'high'", "fixed, small size"),
         {"model": "blip2-fp32", "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": IMAGE[4:], "detail": "low"}}]}]},
+            {"type": "image_url", "image_url": {"url": IMAGE[4:], "detail": "high"}}]}]},
         param="messages[0].content[0].image_url.detail"),
     Bad("max_tokens not a number", 422, "invalid_type", ("field 'max_tokens' is \"ten\"",),
         chat(IMAGE, max_tokens="ten")),
@@ -316,3 +316,15 @@ def test_chunked_body_over_the_cap_is_cut_off(http):
     chunks = (b"x" * 65536 for _ in range(20))  # 1.25 MiB
     answer = http.post("/v1/embeddings", content=chunks, headers={"Content-Type": "application/json"})
     check_error(answer, Bad("chunked", 413, "body_too_large", ("at most 1,048,576 bytes",)))
+
+
+def test_a_file_urls_hash_and_question_mark_are_part_of_the_name():
+    """A file URL has no fragment or query to this server: 'shot#1.png' is the file's name (urlsplit read '#1.png'
+    as a fragment and the file as 'shot')."""
+    from pathlib import Path
+
+    from mmedge.serve.inputs import _file_url_path
+
+    assert _file_url_path("file:///data/shot#1.png", "p") == Path("/data/shot#1.png")
+    assert _file_url_path("file://localhost/data/a?b%20c.png", "p") == Path("/data/a?b c.png")
+    assert _file_url_path("file:/data/x.png", "p") == Path("/data/x.png")
