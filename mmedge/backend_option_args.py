@@ -129,8 +129,16 @@ class CliBackendOptions:
         if self.given:
             from mmedge.api import plan_for
 
+            def cannot_run(name: str) -> str | None:
+                """Why --backend ``name`` cannot run the artifact (None: it can), before a fix suggests it."""
+                try:
+                    plan_for(path, backend=name, device=device, threads=threads)
+                except MmedgeError as exc:
+                    return exc.what
+                return None
+
             self.check_used(plan_for(path, backend=backend, device=device, backend_options=self.as_dict(),
-                                     threads=threads))
+                                     threads=threads), cannot_run)
 
     def per_artifact(self, paths: dict, backend: str, device: str, threads: int | None) -> dict[str, dict]:
         """``backend_options`` per artifact of a command that takes several (``paths``: name -> folder; ``mmedge
@@ -145,12 +153,18 @@ class CliBackendOptions:
         self.check_used_by_some(plans)
         return {name: self.for_plan(chosen) for name, chosen in plans.items()}
 
-    def check_used(self, chosen) -> None:
-        """InputError for the first setting that would change nothing under ``chosen``, in the flag's words."""
+    def check_used(self, chosen, cannot_run=None) -> None:
+        """InputError for the first setting that would change nothing under ``chosen``, in the flag's words.
+        ``cannot_run(backend)``: why that backend cannot run the artifact (None: it can), so that a fix never
+        suggests a --backend the artifact refuses."""
         idle = self.idle_in(chosen)
         if idle:
             first = idle[0]
-            raise InputError(f"{first.given.flag} would change nothing: {first.why}", first.expected, first.fix)
+            fix, name = first.fix, first.given.backend
+            why = cannot_run(name) if cannot_run and fix.startswith(f"add --backend {name}") else None
+            if why:
+                fix = f"drop {first.given.option} (--backend {name} cannot run this artifact: {why})"
+            raise InputError(f"{first.given.flag} would change nothing: {first.why}", first.expected, fix)
 
     def for_plan(self, chosen) -> dict:
         """``backend_options`` holding only the settings that change something under ``chosen``: each artifact's share

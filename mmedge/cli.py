@@ -106,7 +106,6 @@ def cmd_run(args) -> int:
     from mmedge.artifact import Artifact
     from mmedge.backend_option_args import CliBackendOptions
     from mmedge.run_options import (
-        check_labels_given,
         check_run_options,
         check_served_run_options,
         remote_target_of,
@@ -123,6 +122,7 @@ def cmd_run(args) -> int:
         target = remote_target_of(pipeline)
         if args.task is None or args.task == pipeline.task:
             check_run_options(args, target)  # before any request
+        labels = _labels_for(args, target)
     else:
         manifest = Artifact.open(args.artifact).manifest
         target = target_of(manifest, args.task)
@@ -133,18 +133,26 @@ def cmd_run(args) -> int:
         backend_options = CliBackendOptions.from_args(args)
         if not args.interleaved:
             _check_image_paths(args.images)
+        labels = _labels_for(args, target)  # a missing or unreadable labels file: refused before loading
         backend_options.check_for(args.artifact, args.backend, args.device, args.threads)
         pipeline = mmedge.load(args.artifact, backend=args.backend, device=args.device, task=args.task,
                                threads=args.threads, backend_options=backend_options.as_dict() or None)
     with pipeline:
-        check_labels_given(args, target)
         if args.interleaved:
             _print_line(_run_interleaved(pipeline, args.images, args))
             return 0
-        labels = _labels(args) if pipeline.task == "zero-shot" else None  # read once, before the first line
         for image in args.images:
             _print_line(_run_one(pipeline, image, args, labels))
     return 0
+
+
+def _labels_for(args, target) -> list[str] | None:
+    """The labels a zero-shot run classifies against (--labels, --labels-file), read once, before the model loads;
+    refused there when a two-graph artifact gets none."""
+    from mmedge.run_options import check_labels_given
+
+    check_labels_given(args, target)
+    return _labels(args) if target.task == "zero-shot" else None
 
 
 def _check_image_paths(images: list[str]) -> None:
@@ -167,7 +175,7 @@ def _run_interleaved(pipeline, items: list[str], args) -> str | None:
         raise InputError("--interleaved was given for a model without interleaved prompts",
                          "a Flamingo-style (IDEFICS) captioning artifact",
                          "drop --interleaved, or export an IDEFICS model")
-    prompt = [_interleaved_item(index, item) for index, item in enumerate(items, 1)]
+    prompt = [_interleaved_item(index, item) for index, item in enumerate(items)]  # counted as the pipeline counts
     generation = _generation_args(args)
     if args.stream and not args.json:
         _note_if_empty(_print_stream(pipeline.stream(prompt, **generation)), "the answer", args)
@@ -181,14 +189,21 @@ def _run_interleaved(pipeline, items: list[str], args) -> str | None:
 
 
 def _interleaved_item(index: int, item: str):
-    """An existing file is an image; a lone word with an image file's suffix that names no file is a mistyped path,
-    refused (as text it would quietly become part of the prompt); the rest is text."""
+    """An existing file is an image; a folder, or a lone word that looks like a path (an image file's suffix, or a
+    leading ./ ../ / ~ or trailing /) and names no file, is refused (as text it would quietly become part of the
+    prompt); the rest is text."""
     from PIL import Image
 
     path = Path(item)
     if path.is_file():
         return path
-    if item.strip() and not any(c.isspace() for c in item) and path.suffix.lower() in Image.registered_extensions():
+    if path.is_dir():
+        raise InputError(f"prompt item {index} '{item}' is a folder", "an image file, or text",
+                         "name an image file in it (each image of the prompt is one argument)")
+    lone = bool(item.strip()) and not any(c.isspace() for c in item)
+    looks_like_a_path = path.suffix.lower() in Image.registered_extensions() or item.startswith(
+        ("./", "../", "/", "~")) or item.endswith("/")
+    if lone and looks_like_a_path:
         raise InputError(f"prompt item {index} '{item}' names an image file that does not exist",
                          "an existing image file, or text", "check the path (text that is only a file name: put it "
                          "in a sentence, e.g. 'the file photo.png')")

@@ -151,6 +151,17 @@ def test_run_refuses_a_setting_the_plan_leaves_idle(clip_artifacts, blip2_artifa
     assert code == 2 and "the decoder runs on onnxruntime" in capsys.readouterr().err
 
 
+def test_a_fix_never_suggests_a_backend_the_artifact_refuses(pytorch_artifacts, photos, capsys):
+    """torch runs no IDEFICS decoder: "add --backend torch" led to a second refusal."""
+    idefics = str(pytorch_artifacts("idefics"))
+    assert main(["run", idefics, photos[0], "--backend", "torch"]) != 0
+    capsys.readouterr()
+    assert main(["run", idefics, photos[0], "--backend-option", "torch.dtype=bf16"]) == 2
+    err = capsys.readouterr().err
+    assert "add --backend torch" not in err and "fix: drop --backend-option torch.dtype (--backend torch cannot " \
+        "run this artifact:" in err, err
+
+
 def test_run_against_a_server_refuses_local_settings(photos, capsys):
     code = main(["run", "model", photos[0], "--triton", "http://127.0.0.1:1", "--backend-option",
                  "onnxruntime.device_id=0"])

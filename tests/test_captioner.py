@@ -131,7 +131,9 @@ def test_bad_prompts(captioner, photos):
     with pytest.raises(InputError, match="the question is a int"):
         captioner.ask(photos[0], 5)
     with pytest.raises(InputError, match="one image"):
-        next(captioner.stream(photos[:2]))
+        captioner.stream(photos[:2])  # at the call, not at the first piece
+    with pytest.raises(InputError, match="max_new_tokens=-1"):
+        captioner.stream(photos[0], max_new_tokens=-1)
 
 
 def test_cli_caption_and_stream(blip2_artifact, photos, capsys):

@@ -298,9 +298,17 @@ def test_real_entry_point_prints_no_traceback(tmp_path):
     assert result.returncode == 3 and result.stderr.startswith("mmedge: error: ") and "Traceback" not in result.stderr
 
 
-def test_a_labels_file_that_is_not_text_or_is_a_folder(capsys, clip_artifacts, photos):
+def test_a_labels_file_that_is_not_text_or_is_a_folder(capsys, clip_artifacts, photos, monkeypatch):
+    """Refused before the model loads (it loaded first: minutes for a large one), as is a run without labels."""
+    import mmedge
+
+    def not_loaded(*args, **kwargs):
+        raise AssertionError("mmedge.load ran before the labels were judged")
+
+    monkeypatch.setattr(mmedge, "load", not_loaded)
     for path, fragment in ((photos[0], "is not UTF-8 text"), (Path(photos[0]).parent, "is a folder")):
         expect_error(capsys, ["run", clip_artifacts("fp32"), photos[0], "--labels-file", path], 2, fragment)
+    expect_error(capsys, ["run", clip_artifacts("fp32"), photos[0]], 2, "no labels were given")
 
 
 def test_a_missing_image_stops_the_run_before_any_line(capsys, clip_artifacts, photos, tmp_path):

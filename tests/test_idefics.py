@@ -358,8 +358,11 @@ def test_cli_refuses_a_mistyped_image_path_in_an_interleaved_prompt(artifacts, p
     path, missing = str(artifacts("fp32")), str(tmp_path / "photo-2.jpg")
     assert main(["run", path, "--interleaved", photos[0], "An image of two cats.", missing, "An image of"]) == 2
     printed = capsys.readouterr()
-    assert printed.out == "" and f"prompt item 3 '{missing}' names an image file that does not exist" in printed.err
+    assert printed.out == "" and f"prompt item 2 '{missing}' names an image file that does not exist" in printed.err
     assert main(["run", path, "--interleaved", photos[0], "the file photo-2.jpg shows", "--max-new-tokens", "2"]) == 0
+    for folder, words in ((str(tmp_path), "is a folder"), ("./no-such-folder/", "names an image file that does not")):
+        assert main(["run", path, "--interleaved", photos[0], "An image of", folder]) == 2  # not text in the prompt
+        assert f"prompt item 2 '{folder}' {words}" in capsys.readouterr().err
 
 
 def test_cli_refuses_interleaved_prompts_for_blip2(blip2_artifact, photos, capsys):

@@ -113,15 +113,18 @@ class Captioner:
     def stream(self, image, prompt: str | None = None, **generation: Any) -> TextStream:
         """The text of one image (+ ``prompt``), or of one interleaved prompt list, in pieces as tokens arrive; the
         pieces join to ``caption(image)``. Once exhausted, the stream's ``tokens`` and ``finish_reason`` say how the
-        answer ended (:class:`mmedge.generation.TextStream`)."""
-        return TextStream(lambda result: self._pieces(image, prompt, generation, result))
-
-    def _pieces(self, image, prompt: str | None, generation: dict, result: StreamEnd) -> Iterator[str]:
+        answer ended (:class:`mmedge.generation.TextStream`). Bad settings and a list where one image goes are
+        refused here, at the call; the image is read, and the prompt judged, when the first piece is asked for."""
         if isinstance(image, (list, tuple)) and not self.interleaved:
             raise InputError("stream() got a list of images", "one image",
                              "call stream() per image, or caption() for a batch")
         refuse_prompt_batch(image)
         config = self._config(generation)
+        return TextStream(lambda result: self._pieces(image, prompt, config, result))
+
+    def _pieces(self, image, prompt: str | None, config: GenerationConfig, result: StreamEnd) -> Iterator[str]:
+        if self._closed:  # since stream() was called
+            raise closed_error(self)
         if isinstance(image, (list, tuple)):
             built = self.inputs.build([list(image)], config.max_new_tokens)
         else:
