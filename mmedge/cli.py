@@ -589,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("artifact")
     tune.add_argument("--threads", type=count, default=None,
                       help="CPU threads per graph, as the artifact will be loaded with (default: all cores)")
-    tune.add_argument("--runs", type=int, default=10, help="timed rounds per graph and backend (median; >= 3)")
+    tune.add_argument("--runs", type=int, default=10, help="timed rounds per graph and backend (median; 3 to 1000)")
     tune.add_argument("--quiet", action="store_true", help="no progress lines")
     tune.add_argument("--json", action="store_true", help="machine-readable record")
     tune.set_defaults(func=cmd_tune)

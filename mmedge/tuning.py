@@ -12,9 +12,12 @@ threads, engine versions or graphs are kept and ignored. The code here names no 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -46,33 +49,70 @@ def timings_path(artifact: Artifact) -> Path:
 
 
 def _records(path: Path) -> list[dict]:
-    """The stored records; an unreadable file counts as none (it is a cache: ``mmedge tune`` writes it again)."""
+    """The stored records, each checked whole (``_well_formed``): a malformed one is dropped by itself, with one
+    warning (``mmedge tune`` writes this device's again; the other devices' stay); an unreadable file counts as none
+    (it is a cache: ``mmedge tune`` writes it again)."""
     if not path.is_file():
         return []
     try:
         stored = json.loads(path.read_text())
-        if stored.get("format") != FORMAT or not isinstance(stored.get("records"), list):
-            raise ValueError(f"format {stored.get('format')!r}")
-        records = [r for r in stored["records"] if _well_formed(r)]
-        if len(records) < len(stored["records"]):
-            raise ValueError(f"{len(stored['records']) - len(records)} malformed record(s)")
-        return records
-    except (OSError, ValueError, AttributeError) as exc:
-        log.warning("mmedge: ignoring %s (%s); run `mmedge tune` to measure again", path, exc)
+        if not isinstance(stored, dict) or stored.get("format") != FORMAT or not isinstance(stored.get("records"),
+                                                                                          list):
+            raise ValueError(f"format {stored.get('format') if isinstance(stored, dict) else stored!r}"[:80])
+    except (OSError, ValueError) as exc:
+        _warn_once(path, f"ignoring {path} ({exc})")
         return []
+    records = [r for r in stored["records"] if _well_formed(r)]
+    if len(records) < len(stored["records"]):
+        _warn_once(path, f"ignoring {len(stored['records']) - len(records)} malformed record(s) of {path}")
+    return records
+
+
+_warned: set[tuple[str, str]] = set()  # (file, message): each damage reported once per process, not per plan
+
+
+def _warn_once(path: Path, message: str) -> None:
+    if (str(path), message) not in _warned:
+        _warned.add((str(path), message))
+        log.warning("mmedge: %s; run `mmedge tune` to measure again", message)
+
+
+_DISTRIBUTION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def _well_formed(record) -> bool:
-    """A record as ``tune`` writes it: a device key and timings per component, all objects."""
-    return (isinstance(record, dict) and isinstance(record.get("device"), dict)
-            and isinstance(record.get("components"), dict)
-            and all(isinstance(timing, dict) and all(_figure(timing.get(f"{backend}_ms"))
-                                                     for backend in ("onnxruntime", "openvino"))
-                    for timing in record["components"].values()))
+    """A record as ``tune`` writes it: its device key (``device_key``'s fields, each of its type; the engines by
+    distribution name), when and how often it was measured, and per component its graph sha256 and both timings."""
+    if not isinstance(record, dict) or not isinstance(record.get("components"), dict):
+        return False
+    device = record.get("device")
+    if not (isinstance(device, dict) and set(device) == DEVICE_FIELDS
+            and isinstance(device["cpu_model"], (str, type(None))) and isinstance(device["machine"], str)
+            and isinstance(device["cpu_flags"], list) and all(isinstance(f, str) for f in device["cpu_flags"])
+            and _count(device["cpu_cores"]) and _count(device["threads"])
+            and isinstance(device["engines"], dict)
+            and all(isinstance(name, str) and _DISTRIBUTION.fullmatch(name) and isinstance(v, (str, type(None)))
+                    for name, v in device["engines"].items())):
+        return False
+    if not isinstance(record.get("measured_at"), (str, type(None))) or not _count(record.get("runs", 1)):
+        return False
+    return all(isinstance(name, str) and isinstance(timing, dict)
+               and isinstance(timing.get("sha256"), (str, type(None)))
+               and isinstance(timing.get("inputs", ""), str)
+               and all(_figure(timing.get(f"{backend}_ms")) for backend in ("onnxruntime", "openvino"))
+               for name, timing in record["components"].items())
+
+
+DEVICE_FIELDS = {"cpu_model", "machine", "cpu_flags", "cpu_cores", "threads", "engines"}  # device_key's
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _figure(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+            and value != float("inf"))
 
 
 def measured_for(artifact: Artifact, probe, threads: int | None = None) -> dict[str, dict]:
@@ -88,18 +128,72 @@ def measured_for(artifact: Artifact, probe, threads: int | None = None) -> dict[
     return {}
 
 
+def record_lines(artifact: Artifact, probe) -> list[str]:
+    """What ``mmedge doctor`` says of the stored timings: each record of this CPU, the threads per graph a load must
+    ask for to use it, and why any part of it is ignored (other engine versions, graphs changed since); how many are
+    other CPUs'. Nothing where there are none."""
+    records = _records(timings_path(artifact))
+    if not records:
+        return []
+    cpu = {k: v for k, v in device_key(probe, 1, ()).items() if k not in ("threads", "engines")}
+    here = [r for r in records if {k: v for k, v in r["device"].items() if k not in ("threads", "engines")} == cpu]
+    lines = [f"engines/{TIMINGS_FILE}: {len(records)} record(s) of mmedge tune, {len(here)} for this CPU"]
+    for record in here:
+        device = record["device"]
+        ignored = []
+        if device_key(probe, device["threads"], device["engines"])["engines"] != device["engines"]:
+            ignored.append("measured with other engine versions (" + ", ".join(
+                f"{name} {version}" for name, version in device["engines"].items()) + "): ignored, run `mmedge tune` "
+                "again")
+        changed = [name for name, timing in record["components"].items() if name not in artifact.components
+                   or timing.get("sha256") != artifact.component(name).get("sha256")]
+        if changed:
+            ignored.append(f"graphs changed since, ignored for {', '.join(changed)}")
+        threads = device["threads"]
+        unset = " or none (all cores)" if threads == probe.cpu_cores else ""
+        lines.append(f"  measured at {record.get('measured_at')} at {threads} thread(s) per graph: used by loads at "
+                     f"--threads {threads}{unset}, others follow the rule"
+                     + "".join(f"; {why}" for why in ignored))
+    return lines
+
+
 def store(path: Path, record: dict) -> None:
-    """Replace this device's record, keep the others; written whole (a temporary file, then renamed)."""
-    kept = [r for r in _records(path) if r.get("device") != record["device"]]
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Replace this device's record, keep the other devices' (malformed ones dropped: ``_records``). The read and the
+    write hold a lock file beside it, so two tunes at once keep both records; written whole (a temporary file, then
+    renamed), so a reader never sees half a file."""
     try:
-        temporary.write_text(json.dumps({"format": FORMAT, "records": [*kept, record]}, indent=2) + "\n")
-        os.replace(temporary, path)
+        with _locked(path):
+            kept = [r for r in _records(path) if r.get("device") != record["device"]]
+            handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            try:
+                os.fchmod(handle, 0o644)  # as a plain write would leave it (mkstemp's is 0o600)
+                with os.fdopen(handle, "w") as out:
+                    out.write(json.dumps({"format": FORMAT, "records": [*kept, record]}, indent=2) + "\n")
+                os.replace(temporary, path)
+            except BaseException:
+                Path(temporary).unlink(missing_ok=True)
+                raise
     except OSError as exc:
-        temporary.unlink(missing_ok=True)
         raise ArtifactError(f"cannot write '{path}' ({exc.strerror or exc})", f"{TIMINGS_FILE} as a writable file "
                             "in the artifact's engines/ folder", f"move or delete '{path}' if it is a folder, or "
                             "check the folder's permissions") from None
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on ``.<name>.lock`` beside ``path`` while the block runs (where the OS has ``fcntl``; the
+    lock file stays: deleting it would let a third writer lock another file)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock, the write is still whole
+        yield
+        return
+    handle = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # releases the lock
 
 
 def check_storable(artifact: Artifact) -> Path:
@@ -113,4 +207,5 @@ def check_storable(artifact: Artifact) -> Path:
     return path
 
 
-__all__ = ["TIMINGS_FILE", "check_storable", "device_key", "measured_for", "store", "timings_path"]
+__all__ = ["TIMINGS_FILE", "check_storable", "device_key", "measured_for", "record_lines", "store",
+           "timings_path"]

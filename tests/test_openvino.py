@@ -472,7 +472,7 @@ def test_the_compiled_model_key_holds_the_exported_ir_and_nncf_settings():
 
 
 @needs_openvino
-def test_the_plan_and_doctor_show_the_inference_precision_and_device(clip_artifacts, tmp_path):
+def test_the_plan_and_doctor_show_the_inference_precision_and_device(clip_artifacts, tmp_path, monkeypatch):
     """precision_hint='f16' runs as bf16 on a CPU with BF16 and no FP16: the plan says what the compiled model
     reports ("fp32 (bf16 inference)"), as do doctor's cache lines; the device named replaces the plan's CPU."""
     from mmedge.runtimes.openvino.doctor import cached_lines
@@ -489,6 +489,7 @@ def test_the_plan_and_doctor_show_the_inference_precision_and_device(clip_artifa
     assert any(f"({runs} inference)" in line for line in cached_lines(Artifact.open(folder)))
     artifact = Artifact.open(folder)
     planned = plan(_probe(["avx2"]), artifact.manifest, backend="openvino").components[name]
+    monkeypatch.setattr("mmedge.runtimes.openvino.compile.require_available", lambda device: None)  # a GPU here
     assert backend("openvino").settled(artifact, name, planned, {"device": "GPU"}).options["device"] == "GPU"
 
 
@@ -558,3 +559,118 @@ def test_doctor_marks_compiled_models_no_load_will_use_again(clip_artifacts, tmp
     stale = [line for line in cached_lines(Artifact.open(folder)) if "STALE" in line]
     assert len(stale) == 1 and "compiled by OpenVINO 2024.0.0, this is " in stale[0]
     assert "delete it and its .record to free" in stale[0]
+
+
+# --- settings refused before anything loads: weights on a compressed decoder, a missing device, a hint that does
+# nothing; doctor's cache lines -----------------------------------------------------------------------------------
+def _relabelled(folder: Path, tmp_path: Path, precision: str) -> Path:
+    """A copy of the artifact whose manifest says its decoder graph is ``precision`` (nothing loads it here)."""
+    target = _copy(folder, tmp_path)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["components"]["decoder"]["precision"] = precision
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+@needs_openvino
+def test_weights_on_a_decoder_that_is_not_fp32_are_refused_before_anything_loads(blip2_artifact, tmp_path,
+                                                                                 monkeypatch):
+    """doctor planned "int4+nncf-int8" and loading compiled the encoders before NNCF refused the decoder: now the
+    idle-settings check refuses it, in the flag's words on the command line."""
+    import argparse
+
+    from mmedge.backend_option_args import CliBackendOptions
+    from mmedge.runtimes.openvino import compile as ov_compile
+
+    folder = _relabelled(blip2_artifact, tmp_path, "int4")
+
+    def compiled(*args, **kwargs):
+        raise AssertionError("a graph was compiled before the setting was refused")
+
+    monkeypatch.setattr(ov_compile, "compiled_model", compiled)
+    with pytest.raises(InputError, match=r"\['weights'\] would change nothing: the decoder graph is int4 already"):
+        mmedge.load(folder, backend="openvino", backend_options={"openvino": {"weights": "int8"}})
+    for given in ({"openvino_weights": "int8", "backend_option": None},
+                  {"openvino_weights": None, "backend_option": ["openvino.weights=int4"]}):
+        options = CliBackendOptions.from_args(argparse.Namespace(**given))
+        with pytest.raises(InputError, match="decoder graph is int4 already") as caught:
+            options.check_for(folder, "openvino", "auto", None)
+        flag = "--openvino-weights" if given["openvino_weights"] else "--backend-option openvino.weights"
+        assert caught.value.what.startswith(flag) and caught.value.fix == f"drop {flag}"
+
+
+@needs_openvino
+def test_doctor_refuses_a_device_openvino_does_not_find_as_run_does(clip_artifacts):
+    """doctor printed a plan for openvino.device=GPU on a machine without one (exit 0) where run exits 4."""
+    from mmedge.cli import main
+    from mmedge.runtimes.openvino.devices import list_devices
+
+    missing = next(name for name in ("GPU", "NPU") if name not in {d.name.split(".")[0] for d in list_devices()})
+    assert main(["doctor", str(clip_artifacts("fp32")), "--backend", "openvino", "--backend-option",
+                 f"openvino.device={missing}"]) == BackendUnavailableError.exit_code
+
+
+def test_cpu_settings_that_would_do_nothing_are_refused(monkeypatch):
+    """An explicit shape_cache=256 (the default's value) on a GPU was accepted; 'CPU.0' was accepted by the docs'
+    '.N' and refused at compile ("finds no 'CPU.0' device"): OpenVINO's CPU takes no index."""
+    from mmedge.runtimes.openvino.core import DEFAULT_SHAPE_CACHE, OvOptions
+
+    for bad, words in (({"device": "GPU", "shape_cache": DEFAULT_SHAPE_CACHE}, "would change nothing"),
+                       ({"device": "CPU.0"}, "the CPU is one device")):
+        with pytest.raises(InputError, match=words):
+            OvOptions(**bad)
+    assert OvOptions().compile_config()["CPU_RUNTIME_CACHE_CAPACITY"] == DEFAULT_SHAPE_CACHE
+    assert "CPU_RUNTIME_CACHE_CAPACITY" not in OvOptions(device="GPU.1").compile_config()
+
+
+@needs_openvino
+def test_a_precision_hint_a_cpu_compiles_at_f32_is_refused(clip_artifacts, monkeypatch):
+    """f16 / bf16 on a CPU with neither FP16 nor BF16 compiled at f32 silently (the probe made to answer as such a
+    CPU does)."""
+    from mmedge.runtimes.openvino import compile as ov_compile
+    from mmedge.runtimes.openvino import devices
+    from mmedge.runtimes.openvino.devices import OvDevice
+
+    monkeypatch.setattr(ov_compile, "planned_inference_precision", lambda device, hint: "f32")
+    monkeypatch.setattr(devices, "list_devices", lambda: [OvDevice("CPU", "a CPU", ("FP32", "INT8"))])
+    for hint in ("f16", "bf16"):
+        with pytest.raises(InputError, match=f"precision_hint={hint!r} at f32 on this CPU, which has neither FP16 nor "
+                                             r"BF16 \(its capabilities: FP32, INT8\)"):
+            mmedge.load(clip_artifacts("fp32"), backend="openvino",
+                        backend_options={"openvino": {"precision_hint": hint}})
+
+
+@needs_openvino
+def test_doctor_marks_blobs_of_a_replaced_ir_other_weights_or_nncf_stale_and_lists_orphans(clip_artifacts,
+                                                                                          tmp_path):
+    from mmedge.runtimes.openvino.compile import weights_record
+    from mmedge.runtimes.openvino.core import version
+    from mmedge.runtimes.openvino.doctor import cached_lines
+    from mmedge.runtimes.plugins.tensorrt import BACKEND as TENSORRT
+
+    folder = _copy(clip_artifacts("fp32"), tmp_path)
+    (folder / "engines").mkdir(exist_ok=True)
+    artifact = Artifact.open(folder)
+    name = next(iter(artifact.components))
+    graph = artifact.component(name)
+    base = {"onnx_sha256": graph["sha256"], "external_data_sha256": "", "precision": "fp32", "device": "CPU",
+            "device_full_name": "a CPU", "openvino_version": version(), "mmedge_version": mmedge.__version__,
+            "inference_precision": "f32", "ir_sha256": "", "compression": {}}
+    nncf = {**weights_record("int4"), "nncf_version": "0.1"}
+    keys = {"fresh": base, "data": {**base, "external_data_sha256": "d" * 64},
+            "ir": {**base, "precision": "fp32+nncf-int4-exported", "ir_sha256": "x" * 64 + "+" + "y" * 64},
+            "nncf": {**base, "precision": "fp32+nncf-int4", "compression": nncf}}
+    for tag, key in keys.items():
+        stem = folder / "engines" / f"{name}-openvino-{tag}"
+        stem.with_suffix(".blob").write_bytes(b"blob")
+        stem.with_suffix(".record").write_text(json.dumps({"component": name, "key": key, "blob_bytes": 4}))
+    (folder / "engines" / f"{name}-openvino-orphan.blob").write_bytes(b"x" * 2**20)
+    lines = cached_lines(Artifact.open(folder))
+    by_tag = {tag: next(line for line in lines if f"-openvino-{tag}.blob" in line) for tag in (*keys, "orphan")}
+    assert "STALE" not in by_tag["fresh"]
+    assert "STALE (its graph's external weights were replaced since)" in by_tag["data"]
+    assert "STALE (compiled from the export's int4 OpenVINO IR, which the artifact no longer has)" in by_tag["ir"]
+    assert "STALE (its weights compressed by NNCF 0.1, this is " in by_tag["nncf"]
+    assert "no .record beside it, never loaded: delete it to free 1.0 MiB" in by_tag["orphan"]
+    assert lines[0] == "engines/: 4 OpenVINO compiled model(s) cached"
+    assert TENSORRT.artifact_lines(Artifact.open(folder)) == []  # no "engines/: 0 cached" above it

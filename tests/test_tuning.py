@@ -184,3 +184,86 @@ def test_turns_time_each_backend_after_its_own_hand_over_call():
     assert calls.count("onnxruntime") == calls.count("openvino") == 7 + 3  # 7 timed, one hand-over per block
     assert calls[:8] == ["onnxruntime"] * 4 + ["openvino"] * 4  # the order turns every round
     assert calls[8:12] == ["openvino"] * 4
+
+
+# --- a damaged record is dropped by itself, and two tunes at once keep both records -----------------------------
+def _record(artifact: Artifact, threads: int, **device) -> dict:
+    from mmedge.runtimes.openvino.tune import CANDIDATES
+    from mmedge.tuning import device_key
+
+    return {"device": {**device_key(probe(), threads, CANDIDATES), **device}, "runs": 3, "measured_at": "2026-01-01",
+            "components": {name: {"sha256": artifact.component(name)["sha256"], "inputs": "the validation sample",
+                                  "onnxruntime_ms": 100.0, "openvino_ms": 10.0} for name in artifact.components}}
+
+
+@pytest.mark.parametrize("engines", [{"": None}, 5, True, {"onnxruntime": 1}])
+def test_a_malformed_record_is_dropped_alone_with_one_warning_and_tune_replaces_it(engines, clip_copy, caplog):
+    """A record whose ``device.engines`` was ``{"": null}`` made every plan of the artifact (run --backend onnxruntime,
+    doctor, mmedge.load) exit 1 with "internal error: ValueError: A distribution name is required", and one
+    malformed record dropped the whole file (the next tune deleted other devices' records)."""
+    from mmedge.tuning import check_storable, store
+
+    artifact = Artifact.open(clip_copy)
+    path = check_storable(artifact)
+    other = _record(artifact, 1, cpu_model="another CPU")
+    bad = _record(artifact, 1)
+    bad["device"]["engines"] = engines
+    path.write_text(json.dumps({"format": 1, "records": [other, bad, _record(artifact, 2)]}))
+    caplog.set_level("WARNING", logger="mmedge")
+    assert measured_for(artifact, probe(), 2) and measured_for(artifact, probe(), 1) == {}
+    assert plan_for(clip_copy, backend="onnxruntime", threads=1).components
+    warned = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+    assert len(warned) == 1 and "1 malformed record(s)" in warned[0] and "mmedge tune" in warned[0]
+    store(path, _record(artifact, 1))  # what tune stores after measuring: it replaces the bad one
+    stored = json.loads(path.read_text())["records"]
+    assert len(stored) == 3 and other in stored and all(isinstance(r["device"]["engines"], dict) for r in stored)
+    assert set(measured_for(artifact, probe(), 1)) == set(artifact.components)
+
+
+def test_two_stores_at_once_keep_both_records(clip_copy, monkeypatch):
+    """``store`` reads, then writes: two tunes of the same artifact at once (two CPUs' records, or two thread counts)
+    lost one record. The read is slowed so that, without the lock, every writer reads before any writes."""
+    import threading
+    import time
+
+    from mmedge import tuning
+
+    artifact = Artifact.open(clip_copy)
+    path = tuning.check_storable(artifact)
+    read = tuning._records
+
+    def slow(where):
+        found = read(where)
+        time.sleep(0.05)
+        return found
+
+    monkeypatch.setattr(tuning, "_records", slow)
+    writers = [threading.Thread(target=tuning.store, args=(path, _record(artifact, threads))) for threads in (1, 2, 3)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+    assert sorted(r["device"]["threads"] for r in json.loads(path.read_text())["records"]) == [1, 2, 3]
+    assert not list(path.parent.glob("*.tmp"))
+
+
+def test_tune_refuses_more_runs_than_it_caps_before_opening_anything(tmp_path):
+    with pytest.raises(InputError, match=r"runs is 1001.*to 1000"):
+        tune(tmp_path / "no-such-artifact", runs=1001)
+
+
+def test_doctor_says_which_loads_use_a_record_and_what_is_ignored(clip_copy):
+    """doctor said nothing where a record was ignored (a load at other threads, a graph changed since)."""
+    from mmedge.tuning import check_storable, record_lines, store
+
+    artifact = Artifact.open(clip_copy)
+    path = check_storable(artifact)
+    changed = _record(artifact, 1)
+    changed["components"][next(iter(artifact.components))]["sha256"] = "0" * 64
+    store(path, changed)
+    store(path, _record(artifact, 1, cpu_model="another CPU"))
+    lines = record_lines(artifact, probe())
+    assert lines[0] == "engines/backend-timings.json: 2 record(s) of mmedge tune, 1 for this CPU"
+    assert "used by loads at --threads 1" in lines[1] and "others follow the rule" in lines[1]
+    assert f"graphs changed since, ignored for {next(iter(artifact.components))}" in lines[1]
+    assert any(line in lines for b in backends() for line in b.artifact_lines(artifact))

@@ -38,6 +38,13 @@ def precision_label(component: dict, weights: str | None, exported: bool = False
     return f"{graph}+nncf-{weights}{'-exported' if exported else ''}" if weights else graph
 
 
+def labelled_graph(label: str) -> str | None:
+    """The graph's own precision in a ``precision_label`` whose weights NNCF compresses ("int4" of "int4+nncf-int8"),
+    or None where the label names no NNCF weights."""
+    graph, nncf, _ = label.partition("+nncf-")
+    return graph if nncf else None
+
+
 def exported_weights(artifact, component_name: str, weights: str | None) -> Path | None:
     """The OpenVINO IR (``.xml``; its ``.bin`` beside it) with ``weights`` that the export wrote for the component,
     both files checked against their sha256, or None when the artifact has none."""
@@ -66,22 +73,22 @@ def cache_key(component: dict, options: OvOptions, exported: bool = False) -> Ov
                  compression=weights_record(options.weights) if options.weights and not exported else {})
 
 
-def _require_available(device: str) -> None:
+def require_available(device: str) -> None:
     """A device OpenVINO does not find here is refused as unavailable (compiling for it failed with a bare
     "Exception from src/inference/src/cpp/core.cpp" and read as a damaged graph)."""
     available = list(core().available_devices)  # CPU, GPU.0, NPU, ...
     if device in available or device in {name.split(".")[0] for name in available}:
         return
     raise BackendUnavailableError(f"OpenVINO finds no '{device}' device here", f"one of {', '.join(available)}",
-                                  "pass device='CPU', or install that device's driver (`mmedge doctor` lists the "
-                                  "devices OpenVINO finds)")
+                                  "leave the device unset for the CPU, or install that device's driver (`mmedge "
+                                  "doctor` lists the devices OpenVINO finds)")
 
 
 def compiled_model(path: str | os.PathLike, component_name: str, component: dict, options: OvOptions,
                    exported: bool = False):
     """(``openvino.CompiledModel``, where it came from: "cache", "compiled" or "compiled, cached as NAME").
     ``exported``: ``path`` is the IR the export compressed with ``options.weights`` (no NNCF here)."""
-    _require_available(options.device)
+    require_available(options.device)
     config = options.compile_config()
     cache = BlobCache(options.engine_cache) if options.engine_cache is not None else None
     key = cache_key(component, options, exported) if cache is not None else None

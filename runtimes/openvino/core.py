@@ -58,9 +58,11 @@ DEFAULT_SHAPE_CACHE = 256  # input shapes whose prepared CPU kernels a compiled 
 class OvOptions:
     """How a component is compiled.
 
-    ``device``: an OpenVINO device name (``CPU``, ``GPU``, ``GPU.1``, ``NPU``). ``threads``: CPU inference threads
-    (None: OpenVINO's default, all cores). ``precision_hint``: the inference precision OpenVINO may use (None: ``f32``
-    on a CPU, so an FP32 graph stays FP32 on CPUs with BF16/AMX; the device's default elsewhere). ``engine_cache``:
+    ``device``: an OpenVINO device name (``CPU``, ``GPU``, ``NPU``; a GPU or NPU may take OpenVINO's ``.N`` index,
+    ``GPU.1``, as ``mmedge doctor`` lists it: the CPU is one device, ``CPU``, with none). ``threads``: CPU inference
+    threads (None: OpenVINO's default, all cores). ``precision_hint``: the inference precision OpenVINO may use
+    (None: ``f32`` on a CPU, so an FP32 graph stays FP32 on CPUs with BF16/AMX; the device's default elsewhere; an
+    ``f16`` / ``bf16`` hint on a CPU with neither is refused: it would compile at f32). ``engine_cache``:
     the folder compiled models are cached in (the artifact's ``engines/``; None: compile every time).
     ``weights``: for the decoder only, LLM weights OpenVINO compresses at first load (``int8``, ``int4``) from an FP32
     decoder graph, or None to run the graph's weights as they are. ``shape_cache``: on a CPU, how many input shapes a
@@ -68,7 +70,8 @@ class OvOptions:
     let a long-lived CLIP text encoder grow by about 1.5 MB per new (batch, length) shape: 1.1 GB after 724 shapes.
     256 held it at 0.35 GB, and IDEFICS-mid decoded within the run-to-run spread of 5000 (0.97-1.10x its time);
     0 caches nothing (a decode step then prepares its kernels every time: 1.27x the time)
-    (``benchmarks/openvino_shape_cache.py``, RESULTS.md).
+    (``benchmarks/openvino_shape_cache.py``, RESULTS.md). None (not given): 256 on a CPU; given for another device,
+    where it changes nothing, it is refused.
     """
 
     device: str = "CPU"
@@ -76,22 +79,23 @@ class OvOptions:
     precision_hint: str | None = None
     engine_cache: Path | None = None
     weights: str | None = None
-    shape_cache: int = DEFAULT_SHAPE_CACHE
+    shape_cache: int | None = None  # None: not given (DEFAULT_SHAPE_CACHE on a CPU)
 
     def __post_init__(self):
         base = self.device.split(".")[0] if isinstance(self.device, str) else None
-        if base not in DEVICES:
-            raise InputError(f"OpenVINO device {self.device!r}", f"one of {', '.join(DEVICES)} (optionally '.N')",
+        if base not in DEVICES or (base == "CPU" and self.device != "CPU"):
+            raise InputError(f"OpenVINO device {self.device!r}", f"one of {', '.join(DEVICES)} (a GPU or NPU "
+                             "optionally with its '.N' index, e.g. GPU.1; the CPU is one device, 'CPU')",
                              "pass device='CPU' or one `mmedge doctor` lists under OpenVINO")
         if self.threads is not None and not is_whole(self.threads, 1):
             raise InputError(f"threads is {self.threads!r}", "None or a positive integer", "pass e.g. threads=2")
         if self.precision_hint not in (None, "f32", "f16", "bf16"):
             raise InputError(f"precision_hint is {self.precision_hint!r}", "None, 'f32', 'f16' or 'bf16'",
                              "leave it unset for the device's FP32-faithful default")
-        if not is_whole(self.shape_cache, 0):
+        if self.shape_cache is not None and not is_whole(self.shape_cache, 0):
             raise InputError(f"shape_cache is {self.shape_cache!r}", "an integer of 0 or more (input shapes kept)",
                              f"pass e.g. shape_cache={DEFAULT_SHAPE_CACHE} (the default), or 0 to keep none")
-        if self.shape_cache != DEFAULT_SHAPE_CACHE and not self.device.startswith("CPU"):
+        if self.shape_cache is not None and self.device != "CPU":
             raise InputError(f"shape_cache={self.shape_cache} would change nothing on OpenVINO device {self.device!r}",
                              "shape_cache only with the CPU device", "drop shape_cache")
         if self.weights not in (None, *WEIGHT_MODES):
@@ -101,10 +105,10 @@ class OvOptions:
     def compile_config(self) -> dict[str, Any]:
         """Properties for ``compile_model`` / ``import_model``: latency hint, one stream, threads, precision."""
         config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
-        if self.device.startswith("CPU"):
+        if self.device == "CPU":
             config["NUM_STREAMS"] = 1
             config["INFERENCE_PRECISION_HINT"] = self.precision_hint or "f32"
-            config["CPU_RUNTIME_CACHE_CAPACITY"] = self.shape_cache
+            config["CPU_RUNTIME_CACHE_CAPACITY"] = DEFAULT_SHAPE_CACHE if self.shape_cache is None else self.shape_cache
             if self.threads is not None:
                 config["INFERENCE_NUM_THREADS"] = self.threads
         elif self.precision_hint:

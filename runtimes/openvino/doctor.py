@@ -27,7 +27,9 @@ def cached_lines(artifact) -> list[str]:
 
     folder = artifact.root / "engines"
     records = sorted(folder.glob("*-openvino-*.record")) if folder.is_dir() else []
-    lines = [f"engines/: {len(records)} OpenVINO compiled model(s) cached"] if records else []
+    orphans = [blob for blob in (sorted(folder.glob("*-openvino-*.blob")) if folder.is_dir() else [])
+               if not blob.with_suffix(".record").is_file()]
+    lines = [f"engines/: {len(records)} OpenVINO compiled model(s) cached"] if records or orphans else []
     for record in records:
         try:
             entry = json.loads(record.read_text())
@@ -42,22 +44,48 @@ def cached_lines(artifact) -> list[str]:
                          f"{key['device']} ({key['device_full_name']}), OpenVINO {version}, {size}"
                          + (f"; STALE ({stale}): never loaded again, delete it and its .record to free {size}"
                             if stale else ""))
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             lines.append(f"  {record.name}: unreadable record (it is recompiled on the next load)")
+    for blob in orphans:  # a write cut short, or a record deleted: no load imports it
+        size = f"{_size(blob) / 2**20:.1f} MiB"
+        lines.append(f"  {blob.name}: no .record beside it, never loaded: delete it to free {size}")
     return lines
 
 
+def _size(path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 def _stale(artifact, component: str, key: dict) -> str | None:
-    """Why a cached compiled model can serve no load of this artifact here any more (its graph replaced, another
-    OpenVINO or mmedge version), or None."""
+    """Why a cached compiled model can serve no load of this artifact here any more (its graph, external weights or
+    the export's OpenVINO IR replaced; weights compressed by another NNCF; another OpenVINO or mmedge version), or
+    None."""
     from mmedge import __version__
-    from mmedge.runtimes.openvino.core import version
+    from mmedge.runtimes.openvino.core import WEIGHT_MODES, version
 
     graph = (artifact.manifest.get("components") or {}).get(component)
     if graph is None:
         return f"the artifact has no component '{component}' now"
     if key.get("onnx_sha256") != graph.get("sha256"):
         return "its graph was replaced since"
+    if key.get("external_data_sha256", "") != str((graph.get("external_data") or {}).get("sha256") or ""):
+        return "its graph's external weights were replaced since"
+    weights = key["precision"].partition("+nncf-")[2].removesuffix("-exported")
+    if key.get("ir_sha256"):
+        ir = (graph.get("openvino") or {}).get(weights)
+        if not isinstance(ir, dict):
+            return f"compiled from the export's {weights} OpenVINO IR, which the artifact no longer has"
+        if key["ir_sha256"] != f"{ir.get('sha256')}+{(ir.get('weights_file') or {}).get('sha256')}":
+            return f"compiled from an earlier export's {weights} OpenVINO IR, replaced since"
+    if key.get("compression") and weights in WEIGHT_MODES:
+        from mmedge.runtimes.openvino.compile import weights_record
+
+        was, now = key["compression"].get("nncf_version"), weights_record(weights)["nncf_version"]
+        if was != now:
+            return f"its weights compressed by NNCF {was}, this is {now}"
     try:
         installed = version()
     except Exception:  # OpenVINO not importable: no version to compare with

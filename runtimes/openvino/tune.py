@@ -28,6 +28,7 @@ from mmedge.generation.kv_layout import LOGITS_POSITIONS, cache_names, checked_l
 from mmedge.tuning import check_storable, device_key, store
 
 CANDIDATES = ("onnxruntime", "openvino")
+MAX_RUNS = 1000  # timed calls per backend per graph
 
 
 def decode_step_feeds(component: dict, prompt: dict[str, np.ndarray], prefill: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -105,8 +106,9 @@ def tune(path: str | os.PathLike, threads: int | None = None, runs: int = 10, pr
     from mmedge.selection import plan
     from mmedge.validate import load_validation_samples
 
-    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 3:
-        raise InputError(f"runs is {runs!r}", "an integer >= 3 (the median of fewer is noise)", "pass e.g. --runs 10")
+    if isinstance(runs, bool) or not isinstance(runs, int) or not 3 <= runs <= MAX_RUNS:
+        raise InputError(f"runs is {runs!r}", f"an integer from 3 (the median of fewer is noise) to {MAX_RUNS} (more "
+                         "only takes longer: each graph runs that often on both backends)", "pass e.g. --runs 10")
     check_threads(threads, "pass e.g. --threads 2")
     artifact = Artifact.open(path)
     target = check_storable(artifact)

@@ -82,7 +82,7 @@ class OpenVinoBackend(Backend):
         first load ("fp32+nncf-int4"); a ``precision_hint`` or a device other than the CPU adds the inference
         precision OpenVINO compiles at where it is not FP32 ("fp32 (bf16 inference)": an f16 hint on a CPU with
         BF16 and no FP16)."""
-        from mmedge.runtimes.openvino.compile import planned_inference_precision, precision_label
+        from mmedge.runtimes.openvino.compile import planned_inference_precision, precision_label, require_available
 
         precision = plan.precision
         weights = settings.get("weights") if name == "decoder" else None
@@ -91,10 +91,30 @@ class OpenVinoBackend(Backend):
             exported = (component.get("openvino") or {}).get(weights) is not None
             precision = precision_label(component, weights, exported)
         device = settings.get("device") or plan.options.get("device", "CPU")
+        if device != "CPU":
+            require_available(device)  # as loading would refuse it, before a plan that cannot run is shown
         if settings.get("precision_hint") or device != "CPU":
             runs = planned_inference_precision(device, settings.get("precision_hint"))
             precision += f" ({runs} inference)" if runs not in (None, "f32") else ""
         return replace(plan, precision=precision, options={**plan.options, "device": device})
+
+    def idle_settings(self, settings: dict, plans: list[ComponentPlan]) -> dict[str, str]:
+        """``weights`` where the decoder graph is not FP32 (NNCF compresses FP32 weights; loading would refuse it
+        after the encoders compiled), and an ``f16`` / ``bf16`` precision hint on a CPU that compiles it at f32 (no
+        FP16 or BF16 there): they would change nothing."""
+        from mmedge.runtimes.openvino.compile import labelled_graph
+
+        idle = {}
+        graph = next((g for g in (labelled_graph(plan.precision) for plan in plans) if g not in (None, "fp32")), None)
+        if settings.get("weights") and graph:
+            idle["weights"] = (f"the decoder graph is {graph} already, and NNCF compresses the weights of an FP32 "
+                               "decoder (load the FP32 export with these weights, or run this graph as it is)")
+        hint = settings.get("precision_hint")
+        if hint in ("f16", "bf16") and (settings.get("device") or "CPU") == "CPU":
+            lacking = _cpu_runs_only_f32(hint)
+            if lacking:
+                idle["precision_hint"] = lacking
+        return idle
 
     def _options(self, artifact, plan: ComponentPlan, threads: int | None, settings: dict | None) -> dict:
         # engines/ is not made here: where it cannot be (read-only storage) the compiled models run uncached
@@ -120,9 +140,24 @@ class OpenVinoBackend(Backend):
         return doctor_lines(probe)
 
     def artifact_lines(self, artifact) -> list[str]:
+        from mmedge.device import probe
         from mmedge.runtimes.openvino.doctor import cached_lines
+        from mmedge.tuning import record_lines
 
-        return cached_lines(artifact)
+        return cached_lines(artifact) + record_lines(artifact, probe())
+
+
+def _cpu_runs_only_f32(hint: str) -> str | None:
+    """Why a ``hint`` precision hint changes nothing on this CPU (OpenVINO compiles it at f32: the CPU has neither
+    FP16 nor BF16), or None where it changes the precision or OpenVINO cannot tell."""
+    from mmedge.runtimes.openvino.compile import planned_inference_precision
+    from mmedge.runtimes.openvino.devices import list_devices
+
+    if planned_inference_precision("CPU", hint) != "f32":
+        return None
+    capabilities = next((d.capabilities for d in list_devices() if d.name == "CPU"), ())
+    return (f"OpenVINO compiles precision_hint={hint!r} at f32 on this CPU, which has neither FP16 nor BF16 "
+            f"(its capabilities: {', '.join(capabilities) or 'not reported'})")
 
 
 BACKEND = OpenVinoBackend(BACKENDS["openvino"])

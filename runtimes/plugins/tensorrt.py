@@ -112,7 +112,10 @@ class TensorRTBackend(Backend):
 
         saved = load_build_settings(engines)
         described = describe_engines(engines)
-        return ([f"engines/: {len(described)} cached" + (f", built with {json.dumps(saved)}" if saved else "")]
+        if not described and not saved:  # other backends' caches only: not a line about TensorRT
+            return []
+        count = f"{len(described)} cached TensorRT engine{'' if len(described) == 1 else 's'}"
+        return ([f"engines/: {count}" + (f", built with {json.dumps(saved)}" if saved else "")]
                 + [f"  {line}" for line in described])
 
 
