@@ -216,7 +216,8 @@ def _refuse_idle_backend_options(options: dict, chosen) -> None:
     provider = next((i for i in idle if i.provider), None)
     if provider:
         raise InputError(f"backend_options['{provider.backend}']['{provider.field}'] would change nothing: "
-                         f"{provider.provider}", "settings for the providers the plan runs", f"drop {provider.field}")
+                         f"{provider.provider}", f"settings that change something under the plan ({plan_text(chosen)})",
+                         f"drop {provider.field}")
     decoder = next((i for i in idle if i.decoder and options[i.backend][i.field]), None)
     if decoder:
         fix = f"drop {decoder.field}" + ("" if decoder.decoder == NO_DECODER else

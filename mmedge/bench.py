@@ -3,8 +3,10 @@
 Each artifact is measured in its own child process, so one artifact's memory never counts toward the next: the
 child loads the pipeline (timed), warms it up, times single-image calls (latency) and batched calls (throughput),
 each for at least ``MIN_SECONDS`` and ``--runs`` calls so that repeated benchmarks agree, and reports its resident
-memory. The child imports the same installed mmedge whatever the working folder (``CHILD``). Sizes and fidelity
-against FP32 come from the artifact (the manifest's parity, measured at export). ``--plot`` draws them
+memory. The child imports the same installed mmedge whatever the working folder (``CHILD``). The precision is the one
+the plan runs at (torch's ``dtype`` and LLM ``quantization`` included), the size the bytes of the files the chosen
+backends read (``loaded_bytes``), and fidelity against FP32 the manifest's parity, measured at export, where the plan
+runs the graphs at the precision it measured (``fidelity``). ``--plot`` draws them
 (``mmedge.bench_plot``; needs matplotlib: ``pip install "mmedge[plot]"``). Only results go to stdout.
 """
 
@@ -142,13 +144,18 @@ def measure(path: str, backend: str = "auto", device: str = "auto", threads: int
                                (lambda: pipeline.embed_images(batch_images)), "images")
         else:
             chosen = None if getattr(pipeline, "fused", False) else list(labels or GENERIC_LABELS)
+            if chosen is not None and labels:
+                result["labels"] = chosen
             one, many, unit = ((lambda: pipeline(images[0], labels=chosen)),
                                (lambda: pipeline(batch_images, labels=chosen)), "images")
         many()  # warm-up: sessions allocate on the first run; label banks are built once
         time_samples(one, runs=2, min_seconds=WARMUP_SECONDS)
         latency, latency_settled = settled_samples(one, runs)
         batched, batched_settled = settled_samples(many, max(1, runs // 2))
-        plan = {name: f"{c.backend} [{', '.join(c.providers)}]" for name, c in pipeline.plan.components.items()}
+        chosen = pipeline.plan
+    plan = {name: f"{c.backend} [{', '.join(c.providers)}]" if c.providers else c.backend
+            for name, c in chosen.components.items()}
+    precisions = {name: c.precision for name, c in chosen.components.items()}
     rss_after, peak = _rss_bytes()
     artifact = Artifact.open(path)
     median = statistics.median(latency)
@@ -160,56 +167,102 @@ def measure(path: str, backend: str = "auto", device: str = "auto", threads: int
                        "calls": len(batched)},
         "settled": latency_settled and batched_settled,
         "memory": {"rss_before_load_bytes": rss_before, "rss_after_bytes": rss_after, "peak_rss_bytes": peak},
-        "size_bytes": artifact.size_bytes(), "precision": precision_label(artifact), "fidelity": fidelity(artifact),
+        "size_bytes": loaded_bytes(artifact, chosen, backend_options), "precision": precision_label(precisions),
+        "fidelity": fidelity(artifact, precisions),
     })
-    if "caption_tokens" in result:
-        result["decode_tokens_per_second"] = round(result["caption_tokens"] / (median / 1e3), 1)
+    if "caption_tokens" in result:  # end to end: the caption's tokens over the whole call (vision, prefill, decode)
+        result["caption_tokens_per_second"] = round(result["caption_tokens"] / (median / 1e3), 1)
     return result
 
 
-def precision_label(artifact) -> str:
-    """"fp32", "int8", or "int8 + int4 decoder" from the components' precisions."""
-    precisions = {name: comp["precision"] for name, comp in artifact.components.items()}
+def precision_label(precisions: dict[str, str]) -> str:
+    """"fp32", "int8", "bf16", or "int8 + int4 decoder" from the precision each component runs at (the plan's)."""
+    precisions = dict(precisions)
     decoder = precisions.pop("decoder", None)
     label = "/".join(sorted(set(precisions.values()))) or "-"
     return label if decoder in (None, *precisions.values()) else f"{label} + {decoder} decoder"
 
 
-def fidelity(artifact) -> dict:
-    """Agreement with FP32 as the export measured it: 1.0 for an FP32 artifact, else the worst component."""
+def fidelity(artifact, precisions: dict[str, str] | None = None) -> dict:
+    """Agreement with FP32 as the export measured it: 1.0 where every component runs at FP32, else the worst
+    component; "unmeasured" where the plan runs a component at a precision its graph was not measured at (torch at
+    BF16, an FP32 graph at FP16). ``precisions``: the plan's, per component (default: the graphs')."""
+    runs_at = {name: (precisions or {}).get(name) or comp["precision"] for name, comp in artifact.components.items()}
+    if all(p == "fp32" for p in runs_at.values()):
+        return {"metric": "reference", "value": 1.0}
+    if any(runs_at[name].split(" ")[0] != comp["precision"] for name, comp in artifact.components.items()):
+        return {"metric": "unmeasured", "value": None}
     shares = []
     for comp in artifact.components.values():
         measured = (comp["parity"].get("fidelity") or {})
         for key in ("top1_agreement", "greedy_identical_share"):
             if key in measured:
                 shares.append((key, float(measured[key])))
-    if all(c["precision"] == "fp32" for c in artifact.components.values()):
-        return {"metric": "reference", "value": 1.0}
     if not shares:
         return {"metric": "unmeasured", "value": None}
     key, value = min(shares, key=lambda kv: kv[1])
     return {"metric": key, "value": value}
 
 
+def loaded_bytes(artifact, chosen, backend_options: dict | None = None) -> int:
+    """Bytes of the files the plan ``chosen`` has its backends read: each component's graph (and external data) where
+    a graph backend runs it (OpenVINO's exported IR instead where its ``weights`` setting names one), the PyTorch
+    weights where torch runs any (``pytorch/``, or the ``checkpoint`` folder's config and safetensors with the
+    artifact's reference tensors), the tokenizer and the embedding table; not the validation samples, not engines/."""
+    options = backend_options or {}
+    weights = (options.get("openvino") or {}).get("weights")
+    paths: set[Path] = set()
+    for name, planned in chosen.components.items():
+        comp = artifact.component(name)
+        ir = (comp.get("openvino") or {}).get(weights) if planned.backend == "openvino" and weights else None
+        if planned.backend == "torch":
+            continue
+        for entry in ([ir, ir["weights_file"]] if ir else [comp, comp.get("external_data")]):
+            if entry:
+                paths.add(artifact.resolve_file(entry["file"], f"components.{name}.file"))
+    paths.update(artifact.resolve_file(file, field) for field, file in artifact.named_files()
+                 if not field.startswith(("components.", "validation.")))
+    pytorch = artifact.manifest.get("pytorch") or {}
+    if any(planned.backend == "torch" for planned in chosen.components.values()):
+        checkpoint = (options.get("torch") or {}).get("checkpoint")
+        if checkpoint:
+            folder = Path(checkpoint).expanduser()
+            paths.update((folder / "config.json", *folder.glob("*.safetensors")))
+            if pytorch.get("reference_tensors"):
+                paths.add(artifact.root / pytorch["folder"] / pytorch["reference_tensors"])
+        elif pytorch:
+            paths.update(artifact.root / pytorch["folder"] / file for file in pytorch["files"])
+    return sum(path.stat().st_size for path in paths if path.is_file())
+
+
 # --- the command ---------------------------------------------------------------------------------
-def check_artifacts(paths: list[str], labels: list[str] | None) -> None:
-    """Every path is an artifact, and ``--labels`` is only given where it is used (two-graph zero-shot)."""
+def check_artifacts(paths: list[str], labels: list[str] | None) -> list[str]:
+    """Every path is an artifact; the ones ``--labels`` goes to (two-graph zero-shot: labels chosen at run time), as
+    ``--backend-option`` goes to the artifacts that use it. ``--labels`` that no artifact takes is refused."""
     from mmedge.artifact import Artifact
 
+    takers, others = [], []
     for path in paths:
         if not (Path(path) / "manifest.json").is_file():
             raise ArtifactNotFoundError(f"'{path}' is not an artifact folder",
                              "a folder with manifest.json (made by mmedge export)",
                              "pass the folder `mmedge export` or `mmedge demo` wrote")
         manifest = Artifact.open(path).manifest
-        if labels and (manifest["tasks"][0] != "zero-shot" or "zero_shot" in manifest["components"]):
-            raise InputError(f"--labels would change nothing for '{path}' ({manifest['family']} {manifest['tasks'][0]}"
-                             + (", labels baked in" if "zero_shot" in manifest["components"] else "") + ")",
-                             "only zero-shot artifacts with two graphs among the ARTIFACTs", "drop --labels")
+        if manifest["tasks"][0] == "zero-shot" and "zero_shot" not in manifest["components"]:
+            takers.append(path)
+        else:
+            others.append(f"'{path}' ({manifest['family']} {manifest['tasks'][0]}"
+                          + (", labels baked in" if "zero_shot" in manifest["components"] else "") + ")")
+    if labels and not takers:
+        raise InputError(f"--labels would change nothing for any artifact given: {', '.join(others)}",
+                         "a zero-shot artifact with two graphs (labels chosen at run time) among the ARTIFACTs",
+                         "drop --labels")
+    return takers if labels else []
 
 
-def run_children(paths: list[str], args) -> list[dict]:
-    """Measure each artifact in a fresh interpreter; a failure raises what the child said, with its cause."""
+def run_children(paths: list[str], args, labelled: list[str] | None = None) -> list[dict]:
+    """Measure each artifact in a fresh interpreter; a failure raises what the child said, with its cause.
+    ``labelled``: the artifacts ``--labels`` goes to (``check_artifacts``; default: any that is given them)."""
     import mmedge
     from mmedge.backend_option_args import CliBackendOptions
 
@@ -219,7 +272,8 @@ def run_children(paths: list[str], args) -> list[dict]:
                                                               args.device, args.threads)
     for path in paths:
         options = {"backend": args.backend, "device": args.device, "threads": args.threads, "runs": args.runs,
-                   "batch": args.batch, "images": args.image or None, "labels": args.labels,
+                   "batch": args.batch, "images": args.image or None,
+                   "labels": args.labels if labelled is None or path in labelled else None,
                    "backend_options": settings.get(path)}
         child = subprocess.run([sys.executable, "-c", CHILD, path, json.dumps(options)], capture_output=True, text=True)
         if child.returncode != 0:
@@ -285,7 +339,7 @@ def main(args) -> int:
     """``mmedge bench ARTIFACT... [--plot out.png]``: results on stdout (a table, or JSON), messages on stderr."""
     if args.runs < 1 or args.batch < 1:
         raise InputError(f"--runs {args.runs} --batch {args.batch}", "both at least 1", "pass e.g. --runs 10 --batch 8")
-    check_artifacts(args.artifacts, args.labels)
+    labelled = check_artifacts(args.artifacts, args.labels)
     from mmedge.images import checked_image_path
 
     for image in args.image or []:
@@ -295,7 +349,7 @@ def main(args) -> int:
 
         check_plot_path(args.plot)
         require_matplotlib()
-    results = run_children(args.artifacts, args)
+    results = run_children(args.artifacts, args, labelled)
     print(json.dumps(results, indent=2) if args.json else format_table(results))
     if args.plot:
         from mmedge.bench_plot import plot
@@ -317,7 +371,8 @@ def add_parser(sub, runtime_flags) -> None:
     bench.add_argument("--batch", type=int, default=8, help="images per call for throughput")
     bench.add_argument("--image", action="append",
                        help="image to run on (repeatable; default: the bundled demo scenes)")
-    bench.add_argument("--labels", nargs="+", help="CLIP with two graphs: labels to classify against")
+    bench.add_argument("--labels", nargs="+", help="CLIP with two graphs: labels to classify against (given to the "
+                       "artifacts that take them)")
     runtime_flags(bench)
     bench.set_defaults(func=main)
 

@@ -57,6 +57,14 @@ def check_plot_path(out: str) -> None:
                          "a file in a writable folder", "pass a path in a folder you can write to")
 
 
+def _backends(result: dict) -> str:
+    """"onnxruntime [cpu]", "torch (torch.dtype=bf16)": where a result's components ran, with the settings given."""
+    settings = [f"{name}.{key}={value}" for name, chosen in (result.get("backend_options") or {}).items()
+                for key, value in chosen.items()]
+    ran = ", ".join(sorted({str(v) for v in result["backend"].values()}))
+    return ran + (f" ({', '.join(settings)})" if settings else "")
+
+
 def _name(result: dict) -> str:
     return f"{artifact_name(result['artifact'])}\n{result['precision']}"
 
@@ -72,7 +80,7 @@ def _panels(results: list[dict]) -> list[tuple[str, list[dict], list[float], str
          [r["throughput"]["per_second"] for r in results], "{:.1f}"),
         ("peak resident memory, MiB", results, [(r["memory"]["peak_rss_bytes"] or 0) / 2**20 for r in results],
          "{:.0f}"),
-        ("size on disk, MB", results, [r["size_bytes"] / 1e6 for r in results], "{:.2f}"),
+        ("size of the files the plan loads, MB", results, [r["size_bytes"] / 1e6 for r in results], "{:.2f}"),
     ]
     for metric, title in FIDELITY_TITLES.items():
         measured = [r for r in results if r["fidelity"]["metric"] == metric and r["fidelity"]["value"] is not None]
@@ -103,8 +111,7 @@ def figure(results: list[dict]):
             axis.legend(fontsize=7, loc="lower right")
     for axis in list(axes.flat)[len(panels):]:
         axis.set_visible(False)
-    backends = sorted({str(v) for r in results for v in r["backend"].values()})
-    fig.suptitle("mmedge bench: " + ", ".join(backends), fontsize=9)
+    fig.suptitle("mmedge bench: " + ", ".join(sorted({_backends(r) for r in results})), fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -1,8 +1,8 @@
 """The `mmedge` command: export, run, validate, build, doctor, demo, bench, triton, serve.
 
-Every mmedge error becomes one line on stderr and a non-zero exit code; no traceback. So do bad
-command lines (exit 2) and, as a last resort, errors mmedge did not anticipate (exit 1, with a hint to
-rerun with MMEDGE_DEBUG=1 for the traceback).
+Every mmedge error becomes one line on stderr and its exit code (2 bad input, 3 not found, 4 backend unavailable,
+5 measured drift past its floor: validate, export); no traceback. So do bad command lines (exit 2) and, as a last
+resort, errors mmedge did not anticipate (exit 1, with a hint to rerun with MMEDGE_DEBUG=1 for the traceback).
 """
 
 from __future__ import annotations

@@ -66,7 +66,10 @@ class ExportError(MmedgeError):
 
 
 class ParityError(ExportError):
-    """An exported or quantized graph drifted past tolerance from its reference."""
+    """An exported or quantized graph drifted past tolerance from its reference: measured drift, not a usage error, so
+    its own exit code (``mmedge export``'s parity gates and ``mmedge validate``)."""
+
+    exit_code = 5
 
     def __init__(self, component: str, output: str, metric: str, value: float, bound: float, fix: str):
         self.component, self.output, self.metric, self.value, self.bound = component, output, metric, value, bound

@@ -7,6 +7,8 @@ compared with that reference, so drift from a device, driver or engine shows up 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from mmedge.artifact import Artifact, read_arrays
@@ -15,7 +17,15 @@ from mmedge.errors import ArtifactError, InputError, IntegrityError, ParityError
 from mmedge.metrics import compare_outputs
 
 # How far a device may drift from the cosine the export measured on ONNX Runtime CPU.
-COSINE_SLACK = {"fp32": 1e-4, "fp16": 1e-3, "int8": 1e-2, "int4": 2e-2}
+COSINE_SLACK = {"fp32": 1e-4, "fp16": 1e-3, "bf16": 5e-3, "int8": 1e-2, "int4": 2e-2, "nf4": 2e-2}
+INFERENCE_NAMES = {"f32": "fp32", "f16": "fp16"}  # OpenVINO's inference precisions ("int8 (f16 inference)")
+
+
+def cosine_slack(*precisions: str) -> float:
+    """The slack of the loosest precision named in ``precisions`` (the graph's, and the plan's: "bf16" for torch at
+    bfloat16, "fp16" for an FP32 graph TensorRT builds at FP16, "int8 (f16 inference)"); 1e-2 for one unknown."""
+    names = [INFERENCE_NAMES.get(n, n) for p in precisions for n in re.findall(r"[a-z]+\d+", str(p or ""))]
+    return max((COSINE_SLACK.get(name, 1e-2) for name in names), default=1e-2)
 
 
 def load_validation_samples(artifact: Artifact) -> dict[str, dict[str, dict[str, np.ndarray]]]:
@@ -37,8 +47,10 @@ def load_validation_samples(artifact: Artifact) -> dict[str, dict[str, dict[str,
     return samples
 
 
-def validate(artifact: Artifact, runners: dict) -> dict[str, dict]:
-    """Per component: measured metrics vs the torch reference, the export-time figures, and pass/fail."""
+def validate(artifact: Artifact, runners: dict, precisions: dict[str, str] | None = None) -> dict[str, dict]:
+    """Per component: measured metrics vs the torch reference, the export-time figures, and pass/fail.
+    ``precisions``: the precision the plan runs each component at (``ComponentPlan.precision``; default: the
+    graph's): what the report shows, its floor the looser of that precision's and the graph's."""
     samples = load_validation_samples(artifact)
     report: dict[str, dict] = {}
     for name, runner in runners.items():
@@ -49,13 +61,14 @@ def validate(artifact: Artifact, runners: dict) -> dict[str, dict]:
                                 "re-export the artifact")
         measured = compare_outputs(sample["reference"], runner.infer(sample["inputs"]))
         recorded = comp["parity"].get("validation_samples", {})
-        slack = COSINE_SLACK.get(comp["precision"], 1e-2)
+        runs_at = (precisions or {}).get(name) or comp["precision"]
+        slack = cosine_slack(comp["precision"], runs_at)
         outputs = {}
         for output, metrics in measured.items():
             floor = recorded.get(output, {}).get("cosine", 1.0) - slack
             outputs[output] = {**metrics, "export_cosine": recorded.get(output, {}).get("cosine"),
                                "min_cosine": floor, "ok": metrics["cosine"] >= floor}
-        report[name] = {"precision": comp["precision"], "backend": runner.backend, "outputs": outputs}
+        report[name] = {"precision": runs_at, "backend": runner.backend, "outputs": outputs}
     return report
 
 
@@ -91,7 +104,7 @@ def validate_artifact(path, backend: str = "auto", device: str = "auto", threads
     _refuse_idle_backend_options(backend_options or {}, chosen)
     runners = open_runners(artifact, chosen, threads=threads, backend_options=backend_options)
     try:
-        return validate(artifact, runners)
+        return validate(artifact, runners, {name: c.precision for name, c in chosen.components.items()})
     finally:
         for runner in runners.values():
             runner.close()

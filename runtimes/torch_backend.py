@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from mmedge.errors import BackendError, BackendUnavailableError, FeedError, InputError
+from mmedge.errors import BackendError, BackendUnavailableError, FeedError
 from mmedge.runner import DeviceArray, Runner, TensorMeta
 from mmedge.runtimes.torch_bnb import QUANTIZATIONS, output_head_names, quantize_linear_layers
 from mmedge.runtimes.torch_checkpoint import refuse_another_size
@@ -59,14 +59,11 @@ from mmedge.runtimes.torch_graphs import (
     as_tuple,
     compile_backend,
 )
-from mmedge.setting_checks import check_switch, is_whole
+from mmedge.runtimes.torch_settings import DTYPE_NAMES, PRECISION_OF_DTYPE, TorchSettings
 
 log = logging.getLogger("mmedge")
 
 INSTALL = 'pip install "mmedge[torch]" (torch and transformers; add bitsandbytes for INT8/NF4 LLM weights)'
-DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
-               "bfloat16": "bfloat16", "bf16": "bfloat16"}
-PRECISION_OF_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 # --- lazy imports ----------------------------------------------------------------------------------
@@ -169,9 +166,9 @@ class ModelHandle:
 
 def weights_folder(artifact, checkpoint: str | Path | None = None) -> Path:
     """The checkpoint folder to load: ``checkpoint`` (a local folder with config.json and safetensors) or the
-    artifact's ``pytorch/`` (every file's sha256 checked)."""
+    artifact's ``pytorch/`` (every file's sha256 checked). ``~`` in ``checkpoint`` is the user's home."""
     if checkpoint is not None:
-        folder = Path(checkpoint)
+        folder = Path(checkpoint).expanduser()
         if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
             raise BackendUnavailableError(
                 f"checkpoint folder '{folder}' has no config.json with safetensors weights",
@@ -343,44 +340,6 @@ class TorchDeviceArray(DeviceArray):
 
 
 # --- the runner ------------------------------------------------------------------------------------
-@dataclass
-class TorchSettings:
-    """How the torch backend runs a component: device ("auto", "cpu", "cuda", "cuda:N"), dtype (None: float16 on
-    CUDA, float32 on a CPU), CUDA graphs (None: on for CUDA), torch.compile (None: on where CUDA graphs are; True,
-    False or a torch.compile backend name), outputs left on the GPU, the graph limit, INT8/NF4 LLM weights (decoder
-    only) and an optional checkpoint folder instead of the artifact's pytorch/ weights."""
-
-    device: str | None = "auto"
-    dtype: str | None = None
-    cuda_graphs: bool | None = None
-    compile: bool | str | None = None
-    keep_on_device: bool = False
-    max_graphs: int = DEFAULT_MAX_GRAPHS
-    quantization: str | None = None
-    checkpoint: str | None = None
-
-    def __post_init__(self):
-        """The values a user sets (``backend_options['torch']``, ``--backend-option torch.X=...``), judged before
-        anything is loaded; the device itself is judged once torch can see it."""
-        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
-            raise InputError(f"torch dtype {self.dtype!r}", f"None or one of {', '.join(DTYPE_NAMES)}",
-                             "pass dtype='float16' (CUDA), 'bfloat16' or 'float32'")
-        if self.quantization not in (None, *QUANTIZATIONS):
-            raise InputError(f"LLM quantization {self.quantization!r}", f"None or one of {', '.join(QUANTIZATIONS)}",
-                             "pass quantization='int8' (LLM.int8) or 'nf4'")
-        if not is_whole(self.max_graphs, 1):
-            raise InputError(f"max_graphs is {self.max_graphs!r}", "a positive integer (CUDA graphs kept per "
-                             "component)", f"pass e.g. max_graphs={DEFAULT_MAX_GRAPHS}")
-        check_switch("cuda_graphs", self.cuda_graphs, none_means="on for CUDA")
-        check_switch("keep_on_device", self.keep_on_device)
-        for name in ("device", "checkpoint"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, (str, Path)):
-                raise InputError(f"{name} is {value!r}", "a string" + (" ('auto', 'cpu', 'cuda', 'cuda:N')"
-                                                                     if name == "device" else " (a checkpoint folder)"),
-                                 f"pass e.g. {name}='cuda'" if name == "device" else "pass the folder's path")
-
-
 class TorchRunner(Runner):
     """One component: the family's wrapper module around the shared model, under ``torch.inference_mode``."""
 
@@ -543,7 +502,7 @@ def create_runner(path, component_name: str, component: dict, *, artifact=None, 
     try:
         if checkpoint is not None:
             refuse_another_size(artifact.manifest, handle.model, folder)
-        module = reference_module(family, component_name, handle.model, artifact, folder)
+        module = reference_module(family, component_name, handle.model, artifact)
         for owner in (module._buffers, module._parameters):  # the wrapper's own tensors (a baked label bank)
             for key, value in owner.items():
                 if value is not None and value.is_floating_point():
@@ -555,25 +514,46 @@ def create_runner(path, component_name: str, component: dict, *, artifact=None, 
                        compile=compile, keep_on_device=keep_on_device, max_graphs=max_graphs, handle=handle)
 
 
-def reference_module(family: str, component_name: str, model, artifact, folder: Path):
-    """The family's wrapper module for a component, with the artifact's reference tensors for it."""
+def reference_module(family: str, component_name: str, model, artifact):
+    """The family's wrapper module for a component, with the artifact's reference tensors for it (a baked label
+    bank: in the artifact's pytorch/, whichever folder the model's weights came from)."""
     from mmedge.export.families import FAMILIES
 
-    tensors = {}
-    extras = (artifact.manifest.get("pytorch") or {}).get("reference_tensors")
-    if extras and (folder / extras).is_file():
-        from safetensors.torch import load_file
-
-        prefix = f"{component_name}."
-        tensors = {k[len(prefix):]: v for k, v in load_file(str(folder / extras)).items() if k.startswith(prefix)}
+    tensors = reference_tensors(artifact, component_name)
     try:
         module = FAMILIES[family].reference_module(component_name, model, artifact.manifest, tensors)
     except KeyError:
-        raise BackendError(f"the torch backend cannot rebuild component '{component_name}' of a {family} artifact "
-                           "(missing reference tensors or an unknown component)",
-                           "an artifact exported by this mmedge version with --with-pytorch",
-                           "re-export with --with-pytorch, or run this component on onnxruntime") from None
+        exported = artifact.manifest.get("pytorch")
+        if not exported:
+            raise BackendError(
+                f"the torch backend cannot rebuild component '{component_name}' of artifact '{artifact.root.name}': "
+                "it was exported without --with-pytorch, so it lacks the tensors the component holds beyond the "
+                "checkpoint's weights (a baked label bank), which a checkpoint folder does not carry",
+                "an artifact exported with `mmedge export --with-pytorch` (its pytorch/reference_tensors.safetensors)",
+                "re-export with --with-pytorch, or run this artifact on onnxruntime (--backend auto)") from None
+        raise BackendError(
+            f"the torch backend cannot rebuild component '{component_name}' of a {family} artifact "
+            f"(its reference tensors {sorted(tensors) or 'none'} do not make that component)",
+            f"a component this mmedge version's {family} family rebuilds, with the tensors its export saved",
+            "export the artifact with this mmedge version, or run this component on onnxruntime") from None
     return module
+
+
+def reference_tensors(artifact, component_name: str) -> dict:
+    """The artifact's reference tensors of ``component_name`` (``pytorch/reference_tensors.safetensors``, its sha256
+    checked), or {} where the artifact has none."""
+    entry = artifact.manifest.get("pytorch") or {}
+    name = entry.get("reference_tensors")
+    if not name:
+        return {}
+    if not (artifact.root / entry["folder"]).is_dir():
+        artifact.pytorch_folder()  # says the folder is missing (a device copy without it), and what to do
+    info = (entry.get("files") or {}).get(name) or {}
+    path = artifact.verified_path(name, info.get("sha256", ""), f"pytorch.files.{name}", entry["folder"])
+    from safetensors.torch import load_file
+
+    prefix = f"{component_name}."
+    return {k[len(prefix):]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
 
 
 __all__ = ["ModelHandle", "TorchDeviceArray", "TorchRunner", "TorchSettings", "acquire_model",

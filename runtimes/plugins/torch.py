@@ -8,11 +8,14 @@
 - it takes the **encoders** TensorRT does not build only when ONNX Runtime has no GPU provider (a CPU-only
   onnxruntime beside a GPU); with onnxruntime-gpu they run the exported graphs on the CUDA / TensorRT providers.
 
-Named explicitly it runs every component, on the GPU at FP16 when there is one, else on the CPU at FP32.
+Named explicitly it runs every component, on the GPU at FP16 when there is one, else on the CPU at FP32 (``dtype``
+sets another; the plan's precision says which). Its CUDA-only settings are refused where it runs on the CPU
+(``idle_settings``), and INT8/NF4 LLM weights where bitsandbytes is not installed (``settled``), before anything loads.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import replace
 
 from mmedge.backends import Backend, ComponentPlan, PlanRequest, listed
@@ -41,10 +44,23 @@ class TorchBackend(Backend):
     decoder_only = ("quantization",)  # INT8/NF4 applies to the LLM, which only the decoder runs
 
     @property
-    def settings(self):  # TorchSettings lives beside the runner (which imports torch lazily)
-        from mmedge.runtimes.torch_backend import TorchSettings
+    def settings(self):  # TorchSettings imports no torch (mmedge.runtimes.torch_settings)
+        from mmedge.runtimes.torch_settings import TorchSettings
 
         return TorchSettings
+
+    def idle_settings(self, settings: dict, plans: list[ComponentPlan]) -> dict[str, str]:
+        """``cuda_graphs``, ``keep_on_device`` and ``max_graphs`` act on CUDA only: where the torch backend runs on
+        the CPU (the plan's device, or the ``device`` setting) they would change nothing (the runner dropped them)."""
+        from mmedge.runtimes.torch_settings import CUDA_ONLY, runs_on_cpu
+
+        planned = next((plan.options.get("device") for plan in plans), None)
+        if not runs_on_cpu(settings.get("device"), planned):
+            return {}
+        where = (f"device={settings['device']}" if settings.get("device") not in (None, "auto")
+                 else "the plan's device")
+        return {name: f"it acts on CUDA only ({why}), and the torch backend runs on the CPU here ({where})"
+                for name, why in CUDA_ONLY.items() if name in settings}
 
     def _gpu_unusable(self, request: PlanRequest) -> str | None:
         """Why the torch backend cannot run on a GPU here, or None when it can (nothing is imported)."""
@@ -115,25 +131,34 @@ class TorchBackend(Backend):
                                           "use --backend auto (the decoder then runs on ONNX Runtime)")
         gpu_why = self._gpu_unusable(request)
         if gpu_why is None:
-            options, precision, where = dict(OPTIONS_CUDA), "fp16", "on the GPU at FP16 with CUDA graphs"
+            options, precision, where = dict(OPTIONS_CUDA), "fp16", "on the GPU with CUDA graphs"
         elif device == "cuda":
             raise BackendUnavailableError(f"device=cuda was requested for backend 'torch', but {gpu_why}",
                                           "an NVIDIA GPU and a CUDA build of torch",
                                           "install a CUDA build of torch, or pass --device cpu")
         else:
-            options, precision, where = dict(OPTIONS_CPU), "fp32", f"on the CPU at FP32 ({gpu_why})"
-        request.reasons.append(f"backend torch: every component {where}")
+            options, precision, where = dict(OPTIONS_CPU), "fp32", f"on the CPU ({gpu_why})"
+        request.reasons.append(f"backend torch: every component {where}, at {precision.upper()} unless torch.dtype "
+                               "sets another (the precision shown is what runs)")
         return {name: ComponentPlan(self.name, (), precision, dict(options)) for name in manifest["components"]}
 
     def settled(self, artifact, name: str, plan: ComponentPlan, settings: dict) -> ComponentPlan:
         """As ``Backend``'s; ``dtype`` sets the precision ("bf16"), and the decoder's LLM ``quantization`` is added
-        to it ("fp16+nf4"). A dtype name torch does not take is left for the runner to refuse."""
-        from mmedge.runtimes.torch_backend import DTYPE_NAMES, PRECISION_OF_DTYPE
+        to it ("fp16+nf4"), bitsandbytes checked for it here, before anything loads. A dtype name torch does not
+        take is left for the runner to refuse."""
+        from mmedge.runtimes.torch_settings import DTYPE_NAMES, PRECISION_OF_DTYPE
 
         dtype = DTYPE_NAMES.get(str(settings.get("dtype")))
         precision = PRECISION_OF_DTYPE[dtype] if dtype else plan.precision
         options = {**plan.options, "dtype": dtype} if dtype else plan.options
         quantization = settings.get("quantization") if name == "decoder" else None
+        if quantization and not bitsandbytes_installed():
+            from mmedge.runtimes.torch_bnb import BNB_INSTALL
+
+            raise BackendUnavailableError(
+                f"LLM quantization '{quantization}' on the torch backend needs the Python package 'bitsandbytes', "
+                "which is not installed", "bitsandbytes importable beside torch (CUDA, or its CPU build)",
+                f"{BNB_INSTALL}, or drop the quantization setting")
         return replace(plan, precision=f"{precision}+{quantization}" if quantization else precision, options=options)
 
     def supplies_weights(self, settings: dict | None) -> bool:
@@ -158,6 +183,11 @@ class TorchBackend(Backend):
 
     def hands_over_on_gpu(self, plan: ComponentPlan) -> bool:
         return plan.options.get("device") == "cuda"
+
+
+def bitsandbytes_installed() -> bool:
+    """Whether bitsandbytes can be found (not imported: that loads its native libraries)."""
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 def _use_threads(threads: int | None) -> None:
