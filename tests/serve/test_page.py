@@ -201,7 +201,7 @@ def test_a_failed_request_ends_with_words_and_the_page_goes_on(fresh, local, sce
     tab.route(chat, lambda route: route.abort("connectionreset"))
     tab.click("#caption-button")
     tab.wait_for_selector("#answer[data-state=error]")
-    assert "the connection to the server was lost" in tab.inner_text("#error")
+    assert "the connection to the server was lost" in tab.inner_text("#caption-error")
     assert not tab.is_disabled("#caption-button")
     tab.unroute(chat)
     piece = 'data: {"choices": [{"index": 0, "delta": {"content": "a yellow"}, "finish_reason": null}]}\n\n'
@@ -209,18 +209,18 @@ def test_a_failed_request_ends_with_words_and_the_page_goes_on(fresh, local, sce
     tab.click("#caption-button")
     tab.wait_for_selector("#answer[data-state=error]")
     assert tab.inner_text("#answer") == "a yellow"
-    assert "the answer stopped before the server ended it" in tab.inner_text("#error")
+    assert "the answer stopped before the server ended it" in tab.inner_text("#caption-error")
     tab.unroute(chat)
     tab.route(chat, lambda route: route.fulfill(status=503, content_type="application/json",
                                                 body='{"error": "overloaded"}'))
     tab.click("#caption-button")
     tab.wait_for_selector("#answer[data-state=error]")
-    assert tab.inner_text("#error") == "overloaded"
+    assert tab.inner_text("#caption-error") == "overloaded"
     tab.unroute(chat)
     tab.click("#caption-button")  # the page goes on: the next answer is the served one
     tab.wait_for_selector("#answer[data-state=done]")
     assert tab.inner_text("#answer") == local("blip2-fp32").caption(str(scene))
-    assert tab.is_hidden("#error")
+    assert tab.is_hidden("#caption-error")
     tab.select_option("#classifier", "clip-fp32")
     tab.click("#classify-button")
     tab.wait_for_selector("#bars[data-state=done]")
@@ -282,3 +282,190 @@ def test_a_phone_wide_page_needs_no_sideways_scrolling_and_logs_no_errors(fresh)
     assert tab.evaluate("document.documentElement.scrollWidth") <= 390
     assert tab.get_attribute("#question", "aria-label") and tab.get_attribute("#labels", "aria-label")
     assert tab.problems == []  # the favicon's 404 was logged on every load
+
+
+# --- audit of the page's errors and inputs (2026-12-08) -----------------------------------------------------------
+PIECE = 'data: {"choices": [{"index": 0, "delta": {"content": "a yellow"}, "finish_reason": null}]}\n\n'
+CHAT, CLASSIFY = "**/v1/chat/completions", "**/v1/classify"
+
+
+def in_view(tab, selector: str) -> bool:
+    return tab.evaluate(f"""() => {{
+        const box = document.querySelector({selector!r}).getBoundingClientRect();
+        return box.height > 0 && box.top >= 0 && box.bottom <= window.innerHeight + 1;  // + sub-pixel layout
+    }}""")
+
+
+def test_each_panel_keeps_its_error_and_a_cut_answer_is_marked_partial(fresh):
+    """One #error, after all panels, served both: Classify erased a cut stream's error, leaving a truncated caption
+    that looked complete; on a phone the error was below the fold; a long word in it widened the page at 320 px; a 200
+    HTML page from a proxy was called a cut connection."""
+    tab = with_scene(fresh(width=320), demo.images()[5])
+    tab.route(CHAT, lambda route: route.fulfill(status=200, content_type="text/event-stream", body=PIECE))
+    tab.click("#caption-button")
+    tab.wait_for_selector("#answer[data-state=error]")
+    assert tab.inner_text("#answer") == "a yellow" and tab.get_attribute("#answer", "data-partial") == "true"
+    assert "only the beginning of the answer" in tab.inner_text("#answer-info")
+    cut = tab.inner_text("#caption-error")
+    assert "the answer stopped before the server ended it" in cut and in_view(tab, "#caption-error")
+    tab.click("#classify-button")  # the other panel's request leaves this panel's error alone
+    tab.wait_for_selector("#bars[data-state=done]")
+    assert tab.inner_text("#caption-error") == cut and tab.get_attribute("#answer", "data-partial") == "true"
+    word = "x" * 300
+    tab.route(CLASSIFY, lambda route: route.fulfill(status=400, json={"error": {"message": f"bad {word}"}}))
+    tab.click("#classify-button")
+    tab.wait_for_selector("#bars[data-state=error]", state="attached")
+    assert tab.inner_text("#classify-error") == f"bad {word}" and in_view(tab, "#classify-error")
+    assert tab.inner_text("#caption-error") == cut
+    assert tab.evaluate("document.documentElement.scrollWidth") <= 320  # the word wraps
+    tab.unroute(CHAT)
+    tab.route(CHAT, lambda route: route.fulfill(status=200, content_type="text/html", body="<html>502</html>"))
+    tab.click("#caption-button")
+    tab.wait_for_selector("#answer[data-state=error]")
+    assert "the server answered with text/html instead of an event stream" in tab.inner_text("#caption-error")
+    assert tab.inner_text("#classify-error") == f"bad {word}"  # each panel clears only its own
+
+
+def test_the_key_form_takes_only_an_ascii_key_and_comes_back_on_any_failure(fresh, scenes):
+    """A key such as 'ключ' made fetch() throw building its headers: 'connection lost', the form hidden for good and
+    the key kept for the next load. Re-entering the key after a 401 reset both model choices."""
+    tab = fresh(key="ключ")  # kept from an earlier page: dropped, the form asks for a key
+    tab.wait_for_selector("#key-form", state="visible")
+    assert tab.evaluate("document.activeElement.id") == "key"
+    assert tab.evaluate("sessionStorage.getItem('mmedge-key')") is None
+    assert tab.get_attribute("#status", "role") == "status" and tab.get_attribute("#bars", "aria-live") == "polite"
+    tab.fill("#key", "ключ")
+    tab.press("#key", "Enter")
+    assert tab.is_visible("#key-form") and "ASCII" in tab.inner_text("#status")
+    assert tab.evaluate("sessionStorage.getItem('mmedge-key')") is None
+    tab.route("**/v1/models", lambda route: route.abort("connectionreset"))
+    tab.fill("#key", API_KEY)
+    tab.press("#key", "Enter")
+    tab.wait_for_selector("#key-form", state="visible")  # the list failed: the form is back
+    assert "the connection to the server was lost" in tab.inner_text("#error")
+    tab.unroute("**/v1/models")
+    tab.press("#key", "Enter")
+    with_scene(tab, scenes[0], captioner="idefics-tiny")
+    tab.select_option("#classifier", "clip-tiny")
+    tab.evaluate("page.key = 'not-the-key'")
+    tab.fill("#labels", "circle, square")
+    tab.click("#classify-button")
+    tab.wait_for_selector("#bars[data-state=error]", state="attached")
+    assert "enter the right one in the API key box" in tab.inner_text("#classify-error")
+    assert tab.is_visible("#key-form") and tab.evaluate("document.activeElement.id") == "key"
+    tab.fill("#key", API_KEY)
+    tab.press("#key", "Enter")
+    tab.wait_for_selector("#key-form", state="hidden")
+    assert tab.input_value("#captioner") == "idefics-tiny" and tab.input_value("#classifier") == "clip-tiny"
+    assert tab.input_value("#labels") == "circle, square" and tab.is_hidden("#classify-error")  # the key is taken
+
+
+def test_results_and_errors_follow_the_inputs(fresh, scenes, tmp_path):
+    """A new image, a cleared file or another model kept the last results; Ask with no question captioned; Enter
+    that ends an IME composition asked; only the top 5 bars were shown, unsaid; a model no longer served was never
+    listed again; errors named API fields (labels[i] counted after dropped empty entries)."""
+    from PIL import Image
+
+    tab = with_scene(fresh(), scenes[5])
+    sent = []
+    tab.on("request", lambda r: sent.append(r.url) if r.url.endswith("/v1/chat/completions") else None)
+    assert tab.is_disabled("#ask-button")
+    tab.fill("#question", "   ")
+    assert tab.is_disabled("#ask-button")
+    tab.fill("#question", "what color is the circle?")
+    assert not tab.is_disabled("#ask-button")
+    tab.evaluate("""document.getElementById("question")
+        .dispatchEvent(new KeyboardEvent("keydown", {key: "Enter", isComposing: true}))""")
+    tab.wait_for_timeout(200)
+    assert sent == []
+    tab.click("#caption-button")
+    tab.wait_for_selector("#answer[data-state=done]")
+    tab.select_option("#classifier", "clip-fp32")
+    tab.click("#classify-button")
+    tab.wait_for_selector("#bars[data-state=done]")
+    assert tab.inner_text("#bars-info") == f"the top 5 of {len(demo.labels())} labels"
+    tab.set_input_files("#file", str(scenes[0]))  # another image: the last one's results go
+    tab.wait_for_selector(f"#preview[alt$='{scenes[0].name}']")
+    assert tab.inner_text("#answer") == "" and tab.inner_text("#answer-info") == ""
+    assert tab.locator("#bars .bar-row").count() == 0 and tab.inner_text("#bars-info") == ""
+    tab.click("#classify-button")
+    tab.wait_for_selector("#bars[data-state=done]")
+    tab.select_option("#classifier", "clip-tiny")  # another model: the other model's bars go
+    assert tab.locator("#bars .bar-row").count() == 0
+    tab.fill("#labels", "circle, , square, circle")  # sent as labels[0..2]: the repeat is labels[2], typed 4th
+    tab.click("#classify-button")
+    tab.wait_for_selector("#bars[data-state=error]", state="attached")
+    assert tab.inner_text("#classify-error").startswith("Label 4 'circle': field 'labels' holds duplicates")
+    tab.fill("#labels", "circle, square, triangle")
+    tab.click("#classify-button")
+    tab.wait_for_selector("#bars[data-state=done]")
+    assert tab.inner_text("#bars-info") == "all 3 labels"
+    large = tmp_path / "large.png"  # over the server's --max-image-pixels 1,000,000
+    Image.new("RGB", (1100, 1000), "white").save(large)
+    tab.set_input_files("#file", str(large))
+    tab.wait_for_selector("#preview[alt$='large.png']")
+    tab.click("#caption-button")
+    tab.wait_for_selector("#answer[data-state=error]")
+    assert tab.inner_text("#caption-error").startswith("The image: field 'messages[0].content[0].image_url.url'")
+    tab.set_input_files("#file", [])  # the file cleared: so is the image
+    tab.wait_for_selector("#preview", state="hidden")
+    assert tab.is_hidden("#caption-error")
+    tab.click("#caption-button")
+    assert tab.inner_text("#caption-error") == "pick an image first"
+    tab.set_input_files("#file", str(scenes[0]))
+    tab.wait_for_selector("#preview:not([hidden])")
+    tab.evaluate("""() => {  // a model that was listed, then is no longer served
+        const select = document.getElementById("captioner");
+        select.append(new Option("gone", "gone"));
+        select.value = "gone";
+    }""")
+    tab.click("#caption-button")
+    tab.wait_for_selector("#answer[data-state=error]")
+    assert "model 'gone' is not served here" in tab.inner_text("#caption-error")
+    assert "the list of models was loaded again" in tab.inner_text("#caption-error")
+    tab.wait_for_function("![...document.querySelectorAll('#captioner option')].some(o => o.value === 'gone')")
+
+
+def test_only_a_file_that_reads_as_an_image_is_taken(fresh, scenes, tmp_path):
+    """A text file named .png, an empty file and a dropped text file were taken as the image with a broken preview; a
+    TIFF (which the server reads) showed a broken preview; of two files read at once the slower, earlier one won."""
+    from PIL import Image
+
+    tab = with_scene(fresh(), scenes[5])
+    empty, text, tiff = tmp_path / "empty.png", tmp_path / "notes.png", tmp_path / "scene.tiff"
+    empty.write_bytes(b"")
+    text.write_text("not an image\n")
+    Image.open(scenes[5]).save(tiff)
+    tab.set_input_files("#file", str(empty))
+    tab.wait_for_selector("#image-panel[data-image=refused]")
+    assert "empty.png is empty" in tab.inner_text("#image-error") and tab.is_hidden("#preview")
+    tab.set_input_files("#file", str(text))
+    tab.wait_for_selector("#image-error:has-text('notes.png could not be read as an image')")
+    assert tab.get_attribute("#image-panel", "data-image") == "refused"
+    tab.click("#caption-button")
+    assert tab.inner_text("#caption-error") == "pick an image first"
+    tab.evaluate("""() => {
+        const data = new DataTransfer();
+        data.items.add(new File(["hello"], "notes.txt", {type: "text/plain"}));
+        document.getElementById("drop").dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true}));
+    }""")
+    tab.wait_for_selector("#image-error:has-text('notes.txt is not an image (its type is text/plain)')")
+    tab.set_input_files("#file", str(tiff))
+    tab.wait_for_selector("#image-panel[data-image=ready]")
+    assert tab.is_hidden("#preview") and tab.is_hidden("#image-error")
+    assert "scene.tiff: no preview" in tab.inner_text("#image-note")
+    tab.select_option("#classifier", "clip-fp32")
+    tab.click("#classify-button")  # the server reads the TIFF
+    tab.wait_for_selector("#bars[data-state=done]")
+    tab.evaluate("""() => {  // the first read ends 400 ms late
+        const read = FileReader.prototype.readAsDataURL;
+        let calls = 0;
+        FileReader.prototype.readAsDataURL = function (file) {
+            setTimeout(() => read.call(this, file), calls++ === 0 ? 400 : 0);
+        };
+    }""")
+    tab.set_input_files("#file", str(scenes[1]))
+    tab.set_input_files("#file", str(scenes[2]))
+    tab.wait_for_selector(f"#preview[alt$='{scenes[2].name}']")
+    tab.wait_for_timeout(800)
+    assert tab.get_attribute("#preview", "alt").endswith(scenes[2].name)
