@@ -129,16 +129,25 @@ class CliBackendOptions:
         if self.given:
             from mmedge.api import plan_for
 
-            def cannot_run(name: str) -> str | None:
-                """Why --backend ``name`` cannot run the artifact (None: it can), before a fix suggests it."""
-                try:
-                    plan_for(path, backend=name, device=device, threads=threads)
-                except MmedgeError as exc:
-                    return exc.what
-                return None
-
             self.check_used(plan_for(path, backend=backend, device=device, backend_options=self.as_dict(),
-                                     threads=threads), cannot_run)
+                                     threads=threads), self.blocker(path, device, threads))
+
+    def blocker(self, path, device: str, threads: int | None):
+        """``blocked(given)``: why ``--backend`` of the setting ``given``'s backend would not take it for the artifact
+        at ``path`` (that backend cannot run the artifact, or the setting would change nothing under its plan too);
+        None where it would. A fix suggests adding a --backend only where this says None."""
+        from mmedge.api import plan_for
+
+        def blocked(given: GivenSetting) -> str | None:
+            try:
+                chosen = plan_for(path, backend=given.backend, device=device, backend_options=self.as_dict(),
+                                  threads=threads)
+            except MmedgeError as exc:
+                return f"--backend {given.backend} fails here: {exc.what}"
+            still = next((i for i in self.idle_in(chosen) if i.given is given), None)
+            return None if still is None else f"with --backend {given.backend} too: {still.why}"
+
+        return blocked
 
     def per_artifact(self, paths: dict, backend: str, device: str, threads: int | None) -> dict[str, dict]:
         """``backend_options`` per artifact of a command that takes several (``paths``: name -> folder; ``mmedge
@@ -150,21 +159,18 @@ class CliBackendOptions:
 
         plans = {name: plan_for(path, backend=backend, device=device, backend_options=self.as_dict(), threads=threads)
                  for name, path in paths.items()}
-        self.check_used_by_some(plans)
+        self.check_used_by_some(plans, {name: self.blocker(path, device, threads) for name, path in paths.items()})
         return {name: self.for_plan(chosen) for name, chosen in plans.items()}
 
-    def check_used(self, chosen, cannot_run=None) -> None:
+    def check_used(self, chosen, blocked=None) -> None:
         """InputError for the first setting that would change nothing under ``chosen``, in the flag's words.
-        ``cannot_run(backend)``: why that backend cannot run the artifact (None: it can), so that a fix never
-        suggests a --backend the artifact refuses."""
+        ``blocked``: ``blocker``'s check, so that a fix never suggests a --backend that would refuse the setting
+        too."""
         idle = self.idle_in(chosen)
         if idle:
             first = idle[0]
-            fix, name = first.fix, first.given.backend
-            why = cannot_run(name) if cannot_run and fix.startswith(f"add --backend {name}") else None
-            if why:
-                fix = f"drop {first.given.option} (--backend {name} cannot run this artifact: {why})"
-            raise InputError(f"{first.given.flag} would change nothing: {first.why}", first.expected, fix)
+            raise InputError(f"{first.given.flag} would change nothing: {first.why}", first.expected,
+                             _checked_fix(first, [blocked] if blocked else []))
 
     def for_plan(self, chosen) -> dict:
         """``backend_options`` holding only the settings that change something under ``chosen``: each artifact's share
@@ -172,16 +178,28 @@ class CliBackendOptions:
         idle = {id(i.given) for i in self.idle_in(chosen)}
         return CliBackendOptions([g for g in self.given if id(g) not in idle]).as_dict()
 
-    def check_used_by_some(self, plans: dict) -> None:
-        """For a command over several artifacts (``plans``: artifact name -> plan): InputError for a setting that
-        would change nothing under every one of them."""
+    def check_used_by_some(self, plans: dict, blockers: dict | None = None) -> None:
+        """For a command over several artifacts (``plans``: artifact name -> plan; ``blockers``: name -> ``blocker``'s
+        check): InputError for a setting that would change nothing under every one of them."""
         for g in self.given:
             idle = [i for chosen in plans.values() for i in self.idle_in(chosen) if i.given is g]
             if len(idle) == len(plans):
-                fix = next((i.fix for i in idle if i.fix != f"drop {g.option}"), idle[0].fix)
+                first = next((i for i in idle if i.fix != f"drop {g.option}"), idle[0])
                 raise InputError(f"{g.flag} would change nothing for any artifact given ({', '.join(plans)}): "
-                                 f"{idle[0].why}", idle[0].expected.replace("a plan", "an artifact whose plan", 1),
-                                 fix)
+                                 f"{idle[0].why}", f"{idle[0].expected}, for at least one artifact",
+                                 _checked_fix(first, list((blockers or {}).values())))
+
+
+def _checked_fix(idle: Idle, blockers: list) -> str:
+    """``idle``'s fix, unless it suggests a --backend that ``blockers`` (each artifact's ``blocker`` check) say would
+    refuse the setting for every artifact: then dropping the setting, and why."""
+    given = idle.given
+    if not blockers or not idle.fix.startswith(f"add --backend {given.backend}"):
+        return idle.fix
+    reasons = [blocked(given) for blocked in blockers]
+    if any(reason is None for reason in reasons):
+        return idle.fix
+    return f"drop {given.option} ({reasons[0]})"
 
 
 def _fields(backend: str) -> list[str]:

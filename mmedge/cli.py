@@ -353,7 +353,7 @@ def cmd_doctor(args) -> int:
             report["files"], status = f"DAMAGED: {error}", error.exit_code
         chosen = plan_for(artifact, args.backend, args.device, backend_options=backend_options.as_dict(),
                           threads=args.threads, probe=found)  # load's plan, its settings applied
-        backend_options.check_used(chosen)
+        backend_options.check_used(chosen, backend_options.blocker(artifact, args.device, args.threads))
         report["plan"] = {name: vars(c) for name, c in chosen.components.items()}
         report["reasons"] = chosen.reasons
         report["artifact"] = [line for candidate in backends() for line in candidate.artifact_lines(artifact)]

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import re
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -164,9 +164,11 @@ def store(path: Path, record: dict) -> None:
     try:
         with _locked(path):
             kept = [r for r in _records(path) if r.get("device") != record["device"]]
-            handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+            # made as a plain write makes a file (0o666 less the umask; mkstemp's is 0o600, and os.fchmod is not on
+            # every Python's Windows)
+            handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             try:
-                os.fchmod(handle, 0o644)  # as a plain write would leave it (mkstemp's is 0o600)
                 with os.fdopen(handle, "w") as out:
                     out.write(json.dumps({"format": FORMAT, "records": [*kept, record]}, indent=2) + "\n")
                 os.replace(temporary, path)
@@ -188,9 +190,16 @@ def _locked(path: Path):
     except ImportError:  # Windows: no lock, the write is still whole
         yield
         return
-    handle = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    lock = path.with_name(f".{path.name}.lock")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        handle = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:  # made by another user: a lock needs no write access to its file
+        handle = os.open(lock, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks (NFS without its lock daemon): the write is still whole
+            pass
         yield
     finally:
         os.close(handle)  # releases the lock

@@ -137,11 +137,11 @@ def test_run_hands_the_settings_to_load_and_answers_as_without(clip_artifacts, p
 
 def test_run_refuses_a_setting_the_plan_leaves_idle(clip_artifacts, blip2_artifact, photos, capsys):
     code = main(["run", str(clip_artifacts("fused-fp32")), photos[0], "--backend", "onnxruntime",
-                 "--backend-option", "openvino.device=GPU"])
+                 "--backend-option", "openvino.shape_cache=64"])
     err = capsys.readouterr().err
-    assert code == 2 and ("--backend-option openvino.device=GPU would change nothing: no component runs on openvino "
-                          "here (the plan: zero_shot on onnxruntime)") in err
-    assert "fix: add --backend openvino, or drop --backend-option openvino.device" in err
+    assert code == 2 and ("--backend-option openvino.shape_cache=64 would change nothing: no component runs on "
+                          "openvino here (the plan: zero_shot on onnxruntime)") in err
+    assert "fix: add --backend openvino, or drop --backend-option openvino.shape_cache" in err
     code = main(["run", str(clip_artifacts("fused-fp32")), photos[0], "--backend-option", "openvino.weights=int8"])
     err = capsys.readouterr().err
     assert code == 2 and "this artifact has no LLM decoder" in err and "fix: drop --backend-option openvino.weights" \
@@ -151,15 +151,25 @@ def test_run_refuses_a_setting_the_plan_leaves_idle(clip_artifacts, blip2_artifa
     assert code == 2 and "the decoder runs on onnxruntime" in capsys.readouterr().err
 
 
-def test_a_fix_never_suggests_a_backend_the_artifact_refuses(pytorch_artifacts, photos, capsys):
-    """torch runs no IDEFICS decoder: "add --backend torch" led to a second refusal."""
+def test_a_fix_never_suggests_a_backend_that_would_refuse_the_setting_too(pytorch_artifacts, clip_artifacts, photos,
+                                                                           capsys):
+    """"add --backend X" led to a second refusal where X cannot run the artifact (torch runs no IDEFICS decoder), where
+    X cannot run here (no OpenVINO GPU), or where the setting would change nothing under X's plan too (CUDA graphs on
+    a CPU); in run, doctor and bench alike."""
     idefics = str(pytorch_artifacts("idefics"))
     assert main(["run", idefics, photos[0], "--backend", "torch"]) != 0
     capsys.readouterr()
-    assert main(["run", idefics, photos[0], "--backend-option", "torch.dtype=bf16"]) == 2
-    err = capsys.readouterr().err
-    assert "add --backend torch" not in err and "fix: drop --backend-option torch.dtype (--backend torch cannot " \
-        "run this artifact:" in err, err
+    cases = ((["run", idefics, photos[0]], "torch.dtype=bf16", "(--backend torch fails here:"),
+             (["run", str(clip_artifacts("fused-fp32")), photos[0], "--backend", "onnxruntime"], "openvino.device=GPU",
+              "(--backend openvino fails here:"),
+             (["doctor", str(pytorch_artifacts("clip"))], "torch.cuda_graphs=true", "(with --backend torch too:"),
+             (["bench", str(pytorch_artifacts("clip")), "--runs", "3"], "torch.cuda_graphs=true",
+              "(with --backend torch too:"))
+    for command, setting, why in cases:
+        assert main([*command, "--backend-option", setting]) == 2
+        err = capsys.readouterr().err
+        option = setting.split("=")[0]
+        assert "add --backend" not in err and f"fix: drop --backend-option {option} {why}" in err, err
 
 
 def test_run_against_a_server_refuses_local_settings(photos, capsys):

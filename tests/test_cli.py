@@ -163,7 +163,7 @@ def test_export_with_pytorch_is_readable_by_others_and_counted(capsys, tiny_blip
             if f.stat().st_mode & 0o777 != 0o644} == {}
     from mmedge.artifact import Artifact
 
-    size = Artifact.open(tmp_path / "a").size_bytes()  # what demo and Triton report too (bench: the files its plan loads)
+    size = Artifact.open(tmp_path / "a").size_bytes()  # what demo and Triton report (bench: what its plan loads)
     assert size >= sum(f.stat().st_size for f in files if f.parent.name == "pytorch" or f.suffix == ".onnx")
     assert f"({size / 1e6:.1f} MB)" in out.splitlines()[0]
 

@@ -166,6 +166,8 @@ def test_run_options(target, flags, works, artifacts, photos, tmp_path, capsys, 
     labels = tmp_path / "labels.txt"
     labels.write_text("cat\ndog\n")
     path, task = artifacts[target]
+    if target == "clip" and not {"--labels", "--labels-file"} & set(flags):
+        task = [*task, "--labels", "cat", "dog"]  # a two-graph run without labels is refused before it loads
     code = main(["run", str(path), photos[0], *task, *[a.replace("{labels}", str(labels)) for a in flags]])
     _check_outcome(code, capsys.readouterr().err, target in works, flags)
 

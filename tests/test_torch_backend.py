@@ -451,6 +451,11 @@ def test_onnxruntime_provider_options_come_from_the_plan(tmp_path):
                          "fp16_islands": {"precision": "fp16", "quantization": {"fp32_nodes": ["/wo/MatMul"]}}}}
     flags = {name: c.options["fp16"] for name, c in plan(GPU_ORT_GPU, t5).components.items()}
     assert flags == {"prefix": True, "encoder": False, "fp16_islands": False}  # T5 overflows; islands obeyed only
+    # what runs at FP16 says so (bench reports it, validate's floor follows it: an FP32 floor failed FP16 runs)
+    assert vision.precision == "fp32 (fp16 inference)" and chosen.components["text"].precision == "int8"
+    from mmedge.validate import cosine_slack
+
+    assert cosine_slack("fp32", vision.precision) == cosine_slack("fp16")
     options = OrtOptions(**backend("onnxruntime").runner_options(FakeArtifact(), vision, threads=2))
     trt = _provider_options("tensorrt", options)
     assert trt["trt_fp16_enable"] is True and trt["device_id"] == 0 and trt["trt_max_workspace_size"] == 4096 << 20

@@ -247,6 +247,31 @@ def test_two_stores_at_once_keep_both_records(clip_copy, monkeypatch):
     assert not list(path.parent.glob("*.tmp"))
 
 
+def test_store_writes_where_there_is_no_fcntl_nor_fchmod_and_as_a_plain_write_would(clip_copy, monkeypatch):
+    """Windows before Python 3.13 has neither (store called os.fchmod and failed after the measuring); the file's
+    mode is a plain write's (the umask's), and a lock file another user made does not stop the write."""
+    import os
+    import stat
+    import sys
+
+    from mmedge import tuning
+
+    artifact = Artifact.open(clip_copy)
+    path = tuning.check_storable(artifact)
+    lock = path.with_name(f".{path.name}.lock")
+    lock.write_text("")
+    lock.chmod(0o444)  # as if another user's (root writes it anyway; another user takes the read-only open)
+    tuning.store(path, _record(artifact, 1))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+    monkeypatch.delattr(os, "fchmod", raising=False)
+    monkeypatch.setitem(sys.modules, "fcntl", None)
+    tuning.store(path, _record(artifact, 2))
+    assert sorted(r["device"]["threads"] for r in json.loads(path.read_text())["records"]) == [1, 2]
+    assert not list(path.parent.glob("*.tmp"))
+
+
 def test_tune_refuses_more_runs_than_it_caps_before_opening_anything(tmp_path):
     with pytest.raises(InputError, match=r"runs is 1001.*to 1000"):
         tune(tmp_path / "no-such-artifact", runs=1001)

@@ -83,6 +83,12 @@ GPU_PROVIDER_SETTINGS = {"device_id": ("cuda", "tensorrt"), "keep_on_device": ("
                          "workspace_mb": ("tensorrt",), "fp16": ("tensorrt",), "engine_cache": ("tensorrt",)}
 
 
+def _runs_at(precision: str, options: dict) -> str:
+    """The precision a component runs at: its graph's, and "(fp16 inference)" where the TensorRT provider builds it
+    at FP16 (what bench reports and validate's floor follows), as OpenVINO labels its inference precision."""
+    return f"{precision} (fp16 inference)" if options.get("fp16") and "fp16" not in precision else precision
+
+
 class OnnxRuntimeBackend(Backend):
     runner_module = "mmedge.runtimes.onnxruntime"
     plan_owned = ("providers", "threads")
@@ -122,10 +128,12 @@ class OnnxRuntimeBackend(Backend):
         providers = _providers(request)
         components = request.manifest["components"]
         shared = turn_taking(request, providers)
-        return {name: ComponentPlan(self.name, providers, components[name]["precision"],
-                                    {**ort_options(request.probe, providers, components[name], request.manifest,
-                                                   name), **shared})
-                for name in rest}
+        planned = {}
+        for name in rest:
+            options = {**ort_options(request.probe, providers, components[name], request.manifest, name), **shared}
+            planned[name] = ComponentPlan(self.name, providers, _runs_at(components[name]["precision"], options),
+                                          options)
+        return planned
 
     def runner_options(self, artifact, plan: ComponentPlan, threads: int | None) -> dict:
         """``OrtOptions`` fields from the plan: providers, threads, provider options, the TensorRT provider's cache."""
