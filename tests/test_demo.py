@@ -256,6 +256,8 @@ def test_demo_runs_end_to_end(demo_run):
     assert "answers exact" in out
     assert Artifact.open(cache / "clip-two-graph").manifest["tasks"] == ["zero-shot", "embed"]  # labels at run time
     assert "latency/image" in out and "same as FP32" in out and " MB" in out
+    assert "ran on" in out and any(line.startswith("clip-fp32 ") and " onnxruntime" in line
+                                   for line in out.splitlines()), out  # which backend ran each artifact
 
 
 def test_second_demo_run_reuses_the_cache(demo_run):

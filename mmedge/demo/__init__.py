@@ -253,6 +253,7 @@ def _run_variant(folder: Path, variant: Variant, paths: list[Path], truths: list
 
     outputs, times = [], []
     with mmedge.load(folder, backend=backend, threads=threads) as pipeline:
+        ran_on = sorted({comp_plan.backend for comp_plan in pipeline.plan.components.values()})
         if variant.model == "clip":
             choice = {} if pipeline.fused else {"labels": labels(), "templates": templates()}  # two graphs: at run time
             pipeline(str(paths[0]), **choice)  # warm-up: first-run allocations (and the label bank) are not latency
@@ -262,7 +263,7 @@ def _run_variant(folder: Path, variant: Variant, paths: list[Path], truths: list
                 times.append(time.perf_counter() - start)
                 outputs.append({"top": [{"label": p["label"], "score": round(p["score"], 4)} for p in top]})
         elif variant.model == "idefics":
-            return _run_idefics(pipeline, folder, paths, truths)
+            return {**_run_idefics(pipeline, folder, paths, truths), "backends": ran_on}
         else:
             pipeline.caption(str(paths[0]), max_new_tokens=4)
             for i, (path, truth_) in enumerate(zip(paths, truths)):
@@ -275,7 +276,7 @@ def _run_variant(folder: Path, variant: Variant, paths: list[Path], truths: list
     artifact = Artifact.open(folder)
     correct = [_correct(variant.model, out, t) for out, t in zip(outputs, truths)]
     return {"outputs": outputs, "correct": sum(correct), "latency_ms": round(statistics.median(times) * 1e3, 2),
-            "size_bytes": artifact.size_bytes(), "export_fidelity": _export_fidelity(artifact)}
+            "size_bytes": artifact.size_bytes(), "export_fidelity": _export_fidelity(artifact), "backends": ran_on}
 
 
 def idefics_prompts(paths: list[Path]) -> list[dict]:
@@ -368,7 +369,7 @@ def format_report(report: dict) -> str:
             lines.append(f"  IDEFICS   {what} (truth: {asked['truth']})   {answers}")
         lines.append("")
     count = len(truths)
-    header = ("artifact", "precision", "size", "latency/image", "right on these images", "same as FP32",
+    header = ("artifact", "precision", "ran on", "size", "latency/image", "right on these images", "same as FP32",
               "export-time vs FP32")
     rows = []
     for name, a in artifacts.items():
@@ -377,13 +378,15 @@ def format_report(report: dict) -> str:
         same = "-" if a["precision"] == "fp32" else f"{a['agrees_with_fp32']}/{total}"
         fidelity = ", ".join(f"{k.split('.')[-1].replace('_', ' ')} {v:.3f}" for k,
                              v in a["export_fidelity"].items()) or "-"
-        rows.append((name, a["precision"], f"{a['size_bytes'] / 1e6:.2f} MB", f"{a['latency_ms']:.1f} ms",
+        rows.append((name, a["precision"], " + ".join(a["backends"]), f"{a['size_bytes'] / 1e6:.2f} MB",
+                     f"{a['latency_ms']:.1f} ms",
                      f"{a['correct']}/{total} {task}", same, fidelity))
     widths = [max(len(str(r[c])) for r in (header, *rows)) for c in range(len(header))]
     for row in (header, tuple("-" * w for w in widths), *rows):
         lines.append("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
     lines.append("")
-    lines.append("latency: median per image on this machine (BLIP-2: a greedy caption; IDEFICS: a greedy answer to "
+    lines.append("ran on: the backends mmedge chose here (--backend to choose); latency: median per image on this "
+                 "machine (BLIP-2: a greedy caption; IDEFICS: a greedy answer to "
                  "an interleaved prompt); export-time figures: the quantized graphs' agreement with FP32 that the "
                  "export measured (the manifest's fidelity, which names its images). Run again: the artifacts come "
                  "from the cache.")
