@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import stat
 import tempfile
@@ -356,8 +357,29 @@ def is_artifact_folder(path: Path) -> bool:
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME
 
 
+def write_whole(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Write ``data`` to ``path`` whole or not at all: into a temporary file beside it, flushed to disk, then renamed
+    over it (a reader sees the old file or the new one, never half of one; a killed process leaves ``path`` as it
+    was). ``mode``: the new file's permissions before the umask, as a plain write makes it (None: mkstemp's 0o600)."""
+    if mode is None:
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    else:  # os.open applies the umask (os.fchmod after mkstemp would not, and Windows lacks it before Python 3.13)
+        temporary = str(path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"))
+        handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 NAME_MAX_BYTES = 255  # a file name's limit on Linux file systems (ext4, xfs, btrfs), and macOS's
-# atomic_folder's staging folder beside the output is ".NAME.partial-PID-XXXXXXXX" (a PID of up to 7 digits)
+# atomic_folder's staging folder beside the output: mkdtemp's name ".NAME.partial-PID-" and 8 random characters, with
+# a PID of up to 7 digits
 STAGING_EXTRA_BYTES = len(".") + len(".partial-") + len(str(2 ** 22)) + len("-") + 8
 
 

@@ -17,11 +17,10 @@ import json
 import logging
 import os
 import re
-import secrets
 from pathlib import Path
 from typing import Any
 
-from mmedge.artifact import Artifact
+from mmedge.artifact import Artifact, write_whole
 from mmedge.errors import ArtifactError
 
 log = logging.getLogger("mmedge")
@@ -164,17 +163,8 @@ def store(path: Path, record: dict) -> None:
     try:
         with _locked(path):
             kept = [r for r in _records(path) if r.get("device") != record["device"]]
-            temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-            # made as a plain write makes a file (0o666 less the umask; mkstemp's is 0o600, and os.fchmod is not on
-            # every Python's Windows)
-            handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            try:
-                with os.fdopen(handle, "w") as out:
-                    out.write(json.dumps({"format": FORMAT, "records": [*kept, record]}, indent=2) + "\n")
-                os.replace(temporary, path)
-            except BaseException:
-                Path(temporary).unlink(missing_ok=True)
-                raise
+            text = json.dumps({"format": FORMAT, "records": [*kept, record]}, indent=2) + "\n"
+            write_whole(path, text.encode(), mode=0o666)  # as a plain write makes it
     except OSError as exc:
         raise ArtifactError(f"cannot write '{path}' ({exc.strerror or exc})", f"{TIMINGS_FILE} as a writable file "
                             "in the artifact's engines/ folder", f"move or delete '{path}' if it is a folder, or "

@@ -33,11 +33,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
+from mmedge.artifact import write_whole
 from mmedge.errors import InputError, StaleEngineError
 from mmedge.runtimes.tensorrt_planning import MIB, ProfileLimits
 
@@ -210,8 +210,8 @@ class EngineCache:
         plan, record = self.paths(component, key)
         entry = {"format": FORMAT, "format_version": FORMAT_VERSION, "component": component, "key": key.to_dict(),
                  "plan_sha256": hashlib.sha256(plan_bytes).hexdigest(), "plan_bytes": len(plan_bytes)}
-        _atomic_write(plan, plan_bytes)
-        _atomic_write(record, (json.dumps(entry, indent=2) + "\n").encode())
+        write_whole(plan, plan_bytes)
+        write_whole(record, (json.dumps(entry, indent=2) + "\n").encode())
         return plan_bytes
 
     def remove_stale(self, component: str, key: EngineKey) -> list[Path]:
@@ -295,19 +295,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 # --- the engine cache ------------------------------------------------------------------------------
 def engine_key(component: Mapping, precision: str, profile: Mapping, *, tensorrt_version: str, gpu_name: str,
                compute_capability: str) -> EngineKey:
@@ -387,7 +374,7 @@ def save_build_settings(engines_dir: Path, settings: EngineSettings) -> Path:
             "max_images": limits.max_images, "workspace_mb": settings.workspace_mb}
     path = Path(engines_dir) / BUILD_SETTINGS
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, (json.dumps(data, indent=2) + "\n").encode())
+    write_whole(path, (json.dumps(data, indent=2) + "\n").encode())
     return path
 
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Mapping, TypeVar
 
+from mmedge.artifact import write_whole
 from mmedge.errors import BackendError, BackendUnavailableError, InputError
 from mmedge.runtimes.cuda_buffers import INSTALL, CudaRuntime, import_cudart
 from mmedge.runtimes.engine_cache import (
@@ -21,7 +22,6 @@ from mmedge.runtimes.engine_cache import (
     EngineKey,
     EngineOutcome,
     EngineSettings,
-    _atomic_write,
     engine_key,
     obtain_plan,
     save_build_settings,
@@ -122,7 +122,7 @@ def build_serialized_engine(onnx_path: str | os.PathLike, profile: Mapping, prec
                            "free GPU memory or lower --workspace-mb / --max-batch / --max-sequence, or try "
                            "--precision fp32")
     if timing_cache is not None:
-        _atomic_write(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
+        write_whole(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
     return bytes(memoryview(serialized))
 
 

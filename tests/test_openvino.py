@@ -384,14 +384,14 @@ def test_storage_that_cannot_hold_the_cache_runs_uncached_with_one_warning(failu
     folder = _copy(clip_artifacts("fp32"), tmp_path)
     failing = {"read-only": errno.EACCES, "full": errno.ENOSPC}.get(failure)
     if failing:
-        write = cache._atomic_write
+        write = cache.write_whole
 
         def refused(path, data):
             if failure == "read-only" or path.suffix == ".record":  # full: the blob fits, its record does not
                 raise OSError(failing, os.strerror(failing))
             write(path, data)
 
-        monkeypatch.setattr(cache, "_atomic_write", refused)
+        monkeypatch.setattr(cache, "write_whole", refused)
     else:
         import shutil
 

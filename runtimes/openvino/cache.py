@@ -12,7 +12,7 @@ bytes' sha256; a blob whose key or bytes differ is never imported, it is recompi
 The record is not named ``*.json``: TensorRT's engine cache reads every ``<component>-*.json`` in the same folder as
 one of its own engines (and would report these as stale TensorRT engines).
 
-Writes go through a temporary file and ``os.replace`` (``engine_cache._atomic_write``): a process killed
+Writes go through a temporary file and ``os.replace`` (``mmedge.artifact.write_whole``): a process killed
 mid-write leaves no blob that a later load would trust. The cache is optional: ``store`` raises OSError on read-only
 or full storage, and the caller (``compile.compiled_model``) runs the compiled model uncached.
 """
@@ -25,7 +25,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mmedge.runtimes.engine_cache import _atomic_write, _checked_component
+from mmedge.artifact import write_whole
+from mmedge.runtimes.engine_cache import _checked_component
 
 FORMAT = "mmedge.openvino-blob"
 FORMAT_VERSION = 1
@@ -101,9 +102,9 @@ class BlobCache:
         blob, record = self.paths(component, key)
         entry = {"format": FORMAT, "format_version": FORMAT_VERSION, "component": component, "key": asdict(key),
                  "blob_sha256": hashlib.sha256(data).hexdigest(), "blob_bytes": len(data), **(extra or {})}
-        _atomic_write(blob, bytes(data))
+        write_whole(blob, bytes(data))
         try:
-            _atomic_write(record, (json.dumps(entry, indent=2) + "\n").encode())
+            write_whole(record, (json.dumps(entry, indent=2) + "\n").encode())
         except OSError:
             with contextlib.suppress(OSError):
                 blob.unlink()
