@@ -24,6 +24,17 @@ def check_loaded_weights(model: str, loaded, info: dict) -> None:
     """Refuse a checkpoint that lacks weights the architecture needs (``from_pretrained(output_loading_info=True)``'s
     ``missing_keys``; transformers already leaves out what the class expects to be absent and weights tied to one that
     was loaded); warn about weights the architecture does not use (``unexpected_keys``)."""
+    mismatched = sorted(info.get("mismatched_keys") or ())  # (name, checkpoint's shape, the config's shape)
+    if mismatched:
+        shapes = [f"{name} is {_shape(stored)} in the checkpoint, {_shape(built)} by config.json"
+                  for name, stored, built in mismatched]
+        raise ModelLoadError(
+            f"the weights of '{model}' do not fit its config.json: {len(mismatched)} tensor"
+            f"{' has' if len(mismatched) == 1 else 's have'} another shape ({_some(shapes)})",
+            "a checkpoint whose weights match its config.json (as save_pretrained writes them together)",
+            "check that config.json is the checkpoint's own (sizes such as hidden_size, vocab_size, image_size), "
+            "or re-download the complete checkpoint",
+        )
     missing = sorted(_untied(loaded, info.get("missing_keys") or ()))
     if missing:
         raise ModelLoadError(
@@ -45,6 +56,10 @@ def _untied(loaded, keys) -> set[str]:
     parameters = dict(loaded.named_parameters(remove_duplicate=False))
     loaded_storage = {p.data_ptr() for name, p in parameters.items() if name not in keys}
     return {key for key in keys if key not in parameters or parameters[key].data_ptr() not in loaded_storage}
+
+
+def _shape(size) -> str:
+    return "[" + ", ".join(str(n) for n in size) + "]"
 
 
 def _some(keys: list[str]) -> str:

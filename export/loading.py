@@ -204,8 +204,11 @@ def _load_pretrained(model: str, allow_pickle: bool) -> LoadedModel:
         # use_safetensors: True never reads a pickle; None (--allow-pickle) still loads safetensors where there are
         # any and falls back to a pickle, read with weights_only=True: tensors and plain containers, never an object
         # whose unpickling runs code.
+        # ignore_mismatched_sizes: a weight of the wrong shape comes back in the loading info, refused below by name
+        # and shapes (transformers' own error points at a printed report that --quiet hides)
         loaded, info = model_class.from_pretrained(model, use_safetensors=None if allow_pickle else True,
-                                                   weights_only=True, output_loading_info=True, **_hub(model))
+                                                   weights_only=True, output_loading_info=True,
+                                                   ignore_mismatched_sizes=True, **_hub(model))
     except pickle.UnpicklingError as exc:
         raise ModelLoadError(
             f"refused to load the pickled weights of '{model}': they hold more than tensors "
@@ -269,6 +272,10 @@ def _load_preprocessors(model: str, config):
         ) from None
     check_tokenizer(model, tokenizer, getattr(config.get_text_config(), "vocab_size", None))
     check_image_size(model, preprocess_config_from_hf(processor), config)
+    if str(getattr(config, "model_type", "")).startswith("instructblip"):  # its Q-Former reads the instruction too
+        from mmedge.export.families.instruction import checkpoint_qformer_tokenizer
+
+        checkpoint_qformer_tokenizer(model, config.qformer_config)
     return tokenizer, processor
 
 

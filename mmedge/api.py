@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from mmedge.artifact import Artifact
 from mmedge.errors import InputError, MmedgeError
 from mmedge.pipelines import pipeline_class
-from mmedge.setting_checks import is_whole
+from mmedge.setting_checks import as_count
 
 log = logging.getLogger("mmedge")
 
@@ -38,7 +38,7 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", t
     from mmedge.selection import log_fallbacks
     from mmedge.tokenizer import TextTokenizer
 
-    check_threads(threads)
+    threads = check_threads(threads)
     artifact = Artifact.open(path)
     manifest = artifact.manifest
     task = manifest["tasks"][0] if task is None else task
@@ -84,16 +84,20 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", t
 THREADS_PER_CORE_CAP = 4  # past this many threads per core a graph only waits on its own threads
 
 
-def check_threads(threads, fix: str = "pass e.g. threads=2") -> None:
-    """CPU threads per graph: None (all cores) or a positive integer up to ``THREADS_PER_CORE_CAP`` per core;
-    anything else is refused before any work (threads=10000 made 18,000 OS threads and hung the load)."""
-    if threads is not None and not is_whole(threads, 1):
+def check_threads(threads, fix: str = "pass e.g. threads=2") -> int | None:
+    """CPU threads per graph: None (all cores) or a positive integer up to ``THREADS_PER_CORE_CAP`` per core, as a
+    plain int; anything else is refused before any work (threads=10000 made 18,000 OS threads and hung the load)."""
+    if threads is None:
+        return None
+    count = as_count(threads, 1)
+    if count is None:
         raise InputError(f"threads is {threads!r}", "None (all cores) or a positive integer", fix)
     cores = os.cpu_count() or 1
-    if threads is not None and threads > THREADS_PER_CORE_CAP * cores:
+    if count > THREADS_PER_CORE_CAP * cores:
         raise InputError(f"threads is {threads}", f"at most {THREADS_PER_CORE_CAP * cores} on this machine "
                          f"({THREADS_PER_CORE_CAP} per core, {cores} cores): more threads than cores wait on each "
                          "other", f"ask for {cores} threads or fewer, or leave threads unset for all cores")
+    return count
 
 
 def open_runners(artifact: Artifact, chosen, *, threads: int | None = None, backend_options: dict | None = None,
@@ -128,7 +132,7 @@ def plan_for(source: str | os.PathLike | Artifact, backend: str = "auto", device
     anything: what the CLI checks its options against before loading, and what ``mmedge doctor`` and
     ``validate_artifact`` show and run. ``source``: an artifact folder or an open ``Artifact``; ``probe``: this
     device's ``DeviceProbe`` when the caller has one (else probed here)."""
-    check_threads(threads)
+    threads = check_threads(threads)
     artifact = source if isinstance(source, Artifact) else Artifact.open(source)
     return _plan(artifact, backend, device, _checked_backend_options(backend_options), threads, probe)
 

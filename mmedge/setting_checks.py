@@ -4,6 +4,7 @@ anything is loaded, with the same wording wherever it is given."""
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 from mmedge.errors import InputError
@@ -12,6 +13,15 @@ from mmedge.errors import InputError
 def is_whole(value: Any, least: int) -> bool:
     """Whether ``value`` is an int (a bool is not one) of at least ``least``."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def as_count(value: Any, least: int) -> int | None:
+    """``value`` as a plain int when it is an integer of at least ``least`` (a numpy integer too, as generation
+    settings take one; a bool is not one), else None. For a call's own counts (``threads``, ``top_k``), which are
+    used at once; backend settings stay plain ints (``is_whole``), since they are stored and handed on."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        return None
+    return int(value)
 
 
 def check_switch(name: str, value: Any, none_means: str | None = None) -> None:

@@ -87,7 +87,7 @@ def validate_artifact(path, backend: str = "auto", device: str = "auto", threads
     )
     from mmedge.runtimes.registry import backend as backend_named
 
-    check_threads(threads)
+    threads = check_threads(threads)
     for name, settings in _checked_backend_options(backend_options).items():  # their shape first, as load's
         decoder_only = [field for field in settings if field in backend_named(name).decoder_only]
         if decoder_only:

@@ -299,6 +299,29 @@ def test_demo_replaces_its_own_damaged_cache_entry(demo_run, tmp_path):
     assert demo.cached(folder, key) and Artifact.open(folder).manifest["family"] == "clip"
 
 
+def test_an_export_cut_before_its_key_is_the_demos_own(demo_run, tmp_path, monkeypatch):
+    """A run killed between an export's end and its key's write left a folder the next run refused as a user's:
+    the folder is claimed (stamped 'exporting') before the export starts, so the next run exports it again."""
+    import mmedge.export
+
+    variant = next(v for v in demo.variants() if v.name == "clip-fp32")
+    key, folder = demo.cache_key(variant), tmp_path / "clip-fp32"
+    real_export = mmedge.export.export_model
+
+    def export_then_killed(*args, **kwargs):
+        real_export(*args, **kwargs)
+        raise KeyboardInterrupt  # the process ends here, before the key is written
+
+    monkeypatch.setattr(mmedge.export, "export_model", export_then_killed)
+    with pytest.raises(KeyboardInterrupt):
+        demo.export_variant(variant, folder, key)
+    monkeypatch.undo()
+    assert (folder / "manifest.json").is_file() and not demo.cached(folder, key)
+    demo.check_cache(tmp_path, [variant])  # the demo's own: not refused
+    demo.export_variant(variant, folder, key)
+    assert demo.cached(folder, key)
+
+
 def test_demo_never_replaces_a_folder_it_did_not_export(demo_run, tmp_path, capsys):
     """A user's own artifact named like a demo variant (the README's quickstart writes blip2-int4) in the --cache
     folder is refused, before any export, and left as it was; so is a cache path that is a file."""

@@ -62,6 +62,22 @@ def test_an_untied_lm_head_missing_is_refused_and_a_tied_one_is_not(tiny_blip2_d
     api_error(lambda: load_checkpoint(str(folder)), ModelLoadError, "lack 1 tensor", "language_model.lm_head.weight")
 
 
+def test_a_weight_of_another_shape_is_refused_naming_it_and_both_shapes(tiny_clip_dir, tmp_path, capsys):
+    """transformers' own error said "look at the above report", a report --quiet hides: the message names the
+    tensor and both shapes itself."""
+    import torch
+
+    folder = copy_of(tiny_clip_dir, tmp_path / "clip")
+    key = "text_model.final_layer_norm.weight"
+    width = load_file(folder / "model.safetensors")[key].shape[0]
+    edit_weights(folder, lambda t: t.update({key: torch.ones(width + 1)}))
+    api_error(lambda: load_checkpoint(str(folder)), ModelLoadError, "1 tensor has another shape",
+              f"{key} is [{width + 1}] in the checkpoint, [{width}] by config.json", "config.json is the checkpoint's")
+    cli_error(capsys, ["export", folder, tmp_path / "out", "--quiet"], ModelLoadError,
+              f"{key} is [{width + 1}] in the checkpoint")
+    assert not (tmp_path / "out").exists()
+
+
 def test_weights_the_architecture_does_not_use_are_warned_about(tiny_clip_dir, tmp_path):
     import torch
 
@@ -102,7 +118,9 @@ def test_a_tokenizer_without_its_vocabulary_is_refused_naming_the_files(family, 
 
 
 def test_an_instructblip_qformer_tokenizer_without_its_vocabulary_is_refused(tiny_instructblip_dir, tmp_path, capsys):
+    """Refused before the weights load (an InstructBLIP's are gigabytes): here they could not load at all."""
     folder = copy_of(tiny_instructblip_dir, tmp_path / "instructblip")
+    (folder / "model.safetensors").write_bytes(b"\0" * 64)  # loading them would be a SafetensorError
     (folder / "qformer_tokenizer" / "tokenizer.json").unlink()
     cli_error(capsys, ["export", folder, tmp_path / "out", "--quiet"], ModelLoadError,
               f"the tokenizer of '{folder / 'qformer_tokenizer'}' (BertTokenizer) loaded without its vocabulary",

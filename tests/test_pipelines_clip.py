@@ -122,10 +122,15 @@ def test_bad_templates(classifier, photos, templates, match):
         classifier(photos[0], labels=LABELS, templates=templates)
 
 
-@pytest.mark.parametrize("top_k", [0, -1, "2", 1.5])
+@pytest.mark.parametrize("top_k", [0, -1, "2", 1.5, True, np.float64(2.0), np.int64(0)])
 def test_bad_top_k(classifier, photos, top_k):
     with pytest.raises(InputError, match="top_k"):
         classifier(photos[0], labels=LABELS, top_k=top_k)
+
+
+def test_numpy_top_k_is_a_count(classifier, photos):
+    """np.int64 (read from an array) is taken as a plain int, as generation settings take one."""
+    assert classifier(photos[0], labels=LABELS, top_k=np.int64(2)) == classifier(photos[0], labels=LABELS, top_k=2)
 
 
 def test_embedder_normalized_and_consistent(clip_artifacts, photos):

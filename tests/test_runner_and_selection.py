@@ -132,6 +132,22 @@ def test_thread_counts_past_the_cap_are_refused_before_loading(clip_artifacts, m
         assert pipeline is not None
 
 
+def test_a_numpy_thread_count_is_a_count(clip_artifacts):
+    """np.int64 (a value read from an array) is taken for threads as generation settings take it, and handed on as
+    Python's int; a numpy bool or float is not a count."""
+    import numpy as np
+
+    import mmedge
+    from mmedge.api import check_threads
+
+    assert type(check_threads(np.int64(2))) is int and check_threads(np.int32(1)) == 1
+    for bad in (np.bool_(True), np.float64(2.0), np.int64(0)):
+        with pytest.raises(InputError, match="threads is"):
+            check_threads(bad)
+    with mmedge.load(clip_artifacts("fp32"), threads=np.int64(1)) as pipeline:
+        assert pipeline is not None
+
+
 def test_unknown_backend_and_device_are_bad_input():
     """A name that is no backend (or device) at all is a mistyped argument (exit 2), not an absent backend (exit 4)."""
     for request in ({"backend": "tvm"}, {"device": "tpu"}):

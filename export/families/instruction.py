@@ -146,11 +146,17 @@ class InstructionFamily:
 def qformer_tokenizer(loaded):
     """The Q-Former's tokenizer saved with the checkpoint (``qformer_tokenizer/``, where InstructBlipProcessor saves
     it)."""
-    import transformers
-
     model = loaded.source.get("model", "")
     if loaded.source.get("random_weights") and not Path(model).is_dir():  # a bundled config: no tokenizer files
         return synthetic_qformer_tokenizer(loaded.model.config.qformer_config)
+    return checkpoint_qformer_tokenizer(model, loaded.model.config.qformer_config)
+
+
+def checkpoint_qformer_tokenizer(model: str, qformer_config):
+    """The Q-Former's tokenizer in checkpoint ``model`` (a folder or a hub id), refused without its vocabulary: read
+    with the LLM's tokenizer, before any weight loads, and again when the family saves it."""
+    import transformers
+
     try:
         if Path(model).is_dir():
             tokenizer = transformers.AutoTokenizer.from_pretrained(model, subfolder=QFORMER_TOKENIZER_FOLDER)
@@ -166,7 +172,7 @@ def qformer_tokenizer(loaded):
     from mmedge.export.checkpoint_checks import check_tokenizer
 
     where = Path(model) / QFORMER_TOKENIZER_FOLDER if Path(model).is_dir() else f"{model}/{QFORMER_TOKENIZER_FOLDER}"
-    check_tokenizer(where, tokenizer, loaded.model.config.qformer_config.vocab_size)
+    check_tokenizer(where, tokenizer, qformer_config.vocab_size)
     return tokenizer
 
 

@@ -157,6 +157,9 @@ def cached(folder: Path, key: str) -> bool:
     return True
 
 
+EXPORTING = "exporting"  # the stamp's text while its export runs: the folder is the demo's, and not (yet) cached
+
+
 def _stamp(folder: Path) -> Path:
     """The cache key the demo writes beside each artifact it exported: also what marks the folder as the demo's."""
     return folder.parent / f"{folder.name}.{CACHE_KEY_FILE}"
@@ -190,7 +193,9 @@ def export_variant(variant: Variant, folder: Path, key: str) -> None:
     stamp = _stamp(folder)
     if stamp.is_file():  # the demo's own export, stale or damaged (its manifest lost, say): replaced whatever is left
         shutil.rmtree(folder, ignore_errors=True)
-        stamp.unlink()
+    # claimed before the export starts, with no key yet: a run killed between the export's end and the key's write
+    # leaves a folder the next run knows as the demo's own and exports again (it had been refused as a user's)
+    stamp.write_text(EXPORTING + "\n")
     export_model(str(model_path(variant.model)), folder,
                  ExportOptions(**variant.export_options(), overwrite=True, progress=False))
     stamp.write_text(key + "\n")

@@ -17,6 +17,7 @@ import numpy as np
 
 from mmedge.errors import InputError, LabelError
 from mmedge.pipelines.common import ClipPipeline, check_text_chars, closed_error, l2_normalize
+from mmedge.setting_checks import as_count
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 # A compact ensemble from the CLIP paper's ImageNet prompt study.
@@ -264,6 +265,7 @@ class ZeroShotClassifier(ClipPipeline):
 
     @staticmethod
     def _check_top_k(top_k: Any, n: int) -> int:
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        k = as_count(top_k, 1)
+        if k is None:
             raise InputError(f"top_k is {top_k!r}", "a positive integer", "pass e.g. top_k=5")
-        return min(top_k, n)
+        return min(k, n)

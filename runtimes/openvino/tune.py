@@ -109,7 +109,7 @@ def tune(path: str | os.PathLike, threads: int | None = None, runs: int = 10, pr
     if isinstance(runs, bool) or not isinstance(runs, int) or not 3 <= runs <= MAX_RUNS:
         raise InputError(f"runs is {runs!r}", f"an integer from 3 (the median of fewer is noise) to {MAX_RUNS} (more "
                          "only takes longer: each graph runs that often on both backends)", "pass e.g. --runs 10")
-    check_threads(threads, "pass e.g. --threads 2")
+    threads = check_threads(threads, "pass e.g. --threads 2")
     artifact = Artifact.open(path)
     target = check_storable(artifact)
     _check_writable(target)

@@ -100,15 +100,19 @@ def test_caption_streams_in_and_equals_in_process(page, local, scenes):
     assert page.inner_text("#answer") == "".join(pieces)
     assert page.evaluate("window.pieces") == len(pieces) > 1  # the text arrived piece by piece
     assert "tokens" in page.inner_text("#answer-info")
+    assert page.inner_text("#answer-info").startswith("caption: ")
 
 
 def test_question_is_answered_as_in_process(page, local, scenes):
+    """The answer says which question it answers: typing the next one leaves it shown, and still named."""
     scene = scenes[5]
     question = demo.truth()["images"][scene.name]["questions"][0]["question"]
     page.fill("#question", question)
     page.click("#ask-button")
     page.wait_for_selector("#answer[data-state=done]")
     assert page.inner_text("#answer") == local("blip2-fp32").ask(str(scene), question)
+    page.fill("#question", "how many shapes are there?")
+    assert page.inner_text("#answer-info").startswith(f'answer to "{question}": ')
 
 
 def bars(page, model: str, labels: str | None = None) -> list:

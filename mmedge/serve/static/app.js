@@ -366,7 +366,10 @@ async function streamAnswer(question, answer, signal) {
   // a blank answer alone would look like a fault: say that the model itself ended it (as `mmedge run` does)
   const empty = answer.textContent.trim() ? "" : ". The answer is empty: the model ended it before any text; "
     + "a prompt in the form the model was trained on gives one";
-  $("answer-info").textContent = `${first}done after ${Math.round(performance.now() - started)} ms${tokens}${empty}`;
+  // what it answers, said: the question box may be edited (for the next question) while this answer stays shown
+  const what = question ? `answer to "${question}"` : "caption";
+  $("answer-info").textContent = `${what}: ${first}done after ${Math.round(performance.now() - started)} ms`
+    + `${tokens}${empty}`;
 }
 
 // Server-sent events from a fetch() body: yields the data of each event.
