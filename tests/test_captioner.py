@@ -80,6 +80,17 @@ def test_stream_joins_to_caption(captioner, photos):
     assert len(list(captioner.stream(photos[1], max_new_tokens=14))) > 1  # really incremental
 
 
+def test_an_empty_eos_list_turns_the_end_token_off(captioner, photos):
+    """eos_token_id=None means the model's own (a call's None is 'not given'); the refusal of [] said "pass None for
+    no end-of-sequence token", which did nothing. [] is that: every new token is generated."""
+    assert captioner.generation_settings(eos_token_id=[]).eos_token_ids == ()
+    own = captioner.generation_settings().eos_token_ids
+    assert own and captioner.generation_settings(eos_token_id=None).eos_token_ids == own
+    stream = captioner.stream(photos[0], max_new_tokens=9, eos_token_id=[])
+    "".join(stream)
+    assert stream.tokens == 9 and stream.finish_reason == "length"
+
+
 def test_sampling_reproducible_under_seed(captioner, photos):
     kwargs = dict(max_new_tokens=12, do_sample=True, top_p=0.9, temperature=1.3)
     first = captioner.caption(photos[0], seed=7, **kwargs)

@@ -694,9 +694,25 @@ def test_max_positions_of_the_decoder_bound_the_length(ort_decoder, prompt1):
     embeds, mask, _ = prompt1
     ort_decoder.max_positions = embeds.shape[1] + 5
     try:
-        assert len(generate(ort_decoder, embeds, mask, GenerationConfig(max_new_tokens=5))[0]) == 5
+        assert len(generate(ort_decoder, embeds, mask, GenerationConfig(max_new_tokens=6))[0]) == 6
         with pytest.raises(InputError, match="positions"):
-            generate(ort_decoder, embeds, mask, GenerationConfig(max_new_tokens=6))
+            generate(ort_decoder, embeds, mask, GenerationConfig(max_new_tokens=7))
+    finally:
+        ort_decoder.max_positions = None
+
+
+def test_a_generation_that_fills_every_position_equals_transformers(model, ort_decoder, prompt1):
+    """The last new token is never fed back: a model of N positions gives a prompt of P up to N - P + 1 new tokens,
+    as transformers' generate does; that many had been refused as one too many."""
+    embeds, mask, _ = prompt1
+    positions = model.config.max_position_embeddings
+    most = positions - embeds.shape[1] + 1
+    ort_decoder.max_positions = positions
+    try:
+        mine = generate(ort_decoder, embeds, mask, GenerationConfig(max_new_tokens=most))
+        assert mine[0] == hf_generate(model, embeds, mask, max_new_tokens=most, do_sample=False)[0].tolist()
+        with pytest.raises(InputError, match=f"lower max_new_tokens to {most} "):
+            generate(ort_decoder, embeds, mask, GenerationConfig(max_new_tokens=most + 1))
     finally:
         ort_decoder.max_positions = None
 
@@ -716,7 +732,7 @@ BAD_CONFIGS = [
     dict(do_sample=True, temperature=-1.0),
     dict(do_sample=True, temperature=float("inf")),
     dict(top_k=-1),
-    dict(top_p=0.0),
+    dict(top_p=float("nan")),
     dict(top_p=1.5),
     dict(top_p=-0.2),
     dict(repetition_penalty=0.0),
@@ -725,7 +741,6 @@ BAD_CONFIGS = [
     dict(early_stopping=1),
     dict(length_penalty=float("nan")),
     dict(seed=-1),
-    dict(eos_token_id=[]),
     dict(eos_token_id=-1),
     dict(eos_token_id="2"),
     dict(pad_token_id=-5),
@@ -750,7 +765,9 @@ def test_config_checks_against_the_decoder():
         GenerationConfig(max_new_tokens=100).validate(max_positions=64)
     with pytest.raises(InputError, match="positions"):
         GenerationConfig(max_new_tokens=30).validate(max_positions=64, prompt_length=40)
-    GenerationConfig(max_new_tokens=24).validate(max_positions=64, prompt_length=40)
+    GenerationConfig(max_new_tokens=25).validate(max_positions=64, prompt_length=40)  # the 25th is never fed back
+    with pytest.raises(InputError, match="lower max_new_tokens to 25 "):
+        GenerationConfig(max_new_tokens=26).validate(max_positions=64, prompt_length=40)
     with pytest.raises(InputError, match="vocabulary"):
         GenerationConfig(eos_token_id=[2, 300]).validate(vocab_size=260)
 
@@ -760,6 +777,30 @@ def test_config_accepts_sensible_settings():
     GenerationConfig(temperature=0.0).validate()  # temperature only matters when sampling
     GenerationConfig(do_sample=True, temperature=0.7, top_k=0, top_p=0.9, seed=3).validate()
     GenerationConfig(num_beams=5, length_penalty=-0.5, early_stopping="never", eos_token_id=[2, 50118]).validate()
+
+
+def test_numpy_scalars_are_taken_as_pythons_own():
+    """Values read from an array: numpy floats and bools were refused ("expected a number") while numpy ints were
+    taken; each is now taken, and kept as Python's own (an np.int64 EOS id had failed in eos_token_ids)."""
+    config = GenerationConfig(do_sample=np.True_, temperature=np.float32(0.5), top_p=np.float64(0.9),
+                              repetition_penalty=np.float32(1.2), max_new_tokens=np.int32(5),
+                              eos_token_id=np.int64(2), stop_strings=(np.str_("."),)).validate()
+    assert config.eos_token_ids == (2,) and type(config.temperature) is float and config.do_sample is True
+    assert type(config.max_new_tokens) is int and config.stop_strings == ["."]
+    assert GenerationConfig(eos_token_id=[np.int64(2), np.int64(7)]).validate().eos_token_ids == (2, 7)
+    with pytest.raises(InputError, match="do_sample"):
+        GenerationConfig(do_sample=np.float64(1.0)).validate()
+
+
+def test_top_p_0_keeps_the_one_best_token_as_transformers():
+    """transformers' TopPLogitsWarper takes top_p=0 (it keeps min_tokens_to_keep=1 token); it was refused."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    scores = np.random.default_rng(0).normal(size=(3, 40)).astype(np.float32)
+    GenerationConfig(do_sample=True, top_p=0.0).validate()
+    kept = lp.apply_top_p(scores, 0.0)
+    expected = TopPLogitsWarper(0.0)(None, torch.from_numpy(scores)).numpy()
+    assert np.array_equal(np.isfinite(kept), np.isfinite(expected)) and (np.isfinite(kept).sum(axis=-1) == 1).all()
 
 
 def test_config_dict_round_trip():

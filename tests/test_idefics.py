@@ -291,11 +291,12 @@ def test_bad_interleaved_prompts_are_refused(artifacts, images):
         # counted without running a graph (a server judges a request so before it waits for the decoder)
         assert captioner.prompt_positions(prompt) == tokens == captioner.prompt_positions(images[0], "An image of")
         assert captioner.max_positions == positions
-        assert isinstance(captioner.generate(prompt, max_new_tokens=positions - tokens), str)
-        with pytest.raises(mmedge.errors.InputError, match=f"lower max_new_tokens to {positions - tokens} or less"):
-            captioner.generate(prompt, max_new_tokens=positions - tokens + 1)
+        most = positions - tokens + 1  # the last new token is never fed back, as in transformers' generate
+        assert isinstance(captioner.generate(prompt, max_new_tokens=most), str)
+        with pytest.raises(mmedge.errors.InputError, match=f"lower max_new_tokens to {most} or less"):
+            captioner.generate(prompt, max_new_tokens=most + 1)
         with pytest.raises(mmedge.errors.InputError, match="prompt length 1 "):  # before the prompt is read: BOS
-            captioner.generate(prompt, max_new_tokens=positions)
+            captioner.generate(prompt, max_new_tokens=positions + 1)
 
 
 def test_blip2_captioner_refuses_interleaved_prompts(blip2_artifact, images):

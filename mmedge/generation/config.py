@@ -27,7 +27,9 @@ BEAM_ONLY = ("length_penalty", "early_stopping")  # settings only beam search re
 class GenerationConfig:
     """How to pick tokens. Call :meth:`validate` (the loop does) before use.
 
-    ``eos_token_id`` may be one id or a list; generation of a row ends at the first of them.
+    ``eos_token_id`` may be one id or a list; generation of a row ends at the first of them. An empty list: no
+    end-of-sequence token (every row runs to ``max_new_tokens`` or a stop string), even where the model's own
+    settings name one (None there means the model's).
     ``pad_token_id`` fills finished rows while other rows go on (``None``: the first EOS id, as
     transformers does). ``bos_token_id`` is informational for the loop (the prompt, BOS included, is
     the caller's). ``stop_strings`` end a row once its decoded text contains one; the text returned
@@ -84,11 +86,12 @@ class GenerationConfig:
         if self.max_new_tokens > cap:
             raise _bad("max_new_tokens", self.max_new_tokens, f"at most {cap}",
                        "lower max_new_tokens (captions need 20-60 tokens)")
-        if max_positions is not None and prompt_length + self.max_new_tokens > max_positions:
+        if max_positions is not None and positions_taken(prompt_length, self.max_new_tokens) > max_positions:
             raise _bad(
                 "max_new_tokens", self.max_new_tokens,
-                f"prompt length {prompt_length} + max_new_tokens within the decoder's {max_positions} positions",
-                f"lower max_new_tokens to {max(max_positions - prompt_length, 0)} or shorten the prompt"
+                f"prompt length {prompt_length} + max_new_tokens - 1 (the last new token is never fed back) within "
+                f"the decoder's {max_positions} positions",
+                f"lower max_new_tokens to {max(most_new_tokens(max_positions, prompt_length), 0)} or shorten the prompt"
                 + (f" ({positions_note})" if positions_note else ""),
             )
         if self.min_new_tokens < 0:
@@ -116,8 +119,8 @@ class GenerationConfig:
         if self.top_k < 0:
             raise _bad("top_k", self.top_k, "0 (off) or more",
                        "use top_k=50 (transformers' default) or 0 to turn it off")
-        if not (0.0 < self.top_p <= 1.0):
-            raise _bad("top_p", self.top_p, "a number in (0, 1]",
+        if not (0.0 <= self.top_p <= 1.0):  # 0 keeps the one best token, as transformers' TopPLogitsWarper
+            raise _bad("top_p", self.top_p, "a number in [0, 1]",
                        "use top_p=1.0 to turn nucleus sampling off, or e.g. 0.9")
         if not (self.repetition_penalty > 0 and _finite(self.repetition_penalty)):
             raise _bad("repetition_penalty", self.repetition_penalty, "a finite number above 0 (1.0 = off)",
@@ -131,9 +134,6 @@ class GenerationConfig:
                     bound = f"below the vocabulary size {vocab_size}" if vocab_size is not None else "0 or more"
                     raise _bad(name, token, f"token ids {bound}",
                                "use the ids from the model's tokenizer / generation_config.json")
-        if isinstance(self.eos_token_id, list) and not self.eos_token_id:
-            raise _bad("eos_token_id", self.eos_token_id, "an id, a non-empty list of ids, or None",
-                       "pass None for no end-of-sequence token")
         for text in self.stop_strings:
             if not text:
                 raise _bad("stop_strings", self.stop_strings, "non-empty strings", "remove the empty string")
@@ -153,6 +153,12 @@ class GenerationConfig:
         return self
 
     def _check_types(self) -> None:
+        for item in dataclasses.fields(self):  # numpy scalars (values read from an array) as Python's own
+            value = getattr(self, item.name)
+            if isinstance(value, np.generic):
+                setattr(self, item.name, value.item())
+            elif isinstance(value, (list, tuple)):
+                setattr(self, item.name, type(value)(v.item() if isinstance(v, np.generic) else v for v in value))
         ints = ("max_new_tokens", "min_new_tokens", "num_beams", "top_k")
         for name in ints:
             if not _is_int(getattr(self, name)):
@@ -205,6 +211,18 @@ class GenerationConfig:
         """A copy with some settings changed (unknown names refused)."""
         _refuse_unknown(changes, type(self))
         return dataclasses.replace(self, **changes)
+
+
+def positions_taken(prompt_length: int, max_new_tokens: int) -> int:
+    """Decoder positions a generation of up to ``max_new_tokens`` takes after a prompt of ``prompt_length``: every new
+    token but the last is fed back (the last is returned, never fed), so a model of N positions gives a prompt of P
+    up to N - P + 1 new tokens, as transformers' ``generate`` does."""
+    return prompt_length + max(max_new_tokens - 1, 0)
+
+
+def most_new_tokens(max_positions: int, prompt_length: int) -> int:
+    """The largest ``max_new_tokens`` whose generation fits ``max_positions`` after the prompt (0 or less: none)."""
+    return max_positions - prompt_length + 1
 
 
 def _refuse_unknown(settings: dict[str, Any], config_class: type) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from mmedge.errors import InputError
+from mmedge.generation.config import most_new_tokens, positions_taken
 from mmedge.pipelines.prefix_inputs import check_prompt_chars
 
 
@@ -135,10 +136,11 @@ class FlamingoInputs:
     def prompt_ids(self, items: list, max_new_tokens: int = 0) -> tuple[np.ndarray, list]:
         ids, images = self._encoded(items)
         tokens, positions = int(ids.shape[0]), self.max_prompt_tokens
-        if tokens + max_new_tokens > positions:
-            fits = positions - tokens
+        if positions_taken(tokens, max_new_tokens) > positions:
+            fits = most_new_tokens(positions, tokens)
             raise InputError(f"the prompt has {tokens} tokens (image tokens included); with "
-                             f"max_new_tokens={max_new_tokens} that is {tokens + max_new_tokens} positions",
+                             f"max_new_tokens={max_new_tokens} that is {positions_taken(tokens, max_new_tokens)} "
+                             "positions (the last new token is never fed back)",
                              f"at most the model's {positions} positions",
                              f"lower max_new_tokens to {fits} or less, or shorten the text or pass fewer images"
                              if fits > 0 else "shorten the text or pass fewer images")

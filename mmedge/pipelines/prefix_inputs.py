@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from mmedge.errors import InputError
+from mmedge.generation.config import most_new_tokens, positions_taken
 
 MAX_PROMPT_TOKENS = 512
 CHARS_PER_TOKEN = 8  # English text has 4-5 characters per token: a longer text cannot fit the token cap
@@ -110,10 +111,11 @@ class PrefixInputs:
             raise InputError(f"the prompt has {tokens} tokens (BOS included)",
                              f"at most {self.max_prompt_tokens}", "shorten the prompt")
         positions = self.settings["decoder"]["max_positions"]
-        fits = positions - queries - tokens
+        fits = most_new_tokens(positions, queries + tokens)
         raise InputError(
             f"the prompt has {tokens} tokens (BOS included); with the image's {queries} rows and "
-            f"max_new_tokens={max_new_tokens} that is {tokens + queries + max_new_tokens} positions",
+            f"max_new_tokens={max_new_tokens} that is {positions_taken(tokens + queries, max_new_tokens)} positions "
+            "(the last new token is never fed back)",
             f"at most the decoder's {positions} positions",
             f"lower max_new_tokens to {fits} or less, or shorten the prompt" if fits > 0 else "shorten the prompt")
 
@@ -123,7 +125,7 @@ class PrefixInputs:
         max_positions = self.settings["decoder"].get("max_positions")
         if max_positions is None:
             return self.max_prompt_tokens
-        return min(self.max_prompt_tokens, max_positions - queries - max_new_tokens)
+        return min(self.max_prompt_tokens, max_positions - positions_taken(queries, max_new_tokens))
 
 
 def check_prompt_chars(text: str, max_tokens: int, what: str = "the prompt") -> None:

@@ -29,7 +29,7 @@ from dataclasses import field as dataclass_field
 
 from mmedge.errors import MmedgeError
 from mmedge.generation import MAX_NEW_TOKENS_CAP, GenerationConfig, TextStream
-from mmedge.generation.config import MIN_TEMPERATURE
+from mmedge.generation.config import MIN_TEMPERATURE, most_new_tokens, positions_taken
 from mmedge.manifest import family_section
 from mmedge.pipelines.captioner import vqa_prompt
 from mmedge.pipelines.prefix_inputs import CHARS_PER_TOKEN
@@ -359,16 +359,18 @@ def _check_positions(model: ServedModel, inputs: tuple, max_new_tokens: int, max
         used = model.captioner.prompt_positions(*inputs)
     except MmedgeError as exc:
         raise from_mmedge(exc, "messages") from None
-    if positions is None or used + max_new_tokens <= positions:
+    if positions is None or positions_taken(used, max_new_tokens) <= positions:
         return
-    fits = positions - used
+    fits = most_new_tokens(positions, used)
+    taken = positions_taken(used, max_new_tokens)
     if fits > 0 and max_field is not None:
         raise invalid(f"field '{max_field}' is {max_new_tokens}; with the prompt's {used} positions (image tokens "
-                      f"included) that is {used + max_new_tokens}", f"at most {fits} for this prompt: model "
+                      f"included) that is {taken} (the last token is never fed back)", f"at most {fits} for this "
+                      f"prompt: model "
                       f"'{model.id}' has {positions} positions for the prompt and the answer",
                       f"lower {max_field} to {fits} or less, or shorten the prompt", max_field)
     given = f"{max_field}={max_new_tokens}" if max_field else f"the model's default max_tokens ({max_new_tokens})"
     raise invalid(f"the prompt takes {used} positions (image tokens included); with {given} that is "
-                  f"{used + max_new_tokens}", f"at most the {positions} positions of model '{model.id}'",
+                  f"{taken}", f"at most the {positions} positions of model '{model.id}'",
                   f"shorten the text, pass fewer images or send a lower max_tokens (at most {fits})" if fits > 0
                   else "shorten the text or pass fewer images", "messages", code="prompt_too_long")

@@ -120,10 +120,10 @@ CASES = [
         param="max_tokens"),
     Bad("max_tokens past the cap", 400, "invalid_value", ("is 100000",), chat(IMAGE, max_tokens=100000)),
     Bad("max_tokens past the positions", 400, "invalid_value",
-        ("field 'max_tokens' is 60; with the prompt's 9 positions", "at most 55 for this prompt", "lower max_tokens "
-         "to 55"), chat(IMAGE, max_tokens=60), param="max_tokens"),
+        ("field 'max_tokens' is 60; with the prompt's 9 positions", "at most 56 for this prompt", "lower max_tokens "
+         "to 56"), chat(IMAGE, max_tokens=60), param="max_tokens"),  # 9 + 56 - 1: the last token is never fed back
     Bad("max_completion_tokens past the positions", 400, "invalid_value",
-        ("field 'max_completion_tokens' is 56", "at most 55"), chat(IMAGE, max_completion_tokens=56),
+        ("field 'max_completion_tokens' is 57", "at most 56"), chat(IMAGE, max_completion_tokens=57),
         param="max_completion_tokens"),
     Bad("max_tokens past an interleaved model's positions", 400, "invalid_value",
         ("field 'max_tokens' is 4000", "model 'idefics-tiny' has"), chat(IMAGE, "An image of", model="idefics-tiny",
