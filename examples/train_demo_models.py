@@ -1,6 +1,7 @@
-"""Train the demo models that ship in ``mmedge/demo/models``: a small CLIP and a small BLIP-2, from scratch, on CPU.
+"""Train the demo models that ship in ``mmedge/demo/models`` from scratch, on CPU: a small CLIP and a small BLIP-2
+(OPT) by default; the BLIP-2 Flan-T5 and IDEFICS ones are steps of their own (flags below).
 
-    python examples/train_demo_models.py                 # both models, then measure them and write their cards
+    python examples/train_demo_models.py                 # CLIP and BLIP-2, then measure them and write their cards
     python examples/train_demo_models.py --only clip     # one of them
     python examples/train_demo_models.py --evaluate      # re-measure the saved models, rewrite the cards
     python examples/train_demo_models.py --idefics       # the Flamingo (IDEFICS) demo model alone, a step of its own
@@ -8,8 +9,9 @@
     python examples/train_demo_models.py --blip2-t5      # the BLIP-2 Flan-T5 demo model alone (examples/t5_demo.py;
                                                          # after BLIP-2: its frozen ViT and Q-Former are BLIP-2's)
 
-Data: procedural scenes (``examples/scenes.py``), seeded train / validation / test splits. Both models are
-real transformers models (``CLIPModel``, ``Blip2ForConditionalGeneration`` with an OPT decoder) written with
+Data: procedural scenes (``examples/scenes.py``), seeded train / validation / test splits. Every model is a
+real transformers model (``CLIPModel``, ``Blip2ForConditionalGeneration`` with an OPT or a T5 decoder,
+``IdeficsForVisionText2Text``) written with
 ``save_pretrained``: safetensors weights, config, tokenizer.json and preprocessor_config.json, so
 ``mmedge export`` loads them like any published checkpoint. Needs ``pip install "mmedge[export]"``.
 """
@@ -652,7 +654,8 @@ def positive_seconds(text: str) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder that gets clip/ and blip2/")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="folder that gets clip/ and blip2/ (blip2_t5/, idefics/ with their flags)")
     parser.add_argument("--only", choices=["clip", "blip2"])
     parser.add_argument("--evaluate", action="store_true",
                         help="no training: re-measure the saved models, rewrite their cards")

@@ -1,8 +1,7 @@
 """Zero-shot classification: export a CLIP checkpoint once (host), then classify images with labels chosen at run time.
 
     python examples/zero_shot.py                       # the demo CLIP that ships with mmedge, on its bundled scenes
-    python examples/zero_shot.py --model ~/models/clip-vit-base-patch32 --labels cat dog --template "a photo of a {}."
-    cat.jpg
+    python examples/zero_shot.py cat.jpg --model ~/clip-vit-base-patch32 --labels cat dog --template "a photo of a {}."
 """
 
 import argparse

@@ -324,7 +324,7 @@ def format_table(results: list[dict]) -> str:
         backend += f" ({', '.join(settings)})" if settings else ""
         fid = r["fidelity"]
         fid_text = "reference" if fid["metric"] == "reference" else (
-            "-" if fid["value"] is None else f"{fid['value']:.3f} {fid['metric'].replace('_', ' ')}")
+            fid["metric"] if fid["value"] is None else f"{fid['value']:.3f} {fid['metric'].replace('_', ' ')}")
         peak = r["memory"]["peak_rss_bytes"]
         rows.append((artifact_name(r["artifact"]), r["precision"], backend, f"{r['size_bytes'] / 1e6:.2f} MB",
                      f"{r['load_ms']:.0f} ms", f"{r['latency_ms']['median']:.2f} ms",

@@ -568,7 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--max-batch", type=int, default=None,
                        help="largest batch an engine takes (default: 4 on Jetson, 16 on a desktop GPU)")
     build.add_argument("--max-sequence", type=int, default=None,
-                       help="longest token sequence (default: the tokenizer's max_length, else 512)")
+                       help="longest token sequence (default: the decoder's positions up to 512; a text encoder "
+                       "takes the tokenizer's max_length at most)")
     build.add_argument("--max-images", type=int, default=None, help="most images per call (default: --max-batch)")
     build.add_argument("--workspace-mb", type=int, default=None,
                        help="TensorRT builder workspace (default: 1/16 of a Jetson's memory up to 1 GiB, 1/4 of free "

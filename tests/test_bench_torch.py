@@ -36,6 +36,7 @@ def test_bench_reports_the_precision_and_files_of_what_runs(pytorch_artifacts, q
                            backend_options={"torch": {"dtype": "bf16"}})
     assert result["precision"] == "bf16" and result["fidelity"] == {"metric": "unmeasured", "value": None}
     assert result["backend"] == {"vision": "torch", "text": "torch"} and result["labels"] == ["cat", "dog"]
+    assert bench.format_table([result]).splitlines()[-1].endswith(" unmeasured")  # as README says (it printed "-")
     assert result["size_bytes"] == _files(clip / "pytorch", "*") + _files(clip, "tokenizer.json")
     ort = bench.measure(str(clip), backend="onnxruntime", runs=1, batch=1, images=photos[:1])
     assert ort["precision"] == "fp32" and ort["fidelity"]["metric"] == "reference"

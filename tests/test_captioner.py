@@ -80,6 +80,18 @@ def test_stream_joins_to_caption(captioner, photos):
     assert len(list(captioner.stream(photos[1], max_new_tokens=14))) > 1  # really incremental
 
 
+def test_a_question_streams_as_ask_answers_it(captioner, photos):
+    """stream(image, question=...) as the Triton client's stream takes it (the README's client snippet): the pieces
+    join to ask(); a question beside a prompt, or an empty one, is refused at the call."""
+    question = "what color is the circle?"
+    assert "".join(captioner.stream(photos[0], question=question, max_new_tokens=8)) == \
+        captioner.ask(photos[0], question, max_new_tokens=8)
+    with pytest.raises(InputError, match="both prompt= and question="):
+        captioner.stream(photos[0], "a photo of", question=question)
+    with pytest.raises(InputError, match="the question is empty"):
+        captioner.stream(photos[0], question=" ")
+
+
 def test_an_empty_eos_list_turns_the_end_token_off(captioner, photos):
     """eos_token_id=None means the model's own (a call's None is 'not given'); the refusal of [] said "pass None for
     no end-of-sequence token", which did nothing. [] is that: every new token is generated."""

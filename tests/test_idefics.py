@@ -284,6 +284,10 @@ def test_bad_interleaved_prompts_are_refused(artifacts, images):
             captioner.generate([[images[0], "a"], []])
         with pytest.raises(mmedge.errors.InputError, match="stream\\(\\) got a batch of 2 prompts"):
             next(captioner.stream([[images[0], "a"], [images[1], "b"]]))
+        for text in ({"prompt": "An image of"}, {"question": "what is it?"}):  # had been dropped unread
+            with pytest.raises(mmedge.errors.InputError, match=f"stream\\(\\) got {next(iter(text))}= with an "
+                                                              "interleaved prompt"):
+                captioner.stream([images[0], "a"], **text)
         # the prompt and the new tokens share the decoder's positions: a prompt that leaves no room is refused
         positions = captioner.settings["decoder"]["max_positions"]
         prompt = [images[0], "An image of"]

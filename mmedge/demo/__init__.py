@@ -344,10 +344,20 @@ def _agreement(report: dict, chosen: list[Variant]) -> None:
 
 
 # --- printing -----------------------------------------------------------------------------------
+def _home_short(path: str) -> str:
+    """``path`` with the home folder written ``~`` (as the README and --help name the default cache)."""
+    home = Path.home()
+    try:
+        return str(Path("~") / Path(path).relative_to(home)) if home != Path("/") else path
+    except ValueError:
+        return path
+
+
 def format_report(report: dict) -> str:
     artifacts, truths = report["artifacts"], report["truth"]
     reused = sum(a["reused"] for a in artifacts.values())
-    lines = [f"mmedge demo: the shipped CLIP, BLIP-2 and IDEFICS demo models, exported to {report['cache']}",
+    cache = _home_short(report["cache"])
+    lines = [f"mmedge demo: the shipped CLIP, BLIP-2 and IDEFICS demo models, exported to {cache}",
              f"({reused} of {len(artifacts)} artifacts reused from the cache; "
              f"{len(artifacts) - reused} exported now), all validated against PyTorch", ""]
     clips = [n for n, a in artifacts.items() if a["model"] == "clip"]
@@ -390,7 +400,8 @@ def format_report(report: dict) -> str:
     for row in (header, tuple("-" * w for w in widths), *rows):
         lines.append("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
     lines.append("")
-    lines.append("ran on: the backends mmedge chose here (--backend to choose); latency: median per image on this "
+    lines.append("ran on: the backends mmedge chose here (--backend to choose); size: every file the artifact carries "
+                 "(mmedge bench counts the files a run loads); latency: median per image on this "
                  "machine (BLIP-2: a greedy caption; IDEFICS: a greedy answer to "
                  "an interleaved prompt); export-time figures: the quantized graphs' agreement with FP32 that the "
                  "export measured (the manifest's fidelity, which names its images). Run again: the artifacts come "

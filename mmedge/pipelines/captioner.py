@@ -110,15 +110,28 @@ class Captioner:
         texts = self._generate(self.inputs.build(prompts, config.max_new_tokens), config)
         return texts if batched else texts[0]
 
-    def stream(self, image, prompt: str | None = None, **generation: Any) -> TextStream:
-        """The text of one image (+ ``prompt``), or of one interleaved prompt list, in pieces as tokens arrive; the
-        pieces join to ``caption(image)``. Once exhausted, the stream's ``tokens`` and ``finish_reason`` say how the
-        answer ended (:class:`mmedge.generation.TextStream`). Bad settings and a list where one image goes are
-        refused here, at the call; the image is read, and the prompt judged, when the first piece is asked for."""
-        if isinstance(image, (list, tuple)) and not self.interleaved:
+    def stream(self, image, prompt: str | None = None, *, question: str | None = None,
+               **generation: Any) -> TextStream:
+        """The text of one image (+ ``prompt``), of one image's answer to ``question`` (as ``ask``), or of one
+        interleaved prompt list, in pieces as tokens arrive; the pieces join to ``caption(image, prompt)`` or
+        ``ask(image, question)``. Once exhausted, the stream's ``tokens`` and ``finish_reason`` say how the answer
+        ended (:class:`mmedge.generation.TextStream`). Bad settings and a list where one image goes are refused here,
+        at the call; the image is read, and the prompt judged, when the first piece is asked for."""
+        interleaved = isinstance(image, (list, tuple))
+        if interleaved and not self.interleaved:
             raise InputError("stream() got a list of images", "one image",
                              "call stream() per image, or caption() for a batch")
         refuse_prompt_batch(image)
+        given = [name for name, value in (("prompt", prompt), ("question", question)) if value is not None]
+        if interleaved and given:  # the list is the whole prompt: a text beside it had been dropped unread
+            raise InputError(f"stream() got {given[0]}= with an interleaved prompt", "the text written into the "
+                             "prompt list itself", f"put the text in the list (e.g. [image, 'Question: ... Answer:'])"
+                             f", or drop {given[0]}=")
+        if len(given) == 2:
+            raise InputError("stream() got both prompt= and question=", "one of them: question= is answered with the "
+                             "family's question prompt, prompt= is a text the answer continues", "drop one of them")
+        if question is not None:
+            prompt = vqa_prompt(self.vqa_template, question)
         config = self._config(generation)
         return TextStream(lambda result: self._pieces(image, prompt, config, result))
 
