@@ -113,15 +113,18 @@ def cmd_run(args) -> int:
     )
 
     if args.triton:  # MODEL on a Triton server (mmedge.triton_client) in place of an artifact folder
+        import dataclasses
+
         from mmedge.triton.cli import connect_for_run
 
         check_served_run_options(args)
         if not args.interleaved:
             _check_image_paths(args.images)
-        pipeline = connect_for_run(args)
+        pipeline = connect_for_run(args)  # a --task the pipeline does not serve is refused here
         target = remote_target_of(pipeline)
-        if args.task is None or args.task == pipeline.task:
-            check_run_options(args, target)  # before any request
+        if args.task is not None:  # --task vqa runs on the caption pipeline: its options are judged for vqa
+            target = dataclasses.replace(target, task=args.task)
+        check_run_options(args, target)  # before any request
         labels = _labels_for(args, target)
     else:
         manifest = Artifact.open(args.artifact).manifest

@@ -17,14 +17,17 @@ disk; PIL images and arrays losslessly as PNG) and preprocessed on the server by
 
 ``http://`` uses tritonclient's HTTP client (streaming through Triton's ``generate_stream`` endpoint, images as
 base64), ``grpc://`` its gRPC client (streaming through a gRPC stream of the decoupled ``-stream`` model). Each
-thread gets its own client. A request that the server refuses raises ``ServerInputError`` with the pipeline's own
-message; a server that is down or stops answering raises ``ServerError`` at once or after ``timeout`` seconds,
-never hangs.
+thread gets its own client. ``stream`` returns a ``TextStream`` as the local one does (``finish_reason`` and
+``tokens`` once exhausted); closing it, or leaving it, closes the request and the server stops generating. A
+request that the server refuses raises ``ServerInputError`` with the pipeline's own message; a server that is down
+or stops answering raises ``ServerError`` at once or after ``timeout`` seconds (a finite number above 0), never
+hangs.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import io
 import json
@@ -32,20 +35,21 @@ import os
 import queue
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from mmedge.errors import ImageError, InputError, ServerError, ServerInputError
-from mmedge.pipelines.captioner import refuse_prompt_batch
+from mmedge.errors import InputError, ServerError, ServerInputError
+from mmedge.generation import StreamEnd, TextStream
+from mmedge.pipelines.captioner import refuse_prompt_batch, vqa_prompt
 from mmedge.triton.config import PARAMETER
 from mmedge.triton.protocol import (
     PIPELINES,
     STREAM_SUFFIX,
     TASK_PIPELINES,
-    check_prompt_or_question,
     is_server_failure,
     text_tensor,
     texts_of,
@@ -53,6 +57,8 @@ from mmedge.triton.protocol import (
 
 INSTALL = 'pip install "mmedge[triton]"'
 DEFAULT_TIMEOUT = 120.0  # seconds one request may take (a long caption on a slow server)
+MAX_TIMEOUT = 86400.0  # a day: far past any request (from about 1e10 s, sockets and gRPC deadlines overflow)
+SCHEMES = {"http": 8000, "grpc": 8001}  # scheme -> Triton's default port for it
 
 
 def _tritonclient(protocol: str):
@@ -67,28 +73,87 @@ def _tritonclient(protocol: str):
     return module
 
 
+def server_address(url: Any) -> tuple[str, str]:
+    """``(protocol, "HOST:PORT")`` of a server URL (``http://HOST:PORT``, the default scheme, or ``grpc://HOST:PORT``;
+    an IPv6 host in brackets); InputError naming the URL for anything else."""
+    if not isinstance(url, str) or not url.strip():
+        raise InputError(f"the server URL is {url!r}", "http://HOST:PORT or grpc://HOST:PORT",
+                         "pass e.g. http://127.0.0.1:8000")
+    text = url.strip()
+    if "://" not in text:
+        scheme, _, rest = text.partition(":")
+        if scheme.lower() in SCHEMES:  # "http:HOST:PORT": read as host "http", it failed deep in tritonclient
+            raise InputError(f"the server URL '{url}' has no '//' after '{scheme}:'", f"{scheme}://HOST:PORT",
+                             f"pass {scheme}://{rest.lstrip('/')}")
+        text = "http://" + text
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError as exc:  # an IPv6 address with an unclosed bracket
+        raise InputError(f"the server URL '{url}' is malformed ({exc})", "http://HOST:PORT or grpc://HOST:PORT",
+                         "write an IPv6 host in brackets, e.g. http://[::1]:8000") from None
+    scheme = parts.scheme.lower()
+    if scheme not in SCHEMES:
+        raise InputError(f"the server URL '{url}' is not one mmedge can use", "http://HOST:PORT or grpc://HOST:PORT",
+                         "use http:// (port 8000 by default) or grpc:// (port 8001)")
+    default = SCHEMES[scheme]
+    expected = (f"{scheme}://HOST:PORT, with nothing after the port (Triton listens for {scheme} on port {default} by "
+                "default)")
+    user, at, netloc = parts.netloc.rpartition("@")
+    if at:
+        raise InputError(f"the server URL '{url}' has a user part ('{user}@')",
+                         f"{scheme}://HOST:PORT: a Triton server takes no user or password in its URL",
+                         f"drop '{user}@': pass {scheme}://{netloc}")
+    if netloc.startswith("["):  # [IPv6]:PORT
+        host, _, port = netloc.partition("]")
+        host, port, colon = host + "]", port[1:], port[:1]
+    else:
+        host, colon, port = netloc.rpartition(":")
+        if not colon:
+            host, port = port, ""
+    problem = _address_problem(parts, host, colon, port)
+    if problem:
+        example = host if host and ":" not in host and not any(c.isspace() for c in host) else "127.0.0.1"
+        raise InputError(f"the server URL '{url}' has {problem}", expected, f"pass e.g. {scheme}://{example}:{default}")
+    return scheme, f"{host}:{int(port)}"
+
+
+def _address_problem(parts: urllib.parse.SplitResult, host: str, colon: str, port: str) -> str | None:
+    """What a server URL has that it should not, or lacks (None: nothing)."""
+    if parts.path.strip("/") or parts.query or parts.fragment:
+        return "a path"
+    if ":" in host and not host.startswith("["):
+        return "more than one ':' in its address (an IPv6 host goes in brackets)"
+    if not host:
+        return "no host"
+    if any(c.isspace() for c in host):
+        return "a space in its host"
+    if not colon:
+        return "no port"
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        return f"no usable port ({port!r})"
+    return None
+
+
+def checked_timeout(timeout: Any) -> float:
+    """``timeout`` in seconds as a float: a finite number above 0 (a client never waits without a limit)."""
+    number = isinstance(timeout, (int, float, np.integer, np.floating)) and not isinstance(timeout, (bool, np.bool_))
+    if not number or not 0 < timeout <= MAX_TIMEOUT:  # NaN fails the comparison too
+        raise InputError(f"timeout={timeout!r} is not a usable timeout", f"a number of seconds above 0, at most "
+                         f"{MAX_TIMEOUT:g} (how long one request may take before the client gives up; a client never "
+                         "waits without a limit)",
+                         f"pass e.g. timeout={DEFAULT_TIMEOUT:g} (the default)")
+    return float(timeout)
+
+
 class Connection:
     """One Triton server: ``infer`` and ``stream`` a model with numpy inputs, read its config and statistics.
-    ``url``: ``http://HOST:PORT`` (default scheme) or ``grpc://HOST:PORT``."""
+    ``url``: ``http://HOST:PORT`` (default scheme) or ``grpc://HOST:PORT``; ``timeout``: seconds one request may take
+    (a finite number above 0)."""
 
     def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT):
-        if not isinstance(url, str) or not url.strip():
-            raise InputError(f"the server URL is {url!r}", "http://HOST:PORT or grpc://HOST:PORT", "pass e.g. http://127.0.0.1:8000")
-        scheme, _, address = url.strip().rpartition("://")
-        scheme = scheme.lower() or "http"
-        if scheme not in ("http", "grpc") or not address:
-            raise InputError(f"the server URL '{url}' is not one mmedge can use", "http://HOST:PORT or grpc://HOST:PORT",
-                             "use http:// (port 8000 by default) or grpc:// (port 8001)")
-        address = address.rstrip("/")
-        host, colon, port = address.rpartition(":")
-        if "/" in address or not colon or not port.isdigit() or not host or not 0 < int(port) < 65536:
-            default = 8001 if scheme == "grpc" else 8000
-            raise InputError(f"the server URL '{url}' has " + ("a path" if "/" in address else "no port" if not colon
-                                                                 else f"no usable port ({port!r})"),
-                             f"{scheme}://HOST:PORT, with nothing after the port (Triton listens for {scheme} on "
-                             f"port {default} by default)", f"pass e.g. {scheme}://{host or address}:{default}")
-        self.url, self.protocol, self.address, self.timeout = url, scheme, address, timeout
-        self._module = _tritonclient(scheme)
+        self.protocol, self.address = server_address(url)
+        self.url, self.timeout = url, checked_timeout(timeout)
+        self._module = _tritonclient(self.protocol)
         self._local = threading.local()
 
     def _client(self):
@@ -127,9 +192,14 @@ class Connection:
 
     def _grpc_stream(self, model: str, inputs: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         client = self._client()
+        if getattr(self._local, "streaming", False):  # tritonclient's gRPC client holds one stream at a time
+            raise InputError("a second stream was started in a thread whose gRPC stream is still open",
+                             "one open stream per thread and connection", "iterate the first stream to its end or "
+                             "close() it first, or connect() again for the second")
         answers: queue.Queue = queue.Queue()
         with self._errors(model):
             client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        self._local.streaming = True
         try:
             try:
                 with self._errors(model):
@@ -157,7 +227,8 @@ class Connection:
                 if response.parameters["triton_final_response"].bool_param:
                     return
         finally:
-            client.stop_stream(cancel_requests=True)
+            self._local.streaming = False
+            client.stop_stream(cancel_requests=True)  # a stream left before its end: the server stops generating
 
     def _http_stream(self, model: str, inputs: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         """Triton's ``generate_stream`` (server-sent events): JSON inputs, so BYTES go as text, images as base64."""
@@ -175,7 +246,7 @@ class Connection:
             raise self._lost(exc) from None
         except http.client.HTTPException as exc:  # no HTTP/1 status line: not Triton's HTTP port
             raise self._not_http(exc) from None
-        with response:
+        with response:  # closed when the stream is left before its end: the server sees it and stops generating
             try:
                 for line in response:
                     if not line.startswith(b"data:"):
@@ -184,8 +255,9 @@ class Connection:
                     if "error" in event:
                         raise self._refused(model, "500" if is_server_failure(event["error"]) else "400",
                                             event["error"])
-                    yield {k: np.array([v.encode() if isinstance(v, str) else v], dtype=np.object_)
-                           for k, v in event.items() if k in ("text",)}
+                    outputs = _event_outputs(event)
+                    if outputs:
+                        yield outputs
             except (OSError, TimeoutError, http.client.HTTPException) as exc:  # IncompleteRead: it went away
                 raise self._lost(exc) from None
 
@@ -231,11 +303,13 @@ class Connection:
         return _ErrorMapper(self, model)
 
     def _server_error(self, model: str, exc) -> ServerError:
+        """What tritonclient raised for a request: no answer in time, no server to answer (gRPC UNAVAILABLE or
+        CANCELLED, HTTP 503), or the server's answer (a refused request, a missing model, a model that failed)."""
         status = str(exc.status() or "")
         message = exc.message() or str(exc)
         if "DEADLINE_EXCEEDED" in status:
             return self._no_answer(status)
-        if any(code in status for code in ("UNAVAILABLE", "CANCELLED")) or status.startswith("5"):
+        if any(code in status for code in ("UNAVAILABLE", "CANCELLED")) or status == "503":
             return ServerError(f"the Triton server at {self.url} did not answer ({status}: {message})",
                                "a running server", "check that the server is up, then retry", status=status)
         return self._refused(model, status, message)
@@ -252,9 +326,11 @@ class Connection:
 
     def _refused(self, model: str, status: str, message: str) -> ServerError:
         message = message.rstrip(".")
-        if "INVALID_ARG" in status or status == "400":
+        # the statistics endpoints answer a missing model with INVALID_ARG: "requested model 'x' is not available"
+        missing = "NOT_FOUND" in status or status == "404" or message.startswith("requested model '")
+        if not missing and ("INVALID_ARG" in status or status == "400"):
             return ServerInputError(message, status=status)  # the pipeline's own message: what, expected, fix
-        if "NOT_FOUND" in status or status == "404" or "unknown model" in message or "is not found" in message:
+        if missing or "unknown model" in message or "is not found" in message:
             return ServerError(f"the server at {self.url} has no model '{model}' ({message})",
                                "a model `mmedge triton` wrote into the server's repository",
                                "check the name (GET /v2/models/NAME/ready) or the server's repository", status=status)
@@ -321,6 +397,17 @@ def _json_value(value: np.ndarray) -> Any:
     return items if array.ndim else items[0]
 
 
+def _event_outputs(event: dict) -> dict[str, np.ndarray]:
+    """The outputs of a caption pipeline's response that ``generate_stream`` sent as one JSON event, as arrays."""
+    outputs = {}
+    for name, (dtype, _) in PIPELINES["caption"]["outputs"].items():
+        if name in event:
+            values = event[name] if isinstance(event[name], list) else [event[name]]
+            outputs[name] = (np.array([v.encode() for v in values], dtype=np.object_) if dtype == "bytes"
+                             else np.array(values, dtype=dtype))
+    return outputs
+
+
 def _json_error(text: str) -> str:
     """The message of an error body: JSON ``{"error": ...}``, or a server-sent event carrying it (``data: {...}``, as
     ``generate_stream`` answers); else the text as it is."""
@@ -340,13 +427,10 @@ def encode_image(image: Any) -> bytes:
     image, array) as ``mmedge.images.load_image`` makes it, saved losslessly as PNG."""
     if isinstance(image, (bytes, bytearray, memoryview)):
         return bytes(image)
+    from mmedge.images import checked_image_path, load_image
+
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise ImageError(f"image file '{path}' does not exist" if not path.exists() else f"'{path}' is not a file",
-                             "the path of an image file", "check the path")
-        return path.read_bytes()
-    from mmedge.images import load_image
+        return Path(checked_image_path(image)).read_bytes()  # refused as locally: missing, a folder, empty, a URL
 
     buffer = io.BytesIO()
     load_image(image).save(buffer, format="PNG", compress_level=1)
@@ -462,8 +546,9 @@ class RemoteCaptioner(RemotePipeline):
         return self.settings.get("vqa_template") or "Question: {} Answer:"
 
     def caption(self, images, prompt: str | None = None, **generation: Any):
+        settings = self._generation(generation)  # bad settings are refused before any image is read, as locally
         batch, single = _as_list(images)
-        inputs = {"images": _image_tensor(batch), **self._generation(generation)}
+        inputs = {"images": _image_tensor(batch), **settings}
         if prompt is not None:
             inputs["prompt"] = self._text("prompt", prompt)
         texts = texts_of("text", self._infer(inputs)["text"])
@@ -472,9 +557,10 @@ class RemoteCaptioner(RemotePipeline):
     __call__ = caption
 
     def ask(self, image, question: str, **generation: Any):
+        vqa_prompt(self.vqa_template, question)  # the question judged as locally (a string, not empty)
+        settings = self._generation(generation)
         batch, single = _as_list(image)
-        inputs = {"images": _image_tensor(batch), "question": self._text("question", question),
-                  **self._generation(generation)}
+        inputs = {"images": _image_tensor(batch), "question": text_tensor([question]), **settings}
         texts = texts_of("text", self._infer(inputs)["text"])
         return texts[0] if single else texts
 
@@ -483,16 +569,45 @@ class RemoteCaptioner(RemotePipeline):
         if not isinstance(prompt, (list, tuple)) or not prompt:
             raise InputError("generate() needs an interleaved prompt", "a non-empty list of images and strings",
                              "pass e.g. [image, 'An image of two cats.', image2, 'An image of']")
-        batched = all(isinstance(p, (list, tuple)) for p in prompt)
-        texts = [texts_of("text", self._infer({**_items(p), **self._generation(generation)})["text"])[0]
+        lists = [isinstance(p, (list, tuple)) for p in prompt]
+        batched = all(lists)
+        if any(lists) and not batched:
+            raise InputError(f"generate() got prompt item {lists.index(True)} as a list among images and strings",
+                             "one prompt (a list of images and strings) or a batch of prompts (a list of such lists)",
+                             "pass [image, 'text', ...] for one prompt, or wrap every prompt in its own list")
+        settings = self._generation(generation)
+        texts = [texts_of("text", self._infer({**_items(p), **settings})["text"])[0]
                  for p in (prompt if batched else [prompt])]
         return texts if batched else texts[0]
 
-    def stream(self, image, prompt: str | None = None, question: str | None = None, **generation: Any) -> Iterator[str]:
-        """The text of one image (+ ``prompt`` or ``question``, not both), or of one interleaved prompt list, in
-        pieces."""
-        check_prompt_or_question(prompt, question)
+    def stream(self, image, prompt: str | None = None, *, question: str | None = None,
+               **generation: Any) -> TextStream:
+        """The text of one image (+ ``prompt``), of one image's answer to ``question``, or of one interleaved prompt
+        list, in pieces as tokens arrive, as ``Captioner.stream``: a ``TextStream`` whose ``tokens`` and
+        ``finish_reason`` say how the answer ended once it is exhausted (None from a repository of an earlier mmedge,
+        whose stream model does not send them). What the local call refuses at the call is refused here; the image is
+        read and sent when the first piece is asked for. Closing the stream (or leaving it) stops the server's
+        generation."""
+        interleaved = isinstance(image, (list, tuple))
+        if interleaved and not self.interleaved:
+            raise InputError("stream() got a list of images", "one image",
+                             "call stream() per image, or caption() for a batch")
         refuse_prompt_batch(image)
+        given = [name for name, value in (("prompt", prompt), ("question", question)) if value is not None]
+        if interleaved and given:
+            raise InputError(f"stream() got {given[0]}= with an interleaved prompt", "the text written into the "
+                             "prompt list itself", f"put the text in the list (e.g. [image, 'Question: ... Answer:'])"
+                             f", or drop {given[0]}=")
+        if len(given) == 2:
+            raise InputError("stream() got both prompt= and question=", "one of them: question= is answered with the "
+                             "family's question prompt, prompt= is a text the answer continues", "drop one of them")
+        if question is not None:
+            vqa_prompt(self.vqa_template, question)  # judged at the call, as locally
+        settings = self._generation(generation)
+        return TextStream(lambda end: self._pieces(image, prompt, question, settings, end))
+
+    def _pieces(self, image, prompt: str | None, question: str | None, settings: dict[str, np.ndarray],
+                end: StreamEnd) -> Iterator[str]:
         if isinstance(image, (list, tuple)):
             inputs = _items(image)
         else:
@@ -500,13 +615,18 @@ class RemoteCaptioner(RemotePipeline):
             if prompt is not None:
                 inputs["prompt"] = self._text("prompt", prompt)
             if question is not None:
-                inputs["question"] = self._text("question", question)
-        inputs.update(self._generation(generation))
+                inputs["question"] = text_tensor([question])
+        inputs.update(settings)
         if self.connection.protocol == "http":  # JSON: images as base64 text
             inputs = _base64_images(inputs)
-        for outputs in self.connection.stream(self.model + STREAM_SUFFIX, inputs):
-            for piece in texts_of("text", outputs["text"]):
-                yield piece
+        # closed with this generator: a stream left before its end closes its request, and the server stops
+        with contextlib.closing(self.connection.stream(self.model + STREAM_SUFFIX, inputs)) as responses:
+            for outputs in responses:
+                if "text" in outputs:
+                    yield from texts_of("text", outputs["text"])
+                if "finish_reason" in outputs and "tokens" in outputs:  # the last response: how the answer ended
+                    end.finished(int(np.asarray(outputs["tokens"]).reshape(-1)[0]),
+                                 texts_of("finish_reason", outputs["finish_reason"])[0])
 
     @staticmethod
     def _text(name: str, value: Any) -> np.ndarray:
@@ -514,11 +634,32 @@ class RemoteCaptioner(RemotePipeline):
             raise InputError(f"{name} is a {type(value).__name__}", "a string", f"pass {name}='...'")
         return text_tensor([value])
 
-    @staticmethod
-    def _generation(settings: dict) -> dict[str, np.ndarray]:
-        """The settings as given, None values too: the server's captioner reads None as not given, and refuses a
-        misspelt name whatever its value, as the local one does."""
-        return {"generation": text_tensor([json.dumps(settings)])} if settings else {}
+    def _generation(self, settings: dict) -> dict[str, np.ndarray]:
+        """The settings as given, None values too (the server's captioner reads None as not given, and refuses a
+        misspelt name whatever its value, as the local one does), judged here first as far as the artifact's
+        defaults (recorded in the model's config) allow; the server judges them again with the artifact's limits
+        (positions, vocabulary). Numpy scalars go as Python's own numbers."""
+        from mmedge.generation import GenerationConfig
+
+        GenerationConfig().replace(**settings)  # a misspelt name, even as None
+        defaults = self.settings.get("generation")
+        if defaults is not None:  # a repository of an earlier mmedge does not record them: the server judges alone
+            given = {k: v for k, v in settings.items() if v is not None}
+            combined = {**defaults, **given}
+            if "stop_strings" in combined and combined["stop_strings"] is None:
+                del combined["stop_strings"]
+            GenerationConfig.from_dict(combined).refuse_idle(settings)  # from_dict validates them
+        if not settings:
+            return {}
+        return {"generation": text_tensor([json.dumps(settings, default=_plain)])}
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as Python's own value, for ``json.dumps`` (the local captioner takes them)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise InputError(f"a generation setting is a {type(value).__name__}", "numbers, booleans, strings, lists of "
+                     "them or None", "pass the setting as a Python value")
 
 
 def _items(prompt: Sequence[Any]) -> dict[str, np.ndarray]:
@@ -549,29 +690,42 @@ REMOTE = {"zero-shot": RemoteClassifier, "embed": RemoteEmbedder, "caption": Rem
 
 
 def connect(url: str, model: str, *, task: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> RemotePipeline:
-    """The pipeline ``model`` on the Triton server at ``url`` (see the module docstring)."""
+    """The pipeline ``model`` on the Triton server at ``url`` (see the module docstring): a pipeline model's name, or
+    an artifact's prefix (its first pipeline, or the one for ``task``)."""
     connection = Connection(url, timeout)
     if task is not None and task not in TASK_PIPELINES:
         raise InputError(f"task '{task}' is unknown", f"one of {', '.join(TASK_PIPELINES)}",
                          "pass one of those, or no task")
     names = connection.models()
-    candidates = [model] if task is None else []
     kinds = [TASK_PIPELINES[task]] if task else list(PIPELINES)
-    candidates += [f"{model}-{kind}" for kind in kinds]
-    for name in candidates:
-        if name in names:
-            settings = _pipeline_settings(connection, name)
-            if settings is not None and (task is None or settings["kind"] == TASK_PIPELINES[task]):
-                return REMOTE[settings["kind"]](connection, name, settings)
-    pipelines = sorted(n for n in names if "__" not in n and not n.endswith(STREAM_SUFFIX))
+    for name in [model, *(f"{model}-{kind}" for kind in kinds)]:
+        if name not in names:
+            continue
+        config = connection.model_config(name)
+        settings = _pipeline_settings(config)
+        if settings is None:
+            continue
+        if (config.get("model_transaction_policy") or {}).get("decoupled"):
+            base = f"{settings['artifact']}-{settings['kind']}"
+            raise InputError(f"'{name}' is the streaming model of pipeline '{base}', not a pipeline to connect to",
+                             "a pipeline model's name or its artifact's prefix",
+                             f"connect to '{base}' (its stream() uses '{name}')")
+        if task is not None and settings["kind"] != kinds[0]:
+            tasks = [t for t, kind in TASK_PIPELINES.items() if kind == settings["kind"]]
+            raise InputError(f"pipeline '{name}' on the server at {url} does not serve task '{task}'",
+                             f"task {' or '.join(repr(t) for t in tasks)} for it, or a {kinds[0]} pipeline for "
+                             f"'{task}'", f"drop the task, or pass a {kinds[0]} pipeline's name or artifact prefix")
+        return REMOTE[settings["kind"]](connection, name, settings)
+    pipelines = sorted(n for n in names if "__" not in n and not n.endswith(STREAM_SUFFIX)
+                       and (task is None or n.endswith(f"-{kinds[0]}")))
     raise ServerError(f"the server at {url} has no mmedge pipeline '{model}'" + (f" for task '{task}'" if task else ""),
                       f"one of {', '.join(pipelines[:12]) or '(none)'}",
                       "pass a pipeline's name or its artifact's prefix")
 
 
-def _pipeline_settings(connection: Connection, name: str) -> dict | None:
-    parameters = connection.model_config(name).get("parameters") or {}
-    entry = parameters.get(PARAMETER)
+def _pipeline_settings(config: dict) -> dict | None:
+    """What `mmedge triton` recorded in a model's config, when it is a pipeline model."""
+    entry = (config.get("parameters") or {}).get(PARAMETER)
     if not entry:
         return None
     settings = json.loads(entry["string_value"])

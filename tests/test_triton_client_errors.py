@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mmedge.errors import ServerError, ServerInputError
+from mmedge.errors import InputError, ServerError, ServerInputError
 
 pytest.importorskip("tritonclient.grpc", reason='the client needs tritonclient: pip install "mmedge[triton]"')
 from tritonclient.utils import InferenceServerException  # noqa: E402
@@ -68,3 +68,59 @@ def test_an_http_streams_error_event_gives_only_its_message():
         "generation setting max_new_tokens=500 is not usable."
     assert _json_error('{"error": "no such model"}') == "no such model"
     assert _json_error("plain text\n") == "plain text"
+
+
+def test_an_http_model_failure_says_the_model_failed_as_grpc_does():
+    """A 5xx from a model that failed is the server's answer, not a server that did not answer."""
+    connection = Connection("http://127.0.0.1:1", timeout=2)
+    failure = "mmedge server error: Triton model 'm__decoder' (component 'decoder') failed: Stub process is not healthy"
+    for status in ("500", "501"):
+        error = connection._server_error("m-caption", InferenceServerException(failure, status=status))
+        assert "failed model 'm-caption'" in str(error) and "see the server's log" in str(error), error
+        assert "did not answer" not in str(error) and "check that the server is up" not in str(error)
+    grpc = Connection("grpc://127.0.0.1:1", timeout=2)._server_error(
+        "m-caption", InferenceServerException(failure, status="StatusCode.INTERNAL"))
+    assert str(grpc).replace("grpc://", "http://").replace("StatusCode.INTERNAL", "500") == str(
+        connection._server_error("m-caption", InferenceServerException(failure, status="500")))
+
+
+@pytest.mark.parametrize("url,says", [
+    ("http://127.0.0.1:notaport", r"no usable port \('notaport'\)"),
+    ("http://127.0.0.1", "has no port"),
+    ("grpc://127.0.0.1:8001/v2", "a path"),
+    ("http:127.0.0.1:8000", "has no '//' after 'http:'.*fix: pass http://127.0.0.1:8000"),
+    ("grpc:127.0.0.1:8001", "has no '//' after 'grpc:'"),
+    ("http://::1", r"more than one ':' in its address \(an IPv6 host goes in brackets\)"),
+    ("http://127.0.0.1:8000:8000", "more than one ':'"),
+    ("http://[::1", "is malformed"),
+    ("http://user@127.0.0.1:8000", r"has a user part \('user@'\).*drop 'user@': pass http://127.0.0.1:8000"),
+    ("grpc://user:secret@127.0.0.1:8001", "has a user part"),
+    ("http://127.0.0.1:+8000", r"no usable port \('\+8000'\)"),
+    ("http://127.0.0.1:70000", "no usable port"),
+    ("http:// 127.0.0.1:8000", "a space in its host"),
+    ("tcp://127.0.0.1:8000", "is not one mmedge can use"),
+])
+def test_a_malformed_url_is_refused_naming_it_before_connecting(url, says):
+    """They crashed deep in tritonclient ("Port could not be cast", then __del__ noise), or a user part worked
+    for one request and failed the stream."""
+    with pytest.raises(InputError, match=says) as caught:
+        Connection(url)
+    assert f"'{url}'" in str(caught.value)
+
+
+@pytest.mark.parametrize("url,address", [("127.0.0.1:8000", ("http", "127.0.0.1:8000")),
+                                         ("HTTP://Host:8000/", ("http", "Host:8000")),
+                                         ("grpc://[::1]:8001", ("grpc", "[::1]:8001"))])
+def test_the_urls_mmedge_takes(url, address):
+    connection = Connection(url)
+    assert (connection.protocol, connection.address) == address
+
+
+@pytest.mark.parametrize("timeout", [None, 0, -1, "5", float("inf"), float("nan"), True, 1e10])
+def test_a_timeout_that_is_no_positive_finite_number_is_refused(timeout):
+    """None (a TypeError over HTTP, no deadline at all over gRPC), 0, -1, inf, "5": raw errors or odd messages."""
+    for url in ("http://127.0.0.1:8000", "grpc://127.0.0.1:8001"):
+        with pytest.raises(InputError, match=r"timeout=.* is not a usable timeout; expected a number of seconds "
+                                             "above 0, at most 86400"):
+            Connection(url, timeout=timeout)
+    assert Connection("http://127.0.0.1:8000", timeout=np.float32(2.5)).timeout == 2.5

@@ -342,6 +342,9 @@ def test_mmedge_run_against_the_server_prints_what_it_prints_locally(served, pho
         run("blip2", photos[1], "--question", "what is it?", "--triton", served.url("http"))
     assert run(str(served.sources["blip2"]), photos[1],
                "--stream") == run("blip2", photos[1], "--stream", "--triton", served.url("grpc"))
+    # a pipeline's full name with a task it serves (it was refused: "no mmedge pipeline 'blip2-caption' for task")
+    assert run(str(served.sources["blip2"]), photos[1], "--task", "vqa", "--question", "what is it?") == \
+        run("blip2-caption", photos[1], "--task", "vqa", "--question", "what is it?", "--triton", served.url("grpc"))
     missing = subprocess.run([sys.executable, "-m", "mmedge.cli", "run", "nothing-here", photos[0], "--triton",
                               served.url("http")],
                              capture_output=True, text=True, timeout=120)
@@ -399,9 +402,11 @@ def test_bad_input_to_a_stream_gets_the_pipelines_own_message(served, photos, pr
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_a_prompt_and_a_question_together_are_refused(served, photos, protocol):
-    remote = connect(served.url(protocol), "blip2")
-    with pytest.raises(InputError, match="both a prompt and a question"):
-        list(remote.stream(photos[0], "a photo of", "what is it?"))
+    remote, local = connect(served.url(protocol), "blip2"), served.local("blip2")
+    expected = _message(lambda: local.stream(photos[0], "a photo of", question="what is it?"))
+    with pytest.raises(InputError) as caught:
+        remote.stream(photos[0], "a photo of", question="what is it?")  # at the call, as locally
+    assert str(caught.value) == expected
     # a client that sends both anyway is refused by the server too, not answered with one of them
     both = {"images": np.array([Path(photos[0]).read_bytes()], dtype=np.object_),
             "prompt": np.array([b"a photo of"], dtype=np.object_), "question": np.array([b"what?"], dtype=np.object_)}
@@ -441,6 +446,11 @@ def test_an_http_url_at_the_grpc_port_says_so(served):
     (["blip2", "{photo}", "--llm-quantization", "nf4"], "--llm-quantization would change nothing with --triton"),
     (["blip2", "{photo}", "{missing}"], "does not exist"),
     (["clip", "{photo}"], "no labels were given"),
+    # --task vqa runs on the caption pipeline (whose task is "caption"): its options were not judged at all
+    (["blip2", "{photo}", "--task", "vqa", "--labels", "cat"], "--labels would change nothing"),
+    (["blip2", "{photo}", "--task", "vqa", "--top-k", "2"], "--top-k would change nothing"),
+    (["blip2", "{photo}", "--task", "vqa", "--prompt", "a", "--question", "b"], "--prompt would change nothing"),
+    (["blip2-caption", "{photo}", "--task", "zero-shot"], "does not serve task 'zero-shot'"),
 ])
 def test_mmedge_run_against_the_server_refuses_what_it_refuses_locally(served, photos, tmp_path, capsys, argv,
                                                                         fragment):
@@ -473,8 +483,117 @@ def test_client_side_checks_are_the_local_pipelines(served, images, photos):
     assert str(pytest.raises(InputError, lambda: list(remote.stream(prompts))).value) == expected
 
 
-@pytest.mark.parametrize("url,says", [("http://127.0.0.1:notaport", r"no usable port \('notaport'\)"),
-                                      ("http://127.0.0.1", "has no port"), ("grpc://127.0.0.1:8001/v2", "a path")])
-def test_a_url_without_a_usable_port_is_refused_before_connecting(url, says):
-    with pytest.raises(InputError, match=says):
-        Connection(url)
+# --- streams, names and settings as the local pipelines have them ---------------------------------------
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_stream_says_how_its_answer_ended_and_judges_its_settings_at_the_call(served, photos, protocol):
+    """``stream()`` returns a TextStream as the local one does (``finish_reason``, ``tokens``), refuses bad settings
+    when it is called (not at the first piece), and takes numpy scalars as settings."""
+    from mmedge.generation import TextStream
+
+    remote, local = connect(served.url(protocol), "blip2"), served.local("blip2")
+    for settings in ({"max_new_tokens": 4}, {}, {"num_beams": 2, "max_new_tokens": 5}):
+        ours, theirs = remote.stream(photos[0], **settings), local.stream(photos[0], **settings)
+        assert isinstance(ours, TextStream) and (ours.finish_reason, ours.tokens) == (None, None)
+        assert list(ours) == list(theirs)
+        assert (ours.finish_reason, ours.tokens) == (theirs.finish_reason, theirs.tokens) != (None, None)
+    asked = remote.stream(photos[1], question="what is it?", max_new_tokens=6)
+    assert "".join(asked) == local.ask(photos[1], "what is it?", max_new_tokens=6) and asked.tokens == 6
+    for bad in ({"num_beams": 0}, {"temperature": 0.5}, {"max_new_tokens": np.int64(0)}, {"stop_strings": "x"}):
+        expected = _message(lambda: local.stream(photos[0], **bad))  # the local call refuses them before any piece
+        with pytest.raises(InputError) as caught:
+            remote.stream(photos[0], **bad)
+        assert str(caught.value) == expected, bad
+    numpy_settings = {"max_new_tokens": np.int64(3), "num_beams": np.int32(2), "length_penalty": np.float32(0.5)}
+    assert remote.caption(photos[0], **numpy_settings) == local.caption(photos[0], **numpy_settings)
+    assert "".join(remote.stream(photos[0], **numpy_settings)) == local.caption(photos[0], **numpy_settings)
+    if protocol == "grpc":  # tritonclient's gRPC client holds one stream: a second one is refused, the first goes on
+        first = remote.stream(photos[0], max_new_tokens=4)
+        pieces = [next(first)]
+        with pytest.raises(InputError, match="a second stream was started"):
+            next(remote.stream(photos[1]))
+        assert "".join(pieces + list(first)) == local.caption(photos[0], max_new_tokens=4)
+
+
+def _settled(read, pause: float = 0.5, limit: float = 60.0) -> int:
+    """``read()`` once two reads ``pause`` seconds apart agree."""
+    deadline, last = time.monotonic() + limit, read()
+    while time.monotonic() < deadline:
+        time.sleep(pause)
+        now = read()
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"still changing after {limit:.0f} s")
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_stream_left_after_its_first_piece_stops_the_servers_generation(served, photos, protocol):
+    """Closing a stream closes its request (a gRPC stream cancelled, an HTTP response closed); the pipeline sees it
+    cancelled and stops between two decoder steps. It used to generate the whole answer for nobody: one decoder
+    call per token, counted here by Triton's statistics of the decoder model."""
+    local = served.local("idefics")
+    most = local.max_positions - local.prompt_positions(photos[0]) + 1
+    settings = {"max_new_tokens": most, "eos_token_id": []}  # no end-of-sequence token: the answer is `most` tokens
+    stats = Connection(served.url("http"))
+
+    def decoder_calls() -> int:
+        return int(stats.statistics("idefics__decoder")["inference_stats"]["success"]["count"])
+
+    before = _settled(decoder_calls)
+    stream = connect(served.url(protocol), "idefics").stream(photos[0], **settings)
+    assert next(stream)
+    stream.close()
+    calls = _settled(decoder_calls) - before
+    print(f"{protocol}: {calls} decoder calls for a stream closed after its first piece (of {most} tokens)")
+    assert calls < most // 2, f"{calls} decoder calls for a stream closed after its first piece (of {most} tokens)"
+    assert "".join(connect(served.url(protocol), "idefics").stream(photos[0], max_new_tokens=5)) == \
+        local.caption(photos[0], max_new_tokens=5)  # the pipeline serves on
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_pipeline_names_tasks_and_the_stream_model(served, protocol):
+    url = served.url(protocol)
+    for task in ("caption", "vqa", None):  # a pipeline's full name with a task it serves
+        assert connect(url, "blip2-caption", task=task).model == "blip2-caption"
+    assert connect(url, "clip-embed", task="embed").model == "clip-embed"
+    with pytest.raises(InputError, match="pipeline 'clip-zero-shot' .* does not serve task 'embed'"):
+        connect(url, "clip-zero-shot", task="embed")
+    with pytest.raises(InputError) as caught:  # it was accepted, and then nothing worked
+        connect(url, "blip2-caption-stream")
+    assert "streaming model of pipeline 'blip2-caption'" in str(caught.value)
+    assert "connect to 'blip2-caption'" in str(caught.value)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_failed_model_is_reported_as_failed_on_both_protocols(served, photos, protocol):
+    """A model's failure (HTTP 5xx / 501, gRPC INTERNAL / UNIMPLEMENTED) says the model failed, not that the server
+    did not answer: here the unary infer of the decoupled stream model, which Triton refuses as unsupported."""
+    connection = Connection(served.url(protocol))
+    with pytest.raises(ServerError) as caught:
+        connection.infer("blip2-caption-stream", {"images": np.array([Path(photos[0]).read_bytes()], dtype=np.object_)})
+    message = str(caught.value)
+    assert "failed model 'blip2-caption-stream'" in message and "see the server's log" in message, message
+    assert "did not answer" not in message and not isinstance(caught.value, ServerInputError)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_smaller_calls_are_refused_as_locally(served, photos, protocol):
+    """A prompt= or question= beside an interleaved prompt list (dropped unread), a list among a prompt's items, an
+    image URL, a question that is no string; and statistics of a model the server does not have."""
+    remote, local = connect(served.url(protocol), "idefics"), served.local("idefics")
+    calls = {
+        "prompt= beside a prompt list": lambda p: p.stream([Path(photos[0]), "An image of"], "a photo of"),
+        "question= beside a prompt list": lambda p: p.stream([Path(photos[0]), "An image of"], question="what?"),
+        "a list among the items": lambda p: p.generate([Path(photos[0]), ["x"], "An image of"]),
+        "an image URL": lambda p: p.caption("https://example.com/cat.jpg"),
+        "a question list": lambda p: p.ask(photos[0], ["what is it?"]),
+    }
+    for what, call in calls.items():
+        expected = _message(lambda: call(local))
+        with pytest.raises(InputError) as caught:
+            call(remote)
+        assert str(caught.value) == expected, what
+    assert "URLs are not fetched" in _message(lambda: remote.caption("https://example.com/cat.jpg"))
+    with pytest.raises(ServerError) as caught:
+        Connection(served.url(protocol)).statistics("nope")
+    assert not isinstance(caught.value, ServerInputError) and "has no model 'nope'" in str(caught.value)

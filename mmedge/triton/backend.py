@@ -9,9 +9,11 @@
   clients meet in the encoders' dynamic batcher. Preprocessing, the label cache, prompts and the generation loop
   are mmedge's own (the pipeline classes ``mmedge.load`` returns, over BLS runners). ``execute`` hands each request
   to a worker thread and returns at once; a worker answers through the request's response sender (the
-  ``-stream`` model is decoupled and sends the caption in pieces as tokens arrive). Each worker generates with its
-  own KV cache (``RunnerDecoder`` over a BLS runner of the decoder model: the cache travels with each call, so the
-  decoder model holds no state and any instance can serve any step).
+  ``-stream`` model is decoupled and sends the caption in pieces as tokens arrive, then a last response with the
+  answer's ``finish_reason`` and ``tokens``; a stream whose client went away, which Triton marks cancelled, stops at
+  its next BLS call: ``cancellable``). Each worker generates with its own KV cache (``RunnerDecoder`` over a BLS
+  runner of the decoder model: the cache travels with each call, so the decoder model holds no state and any
+  instance can serve any step).
 - The zero-shot pipeline is a row model (``mmedge.triton.protocol``): Triton's dynamic batcher queues its requests
   and ``execute`` answers all of them at once, the images of the whole batch in one graph call
   (``mmedge.triton.rows``): the encoder is batched across requests at the pipeline, not behind it. With
@@ -26,6 +28,7 @@ error's message starts with ``protocol.FAILURE_PREFIXES``), and the model keeps 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +39,7 @@ import numpy as np
 
 from mmedge.artifact import Artifact
 from mmedge.errors import BackendError, InputError, MmedgeError
+from mmedge.generation import TextStream
 from mmedge.manifest import MANIFEST_FILE, parse_manifest
 from mmedge.pipelines.captioner import vqa_prompt
 from mmedge.runner import Runner
@@ -156,6 +160,24 @@ class ComponentModel:
 
 
 # --- BLS ---------------------------------------------------------------------------------------------
+class Cancelled(MmedgeError):
+    """The request's client went away (it closed its stream): the pipeline stops at its next component call."""
+
+
+_request = threading.local()  # ``cancelled``: the check of the request this thread answers now (``cancellable``)
+
+
+@contextlib.contextmanager
+def cancellable(cancelled: Callable[[], bool]) -> Iterator[None]:
+    """Within it, each BLS call of this thread first asks ``cancelled()`` and raises ``Cancelled`` when it says so:
+    a stream whose client went away stops between two decoder steps instead of generating its whole answer."""
+    _request.cancelled = cancelled
+    try:
+        yield
+    finally:
+        _request.cancelled = None
+
+
 class BlsRunner(Runner):
     """A runner whose graph is another model of the same Triton server, called through BLS. Feeds are checked
     against the manifest here (mmedge's messages), batches over the model's ``max_batch_size`` are split."""
@@ -177,6 +199,10 @@ class BlsRunner(Runner):
 
     def _call(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pb = _pb()
+        cancelled = getattr(_request, "cancelled", None)
+        if cancelled is not None and cancelled():
+            raise Cancelled(f"the request was cancelled before Triton model '{self.model}' ran (its client closed "
+                            "it)", None, "nothing: the client has gone")
         request = pb.InferenceRequest(model_name=self.model, requested_output_names=list(self._outputs),
                                       inputs=[pb.Tensor(n, v) for n, v in feeds.items()])
         response = request.exec()
@@ -278,12 +304,13 @@ class ServedPipeline:
         prompt = one_text("prompt", inputs["prompt"]) if "prompt" in inputs else None
         return {"text": text_tensor(captioner.caption(images, prompt, **generation))}
 
-    def stream(self, inputs: Mapping[str, Any]) -> Iterator[str]:
-        """The caption of one image (or interleaved prompt) in pieces, as ``Captioner.stream`` yields them."""
+    def stream(self, inputs: Mapping[str, Any]) -> TextStream:
+        """The caption of one image (or interleaved prompt) in pieces, as ``Captioner.stream`` gives them: a
+        ``TextStream`` whose ``finish_reason`` and ``tokens`` say how the answer ended once it is exhausted. The
+        request's inputs are judged here; the image is decoded when the first piece is asked for."""
         generation, captioner, items = self._caption_request(inputs)
         if items is not None:
-            yield from captioner.stream(items, **generation)
-            return
+            return captioner.stream(items, **generation)
         images = blobs_of("images", _required(inputs, "images"), is_base64(inputs))
         if len(images) != 1:
             raise InputError(f"a streamed caption got {len(images)} images", "one image per streamed request",
@@ -292,7 +319,7 @@ class ServedPipeline:
         prompt = one_text("prompt", inputs["prompt"]) if "prompt" in inputs else None
         if "question" in inputs:
             prompt = vqa_prompt(captioner.vqa_template, one_text("question", inputs["question"]))  # as ask does
-        yield from captioner.stream(images[0], prompt, **generation)
+        return captioner.stream(images[0], prompt, **generation)
 
     def _caption_request(self, inputs: Mapping[str, Any]) -> tuple[dict, Any, list | None]:
         """(generation settings, this thread's captioner, the interleaved prompt or None) of a caption request."""
@@ -370,6 +397,8 @@ class PipelineModel:
         pb = _pb()
         config, settings, artifact = open_model_folder(args)
         self.decoupled = pb.using_decoupled_model_transaction_policy(config)
+        # the stream's last response says how the answer ended, where the config declares those outputs
+        self.sends_ending = {"finish_reason", "tokens"} <= {output["name"] for output in config.get("output", [])}
         components = settings["components"]
 
         def make_runner(name: str) -> Runner:
@@ -414,16 +443,26 @@ class PipelineModel:
     def _respond(self, inputs: dict, sender) -> None:
         pb = _pb()
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        if not self.decoupled:
+            sender.send(self._answer(inputs), flags=final)
+            return
         try:
-            if self.decoupled:
-                for piece in self.served.stream(inputs):
+            with cancellable(sender.is_cancelled):  # a client that closed its stream stops the generation
+                stream = self.served.stream(inputs)
+                for piece in stream:
                     sender.send(pb.InferenceResponse([pb.Tensor("text", text_tensor([piece]))]))
-                sender.send(flags=final)
-                return
+        except Cancelled as exc:
+            sender.send(pb.InferenceResponse(error=pb.TritonError(str(exc), pb.TritonError.CANCELLED)), flags=final)
+            return
         except Exception as exc:  # noqa: BLE001 - every failure is answered; the model serves on
             sender.send(pb.InferenceResponse(error=_triton_error(pb, exc)), flags=final)
             return
-        sender.send(self._answer(inputs), flags=final)
+        if not self.sends_ending:  # a repository of an earlier mmedge: its config has no such outputs
+            sender.send(flags=final)
+            return
+        ending = {"finish_reason": text_tensor([stream.finish_reason]),
+                  "tokens": np.array([stream.tokens], dtype=np.int64)}
+        sender.send(pb.InferenceResponse([pb.Tensor(n, v) for n, v in ending.items()]), flags=final)
 
     def finalize(self) -> None:
         if self.pool is not None:

@@ -12,7 +12,8 @@ pipeline       inputs (optional ones in brackets)                         output
 zero-shot      images, [labels], [templates]                              probs [images, labels], label_names
 embed          [images], [texts]                                          image_embeds, text_embeds
 caption        [images], [prompt], [question], [items, item_is_image],    text (one per image / prompt; the
-               [generation], [encoding]                                   stream model sends pieces of one text)
+               [generation], [encoding]                                   stream model sends pieces of one text,
+                                                                          then finish_reason and tokens)
 =============  =========================================================  ======================================
 
 **Rows.** The zero-shot model is batched by Triton's dynamic batcher (``ROW_PIPELINES``): a request is one row,
@@ -58,7 +59,8 @@ PIPELINES: dict[str, dict[str, dict[str, tuple]]] = {
         "inputs": {"images": ("bytes", [-1], True), "prompt": ("bytes", [-1], True), "question": ("bytes", [-1], True),
                    "items": ("bytes", [-1], True), "item_is_image": ("bool", [-1], True),
                    "generation": ("bytes", [-1], True), "encoding": ("bytes", [-1], True)},
-        "outputs": {"text": ("bytes", [-1])},
+        # the stream model's last response: how the answer ended (``TextStream.finish_reason`` and ``.tokens``)
+        "outputs": {"text": ("bytes", [-1]), "finish_reason": ("bytes", [-1]), "tokens": ("int64", [-1])},
     },
 }
 # the model a task is served by, after the artifact's prefix: "clip-zero-shot", "blip2-caption", "blip2-caption-stream"

@@ -166,8 +166,8 @@ def _write_artifact(placer: Placer, prefix: str, repo: Path, options: Options, s
         task = next(t for t in manifest["tasks"] if TASK_PIPELINES[t] == kind)
         settings = {"kind": kind, "task": task, "artifact": prefix, "family": manifest["family"],
                     "components": components}
-        if kind == "caption":
-            settings["vqa_template"] = family_section["prompts"]["vqa"]
+        if kind == "caption":  # the client judges a call's generation settings over the artifact's defaults
+            settings.update(vqa_template=family_section["prompts"]["vqa"], generation=manifest.get("generation") or {})
         inline = kind == "zero-shot" and options.inline_zero_shot()
         if inline:  # its graphs run in its own process (mmedge's runner), the component models serve the rest
             settings.update(graphs="inline", **runner_settings(None, options))
