@@ -12,7 +12,7 @@ name as the model id:
   ``GET /metrics`` (Prometheus); a web page at ``/`` (``static/``).
 
 The package's modules: ``options`` (settings and limits), ``errors`` (OpenAI's error shape), ``inputs`` (request
-fields and images), ``models`` (the loaded artifacts), ``queue`` (one generation queue per captioner), ``chat``,
+fields and images), ``models`` (the loaded artifacts), ``queue`` (each artifact's requests: running, waiting), ``chat``,
 ``clip``, ``metrics``, ``app`` (routes), ``server`` (uvicorn, signals). This module only adds the CLI command and
 imports
 none of the serve extra's packages, so ``mmedge --help`` works without them.

@@ -28,10 +28,10 @@ from starlette.staticfiles import StaticFiles
 from mmedge.errors import ImageError, MmedgeError
 from mmedge.serve import chat, clip
 from mmedge.serve.errors import ApiError, from_mmedge, internal
-from mmedge.serve.inputs import read_json, undecodable
+from mmedge.serve.inputs import parse_json, read_body, undecodable
 from mmedge.serve.metrics import Metrics, MetricsMiddleware
 from mmedge.serve.models import ServedModel, find_model, model_named
-from mmedge.serve.options import ServeOptions
+from mmedge.serve.options import DRAIN_SECONDS, ServeOptions
 
 log = logging.getLogger("mmedge.serve")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -73,28 +73,36 @@ async def retrieve_model(request):
     return JSONResponse(model.card)
 
 
-async def _model_request(request) -> tuple[Serving, dict, ServedModel]:
+async def _model_request(request, parse):
+    """The body, read (413 past --max-body-mb), then parsed and checked by ``parse(data, model, options)`` in a worker
+    thread, where its JSON, data URIs and prompts are decoded: for a body of large images that takes hundreds of ms,
+    which on the event loop stalled every other client (``/health`` and streams included)."""
     serving = request.app.state.serving
-    data = await read_json(request, serving.options.max_body_bytes)
-    model = find_model(serving.models, data)
-    request.state.model = model.id
-    return serving, data, model
+    body = await read_body(request, serving.options.max_body_bytes)
+
+    def parsed():
+        data = parse_json(body)
+        model = find_model(serving.models, data)
+        request.state.model = model.id  # for the metrics, also when ``parse`` refuses the request
+        return model, parse(data, model, serving.options)
+
+    model, parsed_request = await run_in_threadpool(parsed)
+    return serving, model, parsed_request
 
 
 async def embeddings(request):
-    serving, data, model = await _model_request(request)
-    return JSONResponse(await run_in_threadpool(clip.embeddings(data, model, serving.options)))
+    _, model, call = await _model_request(request, clip.embeddings)
+    return JSONResponse(await model.calls.run(call))
 
 
 async def classify(request):
-    serving, data, model = await _model_request(request)
-    return JSONResponse(await run_in_threadpool(clip.classify(data, model, serving.options)))
+    _, model, call = await _model_request(request, clip.classify)
+    return JSONResponse(await model.calls.run(call))
 
 
 async def chat_completions(request):
     started = time.perf_counter()
-    serving, data, model = await _model_request(request)
-    job = chat.parse_chat(data, model, serving.options)
+    serving, model, job = await _model_request(request, chat.parse_chat)
     pieces = model.queue.stream(job.start)
     try:
         if job.stream:  # a refused input fails while waiting for the first piece, before any header is sent
@@ -193,10 +201,17 @@ async def client_gone(request, exc: ClientDisconnect):
 
 
 class InternalErrorMiddleware:
-    """Pure ASGI middleware: a bug in mmedge is answered 500 in OpenAI's shape and logged once, inside the metrics
-    middleware so that it counts the answer with its code. (Starlette runs an ``Exception`` handler in its outermost
-    ServerErrorMiddleware, outside every added middleware, and re-raises: the metrics saw no code, and the traceback
-    was logged twice.) A failure after the answer started is the stream's own to report (``_chunks``)."""
+    """Pure ASGI middleware: what escapes the app is answered here, inside the metrics middleware so that it counts
+    the answer with its code.
+
+    - A bug in mmedge: 500 in OpenAI's shape, logged once. (Starlette runs an ``Exception`` handler in its outermost
+      ServerErrorMiddleware, outside every added middleware, and re-raises: the metrics saw no code, and the traceback
+      was logged twice.) A failure after the answer started is the stream's own to report (``_chunks``).
+    - The server cutting a request off: uvicorn cancels the requests still running (waiting in a queue, generating,
+      streaming) when its drain deadline passes or at a second Ctrl-C, and answered each with a plain-text 500 and a
+      CancelledError traceback in the log. Here one not answered yet gets 503 ``shutting_down``, and a stream an error
+      event that ends it (as ``_chunks`` reports a failure); the cancellation stops here, as the request is over.
+    """
 
     def __init__(self, app):
         self.app = app
@@ -204,16 +219,31 @@ class InternalErrorMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started = [False]
+        started = []  # the answer's content type, once its headers are sent
 
         async def sending(message):
-            started[0] = started[0] or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started.append(Headers(raw=message.get("headers", [])).get("content-type", ""))
             await send(message)
 
         try:
             await self.app(scope, receive, sending)
+        except asyncio.CancelledError:
+            error = ApiError(503, "the server is shutting down and cut this request off before its answer was complete",
+                             f"a request answered within {DRAIN_SECONDS} s of the server being told to stop (SIGTERM "
+                             "or Ctrl-C), and before a second Ctrl-C", "send the request again: another instance, or "
+                             "this one once restarted, will answer it", code="shutting_down",
+                             headers={"Retry-After": "1"})
+            scope.setdefault("state", {})["error_code"] = error.code
+            if not started:
+                await JSONResponse(error.body(), status_code=error.status, headers=error.headers)(scope, receive, send)
+            elif started[0].startswith("text/event-stream"):
+                event = f"data: {json.dumps(error.body())}\r\n\r\n".encode()  # sse-starlette's framing
+                await send({"type": "http.response.body", "body": event, "more_body": False})
+            # else a JSON answer cut between its headers and its body (a client too slow to take them): uvicorn
+            # closes the connection, which is all that is left to say
         except Exception as exc:  # noqa: BLE001 - answered, and logged with its traceback
-            if started[0]:
+            if started:
                 raise
             log.error("mmedge serve: internal error on %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
             error = internal(exc)
@@ -248,8 +278,7 @@ class ApiKeyMiddleware:
 def create_app(options: ServeOptions, models: dict[str, ServedModel]) -> Starlette:
     metrics_ = Metrics()
     for model in models.values():
-        if model.queue:
-            metrics_.watch_queue(model.queue)
+        metrics_.watch_queue(model.queue or model.calls)
     routes = [Route("/", page), Route("/health", health), Route("/metrics", metrics), Route("/v1/models", list_models),
               Route("/v1/models/{model_id}", retrieve_model),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),

@@ -4,7 +4,8 @@ events in OpenAI's chunk format.
 What a request means to each kind of captioner:
 - one image per request (BLIP-2): the image may sit in any user message; the text of the last user message is a
   question, asked with the artifact's VQA prompt (``Question: ... Answer:``), or with ``"prompt_mode": "continue"`` a
-  text the answer continues; no text at all asks for a caption.
+  text the answer continues; no text at all asks for a caption (and ``prompt_mode`` is then refused: it would change
+  nothing). A message's ``name`` is checked to be a string and is not part of the prompt.
 - interleaved prompts (IDEFICS: captioners whose ``interleaved`` is true): the parts of every message, in order,
   form one prompt of images and texts (``Captioner.stream``); roles add no text of their own.
 
@@ -122,8 +123,7 @@ def parse_chat(data: dict, model: ServedModel, options: ServeOptions) -> ChatJob
         prompt, prompt_tokens, images = _interleaved(messages, model)
         inputs: tuple = (prompt,)
     else:
-        image, text, prompt_tokens = _one_image(messages, model, field(data, "prompt_mode", "string",
-                                                                       default="question"))
+        image, text, prompt_tokens = _one_image(messages, model, field(data, "prompt_mode", "string"))
         inputs, images = (image, text), [image]
     _check_positions(model, inputs, max_new_tokens, max_field)
     try:  # every other refusal before the request waits for a captioner: a busy server would answer it 503
@@ -153,7 +153,7 @@ def _interleaved(messages: list, model: ServedModel) -> tuple[list, int, list]:
     return items, text_tokens + len(images) * _image_tokens(model), images
 
 
-def _one_image(messages: list, model: ServedModel, mode: str) -> tuple[bytes, str | None, int]:
+def _one_image(messages: list, model: ServedModel, mode: str | None) -> tuple[bytes, str | None, int]:
     """One image and a question, a text to continue, or nothing (a caption): BLIP-2; with the usage tokens."""
     image, prompt = _one_image_prompt(messages, model, mode)
     text_tokens = _tokens(model.captioner, prompt, special=True) if prompt is not None else 1  # BOS
@@ -259,6 +259,9 @@ def parse_messages(data: dict, options: ServeOptions) -> list[tuple[str, list]]:
         message = typed(message, "object", f"messages[{i}]")
         check_fields(message, ("role", "content", "name"), where)
         role = field(message, "role", "string", required=True, where=where)
+        field(message, "name", "string", where=where)  # OpenAI's participant name: checked, not part of the prompt
+        # (chat frameworks send it with multi-agent turns; refusing it would refuse their requests, as BLIP-2 takes
+        # their system messages and earlier turns without using them)
         if role not in ROLES:
             raise invalid(f"field '{where}role' is '{role[:20]}'", f"one of {', '.join(ROLES)}",
                           "use one of those roles", where + "role")
@@ -305,8 +308,10 @@ def _image_part(part: dict, where: str, options: ServeOptions) -> bytes:
     return image_bytes(field(part, "image_url", "string", required=True, where=where), where + "image_url", options)
 
 
-def _one_image_prompt(messages: list, model: ServedModel, mode: str) -> tuple[bytes, str | None]:
-    if mode not in PROMPT_MODES:
+def _one_image_prompt(messages: list, model: ServedModel, mode: str | None) -> tuple[bytes, str | None]:
+    """The image and the prompt: the last user message's text as a question (``mode`` None or "question") or as a
+    text to continue; None (a caption) when it has no text."""
+    if mode is not None and mode not in PROMPT_MODES:
         raise invalid(f"field 'prompt_mode' is '{mode[:20]}'", f"one of {', '.join(PROMPT_MODES)}",
                       "use 'question' (VQA prompting, the default) or 'continue'", "prompt_mode")
     users = [parts for role, parts in messages if role == "user"]
@@ -320,8 +325,13 @@ def _one_image_prompt(messages: list, model: ServedModel, mode: str) -> tuple[by
     text = " ".join(part.strip() for part in users[-1] if isinstance(part, str) and part.strip())
     _checked_chars([text], model)
     if not text:
+        if mode is not None:  # a caption either way: the field would change nothing
+            raise invalid(f"field 'prompt_mode' is '{mode}', and the last user message has no text",
+                          "prompt_mode only with a text to ask about or continue (without one the model writes a "
+                          "caption whatever the mode)", "leave out prompt_mode, or add a text part to the last user "
+                          "message", "prompt_mode")
         return images[0], None  # a caption
-    return images[0], vqa_prompt(model.captioner.vqa_template, text) if mode == "question" else text
+    return images[0], text if mode == "continue" else vqa_prompt(model.captioner.vqa_template, text)
 
 
 def _checked_chars(texts: list[str], model: ServedModel) -> list[str]:

@@ -1,5 +1,6 @@
 """``POST /v1/embeddings`` and ``POST /v1/classify`` for CLIP artifacts. Their calls run in worker threads, in
-parallel (a CLIP pipeline may be shared by any number of threads).
+parallel (a CLIP pipeline may be shared by any number of threads), at most ``--workers`` at once per artifact
+(``queue.CallQueue``).
 
 Embeddings: OpenAI's request (``input``: a string or a list of strings; ``encoding_format``: ``float`` or ``base64``),
 plus ``images``, a list of data URIs; the answer lists the texts' embeddings, then the images', unit-norm.

@@ -6,6 +6,8 @@ import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from mmedge.serve.queue import GenerationQueue
+
 PREFIXES = (("/static/", "/static"), ("/v1/models/", "/v1/models/{id}"))  # one label for every id
 ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/embeddings", "/v1/classify")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -23,16 +25,18 @@ class Metrics:
         self.ttft = Histogram("mmedge_time_to_first_token_seconds", "time from a chat request to its first text",
                               ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("mmedge_generated_tokens", "tokens of generated answers", ["model"], registry=r)
-        self.queue_depth = Gauge("mmedge_queue_depth", "generation requests waiting for a captioner", ["model"],
-                                 registry=r)
+        self.queue_depth = Gauge("mmedge_queue_depth", "requests waiting for their turn (a captioner, or a CLIP call)",
+                                 ["model"], registry=r)
         self.running = Gauge("mmedge_generations_running", "generations in progress", ["model"], registry=r)
         self.generations = Counter("mmedge_generations", "generations by how they ended: finished, cancelled (the "
                                    "client went away) or failed", ["model", "outcome"], registry=r)
 
     def watch_queue(self, queue) -> None:
+        """A model's queue: its depth; for a GenerationQueue, its generations too."""
         self.queue_depth.labels(queue.model_id).set_function(lambda: queue.waiting)
-        self.running.labels(queue.model_id).set_function(lambda: queue.running)
-        queue.on_done = lambda outcome: self.generations.labels(queue.model_id, outcome).inc()
+        if isinstance(queue, GenerationQueue):
+            self.running.labels(queue.model_id).set_function(lambda: queue.running)
+            queue.on_done = lambda outcome: self.generations.labels(queue.model_id, outcome).inc()
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -3,7 +3,7 @@ served under its folder name.
 
 A captioning artifact (a pipeline with ``stream``: BLIP-2, IDEFICS) gets ``--workers`` captioners behind one
 ``GenerationQueue``; a CLIP artifact gets one pipeline per task its manifest lists (``zero-shot``, ``embed``), whose
-calls run in parallel.
+calls run in parallel, ``--workers`` at once (``CallQueue``).
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ from typing import Any
 import mmedge
 from mmedge.artifact import Artifact
 from mmedge.errors import InputError, MmedgeError
-from mmedge.families import FAMILIES
 from mmedge.manifest import MANIFEST_FILE, parse_manifest
 from mmedge.progress import Progress
 from mmedge.serve import inputs
 from mmedge.serve.errors import ApiError
-from mmedge.serve.options import ServeOptions
-from mmedge.serve.queue import GenerationQueue
+from mmedge.serve.options import DEFAULT_CLIP_WORKERS, ServeOptions
+from mmedge.serve.queue import CallQueue, GenerationQueue
 
 
 @dataclass
@@ -35,6 +34,7 @@ class ServedModel:
     card: dict  # its /v1/models entry
     clip: dict[str, Any] = field(default_factory=dict)  # task -> ZeroShotClassifier / Embedder
     queue: GenerationQueue | None = None  # captioners
+    calls: CallQueue | None = None  # the turns of a CLIP artifact's requests
     fitting_prompts: OrderedDict = field(default_factory=OrderedDict)  # (labels, templates) found to fit: not rechecked
     fitting_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -64,7 +64,6 @@ def load_models(options: ServeOptions) -> dict[str, ServedModel]:
                          "rename or copy one of the folders")
     for path in options.artifacts:  # every manifest read first: a mistyped third folder is said before minutes of
         Artifact.open(path)  # loading the first two
-    _check_generation_flags(options, ids)
     # each artifact gets the --backend-option settings its plan uses (OpenVINO's device for those on OpenVINO)
     settings = options.backend_options.per_artifact(dict(zip(ids, options.artifacts)), options.backend,
                                                     options.device, options.threads) if options.backend_options else {}
@@ -81,27 +80,6 @@ def load_models(options: ServeOptions) -> dict[str, ServedModel]:
     return models
 
 
-def _check_generation_flags(options: ServeOptions, ids: list[str]) -> None:
-    """--workers and --max-queue only apply to captioning artifacts: given for none, they would do nothing. Read from
-    the manifests, before minutes of loading (an unreadable one is left for ``mmedge.load`` to report)."""
-    if not options.generation_flags:
-        return
-    families = []
-    for model_id, path in zip(ids, options.artifacts):
-        try:
-            family = parse_manifest((Path(path) / MANIFEST_FILE).read_bytes())["family"]
-        except (OSError, MmedgeError):
-            return
-        if FAMILIES[family].generative is not None:
-            return
-        families.append(f"{model_id}: {family}")
-    flags = " and ".join(options.generation_flags)
-    raise InputError(f"{flags} {'were' if len(options.generation_flags) > 1 else 'was'} given, but no served artifact "
-                     f"generates text ({', '.join(families)})",
-                     "--workers and --max-queue only with a captioning artifact (BLIP-2, IDEFICS): they size its "
-                     "generation queue", f"leave out {flags}, or serve a captioning artifact too")
-
-
 def load_model(model_id: str, path: Path, options: ServeOptions, backend_options: dict | None = None) -> ServedModel:
     def load(task: str | None = None):
         return mmedge.load(path, backend=options.backend, device=options.device, task=task, threads=options.threads,
@@ -113,10 +91,11 @@ def load_model(model_id: str, path: Path, options: ServeOptions, backend_options
     model = ServedModel(model_id, manifest, card={})
     try:
         if hasattr(first, "stream"):  # a captioner: --workers of them behind one queue
-            while len(loaded) < options.workers:
+            while len(loaded) < (options.workers or 1):
                 loaded.append(load())
             model.queue = GenerationQueue(model_id, loaded, options.max_queue)
         else:
+            model.calls = CallQueue(model_id, options.workers or DEFAULT_CLIP_WORKERS, options.max_queue)
             model.clip[first.task] = first
             for task in manifest["tasks"]:
                 if task not in model.clip:
@@ -139,8 +118,7 @@ def _card(model_id: str, path: Path, manifest: dict, pipeline, model: ServedMode
             "source": _public_source(manifest["source"]["model"]),
             "precision": {name: comp["precision"] for name, comp in manifest["components"].items()},
             "plan": _plan(pipeline)}
-    if model.queue:
-        card.update(workers=len(model.queue.pipelines), max_queue=options.max_queue)
+    card.update(workers=len((model.queue or model.calls).slots), max_queue=options.max_queue)
     classifier = model.clip.get("zero-shot")
     if classifier is not None and getattr(classifier, "baked_labels", None):
         card["labels"] = list(classifier.baked_labels)  # labels baked into the graph: /v1/classify needs none

@@ -15,7 +15,10 @@ API_KEY_ENV = "MMEDGE_API_KEY"
 DEFAULT_MAX_BODY_MB = 32  # a 12 MP phone JPEG is 4-8 MB, a third more as base64
 DEFAULT_MAX_IMAGES = 8  # per request
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000  # mmedge's own cap (mmedge.images); an operator may lower it
-DEFAULT_MAX_QUEUE = 16  # generation requests waiting per captioning artifact, beyond those generating
+DEFAULT_MAX_QUEUE = 16  # requests waiting per artifact, beyond those running
+DEFAULT_CLIP_WORKERS = 2  # CLIP requests an artifact runs at once without --workers: a second keeps the CPU busy while
+# one decodes its images; each holds its decoded images (up to --max-images of --max-image-pixels: ~0.5 GB worst case
+# with the defaults), so more would mostly multiply memory (a captioner's default is 1: each is a loaded copy)
 MAX_PROMPT_CHARS = 16_000  # refused before tokenizing
 MAX_PROMPT_TOKENS = 512  # prompt tokens a captioner takes (mmedge.pipelines.captioner cuts longer prompts)
 MAX_EMBEDDING_INPUTS = 256  # texts + images per embeddings request
@@ -33,27 +36,22 @@ class ServeOptions:
     backend: str = "auto"
     device: str = "auto"
     threads: int | None = None
-    workers: int = 1
+    workers: int | None = None  # requests each artifact runs at once; None: 1 captioner, or DEFAULT_CLIP_WORKERS
     max_queue: int = DEFAULT_MAX_QUEUE
     allow_images_from: Path | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_MB << 20
     max_images: int = DEFAULT_MAX_IMAGES
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    generation_flags: tuple[str, ...] = ()  # --workers / --max-queue as given on the command line (refused if no
-    # served artifact generates text: they would do nothing)
     quiet: bool = False  # no loading lines on stderr
     backend_options: CliBackendOptions | None = None  # --backend-option settings (each artifact gets those its plan
     # uses: mmedge.serve.models)
 
     @classmethod
     def from_args(cls, args) -> "ServeOptions":
-        given = tuple(name for name, value in (("--workers", args.workers), ("--max-queue", args.max_queue))
-                      if value is not None)
-        workers = 1 if args.workers is None else args.workers
-        max_queue = DEFAULT_MAX_QUEUE if args.max_queue is None else args.max_queue
+        workers = 1 if args.workers is None else args.workers  # None: each kind's default (models.py)
         for name, value, low in (("--port", args.port, 0), ("--workers", workers, 1),
-                                 ("--max-queue", max_queue, 0),
-                                 ("--max-body-mb", args.max_body_mb, 1), ("--max-images", args.max_images, 1),
+                                 ("--max-queue", args.max_queue, 0), ("--max-body-mb", args.max_body_mb, 1),
+                                 ("--max-images", args.max_images, 1),
                                  ("--max-image-pixels", args.max_image_pixels, 1)):
             if value < low or (name == "--port" and value > 65535):
                 bound = "from 0 (any free port) to 65535" if name == "--port" else f"at least {low}"
@@ -70,9 +68,9 @@ class ServeOptions:
         if api_key is not None and not api_key.strip():
             raise InputError("--api-key is empty", "a non-empty key", f"pass --api-key KEY or set {API_KEY_ENV}")
         return cls(artifacts=tuple(Path(a) for a in args.artifacts), host=args.host, port=args.port, api_key=api_key,
-                   backend=args.backend, device=args.device, threads=args.threads, workers=workers,
-                   max_queue=max_queue, allow_images_from=allowed, max_body_bytes=args.max_body_mb << 20,
-                   max_images=args.max_images, max_image_pixels=args.max_image_pixels, generation_flags=given,
+                   backend=args.backend, device=args.device, threads=args.threads, workers=args.workers,
+                   max_queue=args.max_queue, allow_images_from=allowed, max_body_bytes=args.max_body_mb << 20,
+                   max_images=args.max_images, max_image_pixels=args.max_image_pixels,
                    backend_options=CliBackendOptions.from_args(args) or None, quiet=args.quiet)
 
 
@@ -92,13 +90,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=count, default=None, help="CPU threads per graph")
     parser.add_argument(backend_option_args.FLAG, action="append", metavar=backend_option_args.METAVAR,
                         help=backend_option_args.HELP + "; each artifact gets the settings its plan uses")
-    parser.add_argument("--workers", type=int, default=None,  # None: not given (1), refused without a captioner
-                        help="captioners loaded per BLIP-2 / IDEFICS artifact: generations that run at "
-                        "once (default 1)")
-    parser.add_argument("--max-queue", type=int, default=None,  # None: not given (DEFAULT_MAX_QUEUE)
-                        help="generation requests that may wait per captioning artifact; more get 503 with "
-                        "Retry-After "
-                             f"(default {DEFAULT_MAX_QUEUE})")
+    parser.add_argument("--workers", type=int, default=None,  # None: each kind's default
+                        help="requests each artifact runs at once: captioners loaded per BLIP-2 / IDEFICS artifact "
+                        f"(default 1), concurrent calls of a CLIP artifact (default {DEFAULT_CLIP_WORKERS})")
+    parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                        help="requests that may wait per artifact beyond those running; more get 503 with "
+                        f"Retry-After (default {DEFAULT_MAX_QUEUE})")
     parser.add_argument("--allow-images-from", metavar="DIR",
                         help="let requests name image files inside DIR (file:// URLs or paths); default: "
                         "data URIs only")

@@ -1,12 +1,15 @@
-"""Running the app under uvicorn: artifacts loaded before the port opens, a ready line, and SIGTERM draining.
+"""Running the app under uvicorn: the port taken before the artifacts load, a ready line, and graceful stops.
 
 SIGTERM (or Ctrl-C once) stops accepting connections, lets every request in flight finish (streams included: their
-SSE responses are not cut), then closes the pipelines and exits 0; uvicorn gives up on requests still running after
-``DRAIN_SECONDS``. A second Ctrl-C quits at once.
+SSE responses are not cut; requests waiting in a queue get their turn), then closes the pipelines and exits 0. Requests
+still running ``DRAIN_SECONDS`` after the signal are cut off: uvicorn cancels them and each is answered 503
+``shutting_down`` (a stream ends with an error event; ``app.InternalErrorMiddleware``). A second Ctrl-C cuts them off at
+once and exits 130.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import signal
 import socket
@@ -20,11 +23,17 @@ from mmedge.serve.app import create_app
 from mmedge.serve.models import load_models
 from mmedge.serve.options import API_KEY_ENV, DRAIN_SECONDS, KEEP_ALIVE_SECONDS, ServeOptions
 
+BACKLOG = 2048  # connections the kernel holds until they are accepted (uvicorn's default)
+
 
 class _Server(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         if not self.should_exit:
-            print(f"mmedge serve: {signal.Signals(sig).name}: finishing the requests in flight, then exiting",
+            again = "; Ctrl-C again to stop at once" if sig == signal.SIGINT else ""
+            print(f"mmedge serve: {signal.Signals(sig).name}: finishing the requests in flight, then exiting "
+                  f"(at most {DRAIN_SECONDS} s{again})", file=sys.stderr, flush=True)
+        elif sig == signal.SIGINT:  # uvicorn's force exit: it cancels the requests still running
+            print("mmedge serve: SIGINT again: stopping now; the requests in flight are answered 503",
                   file=sys.stderr, flush=True)
         super().handle_exit(sig, frame)
 
@@ -42,23 +51,29 @@ def serve(options: ServeOptions) -> int:
         raise
     try:
         config = uvicorn.Config(create_app(options, models), log_level="warning", access_log=False, lifespan="off",
-                                timeout_keep_alive=KEEP_ALIVE_SECONDS, timeout_graceful_shutdown=DRAIN_SECONDS)
+                                timeout_keep_alive=KEEP_ALIVE_SECONDS, timeout_graceful_shutdown=DRAIN_SECONDS,
+                                backlog=BACKLOG)
         AppStatus.disable_automatic_graceful_drain()  # sse-starlette would cut streams at SIGTERM; they finish instead
-        sock.listen(config.backlog)  # before the address is printed: a client that reads it may connect at once
         host, port = sock.getsockname()[:2]
         where = f"[{host}]" if ":" in host else host
         print(f"mmedge serve: {len(models)} model{'s' if len(models) != 1 else ''} ({', '.join(models)}); "
               f"listening on http://{where}:{port}", flush=True)
-        # uvicorn re-raises the signal it drained on once it is done: a no-op handler lets the process exit 0 instead
-        previous = signal.signal(signal.SIGTERM, lambda *_: None)
+        # uvicorn re-raises the signal it drained on once it is done: no-op handlers let the process exit 0 instead
+        # (for Ctrl-C as for SIGTERM: one Ctrl-C is a graceful stop, not an interruption)
+        previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+        server = _Server(config)
         try:
-            _Server(config).run(sockets=[sock])  # serving starts here (listening only once the models are loaded)
+            server.run(sockets=[sock])  # serving starts here (connections made while loading waited in the backlog)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     finally:
         sock.close()
         for model in models.values():
             model.close()
+    if server.force_exit:
+        print("mmedge serve: stopped at a second Ctrl-C", file=sys.stderr, flush=True)
+        return 130  # 128 + SIGINT, as a shell reports an interrupted command
     print("mmedge serve: stopped", flush=True)
     return 0
 
@@ -71,16 +86,27 @@ def _loopback(address: str) -> bool:
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    """A socket bound to the address (port 0: any free port), or an MmedgeError saying why not."""
+    """A socket bound to the address and listening (port 0: any free port), or an MmedgeError saying why not.
+
+    It listens at once, before the artifacts load: with SO_REUSEADDR (set so that a restarted server need not wait
+    for its old connections' TIME_WAIT, as uvicorn does), Linux lets two sockets bind one port as long as neither
+    listens, so a second `mmedge serve` on a port whose first was still loading bound it too, loaded every model and
+    only then failed. A client that connects while the artifacts load waits in the backlog until serving starts."""
     sock = None
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        sock.listen(BACKLOG)
     except OSError as exc:
         if sock is not None:
             sock.close()
+        if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:  # the host is at fault, not the port
+            raise MmedgeError(f"cannot listen on {host}:{port} (--host: {exc.strerror or exc})",
+                              "an IP address or host name of this machine",
+                              "check --host: 127.0.0.1 for this machine only, 0.0.0.0 for every network interface, "
+                              "or an address `ip addr` lists") from None
         raise MmedgeError(f"cannot listen on {host}:{port} ({exc.strerror or exc})",
                           "a free port on an address of this machine",
                           "pick another --port (0 takes any free one), or stop the process that holds it") from None

@@ -162,6 +162,14 @@ def test_generation_settings_reach_the_captioner(openai_client, local, scenes):
     assert served(messages=image_message(scenes[1], "a blue"), extra_body={"prompt_mode": "continue"})[0] == continued
 
 
+def test_a_message_name_is_taken_and_changes_nothing(openai_client, local, scenes):
+    """OpenAI's participant ``name``, which chat frameworks send with multi-agent turns, is taken (refusing it would
+    refuse their requests) and, like the roles, is no part of the prompt: the answer is the one without it."""
+    messages = [{**image_message(scenes[1])[0], "name": "alice"}]
+    answer = openai_client.chat.completions.create(model="blip2-fp32", messages=messages)
+    assert answer.choices[0].message.content == local("blip2-fp32").caption(str(scenes[1]))
+
+
 def test_image_earlier_in_the_conversation(openai_client, local, scenes):
     """Multi-turn: the image of the first user message, the question of the last."""
     messages = [{"role": "system", "content": "You describe shapes."},

@@ -116,6 +116,14 @@ CASES = [
         ("the prompt takes 133 positions (image tokens included)", "the model's default max_tokens",
          "at most the 64 positions of model 'blip2-fp32'"), chat(IMAGE, "what is " * 60), param="messages"),
     Bad("prompt over the character cap", 400, "prompt_too_long", ("characters",), chat(IMAGE, "why " * 5000)),
+    Bad("prompt_mode continue without a text", 400, "invalid_value",
+        ("field 'prompt_mode' is 'continue', and the last user message has no text", "writes a caption whatever the "
+         "mode", "leave out prompt_mode"), chat(IMAGE, prompt_mode="continue"), param="prompt_mode"),
+    Bad("prompt_mode question without a text", 400, "invalid_value", ("field 'prompt_mode' is 'question'",),
+        chat(IMAGE, " ", prompt_mode="question"), param="prompt_mode"),
+    Bad("message name not a string", 422, "invalid_type", ("field 'messages[0].name' is 5", "expected a string"),
+        {"model": "blip2-fp32", "messages": [{"role": "user", "name": 5, "content": chat(IMAGE)["messages"][0][
+            "content"]}]}, param="messages[0].name"),
     Bad("max_tokens 0", 400, "invalid_value", ("field 'max_tokens' is 0", "from 1 to 4096"), chat(IMAGE, max_tokens=0),
         param="max_tokens"),
     Bad("max_tokens past the cap", 400, "invalid_value", ("is 100000",), chat(IMAGE, max_tokens=100000)),
