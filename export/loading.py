@@ -15,6 +15,7 @@ from typing import Any
 
 from mmedge.errors import InputError, ModelLoadError
 from mmedge.export.checkpoint_checks import check_image_size, check_loaded_weights, check_tokenizer
+from mmedge.export.hub import mistyped_path_hint
 
 CONFIG_DIR = Path(__file__).parent / "data" / "configs"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -37,8 +38,25 @@ def known_random_configs() -> list[str]:
 
 
 def config_sha256(config) -> str:
-    text = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    """The sha256 of the checkpoint's config, whatever path it was loaded from: transformers puts the path as typed
+    in ``_name_or_path`` (of the config and its sub-configs), which is left out so that 'm/clip', './m/clip/' and
+    its absolute path hash alike."""
+    text = json.dumps(_without_paths(config.to_dict()), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _without_paths(node):
+    if isinstance(node, dict):
+        return {k: _without_paths(v) for k, v in node.items() if k != "_name_or_path"}
+    if isinstance(node, list):
+        return [_without_paths(v) for v in node]
+    return node
+
+
+def recorded_source(model: str) -> str:
+    """How the manifest names the checkpoint: a local folder by its absolute, resolved path (a relative one means
+    another folder from another directory), a hub id or a bundled config name as typed."""
+    return str(Path(model).resolve()) if Path(model).exists() else model
 
 
 def _family_of(config) -> str:
@@ -150,7 +168,27 @@ def _local_folder(model: str) -> bool:
             "'openai/clip-vit-base-patch32'",
             "check the path",
         )
+    if not _valid_hub_id(model):  # a space, a non-ASCII letter...: no hub has it, so it is a mistyped folder
+        stray = model.strip() != model and Path(model.strip()).exists()  # a copied path's trailing space, say
+        raise ModelLoadError(
+            f"checkpoint folder '{model}' does not exist, and '{model}' is not a valid hub id either"
+            + (f" ('{model.strip()}' exists: a stray space?)" if stray else mistyped_path_hint(model)),
+            "a local checkpoint folder (config.json + *.safetensors) or a hub id such as "
+            "'openai/clip-vit-base-patch32' (ASCII letters, digits, '-', '_' and '.', no spaces)",
+            "check the path (a stray space, quote or accent?)",
+        )
     return False
+
+
+def _valid_hub_id(model: str) -> bool:
+    """Whether ``model`` passes the hub client's own rule for an id (it raises HFValidationError otherwise)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        return False
+    return True
 
 
 def load_checkpoint(model: str, *, random_weights: bool = False, allow_pickle: bool = False,
@@ -179,9 +217,7 @@ def _hub(model: str) -> dict:
 def _hub_config(transformers, model: str):
     try:
         return transformers.AutoConfig.from_pretrained(model, **_hub(model))
-    except OSError as exc:
-        from mmedge.export.hub import mistyped_path_hint
-
+    except (OSError, ValueError) as exc:  # ValueError: the hub client's HFValidationError among others
         raise ModelLoadError(
             f"cannot load a config for '{model}' ({str(exc).splitlines()[0][:200]}){mistyped_path_hint(model)}",
             "a local checkpoint folder or a reachable Hugging Face hub id",
@@ -225,7 +261,7 @@ def _load_pretrained(model: str, allow_pickle: bool) -> LoadedModel:
             f"re-download or re-save the checkpoint (save_pretrained){pickled}",
         ) from None
     check_loaded_weights(model, loaded, info)
-    source = {"model": model, "config_sha256": config_sha256(config), "random_weights": False,
+    source = {"model": recorded_source(model), "config_sha256": config_sha256(config), "random_weights": False,
               "transformers_version": transformers.__version__, "dtype": stored_dtype(loaded)}
     return LoadedModel(family, loaded.eval(), tokenizer, processor, source)
 
@@ -318,5 +354,6 @@ def _load_random(model: str, seed: int) -> LoadedModel:
     if tokenizer is None:
         tokenizer = spec.synthetic_tokenizer(config)
         processor = entry["preprocess"]  # already in the manifest's preprocessing form
-    source = {"model": model, "config_sha256": config_sha256(config), "random_weights": True, "seed": seed}
+    source = {"model": recorded_source(model), "config_sha256": config_sha256(config), "random_weights": True,
+              "seed": seed}
     return LoadedModel(family, loaded, tokenizer, processor, source)

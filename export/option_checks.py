@@ -34,6 +34,30 @@ def _static(options, family) -> bool:
     return options.precision == "int8" and options.quantization == "static"
 
 
+def _encoders_gated(options, family) -> bool:
+    """Whether the export measures its encoders' fidelity (``min_quantized_cosine``): they are lowered (FP16 or INT8)
+    and some graph is quantized, which is when the family's fidelity checks run."""
+    return options.precision != "fp32" and _quantized(options, family)
+
+
+def _decoder_gated(options, family) -> bool:
+    """Whether the export measures its LLM's fidelity against the FP32 one (``min_logits_cosine`` and the settings
+    of that measurement): the LLM is lowered and some graph is quantized."""
+    return family.has_llm and _llm(options) != "fp32" and _quantized(options, family)
+
+
+# ExportOptions.extra settings of the LLM's fidelity measurement (Python API only), and when each is used:
+# min_logits_cosine also gates the --openvino-weights IR of the FP32 decoder
+DECODER_FIDELITY_SETTINGS = {
+    "min_logits_cosine": lambda o, f: _decoder_gated(o, f) or (f.has_llm and o.openvino_weights is not None),
+    "fidelity_images": _decoder_gated, "fidelity_max_new_tokens": _decoder_gated, "fidelity_prompts": _decoder_gated,
+}
+
+
+def _bakes_labels(options, family) -> bool:
+    return family.name == "clip" and options.task == "zero-shot"
+
+
 RULES = (
     Rule("--llm-precision", lambda o: o.llm_precision is not None, lambda o, f: f.has_llm,
          "a model with a language model (BLIP-2, IDEFICS)", "drop --llm-precision: --precision sets every graph"),
@@ -63,9 +87,13 @@ RULES = (
     Rule("--fidelity-images", lambda o: o.fidelity is not None, _quantized,
          "a quantized graph (--precision int8, or --llm-precision int8/int4): FP32 and FP16 exports measure no "
          "fidelity", "add --precision int8, or drop --fidelity-images"),
-    Rule("--labels", lambda o: bool(o.labels), lambda o, f: f.name == "clip" and o.task == "zero-shot",
+    # labels read from --labels-file are refused under that flag's name (the CLI passes labels_file with them)
+    Rule("--labels", lambda o: bool(o.labels) and o.labels_file is None, _bakes_labels,
          "a CLIP model exported for --task zero-shot",
          "drop --labels, or export a CLIP checkpoint with --task zero-shot"),
+    Rule("--labels-file", lambda o: o.labels_file is not None, _bakes_labels,
+         "a CLIP model exported for --task zero-shot",
+         "drop --labels-file, or export a CLIP checkpoint with --task zero-shot"),
     Rule("--templates", lambda o: bool(o.templates), lambda o, f: f.name == "clip"
          and (bool(o.labels) or o.precision == "int8"),
          "CLIP with --labels (the templates are baked in) or at --precision int8 (its calibration and "
@@ -80,6 +108,16 @@ RULES = (
     Rule("seed", lambda o: o.seed is not None, lambda o, f: o.random_weights,
          "random_weights=True (the seed draws the random weights; a checkpoint's own are loaded as stored)",
          "drop seed, or pass random_weights=True"),
+    Rule("min_quantized_cosine", lambda o: o.min_quantized_cosine is not None, _encoders_gated,
+         "encoders lowered to FP16 or INT8 in an export with a quantized graph (--precision int8, or --precision "
+         "fp16 with --llm-precision int8/int4): only then is their fidelity vs FP32 measured and gated",
+         "drop min_quantized_cosine, or pass precision='int8'"),
+    *(Rule(f"extra setting {key}", lambda o, key=key: key in o.extra, works,
+           "a language model lowered below FP32 in an export with a quantized graph (--llm-precision int8/int4, "
+           "or --precision int8)" + (", or --openvino-weights" if key == "min_logits_cosine" else "")
+           + ": only then is the LLM's fidelity vs FP32 measured",
+           f"drop {key}, or pass llm_precision='int8' or 'int4'")
+      for key, works in DECODER_FIDELITY_SETTINGS.items()),
     *(Rule(flag, lambda o, key=key: key in o.extra, lambda o, f, key=key: key in f.extra_defaults,
            EXTRA_FLAG_MODELS[key], f"drop {flag}")
       for key, flag in EXTRA_FLAGS.items()),

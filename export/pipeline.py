@@ -36,7 +36,7 @@ FIDELITY_ROWS = 4  # rows per ONNX Runtime call when a large graph's fidelity is
 # What an option left at None means (None marks "not given", so an option that would do nothing can be refused)
 DEFAULTS = {"quantization": "dynamic", "int4_block_size": 32, "int4_accuracy_level": 4, "int4_head": "int8",
             "int4_symmetric": False,
-            "calibration_method": "percentile", "seed": 0}
+            "calibration_method": "percentile", "seed": 0, "min_quantized_cosine": 0.98}
 
 
 @dataclass
@@ -51,12 +51,15 @@ class ExportOptions:
     int4_head: str | None = None  # INT4 LLM: its output projection (LM head) at int8 (default), fp32 or int4
     int4_symmetric: bool | None = None  # INT4 LLM: True = no zero points (default False: a zero point per block)
     labels: list[str] | None = None  # bake these into one zero-shot graph
+    # the file ``labels`` were read from (the CLI's --labels-file): named in refusals, and never deleted by --overwrite
+    labels_file: str | os.PathLike | None = None
     templates: list[str] | None = None
     calibration: str | None = None  # folder of images for static INT8; None = bundled photos
     calibration_method: str | None = None  # static INT8: percentile (default) | minmax | entropy
     # folder of images to measure quantized fidelity on (default: calibration, else bundled)
     fidelity: str | None = None
-    min_quantized_cosine: float = 0.98  # mean embedding cosine vs FP32 on held-out photos
+    # mean embedding cosine of quantized encoders vs FP32 on held-out photos (default 0.98)
+    min_quantized_cosine: float | None = None
     random_weights: bool = False
     allow_pickle: bool = False
     overwrite: bool = False
@@ -85,8 +88,13 @@ class ExportOptions:
         if self.quantization not in (None, *QUANTIZATIONS):
             raise ExportError(f"quantization '{self.quantization}' is not supported",
                               f"one of {', '.join(QUANTIZATIONS)}", "pass --quantization static or dynamic")
+        if self.labels_file is not None and not self.labels:
+            raise ExportError(f"labels_file '{self.labels_file}' was given without labels",
+                              "labels_file only beside the labels read from it (it names their file; the export "
+                              "does not read it)", "pass the file's labels as labels=[...], or drop labels_file")
         cosine = self.min_quantized_cosine
-        if isinstance(cosine, bool) or not isinstance(cosine, (int, float)) or not 0 < cosine <= 1:
+        if cosine is not None and (isinstance(cosine, bool) or not isinstance(cosine, (int, float))
+                                   or not 0 < cosine <= 1):
             raise ExportError(f"min_quantized_cosine {cosine!r} is not a usable fidelity floor",
                               "a number in (0, 1]: the mean cosine a quantized encoder keeps vs FP32 (default 0.98)",
                               "pass a value such as 0.98, or leave min_quantized_cosine out")
@@ -110,7 +118,7 @@ def export_model(model: str, out: str | Path, options: ExportOptions | None = No
     options = options or ExportOptions(**overrides)
     options.check()
     # cheap checks first, nothing is loaded yet: --overwrite replaces only an artifact, never the checkpoint it reads
-    check_output_folder(out, overwrite=options.overwrite, sources=_local_sources(model))
+    check_output_folder(out, overwrite=options.overwrite, sources=_local_sources(model, options))
     from mmedge.export.loading import check_weight_files, checkpoint_config, family_of_config
     from mmedge.export.option_checks import check_export_options
 
@@ -129,9 +137,12 @@ def export_model(model: str, out: str | Path, options: ExportOptions | None = No
         return _export(model, Path(out), options, family, estimate)
 
 
-def _local_sources(model: str) -> list[Path]:
-    """The checkpoint folder ``model`` names, if it is one here (a hub id or a bundled config name is not)."""
-    return [Path(model)] if Path(model).exists() else []
+def _local_sources(model: str, options: ExportOptions) -> list[Path]:
+    """What the export reads from this disk, which --overwrite must not delete with the old artifact: the checkpoint
+    folder ``model`` names if it is one here (a hub id or a bundled config name is not), the calibration and fidelity
+    image folders, and the file the labels were read from."""
+    paths = (model, options.calibration, options.fidelity, options.labels_file)
+    return [Path(path) for path in paths if path is not None and os.path.lexists(path)]
 
 
 @contextlib.contextmanager
@@ -169,7 +180,7 @@ def _export(model: str, out: Path, options: ExportOptions, family, estimate=None
     with progress.step("building export specs" + (f" with {len(options.labels)} baked labels" if options.labels
                                                   else "")):
         specs = family.specs(loaded, options)
-    with (atomic_folder(out, overwrite=options.overwrite, sources=_local_sources(model)) as stage,
+    with (atomic_folder(out, overwrite=options.overwrite, sources=_local_sources(model, options)) as stage,
           _scratch(out, stage) as scratch):
         builder = ArtifactBuilder(stage, scratch, loaded, family, options)
         builder.memory = {"estimate": estimate.as_manifest() if estimate else None, "steps": progress.steps}

@@ -8,7 +8,8 @@ the file on this device (``mmedge.file_checks``; ``recheck=True`` hashes every t
 Writing: ``atomic_folder(dest)`` hands out a temporary folder beside ``dest`` and renames it into
 place only when the block finishes without error, so an interrupted export leaves no half-written
 artifact and never touches an existing one until the new one is complete. ``--overwrite`` replaces only
-what mmedge wrote (``check_output_folder``): never a file, a foreign folder, the current directory or the input.
+what mmedge wrote (``check_output_folder``): never a file, a foreign folder, the current directory or the input;
+the same rule is applied again at the rename to whatever appeared at ``dest`` while the work ran.
 """
 
 from __future__ import annotations
@@ -341,7 +342,10 @@ def export_needed(folder: str | os.PathLike, model: str, precision: str,
     manifest = Artifact.open(folder).manifest
     source, made = manifest["source"]["model"], {n: c["precision"] for n, c in manifest["components"].items()}
     wanted = {name: (llm_precision or precision) if name == "decoder" else precision for name in made}
-    if source == model and made == wanted:
+    # a local folder is recorded by its resolved path (mmedge.export.loading.recorded_source): 'm/clip', './m/clip/'
+    # and the absolute path are one checkpoint. An older artifact's relative path is never taken for a match: from
+    # another directory it names another folder.
+    if source == (str(Path(model).resolve()) if os.path.exists(model) else model) and made == wanted:
         return None
     return f"{folder} held {source} at " + ", ".join(f"{name} {precision}" for name, precision in made.items())
 
@@ -426,7 +430,12 @@ def check_output_folder(dest: str | os.PathLike, *, overwrite: bool,
 def _check_writable(dest: Path) -> None:
     """Refuse ``dest`` when the folder it goes into is not a folder, or neither it nor (where it is still to be
     created) its nearest existing ancestor can be written, or its name is too long for the staging folder's: the
-    staging folder is made there and renamed to ``dest``."""
+    staging folder is made there and renamed to ``dest``. A path ending in '..' (or naming no folder at all) is refused:
+    its staging folder would be named after '..', and renaming it there fails only after all the work."""
+    if dest.name in ("", ".", ".."):
+        raise ArtifactError(f"output path '{dest}' ends in '{dest.name or '.'}', so it names no new folder",
+                            "an output path whose last part is the folder's own name (not '.' or '..')",
+                            "write the folder's name at the end, e.g. 'artifacts/clip-int8'")
     size = len(dest.name.encode())
     if size + STAGING_EXTRA_BYTES > NAME_MAX_BYTES:
         raise ArtifactError(f"output path '{dest}' has a name of {size} bytes",
@@ -467,8 +476,9 @@ def atomic_folder(dest: str | os.PathLike, *, overwrite: bool = False,
     ``dest`` is checked first (``check_output_folder``: with ``overwrite`` only what ``recognize`` knows, or an empty
     folder, is replaced). On any exception (or a killed process) the temporary folder is removed or left as a hidden
     ``.dest.partial-*`` folder, ``dest`` itself is untouched, and the parent folders this created are removed again.
+    At the rename the same rule is applied again to whatever is at ``dest`` by then (``_move_into_place``).
     """
-    dest = Path(dest)
+    dest, sources = Path(dest), list(sources)  # sources: read at the start and again at the rename
     check_output_folder(dest, overwrite=overwrite, recognize=recognize, kind=kind, command=command, sources=sources)
     parent = dest.parent if str(dest.parent) else Path(".")
     created = _missing_folders(parent)
@@ -492,17 +502,46 @@ def atomic_folder(dest: str | os.PathLike, *, overwrite: bool = False,
             mode = (0o666 if item.is_file() else 0o777) & ~mask
             if stat.S_IMODE(status.st_mode) != mode:  # a chmod that changes nothing still moves the change time
                 item.chmod(mode)
-        if dest.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=parent))
-            os.replace(dest, backup / "old")
-            os.replace(staging, dest)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(staging, dest)
+        _move_into_place(staging, dest, overwrite=overwrite, recognize=recognize, kind=kind, command=command,
+                         sources=sources)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         _remove_empty(created)  # a refused export leaves nothing new on disk
         raise
+
+
+def _move_into_place(staging: Path, dest: Path, *, overwrite: bool, command: str, **replacing) -> None:
+    """Rename the finished ``staging`` to ``dest``. What lies at ``dest`` now is judged again by the start's rule
+    (``check_output_folder``): another export, or the user, may have put something there while this one ran. Without
+    ``overwrite`` nothing is replaced; with it only what the start would have replaced, and the old folder is put back
+    if the new one cannot take its place."""
+    if not os.path.lexists(dest):
+        try:
+            os.rename(staging, dest)
+            return
+        except OSError:  # something made there since the check above (a folder that is not empty): never replaced
+            if not os.path.lexists(dest):
+                raise
+    if not overwrite:  # the start found nothing there (check_output_folder refuses an existing dest without it)
+        raise _appeared(dest, command)
+    check_output_folder(dest, overwrite=True, command=command, **replacing)
+    parent = dest.parent if str(dest.parent) else Path(".")
+    backup = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=parent))
+    os.replace(dest, backup / "old")
+    try:
+        os.replace(staging, dest)
+    except BaseException:
+        os.replace(backup / "old", dest)  # the old artifact back where it was, not left in a hidden folder
+        backup.rmdir()
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _appeared(dest: Path, command: str) -> ArtifactError:
+    return ArtifactError(f"output folder '{dest}' appeared while `{command}` was writing (another run, or a folder "
+                         "made there meanwhile): it was left as it is and nothing was written",
+                         "a path that does not exist yet (without --overwrite nothing is replaced)",
+                         "choose another output path, or pass --overwrite to replace it when it is one mmedge wrote")
 
 
 def _remove_empty(folders: list[Path]) -> None:

@@ -22,8 +22,9 @@ MANIFEST_FILE = "manifest.json"
 # each manifest (``export.recipe_revision``), so a cache (``mmedge demo``'s, the benchmarks') can tell an artifact
 # made with an older default. 2026-12-06.1: INT4 LLMs' 8-bit nodes in blocks of up to 256 weights. 2026-12-06.2:
 # decoders take logits_positions and run the LM head on those rows only (older decoders still run). 2026-12-06.3: FP32
-# image graphs' long-inner MatMuls split in two (mmedge.export.graph_rewrites).
-RECIPE_REVISION = "2026-12-06.3"
+# image graphs' long-inner MatMuls split in two (mmedge.export.graph_rewrites). 2026-12-07.1: CLIP's static INT8 text
+# graph calibrated on other labels' prompts than its fidelity prompts (so its held-out fidelity is held out).
+RECIPE_REVISION = "2026-12-07.1"
 MAX_MANIFEST_BYTES = 16 << 20  # a real manifest is a few KB (a fused 1000-label bank: well under 1 MB)
 MAX_FILE_NAME_BYTES = 255  # the longest file name Linux, macOS and Windows file systems accept
 

@@ -3,6 +3,7 @@ RuntimeError from torch, `--test-scenes 0` a ValueError, after minutes of render
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,3 +21,43 @@ def test_a_bad_count_is_a_usage_error(flag, value, tmp_path):
                              str(tmp_path / "models"), flag, value], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and f"argument {flag}" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "models").exists()
+
+
+# --- examples/export_for_device.py ----------------------------------------------------------------------------------
+def _export_for_device(*args: str, cwd: Path, prelude: str = "") -> subprocess.CompletedProcess:
+    """Run the example as `python examples/export_for_device.py ARGS`, after ``prelude`` (Python run first)."""
+    script = ROOT / "examples" / "export_for_device.py"
+    code = f"{prelude}\nimport runpy, sys\nsys.argv = {[str(script), *args]!r}\nrunpy.run_path({str(script)!r}, " \
+           "run_name='__main__')"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_export_for_device_refusals_say_what_was_expected(tmp_path):
+    """Its refusals gave only a fix: no "expected ..." part, as every mmedge error has."""
+    from mmedge import demo
+
+    (tmp_path / "dfile").write_text("")
+    (tmp_path / "orin" / "artifact").mkdir(parents=True)
+    (tmp_path / "orin" / "artifact" / "mine.txt").write_text("mine")
+    other_clip = shutil.copytree(demo.model_path("clip"), tmp_path / "my-clip")  # not the shipped one: needs --labels
+    cases = [(["--device-dir", "dfile"], "--device-dir 'dfile' is not a folder"),
+             (["--device-dir", "orin"], "is not an mmedge artifact"),
+             (["--model", str(other_clip)], "no labels to bake"),
+             (["--model", str(demo.model_path("idefics"))], "is an IDEFICS model")]
+    for args, what in cases:
+        result = _export_for_device(*args, cwd=tmp_path)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, (args, result.stderr)
+        assert what in result.stderr and "; expected " in result.stderr and "; fix: " in result.stderr, result.stderr
+    assert (tmp_path / "orin" / "artifact" / "mine.txt").read_text() == "mine"
+
+
+def test_export_for_device_interrupted_is_one_line_and_exit_130(tmp_path):
+    """Ctrl-C during its export printed a KeyboardInterrupt traceback and exited 1; `mmedge export` prints one line
+    and exits 130. Nothing is left in --device-dir."""
+    prelude = ("import mmedge.export\n"
+               "def interrupted(*args, **kwargs):\n"
+               "    raise KeyboardInterrupt\n"
+               "mmedge.export.export_model = interrupted")
+    result = _export_for_device("--device-dir", "orin", cwd=tmp_path, prelude=prelude)
+    assert result.returncode == 130 and result.stderr == "interrupted\n", result.stderr
+    assert list(tmp_path.iterdir()) == []
