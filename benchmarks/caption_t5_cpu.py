@@ -155,7 +155,7 @@ def report(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one timed run per variant")
     parser.add_argument("--reexport", action="store_true")
     parser.add_argument("--threads", type=count, default=2)

@@ -53,15 +53,23 @@ def decode_rate(clock: TokenClock, captioner, inputs, config) -> tuple[float, li
     return (len(times) - 1) / (times[-1] - times[0]), ids[0]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    from caption_cpu import VARIANTS
+
     import mmedge
     from mmedge.generation import GenerationConfig
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=count, default=5)
     parser.add_argument("--threads", type=count, default=2)
-    parser.add_argument("--variants", nargs="+", default=["fp32", "int4"])
-    args = parser.parse_args()
+    parser.add_argument("--variants", nargs="+", default=["fp32", "int4"], choices=[v.name for v in VARIANTS],
+                        help="caption_cpu.py's exports to decode (default: fp32 int4)")
+    args = parser.parse_args(argv)
+    missing = [OUT / f"blip2-vitb-opt125m-{variant}" for variant in args.variants
+               if not (OUT / f"blip2-vitb-opt125m-{variant}" / "manifest.json").is_file()]
+    if missing:  # before the table's header, not after it
+        print(f"missing {', '.join(map(str, missing))}: run benchmarks/caption_cpu.py first", file=sys.stderr)
+        return 1
     photo = Path(__file__).resolve().parent.parent / "export" / "data" / "images" / "holdout-chelsea.jpg"
     print(f"load average {os.getloadavg()[0]:.2f}; threads={args.threads}; {args.reps} interleaved reps; "
           f"{NEW_TOKENS} tokens forced, greedy")
@@ -69,9 +77,6 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     for variant in args.variants:
         path = OUT / f"blip2-vitb-opt125m-{variant}"
-        if not path.is_dir():
-            print(f"missing {path}: run benchmarks/caption_cpu.py first", file=sys.stderr)
-            return 1
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             captioner = mmedge.load(path, backend="onnxruntime", threads=args.threads)

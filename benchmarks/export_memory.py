@@ -9,7 +9,9 @@ peak RSS from the manifest (``export.memory``), then ``mmedge validate`` and ``m
 the artifact, each in its own process, and deletes the artifact (they are 5-16 GB) unless ``--keep``. The
 reference point, measured in the same run: a process that only builds the Hugging Face model
 (``Blip2ForConditionalGeneration(config)``, FP32, what ``from_pretrained`` holds) — every export peak is printed as a
-ratio to it. Results go to ``benchmarks/results/export_memory.json`` and a markdown table on stdout.
+ratio to it. Results go to ``benchmarks/out/export_memory.json`` (git-ignored; the tracked figures in
+``benchmarks/results/`` are copied there by hand when a run is recorded in RESULTS.md, or written there with
+``--json``), with the machine (``_common.machine_info``), and a markdown table on stdout.
 
 ``--smoke`` checks this script on a bundled benchmark-size config instead (``SMOKE``: a family's small stand-in; the
 families without one are skipped with a note) and writes ``benchmarks/out/export_memory-smoke.json`` (untracked)
@@ -22,7 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -30,6 +31,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import machine_info
 
 ROOT = Path(__file__).resolve().parent.parent
 MMEDGE = [sys.executable, "-m", "mmedge.cli"]
@@ -52,7 +55,8 @@ CASES = {
 # mmedge/blip2-vitb-flan-t5-base and mmedge/idefics-mid configs): a random-weight INT4 LLM that small misses the
 # export's default logits check (idefics-mid: cosine 0.944 < 0.95; flamingo_cpu.py and caption_t5_cpu.py lower it)
 SMOKE = {"blip2": "mmedge/blip2-vitb-opt125m"}
-RESULTS = ROOT / "benchmarks" / "results" / "export_memory.json"  # tracked: the full-size figures RESULTS.md quotes
+# git-ignored, like every script's output: a run never overwrites the tracked figures in benchmarks/results/
+RESULTS = ROOT / "benchmarks" / "out" / "export_memory.json"
 SMOKE_RESULTS = ROOT / "benchmarks" / "out" / "export_memory-smoke.json"
 HF_BUILD = """
 import json, sys, transformers, torch
@@ -134,7 +138,7 @@ def markdown(results: list[dict], reference: dict | None) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options, with ``cases`` (family -> (model, [(label, flags)]): what this run exports, in order; under
     ``--smoke`` the small stand-ins, a family without one left out with a note) and ``json`` resolved."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=sorted(CASES), action="append", help="families to run (default: all)")
     parser.add_argument("--case", action="append", help="run only cases with this label (e.g. 'FP32')")
     parser.add_argument("--keep", action="store_true", help="keep the artifacts (5-16 GB each)")
@@ -143,7 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true",
                         help="the small bundled BLIP-2 instead, the other families skipped (checks this script)")
     parser.add_argument("--json", default=None,
-                        help="where to write the results (default benchmarks/results/export_memory.json; with "
+                        help="where to write the results (default benchmarks/out/export_memory.json; with "
                              "--smoke benchmarks/out/export_memory-smoke.json)")
     args = parser.parse_args(argv)
     labels = {label for family in args.only or list(CASES) for label, _ in CASES[family][1]}
@@ -168,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="export-memory-"))
     work.mkdir(parents=True, exist_ok=True)
     header = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()}
+              "machine": machine_info()}
     print(json.dumps(header), flush=True)
     results, references = [], {}
     for family, (model, cases) in args.cases.items():

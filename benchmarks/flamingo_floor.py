@@ -221,7 +221,7 @@ def session_settings(folder: Path, threads: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=cli_args.count, default=2)
     parser.add_argument("--runs", type=cli_args.count, default=7, help="timed rounds (after a warm-up round)")
     args = parser.parse_args(argv)

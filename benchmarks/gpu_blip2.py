@@ -12,6 +12,7 @@ replay time of the captured step, and the top kernels. The HF static-cache varia
 from __future__ import annotations
 
 import copy
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -282,3 +283,10 @@ def measure_blip2(settings, device, dtype, budget: Budget, save: Callable[[], An
     model = None  # the closures above are done with it: free the weights
     reset_peak(torch, device)
     return out
+
+
+
+if __name__ == "__main__":  # a helper module, imported by gpu_bench.py: nothing to run on its own
+    print("gpu_blip2.py is a helper module of benchmarks/gpu_bench.py, not a benchmark: run "
+          "`python benchmarks/gpu_bench.py --help` (or benchmarks/gpu_check.sh) instead", file=sys.stderr)
+    sys.exit(2)

@@ -142,3 +142,10 @@ def graph_replay_us(torch, graph, runs: int = 50) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) * 1e3 / runs
+
+
+
+if __name__ == "__main__":  # a helper module, imported by gpu_bench.py: nothing to run on its own
+    print("gpu_parts.py is a helper module of benchmarks/gpu_bench.py, not a benchmark: run "
+          "`python benchmarks/gpu_bench.py --help` (or benchmarks/gpu_check.sh) instead", file=sys.stderr)
+    sys.exit(2)

@@ -194,7 +194,7 @@ def prefill_logits(args) -> tuple[dict, str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=count, default=2)
     parser.add_argument("--pasts", type=non_negative, nargs="+", default=[48, 1000],
                         help="cached tokens before a decode step")

@@ -63,7 +63,7 @@ def recipes(matmuls: list[str], heads: list[str]) -> dict[str, dict]:
         out[f"{group} int4 only"] = {"base": "fp32", "table": "fp32", "int4": {**int4, **only(group)}}
     out |= {
         "all int4, fp32 encoders": {"base": "fp32", "table": "int4", "int4": int4},
-        "all int4 (today's recipe)": {"base": "int8", "table": "int4", "int4": int4},
+        "all int4, symmetric (the old recipe)": {"base": "int8", "table": "int4", "int4": int4},
         "all int4, block 16": {"base": "int8", "table": "int4-16", "int4": {**int4, "block_size": 16}},
         "all int4, asymmetric": {"base": "int8", "table": "int4", "int4": {**int4, "symmetric": False}},
         "all int4, asymmetric, block 16": {"base": "int8", "table": "int4-16",
@@ -154,7 +154,12 @@ def export_bases(work: Path) -> dict[str, Path]:
     from mmedge.export import ExportOptions, export_model
 
     variant = next(v for v in demo.variants() if v.name == "idefics-int4")
-    encoders = {k: v for k, v in variant.export_options().items() if not k.startswith("int4_")}
+    # the demo variant's encoder settings without its LLM ones: the int4_* keys, and extra.fidelity_prompts (the LLM's
+    # fidelity prompts, which the exporter refuses as idle once the LLM stays FP32)
+    encoders = {k: v for k, v in variant.export_options().items() if not k.startswith("int4_") and k != "extra"}
+    extra = {k: v for k, v in (variant.export_options().get("extra") or {}).items() if k != "fidelity_prompts"}
+    if extra:
+        encoders["extra"] = extra
     bases = {"fp32": ({}, work / "fp32"), "int8": ({**encoders, "llm_precision": "fp32"}, work / "int8-encoders")}
     for options, folder in bases.values():
         if not (folder / "manifest.json").is_file():

@@ -1,9 +1,10 @@
 """Time to load an artifact in a new process, with every graph hashed (no record of earlier checks: every load
 before ``mmedge.file_checks``) and with this device's record of them (``engines/sha256-checks.record``).
 
-Each load runs in a fresh Python process, as each ``mmedge run`` does: ``mmedge.load(artifact)`` then ``close()``,
-timed inside the child (interpreter start and imports not counted). The two cases take turns, ``--rounds`` times;
-the files stay in the page cache throughout (a warm disk: the read saved is the hash's own, not the disk's).
+Each load runs in a fresh Python process, as each ``mmedge run`` does: ``mmedge.load(artifact,
+threads=N)`` (``--threads``) then ``close()``, timed inside the child (interpreter start and imports not counted).
+The two cases take turns, ``--rounds`` times; the files stay in the page cache throughout (a warm disk: the read
+saved is the hash's own, not the disk's).
 
     python benchmarks/load_cpu.py                               # the IDEFICS-mid and CLIP ViT-B/32 FP32 artifacts
     python benchmarks/load_cpu.py --artifacts out/my-artifact   # any artifact folders
@@ -31,15 +32,15 @@ import sys, time, warnings
 warnings.simplefilter("ignore")
 import mmedge
 start = time.perf_counter()
-mmedge.load(sys.argv[1]).close()
+mmedge.load(sys.argv[1], threads=int(sys.argv[2])).close()
 print(time.perf_counter() - start)
 """
 
 
 def load_seconds(artifact: Path, threads: int) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    out = subprocess.run([sys.executable, "-c", CHILD, str(artifact)], capture_output=True, text=True, env=env,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", CHILD, str(artifact), str(threads)], capture_output=True, text=True,
+                         env=env, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--artifacts", nargs="+", type=Path, default=DEFAULT)
     parser.add_argument("--rounds", type=count, default=5)
-    parser.add_argument("--threads", type=count, default=2)
+    parser.add_argument("--threads", type=count, default=2, help="mmedge.load(threads=) in each loading process")
     parser.add_argument("--json", type=Path, default=HERE / "out" / "load_cpu.json")
     args = parser.parse_args(argv)
     for artifact in args.artifacts:
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
         print(f"{row['artifact']} ({row['graphs_gb']} GB of graphs): load {row['load_hashing_s']:.2f} s hashing every "
               f"graph, {row['load_with_record_s']:.2f} s with the record: {row['ratio']:.2f}x the time "
               f"(median of {args.rounds}, in turns)", flush=True)
-    write_json(args.json, {"machine": machine_info(), "rows": rows})
+    write_json(args.json, {"machine": machine_info(), "threads": args.threads, "rows": rows})
     return 0
 
 

@@ -9,6 +9,10 @@ Each setting runs in a fresh process (memory figures are per process). Two measu
 
     python benchmarks/openvino_shape_cache.py                 # caps 5000 (OpenVINO's), 256 (mmedge's), 64, 0
     python benchmarks/openvino_shape_cache.py --caps 256 5000 --calls 800
+
+The ratio column is each setting's IDEFICS answer time over OpenVINO's default's (5000) when that setting ran, else
+over the first setting's; its header names which. ``--json`` (default ``benchmarks/out/openvino_shape_cache.json``)
+keeps the rows, the reference setting and the machine.
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ import sys
 import time
 from pathlib import Path
 
+from _common import machine_info, package_versions, write_json
 from mmedge.cli_args import count, non_negative
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out"
+OPENVINO_DEFAULT = 5000  # CPU_RUNTIME_CACHE_CAPACITY when nothing sets it
 PHOTOS = sorted((ROOT / "export" / "data" / "images").glob("holdout-*.jpg"))[:2]
 
 
@@ -86,15 +92,17 @@ def measure(cap: int, calls: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--caps", type=non_negative, nargs="+", default=[5000, 256, 64, 0],
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--caps", type=non_negative, nargs="+", default=[OPENVINO_DEFAULT, 256, 64, 0],
                         help="shape_cache settings, one process each (0: no cache)")
     parser.add_argument("--calls", type=count, default=1500, help="CLIP text calls of random shape")
+    parser.add_argument("--json", type=Path, default=OUT / "openvino_shape_cache.json", help="where the results go")
     parser.add_argument("--one", type=non_negative, help=argparse.SUPPRESS)  # the child: one setting
     args = parser.parse_args(argv)
     if args.one is not None:
         print(json.dumps(measure(args.one, args.calls)))
         return 0
+    machine = machine_info()
     rows = []
     for cap in args.caps:
         done = subprocess.run([sys.executable, __file__, "--one", str(cap), "--calls", str(args.calls)],
@@ -105,17 +113,23 @@ def main(argv=None) -> int:
             return done.returncode
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
-    reference = next((r for r in rows if r["cap"] == 5000), rows[0])
+    reference = next((r for r in rows if r["cap"] == OPENVINO_DEFAULT), rows[0])
+    against = (f"x OpenVINO's default ({OPENVINO_DEFAULT})" if reference["cap"] == OPENVINO_DEFAULT
+               else f"x shape_cache {reference['cap']} (OpenVINO's default {OPENVINO_DEFAULT} not run)")
     print("\n| shape_cache | CLIP text: shapes, RSS growth MB | IDEFICS 32-token answer ms (after 60 varied) | "
-          "x OpenVINO's default | IDEFICS RSS growth MB |")
+          f"{against} | IDEFICS RSS growth MB |")
     print("|---|---|---|---|---|")
     for row in rows:
         ratio = (f"{row['idefics_answer_ms'] / reference['idefics_answer_ms']:.2f}x"
-                 if "idefics_answer_ms" in row else "–")
+                 if "idefics_answer_ms" in row and reference.get("idefics_answer_ms") else "–")
         idefics = (f"{row['idefics_answer_ms']} ({row['idefics_answer_ms_after']})" if "idefics_answer_ms" in row
                    else "–")
         print(f"| {row['cap']} | {row['clip_shapes']}, {row['clip_rss_growth_mb']:+} | {idefics} | {ratio} | "
               f"{row.get('idefics_rss_growth_mb', '–')} |")
+    written = write_json(args.json, {"machine": machine, "versions": package_versions(["mmedge", "openvino"]),
+                                     "settings": {"caps": args.caps, "calls": args.calls},
+                                     "ratio_against_cap": reference["cap"], "rows": rows})
+    print(f"\nwritten: {written}")
     return 0
 
 

@@ -60,7 +60,7 @@ def idefics_timings(folder: Path, entries: dict | None, photos, threads: int) ->
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=count, default=2)
     parser.add_argument("--rounds", type=count, default=2, help="times each setting is measured, alternating")
     args = parser.parse_args(argv)

@@ -170,7 +170,7 @@ def inputs(case: Case, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=cli_args.count, default=2)
     parser.add_argument("--rounds", type=cli_args.count, default=3,
                         help="rounds of 9 calls each, split and whole in turns")

@@ -69,6 +69,9 @@ REFUSED = [  # script, arguments, what the usage error says
     ("int4_sensitivity.py", ["--only", "head-int8", "--prompts", "2"],
      "--only: no recipe 'head-int8'; the recipes: int8-encoders-only, "),
     ("export_memory.py", ["--only", "blip2", "--case", "fp32"], "--case: no case 'fp32' in blip2; the cases: "),
+    # printed the table's header, then "missing ...": an unknown name is refused before anything is printed
+    ("decoder_cpu.py", ["--variants", "int16"], "argument --variants: invalid choice: 'int16'"),
+    ("slim_wheel.py", ["/nonexistent/in.whl", "out.whl"], "/nonexistent/in.whl: no such file"),  # was a traceback
 ]
 
 
@@ -91,7 +94,8 @@ def test_int4_sensitivity_only_takes_each_recipes_key_or_full_name(capsys):
 
     names = list(int4_sensitivity.recipes([], []))
     keys = [int4_sensitivity.recipe_key(name) for name in names]
-    assert len(set(keys)) == len(names) and "head-int8-symmetric" in keys and "all-int4-todays-recipe" in keys
+    assert len(set(keys)) == len(names) and "head-int8-symmetric" in keys
+    assert "all-int4-symmetric-the-old-recipe" in keys
     parser = argparse.ArgumentParser()
     assert int4_sensitivity.chosen_recipes(parser, None) is None  # all of them
     assert int4_sensitivity.chosen_recipes(parser, ["head-int8-symmetric", "head fp32"]) == {
@@ -135,12 +139,13 @@ def test_split_matmuls_refuses_an_absent_openvino_named_before_measuring(no_open
 
 def test_export_memory_smoke_exports_only_small_stand_ins_and_not_over_the_tracked_results(capsys):
     """--smoke swapped BLIP-2 for its small config but went on to export blip2-flan-t5-xl and idefics-9b, and
-    wrote its figures over the tracked benchmarks/results/export_memory.json."""
+    wrote its figures over the tracked benchmarks/results/export_memory.json. A full run writes into the git-ignored
+    benchmarks/out too: the tracked figures in benchmarks/results are copied there on purpose, never overwritten."""
     import export_memory
 
     full = export_memory.parse_args([])
-    assert full.json == export_memory.RESULTS and {f: m for f, (m, _) in full.cases.items()} == {
-        f: m for f, (m, _) in export_memory.CASES.items()}
+    assert full.json == export_memory.RESULTS and full.json.parent == ROOT / "benchmarks" / "out"
+    assert {f: m for f, (m, _) in full.cases.items()} == {f: m for f, (m, _) in export_memory.CASES.items()}
     smoke = export_memory.parse_args(["--smoke"])
     assert smoke.json == export_memory.SMOKE_RESULTS != export_memory.RESULTS
     assert smoke.json.parent == ROOT / "benchmarks" / "out"  # git-ignored
@@ -185,3 +190,70 @@ def test_openvino_shape_cache_passes_on_the_measuring_process_message(tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr and "CalledProcessError" not in done.stderr
     assert "shape_cache 0: the measuring process exited 1:" in done.stderr
     assert "clip-two-graph is missing: run `mmedge demo` first" in done.stderr
+
+
+def test_slim_wheel_refuses_a_keep_tag_the_wheel_does_not_have(tmp_path):
+    """``--keep typo`` dropped every accelerator library without a word."""
+    import zipfile
+
+    wheel = tmp_path / "bnb-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as whl:
+        for tag in ("cuda118", "cuda130", "rocm63"):
+            whl.writestr(f"bnb/libbitsandbytes_{tag}.so", b"")
+        whl.writestr("bnb-1.0.dist-info/RECORD", "")
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "slim_wheel.py"), str(wheel), str(tmp_path / "out.whl"),
+                           "--keep", "typo"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--keep typo: no accelerator library" in done.stderr and "cuda118, cuda130, rocm63" in done.stderr
+    assert not (tmp_path / "out.whl").exists()
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "slim_wheel.py"), str(wheel), str(tmp_path / "out.whl"),
+                           "--keep", "cuda13"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert zipfile.ZipFile(tmp_path / "out.whl").namelist() == ["bnb/libbitsandbytes_cuda130.so",
+                                                               "bnb-1.0.dist-info/RECORD"]
+
+
+@pytest.mark.parametrize("script", ["gpu_blip2.py", "gpu_parts.py"])
+def test_the_gpu_helper_modules_say_what_they_are_when_run(script):
+    """Run (or asked for --help) they printed nothing and exited 0."""
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert f"{script} is a helper module of benchmarks/gpu_bench.py" in done.stderr
+
+
+def test_soak_warm_up_covers_every_request_kind_before_the_baseline():
+    """A fixed 5% (10 of 200 classifications, one caption) left caption modes and the bad inputs to first allocate
+    after the baseline: a false +5.3% RSS growth."""
+    import soak
+
+    assert soak.warmup_calls(10_000, 1_000) == (500, 500)  # the full soak: 5%, as before
+    assert soak.warmup_calls(200, 20) == (100, 100)  # 5 caption modes by call 50, the bad inputs at call 100
+    assert soak.warmup_calls(50, 5) == (25, 50)  # too short: at most half the run, and reported as not judged
+    assert not soak.judged({"warmup": {"covers_every_request_kind": False}})
+
+
+def test_clip_quick_run_reports_timed_targets_without_a_verdict():
+    import clip_cpu
+
+    timed = {"median_ms": 1.0}
+    hf = {"encoder_b1": {"median_ms": 100.0}, "zero_shot_real_length": {"median_ms": 100.0}}
+    engines = {"fp32": {"folder_bytes": 100}, "int8-dynamic": {"encoder_b1": timed, "folder_bytes": 20},
+               "fused-int8-dynamic": {"zero_shot": timed}}
+    rss = {"ratio": 0.1}
+    quick = clip_cpu.check_targets(hf, engines, rss, "dynamic", quick=True)
+    assert {k: t["result"] for k, t in quick.items()} == {"zero_shot": "n/a (quick)", "encoder_int8_b1": "n/a (quick)",
+                                                         "int8_size": "PASS", "device_rss": "n/a (quick)"}
+    assert {t["result"] for t in clip_cpu.check_targets(hf, engines, rss, "dynamic").values()} == {"PASS"}
+
+
+def test_caption_targets_judge_the_default_int4_export_not_an_opt_in_variant():
+    import caption_cpu
+
+    def engine(tok_s, llm_bytes):
+        return {"title": "t", "decode_tok_s": {"median": tok_s}, "llm_bytes": llm_bytes, "bandwidth_use": 0.6}
+
+    hf = {"decode_tok_s": {"median": 10.0}}
+    engines = {"fp32": engine(20.0, 100), "int4": engine(30.0, 15), "int4-fused-attention": engine(50.0, 15)}
+    targets = caption_cpu.check_targets(hf, engines)
+    assert targets["int4_decode"]["measured"] == 3.0 and targets["int4_decode"]["result"] == "MISS"
