@@ -26,7 +26,8 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from mmedge.errors import ArtifactError, ArtifactNotFoundError, IntegrityError, UnsafePathError
+from mmedge import locks
+from mmedge.errors import ArtifactError, ArtifactNotFoundError, IntegrityError, ManifestError, UnsafePathError
 from mmedge.file_checks import CheckRecord, identity
 from mmedge.manifest import FORMAT_NAME, MANIFEST_FILE, MAX_MANIFEST_BYTES, check_plain_file_name, parse_manifest
 
@@ -96,7 +97,11 @@ class Artifact:
         except OSError as exc:
             raise ArtifactError(f"cannot read '{manifest_path}' ({exc.strerror})", "a readable file",
                                 "check the file's permissions") from None
-        artifact = cls(root.resolve(), parse_manifest(text), recheck=recheck)
+        try:
+            manifest = parse_manifest(text)
+        except ManifestError as error:  # named with its folder: a command may take several artifacts
+            raise type(error)(f"artifact '{root}': {error.what}", error.expected, error.fix) from None
+        artifact = cls(root.resolve(), manifest, recheck=recheck)
         for field, name in artifact.named_files():
             artifact.resolve_file(name, field)
         return artifact
@@ -308,14 +313,65 @@ def _hashed_entries(node, field: str = "") -> list[tuple[str, dict]]:
 
 
 def _remove_abandoned_staging(parent: Path, name: str) -> None:
-    """Staging folders of exports that were killed (their process is gone) are removed."""
-    for folder in parent.glob(f".{name}.partial-*"):
-        pid = folder.name[len(f".{name}.partial-"):].split("-", 1)[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
+    """Staging folders of exports that were killed are removed. A live export holds a lock on its staging folder
+    (``_make_staging``) until it is renamed into place, and the kernel drops the lock when the export dies: a folder
+    whose lock can be taken is abandoned, whatever its PID names (another container's PID namespace shares the
+    volume, and a PID is reused). Its scratch folders (``.NAME.partial-PID-scratch-*``, no lock of their own) go
+    with it: kept while a locked staging folder of that PID remains. Where the OS has no locks, the PID decides."""
+    prefix = f".{name}.partial-"
+    folders = sorted(parent.glob(f"{prefix}*"))
+    live, abandoned = set(), []
+    for folder in folders:
+        pid = folder.name[len(prefix):].split("-", 1)[0]
+        if "-scratch-" in folder.name or not folder.is_dir() or folder.is_symlink():
+            continue
+        if locks.fcntl is None:  # no locks here: the PID is all there is to go by
+            if pid.isdigit() and not _process_alive(int(pid)):
+                abandoned.append((folder, None))
+            else:
+                live.add(pid)
+            continue
+        try:
+            handle = os.open(folder, os.O_RDONLY)
+        except OSError:
+            live.add(pid)
+            continue
+        if locks.hold(handle, wait=False):  # held until it is removed: an export making it waits, then sees it gone
+            abandoned.append((folder, handle))
+        else:
+            live.add(pid)
+            os.close(handle)
+    for folder in folders:
+        pid = folder.name[len(prefix):].split("-", 1)[0]
+        if "-scratch-" in folder.name and pid not in live:
             shutil.rmtree(folder, ignore_errors=True)
+    for folder, handle in abandoned:
+        shutil.rmtree(folder, ignore_errors=True)
+        if handle is not None:
+            os.close(handle)
+
+
+def _make_staging(parent: Path, name: str) -> tuple[Path, int | None]:
+    """An empty staging folder ``.NAME.partial-PID-XXXXXXXX`` in ``parent`` and an open handle holding its lock
+    (None where the OS has no locks): close it once the folder is renamed into place or removed. A folder that
+    another export's ``_remove_abandoned_staging`` took for abandoned in the instant before it was locked is gone
+    once the lock is ours: then another is made."""
+    while True:
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-{os.getpid()}-", dir=parent))
+        if locks.fcntl is None:
+            return staging, None
+        try:
+            handle = os.open(staging, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        if locks.hold_new(handle, staging):
+            return staging, handle
+        os.close(handle)
 
 
 def _process_alive(pid: int) -> bool:
+    """A hint only (``_remove_abandoned_staging`` where the OS has no locks): a PID says nothing across PID namespaces
+    or after its reuse."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -361,24 +417,36 @@ def is_artifact_folder(path: Path) -> bool:
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT_NAME
 
 
-def write_whole(path: Path, data: bytes, mode: int | None = None) -> None:
+def write_whole(path: Path, data: bytes, mode: int = 0o666) -> None:
     """Write ``data`` to ``path`` whole or not at all: into a temporary file beside it, flushed to disk, then renamed
     over it (a reader sees the old file or the new one, never half of one; a killed process leaves ``path`` as it
-    was). ``mode``: the new file's permissions before the umask, as a plain write makes it (None: mkstemp's 0o600)."""
-    if mode is None:
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    else:  # os.open applies the umask (os.fchmod after mkstemp would not, and Windows lacks it before Python 3.13)
-        temporary = str(path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"))
-        handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    was). ``mode``: the new file's permissions before the umask, as a plain write makes it (so other users of a
+    shared cache can read it). The writer holds a lock on its temporary file (``temporary_path``) until it is
+    renamed: one that a killed writer left, ``mmedge.locks.remove_abandoned_temporaries`` removes."""
+    while True:
+        temporary = temporary_path(path)
+        handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)  # os.open applies the umask
+        if locks.hold_new(handle, temporary):
+            break
+        os.close(handle)  # swept as abandoned before it was locked
     try:
         with os.fdopen(handle, "wb") as out:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
-        os.replace(temporary, path)
+            if locks.fcntl is not None:  # renamed while still locked (Windows renames no open file)
+                os.replace(temporary, path)
+        if locks.fcntl is None:
+            os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def temporary_path(path: Path) -> Path:
+    """A new temporary file's name beside ``path``: ``.<name>.<pid>-<8 hex>.tmp``, hidden, unique, and known to
+    ``mmedge.locks.remove_abandoned_temporaries``."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{locks.TEMPORARY_SUFFIX}")
 
 
 NAME_MAX_BYTES = 255  # a file name's limit on Linux file systems (ext4, xfs, btrfs), and macOS's
@@ -485,7 +553,7 @@ def atomic_folder(dest: str | os.PathLike, *, overwrite: bool = False,
     try:
         parent.mkdir(parents=True, exist_ok=True)
         _remove_abandoned_staging(parent, dest.name)
-        staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-{os.getpid()}-", dir=parent))
+        staging, held = _make_staging(parent, dest.name)
     except BaseException:
         _remove_empty(created)
         raise
@@ -508,6 +576,9 @@ def atomic_folder(dest: str | os.PathLike, *, overwrite: bool = False,
         shutil.rmtree(staging, ignore_errors=True)
         _remove_empty(created)  # a refused export leaves nothing new on disk
         raise
+    finally:
+        if held is not None:
+            os.close(held)  # the staging folder's lock (_make_staging), held until it was renamed or removed
 
 
 def _move_into_place(staging: Path, dest: Path, *, overwrite: bool, command: str, **replacing) -> None:

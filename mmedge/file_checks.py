@@ -21,13 +21,13 @@ open their version folders with ``Artifact(..., record=False)``: nothing is writ
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 import threading
 import time
 from pathlib import Path
+
+from mmedge.locks import remove_abandoned_temporaries
 
 RECORD_FILE = "sha256-checks.record"
 RACY_SECONDS = 2.0
@@ -58,22 +58,18 @@ class CheckRecord:
         """Record that the file with identity ``checked`` matched ``sha256`` (unless it changed too recently)."""
         if time.time_ns() - max(checked[3], checked[4]) < RACY_SECONDS * 1e9:
             return
+        from mmedge.artifact import write_whole  # (mmedge.artifact imports this module)
+
         with self._lock:
             entries = {**self._read(fresh=True), key: {"sha256": sha256, "identity": checked}}
             try:
                 self.path.parent.mkdir(exist_ok=True)
-                handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=".sha256-checks.")
-            except OSError:  # read-only media: no record, the file is hashed on each load
-                return
-            try:
-                with os.fdopen(handle, "w") as out:
-                    json.dump(entries, out)
-                os.replace(temporary, self.path)
-            except OSError:  # a full disk: no record, and no temporary file left behind
-                with contextlib.suppress(OSError):
-                    os.unlink(temporary)
+                # whole, readable by the other users of a shared cache as a plain write makes it
+                write_whole(self.path, json.dumps(entries).encode())
+            except OSError:  # read-only media or a full disk: no record (the file is hashed on each load)
                 return
             self._entries = entries
+        remove_abandoned_temporaries(self.path.parent)  # what writers killed mid-write left in engines/
 
     def _read(self, fresh: bool = False) -> dict[str, dict]:
         if self._entries is None or fresh:

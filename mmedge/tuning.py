@@ -12,16 +12,16 @@ threads, engine versions or graphs are kept and ignored. The code here names no 
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import json
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 from mmedge.artifact import Artifact, write_whole
 from mmedge.errors import ArtifactError
+from mmedge.locks import locked, remove_abandoned_temporaries
 
 log = logging.getLogger("mmedge")
 
@@ -158,41 +158,28 @@ def record_lines(artifact: Artifact, probe) -> list[str]:
 
 def store(path: Path, record: dict) -> None:
     """Replace this device's record, keep the other devices' (malformed ones dropped: ``_records``). The read and the
-    write hold a lock file beside it, so two tunes at once keep both records; written whole (a temporary file, then
-    renamed), so a reader never sees half a file."""
+    write hold a lock file beside it (``mmedge.locks.locked``), so two tunes at once keep both records; written whole
+    (a temporary file, then renamed), so a reader never sees half a file."""
     try:
-        with _locked(path):
+        with locked(path):
             kept = [r for r in _records(path) if r.get("device") != record["device"]]
             text = json.dumps({"format": FORMAT, "records": [*kept, record]}, indent=2) + "\n"
-            write_whole(path, text.encode(), mode=0o666)  # as a plain write makes it
+            write_whole(path, text.encode())
     except OSError as exc:
-        raise ArtifactError(f"cannot write '{path}' ({exc.strerror or exc})", f"{TIMINGS_FILE} as a writable file "
-                            "in the artifact's engines/ folder", f"move or delete '{path}' if it is a folder, or "
-                            "check the folder's permissions") from None
+        raise unwritable(path, exc) from None
+    remove_abandoned_temporaries(path.parent)
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    """An exclusive lock on ``.<name>.lock`` beside ``path`` while the block runs (where the OS has ``fcntl``; the
-    lock file stays: deleting it would let a third writer lock another file)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no lock, the write is still whole
-        yield
-        return
-    lock = path.with_name(f".{path.name}.lock")
-    try:
-        handle = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-    except PermissionError:  # made by another user: a lock needs no write access to its file
-        handle = os.open(lock, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except OSError:  # a file system without locks (NFS without its lock daemon): the write is still whole
-            pass
-        yield
-    finally:
-        os.close(handle)  # releases the lock
+def unwritable(path: Path, exc: OSError) -> ArtifactError:
+    """The error for a timings file that cannot be written: a full disk is told apart (freeing space fixes it)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ArtifactError(f"cannot write '{path}' (no space left on its device)", f"room for {TIMINGS_FILE} on "
+                             "the storage that holds the artifact", "free some space there (the engines/ folders "
+                             "of artifacts no longer used are device-local caches, safe to delete), then run "
+                             "`mmedge tune` again")
+    return ArtifactError(f"cannot write '{path}' ({exc.strerror or exc})", f"{TIMINGS_FILE} as a writable file "
+                         "in the artifact's engines/ folder", f"move or delete '{path}' if it is a folder, or "
+                         "check the folder's permissions")
 
 
 def check_storable(artifact: Artifact) -> Path:
@@ -207,4 +194,4 @@ def check_storable(artifact: Artifact) -> Path:
 
 
 __all__ = ["TIMINGS_FILE", "check_storable", "device_key", "measured_for", "record_lines", "store",
-           "timings_path"]
+           "timings_path", "unwritable"]

@@ -26,19 +26,27 @@ How a backend uses it::
 
 ``store`` writes through temporary files and ``os.replace``: a process killed mid-write leaves either
 the old engine or a plan whose sha256 differs from its record, which ``lookup`` reports as stale.
+
+Several processes share one folder (services on one device): ``obtain_plan`` holds a lock file per component
+(``.<component>.engine.lock``) around its lookup, build and store, so one process builds while the others wait and
+then load what it built. Engines of the component for other shape profiles or precisions (another service's) are
+kept; only those no load here can use again (another TensorRT, GPU, graph or mmedge version) are removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
+from mmedge import locks
 from mmedge.artifact import write_whole
 from mmedge.errors import InputError, StaleEngineError
+from mmedge.locks import remove_abandoned_temporaries
 from mmedge.runtimes.tensorrt_planning import MIB, ProfileLimits
 
 FORMAT = "mmedge.engine"
@@ -48,6 +56,10 @@ RECORD_SUFFIX = ".json"
 
 Shape = tuple[int, ...]
 _CHANGED = "its bytes differ from those recorded when it was built (truncated or replaced)"
+_VANISHED = "its files were removed while they were read"
+# the key fields an engine outlives: another value is obsolete (an upgrade, another graph), not another service's
+_SUPERSEDING = ("onnx_sha256", "external_data_sha256", "tensorrt_version", "gpu_name", "compute_capability",
+                "mmedge_version")
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,12 @@ class EngineKey:
         text = json.dumps({"format_version": FORMAT_VERSION, **self.to_dict()}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 
+    def superseded(self, built: "EngineKey") -> bool:
+        """Whether an engine built under ``built`` can serve no load of this graph here any more: built by another
+        TensorRT, GPU, graph, weights or mmedge version. One for another shape profile or precision is another
+        service's engine, not superseded."""
+        return any(getattr(built, name) != getattr(self, name) for name in _SUPERSEDING)
+
     def differences(self, built: "EngineKey") -> list[str]:
         """Why an engine built under ``built`` cannot serve this key, one phrase per differing field."""
         out = []
@@ -138,8 +156,9 @@ class EngineKey:
 class EngineLookup:
     """What the cache holds for one component and key.
 
-    ``status``: "fresh" (``plan`` may be loaded), "stale" (engines exist but none may be used for this
-    key: ``reasons`` says why, ``stale`` lists their plan files) or "missing" (nothing was built yet).
+    ``status``: "fresh" (``plan`` may be loaded), "stale" (this key's engine is damaged, or engines that no load
+    here can use any more exist: ``reasons`` says why, ``stale`` lists their plan files) or "missing" (nothing was
+    built for this key yet; engines of other shape profiles or precisions may be there, and are kept).
     """
 
     status: str
@@ -171,10 +190,17 @@ class EngineCache:
             reasons = self._problems(plan, record, key, check_bytes)
             if not reasons:
                 return EngineLookup("fresh", plan)
-            return EngineLookup("stale", None, [f"{plan.name}: {r}" for r in reasons], [plan])
-        found = EngineLookup("missing")
+            found = EngineLookup("stale", None, [f"{plan.name}: {r}" for r in reasons], [plan])
+        else:
+            found = EngineLookup("missing")
         for other in sorted(self.folder.glob(f"{_checked_component(component)}-*{RECORD_SUFFIX}")):
+            if other == record:
+                continue
             built = _read_key(other)
+            if built is None and not other.exists():  # removed by another process meanwhile
+                continue
+            if built is not None and built != key and not key.superseded(built):
+                continue  # another service's shape profile or precision: valid, kept
             why = (["its record is unreadable"] if built is None
                    else key.differences(built) or ["its record names another file"])
             found.status = "stale"
@@ -187,11 +213,17 @@ class EngineCache:
         found = self.lookup(component, key, check_bytes=False)
         plan = found.plan if found.fresh else None
         if plan is not None:
-            data = plan.read_bytes()
-            record = json.loads(self.paths(component, key)[1].read_text())
-            if hashlib.sha256(data).hexdigest() == record["plan_sha256"]:
-                return data
-            found = EngineLookup("stale", None, [f"{plan.name}: {_CHANGED}"], [plan])
+            try:
+                data = plan.read_bytes()
+                recorded = json.loads(self.paths(component, key)[1].read_text())["plan_sha256"]
+            except OSError:  # removed by another process since the lookup
+                found = EngineLookup("stale", None, [f"{plan.name}: {_VANISHED}"], [plan])
+            except (ValueError, KeyError, TypeError):
+                found = EngineLookup("stale", None, [f"{plan.name}: its record is unreadable"], [plan])
+            else:
+                if hashlib.sha256(data).hexdigest() == recorded:
+                    return data
+                found = EngineLookup("stale", None, [f"{plan.name}: {_CHANGED}"], [plan])
         if found.status == "missing":
             what = f"no engine for component '{component}' has been built on this device yet"
         else:
@@ -212,17 +244,30 @@ class EngineCache:
                  "plan_sha256": hashlib.sha256(plan_bytes).hexdigest(), "plan_bytes": len(plan_bytes)}
         write_whole(plan, plan_bytes)
         write_whole(record, (json.dumps(entry, indent=2) + "\n").encode())
+        remove_abandoned_temporaries(self.folder)  # what writers killed mid-write left
         return plan_bytes
 
     def remove_stale(self, component: str, key: EngineKey) -> list[Path]:
-        """Delete the stale engines of ``component`` (those ``lookup`` reports); return what was removed."""
+        """Delete the stale engines of ``component`` (those ``lookup`` reports); return what was removed. Another
+        process removing the same engine at once is no error: what it removed first is not listed."""
         removed = []
         for plan in self.lookup(component, key).stale:
             for path in (plan, plan.with_suffix(RECORD_SUFFIX)):
-                if path.exists():
+                try:
                     path.unlink()
-                    removed.append(path)
+                except FileNotFoundError:
+                    continue
+                removed.append(path)
         return removed
+
+    @contextlib.contextmanager
+    def locked(self, component: str) -> Iterator[None]:
+        """The lock ``obtain_plan`` holds for ``component``: one process looks up, builds and stores its engines at a
+        time; the others wait (where the folder cannot be made or written, nothing is locked)."""
+        with contextlib.suppress(OSError):
+            self.folder.mkdir(parents=True, exist_ok=True)
+        with locks.locked(self.folder / f"{_checked_component(component)}.engine"):
+            yield
 
     @staticmethod
     def _problems(plan: Path, record: Path, key: EngineKey, check_bytes: bool) -> list[str]:
@@ -241,8 +286,11 @@ class EngineCache:
         reasons = key.differences(built)
         if reasons:
             return reasons
-        if plan.stat().st_size != size or (check_bytes and _sha256(plan) != sha):
-            return [_CHANGED]
+        try:
+            if plan.stat().st_size != size or (check_bytes and _sha256(plan) != sha):
+                return [_CHANGED]
+        except OSError:  # removed by another process while it was checked
+            return [_VANISHED]
         return []
 
 
@@ -323,25 +371,30 @@ def obtain_plan(cache: EngineCache, component: str, key: EngineKey, build: Calla
                 allow_build: bool = True, force: bool = False) -> EngineOutcome:
     """The engine bytes for ``key``: the cached plan when it is fresh (its key and sha256 match), else ``build()``,
     stored in the cache. Stale and foreign engines are deleted and rebuilt; their bytes are never returned, so
-    never reach TensorRT. With ``allow_build=False`` a missing or stale engine raises StaleEngineError."""
-    found = cache.lookup(component, key)
-    if found.fresh and not force:
-        try:
-            return EngineOutcome("loaded", cache.load(component, key), cache.paths(component, key)[0])
-        except StaleEngineError as exc:  # changed on disk between lookup and read
-            found = cache.lookup(component, key)
-            found.reasons = found.reasons or [exc.what]
-    if not allow_build:
-        cache.load(component, key)  # raises StaleEngineError with the reasons
-    reasons = list(found.reasons)
-    if force:
-        for path in cache.paths(component, key):
-            path.unlink(missing_ok=True)
-        reasons.append("a rebuild was requested")
-    cache.remove_stale(component, key)
-    plan = cache.store(component, key, build())
-    action = "rebuilt" if found.status == "stale" or force else "built"
-    return EngineOutcome(action, plan, cache.paths(component, key)[0], reasons)
+    never reach TensorRT. With ``allow_build=False`` a missing or stale engine raises StaleEngineError.
+
+    The component's lock (``EngineCache.locked``) is held throughout: processes starting at once build one engine
+    (not one each, which on a Jetson can run out of memory), the others wait and load it, and a plan is never
+    written over by another process between its write and its record's."""
+    with cache.locked(component):
+        found = cache.lookup(component, key)
+        if found.fresh and not force:
+            try:
+                return EngineOutcome("loaded", cache.load(component, key), cache.paths(component, key)[0])
+            except StaleEngineError as exc:  # changed on disk between lookup and read (by a process not locking)
+                found = cache.lookup(component, key)
+                found.reasons = found.reasons or [exc.what]
+        if not allow_build:
+            cache.load(component, key)  # raises StaleEngineError with the reasons
+        reasons = list(found.reasons)
+        if force:
+            for path in cache.paths(component, key):
+                path.unlink(missing_ok=True)
+            reasons.append("a rebuild was requested")
+        cache.remove_stale(component, key)
+        plan = cache.store(component, key, build())
+        action = "rebuilt" if found.status == "stale" or force else "built"
+        return EngineOutcome(action, plan, cache.paths(component, key)[0], reasons)
 
 
 def timing_cache_path(engines_dir: Path, tensorrt_version: str, gpu_name: str, compute_capability: str) -> Path:

@@ -414,13 +414,17 @@ def test_tune_refuses_an_engines_folder_it_cannot_write_before_measuring(clip_ar
     from mmedge.errors import ArtifactError
     from mmedge.runtimes.openvino import tune
 
-    def refused(**kwargs):
-        raise PermissionError(13, "Permission denied")
+    real_open = os.open
+
+    def refused(path, *args, **kwargs):
+        if "backend-timings.json" in str(path):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
 
     def measured(*args, **kwargs):
         raise AssertionError("tune measured although it cannot store the timings")
 
-    monkeypatch.setattr(tune.tempfile, "mkstemp", refused)
+    monkeypatch.setattr(tune.os, "open", refused)
     monkeypatch.setattr("mmedge.validate.load_validation_samples", measured)
     with pytest.raises(ArtifactError, match="cannot write .*backend-timings.json.*Permission denied"):
         tune.tune(_copy(clip_artifacts("fp32"), tmp_path), runs=3, progress=False)

@@ -180,7 +180,21 @@ def check_cache(cache: Path, chosen: list[Variant]) -> None:
                               "--cache folder")
 
 
-def export_variant(variant: Variant, folder: Path, key: str) -> None:
+def export_variant(variant: Variant, folder: Path, key: str) -> bool:
+    """Export ``variant`` into ``folder`` and stamp it with ``key``; True (nothing done) where another demo run, which
+    held the variant's lock while this one waited for it, has exported it meanwhile. The lock (``.<stamp>.lock``
+    beside the stamp) is held from the check to the stamp's key: a run never removes a folder another is writing or
+    has just finished."""
+    from mmedge.locks import locked
+
+    with locked(_stamp(folder)):
+        if cached(folder, key):  # another run exported it while this one waited
+            return True
+        _export_locked(variant, folder, key)
+    return False
+
+
+def _export_locked(variant: Variant, folder: Path, key: str) -> None:
     try:
         from mmedge.export import ExportOptions, export_model
     except ImportError as exc:
@@ -232,7 +246,7 @@ def run_demo(cache: str | os.PathLike | None = None, count: int | None = None, t
         with steps.step(f"{verb} {variant.name} ({describe(variant)})"):
             if not reuse:
                 cache.mkdir(parents=True, exist_ok=True)
-                export_variant(variant, folder, key)
+                reuse = export_variant(variant, folder, key)  # True: another run exported it meanwhile
         report["artifacts"][variant.name] = {"path": str(folder), "model": variant.model,
                                              "precision": variant.precision,
                                              "reused": reuse, "export_seconds": 0.0 if reuse
@@ -421,15 +435,16 @@ def main(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from mmedge.cli_args import count
+    from mmedge.cli_args import count, text, threads
     from mmedge.runtimes.registry import backend_names
 
     demo = sub.add_parser("demo", help="export, validate and run the shipped demo models on bundled scenes (offline)")
-    demo.add_argument("--cache", metavar="DIR", help="where the exported artifacts go and are reused from (default: "
-                                                      "$MMEDGE_CACHE/demo, else $XDG_CACHE_HOME/mmedge/demo, else "
-                                                      "~/.cache/mmedge/demo)")
+    demo.add_argument("--cache", type=text, metavar="DIR",
+                      help="where the exported artifacts go and are reused from (default: "
+                           "$MMEDGE_CACHE/demo, else $XDG_CACHE_HOME/mmedge/demo, else "
+                           "~/.cache/mmedge/demo)")
     demo.add_argument("--images", type=count, metavar="N", help="use the first N bundled scenes (default: all)")
-    demo.add_argument("--threads", type=count, default=None, help="CPU threads per graph")
+    demo.add_argument("--threads", type=threads, default=None, help="CPU threads per graph")
     demo.add_argument("--backend", default="auto", choices=backend_names())
     demo.add_argument("--json", action="store_true", help="the full report as JSON")
     demo.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -14,7 +14,9 @@ one of its own engines (and would report these as stale TensorRT engines).
 
 Writes go through a temporary file and ``os.replace`` (``mmedge.artifact.write_whole``): a process killed
 mid-write leaves no blob that a later load would trust. The cache is optional: ``store`` raises OSError on read-only
-or full storage, and the caller (``compile.compiled_model``) runs the compiled model uncached.
+or full storage, and the caller (``compile.compiled_model``) runs the compiled model uncached. Blobs the same load
+compiled under older OpenVINO, mmedge or NNCF versions are removed (``remove_superseded``): each upgrade would
+otherwise leave a dead copy of every compiled model.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mmedge.artifact import write_whole
+from mmedge.locks import remove_abandoned_temporaries
 from mmedge.runtimes.engine_cache import _checked_component
 
 FORMAT = "mmedge.openvino-blob"
@@ -93,6 +96,7 @@ class BlobCache:
             return None, [f"{blob.name}: {d}" for d in differences]
         if hashlib.sha256(data).hexdigest() != entry.get("blob_sha256"):
             return None, [f"{blob.name}: its bytes differ from those recorded when it was compiled"]
+        self.remove_superseded(component, key)  # compiled before an upgrade, by this load's older versions
         return data, []
 
     def store(self, component: str, key: OvKey, data: bytes, extra: dict | None = None) -> Path:
@@ -109,7 +113,43 @@ class BlobCache:
             with contextlib.suppress(OSError):
                 blob.unlink()
             raise
+        self.remove_superseded(component, key)
+        remove_abandoned_temporaries(self.folder)  # what writers killed mid-write left
         return blob
+
+    def remove_superseded(self, component: str, key: OvKey) -> list[Path]:
+        """Delete the blobs (and records) of ``component`` compiled for what ``key`` is, by an older (or other)
+        OpenVINO, mmedge or NNCF: no load here uses them again, and each upgrade would otherwise leave a dead copy
+        of every compiled model. Blobs for other devices, precisions or graphs are kept. Called by ``store`` and by a
+        ``load`` that found its blob; what cannot be removed (read-only media) stays. Returns what was removed."""
+        removed = []
+        for other in sorted(self.folder.glob(f"{_checked_component(component)}-openvino-*.record")):
+            if other == self.paths(component, key)[1]:
+                continue
+            try:
+                built = json.loads(other.read_text())["key"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # removed meanwhile, or not one of ours to judge
+            if not isinstance(built, dict) or _unversioned(built) != _unversioned(asdict(key)):
+                continue
+            for path in (other.with_suffix(".blob"), other):
+                try:
+                    path.unlink()
+                except OSError:  # another process removed it first; read-only media: kept
+                    continue
+                removed.append(path)
+        return removed
+
+
+_VERSIONS = ("openvino_version", "mmedge_version")
+
+
+def _unversioned(key: dict) -> dict:
+    """A stored key without the versions of what compiled it (OpenVINO, mmedge, NNCF's in ``compression``)."""
+    out = {name: value for name, value in key.items() if name not in _VERSIONS}
+    if isinstance(out.get("compression"), dict):
+        out["compression"] = {name: value for name, value in out["compression"].items() if name != "nncf_version"}
+    return out
 
 
 def self_differences(key: OvKey, built: dict, name: str) -> list[str]:

@@ -14,18 +14,17 @@ from __future__ import annotations
 import datetime
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from mmedge.artifact import Artifact
+from mmedge.artifact import Artifact, temporary_path
 from mmedge.bench import samples_in_turns
 from mmedge.errors import ArtifactError, BackendUnavailableError
 from mmedge.generation.kv_layout import LOGITS_POSITIONS, cache_names, checked_layout
-from mmedge.tuning import check_storable, device_key, store
+from mmedge.tuning import check_storable, device_key, store, unwritable
 
 CANDIDATES = ("onnxruntime", "openvino")
 MAX_RUNS = 1000  # timed calls per backend per graph
@@ -81,17 +80,36 @@ def _feeds_for(name: str, component: dict, sample: dict, runner) -> tuple[dict, 
     return inputs, f"the validation sample ({shapes})"
 
 
+PROBE_BYTES = 64 * 1024  # written (and flushed to disk) before measuring: more than a timings file of many records
+
+
 def _check_writable(target: Path) -> None:
-    """The timings are what ``tune`` is asked for (not an optional cache): engines/ that cannot be written is an
-    ArtifactError before minutes of measuring, not after."""
+    """The timings are what ``tune`` is asked for (not an optional cache): engines/ that cannot be written, or whose
+    storage is full, is an ArtifactError before minutes of measuring, not after. A real payload is written: an empty
+    file is made on a full disk too."""
+    temporary = temporary_path(target)
     try:
-        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     except OSError as exc:
         raise ArtifactError(f"cannot write '{target}' ({exc.strerror or exc})", f"a writable engines/ folder for "
                             f"{target.name}, this device's timings", "check the folder's permissions, or tune a "
                             "writable copy of the artifact and copy its engines/backend-timings.json back") from None
-    os.close(handle)
-    os.unlink(temporary)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(bytes(max(PROBE_BYTES, 2 * _size(target))))
+            out.flush()
+            os.fsync(out.fileno())
+    except OSError as exc:
+        raise unwritable(target, exc) from None
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def tune(path: str | os.PathLike, threads: int | None = None, runs: int = 10, progress: bool = True) -> dict:

@@ -43,9 +43,11 @@ FOREIGN = {
     "same-gpu-name-other-arch": ({"compute_capability": "8.6"}, "(sm 8.6)"),
     "another-tensorrt": ({"tensorrt_version": "8.6.1"}, "built with TensorRT 8.6.1; this device has TensorRT 10.3.0"),
     "another-graph": ({"onnx_sha256": "cd" * 32}, "built from another graph"),
-    "another-precision": ({"precision": "int8"}, "built at precision int8; fp16 is asked for"),
-    "another-profile": ({"profile": {"pixel_values": ([1, 3, 224, 224], [1, 3, 224, 224], [1, 3, 224, 224])}},
-                        "built for shape profile pixel_values [1, 3, 224, 224]..[1, 3, 224, 224]"),
+}
+# engines of this device and graph for another precision or shape profile: another service's, kept (test_cache_races)
+OTHER_USE = {
+    "another-precision": {"precision": "int8"},
+    "another-profile": {"profile": {"pixel_values": ([1, 3, 224, 224], [1, 3, 224, 224], [1, 3, 224, 224])}},
 }
 
 
@@ -59,6 +61,17 @@ def test_foreign_engine_is_stale_never_loaded(cache, name):
                       "never copy it between devices")
     assert isinstance(error, BackendError)
     assert cache.remove_stale("vision", key()) and cache.lookup("vision", key()).status == "missing"
+
+
+@pytest.mark.parametrize("name", list(OTHER_USE))
+def test_an_engine_of_another_use_is_neither_loaded_nor_removed(cache, name):
+    """Another precision or shape profile on this device and graph is another service's engine: this key finds none
+    (it builds its own), and removing stale engines leaves that one."""
+    other = key(**OTHER_USE[name])
+    cache.store("vision", other, PLAN)
+    assert cache.lookup("vision", key()).status == "missing"
+    cache.remove_stale("vision", key())
+    assert cache.lookup("vision", other).fresh
 
 
 def test_foreign_engine_renamed_to_this_devices_name_is_stale(cache):
