@@ -359,20 +359,23 @@ def main(args) -> int:
 
 
 def add_parser(sub, runtime_flags) -> None:
+    from mmedge.cli_args import text
+
     bench = sub.add_parser("bench", help="latency, throughput and memory of artifacts; --plot compares them")
     bench.add_argument("artifacts", nargs="+", metavar="ARTIFACT",
                        help="one or more artifact folders (e.g. FP32 and INT8)")
-    bench.add_argument("--plot", metavar="OUT.png",
+    bench.add_argument("--plot", type=text, metavar="OUT.png",
                        help="draw latency, throughput, peak memory, size and fidelity vs FP32 "
-                                                         "(PNG, SVG or PDF; needs matplotlib)")
+                            "(PNG, SVG or PDF; needs matplotlib)")
     bench.add_argument("--runs", type=int, default=10,
                        help="timed single-image calls per artifact, at least (timing lasts at least "
                        f"{MIN_SECONDS:g} s)")
     bench.add_argument("--batch", type=int, default=8, help="images per call for throughput")
-    bench.add_argument("--image", action="append",
+    bench.add_argument("--image", action="append", type=text,
                        help="image to run on (repeatable; default: the bundled demo scenes)")
-    bench.add_argument("--labels", nargs="+", help="CLIP with two graphs: labels to classify against (given to the "
-                       "artifacts that take them)")
+    bench.add_argument("--labels", nargs="+", action="extend", type=text,
+                       help="CLIP with two graphs: labels to classify against (given to the "
+                            "artifacts that take them)")
     runtime_flags(bench)
     bench.set_defaults(func=main)
 

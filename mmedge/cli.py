@@ -10,16 +10,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import threading
 import warnings
 from pathlib import Path
 
-from mmedge.cli_args import count
-from mmedge.errors import InputError, MmedgeError
+from mmedge.cli_args import Once, count, text, threads, whole_number_between
+from mmedge.errors import ArtifactNotFoundError, InputError, MmedgeError
 
 DEFAULT_TOP_K = 5  # `mmedge run`: zero-shot labels shown per image
+MAX_TUNE_RUNS = 1000  # `mmedge tune --runs`: mmedge.runtimes.openvino.tune.MAX_RUNS (not imported to build the parser)
 
 
 def _warning_line(message, category, filename, lineno, line=None) -> str:
@@ -29,27 +31,42 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:
 def _labels(args) -> list[str] | None:
     labels = list(args.labels or [])
     if getattr(args, "labels_file", None):
-        path = Path(args.labels_file)
-        if not path.is_file():
-            what = "is a folder" if path.is_dir() else "does not exist"
-            raise InputError(f"labels file '{path}' {what}", "a text file with one label per line", "check the path")
-        try:
-            # a byte order mark (Windows Notepad writes one) is not part of the first label; decoded whole, the error
-            # names the byte's offset in the file
-            text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")
-        except UnicodeDecodeError as exc:
-            raise InputError(f"labels file '{path}' is not UTF-8 text (its byte {exc.start} cannot start a "
-                             "character)", "a UTF-8 text file with one label per line",
-                             "check that the path names the labels file, or save it as UTF-8") from None
-        read = [line.strip() for line in text.splitlines() if line.strip()]
-        if not read:
-            raise InputError(f"labels file '{path}' holds no labels (it is empty or blank)",
-                             "a text file with one label per line", "write the labels into it, or drop --labels-file")
-        labels += read
+        labels += _read_labels_file(args.labels_file)
     if args.labels is not None and not labels:
         raise InputError("--labels was given with no labels", "at least one label after --labels",
                          "pass e.g. --labels cat dog bird")
     return labels or None
+
+
+def _read_labels_file(name: str) -> list[str]:
+    """The labels of --labels-file: any readable file that is not a folder (a pipe, <(command), /dev/stdin); - reads
+    standard input."""
+    path = Path(name)
+    shown = "standard input" if name == "-" else f"labels file '{path}'"
+    if name != "-" and not path.exists():
+        raise InputError(f"labels file '{path}' does not exist", "a text file with one label per line",
+                         "check the path")
+    if path.is_dir() and name != "-":
+        raise InputError(f"labels file '{path}' is a folder", "a text file with one label per line",
+                         "check the path")
+    try:
+        data = sys.stdin.buffer.read() if name == "-" else path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {shown} ({exc.strerror or exc})", "a readable text file with one label per "
+                         "line", "check the file's permissions") from None
+    try:
+        # a byte order mark (Windows Notepad writes one) is not part of the first label; decoded whole, the error
+        # names the byte's offset in the file
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{shown} is not UTF-8 text (its byte {exc.start} cannot start a character)",
+                         "a UTF-8 text file with one label per line",
+                         "check that the path names the labels file, or save it as UTF-8") from None
+    read = [line.strip() for line in text.splitlines() if line.strip()]
+    if not read:
+        raise InputError(f"{shown} holds no labels (it is empty or blank)", "a text file with one label per line",
+                         "write the labels into it, or drop --labels-file")
+    return read
 
 
 # --- export ------------------------------------------------------------------------------------
@@ -77,7 +94,13 @@ def cmd_export(args) -> int:
                             allow_pickle=args.allow_pickle, overwrite=args.overwrite, progress=not args.quiet,
                             with_pytorch=args.with_pytorch, openvino_weights=args.openvino_weights,
                             split_matmuls=not args.no_split_matmuls)
-    out = export_model(args.model, args.out, options)
+    _check_out_writable(args.out)
+    try:
+        out = export_model(args.model, args.out, options)
+    except OSError as exc:  # named as OUT, not as its staging folder '.OUT.partial-…'
+        raise InputError(f"cannot write the artifact OUT '{args.out}': {exc.strerror or exc}",
+                         "a writable folder with room for the artifact", "check the path, free space and permissions, "
+                         "or choose another OUT") from None
     from mmedge.artifact import Artifact
 
     artifact = Artifact.open(out)
@@ -85,6 +108,22 @@ def cmd_export(args) -> int:
     for name, comp in artifact.components.items():
         print(f"  {name}: {comp['file']} {comp['precision']} {_parity_line(comp['parity'])}")
     return 0
+
+
+def _check_out_writable(out: str) -> None:
+    """Make and remove a folder beside OUT, before the checkpoint loads: a folder that refuses it (/proc, a read-only
+    mount where access() says yes to root) would otherwise fail the export after all its work."""
+    import tempfile
+
+    parent = Path(out).parent
+    if not parent.is_dir():  # made by the export (mmedge.artifact.check_output_folder judges it)
+        return
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".mmedge-write-check-", dir=parent))
+    except OSError as exc:
+        raise InputError(f"cannot write the artifact OUT '{out}': its folder '{parent}' refuses a new folder "
+                         f"({exc.strerror or exc})", "a writable folder with room for the artifact",
+                         "check the path, free space and permissions, or choose another OUT") from None
 
 
 def _parity_line(parity: dict) -> str:
@@ -107,12 +146,16 @@ def cmd_run(args) -> int:
     from mmedge.artifact import Artifact
     from mmedge.backend_option_args import CliBackendOptions
     from mmedge.run_options import (
+        check_generation,
+        check_list_values,
         check_run_options,
         check_served_run_options,
+        check_task,
         remote_target_of,
         target_of,
     )
 
+    check_list_values(args)  # an image path a list option took: before anything is opened
     if args.triton:  # MODEL on a Triton server (mmedge.triton_client) in place of an artifact folder
         import dataclasses
 
@@ -129,9 +172,10 @@ def cmd_run(args) -> int:
         labels = _labels_for(args, target)
     else:
         manifest = Artifact.open(args.artifact).manifest
+        check_task(args, manifest)
         target = target_of(manifest, args.task)
-        if args.task is None or args.task in manifest["tasks"]:  # else mmedge.load says which tasks there are
-            check_run_options(args, target)  # before anything is loaded
+        check_run_options(args, target)  # before anything is loaded
+        check_generation(args, manifest, target)  # the values, as the captioner would judge them once loaded
         # --backend-option, --llm-quantization (torch), --openvino-weights (OpenVINO): checked, then refused before
         # loading where the plan would leave them nothing to change
         backend_options = CliBackendOptions.from_args(args)
@@ -156,7 +200,16 @@ def _labels_for(args, target) -> list[str] | None:
     from mmedge.run_options import check_labels_given
 
     check_labels_given(args, target)
-    return _labels(args) if target.task == "zero-shot" else None
+    if target.task != "zero-shot":
+        return None
+    from mmedge.pipelines.zero_shot import check_labels, check_templates
+
+    labels = _labels(args)
+    if labels is not None:  # judged as the classifier judges them, before it loads: repeats, blanks, too many
+        check_labels(labels)
+    if args.templates is not None:
+        check_templates(args.templates)
+    return labels
 
 
 def _check_image_paths(images: list[str]) -> None:
@@ -236,9 +289,9 @@ def _note_if_empty(text: str, what: str, args) -> None:
 
 
 def _generation_args(args) -> dict:
-    return {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams, "do_sample": args.sample or None,
-            "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k_tokens, "seed": args.seed,
-            "stop_strings": args.stop}
+    from mmedge.run_options import generation_args
+
+    return generation_args(args)
 
 
 def _caption_one(pipeline, image: str, args) -> str | None:
@@ -349,11 +402,18 @@ def cmd_doctor(args) -> int:
         from mmedge.api import plan_for
         from mmedge.artifact import Artifact
 
-        artifact = Artifact.open(args.artifact, recheck=True)  # every file hashed now: a failing disk writes nothing
-        try:  # the command users turn to when a load fails: a damaged file is reported, not planned around
+        # the command users turn to when a load fails: a damaged or missing file is reported, not planned around
+        try:
+            artifact = Artifact.open(args.artifact, recheck=True)  # every file hashed now: a failing disk writes none
             artifact.check_every_file()
             report["files"] = "ok: every file the manifest names matches its sha256"
+        except ArtifactNotFoundError as error:
+            artifact = _with_missing_files(args.artifact)
+            if artifact is None:  # no folder or no manifest: nothing to plan
+                raise
+            report["files"], status = f"MISSING: {error}", error.exit_code
         except MmedgeError as error:
+            artifact = Artifact.open(args.artifact)
             report["files"], status = f"DAMAGED: {error}", error.exit_code
         chosen = plan_for(artifact, args.backend, args.device, backend_options=backend_options.as_dict(),
                           threads=args.threads, probe=found)  # load's plan, its settings applied
@@ -384,6 +444,18 @@ def cmd_doctor(args) -> int:
         for line in report["artifact"]:
             print(line)
     return status
+
+
+def _with_missing_files(path: str):
+    """The artifact at ``path`` without the check that every file it names is there (``mmedge doctor`` reports the
+    missing ones and plans the rest), or None where the folder or its manifest is missing."""
+    from mmedge.artifact import Artifact
+    from mmedge.manifest import MANIFEST_FILE, parse_manifest
+
+    manifest = Path(path) / MANIFEST_FILE
+    if not manifest.is_file():
+        return None
+    return Artifact(Path(path).resolve(), parse_manifest(manifest.read_bytes()), recheck=True)
 
 
 # --- tune --------------------------------------------------------------------------------------
@@ -422,8 +494,20 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a bad command line is one ``mmedge: error:`` line (what, then what to do), exit 2."""
 
     def error(self, message: str):
-        print(f"mmedge: error: {message}; fix: see `{self.prog} --help`.", file=sys.stderr)
+        # mmedge.cli_args' words after the flag: "--stop is empty; expected ...; fix: ..."
+        message = re.sub(r"^argument ([^:]+): (is empty|given twice)", r"\1 \2", message)
+        fix = "" if "; fix: " in message else f"; fix: see `{self.prog} --help`"
+        print(f"mmedge: error: {message.rstrip('.')}{fix}.", file=sys.stderr)
         raise SystemExit(2)
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but an unknown option after a subcommand points at that subcommand's --help."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            commands = next((a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction)), {})
+            parser = commands.get(getattr(parsed, "command", None), self)
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -437,26 +521,28 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="export a checkpoint to an artifact folder (host side; needs mmedge[export])",
                          description="Export a checkpoint to a validated artifact folder. An option that would change "
                                      "nothing for the model's family is refused (exit 2), before anything is loaded.")
-    exp.add_argument("model", help="hub id, checkpoint folder, or (with --random-weights) a bundled config name")
-    exp.add_argument("out", help="artifact folder to write (must not exist unless --overwrite)")
-    exp.add_argument("--task", default=None, help="CLIP only: zero-shot or embed (default zero-shot); a captioning "
-                                                  "artifact (BLIP-2, InstructBLIP, IDEFICS) answers captions and "
-                                                  "questions alike and takes no --task")
+    exp.add_argument("model", type=text,
+                     help="hub id, checkpoint folder, or (with --random-weights) a bundled config name")
+    exp.add_argument("out", type=text, help="artifact folder to write (must not exist unless --overwrite)")
+    exp.add_argument("--task", type=text, default=None,
+                     help="CLIP only: zero-shot or embed (default zero-shot); a captioning "
+                          "artifact (BLIP-2, InstructBLIP, IDEFICS) answers captions and "
+                          "questions alike and takes no --task")
     exp.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
                      help="encoders (and the LLM unless --llm-precision)")
     exp.add_argument("--llm-precision", choices=["fp32", "fp16", "int8", "int4"],
                      help="BLIP-2 and IDEFICS: the LLM decoder's precision (int8 dynamic, int4 weight-only); "
-                     "default: --precision")
+                          "default: --precision")
     exp.add_argument("--int4-block-size", type=int, default=None,
                      help="INT4 LLM: weights per scale (16-256, power of two; default 32)")
     exp.add_argument("--int4-accuracy-level", type=int, default=None, choices=[0, 1, 2, 3, 4],
                      help="INT4 LLM, MatMulNBits compute: 4 (default) = int8 activations (fastest on CPU), 0 = unset")
     exp.add_argument("--int4-head", default=None, choices=["int8", "fp32", "int4"],
                      help="INT4 LLM: the precision of its output projection (LM head); default int8 (8-bit "
-                     "MatMulNBits blocks), as INT4 LLM recipes keep the head above 4 bits")
+                          "MatMulNBits blocks), as INT4 LLM recipes keep the head above 4 bits")
     exp.add_argument("--int4-symmetric", action="store_true",
                      help="INT4 LLM: symmetric blocks, no zero points (default: a zero point per block, which "
-                     "halved the demo BLIP-2's INT4 logit error for 2.5%% more bytes)")
+                          "halved the demo BLIP-2's INT4 logit error for 2.5%% more bytes)")
     exp.add_argument("--split-prefix", action="store_true",
                      help="BLIP-2: vision and Q-Former as two graphs, not one prefix graph")
     exp.add_argument("--recompute-cross-kv", action="store_true",
@@ -478,25 +564,26 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--quantization", default=None, choices=["dynamic", "static"],
                      help="INT8 recipe: dynamic (default; fastest on CPU, no calibration) or static QDQ of the "
                           "encoders (calibrated; for TensorRT; needs --precision int8)")
-    exp.add_argument("--labels", nargs="*",
+    exp.add_argument("--labels", nargs="*", action="extend", type=text,
                      help="bake these labels into one zero-shot graph (no text encoder on the device)")
-    exp.add_argument("--labels-file", help="CLIP: file with one label per line (added to --labels)")
-    exp.add_argument("--templates", nargs="+",
+    exp.add_argument("--labels-file", type=text, action=Once,
+                     help="CLIP: file with one label per line (added to --labels)")
+    exp.add_argument("--templates", nargs="+", action="extend", type=text,
                      help="CLIP with --labels: prompt templates with '{}' for the label, baked "
-                                                     "in (default: 'a photo of a {}.'); at --precision int8 also the "
-                                                     "text graph's calibration and fidelity prompts")
+                          "in (default: 'a photo of a {}.'); at --precision int8 also the "
+                          "text graph's calibration and fidelity prompts")
     exp.add_argument("--calibration", metavar="DIR",
                      help="static INT8: folder of images to calibrate on (default: bundled photos)")
     exp.add_argument("--calibration-method", default=None, choices=["minmax", "percentile", "entropy"],
                      help="static INT8: how activation ranges are set from the calibration images "
-                     "(default: percentile)")
+                          "(default: percentile)")
     exp.add_argument("--fidelity-images", metavar="DIR",
                      help="quantized exports: folder of images to measure fidelity vs FP32 on, recorded in "
-                     "the manifest "
+                          "the manifest "
                           "(default: the --calibration folder, else bundled held-out photos)")
     exp.add_argument("--random-weights", action="store_true",
                      help="build the architecture with random weights (offline benchmarks); MODEL is a "
-                     "checkpoint folder "
+                          "checkpoint folder "
                           "or a bundled config: " + (", ".join(bundled) or "(the exporter is not installed)"))
     exp.add_argument("--allow-pickle", action="store_true",
                      help="accept pickled .bin weights (loaded with weights_only=True); refused for a local folder "
@@ -516,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     def runtime_flags(p):
         p.add_argument("--backend", default="auto", choices=backend_names())
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-        p.add_argument("--threads", type=count, default=None, help="CPU threads per graph")
+        p.add_argument("--threads", type=threads, default=None, help="CPU threads per graph")
         p.add_argument(backend_option_args.FLAG, action="append", metavar=backend_option_args.METAVAR,
                        help=backend_option_args.HELP)
         p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -524,21 +611,25 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run an artifact on images",
                          description="Run an artifact on images. An option the artifact's task would not use is "
                          "refused (exit 2).")
-    run.add_argument("artifact", help="artifact folder (written by mmedge export or mmedge demo)")
-    run.add_argument("images", nargs="+", help="image files (with --interleaved: images and text, in prompt order)")
-    run.add_argument("--labels", nargs="*", help="zero-shot with two graphs: labels to classify against")
-    run.add_argument("--labels-file", help="zero-shot: file with one label per line (added to --labels)")
-    run.add_argument("--templates", nargs="+", help="zero-shot: prompt templates with '{}' for the label "
-                                                     "(default: 'a photo of a {}.')")
-    run.add_argument("--top-k", type=int, default=None, help=f"zero-shot: labels to show (default {DEFAULT_TOP_K})")
+    run.add_argument("artifact", type=text, help="artifact folder (written by mmedge export or mmedge demo)")
+    run.add_argument("images", nargs="+", type=text,
+                     help="image files (with --interleaved: images and text, in prompt order)")
+    run.add_argument("--labels", nargs="*", action="extend", type=text,
+                     help="zero-shot with two graphs: labels to classify against")
+    run.add_argument("--labels-file", type=text, action=Once,
+                     help="zero-shot: file with one label per line (added to --labels); - reads standard input")
+    run.add_argument("--templates", nargs="+", action="extend", type=text,
+                     help="zero-shot: prompt templates with '{}' for the label "
+                          "(default: 'a photo of a {}.')")
+    run.add_argument("--top-k", type=count, default=None, help=f"zero-shot: labels to show (default {DEFAULT_TOP_K})")
     run.add_argument("--task", default=None, choices=["zero-shot", "embed", "caption", "vqa"])
     cap = run.add_argument_group("captioning (BLIP-2, IDEFICS)")
-    cap.add_argument("--prompt", help="text the caption continues, e.g. 'a photo of'")
+    cap.add_argument("--prompt", type=text, help="text the caption continues, e.g. 'a photo of'")
     cap.add_argument("--question", help="ask a question (VQA prompting: 'Question: ... Answer:')")
     cap.add_argument("--stream", action="store_true", help="print text as tokens arrive")
     cap.add_argument("--interleaved", action="store_true",
                      help="IDEFICS: the arguments after ARTIFACT form one prompt; existing files are images, "
-                     "the rest text")
+                          "the rest text")
     cap.add_argument("--max-new-tokens", type=int)
     cap.add_argument("--num-beams", type=int)
     cap.add_argument("--sample", action="store_true", help="sample instead of greedy/beam search")
@@ -546,55 +637,58 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--top-p", type=float)
     cap.add_argument("--top-k-tokens", type=int, help="sampling: keep the k most likely tokens")
     cap.add_argument("--seed", type=int)
-    cap.add_argument("--stop", nargs="+", help="stop strings")
+    cap.add_argument("--stop", nargs="+", action="extend", type=text, help="stop strings")
     cap.add_argument("--llm-quantization", choices=["int8", "nf4"],
                      help="torch backend: the LLM's weights in bitsandbytes INT8 (LLM.int8) or NF4")
     cap.add_argument("--openvino-weights", choices=["int8", "int4"],
                      help="OpenVINO backend: the LLM's weights compressed by NNCF (the IR `mmedge export "
                           "--openvino-weights` wrote, else compressed at the first load and cached)")
     runtime_flags(run)
-    run.add_argument("--triton", metavar="URL", help="run on a Triton server (http://HOST:8000 or grpc://HOST:8001): "
-                                                     "ARTIFACT is then a model `mmedge triton` wrote (needs "
-                     "mmedge[triton])")
+    run.add_argument("--triton", type=text, metavar="URL",
+                     help="run on a Triton server (http://HOST:8000 or grpc://HOST:8001): "
+                          "ARTIFACT is then a model `mmedge triton` wrote (needs "
+                          "mmedge[triton])")
     run.set_defaults(func=cmd_run)
 
     val = sub.add_parser("validate", help="re-measure an artifact's parity on this device")
-    val.add_argument("artifact")
+    val.add_argument("artifact", type=text)
     runtime_flags(val)
     val.set_defaults(func=cmd_validate)
 
     build = sub.add_parser("build",
                            help="prebuild an artifact's TensorRT engines on this device (needs mmedge[tensorrt])")
-    build.add_argument("artifact")
+    build.add_argument("artifact", type=text)
     build.add_argument("--precision", choices=["fp16", "int8", "fp32"], default=None,
                        help="engine precision (default: int8 for static QDQ graphs, fp16 for FP16 graphs, else "
-                       "fp16 - fp32 for FP32 T5 graphs, which overflow at FP16)")
-    build.add_argument("--max-batch", type=int, default=None,
+                            "fp16 - fp32 for FP32 T5 graphs, which overflow at FP16)")
+    build.add_argument("--max-batch", type=count, default=None,
                        help="largest batch an engine takes (default: 4 on Jetson, 16 on a desktop GPU)")
-    build.add_argument("--max-sequence", type=int, default=None,
+    build.add_argument("--max-sequence", type=count, default=None,
                        help="longest token sequence (default: the decoder's positions up to 512; a text encoder "
-                       "takes the tokenizer's max_length at most)")
-    build.add_argument("--max-images", type=int, default=None, help="most images per call (default: --max-batch)")
-    build.add_argument("--workspace-mb", type=int, default=None,
+                            "takes the tokenizer's max_length at most)")
+    build.add_argument("--max-images", type=count, default=None, help="most images per call (default: --max-batch)")
+    build.add_argument("--workspace-mb", type=count, default=None,
                        help="TensorRT builder workspace (default: 1/16 of a Jetson's memory up to 1 GiB, 1/4 of free "
-                       "GPU memory up to 4 GiB)")
-    build.add_argument("--components", nargs="+", help="only these components (default: all that TensorRT can build)")
+                            "GPU memory up to 4 GiB)")
+    build.add_argument("--components", nargs="+", action="extend", type=text,
+                       help="only these components (default: all that TensorRT can build)")
     build.add_argument("--force", action="store_true", help="rebuild even engines that are fresh")
     build.add_argument("--quiet", action="store_true", help="no progress lines")
     build.add_argument("--json", action="store_true", help="machine-readable summary")
     build.set_defaults(func=cmd_build)
 
     doc = sub.add_parser("doctor", help="what this device has and what mmedge would pick")
-    doc.add_argument("artifact", nargs="?")
+    doc.add_argument("artifact", nargs="?", type=text)
     runtime_flags(doc)
     doc.set_defaults(func=cmd_doctor)
 
     tune = sub.add_parser("tune", help="measure which CPU backend (ONNX Runtime or OpenVINO) runs each graph faster "
                           "here; auto then follows the measurement (needs mmedge[openvino])")
-    tune.add_argument("artifact")
-    tune.add_argument("--threads", type=count, default=None,
+    tune.add_argument("artifact", type=text)
+    tune.add_argument("--threads", type=threads, default=None,
                       help="CPU threads per graph, as the artifact will be loaded with (default: all cores)")
-    tune.add_argument("--runs", type=int, default=10, help="timed rounds per graph and backend (median; 3 to 1000)")
+    tune.add_argument("--runs", type=whole_number_between(3, MAX_TUNE_RUNS), default=10,
+                      help="timed rounds per graph and backend (median; 3 to 1000)")
     tune.add_argument("--quiet", action="store_true", help="no progress lines")
     tune.add_argument("--json", action="store_true", help="machine-readable record")
     tune.set_defaults(func=cmd_tune)
@@ -632,7 +726,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # output that fails to reach its file (a full disk) fails here, as one line, not at exit
+        return code
     except Terminated:
         print("mmedge: terminated", file=sys.stderr)
         return 143  # 128 + SIGTERM, as a shell reports it
@@ -643,11 +739,14 @@ def _run(args) -> int:
         print("mmedge: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader left (`mmedge doctor | head -3`): not an error of this command
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when stdout is flushed at exit
+        _drop_stdout()
         return 141  # 128 + SIGPIPE, as a shell reports a command whose reader left
-    except OSError as exc:  # disk full, permission denied: the system's answer, as one line
-        print(f"mmedge: error: {_system_error(exc)}; fix: check the path, free space and permissions.", file=sys.stderr)
-        return 1
+    except OSError as exc:  # disk full, permission denied: the system's answer, as one line; 1 is for bugs
+        if exc.filename is None:  # a write to standard output (> /dev/full): its unwritten rest is dropped
+            _drop_stdout()
+        print(f"mmedge: error: {_system_error(exc)}; expected paths this user can read and write, with free space; "
+              "fix: check the path, free space and permissions.", file=sys.stderr)
+        return 2
     except Exception as exc:  # a bug: one line, the traceback on request
         if os.environ.get("MMEDGE_DEBUG"):
             raise
@@ -657,8 +756,16 @@ def _run(args) -> int:
 
 
 def _system_error(exc: OSError) -> str:
-    where = f" ('{exc.filename}')" if exc.filename else ""
+    where = f" ('{exc.filename}')" if exc.filename else " (writing the output)"
     return f"{exc.strerror or exc}{where}"
+
+
+def _drop_stdout() -> None:
+    """Point stdout at the null device: no second error when Python flushes it at exit."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file (a test's capture)
+        pass
 
 
 if __name__ == "__main__":

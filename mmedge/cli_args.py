@@ -1,8 +1,14 @@
-"""argparse types for counts, so that a count below its least value is a usage error (exit 2) before any work."""
+"""argparse types and actions shared by the ``mmedge`` subcommands, so that a bad value is a usage error (exit 2)
+before any work: a count below its least value, an empty string (``--triton ""`` read as "not given" would quietly
+run something else), an option given twice that keeps one value."""
 
 from __future__ import annotations
 
 import argparse
+import os
+
+# the _Parser of mmedge.cli prints these after "--flag ": "--labels-file is empty; expected ...; fix: ..."
+EMPTY = "is empty"
 
 
 def count(text: str) -> int:
@@ -13,6 +19,52 @@ def count(text: str) -> int:
 def non_negative(text: str) -> int:
     """A whole number of at least 0: delays."""
     return _whole_number(text, least=0)
+
+
+def threads(text: str) -> int:
+    """CPU threads per graph: a whole number from 1 to ``mmedge.api.THREADS_PER_CORE_CAP`` per core of this machine
+    (the check ``mmedge.load`` makes, in the flag's words)."""
+    value = count(text)
+    from mmedge.api import THREADS_PER_CORE_CAP
+
+    cores = os.cpu_count() or 1
+    if value > THREADS_PER_CORE_CAP * cores:
+        raise argparse.ArgumentTypeError(
+            f"{value} is above {THREADS_PER_CORE_CAP * cores}: expected at most {THREADS_PER_CORE_CAP * cores} on "
+            f"this machine ({THREADS_PER_CORE_CAP} per core, {cores} cores: more threads than cores wait on each "
+            f"other); fix: pass --threads {cores} or fewer, or drop --threads for all cores")
+    return value
+
+
+def whole_number_between(least: int, most: int):
+    """A type: a whole number from ``least`` to ``most``."""
+
+    def judged(text: str) -> int:
+        value = _whole_number(text, least)
+        if value > most:
+            raise argparse.ArgumentTypeError(f"{value} is above {most}: expected a whole number from {least} to "
+                                             f"{most}")
+        return value
+
+    judged.__name__ = "whole number"
+    return judged
+
+
+def text(value: str) -> str:
+    """A non-empty string: a prompt, a question, a label, a URL, a path (an empty one is not "not given")."""
+    if not value:
+        raise argparse.ArgumentTypeError(f"{EMPTY}; expected a non-empty value; fix: give one, or drop the option")
+    return value
+
+
+class Once(argparse.Action):
+    """A single-value option: given twice, refused (argparse keeps the last one and drops the first quietly)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            raise argparse.ArgumentError(self, f"given twice ('{getattr(namespace, self.dest)}', '{values}'); "
+                                         "expected it once; fix: keep one of them")
+        setattr(namespace, self.dest, values)
 
 
 def _whole_number(text: str, least: int) -> int:

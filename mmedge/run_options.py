@@ -8,7 +8,9 @@ the backend the decoder lands on) once the plan is known.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from mmedge.backend_option_args import DECODER_FLAGS, FLAG, flag_value
 from mmedge.errors import InputError
@@ -117,8 +119,97 @@ def check_served_run_options(args) -> None:
 
 
 def check_run_options(args, target: Target) -> None:
-    """Raise InputError naming the first option that would change nothing for ``target``."""
+    """Raise InputError naming the first option that would change nothing for ``target``, or a VQA run without the
+    question it answers (it would caption quietly)."""
     refuse_idle(RULES, args, target, f"for this {target}")
+    if target.task == "vqa" and args.question is None and not args.interleaved:
+        raise InputError("--task vqa was given without --question", "the question to answer",
+                         "add e.g. --question 'what is in the picture?', or drop --task vqa to caption")
+
+
+def check_task(args, manifest: dict) -> None:
+    """A --task the artifact was not exported for, refused before any other option is judged for it."""
+    tasks = manifest["tasks"]
+    if args.task is not None and args.task not in tasks:
+        raise InputError(f"task '{args.task}' is not one this artifact was exported for", f"one of {', '.join(tasks)}",
+                         f"pass --task {tasks[0]}, or drop --task"
+                         + (" (or re-export with --task)" if manifest["family"] == "clip" else ""))
+
+
+# generation setting -> the `mmedge run` flag that sets it
+GENERATION_FLAGS = {"max_new_tokens": "--max-new-tokens", "num_beams": "--num-beams", "temperature": "--temperature",
+                    "top_p": "--top-p", "top_k": "--top-k-tokens", "seed": "--seed", "stop_strings": "--stop"}
+
+
+def generation_args(args) -> dict:
+    """The generation settings of the command line, as the captioner's calls take them (None: the manifest's)."""
+    return {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams, "do_sample": args.sample or None,
+            "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k_tokens, "seed": args.seed,
+            "stop_strings": args.stop}
+
+
+def check_generation(args, manifest: dict, target: Target) -> None:
+    """The generation flags judged against the manifest's settings and its decoder's positions, as the captioner
+    judges them, before anything is loaded; refused in the flags' words."""
+    if not target.captions:
+        return
+    from mmedge.generation import GenerationConfig
+    from mmedge.manifest import family_section
+    from mmedge.pipelines.captioner import unusable_default
+
+    given = {name: value for name, value in generation_args(args).items() if value is not None}
+    section = family_section(manifest)
+    positions = (section.get("decoder") or {}).get("max_positions")
+    least_prompt = int(section.get("num_query_tokens", 0)) + 1  # BOS, after a BLIP-2 image's query rows
+    try:  # a bad manifest is the artifact's fault, said as loading it says it
+        config = GenerationConfig.from_dict(dict(manifest.get("generation") or {}))
+        config.validate(max_positions=positions, prompt_length=least_prompt)
+    except InputError as error:
+        raise unusable_default(error) from None
+    try:
+        config.replace(**given).validate(max_positions=positions, prompt_length=least_prompt)
+    except InputError as error:
+        raise InputError(*(generation_flag_words(part) for part in (error.what, error.expected, error.fix))) from None
+
+
+def generation_flag_words(text: str | None) -> str | None:
+    """A generation check's words for the Python API ("max_new_tokens=30", "set do_sample=False") as `mmedge run`
+    takes them ("--max-new-tokens 30", "drop --sample")."""
+    if text is None:
+        return None
+    text = text.replace("generation setting ", "").replace("None or an integer", "an integer")
+    text = re.sub(r"\b(?:set |use )?do_sample=False\b", "drop --sample", text)
+    text = re.sub(r"\bdo_sample=True\b", "--sample", text)
+    names = "|".join(GENERATION_FLAGS)
+    return re.sub(rf"(?<![\w-])({names})(?:=([^\s,;)]+))?",
+                  lambda m: GENERATION_FLAGS[m[1]] + (f" {m[2]}" if m[2] else ""), text)
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False for a text no file can be named (a label past the file system's name length)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # ENAMETOOLONG; ValueError: an embedded NUL
+        return False
+
+
+LIST_FLAGS = (("--labels", "labels"), ("--stop", "stop"), ("--templates", "templates"))
+
+
+def check_list_values(args) -> None:
+    """A list option takes every argument after it: an image path there (``--labels cat dog b.png``) would be a label
+    or a stop string, and the image would not run. Refused: any existing file among the labels, an existing image
+    file among the stop strings and templates."""
+    from PIL import Image
+
+    suffixes = Image.registered_extensions()
+    for flag, dest in LIST_FLAGS:
+        for value in getattr(args, dest, None) or ():
+            path = Path(value)
+            if _is_file(path) and (dest == "labels" or path.suffix.lower() in suffixes):
+                raise InputError(f"{flag} value '{value}' names a file", f"{flag} values, then nothing but options",
+                                 f"put the images before {flag} (mmedge run ARTIFACT IMAGE... {flag} ...), or end "
+                                 f"its list with -- and put every image after that")
 
 
 def check_labels_given(args, target: Target) -> None:

@@ -36,6 +36,7 @@ from mmedge.runtimes.tensorrt_planning import (
     derive_profile,
     engine_bytes,
     engine_precision,
+    idle_limit,
     key_precision,
     kv_cache_need,
     network_typing,
@@ -275,6 +276,14 @@ def build_artifact(path: str | os.PathLike, settings: EngineSettings | None = No
     for name in targets:  # refuse bad precisions and profiles before touching TensorRT
         engine_precision(name, manifest["components"][name], settings.precision, manifest=manifest)
         derive_profile(manifest, name, settings.limits)
+    idle = idle_limit(manifest, targets, settings.limits)
+    if idle:
+        flag = "--" + idle.replace("_", "-")
+        takes = "a token sequence of varying length" if idle == "max_sequence" else "a varying number of images"
+        raise InputError(f"{flag} would change nothing for '{artifact.root.name}': no component built here "
+                         f"({', '.join(targets)}) takes {takes}",
+                         "a component with such an input (a text encoder or decoder for --max-sequence, a graph "
+                         "taking several images for --max-images)", f"drop {flag}")
     import_tensorrt()
     import_cudart()
     probe = probe or device.probe()

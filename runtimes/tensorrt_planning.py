@@ -300,6 +300,25 @@ def decoder_axes(manifest: Mapping, component: Mapping, limits: ProfileLimits) -
             "total_sequence": (1, past + 1, length + longest_past), "logits_sequence": (1, 1, length)}
 
 
+SEQUENCE_AXES = frozenset({"sequence", "tokens", "past_sequence", "total_sequence", "logits_sequence"})
+IMAGE_AXES = frozenset({"images", "image_tokens"})
+
+
+def idle_limit(manifest: Mapping, names: Iterable[str], limits: ProfileLimits) -> str | None:
+    """The first of ``max_sequence`` and ``max_images`` set in ``limits`` that no profile of the components ``names``
+    reads (none has a token-sequence axis that is not fixed by the tokenizer's padding; none an images axis), or None
+    where each one set is read: ``mmedge build`` refuses an option that would change nothing."""
+    read = {"max_sequence": False, "max_images": False}
+    for name in names:
+        component = manifest["components"][name]
+        axes = {d for spec in component["inputs"].values() for d in spec["shape"] if isinstance(d, str)}
+        if axes & SEQUENCE_AXES and not sequence_limit(manifest, component, limits)[1]:
+            read["max_sequence"] = True
+        if axes & IMAGE_AXES:
+            read["max_images"] = True
+    return next((limit for limit, used in read.items() if getattr(limits, limit) is not None and not used), None)
+
+
 def derive_profile(manifest: Mapping, name: str, limits: ProfileLimits | None = None) -> Profile:
     """The optimization profile of component ``name``: (min, opt, max) shapes of every input with a named
     dynamic axis. Inputs of fixed shape need none and get none."""

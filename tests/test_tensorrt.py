@@ -668,8 +668,8 @@ def test_build_without_tensorrt_fails_with_one_line(capsys, clip_artifacts):
 @pytest.mark.parametrize("argv,kind,words", [
     (["--precision", "int8"], InputError, ("static QDQ",)),
     (["--components", "nope"], InputError, ("no component 'nope'",)),
-    (["--max-batch", "0"], InputError, ("max_batch is 0",)),
-])
+    (["--components", "vision", "--max-sequence", "8"], InputError, ("--max-sequence would change nothing",)),
+])  # --max-batch 0: a usage error before the artifact is opened (tests/test_cli_values.py)
 def test_bad_build_requests_fail_the_same_way_everywhere(capsys, clip_artifacts, argv, kind, words):
     """Checked before TensorRT is imported: the same error on a laptop and on the Jetson."""
     cli_error(capsys, ["build", clip_artifacts("fp32"), *argv], kind, *words)

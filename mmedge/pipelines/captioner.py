@@ -43,6 +43,12 @@ def vqa_prompt(template: str, question: Any) -> str:
     return template.replace("{}", question.strip())
 
 
+def unusable_default(exc: InputError) -> ManifestError:
+    """The manifest's own generation settings refused (``exc``): the artifact is at fault, not the call."""
+    return ManifestError(f"manifest.json field 'generation' holds an unusable default: {exc.what}", exc.expected,
+                         "re-export the artifact; do not edit manifest.json by hand")
+
+
 class Captioner:
     """``caption(images)``, ``ask(image, question)``, ``stream(image)``, ``generate(interleaved prompt)`` where the
     family takes them; generation settings as keywords."""
@@ -70,8 +76,7 @@ class Captioner:
         try:
             self._config({})  # the manifest's own settings must work before any call relies on them
         except InputError as exc:
-            raise ManifestError(f"manifest.json field 'generation' holds an unusable default: {exc.what}", exc.expected,
-                                "re-export the artifact; do not edit manifest.json by hand") from None
+            raise unusable_default(exc) from None
 
     # --- public API ------------------------------------------------------------------------------
     def _input_builder(self, settings: dict, tokenizer, preprocessor, embeddings, **extra):

@@ -136,7 +136,9 @@ def test_cli_refuses_absurd_generation_settings(capsys, blip2_artifact, photos, 
         else:
             argv += [{"top_k": "--top-k-tokens"}.get(key, "--" + key.replace("_", "-")), value]
     assert flag in [str(a) for a in argv]
-    cli_error(capsys, argv, InputError, words)
+    from mmedge.run_options import generation_flag_words
+
+    cli_error(capsys, argv, InputError, generation_flag_words(words))  # said in the flags' words, before loading
 
 
 def test_api_refuses_unknown_and_mistyped_settings(captioner, photos):
@@ -163,8 +165,9 @@ def test_cli_bad_command_line_is_one_line(capsys, blip2_artifact, photos, argv, 
 
 def test_top_k_of_the_classifier(capsys, classifier, clip_artifacts, photos):
     api_error(lambda: classifier(photos[0], labels=LABELS, top_k=0), InputError, "top_k is 0", "positive integer")
-    cli_error(capsys, ["run", clip_artifacts("fp32"), photos[0], "--labels", *LABELS, "--top-k", "-3"], InputError,
-              "top_k is -3")
+    with pytest.raises(SystemExit) as stop:  # refused as the command line is read, before anything loads
+        main(["run", str(clip_artifacts("fp32")), photos[0], "--labels", *LABELS, "--top-k", "-3"])
+    assert stop.value.code == 2 and "--top-k: -3 is below 1" in capsys.readouterr().err
 
 
 def test_same_thread_reentry_is_refused_not_deadlocked(captioner, photos):
