@@ -44,7 +44,7 @@ import numpy as np
 
 from mmedge.errors import InputError, ServerError, ServerInputError
 from mmedge.generation import StreamEnd, TextStream
-from mmedge.pipelines.captioner import refuse_prompt_batch, vqa_prompt
+from mmedge.pipelines.captioner import check_stream_call, is_prompt_batch, vqa_prompt
 from mmedge.triton.config import PARAMETER
 from mmedge.triton.protocol import (
     PIPELINES,
@@ -566,15 +566,7 @@ class RemoteCaptioner(RemotePipeline):
 
     def generate(self, prompt: list, **generation: Any):
         """Continue an interleaved prompt (images and strings), or each of a list of such prompts."""
-        if not isinstance(prompt, (list, tuple)) or not prompt:
-            raise InputError("generate() needs an interleaved prompt", "a non-empty list of images and strings",
-                             "pass e.g. [image, 'An image of two cats.', image2, 'An image of']")
-        lists = [isinstance(p, (list, tuple)) for p in prompt]
-        batched = all(lists)
-        if any(lists) and not batched:
-            raise InputError(f"generate() got prompt item {lists.index(True)} as a list among images and strings",
-                             "one prompt (a list of images and strings) or a batch of prompts (a list of such lists)",
-                             "pass [image, 'text', ...] for one prompt, or wrap every prompt in its own list")
+        batched = is_prompt_batch(prompt)
         settings = self._generation(generation)
         texts = [texts_of("text", self._infer({**_items(p), **settings})["text"])[0]
                  for p in (prompt if batched else [prompt])]
@@ -588,19 +580,7 @@ class RemoteCaptioner(RemotePipeline):
         whose stream model does not send them). What the local call refuses at the call is refused here; the image is
         read and sent when the first piece is asked for. Closing the stream (or leaving it) stops the server's
         generation."""
-        interleaved = isinstance(image, (list, tuple))
-        if interleaved and not self.interleaved:
-            raise InputError("stream() got a list of images", "one image",
-                             "call stream() per image, or caption() for a batch")
-        refuse_prompt_batch(image)
-        given = [name for name, value in (("prompt", prompt), ("question", question)) if value is not None]
-        if interleaved and given:
-            raise InputError(f"stream() got {given[0]}= with an interleaved prompt", "the text written into the "
-                             "prompt list itself", f"put the text in the list (e.g. [image, 'Question: ... Answer:'])"
-                             f", or drop {given[0]}=")
-        if len(given) == 2:
-            raise InputError("stream() got both prompt= and question=", "one of them: question= is answered with the "
-                             "family's question prompt, prompt= is a text the answer continues", "drop one of them")
+        check_stream_call(image, prompt, question, self.interleaved)
         if question is not None:
             vqa_prompt(self.vqa_template, question)  # judged at the call, as locally
         settings = self._generation(generation)

@@ -43,6 +43,39 @@ def vqa_prompt(template: str, question: Any) -> str:
     return template.replace("{}", question.strip())
 
 
+def is_prompt_batch(prompt: Any) -> bool:
+    """Whether ``generate()``'s ``prompt`` is a batch of interleaved prompts (a list of lists) rather than one; an
+    InputError for anything else (here and on a Triton server's client alike)."""
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        raise InputError("generate() needs an interleaved prompt", "a non-empty list of images and strings",
+                         "pass e.g. [image, 'An image of two cats.', image2, 'An image of']")
+    lists = [isinstance(p, (list, tuple)) for p in prompt]
+    if any(lists) and not all(lists):
+        raise InputError(f"generate() got prompt item {lists.index(True)} as a list among images and strings",
+                         "one prompt (a list of images and strings) or a batch of prompts (a list of such lists)",
+                         "pass [image, 'text', ...] for one prompt, or wrap every prompt in its own list")
+    return all(lists)
+
+
+def check_stream_call(image: Any, prompt: str | None, question: str | None, interleaved: bool) -> None:
+    """What ``stream()`` refuses at the call, locally and on a Triton server's client alike: a list of images where
+    the family takes one image (``interleaved``: it takes a prompt list), a batch of prompts, and a prompt or question
+    beside an interleaved list or beside each other."""
+    is_list = isinstance(image, (list, tuple))
+    if is_list and not interleaved:
+        raise InputError("stream() got a list of images", "one image",
+                         "call stream() per image, or caption() for a batch")
+    refuse_prompt_batch(image)
+    given = [name for name, value in (("prompt", prompt), ("question", question)) if value is not None]
+    if is_list and given:  # the list is the whole prompt: a text beside it had been dropped unread
+        raise InputError(f"stream() got {given[0]}= with an interleaved prompt", "the text written into the prompt "
+                         "list itself", f"put the text in the list (e.g. [image, 'Question: ... Answer:']), or drop "
+                         f"{given[0]}=")
+    if len(given) == 2:
+        raise InputError("stream() got both prompt= and question=", "one of them: question= is answered with the "
+                         "family's question prompt, prompt= is a text the answer continues", "drop one of them")
+
+
 def unusable_default(exc: InputError) -> ManifestError:
     """The manifest's own generation settings refused (``exc``): the artifact is at fault, not the call."""
     return ManifestError(f"manifest.json field 'generation' holds an unusable default: {exc.what}", exc.expected,
@@ -101,15 +134,7 @@ class Captioner:
     def generate(self, prompt: list, **generation: Any):
         """Continue an interleaved prompt (a list of images and strings), or a list of such prompts."""
         self._require_interleaved("generate()")
-        if not isinstance(prompt, (list, tuple)) or not prompt:
-            raise InputError("generate() needs an interleaved prompt", "a non-empty list of images and strings",
-                             "pass e.g. [image, 'An image of two cats.', image2, 'An image of']")
-        lists = [isinstance(p, (list, tuple)) for p in prompt]
-        batched = all(lists)
-        if any(lists) and not batched:
-            raise InputError(f"generate() got prompt item {lists.index(True)} as a list among images and strings",
-                             "one prompt (a list of images and strings) or a batch of prompts (a list of such lists)",
-                             "pass [image, 'text', ...] for one prompt, or wrap every prompt in its own list")
+        batched = is_prompt_batch(prompt)
         config = self._config(generation)  # bad settings are refused before any graph runs
         prompts = [list(p) for p in prompt] if batched else [list(prompt)]
         texts = self._generate(self.inputs.build(prompts, config.max_new_tokens), config)
@@ -122,19 +147,7 @@ class Captioner:
         ``ask(image, question)``. Once exhausted, the stream's ``tokens`` and ``finish_reason`` say how the answer
         ended (:class:`mmedge.generation.TextStream`). Bad settings and a list where one image goes are refused here,
         at the call; the image is read, and the prompt judged, when the first piece is asked for."""
-        interleaved = isinstance(image, (list, tuple))
-        if interleaved and not self.interleaved:
-            raise InputError("stream() got a list of images", "one image",
-                             "call stream() per image, or caption() for a batch")
-        refuse_prompt_batch(image)
-        given = [name for name, value in (("prompt", prompt), ("question", question)) if value is not None]
-        if interleaved and given:  # the list is the whole prompt: a text beside it had been dropped unread
-            raise InputError(f"stream() got {given[0]}= with an interleaved prompt", "the text written into the "
-                             "prompt list itself", f"put the text in the list (e.g. [image, 'Question: ... Answer:'])"
-                             f", or drop {given[0]}=")
-        if len(given) == 2:
-            raise InputError("stream() got both prompt= and question=", "one of them: question= is answered with the "
-                             "family's question prompt, prompt= is a text the answer continues", "drop one of them")
+        check_stream_call(image, prompt, question, self.interleaved)
         if question is not None:
             prompt = vqa_prompt(self.vqa_template, question)
         config = self._config(generation)
