@@ -198,16 +198,17 @@ LIST_FLAGS = (("--labels", "labels"), ("--stop", "stop"), ("--templates", "templ
 
 def check_list_values(args) -> None:
     """A list option takes every argument after it: an image path there (``--labels cat dog b.png``) would be a label
-    or a stop string, and the image would not run. Refused: any existing file among the labels, an existing image
-    file among the stop strings and templates."""
+    or a stop string, and the image would not run. Refused: an existing image file among the labels, stop strings
+    and templates (a label that merely names another file in the folder, 'dog' beside a file dog, is a label)."""
     from PIL import Image
 
     suffixes = Image.registered_extensions()
     for flag, dest in LIST_FLAGS:
         for value in getattr(args, dest, None) or ():
             path = Path(value)
-            if _is_file(path) and (dest == "labels" or path.suffix.lower() in suffixes):
-                raise InputError(f"{flag} value '{value}' names a file", f"{flag} values, then nothing but options",
+            if path.suffix.lower() in suffixes and _is_file(path):
+                raise InputError(f"{flag} value '{value}' names an image file",
+                                 f"{flag} values, then nothing but options",
                                  f"put the images before {flag} (mmedge run ARTIFACT IMAGE... {flag} ...), or end "
                                  f"its list with -- and put every image after that")
 

@@ -99,7 +99,15 @@ def test_an_empty_value_is_refused_not_taken_as_not_given(capsys, argv, flag):
 def test_an_image_path_a_list_option_took_is_refused(capsys, clip_artifacts, blip2_artifact, photos, flag):
     artifact = clip_artifacts("fp32") if flag == "--labels" else blip2_artifact
     code, _, err = run_cli(capsys, "run", artifact, photos[0], flag, "cat", photos[1])
-    assert code == 2 and f"{flag} value '{photos[1]}' names a file" in err and f"before {flag}" in err
+    assert code == 2 and f"{flag} value '{photos[1]}' names an image file" in err and f"before {flag}" in err
+
+
+def test_a_label_that_names_another_file_is_a_label(capsys, clip_artifacts, photos, tmp_path, monkeypatch):
+    """A file 'dog' in the current folder had made --labels cat dog refused, as though dog were a misplaced image."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dog").write_text("")
+    code, out, err = run_cli(capsys, "run", clip_artifacts("fp32"), photos[0], "--labels", "cat", "dog")
+    assert code == 0 and ("cat" in out and "dog" in out), err
 
 
 def test_manifest_errors_name_their_artifact(capsys, clip_artifacts, tmp_path):

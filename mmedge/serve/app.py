@@ -92,12 +92,13 @@ async def _model_request(request, parse):
 
 async def embeddings(request):
     _, model, call = await _model_request(request, clip.embeddings)
-    return JSONResponse(await model.calls.run(call))
+    # a client gone while its call waits frees its place at once, as a chat request's does
+    return JSONResponse(await _unless_disconnected(request, model.calls.run(call)))
 
 
 async def classify(request):
     _, model, call = await _model_request(request, clip.classify)
-    return JSONResponse(await model.calls.run(call))
+    return JSONResponse(await _unless_disconnected(request, model.calls.run(call)))
 
 
 async def chat_completions(request):

@@ -96,7 +96,6 @@ class BlobCache:
             return None, [f"{blob.name}: {d}" for d in differences]
         if hashlib.sha256(data).hexdigest() != entry.get("blob_sha256"):
             return None, [f"{blob.name}: its bytes differ from those recorded when it was compiled"]
-        self.remove_superseded(component, key)  # compiled before an upgrade, by this load's older versions
         return data, []
 
     def store(self, component: str, key: OvKey, data: bytes, extra: dict | None = None) -> Path:
@@ -120,8 +119,10 @@ class BlobCache:
     def remove_superseded(self, component: str, key: OvKey) -> list[Path]:
         """Delete the blobs (and records) of ``component`` compiled for what ``key`` is, by an older (or other)
         OpenVINO, mmedge or NNCF: no load here uses them again, and each upgrade would otherwise leave a dead copy
-        of every compiled model. Blobs for other devices, precisions or graphs are kept. Called by ``store`` and by a
-        ``load`` that found its blob; what cannot be removed (read-only media) stays. Returns what was removed."""
+        of every compiled model. Blobs for other devices, precisions or graphs are kept. Called by ``store`` only (the
+        first load after an upgrade compiles and stores): a load that finds its own blob removes nothing, so two
+        services of different versions sharing one artifact do not delete each other's blob at every start. What
+        cannot be removed (read-only media) stays. Returns what was removed."""
         removed = []
         for other in sorted(self.folder.glob(f"{_checked_component(component)}-openvino-*.record")):
             if other == self.paths(component, key)[1]:
