@@ -352,10 +352,10 @@ def _remove_abandoned_staging(parent: Path, name: str) -> None:
 
 
 def _make_staging(parent: Path, name: str) -> tuple[Path, int | None]:
-    """An empty staging folder ``.NAME.partial-PID-XXXXXXXX`` in ``parent`` and an open handle holding its lock
-    (None where the OS has no locks): close it once the folder is renamed into place or removed. A folder that
-    another export's ``_remove_abandoned_staging`` took for abandoned in the instant before it was locked is gone
-    once the lock is ours: then another is made."""
+    """An empty staging folder in ``parent`` (``.NAME.partial-PID-`` and mkdtemp's 8 random characters) and an open
+    handle holding its lock (None where the OS has no locks): close it once the folder is renamed into place or
+    removed. A folder that another export's ``_remove_abandoned_staging`` took for abandoned in the instant before it
+    was locked is gone once the lock is ours: then another is made."""
     while True:
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-{os.getpid()}-", dir=parent))
         if locks.fcntl is None:
