@@ -156,11 +156,12 @@ def check_generation(args, manifest: dict, target: Target) -> None:
     from mmedge.generation import GenerationConfig
     from mmedge.manifest import family_section
     from mmedge.pipelines.captioner import unusable_default
+    from mmedge.pipelines.prefix_inputs import least_prompt_positions
 
     given = {name: value for name, value in generation_args(args).items() if value is not None}
     section = family_section(manifest)
     positions = (section.get("decoder") or {}).get("max_positions")
-    least_prompt = int(section.get("num_query_tokens", 0)) + 1  # BOS, after a BLIP-2 image's query rows
+    least_prompt = least_prompt_positions(section)  # as the captioner's input builder counts it
     try:  # a bad manifest is the artifact's fault, said as loading it says it
         config = GenerationConfig.from_dict(dict(manifest.get("generation") or {}))
         config.validate(max_positions=positions, prompt_length=least_prompt)

@@ -104,7 +104,7 @@ class PrefixInputs:
     @property
     def least_prompt_positions(self) -> int:
         """Decoder positions every prompt takes before its text: the image's query rows and BOS."""
-        return int(self.settings["num_query_tokens"]) + 1
+        return least_prompt_positions(self.settings)
 
     def _refuse_long_prompt(self, tokens: int, budget: int, queries: int, max_new_tokens: int) -> None:
         if budget >= self.max_prompt_tokens:  # the cap binds, not the positions
@@ -126,6 +126,13 @@ class PrefixInputs:
         if max_positions is None:
             return self.max_prompt_tokens
         return min(self.max_prompt_tokens, max_positions - positions_taken(queries, max_new_tokens))
+
+
+def least_prompt_positions(section: dict) -> int:
+    """Decoder positions every prompt takes before its text in a decoder-only LLM, read from the family's manifest
+    ``section``: an image prefix's query rows (BLIP-2, InstructBLIP; none for IDEFICS, whose images sit inside its
+    text) and BOS. (Flan-T5's decoder positions are unbounded: its builder says 1, and no limit reads it.)"""
+    return int(section.get("num_query_tokens") or 0) + 1
 
 
 def check_prompt_chars(text: str, max_tokens: int, what: str = "the prompt") -> None:
