@@ -382,6 +382,16 @@ def _process_alive(pid: int) -> bool:
 
 
 def _umask() -> int:
+    """The process's umask, read without changing it where the kernel shows it (Linux 4.7+: ``Umask:`` in
+    /proc/self/status). Setting it to read it back (the fallback) changes it for every thread meanwhile: a file
+    another thread creates in that moment would be made with no umask at all."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

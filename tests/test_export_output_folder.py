@@ -149,3 +149,25 @@ def test_an_output_path_ending_in_dot_dot_is_refused_before_any_work(tiny_clip_d
             raise AssertionError("the staging folder was made")
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == [
         "sub", "sub/art", "sub/art/manifest.json"]
+
+
+# --- the umask is read, never toggled --------------------------------------------------------------------------------
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads Linux's /proc/self/status")
+def test_the_written_artifact_takes_the_umask_without_setting_it(tmp_path, monkeypatch):
+    """Setting the umask to read it back made every other thread's files in that moment world-writable."""
+    import mmedge.artifact as artifact
+
+    previous = os.umask(0o027)
+    try:
+        def refuse(mask):
+            raise AssertionError("the umask was set while an artifact was written")
+
+        monkeypatch.setattr(artifact.os, "umask", refuse)
+        with atomic_folder(tmp_path / "art") as stage:
+            (stage / "manifest.json").write_text("{}")
+            os.chmod(stage / "manifest.json", 0o600)  # a writer that makes its files private
+    finally:
+        monkeypatch.undo()
+        os.umask(previous)
+    assert (tmp_path / "art" / "manifest.json").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "art").stat().st_mode & 0o777 == 0o750
