@@ -31,7 +31,7 @@ from mmedge.serve.errors import ApiError, from_mmedge, internal
 from mmedge.serve.inputs import parse_json, read_body, undecodable
 from mmedge.serve.metrics import Metrics, MetricsMiddleware
 from mmedge.serve.models import ServedModel, find_model, model_named
-from mmedge.serve.options import DRAIN_SECONDS, ServeOptions
+from mmedge.serve.options import ServeOptions
 
 log = logging.getLogger("mmedge.serve")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -214,8 +214,8 @@ class InternalErrorMiddleware:
       event that ends it (as ``_chunks`` reports a failure); the cancellation stops here, as the request is over.
     """
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, drain_seconds: float):
+        self.app, self.drain_seconds = app, drain_seconds
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -231,9 +231,10 @@ class InternalErrorMiddleware:
             await self.app(scope, receive, sending)
         except asyncio.CancelledError:
             error = ApiError(503, "the server is shutting down and cut this request off before its answer was complete",
-                             f"a request answered within {DRAIN_SECONDS} s of the server being told to stop (SIGTERM "
-                             "or Ctrl-C), and before a second Ctrl-C", "send the request again: another instance, or "
-                             "this one once restarted, will answer it", code="shutting_down",
+                             f"a request answered within {self.drain_seconds:g} s of the server being told to stop "
+                             "(SIGTERM or Ctrl-C), and before a second Ctrl-C",
+                             "send the request again: another instance, or this one once restarted, will answer it",
+                             code="shutting_down",
                              headers={"Retry-After": "1"})
             scope.setdefault("state", {})["error_code"] = error.code
             if not started:
@@ -288,7 +289,7 @@ def create_app(options: ServeOptions, models: dict[str, ServedModel]) -> Starlet
     app = Starlette(routes=routes, exception_handlers={MmedgeError: api_error, HTTPException: http_error,
                                                        ClientDisconnect: client_gone})
     app.state.serving = Serving(options, models, metrics_)
-    app.add_middleware(InternalErrorMiddleware)
+    app.add_middleware(InternalErrorMiddleware, drain_seconds=options.drain_seconds)
     app.add_middleware(ApiKeyMiddleware, key=options.api_key)
     app.add_middleware(MetricsMiddleware, metrics=metrics_)  # added last: outermost, so it also counts the 401s
     return app

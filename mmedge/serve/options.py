@@ -25,6 +25,8 @@ MAX_EMBEDDING_INPUTS = 256  # texts + images per embeddings request
 KEEP_ALIVE_SECONDS = 75  # idle connections stay open longer than clients keep them (httpx: 5 s), so no request
 # races a server-side close (nginx's default)
 DRAIN_SECONDS = 60  # SIGTERM: how long in-flight requests may take to finish before the process exits anyway
+# (--drain-seconds: below an orchestrator's own grace period, e.g. Kubernetes' 30 s, its SIGKILL comes after it)
+MAX_DRAIN_SECONDS = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class ServeOptions:
     threads: int | None = None
     workers: int | None = None  # requests each artifact runs at once; None: 1 captioner, or DEFAULT_CLIP_WORKERS
     max_queue: int = DEFAULT_MAX_QUEUE
+    drain_seconds: float = DRAIN_SECONDS
     allow_images_from: Path | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_MB << 20
     max_images: int = DEFAULT_MAX_IMAGES
@@ -58,6 +61,11 @@ class ServeOptions:
                 fix = "pass e.g. --port 8000, or --port 0 for any free port" if name == "--port" else \
                     f"pass e.g. {name} {max(low, 1)}"
                 raise InputError(f"{name} is {value}", f"an integer {bound}", fix)
+        if not 0 <= args.drain_seconds <= MAX_DRAIN_SECONDS:  # also NaN
+            raise InputError(f"--drain-seconds is {args.drain_seconds}",
+                             f"seconds from 0 (cut requests off at once) to {MAX_DRAIN_SECONDS} (a day)",
+                             f"pass e.g. --drain-seconds 25 (below a 30 s grace period), or leave it out for "
+                             f"{DRAIN_SECONDS}")
         allowed = None
         if args.allow_images_from:
             allowed = Path(args.allow_images_from).expanduser().resolve()
@@ -69,7 +77,8 @@ class ServeOptions:
             raise InputError("--api-key is empty", "a non-empty key", f"pass --api-key KEY or set {API_KEY_ENV}")
         return cls(artifacts=tuple(Path(a) for a in args.artifacts), host=args.host, port=args.port, api_key=api_key,
                    backend=args.backend, device=args.device, threads=args.threads, workers=args.workers,
-                   max_queue=args.max_queue, allow_images_from=allowed, max_body_bytes=args.max_body_mb << 20,
+                   max_queue=args.max_queue, drain_seconds=args.drain_seconds, allow_images_from=allowed,
+                   max_body_bytes=args.max_body_mb << 20,
                    max_images=args.max_images, max_image_pixels=args.max_image_pixels,
                    backend_options=CliBackendOptions.from_args(args) or None, quiet=args.quiet)
 
@@ -96,6 +105,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
                         help="requests that may wait per artifact beyond those running; more get 503 with "
                         f"Retry-After (default {DEFAULT_MAX_QUEUE})")
+    parser.add_argument("--drain-seconds", type=float, default=DRAIN_SECONDS, metavar="SECONDS",
+                        help="at SIGTERM or one Ctrl-C, how long requests in flight and queued may take to finish; "
+                        "those still unanswered then get 503 shutting_down (default "
+                        f"{DRAIN_SECONDS}; keep it below an orchestrator's grace period, e.g. 25 under Kubernetes' 30)")
     parser.add_argument("--allow-images-from", metavar="DIR",
                         help="let requests name image files inside DIR (file:// URLs or paths); default: "
                         "data URIs only")

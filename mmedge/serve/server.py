@@ -2,9 +2,9 @@
 
 SIGTERM (or Ctrl-C once) stops accepting connections, lets every request in flight finish (streams included: their
 SSE responses are not cut; requests waiting in a queue get their turn), then closes the pipelines and exits 0. Requests
-still running ``DRAIN_SECONDS`` after the signal are cut off: uvicorn cancels them and each is answered 503
-``shutting_down`` (a stream ends with an error event; ``app.InternalErrorMiddleware``). A second Ctrl-C cuts them off at
-once and exits 130.
+still running ``--drain-seconds`` (default ``DRAIN_SECONDS``) after the signal are cut off: uvicorn cancels them and
+each is answered 503 ``shutting_down`` (a stream ends with an error event; ``app.InternalErrorMiddleware``). A second
+Ctrl-C cuts them off at once and exits 130.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from sse_starlette.sse import AppStatus
 from mmedge.errors import MmedgeError
 from mmedge.serve.app import create_app
 from mmedge.serve.models import load_models
-from mmedge.serve.options import API_KEY_ENV, DRAIN_SECONDS, KEEP_ALIVE_SECONDS, ServeOptions
+from mmedge.serve.options import API_KEY_ENV, KEEP_ALIVE_SECONDS, ServeOptions
 
 BACKLOG = 2048  # connections the kernel holds until they are accepted (uvicorn's default)
 
@@ -31,7 +31,7 @@ class _Server(uvicorn.Server):
         if not self.should_exit:
             again = "; Ctrl-C again to stop at once" if sig == signal.SIGINT else ""
             print(f"mmedge serve: {signal.Signals(sig).name}: finishing the requests in flight, then exiting "
-                  f"(at most {DRAIN_SECONDS} s{again})", file=sys.stderr, flush=True)
+                  f"(at most {self.config.timeout_graceful_shutdown:g} s{again})", file=sys.stderr, flush=True)
         elif sig == signal.SIGINT:  # uvicorn's force exit: it cancels the requests still running
             print("mmedge serve: SIGINT again: stopping now; the requests in flight are answered 503",
                   file=sys.stderr, flush=True)
@@ -51,7 +51,7 @@ def serve(options: ServeOptions) -> int:
         raise
     try:
         config = uvicorn.Config(create_app(options, models), log_level="warning", access_log=False, lifespan="off",
-                                timeout_keep_alive=KEEP_ALIVE_SECONDS, timeout_graceful_shutdown=DRAIN_SECONDS,
+                                timeout_keep_alive=KEEP_ALIVE_SECONDS, timeout_graceful_shutdown=options.drain_seconds,
                                 backlog=BACKLOG)
         AppStatus.disable_automatic_graceful_drain()  # sse-starlette would cut streams at SIGTERM; they finish instead
         host, port = sock.getsockname()[:2]

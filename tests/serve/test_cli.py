@@ -57,7 +57,9 @@ def test_two_artifacts_with_one_name(capsys, tmp_path, served_artifacts):
                          [("--workers", "0", "--workers is 0"), ("--max-queue", "-1", "at least 0"),
                                                  ("--port", "70000", "65535"),
                           ("--port", "99999", "pass e.g. --port 8000, or --port 0 for any free port"),
-                                                ("--max-image-pixels", "0", "at least 1")])
+                                                ("--max-image-pixels", "0", "at least 1"),
+                          ("--drain-seconds", "-1", "from 0 (cut requests off at once)"),
+                          ("--drain-seconds", "nan", "--drain-seconds is nan")])
 def test_bad_settings(capsys, served_artifacts, flag, value, words):
     cli_error(capsys, ["serve", served_artifacts["clip-fp32"], flag, value], InputError, words)
 

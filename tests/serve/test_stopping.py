@@ -23,8 +23,6 @@ HANG = 120  # seconds: a request still unanswered by then has hung
 HELD = textwrap.dedent("""
     import sys
 
-    import mmedge.serve.options as options
-    options.DRAIN_SECONDS = int(sys.argv.pop(1))  # before the server's modules read it
     import mmedge.serve.queue as queue
 
     produce = queue._produce
@@ -53,8 +51,8 @@ def user(scene) -> list[dict]:
 def stop_with_one_streaming_and_one_queued(long_blip2, scenes, drain_seconds: int, stop) -> tuple[Server, list, object]:
     """A server with stream A generating and request B queued behind it, ``stop(server)`` called: the events A got
     after that, B's answer and the server (exited)."""
-    running = Server([long_blip2], "--workers", "1", "--threads", "1",
-                     launcher=[sys.executable, "-c", HELD, str(drain_seconds)])
+    running = Server([long_blip2], "--workers", "1", "--threads", "1", "--drain-seconds", str(drain_seconds),
+                     launcher=[sys.executable, "-c", HELD])
     http = httpx.Client(base_url=running.url, timeout=HANG)
     stream = {"model": "blip2-long", "stream": True, "max_tokens": 50, "messages": user(scenes[0])}
     try:
@@ -93,14 +91,15 @@ def test_one_ctrl_c_stops_gracefully_and_the_deadline_answers_503(long_blip2, sc
         long_blip2, scenes, 1, lambda server: server.process.send_signal(signal.SIGINT))
     log = running.text()
     assert running.process.returncode == 0, log
-    assert "SIGINT: finishing the requests in flight" in log and "mmedge serve: stopped" in log
+    assert "SIGINT: finishing the requests in flight, then exiting (at most 1 s;" in log  # --drain-seconds 1
+    assert "mmedge serve: stopped" in log
     assert "interrupted" not in log
     assert_cut_off(events, answer, log)
 
 
 def test_a_second_ctrl_c_stops_at_once_without_a_traceback(long_blip2, scenes):
-    """Ctrl-C twice: the requests in flight are cut off at once (the drain deadline, 60 s, is far), answered 503
-    shutting_down, and the process exits 130 (a CancelledError traceback was logged for each)."""
+    """Ctrl-C twice: the requests in flight are cut off at once (the drain deadline, --drain-seconds 60, is far),
+    answered 503 shutting_down, and the process exits 130 (a CancelledError traceback was logged for each)."""
     def twice(server: Server) -> None:
         server.process.send_signal(signal.SIGINT)
         wait_for(lambda: "SIGINT: finishing" in "".join(server.stderr), what="the first Ctrl-C taken")
