@@ -81,7 +81,8 @@ _DISTRIBUTION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 def _well_formed(record) -> bool:
     """A record as ``tune`` writes it: its device key (``device_key``'s fields, each of its type; the engines by
-    distribution name), when and how often it was measured, and per component its graph sha256 and both timings."""
+    distribution name), when and how often it was measured, and per component its graph sha256 and both timings
+    (OpenVINO's may be null with the reason it failed)."""
     if not isinstance(record, dict) or not isinstance(record.get("components"), dict):
         return False
     device = record.get("device")
@@ -98,8 +99,17 @@ def _well_formed(record) -> bool:
     return all(isinstance(name, str) and isinstance(timing, dict)
                and isinstance(timing.get("sha256"), (str, type(None)))
                and isinstance(timing.get("inputs", ""), str)
-               and all(_figure(timing.get(f"{backend}_ms")) for backend in ("onnxruntime", "openvino"))
+               and _figure(timing.get("onnxruntime_ms")) and _timed_or_refused(timing, "openvino")
                for name, timing in record["components"].items())
+
+
+def _timed_or_refused(timing: dict, backend: str) -> bool:
+    """``backend``'s median, or none (null) beside ``<backend>_failed``, why that engine could not run the graph here
+    (``auto`` then leaves the graph to the other)."""
+    if timing.get(f"{backend}_ms") is None:
+        failed = timing.get(f"{backend}_failed")
+        return isinstance(failed, str) and bool(failed)
+    return _figure(timing[f"{backend}_ms"])
 
 
 DEVICE_FIELDS = {"cpu_model", "machine", "cpu_flags", "cpu_cores", "threads", "engines"}  # device_key's

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from mmedge.errors import BackendUnavailableError, InputError, IntegrityError
+from mmedge.errors import BackendError, BackendUnavailableError, InputError
 from mmedge.runtimes.openvino.cache import BlobCache, OvKey
 from mmedge.runtimes.openvino.core import (
     WEIGHT_MODES,
@@ -93,6 +93,7 @@ def compiled_model(path: str | os.PathLike, component_name: str, component: dict
     cache = BlobCache(options.engine_cache) if options.engine_cache is not None else None
     key = cache_key(component, options, exported) if cache is not None else None
     if cache is not None:
+        refused_before(cache, component_name, key)
         blob, reasons = cache.load(component_name, key)
         if blob is not None:
             try:
@@ -102,17 +103,20 @@ def compiled_model(path: str | os.PathLike, component_name: str, component: dict
         elif reasons:
             log.info("mmedge: OpenVINO recompiles %s: %s", component_name, "; ".join(reasons))
     start = time.perf_counter()  # what an uncached load costs: reading, any NNCF compression, compiling
-    model = read_model(path, component_name)
-    if options.weights and not exported:
-        with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bar: stdout is the caller's (--json, pipes)
-            model = compress_weights(model, component_name, component, options.weights)
     try:
-        compiled = core().compile_model(model, options.device, config)
-    except Exception as exc:
-        raise IntegrityError(f"OpenVINO could not compile component '{component_name}' for {options.device} "
-                             f"({type(exc).__name__}: {_first_line(exc)})",
-                             "a graph OpenVINO supports on this device", "use --backend onnxruntime for this artifact, "
-                             "or another OpenVINO device") from None
+        model = read_model(path, component_name)
+        if options.weights and not exported:
+            with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bar: stdout is the caller's (--json, pipes)
+                model = compress_weights(model, component_name, component, options.weights)
+        try:
+            compiled = core().compile_model(model, options.device, config)
+        except Exception as exc:
+            raise refused(f"OpenVINO could not compile component '{component_name}' for {options.device} "
+                          f"({type(exc).__name__}: {engine_detail(exc)})") from None
+    except BackendError as exc:
+        if cache is not None:
+            cache.store_refusal(component_name, key, exc.what)
+        raise
     seconds = time.perf_counter() - start
     source = f"compiled in {seconds:.1f} s"
     if cache is not None and _can_export(options.device):
@@ -165,12 +169,32 @@ def inference_precision(compiled) -> str | None:
 
 
 def read_model(path: str | os.PathLike, component_name: str):
+    """The graph as OpenVINO reads it. The file's sha256 was checked against the manifest: a graph OpenVINO cannot
+    read (an operator its ONNX front end lacks) is refused by OpenVINO, not a damaged artifact."""
     try:
         return core().read_model(str(path))
     except Exception as exc:
-        raise IntegrityError(f"OpenVINO could not read component '{component_name}' from '{Path(path).name}' "
-                             f"({type(exc).__name__}: {_first_line(exc)})", "a valid ONNX graph as written by "
-                             "`mmedge export`", "re-export the artifact or copy the file again") from None
+        raise refused(f"OpenVINO could not read component '{component_name}' from '{Path(path).name}' "
+                      f"({type(exc).__name__}: {engine_detail(exc)})") from None
+
+
+def refused(what: str) -> BackendError:
+    """The error for a graph OpenVINO cannot read or compile here (``what``: which, and OpenVINO's words)."""
+    return BackendError(what, "a graph OpenVINO supports on this device", "use --backend onnxruntime for this "
+                        "artifact (auto runs such a component on ONNX Runtime by itself), or another OpenVINO device")
+
+
+def refused_before(cache: BlobCache, component_name: str, key: OvKey) -> None:
+    """The error an earlier load met reading or compiling this graph for this key (same graph, precision, device,
+    settings and OpenVINO version: it would fail again), raised without asking OpenVINO again; nothing where none
+    is recorded."""
+    recorded = cache.refusal(component_name, key)
+    if recorded is not None:
+        what, record = recorded
+        raise BackendError(f"{what}, as recorded at an earlier load in engines/{record.name} (the same graph, device, "
+                           "settings and OpenVINO version; not compiled again)",
+                           "a graph OpenVINO supports on this device", "use --backend onnxruntime for this artifact "
+                           "(auto does so by itself), or delete that file to try OpenVINO again")
 
 
 def compress_weights(model, component_name: str, component: dict, weights: str):
@@ -216,5 +240,13 @@ def _can_export(device: str) -> bool:
         return False
 
 
-def _first_line(exc: Exception) -> str:
-    return str(exc).splitlines()[0][:200] if str(exc) else "no detail"
+DETAIL_CHARS = 400
+
+
+def engine_detail(exc: Exception) -> str:
+    """OpenVINO's exception in one line: its meaningful lines (the failed check and what it says), without the
+    "Exception from src/...cpp:N:" lines of the call stack that open each message, or "no detail"."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    meaningful = [line for line in lines if not line.startswith("Exception from ")] or lines
+    text = " ".join(meaningful)
+    return (text[:DETAIL_CHARS - 3] + "...") if len(text) > DETAIL_CHARS else text or "no detail"

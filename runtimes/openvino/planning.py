@@ -87,13 +87,21 @@ def measured_figure(timing: dict) -> Figure:
 
 def faster_backend(name: str, component: dict, cpu_flags, measured: dict | None = None) -> tuple[str, str]:
     """("openvino" or "onnxruntime", the reason) for one component on this CPU: from ``measured`` (this device's
-    ``mmedge tune`` timing of this graph) where there is one, else from the rule's figure for the CPU class."""
+    ``mmedge tune`` timing of this graph) where there is one (ONNX Runtime where OpenVINO failed to run the graph
+    then), else from the rule's figure for the CPU class."""
     what = recipe(name, component)
+    if measured and measured.get("openvino_failed"):
+        return "onnxruntime", (f"component '{name}' ({what}) here: OpenVINO could not run it when mmedge tune measured "
+                               f"at {measured.get('measured_at', '?')} ({measured['openvino_failed']})")
     found = measured_figure(measured) if measured else figure(name, component, cpu_flags)
     if found is None:
         return "onnxruntime", f"component '{name}' ({what}): no OpenVINO figure for this recipe, ONNX Runtime"
-    where = "here" if measured else "on a CPU of this class"  # the rule's figures come from another machine
-    return found.faster, f"component '{name}' ({what}) {where}: {found.reason()} ({found.text()})"
+    if measured:
+        return found.faster, f"component '{name}' ({what}) here: {found.reason()} ({found.text()})"
+    cpus = "with" if has_vnni(cpu_flags) else "without"
+    return found.faster, (f"component '{name}' ({what}) by the rule for CPUs {cpus} VNNI: {found.reason()} "
+                          f"(reference figures of a full-size graph, not this one, measured on {found.where}; "
+                          "`mmedge tune ARTIFACT` measures this machine's)")
 
 
 def int8_recipe(cpu_flags) -> tuple[str, str]:

@@ -10,7 +10,7 @@ import numpy as np
 
 from mmedge.errors import BackendError, IntegrityError
 from mmedge.runner import Runner
-from mmedge.runtimes.openvino.compile import compiled_model
+from mmedge.runtimes.openvino.compile import compiled_model, engine_detail
 from mmedge.runtimes.openvino.core import OvOptions
 
 
@@ -65,7 +65,7 @@ class OpenVinoRunner(Runner):
             return {name: np.array(results[self._port_of[name]], copy=True) for name in self._output_names}
         except Exception as exc:
             raise BackendError(f"OpenVINO failed running component '{self.component_name}' "
-                               f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})",
+                               f"({type(exc).__name__}: {engine_detail(exc)})",
                                "feeds matching the component's declared inputs",
                                "check input shapes against runner.input_metadata()") from None
         finally:

@@ -5,7 +5,9 @@ decides OpenVINO vs ONNX Runtime from this device's measurement instead of the r
 
 Every component runs on both backends with the artifact's own validation inputs (a decoder: one decode step after
 the validation prompt, what a caption's tokens cost), the two taking turns in blocks (``_in_turns``), median of
-``runs``; the record goes to ``mmedge.tuning`` (``engines/backend-timings.json``), which ``auto`` and ``mmedge doctor``
+``runs``; a graph OpenVINO cannot read or compile here is recorded as such (``openvino_ms`` null,
+``openvino_failed`` saying why: ``auto`` then runs it on ONNX Runtime) and the others are timed all the same. The
+record goes to ``mmedge.tuning`` (``engines/backend-timings.json``), which ``auto`` and ``mmedge doctor``
 read. Nothing here imports torch; the engines are imported by their runners.
 """
 
@@ -22,11 +24,12 @@ import numpy as np
 
 from mmedge.artifact import Artifact, temporary_path
 from mmedge.bench import samples_in_turns
-from mmedge.errors import ArtifactError, BackendUnavailableError
+from mmedge.errors import ArtifactError, BackendError, BackendUnavailableError
 from mmedge.generation.kv_layout import LOGITS_POSITIONS, cache_names, checked_layout
 from mmedge.tuning import check_storable, device_key, store, unwritable
 
-CANDIDATES = ("onnxruntime", "openvino")
+REFERENCE, CHALLENGER = "onnxruntime", "openvino"  # ONNX Runtime runs every graph: where it cannot, tune fails
+CANDIDATES = (REFERENCE, CHALLENGER)
 MAX_RUNS = 1000  # timed calls per backend per graph
 
 
@@ -78,6 +81,25 @@ def _feeds_for(name: str, component: dict, sample: dict, runner) -> tuple[dict, 
         return step, f"a decode step after {step['attention_mask'].shape[1] - 1} cached tokens"
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in inputs.items())
     return inputs, f"the validation sample ({shapes})"
+
+
+def _open_each(artifact: Artifact, chosen, threads: int | None) -> tuple[dict, dict[str, str]]:
+    """({component: runner} for each planned component its backend opened, {component: why} for each it refused:
+    a graph OpenVINO cannot read or compile is recorded as such, and the other graphs are timed all the same."""
+    from mmedge.runtimes.registry import backend
+
+    runners, refused = {}, {}
+    try:
+        for name, comp_plan in chosen.components.items():
+            try:
+                runners[name] = backend(comp_plan.backend).open_runner(artifact, name, comp_plan, threads=threads)
+            except BackendError as exc:
+                refused[name] = exc.what
+    except BaseException:
+        for runner in runners.values():
+            runner.close()
+        raise
+    return runners, refused
 
 
 PROBE_BYTES = 64 * 1024  # written (and flushed to disk) before measuring: more than a timings file of many records
@@ -142,11 +164,13 @@ def tune(path: str | os.PathLike, threads: int | None = None, runs: int = 10, pr
     names = list(artifact.components)
     steps = Progress(len(names) + 1, enabled=progress)
     runners: dict[str, dict] = {}
+    refused: dict[str, str] = {}
     try:
         with steps.step("opening every graph on ONNX Runtime and OpenVINO (OpenVINO compiles once, cached)"):
-            for backend in CANDIDATES:
-                chosen = plan(found, artifact.manifest, backend, "cpu")
-                runners[backend] = open_runners(artifact, chosen, threads=threads)
+            runners[REFERENCE] = open_runners(artifact, plan(found, artifact.manifest, REFERENCE, "cpu"),
+                                              threads=threads)
+            runners[CHALLENGER], refused = _open_each(artifact, plan(found, artifact.manifest, CHALLENGER, "cpu"),
+                                                      threads)
         components = {}
         for name in names:
             with steps.step(f"timing {name} on both, {runs} calls each, taking turns"):
@@ -154,11 +178,14 @@ def tune(path: str | os.PathLike, threads: int | None = None, runs: int = 10, pr
                     raise ArtifactError(f"validation samples lack component '{name}'", "samples for every component",
                                         "re-export the artifact")
                 # the same feeds for both (a decoder's cache from the first backend's prefill)
-                feeds, what = _feeds_for(name, artifact.component(name), samples[name], runners[CANDIDATES[0]][name])
-                medians = _in_turns({backend: (lambda b=backend: runners[b][name].infer(feeds))
-                                        for backend in CANDIDATES}, runs)
+                feeds, what = _feeds_for(name, artifact.component(name), samples[name], runners[REFERENCE][name])
+                ran = [backend for backend in CANDIDATES if name in runners[backend]]
+                medians = _in_turns({backend: (lambda b=backend: runners[b][name].infer(feeds)) for backend in ran},
+                                    runs)
                 components[name] = {"sha256": artifact.component(name).get("sha256"), "inputs": what,
-                                    **{f"{backend}_ms": round(ms, 3) for backend, ms in medians.items()}}
+                                    **{f"{backend}_ms": round(ms, 3) for backend, ms in medians.items()},
+                                    **({f"{CHALLENGER}_ms": None, f"{CHALLENGER}_failed": refused[name]}
+                                       if name in refused else {})}
     finally:
         for opened in runners.values():
             for runner in opened.values():

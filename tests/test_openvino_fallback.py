@@ -1,0 +1,117 @@
+"""A graph OpenVINO cannot take: under ``auto`` it runs on ONNX Runtime (one warning, OpenVINO's refusal remembered in
+``engines/``), a backend the user named still refuses with a BackendError carrying OpenVINO's own words, and
+``mmedge tune`` records the refusal and times the other graphs.
+
+The graph is the tiny static-QDQ CLIP's vision tower with one operator OpenVINO's ONNX front end has no conversion
+for (``Det`` of a constant [[0]], added to an output: ONNX Runtime runs it, the outputs are unchanged), as the
+shipped BLIP-2 demo's static-QDQ Q-Former is refused by OpenVINO's CPU compiler.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import mmedge
+from mmedge.api import plan_for
+from mmedge.artifact import Artifact
+from mmedge.cli import main
+from mmedge.errors import BackendError
+from mmedge.runtimes.openvino.doctor import cached_lines
+from mmedge.runtimes.openvino.tune import tune
+from mmedge.validate import load_validation_samples
+from tests.test_openvino import needs_openvino
+
+needs_x86 = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                               reason="auto gives OpenVINO components only on x86 CPUs")
+UNSUPPORTED = "No conversion rule found for operations: Det"  # what OpenVINO says, past its call-stack lines
+
+
+def _with_det(folder, component: str = "vision") -> None:
+    """Add ``output + Det([[0]])`` to the component's first output (same values) and re-record its sha256."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    entry = manifest["components"][component]
+    path = folder / entry["file"]
+    model = onnx.load(path)
+    graph = model.graph
+    output = graph.output[0].name
+    for node in graph.node:
+        node.output[:] = [f"{output}_before_det" if name == output else name for name in node.output]
+    graph.initializer.append(numpy_helper.from_array(np.zeros((1, 1), np.float32), "det_input"))
+    graph.node.extend([helper.make_node("Det", ["det_input"], ["det_zero"]),
+                       helper.make_node("Add", [f"{output}_before_det", "det_zero"], [output])])
+    onnx.save(model, path)
+    entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+@pytest.fixture
+def refused_clip(clip_artifacts, tmp_path):
+    folder = tmp_path / "clip"
+    shutil.copytree(clip_artifacts("int8-static"), folder, ignore=shutil.ignore_patterns("engines"))
+    _with_det(folder)
+    return folder
+
+
+@needs_openvino
+@needs_x86
+def test_auto_runs_a_graph_openvino_refuses_on_onnx_runtime_and_remembers_the_refusal(refused_clip, caplog):
+    feeds = load_validation_samples(Artifact.open(refused_clip))["vision"]["inputs"]
+    assert plan_for(refused_clip).components["vision"].backend == "openvino"  # the rule gives OpenVINO static QDQ
+    with caplog.at_level(logging.WARNING, logger="mmedge"), mmedge.load(refused_clip) as auto:
+        assert auto.runners["vision"].backend == "onnxruntime"
+        assert auto.runners["text"].backend == "openvino"  # the graph OpenVINO takes stays on it
+        assert "vision=onnxruntime, text=openvino" in repr(auto)  # what runs, not what was planned
+        embeds = auto.runners["vision"].infer(feeds)
+    warned = [r.getMessage() for r in caplog.records if "auto runs component 'vision'" in r.getMessage()]
+    assert len(warned) == 1 and UNSUPPORTED in warned[0] and "on onnxruntime instead" in warned[0]
+    with mmedge.load(refused_clip, backend="onnxruntime") as reference:
+        expected = reference.runners["vision"].infer(feeds)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(embeds[name], value)
+
+    refusals = sorted((refused_clip / "engines").glob("vision-openvino-*.refused"))
+    assert len(refusals) == 1 and UNSUPPORTED in json.loads(refusals[0].read_text())["error"]
+    assert any(refusals[0].name in line and "auto runs vision on ONNX Runtime" in line
+               for line in cached_lines(Artifact.open(refused_clip)))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mmedge"), mmedge.load(refused_clip) as again:
+        assert again.runners["vision"].backend == "onnxruntime"
+    assert any("as recorded at an earlier load" in r.getMessage() for r in caplog.records)  # not read again
+
+
+@needs_openvino
+def test_a_named_openvino_refuses_with_a_backend_error_in_openvino_s_own_words(refused_clip):
+    with pytest.raises(BackendError) as info:
+        mmedge.load(refused_clip, backend="openvino")
+    message = str(info.value)
+    assert type(info.value) is BackendError  # the artifact is intact: not an IntegrityError
+    assert "OpenVINO could not read component 'vision'" in message and UNSUPPORTED in message
+    assert "Exception from src" not in message
+    with pytest.raises(BackendError, match="as recorded at an earlier load.*delete that file"):
+        mmedge.load(refused_clip, backend="openvino")
+
+
+@needs_openvino
+@needs_x86
+def test_tune_records_the_refused_graph_and_times_the_others(refused_clip, capsys):
+    assert main(["tune", str(refused_clip), "--threads", "1", "--runs", "3", "--quiet"]) == 0
+    said = capsys.readouterr().out
+    assert "vision: ONNX Runtime" in said and "ms, OpenVINO could not read component 'vision'" in said, said
+    assert UNSUPPORTED in said and "-> auto runs it on onnxruntime" in said
+    record = tune(refused_clip, threads=1, runs=3, progress=False)
+    vision, text = record["components"]["vision"], record["components"]["text"]
+    assert vision["openvino_ms"] is None and UNSUPPORTED in vision["openvino_failed"] and vision["onnxruntime_ms"] > 0
+    assert text["openvino_ms"] > 0 and "openvino_failed" not in text
+    chosen = plan_for(refused_clip, threads=1)
+    assert chosen.components["vision"].backend == "onnxruntime"
+    assert any("component 'vision'" in r and "OpenVINO could not run it when mmedge tune measured" in r
+               for r in chosen.reasons)
