@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from mmedge.errors import BackendError, BackendUnavailableError, FeedError
+from mmedge.errors import BackendError, BackendUnavailableError, FeedError, InputError, ModelLoadError
 from mmedge.runner import DeviceArray, Runner, TensorMeta
 from mmedge.runtimes.torch_bnb import QUANTIZATIONS, output_head_names, quantize_linear_layers
 from mmedge.runtimes.torch_checkpoint import refuse_another_size
@@ -91,9 +91,9 @@ def torch_dtype(name: str | None, device) -> Any:
     if name is None:
         name = "float16" if device.type == "cuda" else "float32"
     if name not in DTYPE_NAMES:
-        raise BackendUnavailableError(f"torch dtype '{name}' is not supported",
-                                      f"one of {', '.join(sorted(set(DTYPE_NAMES.values())))}",
-                                      "pass dtype='float16' (CUDA), 'bfloat16' or 'float32'")
+        raise InputError(f"torch dtype '{name}' is not supported",
+                         f"one of {', '.join(sorted(set(DTYPE_NAMES.values())))}",
+                         "pass dtype='float16' (CUDA), 'bfloat16' or 'float32'")
     return getattr(torch, DTYPE_NAMES[name])
 
 
@@ -106,9 +106,8 @@ def resolve_device(device: str | None) -> Any:
     try:
         chosen = torch.device(name)
     except (RuntimeError, TypeError):
-        raise BackendUnavailableError(f"torch device '{name}' is not a device name",
-                                      "'auto', 'cpu', 'cuda' or 'cuda:N'",
-                                      "pass device='cuda' or device='cpu'") from None
+        raise InputError(f"torch device '{name}' is not a device name", "'auto', 'cpu', 'cuda' or 'cuda:N'",
+                         "pass device='cuda' or device='cpu'") from None
     if chosen.type == "cuda" and not torch.cuda.is_available():
         build = getattr(torch.version, "cuda", None)
         raise BackendUnavailableError(
@@ -118,8 +117,7 @@ def resolve_device(device: str | None) -> Any:
             "install a CUDA build of torch (pip install torch --index-url https://download.pytorch.org/whl/cu126), "
             "or pass device='cpu'")
     if chosen.type not in ("cpu", "cuda"):
-        raise BackendUnavailableError(f"torch device '{name}' is not supported", "cpu or cuda",
-                                      "pass device='cuda' or 'cpu'")
+        raise InputError(f"torch device '{name}' is not supported", "cpu or cuda", "pass device='cuda' or 'cpu'")
     return chosen
 
 
@@ -170,7 +168,7 @@ def weights_folder(artifact, checkpoint: str | Path | None = None) -> Path:
     if checkpoint is not None:
         folder = Path(checkpoint).expanduser()
         if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
-            raise BackendUnavailableError(
+            raise ModelLoadError(
                 f"checkpoint folder '{folder}' has no config.json with safetensors weights",
                 "a Hugging Face checkpoint folder (config.json + *.safetensors; pickles are never loaded)",
                 "point checkpoint= at the folder save_pretrained wrote, or use an artifact exported with "
@@ -192,9 +190,8 @@ def acquire_model(folder: Path, family: str, device, dtype, *, quantization: str
     it (encoders never touch the LLM); otherwise it gets a model of its own.
     """
     if quantization not in (None, *QUANTIZATIONS):
-        raise BackendUnavailableError(f"LLM quantization '{quantization}' is not supported",
-                                      f"None or one of {', '.join(QUANTIZATIONS)}",
-                                      "pass quantization='int8' (LLM.int8) or 'nf4'")
+        raise InputError(f"LLM quantization '{quantization}' is not supported",
+                         f"None or one of {', '.join(QUANTIZATIONS)}", "pass quantization='int8' (LLM.int8) or 'nf4'")
     key = (str(Path(folder).resolve()), family, str(device), str(dtype))
     with _MODELS_LOCK:
         entry = _MODELS.get(key)
@@ -225,7 +222,7 @@ def _refuse_another_model_type(folder: Path, family: str, expected: str) -> None
     except (OSError, ValueError, AttributeError):
         return  # from_pretrained says what is wrong with it
     if found != expected:
-        raise BackendUnavailableError(
+        raise ModelLoadError(
             f"the checkpoint in '{folder}' is a '{found}' model, and this artifact is {family} ('{expected}')",
             f"a '{expected}' checkpoint: the one the artifact was exported from",
             "point checkpoint= at that checkpoint's folder, or use the artifact's own weights (--with-pytorch)")
@@ -490,9 +487,9 @@ def create_runner(path, component_name: str, component: dict, *, artifact=None, 
     import_torch()
     if artifact is None:
         if path is None:
-            raise BackendUnavailableError("the torch backend got neither an artifact nor a component path",
-                                          "artifact= (an mmedge.artifact.Artifact) or the path of a component file",
-                                          "use mmedge.load(path, backend='torch')")
+            raise InputError("the torch backend got neither an artifact nor a component path",
+                             "artifact= (an mmedge.artifact.Artifact) or the path of a component file",
+                             "use mmedge.load(path, backend='torch')")
         artifact = Artifact.open(Path(path).parent)
     chosen = resolve_device(device)
     precision = torch_dtype(dtype, chosen)

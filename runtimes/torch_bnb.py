@@ -10,10 +10,17 @@ quantization).
 - NF4 quantizes where the weights already are: a CUDA weight is quantized on the GPU, never copied to the host.
   ``Int8Params`` quantizes only on a move from the CPU, so INT8 takes each weight through host memory (FP16).
 
-``bitsandbytes`` is imported on use; without it, BackendUnavailableError names the install command.
+``bitsandbytes`` is imported on use; without it, BackendUnavailableError names the install command. Its import
+never reaches the network: on CPUs with AVX512-BF16 its CPU backend fetches an optional kernel from the Hugging Face
+Hub through the ``kernels`` package, which that import does not see (``hub_kernels_hidden``); bitsandbytes then runs
+its own CPU kernels.
 """
 
 from __future__ import annotations
+
+import contextlib
+import logging
+import sys
 
 from mmedge.errors import BackendError, BackendUnavailableError
 
@@ -26,12 +33,52 @@ INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold (transformers' default)
 def import_bitsandbytes():
     """The ``bitsandbytes`` module, or BackendUnavailableError naming it and how to install it."""
     try:
-        import bitsandbytes
+        with hub_kernels_hidden():
+            import bitsandbytes
     except ImportError as exc:
         raise BackendUnavailableError(
             f"INT8/NF4 LLM weights need the Python package 'bitsandbytes', which cannot be imported ({exc})",
             "bitsandbytes importable beside torch", BNB_INSTALL) from None
     return bitsandbytes
+
+
+HUB_KERNELS = "kernels"  # the Hugging Face package bitsandbytes' CPU backend fetches its gemm_4bit kernel with
+BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"  # where it warns that the hub kernel did not load
+
+
+@contextlib.contextmanager
+def hub_kernels_hidden():
+    """What runs inside sees no ``kernels`` package, unless the Hugging Face Hub is in offline mode (the user's
+    ``HF_HUB_OFFLINE=1``: ``kernels`` then loads only a kernel already in the local cache, without a connection).
+    bitsandbytes' warning that the hub kernel did not load is dropped meanwhile: its own CPU kernels run instead."""
+    hide = not _hub_offline()
+    hidden = sys.modules.get(HUB_KERNELS)
+    if hide:
+        sys.modules[HUB_KERNELS] = None  # an import of it raises ImportError
+    logger = logging.getLogger(BNB_CPU_LOGGER)
+    no_hub_warning = _DropHubKernelWarning()
+    logger.addFilter(no_hub_warning)
+    try:
+        yield
+    finally:
+        logger.removeFilter(no_hub_warning)
+        if hide and hidden is None:
+            sys.modules.pop(HUB_KERNELS, None)
+        elif hide:
+            sys.modules[HUB_KERNELS] = hidden
+
+
+def _hub_offline() -> bool:
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # no hub client: nothing can fetch a kernel
+        return True
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+class _DropHubKernelWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
 
 
 def output_head_names(llm) -> tuple[str, ...]:

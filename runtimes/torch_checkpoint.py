@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from mmedge.errors import BackendUnavailableError
+from mmedge.errors import ModelLoadError
 from mmedge.manifest import family_section
 
 
@@ -55,11 +55,12 @@ def sizes_compared(manifest: Mapping, model) -> list[tuple[str, object, object]]
 
 
 def refuse_another_size(manifest: Mapping, model, folder: Path) -> None:
-    """BackendUnavailableError naming each size in which the checkpoint in ``folder`` differs from the artifact."""
+    """ModelLoadError (bad input: exit 2, not an absent backend) naming each size in which the checkpoint in
+    ``folder`` differs from the artifact."""
     differ = [f"{what} {theirs} (the artifact's: {ours})" for what, ours, theirs in sizes_compared(manifest, model)
               if ours != theirs]
     if differ:
-        raise BackendUnavailableError(
+        raise ModelLoadError(
             f"the checkpoint in '{folder}' is another size of {manifest['family']} than the artifact: "
             + "; ".join(differ),
             "the checkpoint the artifact was exported from (or one of the same sizes)",

@@ -28,6 +28,7 @@ from mmedge.errors import (
     InputError,
     IntegrityError,
     ManifestError,
+    ModelLoadError,
     UnsafePathError,
 )
 from mmedge.manifest import dump_manifest, parse_manifest
@@ -691,7 +692,7 @@ def test_a_checkpoint_of_another_model_type_is_refused(pytorch_artifacts, tiny_c
     """A CLIP checkpoint for a BLIP-2 artifact loaded with every weight random, then failed on a numpy shape."""
     api_error(lambda: load_quietly(pytorch_artifacts("blip2"), backend="torch",
                                    backend_options={"torch": {"checkpoint": str(tiny_clip_dir)}}),
-              BackendUnavailableError, "is a 'clip' model, and this artifact is blip2 ('blip-2')")
+              ModelLoadError, "is a 'clip' model, and this artifact is blip2 ('blip-2')")
 
 
 def test_a_checkpoint_of_another_size_is_refused_before_the_first_call(pytorch_artifacts):
@@ -706,7 +707,7 @@ def test_a_checkpoint_of_another_size_is_refused_before_the_first_call(pytorch_a
     options = {"torch": {"checkpoint": folder}}
     for load in (lambda: load_quietly(artifact.root, backend="torch", backend_options=options),
                  lambda: create_decoder(artifact, device="cpu", checkpoint=folder)):
-        error = api_error(load, BackendUnavailableError, "is another size of blip2 than the artifact")
+        error = api_error(load, ModelLoadError, "is another size of blip2 than the artifact")
         assert "image size 64 (the artifact's: 32)" in str(error) and "query tokens 8 (the artifact's: 6)" in str(error)
         assert "token-embedding table [rows, width] [384, 128] (the artifact's: [576, 64])" in str(error)
 

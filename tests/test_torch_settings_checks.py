@@ -13,7 +13,7 @@ import pytest
 
 import mmedge
 from mmedge.api import plan_for
-from mmedge.errors import BackendError, BackendUnavailableError, InputError
+from mmedge.errors import BackendError, BackendUnavailableError, InputError, ModelLoadError
 from tests.support.battery import api_error, cli_error
 from tests.support.blocked_imports import blocking
 from tests.support.torch_cases import load_quietly
@@ -102,3 +102,16 @@ def test_the_plans_reason_does_not_contradict_the_dtype(pytorch_artifacts):
     assert {c.precision for c in chosen.components.values()} == {"bf16"}
     reason = next(r for r in chosen.reasons if "every component" in r)
     assert "on the CPU at FP32" not in reason and "unless torch.dtype sets another" in reason
+
+
+def test_bad_torch_settings_are_bad_input_not_an_absent_backend(pytorch_artifacts, tmp_path, photos, capsys):
+    """A device name torch does not know and a checkpoint folder that is not there exited 4 ("a backend that is
+    absent"), as if installing something would help: they are the user's values, exit 2."""
+    artifact = pytorch_artifacts("blip2")
+    for value, kind, fragment in (("device=tpu", InputError, "torch device 'tpu' is not a device name"),
+                                  ("device=meta", InputError, "torch device 'meta' is not supported"),
+                                  (f"checkpoint={tmp_path / 'nonexistent'}", ModelLoadError,
+                                   "has no config.json with safetensors weights")):
+        cli_error(capsys, ["run", artifact, photos[0], "--backend", "torch", "--backend-option", f"torch.{value}"],
+                  kind, fragment)
+    assert InputError.exit_code == ModelLoadError.exit_code == 2
