@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 import secrets
 import shutil
@@ -32,6 +33,9 @@ from mmedge.file_checks import CheckRecord, identity
 from mmedge.manifest import FORMAT_NAME, MANIFEST_FILE, MAX_MANIFEST_BYTES, check_plain_file_name, parse_manifest
 
 ENGINES_DIR = "engines"
+# How a TensorProto's external_data entry {"location": FILE} is serialized: key (field 1, 8 bytes), then the value
+# (field 2) as its length and the file's name; a weight file a graph reads is named there and nowhere else
+EXTERNAL_LOCATION = b"\x0a\x08location\x12"
 ARTIFACT_KIND = "an mmedge artifact (a folder with mmedge's manifest.json)"  # what an export's --overwrite replaces
 _CHUNK = 1 << 20
 
@@ -158,12 +162,13 @@ class Artifact:
                     "a real subfolder of the artifact folder",
                     "re-export the artifact, or copy the real folder into it")
         path = base / name
+        shown = _relative_name(name, folder)
         try:
             real = path.resolve()
             is_file = real.is_file()
         except OSError as exc:
             raise ArtifactError(
-                f"cannot access artifact file '{name}' (manifest field '{field}'): {exc.strerror or exc}",
+                f"cannot access artifact file '{shown}' (manifest field '{field}'): {exc.strerror or exc}",
                 "a readable regular file inside the artifact folder",
                 "check the folder's permissions, or copy the artifact again",
             ) from None
@@ -176,7 +181,7 @@ class Artifact:
             )
         if not is_file:
             raise ArtifactNotFoundError(
-                f"artifact file '{name}' (manifest field '{field}') is missing from '{self.root}'",
+                f"artifact file '{shown}' (manifest field '{field}') is missing from '{self.root}'",
                 "every file the manifest names to be present",
                 "copy the whole artifact folder again, or re-export it",
             )
@@ -186,7 +191,7 @@ class Artifact:
         """Resolve a file and check its sha256 against the manifest: once per Artifact object, and once per version
         of the file on this device unless ``recheck`` (``mmedge.file_checks``)."""
         path = self.resolve_file(name, field, folder)
-        key = name if folder is None else f"{folder}/{name}"
+        key = _relative_name(name, folder)
         with self._lock:
             if key in self._verified:
                 return path
@@ -195,18 +200,18 @@ class Artifact:
             recorded = self._checks is not None and not self.recheck and self._checks.matches(key, sha256, before)
             actual = sha256 if recorded else sha256_file(path)  # recorded: this version of the file matched before
         except OSError as exc:
-            raise ArtifactError(f"cannot read artifact file '{name}' ({exc.strerror or exc})", "a readable file",
+            raise ArtifactError(f"cannot read artifact file '{key}' ({exc.strerror or exc})", "a readable file",
                                 "check the file's permissions, or copy the artifact again") from None
         if actual != sha256 and path.stat().st_size == 0:
             raise IntegrityError(
-                f"artifact file '{name}' in '{self.root}' is empty (0 bytes), but the manifest records sha256 "
+                f"artifact file '{key}' in '{self.root}' is empty (0 bytes), but the manifest records sha256 "
                 f"{sha256[:12]}…",
                 "the file exactly as `mmedge export` wrote it",
                 "the copy was interrupted or the disk filled up: copy the artifact again or re-export it",
             )
         if actual != sha256:
             raise IntegrityError(
-                f"artifact file '{name}' in '{self.root}' has sha256 {actual[:12]}…, but the manifest records "
+                f"artifact file '{key}' in '{self.root}' has sha256 {actual[:12]}…, but the manifest records "
                 f"{sha256[:12]}…",
                 "the file exactly as `mmedge export` wrote it",
                 "the file is corrupt or was replaced: copy the artifact again or re-export it",
@@ -219,12 +224,24 @@ class Artifact:
         return path
 
     def component_path(self, name: str) -> Path:
-        """The component's graph, its sha256 (and that of its external weight file) checked."""
+        """The component's graph, its sha256 (and that of its external weight file) checked, and the graph reading no
+        weight file but the one the manifest names (whose sha256 is checked)."""
         comp = self.component(name)
         external = comp.get("external_data")
         if external:
             self.verified_path(external["file"], external["sha256"], f"components.{name}.external_data.file")
-        return self.verified_path(comp["file"], comp["sha256"], f"components.{name}.file")
+        path = self.verified_path(comp["file"], comp["sha256"], f"components.{name}.file")
+        # only files that exist: a model's own metadata may hold a 'location' entry too, and a missing weight file is
+        # ONNX Runtime's error to report
+        unnamed = {location for location in external_data_locations(path) - {external["file"] if external else None}
+                   if (path.parent / location).exists()}
+        if unnamed:
+            raise IntegrityError(
+                f"component '{name}' graph '{comp['file']}' keeps weights in {sorted(unnamed)[:3]}, which "
+                f"manifest.json does not name (components.{name}.external_data), so their sha256 is unchecked",
+                "a graph whose only external weight file is its manifest entry's external_data file",
+                "re-export the artifact; graph and manifest come from different exports")
+        return path
 
     @property
     def has_pytorch_weights(self) -> bool:
@@ -258,6 +275,8 @@ class Artifact:
         entries = _hashed_entries(self.manifest)
         for field, entry in entries:
             self.verified_path(entry["file"], entry["sha256"], f"{field}.file")
+        for name in self.components:
+            self.component_path(name)  # and the weight files each graph reads are those the manifest names
         pytorch = self.manifest.get("pytorch") or {}
         if pytorch and (self.root / pytorch["folder"]).is_dir():  # without it the torch backend is only unavailable
             self.pytorch_folder()
@@ -295,6 +314,38 @@ class Artifact:
         if folder is not None and folder.is_dir():
             total += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         return total
+
+
+def external_data_locations(path: Path) -> set[str]:
+    """The files ``path``'s tensors keep their data in (each TensorProto external_data 'location'), found in the
+    serialized graph without parsing it: the device has no onnx package."""
+    found = set()
+    with open(path, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            return found
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            start = data.find(EXTERNAL_LOCATION)
+            while start >= 0:
+                length, offset = _varint(data, start + len(EXTERNAL_LOCATION))
+                found.add(bytes(data[offset:offset + length]).decode("utf-8", "replace"))
+                start = data.find(EXTERNAL_LOCATION, offset)
+    return found
+
+
+def _varint(data, offset: int) -> tuple[int, int]:
+    """The protobuf varint at ``offset`` of ``data``, and the offset just after it."""
+    value = shift = 0
+    while offset < len(data):
+        byte = data[offset]
+        value, shift, offset = value | (byte & 0x7F) << shift, shift + 7, offset + 1
+        if byte < 0x80:
+            break
+    return value, offset
+
+
+def _relative_name(name: str, folder: str | None) -> str:
+    """A file's path relative to the artifact folder, as messages name it: ``pytorch/config.json``."""
+    return name if folder is None else f"{folder}/{name}"
 
 
 def _hashed_entries(node, field: str = "") -> list[tuple[str, dict]]:

@@ -21,12 +21,17 @@ class MmedgeError(Exception):
 
     @property
     def message(self) -> str:
-        parts = [self.what.rstrip(".")]
+        parts = [_clause(self.what)]
         if self.expected:
-            parts.append(f"expected {self.expected.rstrip('.')}")
+            parts.append(f"expected {_clause(self.expected)}")
         if self.fix:
-            parts.append(f"fix: {self.fix.rstrip('.')}")
+            parts.append(f"fix: {_clause(self.fix)}")
         return "; ".join(parts) + "."
+
+
+def _clause(text: str) -> str:
+    """``text`` without the full stop it may end in, but with the '...' of a value shortened to fit kept whole."""
+    return text if text.endswith(("...", "…")) else text.rstrip(".")
 
 
 # --- artifacts -----------------------------------------------------------------------------------

@@ -8,12 +8,14 @@ at load time. Writers build the same dict shape (see ``mmedge.export.artifact_wr
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
 
 from mmedge.errors import ManifestError, UnsafePathError, UnsupportedFormatError
 from mmedge.families import FAMILIES
+from mmedge.preprocess import ImagePreprocessor
 
 FORMAT_NAME = "mmedge.artifact"
 FORMAT_VERSION = 1
@@ -30,6 +32,12 @@ MAX_FILE_NAME_BYTES = 255  # the longest file name Linux, macOS and Windows file
 
 DTYPES = ("float32", "float16", "int64", "int32", "int8", "uint8", "bool")
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
+IMAGE_INPUT = "pixel_values"  # the input every image graph takes, its last two dims [height, width]
+# CLIP's logit scale multiplies cosines in float32: past this, a difference of two logits overflows to inf (CLIP itself
+# clamps it at 100)
+MAX_LOGIT_SCALE = 1e38
+# per CLIP task, the sets of components that serve it (any one set will do): the fused graph has the label bank baked in
+CLIP_TASK_COMPONENTS = {"zero-shot": (("zero_shot",), ("vision", "text")), "embed": (("vision", "text"),)}
 
 def family_section(manifest: Mapping) -> Mapping:
     """The family's own section of a (checked) manifest (``manifest["blip2"]``, ...), or ``{}`` when it has none."""
@@ -60,20 +68,41 @@ def _fail(field: str, problem: str, expected: str) -> ManifestError:
 
 def _require(obj: dict, key: str, kind: type | tuple[type, ...], where: str) -> Any:
     field = f"{where}.{key}" if where else key
+    expected = _kind_name(kind)
     if key not in obj:
-        raise _fail(field, "is missing", f"a {_kind_name(kind)}")
+        raise _fail(field, "is missing", expected)
     value = obj[key]
     if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise _fail(field, f"has the wrong type (bool {value!r})", f"a {_kind_name(kind)}")
+        raise _fail(field, f"has the wrong type (bool {value!r})", expected)
     if not isinstance(value, kind):
-        raise _fail(field, f"has the wrong type ({type(value).__name__} {_short(value)})", f"a {_kind_name(kind)}")
+        raise _fail(field, f"has the wrong type ({type(value).__name__} {_short(value)})", expected)
     return value
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
+    """``kind`` in words with its article: "a string", "an integer or number"."""
     kinds = kind if isinstance(kind, tuple) else (kind,)
     names = {dict: "JSON object", list: "JSON list", str: "string", int: "integer", float: "number", bool: "boolean"}
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
+    words = " or ".join(names.get(k, k.__name__) for k in kinds)
+    return ("an " if words[0] in "aeiou" else "a ") + words
+
+
+def _require_sha256(obj: dict, where: str) -> str:
+    """``obj["sha256"]``: 64 lowercase hex digits (a malformed one would read as a corrupt file)."""
+    sha = _require(obj, "sha256", str, where)
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise _fail(f"{where}.sha256", f"is {_short(sha)}", "64 lowercase hex digits")
+    return sha
+
+
+def _refuse_non_finite(constant: str) -> float:
+    """``json.loads``' hook for NaN, Infinity and -Infinity, and for a number too large for a float (1e400)."""
+    raise ValueError(f"the number {_short_text(constant, 40)} is not finite")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    return value if math.isfinite(value) else _refuse_non_finite(text)
 
 
 def _short(value: Any) -> str:
@@ -146,10 +175,8 @@ def _parse_component(name: str, comp: Any, family: str) -> dict:
         if not isinstance(external, dict):
             raise _fail(f"{where}.external_data", "has the wrong type", "null or a JSON object")
         check_plain_file_name(_require(external, "file", str, f"{where}.external_data"), f"{where}.external_data.file")
-        _require(external, "sha256", str, f"{where}.external_data")
-    sha = _require(comp, "sha256", str, where)
-    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-        raise _fail(f"{where}.sha256", f"is {_short(sha)}", "64 lowercase hex digits")
+        _require_sha256(external, f"{where}.external_data")
+    _require_sha256(comp, where)
     precision = _require(comp, "precision", str, where)
     if precision not in PRECISIONS:
         raise _fail(f"{where}.precision", f"is {precision!r}", f"one of {', '.join(PRECISIONS)}")
@@ -164,6 +191,18 @@ def _parse_component(name: str, comp: Any, family: str) -> dict:
             _parse_tensor(spec, f"{where}.{io}.{tname}")
     _parse_parity(_require(comp, "parity", dict, where), f"{where}.parity")
     return comp
+
+
+def _check_image_size(size: tuple[int, int], components: dict) -> None:
+    """Each image graph's fixed [height, width] is the size preprocessing makes (a mismatch failed every image as too
+    large or small for the graph, telling the user to resize it)."""
+    for name, comp in components.items():
+        image = comp["inputs"].get(IMAGE_INPUT)
+        fixed = image and [dim for dim in image["shape"][-2:] if isinstance(dim, int)]
+        if fixed and len(fixed) == 2 and tuple(fixed) != size:
+            raise _fail(f"components.{name}.inputs.{IMAGE_INPUT}.shape",
+                        f"ends in [{fixed[0]}, {fixed[1]}], while preprocessing makes {size[0]}x{size[1]} images",
+                        "the preprocess center_crop (or resize without a crop) of the graph's [height, width]")
 
 
 def _parse_parity(parity: dict, where: str) -> None:
@@ -183,12 +222,45 @@ def _parse_parity(parity: dict, where: str) -> None:
 
 
 def _parse_clip(data: dict) -> None:
-    """The fields CLIP's pipelines read: the logit scale, and a fused graph's baked labels."""
-    _require(_require(data, "clip", dict, ""), "logit_scale", (int, float), "clip")
+    """The fields CLIP's pipelines read: the logit scale, a fused graph's baked labels, and per task its components."""
+    scale = _require(_require(data, "clip", dict, ""), "logit_scale", (int, float), "clip")
+    if not 0 < scale <= MAX_LOGIT_SCALE:
+        raise _fail("clip.logit_scale", f"is {scale!r}", f"a number above 0 and at most {MAX_LOGIT_SCALE:g} (the "
+                    "exponentiated scale CLIP multiplies its cosines by; CLIP's own stays at or below 100)")
     if "zero_shot" in data["components"]:
         labels = _require(_require(data, "zero_shot", dict, ""), "labels", list, "zero_shot")
         if not labels or not all(isinstance(label, str) and label for label in labels):
             raise _fail("zero_shot.labels", f"is {_short(labels)}", "a non-empty list of label strings")
+    for task in data["tasks"]:
+        choices = CLIP_TASK_COMPONENTS[task]
+        if not any(set(choice) <= set(data["components"]) for choice in choices):
+            either = ", or ".join(" and ".join(f"'{name}'" for name in choice) for choice in choices)
+            raise _fail("components", f"names {sorted(data['components'])}, which cannot serve the task '{task}'",
+                        f"components {either}")
+    if "text" in data["components"]:
+        _require_tokenizer(data, "the text encoder")
+
+
+def _require_tokenizer(data: dict, reader: str) -> None:
+    if data.get("tokenizer") is None:
+        raise _fail("tokenizer", f"is missing, but {reader} reads token ids",
+                    "a JSON object naming the tokenizer file (as `mmedge export` writes it)")
+
+
+def _section_components(section: Any, field: str) -> list[tuple[str, Any]]:
+    """(field, name) of every component a family section refers to, at any depth: each entry's ``component`` and each
+    ``components`` list (a prefix chain's, IDEFICS' graphs); not a fused graph's ``replaces``, the graphs it is
+    instead of."""
+    named: list[tuple[str, Any]] = []
+    if isinstance(section, dict):
+        if section.get("component") is not None:
+            named.append((f"{field}.component", section["component"]))
+        if isinstance(section.get("components"), list):
+            named += [(f"{field}.components", name) for name in section["components"]]
+        for key, value in section.items():
+            if key != "replaces":
+                named += _section_components(value, f"{field}.{key}")
+    return named
 
 
 def _parse_generative(data: dict, family: str) -> None:
@@ -206,12 +278,16 @@ def _parse_generative(data: dict, family: str) -> None:
         _require(section, key, int, family)
     for key in objects:
         _require(section, key, dict, family)
+    _require_tokenizer(data, "the decoder")
+    if "decoder" not in data["components"]:
+        raise _fail("components", f"names {sorted(data['components'])}, without 'decoder'",
+                    f"the components a {FAMILIES[family].label} artifact runs, 'decoder' among them")
+    for field, name in _section_components(section, family):
+        if not isinstance(name, str) or name not in data["components"]:
+            raise _fail(field, f"names {_short(name)}, which is not a component",
+                        f"components among {', '.join(data['components'])}")
     if "prefix" in section:  # the encoders that make the decoder's prefix, in order, and the tensor it is
         chain = _require(section["prefix"], "components", list, f"{family}.prefix")
-        for name in chain:
-            if name not in data["components"]:
-                raise _fail(f"{family}.prefix.components", f"names {name!r}, which is not a component",
-                            f"components among {', '.join(data['components'])}")
         output = _require(section["prefix"], "output", str, f"{family}.prefix")
         if not chain or output not in data["components"][chain[-1]]["outputs"]:
             raise _fail(f"{family}.prefix.output", f"is {output!r}", "an output of the last prefix component")
@@ -225,7 +301,7 @@ def _parse_generative(data: dict, family: str) -> None:
                         "a pattern with one %d (layer) and one %s (key/value)")
     table = section["embeddings"]
     check_plain_file_name(_require(table, "file", str, f"{family}.embeddings"), f"{family}.embeddings.file")
-    _require(table, "sha256", str, f"{family}.embeddings")
+    _require_sha256(table, f"{family}.embeddings")
     _require(table, "storage", str, f"{family}.embeddings")
     _require(table, "shape", list, f"{family}.embeddings")
 
@@ -257,9 +333,7 @@ def _parse_pytorch(entry: Any) -> dict:
         if not isinstance(info, dict):
             raise _fail(f"pytorch.files.{name}", f"has the wrong type ({type(info).__name__})",
                         "a JSON object with 'sha256'")
-        sha = _require(info, "sha256", str, f"pytorch.files.{name}")
-        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-            raise _fail(f"pytorch.files.{name}.sha256", f"is {_short(sha)}", "64 lowercase hex digits")
+        _require_sha256(info, f"pytorch.files.{name}")
     if "config.json" not in files or not any(n.endswith(".safetensors") for n in files):
         raise _fail("pytorch.files", f"names {sorted(files)[:6]}", "config.json and at least one .safetensors file")
     extras = entry.get("reference_tensors")
@@ -280,7 +354,7 @@ def parse_manifest(text: str | bytes) -> dict:
             "re-export the artifact; this file is not an mmedge manifest or was damaged",
         )
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=_refuse_non_finite, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:
         # JSONDecodeError and UnicodeDecodeError are ValueErrors, and so is an integer literal of more
         # than sys.get_int_max_str_digits() digits; nesting deeper than the interpreter's recursion
@@ -329,16 +403,14 @@ def parse_manifest(text: str | bytes) -> dict:
         raise _fail("components", "is empty", "at least one component")
     for name, comp in components.items():
         _parse_component(name, comp, family)
-    _require(data, "preprocess", dict, "")
+    _check_image_size(ImagePreprocessor(_require(data, "preprocess", dict, "")).output_size, components)
     tokenizer = data.get("tokenizer")
     if tokenizer is not None:
         if not isinstance(tokenizer, dict):
             raise _fail("tokenizer", "has the wrong type", "null or a JSON object")
         check_plain_file_name(_require(tokenizer, "file", str, "tokenizer"), "tokenizer.file")
         if tokenizer.get("sha256") is not None:  # optional: artifacts written before it was recorded lack it
-            sha = _require(tokenizer, "sha256", str, "tokenizer")
-            if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-                raise _fail("tokenizer.sha256", f"is {_short(sha)}", "64 lowercase hex digits")
+            _require_sha256(tokenizer, "tokenizer")
     if FAMILIES[family].generative is not None:
         _parse_generative(data, family)
     if family == "clip":
@@ -350,7 +422,7 @@ def parse_manifest(text: str | bytes) -> dict:
         if not isinstance(validation, dict):
             raise _fail("validation", "has the wrong type", "null or a JSON object")
         check_plain_file_name(_require(validation, "file", str, "validation"), "validation.file")
-        _require(validation, "sha256", str, "validation")
+        _require_sha256(validation, "validation")
     return data
 
 

@@ -16,7 +16,8 @@ VALID = {
     "family": "clip",
     "tasks": ["zero-shot", "embed"],
     "source": {"model": "tiny", "config_sha256": SHA, "random_weights": True},
-    "preprocess": {},
+    "preprocess": {"resize": {"shortest_edge": 32}, "resample": "bicubic", "center_crop": [32, 32],
+                   "rescale_factor": 1 / 255, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
     "tokenizer": {"file": "tokenizer.json"},
     "clip": {"logit_scale": 100.0, "projection_dim": 16},
     "components": {
@@ -25,7 +26,14 @@ VALID = {
             "inputs": {"pixel_values": {"dtype": "float32", "shape": ["batch", 3, 32, 32]}},
             "outputs": {"image_embeds": {"dtype": "float32", "shape": ["batch", 16]}},
             "parity": {"reference": "torch-fp32"},
-        }
+        },
+        "text": {
+            "file": "text.onnx", "sha256": SHA, "precision": "fp32", "quantization": None,
+            "inputs": {"input_ids": {"dtype": "int64", "shape": ["batch", "sequence"]},
+                       "attention_mask": {"dtype": "int64", "shape": ["batch", "sequence"]}},
+            "outputs": {"text_embeds": {"dtype": "float32", "shape": ["batch", 16]}},
+            "parity": {"reference": "torch-fp32"},
+        },
     },
 }
 
@@ -104,9 +112,15 @@ def test_sections_the_pipelines_read_are_checked(changes, match):
         parse_manifest(edited(**changes))
 
 
-def test_a_fused_graph_needs_its_baked_labels():
+def fused_manifest() -> dict:
+    """VALID as an export with labels baked in writes it: one zero_shot graph, no text encoder nor tokenizer."""
     data = copy.deepcopy(VALID)
-    data["components"]["zero_shot"] = data["components"].pop("vision")
+    data.update(tasks=["zero-shot"], tokenizer=None, components={"zero_shot": data["components"]["vision"]})
+    return data
+
+
+def test_a_fused_graph_needs_its_baked_labels():
+    data = fused_manifest()
     for section, match in (({}, "'zero_shot' is missing"), ({"zero_shot": {"labels": "abc"}}, "'zero_shot.labels' has"),
                            ({"zero_shot": {"labels": []}}, "non-empty list of label strings")):
         with pytest.raises(ManifestError, match=match):
