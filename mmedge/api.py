@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 from mmedge.artifact import Artifact
 from mmedge.errors import InputError, MmedgeError
-from mmedge.pipelines import pipeline_class
+from mmedge.pipelines import Captioner, Embedder, ZeroShotClassifier, pipeline_class
 from mmedge.setting_checks import as_count
 
 log = logging.getLogger("mmedge")
+Pipeline = Captioner | ZeroShotClassifier | Embedder  # what load returns (InstructCaptioner is a Captioner)
 
 
 class RandomWeightsWarning(UserWarning):
@@ -20,7 +21,7 @@ class RandomWeightsWarning(UserWarning):
 
 
 def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", task: str | None = None,
-         threads: int | None = None, backend_options: dict | None = None):
+         threads: int | None = None, backend_options: dict | None = None) -> Pipeline:
     """Open an artifact and return its pipeline (``ZeroShotClassifier`` or ``Embedder`` for CLIP).
 
     ``backend``: 'auto' or a backend name ('onnxruntime', 'openvino', 'tensorrt', 'torch'); a named backend that is
@@ -93,10 +94,12 @@ def check_threads(threads, fix: str = "pass e.g. threads=2") -> int | None:
     if count is None:
         raise InputError(f"threads is {threads!r}", "None (all cores) or a positive integer", fix)
     cores = os.cpu_count() or 1
-    if count > THREADS_PER_CORE_CAP * cores:
-        raise InputError(f"threads is {threads}", f"at most {THREADS_PER_CORE_CAP * cores} on this machine "
-                         f"({THREADS_PER_CORE_CAP} per core, {cores} cores): more threads than cores wait on each "
-                         "other", f"ask for {cores} threads or fewer, or leave threads unset for all cores")
+    limit = THREADS_PER_CORE_CAP * cores
+    if count > limit:
+        raise InputError(f"threads is {threads}", f"at most {limit} on this machine ({THREADS_PER_CORE_CAP} per "
+                         f"core, {cores} cores): more threads than cores wait on each other",
+                         f"ask for {limit} threads or fewer ({cores}, one per core, is usually fastest), or leave "
+                         "threads unset for all cores")
     return count
 
 

@@ -50,7 +50,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from mmedge.errors import ImageError
 
 MAX_PIXELS = 64_000_000
-"""Images with more pixels than this are refused before they are decoded (decompression bombs)."""
+"""Images with more pixels than this are refused before they are decoded (decompression bombs); arrays too."""
 
 _WHITE = (255, 255, 255, 255)
 _WARNINGS_LOCK = threading.Lock()
@@ -75,6 +75,10 @@ def load_image(source: Any) -> Image.Image:
     if hasattr(source, "read"):
         name = f"image stream '{getattr(source, 'name', type(source).__name__)}'"
         return _decode_bytes(_read_stream(source, name), name)
+    if hasattr(source, "__iter__"):  # a generator, set or dict of images where one image (or a list) goes
+        raise ImageError(f"cannot load an image from a {type(source).__name__}",
+                         "one image (a path, bytes, a binary file object, a PIL.Image.Image or a numpy array), or a "
+                         "list of them", "pass a list: list(images)")
     raise ImageError(
         f"cannot load an image from a {type(source).__name__}",
         "a path, bytes, a binary file object, a PIL.Image.Image or a numpy array",
@@ -100,7 +104,9 @@ def checked_image_path(source: str | os.PathLike) -> str:
 
 
 def _read_stream(stream: Any, name: str) -> bytes:
-    """Read a file-like object to its end; it must yield bytes."""
+    """Read a file-like object to its end; it must be open, yield bytes, and not be at its end already."""
+    if getattr(stream, "closed", False):
+        raise ImageError(f"{name} is closed", "an open binary stream", "open the file again, or pass its path")
     if isinstance(stream, io.TextIOBase):  # reading an image through a text stream fails on its first non-UTF-8 byte
         data = ""
     else:
@@ -111,7 +117,18 @@ def _read_stream(stream: Any, name: str) -> bytes:
             "a binary stream",
             "open the file in binary mode ('rb')",
         )
+    if not data and _position(stream):
+        raise ImageError(f"{name} is at its end (position {_position(stream):,}): it was read before",
+                         "a stream at the start of the image", "call seek(0) on it first, or pass the path")
     return bytes(data)
+
+
+def _position(stream: Any) -> int:
+    """The stream's position (0 where it cannot tell)."""
+    try:
+        return int(stream.tell())
+    except (AttributeError, OSError, ValueError, TypeError):
+        return 0
 
 
 def _decode_bytes(data: bytes, name: str) -> Image.Image:
@@ -204,6 +221,10 @@ def _check_array(array: np.ndarray) -> None:
     if array.shape[0] == 0 or array.shape[1] == 0:
         what = f"image array has shape {array.shape} with no pixels"
         raise ImageError(what, "height and width of at least 1", "pass a non-empty array")
+    height, width = array.shape[:2]
+    if width * height > MAX_PIXELS:  # as for every other source, and before the values are scanned
+        raise ImageError(f"image array has {width}x{height} = {width * height:,} pixels", f"at most {MAX_PIXELS:,} "
+                         "pixels, as for every image source", "downscale the image before passing it")
     if array.dtype == np.uint8:
         return
     if array.dtype == np.bool_:

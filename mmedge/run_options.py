@@ -164,11 +164,12 @@ def check_generation(args, manifest: dict, target: Target) -> None:
     least_prompt = least_prompt_positions(section)  # as the captioner's input builder counts it
     try:  # a bad manifest is the artifact's fault, said as loading it says it
         config = GenerationConfig.from_dict(dict(manifest.get("generation") or {}))
-        config.validate(max_positions=positions, prompt_length=least_prompt)
+        config.validate(max_positions=positions, prompt_length=least_prompt, least_prompt=True)
     except InputError as error:
         raise unusable_default(error) from None
     try:
-        config.replace(**given).validate(max_positions=positions, prompt_length=least_prompt)
+        config.replace(**given).validate(max_positions=positions, prompt_length=least_prompt,
+                                          least_prompt=True)
     except InputError as error:
         raise InputError(*(generation_flag_words(part) for part in (error.what, error.expected, error.fix))) from None
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 import mmedge
 from mmedge.cli import main
-from mmedge.errors import InputError
+from mmedge.errors import BackendError, InputError
 from mmedge.pipelines import Captioner
 
 VQA = "Question: what is in the picture? Answer:"
@@ -122,6 +122,9 @@ def test_sampling_reproducible_under_seed(captioner, photos):
     ({"seed": 1}, "seed=1 would change nothing"), ({"num_beams": 3, "seed": 1}, "seed=1 would change nothing"),
     ({"length_penalty": 0.6}, r"length_penalty=0.6 would change nothing.*num_beams above 1"),
     ({"early_stopping": True, "do_sample": True}, "early_stopping=True would change nothing"),
+    # the model's own ids: a caller's pad_token_id (padding is never returned) or bos_token_id changed no text
+    ({"pad_token_id": 5}, r"pad_token_id=5 would change nothing; expected no pad_token_id.*fix: drop pad_token_id"),
+    ({"bos_token_id": 5}, r"bos_token_id=5 would change nothing; expected no bos_token_id.*fix: drop bos_token_id"),
 ])
 def test_absurd_generation_settings(captioner, photos, settings, match):
     with pytest.raises(InputError, match=match):
@@ -206,3 +209,31 @@ def test_the_prefix_chain_is_the_manifests(blip2_artifact, tmp_path):
         broken["blip2"]["prefix"][field] = value
         with pytest.raises(ManifestError, match=f"blip2.prefix.{field}.*{words}"):
             parse_manifest(json.dumps(broken))
+
+
+def test_max_new_tokens_advice_is_not_refused_by_the_next_check(captioner, photos):
+    """Judged before the prompt is read, the first refusal said "lower max_new_tokens to 56" (the shortest prompt's
+    count); the question's own check then refused 56 ("lower to 46 or less"). It now says whose count that is and
+    how a longer prompt's is found, and that rule gives the count the question's check takes."""
+    positions = captioner.max_positions
+    least = captioner.inputs.least_prompt_positions
+    with pytest.raises(InputError, match=rf"lower max_new_tokens to {positions + 1 - least} for the shortest prompt, "
+                                         rf"or to {positions + 1} minus the prompt's length for a longer one"):
+        captioner.ask(photos[0], "what is it?", max_new_tokens=4000)
+    most = positions + 1 - captioner.prompt_positions(photos[0], "Question: what is it? Answer:")
+    assert captioner.ask(photos[0], "what is it?", max_new_tokens=most, eos_token_id=[])
+    with pytest.raises(InputError, match=f"lower max_new_tokens to {most} or less"):
+        captioner.ask(photos[0], "what is it?", max_new_tokens=most + 1)
+
+
+def test_a_stream_of_a_closed_captioner_says_the_captioner_is_closed(blip2_artifact, photos):
+    """A stream going on after close() answered "the decoder is closed; ... fix: create a new OrtDecoder", a class
+    the user never made."""
+    captioner = mmedge.load(blip2_artifact, threads=1)
+    stream = iter(captioner.stream(photos[0], max_new_tokens=6, eos_token_id=[]))
+    next(stream)
+    captioner.close()
+    with pytest.raises(BackendError, match="this Captioner is closed.*load the artifact again with mmedge.load"):
+        list(stream)
+    backends = ", ".join(f"{name}={chosen.backend}" for name, chosen in captioner.plan.components.items())
+    assert repr(captioner) == f"Captioner({str(blip2_artifact)!r}, family=blip2, task=caption, {backends}, closed)"

@@ -816,3 +816,18 @@ def test_config_dict_round_trip():
         GenerationConfig.from_dict([("max_new_tokens", 3)])
     with pytest.raises(InputError, match="unknown generation setting"):
         config.replace(beams=2)
+
+
+def test_a_call_giving_the_models_own_token_ids_is_refused():
+    """pad_token_id= and bos_token_id= were taken by caption/ask/generate/stream and changed no text."""
+    for name in ("pad_token_id", "bos_token_id"):
+        with pytest.raises(InputError, match=rf"{name}=3 would change nothing; expected no {name}: .*fix: drop {name}"):
+            GenerationConfig().refuse_idle({name: 3})
+        GenerationConfig().refuse_idle({name: None})  # None: not given
+    assert GenerationConfig.from_dict({"pad_token_id": 1, "bos_token_id": 2}).pad_token_id == 1  # the manifest's
+
+
+def test_a_check_before_the_prompt_is_known_names_no_count_a_longer_prompt_refuses():
+    with pytest.raises(InputError, match=r"9 being the shortest prompt's length .*fix: lower max_new_tokens to 56 for "
+                                         r"the shortest prompt, or to 65 minus the prompt's length for a longer one"):
+        GenerationConfig(max_new_tokens=4000).validate(max_positions=64, prompt_length=9, least_prompt=True)

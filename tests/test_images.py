@@ -434,3 +434,36 @@ def test_threads_may_share_one_lazily_opened_image(tmp_path):
             shared = Image.open(path)  # lazy: decoded by whichever call comes first
             results = list(pool.map(lambda _: np.asarray(load_image(shared)), range(8)))
             assert all(np.array_equal(result, expected) for result in results)
+
+
+def test_array_over_the_pixel_limit_is_refused_as_every_source_is():
+    """An array of 81 MP was taken (a file of that size is refused): the limit holds for arrays too, before their
+    values are scanned (a view of one value: no memory)."""
+    huge = np.broadcast_to(np.zeros((1, 1), np.uint8), (9_000, 9_000))
+    with pytest.raises(ImageError, match=f"9000x9000 = 81,000,000 pixels; expected at most {MAX_PIXELS:,}"):
+        load_image(huge)
+
+
+def test_closed_and_spent_streams_say_so(tmp_path):
+    """A closed file raised a bare ValueError ("read of closed file"); one already read to its end was "empty (0
+    bytes)"."""
+    path = tmp_path / "scene.png"
+    Image.new("RGB", (4, 4), (200, 10, 10)).save(path)
+    with open(path, "rb") as stream:
+        pass
+    with pytest.raises(ImageError, match=r"is closed; expected an open binary stream; fix: open the file again"):
+        load_image(stream)
+    with open(path, "rb") as stream:
+        load_image(stream)
+        with pytest.raises(ImageError, match=r"is at its end \(position \d+\).*fix: call seek\(0\) on it first"):
+            load_image(stream)
+        stream.seek(0)
+        assert load_image(stream).size == (4, 4)
+
+
+@pytest.mark.parametrize("images", [(i for i in [np.zeros((2, 2), np.uint8)]), {np.uint8(0)}],
+                         ids=["generator", "set"])
+def test_a_collection_of_images_where_one_goes_asks_for_a_list(images):
+    with pytest.raises(ImageError, match=r"from a (generator|set); expected one image .*, or a list of them; "
+                                         r"fix: pass a list"):
+        load_image(images)

@@ -116,6 +116,9 @@ def test_many_labels(classifier, photos):
 
 @pytest.mark.parametrize("templates,match", [([], "template list is empty"), (["no slot"], "exactly one"),
                                              (["{} and {}"], "exactly one"),
+                                             # a dict was read by its keys, while labels as a dict are refused
+                                             ({"a {}.": 1}, "templates is a dict"),
+                                             ({"a {}.", "an {}."}, "templates is a set"),
                                              (["a {}.", "a {}!", "a {}."], r"templates repeat \('a \{\}.'\)")])
 def test_bad_templates(classifier, photos, templates, match):
     with pytest.raises(InputError, match=match):
@@ -199,3 +202,33 @@ def test_threads_asking_for_one_new_label_bank_build_it_once(classifier):
     finally:
         del classifier._text_embeds
     assert len(prompts) == len(labels) and all(np.array_equal(bank, banks[0]) for bank in banks)
+
+
+def test_a_label_bank_handed_out_is_read_only(classifier, photos):
+    """``bank *= -1`` on the array label_bank() returned changed every later classification with those labels."""
+    before = classifier(photos[0], labels=LABELS)
+    bank = classifier.label_bank(LABELS)
+    with pytest.raises(ValueError, match="read-only"):
+        bank *= -1
+    assert classifier(photos[0], labels=LABELS) == before
+    flipped = -classifier.label_bank(LABELS)  # a new array, as numpy gives one
+    assert np.array_equal(flipped, -bank)
+
+
+@pytest.mark.parametrize("texts,match", [
+    # CLIP reads a text up to <|endoftext|>: the text was embedded as "a cat" alone
+    (["a dog", "a cat<|endoftext|> on a mat"], r"text 1 holds the tokenizer's special token '<\|endoftext\|>'"),
+    (["a cat", ""], r"text 1 is blank \(''\)"), ([" "], r"text 0 is blank \(' '\)"),
+])
+def test_embedder_refuses_what_a_label_may_not_hold(clip_artifacts, texts, match):
+    with mmedge.load(clip_artifacts("fp32"), task="embed", threads=1) as embedder:
+        with pytest.raises(InputError, match=match):
+            embedder.embed_texts(texts)
+
+
+def test_pipelines_name_their_artifact_family_and_backends(classifier, clip_artifacts):
+    assert repr(classifier) == (f"ZeroShotClassifier({str(clip_artifacts('fp32'))!r}, family=clip, task=zero-shot, "
+                                "vision=onnxruntime, text=onnxruntime)")
+    embedder = mmedge.load(clip_artifacts("fp32"), task="embed", threads=1)
+    embedder.close()
+    assert repr(embedder).startswith("Embedder(") and repr(embedder).endswith("text=onnxruntime, closed)")

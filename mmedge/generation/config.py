@@ -21,6 +21,12 @@ EARLY_STOPPING_MODES = (True, False, "never")
 MIN_TEMPERATURE = 1e-5  # below it the scores overflow float32 (inf - inf: NaN draws); it is greedy decoding anyway
 SAMPLING_ONLY = ("temperature", "top_p", "top_k", "seed")  # settings greedy decoding and beam search never read
 BEAM_ONLY = ("length_penalty", "early_stopping")  # settings only beam search reads
+# settings a call never changes anything with: the manifest's values serve the loop, and a caller's would not show
+MODEL_OWNED = {
+    "pad_token_id": "no pad_token_id: a finished row's padding is never returned (the text ends at its end token), "
+                    "so no padding id changes an answer",
+    "bos_token_id": "no bos_token_id: the prompt's start token is the model's own, put in by its input builder",
+}
 
 
 @dataclass
@@ -32,8 +38,9 @@ class GenerationConfig:
     settings name one (None there means the model's).
     ``pad_token_id`` fills finished rows while other rows go on (``None``: the first EOS id, as
     transformers does). ``bos_token_id`` is informational for the loop (the prompt, BOS included, is
-    the caller's). ``stop_strings`` end a row once its decoded text contains one; the text returned
-    is cut just before it (token ids are returned as generated, like transformers).
+    the caller's). Both are the model's (the manifest's): a pipeline call that gives either is refused
+    (:meth:`refuse_idle`), since neither changes its text. ``stop_strings`` end a row once its decoded text contains
+    one; the text returned is cut just before it (token ids are returned as generated, like transformers).
     """
 
     max_new_tokens: int = 20
@@ -71,12 +78,15 @@ class GenerationConfig:
 
     # --- checking ------------------------------------------------------------------------------------
     def validate(self, max_positions: int | None = None, vocab_size: int | None = None,
-                 prompt_length: int = 0, positions_note: str | None = None) -> "GenerationConfig":
+                 prompt_length: int = 0, positions_note: str | None = None,
+                 least_prompt: bool = False) -> "GenerationConfig":
         """Raise InputError for a setting that cannot work; return ``self`` otherwise.
 
         ``max_positions`` (the decoder's position limit) and ``prompt_length`` bound
-        ``prompt_length + max_new_tokens``; ``positions_note`` says where a limit below the model's comes from (a
-        TensorRT engine's profile) and how to raise it; ``vocab_size`` bounds the special token ids.
+        ``prompt_length + max_new_tokens``; ``least_prompt``: ``prompt_length`` is the least any prompt takes (judged
+        before the prompt is known), so the advice names no count a longer prompt would refuse; ``positions_note``
+        says where a limit below the model's comes from (a TensorRT engine's profile) and how to raise it;
+        ``vocab_size`` bounds the special token ids.
         """
         self._check_types()
         cap = MAX_NEW_TOKENS_CAP
@@ -87,13 +97,7 @@ class GenerationConfig:
             raise _bad("max_new_tokens", self.max_new_tokens, f"at most {cap}",
                        "lower max_new_tokens (captions need 20-60 tokens)")
         if max_positions is not None and positions_taken(prompt_length, self.max_new_tokens) > max_positions:
-            raise _bad(
-                "max_new_tokens", self.max_new_tokens,
-                f"prompt length {prompt_length} + max_new_tokens - 1 (the last new token is never fed back) within "
-                f"the decoder's {max_positions} positions",
-                f"lower max_new_tokens to {max(most_new_tokens(max_positions, prompt_length), 0)} or shorten the prompt"
-                + (f" ({positions_note})" if positions_note else ""),
-            )
+            raise self._too_many_new_tokens(max_positions, prompt_length, positions_note, least_prompt)
         if self.min_new_tokens < 0:
             raise _bad("min_new_tokens", self.min_new_tokens, "0 or more", "use min_new_tokens=0 for no minimum")
         if self.min_new_tokens > self.max_new_tokens:
@@ -139,17 +143,33 @@ class GenerationConfig:
                 raise _bad("stop_strings", self.stop_strings, "non-empty strings", "remove the empty string")
         return self
 
+    def _too_many_new_tokens(self, max_positions: int, prompt_length: int, positions_note: str | None,
+                             least_prompt: bool) -> InputError:
+        note = f" ({positions_note})" if positions_note else ""
+        most = max(most_new_tokens(max_positions, prompt_length), 0)
+        taken = (f"prompt length {prompt_length} + max_new_tokens - 1 (the last new token is never fed back) within "
+                 f"the decoder's {max_positions} positions")
+        if least_prompt:  # the prompt is not known yet: ``most`` fits the shortest prompt only
+            return _bad("max_new_tokens", self.max_new_tokens, f"{taken}, {prompt_length} being the shortest prompt's "
+                        "length (a longer prompt leaves fewer)", f"lower max_new_tokens to {most} for the shortest "
+                        f"prompt, or to {max_positions + 1} minus the prompt's length for a longer one{note}")
+        return _bad("max_new_tokens", self.max_new_tokens, taken, f"lower max_new_tokens to {most} or shorten the "
+                    f"prompt{note}")
+
     def refuse_idle(self, given: dict[str, Any]) -> "GenerationConfig":
         """Raise InputError for a setting in ``given`` (what the caller passed) that these settings never read:
-        sampling's settings without ``do_sample``, beam search's with one beam. Return ``self`` otherwise."""
-        idle = [(name, "do_sample=True (greedy decoding and beam search draw nothing)", "pass do_sample=True")
-                for name in SAMPLING_ONLY if not self.do_sample and given.get(name) is not None]
-        idle += [(name, "num_beams above 1 (only beam search reads it)", "pass e.g. num_beams=3")
+        sampling's settings without ``do_sample``, beam search's with one beam, and the model's own token ids
+        (``MODEL_OWNED``). Return ``self`` otherwise."""
+        idle = [(name, why, f"drop {name} (the artifact's own serves)") for name, why in MODEL_OWNED.items()
+                if given.get(name) is not None]
+        idle += [(name, "do_sample=True (greedy decoding and beam search draw nothing)",
+                  f"pass do_sample=True, or drop {name}")
+                 for name in SAMPLING_ONLY if not self.do_sample and given.get(name) is not None]
+        idle += [(name, "num_beams above 1 (only beam search reads it)", f"pass e.g. num_beams=3, or drop {name}")
                  for name in BEAM_ONLY if self.num_beams == 1 and given.get(name) is not None]
         if idle:
             name, needs, fix = idle[0]
-            raise InputError(f"generation setting {name}={given[name]!r} would change nothing", needs,
-                             f"{fix}, or drop {name}")
+            raise InputError(f"generation setting {name}={given[name]!r} would change nothing", needs, fix)
         return self
 
     def _check_types(self) -> None:

@@ -21,11 +21,11 @@ import threading
 from typing import TYPE_CHECKING, Any, Iterator
 
 from mmedge.artifact import Artifact
-from mmedge.errors import InputError, ManifestError
+from mmedge.errors import BackendError, InputError, ManifestError
 from mmedge.families import FAMILIES, input_builder_class
 from mmedge.generation import GenerationConfig, StreamEnd, TextStream, generate_text, stream
 from mmedge.manifest import family_section
-from mmedge.pipelines.common import closed_error
+from mmedge.pipelines.common import closed_error, pipeline_repr
 
 if TYPE_CHECKING:
     from mmedge.backends import Plan
@@ -118,7 +118,7 @@ class Captioner:
                                                                      component_caller(self.runners), embeddings,
                                                                      **extra)
 
-    def caption(self, images, prompt: str | None = None, **generation: Any):
+    def caption(self, images, prompt: str | None = None, **generation: Any) -> str | list[str]:
         """A caption per image (a string for one image, a list for a list). ``prompt`` continues a text."""
         single = not isinstance(images, (list, tuple))
         config = self._config(generation)  # bad settings are refused before any graph runs
@@ -127,11 +127,11 @@ class Captioner:
 
     __call__ = caption
 
-    def ask(self, image, question: str, **generation: Any):
+    def ask(self, image, question: str, **generation: Any) -> str | list[str]:
         """Answer a question about an image with the family's VQA prompt (BLIP-2: ``Question: … Answer:``)."""
         return self.caption(image, vqa_prompt(self.vqa_template, question), **generation)
 
-    def generate(self, prompt: list, **generation: Any):
+    def generate(self, prompt: list, **generation: Any) -> str | list[str]:
         """Continue an interleaved prompt (a list of images and strings), or a list of such prompts."""
         self._require_interleaved("generate()")
         batched = is_prompt_batch(prompt)
@@ -221,10 +221,16 @@ class Captioner:
             self._owner = me
             try:
                 yield
+            except BackendError as exc:
+                if self._closed:  # closed by another thread (or before a stream's next piece): the decoder refused
+                    raise closed_error(self) from exc
+                raise
             finally:
                 self._owner = None
 
     def _config(self, overrides: dict) -> GenerationConfig:
+        """The call's settings over the manifest's, checked before the prompt is read: ``max_new_tokens`` against
+        the least any prompt takes (the input builder judges it again against the prompt's own length)."""
         if self._closed:  # every call judges its settings first
             raise closed_error(self)
         known = {f.name for f in dataclasses.fields(GenerationConfig)}  # a misspelt name is refused, even as None
@@ -234,13 +240,16 @@ class Captioner:
         config = GenerationConfig.from_dict(settings).refuse_idle(overrides)
         return config.validate(max_positions=self.settings["decoder"].get("max_positions"),
                                vocab_size=self.embeddings.shape[0],
-                               prompt_length=getattr(self.inputs, "least_prompt_positions", 0))
+                               prompt_length=getattr(self.inputs, "least_prompt_positions", 0), least_prompt=True)
 
     def close(self) -> None:
         self._closed = True
         for runner in self.runners.values():
             runner.close()
         self.decoder.close()
+
+    def __repr__(self) -> str:
+        return pipeline_repr(self)
 
     def __enter__(self):
         return self

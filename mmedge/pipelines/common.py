@@ -40,6 +40,16 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
+def finite_output(values: np.ndarray, component: str, output: str) -> np.ndarray:
+    """``values``, refused when any is NaN or infinite: scores made of them would print as NaN with success (weights
+    a graph reads from an unchecked file, a backend's overflow)."""
+    if not np.isfinite(values).all():
+        raise BackendError(f"component '{component}' output '{output}' holds NaN or infinite values",
+                           "finite outputs from the graph",
+                           "run `mmedge doctor ARTIFACT` to check its files, or re-export it (at fp32 if it overflows)")
+    return values
+
+
 def closed_error(pipeline) -> BackendError:
     """What a pipeline used after ``close()`` (or past its ``with`` block) answers, instead of its runner's words."""
     return BackendError(f"this {type(pipeline).__name__} is closed", "an open pipeline",
@@ -77,7 +87,7 @@ class ClipPipeline:
         runner = self.runners[component]
         parts = [runner.infer({"pixel_values": pixels[i:i + self.max_batch]})[output]
                  for i in range(0, len(pixels), self.max_batch)]
-        return np.concatenate(parts, axis=0)
+        return finite_output(np.concatenate(parts, axis=0), component, output)
 
     def _text_embeds(self, texts: list[str]) -> np.ndarray:
         if self._closed:
@@ -89,7 +99,8 @@ class ClipPipeline:
                 "re-export without --labels to embed arbitrary text",
             )
         input_ids, attention_mask = self.tokenizer.encode(texts)  # [batch, tokens] each
-        return self.runners["text"].infer({"input_ids": input_ids, "attention_mask": attention_mask})["text_embeds"]
+        embeds = self.runners["text"].infer({"input_ids": input_ids, "attention_mask": attention_mask})["text_embeds"]
+        return finite_output(embeds, "text", "text_embeds")
 
     def close(self) -> None:
         self._closed = True
@@ -101,3 +112,18 @@ class ClipPipeline:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def pipeline_repr(pipeline) -> str:
+    """``Captioner('blip2-demo', family=blip2, task=caption, prefix=onnxruntime, decoder=onnxruntime)``: a loaded
+    pipeline's artifact folder, family, task and each component's backend: the one its runner runs on (a component
+    ``auto`` gave OpenVINO that OpenVINO refused runs on ONNX Runtime), else as ``mmedge.load`` planned it."""
+    manifest = pipeline.artifact.manifest
+    parts = [repr(str(pipeline.artifact.root)), f"family={manifest['family']}", f"task={pipeline.task}"]
+    if pipeline.plan is not None:
+        runners = getattr(pipeline, "runners", None) or {}
+        parts += [f"{name}={getattr(runners.get(name), 'backend', chosen.backend)}"
+                  for name, chosen in pipeline.plan.components.items()]
+    if pipeline._closed:
+        parts.append("closed")
+    return f"{type(pipeline).__name__}({', '.join(parts)})"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from mmedge.errors import InputError
-from mmedge.pipelines.common import ClipPipeline, check_text_chars, l2_normalize
+from mmedge.pipelines.common import ClipPipeline, check_text_chars, l2_normalize, pipeline_repr
+from mmedge.pipelines.zero_shot import first_special_token, special_token_expected
 
 
 class Embedder(ClipPipeline):
@@ -23,12 +24,16 @@ class Embedder(ClipPipeline):
         batch = text_batch(texts)
         if self.tokenizer is not None:
             check_text_chars(batch, self.tokenizer.max_length)
+            refuse_special_tokens(self.tokenizer, batch)
         chunks = [self._text_embeds(batch[i:i + 256]) for i in range(0, len(batch), 256)]
         return l2_normalize(np.concatenate(chunks, axis=0))
 
     def similarity(self, images, texts) -> np.ndarray:
         """Cosine similarity [images, texts]."""
         return self.embed_images(images) @ self.embed_texts(texts).T
+
+    def __repr__(self) -> str:
+        return pipeline_repr(self)
 
 
 def text_batch(texts) -> list:
@@ -46,4 +51,19 @@ def text_batch(texts) -> list:
                          "pass e.g. ['a photo of a cat', 'a dog']") from None
     if not batch:
         raise InputError("the text list is empty", "at least one string", "pass a string or a list of strings")
+    blank = next((index for index, text in enumerate(batch) if isinstance(text, str) and not text.strip()), None)
+    if blank is not None:
+        raise InputError(f"text {blank} is blank ({batch[blank]!r})", "texts with words in them (a blank text embeds "
+                         "as the start and end tokens alone: a vector that means nothing)",
+                         f"remove text {blank} or write it out")
     return batch
+
+
+def refuse_special_tokens(tokenizer, texts: list[str]) -> None:
+    """InputError for a text holding a special token of ``tokenizer`` (CLIP's ``<|endoftext|>``): the text encoder
+    reads the text up to it only, as a zero-shot label holding one is refused (``check_label_tokens``)."""
+    found = first_special_token(tokenizer, texts)
+    if found:
+        index, special = found
+        raise InputError(f"text {index} holds the tokenizer's special token {special!r}",
+                         special_token_expected(special, "plain text", "the"), f"remove {special!r} from text {index}")

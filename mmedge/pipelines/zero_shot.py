@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from mmedge.errors import InputError, LabelError
-from mmedge.pipelines.common import ClipPipeline, check_text_chars, closed_error, l2_normalize
+from mmedge.pipelines.common import ClipPipeline, check_text_chars, closed_error, l2_normalize, pipeline_repr
 from mmedge.setting_checks import as_count
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -42,10 +42,8 @@ def check_labels(labels: Any) -> list[str]:
     """A non-empty list of at most ``MAX_LABELS`` distinct, non-empty strings."""
     if isinstance(labels, str):
         raise InputError("labels is a single string", "a list of label strings", f"pass labels=[{labels[:40]!r}, ...]")
-    if isinstance(labels, (set, frozenset, dict, bytes, bytearray)):
-        raise InputError(f"labels is a {type(labels).__name__}", "a list of label strings (in the order of the "
-                         "probabilities' columns: a set's order changes from run to run)",
-                         "pass a list such as ['cat', 'dog'], e.g. sorted(labels)")
+    refuse_unlisted(labels, "labels", "label strings (in the order of the probabilities' columns: a set's order "
+                    "changes from run to run)", "['cat', 'dog']")
     try:
         labels = list(labels)
     except TypeError:
@@ -69,6 +67,15 @@ def check_labels(labels: Any) -> list[str]:
     return [str(label) for label in labels]  # numpy's str_ as str
 
 
+def refuse_unlisted(value: Any, name: str, items: str, example: str) -> None:
+    """InputError for a set, dict or bytes given as ``name`` (a list of ``items`` is expected): a set's order changes
+    from run to run, a dict would be read by its keys, bytes by their numbers; labels and templates alike."""
+    hints = {set: f", e.g. sorted({name})", frozenset: f", e.g. sorted({name})", dict: f", e.g. list({name}.values())"}
+    if isinstance(value, (set, frozenset, dict, bytes, bytearray)):
+        raise InputError(f"{name} is a {type(value).__name__}", f"a list of {items}",
+                         f"pass a list such as {example}{hints.get(type(value), '')}")
+
+
 def check_label_tokens(tokenizer, labels: Sequence[str], templates: Sequence[str]) -> None:
     """Refuse labels the text encoder cannot tell apart, as it would see them. ``tokenizer``: a
     ``mmedge.tokenizer.TextTokenizer``; ``labels`` and ``templates`` already checked (``check_labels``,
@@ -81,13 +88,12 @@ def check_label_tokens(tokenizer, labels: Sequence[str], templates: Sequence[str
       squeezes spaces: "Cat", " cat") or only past the cut. They are one class that would split its probability.
     """
     check_text_chars(labels, tokenizer.max_length, "label")
-    for index, (label, ids) in enumerate(zip(labels, tokenizer.encode_each(labels, add_special_tokens=False))):
-        special = _special_tokens_in(tokenizer, ids)
-        if special:
-            raise LabelError(f"label {_shown(label)} holds the tokenizer's special token {special!r}",
-                             "labels of plain text (the text encoder reads a special token as a control mark, "
-                             f"and {special!r} would end or restart the label's text)",
-                             f"remove {special!r} from the label", index=index)
+    found = first_special_token(tokenizer, labels)
+    if found:
+        index, special = found
+        raise LabelError(f"label {_shown(labels[index])} holds the tokenizer's special token {special!r}",
+                         special_token_expected(special, "labels of plain text", "the label's"),
+                         f"remove {special!r} from the label", index=index)
     prompts = [template.replace("{}", label) for label in labels for template in templates]
     every = tokenizer.encode_each(prompts)  # one call for all: a label at a time took 0.8 s for 1000 x 10
     long = [i for i, ids in enumerate(every) if len(ids) > tokenizer.max_length]  # and those cut, as the encoder is
@@ -110,6 +116,22 @@ def check_label_tokens(tokenizer, labels: Sequence[str], templates: Sequence[str
                          "shorten the labels so that they differ early, or remove one of them", index=index)
 
 
+def first_special_token(tokenizer, texts: Sequence[str]) -> tuple[int, str] | None:
+    """``(index, token)``: the first of ``texts`` whose own text holds a special token of ``tokenizer`` (a
+    ``mmedge.tokenizer.TextTokenizer``) and that token as written, or None."""
+    for index, ids in enumerate(tokenizer.encode_each(texts, add_special_tokens=False)):
+        special = _special_tokens_in(tokenizer, ids)
+        if special:
+            return index, special
+    return None
+
+
+def special_token_expected(special: str, plain: str, whose: str) -> str:
+    """Why a text holding ``special`` is refused (``plain``: "labels of plain text"; ``whose``: "the label's")."""
+    return (f"{plain} (the text encoder reads a special token as a control mark, and {special!r} would end or "
+            f"restart {whose} text)")
+
+
 def _special_tokens_in(tokenizer, ids: Sequence[int]) -> str | None:
     """The first special token (``<|endoftext|>``) among a text's token ``ids`` (without added ones), or None."""
     for token_id in (i for i in ids if i in tokenizer.added_token_ids):  # few labels hold any
@@ -126,6 +148,8 @@ def _shown(label: str) -> str:
 
 
 def check_templates(templates: Any) -> list[str]:
+    refuse_unlisted(templates, "templates", "prompt templates (each holding '{}' where the label goes)",
+                    "['a photo of a {}.']")
     templates = list(DEFAULT_TEMPLATES if templates is None
                      else ([templates] if isinstance(templates, str) else templates))
     if not templates:
@@ -179,7 +203,8 @@ class ZeroShotClassifier(ClipPipeline):
         self.logit_scale = float(self.artifact.manifest["clip"]["logit_scale"])
 
     def label_bank(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
-        """Normalized label embeddings [labels, dim], computed once per (labels, templates)."""
+        """Normalized label embeddings [labels, dim], computed once per (labels, templates) and cached: read-only,
+        since every later call with these labels reads the same array (``bank.copy()`` gives one to change)."""
         labels, templates = check_labels(labels), check_templates(templates)
         key = (tuple(labels), tuple(templates))
         with self._bank_lock:
@@ -198,6 +223,7 @@ class ZeroShotClassifier(ClipPipeline):
                 if self.tokenizer is not None:
                     check_label_tokens(self.tokenizer, labels, templates)
                 bank = build_label_bank(self._text_embeds, labels, templates)
+                bank.flags.writeable = False
                 with self._bank_lock:
                     self._banks[key] = bank
                     while len(self._banks) > MAX_CACHED_BANKS:
@@ -206,6 +232,9 @@ class ZeroShotClassifier(ClipPipeline):
                 with self._bank_lock:
                     self._building.pop(key, None)
         return bank
+
+    def __repr__(self) -> str:
+        return pipeline_repr(self)
 
     def close(self) -> None:
         """The runners closed and the cached label banks dropped (a closed classifier answers nothing)."""
@@ -227,7 +256,7 @@ class ZeroShotClassifier(ClipPipeline):
         return self._probabilities(images, self._labels_for_call(labels, templates), templates)
 
     def __call__(self, images, labels: Sequence[str] | None = None, templates: Sequence[str] | None = None,
-                 top_k: int | None = None):
+                 top_k: int | None = None) -> list[dict[str, Any]] | list[list[dict[str, Any]]]:
         single = not isinstance(images, (list, tuple))
         names = self._labels_for_call(labels, templates)
         k = len(names) if top_k is None else self._check_top_k(top_k, len(names))
