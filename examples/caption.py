@@ -12,6 +12,7 @@ from pathlib import Path
 import mmedge
 from mmedge import demo
 from mmedge.artifact import Artifact, export_needed
+from mmedge.cli_args import export_folder
 from mmedge.errors import InputError
 from mmedge.families import FAMILIES
 from mmedge.images import checked_image_path
@@ -24,7 +25,8 @@ def main(argv=None) -> None:
     parser.add_argument("--question", help="ask this instead of captioning (BLIP-2's 'Question: ... Answer:' prompt)")
     parser.add_argument("--llm-precision", default="int4", choices=["fp32", "int8", "int4"])
     parser.add_argument("--max-new-tokens", type=int, default=30)
-    parser.add_argument("--out", default="artifacts/caption", help="artifact folder; exported when missing or stale")
+    parser.add_argument("--out", type=export_folder, default="artifacts/caption",
+                        help="artifact folder; exported when missing or stale (a folder of anything else is refused)")
     args = parser.parse_args(argv)
     if args.question is not None and not args.question.strip():
         parser.error("--question is empty: pass a question, e.g. 'what color is the circle?', or leave it out")

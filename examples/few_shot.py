@@ -12,6 +12,7 @@ from pathlib import Path
 import mmedge
 from mmedge import demo
 from mmedge.artifact import export_needed
+from mmedge.cli_args import export_folder
 from mmedge.demo import few_shot
 
 
@@ -21,7 +22,8 @@ def main(argv=None) -> None:
     task.add_argument("--style", default="colors", choices=few_shot.STYLES, help="the examples' caption style")
     task.add_argument("--compare", action="store_true", help="which image has more shapes, or same colour?")
     parser.add_argument("--llm-precision", default="int4", choices=["fp32", "int8", "int4"])
-    parser.add_argument("--out", default="artifacts/few-shot", help="artifact folder; exported when missing or stale")
+    parser.add_argument("--out", type=export_folder, default="artifacts/few-shot",
+                        help="artifact folder; exported when missing or stale (a folder of anything else is refused)")
     args = parser.parse_args(argv)
     model, out = str(demo.model_path("idefics")), Path(args.out)
     if reason := export_needed(out, model, "int8", args.llm_precision):  # host side: needs mmedge[export]

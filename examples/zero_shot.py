@@ -11,6 +11,7 @@ from pathlib import Path
 import mmedge
 from mmedge import demo
 from mmedge.artifact import Artifact, export_needed
+from mmedge.cli_args import export_folder
 from mmedge.errors import InputError
 from mmedge.families import FAMILIES
 from mmedge.images import checked_image_path
@@ -25,7 +26,8 @@ def main(argv=None) -> None:
                         "whose 24 colour × shape labels are the default)")
     parser.add_argument("--template", help="prompt template with {} (default: 'a {}' for the demo model)")
     parser.add_argument("--precision", default="int8", choices=["fp32", "int8"])
-    parser.add_argument("--out", default="artifacts/zero-shot", help="artifact folder; exported when missing or stale")
+    parser.add_argument("--out", type=export_folder, default="artifacts/zero-shot",
+                        help="artifact folder; exported when missing or stale (a folder of anything else is refused)")
     args = parser.parse_args(argv)
     model, out = args.model or str(demo.model_path("clip")), Path(args.out)
     shipped = Path(model).resolve() == demo.model_path("clip").resolve()  # the demo CLIP: its labels and template

@@ -474,8 +474,10 @@ def cmd_tune(args) -> int:
         print(json.dumps({**record, "auto": picks}, indent=2))
         return 0
     for name, timing in record["components"].items():
-        print(f"{name}: ONNX Runtime {timing['onnxruntime_ms']:.2f} ms, OpenVINO {timing['openvino_ms']:.2f} ms "
-              f"({timing['inputs']}) -> auto runs it on {picks[name]}")
+        openvino = f"OpenVINO {timing['openvino_ms']:.2f} ms" if timing["openvino_ms"] is not None else \
+            timing["openvino_failed"]  # "OpenVINO could not read component ..."
+        print(f"{name}: ONNX Runtime {timing['onnxruntime_ms']:.2f} ms, {openvino} ({timing['inputs']}) -> auto runs "
+              f"it on {picks[name]}")
     print(f"stored in {timings_path(artifact)} for this device at "
           f"{record['device']['threads']} thread{'s' if record['device']['threads'] != 1 else ''} per graph")
     return 0
@@ -665,7 +667,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest batch an engine takes (default: 4 on Jetson, 16 on a desktop GPU)")
     build.add_argument("--max-sequence", type=count, default=None,
                        help="longest token sequence (default: the decoder's positions up to 512; a text encoder "
-                            "takes the tokenizer's max_length at most)")
+                            "the tokenizer's max_length); at most those, and for a captioning model at least the "
+                            "image's query rows and BOS every prompt starts with")
     build.add_argument("--max-images", type=count, default=None, help="most images per call (default: --max-batch)")
     build.add_argument("--workspace-mb", type=count, default=None,
                        help="TensorRT builder workspace (default: 1/16 of a Jetson's memory up to 1 GiB, 1/4 of free "

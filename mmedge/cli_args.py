@@ -1,11 +1,13 @@
-"""argparse types and actions shared by the ``mmedge`` subcommands, so that a bad value is a usage error (exit 2)
-before any work: a count below its least value, an empty string (``--triton ""`` read as "not given" would quietly
-run something else), an option given twice that keeps one value."""
+"""argparse types and actions shared by the ``mmedge`` subcommands (and the example scripts), so that a bad value is a
+usage error (exit 2) before any work: a count below its least value, an empty string (``--triton ""`` read as "not
+given" would quietly run something else), an option given twice that keeps one value, an output folder a script
+would not replace."""
 
 from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 # the _Parser of mmedge.cli prints these after "--flag ": "--labels-file is empty; expected ...; fix: ..."
 EMPTY = "is empty"
@@ -48,6 +50,28 @@ def whole_number_between(least: int, most: int):
 
     judged.__name__ = "whole number"
     return judged
+
+
+def export_folder(value: str) -> Path:
+    """The ``--out`` of a script that exports an artifact there when it is missing or stale (examples/zero_shot.py):
+    a new path, an empty folder, or an mmedge artifact (replaced once the new export is complete). A file, or a
+    folder holding anything else, is refused before any work, in the script's own terms (the export's refusal names
+    an --overwrite such a script does not have)."""
+    from mmedge.artifact import check_output_folder, is_artifact_folder
+    from mmedge.errors import ArtifactError
+
+    path = Path(text(value))
+    if os.path.lexists(path) and not (path.is_dir() and (is_artifact_folder(path) or not any(path.iterdir()))):
+        what = "a file" if path.is_file() else "a folder that holds no mmedge artifact" if path.is_dir() else \
+            "a broken symbolic link"
+        raise argparse.ArgumentTypeError(f"'{value}' is {what}, which this script does not replace; expected a new "
+                                         "path, an empty folder or an artifact it exported there before; fix: choose "
+                                         "another --out, e.g. artifacts/NAME")
+    try:  # what is left for the export to refuse: the current directory, a path that cannot be written
+        check_output_folder(path, overwrite=True)
+    except ArtifactError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return path
 
 
 def text(value: str) -> str:

@@ -671,20 +671,17 @@ REMOTE = {"zero-shot": RemoteClassifier, "embed": RemoteEmbedder, "caption": Rem
 
 def connect(url: str, model: str, *, task: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> RemotePipeline:
     """The pipeline ``model`` on the Triton server at ``url`` (see the module docstring): a pipeline model's name, or
-    an artifact's prefix (its first pipeline, or the one for ``task``)."""
+    an artifact's prefix (its first pipeline, or the one for ``task``). A name that is both (a repository of an mmedge
+    that did not refuse such names) is refused, saying how to reach each."""
     connection = Connection(url, timeout)
     if task is not None and task not in TASK_PIPELINES:
         raise InputError(f"task '{task}' is unknown", f"one of {', '.join(TASK_PIPELINES)}",
                          "pass one of those, or no task")
     names = connection.models()
     kinds = [TASK_PIPELINES[task]] if task else list(PIPELINES)
-    for name in [model, *(f"{model}-{kind}" for kind in kinds)]:
-        if name not in names:
-            continue
-        config = connection.model_config(name)
-        settings = _pipeline_settings(config)
-        if settings is None:
-            continue
+    found = _pipelines(connection, [name for name in [model, *(f"{model}-{kind}" for kind in kinds)] if name in names])
+    _refuse_two_meanings(url, model, found)
+    for name, (config, settings) in found.items():
         if (config.get("model_transaction_policy") or {}).get("decoupled"):
             base = f"{settings['artifact']}-{settings['kind']}"
             raise InputError(f"'{name}' is the streaming model of pipeline '{base}', not a pipeline to connect to",
@@ -701,6 +698,34 @@ def connect(url: str, model: str, *, task: str | None = None, timeout: float = D
     raise ServerError(f"the server at {url} has no mmedge pipeline '{model}'" + (f" for task '{task}'" if task else ""),
                       f"one of {', '.join(pipelines[:12]) or '(none)'}",
                       "pass a pipeline's name or its artifact's prefix")
+
+
+def _pipelines(connection: Connection, names: list[str]) -> dict[str, tuple[dict, dict]]:
+    """Each of the models ``names`` that is an mmedge pipeline: its config and settings, in the order given."""
+    found = {}
+    for name in names:
+        config = connection.model_config(name)
+        settings = _pipeline_settings(config)
+        if settings is not None:
+            found[name] = (config, settings)
+    return found
+
+
+def _refuse_two_meanings(url: str, model: str, found: dict[str, tuple[dict, dict]]) -> None:
+    """InputError where ``model`` is both a pipeline's name and another artifact's prefix (``found``: the pipelines
+    it could mean, the one named ``model`` first): a repository of an mmedge that did not refuse such names."""
+    if model not in found or len(found) == 1:
+        return
+    settings = found[model][1]
+    task = next(task for task, kind in TASK_PIPELINES.items() if kind == settings["kind"])
+    others = [name for name in found if name != model]
+    raise InputError(f"'{model}' means two things on the server at {url}: the {settings['kind']} pipeline of the "
+                     f"artifact '{settings['artifact']}', and the prefix of the artifact '{model}' (its "
+                     f"{', '.join(others)})", "a name that means one pipeline (this repository was written by an "
+                     "mmedge that let one artifact's prefix be another's model name)",
+                     f"connect to '{settings['artifact']}' with task='{task}' for the first, or to "
+                     f"'{others[0]}' for the other; better, write the repository again with `mmedge triton`, serving "
+                     f"the artifact '{model}' under another folder name")
 
 
 def _pipeline_settings(config: dict) -> dict | None:

@@ -23,7 +23,9 @@ axis                  (min, opt, max)                         notes
 ``image_tokens``      (u, u, u * max_images)                  u = visual tokens per image (from the manifest)
 ====================  =====================================  ==============================================
 
-An axis name without a rule is refused (``InputError``): a profile is never guessed.
+An axis name without a rule is refused (``InputError``): a profile is never guessed. So is a ``max_sequence`` that
+fits no call (``max_sequence_range``): past the decoder's positions or the tokenizer's length, or below the
+positions every prompt takes (BLIP-2's query rows and BOS).
 
 **KV-cached decoders** (a component with a ``past_sequence`` axis) get their three sequence axes together:
 TensorRT checks the graph's shape constraints at each profile point (the mask covers past + new tokens, the
@@ -239,20 +241,62 @@ def sequence_limit(manifest: Mapping, component: Mapping, limits: ProfileLimits)
 
     A component fed token ids straight from the tokenizer (an ``input_ids`` input) never sees more than the
     tokenizer's ``max_length``, and exactly that many when the tokenizer pads to ``max_length``. Otherwise S is
-    ``max_sequence``, else the decoder's ``max_positions`` (capped at the default), else the default.
+    ``max_sequence``, else the decoder's ``max_positions`` (capped at the default), else the default. A
+    ``max_sequence`` outside ``max_sequence_range`` is refused.
     """
     tokenizer = manifest.get("tokenizer") or {}
     if "input_ids" in component.get("inputs", {}) and isinstance(tokenizer.get("max_length"), int):
         length = tokenizer["max_length"]
         if tokenizer.get("padding") == "max_length":
             return length, True
-        return min(length, limits.max_sequence or length), False
+        if limits.max_sequence:
+            refuse_max_sequence(manifest, component, limits.max_sequence)
+        return limits.max_sequence or length, False
     if limits.max_sequence:
+        refuse_max_sequence(manifest, component, limits.max_sequence)
         return limits.max_sequence, False
     positions = decoder_settings(manifest).get("max_positions")
     if isinstance(positions, int) and positions > 0:
         return min(positions, DEFAULT_MAX_SEQUENCE), False
     return DEFAULT_MAX_SEQUENCE, False
+
+
+def max_sequence_range(manifest: Mapping, component: Mapping) -> tuple[tuple[int, str], tuple[int, str] | None]:
+    """((least, why), (most, why) or None): the ``max_sequence`` values that fit a component whose sequence axes it
+    bounds. A text encoder fed by the tokenizer: up to the tokenizer's ``max_length`` (it never sends more). A
+    generative family's graphs: from the positions every prompt takes (an image prefix's query rows and BOS,
+    ``least_prompt_positions``) to the decoder's ``max_positions`` (no most where they are unbounded: Flan-T5's
+    relative positions)."""
+    from mmedge.pipelines.prefix_inputs import least_prompt_positions
+
+    tokenizer = manifest.get("tokenizer") or {}
+    if "input_ids" in component.get("inputs", {}) and isinstance(tokenizer.get("max_length"), int):
+        length = tokenizer["max_length"]
+        return (1, "one token"), (length, f"the {length} tokens the tokenizer sends at most (its max_length)")
+    decoder = decoder_settings(manifest)
+    if not decoder:
+        return (1, "one token"), None
+    least = least_prompt_positions(dict(family_section(manifest)))
+    rows = f"the image's {least - 1} query rows and BOS" if least > 1 else "BOS"
+    positions = decoder.get("max_positions")
+    most = (positions, f"the decoder's {positions} positions (its max_positions)") if isinstance(
+        positions, int) and positions > 0 else None
+    return (least, f"the {least} positions every prompt takes ({rows})"), most
+
+
+def refuse_max_sequence(manifest: Mapping, component: Mapping, value: int) -> None:
+    """InputError for a ``max_sequence`` outside ``max_sequence_range``: a profile past the decoder's positions or
+    the tokenizer's length builds for shapes no call has, and one below a prompt's least length fits no call."""
+    (least, least_why), most = max_sequence_range(manifest, component)
+    if value < least:
+        problem = f"fewer than {least_why}"
+    elif most is not None and value > most[0]:
+        problem = f"more than {most[1]}"
+    else:
+        return
+    fits = f"from {least} to {most[0]}" if most else f"of at least {least}"
+    raise InputError(f"max_sequence is {value}, {problem}", f"--max-sequence {fits}",
+                     f"pass --max-sequence {fits}, or drop it for the artifact's own limit")
 
 
 def axis_range(axis: str, manifest: Mapping, component: Mapping, limits: ProfileLimits) -> tuple[int, int, int]:
@@ -527,6 +571,7 @@ def require_gpu(probe, device: str = "auto") -> None:
 __all__ = ["AXIS_RULES", "FP16_OVERFLOWING_LLMS", "MIN_COMPUTE_CAPABILITY", "MemoryNeed", "ProfileLimits",
            "available_memory", "axis_range", "check_memory", "decoder_axes", "derive_profile", "engine_bytes",
            "engine_positions", "engine_precision", "fp16_overflow", "is_kv_decoder", "is_qdq", "key_precision",
-           "kv_cache_bytes", "kv_cache_need", "network_typing", "profile_text", "provider_fp16", "require_gpu",
+           "kv_cache_bytes", "kv_cache_need", "max_sequence_range", "network_typing", "profile_text", "provider_fp16",
+           "require_gpu",
            "sequence_limit", "tensorrt_defaults", "tokens_per_image", "TensorRTDefaults", "unbuildable_reason",
            "unsupported_gpu", "usable_positions"]

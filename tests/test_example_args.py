@@ -61,3 +61,32 @@ def test_export_for_device_interrupted_is_one_line_and_exit_130(tmp_path):
     result = _export_for_device("--device-dir", "orin", cwd=tmp_path, prelude=prelude)
     assert result.returncode == 130 and result.stderr == "interrupted\n", result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# --- --out of the scripts that export when their artifact is missing or stale ---------------------------------------
+@pytest.mark.parametrize("script", ["zero_shot.py", "caption.py", "few_shot.py"])
+def test_an_out_that_is_no_artifact_is_refused_in_the_scripts_terms_before_work(script, tmp_path):
+    """`zero_shot.py --out FOLDER-OF-NOTES` printed "exporting ..." and then the export's refusal, which told the user
+    to pass --overwrite, an option these scripts do not have. Now --out is judged as the arguments are read."""
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    (tmp_path / "afile").write_text("mine")
+    cases = [("foreign", "'foreign' is a folder that holds no mmedge artifact, which this script does not replace"),
+             ("afile", "'afile' is a file, which this script does not replace"),
+             ("afile/sub", "output path 'afile/sub' cannot be written: 'afile' is a file, not a folder")]
+    for out, what in cases:
+        result = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--out", out], capture_output=True,
+                                text=True, cwd=tmp_path, timeout=120)
+        assert result.returncode == 2 and f"{script}: error: argument --out: {what}" in result.stderr, result.stderr
+        assert "; expected " in result.stderr and "; fix: " in result.stderr, result.stderr
+        assert "--overwrite" not in result.stderr and "Traceback" not in result.stderr and not result.stdout
+    assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine" and (tmp_path / "afile").read_text() == "mine"
+
+
+def test_an_out_a_script_may_export_into_is_taken(clip_artifacts, tmp_path):
+    """A new path, an empty folder, or an artifact (re-exported there when stale): what the scripts' --out takes."""
+    from mmedge.cli_args import export_folder
+
+    (tmp_path / "empty").mkdir()
+    for out in (str(tmp_path / "new" / "zs"), str(tmp_path / "empty"), str(clip_artifacts("fp32"))):
+        assert export_folder(out) == Path(out)

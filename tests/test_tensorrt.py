@@ -157,8 +157,29 @@ def test_text_profile_follows_the_tokenizer():
     assert free["input_ids"] == ((1, 1), (1, 32), (4, 77))
     capped = derive_profile(clip_manifest("longest"), "text", ProfileLimits(max_batch=4, max_sequence=16))
     assert capped["input_ids"] == ((1, 1), (1, 16), (4, 16))
-    longer = derive_profile(clip_manifest("longest"), "text", ProfileLimits(max_batch=4, max_sequence=500))
-    assert longer["input_ids"][2] == (4, 77)  # the tokenizer never emits more than max_length
+    # the tokenizer never emits more than max_length: a longer limit was silently capped at 77, now it is refused
+    api_error(lambda: derive_profile(clip_manifest("longest"), "text", ProfileLimits(max_sequence=500)), InputError,
+              "max_sequence is 500, more than the 77 tokens the tokenizer sends at most (its max_length)",
+              "--max-sequence from 1 to 77")
+    assert derive_profile(clip_manifest("longest"), "text", ProfileLimits(max_sequence=77))["input_ids"][2] == (8, 77)
+
+
+def test_max_sequence_fits_the_decoder_s_positions_and_its_shortest_prompt(capsys, blip2_artifact):
+    """--max-sequence bounds the decoder's profile: past the model's positions it built for shapes no call has
+    ([2, 100000, 64] for a 128-position decoder), and below the image's query rows and BOS it fits no prompt at all.
+    Both are refused before TensorRT is imported, naming the range that fits; the ends of the range are taken."""
+    manifest = Artifact.open(blip2_artifact).manifest
+    positions, queries = manifest["blip2"]["decoder"]["max_positions"], manifest["blip2"]["num_query_tokens"]
+    fits = f"--max-sequence from {queries + 1} to {positions}"
+    cli_error(capsys, ["build", blip2_artifact, "--max-sequence", positions + 1], InputError,
+              f"max_sequence is {positions + 1}, more than the decoder's {positions} positions", fits)
+    cli_error(capsys, ["build", blip2_artifact, "--max-sequence", queries], InputError,
+              f"max_sequence is {queries}, fewer than the {queries + 1} positions every prompt takes (the image's "
+              f"{queries} query rows and BOS)", fits)
+    for most in (queries + 1, positions):
+        assert derive_profile(manifest, "decoder", ProfileLimits(max_sequence=most))["inputs_embeds"][2][1] == most
+    # Flan-T5's relative positions have no most
+    assert derive_profile(t5_manifest(), "decoder", ProfileLimits(max_sequence=4096))["inputs_embeds"][2][1] == 4096
 
 
 def test_decoder_axes_keep_past_plus_new_consistent_at_every_point():
@@ -669,6 +690,7 @@ def test_build_without_tensorrt_fails_with_one_line(capsys, clip_artifacts):
     (["--precision", "int8"], InputError, ("static QDQ",)),
     (["--components", "nope"], InputError, ("no component 'nope'",)),
     (["--components", "vision", "--max-sequence", "8"], InputError, ("--max-sequence would change nothing",)),
+    (["--max-sequence", "500"], InputError, ("max_sequence is 500, more than the", "tokenizer sends at most")),
 ])  # --max-batch 0: a usage error before the artifact is opened (tests/test_cli_values.py)
 def test_bad_build_requests_fail_the_same_way_everywhere(capsys, clip_artifacts, argv, kind, words):
     """Checked before TensorRT is imported: the same error on a laptop and on the Jetson."""

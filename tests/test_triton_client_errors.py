@@ -124,3 +124,50 @@ def test_a_timeout_that_is_no_positive_finite_number_is_refused(timeout):
                                              "above 0, at most 86400"):
             Connection(url, timeout=timeout)
     assert Connection("http://127.0.0.1:8000", timeout=np.float32(2.5)).timeout == 2.5
+
+
+class RepositoryServer:
+    """tritonclient's gRPC client answering as a server serving ``repo`` would: its model index, and each model's
+    config as Triton reads it (config.pbtxt parsed with Triton's own schema, then as the JSON a gRPC call with
+    as_json=True returns)."""
+
+    def __init__(self, repo):
+        self.repo = repo
+
+    def get_model_repository_index(self, **_):
+        return {"models": [{"name": p.name} for p in sorted(self.repo.iterdir()) if p.is_dir()]}
+
+    def get_model_config(self, model, **_):
+        from google.protobuf import json_format, text_format
+        from tritonclient.grpc import model_config_pb2
+
+        config = text_format.Parse((self.repo / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        return {"config": json_format.MessageToDict(config, preserving_proto_field_name=True)}
+
+
+def test_a_name_that_is_a_pipeline_and_another_artifacts_prefix_is_refused(clip_artifacts, tmp_path, monkeypatch):
+    """A repository an earlier mmedge wrote for artifact 'clip' beside a fused CLIP in a folder named 'clip-embed':
+    'clip-embed' is clip's embed pipeline and the other artifact's prefix, and connect gave clip's Embedder. Now it
+    is refused, saying how to reach each; names that mean one pipeline (here or for the task) still connect."""
+    from mmedge.triton import write_repository
+    from mmedge.triton_client import RemoteClassifier, RemoteEmbedder, connect
+
+    for name, variant in (("clip", "fp32"), ("clip-embed", "fused-fp32")):  # written apart, then merged, as before
+        (tmp_path / name).symlink_to(clip_artifacts(variant), target_is_directory=True)
+        write_repository([tmp_path / name], tmp_path / f"repo-{name}")
+        for model in (tmp_path / f"repo-{name}").iterdir():
+            if model.is_dir():
+                model.rename(tmp_path / "repo-clip" / model.name)
+    monkeypatch.setattr(Connection, "_client", lambda self: RepositoryServer(tmp_path / "repo-clip"))
+    url = "grpc://127.0.0.1:8001"
+    for task in (None, "zero-shot"):
+        with pytest.raises(InputError) as caught:
+            connect(url, "clip-embed", task=task)
+        assert str(caught.value).startswith(f"'clip-embed' means two things on the server at {url}: the embed "
+                                            "pipeline of the artifact 'clip', and the prefix of the artifact "
+                                            "'clip-embed' (its clip-embed-zero-shot"), caught.value
+        assert "connect to 'clip' with task='embed' for the first, or to 'clip-embed-zero-shot'" in str(caught.value)
+    assert isinstance(connect(url, "clip", task="embed"), RemoteEmbedder)
+    assert connect(url, "clip-embed", task="embed").settings["artifact"] == "clip"  # the other has no embed pipeline
+    assert connect(url, "clip-embed-zero-shot").settings["artifact"] == "clip-embed"
+    assert isinstance(connect(url, "clip"), RemoteClassifier)

@@ -81,6 +81,25 @@ def test_names_that_lose_every_character_collide_with_the_rule_named(clip, tmp_p
     assert not (tmp_path / "repo").exists()
 
 
+def test_a_prefix_that_is_another_artifacts_model_name_is_refused_naming_both(clip, clip_artifacts, tmp_path,
+                                                                              capsys):
+    """Artifact 'clip' serves its embeddings as 'clip-embed': a fused CLIP in a folder named 'clip-embed' beside it
+    was written too, and connect(url, "clip-embed") then reached clip's Embedder. Refused in either order, naming
+    both artifacts; under another name (a symlink) the two are written."""
+    fused = tmp_path / "clip-embed"
+    fused.symlink_to(clip_artifacts("fused-fp32"), target_is_directory=True)
+    for artifacts in ([clip, fused], [fused, clip]):
+        api_error(lambda: write_repository(artifacts, tmp_path / "repo"), InputError,
+                  f"the artifact '{fused}' would be served under the prefix 'clip-embed', which is also the name of a "
+                  f"model of the artifact '{clip}' (prefix 'clip')", "clip-zero-shot, clip-embed)",
+                  "rename its folder, or pass a symlink to it named otherwise")
+    cli_error(capsys, ["triton", clip, fused, "--out", tmp_path / "repo"], InputError, "'clip-embed'")
+    assert not (tmp_path / "repo").exists()
+    renamed = tmp_path / "clip-fused"
+    renamed.symlink_to(fused.resolve(), target_is_directory=True)
+    assert list(write_repository([clip, renamed], tmp_path / "repo")) == [str(clip), str(renamed)]
+
+
 def test_out_under_a_file_is_refused_naming_out(clip, tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("")

@@ -154,6 +154,34 @@ def test_gpu_component_instances_run_on_the_device_triton_gives_them(sources, tm
     assert OrtOptions(**made[0]).device_id == 3  # options the runner takes as they are
 
 
+def test_instances_reach_the_component_models_a_pipeline_calls(sources, tmp_path, capsys):
+    """--instances sets the component models' instances: where the only pipeline runs its graph inline (a fused
+    CLIP, --platform python) it is refused above; with bls, or beside an artifact whose pipelines call them, it is
+    written."""
+    from mmedge.cli import main
+
+    for artifacts, graphs in ((["clip-fused"], "bls"), (["clip-fused", "blip2"], "auto")):
+        out = tmp_path / f"repo-{graphs}"
+        assert main(["triton", *(str(sources[a]) for a in artifacts), "--out", str(out), "--platform", "python",
+                     "--instances", "3", "--zero-shot-graphs", graphs, "--quiet"]) == 0
+        assert parse(out / "clip-fused__zero_shot").instance_group[0].count == 3
+
+
+def test_gpu_zero_shot_pipeline_running_its_graphs_inline_is_a_gpu_instance(sources, tmp_path):
+    """With --gpu the inline zero-shot pipeline runs its graphs on CUDA: its instances are GPU instances, so Triton
+    places each on a device and its runner uses that one (not a CPU instance on device 0 whatever the server has);
+    the pipelines that only call the component models stay CPU instances."""
+    write_repository([sources["clip"]], tmp_path / "repo", Options(platform="python", gpu=True, pipeline_instances=2))
+    kinds = {model: [(model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind), g.count)
+                     for g in parse(tmp_path / "repo" / model).instance_group] for model in ("clip-zero-shot",
+                                                                                              "clip-embed")}
+    assert kinds == {"clip-zero-shot": [("KIND_GPU", 2)], "clip-embed": [("KIND_CPU", 2)]}
+    write_repository([sources["clip"]], tmp_path / "bls", Options(platform="python", gpu=True,
+                                                                  zero_shot_graphs="bls"))
+    assert model_config_pb2.ModelInstanceGroup.Kind.Name(
+        parse(tmp_path / "bls" / "clip-zero-shot").instance_group[0].kind) == "KIND_CPU"
+
+
 def test_blip2_and_idefics_get_a_streaming_caption_model(sources, tmp_path):
     written = write_repository([sources["blip2"], sources["idefics"]], tmp_path / "repo")
     assert written[str(sources["blip2"])] == ["blip2__prefix", "blip2__decoder", "blip2-caption",
@@ -386,10 +414,13 @@ def test_overwrite_replaces_only_a_repository_mmedge_wrote(clip_artifacts, tmp_p
 @pytest.mark.parametrize("artifacts,option,fragment", [
     (["clip-fused"], ["--workers", "4"], "--workers would change nothing for these artifacts"),
     (["blip2"], ["--zero-shot-graphs", "inline"], "--zero-shot-graphs would change nothing for these artifacts"),
+    (["clip-fused"], ["--platform", "python", "--instances", "2"],
+     "--instances would change nothing for these artifacts; expected a pipeline that calls the component models"),
 ])
 def test_cli_refuses_pipeline_options_no_artifact_uses(sources, tmp_path, capsys, artifacts, option, fragment):
-    """--workers shapes embedding and captioning pipelines, --zero-shot-graphs the zero-shot one: given for
-    artifacts that make neither, they are refused before anything is written."""
+    """--workers shapes embedding and captioning pipelines, --zero-shot-graphs the zero-shot one, --instances the
+    component models a pipeline calls (a fused CLIP's zero-shot pipeline runs its graph inline with --platform
+    python): given for artifacts that make none, they are refused before anything is written."""
     cli_error(capsys, ["triton", *(sources[a] for a in artifacts), "--out", tmp_path / "repo", *option], InputError,
               fragment)
     assert not (tmp_path / "repo").exists()

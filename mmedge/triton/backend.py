@@ -18,7 +18,8 @@
   and ``execute`` answers all of them at once, the images of the whole batch in one graph call
   (``mmedge.triton.rows``): the encoder is batched across requests at the pipeline, not behind it. With
   ``"graphs": "inline"`` (the python platform's default) it runs its graphs in its own process through the same
-  runner a component model would use (``local_runner``), saving a second Python-backend hop per request.
+  runner a component model would use (``local_runner``), saving a second Python-backend hop per request; with
+  ``--gpu`` its instances are GPU instances, each running its graphs on the device Triton placed it on.
 
 Errors: an ``MmedgeError`` becomes an error response with mmedge's message (INVALID_ARG for bad input; any other
 error's message starts with ``protocol.FAILURE_PREFIXES``), and the model keeps serving.

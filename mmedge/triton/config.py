@@ -44,7 +44,8 @@ class Options:
     most rows of one decoder call (the pipelines split larger batches).
     ``queue_delay_us``: how long the dynamic batchers wait for more requests (0: none; batches still form from the
     requests that queue while the model runs; refused with ``max_batch_size`` 1, a batch full at once).
-    ``instances``: instances per component model. ``workers``: the requests one embed or caption pipeline instance
+    ``instances``: instances per component model (a zero-shot pipeline running its graphs inline has its own,
+    ``pipeline_instances``, on the GPU with ``gpu``). ``workers``: the requests one embed or caption pipeline instance
     works on at once (threads, each generating with its own KV cache; 1: each request inside ``execute``, no
     thread); the zero-shot pipeline answers each batch inside ``execute`` (so the next batch queues meanwhile).
     ``pipeline_instances``: instances (stub processes) per pipeline model, each with its own copy of the tokenizer,
@@ -177,6 +178,13 @@ def _tensorrt_precision(manifest: Mapping[str, Any] | None, name: str, component
     return None
 
 
+def runs_graphs_on_gpu(settings: Mapping[str, Any], options: Options) -> bool:
+    """Whether a pipeline model runs graphs on the GPU itself (``--gpu`` with the zero-shot graphs inline): its
+    instances are then GPU instances, so Triton places each on a device and its runner uses that one
+    (``backend.runner_options``); the other pipelines run only mmedge's loops (CPU instances) and call GPU models."""
+    return options.gpu and settings.get("graphs") == "inline"
+
+
 def pipeline_config(model: str, kind: str, settings: Mapping[str, Any], options: Options, *,
                     decoupled: bool = False) -> dict:
     """The config of a Python-backend pipeline model (``kind``: a key of ``mmedge.triton.protocol.PIPELINES``). A row
@@ -196,7 +204,8 @@ def pipeline_config(model: str, kind: str, settings: Mapping[str, Any], options:
         config["dynamic_batching"] = {"max_queue_delay_microseconds": options.queue_delay_us}
     if decoupled:
         config["model_transaction_policy"] = {"decoupled": True}
-    config["instance_group"] = [{"kind": Token("KIND_CPU"), "count": options.pipeline_instances}]
+    config["instance_group"] = [{"kind": Token("KIND_GPU" if runs_graphs_on_gpu(settings, options) else "KIND_CPU"),
+                                 "count": options.pipeline_instances}]
     config["parameters"] = _parameters({PARAMETER: json.dumps({**settings, "workers": options.workers, "rows": rows},
                                                               sort_keys=True)})
     return config

@@ -1,5 +1,6 @@
 """The Triton model names a repository gets from its artifact folders, and the refusals of names that cannot work:
-two artifacts that would share a prefix, and model folder names past the file system's limit."""
+two artifacts that would share a prefix, a prefix that is another artifact's model name, and model folder names past
+the file system's limit."""
 
 from __future__ import annotations
 
@@ -49,6 +50,24 @@ def refuse_shared_prefixes(paths: Sequence[str | os.PathLike], opened: Sequence[
         raise InputError(f"two artifacts would both be served as '{prefix}': {given}{why}",
                          "artifact folders whose names differ in the characters a model name keeps",
                          f"rename one of the folders (its name is the models' prefix), using only {ALLOWED}")
+
+
+def refuse_prefixes_read_as_models(paths: Sequence[str | os.PathLike], prefixes: Sequence[str],
+                                   models: Sequence[Sequence[str]]) -> None:
+    """InputError where an artifact's prefix is the name of another artifact's model (``models``: each artifact's
+    model names): artifact 'clip' serves its embeddings as 'clip-embed', so an artifact folder named 'clip-embed'
+    beside it would leave ``connect(url, "clip-embed")`` (a pipeline's name or an artifact's prefix) two meanings.
+    Two prefixes that give one model name always meet here first (the suffixes a name adds end no other suffix)."""
+    for index, prefix in enumerate(prefixes):
+        for other, names in enumerate(models):
+            if other != index and prefix in names:
+                raise InputError(f"the artifact '{paths[index]}' would be served under the prefix '{prefix}', which "
+                                 f"is also the name of a model of the artifact '{paths[other]}' (prefix "
+                                 f"'{prefixes[other]}'): a client asking for '{prefix}' could get either",
+                                 f"a prefix that is none of the model names of '{paths[other]}' "
+                                 f"({', '.join(models[other])})",
+                                 f"serve '{paths[index]}' under another name: rename its folder, or pass a symlink to "
+                                 "it named otherwise (the folder's name as given is its models' prefix)")
 
 
 def refuse_long_names(path: str | os.PathLike, prefix: str, names: Sequence[str], out: str | os.PathLike) -> None:

@@ -32,7 +32,12 @@ from mmedge.idle_options import Rule, refuse_idle
 from mmedge.manifest import MANIFEST_FILE
 from mmedge.progress import Progress
 from mmedge.triton.config import Options, component_config, pipeline_config, render, runner_settings
-from mmedge.triton.names import model_prefix, refuse_long_names, refuse_shared_prefixes
+from mmedge.triton.names import (
+    model_prefix,
+    refuse_long_names,
+    refuse_prefixes_read_as_models,
+    refuse_shared_prefixes,
+)
 from mmedge.triton.out_checks import (
     MARKER_FILE,
     is_repository,
@@ -66,6 +71,16 @@ def pipeline_models(artifact: Artifact, prefix: str | None = None) -> dict[str, 
         if kind == "caption":
             models[f"{prefix}-{kind}{STREAM_SUFFIX}"] = (kind, True)
     return models
+
+
+def model_names(artifact: Artifact, prefix: str) -> list[str]:
+    """Every model the repository gets for an artifact: its components' ("{prefix}__{component}"), then its
+    pipelines'."""
+    return [component_model(prefix, name) for name in artifact.components] + list(pipeline_models(artifact, prefix))
+
+
+def component_model(prefix: str, name: str) -> str:
+    return f"{prefix}__{name}"  # two underscores: a component (pipelines are "{prefix}-{task}")
 
 
 def write_repository(artifacts: Iterable[str | os.PathLike], out: str | os.PathLike, options: Options = Options(),
@@ -105,8 +120,9 @@ def write_repository(artifacts: Iterable[str | os.PathLike], out: str | os.PathL
                          "pass artifact folders written by `mmedge export`")
     prefixes = [model_prefix(a, path) for a, path in zip(opened, paths)]
     refuse_shared_prefixes(paths, opened, prefixes)
-    for path, artifact, prefix in zip(paths, opened, prefixes):
-        names = [f"{prefix}__{name}" for name in artifact.components] + list(pipeline_models(artifact, prefix))
+    models = [model_names(artifact, prefix) for artifact, prefix in zip(opened, prefixes)]
+    refuse_prefixes_read_as_models(paths, prefixes, models)
+    for path, prefix, names in zip(paths, prefixes, models):
         refuse_long_names(path, prefix, names, out)
     written: dict[str, list[str]] = {}
     placers = [Placer(artifact) for artifact in opened]
@@ -143,7 +159,7 @@ def _write_artifact(placer: Placer, prefix: str, repo: Path, options: Options, s
     models = []
     listed = manifest["components"].items()
     for name, component in steps.items(listed, len(listed), "component"):
-        model = f"{prefix}__{name}"  # two underscores: a component (pipelines are "{prefix}-{task}")
+        model = component_model(prefix, name)
         config = component_config(model, name, component, options, manifest)
         folder = _model_folder(repo, model, config)
         files = [(component["file"], component["sha256"])]
