@@ -1,6 +1,7 @@
-"""A graph OpenVINO cannot take: under ``auto`` it runs on ONNX Runtime (one warning, OpenVINO's refusal remembered in
-``engines/``), a backend the user named still refuses with a BackendError carrying OpenVINO's own words, and
-``mmedge tune`` records the refusal and times the other graphs.
+"""A graph OpenVINO cannot take: under ``auto`` it runs on ONNX Runtime (one warning per load; nothing is recorded
+at a load, as the failure may have been passing), a backend the user named still refuses with a BackendError carrying
+OpenVINO's own words, and ``mmedge tune`` records the refusal, times the other graphs, and ``auto`` then plans ONNX
+Runtime for that graph.
 
 The graph is the tiny static-QDQ CLIP's vision tower with one operator OpenVINO's ONNX front end has no conversion
 for (``Det`` of a constant [[0]], added to an output: ONNX Runtime runs it, the outputs are unchanged), as the
@@ -25,7 +26,6 @@ from mmedge.api import plan_for
 from mmedge.artifact import Artifact
 from mmedge.cli import main
 from mmedge.errors import BackendError
-from mmedge.runtimes.openvino.doctor import cached_lines
 from mmedge.runtimes.openvino.tune import tune
 from mmedge.validate import load_validation_samples
 from tests.test_openvino import needs_openvino
@@ -63,7 +63,7 @@ def refused_clip(clip_artifacts, tmp_path):
 
 @needs_openvino
 @needs_x86
-def test_auto_runs_a_graph_openvino_refuses_on_onnx_runtime_and_remembers_the_refusal(refused_clip, caplog):
+def test_auto_runs_a_graph_openvino_refuses_on_onnx_runtime(refused_clip, caplog):
     feeds = load_validation_samples(Artifact.open(refused_clip))["vision"]["inputs"]
     assert plan_for(refused_clip).components["vision"].backend == "openvino"  # the rule gives OpenVINO static QDQ
     with caplog.at_level(logging.WARNING, logger="mmedge"), mmedge.load(refused_clip) as auto:
@@ -73,19 +73,17 @@ def test_auto_runs_a_graph_openvino_refuses_on_onnx_runtime_and_remembers_the_re
         embeds = auto.runners["vision"].infer(feeds)
     warned = [r.getMessage() for r in caplog.records if "auto runs component 'vision'" in r.getMessage()]
     assert len(warned) == 1 and UNSUPPORTED in warned[0] and "on onnxruntime instead" in warned[0]
+    assert "`mmedge tune ARTIFACT` records this" in warned[0]
     with mmedge.load(refused_clip, backend="onnxruntime") as reference:
         expected = reference.runners["vision"].infer(feeds)
     for name, value in expected.items():
         np.testing.assert_array_equal(embeds[name], value)
 
-    refusals = sorted((refused_clip / "engines").glob("vision-openvino-*.refused"))
-    assert len(refusals) == 1 and UNSUPPORTED in json.loads(refusals[0].read_text())["error"]
-    assert any(refusals[0].name in line and "auto runs vision on ONNX Runtime" in line
-               for line in cached_lines(Artifact.open(refused_clip)))
+    assert not list((refused_clip / "engines").glob("*refus*"))  # a passing failure (memory) is not made lasting
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="mmedge"), mmedge.load(refused_clip) as again:
         assert again.runners["vision"].backend == "onnxruntime"
-    assert any("as recorded at an earlier load" in r.getMessage() for r in caplog.records)  # not read again
+    assert any(UNSUPPORTED in r.getMessage() for r in caplog.records)  # OpenVINO was asked again
 
 
 @needs_openvino
@@ -96,8 +94,6 @@ def test_a_named_openvino_refuses_with_a_backend_error_in_openvino_s_own_words(r
     assert type(info.value) is BackendError  # the artifact is intact: not an IntegrityError
     assert "OpenVINO could not read component 'vision'" in message and UNSUPPORTED in message
     assert "Exception from src" not in message
-    with pytest.raises(BackendError, match="as recorded at an earlier load.*delete that file"):
-        mmedge.load(refused_clip, backend="openvino")
 
 
 @needs_openvino

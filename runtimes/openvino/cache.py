@@ -9,11 +9,6 @@ bytes' sha256; a blob whose key or bytes differ is never imported, it is recompi
     engines/<component>-openvino-<key digest, 16 hex>.record {"format": "mmedge.openvino-blob", "key": {...},
                                                               "blob_sha256": "...", "blob_bytes": n}  (JSON)
 
-A graph OpenVINO could not read or compile leaves ``engines/<component>-openvino-<key digest>.refused`` instead
-(``{"format": "mmedge.openvino-refusal", "key": {...}, "error": "..."}``): the same graph, device, settings and
-OpenVINO version would fail the same way, so later loads raise that error at once (and ``auto`` runs the component
-on ONNX Runtime) instead of reading and compiling it again; another OpenVINO version or graph tries again.
-
 The record is not named ``*.json``: TensorRT's engine cache reads every ``<component>-*.json`` in the same folder as
 one of its own engines (and would report these as stale TensorRT engines).
 
@@ -38,7 +33,6 @@ from mmedge.runtimes.engine_cache import _checked_component
 
 FORMAT = "mmedge.openvino-blob"
 FORMAT_VERSION = 1
-REFUSAL_FORMAT = "mmedge.openvino-refusal"
 
 
 @dataclass(frozen=True)
@@ -121,31 +115,6 @@ class BlobCache:
         self.remove_superseded(component, key)
         remove_abandoned_temporaries(self.folder)  # what writers killed mid-write left
         return blob
-
-    def refusal_path(self, component: str, key: OvKey) -> Path:
-        return self.paths(component, key)[0].with_suffix(".refused")
-
-    def store_refusal(self, component: str, key: OvKey, error: str) -> None:
-        """Record that OpenVINO refused this graph for this key (``error``: what it said). Best effort: storage that
-        cannot be written only means the next load asks OpenVINO again."""
-        entry = {"format": REFUSAL_FORMAT, "format_version": FORMAT_VERSION, "component": component,
-                 "key": asdict(key), "error": error}
-        with contextlib.suppress(OSError):
-            self.folder.mkdir(parents=True, exist_ok=True)
-            write_whole(self.refusal_path(component, key), (json.dumps(entry, indent=2) + "\n").encode())
-
-    def refusal(self, component: str, key: OvKey) -> tuple[str, Path] | None:
-        """(the error recorded, its file) where OpenVINO refused this graph for exactly this key; None otherwise (an
-        unreadable or foreign record counts as none: OpenVINO is asked again)."""
-        path = self.refusal_path(component, key)
-        try:
-            entry = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-        if (not isinstance(entry, dict) or entry.get("format") != REFUSAL_FORMAT
-                or entry.get("key") != asdict(key) or not isinstance(entry.get("error"), str)):
-            return None
-        return entry["error"], path
 
     def remove_superseded(self, component: str, key: OvKey) -> list[Path]:
         """Delete the blobs (and records) of ``component`` compiled for what ``key`` is, by an older (or other)

@@ -93,7 +93,6 @@ def compiled_model(path: str | os.PathLike, component_name: str, component: dict
     cache = BlobCache(options.engine_cache) if options.engine_cache is not None else None
     key = cache_key(component, options, exported) if cache is not None else None
     if cache is not None:
-        refused_before(cache, component_name, key)
         blob, reasons = cache.load(component_name, key)
         if blob is not None:
             try:
@@ -103,20 +102,15 @@ def compiled_model(path: str | os.PathLike, component_name: str, component: dict
         elif reasons:
             log.info("mmedge: OpenVINO recompiles %s: %s", component_name, "; ".join(reasons))
     start = time.perf_counter()  # what an uncached load costs: reading, any NNCF compression, compiling
+    model = read_model(path, component_name)
+    if options.weights and not exported:
+        with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bar: stdout is the caller's (--json, pipes)
+            model = compress_weights(model, component_name, component, options.weights)
     try:
-        model = read_model(path, component_name)
-        if options.weights and not exported:
-            with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bar: stdout is the caller's (--json, pipes)
-                model = compress_weights(model, component_name, component, options.weights)
-        try:
-            compiled = core().compile_model(model, options.device, config)
-        except Exception as exc:
-            raise refused(f"OpenVINO could not compile component '{component_name}' for {options.device} "
-                          f"({type(exc).__name__}: {engine_detail(exc)})") from None
-    except BackendError as exc:
-        if cache is not None:
-            cache.store_refusal(component_name, key, exc.what)
-        raise
+        compiled = core().compile_model(model, options.device, config)
+    except Exception as exc:
+        raise refused(f"OpenVINO could not compile component '{component_name}' for {options.device} "
+                      f"({type(exc).__name__}: {engine_detail(exc)})") from None
     seconds = time.perf_counter() - start
     source = f"compiled in {seconds:.1f} s"
     if cache is not None and _can_export(options.device):
@@ -182,19 +176,6 @@ def refused(what: str) -> BackendError:
     """The error for a graph OpenVINO cannot read or compile here (``what``: which, and OpenVINO's words)."""
     return BackendError(what, "a graph OpenVINO supports on this device", "use --backend onnxruntime for this "
                         "artifact (auto runs such a component on ONNX Runtime by itself), or another OpenVINO device")
-
-
-def refused_before(cache: BlobCache, component_name: str, key: OvKey) -> None:
-    """The error an earlier load met reading or compiling this graph for this key (same graph, precision, device,
-    settings and OpenVINO version: it would fail again), raised without asking OpenVINO again; nothing where none
-    is recorded."""
-    recorded = cache.refusal(component_name, key)
-    if recorded is not None:
-        what, record = recorded
-        raise BackendError(f"{what}, as recorded at an earlier load in engines/{record.name} (the same graph, device, "
-                           "settings and OpenVINO version; not compiled again)",
-                           "a graph OpenVINO supports on this device", "use --backend onnxruntime for this artifact "
-                           "(auto does so by itself), or delete that file to try OpenVINO again")
 
 
 def compress_weights(model, component_name: str, component: dict, weights: str):

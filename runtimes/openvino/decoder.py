@@ -33,6 +33,8 @@ class OpenVinoDecoder(GraphDecoder):
     from). ``embeddings``, ``kv_cache``, ``position_offset``, ``max_positions``, ``context_inputs``: as
     ``OrtDecoder``'s."""
 
+    backend = "openvino"
+
     def __init__(self, compiled, embeddings: np.ndarray | EmbeddingTable, kv_cache: Mapping[str, Any], *,
                  position_offset: int = 0, max_positions: int | None = None,
                  context_inputs: tuple[str, ...] | list[str] = (), source: str = ""):

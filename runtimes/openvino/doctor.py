@@ -49,22 +49,6 @@ def cached_lines(artifact) -> list[str]:
     for blob in orphans:  # a write cut short, or a record deleted: no load imports it
         size = f"{_size(blob) / 2**20:.1f} MiB"
         lines.append(f"  {blob.name}: no .record beside it, never loaded: delete it to free {size}")
-    return lines + refused_lines(folder)
-
-
-def refused_lines(folder) -> list[str]:
-    """The graphs OpenVINO refused to read or compile at a load (``cache.BlobCache.store_refusal``), one line each:
-    what it said, and that ``auto`` runs them on ONNX Runtime until the file is deleted or OpenVINO changes."""
-    import json
-
-    lines = []
-    for path in sorted(folder.glob("*-openvino-*.refused")) if folder.is_dir() else []:
-        try:
-            entry = json.loads(path.read_text())
-            lines.append(f"  {path.name}: {entry['error']}; auto runs {entry['component']} on ONNX Runtime under "
-                         f"OpenVINO {entry['key']['openvino_version'].split('-')[0]} (delete the file to try again)")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            lines.append(f"  {path.name}: unreadable record (OpenVINO is asked again on the next load)")
     return lines
 
 

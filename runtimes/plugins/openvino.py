@@ -6,8 +6,9 @@ Under ``auto`` on an x86 CPU (no NVIDIA GPU in use) it takes each component it r
 by the rule (``mmedge.runtimes.openvino.planning``: per graph recipe, per CPU class with or without VNNI). It says
 why; ONNX Runtime, later in priority, takes the rest. A component ``auto`` gave OpenVINO that OpenVINO then cannot
 read or compile here (an operator or pattern it does not support) runs on ONNX Runtime's CPU provider instead, with
-one warning saying why (``FALLBACK``); OpenVINO's refusal is recorded in ``engines/`` so later loads do not compile
-it again. Named explicitly it runs every component on OpenVINO (its
+one warning saying why (``FALLBACK``). Nothing of that is recorded: the next load asks OpenVINO again (the failure may
+have been passing: memory, a full disk), while ``mmedge tune`` records a graph OpenVINO could not run, and ``auto``
+then plans ONNX Runtime for it. Named explicitly it runs every component on OpenVINO (its
 CPU, or the device ``backend_options`` names; the plan's components show it, with the inference precision where a
 precision hint or another device changes it, e.g. "fp32 (bf16 inference)").
 ``mmedge doctor`` lists OpenVINO's devices, the INT8 recipe the rule picks for this CPU, and the cached compiled
@@ -176,7 +177,8 @@ def _fallback(plan: ComponentPlan, name: str, exc: BackendError) -> Backend:
     if not plan.options.get(FALLBACK):
         raise exc
     fallback = backend(plan.options[FALLBACK])
-    log.warning("mmedge: %s: auto runs component '%s' on %s instead", exc.what, name, fallback.name)
+    log.warning("mmedge: %s: auto runs component '%s' on %s instead (`mmedge tune ARTIFACT` records this, so that "
+                "later loads plan it there without asking OpenVINO)", exc.what, name, fallback.name)
     return fallback
 
 
