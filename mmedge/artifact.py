@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import mmap
 import os
 import secrets
 import shutil
@@ -33,9 +32,6 @@ from mmedge.file_checks import CheckRecord, identity
 from mmedge.manifest import FORMAT_NAME, MANIFEST_FILE, MAX_MANIFEST_BYTES, check_plain_file_name, parse_manifest
 
 ENGINES_DIR = "engines"
-# How a TensorProto's external_data entry {"location": FILE} is serialized: key (field 1, 8 bytes), then the value
-# (field 2) as its length and the file's name; a weight file a graph reads is named there and nowhere else
-EXTERNAL_LOCATION = b"\x0a\x08location\x12"
 ARTIFACT_KIND = "an mmedge artifact (a folder with mmedge's manifest.json)"  # what an export's --overwrite replaces
 _CHUNK = 1 << 20
 
@@ -224,24 +220,12 @@ class Artifact:
         return path
 
     def component_path(self, name: str) -> Path:
-        """The component's graph, its sha256 (and that of its external weight file) checked, and the graph reading no
-        weight file but the one the manifest names (whose sha256 is checked)."""
+        """The component's graph, its sha256 (and that of its external weight file) checked."""
         comp = self.component(name)
         external = comp.get("external_data")
         if external:
             self.verified_path(external["file"], external["sha256"], f"components.{name}.external_data.file")
-        path = self.verified_path(comp["file"], comp["sha256"], f"components.{name}.file")
-        # only files that exist: a model's own metadata may hold a 'location' entry too, and a missing weight file is
-        # ONNX Runtime's error to report
-        unnamed = {location for location in external_data_locations(path) - {external["file"] if external else None}
-                   if (path.parent / location).exists()}
-        if unnamed:
-            raise IntegrityError(
-                f"component '{name}' graph '{comp['file']}' keeps weights in {sorted(unnamed)[:3]}, which "
-                f"manifest.json does not name (components.{name}.external_data), so their sha256 is unchecked",
-                "a graph whose only external weight file is its manifest entry's external_data file",
-                "re-export the artifact; graph and manifest come from different exports")
-        return path
+        return self.verified_path(comp["file"], comp["sha256"], f"components.{name}.file")
 
     @property
     def has_pytorch_weights(self) -> bool:
@@ -275,8 +259,6 @@ class Artifact:
         entries = _hashed_entries(self.manifest)
         for field, entry in entries:
             self.verified_path(entry["file"], entry["sha256"], f"{field}.file")
-        for name in self.components:
-            self.component_path(name)  # and the weight files each graph reads are those the manifest names
         pytorch = self.manifest.get("pytorch") or {}
         if pytorch and (self.root / pytorch["folder"]).is_dir():  # without it the torch backend is only unavailable
             self.pytorch_folder()
@@ -314,33 +296,6 @@ class Artifact:
         if folder is not None and folder.is_dir():
             total += sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         return total
-
-
-def external_data_locations(path: Path) -> set[str]:
-    """The files ``path``'s tensors keep their data in (each TensorProto external_data 'location'), found in the
-    serialized graph without parsing it: the device has no onnx package."""
-    found = set()
-    with open(path, "rb") as handle:
-        if os.fstat(handle.fileno()).st_size == 0:
-            return found
-        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            start = data.find(EXTERNAL_LOCATION)
-            while start >= 0:
-                length, offset = _varint(data, start + len(EXTERNAL_LOCATION))
-                found.add(bytes(data[offset:offset + length]).decode("utf-8", "replace"))
-                start = data.find(EXTERNAL_LOCATION, offset)
-    return found
-
-
-def _varint(data, offset: int) -> tuple[int, int]:
-    """The protobuf varint at ``offset`` of ``data``, and the offset just after it."""
-    value = shift = 0
-    while offset < len(data):
-        byte = data[offset]
-        value, shift, offset = value | (byte & 0x7F) << shift, shift + 7, offset + 1
-        if byte < 0x80:
-            break
-    return value, offset
 
 
 def _relative_name(name: str, folder: str | None) -> str:

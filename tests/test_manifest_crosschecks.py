@@ -120,14 +120,14 @@ def test_files_of_the_pytorch_folder_are_named_with_the_folder(clip_artifacts, t
     api_error(lambda: Artifact.open(folder).pytorch_folder(), IntegrityError, "artifact file 'pytorch/config.json' in")
 
 
-# --- a graph's external weight file is one the manifest names ---------------------------------------------------------
+# --- a graph's external weight file, and what its values may be ------------------------------------------------------
 def sha256_of(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def with_external_weights(source, folder, *, declared: bool):
-    """A copy of ``source`` whose vision graph keeps its weights in vision.onnx.data, the manifest's sha256 of the
-    graph updated; the weight file in ``external_data`` only when ``declared``."""
+def with_external_weights(source, folder):
+    """A copy of ``source`` whose vision graph keeps its weights in vision.onnx.data, named in the manifest's
+    ``external_data`` with its sha256 (and the graph's sha256 updated)."""
     import onnx
 
     shutil.copytree(source, folder)
@@ -138,20 +138,15 @@ def with_external_weights(source, folder, *, declared: bool):
     def edit(manifest):
         vision = manifest["components"]["vision"]
         vision["sha256"] = sha256_of(folder / "vision.onnx")
-        if declared:
-            vision["external_data"] = {"file": "vision.onnx.data", "sha256": sha256_of(folder / "vision.onnx.data")}
+        vision["external_data"] = {"file": "vision.onnx.data", "sha256": sha256_of(folder / "vision.onnx.data")}
     edit_manifest(folder, edit)
     return folder
 
 
-def test_a_weight_file_the_manifest_does_not_name_is_refused(clip_artifacts, tmp_path, photos):
+def test_a_declared_external_weight_file_loads(clip_artifacts, tmp_path, photos):
     import mmedge
 
-    folder = with_external_weights(clip_artifacts("fp32"), tmp_path / "unnamed", declared=False)
-    fragments = ("graph 'vision.onnx' keeps weights in ['vision.onnx.data']", "does not name")
-    api_error(lambda: mmedge.load(folder), IntegrityError, *fragments)
-    api_error(lambda: Artifact.open(folder).check_every_file(), IntegrityError, *fragments)  # what doctor runs
-    named = with_external_weights(clip_artifacts("fp32"), tmp_path / "named", declared=True)
+    named = with_external_weights(clip_artifacts("fp32"), tmp_path / "named")
     with mmedge.load(named) as classifier:
         assert classifier(photos[0], labels=["cat", "dog"])
     Artifact.open(named).check_every_file()
@@ -164,7 +159,7 @@ def test_non_finite_outputs_are_a_backend_error_not_nan_scores(clip_artifacts, t
     import mmedge
     from mmedge.errors import BackendError
 
-    folder = with_external_weights(clip_artifacts("fp32"), tmp_path / "nan", declared=True)
+    folder = with_external_weights(clip_artifacts("fp32"), tmp_path / "nan")
     weights = folder / "vision.onnx.data"
     weights.write_bytes(np.full(weights.stat().st_size // 4, np.nan, dtype=np.float32).tobytes())
     edit_manifest(folder, lambda m: m["components"]["vision"]["external_data"].update(sha256=sha256_of(weights)))
