@@ -67,6 +67,8 @@ def export_folder(value: str) -> Path:
         raise argparse.ArgumentTypeError(f"'{value}' is {what}, which this script does not replace; expected a new "
                                          "path, an empty folder or an artifact it exported there before; fix: choose "
                                          "another --out, e.g. artifacts/NAME")
+    if is_artifact_folder(path):
+        return path  # maybe up to date: a script only reads it, from read-only storage too (a container image)
     try:  # what is left for the export to refuse: the current directory, a path that cannot be written
         check_output_folder(path, overwrite=True)
     except ArtifactError as error:

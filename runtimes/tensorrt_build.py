@@ -41,6 +41,7 @@ from mmedge.runtimes.tensorrt_planning import (
     kv_cache_need,
     network_typing,
     profile_text,
+    refuse_max_sequence,
     require_gpu,
     tensorrt_defaults,
     unbuildable_reason,
@@ -277,6 +278,8 @@ def build_artifact(path: str | os.PathLike, settings: EngineSettings | None = No
         engine_precision(name, manifest["components"][name], settings.precision, manifest=manifest)
         derive_profile(manifest, name, settings.limits)
     idle = idle_limit(manifest, targets, settings.limits)
+    if not idle:
+        refuse_max_sequence(manifest, targets, settings.limits)
     if idle:
         flag = "--" + idle.replace("_", "-")
         takes = "a token sequence of varying length" if idle == "max_sequence" else "a varying number of images"

@@ -23,9 +23,10 @@ axis                  (min, opt, max)                         notes
 ``image_tokens``      (u, u, u * max_images)                  u = visual tokens per image (from the manifest)
 ====================  =====================================  ==============================================
 
-An axis name without a rule is refused (``InputError``): a profile is never guessed. So is a ``max_sequence`` that
-fits no call (``max_sequence_range``): past the decoder's positions or the tokenizer's length, or below the
-positions every prompt takes (BLIP-2's query rows and BOS).
+An axis name without a rule is refused (``InputError``): a profile is never guessed. ``mmedge build`` also refuses a
+``--max-sequence`` that fits no call (``refuse_max_sequence``): past the decoder's positions or the tokenizer's
+length, or below the positions every prompt takes (BLIP-2's query rows and BOS). A value read back from an earlier
+build's ``build.json`` is taken as it was (engines built with it stay loadable).
 
 **KV-cached decoders** (a component with a ``past_sequence`` axis) get their three sequence axes together:
 TensorRT checks the graph's shape constraints at each profile point (the mask covers past + new tokens, the
@@ -241,19 +242,15 @@ def sequence_limit(manifest: Mapping, component: Mapping, limits: ProfileLimits)
 
     A component fed token ids straight from the tokenizer (an ``input_ids`` input) never sees more than the
     tokenizer's ``max_length``, and exactly that many when the tokenizer pads to ``max_length``. Otherwise S is
-    ``max_sequence``, else the decoder's ``max_positions`` (capped at the default), else the default. A
-    ``max_sequence`` outside ``max_sequence_range`` is refused.
+    ``max_sequence``, else the decoder's ``max_positions`` (capped at the default), else the default.
     """
     tokenizer = manifest.get("tokenizer") or {}
     if "input_ids" in component.get("inputs", {}) and isinstance(tokenizer.get("max_length"), int):
         length = tokenizer["max_length"]
         if tokenizer.get("padding") == "max_length":
             return length, True
-        if limits.max_sequence:
-            refuse_max_sequence(manifest, component, limits.max_sequence)
-        return limits.max_sequence or length, False
+        return min(length, limits.max_sequence or length), False
     if limits.max_sequence:
-        refuse_max_sequence(manifest, component, limits.max_sequence)
         return limits.max_sequence, False
     positions = decoder_settings(manifest).get("max_positions")
     if isinstance(positions, int) and positions > 0:
@@ -284,19 +281,28 @@ def max_sequence_range(manifest: Mapping, component: Mapping) -> tuple[tuple[int
     return (least, f"the {least} positions every prompt takes ({rows})"), most
 
 
-def refuse_max_sequence(manifest: Mapping, component: Mapping, value: int) -> None:
-    """InputError for a ``max_sequence`` outside ``max_sequence_range``: a profile past the decoder's positions or
-    the tokenizer's length builds for shapes no call has, and one below a prompt's least length fits no call."""
-    (least, least_why), most = max_sequence_range(manifest, component)
-    if value < least:
-        problem = f"fewer than {least_why}"
-    elif most is not None and value > most[0]:
-        problem = f"more than {most[1]}"
-    else:
+def refuse_max_sequence(manifest: Mapping, names: Iterable[str], limits: ProfileLimits) -> None:
+    """InputError for a ``--max-sequence`` given to ``mmedge build`` outside ``max_sequence_range`` of a component
+    ``names`` that reads it: a profile past the decoder's positions or the tokenizer's length builds for shapes no
+    call has, and one below a prompt's least length fits no call."""
+    value = limits.max_sequence
+    if value is None:
         return
-    fits = f"from {least} to {most[0]}" if most else f"of at least {least}"
-    raise InputError(f"max_sequence is {value}, {problem}", f"--max-sequence {fits}",
-                     f"pass --max-sequence {fits}, or drop it for the artifact's own limit")
+    for name in names:
+        component = manifest["components"][name]
+        axes = {d for spec in component["inputs"].values() for d in spec["shape"] if isinstance(d, str)}
+        if not axes & SEQUENCE_AXES or sequence_limit(manifest, component, limits)[1]:
+            continue  # no token sequence, or one the tokenizer's padding fixes
+        (least, least_why), most = max_sequence_range(manifest, component)
+        if value < least:
+            problem = f"fewer than {least_why}"
+        elif most is not None and value > most[0]:
+            problem = f"more than {most[1]}"
+        else:
+            continue
+        fits = f"from {least} to {most[0]}" if most else f"of at least {least}"
+        raise InputError(f"--max-sequence {value} is {problem} (component '{name}')", f"a value {fits}",
+                         "pass one in that range, or drop --max-sequence for the artifact's own limit")
 
 
 def axis_range(axis: str, manifest: Mapping, component: Mapping, limits: ProfileLimits) -> tuple[int, int, int]:
@@ -572,6 +578,6 @@ __all__ = ["AXIS_RULES", "FP16_OVERFLOWING_LLMS", "MIN_COMPUTE_CAPABILITY", "Mem
            "available_memory", "axis_range", "check_memory", "decoder_axes", "derive_profile", "engine_bytes",
            "engine_positions", "engine_precision", "fp16_overflow", "is_kv_decoder", "is_qdq", "key_precision",
            "kv_cache_bytes", "kv_cache_need", "max_sequence_range", "network_typing", "profile_text", "provider_fp16",
-           "require_gpu",
+           "refuse_max_sequence", "require_gpu",
            "sequence_limit", "tensorrt_defaults", "tokens_per_image", "TensorRTDefaults", "unbuildable_reason",
            "unsupported_gpu", "usable_positions"]

@@ -90,3 +90,17 @@ def test_an_out_a_script_may_export_into_is_taken(clip_artifacts, tmp_path):
     (tmp_path / "empty").mkdir()
     for out in (str(tmp_path / "new" / "zs"), str(tmp_path / "empty"), str(clip_artifacts("fp32"))):
         assert export_folder(out) == Path(out)
+
+
+def test_an_artifact_on_read_only_storage_is_taken_as_out(clip_artifacts, monkeypatch):
+    """An up-to-date artifact is only read: its folder's writability is the export's to judge, when one is needed (a
+    read-only mount, a container image: the scripts had refused it before reading it)."""
+    import mmedge.artifact
+    from mmedge.cli_args import export_folder
+    from mmedge.errors import ArtifactError
+
+    def read_only(path, **kwargs):
+        raise ArtifactError(f"output path '{path}' cannot be written", "a writable folder", "mount it read-write")
+
+    monkeypatch.setattr(mmedge.artifact, "check_output_folder", read_only)
+    assert export_folder(str(clip_artifacts("fp32"))) == Path(clip_artifacts("fp32"))

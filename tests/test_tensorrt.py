@@ -43,6 +43,7 @@ from mmedge.runtimes.tensorrt_planning import (
     kv_cache_bytes,
     network_typing,
     provider_fp16,
+    refuse_max_sequence,
     tensorrt_defaults,
     unbuildable_reason,
 )
@@ -157,11 +158,14 @@ def test_text_profile_follows_the_tokenizer():
     assert free["input_ids"] == ((1, 1), (1, 32), (4, 77))
     capped = derive_profile(clip_manifest("longest"), "text", ProfileLimits(max_batch=4, max_sequence=16))
     assert capped["input_ids"] == ((1, 1), (1, 16), (4, 16))
-    # the tokenizer never emits more than max_length: a longer limit was silently capped at 77, now it is refused
-    api_error(lambda: derive_profile(clip_manifest("longest"), "text", ProfileLimits(max_sequence=500)), InputError,
-              "max_sequence is 500, more than the 77 tokens the tokenizer sends at most (its max_length)",
-              "--max-sequence from 1 to 77")
-    assert derive_profile(clip_manifest("longest"), "text", ProfileLimits(max_sequence=77))["input_ids"][2] == (8, 77)
+    # the tokenizer never emits more than max_length: a longer limit read back from an earlier build's build.json is
+    # capped (its engines stay loadable); `mmedge build` refuses it when given (test_max_sequence_fits_...)
+    longer = derive_profile(clip_manifest("longest"), "text", ProfileLimits(max_batch=4, max_sequence=500))
+    assert longer["input_ids"][2] == (4, 77)
+    api_error(lambda: refuse_max_sequence(clip_manifest("longest"), ["text"], ProfileLimits(max_sequence=500)),
+              InputError, "--max-sequence 500 is more than the 77 tokens the tokenizer sends at most (its max_length)",
+              "a value from 1 to 77")
+    refuse_max_sequence(clip_manifest("longest"), ["text"], ProfileLimits(max_sequence=77))
 
 
 def test_max_sequence_fits_the_decoder_s_positions_and_its_shortest_prompt(capsys, blip2_artifact):
@@ -170,15 +174,17 @@ def test_max_sequence_fits_the_decoder_s_positions_and_its_shortest_prompt(capsy
     Both are refused before TensorRT is imported, naming the range that fits; the ends of the range are taken."""
     manifest = Artifact.open(blip2_artifact).manifest
     positions, queries = manifest["blip2"]["decoder"]["max_positions"], manifest["blip2"]["num_query_tokens"]
-    fits = f"--max-sequence from {queries + 1} to {positions}"
+    fits = f"a value from {queries + 1} to {positions}"
     cli_error(capsys, ["build", blip2_artifact, "--max-sequence", positions + 1], InputError,
-              f"max_sequence is {positions + 1}, more than the decoder's {positions} positions", fits)
+              f"--max-sequence {positions + 1} is more than the decoder's {positions} positions", fits)
     cli_error(capsys, ["build", blip2_artifact, "--max-sequence", queries], InputError,
-              f"max_sequence is {queries}, fewer than the {queries + 1} positions every prompt takes (the image's "
+              f"--max-sequence {queries} is fewer than the {queries + 1} positions every prompt takes (the image's "
               f"{queries} query rows and BOS)", fits)
     for most in (queries + 1, positions):
+        refuse_max_sequence(manifest, list(manifest["components"]), ProfileLimits(max_sequence=most))
         assert derive_profile(manifest, "decoder", ProfileLimits(max_sequence=most))["inputs_embeds"][2][1] == most
     # Flan-T5's relative positions have no most
+    refuse_max_sequence(t5_manifest(), ["decoder"], ProfileLimits(max_sequence=4096))
     assert derive_profile(t5_manifest(), "decoder", ProfileLimits(max_sequence=4096))["inputs_embeds"][2][1] == 4096
 
 
@@ -690,7 +696,7 @@ def test_build_without_tensorrt_fails_with_one_line(capsys, clip_artifacts):
     (["--precision", "int8"], InputError, ("static QDQ",)),
     (["--components", "nope"], InputError, ("no component 'nope'",)),
     (["--components", "vision", "--max-sequence", "8"], InputError, ("--max-sequence would change nothing",)),
-    (["--max-sequence", "500"], InputError, ("max_sequence is 500, more than the", "tokenizer sends at most")),
+    (["--max-sequence", "500"], InputError, ("--max-sequence 500 is more than the", "tokenizer sends at most")),
 ])  # --max-batch 0: a usage error before the artifact is opened (tests/test_cli_values.py)
 def test_bad_build_requests_fail_the_same_way_everywhere(capsys, clip_artifacts, argv, kind, words):
     """Checked before TensorRT is imported: the same error on a laptop and on the Jetson."""

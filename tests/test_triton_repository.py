@@ -155,9 +155,7 @@ def test_gpu_component_instances_run_on_the_device_triton_gives_them(sources, tm
 
 
 def test_instances_reach_the_component_models_a_pipeline_calls(sources, tmp_path, capsys):
-    """--instances sets the component models' instances: where the only pipeline runs its graph inline (a fused
-    CLIP, --platform python) it is refused above; with bls, or beside an artifact whose pipelines call them, it is
-    written."""
+    """--instances sets the component models' instances, with bls, or beside an artifact whose pipelines call them."""
     from mmedge.cli import main
 
     for artifacts, graphs in ((["clip-fused"], "bls"), (["clip-fused", "blip2"], "auto")):
@@ -414,13 +412,10 @@ def test_overwrite_replaces_only_a_repository_mmedge_wrote(clip_artifacts, tmp_p
 @pytest.mark.parametrize("artifacts,option,fragment", [
     (["clip-fused"], ["--workers", "4"], "--workers would change nothing for these artifacts"),
     (["blip2"], ["--zero-shot-graphs", "inline"], "--zero-shot-graphs would change nothing for these artifacts"),
-    (["clip-fused"], ["--platform", "python", "--instances", "2"],
-     "--instances would change nothing for these artifacts; expected a pipeline that calls the component models"),
 ])
 def test_cli_refuses_pipeline_options_no_artifact_uses(sources, tmp_path, capsys, artifacts, option, fragment):
-    """--workers shapes embedding and captioning pipelines, --zero-shot-graphs the zero-shot one, --instances the
-    component models a pipeline calls (a fused CLIP's zero-shot pipeline runs its graph inline with --platform
-    python): given for artifacts that make none, they are refused before anything is written."""
+    """--workers shapes embedding and captioning pipelines, --zero-shot-graphs the zero-shot one: given for artifacts
+    that make none, they are refused before anything is written."""
     cli_error(capsys, ["triton", *(sources[a] for a in artifacts), "--out", tmp_path / "repo", *option], InputError,
               fragment)
     assert not (tmp_path / "repo").exists()

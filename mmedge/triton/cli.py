@@ -29,9 +29,9 @@ def add_parser(sub) -> None:
     triton.add_argument("--queue-delay-us", type=non_negative, default=0,
                         help="how long the dynamic batcher waits for more requests (0: batches form from what "
                         "queued meanwhile; needs --max-batch-size 2 or more)")
-    triton.add_argument("--instances", type=count, default=None,
+    triton.add_argument("--instances", type=count, default=1,
                         help="instances per component model (default 1); a zero-shot pipeline running its graphs "
-                        "inline (--zero-shot-graphs) runs them in its own instances: --pipeline-instances")
+                        "inline (--zero-shot-graphs) runs them in its own instances, set by --pipeline-instances")
     triton.add_argument("--workers", type=count, default=None,
                         help="requests one embed or caption pipeline instance works on at once (threads; 1: "
                         "each request in "
@@ -58,8 +58,7 @@ def main(args) -> int:
     refuse_idle(RULES, args, _pipeline_kinds(args.artifacts), "for these artifacts")
     defaults = Options()
     options = Options(platform=args.platform, gpu=args.gpu, max_batch_size=args.max_batch_size,
-                      queue_delay_us=args.queue_delay_us,
-                      instances=defaults.instances if args.instances is None else args.instances,
+                      queue_delay_us=args.queue_delay_us, instances=args.instances,
                       workers=defaults.workers if args.workers is None else args.workers,
                       pipeline_instances=args.pipeline_instances, threads=args.threads,
                       zero_shot_graphs=args.zero_shot_graphs or defaults.zero_shot_graphs, spin=args.spin)
@@ -81,18 +80,7 @@ RULES = (  # each shapes one kind of pipeline model (mmedge.triton.protocol.TASK
          "drop --workers"),
     Rule("--zero-shot-graphs", lambda a: a.zero_shot_graphs is not None, lambda a, kinds: "zero-shot" in kinds,
          "a zero-shot CLIP artifact among them", "drop --zero-shot-graphs"),
-    Rule("--instances", lambda a: a.instances is not None,
-         lambda a, kinds: bool(kinds & {"embed", "caption"}) or ("zero-shot" in kinds and not _inline_zero_shot(a)),
-         "a pipeline that calls the component models: an embedding or captioning artifact among them, or "
-         "--zero-shot-graphs bls (the zero-shot pipeline runs its graphs inline, in its own instances)",
-         "drop --instances; --pipeline-instances sets the zero-shot pipeline's instances"),
 )
-
-
-def _inline_zero_shot(args) -> bool:
-    from mmedge.triton import Options
-
-    return Options(platform=args.platform, zero_shot_graphs=args.zero_shot_graphs or "auto").inline_zero_shot()
 
 
 def _pipeline_kinds(paths: list[str]) -> set[str]:
