@@ -75,6 +75,11 @@ def load_image(source: Any) -> Image.Image:
     if hasattr(source, "read"):
         name = f"image stream '{getattr(source, 'name', type(source).__name__)}'"
         return _decode_bytes(_read_stream(source, name), name)
+    if hasattr(source, "__array__") or hasattr(source, "__dlpack__"):  # a torch / cupy / jax tensor: not a batch
+        raise ImageError(f"cannot load an image from a {type(source).__name__}",
+                         "a numpy array [H, W] or [H, W, 1|3|4] (channels last), or a path, bytes, a binary file "
+                         "object or a PIL.Image.Image", "pass a channels-last numpy array, e.g. "
+                         "np.asarray(tensor.cpu()).transpose(1, 2, 0) for a [3, H, W] tensor")
     if hasattr(source, "__iter__"):  # a generator, set or dict of images where one image (or a list) goes
         raise ImageError(f"cannot load an image from a {type(source).__name__}",
                          "one image (a path, bytes, a binary file object, a PIL.Image.Image or a numpy array), or a "

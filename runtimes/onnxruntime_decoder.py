@@ -47,6 +47,8 @@ class OrtDecoder(GraphDecoder):
     against it).
     """
 
+    backend = "onnxruntime"  # what runs it (a pipeline's repr names it)
+
     def __init__(self, session: ort.InferenceSession | str | os.PathLike, embeddings: np.ndarray | EmbeddingTable,
                  kv_cache: Mapping[str, Any], *,
                  options: OrtOptions | None = None, io_binding: bool = True, position_offset: int = 0,

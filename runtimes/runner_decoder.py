@@ -34,11 +34,13 @@ class RunnerDecoder(GraphDecoder):
     """
 
     positions_note: str | None = None  # where a max_positions below the model's comes from (a TensorRT engine)
+    backend = "tensorrt"  # the runner's, set at __init__ (a pipeline's repr names it)
 
     def __init__(self, runner: Runner, embeddings: np.ndarray | EmbeddingTable, kv_cache: Mapping[str, Any], *,
                  position_offset: int = 0, max_positions: int | None = None,
                  context_inputs: tuple[str, ...] | list[str] = ()):
         self._runner: Runner | None = runner
+        self.backend = runner.backend
         inputs = {name: (np.dtype(meta.dtype), meta.shape) for name, meta in runner.input_metadata().items()}
         outputs = {name: meta.shape for name, meta in runner.output_metadata().items()}
         self._bind_graph(kv_cache, embeddings, inputs, outputs, context_inputs=context_inputs,

@@ -141,6 +141,8 @@ class TorchDecoder:
     ``max_positions``: the model's limit, for the loop's checks.
     """
 
+    backend = "torch"
+
     def __init__(self, language_model, *, device, dtype, cuda_graphs: bool | None = None,
                  compile: bool | str | None = None,
                  position_offset: int = 0, max_positions: int | None = None, cache_block: int = CACHE_BLOCK,

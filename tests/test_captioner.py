@@ -218,9 +218,12 @@ def test_max_new_tokens_advice_is_not_refused_by_the_next_check(captioner, photo
     positions = captioner.max_positions
     least = captioner.inputs.least_prompt_positions
     with pytest.raises(InputError, match=rf"lower max_new_tokens to {positions + 1 - least} for the shortest prompt, "
-                                         rf"or to {positions + 1} minus the prompt's length for a longer one"):
+                                         rf"or to {positions + 2 - least} minus the prompt's tokens \(BOS included\) "
+                                         r"for a longer one"):
         captioner.ask(photos[0], "what is it?", max_new_tokens=4000)
     most = positions + 1 - captioner.prompt_positions(photos[0], "Question: what is it? Answer:")
+    tokens = captioner.prompt_positions(photos[0], "Question: what is it? Answer:") - (least - 1)  # BOS included
+    assert most == positions + 2 - least - tokens  # the advice's count
     assert captioner.ask(photos[0], "what is it?", max_new_tokens=most, eos_token_id=[])
     with pytest.raises(InputError, match=f"lower max_new_tokens to {most} or less"):
         captioner.ask(photos[0], "what is it?", max_new_tokens=most + 1)
@@ -237,3 +240,16 @@ def test_a_stream_of_a_closed_captioner_says_the_captioner_is_closed(blip2_artif
         list(stream)
     backends = ", ".join(f"{name}={chosen.backend}" for name, chosen in captioner.plan.components.items())
     assert repr(captioner) == f"Captioner({str(blip2_artifact)!r}, family=blip2, task=caption, {backends}, closed)"
+
+
+def test_the_repr_names_the_backend_the_decoder_runs_on_not_the_planned_one(blip2_artifact):
+    """Where auto gave OpenVINO a decoder it could not compile, the decoder runs on ONNX Runtime: the repr read the
+    plan and named openvino."""
+    import dataclasses
+
+    with mmedge.load(blip2_artifact, backend="onnxruntime", threads=1) as captioner:
+        planned = dict(captioner.plan.components, decoder=dataclasses.replace(captioner.plan.components["decoder"],
+                                                                              backend="openvino"))
+        captioner.plan = dataclasses.replace(captioner.plan, components=planned)
+        assert captioner.decoder.backend == "onnxruntime"
+        assert "decoder=onnxruntime" in repr(captioner) and "openvino" not in repr(captioner)

@@ -829,5 +829,6 @@ def test_a_call_giving_the_models_own_token_ids_is_refused():
 
 def test_a_check_before_the_prompt_is_known_names_no_count_a_longer_prompt_refuses():
     with pytest.raises(InputError, match=r"9 being the shortest prompt's length .*fix: lower max_new_tokens to 56 for "
-                                         r"the shortest prompt, or to 65 minus the prompt's length for a longer one"):
+                                         r"the shortest prompt, or to 57 minus the prompt's tokens \(BOS included\) "
+                                         r"for a longer one"):
         GenerationConfig(max_new_tokens=4000).validate(max_positions=64, prompt_length=9, least_prompt=True)

@@ -467,3 +467,18 @@ def test_a_collection_of_images_where_one_goes_asks_for_a_list(images):
     with pytest.raises(ImageError, match=r"from a (generator|set); expected one image .*, or a list of them; "
                                          r"fix: pass a list"):
         load_image(images)
+
+
+def test_a_tensor_is_not_taken_for_a_batch():
+    """A torch / cupy / jax tensor has __iter__ too: "pass a list: list(images)" split a [3, H, W] tensor into its
+    channel planes. It is told how to make the channels-last numpy array mmedge takes."""
+    class Tensor:  # what torch.Tensor and cupy.ndarray have: __array__ / __dlpack__ and __iter__
+        def __array__(self, dtype=None, copy=None):
+            return np.zeros((3, 4, 4), np.float32)
+
+        def __iter__(self):
+            return iter(np.zeros((3, 4, 4), np.float32))
+
+    with pytest.raises(ImageError, match=r"from a Tensor; expected a numpy array .*channels last.*fix: pass a "
+                                         r"channels-last numpy array, e\.g\. np\.asarray"):
+        load_image(Tensor())

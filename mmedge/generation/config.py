@@ -149,10 +149,12 @@ class GenerationConfig:
         most = max(most_new_tokens(max_positions, prompt_length), 0)
         taken = (f"prompt length {prompt_length} + max_new_tokens - 1 (the last new token is never fed back) within "
                  f"the decoder's {max_positions} positions")
-        if least_prompt:  # the prompt is not known yet: ``most`` fits the shortest prompt only
+        if least_prompt:  # the prompt is not known yet: ``most`` fits the shortest prompt only (its rows and BOS)
+            rows = prompt_length - 1  # an image prefix's query rows, beside the prompt's tokens (BOS included)
             return _bad("max_new_tokens", self.max_new_tokens, f"{taken}, {prompt_length} being the shortest prompt's "
                         "length (a longer prompt leaves fewer)", f"lower max_new_tokens to {most} for the shortest "
-                        f"prompt, or to {max_positions + 1} minus the prompt's length for a longer one{note}")
+                        f"prompt, or to {max_positions + 1 - rows} minus the prompt's tokens (BOS included) for a "
+                        f"longer one{note}")
         return _bad("max_new_tokens", self.max_new_tokens, taken, f"lower max_new_tokens to {most} or shorten the "
                     f"prompt{note}")
 

@@ -121,8 +121,8 @@ def pipeline_repr(pipeline) -> str:
     manifest = pipeline.artifact.manifest
     parts = [repr(str(pipeline.artifact.root)), f"family={manifest['family']}", f"task={pipeline.task}"]
     if pipeline.plan is not None:
-        runners = getattr(pipeline, "runners", None) or {}
-        parts += [f"{name}={getattr(runners.get(name), 'backend', chosen.backend)}"
+        running = {**(getattr(pipeline, "runners", None) or {}), "decoder": getattr(pipeline, "decoder", None)}
+        parts += [f"{name}={getattr(running.get(name), 'backend', chosen.backend)}"
                   for name, chosen in pipeline.plan.components.items()]
     if pipeline._closed:
         parts.append("closed")

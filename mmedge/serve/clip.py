@@ -17,7 +17,7 @@ import numpy as np
 
 from mmedge.errors import ImageError, TokenizerError
 from mmedge.pipelines.common import CUT_CHARS_PER_TOKEN, overlong_text
-from mmedge.pipelines.zero_shot import DEFAULT_TEMPLATES, MAX_LABELS
+from mmedge.pipelines.zero_shot import DEFAULT_TEMPLATES, MAX_LABELS, first_special_token, special_token_expected
 from mmedge.serve.errors import from_mmedge, invalid
 from mmedge.serve.inputs import check_fields, field, image_bytes, strings, undecodable
 from mmedge.serve.models import ServedModel
@@ -53,6 +53,7 @@ def embeddings(data: dict, model: ServedModel, options: ServeOptions):
                       "/v1/models",
                       "input")
     params = ["input"] if isinstance(data.get("input"), str) else [f"input[{i}]" for i in range(len(texts))]
+    _refuse_unembeddable(embedder.tokenizer, texts, params)  # before the request takes a place in the queue
 
     def run() -> dict:
         tokens = sum(_text_tokens(embedder.tokenizer, model, texts, params,
@@ -69,6 +70,22 @@ def embeddings(data: dict, model: ServedModel, options: ServeOptions):
                          v in enumerate(vectors)]}
 
     return run
+
+
+def _refuse_unembeddable(tokenizer, texts: list[str], params: list[str]) -> None:
+    """400 naming the field of a blank text or of one holding a special token: what ``Embedder.embed_texts`` refuses,
+    said in the request's terms."""
+    blank = next((i for i, text in enumerate(texts) if not text.strip()), None)
+    if blank is not None:
+        raise invalid(f"field '{params[blank]}' is blank", "texts with words in them (a blank text embeds as the "
+                      "start and end tokens alone: a vector that means nothing)", "remove it or write it out",
+                      params[blank])
+    found = first_special_token(tokenizer, texts) if texts else None
+    if found:
+        index, special = found
+        raise invalid(f"field '{params[index]}' holds the tokenizer's special token {special!r}",
+                      special_token_expected(special, "plain text", "the"), f"remove {special!r} from it",
+                      params[index])
 
 
 def classify(data: dict, model: ServedModel, options: ServeOptions):
