@@ -8,7 +8,7 @@ import warnings
 from dataclasses import dataclass
 
 from mmedge.artifact import Artifact
-from mmedge.errors import InputError, MmedgeError
+from mmedge.errors import BackendError, InputError, MmedgeError
 from mmedge.pipelines import Captioner, Embedder, ZeroShotClassifier, pipeline_class
 from mmedge.setting_checks import as_count
 
@@ -104,12 +104,13 @@ def check_threads(threads, fix: str = "pass e.g. threads=2") -> int | None:
 
 
 def open_runners(artifact: Artifact, chosen, *, threads: int | None = None, backend_options: dict | None = None,
-                 decoder: bool = True) -> dict:
+                 decoder: bool = True, refused: dict[str, str] | None = None) -> dict:
     """A runner per planned component, each opened by its backend's plug-in (``mmedge.backends.Backend.open_runner``):
     what ``mmedge.load`` builds its pipeline on (``decoder=False``: the decoder is opened as a KV-cached decoder
     instead, and stages that hand arrays over on the GPU keep them there) and what ``mmedge validate`` measures (every
-    component as a plain graph). ``backend_options``: checked settings per backend name. On an error, the runners
-    already open are closed."""
+    component as a plain graph). ``backend_options``: checked settings per backend name. ``refused``: where given, a
+    component its backend cannot open (a BackendError: OpenVINO refusing a graph, for ``mmedge tune``) is left out and
+    recorded there with why, and the others are opened. On an error, the runners already open are closed."""
     from mmedge.runtimes.registry import backend
 
     settings = backend_options or {}
@@ -119,9 +120,14 @@ def open_runners(artifact: Artifact, chosen, *, threads: int | None = None, back
         for name, comp_plan in chosen.components.items():
             if name == "decoder" and not decoder:
                 continue  # stateful: opened around its KV cache by _decoder
-            runners[name] = backend(comp_plan.backend).open_runner(artifact, name, comp_plan, threads=threads,
-                                                                   settings=settings.get(comp_plan.backend),
-                                                                   keep_on_device=name in chained)
+            try:
+                runners[name] = backend(comp_plan.backend).open_runner(artifact, name, comp_plan, threads=threads,
+                                                                       settings=settings.get(comp_plan.backend),
+                                                                       keep_on_device=name in chained)
+            except BackendError as exc:
+                if refused is None:
+                    raise
+                refused[name] = exc.what
     except BaseException:
         for runner in runners.values():
             runner.close()

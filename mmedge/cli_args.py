@@ -61,14 +61,14 @@ def export_folder(value: str) -> Path:
     from mmedge.errors import ArtifactError
 
     path = Path(text(value))
-    if os.path.lexists(path) and not (path.is_dir() and (is_artifact_folder(path) or not any(path.iterdir()))):
+    if is_artifact_folder(path):
+        return path  # maybe up to date: a script only reads it, from read-only storage too (a container image)
+    if os.path.lexists(path) and not (path.is_dir() and not any(path.iterdir())):
         what = "a file" if path.is_file() else "a folder that holds no mmedge artifact" if path.is_dir() else \
             "a broken symbolic link"
         raise argparse.ArgumentTypeError(f"'{value}' is {what}, which this script does not replace; expected a new "
                                          "path, an empty folder or an artifact it exported there before; fix: choose "
                                          "another --out, e.g. artifacts/NAME")
-    if is_artifact_folder(path):
-        return path  # maybe up to date: a script only reads it, from read-only storage too (a container image)
     try:  # what is left for the export to refuse: the current directory, a path that cannot be written
         check_output_folder(path, overwrite=True)
     except ArtifactError as error:

@@ -122,8 +122,8 @@ def _read_stream(stream: Any, name: str) -> bytes:
             "a binary stream",
             "open the file in binary mode ('rb')",
         )
-    if not data and _position(stream):
-        raise ImageError(f"{name} is at its end (position {_position(stream):,}): it was read before",
+    if not data and (position := _position(stream)):
+        raise ImageError(f"{name} is at its end (position {position:,}): it was read before",
                          "a stream at the start of the image", "call seek(0) on it first, or pass the path")
     return bytes(data)
 

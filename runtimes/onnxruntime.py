@@ -89,8 +89,8 @@ class OnnxRuntimeRunner(Runner):
             raise BackendError(f"runner for '{self.component_name}' is closed", "an open runner", "create a new one")
 
     def _check_declared_io(self) -> None:
-        graph_inputs = {i.name for i in self._session.get_inputs()}
-        graph_outputs = {o.name for o in self._session.get_outputs()}
+        inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
+        graph_inputs, graph_outputs = {i.name for i in inputs}, {o.name for o in outputs}
         if graph_inputs != set(self._inputs) or not set(self._outputs) <= graph_outputs:
             raise IntegrityError(
                 f"component '{self.component_name}' graph has inputs {sorted(graph_inputs)} and outputs "
@@ -98,12 +98,11 @@ class OnnxRuntimeRunner(Runner):
                 f"inputs {sorted(self._inputs)} and outputs {sorted(self._outputs)}",
                 "re-export the artifact; graph and manifest come from different exports",
             )
-        self._check_declared_types()
+        self._check_declared_types({arg.name: arg for arg in [*inputs, *outputs]})
 
-    def _check_declared_types(self) -> None:
-        """Each declared input and output has the graph's dtype, rank and fixed dims (an output the manifest gave
-        another width ran and validated "ok")."""
-        graph_args = {arg.name: arg for arg in [*self._session.get_inputs(), *self._session.get_outputs()]}
+    def _check_declared_types(self, graph_args: dict) -> None:
+        """Each declared input and output has the graph's dtype, rank and fixed dims (``graph_args``: the session's
+        ``NodeArg`` by name; an output the manifest gave another width ran and validated "ok")."""
         for kind, declared in (("input", self._inputs), ("output", self._outputs)):
             for name, meta in declared.items():
                 arg = graph_args[name]

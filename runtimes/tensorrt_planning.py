@@ -290,9 +290,8 @@ def refuse_max_sequence(manifest: Mapping, names: Iterable[str], limits: Profile
         return
     for name in names:
         component = manifest["components"][name]
-        axes = {d for spec in component["inputs"].values() for d in spec["shape"] if isinstance(d, str)}
-        if not axes & SEQUENCE_AXES or sequence_limit(manifest, component, limits)[1]:
-            continue  # no token sequence, or one the tokenizer's padding fixes
+        if not reads_max_sequence(manifest, component, limits):
+            continue
         (least, least_why), most = max_sequence_range(manifest, component)
         if value < least:
             problem = f"fewer than {least_why}"
@@ -361,12 +360,21 @@ def idle_limit(manifest: Mapping, names: Iterable[str], limits: ProfileLimits) -
     read = {"max_sequence": False, "max_images": False}
     for name in names:
         component = manifest["components"][name]
-        axes = {d for spec in component["inputs"].values() for d in spec["shape"] if isinstance(d, str)}
-        if axes & SEQUENCE_AXES and not sequence_limit(manifest, component, limits)[1]:
+        if reads_max_sequence(manifest, component, limits):
             read["max_sequence"] = True
-        if axes & IMAGE_AXES:
+        if _named_axes(component) & IMAGE_AXES:
             read["max_images"] = True
     return next((limit for limit, used in read.items() if getattr(limits, limit) is not None and not used), None)
+
+
+def reads_max_sequence(manifest: Mapping, component: Mapping, limits: ProfileLimits) -> bool:
+    """Whether ``max_sequence`` shapes the component's profile: it has a token-sequence axis that the tokenizer's
+    padding does not fix."""
+    return bool(_named_axes(component) & SEQUENCE_AXES) and not sequence_limit(manifest, component, limits)[1]
+
+
+def _named_axes(component: Mapping) -> set[str]:
+    return {d for spec in component["inputs"].values() for d in spec["shape"] if isinstance(d, str)}
 
 
 def derive_profile(manifest: Mapping, name: str, limits: ProfileLimits | None = None) -> Profile:

@@ -24,7 +24,7 @@ class Embedder(ClipPipeline):
         batch = text_batch(texts)
         if self.tokenizer is not None:
             check_text_chars(batch, self.tokenizer.max_length)
-            refuse_special_tokens(self.tokenizer, batch)
+            refuse_unembeddable(batch, self.tokenizer)
         chunks = [self._text_embeds(batch[i:i + 256]) for i in range(0, len(batch), 256)]
         return l2_normalize(np.concatenate(chunks, axis=0))
 
@@ -51,19 +51,31 @@ def text_batch(texts) -> list:
                          "pass e.g. ['a photo of a cat', 'a dog']") from None
     if not batch:
         raise InputError("the text list is empty", "at least one string", "pass a string or a list of strings")
-    blank = next((index for index, text in enumerate(batch) if isinstance(text, str) and not text.strip()), None)
-    if blank is not None:
-        raise InputError(f"text {blank} is blank ({batch[blank]!r})", "texts with words in them (a blank text embeds "
-                         "as the start and end tokens alone: a vector that means nothing)",
-                         f"remove text {blank} or write it out")
+    refuse_unembeddable(batch)
     return batch
 
 
-def refuse_special_tokens(tokenizer, texts: list[str]) -> None:
-    """InputError for a text holding a special token of ``tokenizer`` (CLIP's ``<|endoftext|>``): the text encoder
-    reads the text up to it only, as a zero-shot label holding one is refused (``check_label_tokens``)."""
-    found = first_special_token(tokenizer, texts)
+def unembeddable_text(texts: list, tokenizer=None) -> tuple[int, str, str, str] | None:
+    """(index, what is wrong with it, what was expected, the fix) for the first text the text encoder would misread, or
+    None: a blank one (it embeds as the start and end tokens alone), or, given ``tokenizer``, one holding a special
+    token (CLIP reads a text up to its ``<|endoftext|>`` only; a zero-shot label holding one is refused too:
+    ``check_label_tokens``). ``refuse_unembeddable`` and ``mmedge serve`` name the text each in its own terms."""
+    blank = next((index for index, text in enumerate(texts) if isinstance(text, str) and not text.strip()), None)
+    if blank is not None:
+        return blank, f"is blank ({texts[blank]!r})", ("texts with words in them (a blank text embeds as the start "
+                                                        "and end tokens alone: a vector that means nothing)"), \
+            "remove it or write it out"
+    found = first_special_token(tokenizer, texts) if tokenizer is not None and texts else None
     if found:
         index, special = found
-        raise InputError(f"text {index} holds the tokenizer's special token {special!r}",
-                         special_token_expected(special, "plain text", "the"), f"remove {special!r} from text {index}")
+        return index, f"holds the tokenizer's special token {special!r}", \
+            special_token_expected(special, "plain text", "the"), f"remove {special!r} from it"
+    return None
+
+
+def refuse_unembeddable(texts: list, tokenizer=None) -> None:
+    """InputError naming the text ``unembeddable_text`` finds, if any."""
+    found = unembeddable_text(texts, tokenizer)
+    if found:
+        index, problem, expected, fix = found
+        raise InputError(f"text {index} {problem}", expected, fix)

@@ -17,7 +17,8 @@ import numpy as np
 
 from mmedge.errors import ImageError, TokenizerError
 from mmedge.pipelines.common import CUT_CHARS_PER_TOKEN, overlong_text
-from mmedge.pipelines.zero_shot import DEFAULT_TEMPLATES, MAX_LABELS, first_special_token, special_token_expected
+from mmedge.pipelines.embedder import unembeddable_text
+from mmedge.pipelines.zero_shot import DEFAULT_TEMPLATES, MAX_LABELS
 from mmedge.serve.errors import from_mmedge, invalid
 from mmedge.serve.inputs import check_fields, field, image_bytes, strings, undecodable
 from mmedge.serve.models import ServedModel
@@ -73,19 +74,12 @@ def embeddings(data: dict, model: ServedModel, options: ServeOptions):
 
 
 def _refuse_unembeddable(tokenizer, texts: list[str], params: list[str]) -> None:
-    """400 naming the field of a blank text or of one holding a special token: what ``Embedder.embed_texts`` refuses,
-    said in the request's terms."""
-    blank = next((i for i, text in enumerate(texts) if not text.strip()), None)
-    if blank is not None:
-        raise invalid(f"field '{params[blank]}' is blank", "texts with words in them (a blank text embeds as the "
-                      "start and end tokens alone: a vector that means nothing)", "remove it or write it out",
-                      params[blank])
-    found = first_special_token(tokenizer, texts) if texts else None
+    """400 naming the field of a text ``Embedder.embed_texts`` refuses (``unembeddable_text``), before the request
+    queues."""
+    found = unembeddable_text(texts, tokenizer)
     if found:
-        index, special = found
-        raise invalid(f"field '{params[index]}' holds the tokenizer's special token {special!r}",
-                      special_token_expected(special, "plain text", "the"), f"remove {special!r} from it",
-                      params[index])
+        index, problem, expected, fix = found
+        raise invalid(f"field '{params[index]}' {problem}", expected, fix, params[index])
 
 
 def classify(data: dict, model: ServedModel, options: ServeOptions):

@@ -24,7 +24,7 @@ import numpy as np
 
 from mmedge.artifact import Artifact, temporary_path
 from mmedge.bench import samples_in_turns
-from mmedge.errors import ArtifactError, BackendError, BackendUnavailableError
+from mmedge.errors import ArtifactError, BackendUnavailableError
 from mmedge.generation.kv_layout import LOGITS_POSITIONS, cache_names, checked_layout
 from mmedge.tuning import check_storable, device_key, store, unwritable
 
@@ -81,25 +81,6 @@ def _feeds_for(name: str, component: dict, sample: dict, runner) -> tuple[dict, 
         return step, f"a decode step after {step['attention_mask'].shape[1] - 1} cached tokens"
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in inputs.items())
     return inputs, f"the validation sample ({shapes})"
-
-
-def _open_each(artifact: Artifact, chosen, threads: int | None) -> tuple[dict, dict[str, str]]:
-    """({component: runner} for each planned component its backend opened, {component: why} for each it refused:
-    a graph OpenVINO cannot read or compile is recorded as such, and the other graphs are timed all the same."""
-    from mmedge.runtimes.registry import backend
-
-    runners, refused = {}, {}
-    try:
-        for name, comp_plan in chosen.components.items():
-            try:
-                runners[name] = backend(comp_plan.backend).open_runner(artifact, name, comp_plan, threads=threads)
-            except BackendError as exc:
-                refused[name] = exc.what
-    except BaseException:
-        for runner in runners.values():
-            runner.close()
-        raise
-    return runners, refused
 
 
 PROBE_BYTES = 64 * 1024  # written (and flushed to disk) before measuring: more than a timings file of many records
@@ -169,8 +150,8 @@ def tune(path: str | os.PathLike, threads: int | None = None, runs: int = 10, pr
         with steps.step("opening every graph on ONNX Runtime and OpenVINO (OpenVINO compiles once, cached)"):
             runners[REFERENCE] = open_runners(artifact, plan(found, artifact.manifest, REFERENCE, "cpu"),
                                               threads=threads)
-            runners[CHALLENGER], refused = _open_each(artifact, plan(found, artifact.manifest, CHALLENGER, "cpu"),
-                                                      threads)
+            runners[CHALLENGER] = open_runners(artifact, plan(found, artifact.manifest, CHALLENGER, "cpu"),
+                                               threads=threads, refused=refused)  # a graph OpenVINO cannot take
         components = {}
         for name in names:
             with steps.step(f"timing {name} on both, {runs} calls each, taking turns"):
