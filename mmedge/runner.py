@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from mmedge.errors import FeedError
+from mmedge.errors import FeedError, IntegrityError
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,17 @@ def contiguous_strides(shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, ..
     return tuple(reversed(strides))
 
 
+def _tensor_matches(dtype: Any, dims: Sequence | None, meta: TensorMeta) -> bool:
+    """``Runner._check_graph_tensors``' test of one tensor."""
+    if dtype is None or np.dtype(dtype) != np.dtype(meta.dtype):
+        return False
+    if dims is None:  # a graph of dynamic rank: its runs are checked against the manifest's rank
+        return True
+    dims = list(dims)
+    return len(dims) == len(meta.shape) and all(not isinstance(dim, int) or want is None or dim == want
+                                                for dim, want in zip(dims, meta.shape))
+
+
 class Runner(abc.ABC):
     """Base class: validates feeds, then delegates to ``_infer_impl``."""
 
@@ -99,6 +110,23 @@ class Runner(abc.ABC):
         self.component_name = component_name
         self._inputs = {n: TensorMeta.from_manifest(n, s) for n, s in component["inputs"].items()}
         self._outputs = {n: TensorMeta.from_manifest(n, s) for n, s in component["outputs"].items()}
+
+    def _check_graph_tensors(self, graph: Mapping[str, tuple[Any, Sequence | None, str]]) -> None:
+        """At load: each declared input and output has the graph's dtype, rank and fixed dims (a hand-edited width
+        had run and validated "ok"). ``graph``: per tensor name (each declared one present; the backend checked the
+        names), its numpy dtype (None where mmedge has none for the graph's type), its dims (an int for a fixed size,
+        anything else for a dynamic one; None where the rank itself is dynamic) and how the backend writes its type
+        and shape, for the message. A dim the graph or the manifest leaves dynamic matches any size."""
+        for kind, declared in (("input", self._inputs), ("output", self._outputs)):
+            for name, meta in declared.items():
+                dtype, dims, written = graph[name]
+                if not _tensor_matches(dtype, dims, meta):
+                    raise IntegrityError(
+                        f"component '{self.component_name}' graph {kind} '{name}' is {written}, which does not match "
+                        "its manifest entry",
+                        f"{meta.dtype} of shape {self._describe(meta)} (a named axis matches any size)",
+                        "re-export the artifact; graph and manifest come from different exports",
+                    )
 
     def input_metadata(self) -> dict[str, TensorMeta]:
         return dict(self._inputs)

@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from mmedge.backends import settings_from_options
 from mmedge.errors import BackendError, IntegrityError
-from mmedge.runner import DeviceArray, Runner, TensorMeta
+from mmedge.runner import DeviceArray, Runner
 from mmedge.runtimes.ort_session import (
     ORT_DTYPES,
     PROVIDERS,
@@ -98,22 +98,8 @@ class OnnxRuntimeRunner(Runner):
                 f"inputs {sorted(self._inputs)} and outputs {sorted(self._outputs)}",
                 "re-export the artifact; graph and manifest come from different exports",
             )
-        self._check_declared_types({arg.name: arg for arg in [*inputs, *outputs]})
-
-    def _check_declared_types(self, graph_args: dict) -> None:
-        """Each declared input and output has the graph's dtype, rank and fixed dims (``graph_args``: the session's
-        ``NodeArg`` by name; an output the manifest gave another width ran and validated "ok")."""
-        for kind, declared in (("input", self._inputs), ("output", self._outputs)):
-            for name, meta in declared.items():
-                arg = graph_args[name]
-                if not _arg_matches(arg, meta):
-                    raise IntegrityError(
-                        f"component '{self.component_name}' graph {kind} '{name}' is {arg.type} of shape "
-                        f"{arg.shape}, which does not match its manifest entry",
-                        f"{meta.dtype} of shape {[axis or dim for dim, axis in zip(meta.shape, meta.axis_names)]} "
-                        "(a named axis matches any size)",
-                        "re-export the artifact; graph and manifest come from different exports",
-                    )
+        self._check_graph_tensors({arg.name: (ORT_DTYPES.get(arg.type), arg.shape, f"{arg.type} of shape {arg.shape}")
+                                   for arg in [*inputs, *outputs]})
 
     def _device_feed(self, meta, value):
         """With IO binding a device array is bound where it is; a session without it takes host arrays."""
@@ -160,15 +146,6 @@ class OnnxRuntimeRunner(Runner):
             if not self._closed:
                 self._closed = True
                 del self._session
-
-
-def _arg_matches(arg, meta: TensorMeta) -> bool:
-    """Whether a graph's input or output (``onnxruntime.NodeArg``) has the manifest's dtype, rank and fixed dims; a
-    dim the graph or the manifest leaves named (or unknown) matches any."""
-    dtype = ORT_DTYPES.get(arg.type)
-    if dtype is None or np.dtype(dtype) != np.dtype(meta.dtype) or len(arg.shape) != len(meta.shape):
-        return False
-    return all(not isinstance(dim, int) or want is None or dim == want for dim, want in zip(arg.shape, meta.shape))
 
 
 def create_runner(path, component_name: str, component: dict, **options) -> OnnxRuntimeRunner:

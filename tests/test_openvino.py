@@ -679,3 +679,28 @@ def test_doctor_marks_blobs_of_a_replaced_ir_other_weights_or_nncf_stale_and_lis
     assert "no .record beside it, never loaded: delete it to free 1.0 MiB" in by_tag["orphan"]
     assert lines[0] == "engines/: 4 OpenVINO compiled model(s) cached"
     assert TENSORRT.artifact_lines(Artifact.open(folder)) == []  # no "engines/: 0 cached" above it
+
+
+@needs_openvino
+@pytest.mark.parametrize("field, value, fragments", [
+    ("outputs.image_embeds.shape", ["batch", 99], ("output 'image_embeds' is f32 of shape [?,16]", "[batch, 99]")),
+    ("inputs.pixel_values.dtype", "float16", ("input 'pixel_values' is f32 of shape", "expected float16")),
+])
+def test_a_manifest_tensor_the_graph_does_not_have_is_refused_on_openvino(field, value, fragments, clip_artifacts,
+                                                                           tmp_path):
+    """OpenVINO compares each declared input's and output's dtype and fixed dims with the compiled graph, as ONNX
+    Runtime does (a hand-edited width had run on it and returned the graph's own width)."""
+    from mmedge.errors import IntegrityError
+    from tests.support.battery import api_error, edit_manifest
+
+    folder = _copy(clip_artifacts("fp32"), tmp_path)
+
+    def edit(data):
+        *parents, last = field.split(".")
+        spec = data["components"]["vision"]
+        for key in parents:
+            spec = spec[key]
+        spec[last] = value
+    edit_manifest(folder, edit)
+    api_error(lambda: mmedge.load(folder, backend="openvino").close(), IntegrityError,
+              "component 'vision' graph", *fragments, "re-export the artifact")

@@ -24,6 +24,18 @@ def port_names(ports, wanted=()) -> list[str]:
     return names
 
 
+def port_tensor(port) -> tuple:
+    """(numpy dtype or None, dims (an int where static, None where dynamic; None for a dynamic rank), how OpenVINO
+    writes them) of a compiled model's port, for ``Runner._check_graph_tensors``."""
+    element, shape = port.get_element_type(), port.get_partial_shape()
+    try:
+        dtype = np.dtype(element.to_dtype())
+    except Exception:  # an element type numpy has no dtype for (e.g. bf16, u4): matches no declared dtype
+        dtype = None
+    dims = None if shape.rank.is_dynamic else [dim.get_length() if dim.is_static else None for dim in shape]
+    return dtype, dims, f"{element.get_type_name()} of shape {shape}"
+
+
 class OpenVinoRunner(Runner):
     backend = "openvino"
 
@@ -39,6 +51,8 @@ class OpenVinoRunner(Runner):
                                  f"{sorted(outputs)}, which do not match its manifest entry",
                                  f"inputs {sorted(self._inputs)} and outputs {sorted(self._outputs)}",
                                  "re-export the artifact; graph and manifest come from different exports")
+        self._check_graph_tensors({**dict(zip(inputs, map(port_tensor, self._compiled.inputs))),
+                                   **dict(zip(outputs, map(port_tensor, self._compiled.outputs)))})
         self._output_names = list(self._outputs)
         self._idle: list = []  # infer requests not in use
         self._lock = threading.Lock()

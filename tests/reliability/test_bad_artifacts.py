@@ -160,7 +160,7 @@ CLIP_CASES = {
                                              ("pixel_values.shape' ends in [32, 32]", "makes 30x30 images")),
     "manifest-output-width-not-the-graph's": Case("clip", set_field("components.vision.outputs.image_embeds.shape",
                                                                     ["batch", 99]), IntegrityError,
-                                                  ("output 'image_embeds'", "['batch', 16]", "['batch', 99]")),
+                                                  ("output 'image_embeds'", "['batch', 16]", "[batch, 99]")),
     "manifest-input-dtype-not-the-graph's": Case("clip", set_field("components.vision.inputs.pixel_values.dtype",
                                                                    "float16"), IntegrityError,
                                                  ("input 'pixel_values' is tensor(float)", "expected float16")),
