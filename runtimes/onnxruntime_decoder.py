@@ -64,7 +64,6 @@ class OrtDecoder(GraphDecoder):
         provider = self._session.get_providers()[0]
         self._device = "cuda" if provider in _GPU_PROVIDERS else "cpu"
         self._device_id = int(self._session.get_provider_options().get(provider, {}).get("device_id", 0) or 0)
-        self._binding: Any = None  # one IOBinding, re-bound every call
 
     @property
     def session(self) -> ort.InferenceSession:
@@ -72,7 +71,6 @@ class OrtDecoder(GraphDecoder):
 
     def close(self) -> None:
         self._past = []
-        self._binding = None
         self._session = None
 
     # --- the cache and the graph -------------------------------------------------------------------
@@ -100,12 +98,9 @@ class OrtDecoder(GraphDecoder):
             raise self._run_error("ONNX Runtime", exc) from None
 
     def _run_bound(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        binding = self._binding
-        if binding is None:
-            binding = self._binding = self._session.io_binding()
-        else:
-            binding.clear_binding_inputs()
-            binding.clear_binding_outputs()
+        # a new IOBinding every call: ONNX Runtime before 1.30 frees a binding's outputs when they are cleared for
+        # the next call, and those outputs are the pasts bound in it (a segfault at the first decode step)
+        binding = self._session.io_binding()
         for name, value in feeds.items():  # embeddings, mask, positions, context
             binding.bind_cpu_input(name, value)
         for name, value in zip(self._past_names, self._past):
