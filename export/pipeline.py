@@ -19,7 +19,7 @@ import numpy as np
 
 import mmedge
 from mmedge.artifact import atomic_folder, check_output_folder, sha256_file
-from mmedge.errors import ExportError, InputError
+from mmedge.errors import ExportError, InputError, MmedgeError
 from mmedge.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, RECIPE_REVISION, dump_manifest
 from mmedge.metrics import compare_outputs
 from mmedge.progress import Progress
@@ -113,8 +113,24 @@ class ExportOptions:
         return replace(self, task=task, **{k: v for k, v in DEFAULTS.items() if getattr(self, k) is None}, **ints)
 
 
+EXPORT_MODULES = ("torch", "transformers", "onnx", "safetensors")  # what the exporter imports, from mmedge[export]
+
+
+def require_export_tools(what: str, expected_note: str = "") -> None:
+    """MmedgeError naming ``pip install "mmedge[export]"`` where a module the exporter imports is missing (``what``:
+    who needs them). ``mmedge.export`` itself imports without them, so this is asked before any work."""
+    from mmedge.device import importable
+
+    missing = [name for name in EXPORT_MODULES if not importable(name)]
+    if missing:
+        raise MmedgeError(f"{what} needs the host-side tools, and {', '.join(missing)} "
+                          f"{'is' if len(missing) == 1 else 'are'} not installed",
+                          f"{', '.join(EXPORT_MODULES)} installed{expected_note}", 'pip install "mmedge[export]"')
+
+
 def export_model(model: str, out: str | Path, options: ExportOptions | None = None, **overrides) -> Path:
     """Export ``model`` (hub id, folder, or bundled config name with random_weights) to the folder ``out``."""
+    require_export_tools("mmedge.export")
     options = options or ExportOptions(**overrides)
     options.check()
     # cheap checks first, nothing is loaded yet: --overwrite replaces only an artifact, never the checkpoint it reads

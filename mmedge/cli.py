@@ -71,11 +71,9 @@ def _read_labels_file(name: str) -> list[str]:
 
 # --- export ------------------------------------------------------------------------------------
 def cmd_export(args) -> int:
-    try:
-        from mmedge.export import ExportOptions, export_model
-    except ImportError as exc:
-        raise MmedgeError(f"`mmedge export` needs the host-side tools ({exc.name} is not installed)",
-                          "torch, transformers and onnx installed", 'pip install "mmedge[export]"') from None
+    from mmedge.export import ExportOptions, export_model, require_export_tools
+
+    require_export_tools("`mmedge export`")
     extra = {"fused_prefix": False} if args.split_prefix else {}
     if args.recompute_cross_kv:
         extra["cached_cross_kv"] = False

@@ -22,6 +22,7 @@ from mmedge import demo
 from mmedge.artifact import Artifact
 from mmedge.cli import main
 from mmedge.images import load_image
+from tests.support.blocked_imports import hiding
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
@@ -348,11 +349,38 @@ def test_a_new_export_recipe_changes_every_cache_key(monkeypatch):
     assert all(a != b for a, b in zip(before, [demo.cache_key(v) for v in demo.variants()]))
 
 
-def test_demo_without_the_exporter_names_the_install_command(monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(sys.modules, "mmedge.export", None)  # `import mmedge.export` raises ImportError
-    assert main(["demo", "--cache", str(tmp_path), "--images", "1", "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert 'pip install "mmedge[export]"' in err and "Traceback" not in err
+WITHOUT_THE_EXPORTER = hiding("torch", "transformers", "onnx", "safetensors") + r"""
+import sys
+from pathlib import Path
+from mmedge.cli import main
+from mmedge.demo import model_path
+from mmedge.errors import MmedgeError
+from mmedge.export import export_model
+cache, out = Path(sys.argv[1]), Path(sys.argv[2])
+try:
+    export_model(str(model_path("clip")), out)
+except MmedgeError as error:
+    print("API:", error)
+print("demo exit", main(["demo", "--cache", str(cache), "--images", "1", "--quiet"]))
+print("export exit", main(["export", str(model_path("clip")), str(out)]))
+"""
+
+
+def test_demo_and_export_without_the_exporter_name_the_install_command(tmp_path):
+    """A device install (no torch, transformers, onnx): `mmedge demo` with nothing cached, `mmedge export` and
+    ``export_model`` name the install command before any work, and leave nothing behind (they ended in 'internal
+    error: ModuleNotFoundError', the demo with a lock file in a new cache folder)."""
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", WITHOUT_THE_EXPORTER, str(cache), str(out)], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=120)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0 and lines[1:] == ["demo exit 2", "export exit 2"], done.stdout + done.stderr
+    assert lines[0].startswith("API: mmedge.export needs the host-side tools, and torch, transformers, onnx, "
+                               "safetensors are not installed"), lines[0]
+    assert done.stderr.count('fix: pip install "mmedge[export]"') == 2 and "internal error" not in done.stderr
+    assert "`mmedge demo` must export the shipped models first, which needs the host-side tools" in done.stderr
+    assert "`mmedge export` needs the host-side tools" in done.stderr
+    assert not out.exists() and not [p for p in cache.rglob("*") if p.is_file()], list(cache.rglob("*"))
 
 
 def test_demo_cache_location(monkeypatch, tmp_path):

@@ -185,8 +185,11 @@ def export_variant(variant: Variant, folder: Path, key: str) -> bool:
     held the variant's lock while this one waited for it, has exported it meanwhile. The lock (``.<stamp>.lock``
     beside the stamp) is held from the check to the stamp's key: a run never removes a folder another is writing or
     has just finished."""
+    from mmedge.export import require_export_tools
     from mmedge.locks import locked
 
+    require_export_tools("`mmedge demo` must export the shipped models first, which",
+                         " (once; later runs reuse the exported artifacts)")  # before the lock file is made
     with locked(_stamp(folder)):
         if cached(folder, key):  # another run exported it while this one waited
             return True
@@ -195,13 +198,9 @@ def export_variant(variant: Variant, folder: Path, key: str) -> bool:
 
 
 def _export_locked(variant: Variant, folder: Path, key: str) -> None:
-    try:
-        from mmedge.export import ExportOptions, export_model
-    except ImportError as exc:
-        raise MmedgeError(f"`mmedge demo` must export the shipped models first, and the host-side tools are missing "
-                          f"({exc.name} is not installed)", "torch, transformers and onnx installed (once; later runs "
-                          "reuse the exported artifacts)", 'pip install "mmedge[export]"') from None
     import transformers
+
+    from mmedge.export import ExportOptions, export_model
 
     transformers.utils.logging.disable_progress_bar()  # the demo prints one line per export instead
     stamp = _stamp(folder)

@@ -16,3 +16,17 @@ class Block(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         raise ImportError(f"blocked: {{module.__name__}}", name=module.__name__)
 sys.meta_path.insert(0, Block())
 '''
+
+
+def hiding(*packages: str) -> str:
+    """Source installing a finder under which ``packages`` look uninstalled to imports and to ``find_spec`` alike
+    (``blocking``'s packages are still found by ``find_spec``, so ``mmedge.device.importable`` sees them)."""
+    return f'''
+import importlib.abc, sys
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {packages!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+sys.meta_path.insert(0, Hide())
+'''
