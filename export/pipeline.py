@@ -85,6 +85,8 @@ class ExportOptions:
         if self.openvino_weights not in (None, *OPENVINO_WEIGHTS):
             raise ExportError(f"OpenVINO weights '{self.openvino_weights}' are not supported",
                               f"one of {', '.join(OPENVINO_WEIGHTS)}", "pass --openvino-weights int4 or int8")
+        if self.openvino_weights is not None:
+            _require_for_openvino_weights()
         if self.quantization not in (None, *QUANTIZATIONS):
             raise ExportError(f"quantization '{self.quantization}' is not supported",
                               f"one of {', '.join(QUANTIZATIONS)}", "pass --quantization static or dynamic")
@@ -111,6 +113,22 @@ class ExportOptions:
         ints = {k: int(getattr(self, k)) for k in ("int4_block_size", "int4_accuracy_level")
                 if isinstance(getattr(self, k), np.integer)}
         return replace(self, task=task, **{k: v for k, v in DEFAULTS.items() if getattr(self, k) is None}, **ints)
+
+
+def _require_for_openvino_weights() -> None:
+    """--openvino-weights compresses the decoder with NNCF and writes an OpenVINO IR: refused before any work where
+    openvino or nncf is missing (it had been refused after the export's tracing, as a graph OpenVINO could not read,
+    with advice to use a --backend the exporter has no such flag for)."""
+    from mmedge.device import importable
+    from mmedge.errors import BackendUnavailableError
+
+    missing = [name for name in ("openvino", "nncf") if not importable(name)]
+    if missing:
+        raise BackendUnavailableError(f"--openvino-weights needs the Python package(s) {', '.join(missing)}, which "
+                                      f"{'is' if len(missing) == 1 else 'are'} not installed",
+                                      "openvino and nncf importable (NNCF compresses the decoder's weights at export)",
+                                      'pip install "mmedge[openvino]", or drop --openvino-weights (the device can '
+                                      "compress them at first load: backend option openvino.weights)")
 
 
 EXPORT_MODULES = ("torch", "transformers", "onnx", "safetensors")  # what the exporter imports, from mmedge[export]

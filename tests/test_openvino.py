@@ -704,3 +704,26 @@ def test_a_manifest_tensor_the_graph_does_not_have_is_refused_on_openvino(field,
     edit_manifest(folder, edit)
     api_error(lambda: mmedge.load(folder, backend="openvino").close(), IntegrityError,
               "component 'vision' graph", *fragments, "re-export the artifact")
+
+
+def test_openvino_weights_without_openvino_are_refused_before_the_export_loads(tiny_blip2_dir, tmp_path):
+    """--openvino-weights where openvino / nncf are not installed: BackendUnavailableError naming the install
+    command before anything loads (it came after tracing, as a graph OpenVINO could not read, advising --backend)."""
+    from tests.support.blocked_imports import hiding
+
+    script = hiding("openvino", "nncf") + r"""
+import sys, time
+from mmedge.errors import BackendUnavailableError
+from mmedge.export import export_model
+started = time.monotonic()
+try:
+    export_model(sys.argv[1], sys.argv[2], openvino_weights="int4", progress=False)
+except BackendUnavailableError as error:
+    print(type(error).__name__, error.exit_code, error)
+"""
+    done = subprocess.run([sys.executable, "-c", script, str(tiny_blip2_dir), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.stdout.startswith("BackendUnavailableError 4 --openvino-weights needs the Python package(s) "
+                                  "openvino, nncf, which are not installed"), done.stdout + done.stderr
+    assert 'fix: pip install "mmedge[openvino]", or drop --openvino-weights' in done.stdout
+    assert "--backend" not in done.stdout and not (tmp_path / "out").exists()

@@ -165,8 +165,9 @@ def inference_precision(compiled) -> str | None:
 def read_model(path: str | os.PathLike, component_name: str):
     """The graph as OpenVINO reads it. The file's sha256 was checked against the manifest: a graph OpenVINO cannot
     read (an operator its ONNX front end lacks) is refused by OpenVINO, not a damaged artifact."""
+    reader = core()  # openvino missing: BackendUnavailableError naming the install command, not a refused graph
     try:
-        return core().read_model(str(path))
+        return reader.read_model(str(path))
     except Exception as exc:
         raise refused(f"OpenVINO could not read component '{component_name}' from '{Path(path).name}' "
                       f"({type(exc).__name__}: {engine_detail(exc)})") from None
