@@ -91,7 +91,19 @@ def test_the_sdist_holds_the_sources_the_wheel_is_built_from(built):
     wanted = {name for name in source_files() if name.split("/")[0] in ROOMS and not name.endswith(".md")}
     missing = sorted(wanted - names)
     assert not missing, f"the sdist lacks {missing[:20]}"
-    assert {"pyproject.toml", "setup.py", "README.md"} <= names
+    assert {"pyproject.toml", "setup.py", "README.md", "LICENSE", "constraints-cpu.txt"} <= names
+    # the test suite whole (setuptools' default took tests/test_*.py alone), none of its caches
+    tests = {name for name in source_files() if name.startswith("tests/")}
+    assert tests <= names and "tests/conftest.py" in tests, sorted(tests - names)[:20]
+    assert not [name for name in names if "__pycache__" in name or name.endswith(".pyc")]
+
+
+def test_the_build_declares_its_license_without_a_deprecated_table(built):
+    _, wheel = built
+    with zipfile.ZipFile(wheel) as archive:
+        metadata = archive.read(next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+        assert any(n.endswith(".dist-info/licenses/LICENSE") for n in archive.namelist())
+    assert "License-Expression: Apache-2.0" in metadata
 
 
 def _requirements(names: list[str]) -> set[str]:
