@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,6 +230,7 @@ def _load_pretrained(model: str, allow_pickle: bool) -> LoadedModel:
     import transformers
 
     config = _hub_config(transformers, model)
+    digest = config_sha256(config)  # as config.json has it (loading sets its dtype to the one loaded)
     family = _family_of(config)
     from mmedge.export.families import FAMILIES
 
@@ -242,7 +244,9 @@ def _load_pretrained(model: str, allow_pickle: bool) -> LoadedModel:
         # whose unpickling runs code.
         # ignore_mismatched_sizes: a weight of the wrong shape comes back in the loading info, refused below by name
         # and shapes (transformers' own error points at a printed report that --quiet hides)
-        loaded, info = model_class.from_pretrained(model, use_safetensors=None if allow_pickle else True,
+        # dtype: the weights' own (load_dtype), never config.json's alone
+        loaded, info = model_class.from_pretrained(model, config=config, dtype=load_dtype(model, config),
+                                                   use_safetensors=None if allow_pickle else True,
                                                    weights_only=True, output_loading_info=True,
                                                    ignore_mismatched_sizes=True, **_hub(model))
     except pickle.UnpicklingError as exc:
@@ -261,14 +265,60 @@ def _load_pretrained(model: str, allow_pickle: bool) -> LoadedModel:
             f"re-download or re-save the checkpoint (save_pretrained){pickled}",
         ) from None
     check_loaded_weights(model, loaded, info)
-    source = {"model": recorded_source(model), "config_sha256": config_sha256(config), "random_weights": False,
+    source = {"model": recorded_source(model), "config_sha256": digest, "random_weights": False,
               "transformers_version": transformers.__version__, "dtype": stored_dtype(loaded)}
     return LoadedModel(family, loaded.eval(), tokenizer, processor, source)
 
 
+SAFETENSORS_FLOATS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # header names
+
+
+def load_dtype(model: str, config) -> str:
+    """The dtype ``from_pretrained`` loads the checkpoint in: the one its floating-point weights are stored in, so a
+    BF16 checkpoint takes half the memory of FP32 until each exported part is upcast (``upcast_to_fp32``), and no
+    stored weight is rounded. transformers' ``"auto"`` takes config.json's ``dtype`` where it has one, and configs
+    that say float16 of weights stored in float32 exist: those weights had been rounded to FP16 on load, and the
+    export's parity, measured against the same rounded model, could not tell. A local folder's safetensors headers
+    name the dtypes (the widest where they differ); elsewhere (a hub id, pickled weights) ``config`` has its dtype
+    set aside, and ``"auto"`` reads the stored one from the first weight. A config.json that disagrees with the
+    headers is warned about. Returns a torch dtype's name, or ``"auto"``."""
+    said = getattr(config, "dtype", None)
+    said = str(said).replace("torch.", "") if said is not None else None
+    stored = _stored_float_dtypes(Path(model)) if _local_folder(model) else set()
+    config.dtype = None  # "auto" then reads the weights, not this
+    if not stored:
+        return "auto"
+    chosen = stored.pop() if len(stored) == 1 else "float32"
+    if said is not None and said != chosen:
+        warnings.warn(f"config.json of '{model}' says dtype {said}, but its weights are stored as {chosen}: they are "
+                      "loaded as stored (the export's graphs are FP32 either way)", stacklevel=2)
+    return chosen
+
+
+def _stored_float_dtypes(folder: Path) -> set[str]:
+    """The floating-point dtypes of the safetensors weights ``from_pretrained`` loads from ``folder`` (read from each
+    file's header: the weights are not read); empty where there are none or a header cannot be read (the load then
+    reports the file)."""
+    index = folder / "model.safetensors.index.json"
+    try:
+        files = (sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+                 if index.is_file() else [folder / "model.safetensors"])
+        dtypes = set()
+        for path in files:
+            with path.open("rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                if not 0 < size <= path.stat().st_size - 8:
+                    return set()
+                header = json.loads(handle.read(size))
+            dtypes |= {SAFETENSORS_FLOATS[entry["dtype"]] for name, entry in header.items()
+                       if name != "__metadata__" and entry.get("dtype") in SAFETENSORS_FLOATS}
+        return dtypes
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+
+
 def stored_dtype(model) -> str:
-    """The dtype the checkpoint was loaded in: its stored one (transformers 5 loads ``dtype="auto"``), so a BF16
-    checkpoint takes half the memory of FP32 until each exported part is upcast (``upcast_to_fp32``)."""
+    """The dtype the checkpoint was loaded in (``load_dtype``: its stored one), as the manifest records it."""
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     return "+".join(sorted(str(d).replace("torch.", "") for d in dtypes)) or "float32"
 

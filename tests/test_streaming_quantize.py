@@ -246,3 +246,31 @@ def test_streamed_quantization_memory_stays_near_one_weight(wide_graph, tmp_path
     assert growth < total / 4, f"{recipe}: RSS grew {growth / 1e6:.0f} MB for {total / 1e6:.0f} MB of weights"
     feeds = {"x": np.ones((2, 1024), np.float32)}
     assert OnnxSession(tmp_path / "out.onnx").run(feeds)[f"h{59}"].shape == (2, 1024)
+
+
+def test_weights_stored_in_fp32_load_as_stored_whatever_config_json_says(tiny_blip2_dir, tmp_path):
+    """A config.json saying float16 beside FP32 weights (real repos have them): transformers' dtype "auto" takes the
+    config's word, so the weights were rounded to FP16 on load, and parity, measured against that rounded model, read
+    1.0. They load as stored, with a warning, and the graph computes what the FP32 weights do."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from transformers import Blip2ForConditionalGeneration
+
+    checkpoint = tmp_path / "said-fp16"
+    shutil.copytree(tiny_blip2_dir, checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "dtype": "float16"}))
+    with pytest.warns(UserWarning, match="says dtype float16, but its weights are stored as float32: they are loaded "
+                                         "as stored"):
+        out = export_model(str(checkpoint), tmp_path / "art", progress=False)
+    model = Blip2ForConditionalGeneration.from_pretrained(tiny_blip2_dir, dtype=torch.float32).eval()
+    pixels = np.random.default_rng(0).standard_normal(
+        (1, 3, *[model.config.vision_config.image_size] * 2)).astype(np.float32)
+    with torch.no_grad():
+        reference = model.get_image_features(pixel_values=torch.from_numpy(pixels))
+    reference = getattr(reference, "pooler_output", reference)  # [1, queries, hidden]
+    session = ort.InferenceSession(str(out / "prefix.onnx"), providers=["CPUExecutionProvider"])
+    prefix = session.run(None, {"pixel_values": pixels})[0]
+    assert prefix.shape[-1] == reference.shape[-1] and np.abs(prefix - reference.numpy()).max() < 1e-4
+    assert json.loads((out / "manifest.json").read_text())["source"]["dtype"] == "float32"
