@@ -23,6 +23,7 @@ from mmedge.errors import ExportError, InputError, MmedgeError
 from mmedge.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, RECIPE_REVISION, dump_manifest
 from mmedge.metrics import compare_outputs
 from mmedge.progress import Progress
+from mmedge.versions import onnxruntime_version, tokenizers_version
 
 PRECISIONS = ("fp32", "fp16", "int8")
 LLM_PRECISIONS = ("fp32", "fp16", "int8", "int4")
@@ -320,6 +321,7 @@ class ArtifactBuilder:
             self.tokenizer_settings = tokenizer_settings_from_hf(loaded.tokenizer, family.max_length(loaded))
             self.tokenizer_settings["file"] = TOKENIZER_FILE
             self.tokenizer_settings["sha256"] = sha256_file(stage / TOKENIZER_FILE)  # verified before it is parsed
+            self.tokenizer_settings["tokenizers_version"] = tokenizers_version()  # what wrote the file
             self.tokenizer = TextTokenizer.from_file(stage / TOKENIZER_FILE, self.tokenizer_settings)
         self.fp32_paths: dict[str, Path] = {}
         self.traced: dict[str, object] = {}  # the specs traced, by name (the fidelity advice reads them)
@@ -500,7 +502,8 @@ class ArtifactBuilder:
                                           "size_bytes": data.stat().st_size}
             entry["parity"]["validation_samples"] = self._sample_parity[spec.name]
         np.savez(self.stage / VALIDATION_FILE, **arrays)
-        export_entry = {"memory": self._memory_entry(), "recipe_revision": RECIPE_REVISION}
+        export_entry = {"memory": self._memory_entry(), "recipe_revision": RECIPE_REVISION,
+                        "validated_with": {"onnxruntime": onnxruntime_version()}}  # where the parity was measured
         not_carried = self.family.generation_not_carried(self.loaded)
         if not_carried:
             export_entry["generation_not_carried"] = not_carried

@@ -61,11 +61,7 @@ class TextTokenizer:
         try:
             backend = Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises plain Exception for every parse failure
-            raise TokenizerError(
-                f"tokenizer file '{path}' cannot be read ({_first_line(exc)})",
-                "a tokenizer.json written by the Hugging Face tokenizers library",
-                "re-export the artifact; the file may be truncated or from an incompatible tokenizers version",
-            ) from exc
+            raise _unreadable(path, settings, exc) from exc
         return cls(backend, settings)
 
     def encode(self, texts: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -176,6 +172,27 @@ class TextTokenizer:
                 f"and were truncated to {self.max_length}",
                 stacklevel=3,
             )
+
+
+def _unreadable(path: Path, settings: dict[str, Any], exc: Exception) -> TokenizerError:
+    """The error for a tokenizer.json this tokenizers release cannot parse: an upgrade where the release is older
+    than the one that wrote it (``settings["tokenizers_version"]``) or than mmedge needs (its sha256 was checked, so
+    the file is intact; 0.19 cannot read the BPE merges newer releases write), else a damaged or foreign file."""
+    from mmedge.versions import MIN_TOKENIZERS, older_than_needed, tokenizers_version
+
+    installed = tokenizers_version()
+    written = settings.get("tokenizers_version")
+    older = older_than_needed(installed, MIN_TOKENIZERS, written if isinstance(written, str) else None,
+                              "the export wrote it with")
+    if older:
+        why, wanted = older
+        return TokenizerError(f"tokenizer file '{path}' cannot be read by tokenizers {installed} ({_first_line(exc)})",
+                              f"a tokenizers release that reads it ({why})",
+                              f'upgrade it: pip install -U "tokenizers>={wanted}"')
+    return TokenizerError(f"tokenizer file '{path}' cannot be read ({_first_line(exc)})",
+                          "a tokenizer.json written by the Hugging Face tokenizers library",
+                          "re-export the artifact; the file may be truncated or from an incompatible tokenizers "
+                          "version")
 
 
 def _configured(backend: Tokenizer, settings: dict[str, Any]) -> Tokenizer:

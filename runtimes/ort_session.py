@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from mmedge.errors import BackendUnavailableError, InputError, IntegrityError
+from mmedge.errors import BackendError, BackendUnavailableError, InputError, IntegrityError, MmedgeError
 from mmedge.setting_checks import check_switch, is_whole
 
 # Our short names for ONNX Runtime's execution providers.
@@ -147,13 +147,41 @@ def session_from_path(path: str | os.PathLike, options: OrtOptions | None = None
         return ort.InferenceSession(str(path), sess_options=session_options(options),
                                     providers=[p for p, _ in providers], provider_options=[o for _, o in providers])
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/… types
-        raise IntegrityError(
-            f"ONNX Runtime could not load {what} from '{Path(path).name}' "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})",
-            "a valid ONNX graph as written by `mmedge export`",
-            "re-export the artifact or copy the file again",
-        ) from None
+        raise GraphLoadError(f"{what} from '{Path(path).name}'",
+                             f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}"
+                             ) from None
 
 
-__all__ = ["ORT_DTYPES", "PROVIDERS", "OrtOptions", "available_providers", "provider_list", "provider_options",
-           "session_from_path", "session_options"]
+class GraphLoadError(IntegrityError):
+    """ONNX Runtime could not load a graph (``subject``: which, and from which file; ``detail``: its words): a
+    damaged file, unless this release is older than the graph needs (``too_old_for``, where the artifact is known)."""
+
+    def __init__(self, subject: str, detail: str):
+        self.subject, self.detail = subject, detail
+        super().__init__(f"ONNX Runtime could not load {subject} ({detail})",
+                         "a valid ONNX graph as written by `mmedge export`",
+                         "re-export the artifact or copy the file again")
+
+
+def too_old_for(error: GraphLoadError, manifest: dict) -> MmedgeError:
+    """``error`` as a BackendError where this ONNX Runtime is older than the one the export validated the graph on
+    (``export.validated_with.onnxruntime``) or than mmedge needs, and the graph parsed (its sha256 was checked: the
+    file is intact; e.g. an INT4 LLM's 8-bit LM head needs 1.22); else ``error`` itself."""
+    from mmedge.versions import MIN_ONNXRUNTIME, older_than_needed
+
+    recorded = ((manifest.get("export") or {}).get("validated_with") or {}).get("onnxruntime")
+    older = older_than_needed(ort.__version__, MIN_ONNXRUNTIME, recorded if isinstance(recorded, str) else None,
+                              "the export validated it on")
+    if older is None or "INVALID_PROTOBUF" in error.detail:
+        return error
+    why, wanted = older
+    head = (", or re-export with --int4-head int4 (an INT4 LLM's 8-bit LM head needs onnxruntime 1.22)"
+            if "MatMulNBits" in error.detail else "")
+    return BackendError(f"ONNX Runtime {ort.__version__} could not load {error.subject} ({error.detail})",
+                        f"an onnxruntime release that runs this graph ({why})",
+                        f'upgrade onnxruntime (pip install -U "onnxruntime>={wanted}", or your device\'s '
+                        f"onnxruntime-gpu build){head}")
+
+
+__all__ = ["ORT_DTYPES", "PROVIDERS", "GraphLoadError", "OrtOptions", "available_providers", "provider_list",
+           "provider_options", "session_from_path", "session_options", "too_old_for"]

@@ -29,6 +29,7 @@ from mmedge.export.specs.instructblip import (
     _InstructQFormerPrefix,
 )
 from mmedge.metrics import cosine_rows
+from mmedge.versions import tokenizers_version
 
 QFORMER_TOKENIZER_FILE = "qformer_tokenizer.json"
 QFORMER_TOKENIZER_FOLDER = "qformer_tokenizer"  # where InstructBlipProcessor.save_pretrained puts it
@@ -78,7 +79,8 @@ class InstructionFamily:
         path = save_tokenizer_json(hf, builder.stage / QFORMER_TOKENIZER_FILE)
         limit = int(builder.loaded.model.config.qformer_config.max_position_embeddings)
         settings = tokenizer_settings_from_hf(hf, min(limit, int(getattr(hf, "model_max_length", limit) or limit)))
-        settings |= {"file": QFORMER_TOKENIZER_FILE, "sha256": sha256_file(path)}
+        settings |= {"file": QFORMER_TOKENIZER_FILE, "sha256": sha256_file(path),
+                     "tokenizers_version": tokenizers_version()}
         builder.qformer_tokenizer = TextTokenizer.from_file(path, settings)
         return written | {"qformer_tokenizer": settings}
 

@@ -147,8 +147,13 @@ class OnnxRuntimeBackend(Backend):
         options = with_settings(self.runner_options(artifact, plan, threads), self.runner_settings(settings))
         if keep_on_device:
             options["keep_on_device"] = True  # its outputs feed another stage on the same GPU backend
-        return self.import_runner_module().create_runner(artifact.component_path(name), name,
-                                                         artifact.component(name), **options)
+        from mmedge.runtimes.ort_session import GraphLoadError, too_old_for
+
+        try:
+            return self.import_runner_module().create_runner(artifact.component_path(name), name,
+                                                             artifact.component(name), **options)
+        except GraphLoadError as exc:
+            raise too_old_for(exc, artifact.manifest) from None
 
     def open_decoder(self, artifact, plan: ComponentPlan, table, *, threads: int | None = None,
                      settings: dict | None = None):
@@ -160,8 +165,13 @@ class OnnxRuntimeBackend(Backend):
         layout, decoder_options = artifact_decoder(artifact.manifest)  # IDEFICS: context inputs (image mask, cross K/V)
         ort_settings = {k: v for k, v in with_settings(self.runner_options(artifact, plan, threads), settings).items()
                         if k not in ("io_binding", "keep_on_device")}
-        return OrtDecoder(artifact.component_path("decoder"), table, layout, options=OrtOptions(**ort_settings),
-                          **decoder_options)
+        from mmedge.runtimes.ort_session import GraphLoadError, too_old_for
+
+        try:
+            return OrtDecoder(artifact.component_path("decoder"), table, layout, options=OrtOptions(**ort_settings),
+                              **decoder_options)
+        except GraphLoadError as exc:
+            raise too_old_for(exc, artifact.manifest) from None
 
     def hands_over_on_gpu(self, plan: ComponentPlan) -> bool:
         return bool(plan.options.get("io_binding"))
