@@ -339,6 +339,15 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
+def _sentencepiece_only(model: str) -> str | None:
+    """The SentencePiece model file of a local checkpoint whose tokenizer is stored as that alone (no
+    tokenizer.json: T5's spiece.model, LLaMA's tokenizer.model, as older repos have them), else None."""
+    folder = Path(model)
+    if not folder.is_dir() or (folder / "tokenizer.json").is_file():
+        return None
+    return next((name for name in ("spiece.model", "tokenizer.model") if (folder / name).is_file()), None)
+
+
 def _load_preprocessors(model: str, config):
     """The checkpoint's tokenizer and image processor, refused when the tokenizer lacks its vocabulary or the
     processor's images are not the size ``config``'s vision tower takes (``checkpoint_checks``)."""
@@ -349,10 +358,21 @@ def _load_preprocessors(model: str, config):
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(model, **_hub(model))
         processor = transformers.AutoImageProcessor.from_pretrained(model, **_hub(model))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ImportError) as exc:
+        sentencepiece = _sentencepiece_only(model)
+        if sentencepiece:
+            raise ModelLoadError(
+                f"cannot load the tokenizer of '{model}': it is stored as a SentencePiece model only ({sentencepiece}, "
+                "no tokenizer.json), which transformers converts with the sentencepiece package (without it, it "
+                "tries tiktoken and asks for that instead)",
+                "a tokenizer.json beside config.json, or the sentencepiece package to convert the model",
+                "pip install sentencepiece, or save a tokenizer.json on a machine that has it "
+                "(AutoTokenizer.from_pretrained(folder).save_pretrained(folder))",
+            ) from None
         raise ModelLoadError(
             f"cannot load the tokenizer or image processor of '{model}' ({str(exc).splitlines()[0][:200]})",
-            "tokenizer.json and preprocessor_config.json beside config.json (--random-weights too reads them there)",
+            "a tokenizer (tokenizer.json, or a slow tokenizer's files such as vocab.json + merges.txt) and "
+            "preprocessor_config.json beside config.json (--random-weights too reads them there)",
             "save them with tokenizer.save_pretrained / processor.save_pretrained into the checkpoint folder; for "
             "random weights without them, pass a bundled config name (mmedge export --help)",
         ) from None

@@ -2,13 +2,13 @@
 
 How a backend plugs in (the contract is ``mmedge.backends.Backend``):
 
-1. Write ``mmedge/runtimes/plugins/<name>.py`` defining ``BACKEND``, an instance of a ``Backend`` subclass:
-   ``unusable`` (why ``auto`` cannot use it here, from the device probe alone), ``plan_components`` (which
-   components it takes and with which settings; named explicitly it takes all of them or raises
-   BackendUnavailableError), ``open_runner`` (and ``open_decoder`` if it runs the KV-cached decoder), and
+1. Write ``runtimes/plugins/<name>.py`` (installed as ``mmedge.runtimes.plugins.<name>``) defining ``BACKEND``, an
+   instance of a ``Backend`` subclass: ``unusable`` (why ``auto`` cannot use it here, from the device probe alone),
+   ``plan_components`` (which components it takes and with which settings; named explicitly it takes all of them
+   or raises BackendUnavailableError), ``open_runner`` (and ``open_decoder`` if it runs the KV-cached decoder), and
    ``settings``, the dataclass ``backend_options[<name>]`` is checked against. The plug-in module must import
    without its engine: import the engine (and the runner module) inside ``open_runner``.
-2. Put the runner itself in ``mmedge/runtimes/<name>.py``: a ``mmedge.runner.Runner`` subclass whose
+2. Put the runner itself in ``runtimes/<name>.py``: a ``mmedge.runner.Runner`` subclass whose
    ``create_runner(path, component_name, component, **options)`` refuses unknown options
    (``mmedge.backends.refuse_unknown_options``).
 3. Add its row to ``BACKENDS`` below with its ``priority`` (``auto`` asks the backends lowest first; ONNX Runtime,

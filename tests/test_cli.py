@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import mmedge
 from mmedge.cli import main
 
 
@@ -355,3 +356,13 @@ def test_a_reader_that_leaves_is_not_an_error():
     process.stdout.close()  # the reader is gone before the first line
     err = process.stderr.read().decode()
     assert process.wait() == 141 and err == ""
+
+
+def test_python_dash_m_mmedge_is_the_command(tmp_path):
+    """`python -m mmedge` (a Python whose scripts folder is not on PATH) runs the CLI, exit codes and all."""
+    version = subprocess.run([sys.executable, "-m", "mmedge", "--version"], capture_output=True, text=True,
+                             cwd=tmp_path, timeout=60)
+    assert version.returncode == 0 and version.stdout.strip() == f"mmedge {mmedge.__version__}", version
+    missing = subprocess.run([sys.executable, "-m", "mmedge", "run", str(tmp_path / "nothing"), "x.png"],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert missing.returncode == 3 and missing.stderr.startswith("mmedge: error:"), missing

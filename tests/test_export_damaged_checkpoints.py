@@ -161,3 +161,19 @@ def test_random_weights_from_a_folder_read_its_tokenizer_and_processor(tiny_clip
               "cannot load the tokenizer or image processor", "--random-weights too reads them there",
               "pass a bundled config name")
     assert load_checkpoint(str(tiny_clip_dir), random_weights=True).source["random_weights"] is True
+
+
+def test_a_sentencepiece_only_tokenizer_names_what_reads_it(tiny_blip2_t5_dir, tmp_path, capsys):
+    """A T5 checkpoint whose tokenizer is spiece.model alone (older repos): transformers needs sentencepiece to
+    convert it and, without it, asked for tiktoken; the refusal names the file and what reads it."""
+    import importlib.util
+
+    if importlib.util.find_spec("sentencepiece") is not None:
+        pytest.skip("sentencepiece is installed here: transformers converts spiece.model itself")
+    folder = copy_of(tiny_blip2_t5_dir, tmp_path / "spiece", without=("tokenizer.json",))
+    (folder / "spiece.model").write_bytes(b"\x0a\x00")  # never read: the converter is missing
+    cli_error(capsys, ["export", folder, tmp_path / "out", "--quiet"], ModelLoadError,
+              "it is stored as a SentencePiece model only (spiece.model, no tokenizer.json)",
+              "expected a tokenizer.json beside config.json, or the sentencepiece package",
+              "fix: pip install sentencepiece, or save a tokenizer.json")
+    assert not (tmp_path / "out").exists()
