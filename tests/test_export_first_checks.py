@@ -499,3 +499,36 @@ def test_fused_attention_on_a_non_opt_llm_is_refused_before_loading(tiny_instruc
 
     opt = json.loads((tiny_blip2_dir / "config.json").read_text())
     check_export_options(ExportOptions(extra={"fused_attention": True}), FAMILIES["blip2"], opt)  # OPT: taken
+
+
+def hub_cache(checkpoint: Path, home: Path, repo: str) -> Path:
+    """``checkpoint`` laid out in ``home`` as huggingface_hub's download leaves a repo: refs/main naming a snapshot
+    whose files are symlinks into blobs/ (named by their sha256)."""
+    import hashlib
+
+    root = home / "hub" / f"models--{repo.replace('/', '--')}"
+    revision = hashlib.sha1(repo.encode()).hexdigest()
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(revision)
+    snapshot, blobs = root / "snapshots" / revision, root / "blobs"
+    blobs.mkdir()
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        blob = blobs / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / path.relative_to(checkpoint)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return snapshot
+
+
+def test_an_instructblip_hub_id_exports_offline_from_the_hub_cache(tiny_instructblip_dir, tmp_path):
+    """The Q-Former's tokenizer sits in qformer_tokenizer/ of the snapshot; AutoTokenizer's subfolder= looked for a
+    config.json there (hub repos have none) and, offline, refused a cache that held the tokenizer whole."""
+    hub_cache(tiny_instructblip_dir, tmp_path / "hf", "someone/tiny-instructblip")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "mmedge", "export", "someone/tiny-instructblip",
+                             str(tmp_path / "out"), "--quiet"], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "qformer_tokenizer.json").is_file()

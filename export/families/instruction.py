@@ -160,13 +160,7 @@ def checkpoint_qformer_tokenizer(model: str, qformer_config):
     import transformers
 
     try:
-        if Path(model).is_dir():
-            tokenizer = transformers.AutoTokenizer.from_pretrained(model, subfolder=QFORMER_TOKENIZER_FOLDER)
-        else:
-            from mmedge.export.hub import hub_options
-
-            tokenizer = transformers.AutoTokenizer.from_pretrained(model, subfolder=QFORMER_TOKENIZER_FOLDER,
-                                                                   **hub_options(model))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(_qformer_folder(model))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load the Q-Former's tokenizer of '{model}' ({str(exc).splitlines()[0][:200]})",
                              f"a tokenizer in {QFORMER_TOKENIZER_FOLDER}/ beside the weights",
@@ -176,6 +170,20 @@ def checkpoint_qformer_tokenizer(model: str, qformer_config):
     where = Path(model) / QFORMER_TOKENIZER_FOLDER if Path(model).is_dir() else f"{model}/{QFORMER_TOKENIZER_FOLDER}"
     check_tokenizer(where, tokenizer, qformer_config.vocab_size)
     return tokenizer
+
+
+def _qformer_folder(model: str) -> Path:
+    """The folder of the Q-Former's tokenizer: in a checkpoint folder, or in a hub id's snapshot (fetched alone when
+    the hub answers; from the local cache offline). AutoTokenizer's ``subfolder=`` asked for a config.json in the
+    subfolder, which hub repos do not have, and offline refused a snapshot that held the tokenizer whole."""
+    if Path(model).is_dir():
+        return Path(model) / QFORMER_TOKENIZER_FOLDER
+    from huggingface_hub import snapshot_download
+
+    from mmedge.export.hub import hub_options
+
+    snapshot = snapshot_download(model, allow_patterns=[f"{QFORMER_TOKENIZER_FOLDER}/*"], **hub_options(model))
+    return Path(snapshot) / QFORMER_TOKENIZER_FOLDER
 
 
 def synthetic_qformer_tokenizer(qformer_config):
