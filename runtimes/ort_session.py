@@ -167,7 +167,7 @@ def too_old_for(error: GraphLoadError, manifest: dict) -> MmedgeError:
     """``error`` as a BackendError where this ONNX Runtime is older than the one the export validated the graph on
     (``export.validated_with.onnxruntime``) or than mmedge needs, and the graph parsed (its sha256 was checked: the
     file is intact; e.g. an INT4 LLM's 8-bit LM head needs 1.22); else ``error`` itself."""
-    from mmedge.versions import MIN_ONNXRUNTIME, older_than_needed
+    from mmedge.versions import MIN_ONNXRUNTIME, older_than_needed, release
 
     recorded = ((manifest.get("export") or {}).get("validated_with") or {}).get("onnxruntime")
     older = older_than_needed(ort.__version__, MIN_ONNXRUNTIME, recorded if isinstance(recorded, str) else None,
@@ -176,7 +176,7 @@ def too_old_for(error: GraphLoadError, manifest: dict) -> MmedgeError:
         return error
     why, wanted = older
     head = (", or re-export with --int4-head int4 (an INT4 LLM's 8-bit LM head needs onnxruntime 1.22)"
-            if "MatMulNBits" in error.detail else "")
+            if "MatMulNBits" in error.detail and release(ort.__version__) < release(MIN_ONNXRUNTIME) else "")
     return BackendError(f"ONNX Runtime {ort.__version__} could not load {error.subject} ({error.detail})",
                         f"an onnxruntime release that runs this graph ({why})",
                         f'upgrade onnxruntime (pip install -U "onnxruntime>={wanted}", or your device\'s '
