@@ -23,7 +23,11 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "fma", "a
 ENGINES = {"onnxruntime": ("onnxruntime",), "openvino": ("openvino",), "tensorrt": ("tensorrt",), "torch": ("torch",),
            "transformers": ("transformers",),
            "bitsandbytes": ("bitsandbytes",), "cuda-python": ("cuda.bindings", "cuda.cudart")}
-DISTRIBUTIONS = {"cuda-python": ("cuda-python", "cuda-bindings")}  # where a version may be read, in order
+# the distributions that install the one ``onnxruntime`` module (a CPU build, or a build with other providers)
+ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml",
+                     "onnxruntime-qnn", "onnxruntime-rocm", "onnxruntime-migraphx")
+# where a version may be read, in order
+DISTRIBUTIONS = {"cuda-python": ("cuda-python", "cuda-bindings"), "onnxruntime": ORT_DISTRIBUTIONS}
 
 
 @dataclass
@@ -111,6 +115,17 @@ def _engine_versions() -> dict[str, str | None]:
             except importlib.metadata.PackageNotFoundError:
                 continue
     return versions
+
+
+def installed_distributions(names: tuple[str, ...]) -> dict[str, str]:
+    """Which of the distributions ``names`` are installed, with their versions (read from their metadata)."""
+    found = {}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
 
 
 def importable(module: str) -> bool:

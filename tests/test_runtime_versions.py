@@ -94,3 +94,22 @@ def test_a_tokenizer_an_older_tokenizers_cannot_read_names_the_upgrade(clip_arti
               'fix: upgrade it: pip install -U "tokenizers>=999.0.0"')
     edit_manifest(folder, lambda manifest: manifest["tokenizer"].pop("tokenizers_version"))
     api_error(lambda: mmedge.load(folder).close(), TokenizerError, "cannot be read (", "re-export the artifact")
+
+
+def test_doctor_warns_of_two_onnxruntime_builds_sharing_one_module(tmp_path, monkeypatch, capsys):
+    """`pip install mmedge` beside onnxruntime-gpu adds the CPU build: two distributions, one module, and the one
+    installed last decides the providers. doctor says so and which to keep (the second build is a distribution's
+    metadata on sys.path, as pip leaves it)."""
+    from mmedge.cli import main
+
+    info = tmp_path / "onnxruntime_gpu-1.22.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: onnxruntime-gpu\nVersion: 1.22.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert (f"onnxruntime: WARNING: onnxruntime {onnxruntime.__version__} and onnxruntime-gpu 1.22.0 are installed "
+            "together; they share one onnxruntime module") in out
+    assert "keep one: pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu" in out
+    monkeypatch.undo()
+    assert main(["doctor"]) == 0 and "WARNING" not in capsys.readouterr().out

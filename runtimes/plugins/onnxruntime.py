@@ -173,6 +173,21 @@ class OnnxRuntimeBackend(Backend):
         except GraphLoadError as exc:
             raise too_old_for(exc, artifact.manifest) from None
 
+    def device_lines(self, probe) -> list[str]:
+        """A warning where several onnxruntime distributions are installed together (``pip install mmedge`` beside
+        onnxruntime-gpu adds the CPU build): they share the one ``onnxruntime`` module, so whichever was installed
+        last decides which providers run."""
+        from mmedge.device import ORT_DISTRIBUTIONS, installed_distributions
+
+        found = installed_distributions(ORT_DISTRIBUTIONS)
+        if len(found) < 2:
+            return []
+        keep = next(name for name in reversed(ORT_DISTRIBUTIONS) if name in found)
+        return [f"onnxruntime: WARNING: {' and '.join(f'{n} {v}' for n, v in found.items())} are installed together; "
+                "they share one onnxruntime module, and the one installed last decides which providers run (now: "
+                f"{', '.join(probe.ort_providers) or 'none'}): keep one: pip uninstall -y {' '.join(found)} && "
+                f"pip install {keep}"]
+
     def hands_over_on_gpu(self, plan: ComponentPlan) -> bool:
         return bool(plan.options.get("io_binding"))
 
