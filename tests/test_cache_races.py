@@ -279,6 +279,23 @@ def test_blobs_of_older_versions_are_removed_others_kept(tmp_path):
     assert cache.paths("zero_shot", older[0])[0].exists()
 
 
+def test_a_blob_an_older_mmedge_stored_under_a_shorter_key_is_removed_when_its_successor_is_stored(tmp_path):
+    """A key written before ir_sha256 and compression were added names the same compiled model (an ONNX graph
+    compiled as it is): storing this release's blob removes it (it had stayed beside, a second copy of every
+    compiled model after an upgrade); one for another graph stays."""
+    import dataclasses
+
+    cache = BlobCache(tmp_path)
+    for tag, changes in (("same", {}), ("other-graph", {"onnx_sha256": "b" * 64})):
+        old = {k: v for k, v in dataclasses.asdict(ov_key(**changes)).items() if k not in ("ir_sha256", "compression")}
+        write_whole(tmp_path / f"zero_shot-openvino-{tag}.blob", b"old")
+        write_whole(tmp_path / f"zero_shot-openvino-{tag}.record",
+                    json.dumps({"component": "zero_shot", "key": old}).encode())
+    cache.store("zero_shot", ov_key(), b"new")
+    assert not (tmp_path / "zero_shot-openvino-same.blob").exists()
+    assert (tmp_path / "zero_shot-openvino-other-graph.blob").exists()
+
+
 # --- 8. full disks and modes ----------------------------------------------------------------------------------------
 def test_tune_checks_for_space_before_measuring_and_says_to_free_some(tmp_path, monkeypatch):
     from mmedge.runtimes.openvino import tune

@@ -662,7 +662,8 @@ def test_doctor_marks_blobs_of_a_replaced_ir_other_weights_or_nncf_stale_and_lis
             "device_full_name": "a CPU", "openvino_version": version(), "mmedge_version": mmedge.__version__,
             "inference_precision": "f32", "ir_sha256": "", "compression": {}}
     nncf = {**weights_record("int4"), "nncf_version": "0.1"}
-    keys = {"fresh": base, "data": {**base, "external_data_sha256": "d" * 64},
+    older = {k: v for k, v in base.items() if k not in ("ir_sha256", "compression")}  # an older mmedge's key
+    keys = {"fresh": base, "data": {**base, "external_data_sha256": "d" * 64}, "older": older,
             "ir": {**base, "precision": "fp32+nncf-int4-exported", "ir_sha256": "x" * 64 + "+" + "y" * 64},
             "nncf": {**base, "precision": "fp32+nncf-int4", "compression": nncf}}
     for tag, key in keys.items():
@@ -674,10 +675,12 @@ def test_doctor_marks_blobs_of_a_replaced_ir_other_weights_or_nncf_stale_and_lis
     by_tag = {tag: next(line for line in lines if f"-openvino-{tag}.blob" in line) for tag in (*keys, "orphan")}
     assert "STALE" not in by_tag["fresh"]
     assert "STALE (its graph's external weights were replaced since)" in by_tag["data"]
+    assert "STALE (recorded by an older mmedge (its key lacks ir_sha256, compression): no load here reads it)" \
+        in by_tag["older"]
     assert "STALE (compiled from the export's int4 OpenVINO IR, which the artifact no longer has)" in by_tag["ir"]
     assert "STALE (its weights compressed by NNCF 0.1, this is " in by_tag["nncf"]
     assert "no .record beside it, never loaded: delete it to free 1.0 MiB" in by_tag["orphan"]
-    assert lines[0] == "engines/: 4 OpenVINO compiled model(s) cached"
+    assert lines[0] == "engines/: 5 OpenVINO compiled model(s) cached"
     assert TENSORRT.artifact_lines(Artifact.open(folder)) == []  # no "engines/: 0 cached" above it
 
 

@@ -143,11 +143,21 @@ class BlobCache:
 
 
 _VERSIONS = ("openvino_version", "mmedge_version")
+# fields later mmedge releases added to the key, with what a key written before them meant (an ONNX graph compiled
+# as it is): such a blob is the same model as one stored now, so storing that one removes it
+ADDED_FIELDS = {"ir_sha256": "", "compression": {}}
+
+
+def older_key_fields(key: dict) -> list[str]:
+    """The fields of this mmedge's key that a stored key lacks (written by an older mmedge): no load here reads
+    its blob, whose name is the digest of a key without them."""
+    return [name for name in OvKey.__dataclass_fields__ if name not in key]
 
 
 def _unversioned(key: dict) -> dict:
-    """A stored key without the versions of what compiled it (OpenVINO, mmedge, NNCF's in ``compression``)."""
-    out = {name: value for name, value in key.items() if name not in _VERSIONS}
+    """A stored key without the versions of what compiled it (OpenVINO, mmedge, NNCF's in ``compression``), the
+    fields an older mmedge did not write filled with what they meant then."""
+    out = {name: value for name, value in {**ADDED_FIELDS, **key}.items() if name not in _VERSIONS}
     if isinstance(out.get("compression"), dict):
         out["compression"] = {name: value for name, value in out["compression"].items() if name != "nncf_version"}
     return out

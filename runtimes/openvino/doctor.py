@@ -64,8 +64,12 @@ def _stale(artifact, component: str, key: dict) -> str | None:
     the export's OpenVINO IR replaced; weights compressed by another NNCF; another OpenVINO or mmedge version), or
     None."""
     from mmedge import __version__
+    from mmedge.runtimes.openvino.cache import older_key_fields
     from mmedge.runtimes.openvino.core import WEIGHT_MODES, version
 
+    lacking = older_key_fields(key)
+    if lacking:
+        return f"recorded by an older mmedge (its key lacks {', '.join(lacking)}): no load here reads it"
     graph = (artifact.manifest.get("components") or {}).get(component)
     if graph is None:
         return f"the artifact has no component '{component}' now"
