@@ -349,6 +349,11 @@ def cmd_validate(args) -> int:
                 print(f"{name}.{output} [{entry['precision']}, {entry['backend']}]: cosine {m['cosine']:.6f} "
                       f"(export {export}, floor {m['min_cosine']:.6f}), max_abs "
                       f"{m['max_abs']:.3g}  {status}")
+            if "generation" in entry:
+                g = entry["generation"]
+                print(f"{name}.generation [{entry['precision']}, {entry['backend']}]: cosine {g['cosine']:.6f} "
+                      f"(KV-cached, {g['steps']} steps, vs {g['reference']}; floor {g['min_cosine']:.6f}), max_abs "
+                      f"{g['max_abs']:.3g}  {'ok' if g['ok'] else 'FAIL'}")
     raise_on_failure(report)
     return 0
 

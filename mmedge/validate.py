@@ -2,7 +2,8 @@
 
 The artifact carries ``validation.npz``: real inputs per component and the PyTorch FP32 outputs for
 them, recorded at export. Here every component runs on the chosen backend and its outputs are
-compared with that reference, so drift from a device, driver or engine shows up as a number.
+compared with that reference, so drift from a device, driver or engine shows up as a number. A decoder is also run as
+generation runs it, KV-cached, and compared with its own graph run without a cache (``mmedge.generation_check``).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import re
 import numpy as np
 
 from mmedge.artifact import Artifact, read_arrays
-from mmedge.embeddings import EmbeddingTable
 from mmedge.errors import ArtifactError, InputError, IntegrityError, ParityError
+from mmedge.generation_check import CachedRun, judged, run_cached, sample_prompt, uncached_feeds
 from mmedge.metrics import compare_outputs
 
 # How far a device may drift from the cosine the export measured on ONNX Runtime CPU.
@@ -47,18 +48,17 @@ def load_validation_samples(artifact: Artifact) -> dict[str, dict[str, dict[str,
     return samples
 
 
-def validate(artifact: Artifact, runners: dict, precisions: dict[str, str] | None = None) -> dict[str, dict]:
+def validate(artifact: Artifact, runners: dict, precisions: dict[str, str] | None = None,
+             samples: dict[str, dict[str, dict[str, np.ndarray]]] | None = None) -> dict[str, dict]:
     """Per component: measured metrics vs the torch reference, the export-time figures, and pass/fail.
     ``precisions``: the precision the plan runs each component at (``ComponentPlan.precision``; default: the
-    graph's): what the report shows, its floor the looser of that precision's and the graph's."""
-    samples = load_validation_samples(artifact)
+    graph's): what the report shows, its floor the looser of that precision's and the graph's. ``samples``: the
+    artifact's validation samples where the caller read them already."""
+    samples = samples or load_validation_samples(artifact)
     report: dict[str, dict] = {}
     for name, runner in runners.items():
         comp = artifact.component(name)
-        sample = samples.get(name)
-        if sample is None:
-            raise ArtifactError(f"validation samples lack component '{name}'", "samples for every component",
-                                "re-export the artifact")
+        sample = component_sample(samples, name)
         measured = compare_outputs(sample["reference"], runner.infer(sample["inputs"]))
         recorded = comp["parity"].get("validation_samples", {})
         runs_at = (precisions or {}).get(name) or comp["precision"]
@@ -72,12 +72,23 @@ def validate(artifact: Artifact, runners: dict, precisions: dict[str, str] | Non
     return report
 
 
+def component_sample(samples: dict[str, dict[str, dict[str, np.ndarray]]], name: str) -> dict[str, dict]:
+    """Component ``name``'s validation sample ({"inputs": ..., "reference": ...}); ArtifactError where it has none."""
+    if name not in samples:
+        raise ArtifactError(f"validation samples lack component '{name}'", "samples for every component",
+                            "re-export the artifact")
+    return samples[name]
+
+
 def validate_artifact(path, backend: str = "auto", device: str = "auto", threads: int | None = None,
                       backend_options: dict | None = None) -> dict[str, dict]:
     """Open an artifact, run every component (decoders as plain graphs) on the chosen backend with the user's
-    ``backend_options`` (as ``mmedge.load`` takes them), report. Every file's sha256 is checked again, whatever this
-    device's record of earlier checks says (``mmedge.file_checks``). Decoder-only settings (OpenVINO's ``weights``,
-    torch's ``quantization``) are refused: they shape the generation loop's decoder, not the graph measured here."""
+    ``backend_options`` (as ``mmedge.load`` takes them), report. A decoder is also opened as ``mmedge.load`` opens it
+    for generation (KV-cached, with the artifact's embedding table) and checked against its plain graph
+    (``mmedge.generation_check``): ``report["decoder"]["generation"]``. Every file's sha256 is checked again, whatever
+    this device's record of earlier checks says (``mmedge.file_checks``). Decoder-only settings (OpenVINO's
+    ``weights``, torch's ``quantization``) are refused: they change the decoder generation runs, so that it no longer
+    matches the graph measured here."""
     from mmedge.api import (
         _checked_backend_options,
         _refuse_idle_backend_options,
@@ -97,14 +108,22 @@ def validate_artifact(path, backend: str = "auto", device: str = "auto", threads
                              f"drop {decoder_only[0]}, and run the model with it to see its answers")
     artifact = Artifact.open(path, recheck=True)
     artifact.check_every_file()  # the files this plan would not open too (another backend's, the tokenizer, ...)
-    if "decoder" in artifact.components:
-        EmbeddingTable.of_artifact(artifact)  # the generation loop reads it: it must load, not only hash right
     chosen = plan_for(artifact, backend, device, backend_options=backend_options,
                       threads=threads)  # the plan mmedge.load follows
     _refuse_idle_backend_options(backend_options or {}, chosen)
+    samples = load_validation_samples(artifact)
+    generation = None
+    if "decoder" in chosen.components:  # opened and closed before the graphs: never both in memory at once
+        generation = _cached_generation(artifact, chosen.components["decoder"], component_sample(samples, "decoder"),
+                                        threads, backend_options or {})
     runners = open_runners(artifact, chosen, threads=threads, backend_options=backend_options)
     try:
-        return validate(artifact, runners, {name: c.precision for name, c in chosen.components.items()})
+        report = validate(artifact, runners, {name: c.precision for name, c in chosen.components.items()}, samples)
+        if generation is not None:
+            report["decoder"]["generation"] = _judged_generation(artifact, generation, runners["decoder"],
+                                                                 component_sample(samples, "decoder"),
+                                                                 report["decoder"]["precision"])
+        return report
     finally:
         for runner in runners.values():
             runner.close()
@@ -116,3 +135,30 @@ def raise_on_failure(report: dict[str, dict]) -> None:
             if not metrics["ok"]:
                 raise ParityError(name, output, "cosine", metrics["cosine"], metrics["min_cosine"],
                                   "this device drifts from the export; try another backend or precision")
+        generation = entry.get("generation")
+        if generation and not generation["ok"]:
+            raise ParityError(name, "generation", "cosine", generation["cosine"], generation["min_cosine"],
+                              f"the KV-cached decoder mmedge.load opens on {entry['backend']} does not match its own "
+                              "graph run without a cache (generation would read a broken cache: captions would be "
+                              "garbage); try another backend, or another release of its engine")
+
+
+def _cached_generation(artifact: Artifact, comp_plan, sample: dict, threads: int | None,
+                       backend_options: dict) -> CachedRun:
+    """The decoder ``mmedge.load`` opens for this plan (its backend, the user's settings for it, the artifact's
+    embedding table), run on the decoder's sample for a short greedy generation (``generation_check.run_cached``);
+    closed again."""
+    from mmedge.api import _decoder
+
+    decoder, table = _decoder(artifact, comp_plan, threads, backend_options.get(comp_plan.backend, {}))
+    try:
+        return run_cached(decoder, sample_prompt(artifact.manifest, sample["inputs"]), table)
+    finally:
+        decoder.close()
+
+
+def _judged_generation(artifact: Artifact, run: CachedRun, runner, sample: dict, runs_at: str) -> dict:
+    """``run`` against the plain decoder graph (``runner``) over the same tokens with an empty past; the floor is the
+    precision's slack below agreement (the same graph on the same device)."""
+    logits = runner.infer(uncached_feeds(artifact.manifest, sample["inputs"], run))["logits"]
+    return judged(run, logits, 1.0 - cosine_slack(artifact.component("decoder")["precision"], runs_at))
