@@ -4,7 +4,7 @@ The device side: ``mmedge.load(artifact_folder)`` returns a pipeline. This packa
 torch; the host-side exporter is ``mmedge.export`` (``pip install "mmedge[export]"``).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from mmedge.api import load  # noqa: E402
 from mmedge.errors import MmedgeError  # noqa: E402

@@ -18,7 +18,13 @@ from mmedge.families import FAMILIES
 from mmedge.preprocess import ImagePreprocessor
 
 FORMAT_NAME = "mmedge.artifact"
-FORMAT_VERSION = 1
+# The contract's version. An export writes it; a reader refuses a newer one ("upgrade mmedge on this device") and
+# reads every older one. Raise it whenever an export needs a newer reader than the last version's, and say why here:
+#   1  (2026-11-28) the first artifacts.
+#   2  (2026-12-08) a reader of 1 older than 2026-12-06 ran these wrong or refused them as damaged (advising a
+#      re-export that wrote the same): decoders take logits_positions (an old loop fed none: every caption failed),
+#      IDEFICS' fused image_context component, the blip2_t5 family. Readers of 2 read 1's artifacts as before.
+FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 # The exporter's default recipes, named: changed whenever a default changes what an export writes, and recorded in
 # each manifest (``export.recipe_revision``), so a cache (``mmedge demo``'s, the benchmarks') can tell an artifact

@@ -73,6 +73,13 @@ def test_newer_format_version_is_refused_with_upgrade_hint():
         parse_manifest(edited(format_version=FORMAT_VERSION + 1, mmedge_version="9.0.0"))
 
 
+def test_every_older_format_version_is_read():
+    """Artifacts exported before a format change still load on an upgraded device (2: mmedge 0.2.0)."""
+    assert FORMAT_VERSION == 2
+    for version in range(1, FORMAT_VERSION + 1):
+        assert parse_manifest(edited(format_version=version))["format_version"] == version
+
+
 def test_other_format_is_refused():
     with pytest.raises(UnsupportedFormatError, match="not an mmedge artifact"):
         parse_manifest(edited(format="onnx.model"))
