@@ -413,6 +413,8 @@ class TorchRunner(Runner):
 
     def _to_device(self, value):
         torch = self.torch
+        if isinstance(value, np.ndarray) and not value.flags.writeable:  # torch warns of sharing a read-only array
+            value = value.copy()
         tensor = torch.from_numpy(value) if isinstance(value, np.ndarray) else value
         return tensor.to(device=self.device, dtype=self._static_dtype(tensor.dtype), non_blocking=True).contiguous()
 

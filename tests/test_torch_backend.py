@@ -13,6 +13,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,11 @@ def test_runner_takes_torch_tensors_and_checks_them(pytorch_artifacts):
     with pytest.raises(FeedError, match="shape"):
         runner.infer({"pixel_values": torch.zeros((1, 3, 7, 7))})
     assert runner.graph_report() == {"cuda_graphs": False, "compile": "off"} and runner.precision == "fp32"
+    read_only = np.array(pixels)
+    read_only.flags.writeable = False  # e.g. a memory-mapped or np.broadcast_to array: torch warned of sharing it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(runner.infer({"pixel_values": read_only})["image_embeds"], from_numpy)
     runner.close()
     runner.close()
 
