@@ -19,6 +19,11 @@ class MmedgeError(Exception):
         self.fix = fix
         super().__init__(self.message)
 
+    def __reduce__(self):
+        """Pickled with its fields, whatever its ``__init__`` takes (an error raised in a worker process reaches the
+        parent as itself; a subclass with another signature broke the pool)."""
+        return _unpickled, (type(self), dict(self.__dict__))
+
     @property
     def message(self) -> str:
         parts = [_clause(self.what)]
@@ -27,6 +32,13 @@ class MmedgeError(Exception):
         if self.fix:
             parts.append(f"fix: {_clause(self.fix)}")
         return "; ".join(parts) + "."
+
+
+def _unpickled(kind: type, fields: dict) -> MmedgeError:
+    error = kind.__new__(kind)
+    error.__dict__.update(fields)
+    Exception.__init__(error, error.message)
+    return error
 
 
 def _clause(text: str) -> str:
