@@ -41,7 +41,6 @@ from __future__ import annotations
 import io
 import os
 import threading
-import warnings
 from typing import Any
 
 import numpy as np
@@ -53,7 +52,6 @@ MAX_PIXELS = 64_000_000
 """Images with more pixels than this are refused before they are decoded (decompression bombs); arrays too."""
 
 _WHITE = (255, 255, 255, 255)
-_WARNINGS_LOCK = threading.Lock()
 _FIX_READABLE = "pass a complete PNG, JPEG, GIF, WebP, BMP or TIFF file, or a PIL image or numpy array"
 
 
@@ -166,17 +164,12 @@ def _decode(fp: str | io.BytesIO, name: str) -> Image.Image:
 
 
 def _open(fp: str | io.BytesIO) -> Image.Image:
-    """``Image.open`` with PIL's DecompressionBombWarning (past ~89 MP) raised as an error.
-
-    PIL warns past ~89 MP and raises past ~179 MP inside ``Image.open``; both become errors here
-    without touching the global ``Image.MAX_IMAGE_PIXELS``. ``warnings.catch_warnings`` swaps the
-    process-wide filter list, so two threads inside it at once could leave the filter installed for
-    good: the lock keeps mmedge's own threads out of each other's way. Only the header is read here,
-    so the lock is held briefly; decoding runs outside it.
-    """
-    with _WARNINGS_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        return Image.open(fp)
+    """``Image.open``, with the process's warning filters as the caller has them: an image past ``MAX_PIXELS`` is
+    refused from its header by ``_decode``. PIL warns of one past ~89 MP (a DecompressionBombWarning, raised where
+    the caller turns warnings into errors) and raises past ~179 MP: both are over ``MAX_PIXELS``, refused alike.
+    (A ``warnings.catch_warnings`` here swapped the process-wide filter list on every decode: filters another thread
+    added meanwhile were lost, and the application's once-only warnings were shown again.)"""
+    return Image.open(fp)
 
 
 # --- in-memory sources ---------------------------------------------------------------------------

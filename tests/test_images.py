@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
+import threading
 import warnings
 import zlib
 
@@ -406,8 +408,10 @@ def test_decompression_bomb_refused_before_decoding(tmp_path, monkeypatch, width
     path = tmp_path / "bomb.png"
     path.write_bytes(_png_header_only(width, height))
     filters_before, limit_before = list(warnings.filters), Image.MAX_IMAGE_PIXELS
+    pil_warns = Image.MAX_IMAGE_PIXELS < width * height <= 2 * Image.MAX_IMAGE_PIXELS  # PIL's own, left to the caller
     for source in (path, path.read_bytes()):
-        with pytest.raises(ImageError, match="decompression bomb") as info:
+        with pytest.raises(ImageError, match="decompression bomb") as info, \
+                (pytest.warns(Image.DecompressionBombWarning) if pil_warns else contextlib.nullcontext()):
             load_image(source)
         assert f"at most {MAX_PIXELS:,} pixels" in str(info.value)
     assert decoded == []
@@ -482,3 +486,33 @@ def test_a_tensor_is_not_taken_for_a_batch():
     with pytest.raises(ImageError, match=r"from a Tensor; expected a numpy array .*channels last.*fix: pass a "
                                          r"channels-last numpy array, e\.g\. np\.asarray"):
         load_image(Tensor())
+
+
+def test_decoding_leaves_the_process_warning_filters_alone(tmp_path):
+    """A filter another thread adds while images decode stays, and an application's once-only warning is shown
+    once: a catch_warnings around every decode swapped the process-wide list (filters lost, the once registry
+    reset)."""
+    path = tmp_path / "small.png"
+    Image.new("RGB", (8, 8), "red").save(path)
+    stop, added = threading.Event(), []
+
+    def decode():
+        while not stop.is_set():
+            load_image(path)
+
+    worker = threading.Thread(target=decode)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("once")
+        worker.start()
+        try:
+            for index in range(2000):
+                warnings.filterwarnings("ignore", message=f"filter-{index}")
+                added.append(f"filter-{index}")
+            for _ in range(2000):
+                warnings.warn("the application's own warning", UserWarning)
+        finally:
+            stop.set()
+            worker.join()
+        kept = {f[1].pattern for f in warnings.filters if f[1] is not None}
+    assert set(added) <= kept
+    assert [str(w.message) for w in seen] == ["the application's own warning"]
