@@ -20,11 +20,15 @@ from mmedge.metrics import compare_outputs
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
+TRACED_MODULES = r"(torch|transformers|onnx|onnxscript|mmedge\.export)(\.|$)"  # whose warnings tracing silences
+
+
 @contextlib.contextmanager
 def _quiet_tracing():
-    """The TorchScript tracer warns about every Python-side branch; none of it is actionable for users."""
+    """The TorchScript tracer warns about every Python-side branch; none of it is actionable for users. Only the
+    warnings of the modules being traced and tracing them are silenced (another thread's own warnings pass)."""
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
+        warnings.filterwarnings("ignore", module=TRACED_MODULES)
         yield
 
 

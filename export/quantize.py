@@ -40,15 +40,40 @@ WEIGHTS = "int8 symmetric per-channel, 7-bit range (exact on CPUs without VNNI)"
 
 @contextlib.contextmanager
 def quiet():
-    """onnxruntime.quantization logs per node at INFO and prints tips; keep the user's terminal readable."""
-    logger = logging.getLogger()
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """onnxruntime.quantization logs per node and prints tips: keep the user's terminal readable without touching the
+    application's own logging. Its module loggers are raised to ERROR; what it logs on the root logger itself
+    (``logging.info``) is dropped by a filter that passes every other caller's record, and a NullHandler on the root
+    while it runs keeps ``logging.info`` from calling ``basicConfig`` (which had left a stderr handler on the root
+    for good: an application's ``basicConfig`` afterwards did nothing). Its prints go to a buffer: stdout is the
+    process's, so another thread's prints meanwhile are lost too (README: export in a process of its own where
+    that matters)."""
+    import onnxruntime
+
+    root, ours = logging.getLogger(), logging.getLogger("onnxruntime")
+    handlers, level = list(root.handlers), ours.level
+    guard, drop = logging.NullHandler(), _FromPackage(Path(onnxruntime.__file__).parent)
+    root.addHandler(guard)
+    root.addFilter(drop)
+    ours.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
-        logger.setLevel(level)
+        ours.setLevel(level)
+        root.removeFilter(drop)
+        for handler in [h for h in root.handlers if h not in handlers]:  # the guard, and any basicConfig made
+            root.removeHandler(handler)
+
+
+class _FromPackage(logging.Filter):
+    """Drops the records logged from the files of one package (below ERROR)."""
+
+    def __init__(self, folder: Path):
+        super().__init__()
+        self.folder = str(folder)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or not record.pathname.startswith(self.folder)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,49 @@
+"""An export run inside someone else's program leaves its logging as it found it, and silences only the libraries it
+drives: ONNX Runtime's quantizer called ``logging.info`` on the root logger, which ran ``basicConfig`` and left a
+stderr handler there for good (the application's own ``basicConfig`` afterwards did nothing), and the root logger was
+raised to ERROR while quantizing (the application's own root-logger warnings were dropped)."""
+
+from __future__ import annotations
+
+import logging
+
+from mmedge.export import export_model
+from mmedge.export.quantize import quiet
+
+
+class Kept(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_a_quantized_export_leaves_the_root_logger_as_it_was(tiny_clip_dir, tmp_path):
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    for handler in handlers:  # as in an application that has not set logging up (pytest adds its own)
+        root.removeHandler(handler)
+    try:
+        export_model(str(tiny_clip_dir), tmp_path / "int8", precision="int8", progress=False)
+        assert root.handlers == [] and root.level == level and root.filters == []
+        assert logging.getLogger("onnxruntime").level == logging.NOTSET
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+
+
+def test_the_applications_own_records_pass_while_the_quantizer_is_quiet():
+    root, kept = logging.getLogger(), Kept()
+    root.addHandler(kept)
+    try:
+        with quiet():
+            logging.warning("the application's warning")
+            logging.getLogger("myapp").warning("a module's warning")
+            logging.getLogger("onnxruntime.quantization.test").warning("the quantizer's")
+    finally:
+        root.removeHandler(kept)
+    assert [r.getMessage() for r in kept.records] == ["the application's warning", "a module's warning"]
