@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import warnings
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from mmedge.errors import CalibrationError, ImageError, InputError
+from mmedge.errors import CalibrationError, ImageError, InputError, warn
 from mmedge.images import load_image
 
 DATA_DIR = Path(__file__).parent / "data" / "images"
@@ -137,10 +136,9 @@ def check_image_folders(options) -> None:
         count = len(calibration_paths(options.calibration)[0])
         if count < FEW_CALIBRATION_IMAGES:
             images = f"{count} image{'' if count == 1 else 's'}"
-            warnings.warn(f"--calibration folder '{options.calibration}' holds {images}: activation ranges measured "
+            warn(f"--calibration folder '{options.calibration}' holds {images}: activation ranges measured "
                           f"on fewer than {FEW_CALIBRATION_IMAGES} images clip what other images hold; the export "
-                          "still measures and gates fidelity, but 32-256 representative images are advised",
-                          stacklevel=2)
+                          "still measures and gates fidelity, but 32-256 representative images are advised")
 
 
 def _calibrates_on_folder(options) -> bool:

@@ -8,11 +8,10 @@ of another size fails only once the first image reaches the vision tower.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
-from mmedge.errors import ModelLoadError
+from mmedge.errors import ModelLoadError, warn
 
 SHOWN_KEYS = 5  # weight names listed in a message
 PLAIN_TEXT = "a photo of a cat"  # a tokenizer with its vocabulary encodes this to ordinary tokens
@@ -45,10 +44,9 @@ def check_loaded_weights(model: str, loaded, info: dict) -> None:
         )
     unexpected = sorted(info.get("unexpected_keys") or ())
     if unexpected:  # heads of a bigger class are harmless; a config edited to fewer layers is not: say it, go on
-        warnings.warn(f"the weights of '{model}' hold {len(unexpected)} tensor{'' if len(unexpected) == 1 else 's'} "
+        warn(f"the weights of '{model}' hold {len(unexpected)} tensor{'' if len(unexpected) == 1 else 's'} "
                       f"this {type(loaded).__name__} does not use ({_some(unexpected)}); they are left out of the "
-                      "export: check that config.json describes the checkpoint (e.g. its number of layers)",
-                      stacklevel=2)
+                      "export: check that config.json describes the checkpoint (e.g. its number of layers)")
 
 
 def _untied(loaded, keys) -> set[str]:

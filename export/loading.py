@@ -9,12 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmedge.errors import InputError, ModelLoadError
+from mmedge.errors import InputError, ModelLoadError, warn
 from mmedge.export.checkpoint_checks import check_image_size, check_loaded_weights, check_tokenizer
 from mmedge.export.hub import mistyped_path_hint
 
@@ -290,8 +289,8 @@ def load_dtype(model: str, config) -> str:
         return "auto"
     chosen = stored.pop() if len(stored) == 1 else "float32"
     if said is not None and said != chosen:
-        warnings.warn(f"config.json of '{model}' says dtype {said}, but its weights are stored as {chosen}: they are "
-                      "loaded as stored (the export's graphs are FP32 either way)", stacklevel=2)
+        warn(f"config.json of '{model}' says dtype {said}, but its weights are stored as {chosen}: they are "
+                      "loaded as stored (the export's graphs are FP32 either way)")
     return chosen
 
 

@@ -11,7 +11,6 @@ import datetime
 import os
 import tempfile
 import threading
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 
 import mmedge
 from mmedge.artifact import atomic_folder, check_output_folder, sha256_file
-from mmedge.errors import ExportError, InputError, MmedgeError
+from mmedge.errors import ExportError, InputError, MmedgeError, warn
 from mmedge.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, RECIPE_REVISION, dump_manifest
 from mmedge.metrics import compare_outputs
 from mmedge.progress import Progress
@@ -508,9 +507,9 @@ class ArtifactBuilder:
         if not_carried:
             export_entry["generation_not_carried"] = not_carried
             listed = ", ".join(f"{k}={v!r}" for k, v in not_carried.items())
-            warnings.warn(f"the checkpoint's generation settings {listed} are not run by mmedge's generation loop "
+            warn(f"the checkpoint's generation settings {listed} are not run by mmedge's generation loop "
                           "(transformers' generate applies them by default, so answers may differ from its); recorded "
-                          "in the manifest's export.generation_not_carried", stacklevel=2)
+                          "in the manifest's export.generation_not_carried")
         manifest = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from dataclasses import dataclass
 
 from mmedge.artifact import Artifact
-from mmedge.errors import BackendError, InputError, MmedgeError
+from mmedge.errors import BackendError, InputError, MmedgeError, MmedgeWarning, warn
 from mmedge.pipelines import Captioner, Embedder, ZeroShotClassifier, pipeline_class
 from mmedge.setting_checks import as_count
 
@@ -16,7 +15,7 @@ log = logging.getLogger("mmedge")
 Pipeline = Captioner | ZeroShotClassifier | Embedder  # what load returns (InstructCaptioner is a Captioner)
 
 
-class RandomWeightsWarning(UserWarning):
+class RandomWeightsWarning(MmedgeWarning):
     """The artifact was exported from randomly initialized weights: its outputs are noise."""
 
 
@@ -48,9 +47,8 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", t
                          f"one of {', '.join(manifest['tasks'])}",
                          "pass one of those" + (", or re-export with --task" if manifest["family"] == "clip" else ""))
     if artifact.random_weights:
-        warnings.warn(f"artifact '{artifact.root.name}' was exported with random weights "
-                      f"(source {manifest['source']['model']}): its outputs are meaningless", RandomWeightsWarning,
-                      stacklevel=2)
+        warn(f"artifact '{artifact.root.name}' was exported with random weights (source "
+             f"{manifest['source']['model']}): its outputs are meaningless", RandomWeightsWarning)
     extra = _checked_backend_options(backend_options)
     chosen = _plan(artifact, backend, device, extra, threads)
     if backend == "auto":

@@ -7,6 +7,10 @@ with ``error.exit_code``; no traceback reaches the user.
 
 from __future__ import annotations
 
+import sys
+import warnings
+from pathlib import Path
+
 
 class MmedgeError(Exception):
     """Base class. ``what`` failed; ``expected`` is what would have worked; ``fix`` is the next step."""
@@ -165,3 +169,21 @@ class ServerError(BackendError):
 
 class ServerInputError(ServerError, InputError):
     """The server refused the request's input; the message is the one the pipeline gave (as it would locally)."""
+
+
+# --- warnings --------------------------------------------------------------------------------------
+class MmedgeWarning(UserWarning):
+    """Every warning mmedge gives (a subclass names which): ``warnings.filterwarnings("ignore",
+    category=mmedge.MmedgeWarning)`` silences them all."""
+
+
+def warn(message: str, category: type[Warning] = MmedgeWarning) -> None:
+    """Warn ``message`` at the line of the caller's own code: the first frame outside mmedge's packages (mmedge and
+    its export and runtimes rooms), so that a filter by module or line, and the warning's location, name the
+    user's call, however deep in mmedge it was given."""
+    roots = tuple(str(Path(folder)) for name in ("mmedge", "mmedge.export", "mmedge.runtimes")
+                  if name in sys.modules for folder in getattr(sys.modules[name], "__path__", ()))
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(roots):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

@@ -12,7 +12,6 @@ import functools
 import json
 import re
 import threading
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from mmedge.errors import InputError, ManifestError, TokenizerError
+from mmedge.errors import InputError, ManifestError, TokenizerError, warn
 
 PADDING_MODES = ("longest", "max_length")
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -167,11 +166,8 @@ class TextTokenizer:
         """One warning per call naming how many texts were cut to ``max_length``."""
         truncated = sum(1 for e in encodings if e.overflowing)
         if truncated:
-            warnings.warn(
-                f"{truncated} of {len(encodings)} texts were longer than {self.max_length} tokens "
-                f"and were truncated to {self.max_length}",
-                stacklevel=3,
-            )
+            warn(f"{truncated} of {len(encodings)} texts were longer than {self.max_length} tokens and were "
+                 f"truncated to {self.max_length}")
 
 
 def _unreadable(path: Path, settings: dict[str, Any], exc: Exception) -> TokenizerError:

@@ -47,3 +47,26 @@ def test_the_applications_own_records_pass_while_the_quantizer_is_quiet():
     finally:
         root.removeHandler(kept)
     assert [r.getMessage() for r in kept.records] == ["the application's warning", "a module's warning"]
+
+
+def test_mmedge_warnings_are_one_category_given_at_the_callers_line(clip_artifacts, tiny_clip_dir, tmp_path, photos):
+    """Every warning is an MmedgeWarning (one filter silences them all), located in the caller's code however deep
+    in mmedge it was given (the truncation warning named mmedge/pipelines/common.py, the export's warnings
+    mmedge's own files)."""
+    import shutil
+    import warnings
+
+    import mmedge
+
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(photos[0], images / "one.jpg")
+    with mmedge.load(clip_artifacts("fp32")) as classifier, warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        classifier(photos[0], labels=["a " + "very " * 100 + "long label", "dog"])
+        export_model(str(tiny_clip_dir), tmp_path / "static", precision="int8", quantization="static",
+                     calibration=str(images), progress=False)
+    assert {w.category for w in seen} == {mmedge.MmedgeWarning}, [(w.category, str(w.message)) for w in seen]
+    truncated = next(w for w in seen if "were truncated" in str(w.message))
+    calibration = next(w for w in seen if "--calibration folder" in str(w.message))
+    assert truncated.filename == calibration.filename == __file__, (truncated.filename, calibration.filename)
