@@ -7,6 +7,7 @@ with ``error.exit_code``; no traceback reaches the user.
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -181,9 +182,9 @@ def warn(message: str, category: type[Warning] = MmedgeWarning) -> None:
     """Warn ``message`` at the line of the caller's own code: the first frame outside mmedge's packages (mmedge and
     its export and runtimes rooms), so that a filter by module or line, and the warning's location, name the
     user's call, however deep in mmedge it was given."""
-    roots = tuple(str(Path(folder)) for name in ("mmedge", "mmedge.export", "mmedge.runtimes")
+    roots = tuple(os.path.join(str(Path(folder)), "") for name in ("mmedge", "mmedge.export", "mmedge.runtimes")
                   if name in sys.modules for folder in getattr(sys.modules[name], "__path__", ()))
     frame, level = sys._getframe(1), 2
     while frame is not None and frame.f_code.co_filename.startswith(roots):
         frame, level = frame.f_back, level + 1
-    warnings.warn(message, category, stacklevel=level)
+    warnings.warn(message, category, stacklevel=level if frame is not None else 2)  # no caller outside: mmedge's line

@@ -161,4 +161,21 @@ def _judged_generation(artifact: Artifact, run: CachedRun, runner, sample: dict,
     """``run`` against the plain decoder graph (``runner``) over the same tokens with an empty past; the floor is the
     precision's slack below agreement (the same graph on the same device)."""
     logits = runner.infer(uncached_feeds(artifact.manifest, sample["inputs"], run))["logits"]
-    return judged(run, logits, 1.0 - cosine_slack(artifact.component("decoder")["precision"], runs_at))
+    return judged(run, logits, generation_floor(artifact.component("decoder"), runs_at))
+
+
+# A dynamic-INT8 decoder quantizes its activations with one scale per tensor, measured on the rows of each call: a
+# token alone (a cached step) and the same token among the prompt's (one pass) are quantized differently, the more so
+# with a model's outlier features. Its floor is the export's own logits gate (min_logits_cosine's default): a cache
+# that is not carried gives cosines far below it.
+PER_TENSOR_ACTIVATIONS_FLOOR = 0.95
+
+
+def generation_floor(decoder: dict, runs_at: str) -> float:
+    """The cosine the cached decoder's logits must keep against its graph run without a cache: agreement but for
+    the precision's slack (``cosine_slack``), or ``PER_TENSOR_ACTIVATIONS_FLOOR`` for a graph whose activations are
+    quantized per call (dynamic INT8)."""
+    floor = 1.0 - cosine_slack(decoder["precision"], runs_at)
+    if (decoder.get("quantization") or {}).get("method") == "int8-dynamic":
+        return min(floor, PER_TENSOR_ACTIVATIONS_FLOOR)
+    return floor

@@ -38,7 +38,7 @@ def older_than_needed(installed: str, floor: str, recorded: str | None,
     """(why, the release to install at least) where ``installed`` is older than the release the artifact
     ``recorded`` (``recorded_as`` names it for the message: "the export validated it on"), or than ``floor``,
     mmedge's own; None where it is neither."""
-    if recorded and release(installed) < release(recorded):
+    if recorded and release(installed)[:2] < release(recorded)[:2]:  # patch releases add no operator
         return f"{recorded_as} {recorded}", recorded
     if release(installed) < release(floor):
         return f"mmedge needs {floor} or newer", floor

@@ -109,6 +109,7 @@ class OrtDecoder(GraphDecoder):
         for name in self._present_names:
             binding.bind_output(name, self._device, self._device_id)  # ORT allocates; stays on the device
         self._session.run_with_iobinding(binding)
+        binding.clear_binding_inputs()  # the outputs keep their binding alive: it must not keep the old pasts too
         outputs = binding.get_outputs()  # OrtValues, in bind order
         self._past = list(outputs[1:])  # the next call's pasts, never copied
         return outputs[0].numpy()

@@ -148,35 +148,42 @@ def session_from_path(path: str | os.PathLike, options: OrtOptions | None = None
                                     providers=[p for p, _ in providers], provider_options=[o for _, o in providers])
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/… types
         raise GraphLoadError(f"{what} from '{Path(path).name}'",
-                             f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}"
-                             ) from None
+                             f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}",
+                             str(exc)) from None
 
 
 class GraphLoadError(IntegrityError):
     """ONNX Runtime could not load a graph (``subject``: which, and from which file; ``detail``: its words): a
     damaged file, unless this release is older than the graph needs (``too_old_for``, where the artifact is known)."""
 
-    def __init__(self, subject: str, detail: str):
-        self.subject, self.detail = subject, detail
+    def __init__(self, subject: str, detail: str, words: str = ""):
+        self.subject, self.detail, self.words = subject, detail, words or detail  # words: ONNX Runtime's, whole
         super().__init__(f"ONNX Runtime could not load {subject} ({detail})",
                          "a valid ONNX graph as written by `mmedge export`",
                          "re-export the artifact or copy the file again")
 
 
+# ONNX Runtime's words where a graph needs what this release lacks: an operator, an opset, an IR version, an attribute
+# value a kernel does not take (the INT4 LLM's 8-bit MatMulNBits: "Only 4b quantization is supported")
+NEWER_RELEASE_SIGNS = ("NOT_IMPLEMENTED", "Could not find an implementation", "No Op registered", "not a registered",
+                       "IR version", "opset", "Opset", "not supported", "is supported", "Unsupported", "unsupported")
+
+
 def too_old_for(error: GraphLoadError, manifest: dict) -> MmedgeError:
     """``error`` as a BackendError where this ONNX Runtime is older than the one the export validated the graph on
-    (``export.validated_with.onnxruntime``) or than mmedge needs, and the graph parsed (its sha256 was checked: the
-    file is intact; e.g. an INT4 LLM's 8-bit LM head needs 1.22); else ``error`` itself."""
+    (``export.validated_with.onnxruntime``; a patch release apart counts as the same) or than mmedge needs, and says
+    what a newer release has (``NEWER_RELEASE_SIGNS``; the file is intact: its sha256 was checked; e.g. an INT4
+    LLM's 8-bit LM head needs 1.22); else ``error`` itself."""
     from mmedge.versions import MIN_ONNXRUNTIME, older_than_needed, release
 
     recorded = ((manifest.get("export") or {}).get("validated_with") or {}).get("onnxruntime")
     older = older_than_needed(ort.__version__, MIN_ONNXRUNTIME, recorded if isinstance(recorded, str) else None,
                               "the export validated it on")
-    if older is None or "INVALID_PROTOBUF" in error.detail:
-        return error
+    if older is None or not any(sign in error.words for sign in NEWER_RELEASE_SIGNS):
+        return error  # out of memory, a provider that failed to start, a damaged graph: no upgrade helps
     why, wanted = older
     head = (", or re-export with --int4-head int4 (an INT4 LLM's 8-bit LM head needs onnxruntime 1.22)"
-            if "MatMulNBits" in error.detail and release(ort.__version__) < release(MIN_ONNXRUNTIME) else "")
+            if "MatMulNBits" in error.words and release(ort.__version__) < release(MIN_ONNXRUNTIME) else "")
     return BackendError(f"ONNX Runtime {ort.__version__} could not load {error.subject} ({error.detail})",
                         f"an onnxruntime release that runs this graph ({why})",
                         f'upgrade onnxruntime (pip install -U "onnxruntime>={wanted}", or your device\'s '

@@ -110,6 +110,27 @@ def test_doctor_warns_of_two_onnxruntime_builds_sharing_one_module(tmp_path, mon
     out = capsys.readouterr().out
     assert (f"onnxruntime: WARNING: onnxruntime {onnxruntime.__version__} and onnxruntime-gpu 1.22.0 are installed "
             "together; they share one onnxruntime module") in out
-    assert "keep one: pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu" in out
+    assert ("pip uninstall -y onnxruntime && pip install --force-reinstall --no-deps onnxruntime-gpu==1.22.0 (or "
+            "onnxruntime-gpu's own wheel, as a Jetson's came)") in out
     monkeypatch.undo()
     assert main(["doctor"]) == 0 and "WARNING" not in capsys.readouterr().out
+
+
+def test_a_patch_release_apart_or_a_failure_no_release_mends_names_no_upgrade(future_graph, clip_artifacts, tmp_path):
+    """Patch releases add no operator; out of memory, a provider that fails to start or a graph broken inside
+    (an intact file ONNX Runtime refuses for its own reasons) is no version matter: those keep the original error."""
+    major, minor, patch = (onnxruntime.__version__.split(".") + ["0"])[:3]
+    assert versions.older_than_needed(f"{major}.{minor}.{patch}", "1.22", f"{major}.{minor}.{int(patch) + 1}",
+                                      "validated on") is None
+    edit_manifest(future_graph, lambda data: data["export"]["validated_with"].update(
+        onnxruntime=f"{major}.{minor}.{int(patch) + 1}"))
+    api_error(lambda: mmedge.load(future_graph).close(), IntegrityError, "re-export the artifact")
+    folder = tmp_path / "broken"
+    shutil.copytree(clip_artifacts("fp32"), folder)
+    graph = onnx.load(str(folder / "vision.onnx"))
+    graph.graph.node[0].input[0] = "a_tensor_nothing_makes"  # intact protobuf, a graph no release can run
+    onnx.save(graph, str(folder / "vision.onnx"))
+    _rehash(folder, "components.vision")
+    edit_manifest(folder, lambda data: data["export"]["validated_with"].update(onnxruntime="999.1.0"))
+    api_error(lambda: mmedge.load(folder).close(), IntegrityError, "ONNX Runtime could not load component 'vision'",
+              "re-export the artifact")

@@ -15,7 +15,7 @@ import pytest
 
 from mmedge.cli import main
 from mmedge.errors import ParityError
-from mmedge.validate import COSINE_SLACK, validate_artifact
+from mmedge.validate import COSINE_SLACK, PER_TENSOR_ACTIVATIONS_FLOOR, validate_artifact
 from tests.support.battery import cli_error
 
 needs_openvino = pytest.mark.skipif(importlib.util.find_spec("openvino") is None,
@@ -61,7 +61,9 @@ def test_validate_checks_the_cached_decoder_of_every_family(artifact_of, kind, b
     generation = decoder["generation"]
     assert decoder["backend"] == backend and decoder["precision"] == precision
     assert generation["steps"] == 3 and generation["reference"] == "the decoder graph without a cache"
-    assert generation["min_cosine"] == pytest.approx(1.0 - COSINE_SLACK[precision])
+    # dynamic INT8 quantizes activations per call (a token alone vs among the prompt's): the export's own gate
+    floor = PER_TENSOR_ACTIVATIONS_FLOOR if precision == "int8" else 1.0 - COSINE_SLACK[precision]
+    assert generation["min_cosine"] == pytest.approx(floor)
     assert generation["ok"] and generation["cosine"] >= generation["min_cosine"], generation
 
 

@@ -24,14 +24,17 @@ def port_names(ports, wanted=()) -> list[str]:
     return names
 
 
+NO_NUMPY_TYPE = ("bf16", "u1", "u2", "u3", "u4", "u6", "i4", "nf4", "f4e2m1", "f8e4m3", "f8e5m2", "f8e8m0")
+
+
 def port_tensor(port) -> tuple:
     """(numpy dtype or None, dims (an int where static, None where dynamic; None for a dynamic rank), how OpenVINO
     writes them) of a compiled model's port, for ``Runner._check_graph_tensors``."""
     element, shape = port.get_element_type(), port.get_partial_shape()
-    try:
-        dtype = np.dtype(element.to_dtype())
-    except Exception:  # an element type numpy has no dtype for (e.g. bf16, u4): matches no declared dtype
-        dtype = None
+    try:  # bf16 has no numpy dtype (OpenVINO hands out float16 for it), nor have the sub-byte and fp8 types
+        dtype = None if element.get_type_name() in NO_NUMPY_TYPE else np.dtype(element.to_dtype())
+    except Exception:
+        dtype = None  # matches no declared dtype
     dims = None if shape.rank.is_dynamic else [dim.get_length() if dim.is_static else None for dim in shape]
     return dtype, dims, f"{element.get_type_name()} of shape {shape}"
 

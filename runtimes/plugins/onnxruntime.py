@@ -182,11 +182,17 @@ class OnnxRuntimeBackend(Backend):
         found = installed_distributions(ORT_DISTRIBUTIONS)
         if len(found) < 2:
             return []
-        keep = next(name for name in reversed(ORT_DISTRIBUTIONS) if name in found)
+        builds = [name for name in found if name != "onnxruntime"]
+        if "onnxruntime" in found and len(builds) == 1:  # the CPU build pip added beside a device's own
+            keep = builds[0]
+            fix = (f"pip uninstall -y onnxruntime && pip install --force-reinstall --no-deps {keep}=={found[keep]} "
+                   f"(or {keep}'s own wheel, as a Jetson's came): the CPU build's files replaced its module")
+        else:
+            fix = ("keep the build you need: pip uninstall -y the others, then reinstall it (pip install "
+                   "--force-reinstall --no-deps NAME==VERSION, or its own wheel)")
         return [f"onnxruntime: WARNING: {' and '.join(f'{n} {v}' for n, v in found.items())} are installed together; "
                 "they share one onnxruntime module, and the one installed last decides which providers run (now: "
-                f"{', '.join(probe.ort_providers) or 'none'}): keep one: pip uninstall -y {' '.join(found)} && "
-                f"pip install {keep}"]
+                f"{', '.join(probe.ort_providers) or 'none'}): {fix}"]
 
     def hands_over_on_gpu(self, plan: ComponentPlan) -> bool:
         return bool(plan.options.get("io_binding"))
