@@ -179,7 +179,8 @@ def _opened(source: Path, dest: Path):
 
 
 def _config(block_size: int, accuracy_level: int, symmetric: bool, bits: int = 4):
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig
+    with _quiet():  # the module calls logging.basicConfig(level=INFO) when first imported
+        from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig
 
     return DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
                                         accuracy_level=accuracy_level or None, op_types_to_quantize=("MatMul",),

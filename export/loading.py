@@ -273,47 +273,74 @@ SAFETENSORS_FLOATS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF1
 
 
 def load_dtype(model: str, config) -> str:
-    """The dtype ``from_pretrained`` loads the checkpoint in: the one its floating-point weights are stored in, so a
-    BF16 checkpoint takes half the memory of FP32 until each exported part is upcast (``upcast_to_fp32``), and no
-    stored weight is rounded. transformers' ``"auto"`` takes config.json's ``dtype`` where it has one, and configs
+    """The dtype ``from_pretrained`` loads the checkpoint in: the one most of its floating-point weight bytes are
+    stored in, so a BF16 checkpoint takes half the memory of FP32 until each exported part is upcast
+    (``upcast_to_fp32``); the modules a model class keeps in FP32 (BLIP-2's Q-Former in an FP16 checkpoint) stay so,
+    as transformers keeps them. transformers' ``"auto"`` takes config.json's ``dtype`` where it has one, and configs
     that say float16 of weights stored in float32 exist: those weights had been rounded to FP16 on load, and the
-    export's parity, measured against the same rounded model, could not tell. A local folder's safetensors headers
-    name the dtypes (the widest where they differ); elsewhere (a hub id, pickled weights) ``config`` has its dtype
-    set aside, and ``"auto"`` reads the stored one from the first weight. A config.json that disagrees with the
-    headers is warned about. Returns a torch dtype's name, or ``"auto"``."""
+    export's parity, measured against the same rounded model, could not tell. The safetensors headers tell (a
+    folder's, a cached hub snapshot's, or the hub's own metadata online); where they cannot (pickled weights, no
+    answer) ``config`` has its dtype set aside and ``"auto"`` reads the first weight's. A config.json that disagrees
+    is warned about. Returns a torch dtype's name, or ``"auto"``."""
     said = getattr(config, "dtype", None)
     said = str(said).replace("torch.", "") if said is not None else None
-    stored = _stored_float_dtypes(Path(model)) if _local_folder(model) else set()
+    stored = _stored_float_bytes(model)
     config.dtype = None  # "auto" then reads the weights, not this
     if not stored:
         return "auto"
-    chosen = stored.pop() if len(stored) == 1 else "float32"
+    chosen = max(stored, key=lambda dtype: stored[dtype])
     if said is not None and said != chosen:
-        warn(f"config.json of '{model}' says dtype {said}, but its weights are stored as {chosen}: they are "
-                      "loaded as stored (the export's graphs are FP32 either way)")
+        warn(f"config.json of '{model}' says dtype {said}, but its weights are stored as {chosen}: they are loaded "
+             "as stored (the export's graphs are FP32 either way)")
     return chosen
 
 
-def _stored_float_dtypes(folder: Path) -> set[str]:
-    """The floating-point dtypes of the safetensors weights ``from_pretrained`` loads from ``folder`` (read from each
-    file's header: the weights are not read); empty where there are none or a header cannot be read (the load then
-    reports the file)."""
+SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+
+
+def _stored_float_bytes(model: str) -> dict[str, int]:
+    """Bytes of floating-point weights per dtype in the safetensors weights of ``model``, from their headers (no
+    weight is read); empty where they cannot be told."""
+    if _local_folder(model):
+        return _header_bytes(Path(model))
+    try:
+        from mmedge.export.hub import hub_options
+
+        if hub_options(model).get("local_files_only"):
+            from huggingface_hub import snapshot_download
+
+            return _header_bytes(Path(snapshot_download(model, local_files_only=True)))
+        from huggingface_hub import get_safetensors_metadata
+
+        counts = get_safetensors_metadata(model).parameter_count  # {"F16": parameters, ...}
+        return {SAFETENSORS_FLOATS[kind]: count * SAFETENSORS_BYTES[kind] for kind, count in counts.items()
+                if kind in SAFETENSORS_FLOATS}
+    except Exception:  # no answer, no safetensors, not cached whole: the load itself reports what is wrong
+        return {}
+
+
+def _header_bytes(folder: Path) -> dict[str, int]:
+    """``_stored_float_bytes`` of the safetensors files ``from_pretrained`` loads from ``folder``; empty where there
+    are none or a header cannot be read (the load then reports the file)."""
     index = folder / "model.safetensors.index.json"
     try:
         files = (sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
                  if index.is_file() else [folder / "model.safetensors"])
-        dtypes = set()
+        stored: dict[str, int] = {}
         for path in files:
             with path.open("rb") as handle:
                 size = int.from_bytes(handle.read(8), "little")
                 if not 0 < size <= path.stat().st_size - 8:
-                    return set()
+                    return {}
                 header = json.loads(handle.read(size))
-            dtypes |= {SAFETENSORS_FLOATS[entry["dtype"]] for name, entry in header.items()
-                       if name != "__metadata__" and entry.get("dtype") in SAFETENSORS_FLOATS}
-        return dtypes
+            for name, entry in header.items():
+                if name != "__metadata__" and entry.get("dtype") in SAFETENSORS_FLOATS:
+                    start, end = entry["data_offsets"]
+                    dtype = SAFETENSORS_FLOATS[entry["dtype"]]
+                    stored[dtype] = stored.get(dtype, 0) + int(end) - int(start)
+        return stored
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return set()
+        return {}
 
 
 def stored_dtype(model) -> str:

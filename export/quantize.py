@@ -24,7 +24,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -43,26 +45,47 @@ def quiet():
     """onnxruntime.quantization logs per node and prints tips: keep the user's terminal readable without touching the
     application's own logging. Its module loggers are raised to ERROR; what it logs on the root logger itself
     (``logging.info``) is dropped by a filter that passes every other caller's record, and a NullHandler on the root
-    while it runs keeps ``logging.info`` from calling ``basicConfig`` (which had left a stderr handler on the root
-    for good: an application's ``basicConfig`` afterwards did nothing). Its prints go to a buffer: stdout is the
-    process's, so another thread's prints meanwhile are lost too (README: export in a process of its own where
+    while it runs keeps ``logging.info`` (and ``basicConfig`` at an import) from adding a handler there (a stderr
+    handler had stayed for good: an application's ``basicConfig`` afterwards did nothing). Nested and concurrent
+    uses share one guard, put in place by the first and taken away by the last. Its prints go to a buffer: stdout is
+    the process's, so another thread's prints meanwhile are lost too (README: export in a process of its own where
     that matters)."""
-    import onnxruntime
-
-    root, ours = logging.getLogger(), logging.getLogger("onnxruntime")
-    handlers, level = list(root.handlers), ours.level
-    guard, drop = logging.NullHandler(), _FromPackage(Path(onnxruntime.__file__).parent)
-    root.addHandler(guard)
-    root.addFilter(drop)
-    ours.setLevel(logging.ERROR)
+    _enter_quiet()
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
-        ours.setLevel(level)
-        root.removeFilter(drop)
-        for handler in [h for h in root.handlers if h not in handlers]:  # the guard, and any basicConfig made
-            root.removeHandler(handler)
+        _leave_quiet()
+
+
+_QUIET = {"users": 0, "level": logging.NOTSET, "guard": None, "filter": None}
+_QUIET_LOCK = threading.Lock()
+
+
+def _enter_quiet() -> None:
+    with _QUIET_LOCK:
+        _QUIET["users"] += 1
+        if _QUIET["users"] > 1:
+            return
+        import onnxruntime
+
+        root, ours = logging.getLogger(), logging.getLogger("onnxruntime")
+        _QUIET.update(level=ours.level, guard=logging.NullHandler(),
+                      filter=_FromPackage(Path(onnxruntime.__file__).parent))
+        root.addHandler(_QUIET["guard"])
+        root.addFilter(_QUIET["filter"])
+        ours.setLevel(logging.ERROR)
+
+
+def _leave_quiet() -> None:
+    with _QUIET_LOCK:
+        _QUIET["users"] -= 1
+        if _QUIET["users"]:
+            return
+        root = logging.getLogger()
+        logging.getLogger("onnxruntime").setLevel(_QUIET["level"])
+        root.removeFilter(_QUIET["filter"])
+        root.removeHandler(_QUIET["guard"])
 
 
 class _FromPackage(logging.Filter):
@@ -70,7 +93,7 @@ class _FromPackage(logging.Filter):
 
     def __init__(self, folder: Path):
         super().__init__()
-        self.folder = str(folder)
+        self.folder = os.path.join(str(folder), "")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno >= logging.ERROR or not record.pathname.startswith(self.folder)

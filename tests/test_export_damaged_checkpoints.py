@@ -126,6 +126,10 @@ def test_an_instructblip_qformer_tokenizer_without_its_vocabulary_is_refused(tin
               f"the tokenizer of '{folder / 'qformer_tokenizer'}' (BertTokenizer) loaded without its vocabulary",
               "missing tokenizer.json, vocab.txt")
     assert not (tmp_path / "out").exists()
+    shutil.rmtree(folder / "qformer_tokenizer")  # the whole folder gone: named as such, not a hub id error
+    cli_error(capsys, ["export", folder, tmp_path / "out", "--quiet"], ModelLoadError,
+              "has no qformer_tokenizer/ folder for the Q-Former's tokenizer",
+              "fix: save the checkpoint's InstructBlipProcessor into the folder")
 
 
 # --- 4. an image processor of another size -------------------------------------------------------------------------

@@ -70,3 +70,21 @@ def test_mmedge_warnings_are_one_category_given_at_the_callers_line(clip_artifac
     truncated = next(w for w in seen if "were truncated" in str(w.message))
     calibration = next(w for w in seen if "--calibration folder" in str(w.message))
     assert truncated.filename == calibration.filename == __file__, (truncated.filename, calibration.filename)
+
+
+def test_an_int4_export_in_a_fresh_process_leaves_the_root_logger_as_it_was(tiny_blip2_dir, tmp_path):
+    """ONNX Runtime's MatMulNBits quantizer calls logging.basicConfig(level=INFO) when it is first imported: in a
+    fresh process (no earlier import) that left a stderr handler and level INFO on the root for good."""
+    import subprocess
+    import sys
+
+    script = (
+        "import logging, sys\n"
+        "from mmedge.export import export_model\n"
+        "export_model(sys.argv[1], sys.argv[2], llm_precision='int4', progress=False)\n"
+        "root = logging.getLogger()\n"
+        "print(len(root.handlers), root.level, len(root.filters), logging.getLogger('onnxruntime').level)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tiny_blip2_dir), str(tmp_path / "int4")],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", str(logging.WARNING), "0", "0"], done.stdout + done.stderr

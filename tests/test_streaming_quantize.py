@@ -274,3 +274,23 @@ def test_weights_stored_in_fp32_load_as_stored_whatever_config_json_says(tiny_bl
     prefix = session.run(None, {"pixel_values": pixels})[0]
     assert prefix.shape[-1] == reference.shape[-1] and np.abs(prefix - reference.numpy()).max() < 1e-4
     assert json.loads((out / "manifest.json").read_text())["source"]["dtype"] == "float32"
+
+
+def test_an_fp16_checkpoint_with_modules_kept_fp32_loads_as_transformers_saved_it(tiny_blip2_dir, tmp_path):
+    """BLIP-2 saved at FP16 keeps its Q-Former FP32 (the class's _keep_in_fp32_modules): the weights load at the
+    dtype most of their bytes have, the Q-Former staying FP32 (all of it had been loaded FP32: twice the memory of a
+    2.7B LLM), without a warning (config.json says float16, as the weights are)."""
+    import warnings
+
+    import torch
+    from transformers import Blip2ForConditionalGeneration
+
+    checkpoint = tmp_path / "fp16"
+    shutil.copytree(tiny_blip2_dir, checkpoint)
+    Blip2ForConditionalGeneration.from_pretrained(tiny_blip2_dir, dtype=torch.float16).save_pretrained(checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "dtype": "float16"}))  # as FP16 hub repos say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = export_model(str(checkpoint), tmp_path / "art", progress=False)
+    assert json.loads((out / "manifest.json").read_text())["source"]["dtype"] == "float16+float32"

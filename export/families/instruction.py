@@ -159,8 +159,17 @@ def checkpoint_qformer_tokenizer(model: str, qformer_config):
     with the LLM's tokenizer, before any weight loads, and again when the family saves it."""
     import transformers
 
+    folder = _qformer_folder(model)
+    if not folder.is_dir():
+        local = Path(model).is_dir()
+        raise ModelLoadError(f"'{model}' has no {QFORMER_TOKENIZER_FOLDER}/ folder for the Q-Former's tokenizer"
+                             + ("" if local else " in the local Hugging Face cache"),
+                             f"the Q-Former's tokenizer in {QFORMER_TOKENIZER_FOLDER}/ beside the weights, where "
+                             "InstructBlipProcessor.save_pretrained puts it",
+                             "save the checkpoint's InstructBlipProcessor into the folder (save_pretrained)" if local
+                             else "fetch the model where the hub can be reached (it fetches that folder too)")
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(_qformer_folder(model))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load the Q-Former's tokenizer of '{model}' ({str(exc).splitlines()[0][:200]})",
                              f"a tokenizer in {QFORMER_TOKENIZER_FOLDER}/ beside the weights",
