@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -281,6 +282,12 @@ def run_children(paths: list[str], args, labelled: list[str] | None = None) -> l
                 raise error
             if os.environ.get("MMEDGE_DEBUG"):
                 sys.stderr.write(child.stderr)
+            if child.returncode == -signal.SIGKILL:  # what the kernel's OOM killer sends
+                from mmedge.device import FREE_MEMORY
+
+                raise errors.InsufficientMemoryError(
+                    f"the process benchmarking '{path}' was killed (SIGKILL), most likely by the kernel's "
+                    "out-of-memory killer", "the memory the artifact needs, free", FREE_MEMORY)
             lines = [line for line in child.stderr.strip().splitlines() if line.strip()]
             last = lines[-1] if lines else f"exit code {child.returncode}, no output"
             raise MmedgeError(f"the process benchmarking '{path}' failed before it could measure ({last})",

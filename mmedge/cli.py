@@ -753,6 +753,14 @@ def _run(args) -> int:
         print(f"mmedge: error: {_system_error(exc)}; expected paths this user can read and write, with free space; "
               "fix: check the path, free space and permissions.", file=sys.stderr)
         return 2
+    except MemoryError:  # an allocation Python could not make (numpy, an import): the device, not a bug
+        if os.environ.get("MMEDGE_DEBUG"):
+            raise
+        from mmedge.device import FREE_MEMORY, out_of_memory_error
+
+        error = out_of_memory_error("mmedge ran out of memory", MemoryError("MemoryError"), FREE_MEMORY)
+        print(f"mmedge: error: {error}", file=sys.stderr)
+        return error.exit_code
     except Exception as exc:  # a bug: one line, the traceback on request
         if os.environ.get("MMEDGE_DEBUG"):
             raise

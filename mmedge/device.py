@@ -80,6 +80,31 @@ def _memory_total_mb(meminfo: str, field: str = "MemTotal") -> int | None:
     return None
 
 
+# how an engine says it could not allocate: C++'s std::bad_alloc, ONNX Runtime's arena, Python's MemoryError
+OUT_OF_MEMORY_SIGNS = ("bad_alloc", "Failed to allocate memory", "out of memory", "OutOfMemory")
+FREE_MEMORY = ("close other processes or pipelines (mmedge serve: fewer --workers or artifacts), or export a smaller "
+               "precision (--precision int8, --llm-precision int4); mmedge doctor ARTIFACT shows this device")
+SMALLER_CALLS = ("pass fewer images or texts per call, fewer beams or a shorter max_new_tokens, or fewer threads; or "
+                 + FREE_MEMORY)
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says an allocation failed (not a damaged graph or a bad feed)."""
+    return isinstance(exc, MemoryError) or any(sign in str(exc) for sign in OUT_OF_MEMORY_SIGNS)
+
+
+def out_of_memory_error(what: str, exc: BaseException, fix: str):
+    """The InsufficientMemoryError for ``what`` (e.g. "ONNX Runtime ran out of memory loading the decoder"), with the
+    engine's words and the memory this device has available now."""
+    from mmedge.errors import InsufficientMemoryError
+
+    available = _memory_total_mb(_read("/proc/meminfo") or "", "MemAvailable")
+    detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return InsufficientMemoryError(f"{what} ({detail})", "more free memory than there is now"
+                                   + (f" (the system reports {available:,} MiB available; a container's or ulimit's "
+                                      "limit may be lower)" if available is not None else ""), fix)
+
+
 def parse_jetson(nv_tegra_release: str | None, device_tree_model: str | None) -> dict | None:
     """Jetson module and L4T release from /etc/nv_tegra_release and /proc/device-tree/model."""
     if not nv_tegra_release and not (device_tree_model and "jetson" in device_tree_model.lower()):

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from mmedge.embeddings import EmbeddingTable
-from mmedge.errors import BackendError, FeedError, IntegrityError
+from mmedge.errors import BackendError, FeedError, IntegrityError, MmedgeError
 from mmedge.generation.decoder import position_ids as _position_ids
 from mmedge.generation.kv_layout import LOGITS_POSITIONS, cache_names, checked_layout, context_inputs
 from mmedge.manifest import decoder_settings
@@ -193,7 +193,11 @@ class GraphDecoder(abc.ABC):
     def _closed_error(self) -> BackendError:
         return BackendError("the decoder is closed", "an open decoder", f"create a new {type(self).__name__}")
 
-    def _run_error(self, engine: str, exc: Exception) -> BackendError:
+    def _run_error(self, engine: str, exc: Exception) -> MmedgeError:
+        from mmedge.device import SMALLER_CALLS, out_of_memory, out_of_memory_error
+
+        if out_of_memory(exc):
+            return out_of_memory_error(f"{engine} ran out of memory running the decoder", exc, SMALLER_CALLS)
         detail = str(exc).splitlines()[0][:200] if str(exc) else "no detail"
         return BackendError(f"{engine} failed running the decoder ({type(exc).__name__}: {detail})",
                             "feeds matching the decoder graph", "check that the kv_cache layout matches the graph")

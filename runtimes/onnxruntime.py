@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from mmedge.backends import settings_from_options
+from mmedge.device import SMALLER_CALLS, out_of_memory, out_of_memory_error
 from mmedge.errors import BackendError, IntegrityError
 from mmedge.runner import DeviceArray, Runner
 from mmedge.runtimes.ort_session import (
@@ -113,6 +114,9 @@ class OnnxRuntimeRunner(Runner):
             # InferenceSession.run is thread-safe; no lock needed on the hot path.
             values = self._session.run(self._output_names, feeds)
         except Exception as exc:
+            if out_of_memory(exc):
+                raise out_of_memory_error(f"ONNX Runtime ran out of memory running component '{self.component_name}'",
+                                          exc, SMALLER_CALLS) from None
             raise BackendError(
                 f"ONNX Runtime failed running component '{self.component_name}' "
                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})",

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from mmedge.device import FREE_MEMORY, out_of_memory, out_of_memory_error
 from mmedge.errors import BackendError, BackendUnavailableError, InputError, IntegrityError, MmedgeError
 from mmedge.setting_checks import check_switch, is_whole
 
@@ -147,6 +148,11 @@ def session_from_path(path: str | os.PathLike, options: OrtOptions | None = None
         return ort.InferenceSession(str(path), sess_options=session_options(options),
                                     providers=[p for p, _ in providers], provider_options=[o for _, o in providers])
     except Exception as exc:  # ORT raises its own Fail/InvalidGraph/… types
+        if out_of_memory(exc):  # the file is intact (its sha256 was checked): this device lacks the memory
+            weights = Path(f"{path}.data")  # the external data an export writes beside a large graph
+            size = Path(path).stat().st_size + (weights.stat().st_size if weights.is_file() else 0)
+            raise out_of_memory_error(f"ONNX Runtime ran out of memory loading {what} from '{Path(path).name}' "
+                                      f"({size / 2**20:,.0f} MiB on disk)", exc, FREE_MEMORY) from None
         raise GraphLoadError(f"{what} from '{Path(path).name}'",
                              f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}",
                              str(exc)) from None
