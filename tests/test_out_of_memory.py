@@ -95,3 +95,22 @@ def test_bench_says_a_measuring_process_killed_by_sigkill_most_likely_ran_out_of
     assert main(["bench", str(demo_run[0] / "clip-int8"), "--runs", "1", "--batch", "1"]) == 4
     err = capsys.readouterr().err
     assert "was killed (SIGKILL), most likely by the kernel's out-of-memory killer" in err, err
+
+
+def test_doctor_compares_the_planned_graphs_with_the_memory_available(blip2_artifact, monkeypatch, capsys):
+    """doctor knows the graphs' sizes and the device's memory: it says when a load may not fit."""
+    import dataclasses
+    import json
+
+    from mmedge import cli, device
+
+    assert cli.main(["doctor", str(blip2_artifact), "--json"]) == 0
+    memory = json.loads(capsys.readouterr().out)["memory"]
+    on_disk = sum(p.stat().st_size for p in blip2_artifact.glob("*.onnx*")) / 2**20
+    assert memory["graphs_mib"] == pytest.approx(on_disk, abs=0.1) and memory["may_not_fit"] is False
+    found = device.probe()
+    monkeypatch.setattr(device, "probe", lambda: dataclasses.replace(found, memory_available_mb=0))
+    assert cli.main(["doctor", str(blip2_artifact)]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: memory: the planned graphs take" in out and "0 MiB available now" in out
+    assert "it may not fit; free memory, or export a smaller precision" in out
