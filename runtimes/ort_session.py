@@ -4,6 +4,7 @@ the one table from ONNX Runtime's type names to numpy dtypes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,5 +197,15 @@ def too_old_for(error: GraphLoadError, manifest: dict) -> MmedgeError:
                         f"onnxruntime-gpu build){head}")
 
 
+@contextlib.contextmanager
+def release_named_when_too_old(manifest: dict):
+    """Opening an artifact's graph: a GraphLoadError raised in the block becomes ``too_old_for``'s error."""
+    try:
+        yield
+    except GraphLoadError as exc:
+        raise too_old_for(exc, manifest) from None
+
+
 __all__ = ["ORT_DTYPES", "PROVIDERS", "GraphLoadError", "OrtOptions", "available_providers", "provider_list",
-           "provider_options", "session_from_path", "session_options", "too_old_for"]
+           "provider_options", "release_named_when_too_old", "session_from_path", "session_options",
+           "too_old_for"]

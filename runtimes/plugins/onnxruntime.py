@@ -147,13 +147,11 @@ class OnnxRuntimeBackend(Backend):
         options = with_settings(self.runner_options(artifact, plan, threads), self.runner_settings(settings))
         if keep_on_device:
             options["keep_on_device"] = True  # its outputs feed another stage on the same GPU backend
-        from mmedge.runtimes.ort_session import GraphLoadError, too_old_for
+        from mmedge.runtimes.ort_session import release_named_when_too_old
 
-        try:
+        with release_named_when_too_old(artifact.manifest):
             return self.import_runner_module().create_runner(artifact.component_path(name), name,
                                                              artifact.component(name), **options)
-        except GraphLoadError as exc:
-            raise too_old_for(exc, artifact.manifest) from None
 
     def open_decoder(self, artifact, plan: ComponentPlan, table, *, threads: int | None = None,
                      settings: dict | None = None):
@@ -165,13 +163,11 @@ class OnnxRuntimeBackend(Backend):
         layout, decoder_options = artifact_decoder(artifact.manifest)  # IDEFICS: context inputs (image mask, cross K/V)
         ort_settings = {k: v for k, v in with_settings(self.runner_options(artifact, plan, threads), settings).items()
                         if k not in ("io_binding", "keep_on_device")}
-        from mmedge.runtimes.ort_session import GraphLoadError, too_old_for
+        from mmedge.runtimes.ort_session import release_named_when_too_old
 
-        try:
+        with release_named_when_too_old(artifact.manifest):
             return OrtDecoder(artifact.component_path("decoder"), table, layout, options=OrtOptions(**ort_settings),
                               **decoder_options)
-        except GraphLoadError as exc:
-            raise too_old_for(exc, artifact.manifest) from None
 
     def device_lines(self, probe) -> list[str]:
         """A warning where several onnxruntime distributions are installed together (``pip install mmedge`` beside
