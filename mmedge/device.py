@@ -132,13 +132,8 @@ def _engine_versions() -> dict[str, str | None]:
         if not any(importable(module) for module in modules):
             versions[name] = None
             continue
-        versions[name] = "unknown"
-        for distribution in DISTRIBUTIONS.get(name, (name,)):
-            try:
-                versions[name] = importlib.metadata.version(distribution)
-                break
-            except importlib.metadata.PackageNotFoundError:
-                continue
+        found = installed_distributions(DISTRIBUTIONS.get(name, (name,)))
+        versions[name] = next(iter(found.values()), "unknown")  # the first of them installed
     return versions
 
 
