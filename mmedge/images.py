@@ -144,7 +144,10 @@ def _decode_bytes(data: bytes, name: str) -> Image.Image:
 def _decode(fp: str | io.BytesIO, name: str) -> Image.Image:
     """Open, size-check, fully decode, orient and convert an encoded image."""
     try:
-        with _open(fp) as opened:
+        # the process's warning filters as the caller has them: PIL warns of an image past ~89 MP (an error where
+        # the caller makes warnings errors) and raises past ~179 MP, both over MAX_PIXELS and refused alike (a
+        # catch_warnings here swapped the process-wide filter list on every decode)
+        with Image.open(fp) as opened:
             _check_pixels(opened.size, name)  # from the header, before any pixel is decoded
             opened.load()  # first frame only; raises on truncated or corrupt data
             image = ImageOps.exif_transpose(opened)
@@ -161,15 +164,6 @@ def _decode(fp: str | io.BytesIO, name: str) -> Image.Image:
             "re-save or re-download the file",
         ) from exc
     return _to_rgb(image, name)
-
-
-def _open(fp: str | io.BytesIO) -> Image.Image:
-    """``Image.open``, with the process's warning filters as the caller has them: an image past ``MAX_PIXELS`` is
-    refused from its header by ``_decode``. PIL warns of one past ~89 MP (a DecompressionBombWarning, raised where
-    the caller turns warnings into errors) and raises past ~179 MP: both are over ``MAX_PIXELS``, refused alike.
-    (A ``warnings.catch_warnings`` here swapped the process-wide filter list on every decode: filters another thread
-    added meanwhile were lost, and the application's once-only warnings were shown again.)"""
-    return Image.open(fp)
 
 
 # --- in-memory sources ---------------------------------------------------------------------------
