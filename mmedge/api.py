@@ -66,8 +66,7 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", t
             tokenizer = TextTokenizer.from_file(path, settings)
         preprocessor = ImagePreprocessor(manifest["preprocess"])
         if "decoder" in chosen.components:
-            decoder, embeddings = _decoder(artifact, chosen.components["decoder"], threads,
-                                           extra.get(chosen.components["decoder"].backend, {}))
+            decoder, embeddings = _decoder(artifact, chosen, threads, extra)
             pipeline = pipeline_class(manifest["family"], task)(artifact, runners, preprocessor, tokenizer, decoder,
                                                                 embeddings)
         else:
@@ -106,7 +105,9 @@ def open_runners(artifact: Artifact, chosen, *, threads: int | None = None, back
     """A runner per planned component, each opened by its backend's plug-in (``mmedge.backends.Backend.open_runner``):
     what ``mmedge.load`` builds its pipeline on (``decoder=False``: the decoder is opened as a KV-cached decoder
     instead, and stages that hand arrays over on the GPU keep them there) and what ``mmedge validate`` measures (every
-    component as a plain graph). ``backend_options``: checked settings per backend name. ``refused``: where given, a
+    component as a plain graph). A component whose backend refuses its graph and names a fallback (``auto``'s
+    OpenVINO: ONNX Runtime) is re-planned there in ``chosen`` (``_opened``), so the plan says what runs.
+    ``backend_options``: checked settings per backend name. ``refused``: where given, a
     component its backend cannot open (a BackendError: OpenVINO refusing a graph, for ``mmedge tune``) is left out and
     recorded there with why, and the others are opened. On an error, the runners already open are closed."""
     from mmedge.runtimes.registry import backend
@@ -119,9 +120,10 @@ def open_runners(artifact: Artifact, chosen, *, threads: int | None = None, back
             if name == "decoder" and not decoder:
                 continue  # stateful: opened around its KV cache by _decoder
             try:
-                runners[name] = backend(comp_plan.backend).open_runner(artifact, name, comp_plan, threads=threads,
-                                                                       settings=settings.get(comp_plan.backend),
-                                                                       keep_on_device=name in chained)
+                runners[name] = _opened(artifact, chosen, name, settings, lambda planned, name=name: backend(
+                    planned.backend).open_runner(artifact, name, planned, threads=threads,
+                                                 settings=settings.get(planned.backend),
+                                                 keep_on_device=name in chained))
             except BackendError as exc:
                 if refused is None:
                     raise
@@ -287,12 +289,42 @@ def _chained_outputs(artifact: Artifact, chosen) -> set[str]:
     return chained
 
 
-def _decoder(artifact: Artifact, comp_plan, threads: int | None, settings: dict | None = None):
-    """The KV-cached decoder its backend opens (``TorchDecoder`` on torch, ``RunnerDecoder`` over the decoder's
-    TensorRT engine, ``OrtDecoder`` on ONNX Runtime) and the token-embedding table it embeds generated ids with."""
+def _decoder(artifact: Artifact, chosen, threads: int | None, backend_options: dict):
+    """The KV-cached decoder the plan's backend opens (``TorchDecoder`` on torch, ``RunnerDecoder`` over the decoder's
+    TensorRT engine, ``OrtDecoder`` on ONNX Runtime; re-planned as ``open_runners`` does where that backend refuses
+    it), with the user's settings for that backend, and the token-embedding table it embeds generated ids with."""
     from mmedge.embeddings import EmbeddingTable
     from mmedge.runtimes.registry import backend
 
     table = EmbeddingTable.of_artifact(artifact)
-    return backend(comp_plan.backend).open_decoder(artifact, comp_plan, table, threads=threads,
-                                                   settings=settings), table
+    return _opened(artifact, chosen, "decoder", backend_options, lambda planned: backend(planned.backend).open_decoder(
+        artifact, planned, table, threads=threads, settings=backend_options.get(planned.backend, {}))), table
+
+
+def _opened(artifact: Artifact, chosen, name: str, backend_options: dict, open_planned):
+    """``open_planned(chosen.components[name])``; where its backend refuses the graph (BackendError) and names a
+    backend that runs it instead (``Backend.fallback``), that backend's own CPU plan for it, settled with the user's
+    settings for it, replaces the component's plan in ``chosen`` (so ``pipeline.plan``, ``/v1/models`` and ``bench``
+    say what runs), the reason goes to ``chosen.fallbacks`` and is warned once per load, and it is opened there."""
+    from mmedge.backends import PlanRequest
+    from mmedge.device import probe
+    from mmedge.runtimes.registry import backend
+
+    planned = chosen.components[name]
+    try:
+        return open_planned(planned)
+    except BackendError as exc:
+        instead = backend(planned.backend).fallback(planned)
+        if instead is None:
+            raise
+        why = exc.what
+    others = {other: None for other in artifact.components if other != name}
+    replanned = backend(instead).plan_components(PlanRequest(probe(), artifact.manifest, "cpu"), others)[name]
+    if backend_options.get(instead):
+        replanned = backend(instead).settled(artifact, name, replanned, backend_options[instead])
+    chosen.components[name] = replanned
+    reason = (f"{why}: auto runs component '{name}' on {instead} instead (`mmedge tune ARTIFACT` records this, so "
+              f"that later loads plan it there without asking {planned.backend})")
+    chosen.fallbacks.append(reason)
+    log.warning("mmedge: %s", reason)
+    return open_planned(replanned)

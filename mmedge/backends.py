@@ -85,7 +85,8 @@ class Backend(abc.ABC):
       BackendUnavailableError saying what is missing.
     - ``runner_module``: the module holding its ``Runner`` and ``create_runner(path, component_name, component,
       **options)``, imported only when a runner is opened.
-    - ``open_runner`` / ``open_decoder``: a ``Runner`` for one planned component, the KV-cached decoder.
+    - ``open_runner`` / ``open_decoder``: a ``Runner`` for one planned component, the KV-cached decoder;
+      ``fallback(plan)``: the backend that runs it instead where opening it raised a BackendError (default: none).
     - ``settings``: the dataclass ``backend_options[name]`` is checked against (None: it takes none);
       ``plan_owned``: its fields the plan sets (refused in ``backend_options``); ``decoder_only``: fields that apply to
       the decoder only (not passed to the encoders' runners).
@@ -165,6 +166,12 @@ class Backend(abc.ABC):
         """The artifact's KV-cached decoder (an ``mmedge.generation.Decoder``) on this backend."""
         raise BackendError(f"backend '{self.name}' has no KV-cached decoder", "a backend that runs decoders",
                            "load with backend='auto'")
+
+    def fallback(self, plan: ComponentPlan) -> str | None:
+        """The backend that runs the planned component on the CPU where this backend's runner or decoder refused its
+        graph (a BackendError at opening), or None where the error stands: ``auto``'s OpenVINO components name ONNX
+        Runtime; a backend the user named never falls back. ``mmedge.api.open_runners`` re-plans the component there."""
+        return None
 
     def supplies_weights(self, settings: dict | None) -> bool:
         """Whether the user's ``settings`` for this backend bring PyTorch weights of their own (a checkpoint folder),

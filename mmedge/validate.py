@@ -114,8 +114,8 @@ def validate_artifact(path, backend: str = "auto", device: str = "auto", threads
     samples = load_validation_samples(artifact)
     generation = None
     if "decoder" in chosen.components:  # opened and closed before the graphs: never both in memory at once
-        generation = _cached_generation(artifact, chosen.components["decoder"], component_sample(samples, "decoder"),
-                                        threads, backend_options or {})
+        generation = _cached_generation(artifact, chosen, component_sample(samples, "decoder"), threads,
+                                        backend_options or {})
     runners = open_runners(artifact, chosen, threads=threads, backend_options=backend_options)
     try:
         report = validate(artifact, runners, {name: c.precision for name, c in chosen.components.items()}, samples)
@@ -143,14 +143,14 @@ def raise_on_failure(report: dict[str, dict]) -> None:
                               "garbage); try another backend, or another release of its engine")
 
 
-def _cached_generation(artifact: Artifact, comp_plan, sample: dict, threads: int | None,
+def _cached_generation(artifact: Artifact, chosen, sample: dict, threads: int | None,
                        backend_options: dict) -> CachedRun:
     """The decoder ``mmedge.load`` opens for this plan (its backend, the user's settings for it, the artifact's
     embedding table), run on the decoder's sample for a short greedy generation (``generation_check.run_cached``);
     closed again."""
     from mmedge.api import _decoder
 
-    decoder, table = _decoder(artifact, comp_plan, threads, backend_options.get(comp_plan.backend, {}))
+    decoder, table = _decoder(artifact, chosen, threads, backend_options)
     try:
         return run_cached(decoder, sample_prompt(artifact.manifest, sample["inputs"]), table)
     finally:

@@ -27,6 +27,7 @@ from mmedge.artifact import Artifact
 from mmedge.cli import main
 from mmedge.errors import BackendError
 from mmedge.runtimes.openvino.tune import tune
+from mmedge.tuning import store, timings_path
 from mmedge.validate import load_validation_samples
 from tests.test_openvino import needs_openvino
 
@@ -84,6 +85,28 @@ def test_auto_runs_a_graph_openvino_refuses_on_onnx_runtime(refused_clip, caplog
     with caplog.at_level(logging.WARNING, logger="mmedge"), mmedge.load(refused_clip) as again:
         assert again.runners["vision"].backend == "onnxruntime"
     assert any(UNSUPPORTED in r.getMessage() for r in caplog.records)  # OpenVINO was asked again
+
+
+@needs_openvino
+@needs_x86
+def test_a_graph_openvino_refuses_is_re_planned_on_onnx_runtime_with_the_user_s_settings(refused_clip, caplog):
+    record = tune(refused_clip, threads=1, runs=3, progress=False)
+    vision, text = record["components"]["vision"], record["components"]["text"]
+    # as measured where OpenVINO read the vision graph (the failure was passing) and ONNX Runtime ran text faster
+    vision.pop("openvino_failed")
+    vision.update(openvino_ms=1.0, onnxruntime_ms=100.0)
+    text.update(openvino_ms=100.0, onnxruntime_ms=1.0)
+    store(timings_path(Artifact.open(refused_clip)), record)
+    planned = plan_for(refused_clip, threads=1).components
+    assert (planned["vision"].backend, planned["text"].backend) == ("openvino", "onnxruntime")
+    options = {"onnxruntime": {"graph_optimization": "disable"}}  # taken: ONNX Runtime runs text in the plan
+    with caplog.at_level(logging.WARNING, logger="mmedge"), \
+            mmedge.load(refused_clip, threads=1, backend_options=options) as auto:
+        assert auto.plan.components["vision"].backend == "onnxruntime"  # what runs, as /v1/models and bench say
+        assert auto.plan.components["vision"].options.get("fallback") is None
+        assert auto.runners["vision"].options.graph_optimization == "disable"  # the user's setting reached it
+        assert [reason for reason in auto.plan.fallbacks if UNSUPPORTED in reason]
+    assert sum("auto runs component 'vision'" in r.getMessage() for r in caplog.records) == 1
 
 
 @needs_openvino

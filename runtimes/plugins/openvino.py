@@ -5,27 +5,26 @@ Under ``auto`` on an x86 CPU (no NVIDIA GPU in use) it takes each component it r
 ``mmedge tune`` measured that graph on this device (``mmedge.runtimes.openvino.tune``), by the measurement; elsewhere
 by the rule (``mmedge.runtimes.openvino.planning``: per graph recipe, per CPU class with or without VNNI). It says
 why; ONNX Runtime, later in priority, takes the rest. A component ``auto`` gave OpenVINO that OpenVINO then cannot
-read or compile here (an operator or pattern it does not support) runs on ONNX Runtime's CPU provider instead, with
-one warning saying why (``FALLBACK``). Nothing of that is recorded: the next load asks OpenVINO again (the failure may
-have been passing: memory, a full disk), while ``mmedge tune`` records a graph OpenVINO could not run, and ``auto``
-then plans ONNX Runtime for it. Named explicitly it runs every component on OpenVINO (its
-CPU, or the device ``backend_options`` names; the plan's components show it, with the inference precision where a
-precision hint or another device changes it, e.g. "fp32 (bf16 inference)").
+read or compile here (an operator or pattern it does not support) runs on ONNX Runtime's CPU provider instead
+(``FALLBACK``, the plan option ``Backend.fallback`` reads): ``mmedge.api.open_runners`` re-plans it there, with the
+user's ONNX Runtime settings, and warns once per load saying why. Nothing of that is recorded: the next load asks
+OpenVINO again (the failure may have been passing: memory, a full disk), while ``mmedge tune`` records a graph
+OpenVINO could not run, and ``auto`` then plans ONNX Runtime for it. Named explicitly it runs every component on
+OpenVINO (its CPU, or the device ``backend_options`` names; the plan's components show it, with the inference
+precision where a precision hint or another device changes it, e.g. "fp32 (bf16 inference)").
 ``mmedge doctor`` lists OpenVINO's devices, the INT8 recipe the rule picks for this CPU, and the cached compiled
 models of an artifact. Nothing here imports openvino.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 
 from mmedge.backends import Backend, ComponentPlan, PlanRequest
-from mmedge.errors import BackendError, BackendUnavailableError
+from mmedge.errors import BackendUnavailableError
 from mmedge.runtimes.openvino.planning import faster_backend, has_vnni, openvino_unusable
 from mmedge.runtimes.registry import BACKENDS
 
-log = logging.getLogger("mmedge")
 # the plan option of a component auto gave OpenVINO: the backend that runs it where OpenVINO refuses its graph (a
 # backend the user named never falls back)
 FALLBACK = "fallback"
@@ -135,24 +134,17 @@ class OpenVinoBackend(Backend):
     def open_runner(self, artifact, name: str, plan: ComponentPlan, *, threads: int | None = None,
                     settings: dict | None = None, keep_on_device: bool = False):
         options = self._options(artifact, plan, threads, self.runner_settings(settings))
-        try:
-            return self.import_runner_module().create_runner(artifact.component_path(name), name,
-                                                             artifact.component(name), **options)
-        except BackendError as exc:
-            fallback = _fallback(plan, name, exc)
-            return fallback.open_runner(artifact, name, _fallback_plan(fallback, artifact, name), threads=threads,
-                                        keep_on_device=keep_on_device)
+        return self.import_runner_module().create_runner(artifact.component_path(name), name,
+                                                         artifact.component(name), **options)
 
     def open_decoder(self, artifact, plan: ComponentPlan, table, *, threads: int | None = None,
                      settings: dict | None = None):
         from mmedge.runtimes.openvino import create_decoder
 
-        try:
-            return create_decoder(artifact, table, **self._options(artifact, plan, threads, settings))
-        except BackendError as exc:
-            fallback = _fallback(plan, "decoder", exc)
-            return fallback.open_decoder(artifact, _fallback_plan(fallback, artifact, "decoder"), table,
-                                         threads=threads)
+        return create_decoder(artifact, table, **self._options(artifact, plan, threads, settings))
+
+    def fallback(self, plan: ComponentPlan) -> str | None:
+        return plan.options.get(FALLBACK)
 
     def device_lines(self, probe) -> list[str]:
         if not self._installed(probe.engines):
@@ -167,28 +159,6 @@ class OpenVinoBackend(Backend):
         from mmedge.tuning import record_lines
 
         return cached_lines(artifact) + record_lines(artifact, probe())
-
-
-def _fallback(plan: ComponentPlan, name: str, exc: BackendError) -> Backend:
-    """The backend that runs component ``name`` where OpenVINO refused it (``exc``), after one warning saying why;
-    ``exc`` itself where the user named OpenVINO (the plan has no ``FALLBACK``)."""
-    from mmedge.runtimes.registry import backend
-
-    if not plan.options.get(FALLBACK):
-        raise exc
-    fallback = backend(plan.options[FALLBACK])
-    log.warning("mmedge: %s: auto runs component '%s' on %s instead (`mmedge tune ARTIFACT` records this, so that "
-                "later loads plan it there without asking OpenVINO)", exc.what, name, fallback.name)
-    return fallback
-
-
-def _fallback_plan(fallback: Backend, artifact, name: str) -> ComponentPlan:
-    """``fallback``'s own CPU plan for component ``name``, as ``auto`` would have made it had OpenVINO not taken it."""
-    from mmedge.device import probe
-
-    others = {other: None for other in artifact.components if other != name}
-    request = PlanRequest(probe(), artifact.manifest, "cpu")
-    return fallback.plan_components(request, others)[name]
 
 
 def _cpu_runs_only_f32(hint: str) -> str | None:
