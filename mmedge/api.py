@@ -34,6 +34,7 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", t
     ``{"torch": {"quantization": "nf4", "dtype": "bfloat16", "checkpoint": "blip2-folder"}}`` (see
     ``mmedge.runtimes.torch_backend.TorchSettings``) or ``{"onnxruntime": {"device_id": 1}}``.
     """
+    from mmedge.memory import warn_if_it_may_not_fit
     from mmedge.preprocess import ImagePreprocessor
     from mmedge.selection import log_fallbacks
     from mmedge.tokenizer import TextTokenizer
@@ -55,6 +56,7 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", t
         log.info("mmedge: %s", "; ".join(chosen.reasons))
         log_fallbacks(chosen, log)
     _refuse_idle_backend_options(extra, chosen)
+    warn_if_it_may_not_fit(artifact, chosen)
     runners = open_runners(artifact, chosen, threads=threads, backend_options=extra, decoder=False)
     try:
         tokenizer = None

@@ -404,6 +404,7 @@ def cmd_doctor(args) -> int:
     if args.artifact:
         from mmedge.api import plan_for
         from mmedge.artifact import Artifact
+        from mmedge.memory import load_estimate
 
         # the command users turn to when a load fails: a damaged or missing file is reported, not planned around
         try:
@@ -424,7 +425,10 @@ def cmd_doctor(args) -> int:
         report["plan"] = {name: vars(c) for name, c in chosen.components.items()}
         report["reasons"] = chosen.reasons
         report["artifact"] = [line for candidate in backends() for line in candidate.artifact_lines(artifact)]
-        report["memory"] = _memory_report(artifact, chosen, found)
+        estimate = load_estimate(artifact, chosen, found)
+        report["memory"] = {"graphs_mib": estimate.graphs_mib, "may_not_fit": estimate.may_not_fit,
+                            "available_mib": estimate.available.mib if estimate.available else None,
+                            "limited_by": estimate.available.limited_by if estimate.available else None}
     if args.json:
         print(json.dumps(report, indent=2, default=list))
         return status
@@ -447,36 +451,16 @@ def cmd_doctor(args) -> int:
             print(f"  because {reason}")
         for line in report["artifact"]:
             print(line)
-        print(_memory_line(report["memory"]))
+        print(_memory_line(estimate))
     return status
 
 
-LOAD_HOLDS = 2  # a load holds up to about this many times its graphs' bytes (ONNX Runtime's CPU provider, measured)
+def _memory_line(estimate) -> str:
+    from mmedge.memory import FITTING
 
-
-def _memory_report(artifact, chosen, found) -> dict:
-    """The bytes of the graphs the plan opens (their external weights too) against the memory available now: a
-    load holds about 1.4 times them once loaded on ONNX Runtime's CPU provider, up to twice while loading."""
-    graphs = 0
-    for name in chosen.components:
-        component = artifact.component(name)
-        for entry in (component, component.get("external_data") or {}):
-            path = artifact.root / entry["file"] if entry.get("file") else None
-            graphs += path.stat().st_size if path is not None and path.is_file() else 0
-    mib = graphs / 2**20
-    available = found.memory_available_mb
-    return {"graphs_mib": round(mib, 1), "available_mib": available,
-            "may_not_fit": available is not None and LOAD_HOLDS * mib > available}
-
-
-def _memory_line(memory: dict) -> str:
-    line = f"memory: the planned graphs take {memory['graphs_mib']:,.1f} MiB on disk; a load holds about 1.4x that " \
-           f"(up to {LOAD_HOLDS}x while it loads) on ONNX Runtime's CPU provider; " \
-           + (f"{memory['available_mib']:,} MiB available now" if memory["available_mib"] is not None else
-              "the memory available is unknown")
-    if memory["may_not_fit"]:
-        line = ("WARNING: " + line + " (a container's or ulimit's limit may be lower): it may not fit; free memory, "
-                "or export a smaller precision (--precision int8, --llm-precision int4)")
+    line = f"memory: {estimate.text()}"
+    if estimate.may_not_fit:
+        line = f"WARNING: {line}: it may not fit; {FITTING}"
     return line
 
 

@@ -49,7 +49,9 @@ class DeviceProbe:
     jetson: dict | None = None
     engines: dict[str, str | None] = field(default_factory=dict)  # package -> version, None if absent
     ort_providers: list[str] = field(default_factory=list)
-    memory_available_mb: int | None = None  # MemAvailable: on a Jetson the GPU shares this memory
+    # the lower of MemAvailable and this process's cgroup room (mmedge.memory): on a Jetson the GPU shares it
+    memory_available_mb: int | None = None
+    memory_limited_by: str | None = None  # which of the two it is
     cpu_model: str | None = None  # /proc/cpuinfo's "model name" (x86) or "Model" (Arm boards)
 
     def to_dict(self) -> dict:
@@ -73,13 +75,6 @@ def _cpu_model(cpuinfo: str) -> str | None:
     return None
 
 
-def _memory_total_mb(meminfo: str, field: str = "MemTotal") -> int | None:
-    for line in meminfo.splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) // 1024
-    return None
-
-
 # how an engine says it could not allocate: C++'s std::bad_alloc, ONNX Runtime's arena, Python's MemoryError
 OUT_OF_MEMORY_SIGNS = ("bad_alloc", "Failed to allocate memory", "out of memory", "OutOfMemory")
 FREE_MEMORY = ("close other processes or pipelines (mmedge serve: fewer --workers or artifacts), or export a smaller "
@@ -97,12 +92,12 @@ def out_of_memory_error(what: str, exc: BaseException, fix: str):
     """The InsufficientMemoryError for ``what`` (e.g. "ONNX Runtime ran out of memory loading the decoder"), with the
     engine's words and the memory this device has available now."""
     from mmedge.errors import InsufficientMemoryError
+    from mmedge.memory import memory_available
 
-    available = _memory_total_mb(_read("/proc/meminfo") or "", "MemAvailable")
+    available = memory_available()
     detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
     return InsufficientMemoryError(f"{what} ({detail})", "more free memory than there is now"
-                                   + (f" (the system reports {available:,} MiB available; a container's or ulimit's "
-                                      "limit may be lower)" if available is not None else ""), fix)
+                                   + (f" ({available.text()})" if available is not None else ""), fix)
 
 
 def parse_jetson(nv_tegra_release: str | None, device_tree_model: str | None) -> dict | None:
@@ -183,8 +178,11 @@ def _nvidia_smi_gpus() -> list[GpuInfo]:
 @functools.lru_cache(maxsize=1)
 def probe() -> DeviceProbe:
     """The device, probed once per process."""
+    from mmedge.memory import meminfo_mib, memory_available
+
     engines = _engine_versions()
     meminfo = _read("/proc/meminfo") or ""
+    available = memory_available(meminfo)
     cpuinfo = _read("/proc/cpuinfo") or ""
     providers: list[str] = []
     if engines.get("onnxruntime"):
@@ -197,8 +195,9 @@ def probe() -> DeviceProbe:
         cpu_cores=os.cpu_count() or 1,
         cpu_flags=_cpu_flags(cpuinfo),
         cpu_model=_cpu_model(cpuinfo),
-        memory_total_mb=_memory_total_mb(meminfo),
-        memory_available_mb=_memory_total_mb(meminfo, "MemAvailable"),
+        memory_total_mb=meminfo_mib(meminfo, "MemTotal"),
+        memory_available_mb=available.mib if available else None,
+        memory_limited_by=available.limited_by if available else None,
         gpus=_nvidia_smi_gpus(),
         jetson=parse_jetson(_read("/etc/nv_tegra_release"), _read("/proc/device-tree/model")),
         engines=engines,

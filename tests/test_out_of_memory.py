@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -114,3 +115,115 @@ def test_doctor_compares_the_planned_graphs_with_the_memory_available(blip2_arti
     out = capsys.readouterr().out
     assert "WARNING: memory: the planned graphs take" in out and "0 MiB available now" in out
     assert "it may not fit; free memory, or export a smaller precision" in out
+
+
+V1_STAT = "cache 0\ninactive_file 1000\ntotal_inactive_file {inactive}\n"
+
+
+def _cgroup(folder: Path, files: dict[str, str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+
+
+def test_the_memory_available_is_the_lower_of_the_system_s_and_each_cgroup_limit_above_the_process(tmp_path):
+    """A container caps its processes below MemAvailable; past the cap the kernel kills without an error. The
+    cgroup files as the kernel writes them, v1 and v2: the process's own cgroup and those above it, a limit less
+    the usage plus the inactive page cache the kernel reclaims first."""
+    from mmedge.memory import CGROUP, SYSTEM, memory_available
+
+    meminfo = "MemTotal:       24683772 kB\nMemAvailable:   20480000 kB\n"  # 20,000 MiB
+    mib = 2**20
+    v2 = tmp_path / "v2"
+    _cgroup(v2, {})  # the host's root cgroup has no memory.max
+    _cgroup(v2 / "box", {"memory.max": f"{3000 * mib}\n", "memory.current": f"{1000 * mib}\n",
+                         "memory.stat": f"anon 5\ninactive_file {200 * mib}\n"})
+    _cgroup(v2 / "box" / "app", {"memory.max": "max\n", "memory.current": f"{900 * mib}\n"})
+    found = memory_available(meminfo, v2, "0::/box/app\n")
+    assert (found.mib, found.limited_by) == (3000 - 1000 + 200, CGROUP)  # the parent's limit binds
+    assert "2,200 MiB available now, per this process's memory cgroup" in found.text()
+    assert memory_available(meminfo, v2, "0::/elsewhere\n").limited_by == SYSTEM  # the mount's root sets none
+
+    v1 = tmp_path / "v1"
+    _cgroup(v1 / "memory", {"memory.limit_in_bytes": "9223372036854771712\n", "memory.usage_in_bytes": "5\n"})
+    _cgroup(v1 / "memory" / "docker" / "abc", {"memory.limit_in_bytes": f"{512 * mib}\n",
+                                              "memory.usage_in_bytes": f"{400 * mib}\n",
+                                              "memory.stat": V1_STAT.format(inactive=10 * mib)})
+    own = "12:pids:/docker/abc\n4:memory:/docker/abc\n0::/docker/abc\n"
+    assert memory_available(meminfo, v1, own) == memory_available(meminfo, v1, own.replace("4:memory", "4:memory,x"))
+    assert memory_available(meminfo, v1, own).mib == 512 - 400 + 10
+    # inside the container the mount is its own cgroup: the host's path is not under it, the root is read
+    _cgroup(tmp_path / "inside" / "memory", {"memory.limit_in_bytes": f"{512 * mib}\n",
+                                            "memory.usage_in_bytes": f"{500 * mib}\n"})
+    assert memory_available(meminfo, tmp_path / "inside", "4:memory:/docker/abc\n").mib == 12
+    assert memory_available(meminfo, tmp_path / "none", "0::/\n") == memory_available(meminfo, v2, "0::/\n")
+    assert memory_available(meminfo, tmp_path / "none", "0::/\n").mib == 20000
+    assert memory_available("", tmp_path / "none", "") is None  # not Linux: unknown
+
+
+def _own_memory_cgroup() -> Path | None:
+    """A new memory cgroup under this process's own, where this machine lets the tests make one (root, cgroup v1 or
+    v2 with the memory controller), else None."""
+    import uuid
+
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        base = Path("/sys/fs/cgroup") / ("memory" if controllers else "")
+        if controllers and "memory" not in controllers.split(","):
+            continue
+        own = base / path.lstrip("/")
+        folder = (own if own.is_dir() else base) / f"mmedge-test-{uuid.uuid4().hex[:8]}"
+        try:
+            folder.mkdir()
+        except OSError:
+            continue
+        limit = folder / ("memory.limit_in_bytes" if controllers else "memory.max")
+        if limit.is_file():
+            return folder
+        folder.rmdir()
+    return None
+
+
+MEASURE_IN_CGROUP = r"""
+import os, sys
+open(sys.argv[1] + "/cgroup.procs", "w").write(str(os.getpid()))
+from mmedge.memory import memory_available
+found = memory_available()
+print(found.mib, found.limited_by)
+"""
+
+
+def test_a_process_in_a_real_memory_cgroup_sees_its_limit(tmp_path):
+    folder = _own_memory_cgroup()
+    if folder is None:
+        pytest.skip("this machine does not let the tests make a memory cgroup (needs root and a writable "
+                    "/sys/fs/cgroup with the memory controller)")
+    try:
+        limit = folder / ("memory.max" if (folder / "memory.max").is_file() else "memory.limit_in_bytes")
+        limit.write_text(str(1024 * 2**20))
+        done = subprocess.run([sys.executable, "-c", MEASURE_IN_CGROUP, str(folder)], capture_output=True,
+                              text=True, timeout=60)
+        mib, _, limited_by = done.stdout.strip().partition(" ")
+        assert limited_by == "this process's memory cgroup (a container's limit)", done.stdout + done.stderr
+        assert 0 < int(mib) <= 1024
+    finally:
+        folder.rmdir()
+
+
+def test_a_load_that_may_not_fit_warns_before_it_opens_anything(blip2_artifact, monkeypatch):
+    """The kernel's out-of-memory killer leaves no message: mmedge.load says first that the load may not fit."""
+    import mmedge
+    from mmedge import memory
+    from mmedge.memory import CGROUP, MemoryAvailable, MemoryWarning
+
+    on_disk = sum(p.stat().st_size for p in blip2_artifact.glob("*.onnx*")) / 2**20
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        mmedge.load(blip2_artifact, threads=1).close()
+    assert not [w for w in seen if issubclass(w.category, MemoryWarning)]  # this machine has room: nothing said
+    monkeypatch.setattr(memory, "memory_available", lambda: MemoryAvailable(int(on_disk), CGROUP))
+    with pytest.warns(MemoryWarning) as seen, mmedge.load(blip2_artifact, threads=1) as captioner:
+        assert captioner.plan.components["decoder"].backend == "onnxruntime"
+    message = str(seen[0].message)
+    assert f"loading '{blip2_artifact.name}' may not fit in memory: the planned graphs take {on_disk:,.1f} MiB" \
+           in message and "this process's memory cgroup" in message and "export a smaller precision" in message

@@ -1,0 +1,161 @@
+"""The memory this process may still take, and whether an artifact's load fits in it.
+
+Linux's MemAvailable is the whole machine's; a container (Docker, Kubernetes, systemd) caps its processes lower with
+a memory cgroup, and past that cap the kernel kills the process without an error a program could catch. So the memory
+available is the lower of MemAvailable and, for the cgroup this process is in and each one above it that sets a limit,
+that limit less what the cgroup uses (its inactive page cache counted free: the kernel reclaims it first, as
+``docker stats`` does). Both cgroup versions are read: v2 (``memory.max``, ``memory.current``) and v1
+(``memory.limit_in_bytes``, ``memory.usage_in_bytes``).
+
+A load on ONNX Runtime's CPU provider (or OpenVINO's CPU) holds about 1.4 times its graphs' bytes once loaded and up to
+twice them while loading (``LOAD_HOLDS``). ``mmedge.load`` warns before it opens graphs that may not fit
+(``MemoryWarning``): an out-of-memory kill leaves no other message. ``mmedge doctor ARTIFACT`` shows the same figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmedge.errors import MmedgeWarning, warn
+
+MIB = 2**20
+LOAD_HOLDS = 2  # a load holds up to about this many times its graphs' bytes (ONNX Runtime's CPU provider, measured)
+UNLIMITED = 2**60  # cgroup v1 writes "no limit" as the largest page-aligned 64-bit value
+GRAPH_BACKENDS = ("onnxruntime", "openvino")  # backends that load the ONNX graphs (torch loads PyTorch weights,
+# TensorRT its engines)
+SYSTEM = "the system's MemAvailable"
+CGROUP = "this process's memory cgroup (a container's limit)"
+
+
+class MemoryWarning(MmedgeWarning):
+    """The graphs a load opens may not fit in the memory available: the load may fail, or the kernel may kill it."""
+
+
+@dataclass(frozen=True)
+class MemoryAvailable:
+    mib: int
+    limited_by: str  # SYSTEM or CGROUP
+
+    def text(self) -> str:
+        return f"{self.mib:,} MiB available now, per {self.limited_by}"
+
+
+def meminfo_mib(meminfo: str, field: str) -> int | None:
+    """A /proc/meminfo field (kB there) in MiB, or None where it is absent."""
+    for line in meminfo.splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) // 1024
+    return None
+
+
+def memory_available(meminfo: str | None = None, cgroup_root: str | Path = "/sys/fs/cgroup",
+                     own_cgroups: str | None = None) -> MemoryAvailable | None:
+    """The lower of the system's MemAvailable and this process's cgroup room (``cgroup_available``); None where
+    neither is known (not Linux). The arguments are for tests: /proc/meminfo's text, the cgroup mount, and
+    /proc/self/cgroup's text."""
+    system = meminfo_mib(_read("/proc/meminfo") if meminfo is None else meminfo, "MemAvailable")
+    room = cgroup_available(Path(cgroup_root), _read("/proc/self/cgroup") if own_cgroups is None else own_cgroups)
+    cgroup = None if room is None else room // MIB
+    if cgroup is not None and (system is None or cgroup < system):
+        return MemoryAvailable(cgroup, CGROUP)
+    return None if system is None else MemoryAvailable(system, SYSTEM)
+
+
+def cgroup_available(root: Path, own_cgroups: str) -> int | None:
+    """Bytes this process's memory cgroups leave it: the least, over its cgroup and those above it that set a limit,
+    of limit - usage + inactive page cache; None where none sets a limit (or none is mounted)."""
+    rooms = []
+    for line in own_cgroups.splitlines():
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":  # v2: one unified hierarchy
+            files = ("memory.max", "memory.current", "inactive_file")
+            base = root
+        elif "memory" in controllers.split(","):
+            files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+            base = root / "memory"
+        else:
+            continue
+        rooms += [room for folder in _own_and_above(base, path) if (room := _room(folder, *files)) is not None]
+    return min(rooms) if rooms else None
+
+
+def _own_and_above(base: Path, path: str) -> list[Path]:
+    """The cgroup folders from this process's own up to the mount's root. Inside a container the mount is its own
+    cgroup, and the host's path in /proc/self/cgroup is not under it: then the root alone."""
+    parts = [part for part in path.strip().split("/") if part]
+    folders = [base.joinpath(*parts[:depth]) for depth in range(len(parts), -1, -1)]
+    return [folder for folder in folders if folder.is_dir()]
+
+
+def _room(folder: Path, limit_file: str, usage_file: str, inactive_field: str) -> int | None:
+    limit, usage = _number(folder / limit_file), _number(folder / usage_file)
+    if limit is None or usage is None or limit >= UNLIMITED:
+        return None
+    inactive = 0
+    for line in (_read(str(folder / "memory.stat")) or "").splitlines():
+        key, _, value = line.partition(" ")
+        if key == inactive_field and value.strip().isdigit():
+            inactive = int(value)
+    return max(0, limit - usage + inactive)
+
+
+def _number(path: Path) -> int | None:
+    text = (_read(str(path)) or "").strip()
+    return int(text) if text.isdigit() else None  # v2 writes "max" for no limit
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class LoadEstimate:
+    graphs_mib: float  # the planned ONNX Runtime / OpenVINO graphs' bytes on disk, external weights included
+    available: MemoryAvailable | None
+
+    @property
+    def may_not_fit(self) -> bool:
+        return self.available is not None and LOAD_HOLDS * self.graphs_mib > self.available.mib
+
+    def text(self) -> str:
+        return (f"the planned graphs take {self.graphs_mib:,.1f} MiB on disk; a load holds about 1.4x that (up to "
+                f"{LOAD_HOLDS}x while it loads) on ONNX Runtime's CPU provider; "
+                + (self.available.text() if self.available else "the memory available is unknown"))
+
+
+def load_estimate(artifact, chosen, probe=None) -> LoadEstimate:
+    """The bytes of the graphs the plan ``chosen`` opens on ONNX Runtime or OpenVINO (their external weights too)
+    against the memory available now (as ``probe``, a ``DeviceProbe``, found it where given)."""
+    graphs = 0
+    for name, comp_plan in chosen.components.items():
+        if comp_plan.backend not in GRAPH_BACKENDS:
+            continue
+        component = artifact.component(name)
+        for entry in (component, component.get("external_data") or {}):
+            path = artifact.root / entry["file"] if entry.get("file") else None
+            graphs += path.stat().st_size if path is not None and path.is_file() else 0
+    if probe is None:
+        available = memory_available()
+    else:
+        available = (None if probe.memory_available_mb is None
+                     else MemoryAvailable(probe.memory_available_mb, probe.memory_limited_by or SYSTEM))
+    return LoadEstimate(round(graphs / MIB, 1), available)
+
+
+FITTING = "free memory, or export a smaller precision (--precision int8, --llm-precision int4)"
+
+
+def warn_if_it_may_not_fit(artifact, chosen) -> LoadEstimate:
+    """``MemoryWarning`` before a load whose graphs may not fit in the memory available (``LoadEstimate``)."""
+    estimate = load_estimate(artifact, chosen)
+    if estimate.may_not_fit:
+        warn(f"loading '{artifact.root.name}' may not fit in memory: {estimate.text()}; {FITTING}", MemoryWarning)
+    return estimate
+
+
+__all__ = ["LOAD_HOLDS", "LoadEstimate", "MemoryAvailable", "MemoryWarning", "cgroup_available", "load_estimate",
+           "memory_available", "warn_if_it_may_not_fit"]
