@@ -1,6 +1,7 @@
 """Load anything that holds a picture into an 8-bit RGB ``PIL.Image``, or fail with an ``ImageError``.
 
-Accepted sources: a path (``str`` / ``os.PathLike``), ``bytes``, a binary file-like object, a
+Accepted sources: a path (``str`` / ``os.PathLike``), a base64 data URI string (``data:image/png;base64,...``, as
+``transformers.image_utils.load_image`` takes), ``bytes``, a binary file-like object, a
 ``PIL.Image.Image``, or a numpy array (``[H, W]`` gray, ``[H, W, 1|3|4]`` gray / RGB / RGBA;
 ``uint8``, any integer dtype with every value in ``0..255``, or floating point in ``[0, 1]``).
 
@@ -30,7 +31,9 @@ device feeds a model is what the model was evaluated with:
   by ``/ 257`` unless the picture itself is that dark.
 * Every other mode (``L``, ``P``, ``1``, ``CMYK``, ``YCbCr``, ``F``, ...) uses PIL's ``convert("RGB")``,
   as HF does (``F`` is read on a 0..255 scale by PIL).
-* Float arrays in ``[0, 1]`` become ``uint8`` by ``round(value * 255)``; integer arrays holding
+* Float arrays in ``[0, 1]`` become ``uint8`` by ``round(value * 255)`` (transformers' processors instead rescale a
+  float array by 1/255 a second time, with a warning that it looks rescaled already: their pixels come out near -1.8,
+  so mmedge's differ from theirs, on purpose); integer arrays holding
   ``0..255`` (e.g. ``int64`` from arithmetic) become ``uint8`` unchanged, as HF's processors
   take them. Other integer ranges (16-bit data) and ``bool`` arrays are refused.
 * Animated files (GIF, APNG, WebP): the first frame.
@@ -38,8 +41,11 @@ device feeds a model is what the model was evaluated with:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import os
+import re
 import threading
 from typing import Any
 
@@ -51,6 +57,11 @@ from mmedge.errors import ImageError
 MAX_PIXELS = 64_000_000
 """Images with more pixels than this are refused before they are decoded (decompression bombs); arrays too."""
 
+ANY_BYTES = ("application/octet-stream",)  # FileReader.readAsDataURL's type for a file it cannot name
+ASCII_WHITESPACE = b"\t\n\f\r "  # line breaks of wrapped base64, dropped as WHATWG's forgiving base64 does
+BASE64_CHUNK = 1 << 20  # base64 characters decoded per call (~2 ms; a multiple of 4)
+BASE64_TEXT = re.compile(r"[A-Za-z0-9+/\s]+=*\s*")  # a string given as a path that is base64 data instead
+LONGEST_SHOWN = 200  # characters of a path shown in a message
 _WHITE = (255, 255, 255, 255)
 _FIX_READABLE = "pass a complete PNG, JPEG, GIF, WebP, BMP or TIFF file, or a PIL image or numpy array"
 
@@ -65,6 +76,8 @@ def load_image(source: Any) -> Image.Image:
         return _pil_to_rgb(source, "the PIL image")
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source)
+    if isinstance(source, str) and source[:5].lower() == "data:":
+        return _decode_bytes(data_uri_bytes(source), "the image data URI")
     if isinstance(source, (str, os.PathLike)):
         path = checked_image_path(source)
         return _decode(path, f"image file '{path}'")
@@ -78,6 +91,10 @@ def load_image(source: Any) -> Image.Image:
                          "a numpy array [H, W] or [H, W, 1|3|4] (channels last), or a path, bytes, a binary file "
                          "object or a PIL.Image.Image", "pass a channels-last numpy array, e.g. "
                          "np.asarray(tensor.cpu()).transpose(1, 2, 0) for a [3, H, W] tensor")
+    if isinstance(source, (list, tuple)):  # an item of a batch that is a batch itself
+        raise ImageError(f"cannot load an image from a {type(source).__name__} inside a batch",
+                         "one flat list of images (each a path, bytes, a binary file object, a PIL.Image.Image or a "
+                         "numpy array)", "pass one flat list, e.g. [image for group in groups for image in group]")
     if hasattr(source, "__iter__"):  # a generator, set or dict of images where one image (or a list) goes
         raise ImageError(f"cannot load an image from a {type(source).__name__}",
                          "one image (a path, bytes, a binary file object, a PIL.Image.Image or a numpy array), or a "
@@ -90,20 +107,71 @@ def load_image(source: Any) -> Image.Image:
 
 
 # --- encoded sources -----------------------------------------------------------------------------
+def data_uri_bytes(url: str, subject: str = "the image data URI") -> bytes:
+    """The bytes of a base64 data URI (RFC 2397), as browsers and ``transformers.image_utils.load_image`` take images
+    in text: its media type and ``base64`` in any case; ``image/*``, or
+    ``application/octet-stream`` as a browser's FileReader writes for a file of unknown type (the bytes are sniffed
+    either way); the base64 possibly line-wrapped (``base64`` without ``-w0``, ``base64.encodebytes``)."""
+    header, comma, payload = url.partition(",")
+    media = [part.strip().lower() for part in header[len("data:"):].split(";")]
+    if not comma or "base64" not in media[1:] or not (media[0].startswith("image/") or media[0] in ANY_BYTES):
+        raise ImageError(f"{subject} is not a base64 image data URI ({header[:40]})", "data:image/<format>;base64,"
+                         "<data>", "encode the file with base64 and prefix it with that header")
+    try:
+        data = _base64(payload)
+    except (binascii.Error, ValueError):  # UnicodeEncodeError, for a character past ASCII, is a ValueError
+        raise ImageError(f"{subject} holds invalid base64 data", "standard base64 (A-Z, a-z, 0-9, +, /, = padding)",
+                         "encode the image bytes with base64 (not URL-safe base64)") from None
+    if not data:
+        raise ImageError(f"{subject} holds an empty image", "the bytes of a PNG, JPEG, WebP, GIF, BMP or TIFF file",
+                         "send a non-empty image")
+    return data
+
+
+def _base64(payload: str) -> bytes:
+    """Standard base64, possibly line-wrapped, decoded strictly (the alphabet only, '=' padding only at the end).
+
+    Cheap for a large image: a regex stripping whitespace took 0.3 s over a 26 MB data URI, so whitespace is looked
+    for first (a fast scan) and only a wrapped payload is copied without it; and the decoding goes in chunks, as
+    binascii holds the GIL while it decodes: one call over the whole image stalled the event loop's thread for ~80 ms
+    even from a worker thread."""
+    data = payload.encode("ascii")  # UnicodeEncodeError (a ValueError) for a character past ASCII
+    if any(space in data for space in ASCII_WHITESPACE):
+        data = data.translate(None, ASCII_WHITESPACE)
+    if data.find(b"=", 0, len(data) - 2) != -1:  # padding before the end: checked here, as a chunk may end there
+        raise binascii.Error("padding before the end of the data")
+    return b"".join(base64.b64decode(data[start:start + BASE64_CHUNK], validate=True)
+                    for start in range(0, len(data), BASE64_CHUNK))
+
+
 def checked_image_path(source: str | os.PathLike) -> str:
     """Return the path as a string after checking that it names a non-empty file."""
     path = os.fspath(source)
     if isinstance(path, bytes):
         path = os.fsdecode(path)
+    shown = _shortened(path)
     if not os.path.exists(path):
-        is_url = path.startswith(("http://", "https://"))
-        fix = "download the image first; URLs are not fetched" if is_url else "check the path"
-        raise ImageError(f"image file '{path}' does not exist", "a path to an existing image file", fix)
+        if path.startswith(("http://", "https://")):
+            fix = "download the image first; URLs are not fetched"
+        elif len(path) > LONGEST_SHOWN and BASE64_TEXT.fullmatch(path):
+            fix = ("this looks like base64 image data: pass base64.b64decode(text), or a data URI "
+                   "(data:image/png;base64,...)")
+        else:
+            fix = "check the path"
+        raise ImageError(f"image file '{shown}' does not exist", "a path to an existing image file", fix)
     if not os.path.isfile(path):
-        raise ImageError(f"'{path}' is not a file", "a path to an image file", "pass the path of a file, not a folder")
+        raise ImageError(f"'{shown}' is not a file", "a path to an image file", "pass the path of a file, not a folder")
     if os.path.getsize(path) == 0:
-        raise ImageError(f"image file '{path}' is empty (0 bytes)", "an encoded image", "re-save or download it again")
+        raise ImageError(f"image file '{shown}' is empty (0 bytes)", "an encoded image", "re-save or download it again")
     return path
+
+
+def _shortened(text: str) -> str:
+    """``text`` up to ``LONGEST_SHOWN`` characters for a message, then how long it is (a 16 KB base64 string given as
+    a path filled the message)."""
+    if len(text) <= LONGEST_SHOWN:
+        return text
+    return f"{text[:LONGEST_SHOWN - 40]}... ({len(text):,} characters)"
 
 
 def _read_stream(stream: Any, name: str) -> bytes:
@@ -207,7 +275,12 @@ def _check_array(array: np.ndarray) -> None:
     shape_ok = array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3, 4))
     if not shape_ok:
         channels_first = array.ndim == 3 and array.shape[0] in (1, 3, 4)
-        fix = "transpose a channels-first array with a.transpose(1, 2, 0)" if channels_first else "reshape the array"
+        if channels_first:
+            fix = "transpose a channels-first array with a.transpose(1, 2, 0)"
+        elif array.ndim == 4:
+            fix = "a [N, H, W, C] array is a batch of images: pass list(a), one array per image"
+        else:
+            fix = "reshape the array"
         expected = "[H, W] gray or [H, W, C] with C in 1, 3, 4 (channels last)"
         raise ImageError(f"image array has shape {array.shape}", expected, fix)
     if array.shape[0] == 0 or array.shape[1] == 0:

@@ -103,6 +103,21 @@ def test_an_empty_eos_list_turns_the_end_token_off(captioner, photos):
     assert stream.tokens == 9 and stream.finish_reason == "length"
 
 
+def test_an_ordinary_token_as_an_end_token_stays_in_the_text_as_in_transformers(captioner, hf, photos):
+    """``eos_token_id=[2, <the id of ".">]`` stops at the full stop and keeps it, as transformers' decode does: the
+    text dropped a last end token whatever it was, where only a special token is dropped."""
+    model, processor = hf
+    inputs = processor(images=Image.open(photos[0]).convert("RGB"), return_tensors="pt")
+    with torch.no_grad():
+        ids = model.generate(**inputs, do_sample=False, max_new_tokens=6)[0].tolist()  # no prompt: new ids only
+    ordinary = ids[-3]
+    assert ordinary not in processor.tokenizer.all_special_ids
+    ends = [*captioner.generation_settings().eos_token_ids, ordinary]
+    caption = captioner.caption(photos[0], max_new_tokens=6, eos_token_id=ends)
+    assert caption == hf_text(hf, photos[0], max_new_tokens=6, eos_token_id=ends)
+    assert caption.endswith(processor.tokenizer.decode([ordinary]).strip())
+
+
 def test_sampling_reproducible_under_seed(captioner, photos):
     kwargs = dict(max_new_tokens=12, do_sample=True, top_p=0.9, temperature=1.3)
     first = captioner.caption(photos[0], seed=7, **kwargs)
@@ -113,7 +128,11 @@ def test_sampling_reproducible_under_seed(captioner, photos):
 @pytest.mark.parametrize("settings,match", [
     ({"max_new_tokens": 0}, "max_new_tokens"), ({"max_new_tokens": 10**6}, "max_new_tokens"),
     ({"do_sample": True, "top_p": 1.5}, "top_p"), ({"num_beams": 0}, "num_beams"), ({"colour": "red"}, "unknown"),
-    ({"constraints": None}, r"unknown generation setting\(s\) \['constraints'\]"),  # a misspelt name, even as None
+    ({"constraint": None}, r"unknown generation setting\(s\) \['constraint'\]"),  # a misspelt name, even as None
+    # transformers' own names the loop does not run are not misspelt: said so
+    ({"no_repeat_ngram_size": 2}, r"\['no_repeat_ngram_size'\] are transformers' but mmedge's generation loop does "
+                                  "not run them.*fix: drop them"),
+    ({"min_new_tokens": 3, "eos_token_id": []}, r"min_new_tokens=3 would change nothing.*an end token to hold off"),
     # under 1e-5 the scores overflow float32: 1e-39 drew NaN-weighted tokens (a string of BOS) instead of refusing
     ({"do_sample": True, "temperature": 1e-39}, r"temperature=1e-39 is not usable.*at least 1e-05"),
     # settings greedy decoding or one beam never read: refused as the CLI refuses --temperature without --sample

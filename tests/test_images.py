@@ -293,7 +293,7 @@ def test_non_contiguous_array(chelsea):
     [
         (np.zeros((3, 20, 30), np.uint8), "transpose"),
         (np.zeros((20, 30, 2), np.uint8), "shape"),
-        (np.zeros((2, 20, 30, 3), np.uint8), "shape"),
+        (np.zeros((2, 20, 30, 3), np.uint8), "is a batch of images: pass list(a)"),
         (np.zeros((0, 30, 3), np.uint8), "no pixels"),
         (np.full((20, 30, 3), 256, np.uint16), "dtype uint16"),
         (np.zeros((20, 30), bool), "dtype bool"),
@@ -339,6 +339,34 @@ def test_missing_file(tmp_path):
     with pytest.raises(ImageError, match="does not exist") as info:
         load_image(tmp_path / "nope.jpg")
     assert "nope.jpg" in str(info.value)
+
+
+def test_a_base64_data_uri_is_decoded_as_transformers_load_image_does(tmp_path, chelsea):
+    import base64
+
+    encoded = base64.b64encode(_encoded(Image.fromarray(chelsea), "PNG")).decode()
+    for uri in (f"data:image/png;base64,{encoded}", f"DATA:application/octet-stream;BASE64,{encoded}"):
+        np.testing.assert_array_equal(np.asarray(load_image(uri)), chelsea)
+    with pytest.raises(ImageError, match=r"the image data URI holds invalid base64 data"):
+        load_image("data:image/png;base64,@@@@")
+    with pytest.raises(ImageError, match=r"the image data URI is not a base64 image data URI \(data:text/plain\)"):
+        load_image(f"data:text/plain,{encoded}")
+
+
+def test_base64_text_given_as_a_path_is_named_without_filling_the_message(chelsea):
+    import base64
+
+    text = base64.b64encode(_encoded(Image.fromarray(chelsea), "PNG")).decode()  # ~250 KB
+    with pytest.raises(ImageError, match="does not exist") as info:
+        load_image(text)
+    message = str(info.value)
+    assert len(message) < 500 and f"({len(text):,} characters)" in message
+    assert "looks like base64 image data: pass base64.b64decode(text), or a data URI" in message
+
+
+def test_a_batch_inside_a_batch_asks_for_one_flat_list(chelsea):
+    with pytest.raises(ImageError, match=r"from a list inside a batch; expected one flat list of images"):
+        load_image([chelsea, chelsea])
 
 
 def test_url_is_not_fetched():

@@ -40,6 +40,7 @@ from mmedge.export.specs.blip2 import (
     decoder_feeds,
     kv_cache_layout,
 )
+from mmedge.generation.config import GENERATION_NOT_RUN
 from mmedge.metrics import common_prefix, cosine_rows
 
 TASKS = ("caption", "vqa")
@@ -354,18 +355,6 @@ def generation_settings(loaded) -> dict:
         if isinstance(settings[key], (int, np.integer)):
             settings[key] = int(settings[key])
     return settings
-
-
-# transformers.GenerationConfig settings that change which tokens come out and that mmedge's loop does not run (the
-# rest are carried, as GENERATION_FIELDS, the token ids and stop_strings are, or do not change the answer: use_cache,
-# output_*, cache and compile settings, assisted decoding's speed knobs)
-GENERATION_NOT_RUN = (
-    "max_length", "min_length", "max_time", "num_return_sequences", "num_beam_groups", "diversity_penalty",
-    "penalty_alpha", "dola_layers", "min_p", "typical_p", "top_h", "epsilon_cutoff", "eta_cutoff",
-    "encoder_repetition_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
-    "force_words_ids", "constraints", "renormalize_logits", "forced_bos_token_id", "forced_eos_token_id",
-    "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
-    "sequence_bias", "token_healing", "guidance_scale", "watermarking_config")
 
 
 def generation_not_carried(loaded) -> dict:

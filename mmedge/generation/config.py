@@ -21,6 +21,17 @@ EARLY_STOPPING_MODES = (True, False, "never")
 MIN_TEMPERATURE = 1e-5  # below it the scores overflow float32 (inf - inf: NaN draws); it is greedy decoding anyway
 SAMPLING_ONLY = ("temperature", "top_p", "top_k", "seed")  # settings greedy decoding and beam search never read
 BEAM_ONLY = ("length_penalty", "early_stopping")  # settings only beam search reads
+# transformers.GenerationConfig settings that change which tokens come out and that mmedge's loop does not run (the
+# rest are carried, as GenerationConfig's fields, the token ids and stop_strings are, or do not change the answer:
+# use_cache, output_*, cache and compile settings, assisted decoding's speed knobs): the export records a checkpoint's
+# (export.generation_not_carried), a call's are refused as not run, not as misspelt
+GENERATION_NOT_RUN = (
+    "max_length", "min_length", "max_time", "num_return_sequences", "num_beam_groups", "diversity_penalty",
+    "penalty_alpha", "dola_layers", "min_p", "typical_p", "top_h", "epsilon_cutoff", "eta_cutoff",
+    "encoder_repetition_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+    "force_words_ids", "constraints", "renormalize_logits", "forced_bos_token_id", "forced_eos_token_id",
+    "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+    "sequence_bias", "token_healing", "guidance_scale", "watermarking_config")
 # settings a call never changes anything with: the manifest's values serve the loop, and a caller's would not show
 MODEL_OWNED = {
     "pad_token_id": "no pad_token_id: a finished row's padding is never returned (the text ends at its end token), "
@@ -169,6 +180,9 @@ class GenerationConfig:
                  for name in SAMPLING_ONLY if not self.do_sample and given.get(name) is not None]
         idle += [(name, "num_beams above 1 (only beam search reads it)", f"pass e.g. num_beams=3, or drop {name}")
                  for name in BEAM_ONLY if self.num_beams == 1 and given.get(name) is not None]
+        if given.get("min_new_tokens") and not self.eos_token_ids:  # it holds the end tokens off, and there are none
+            idle.append(("min_new_tokens", "an end token to hold off (eos_token_id=[] turned them off)",
+                         "drop min_new_tokens, or leave eos_token_id unset"))
         if idle:
             name, needs, fix = idle[0]
             raise InputError(f"generation setting {name}={given[name]!r} would change nothing", needs, fix)
@@ -251,6 +265,11 @@ def _refuse_unknown(settings: dict[str, Any], config_class: type) -> None:
     """InputError naming the settings ``config_class`` has no field for: one wording wherever they are given (a
     call's keywords, the manifest, a request to a server)."""
     known = {f.name for f in dataclasses.fields(config_class)}
+    not_run = sorted(set(settings) & set(GENERATION_NOT_RUN))
+    if not_run:
+        raise InputError(f"generation setting(s) {not_run} are transformers' but mmedge's generation loop does not run "
+                         "them", f"only {sorted(known)}", "drop them (greedy decoding, beam search and sampling run "
+                         "with the settings listed)")
     unknown = sorted(set(settings) - known)
     if unknown:
         raise InputError(f"unknown generation setting(s) {unknown}", f"only {sorted(known)}",

@@ -405,11 +405,9 @@ class _Texts:
         self.cleans_up = bool(getattr(tokenizer, "cleans_up_spaces", False))
 
     def text(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(self._without_eos(ids))
-
-    def _without_eos(self, ids: Sequence[int]) -> list[int]:
-        ids = list(ids)
-        return ids[:-1] if ids and ids[-1] in self.eos else ids
+        """The ids' text: an end token that is a special token is dropped by the decode, one that is an ordinary
+        token (``eos_token_id=[2, <the id of ".">]``) stays in it, as in transformers' decode."""
+        return self.tokenizer.decode(list(ids))
 
     def _stop_at(self, text: str) -> int | None:
         hits = [i for i in (text.find(s) for s in self.stop_strings) if i >= 0]
@@ -438,7 +436,7 @@ class _Texts:
             ids.pop()
         text = self.final(ids)
         if self.cleans_up:  # only what later characters cannot clean up differently
-            text = text[:len(settled_clean_up(self.tokenizer.decode(self._without_eos(ids), clean_up_spaces=False)))]
+            text = text[:len(settled_clean_up(self.tokenizer.decode(list(ids), clean_up_spaces=False)))]
         text = text.rstrip("\ufffd")
         hold = 0
         for stop in self.stop_strings:  # a tail that may still grow into one

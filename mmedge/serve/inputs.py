@@ -8,8 +8,6 @@ an unknown field is 422.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import json
 import math
@@ -21,15 +19,12 @@ from urllib.parse import unquote
 from PIL import Image, UnidentifiedImageError
 
 from mmedge.errors import ImageError
-from mmedge.images import load_image
+from mmedge.images import data_uri_bytes, load_image
 from mmedge.serve.errors import ApiError, invalid
 from mmedge.serve.options import ServeOptions
 
 KINDS = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,), "list": (list,),
          "object": (dict,)}
-ANY_BYTES = ("application/octet-stream",)  # FileReader.readAsDataURL's type for a file it cannot name
-ASCII_WHITESPACE = b"\t\n\f\r "  # line breaks of wrapped base64, dropped as WHATWG's forgiving base64 does
-BASE64_CHUNK = 1 << 20  # base64 characters decoded per call (~2 ms; a multiple of 4)
 URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")  # https://, file://, ftp://, in any case
 ARTICLE = {"integer": "an integer", "object": "a JSON object", "list": "a JSON list", "boolean": "true or false"}
 
@@ -185,40 +180,11 @@ def image_bytes(url: Any, param: str, options: ServeOptions) -> FieldImage:
 
 
 def _data_uri(url: str, param: str) -> bytes:
-    """The bytes of a base64 data URI (RFC 2397): its media type and ``base64`` in any case; ``image/*``, or
-    ``application/octet-stream`` as a browser's FileReader writes for a file of unknown type (the bytes are sniffed
-    either way); the base64 possibly line-wrapped (``base64`` without ``-w0``, ``base64.encodebytes``)."""
-    header, comma, payload = url.partition(",")
-    media = [part.strip().lower() for part in header[len("data:"):].split(";")]
-    if not comma or "base64" not in media[1:] or not (media[0].startswith("image/") or media[0] in ANY_BYTES):
-        raise invalid(f"field '{param}' is not a base64 image data URI ({header[:40]})",
-                      "data:image/<format>;base64,<data>", "encode the file with base64 and prefix it with that header",
-                      param, code="invalid_image")
+    """The bytes of a base64 image data URI (``mmedge.images.data_uri_bytes``), its faults as 400 invalid_image."""
     try:
-        data = _base64(payload)
-    except (binascii.Error, ValueError):  # UnicodeEncodeError, for a character past ASCII, is a ValueError
-        raise invalid(f"field '{param}' holds invalid base64 data", "standard base64 (A-Z, a-z, 0-9, +, /, = padding)",
-                      "encode the image bytes with base64 (not URL-safe base64)", param, code="invalid_image") from None
-    if not data:
-        raise invalid(f"field '{param}' holds an empty image", "the bytes of a PNG, JPEG, WebP, GIF, BMP or TIFF file",
-                      "send a non-empty image", param, code="invalid_image")
-    return data
-
-
-def _base64(payload: str) -> bytes:
-    """Standard base64, possibly line-wrapped, decoded strictly (the alphabet only, '=' padding only at the end).
-
-    Cheap for a large image: a regex stripping whitespace took 0.3 s over a 26 MB data URI, so whitespace is looked
-    for first (a fast scan) and only a wrapped payload is copied without it; and the decoding goes in chunks, as
-    binascii holds the GIL while it decodes: one call over the whole image stalled the event loop's thread for ~80 ms
-    even from a worker thread."""
-    data = payload.encode("ascii")  # UnicodeEncodeError (a ValueError) for a character past ASCII
-    if any(space in data for space in ASCII_WHITESPACE):
-        data = data.translate(None, ASCII_WHITESPACE)
-    if data.find(b"=", 0, len(data) - 2) != -1:  # padding before the end: checked here, as a chunk may end there
-        raise binascii.Error("padding before the end of the data")
-    return b"".join(base64.b64decode(data[start:start + BASE64_CHUNK], validate=True)
-                    for start in range(0, len(data), BASE64_CHUNK))
+        return data_uri_bytes(url, f"field '{param}'")
+    except ImageError as exc:
+        raise invalid(exc.what, exc.expected or "", exc.fix or "", param, code="invalid_image") from None
 
 
 def _allowed_file(url: str, param: str, options: ServeOptions) -> bytes:
