@@ -8,7 +8,8 @@ Why a separate environment for the server (``server_env``): the Python-backend s
 first on PATH (``python3`` of ``PATH``; its ``pyvenv.cfg`` makes a venv's site-packages the stub's), and the stub was
 built against the numpy 1.x C API: with numpy 2 its tensors came back empty. The test environment runs numpy 2
 (as users do), and downgrading it would test everything else on the wrong numpy. So the fixture builds, once per
-checkout and cached under ``~/.cache/mmedge/triton-server`` (``$MMEDGE_CACHE/triton-server``), a venv with
+checkout and cached under ``~/.cache/mmedge/triton-server`` (``$MMEDGE_CACHE/triton-server``; a checkout's venv is
+removed once the checkout is gone and two days passed unused: ``remove_abandoned``), a venv with
 ``numpy<2``, the same onnxruntime, tokenizers and Pillow versions as the test environment (so served results are
 computed by the same kernels and the same image decoding as local ones), this checkout installed editable without
 dependencies, and the server wheel. Building it needs PyPI once (about a minute); after that it works offline. The
@@ -67,6 +68,8 @@ def server_env(log=print) -> Path:
     key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
     env = cache_root() / f"py{sys.version_info[0]}{sys.version_info[1]}-{key}"
     if (env / "ready.json").is_file():
+        os.utime(env / "ready.json")  # used now: remove_abandoned keeps it
+        remove_abandoned(env.parent)
         return env
     env.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{env.name}.partial-", dir=env.parent))
@@ -90,6 +93,27 @@ def server_env(log=print) -> Path:
         raise ServerUnavailable(f"could not build the Triton server environment ({' '.join(exc.cmd[:6])}...): "
                                 + " | ".join(tail)) from None
     return env
+
+
+ABANDONED_AFTER_S = 2 * 24 * 3600  # a checkout's venv unused this long, whose checkout is gone, is removed
+
+
+def remove_abandoned(cache: Path, now: float | None = None) -> list[Path]:
+    """Remove the venvs (about 400 MB each, one per checkout: this checkout is installed in it) whose checkout no
+    longer exists here and that no run has used for ``ABANDONED_AFTER_S``: a fresh clone's venv outlived its clone.
+    The age spares a checkout this process cannot see (another container's CI, sharing the cache)."""
+    now = time.time() if now is None else now
+    removed = []
+    for ready in cache.glob("py*-*/ready.json"):
+        try:
+            root = json.loads(ready.read_text()).get("root")
+            idle = now - ready.stat().st_mtime
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(root, str) and not Path(root).is_dir() and idle > ABANDONED_AFTER_S:
+            shutil.rmtree(ready.parent, ignore_errors=True)
+            removed.append(ready.parent)
+    return removed
 
 
 def _run(command: list[str]) -> None:
