@@ -294,7 +294,9 @@ def test_demo_replaces_its_own_damaged_cache_entry(demo_run, tmp_path):
     assert demo.cached(folder, key)
     graph = next(folder.glob("*.onnx"))
     graph.write_bytes(graph.read_bytes()[:-16])
-    assert not demo.cached(folder, key)
+    why = demo.not_cached(folder, key)  # what the run's progress line says beside "exporting clip-fp32"
+    assert why.startswith("the cached copy is damaged: ") and graph.name in why, why
+    assert demo.not_cached(folder, "0" * 64) == "exported by another mmedge version, recipe or model files"
     (folder / "manifest.json").unlink()
     demo.export_variant(variant, folder, key)
     assert demo.cached(folder, key) and Artifact.open(folder).manifest["family"] == "clip"

@@ -13,6 +13,7 @@ import mmedge
 from mmedge.artifact import Artifact, sha256_file
 from mmedge.errors import ArtifactError, InputError, ModelLoadError
 from mmedge.export import export_model
+from mmedge.validate import load_validation_samples
 
 
 def manifest(path):
@@ -175,6 +176,30 @@ def test_graphs_over_the_protobuf_limit_use_one_external_data_file(tiny_clip_dir
         handle.write(b"\x01\x02\x03\x04")
     with pytest.raises(IntegrityError, match="vision.onnx.data"):
         mmedge.load(out)
+
+
+def test_graphs_past_32_mib_store_their_weights_apart_with_the_same_outputs(clip_artifacts, tiny_clip_dir, tmp_path,
+                                                                            monkeypatch, photos):
+    """A graph past WEIGHTS_APART_BYTES (a ViT-B's, not this tiny one's: the bound is lowered) keeps its weights in
+    <name>.onnx.data, so ONNX Runtime maps them instead of holding the protobuf's copy: the same graph, the parity
+    measured on it, hashed like it; a small graph stays one file."""
+    import mmedge.export.onnx_export as onnx_export
+
+    small = clip_artifacts("fp32")
+    kept, moved = sorted(("vision", "text"), key=lambda name: (small / f"{name}.onnx").stat().st_size)
+    monkeypatch.setattr(onnx_export, "WEIGHTS_APART_BYTES", (small / f"{kept}.onnx").stat().st_size)
+    out = export_model(str(tiny_clip_dir), tmp_path / "apart", progress=False)
+    components = manifest(out)["components"]
+    assert components[moved]["external_data"]["sha256"] == sha256_file(out / f"{moved}.onnx.data")
+    assert "external_data" not in components[kept] and not (out / f"{kept}.onnx.data").exists()
+    assert (out / f"{moved}.onnx").stat().st_size * 3 < (small / f"{moved}.onnx").stat().st_size  # nodes, small tensors
+    nodes = [[n.op_type for n in onnx.load(str(folder / f"{moved}.onnx")).graph.node] for folder in (small, out)]
+    assert nodes[0] == nodes[1] and components[moved]["parity"]["outputs"]
+    sample = load_validation_samples(Artifact.open(out))[moved]["inputs"]
+    with mmedge.load(small) as whole, mmedge.load(out) as apart:
+        expected, found = whole.runners[moved].infer(sample), apart.runners[moved].infer(sample)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(found[name], value)
 
 
 def test_fidelity_is_measured_on_the_images_asked_for(clip_artifacts, tiny_clip_dir, tmp_path):

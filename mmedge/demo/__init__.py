@@ -145,16 +145,24 @@ def cache_key(variant: Variant) -> str:
 def cached(folder: Path, key: str) -> bool:
     """Whether ``folder`` holds a complete, intact artifact exported from the same model files with the same options
     (a damaged file is exported again, not reported on every later run)."""
+    return not_cached(folder, key) is None
+
+
+def not_cached(folder: Path, key: str) -> str | None:
+    """Why ``folder`` is not reused (None: it is): not exported yet, exported by another mmedge or from other model
+    files or options (its key differs), or damaged (the first file that fails its check, which the run says)."""
     from mmedge.artifact import Artifact
 
     stamp = _stamp(folder)
-    if not stamp.is_file() or stamp.read_text().strip() != key:
-        return False
+    if not stamp.is_file():
+        return "not exported yet"
+    if stamp.read_text().strip() != key:
+        return "exported by another mmedge version, recipe or model files"
     try:
         Artifact.open(folder).check_every_file()
-    except MmedgeError:
-        return False
-    return True
+    except MmedgeError as exc:
+        return f"the cached copy is damaged: {exc.what}"
+    return None
 
 
 EXPORTING = "exporting"  # the stamp's text while its export runs: the folder is the demo's, and not (yet) cached
@@ -239,10 +247,12 @@ def run_demo(cache: str | os.PathLike | None = None, count: int | None = None, t
     report = {"cache": str(cache), "images": [p.name for p in paths], "truth": truths, "artifacts": {}}
     for variant in chosen:
         folder, key = cache / variant.name, cache_key(variant)
-        reuse = cached(folder, key)
+        why = not_cached(folder, key)
+        reuse = why is None
         verb = "reusing cached" if reuse else "exporting"
+        damaged = f"; {why}" if why and why.startswith("the cached copy is damaged") else ""
         start = time.perf_counter()
-        with steps.step(f"{verb} {variant.name} ({describe(variant)})"):
+        with steps.step(f"{verb} {variant.name} ({describe(variant)}{damaged})"):
             if not reuse:
                 cache.mkdir(parents=True, exist_ok=True)
                 reuse = export_variant(variant, folder, key)  # True: another run exported it meanwhile
