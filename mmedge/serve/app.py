@@ -46,6 +46,7 @@ class Serving:
     options: ServeOptions
     models: dict[str, ServedModel]
     metrics: Metrics
+    cut_off: int = 0  # requests the server cut off as it stopped (past --drain-seconds, or a second Ctrl-C)
 
 
 # --- endpoints -----------------------------------------------------------------------------------
@@ -214,8 +215,8 @@ class InternalErrorMiddleware:
       event that ends it (as ``_chunks`` reports a failure); the cancellation stops here, as the request is over.
     """
 
-    def __init__(self, app, drain_seconds: float):
-        self.app, self.drain_seconds = app, drain_seconds
+    def __init__(self, app, drain_seconds: float, serving: Serving):
+        self.app, self.drain_seconds, self.serving = app, drain_seconds, serving
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -230,6 +231,7 @@ class InternalErrorMiddleware:
         try:
             await self.app(scope, receive, sending)
         except asyncio.CancelledError:
+            self.serving.cut_off += 1  # on the event loop's thread: no lock needed
             error = ApiError(503, "the server is shutting down and cut this request off before its answer was complete",
                              f"a request answered within {self.drain_seconds:g} s of the server being told to stop "
                              "(SIGTERM or Ctrl-C), and before a second Ctrl-C",
@@ -289,7 +291,7 @@ def create_app(options: ServeOptions, models: dict[str, ServedModel]) -> Starlet
     app = Starlette(routes=routes, exception_handlers={MmedgeError: api_error, HTTPException: http_error,
                                                        ClientDisconnect: client_gone})
     app.state.serving = Serving(options, models, metrics_)
-    app.add_middleware(InternalErrorMiddleware, drain_seconds=options.drain_seconds)
+    app.add_middleware(InternalErrorMiddleware, drain_seconds=options.drain_seconds, serving=app.state.serving)
     app.add_middleware(ApiKeyMiddleware, key=options.api_key)
     app.add_middleware(MetricsMiddleware, metrics=metrics_)  # added last: outermost, so it also counts the 401s
     return app

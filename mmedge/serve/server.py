@@ -3,14 +3,16 @@
 SIGTERM (or Ctrl-C once) stops accepting connections, lets every request in flight finish (streams included: their
 SSE responses are not cut; requests waiting in a queue get their turn), then closes the pipelines and exits 0. Requests
 still running ``--drain-seconds`` (default ``DRAIN_SECONDS``) after the signal are cut off: uvicorn cancels them and
-each is answered 503 ``shutting_down`` (a stream ends with an error event; ``app.InternalErrorMiddleware``). A second
-Ctrl-C cuts them off at once and exits 130.
+each is answered 503 ``shutting_down`` (a stream ends with an error event; ``app.InternalErrorMiddleware``), and the
+server says how many as it exits 0. A second Ctrl-C cuts them off at once and exits 130; a second SIGTERM is said and
+changes nothing (an orchestrator's SIGKILL comes after its grace period).
 """
 
 from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
 import signal
 import socket
 import sys
@@ -35,7 +37,19 @@ class _Server(uvicorn.Server):
         elif sig == signal.SIGINT:  # uvicorn's force exit: it cancels the requests still running
             print("mmedge serve: SIGINT again: stopping now; the requests in flight are answered 503",
                   file=sys.stderr, flush=True)
+        else:  # uvicorn takes a second SIGTERM as the first: the drain goes on
+            print(f"mmedge serve: SIGTERM again: still finishing the requests in flight (at most "
+                  f"{self.config.timeout_graceful_shutdown:g} s after the first signal; Ctrl-C stops at once)",
+                  file=sys.stderr, flush=True)
         super().handle_exit(sig, frame)
+
+
+class _DrainDeadline(logging.Filter):
+    """uvicorn's own line when the drain deadline passes ("Cancel N running task(s), timeout graceful shutdown
+    exceeded"): mmedge says it in its words instead, with the requests answered 503 counted (``serve``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "timeout graceful shutdown exceeded" not in record.getMessage()
 
 
 def serve(options: ServeOptions) -> int:
@@ -50,7 +64,8 @@ def serve(options: ServeOptions) -> int:
         sock.close()
         raise
     try:
-        config = uvicorn.Config(create_app(options, models), log_level="warning", access_log=False, lifespan="off",
+        app = create_app(options, models)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                 timeout_keep_alive=KEEP_ALIVE_SECONDS, timeout_graceful_shutdown=options.drain_seconds,
                                 backlog=BACKLOG)
         AppStatus.disable_automatic_graceful_drain()  # sse-starlette would cut streams at SIGTERM; they finish instead
@@ -62,20 +77,31 @@ def serve(options: ServeOptions) -> int:
         # (for Ctrl-C as for SIGTERM: one Ctrl-C is a graceful stop, not an interruption)
         previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
         server = _Server(config)
+        deadline = _DrainDeadline()
+        logging.getLogger("uvicorn.error").addFilter(deadline)
         try:
             server.run(sockets=[sock])  # serving starts here (connections made while loading waited in the backlog)
         finally:
+            logging.getLogger("uvicorn.error").removeFilter(deadline)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     finally:
         sock.close()
         for model in models.values():
             model.close()
+    cut = app.state.serving.cut_off
     if server.force_exit:
-        print("mmedge serve: stopped at a second Ctrl-C", file=sys.stderr, flush=True)
+        print(f"mmedge serve: stopped at a second Ctrl-C{_answered_503(cut)}", file=sys.stderr, flush=True)
         return 130  # 128 + SIGINT, as a shell reports an interrupted command
+    if cut:
+        print(f"mmedge serve: --drain-seconds {options.drain_seconds:g} passed{_answered_503(cut)}", file=sys.stderr,
+              flush=True)
     print("mmedge serve: stopped", flush=True)
-    return 0
+    return 0  # a graceful stop, as asked: the requests cut off were answered, and said above
+
+
+def _answered_503(cut: int) -> str:
+    return f"; {cut} request{'s' * (cut != 1)} still running answered 503 shutting_down" if cut else ""
 
 
 def _loopback(address: str) -> bool:
