@@ -7,9 +7,11 @@ that limit less what the cgroup uses (its inactive page cache counted free: the 
 ``docker stats`` does). Both cgroup versions are read: v2 (``memory.max``, ``memory.current``) and v1
 (``memory.limit_in_bytes``, ``memory.usage_in_bytes``).
 
-A load on ONNX Runtime's CPU provider (or OpenVINO's CPU) holds about 1.4 times its graphs' bytes once loaded and up to
-twice them while loading (``LOAD_HOLDS``). ``mmedge.load`` warns before it opens graphs that may not fit
-(``MemoryWarning``): an out-of-memory kill leaves no other message. ``mmedge doctor ARTIFACT`` shows the same figures.
+A load on ONNX Runtime's CPU provider (or OpenVINO's CPU) holds about 1.0-1.2 times its graphs' bytes once loaded
+where their weights are in ``.onnx.data`` (as ``mmedge export`` now stores every graph over 32 MiB), 1.3-1.4 times
+where they are inside the ``.onnx`` (benchmarks/RESULTS.md), and up to twice them while loading (``LOAD_HOLDS``).
+``mmedge.load`` warns before it opens graphs that may not fit (``MemoryWarning``): an out-of-memory kill leaves no
+other message. ``mmedge doctor ARTIFACT`` shows the same figures.
 """
 
 from __future__ import annotations
@@ -122,8 +124,8 @@ class LoadEstimate:
         return self.available is not None and LOAD_HOLDS * self.graphs_mib > self.available.mib
 
     def text(self) -> str:
-        return (f"the planned graphs take {self.graphs_mib:,.1f} MiB on disk; a load holds about 1.4x that (up to "
-                f"{LOAD_HOLDS}x while it loads) on ONNX Runtime's CPU provider; "
+        return (f"the planned graphs take {self.graphs_mib:,.1f} MiB on disk; a load holds about 1.0-1.4x that (up "
+                f"to {LOAD_HOLDS}x while it loads) on ONNX Runtime's CPU provider; "
                 + (self.available.text() if self.available else "the memory available is unknown"))
 
 
