@@ -263,10 +263,24 @@ def _load_pretrained(model: str, allow_pickle: bool) -> LoadedModel:
             "complete safetensors weights matching config.json",
             f"re-download or re-save the checkpoint (save_pretrained){pickled}",
         ) from None
+    except (TypeError, IndexError, KeyError, AttributeError, NotImplementedError) as exc:
+        raise unbuildable(model_class, model, exc) from None
     check_loaded_weights(model, loaded, info)
     source = {"model": recorded_source(model), "config_sha256": digest, "random_weights": False,
               "transformers_version": transformers.__version__, "dtype": stored_dtype(loaded)}
     return LoadedModel(family, loaded.eval(), tokenizer, processor, source)
+
+
+def unbuildable(model_class, model: str, exc: Exception) -> ModelLoadError:
+    """transformers failing to build ``model_class`` from the config (its own code, on a value it does not handle:
+    IDEFICS' ``alpha_initializer="normal"`` calls torch.normal with an int size), not a fault of mmedge's."""
+    import transformers
+
+    return ModelLoadError(f"transformers {transformers.__version__} could not build {model_class.__name__} from "
+                          f"'{model}' ({type(exc).__name__}: {_first_line(exc)})",
+                          "a config.json whose values this transformers release builds",
+                          "check the config's values (initializers, layer counts) against the model's documentation, "
+                          "or try another transformers release")
 
 
 SAFETENSORS_FLOATS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # header names
@@ -446,7 +460,10 @@ def _load_random(model: str, seed: int) -> LoadedModel:
 
     spec = FAMILIES[family]
     torch.manual_seed(seed)
-    loaded = spec.model_class()(config).eval()
+    try:
+        loaded = spec.model_class()(config).eval()
+    except (TypeError, IndexError, KeyError, AttributeError, NotImplementedError, ValueError) as exc:
+        raise unbuildable(spec.model_class(), model, exc) from None
     if tokenizer is None:
         tokenizer = spec.synthetic_tokenizer(config)
         processor = entry["preprocess"]  # already in the manifest's preprocessing form

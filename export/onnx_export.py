@@ -84,17 +84,22 @@ def save_graph(graph, path: Path) -> Path:
     weight_bytes = sum(len(t.raw_data) if t.raw_data else 0 for t in graph.graph.initializer)
     external = any(uses_external_data(t) for t in graph.graph.initializer)
     if weight_bytes > EXTERNAL_DATA_THRESHOLD or external:  # read at call time: tests lower it
-        onnx.save(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=path.name + ".data", size_threshold=1024)
+        save_weights_apart(graph, path)
     else:
         onnx.save(graph, str(path))
     return path
 
 
+def save_weights_apart(graph, path: Path) -> None:
+    """Save ``graph`` at ``path`` with its weights (tensors over 1 KiB) in one ``<name>.data`` file beside it."""
+    onnx.save(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=path.name + ".data", size_threshold=1024)
+
+
 # A graph whose file passes this keeps its weights in <name>.onnx.data beside it, whatever its size: ONNX Runtime then
-# maps them instead of holding the protobuf's copy beside its own, and a loaded session's heap is 16-21% smaller at the
-# same speed (CLIP ViT-B/32 664 -> 520 MiB, BLIP-2 ViT-B + OPT-125m 1657-1733 -> 1373 MiB; benchmarks/RESULTS.md,
-# ort_prepacking_cpu.py). Smaller graphs stay one file: the saving there is a few MiB.
+# maps them instead of holding the protobuf's copy beside its own, and a loaded session's heap is 9-23% smaller at the
+# same speed (after a call: CLIP ViT-B/32 670 -> 532 MiB, BLIP-2 ViT-B + OPT-125m 1658 -> 1400 MiB;
+# benchmarks/RESULTS.md, ort_prepacking_cpu.py). Smaller graphs stay one file: the saving there is a few MiB.
 WEIGHTS_APART_BYTES = 32 * 2**20
 
 
@@ -104,9 +109,7 @@ def keep_weights_apart(path: Path) -> bool:
     True where it moved them."""
     if external_data_path(path) is not None or path.stat().st_size <= WEIGHTS_APART_BYTES:  # read at call time
         return False
-    graph = onnx.load(str(path))
-    onnx.save(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=path.name + ".data", size_threshold=1024)
+    save_weights_apart(onnx.load(str(path)), path)
     return True
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 import mmedge
 from mmedge.artifact import atomic_folder, check_output_folder, sha256_file
-from mmedge.errors import ExportError, InputError, MmedgeError, warn
+from mmedge.errors import ExportError, InputError, MmedgeError, ModelLoadError, warn
 from mmedge.manifest import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE, RECIPE_REVISION, dump_manifest
 from mmedge.metrics import compare_outputs
 from mmedge.progress import Progress
@@ -236,6 +236,34 @@ def _export(model: str, out: Path, options: ExportOptions, family, estimate=None
         with progress.step("writing manifest and validation samples"):
             builder.finish(specs)
     return out
+
+
+def fit_default_max_new_tokens(manifest: dict) -> None:
+    """The manifest's default ``max_new_tokens`` (the checkpoint's, else 30) lowered, with a warning, to what the
+    decoder's positions leave after the shortest prompt (an LLM of 16 positions after BLIP-2's 32 query rows: the
+    Captioner refuses a default that cannot work, so the artifact would never load); an LLM with no room for one new
+    token is refused."""
+    from mmedge.generation.config import most_new_tokens
+    from mmedge.manifest import family_section
+    from mmedge.pipelines.prefix_inputs import least_prompt_positions
+
+    generation, section = manifest.get("generation"), family_section(manifest)
+    positions = (section.get("decoder") or {}).get("max_positions")
+    if not generation or not positions:
+        return
+    least = least_prompt_positions(section)
+    most = most_new_tokens(positions, least)
+    if most < 1:
+        raise ModelLoadError(f"the LLM's {positions} positions leave no room for a new token after the shortest "
+                             f"prompt ({least} positions: the image rows and BOS)",
+                             "an LLM whose max_position_embeddings exceed the image rows and a prompt",
+                             "export a checkpoint whose language model has more positions")
+    if generation["max_new_tokens"] > most:
+        warn(f"the default max_new_tokens {generation['max_new_tokens']} does not fit the LLM's {positions} positions "
+             f"after the shortest prompt ({least}): the artifact's default is {most} (fewer for a longer prompt)")
+        generation["max_new_tokens"] = most
+        if (generation.get("min_new_tokens") or 0) > most:
+            generation["min_new_tokens"] = most
 
 
 @contextlib.contextmanager
@@ -527,6 +555,7 @@ class ArtifactBuilder:
             "validation": {"file": VALIDATION_FILE, "sha256": sha256_file(self.stage / VALIDATION_FILE),
                            "reference": "torch-fp32"},
         }
+        fit_default_max_new_tokens(manifest)
         # Order the keys the way people read them: identity first, family settings, components last.
         first = ["format", "format_version", "mmedge_version", "family", "tasks", "created", "source", "preprocess",
                  "tokenizer"]

@@ -56,7 +56,7 @@ def load(path: str | os.PathLike, backend: str = "auto", device: str = "auto", t
         log.info("mmedge: %s", "; ".join(chosen.reasons))
         log_fallbacks(chosen, log)
     _refuse_idle_backend_options(extra, chosen)
-    warn_if_it_may_not_fit(artifact, chosen)
+    warn_if_it_may_not_fit(artifact, chosen, extra)
     runners = open_runners(artifact, chosen, threads=threads, backend_options=extra, decoder=False)
     try:
         tokenizer = None

@@ -210,17 +210,10 @@ def loaded_bytes(artifact, chosen, backend_options: dict | None = None) -> int:
     a graph backend runs it (OpenVINO's exported IR instead where its ``weights`` setting names one), the PyTorch
     weights where torch runs any (``pytorch/``, or the ``checkpoint`` folder's config and safetensors with the
     artifact's reference tensors), the tokenizer and the embedding table; not the validation samples, not engines/."""
+    from mmedge.memory import component_files
+
     options = backend_options or {}
-    weights = (options.get("openvino") or {}).get("weights")
-    paths: set[Path] = set()
-    for name, planned in chosen.components.items():
-        comp = artifact.component(name)
-        ir = (comp.get("openvino") or {}).get(weights) if planned.backend == "openvino" and weights else None
-        if planned.backend == "torch":
-            continue
-        for entry in ([ir, ir["weights_file"]] if ir else [comp, comp.get("external_data")]):
-            if entry:
-                paths.add(artifact.resolve_file(entry["file"], f"components.{name}.file"))
+    paths = component_files(artifact, chosen, options)
     paths.update(artifact.resolve_file(file, field) for field, file in artifact.named_files()
                  if not field.startswith(("components.", "validation.")))
     pytorch = artifact.manifest.get("pytorch") or {}

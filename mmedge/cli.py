@@ -425,8 +425,9 @@ def cmd_doctor(args) -> int:
         report["plan"] = {name: vars(c) for name, c in chosen.components.items()}
         report["reasons"] = chosen.reasons
         report["artifact"] = [line for candidate in backends() for line in candidate.artifact_lines(artifact)]
-        estimate = load_estimate(artifact, chosen, found)
-        report["memory"] = {"graphs_mib": estimate.graphs_mib, "may_not_fit": estimate.may_not_fit,
+        estimate = load_estimate(artifact, chosen, backend_options.as_dict(), found)
+        report["memory"] = {"graphs_mib": estimate.graphs_mib, "estimated": estimate.estimated,
+                            "may_not_fit": estimate.may_not_fit,
                             "available_mib": estimate.available.mib if estimate.available else None,
                             "limited_by": estimate.available.limited_by if estimate.available else None}
     if args.json:

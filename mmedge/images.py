@@ -91,10 +91,14 @@ def load_image(source: Any) -> Image.Image:
                          "a numpy array [H, W] or [H, W, 1|3|4] (channels last), or a path, bytes, a binary file "
                          "object or a PIL.Image.Image", "pass a channels-last numpy array, e.g. "
                          "np.asarray(tensor.cpu()).transpose(1, 2, 0) for a [3, H, W] tensor")
-    if isinstance(source, (list, tuple)):  # an item of a batch that is a batch itself
-        raise ImageError(f"cannot load an image from a {type(source).__name__} inside a batch",
-                         "one flat list of images (each a path, bytes, a binary file object, a PIL.Image.Image or a "
-                         "numpy array)", "pass one flat list, e.g. [image for group in groups for image in group]")
+    if isinstance(source, (list, tuple)):  # a batch's item that is a list itself: a batch in a batch, or pixels
+        if _holds_numbers(source):
+            raise ImageError(f"cannot load an image from a {type(source).__name__} of numbers",
+                             "a numpy array [H, W] or [H, W, 1|3|4] for pixels", "pass np.asarray(pixels, np.uint8)")
+        raise ImageError(f"cannot load an image from a {type(source).__name__} where one image goes",
+                         "one image (a path, bytes, a binary file object, a PIL.Image.Image or a numpy array); a batch "
+                         "is one flat list of them", "pass one flat list, e.g. [image for group in groups for image "
+                         "in group]")
     if hasattr(source, "__iter__"):  # a generator, set or dict of images where one image (or a list) goes
         raise ImageError(f"cannot load an image from a {type(source).__name__}",
                          "one image (a path, bytes, a binary file object, a PIL.Image.Image or a numpy array), or a "
@@ -153,7 +157,7 @@ def checked_image_path(source: str | os.PathLike) -> str:
     if not os.path.exists(path):
         if path.startswith(("http://", "https://")):
             fix = "download the image first; URLs are not fetched"
-        elif len(path) > LONGEST_SHOWN and BASE64_TEXT.fullmatch(path):
+        elif _looks_like_base64(path):
             fix = ("this looks like base64 image data: pass base64.b64decode(text), or a data URI "
                    "(data:image/png;base64,...)")
         else:
@@ -164,6 +168,21 @@ def checked_image_path(source: str | os.PathLike) -> str:
     if os.path.getsize(path) == 0:
         raise ImageError(f"image file '{shown}' is empty (0 bytes)", "an encoded image", "re-save or download it again")
     return path
+
+
+def _holds_numbers(items) -> bool:
+    """Whether a (nested) list's first leaf is a number: pixels as lists (``array.tolist()``)."""
+    while isinstance(items, (list, tuple)) and items:
+        items = items[0]
+    return isinstance(items, (int, float, np.number)) and not isinstance(items, bool)
+
+
+def _looks_like_base64(text: str) -> bool:
+    """A string given as a path that is base64 image data instead: long, of the base64 alphabet only, whole groups
+    of four, and not a path of extension-less folders (a JPEG's base64 starts with "/9j/", a PNG's with "iVBOR")."""
+    squeezed = "".join(text.split())
+    return (len(squeezed) > LONGEST_SHOWN and len(squeezed) % 4 == 0 and BASE64_TEXT.fullmatch(text) is not None
+            and (not squeezed.startswith("/") or squeezed.startswith("/9j/")))
 
 
 def _shortened(text: str) -> str:

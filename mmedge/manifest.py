@@ -32,7 +32,8 @@ MANIFEST_FILE = "manifest.json"
 # decoders take logits_positions and run the LM head on those rows only (older decoders still run). 2026-12-06.3: FP32
 # image graphs' long-inner MatMuls split in two (mmedge.export.graph_rewrites). 2026-12-07.1: CLIP's static INT8 text
 # graph calibrated on other labels' prompts than its fidelity prompts (so its held-out fidelity is held out).
-RECIPE_REVISION = "2026-12-07.1"
+# 2026-12-08.1: graphs over 32 MiB keep their weights in <graph>.onnx.data (a smaller heap at load).
+RECIPE_REVISION = "2026-12-08.1"
 MAX_MANIFEST_BYTES = 16 << 20  # a real manifest is a few KB (a fused 1000-label bank: well under 1 MB)
 MAX_FILE_NAME_BYTES = 255  # the longest file name Linux, macOS and Windows file systems accept
 

@@ -56,17 +56,20 @@ def memory_available(meminfo: str | None = None, cgroup_root: str | Path = "/sys
     """The lower of the system's MemAvailable and this process's cgroup room (``cgroup_available``); None where
     neither is known (not Linux). The arguments are for tests: /proc/meminfo's text, the cgroup mount, and
     /proc/self/cgroup's text."""
-    system = meminfo_mib(_read("/proc/meminfo") if meminfo is None else meminfo, "MemAvailable")
-    room = cgroup_available(Path(cgroup_root), _read("/proc/self/cgroup") if own_cgroups is None else own_cgroups)
+    meminfo = _read("/proc/meminfo") if meminfo is None else meminfo
+    system, total = meminfo_mib(meminfo, "MemAvailable"), meminfo_mib(meminfo, "MemTotal")
+    room = cgroup_available(Path(cgroup_root), _read("/proc/self/cgroup") if own_cgroups is None else own_cgroups,
+                            total * MIB if total else None)
     cgroup = None if room is None else room // MIB
     if cgroup is not None and (system is None or cgroup < system):
         return MemoryAvailable(cgroup, CGROUP)
     return None if system is None else MemoryAvailable(system, SYSTEM)
 
 
-def cgroup_available(root: Path, own_cgroups: str) -> int | None:
+def cgroup_available(root: Path, own_cgroups: str, total: int | None = None) -> int | None:
     """Bytes this process's memory cgroups leave it: the least, over its cgroup and those above it that set a limit,
-    of limit - usage + inactive page cache; None where none sets a limit (or none is mounted)."""
+    of limit - usage + inactive page cache; None where none sets a limit (or none is mounted). A limit at or above
+    the machine's memory (``total`` bytes) is none: a 32-bit kernel writes "no limit" as 2 GiB - 4 KiB."""
     rooms = []
     for line in own_cgroups.splitlines():
         _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
@@ -78,7 +81,8 @@ def cgroup_available(root: Path, own_cgroups: str) -> int | None:
             base = root / "memory"
         else:
             continue
-        rooms += [room for folder in _own_and_above(base, path) if (room := _room(folder, *files)) is not None]
+        rooms += [room for folder in _own_and_above(base, path)
+                  if (room := _room(folder, *files, no_limit=min(UNLIMITED, total or UNLIMITED))) is not None]
     return min(rooms) if rooms else None
 
 
@@ -90,16 +94,21 @@ def _own_and_above(base: Path, path: str) -> list[Path]:
     return [folder for folder in folders if folder.is_dir()]
 
 
-def _room(folder: Path, limit_file: str, usage_file: str, inactive_field: str) -> int | None:
-    limit, usage = _number(folder / limit_file), _number(folder / usage_file)
-    if limit is None or usage is None or limit >= UNLIMITED:
-        return None
-    inactive = 0
+def _room(folder: Path, limit_file: str, usage_file: str, inactive_field: str, no_limit: int) -> int | None:
+    """The cgroup's limit - usage + inactive page cache, or None where it sets no limit. v1's ``memory.stat`` also
+    says ``hierarchical_memory_limit``, the least limit above it, which a container without a cgroup namespace cannot
+    read from its ancestors' folders (not mounted there)."""
+    stat = {}
     for line in (_read(str(folder / "memory.stat")) or "").splitlines():
         key, _, value = line.partition(" ")
-        if key == inactive_field and value.strip().isdigit():
-            inactive = int(value)
-    return max(0, limit - usage + inactive)
+        if value.strip().isdigit():
+            stat[key] = int(value)
+    limits = [value for value in (_number(folder / limit_file), stat.get("hierarchical_memory_limit"))
+              if value is not None and value < no_limit]
+    usage = _number(folder / usage_file)
+    if not limits or usage is None:
+        return None
+    return max(0, min(limits) - usage + stat.get(inactive_field, 0))
 
 
 def _number(path: Path) -> int | None:
@@ -118,46 +127,63 @@ def _read(path: str) -> str | None:
 class LoadEstimate:
     graphs_mib: float  # the planned ONNX Runtime / OpenVINO graphs' bytes on disk, external weights included
     available: MemoryAvailable | None
+    estimated: bool = True  # False: the plan opens no graph on ONNX Runtime or OpenVINO (torch, TensorRT)
 
     @property
     def may_not_fit(self) -> bool:
-        return self.available is not None and LOAD_HOLDS * self.graphs_mib > self.available.mib
+        return self.estimated and self.available is not None and LOAD_HOLDS * self.graphs_mib > self.available.mib
 
     def text(self) -> str:
+        available = self.available.text() if self.available else "the memory available is unknown"
+        if not self.estimated:
+            return ("the plan opens no graph on ONNX Runtime or OpenVINO (torch reads PyTorch weights, TensorRT its "
+                    f"engines): not estimated; {available}")
         return (f"the planned graphs take {self.graphs_mib:,.1f} MiB on disk; a load holds about 1.0-1.4x that (up "
-                f"to {LOAD_HOLDS}x while it loads) on ONNX Runtime's CPU provider; "
-                + (self.available.text() if self.available else "the memory available is unknown"))
+                f"to {LOAD_HOLDS}x while it loads) on ONNX Runtime's CPU provider; {available}")
 
 
-def load_estimate(artifact, chosen, probe=None) -> LoadEstimate:
-    """The bytes of the graphs the plan ``chosen`` opens on ONNX Runtime or OpenVINO (their external weights too)
-    against the memory available now (as ``probe``, a ``DeviceProbe``, found it where given)."""
-    graphs = 0
-    for name, comp_plan in chosen.components.items():
-        if comp_plan.backend not in GRAPH_BACKENDS:
+def component_files(artifact, chosen, backend_options: dict | None = None, backends: tuple[str, ...] | None = None
+                    ) -> set[Path]:
+    """The files the plan ``chosen`` has its backends read for its components: each graph and its external data
+    (OpenVINO's exported IR instead where its ``weights`` setting names one); none for torch, which reads PyTorch
+    weights. ``backends``: only the components planned on these."""
+    weights = ((backend_options or {}).get("openvino") or {}).get("weights")
+    paths: set[Path] = set()
+    for name, planned in chosen.components.items():
+        if planned.backend == "torch" or (backends is not None and planned.backend not in backends):
             continue
         component = artifact.component(name)
-        for entry in (component, component.get("external_data") or {}):
-            path = artifact.root / entry["file"] if entry.get("file") else None
-            graphs += path.stat().st_size if path is not None and path.is_file() else 0
+        ir = (component.get("openvino") or {}).get(weights) if planned.backend == "openvino" and weights else None
+        for entry in ([ir, ir["weights_file"]] if ir else [component, component.get("external_data")]):
+            if entry:
+                paths.add(artifact.resolve_file(entry["file"], f"components.{name}.file"))
+    return paths
+
+
+def load_estimate(artifact, chosen, backend_options: dict | None = None, probe=None) -> LoadEstimate:
+    """The bytes of the files the plan ``chosen`` opens on ONNX Runtime or OpenVINO (graphs and their external
+    weights, OpenVINO's exported IR where ``backend_options`` name it) against the memory available now (as
+    ``probe``, a ``DeviceProbe``, found it where given)."""
+    files = component_files(artifact, chosen, backend_options, GRAPH_BACKENDS)
+    graphs = sum(path.stat().st_size for path in files if path.is_file())
     if probe is None:
         available = memory_available()
     else:
         available = (None if probe.memory_available_mb is None
                      else MemoryAvailable(probe.memory_available_mb, probe.memory_limited_by or SYSTEM))
-    return LoadEstimate(round(graphs / MIB, 1), available)
+    return LoadEstimate(round(graphs / MIB, 1), available, bool(files))
 
 
 FITTING = "free memory, or export a smaller precision (--precision int8, --llm-precision int4)"
 
 
-def warn_if_it_may_not_fit(artifact, chosen) -> LoadEstimate:
+def warn_if_it_may_not_fit(artifact, chosen, backend_options: dict | None = None) -> LoadEstimate:
     """``MemoryWarning`` before a load whose graphs may not fit in the memory available (``LoadEstimate``)."""
-    estimate = load_estimate(artifact, chosen)
+    estimate = load_estimate(artifact, chosen, backend_options)
     if estimate.may_not_fit:
         warn(f"loading '{artifact.root.name}' may not fit in memory: {estimate.text()}; {FITTING}", MemoryWarning)
     return estimate
 
 
-__all__ = ["LOAD_HOLDS", "LoadEstimate", "MemoryAvailable", "MemoryWarning", "cgroup_available", "load_estimate",
-           "memory_available", "warn_if_it_may_not_fit"]
+__all__ = ["LOAD_HOLDS", "LoadEstimate", "MemoryAvailable", "MemoryWarning", "cgroup_available", "component_files",
+           "load_estimate", "memory_available", "warn_if_it_may_not_fit"]

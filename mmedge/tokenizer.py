@@ -143,6 +143,11 @@ class TextTokenizer:
         """The ids of the tokenizer's added tokens (its special ones among them: ``<|endoftext|>``, ``<image>``)."""
         return frozenset(self._backend.get_added_tokens_decoder())
 
+    @functools.cached_property
+    def special_token_ids(self) -> frozenset[int]:
+        """The ids of the tokenizer's special tokens (``</s>``, ``<|endoftext|>``, ``<pad>``): those a decode skips."""
+        return frozenset(i for i, token in self._backend.get_added_tokens_decoder().items() if token.special)
+
     @property
     def byte_token_ids(self) -> frozenset[int]:
         """The ids of ``<0xNN>`` byte tokens where the decoder falls back to bytes (Llama / Vicuna / IDEFICS

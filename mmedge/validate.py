@@ -112,7 +112,7 @@ def validate_artifact(path, backend: str = "auto", device: str = "auto", threads
     chosen = plan_for(artifact, backend, device, backend_options=backend_options,
                       threads=threads)  # the plan mmedge.load follows
     _refuse_idle_backend_options(backend_options or {}, chosen)
-    warn_if_it_may_not_fit(artifact, chosen)
+    warn_if_it_may_not_fit(artifact, chosen, backend_options)
     samples = load_validation_samples(artifact)
     generation = None
     if "decoder" in chosen.components:  # opened and closed before the graphs: never both in memory at once

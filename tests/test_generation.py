@@ -833,3 +833,23 @@ def test_a_check_before_the_prompt_is_known_names_no_count_a_longer_prompt_refus
                                          r"the shortest prompt, or to 57 minus the prompt's tokens \(BOS included\) "
                                          r"for a longer one"):
         GenerationConfig(max_new_tokens=4000).validate(max_positions=64, prompt_length=9, least_prompt=True)
+
+
+def test_a_last_end_token_leaves_the_text_only_where_it_is_special(prompt1, word_tokenizer):
+    """An end token that is special leaves the text whatever decodes it (a decoder that does not skip special tokens,
+    as transformers' decode by default, included); an ordinary token given as an end token (a full stop) stays, as
+    in transformers."""
+    class Plain:  # decode(ids) alone, special tokens and all: the TextDecoder protocol's least
+        def decode(self, ids):
+            return " ".join(word_tokenizer.decode([i], skip_special_tokens=False) for i in ids)
+
+    embeds, mask, _ = prompt1
+    word = 4 + 7  # an ordinary word's id
+    ends = GenerationConfig(max_new_tokens=8, eos_token_id=[2, word])
+    for tokenizer in (Plain(), word_tokenizer):
+        assert generate_text(ScriptedDecoder([[5, 6, 2]]), embeds, mask, ends, tokenizer) == \
+            [" ".join(word_tokenizer.decode([i]) for i in (5, 6))]
+        assert "".join(stream(ScriptedDecoder([[5, 6, 2]]), embeds, mask, ends, tokenizer)).split() == \
+            [word_tokenizer.decode([i]) for i in (5, 6)]
+    assert generate_text(ScriptedDecoder([[5, word]]), embeds, mask, ends, word_tokenizer)[0].split() == \
+        [word_tokenizer.decode([i]) for i in (5, word)]

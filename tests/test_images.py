@@ -364,9 +364,14 @@ def test_base64_text_given_as_a_path_is_named_without_filling_the_message(chelse
     assert "looks like base64 image data: pass base64.b64decode(text), or a data URI" in message
 
 
-def test_a_batch_inside_a_batch_asks_for_one_flat_list(chelsea):
-    with pytest.raises(ImageError, match=r"from a list inside a batch; expected one flat list of images"):
+def test_a_list_where_one_image_goes_asks_for_one_flat_list_or_an_array(chelsea):
+    with pytest.raises(ImageError, match=r"from a list where one image goes; .*a batch is one flat list of them"):
         load_image([chelsea, chelsea])
+    with pytest.raises(ImageError, match=r"from a list of numbers; .*fix: pass np.asarray\(pixels, np.uint8\)"):
+        load_image(chelsea[:4, :4].tolist())
+    with pytest.raises(ImageError, match="does not exist") as info:  # a long path is not taken for base64
+        load_image("/data/" + "x" * 300)
+    assert "base64" not in str(info.value) and "check the path" in str(info.value)
 
 
 def test_url_is_not_fetched():

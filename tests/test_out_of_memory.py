@@ -156,6 +156,15 @@ def test_the_memory_available_is_the_lower_of_the_system_s_and_each_cgroup_limit
     _cgroup(tmp_path / "inside" / "memory", {"memory.limit_in_bytes": f"{512 * mib}\n",
                                             "memory.usage_in_bytes": f"{500 * mib}\n"})
     assert memory_available(meminfo, tmp_path / "inside", "4:memory:/docker/abc\n").mib == 12
+    # a 32-bit kernel's "no limit" (2 GiB - 4 KiB) on a machine with less memory than that is no limit
+    small = "MemTotal:        1048576 kB\nMemAvailable:     524288 kB\n"
+    _cgroup(tmp_path / "arm" / "memory", {"memory.limit_in_bytes": "2147479552\n", "memory.usage_in_bytes": "5\n"})
+    assert memory_available(small, tmp_path / "arm", "4:memory:/\n").limited_by == SYSTEM
+    # v1 without a cgroup namespace: the limit set above the mount is only in memory.stat's hierarchical limit
+    _cgroup(tmp_path / "k8s" / "memory", {"memory.limit_in_bytes": "9223372036854771712\n",
+                                         "memory.usage_in_bytes": f"{100 * mib}\n",
+                                         "memory.stat": f"hierarchical_memory_limit {512 * mib}\n"})
+    assert memory_available(meminfo, tmp_path / "k8s", "4:memory:/kubepods/pod1/abc\n").mib == 412
     assert memory_available(meminfo, tmp_path / "none", "0::/\n") == memory_available(meminfo, v2, "0::/\n")
     assert memory_available(meminfo, tmp_path / "none", "0::/\n").mib == 20000
     assert memory_available("", tmp_path / "none", "") is None  # not Linux: unknown

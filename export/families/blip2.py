@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmedge.errors import ExportError, InputError
+from mmedge.errors import ExportError, InputError, ModelLoadError
 from mmedge.export.families.base import encoder_fix, gate_fidelity, llm_fix
 from mmedge.export.families.common import EMBEDDINGS_FILE, GenerativeFamily, write_embedding_table
 from mmedge.export.specs.blip2 import (
@@ -39,6 +39,7 @@ from mmedge.export.specs.blip2 import (
     _VisionEmbeds,
     decoder_feeds,
     kv_cache_layout,
+    llm_input_width,
 )
 from mmedge.generation.config import GENERATION_NOT_RUN
 from mmedge.metrics import common_prefix, cosine_rows
@@ -124,6 +125,7 @@ class Blip2Family(GenerativeFamily):
         if not model.config.use_decoder_only_language_model:
             raise ExportError("this BLIP-2 checkpoint uses an encoder-decoder LLM (Flan-T5)",
                               "a decoder-only LLM (OPT, Llama-family)", "export a blip2-opt checkpoint")
+        check_prefix_width(model)
         encoders = [Blip2Prefix(model)] if self.setting(options,
                                                         "fused_prefix") else [Blip2Vision(model), QFormer(model)]
         llm = model.language_model
@@ -330,6 +332,20 @@ def image_tokens_entry(model, sequence: str, prompt_ids: str) -> dict:
             "in_prompt_ids": False, "sequence": sequence, "prompt_ids": prompt_ids,
             "hf_equivalent": "processor puts num_query_tokens <image> ids before tokenizer(prompt); "
                              "generate() replaces exactly those rows with the prefix (masked_scatter)"}
+
+
+def check_prefix_width(model) -> None:
+    """The image prefix's rows (``language_projection``'s output) must be as wide as the LLM's input embeddings:
+    an OPT whose ``word_embed_proj_dim`` differs from ``hidden_size`` (opt-350m's layout) takes narrower rows, which
+    transformers' generate silently cuts (its masked_scatter drops half of each row)."""
+    projection = getattr(model, "language_projection", None)
+    rows, width = getattr(projection, "out_features", None), llm_input_width(model.language_model)
+    if rows is not None and rows != width:
+        raise ModelLoadError(f"the image prefix's rows are {rows} wide (language_projection) but the LLM takes "
+                             f"{width}-wide input embeddings (its word_embed_proj_dim)",
+                             "language_projection's out_features equal to the LLM's input embedding width",
+                             "export a checkpoint whose LLM takes the projection's width (an OPT with "
+                             "word_embed_proj_dim == hidden_size); this one cannot caption, in transformers either")
 
 
 def generation_settings(loaded) -> dict:

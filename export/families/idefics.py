@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmedge.errors import ModelLoadError
 from mmedge.export.families.base import encoder_fix, gate_fidelity, llm_fix
 from mmedge.export.families.blip2 import (
     GENERATION_FIELDS,
@@ -67,6 +68,19 @@ FIDELITY_PROMPTS = (("{image}",), ("{image}", "An image of"), ("{image}", "Quest
 VALIDATION_PROMPT = ("{image0}", "An image of two cats.", "{image1}", "An image of")
 
 
+def check_cross_layers(config) -> None:
+    """Every ``cross_layer_interval``-th layer reads gated cross-attention block ``layer // interval``, and there are
+    ``num_hidden_layers // interval`` blocks: a layer count that is not a multiple of the interval leaves the last
+    such layer without its block (transformers' own forward fails on it with an IndexError)."""
+    layers, interval = int(config.num_hidden_layers), int(config.cross_layer_interval)
+    needed, built = (layers - 1) // interval + 1, layers // interval
+    if needed > built:
+        raise ModelLoadError(f"the config's {layers} layers with cross_layer_interval {interval} need {needed} gated "
+                             f"cross-attention blocks (layers 0, {interval}, ...), and the model builds {built}",
+                             "num_hidden_layers a multiple of cross_layer_interval",
+                             "fix config.json (transformers cannot run this model either)")
+
+
 class IdeficsFamily(GenerativeFamily):
     label, tasks, extra_defaults = "IDEFICS", TASKS, EXTRA_DEFAULTS
     name = "idefics"
@@ -100,6 +114,7 @@ class IdeficsFamily(GenerativeFamily):
     # --- what gets exported ----------------------------------------------------------------------
     def specs(self, loaded, options) -> list:
         model = loaded.model
+        check_cross_layers(model.config)
         fidelity_prompts(self.setting(options, "fidelity_prompts"))  # a malformed list is refused before any export
         cached = bool(self.setting(options, "cached_cross_kv"))
         if self.setting(options, "fused_image_context"):

@@ -161,8 +161,11 @@ def not_cached(folder: Path, key: str) -> str | None:
     try:
         Artifact.open(folder).check_every_file()
     except MmedgeError as exc:
-        return f"the cached copy is damaged: {exc.what}"
+        return f"{DAMAGED}: {exc.what}"
     return None
+
+
+DAMAGED = "the cached copy is damaged"  # not_cached's reason that the run says (the others are routine)
 
 
 EXPORTING = "exporting"  # the stamp's text while its export runs: the folder is the demo's, and not (yet) cached
@@ -250,7 +253,7 @@ def run_demo(cache: str | os.PathLike | None = None, count: int | None = None, t
         why = not_cached(folder, key)
         reuse = why is None
         verb = "reusing cached" if reuse else "exporting"
-        damaged = f"; {why}" if why and why.startswith("the cached copy is damaged") else ""
+        damaged = f"; {why}" if why and why.startswith(DAMAGED) else ""
         start = time.perf_counter()
         with steps.step(f"{verb} {variant.name} ({describe(variant)}{damaged})"):
             if not reuse:

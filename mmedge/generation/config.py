@@ -181,8 +181,9 @@ class GenerationConfig:
         idle += [(name, "num_beams above 1 (only beam search reads it)", f"pass e.g. num_beams=3, or drop {name}")
                  for name in BEAM_ONLY if self.num_beams == 1 and given.get(name) is not None]
         if given.get("min_new_tokens") and not self.eos_token_ids:  # it holds the end tokens off, and there are none
-            idle.append(("min_new_tokens", "an end token to hold off (eos_token_id=[] turned them off)",
-                         "drop min_new_tokens, or leave eos_token_id unset"))
+            off = "eos_token_id=[] turned them off" if given.get("eos_token_id") is not None else "the model has none"
+            idle.append(("min_new_tokens", f"an end token to hold off ({off})",
+                         "drop min_new_tokens" + (", or leave eos_token_id unset" if "[]" in off else "")))
         if idle:
             name, needs, fix = idle[0]
             raise InputError(f"generation setting {name}={given[name]!r} would change nothing", needs, fix)

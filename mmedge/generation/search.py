@@ -59,8 +59,9 @@ def generate(decoder: Decoder, inputs_embeds: np.ndarray, attention_mask: np.nda
 def generate_text(decoder: Decoder, inputs_embeds: np.ndarray, attention_mask: np.ndarray | None = None,
                   config: GenerationConfig | None = None, tokenizer: TextDecoder | None = None, *,
                   prompt_ids: np.ndarray | None = None) -> list[str]:
-    """:func:`generate`, decoded: one text per row, without the final EOS token and cut just before
-    the first stop string it contains."""
+    """:func:`generate`, decoded: one text per row, without the final EOS token where it is a special token (an
+    ordinary token given as an end token stays, as in transformers) and cut just before the first stop string it
+    contains."""
     if tokenizer is None:
         raise InputError("generate_text was called without a tokenizer", "a tokenizer with a decode(ids) method",
                          "pass the artifact's TextTokenizer, or call generate() for token ids")
@@ -400,14 +401,24 @@ class _Texts:
         self.tokenizer = tokenizer
         self.stop_strings = list(config.stop_strings)
         self.eos = set(config.eos_token_ids)
+        special = getattr(tokenizer, "special_token_ids", getattr(tokenizer, "all_special_ids", None))
+        self.special = None if special is None else frozenset(special)
         self.byte_tokens = getattr(tokenizer, "byte_token_ids", frozenset())  # TextTokenizer's; none for others
         # a decode that cleans up spaces decides each by the characters after it ("do n" + "'t" -> "don't")
         self.cleans_up = bool(getattr(tokenizer, "cleans_up_spaces", False))
 
     def text(self, ids: Sequence[int]) -> str:
-        """The ids' text: an end token that is a special token is dropped by the decode, one that is an ordinary
-        token (``eos_token_id=[2, <the id of ".">]``) stays in it, as in transformers' decode."""
-        return self.tokenizer.decode(list(ids))
+        return self.tokenizer.decode(self._without_eos(ids))
+
+    def _without_eos(self, ids: Sequence[int]) -> list[int]:
+        """The ids without a last end token that is a special token; one that is an ordinary token
+        (``eos_token_id=[2, <the id of ".">]``) stays in the text, as in transformers' decode. A tokenizer that does
+        not say which tokens are special (``special_token_ids``, transformers' ``all_special_ids``) loses any last
+        end token."""
+        ids = list(ids)
+        if ids and ids[-1] in self.eos and (self.special is None or ids[-1] in self.special):
+            return ids[:-1]
+        return ids
 
     def _stop_at(self, text: str) -> int | None:
         hits = [i for i in (text.find(s) for s in self.stop_strings) if i >= 0]
@@ -436,7 +447,7 @@ class _Texts:
             ids.pop()
         text = self.final(ids)
         if self.cleans_up:  # only what later characters cannot clean up differently
-            text = text[:len(settled_clean_up(self.tokenizer.decode(list(ids), clean_up_spaces=False)))]
+            text = text[:len(settled_clean_up(self.tokenizer.decode(self._without_eos(ids), clean_up_spaces=False)))]
         text = text.rstrip("\ufffd")
         hold = 0
         for stop in self.stop_strings:  # a tail that may still grow into one

@@ -9,7 +9,7 @@ first on PATH (``python3`` of ``PATH``; its ``pyvenv.cfg`` makes a venv's site-p
 built against the numpy 1.x C API: with numpy 2 its tensors came back empty. The test environment runs numpy 2
 (as users do), and downgrading it would test everything else on the wrong numpy. So the fixture builds, once per
 checkout and cached under ``~/.cache/mmedge/triton-server`` (``$MMEDGE_CACHE/triton-server``; a checkout's venv is
-removed once the checkout is gone and two days passed unused: ``remove_abandoned``), a venv with
+removed after two days unused once the checkout is gone or its pins changed: ``remove_abandoned``), a venv with
 ``numpy<2``, the same onnxruntime, tokenizers and Pillow versions as the test environment (so served results are
 computed by the same kernels and the same image decoding as local ones), this checkout installed editable without
 dependencies, and the server wheel. Building it needs PyPI once (about a minute); after that it works offline. The
@@ -66,12 +66,13 @@ def server_env(log=print) -> Path:
     key_text = json.dumps({"python": sys.version, "requirements": requirements(), "server": PYTRITON,
                            "root": str(ROOT)})
     key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
-    env = cache_root() / f"py{sys.version_info[0]}{sys.version_info[1]}-{key}"
+    env = cache_root() / f"{_python_tag()}{key}"
+    env.parent.mkdir(parents=True, exist_ok=True)
     if (env / "ready.json").is_file():
         os.utime(env / "ready.json")  # used now: remove_abandoned keeps it
-        remove_abandoned(env.parent)
+        remove_abandoned(env.parent, keep=env)
         return env
-    env.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(env.parent, keep=env)
     staging = Path(tempfile.mkdtemp(prefix=f".{env.name}.partial-", dir=env.parent))
     log(f"building the Triton server environment in {env} (once per checkout; needs PyPI)")
     try:
@@ -95,13 +96,16 @@ def server_env(log=print) -> Path:
     return env
 
 
-ABANDONED_AFTER_S = 2 * 24 * 3600  # a checkout's venv unused this long, whose checkout is gone, is removed
+ABANDONED_AFTER_S = 2 * 24 * 3600  # a venv no run has used this long, that this checkout cannot use, is removed
+PARTIAL_AFTER_S = 6 * 3600  # a venv's build takes at most 4 x 900 s: a staging folder this old was left by a killed one
 
 
-def remove_abandoned(cache: Path, now: float | None = None) -> list[Path]:
-    """Remove the venvs (about 400 MB each, one per checkout: this checkout is installed in it) whose checkout no
-    longer exists here and that no run has used for ``ABANDONED_AFTER_S``: a fresh clone's venv outlived its clone.
-    The age spares a checkout this process cannot see (another container's CI, sharing the cache)."""
+def remove_abandoned(cache: Path, keep: Path | None = None, now: float | None = None) -> list[Path]:
+    """Remove the venvs (about 400 MB each: one per checkout, Python and pinned versions) that no run has used for
+    ``ABANDONED_AFTER_S`` and that this checkout would not use (``keep`` is the one it uses): their checkout is gone
+    (a fresh clone's), or it is this one and the pins changed since (an upgrade of onnxruntime). The age spares a
+    checkout this process cannot see (another container's CI sharing the cache) and another Python's. Also removes
+    the staging folders of builds killed more than ``PARTIAL_AFTER_S`` ago."""
     now = time.time() if now is None else now
     removed = []
     for ready in cache.glob("py*-*/ready.json"):
@@ -110,10 +114,24 @@ def remove_abandoned(cache: Path, now: float | None = None) -> list[Path]:
             idle = now - ready.stat().st_mtime
         except (OSError, ValueError, AttributeError):
             continue
-        if isinstance(root, str) and not Path(root).is_dir() and idle > ABANDONED_AFTER_S:
+        mine_outdated = root == str(ROOT) and ready.parent.name.startswith(_python_tag()) and ready.parent != keep
+        gone = isinstance(root, str) and not Path(root).is_dir()
+        if ready.parent != keep and (gone or mine_outdated) and idle > ABANDONED_AFTER_S:
             shutil.rmtree(ready.parent, ignore_errors=True)
             removed.append(ready.parent)
+    for staging in cache.glob(".py*-*.partial-*"):
+        try:
+            stale = now - staging.stat().st_mtime > PARTIAL_AFTER_S
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(staging, ignore_errors=True)
+            removed.append(staging)
     return removed
+
+
+def _python_tag() -> str:
+    return f"py{sys.version_info[0]}{sys.version_info[1]}-"
 
 
 def _run(command: list[str]) -> None:
