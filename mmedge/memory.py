@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmedge.errors import MmedgeWarning, warn
+from mmedge.errors import ArtifactError, MmedgeWarning, warn
 
 MIB = 2**20
 LOAD_HOLDS = 2  # a load holds up to about this many times its graphs' bytes (ONNX Runtime's CPU provider, measured)
@@ -142,11 +142,12 @@ class LoadEstimate:
                 f"to {LOAD_HOLDS}x while it loads) on ONNX Runtime's CPU provider; {available}")
 
 
-def component_files(artifact, chosen, backend_options: dict | None = None, backends: tuple[str, ...] | None = None
-                    ) -> set[Path]:
+def component_files(artifact, chosen, backend_options: dict | None = None, backends: tuple[str, ...] | None = None,
+                    missing_ok: bool = False) -> set[Path]:
     """The files the plan ``chosen`` has its backends read for its components: each graph and its external data
     (OpenVINO's exported IR instead where its ``weights`` setting names one); none for torch, which reads PyTorch
-    weights. ``backends``: only the components planned on these."""
+    weights. ``backends``: only the components planned on these. ``missing_ok``: a file it cannot resolve (``doctor``
+    reports a missing or unsafe one) is left out instead of raising."""
     weights = ((backend_options or {}).get("openvino") or {}).get("weights")
     paths: set[Path] = set()
     for name, planned in chosen.components.items():
@@ -155,8 +156,13 @@ def component_files(artifact, chosen, backend_options: dict | None = None, backe
         component = artifact.component(name)
         ir = (component.get("openvino") or {}).get(weights) if planned.backend == "openvino" and weights else None
         for entry in ([ir, ir["weights_file"]] if ir else [component, component.get("external_data")]):
-            if entry:
+            if not entry:
+                continue
+            try:
                 paths.add(artifact.resolve_file(entry["file"], f"components.{name}.file"))
+            except ArtifactError:
+                if not missing_ok:
+                    raise
     return paths
 
 
@@ -164,7 +170,7 @@ def load_estimate(artifact, chosen, backend_options: dict | None = None, probe=N
     """The bytes of the files the plan ``chosen`` opens on ONNX Runtime or OpenVINO (graphs and their external
     weights, OpenVINO's exported IR where ``backend_options`` name it) against the memory available now (as
     ``probe``, a ``DeviceProbe``, found it where given)."""
-    files = component_files(artifact, chosen, backend_options, GRAPH_BACKENDS)
+    files = component_files(artifact, chosen, backend_options, GRAPH_BACKENDS, missing_ok=True)
     graphs = sum(path.stat().st_size for path in files if path.is_file())
     if probe is None:
         available = memory_available()

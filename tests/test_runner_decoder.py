@@ -286,10 +286,11 @@ def test_load_asks_tensorrt_for_the_decoder(blip2_artifact):
     """mmedge.load builds a decoder planned on tensorrt through the TensorRT backend; absent, that fails with the
     install command instead of running elsewhere."""
     from mmedge.api import _decoder
-    from mmedge.selection import ComponentPlan
+    from mmedge.selection import ComponentPlan, Plan
 
     options = {"precision": "fp16", "workspace_mb": 1024, "max_batch": 4}
-    api_error(lambda: _decoder(Artifact.open(blip2_artifact), ComponentPlan("tensorrt", (), "fp16", options), None),
+    chosen = Plan({"decoder": ComponentPlan("tensorrt", (), "fp16", options)})
+    api_error(lambda: _decoder(Artifact.open(blip2_artifact), chosen, None, {}),
               BackendUnavailableError, "'tensorrt'", 'pip install "mmedge[tensorrt]"')
 
 
