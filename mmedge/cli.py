@@ -730,15 +730,28 @@ class Terminated(BaseException):
     unwinds as on Ctrl-C: an export's staging and scratch folders are removed, nothing half-written stays."""
 
 
-def _terminated(signum, frame) -> None:
-    raise Terminated()
+def terminated_in(pid: int):
+    """The SIGTERM handler of process ``pid``: Terminated there. A process forked from it inherits the handler
+    (OpenVINO's telemetry sender, multiprocessing's workers): there SIGTERM keeps its default action, so the child
+    ends quietly instead of printing a Terminated traceback into the command's output."""
+    def handler(signum, frame) -> None:
+        if os.getpid() != pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Terminated()
+
+    return handler
 
 
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _warning_line
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)  # imports the subcommands' modules: a Ctrl-C may come meanwhile
+    except KeyboardInterrupt:
+        return _interrupted()
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None  # `serve` installs its own
+    previous = signal.signal(signal.SIGTERM, terminated_in(os.getpid())) if main_thread else None  # `serve`: its own
     try:
         return _run(args)
     finally:
@@ -758,8 +771,7 @@ def _run(args) -> int:
         print(f"mmedge: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("mmedge: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted()
     except BrokenPipeError:  # the reader left (`mmedge doctor | head -3`): not an error of this command
         _drop_stdout()
         return 141  # 128 + SIGPIPE, as a shell reports a command whose reader left
@@ -778,11 +790,18 @@ def _run(args) -> int:
         print(f"mmedge: error: {error}", file=sys.stderr)
         return error.exit_code
     except Exception as exc:  # a bug: one line, the traceback on request
+        if isinstance(exc.__context__, KeyboardInterrupt):  # a C extension's import cut by Ctrl-C: "init failed"
+            return _interrupted()
         if os.environ.get("MMEDGE_DEBUG"):
             raise
         print(f"mmedge: internal error: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}; "
               "this is a bug in mmedge: rerun with MMEDGE_DEBUG=1 for the traceback and report it.", file=sys.stderr)
         return 1
+
+
+def _interrupted() -> int:
+    print("mmedge: interrupted", file=sys.stderr)
+    return 130  # 128 + SIGINT, as a shell reports it
 
 
 def _system_error(exc: OSError) -> str:

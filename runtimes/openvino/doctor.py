@@ -17,7 +17,24 @@ def doctor_lines(probe) -> list[str]:
     report = doctor_report(probe)
     devices = "; ".join(f"{d['name']} ({d['full_name']}: {', '.join(d['capabilities'])})" for d in report["devices"])
     return [f"openvino devices: {devices or 'none reported'}",
-            f"INT8 recipe for this CPU: {report['int8_recipe']} ({report['int8_recipe_why']})"]
+            f"INT8 recipe for this CPU: {report['int8_recipe']} ({report['int8_recipe_why']})",
+            f"openvino telemetry: {telemetry_state()}"]
+
+
+def telemetry_state() -> str:
+    """Whether importing openvino sends Intel usage events (its Model Conversion API, imported with the package,
+    starts openvino-telemetry, which is on unless the user opted out, and sends from a forked process), read from
+    openvino-telemetry's own consent check without importing openvino."""
+    try:
+        from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
+    except ImportError:
+        return "openvino-telemetry is not installed: nothing is sent"
+    result = OptInChecker().check(enable_opt_in_dialog=False, disable_in_ci=True)
+    if result == ConsentCheckResult.DECLINED:
+        return "off (opted out, or a CI environment)"
+    how = "opted in" if result == ConsentCheckResult.ACCEPTED else "on by default: no choice recorded"
+    return (f"ON ({how}): each process that imports openvino sends anonymous usage events to Intel (Google "
+            "Analytics) from a forked process; opt out with `opt_in_out --opt_out` (openvino-telemetry's command)")
 
 
 def cached_lines(artifact) -> list[str]:
