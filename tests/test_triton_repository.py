@@ -427,3 +427,20 @@ def test_write_repository_refuses_counts_triton_would_reject(sources, tmp_path, 
     `max_queue_delay_microseconds: -5` were written as given)."""
     with pytest.raises(InputError, match=f"{field} is {value}"):
         write_repository([sources["clip"]], tmp_path / "repo", Options(**{field: value}))
+
+
+def test_nothing_of_the_artifact_reaches_the_python_code_it_writes(clip_artifacts, tmp_path):
+    """A Python-backend model.py named the artifact's folder in its docstring as it was: a folder named with three
+    quotes and a line of Python (from a tarball or a colleague's folder: no hash covers a folder's name) ran that
+    line when the server imported the model."""
+    marker = tmp_path / "ran"
+    hostile = tmp_path / f'clip"""\nopen({str(marker)!r}, "w").close()\n"""'
+    shutil.copytree(clip_artifacts("fp32"), hostile, ignore=shutil.ignore_patterns("engines"))
+    (tmp_path / "clip").symlink_to(hostile)
+    write_repository([tmp_path / "clip"], tmp_path / "repo", Options(platform="python"))
+    written = sorted((tmp_path / "repo").rglob("model.py"))
+    assert written
+    for path in written:
+        assert "open(" not in path.read_text()
+        subprocess.run([sys.executable, str(path)], capture_output=True, timeout=60)  # as the server imports it
+    assert not marker.exists()

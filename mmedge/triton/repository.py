@@ -209,9 +209,12 @@ def _model_folder(repo: Path, model: str, config: dict) -> Path:
 
 
 def _python_model(folder: Path, cls: str, artifact: Artifact) -> None:
+    """The Python-backend model: mmedge's own class, and nothing from the artifact in the code (its folder's name
+    had been written into the docstring as it was: a name holding three quotes and a line of Python ran that line
+    when the server imported the model)."""
     (folder / "model.py").write_text(
-        f'"""Written by `mmedge triton` from {artifact.root.name}: the server\'s Python environment needs mmedge\n'
-        f'(`pip install mmedge`; see mmedge.triton.backend.{cls})."""\n\n'
+        '"""Written by `mmedge triton` from an mmedge artifact (its manifest is beside this file): the server\'s\n'
+        f'Python environment needs mmedge (`pip install mmedge`; see mmedge.triton.backend.{cls})."""\n\n'
         f"from mmedge.triton.backend import {cls} as TritonPythonModel  # noqa: F401\n")
     if not (folder / MANIFEST_FILE).exists():
         link_or_copy(artifact.root / MANIFEST_FILE, folder / MANIFEST_FILE)
