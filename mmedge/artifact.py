@@ -52,11 +52,50 @@ def read_arrays(path: str | os.PathLike, what: str) -> dict:
     import numpy as np
 
     try:
+        with zipfile.ZipFile(path) as archive:  # an export writes its arrays uncompressed (np.savez): what they
+            inflated = sum(info.file_size for info in archive.infolist())  # hold is at most the file's size
+        if inflated > os.path.getsize(path):
+            raise IntegrityError(f"{what} file '{Path(path).name}' inflates to {inflated:,} bytes from "
+                                 f"{os.path.getsize(path):,} (compressed members: not an export's)",
+                                 "an .npz written by `mmedge export` (its arrays stored uncompressed)",
+                                 "re-export the artifact; do not run an artifact from a source you do not trust")
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise IntegrityError(f"{what} file '{Path(path).name}' is unreadable ({type(exc).__name__}: {exc})",
                              "an .npz written by `mmedge export`", "re-export the artifact") from None
+
+
+def check_weight_files(name: str, path: Path, external: dict | None) -> None:
+    """A graph names its own external weight files: each must be the one its manifest entry names and hashes. A
+    graph from someone else, its hashes made to match, could name /etc/passwd or ``../`` (ONNX Runtime before 1.24
+    read them, and an output can return what it read) or an unhashed file beside it. A graph this walk cannot read
+    is left to the runtime, which reports it."""
+    from mmedge.graph_refs import MalformedGraph, external_locations
+
+    try:
+        locations = external_locations(path)
+    except (MalformedGraph, OSError, ValueError):
+        return
+    stray = sorted(locations - ({external["file"]} if external else set()))
+    if stray:
+        raise UnsafePathError(f"the graph of component '{name}' ('{path.name}') reads weights from "
+                              f"'{stray[0][:200]}', a file its manifest entry does not name and hash",
+                              f"weights inside the graph, or in the one file components.{name}.external_data names",
+                              "do not run this artifact: re-export it from its checkpoint, or get it again from a "
+                              "source you trust")
+
+
+def check_engines_folder(root: Path) -> None:
+    """engines/ is this device's cache, written and pruned by mmedge: a symlink there (shipped with an artifact, or
+    made by hand) would have mmedge write its records and compiled models into, and remove its stale temporary files
+    from, a folder the link names, wherever it is. Refused (what a link to another disk wanted is the default on
+    read-only storage: the artifact runs uncached)."""
+    engines = root / ENGINES_DIR
+    if engines.is_symlink():
+        raise UnsafePathError(f"the artifact's {ENGINES_DIR}/ is a symbolic link (to '{os.readlink(engines)}')",
+                              f"{ENGINES_DIR}/ a folder inside the artifact, made by mmedge on this device (it is "
+                              "never shipped)", f"delete the link '{engines}': mmedge makes the folder again")
 
 
 class Artifact:
@@ -101,6 +140,7 @@ class Artifact:
             manifest = parse_manifest(text)
         except ManifestError as error:  # named with its folder: a command may take several artifacts
             raise type(error)(f"artifact '{root}': {error.what}", error.expected, error.fix) from None
+        check_engines_folder(root.resolve())
         artifact = cls(root.resolve(), manifest, recheck=recheck)
         for field, name in artifact.named_files():
             artifact.resolve_file(name, field)
@@ -220,12 +260,15 @@ class Artifact:
         return path
 
     def component_path(self, name: str) -> Path:
-        """The component's graph, its sha256 (and that of its external weight file) checked."""
+        """The component's graph, its sha256 (and that of its external weight file) checked, and the weight files the
+        graph itself names checked against its manifest entry (``check_weight_files``)."""
         comp = self.component(name)
         external = comp.get("external_data")
         if external:
             self.verified_path(external["file"], external["sha256"], f"components.{name}.external_data.file")
-        return self.verified_path(comp["file"], comp["sha256"], f"components.{name}.file")
+        path = self.verified_path(comp["file"], comp["sha256"], f"components.{name}.file")
+        check_weight_files(name, path, external)
+        return path
 
     @property
     def has_pytorch_weights(self) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from collections.abc import Mapping
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
@@ -63,6 +64,11 @@ def decoder_settings(manifest: Mapping) -> Mapping:
     has none (an encoder-only family, or a manifest not parsed yet)."""
     decoder = family_section(manifest).get("decoder")
     return decoder if isinstance(decoder, Mapping) else {}
+
+
+def _has_control_characters(text: str) -> bool:
+    """Whether ``text`` holds a C0 / C1 control character (ESC starts a terminal's escape sequences)."""
+    return any(unicodedata.category(char) == "Cc" for char in text)
 
 
 def _fail(field: str, problem: str, expected: str) -> ManifestError:
@@ -238,6 +244,10 @@ def _parse_clip(data: dict) -> None:
         labels = _require(_require(data, "zero_shot", dict, ""), "labels", list, "zero_shot")
         if not labels or not all(isinstance(label, str) and label for label in labels):
             raise _fail("zero_shot.labels", f"is {_short(labels)}", "a non-empty list of label strings")
+        controlled = next((label for label in labels if _has_control_characters(label)), None)
+        if controlled is not None:  # printed by `mmedge run`: an escape sequence would drive the user's terminal
+            raise _fail("zero_shot.labels", f"holds {controlled!r}, with control characters",
+                        "labels of printable text")
     for task in data["tasks"]:
         choices = CLIP_TASK_COMPONENTS[task]
         if not any(set(choice) <= set(data["components"]) for choice in choices):
