@@ -730,3 +730,24 @@ except BackendUnavailableError as error:
                                   "openvino, nncf, which are not installed"), done.stdout + done.stderr
     assert 'fix: pip install "mmedge[openvino]", or drop --openvino-weights' in done.stdout
     assert "--backend" not in done.stdout and not (tmp_path / "out").exists()
+
+
+@needs_openvino
+def test_a_compiled_model_shipped_with_the_artifact_is_compiled_again(clip_artifacts, tmp_path, caplog):
+    """A blob in engines/ that this device did not write (copied with the folder, or shipped by the artifact's author
+    with a record naming the right graph hash and bytes) is code OpenVINO would run as found: compiled again."""
+    import logging
+    import shutil
+
+    folder = tmp_path / "clip"
+    shutil.copytree(clip_artifacts("fused-fp32"), folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mmedge.load(folder, backend="openvino").close()
+        with mmedge.load(folder, backend="openvino") as again:
+            assert again.runners["zero_shot"].source == "cache"  # this device's own: imported
+        shipped = tmp_path / "shipped"
+        shutil.copytree(folder, shipped)  # the engines/ folder travels with it, records and all
+        with caplog.at_level(logging.INFO, logger="mmedge"), mmedge.load(shipped, backend="openvino") as copied:
+            assert copied.runners["zero_shot"].source.startswith("compiled")
+    assert any("not compiled on this device" in r.getMessage() for r in caplog.records), caplog.text

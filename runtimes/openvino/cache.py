@@ -60,6 +60,16 @@ class OvKey:
                 for name, value in asdict(self).items() if built.get(name) != value]
 
 
+def _identity(blob: Path) -> list[int]:
+    """The blob file as this device wrote it (device, inode, change time): a copy, or a blob shipped with the artifact
+    whose record its author wrote, has another. A compiled model is code OpenVINO runs as it finds it (none of the
+    ONNX graph's hashes cover it), so only this device's own are loaded."""
+    from mmedge.file_checks import identity
+
+    device, inode, _, _, changed = identity(blob)
+    return [device, inode, changed]
+
+
 class BlobCache:
     """One ``engines/`` folder's compiled OpenVINO models."""
 
@@ -96,6 +106,9 @@ class BlobCache:
             return None, [f"{blob.name}: {d}" for d in differences]
         if hashlib.sha256(data).hexdigest() != entry.get("blob_sha256"):
             return None, [f"{blob.name}: its bytes differ from those recorded when it was compiled"]
+        if entry.get("blob_identity") != _identity(blob):
+            return None, [f"{blob.name}: not compiled on this device (copied or shipped with the artifact, or cached "
+                          "by an older mmedge): compiled again"]
         return data, []
 
     def store(self, component: str, key: OvKey, data: bytes, extra: dict | None = None) -> Path:
@@ -107,6 +120,7 @@ class BlobCache:
                  "blob_sha256": hashlib.sha256(data).hexdigest(), "blob_bytes": len(data), **(extra or {})}
         write_whole(blob, bytes(data))
         try:
+            entry["blob_identity"] = _identity(blob)
             write_whole(record, (json.dumps(entry, indent=2) + "\n").encode())
         except OSError:
             with contextlib.suppress(OSError):
