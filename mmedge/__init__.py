@@ -29,4 +29,8 @@ def __getattr__(name: str):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
 
 
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | {"load"})
+
+
 __all__ = ["__version__", "load", "MmedgeError", "MmedgeWarning"]

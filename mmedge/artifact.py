@@ -69,14 +69,16 @@ def read_arrays(path: str | os.PathLike, what: str) -> dict:
 def check_weight_files(name: str, path: Path, external: dict | None) -> None:
     """A graph names its own external weight files: each must be the one its manifest entry names and hashes. A
     graph from someone else, its hashes made to match, could name /etc/passwd or ``../`` (ONNX Runtime before 1.24
-    read them, and an output can return what it read) or an unhashed file beside it. A graph this walk cannot read
-    is left to the runtime, which reports it."""
+    read them, and an output can return what it read) or an unhashed file beside it. A graph this walk cannot read is
+    refused too (ONNX Runtime refuses a broken one; a walk that gave up would let any reference through)."""
     from mmedge.graph_refs import MalformedGraph, external_locations
 
     try:
         locations = external_locations(path)
-    except (MalformedGraph, OSError, ValueError):
-        return
+    except (MalformedGraph, OSError, ValueError) as exc:
+        raise IntegrityError(f"the graph of component '{name}' ('{path.name}') is not an ONNX protobuf mmedge can read "
+                             f"({exc})", "a graph written by `mmedge export`",
+                             "re-export the artifact, or copy the file again") from None
     stray = sorted(locations - ({external["file"]} if external else set()))
     if stray:
         raise UnsafePathError(f"the graph of component '{name}' ('{path.name}') reads weights from "
@@ -89,13 +91,14 @@ def check_weight_files(name: str, path: Path, external: dict | None) -> None:
 def check_engines_folder(root: Path) -> None:
     """engines/ is this device's cache, written and pruned by mmedge: a symlink there (shipped with an artifact, or
     made by hand) would have mmedge write its records and compiled models into, and remove its stale temporary files
-    from, a folder the link names, wherever it is. Refused (what a link to another disk wanted is the default on
-    read-only storage: the artifact runs uncached)."""
+    from, a folder the link names, wherever it is. Refused; without engines/, an artifact on read-only storage runs
+    uncached."""
     engines = root / ENGINES_DIR
     if engines.is_symlink():
         raise UnsafePathError(f"the artifact's {ENGINES_DIR}/ is a symbolic link (to '{os.readlink(engines)}')",
                               f"{ENGINES_DIR}/ a folder inside the artifact, made by mmedge on this device (it is "
-                              "never shipped)", f"delete the link '{engines}': mmedge makes the folder again")
+                              "never shipped)", f"delete the link '{engines}' (mmedge makes the folder again), or copy "
+                              "the artifact without it")
 
 
 class Artifact:

@@ -7,7 +7,8 @@ path, ``../``, a symlink out of the folder (a graph that returns such an initial
 every release. ``mmedge.artifact`` checks each graph's locations against the one weight file its manifest entry names
 and hashes (``external_locations``).
 
-The walk follows only the fields that hold tensors: ModelProto.graph (7) -> GraphProto.initializer (5),
+The walk follows only the fields that hold tensors: ModelProto.graph (7) and functions (25) -> FunctionProto.node
+(7); GraphProto.initializer (5),
 sparse_initializer (15) and node (1) -> NodeProto.attribute (5) -> AttributeProto.t (5), g (6), tensors (10), graphs
 (11), sparse_tensor (22), sparse_tensors (23) -> SparseTensorProto.values (1), indices (2) -> TensorProto.external_data
 (13) -> StringStringEntryProto key (1) / value (2). Every other field is skipped by its length.
@@ -19,6 +20,8 @@ import mmap
 from pathlib import Path
 
 _MODEL_GRAPH = 7
+_MODEL_FUNCTIONS = 25  # model-local functions (FunctionProto): ONNX Runtime inlines them, Constants and all
+_FUNCTION_NODE = 7
 _GRAPH = {5: "tensor", 15: "sparse", 1: "node"}
 _NODE_ATTRIBUTE = 5
 _ATTRIBUTE = {5: "tensor", 10: "tensor", 6: "graph", 11: "graph", 22: "sparse", 23: "sparse"}
@@ -35,16 +38,27 @@ def external_locations(path: str | Path) -> set[str]:
     with open(path, "rb") as handle:
         if handle.seek(0, 2) == 0:
             raise MalformedGraph("an empty file")
-        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        try:
+            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):  # a file system that cannot map it: read whole
+            handle.seek(0)
+            return _locations(memoryview(handle.read()))
+        with mapped:
             view = memoryview(mapped)
             try:
-                found: set[str] = set()
-                for field, start, end in _fields(view, 0, len(view)):
-                    if field == _MODEL_GRAPH:
-                        _graph(view, start, end, found, 0)
-                return found
+                return _locations(view)
             finally:
                 view.release()
+
+
+def _locations(view) -> set[str]:
+    found: set[str] = set()
+    for field, start, end in _fields(view, 0, len(view)):
+        if field == _MODEL_GRAPH:
+            _graph(view, start, end, found, 0)
+        elif field == _MODEL_FUNCTIONS:
+            _nodes(view, start, end, _FUNCTION_NODE, found, 0)
+    return found
 
 
 def _graph(view, start: int, end: int, found: set[str], depth: int) -> None:
@@ -57,9 +71,19 @@ def _graph(view, start: int, end: int, found: set[str], depth: int) -> None:
         elif kind == "sparse":
             _sparse(view, begin, stop, found)
         elif kind == "node":
-            for attribute, a_begin, a_stop in _fields(view, begin, stop):
-                if attribute == _NODE_ATTRIBUTE:
-                    _attribute(view, a_begin, a_stop, found, depth)
+            _node(view, begin, stop, found, depth)
+
+
+def _nodes(view, start: int, end: int, node_field: int, found: set[str], depth: int) -> None:
+    for field, begin, stop in _fields(view, start, end):
+        if field == node_field:
+            _node(view, begin, stop, found, depth)
+
+
+def _node(view, start: int, end: int, found: set[str], depth: int) -> None:
+    for field, begin, stop in _fields(view, start, end):
+        if field == _NODE_ATTRIBUTE:
+            _attribute(view, begin, stop, found, depth)
 
 
 def _attribute(view, start: int, end: int, found: set[str], depth: int) -> None:
@@ -105,10 +129,35 @@ def _fields(view, start: int, end: int):
                 raise MalformedGraph(f"a field of {length} bytes runs past its message")
             yield field, position, position + length
             position += length
+        elif wire == 3:  # a group (protobuf 2's): no ONNX field is one, but a parser skips an unknown one whole
+            position = _skip_group(view, position, end, field)
         else:
             raise MalformedGraph(f"wire type {wire} at byte {position}")
     if position != end:
         raise MalformedGraph("a field runs past its message")
+
+
+def _skip_group(view, position: int, end: int, group: int) -> int:
+    """The position after the end tag of the group ``group`` that starts at ``position`` (groups nest)."""
+    while position < end:
+        key, position = _varint(view, position, end)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            _, position = _varint(view, position, end)
+        elif wire == 1:
+            position += 8
+        elif wire == 5:
+            position += 4
+        elif wire == 2:
+            length, position = _varint(view, position, end)
+            position += length
+        elif wire == 3:
+            position = _skip_group(view, position, end, field)
+        elif wire == 4 and field == group:
+            return position
+        else:
+            raise MalformedGraph(f"wire type {wire} at byte {position}")
+    raise MalformedGraph(f"group {group} has no end")
 
 
 def _varint(view, position: int, end: int) -> tuple[int, int]:

@@ -733,21 +733,26 @@ except BackendUnavailableError as error:
 
 
 @needs_openvino
-def test_a_compiled_model_shipped_with_the_artifact_is_compiled_again(clip_artifacts, tmp_path, caplog):
-    """A blob in engines/ that this device did not write (copied with the folder, or shipped by the artifact's author
-    with a record naming the right graph hash and bytes) is code OpenVINO would run as found: compiled again."""
+def test_a_compiled_model_shipped_with_the_artifact_is_compiled_again(clip_artifacts, tmp_path, caplog,
+                                                                       monkeypatch):
+    """A blob in engines/ that no mmedge on this device compiled (shipped with the artifact, its record naming the
+    right graph hash and bytes, as its author can write them) is code OpenVINO would run as found: compiled again.
+    One this device compiled is imported wherever the folder is copied here (its record is signed with this
+    device's key, mmedge.device_key)."""
     import logging
     import shutil
 
+    monkeypatch.setenv("MMEDGE_CACHE", str(tmp_path / "this-device"))
     folder = tmp_path / "clip"
     shutil.copytree(clip_artifacts("fused-fp32"), folder)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mmedge.load(folder, backend="openvino").close()
-        with mmedge.load(folder, backend="openvino") as again:
-            assert again.runners["zero_shot"].source == "cache"  # this device's own: imported
-        shipped = tmp_path / "shipped"
-        shutil.copytree(folder, shipped)  # the engines/ folder travels with it, records and all
-        with caplog.at_level(logging.INFO, logger="mmedge"), mmedge.load(shipped, backend="openvino") as copied:
-            assert copied.runners["zero_shot"].source.startswith("compiled")
-    assert any("not compiled on this device" in r.getMessage() for r in caplog.records), caplog.text
+        shutil.copytree(folder, tmp_path / "copied")  # engines/ travels with it
+        with mmedge.load(tmp_path / "copied", backend="openvino") as copied:
+            assert copied.runners["zero_shot"].source == "cache"  # this device's own: imported
+        monkeypatch.setenv("MMEDGE_CACHE", str(tmp_path / "another-device"))  # the artifact arrives elsewhere
+        with caplog.at_level(logging.INFO, logger="mmedge"), mmedge.load(folder, backend="openvino") as shipped:
+            assert shipped.runners["zero_shot"].source.startswith("compiled")
+    assert any("not compiled by mmedge on this device" in r.getMessage() for r in caplog.records), caplog.text
+    assert (tmp_path / "another-device" / "device-key").stat().st_mode & 0o777 == 0o600

@@ -130,3 +130,31 @@ def test_labels_with_control_characters_are_refused(clip_artifacts, tmp_path):
                                                           r"characters; expected labels of printable text"):
         mmedge.load(folder)
     assert os.path.isdir(folder)
+
+
+def _external(name: str) -> TensorProto:
+    tensor = numpy_helper.from_array(np.zeros(4, np.float32), name)
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "stray.bin"), ("offset", "0"), ("length", "16")):
+        tensor.external_data.add(key=key, value=value)
+    return tensor
+
+
+def test_the_walk_finds_a_reference_in_a_function_and_past_a_group(tmp_path):
+    """ONNX Runtime inlines a model-local function's Constant and reads its file; protobuf skips an unknown group
+    whole: the walk had missed the first and given up on the second (so the check let the graph through)."""
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
+    function = helper.make_function("local", "F", [], ["y"], [helper.make_node("Constant", [], ["y"],
+                                                                                value=_external("c"))],
+                                    [helper.make_opsetid("", 17)])
+    graph = helper.make_graph([helper.make_node("F", [], ["y"], domain="local")], "g", [], [out])
+    model = helper.make_model(graph, functions=[function],
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)])
+    path = tmp_path / "function.onnx"
+    onnx.save(model, str(path))
+    assert external_locations(path) == {"stray.bin"}
+    grouped = tmp_path / "grouped.onnx"
+    grouped.write_bytes(path.read_bytes() + bytes([0x9B, 0x06, 0x9C, 0x06]))  # field 99's start and end: a group
+    assert onnx.load(str(grouped), load_external_data=False).functions  # protobuf reads it
+    assert external_locations(grouped) == {"stray.bin"}

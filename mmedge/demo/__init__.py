@@ -119,10 +119,9 @@ def variants() -> list[Variant]:
 
 def default_cache() -> Path:
     """``$MMEDGE_CACHE/demo`` if set, else ``$XDG_CACHE_HOME/mmedge/demo``, else ``~/.cache/mmedge/demo``."""
-    if os.environ.get("MMEDGE_CACHE"):
-        return Path(os.environ["MMEDGE_CACHE"]).expanduser() / "demo"
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
-    return base / "mmedge" / "demo"
+    from mmedge.device_key import user_cache
+
+    return user_cache() / "demo"
 
 
 def cache_key(variant: Variant) -> str:

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mmedge.artifact import write_whole
+from mmedge.device_key import signature, signed_by_this_device
 from mmedge.locks import remove_abandoned_temporaries
 from mmedge.runtimes.engine_cache import _checked_component
 
@@ -60,14 +61,12 @@ class OvKey:
                 for name, value in asdict(self).items() if built.get(name) != value]
 
 
-def _identity(blob: Path) -> list[int]:
-    """The blob file as this device wrote it (device, inode, change time): a copy, or a blob shipped with the artifact
-    whose record its author wrote, has another. A compiled model is code OpenVINO runs as it finds it (none of the
-    ONNX graph's hashes cover it), so only this device's own are loaded."""
-    from mmedge.file_checks import identity
-
-    device, inode, _, _, changed = identity(blob)
-    return [device, inode, changed]
+def _signed_text(entry: dict) -> str:
+    """What a record's signature covers: the component, its key (graph hashes, device, versions) and the blob's bytes'
+    sha256. A compiled model is code OpenVINO runs as it finds it, which none of the ONNX graph's hashes covers: only
+    a blob this device's mmedge compiled (``mmedge.device_key``) is imported."""
+    return json.dumps({"component": entry.get("component"), "key": entry.get("key"),
+                       "blob_sha256": entry.get("blob_sha256")}, sort_keys=True)
 
 
 class BlobCache:
@@ -106,9 +105,9 @@ class BlobCache:
             return None, [f"{blob.name}: {d}" for d in differences]
         if hashlib.sha256(data).hexdigest() != entry.get("blob_sha256"):
             return None, [f"{blob.name}: its bytes differ from those recorded when it was compiled"]
-        if entry.get("blob_identity") != _identity(blob):
-            return None, [f"{blob.name}: not compiled on this device (copied or shipped with the artifact, or cached "
-                          "by an older mmedge): compiled again"]
+        if not signed_by_this_device(_signed_text(entry), entry.get("blob_signature")):
+            return None, [f"{blob.name}: not compiled by mmedge on this device (shipped with the artifact, copied from "
+                          "another device, or cached by an older mmedge): compiled again"]
         return data, []
 
     def store(self, component: str, key: OvKey, data: bytes, extra: dict | None = None) -> Path:
@@ -118,9 +117,9 @@ class BlobCache:
         blob, record = self.paths(component, key)
         entry = {"format": FORMAT, "format_version": FORMAT_VERSION, "component": component, "key": asdict(key),
                  "blob_sha256": hashlib.sha256(data).hexdigest(), "blob_bytes": len(data), **(extra or {})}
+        entry["blob_signature"] = signature(_signed_text(entry))  # None where this device keeps no key
         write_whole(blob, bytes(data))
         try:
-            entry["blob_identity"] = _identity(blob)
             write_whole(record, (json.dumps(entry, indent=2) + "\n").encode())
         except OSError:
             with contextlib.suppress(OSError):
