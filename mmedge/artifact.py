@@ -76,8 +76,8 @@ def check_weight_files(name: str, path: Path, external: dict | None) -> None:
     try:
         locations = external_locations(path)
     except (MalformedGraph, OSError, ValueError) as exc:
-        raise IntegrityError(f"the graph of component '{name}' ('{path.name}') is not an ONNX protobuf mmedge can read "
-                             f"({exc})", "a graph written by `mmedge export`",
+        raise IntegrityError(f"mmedge could not load component '{name}' from '{path.name}' (not an ONNX protobuf: "
+                             f"{exc})", "a graph written by `mmedge export`",
                              "re-export the artifact, or copy the file again") from None
     stray = sorted(locations - ({external["file"]} if external else set()))
     if stray:
