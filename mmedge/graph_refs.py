@@ -115,49 +115,49 @@ def _fields(view, start: int, end: int):
     """(field number, start, end) of each length-delimited field in ``view[start:end]``; other wire types skipped."""
     position = start
     while position < end:
-        key, position = _varint(view, position, end)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            _, position = _varint(view, position, end)
-        elif wire == 1:
-            position += 8
-        elif wire == 5:
-            position += 4
-        elif wire == 2:
-            length, position = _varint(view, position, end)
-            if position + length > end:
-                raise MalformedGraph(f"a field of {length} bytes runs past its message")
-            yield field, position, position + length
-            position += length
-        elif wire == 3:  # a group (protobuf 2's): no ONNX field is one, but a parser skips an unknown one whole
-            position = _skip_group(view, position, end, field)
-        else:
-            raise MalformedGraph(f"wire type {wire} at byte {position}")
+        field, wire, begin, stop, position = _field(view, position, end)
+        if wire == 2:
+            yield field, begin, stop
+        elif wire == 4:
+            raise MalformedGraph(f"the end of group {field} outside one, at byte {begin}")
     if position != end:
         raise MalformedGraph("a field runs past its message")
 
 
 def _skip_group(view, position: int, end: int, group: int) -> int:
-    """The position after the end tag of the group ``group`` that starts at ``position`` (groups nest)."""
+    """The position after the end tag of the group ``group`` whose fields start at ``position`` (groups nest)."""
     while position < end:
-        key, position = _varint(view, position, end)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            _, position = _varint(view, position, end)
-        elif wire == 1:
-            position += 8
-        elif wire == 5:
-            position += 4
-        elif wire == 2:
-            length, position = _varint(view, position, end)
-            position += length
-        elif wire == 3:
-            position = _skip_group(view, position, end, field)
-        elif wire == 4 and field == group:
+        field, wire, _, _, position = _field(view, position, end)
+        if wire == 4:
+            if field != group:
+                raise MalformedGraph(f"group {group} ended by the end of group {field}")
             return position
-        else:
-            raise MalformedGraph(f"wire type {wire} at byte {position}")
     raise MalformedGraph(f"group {group} has no end")
+
+
+def _field(view, position: int, end: int) -> tuple[int, int, int, int, int]:
+    """(field number, wire type, start, end, next position) of the field at ``position``: start..end are its bytes
+    for a length-delimited field; a group (protobuf 2's: no ONNX field is one, but a parser skips an unknown one
+    whole) is skipped to its end tag."""
+    key, position = _varint(view, position, end)
+    field, wire = key >> 3, key & 7
+    begin = position
+    if wire == 0:
+        _, position = _varint(view, position, end)
+    elif wire == 1:
+        position += 8
+    elif wire == 5:
+        position += 4
+    elif wire == 2:
+        length, begin = _varint(view, position, end)
+        position = begin + length
+        if position > end:
+            raise MalformedGraph(f"a field of {length} bytes runs past its message")
+    elif wire == 3:
+        position = _skip_group(view, position, end, field)
+    elif wire != 4:
+        raise MalformedGraph(f"wire type {wire} at byte {position}")
+    return field, wire, begin, position, position
 
 
 def _varint(view, position: int, end: int) -> tuple[int, int]:
