@@ -3,7 +3,9 @@
 A TensorRT engine is only valid for the graph, precision and shape profile it was built from, and for
 the TensorRT version and GPU it was built with. One from another device or TensorRT version fails to
 deserialize at best and misbehaves at worst, so an engine is never handed to TensorRT on trust: its
-key is compared first, and its bytes are checked against the sha256 recorded when it was stored.
+key is compared first, its record must be signed by mmedge on this device (``mmedge.device_key``: a plan shipped with
+the artifact, whose record its author wrote, is built again), and its bytes are checked against the sha256 recorded
+when it was stored.
 Nothing here imports tensorrt; the backend that builds engines passes in what it knows.
 
 Layout, under the artifact's ``engines/`` folder (never shipped)::
@@ -45,6 +47,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 from mmedge import locks
 from mmedge.artifact import write_whole
+from mmedge.device_key import signature, signed_by_this_device
 from mmedge.errors import InputError, StaleEngineError
 from mmedge.locks import remove_abandoned_temporaries
 from mmedge.runtimes.tensorrt_planning import MIB, ProfileLimits
@@ -57,6 +60,9 @@ RECORD_SUFFIX = ".json"
 Shape = tuple[int, ...]
 _CHANGED = "its bytes differ from those recorded when it was built (truncated or replaced)"
 _VANISHED = "its files were removed while they were read"
+# an engine is code TensorRT runs as it finds it: only one mmedge built on this device is used (mmedge.device_key)
+_FOREIGN = ("it was not built by mmedge on this device (shipped with the artifact, copied from another device, or "
+            "built by an older mmedge)")
 # the key fields an engine outlives: another value is obsolete (an upgrade, another graph), not another service's
 _SUPERSEDING = ("onnx_sha256", "external_data_sha256", "tensorrt_version", "gpu_name", "compute_capability",
                 "mmedge_version")
@@ -242,6 +248,7 @@ class EngineCache:
         plan, record = self.paths(component, key)
         entry = {"format": FORMAT, "format_version": FORMAT_VERSION, "component": component, "key": key.to_dict(),
                  "plan_sha256": hashlib.sha256(plan_bytes).hexdigest(), "plan_bytes": len(plan_bytes)}
+        entry["plan_signature"] = signature(_signed_text(entry))  # None where this device keeps no key
         write_whole(plan, plan_bytes)
         write_whole(record, (json.dumps(entry, indent=2) + "\n").encode())
         remove_abandoned_temporaries(self.folder)  # what writers killed mid-write left
@@ -286,6 +293,8 @@ class EngineCache:
         reasons = key.differences(built)
         if reasons:
             return reasons
+        if not signed_by_this_device(_signed_text(entry), entry.get("plan_signature")):
+            return [_FOREIGN]
         try:
             if plan.stat().st_size != size or (check_bytes and _sha256(plan) != sha):
                 return [_CHANGED]
@@ -295,6 +304,12 @@ class EngineCache:
 
 
 # --- helpers ---------------------------------------------------------------------------------------
+def _signed_text(entry: dict) -> str:
+    """What a record's signature covers: the component, its key and the plan's recorded sha256."""
+    return json.dumps({"component": entry.get("component"), "key": entry.get("key"),
+                       "plan_sha256": entry.get("plan_sha256")}, sort_keys=True)
+
+
 def _checked_profile(profile: Mapping[str, Sequence[Sequence[int]]]) -> tuple[tuple[str, Shape, Shape, Shape], ...]:
     expected = ("a mapping of input name to (min, opt, max) shapes of equal rank, 0 <= min <= opt <= max per axis "
                 "and max > 0 (a min of 0 is an empty tensor, e.g. no past tokens yet)")

@@ -100,6 +100,18 @@ def test_damaged_engine_is_stale(cache, damage, words):
     api_error(lambda: cache.load("vision", key()), StaleEngineError, words)
 
 
+def test_an_engine_shipped_with_the_artifact_is_not_used(cache, tmp_path, monkeypatch):
+    """An engine is code TensorRT runs as it finds it; its record (key, sha256) is whatever the artifact's author
+    wrote. Only one mmedge built on this device (its record signed with this device's key) is used."""
+    monkeypatch.setenv("MMEDGE_CACHE", str(tmp_path / "author"))
+    cache.store("vision", key(), PLAN)  # on the author's machine, for this very GPU and TensorRT
+    monkeypatch.setenv("MMEDGE_CACHE", str(tmp_path / "this-device"))
+    assert cache.lookup("vision", key()).status == "stale"
+    api_error(lambda: cache.load("vision", key()), StaleEngineError, "it was not built by mmedge on this device")
+    cache.store("vision", key(), PLAN)  # built here: used
+    assert cache.load("vision", key()) == PLAN
+
+
 def test_missing_engine(cache):
     api_error(lambda: cache.load("text", key()), StaleEngineError, "no engine for component 'text' has been built")
 
