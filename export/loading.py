@@ -263,12 +263,17 @@ def _load_pretrained(model: str, allow_pickle: bool) -> LoadedModel:
             "complete safetensors weights matching config.json",
             f"re-download or re-save the checkpoint (save_pretrained){pickled}",
         ) from None
-    except (TypeError, IndexError, KeyError, AttributeError, NotImplementedError) as exc:
+    except BUILD_ERRORS as exc:
         raise unbuildable(model_class, model, exc) from None
     check_loaded_weights(model, loaded, info)
     source = {"model": recorded_source(model), "config_sha256": digest, "random_weights": False,
               "transformers_version": transformers.__version__, "dtype": stored_dtype(loaded)}
     return LoadedModel(family, loaded.eval(), tokenizer, processor, source)
+
+
+# what transformers' model code raises on a config value it does not handle (a real checkpoint's load is
+# ModelLoadError "cannot load weights" for OSError / ValueError / RuntimeError, read first)
+BUILD_ERRORS = (TypeError, IndexError, KeyError, AttributeError, NotImplementedError)
 
 
 def unbuildable(model_class, model: str, exc: Exception) -> ModelLoadError:
@@ -462,7 +467,7 @@ def _load_random(model: str, seed: int) -> LoadedModel:
     torch.manual_seed(seed)
     try:
         loaded = spec.model_class()(config).eval()
-    except (TypeError, IndexError, KeyError, AttributeError, NotImplementedError, ValueError) as exc:
+    except (*BUILD_ERRORS, ValueError) as exc:  # from_pretrained's ValueError is a weight file's: not here
         raise unbuildable(spec.model_class(), model, exc) from None
     if tokenizer is None:
         tokenizer = spec.synthetic_tokenizer(config)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import secrets
 from pathlib import Path
@@ -55,14 +56,16 @@ def _read(path: Path) -> bytes | None:
     return key if len(key) == 32 else None  # a key being written by another process, or damaged: none
 
 
-def signature(text: str) -> str | None:
-    """HMAC-SHA256 of ``text`` under this device's key (hex), or None without a key."""
+def signature(entry: dict, fields: tuple[str, ...]) -> str | None:
+    """HMAC-SHA256 (hex) under this device's key of a record's ``fields`` (canonical JSON), or None without a key."""
     key = device_key()
+    text = json.dumps({name: entry.get(name) for name in fields}, sort_keys=True)
     return None if key is None else hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
 
 
-def signed_by_this_device(text: str, recorded) -> bool:
-    expected = signature(text)
+def signed_by_this_device(entry: dict, fields: tuple[str, ...], recorded) -> bool:
+    """Whether ``recorded`` is this device's signature of the record's ``fields``."""
+    expected = signature(entry, fields)
     return expected is not None and isinstance(recorded, str) and hmac.compare_digest(expected, recorded)
 
 

@@ -248,7 +248,7 @@ class EngineCache:
         plan, record = self.paths(component, key)
         entry = {"format": FORMAT, "format_version": FORMAT_VERSION, "component": component, "key": key.to_dict(),
                  "plan_sha256": hashlib.sha256(plan_bytes).hexdigest(), "plan_bytes": len(plan_bytes)}
-        entry["plan_signature"] = signature(_signed_text(entry))  # None where this device keeps no key
+        entry["plan_signature"] = signature(entry, SIGNED)  # None where this device keeps no key
         write_whole(plan, plan_bytes)
         write_whole(record, (json.dumps(entry, indent=2) + "\n").encode())
         remove_abandoned_temporaries(self.folder)  # what writers killed mid-write left
@@ -293,7 +293,7 @@ class EngineCache:
         reasons = key.differences(built)
         if reasons:
             return reasons
-        if not signed_by_this_device(_signed_text(entry), entry.get("plan_signature")):
+        if not signed_by_this_device(entry, SIGNED, entry.get("plan_signature")):
             return [_FOREIGN]
         try:
             if plan.stat().st_size != size or (check_bytes and _sha256(plan) != sha):
@@ -304,10 +304,7 @@ class EngineCache:
 
 
 # --- helpers ---------------------------------------------------------------------------------------
-def _signed_text(entry: dict) -> str:
-    """What a record's signature covers: the component, its key and the plan's recorded sha256."""
-    return json.dumps({"component": entry.get("component"), "key": entry.get("key"),
-                       "plan_sha256": entry.get("plan_sha256")}, sort_keys=True)
+SIGNED = ("component", "key", "plan_sha256")  # what a record's signature covers (mmedge.device_key)
 
 
 def _checked_profile(profile: Mapping[str, Sequence[Sequence[int]]]) -> tuple[tuple[str, Shape, Shape, Shape], ...]:

@@ -61,12 +61,9 @@ class OvKey:
                 for name, value in asdict(self).items() if built.get(name) != value]
 
 
-def _signed_text(entry: dict) -> str:
-    """What a record's signature covers: the component, its key (graph hashes, device, versions) and the blob's bytes'
-    sha256. A compiled model is code OpenVINO runs as it finds it, which none of the ONNX graph's hashes covers: only
-    a blob this device's mmedge compiled (``mmedge.device_key``) is imported."""
-    return json.dumps({"component": entry.get("component"), "key": entry.get("key"),
-                       "blob_sha256": entry.get("blob_sha256")}, sort_keys=True)
+# what a record's signature covers (mmedge.device_key): a compiled model is code OpenVINO runs as it finds it, which
+# none of the ONNX graph's hashes covers, so only a blob this device's mmedge compiled is imported
+SIGNED = ("component", "key", "blob_sha256")
 
 
 class BlobCache:
@@ -105,7 +102,7 @@ class BlobCache:
             return None, [f"{blob.name}: {d}" for d in differences]
         if hashlib.sha256(data).hexdigest() != entry.get("blob_sha256"):
             return None, [f"{blob.name}: its bytes differ from those recorded when it was compiled"]
-        if not signed_by_this_device(_signed_text(entry), entry.get("blob_signature")):
+        if not signed_by_this_device(entry, SIGNED, entry.get("blob_signature")):
             return None, [f"{blob.name}: not compiled by mmedge on this device (shipped with the artifact, copied from "
                           "another device, or cached by an older mmedge): compiled again"]
         return data, []
@@ -117,7 +114,7 @@ class BlobCache:
         blob, record = self.paths(component, key)
         entry = {"format": FORMAT, "format_version": FORMAT_VERSION, "component": component, "key": asdict(key),
                  "blob_sha256": hashlib.sha256(data).hexdigest(), "blob_bytes": len(data), **(extra or {})}
-        entry["blob_signature"] = signature(_signed_text(entry))  # None where this device keeps no key
+        entry["blob_signature"] = signature(entry, SIGNED)  # None where this device keeps no key
         write_whole(blob, bytes(data))
         try:
             write_whole(record, (json.dumps(entry, indent=2) + "\n").encode())
